@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what hotrepart's demo and tests need on a fresh Debian machine:
+# PostgreSQL server binaries (initdb, pg_ctl) and clients (psql, pgbench).
+# Idempotent; does nothing when everything is present.
+set -euo pipefail
+
+have_pg() {
+  [ -n "${PG_BIN:-}" ] && [ -x "$PG_BIN/initdb" ] && return 0
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && return 0
+  command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1 && return 0
+  return 1
+}
+
+need=()
+have_pg || need+=(postgresql)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+command -v pgbench >/dev/null 2>&1 || need+=(postgresql-contrib)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+if [ "${1:-}" = "--bench" ]; then
+  command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
+fi
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq >&2 || true
+  $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+  # Debian starts a cluster on install; hotrepart runs its own servers.
+  if command -v pg_lsclusters >/dev/null 2>&1; then
+    $SUDO service postgresql stop >/dev/null 2>&1 || true
+  fi
+fi
+have_pg || { echo "setup: PostgreSQL server binaries still missing" >&2; exit 1; }

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: formatting, lints, unit and integration tests (the
+# integration tests start their own PostgreSQL servers on free loopback ports).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+deploy/setup.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast --profile ci
+else
+  cargo test --workspace --no-fail-fast
+fi

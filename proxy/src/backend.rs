@@ -1,0 +1,312 @@
+//! Backend connections: the node's own logins to a shard.
+//!
+//! A [`BackendConn`] is a raw protocol connection (frames, not rows). The node
+//! authenticates to the shard itself (SCRAM-SHA-256, md5, cleartext or trust),
+//! independently of how the client authenticated to the node, so TLS between
+//! client and node never breaks SCRAM channel binding.
+//!
+//! Guarantee: a connection returned by [`BackendConn::connect`] has completed
+//! startup and sat at ReadyForQuery(idle) with nothing owed.
+
+use crate::wire::{self, Frame, FrameReader, WireError};
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to shard {shard}: {source}")]
+    Connect {
+        shard: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to shard {0}")]
+    Timeout(String),
+    #[error("shard {shard} refused login: {code} {message}")]
+    Refused {
+        shard: String,
+        code: String,
+        message: String,
+    },
+    #[error(
+        "shard {shard} asks for an authentication method the node does not support ({method})"
+    )]
+    UnsupportedAuth { shard: String, method: i32 },
+    #[error("shard {0} asks for a password but none is configured")]
+    NoPassword(String),
+    #[error("wire error talking to shard: {0}")]
+    Wire(#[from] WireError),
+    #[error("SCRAM with shard failed: {0}")]
+    Scram(std::io::Error),
+}
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone)]
+pub struct BackendTarget {
+    pub shard: String,
+    pub addr: SocketAddr,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+}
+
+pub struct BackendConn {
+    pub reader: FrameReader<OwnedReadHalf>,
+    pub writer: OwnedWriteHalf,
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+    /// ParameterStatus values reported at startup.
+    pub params: Vec<(String, String)>,
+    /// Statement names the node has prepared on this connection.
+    pub prepared: HashSet<String>,
+    /// Fingerprint of the session state (SET values) applied on this
+    /// connection; see `session::SessionState`.
+    pub state_fp: u64,
+    /// Set when the connection may hold state nobody tracks; it is then
+    /// closed instead of being returned to the pool.
+    pub broken: bool,
+}
+
+impl BackendConn {
+    pub async fn connect(
+        t: &BackendTarget,
+        timeout: Duration,
+    ) -> Result<BackendConn, BackendError> {
+        match tokio::time::timeout(timeout, Self::connect_inner(t)).await {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::Timeout(t.shard.clone())),
+        }
+    }
+
+    async fn connect_inner(t: &BackendTarget) -> Result<BackendConn, BackendError> {
+        let stream = TcpStream::connect(t.addr)
+            .await
+            .map_err(|source| BackendError::Connect {
+                shard: t.shard.clone(),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let (r, mut w) = stream.into_split();
+        let mut reader = FrameReader::new(r, 1 << 30);
+        let mut out = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", t.user.as_str()),
+                ("database", t.database.as_str()),
+                ("application_name", "hotrepart"),
+            ],
+            &mut out,
+        )
+        .map_err(|e| BackendError::Wire(WireError::Io(e)))?;
+        w.write_all(&out).await.map_err(WireError::Io)?;
+        let mut scram: Option<ScramSha256> = None;
+        let mut params = Vec::new();
+        let (mut pid, mut secret) = (0, 0);
+        loop {
+            let f = reader.next().await?;
+            let mut body = f.body();
+            match f.tag() {
+                b'R' => {
+                    let code = wire::get_i32(&mut body)?;
+                    out.clear();
+                    match code {
+                        0 => continue,
+                        3 => {
+                            let pw = t
+                                .password
+                                .as_deref()
+                                .ok_or_else(|| BackendError::NoPassword(t.shard.clone()))?;
+                            frontend::password_message(pw.as_bytes(), &mut out)
+                                .map_err(|e| BackendError::Wire(WireError::Io(e)))?;
+                        }
+                        5 => {
+                            let pw = t
+                                .password
+                                .as_deref()
+                                .ok_or_else(|| BackendError::NoPassword(t.shard.clone()))?;
+                            if body.len() < 4 {
+                                return Err(WireError::Protocol("short md5 salt".into()).into());
+                            }
+                            let salt = [body[0], body[1], body[2], body[3]];
+                            let h = postgres_protocol::authentication::md5_hash(
+                                t.user.as_bytes(),
+                                pw.as_bytes(),
+                                salt,
+                            );
+                            frontend::password_message(h.as_bytes(), &mut out)
+                                .map_err(|e| BackendError::Wire(WireError::Io(e)))?;
+                        }
+                        10 => {
+                            let pw = t
+                                .password
+                                .as_deref()
+                                .ok_or_else(|| BackendError::NoPassword(t.shard.clone()))?;
+                            let mut has_scram = false;
+                            while let Ok(m) = wire::get_cstr(&mut body) {
+                                if m.is_empty() {
+                                    break;
+                                }
+                                has_scram |= m == sasl::SCRAM_SHA_256;
+                            }
+                            if !has_scram {
+                                return Err(BackendError::UnsupportedAuth {
+                                    shard: t.shard.clone(),
+                                    method: code,
+                                });
+                            }
+                            let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                            frontend::sasl_initial_response(
+                                sasl::SCRAM_SHA_256,
+                                s.message(),
+                                &mut out,
+                            )
+                            .map_err(|e| BackendError::Wire(WireError::Io(e)))?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| {
+                                WireError::Protocol("unexpected SASL continue".into())
+                            })?;
+                            s.update(body).map_err(BackendError::Scram)?;
+                            frontend::sasl_response(s.message(), &mut out)
+                                .map_err(|e| BackendError::Wire(WireError::Io(e)))?;
+                        }
+                        12 => {
+                            let s = scram.as_mut().ok_or_else(|| {
+                                WireError::Protocol("unexpected SASL final".into())
+                            })?;
+                            s.finish(body).map_err(BackendError::Scram)?;
+                            continue;
+                        }
+                        other => {
+                            return Err(BackendError::UnsupportedAuth {
+                                shard: t.shard.clone(),
+                                method: other,
+                            })
+                        }
+                    }
+                    w.write_all(&out).await.map_err(WireError::Io)?;
+                }
+                b'S' => {
+                    let k = wire::get_cstr(&mut body)?.to_string();
+                    let v = wire::get_cstr(&mut body)?.to_string();
+                    params.push((k, v));
+                }
+                b'K' => {
+                    pid = wire::get_i32(&mut body)?;
+                    secret = wire::get_i32(&mut body)?;
+                }
+                b'E' => {
+                    let (code, message) = wire::parse_error_fields(f.body());
+                    return Err(BackendError::Refused {
+                        shard: t.shard.clone(),
+                        code,
+                        message,
+                    });
+                }
+                b'N' => {}
+                b'Z' => break,
+                other => {
+                    return Err(WireError::Protocol(format!(
+                        "unexpected message {:?} during backend startup",
+                        other as char
+                    ))
+                    .into())
+                }
+            }
+        }
+        Ok(BackendConn {
+            reader,
+            writer: w,
+            addr: t.addr,
+            pid,
+            secret,
+            params,
+            prepared: HashSet::new(),
+            state_fp: crate::state::SessionState::default().fingerprint(),
+            broken: false,
+        })
+    }
+
+    /// Runs a simple query whose results the client never sees; returns the
+    /// data rows as text columns. Used for session-state replay and refresh.
+    pub async fn hidden_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, HiddenQueryError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).map_err(|e| HiddenQueryError::Wire(WireError::Io(e)))?;
+        self.writer
+            .write_all(&out)
+            .await
+            .map_err(|e| HiddenQueryError::Wire(WireError::Io(e)))?;
+        let mut rows = Vec::new();
+        let mut err = None;
+        loop {
+            let f: Frame = self.reader.next().await.map_err(HiddenQueryError::Wire)?;
+            match f.tag() {
+                b'D' => {
+                    let mut b = f.body();
+                    let n = wire::get_i16(&mut b).map_err(HiddenQueryError::Wire)?;
+                    let mut row = Vec::with_capacity(n.max(0) as usize);
+                    for _ in 0..n {
+                        let len = wire::get_i32(&mut b).map_err(HiddenQueryError::Wire)?;
+                        if len < 0 {
+                            row.push(None);
+                        } else {
+                            let len = len as usize;
+                            if b.len() < len {
+                                return Err(HiddenQueryError::Wire(WireError::Protocol(
+                                    "short data row".into(),
+                                )));
+                            }
+                            row.push(Some(String::from_utf8_lossy(&b[..len]).into_owned()));
+                            b.advance(len);
+                        }
+                    }
+                    rows.push(row);
+                }
+                b'E' => err = Some(wire::parse_error_fields(f.body())),
+                b'Z' => {
+                    if f.body().first() != Some(&b'I') {
+                        self.broken = true;
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+        match err {
+            Some((code, message)) => Err(HiddenQueryError::Server { code, message }),
+            None => Ok(rows),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HiddenQueryError {
+    #[error("{0}")]
+    Wire(WireError),
+    #[error("{code}: {message}")]
+    Server { code: String, message: String },
+}
+
+/// Sends a CancelRequest for `pid`/`secret` to a backend.
+pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut out = BytesMut::new();
+    frontend::cancel_request(pid, secret, &mut out);
+    s.write_all(&out).await?;
+    // PostgreSQL closes the connection when done; wait for that so the
+    // cancel has been delivered before we report success.
+    let mut buf = [0u8; 1];
+    let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! Node configuration: a typed TOML file. Defaults are documented in
+//! `deploy/hotrepart.example.toml`; the CLI only bootstraps.
+//!
+//! Guarantee: a configuration that `Config::validate` accepts names at least
+//! one shard, has unique shard and user names, and every user has a usable
+//! authentication method (client passwords are stored only as SCRAM or md5
+//! verifiers, never in plain text).
+
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A backend is held from the first statement to the ReadyForQuery that
+    /// ends the transaction.
+    #[default]
+    Transaction,
+    /// A backend is held for the whole client session.
+    Session,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the client listener binds, e.g. "127.0.0.1:6432".
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+    /// Backend connections per (shard, database, user).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// How long a client waits for a free backend before an error.
+    #[serde(default = "default_pool_timeout_ms")]
+    pub pool_timeout_ms: u64,
+    /// Timeout for opening a backend connection.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_max_client_connections")]
+    pub max_client_connections: usize,
+    /// Largest protocol message accepted from a client, in bytes.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: usize,
+    /// Close a client idle (outside a transaction) this long; 0 = never.
+    #[serde(default)]
+    pub client_idle_timeout_ms: u64,
+    /// Close a client idle inside a transaction this long; 0 = never.
+    #[serde(default)]
+    pub idle_in_transaction_timeout_ms: u64,
+    /// Name of the shard statements go to until the router issue lands.
+    #[serde(default)]
+    pub default_shard: Option<String>,
+    pub shards: Vec<ShardConfig>,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    pub name: String,
+    /// libpq-style DSN (URL or key=value): host, port, and optionally user
+    /// and password the node uses to log in to this shard.
+    pub dsn: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    Trust,
+    Md5,
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub auth: AuthMethod,
+    /// For scram-sha-256: `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`
+    /// (as `hotrepart hash-password` prints). For md5: `md5<hex>`.
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    /// User the node logs in as on the shards (default: same name).
+    #[serde(default)]
+    pub server_user: Option<String>,
+    /// Password the node uses on the shards (default: the DSN's password).
+    #[serde(default)]
+    pub server_password: Option<String>,
+    /// Per-user override of the pool mode.
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:6432".into()
+}
+fn default_pool_size() -> usize {
+    20
+}
+fn default_pool_timeout_ms() -> u64 {
+    5_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_client_connections() -> usize {
+    10_000
+}
+fn default_max_message_size() -> usize {
+    64 * 1024 * 1024
+}
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "<string>".into(),
+            source: Box::new(source),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.shards.is_empty() {
+            return Err(ConfigError::Invalid(
+                "at least one [[shards]] entry is required".into(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for s in &self.shards {
+            if !names.insert(&s.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "duplicate shard name {:?}",
+                    s.name
+                )));
+            }
+            s.dsn
+                .parse::<tokio_postgres::Config>()
+                .map_err(|e| ConfigError::Invalid(format!("shard {:?}: bad dsn: {e}", s.name)))?;
+        }
+        if let Some(d) = &self.default_shard {
+            if !names.contains(d) {
+                return Err(ConfigError::Invalid(format!(
+                    "default_shard {d:?} is not a shard"
+                )));
+            }
+        }
+        if self.pool_size == 0 {
+            return Err(ConfigError::Invalid("pool_size must be at least 1".into()));
+        }
+        let mut users = std::collections::HashSet::new();
+        for u in &self.users {
+            if !users.insert(&u.name) {
+                return Err(ConfigError::Invalid(format!("duplicate user {:?}", u.name)));
+            }
+            match (u.auth, &u.password_hash) {
+                (AuthMethod::Trust, _) => {}
+                (AuthMethod::ScramSha256, Some(h)) => {
+                    crate::auth::ScramVerifier::parse(h)
+                        .map_err(|e| ConfigError::Invalid(format!("user {:?}: {e}", u.name)))?;
+                }
+                (AuthMethod::Md5, Some(h)) if h.len() == 35 && h.starts_with("md5") => {}
+                (AuthMethod::Md5, Some(_)) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "user {:?}: md5 password_hash must be 'md5' followed by 32 hex digits",
+                        u.name
+                    )))
+                }
+                (_, None) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "user {:?}: password_hash is required for {:?} auth",
+                        u.name, u.auth
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn default_shard_index(&self) -> usize {
+        self.default_shard
+            .as_ref()
+            .and_then(|d| self.shards.iter().position(|s| &s.name == d))
+            .unwrap_or(0)
+    }
+
+    pub fn pool_timeout(&self) -> Duration {
+        Duration::from_millis(self.pool_timeout_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_minimal_and_rejects_bad() {
+        let c = Config::from_toml(
+            r#"
+            [[shards]]
+            name = "s0"
+            dsn = "postgres://u:p@127.0.0.1:5432/db"
+            [[users]]
+            name = "app"
+            auth = "trust"
+            "#,
+        )
+        .expect("valid config");
+        assert_eq!(c.pool_size, 20);
+        assert_eq!(c.pool_mode, PoolMode::Transaction);
+        assert!(Config::from_toml("shards = []").is_err());
+        let e = Config::from_toml(
+            r#"
+            [[shards]]
+            name = "s0"
+            dsn = "host=127.0.0.1"
+            [[users]]
+            name = "app"
+            auth = "scram-sha-256"
+            "#,
+        )
+        .expect_err("missing hash");
+        assert!(e.to_string().contains("password_hash is required"), "{e}");
+        let e = Config::from_toml(
+            r#"
+            listen = "x"
+            bogus = 1
+            [[shards]]
+            name = "s0"
+            dsn = "host=127.0.0.1"
+            "#,
+        )
+        .expect_err("unknown key");
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+}

@@ -1,0 +1,23 @@
+//! hotrepart-proxy: the hotrepart node as a library. The binaries in
+//! `main.rs` only parse arguments and call into it.
+//!
+//! Code map: [`wire`] (frames), [`auth`] (client authentication),
+//! [`backend`] (the node's logins to shards), [`pool`] (M:N pools),
+//! [`state`] (session state that follows a client across backends),
+//! [`session`] (the per-client forwarding state machine), [`node`] (listener
+//! and handshake), [`localpg`] and [`demo`] (local PostgreSQL servers).
+#![deny(clippy::print_stdout)]
+
+pub mod auth;
+pub mod backend;
+pub mod config;
+pub mod demo;
+pub mod localpg;
+pub mod node;
+pub mod pool;
+pub mod session;
+pub mod state;
+pub mod wire;
+
+pub use config::Config;
+pub use node::Node;

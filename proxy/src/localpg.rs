@@ -1,0 +1,299 @@
+//! Local PostgreSQL servers for `hotrepart demo` and the integration tests:
+//! find the installed binaries, `initdb`, `pg_ctl start/stop`.
+//!
+//! Guarantees: servers listen on 127.0.0.1 only, on the port given; when the
+//! node runs as root they run as an unprivileged user (`postgres`, else
+//! `nobody`), since PostgreSQL refuses root; [`LocalPg`] stops its server
+//! when dropped, so a failing test leaves no server behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalPgError {
+    #[error(
+        "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or under /usr/lib/postgresql/*/bin.\n\
+         Install them with:  sudo apt-get install -y postgresql   (Debian/Ubuntu)\n\
+         or set PG_BIN to the directory holding initdb and pg_ctl."
+    )]
+    NotInstalled,
+    #[error("{cmd} failed: {detail}")]
+    Command { cmd: String, detail: String },
+    #[error("i/o on {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// The directory holding initdb, pg_ctl and postgres.
+#[derive(Debug, Clone)]
+pub struct PgInstall {
+    pub bin: PathBuf,
+}
+
+impl PgInstall {
+    pub fn find() -> Result<PgInstall, LocalPgError> {
+        let ok = |d: &Path| {
+            d.join("initdb").exists() && d.join("pg_ctl").exists() && d.join("postgres").exists()
+        };
+        if let Some(d) = std::env::var_os("PG_BIN").map(PathBuf::from) {
+            if ok(&d) {
+                return Ok(PgInstall { bin: d });
+            }
+        }
+        // Debian's versioned directories first: /usr/local/bin or /usr/bin
+        // may hold only wrapper scripts.
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+                Some((v, e.path().join("bin")))
+            })
+            .filter(|(_, p)| ok(p))
+            .collect();
+        versions.sort();
+        if let Some((_, p)) = versions.pop() {
+            return Ok(PgInstall { bin: p });
+        }
+        for d in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+            if ok(&d) {
+                return Ok(PgInstall { bin: d });
+            }
+        }
+        Err(LocalPgError::NotInstalled)
+    }
+
+    pub fn tool(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+}
+
+/// The unprivileged account servers run as when we are root.
+fn run_as() -> Option<(u32, u32)> {
+    // SAFETY-free: geteuid has no preconditions; libc wrappers are safe fns
+    // only through `unsafe`, so use the `id` command instead.
+    let out = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&out.stdout).trim() != "0" {
+        return None;
+    }
+    for user in ["postgres", "nobody"] {
+        let uid = Command::new("id").args(["-u", user]).output().ok()?;
+        let gid = Command::new("id").args(["-g", user]).output().ok()?;
+        if uid.status.success() && gid.status.success() {
+            let u = String::from_utf8_lossy(&uid.stdout).trim().parse().ok()?;
+            let g = String::from_utf8_lossy(&gid.stdout).trim().parse().ok()?;
+            return Some((u, g));
+        }
+    }
+    None
+}
+
+fn command(prog: &Path, owner: Option<(u32, u32)>) -> Command {
+    let mut c = Command::new(prog);
+    if let Some((u, g)) = owner {
+        std::os::unix::process::CommandExt::uid(&mut c, u);
+        std::os::unix::process::CommandExt::gid(&mut c, g);
+    }
+    c.env_remove("PGDATA").env("LC_ALL", "C");
+    c
+}
+
+fn run(mut c: Command, what: &str) -> Result<(), LocalPgError> {
+    let out = c
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| LocalPgError::Command {
+            cmd: what.into(),
+            detail: e.to_string(),
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LocalPgError::Command {
+            cmd: what.into(),
+            detail: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        })
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LocalPgError + '_ {
+    move |source| LocalPgError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn chown_r(path: &Path, owner: Option<(u32, u32)>) -> Result<(), LocalPgError> {
+    if let Some((u, g)) = owner {
+        run(
+            {
+                let mut c = Command::new("chown");
+                c.arg("-R").arg(format!("{u}:{g}")).arg(path);
+                c
+            },
+            "chown",
+        )?;
+    }
+    Ok(())
+}
+
+/// Picks a free loopback port.
+pub fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// One running local PostgreSQL server.
+pub struct LocalPg {
+    pub install: PgInstall,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub superuser: String,
+    pub password: String,
+    owner: Option<(u32, u32)>,
+    running: bool,
+}
+
+impl LocalPg {
+    /// Creates (initdb) and starts a server in `dir/data`, with SCRAM
+    /// authentication for `superuser`/`password` on 127.0.0.1:`port`.
+    /// With `template`, the initdb result is cached in `template` and copied,
+    /// which is much faster for many test servers.
+    pub fn start(
+        install: &PgInstall,
+        dir: &Path,
+        port: u16,
+        password: &str,
+        template: Option<&Path>,
+    ) -> Result<LocalPg, LocalPgError> {
+        let owner = run_as();
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let data = dir.join("data");
+        if !data.join("PG_VERSION").exists() {
+            match template {
+                Some(t) => {
+                    if !t.join("PG_VERSION").exists() {
+                        let tmp = t.with_extension(format!("tmp{}", std::process::id()));
+                        let _ = std::fs::remove_dir_all(&tmp);
+                        initdb(install, &tmp, password, owner, dir)?;
+                        // Another process may have won the race; either copy is fine.
+                        if std::fs::rename(&tmp, t).is_err() {
+                            let _ = std::fs::remove_dir_all(&tmp);
+                        }
+                    }
+                    run(
+                        {
+                            let mut c = Command::new("cp");
+                            c.arg("-a").arg(t).arg(&data);
+                            c
+                        },
+                        "cp template",
+                    )?;
+                }
+                None => initdb(install, &data, password, owner, dir)?,
+            }
+        }
+        chown_r(dir, owner)?;
+        let mut pg = LocalPg {
+            install: install.clone(),
+            dir: dir.to_path_buf(),
+            port,
+            superuser: "postgres".into(),
+            password: password.into(),
+            owner,
+            running: false,
+        };
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=300 -c wal_level=logical \
+             -c max_replication_slots=16 -c max_wal_senders=16 -c max_prepared_transactions=100 \
+             -c shared_buffers=64MB",
+            dir.display()
+        );
+        let mut c = command(&install.tool("pg_ctl"), owner);
+        c.arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("postgres.log"))
+            .arg("-o")
+            .arg(opts)
+            .args(["-w", "-t", "60", "start"]);
+        run(c, "pg_ctl start").map_err(|e| match e {
+            LocalPgError::Command { cmd, detail } => LocalPgError::Command {
+                cmd,
+                detail: format!(
+                    "{detail}\n--- postgres.log ---\n{}",
+                    std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default()
+                ),
+            },
+            e => e,
+        })?;
+        pg.running = true;
+        Ok(pg)
+    }
+
+    pub fn dsn(&self) -> String {
+        format!(
+            "postgres://{}:{}@127.0.0.1:{}/postgres",
+            self.superuser, self.password, self.port
+        )
+    }
+
+    pub fn stop(&mut self) -> Result<(), LocalPgError> {
+        if !self.running {
+            return Ok(());
+        }
+        self.running = false;
+        let mut c = command(&self.install.tool("pg_ctl"), self.owner);
+        c.arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"]);
+        run(c, "pg_ctl stop")
+    }
+}
+
+impl Drop for LocalPg {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+fn initdb(
+    install: &PgInstall,
+    data: &Path,
+    password: &str,
+    owner: Option<(u32, u32)>,
+    scratch: &Path,
+) -> Result<(), LocalPgError> {
+    let pwfile = scratch.join(format!("pwfile.{}", std::process::id()));
+    std::fs::write(&pwfile, format!("{password}\n")).map_err(io(&pwfile))?;
+    if let Some(parent) = data.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    std::fs::create_dir_all(data).map_err(io(data))?;
+    chown_r(data, owner)?;
+    chown_r(&pwfile, owner)?;
+    let mut c = command(&install.tool("initdb"), owner);
+    c.arg("-D")
+        .arg(data)
+        .args([
+            "-U",
+            "postgres",
+            "--auth=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "-N",
+        ])
+        .arg(format!("--pwfile={}", pwfile.display()));
+    let r = run(c, "initdb");
+    let _ = std::fs::remove_file(&pwfile);
+    r
+}

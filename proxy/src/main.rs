@@ -1,0 +1,95 @@
+//! `hotrepart`: the node binary. Parses arguments and calls the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "hotrepart",
+    version,
+    about = "PostgreSQL wire-compatible sharding proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node from a configuration file.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start local PostgreSQL shards and a node in front of them.
+    Demo {
+        #[arg(long, default_value_t = 2)]
+        shards: usize,
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print a password verifier for the config file (reads the password
+    /// from standard input).
+    HashPassword {
+        /// md5 verifier for this user instead of SCRAM-SHA-256.
+        #[arg(long)]
+        md5_user: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOTREPART_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.cmd {
+        Cmd::Serve { config } => rt.block_on(async {
+            let cfg = hotrepart_proxy::Config::load(&config)?;
+            let node = hotrepart_proxy::Node::new(cfg)?;
+            let listener = node.bind().await?;
+            tracing::info!(addr = %listener.local_addr()?, "listening");
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            let server = tokio::spawn(node.serve(listener, rx));
+            tokio::signal::ctrl_c().await?;
+            let _ = tx.send(true);
+            let _ = server.await;
+            anyhow::Ok(())
+        }),
+        Cmd::Demo {
+            shards,
+            port,
+            data_dir,
+        } => rt.block_on(async {
+            hotrepart_proxy::demo::run(shards, port, data_dir, |line| {
+                let mut out = std::io::stdout();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            })
+            .await
+            .context("demo failed")
+        }),
+        Cmd::HashPassword { md5_user } => {
+            let mut pw = String::new();
+            std::io::stdin().read_line(&mut pw)?;
+            let pw = pw.trim_end_matches(['\n', '\r']);
+            anyhow::ensure!(!pw.is_empty(), "empty password on standard input");
+            let v = match md5_user {
+                Some(u) => hotrepart_proxy::auth::md5_verifier(&u, pw),
+                None => hotrepart_proxy::auth::scram_verifier(pw),
+            };
+            writeln!(std::io::stdout(), "{v}")?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! A hotrepart node: the client listener, the startup handshake (SSL/GSS
+//! negotiation, CancelRequest, startup parameters, authentication), and the
+//! shared state every session uses (pools, cancel keys, limits).
+//!
+//! Guarantees:
+//! - one task per client connection; a failing or malicious client ends
+//!   only its own task (malformed input gets an ErrorResponse and a close);
+//! - at most `max_client_connections` sessions exist; the next one gets
+//!   SQLSTATE 53300 and is closed;
+//! - a CancelRequest carrying a session's key cancels the query that session
+//!   is running on its current backend, whichever pooled backend that is.
+
+use crate::auth::{self, ScramServer, ScramVerifier};
+use crate::backend::{self, BackendTarget};
+use crate::config::{AuthMethod, Config, PoolMode};
+use crate::pool::{Pool, Pools};
+use crate::session::Session;
+use crate::state::SessionState;
+use crate::wire::{self, FrameReader, Severity, WireError};
+use bytes::{BufMut, BytesMut};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const SSL_REQUEST: i32 = 80877103;
+const GSSENC_REQUEST: i32 = 80877104;
+const CANCEL_REQUEST: i32 = 80877102;
+const PROTOCOL_3_0: i32 = 196608;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// Where a session's current query runs, for CancelRequest.
+#[derive(Default)]
+pub struct CancelSlot(Mutex<Option<(SocketAddr, i32, i32)>>);
+
+impl CancelSlot {
+    pub fn set(&self, v: Option<(SocketAddr, i32, i32)>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = v;
+    }
+    fn get(&self) -> Option<(SocketAddr, i32, i32)> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub struct Node {
+    pub cfg: Config,
+    pub pools: Pools,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    clients: AtomicUsize,
+    cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+    shard_addrs: Vec<(SocketAddr, Option<String>, Option<String>)>,
+}
+
+impl Node {
+    pub fn new(cfg: Config) -> Result<Arc<Node>, NodeError> {
+        let tls = match &cfg.tls {
+            Some(t) => Some(load_tls(&t.cert, &t.key)?),
+            None => None,
+        };
+        let mut shard_addrs = Vec::new();
+        for s in &cfg.shards {
+            let pc: tokio_postgres::Config = s
+                .dsn
+                .parse()
+                .map_err(|e| NodeError::Tls(format!("shard {}: {e}", s.name)))?;
+            let host = match pc.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                _ => "127.0.0.1".to_string(),
+            };
+            let port = pc.get_ports().first().copied().unwrap_or(5432);
+            let addr = format!("{host}:{port}")
+                .parse::<SocketAddr>()
+                .or_else(|_| {
+                    std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                        .ok()
+                        .and_then(|mut a| a.next())
+                        .ok_or(())
+                })
+                .map_err(|_| NodeError::Tls(format!("shard {}: cannot resolve {host}", s.name)))?;
+            let pw = pc
+                .get_password()
+                .map(|p| String::from_utf8_lossy(p).into_owned());
+            shard_addrs.push((addr, pc.get_user().map(str::to_string), pw));
+        }
+        Ok(Arc::new(Node {
+            cfg,
+            pools: Pools::default(),
+            tls,
+            clients: AtomicUsize::new(0),
+            cancels: Mutex::new(HashMap::new()),
+            shard_addrs,
+        }))
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    fn pool_for(&self, shard: usize, database: &str, client_user: &str) -> Arc<Pool> {
+        let ucfg = self.cfg.user(client_user);
+        let (addr, dsn_user, dsn_pw) = self.shard_addrs[shard].clone();
+        let user = ucfg
+            .and_then(|u| u.server_user.clone())
+            .or(dsn_user)
+            .unwrap_or_else(|| client_user.to_string());
+        let password = ucfg.and_then(|u| u.server_password.clone()).or(dsn_pw);
+        let key = (shard, database.to_string(), client_user.to_string());
+        self.pools.get_or_create(key, || {
+            Pool::new(
+                BackendTarget {
+                    shard: self.cfg.shards[shard].name.clone(),
+                    addr,
+                    user,
+                    password,
+                    database: database.to_string(),
+                },
+                self.cfg.pool_size,
+                self.cfg.connect_timeout(),
+            )
+        })
+    }
+
+    /// Binds the listener; returns it so callers learn the port before
+    /// serving (port 0 picks a free one).
+    pub async fn bind(&self) -> Result<TcpListener, NodeError> {
+        TcpListener::bind(&self.cfg.listen)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: self.cfg.listen.clone(),
+                source,
+            })
+    }
+
+    /// Accepts clients until `shutdown` turns true.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((sock, peer)) => {
+                        let node = self.clone();
+                        let span = tracing::info_span!("client", %peer);
+                        tokio::spawn(tracing::Instrument::instrument(node.handle(sock), span));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, sock: TcpStream) {
+        let _ = sock.set_nodelay(true);
+        let n = self.clients.fetch_add(1, Ordering::Relaxed) + 1;
+        let _guard = CountGuard(self.clone());
+        let mut r = FrameReader::new(sock, self.cfg.max_message_size);
+        // Startup: SSLRequest / GSSENCRequest / CancelRequest come first.
+        let mut tls_done = false;
+        let params = loop {
+            let pkt = match r.next_startup().await {
+                Ok(p) => p,
+                Err(WireError::Protocol(m)) => {
+                    return refuse(
+                        r.get_mut(),
+                        "08P01",
+                        &format!("invalid startup packet: {m}"),
+                    )
+                    .await
+                }
+                Err(_) => return,
+            };
+            let code = i32::from_be_bytes([pkt[4], pkt[5], pkt[6], pkt[7]]);
+            match code {
+                SSL_REQUEST if !tls_done => {
+                    if let Some(acc) = self.tls.clone() {
+                        if r.buffered() > 0 {
+                            return refuse(r.get_mut(), "08P01", "data after SSLRequest").await;
+                        }
+                        if r.get_mut().write_all(b"S").await.is_err() {
+                            return;
+                        }
+                        let (sock, _) = r.into_parts();
+                        let tls = match acc.accept(sock).await {
+                            Ok(t) => t,
+                            Err(e) => {
+                                tracing::info!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                        };
+                        let max = self.cfg.max_message_size;
+                        return self.after_tls(FrameReader::new(tls, max), n).await;
+                    }
+                    if r.get_mut().write_all(b"N").await.is_err() {
+                        return;
+                    }
+                    tls_done = true;
+                }
+                GSSENC_REQUEST => {
+                    if r.get_mut().write_all(b"N").await.is_err() {
+                        return;
+                    }
+                }
+                CANCEL_REQUEST if pkt.len() == 16 => {
+                    let pid = i32::from_be_bytes([pkt[8], pkt[9], pkt[10], pkt[11]]);
+                    let secret = i32::from_be_bytes([pkt[12], pkt[13], pkt[14], pkt[15]]);
+                    self.cancel(pid, secret).await;
+                    return;
+                }
+                PROTOCOL_3_0 => match parse_startup(&pkt[8..]) {
+                    Ok(p) => break p,
+                    Err(m) => return refuse(r.get_mut(), "08P01", &m).await,
+                },
+                other => {
+                    let m = format!(
+                        "unsupported frontend protocol {}.{}: server supports 3.0",
+                        other >> 16,
+                        other & 0xffff
+                    );
+                    return refuse(r.get_mut(), "0A000", &m).await;
+                }
+            }
+        };
+        self.login(r, params, n).await
+    }
+
+    async fn after_tls<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        self: Arc<Self>,
+        mut r: FrameReader<S>,
+        n: usize,
+    ) {
+        let pkt = match r.next_startup().await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let code = i32::from_be_bytes([pkt[4], pkt[5], pkt[6], pkt[7]]);
+        if code != PROTOCOL_3_0 {
+            return refuse(r.get_mut(), "08P01", "expected a startup message after TLS").await;
+        }
+        match parse_startup(&pkt[8..]) {
+            Ok(p) => self.login(r, p, n).await,
+            Err(m) => refuse(r.get_mut(), "08P01", &m).await,
+        }
+    }
+
+    async fn cancel(&self, pid: i32, secret: i32) {
+        let slot = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(pid, secret))
+            .cloned();
+        if let Some((addr, bpid, bsecret)) = slot.and_then(|s| s.get()) {
+            if let Err(e) = backend::send_cancel(addr, bpid, bsecret).await {
+                tracing::warn!(error = %e, "cannot forward cancel request");
+            }
+        }
+    }
+
+    async fn login<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        self: Arc<Self>,
+        mut r: FrameReader<S>,
+        params: Vec<(String, String)>,
+        n: usize,
+    ) {
+        let get = |k: &str| params.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
+        let Some(user) = get("user") else {
+            return refuse(
+                r.get_mut(),
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            )
+            .await;
+        };
+        let database = get("database").unwrap_or_else(|| user.clone());
+        if get("replication").is_some_and(|v| v != "false" && v != "0" && v != "off") {
+            return refuse(
+                r.get_mut(),
+                "0A000",
+                "replication connections are not supported by hotrepart",
+            )
+            .await;
+        }
+        if n > self.cfg.max_client_connections {
+            return refuse(
+                r.get_mut(),
+                "53300",
+                &format!(
+                    "sorry, too many clients already (max_client_connections = {})",
+                    self.cfg.max_client_connections
+                ),
+            )
+            .await;
+        }
+        let Some(ucfg) = self.cfg.user(&user).cloned() else {
+            return refuse(
+                r.get_mut(),
+                "28000",
+                &format!("role \"{user}\" is not allowed to connect through hotrepart"),
+            )
+            .await;
+        };
+        if let Err(m) = authenticate(&mut r, &ucfg, &user).await {
+            return refuse(r.get_mut(), m.0, &m.1).await;
+        }
+        let state = match SessionState::from_startup(&params) {
+            Ok(s) => s,
+            Err(m) => return refuse(r.get_mut(), "0A000", &m).await,
+        };
+        let shard = self.cfg.default_shard_index();
+        let pool = self.pool_for(shard, &database, &user);
+        let server_params = match pool.server_params(self.cfg.pool_timeout()).await {
+            Ok(p) => p,
+            Err(crate::pool::PoolError::Backend(crate::backend::BackendError::Refused {
+                code,
+                message,
+                ..
+            })) => {
+                let code: &'static str = match code.as_str() {
+                    "3D000" => "3D000",
+                    "28000" => "28000",
+                    "28P01" => "28P01",
+                    _ => "08006",
+                };
+                return refuse(r.get_mut(), code, &message).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach shard at login");
+                return refuse(r.get_mut(), "08006", "cannot connect to the shard").await;
+            }
+        };
+        let mut out = BytesMut::new();
+        wire::auth_request(&mut out, 0, &[]);
+        for (k, v) in &server_params {
+            let v = state.get(k).unwrap_or(v);
+            wire::parameter_status(&mut out, k, v);
+        }
+        if let Some(app) = state.get("application_name") {
+            if !server_params.iter().any(|(k, _)| k == "application_name") {
+                wire::parameter_status(&mut out, "application_name", app);
+            }
+        }
+        let (pid, secret, slot) = self.register_cancel();
+        wire::backend_key_data(&mut out, pid, secret);
+        wire::ready_for_query(&mut out, b'I');
+        if r.get_mut().write_all(&out).await.is_err() {
+            self.unregister_cancel(pid, secret);
+            return;
+        }
+        let session_mode = ucfg.pool_mode.unwrap_or(self.cfg.pool_mode) == PoolMode::Session;
+        tracing::debug!(%user, %database, "session started");
+        let end = Session::new(self.clone(), r, pool, session_mode, state, slot, user)
+            .run()
+            .await;
+        tracing::debug!(?end, "session ended");
+        self.unregister_cancel(pid, secret);
+    }
+
+    fn register_cancel(&self) -> (i32, i32, Arc<CancelSlot>) {
+        let slot = Arc::new(CancelSlot::default());
+        let mut m = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let pid: i32 = rand::random::<i32>() & 0x7fff_ffff;
+            let secret: i32 = rand::random();
+            if let std::collections::hash_map::Entry::Vacant(v) = m.entry((pid, secret)) {
+                v.insert(slot.clone());
+                return (pid, secret, slot);
+            }
+        }
+    }
+
+    fn unregister_cancel(&self, pid: i32, secret: i32) {
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(pid, secret));
+    }
+}
+
+struct CountGuard(Arc<Node>);
+impl Drop for CountGuard {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, code: &str, msg: &str) {
+    let mut out = BytesMut::new();
+    wire::error_response(&mut out, Severity::Fatal, code, msg);
+    let _ = w.write_all(&out).await;
+    let _ = w.flush().await;
+}
+
+fn parse_startup(mut b: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let mut v = Vec::new();
+    loop {
+        let k = wire::get_cstr(&mut b).map_err(|e| e.to_string())?;
+        if k.is_empty() {
+            return Ok(v);
+        }
+        let val = wire::get_cstr(&mut b).map_err(|e| e.to_string())?;
+        v.push((k.to_string(), val.to_string()));
+    }
+}
+
+/// Runs the configured authentication exchange. Err: (SQLSTATE, message).
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    r: &mut FrameReader<S>,
+    ucfg: &crate::config::UserConfig,
+    user: &str,
+) -> Result<(), (&'static str, String)> {
+    let failed = || {
+        (
+            "28P01",
+            format!("password authentication failed for user \"{user}\""),
+        )
+    };
+    let hash = ucfg.password_hash.clone().unwrap_or_default();
+    let mut out = BytesMut::new();
+    match ucfg.auth {
+        AuthMethod::Trust => Ok(()),
+        AuthMethod::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            wire::auth_request(&mut out, 5, &salt);
+            send(r, &out).await?;
+            let f = read_password(r).await?;
+            let mut b = f.body();
+            let resp = wire::get_cstr(&mut b).map_err(|_| failed())?;
+            if auth::md5_check(&hash, salt, resp) {
+                Ok(())
+            } else {
+                Err(failed())
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            let v = ScramVerifier::parse(&hash).map_err(|_| failed())?;
+            let mut mechs = BytesMut::new();
+            wire::put_cstr(&mut mechs, "SCRAM-SHA-256");
+            mechs.put_u8(0);
+            wire::auth_request(&mut out, 10, &mechs);
+            send(r, &out).await?;
+            let f = read_password(r).await?;
+            let mut b = f.body();
+            let mech = wire::get_cstr(&mut b).map_err(|_| failed())?;
+            if mech != "SCRAM-SHA-256" {
+                return Err(("28000", format!("unsupported SASL mechanism {mech:?}")));
+            }
+            let _len = wire::get_i32(&mut b).map_err(|_| failed())?;
+            let first = std::str::from_utf8(b).map_err(|_| failed())?;
+            let server = ScramServer::start(v, first).map_err(|e| ("08P01", e.to_string()))?;
+            out.clear();
+            wire::auth_request(&mut out, 11, server.server_first().as_bytes());
+            send(r, &out).await?;
+            let f = read_password(r).await?;
+            let fin = std::str::from_utf8(f.body()).map_err(|_| failed())?;
+            let sfinal = server.finish(fin).map_err(|_| failed())?;
+            out.clear();
+            wire::auth_request(&mut out, 12, sfinal.as_bytes());
+            send(r, &out).await
+        }
+    }
+}
+
+async fn send<S: AsyncWrite + Unpin + AsyncRead>(
+    r: &mut FrameReader<S>,
+    out: &[u8],
+) -> Result<(), (&'static str, String)> {
+    r.get_mut()
+        .write_all(out)
+        .await
+        .map_err(|_| ("08006", "client went away".to_string()))
+}
+
+async fn read_password<S: AsyncRead + AsyncWrite + Unpin>(
+    r: &mut FrameReader<S>,
+) -> Result<wire::Frame, (&'static str, String)> {
+    let f = r
+        .next()
+        .await
+        .map_err(|e| ("08P01", format!("during authentication: {e}")))?;
+    if f.tag() != b'p' {
+        return Err(("08P01", "expected a password response".into()));
+    }
+    Ok(f)
+}
+
+fn load_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, NodeError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| NodeError::Tls(format!("cannot read {}: {e}", cert.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| NodeError::Tls(format!("bad certificate in {}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| NodeError::Tls(format!("cannot read key {}: {e}", key.display())))?;
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| NodeError::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| NodeError::Tls(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}

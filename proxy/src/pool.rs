@@ -1,0 +1,205 @@
+//! Backend pools: one per (shard, database, user), with a fixed size.
+//!
+//! Guarantees:
+//! - at most `size` backend connections of a pool exist at any moment (a
+//!   semaphore permit travels with every connection, idle or checked out);
+//! - waiting for a connection is bounded by the pool timeout and ends in
+//!   [`PoolError::Timeout`];
+//! - a [`Pooled`] guard returns its connection to the pool only through
+//!   [`Pooled::release`], which the session calls at ReadyForQuery(idle) with
+//!   nothing owed; dropping the guard any other way closes the connection, so
+//!   a backend that might carry another client's state is never reused.
+
+use crate::backend::{BackendConn, BackendError, BackendTarget};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no backend connection to shard {shard} became free within {waited_ms} ms (pool size {size})")]
+    Timeout {
+        shard: String,
+        waited_ms: u128,
+        size: usize,
+    },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+pub struct Pool {
+    pub target: BackendTarget,
+    size: usize,
+    sem: Arc<Semaphore>,
+    idle: Mutex<Vec<(BackendConn, OwnedSemaphorePermit)>>,
+    connect_timeout: Duration,
+    /// ParameterStatus values of the first connection made, shown to clients
+    /// at login.
+    server_params: Mutex<Option<Vec<(String, String)>>>,
+}
+
+impl Pool {
+    pub fn new(target: BackendTarget, size: usize, connect_timeout: Duration) -> Arc<Pool> {
+        Arc::new(Pool {
+            target,
+            size,
+            sem: Arc::new(Semaphore::new(size)),
+            idle: Mutex::new(Vec::new()),
+            connect_timeout,
+            server_params: Mutex::new(None),
+        })
+    }
+
+    /// Checks out a connection, preferring an idle one whose session state
+    /// fingerprint equals `want_fp` (no replay needed).
+    pub async fn get(self: &Arc<Self>, want_fp: u64, wait: Duration) -> Result<Pooled, PoolError> {
+        if let Some(p) = self.take_idle(want_fp) {
+            return Ok(p);
+        }
+        let permit = match tokio::time::timeout(wait, self.sem.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            // The semaphore is never closed.
+            Ok(Err(_)) | Err(_) => {
+                // A connection may have been returned while we waited.
+                if let Some(p) = self.take_idle(want_fp) {
+                    return Ok(p);
+                }
+                return Err(PoolError::Timeout {
+                    shard: self.target.shard.clone(),
+                    waited_ms: wait.as_millis(),
+                    size: self.size,
+                });
+            }
+        };
+        // Someone may have released an idle connection (with its permit) in
+        // the meantime; prefer it, and give our fresh permit back.
+        if let Some(p) = self.take_idle(want_fp) {
+            drop(permit);
+            return Ok(p);
+        }
+        let conn = BackendConn::connect(&self.target, self.connect_timeout).await?;
+        {
+            let mut sp = self.server_params.lock().unwrap_or_else(|e| e.into_inner());
+            if sp.is_none() {
+                *sp = Some(conn.params.clone());
+            }
+        }
+        Ok(Pooled {
+            conn: Some(conn),
+            permit: Some(permit),
+            pool: self.clone(),
+        })
+    }
+
+    fn take_idle(self: &Arc<Self>, want_fp: u64) -> Option<Pooled> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.is_empty() {
+            return None;
+        }
+        let i = idle
+            .iter()
+            .rposition(|(c, _)| c.state_fp == want_fp)
+            .unwrap_or(idle.len() - 1);
+        let (conn, permit) = idle.swap_remove(i);
+        Some(Pooled {
+            conn: Some(conn),
+            permit: Some(permit),
+            pool: self.clone(),
+        })
+    }
+
+    /// Server parameters to announce to clients; connects once if needed.
+    pub async fn server_params(
+        self: &Arc<Self>,
+        wait: Duration,
+    ) -> Result<Vec<(String, String)>, PoolError> {
+        if let Some(p) = self
+            .server_params
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Ok(p);
+        }
+        let fp = crate::state::SessionState::default().fingerprint();
+        let c = self.get(fp, wait).await?;
+        let params = c.params.clone();
+        c.release();
+        Ok(params)
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Connections in use or idle.
+    pub fn open_count(&self) -> usize {
+        self.size - self.sem.available_permits()
+    }
+}
+
+/// A checked-out backend connection.
+pub struct Pooled {
+    conn: Option<BackendConn>,
+    permit: Option<OwnedSemaphorePermit>,
+    pool: Arc<Pool>,
+}
+
+impl Pooled {
+    /// Returns the connection to the pool. Call only at ReadyForQuery(idle)
+    /// with nothing owed; a connection marked broken is closed instead.
+    pub fn release(mut self) {
+        if let (Some(c), Some(p)) = (self.conn.take(), self.permit.take()) {
+            if !c.broken {
+                self.pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((c, p));
+            }
+        }
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = BackendConn;
+    fn deref(&self) -> &BackendConn {
+        // `conn` is only taken by `release`, which consumes the guard.
+        self.conn.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut BackendConn {
+        self.conn.as_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+/// Pool key: shard index, database, user.
+pub type PoolKey = (usize, String, String);
+
+/// All pools of a node, created on first use.
+#[derive(Default)]
+pub struct Pools {
+    map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Pools {
+    pub fn get_or_create(&self, key: PoolKey, make: impl FnOnce() -> Arc<Pool>) -> Arc<Pool> {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(key).or_insert_with(make).clone()
+    }
+
+    pub fn all(&self) -> Vec<(PoolKey, Arc<Pool>)> {
+        let m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}

@@ -1,0 +1,219 @@
+//! Session state that must follow a client across pooled backends: the
+//! values of settings the client changed (`SET`, `set_config`, startup
+//! parameters).
+//!
+//! One mechanism covers them all: after a transaction in which the client
+//! may have changed a setting, the node reads the backend's own view
+//! (`pg_settings WHERE source = 'session'`) and keeps it as the client's
+//! state; before a client runs on a backend whose state fingerprint differs,
+//! the node replays it with `RESET ALL` and `set_config`. So what the node
+//! replays is what PostgreSQL itself reported — including SETs that were
+//! rolled back, `SET LOCAL`, or `set_config()` inside a SELECT.
+
+use std::hash::{Hash, Hasher};
+
+/// Settings a client has changed, sorted by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionState {
+    settings: Vec<(String, String)>,
+}
+
+/// Startup parameters that are not settings.
+const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
+
+impl SessionState {
+    pub fn from_pairs(mut settings: Vec<(String, String)>) -> SessionState {
+        settings.sort();
+        settings.dedup_by(|a, b| a.0 == b.0);
+        SessionState { settings }
+    }
+
+    /// Builds the initial state from a client's startup parameters.
+    /// Returns an error message for an option the node cannot honour.
+    pub fn from_startup(params: &[(String, String)]) -> Result<SessionState, String> {
+        let mut v = Vec::new();
+        for (k, val) in params {
+            if k == "options" {
+                v.extend(parse_options(val)?);
+                continue;
+            }
+            if NOT_SETTINGS.contains(&k.as_str()) {
+                continue;
+            }
+            // libpq sends client_encoding=auto from a terminal; the server
+            // resolves it at startup, which a set_config cannot do.
+            if k == "client_encoding" && val.eq_ignore_ascii_case("auto") {
+                continue;
+            }
+            v.push((k.to_ascii_lowercase(), val.clone()));
+        }
+        Ok(SessionState::from_pairs(v))
+    }
+
+    pub fn settings(&self) -> &[(String, String)] {
+        &self.settings
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.settings
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.settings.hash(&mut h);
+        h.finish()
+    }
+
+    /// SQL that turns any backend's session state into this one.
+    pub fn replay_sql(&self) -> String {
+        let mut sql = String::from("RESET ALL");
+        if !self.settings.is_empty() {
+            sql.push_str(";SELECT ");
+            for (i, (k, v)) in self.settings.iter().enumerate() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str("pg_catalog.set_config(");
+                sql.push_str(&quote_literal(k));
+                sql.push(',');
+                sql.push_str(&quote_literal(v));
+                sql.push_str(",false)");
+            }
+        }
+        sql
+    }
+}
+
+/// Query that reads a backend's session state.
+pub const READ_STATE_SQL: &str =
+    "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' ORDER BY name";
+
+/// Quotes a string as an SQL literal (standard_conforming_strings on, the
+/// default that RESET ALL restores first).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn parse_options(opts: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    let mut words = opts.split_whitespace();
+    while let Some(w) = words.next() {
+        let kv = if w == "-c" {
+            words
+                .next()
+                .ok_or_else(|| "startup option -c needs name=value".to_string())?
+        } else if let Some(r) = w.strip_prefix("-c") {
+            r
+        } else if let Some(r) = w.strip_prefix("--") {
+            r
+        } else {
+            return Err(format!(
+                "startup option {w:?} is not supported by hotrepart"
+            ));
+        };
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("startup option {kv:?} is not name=value"))?;
+        out.push((k.replace('-', "_").to_ascii_lowercase(), v.to_string()));
+    }
+    Ok(out)
+}
+
+/// Whether a statement may change session state (so the node must read the
+/// state back after the transaction). Cheap and conservative: a false
+/// positive costs one extra round trip, a false negative would leak state.
+pub fn may_change_state(sql: &str) -> bool {
+    let s = sql.trim_start();
+    let head: String = s.chars().take(12).collect::<String>().to_ascii_lowercase();
+    if head.starts_with("set")
+        || head.starts_with("reset")
+        || head.starts_with("discard")
+        || head.starts_with("deallocate")
+        || head.starts_with("begin")
+        || head.starts_with("start")
+    {
+        // BEGIN/START may carry no SET, but a multi-statement string that
+        // starts with them might; the scan below decides.
+        if !(head.starts_with("begin") || head.starts_with("start")) {
+            return true;
+        }
+    }
+    contains_ci(sql, "set_config")
+        || contains_ci(sql, ";set")
+        || contains_ci(sql, "; set")
+        || contains_ci(sql, "\nset")
+        || contains_ci(sql, "discard")
+        || contains_ci(sql, "deallocate")
+        || contains_ci(sql, "reset ")
+}
+
+/// Whether a statement may drop prepared statements the node made.
+pub fn may_drop_prepared(sql: &str) -> bool {
+    contains_ci(sql, "discard") || contains_ci(sql, "deallocate")
+}
+
+fn contains_ci(hay: &str, needle: &str) -> bool {
+    let n = needle.as_bytes();
+    hay.as_bytes()
+        .windows(n.len())
+        .any(|w| w.eq_ignore_ascii_case(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_params_become_state() {
+        let p = vec![
+            ("user".into(), "u".into()),
+            ("database".into(), "d".into()),
+            ("application_name".into(), "psql".into()),
+            ("client_encoding".into(), "auto".into()),
+            (
+                "options".into(),
+                "-c search_path=a,b --work-mem=64MB".into(),
+            ),
+        ];
+        let s = SessionState::from_startup(&p).expect("state");
+        assert_eq!(s.get("application_name"), Some("psql"));
+        assert_eq!(s.get("search_path"), Some("a,b"));
+        assert_eq!(s.get("work_mem"), Some("64MB"));
+        assert_eq!(s.get("client_encoding"), None);
+        assert!(SessionState::from_startup(&[("options".into(), "-x".into())]).is_err());
+    }
+
+    #[test]
+    fn replay_sql_quotes() {
+        let s = SessionState::from_pairs(vec![("application_name".into(), "it's".into())]);
+        assert_eq!(
+            s.replay_sql(),
+            "RESET ALL;SELECT pg_catalog.set_config('application_name','it''s',false)"
+        );
+        assert_ne!(s.fingerprint(), SessionState::default().fingerprint());
+    }
+
+    #[test]
+    fn detects_state_changes() {
+        for yes in [
+            "SET search_path = x",
+            "  reset all",
+            "select set_config('a','b',false)",
+            "BEGIN; SET LOCAL x = 1",
+            "DISCARD ALL",
+        ] {
+            assert!(may_change_state(yes), "{yes}");
+        }
+        for no in [
+            "SELECT 1",
+            "BEGIN",
+            "select * from t offset 3",
+            "UPDATE t SET a = 1",
+        ] {
+            assert!(!may_change_state(no), "{no}");
+        }
+    }
+}

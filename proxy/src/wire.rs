@@ -1,0 +1,306 @@
+//! Wire layer: PostgreSQL protocol frames as `Bytes`, and the few messages the
+//! node itself has to write.
+//!
+//! The wire layer knows frames, not SQL. A [`FrameReader`] splits a byte stream
+//! into whole frames (1-byte tag + 4-byte length + body) without decoding the
+//! body; the session forwards those bytes untouched unless it has to look
+//! inside (Parse/Bind/Describe/Close names, ReadyForQuery status).
+//!
+//! Guarantee: a frame longer than the configured maximum, or with a length
+//! below 4, is reported as [`WireError::Protocol`], never read into memory.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Errors of the wire layer.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// One protocol frame: the whole message including tag and length.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub raw: Bytes,
+}
+
+impl Frame {
+    pub fn tag(&self) -> u8 {
+        self.raw[0]
+    }
+    /// The message body after tag and length.
+    pub fn body(&self) -> &[u8] {
+        &self.raw[5..]
+    }
+}
+
+/// Splits a stream into frames. Cancel-safe: `next()` keeps partial input in
+/// its buffer, so dropping the future inside `select!` loses nothing.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+    max_len: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R, max_len: usize) -> Self {
+        FrameReader {
+            inner,
+            buf: BytesMut::with_capacity(16 * 1024),
+            max_len,
+        }
+    }
+
+    pub fn with_buffer(inner: R, buf: BytesMut, max_len: usize) -> Self {
+        FrameReader {
+            inner,
+            buf,
+            max_len,
+        }
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    /// Takes a whole frame out of the buffer if one is there.
+    pub fn try_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len < 4 {
+            return Err(WireError::Protocol(format!("invalid message length {len}")));
+        }
+        if len > self.max_len {
+            return Err(WireError::Protocol(format!(
+                "message of {len} bytes exceeds the limit of {} bytes",
+                self.max_len
+            )));
+        }
+        if self.buf.len() < len + 1 {
+            self.buf.reserve(len + 1 - self.buf.len());
+            return Ok(None);
+        }
+        let raw = self.buf.split_to(len + 1).freeze();
+        Ok(Some(Frame { raw }))
+    }
+
+    /// True if a whole frame is already buffered (no read needed).
+    pub fn has_frame(&self) -> bool {
+        if self.buf.len() < 5 {
+            return false;
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        self.buf.len() > len
+    }
+
+    /// Reads until one whole frame is available. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Frame, WireError> {
+        loop {
+            if let Some(f) = self.try_frame()? {
+                return Ok(f);
+            }
+            let n = self.inner.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Err(WireError::Closed);
+            }
+        }
+    }
+
+    /// Reads a startup-phase packet (length-prefixed, no tag). Not cancel-safe
+    /// in the middle of a packet; used only during the handshake.
+    pub async fn next_startup(&mut self) -> Result<Bytes, WireError> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                if !(8..=10_000).contains(&len) {
+                    return Err(WireError::Protocol(format!(
+                        "invalid startup packet length {len}"
+                    )));
+                }
+                if self.buf.len() >= len {
+                    return Ok(self.buf.split_to(len).freeze());
+                }
+            }
+            let n = self.inner.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Err(WireError::Closed);
+            }
+        }
+    }
+
+    /// Bytes read but not yet consumed (for handing over to TLS etc.).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn into_parts(self) -> (R, BytesMut) {
+        (self.inner, self.buf)
+    }
+}
+
+/// Reads a NUL-terminated string from the front of `b`.
+pub fn get_cstr<'a>(b: &mut &'a [u8]) -> Result<&'a str, WireError> {
+    let pos = b
+        .iter()
+        .position(|&c| c == 0)
+        .ok_or_else(|| WireError::Protocol("missing string terminator".into()))?;
+    let s = std::str::from_utf8(&b[..pos])
+        .map_err(|_| WireError::Protocol("invalid UTF-8 in message".into()))?;
+    *b = &b[pos + 1..];
+    Ok(s)
+}
+
+pub fn get_i16(b: &mut &[u8]) -> Result<i16, WireError> {
+    if b.len() < 2 {
+        return Err(WireError::Protocol("message too short".into()));
+    }
+    Ok(b.get_i16())
+}
+
+pub fn get_i32(b: &mut &[u8]) -> Result<i32, WireError> {
+    if b.len() < 4 {
+        return Err(WireError::Protocol("message too short".into()));
+    }
+    Ok(b.get_i32())
+}
+
+/// Builds a frame: tag, length, body written by `f`.
+pub fn frame(out: &mut BytesMut, tag: u8, f: impl FnOnce(&mut BytesMut)) {
+    out.put_u8(tag);
+    let at = out.len();
+    out.put_u32(0);
+    f(out);
+    let len = (out.len() - at) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+pub fn put_cstr(out: &mut BytesMut, s: &str) {
+    out.put_slice(s.as_bytes());
+    out.put_u8(0);
+}
+
+/// Severity of an error sent by the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+/// Writes an ErrorResponse.
+pub fn error_response(out: &mut BytesMut, sev: Severity, code: &str, msg: &str) {
+    let s = match sev {
+        Severity::Error => "ERROR",
+        Severity::Fatal => "FATAL",
+    };
+    frame(out, b'E', |o| {
+        o.put_u8(b'S');
+        put_cstr(o, s);
+        o.put_u8(b'V');
+        put_cstr(o, s);
+        o.put_u8(b'C');
+        put_cstr(o, code);
+        o.put_u8(b'M');
+        put_cstr(o, msg);
+        o.put_u8(0);
+    });
+}
+
+pub fn ready_for_query(out: &mut BytesMut, status: u8) {
+    frame(out, b'Z', |o| o.put_u8(status));
+}
+
+pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+    frame(out, b'S', |o| {
+        put_cstr(o, name);
+        put_cstr(o, value);
+    });
+}
+
+pub fn auth_request(out: &mut BytesMut, code: i32, data: &[u8]) {
+    frame(out, b'R', |o| {
+        o.put_i32(code);
+        o.put_slice(data);
+    });
+}
+
+pub fn backend_key_data(out: &mut BytesMut, pid: i32, secret: i32) {
+    frame(out, b'K', |o| {
+        o.put_i32(pid);
+        o.put_i32(secret);
+    });
+}
+
+/// Simple fixed frames the node synthesises in place of a backend's answer.
+pub fn parse_complete() -> Bytes {
+    Bytes::from_static(&[b'1', 0, 0, 0, 4])
+}
+pub fn close_complete() -> Bytes {
+    Bytes::from_static(&[b'3', 0, 0, 0, 4])
+}
+
+/// Fields of an ErrorResponse/NoticeResponse body: (code, message).
+pub fn parse_error_fields(body: &[u8]) -> (String, String) {
+    let mut code = String::new();
+    let mut msg = String::new();
+    let mut b = body;
+    while let Some((&t, rest)) = b.split_first() {
+        if t == 0 {
+            break;
+        }
+        b = rest;
+        let Ok(v) = get_cstr(&mut b) else { break };
+        match t {
+            b'C' => code = v.to_string(),
+            b'M' => msg = v.to_string(),
+            _ => {}
+        }
+    }
+    (code, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn splits_frames_across_reads() {
+        let mut out = BytesMut::new();
+        ready_for_query(&mut out, b'I');
+        error_response(&mut out, Severity::Error, "0A000", "nope");
+        let data = out.freeze();
+        let (a, b) = data.split_at(3);
+        let stream = tokio_test_stream(vec![a.to_vec(), b.to_vec()]);
+        let mut r = FrameReader::new(stream, 1 << 20);
+        let f1 = r.next().await.expect("frame");
+        assert_eq!(f1.tag(), b'Z');
+        assert_eq!(f1.body(), b"I");
+        let f2 = r.next().await.expect("frame");
+        assert_eq!(f2.tag(), b'E');
+        let (code, msg) = parse_error_fields(f2.body());
+        assert_eq!((code.as_str(), msg.as_str()), ("0A000", "nope"));
+        assert!(matches!(r.next().await, Err(WireError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn rejects_oversized_and_short_lengths() {
+        let big = vec![b'Q', 0, 1, 0, 0];
+        let mut r = FrameReader::new(tokio_test_stream(vec![big]), 1024);
+        assert!(matches!(r.next().await, Err(WireError::Protocol(_))));
+        let short = vec![b'Q', 0, 0, 0, 2];
+        let mut r = FrameReader::new(tokio_test_stream(vec![short]), 1024);
+        assert!(matches!(r.next().await, Err(WireError::Protocol(_))));
+    }
+
+    fn tokio_test_stream(chunks: Vec<Vec<u8>>) -> impl AsyncRead + Unpin {
+        let all: Vec<u8> = chunks.concat();
+        std::io::Cursor::new(all)
+    }
+}

@@ -1,0 +1,1 @@
+//! Test harness: starts real PostgreSQL servers and hotrepart nodes for integration tests.
