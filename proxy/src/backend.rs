@@ -96,12 +96,10 @@ impl BackendConn {
         let (r, mut w) = stream.into_split();
         let mut reader = FrameReader::new(r, 1 << 30);
         let mut out = BytesMut::new();
+        // No application_name: RESET ALL must bring a backend back to the
+        // defaults a direct connection would see.
         frontend::startup_message(
-            [
-                ("user", t.user.as_str()),
-                ("database", t.database.as_str()),
-                ("application_name", "hotrepart"),
-            ],
+            [("user", t.user.as_str()), ("database", t.database.as_str())],
             &mut out,
         )
         .map_err(|e| BackendError::Wire(WireError::Io(e)))?;

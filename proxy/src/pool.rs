@@ -2,7 +2,8 @@
 //!
 //! Guarantees:
 //! - at most `size` backend connections of a pool exist at any moment (a
-//!   semaphore permit travels with every connection, idle or checked out);
+//!   semaphore permit travels with every checked-out connection, and a new
+//!   one is opened only when none is idle);
 //! - waiting for a connection is bounded by the pool timeout and ends in
 //!   [`PoolError::Timeout`];
 //! - a [`Pooled`] guard returns its connection to the pool only through
@@ -32,7 +33,7 @@ pub struct Pool {
     pub target: BackendTarget,
     size: usize,
     sem: Arc<Semaphore>,
-    idle: Mutex<Vec<(BackendConn, OwnedSemaphorePermit)>>,
+    idle: Mutex<Vec<BackendConn>>,
     connect_timeout: Duration,
     /// ParameterStatus values of the first connection made, shown to clients
     /// at login.
@@ -53,56 +54,46 @@ impl Pool {
 
     /// Checks out a connection, preferring an idle one whose session state
     /// fingerprint equals `want_fp` (no replay needed).
+    ///
+    /// The semaphore counts checked-out connections; a new connection is
+    /// opened only by a permit holder that finds no idle one, so idle plus
+    /// checked-out never exceeds `size`.
     pub async fn get(self: &Arc<Self>, want_fp: u64, wait: Duration) -> Result<Pooled, PoolError> {
-        if let Some(p) = self.take_idle(want_fp) {
-            return Ok(p);
-        }
         let permit = match tokio::time::timeout(wait, self.sem.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
-            // The semaphore is never closed.
+            // The semaphore is never closed, so only the timeout gets here.
             Ok(Err(_)) | Err(_) => {
-                // A connection may have been returned while we waited.
-                if let Some(p) = self.take_idle(want_fp) {
-                    return Ok(p);
-                }
                 return Err(PoolError::Timeout {
                     shard: self.target.shard.clone(),
                     waited_ms: wait.as_millis(),
                     size: self.size,
-                });
+                })
             }
         };
-        // Someone may have released an idle connection (with its permit) in
-        // the meantime; prefer it, and give our fresh permit back.
-        if let Some(p) = self.take_idle(want_fp) {
-            drop(permit);
-            return Ok(p);
-        }
-        let conn = BackendConn::connect(&self.target, self.connect_timeout).await?;
-        {
-            let mut sp = self.server_params.lock().unwrap_or_else(|e| e.into_inner());
-            if sp.is_none() {
-                *sp = Some(conn.params.clone());
+        let idle = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.is_empty() {
+                None
+            } else {
+                let i = idle
+                    .iter()
+                    .rposition(|c| c.state_fp == want_fp)
+                    .unwrap_or(idle.len() - 1);
+                Some(idle.swap_remove(i))
             }
-        }
+        };
+        let conn = match idle {
+            Some(c) => c,
+            None => {
+                let conn = BackendConn::connect(&self.target, self.connect_timeout).await?;
+                let mut sp = self.server_params.lock().unwrap_or_else(|e| e.into_inner());
+                if sp.is_none() {
+                    *sp = Some(conn.params.clone());
+                }
+                conn
+            }
+        };
         Ok(Pooled {
-            conn: Some(conn),
-            permit: Some(permit),
-            pool: self.clone(),
-        })
-    }
-
-    fn take_idle(self: &Arc<Self>, want_fp: u64) -> Option<Pooled> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.is_empty() {
-            return None;
-        }
-        let i = idle
-            .iter()
-            .rposition(|(c, _)| c.state_fp == want_fp)
-            .unwrap_or(idle.len() - 1);
-        let (conn, permit) = idle.swap_remove(i);
-        Some(Pooled {
             conn: Some(conn),
             permit: Some(permit),
             pool: self.clone(),
@@ -137,8 +128,8 @@ impl Pool {
         self.size
     }
 
-    /// Connections in use or idle.
-    pub fn open_count(&self) -> usize {
+    /// Connections checked out right now.
+    pub fn busy_count(&self) -> usize {
         self.size - self.sem.available_permits()
     }
 }
@@ -154,15 +145,17 @@ impl Pooled {
     /// Returns the connection to the pool. Call only at ReadyForQuery(idle)
     /// with nothing owed; a connection marked broken is closed instead.
     pub fn release(mut self) {
-        if let (Some(c), Some(p)) = (self.conn.take(), self.permit.take()) {
+        if let Some(c) = self.conn.take() {
             if !c.broken {
                 self.pool
                     .idle
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push((c, p));
+                    .push(c);
             }
         }
+        // Only now may a waiter take a permit and find the connection idle.
+        drop(self.permit.take());
     }
 
     pub fn pool(&self) -> &Arc<Pool> {

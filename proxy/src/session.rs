@@ -337,8 +337,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn backend_mut(&mut self) -> &mut BackendConn {
         // Called only after ensure_backend.
         self.backend
-            .as_mut()
-            .map(|b| &mut **b)
+            .as_deref_mut()
             .unwrap_or_else(|| unreachable!())
     }
 
@@ -468,9 +467,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.to_backend.put_slice(&f.raw);
                 self.owed.push_back(Owed::FunctionCall);
             }
-            b'd' | b'c' | b'f' => {
+            b'd' => {
                 if self.backend.is_some() {
                     self.to_backend.put_slice(&f.raw);
+                }
+            }
+            b'c' | b'f' => {
+                if self.backend.is_some() {
+                    self.to_backend.put_slice(&f.raw);
+                    // PostgreSQL ignores Sync received in copy-in mode, and
+                    // drivers do send one right after the Execute that starts
+                    // COPY (tokio-postgres does): nothing is owed for them.
+                    if matches!(self.owed.front(), Some(Owed::Execute | Owed::Query)) {
+                        let mut first = true;
+                        self.owed
+                            .retain(|o| std::mem::take(&mut first) || !matches!(o, Owed::Sync));
+                    }
                 }
             }
             b'X' => return Ok(Some(End::ClientGone)),

@@ -2,6 +2,15 @@
 //!
 //! It owns the catalog model (shards, tables, key ranges) and turns statements
 //! into routes. No sockets, no tokio, no globals.
+//!
+//! * [`hash`]: PostgreSQL-compatible 64-bit hashing (`hashint8extended` & co.),
+//!   bit-identical to PostgreSQL on little-endian servers.
+//! * [`catalog`]: the catalog model and the immutable, validated
+//!   [`catalog::RoutingSnapshot`] that maps keys to points, points to ranges
+//!   and ranges to shards.
+
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+#![warn(missing_docs)]
 
 pub mod catalog;
 pub mod hash;
