@@ -72,6 +72,8 @@ pub struct BackendConn {
     /// Set when the connection may hold state nobody tracks; it is then
     /// closed instead of being returned to the pool.
     pub broken: bool,
+    /// When the connection last went idle in the pool.
+    pub idle_since: std::time::Instant,
 }
 
 impl BackendConn {
@@ -230,7 +232,20 @@ impl BackendConn {
             prepared: HashSet::new(),
             state_fp: crate::state::SessionState::default().fingerprint(),
             broken: false,
+            idle_since: std::time::Instant::now(),
         })
+    }
+
+    /// Whether an idle connection is still usable: the server has neither
+    /// closed it nor sent anything (an idle backend only speaks to say it
+    /// is going away, e.g. FATAL on shutdown or idle_session_timeout).
+    /// One non-blocking recv; never waits.
+    pub fn is_alive(&self) -> bool {
+        if self.reader.buffered() > 0 {
+            return false;
+        }
+        let mut b = [0u8; 1];
+        matches!(self.reader.get_ref().try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Runs a simple query whose results the client never sees; returns the

@@ -283,3 +283,12 @@ mod tests {
         assert!(e.to_string().contains("bogus"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../../deploy/hotrepart.example.toml");
+        super::Config::from_toml(text).expect("deploy/hotrepart.example.toml must stay valid");
+    }
+}

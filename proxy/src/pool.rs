@@ -29,6 +29,9 @@ pub enum PoolError {
     Backend(#[from] BackendError),
 }
 
+/// Idle connections older than this are checked for liveness at checkout.
+const LIVENESS_CHECK_AFTER: Duration = Duration::from_millis(100);
+
 pub struct Pool {
     pub target: BackendTarget,
     size: usize,
@@ -70,16 +73,28 @@ impl Pool {
                 })
             }
         };
-        let idle = {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            if idle.is_empty() {
-                None
-            } else {
-                let i = idle
-                    .iter()
-                    .rposition(|c| c.state_fp == want_fp)
-                    .unwrap_or(idle.len() - 1);
-                Some(idle.swap_remove(i))
+        // Reusing a connection that died while idle would fail the client's
+        // statement; check those idle long enough to have died (cheap: one
+        // non-blocking recv), and drop the dead.
+        let idle = loop {
+            let candidate = {
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                if idle.is_empty() {
+                    None
+                } else {
+                    let i = idle
+                        .iter()
+                        .rposition(|c| c.state_fp == want_fp)
+                        .unwrap_or(idle.len() - 1);
+                    Some(idle.swap_remove(i))
+                }
+            };
+            match candidate {
+                Some(c) if c.idle_since.elapsed() >= LIVENESS_CHECK_AFTER && !c.is_alive() => {
+                    tracing::debug!(shard = %self.target.shard, "dropping dead idle backend");
+                    drop(c);
+                }
+                other => break other,
             }
         };
         let conn = match idle {
@@ -145,8 +160,9 @@ impl Pooled {
     /// Returns the connection to the pool. Call only at ReadyForQuery(idle)
     /// with nothing owed; a connection marked broken is closed instead.
     pub fn release(mut self) {
-        if let Some(c) = self.conn.take() {
+        if let Some(mut c) = self.conn.take() {
             if !c.broken {
+                c.idle_since = std::time::Instant::now();
                 self.pool
                     .idle
                     .lock()

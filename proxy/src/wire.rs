@@ -64,6 +64,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
     }

@@ -547,3 +547,44 @@ async fn listen_is_refused_in_transaction_mode() {
     let e = db.batch_execute("LISTEN ch").await.unwrap_err();
     assert_eq!(e.code().unwrap().code(), "0A000", "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_idle_backends_are_replaced() {
+    let c = Cluster::start(Opts {
+        extra: "pool_size = 2".into(),
+        ..Opts::default()
+    })
+    .await;
+    let db = c.connect().await;
+    let before: i32 = db
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let direct = c.direct(0).await;
+    direct
+        .execute("SELECT pg_terminate_backend($1)", &[&before])
+        .await
+        .unwrap();
+    wait_for("the backend to exit", Duration::from_secs(10), || async {
+        let n: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&before],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
+    .await;
+    // Not a wait for a condition: the node checks idle connections older
+    // than 100 ms, so let this one age past that.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let after: i32 = db
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(before, after);
+}
