@@ -1,0 +1,391 @@
+//! Real command-line clients (psql, pgbench, libpq TLS) against a real node
+//! in front of real PostgreSQL: what a user sees through the node must be
+//! what they see when talking to PostgreSQL directly.
+#![allow(clippy::unwrap_used)]
+
+use hotrepart_tests::*;
+use std::path::Path;
+use std::time::Instant;
+
+/// libpq key/value connection string to the node.
+fn node_conninfo(c: &Cluster, dbname: &str, extra: &str) -> String {
+    format!(
+        "host=127.0.0.1 port={} user={USER} dbname={dbname} {extra}",
+        c.addr.port()
+    )
+}
+
+/// libpq key/value connection string straight to shard 0 (superuser).
+fn shard_conninfo(c: &Cluster, dbname: &str) -> String {
+    format!(
+        "host=127.0.0.1 port={} user=postgres dbname={dbname}",
+        c.shards[0].port
+    )
+}
+
+async fn psql(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    run_cmd(&pg_tool("psql"), args, env).await
+}
+
+/// A psql script touching what psql users do: DDL, NULLs, unicode, numeric,
+/// timestamps with a session time zone, errors (with position and detail),
+/// a failed transaction, savepoints, multi-statement queries, COPY FROM
+/// STDIN inline (good and failing), COPY TO STDOUT, notices and warnings.
+/// `<TAB>` stands for a tab character.
+const SCRIPT: &str = r#"\set ON_ERROR_STOP 0
+DROP TABLE IF EXISTS items;
+CREATE TABLE items (
+  id int PRIMARY KEY,
+  name text,
+  price numeric(14,4),
+  qty bigint,
+  created timestamptz,
+  tags text[],
+  meta jsonb
+);
+SET TimeZone = 'Asia/Kolkata';
+INSERT INTO items VALUES
+  (1, 'plain', 10.5, 3, '2024-01-02 03:04:05+00', '{a,b}', '{"k": 1}'),
+  (2, NULL, NULL, NULL, NULL, NULL, NULL),
+  (3, 'ünïcødé ✓ 日本語 🐘', 123456789.1234, -9223372036854775808, '1999-12-31 23:59:59.999999+05:30', '{"x y",NULL}', '{"nested": {"a": [1, 2, null]}}'),
+  (4, 'tab<TAB>and ''quote''', -0.0001, 0, 'infinity', '{}', 'null');
+SELECT * FROM items ORDER BY id;
+SELECT id, name IS NULL AS name_null, price * 2 AS double_price, created AT TIME ZONE 'UTC' AS utc
+  FROM items ORDER BY id DESC;
+SELEC 1;
+SELECT 1/0;
+SELECT * FROM no_such_table;
+BEGIN;
+INSERT INTO items (id, name) VALUES (5, 'in tx');
+INSERT INTO items (id, name) VALUES (1, 'duplicate');
+SELECT count(*) FROM items;
+ROLLBACK;
+SELECT count(*) FROM items;
+\set VERBOSITY verbose
+BEGIN;
+INSERT INTO items (id, name) VALUES (6, 'kept');
+SAVEPOINT sp;
+INSERT INTO items (id, name) VALUES (6, 'dup');
+ROLLBACK TO SAVEPOINT sp;
+INSERT INTO items (id, name) VALUES (7, 'also kept');
+COMMIT;
+\set VERBOSITY default
+SELECT 1 AS a \; SELECT 2 AS b \; SELECT 3/0 AS c \; SELECT 4 AS d;
+SELECT 5 AS after_multi;
+COPY items (id, name, price, qty, created, tags, meta) FROM STDIN;
+10<TAB>copied<TAB>1.5<TAB>7<TAB>2024-06-01 12:00:00+00<TAB>{c}<TAB>{"c": true}
+11<TAB>\N<TAB>\N<TAB>\N<TAB>\N<TAB>\N<TAB>\N
+12<TAB>ü ✓<TAB>0<TAB>1<TAB>2000-01-01 00:00:00+00<TAB>{}<TAB>[]
+\.
+SELECT * FROM items WHERE id >= 10 ORDER BY id;
+COPY items (id, name) FROM STDIN;
+20<TAB>ok
+not_a_number<TAB>bad
+21<TAB>after
+\.
+SELECT count(*) FROM items;
+BEGIN;
+COPY items (id, name) FROM STDIN;
+30<TAB>in a transaction
+\.
+SELECT count(*) FROM items;
+COMMIT;
+COPY (SELECT id, name, price, created FROM items ORDER BY id) TO STDOUT WITH (FORMAT csv, HEADER);
+DO $$ BEGIN RAISE NOTICE 'notice from %', 'plpgsql'; RAISE WARNING 'a warning'; END $$;
+SHOW TimeZone;
+SELECT string_agg(name, '|' ORDER BY id) FROM items;
+\echo done
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_script_same_output_as_direct() {
+    let c = Cluster::start(Opts::default()).await;
+    let admin = c.direct(0).await;
+    for db in ["direct_db", "node_db"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+    }
+    let dir = TestDir::new("psql-script");
+    let script = dir.0.join("script.sql");
+    std::fs::write(&script, SCRIPT.replace("<TAB>", "\t")).unwrap();
+    let script = script.display().to_string();
+    let run = |conninfo: String, password: &'static str| {
+        let script = script.clone();
+        async move {
+            let start = Instant::now();
+            let r = psql(
+                &[
+                    "-X",
+                    "-w",
+                    "-v",
+                    "ON_ERROR_STOP=0",
+                    "-f",
+                    &script,
+                    &conninfo,
+                ],
+                &[("PGPASSWORD", password), ("PGSSLMODE", "disable")],
+            )
+            .await;
+            eprintln!("psql run took {:?}", start.elapsed());
+            r
+        }
+    };
+    let direct = run(shard_conninfo(&c, "direct_db"), PG_PASSWORD).await;
+    let node = run(node_conninfo(&c, "node_db", ""), PASSWORD).await;
+    // Only the database name could legitimately differ; the script never
+    // prints it, but normalise anyway.
+    let norm = |s: &str| s.replace("direct_db", "<db>").replace("node_db", "<db>");
+    let (d_out, d_err) = (norm(&direct.1), norm(&direct.2));
+    let (n_out, n_err) = (norm(&node.1), norm(&node.2));
+    // Sanity: the script did what it should when run directly.
+    assert!(d_out.contains("ünïcødé ✓ 日本語 🐘"), "{d_out}");
+    assert!(d_out.contains("\ndone\n"), "{d_out}");
+    assert!(d_out.contains("30,in a transaction"), "{d_out}");
+    assert!(d_err.contains("ERROR:  division by zero"), "{d_err}");
+    assert!(d_err.contains("duplicate key value"), "{d_err}");
+    assert!(
+        d_err.contains("invalid input syntax for type integer"),
+        "{d_err}"
+    );
+    assert!(d_err.contains("NOTICE:  notice from plpgsql"), "{d_err}");
+    assert_eq!(
+        direct.0, node.0,
+        "exit status differs\n--- direct stderr\n{d_err}\n--- node stderr\n{n_err}"
+    );
+    assert_eq!(
+        d_out, n_out,
+        "stdout differs\n--- direct\n{d_out}\n--- node\n{n_out}\n--- node stderr\n{n_err}"
+    );
+    assert_eq!(
+        d_err, n_err,
+        "stderr differs\n--- direct\n{d_err}\n--- node\n{n_err}"
+    );
+    // The node's copy really is in node_db and the direct one in direct_db.
+    for db in ["direct_db", "node_db"] {
+        let (ok, out, err) = psql(
+            &[
+                "-X",
+                "-w",
+                "-At",
+                "-c",
+                "SELECT count(*) FROM items",
+                &shard_conninfo(&c, db),
+            ],
+            &[("PGPASSWORD", PG_PASSWORD), ("PGSSLMODE", "disable")],
+        )
+        .await;
+        assert!(ok, "{err}");
+        assert_eq!(out.trim(), "10", "{db}");
+    }
+}
+
+/// Runs pgbench through the node; returns its stdout after checking that it
+/// succeeded without failed transactions.
+async fn pgbench(c: &Cluster, args: &[&str]) -> String {
+    let conninfo = node_conninfo(c, "postgres", "");
+    let mut all: Vec<&str> = args.to_vec();
+    all.push(&conninfo);
+    let start = Instant::now();
+    let (ok, out, err) = run_cmd(
+        &pg_tool("pgbench"),
+        &all,
+        &[("PGPASSWORD", PASSWORD), ("PGSSLMODE", "disable")],
+    )
+    .await;
+    eprintln!("pgbench {args:?} took {:?}", start.elapsed());
+    assert!(
+        ok,
+        "pgbench {args:?} failed\n--- stdout\n{out}\n--- stderr\n{err}"
+    );
+    out + &err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_all_modes_zero_failures() {
+    let c = Cluster::start(Opts::default()).await;
+    let init = pgbench(&c, &["-i", "-s", "1"]).await;
+    assert!(init.contains("done in"), "{init}");
+    // the data really is there, on the shard
+    let direct = c.direct(0).await;
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM pgbench_accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 100_000);
+    for mode in ["simple", "extended", "prepared"] {
+        for select_only in [true, false] {
+            let mut args = vec!["-M", mode, "-c", "8", "-j", "2", "-T", "3"];
+            if select_only {
+                args.push("-S");
+            }
+            let out = pgbench(&c, &args).await;
+            assert!(
+                out.contains("number of failed transactions: 0 "),
+                "{args:?}\n{out}"
+            );
+            assert!(out.contains("\ntps = "), "{args:?}\n{out}");
+            let processed = out
+                .lines()
+                .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{args:?}: no processed count\n{out}"));
+            assert!(processed > 0, "{args:?}\n{out}");
+            assert!(
+                out.contains(&format!("query mode: {mode}")),
+                "{args:?}\n{out}"
+            );
+        }
+    }
+    // The TPC-B runs kept the invariant: sum of balances equal across tables
+    // (pgbench_history is truncated by each run's initial vacuum step).
+    let r = direct
+        .query_one(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts)::bigint,
+                    (SELECT sum(tbalance) FROM pgbench_tellers)::bigint,
+                    (SELECT sum(bbalance) FROM pgbench_branches)::bigint",
+            &[],
+        )
+        .await
+        .unwrap();
+    let sums: Vec<i64> = (0..3).map(|i| r.get(i)).collect();
+    assert!(sums.iter().all(|s| *s == sums[0]), "{sums:?}");
+}
+
+/// Generates a self-signed certificate for CN=localhost with the openssl CLI.
+fn make_cert(dir: &Path) -> (String, String) {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args(["-days", "2", "-subj", "/CN=localhost"])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run the openssl CLI ({e}); install it (deploy/setup.sh does)")
+        });
+    assert!(
+        out.status.success(),
+        "openssl req failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert.display().to_string(), key.display().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_when_configured_and_refused_otherwise() {
+    let certs = TestDir::new("tls");
+    let (cert, key) = make_cert(&certs.0);
+    // `extra` goes before [[shards]]; a [tls] table is fine there as long as
+    // it is the last thing in `extra`.
+    let c = Cluster::start(Opts {
+        extra: format!("pool_size = 4\n[tls]\ncert = {cert:?}\nkey = {key:?}\n"),
+        ..Opts::default()
+    })
+    .await;
+    let env = [("PGPASSWORD", PASSWORD)];
+    let q = ["-X", "-w", "-At", "-c", "SELECT 42", "-c", "\\conninfo"];
+    let with = |ci: String| {
+        let mut v: Vec<String> = q.iter().map(|s| s.to_string()).collect();
+        v.push(ci);
+        v
+    };
+    // sslmode=require: TLS, and SCRAM over it.
+    let args = with(node_conninfo(&c, "postgres", "sslmode=require"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = psql(&args, &env).await;
+    assert!(ok, "sslmode=require through a TLS node failed: {err}");
+    assert!(out.starts_with("42\n"), "{out}");
+    assert!(out.contains("SSL connection (protocol: TLS"), "{out}");
+    // verify-full with the certificate as root: the node presents it.
+    let args = with(node_conninfo(
+        &c,
+        "postgres",
+        &format!("sslmode=verify-full sslrootcert={cert} host=localhost hostaddr=127.0.0.1"),
+    ));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = psql(&args, &env).await;
+    assert!(ok, "sslmode=verify-full through a TLS node failed: {err}");
+    assert!(out.starts_with("42\n"), "{out}");
+    assert!(out.contains("SSL connection"), "{out}");
+    // sslmode=disable still works on a TLS node, in plain text.
+    let args = with(node_conninfo(&c, "postgres", "sslmode=disable"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = psql(&args, &env).await;
+    assert!(ok, "sslmode=disable through a TLS node failed: {err}");
+    assert!(out.starts_with("42\n"), "{out}");
+    assert!(!out.contains("SSL connection"), "{out}");
+    // wrong password over TLS is still refused
+    let args = with(node_conninfo(&c, "postgres", "sslmode=require"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, _, err) = psql(&args, &[("PGPASSWORD", "wrong")]).await;
+    assert!(!ok);
+    assert!(err.contains("password authentication failed"), "{err}");
+    drop(c);
+
+    // A node without [tls]: require is refused, prefer falls back to plain.
+    let plain = Cluster::start(Opts::default()).await;
+    let args = with(node_conninfo(&plain, "postgres", "sslmode=require"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = psql(&args, &env).await;
+    assert!(!ok, "sslmode=require succeeded without TLS: {out}");
+    assert!(err.contains("server does not support SSL"), "{err}");
+    let args = with(node_conninfo(&plain, "postgres", "sslmode=prefer"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = psql(&args, &env).await;
+    assert!(ok, "sslmode=prefer without TLS failed: {err}");
+    assert!(out.starts_with("42\n"), "{out}");
+    assert!(!out.contains("SSL connection"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_through_psql() {
+    let c = Cluster::start(Opts::default()).await;
+    let ci = node_conninfo(&c, "postgres", "sslmode=disable");
+    let args = ["-X", "-w", "-At", "-c", "SELECT current_user", &ci];
+    // wrong password
+    let (ok, out, err) = psql(&args, &[("PGPASSWORD", "not-the-password")]).await;
+    assert!(!ok, "wrong password accepted: {out}");
+    assert!(
+        err.contains("password authentication failed for user \"app\""),
+        "{err}"
+    );
+    // no password at all (-w: never prompt)
+    let (ok, _, err) = psql(&args, &[]).await;
+    assert!(!ok);
+    assert!(err.contains("no password supplied"), "{err}");
+    // right password; the node logs in to the shard as its server_user
+    let (ok, out, err) = psql(&args, &[("PGPASSWORD", PASSWORD)]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "postgres\n");
+    // password in a URL works too
+    let (ok, out, err) = psql(
+        &["-X", "-w", "-At", "-c", "SELECT 1", &c.dsn()],
+        &[("PGSSLMODE", "disable")],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "1\n");
+    // unknown role
+    let (ok, _, err) = psql(
+        &[
+            "-X",
+            "-w",
+            "-At",
+            "-c",
+            "SELECT 1",
+            &c.dsn_for("nobody", "x"),
+        ],
+        &[("PGSSLMODE", "disable")],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("role \"nobody\" is not allowed to connect"),
+        "{err}"
+    );
+}
