@@ -86,7 +86,7 @@ async fn hashes_match_postgresql_for_random_values() {
         }
         // uuid (sent as text, cast by PostgreSQL)
         let raw: Vec<[u8; 16]> = (0..N).map(|_| rng.random()).collect();
-        let vals: Vec<String> = raw.iter().map(|b| uuid_text(b)).collect();
+        let vals: Vec<String> = raw.iter().map(uuid_text).collect();
         let rows = db
             .query("SELECT uuid_hash_extended(v::uuid, $2) FROM unnest($1::text[]) WITH ORDINALITY AS u(v, o) ORDER BY o", &[&vals, &s])
             .await
