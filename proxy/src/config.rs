@@ -6,6 +6,7 @@
 //! authentication method (client passwords are stored only as SCRAM or md5
 //! verifiers, never in plain text).
 
+use hotrepart_router::catalog::{KeyType, RoutingFunction, RoutingSnapshot, ShardId, ShardedTable};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -65,9 +66,22 @@ pub struct Config {
     /// Close a client idle inside a transaction this long; 0 = never.
     #[serde(default)]
     pub idle_in_transaction_timeout_ms: u64,
-    /// Name of the shard statements go to until the router issue lands.
+    /// Shard holding every table not declared below (default: the first).
+    #[serde(default, alias = "default_shard")]
+    pub home_shard: Option<String>,
+    /// Tables spread over the shards by a key.
     #[serde(default)]
-    pub default_shard: Option<String>,
+    pub sharded_tables: Vec<ShardedTableConfig>,
+    /// Tables with a full copy on every shard.
+    #[serde(default)]
+    pub reference_tables: Vec<String>,
+    /// Number of key ranges the keyspace is cut into at first start,
+    /// assigned round-robin to the shards (default: one per shard).
+    #[serde(default)]
+    pub initial_ranges: Option<usize>,
+    /// Bounded cache of parsed statements.
+    #[serde(default = "default_plan_cache_size")]
+    pub plan_cache_size: usize,
     pub shards: Vec<ShardConfig>,
     #[serde(default)]
     pub users: Vec<UserConfig>,
@@ -82,6 +96,21 @@ pub struct ShardConfig {
     /// libpq-style DSN (URL or key=value): host, port, and optionally user
     /// and password the node uses to log in to this shard.
     pub dsn: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardedTableConfig {
+    /// Table name as PostgreSQL stores it (unquoted names are lower case).
+    pub name: String,
+    /// The shard-key column.
+    pub key: String,
+    /// Key type: int2, int4, int8, text, uuid (PostgreSQL names accepted).
+    #[serde(rename = "type")]
+    pub key_type: String,
+    /// Seed of the PostgreSQL-compatible hash (default 0).
+    #[serde(default)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -135,6 +164,9 @@ fn default_connect_timeout_ms() -> u64 {
 fn default_max_client_connections() -> usize {
     10_000
 }
+fn default_plan_cache_size() -> usize {
+    10_000
+}
 fn default_max_message_size() -> usize {
     64 * 1024 * 1024
 }
@@ -181,10 +213,10 @@ impl Config {
                 .parse::<tokio_postgres::Config>()
                 .map_err(|e| ConfigError::Invalid(format!("shard {:?}: bad dsn: {e}", s.name)))?;
         }
-        if let Some(d) = &self.default_shard {
+        if let Some(d) = &self.home_shard {
             if !names.contains(d) {
                 return Err(ConfigError::Invalid(format!(
-                    "default_shard {d:?} is not a shard"
+                    "home_shard {d:?} is not a shard"
                 )));
             }
         }
@@ -217,14 +249,49 @@ impl Config {
                 }
             }
         }
+        self.snapshot()?;
         Ok(())
     }
 
-    pub fn default_shard_index(&self) -> usize {
-        self.default_shard
-            .as_ref()
-            .and_then(|d| self.shards.iter().position(|s| &s.name == d))
-            .unwrap_or(0)
+    /// The initial routing snapshot (epoch 1) described by this file: shards
+    /// in file order, tables, and `initial_ranges` equal ranges assigned
+    /// round-robin. Shard index `i` in the node is `shards[i]` here.
+    pub fn snapshot(&self) -> Result<RoutingSnapshot, ConfigError> {
+        let bad = |e: &dyn std::fmt::Display| ConfigError::Invalid(e.to_string());
+        let mut b = RoutingSnapshot::builder(1);
+        let mut ids = Vec::new();
+        for s in &self.shards {
+            let id = ShardId::new(&s.name).map_err(|e| bad(&e))?;
+            ids.push(id.clone());
+            b = b.shard(id, s.dsn.clone());
+        }
+        let home = match &self.home_shard {
+            Some(h) => ShardId::new(h).map_err(|e| bad(&e))?,
+            None => ids[0].clone(),
+        };
+        b = b.home_shard(home);
+        for t in &self.sharded_tables {
+            let key_type: KeyType = t
+                .key_type
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("sharded table {:?}: {e}", t.name)))?;
+            b = b.sharded_table(ShardedTable {
+                name: t.name.clone(),
+                key_column: t.key.clone(),
+                key_type,
+                function: RoutingFunction::PgHash { seed: t.seed },
+            });
+        }
+        for r in &self.reference_tables {
+            b = b.reference_table(r.clone());
+        }
+        let n = self.initial_ranges.unwrap_or(self.shards.len());
+        b = b.equal_ranges(n).map_err(|e| bad(&e))?;
+        b.build().map_err(|e| bad(&e))
+    }
+
+    pub fn shard_index(&self, name: &str) -> Option<usize> {
+        self.shards.iter().position(|s| s.name == name)
     }
 
     pub fn pool_timeout(&self) -> Duration {

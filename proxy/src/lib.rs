@@ -4,6 +4,8 @@
 //! Code map: [`wire`] (frames), [`auth`] (client authentication),
 //! [`backend`] (the node's logins to shards), [`pool`] (M:N pools),
 //! [`state`] (session state that follows a client across backends),
+//! [`routing`] (router decisions in node shard indexes), [`scatter`] (RUN ON
+//! ALL in the simple protocol),
 //! [`session`] (the per-client forwarding state machine), [`node`] (listener
 //! and handshake), [`localpg`] and [`demo`] (local PostgreSQL servers).
 #![deny(clippy::print_stdout)]
@@ -15,6 +17,8 @@ pub mod demo;
 pub mod localpg;
 pub mod node;
 pub mod pool;
+pub mod routing;
+pub mod scatter;
 pub mod session;
 pub mod state;
 pub mod wire;

@@ -14,10 +14,14 @@ use crate::auth::{self, ScramServer, ScramVerifier};
 use crate::backend::{self, BackendTarget};
 use crate::config::{AuthMethod, Config, PoolMode};
 use crate::pool::{Pool, Pools};
-use crate::session::Session;
+use crate::routing::{self, BindParams, Decision};
+use crate::session::{Refusal, Session};
 use crate::state::SessionState;
 use crate::wire::{self, FrameReader, Severity, WireError};
+use arc_swap::ArcSwap;
 use bytes::{BufMut, BytesMut};
+use hotrepart_router::catalog::RoutingSnapshot;
+use hotrepart_router::route::PlanCache;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,22 +46,28 @@ pub enum NodeError {
     Tls(String),
 }
 
-/// Where a session's current query runs, for CancelRequest.
+/// The backends a session holds, for CancelRequest: a cancel goes to all
+/// of them (a multi-shard statement runs on several).
 #[derive(Default)]
-pub struct CancelSlot(Mutex<Option<(SocketAddr, i32, i32)>>);
+pub struct CancelSlot(Mutex<Vec<(SocketAddr, i32, i32)>>);
 
 impl CancelSlot {
-    pub fn set(&self, v: Option<(SocketAddr, i32, i32)>) {
+    pub fn set(&self, v: Vec<(SocketAddr, i32, i32)>) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = v;
     }
-    fn get(&self) -> Option<(SocketAddr, i32, i32)> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    fn get(&self) -> Vec<(SocketAddr, i32, i32)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
 pub struct Node {
     pub cfg: Config,
     pub pools: Pools,
+    /// The routing table; requests load it once, lock-free.
+    pub catalog: ArcSwap<RoutingSnapshot>,
+    plans: Mutex<PlanCache>,
+    /// Index of the home shard in `cfg.shards`.
+    pub home_index: usize,
     tls: Option<tokio_rustls::TlsAcceptor>,
     clients: AtomicUsize,
     cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
@@ -95,7 +105,13 @@ impl Node {
                 .map(|p| String::from_utf8_lossy(p).into_owned());
             shard_addrs.push((addr, pc.get_user().map(str::to_string), pw));
         }
+        let snapshot = cfg.snapshot().map_err(|e| NodeError::Tls(e.to_string()))?;
+        let home_index = cfg.shard_index(snapshot.home_shard().as_str()).unwrap_or(0);
+        let plans = Mutex::new(PlanCache::new(cfg.plan_cache_size));
         Ok(Arc::new(Node {
+            catalog: ArcSwap::from_pointee(snapshot),
+            plans,
+            home_index,
             cfg,
             pools: Pools::default(),
             tls,
@@ -109,7 +125,29 @@ impl Node {
         self.clients.load(Ordering::Relaxed)
     }
 
-    fn pool_for(&self, shard: usize, database: &str, client_user: &str) -> Arc<Pool> {
+    /// Routes a statement against the current routing table. A node with a
+    /// single shard sends everything there without parsing.
+    pub fn decide(
+        &self,
+        sql: &str,
+        params: Option<&BindParams>,
+        state: &SessionState,
+    ) -> Result<Decision, Refusal> {
+        if self.cfg.shards.len() == 1 {
+            return Ok(Decision::single(sql));
+        }
+        let snap = self.catalog.load();
+        routing::decide(
+            &snap,
+            &self.plans,
+            |id| self.cfg.shard_index(id.as_str()),
+            sql,
+            params,
+            state,
+        )
+    }
+
+    pub(crate) fn pool_for(&self, shard: usize, database: &str, client_user: &str) -> Arc<Pool> {
         let ucfg = self.cfg.user(client_user);
         let (addr, dsn_user, dsn_pw) = self.shard_addrs[shard].clone();
         let user = ucfg
@@ -268,7 +306,7 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner())
             .get(&(pid, secret))
             .cloned();
-        if let Some((addr, bpid, bsecret)) = slot.and_then(|s| s.get()) {
+        for (addr, bpid, bsecret) in slot.map(|s| s.get()).unwrap_or_default() {
             if let Err(e) = backend::send_cancel(addr, bpid, bsecret).await {
                 tracing::warn!(error = %e, "cannot forward cancel request");
             }
@@ -325,7 +363,7 @@ impl Node {
             Ok(s) => s,
             Err(m) => return refuse(r.get_mut(), "0A000", &m).await,
         };
-        let shard = self.cfg.default_shard_index();
+        let shard = self.home_index;
         let pool = self.pool_for(shard, &database, &user);
         let server_params = match pool.server_params(self.cfg.pool_timeout()).await {
             Ok(p) => p,
@@ -367,7 +405,7 @@ impl Node {
         }
         let session_mode = ucfg.pool_mode.unwrap_or(self.cfg.pool_mode) == PoolMode::Session;
         tracing::debug!(%user, %database, "session started");
-        let end = Session::new(self.clone(), r, pool, session_mode, state, slot, user)
+        let end = Session::new(self.clone(), r, database, session_mode, state, slot, user)
             .run()
             .await;
         tracing::debug!(?end, "session ended");

@@ -1,10 +1,17 @@
-//! The client session after login: forwards frames between one client and
-//! the backend it currently holds, under transaction (or session) pooling.
+//! The client session after login: routes each statement to its shard and
+//! forwards frames between the client and the backends it holds, under
+//! transaction (or session) pooling.
 //!
-//! States: idle (no backend) ⇄ attached (a backend is held, replies owed or a
-//! transaction open) → closed. A backend is attached by the first message
-//! that needs one and released at the ReadyForQuery(idle) that leaves
-//! nothing owed.
+//! States: idle (no backend) ⇄ attached (backends held: replies owed or a
+//! transaction open) → closed. A backend is attached by the first statement
+//! routed to its shard and every backend is released at the ReadyForQuery
+//! that ends the transaction with nothing owed.
+//!
+//! Statements are routed once per statement: a simple Query when it
+//! arrives, an extended-protocol batch (Parse/Bind/Describe/Execute/Close)
+//! when its Sync or Flush arrives — by then every Bind's parameter values
+//! are known. A batch goes to one shard; statements that touch several
+//! shards run through [`crate::scatter`] (simple protocol).
 //!
 //! Frames are forwarded as raw bytes. The session looks inside only:
 //! - Parse/Bind/Describe/Close of *named* statements, which it renames to
@@ -12,9 +19,8 @@
 //!   statements work on whichever backend serves it; a statement missing on
 //!   the current backend is prepared there first, its ParseComplete hidden;
 //! - the tag of each backend reply, to know which client message it answers
-//!   (the `owed` queue), where to splice replies the node makes itself
-//!   (ParseComplete for a statement the backend already has, CloseComplete),
-//!   and when the transaction ends.
+//!   (the `owed` queue), where to splice replies the node makes itself, and
+//!   when the transaction ends.
 //!
 //! Invariants:
 //! - Invariant: a backend goes back to the pool only at ReadyForQuery('I')
@@ -22,10 +28,14 @@
 //! - Invariant: replies reach the client in the order of the client's
 //!   messages, as PostgreSQL itself would send them, including after an
 //!   error (everything up to the next Sync is skipped, synthetic replies too).
+//! - Invariant: within a transaction, at most one shard is written; a write
+//!   routed to a second shard is refused (until two-phase commit) and the
+//!   transaction can then only roll back.
 
 use crate::backend::BackendConn;
 use crate::node::{CancelSlot, Node};
 use crate::pool::{Pool, PoolError, Pooled};
+use crate::routing::{BindParams, Decision, Kind, Target};
 use crate::state::{self, SessionState};
 use crate::wire::{self, Frame, FrameReader, Severity, WireError};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -37,7 +47,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// A reply the backend (or the node) owes the client, in order.
 #[derive(Debug)]
-enum Owed {
+pub(crate) enum Owed {
     /// ParseComplete. `hidden`: injected by the node, not shown to the
     /// client. `internal`: node name prepared by it (dropped on error).
     Parse {
@@ -60,28 +70,61 @@ struct Stmt {
     internal: String,
     /// Body of a Parse message under the internal name.
     parse: Bytes,
+    sql: Arc<str>,
+    /// Running it may change session state / drop prepared statements.
+    changes_state: bool,
+    drops_prepared: bool,
+}
+
+/// The client's unnamed statement: kept so that it can be prepared again on
+/// another shard's backend when a later Bind goes there.
+struct Unnamed {
+    raw: Bytes,
+    sql: Arc<str>,
+    /// Shard whose current backend has it.
+    on: Option<usize>,
+}
+
+/// One shard's side of the session.
+#[derive(Default)]
+pub(crate) struct Slot {
+    pub(crate) pool: Option<Arc<Pool>>,
+    pub(crate) conn: Option<Pooled>,
 }
 
 pub struct Session<S> {
-    node: Arc<Node>,
+    pub(crate) node: Arc<Node>,
     client: FrameReader<S>,
-    out: BytesMut,
+    pub(crate) out: BytesMut,
     to_backend: BytesMut,
-    pool: Arc<Pool>,
-    backend: Option<Pooled>,
+    pub(crate) slots: Vec<Slot>,
+    /// Shard whose backend receives forwarded frames and owes the replies.
+    pub(crate) cur: usize,
+    database: String,
     session_mode: bool,
     owed: VecDeque<Owed>,
     stmts: HashMap<String, Stmt>,
+    unnamed: Option<Unnamed>,
+    /// Extended-protocol messages waiting for their Sync or Flush.
+    batch: Vec<Frame>,
     state: SessionState,
     state_fp: u64,
-    /// The current transaction may have changed session state.
-    state_dirty: bool,
+    /// Shard of a backend whose transaction may have changed session state.
+    state_dirty: Option<usize>,
     /// ... or dropped prepared statements (DISCARD/DEALLOCATE).
     prepared_dirty: bool,
     /// After an error the node raised itself in an extended-protocol batch,
     /// client messages are skipped until Sync.
     skip_to_sync: bool,
-    tx_status: u8,
+    /// Transaction status as the client sees it.
+    pub(crate) tx_status: u8,
+    /// The client's BEGIN, replayed on shards that join the transaction.
+    tx_begin: Option<String>,
+    /// The shard this transaction has written to.
+    pub(crate) tx_wrote: Option<usize>,
+    /// The node refused a statement inside the transaction: like PostgreSQL
+    /// after an error, only ROLLBACK (or COMMIT, which rolls back) is left.
+    pub(crate) tx_failed: bool,
     cancel: Arc<CancelSlot>,
     user: String,
 }
@@ -100,29 +143,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub fn new(
         node: Arc<Node>,
         client: FrameReader<S>,
-        pool: Arc<Pool>,
+        database: String,
         session_mode: bool,
         state: SessionState,
         cancel: Arc<CancelSlot>,
         user: String,
     ) -> Self {
         let state_fp = state.fingerprint();
+        let nshards = node.cfg.shards.len();
+        let home = node.home_index;
         Session {
             node,
             client,
             out: BytesMut::with_capacity(8192),
             to_backend: BytesMut::with_capacity(8192),
-            pool,
-            backend: None,
+            slots: (0..nshards).map(|_| Slot::default()).collect(),
+            cur: home,
+            database,
             session_mode,
             owed: VecDeque::new(),
             stmts: HashMap::new(),
+            unnamed: None,
+            batch: Vec::new(),
             state,
             state_fp,
-            state_dirty: false,
+            state_dirty: None,
             prepared_dirty: false,
             skip_to_sync: false,
             tx_status: b'I',
+            tx_begin: None,
+            tx_wrote: None,
+            tx_failed: false,
             cancel,
             user,
         }
@@ -132,20 +183,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// transaction behind: a backend not cleanly idle is closed on exit.
     pub async fn run(mut self) -> End {
         let end = self.run_inner().await;
-        self.cancel.set(None);
-        if let Some(b) = self.backend.take() {
-            // Clean only if idle with nothing owed; otherwise the guard's
-            // drop closes the connection (and PostgreSQL rolls back).
-            if self.owed.is_empty() && self.tx_status == b'I' && !self.state_dirty {
-                b.release();
+        self.cancel.set(Vec::new());
+        let clean = self.owed.is_empty() && self.tx_status == b'I' && self.state_dirty.is_none();
+        for slot in &mut self.slots {
+            if let Some(b) = slot.conn.take() {
+                // Otherwise the guard's drop closes the connection (and
+                // PostgreSQL rolls back).
+                if clean {
+                    b.release();
+                }
             }
         }
         end
     }
 
+    fn attached(&self) -> bool {
+        self.slots.iter().any(|s| s.conn.is_some())
+    }
+
     async fn run_inner(&mut self) -> End {
         loop {
-            let res = if self.backend.is_some() {
+            let res = if self.slots[self.cur].conn.is_some() {
                 self.step_attached().await
             } else {
                 self.step_idle().await
@@ -170,16 +228,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    /// No backend held: wait for the client, bounded by the idle timeout.
+    /// Nothing owed by the current shard: wait for the client, bounded by
+    /// the idle (or idle-in-transaction) timeout.
     async fn step_idle(&mut self) -> Result<Option<End>, SessionError> {
-        let t = self.node.cfg.client_idle_timeout_ms;
+        let (t, code, msg) = if self.tx_status == b'I' {
+            (
+                self.node.cfg.client_idle_timeout_ms,
+                "57P05",
+                "terminating connection due to idle-session timeout",
+            )
+        } else {
+            (
+                self.node.cfg.idle_in_transaction_timeout_ms,
+                "25P03",
+                "terminating connection due to idle-in-transaction timeout",
+            )
+        };
         let f = if t > 0 {
             match tokio::time::timeout(Duration::from_millis(t), self.client.next()).await {
                 Ok(r) => r,
                 Err(_) => {
                     return Err(SessionError::Fatal {
-                        code: "57P05",
-                        msg: "terminating connection due to idle-session timeout".into(),
+                        code,
+                        msg: msg.into(),
                     })
                 }
             }
@@ -187,10 +258,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.client.next().await
         };
         let f = f.map_err(client_err)?;
-        if let Some(end) = self.on_client_batch(f).await? {
-            return Ok(Some(end));
-        }
-        Ok(None)
+        self.on_client_batch(f).await
     }
 
     async fn step_attached(&mut self) -> Result<Option<End>, SessionError> {
@@ -201,7 +269,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             86_400_000
         }));
-        let Some(backend) = self.backend.as_mut() else {
+        let cur = self.cur;
+        let Some(backend) = self.slots[cur].conn.as_mut() else {
             return Ok(None);
         };
         // Both `next()` calls are cancel-safe (partial frames stay buffered).
@@ -213,7 +282,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             f = backend.reader.next() => {
                 match f {
                     Ok(f) => { self.on_backend_batch(f).await?; Ok(None) }
-                    Err(e) => Err(self.backend_lost(e)),
+                    Err(e) => Err(self.backend_lost(cur, e)),
                 }
             }
             _ = sleep, if timer_on => Err(SessionError::Fatal {
@@ -223,10 +292,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    fn backend_lost(&mut self, e: WireError) -> SessionError {
-        tracing::warn!(error = %e, "backend connection lost");
-        self.backend = None;
-        self.cancel.set(None);
+    pub(crate) fn backend_lost(&mut self, shard: usize, e: WireError) -> SessionError {
+        tracing::warn!(error = %e, shard, "backend connection lost");
+        self.slots[shard].conn = None;
+        self.cancel.set(Vec::new());
         SessionError::Fatal {
             code: "08006",
             msg: "server connection lost; the transaction, if any, was rolled back".into(),
@@ -254,20 +323,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn on_backend_batch(&mut self, first: Frame) -> Result<(), SessionError> {
         self.on_backend_frame(first).await?;
-        while let Some(b) = self.backend.as_mut() {
+        loop {
+            let cur = self.cur;
+            let Some(b) = self.slots[cur].conn.as_mut() else {
+                break;
+            };
             if !b.reader.has_frame() {
                 break;
             }
             match b.reader.try_frame() {
                 Ok(Some(f)) => self.on_backend_frame(f).await?,
                 Ok(None) => break,
-                Err(e) => return Err(self.backend_lost(e)),
+                Err(e) => return Err(self.backend_lost(cur, e)),
             }
         }
         self.flush_client().await
     }
 
-    async fn flush_client(&mut self) -> Result<(), SessionError> {
+    /// Reads the current backend until nothing is owed (before a statement
+    /// goes to another shard, so replies stay in order).
+    async fn drain_owed(&mut self) -> Result<(), SessionError> {
+        self.flush_backend().await?;
+        while !self.owed.is_empty() {
+            let cur = self.cur;
+            let Some(b) = self.slots[cur].conn.as_mut() else {
+                break;
+            };
+            let f = match b.reader.next().await {
+                Ok(f) => f,
+                Err(e) => return Err(self.backend_lost(cur, e)),
+            };
+            self.on_backend_frame(f).await?;
+            if self.out.len() > 64 * 1024 {
+                self.flush_client().await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn flush_client(&mut self) -> Result<(), SessionError> {
         if !self.out.is_empty() {
             let w = self.client.get_mut();
             w.write_all(&self.out)
@@ -283,60 +377,109 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.to_backend.is_empty() {
             return Ok(());
         }
-        let Some(b) = self.backend.as_mut() else {
+        let cur = self.cur;
+        let Some(b) = self.slots[cur].conn.as_mut() else {
             self.to_backend.clear();
             return Ok(());
         };
         if let Err(e) = b.writer.write_all(&self.to_backend).await {
             self.to_backend.clear();
-            return Err(self.backend_lost(WireError::Io(e)));
+            return Err(self.backend_lost(cur, WireError::Io(e)));
         }
         self.to_backend.clear();
         Ok(())
     }
 
-    /// Makes sure a backend is held and carries this client's state.
-    async fn ensure_backend(&mut self) -> Result<(), SessionError> {
-        if self.backend.is_some() {
-            return Ok(());
+    fn pool(&mut self, shard: usize) -> Arc<Pool> {
+        if let Some(p) = &self.slots[shard].pool {
+            return p.clone();
         }
-        let mut b = match self.pool.get(self.state_fp, self.node.cfg.pool_timeout()).await {
+        let p = self.node.pool_for(shard, &self.database, &self.user);
+        self.slots[shard].pool = Some(p.clone());
+        p
+    }
+
+    /// Makes sure shard `t` has a backend carrying this client's state (and
+    /// inside a transaction, a transaction of its own). Returns a client
+    /// error (not fatal) when no backend can be had.
+    pub(crate) async fn ensure_backend(
+        &mut self,
+        t: usize,
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        if self.slots[t].conn.is_some() {
+            return Ok(Ok(()));
+        }
+        let pool = self.pool(t);
+        let mut b = match pool.get(self.state_fp, self.node.cfg.pool_timeout()).await {
             Ok(b) => b,
             Err(PoolError::Timeout { shard, waited_ms, size }) => {
-                return Err(SessionError::Fatal {
-                    code: "53300",
-                    msg: format!(
-                        "no server connection to shard {shard} became free within {waited_ms} ms (pool size {size})"
-                    ),
-                })
+                return Ok(Err(Refusal::new(
+                    "53300",
+                    format!("no server connection to shard {shard} became free within {waited_ms} ms (pool size {size})"),
+                )))
             }
             Err(PoolError::Backend(e)) => {
                 tracing::warn!(error = %e, "cannot open backend connection");
-                return Err(SessionError::Fatal {
-                    code: "08006",
-                    msg: "cannot connect to the shard".into(),
-                });
+                return Ok(Err(Refusal::new(
+                    "08006",
+                    format!("cannot connect to shard {}", self.node.cfg.shards[t].name),
+                )));
             }
         };
         if b.state_fp != self.state_fp {
             let sql = self.state.replay_sql();
             if let Err(e) = b.hidden_query(&sql).await {
                 b.broken = true;
-                return Err(SessionError::Fatal {
-                    code: "08P01",
-                    msg: format!("cannot restore session state on a server connection: {e}"),
-                });
+                return Ok(Err(Refusal::new(
+                    "08P01",
+                    format!("cannot restore session state on a server connection: {e}"),
+                )));
             }
             b.state_fp = self.state_fp;
         }
-        self.cancel.set(Some((b.addr, b.pid, b.secret)));
-        self.backend = Some(b);
-        Ok(())
+        if self.tx_status != b'I' {
+            // The shard joins an open transaction.
+            let begin = self.tx_begin.clone().unwrap_or_else(|| "BEGIN".into());
+            if let Err(e) = b.hidden_query(&begin).await {
+                b.broken = true;
+                return Ok(Err(Refusal::new(
+                    "08P01",
+                    format!("cannot begin the transaction on another shard: {e}"),
+                )));
+            }
+        }
+        self.slots[t].conn = Some(b);
+        self.update_cancel();
+        Ok(Ok(()))
+    }
+
+    fn update_cancel(&self) {
+        let v = self
+            .slots
+            .iter()
+            .filter_map(|s| s.conn.as_ref().map(|b| (b.addr, b.pid, b.secret)))
+            .collect();
+        self.cancel.set(v);
+    }
+
+    /// Makes `t` the current shard: drains what another shard still owes,
+    /// then attaches a backend on `t`.
+    async fn switch_to(&mut self, t: usize) -> Result<Result<(), Refusal>, SessionError> {
+        if self.cur != t && !self.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let r = self.ensure_backend(t).await?;
+        if r.is_ok() {
+            self.cur = t;
+        }
+        Ok(r)
     }
 
     fn backend_mut(&mut self) -> &mut BackendConn {
-        // Called only after ensure_backend.
-        self.backend
+        // Called only after switch_to succeeded.
+        let cur = self.cur;
+        self.slots[cur]
+            .conn
             .as_deref_mut()
             .unwrap_or_else(|| unreachable!())
     }
@@ -375,105 +518,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         match tag {
             b'Q' => {
-                let mut b = f.body();
-                let sql = wire::get_cstr(&mut b).map_err(client_err)?;
-                self.note_sql(sql)?;
-                self.ensure_backend().await?;
-                self.to_backend.put_slice(&f.raw);
-                self.owed.push_back(Owed::Query);
-            }
-            b'P' => self.on_parse(f).await?,
-            b'B' => {
-                let mut b = f.body();
-                let portal = wire::get_cstr(&mut b).map_err(client_err)?;
-                let stmt = wire::get_cstr(&mut b).map_err(client_err)?;
-                self.ensure_backend().await?;
-                if stmt.is_empty() {
-                    self.to_backend.put_slice(&f.raw);
-                } else {
-                    let (portal, stmt, rest) = (
-                        portal.to_string(),
-                        stmt.to_string(),
-                        Bytes::copy_from_slice(b),
-                    );
-                    match self.prepare_on_backend(&stmt) {
-                        Some(internal) => wire::frame(&mut self.to_backend, b'B', |o| {
-                            wire::put_cstr(o, &portal);
-                            wire::put_cstr(o, &internal);
-                            o.put_slice(&rest);
-                        }),
-                        // Unknown to us: let PostgreSQL raise its own error.
-                        None => self.to_backend.put_slice(&f.raw),
-                    }
+                if !self.batch.is_empty() {
+                    // A Query after unsynced extended messages: they go first.
+                    self.run_batch(false).await?;
                 }
-                self.owed.push_back(Owed::Bind);
+                self.on_query(f).await?;
             }
-            b'D' => {
-                let mut b = f.body();
-                let kind = *b.first().ok_or_else(|| proto("empty Describe"))?;
-                b = &b[1..];
-                let name = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
-                self.ensure_backend().await?;
-                if kind == b'S' && !name.is_empty() {
-                    match self.prepare_on_backend(&name) {
-                        Some(internal) => wire::frame(&mut self.to_backend, b'D', |o| {
-                            o.put_u8(b'S');
-                            wire::put_cstr(o, &internal);
-                        }),
-                        None => self.to_backend.put_slice(&f.raw),
-                    }
-                } else {
-                    self.to_backend.put_slice(&f.raw);
-                }
-                self.owed.push_back(Owed::Describe);
-            }
-            b'E' => {
-                self.ensure_backend().await?;
-                self.to_backend.put_slice(&f.raw);
-                self.owed.push_back(Owed::Execute);
-            }
-            b'C' => {
-                let mut b = f.body();
-                let kind = *b.first().ok_or_else(|| proto("empty Close"))?;
-                b = &b[1..];
-                let name = wire::get_cstr(&mut b).map_err(client_err)?;
-                if kind == b'S' && !name.is_empty() {
-                    // Node-named statements stay prepared on the backends
-                    // (other clients may share them); the client's name goes.
-                    self.stmts.remove(name);
-                    self.push_synthetic(wire::close_complete());
-                } else {
-                    self.ensure_backend().await?;
-                    self.to_backend.put_slice(&f.raw);
-                    self.owed.push_back(Owed::Close);
-                }
-            }
+            b'P' | b'B' | b'D' | b'E' | b'C' => self.batch.push(f),
             b'S' => {
                 self.skip_to_sync = false;
-                if self.backend.is_some() {
-                    self.to_backend.put_slice(&f.raw);
-                    self.owed.push_back(Owed::Sync);
-                } else {
-                    wire::ready_for_query(&mut self.out, b'I');
-                }
+                self.batch.push(f);
+                self.run_batch(true).await?;
             }
             b'H' => {
-                if self.backend.is_some() {
-                    self.to_backend.put_slice(&f.raw);
-                }
+                self.batch.push(f);
+                self.run_batch(false).await?;
             }
             b'F' => {
-                self.ensure_backend().await?;
-                self.to_backend.put_slice(&f.raw);
-                self.owed.push_back(Owed::FunctionCall);
+                let t = self.default_shard();
+                match self.switch_to(t).await? {
+                    Ok(()) => {
+                        self.to_backend.put_slice(&f.raw);
+                        self.owed.push_back(Owed::FunctionCall);
+                    }
+                    Err(r) => self.refuse_simple(r),
+                }
             }
             b'd' => {
-                if self.backend.is_some() {
+                if self.slots[self.cur].conn.is_some() {
                     self.to_backend.put_slice(&f.raw);
                 }
             }
             b'c' | b'f' => {
-                if self.backend.is_some() {
+                if self.slots[self.cur].conn.is_some() {
                     self.to_backend.put_slice(&f.raw);
                     // PostgreSQL ignores Sync received in copy-in mode, and
                     // drivers do send one right after the Execute that starts
@@ -496,15 +573,510 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(None)
     }
 
-    async fn on_parse(&mut self, f: Frame) -> Result<(), SessionError> {
+    /// The shard for statements that touch no table: the current one while
+    /// a transaction or replies are open there, else the home shard.
+    fn default_shard(&self) -> usize {
+        if self.slots[self.cur].conn.is_some() {
+            self.cur
+        } else {
+            self.node.home_index
+        }
+    }
+
+    /// Error for a statement the node refuses, in the simple protocol:
+    /// ErrorResponse then ReadyForQuery.
+    fn refuse_simple(&mut self, r: Refusal) {
+        self.push_error(&r);
+        let status = self.client_status();
+        self.push_synthetic(rfq(status));
+    }
+
+    fn push_error(&mut self, r: &Refusal) {
+        let mut e = BytesMut::new();
+        wire::error_response(&mut e, Severity::Error, r.code, &r.message);
+        self.push_synthetic(e.freeze());
+        if self.tx_status != b'I' {
+            self.tx_failed = true;
+        }
+    }
+
+    pub(crate) fn client_status(&self) -> u8 {
+        if self.tx_status != b'I' && self.tx_failed {
+            b'E'
+        } else {
+            self.tx_status
+        }
+    }
+
+    async fn on_query(&mut self, f: Frame) -> Result<(), SessionError> {
+        let mut b = f.body();
+        let sql = wire::get_cstr(&mut b).map_err(client_err)?;
+        if let Err(r) = self.check_listen(sql) {
+            self.refuse_simple(r);
+            return Ok(());
+        }
+        let d = self.node.decide(sql, None, &self.state);
+        let d = match d {
+            Ok(d) => d,
+            Err(r) => {
+                self.refuse_simple(r);
+                return Ok(());
+            }
+        };
+        if self.transaction_control(&d, true).await? {
+            return Ok(());
+        }
+        match &d.target {
+            Target::Multi { .. } => {
+                let sql = sql.to_string();
+                if !self.owed.is_empty() {
+                    self.drain_owed().await?;
+                }
+                return crate::scatter::run(self, &d, &sql).await;
+            }
+            Target::Shard(_) | Target::Any => {}
+        }
+        let t = match d.target {
+            Target::Shard(t) => t,
+            _ => self.default_shard(),
+        };
+        if let Err(r) = self.check_write(&d, t) {
+            self.refuse_simple(r);
+            return Ok(());
+        }
+        match self.switch_to(t).await? {
+            Ok(()) => {}
+            Err(r) => {
+                self.refuse_simple(r);
+                return Ok(());
+            }
+        }
+        self.poison_if_failed(&d, t).await;
+        self.note_sql(sql, t);
+        self.to_backend.put_slice(&f.raw);
+        self.owed.push_back(Owed::Query);
+        Ok(())
+    }
+
+    /// BEGIN/COMMIT/ROLLBACK and the failed-transaction rule. Returns true
+    /// when the statement was answered here.
+    async fn transaction_control(
+        &mut self,
+        d: &Decision,
+        simple: bool,
+    ) -> Result<bool, SessionError> {
+        let ending = matches!(d.kind, Kind::Commit | Kind::Rollback);
+        if self.tx_failed && !ending {
+            let r = Refusal::new(
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block"
+                    .into(),
+            );
+            if simple {
+                self.refuse_simple(r);
+            } else {
+                self.push_error(&r);
+                self.skip_to_sync = true;
+            }
+            return Ok(true);
+        }
+        if ending && self.attached_count() > 1 {
+            // Shards other than the written one end first; the client's
+            // own COMMIT/ROLLBACK then goes to the written shard.
+            self.finish_other_shards(d.kind == Kind::Commit && !self.tx_failed)
+                .await?;
+            return Ok(false);
+        }
+        if !simple || d.statements != 1 {
+            return Ok(false);
+        }
+        match d.kind {
+            // A BEGIN is held back until the first statement shows which
+            // shard the transaction needs; that shard then begins it.
+            Kind::Begin if !self.attached() && self.tx_status == b'I' => {
+                self.tx_begin = Some(d.sql_text.clone());
+                self.tx_status = b'T';
+                self.out.put_slice(&command_complete("BEGIN"));
+                self.out.put_slice(&rfq(b'T'));
+                Ok(true)
+            }
+            Kind::Commit | Kind::Rollback if !self.attached() && self.tx_status != b'I' => {
+                let tag = if d.kind == Kind::Commit && !self.tx_failed {
+                    "COMMIT"
+                } else {
+                    "ROLLBACK"
+                };
+                self.reset_tx();
+                self.out.put_slice(&command_complete(tag));
+                self.out.put_slice(&rfq(b'I'));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Before the client's COMMIT reaches a transaction the node failed,
+    /// make PostgreSQL fail it too: COMMIT then rolls back and answers
+    /// ROLLBACK, exactly as after an error of PostgreSQL's own.
+    async fn poison_if_failed(&mut self, d: &Decision, t: usize) {
+        if self.tx_failed && d.kind == Kind::Commit {
+            if let Some(b) = self.slots[t].conn.as_mut() {
+                let _ = b.hidden_query(POISON_SQL).await;
+            }
+        }
+    }
+
+    fn attached_count(&self) -> usize {
+        self.slots.iter().filter(|s| s.conn.is_some()).count()
+    }
+
+    /// The shard whose backend answers the client's COMMIT/ROLLBACK: the one
+    /// written to, else the current one.
+    fn primary_shard(&self) -> usize {
+        match self.tx_wrote {
+            Some(w) if self.slots[w].conn.is_some() => w,
+            _ => self.cur,
+        }
+    }
+
+    /// Ends the transaction on every attached shard but the primary one
+    /// (they were only read in this transaction, or it is rolled back).
+    async fn finish_other_shards(&mut self, commit: bool) -> Result<(), SessionError> {
+        let primary = self.primary_shard();
+        if self.cur != primary && !self.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
+        for i in 0..self.slots.len() {
+            if i == primary {
+                continue;
+            }
+            if let Some(mut b) = self.slots[i].conn.take() {
+                match b.hidden_query(sql).await {
+                    Ok(_) if !b.broken => b.release(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, shard = i, "ending a read-only shard's transaction failed")
+                    }
+                }
+            }
+        }
+        self.cur = primary;
+        self.update_cancel();
+        Ok(())
+    }
+
+    fn reset_tx(&mut self) {
+        self.tx_status = b'I';
+        self.tx_begin = None;
+        self.tx_wrote = None;
+        self.tx_failed = false;
+    }
+
+    /// Refuses a second written shard inside a transaction.
+    pub(crate) fn check_write(&mut self, d: &Decision, t: usize) -> Result<(), Refusal> {
+        if !d.write || self.tx_status == b'I' {
+            return Ok(());
+        }
+        match self.tx_wrote {
+            Some(w) if w != t => Err(Refusal::new(
+                "0A000",
+                format!(
+                    "this transaction already wrote to shard {} and would now write to shard {}; \
+                     transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
+                    self.node.cfg.shards[w].name, self.node.cfg.shards[t].name
+                ),
+            )),
+            _ => {
+                self.tx_wrote = Some(t);
+                Ok(())
+            }
+        }
+    }
+
+    /// Routes and sends an extended-protocol batch. `synced`: it ends with
+    /// Sync (else with Flush, or a Query follows).
+    async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
+        let frames = std::mem::take(&mut self.batch);
+        let decision = self.route_batch(&frames);
+        let (target, d) = match decision {
+            Ok(x) => x,
+            Err(r) => {
+                self.push_error(&r);
+                if synced {
+                    let status = self.client_status();
+                    self.push_synthetic(rfq(status));
+                } else {
+                    self.skip_to_sync = true;
+                }
+                return Ok(());
+            }
+        };
+        if let Some(d) = &d {
+            if self.transaction_control(d, false).await? {
+                if synced {
+                    let status = self.client_status();
+                    self.push_synthetic(rfq(status));
+                    self.skip_to_sync = false;
+                }
+                return Ok(());
+            }
+        }
+        // A lone Sync with nothing held: answer it here.
+        if target.is_none()
+            && !self.attached()
+            && frames.iter().all(|f| f.tag() == b'S' || f.tag() == b'H')
+        {
+            if synced {
+                let status = self.client_status();
+                self.push_synthetic(rfq(status));
+            }
+            return Ok(());
+        }
+        let t = target.unwrap_or_else(|| self.default_shard());
+        if let Some(d) = &d {
+            if let Err(r) = self.check_write(d, t) {
+                self.push_error(&r);
+                if synced {
+                    let status = self.client_status();
+                    self.push_synthetic(rfq(status));
+                } else {
+                    self.skip_to_sync = true;
+                }
+                return Ok(());
+            }
+        }
+        if let Err(r) = self.switch_to(t).await? {
+            self.push_error(&r);
+            if synced {
+                let status = self.client_status();
+                self.push_synthetic(rfq(status));
+            } else {
+                self.skip_to_sync = true;
+            }
+            return Ok(());
+        }
+        if let Some(d) = &d {
+            self.poison_if_failed(d, t).await;
+        }
+        for f in frames {
+            if self.skip_to_sync && f.tag() != b'S' {
+                continue;
+            }
+            self.forward_extended(f, t)?;
+        }
+        Ok(())
+    }
+
+    /// Decides the one shard of a batch (None: any shard will do) and the
+    /// decision of its most significant statement.
+    fn route_batch(&self, frames: &[Frame]) -> Result<(Option<usize>, Option<Decision>), Refusal> {
+        let mut target: Option<usize> = None;
+        let mut strongest: Option<Decision> = None;
+        let mut batch_unnamed: Option<Arc<str>> = None;
+        let mut batch_named: HashMap<String, Arc<str>> = HashMap::new();
+        for f in frames {
+            match f.tag() {
+                b'P' => {
+                    let mut b = f.body();
+                    let name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    let sql = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    self.check_listen(sql)?;
+                    // Routing errors (parse errors included) surface at Bind;
+                    // PostgreSQL reports syntax errors at Parse itself.
+                    if let Err(r) = self.node.decide(sql, None, &self.state) {
+                        if r.code == "42601" {
+                            return Err(r);
+                        }
+                    }
+                    if name.is_empty() {
+                        batch_unnamed = Some(Arc::from(sql));
+                    } else {
+                        batch_named.insert(name.to_string(), Arc::from(sql));
+                    }
+                }
+                b'B' => {
+                    let mut b = f.body();
+                    let _portal = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    let stmt = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    let sql = if stmt.is_empty() {
+                        batch_unnamed
+                            .clone()
+                            .or_else(|| self.unnamed.as_ref().map(|u| u.sql.clone()))
+                    } else {
+                        batch_named
+                            .get(stmt)
+                            .cloned()
+                            .or_else(|| self.stmts.get(stmt).map(|s| s.sql.clone()))
+                    };
+                    // An unknown statement: PostgreSQL will say so.
+                    let Some(sql) = sql else { continue };
+                    let params = BindParams::parse(b).map_err(proto_refusal)?;
+                    let d = self.node.decide(&sql, Some(&params), &self.state)?;
+                    let t = match &d.target {
+                        Target::Shard(t) => Some(*t),
+                        Target::Any => None,
+                        Target::Multi { shards, .. } => {
+                            if shards.len() == 1 {
+                                Some(shards[0])
+                            } else {
+                                return Err(Refusal::new(
+                                    "0A000",
+                                    format!(
+                                        "statement touches {} shards; multi-shard statements are supported in the simple query protocol only for now",
+                                        shards.len()
+                                    ),
+                                ));
+                            }
+                        }
+                    };
+                    if let Some(t) = t {
+                        if target.is_some_and(|x| x != t) {
+                            return Err(Refusal::new(
+                                "0A000",
+                                "statements of one pipelined batch (up to Sync) go to different shards; send a Sync between them".into(),
+                            ));
+                        }
+                        target = Some(t);
+                    }
+                    if strongest.as_ref().is_none_or(|s| d.outranks(s)) {
+                        strongest = Some(d);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok((target, strongest))
+    }
+
+    /// Forwards one extended-protocol message to the current backend,
+    /// renaming named statements.
+    fn forward_extended(&mut self, f: Frame, t: usize) -> Result<(), SessionError> {
+        match f.tag() {
+            b'P' => self.on_parse(f, t),
+            b'B' => {
+                let mut b = f.body();
+                let portal = wire::get_cstr(&mut b).map_err(client_err)?;
+                let stmt = wire::get_cstr(&mut b).map_err(client_err)?;
+                if stmt.is_empty() {
+                    self.ensure_unnamed(t);
+                    self.to_backend.put_slice(&f.raw);
+                } else {
+                    let (portal, stmt, rest) = (
+                        portal.to_string(),
+                        stmt.to_string(),
+                        Bytes::copy_from_slice(b),
+                    );
+                    // A statement prepared in an earlier transaction may
+                    // change session state each time it runs.
+                    if self.stmts.get(&stmt).is_some_and(|s| s.changes_state) {
+                        self.state_dirty = Some(t);
+                        self.prepared_dirty |=
+                            self.stmts.get(&stmt).is_some_and(|s| s.drops_prepared);
+                    }
+                    match self.prepare_on_backend(&stmt) {
+                        Some(internal) => wire::frame(&mut self.to_backend, b'B', |o| {
+                            wire::put_cstr(o, &portal);
+                            wire::put_cstr(o, &internal);
+                            o.put_slice(&rest);
+                        }),
+                        // Unknown to us: let PostgreSQL raise its own error.
+                        None => self.to_backend.put_slice(&f.raw),
+                    }
+                }
+                self.owed.push_back(Owed::Bind);
+                Ok(())
+            }
+            b'D' => {
+                let mut b = f.body();
+                let kind = *b.first().ok_or_else(|| proto("empty Describe"))?;
+                b = &b[1..];
+                let name = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
+                if kind == b'S' && !name.is_empty() {
+                    match self.prepare_on_backend(&name) {
+                        Some(internal) => wire::frame(&mut self.to_backend, b'D', |o| {
+                            o.put_u8(b'S');
+                            wire::put_cstr(o, &internal);
+                        }),
+                        None => self.to_backend.put_slice(&f.raw),
+                    }
+                } else {
+                    if kind == b'S' {
+                        self.ensure_unnamed(t);
+                    }
+                    self.to_backend.put_slice(&f.raw);
+                }
+                self.owed.push_back(Owed::Describe);
+                Ok(())
+            }
+            b'E' => {
+                self.to_backend.put_slice(&f.raw);
+                self.owed.push_back(Owed::Execute);
+                Ok(())
+            }
+            b'C' => {
+                let mut b = f.body();
+                let kind = *b.first().ok_or_else(|| proto("empty Close"))?;
+                b = &b[1..];
+                let name = wire::get_cstr(&mut b).map_err(client_err)?;
+                if kind == b'S' && !name.is_empty() {
+                    // Node-named statements stay prepared on the backends
+                    // (other clients may share them); the client's name goes.
+                    self.stmts.remove(name);
+                    self.push_synthetic(wire::close_complete());
+                } else {
+                    self.to_backend.put_slice(&f.raw);
+                    self.owed.push_back(Owed::Close);
+                }
+                Ok(())
+            }
+            b'S' => {
+                self.to_backend.put_slice(&f.raw);
+                self.owed.push_back(Owed::Sync);
+                Ok(())
+            }
+            b'H' => {
+                self.to_backend.put_slice(&f.raw);
+                Ok(())
+            }
+            other => Err(proto_fatal(format!(
+                "unexpected message {:?} in batch",
+                other as char
+            ))),
+        }
+    }
+
+    /// Prepares the client's unnamed statement on shard `t`'s backend if the
+    /// last Parse went elsewhere.
+    fn ensure_unnamed(&mut self, t: usize) {
+        let Some(u) = self.unnamed.as_mut() else {
+            return;
+        };
+        if u.on == Some(t) {
+            return;
+        }
+        u.on = Some(t);
+        let raw = u.raw.clone();
+        self.to_backend.put_slice(&raw);
+        self.owed.push_back(Owed::Parse {
+            hidden: true,
+            internal: None,
+        });
+    }
+
+    fn on_parse(&mut self, f: Frame, t: usize) -> Result<(), SessionError> {
         let mut b = f.body();
         let name = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
         let rest = b; // query \0, int16 n, n × int32 types
         let mut q = rest;
         let sql = wire::get_cstr(&mut q).map_err(client_err)?;
-        self.note_sql(sql)?;
-        self.ensure_backend().await?;
+        self.note_sql(sql, t);
         if name.is_empty() {
+            self.unnamed = Some(Unnamed {
+                raw: f.raw.clone(),
+                sql: Arc::from(sql),
+                on: Some(t),
+            });
             self.to_backend.put_slice(&f.raw);
             self.owed.push_back(Owed::Parse {
                 hidden: false,
@@ -535,6 +1107,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Stmt {
                 internal: internal.clone(),
                 parse: parse.freeze(),
+                sql: Arc::from(sql),
+                changes_state: state::may_change_state(sql),
+                drops_prepared: state::may_drop_prepared(sql),
             },
         );
         if self.backend_mut().prepared.contains(&internal) {
@@ -549,20 +1124,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(())
     }
 
-    fn note_sql(&mut self, sql: &str) -> Result<(), SessionError> {
+    fn check_listen(&self, sql: &str) -> Result<(), Refusal> {
+        if !self.session_mode && starts_with_ci(sql.trim_start(), "listen") {
+            return Err(Refusal::new(
+                "0A000",
+                "LISTEN is not supported in transaction pooling mode; use pool_mode = \"session\" for this user".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn note_sql(&mut self, sql: &str, shard: usize) {
         if state::may_change_state(sql) {
-            self.state_dirty = true;
+            self.state_dirty = Some(shard);
         }
         if state::may_drop_prepared(sql) {
             self.prepared_dirty = true;
         }
-        if !self.session_mode && starts_with_ci(sql.trim_start(), "listen") {
-            return Err(SessionError::Fatal {
-                code: "0A000",
-                msg: "LISTEN is not supported in transaction pooling mode; use pool_mode = \"session\" for this user".into(),
-            });
-        }
-        Ok(())
     }
 
     async fn on_backend_frame(&mut self, f: Frame) -> Result<(), SessionError> {
@@ -582,12 +1160,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             b'E' => self.on_backend_error(),
             b'Z' => {
                 self.pop_if(|o| matches!(o, Owed::Sync | Owed::Query | Owed::FunctionCall));
-                self.tx_status = f.body().first().copied().unwrap_or(b'I');
+                let s = f.body().first().copied().unwrap_or(b'I');
+                self.tx_status = s;
+                if s == b'I' {
+                    self.tx_failed = false;
+                }
             }
             _ => {}
         }
         if forward {
-            self.out.put_slice(&f.raw);
+            if tag == b'Z' && self.tx_failed && self.tx_status != b'I' {
+                // The node failed this transaction: the client must see 'E'.
+                self.out.put_slice(&rfq(b'E'));
+            } else {
+                self.out.put_slice(&f.raw);
+            }
         }
         self.emit_synthetic();
         if tag == b'Z' && self.owed.is_empty() && self.tx_status == b'I' {
@@ -612,15 +1199,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     if matches!(o, Owed::Sync) {
                         break;
                     }
-                    if let Some(Owed::Parse {
-                        internal: Some(name),
-                        ..
-                    }) = self.owed.pop_front()
-                    {
-                        if let Some(b) = self.backend.as_mut() {
-                            b.prepared.remove(&name);
+                    match self.owed.pop_front() {
+                        Some(Owed::Parse {
+                            internal: Some(name),
+                            ..
+                        }) => {
+                            let cur = self.cur;
+                            if let Some(b) = self.slots[cur].conn.as_mut() {
+                                b.prepared.remove(&name);
+                            }
+                            self.stmts.retain(|_, s| s.internal != name);
                         }
-                        self.stmts.retain(|_, s| s.internal != name);
+                        Some(Owed::Parse { internal: None, .. }) => {
+                            if let Some(u) = self.unnamed.as_mut() {
+                                u.on = None;
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -636,59 +1231,94 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// ReadyForQuery(idle) with nothing owed: read back session state if it
-    /// may have changed, then return the backend (transaction mode).
-    async fn end_of_transaction(&mut self) -> Result<(), SessionError> {
-        let Some(b) = self.backend.as_mut() else {
-            return Ok(());
-        };
-        if self.state_dirty {
-            match b.hidden_query(state::READ_STATE_SQL).await {
-                Ok(rows) => {
-                    let pairs = rows
-                        .into_iter()
-                        .filter_map(|r| match (r.first(), r.get(1)) {
-                            (Some(Some(k)), Some(Some(v))) => Some((k.clone(), v.clone())),
-                            _ => None,
-                        })
-                        .collect();
-                    self.state = SessionState::from_pairs(pairs);
-                    self.state_fp = self.state.fingerprint();
-                    b.state_fp = self.state_fp;
-                    self.state_dirty = false;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read session state back");
-                    b.broken = true;
+    /// may have changed, then return the backends (transaction mode).
+    pub(crate) async fn end_of_transaction(&mut self) -> Result<(), SessionError> {
+        self.reset_tx();
+        if let Some(shard) = self.state_dirty {
+            if let Some(b) = self.slots[shard].conn.as_mut() {
+                match b.hidden_query(state::READ_STATE_SQL).await {
+                    Ok(rows) => {
+                        let pairs = rows
+                            .into_iter()
+                            .filter_map(|r| match (r.first(), r.get(1)) {
+                                (Some(Some(k)), Some(Some(v))) => Some((k.clone(), v.clone())),
+                                _ => None,
+                            })
+                            .collect();
+                        self.state = SessionState::from_pairs(pairs);
+                        self.state_fp = self.state.fingerprint();
+                        b.state_fp = self.state_fp;
+                        self.state_dirty = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read session state back");
+                        b.broken = true;
+                    }
                 }
             }
         }
         if self.prepared_dirty {
-            match b
-                .hidden_query("SELECT name FROM pg_catalog.pg_prepared_statements")
-                .await
-            {
-                Ok(rows) => {
-                    b.prepared = rows
-                        .into_iter()
-                        .filter_map(|r| r.into_iter().next().flatten())
-                        .collect();
-                    self.prepared_dirty = false;
+            for slot in &mut self.slots {
+                if let Some(b) = slot.conn.as_mut() {
+                    match b
+                        .hidden_query("SELECT name FROM pg_catalog.pg_prepared_statements")
+                        .await
+                    {
+                        Ok(rows) => {
+                            b.prepared = rows
+                                .into_iter()
+                                .filter_map(|r| r.into_iter().next().flatten())
+                                .collect();
+                        }
+                        Err(_) => b.broken = true,
+                    }
                 }
-                Err(_) => b.broken = true,
             }
+            self.prepared_dirty = false;
         }
         if !self.session_mode {
-            if let Some(b) = self.backend.take() {
-                self.cancel.set(None);
-                if b.broken {
-                    drop(b);
-                } else {
-                    b.release();
+            for slot in &mut self.slots {
+                if let Some(b) = slot.conn.take() {
+                    if !b.broken {
+                        b.release();
+                    }
                 }
             }
+            if let Some(u) = self.unnamed.as_mut() {
+                u.on = None;
+            }
+            self.update_cancel();
         }
         Ok(())
     }
+}
+
+/// A statement the node refuses (an ERROR, not FATAL).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: &'static str, message: String) -> Refusal {
+        Refusal { code, message }
+    }
+}
+
+const POISON_SQL: &str =
+    "DO $$BEGIN RAISE EXCEPTION 'hotrepart: this transaction failed at the node'; END$$";
+
+pub(crate) fn rfq(status: u8) -> Bytes {
+    let mut b = BytesMut::with_capacity(6);
+    wire::ready_for_query(&mut b, status);
+    b.freeze()
+}
+
+pub(crate) fn command_complete(tag: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    wire::frame(&mut b, b'C', |o| wire::put_cstr(o, tag));
+    b.freeze()
 }
 
 fn starts_with_ci(s: &str, p: &str) -> bool {
@@ -706,6 +1336,10 @@ fn client_err(e: WireError) -> SessionError {
         WireError::Closed | WireError::Io(_) => SessionError::ClientGone,
         WireError::Protocol(m) => proto_fatal(m),
     }
+}
+
+fn proto_refusal(e: WireError) -> Refusal {
+    Refusal::new("08P01", format!("protocol violation: {e}"))
 }
 
 fn proto(m: &str) -> SessionError {

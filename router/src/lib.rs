@@ -8,9 +8,12 @@
 //! * [`catalog`]: the catalog model and the immutable, validated
 //!   [`catalog::RoutingSnapshot`] that maps keys to points, points to ranges
 //!   and ranges to shards.
+//! * [`route`]: statement routing — parse once into a cacheable
+//!   [`route::Plan`], bind parameters and hints into a [`route::Route`].
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 #![warn(missing_docs)]
 
 pub mod catalog;
 pub mod hash;
+pub mod route;

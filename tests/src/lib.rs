@@ -66,6 +66,8 @@ pub struct Opts {
     pub extra: String,
     /// Extra [[users]] (TOML); the SCRAM user `app` is always there.
     pub users: String,
+    /// Appended last (TOML tables such as [[sharded_tables]], [tls]).
+    pub tail: String,
 }
 
 impl Default for Opts {
@@ -74,6 +76,7 @@ impl Default for Opts {
             shards: 1,
             extra: String::new(),
             users: String::new(),
+            tail: String::new(),
         }
     }
 }
@@ -111,6 +114,7 @@ impl Cluster {
             hotrepart_proxy::auth::scram_verifier(PASSWORD),
             opts.users
         ));
+        toml.push_str(&opts.tail);
         let cfg = Config::from_toml(&toml).expect("test config");
         Cluster::with_config(cfg, shards, dir).await
     }

@@ -1,0 +1,276 @@
+//! The executor's view of a route: the router's [`Route`] with shard names
+//! turned into the node's shard indexes, plus what the session needs to
+//! know about the statement (transaction control, writes).
+//!
+//! Guarantee: a statement the router or the merger cannot answer correctly
+//! becomes a [`Refusal`] with the router's SQLSTATE; nothing here guesses a
+//! shard.
+
+use crate::session::Refusal;
+use crate::state::SessionState;
+use crate::wire::{self, WireError};
+use hotrepart_router::catalog::{RoutingSnapshot, ShardId};
+use hotrepart_router::route::{
+    self as r, Hints, MergeNeed, Param, ParamFormat, Route, StatementKind, TransactionKind,
+};
+
+/// Where the executor sends a statement (node shard indexes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Shard(usize),
+    /// No table: any shard answers the same.
+    Any,
+    /// Several shards; `sqls[i]` is the text for `shards[i]` when the router
+    /// split the statement (multi-row INSERT), else None (same text).
+    Multi {
+        shards: Vec<usize>,
+        sqls: Option<Vec<String>>,
+    },
+}
+
+/// Transaction control, as far as the session cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Begin,
+    Commit,
+    Rollback,
+    Savepoint,
+    Other,
+}
+
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub target: Target,
+    pub kind: Kind,
+    pub write: bool,
+    pub ddl: bool,
+    /// Number of statements in the string.
+    pub statements: usize,
+    /// Whether some statement may return rows.
+    pub returns_rows: bool,
+    /// The statement text (for BEGIN, replayed on shards joining later).
+    pub sql_text: String,
+}
+
+impl Decision {
+    /// For a batch: which statement's decision governs transaction control
+    /// and the write check.
+    pub fn outranks(&self, other: &Decision) -> bool {
+        let rank = |d: &Decision| match d.kind {
+            Kind::Commit | Kind::Rollback => 3,
+            _ if d.write => 2,
+            Kind::Begin => 1,
+            _ => 0,
+        };
+        rank(self) > rank(other)
+    }
+
+    /// Everything to one shard (a node with a single shard, nothing to route).
+    pub fn single(sql: &str) -> Decision {
+        Decision {
+            target: Target::Shard(0),
+            kind: Kind::Other,
+            write: false,
+            ddl: false,
+            statements: 1,
+            returns_rows: true,
+            sql_text: sql.to_string(),
+        }
+    }
+}
+
+/// Bind parameters as they arrived (formats and raw values).
+pub struct BindParams {
+    formats: Vec<i16>,
+    values: Vec<Option<bytes::Bytes>>,
+}
+
+impl BindParams {
+    /// Parses the part of a Bind body after portal and statement names.
+    pub fn parse(mut b: &[u8]) -> Result<BindParams, WireError> {
+        let nf = wire::get_i16(&mut b)?;
+        let mut formats = Vec::with_capacity(nf.max(0) as usize);
+        for _ in 0..nf {
+            formats.push(wire::get_i16(&mut b)?);
+        }
+        let nv = wire::get_i16(&mut b)?;
+        let mut values = Vec::with_capacity(nv.max(0) as usize);
+        for _ in 0..nv {
+            let len = wire::get_i32(&mut b)?;
+            if len < 0 {
+                values.push(None);
+            } else {
+                let len = len as usize;
+                if b.len() < len {
+                    return Err(WireError::Protocol(
+                        "Bind parameter longer than the message".into(),
+                    ));
+                }
+                values.push(Some(bytes::Bytes::copy_from_slice(&b[..len])));
+                b = &b[len..];
+            }
+        }
+        Ok(BindParams { formats, values })
+    }
+
+    fn format(&self, i: usize) -> ParamFormat {
+        let f = match self.formats.len() {
+            0 => 0,
+            1 => self.formats[0],
+            _ => self.formats.get(i).copied().unwrap_or(0),
+        };
+        if f == 1 {
+            ParamFormat::Binary
+        } else {
+            ParamFormat::Text
+        }
+    }
+
+    fn as_router_params(&self) -> Vec<Param<'_>> {
+        self.values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Param {
+                value: v.as_deref(),
+                format: self.format(i),
+                type_oid: None,
+            })
+            .collect()
+    }
+}
+
+/// Turns a router route into a decision for this node's shards.
+pub fn decision(
+    snapshot: &RoutingSnapshot,
+    shard_index: impl Fn(&ShardId) -> Option<usize>,
+    route: Route,
+    sql: &str,
+) -> Result<Decision, Refusal> {
+    if route.touches_frozen {
+        return Err(Refusal::new(
+            "40001",
+            "the key range of this write is being moved; retry the statement".into(),
+        ));
+    }
+    let idx = |id: &ShardId| {
+        shard_index(id).ok_or_else(|| {
+            Refusal::new(
+                "XX000",
+                format!("shard {id} of the routing table is not configured on this node"),
+            )
+        })
+    };
+    let target = match &route.target {
+        r::Target::One(id) => Target::Shard(idx(id)?),
+        r::Target::Any => Target::Any,
+        r::Target::All => Target::Multi {
+            shards: snapshot
+                .shards()
+                .map(|s| idx(&s.id))
+                .collect::<Result<_, _>>()?,
+            sqls: None,
+        },
+        r::Target::Shards(ids) => Target::Multi {
+            shards: ids.iter().map(idx).collect::<Result<_, _>>()?,
+            sqls: None,
+        },
+        r::Target::Split(parts) => {
+            if parts.len() == 1 {
+                // One shard: the original text is exactly that shard's rows.
+                Target::Shard(idx(&parts[0].0)?)
+            } else {
+                Target::Multi {
+                    shards: parts
+                        .iter()
+                        .map(|(id, _)| idx(id))
+                        .collect::<Result<_, _>>()?,
+                    sqls: Some(parts.iter().map(|(_, s)| s.clone()).collect()),
+                }
+            }
+        }
+    };
+    if matches!(target, Target::Multi { .. }) {
+        if let MergeNeed::Refuse(_) = &route.merge {
+            if let Some(e) = route.merge.error() {
+                return Err(Refusal::new(e.sqlstate, e.message));
+            }
+        }
+    }
+    let kind = match route.kind {
+        StatementKind::Transaction(TransactionKind::Begin) => Kind::Begin,
+        StatementKind::Transaction(TransactionKind::Commit) => Kind::Commit,
+        StatementKind::Transaction(TransactionKind::Rollback) => Kind::Rollback,
+        StatementKind::Transaction(_) => Kind::Savepoint,
+        _ => Kind::Other,
+    };
+    let returns_rows = route.statements.iter().any(|k| {
+        matches!(
+            k,
+            StatementKind::Select
+                | StatementKind::Show
+                | StatementKind::Utility
+                | StatementKind::Copy { .. }
+        ) || matches!(
+            k,
+            StatementKind::Insert | StatementKind::Update | StatementKind::Delete
+        ) && contains_ci(sql, "returning")
+    });
+    Ok(Decision {
+        target,
+        kind,
+        write: route.is_write,
+        ddl: route
+            .statements
+            .iter()
+            .all(|k| matches!(k, StatementKind::Ddl))
+            && !route.statements.is_empty(),
+        statements: route.statements.len().max(1),
+        returns_rows,
+        sql_text: sql.to_string(),
+    })
+}
+
+/// Routes `sql` (with Bind parameters, if any) against `snapshot`, using
+/// and filling the plan cache.
+pub fn decide(
+    snapshot: &RoutingSnapshot,
+    cache: &std::sync::Mutex<r::PlanCache>,
+    shard_index: impl Fn(&ShardId) -> Option<usize>,
+    sql: &str,
+    params: Option<&BindParams>,
+    state: &SessionState,
+) -> Result<Decision, Refusal> {
+    let hints = Hints {
+        session_shard: match state.get("hotrepart.shard") {
+            Some(s) if !s.is_empty() => Some(
+                ShardId::new(s)
+                    .map_err(|e| Refusal::new("42704", format!("SET hotrepart.shard: {e}")))?,
+            ),
+            _ => None,
+        },
+    };
+    let plan = cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_plan(snapshot, sql)
+        .map_err(|e| Refusal::new(e.sqlstate, e.message))?;
+    let owned;
+    let params: &[Param<'_>] = match params {
+        Some(p) => {
+            owned = p.as_router_params();
+            &owned
+        }
+        None => &[],
+    };
+    let route = plan
+        .bind(snapshot, params, &hints)
+        .map_err(|e| Refusal::new(e.sqlstate, e.message))?;
+    decision(snapshot, shard_index, route, sql)
+}
+
+fn contains_ci(hay: &str, needle: &str) -> bool {
+    let n = needle.as_bytes();
+    hay.as_bytes()
+        .windows(n.len())
+        .any(|w| w.eq_ignore_ascii_case(n))
+}

@@ -1,0 +1,288 @@
+//! RUN ON ALL for the simple query protocol: one statement on several
+//! shards, their answers concatenated.
+//!
+//! The router only sends statements here whose answers can be concatenated
+//! (no ORDER BY, aggregates, LIMIT … across shards — those are refused until
+//! the merger exists). The statement is sent to every shard first, so they
+//! run in parallel; the answers are then read shard by shard and streamed,
+//! so memory stays bounded (a shard not yet read waits on TCP backpressure).
+//!
+//! Guarantees:
+//! - the client sees one RowDescription, the rows of every shard, one
+//!   CommandComplete per statement with the counts summed, and one
+//!   ReadyForQuery — or one error;
+//! - shards that disagree on the row description make the statement fail;
+//! - a write outside a transaction block runs inside a transaction on every
+//!   shard and is committed only if it succeeded on all of them, else rolled
+//!   back everywhere. (The commits themselves are not atomic across shards
+//!   until two-phase commit lands; a failure between them is reported.) DDL
+//!   runs without a wrapping transaction (CREATE INDEX CONCURRENTLY and
+//!   friends refuse one); a DDL error names the shards where it did apply;
+//! - inside a transaction block, a write to several shards is refused.
+
+use crate::routing::{Decision, Target};
+use crate::session::{command_complete, rfq, Refusal, Session, SessionError};
+use crate::wire::{self, Severity};
+use bytes::{BufMut, Bytes, BytesMut};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    d: &Decision,
+    sql: &str,
+) -> Result<(), SessionError> {
+    let Target::Multi { shards, sqls } = &d.target else {
+        return Ok(());
+    };
+    let names: Vec<String> = shards
+        .iter()
+        .map(|&i| s.node.cfg.shards[i].name.clone())
+        .collect();
+    let in_tx = s.tx_status != b'I';
+    if d.statements > 1 && d.returns_rows {
+        return refuse(
+            s,
+            Refusal::new(
+                "0A000",
+                "several statements in one query string that return rows from several shards are not supported; send them one by one".into(),
+            ),
+        );
+    }
+    if d.write && in_tx {
+        return refuse(
+            s,
+            Refusal::new(
+                "0A000",
+                format!(
+                    "this statement writes to shards {} inside a transaction block; transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
+                    names.join(", ")
+                ),
+            ),
+        );
+    }
+    let wrap = d.write && !in_tx && !d.ddl;
+    for &t in shards {
+        if let Err(r) = s.ensure_backend(t).await? {
+            return refuse(s, r);
+        }
+        s.note_sql(sql, t);
+    }
+    // Send to every shard first: they run in parallel.
+    for (i, &t) in shards.iter().enumerate() {
+        let text = sqls.as_ref().map(|v| v[i].as_str()).unwrap_or(sql);
+        let mut buf = BytesMut::new();
+        if wrap {
+            frontend::query("BEGIN", &mut buf).map_err(|_| io_fatal())?;
+        }
+        frontend::query(text, &mut buf).map_err(|_| io_fatal())?;
+        let Some(b) = s.slots[t].conn.as_mut() else {
+            continue;
+        };
+        if let Err(e) = b.writer.write_all(&buf).await {
+            return Err(s.backend_lost(t, crate::wire::WireError::Io(e)));
+        }
+    }
+    let mut first_desc: Option<Bytes> = None;
+    let mut mismatch = false;
+    let mut tags: Vec<Vec<String>> = Vec::new();
+    let mut error: Option<(usize, String, String)> = None;
+    let mut ok_shards = Vec::new();
+    for (i, &t) in shards.iter().enumerate() {
+        let mut shard_tags = Vec::new();
+        let mut shard_err = false;
+        let mut pending_rfq = if wrap { 2 } else { 1 };
+        let mut in_begin = wrap;
+        while pending_rfq > 0 {
+            let f = {
+                let Some(b) = s.slots[t].conn.as_mut() else {
+                    break;
+                };
+                match b.reader.next().await {
+                    Ok(f) => f,
+                    Err(e) => return Err(s.backend_lost(t, e)),
+                }
+            };
+            match f.tag() {
+                b'Z' => {
+                    pending_rfq -= 1;
+                    in_begin = false;
+                }
+                _ if in_begin => {}
+                b'T' => match &first_desc {
+                    None => {
+                        first_desc = Some(f.raw.clone());
+                        s.out.put_slice(&f.raw);
+                    }
+                    Some(d0) if d0 != &f.raw => mismatch = true,
+                    Some(_) => {}
+                },
+                b'D' if !mismatch => s.out.put_slice(&f.raw),
+                b'C' => {
+                    let mut body = f.body();
+                    shard_tags.push(wire::get_cstr(&mut body).unwrap_or("").to_string());
+                }
+                b'I' | b'N' | b'S' if i == 0 => s.out.put_slice(&f.raw),
+                b'E' => {
+                    shard_err = true;
+                    if error.is_none() {
+                        let (code, msg) = wire::parse_error_fields(f.body());
+                        error = Some((t, code, msg));
+                    }
+                }
+
+                b'G' | b'W' => {
+                    // COPY FROM STDIN across shards: the router refuses it;
+                    // should one slip through, end the copy on that shard.
+                    let mut fail = BytesMut::new();
+                    frontend::copy_fail("COPY into several shards is not supported", &mut fail)
+                        .map_err(|_| io_fatal())?;
+                    if let Some(b) = s.slots[t].conn.as_mut() {
+                        let _ = b.writer.write_all(&fail).await;
+                    }
+                }
+                _ => {}
+            }
+            if s.out.len() > 64 * 1024 {
+                s.flush_client().await?;
+            }
+        }
+        if !shard_err {
+            ok_shards.push(s.node.cfg.shards[t].name.clone());
+        }
+        tags.push(shard_tags);
+    }
+    // Finish implicit transactions: all or nothing (up to the commit itself).
+    let mut commit_failed = Vec::new();
+    if wrap {
+        let end = if error.is_none() && !mismatch {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        for &t in shards {
+            if let Some(b) = s.slots[t].conn.as_mut() {
+                if let Err(e) = b.hidden_query(end).await {
+                    commit_failed.push(format!("{}: {e}", s.node.cfg.shards[t].name));
+                }
+            }
+        }
+    }
+    if let Some((t, code, msg)) = error {
+        let mut m = format!("{msg} (on shard {})", s.node.cfg.shards[t].name);
+        if d.write && !wrap && !ok_shards.is_empty() {
+            m.push_str(&format!(
+                "; the statement did apply on shard(s) {}",
+                ok_shards.join(", ")
+            ));
+        }
+        wire::error_response(&mut s.out, Severity::Error, &code, &m);
+        if in_tx {
+            s.tx_failed = true;
+        }
+    } else if mismatch {
+        wire::error_response(
+            &mut s.out,
+            Severity::Error,
+            "XX000",
+            &format!("shards {} returned different row descriptions for the same statement; is the schema the same everywhere?", names.join(", ")),
+        );
+        if in_tx {
+            s.tx_failed = true;
+        }
+    } else if !commit_failed.is_empty() {
+        wire::error_response(
+            &mut s.out,
+            Severity::Error,
+            "40003",
+            &format!(
+                "the statement succeeded on every shard but committing failed on {}; other shards committed",
+                commit_failed.join("; ")
+            ),
+        );
+    } else {
+        for tag in combine_tags(&tags) {
+            s.out.put_slice(&command_complete(&tag));
+        }
+    }
+    let status = s.client_status();
+    s.out.put_slice(&rfq(status));
+    if !in_tx {
+        s.end_of_transaction().await?;
+    }
+    Ok(())
+}
+
+fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    r: Refusal,
+) -> Result<(), SessionError> {
+    wire::error_response(&mut s.out, Severity::Error, r.code, &r.message);
+    if s.tx_status != b'I' {
+        s.tx_failed = true;
+    }
+    let status = s.client_status();
+    s.out.put_slice(&rfq(status));
+    Ok(())
+}
+
+fn io_fatal() -> SessionError {
+    SessionError::Fatal {
+        code: "XX000",
+        msg: "cannot encode a message".into(),
+    }
+}
+
+/// Per statement position, the shards' CommandComplete tags with their row
+/// counts summed ("INSERT 0 n", "UPDATE n", "SELECT n", …).
+pub(crate) fn combine_tags(tags: &[Vec<String>]) -> Vec<String> {
+    let n = tags.iter().map(Vec::len).max().unwrap_or(0);
+    (0..n)
+        .map(|j| {
+            let mut it = tags.iter().filter_map(|t| t.get(j));
+            let Some(first) = it.next() else {
+                return String::new();
+            };
+            let Some((head, count)) = first.rsplit_once(' ') else {
+                return first.clone();
+            };
+            let Ok(mut total) = count.parse::<u64>() else {
+                return first.clone();
+            };
+            if !matches!(
+                head.split(' ').next(),
+                Some(
+                    "INSERT" | "UPDATE" | "DELETE" | "SELECT" | "MERGE" | "COPY" | "FETCH" | "MOVE"
+                )
+            ) {
+                return first.clone();
+            }
+            for t in it {
+                if let Some(c) = t.rsplit_once(' ').and_then(|(_, c)| c.parse::<u64>().ok()) {
+                    total += c;
+                }
+            }
+            format!("{head} {total}")
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_counts_per_statement() {
+        let tags = vec![
+            vec!["INSERT 0 2".to_string(), "CREATE TABLE".to_string()],
+            vec!["INSERT 0 3".to_string(), "CREATE TABLE".to_string()],
+        ];
+        assert_eq!(combine_tags(&tags), vec!["INSERT 0 5", "CREATE TABLE"]);
+        let tags = vec![
+            vec!["SELECT 4".to_string()],
+            vec!["SELECT 0".to_string()],
+            vec!["SELECT 1".to_string()],
+        ];
+        assert_eq!(combine_tags(&tags), vec!["SELECT 5"]);
+    }
+}

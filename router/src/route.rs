@@ -1,0 +1,578 @@
+//! Statement routing: SQL text (+ parameters, + hints) in, one [`Route`] out.
+//!
+//! Routing is split in two, as the extended protocol needs:
+//!
+//! * [`plan`] parses a statement string once (Parse) and analyses it against a
+//!   [`RoutingSnapshot`]: which tables it touches, which shard-key values pin
+//!   them (literals are parsed here, parameters are remembered by number),
+//!   which tables are joined on their keys, and what a multi-shard execution
+//!   would have to merge. The resulting [`Plan`] is immutable and cacheable
+//!   ([`PlanCache`], keyed by text and snapshot epoch).
+//! * [`Plan::bind`] takes the parameter values (Bind) and the session hints and
+//!   produces the [`Route`] the executor follows. [`route`] does both at once.
+//!
+//! # Guarantees
+//!
+//! * A route never loses rows: a statement goes to one shard only when every
+//!   row it can read or write lives there; to a subset of shards only when
+//!   every sharded table is pinned to that subset by its key and the tables
+//!   are joined on their keys; otherwise to all shards or it is refused.
+//! * A multi-shard read whose answer is not the plain concatenation of the
+//!   shards' answers (ORDER BY, LIMIT, aggregates, GROUP BY, DISTINCT, window
+//!   functions, set operations) comes back with [`MergeNeed::Refuse`] naming
+//!   the construct; a multi-shard statement whose shards' answers cannot be
+//!   combined at all (sharded tables not joined on their keys, a sharded table
+//!   only inside a derived table, …) is refused with SQLSTATE `0A000`.
+//! * Anything the router does not understand is refused (`0A000`), never
+//!   guessed. Parse errors are `42601` with the parser's message.
+//!
+//! # Conventions (documented choices)
+//!
+//! * Names: unquoted identifiers are folded to lower case (ASCII, as
+//!   PostgreSQL does), quoted ones are taken verbatim. A table `public.t` or
+//!   `t` is looked up in the catalog as `t`; a table in another schema `s.t`
+//!   is looked up as `s.t`. `search_path` is assumed to be `public`.
+//! * Reads of reference tables only go to the home shard (deterministic, and
+//!   the home shard also holds the undeclared tables they are often joined
+//!   with); writes to them go to all shards.
+//! * Undeclared tables live on the home shard; a statement using one must be
+//!   able to run entirely on the home shard, or it is refused.
+//! * Reads use each range's read owner; statements that write use the write
+//!   owner for every key they touch.
+//! * A statement without any table is [`Target::Any`], unless it calls a
+//!   function that is not a known built-in: such a function may read
+//!   undeclared tables, so it goes to the home shard.
+//! * Hints: a comment `/* hotrepart: shard=NAME */` or
+//!   `/* hotrepart: key=VALUE */` anywhere in the string, or
+//!   [`Hints::session_shard`], force a single shard (comment first, then the
+//!   session). They are not honoured for transaction control, `SET`, `SHOW`
+//!   and the like, and they never place a row on a shard that does not own
+//!   its key, nor write a reference table on one shard only.
+
+mod analyze;
+mod cache;
+mod eval;
+mod keys;
+mod params;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
+
+use crate::catalog::{KeyType, KeyValue, RoutingSnapshot, ShardId};
+
+pub use cache::PlanCache;
+pub use params::{Param, ParamFormat};
+
+use analyze::{Body, StmtPlan};
+
+/// Where a statement runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Exactly this shard.
+    One(ShardId),
+    /// These shards (at least two, sorted by name, not all of them).
+    Shards(Vec<ShardId>),
+    /// Every shard.
+    All,
+    /// No table is involved: any shard gives the same answer; the executor
+    /// picks one.
+    Any,
+    /// A multi-row `INSERT … VALUES` split by shard: for each shard (sorted by
+    /// name) the statement rewritten to hold only that shard's rows
+    /// (`ON CONFLICT` and `RETURNING` preserved). Only for statements without
+    /// parameters.
+    Split(Vec<(ShardId, String)>),
+}
+
+impl Target {
+    /// Whether more than one shard is involved.
+    pub fn is_multi_shard(&self) -> bool {
+        match self {
+            Target::One(_) | Target::Any => false,
+            Target::Shards(_) | Target::All => true,
+            Target::Split(parts) => parts.len() > 1,
+        }
+    }
+}
+
+/// Transaction-control statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransactionKind {
+    /// `BEGIN`, `START TRANSACTION`.
+    Begin,
+    /// `COMMIT`, `END`.
+    Commit,
+    /// `ROLLBACK`, `ABORT`.
+    Rollback,
+    /// `SAVEPOINT name`.
+    Savepoint,
+    /// `RELEASE [SAVEPOINT] name`.
+    Release,
+    /// `ROLLBACK TO [SAVEPOINT] name`.
+    RollbackToSavepoint,
+}
+
+/// Direction of a `COPY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CopyDirection {
+    /// `COPY … FROM STDIN`: rows flow to the server.
+    From,
+    /// `COPY … TO STDOUT`: rows flow to the client.
+    To,
+}
+
+/// What kind of statement it is, for the executor and the session.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StatementKind {
+    /// An empty query string (PostgreSQL answers EmptyQueryResponse).
+    Empty,
+    /// `SELECT`, `VALUES`, `TABLE`, `WITH … SELECT`.
+    Select,
+    /// `INSERT`.
+    Insert,
+    /// `UPDATE`.
+    Update,
+    /// `DELETE`.
+    Delete,
+    /// Schema changes and `TRUNCATE`, `GRANT`, `COMMENT`, ….
+    Ddl,
+    /// `COPY`; `table` is the catalog name when copying a table.
+    Copy {
+        /// The table copied, if it is a table (not a query).
+        table: Option<String>,
+        /// Direction of the data.
+        direction: CopyDirection,
+    },
+    /// Transaction control.
+    Transaction(TransactionKind),
+    /// `SET …` (session or local state; the proxy tracks it).
+    Set,
+    /// `RESET …`, `DISCARD …`.
+    Reset,
+    /// `SHOW …`.
+    Show,
+    /// `EXPLAIN`, `VACUUM`, `ANALYZE`, `LOCK`, `LISTEN`/`NOTIFY`,
+    /// `DEALLOCATE`, ….
+    Utility,
+    /// Several statements in one simple-protocol string; see
+    /// [`Route::statements`].
+    Multi,
+}
+
+/// Whether a multi-shard read can be answered by concatenating the shards'
+/// answers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum MergeNeed {
+    /// One shard, or plain concatenation is correct.
+    None,
+    /// Concatenation would be wrong; the string names the construct (e.g.
+    /// `"ORDER BY"`, `"aggregate function count()"`). Until the merger
+    /// exists, the executor refuses with [`MergeNeed::error`].
+    Refuse(String),
+}
+
+impl MergeNeed {
+    /// The error to send while the merge is not implemented, if any.
+    pub fn error(&self) -> Option<RouteError> {
+        match self {
+            MergeNeed::None => None,
+            MergeNeed::Refuse(what) => Some(RouteError::unsupported(format!(
+                "{what} in a statement that reads from several shards is not supported yet"
+            ))),
+        }
+    }
+}
+
+/// The one value the executor follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Where to run.
+    pub target: Target,
+    /// What the statement is ([`StatementKind::Multi`] for several).
+    pub kind: StatementKind,
+    /// The kind of each statement in the string, in order (empty for an empty
+    /// string).
+    pub statements: Vec<StatementKind>,
+    /// Whether the statement may write (DML, DDL, `COPY FROM`, …). A
+    /// transaction that writes on several shards needs two-phase commit.
+    pub is_write: bool,
+    /// For multi-shard reads: whether the results can be concatenated.
+    pub merge: MergeNeed,
+    /// A write touches a range that is frozen for a cut-over: the executor
+    /// must wait for the new snapshot and route again.
+    pub touches_frozen: bool,
+}
+
+/// The name the issue uses for a route.
+pub type Routed = Route;
+
+/// Session state the router honours.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// Set by `SET hotrepart.shard = '…'` (tracked by the proxy): run every
+    /// routable statement on this shard.
+    pub session_shard: Option<ShardId>,
+}
+
+/// A statement cannot be routed. Goes to the client as an ErrorResponse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RouteError {
+    /// The SQLSTATE to report.
+    pub sqlstate: &'static str,
+    /// The message, naming the construct.
+    pub message: String,
+}
+
+impl RouteError {
+    /// `0A000 feature_not_supported`.
+    pub fn unsupported(message: impl Into<String>) -> RouteError {
+        RouteError {
+            sqlstate: "0A000",
+            message: message.into(),
+        }
+    }
+
+    /// `42601 syntax_error`.
+    pub fn syntax(message: impl Into<String>) -> RouteError {
+        RouteError {
+            sqlstate: "42601",
+            message: message.into(),
+        }
+    }
+
+    /// `23502 not_null_violation`.
+    pub fn not_null(message: impl Into<String>) -> RouteError {
+        RouteError {
+            sqlstate: "23502",
+            message: message.into(),
+        }
+    }
+
+    /// `42704 undefined_object` (unknown shard in a hint).
+    pub fn undefined(message: impl Into<String>) -> RouteError {
+        RouteError {
+            sqlstate: "42704",
+            message: message.into(),
+        }
+    }
+
+    /// `08P01 protocol_violation` (missing or malformed parameter).
+    pub fn protocol(message: impl Into<String>) -> RouteError {
+        RouteError {
+            sqlstate: "08P01",
+            message: message.into(),
+        }
+    }
+}
+
+/// A hint found in a comment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CommentHint {
+    Shard(ShardId),
+    Key(String),
+}
+
+/// A statement string analysed against one snapshot. Immutable; share it.
+#[derive(Debug)]
+pub struct Plan {
+    sql: Arc<str>,
+    epoch: u64,
+    stmts: Vec<StmtPlan>,
+    hint: Option<CommentHint>,
+}
+
+impl Plan {
+    /// The statement text this plan was made from.
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// The epoch of the snapshot it was planned against.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Routes one execution. `params` are the Bind parameters (empty for the
+    /// simple protocol). If `snapshot` is not the one the plan was made from
+    /// (another epoch), the statement is planned again first, so a stale plan
+    /// can never route by stale ranges.
+    pub fn bind(
+        &self,
+        snapshot: &RoutingSnapshot,
+        params: &[Param<'_>],
+        hints: &Hints,
+    ) -> Result<Route, RouteError> {
+        if snapshot.epoch() != self.epoch {
+            return plan(snapshot, &self.sql)?.bind(snapshot, params, hints);
+        }
+        let forced = self.forced_shard(snapshot, hints)?;
+        let mut parts = Vec::with_capacity(self.stmts.len());
+        for stmt in &self.stmts {
+            parts.push(eval::bind_stmt(stmt, snapshot, params, forced.as_ref())?);
+        }
+        combine(parts)
+    }
+
+    /// The shard a hint forces, if any: the comment hint, else the session.
+    fn forced_shard(
+        &self,
+        snapshot: &RoutingSnapshot,
+        hints: &Hints,
+    ) -> Result<Option<ShardId>, RouteError> {
+        match &self.hint {
+            Some(CommentHint::Shard(id)) => Ok(Some(id.clone())),
+            Some(CommentHint::Key(text)) => key_hint_shard(snapshot, &self.stmts, text).map(Some),
+            None => match &hints.session_shard {
+                Some(id) if snapshot.shard(id).is_none() => Err(RouteError::undefined(format!(
+                    "hotrepart.shard names unknown shard \"{id}\""
+                ))),
+                other => Ok(other.clone()),
+            },
+        }
+    }
+}
+
+/// The shard owning `text`, a key given in a `key=` hint, parsed as the key
+/// type of the sharded tables in the statement (they must agree).
+fn key_hint_shard(
+    snapshot: &RoutingSnapshot,
+    stmts: &[StmtPlan],
+    text: &str,
+) -> Result<ShardId, RouteError> {
+    let mut table = None;
+    for s in stmts {
+        for t in &s.sharded_tables {
+            match &table {
+                None => table = Some(t.clone()),
+                Some(first) if eval::colocated(first, t) => {}
+                Some(first) => {
+                    return Err(RouteError::unsupported(format!(
+                    "hotrepart key hint is ambiguous: tables \"{}\" and \"{}\" are not co-located",
+                    first.name, t.name
+                )))
+                }
+            }
+        }
+    }
+    let Some(table) = table else {
+        return Err(RouteError::unsupported(
+            "hotrepart key hint needs a sharded table in the statement (use shard=NAME instead)",
+        ));
+    };
+    let key = KeyValue::parse(table.key_type, text).map_err(|e| RouteError {
+        sqlstate: e.sqlstate(),
+        message: e.to_string(),
+    })?;
+    let range = snapshot.range_for_point(table.function.point(&key));
+    Ok(range.write_owner.clone())
+}
+
+/// Merges the routes of the statements of one string.
+fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
+    if parts.len() == 1 {
+        let p = parts.remove(0);
+        return Ok(Route {
+            statements: vec![p.kind.clone()],
+            kind: p.kind,
+            target: p.target,
+            is_write: p.is_write,
+            merge: p.merge,
+            touches_frozen: p.touches_frozen,
+        });
+    }
+    let mut target = Target::Any;
+    let mut is_write = false;
+    let mut touches_frozen = false;
+    let mut merge = MergeNeed::None;
+    let mut returns_rows = false;
+    for p in &parts {
+        is_write |= p.is_write;
+        touches_frozen |= p.touches_frozen;
+        returns_rows |= p.kind == StatementKind::Select;
+        if merge == MergeNeed::None {
+            merge = p.merge.clone();
+        }
+        if let Target::Split(_) = p.target {
+            return Err(RouteError::unsupported(
+                "a multi-row INSERT spanning several shards must be sent as a statement of its own",
+            ));
+        }
+        target = match (&target, &p.target) {
+            (_, Target::Any) => target,
+            (Target::Any, t) => t.clone(),
+            (a, b) if a == b => target,
+            (a, b) => {
+                return Err(RouteError::unsupported(format!(
+                    "the statements of this query string go to different shards ({} and {}); send them separately",
+                    describe(a),
+                    describe(b)
+                )))
+            }
+        };
+    }
+    if target.is_multi_shard() && returns_rows && merge == MergeNeed::None {
+        merge = MergeNeed::Refuse("several statements in one query string".to_owned());
+    }
+    let statements = parts.into_iter().map(|p| p.kind).collect::<Vec<_>>();
+    Ok(Route {
+        target,
+        kind: if statements.is_empty() {
+            StatementKind::Empty
+        } else {
+            StatementKind::Multi
+        },
+        statements,
+        is_write,
+        merge,
+        touches_frozen,
+    })
+}
+
+fn describe(t: &Target) -> String {
+    match t {
+        Target::One(s) => format!("shard {s}"),
+        Target::Shards(v) => {
+            let names: Vec<&str> = v.iter().map(ShardId::as_str).collect();
+            format!("shards {}", names.join(", "))
+        }
+        Target::All => "all shards".to_owned(),
+        Target::Any => "any shard".to_owned(),
+        Target::Split(_) => "a split INSERT".to_owned(),
+    }
+}
+
+/// Parses and analyses `sql` against `snapshot`. The plan depends on the
+/// text and the snapshot only (not on parameter values), so it can be cached
+/// per (text, epoch).
+pub fn plan(snapshot: &RoutingSnapshot, sql: &str) -> Result<Plan, RouteError> {
+    let dialect = PostgreSqlDialect {};
+    let tokens = Tokenizer::new(&dialect, sql)
+        .tokenize_with_location()
+        .map_err(|e| RouteError::syntax(e.to_string()))?;
+    let mut hint = None;
+    for t in &tokens {
+        let comment = match &t.token {
+            Token::Whitespace(Whitespace::MultiLineComment(c)) => c.as_str(),
+            Token::Whitespace(Whitespace::SingleLineComment { comment, .. }) => comment.as_str(),
+            _ => continue,
+        };
+        if let Some(h) = parse_hint(snapshot, comment)? {
+            if hint.as_ref().is_some_and(|old| old != &h) {
+                return Err(RouteError::unsupported(
+                    "conflicting hotrepart hints in one statement",
+                ));
+            }
+            hint = Some(h);
+        }
+    }
+    let statements = Parser::new(&dialect)
+        .with_tokens_with_locations(tokens)
+        .parse_statements()
+        .map_err(|e| RouteError::syntax(e.to_string()))?;
+    let mut stmts = Vec::with_capacity(statements.len());
+    for st in &statements {
+        stmts.push(analyze::plan_statement(snapshot, st)?);
+    }
+    if stmts.is_empty() {
+        stmts.push(StmtPlan::fixed(StatementKind::Empty, false, Body::Any));
+    }
+    Ok(Plan {
+        sql: Arc::from(sql),
+        epoch: snapshot.epoch(),
+        stmts,
+        hint,
+    })
+}
+
+/// Plans and binds in one go (simple protocol, or no cache at hand).
+pub fn route(
+    snapshot: &RoutingSnapshot,
+    sql: &str,
+    params: &[Param<'_>],
+    hints: &Hints,
+) -> Result<Route, RouteError> {
+    plan(snapshot, sql)?.bind(snapshot, params, hints)
+}
+
+/// Reads `hotrepart: shard=NAME` / `hotrepart: key=VALUE` from a comment's
+/// text. Other comments are ignored; a malformed hotrepart comment is an
+/// error (a typo must not silently route elsewhere).
+fn parse_hint(
+    snapshot: &RoutingSnapshot,
+    comment: &str,
+) -> Result<Option<CommentHint>, RouteError> {
+    let c = comment.trim();
+    let Some(rest) = c.strip_prefix("hotrepart:") else {
+        return Ok(None);
+    };
+    let rest = rest.trim();
+    let bad = || {
+        RouteError::syntax(format!(
+            "malformed hotrepart hint {c:?}: expected \"hotrepart: shard=NAME\" or \"hotrepart: key=VALUE\""
+        ))
+    };
+    let (name, value) = rest.split_once('=').ok_or_else(bad)?;
+    let value = unquote(value.trim());
+    match name.trim() {
+        "shard" => {
+            let id = ShardId::new(&value).map_err(|_| bad())?;
+            if snapshot.shard(&id).is_none() {
+                return Err(RouteError::undefined(format!(
+                    "hotrepart hint names unknown shard \"{id}\""
+                )));
+            }
+            Ok(Some(CommentHint::Shard(id)))
+        }
+        "key" => Ok(Some(CommentHint::Key(value))),
+        _ => Err(bad()),
+    }
+}
+
+/// Strips one pair of single or double quotes (doubling escapes a quote).
+fn unquote(v: &str) -> String {
+    for q in ['\'', '"'] {
+        if v.len() >= 2 && v.starts_with(q) && v.ends_with(q) {
+            let inner = &v[1..v.len() - 1];
+            return inner.replace(&format!("{q}{q}"), &q.to_string());
+        }
+    }
+    v.to_owned()
+}
+
+/// Shards sorted and deduplicated, as a target (`One` for one, `All` when it
+/// is every shard, `One(home)` when empty: a statement that provably matches
+/// no row may run anywhere, and the home shard is deterministic).
+fn target_of(snapshot: &RoutingSnapshot, shards: BTreeSet<ShardId>) -> Target {
+    match shards.len() {
+        0 => Target::One(snapshot.home_shard().clone()),
+        1 => Target::One(
+            shards
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| snapshot.home_shard().clone()),
+        ),
+        n if n == snapshot.shards().count() => Target::All,
+        _ => Target::Shards(shards.into_iter().collect()),
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&describe(self))
+    }
+}
+
+/// The parsed type of a cast target, for the key types.
+fn key_type_of(name: &str) -> Option<KeyType> {
+    let n = name.trim().to_ascii_lowercase();
+    match n.as_str() {
+        "varchar" | "character varying" | "text" => Some(KeyType::Text),
+        _ => n.parse().ok(),
+    }
+}

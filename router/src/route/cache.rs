@@ -1,0 +1,180 @@
+//! A bounded cache of [`Plan`]s by statement text, valid for one snapshot
+//! epoch.
+//!
+//! Eviction is CLOCK (second chance): each entry has a reference bit set on
+//! every hit; the hand clears bits until it finds an unreferenced entry and
+//! replaces it. That approximates LRU with O(1) hits and no linked list.
+//! When a lookup comes with a snapshot of another epoch, the whole cache is
+//! dropped first: plans embed table definitions and must never outlive their
+//! snapshot. Errors are not cached (they are cheap to recompute and may
+//! depend on hints).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{plan, Plan, RouteError};
+use crate::catalog::RoutingSnapshot;
+
+struct Entry {
+    sql: Arc<str>,
+    plan: Arc<Plan>,
+    referenced: bool,
+}
+
+/// Bounded plan cache (not thread-safe by itself; wrap it in a mutex or keep
+/// one per worker).
+pub struct PlanCache {
+    capacity: usize,
+    epoch: Option<u64>,
+    index: HashMap<Arc<str>, usize>,
+    slots: Vec<Entry>,
+    hand: usize,
+    hits: u64,
+    misses: u64,
+}
+
+impl std::fmt::Debug for PlanCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlanCache")
+            .field("capacity", &self.capacity)
+            .field("len", &self.slots.len())
+            .field("epoch", &self.epoch)
+            .field("hits", &self.hits)
+            .field("misses", &self.misses)
+            .finish()
+    }
+}
+
+impl PlanCache {
+    /// A cache holding at most `capacity` plans (at least 1).
+    pub fn new(capacity: usize) -> PlanCache {
+        let capacity = capacity.max(1);
+        PlanCache {
+            capacity,
+            epoch: None,
+            index: HashMap::with_capacity(capacity),
+            slots: Vec::with_capacity(capacity),
+            hand: 0,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// Number of cached plans.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// (hits, misses) since creation.
+    pub fn stats(&self) -> (u64, u64) {
+        (self.hits, self.misses)
+    }
+
+    /// Drops every plan.
+    pub fn clear(&mut self) {
+        self.index.clear();
+        self.slots.clear();
+        self.hand = 0;
+    }
+
+    /// The plan for `sql` under `snapshot`, planning it on a miss.
+    pub fn get_or_plan(
+        &mut self,
+        snapshot: &RoutingSnapshot,
+        sql: &str,
+    ) -> Result<Arc<Plan>, RouteError> {
+        if self.epoch != Some(snapshot.epoch()) {
+            self.clear();
+            self.epoch = Some(snapshot.epoch());
+        }
+        if let Some(&i) = self.index.get(sql) {
+            self.hits += 1;
+            let e = &mut self.slots[i];
+            e.referenced = true;
+            return Ok(Arc::clone(&e.plan));
+        }
+        self.misses += 1;
+        let p = Arc::new(plan(snapshot, sql)?);
+        self.insert(Arc::from(sql), Arc::clone(&p));
+        Ok(p)
+    }
+
+    fn insert(&mut self, sql: Arc<str>, plan: Arc<Plan>) {
+        let entry = Entry {
+            sql: Arc::clone(&sql),
+            plan,
+            referenced: false,
+        };
+        if self.slots.len() < self.capacity {
+            self.index.insert(sql, self.slots.len());
+            self.slots.push(entry);
+            return;
+        }
+        loop {
+            let e = &mut self.slots[self.hand];
+            if e.referenced {
+                e.referenced = false;
+                self.hand = (self.hand + 1) % self.capacity;
+                continue;
+            }
+            self.index.remove(&e.sql);
+            self.index.insert(sql, self.hand);
+            *e = entry;
+            self.hand = (self.hand + 1) % self.capacity;
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{KeyType, RoutingFunction, ShardId, ShardedTable};
+
+    fn snap(epoch: u64) -> RoutingSnapshot {
+        let s0 = ShardId::new("s0").expect("name");
+        RoutingSnapshot::builder(epoch)
+            .shard(s0.clone(), "")
+            .home_shard(s0)
+            .sharded_table(ShardedTable {
+                name: "t".into(),
+                key_column: "id".into(),
+                key_type: KeyType::Int8,
+                function: RoutingFunction::PgHash { seed: 0 },
+            })
+            .equal_ranges(1)
+            .and_then(|b| b.build())
+            .expect("snapshot")
+    }
+
+    #[test]
+    fn bounded_with_second_chance_and_epoch_invalidation() {
+        let s1 = snap(1);
+        let mut c = PlanCache::new(2);
+        let a = c.get_or_plan(&s1, "SELECT 1").expect("plan");
+        c.get_or_plan(&s1, "SELECT 2").expect("plan");
+        // Hit on "SELECT 1" marks it referenced.
+        let again = c.get_or_plan(&s1, "SELECT 1").expect("plan");
+        assert!(Arc::ptr_eq(&a, &again));
+        // Inserting a third evicts "SELECT 2" (unreferenced), keeps "SELECT 1".
+        c.get_or_plan(&s1, "SELECT 3").expect("plan");
+        assert_eq!(c.len(), 2);
+        assert!(c.index.contains_key("SELECT 1"));
+        assert!(!c.index.contains_key("SELECT 2"));
+        assert_eq!(c.stats(), (1, 3));
+        // A new epoch drops everything.
+        let s2 = snap(2);
+        let b = c.get_or_plan(&s2, "SELECT 1").expect("plan");
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert_eq!(b.epoch(), 2);
+        assert_eq!(c.len(), 1);
+        // Errors are not cached.
+        assert!(c.get_or_plan(&s2, "SELEC").is_err());
+        assert_eq!(c.len(), 1);
+    }
+}

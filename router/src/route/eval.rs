@@ -1,0 +1,336 @@
+//! Bind-time evaluation: parameter values + a statement plan → a target.
+//!
+//! Everything here works on a plan made against the same snapshot (the
+//! caller re-plans on an epoch change), so table definitions copied into the
+//! plan agree with the snapshot's ranges.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sqlparser::ast::{SetExpr, Values};
+
+use super::analyze::{Body, InsertPlan, Shape, StmtPlan};
+use super::keys::{KeyExpr, Src, TypedSrc};
+use super::params::{decode_array, decode_key};
+use super::{target_of, MergeNeed, Param, RouteError, StatementKind, Target};
+use crate::catalog::{KeyValue, RangeStatus, RoutingSnapshot, ShardId, ShardedTable};
+
+pub(super) use super::keys::colocated;
+
+/// One statement's route, before combining the statements of a string.
+#[derive(Debug)]
+pub(super) struct StmtRoute {
+    pub kind: StatementKind,
+    pub target: Target,
+    pub is_write: bool,
+    pub merge: MergeNeed,
+    pub touches_frozen: bool,
+}
+
+/// Collects owners of keys.
+struct Owners<'s> {
+    snap: &'s RoutingSnapshot,
+    write: bool,
+    frozen: bool,
+}
+
+impl Owners<'_> {
+    fn owner(&mut self, table: &ShardedTable, key: &KeyValue) -> ShardId {
+        let range = self.snap.range_for_point(table.function.point(key));
+        if self.write {
+            self.frozen |= range.status == RangeStatus::Frozen;
+            range.write_owner.clone()
+        } else {
+            range.read_owner.clone()
+        }
+    }
+}
+
+/// The keys a source stands for (none for NULL).
+fn keys_of(src: &TypedSrc, params: &[Param<'_>]) -> Result<Vec<KeyValue>, RouteError> {
+    let param = |i: usize| {
+        params.get(i).ok_or_else(|| {
+            RouteError::protocol(format!(
+                "statement uses parameter ${} but only {} were bound",
+                i + 1,
+                params.len()
+            ))
+        })
+    };
+    match &src.src {
+        Src::Lit(v) => Ok(vec![v.clone()]),
+        Src::Null => Ok(Vec::new()),
+        Src::Param(i) => Ok(decode_key(param(*i)?, src.ty, *i)?.into_iter().collect()),
+        Src::ParamArray(i) => Ok(decode_array(param(*i)?, src.ty, *i)?
+            .into_iter()
+            .flatten()
+            .collect()),
+    }
+}
+
+fn eval_keys(
+    e: &KeyExpr,
+    table: &ShardedTable,
+    params: &[Param<'_>],
+    owners: &mut Owners<'_>,
+) -> Result<BTreeSet<ShardId>, RouteError> {
+    match e {
+        KeyExpr::Keys(srcs) => {
+            let mut out = BTreeSet::new();
+            for s in srcs {
+                for k in keys_of(s, params)? {
+                    out.insert(owners.owner(table, &k));
+                }
+            }
+            Ok(out)
+        }
+        KeyExpr::And(a, b) => {
+            let a = eval_keys(a, table, params, owners)?;
+            let b = eval_keys(b, table, params, owners)?;
+            Ok(a.intersection(&b).cloned().collect())
+        }
+        KeyExpr::Or(a, b) => {
+            let mut a = eval_keys(a, table, params, owners)?;
+            a.extend(eval_keys(b, table, params, owners)?);
+            Ok(a)
+        }
+    }
+}
+
+fn all_shards(snap: &RoutingSnapshot) -> BTreeSet<ShardId> {
+    snap.shards().map(|s| s.id.clone()).collect()
+}
+
+fn any_frozen(snap: &RoutingSnapshot) -> bool {
+    snap.ranges()
+        .iter()
+        .any(|r| r.status == RangeStatus::Frozen)
+}
+
+/// Routes one statement.
+pub(super) fn bind_stmt(
+    stmt: &StmtPlan,
+    snap: &RoutingSnapshot,
+    params: &[Param<'_>],
+    forced: Option<&ShardId>,
+) -> Result<StmtRoute, RouteError> {
+    let mut owners = Owners {
+        snap,
+        write: stmt.is_write,
+        frozen: false,
+    };
+    let forced = forced.filter(|_| stmt.hintable());
+    let target = match (&stmt.body, forced) {
+        (_, Some(shard)) => forced_target(stmt, shard, params, &mut owners)?,
+        (Body::Any, None) => Target::Any,
+        (Body::Home, None) => Target::One(snap.home_shard().clone()),
+        (Body::All, None) => {
+            owners.frozen |= stmt.is_write && any_frozen(snap);
+            Target::All
+        }
+        (Body::Shape(shape), None) => shape_target(stmt, shape, params, &mut owners)?,
+        (Body::Insert(ins), None) => insert_target(ins, params, &mut owners)?,
+    };
+    let merge = if target.is_multi_shard() && !stmt.is_write {
+        stmt.merge.clone()
+    } else {
+        MergeNeed::None
+    };
+    Ok(StmtRoute {
+        kind: stmt.kind.clone(),
+        target,
+        is_write: stmt.is_write,
+        merge,
+        touches_frozen: owners.frozen,
+    })
+}
+
+/// A hint forces `shard`; refuse where obeying would misplace data.
+fn forced_target(
+    stmt: &StmtPlan,
+    shard: &ShardId,
+    params: &[Param<'_>],
+    owners: &mut Owners<'_>,
+) -> Result<Target, RouteError> {
+    if stmt.reference_write {
+        return Err(RouteError::unsupported(
+            "a write to a reference table cannot be limited to one shard by a hint",
+        ));
+    }
+    let check = |table: &ShardedTable, src: &TypedSrc, owners: &mut Owners<'_>| {
+        for k in keys_of(src, params)? {
+            let owner = owners.owner(table, &k);
+            if &owner != shard {
+                return Err(RouteError::unsupported(format!(
+                    "hint routes to shard {shard}, but key {k} of \"{}\" belongs to shard {owner}",
+                    table.name
+                )));
+            }
+        }
+        Ok(())
+    };
+    match &stmt.body {
+        Body::Insert(ins) => {
+            for row in &ins.rows {
+                check(&ins.table, row, owners)?;
+            }
+        }
+        Body::Shape(shape) => {
+            if let Some((table, src)) = &shape.update_key {
+                check(table, src, owners)?;
+            }
+            if shape.insert_select {
+                return Err(RouteError::unsupported(
+                    "INSERT … SELECT into a sharded table cannot be forced to one shard by a hint",
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(Target::One(shard.clone()))
+}
+
+fn shape_target(
+    stmt: &StmtPlan,
+    shape: &Shape,
+    params: &[Param<'_>],
+    owners: &mut Owners<'_>,
+) -> Result<Target, RouteError> {
+    let snap = owners.snap;
+    let home = snap.home_shard();
+    let mut all_restricted = true;
+    let mut shards = BTreeSet::new();
+    for o in &shape.occs {
+        match &o.restriction {
+            Some((expr, table)) => shards.extend(eval_keys(expr, table, params, owners)?),
+            None => all_restricted = false,
+        }
+    }
+    let single = all_restricted && shards.len() <= 1;
+    let target = if single {
+        target_of(snap, shards)
+    } else {
+        if shape.components > 1 {
+            let names: Vec<&str> = shape.occs.iter().map(|o| o.table.name.as_str()).collect();
+            return Err(RouteError::unsupported(format!(
+                "a statement over several shards that combines sharded tables not joined on their shard keys ({})",
+                names.join(", ")
+            )));
+        }
+        if !shape.anchored {
+            return Err(RouteError::unsupported(
+                "a statement over several shards whose sharded table is only read inside a subquery, derived table, CTE or the nullable side of an outer join",
+            ));
+        }
+        if all_restricted {
+            target_of(snap, shards)
+        } else {
+            target_of(snap, all_shards(snap))
+        }
+    };
+    if let Some(h) = &shape.home_table {
+        if target != Target::One(home.clone()) {
+            return Err(RouteError::unsupported(format!(
+                "the statement mixes undeclared table \"{h}\" (home shard {home}) with sharded tables on {target}"
+            )));
+        }
+    }
+    if stmt.is_write {
+        if let Target::All = target {
+            owners.frozen |= any_frozen(snap);
+        }
+        if let Target::Shards(v) = &target {
+            // Conservative: a multi-shard write may touch any range of these.
+            owners.frozen |= snap
+                .ranges()
+                .iter()
+                .any(|r| r.status == RangeStatus::Frozen && v.contains(&r.write_owner));
+        }
+    }
+    if let Some((table, src)) = &shape.update_key {
+        let keys = keys_of(src, params)?;
+        let [key] = keys.as_slice() else {
+            return Err(RouteError::not_null(format!(
+                "shard key column \"{}\" of \"{}\" must not be set to NULL",
+                table.key_column, table.name
+            )));
+        };
+        let new_owner = owners.owner(table, key);
+        match &target {
+            Target::One(s) if *s == new_owner => {}
+            _ => {
+                return Err(RouteError::unsupported(format!(
+                    "UPDATE of shard key column \"{}\" of \"{}\" to {key} would move rows to shard {new_owner} (moving rows between shards is not supported)",
+                    table.key_column, table.name
+                )))
+            }
+        }
+    }
+    if shape.insert_select && target.is_multi_shard() {
+        if let MergeNeed::Refuse(what) = &stmt.merge {
+            return Err(RouteError::unsupported(format!(
+                "INSERT … SELECT with {what} over several shards"
+            )));
+        }
+    }
+    Ok(target)
+}
+
+fn insert_target(
+    ins: &InsertPlan,
+    params: &[Param<'_>],
+    owners: &mut Owners<'_>,
+) -> Result<Target, RouteError> {
+    let snap = owners.snap;
+    // Rows grouped by owner, in row order within each shard.
+    let mut by_shard: BTreeMap<ShardId, Vec<usize>> = BTreeMap::new();
+    for (i, row) in ins.rows.iter().enumerate() {
+        let keys = keys_of(row, params)?;
+        let [key] = keys.as_slice() else {
+            return Err(RouteError::not_null(format!(
+                "shard key column \"{}\" of \"{}\" must not be NULL",
+                ins.table.key_column, ins.table.name
+            )));
+        };
+        by_shard
+            .entry(owners.owner(&ins.table, key))
+            .or_default()
+            .push(i);
+    }
+    if let Some(h) = &ins.home_table {
+        let home = snap.home_shard();
+        if by_shard.keys().any(|s| s != home) {
+            return Err(RouteError::unsupported(format!(
+                "INSERT reads undeclared table \"{h}\" (home shard {home}) but its rows belong to other shards"
+            )));
+        }
+    }
+    if by_shard.len() <= 1 {
+        return Ok(target_of(snap, by_shard.into_keys().collect()));
+    }
+    let template = match &ins.template {
+        Some(t) if !ins.has_placeholders && params.is_empty() => t,
+        _ => {
+            return Err(RouteError::unsupported(
+                "a multi-row INSERT with parameters whose rows belong to different shards (send one row per statement, or use literal values)",
+            ))
+        }
+    };
+    let mut parts = Vec::with_capacity(by_shard.len());
+    for (shard, rows) in by_shard {
+        let mut stmt = template.as_ref().clone();
+        let Some(source) = stmt.source.as_mut() else {
+            return Err(RouteError::unsupported(
+                "INSERT without VALUES cannot be split",
+            ));
+        };
+        let SetExpr::Values(Values { rows: all, .. }) = source.body.as_mut() else {
+            return Err(RouteError::unsupported(
+                "INSERT without VALUES cannot be split",
+            ));
+        };
+        let kept = rows.iter().map(|&i| all[i].clone()).collect();
+        *all = kept;
+        parts.push((shard, stmt.to_string()));
+    }
+    Ok(Target::Split(parts))
+}
