@@ -286,3 +286,209 @@ mod tests {
         assert_eq!(combine_tags(&tags), vec!["SELECT 5"]);
     }
 }
+
+/// RUN ON ALL for one extended-protocol statement (a batch holding a single
+/// Bind/Execute, ended by Sync): the batch goes to every target shard; the
+/// first shard's replies (ParseComplete, BindComplete, RowDescription …)
+/// reach the client as usual, every shard's rows follow, then one
+/// CommandComplete with the counts summed (or one error) and ReadyForQuery.
+pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    d: &Decision,
+    frames: Vec<crate::wire::Frame>,
+    synced: bool,
+) -> Result<(), SessionError> {
+    let Target::Multi { shards, sqls } = &d.target else {
+        return Ok(());
+    };
+    let in_tx = s.tx_status != b'I';
+    let refusal = if !synced {
+        Some(
+            "a statement that touches several shards must be followed by Sync, not Flush"
+                .to_string(),
+        )
+    } else if sqls.is_some() {
+        Some("a multi-row INSERT whose rows go to several shards is supported in the simple query protocol only; send it as a simple query or one row per statement".to_string())
+    } else if frames.iter().any(|f| {
+        f.tag() == b'E' && f.body().len() >= 4 && f.body()[f.body().len() - 4..] != [0, 0, 0, 0]
+    }) {
+        Some(
+            "fetching a multi-shard result in parts (Execute with a row limit) is not supported"
+                .to_string(),
+        )
+    } else if d.write && in_tx {
+        let names: Vec<&str> = shards
+            .iter()
+            .map(|&i| s.node.cfg.shards[i].name.as_str())
+            .collect();
+        Some(format!(
+            "this statement writes to shards {} inside a transaction block; transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
+            names.join(", ")
+        ))
+    } else {
+        None
+    };
+    if let Some(m) = refusal {
+        s.push_error(&Refusal::new("0A000", m));
+        if synced {
+            let status = s.client_status();
+            s.out.put_slice(&rfq(status));
+        } else {
+            s.skip_to_sync = true;
+        }
+        return Ok(());
+    }
+    let wrap = d.write && !in_tx && !d.ddl;
+    for &t in shards {
+        if let Err(r) = s.ensure_backend(t).await? {
+            s.push_error(&r);
+            let status = s.client_status();
+            s.out.put_slice(&rfq(status));
+            return Ok(());
+        }
+        if wrap {
+            if let Some(b) = s.slots[t].conn.as_mut() {
+                if let Err(e) = b.hidden_query("BEGIN").await {
+                    b.broken = true;
+                    s.push_error(&Refusal::new(
+                        "08P01",
+                        format!("cannot begin on shard: {e}"),
+                    ));
+                    let status = s.client_status();
+                    s.out.put_slice(&rfq(status));
+                    return Ok(());
+                }
+            }
+        }
+    }
+    // Send the batch to every shard. The first shard's pass registers named
+    // statements; the others get them through Bind's prepare-on-backend.
+    let mut owed_by: Vec<std::collections::VecDeque<crate::session::Owed>> = Vec::new();
+    for (i, &t) in shards.iter().enumerate() {
+        s.cur = t;
+        for f in &frames {
+            let named_parse_or_close = matches!(f.tag(), b'P' | b'C')
+                && f.body().first() != Some(&0)
+                && !(f.tag() == b'C' && f.body().get(1) == Some(&0));
+            if i > 0 && named_parse_or_close {
+                continue;
+            }
+            s.forward_extended(f.clone(), t)?;
+        }
+        let buf = std::mem::take(&mut s.to_backend);
+        if let Some(b) = s.slots[t].conn.as_mut() {
+            if let Err(e) = b.writer.write_all(&buf).await {
+                return Err(s.backend_lost(t, crate::wire::WireError::Io(e)));
+            }
+        }
+        owed_by.push(std::mem::take(&mut s.owed));
+    }
+    // Gather: the first shard through the session's reply logic, the others
+    // for their rows only.
+    let first = shards[0];
+    s.cur = first;
+    s.owed = owed_by.remove(0);
+    s.gather = Some(Default::default());
+    let mut done = false;
+    while !done {
+        let f = {
+            let Some(b) = s.slots[first].conn.as_mut() else {
+                break;
+            };
+            match b.reader.next().await {
+                Ok(f) => f,
+                Err(e) => {
+                    s.gather = None;
+                    return Err(s.backend_lost(first, e));
+                }
+            }
+        };
+        done = f.tag() == b'Z';
+        s.on_backend_frame(f).await?;
+        if s.out.len() > 64 * 1024 {
+            s.flush_client().await?;
+        }
+    }
+    let mut g = s.gather.take().unwrap_or_default();
+    let mut tags = vec![g.tags.clone()];
+    let mut error = g.error.take().map(|(c, m)| (first, c, m));
+    for &t in &shards[1..] {
+        let mut shard_tags = Vec::new();
+        loop {
+            let f = {
+                let Some(b) = s.slots[t].conn.as_mut() else {
+                    break;
+                };
+                match b.reader.next().await {
+                    Ok(f) => f,
+                    Err(e) => return Err(s.backend_lost(t, e)),
+                }
+            };
+            match f.tag() {
+                b'D' if error.is_none() => s.out.put_slice(&f.raw),
+                b'C' => {
+                    let mut body = f.body();
+                    shard_tags.push(wire::get_cstr(&mut body).unwrap_or("").to_string());
+                }
+                b'E' if error.is_none() => {
+                    let (c, m) = wire::parse_error_fields(f.body());
+                    error = Some((t, c, m));
+                }
+                b'Z' => break,
+                _ => {}
+            }
+            if s.out.len() > 64 * 1024 {
+                s.flush_client().await?;
+            }
+        }
+        tags.push(shard_tags);
+    }
+    s.owed.clear();
+    let mut commit_failed = Vec::new();
+    if wrap {
+        let end = if error.is_none() {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        for &t in shards {
+            if let Some(b) = s.slots[t].conn.as_mut() {
+                if let Err(e) = b.hidden_query(end).await {
+                    commit_failed.push(format!("{}: {e}", s.node.cfg.shards[t].name));
+                }
+            }
+        }
+    }
+    if let Some((t, code, msg)) = error {
+        let m = format!("{msg} (on shard {})", s.node.cfg.shards[t].name);
+        wire::error_response(&mut s.out, Severity::Error, &code, &m);
+        if in_tx {
+            s.tx_failed = true;
+        }
+    } else if !commit_failed.is_empty() {
+        wire::error_response(
+            &mut s.out,
+            Severity::Error,
+            "40003",
+            &format!(
+                "the statement succeeded on every shard but committing failed on {}; other shards committed",
+                commit_failed.join("; ")
+            ),
+        );
+    } else if g.empty && tags.iter().all(Vec::is_empty) {
+        let mut b = BytesMut::new();
+        wire::frame(&mut b, b'I', |_| {});
+        s.out.put_slice(&b);
+    } else {
+        for tag in combine_tags(&tags) {
+            s.out.put_slice(&command_complete(&tag));
+        }
+    }
+    let status = if in_tx { s.client_status() } else { b'I' };
+    s.out.put_slice(&rfq(status));
+    if !in_tx {
+        s.tx_status = b'I';
+        s.end_of_transaction().await?;
+    }
+    Ok(())
+}

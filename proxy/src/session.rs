@@ -96,13 +96,13 @@ pub struct Session<S> {
     pub(crate) node: Arc<Node>,
     client: FrameReader<S>,
     pub(crate) out: BytesMut,
-    to_backend: BytesMut,
+    pub(crate) to_backend: BytesMut,
     pub(crate) slots: Vec<Slot>,
     /// Shard whose backend receives forwarded frames and owes the replies.
     pub(crate) cur: usize,
     database: String,
     session_mode: bool,
-    owed: VecDeque<Owed>,
+    pub(crate) owed: VecDeque<Owed>,
     stmts: HashMap<String, Stmt>,
     unnamed: Option<Unnamed>,
     /// Extended-protocol messages waiting for their Sync or Flush.
@@ -115,7 +115,7 @@ pub struct Session<S> {
     prepared_dirty: bool,
     /// After an error the node raised itself in an extended-protocol batch,
     /// client messages are skipped until Sync.
-    skip_to_sync: bool,
+    pub(crate) skip_to_sync: bool,
     /// Transaction status as the client sees it.
     pub(crate) tx_status: u8,
     /// The client's BEGIN, replayed on shards that join the transaction.
@@ -127,6 +127,17 @@ pub struct Session<S> {
     pub(crate) tx_failed: bool,
     cancel: Arc<CancelSlot>,
     user: String,
+    /// Set while a multi-shard extended statement is gathered.
+    pub(crate) gather: Option<Gather>,
+}
+
+/// What a multi-shard extended statement's first shard answered.
+#[derive(Default, Debug)]
+pub(crate) struct Gather {
+    pub(crate) tags: Vec<String>,
+    pub(crate) error: Option<(String, String)>,
+    pub(crate) status: u8,
+    pub(crate) empty: bool,
 }
 
 /// Why a session ended.
@@ -176,6 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tx_failed: false,
             cancel,
             user,
+            gather: None,
         }
     }
 
@@ -342,7 +354,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Reads the current backend until nothing is owed (before a statement
     /// goes to another shard, so replies stay in order).
-    async fn drain_owed(&mut self) -> Result<(), SessionError> {
+    pub(crate) async fn drain_owed(&mut self) -> Result<(), SessionError> {
         self.flush_backend().await?;
         while !self.owed.is_empty() {
             let cur = self.cur;
@@ -373,7 +385,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(())
     }
 
-    async fn flush_backend(&mut self) -> Result<(), SessionError> {
+    pub(crate) async fn flush_backend(&mut self) -> Result<(), SessionError> {
         if self.to_backend.is_empty() {
             return Ok(());
         }
@@ -591,7 +603,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.push_synthetic(rfq(status));
     }
 
-    fn push_error(&mut self, r: &Refusal) {
+    pub(crate) fn push_error(&mut self, r: &Refusal) {
         let mut e = BytesMut::new();
         wire::error_response(&mut e, Severity::Error, r.code, &r.message);
         self.push_synthetic(e.freeze());
@@ -822,6 +834,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(());
             }
         }
+        if let Some(d) = d
+            .as_ref()
+            .filter(|d| matches!(&d.target, Target::Multi { shards, .. } if shards.len() > 1))
+        {
+            if !self.owed.is_empty() {
+                self.drain_owed().await?;
+            }
+            let d = d.clone();
+            return crate::scatter::run_extended(self, &d, frames, synced).await;
+        }
         // A lone Sync with nothing held: answer it here.
         if target.is_none()
             && !self.attached()
@@ -875,6 +897,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut strongest: Option<Decision> = None;
         let mut batch_unnamed: Option<Arc<str>> = None;
         let mut batch_named: HashMap<String, Arc<str>> = HashMap::new();
+        let mut multi = false;
+        let mut binds = 0;
         for f in frames {
             match f.tag() {
                 b'P' => {
@@ -911,23 +935,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     };
                     // An unknown statement: PostgreSQL will say so.
                     let Some(sql) = sql else { continue };
+                    binds += 1;
                     let params = BindParams::parse(b).map_err(proto_refusal)?;
                     let d = self.node.decide(&sql, Some(&params), &self.state)?;
                     let t = match &d.target {
                         Target::Shard(t) => Some(*t),
                         Target::Any => None,
-                        Target::Multi { shards, .. } => {
-                            if shards.len() == 1 {
-                                Some(shards[0])
-                            } else {
-                                return Err(Refusal::new(
-                                    "0A000",
-                                    format!(
-                                        "statement touches {} shards; multi-shard statements are supported in the simple query protocol only for now",
-                                        shards.len()
-                                    ),
-                                ));
-                            }
+                        Target::Multi { shards, .. } if shards.len() == 1 => Some(shards[0]),
+                        Target::Multi { .. } => {
+                            multi = true;
+                            None
                         }
                     };
                     if let Some(t) = t {
@@ -946,12 +963,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 _ => {}
             }
         }
+        if multi && (binds > 1 || target.is_some()) {
+            return Err(Refusal::new(
+                "0A000",
+                "a pipelined batch (up to Sync) that holds a multi-shard statement must hold only that statement; send a Sync after it".into(),
+            ));
+        }
         Ok((target, strongest))
     }
 
     /// Forwards one extended-protocol message to the current backend,
     /// renaming named statements.
-    fn forward_extended(&mut self, f: Frame, t: usize) -> Result<(), SessionError> {
+    pub(crate) fn forward_extended(&mut self, f: Frame, t: usize) -> Result<(), SessionError> {
         match f.tag() {
             b'P' => self.on_parse(f, t),
             b'B' => {
@@ -1143,8 +1166,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    async fn on_backend_frame(&mut self, f: Frame) -> Result<(), SessionError> {
+    pub(crate) async fn on_backend_frame(&mut self, f: Frame) -> Result<(), SessionError> {
         let tag = f.tag();
+        if self.gather.is_some() && self.gathered(&f) {
+            return Ok(());
+        }
         let mut forward = true;
         match tag {
             b'1' => {
@@ -1181,6 +1207,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.end_of_transaction().await?;
         }
         Ok(())
+    }
+
+    /// While a multi-shard extended statement runs (see `scatter`), the
+    /// first shard's replies pass through here: its CommandComplete, errors
+    /// and ReadyForQuery are collected instead of forwarded. True: consumed.
+    fn gathered(&mut self, f: &Frame) -> bool {
+        let executing = matches!(self.owed.front(), Some(Owed::Execute));
+        let Some(g) = self.gather.as_mut() else {
+            return false;
+        };
+        match f.tag() {
+            b'C' | b's' | b'I' if executing => {
+                if f.tag() == b'C' {
+                    let mut b = f.body();
+                    g.tags
+                        .push(wire::get_cstr(&mut b).unwrap_or("").to_string());
+                } else if f.tag() == b'I' {
+                    g.empty = true;
+                }
+                self.owed.pop_front();
+                self.emit_synthetic();
+                true
+            }
+            b'E' => {
+                if g.error.is_none() {
+                    g.error = Some(wire::parse_error_fields(f.body()));
+                }
+                self.on_backend_error();
+                true
+            }
+            b'D' => g.error.is_some(),
+            b'Z' => {
+                g.status = f.body().first().copied().unwrap_or(b'I');
+                self.pop_if(|o| matches!(o, Owed::Sync));
+                true
+            }
+            _ => false,
+        }
     }
 
     fn pop_if(&mut self, p: impl Fn(&Owed) -> bool) {

@@ -303,3 +303,96 @@ async fn transactions_across_shards() {
         assert_eq!(n, 0, "shard s{i} has an open transaction");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_shard_statements_in_the_extended_protocol() {
+    let c = Cluster::start(opts()).await;
+    let db = c.connect().await;
+    // DDL through the extended protocol reaches every shard
+    db.execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)", &[])
+        .await
+        .unwrap();
+    db.execute("CREATE INDEX users_name ON users (name)", &[])
+        .await
+        .unwrap();
+    for i in 0..4 {
+        let n: i64 = c
+            .direct(i)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'users_name'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "index missing on s{i}");
+    }
+    let ins = db
+        .prepare("INSERT INTO users (id, name) VALUES ($1, $2)")
+        .await
+        .unwrap();
+    for id in 1..=200i64 {
+        db.execute(&ins, &[&id, &format!("n{id}")]).await.unwrap();
+    }
+    // a keyless read with a parameter: every shard, rows concatenated
+    let rows = db
+        .query("SELECT id FROM users WHERE name LIKE $1", &[&"n1%"])
+        .await
+        .unwrap();
+    let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    ids.sort();
+    let expected: Vec<i64> = (1..=200)
+        .filter(|i| i.to_string().starts_with('1'))
+        .collect();
+    assert_eq!(ids, expected);
+    // a keyless write: counts summed
+    let n = db
+        .execute(
+            "UPDATE users SET name = name || '+' WHERE id <= $1",
+            &[&100i64],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 100);
+    // an error on one shard: the write is rolled back on every shard
+    let e = db
+        .execute(
+            "UPDATE users SET name = 'x' || (1 / (id - $1))::text",
+            &[&5i64],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "22012", "{e:?}");
+    let n: i64 = db
+        .query_one(
+            "SELECT count(*) FROM users WHERE id = $1 AND name LIKE 'x%'",
+            &[&6i64],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    for i in 0..4 {
+        let n: i64 = c
+            .direct(i)
+            .await
+            .query_one("SELECT count(*) FROM users WHERE name LIKE 'x%'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "shard s{i} kept part of a failed multi-shard UPDATE");
+    }
+    // merges that are not implemented are refused
+    let e = db
+        .query("SELECT max(id) FROM users WHERE id > $1", &[&0i64])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "0A000");
+    // and the session still works
+    let r = db
+        .query_one("SELECT name FROM users WHERE id = $1", &[&150i64])
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "n150");
+}
