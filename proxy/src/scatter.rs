@@ -267,26 +267,6 @@ pub(crate) fn combine_tags(tags: &[Vec<String>]) -> Vec<String> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sums_counts_per_statement() {
-        let tags = vec![
-            vec!["INSERT 0 2".to_string(), "CREATE TABLE".to_string()],
-            vec!["INSERT 0 3".to_string(), "CREATE TABLE".to_string()],
-        ];
-        assert_eq!(combine_tags(&tags), vec!["INSERT 0 5", "CREATE TABLE"]);
-        let tags = vec![
-            vec!["SELECT 4".to_string()],
-            vec!["SELECT 0".to_string()],
-            vec!["SELECT 1".to_string()],
-        ];
-        assert_eq!(combine_tags(&tags), vec!["SELECT 5"]);
-    }
-}
-
 /// RUN ON ALL for one extended-protocol statement (a batch holding a single
 /// Bind/Execute, ended by Sync): the batch goes to every target shard; the
 /// first shard's replies (ParseComplete, BindComplete, RowDescription …)
@@ -491,4 +471,24 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         s.end_of_transaction().await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_counts_per_statement() {
+        let tags = vec![
+            vec!["INSERT 0 2".to_string(), "CREATE TABLE".to_string()],
+            vec!["INSERT 0 3".to_string(), "CREATE TABLE".to_string()],
+        ];
+        assert_eq!(combine_tags(&tags), vec!["INSERT 0 5", "CREATE TABLE"]);
+        let tags = vec![
+            vec!["SELECT 4".to_string()],
+            vec!["SELECT 0".to_string()],
+            vec!["SELECT 1".to_string()],
+        ];
+        assert_eq!(combine_tags(&tags), vec!["SELECT 5"]);
+    }
 }
