@@ -15,6 +15,7 @@ pub mod backend;
 pub mod config;
 pub mod demo;
 pub mod localpg;
+pub mod merge;
 pub mod node;
 pub mod pool;
 pub mod routing;

@@ -1,0 +1,7 @@
+//! Merging the answers of several shards into the one answer a single
+//! PostgreSQL holding all rows would give (the merge issue; in progress).
+//!
+//! [`value`]: PostgreSQL's ordering and the arithmetic for combining
+//! partial aggregates, on text-format values.
+
+pub mod value;
