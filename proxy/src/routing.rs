@@ -190,9 +190,21 @@ pub fn decision(
         }
     };
     if matches!(target, Target::Multi { .. }) {
-        if let MergeNeed::Refuse(_) = &route.merge {
-            if let Some(e) = route.merge.error() {
-                return Err(Refusal::new(e.sqlstate, e.message));
+        match &route.merge {
+            MergeNeed::None => {}
+            MergeNeed::Refuse(_) => {
+                if let Some(e) = route.merge.error() {
+                    return Err(Refusal::new(e.sqlstate, e.message));
+                }
+                return Err(Refusal::new("0A000", "this multi-shard statement cannot be merged".into()));
+            }
+            // The router can plan the merge, but the executor does not run
+            // merge plans yet: concatenating would be wrong, so refuse.
+            MergeNeed::Merge(_) => {
+                return Err(Refusal::new(
+                    "0A000",
+                    "ORDER BY, LIMIT/OFFSET, DISTINCT and aggregates in a statement that reads from several shards are not supported yet".into(),
+                ))
             }
         }
     }

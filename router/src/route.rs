@@ -18,9 +18,13 @@
 //!   every sharded table is pinned to that subset by its key and the tables
 //!   are joined on their keys; otherwise to all shards or it is refused.
 //! * A multi-shard read whose answer is not the plain concatenation of the
-//!   shards' answers (ORDER BY, LIMIT, aggregates, GROUP BY, DISTINCT, window
-//!   functions, set operations) comes back with [`MergeNeed::Refuse`] naming
-//!   the construct; a multi-shard statement whose shards' answers cannot be
+//!   shards' answers comes back with a [`MergePlan`] ([`MergeNeed::Merge`]:
+//!   ORDER BY, LIMIT/OFFSET, DISTINCT, count/sum/min/max/avg/bool_and/bool_or,
+//!   GROUP BY, HAVING) or, when no plan is correct (window functions, set
+//!   operations, other aggregates, `count(DISTINCT …)`, expressions over
+//!   aggregates, DISTINCT ON, FOR UPDATE, EXPLAIN, COPY, several statements
+//!   in one string, …), with [`MergeNeed::Refuse`] naming the construct; a
+//!   multi-shard statement whose shards' answers cannot be
 //!   combined at all (sharded tables not joined on their keys, a sharded table
 //!   only inside a derived table, …) is refused with SQLSTATE `0A000`.
 //! * Anything the router does not understand is refused (`0A000`), never
@@ -53,6 +57,7 @@ mod analyze;
 mod cache;
 mod eval;
 mod keys;
+mod merge;
 mod params;
 
 use std::collections::BTreeSet;
@@ -66,6 +71,10 @@ use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 use crate::catalog::{KeyType, KeyValue, RoutingSnapshot, ShardId};
 
 pub use cache::PlanCache;
+pub use merge::{
+    AggregatePlan, Combined, CompareOp, HavingExpr, LimitSpec, Literal, MergePlan, Operand,
+    Partial, ShardCol, SortKey,
+};
 pub use params::{Param, ParamFormat};
 
 use analyze::{Body, StmtPlan};
@@ -164,26 +173,38 @@ pub enum StatementKind {
     Multi,
 }
 
-/// Whether a multi-shard read can be answered by concatenating the shards'
-/// answers.
+/// How a multi-shard read is answered from the shards' answers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum MergeNeed {
     /// One shard, or plain concatenation is correct.
     None,
-    /// Concatenation would be wrong; the string names the construct (e.g.
-    /// `"ORDER BY"`, `"aggregate function count()"`). Until the merger
-    /// exists, the executor refuses with [`MergeNeed::error`].
+    /// The shards run [`MergePlan::shard_sql`] and the executor combines
+    /// their rows as the plan says (ORDER BY, LIMIT/OFFSET, DISTINCT,
+    /// aggregates, GROUP BY, HAVING).
+    Merge(Arc<MergePlan>),
+    /// Neither concatenation nor a merge plan is correct; the string names
+    /// the construct (e.g. `"window function row_number()"`,
+    /// `"aggregate function count(DISTINCT …)"`). The executor refuses with
+    /// [`MergeNeed::error`].
     Refuse(String),
 }
 
 impl MergeNeed {
-    /// The error to send while the merge is not implemented, if any.
+    /// The error to send for a refused merge, if any.
     pub fn error(&self) -> Option<RouteError> {
         match self {
-            MergeNeed::None => None,
+            MergeNeed::None | MergeNeed::Merge(_) => None,
             MergeNeed::Refuse(what) => Some(RouteError::unsupported(format!(
                 "{what} in a statement that reads from several shards is not supported yet"
             ))),
+        }
+    }
+
+    /// The merge plan, if the read needs one.
+    pub fn plan(&self) -> Option<&MergePlan> {
+        match self {
+            MergeNeed::Merge(p) => Some(p),
+            _ => None,
         }
     }
 }
@@ -396,7 +417,13 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
         touches_frozen |= p.touches_frozen;
         returns_rows |= p.kind == StatementKind::Select;
         if merge == MergeNeed::None {
-            merge = p.merge.clone();
+            merge = match &p.merge {
+                // The executor merges one statement at a time.
+                MergeNeed::Merge(_) => {
+                    MergeNeed::Refuse("several statements in one query string".to_owned())
+                }
+                other => other.clone(),
+            };
         }
         if let Target::Split(_) = p.target {
             return Err(RouteError::unsupported(

@@ -6,7 +6,10 @@
 //! PostgreSQL elsewhere), so these tests do not recompute what they check.
 
 use hotrepart_router::catalog::{KeyType, RoutingFunction, RoutingSnapshot, ShardId, ShardedTable};
-use hotrepart_router::route::{route, Hints, MergeNeed, Param, Route, StatementKind, Target};
+use hotrepart_router::route::{
+    route, Combined, CompareOp, HavingExpr, Hints, LimitSpec, Literal, MergeNeed, MergePlan,
+    Operand, Param, Partial, Route, ShardCol, SortKey, StatementKind, Target,
+};
 
 /// 4 shards s0..s3 with 4 equal ranges (range i owned by s_i), seed 0;
 /// users(id int8), orders(user_id int8) and items(id int4) co-located
@@ -149,8 +152,209 @@ fn count_rows(sql: &str) -> String {
     }
 }
 
-/// Runs one case line; `Err` describes the mismatch.
-fn run_case(snap: &RoutingSnapshot, line: &str) -> Result<(), String> {
+fn render_combined(c: &Combined) -> String {
+    match c {
+        Combined::Col(i) => format!("#{i}"),
+        Combined::Avg { sum, count } => format!("avg(#{sum}/#{count})"),
+    }
+}
+
+fn render_limit(l: &LimitSpec) -> String {
+    match l {
+        LimitSpec::Count(n) => n.to_string(),
+        LimitSpec::Param(i) => format!("${}", i + 1),
+    }
+}
+
+fn render_operand(o: &Operand) -> String {
+    match o {
+        Operand::Value(c) => render_combined(c),
+        Operand::Param(i) => format!("${}", i + 1),
+        Operand::Literal(Literal::Null) => "null".to_owned(),
+        Operand::Literal(Literal::Bool(b)) => b.to_string(),
+        Operand::Literal(Literal::Number(n)) => n.clone(),
+        Operand::Literal(Literal::String(s)) => format!("'{s}'"),
+    }
+}
+
+fn render_having(h: &HavingExpr) -> String {
+    match h {
+        HavingExpr::And(a, b) => format!("and({},{})", render_having(a), render_having(b)),
+        HavingExpr::Or(a, b) => format!("or({},{})", render_having(a), render_having(b)),
+        HavingExpr::Not(a) => format!("not({})", render_having(a)),
+        HavingExpr::IsNull { operand, negated } => format!(
+            "{}({})",
+            if *negated { "notnull" } else { "isnull" },
+            render_operand(operand)
+        ),
+        HavingExpr::Compare { left, op, right } => {
+            let op = match op {
+                CompareOp::Eq => "=",
+                CompareOp::NotEq => "<>",
+                CompareOp::Lt => "<",
+                CompareOp::LtEq => "<=",
+                CompareOp::Gt => ">",
+                CompareOp::GtEq => ">=",
+            };
+            format!("{}{op}{}", render_operand(left), render_operand(right))
+        }
+    }
+}
+
+fn render_sort(k: &SortKey) -> String {
+    let mut s = render_combined(&k.value);
+    if k.desc {
+        s.push_str(":desc");
+    }
+    if k.nulls_first != k.desc {
+        s.push_str(if k.nulls_first {
+            ":nulls-first"
+        } else {
+            ":nulls-last"
+        });
+    }
+    s
+}
+
+/// A merge plan in the file's compact notation (everything but the SQL).
+fn render_plan(p: &MergePlan) -> String {
+    let mut out = Vec::new();
+    let list = |v: Vec<String>| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.join(",")
+        }
+    };
+    if p.hidden > 0 {
+        out.push(format!("hidden={}", p.hidden));
+    }
+    if let Some(a) = &p.aggregate {
+        let cols = a
+            .shard_cols
+            .iter()
+            .map(|c| {
+                match c {
+                    ShardCol::GroupKey => "key",
+                    ShardCol::Plain => "val",
+                    ShardCol::Partial(Partial::Count) => "count",
+                    ShardCol::Partial(Partial::Sum) => "sum",
+                    ShardCol::Partial(Partial::Min) => "min",
+                    ShardCol::Partial(Partial::Max) => "max",
+                    ShardCol::Partial(Partial::BoolAnd) => "and",
+                    ShardCol::Partial(Partial::BoolOr) => "or",
+                }
+                .to_owned()
+            })
+            .collect();
+        out.push(format!("cols={}", list(cols)));
+        out.push(format!(
+            "group={}",
+            list(a.group_by.iter().map(|g| format!("#{g}")).collect())
+        ));
+        out.push(format!(
+            "out={}",
+            list(a.outputs.iter().map(render_combined).collect())
+        ));
+        if let Some(h) = &a.having {
+            out.push(format!("having={}", render_having(h)));
+        }
+    }
+    if p.distinct {
+        out.push("distinct".to_owned());
+    }
+    if !p.order_by.is_empty() {
+        out.push(format!(
+            "order={}",
+            p.order_by
+                .iter()
+                .map(render_sort)
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    if p.shards_sorted {
+        out.push("sorted".to_owned());
+    }
+    if let Some(l) = &p.limit {
+        out.push(format!("limit={}", render_limit(l)));
+    }
+    if let Some(o) = &p.offset {
+        out.push(format!("offset={}", render_limit(o)));
+    }
+    out.join(" ")
+}
+
+/// What the continuation lines of a case expect of its merge.
+#[derive(Default)]
+struct MergeExpect {
+    sql: Option<String>,
+    plan: Option<String>,
+    why: Option<String>,
+}
+
+/// Checks the route's merge against the `merge` option and the
+/// continuation lines.
+fn check_merge(r: &Route, want_refuse: bool, m: &MergeExpect) -> Result<(), String> {
+    let want_plan = m.sql.is_some() || m.plan.is_some();
+    match &r.merge {
+        MergeNeed::Merge(p) => {
+            if !want_plan {
+                return Err(format!(
+                    "unexpected merge plan: {} | {}",
+                    p.shard_sql,
+                    render_plan(p)
+                ));
+            }
+            use sqlparser::dialect::PostgreSqlDialect;
+            if let Err(e) =
+                sqlparser::parser::Parser::parse_sql(&PostgreSqlDialect {}, &p.shard_sql)
+            {
+                return Err(format!("shard SQL does not parse ({e}): {}", p.shard_sql));
+            }
+            if let Some(sql) = &m.sql {
+                if *sql != p.shard_sql {
+                    return Err(format!(
+                        "shard SQL:\n    expected {sql}\n    got      {}",
+                        p.shard_sql
+                    ));
+                }
+            }
+            if let Some(plan) = &m.plan {
+                let got = render_plan(p);
+                if *plan != got {
+                    return Err(format!("plan:\n    expected {plan}\n    got      {got}"));
+                }
+            }
+        }
+        MergeNeed::Refuse(what) => {
+            if !want_refuse {
+                return Err(format!(
+                    "merge: expected {}, got Refuse({what:?})",
+                    if want_plan { "a plan" } else { "None" }
+                ));
+            }
+            if let Some(why) = &m.why {
+                if why != what {
+                    return Err(format!("refused construct: expected {why:?}, got {what:?}"));
+                }
+            }
+        }
+        MergeNeed::None => {
+            if want_refuse || want_plan {
+                return Err(format!(
+                    "merge: expected {}, got None",
+                    if want_plan { "a plan" } else { "Refuse" }
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one case line (with its continuation lines); `Err` describes the
+/// mismatch.
+fn run_case(snap: &RoutingSnapshot, line: &str, m: &MergeExpect) -> Result<(), String> {
     let (head, sql) = line
         .split_once('|')
         .ok_or_else(|| "no '|' between expectation and SQL".to_owned())?;
@@ -209,14 +413,7 @@ fn run_case(snap: &RoutingSnapshot, line: &str) -> Result<(), String> {
         return Err(format!("expected {expect}, got {got} ({detail})"));
     }
     if let Ok(r) = &result {
-        let merge = r.merge != MergeNeed::None;
-        if merge != want_merge {
-            return Err(format!(
-                "merge: expected {}, got {:?}",
-                if want_merge { "Refuse" } else { "None" },
-                r.merge
-            ));
-        }
+        check_merge(r, want_merge, m)?;
         if let Some(w) = want_write {
             if r.is_write != w {
                 return Err(format!("is_write: expected {w}, got {}", r.is_write));
@@ -236,15 +433,40 @@ fn routing_cases() {
     let snap = snapshot();
     let text = include_str!("cases.txt");
     let mut failures = Vec::new();
-    let mut count = 0;
+    // (line number, case line, continuation lines)
+    let mut cases: Vec<(usize, &str, MergeExpect)> = Vec::new();
     for (no, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        count += 1;
-        if let Err(e) = run_case(&snap, line) {
-            failures.push(format!("cases.txt:{}: {line}\n    {e}", no + 1));
+        let cont = [("sql>", 0), ("plan>", 1), ("why>", 2)]
+            .into_iter()
+            .find_map(|(p, i)| line.strip_prefix(p).map(|rest| (i, rest.trim().to_owned())));
+        match (cont, cases.last_mut()) {
+            (Some((i, rest)), Some((_, _, m))) => {
+                let slot = [&mut m.sql, &mut m.plan, &mut m.why];
+                let [sql, plan, why] = slot;
+                match i {
+                    0 => *sql = Some(rest),
+                    1 => *plan = Some(rest),
+                    _ => *why = Some(rest),
+                }
+            }
+            (Some(_), None) => {
+                failures.push(format!("cases.txt:{}: continuation without a case", no + 1))
+            }
+            (None, _) => cases.push((no + 1, line, MergeExpect::default())),
+        }
+    }
+    let count = cases.len();
+    let plans = cases
+        .iter()
+        .filter(|(_, _, m)| m.sql.is_some() || m.plan.is_some())
+        .count();
+    for (no, line, m) in &cases {
+        if let Err(e) = run_case(&snap, line, m) {
+            failures.push(format!("cases.txt:{no}: {line}\n    {e}"));
         }
     }
     assert!(count >= 150, "only {count} cases");
@@ -254,6 +476,7 @@ fn routing_cases() {
         failures.len(),
         failures.join("\n")
     );
+    assert!(plans >= 40, "only {plans} merge-plan cases");
 }
 
 /// The rewritten statements of a split INSERT, verbatim.
@@ -385,8 +608,11 @@ fn messages_name_the_construct() {
             None => format!("routed: {r:?}"),
         },
     };
-    assert!(msg("SELECT * FROM users ORDER BY id").contains("ORDER BY"));
-    assert!(msg("SELECT count(*) FROM users").contains("count()"));
+    assert!(msg("SELECT id, rank() OVER (ORDER BY id) FROM users").contains("rank()"));
+    assert!(msg("SELECT count(DISTINCT name) FROM users").contains("count(DISTINCT"));
+    assert!(msg("SELECT string_agg(name, ',') FROM users").contains("string_agg()"));
+    assert!(msg("SELECT count(*) + 1 FROM users").contains("count()"));
+    assert!(msg("SELECT * FROM users ORDER BY id; SELECT 1").contains("several statements"));
     assert!(msg("COPY users FROM STDIN").contains("sharded COPY is not supported yet"));
     assert!(msg("SELECT * FROM users WHERE id = 1 /* hotrepart: shard=s9 */").contains("s9"));
     assert!(msg("INSERT INTO users (name) VALUES ('x')").contains("\"id\""));

@@ -32,7 +32,10 @@ use sqlparser::ast::{
     SetExpr, Statement, TableFactor, TableWithJoins, Value, Visit, Visitor,
 };
 
+mod merge_plan;
 mod stmt;
+
+use merge_plan::merge_plan;
 
 use super::keys::{array_src, colocated, value_src, KeyExpr, Src, SrcError, TypedSrc};
 use super::{CopyDirection, MergeNeed, RouteError, StatementKind, TransactionKind};
@@ -390,7 +393,7 @@ pub(super) fn plan_statement(
             if !matches!(inner.kind, K::Select | K::Insert | K::Update | K::Delete) {
                 return Err(unsupported(format!("EXPLAIN of {}", inner.kind_name())));
             }
-            if inner.merge == MergeNeed::None {
+            if !matches!(inner.merge, MergeNeed::Refuse(_)) {
                 inner.merge = MergeNeed::Refuse("EXPLAIN".to_owned());
             }
             if let Body::Insert(p) = &mut inner.body {
@@ -602,7 +605,8 @@ impl Visitor for MergeWalker {
     }
 }
 
-/// What concatenating the shards' answers to `q` would get wrong, if anything.
+/// What concatenating the shards' answers to `q` would get wrong, if anything
+/// (for statements that cannot use a merge plan: `INSERT … SELECT`, `COPY`).
 fn merge_need(q: &Query) -> MergeNeed {
     if q.order_by.is_some() {
         return MergeNeed::Refuse("ORDER BY".to_owned());
@@ -1309,7 +1313,7 @@ impl<'a> Analyzer<'a> {
             kind,
             is_write: false,
             body: self.read_body(info.root),
-            merge: merge_need(q),
+            merge: merge_plan(q),
             sharded_tables: self.sharded_tables(),
             reference_write: false,
         })

@@ -434,9 +434,11 @@ impl Analyzer<'_> {
                         direction,
                     },
                 )?;
-                if p.merge == MergeNeed::None {
-                    p.merge = MergeNeed::Refuse("COPY (query) TO STDOUT".to_owned());
-                }
+                // COPY's output is not rows the merger can combine.
+                p.merge = match merge_need(q) {
+                    MergeNeed::None => MergeNeed::Refuse("COPY (query) TO STDOUT".to_owned()),
+                    refused => refused,
+                };
                 Ok(p)
             }
         }

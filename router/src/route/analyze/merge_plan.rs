@@ -1,0 +1,956 @@
+//! Merge planning of a multi-shard SELECT: the [`MergePlan`] (see
+//! `route/merge.rs` for its meaning) or the construct that stays refused.
+//!
+//! Shard SQL rewrite rules:
+//!
+//! * Hidden columns (sort keys, group keys and HAVING operands the select
+//!   list lacks, the `count` of an `avg`) are put *first* in the shard's
+//!   select list; the client's items follow, unchanged except that
+//!   `avg(x) [AS a]` becomes `sum(x) AS a` (`AS avg` without an alias) with
+//!   a hidden `count(x)` (FILTER kept on both).
+//! * Aggregated queries: GROUP BY becomes positions of shard columns,
+//!   HAVING and DISTINCT are removed (applied after combining).
+//! * ORDER BY becomes positions of shard columns (with the original
+//!   ASC/DESC/NULLS) when the shards can sort usefully: always without
+//!   aggregation, and with GROUP BY only when the order is exactly the group
+//!   key. Otherwise it is dropped.
+//! * LIMIT/OFFSET/FETCH become `LIMIT offset+limit` (`$a::int8 + $b::int8`
+//!   with parameters) when that is correct: without aggregation, or with
+//!   GROUP BY ordered by exactly the group key, no HAVING and no DISTINCT.
+//!   Otherwise they are dropped. OFFSET alone is never pushed.
+//! * A column is reused instead of adding a hidden one when an equal
+//!   expression (same aggregate, same plain expression) is already there.
+//!
+//! Sort keys resolve as PostgreSQL does: a number is an output position, a
+//! bare name an output column name (explicit or implicit), anything else an
+//! expression (matched against the select list, else a hidden column).
+
+use std::sync::Arc;
+
+use sqlparser::ast::{
+    DuplicateTreatment, Function, FunctionArg, FunctionArgExpr, LimitClause, ObjectNamePart,
+    OrderBy, OrderByExpr, OrderByKind, OrderBySort, UnaryOperator,
+};
+
+use super::*;
+use crate::route::merge::{
+    AggregatePlan, Combined, CompareOp, HavingExpr, LimitSpec, Literal, MergePlan, Operand,
+    Partial, ShardCol, SortKey,
+};
+
+/// Internal ids of hidden columns start here (visible ones are their output
+/// position); both are turned into shard positions at the end. PostgreSQL
+/// allows at most 1664 result columns.
+const HIDDEN: usize = 1 << 20;
+
+/// The merge need of a SELECT read from several shards.
+pub(super) fn merge_plan(q: &Query) -> MergeNeed {
+    match plan_query(q) {
+        Ok(None) => MergeNeed::None,
+        Ok(Some(p)) => MergeNeed::Merge(Arc::new(p)),
+        Err(what) => MergeNeed::Refuse(what),
+    }
+}
+
+/// `Ok(None)`: concatenation is correct; `Err`: the construct refused.
+fn plan_query(q: &Query) -> Result<Option<MergePlan>, String> {
+    let sel = match q.body.as_ref() {
+        SetExpr::Select(s) => s.as_ref(),
+        SetExpr::Query(inner)
+            if q.with.is_none()
+                && q.order_by.is_none()
+                && q.limit_clause.is_none()
+                && q.fetch.is_none()
+                && q.locks.is_empty() =>
+        {
+            return plan_query(inner)
+        }
+        _ => {
+            return match merge_need(q) {
+                MergeNeed::Refuse(what) => Err(what),
+                _ => Ok(None),
+            }
+        }
+    };
+    let mut finder = Finder::default();
+    let _ = sel.projection.visit(&mut finder);
+    let _ = q.order_by.visit(&mut finder);
+    let _ = sel.having.visit(&mut finder);
+    if let Some(w) = finder.window {
+        return Err(w);
+    }
+    if !sel.named_window.is_empty() {
+        return Err("WINDOW".to_owned());
+    }
+    let distinct = match &sel.distinct {
+        None | Some(Distinct::All) => false,
+        Some(Distinct::Distinct) => true,
+        Some(Distinct::On(_)) => return Err("DISTINCT ON".to_owned()),
+    };
+    let group_exprs: &[Expr] = match &sel.group_by {
+        GroupByExpr::All(_) => return Err("GROUP BY ALL".to_owned()),
+        GroupByExpr::Expressions(_, mods) if !mods.is_empty() => {
+            return Err("GROUP BY … WITH ROLLUP/CUBE/TOTALS".to_owned())
+        }
+        GroupByExpr::Expressions(v, _) => v,
+    };
+    let aggregated = !group_exprs.is_empty() || sel.having.is_some() || finder.aggregate.is_some();
+    let (limit, offset) = limit_offset(q)?;
+    if !aggregated && !distinct && q.order_by.is_none() && limit.is_none() && offset.is_none() {
+        return Ok(None);
+    }
+    if !q.locks.is_empty() {
+        return Err("FOR UPDATE/FOR SHARE".to_owned());
+    }
+    if q.settings.is_some()
+        || q.format_clause.is_some()
+        || q.for_clause.is_some()
+        || !q.pipe_operators.is_empty()
+        || sel.top.is_some()
+        || sel.qualify.is_some()
+        || sel.prewhere.is_some()
+        || sel.exclude.is_some()
+        || !sel.lateral_views.is_empty()
+        || !sel.connect_by.is_empty()
+        || !sel.cluster_by.is_empty()
+        || !sel.distribute_by.is_empty()
+        || !sel.sort_by.is_empty()
+    {
+        return Err("a non-PostgreSQL SELECT clause".to_owned());
+    }
+
+    if sel.projection.len() >= HIDDEN {
+        return Err("a select list this long".to_owned());
+    }
+    let mut b = Builder::new(aggregated);
+    b.select_list(&sel.projection)?;
+    if aggregated {
+        for e in group_exprs {
+            let id = b.group_key(e, &sel.projection)?;
+            if !b.group_by.contains(&id) {
+                b.group_by.push(id);
+            }
+        }
+        if group_exprs.is_empty() && finder.aggregate.is_none() {
+            // HAVING without aggregates: one group even over no rows, which
+            // the shards cannot tell us.
+            return Err("HAVING without an aggregate function".to_owned());
+        }
+    }
+    let having = match &sel.having {
+        Some(h) => Some(b.having(h)?),
+        None => None,
+    };
+    let mut order = Vec::new();
+    let mut shard_order_opts = Vec::new();
+    if let Some(ob) = &q.order_by {
+        let OrderByKind::Expressions(keys) = &ob.kind else {
+            return Err("ORDER BY ALL".to_owned());
+        };
+        if ob.interpolate.is_some() {
+            return Err("ORDER BY … INTERPOLATE".to_owned());
+        }
+        for k in keys {
+            if k.with_fill.is_some() {
+                return Err("ORDER BY … WITH FILL".to_owned());
+            }
+            let desc = match &k.options.sort {
+                None | Some(OrderBySort::Asc) => false,
+                Some(OrderBySort::Desc) => true,
+                Some(OrderBySort::Using(_)) => return Err("ORDER BY … USING".to_owned()),
+            };
+            let value = b.sort_value(&k.expr, &sel.projection)?;
+            order.push(SortKey {
+                value,
+                desc,
+                nulls_first: k.options.nulls_first.unwrap_or(desc),
+            });
+            shard_order_opts.push(k.options.clone());
+        }
+    }
+    if aggregated {
+        b.check_plain()?;
+    }
+
+    // Can the shards sort, and can the limit go down?
+    let by_group_key = aggregated
+        && !b.group_by.is_empty()
+        && order
+            .iter()
+            .all(|k| matches!(k.value, Combined::Col(c) if b.group_by.contains(&c)))
+        && b.group_by
+            .iter()
+            .all(|g| order.iter().any(|k| k.value == Combined::Col(*g)));
+    let shards_sorted = !order.is_empty() && (!aggregated || by_group_key);
+    let push_limit = !aggregated || (by_group_key && having.is_none() && !distinct);
+    let pushed = if push_limit {
+        pushed_limit(limit, offset)
+    } else {
+        None
+    };
+
+    // Positions in the shard row.
+    let h = b.hidden.len();
+    let pos = |id: usize| if id >= HIDDEN { id - HIDDEN } else { h + id };
+    let map_combined = |c: Combined| match c {
+        Combined::Col(i) => Combined::Col(pos(i)),
+        Combined::Avg { sum, count } => Combined::Avg {
+            sum: pos(sum),
+            count: pos(count),
+        },
+    };
+    let order_by: Vec<SortKey> = order
+        .iter()
+        .map(|k| SortKey {
+            value: map_combined(k.value),
+            ..*k
+        })
+        .collect();
+
+    // The shard statement.
+    let mut sq = q.clone();
+    sq.order_by = None;
+    sq.limit_clause = None;
+    sq.fetch = None;
+    let SetExpr::Select(ss) = sq.body.as_mut() else {
+        return Err("this query shape".to_owned());
+    };
+    let mut projection: Vec<SelectItem> = b.hidden.iter().map(Col::item).collect();
+    if aggregated {
+        projection.extend(b.visible.iter().map(Col::item));
+        ss.having = None;
+        ss.distinct = None;
+        ss.group_by = GroupByExpr::Expressions(
+            b.group_by.iter().map(|&g| number(pos(g) + 1)).collect(),
+            Vec::new(),
+        );
+    } else {
+        projection.extend(sel.projection.iter().cloned());
+    }
+    ss.projection = projection;
+    if shards_sorted {
+        let keys = order_by
+            .iter()
+            .zip(shard_order_opts)
+            .map(|(k, options)| OrderByExpr {
+                expr: number(match k.value {
+                    Combined::Col(c) => c + 1,
+                    Combined::Avg { sum, .. } => sum + 1,
+                }),
+                options,
+                with_fill: None,
+            })
+            .collect();
+        sq.order_by = Some(OrderBy {
+            kind: OrderByKind::Expressions(keys),
+            interpolate: None,
+        });
+    }
+    let mut shard_sql = sq.to_string();
+    if let Some(l) = pushed {
+        shard_sql.push_str(" LIMIT ");
+        shard_sql.push_str(&l);
+    }
+
+    let aggregate = if aggregated {
+        let mut shard_cols: Vec<ShardCol> = b.hidden.iter().map(|c| c.kind).collect();
+        shard_cols.extend(b.visible.iter().map(|c| c.kind));
+        Some(AggregatePlan {
+            shard_cols,
+            group_by: b.group_by.iter().map(|&g| pos(g)).collect(),
+            outputs: b.outputs.iter().map(|&c| map_combined(c)).collect(),
+            having: having.map(|e| remap_having(e, &pos)),
+        })
+    } else {
+        None
+    };
+    Ok(Some(MergePlan {
+        shard_sql,
+        hidden: h,
+        aggregate,
+        distinct,
+        order_by,
+        shards_sorted,
+        limit,
+        offset,
+    }))
+}
+
+/// The text of the pushed-down `LIMIT offset+limit`, if any.
+fn pushed_limit(limit: Option<LimitSpec>, offset: Option<LimitSpec>) -> Option<String> {
+    let param = |i: usize| format!("${}::int8", i + 1);
+    match (limit?, offset) {
+        (LimitSpec::Count(l), None) => Some(l.to_string()),
+        (LimitSpec::Param(i), None) => Some(format!("${}", i + 1)),
+        (LimitSpec::Count(l), Some(LimitSpec::Count(o))) => l
+            .checked_add(o)
+            .filter(|&n| i64::try_from(n).is_ok())
+            .map(|n| n.to_string()),
+        (LimitSpec::Count(l), Some(LimitSpec::Param(o))) => Some(format!("{} + {l}", param(o))),
+        (LimitSpec::Param(l), Some(LimitSpec::Count(o))) => Some(format!("{} + {o}", param(l))),
+        (LimitSpec::Param(l), Some(LimitSpec::Param(o))) => {
+            Some(format!("{} + {}", param(o), param(l)))
+        }
+    }
+}
+
+/// LIMIT/OFFSET/FETCH FIRST as numbers or parameters (`None`: no limit,
+/// which `LIMIT ALL` and `LIMIT NULL` also mean).
+fn limit_offset(q: &Query) -> Result<(Option<LimitSpec>, Option<LimitSpec>), String> {
+    let mut limit = None;
+    let mut offset = None;
+    match &q.limit_clause {
+        None => {}
+        Some(LimitClause::LimitOffset {
+            limit: l,
+            offset: o,
+            limit_by,
+        }) => {
+            if !limit_by.is_empty() {
+                return Err("LIMIT … BY".to_owned());
+            }
+            if let Some(l) = l {
+                limit = limit_spec(l, "LIMIT")?;
+            }
+            if let Some(o) = o {
+                offset = limit_spec(&o.value, "OFFSET")?;
+            }
+        }
+        Some(LimitClause::OffsetCommaLimit { .. }) => {
+            return Err("LIMIT offset, count".to_owned());
+        }
+    }
+    if let Some(f) = &q.fetch {
+        if f.with_ties {
+            return Err("FETCH FIRST … WITH TIES".to_owned());
+        }
+        if f.percent {
+            return Err("FETCH FIRST … PERCENT".to_owned());
+        }
+        if limit.is_some() {
+            return Err("LIMIT together with FETCH FIRST".to_owned());
+        }
+        limit = match &f.quantity {
+            None => Some(LimitSpec::Count(1)),
+            Some(e) => limit_spec(e, "FETCH FIRST")?,
+        };
+    }
+    Ok((limit, offset))
+}
+
+fn limit_spec(e: &Expr, what: &str) -> Result<Option<LimitSpec>, String> {
+    match strip(e) {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => n
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| i64::try_from(n).is_ok())
+                .map(|n| Some(LimitSpec::Count(n)))
+                .ok_or_else(|| format!("{what} {n} (only whole numbers or parameters)")),
+            Value::Null => Ok(None),
+            Value::Placeholder(p) => match crate::route::keys::placeholder(p) {
+                Some(i) => Ok(Some(LimitSpec::Param(i))),
+                None => Err(format!("{what} {p}")),
+            },
+            _ => Err(format!("{what} {e} (only whole numbers or parameters)")),
+        },
+        Expr::Cast { expr, .. } => limit_spec(expr, what),
+        _ => Err(format!("{what} {e} (only whole numbers or parameters)")),
+    }
+}
+
+fn number(n: usize) -> Expr {
+    Expr::value(Value::Number(n.to_string(), false))
+}
+
+fn remap_having(e: HavingExpr, pos: &impl Fn(usize) -> usize) -> HavingExpr {
+    let op = |o: Operand| match o {
+        Operand::Value(Combined::Col(i)) => Operand::Value(Combined::Col(pos(i))),
+        Operand::Value(Combined::Avg { sum, count }) => Operand::Value(Combined::Avg {
+            sum: pos(sum),
+            count: pos(count),
+        }),
+        other => other,
+    };
+    match e {
+        HavingExpr::And(a, b) => HavingExpr::And(
+            Box::new(remap_having(*a, pos)),
+            Box::new(remap_having(*b, pos)),
+        ),
+        HavingExpr::Or(a, b) => HavingExpr::Or(
+            Box::new(remap_having(*a, pos)),
+            Box::new(remap_having(*b, pos)),
+        ),
+        HavingExpr::Not(a) => HavingExpr::Not(Box::new(remap_having(*a, pos))),
+        HavingExpr::Compare { left, op: o, right } => HavingExpr::Compare {
+            left: op(left),
+            op: o,
+            right: op(right),
+        },
+        HavingExpr::IsNull { operand, negated } => HavingExpr::IsNull {
+            operand: op(operand),
+            negated,
+        },
+    }
+}
+
+/// A shard column being built.
+#[derive(Debug, Clone)]
+struct Col {
+    /// The expression the shard computes (parentheses stripped for
+    /// aggregates and hidden columns).
+    expr: Expr,
+    alias: Option<Ident>,
+    kind: ShardCol,
+}
+
+impl Col {
+    fn item(&self) -> SelectItem {
+        match &self.alias {
+            Some(a) => SelectItem::ExprWithAlias {
+                expr: self.expr.clone(),
+                alias: a.clone(),
+            },
+            None => SelectItem::UnnamedExpr(self.expr.clone()),
+        }
+    }
+}
+
+/// A supported aggregate call.
+enum Agg {
+    Simple(Partial),
+    /// `avg(x)`: the `sum(x)` and `count(x)` calls to send.
+    Avg {
+        sum: Box<Expr>,
+        count: Box<Expr>,
+    },
+}
+
+struct Builder {
+    aggregated: bool,
+    /// Known columns of the client's select list, by output position (with
+    /// a `*`, only those before it).
+    visible: Vec<Col>,
+    hidden: Vec<Col>,
+    /// Aggregated plans: the client's columns (internal ids).
+    outputs: Vec<Combined>,
+    group_by: Vec<usize>,
+}
+
+impl Builder {
+    fn new(aggregated: bool) -> Self {
+        Builder {
+            aggregated,
+            visible: Vec::new(),
+            hidden: Vec::new(),
+            outputs: Vec::new(),
+            group_by: Vec::new(),
+        }
+    }
+
+    fn col_mut(&mut self, id: usize) -> &mut Col {
+        if id >= HIDDEN {
+            &mut self.hidden[id - HIDDEN]
+        } else {
+            &mut self.visible[id]
+        }
+    }
+
+    fn find(&self, pred: impl Fn(&Col) -> bool) -> Option<usize> {
+        self.visible
+            .iter()
+            .position(&pred)
+            .or_else(|| self.hidden.iter().position(&pred).map(|j| HIDDEN + j))
+    }
+
+    fn add_hidden(&mut self, expr: Expr, kind: ShardCol) -> usize {
+        self.hidden.push(Col {
+            expr,
+            alias: None,
+            kind,
+        });
+        HIDDEN + self.hidden.len() - 1
+    }
+
+    /// The column of a partial aggregate (reused, else hidden).
+    fn partial(&mut self, p: Partial, expr: Expr) -> usize {
+        let kind = ShardCol::Partial(p);
+        self.find(|c| c.kind == kind && c.expr == expr)
+            .unwrap_or_else(|| self.add_hidden(expr, kind))
+    }
+
+    /// The column of an aggregate-free expression (reused, else hidden).
+    fn value(&mut self, e: &Expr) -> usize {
+        let e = strip(e);
+        self.find(|c| !matches!(c.kind, ShardCol::Partial(_)) && strip(&c.expr) == e)
+            .unwrap_or_else(|| self.add_hidden(e.clone(), ShardCol::Plain))
+    }
+
+    /// An expression of an aggregated query as a combined value.
+    fn agg_value(&mut self, e: &Expr, context: &str) -> Result<Combined, String> {
+        match agg_call(e)? {
+            Some(Agg::Simple(p)) => Ok(Combined::Col(self.partial(p, strip(e).clone()))),
+            Some(Agg::Avg { sum, count }) => Ok(Combined::Avg {
+                sum: self.partial(Partial::Sum, *sum),
+                count: self.partial(Partial::Count, *count),
+            }),
+            None => {
+                if let Some(name) = first_aggregate(e) {
+                    return Err(format!(
+                        "{context} over aggregate function {name}() (only bare aggregates can be combined)"
+                    ));
+                }
+                Ok(Combined::Col(self.value(e)))
+            }
+        }
+    }
+
+    fn select_list(&mut self, items: &[SelectItem]) -> Result<(), String> {
+        // The counts of `avg`s, resolved after the list so that they reuse a
+        // `count(x)` the client selected anyway.
+        let mut avg_counts = Vec::new();
+        for item in items {
+            let (expr, alias) = match item {
+                SelectItem::UnnamedExpr(e) => (e, None),
+                SelectItem::ExprWithAlias { expr, alias } => (expr, Some(alias.clone())),
+                SelectItem::ExprWithAliases { .. } => {
+                    return Err("a select item with several aliases".to_owned())
+                }
+                SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => {
+                    if self.aggregated {
+                        return Err("SELECT * with aggregates or GROUP BY".to_owned());
+                    }
+                    // Positions after it are unknown.
+                    break;
+                }
+            };
+            if !self.aggregated {
+                self.visible.push(Col {
+                    expr: expr.clone(),
+                    alias,
+                    kind: ShardCol::Plain,
+                });
+                continue;
+            }
+            let id = self.visible.len();
+            match agg_call(expr)? {
+                Some(Agg::Simple(p)) => {
+                    self.visible.push(Col {
+                        expr: strip(expr).clone(),
+                        alias,
+                        kind: ShardCol::Partial(p),
+                    });
+                    self.outputs.push(Combined::Col(id));
+                }
+                Some(Agg::Avg { sum, count }) => {
+                    let name = alias.unwrap_or_else(|| Ident::new("avg"));
+                    self.visible.push(Col {
+                        expr: *sum,
+                        alias: Some(name),
+                        kind: ShardCol::Partial(Partial::Sum),
+                    });
+                    avg_counts.push((self.outputs.len(), *count));
+                    self.outputs.push(Combined::Avg { sum: id, count: id });
+                }
+                None => {
+                    if let Some(name) = first_aggregate(expr) {
+                        return Err(format!(
+                            "an expression over aggregate function {name}() (only bare aggregates can be combined)"
+                        ));
+                    }
+                    self.visible.push(Col {
+                        expr: expr.clone(),
+                        alias,
+                        kind: ShardCol::Plain,
+                    });
+                    self.outputs.push(Combined::Col(id));
+                }
+            }
+        }
+        for (out, expr) in avg_counts {
+            let c = self.partial(Partial::Count, expr);
+            if let Combined::Avg { count, .. } = &mut self.outputs[out] {
+                *count = c;
+            }
+        }
+        Ok(())
+    }
+
+    /// The column of one GROUP BY expression (marked as a group key).
+    fn group_key(&mut self, e: &Expr, items: &[SelectItem]) -> Result<usize, String> {
+        let id = match strip(e) {
+            Expr::GroupingSets(_) | Expr::Cube(_) | Expr::Rollup(_) => {
+                return Err("GROUPING SETS/CUBE/ROLLUP".to_owned())
+            }
+            Expr::Value(v) if matches!(v.value, Value::Number(..)) => {
+                let n = position(e)
+                    .filter(|&n| n < self.visible.len())
+                    .ok_or_else(|| format!("GROUP BY position {e} is not in the select list"))?;
+                if matches!(self.visible[n].kind, ShardCol::Partial(_)) {
+                    return Err(format!("GROUP BY position {e} of an aggregate"));
+                }
+                n
+            }
+            Expr::Identifier(id)
+                if items.iter().any(|i| {
+                    matches!(i, SelectItem::ExprWithAlias { expr, alias }
+                        if norm(alias) == norm(id) && strip(expr) != strip(e))
+                }) =>
+            {
+                // PostgreSQL prefers an input column of that name, which the
+                // router cannot see.
+                return Err(format!(
+                    "GROUP BY {e}, an output column alias (repeat the expression or use its position)"
+                ));
+            }
+            other => {
+                if let Some(name) = first_aggregate(other) {
+                    return Err(format!("aggregate function {name}() in GROUP BY"));
+                }
+                self.value(other)
+            }
+        };
+        self.col_mut(id).kind = ShardCol::GroupKey;
+        Ok(id)
+    }
+
+    /// Checks the plain (per-group) columns of an aggregated plan: a
+    /// function the router does not know might be an aggregate.
+    fn check_plain(&self) -> Result<(), String> {
+        for c in self.visible.iter().chain(&self.hidden) {
+            if c.kind != ShardCol::Plain {
+                continue;
+            }
+            let mut f = Finder::default();
+            let _ = c.expr.visit(&mut f);
+            if let Some(name) = f.opaque {
+                return Err(format!(
+                    "function {name}() outside an aggregate in a query with aggregates or GROUP BY (the router cannot tell whether it is an aggregate)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The value an ORDER BY key sorts by.
+    fn sort_value(&mut self, e: &Expr, items: &[SelectItem]) -> Result<Combined, String> {
+        let output = |b: &Self, n: usize| {
+            if b.aggregated {
+                b.outputs[n]
+            } else {
+                Combined::Col(n)
+            }
+        };
+        let known = self.visible.len();
+        let wildcard = items.len() > known;
+        if let Expr::Value(v) = strip(e) {
+            if matches!(v.value, Value::Number(..)) {
+                let n = position(e).ok_or_else(|| format!("ORDER BY position {e}"))?;
+                if n >= known && !wildcard {
+                    return Err(format!("ORDER BY position {e} is not in the select list"));
+                }
+                // With a `*`, position n is still shard column hidden + n.
+                return Ok(if n < known {
+                    output(self, n)
+                } else {
+                    Combined::Col(n)
+                });
+            }
+        }
+        if let Expr::Identifier(id) = strip(e) {
+            let name = norm(id);
+            let mut matches = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let (expr, item_name) = match item {
+                    SelectItem::UnnamedExpr(x) => (x, implicit_name(x)),
+                    SelectItem::ExprWithAlias { expr, alias } => (expr, Some(norm(alias))),
+                    _ => continue,
+                };
+                if item_name.as_deref() == Some(name.as_str()) {
+                    if i >= known {
+                        return Err(format!(
+                            "ORDER BY {name}, a column after * in the select list"
+                        ));
+                    }
+                    matches.push((i, expr));
+                }
+            }
+            if let Some((first, expr)) = matches.first() {
+                if matches.iter().any(|(_, x)| strip(x) != strip(expr)) {
+                    return Err(format!("ORDER BY \"{name}\", which is ambiguous"));
+                }
+                return Ok(output(self, *first));
+            }
+        }
+        let stripped = strip(e);
+        if let Some(n) = items.iter().take(known).position(|i| match i {
+            SelectItem::UnnamedExpr(x) | SelectItem::ExprWithAlias { expr: x, .. } => {
+                strip(x) == stripped
+            }
+            _ => false,
+        }) {
+            return Ok(output(self, n));
+        }
+        if self.aggregated {
+            self.agg_value(e, "ORDER BY")
+        } else {
+            Ok(Combined::Col(self.value(e)))
+        }
+    }
+
+    fn having(&mut self, e: &Expr) -> Result<HavingExpr, String> {
+        let cmp = |op: &BinaryOperator| match op {
+            BinaryOperator::Eq => Some(CompareOp::Eq),
+            BinaryOperator::NotEq => Some(CompareOp::NotEq),
+            BinaryOperator::Lt => Some(CompareOp::Lt),
+            BinaryOperator::LtEq => Some(CompareOp::LtEq),
+            BinaryOperator::Gt => Some(CompareOp::Gt),
+            BinaryOperator::GtEq => Some(CompareOp::GtEq),
+            _ => None,
+        };
+        match strip(e) {
+            Expr::BinaryOp { left, op, right } => match op {
+                BinaryOperator::And => Ok(HavingExpr::And(
+                    Box::new(self.having(left)?),
+                    Box::new(self.having(right)?),
+                )),
+                BinaryOperator::Or => Ok(HavingExpr::Or(
+                    Box::new(self.having(left)?),
+                    Box::new(self.having(right)?),
+                )),
+                op => match cmp(op) {
+                    Some(op) => Ok(HavingExpr::Compare {
+                        left: self.operand(left)?,
+                        op,
+                        right: self.operand(right)?,
+                    }),
+                    None => Err(format!("HAVING with operator {op}")),
+                },
+            },
+            Expr::UnaryOp {
+                op: UnaryOperator::Not,
+                expr,
+            } => Ok(HavingExpr::Not(Box::new(self.having(expr)?))),
+            Expr::IsNull(x) => Ok(HavingExpr::IsNull {
+                operand: self.operand(x)?,
+                negated: false,
+            }),
+            Expr::IsNotNull(x) => Ok(HavingExpr::IsNull {
+                operand: self.operand(x)?,
+                negated: true,
+            }),
+            Expr::Between {
+                expr,
+                negated,
+                low,
+                high,
+            } => {
+                let both = HavingExpr::And(
+                    Box::new(HavingExpr::Compare {
+                        left: self.operand(expr)?,
+                        op: CompareOp::GtEq,
+                        right: self.operand(low)?,
+                    }),
+                    Box::new(HavingExpr::Compare {
+                        left: self.operand(expr)?,
+                        op: CompareOp::LtEq,
+                        right: self.operand(high)?,
+                    }),
+                );
+                Ok(if *negated {
+                    HavingExpr::Not(Box::new(both))
+                } else {
+                    both
+                })
+            }
+            other => Err(format!(
+                "HAVING condition {other} (only comparisons, IS [NOT] NULL, BETWEEN, AND, OR, NOT)"
+            )),
+        }
+    }
+
+    fn operand(&mut self, e: &Expr) -> Result<Operand, String> {
+        match strip(e) {
+            Expr::Value(v) => match &v.value {
+                Value::Number(n, _) => return Ok(Operand::Literal(Literal::Number(n.clone()))),
+                Value::SingleQuotedString(s)
+                | Value::EscapedStringLiteral(s)
+                | Value::NationalStringLiteral(s) => {
+                    return Ok(Operand::Literal(Literal::String(s.clone())))
+                }
+                Value::DollarQuotedString(s) => {
+                    return Ok(Operand::Literal(Literal::String(s.value.clone())))
+                }
+                Value::Boolean(b) => return Ok(Operand::Literal(Literal::Bool(*b))),
+                Value::Null => return Ok(Operand::Literal(Literal::Null)),
+                Value::Placeholder(p) => {
+                    if let Some(i) = crate::route::keys::placeholder(p) {
+                        return Ok(Operand::Param(i));
+                    }
+                }
+                _ => {}
+            },
+            Expr::UnaryOp {
+                op: UnaryOperator::Minus,
+                expr,
+            } => {
+                if let Expr::Value(v) = strip(expr) {
+                    if let Value::Number(n, _) = &v.value {
+                        return Ok(Operand::Literal(Literal::Number(format!("-{n}"))));
+                    }
+                }
+            }
+            _ => {}
+        }
+        // Anything else is computed by the shards (aggregate-free) or
+        // combined (an aggregate).
+        self.agg_value(e, "HAVING").map(Operand::Value)
+    }
+}
+
+/// A 0-based position from an ORDER BY / GROUP BY number.
+fn position(e: &Expr) -> Option<usize> {
+    match strip(e) {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => n.parse::<usize>().ok()?.checked_sub(1),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The name PostgreSQL gives an unaliased output column, where it matters
+/// for ORDER BY (column references and function calls).
+fn implicit_name(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Identifier(id) => Some(norm(id)),
+        Expr::CompoundIdentifier(parts) => parts.last().map(norm),
+        Expr::Function(f) => Some(last_name(&f.name)),
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => implicit_name(expr),
+        _ => None,
+    }
+}
+
+fn is_aggregate(f: &Function) -> bool {
+    AGGREGATES.contains(&last_name(&f.name).as_str())
+        || f.filter.is_some()
+        || !f.within_group.is_empty()
+        || matches!(&f.args, FunctionArguments::List(l)
+            if l.duplicate_treatment.is_some()
+                || l.clauses.iter().any(|c| matches!(c, FunctionArgumentClause::OrderBy(_))))
+}
+
+/// The supported aggregate `e` is, `None` if it is no aggregate call, or the
+/// unsupported construct.
+fn agg_call(e: &Expr) -> Result<Option<Agg>, String> {
+    let Expr::Function(f) = strip(e) else {
+        return Ok(None);
+    };
+    if !is_aggregate(f) || f.over.is_some() {
+        return Ok(None);
+    }
+    let name = last_name(&f.name);
+    let partial = match name.as_str() {
+        "count" => Some(Partial::Count),
+        "sum" => Some(Partial::Sum),
+        "min" => Some(Partial::Min),
+        "max" => Some(Partial::Max),
+        "bool_and" | "every" => Some(Partial::BoolAnd),
+        "bool_or" => Some(Partial::BoolOr),
+        "avg" => None,
+        _ => return Err(format!("aggregate function {name}()")),
+    };
+    if !f.within_group.is_empty() {
+        return Err(format!("aggregate function {name}() WITHIN GROUP"));
+    }
+    let FunctionArguments::List(list) = &f.args else {
+        return Err(format!("aggregate function {name}()"));
+    };
+    if !list.clauses.is_empty() {
+        return Err(format!(
+            "aggregate function {name}() with ORDER BY in its arguments"
+        ));
+    }
+    if f.null_treatment.is_some() || !matches!(f.parameters, FunctionArguments::None) {
+        return Err(format!("aggregate function {name}()"));
+    }
+    let arg_ok = match list.args.as_slice() {
+        [FunctionArg::Unnamed(FunctionArgExpr::Expr(_))] => true,
+        [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)] => name == "count",
+        _ => false,
+    };
+    if !arg_ok {
+        return Err(format!("aggregate function {name}() with these arguments"));
+    }
+    let idempotent = matches!(
+        partial,
+        Some(Partial::Min | Partial::Max | Partial::BoolAnd | Partial::BoolOr)
+    );
+    if list.duplicate_treatment == Some(DuplicateTreatment::Distinct) && !idempotent {
+        return Err(format!("aggregate function {name}(DISTINCT …)"));
+    }
+    Ok(Some(match partial {
+        Some(p) => Agg::Simple(p),
+        None => Agg::Avg {
+            sum: Box::new(renamed(f, "sum")),
+            count: Box::new(renamed(f, "count")),
+        },
+    }))
+}
+
+/// `f` under another name (same arguments, FILTER, schema).
+fn renamed(f: &Function, name: &str) -> Expr {
+    let mut g = f.clone();
+    if let Some(last) = g.name.0.last_mut() {
+        *last = ObjectNamePart::Identifier(Ident::new(name));
+    }
+    Expr::Function(g)
+}
+
+fn first_aggregate(e: &Expr) -> Option<String> {
+    let mut f = Finder::default();
+    let _ = e.visit(&mut f);
+    f.aggregate
+}
+
+/// Window functions, aggregates and unknown functions outside subqueries.
+#[derive(Default)]
+struct Finder {
+    depth: usize,
+    window: Option<String>,
+    aggregate: Option<String>,
+    /// A function that is neither a known aggregate nor known to be pure.
+    opaque: Option<String>,
+}
+
+impl Visitor for Finder {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if self.depth > 0 {
+            return ControlFlow::Continue(());
+        }
+        if let Expr::Function(f) = e {
+            let name = last_name(&f.name);
+            if f.over.is_some() {
+                self.window
+                    .get_or_insert_with(|| format!("window function {name}()"));
+            } else if is_aggregate(f) {
+                self.aggregate.get_or_insert(name);
+            } else if !PURE_FUNCTIONS.contains(&name.as_str()) {
+                self.opaque.get_or_insert(name);
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
