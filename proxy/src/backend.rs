@@ -74,6 +74,11 @@ pub struct BackendConn {
     pub broken: bool,
     /// When the connection last went idle in the pool.
     pub idle_since: std::time::Instant,
+    /// Transaction status of the last ReadyForQuery ('I', 'T', 'E').
+    pub status: u8,
+    /// Extended-protocol messages were sent without a Sync yet (an implicit
+    /// transaction may be open even though `status` is 'I').
+    pub unsynced: bool,
 }
 
 impl BackendConn {
@@ -233,6 +238,8 @@ impl BackendConn {
             state_fp: crate::state::SessionState::default().fingerprint(),
             broken: false,
             idle_since: std::time::Instant::now(),
+            status: b'I',
+            unsynced: false,
         })
     }
 
@@ -248,8 +255,16 @@ impl BackendConn {
         matches!(self.reader.get_ref().try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
+    /// Whether the connection may go back to the pool: idle, synced, and
+    /// not marked broken.
+    pub fn reusable(&self) -> bool {
+        !self.broken && self.status == b'I' && !self.unsynced
+    }
+
     /// Runs a simple query whose results the client never sees; returns the
-    /// data rows as text columns. Used for session-state replay and refresh.
+    /// data rows as text columns. Used for session-state replay and refresh,
+    /// and transaction control on shards that join or leave a transaction.
+    /// Records the transaction status it ends in.
     pub async fn hidden_query(
         &mut self,
         sql: &str,
@@ -288,9 +303,7 @@ impl BackendConn {
                 }
                 b'E' => err = Some(wire::parse_error_fields(f.body())),
                 b'Z' => {
-                    if f.body().first() != Some(&b'I') {
-                        self.broken = true;
-                    }
+                    self.status = f.body().first().copied().unwrap_or(b'I');
                     break;
                 }
                 _ => {}

@@ -34,6 +34,8 @@ const SSL_REQUEST: i32 = 80877103;
 const GSSENC_REQUEST: i32 = 80877104;
 const CANCEL_REQUEST: i32 = 80877102;
 const PROTOCOL_3_0: i32 = 196608;
+/// Largest message accepted before login (PostgreSQL: PG_MAX_AUTH_TOKEN_LENGTH).
+const AUTH_MAX_MESSAGE: usize = 65_535;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -134,7 +136,7 @@ impl Node {
         state: &SessionState,
     ) -> Result<Decision, Refusal> {
         if self.cfg.shards.len() == 1 {
-            return Ok(Decision::single(sql));
+            return Ok(Decision::single());
         }
         let snap = self.catalog.load();
         routing::decide(
@@ -210,7 +212,9 @@ impl Node {
         let _ = sock.set_nodelay(true);
         let n = self.clients.fetch_add(1, Ordering::Relaxed) + 1;
         let _guard = CountGuard(self.clone());
-        let mut r = FrameReader::new(sock, self.cfg.max_message_size);
+        // Before login a client gets no more than PostgreSQL allows for
+        // authentication messages.
+        let mut r = FrameReader::new(sock, AUTH_MAX_MESSAGE);
         // Startup: SSLRequest / GSSENCRequest / CancelRequest come first.
         let mut tls_done = false;
         let params = loop {
@@ -245,7 +249,9 @@ impl Node {
                             }
                         };
                         let max = self.cfg.max_message_size;
-                        return self.after_tls(FrameReader::new(tls, max), n).await;
+                        return self
+                            .after_tls(FrameReader::new(tls, AUTH_MAX_MESSAGE.min(max)), n)
+                            .await;
                     }
                     if r.get_mut().write_all(b"N").await.is_err() {
                         return;
@@ -403,6 +409,7 @@ impl Node {
             self.unregister_cancel(pid, secret);
             return;
         }
+        r.set_max_len(self.cfg.max_message_size);
         let session_mode = ucfg.pool_mode.unwrap_or(self.cfg.pool_mode) == PoolMode::Session;
         tracing::debug!(%user, %database, "session started");
         let end = Session::new(self.clone(), r, database, session_mode, state, slot, user)

@@ -158,10 +158,12 @@ pub struct Pooled {
 
 impl Pooled {
     /// Returns the connection to the pool. Call only at ReadyForQuery(idle)
-    /// with nothing owed; a connection marked broken is closed instead.
+    /// with nothing owed; a connection not `reusable()` is closed instead.
     pub fn release(mut self) {
         if let Some(mut c) = self.conn.take() {
-            if !c.broken {
+            // A connection inside a transaction, or with an unsynced
+            // pipeline, is closed (PostgreSQL rolls back), never reused.
+            if c.reusable() {
                 c.idle_since = std::time::Instant::now();
                 self.pool
                     .idle

@@ -50,6 +50,8 @@ pub struct Decision {
     pub returns_rows: bool,
     /// The statement text (for BEGIN, replayed on shards joining later).
     pub sql_text: String,
+    /// Some statement of the string is transaction control.
+    pub has_tx_control: bool,
 }
 
 impl Decision {
@@ -66,7 +68,7 @@ impl Decision {
     }
 
     /// Everything to one shard (a node with a single shard, nothing to route).
-    pub fn single(sql: &str) -> Decision {
+    pub fn single() -> Decision {
         Decision {
             target: Target::Shard(0),
             kind: Kind::Other,
@@ -74,7 +76,8 @@ impl Decision {
             ddl: false,
             statements: 1,
             returns_rows: true,
-            sql_text: sql.to_string(),
+            sql_text: String::new(),
+            has_tx_control: false,
         }
     }
 }
@@ -239,6 +242,10 @@ pub fn decision(
         statements: route.statements.len().max(1),
         returns_rows,
         sql_text: sql.to_string(),
+        has_tx_control: route
+            .statements
+            .iter()
+            .any(|k| matches!(k, StatementKind::Transaction(_))),
     })
 }
 

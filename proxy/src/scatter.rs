@@ -49,6 +49,15 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             ),
         );
     }
+    if d.write && d.has_tx_control {
+        return refuse(
+            s,
+            Refusal::new(
+                "0A000",
+                "a write to several shards cannot share a query string with BEGIN/COMMIT/ROLLBACK; send it on its own".into(),
+            ),
+        );
+    }
     if d.write && in_tx {
         return refuse(
             s,
@@ -114,7 +123,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         first_desc = Some(f.raw.clone());
                         s.out.put_slice(&f.raw);
                     }
-                    Some(d0) if d0 != &f.raw => mismatch = true,
+                    Some(d0) if !same_columns(d0, &f.raw) => mismatch = true,
                     Some(_) => {}
                 },
                 b'D' if !mismatch => s.out.put_slice(&f.raw),
@@ -230,6 +239,33 @@ fn io_fatal() -> SessionError {
     SessionError::Fatal {
         code: "XX000",
         msg: "cannot encode a message".into(),
+    }
+}
+
+/// Whether two RowDescriptions describe the same columns: names, types,
+/// type modifiers and formats. The source table's OID and column number
+/// differ between shards (a table created at different times) and are
+/// ignored.
+pub(crate) fn same_columns(a: &[u8], b: &[u8]) -> bool {
+    fn cols(raw: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+        let mut body = raw.get(5..)?;
+        let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]);
+        body = &body[2..];
+        let mut out = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let end = body.iter().position(|&c| c == 0)?;
+            let name = &body[..end];
+            let rest = body.get(end + 1..end + 1 + 18)?;
+            // rest: table oid (4), attnum (2), type oid (4), typlen (2),
+            // typmod (4), format (2): keep the last 12 bytes.
+            out.push((name, &rest[6..]));
+            body = &body[end + 1 + 18..];
+        }
+        Some(out)
+    }
+    match (cols(a), cols(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
     }
 }
 

@@ -50,9 +50,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 pub(crate) enum Owed {
     /// ParseComplete. `hidden`: injected by the node, not shown to the
     /// client. `internal`: node name prepared by it (dropped on error).
+    /// `client`: the client's statement name this Parse creates.
     Parse {
         hidden: bool,
         internal: Option<String>,
+        client: Option<String>,
     },
     Bind,
     Describe,
@@ -62,7 +64,20 @@ pub(crate) enum Owed {
     Query,
     FunctionCall,
     /// A reply the node makes itself, sent when everything before it is done.
-    Synthetic(Bytes),
+    /// `forget`: a client statement name to drop when the reply is sent
+    /// (Close), or when an error skips it (Parse), as PostgreSQL would.
+    Synthetic {
+        frame: Bytes,
+        forget: Forget,
+    },
+}
+
+/// When a synthetic reply drops a client statement name.
+#[derive(Debug, Clone)]
+pub(crate) enum Forget {
+    Nothing,
+    OnSend(String),
+    OnSkip(String),
 }
 
 /// A client's named prepared statement.
@@ -110,7 +125,7 @@ pub struct Session<S> {
     state: SessionState,
     state_fp: u64,
     /// Shard of a backend whose transaction may have changed session state.
-    state_dirty: Option<usize>,
+    state_dirty: Vec<bool>,
     /// ... or dropped prepared statements (DISCARD/DEALLOCATE).
     prepared_dirty: bool,
     /// After an error the node raised itself in an extended-protocol batch,
@@ -178,7 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             batch: Vec::new(),
             state,
             state_fp,
-            state_dirty: None,
+            state_dirty: vec![false; nshards],
             prepared_dirty: false,
             skip_to_sync: false,
             tx_status: b'I',
@@ -196,7 +211,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub async fn run(mut self) -> End {
         let end = self.run_inner().await;
         self.cancel.set(Vec::new());
-        let clean = self.owed.is_empty() && self.tx_status == b'I' && self.state_dirty.is_none();
+        let clean =
+            self.owed.is_empty() && self.tx_status == b'I' && !self.state_dirty.contains(&true);
         for slot in &mut self.slots {
             if let Some(b) = slot.conn.take() {
                 // Otherwise the guard's drop closes the connection (and
@@ -421,6 +437,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.slots[t].conn.is_some() {
             return Ok(Ok(()));
         }
+        // A SET earlier in this transaction: learn the state it made before
+        // giving a new backend this client's state.
+        for d in 0..self.slots.len() {
+            if d != t && self.state_dirty[d] && self.slots[d].conn.is_some() {
+                self.refresh_state_from(d).await;
+            }
+        }
         let pool = self.pool(t);
         let mut b = match pool.get(self.state_fp, self.node.cfg.pool_timeout()).await {
             Ok(b) => b,
@@ -477,8 +500,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Makes `t` the current shard: drains what another shard still owes,
     /// then attaches a backend on `t`.
     async fn switch_to(&mut self, t: usize) -> Result<Result<(), Refusal>, SessionError> {
-        if self.cur != t && !self.owed.is_empty() {
-            self.drain_owed().await?;
+        if self.cur != t {
+            if !self.owed.is_empty() {
+                self.drain_owed().await?;
+            }
+            if self.slots[self.cur]
+                .conn
+                .as_ref()
+                .is_some_and(|b| b.unsynced)
+            {
+                return Ok(Err(Refusal::new(
+                    "0A000",
+                    "messages sent with Flush but without Sync are still open on one shard, and the next statement goes to another; send Sync first".into(),
+                )));
+            }
         }
         let r = self.ensure_backend(t).await?;
         if r.is_ok() {
@@ -498,10 +533,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Queues a reply the node makes itself, after everything owed before it.
     fn push_synthetic(&mut self, f: Bytes) {
+        self.push_synthetic_with(f, Forget::Nothing);
+    }
+
+    fn push_synthetic_with(&mut self, frame: Bytes, forget: Forget) {
         if self.owed.is_empty() {
-            self.out.put_slice(&f);
+            self.out.put_slice(&frame);
+            if let Forget::OnSend(name) = forget {
+                self.stmts.remove(&name);
+            }
         } else {
-            self.owed.push_back(Owed::Synthetic(f));
+            self.owed.push_back(Owed::Synthetic { frame, forget });
         }
     }
 
@@ -518,6 +560,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.owed.push_back(Owed::Parse {
                 hidden: true,
                 internal: Some(internal.clone()),
+                client: None,
             });
         }
         Some(internal)
@@ -536,7 +579,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 self.on_query(f).await?;
             }
-            b'P' | b'B' | b'D' | b'E' | b'C' => self.batch.push(f),
+            b'P' | b'B' | b'D' | b'E' | b'C' => {
+                self.batch.push(f);
+                // Bounded memory: a client that never sends Sync or Flush
+                // has its messages forwarded anyway (as Flush would).
+                if self.batch.len() >= MAX_BATCH {
+                    self.run_batch(false).await?;
+                }
+            }
             b'S' => {
                 self.skip_to_sync = false;
                 self.batch.push(f);
@@ -564,14 +614,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             b'c' | b'f' => {
                 if self.slots[self.cur].conn.is_some() {
                     self.to_backend.put_slice(&f.raw);
-                    // PostgreSQL ignores Sync received in copy-in mode, and
-                    // drivers do send one right after the Execute that starts
-                    // COPY (tokio-postgres does): nothing is owed for them.
-                    if matches!(self.owed.front(), Some(Owed::Execute | Owed::Query)) {
-                        let mut first = true;
-                        self.owed
-                            .retain(|o| std::mem::take(&mut first) || !matches!(o, Owed::Sync));
-                    }
                 }
             }
             b'X' => return Ok(Some(End::ClientGone)),
@@ -627,6 +669,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.refuse_simple(r);
             return Ok(());
         }
+        if self.deallocate(sql) {
+            return Ok(());
+        }
         let d = self.node.decide(sql, None, &self.state);
         let d = match d {
             Ok(d) => d,
@@ -635,7 +680,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(());
             }
         };
-        if self.transaction_control(&d, true).await? {
+        let target = match d.target {
+            Target::Shard(t) => Some(t),
+            _ => None,
+        };
+        // Decide with what the current shard has answered: a pipelined
+        // statement for another shard waits for its replies (an error there
+        // aborts the transaction).
+        if !self.owed.is_empty() && (target != Some(self.cur) || d.kind != Kind::Other) {
+            self.drain_owed().await?;
+        }
+        if self.transaction_control(&d, true, target).await? {
             return Ok(());
         }
         match &d.target {
@@ -652,6 +707,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Target::Shard(t) => t,
             _ => self.default_shard(),
         };
+        if t != self.cur && !self.owed.is_empty() {
+            self.drain_owed().await?;
+        }
         if let Err(r) = self.check_write(&d, t) {
             self.refuse_simple(r);
             return Ok(());
@@ -667,7 +725,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.note_sql(sql, t);
         self.to_backend.put_slice(&f.raw);
         self.owed.push_back(Owed::Query);
+        if let Some(b) = self.slots[t].conn.as_mut() {
+            b.unsynced = false;
+        }
         Ok(())
+    }
+
+    /// SQL-level DEALLOCATE of statements the client prepared with the
+    /// protocol: those live under node names on the backends, so the node
+    /// answers `DEALLOCATE name` itself, and `DEALLOCATE ALL`/`DISCARD ALL`
+    /// also forget the client's names (the backend's side follows from the
+    /// prepared-statement re-read). Returns true when answered here.
+    fn deallocate(&mut self, sql: &str) -> bool {
+        let words: Vec<&str> = sql
+            .trim()
+            .trim_end_matches(';')
+            .split_whitespace()
+            .collect();
+        let lower: Vec<String> = words.iter().map(|w| w.to_ascii_lowercase()).collect();
+        let is = |i: usize, w: &str| lower.get(i).is_some_and(|x| x == w);
+        if (is(0, "discard") && is(1, "all") && words.len() == 2)
+            || (is(0, "deallocate") && (is(1, "all") || (is(1, "prepare") && is(2, "all"))))
+        {
+            self.stmts.clear();
+            return false;
+        }
+        if !is(0, "deallocate") {
+            return false;
+        }
+        let name = match (lower.get(1).map(String::as_str), words.len()) {
+            (Some("prepare"), 3) => words[2],
+            (Some(_), 2) => words[1],
+            _ => return false,
+        };
+        let name = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+            Some(q) => q.replace("\"\"", "\""),
+            None => name.to_ascii_lowercase(),
+        };
+        if self.stmts.remove(&name).is_some() {
+            self.push_synthetic(command_complete("DEALLOCATE"));
+            let status = self.client_status();
+            self.push_synthetic(rfq(status));
+        } else {
+            self.refuse_simple(Refusal::new(
+                "26000",
+                format!("prepared statement \"{name}\" does not exist"),
+            ));
+        }
+        true
     }
 
     /// BEGIN/COMMIT/ROLLBACK and the failed-transaction rule. Returns true
@@ -676,28 +781,87 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         &mut self,
         d: &Decision,
         simple: bool,
+        target: Option<usize>,
     ) -> Result<bool, SessionError> {
         let ending = matches!(d.kind, Kind::Commit | Kind::Rollback);
+        let refuse = |s: &mut Self, r: Refusal| {
+            if simple {
+                s.refuse_simple(r);
+            } else {
+                s.push_error(&r);
+                s.skip_to_sync = true;
+            }
+        };
+        // Transaction control mixed with other statements in one string or
+        // batch cannot be split over several shards correctly.
+        if d.statements > 1
+            && d.has_tx_control
+            && (self.attached_count() > 1
+                || self
+                    .tx_wrote
+                    .is_some_and(|w| target.is_some_and(|t| t != w)))
+        {
+            refuse(self, Refusal::new(
+                "0A000",
+                "BEGIN/COMMIT/ROLLBACK together with other statements in one query string are not supported in a transaction that spans several shards; send them separately".into(),
+            ));
+            return Ok(true);
+        }
+        // A failed statement on one shard aborts the whole transaction.
+        if !ending && self.tx_status != b'I' {
+            let aborted_elsewhere = self.slots.iter().enumerate().any(|(i, sl)| {
+                sl.conn.as_ref().is_some_and(|b| b.status == b'E') && target.is_some_and(|t| t != i)
+            });
+            if aborted_elsewhere {
+                self.tx_failed = true;
+            }
+        }
         if self.tx_failed && !ending {
             let r = Refusal::new(
                 "25P02",
                 "current transaction is aborted, commands ignored until end of transaction block"
                     .into(),
             );
-            if simple {
-                self.refuse_simple(r);
-            } else {
-                self.push_error(&r);
-                self.skip_to_sync = true;
-            }
+            refuse(self, r);
             return Ok(true);
         }
-        if ending && self.attached_count() > 1 {
-            // Shards other than the written one end first; the client's
-            // own COMMIT/ROLLBACK then goes to the written shard.
-            self.finish_other_shards(d.kind == Kind::Commit && !self.tx_failed)
-                .await?;
-            return Ok(false);
+        if ending {
+            // The client's COMMIT/ROLLBACK must reach the written shard.
+            let primary = match (self.tx_wrote, target) {
+                (Some(w), Some(t)) if w != t => {
+                    refuse(self, Refusal::new(
+                        "0A000",
+                        format!(
+                            "this COMMIT/ROLLBACK comes with statements for shard {} but the transaction wrote to shard {}; send COMMIT on its own",
+                            self.node.cfg.shards[t].name, self.node.cfg.shards[w].name
+                        ),
+                    ));
+                    return Ok(true);
+                }
+                (Some(w), _) => w,
+                (None, Some(t)) => t,
+                (None, None) => self.cur,
+            };
+            if self.attached_count() > 1 || (self.attached() && self.slots[primary].conn.is_none())
+            {
+                // Shards other than the written one end first (they were
+                // only read); the client's own statement then goes to it.
+                let aborted = self.tx_failed
+                    || self
+                        .slots
+                        .iter()
+                        .any(|sl| sl.conn.as_ref().is_some_and(|b| b.status == b'E'));
+                self.finish_other_shards(d.kind == Kind::Commit && !aborted, primary)
+                    .await?;
+            }
+            if self.tx_failed
+                || self
+                    .slots
+                    .iter()
+                    .any(|sl| sl.conn.as_ref().is_some_and(|b| b.status == b'E'))
+            {
+                self.tx_failed = true;
+            }
         }
         if !simple || d.statements != 1 {
             return Ok(false);
@@ -742,35 +906,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.slots.iter().filter(|s| s.conn.is_some()).count()
     }
 
-    /// The shard whose backend answers the client's COMMIT/ROLLBACK: the one
-    /// written to, else the current one.
-    fn primary_shard(&self) -> usize {
-        match self.tx_wrote {
-            Some(w) if self.slots[w].conn.is_some() => w,
-            _ => self.cur,
-        }
-    }
-
     /// Ends the transaction on every attached shard but the primary one
     /// (they were only read in this transaction, or it is rolled back).
-    async fn finish_other_shards(&mut self, commit: bool) -> Result<(), SessionError> {
-        let primary = self.primary_shard();
-        if self.cur != primary && !self.owed.is_empty() {
+    async fn finish_other_shards(
+        &mut self,
+        commit: bool,
+        primary: usize,
+    ) -> Result<(), SessionError> {
+        if !self.owed.is_empty() {
             self.drain_owed().await?;
         }
         let sql = if commit { "COMMIT" } else { "ROLLBACK" };
         for i in 0..self.slots.len() {
-            if i == primary {
+            if i == primary || self.slots[i].conn.is_none() {
                 continue;
             }
-            if let Some(mut b) = self.slots[i].conn.take() {
-                match b.hidden_query(sql).await {
-                    Ok(_) if !b.broken => b.release(),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, shard = i, "ending a read-only shard's transaction failed")
-                    }
+            if let Some(b) = self.slots[i].conn.as_mut() {
+                if let Err(e) = b.hidden_query(sql).await {
+                    tracing::warn!(error = %e, shard = i, "ending a read-only shard's transaction failed");
+                    b.broken = true;
                 }
+            }
+            if self.state_dirty[i] {
+                self.refresh_state_from(i).await;
+            }
+            if let Some(b) = self.slots[i].conn.take() {
+                b.release();
             }
         }
         self.cur = primary;
@@ -786,8 +947,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Refuses a second written shard inside a transaction.
+    /// Records the shard written; the mark lasts until the ReadyForQuery
+    /// that ends the transaction (so `BEGIN; INSERT …` in one string, whose
+    /// transaction the node learns of only afterwards, is covered too).
+    /// Call after replies owed by another shard are drained.
     pub(crate) fn check_write(&mut self, d: &Decision, t: usize) -> Result<(), Refusal> {
-        if !d.write || self.tx_status == b'I' {
+        if !d.write {
             return Ok(());
         }
         match self.tx_wrote {
@@ -810,22 +975,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Sync (else with Flush, or a Query follows).
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
         let frames = std::mem::take(&mut self.batch);
-        let decision = self.route_batch(&frames);
-        let (target, d) = match decision {
+        let (target, d) = match self.route_batch(&frames) {
             Ok(x) => x,
             Err(r) => {
-                self.push_error(&r);
-                if synced {
-                    let status = self.client_status();
-                    self.push_synthetic(rfq(status));
-                } else {
-                    self.skip_to_sync = true;
-                }
+                self.batch_error(&r, synced);
                 return Ok(());
             }
         };
+        if !self.owed.is_empty()
+            && (target.is_none_or(|t| t != self.cur)
+                || d.as_ref().is_some_and(|d| d.kind != Kind::Other))
+        {
+            self.drain_owed().await?;
+        }
         if let Some(d) = &d {
-            if self.transaction_control(d, false).await? {
+            if self.transaction_control(d, false, target).await? {
                 if synced {
                     let status = self.client_status();
                     self.push_synthetic(rfq(status));
@@ -856,26 +1020,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(());
         }
         let t = target.unwrap_or_else(|| self.default_shard());
+        if t != self.cur && !self.owed.is_empty() {
+            self.drain_owed().await?;
+        }
         if let Some(d) = &d {
             if let Err(r) = self.check_write(d, t) {
-                self.push_error(&r);
-                if synced {
-                    let status = self.client_status();
-                    self.push_synthetic(rfq(status));
-                } else {
-                    self.skip_to_sync = true;
-                }
+                self.batch_error(&r, synced);
                 return Ok(());
             }
         }
         if let Err(r) = self.switch_to(t).await? {
-            self.push_error(&r);
-            if synced {
-                let status = self.client_status();
-                self.push_synthetic(rfq(status));
-            } else {
-                self.skip_to_sync = true;
-            }
+            self.batch_error(&r, synced);
             return Ok(());
         }
         if let Some(d) = &d {
@@ -885,20 +1040,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if self.skip_to_sync && f.tag() != b'S' {
                 continue;
             }
+            let tag = f.tag();
             self.forward_extended(f, t)?;
+            if tag == b'S' {
+                self.skip_to_sync = false;
+            }
+        }
+        // Until its Sync, an implicit transaction may be open on this
+        // backend: it must not be pooled or left for another shard.
+        if let Some(b) = self.slots[t].conn.as_mut() {
+            b.unsynced = !synced;
         }
         Ok(())
+    }
+
+    /// A batch the node refuses: the error, and ReadyForQuery if it ended
+    /// with Sync (else the rest up to Sync is skipped).
+    fn batch_error(&mut self, r: &Refusal, synced: bool) {
+        self.push_error(r);
+        if synced {
+            let status = self.client_status();
+            self.push_synthetic(rfq(status));
+        } else {
+            self.skip_to_sync = true;
+        }
     }
 
     /// Decides the one shard of a batch (None: any shard will do) and the
     /// decision of its most significant statement.
     fn route_batch(&self, frames: &[Frame]) -> Result<(Option<usize>, Option<Decision>), Refusal> {
+        if self.node.cfg.shards.len() == 1 {
+            // Nothing to route; only LISTEN needs a look.
+            for f in frames.iter().filter(|f| f.tag() == b'P') {
+                let mut b = f.body();
+                let _name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                self.check_listen(wire::get_cstr(&mut b).map_err(proto_refusal)?)?;
+            }
+            return Ok((Some(0), None));
+        }
         let mut target: Option<usize> = None;
         let mut strongest: Option<Decision> = None;
         let mut batch_unnamed: Option<Arc<str>> = None;
         let mut batch_named: HashMap<String, Arc<str>> = HashMap::new();
         let mut multi = false;
         let mut binds = 0;
+        let mut any_write = false;
         for f in frames {
             match f.tag() {
                 b'P' => {
@@ -956,6 +1142,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         }
                         target = Some(t);
                     }
+                    any_write |= d.write;
                     if strongest.as_ref().is_none_or(|s| d.outranks(s)) {
                         strongest = Some(d);
                     }
@@ -968,6 +1155,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 "0A000",
                 "a pipelined batch (up to Sync) that holds a multi-shard statement must hold only that statement; send a Sync after it".into(),
             ));
+        }
+        // The batch runs on one shard: it writes there if any statement does.
+        if let Some(d) = strongest.as_mut() {
+            d.write |= any_write;
         }
         Ok((target, strongest))
     }
@@ -993,7 +1184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // A statement prepared in an earlier transaction may
                     // change session state each time it runs.
                     if self.stmts.get(&stmt).is_some_and(|s| s.changes_state) {
-                        self.state_dirty = Some(t);
+                        self.state_dirty[t] = true;
                         self.prepared_dirty |=
                             self.stmts.get(&stmt).is_some_and(|s| s.drops_prepared);
                     }
@@ -1045,8 +1236,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if kind == b'S' && !name.is_empty() {
                     // Node-named statements stay prepared on the backends
                     // (other clients may share them); the client's name goes.
-                    self.stmts.remove(name);
-                    self.push_synthetic(wire::close_complete());
+                    let name = name.to_string();
+                    self.push_synthetic_with(wire::close_complete(), Forget::OnSend(name));
                 } else {
                     self.to_backend.put_slice(&f.raw);
                     self.owed.push_back(Owed::Close);
@@ -1084,6 +1275,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.owed.push_back(Owed::Parse {
             hidden: true,
             internal: None,
+            client: None,
         });
     }
 
@@ -1104,18 +1296,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.owed.push_back(Owed::Parse {
                 hidden: false,
                 internal: None,
+                client: None,
             });
             return Ok(());
         }
         if self.stmts.contains_key(&name) {
-            let mut e = BytesMut::new();
-            wire::error_response(
-                &mut e,
-                Severity::Error,
+            self.push_error(&Refusal::new(
                 "42P05",
-                &format!("prepared statement \"{name}\" already exists"),
-            );
-            self.push_synthetic(e.freeze());
+                format!("prepared statement \"{name}\" already exists"),
+            ));
             self.skip_to_sync = true;
             return Ok(());
         }
@@ -1136,12 +1325,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             },
         );
         if self.backend_mut().prepared.contains(&internal) {
-            self.push_synthetic(wire::parse_complete());
+            self.push_synthetic_with(wire::parse_complete(), Forget::OnSkip(name));
         } else {
             self.prepare_on_backend(&name);
             // This ParseComplete answers the client's own Parse.
-            if let Some(Owed::Parse { hidden, .. }) = self.owed.back_mut() {
+            if let Some(Owed::Parse { hidden, client, .. }) = self.owed.back_mut() {
                 *hidden = false;
+                *client = Some(name);
             }
         }
         Ok(())
@@ -1159,7 +1349,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     pub(crate) fn note_sql(&mut self, sql: &str, shard: usize) {
         if state::may_change_state(sql) {
-            self.state_dirty = Some(shard);
+            self.state_dirty[shard] = true;
         }
         if state::may_drop_prepared(sql) {
             self.prepared_dirty = true;
@@ -1184,9 +1374,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             b'T' | b'n' => self.pop_if(|o| matches!(o, Owed::Describe)),
             b'C' | b'I' | b's' => self.pop_if(|o| matches!(o, Owed::Execute)),
             b'E' => self.on_backend_error(),
+            b'G' => {
+                // PostgreSQL ignores Sync received in copy-in mode, and
+                // drivers do send one right after the Execute that starts
+                // COPY (tokio-postgres does): those already sent are not owed.
+                if matches!(self.owed.front(), Some(Owed::Execute | Owed::Query)) {
+                    let mut first = true;
+                    self.owed
+                        .retain(|o| std::mem::take(&mut first) || !matches!(o, Owed::Sync));
+                }
+            }
             b'Z' => {
                 self.pop_if(|o| matches!(o, Owed::Sync | Owed::Query | Owed::FunctionCall));
                 let s = f.body().first().copied().unwrap_or(b'I');
+                let cur = self.cur;
+                if let Some(b) = self.slots[cur].conn.as_mut() {
+                    b.status = s;
+                }
                 self.tx_status = s;
                 if s == b'I' {
                     self.tx_failed = false;
@@ -1266,13 +1470,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     match self.owed.pop_front() {
                         Some(Owed::Parse {
                             internal: Some(name),
+                            client,
                             ..
                         }) => {
+                            // Not prepared on this backend after all; a
+                            // client's own Parse that never ran leaves no
+                            // statement behind, a hidden re-Parse does not
+                            // touch the client's name.
                             let cur = self.cur;
                             if let Some(b) = self.slots[cur].conn.as_mut() {
                                 b.prepared.remove(&name);
                             }
-                            self.stmts.retain(|_, s| s.internal != name);
+                            if let Some(c) = client {
+                                self.stmts.remove(&c);
+                            }
+                        }
+                        Some(Owed::Synthetic {
+                            forget: Forget::OnSkip(c),
+                            ..
+                        }) => {
+                            self.stmts.remove(&c);
                         }
                         Some(Owed::Parse { internal: None, .. }) => {
                             if let Some(u) = self.unnamed.as_mut() {
@@ -1287,38 +1504,62 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn emit_synthetic(&mut self) {
-        while let Some(Owed::Synthetic(_)) = self.owed.front() {
-            if let Some(Owed::Synthetic(f)) = self.owed.pop_front() {
-                self.out.put_slice(&f);
+        while let Some(Owed::Synthetic { .. }) = self.owed.front() {
+            if let Some(Owed::Synthetic { frame, forget }) = self.owed.pop_front() {
+                self.out.put_slice(&frame);
+                if let Forget::OnSend(name) = forget {
+                    self.stmts.remove(&name);
+                }
             }
         }
     }
 
     /// ReadyForQuery(idle) with nothing owed: read back session state if it
     /// may have changed, then return the backends (transaction mode).
+    /// Reads the session state of shard `i`'s backend (where a SET may have
+    /// run) and makes it the client's; the backend is labelled with it.
+    async fn refresh_state_from(&mut self, i: usize) {
+        let Some(b) = self.slots[i].conn.as_mut() else {
+            return;
+        };
+        match b.hidden_query(state::READ_STATE_SQL).await {
+            Ok(rows) => {
+                let pairs = rows
+                    .into_iter()
+                    .filter_map(|r| match (r.first(), r.get(1)) {
+                        (Some(Some(k)), Some(Some(v))) => Some((k.clone(), v.clone())),
+                        _ => None,
+                    })
+                    .collect();
+                self.state = SessionState::from_pairs(pairs);
+                self.state_fp = self.state.fingerprint();
+                b.state_fp = self.state_fp;
+                self.state_dirty[i] = false;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read session state back");
+                b.broken = true;
+            }
+        }
+    }
+
+    /// ReadyForQuery(idle) with nothing owed: end what other shards still
+    /// hold open (they were only read: one written shard per transaction),
+    /// read back session state where it may have changed, then return the
+    /// backends (transaction mode).
     pub(crate) async fn end_of_transaction(&mut self) -> Result<(), SessionError> {
         self.reset_tx();
-        if let Some(shard) = self.state_dirty {
-            if let Some(b) = self.slots[shard].conn.as_mut() {
-                match b.hidden_query(state::READ_STATE_SQL).await {
-                    Ok(rows) => {
-                        let pairs = rows
-                            .into_iter()
-                            .filter_map(|r| match (r.first(), r.get(1)) {
-                                (Some(Some(k)), Some(Some(v))) => Some((k.clone(), v.clone())),
-                                _ => None,
-                            })
-                            .collect();
-                        self.state = SessionState::from_pairs(pairs);
-                        self.state_fp = self.state.fingerprint();
-                        b.state_fp = self.state_fp;
-                        self.state_dirty = None;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read session state back");
+        for i in 0..self.slots.len() {
+            if let Some(b) = self.slots[i].conn.as_mut() {
+                if b.status != b'I' && !b.unsynced {
+                    if let Err(e) = b.hidden_query("ROLLBACK").await {
+                        tracing::warn!(error = %e, shard = i, "rolling back a read-only shard failed");
                         b.broken = true;
                     }
                 }
+            }
+            if self.state_dirty[i] {
+                self.refresh_state_from(i).await;
             }
         }
         if self.prepared_dirty {
@@ -1343,9 +1584,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !self.session_mode {
             for slot in &mut self.slots {
                 if let Some(b) = slot.conn.take() {
-                    if !b.broken {
-                        b.release();
-                    }
+                    // Closed instead when not idle and synced.
+                    b.release();
                 }
             }
             if let Some(u) = self.unnamed.as_mut() {
@@ -1369,6 +1609,9 @@ impl Refusal {
         Refusal { code, message }
     }
 }
+
+/// Extended-protocol messages held before routing, at most.
+const MAX_BATCH: usize = 1024;
 
 const POISON_SQL: &str =
     "DO $$BEGIN RAISE EXCEPTION 'hotrepart: this transaction failed at the node'; END$$";

@@ -64,6 +64,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Changes the largest frame accepted (e.g. small before login).
+    pub fn set_max_len(&mut self, max_len: usize) {
+        self.max_len = max_len;
+    }
+
     pub fn get_ref(&self) -> &R {
         &self.inner
     }

@@ -267,11 +267,32 @@ async fn prepared_statements_survive_backend_changes() {
     let st = db.prepare("SELECT 1").await.unwrap();
     drop(st);
     db.query_one("SELECT 2", &[]).await.unwrap();
-    // DISCARD ALL on a backend does not break later statements
+    // DISCARD ALL drops the client's statements, as in PostgreSQL, and
+    // preparing again works (no stale "already exists")
     let st = db.prepare("SELECT v FROM p WHERE k = $1").await.unwrap();
     db.batch_execute("DISCARD ALL").await.unwrap();
+    let e = db.query_one(&st, &[&3i32]).await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "26000", "{e:?}");
+    let st = db.prepare("SELECT v FROM p WHERE k = $1").await.unwrap();
     let r = db.query_one(&st, &[&3i32]).await.unwrap();
     assert_eq!(r.get::<_, i32>(0), 30);
+    // SQL DEALLOCATE of a protocol-level statement, as PostgreSQL allows
+    let raw = c.connect().await;
+    let st2 = raw.prepare("SELECT 42").await.unwrap();
+    // the statement's protocol name, from its Debug output: name: "sN"
+    let dbg = format!("{st2:?}");
+    let name = dbg.split('"').nth(1).unwrap().to_string();
+    assert!(name.starts_with('s'), "{dbg}");
+    raw.batch_execute(&format!("DEALLOCATE {name}"))
+        .await
+        .unwrap();
+    let e = raw.query_one(&st2, &[]).await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "26000");
+    let e = raw
+        .batch_execute(&format!("DEALLOCATE {name}"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "26000");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,9 +62,11 @@ pub fn compare(ty: Ty, a: &[u8], b: &[u8]) -> Result<Ordering, ValueError> {
         Ty::Date | Ty::Timestamp | Ty::TimestampTz => {
             parse_time(utf8(a)?, ty)?.cmp(&parse_time(utf8(b)?, ty)?)
         }
-        Ty::Other(oid) => return Err(ValueError(format!(
+        Ty::Other(oid) => {
+            return Err(ValueError(format!(
             "cannot merge values of type oid {oid} across shards (no ordering known to hotrepart)"
-        ))),
+        )))
+        }
     })
 }
 

@@ -1,0 +1,405 @@
+//! Transactions and protocol corner cases across shards: each test is a
+//! reproduction of a bug found in review, kept as a regression test.
+#![allow(clippy::unwrap_used)]
+
+use bytes::{Buf, BytesMut};
+use hotrepart_router::catalog::{KeyValue, RoutingSnapshot};
+use hotrepart_tests::*;
+use postgres_protocol::message::frontend;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SEED: u64 = 7;
+
+async fn cluster() -> Cluster {
+    Cluster::start(Opts {
+        shards: 2,
+        extra: "pool_size = 2".into(),
+        users: "[[users]]\nname = \"t\"\nauth = \"trust\"\nserver_user = \"postgres\"\n".into(),
+        tail: format!(
+            "[[sharded_tables]]\nname = \"users\"\nkey = \"id\"\ntype = \"int8\"\nseed = {SEED}\n"
+        ),
+    })
+    .await
+}
+
+/// Two keys owned by different shards: (key on s0, key on s1).
+fn keys(snap: &RoutingSnapshot) -> (i64, i64) {
+    let owner = |k: i64| {
+        snap.range_for_key("users", &KeyValue::Int8(k))
+            .unwrap()
+            .write_owner
+            .as_str()
+            .to_string()
+    };
+    let a = (1..1000).find(|&k| owner(k) == "s0").unwrap();
+    let b = (1..1000).find(|&k| owner(k) == "s1").unwrap();
+    (a, b)
+}
+
+async fn setup(c: &Cluster) -> (tokio_postgres::Client, i64, i64) {
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let (a, b) = keys(&c.node.catalog.load_full());
+    (db, a, b)
+}
+
+async fn count(db: &tokio_postgres::Client, id: i64) -> i64 {
+    db.query_one("SELECT count(*) FROM users WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn no_open_transactions(c: &Cluster) {
+    for i in 0..c.shards.len() {
+        let d = c.direct(i).await;
+        wait_for("no idle-in-transaction backend", Duration::from_secs(10), || async {
+            let n: i64 = d
+                .query_one("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'", &[])
+                .await
+                .unwrap()
+                .get(0);
+            n == 0
+        })
+        .await;
+    }
+}
+
+fn code(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("{e:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn begin_in_the_same_string_still_counts_the_written_shard() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    db.batch_execute(&format!(
+        "BEGIN; INSERT INTO users (id, v) VALUES ({a}, 'a')"
+    ))
+    .await
+    .unwrap();
+    let e = db
+        .batch_execute(&format!("INSERT INTO users (id, v) VALUES ({b}, 'b')"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000");
+    db.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        count(&db, a).await,
+        0,
+        "a failed transaction committed its first write"
+    );
+    assert_eq!(count(&db, b).await, 0);
+    no_open_transactions(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_mixed_into_a_string_on_a_multi_shard_transaction_is_refused() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    db.batch_execute(&format!(
+        "BEGIN; INSERT INTO users (id, v) VALUES ({a}, 'a')"
+    ))
+    .await
+    .unwrap();
+    db.query("SELECT * FROM users WHERE id = $1", &[&b])
+        .await
+        .unwrap();
+    let e = db.batch_execute("COMMIT; SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "0A000");
+    db.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(count(&db, a).await, 0);
+    no_open_transactions(&c).await;
+    // and done the supported way, it commits
+    db.batch_execute(&format!(
+        "BEGIN; INSERT INTO users (id, v) VALUES ({a}, 'a')"
+    ))
+    .await
+    .unwrap();
+    db.query("SELECT * FROM users WHERE id = $1", &[&b])
+        .await
+        .unwrap();
+    db.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(count(&db, a).await, 1);
+    no_open_transactions(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_on_one_shard_aborts_the_whole_transaction() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    db.batch_execute("BEGIN").await.unwrap();
+    db.query("SELECT * FROM users WHERE id = $1", &[&a])
+        .await
+        .unwrap();
+    let e = db.batch_execute("SELECT 1/0").await.unwrap_err();
+    assert_eq!(code(&e), "22012");
+    let e = db
+        .batch_execute(&format!("INSERT INTO users (id, v) VALUES ({b}, 'b')"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "25P02");
+    let msgs = db.simple_query("COMMIT").await.unwrap();
+    let tag = msgs
+        .iter()
+        .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(_)));
+    assert!(tag);
+    assert_eq!(count(&db, b).await, 0);
+    no_open_transactions(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_shard_write_with_begin_in_the_string_is_refused() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    db.batch_execute(&format!(
+        "INSERT INTO users (id, v) VALUES ({a}, 'x'), ({b}, 'x')"
+    ))
+    .await
+    .unwrap();
+    let e = db
+        .batch_execute("BEGIN; UPDATE users SET v = 'changed'")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000");
+    let _ = db.batch_execute("ROLLBACK").await;
+    let n: i64 = db
+        .query_one(
+            "SELECT count(*) FROM users WHERE id = $1 AND v = 'x'",
+            &[&a],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    no_open_transactions(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_shard_reads_ignore_differing_table_oids() {
+    let c = cluster().await;
+    // shift OIDs on one shard
+    c.direct(1)
+        .await
+        .batch_execute("CREATE TABLE shift_oids (x int); DROP TABLE shift_oids")
+        .await
+        .unwrap();
+    let (db, a, b) = setup(&c).await;
+    db.batch_execute(&format!(
+        "INSERT INTO users (id, v) VALUES ({a}, 'a'), ({b}, 'b')"
+    ))
+    .await
+    .unwrap();
+    let rows = db.simple_query("SELECT * FROM users").await.unwrap();
+    let n = rows
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(n, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_inside_a_multi_shard_transaction_does_not_leak() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: "pool_size = 1".into(),
+        tail: format!(
+            "[[sharded_tables]]\nname = \"users\"\nkey = \"id\"\ntype = \"int8\"\nseed = {SEED}\n"
+        ),
+        ..Opts::default()
+    })
+    .await;
+    let (db, a, b) = setup(&c).await;
+    db.batch_execute("BEGIN").await.unwrap();
+    db.query("SELECT * FROM users WHERE id = $1", &[&a])
+        .await
+        .unwrap();
+    db.batch_execute("SET work_mem = '7777kB'").await.unwrap();
+    db.query("SELECT * FROM users WHERE id = $1", &[&b])
+        .await
+        .unwrap();
+    db.batch_execute("COMMIT").await.unwrap();
+    let other = c.connect().await;
+    for id in [a, b] {
+        // pin each shard's (only) backend with a keyed read in a transaction
+        other.batch_execute("BEGIN").await.unwrap();
+        other
+            .query("SELECT * FROM users WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+        let wm: String = other.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+        assert_eq!(wm, "4MB", "another client's SET leaked (shard of key {id})");
+        other.batch_execute("COMMIT").await.unwrap();
+        db.batch_execute("BEGIN").await.unwrap();
+        db.query("SELECT * FROM users WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+        let wm: String = db.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+        assert_eq!(
+            wm, "7777kB",
+            "the client lost its own SET (shard of key {id})"
+        );
+        db.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_reuse_pooled_backends() {
+    let c = cluster().await;
+    let (db, a, _) = setup(&c).await;
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..5 {
+        db.batch_execute("BEGIN").await.unwrap();
+        db.query("SELECT * FROM users WHERE id = $1", &[&a])
+            .await
+            .unwrap();
+        // no table: runs on the shard the transaction is on
+        let p: i32 = db
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        pids.insert(p);
+        db.batch_execute("COMMIT").await.unwrap();
+    }
+    assert_eq!(
+        pids.len(),
+        1,
+        "each transaction got a new backend: {pids:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_error_in_the_extended_protocol_keeps_the_session_in_sync() {
+    let c = cluster().await;
+    let (db, _, _) = setup(&c).await;
+    db.batch_execute("CREATE TABLE h (a int)").await.unwrap();
+    let sink = db.copy_in("COPY h FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    use futures_util::SinkExt;
+    let _ = sink
+        .send(bytes::Bytes::from_static(b"not a number\n"))
+        .await;
+    assert!(sink.finish().await.is_err());
+    let r = tokio::time::timeout(Duration::from_secs(20), async {
+        db.query_one("SELECT 1", &[]).await.unwrap();
+        db.batch_execute("CREATE TABLE h2 (a int)").await.unwrap();
+    })
+    .await;
+    assert!(r.is_ok(), "session hung after a failed COPY");
+    no_open_transactions(&c).await;
+}
+
+/// A minimal raw protocol client (trust user `t`) for message sequences
+/// drivers do not produce.
+struct Raw {
+    s: tokio::net::TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    async fn connect(c: &Cluster) -> Raw {
+        let mut s = tokio::net::TcpStream::connect(c.addr).await.unwrap();
+        let mut out = BytesMut::new();
+        frontend::startup_message([("user", "t"), ("database", "postgres")], &mut out).unwrap();
+        s.write_all(&out).await.unwrap();
+        let mut r = Raw {
+            s,
+            buf: BytesMut::new(),
+        };
+        r.until_ready().await;
+        r
+    }
+
+    async fn send(&mut self, f: impl FnOnce(&mut BytesMut)) {
+        let mut out = BytesMut::new();
+        f(&mut out);
+        self.s.write_all(&out).await.unwrap();
+    }
+
+    /// Reads messages until ReadyForQuery; fails the test after 10 s.
+    async fn until_ready(&mut self) -> Vec<(u8, Vec<u8>)> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let mut msgs = Vec::new();
+            loop {
+                while self.buf.len() >= 5 {
+                    let len =
+                        u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                            as usize;
+                    if self.buf.len() < len + 1 {
+                        break;
+                    }
+                    let tag = self.buf[0];
+                    self.buf.advance(5);
+                    let body = self.buf.split_to(len - 4).to_vec();
+                    msgs.push((tag, body));
+                    if tag == b'Z' {
+                        return msgs;
+                    }
+                }
+                let n = self.s.read_buf(&mut self.buf).await.unwrap();
+                assert!(n > 0, "connection closed; got {msgs:?}");
+            }
+        })
+        .await
+        .expect("no ReadyForQuery within 10 s: the session hangs")
+    }
+}
+
+fn tags(m: &[(u8, Vec<u8>)]) -> String {
+    m.iter().map(|(t, _)| *t as char).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_statement_name_then_the_session_goes_on() {
+    let c = cluster().await;
+    let mut r = Raw::connect(&c).await;
+    for _ in 0..2 {
+        r.send(|o| {
+            frontend::parse("s1", "SELECT 1", std::iter::empty(), o).unwrap();
+            frontend::sync(o);
+        })
+        .await;
+    }
+    assert_eq!(tags(&r.until_ready().await), "1Z");
+    let second = r.until_ready().await;
+    assert_eq!(tags(&second), "EZ", "{second:?}");
+    r.send(|o| frontend::query("SELECT 2", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "TDCZ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsynced_pipeline_never_reaches_another_client() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    let mut r = Raw::connect(&c).await;
+    let ins = |id: i64| format!("INSERT INTO users (id, v) VALUES ({id}, 'raw')");
+    // shard of a: Parse/Bind/Execute + Flush, no Sync
+    let qa = ins(a);
+    r.send(|o| {
+        frontend::parse("", &qa, std::iter::empty(), o).unwrap();
+        // Bind: unnamed portal and statement, no parameters, no formats
+        o.extend_from_slice(&[b'B', 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0]);
+        frontend::execute("", 0, o).unwrap();
+        frontend::flush(o);
+    })
+    .await;
+    // then a statement for the other shard, with Sync: refused
+    let qb = ins(b);
+    r.send(|o| {
+        frontend::query(&qb, o).unwrap();
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert!(tags(&m).contains('E'), "{m:?}");
+    // the client goes away without ever syncing: nothing of it stays
+    drop(r);
+    no_open_transactions(&c).await;
+    assert_eq!(count(&db, b).await, 0);
+    let _ = a;
+}
