@@ -94,10 +94,19 @@ struct Stmt {
 /// The client's unnamed statement: kept so that it can be prepared again on
 /// another shard's backend when a later Bind goes there.
 struct Unnamed {
+    /// The Parse message as the client sent it.
     raw: Bytes,
-    sql: Arc<str>,
     /// Shard whose current backend has it.
     on: Option<usize>,
+}
+
+impl Unnamed {
+    /// Its SQL text (read from the Parse message when routing needs it).
+    fn sql(&self) -> Option<Arc<str>> {
+        let mut b = self.raw.get(5..)?;
+        let _name = wire::get_cstr(&mut b).ok()?;
+        wire::get_cstr(&mut b).ok().map(Arc::from)
+    }
 }
 
 /// One shard's side of the session.
@@ -1112,7 +1121,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let sql = if stmt.is_empty() {
                         batch_unnamed
                             .clone()
-                            .or_else(|| self.unnamed.as_ref().map(|u| u.sql.clone()))
+                            .or_else(|| self.unnamed.as_ref().and_then(Unnamed::sql))
                     } else {
                         batch_named
                             .get(stmt)
@@ -1289,7 +1298,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if name.is_empty() {
             self.unnamed = Some(Unnamed {
                 raw: f.raw.clone(),
-                sql: Arc::from(sql),
                 on: Some(t),
             });
             self.to_backend.put_slice(&f.raw);

@@ -126,28 +126,57 @@ fn parse_options(opts: &str) -> Result<Vec<(String, String)>, String> {
 /// state back after the transaction). Cheap and conservative: a false
 /// positive costs one extra round trip, a false negative would leak state.
 pub fn may_change_state(sql: &str) -> bool {
-    let s = sql.trim_start();
-    let head: String = s.chars().take(12).collect::<String>().to_ascii_lowercase();
-    if head.starts_with("set")
-        || head.starts_with("reset")
-        || head.starts_with("discard")
-        || head.starts_with("deallocate")
-        || head.starts_with("begin")
-        || head.starts_with("start")
-    {
-        // BEGIN/START may carry no SET, but a multi-statement string that
-        // starts with them might; the scan below decides.
-        if !(head.starts_with("begin") || head.starts_with("start")) {
+    let b = sql.as_bytes();
+    let starts = |p: &[u8]| {
+        let s = sql.trim_start().as_bytes();
+        s.len() >= p.len() && s[..p.len()].eq_ignore_ascii_case(p)
+    };
+    if starts(b"set") || starts(b"reset") || starts(b"discard") || starts(b"deallocate") {
+        return true;
+    }
+    // One pass: only positions holding s/S, d/D or r/R can start a match.
+    for i in 0..b.len() {
+        let rest = &b[i..];
+        let hit = match b[i] | 0x20 {
+            b's' => {
+                // "set_config", or "set" starting a later statement
+                ci_prefix(rest, b"set_config")
+                    || (ci_prefix(rest, b"set") && starts_statement(b, i))
+            }
+            b'd' => ci_prefix(rest, b"discard") || ci_prefix(rest, b"deallocate"),
+            b'r' => {
+                ci_prefix(rest, b"reset") && rest.get(5).is_some_and(|c| c.is_ascii_whitespace())
+            }
+            _ => false,
+        };
+        if hit {
             return true;
         }
     }
-    contains_ci(sql, "set_config")
-        || contains_ci(sql, ";set")
-        || contains_ci(sql, "; set")
-        || contains_ci(sql, "\nset")
-        || contains_ci(sql, "discard")
-        || contains_ci(sql, "deallocate")
-        || contains_ci(sql, "reset ")
+    false
+}
+
+/// Whether position `i` may begin a statement: after `;`, after a block
+/// comment, or on the line after a `--` comment.
+fn starts_statement(b: &[u8], i: usize) -> bool {
+    let before = &b[..i];
+    match before.iter().rposition(|c| !c.is_ascii_whitespace()) {
+        None => true,
+        Some(p) if b[p] == b';' || b[p] == b'/' => true,
+        Some(p) => {
+            let line_start = before[..=p]
+                .iter()
+                .rposition(|&c| c == b'\n')
+                .map_or(0, |n| n + 1);
+            let line = &before[line_start..=p];
+            let has_newline_after = before[p..].contains(&b'\n');
+            has_newline_after && line.windows(2).any(|w| w == b"--")
+        }
+    }
+}
+
+fn ci_prefix(s: &[u8], p: &[u8]) -> bool {
+    s.len() >= p.len() && s[..p.len()].eq_ignore_ascii_case(p)
 }
 
 /// Whether a statement may drop prepared statements the node made.
@@ -204,6 +233,8 @@ mod tests {
             "select set_config('a','b',false)",
             "BEGIN; SET LOCAL x = 1",
             "DISCARD ALL",
+            "/* tag */ SET search_path = x",
+            "-- comment\nSET work_mem = '1MB'",
         ] {
             assert!(may_change_state(yes), "{yes}");
         }
