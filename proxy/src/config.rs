@@ -79,6 +79,10 @@ pub struct Config {
     /// assigned round-robin to the shards (default: one per shard).
     #[serde(default)]
     pub initial_ranges: Option<usize>,
+    /// Groups (or rows) a multi-shard merge may hold in memory; beyond it the
+    /// statement fails with 54000 instead of growing without bound.
+    #[serde(default = "default_max_merge_rows")]
+    pub max_merge_rows: usize,
     /// Bounded cache of parsed statements.
     #[serde(default = "default_plan_cache_size")]
     pub plan_cache_size: usize,
@@ -163,6 +167,9 @@ fn default_connect_timeout_ms() -> u64 {
 }
 fn default_max_client_connections() -> usize {
     10_000
+}
+fn default_max_merge_rows() -> usize {
+    100_000
 }
 fn default_plan_cache_size() -> usize {
     10_000

@@ -70,6 +70,8 @@ pub struct Node {
     plans: Mutex<PlanCache>,
     /// Index of the home shard in `cfg.shards`.
     pub home_index: usize,
+    /// Whether (shard, database) uses the C collation (learned on attach).
+    collations: Mutex<HashMap<(usize, String), bool>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     clients: AtomicUsize,
     cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
@@ -114,6 +116,7 @@ impl Node {
             catalog: ArcSwap::from_pointee(snapshot),
             plans,
             home_index,
+            collations: Mutex::new(HashMap::new()),
             cfg,
             pools: Pools::default(),
             tls,
@@ -147,6 +150,21 @@ impl Node {
             params,
             state,
         )
+    }
+
+    pub fn collation_is_c(&self, shard: usize, database: &str) -> Option<bool> {
+        self.collations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(shard, database.to_string()))
+            .copied()
+    }
+
+    pub fn set_collation_is_c(&self, shard: usize, database: &str, c: bool) {
+        self.collations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((shard, database.to_string()), c);
     }
 
     pub(crate) fn pool_for(&self, shard: usize, database: &str, client_user: &str) -> Arc<Pool> {

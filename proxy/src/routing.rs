@@ -52,6 +52,8 @@ pub struct Decision {
     pub sql_text: String,
     /// Some statement of the string is transaction control.
     pub has_tx_control: bool,
+    /// For a multi-shard read: how to merge the shards' answers.
+    pub merge: Option<std::sync::Arc<hotrepart_router::route::MergePlan>>,
 }
 
 impl Decision {
@@ -78,6 +80,7 @@ impl Decision {
             returns_rows: true,
             sql_text: String::new(),
             has_tx_control: false,
+            merge: None,
         }
     }
 }
@@ -199,18 +202,15 @@ pub fn decision(
                 if let Some(e) = route.merge.error() {
                     return Err(Refusal::new(e.sqlstate, e.message));
                 }
-                return Err(Refusal::new("0A000", "this multi-shard statement cannot be merged".into()));
-            }
-            // The router can plan the merge, but the executor does not run
-            // merge plans yet: concatenating would be wrong, so refuse.
-            MergeNeed::Merge(_) => {
                 return Err(Refusal::new(
                     "0A000",
-                    "ORDER BY, LIMIT/OFFSET, DISTINCT and aggregates in a statement that reads from several shards are not supported yet".into(),
-                ))
+                    "this multi-shard statement cannot be merged".into(),
+                ));
             }
+            MergeNeed::Merge(_) => {}
         }
     }
+    let target_is_multi = matches!(target, Target::Multi { .. });
     let kind = match route.kind {
         StatementKind::Transaction(TransactionKind::Begin) => Kind::Begin,
         StatementKind::Transaction(TransactionKind::Commit) => Kind::Commit,
@@ -246,6 +246,10 @@ pub fn decision(
             .statements
             .iter()
             .any(|k| matches!(k, StatementKind::Transaction(_))),
+        merge: match (&target_is_multi, &route.merge) {
+            (true, MergeNeed::Merge(p)) => Some(p.clone()),
+            _ => None,
+        },
     })
 }
 

@@ -234,6 +234,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         end
     }
 
+    pub(crate) fn database(&self) -> &str {
+        &self.database
+    }
+
     fn attached(&self) -> bool {
         self.slots.iter().any(|s| s.conn.is_some())
     }
@@ -481,6 +485,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             b.state_fp = self.state_fp;
         }
+        if self.node.cfg.shards.len() > 1 && self.node.collation_is_c(t, &self.database).is_none() {
+            // Needed by the merger before it orders text across shards.
+            if let Ok(rows) = b
+                .hidden_query("SELECT datcollate FROM pg_catalog.pg_database WHERE datname = current_database()")
+                .await
+            {
+                let c = rows
+                    .first()
+                    .and_then(|r| r.first().cloned().flatten())
+                    .is_some_and(|v| v == "C" || v == "POSIX");
+                self.node.set_collation_is_c(t, &self.database, c);
+            }
+        }
         if self.tx_status != b'I' {
             // The shard joins an open transaction.
             let begin = self.tx_begin.clone().unwrap_or_else(|| "BEGIN".into());
@@ -703,6 +720,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(());
         }
         match &d.target {
+            Target::Multi { shards, .. } if d.merge.is_some() => {
+                if !self.owed.is_empty() {
+                    self.drain_owed().await?;
+                }
+                let (plan, shards) = (d.merge.clone(), shards.clone());
+                if let Some(plan) = plan {
+                    return crate::merge::exec::run(self, &plan, &shards).await;
+                }
+            }
             Target::Multi { .. } => {
                 let sql = sql.to_string();
                 if !self.owed.is_empty() {
@@ -1136,6 +1162,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let t = match &d.target {
                         Target::Shard(t) => Some(*t),
                         Target::Any => None,
+                        Target::Multi { .. } if d.merge.is_some() => {
+                            return Err(Refusal::new(
+                                "0A000",
+                                "ORDER BY, LIMIT/OFFSET, DISTINCT and aggregates across shards are supported in the simple query protocol only for now".into(),
+                            ))
+                        }
                         Target::Multi { shards, .. } if shards.len() == 1 => Some(shards[0]),
                         Target::Multi { .. } => {
                             multi = true;

@@ -158,17 +158,31 @@ async fn rows_land_on_their_owner_and_are_found() {
         .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
         .count();
     assert_eq!(rows as i64, total_expected);
-    // ... but not when concatenation would be wrong
-    let e = db
+    // ... and merged where concatenation would be wrong
+    let r = db
         .simple_query("SELECT id FROM users ORDER BY id LIMIT 3")
+        .await
+        .unwrap();
+    let ids: Vec<&str> = r
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, ["-5", "1", "2"]);
+    let r = db.simple_query("SELECT count(*) FROM users").await.unwrap();
+    let n = r.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(n, Some(total_expected.to_string()));
+    // a merge the node cannot do is refused, never concatenated
+    let e = db
+        .simple_query("SELECT count(DISTINCT name) FROM users")
         .await
         .unwrap_err();
     assert_eq!(e.code().unwrap().code(), "0A000", "{e:?}");
-    let e = db
-        .simple_query("SELECT count(*) FROM users")
-        .await
-        .unwrap_err();
-    assert_eq!(e.code().unwrap().code(), "0A000");
     // UPDATE without the key reaches every shard; counts are summed
     let n = db
         .simple_query("UPDATE users SET name = name || '!' WHERE id > 1000")

@@ -1,7 +1,9 @@
 //! Merging the answers of several shards into the one answer a single
 //! PostgreSQL holding all rows would give (the merge issue; in progress).
 //!
+//! [`exec`]: runs a router merge plan over the shards.
 //! [`value`]: PostgreSQL's ordering and the arithmetic for combining
 //! partial aggregates, on text-format values.
 
+pub mod exec;
 pub mod value;

@@ -1,0 +1,840 @@
+//! Runs a router [`MergePlan`] over several shards (simple query protocol,
+//! text results) and sends the client the answer one PostgreSQL holding all
+//! rows would give.
+//!
+//! Two ways, chosen from the plan:
+//! - **streaming** (no aggregation, no DISTINCT): a k-way merge over the
+//!   shards' sorted streams (or their concatenation when nothing is
+//!   ordered), OFFSET/LIMIT applied while streaming; memory holds one row per
+//!   shard;
+//! - **collecting** (aggregates, DISTINCT, or an order the shards cannot
+//!   produce): rows are combined by group into at most `max_merge_rows`
+//!   entries — more is an error (54000), never unbounded growth — then
+//!   HAVING, outputs, DISTINCT, ORDER BY, OFFSET, LIMIT.
+//!
+//! Guarantee: values are compared and combined with PostgreSQL's semantics
+//! for their type ([`super::value`]); text is ordered only when every shard
+//! uses the C collation; anything else is an error naming what is missing.
+
+use super::value::{self, Num, Ty, ValueError};
+use crate::session::{command_complete, rfq, Refusal, Session, SessionError};
+use crate::wire::{self, Severity, WireError};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use hotrepart_router::route::{
+    AggregatePlan, Combined, CompareOp, HavingExpr, LimitSpec, Literal, MergePlan, Operand,
+    Partial, ShardCol,
+};
+use postgres_protocol::message::frontend;
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+type Row = Vec<Option<Bytes>>;
+
+/// One column of the shards' RowDescription.
+#[derive(Clone)]
+struct Field {
+    name: Vec<u8>,
+    /// table oid, attnum, type oid, typlen, typmod, format (18 bytes)
+    meta: [u8; 18],
+}
+
+impl Field {
+    fn type_oid(&self) -> u32 {
+        u32::from_be_bytes([self.meta[6], self.meta[7], self.meta[8], self.meta[9]])
+    }
+}
+
+fn parse_desc(raw: &[u8]) -> Option<Vec<Field>> {
+    let mut b = raw.get(5..)?;
+    let n = b.get_u16();
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let end = b.iter().position(|&c| c == 0)?;
+        let name = b[..end].to_vec();
+        let meta: [u8; 18] = b.get(end + 1..end + 19)?.try_into().ok()?;
+        out.push(Field { name, meta });
+        b = &b[end + 19..];
+    }
+    Some(out)
+}
+
+fn parse_row(raw: &[u8]) -> Option<Row> {
+    let mut b = raw.get(5..)?;
+    if b.len() < 2 {
+        return None;
+    }
+    let n = b.get_i16();
+    let mut row = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        if b.len() < 4 {
+            return None;
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            row.push(None);
+        } else {
+            let len = len as usize;
+            if b.len() < len {
+                return None;
+            }
+            row.push(Some(Bytes::copy_from_slice(&b[..len])));
+            b.advance(len);
+        }
+    }
+    Some(row)
+}
+
+fn put_row(out: &mut BytesMut, row: &[Option<Bytes>]) {
+    wire::frame(out, b'D', |o| {
+        o.put_i16(row.len() as i16);
+        for v in row {
+            match v {
+                None => o.put_i32(-1),
+                Some(b) => {
+                    o.put_i32(b.len() as i32);
+                    o.put_slice(b);
+                }
+            }
+        }
+    });
+}
+
+struct MergeError(&'static str, String);
+
+impl From<ValueError> for MergeError {
+    fn from(e: ValueError) -> Self {
+        MergeError("0A000", e.0)
+    }
+}
+
+/// Shard streams: the merge reads each shard's replies in turn.
+struct Streams {
+    shards: Vec<usize>,
+    done: Vec<bool>,
+    error: Option<(String, String, usize)>,
+}
+
+impl Streams {
+    /// Next data row of stream `i` (None at its end). Errors are recorded.
+    async fn next<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        s: &mut Session<S>,
+        i: usize,
+    ) -> Result<Option<Row>, SessionError> {
+        while !self.done[i] {
+            let t = self.shards[i];
+            let f = {
+                let Some(b) = s.slots[t].conn.as_mut() else {
+                    self.done[i] = true;
+                    break;
+                };
+                match b.reader.next().await {
+                    Ok(f) => f,
+                    Err(e) => return Err(s.backend_lost(t, e)),
+                }
+            };
+            match f.tag() {
+                b'D' => {
+                    return match parse_row(&f.raw) {
+                        Some(r) => Ok(Some(r)),
+                        None => {
+                            Err(s.backend_lost(t, WireError::Protocol("malformed DataRow".into())))
+                        }
+                    }
+                }
+                b'E' if self.error.is_none() => {
+                    let (c, m) = wire::parse_error_fields(f.body());
+                    self.error = Some((c, m, t));
+                }
+                b'Z' => {
+                    if let Some(b) = s.slots[t].conn.as_mut() {
+                        b.status = f.body().first().copied().unwrap_or(b'I');
+                    }
+                    self.done[i] = true;
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads every stream to its end.
+    async fn drain<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        s: &mut Session<S>,
+    ) -> Result<(), SessionError> {
+        for i in 0..self.shards.len() {
+            while self.next(s, i).await?.is_some() {}
+        }
+        Ok(())
+    }
+}
+
+/// Runs `plan` on `shards` for a simple-protocol client.
+pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    plan: &MergePlan,
+    shards: &[usize],
+) -> Result<(), SessionError> {
+    let in_tx = s.tx_status != b'I';
+    let finish = |s: &mut Session<S>| {
+        let status = s.client_status();
+        s.out.put_slice(&rfq(status));
+    };
+    if plan_has_params(plan) {
+        wire::error_response(&mut s.out, Severity::Error, "0A000", "parameters in LIMIT, OFFSET or HAVING of a multi-shard statement are not supported yet");
+        finish(s);
+        return Ok(());
+    }
+    for &t in shards {
+        if let Err(r) = s.ensure_backend(t).await? {
+            return refuse(s, r, in_tx).await;
+        }
+    }
+    let mut q = BytesMut::new();
+    frontend::query(&plan.shard_sql, &mut q).map_err(|_| SessionError::Fatal {
+        code: "XX000",
+        msg: "cannot encode a message".into(),
+    })?;
+    for &t in shards {
+        if let Some(b) = s.slots[t].conn.as_mut() {
+            if let Err(e) = b.writer.write_all(&q).await {
+                return Err(s.backend_lost(t, WireError::Io(e)));
+            }
+        }
+    }
+    let mut st = Streams {
+        shards: shards.to_vec(),
+        done: vec![false; shards.len()],
+        error: None,
+    };
+    // Row descriptions first.
+    let mut fields: Option<Vec<Field>> = None;
+    let mut mismatch = false;
+    for (i, &t) in shards.iter().enumerate() {
+        loop {
+            let f = {
+                let Some(b) = s.slots[t].conn.as_mut() else {
+                    break;
+                };
+                match b.reader.next().await {
+                    Ok(f) => f,
+                    Err(e) => return Err(s.backend_lost(t, e)),
+                }
+            };
+            match f.tag() {
+                b'T' => {
+                    let d = parse_desc(&f.raw);
+                    match (&fields, d) {
+                        (None, Some(d)) => fields = Some(d),
+                        (Some(a), Some(b)) => {
+                            mismatch |= a.len() != b.len()
+                                || a.iter()
+                                    .zip(&b)
+                                    .any(|(x, y)| x.name != y.name || x.meta[6..] != y.meta[6..]);
+                        }
+                        _ => mismatch = true,
+                    }
+                    break;
+                }
+                b'E' if st.error.is_none() => {
+                    let (c, m) = wire::parse_error_fields(f.body());
+                    st.error = Some((c, m, t));
+                }
+                b'Z' => {
+                    st.done[i] = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    let result = match (&fields, mismatch, &st.error) {
+        (Some(f), false, None) => {
+            let f = f.clone();
+            execute(s, plan, &f, &mut st).await?
+        }
+        (_, true, _) => Err(MergeError(
+            "XX000",
+            "shards returned different row descriptions for the same statement".into(),
+        )),
+        _ => Ok(0),
+    };
+    st.drain(s).await?;
+    if let Some((code, msg, t)) = st.error.take() {
+        let m = format!("{msg} (on shard {})", s.node.cfg.shards[t].name);
+        wire::error_response(&mut s.out, Severity::Error, &code, &m);
+        if in_tx {
+            s.tx_failed = true;
+        }
+    } else {
+        match result {
+            Ok(n) => s.out.put_slice(&command_complete(&format!("SELECT {n}"))),
+            Err(MergeError(code, m)) => {
+                wire::error_response(&mut s.out, Severity::Error, code, &m);
+                if in_tx {
+                    s.tx_failed = true;
+                }
+            }
+        }
+    }
+    finish(s);
+    if !in_tx {
+        s.end_of_transaction().await?;
+    }
+    Ok(())
+}
+
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    r: Refusal,
+    in_tx: bool,
+) -> Result<(), SessionError> {
+    wire::error_response(&mut s.out, Severity::Error, r.code, &r.message);
+    if in_tx {
+        s.tx_failed = true;
+    }
+    let status = s.client_status();
+    s.out.put_slice(&rfq(status));
+    Ok(())
+}
+
+fn plan_has_params(p: &MergePlan) -> bool {
+    fn op(o: &Operand) -> bool {
+        matches!(o, Operand::Param(_))
+    }
+    fn h(e: &HavingExpr) -> bool {
+        match e {
+            HavingExpr::And(a, b) | HavingExpr::Or(a, b) => h(a) || h(b),
+            HavingExpr::Not(a) => h(a),
+            HavingExpr::Compare { left, right, .. } => op(left) || op(right),
+            HavingExpr::IsNull { operand, .. } => op(operand),
+        }
+    }
+    matches!(p.limit, Some(LimitSpec::Param(_)))
+        || matches!(p.offset, Some(LimitSpec::Param(_)))
+        || p.aggregate
+            .as_ref()
+            .and_then(|a| a.having.as_ref())
+            .is_some_and(h)
+}
+
+fn limit_of(l: &Option<LimitSpec>) -> Option<u64> {
+    match l {
+        Some(LimitSpec::Count(n)) => Some(*n),
+        _ => None,
+    }
+}
+
+/// Merges the rows; returns the number sent.
+async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    plan: &MergePlan,
+    fields: &[Field],
+    st: &mut Streams,
+) -> Result<Result<u64, MergeError>, SessionError> {
+    let types: Vec<Ty> = fields.iter().map(|f| Ty::of(f.type_oid())).collect();
+    // Text is ordered (sort keys, min/max) only under the C collation.
+    let orders_text = plan
+        .order_by
+        .iter()
+        .any(|k| key_ty(&k.value, &types) == Ty::Text)
+        || plan.aggregate.as_ref().is_some_and(|a| {
+            a.shard_cols.iter().enumerate().any(|(i, c)| {
+                matches!(c, ShardCol::Partial(Partial::Min | Partial::Max))
+                    && types.get(i) == Some(&Ty::Text)
+            })
+        });
+    if orders_text && !shards_use_c_collation(s, &st.shards).await? {
+        return Ok(Err(MergeError(
+            "0A000",
+            "ordering text across shards needs the C collation on every shard (database collation is not C)".into(),
+        )));
+    }
+    let max_rows = s.node.cfg.max_merge_rows;
+    let offset = limit_of(&plan.offset).unwrap_or(0);
+    let limit = limit_of(&plan.limit);
+    // Output row description.
+    let out_fields: Vec<Field> = match &plan.aggregate {
+        None => fields.get(plan.hidden..).unwrap_or(&[]).to_vec(),
+        Some(a) => a.outputs.iter().map(|o| output_field(o, fields)).collect(),
+    };
+    wire::frame(&mut s.out, b'T', |o| {
+        o.put_i16(out_fields.len() as i16);
+        for f in &out_fields {
+            o.put_slice(&f.name);
+            o.put_u8(0);
+            o.put_slice(&f.meta);
+        }
+    });
+    let streaming = plan.aggregate.is_none()
+        && !plan.distinct
+        && (plan.shards_sorted || plan.order_by.is_empty());
+    if streaming {
+        let mut heads: Vec<Option<Row>> = Vec::with_capacity(st.shards.len());
+        for i in 0..st.shards.len() {
+            heads.push(st.next(s, i).await?);
+        }
+        let (mut skipped, mut sent) = (0u64, 0u64);
+        loop {
+            if limit.is_some_and(|l| sent >= l) {
+                break;
+            }
+            // The smallest head (the first non-empty one when unordered).
+            let mut best: Option<usize> = None;
+            for i in 0..heads.len() {
+                let Some(r) = &heads[i] else { continue };
+                best = match best {
+                    None => Some(i),
+                    Some(b) => {
+                        let o =
+                            match compare_rows(plan, &types, r, heads[b].as_deref().unwrap_or(&[]))
+                            {
+                                Ok(o) => o,
+                                Err(e) => return Ok(Err(e)),
+                            };
+                        if o == Ordering::Less {
+                            Some(i)
+                        } else {
+                            Some(b)
+                        }
+                    }
+                };
+                if plan.order_by.is_empty() {
+                    break;
+                }
+            }
+            let Some(b) = best else { break };
+            let row = heads[b].take().unwrap_or_default();
+            heads[b] = st.next(s, b).await?;
+            if skipped < offset {
+                skipped += 1;
+                continue;
+            }
+            put_row(&mut s.out, row.get(plan.hidden..).unwrap_or(&[]));
+            sent += 1;
+            if s.out.len() > 64 * 1024 {
+                s.flush_client().await?;
+            }
+        }
+        return Ok(Ok(sent));
+    }
+    // Collecting: combine by group (or keep rows), bounded.
+    let mut groups: Vec<Row> = Vec::new();
+    let mut index: HashMap<Row, usize> = HashMap::new();
+    for i in 0..st.shards.len() {
+        while let Some(row) = st.next(s, i).await? {
+            match &plan.aggregate {
+                Some(a) => {
+                    let key: Row = a
+                        .group_by
+                        .iter()
+                        .map(|&c| row.get(c).cloned().flatten())
+                        .collect();
+                    match index.get(&key) {
+                        Some(&g) => {
+                            if let Err(e) = combine(a, &types, &mut groups[g], &row) {
+                                return Ok(Err(e));
+                            }
+                        }
+                        None => {
+                            if groups.len() >= max_rows {
+                                return Ok(Err(too_many(max_rows)));
+                            }
+                            index.insert(key, groups.len());
+                            groups.push(row);
+                        }
+                    }
+                }
+                None => {
+                    if groups.len() >= max_rows {
+                        return Ok(Err(too_many(max_rows)));
+                    }
+                    groups.push(row);
+                }
+            }
+        }
+    }
+    // An aggregate without GROUP BY answers one row even with no input
+    // (each shard sends one; with zero shards there is nothing to do).
+    let mut rows: Vec<(Row, Row)> = Vec::with_capacity(groups.len()); // (shard row, output row)
+    for g in groups {
+        match &plan.aggregate {
+            Some(a) => {
+                if let Some(h) = &a.having {
+                    match eval_having(h, &g, &types) {
+                        Ok(Some(true)) => {}
+                        Ok(_) => continue,
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
+                let mut out = Vec::with_capacity(a.outputs.len());
+                for o in &a.outputs {
+                    match combined_value(o, &g, &types) {
+                        Ok(v) => out.push(v),
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
+                rows.push((g, out));
+            }
+            None => {
+                let out = g.get(plan.hidden..).unwrap_or(&[]).to_vec();
+                rows.push((g, out));
+            }
+        }
+    }
+    if plan.distinct {
+        let mut seen = std::collections::HashSet::new();
+        rows.retain(|(_, out)| seen.insert(out.clone()));
+    }
+    if !plan.order_by.is_empty() {
+        let mut err = None;
+        rows.sort_by(|a, b| match compare_rows(plan, &types, &a.0, &b.0) {
+            Ok(o) => o,
+            Err(e) => {
+                err.get_or_insert(e);
+                Ordering::Equal
+            }
+        });
+        if let Some(e) = err {
+            return Ok(Err(e));
+        }
+    }
+    let mut sent = 0u64;
+    for (_, out) in rows.into_iter().skip(offset as usize) {
+        if limit.is_some_and(|l| sent >= l) {
+            break;
+        }
+        put_row(&mut s.out, &out);
+        sent += 1;
+        if s.out.len() > 64 * 1024 {
+            s.flush_client().await?;
+        }
+    }
+    Ok(Ok(sent))
+}
+
+fn too_many(n: usize) -> MergeError {
+    MergeError(
+        "54000",
+        format!("a multi-shard result needs more than max_merge_rows = {n} groups or rows in memory; raise the limit or narrow the query"),
+    )
+}
+
+fn key_ty(v: &Combined, types: &[Ty]) -> Ty {
+    match v {
+        Combined::Col(c) => types.get(*c).copied().unwrap_or(Ty::Other(0)),
+        Combined::Avg { sum, .. } => match types.get(*sum) {
+            Some(Ty::Float) => Ty::Float,
+            _ => Ty::Numeric,
+        },
+    }
+}
+
+fn output_field(o: &Combined, fields: &[Field]) -> Field {
+    match o {
+        Combined::Col(c) => fields[*c].clone(),
+        Combined::Avg { sum, .. } => {
+            let mut f = fields[*sum].clone();
+            let float = Ty::of(f.type_oid()) == Ty::Float;
+            let (oid, len): (u32, i16) = if float { (701, 8) } else { (1700, -1) };
+            f.meta[0..6].fill(0);
+            f.meta[6..10].copy_from_slice(&oid.to_be_bytes());
+            f.meta[10..12].copy_from_slice(&len.to_be_bytes());
+            f.meta[12..16].copy_from_slice(&(-1i32).to_be_bytes());
+            f
+        }
+    }
+}
+
+/// The value of a combined column in a (combined) shard row.
+fn combined_value(
+    o: &Combined,
+    row: &[Option<Bytes>],
+    types: &[Ty],
+) -> Result<Option<Bytes>, MergeError> {
+    match o {
+        Combined::Col(c) => Ok(row.get(*c).cloned().flatten()),
+        Combined::Avg { sum, count } => {
+            let (Some(sv), Some(cv)) = (
+                row.get(*sum).cloned().flatten(),
+                row.get(*count).cloned().flatten(),
+            ) else {
+                return Ok(None);
+            };
+            let cnt = Num::parse(utf8(&cv)?)?;
+            if cnt.cmp_num(&Num::from_i128(0)) == Ordering::Equal {
+                return Ok(None);
+            }
+            match types.get(*sum) {
+                Some(Ty::Float) => {
+                    let s: f64 = parse_f64(utf8(&sv)?)?;
+                    let c: f64 = utf8(&cv)?
+                        .parse()
+                        .map_err(|_| MergeError("XX000", "bad count".into()))?;
+                    Ok(Some(Bytes::from(float_text(s / c))))
+                }
+                _ => {
+                    let q = Num::parse(utf8(&sv)?)?.div_pg(&cnt)?;
+                    Ok(Some(Bytes::from(q.to_text())))
+                }
+            }
+        }
+    }
+}
+
+fn utf8(b: &[u8]) -> Result<&str, MergeError> {
+    std::str::from_utf8(b).map_err(|_| MergeError("XX000", "invalid UTF-8 in a value".into()))
+}
+
+fn parse_f64(s: &str) -> Result<f64, MergeError> {
+    match s {
+        "NaN" => Ok(f64::NAN),
+        "Infinity" => Ok(f64::INFINITY),
+        "-Infinity" => Ok(f64::NEG_INFINITY),
+        _ => s
+            .parse()
+            .map_err(|_| MergeError("XX000", format!("invalid float {s:?}"))),
+    }
+}
+
+/// PostgreSQL's float8 output: shortest round-trip digits, exponent form
+/// below 1e-4 and from 1e15.
+pub(crate) fn float_text(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    if x == 0.0 {
+        return if x.is_sign_negative() {
+            "-0".into()
+        } else {
+            "0".into()
+        };
+    }
+    let e = format!("{x:e}"); // e.g. "1.2345e14", "-5e-7"
+    let (mant, exp) = e.split_once('e').unwrap_or((&e, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if (-4..15).contains(&exp) {
+        format!("{x}")
+    } else {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{mant}e{sign}{:02}", exp.abs())
+    }
+}
+
+/// Combines a shard row into its group's row, column by column.
+fn combine(a: &AggregatePlan, types: &[Ty], acc: &mut Row, row: &Row) -> Result<(), MergeError> {
+    for (i, col) in a.shard_cols.iter().enumerate() {
+        let ShardCol::Partial(p) = col else { continue };
+        let new = row.get(i).cloned().flatten();
+        let old = acc.get(i).cloned().flatten();
+        let ty = types.get(i).copied().unwrap_or(Ty::Other(0));
+        let v = match (old, new) {
+            (None, n) => n,
+            (o, None) => o,
+            (Some(o), Some(n)) => Some(match p {
+                Partial::Count => add(Ty::Int, &o, &n)?,
+                Partial::Sum => add(ty, &o, &n)?,
+                Partial::Min | Partial::Max => {
+                    let ord = value::compare(ty, &o, &n)?;
+                    let take_new = if *p == Partial::Min {
+                        ord == Ordering::Greater
+                    } else {
+                        ord == Ordering::Less
+                    };
+                    if take_new {
+                        n
+                    } else {
+                        o
+                    }
+                }
+                Partial::BoolAnd => Bytes::from_static(if &o[..] == b"t" && &n[..] == b"t" {
+                    b"t"
+                } else {
+                    b"f"
+                }),
+                Partial::BoolOr => Bytes::from_static(if &o[..] == b"t" || &n[..] == b"t" {
+                    b"t"
+                } else {
+                    b"f"
+                }),
+            }),
+        };
+        if let Some(slot) = acc.get_mut(i) {
+            *slot = v;
+        }
+    }
+    Ok(())
+}
+
+fn add(ty: Ty, a: &[u8], b: &[u8]) -> Result<Bytes, MergeError> {
+    Ok(Bytes::from(match ty {
+        Ty::Int => {
+            let x: i128 = utf8(a)?
+                .parse()
+                .map_err(|_| MergeError("XX000", "bad integer".into()))?;
+            let y: i128 = utf8(b)?
+                .parse()
+                .map_err(|_| MergeError("XX000", "bad integer".into()))?;
+            (x + y).to_string()
+        }
+        Ty::Numeric => Num::parse(utf8(a)?)?.add(&Num::parse(utf8(b)?)?).to_text(),
+        Ty::Float => float_text(parse_f64(utf8(a)?)? + parse_f64(utf8(b)?)?),
+        other => {
+            return Err(MergeError(
+                "0A000",
+                format!("cannot add values of type {other:?} across shards"),
+            ))
+        }
+    }))
+}
+
+/// Compares two shard rows by the plan's ORDER BY.
+fn compare_rows(
+    plan: &MergePlan,
+    types: &[Ty],
+    a: &[Option<Bytes>],
+    b: &[Option<Bytes>],
+) -> Result<Ordering, MergeError> {
+    for k in &plan.order_by {
+        let ty = key_ty(&k.value, types);
+        let va = combined_value(&k.value, a, types)?;
+        let vb = combined_value(&k.value, b, types)?;
+        let o = match (va, vb) {
+            (None, None) => Ordering::Equal,
+            (None, Some(_)) => {
+                if k.nulls_first {
+                    Ordering::Less
+                } else {
+                    Ordering::Greater
+                }
+            }
+            (Some(_), None) => {
+                if k.nulls_first {
+                    Ordering::Greater
+                } else {
+                    Ordering::Less
+                }
+            }
+            (Some(x), Some(y)) => {
+                let o = value::compare(ty, &x, &y)?;
+                if k.desc {
+                    o.reverse()
+                } else {
+                    o
+                }
+            }
+        };
+        if o != Ordering::Equal {
+            return Ok(o);
+        }
+    }
+    Ok(Ordering::Equal)
+}
+
+/// HAVING with SQL's three-valued logic (None = unknown).
+fn eval_having(
+    h: &HavingExpr,
+    row: &[Option<Bytes>],
+    types: &[Ty],
+) -> Result<Option<bool>, MergeError> {
+    Ok(match h {
+        HavingExpr::And(a, b) => match (eval_having(a, row, types)?, eval_having(b, row, types)?) {
+            (Some(false), _) | (_, Some(false)) => Some(false),
+            (Some(true), Some(true)) => Some(true),
+            _ => None,
+        },
+        HavingExpr::Or(a, b) => match (eval_having(a, row, types)?, eval_having(b, row, types)?) {
+            (Some(true), _) | (_, Some(true)) => Some(true),
+            (Some(false), Some(false)) => Some(false),
+            _ => None,
+        },
+        HavingExpr::Not(a) => eval_having(a, row, types)?.map(|v| !v),
+        HavingExpr::IsNull { operand, negated } => {
+            let null = operand_value(operand, row, types)?.0.is_none();
+            Some(null != *negated)
+        }
+        HavingExpr::Compare { left, op, right } => {
+            let (l, lt) = operand_value(left, row, types)?;
+            let (r, rt) = operand_value(right, row, types)?;
+            let ty = lt.or(rt).unwrap_or(Ty::Numeric);
+            let (Some(l), Some(r)) = (l, r) else {
+                return Ok(None);
+            };
+            let o = match ty {
+                Ty::Int | Ty::Numeric => Num::parse(utf8(&l)?)?.cmp_num(&Num::parse(utf8(&r)?)?),
+                other => value::compare(other, &l, &r)?,
+            };
+            Some(match op {
+                CompareOp::Eq => o == Ordering::Equal,
+                CompareOp::NotEq => o != Ordering::Equal,
+                CompareOp::Lt => o == Ordering::Less,
+                CompareOp::LtEq => o != Ordering::Greater,
+                CompareOp::Gt => o == Ordering::Greater,
+                CompareOp::GtEq => o != Ordering::Less,
+            })
+        }
+    })
+}
+
+/// An operand's value and, for column values, its type.
+fn operand_value(
+    o: &Operand,
+    row: &[Option<Bytes>],
+    types: &[Ty],
+) -> Result<(Option<Bytes>, Option<Ty>), MergeError> {
+    Ok(match o {
+        Operand::Value(c) => (combined_value(c, row, types)?, Some(key_ty(c, types))),
+        Operand::Literal(Literal::Null) => (None, None),
+        Operand::Literal(Literal::Bool(b)) => {
+            (Some(Bytes::from_static(if *b { b"t" } else { b"f" })), None)
+        }
+        Operand::Literal(Literal::Number(n)) => (Some(Bytes::from(n.clone())), None),
+        Operand::Literal(Literal::String(sv)) => (Some(Bytes::from(sv.clone())), None),
+        Operand::Param(_) => {
+            return Err(MergeError(
+                "0A000",
+                "parameters in HAVING are not supported yet".into(),
+            ))
+        }
+    })
+}
+
+/// Whether every shard's database uses the C (or POSIX) collation; cached
+/// per shard and database by the node.
+async fn shards_use_c_collation<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    shards: &[usize],
+) -> Result<bool, SessionError> {
+    for &t in shards {
+        // Learned when the backend was attached (`Session::ensure_backend`).
+        if s.node.collation_is_c(t, s.database()) != Some(true) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::float_text;
+
+    #[test]
+    fn float_output_like_postgresql() {
+        assert_eq!(float_text(1.5), "1.5");
+        assert_eq!(float_text(1e15), "1e+15");
+        assert_eq!(float_text(123456789012345.0), "123456789012345");
+        assert_eq!(float_text(0.0001), "0.0001");
+        assert_eq!(float_text(0.00001), "1e-05");
+        assert_eq!(float_text(-2.5e-7), "-2.5e-07");
+        assert_eq!(float_text(f64::NAN), "NaN");
+    }
+}

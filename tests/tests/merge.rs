@@ -1,0 +1,343 @@
+//! Differential tests of RUN ON ALL merging: the same rows in one plain
+//! PostgreSQL database and, through hotrepart, spread over 4 shards; every
+//! query must give the same answer both ways (in order where it orders), or
+//! be refused with the documented SQLSTATE.
+#![allow(clippy::unwrap_used)]
+
+use hotrepart_tests::*;
+use rand::{Rng, SeedableRng};
+use tokio_postgres::SimpleQueryMessage;
+
+type Rows = Vec<Vec<Option<String>>>;
+
+async fn rows(db: &tokio_postgres::Client, sql: &str) -> Result<Rows, tokio_postgres::Error> {
+    let msgs = db.simple_query(sql).await?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+const SCHEMA: &str =
+    "CREATE TABLE items (id bigint PRIMARY KEY, grp int, cat text, price numeric(10,2), \
+    qty int, f float8, flag boolean, ts timestamptz, d date, u uuid)";
+
+/// Deterministic data with NULLs, ties and negative numbers.
+fn insert_sql(seed: u64, n: usize) -> Vec<String> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let cats = ["apple", "Banana", "cherry", "date", "éclair", "fig"];
+    let mut out = Vec::new();
+    let mut values = Vec::new();
+    for id in 1..=n as i64 {
+        let null = |rng: &mut rand::rngs::StdRng| rng.random_range(0..10) == 0;
+        let grp = if null(&mut rng) {
+            "NULL".to_string()
+        } else {
+            rng.random_range(-3..8).to_string()
+        };
+        let cat = if null(&mut rng) {
+            "NULL".to_string()
+        } else {
+            format!("'{}'", cats[rng.random_range(0..cats.len())])
+        };
+        let price = if null(&mut rng) {
+            "NULL".to_string()
+        } else {
+            format!(
+                "{}.{:02}",
+                rng.random_range(-50..500),
+                rng.random_range(0..100)
+            )
+        };
+        let qty = if null(&mut rng) {
+            "NULL".to_string()
+        } else {
+            rng.random_range(0..20).to_string()
+        };
+        let f = if null(&mut rng) {
+            "NULL".to_string()
+        } else {
+            format!("{}", rng.random_range(-40..40) as f64 * 0.5)
+        };
+        let flag = if null(&mut rng) {
+            "NULL"
+        } else if rng.random() {
+            "true"
+        } else {
+            "false"
+        };
+        let ts = if null(&mut rng) {
+            "NULL".to_string()
+        } else {
+            format!(
+                "'2024-{:02}-{:02} {:02}:{:02}:00+0{}'",
+                rng.random_range(1..13),
+                rng.random_range(1..28),
+                rng.random_range(0..24),
+                rng.random_range(0..60),
+                rng.random_range(0..3)
+            )
+        };
+        let d = if null(&mut rng) {
+            "NULL".to_string()
+        } else {
+            format!(
+                "'20{:02}-{:02}-{:02}'",
+                rng.random_range(10..30),
+                rng.random_range(1..13),
+                rng.random_range(1..28)
+            )
+        };
+        let u = if null(&mut rng) {
+            "NULL".to_string()
+        } else {
+            format!("'{:032x}'", rng.random::<u128>())
+        };
+        values.push(format!(
+            "({id}, {grp}, {cat}, {price}, {qty}, {f}, {flag}, {ts}, {d}, {u})"
+        ));
+        if values.len() == 100 {
+            out.push(format!(
+                "INSERT INTO items (id, grp, cat, price, qty, f, flag, ts, d, u) VALUES {}",
+                values.join(", ")
+            ));
+            values.clear();
+        }
+    }
+    if !values.is_empty() {
+        out.push(format!(
+            "INSERT INTO items (id, grp, cat, price, qty, f, flag, ts, d, u) VALUES {}",
+            values.join(", ")
+        ));
+    }
+    out
+}
+
+/// The read queries, each either answered identically or refused.
+fn queries() -> (Vec<String>, Vec<(String, &'static str)>) {
+    let mut q = Vec::new();
+    let aggs = [
+        "count(*)",
+        "count(qty)",
+        "sum(qty)",
+        "sum(price)",
+        "min(price)",
+        "max(price)",
+        "avg(qty)",
+        "avg(price)",
+        "min(cat)",
+        "max(cat)",
+        "bool_and(flag)",
+        "bool_or(flag)",
+        "min(ts)",
+        "max(d)",
+        "sum(id)",
+        "avg(id)",
+        "max(ts)",
+        "sum(f)",
+        "avg(f)",
+        "max(f)",
+    ];
+    for a in aggs {
+        q.push(format!("SELECT {a} FROM items"));
+        q.push(format!(
+            "SELECT grp, {a} FROM items GROUP BY grp ORDER BY grp"
+        ));
+        q.push(format!(
+            "SELECT cat, {a} FROM items GROUP BY cat ORDER BY cat DESC NULLS LAST"
+        ));
+        q.push(format!(
+            "SELECT grp, flag, {a} FROM items GROUP BY grp, flag ORDER BY grp NULLS FIRST, flag"
+        ));
+    }
+    for a in [
+        "count(*)",
+        "sum(qty)",
+        "avg(price)",
+        "max(price)",
+        "min(cat)",
+    ] {
+        q.push(format!(
+            "SELECT grp, {a} AS v FROM items GROUP BY grp ORDER BY v DESC, grp LIMIT 4"
+        ));
+        q.push(format!(
+            "SELECT grp, {a} FROM items WHERE qty > 5 GROUP BY grp ORDER BY grp OFFSET 2"
+        ));
+    }
+    for h in [
+        "count(*) > 40",
+        "sum(qty) >= 400",
+        "avg(price) < 240",
+        "max(price) > 490 AND min(qty) = 0",
+        "NOT (count(*) < 45)",
+        "sum(qty) IS NOT NULL OR count(*) = 0",
+        "max(cat) = 'fig'",
+        "bool_or(flag) = true",
+    ] {
+        q.push(format!(
+            "SELECT grp, count(*) FROM items GROUP BY grp HAVING {h} ORDER BY grp"
+        ));
+    }
+    q.push("SELECT grp FROM items GROUP BY grp HAVING sum(qty) > 300 ORDER BY grp".into());
+    for col in ["grp", "cat", "price", "qty", "f", "ts", "d", "u", "flag"] {
+        for dir in ["", " DESC", " NULLS FIRST", " DESC NULLS LAST"] {
+            q.push(format!(
+                "SELECT id, {col} FROM items ORDER BY {col}{dir}, id"
+            ));
+        }
+        q.push(format!(
+            "SELECT id, {col} FROM items ORDER BY {col} DESC, id LIMIT 7 OFFSET 3"
+        ));
+    }
+    q.push("SELECT id FROM items ORDER BY price, qty DESC, id LIMIT 10".into());
+    q.push("SELECT cat FROM items ORDER BY price DESC NULLS LAST, id LIMIT 5".into());
+    q.push("SELECT * FROM items ORDER BY id LIMIT 20".into());
+    q.push("SELECT id, qty * 2 AS dbl FROM items ORDER BY dbl DESC, id LIMIT 15".into());
+    q.push("SELECT id FROM items ORDER BY id OFFSET 990".into());
+    q.push("SELECT DISTINCT grp FROM items ORDER BY grp".into());
+    q.push("SELECT DISTINCT cat, flag FROM items ORDER BY cat, flag".into());
+    q.push("SELECT DISTINCT qty FROM items WHERE qty < 5 ORDER BY qty DESC".into());
+    q.push("SELECT DISTINCT grp FROM items ORDER BY grp LIMIT 3".into());
+    q.push("SELECT id, cat FROM items WHERE grp = 3 ORDER BY id".into());
+    q.push("SELECT count(*) FROM items WHERE cat IS NULL".into());
+    q.push(
+        "SELECT count(*), sum(qty), avg(qty), min(price), max(price) FROM items WHERE grp > 2"
+            .into(),
+    );
+    q.push("SELECT count(*) FROM items WHERE id < 0".into());
+    q.push("SELECT sum(qty), avg(price) FROM items WHERE id < 0".into());
+    let refused = vec![
+        ("SELECT count(DISTINCT qty) FROM items".to_string(), "0A000"),
+        (
+            "SELECT id, rank() OVER (ORDER BY qty) FROM items".to_string(),
+            "0A000",
+        ),
+        (
+            "SELECT grp FROM items UNION SELECT qty FROM items".to_string(),
+            "0A000",
+        ),
+        (
+            "SELECT string_agg(cat, ',') FROM items".to_string(),
+            "0A000",
+        ),
+        ("SELECT max(id) + 1 FROM items".to_string(), "0A000"),
+    ];
+    (q, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_answers_equal_one_postgresql() {
+    let dir = TestDir::new("reference");
+    let d = dir.0.clone();
+    let reference_pg = tokio::task::spawn_blocking(move || start_pg(&d))
+        .await
+        .unwrap();
+    let reference = connect(&reference_pg.dsn()).await.unwrap();
+    let c = Cluster::start(Opts {
+        shards: 4,
+        extra: "pool_size = 4".into(),
+        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let node = c.connect().await;
+    reference.batch_execute(SCHEMA).await.unwrap();
+    node.batch_execute(SCHEMA).await.unwrap();
+    for sql in insert_sql(42, 1000) {
+        reference.batch_execute(&sql).await.unwrap();
+        node.batch_execute(&sql).await.unwrap();
+    }
+    let (queries, refused) = queries();
+    assert!(
+        queries.len() + refused.len() >= 150,
+        "{} queries",
+        queries.len() + refused.len()
+    );
+    let mut failures = Vec::new();
+    for sql in &queries {
+        let want = rows(&reference, sql)
+            .await
+            .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
+        match rows(&node, sql).await {
+            Ok(got) if got == want => {}
+            Ok(mut got) => {
+                // Without ORDER BY only the multiset matters.
+                let mut want = want.clone();
+                if !sql.contains("ORDER BY") {
+                    got.sort();
+                    want.sort();
+                    if got == want {
+                        continue;
+                    }
+                }
+                let first = got.iter().zip(&want).position(|(a, b)| a != b);
+                failures.push(format!(
+                    "{sql}\n  got {} rows, want {}; first difference at {first:?}: got {:?} want {:?}",
+                    got.len(),
+                    want.len(),
+                    first.and_then(|i| got.get(i)),
+                    first.and_then(|i| want.get(i))
+                ));
+            }
+            Err(e) => failures.push(format!(
+                "{sql}\n  refused: {:?}",
+                e.as_db_error().map(|d| (d.code().code(), d.message()))
+            )),
+        }
+    }
+    for (sql, code) in &refused {
+        match rows(&node, sql).await {
+            Err(e) if e.code().map(|c| c.code()) == Some(code) => {}
+            other => failures.push(format!(
+                "{sql}\n  expected refusal {code}, got {:?}",
+                other.map(|r| r.len())
+            )),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} queries differ:\n{}",
+        failures.len(),
+        queries.len() + refused.len(),
+        failures.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_groups_is_an_error_not_unbounded_memory() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: "max_merge_rows = 50".into(),
+        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let db = c.connect().await;
+    db.batch_execute(SCHEMA).await.unwrap();
+    for sql in insert_sql(7, 300) {
+        db.batch_execute(&sql).await.unwrap();
+    }
+    let e = rows(
+        &db,
+        "SELECT id, count(*) FROM items GROUP BY id ORDER BY id",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "54000", "{e:?}");
+    // a streaming ORDER BY … LIMIT needs no such memory
+    let r = rows(&db, "SELECT id FROM items ORDER BY id DESC LIMIT 5")
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 5);
+    assert_eq!(r[0][0].as_deref(), Some("300"));
+    // the session is fine afterwards
+    assert_eq!(
+        rows(&db, "SELECT count(*) FROM items").await.unwrap()[0][0].as_deref(),
+        Some("300")
+    );
+}
