@@ -135,6 +135,9 @@ pub struct Session<S> {
     state_fp: u64,
     /// Shard of a backend whose transaction may have changed session state.
     state_dirty: Vec<bool>,
+    /// Custom settings (`app.name`) the client has set, read back with
+    /// the others.
+    custom_settings: std::collections::BTreeSet<String>,
     /// ... or dropped prepared statements (DISCARD/DEALLOCATE).
     prepared_dirty: bool,
     /// After an error the node raised itself in an extended-protocol batch,
@@ -203,6 +206,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             state,
             state_fp,
             state_dirty: vec![false; nshards],
+            custom_settings: Default::default(),
             prepared_dirty: false,
             skip_to_sync: false,
             tx_status: b'I',
@@ -1120,6 +1124,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut multi = false;
         let mut binds = 0;
         let mut any_write = false;
+        let mut parse_target: Option<usize> = None;
         for f in frames {
             match f.tag() {
                 b'P' => {
@@ -1127,12 +1132,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
                     let sql = wire::get_cstr(&mut b).map_err(proto_refusal)?;
                     self.check_listen(sql)?;
-                    // Routing errors (parse errors included) surface at Bind;
-                    // PostgreSQL reports syntax errors at Parse itself.
-                    if let Err(r) = self.node.decide(sql, None, &self.state) {
-                        if r.code == "42601" {
-                            return Err(r);
-                        }
+                    // Routing errors surface at Bind (parameters may be
+                    // missing here); PostgreSQL reports syntax errors at
+                    // Parse itself. A statement whose shard is known without
+                    // parameters (hints, undeclared tables) is prepared there.
+                    match self.node.decide(sql, None, &self.state) {
+                        Err(r) if r.code == "42601" => return Err(r),
+                        Ok(Decision {
+                            target: Target::Shard(t),
+                            ..
+                        }) => parse_target = parse_target.or(Some(t)),
+                        _ => {}
                     }
                     if name.is_empty() {
                         batch_unnamed = Some(Arc::from(sql));
@@ -1197,6 +1207,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 "a pipelined batch (up to Sync) that holds a multi-shard statement must hold only that statement; send a Sync after it".into(),
             ));
         }
+        let target = target.or(parse_target);
         // The batch runs on one shard: it writes there if any statement does.
         if let Some(d) = strongest.as_mut() {
             d.write |= any_write;
@@ -1390,6 +1401,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(crate) fn note_sql(&mut self, sql: &str, shard: usize) {
         if state::may_change_state(sql) {
             self.state_dirty[shard] = true;
+            match state::custom_settings(sql) {
+                Ok(names) => self.custom_settings.extend(names),
+                // A setting we cannot name cannot be read back: this
+                // backend is closed instead of pooled.
+                Err(()) => {
+                    if let Some(b) = self.slots[shard].conn.as_mut() {
+                        b.broken = true;
+                    }
+                }
+            }
         }
         if state::may_drop_prepared(sql) {
             self.prepared_dirty = true;
@@ -1559,15 +1580,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Reads the session state of shard `i`'s backend (where a SET may have
     /// run) and makes it the client's; the backend is labelled with it.
     async fn refresh_state_from(&mut self, i: usize) {
+        let sql = state::read_state_sql(&self.custom_settings);
         let Some(b) = self.slots[i].conn.as_mut() else {
             return;
         };
-        match b.hidden_query(state::READ_STATE_SQL).await {
+        match b.hidden_query(&sql).await {
             Ok(rows) => {
                 let pairs = rows
                     .into_iter()
                     .filter_map(|r| match (r.first(), r.get(1)) {
-                        (Some(Some(k)), Some(Some(v))) => Some((k.clone(), v.clone())),
+                        // A custom setting that was RESET reads as '' (it stays
+                        // defined): the same as never set.
+                        (Some(Some(k)), Some(Some(v)))
+                            if !(v.is_empty() && self.custom_settings.contains(k)) =>
+                        {
+                            Some((k.clone(), v.clone()))
+                        }
                         _ => None,
                     })
                     .collect();

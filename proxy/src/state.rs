@@ -87,9 +87,69 @@ impl SessionState {
     }
 }
 
-/// Query that reads a backend's session state.
-pub const READ_STATE_SQL: &str =
-    "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' ORDER BY name";
+/// Query that reads a backend's session state: every built-in setting the
+/// session changed, plus the custom (`prefix.name`) settings the client set,
+/// which `pg_settings` does not list.
+pub fn read_state_sql(custom: &std::collections::BTreeSet<String>) -> String {
+    let mut sql =
+        String::from("SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'");
+    for name in custom {
+        sql.push_str(" UNION ALL SELECT ");
+        sql.push_str(&quote_literal(name));
+        sql.push_str(", pg_catalog.current_setting(");
+        sql.push_str(&quote_literal(name));
+        sql.push_str(", true)");
+    }
+    sql
+}
+
+/// Custom settings (names with a dot, like `app.tenant`) a statement may
+/// set, for `read_state_sql`. `Err` when it calls `set_config` with a name
+/// that is not a literal: its effect cannot be read back.
+pub fn custom_settings(sql: &str) -> Result<Vec<String>, ()> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let rest = &b[i..];
+        if ci_prefix(rest, b"set_config") {
+            let mut j = i + "set_config".len();
+            while j < b.len() && (b[j].is_ascii_whitespace() || b[j] == b'(') {
+                j += 1;
+            }
+            if b.get(j) != Some(&b'\'') {
+                return Err(());
+            }
+            let end = b[j + 1..].iter().position(|&c| c == b'\'').ok_or(())?;
+            let name = &sql[j + 1..j + 1 + end];
+            if name.contains('.') {
+                out.push(name.to_ascii_lowercase());
+            }
+            i = j + 1 + end;
+            continue;
+        }
+        if (b[i] | 0x20) == b's'
+            && ci_prefix(rest, b"set")
+            && rest.get(3).is_some_and(|c| c.is_ascii_whitespace())
+            && starts_statement(b, i)
+        {
+            // SET [SESSION | LOCAL] name ...
+            let words: Vec<&str> = sql[i + 3..].split_whitespace().take(2).collect();
+            let name = match words.first().map(|w| w.to_ascii_lowercase()) {
+                Some(w) if w == "session" || w == "local" => words.get(1).copied(),
+                _ => words.first().copied(),
+            };
+            if let Some(n) = name {
+                let n = n.split(['=', ';']).next().unwrap_or("").trim_matches('"');
+                if n.contains('.') {
+                    out.push(n.to_ascii_lowercase());
+                }
+            }
+        }
+        i += 1;
+    }
+    Ok(out)
+}
 
 /// Quotes a string as an SQL literal (standard_conforming_strings on, the
 /// default that RESET ALL restores first).
@@ -223,6 +283,24 @@ mod tests {
             "RESET ALL;SELECT pg_catalog.set_config('application_name','it''s',false)"
         );
         assert_ne!(s.fingerprint(), SessionState::default().fingerprint());
+    }
+
+    #[test]
+    fn finds_custom_settings() {
+        assert_eq!(
+            custom_settings("SET app.tenant = 'x'"),
+            Ok(vec!["app.tenant".to_string()])
+        );
+        assert_eq!(
+            custom_settings("set local App.User to 3"),
+            Ok(vec!["app.user".to_string()])
+        );
+        assert_eq!(
+            custom_settings("select set_config('a.b', '1', false), 1"),
+            Ok(vec!["a.b".to_string()])
+        );
+        assert_eq!(custom_settings("SET work_mem = '1MB'"), Ok(vec![]));
+        assert_eq!(custom_settings("select set_config($1, $2, false)"), Err(()));
     }
 
     #[test]

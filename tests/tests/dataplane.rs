@@ -609,3 +609,37 @@ async fn dead_idle_backends_are_replaced() {
         .get(0);
     assert_ne!(before, after);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_settings_follow_the_client_and_do_not_leak() {
+    let c = Cluster::start(Opts {
+        extra: "pool_size = 1".into(),
+        ..Opts::default()
+    })
+    .await;
+    let a = c.connect().await;
+    let b = c.connect().await;
+    async fn tenant(db: &tokio_postgres::Client) -> Option<String> {
+        db.query_one(
+            "SELECT nullif(current_setting('app.tenant', true), '')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+    a.batch_execute("SET app.tenant = 'acme'").await.unwrap();
+    assert_eq!(
+        tenant(&b).await,
+        None,
+        "a custom setting leaked to another client"
+    );
+    assert_eq!(tenant(&a).await.as_deref(), Some("acme"));
+    b.query_one("SELECT set_config('app.tenant', 'globex', false)", &[])
+        .await
+        .unwrap();
+    assert_eq!(tenant(&a).await.as_deref(), Some("acme"));
+    assert_eq!(tenant(&b).await.as_deref(), Some("globex"));
+    a.batch_execute("RESET app.tenant").await.unwrap();
+    assert_eq!(tenant(&a).await, None);
+}

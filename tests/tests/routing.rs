@@ -410,3 +410,57 @@ async fn multi_shard_statements_in_the_extended_protocol() {
         .unwrap();
     assert_eq!(r.get::<_, String>(0), "n150");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_by_comment_and_by_session_setting() {
+    let c = Cluster::start(opts()).await;
+    let db = c.connect().await;
+    // a comment hint sends DDL to one shard only
+    db.batch_execute("/* hotrepart: shard=s2 */ CREATE TABLE only_s2 (a int)")
+        .await
+        .unwrap();
+    for i in 0..4 {
+        let n: i64 = c
+            .direct(i)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE tablename = 'only_s2'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, i64::from(i == 2), "table only_s2 on shard s{i}");
+    }
+    // an undeclared table lives on the home shard (s0): not found there
+    let e = db
+        .simple_query("SELECT count(*) FROM only_s2")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "42P01");
+    // SET hotrepart.shard routes the session's statements
+    db.batch_execute("SET hotrepart.shard = 's2'")
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO only_s2 VALUES (1), (2)")
+        .await
+        .unwrap();
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM only_s2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    db.batch_execute("RESET hotrepart.shard").await.unwrap();
+    let e = db
+        .simple_query("SELECT count(*) FROM only_s2")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "42P01");
+    // a hint naming an unknown shard is an error, not a guess
+    let e = db
+        .simple_query("/* hotrepart: shard=nope */ SELECT 1")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "42704");
+}
