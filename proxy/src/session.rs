@@ -1402,10 +1402,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if state::may_change_state(sql) {
             self.state_dirty[shard] = true;
             match state::custom_settings(sql) {
-                Ok(names) => self.custom_settings.extend(names),
+                Some(names) => self.custom_settings.extend(names),
                 // A setting we cannot name cannot be read back: this
                 // backend is closed instead of pooled.
-                Err(()) => {
+                None => {
                     if let Some(b) = self.slots[shard].conn.as_mut() {
                         b.broken = true;
                     }

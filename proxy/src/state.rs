@@ -104,9 +104,9 @@ pub fn read_state_sql(custom: &std::collections::BTreeSet<String>) -> String {
 }
 
 /// Custom settings (names with a dot, like `app.tenant`) a statement may
-/// set, for `read_state_sql`. `Err` when it calls `set_config` with a name
+/// set, for `read_state_sql`. `None` when it calls `set_config` with a name
 /// that is not a literal: its effect cannot be read back.
-pub fn custom_settings(sql: &str) -> Result<Vec<String>, ()> {
+pub fn custom_settings(sql: &str) -> Option<Vec<String>> {
     let b = sql.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
@@ -118,9 +118,9 @@ pub fn custom_settings(sql: &str) -> Result<Vec<String>, ()> {
                 j += 1;
             }
             if b.get(j) != Some(&b'\'') {
-                return Err(());
+                return None;
             }
-            let end = b[j + 1..].iter().position(|&c| c == b'\'').ok_or(())?;
+            let end = b[j + 1..].iter().position(|&c| c == b'\'')?;
             let name = &sql[j + 1..j + 1 + end];
             if name.contains('.') {
                 out.push(name.to_ascii_lowercase());
@@ -148,7 +148,7 @@ pub fn custom_settings(sql: &str) -> Result<Vec<String>, ()> {
         }
         i += 1;
     }
-    Ok(out)
+    Some(out)
 }
 
 /// Quotes a string as an SQL literal (standard_conforming_strings on, the
@@ -289,18 +289,18 @@ mod tests {
     fn finds_custom_settings() {
         assert_eq!(
             custom_settings("SET app.tenant = 'x'"),
-            Ok(vec!["app.tenant".to_string()])
+            Some(vec!["app.tenant".to_string()])
         );
         assert_eq!(
             custom_settings("set local App.User to 3"),
-            Ok(vec!["app.user".to_string()])
+            Some(vec!["app.user".to_string()])
         );
         assert_eq!(
             custom_settings("select set_config('a.b', '1', false), 1"),
-            Ok(vec!["a.b".to_string()])
+            Some(vec!["a.b".to_string()])
         );
-        assert_eq!(custom_settings("SET work_mem = '1MB'"), Ok(vec![]));
-        assert_eq!(custom_settings("select set_config($1, $2, false)"), Err(()));
+        assert_eq!(custom_settings("SET work_mem = '1MB'"), Some(vec![]));
+        assert_eq!(custom_settings("select set_config($1, $2, false)"), None);
     }
 
     #[test]
