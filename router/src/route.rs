@@ -59,6 +59,7 @@ mod eval;
 mod keys;
 mod merge;
 mod params;
+mod split;
 
 use std::collections::BTreeSet;
 use std::fmt;

@@ -28,8 +28,8 @@ use std::ops::ControlFlow;
 
 use sqlparser::ast::{
     self, BinaryOperator, Distinct, Expr, FunctionArgumentClause, FunctionArguments, GroupByExpr,
-    Ident, InTarget, Insert, JoinConstraint, JoinOperator, ObjectName, Query, Select, SelectItem,
-    SetExpr, Statement, TableFactor, TableWithJoins, Value, Visit, Visitor,
+    Ident, InTarget, JoinConstraint, JoinOperator, ObjectName, Query, Select, SelectItem, SetExpr,
+    Statement, TableFactor, TableWithJoins, Value, Visit, Visitor,
 };
 
 mod merge_plan;
@@ -38,6 +38,7 @@ mod stmt;
 use merge_plan::merge_plan;
 
 use super::keys::{array_src, colocated, value_src, KeyExpr, Src, SrcError, TypedSrc};
+use super::split::SplitText;
 use super::{CopyDirection, MergeNeed, RouteError, StatementKind, TransactionKind};
 use crate::catalog::{KeyType, RoutingSnapshot, ShardedTable, TablePlacement};
 
@@ -74,8 +75,9 @@ pub(super) struct InsertPlan {
     pub rows: Vec<TypedSrc>,
     /// An undeclared table read by a subquery (all rows must go home).
     pub home_table: Option<String>,
-    /// The statement, for rewriting when split (None: not splittable).
-    pub template: Option<Box<Insert>>,
+    /// The statement's text cut into rows, for rewriting when split (None:
+    /// not splittable: a single row, `$n` placeholders, or under EXPLAIN).
+    pub split: Option<SplitText>,
     /// Whether the statement text has `$n` placeholders.
     pub has_placeholders: bool,
 }
@@ -397,7 +399,7 @@ pub(super) fn plan_statement(
                 inner.merge = MergeNeed::Refuse("EXPLAIN".to_owned());
             }
             if let Body::Insert(p) = &mut inner.body {
-                p.template = None;
+                p.split = None;
             }
             inner.kind = K::Utility;
             inner.is_write = inner.is_write && *analyze;

@@ -6,8 +6,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use sqlparser::ast::{SetExpr, Values};
-
 use super::analyze::{Body, InsertPlan, Shape, StmtPlan};
 use super::keys::{KeyExpr, Src, TypedSrc};
 use super::params::{decode_array, decode_key};
@@ -284,17 +282,21 @@ fn insert_target(
     // Rows grouped by owner, in row order within each shard.
     let mut by_shard: BTreeMap<ShardId, Vec<usize>> = BTreeMap::new();
     for (i, row) in ins.rows.iter().enumerate() {
-        let keys = keys_of(row, params)?;
-        let [key] = keys.as_slice() else {
-            return Err(RouteError::not_null(format!(
-                "shard key column \"{}\" of \"{}\" must not be NULL",
-                ins.table.key_column, ins.table.name
-            )));
+        let owner = match &row.src {
+            // The common case of a literal key: no copy of the key.
+            Src::Lit(key) => owners.owner(&ins.table, key),
+            _ => {
+                let keys = keys_of(row, params)?;
+                let [key] = keys.as_slice() else {
+                    return Err(RouteError::not_null(format!(
+                        "shard key column \"{}\" of \"{}\" must not be NULL",
+                        ins.table.key_column, ins.table.name
+                    )));
+                };
+                owners.owner(&ins.table, key)
+            }
         };
-        by_shard
-            .entry(owners.owner(&ins.table, key))
-            .or_default()
-            .push(i);
+        by_shard.entry(owner).or_default().push(i);
     }
     if let Some(h) = &ins.home_table {
         let home = snap.home_shard();
@@ -307,7 +309,7 @@ fn insert_target(
     if by_shard.len() <= 1 {
         return Ok(target_of(snap, by_shard.into_keys().collect()));
     }
-    let template = match &ins.template {
+    let split = match &ins.split {
         Some(t) if !ins.has_placeholders && params.is_empty() => t,
         _ => {
             return Err(RouteError::unsupported(
@@ -315,22 +317,13 @@ fn insert_target(
             ))
         }
     };
-    let mut parts = Vec::with_capacity(by_shard.len());
-    for (shard, rows) in by_shard {
-        let mut stmt = template.as_ref().clone();
-        let Some(source) = stmt.source.as_mut() else {
-            return Err(RouteError::unsupported(
-                "INSERT without VALUES cannot be split",
-            ));
-        };
-        let SetExpr::Values(Values { rows: all, .. }) = source.body.as_mut() else {
-            return Err(RouteError::unsupported(
-                "INSERT without VALUES cannot be split",
-            ));
-        };
-        let kept = rows.iter().map(|&i| all[i].clone()).collect();
-        *all = kept;
-        parts.push((shard, stmt.to_string()));
-    }
+    debug_assert_eq!(split.len(), ins.rows.len());
+    let parts = by_shard
+        .into_iter()
+        .map(|(shard, rows)| {
+            let sql = split.render(&rows);
+            (shard, sql)
+        })
+        .collect();
     Ok(Target::Split(parts))
 }

@@ -288,6 +288,13 @@ impl Analyzer<'_> {
             };
             let _ = ins.visit(&mut w);
             has_placeholders |= self.placeholders;
+            // Only a multi-row statement without placeholders can be split
+            // (see `eval::insert_target`).
+            let split = if rows.len() > 1 && !has_placeholders {
+                SplitText::new(ins)
+            } else {
+                None
+            };
             return Ok(StmtPlan {
                 kind: StatementKind::Insert,
                 is_write: true,
@@ -295,7 +302,7 @@ impl Analyzer<'_> {
                     table,
                     rows,
                     home_table: self.home_tables.first().cloned(),
-                    template: Some(Box::new(ins.clone())),
+                    split,
                     has_placeholders,
                 }),
                 merge: MergeNeed::None,
@@ -340,7 +347,7 @@ impl Analyzer<'_> {
                         table,
                         rows: vec![key],
                         home_table: self.home_tables.first().cloned(),
-                        template: None,
+                        split: None,
                         has_placeholders: true,
                     }),
                     merge: MergeNeed::None,
