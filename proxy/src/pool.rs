@@ -12,7 +12,7 @@
 //!   a backend that might carry another client's state is never reused.
 
 use crate::backend::{BackendConn, BackendError, BackendTarget};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -41,7 +41,14 @@ pub struct Pool {
     /// ParameterStatus values of the first connection made, shown to clients
     /// at login.
     server_params: Mutex<Option<Vec<(String, String)>>>,
+    /// Statements (node name, session-state fingerprint) a backend of this
+    /// pool has parsed without error: a client's Parse of one of them,
+    /// outside a transaction, is answered without taking a backend.
+    validated: Mutex<HashSet<(String, u64)>>,
 }
+
+/// Bound on [`Pool::validated`]; the set is emptied when it is reached.
+const VALIDATED_MAX: usize = 4096;
 
 impl Pool {
     pub fn new(target: BackendTarget, size: usize, connect_timeout: Duration) -> Arc<Pool> {
@@ -52,6 +59,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             connect_timeout,
             server_params: Mutex::new(None),
+            validated: Mutex::new(HashSet::new()),
         })
     }
 
@@ -133,6 +141,25 @@ impl Pool {
         let params = c.params.clone();
         c.release();
         Ok(params)
+    }
+
+    /// Records that statement `internal` parsed without error on a backend
+    /// with session state `fp`.
+    pub fn mark_validated(&self, internal: &str, fp: u64) {
+        let mut v = self.validated.lock().unwrap_or_else(|e| e.into_inner());
+        if v.len() >= VALIDATED_MAX {
+            v.clear();
+        }
+        v.insert((internal.to_owned(), fp));
+    }
+
+    /// Whether statement `internal` has parsed without error on a backend
+    /// with session state `fp`.
+    pub fn is_validated(&self, internal: &str, fp: u64) -> bool {
+        self.validated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(internal.to_owned(), fp))
     }
 
     pub fn idle_count(&self) -> usize {

@@ -1059,6 +1059,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(());
         }
         let t = target.unwrap_or_else(|| self.default_shard());
+        if synced && self.parse_without_backend(&frames, t)? {
+            return Ok(());
+        }
         if t != self.cur && !self.owed.is_empty() {
             self.drain_owed().await?;
         }
@@ -1351,30 +1354,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             });
             return Ok(());
         }
-        if self.stmts.contains_key(&name) {
-            self.push_error(&Refusal::new(
-                "42P05",
-                format!("prepared statement \"{name}\" already exists"),
-            ));
+        let Some(internal) = self.register_stmt(name.clone(), rest, sql) else {
             self.skip_to_sync = true;
             return Ok(());
-        }
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        rest.hash(&mut h);
-        let internal = format!("hr_{:016x}", h.finish());
-        let mut parse = BytesMut::with_capacity(rest.len() + 20);
-        wire::put_cstr(&mut parse, &internal);
-        parse.put_slice(rest);
-        self.stmts.insert(
-            name.clone(),
-            Stmt {
-                internal: internal.clone(),
-                parse: parse.freeze(),
-                sql: Arc::from(sql),
-                changes_state: state::may_change_state(sql),
-                drops_prepared: state::may_drop_prepared(sql),
-            },
-        );
+        };
         if self.backend_mut().prepared.contains(&internal) {
             self.push_synthetic_with(wire::parse_complete(), Forget::OnSkip(name));
         } else {
@@ -1386,6 +1369,85 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         Ok(())
+    }
+
+    /// Records the client's statement `name` (Parse body `rest` after the
+    /// name, SQL `sql`) under its node name, which it returns; None (and an
+    /// error queued) when the name is taken.
+    fn register_stmt(&mut self, name: String, rest: &[u8], sql: &str) -> Option<String> {
+        if self.stmts.contains_key(&name) {
+            self.push_error(&Refusal::new(
+                "42P05",
+                format!("prepared statement \"{name}\" already exists"),
+            ));
+            return None;
+        }
+        let internal = internal_name(rest);
+        let mut parse = BytesMut::with_capacity(rest.len() + 20);
+        wire::put_cstr(&mut parse, &internal);
+        parse.put_slice(rest);
+        self.stmts.insert(
+            name,
+            Stmt {
+                internal: internal.clone(),
+                parse: parse.freeze(),
+                sql: Arc::from(sql),
+                changes_state: state::may_change_state(sql),
+                drops_prepared: state::may_drop_prepared(sql),
+            },
+        );
+        Some(internal)
+    }
+
+    /// A batch of named Parses and a Sync, outside a transaction, whose
+    /// statements backends of shard `t`'s pool have all parsed before under
+    /// the client's session state: answered here, without waiting for a
+    /// backend. (pgbench -M prepared prepares synchronously in the thread
+    /// that drives its other clients; waiting for a backend those clients
+    /// hold would deadlock it.) The backend that later runs the statement
+    /// prepares it first, so an error PostgreSQL would raise at Parse (say
+    /// the table was dropped since) surfaces at Bind instead.
+    fn parse_without_backend(&mut self, frames: &[Frame], t: usize) -> Result<bool, SessionError> {
+        let Some((last, parses)) = frames.split_last() else {
+            return Ok(false);
+        };
+        if self.tx_status != b'I'
+            || self.attached()
+            || !self.owed.is_empty()
+            || last.tag() != b'S'
+            || parses.is_empty()
+        {
+            return Ok(false);
+        }
+        let pool = self.pool(t);
+        let mut todo = Vec::with_capacity(parses.len());
+        for f in parses {
+            if f.tag() != b'P' {
+                return Ok(false);
+            }
+            let mut b = f.body();
+            let name = wire::get_cstr(&mut b).map_err(client_err)?;
+            let rest = b;
+            let mut q = rest;
+            let sql = wire::get_cstr(&mut q).map_err(client_err)?;
+            if name.is_empty()
+                || self.stmts.contains_key(name)
+                || state::may_change_state(sql)
+                || !pool.is_validated(&internal_name(rest), self.state_fp)
+            {
+                return Ok(false);
+            }
+            todo.push((name.to_string(), rest, sql));
+        }
+        for (name, rest, sql) in todo {
+            if self.register_stmt(name, rest, sql).is_none() {
+                // As PostgreSQL: the error, then nothing up to Sync.
+                break;
+            }
+            self.push_synthetic(wire::parse_complete());
+        }
+        self.push_synthetic(rfq(b'I'));
+        Ok(true)
     }
 
     fn check_listen(&self, sql: &str) -> Result<(), Refusal> {
@@ -1425,8 +1487,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut forward = true;
         match tag {
             b'1' => {
-                if let Some(Owed::Parse { hidden, .. }) = self.owed.front() {
+                if let Some(Owed::Parse {
+                    hidden, internal, ..
+                }) = self.owed.front()
+                {
                     forward = !*hidden;
+                    let cur = self.cur;
+                    if let (Some(internal), Some(b), false) =
+                        (internal, &self.slots[cur].conn, self.state_dirty[cur])
+                    {
+                        b.pool().mark_validated(internal, b.state_fp);
+                    }
                     self.owed.pop_front();
                 }
             }
@@ -1694,6 +1765,15 @@ pub(crate) fn command_complete(tag: &str) -> Bytes {
     let mut b = BytesMut::new();
     wire::frame(&mut b, b'C', |o| wire::put_cstr(o, tag));
     b.freeze()
+}
+
+/// The node's name for a statement: a hash of its Parse body after the
+/// client's name (SQL text and parameter types), so that clients preparing
+/// the same statement share it on a backend.
+fn internal_name(rest: &[u8]) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    rest.hash(&mut h);
+    format!("hr_{:016x}", h.finish())
 }
 
 fn starts_with_ci(s: &str, p: &str) -> bool {

@@ -254,6 +254,47 @@ async fn pgbench_all_modes_zero_failures() {
     assert!(sums.iter().all(|s| *s == sums[0]), "{sums:?}");
 }
 
+/// pgbench -M prepared prepares each client's statements with a blocking
+/// call in the thread that also drives its other clients. With more clients
+/// than backends, the backends are held by that thread's clients inside
+/// their transactions while it blocks: a Parse that waited for a backend
+/// would deadlock until the pool timeout. The node answers a Parse of a
+/// statement its pool has already validated without a backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_more_clients_than_backends() {
+    let c = Cluster::start(Opts {
+        extra: "pool_size = 3\npool_timeout_ms = 3000\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    pgbench(&c, &["-i", "-s", "1"]).await;
+    for script in ["-N", "-S"] {
+        let args = ["-M", "prepared", script, "-c", "24", "-j", "1", "-T", "4"];
+        let out = pgbench(&c, &args).await;
+        assert!(
+            out.contains("number of failed transactions: 0 "),
+            "{args:?}\n{out}"
+        );
+        let processed = out
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{args:?}: no processed count\n{out}"));
+        assert!(processed >= 24, "{args:?}\n{out}");
+    }
+    // never more than the pool's backends on the shard
+    let direct = c.direct(0).await;
+    let n: i64 = direct
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n <= 3, "{n} backends for a pool of 3");
+}
+
 /// Generates a self-signed certificate for CN=localhost with the openssl CLI.
 fn make_cert(dir: &Path) -> (String, String) {
     let cert = dir.join("cert.pem");
