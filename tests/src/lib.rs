@@ -7,6 +7,8 @@
 //! later ones copy it (much faster than initdb on 2 cores).
 #![allow(clippy::unwrap_used)]
 
+pub mod merge_data;
+
 use hotrepart_proxy::localpg::{free_port, LocalPg, PgInstall};
 use hotrepart_proxy::{Config, Node};
 use std::net::SocketAddr;
