@@ -132,6 +132,36 @@ impl BindParams {
         }
     }
 
+    /// Parameter `i` as a LIMIT/OFFSET count (text, or binary int2/4/8);
+    /// None when it is NULL (PostgreSQL: no limit). A value that is not a
+    /// non-negative integer is an error message.
+    pub fn count(&self, i: usize) -> Result<Option<u64>, String> {
+        let Some(v) = self.values.get(i) else {
+            return Err(format!("there is no parameter ${}", i + 1));
+        };
+        let Some(v) = v else { return Ok(None) };
+        let n: i64 = match self.format(i) {
+            ParamFormat::Text => std::str::from_utf8(v)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .ok_or_else(|| format!("LIMIT/OFFSET parameter ${} is not an integer", i + 1))?,
+            ParamFormat::Binary => match v.len() {
+                2 => i64::from(i16::from_be_bytes([v[0], v[1]])),
+                4 => i64::from(i32::from_be_bytes([v[0], v[1], v[2], v[3]])),
+                8 => i64::from_be_bytes([v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]]),
+                _ => {
+                    return Err(format!(
+                        "LIMIT/OFFSET parameter ${} is not a binary integer",
+                        i + 1
+                    ))
+                }
+            },
+        };
+        u64::try_from(n)
+            .map(Some)
+            .map_err(|_| format!("LIMIT/OFFSET must not be negative (parameter ${})", i + 1))
+    }
+
     fn as_router_params(&self) -> Vec<Param<'_>> {
         self.values
             .iter()

@@ -562,7 +562,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Queues a reply the node makes itself, after everything owed before it.
-    fn push_synthetic(&mut self, f: Bytes) {
+    pub(crate) fn push_synthetic(&mut self, f: Bytes) {
         self.push_synthetic_with(f, Forget::Nothing);
     }
 
@@ -1045,6 +1045,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.drain_owed().await?;
             }
             let d = d.clone();
+            if let (Some(plan), Target::Multi { shards, .. }) = (&d.merge, &d.target) {
+                return crate::merge::exec::run_extended(self, plan, shards, frames, synced).await;
+            }
             return crate::scatter::run_extended(self, &d, frames, synced).await;
         }
         // A lone Sync with nothing held: answer it here.
@@ -1175,12 +1178,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let t = match &d.target {
                         Target::Shard(t) => Some(*t),
                         Target::Any => None,
-                        Target::Multi { .. } if d.merge.is_some() => {
-                            return Err(Refusal::new(
-                                "0A000",
-                                "ORDER BY, LIMIT/OFFSET, DISTINCT and aggregates across shards are supported in the simple query protocol only for now".into(),
-                            ))
-                        }
                         Target::Multi { shards, .. } if shards.len() == 1 => Some(shards[0]),
                         Target::Multi { .. } => {
                             multi = true;
@@ -1397,6 +1394,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             },
         );
         Some(internal)
+    }
+
+    /// The client's Parse in a batch the merger answers itself, recorded as
+    /// if a backend had parsed it: a named statement is prepared where it
+    /// runs, the unnamed one again on the next backend that needs it.
+    /// False: the name is taken (the error is queued).
+    pub(crate) fn record_parse(&mut self, f: &Frame) -> Result<bool, SessionError> {
+        let mut b = f.body();
+        let name = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
+        let rest = b;
+        let mut q = rest;
+        let sql = wire::get_cstr(&mut q).map_err(client_err)?;
+        if name.is_empty() {
+            self.unnamed = Some(Unnamed {
+                raw: f.raw.clone(),
+                on: None,
+            });
+            return Ok(true);
+        }
+        Ok(self.register_stmt(name, rest, sql).is_some())
+    }
+
+    /// Parameter type OIDs the client gave when it prepared `stmt` ("" is
+    /// the unnamed statement).
+    pub(crate) fn param_types(&self, stmt: &str) -> Vec<u32> {
+        if stmt.is_empty() {
+            return self
+                .unnamed
+                .as_ref()
+                .and_then(|u| u.raw.get(5..))
+                .map(crate::merge::exec::parse_body_types)
+                .unwrap_or_default();
+        }
+        self.stmts
+            .get(stmt)
+            .map(|s| crate::merge::exec::parse_body_types(&s.parse))
+            .unwrap_or_default()
+    }
+
+    /// The node parsed its own unnamed statement on these shards' backends.
+    pub(crate) fn unnamed_replaced_on(&mut self, shards: &[usize]) {
+        if let Some(u) = self.unnamed.as_mut() {
+            if u.on.is_some_and(|t| shards.contains(&t)) {
+                u.on = None;
+            }
+        }
     }
 
     /// A batch of named Parses and a Sync, outside a transaction, whose

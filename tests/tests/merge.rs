@@ -6,6 +6,40 @@
 
 use hotrepart_tests::merge_data::{insert_sql, rows, SCHEMA};
 use hotrepart_tests::*;
+use tokio_postgres::types::{FromSql, Type};
+
+/// A value's binary form, whatever its type.
+#[derive(Debug, PartialEq)]
+struct Raw(Vec<u8>);
+
+impl<'a> FromSql<'a> for Raw {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Raw, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw.to_vec()))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+type BinaryRows = (Vec<Type>, Vec<Vec<Option<Raw>>>);
+
+/// Column types and binary values of a query in the extended protocol
+/// (tokio-postgres asks for binary results).
+async fn binary_rows(
+    db: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<BinaryRows, tokio_postgres::Error> {
+    let st = db.prepare(sql).await?;
+    let types = st.columns().iter().map(|c| c.type_().clone()).collect();
+    let rows = db.query(&st, &[]).await?;
+    Ok((
+        types,
+        rows.iter()
+            .map(|r| (0..r.len()).map(|i| r.get::<_, Option<Raw>>(i)).collect())
+            .collect(),
+    ))
+}
 
 /// The read queries, each either answered identically or refused.
 fn queries() -> (Vec<String>, Vec<(String, &'static str)>) {
@@ -179,7 +213,47 @@ async fn merged_answers_equal_one_postgresql() {
             )),
         }
     }
+    // The same queries in the extended protocol with binary results (what
+    // tokio-postgres asks for): the merged values converted to binary must
+    // be PostgreSQL's own binary values.
+    for sql in &queries {
+        let want = binary_rows(&reference, sql)
+            .await
+            .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
+        match binary_rows(&node, sql).await {
+            Ok(got) if got == want => {}
+            Ok((types, mut got)) => {
+                let (want_types, mut want) = want;
+                if !sql.contains("ORDER BY") && types == want_types {
+                    got.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+                    want.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+                    if got == want {
+                        continue;
+                    }
+                }
+                let first = got.iter().zip(&want).position(|(a, b)| a != b);
+                failures.push(format!(
+                    "extended: {sql}\n  types {types:?} want {want_types:?}; got {} rows, want {}; first difference at {first:?}: got {:?} want {:?}",
+                    got.len(),
+                    want.len(),
+                    first.and_then(|i| got.get(i)),
+                    first.and_then(|i| want.get(i))
+                ));
+            }
+            Err(e) => failures.push(format!(
+                "extended: {sql}\n  refused: {:?}",
+                e.as_db_error().map(|d| (d.code().code(), d.message()))
+            )),
+        }
+    }
     for (sql, code) in &refused {
+        match binary_rows(&node, sql).await {
+            Err(e) if e.code().map(|c| c.code()) == Some(code) => {}
+            other => failures.push(format!(
+                "extended: {sql}\n  expected refusal {code}, got {:?}",
+                other.map(|r| r.1.len())
+            )),
+        }
         match rows(&node, sql).await {
             Err(e) if e.code().map(|c| c.code()) == Some(code) => {}
             other => failures.push(format!(
@@ -229,4 +303,58 @@ async fn too_many_groups_is_an_error_not_unbounded_memory() {
         rows(&db, "SELECT count(*) FROM items").await.unwrap()[0][0].as_deref(),
         Some("300")
     );
+}
+
+/// Extended protocol: LIMIT/OFFSET as parameters, HAVING parameters and a
+/// negative LIMIT refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_limit_offset_parameters() {
+    let c = Cluster::start(Opts {
+        shards: 4,
+        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let db = c.connect().await;
+    db.batch_execute(SCHEMA).await.unwrap();
+    for sql in insert_sql(9, 400) {
+        db.batch_execute(&sql).await.unwrap();
+    }
+    let ids: Vec<i64> = step(
+        "LIMIT/OFFSET parameters",
+        db.query(
+            "SELECT id FROM items WHERE id > $1 ORDER BY id DESC LIMIT $2 OFFSET $3",
+            &[&100i64, &5i64, &3i64],
+        ),
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+    assert_eq!(ids, [397, 396, 395, 394, 393]);
+    let e = step(
+        "HAVING parameter",
+        db.query(
+            "SELECT grp, count(*) FROM items GROUP BY grp HAVING count(*) > $1",
+            &[&1i64],
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "0A000", "{e:?}");
+    let e = step(
+        "negative LIMIT",
+        db.query("SELECT id FROM items ORDER BY id LIMIT $1", &[&-1i64]),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "22023", "{e:?}");
+}
+
+/// Awaits `f` for at most 30 s: a hang fails the test with its name.
+async fn step<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(30), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within 30 s"))
 }

@@ -17,8 +17,9 @@
 //! uses the C collation; anything else is an error naming what is missing.
 
 use super::value::{self, Num, Ty, ValueError};
+use crate::routing::BindParams;
 use crate::session::{command_complete, rfq, Refusal, Session, SessionError};
-use crate::wire::{self, Severity, WireError};
+use crate::wire::{self, Frame, Severity, WireError};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use hotrepart_router::route::{
     AggregatePlan, Combined, CompareOp, HavingExpr, LimitSpec, Literal, MergePlan, Operand,
@@ -85,6 +86,26 @@ fn parse_row(raw: &[u8]) -> Option<Row> {
     Some(row)
 }
 
+/// A DataRow; columns whose entry in `binary` is a type OID (not 0) are
+/// converted to binary.
+fn put_out(out: &mut BytesMut, binary: &[u32], row: &[Option<Bytes>]) -> Result<(), MergeError> {
+    if binary.is_empty() {
+        put_row(out, row);
+        return Ok(());
+    }
+    let mut conv = Vec::with_capacity(row.len());
+    for (i, v) in row.iter().enumerate() {
+        conv.push(match (v, binary.get(i).copied().unwrap_or(0)) {
+            (Some(v), oid) if oid != 0 => {
+                Some(super::binary::to_binary(oid, v).map_err(|m| MergeError("22P03", m))?)
+            }
+            (v, _) => v.clone(),
+        });
+    }
+    put_row(out, &conv);
+    Ok(())
+}
+
 fn put_row(out: &mut BytesMut, row: &[Option<Bytes>]) {
     wire::frame(out, b'D', |o| {
         o.put_i16(row.len() as i16);
@@ -146,6 +167,11 @@ impl Streams {
                 b'E' if self.error.is_none() => {
                     let (c, m) = wire::parse_error_fields(f.body());
                     self.error = Some((c, m, t));
+                    let others: Vec<usize> = (0..self.shards.len())
+                        .filter(|&j| j != i && !self.done[j])
+                        .map(|j| self.shards[j])
+                        .collect();
+                    cancel_shards(s, &others).await;
                 }
                 b'Z' => {
                     if let Some(b) = s.slots[t].conn.as_mut() {
@@ -171,35 +197,259 @@ impl Streams {
     }
 }
 
+/// How the merged answer reaches the client.
+pub(crate) struct Output {
+    /// Send a RowDescription first (simple protocol; extended: Describe).
+    describe: bool,
+    /// The client's result format codes (Bind): none = all text, one = all
+    /// columns, else one per column.
+    formats: Vec<i16>,
+}
+
+impl Output {
+    fn binary(&self, col: usize) -> bool {
+        match self.formats.len() {
+            0 => false,
+            1 => self.formats[0] == 1,
+            _ => self.formats.get(col) == Some(&1),
+        }
+    }
+}
+
 /// Runs `plan` on `shards` for a simple-protocol client.
 pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     plan: &MergePlan,
     shards: &[usize],
 ) -> Result<(), SessionError> {
+    let mut q = BytesMut::new();
+    frontend::query(&plan.shard_sql, &mut q).map_err(|_| encode_error())?;
+    let out = Output {
+        describe: true,
+        formats: Vec::new(),
+    };
+    run_with(s, plan, shards, &q, &out, None).await
+}
+
+fn encode_error() -> SessionError {
+    SessionError::Fatal {
+        code: "XX000",
+        msg: "cannot encode a message".into(),
+    }
+}
+
+/// Runs `plan` on `shards` for an extended-protocol batch: Parse (optional),
+/// Bind, Describe portal (optional), Execute without a row limit, Sync. The
+/// shards run the rewritten statement with the client's parameters and
+/// answer in text; the client gets its ParseComplete and BindComplete, the
+/// merged rows in the formats its Bind asked for, and ReadyForQuery.
+pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    plan: &MergePlan,
+    shards: &[usize],
+    frames: Vec<Frame>,
+    synced: bool,
+) -> Result<(), SessionError> {
+    let refuse_batch = |s: &mut Session<S>, m: &str| {
+        s.push_error(&Refusal::new("0A000", m.to_string()));
+        if synced {
+            let status = s.client_status();
+            s.out.put_slice(&rfq(status));
+        } else {
+            s.skip_to_sync = true;
+        }
+    };
+    const SHAPE: &str = "a multi-shard statement with ORDER BY, LIMIT/OFFSET, DISTINCT or aggregates must come in the extended protocol as Parse (optional), Bind, Describe of the portal (optional), Execute, Sync";
+    if !synced {
+        refuse_batch(
+            s,
+            "a statement that touches several shards must be followed by Sync, not Flush",
+        );
+        return Ok(());
+    }
+    let (mut parse, mut bind, mut describe, mut executed) = (None, None, false, false);
+    for f in &frames {
+        let body = f.body();
+        match f.tag() {
+            b'P' if parse.is_none() && bind.is_none() => parse = Some(f),
+            b'B' if bind.is_none() => bind = Some(f),
+            b'D' if bind.is_some() && !executed && body.first() == Some(&b'P') => describe = true,
+            b'E' if bind.is_some() && !executed => {
+                if body.len() < 4 || body[body.len() - 4..] != [0, 0, 0, 0] {
+                    refuse_batch(s, "fetching a multi-shard result in parts (Execute with a row limit) is not supported");
+                    return Ok(());
+                }
+                executed = true;
+            }
+            b'S' => {}
+            _ => {
+                refuse_batch(s, SHAPE);
+                return Ok(());
+            }
+        }
+    }
+    let (Some(bind), true) = (bind, executed) else {
+        refuse_batch(s, SHAPE);
+        return Ok(());
+    };
+    // Bind: portal, statement, parameter formats and values, result formats.
+    let mut b = bind.body();
+    let _portal = wire::get_cstr(&mut b).map_err(|e| proto(&e))?;
+    let stmt = wire::get_cstr(&mut b).map_err(|e| proto(&e))?.to_string();
+    let params_start = bind.body().len() - b.len();
+    let params = BindParams::parse(b).map_err(|e| proto(&e))?;
+    let mut rest = b;
+    skip_bind_params(&mut rest).map_err(|e| proto(&e))?;
+    let params_part = &bind.body()[params_start..bind.body().len() - rest.len()];
+    let nres = wire::get_i16(&mut rest).map_err(|e| proto(&e))?;
+    let mut formats = Vec::with_capacity(nres.max(0) as usize);
+    for _ in 0..nres {
+        formats.push(wire::get_i16(&mut rest).map_err(|e| proto(&e))?);
+    }
+    // The statement's parameter types, for the shards' Parse.
+    let types = match parse {
+        Some(p) if parse_name(p).as_deref() == Some(stmt.as_str()) => parse_types(p),
+        _ => s.param_types(&stmt),
+    };
+    if let Some(p) = parse {
+        if !s.record_parse(p)? {
+            // A duplicate name: the error is queued; nothing else runs.
+            let status = s.client_status();
+            s.push_synthetic(rfq(status));
+            return Ok(());
+        }
+        s.out.put_slice(&wire::parse_complete());
+    }
+    let mut bc = BytesMut::new();
+    wire::frame(&mut bc, b'2', |_| {});
+    s.out.put_slice(&bc);
+    // The shards' request: the rewritten statement, unnamed, text results.
+    let mut q = BytesMut::new();
+    wire::frame(&mut q, b'P', |o| {
+        o.put_u8(0);
+        wire::put_cstr(o, &plan.shard_sql);
+        o.put_i16(types.len() as i16);
+        for t in &types {
+            o.put_u32(*t);
+        }
+    });
+    wire::frame(&mut q, b'B', |o| {
+        o.put_u8(0);
+        o.put_u8(0);
+        o.put_slice(params_part);
+        o.put_i16(0);
+    });
+    wire::frame(&mut q, b'D', |o| {
+        o.put_u8(b'P');
+        o.put_u8(0);
+    });
+    wire::frame(&mut q, b'E', |o| {
+        o.put_u8(0);
+        o.put_i32(0);
+    });
+    wire::frame(&mut q, b'S', |_| {});
+    s.unnamed_replaced_on(shards);
+    let out = Output { describe, formats };
+    run_with(s, plan, shards, &q, &out, Some(&params)).await
+}
+
+fn proto(e: &WireError) -> SessionError {
+    SessionError::Fatal {
+        code: "08P01",
+        msg: format!("invalid Bind message: {e}"),
+    }
+}
+
+/// Skips a Bind's parameter formats and values.
+fn skip_bind_params(b: &mut &[u8]) -> Result<(), WireError> {
+    let nf = wire::get_i16(b)?;
+    for _ in 0..nf {
+        wire::get_i16(b)?;
+    }
+    let nv = wire::get_i16(b)?;
+    for _ in 0..nv {
+        let len = wire::get_i32(b)?;
+        if len > 0 {
+            let len = len as usize;
+            if b.len() < len {
+                return Err(WireError::Protocol(
+                    "Bind parameter longer than the message".into(),
+                ));
+            }
+            *b = &b[len..];
+        }
+    }
+    Ok(())
+}
+
+fn parse_name(p: &Frame) -> Option<String> {
+    let mut b = p.body();
+    wire::get_cstr(&mut b).ok().map(str::to_string)
+}
+
+/// The parameter type OIDs of a Parse message.
+pub(crate) fn parse_types(p: &Frame) -> Vec<u32> {
+    parse_body_types(p.body())
+}
+
+/// The parameter type OIDs of a Parse body (statement name first).
+pub(crate) fn parse_body_types(mut b: &[u8]) -> Vec<u32> {
+    let (Ok(_), Ok(_), Ok(n)) = (
+        wire::get_cstr(&mut b),
+        wire::get_cstr(&mut b),
+        wire::get_i16(&mut b),
+    ) else {
+        return Vec::new();
+    };
+    (0..n)
+        .map_while(|_| wire::get_i32(&mut b).ok().map(|t| t as u32))
+        .collect()
+}
+
+/// Runs `plan` on `shards` (`request`: the messages each shard gets) and
+/// answers the client.
+async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    plan: &MergePlan,
+    shards: &[usize],
+    request: &[u8],
+    out: &Output,
+    params: Option<&BindParams>,
+) -> Result<(), SessionError> {
     let in_tx = s.tx_status != b'I';
     let finish = |s: &mut Session<S>| {
         let status = s.client_status();
         s.out.put_slice(&rfq(status));
     };
-    if plan_has_params(plan) {
-        wire::error_response(&mut s.out, Severity::Error, "0A000", "parameters in LIMIT, OFFSET or HAVING of a multi-shard statement are not supported yet");
-        finish(s);
-        return Ok(());
-    }
+    let having_params = plan
+        .aggregate
+        .as_ref()
+        .and_then(|a| a.having.as_ref())
+        .is_some_and(having_has_params);
+    let counts = (count(&plan.offset, params), count(&plan.limit, params));
+    let (offset, limit) = match counts {
+        (Ok(o), Ok(l)) if !having_params => (o.unwrap_or(0), l),
+        (Err(m), _) | (_, Err(m)) => return refuse(s, Refusal::new("22023", m), in_tx).await,
+        _ => {
+            return refuse(
+                s,
+                Refusal::new(
+                    "0A000",
+                    "parameters in HAVING of a multi-shard statement are not supported yet".into(),
+                ),
+                in_tx,
+            )
+            .await
+        }
+    };
     for &t in shards {
         if let Err(r) = s.ensure_backend(t).await? {
             return refuse(s, r, in_tx).await;
         }
     }
-    let mut q = BytesMut::new();
-    frontend::query(&plan.shard_sql, &mut q).map_err(|_| SessionError::Fatal {
-        code: "XX000",
-        msg: "cannot encode a message".into(),
-    })?;
     for &t in shards {
         if let Some(b) = s.slots[t].conn.as_mut() {
-            if let Err(e) = b.writer.write_all(&q).await {
+            if let Err(e) = b.writer.write_all(request).await {
                 return Err(s.backend_lost(t, WireError::Io(e)));
             }
         }
@@ -241,6 +491,8 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 b'E' if st.error.is_none() => {
                     let (c, m) = wire::parse_error_fields(f.body());
                     st.error = Some((c, m, t));
+                    let others: Vec<usize> = shards.iter().copied().filter(|&x| x != t).collect();
+                    cancel_shards(s, &others).await;
                 }
                 b'Z' => {
                     st.done[i] = true;
@@ -253,7 +505,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let result = match (&fields, mismatch, &st.error) {
         (Some(f), false, None) => {
             let f = f.clone();
-            execute(s, plan, &f, &mut st).await?
+            execute(s, plan, &f, &mut st, out, offset, limit).await?
         }
         (_, true, _) => Err(MergeError(
             "XX000",
@@ -286,6 +538,35 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     Ok(())
 }
 
+/// After an error on one shard: cancels the statement still running on
+/// `shards`, so that the client gets the one error without waiting for the
+/// others' work. Their backends are closed at the end of the transaction
+/// instead of pooled: a cancel that reaches one late must not hit another
+/// client's query.
+pub(crate) async fn cancel_shards<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    shards: &[usize],
+) {
+    for &t in shards {
+        let Some(b) = s.slots[t].conn.as_mut() else {
+            continue;
+        };
+        b.broken = true;
+        let (addr, pid, secret) = (b.addr, b.pid, b.secret);
+        let sent = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            crate::backend::send_cancel(addr, pid, secret),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            tracing::warn!(
+                shard = t,
+                "cannot cancel a statement after another shard's error"
+            );
+        }
+    }
+}
+
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     r: Refusal,
@@ -300,30 +581,29 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send>(
     Ok(())
 }
 
-fn plan_has_params(p: &MergePlan) -> bool {
+fn having_has_params(e: &HavingExpr) -> bool {
     fn op(o: &Operand) -> bool {
         matches!(o, Operand::Param(_))
     }
-    fn h(e: &HavingExpr) -> bool {
-        match e {
-            HavingExpr::And(a, b) | HavingExpr::Or(a, b) => h(a) || h(b),
-            HavingExpr::Not(a) => h(a),
-            HavingExpr::Compare { left, right, .. } => op(left) || op(right),
-            HavingExpr::IsNull { operand, .. } => op(operand),
+    match e {
+        HavingExpr::And(a, b) | HavingExpr::Or(a, b) => {
+            having_has_params(a) || having_has_params(b)
         }
+        HavingExpr::Not(a) => having_has_params(a),
+        HavingExpr::Compare { left, right, .. } => op(left) || op(right),
+        HavingExpr::IsNull { operand, .. } => op(operand),
     }
-    matches!(p.limit, Some(LimitSpec::Param(_)))
-        || matches!(p.offset, Some(LimitSpec::Param(_)))
-        || p.aggregate
-            .as_ref()
-            .and_then(|a| a.having.as_ref())
-            .is_some_and(h)
 }
 
-fn limit_of(l: &Option<LimitSpec>) -> Option<u64> {
+/// A LIMIT or OFFSET count; None: no limit.
+fn count(l: &Option<LimitSpec>, params: Option<&BindParams>) -> Result<Option<u64>, String> {
     match l {
-        Some(LimitSpec::Count(n)) => Some(*n),
-        _ => None,
+        None => Ok(None),
+        Some(LimitSpec::Count(n)) => Ok(Some(*n)),
+        Some(LimitSpec::Param(i)) => match params {
+            Some(p) => p.count(*i),
+            None => Err(format!("there is no parameter ${}", i + 1)),
+        },
     }
 }
 
@@ -333,6 +613,9 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     plan: &MergePlan,
     fields: &[Field],
     st: &mut Streams,
+    out: &Output,
+    offset: u64,
+    limit: Option<u64>,
 ) -> Result<Result<u64, MergeError>, SessionError> {
     let types: Vec<Ty> = fields.iter().map(|f| Ty::of(f.type_oid())).collect();
     // Text is ordered (sort keys, min/max) only under the C collation.
@@ -353,21 +636,46 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         )));
     }
     let max_rows = s.node.cfg.max_merge_rows;
-    let offset = limit_of(&plan.offset).unwrap_or(0);
-    let limit = limit_of(&plan.limit);
     // Output row description.
     let out_fields: Vec<Field> = match &plan.aggregate {
         None => fields.get(plan.hidden..).unwrap_or(&[]).to_vec(),
         Some(a) => a.outputs.iter().map(|o| output_field(o, fields)).collect(),
     };
-    wire::frame(&mut s.out, b'T', |o| {
-        o.put_i16(out_fields.len() as i16);
-        for f in &out_fields {
-            o.put_slice(&f.name);
-            o.put_u8(0);
-            o.put_slice(&f.meta);
-        }
-    });
+    // Columns the client wants in binary: their type OIDs (0: text).
+    let binary: Vec<u32> = out_fields
+        .iter()
+        .enumerate()
+        .map(|(i, f)| if out.binary(i) { f.type_oid() } else { 0 })
+        .collect();
+    if let Some((i, oid)) = binary
+        .iter()
+        .enumerate()
+        .find(|(_, &oid)| oid != 0 && !super::binary::supported(oid))
+    {
+        return Ok(Err(MergeError(
+            "0A000",
+            format!(
+                "binary results of type OID {oid} (column \"{}\") are not supported for multi-shard statements; ask for text results",
+                String::from_utf8_lossy(&out_fields[i].name)
+            ),
+        )));
+    }
+    let binary = if binary.iter().all(|&o| o == 0) {
+        Vec::new()
+    } else {
+        binary
+    };
+    if out.describe {
+        wire::frame(&mut s.out, b'T', |o| {
+            o.put_i16(out_fields.len() as i16);
+            for (i, f) in out_fields.iter().enumerate() {
+                o.put_slice(&f.name);
+                o.put_u8(0);
+                o.put_slice(&f.meta[..16]);
+                o.put_i16(i16::from(out.binary(i)));
+            }
+        });
+    }
     let streaming = plan.aggregate.is_none()
         && !plan.distinct
         && (plan.shards_sorted || plan.order_by.is_empty());
@@ -412,7 +720,9 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 skipped += 1;
                 continue;
             }
-            put_row(&mut s.out, row.get(plan.hidden..).unwrap_or(&[]));
+            if let Err(e) = put_out(&mut s.out, &binary, row.get(plan.hidden..).unwrap_or(&[])) {
+                return Ok(Err(e));
+            }
             sent += 1;
             if s.out.len() > 64 * 1024 {
                 s.flush_client().await?;
@@ -502,11 +812,13 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     }
     let mut sent = 0u64;
-    for (_, out) in rows.into_iter().skip(offset as usize) {
+    for (_, row) in rows.into_iter().skip(offset as usize) {
         if limit.is_some_and(|l| sent >= l) {
             break;
         }
-        put_row(&mut s.out, &out);
+        if let Err(e) = put_out(&mut s.out, &binary, &row) {
+            return Ok(Err(e));
+        }
         sent += 1;
         if s.out.len() > 64 * 1024 {
             s.flush_client().await?;
