@@ -352,6 +352,70 @@ async fn extended_limit_offset_parameters() {
     assert_eq!(e.code().unwrap().code(), "22023", "{e:?}");
 }
 
+/// An error on one shard cancels the statement on the others (which would
+/// sleep 10 s per row) and reaches the client once, in both protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_on_one_shard_cancels_the_others() {
+    let c = Cluster::start(Opts {
+        shards: 4,
+        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let db = c.connect().await;
+    db.batch_execute(SCHEMA).await.unwrap();
+    for sql in insert_sql(9, 400) {
+        db.batch_execute(&sql).await.unwrap();
+    }
+    // Shard 0 fails at its first row; the others would sleep 10 s per row.
+    let p0 = c.shards[0].port;
+    let sql = format!(
+        "SELECT count(*) FROM items WHERE \
+         1 / (CASE WHEN current_setting('port') = '{p0}' THEN 0 ELSE 1 END) = 1 \
+         AND pg_sleep(CASE WHEN current_setting('port') = '{p0}' THEN 0 ELSE 10 END) IS NOT NULL"
+    );
+    for extended in [false, true, false, true, false, true] {
+        let start = std::time::Instant::now();
+        let e = if extended {
+            step("error on one shard (extended)", db.query(&sql, &[]))
+                .await
+                .map(|_| ())
+                .unwrap_err()
+        } else {
+            step("error on one shard (simple)", db.simple_query(&sql))
+                .await
+                .map(|_| ())
+                .unwrap_err()
+        };
+        let took = start.elapsed();
+        assert_eq!(e.code().unwrap().code(), "22012", "{e:?}");
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "the other shards were not cancelled: {took:?}"
+        );
+        // the session goes on, and no shard still runs the statement
+        let r = step(
+            "count after the error",
+            rows(&db, "SELECT count(*) FROM items"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r[0][0].as_deref(), Some("400"));
+        for i in 0..4 {
+            let d = c.direct(i).await;
+            let busy: i64 = d
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(CASE%' AND state = 'active' AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(busy, 0, "shard {i} still runs the statement");
+        }
+    }
+}
+
 /// Awaits `f` for at most 30 s: a hang fails the test with its name.
 async fn step<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(std::time::Duration::from_secs(30), f)

@@ -28,6 +28,9 @@ use hotrepart_router::route::{
 use postgres_protocol::message::frontend;
 use std::cmp::Ordering;
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 type Row = Vec<Option<Bytes>>;
@@ -129,15 +132,126 @@ impl From<ValueError> for MergeError {
     }
 }
 
-/// Shard streams: the merge reads each shard's replies in turn.
+/// Shard streams. The merge consumes one shard's replies at a time, but
+/// waits on all of them: while it waits for shard `i`, frames the others
+/// send are read ahead (bounded per shard), so that an error on any shard is
+/// seen at once and the others are cancelled. (PostgreSQL flushes its
+/// RowDescription only with the first rows or at the end: waiting on one
+/// shard alone could mean waiting for its whole statement while another
+/// shard already failed.)
 struct Streams {
     shards: Vec<usize>,
+    /// The stream's ReadyForQuery was consumed.
     done: Vec<bool>,
+    /// The stream's ReadyForQuery was read (possibly ahead): nothing more
+    /// comes from it.
+    ended: Vec<bool>,
+    /// Frames read ahead, and their total size.
+    ahead: Vec<(std::collections::VecDeque<Frame>, usize)>,
     error: Option<(String, String, usize)>,
 }
 
+/// A pending read of one shard's next frame.
+type Wait<'a> = Pin<Box<dyn Future<Output = Result<Frame, WireError>> + Send + 'a>>;
+
+/// How long a cancelled shard may take to end before it is cancelled again.
+const RECANCEL_AFTER: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Read-ahead bound per shard, in bytes of frames.
+const READ_AHEAD_BYTES: usize = 256 * 1024;
+
 impl Streams {
-    /// Next data row of stream `i` (None at its end). Errors are recorded.
+    fn new(shards: &[usize]) -> Streams {
+        Streams {
+            shards: shards.to_vec(),
+            done: vec![false; shards.len()],
+            ended: vec![false; shards.len()],
+            ahead: (0..shards.len()).map(|_| Default::default()).collect(),
+            error: None,
+        }
+    }
+
+    /// Next frame of stream `i` (None: its backend is gone).
+    async fn frame<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        s: &mut Session<S>,
+        i: usize,
+    ) -> Result<Option<Frame>, SessionError> {
+        loop {
+            if let Some(f) = self.ahead[i].0.pop_front() {
+                self.ahead[i].1 -= f.raw.len();
+                return Ok(Some(f));
+            }
+            // Wait on stream i and on every other stream that may still
+            // send and has room ahead.
+            let mut waits: Vec<(usize, Wait<'_>)> = Vec::new();
+            for (t, slot) in s.slots.iter_mut().enumerate() {
+                let Some(j) = self.shards.iter().position(|&x| x == t) else {
+                    continue;
+                };
+                let Some(b) = slot.conn.as_mut() else {
+                    continue;
+                };
+                if j == i || (!self.ended[j] && self.ahead[j].1 < READ_AHEAD_BYTES) {
+                    waits.push((j, Box::pin(b.reader.next())));
+                }
+            }
+            if !waits.iter().any(|(j, _)| *j == i) {
+                return Ok(None);
+            }
+            let any = std::future::poll_fn(|cx| {
+                for (j, w) in waits.iter_mut() {
+                    if let Poll::Ready(r) = w.as_mut().poll(cx) {
+                        return Poll::Ready((*j, r));
+                    }
+                }
+                Poll::Pending
+            });
+            // After an error, a cancel that reached a shard between two
+            // messages (PostgreSQL ignores it while reading a command) is
+            // sent again until the shard ends.
+            let got = match &self.error {
+                None => Some(any.await),
+                Some(_) => tokio::time::timeout(RECANCEL_AFTER, any).await.ok(),
+            };
+            drop(waits);
+            let Some((j, r)) = got else {
+                let failed = self.error.as_ref().map(|e| e.2);
+                let others: Vec<usize> = (0..self.shards.len())
+                    .filter(|&k| !self.ended[k] && Some(self.shards[k]) != failed)
+                    .map(|k| self.shards[k])
+                    .collect();
+                cancel_shards(s, &others).await;
+                continue;
+            };
+            let t = self.shards[j];
+            let f = match r {
+                Ok(f) => f,
+                Err(e) => return Err(s.backend_lost(t, e)),
+            };
+            match f.tag() {
+                b'E' if self.error.is_none() => {
+                    let (c, m) = wire::parse_error_fields(f.body());
+                    self.error = Some((c, m, t));
+                    let others: Vec<usize> = (0..self.shards.len())
+                        .filter(|&k| k != j && !self.ended[k])
+                        .map(|k| self.shards[k])
+                        .collect();
+                    cancel_shards(s, &others).await;
+                }
+                b'Z' => self.ended[j] = true,
+                _ => {}
+            }
+            if j == i {
+                return Ok(Some(f));
+            }
+            self.ahead[j].1 += f.raw.len();
+            self.ahead[j].0.push_back(f);
+        }
+    }
+
+    /// Next data row of stream `i` (None at its end). Errors are recorded
+    /// (when read, by `frame`).
     async fn next<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &mut self,
         s: &mut Session<S>,
@@ -145,15 +259,9 @@ impl Streams {
     ) -> Result<Option<Row>, SessionError> {
         while !self.done[i] {
             let t = self.shards[i];
-            let f = {
-                let Some(b) = s.slots[t].conn.as_mut() else {
-                    self.done[i] = true;
-                    break;
-                };
-                match b.reader.next().await {
-                    Ok(f) => f,
-                    Err(e) => return Err(s.backend_lost(t, e)),
-                }
+            let Some(f) = self.frame(s, i).await? else {
+                self.done[i] = true;
+                break;
             };
             match f.tag() {
                 b'D' => {
@@ -163,15 +271,6 @@ impl Streams {
                             Err(s.backend_lost(t, WireError::Protocol("malformed DataRow".into())))
                         }
                     }
-                }
-                b'E' if self.error.is_none() => {
-                    let (c, m) = wire::parse_error_fields(f.body());
-                    self.error = Some((c, m, t));
-                    let others: Vec<usize> = (0..self.shards.len())
-                        .filter(|&j| j != i && !self.done[j])
-                        .map(|j| self.shards[j])
-                        .collect();
-                    cancel_shards(s, &others).await;
                 }
                 b'Z' => {
                     if let Some(b) = s.slots[t].conn.as_mut() {
@@ -454,24 +553,15 @@ async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
     }
-    let mut st = Streams {
-        shards: shards.to_vec(),
-        done: vec![false; shards.len()],
-        error: None,
-    };
+    let mut st = Streams::new(shards);
     // Row descriptions first.
     let mut fields: Option<Vec<Field>> = None;
     let mut mismatch = false;
     for (i, &t) in shards.iter().enumerate() {
         loop {
-            let f = {
-                let Some(b) = s.slots[t].conn.as_mut() else {
-                    break;
-                };
-                match b.reader.next().await {
-                    Ok(f) => f,
-                    Err(e) => return Err(s.backend_lost(t, e)),
-                }
+            let Some(f) = st.frame(s, i).await? else {
+                st.done[i] = true;
+                break;
             };
             match f.tag() {
                 b'T' => {
@@ -488,13 +578,10 @@ async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     }
                     break;
                 }
-                b'E' if st.error.is_none() => {
-                    let (c, m) = wire::parse_error_fields(f.body());
-                    st.error = Some((c, m, t));
-                    let others: Vec<usize> = shards.iter().copied().filter(|&x| x != t).collect();
-                    cancel_shards(s, &others).await;
-                }
                 b'Z' => {
+                    if let Some(b) = s.slots[t].conn.as_mut() {
+                        b.status = f.body().first().copied().unwrap_or(b'I');
+                    }
                     st.done[i] = true;
                     break;
                 }
