@@ -72,6 +72,9 @@ pub struct Node {
     pub home_index: usize,
     /// Whether (shard, database) uses the C collation (learned on attach).
     collations: Mutex<HashMap<(usize, String), bool>>,
+    /// Per database: function names seen called in multi-shard statements,
+    /// and whether each is an aggregate (pg_proc), learned on first sight.
+    aggregates: Mutex<HashMap<String, HashMap<String, bool>>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     clients: AtomicUsize,
     cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
@@ -117,6 +120,7 @@ impl Node {
             plans,
             home_index,
             collations: Mutex::new(HashMap::new()),
+            aggregates: Mutex::new(HashMap::new()),
             cfg,
             pools: Pools::default(),
             tls,
@@ -165,6 +169,50 @@ impl Node {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert((shard, database.to_string()), c);
+    }
+
+    /// Of `names`, those not yet known for `database` (None) or the first
+    /// known aggregate (Some).
+    pub fn known_aggregates(
+        &self,
+        database: &str,
+        names: &[String],
+    ) -> (Vec<String>, Option<String>) {
+        let m = self.aggregates.lock().unwrap_or_else(|e| e.into_inner());
+        let known = m.get(database);
+        let mut unknown = Vec::new();
+        for n in names {
+            match known.and_then(|k| k.get(n)) {
+                Some(true) => return (Vec::new(), Some(n.clone())),
+                Some(false) => {}
+                None => unknown.push(n.clone()),
+            }
+        }
+        (unknown, None)
+    }
+
+    pub fn learn_aggregates(&self, database: &str, names: &[String], aggregates: &[String]) {
+        let mut m = self.aggregates.lock().unwrap_or_else(|e| e.into_inner());
+        let k = m.entry(database.to_string()).or_default();
+        if k.len() > 10_000 {
+            k.clear();
+        }
+        for n in names {
+            k.insert(n.clone(), aggregates.contains(n));
+        }
+    }
+
+    /// After DDL through the node: collations and aggregates are learned
+    /// again on the next attach.
+    pub fn forget_catalog(&self, database: &str) {
+        self.collations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(_, db), _| db != database);
+        self.aggregates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(database);
     }
 
     pub(crate) fn pool_for(&self, shard: usize, database: &str, client_user: &str) -> Arc<Pool> {

@@ -490,15 +490,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             b.state_fp = self.state_fp;
         }
         if self.node.cfg.shards.len() > 1 && self.node.collation_is_c(t, &self.database).is_none() {
-            // Needed by the merger before it orders text across shards.
-            if let Ok(rows) = b
-                .hidden_query("SELECT datcollate FROM pg_catalog.pg_database WHERE datname = current_database()")
-                .await
-            {
-                let c = rows
-                    .first()
+            // Needed by the merger: text is ordered across shards only when
+            // the database and every user column use the C collation.
+            if let Ok(rows) = b.hidden_query(CATALOG_PROBE).await {
+                let row = rows.first();
+                let c = row
                     .and_then(|r| r.first().cloned().flatten())
-                    .is_some_and(|v| v == "C" || v == "POSIX");
+                    .is_some_and(|v| v == "t");
                 self.node.set_collation_is_c(t, &self.database, c);
             }
         }
@@ -515,6 +513,63 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.slots[t].conn = Some(b);
         self.update_cancel();
+        Ok(Ok(()))
+    }
+
+    /// A session setting as the node last read it back.
+    pub(crate) fn setting(&self, name: &str) -> Option<&str> {
+        self.state.get(name)
+    }
+
+    /// Before a statement runs on several shards: the refusal the router
+    /// cannot make without the shards' catalog (a call to a user-defined
+    /// aggregate, which it plans as a scalar function).
+    async fn check_multi_shard(
+        &mut self,
+        d: &Decision,
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        let Target::Multi { shards, .. } = &d.target else {
+            return Ok(Ok(()));
+        };
+        if shards.len() < 2 || d.ddl {
+            return Ok(Ok(()));
+        }
+        let names = called_names(&d.sql_text);
+        let (unknown, mut found) = self.node.known_aggregates(&self.database, &names);
+        if found.is_none() && !unknown.is_empty() {
+            let t = shards[0];
+            if let Err(r) = self.ensure_backend(t).await? {
+                return Ok(Err(r));
+            }
+            let list: Vec<String> = unknown.iter().map(|n| state::quote_literal(n)).collect();
+            let sql = format!(
+                "SELECT DISTINCT lower(proname) FROM pg_catalog.pg_proc WHERE prokind = 'a' AND lower(proname) IN ({})",
+                list.join(", ")
+            );
+            let rows = match self.slots[t].conn.as_mut() {
+                Some(b) => b.hidden_query(&sql).await.ok(),
+                None => None,
+            };
+            let Some(rows) = rows else {
+                return Ok(Err(Refusal::new(
+                    "0A000",
+                    "cannot read the shard's catalog (pg_proc) to check the statement's functions"
+                        .into(),
+                )));
+            };
+            let aggs: Vec<String> = rows
+                .into_iter()
+                .filter_map(|r| r.into_iter().next().flatten())
+                .collect();
+            self.node.learn_aggregates(&self.database, &unknown, &aggs);
+            found = aggs.into_iter().next();
+        }
+        if let Some(name) = found {
+            return Ok(Err(Refusal::new(
+                "0A000",
+                format!("aggregate function {name}() cannot be combined across shards (hotrepart combines count, sum, min, max, avg, bool_and, bool_or); pin the statement to one shard with its shard key"),
+            )));
+        }
         Ok(Ok(()))
     }
 
@@ -721,6 +776,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.drain_owed().await?;
         }
         if self.transaction_control(&d, true, target).await? {
+            return Ok(());
+        }
+        if d.ddl {
+            self.node.forget_catalog(&self.database);
+        }
+        if let Err(r) = self.check_multi_shard(&d).await? {
+            self.refuse_simple(r);
             return Ok(());
         }
         match &d.target {
@@ -1045,6 +1107,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.drain_owed().await?;
             }
             let d = d.clone();
+            if let Err(r) = self.check_multi_shard(&d).await? {
+                self.batch_error(&r, synced);
+                return Ok(());
+            }
             if let (Some(plan), Target::Multi { shards, .. }) = (&d.merge, &d.target) {
                 return crate::merge::exec::run_extended(self, plan, shards, frames, synced).await;
             }
@@ -1808,6 +1874,73 @@ pub(crate) fn command_complete(tag: &str) -> Bytes {
     let mut b = BytesMut::new();
     wire::frame(&mut b, b'C', |o| wire::put_cstr(o, tag));
     b.freeze()
+}
+
+/// What the node learns of a shard's database on attach: whether text
+/// orders bytewise there (database collation C/POSIX and no user column with
+/// another collation).
+const CATALOG_PROBE: &str = "SELECT d.datcollate IN ('C', 'POSIX') AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid >= 16384 AND a.attnum > 0 AND NOT a.attisdropped AND a.attcollation NOT IN (0, 100, 950, 951)) FROM pg_catalog.pg_database d WHERE d.datname = current_database()";
+
+/// The names `sql` calls as functions (followed by `(`, outside literals,
+/// quoted names and comments; lower case) that the router does not know as
+/// aggregates: candidates for a user-defined aggregate.
+pub(crate) fn called_names(sql: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let b = sql.as_bytes();
+    let mut i = 0;
+    let mut last_word: Option<String> = None;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'\'' => {
+                i += 1;
+                while i < b.len() && b[i] != b'\'' {
+                    i += 1;
+                }
+                last_word = None;
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += 1;
+                }
+                last_word = Some(String::from_utf8_lossy(&b[start..i.min(b.len())]).into_owned());
+            }
+            b'(' => {
+                if let Some(w) = last_word.take() {
+                    if !hotrepart_router::route::is_known_aggregate(&w) && !out.contains(&w) {
+                        out.push(w);
+                    }
+                }
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                let start = i;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$')
+                {
+                    i += 1;
+                }
+                last_word = Some(String::from_utf8_lossy(&b[start..i]).to_ascii_lowercase());
+                continue;
+            }
+            c if c.is_ascii_whitespace() || c == b'.' => {}
+            _ => last_word = None,
+        }
+        i += 1;
+    }
+    out
 }
 
 /// The node's name for a statement: a hash of its Parse body after the

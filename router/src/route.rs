@@ -72,6 +72,14 @@ use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 use crate::catalog::{KeyType, KeyValue, RoutingSnapshot, ShardId};
 
 pub use cache::PlanCache;
+
+/// Whether `name` (lower case, unqualified) is a built-in aggregate the
+/// router knows: a call to any other aggregate (user-defined) is planned as
+/// a scalar function, which the node must check before running a statement
+/// on several shards.
+pub fn is_known_aggregate(name: &str) -> bool {
+    analyze::AGGREGATES.contains(&name)
+}
 pub use merge::{
     AggregatePlan, Combined, CompareOp, HavingExpr, LimitSpec, Literal, MergePlan, Operand,
     Partial, ShardCol, SortKey,

@@ -716,6 +716,42 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     && types.get(i) == Some(&Ty::Text)
             })
         });
+    // sum/avg of real: PostgreSQL rounds every step of sum(real) to float4,
+    // which partial sums cannot reproduce.
+    if let Some(a) = &plan.aggregate {
+        if a.shard_cols.iter().enumerate().any(|(i, c)| {
+            matches!(c, ShardCol::Partial(Partial::Sum))
+                && fields.get(i).map(Field::type_oid) == Some(700)
+        }) {
+            return Ok(Err(MergeError(
+                "0A000",
+                "sum or avg of a real (float4) column across shards cannot reproduce PostgreSQL's float4 rounding; cast it to double precision or numeric".into(),
+            )));
+        }
+    }
+    // With extra_float_digits < 1 the shards print floats rounded: partial
+    // sums, averages and comparisons of those texts are not PostgreSQL's.
+    let float_rounded = s
+        .setting("extra_float_digits")
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .is_some_and(|v| v < 1);
+    if float_rounded
+        && (plan.aggregate.is_some() || plan.distinct || !plan.order_by.is_empty())
+        && types.contains(&Ty::Float)
+    {
+        return Ok(Err(MergeError(
+            "0A000",
+            "merging real or double precision values across shards needs extra_float_digits >= 1 (exact output); the session has it lower".into(),
+        )));
+    }
+    if orders_text {
+        if let Some(c) = non_c_collate(&plan.shard_sql) {
+            return Ok(Err(MergeError(
+                "0A000",
+                format!("ordering text across shards under COLLATE {c} is not supported (hotrepart merges text bytewise: C collation only)"),
+            )));
+        }
+    }
     if orders_text && !shards_use_c_collation(s, &st.shards).await? {
         return Ok(Err(MergeError(
             "0A000",
@@ -819,16 +855,15 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     // Collecting: combine by group (or keep rows), bounded.
     let mut groups: Vec<Row> = Vec::new();
-    let mut index: HashMap<Row, usize> = HashMap::new();
+    let mut index: HashMap<Vec<Option<Vec<u8>>>, usize> = HashMap::new();
     for i in 0..st.shards.len() {
         while let Some(row) = st.next(s, i).await? {
             match &plan.aggregate {
                 Some(a) => {
-                    let key: Row = a
-                        .group_by
-                        .iter()
-                        .map(|&c| row.get(c).cloned().flatten())
-                        .collect();
+                    let key = match group_key(&a.group_by, &row, &types) {
+                        Ok(k) => k,
+                        Err(e) => return Ok(Err(e)),
+                    };
                     match index.get(&key) {
                         Some(&g) => {
                             if let Err(e) = combine(a, &types, &mut groups[g], &row) {
@@ -882,8 +917,20 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     }
     if plan.distinct {
+        let out_types: Vec<Ty> = out_fields.iter().map(|f| Ty::of(f.type_oid())).collect();
+        let cols: Vec<usize> = (0..out_types.len()).collect();
         let mut seen = std::collections::HashSet::new();
-        rows.retain(|(_, out)| seen.insert(out.clone()));
+        let mut err = None;
+        rows.retain(|(_, out)| match group_key(&cols, out, &out_types) {
+            Ok(k) => seen.insert(k),
+            Err(e) => {
+                err.get_or_insert(e);
+                false
+            }
+        });
+        if let Some(e) = err {
+            return Ok(Err(e));
+        }
     }
     if !plan.order_by.is_empty() {
         let mut err = None;
@@ -912,6 +959,23 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     }
     Ok(Ok(sent))
+}
+
+/// The grouping key of `row` over columns `cols` (see [`value::group_key`]).
+fn group_key(
+    cols: &[usize],
+    row: &[Option<Bytes>],
+    types: &[Ty],
+) -> Result<Vec<Option<Vec<u8>>>, MergeError> {
+    cols.iter()
+        .map(|&c| match row.get(c).cloned().flatten() {
+            None => Ok(None),
+            Some(v) => Ok(Some(value::group_key(
+                types.get(c).copied().unwrap_or(Ty::Other(0)),
+                &v,
+            )?)),
+        })
+        .collect()
 }
 
 fn too_many(n: usize) -> MergeError {
@@ -968,7 +1032,8 @@ fn combined_value(
             }
             match types.get(*sum) {
                 Some(Ty::Float) => {
-                    let s: f64 = parse_f64(utf8(&sv)?)?;
+                    // PostgreSQL's avg accumulates from +0 (so -0 sums to 0).
+                    let s: f64 = 0.0 + parse_f64(utf8(&sv)?)?;
                     let c: f64 = utf8(&cv)?
                         .parse()
                         .map_err(|_| MergeError("XX000", "bad count".into()))?;
@@ -1165,6 +1230,13 @@ fn eval_having(
             let (l, lt) = operand_value(left, row, types)?;
             let (r, rt) = operand_value(right, row, types)?;
             let ty = lt.or(rt).unwrap_or(Ty::Numeric);
+            let string_lit = |o: &Operand| matches!(o, Operand::Literal(Literal::String(_)));
+            if (string_lit(left) || string_lit(right)) && ty != Ty::Text {
+                return Err(MergeError(
+                    "0A000",
+                    format!("HAVING compares a {ty:?} value with a string literal across shards; hotrepart cannot apply PostgreSQL's input conversion for that type (session TimeZone, formats): compare with a number, or filter in WHERE"),
+                ));
+            }
             let (Some(l), Some(r)) = (l, r) else {
                 return Ok(None);
             };
@@ -1207,6 +1279,31 @@ fn operand_value(
     })
 }
 
+/// The first `COLLATE name` in `sql` whose collation is not C or POSIX (a
+/// conservative text scan: a false hit only refuses).
+fn non_c_collate(sql: &str) -> Option<String> {
+    let lower = sql.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(at) = lower[from..].find("collate") {
+        let start = from + at;
+        from = start + 7;
+        let before_ok = start == 0 || !lower.as_bytes()[start - 1].is_ascii_alphanumeric();
+        let rest = sql[from..].trim_start();
+        if !before_ok || rest.len() == sql[from..].len() {
+            continue;
+        }
+        let name: String = rest
+            .chars()
+            .take_while(|c| !c.is_whitespace() && !matches!(c, ',' | ')' | ';'))
+            .collect();
+        let bare = name.rsplit('.').next().unwrap_or("").trim_matches('"');
+        if !matches!(bare, "C" | "POSIX" | "c" | "posix") || name.is_empty() {
+            return Some(name);
+        }
+    }
+    None
+}
+
 /// Whether every shard's database uses the C (or POSIX) collation; cached
 /// per shard and database by the node.
 async fn shards_use_c_collation<S: AsyncRead + AsyncWrite + Unpin + Send>(
@@ -1225,6 +1322,24 @@ async fn shards_use_c_collation<S: AsyncRead + AsyncWrite + Unpin + Send>(
 #[cfg(test)]
 mod tests {
     use super::float_text;
+
+    #[test]
+    fn finds_collate_clauses() {
+        use super::non_c_collate;
+        assert_eq!(
+            non_c_collate("SELECT a FROM t ORDER BY a COLLATE \"C\""),
+            None
+        );
+        assert_eq!(
+            non_c_collate("SELECT a FROM t ORDER BY a collate pg_catalog.\"POSIX\""),
+            None
+        );
+        assert_eq!(
+            non_c_collate("SELECT a FROM t ORDER BY a COLLATE \"und-x-icu\", b").as_deref(),
+            Some("\"und-x-icu\"")
+        );
+        assert_eq!(non_c_collate("SELECT collated FROM t ORDER BY 1"), None);
+    }
 
     #[test]
     fn float_output_like_postgresql() {

@@ -58,6 +58,11 @@ pub fn compare(ty: Ty, a: &[u8], b: &[u8]) -> Result<Ordering, ValueError> {
         Ty::Float => cmp_float(parse_float(utf8(a)?)?, parse_float(utf8(b)?)?),
         Ty::Numeric => Num::parse(utf8(a)?)?.cmp_num(&Num::parse(utf8(b)?)?),
         // bytea's hex form and uuid's canonical form order like their bytes.
+        Ty::Bytea if !(a.starts_with(b"\\x") && b.starts_with(b"\\x")) => {
+            return Err(ValueError(
+                "ordering bytea across shards needs bytea_output = hex".into(),
+            ))
+        }
         Ty::Text | Ty::Uuid | Ty::Bytea | Ty::Bool => a.cmp(b),
         Ty::Date | Ty::Timestamp | Ty::TimestampTz => {
             parse_time(utf8(a)?, ty)?.cmp(&parse_time(utf8(b)?, ty)?)
@@ -66,6 +71,40 @@ pub fn compare(ty: Ty, a: &[u8], b: &[u8]) -> Result<Ordering, ValueError> {
             return Err(ValueError(format!(
             "cannot merge values of type oid {oid} across shards (no ordering known to hotrepart)"
         )))
+        }
+    })
+}
+
+/// The bytes by which values of type `ty` are grouped (GROUP BY, DISTINCT):
+/// equal values, as PostgreSQL's equality sees them, get equal keys. Text
+/// output is canonical for most types; numeric (1.5 = 1.50) and float
+/// (0 = -0) are normalised; a type whose text output is not canonical (e.g.
+/// interval: '1 day' = '24:00:00') is refused.
+pub fn group_key(ty: Ty, v: &[u8]) -> Result<Vec<u8>, ValueError> {
+    Ok(match ty {
+        Ty::Numeric => Num::parse(utf8(v)?)?.canonical().to_text().into_bytes(),
+        Ty::Float => {
+            let x = parse_float(utf8(v)?)?;
+            if x == 0.0 {
+                b"0".to_vec()
+            } else {
+                v.to_vec()
+            }
+        }
+        Ty::Int
+        | Ty::Text
+        | Ty::Bool
+        | Ty::Date
+        | Ty::Timestamp
+        | Ty::TimestampTz
+        | Ty::Uuid
+        | Ty::Bytea
+        // jsonb, time: canonical output
+        | Ty::Other(3802 | 1083) => v.to_vec(),
+        Ty::Other(oid) => {
+            return Err(ValueError(format!(
+                "cannot group or deduplicate values of type oid {oid} across shards (equal values may print differently)"
+            )))
         }
     })
 }
@@ -216,6 +255,24 @@ impl Num {
             scale: frac.len(),
         }
         .normalized())
+    }
+
+    /// The same value with no trailing fractional zeros (1.50 → 1.5).
+    pub fn canonical(self) -> Num {
+        match self {
+            Num::Finite {
+                neg,
+                mut digits,
+                mut scale,
+            } => {
+                while scale > 0 && digits.last() == Some(&0) {
+                    digits.pop();
+                    scale -= 1;
+                }
+                Num::Finite { neg, digits, scale }.normalized()
+            }
+            other => other,
+        }
     }
 
     pub fn from_i128(v: i128) -> Num {

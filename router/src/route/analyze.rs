@@ -231,7 +231,7 @@ const PURE_FUNCTIONS: &[&str] = &[
 ];
 
 /// Aggregate functions of PostgreSQL 15 (built-in).
-const AGGREGATES: &[&str] = &[
+pub(super) const AGGREGATES: &[&str] = &[
     "count",
     "sum",
     "avg",
