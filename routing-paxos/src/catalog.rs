@@ -1,0 +1,514 @@
+//! The catalog state machine: applies [`CatalogCommand`]s, one at a time, and
+//! publishes a new [`RoutingSnapshot`] after each change of the routing table.
+//!
+//! # Guarantees
+//!
+//! * Deterministic: the result of [`Catalog::apply`] depends only on the
+//!   catalog and the command — no clock, no randomness, no I/O, no hash-map
+//!   iteration order. Replicas that apply the same commands in the same order
+//!   hold equal catalogs.
+//! * All or nothing: a command either changes the catalog as a whole
+//!   ([`Applied`]) or leaves it exactly as it was ([`Rejected`], with the
+//!   reason). A rejected command is still a log entry; it applies as a no-op
+//!   on every replica.
+//! * Every accepted command that changes the routing table produces a new,
+//!   validated snapshot whose epoch is the previous one plus one (the first
+//!   snapshot has epoch 1; an empty catalog has epoch 0). Key ranges
+//!   therefore always tile the point space: an overlap or a gap cannot be
+//!   built ([`hotrepart_router::catalog::SnapshotBuilder::build`] refuses it).
+//! * 2PC decisions ([`CatalogCommand::TxDecision`]) are recorded beside the
+//!   routing table and do not change the epoch: a new epoch empties every
+//!   node's plan cache, and a decision per multi-shard commit must not do
+//!   that. The first decision for a GID is final.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use hotrepart_router::catalog::{
+    CatalogError, KeyRange, RangeStatus, RoutingSnapshot, Shard, ShardId, ShardedTable, Span,
+};
+
+use crate::command::{CatalogCommand, CatalogSeed, Dsn, FreezeId, TableSpec};
+
+/// Longest PostgreSQL prepared-transaction GID, in bytes (`GIDSIZE` - 1).
+pub const MAX_GID_LEN: usize = 199;
+
+/// The replicated catalog: the current routing snapshot plus what the
+/// snapshot does not carry (who froze which range, 2PC decisions).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Catalog {
+    /// `None` until the first shard is added (epoch 0).
+    snapshot: Option<Arc<RoutingSnapshot>>,
+    /// Frozen ranges by their `lo`. A frozen range cannot be split, so its
+    /// `lo` identifies it for as long as the freeze lasts.
+    freezes: BTreeMap<u64, Freeze>,
+    /// Decided 2PC transactions: GID → commit.
+    decisions: BTreeMap<String, bool>,
+}
+
+/// One freeze of a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freeze {
+    /// Who froze it.
+    pub id: FreezeId,
+    /// The status to restore on unfreeze.
+    pub previous: RangeStatus,
+}
+
+/// What an accepted command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The routing table changed; this is the new snapshot, with the next
+    /// epoch.
+    Routing(Arc<RoutingSnapshot>),
+    /// A 2PC decision was recorded; the routing table did not change.
+    TxDecided {
+        /// The transaction.
+        gid: String,
+        /// Its outcome.
+        commit: bool,
+    },
+}
+
+/// Why a command was rejected. The catalog is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// The command needs a catalog, and there is none yet.
+    #[error("the catalog is empty: bootstrap it or add a shard first")]
+    NoCatalog,
+    /// Bootstrap on a catalog that already exists.
+    #[error("the catalog already exists (epoch {epoch})")]
+    AlreadyInitialised {
+        /// Its epoch.
+        epoch: u64,
+    },
+    /// The result would not be a valid catalog (bad names, duplicate
+    /// tables, ranges that do not tile the space, …).
+    #[error(transparent)]
+    Invalid(#[from] CatalogError),
+    /// AddShard of an existing shard.
+    #[error("shard {0} already exists")]
+    ShardExists(String),
+    /// A command names a shard the catalog does not have.
+    #[error("unknown shard {0:?}")]
+    UnknownShard(String),
+    /// RemoveShard of a shard that still reads or writes some range.
+    #[error("shard {shard} still owns {count} key range(s), the first {first}; assign them elsewhere first")]
+    ShardOwnsRanges {
+        /// The shard.
+        shard: String,
+        /// How many ranges name it as read or write owner.
+        count: usize,
+        /// The first of them.
+        first: Span,
+    },
+    /// RemoveShard of the home shard.
+    #[error("shard {0} is the home shard of undeclared tables")]
+    HomeShard(String),
+    /// A table is declared already.
+    #[error(
+        "table {table:?} is already declared ({kind}); changing that is a re-partitioning job"
+    )]
+    TableDeclared {
+        /// The table.
+        table: String,
+        /// "sharded" or "reference".
+        kind: &'static str,
+    },
+    /// No range has exactly these bounds (it may have been split meanwhile).
+    #[error("no key range is exactly {0}")]
+    UnknownRange(Span),
+    /// SplitRange at a point that is not strictly inside the range.
+    #[error("split point {at} is not strictly inside key range {range}")]
+    SplitOutside {
+        /// The range.
+        range: Span,
+        /// The split point.
+        at: u64,
+    },
+    /// SplitRange of a range that is frozen or moving.
+    #[error("key range {range} is {status:?}; only an active range can be split")]
+    RangeNotActive {
+        /// The range.
+        range: Span,
+        /// Its status.
+        status: RangeStatus,
+    },
+    /// FreezeRange of a frozen range.
+    #[error("key range {range} is already frozen ({by})")]
+    AlreadyFrozen {
+        /// The range.
+        range: Span,
+        /// The current freeze.
+        by: FreezeId,
+    },
+    /// UnfreezeRange of a range that is not frozen.
+    #[error("key range {0} is not frozen")]
+    NotFrozen(Span),
+    /// UnfreezeRange with another freeze's id.
+    #[error("key range {range} is frozen by {by}, not by {given}")]
+    WrongFreeze {
+        /// The range.
+        range: Span,
+        /// The current freeze.
+        by: FreezeId,
+        /// The id in the command.
+        given: FreezeId,
+    },
+    /// A GID PostgreSQL would not accept.
+    #[error("invalid transaction id {gid:?}: {reason}")]
+    InvalidGid {
+        /// The GID.
+        gid: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A second decision for a GID.
+    #[error("transaction {gid:?} is already decided ({})", if *commit { "commit" } else { "rollback" })]
+    AlreadyDecided {
+        /// The GID.
+        gid: String,
+        /// The decision that stands.
+        commit: bool,
+    },
+}
+
+impl Catalog {
+    /// An empty catalog (epoch 0, no snapshot).
+    pub fn new() -> Catalog {
+        Catalog::default()
+    }
+
+    /// The current routing snapshot; `None` while the catalog is empty.
+    pub fn snapshot(&self) -> Option<&Arc<RoutingSnapshot>> {
+        self.snapshot.as_ref()
+    }
+
+    /// The current epoch (0 for an empty catalog).
+    pub fn epoch(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.epoch())
+    }
+
+    /// The freeze on the range starting at `lo`, if it is frozen.
+    pub fn freeze(&self, lo: u64) -> Option<Freeze> {
+        self.freezes.get(&lo).copied()
+    }
+
+    /// The recorded outcome of 2PC transaction `gid`: `Some(true)` commit,
+    /// `Some(false)` rollback, `None` not decided.
+    pub fn decision(&self, gid: &str) -> Option<bool> {
+        self.decisions.get(gid).copied()
+    }
+
+    /// All decided 2PC transactions, by GID.
+    pub fn decisions(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.decisions.iter().map(|(g, c)| (g.as_str(), *c))
+    }
+
+    /// Applies one command. On `Err` the catalog is unchanged.
+    pub fn apply(&mut self, cmd: &CatalogCommand) -> Result<Applied, Rejected> {
+        match cmd {
+            CatalogCommand::Bootstrap(seed) => self.bootstrap(seed),
+            CatalogCommand::AddShard { shard, dsn } => self.add_shard(shard, dsn),
+            CatalogCommand::RemoveShard { shard } => self.remove_shard(shard),
+            CatalogCommand::DeclareSharded(spec) => self.declare_sharded(spec),
+            CatalogCommand::DeclareReference { table } => self.declare_reference(table),
+            CatalogCommand::SplitRange { range, at } => self.split_range(*range, *at),
+            CatalogCommand::AssignRange {
+                range,
+                read_owner,
+                write_owner,
+            } => self.assign_range(*range, read_owner, write_owner),
+            CatalogCommand::FreezeRange { range, freeze } => self.freeze_range(*range, *freeze),
+            CatalogCommand::UnfreezeRange { range, freeze } => self.unfreeze_range(*range, *freeze),
+            CatalogCommand::TxDecision { gid, commit } => self.tx_decision(gid, *commit),
+        }
+    }
+
+    fn current(&self) -> Result<&RoutingSnapshot, Rejected> {
+        self.snapshot.as_deref().ok_or(Rejected::NoCatalog)
+    }
+
+    /// Builds the next snapshot from `parts` and installs it. Nothing else
+    /// may change before this succeeds.
+    fn publish(&mut self, parts: Parts) -> Result<Applied, Rejected> {
+        let epoch = self
+            .epoch()
+            .checked_add(1)
+            .ok_or(CatalogError::EpochOverflow)?;
+        let snap = Arc::new(parts.build(epoch)?);
+        self.snapshot = Some(Arc::clone(&snap));
+        Ok(Applied::Routing(snap))
+    }
+
+    fn bootstrap(&mut self, seed: &CatalogSeed) -> Result<Applied, Rejected> {
+        if let Some(s) = &self.snapshot {
+            return Err(Rejected::AlreadyInitialised { epoch: s.epoch() });
+        }
+        let mut shards = Vec::with_capacity(seed.shards.len());
+        for s in &seed.shards {
+            shards.push(Shard {
+                id: ShardId::new(&s.shard)?,
+                dsn: s.dsn.0.clone(),
+            });
+        }
+        let mut ranges = Vec::with_capacity(seed.ranges.len());
+        for r in &seed.ranges {
+            let mut range = KeyRange::active(r.range.lo, r.range.hi, ShardId::new(&r.read_owner)?);
+            range.write_owner = ShardId::new(&r.write_owner)?;
+            ranges.push(range);
+        }
+        self.publish(Parts {
+            shards,
+            home_shard: ShardId::new(&seed.home_shard)?,
+            sharded: seed.sharded.iter().map(sharded_table).collect(),
+            reference: seed.reference.clone(),
+            ranges,
+        })
+    }
+
+    fn add_shard(&mut self, name: &str, dsn: &Dsn) -> Result<Applied, Rejected> {
+        let id = ShardId::new(name)?;
+        let shard = Shard {
+            id: id.clone(),
+            dsn: dsn.0.clone(),
+        };
+        let parts = match self.snapshot.as_deref() {
+            // The first shard holds everything.
+            None => Parts {
+                shards: vec![shard],
+                home_shard: id.clone(),
+                sharded: Vec::new(),
+                reference: Vec::new(),
+                ranges: vec![KeyRange::active(0, None, id)],
+            },
+            Some(snap) => {
+                if snap.shard(&id).is_some() {
+                    return Err(Rejected::ShardExists(name.to_owned()));
+                }
+                let mut parts = Parts::of(snap);
+                parts.shards.push(shard);
+                parts
+            }
+        };
+        self.publish(parts)
+    }
+
+    fn remove_shard(&mut self, name: &str) -> Result<Applied, Rejected> {
+        let snap = self.current()?;
+        let id = known_shard(snap, name)?;
+        if *snap.home_shard() == id {
+            return Err(Rejected::HomeShard(name.to_owned()));
+        }
+        let owned: Vec<Span> = snap
+            .ranges()
+            .iter()
+            .filter(|r| r.read_owner == id || r.write_owner == id)
+            .map(KeyRange::span)
+            .collect();
+        if let Some(first) = owned.first() {
+            return Err(Rejected::ShardOwnsRanges {
+                shard: name.to_owned(),
+                count: owned.len(),
+                first: *first,
+            });
+        }
+        let mut parts = Parts::of(snap);
+        parts.shards.retain(|s| s.id != id);
+        self.publish(parts)
+    }
+
+    fn check_undeclared(snap: &RoutingSnapshot, table: &str) -> Result<(), Rejected> {
+        let kind = if snap.sharded_table(table).is_some() {
+            "sharded"
+        } else if snap.is_reference_table(table) {
+            "reference"
+        } else {
+            return Ok(());
+        };
+        Err(Rejected::TableDeclared {
+            table: table.to_owned(),
+            kind,
+        })
+    }
+
+    fn declare_sharded(&mut self, spec: &TableSpec) -> Result<Applied, Rejected> {
+        let snap = self.current()?;
+        Self::check_undeclared(snap, &spec.table)?;
+        let mut parts = Parts::of(snap);
+        parts.sharded.push(sharded_table(spec));
+        self.publish(parts)
+    }
+
+    fn declare_reference(&mut self, table: &str) -> Result<Applied, Rejected> {
+        let snap = self.current()?;
+        Self::check_undeclared(snap, table)?;
+        let mut parts = Parts::of(snap);
+        parts.reference.push(table.to_owned());
+        self.publish(parts)
+    }
+
+    fn split_range(&mut self, range: Span, at: u64) -> Result<Applied, Rejected> {
+        let snap = self.current()?;
+        let i = find_range(snap, range)?;
+        let r = &snap.ranges()[i];
+        if r.status != RangeStatus::Active {
+            return Err(Rejected::RangeNotActive {
+                range,
+                status: r.status,
+            });
+        }
+        if at <= range.lo || !range.contains(at) {
+            return Err(Rejected::SplitOutside { range, at });
+        }
+        let mut parts = Parts::of(snap);
+        let upper = KeyRange {
+            lo: at,
+            ..parts.ranges[i].clone()
+        };
+        parts.ranges[i].hi = Some(at);
+        parts.ranges.insert(i + 1, upper);
+        self.publish(parts)
+    }
+
+    fn assign_range(&mut self, range: Span, read: &str, write: &str) -> Result<Applied, Rejected> {
+        let snap = self.current()?;
+        let i = find_range(snap, range)?;
+        let read_owner = known_shard(snap, read)?;
+        let write_owner = known_shard(snap, write)?;
+        let mut parts = Parts::of(snap);
+        parts.ranges[i].read_owner = read_owner;
+        parts.ranges[i].write_owner = write_owner;
+        self.publish(parts)
+    }
+
+    fn freeze_range(&mut self, range: Span, id: FreezeId) -> Result<Applied, Rejected> {
+        let snap = self.current()?;
+        let i = find_range(snap, range)?;
+        if let Some(f) = self.freezes.get(&range.lo) {
+            return Err(Rejected::AlreadyFrozen { range, by: f.id });
+        }
+        let previous = snap.ranges()[i].status;
+        let mut parts = Parts::of(snap);
+        parts.ranges[i].status = RangeStatus::Frozen;
+        let applied = self.publish(parts)?;
+        self.freezes.insert(range.lo, Freeze { id, previous });
+        Ok(applied)
+    }
+
+    fn unfreeze_range(&mut self, range: Span, id: FreezeId) -> Result<Applied, Rejected> {
+        let snap = self.current()?;
+        let i = find_range(snap, range)?;
+        let freeze = self
+            .freezes
+            .get(&range.lo)
+            .copied()
+            .ok_or(Rejected::NotFrozen(range))?;
+        if freeze.id != id {
+            return Err(Rejected::WrongFreeze {
+                range,
+                by: freeze.id,
+                given: id,
+            });
+        }
+        let mut parts = Parts::of(snap);
+        parts.ranges[i].status = freeze.previous;
+        let applied = self.publish(parts)?;
+        self.freezes.remove(&range.lo);
+        Ok(applied)
+    }
+
+    fn tx_decision(&mut self, gid: &str, commit: bool) -> Result<Applied, Rejected> {
+        let reason = if gid.is_empty() {
+            Some("it is empty")
+        } else if gid.len() > MAX_GID_LEN {
+            Some("it is longer than 199 bytes")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(Rejected::InvalidGid {
+                gid: gid.to_owned(),
+                reason,
+            });
+        }
+        if let Some(&commit) = self.decisions.get(gid) {
+            return Err(Rejected::AlreadyDecided {
+                gid: gid.to_owned(),
+                commit,
+            });
+        }
+        self.decisions.insert(gid.to_owned(), commit);
+        Ok(Applied::TxDecided {
+            gid: gid.to_owned(),
+            commit,
+        })
+    }
+}
+
+/// The parts of a snapshot, editable, to build the next one from. (The
+/// router's `SnapshotBuilder` only adds; removing a shard needs this.)
+struct Parts {
+    shards: Vec<Shard>,
+    home_shard: ShardId,
+    sharded: Vec<ShardedTable>,
+    reference: Vec<String>,
+    ranges: Vec<KeyRange>,
+}
+
+impl Parts {
+    fn of(s: &RoutingSnapshot) -> Parts {
+        Parts {
+            shards: s.shards().cloned().collect(),
+            home_shard: s.home_shard().clone(),
+            sharded: s.sharded_tables().cloned().collect(),
+            reference: s.reference_tables().map(str::to_owned).collect(),
+            ranges: s.ranges().to_vec(),
+        }
+    }
+
+    fn build(self, epoch: u64) -> Result<RoutingSnapshot, CatalogError> {
+        let mut b = RoutingSnapshot::builder(epoch).home_shard(self.home_shard);
+        for s in self.shards {
+            b = b.shard(s.id, s.dsn);
+        }
+        for t in self.sharded {
+            b = b.sharded_table(t);
+        }
+        for t in self.reference {
+            b = b.reference_table(t);
+        }
+        b.ranges(self.ranges).build()
+    }
+}
+
+fn sharded_table(spec: &TableSpec) -> ShardedTable {
+    ShardedTable {
+        name: spec.table.clone(),
+        key_column: spec.key_column.clone(),
+        key_type: spec.key_type,
+        function: spec.function,
+    }
+}
+
+/// The id of shard `name` if the snapshot has it. (A name that is not even
+/// valid is just as unknown.)
+fn known_shard(snap: &RoutingSnapshot, name: &str) -> Result<ShardId, Rejected> {
+    ShardId::new(name)
+        .ok()
+        .filter(|id| snap.shard(id).is_some())
+        .ok_or_else(|| Rejected::UnknownShard(name.to_owned()))
+}
+
+/// Index of the range with exactly the bounds `span`.
+fn find_range(snap: &RoutingSnapshot, span: Span) -> Result<usize, Rejected> {
+    let ranges = snap.ranges();
+    ranges
+        .binary_search_by_key(&span.lo, |r| r.lo)
+        .ok()
+        .filter(|&i| ranges[i].hi == span.hi)
+        .ok_or(Rejected::UnknownRange(span))
+}
+
+#[cfg(test)]
+mod tests;

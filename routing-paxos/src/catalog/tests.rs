@@ -1,0 +1,607 @@
+use hotrepart_router::catalog::{KeyType, RoutingFunction};
+
+use super::*;
+use crate::command::{RangeSpec, ShardSpec};
+
+const HALF: u64 = 1 << 63;
+const ALL: Span = Span { lo: 0, hi: None };
+
+fn span(lo: u64, hi: Option<u64>) -> Span {
+    Span { lo, hi }
+}
+
+fn add(shard: &str) -> CatalogCommand {
+    CatalogCommand::AddShard {
+        shard: shard.into(),
+        dsn: Dsn::from("host=x password=secret"),
+    }
+}
+
+fn assign(range: Span, read: &str, write: &str) -> CatalogCommand {
+    CatalogCommand::AssignRange {
+        range,
+        read_owner: read.into(),
+        write_owner: write.into(),
+    }
+}
+
+fn split(range: Span, at: u64) -> CatalogCommand {
+    CatalogCommand::SplitRange { range, at }
+}
+
+fn freeze(range: Span, id: u64) -> CatalogCommand {
+    CatalogCommand::FreezeRange {
+        range,
+        freeze: FreezeId(id),
+    }
+}
+
+fn unfreeze(range: Span, id: u64) -> CatalogCommand {
+    CatalogCommand::UnfreezeRange {
+        range,
+        freeze: FreezeId(id),
+    }
+}
+
+fn table(name: &str) -> TableSpec {
+    TableSpec {
+        table: name.into(),
+        key_column: "id".into(),
+        key_type: KeyType::Int8,
+        function: RoutingFunction::PgHash { seed: 0 },
+    }
+}
+
+/// Applies commands that must all be accepted.
+fn catalog(cmds: &[CatalogCommand]) -> Catalog {
+    let mut c = Catalog::new();
+    for cmd in cmds {
+        if let Err(e) = c.apply(cmd) {
+            panic!("{cmd:?} rejected: {e}");
+        }
+    }
+    c
+}
+
+/// Two shards `a` (home, owns everything) and `b`; epoch 2.
+fn two_shards() -> Catalog {
+    catalog(&[add("a"), add("b")])
+}
+
+fn snap(c: &Catalog) -> &RoutingSnapshot {
+    c.snapshot().expect("catalog has a snapshot")
+}
+
+/// Applies `cmd`, expects `want`, and checks that nothing changed.
+fn rejects(c: &mut Catalog, cmd: CatalogCommand, want: Rejected) {
+    let before = c.clone();
+    assert_eq!(c.apply(&cmd), Err(want), "{cmd:?}");
+    assert_eq!(*c, before, "a rejected command changed the catalog");
+}
+
+/// Applies `cmd`, expects a new snapshot with the next epoch.
+fn accepts(c: &mut Catalog, cmd: CatalogCommand) -> Arc<RoutingSnapshot> {
+    let epoch = c.epoch();
+    match c.apply(&cmd) {
+        Ok(Applied::Routing(s)) => {
+            assert_eq!(s.epoch(), epoch + 1, "{cmd:?}");
+            assert_eq!(c.epoch(), epoch + 1);
+            assert_eq!(Some(&s), c.snapshot());
+            s
+        }
+        other => panic!("{cmd:?}: {other:?}"),
+    }
+}
+
+#[test]
+fn empty_catalog_has_epoch_zero_and_rejects_what_needs_shards() {
+    let mut c = Catalog::new();
+    assert_eq!(c.epoch(), 0);
+    assert!(c.snapshot().is_none());
+    for cmd in [
+        CatalogCommand::RemoveShard { shard: "a".into() },
+        CatalogCommand::DeclareSharded(table("t")),
+        CatalogCommand::DeclareReference { table: "r".into() },
+        split(ALL, 5),
+        assign(ALL, "a", "a"),
+        freeze(ALL, 1),
+        unfreeze(ALL, 1),
+    ] {
+        rejects(&mut c, cmd, Rejected::NoCatalog);
+    }
+}
+
+#[test]
+fn first_shard_is_home_and_owns_the_whole_space() {
+    let mut c = Catalog::new();
+    let s = accepts(&mut c, add("a"));
+    assert_eq!(s.epoch(), 1);
+    assert_eq!(s.home_shard().as_str(), "a");
+    assert_eq!(s.ranges().len(), 1);
+    assert_eq!(s.ranges()[0].span(), ALL);
+    assert_eq!(s.ranges()[0].write_owner.as_str(), "a");
+    assert_eq!(
+        s.shard(&ShardId::new("a").expect("name"))
+            .map(|s| s.dsn.as_str()),
+        Some("host=x password=secret")
+    );
+
+    let s = accepts(&mut c, add("b"));
+    assert_eq!(s.shards().count(), 2);
+    assert_eq!(s.home_shard().as_str(), "a");
+    assert_eq!(s.ranges().len(), 1, "a new shard owns nothing");
+}
+
+#[test]
+fn add_shard_rejections() {
+    let mut c = two_shards();
+    rejects(&mut c, add("a"), Rejected::ShardExists("a".into()));
+    let Err(Rejected::Invalid(CatalogError::InvalidShardName { .. })) =
+        c.clone().apply(&add("no spaces"))
+    else {
+        panic!("invalid shard name accepted");
+    };
+    let mut empty = Catalog::new();
+    let Err(Rejected::Invalid(CatalogError::InvalidShardName { .. })) = empty.apply(&add(""))
+    else {
+        panic!("empty shard name accepted");
+    };
+    assert_eq!(empty, Catalog::new());
+}
+
+#[test]
+fn remove_shard() {
+    let mut c = two_shards();
+    rejects(
+        &mut c,
+        CatalogCommand::RemoveShard { shard: "zz".into() },
+        Rejected::UnknownShard("zz".into()),
+    );
+    rejects(
+        &mut c,
+        CatalogCommand::RemoveShard { shard: "a".into() },
+        Rejected::HomeShard("a".into()),
+    );
+    // b owns nothing: removable.
+    let s = accepts(&mut c, CatalogCommand::RemoveShard { shard: "b".into() });
+    assert_eq!(s.shards().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["a"]);
+}
+
+#[test]
+fn remove_shard_that_owns_ranges_is_rejected() {
+    let mut c = two_shards();
+    accepts(&mut c, split(ALL, HALF));
+    let upper = span(HALF, None);
+    // b only reads the upper half: still an owner.
+    accepts(&mut c, assign(upper, "b", "a"));
+    rejects(
+        &mut c,
+        CatalogCommand::RemoveShard { shard: "b".into() },
+        Rejected::ShardOwnsRanges {
+            shard: "b".into(),
+            count: 1,
+            first: upper,
+        },
+    );
+    accepts(&mut c, assign(upper, "a", "a"));
+    accepts(&mut c, CatalogCommand::RemoveShard { shard: "b".into() });
+}
+
+#[test]
+fn declare_tables() {
+    let mut c = two_shards();
+    let s = accepts(&mut c, CatalogCommand::DeclareSharded(table("users")));
+    assert_eq!(
+        s.sharded_table("users").map(|t| t.key_type),
+        Some(KeyType::Int8)
+    );
+    let s = accepts(
+        &mut c,
+        CatalogCommand::DeclareReference {
+            table: "countries".into(),
+        },
+    );
+    assert!(s.is_reference_table("countries"));
+
+    rejects(
+        &mut c,
+        CatalogCommand::DeclareSharded(table("users")),
+        Rejected::TableDeclared {
+            table: "users".into(),
+            kind: "sharded",
+        },
+    );
+    rejects(
+        &mut c,
+        CatalogCommand::DeclareReference {
+            table: "users".into(),
+        },
+        Rejected::TableDeclared {
+            table: "users".into(),
+            kind: "sharded",
+        },
+    );
+    rejects(
+        &mut c,
+        CatalogCommand::DeclareSharded(table("countries")),
+        Rejected::TableDeclared {
+            table: "countries".into(),
+            kind: "reference",
+        },
+    );
+    rejects(
+        &mut c,
+        CatalogCommand::DeclareSharded(table("")),
+        Rejected::Invalid(CatalogError::EmptyTableName),
+    );
+    let mut no_key = table("orders");
+    no_key.key_column.clear();
+    rejects(
+        &mut c,
+        CatalogCommand::DeclareSharded(no_key),
+        Rejected::Invalid(CatalogError::EmptyKeyColumn("orders".into())),
+    );
+    rejects(
+        &mut c,
+        CatalogCommand::DeclareReference { table: "".into() },
+        Rejected::Invalid(CatalogError::EmptyTableName),
+    );
+}
+
+#[test]
+fn split_range() {
+    let mut c = two_shards();
+    let s = accepts(&mut c, split(ALL, HALF));
+    let spans: Vec<Span> = s.ranges().iter().map(KeyRange::span).collect();
+    assert_eq!(spans, [span(0, Some(HALF)), span(HALF, None)]);
+    assert!(s.ranges().iter().all(|r| r.read_owner.as_str() == "a"));
+    // Splitting the lower half again.
+    let s = accepts(&mut c, split(span(0, Some(HALF)), 1));
+    assert_eq!(s.ranges()[0].span(), span(0, Some(1)));
+    assert_eq!(s.ranges()[1].span(), span(1, Some(HALF)));
+    // The last point of the space can start a range of its own.
+    let s = accepts(&mut c, split(span(HALF, None), u64::MAX));
+    assert_eq!(
+        s.ranges().last().map(KeyRange::span),
+        Some(span(u64::MAX, None))
+    );
+}
+
+#[test]
+fn split_range_rejections() {
+    let mut c = two_shards();
+    accepts(&mut c, split(ALL, HALF));
+    let lower = span(0, Some(HALF));
+    // At a bound or outside the range: never an empty range, never an
+    // overlap with the neighbour.
+    for at in [0, HALF, HALF + 1, u64::MAX] {
+        rejects(
+            &mut c,
+            split(lower, at),
+            Rejected::SplitOutside { range: lower, at },
+        );
+    }
+    let upper = span(HALF, None);
+    rejects(
+        &mut c,
+        split(upper, HALF),
+        Rejected::SplitOutside {
+            range: upper,
+            at: HALF,
+        },
+    );
+    rejects(
+        &mut c,
+        split(upper, 5),
+        Rejected::SplitOutside {
+            range: upper,
+            at: 5,
+        },
+    );
+    // The whole space is no longer a range; neither is a made-up one.
+    rejects(&mut c, split(ALL, 10), Rejected::UnknownRange(ALL));
+    rejects(
+        &mut c,
+        split(span(0, Some(HALF + 1)), 10),
+        Rejected::UnknownRange(span(0, Some(HALF + 1))),
+    );
+    rejects(
+        &mut c,
+        split(span(1, Some(HALF)), 10),
+        Rejected::UnknownRange(span(1, Some(HALF))),
+    );
+    // Frozen ranges cannot be split.
+    accepts(&mut c, freeze(lower, 7));
+    rejects(
+        &mut c,
+        split(lower, 10),
+        Rejected::RangeNotActive {
+            range: lower,
+            status: RangeStatus::Frozen,
+        },
+    );
+}
+
+#[test]
+fn assign_range() {
+    let mut c = two_shards();
+    accepts(&mut c, split(ALL, HALF));
+    let upper = span(HALF, None);
+    let s = accepts(&mut c, assign(upper, "a", "b"));
+    assert_eq!(s.ranges()[1].read_owner.as_str(), "a");
+    assert_eq!(s.ranges()[1].write_owner.as_str(), "b");
+    assert_eq!(
+        s.ranges()[0].write_owner.as_str(),
+        "a",
+        "the other range is untouched"
+    );
+    // Repeating an assignment is accepted (idempotent) and still a new epoch.
+    accepts(&mut c, assign(upper, "a", "b"));
+
+    rejects(
+        &mut c,
+        assign(upper, "c", "b"),
+        Rejected::UnknownShard("c".into()),
+    );
+    rejects(
+        &mut c,
+        assign(upper, "a", "c"),
+        Rejected::UnknownShard("c".into()),
+    );
+    rejects(
+        &mut c,
+        assign(upper, "a", "bad name"),
+        Rejected::UnknownShard("bad name".into()),
+    );
+    rejects(&mut c, assign(ALL, "b", "b"), Rejected::UnknownRange(ALL));
+}
+
+#[test]
+fn freeze_and_unfreeze() {
+    let mut c = two_shards();
+    accepts(&mut c, split(ALL, HALF));
+    let upper = span(HALF, None);
+    let s = accepts(&mut c, freeze(upper, 7));
+    assert_eq!(s.ranges()[1].status, RangeStatus::Frozen);
+    assert_eq!(s.ranges()[0].status, RangeStatus::Active);
+    assert_eq!(c.freeze(HALF).map(|f| f.id), Some(FreezeId(7)));
+
+    rejects(
+        &mut c,
+        freeze(upper, 7),
+        Rejected::AlreadyFrozen {
+            range: upper,
+            by: FreezeId(7),
+        },
+    );
+    rejects(
+        &mut c,
+        freeze(upper, 8),
+        Rejected::AlreadyFrozen {
+            range: upper,
+            by: FreezeId(7),
+        },
+    );
+    rejects(
+        &mut c,
+        unfreeze(upper, 8),
+        Rejected::WrongFreeze {
+            range: upper,
+            by: FreezeId(7),
+            given: FreezeId(8),
+        },
+    );
+    // The cut-over: flip the owner while frozen.
+    accepts(&mut c, assign(upper, "b", "b"));
+    let s = accepts(&mut c, unfreeze(upper, 7));
+    assert_eq!(s.ranges()[1].status, RangeStatus::Active);
+    assert_eq!(s.ranges()[1].write_owner.as_str(), "b");
+    assert_eq!(c.freeze(HALF), None);
+
+    let lower = span(0, Some(HALF));
+    rejects(&mut c, unfreeze(lower, 7), Rejected::NotFrozen(lower));
+    rejects(&mut c, freeze(ALL, 1), Rejected::UnknownRange(ALL));
+    rejects(&mut c, unfreeze(ALL, 1), Rejected::UnknownRange(ALL));
+}
+
+#[test]
+fn tx_decisions_are_final_and_leave_the_epoch_alone() {
+    let mut c = two_shards();
+    let cmd = |gid: &str, commit| CatalogCommand::TxDecision {
+        gid: gid.into(),
+        commit,
+    };
+    assert_eq!(
+        c.apply(&cmd("hr_1", true)),
+        Ok(Applied::TxDecided {
+            gid: "hr_1".into(),
+            commit: true
+        })
+    );
+    assert_eq!(c.epoch(), 2);
+    assert_eq!(c.decision("hr_1"), Some(true));
+    assert_eq!(c.decision("hr_2"), None);
+    for commit in [true, false] {
+        rejects(
+            &mut c,
+            cmd("hr_1", commit),
+            Rejected::AlreadyDecided {
+                gid: "hr_1".into(),
+                commit: true,
+            },
+        );
+    }
+    rejects(
+        &mut c,
+        cmd("", false),
+        Rejected::InvalidGid {
+            gid: "".into(),
+            reason: "it is empty",
+        },
+    );
+    let long = "x".repeat(MAX_GID_LEN + 1);
+    rejects(
+        &mut c,
+        cmd(&long, false),
+        Rejected::InvalidGid {
+            gid: long.clone(),
+            reason: "it is longer than 199 bytes",
+        },
+    );
+    assert!(c.apply(&cmd(&long[1..], false)).is_ok());
+    assert_eq!(c.decisions().count(), 2);
+}
+
+fn seed() -> CatalogSeed {
+    CatalogSeed {
+        shards: vec![
+            ShardSpec {
+                shard: "s0".into(),
+                dsn: Dsn::from("host=s0"),
+            },
+            ShardSpec {
+                shard: "s1".into(),
+                dsn: Dsn::from("host=s1"),
+            },
+        ],
+        home_shard: "s0".into(),
+        sharded: vec![table("users")],
+        reference: vec!["countries".into()],
+        ranges: vec![
+            RangeSpec {
+                range: span(0, Some(HALF)),
+                read_owner: "s0".into(),
+                write_owner: "s0".into(),
+            },
+            RangeSpec {
+                range: span(HALF, None),
+                read_owner: "s1".into(),
+                write_owner: "s1".into(),
+            },
+        ],
+    }
+}
+
+#[test]
+fn bootstrap_once() {
+    let mut c = Catalog::new();
+    let s = accepts(&mut c, CatalogCommand::Bootstrap(seed()));
+    assert_eq!(s.epoch(), 1);
+    assert_eq!(s.ranges().len(), 2);
+    assert!(s.sharded_table("users").is_some());
+    // A second node's seed, or a second bootstrap: rejected.
+    rejects(
+        &mut c,
+        CatalogCommand::Bootstrap(seed()),
+        Rejected::AlreadyInitialised { epoch: 1 },
+    );
+    let mut c = catalog(&[add("a")]);
+    rejects(
+        &mut c,
+        CatalogCommand::Bootstrap(seed()),
+        Rejected::AlreadyInitialised { epoch: 1 },
+    );
+}
+
+#[test]
+fn bootstrap_rejects_an_inconsistent_seed() {
+    let mut overlapping = seed();
+    overlapping.ranges[1].range = span(HALF - 1, None);
+    let mut gap = seed();
+    gap.ranges[1].range = span(HALF + 1, None);
+    let mut unknown_owner = seed();
+    unknown_owner.ranges[1].write_owner = "s9".into();
+    let mut no_home = seed();
+    no_home.home_shard = "s9".into();
+    for (s, what) in [
+        (overlapping, "overlap"),
+        (gap, "gap"),
+        (unknown_owner, "unknown owner"),
+        (no_home, "unknown home"),
+    ] {
+        let mut c = Catalog::new();
+        assert!(
+            matches!(
+                c.apply(&CatalogCommand::Bootstrap(s)),
+                Err(Rejected::Invalid(_))
+            ),
+            "{what}"
+        );
+        assert_eq!(c, Catalog::new(), "{what}");
+    }
+}
+
+#[test]
+fn ranges_always_tile_the_space() {
+    // Many splits and assignments in a row; every snapshot the builder made
+    // covers [0, 2^64) exactly (the builder refuses anything else), and the
+    // catalog never holds a range that was not produced by a split.
+    let mut c = two_shards();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..200u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let s = snap(&c);
+        let r = s.ranges()[(x % s.ranges().len() as u64) as usize].clone();
+        // Mostly inside the range, sometimes anywhere (then mostly rejected).
+        let at = if i % 5 == 0 {
+            x.rotate_left(17)
+        } else {
+            (u128::from(r.lo) + u128::from(x) % r.span().len()) as u64
+        };
+        let cmd = if i % 3 == 0 {
+            assign(r.span(), if x.is_multiple_of(2) { "a" } else { "b" }, "b")
+        } else {
+            split(r.span(), at)
+        };
+        let _ = c.apply(&cmd);
+        let s = snap(&c);
+        let mut end: u128 = 0;
+        for r in s.ranges() {
+            assert_eq!(u128::from(r.lo), end);
+            end = r.span().end();
+        }
+        assert_eq!(end, 1 << 64);
+    }
+    assert!(snap(&c).ranges().len() > 50);
+}
+
+#[test]
+fn commands_round_trip_through_serde() {
+    let cmds = vec![
+        CatalogCommand::Bootstrap(seed()),
+        add("a"),
+        CatalogCommand::RemoveShard { shard: "a".into() },
+        CatalogCommand::DeclareSharded(TableSpec {
+            key_type: KeyType::Uuid,
+            function: RoutingFunction::PgHash { seed: u64::MAX },
+            ..table("t")
+        }),
+        CatalogCommand::DeclareReference { table: "r".into() },
+        split(span(3, Some(9)), 5),
+        assign(ALL, "a", "b"),
+        freeze(span(0, Some(1)), u64::MAX),
+        unfreeze(span(0, Some(1)), 0),
+        CatalogCommand::TxDecision {
+            gid: "g".into(),
+            commit: false,
+        },
+    ];
+    for cmd in cmds {
+        let json = serde_json::to_string(&cmd).expect("serialize");
+        let back: CatalogCommand = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, cmd, "{json}");
+    }
+    let json = serde_json::to_string(&split(span(3, None), 5)).expect("serialize");
+    assert_eq!(
+        json,
+        r#"{"op":"split_range","range":{"lo":3,"hi":null},"at":5}"#
+    );
+}
+
+#[test]
+fn debug_never_prints_a_dsn() {
+    let text = format!("{:?}", add("a"));
+    assert!(!text.contains("secret"), "{text}");
+}

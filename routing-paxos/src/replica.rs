@@ -1,0 +1,351 @@
+//! A sans-IO catalog replica: omnipaxos plus the state machine, driven from
+//! outside.
+//!
+//! The driver (a tokio task in a node, a loop in the simulation) owns time,
+//! the network and the disk; the replica owns none of them. The driver:
+//!
+//! * calls [`Replica::tick`] at a fixed period (all timeouts are counted in
+//!   ticks),
+//! * passes every message from a peer to [`Replica::handle`], and sends what
+//!   [`Replica::outgoing`] returns (each message names its receiver),
+//! * calls [`Replica::reconnected`] when a link to a peer comes back (a new
+//!   connection after a broken one),
+//! * calls [`Replica::apply_decided`] and publishes the resulting snapshot.
+//!
+//! # Proposals
+//!
+//! [`Replica::propose`] returns a [`Ticket`]. The replica re-proposes a
+//! pending command every `retry_ticks` until it sees it decided (omnipaxos
+//! may lose a proposal: see [`crate::entry`]); the first decided copy is
+//! applied, later copies are [`Outcome::Stale`]. If a pending proposal is
+//! overtaken by a later one of this replica and comes out `Stale`, it was
+//! never applied and can never be: the replica proposes it again under a new
+//! id, same ticket. So each ticket is answered exactly once (unless the
+//! replica itself restarts: pending proposals die with it; a restarted
+//! replica has a new incarnation, so its new ids never collide with old
+//! ones).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use hotrepart_router::catalog::RoutingSnapshot;
+use omnipaxos::util::{LogEntry, NodeId};
+use omnipaxos::{ClusterConfig, OmniPaxos, OmniPaxosConfig, ServerConfig};
+
+use crate::catalog::Catalog;
+use crate::command::CatalogCommand;
+use crate::entry::{CatalogEntry, Outcome, ProposalId, StateMachine};
+use crate::storage::SharedStorage;
+
+/// The messages replicas exchange (serde-serialisable).
+pub type Message = omnipaxos::messages::Message<CatalogEntry>;
+
+/// Settings of one replica. Timeouts are in ticks.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// This node's id, non-zero, unique in the cluster.
+    pub pid: NodeId,
+    /// All nodes of the cluster, this one included (at least 2).
+    pub nodes: Vec<NodeId>,
+    /// Ticks per leader-election round (heartbeat period): a leader is
+    /// replaced after about two rounds without its heartbeats. Must exceed
+    /// the usual round-trip time in ticks.
+    pub election_ticks: u64,
+    /// Ticks before omnipaxos resends protocol messages that got no answer.
+    pub resend_ticks: u64,
+    /// Ticks before a proposal not yet decided is proposed again.
+    pub retry_ticks: u64,
+}
+
+impl ReplicaConfig {
+    /// Defaults for a cluster of `nodes`, as node `pid`: election round 10
+    /// ticks, resend 20, retry 50 (with a 10 ms tick: 100 ms heartbeats).
+    pub fn new(pid: NodeId, nodes: Vec<NodeId>) -> ReplicaConfig {
+        ReplicaConfig {
+            pid,
+            nodes,
+            election_ticks: 10,
+            resend_ticks: 20,
+            retry_ticks: 50,
+        }
+    }
+}
+
+/// A replica could not be built or used.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// The configuration is invalid (omnipaxos' check, or ours).
+    #[error("invalid replica configuration: {0}")]
+    Config(String),
+    /// The storage handle is unusable.
+    #[error(transparent)]
+    Storage(#[from] crate::storage::Poisoned),
+    /// The log was compacted past what this replica applied; catching up
+    /// from a catalog snapshot is not implemented yet.
+    #[error("log compacted at index {0}; snapshot catch-up is not implemented")]
+    Compacted(usize),
+    /// The configuration was stopped for a reconfiguration (membership
+    /// changes are not implemented yet).
+    #[error("the cluster configuration is being changed; proposals are closed")]
+    Reconfiguring,
+}
+
+/// The caller's handle for one proposal, answered once in
+/// [`Decided::ticket`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ticket(pub u64);
+
+/// One decided log entry, as applied by this replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decided {
+    /// Its index in the log (from 0).
+    pub index: usize,
+    /// The entry.
+    pub entry: CatalogEntry,
+    /// What applying it did.
+    pub outcome: Outcome,
+    /// Set when this entry answers one of this replica's proposals.
+    pub ticket: Option<Ticket>,
+}
+
+struct Pending {
+    ticket: Ticket,
+    cmd: CatalogCommand,
+    /// Tick of the last (re-)proposal.
+    sent_at: u64,
+}
+
+/// One catalog replica. See the module docs for how to drive it.
+pub struct Replica {
+    pid: NodeId,
+    incarnation: u64,
+    paxos: OmniPaxos<CatalogEntry, SharedStorage>,
+    state: StateMachine,
+    /// Number of log entries applied to `state`; the next one to apply.
+    applied: usize,
+    now: u64,
+    retry_ticks: u64,
+    next_seq: u64,
+    next_ticket: u64,
+    /// This incarnation's undecided proposals, by seq.
+    pending: BTreeMap<u64, Pending>,
+}
+
+impl Replica {
+    /// Starts a replica over `storage`. With an empty store this is a new
+    /// node; with the store of a replica that was dropped it is that node
+    /// restarted: it recovers its promise and log from the store, replays
+    /// the decided log into its catalog at the next
+    /// [`apply_decided`](Self::apply_decided), and catches up from its peers.
+    pub fn new(config: ReplicaConfig, storage: SharedStorage) -> Result<Replica, ReplicaError> {
+        if config.retry_ticks == 0 {
+            return Err(ReplicaError::Config(
+                "retry_ticks must be at least 1".into(),
+            ));
+        }
+        let incarnation = storage.next_incarnation()?;
+        let op_config = OmniPaxosConfig {
+            cluster_config: ClusterConfig {
+                configuration_id: 1,
+                nodes: config.nodes,
+                flexible_quorum: None,
+            },
+            server_config: ServerConfig {
+                pid: config.pid,
+                election_tick_timeout: config.election_ticks,
+                resend_message_tick_timeout: config.resend_ticks,
+                ..ServerConfig::default()
+            },
+        };
+        // omnipaxos' ConfigError reports itself as its own `source()`, so it
+        // is kept as text: an error-chain walker would loop on it.
+        let paxos = op_config
+            .build(storage)
+            .map_err(|e| ReplicaError::Config(e.to_string()))?;
+        Ok(Replica {
+            pid: config.pid,
+            incarnation,
+            paxos,
+            state: StateMachine::new(),
+            applied: 0,
+            now: 0,
+            retry_ticks: config.retry_ticks,
+            next_seq: 1,
+            next_ticket: 1,
+            pending: BTreeMap::new(),
+        })
+    }
+
+    /// This node's id.
+    pub fn pid(&self) -> NodeId {
+        self.pid
+    }
+
+    /// This start's incarnation (1 for the first start over a store).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The catalog as of the applied prefix of the log.
+    pub fn catalog(&self) -> &Catalog {
+        self.state.catalog()
+    }
+
+    /// The replicated state (catalog and proposal bookkeeping).
+    pub fn state(&self) -> &StateMachine {
+        &self.state
+    }
+
+    /// The current routing snapshot, if the catalog is not empty.
+    pub fn snapshot(&self) -> Option<&Arc<RoutingSnapshot>> {
+        self.state.catalog().snapshot()
+    }
+
+    /// Number of log entries applied (the index of the next one).
+    pub fn applied_index(&self) -> usize {
+        self.applied
+    }
+
+    /// Number of log entries decided (some may not be applied yet).
+    pub fn decided_index(&self) -> usize {
+        self.paxos.get_decided_idx()
+    }
+
+    /// The leader this replica follows, if it knows one.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.paxos.get_current_leader().map(|(pid, _)| pid)
+    }
+
+    /// Number of this replica's proposals not answered yet.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Proposes a command. It is forwarded to the leader (or buffered until
+    /// one is known) and re-proposed until decided.
+    pub fn propose(&mut self, cmd: CatalogCommand) -> Result<Ticket, ReplicaError> {
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        self.submit(ticket, cmd)?;
+        Ok(ticket)
+    }
+
+    /// Sends `cmd` under a fresh proposal id.
+    fn submit(&mut self, ticket: Ticket, cmd: CatalogCommand) -> Result<(), ReplicaError> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.append(seq, &cmd)?;
+        self.pending.insert(
+            seq,
+            Pending {
+                ticket,
+                cmd,
+                sent_at: self.now,
+            },
+        );
+        Ok(())
+    }
+
+    fn append(&mut self, seq: u64, cmd: &CatalogCommand) -> Result<(), ReplicaError> {
+        let entry = CatalogEntry {
+            id: ProposalId {
+                node: self.pid,
+                incarnation: self.incarnation,
+                seq,
+            },
+            cmd: cmd.clone(),
+        };
+        self.paxos
+            .append(entry)
+            .map_err(|_| ReplicaError::Reconfiguring)
+    }
+
+    /// Advances time by one tick: elections, resends, proposal retries.
+    pub fn tick(&mut self) -> Result<(), ReplicaError> {
+        self.now += 1;
+        self.paxos.tick();
+        let due: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| self.now - p.sent_at >= self.retry_ticks)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in due {
+            if let Some(p) = self.pending.get_mut(&seq) {
+                p.sent_at = self.now;
+                let cmd = p.cmd.clone();
+                self.append(seq, &cmd)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one message from a peer.
+    pub fn handle(&mut self, msg: Message) {
+        self.paxos.handle_incoming(msg);
+    }
+
+    /// Tells the replica that the link to `peer` was re-established.
+    pub fn reconnected(&mut self, peer: NodeId) {
+        self.paxos.reconnected(peer);
+    }
+
+    /// Takes the messages to send.
+    pub fn outgoing(&mut self) -> Vec<Message> {
+        let mut out = Vec::new();
+        self.paxos.take_outgoing_messages(&mut out);
+        out
+    }
+
+    /// Applies the newly decided entries to the catalog, in log order, and
+    /// returns them with their outcomes.
+    pub fn apply_decided(&mut self) -> Result<Vec<Decided>, ReplicaError> {
+        let mut out = Vec::new();
+        if self.paxos.get_decided_idx() <= self.applied {
+            return Ok(out);
+        }
+        let Some(entries) = self.paxos.read_decided_suffix(self.applied) else {
+            return Ok(out);
+        };
+        for entry in entries {
+            match entry {
+                LogEntry::Decided(entry) => {
+                    let decided = self.apply_one(entry)?;
+                    out.push(decided);
+                }
+                LogEntry::Trimmed(_) | LogEntry::Snapshotted(_) => {
+                    return Err(ReplicaError::Compacted(self.applied));
+                }
+                // Reconfiguration is never proposed yet; an undecided entry
+                // cannot be in a decided suffix. Stop at either.
+                LogEntry::StopSign(..) | LogEntry::Undecided(_) => break,
+            }
+        }
+        Ok(out)
+    }
+
+    fn apply_one(&mut self, entry: CatalogEntry) -> Result<Decided, ReplicaError> {
+        let index = self.applied;
+        let outcome = self.state.apply(&entry);
+        self.applied += 1;
+        let mut ticket = None;
+        let id = entry.id;
+        if id.node == self.pid && id.incarnation == self.incarnation {
+            if let Some(p) = self.pending.remove(&id.seq) {
+                if outcome == Outcome::Stale {
+                    // Overtaken by a later proposal of ours: never applied,
+                    // and now it never will be. Propose it again.
+                    self.submit(p.ticket, p.cmd)?;
+                } else {
+                    ticket = Some(p.ticket);
+                }
+            }
+        }
+        Ok(Decided {
+            index,
+            entry,
+            outcome,
+            ticket,
+        })
+    }
+}
