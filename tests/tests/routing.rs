@@ -397,9 +397,30 @@ async fn multi_shard_statements_in_the_extended_protocol() {
             .get(0);
         assert_eq!(n, 0, "shard s{i} kept part of a failed multi-shard UPDATE");
     }
+    // merges run in the extended protocol too
+    let got: i64 = db
+        .query_one("SELECT max(id) FROM users WHERE id > $1", &[&0i64])
+        .await
+        .unwrap()
+        .get(0);
+    let mut want = i64::MIN;
+    for i in 0..4 {
+        let m: Option<i64> = c
+            .direct(i)
+            .await
+            .query_one("SELECT max(id) FROM users WHERE id > 0", &[])
+            .await
+            .unwrap()
+            .get(0);
+        want = want.max(m.unwrap_or(i64::MIN));
+    }
+    assert_eq!(got, want);
     // merges that are not implemented are refused
     let e = db
-        .query("SELECT max(id) FROM users WHERE id > $1", &[&0i64])
+        .query(
+            "SELECT name, count(*) FROM users GROUP BY name HAVING count(*) > $1",
+            &[&0i64],
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code().unwrap().code(), "0A000");
