@@ -58,5 +58,5 @@ pub mod storage;
 pub use catalog::{Applied, Catalog, Rejected};
 pub use command::{CatalogCommand, FreezeId};
 pub use entry::{CatalogEntry, Outcome, ProposalId, StateMachine};
-pub use replica::{Decided, Message, Replica, ReplicaConfig, ReplicaError, Ticket};
+pub use replica::{Decided, Message, Replica, ReplicaConfig, ReplicaError, ReplicaStatus, Ticket};
 pub use storage::SharedStorage;

@@ -24,6 +24,30 @@
 //! replica itself restarts: pending proposals die with it; a restarted
 //! replica has a new incarnation, so its new ids never collide with old
 //! ones).
+//!
+//! # Draining after every input
+//!
+//! omnipaxos 0.2.4 batches: while an AcceptDecide for a follower sits in its
+//! outgoing buffer, a new entry is appended to that message instead of a new
+//! one. It does not forget that message when it sends the follower an
+//! AcceptSync (which starts a new sequence session), so an entry accepted
+//! after the AcceptSync but before the buffer is taken rides in the old
+//! session's message, which the follower discards as outdated; the
+//! follower then stores the next entry at the lost entry's index and the
+//! logs diverge (found by `tests/sim.rs`, FIFO links, seed
+//! 14907824305934562019). Taking the outgoing messages resets that state,
+//! so the replica takes them after every call into omnipaxos and keeps them
+//! in its own outbox until [`Replica::outgoing`].
+//!
+//! # What the transport must provide
+//!
+//! Messages between two replicas must arrive in the order sent, each at
+//! most once (a TCP connection per peer); a message may be lost only when
+//! the connection breaks, and then [`Replica::reconnected`] must be called
+//! on both ends when a new connection is up, before anything is delivered
+//! on it. omnipaxos relies on this: with messages reordered on one link the
+//! simulation finds both stuck followers and diverging logs
+//! (`HOTREPART_SIM_NET=chaos`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -115,6 +139,30 @@ struct Pending {
     sent_at: u64,
 }
 
+/// What a replica knows about itself and the cluster, for status output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// This node.
+    pub pid: NodeId,
+    /// This start's incarnation.
+    pub incarnation: u64,
+    /// The leader it follows (the owner of its promised ballot), if any.
+    pub leader: Option<NodeId>,
+    /// Whether this replica is in the accept phase of that leader's ballot
+    /// (it replicates entries), rather than preparing or recovering.
+    pub accepting: bool,
+    /// The round number of the promised ballot.
+    pub round: u32,
+    /// Entries decided.
+    pub decided: usize,
+    /// Entries applied to the catalog.
+    pub applied: usize,
+    /// The catalog epoch.
+    pub epoch: u64,
+    /// Proposals not answered yet.
+    pub pending: usize,
+}
+
 /// One catalog replica. See the module docs for how to drive it.
 pub struct Replica {
     pid: NodeId,
@@ -129,6 +177,8 @@ pub struct Replica {
     next_ticket: u64,
     /// This incarnation's undecided proposals, by seq.
     pending: BTreeMap<u64, Pending>,
+    /// Messages taken out of omnipaxos, not yet handed to the driver.
+    outbox: Vec<Message>,
 }
 
 impl Replica {
@@ -173,6 +223,7 @@ impl Replica {
             next_seq: 1,
             next_ticket: 1,
             pending: BTreeMap::new(),
+            outbox: Vec::new(),
         })
     }
 
@@ -216,6 +267,37 @@ impl Replica {
         self.paxos.get_current_leader().map(|(pid, _)| pid)
     }
 
+    /// The decided entries from index `from` on, as this replica's log holds
+    /// them (for inspection; [`apply_decided`](Self::apply_decided) is how
+    /// the catalog follows the log).
+    pub fn read_decided(&self, from: usize) -> Vec<CatalogEntry> {
+        self.paxos
+            .read_decided_suffix(from)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| match e {
+                LogEntry::Decided(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A summary of this replica's state.
+    pub fn status(&self) -> ReplicaStatus {
+        let leader = self.paxos.get_current_leader();
+        ReplicaStatus {
+            pid: self.pid,
+            incarnation: self.incarnation,
+            leader: leader.map(|(pid, _)| pid),
+            accepting: leader.is_some_and(|(_, accepting)| accepting),
+            round: self.paxos.get_promise().n,
+            decided: self.decided_index(),
+            applied: self.applied,
+            epoch: self.catalog().epoch(),
+            pending: self.pending.len(),
+        }
+    }
+
     /// Number of this replica's proposals not answered yet.
     pub fn pending(&self) -> usize {
         self.pending.len()
@@ -255,15 +337,26 @@ impl Replica {
             },
             cmd: cmd.clone(),
         };
-        self.paxos
+        let result = self
+            .paxos
             .append(entry)
-            .map_err(|_| ReplicaError::Reconfiguring)
+            .map_err(|_| ReplicaError::Reconfiguring);
+        self.drain();
+        result
+    }
+
+    /// Moves omnipaxos' outgoing messages into our outbox. Called after
+    /// every input, never later: see "Draining after every input" in the
+    /// module docs.
+    fn drain(&mut self) {
+        self.paxos.take_outgoing_messages(&mut self.outbox);
     }
 
     /// Advances time by one tick: elections, resends, proposal retries.
     pub fn tick(&mut self) -> Result<(), ReplicaError> {
         self.now += 1;
         self.paxos.tick();
+        self.drain();
         let due: Vec<u64> = self
             .pending
             .iter()
@@ -283,18 +376,19 @@ impl Replica {
     /// Handles one message from a peer.
     pub fn handle(&mut self, msg: Message) {
         self.paxos.handle_incoming(msg);
+        self.drain();
     }
 
     /// Tells the replica that the link to `peer` was re-established.
     pub fn reconnected(&mut self, peer: NodeId) {
         self.paxos.reconnected(peer);
+        self.drain();
     }
 
     /// Takes the messages to send.
     pub fn outgoing(&mut self) -> Vec<Message> {
-        let mut out = Vec::new();
-        self.paxos.take_outgoing_messages(&mut out);
-        out
+        self.drain();
+        std::mem::take(&mut self.outbox)
     }
 
     /// Applies the newly decided entries to the catalog, in log order, and
@@ -349,3 +443,6 @@ impl Replica {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

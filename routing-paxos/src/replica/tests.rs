@@ -1,0 +1,210 @@
+use hotrepart_router::catalog::Span;
+
+use super::*;
+use crate::catalog::Applied;
+use crate::command::Dsn;
+
+/// Three replicas on a perfect network; messages go through serde_json, as
+/// they will through a real transport.
+struct Cluster {
+    nodes: Vec<Option<Replica>>,
+    storages: Vec<SharedStorage>,
+}
+
+impl Cluster {
+    fn new(n: u64) -> Cluster {
+        let storages: Vec<SharedStorage> = (0..n).map(|_| SharedStorage::new()).collect();
+        let nodes = (1..=n)
+            .map(|pid| Some(replica(pid, n, &storages[(pid - 1) as usize])))
+            .collect();
+        Cluster { nodes, storages }
+    }
+
+    fn node(&mut self, pid: u64) -> &mut Replica {
+        self.nodes[(pid - 1) as usize]
+            .as_mut()
+            .expect("node is running")
+    }
+
+    /// One tick everywhere, then deliver every message (serialised).
+    fn step(&mut self) -> Vec<(u64, Decided)> {
+        let mut out = Vec::new();
+        for r in self.nodes.iter_mut().flatten() {
+            r.tick().expect("tick");
+            out.extend(r.outgoing());
+        }
+        for m in out {
+            let json = serde_json::to_string(&m).expect("serialize message");
+            let m: Message = serde_json::from_str(&json).expect("deserialize message");
+            let to = m.get_receiver();
+            if let Some(r) = self.nodes[(to - 1) as usize].as_mut() {
+                r.handle(m);
+            }
+        }
+        let mut decided = Vec::new();
+        for r in self.nodes.iter_mut().flatten() {
+            let pid = r.pid();
+            decided.extend(
+                r.apply_decided()
+                    .expect("apply")
+                    .into_iter()
+                    .map(|d| (pid, d)),
+            );
+        }
+        decided
+    }
+
+    /// Steps until `pid` has an answer for `ticket`.
+    fn answer(&mut self, pid: u64, ticket: Ticket) -> Decided {
+        for _ in 0..1000 {
+            for (from, d) in self.step() {
+                if from == pid && d.ticket == Some(ticket) {
+                    return d;
+                }
+            }
+        }
+        panic!("ticket {ticket:?} of node {pid} not answered in 1000 ticks");
+    }
+}
+
+fn replica(pid: u64, n: u64, storage: &SharedStorage) -> Replica {
+    Replica::new(ReplicaConfig::new(pid, (1..=n).collect()), storage.clone()).expect("replica")
+}
+
+fn add(shard: &str) -> CatalogCommand {
+    CatalogCommand::AddShard {
+        shard: shard.into(),
+        dsn: Dsn::from("host=x"),
+    }
+}
+
+#[test]
+fn proposals_from_any_node_are_applied_everywhere_in_one_order() {
+    let mut c = Cluster::new(3);
+    let t1 = c.node(2).propose(add("a")).expect("propose");
+    let d = c.answer(2, t1);
+    assert_eq!(d.index, 0);
+    assert!(matches!(d.outcome, Outcome::Applied(Applied::Routing(ref s)) if s.epoch() == 1));
+
+    let t2 = c.node(3).propose(add("a")).expect("propose");
+    let d = c.answer(3, t2);
+    assert_eq!(
+        d.outcome,
+        Outcome::Rejected(crate::Rejected::ShardExists("a".into()))
+    );
+
+    let t3 = c.node(1).propose(CatalogCommand::SplitRange {
+        range: Span { lo: 0, hi: None },
+        at: 100,
+    });
+    let d = c.answer(1, t3.expect("propose"));
+    assert!(matches!(d.outcome, Outcome::Applied(_)));
+    for _ in 0..50 {
+        c.step();
+    }
+    let states: Vec<&StateMachine> = c.nodes.iter().flatten().map(Replica::state).collect();
+    assert!(states.windows(2).all(|w| w[0] == w[1]));
+    for r in c.nodes.iter().flatten() {
+        assert_eq!(r.applied_index(), 3);
+        assert_eq!(r.catalog().epoch(), 2);
+        assert_eq!(r.pending(), 0);
+        let s = r.status();
+        assert_eq!((s.decided, s.applied, s.epoch), (3, 3, 2));
+        assert!(s.leader.is_some());
+    }
+}
+
+#[test]
+fn a_restarted_replica_replays_its_log_and_keeps_up() {
+    let mut c = Cluster::new(3);
+    let t = c.node(1).propose(add("a")).expect("propose");
+    c.answer(1, t);
+    let t = c.node(1).propose(add("b")).expect("propose");
+    c.answer(1, t);
+    for _ in 0..20 {
+        c.step();
+    }
+    let before = c.node(3).state().clone();
+
+    // Crash node 3; the others go on.
+    c.nodes[2] = None;
+    let t = c.node(1).propose(add("c")).expect("propose");
+    c.answer(1, t);
+
+    // Restart it over the same storage: new incarnation, the catalog comes
+    // back from the log, then it catches up.
+    let r = replica(3, 3, &c.storages[2]);
+    assert_eq!(r.incarnation(), 2);
+    assert!(r.decided_index() >= 2);
+    c.nodes[2] = Some(r);
+    for peer in [1, 2] {
+        c.node(peer).reconnected(3);
+    }
+    let replayed = c.node(3).apply_decided().expect("apply");
+    assert!(replayed.len() >= 2);
+    assert_eq!(*c.node(3).state(), before);
+    let t = c.node(3).propose(add("d")).expect("propose");
+    let d = c.answer(3, t);
+    assert_eq!(d.entry.id.incarnation, 2);
+    for _ in 0..50 {
+        c.step();
+    }
+    let epochs: Vec<u64> = c
+        .nodes
+        .iter()
+        .flatten()
+        .map(|r| r.catalog().epoch())
+        .collect();
+    assert_eq!(epochs, [4, 4, 4]);
+}
+
+#[test]
+fn a_duplicate_proposal_applies_once() {
+    let mut sm = StateMachine::new();
+    let entry = CatalogEntry {
+        id: ProposalId {
+            node: 1,
+            incarnation: 1,
+            seq: 1,
+        },
+        cmd: add("a"),
+    };
+    assert!(matches!(sm.apply(&entry), Outcome::Applied(_)));
+    assert_eq!(sm.apply(&entry), Outcome::Stale);
+    // An older proposal of the same node that arrives later: never applied.
+    let mut later = entry.clone();
+    later.id.seq = 3;
+    later.cmd = add("b");
+    assert!(matches!(sm.apply(&later), Outcome::Applied(_)));
+    let mut overtaken = entry.clone();
+    overtaken.id.seq = 2;
+    overtaken.cmd = add("c");
+    assert_eq!(sm.apply(&overtaken), Outcome::Stale);
+    // A new incarnation starts over at seq 1.
+    let mut restarted = entry;
+    restarted.id.incarnation = 2;
+    restarted.cmd = add("c");
+    assert!(matches!(sm.apply(&restarted), Outcome::Applied(_)));
+    // Other nodes are independent.
+    let mut other = restarted.clone();
+    other.id.node = 2;
+    other.cmd = add("d");
+    assert!(matches!(sm.apply(&other), Outcome::Applied(_)));
+    assert_eq!(sm.catalog().epoch(), 4);
+}
+
+#[test]
+fn bad_configuration_is_an_error() {
+    let s = SharedStorage::new();
+    assert!(matches!(
+        Replica::new(ReplicaConfig::new(1, vec![1]), s.clone()),
+        Err(ReplicaError::Config(_))
+    ));
+    assert!(matches!(
+        Replica::new(ReplicaConfig::new(4, vec![1, 2, 3]), s.clone()),
+        Err(ReplicaError::Config(_))
+    ));
+    let mut c = ReplicaConfig::new(1, vec![1, 2, 3]);
+    c.retry_ticks = 0;
+    assert!(matches!(Replica::new(c, s), Err(ReplicaError::Config(_))));
+}
