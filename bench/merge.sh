@@ -25,11 +25,12 @@
 #   4. for each query: the answer through the node must equal the answer of
 #      `single` (psql, compared as text); then pgbench -n -c 1 -T DURATION
 #      -f <query> against `single` (direct) and against the node, with
-#      per-transaction latency logs (-l): median, min and max latency,
-#      transactions; the node's CPU time (utime+stime) per query; the node's
-#      VmRSS before/after and its peak RSS (VmHWM) during the query's run —
-#      the peak is reset before each run by writing 5 to /proc/PID/clear_refs
-#      (when the kernel refuses, the peak is the peak since start);
+#      per-transaction latency logs (-l): median, 90th percentile and max
+#      latency, transactions; the node's CPU time (utime+stime) per query;
+#      the node's VmRSS before the query's first run and after its pgbench
+#      run, and its peak RSS (VmHWM) meanwhile — reset before the query's
+#      first run by writing 5 to /proc/PID/clear_refs (when the kernel
+#      refuses, the peak is the peak since start);
 #   5. prints a markdown table and writes it to bench/out/merge-<date>.md.
 #
 # Environment knobs (defaults in brackets):
@@ -238,7 +239,7 @@ log "PostgreSQL $PG_VERSION up x5 (fsync=off, shared_buffers=$SHARED_BUFFERS, --
 # q NODE SQL: rows from a server, directly; bounded.
 q() { timeout 1800 "$PSQL" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${PG_PORT[$1]}" -U postgres -d postgres -c "$2"; }
 # qhr SQL: the same through the hotrepart node.
-qhr() { timeout 600 "$PSQL" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$HR_PORT" -U bench -d postgres -c "$2"; }
+qhr() { timeout 600 "$PSQL" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$HR_PORT" -U bench -d postgres -c "$1"; }
 
 # ---------------------------------------------------------------- load
 # Ownership, as PostgreSQL computes it: the point of k is
@@ -333,7 +334,7 @@ done
 RAW=$WORK/raw.tsv
 : >"$RAW"
 HWM_RESET=yes
-# run_pgbench TARGET(single|node) NAME: sets R_* (median/min/max ms, tx, failed, exit, err)
+# run_pgbench TARGET(single|node) NAME: sets R_* (median/p90/max ms, tx, failed, exit, err)
 run_pgbench() {
   local target=$1 name=$2 host_args out
   if [ "$target" = single ]; then
@@ -352,11 +353,14 @@ run_pgbench() {
   R_FAILED=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | head -1)
   R_ERR=$(grep -m1 -E 'error|ERROR|FATAL|abort' "$out" | cut -c1-240 || true)
   # log line: client_id transaction_no latency_us script_no epoch us
-  read -r R_MED R_MIN R_MAX R_N <<<"$(cat "$WORK/lat-$name-$target".* 2>/dev/null | awk '{print $3}' | sort -n | awk '
+  # (pgbench's per-transaction time is lazy: a fast transaction may log 0 µs;
+  # the minimum means nothing, so median, 90th percentile and maximum)
+  read -r R_MED R_P90 R_MAX R_N <<<"$(cat "$WORK/lat-$name-$target".* 2>/dev/null | awk '{print $3}' | sort -n | awk '
     { a[NR] = $1 }
     END { if (NR == 0) { print "NA NA NA 0"; exit }
           m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
-          printf "%.3f %.3f %.3f %d\n", m / 1000, a[1] / 1000, a[NR] / 1000, NR }')"
+          p = int(NR * 0.9); if (p < NR * 0.9) p++; if (p < 1) p = 1
+          printf "%.3f %.3f %.3f %d\n", m / 1000, a[p] / 1000, a[NR] / 1000, NR }')"
   if [ "$R_RC" = 0 ] && [ "${R_N:-0}" = 0 ]; then
     R_RC=100
     R_ERR="pgbench exited 0 but logged no transaction"
@@ -367,6 +371,15 @@ BENCH_OK=1
 for name in $QUERIES; do
   sql=${Q[$name]}
   printf '%s;\n' "$sql" >"$WORK/$name.sql"
+  if ! kill -0 "$HR_PID" 2>/dev/null; then
+    die "hotrepart died (see $WORK/hotrepart.log)"
+  fi
+  # the node's memory from before the query's first run (the check below)
+  # to the end of its pgbench run
+  if [ "$HWM_RESET" = yes ] && ! { echo 5 >"/proc/$HR_PID/clear_refs"; } 2>/dev/null; then
+    HWM_RESET=no
+  fi
+  rss0=$(status_kb "$HR_PID" VmRSS)
   # correctness: the node's answer = single's answer
   set +e
   q single "$sql" >"$WORK/answer-$name-single.txt" 2>&1
@@ -380,15 +393,8 @@ for name in $QUERIES; do
   # direct, on the server holding all rows
   log "$name: pgbench -T $DURATION on single: $sql"
   run_pgbench single "$name"
-  s_line="$R_MED|$R_MIN|$R_MAX|$R_N|$R_RC|${R_FAILED:-}|${R_ERR:-}"
-  # through the node, with its memory and CPU
-  if ! kill -0 "$HR_PID" 2>/dev/null; then
-    die "hotrepart died (see $WORK/hotrepart.log)"
-  fi
-  if [ "$HWM_RESET" = yes ] && ! { echo 5 >"/proc/$HR_PID/clear_refs"; } 2>/dev/null; then
-    HWM_RESET=no
-  fi
-  rss0=$(status_kb "$HR_PID" VmRSS)
+  s_line="$R_MED|$R_P90|$R_MAX|$R_N|$R_RC|${R_FAILED:-}|${R_ERR:-}"
+  # through the node, with its CPU time
   c0=$(cpu_ticks "$HR_PID")
   log "$name: pgbench -T $DURATION through the node"
   run_pgbench node "$name"
@@ -398,7 +404,7 @@ for name in $QUERIES; do
   cpu_ms=NA
   [ "${R_N:-0}" -gt 0 ] && [ "$c0" -ge 0 ] && [ "$c1" -ge 0 ] &&
     cpu_ms=$(awk -v t=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$R_N" 'BEGIN{printf "%.3f", t / hz * 1000 / n}')
-  n_line="$R_MED|$R_MIN|$R_MAX|$R_N|$R_RC|${R_FAILED:-}|${R_ERR:-}"
+  n_line="$R_MED|$R_P90|$R_MAX|$R_N|$R_RC|${R_FAILED:-}|${R_ERR:-}"
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$s_line" "$n_line" "$rss0" "$rss1" "$hwm" "$cpu_ms" >>"$RAW"
   for line in "single|$s_line" "node|$n_line"; do
     IFS='|' read -r t med _ _ n rc failed err <<<"$line"
@@ -425,17 +431,17 @@ mb() { awk -v k="$1" 'BEGIN{ if (k == "" || k == 0) print "n/a"; else printf "%.
   echo "- machine: $(nproc) cores ($(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)), $(free -g | awk '/^Mem:/{print $2}') GiB; the 4 shards, the single server, the node and pgbench all share these cores (the shards cannot run in parallel beyond them)"
   echo "- PostgreSQL $PG_VERSION x5 (shard0..shard3, single), initdb --locale=C, fsync=off, synchronous_commit=off, shared_buffers=$SHARED_BUFFERS, default parallel query settings; hotrepart pool_mode=transaction, pool_size=$POOL_SIZE per shard, max_merge_rows=$MAX_MERGE_ROWS, client auth trust"
   echo "- data: mbench(k int8 primary key, a int, b int, v text), $ROWS rows, a = k % 16, b = k % $GROUPS_MANY, v = md5(k::text); loaded in ${LOAD_SECS} s; ${SIZES%, }"
-  echo "- each query: pgbench -n -c 1 -j 1 -T $DURATION -f query.sql (simple protocol), one client, queries one after another; latency per query from pgbench's per-transaction log (-l): median (min–max) over the run; first direct on single, then through the node"
-  echo "- node memory: VmRSS before and after the query's pgbench run; peak = VmHWM after the run, $( [ "$HWM_RESET" = yes ] && echo "reset before each run (echo 5 > /proc/PID/clear_refs), so it is the peak during that query's run" || echo "the kernel refused the reset (clear_refs), so it is the peak since the node started")"
+  echo "- each query: pgbench -n -c 1 -j 1 -T $DURATION -f query.sql (simple protocol), one client, queries one after another; latency per query from pgbench's per-transaction log (-l): median (90th percentile, maximum) over the run; first direct on single, then through the node"
+  echo "- node memory: VmRSS before the query's first run through the node (the correctness check) and after its pgbench run; peak = VmHWM after the run, $( [ "$HWM_RESET" = yes ] && echo "reset before the query's first run (echo 5 > /proc/PID/clear_refs), so it is the peak while that query ran" || echo "the kernel refused the reset (clear_refs), so it is the peak since the node started")"
   echo "- node CPU: utime+stime of the hotrepart process over the run / queries run"
   echo "- total wall time: ${ELAPSED} s; load average at start: $LOAD_START, at end: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo
-  echo "| query | single: median ms (min–max) | 4 shards via node: median ms (min–max) | node/single | runs single / node | node VmRSS before → after MiB | node peak RSS MiB | node CPU ms/query |"
+  echo "| query | single: median ms (p90, max) | 4 shards via node: median ms (p90, max) | node/single (medians) | runs single / node | node VmRSS before → after MiB | node peak RSS MiB | node CPU ms/query |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
   while IFS=$'\t' read -r name s n rss0 rss1 hwm cpu; do
-    IFS='|' read -r s_med s_min s_max s_n _ <<<"$s"
-    IFS='|' read -r n_med n_min n_max n_n _ <<<"$n"
-    echo "| $name | $s_med ($s_min–$s_max) | $n_med ($n_min–$n_max) | $(ratio "$n_med" "$s_med") | $s_n / $n_n | $(mb "$rss0") → $(mb "$rss1") | $(mb "$hwm") | $cpu |"
+    IFS='|' read -r s_med s_p90 s_max s_n _ <<<"$s"
+    IFS='|' read -r n_med n_p90 n_max n_n _ <<<"$n"
+    echo "| $name | $s_med ($s_p90, $s_max) | $n_med ($n_p90, $n_max) | $(ratio "$n_med" "$s_med") | $s_n / $n_n | $(mb "$rss0") → $(mb "$rss1") | $(mb "$hwm") | $cpu |"
   done <"$RAW"
   echo
   echo "Queries:"

@@ -13,6 +13,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::SimpleQueryMessage;
 
 /// Rows of a simple-query answer as text (None = NULL).
@@ -187,4 +188,38 @@ fn gen(seed: u64, n: usize, wide: Option<bool>) -> Vec<String> {
         }
     }
     out
+}
+
+/// A value's binary form, whatever its type.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Raw(pub Vec<u8>);
+
+impl<'a> FromSql<'a> for Raw {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Raw, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw.to_vec()))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// Column types and binary rows of an extended-protocol answer.
+pub type BinaryRows = (Vec<Type>, Vec<Vec<Option<Raw>>>);
+
+/// A query in the extended protocol (Parse/Describe, then Bind/Execute with
+/// binary results, as tokio-postgres does).
+pub async fn binary_rows(
+    db: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<BinaryRows, tokio_postgres::Error> {
+    let st = db.prepare(sql).await?;
+    let types = st.columns().iter().map(|c| c.type_().clone()).collect();
+    let rows = db.query(&st, &[]).await?;
+    Ok((
+        types,
+        rows.iter()
+            .map(|r| (0..r.len()).map(|i| r.get::<_, Option<Raw>>(i)).collect())
+            .collect(),
+    ))
 }
