@@ -16,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod localpg;
 pub mod merge;
+pub mod multi;
 pub mod node;
 pub mod pool;
 pub mod routing;

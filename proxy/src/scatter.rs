@@ -5,7 +5,9 @@
 //! (no ORDER BY, aggregates, LIMIT … across shards — those are refused until
 //! the merger exists). The statement is sent to every shard first, so they
 //! run in parallel; the answers are then read shard by shard and streamed,
-//! so memory stays bounded (a shard not yet read waits on TCP backpressure).
+//! so memory stays bounded (a shard not yet read is read ahead up to a
+//! bound, then waits on TCP backpressure). An error on one shard cancels
+//! the statement on the others ([`crate::multi`]), except DDL.
 //!
 //! Guarantees:
 //! - the client sees one RowDescription, the rows of every shard, one
@@ -20,6 +22,7 @@
 //!   friends refuse one); a DDL error names the shards where it did apply;
 //! - inside a transaction block, a write to several shards is refused.
 
+use crate::multi::ShardStreams;
 use crate::routing::{Decision, Target};
 use crate::session::{command_complete, rfq, Refusal, Session, SessionError};
 use crate::wire::{self, Severity};
@@ -95,28 +98,17 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut first_desc: Option<Bytes> = None;
     let mut mismatch = false;
     let mut tags: Vec<Vec<String>> = Vec::new();
-    let mut error: Option<(usize, String, String)> = None;
     let mut ok_shards = Vec::new();
+    // An error on one shard cancels the statement on the others, except DDL
+    // (not wrapped in a transaction: it is left to finish where it runs).
+    let mut st = ShardStreams::new(shards, if wrap { 2 } else { 1 }, !d.ddl);
     for (i, &t) in shards.iter().enumerate() {
         let mut shard_tags = Vec::new();
         let mut shard_err = false;
-        let mut pending_rfq = if wrap { 2 } else { 1 };
         let mut in_begin = wrap;
-        while pending_rfq > 0 {
-            let f = {
-                let Some(b) = s.slots[t].conn.as_mut() else {
-                    break;
-                };
-                match b.reader.next().await {
-                    Ok(f) => f,
-                    Err(e) => return Err(s.backend_lost(t, e)),
-                }
-            };
+        while let Some(f) = st.frame(s, i).await? {
             match f.tag() {
-                b'Z' => {
-                    pending_rfq -= 1;
-                    in_begin = false;
-                }
+                b'Z' => in_begin = false,
                 _ if in_begin => {}
                 b'T' => match &first_desc {
                     None => {
@@ -132,13 +124,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     shard_tags.push(wire::get_cstr(&mut body).unwrap_or("").to_string());
                 }
                 b'I' | b'N' | b'S' if i == 0 => s.out.put_slice(&f.raw),
-                b'E' => {
-                    shard_err = true;
-                    if error.is_none() {
-                        let (code, msg) = wire::parse_error_fields(f.body());
-                        error = Some((t, code, msg));
-                    }
-                }
+                b'E' => shard_err = true,
 
                 b'G' | b'W' => {
                     // COPY FROM STDIN across shards: the router refuses it;
@@ -161,6 +147,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         tags.push(shard_tags);
     }
+    let error = st.error.take().map(|(code, msg, t)| (t, code, msg));
     // Finish implicit transactions: all or nothing (up to the commit itself).
     let mut commit_failed = Vec::new();
     if wrap {

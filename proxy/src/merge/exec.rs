@@ -17,6 +17,7 @@
 //! uses the C collation; anything else is an error naming what is missing.
 
 use super::value::{self, Num, Ty, ValueError};
+use crate::multi::ShardStreams;
 use crate::routing::BindParams;
 use crate::session::{command_complete, rfq, Refusal, Session, SessionError};
 use crate::wire::{self, Frame, Severity, WireError};
@@ -28,9 +29,6 @@ use hotrepart_router::route::{
 use postgres_protocol::message::frontend;
 use std::cmp::Ordering;
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 type Row = Vec<Option<Bytes>>;
@@ -132,122 +130,29 @@ impl From<ValueError> for MergeError {
     }
 }
 
-/// Shard streams. The merge consumes one shard's replies at a time, but
-/// waits on all of them: while it waits for shard `i`, frames the others
-/// send are read ahead (bounded per shard), so that an error on any shard is
-/// seen at once and the others are cancelled. (PostgreSQL flushes its
-/// RowDescription only with the first rows or at the end: waiting on one
-/// shard alone could mean waiting for its whole statement while another
-/// shard already failed.)
+/// The shards' reply streams (see [`crate::multi::ShardStreams`]) and which
+/// of them the merge has read to their ReadyForQuery.
 struct Streams {
+    inner: ShardStreams,
     shards: Vec<usize>,
-    /// The stream's ReadyForQuery was consumed.
     done: Vec<bool>,
-    /// The stream's ReadyForQuery was read (possibly ahead): nothing more
-    /// comes from it.
-    ended: Vec<bool>,
-    /// Frames read ahead, and their total size.
-    ahead: Vec<(std::collections::VecDeque<Frame>, usize)>,
-    error: Option<(String, String, usize)>,
 }
-
-/// A pending read of one shard's next frame.
-type Wait<'a> = Pin<Box<dyn Future<Output = Result<Frame, WireError>> + Send + 'a>>;
-
-/// How long a cancelled shard may take to end before it is cancelled again.
-const RECANCEL_AFTER: std::time::Duration = std::time::Duration::from_millis(300);
-
-/// Read-ahead bound per shard, in bytes of frames.
-const READ_AHEAD_BYTES: usize = 256 * 1024;
 
 impl Streams {
     fn new(shards: &[usize]) -> Streams {
         Streams {
+            inner: ShardStreams::new(shards, 1, true),
             shards: shards.to_vec(),
             done: vec![false; shards.len()],
-            ended: vec![false; shards.len()],
-            ahead: (0..shards.len()).map(|_| Default::default()).collect(),
-            error: None,
         }
     }
 
-    /// Next frame of stream `i` (None: its backend is gone).
     async fn frame<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &mut self,
         s: &mut Session<S>,
         i: usize,
     ) -> Result<Option<Frame>, SessionError> {
-        loop {
-            if let Some(f) = self.ahead[i].0.pop_front() {
-                self.ahead[i].1 -= f.raw.len();
-                return Ok(Some(f));
-            }
-            // Wait on stream i and on every other stream that may still
-            // send and has room ahead.
-            let mut waits: Vec<(usize, Wait<'_>)> = Vec::new();
-            for (t, slot) in s.slots.iter_mut().enumerate() {
-                let Some(j) = self.shards.iter().position(|&x| x == t) else {
-                    continue;
-                };
-                let Some(b) = slot.conn.as_mut() else {
-                    continue;
-                };
-                if j == i || (!self.ended[j] && self.ahead[j].1 < READ_AHEAD_BYTES) {
-                    waits.push((j, Box::pin(b.reader.next())));
-                }
-            }
-            if !waits.iter().any(|(j, _)| *j == i) {
-                return Ok(None);
-            }
-            let any = std::future::poll_fn(|cx| {
-                for (j, w) in waits.iter_mut() {
-                    if let Poll::Ready(r) = w.as_mut().poll(cx) {
-                        return Poll::Ready((*j, r));
-                    }
-                }
-                Poll::Pending
-            });
-            // After an error, a cancel that reached a shard between two
-            // messages (PostgreSQL ignores it while reading a command) is
-            // sent again until the shard ends.
-            let got = match &self.error {
-                None => Some(any.await),
-                Some(_) => tokio::time::timeout(RECANCEL_AFTER, any).await.ok(),
-            };
-            drop(waits);
-            let Some((j, r)) = got else {
-                let failed = self.error.as_ref().map(|e| e.2);
-                let others: Vec<usize> = (0..self.shards.len())
-                    .filter(|&k| !self.ended[k] && Some(self.shards[k]) != failed)
-                    .map(|k| self.shards[k])
-                    .collect();
-                cancel_shards(s, &others).await;
-                continue;
-            };
-            let t = self.shards[j];
-            let f = match r {
-                Ok(f) => f,
-                Err(e) => return Err(s.backend_lost(t, e)),
-            };
-            match f.tag() {
-                b'E' if self.error.is_none() => {
-                    let (c, m) = wire::parse_error_fields(f.body());
-                    self.error = Some((c, m, t));
-                    let others: Vec<usize> = (0..self.shards.len())
-                        .filter(|&k| k != j && !self.ended[k])
-                        .map(|k| self.shards[k])
-                        .collect();
-                    cancel_shards(s, &others).await;
-                }
-                b'Z' => self.ended[j] = true,
-                _ => {}
-            }
-            if j == i {
-                return Ok(Some(f));
-            }
-            self.ahead[j].1 += f.raw.len();
-            self.ahead[j].0.push_back(f);
-        }
+        self.inner.frame(s, i).await
     }
 
     /// Next data row of stream `i` (None at its end). Errors are recorded
@@ -589,7 +494,7 @@ async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
     }
-    let result = match (&fields, mismatch, &st.error) {
+    let result = match (&fields, mismatch, &st.inner.error) {
         (Some(f), false, None) => {
             let f = f.clone();
             execute(s, plan, &f, &mut st, out, offset, limit).await?
@@ -601,7 +506,7 @@ async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
         _ => Ok(0),
     };
     st.drain(s).await?;
-    if let Some((code, msg, t)) = st.error.take() {
+    if let Some((code, msg, t)) = st.inner.error.take() {
         let m = format!("{msg} (on shard {})", s.node.cfg.shards[t].name);
         wire::error_response(&mut s.out, Severity::Error, &code, &m);
         if in_tx {
@@ -623,35 +528,6 @@ async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
         s.end_of_transaction().await?;
     }
     Ok(())
-}
-
-/// After an error on one shard: cancels the statement still running on
-/// `shards`, so that the client gets the one error without waiting for the
-/// others' work. Their backends are closed at the end of the transaction
-/// instead of pooled: a cancel that reaches one late must not hit another
-/// client's query.
-pub(crate) async fn cancel_shards<S: AsyncRead + AsyncWrite + Unpin + Send>(
-    s: &mut Session<S>,
-    shards: &[usize],
-) {
-    for &t in shards {
-        let Some(b) = s.slots[t].conn.as_mut() else {
-            continue;
-        };
-        b.broken = true;
-        let (addr, pid, secret) = (b.addr, b.pid, b.secret);
-        let sent = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            crate::backend::send_cancel(addr, pid, secret),
-        )
-        .await;
-        if !matches!(sent, Ok(Ok(()))) {
-            tracing::warn!(
-                shard = t,
-                "cannot cancel a statement after another shard's error"
-            );
-        }
-    }
 }
 
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send>(

@@ -1,0 +1,179 @@
+//! Reading the replies of one statement sent to several shards.
+//!
+//! The caller consumes one shard's replies at a time (a k-way merge, or a
+//! concatenation), but [`ShardStreams`] waits on all of them: while it waits
+//! for shard `i`, frames the others send are read ahead (bounded per shard),
+//! so that an error on any shard is seen at once and, when asked, the
+//! statement is cancelled on the others. (PostgreSQL flushes a statement's
+//! first replies only with later ones or at its end: waiting on one shard
+//! alone could mean waiting for its whole statement while another shard
+//! already failed.)
+
+use crate::session::{Session, SessionError};
+use crate::wire::{self, Frame, WireError};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A pending read of one shard's next frame.
+type Wait<'a> = Pin<Box<dyn Future<Output = Result<Frame, WireError>> + Send + 'a>>;
+
+/// How long a cancelled shard may take to end before it is cancelled again.
+const RECANCEL_AFTER: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Read-ahead bound per shard, in bytes of frames.
+const READ_AHEAD_BYTES: usize = 256 * 1024;
+
+pub(crate) struct ShardStreams {
+    shards: Vec<usize>,
+    /// ReadyForQuery messages still to come from each shard (read, possibly
+    /// ahead, not consumed); 0: nothing more comes from it.
+    rfq_left: Vec<usize>,
+    /// Frames read ahead, and their total size.
+    ahead: Vec<(VecDeque<Frame>, usize)>,
+    /// The first error any shard sent: SQLSTATE, message, shard.
+    pub(crate) error: Option<(String, String, usize)>,
+    /// Cancel the other shards at the first error.
+    cancel_on_error: bool,
+}
+
+impl ShardStreams {
+    /// `rfq_per_shard`: ReadyForQuery messages each shard will send.
+    pub(crate) fn new(
+        shards: &[usize],
+        rfq_per_shard: usize,
+        cancel_on_error: bool,
+    ) -> ShardStreams {
+        ShardStreams {
+            shards: shards.to_vec(),
+            rfq_left: vec![rfq_per_shard; shards.len()],
+            ahead: (0..shards.len()).map(|_| Default::default()).collect(),
+            error: None,
+            cancel_on_error,
+        }
+    }
+
+    /// Next frame of stream `i`; None when it has sent all its
+    /// ReadyForQuery messages and all were consumed, or its backend is gone.
+    pub(crate) async fn frame<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        s: &mut Session<S>,
+        i: usize,
+    ) -> Result<Option<Frame>, SessionError> {
+        loop {
+            if let Some(f) = self.ahead[i].0.pop_front() {
+                self.ahead[i].1 -= f.raw.len();
+                return Ok(Some(f));
+            }
+            if self.rfq_left[i] == 0 {
+                return Ok(None);
+            }
+            // Wait on stream i and on every other stream that may still
+            // send and has room ahead.
+            let mut waits: Vec<(usize, Wait<'_>)> = Vec::new();
+            for (t, slot) in s.slots.iter_mut().enumerate() {
+                let Some(j) = self.shards.iter().position(|&x| x == t) else {
+                    continue;
+                };
+                let Some(b) = slot.conn.as_mut() else {
+                    continue;
+                };
+                if j == i || (self.rfq_left[j] > 0 && self.ahead[j].1 < READ_AHEAD_BYTES) {
+                    waits.push((j, Box::pin(b.reader.next())));
+                }
+            }
+            if !waits.iter().any(|(j, _)| *j == i) {
+                return Ok(None);
+            }
+            let any = std::future::poll_fn(|cx| {
+                for (j, w) in waits.iter_mut() {
+                    if let Poll::Ready(r) = w.as_mut().poll(cx) {
+                        return Poll::Ready((*j, r));
+                    }
+                }
+                Poll::Pending
+            });
+            // After an error, a cancel that reached a shard between two
+            // messages (PostgreSQL ignores it while reading a command) is
+            // sent again until the shard ends.
+            let got = match (&self.error, self.cancel_on_error) {
+                (Some(_), true) => tokio::time::timeout(RECANCEL_AFTER, any).await.ok(),
+                _ => Some(any.await),
+            };
+            drop(waits);
+            let Some((j, r)) = got else {
+                self.cancel_others(s, None).await;
+                continue;
+            };
+            let t = self.shards[j];
+            let f = match r {
+                Ok(f) => f,
+                Err(e) => return Err(s.backend_lost(t, e)),
+            };
+            match f.tag() {
+                b'E' if self.error.is_none() => {
+                    let (c, m) = wire::parse_error_fields(f.body());
+                    self.error = Some((c, m, t));
+                    if self.cancel_on_error {
+                        self.cancel_others(s, Some(j)).await;
+                    }
+                }
+                b'Z' => self.rfq_left[j] = self.rfq_left[j].saturating_sub(1),
+                _ => {}
+            }
+            if j == i {
+                return Ok(Some(f));
+            }
+            self.ahead[j].1 += f.raw.len();
+            self.ahead[j].0.push_back(f);
+        }
+    }
+
+    /// Cancels every stream that has not ended but the one that failed.
+    async fn cancel_others<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        s: &mut Session<S>,
+        failed: Option<usize>,
+    ) {
+        let failed = failed.or_else(|| {
+            let t = self.error.as_ref()?.2;
+            self.shards.iter().position(|&x| x == t)
+        });
+        let others: Vec<usize> = (0..self.shards.len())
+            .filter(|&k| self.rfq_left[k] > 0 && Some(k) != failed)
+            .map(|k| self.shards[k])
+            .collect();
+        cancel_shards(s, &others).await;
+    }
+}
+
+/// After an error on one shard: cancels the statement still running on
+/// `shards`, so that the client gets the one error without waiting for the
+/// others' work. Their backends are closed at the end of the transaction
+/// instead of pooled: a cancel that reaches one late must not hit another
+/// client's query.
+pub(crate) async fn cancel_shards<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    shards: &[usize],
+) {
+    for &t in shards {
+        let Some(b) = s.slots[t].conn.as_mut() else {
+            continue;
+        };
+        b.broken = true;
+        let (addr, pid, secret) = (b.addr, b.pid, b.secret);
+        let sent = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            crate::backend::send_cancel(addr, pid, secret),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            tracing::warn!(
+                shard = t,
+                "cannot cancel a statement after another shard's error"
+            );
+        }
+    }
+}
