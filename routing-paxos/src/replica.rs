@@ -28,16 +28,19 @@
 //! # Draining after every input
 //!
 //! omnipaxos 0.2.4 batches: while an AcceptDecide for a follower sits in its
-//! outgoing buffer, a new entry is appended to that message instead of a new
-//! one. It does not forget that message when it sends the follower an
-//! AcceptSync (which starts a new sequence session), so an entry accepted
+//! outgoing buffer, a newly accepted entry is added to that message instead
+//! of a new one. It does not forget that message when it sends the follower
+//! an AcceptSync (which starts a new sequence session), so an entry accepted
 //! after the AcceptSync but before the buffer is taken rides in the old
-//! session's message, which the follower discards as outdated; the
-//! follower then stores the next entry at the lost entry's index and the
-//! logs diverge (found by `tests/sim.rs`, FIFO links, seed
-//! 14907824305934562019). Taking the outgoing messages resets that state,
-//! so the replica takes them after every call into omnipaxos and keeps them
-//! in its own outbox until [`Replica::outgoing`].
+//! session's message; a follower that takes the AcceptSync discards that
+//! message as outdated (or ignores it while preparing), stores the next
+//! entry at the lost entry's index, and the logs diverge. The simulation
+//! found this with reordering links (`HOTREPART_SIM_NET=chaos`, where the
+//! trace showed exactly that); nothing in it needs reordering except that
+//! the follower must be preparing again when the old message arrives.
+//! Taking the outgoing messages resets that state, so the replica takes
+//! them after every call into omnipaxos and keeps them in its own outbox
+//! until [`Replica::outgoing`].
 //!
 //! # What the transport must provide
 //!
