@@ -14,6 +14,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod demo;
+pub mod explain;
 pub mod localpg;
 pub mod merge;
 pub mod multi;

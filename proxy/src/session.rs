@@ -516,6 +516,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Ok(()))
     }
 
+    /// The session state as the node last read it back.
+    pub(crate) fn state(&self) -> &SessionState {
+        &self.state
+    }
+
     /// A session setting as the node last read it back.
     pub(crate) fn setting(&self, name: &str) -> Option<&str> {
         self.state.get(name)
@@ -756,6 +761,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if self.deallocate(sql) {
             return Ok(());
+        }
+        if self.node.cfg.shards.len() > 1 {
+            if let Some(ex) = crate::explain::parse(sql) {
+                if !self.owed.is_empty() {
+                    self.drain_owed().await?;
+                }
+                return crate::explain::run(self, ex).await;
+            }
         }
         let d = self.node.decide(sql, None, &self.state);
         let d = match d {

@@ -4,7 +4,7 @@
 //! be refused with the documented SQLSTATE.
 #![allow(clippy::unwrap_used)]
 
-use hotrepart_tests::merge_data::{insert_sql, rows, SCHEMA};
+use hotrepart_tests::merge_data::{insert_sql, rows, Rows, SCHEMA};
 use hotrepart_tests::*;
 use tokio_postgres::types::{FromSql, Type};
 
@@ -422,6 +422,127 @@ async fn an_error_on_one_shard_cancels_the_others() {
             assert_eq!(busy, 0, "shard {i} still runs the statement");
         }
     }
+}
+
+/// EXPLAIN says where a statement runs and how it is merged, then shows
+/// each shard's own plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_shows_shards_and_merge() {
+    let c = Cluster::start(Opts {
+        shards: 4,
+        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let db = c.connect().await;
+    db.batch_execute(SCHEMA).await.unwrap();
+    for sql in insert_sql(3, 100) {
+        db.batch_execute(&sql).await.unwrap();
+    }
+    let plan = |r: Rows| -> Vec<String> { r.into_iter().map(|l| l[0].clone().unwrap()).collect() };
+    // one shard: the owner of id 5 (the one whose rows include it)
+    let mut owner = None;
+    for i in 0..4 {
+        let n: i64 = c
+            .direct(i)
+            .await
+            .query_one("SELECT count(*) FROM items WHERE id = 5", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if n == 1 {
+            owner = Some(i);
+        }
+    }
+    let owner = owner.expect("id 5 is on some shard");
+    let p = plan(
+        rows(&db, "EXPLAIN SELECT * FROM items WHERE id = 5")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        p[0],
+        format!("hotrepart: RUN ON ONE shard s{owner}"),
+        "{p:#?}"
+    );
+    assert!(p[1].contains("Scan"), "{p:#?}");
+    // several shards, merged
+    let p = plan(
+        rows(
+            &db,
+            "EXPLAIN (COSTS OFF) SELECT grp, count(*), avg(qty) FROM items GROUP BY grp ORDER BY grp LIMIT 3",
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(
+        p[0], "hotrepart: RUN ON ALL: 4 shards (s0, s1, s2, s3)",
+        "{p:#?}"
+    );
+    assert!(
+        p.iter()
+            .any(|l| l.contains("partial aggregate(s) from every shard combined by group")),
+        "{p:#?}"
+    );
+    assert!(
+        p.iter().any(|l| l.contains("avg computed as sum / count")),
+        "{p:#?}"
+    );
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("hotrepart: each shard runs: SELECT")),
+        "{p:#?}"
+    );
+    for i in 0..4 {
+        let at = p
+            .iter()
+            .position(|l| *l == format!("hotrepart: shard s{i}:"))
+            .unwrap_or_else(|| panic!("no plan of s{i}: {p:#?}"));
+        assert!(p[at + 1].starts_with("  "), "{p:#?}");
+    }
+    // concatenation, and EXPLAIN ANALYZE of a read
+    let p = plan(
+        rows(&db, "EXPLAIN ANALYZE SELECT id FROM items WHERE qty > 0")
+            .await
+            .unwrap(),
+    );
+    assert!(
+        p.iter()
+            .any(|l| l == "hotrepart: answers concatenated (no merge needed)"),
+        "{p:#?}"
+    );
+    assert!(p.iter().any(|l| l.contains("actual time")), "{p:#?}");
+    // refused: other formats across shards, ANALYZE of a multi-shard write
+    for sql in [
+        "EXPLAIN (FORMAT JSON) SELECT * FROM items",
+        "EXPLAIN ANALYZE UPDATE items SET qty = 1",
+    ] {
+        let e = rows(&db, sql).await.unwrap_err();
+        assert_eq!(e.code().unwrap().code(), "0A000", "{sql}: {e:?}");
+    }
+    // a single-shard JSON plan passes through untouched
+    let p = plan(
+        rows(
+            &db,
+            "EXPLAIN (FORMAT JSON) SELECT * FROM items WHERE id = 5",
+        )
+        .await
+        .unwrap(),
+    );
+    assert!(p[0].trim_start().starts_with('['), "{p:#?}");
+    // an error from the shard reaches the client; the session goes on
+    let e = rows(&db, "EXPLAIN SELECT nope FROM items")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "42703", "{e:?}");
+    let r = rows(&db, "SELECT count(*) FROM items").await.unwrap();
+    assert_eq!(r[0][0].as_deref(), Some("100"));
+    // the UPDATE was not run
+    let r = rows(&db, "SELECT count(*) FROM items WHERE qty = 1")
+        .await
+        .unwrap();
+    let before: i64 = r[0][0].as_deref().unwrap().parse().unwrap();
+    assert!(before < 100);
 }
 
 /// Awaits `f` for at most 30 s: a hang fails the test with its name.

@@ -1,0 +1,372 @@
+//! EXPLAIN through a node with several shards (simple query protocol).
+//!
+//! The statement after `EXPLAIN [options]` is routed like any other; the
+//! node then runs the same EXPLAIN on the shard(s) it goes to and answers
+//! one `QUERY PLAN` result: first lines saying where the statement runs and
+//! how the answers are merged, then each shard's plan, indented under its
+//! name. A single-shard EXPLAIN in a non-text format is passed through
+//! unchanged (no lines are added to JSON/XML/YAML); a multi-shard one is
+//! refused in those formats, as is EXPLAIN ANALYZE of a write to several
+//! shards (it would execute the write).
+
+use crate::routing::Target;
+use crate::session::{command_complete, rfq, Refusal, Session, SessionError};
+use crate::wire::{self, Severity};
+use bytes::BufMut;
+use hotrepart_router::route::{Combined, MergePlan, ShardCol};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// An `EXPLAIN` statement, split.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Explain<'a> {
+    /// `EXPLAIN` and its options, as written.
+    pub(crate) prefix: &'a str,
+    /// The explained statement.
+    pub(crate) inner: &'a str,
+    pub(crate) analyze: bool,
+    /// FORMAT TEXT (the default).
+    pub(crate) text: bool,
+}
+
+/// Splits `EXPLAIN [ ( option [, …] ) ] statement` or
+/// `EXPLAIN [ ANALYZE ] [ VERBOSE ] statement`; None when `sql` is not an
+/// EXPLAIN.
+pub(crate) fn parse(sql: &str) -> Option<Explain<'_>> {
+    let t = skip_space(sql);
+    if t.len() < 7 || !t[..7].eq_ignore_ascii_case("explain") {
+        return None;
+    }
+    if t[7..]
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_alphanumeric() || c == '_')
+    {
+        return None;
+    }
+    let mut rest = skip_space(&t[7..]);
+    let (mut analyze, mut text) = (false, true);
+    if let Some(opts) = rest.strip_prefix('(') {
+        let end = opts.find(')')?;
+        for opt in opts[..end].split(',') {
+            let words: Vec<String> = opt
+                .split_whitespace()
+                .map(|w| {
+                    w.trim_matches(|c| c == '\'' || c == '"')
+                        .to_ascii_lowercase()
+                })
+                .collect();
+            match words.first().map(String::as_str) {
+                Some("analyze" | "analyse") => {
+                    analyze = !matches!(
+                        words.get(1).map(String::as_str),
+                        Some("false" | "off" | "0")
+                    )
+                }
+                Some("format") => text = words.get(1).is_none_or(|f| f == "text"),
+                _ => {}
+            }
+        }
+        rest = skip_space(&opts[end + 1..]);
+    } else {
+        loop {
+            let word_len = rest
+                .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            match rest[..word_len].to_ascii_lowercase().as_str() {
+                "analyze" | "analyse" => analyze = true,
+                "verbose" => {}
+                _ => break,
+            }
+            rest = skip_space(&rest[word_len..]);
+        }
+    }
+    let prefix = t[..t.len() - rest.len()].trim_end();
+    Some(Explain {
+        prefix,
+        inner: rest.trim_end().trim_end_matches(';'),
+        analyze,
+        text,
+    })
+}
+
+/// Skips whitespace and comments.
+fn skip_space(mut s: &str) -> &str {
+    loop {
+        s = s.trim_start();
+        if let Some(r) = s.strip_prefix("--") {
+            s = r.find('\n').map_or("", |i| &r[i..]);
+        } else if let Some(r) = s.strip_prefix("/*") {
+            s = r.find("*/").map_or("", |i| &r[i + 2..]);
+        } else {
+            return s;
+        }
+    }
+}
+
+/// Answers an EXPLAIN (simple protocol).
+pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    ex: Explain<'_>,
+) -> Result<(), SessionError> {
+    let in_tx = s.tx_status != b'I';
+    let d = match s.node.decide(ex.inner, None, s.state()) {
+        Ok(d) => d,
+        Err(r) => return refuse(s, r, in_tx).await,
+    };
+    if d.statements != 1 {
+        let r = Refusal::new("0A000", "EXPLAIN of several statements".into());
+        return refuse(s, r, in_tx).await;
+    }
+    let names = |s: &Session<S>, shards: &[usize]| -> String {
+        shards
+            .iter()
+            .map(|&i| s.node.cfg.shards[i].name.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut lines: Vec<String> = Vec::new();
+    // (shard, the EXPLAIN it runs)
+    let mut runs: Vec<(usize, String)> = Vec::new();
+    match &d.target {
+        Target::Shard(_) | Target::Any => {
+            let t = match d.target {
+                Target::Shard(t) => t,
+                _ => s.node.home_index,
+            };
+            if ex.analyze && d.write {
+                if let Err(r) = s.check_write(&d, t) {
+                    return refuse(s, r, in_tx).await;
+                }
+            }
+            if ex.text {
+                lines.push(format!(
+                    "hotrepart: RUN ON ONE shard {}{}",
+                    s.node.cfg.shards[t].name,
+                    if matches!(d.target, Target::Any) {
+                        " (the statement reads no sharded table: any shard answers)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            runs.push((t, format!("{} {}", ex.prefix, ex.inner)));
+        }
+        Target::Multi { shards, sqls } => {
+            if !ex.text {
+                let r = Refusal::new(
+                    "0A000",
+                    "EXPLAIN of a statement on several shards is available in FORMAT TEXT only"
+                        .into(),
+                );
+                return refuse(s, r, in_tx).await;
+            }
+            if ex.analyze && d.write {
+                let r = Refusal::new(
+                    "0A000",
+                    "EXPLAIN ANALYZE of a write to several shards is not supported (it would run the write)".into(),
+                );
+                return refuse(s, r, in_tx).await;
+            }
+            lines.push(format!(
+                "hotrepart: RUN ON ALL: {} shards ({})",
+                shards.len(),
+                names(s, shards)
+            ));
+            match (&d.merge, sqls) {
+                (Some(plan), _) => {
+                    lines.extend(
+                        describe(plan)
+                            .into_iter()
+                            .map(|l| format!("hotrepart: {l}")),
+                    );
+                    lines.push(format!("hotrepart: each shard runs: {}", plan.shard_sql));
+                    for &t in shards {
+                        runs.push((t, format!("{} {}", ex.prefix, plan.shard_sql)));
+                    }
+                }
+                (None, Some(parts)) => {
+                    lines.push(
+                        "hotrepart: rows split by shard: each shard inserts its own rows".into(),
+                    );
+                    for (&t, sql) in shards.iter().zip(parts) {
+                        runs.push((t, format!("{} {sql}", ex.prefix)));
+                    }
+                }
+                (None, None) => {
+                    lines.push("hotrepart: answers concatenated (no merge needed)".into());
+                    for &t in shards {
+                        runs.push((t, format!("{} {}", ex.prefix, ex.inner)));
+                    }
+                }
+            }
+        }
+    }
+    let multi = runs.len() > 1 || matches!(d.target, Target::Multi { .. });
+    for (t, sql) in runs {
+        if let Err(r) = s.ensure_backend(t).await? {
+            return refuse(s, r, in_tx).await;
+        }
+        let res = match s.slots[t].conn.as_mut() {
+            Some(b) => b.hidden_query(&sql).await,
+            None => continue,
+        };
+        match res {
+            Ok(rows) => {
+                if multi {
+                    lines.push(format!("hotrepart: shard {}:", s.node.cfg.shards[t].name));
+                }
+                for r in rows {
+                    let l = r.into_iter().next().flatten().unwrap_or_default();
+                    // A multi-line value (JSON) stays one row.
+                    lines.push(if multi { format!("  {l}") } else { l });
+                }
+            }
+            Err(crate::backend::HiddenQueryError::Server { code, message }) => {
+                let m = format!("{message} (on shard {})", s.node.cfg.shards[t].name);
+                wire::error_response(&mut s.out, Severity::Error, &code, &m);
+                if in_tx {
+                    s.tx_failed = true;
+                }
+                return finish(s, in_tx).await;
+            }
+            Err(e) => {
+                if let Some(b) = s.slots[t].conn.as_mut() {
+                    b.broken = true;
+                }
+                let r = Refusal::new("08006", format!("EXPLAIN failed on a shard: {e}"));
+                return refuse(s, r, in_tx).await;
+            }
+        }
+    }
+    wire::frame(&mut s.out, b'T', |o| {
+        o.put_i16(1);
+        wire::put_cstr(o, "QUERY PLAN");
+        o.put_u32(0);
+        o.put_i16(0);
+        o.put_u32(25);
+        o.put_i16(-1);
+        o.put_i32(-1);
+        o.put_i16(0);
+    });
+    for l in &lines {
+        wire::frame(&mut s.out, b'D', |o| {
+            o.put_i16(1);
+            o.put_i32(l.len() as i32);
+            o.put_slice(l.as_bytes());
+        });
+    }
+    s.out.put_slice(&command_complete("EXPLAIN"));
+    finish(s, in_tx).await
+}
+
+/// How the answers of a merge plan are combined, one line per step.
+fn describe(p: &MergePlan) -> Vec<String> {
+    let mut v = Vec::new();
+    match &p.aggregate {
+        Some(a) => {
+            let partials = a
+                .shard_cols
+                .iter()
+                .filter(|c| matches!(c, ShardCol::Partial(_)))
+                .count();
+            let avgs = a
+                .outputs
+                .iter()
+                .filter(|o| matches!(o, Combined::Avg { .. }))
+                .count();
+            v.push(format!(
+                "merge: {partials} partial aggregate(s) from every shard combined {}{}",
+                if a.group_by.is_empty() {
+                    "into one row".to_string()
+                } else {
+                    format!("by group ({} key column(s))", a.group_by.len())
+                },
+                if avgs > 0 {
+                    format!("; avg computed as sum / count ({avgs})")
+                } else {
+                    String::new()
+                }
+            ));
+            if a.having.is_some() {
+                v.push("merge: HAVING applied after combining".into());
+            }
+        }
+        None if p.order_by.is_empty() => v.push("merge: rows concatenated".into()),
+        None if p.shards_sorted => v.push(format!(
+            "merge: k-way merge of the shards' sorted rows ({} sort key(s))",
+            p.order_by.len()
+        )),
+        None => {}
+    }
+    if p.distinct {
+        v.push("merge: DISTINCT applied after combining".into());
+    }
+    if !p.order_by.is_empty() && (p.aggregate.is_some() || !p.shards_sorted) {
+        v.push(format!(
+            "merge: sorted in the node ({} sort key(s))",
+            p.order_by.len()
+        ));
+    }
+    if p.hidden > 0 {
+        v.push(format!(
+            "merge: {} hidden column(s) for sorting, stripped",
+            p.hidden
+        ));
+    }
+    if p.limit.is_some() || p.offset.is_some() {
+        v.push(format!(
+            "merge: OFFSET {:?} LIMIT {:?} applied after the merge",
+            p.offset, p.limit
+        ));
+    }
+    v
+}
+
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    r: Refusal,
+    in_tx: bool,
+) -> Result<(), SessionError> {
+    s.push_error(&r);
+    finish(s, in_tx).await
+}
+
+async fn finish<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    in_tx: bool,
+) -> Result<(), SessionError> {
+    let status = s.client_status();
+    s.out.put_slice(&rfq(status));
+    if !in_tx {
+        s.end_of_transaction().await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_explain() {
+        let e = parse("EXPLAIN SELECT 1").expect("explain");
+        assert_eq!(
+            (e.prefix, e.inner, e.analyze, e.text),
+            ("EXPLAIN", "SELECT 1", false, true)
+        );
+        let e = parse("  /* c */ explain analyze verbose select * from t;").expect("explain");
+        assert_eq!(
+            (e.prefix, e.inner, e.analyze),
+            ("explain analyze verbose", "select * from t", true)
+        );
+        let e = parse("EXPLAIN (ANALYZE false, FORMAT JSON) SELECT 1").expect("explain");
+        assert_eq!((e.inner, e.analyze, e.text), ("SELECT 1", false, false));
+        let e = parse("EXPLAIN (costs off) SELECT 1").expect("explain");
+        assert_eq!(
+            (e.prefix, e.inner, e.text),
+            ("EXPLAIN (costs off)", "SELECT 1", true)
+        );
+        assert!(parse("EXPLAINX SELECT 1").is_none());
+        assert!(parse("SELECT 1").is_none());
+    }
+}
