@@ -81,6 +81,11 @@ impl StateMachine {
         &self.catalog
     }
 
+    /// The largest `(incarnation, seq)` applied from `node`.
+    pub fn last_applied(&self, node: u64) -> Option<(u64, u64)> {
+        self.last_applied.get(&node).copied()
+    }
+
     /// Applies one decided entry. Deterministic.
     pub fn apply(&mut self, entry: &CatalogEntry) -> Outcome {
         let id = entry.id;

@@ -138,6 +138,8 @@ pub struct Decided {
 struct Pending {
     ticket: Ticket,
     cmd: CatalogCommand,
+    /// The incarnation in the proposal's id.
+    incarnation: u64,
     /// Tick of the last (re-)proposal.
     sent_at: u64,
 }
@@ -171,6 +173,8 @@ pub struct Replica {
     pid: NodeId,
     incarnation: u64,
     paxos: OmniPaxos<CatalogEntry, SharedStorage>,
+    /// Another handle on the store omnipaxos uses, for the incarnation.
+    storage: SharedStorage,
     state: StateMachine,
     /// Number of log entries applied to `state`; the next one to apply.
     applied: usize,
@@ -178,7 +182,8 @@ pub struct Replica {
     retry_ticks: u64,
     next_seq: u64,
     next_ticket: u64,
-    /// This incarnation's undecided proposals, by seq.
+    /// Undecided proposals, by seq (seq never repeats within a process,
+    /// even when the incarnation is raised).
     pending: BTreeMap<u64, Pending>,
     /// Messages taken out of omnipaxos, not yet handed to the driver.
     outbox: Vec<Message>,
@@ -213,12 +218,13 @@ impl Replica {
         // omnipaxos' ConfigError reports itself as its own `source()`, so it
         // is kept as text: an error-chain walker would loop on it.
         let paxos = op_config
-            .build(storage)
+            .build(storage.clone())
             .map_err(|e| ReplicaError::Config(e.to_string()))?;
         Ok(Replica {
             pid: config.pid,
             incarnation,
             paxos,
+            storage,
             state: StateMachine::new(),
             applied: 0,
             now: 0,
@@ -319,23 +325,30 @@ impl Replica {
     fn submit(&mut self, ticket: Ticket, cmd: CatalogCommand) -> Result<(), ReplicaError> {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.append(seq, &cmd)?;
+        let incarnation = self.incarnation;
+        self.append(incarnation, seq, &cmd)?;
         self.pending.insert(
             seq,
             Pending {
                 ticket,
                 cmd,
+                incarnation,
                 sent_at: self.now,
             },
         );
         Ok(())
     }
 
-    fn append(&mut self, seq: u64, cmd: &CatalogCommand) -> Result<(), ReplicaError> {
+    fn append(
+        &mut self,
+        incarnation: u64,
+        seq: u64,
+        cmd: &CatalogCommand,
+    ) -> Result<(), ReplicaError> {
         let entry = CatalogEntry {
             id: ProposalId {
                 node: self.pid,
-                incarnation: self.incarnation,
+                incarnation,
                 seq,
             },
             cmd: cmd.clone(),
@@ -369,8 +382,8 @@ impl Replica {
         for seq in due {
             if let Some(p) = self.pending.get_mut(&seq) {
                 p.sent_at = self.now;
-                let cmd = p.cmd.clone();
-                self.append(seq, &cmd)?;
+                let (incarnation, cmd) = (p.incarnation, p.cmd.clone());
+                self.append(incarnation, seq, &cmd)?;
             }
         }
         Ok(())
@@ -427,15 +440,25 @@ impl Replica {
         self.applied += 1;
         let mut ticket = None;
         let id = entry.id;
-        if id.node == self.pid && id.incarnation == self.incarnation {
-            if let Some(p) = self.pending.remove(&id.seq) {
-                if outcome == Outcome::Stale {
-                    // Overtaken by a later proposal of ours: never applied,
-                    // and now it never will be. Propose it again.
-                    self.submit(p.ticket, p.cmd)?;
-                } else {
-                    ticket = Some(p.ticket);
+        let ours = id.node == self.pid
+            && self
+                .pending
+                .get(&id.seq)
+                .is_some_and(|p| p.incarnation == id.incarnation);
+        if let Some(p) = ours.then(|| self.pending.remove(&id.seq)).flatten() {
+            if outcome == Outcome::Stale {
+                // Overtaken by a later proposal of ours: never applied, and
+                // now it never will be. Propose it again. If the log knows a
+                // later incarnation of this node than ours (its store was
+                // replaced), move past it, or every proposal would be stale.
+                if let Some((last, _)) = self.state.last_applied(self.pid) {
+                    if last >= self.incarnation {
+                        self.incarnation = self.storage.raise_incarnation(last + 1)?;
+                    }
                 }
+                self.submit(p.ticket, p.cmd)?;
+            } else {
+                ticket = Some(p.ticket);
             }
         }
         Ok(Decided {

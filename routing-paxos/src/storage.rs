@@ -49,6 +49,13 @@ impl SharedStorage {
         Ok(inner.incarnation)
     }
 
+    /// Raises the incarnation counter to at least `at_least` and returns it.
+    pub fn raise_incarnation(&self, at_least: u64) -> Result<u64, Poisoned> {
+        let mut inner = self.lock()?;
+        inner.incarnation = inner.incarnation.max(at_least);
+        Ok(inner.incarnation)
+    }
+
     fn with<R>(
         &self,
         f: impl FnOnce(&MemoryStorage<CatalogEntry>) -> StorageResult<R>,
