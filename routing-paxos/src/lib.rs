@@ -27,8 +27,14 @@
 //! Hence replicas that applied the same prefix of the log hold equal state,
 //! and every accepted change of the routing table yields a snapshot whose
 //! epoch is one more than the last. `tests/sim.rs` checks this, with
-//! omnipaxos, under a randomised network (drops, delays, reordering,
-//! partitions) and crashing nodes, over many seeds.
+//! omnipaxos, over many seeds: random delays (messages on different links
+//! arrive in any order), links that break and lose what is in flight,
+//! partitions, and nodes that crash and restart from their storage.
+//!
+//! The transport (not written yet) must deliver each peer's messages in
+//! order and at most once, like one TCP connection, and report a broken
+//! link that comes back ([`Replica::reconnected`]); see [`replica`] for
+//! why omnipaxos needs that.
 //!
 //! # Not done yet (issue 5)
 //!
