@@ -5,7 +5,7 @@
 //! [`backend`] (the node's logins to shards), [`pool`] (M:N pools),
 //! [`state`] (session state that follows a client across backends),
 //! [`routing`] (router decisions in node shard indexes), [`scatter`] (RUN ON
-//! ALL in the simple protocol),
+//! ALL in the simple protocol), [`copy`] (COPY split over the shards),
 //! [`session`] (the per-client forwarding state machine), [`node`] (listener
 //! and handshake), [`localpg`] and [`demo`] (local PostgreSQL servers).
 #![deny(clippy::print_stdout)]
@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod copy;
 pub mod demo;
 pub mod explain;
 pub mod localpg;

@@ -54,6 +54,9 @@ pub struct Decision {
     pub has_tx_control: bool,
     /// For a multi-shard read: how to merge the shards' answers.
     pub merge: Option<std::sync::Arc<hotrepart_router::route::MergePlan>>,
+    /// A COPY the node splits (FROM) or concatenates (TO) over the shards
+    /// (see [`crate::copy`]).
+    pub copy: Option<std::sync::Arc<hotrepart_router::route::copy::CopyPlan>>,
 }
 
 impl Decision {
@@ -81,6 +84,7 @@ impl Decision {
             sql_text: String::new(),
             has_tx_control: false,
             merge: None,
+            copy: None,
         }
     }
 }
@@ -280,6 +284,7 @@ pub fn decision(
             (true, MergeNeed::Merge(p)) => Some(p.clone()),
             _ => None,
         },
+        copy: route.copy.filter(|_| target_is_multi),
     })
 }
 

@@ -118,7 +118,7 @@ pub(crate) struct Slot {
 
 pub struct Session<S> {
     pub(crate) node: Arc<Node>,
-    client: FrameReader<S>,
+    pub(crate) client: FrameReader<S>,
     pub(crate) out: BytesMut,
     pub(crate) to_backend: BytesMut,
     pub(crate) slots: Vec<Slot>,
@@ -791,6 +791,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.transaction_control(&d, true, target).await? {
             return Ok(());
         }
+        if d.copy.is_some() {
+            return crate::copy::run(self, &d, None).await;
+        }
         if d.ddl {
             self.node.forget_catalog(&self.database);
         }
@@ -1096,7 +1099,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(());
             }
         };
+        // A batch without a statement (a lone Sync, Close …) belongs to the
+        // current backend: it may owe its replies only after this Sync
+        // (PostgreSQL sends an extended COPY's CommandComplete at Sync).
+        let here = target.is_none() && d.is_none() && self.slots[self.cur].conn.is_some();
         if !self.owed.is_empty()
+            && !here
             && (target.is_none_or(|t| t != self.cur)
                 || d.as_ref().is_some_and(|d| d.kind != Kind::Other))
         {
@@ -1111,6 +1119,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 return Ok(());
             }
+        }
+        if let Some(d) = d.as_ref().filter(|d| d.copy.is_some()) {
+            let (d, ext) = (d.clone(), crate::copy::Ext { frames, synced });
+            return crate::copy::run(self, &d, Some(ext)).await;
         }
         if let Some(d) = d
             .as_ref()

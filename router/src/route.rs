@@ -55,6 +55,7 @@
 
 mod analyze;
 mod cache;
+pub mod copy;
 mod eval;
 mod keys;
 mod merge;
@@ -236,6 +237,10 @@ pub struct Route {
     /// A write touches a range that is frozen for a cut-over: the executor
     /// must wait for the new snapshot and route again.
     pub touches_frozen: bool,
+    /// `COPY` of a sharded table (or `COPY FROM` of a reference table) on
+    /// every shard ([`Target::All`]): the executor runs it itself, splitting
+    /// `FROM` rows by key or concatenating `TO` output.
+    pub copy: Option<Arc<copy::CopyPlan>>,
 }
 
 /// The name the issue uses for a route.
@@ -414,6 +419,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
             is_write: p.is_write,
             merge: p.merge,
             touches_frozen: p.touches_frozen,
+            copy: p.copy,
         });
     }
     let mut target = Target::Any;
@@ -422,6 +428,11 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
     let mut merge = MergeNeed::None;
     let mut returns_rows = false;
     for p in &parts {
+        if p.copy.is_some() {
+            return Err(RouteError::unsupported(
+                "COPY of a sharded or reference table must be sent as a query string of its own",
+            ));
+        }
         is_write |= p.is_write;
         touches_frozen |= p.touches_frozen;
         returns_rows |= p.kind == StatementKind::Select;
@@ -467,6 +478,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
         is_write,
         merge,
         touches_frozen,
+        copy: None,
     })
 }
 

@@ -613,7 +613,7 @@ fn messages_name_the_construct() {
     assert!(msg("SELECT string_agg(name, ',') FROM users").contains("string_agg()"));
     assert!(msg("SELECT count(*) + 1 FROM users").contains("count()"));
     assert!(msg("SELECT * FROM users ORDER BY id; SELECT 1").contains("several statements"));
-    assert!(msg("COPY users FROM STDIN").contains("sharded COPY is not supported yet"));
+    assert!(msg("COPY users (name) FROM STDIN").contains("shard key column \"id\""));
     assert!(msg("SELECT * FROM users WHERE id = 1 /* hotrepart: shard=s9 */").contains("s9"));
     assert!(msg("INSERT INTO users (name) VALUES ('x')").contains("\"id\""));
     assert!(msg("SELEC 1").contains("Expected"));

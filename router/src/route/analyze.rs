@@ -95,6 +95,9 @@ pub(super) enum Body {
     Shape(Shape),
     /// Routed row by row.
     Insert(InsertPlan),
+    /// `COPY` of a sharded table (or `COPY FROM` of a reference table): every
+    /// shard; the executor splits the rows (see [`super::copy`]).
+    Copy(std::sync::Arc<super::copy::CopyPlan>),
 }
 
 /// One statement's plan.
@@ -386,8 +389,20 @@ pub(super) fn plan_statement(
             Ok(StmtPlan::fixed(K::Utility, false, Body::Home))
         }
         Statement::Copy {
-            source, to, target, ..
-        } => a.copy(source, *to, target),
+            source,
+            to,
+            target,
+            options,
+            legacy_options,
+            payload,
+        } => {
+            if payload.is_some() {
+                return Err(unsupported(
+                    "COPY … FROM STDIN with its data in the query string (send the data as CopyData)",
+                ));
+            }
+            a.copy(source, *to, target, options, legacy_options)
+        }
         Statement::Explain {
             statement, analyze, ..
         } => {

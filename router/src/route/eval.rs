@@ -22,6 +22,8 @@ pub(super) struct StmtRoute {
     pub is_write: bool,
     pub merge: MergeNeed,
     pub touches_frozen: bool,
+    /// A COPY the executor splits over every shard.
+    pub copy: Option<std::sync::Arc<super::copy::CopyPlan>>,
 }
 
 /// Collects owners of keys.
@@ -121,7 +123,7 @@ pub(super) fn bind_stmt(
         (_, Some(shard)) => forced_target(stmt, shard, params, &mut owners)?,
         (Body::Any, None) => Target::Any,
         (Body::Home, None) => Target::One(snap.home_shard().clone()),
-        (Body::All, None) => {
+        (Body::All | Body::Copy(_), None) => {
             owners.frozen |= stmt.is_write && any_frozen(snap);
             Target::All
         }
@@ -133,12 +135,17 @@ pub(super) fn bind_stmt(
     } else {
         MergeNeed::None
     };
+    let copy = match (&stmt.body, &target) {
+        (Body::Copy(c), Target::All) => Some(c.clone()),
+        _ => None,
+    };
     Ok(StmtRoute {
         kind: stmt.kind.clone(),
         target,
         is_write: stmt.is_write,
         merge,
         touches_frozen: owners.frozen,
+        copy,
     })
 }
 
@@ -171,6 +178,12 @@ fn forced_target(
             for row in &ins.rows {
                 check(&ins.table, row, owners)?;
             }
+        }
+        Body::Copy(c) if c.direction == super::CopyDirection::From => {
+            return Err(RouteError::unsupported(format!(
+                "COPY FROM of sharded table \"{}\" routes each row by its key; a shard hint cannot force it",
+                c.table
+            )));
         }
         Body::Shape(shape) => {
             if let Some((table, src)) = &shape.update_key {

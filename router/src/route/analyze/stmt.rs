@@ -8,6 +8,8 @@ use sqlparser::ast::{
 };
 
 use super::*;
+use crate::route::copy::{CopyPlan, CopyTable};
+use std::sync::Arc;
 
 impl Analyzer<'_> {
     /// A write whose target is `target` (already registered in scope
@@ -395,6 +397,8 @@ impl Analyzer<'_> {
         source: &CopySource,
         to: bool,
         target: &CopyTarget,
+        options: &[ast::CopyOption],
+        legacy: &[ast::CopyLegacyOption],
     ) -> Result<StmtPlan, RouteError> {
         let direction = if to {
             CopyDirection::To
@@ -411,26 +415,43 @@ impl Analyzer<'_> {
         }
         match source {
             CopySource::Table {
-                table_name: name, ..
+                table_name: name,
+                columns,
             } => {
                 let t = table_name(name)?;
                 let kind = StatementKind::Copy {
                     table: Some(t.clone()),
                     direction,
                 };
-                let body = match (self.snap.placement(&t), direction) {
-                    (TablePlacement::Sharded(_), _) => {
-                        return Err(unsupported(format!(
-                            "sharded COPY is not supported yet (table \"{t}\")"
-                        )))
-                    }
-                    (TablePlacement::Reference, CopyDirection::From) => Body::All,
-                    (TablePlacement::Reference, CopyDirection::To) => Body::Home,
-                    (TablePlacement::Home(_), _) => Body::Home,
+                let placement = match (self.snap.placement(&t), direction) {
+                    (TablePlacement::Sharded(st), _) => Some(CopyTable::Sharded(st.clone())),
+                    (TablePlacement::Reference, CopyDirection::From) => Some(CopyTable::Reference),
+                    _ => None,
                 };
-                let mut p = StmtPlan::fixed(kind, !to, body);
-                p.reference_write =
-                    matches!(self.snap.placement(&t), TablePlacement::Reference) && !to;
+                let Some(placement) = placement else {
+                    // A table on one shard: the statement goes there whole.
+                    return Ok(StmtPlan::fixed(kind, !to, Body::Home));
+                };
+                let reference = placement == CopyTable::Reference;
+                let plan = CopyPlan::new(
+                    t,
+                    name.to_string(),
+                    placement,
+                    direction,
+                    columns.iter().map(norm).collect(),
+                    options,
+                    legacy,
+                )?;
+                if let (Some(st), false, false) = (plan.sharded(), to, plan.columns.is_empty()) {
+                    if !plan.columns.contains(&st.key_column) {
+                        return Err(RouteError::not_null(format!(
+                            "COPY into sharded table \"{}\" must include its shard key column \"{}\"",
+                            st.name, st.key_column
+                        )));
+                    }
+                }
+                let mut p = StmtPlan::fixed(kind, !to, Body::Copy(Arc::new(plan)));
+                p.reference_write = reference;
                 Ok(p)
             }
             CopySource::Query(q) => {
