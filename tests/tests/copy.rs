@@ -156,6 +156,27 @@ async fn psql(c: &Cluster, command: &str) -> (bool, String, String) {
     .await
 }
 
+/// Runs `command` between BEGIN and COMMIT in one psql session (without
+/// stopping at errors, as a script would).
+async fn psql_in_tx(c: &Cluster, command: &str) -> (bool, String, String) {
+    run_cmd(
+        &pg_tool("psql"),
+        &[
+            "-X",
+            "-w",
+            "-c",
+            "BEGIN",
+            "-c",
+            command,
+            "-c",
+            "COMMIT",
+            &node_conninfo(c),
+        ],
+        &[("PGPASSWORD", PASSWORD), ("PGSSLMODE", "disable")],
+    )
+    .await
+}
+
 /// Text-format lines in PostgreSQL's own output form (so that COPY TO
 /// gives them back byte for byte): escapes, NULLs, unicode.
 fn text_rows(ids: impl Iterator<Item = i64>) -> Vec<String> {
@@ -539,6 +560,54 @@ async fn bad_rows_and_failures_leave_nothing_anywhere() {
         None,
         "the failed transaction rolled back"
     );
+
+    // the same through psql (simple protocol): one shard's rows commit,
+    // two shards' rows are refused and the COMMIT rolls back
+    let theirs: Vec<i64> = (5000..9000)
+        .filter(|&k| owner(k) == owner(other))
+        .take(10)
+        .collect();
+    let file = dir.0.join("one-shard.txt");
+    std::fs::write(&file, text_rows(theirs.iter().copied()).concat()).unwrap();
+    let (ok, out, err) = psql_in_tx(&c, &format!("\\copy users from '{}'", file.display())).await;
+    assert!(ok, "{out} {err}");
+    assert!(out.contains("COPY 10") && out.contains("COMMIT"), "{out}");
+    assert_eq!(
+        rows_per_shard(&c, "users", "id").await.iter().sum::<i64>(),
+        30
+    );
+    let file = dir.0.join("two-shards.txt");
+    std::fs::write(
+        &file,
+        text_rows([9001, (9002..).find(|&k| owner(k) != owner(9001)).unwrap()].into_iter())
+            .concat(),
+    )
+    .unwrap();
+    let (_, out, err) = psql_in_tx(&c, &format!("\\copy users from '{}'", file.display())).await;
+    assert!(err.contains("two-phase commit"), "{out} {err}");
+    assert!(out.contains("ROLLBACK"), "{out}");
+    assert_eq!(
+        rows_per_shard(&c, "users", "id").await.iter().sum::<i64>(),
+        30
+    );
+    // an error on one shard's COPY TO: one error, the others cancelled
+    c.direct(2)
+        .await
+        .batch_execute("ALTER TABLE events RENAME TO events_gone")
+        .await
+        .unwrap();
+    let e = db
+        .copy_out("COPY events TO STDOUT")
+        .await
+        .err()
+        .expect("a missing table on one shard is an error");
+    assert_eq!(code(e), "42P01");
+    c.direct(2)
+        .await
+        .batch_execute("ALTER TABLE events_gone RENAME TO events")
+        .await
+        .unwrap();
+    assert!(copy_out(&db, "COPY events TO STDOUT").await.is_empty());
 
     // reference table: every row on every shard, COPY n counted once
     let n = copy_in(
