@@ -392,50 +392,37 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s.cur = first;
     s.owed = owed_by.remove(0);
     s.gather = Some(Default::default());
-    let mut done = false;
-    while !done {
-        let f = {
-            let Some(b) = s.slots[first].conn.as_mut() else {
-                break;
-            };
-            match b.reader.next().await {
-                Ok(f) => f,
-                Err(e) => {
-                    s.gather = None;
-                    return Err(s.backend_lost(first, e));
-                }
+    // All shards are read at once: an error on any cancels the others
+    // (DDL excepted).
+    let mut st = ShardStreams::new(shards, 1, !d.ddl);
+    loop {
+        let f = match st.frame(s, 0).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                s.gather = None;
+                return Err(e);
             }
         };
-        done = f.tag() == b'Z';
+        let done = f.tag() == b'Z';
         s.on_backend_frame(f).await?;
         if s.out.len() > 64 * 1024 {
             s.flush_client().await?;
         }
+        if done {
+            break;
+        }
     }
-    let mut g = s.gather.take().unwrap_or_default();
+    let g = s.gather.take().unwrap_or_default();
     let mut tags = vec![g.tags.clone()];
-    let mut error = g.error.take().map(|(c, m)| (first, c, m));
-    for &t in &shards[1..] {
+    for (i, _) in shards.iter().enumerate().skip(1) {
         let mut shard_tags = Vec::new();
-        loop {
-            let f = {
-                let Some(b) = s.slots[t].conn.as_mut() else {
-                    break;
-                };
-                match b.reader.next().await {
-                    Ok(f) => f,
-                    Err(e) => return Err(s.backend_lost(t, e)),
-                }
-            };
+        while let Some(f) = st.frame(s, i).await? {
             match f.tag() {
-                b'D' if error.is_none() => s.out.put_slice(&f.raw),
+                b'D' if st.error.is_none() => s.out.put_slice(&f.raw),
                 b'C' => {
                     let mut body = f.body();
                     shard_tags.push(wire::get_cstr(&mut body).unwrap_or("").to_string());
-                }
-                b'E' if error.is_none() => {
-                    let (c, m) = wire::parse_error_fields(f.body());
-                    error = Some((t, c, m));
                 }
                 b'Z' => break,
                 _ => {}
@@ -447,6 +434,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         tags.push(shard_tags);
     }
     s.owed.clear();
+    let error = st.error.take().map(|(c, m, t)| (t, c, m));
     let mut commit_failed = Vec::new();
     if wrap {
         let end = if error.is_none() {

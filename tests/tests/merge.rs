@@ -376,9 +376,16 @@ async fn an_error_on_one_shard_cancels_the_others() {
     );
     // The same filter without the aggregate: concatenated, not merged.
     let concat = sql.replace("SELECT count(*) FROM", "SELECT id FROM");
-    for round in 0..9 {
+    for round in 0..12 {
         let start = std::time::Instant::now();
-        let e = match round % 3 {
+        let e = match round % 4 {
+            3 => step(
+                "error on one shard (concatenation, extended)",
+                db.query(&concat, &[]),
+            )
+            .await
+            .map(|_| ())
+            .unwrap_err(),
             0 => step("error on one shard (merge, extended)", db.query(&sql, &[]))
                 .await
                 .map(|_| ())
