@@ -854,6 +854,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// also forget the client's names (the backend's side follows from the
     /// prepared-statement re-read). Returns true when answered here.
     fn deallocate(&mut self, sql: &str) -> bool {
+        // Most statements: no allocation.
+        if !sql.trim_start().starts_with(['d', 'D']) {
+            return false;
+        }
         let words: Vec<&str> = sql
             .trim()
             .trim_end_matches(';')
