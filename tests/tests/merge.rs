@@ -273,18 +273,7 @@ async fn merged_answers_equal_one_postgresql() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_groups_is_an_error_not_unbounded_memory() {
-    let c = Cluster::start(Opts {
-        shards: 2,
-        extra: "max_merge_rows = 50".into(),
-        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
-        ..Opts::default()
-    })
-    .await;
-    let db = c.connect().await;
-    db.batch_execute(SCHEMA).await.unwrap();
-    for sql in insert_sql(7, 300) {
-        db.batch_execute(&sql).await.unwrap();
-    }
+    let (c, db) = items_cluster(2, "max_merge_rows = 50", 7, 300).await;
     let e = rows(
         &db,
         "SELECT id, count(*) FROM items GROUP BY id ORDER BY id",
@@ -309,17 +298,7 @@ async fn too_many_groups_is_an_error_not_unbounded_memory() {
 /// negative LIMIT refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_limit_offset_parameters() {
-    let c = Cluster::start(Opts {
-        shards: 4,
-        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
-        ..Opts::default()
-    })
-    .await;
-    let db = c.connect().await;
-    db.batch_execute(SCHEMA).await.unwrap();
-    for sql in insert_sql(9, 400) {
-        db.batch_execute(&sql).await.unwrap();
-    }
+    let (c, db) = items_cluster(4, "", 9, 400).await;
     let ids: Vec<i64> = step(
         "LIMIT/OFFSET parameters",
         db.query(
@@ -356,17 +335,7 @@ async fn extended_limit_offset_parameters() {
 /// sleep 10 s per row) and reaches the client once, in both protocols.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_on_one_shard_cancels_the_others() {
-    let c = Cluster::start(Opts {
-        shards: 4,
-        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
-        ..Opts::default()
-    })
-    .await;
-    let db = c.connect().await;
-    db.batch_execute(SCHEMA).await.unwrap();
-    for sql in insert_sql(9, 400) {
-        db.batch_execute(&sql).await.unwrap();
-    }
+    let (c, db) = items_cluster(4, "", 9, 400).await;
     // Shard 0 fails at its first row; the others would sleep 10 s per row.
     let p0 = c.shards[0].port;
     let sql = format!(
@@ -435,17 +404,7 @@ async fn an_error_on_one_shard_cancels_the_others() {
 /// each shard's own plan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_shows_shards_and_merge() {
-    let c = Cluster::start(Opts {
-        shards: 4,
-        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
-        ..Opts::default()
-    })
-    .await;
-    let db = c.connect().await;
-    db.batch_execute(SCHEMA).await.unwrap();
-    for sql in insert_sql(3, 100) {
-        db.batch_execute(&sql).await.unwrap();
-    }
+    let (c, db) = items_cluster(4, "", 3, 100).await;
     let plan = |r: Rows| -> Vec<String> { r.into_iter().map(|l| l[0].clone().unwrap()).collect() };
     // one shard: the owner of id 5 (the one whose rows include it)
     let mut owner = None;
@@ -550,6 +509,29 @@ async fn explain_shows_shards_and_merge() {
         .unwrap();
     let before: i64 = r[0][0].as_deref().unwrap().parse().unwrap();
     assert!(before < 100);
+}
+
+/// `shards` shards and a node (extra config lines `extra`) holding `items`
+/// sharded by `id`, with `n` rows of `insert_sql(seed, n)`.
+async fn items_cluster(
+    shards: usize,
+    extra: &str,
+    seed: u64,
+    n: usize,
+) -> (Cluster, tokio_postgres::Client) {
+    let c = Cluster::start(Opts {
+        shards,
+        extra: extra.into(),
+        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let db = c.connect().await;
+    db.batch_execute(SCHEMA).await.unwrap();
+    for sql in insert_sql(seed, n) {
+        db.batch_execute(&sql).await.unwrap();
+    }
+    (c, db)
 }
 
 /// Awaits `f` for at most 30 s: a hang fails the test with its name.
