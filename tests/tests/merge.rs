@@ -273,7 +273,7 @@ async fn merged_answers_equal_one_postgresql() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_groups_is_an_error_not_unbounded_memory() {
-    let (c, db) = items_cluster(2, "max_merge_rows = 50", 7, 300).await;
+    let (_c, db) = items_cluster(2, "max_merge_rows = 50", 7, 300).await;
     let e = rows(
         &db,
         "SELECT id, count(*) FROM items GROUP BY id ORDER BY id",
@@ -298,7 +298,7 @@ async fn too_many_groups_is_an_error_not_unbounded_memory() {
 /// negative LIMIT refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_limit_offset_parameters() {
-    let (c, db) = items_cluster(4, "", 9, 400).await;
+    let (_c, db) = items_cluster(4, "", 9, 400).await;
     let ids: Vec<i64> = step(
         "LIMIT/OFFSET parameters",
         db.query(
