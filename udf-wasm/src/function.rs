@@ -307,15 +307,15 @@ impl Function {
     /// `hr_abi_version()` on a fresh instance.
     fn check_version(&self) -> Result<(), Error> {
         let mut store = self.new_store();
-        let (found, _) = (|| -> wasmtime::Result<(i32, ())> {
+        let call = |store: &mut Store<HostState>| -> wasmtime::Result<i32> {
             store.set_fuel(self.limits.fuel_per_call)?;
-            let instance = self.pre.instantiate(&mut store)?;
+            let instance = self.pre.instantiate(&mut *store)?;
             let version =
-                instance.get_typed_func::<(), i32>(&mut store, abi::EXPORT_ABI_VERSION)?;
+                instance.get_typed_func::<(), i32>(&mut *store, abi::EXPORT_ABI_VERSION)?;
             store.set_fuel(self.limits.fuel_per_call)?;
-            Ok((version.call(&mut store, ())?, ()))
-        })()
-        .map_err(|e| {
+            version.call(&mut *store, ())
+        };
+        let found = call(&mut store).map_err(|e| {
             let why = if store.data().memory_refused {
                 format!(
                     "memory above the cap of {} bytes",
