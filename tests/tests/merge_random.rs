@@ -24,11 +24,13 @@
 //! `HOTREPART_SEED` (default: random); the seed is printed at the start and
 //! in every failure, and replaying it generates the same data and queries.
 //! `HOTREPART_RANDOM_VERBOSE=1` prints every query.
-//! `HOTREPART_RANDOM_TRICKY=1` adds values PostgreSQL treats as equal but
-//! prints differently (float8 -0 beside 0, numeric 1.5 beside 1.50) and
-//! literals in other spellings (uuid in upper case without dashes, bool and
-//! bytea as strings), which the merger currently gets wrong
-//! (`merge_known_bugs.rs` has one query for each); CI runs without it.
+//! Tricky data — values PostgreSQL treats as equal but prints differently
+//! (float8 -0 beside 0, numeric 1.5 beside 1.50) and HAVING literals in
+//! other spellings (uuid in upper case without dashes, bool and bytea as
+//! strings), which the merger once got wrong (`merge_known_bugs.rs`) — is
+//! used for odd seeds; `HOTREPART_RANDOM_TRICKY=0|1` overrides. With tricky
+//! data, queries whose output has such a column are compared in text only
+//! (normalised), as which spelling PostgreSQL keeps is not determined.
 #![allow(clippy::unwrap_used)]
 
 use hotrepart_tests::merge_data::{binary_rows, rows, wide_insert_sql, Raw, Rows, WIDE_SCHEMA};
@@ -125,6 +127,9 @@ struct Query {
     norms: Vec<Norm>,
     /// A construct the merger must refuse with 0A000.
     must_refuse: bool,
+    /// Every output value has one spelling (else the binary comparison,
+    /// which cannot normalise, is skipped).
+    one_spelling: bool,
 }
 
 struct Gen {
@@ -468,6 +473,7 @@ impl Gen {
             order,
             norms: items.iter().map(|i| i.norm).collect(),
             must_refuse: false,
+            one_spelling: true,
         }
     }
 
@@ -656,8 +662,19 @@ impl Gen {
         } else {
             self.rng.random_range(0..=4)
         };
+        let mut one_spelling = true;
         for _ in 0..naggs {
-            let (e, _, _, norm) = self.aggregate();
+            let (e, ty, _, mut norm) = self.aggregate();
+            // Under DISTINCT, equal sums of different scales (-5 and -5.0)
+            // are one row, printed either way.
+            if distinct && matches!(ty, Ty::Num | Ty::NumFree | Ty::Float) {
+                norm = if ty == Ty::Float {
+                    Norm::Float
+                } else {
+                    Norm::Num
+                };
+                one_spelling = false;
+            }
             if items.iter().any(|i| i.0.expr == e) {
                 continue;
             }
@@ -792,6 +809,7 @@ impl Gen {
             order,
             norms: only.iter().map(|i| i.norm).collect(),
             must_refuse: false,
+            one_spelling,
         }
     }
 
@@ -825,6 +843,7 @@ impl Gen {
             order: Order::Unordered,
             norms: Vec::new(),
             must_refuse: true,
+            one_spelling: true,
         }
     }
 }
@@ -1039,17 +1058,20 @@ async fn random_queries_equal_one_postgresql() {
         .or_else(|| env_u64("HOTREPART_TEST_SEED"))
         .unwrap_or_else(rand::random);
     let secs = env_u64("HOTREPART_RANDOM_SECS").unwrap_or(20);
-    let tricky = std::env::var("HOTREPART_RANDOM_TRICKY").is_ok_and(|v| v == "1");
+    let tricky = match std::env::var("HOTREPART_RANDOM_TRICKY").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => seed % 2 == 1,
+    };
     let verbose = std::env::var("HOTREPART_RANDOM_VERBOSE").is_ok_and(|v| v == "1");
     let replay = format!(
-        "HOTREPART_SEED={seed}{} cargo nextest run -p hotrepart-tests --test merge_random",
-        if tricky {
-            " HOTREPART_RANDOM_TRICKY=1"
-        } else {
-            ""
-        }
+        "HOTREPART_SEED={seed} HOTREPART_RANDOM_TRICKY={} cargo nextest run -p hotrepart-tests --test merge_random",
+        u8::from(tricky)
     );
-    eprintln!("merge_random: seed {seed}, {secs} s of queries (replay: {replay})");
+    eprintln!(
+        "merge_random: seed {seed}, {secs} s of queries, {} data (replay: {replay})",
+        if tricky { "tricky" } else { "plain" }
+    );
 
     let dir = TestDir::new("reference");
     let d = dir.0.clone();
@@ -1178,9 +1200,13 @@ async fn random_queries_equal_one_postgresql() {
             }
         }
         // Every third query again in the extended protocol, binary results
-        // (not with tricky data: -0 and 1.50 differ from 0 and 1.5 in binary
-        // too, and which one PostgreSQL keeps is not determined).
-        if !tricky && n.is_multiple_of(3) {
+        // (with tricky data, not when an output column may hold -0 or 1.50:
+        // they differ from 0 and 1.5 in binary too, and which one
+        // PostgreSQL keeps is not determined).
+        if n.is_multiple_of(3)
+            && q.one_spelling
+            && (!tricky || q.norms.iter().all(|&m| m == Norm::None))
+        {
             match tokio::time::timeout(Duration::from_secs(60), extended(&reference, &node, &q))
                 .await
             {
