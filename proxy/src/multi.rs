@@ -70,6 +70,20 @@ impl ShardStreams {
             if self.rfq_left[i] == 0 {
                 return Ok(None);
             }
+            // Fast path: a whole frame of stream i is already buffered.
+            let t = self.shards[i];
+            let buffered = match s.slots[t].conn.as_mut() {
+                Some(b) if b.reader.has_frame() => b.reader.try_frame(),
+                _ => Ok(None),
+            };
+            match buffered {
+                Ok(Some(f)) => {
+                    self.note(s, i, &f).await;
+                    return Ok(Some(f));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(s.backend_lost(t, e)),
+            }
             // Wait on stream i and on every other stream that may still
             // send and has room ahead.
             let mut waits: Vec<(usize, Wait<'_>)> = Vec::new();
@@ -112,22 +126,33 @@ impl ShardStreams {
                 Ok(f) => f,
                 Err(e) => return Err(s.backend_lost(t, e)),
             };
-            match f.tag() {
-                b'E' if self.error.is_none() => {
-                    let (c, m) = wire::parse_error_fields(f.body());
-                    self.error = Some((c, m, t));
-                    if self.cancel_on_error {
-                        self.cancel_others(s, Some(j)).await;
-                    }
-                }
-                b'Z' => self.rfq_left[j] = self.rfq_left[j].saturating_sub(1),
-                _ => {}
-            }
+            self.note(s, j, &f).await;
             if j == i {
                 return Ok(Some(f));
             }
             self.ahead[j].1 += f.raw.len();
             self.ahead[j].0.push_back(f);
+        }
+    }
+
+    /// Takes note of a frame read from stream `j`: the first error (and
+    /// the cancel of the others), the end of the stream.
+    async fn note<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
+        s: &mut Session<S>,
+        j: usize,
+        f: &Frame,
+    ) {
+        match f.tag() {
+            b'E' if self.error.is_none() => {
+                let (c, m) = wire::parse_error_fields(f.body());
+                self.error = Some((c, m, self.shards[j]));
+                if self.cancel_on_error {
+                    self.cancel_others(s, Some(j)).await;
+                }
+            }
+            b'Z' => self.rfq_left[j] = self.rfq_left[j].saturating_sub(1),
+            _ => {}
         }
     }
 

@@ -766,66 +766,64 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     // An aggregate without GROUP BY answers one row even with no input
     // (each shard sends one; with zero shards there is nothing to do).
-    let mut rows: Vec<(Row, Row)> = Vec::with_capacity(groups.len()); // (shard row, output row)
-    for g in groups {
+    // From here on only the combined rows are kept: outputs are computed
+    // as they are sent (memory: one row per group, not two).
+    drop(index);
+    let output = |g: &Row| -> Result<Row, MergeError> {
         match &plan.aggregate {
-            Some(a) => {
-                if let Some(h) = &a.having {
-                    match eval_having(h, &g, &types) {
-                        Ok(Some(true)) => {}
-                        Ok(_) => continue,
-                        Err(e) => return Ok(Err(e)),
-                    }
-                }
-                let mut out = Vec::with_capacity(a.outputs.len());
-                for o in &a.outputs {
-                    match combined_value(o, &g, &types) {
-                        Ok(v) => out.push(v),
-                        Err(e) => return Ok(Err(e)),
-                    }
-                }
-                rows.push((g, out));
-            }
-            None => {
-                let out = g.get(plan.hidden..).unwrap_or(&[]).to_vec();
-                rows.push((g, out));
-            }
+            Some(a) => a
+                .outputs
+                .iter()
+                .map(|o| combined_value(o, g, &types))
+                .collect(),
+            None => Ok(g.get(plan.hidden..).unwrap_or(&[]).to_vec()),
         }
-    }
-    if plan.distinct {
-        let out_types: Vec<Ty> = out_fields.iter().map(|f| Ty::of(f.type_oid())).collect();
-        let cols: Vec<usize> = (0..out_types.len()).collect();
-        let mut seen = std::collections::HashSet::new();
-        let mut err = None;
-        rows.retain(|(_, out)| match group_key(&cols, out, &out_types) {
-            Ok(k) => seen.insert(k),
+    };
+    let mut err = None;
+    if let Some(h) = plan.aggregate.as_ref().and_then(|a| a.having.as_ref()) {
+        groups.retain(|g| match eval_having(h, g, &types) {
+            Ok(keep) => keep == Some(true),
             Err(e) => {
                 err.get_or_insert(e);
                 false
             }
         });
-        if let Some(e) = err {
-            return Ok(Err(e));
-        }
     }
-    if !plan.order_by.is_empty() {
-        let mut err = None;
-        rows.sort_by(|a, b| match compare_rows(plan, &types, &a.0, &b.0) {
+    if plan.distinct && err.is_none() {
+        let out_types: Vec<Ty> = out_fields.iter().map(|f| Ty::of(f.type_oid())).collect();
+        let cols: Vec<usize> = (0..out_types.len()).collect();
+        let mut seen = std::collections::HashSet::new();
+        groups.retain(
+            |g| match output(g).and_then(|o| group_key(&cols, &o, &out_types)) {
+                Ok(k) => seen.insert(k),
+                Err(e) => {
+                    err.get_or_insert(e);
+                    false
+                }
+            },
+        );
+    }
+    if !plan.order_by.is_empty() && err.is_none() {
+        groups.sort_by(|a, b| match compare_rows(plan, &types, a, b) {
             Ok(o) => o,
             Err(e) => {
                 err.get_or_insert(e);
                 Ordering::Equal
             }
         });
-        if let Some(e) = err {
-            return Ok(Err(e));
-        }
+    }
+    if let Some(e) = err {
+        return Ok(Err(e));
     }
     let mut sent = 0u64;
-    for (_, row) in rows.into_iter().skip(offset as usize) {
+    for g in groups.iter().skip(offset as usize) {
         if limit.is_some_and(|l| sent >= l) {
             break;
         }
+        let row = match output(g) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
         if let Err(e) = put_out(&mut s.out, &binary, &row) {
             return Ok(Err(e));
         }
