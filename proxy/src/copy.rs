@@ -274,22 +274,117 @@ fn shard_name<S>(s: &Session<S>, t: usize) -> String {
 }
 
 fn encoding_ok(enc: &str, key: Option<KeyType>) -> bool {
+    // PostgreSQL's own name cleaning: alphanumerics only, any case.
     let e: String = enc
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
         .collect::<String>()
         .to_ascii_uppercase();
-    if e == "UTF8" {
+    if e == "UTF8" || e == "UNICODE" {
         return true;
     }
-    // Text keys are hashed as UTF-8; encodings whose multibyte characters
-    // may contain ASCII bytes (delimiters, backslashes) cannot be split
-    // without converting them.
+    // Text keys are hashed as UTF-8. Other keys: only encodings whose
+    // characters never contain ASCII bytes other than themselves (single-byte
+    // and EUC encodings) can be split without converting; an allow-list, so
+    // that no alias of SJIS, BIG5, GBK, UHC, GB18030 or JOHAB (whose second
+    // bytes may be a backslash or a delimiter) gets through.
     key != Some(KeyType::Text)
-        && !matches!(
+        && (matches!(
             e.as_str(),
-            "SJIS" | "SHIFTJIS2004" | "BIG5" | "GBK" | "UHC" | "GB18030"
-        )
+            "SQLASCII"
+                | "MULEINTERNAL"
+                | "EUCJP"
+                | "EUCCN"
+                | "EUCKR"
+                | "EUCTW"
+                | "EUCJIS2004"
+                | "KOI8"
+                | "KOI8R"
+                | "KOI8U"
+                | "ALT"
+                | "WIN"
+                | "TCVN"
+                | "TCVN5712"
+                | "VSCII"
+                | "ABC"
+        ) || ["LATIN", "ISO8859", "WIN", "WINDOWS"].iter().any(|p| {
+            e.strip_prefix(p).is_some_and(|n| {
+                !n.is_empty()
+                    && n.bytes().all(|c| c.is_ascii_digit())
+                    && !matches!(n, "932" | "936" | "949" | "950")
+            })
+        }))
+}
+
+/// The first of DELIMITER, QUOTE, ESCAPE, NULL in a COPY statement whose
+/// value is not a quoted string (a conservative scan: quoted strings and
+/// identifiers are skipped; a false hit only refuses).
+fn bare_option_value(sql: &str) -> Option<String> {
+    let b = sql.as_bytes();
+    let mut i = 0;
+    let mut pending: Option<String> = None;
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_whitespace() || c == b',' || c == b'(' {
+            i += 1;
+            continue;
+        }
+        let e_string = (c == b'E' || c == b'e') && b.get(i + 1) == Some(&b'\'');
+        if c == b'\'' || e_string {
+            // A quoted string: the pending option has its quoted value.
+            pending = None;
+            i += if e_string { 2 } else { 1 };
+            while i < b.len() {
+                if e_string && b[i] == b'\\' {
+                    i += 2;
+                    continue;
+                }
+                if b[i] == b'\'' {
+                    if b.get(i + 1) == Some(&b'\'') {
+                        i += 2;
+                        continue;
+                    }
+                    break;
+                }
+                i += 1;
+            }
+            i += 1;
+            continue;
+        }
+        if let Some(opt) = pending.take() {
+            // Anything but a quoted string (AS is skipped).
+            let start = i;
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                i += 1;
+            }
+            if sql[start..i].eq_ignore_ascii_case("as") {
+                pending = Some(opt);
+                continue;
+            }
+            return Some(opt);
+        }
+        if c == b'"' {
+            i += 1;
+            while i < b.len() && b[i] != b'"' {
+                i += 1;
+            }
+            i += 1;
+            continue;
+        }
+        if c.is_ascii_alphabetic() || c == b'_' {
+            let start = i;
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                i += 1;
+            }
+            let w = sql[start..i].to_ascii_uppercase();
+            if matches!(w.as_str(), "DELIMITER" | "QUOTE" | "ESCAPE" | "NULL") {
+                pending = Some(w);
+            }
+            continue;
+        }
+        i += 1;
+    }
+    None
 }
 
 fn column_sql(relation: &str) -> String {
@@ -696,6 +791,16 @@ async fn copy_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
         );
         return Ok(());
     }
+    if let Some(opt) = bare_option_value(sql) {
+        reply_error(
+            s,
+            proto,
+            false,
+            "0A000",
+            &format!("write the value of COPY option {opt} as a quoted string (PostgreSQL lower-cases a bare word there; the node splits rows by the option's exact value)"),
+        );
+        return Ok(());
+    }
     let mut st: Vec<ShardCopy> = shards.iter().map(|&t| ShardCopy::new(t)).collect();
     match setup_from(s, plan, shards, &mut st, sql, in_tx).await? {
         Ok(splitter) => {
@@ -1002,6 +1107,7 @@ async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
         // before any commit rolls everything back; after one, the shards
         // already committed keep the rows (until two-phase commit).
         let mut committed = Vec::new();
+        let mut unknown: Vec<usize> = Vec::new();
         let mut failed: Option<(usize, String, String)> = None;
         for sc in st.iter() {
             let Some(b) = s.slots[sc.t].conn.as_mut() else {
@@ -1022,6 +1128,11 @@ async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 }
                 Err(crate::backend::HiddenQueryError::Wire(e)) => {
                     b.broken = true;
+                    if sql == "COMMIT" {
+                        // The shard may have committed before the
+                        // connection broke: its outcome is unknown.
+                        unknown.push(sc.t);
+                    }
                     if failed.is_none() {
                         failed = Some((sc.t, "08006".into(), e.to_string()));
                     }
@@ -1029,6 +1140,21 @@ async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
         if let Some((t, code, msg)) = failed {
+            if !unknown.is_empty() {
+                let names: Vec<String> = committed
+                    .iter()
+                    .chain(&unknown)
+                    .map(|&c| shard_name(s, c))
+                    .collect();
+                let msg = format!(
+                    "the connection to shard {} broke while committing the COPY ({msg}); the outcome there is unknown: shard(s) {} may hold their rows, the others were rolled back",
+                    shard_name(s, t),
+                    names.join(", ")
+                );
+                reply_error(s, proto, true, "08007", &msg);
+                s.end_of_transaction().await?;
+                return Ok(());
+            }
             let msg = if committed.is_empty() {
                 format!(
                     "{msg} (committing on shard {}); nothing was copied",
@@ -1280,4 +1406,68 @@ async fn copy_to<S: AsyncRead + AsyncWrite + Unpin + Send>(
         s.end_of_transaction().await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod option_tests {
+    use super::{bare_option_value, encoding_ok};
+    use hotrepart_router::catalog::KeyType;
+
+    #[test]
+    fn bare_option_values_are_found() {
+        let f = |s: &str| bare_option_value(s);
+        assert_eq!(
+            f("COPY t FROM STDIN (FORMAT csv, DELIMITER X)").as_deref(),
+            Some("DELIMITER")
+        );
+        assert_eq!(
+            f("COPY t FROM STDIN WITH NULL AS xyz").as_deref(),
+            Some("NULL")
+        );
+        assert_eq!(
+            f("COPY t FROM STDIN (FORMAT csv, DELIMITER ';', QUOTE '''', NULL '')"),
+            None
+        );
+        assert_eq!(
+            f(r"COPY t FROM STDIN WITH DELIMITER AS E'\t' NULL AS 'x'"),
+            None
+        );
+        assert_eq!(f(r#"COPY "null" (a) FROM STDIN"#), None);
+    }
+
+    #[test]
+    fn only_safe_encodings() {
+        for ok in [
+            "UTF8",
+            "utf-8",
+            "LATIN1",
+            "win1252",
+            "Windows1251",
+            "ISO_8859_5",
+            "EUC_JP",
+            "SQL_ASCII",
+            "KOI8R",
+        ] {
+            assert!(encoding_ok(ok, Some(KeyType::Int8)), "{ok}");
+        }
+        for bad in [
+            "SJIS",
+            "win932",
+            "windows932",
+            "shift_jis",
+            "mskanji",
+            "BIG5",
+            "win950",
+            "GBK",
+            "win936",
+            "UHC",
+            "win949",
+            "GB18030",
+            "JOHAB",
+            "nonsense",
+        ] {
+            assert!(!encoding_ok(bad, Some(KeyType::Int8)), "{bad}");
+        }
+        assert!(!encoding_ok("LATIN1", Some(KeyType::Text)));
+    }
 }
