@@ -830,17 +830,9 @@ async fn setup_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<Result<Option<RowSplitter>, Fail>, SessionError> {
     let max_row = s.node.cfg.max_message_size;
     // Outside a transaction block every shard starts now; inside one, the
-    // shard of the first row (checked on another shard's catalog first).
-    let probe: Vec<usize> = if in_tx {
-        let p = s
-            .tx_wrote
-            .or(Some(s.cur).filter(|&c| s.slots[c].conn.is_some()))
-            .filter(|t| shards.contains(t))
-            .unwrap_or(shards[0]);
-        vec![p]
-    } else {
-        shards.to_vec()
-    };
+    // shard of the first row. Either way every shard's column order is
+    // read and must agree (a row is split by it before its shard is known).
+    let probe: Vec<usize> = shards.to_vec();
     for &t in &probe {
         if let Err(r) = s.ensure_backend(t).await? {
             return Ok(Err(r.into()));
