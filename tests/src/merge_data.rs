@@ -223,3 +223,40 @@ pub async fn binary_rows(
             .collect(),
     ))
 }
+
+/// Keeps the reference PostgreSQL of [`differential`] running; the server
+/// stops before its directory is removed (fields drop in order).
+pub struct ReferencePg {
+    _pg: crate::LocalPg,
+    _dir: crate::TestDir,
+}
+
+/// One plain PostgreSQL (the reference every merged answer is compared
+/// with) beside a 4-shard node (pool 4) with `table` sharded by `id`
+/// (int8): (reference connection, node connection, cluster, guard).
+pub async fn differential(
+    table: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio_postgres::Client,
+    crate::Cluster,
+    ReferencePg,
+) {
+    let dir = crate::TestDir::new("reference");
+    let d = dir.0.clone();
+    let pg = tokio::task::spawn_blocking(move || crate::start_pg(&d))
+        .await
+        .expect("reference PostgreSQL");
+    let reference = crate::connect(&pg.dsn())
+        .await
+        .expect("connect to the reference");
+    let cluster = crate::Cluster::start(crate::Opts {
+        shards: 4,
+        extra: "pool_size = 4".into(),
+        tail: format!("[[sharded_tables]]\nname = \"{table}\"\nkey = \"id\"\ntype = \"int8\"\n"),
+        ..crate::Opts::default()
+    })
+    .await;
+    let node = cluster.connect().await;
+    (reference, node, cluster, ReferencePg { _pg: pg, _dir: dir })
+}

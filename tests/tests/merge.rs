@@ -4,7 +4,7 @@
 //! be refused with the documented SQLSTATE.
 #![allow(clippy::unwrap_used)]
 
-use hotrepart_tests::merge_data::{insert_sql, rows, Rows, SCHEMA};
+use hotrepart_tests::merge_data::{differential, insert_sql, rows, Rows, SCHEMA};
 use hotrepart_tests::*;
 use tokio_postgres::types::{FromSql, Type};
 
@@ -155,20 +155,7 @@ fn queries() -> (Vec<String>, Vec<(String, &'static str)>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merged_answers_equal_one_postgresql() {
-    let dir = TestDir::new("reference");
-    let d = dir.0.clone();
-    let reference_pg = tokio::task::spawn_blocking(move || start_pg(&d))
-        .await
-        .unwrap();
-    let reference = connect(&reference_pg.dsn()).await.unwrap();
-    let c = Cluster::start(Opts {
-        shards: 4,
-        extra: "pool_size = 4".into(),
-        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
-        ..Opts::default()
-    })
-    .await;
-    let node = c.connect().await;
+    let (reference, node, _c, _reference_pg) = differential("items").await;
     reference.batch_execute(SCHEMA).await.unwrap();
     node.batch_execute(SCHEMA).await.unwrap();
     for sql in insert_sql(42, 1000) {

@@ -5,8 +5,7 @@
 //! (`HOTREPART_RANDOM_TRICKY`).
 #![allow(clippy::unwrap_used)]
 
-use hotrepart_tests::merge_data::{rows, Rows};
-use hotrepart_tests::*;
+use hotrepart_tests::merge_data::{differential, rows, Rows};
 
 const SCHEMA: &str = "CREATE TABLE p (id bigint PRIMARY KEY, n numeric, f float8, r real, \
     u uuid, b bytea, flag boolean, cat text, ts timestamptz)";
@@ -128,20 +127,7 @@ fn cases(icu: bool) -> Vec<(&'static str, &'static str, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn former_merge_bugs_are_fixed_or_refused() {
-    let dir = TestDir::new("reference");
-    let d = dir.0.clone();
-    let reference_pg = tokio::task::spawn_blocking(move || start_pg(&d))
-        .await
-        .unwrap();
-    let reference = connect(&reference_pg.dsn()).await.unwrap();
-    let c = Cluster::start(Opts {
-        shards: 4,
-        extra: "pool_size = 4".into(),
-        tail: "[[sharded_tables]]\nname = \"p\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
-        ..Opts::default()
-    })
-    .await;
-    let node = c.connect().await;
+    let (reference, node, c, _reference_pg) = differential("p").await;
     let agg = "CREATE AGGREGATE mysum(int4) (sfunc = int4pl, stype = int4)";
     for db in [&reference, &node] {
         db.batch_execute(SCHEMA).await.unwrap();

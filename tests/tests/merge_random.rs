@@ -33,8 +33,9 @@
 //! (normalised), as which spelling PostgreSQL keeps is not determined.
 #![allow(clippy::unwrap_used)]
 
-use hotrepart_tests::merge_data::{binary_rows, rows, wide_insert_sql, Raw, Rows, WIDE_SCHEMA};
-use hotrepart_tests::*;
+use hotrepart_tests::merge_data::{
+    binary_rows, differential, rows, wide_insert_sql, Raw, Rows, WIDE_SCHEMA,
+};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -1073,20 +1074,7 @@ async fn random_queries_equal_one_postgresql() {
         if tricky { "tricky" } else { "plain" }
     );
 
-    let dir = TestDir::new("reference");
-    let d = dir.0.clone();
-    let reference_pg = tokio::task::spawn_blocking(move || start_pg(&d))
-        .await
-        .unwrap();
-    let reference = connect(&reference_pg.dsn()).await.unwrap();
-    let c = Cluster::start(Opts {
-        shards: 4,
-        extra: "pool_size = 4".into(),
-        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
-        ..Opts::default()
-    })
-    .await;
-    let mut node = c.connect().await;
+    let (reference, mut node, c, _reference_pg) = differential("items").await;
     reference.batch_execute(WIDE_SCHEMA).await.unwrap();
     node.batch_execute(WIDE_SCHEMA).await.unwrap();
     for sql in wide_insert_sql(seed, ROWS, tricky) {
