@@ -103,8 +103,10 @@ impl Sampler {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // The reading at the end counts as a sample too: a query faster than
+        // the sampling interval may end before the thread's first reading.
         let peak = self.peak.load(Ordering::Relaxed).max(rss_bytes());
-        (self.baseline, peak, self.samples.load(Ordering::Relaxed))
+        (self.baseline, peak, self.samples.load(Ordering::Relaxed) + 1)
     }
 }
 
