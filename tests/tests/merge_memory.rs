@@ -106,7 +106,11 @@ impl Sampler {
         // The reading at the end counts as a sample too: a query faster than
         // the sampling interval may end before the thread's first reading.
         let peak = self.peak.load(Ordering::Relaxed).max(rss_bytes());
-        (self.baseline, peak, self.samples.load(Ordering::Relaxed) + 1)
+        (
+            self.baseline,
+            peak,
+            self.samples.load(Ordering::Relaxed) + 1,
+        )
     }
 }
 
