@@ -50,7 +50,8 @@ pub enum BackendError {
 #[derive(Debug, Clone)]
 pub struct BackendTarget {
     pub shard: String,
-    pub addr: SocketAddr,
+    /// `Err`: the shard's DSN could not be resolved (the reason).
+    pub addr: Result<SocketAddr, String>,
     pub user: String,
     pub password: Option<String>,
     pub database: String,
@@ -93,7 +94,11 @@ impl BackendConn {
     }
 
     async fn connect_inner(t: &BackendTarget) -> Result<BackendConn, BackendError> {
-        let stream = TcpStream::connect(t.addr)
+        let addr = t.addr.clone().map_err(|m| BackendError::Connect {
+            shard: t.shard.clone(),
+            source: std::io::Error::other(m),
+        })?;
+        let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| BackendError::Connect {
                 shard: t.shard.clone(),
@@ -230,7 +235,7 @@ impl BackendConn {
         Ok(BackendConn {
             reader,
             writer: w,
-            addr: t.addr,
+            addr,
             pid,
             secret,
             params,

@@ -270,7 +270,7 @@ impl ShardCopy {
 }
 
 fn shard_name<S>(s: &Session<S>, t: usize) -> String {
-    s.node.cfg.shards[t].name.clone()
+    s.node.shard_name(t)
 }
 
 fn encoding_ok(enc: &str, key: Option<KeyType>) -> bool {
@@ -760,7 +760,7 @@ fn shard_positions<S>(
 ) -> HashMap<ShardId, usize> {
     snap.shards()
         .filter_map(|sh| {
-            let t = s.node.cfg.shard_index(sh.id.as_str())?;
+            let t = s.node.shard_index(sh.id.as_str())?;
             let pos = shards.iter().position(|&x| x == t)?;
             Some((sh.id.clone(), pos))
         })
@@ -921,7 +921,9 @@ async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut header: Option<Bytes> = None;
     let mut written: Option<usize> = None;
     let tx_wrote = s.tx_wrote;
-    let names: Vec<String> = s.node.cfg.shards.iter().map(|x| x.name.clone()).collect();
+    let names: Vec<String> = (0..s.node.shard_slots())
+        .map(|i| s.node.shard_name(i))
+        .collect();
     loop {
         let f = read_client(s).await?;
         let done = match f.tag() {

@@ -68,8 +68,9 @@ pub struct Node {
     /// The routing table; requests load it once, lock-free.
     pub catalog: ArcSwap<RoutingSnapshot>,
     plans: Mutex<PlanCache>,
-    /// Index of the home shard in `cfg.shards`.
-    pub home_index: usize,
+    /// The shards the routing table names, by stable index (see
+    /// [`ShardTable`]); replaced together with `catalog`.
+    shards: ArcSwap<ShardTable>,
     /// Whether (shard, database) uses the C collation (learned on attach).
     collations: Mutex<HashMap<(usize, String), bool>>,
     /// Per database: function names seen called in multi-shard statements,
@@ -78,7 +79,94 @@ pub struct Node {
     tls: Option<tokio_rustls::TlsAcceptor>,
     clients: AtomicUsize,
     cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
-    shard_addrs: Vec<(SocketAddr, Option<String>, Option<String>)>,
+}
+
+/// Where the node reaches one shard.
+#[derive(Debug)]
+pub struct ShardInfo {
+    pub name: String,
+    dsn: String,
+    /// `Err`: the DSN could not be resolved (connecting fails with it).
+    addr: Result<SocketAddr, String>,
+    user: Option<String>,
+    password: Option<String>,
+}
+
+impl ShardInfo {
+    fn new(name: &str, dsn: &str) -> ShardInfo {
+        let mut info = ShardInfo {
+            name: name.to_string(),
+            dsn: dsn.to_string(),
+            addr: Err(String::new()),
+            user: None,
+            password: None,
+        };
+        let pc: tokio_postgres::Config = match dsn.parse() {
+            Ok(pc) => pc,
+            Err(e) => {
+                info.addr = Err(format!("shard {name}: invalid DSN: {e}"));
+                return info;
+            }
+        };
+        let host = match pc.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".to_string(),
+        };
+        let port = pc.get_ports().first().copied().unwrap_or(5432);
+        info.addr = format!("{host}:{port}").parse::<SocketAddr>().or_else(|_| {
+            std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| format!("shard {name}: cannot resolve {host}"))
+        });
+        info.user = pc.get_user().map(str::to_string);
+        info.password = pc
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned());
+        info
+    }
+}
+
+/// The shards of the routing table, by index. Indices are stable for the
+/// life of the node: pools, sessions' backend slots and caches are keyed by
+/// them, so a shard added to the catalog gets the next index and a removed
+/// one keeps its index (never reused). A shard whose DSN changes gets a new
+/// index too, so no pooled connection to the old address is ever reused.
+#[derive(Debug, Default)]
+pub struct ShardTable {
+    list: Vec<Arc<ShardInfo>>,
+    by_name: HashMap<String, usize>,
+    /// Indices of the shards in the current routing table.
+    live: usize,
+    home: usize,
+}
+
+impl ShardTable {
+    /// The table for `snapshot`, keeping the indices of `prev`.
+    fn next(prev: &ShardTable, snapshot: &RoutingSnapshot) -> ShardTable {
+        let mut list = prev.list.clone();
+        let mut by_name = prev.by_name.clone();
+        let mut live = 0;
+        for s in snapshot.shards() {
+            live += 1;
+            let name = s.id.as_str();
+            let same = by_name.get(name).is_some_and(|&i| list[i].dsn == s.dsn);
+            if !same {
+                list.push(Arc::new(ShardInfo::new(name, &s.dsn)));
+                by_name.insert(name.to_string(), list.len() - 1);
+            }
+        }
+        let home = by_name
+            .get(snapshot.home_shard().as_str())
+            .copied()
+            .unwrap_or(0);
+        ShardTable {
+            list,
+            by_name,
+            live,
+            home,
+        }
+    }
 }
 
 impl Node {
@@ -87,38 +175,13 @@ impl Node {
             Some(t) => Some(load_tls(&t.cert, &t.key)?),
             None => None,
         };
-        let mut shard_addrs = Vec::new();
-        for s in &cfg.shards {
-            let pc: tokio_postgres::Config = s
-                .dsn
-                .parse()
-                .map_err(|e| NodeError::Tls(format!("shard {}: {e}", s.name)))?;
-            let host = match pc.get_hosts().first() {
-                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-                _ => "127.0.0.1".to_string(),
-            };
-            let port = pc.get_ports().first().copied().unwrap_or(5432);
-            let addr = format!("{host}:{port}")
-                .parse::<SocketAddr>()
-                .or_else(|_| {
-                    std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
-                        .ok()
-                        .and_then(|mut a| a.next())
-                        .ok_or(())
-                })
-                .map_err(|_| NodeError::Tls(format!("shard {}: cannot resolve {host}", s.name)))?;
-            let pw = pc
-                .get_password()
-                .map(|p| String::from_utf8_lossy(p).into_owned());
-            shard_addrs.push((addr, pc.get_user().map(str::to_string), pw));
-        }
         let snapshot = cfg.snapshot().map_err(|e| NodeError::Tls(e.to_string()))?;
-        let home_index = cfg.shard_index(snapshot.home_shard().as_str()).unwrap_or(0);
+        let shards = ShardTable::next(&ShardTable::default(), &snapshot);
         let plans = Mutex::new(PlanCache::new(cfg.plan_cache_size));
         Ok(Arc::new(Node {
             catalog: ArcSwap::from_pointee(snapshot),
+            shards: ArcSwap::from_pointee(shards),
             plans,
-            home_index,
             collations: Mutex::new(HashMap::new()),
             aggregates: Mutex::new(HashMap::new()),
             cfg,
@@ -126,8 +189,46 @@ impl Node {
             tls,
             clients: AtomicUsize::new(0),
             cancels: Mutex::new(HashMap::new()),
-            shard_addrs,
         }))
+    }
+
+    /// Makes `snapshot` the routing table. Shards it adds get new indices
+    /// first, so a request that loads the new snapshot always finds them.
+    pub fn publish(&self, snapshot: Arc<RoutingSnapshot>) {
+        let shards = ShardTable::next(&self.shards.load(), &snapshot);
+        self.shards.store(Arc::new(shards));
+        self.catalog.store(snapshot);
+    }
+
+    /// Name of shard `i` (any index a routing decision returned).
+    pub fn shard_name(&self, i: usize) -> String {
+        self.shards
+            .load()
+            .list
+            .get(i)
+            .map(|s| s.name.clone())
+            .unwrap_or_else(|| format!("#{i}"))
+    }
+
+    /// Index of the shard named `name` in the current routing table.
+    pub fn shard_index(&self, name: &str) -> Option<usize> {
+        self.shards.load().by_name.get(name).copied()
+    }
+
+    /// Number of shard indices handed out so far (sessions size their
+    /// backend slots by it).
+    pub fn shard_slots(&self) -> usize {
+        self.shards.load().list.len()
+    }
+
+    /// Whether the routing table has one shard only (nothing to route).
+    pub fn single_shard(&self) -> bool {
+        self.shards.load().live == 1
+    }
+
+    /// Index of the home shard (undeclared tables, keyless statements).
+    pub fn home_index(&self) -> usize {
+        self.shards.load().home
     }
 
     pub fn client_count(&self) -> usize {
@@ -142,14 +243,15 @@ impl Node {
         params: Option<&BindParams>,
         state: &SessionState,
     ) -> Result<Decision, Refusal> {
-        if self.cfg.shards.len() == 1 {
-            return Ok(Decision::single());
+        let shards = self.shards.load();
+        if shards.live == 1 {
+            return Ok(Decision::single_on(shards.home));
         }
         let snap = self.catalog.load();
         routing::decide(
             &snap,
             &self.plans,
-            |id| self.cfg.shard_index(id.as_str()),
+            |id| shards.by_name.get(id.as_str()).copied(),
             sql,
             params,
             state,
@@ -217,7 +319,21 @@ impl Node {
 
     pub(crate) fn pool_for(&self, shard: usize, database: &str, client_user: &str) -> Arc<Pool> {
         let ucfg = self.cfg.user(client_user);
-        let (addr, dsn_user, dsn_pw) = self.shard_addrs[shard].clone();
+        let info = self.shards.load().list.get(shard).cloned();
+        let (addr, dsn_user, dsn_pw, name) = match info.as_deref() {
+            Some(i) => (
+                i.addr.clone(),
+                i.user.clone(),
+                i.password.clone(),
+                i.name.clone(),
+            ),
+            None => (
+                Err(format!("no shard #{shard}")),
+                None,
+                None,
+                format!("#{shard}"),
+            ),
+        };
         let user = ucfg
             .and_then(|u| u.server_user.clone())
             .or(dsn_user)
@@ -227,7 +343,7 @@ impl Node {
         self.pools.get_or_create(key, || {
             Pool::new(
                 BackendTarget {
-                    shard: self.cfg.shards[shard].name.clone(),
+                    shard: name,
                     addr,
                     user,
                     password,
@@ -435,7 +551,7 @@ impl Node {
             Ok(s) => s,
             Err(m) => return refuse(r.get_mut(), "0A000", &m).await,
         };
-        let shard = self.home_index;
+        let shard = self.home_index();
         let pool = self.pool_for(shard, &database, &user);
         let server_params = match pool.server_params(self.cfg.pool_timeout()).await {
             Ok(p) => p,

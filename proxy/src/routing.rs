@@ -73,9 +73,10 @@ impl Decision {
     }
 
     /// Everything to one shard (a node with a single shard, nothing to route).
-    pub fn single() -> Decision {
+    /// Everything goes to shard `i` (the routing table has one shard).
+    pub fn single_on(i: usize) -> Decision {
         Decision {
-            target: Target::Shard(0),
+            target: Target::Shard(i),
             kind: Kind::Other,
             write: false,
             ddl: false,

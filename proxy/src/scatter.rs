@@ -38,10 +38,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let Target::Multi { shards, sqls } = &d.target else {
         return Ok(());
     };
-    let names: Vec<String> = shards
-        .iter()
-        .map(|&i| s.node.cfg.shards[i].name.clone())
-        .collect();
+    let names: Vec<String> = shards.iter().map(|&i| s.node.shard_name(i)).collect();
     let in_tx = s.tx_status != b'I';
     if d.statements > 1 && d.returns_rows {
         return refuse(
@@ -143,7 +140,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
         if !shard_err {
-            ok_shards.push(s.node.cfg.shards[t].name.clone());
+            ok_shards.push(s.node.shard_name(t));
         }
         tags.push(shard_tags);
     }
@@ -159,13 +156,13 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         for &t in shards {
             if let Some(b) = s.slots[t].conn.as_mut() {
                 if let Err(e) = b.hidden_query(end).await {
-                    commit_failed.push(format!("{}: {e}", s.node.cfg.shards[t].name));
+                    commit_failed.push(format!("{}: {e}", s.node.shard_name(t)));
                 }
             }
         }
     }
     if let Some((t, code, msg)) = error {
-        let mut m = format!("{msg} (on shard {})", s.node.cfg.shards[t].name);
+        let mut m = format!("{msg} (on shard {})", s.node.shard_name(t));
         if d.write && !wrap && !ok_shards.is_empty() {
             m.push_str(&format!(
                 "; the statement did apply on shard(s) {}",
@@ -320,10 +317,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 .to_string(),
         )
     } else if d.write && in_tx {
-        let names: Vec<&str> = shards
-            .iter()
-            .map(|&i| s.node.cfg.shards[i].name.as_str())
-            .collect();
+        let names: Vec<String> = shards.iter().map(|&i| s.node.shard_name(i)).collect();
         Some(format!(
             "this statement writes to shards {} inside a transaction block; transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
             names.join(", ")
@@ -445,13 +439,13 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         for &t in shards {
             if let Some(b) = s.slots[t].conn.as_mut() {
                 if let Err(e) = b.hidden_query(end).await {
-                    commit_failed.push(format!("{}: {e}", s.node.cfg.shards[t].name));
+                    commit_failed.push(format!("{}: {e}", s.node.shard_name(t)));
                 }
             }
         }
     }
     if let Some((t, code, msg)) = error {
-        let m = format!("{msg} (on shard {})", s.node.cfg.shards[t].name);
+        let m = format!("{msg} (on shard {})", s.node.shard_name(t));
         wire::error_response(&mut s.out, Severity::Error, &code, &m);
         if in_tx {
             s.tx_failed = true;

@@ -116,6 +116,10 @@ pub(crate) struct Slot {
     pub(crate) conn: Option<Pooled>,
 }
 
+/// Backend slots a session keeps beyond the shards the node knows of; see
+/// `Session::ensure_slots`.
+const SLOT_HEADROOM: usize = 8;
+
 pub struct Session<S> {
     pub(crate) node: Arc<Node>,
     pub(crate) client: FrameReader<S>,
@@ -188,8 +192,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         user: String,
     ) -> Self {
         let state_fp = state.fingerprint();
-        let nshards = node.cfg.shards.len();
-        let home = node.home_index;
+        let nshards = node.shard_slots() + SLOT_HEADROOM;
+        let home = node.home_index();
         Session {
             node,
             client,
@@ -236,6 +240,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         end
+    }
+
+    /// Grows the backend slots when the routing table gained shards. Done
+    /// before each client batch is routed, with headroom: a decision can
+    /// only name a shard added between this call and the routing (a
+    /// replicated catalog change, not a per-statement event), so
+    /// [`SLOT_HEADROOM`] more slots than the node has handed out cover it.
+    fn ensure_slots(&mut self) {
+        let n = self.node.shard_slots() + SLOT_HEADROOM;
+        if self.slots.len() < n {
+            self.slots.resize_with(n, Slot::default);
+            self.state_dirty.resize(n, false);
+        }
     }
 
     pub(crate) fn database(&self) -> &str {
@@ -350,6 +367,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Handles one client frame and every further frame already buffered,
     /// then writes to backend and client once.
     async fn on_client_batch(&mut self, first: Frame) -> Result<Option<End>, SessionError> {
+        self.ensure_slots();
         let mut f = Some(first);
         while let Some(frame) = f.take() {
             if let Some(end) = self.on_client_frame(frame).await? {
@@ -474,7 +492,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 tracing::warn!(error = %e, "cannot open backend connection");
                 return Ok(Err(Refusal::new(
                     "08006",
-                    format!("cannot connect to shard {}", self.node.cfg.shards[t].name),
+                    format!("cannot connect to shard {}", self.node.shard_name(t)),
                 )));
             }
         };
@@ -489,7 +507,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             b.state_fp = self.state_fp;
         }
-        if self.node.cfg.shards.len() > 1 && self.node.collation_is_c(t, &self.database).is_none() {
+        if !self.node.single_shard() && self.node.collation_is_c(t, &self.database).is_none() {
             // Needed by the merger: text is ordered across shards only when
             // the database and every user column use the C collation.
             if let Ok(rows) = b.hidden_query(CATALOG_PROBE).await {
@@ -723,7 +741,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.slots[self.cur].conn.is_some() {
             self.cur
         } else {
-            self.node.home_index
+            self.node.home_index()
         }
     }
 
@@ -762,7 +780,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.deallocate(sql) {
             return Ok(());
         }
-        if self.node.cfg.shards.len() > 1 {
+        if !self.node.single_shard() {
             if let Some(ex) = crate::explain::parse(sql) {
                 if !self.owed.is_empty() {
                     self.drain_owed().await?;
@@ -954,7 +972,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         "0A000",
                         format!(
                             "this COMMIT/ROLLBACK comes with statements for shard {} but the transaction wrote to shard {}; send COMMIT on its own",
-                            self.node.cfg.shards[t].name, self.node.cfg.shards[w].name
+                            self.node.shard_name(t), self.node.shard_name(w)
                         ),
                     ));
                     return Ok(true);
@@ -1082,7 +1100,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 format!(
                     "this transaction already wrote to shard {} and would now write to shard {}; \
                      transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
-                    self.node.cfg.shards[w].name, self.node.cfg.shards[t].name
+                    self.node.shard_name(w), self.node.shard_name(t)
                 ),
             )),
             _ => {
@@ -1209,7 +1227,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Decides the one shard of a batch (None: any shard will do) and the
     /// decision of its most significant statement.
     fn route_batch(&self, frames: &[Frame]) -> Result<(Option<usize>, Option<Decision>), Refusal> {
-        if self.node.cfg.shards.len() == 1 {
+        if self.node.single_shard() {
             // Nothing to route; only LISTEN needs a look.
             for f in frames.iter().filter(|f| f.tag() == b'P') {
                 let mut b = f.body();
