@@ -58,11 +58,19 @@
 pub mod catalog;
 pub mod command;
 pub mod entry;
+pub mod lease;
+pub mod net;
 pub mod replica;
+pub mod service;
 pub mod storage;
 
 pub use catalog::{Applied, Catalog, Rejected};
 pub use command::{CatalogCommand, FreezeId};
 pub use entry::{CatalogEntry, Outcome, ProposalId, StateMachine};
+pub use lease::{LeaseMsg, Leases};
 pub use replica::{Decided, Message, Replica, ReplicaConfig, ReplicaError, ReplicaStatus, Ticket};
-pub use storage::SharedStorage;
+pub use service::{
+    CatalogHandle, ClusterSettings, ClusterStatus, LeaseStatus, PeerStatus, ProposeError,
+    ServiceError,
+};
+pub use storage::{SharedStorage, StorageError};
