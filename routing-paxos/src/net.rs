@@ -18,7 +18,7 @@
 //!
 //! # Handshake
 //!
-//! Both sides send a [`Hello`] (node id and a fresh 32-byte random nonce).
+//! Both sides send a `Hello` (node id and a fresh 32-byte random nonce).
 //! The acceptor refuses an unknown node id; the dialer refuses an id other
 //! than the peer it dialed. Then the dialer proves knowledge of the cluster
 //! secret with `HMAC-SHA256(secret, label "dialer" ‖ dialer id ‖ acceptor

@@ -269,8 +269,9 @@ impl Replica {
     /// Length of this replica's omnipaxos log: entries accepted, decided
     /// or not (what a lease pong reports; see [`crate::lease`]).
     pub fn log_len(&self) -> usize {
-        use omnipaxos::storage::Storage;
-        self.storage.get_log_len().unwrap_or(0)
+        // omnipaxos' accepted index is the log length counted from the
+        // start of the log, also once it is trimmed.
+        self.paxos.get_accepted_idx()
     }
 
     /// Number of log entries decided (some may not be applied yet).

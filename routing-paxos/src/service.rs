@@ -465,7 +465,9 @@ impl CatalogHandle {
             valid: now < until,
             remaining_ms: until.saturating_sub(now),
         };
+        // The snapshot is refreshed every tick; the applied index is live.
         s.applied = s.applied.max(self.applied_index());
+        s.decided = s.decided.max(s.applied);
         s
     }
 
