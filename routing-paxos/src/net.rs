@@ -62,6 +62,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A peer that takes longer than this to take one frame is treated as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections (authenticated or in their handshake) accepted at once,
+/// beyond two per peer.
+const SPARE_CONNECTIONS: usize = 32;
 /// Messages queued for one peer before its link counts as broken.
 pub const SEND_QUEUE: usize = 4096;
 
@@ -255,7 +260,7 @@ pub async fn handshake_accept<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// What the transport reports to the driver.
-pub enum NetEvent {
+pub(crate) enum NetEvent {
     /// A new authenticated connection from `peer`: whatever came on older
     /// ones and was not delivered is lost. Sent before any [`NetEvent::In`]
     /// of this generation. Dropping `stop` closes the connection.
@@ -303,7 +308,7 @@ pub enum NetEvent {
 }
 
 /// Settings shared by the transport's tasks.
-pub struct NetConfig {
+pub(crate) struct NetConfig {
     /// This node.
     pub me: u64,
     /// Peers and their addresses.
@@ -312,8 +317,10 @@ pub struct NetConfig {
     pub secret: Vec<u8>,
 }
 
-/// The transport's tasks; dropping it does not stop them: see [`Net::stop`].
-pub struct Net {
+/// The transport's tasks. [`Net::stop`] stops them and waits; dropping it
+/// stops them too (their shutdown signal's sender is gone), without
+/// waiting.
+pub(crate) struct Net {
     tasks: Vec<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
 }
@@ -395,6 +402,11 @@ async fn listen(
             continue;
         }
         while readers.try_join_next().is_some() {}
+        if readers.len() >= 2 * config.peers.len() + SPARE_CONNECTIONS {
+            tracing::warn!(node = config.me, %addr, "refused a catalog connection: too many open connections");
+            drop(stream);
+            continue;
+        }
         readers.spawn(serve_incoming(
             config.clone(),
             stream,
@@ -568,12 +580,28 @@ async fn dial(
             let Ok(buf) = serde_json::to_vec(&wire) else {
                 break;
             };
-            // A write cut short by cancellation would corrupt the stream,
-            // so it is not raced against anything; a peer that stops
-            // reading is caught by the send queue filling up instead.
-            if let Err(e) = write_frame(&mut wr, &buf).await {
-                tracing::debug!(node = config.me, peer, reason = %e, "catalog link to peer broke");
-                break;
+            // A write cut short leaves half a frame on the stream; that is
+            // fine because every branch but completion closes the
+            // connection.
+            let written = tokio::select! {
+                w = tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut wr, &buf)) => w,
+                _ = until_true(&mut partitioned) => break,
+                _ = until_true(&mut shutdown) => break,
+            };
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(node = config.me, peer, reason = %e, "catalog link to peer broke");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        node = config.me,
+                        peer,
+                        "catalog link to peer: write timed out; reconnecting"
+                    );
+                    break;
+                }
             }
         }
         let _ = wr.shutdown().await;

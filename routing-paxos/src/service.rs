@@ -43,8 +43,9 @@ use crate::net::{Net, NetConfig, NetEvent, Wire};
 use crate::replica::{Replica, ReplicaConfig, ReplicaError, Ticket};
 use crate::storage::{SharedStorage, StorageError};
 
-/// How one node joins the catalog cluster.
-#[derive(Debug, Clone)]
+/// How one node joins the catalog cluster. `Debug` does not print the
+/// secret.
+#[derive(Clone)]
 pub struct ClusterSettings {
     /// This node's id: non-zero, unique, not among `peers`.
     pub node_id: u64,
@@ -61,6 +62,20 @@ pub struct ClusterSettings {
     pub tick: Duration,
     /// Lease duration (default 2 s).
     pub lease: Duration,
+}
+
+impl std::fmt::Debug for ClusterSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSettings")
+            .field("node_id", &self.node_id)
+            .field("listen", &self.listen)
+            .field("peers", &self.peers)
+            .field("secret", &"<redacted>")
+            .field("data_dir", &self.data_dir)
+            .field("tick", &self.tick)
+            .field("lease", &self.lease)
+            .finish()
+    }
 }
 
 impl ClusterSettings {
@@ -112,12 +127,11 @@ pub enum ProposeError {
     /// No answer within the timeout; the command may still be applied.
     #[error("no answer from the catalog cluster in time (the command may still be applied)")]
     Timeout,
-    /// The service stopped.
+    /// The service stopped (shut down, or stopped by a storage failure:
+    /// a write that cannot be made durable stops the node, it is not
+    /// retried).
     #[error("the catalog service is shut down")]
     Shutdown,
-    /// The command could not be proposed or persisted here.
-    #[error("the catalog command could not be proposed: {0}")]
-    Failed(String),
 }
 
 /// This node's view of the cluster.
@@ -233,6 +247,8 @@ struct LocalState {
     storage: Option<SharedStorage>,
     incarnation: u64,
     next_seq: u64,
+    /// A write failed: no more proposals.
+    failed: bool,
 }
 
 enum Mode {
@@ -254,6 +270,20 @@ struct HandleInner {
 #[derive(Clone)]
 pub struct CatalogHandle {
     inner: Arc<HandleInner>,
+}
+
+impl std::fmt::Debug for CatalogHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = match self.inner.mode {
+            Mode::Local(_) => "local",
+            Mode::Cluster { .. } => "cluster",
+        };
+        f.debug_struct("CatalogHandle")
+            .field("node_id", &self.inner.shared.node_id)
+            .field("mode", &mode)
+            .field("applied", &self.applied_index())
+            .finish()
+    }
 }
 
 impl CatalogHandle {
@@ -288,6 +318,7 @@ impl CatalogHandle {
             storage,
             incarnation,
             next_seq: 1,
+            failed: false,
         };
         let mut applied = applied;
         if let Some(seed) = seed {
@@ -420,10 +451,20 @@ impl CatalogHandle {
         match &self.inner.mode {
             Mode::Local(local) => {
                 let mut local = local.lock().map_err(|_| ProposeError::Shutdown)?;
+                if local.failed {
+                    return Err(ProposeError::Shutdown);
+                }
                 let mut applied = self.applied_index();
-                let outcome = local
-                    .apply(cmd, &mut applied)
-                    .map_err(|e| ProposeError::Failed(e.to_string()))?;
+                let outcome = match local.apply(cmd, &mut applied) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        // fsync failures are not retried (the page cache may
+                        // have dropped the data): the catalog stops here.
+                        tracing::error!(error = %e, "local catalog: cannot persist a command; stopping");
+                        local.failed = true;
+                        return Err(ProposeError::Shutdown);
+                    }
+                };
                 self.inner.shared.publish(local.state.catalog(), applied);
                 Ok(outcome)
             }
@@ -686,7 +727,8 @@ impl Driver {
                 self.proposals.insert(ticket, reply);
             }
             Err(e) => {
-                let _ = reply.send(Err(ProposeError::Failed(e.to_string())));
+                tracing::error!(node = self.shared.node_id, error = %e, "cannot propose a catalog command");
+                let _ = reply.send(Err(ProposeError::Shutdown));
             }
         }
     }

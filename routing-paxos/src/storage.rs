@@ -16,13 +16,22 @@
 //!
 //! # Record format
 //!
-//! `len: u32 LE | check: first 8 bytes of SHA-256(payload) | payload`, the
-//! payload being one JSON array of operations. A batch is one record, so it
-//! is replayed whole or not at all. A crash in the middle of an append
-//! leaves a torn last record (short header, short payload, or a payload
-//! whose checksum fails, followed only by zeros or nothing): it is
-//! detected, cut off and ignored (the write it held never returned). A bad
-//! record followed by good data is corruption, reported as an error.
+//! `len: u32 LE | first 4 bytes of SHA-256(len) | first 8 bytes of
+//! SHA-256(payload) | payload`, the payload being one JSON array of
+//! operations. A batch is one record, so it is replayed whole or not at
+//! all. A crash in the middle of an append leaves a torn last record: a
+//! short header, a payload shorter than its (checked) length, a payload
+//! whose checksum fails with nothing but zeros after it, or a bad header
+//! with nothing but zeros after it. That is detected, cut off and ignored
+//! (the write it held never returned). Anything else that does not check
+//! out is corruption, reported as an error rather than cut off: dropping
+//! records that were acknowledged would make the node forget promises it
+//! made.
+//!
+//! A failed write (or fsync) stops the journal: every later write fails,
+//! so omnipaxos stops this node rather than carry on over a file whose
+//! tail is unknown (after a failed fsync the page cache may have dropped
+//! the data). A restart reopens the file and cuts off a torn tail.
 //!
 //! # Compaction
 //!
@@ -48,7 +57,7 @@ use crate::entry::CatalogEntry;
 
 const FILE: &str = "catalog.log";
 const TMP: &str = "catalog.log.tmp";
-const HEADER: usize = 12;
+const HEADER: usize = 16;
 /// A record larger than this is not a record (a torn or corrupt length).
 const MAX_RECORD: usize = 1 << 30;
 // Small under test, so that the tests see compactions.
@@ -70,6 +79,8 @@ struct Journal {
     len: u64,
     /// File length right after the last compaction (or open).
     base: u64,
+    /// A write failed: refuse all further writes.
+    failed: bool,
 }
 
 /// One persisted write; a record holds a batch of them.
@@ -142,6 +153,7 @@ fn encode(ops: &[Op]) -> Result<Vec<u8>, StorageError> {
         })?;
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&Sha256::digest(len.to_le_bytes())[..4]);
     out.extend_from_slice(&Sha256::digest(&payload)[..8]);
     out.extend_from_slice(&payload);
     Ok(out)
@@ -154,7 +166,6 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<(Vec<Vec<Op>>, usize), StorageErr
     let mut at = 0;
     while at < bytes.len() {
         let rest = &bytes[at..];
-        let torn = rest.iter().all(|b| *b == 0);
         let bad = |what: &str| -> Result<(Vec<Vec<Op>>, usize), StorageError> {
             Err(StorageError::Corrupt {
                 path: path.to_owned(),
@@ -164,21 +175,24 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<(Vec<Vec<Op>>, usize), StorageErr
         if rest.len() < HEADER {
             break; // torn header
         }
+        let header_ok = Sha256::digest(&rest[..4])[..4] == rest[4..8];
         let mut len4 = [0u8; 4];
         len4.copy_from_slice(&rest[..4]);
         let len = u32::from_le_bytes(len4) as usize;
-        if len == 0 || len > MAX_RECORD {
-            if torn {
+        if !header_ok || len == 0 || len > MAX_RECORD {
+            // A bad header with nothing but zeros after it is the last
+            // append, torn.
+            if rest[HEADER..].iter().all(|b| *b == 0) {
                 break;
             }
-            return bad("bad record length");
+            return bad("bad record header");
         }
         if HEADER + len > rest.len() {
             break; // torn payload: the last record, cut short
         }
         let payload = &rest[HEADER..HEADER + len];
         let ends_file = rest[HEADER + len..].iter().all(|b| *b == 0);
-        if Sha256::digest(payload)[..8] != rest[4..HEADER] {
+        if Sha256::digest(payload)[..8] != rest[8..HEADER] {
             if ends_file {
                 break;
             }
@@ -224,10 +238,19 @@ impl Inner {
     /// Persists `ops` (if there is a journal), then applies them.
     fn write(&mut self, ops: Vec<Op>) -> Result<(), StorageError> {
         if let Some(j) = self.journal.as_mut() {
-            let record = encode(&ops)?;
             let path = j.dir.join(FILE);
-            j.file.write_all(&record).map_err(io(&path))?;
-            j.file.sync_data().map_err(io(&path))?;
+            if j.failed {
+                return Err(StorageError::Io {
+                    path,
+                    source: std::io::Error::other("an earlier write failed; reopen the store"),
+                });
+            }
+            let record = encode(&ops)?;
+            let written = j.file.write_all(&record).and_then(|()| j.file.sync_data());
+            if let Err(e) = written {
+                j.failed = true;
+                return Err(io(&path)(e));
+            }
             j.len += record.len() as u64;
         }
         for op in ops {
@@ -238,7 +261,10 @@ impl Inner {
             .as_ref()
             .is_some_and(|j| j.len > 2 * j.base + COMPACT_SLACK)
         {
-            self.compact()?;
+            // The write above is durable whatever happens here.
+            if let Err(e) = self.compact() {
+                tracing::error!(error = %e, "catalog journal compaction failed");
+            }
         }
         Ok(())
     }
@@ -265,27 +291,49 @@ impl Inner {
         ops
     }
 
-    /// Rewrites the journal as one record of the current state.
+    /// Rewrites the journal as one record of the current state. A failure
+    /// before the rename leaves the old journal in use (and postpones the
+    /// next attempt until it has grown again); a failure after it stops
+    /// the journal.
     fn compact(&mut self) -> Result<(), StorageError> {
         let record = encode(&self.state_ops())?;
         let Some(j) = self.journal.as_mut() else {
             return Ok(());
         };
+        if j.failed {
+            return Ok(());
+        }
         let tmp = j.dir.join(TMP);
         let path = j.dir.join(FILE);
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&record).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        sync_dir(&j.dir)?;
-        j.file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        j.len = record.len() as u64;
-        j.base = j.len;
-        Ok(())
+        let staged = File::create(&tmp).and_then(|mut f| {
+            f.write_all(&record)?;
+            f.sync_all()
+        });
+        if let Err(e) = staged.and_then(|()| std::fs::rename(&tmp, &path)) {
+            let _ = std::fs::remove_file(&tmp);
+            j.base = j.len;
+            return Err(io(&tmp)(e));
+        }
+        // From here on the old file is gone: appending to its handle would
+        // lose writes, so any failure stops the journal.
+        let reopened = OpenOptions::new().append(true).open(&path);
+        let synced = sync_dir(&j.dir);
+        match (reopened, synced) {
+            (Ok(file), Ok(())) => {
+                j.file = file;
+                j.len = record.len() as u64;
+                j.base = j.len;
+                Ok(())
+            }
+            (Err(e), _) => {
+                j.failed = true;
+                Err(io(&path)(e))
+            }
+            (Ok(_), Err(e)) => {
+                j.failed = true;
+                Err(e)
+            }
+        }
     }
 }
 
@@ -329,12 +377,15 @@ impl SharedStorage {
             file.set_len(good as u64).map_err(io(&path))?;
             file.sync_all().map_err(io(&path))?;
         }
+        // A compaction that crashed before its rename left this behind.
+        let _ = std::fs::remove_file(dir.join(TMP));
         sync_dir(dir)?;
         inner.journal = Some(Journal {
             dir: dir.to_owned(),
             file,
             len: good as u64,
             base: good as u64,
+            failed: false,
         });
         Ok(SharedStorage {
             inner: Arc::new(Mutex::new(inner)),

@@ -169,8 +169,48 @@ fn corruption_before_good_records_is_an_error() {
     fill(&mut s);
     drop(s);
     let path = dir.0.join(FILE);
-    let mut bytes = std::fs::read(&path).expect("read");
-    bytes[HEADER + 2] ^= 0x55; // inside the first record's payload
+    let good = std::fs::read(&path).expect("read");
+    // A flipped bit in the first record's payload, and in its length: both
+    // followed by good records, so neither is a torn tail.
+    for at in [HEADER + 2, 1] {
+        let mut bytes = good.clone();
+        bytes[at] ^= 0x55;
+        std::fs::write(&path, &bytes).expect("write");
+        assert!(
+            matches!(
+                SharedStorage::open(&dir.0),
+                Err(StorageError::Corrupt { .. })
+            ),
+            "flipped byte {at}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_header_at_the_end_is_a_torn_tail_only_before_zeros() {
+    let dir = TempDir::new("badheader");
+    let mut s = SharedStorage::open(&dir.0).expect("open");
+    fill(&mut s);
+    drop(s);
+    let path = dir.0.join(FILE);
+    let good = std::fs::read(&path).expect("read");
+    let mut extra = encode(&[Op::SetDecidedIndex(3)]).expect("encode");
+    extra[0] ^= 0x01; // the length no longer matches its check
+    for b in &mut extra[4..] {
+        *b = 0;
+    }
+    let mut bytes = good.clone();
+    bytes.extend_from_slice(&extra);
+    std::fs::write(&path, &bytes).expect("write");
+    check(&SharedStorage::open(&dir.0).expect("torn tail"));
+    assert_eq!(
+        std::fs::metadata(&path).expect("stat").len(),
+        good.len() as u64
+    );
+    let mut bytes = good.clone();
+    let mut garbage = encode(&[Op::SetDecidedIndex(3)]).expect("encode");
+    garbage[0] ^= 0x01;
+    bytes.extend_from_slice(&garbage);
     std::fs::write(&path, &bytes).expect("write");
     assert!(matches!(
         SharedStorage::open(&dir.0),
