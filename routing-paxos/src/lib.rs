@@ -15,8 +15,17 @@
 //! * [`entry`]: log entries with proposal ids, and the [`StateMachine`] that
 //!   applies each proposal at most once.
 //! * [`replica`]: [`Replica`], omnipaxos plus the state machine, sans-IO.
-//! * [`storage`]: [`SharedStorage`], an in-memory log store that survives a
-//!   replica (a restart "with the disk" in tests).
+//! * [`storage`]: [`SharedStorage`], the log store: in memory (survives a
+//!   replica: a restart "with the disk" in the simulation) or an fsynced
+//!   journal file ([`SharedStorage::open`]).
+//! * [`lease`]: [`Leases`], the sans-IO lease rule and the acknowledgements
+//!   behind `await_all_applied`, with the safety argument.
+//! * [`net`]: the node-to-node transport: one TCP connection per direction
+//!   of each node pair, a mutual HMAC-SHA256 challenge-response on the
+//!   cluster secret, length-prefixed JSON frames.
+//! * [`service`]: [`CatalogHandle`], the driver task owning replica, timers,
+//!   transport, disk and leases (or a single node without replication:
+//!   [`CatalogHandle::local`]).
 //!
 //! # Determinism guarantee
 //!
@@ -31,24 +40,31 @@
 //! arrive in any order), links that break and lose what is in flight,
 //! partitions, and nodes that crash and restart from their storage.
 //!
-//! The transport (not written yet) must deliver each peer's messages in
-//! order and at most once, like one TCP connection, and report a broken
-//! link that comes back ([`Replica::reconnected`]); see [`replica`] for
-//! why omnipaxos needs that.
+//! The transport ([`net`]) delivers each peer's messages in order and at
+//! most once (one TCP connection per direction), and reports a link that
+//! comes back so that the driver calls [`Replica::reconnected`] before
+//! anything is sent or delivered on it; see [`replica`] for why omnipaxos
+//! needs that.
 //!
-//! # Not done yet (issue 5)
+//! # Leases
 //!
-//! * The node-to-node transport (TCP, authenticated by a cluster secret or
-//!   mutual TLS) and the driver task that owns timers, transport and disk.
-//! * Persistence on disk (a `Storage` implementation over a file or an
-//!   embedded pure-Rust store) and log compaction with catalog snapshots;
-//!   today a restarted replica replays the whole log.
-//! * Leases: a node routes writes only while it holds a lease for the
-//!   current epoch; a freeze completes when every node acknowledged it or
-//!   its lease expired.
-//! * Forwarding of admin requests, the HTTP admin API, `proxyctl` commands,
-//!   seeding the catalog from the configuration on first start.
-//! * Membership changes (omnipaxos reconfiguration).
+//! A node routes writes only while [`CatalogHandle::lease_valid`]; a range
+//! cut-over calls [`CatalogHandle::await_all_applied`] after the freeze is
+//! applied, which returns when every node acknowledged it or when every
+//! lease that predates it has expired. `tests/sim.rs` checks the lease rule
+//! with virtual time; `tests/cluster.rs` checks it over TCP with a
+//! partitioned node.
+//!
+//! # Not done yet
+//!
+//! * Log compaction with catalog snapshots (omnipaxos trimming): a
+//!   restarted replica replays the whole log, and the journal file holds
+//!   the whole log (compaction of the file only drops superseded records).
+//! * Forwarding of admin requests, the HTTP admin API, `proxyctl` commands.
+//! * Membership changes (omnipaxos reconfiguration): the peer set is fixed
+//!   by the settings at start.
+//! * Encryption of the node-to-node links (they are authenticated, not
+//!   encrypted: shard DSNs travel in clear text).
 //! * The 2PC coordinator and the resolver of in-doubt transactions (the
 //!   decisions are in the log already; forgetting old decisions is not).
 
@@ -58,11 +74,19 @@
 pub mod catalog;
 pub mod command;
 pub mod entry;
+pub mod lease;
+pub mod net;
 pub mod replica;
+pub mod service;
 pub mod storage;
 
 pub use catalog::{Applied, Catalog, Rejected};
 pub use command::{CatalogCommand, FreezeId};
 pub use entry::{CatalogEntry, Outcome, ProposalId, StateMachine};
+pub use lease::{LeaseMsg, Leases};
 pub use replica::{Decided, Message, Replica, ReplicaConfig, ReplicaError, ReplicaStatus, Ticket};
-pub use storage::SharedStorage;
+pub use service::{
+    CatalogHandle, ClusterSettings, ClusterStatus, LeaseStatus, PeerStatus, ProposeError,
+    ServiceError,
+};
+pub use storage::{SharedStorage, StorageError};

@@ -106,7 +106,7 @@ pub enum ReplicaError {
     Config(String),
     /// The storage handle is unusable.
     #[error(transparent)]
-    Storage(#[from] crate::storage::Poisoned),
+    Storage(#[from] crate::storage::StorageError),
     /// The log was compacted past what this replica applied; catching up
     /// from a catalog snapshot is not implemented yet.
     #[error("log compacted at index {0}; snapshot catch-up is not implemented")]
@@ -264,6 +264,14 @@ impl Replica {
     /// Number of log entries applied (the index of the next one).
     pub fn applied_index(&self) -> usize {
         self.applied
+    }
+
+    /// Length of this replica's omnipaxos log: entries accepted, decided
+    /// or not (what a lease pong reports; see [`crate::lease`]).
+    pub fn log_len(&self) -> usize {
+        // omnipaxos' accepted index is the log length counted from the
+        // start of the log, also once it is trimmed.
+        self.paxos.get_accepted_idx()
     }
 
     /// Number of log entries decided (some may not be applied yet).

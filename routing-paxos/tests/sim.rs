@@ -28,6 +28,14 @@
 //!   was proposed; exactly one of the competing bootstrap seeds wins;
 //! * after healing, a new proposal is decided, and all replicas catch up,
 //!   within `HEAL_BOUND` ticks; every proposal of a live replica is answered.
+//! * leases ([`Leases`], driven with virtual time: a tick is 10 ms, every
+//!   node's clock runs at its own rate within ±1 %): no node holds a valid
+//!   lease while it has not applied an entry that was decided more than
+//!   lease + margin ago (decided: first seen decided by any replica); after
+//!   healing, every node gets a lease within a few lease periods. Lease
+//!   traffic has its own random stream and its own FIFO per link (the rule
+//!   needs no ordering against omnipaxos messages), so adding it changed no
+//!   seed's omnipaxos run.
 //!
 //! Environment:
 //! * `HOTREPART_SIM_SEED=N` runs seed N only (replay a failure);
@@ -52,8 +60,8 @@ use std::time::{Duration, Instant};
 use hotrepart_router::catalog::{KeyType, RoutingFunction, Span};
 use hotrepart_routing_paxos::command::{CatalogSeed, Dsn, RangeSpec, ShardSpec, TableSpec};
 use hotrepart_routing_paxos::{
-    Applied, Catalog, CatalogCommand, CatalogEntry, FreezeId, Message, Outcome, Replica,
-    ReplicaConfig, SharedStorage, StateMachine, Ticket,
+    Applied, Catalog, CatalogCommand, CatalogEntry, FreezeId, LeaseMsg, Leases, Message, Outcome,
+    Replica, ReplicaConfig, SharedStorage, StateMachine, Ticket,
 };
 
 /// Seeds always run, before the time-bounded random ones.
@@ -61,6 +69,10 @@ const FIXED_SEEDS: [u64; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 42, 1234, 0xDEAD_BEEF, u
 /// Ticks after healing within which a new proposal must be decided and all
 /// replicas must have caught up.
 const HEAL_BOUND: u64 = 500;
+/// Virtual milliseconds per tick (the service's default tick).
+const TICK_MS: u64 = 10;
+/// Lease duration in the simulation (short, so leases come and go often).
+const LEASE_MS: u64 = 600;
 
 /// splitmix64: small, fast, good enough, and the same on every platform.
 struct Rng(u64);
@@ -144,6 +156,15 @@ impl Params {
     }
 }
 
+/// A lease message on its way.
+struct LeaseFlight {
+    at: u64,
+    order: u64,
+    from: u64,
+    to: u64,
+    msg: LeaseMsg,
+}
+
 struct InFlight {
     at: u64,
     /// Random tie-break among messages due at the same tick.
@@ -166,6 +187,10 @@ struct Node {
     /// This life's unanswered proposals.
     tickets: BTreeMap<Ticket, CatalogCommand>,
     answered: BTreeSet<Ticket>,
+    /// This life's lease state (a restart starts without a lease).
+    leases: Option<Leases>,
+    /// The node's clock rate, per mille of virtual time.
+    clock_pm: u64,
 }
 
 #[derive(Default, Debug, Clone, Copy)]
@@ -180,6 +205,8 @@ struct Stats {
     messages: u64,
     dropped: u64,
     heal_ticks_max: u64,
+    /// Node-ticks with a valid lease.
+    leased: u64,
 }
 
 struct Sim {
@@ -205,6 +232,12 @@ struct Sim {
     /// Print protocol messages and applied entries (HOTREPART_SIM_TRACE).
     trace: bool,
     stats: Stats,
+    /// Randomness of the lease traffic, apart from `rng`.
+    lease_rng: Rng,
+    lease_net: Vec<LeaseFlight>,
+    lease_last_at: BTreeMap<(u64, u64), u64>,
+    /// Tick at which each log index was first seen decided.
+    decided_at: Vec<u64>,
 }
 
 impl Sim {
@@ -228,6 +261,10 @@ impl Sim {
             sent: 0,
             trace: std::env::var_os("HOTREPART_SIM_TRACE").is_some(),
             stats: Stats::default(),
+            lease_rng: Rng(seed ^ 0x1EA5_E5EE_D000_0001),
+            lease_net: Vec::new(),
+            lease_last_at: BTreeMap::new(),
+            decided_at: Vec::new(),
         };
         for &pid in &pids {
             let storage = SharedStorage::new();
@@ -241,6 +278,8 @@ impl Sim {
                 decided_at_crash: 0,
                 tickets: BTreeMap::new(),
                 answered: BTreeSet::new(),
+                leases: Some(sim.new_leases(pid)),
+                clock_pm: 990 + sim.lease_rng.below(21),
             });
         }
         sim
@@ -257,6 +296,15 @@ impl Sim {
         let pids: Vec<u64> = (1..=self.p.nodes).collect();
         Replica::new(ReplicaConfig::new(pid, pids), storage.clone())
             .unwrap_or_else(|e| self.fail(format!("node {pid} does not start: {e}")))
+    }
+
+    fn new_leases(&self, pid: u64) -> Leases {
+        Leases::new((1..=self.p.nodes).filter(|p| *p != pid), LEASE_MS)
+    }
+
+    /// Node `i`'s clock, in its milliseconds.
+    fn local_ms(&self, i: usize) -> u64 {
+        self.now * TICK_MS * self.nodes[i].clock_pm / 1000
     }
 
     fn idx(&self, pid: u64) -> usize {
@@ -296,6 +344,10 @@ impl Sim {
                 && !broken.contains_key(&(m.from.min(m.to), m.from.max(m.to)))
         });
         self.stats.dropped += (before - self.net.len()) as u64;
+        self.lease_net.retain(|m| {
+            groups[(m.from - 1) as usize] == groups[(m.to - 1) as usize]
+                && !broken.contains_key(&(m.from.min(m.to), m.from.max(m.to)))
+        });
     }
 
     fn run(mut self) -> Stats {
@@ -345,6 +397,7 @@ impl Sim {
         }
         self.stats.heal_ticks_max = self.now - heal_start;
         self.final_checks();
+        self.leases_come_back();
         // All have caught up: their logs are the whole log.
         for n in &self.nodes {
             let len = n.replica.as_ref().map_or(0, Replica::decided_index);
@@ -492,8 +545,10 @@ impl Sim {
         // Proposals die with the node that made them.
         n.tickets.clear();
         n.epoch = 0;
+        n.leases = None;
         // Whatever was on its way to the node is lost with the connection.
         self.net.retain(|m| m.to != pid);
+        self.lease_net.retain(|m| m.to != pid);
     }
 
     fn restart(&mut self, pid: u64) {
@@ -508,6 +563,7 @@ impl Sim {
             ));
         }
         self.nodes[i].replica = Some(replica);
+        self.nodes[i].leases = Some(self.new_leases(pid));
         // Its peers see the connection come back.
         for j in 0..self.nodes.len() {
             let peer = self.nodes[j].pid;
@@ -578,6 +634,7 @@ impl Sim {
                 _ => self.stats.dropped += 1,
             }
         }
+        self.deliver_leases();
         // Every live node: tick, maybe propose, apply, send.
         for i in 0..self.nodes.len() {
             let Some(r) = self.nodes[i].replica.as_mut() else {
@@ -593,6 +650,132 @@ impl Sim {
             }
             self.apply(i);
             self.send(i);
+            self.tick_leases(i);
+        }
+        self.check_leases();
+    }
+
+    fn deliver_leases(&mut self) {
+        let now = self.now;
+        let mut due = Vec::new();
+        let mut i = 0;
+        while i < self.lease_net.len() {
+            if self.lease_net[i].at <= now {
+                due.push(self.lease_net.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        due.sort_by_key(|m| (m.at, m.order));
+        let mut replies = Vec::new();
+        for m in due {
+            if !self.linked(m.from, m.to) {
+                continue;
+            }
+            let to = self.idx(m.to);
+            let local = self.local_ms(to);
+            let n = &mut self.nodes[to];
+            let (Some(r), Some(l)) = (n.replica.as_ref(), n.leases.as_mut()) else {
+                continue;
+            };
+            if let Some(reply) = l.handle(local, m.from, m.msg, r.applied_index(), r.log_len()) {
+                replies.push((m.to, m.from, reply));
+            }
+        }
+        for (from, to, msg) in replies {
+            self.send_lease(from, to, msg);
+        }
+    }
+
+    fn tick_leases(&mut self, i: usize) {
+        let local = self.local_ms(i);
+        let n = &mut self.nodes[i];
+        let pid = n.pid;
+        let (Some(r), Some(l)) = (n.replica.as_ref(), n.leases.as_mut()) else {
+            return;
+        };
+        let pings = l.tick(local, r.applied_index(), r.log_len());
+        for (to, msg) in pings {
+            self.send_lease(pid, to, msg);
+        }
+    }
+
+    /// Lease traffic: same links, same kinds of delay and loss as the
+    /// omnipaxos messages, drawn from `lease_rng`.
+    fn send_lease(&mut self, from: u64, to: u64, msg: LeaseMsg) {
+        let lost = match self.p.mode {
+            NetMode::Fifo => false,
+            NetMode::Chaos => self.lease_rng.chance(self.drop_pm),
+        };
+        if lost || !self.linked(from, to) {
+            return;
+        }
+        let delay = if self.lease_rng.chance(self.spike_pm) {
+            20 + self.lease_rng.below(60)
+        } else {
+            1 + self.lease_rng.below(self.p.max_delay)
+        };
+        let last = self.lease_last_at.entry((from, to)).or_insert(0);
+        let at = (self.now + delay).max(*last);
+        *last = at;
+        self.sent += 1;
+        let order = self.sent;
+        self.lease_net.push(LeaseFlight {
+            at,
+            order,
+            from,
+            to,
+            msg,
+        });
+    }
+
+    /// No node holds a valid lease while it has not applied an entry that
+    /// was decided more than lease + margin ago.
+    fn check_leases(&mut self) {
+        let now = self.now;
+        for n in &self.nodes {
+            if let Some(r) = &n.replica {
+                while self.decided_at.len() < r.decided_index() {
+                    self.decided_at.push(now);
+                }
+            }
+        }
+        for i in 0..self.nodes.len() {
+            let local = self.local_ms(i);
+            let n = &self.nodes[i];
+            let (Some(r), Some(l)) = (&n.replica, &n.leases) else {
+                continue;
+            };
+            if !l.is_valid(local) {
+                continue;
+            }
+            self.stats.leased += 1;
+            let applied = r.applied_index();
+            if let Some(&t) = self.decided_at.get(applied) {
+                if (now - t) * TICK_MS > LEASE_MS + l.margin_ms() {
+                    self.fail(format!(
+                        "node {} holds a lease (until {} on its clock, now {local}) without index {applied}, decided at t{t}",
+                        n.pid,
+                        l.valid_until()
+                    ));
+                }
+            }
+        }
+    }
+
+    /// After healing, every node gets a lease within a few lease periods.
+    fn leases_come_back(&mut self) {
+        let start = self.now;
+        while !(0..self.nodes.len()).all(|i| {
+            self.nodes[i]
+                .leases
+                .as_ref()
+                .is_some_and(|l| l.is_valid(self.local_ms(i)))
+        }) {
+            if (self.now - start) * TICK_MS > 3 * LEASE_MS {
+                self.fail("not every node holds a lease after healing");
+            }
+            self.step(false);
         }
     }
 
@@ -914,6 +1097,7 @@ fn simulated_cluster_agrees_and_makes_progress() {
         total.messages += s.messages;
         total.dropped += s.dropped;
         total.heal_ticks_max = total.heal_ticks_max.max(s.heal_ticks_max);
+        total.leased += s.leased;
     };
     if let Some(seed) = env_u64("HOTREPART_SIM_SEED") {
         run(seed, &mut total);
@@ -938,7 +1122,8 @@ fn simulated_cluster_agrees_and_makes_progress() {
     }
     eprintln!(
         "sim ({mode:?} network): {seeds} seeds in {:.1}s: {} ticks, {} entries decided ({} accepted, {} rejected, {} stale retries), \
-         {} crashes, {} partitions, {} messages ({} dropped), slowest recovery after healing {} ticks",
+         {} crashes, {} partitions, {} messages ({} dropped), slowest recovery after healing {} ticks, \
+         {} node-ticks with a lease",
         started.elapsed().as_secs_f64(),
         total.ticks,
         total.entries,
@@ -950,5 +1135,6 @@ fn simulated_cluster_agrees_and_makes_progress() {
         total.messages,
         total.dropped,
         total.heal_ticks_max,
+        total.leased,
     );
 }

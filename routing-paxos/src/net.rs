@@ -1,0 +1,664 @@
+//! The node-to-node transport: authenticated TCP links carrying [`Wire`]
+//! frames.
+//!
+//! # Links
+//!
+//! Each node dials every peer and sends only on the connection it dialed;
+//! it receives only on the connections peers dialed to it. So each
+//! direction of a node pair is one TCP connection: messages arrive in the
+//! order sent, at most once, and are lost only when that connection breaks.
+//! A broken direction is noticed at both ends (the dialer's write or read
+//! fails; the acceptor sees EOF or gets a newer connection from the same
+//! peer), and its replacement is reported to the driver as
+//! [`NetEvent::OutUp`] on the sending side and [`NetEvent::InUp`] on the
+//! receiving side, each *before* anything is sent or delivered on it: the
+//! driver calls [`crate::Replica::reconnected`] there, as omnipaxos needs.
+//! Frames of a superseded incoming connection carry an old generation and
+//! are dropped by the driver.
+//!
+//! # Handshake
+//!
+//! Both sides send a `Hello` (node id and a fresh 32-byte random nonce).
+//! The acceptor refuses an unknown node id; the dialer refuses an id other
+//! than the peer it dialed. Then the dialer proves knowledge of the cluster
+//! secret with `HMAC-SHA256(secret, label "dialer" ‖ dialer id ‖ acceptor
+//! id ‖ dialer nonce ‖ acceptor nonce)`; the acceptor checks it (in
+//! constant time) and only then answers with the same MAC under the label
+//! "acceptor", which the dialer checks. Fresh nonces on both sides defeat
+//! replay, distinct labels defeat reflection, and the acceptor never
+//! computes a MAC for an unauthenticated party. Every refusal closes the
+//! connection and is logged with its reason; nothing is delivered to the
+//! driver before both checks passed. The secret authenticates, it does not
+//! encrypt: catalog traffic (including shard DSNs) is in clear text, so the
+//! links belong on a trusted network.
+//!
+//! # Frames
+//!
+//! `u32` big-endian length, then a JSON document. Handshake frames are at
+//! most [`MAX_HANDSHAKE_FRAME`] bytes, others [`MAX_FRAME`]; a longer one
+//! closes the connection.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::lease::LeaseMsg;
+use crate::replica::Message;
+
+/// Largest frame after the handshake (catalog entries and log catch-up).
+pub const MAX_FRAME: usize = 64 << 20;
+/// Largest handshake frame.
+pub const MAX_HANDSHAKE_FRAME: usize = 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A peer that takes longer than this to take one frame is treated as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections (authenticated or in their handshake) accepted at once,
+/// beyond two per peer.
+const SPARE_CONNECTIONS: usize = 32;
+/// Messages queued for one peer before its link counts as broken.
+pub const SEND_QUEUE: usize = 4096;
+
+/// What travels on a link after the handshake.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Wire {
+    /// An omnipaxos message.
+    Paxos(Message),
+    /// Lease renewal traffic.
+    Lease(LeaseMsg),
+}
+
+/// The first frame of each side.
+#[derive(Debug, Serialize, Deserialize)]
+struct Hello {
+    node: u64,
+    nonce: Vec<u8>,
+}
+
+/// The second frame: a MAC proving knowledge of the secret.
+#[derive(Debug, Serialize, Deserialize)]
+struct Proof {
+    mac: Vec<u8>,
+}
+
+/// A handshake or frame failure; the reason is logged by the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// I/O on the socket failed or it closed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame exceeds the limit.
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// A frame is not the expected JSON.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The peer's id is not a cluster member, or not the one dialed.
+    #[error("unexpected node id {0}")]
+    UnknownNode(u64),
+    /// The peer's MAC is wrong.
+    #[error("node {0} failed authentication (wrong cluster secret?)")]
+    BadProof(u64),
+    /// The acceptor closed the connection before proving itself: it
+    /// refused our id or our proof.
+    #[error("the peer refused us (wrong cluster secret or unknown node id?)")]
+    Refused,
+    /// The handshake did not finish in time.
+    #[error("handshake timed out")]
+    Timeout,
+}
+
+/// Reads one frame of at most `max` bytes. Not cancel-safe (a frame may be
+/// half read): used only where the connection is dropped on cancellation.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8>, LinkError> {
+    let len = r.read_u32().await? as usize;
+    if len > max {
+        return Err(LinkError::TooLarge(len));
+    }
+    let mut buf = vec![0; len];
+    r.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+/// Writes one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    payload: &[u8],
+) -> Result<(), LinkError> {
+    let len = u32::try_from(payload.len()).map_err(|_| LinkError::TooLarge(payload.len()))?;
+    if payload.len() > MAX_FRAME {
+        return Err(LinkError::TooLarge(payload.len()));
+    }
+    let mut buf = Vec::with_capacity(4 + payload.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(payload);
+    w.write_all(&buf).await?;
+    Ok(())
+}
+
+async fn read_json<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+    max: usize,
+) -> Result<T, LinkError> {
+    let buf = read_frame(r, max).await?;
+    serde_json::from_slice(&buf).map_err(|e| LinkError::Malformed(e.to_string()))
+}
+
+async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    v: &T,
+) -> Result<(), LinkError> {
+    let buf = serde_json::to_vec(v).map_err(|e| LinkError::Malformed(e.to_string()))?;
+    write_frame(w, &buf).await
+}
+
+fn mac(
+    secret: &[u8],
+    label: &str,
+    dialer: u64,
+    acceptor: u64,
+    dn: &[u8],
+    an: &[u8],
+) -> Hmac<Sha256> {
+    #[allow(clippy::expect_used)]
+    let mut m =
+        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    m.update(b"hotrepart-catalog-link-v1\0");
+    m.update(label.as_bytes());
+    m.update(&[0]);
+    m.update(&dialer.to_be_bytes());
+    m.update(&acceptor.to_be_bytes());
+    m.update(dn);
+    m.update(an);
+    m
+}
+
+/// The dialer's side of the handshake with `peer`.
+pub async fn handshake_dial<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    me: u64,
+    peer: u64,
+    secret: &[u8],
+) -> Result<(), LinkError> {
+    let dn: [u8; 32] = rand::random();
+    write_json(
+        s,
+        &Hello {
+            node: me,
+            nonce: dn.to_vec(),
+        },
+    )
+    .await?;
+    let hello: Hello = read_json(s, MAX_HANDSHAKE_FRAME).await?;
+    if hello.node != peer {
+        return Err(LinkError::UnknownNode(hello.node));
+    }
+    let proof = mac(secret, "dialer", me, peer, &dn, &hello.nonce)
+        .finalize()
+        .into_bytes();
+    write_json(
+        s,
+        &Proof {
+            mac: proof.to_vec(),
+        },
+    )
+    .await?;
+    let theirs: Proof = read_json(s, MAX_HANDSHAKE_FRAME)
+        .await
+        .map_err(|e| match e {
+            // The acceptor closes without a word when our proof is wrong.
+            LinkError::Io(_) => LinkError::Refused,
+            e => e,
+        })?;
+    mac(secret, "acceptor", me, peer, &dn, &hello.nonce)
+        .verify_slice(&theirs.mac)
+        .map_err(|_| LinkError::BadProof(peer))
+}
+
+/// The acceptor's side of the handshake; returns the authenticated peer.
+/// `known` tells whether a node id is a cluster member.
+pub async fn handshake_accept<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    me: u64,
+    known: impl Fn(u64) -> bool,
+    secret: &[u8],
+) -> Result<u64, LinkError> {
+    let hello: Hello = read_json(s, MAX_HANDSHAKE_FRAME).await?;
+    let peer = hello.node;
+    if peer == me || !known(peer) {
+        return Err(LinkError::UnknownNode(peer));
+    }
+    let an: [u8; 32] = rand::random();
+    write_json(
+        s,
+        &Hello {
+            node: me,
+            nonce: an.to_vec(),
+        },
+    )
+    .await?;
+    let proof: Proof = read_json(s, MAX_HANDSHAKE_FRAME).await?;
+    mac(secret, "dialer", peer, me, &hello.nonce, &an)
+        .verify_slice(&proof.mac)
+        .map_err(|_| LinkError::BadProof(peer))?;
+    let ours = mac(secret, "acceptor", peer, me, &hello.nonce, &an)
+        .finalize()
+        .into_bytes();
+    write_json(s, &Proof { mac: ours.to_vec() }).await?;
+    Ok(peer)
+}
+
+/// What the transport reports to the driver.
+pub(crate) enum NetEvent {
+    /// A new authenticated connection from `peer`: whatever came on older
+    /// ones and was not delivered is lost. Sent before any [`NetEvent::In`]
+    /// of this generation. Dropping `stop` closes the connection.
+    InUp {
+        /// The peer.
+        peer: u64,
+        /// This connection's generation.
+        gen: u64,
+        /// Dropped by the driver to close the connection.
+        stop: oneshot::Sender<()>,
+    },
+    /// A frame from `peer` on connection `gen`.
+    In {
+        /// The peer.
+        peer: u64,
+        /// The connection's generation.
+        gen: u64,
+        /// The frame.
+        wire: Wire,
+    },
+    /// Incoming connection `gen` from `peer` closed.
+    InDown {
+        /// The peer.
+        peer: u64,
+        /// The connection's generation.
+        gen: u64,
+    },
+    /// A new authenticated connection to `peer`; send on `tx`. Dropping
+    /// `tx` closes it.
+    OutUp {
+        /// The peer.
+        peer: u64,
+        /// This connection's generation.
+        gen: u64,
+        /// Frames to send.
+        tx: mpsc::Sender<Wire>,
+    },
+    /// Outgoing connection `gen` to `peer` closed.
+    OutDown {
+        /// The peer.
+        peer: u64,
+        /// The connection's generation.
+        gen: u64,
+    },
+}
+
+/// Settings shared by the transport's tasks.
+pub(crate) struct NetConfig {
+    /// This node.
+    pub me: u64,
+    /// Peers and their addresses.
+    pub peers: BTreeMap<u64, String>,
+    /// The cluster secret.
+    pub secret: Vec<u8>,
+}
+
+/// The transport's tasks. [`Net::stop`] stops them and waits; dropping it
+/// stops them too (their shutdown signal's sender is gone), without
+/// waiting.
+pub(crate) struct Net {
+    tasks: Vec<JoinHandle<()>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Net {
+    /// Starts the listener on `listener` and one dialer per peer. Events go
+    /// to `events`. While `partitioned` is true, no connection is made or
+    /// accepted and existing ones are closed.
+    pub fn start(
+        config: NetConfig,
+        listener: TcpListener,
+        events: mpsc::Sender<NetEvent>,
+        partitioned: watch::Receiver<bool>,
+    ) -> Net {
+        let (shutdown, _) = watch::channel(false);
+        let config = Arc::new(config);
+        let gens = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let mut tasks = vec![tokio::spawn(listen(
+            config.clone(),
+            listener,
+            events.clone(),
+            partitioned.clone(),
+            shutdown.subscribe(),
+            gens.clone(),
+        ))];
+        for (&peer, addr) in &config.peers {
+            tasks.push(tokio::spawn(dial(
+                config.clone(),
+                peer,
+                addr.clone(),
+                events.clone(),
+                partitioned.clone(),
+                shutdown.subscribe(),
+                gens.clone(),
+            )));
+        }
+        Net { tasks, shutdown }
+    }
+
+    /// Stops every task and waits for them (the listening socket is closed
+    /// when this returns).
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Resolves when `flag` is true (or its sender is gone). Cancel-safe.
+async fn until_true(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|v| *v).await;
+}
+
+async fn listen(
+    config: Arc<NetConfig>,
+    listener: TcpListener,
+    events: mpsc::Sender<NetEvent>,
+    partitioned: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+    gens: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut readers = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = until_true(&mut shutdown) => break,
+            a = listener.accept() => a,
+        };
+        let (stream, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "catalog listener: accept failed");
+                tokio::time::sleep(BACKOFF_MIN).await;
+                continue;
+            }
+        };
+        if *partitioned.borrow() {
+            drop(stream); // fault injection: refuse everything
+            continue;
+        }
+        while readers.try_join_next().is_some() {}
+        if readers.len() >= 2 * config.peers.len() + SPARE_CONNECTIONS {
+            tracing::warn!(node = config.me, %addr, "refused a catalog connection: too many open connections");
+            drop(stream);
+            continue;
+        }
+        readers.spawn(serve_incoming(
+            config.clone(),
+            stream,
+            addr,
+            events.clone(),
+            partitioned.clone(),
+            shutdown.clone(),
+            gens.clone(),
+        ));
+    }
+    readers.shutdown().await;
+}
+
+async fn serve_incoming(
+    config: Arc<NetConfig>,
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    events: mpsc::Sender<NetEvent>,
+    mut partitioned: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+    gens: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let _ = stream.set_nodelay(true);
+    let known = |id: u64| config.peers.contains_key(&id);
+    let hs = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake_accept(&mut stream, config.me, known, &config.secret),
+    )
+    .await
+    .unwrap_or(Err(LinkError::Timeout));
+    let peer = match hs {
+        Ok(peer) => peer,
+        Err(e) => {
+            tracing::warn!(node = config.me, %addr, reason = %e, "refused a catalog connection");
+            return;
+        }
+    };
+    let gen = gens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (stop_tx, mut stop_rx) = oneshot::channel();
+    if events
+        .send(NetEvent::InUp {
+            peer,
+            gen,
+            stop: stop_tx,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tracing::debug!(node = config.me, peer, %addr, "catalog link from peer up");
+    let (mut rd, _wr) = stream.into_split();
+    loop {
+        // read_frame is not cancel-safe; every other branch ends the
+        // connection, so a half-read frame is never resumed.
+        let frame = tokio::select! {
+            _ = &mut stop_rx => break,
+            _ = until_true(&mut partitioned) => break,
+            _ = until_true(&mut shutdown) => break,
+            f = read_frame(&mut rd, MAX_FRAME) => f,
+        };
+        let wire = match frame.and_then(|f| {
+            serde_json::from_slice::<Wire>(&f).map_err(|e| LinkError::Malformed(e.to_string()))
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::debug!(node = config.me, peer, reason = %e, "catalog link from peer closed");
+                break;
+            }
+        };
+        if events.send(NetEvent::In { peer, gen, wire }).await.is_err() {
+            break;
+        }
+    }
+    let _ = events.send(NetEvent::InDown { peer, gen }).await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn dial(
+    config: Arc<NetConfig>,
+    peer: u64,
+    addr: String,
+    events: mpsc::Sender<NetEvent>,
+    mut partitioned: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+    gens: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    // Log a failure once per kind until the link comes up, not at every
+    // retry.
+    let mut last_failure = String::new();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if *partitioned.borrow() {
+            tokio::select! {
+                _ = until_true(&mut shutdown) => return,
+                _ = partitioned.wait_for(|p| !*p) => {}
+            }
+            continue;
+        }
+        let attempt = async {
+            let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+                .await
+                .map_err(|_| LinkError::Timeout)??;
+            let _ = s.set_nodelay(true);
+            tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                handshake_dial(&mut s, config.me, peer, &config.secret),
+            )
+            .await
+            .unwrap_or(Err(LinkError::Timeout))?;
+            Ok::<TcpStream, LinkError>(s)
+        };
+        let stream = tokio::select! {
+            _ = until_true(&mut shutdown) => return,
+            r = attempt => r,
+        };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                let what = e.to_string();
+                let auth = matches!(
+                    e,
+                    LinkError::BadProof(_) | LinkError::UnknownNode(_) | LinkError::Refused
+                );
+                if what != last_failure {
+                    if auth {
+                        tracing::warn!(node = config.me, peer, %addr, reason = %e, "catalog link refused");
+                    } else {
+                        tracing::debug!(node = config.me, peer, %addr, reason = %e, "catalog link: cannot connect");
+                    }
+                    last_failure = what;
+                }
+                let jitter = Duration::from_millis(rand::random::<u64>() % 50);
+                tokio::select! {
+                    _ = until_true(&mut shutdown) => return,
+                    _ = tokio::time::sleep(backoff + jitter) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = BACKOFF_MIN;
+        last_failure.clear();
+        let gen = gens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel::<Wire>(SEND_QUEUE);
+        if events
+            .send(NetEvent::OutUp { peer, gen, tx })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tracing::debug!(node = config.me, peer, %addr, "catalog link to peer up");
+        let (mut rd, mut wr) = stream.into_split();
+        let mut sink = [0u8; 64];
+        loop {
+            let wire = tokio::select! {
+                w = rx.recv() => match w {
+                    Some(w) => w,
+                    None => break,
+                },
+                // The acceptor never sends after the handshake: anything
+                // here is EOF or an error, i.e. the link is gone.
+                _ = rd.read(&mut sink) => break,
+                _ = until_true(&mut partitioned) => break,
+                _ = until_true(&mut shutdown) => break,
+            };
+            let Ok(buf) = serde_json::to_vec(&wire) else {
+                break;
+            };
+            // A write cut short leaves half a frame on the stream; that is
+            // fine because every branch but completion closes the
+            // connection.
+            let written = tokio::select! {
+                w = tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut wr, &buf)) => w,
+                _ = until_true(&mut partitioned) => break,
+                _ = until_true(&mut shutdown) => break,
+            };
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(node = config.me, peer, reason = %e, "catalog link to peer broke");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        node = config.me,
+                        peer,
+                        "catalog link to peer: write timed out; reconnecting"
+                    );
+                    break;
+                }
+            }
+        }
+        let _ = wr.shutdown().await;
+        let _ = events.send(NetEvent::OutDown { peer, gen }).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair(
+        dial_secret: &'static [u8],
+        accept_secret: &'static [u8],
+        dial_as: u64,
+    ) -> (Result<(), LinkError>, Result<u64, LinkError>) {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let d = tokio::spawn(async move {
+            let r = handshake_dial(&mut a, dial_as, 2, dial_secret).await;
+            drop(a);
+            r
+        });
+        let acc = handshake_accept(&mut b, 2, |id| id == 1 || id == 3, accept_secret).await;
+        drop(b);
+        (d.await.expect("dialer task"), acc)
+    }
+
+    #[tokio::test]
+    async fn the_same_secret_authenticates_both_sides() {
+        let (d, a) = pair(b"s3cret", b"s3cret", 1).await;
+        assert!(d.is_ok(), "{d:?}");
+        assert_eq!(a.expect("accepted"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_secret_is_refused_on_both_sides() {
+        let (d, a) = pair(b"wrong", b"s3cret", 1).await;
+        assert!(matches!(a, Err(LinkError::BadProof(1))), "{a:?}");
+        assert!(d.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_unknown_node_is_refused() {
+        let (d, a) = pair(b"s3cret", b"s3cret", 7).await;
+        assert!(matches!(a, Err(LinkError::UnknownNode(7))), "{a:?}");
+        assert!(d.is_err());
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            let _ = a.write_u32(MAX_HANDSHAKE_FRAME as u32 + 1).await;
+        });
+        assert!(matches!(
+            read_frame(&mut b, MAX_HANDSHAKE_FRAME).await,
+            Err(LinkError::TooLarge(_))
+        ));
+    }
+}

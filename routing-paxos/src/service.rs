@@ -1,0 +1,912 @@
+//! The catalog service: a tokio driver task that owns a [`Replica`], its
+//! timers, the transport ([`crate::net`]), the disk ([`SharedStorage`]) and
+//! the lease state ([`crate::lease`]), behind a cloneable [`CatalogHandle`].
+//!
+//! # What a handle guarantees
+//!
+//! * [`CatalogHandle::catalog`] is the catalog as of this node's applied
+//!   prefix of the log, read without a lock; [`CatalogHandle::subscribe`]
+//!   sees every change.
+//! * [`CatalogHandle::propose`] answers once the command is decided *and
+//!   applied here*, so a caller reads its own write. A timeout leaves the
+//!   answer unknown (the command may still be applied later, at most once).
+//! * [`CatalogHandle::lease_valid`]: while true, this node has applied every
+//!   entry decided more than `lease` + margin ago ([`crate::lease`] has the
+//!   argument). The data path checks it per statement.
+//! * [`CatalogHandle::await_all_applied`]: when it returns, every node that
+//!   holds a valid lease has applied the index.
+//!
+//! The driver reacts to one input at a time (a tick, a frame, a request);
+//! after each it applies what was decided, answers proposals, publishes the
+//! catalog and sends what the replica produced. Storage writes (fsync) run
+//! on the driver task: catalog traffic is small and rare.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use omnipaxos::storage::Storage;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::catalog::{Applied, Catalog, Rejected};
+use crate::command::{CatalogCommand, CatalogSeed};
+use crate::entry::{CatalogEntry, Outcome, ProposalId, StateMachine};
+use crate::lease::Leases;
+use crate::net::{Net, NetConfig, NetEvent, Wire};
+use crate::replica::{Replica, ReplicaConfig, ReplicaError, Ticket};
+use crate::storage::{SharedStorage, StorageError};
+
+/// How one node joins the catalog cluster. `Debug` does not print the
+/// secret.
+#[derive(Clone)]
+pub struct ClusterSettings {
+    /// This node's id: non-zero, unique, not among `peers`.
+    pub node_id: u64,
+    /// Address to listen on for peers.
+    pub listen: SocketAddr,
+    /// The other nodes: id → "host:port".
+    pub peers: BTreeMap<u64, String>,
+    /// The shared cluster secret authenticating the links.
+    pub secret: String,
+    /// Where the replica's log is kept.
+    pub data_dir: PathBuf,
+    /// The replica's tick (default 10 ms): leader election, resends and
+    /// proposal retries count in ticks.
+    pub tick: Duration,
+    /// Lease duration (default 2 s).
+    pub lease: Duration,
+}
+
+impl std::fmt::Debug for ClusterSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSettings")
+            .field("node_id", &self.node_id)
+            .field("listen", &self.listen)
+            .field("peers", &self.peers)
+            .field("secret", &"<redacted>")
+            .field("data_dir", &self.data_dir)
+            .field("tick", &self.tick)
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
+impl ClusterSettings {
+    /// Settings with the default tick (10 ms) and lease (2 s).
+    pub fn new(
+        node_id: u64,
+        listen: SocketAddr,
+        peers: BTreeMap<u64, String>,
+        secret: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+    ) -> ClusterSettings {
+        ClusterSettings {
+            node_id,
+            listen,
+            peers,
+            secret: secret.into(),
+            data_dir: data_dir.into(),
+            tick: Duration::from_millis(10),
+            lease: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The settings are invalid.
+    #[error("invalid catalog cluster settings: {0}")]
+    Config(String),
+    /// The log store could not be opened.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The replica could not be built.
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    /// The listening address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
+/// A proposal or wait got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// No answer within the timeout; the command may still be applied.
+    #[error("no answer from the catalog cluster in time (the command may still be applied)")]
+    Timeout,
+    /// The service stopped (shut down, or stopped by a storage failure:
+    /// a write that cannot be made durable stops the node, it is not
+    /// retried).
+    #[error("the catalog service is shut down")]
+    Shutdown,
+}
+
+/// This node's view of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterStatus {
+    /// This node.
+    pub node_id: u64,
+    /// The leader it follows, if known.
+    pub leader: Option<u64>,
+    /// Catalog epoch.
+    pub epoch: u64,
+    /// Log entries decided (known to this node).
+    pub decided: usize,
+    /// Log entries applied here.
+    pub applied: usize,
+    /// This node's lease.
+    pub lease: LeaseStatus,
+    /// The peers.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// A node's lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeaseStatus {
+    /// Whether it may route writes.
+    pub valid: bool,
+    /// Time left (0 if not valid).
+    pub remaining_ms: u64,
+}
+
+/// One peer as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerStatus {
+    /// Its node id.
+    pub id: u64,
+    /// Its address.
+    pub addr: String,
+    /// Whether both directions of the link are up.
+    pub connected: bool,
+    /// The applied index it last reported.
+    pub applied: Option<usize>,
+}
+
+/// What the handles and the driver share.
+struct Shared {
+    node_id: u64,
+    /// The base of the lease clock.
+    clock: Instant,
+    /// Lease end, in ms since `clock` (u64::MAX: always valid).
+    lease_until: AtomicU64,
+    applied: AtomicUsize,
+    catalog: ArcSwap<Catalog>,
+    watch: watch::Sender<Arc<Catalog>>,
+    status: Mutex<ClusterStatus>,
+}
+
+impl Shared {
+    fn new(node_id: u64, catalog: Catalog) -> Shared {
+        let catalog = Arc::new(catalog);
+        let (watch, _) = watch::channel(catalog.clone());
+        Shared {
+            node_id,
+            clock: Instant::now(),
+            lease_until: AtomicU64::new(0),
+            applied: AtomicUsize::new(0),
+            catalog: ArcSwap::new(catalog.clone()),
+            watch,
+            status: Mutex::new(ClusterStatus {
+                node_id,
+                leader: None,
+                epoch: catalog.epoch(),
+                decided: 0,
+                applied: 0,
+                lease: LeaseStatus {
+                    valid: false,
+                    remaining_ms: 0,
+                },
+                peers: Vec::new(),
+            }),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn publish(&self, catalog: &Catalog, applied: usize) {
+        let catalog = Arc::new(catalog.clone());
+        self.catalog.store(catalog.clone());
+        self.applied.store(applied, Ordering::Release);
+        self.watch.send_replace(catalog);
+    }
+}
+
+/// Where a proposal's answer goes.
+type Answer = oneshot::Sender<Result<Result<Applied, Rejected>, ProposeError>>;
+
+enum Request {
+    Propose {
+        cmd: CatalogCommand,
+        reply: Answer,
+    },
+    AwaitApplied {
+        index: usize,
+        reply: oneshot::Sender<()>,
+    },
+    Shutdown,
+}
+
+/// A single node's catalog without replication.
+struct LocalState {
+    state: StateMachine,
+    storage: Option<SharedStorage>,
+    incarnation: u64,
+    next_seq: u64,
+    /// A write failed: no more proposals.
+    failed: bool,
+}
+
+enum Mode {
+    Local(Mutex<LocalState>),
+    Cluster {
+        requests: mpsc::Sender<Request>,
+        partitioned: watch::Sender<bool>,
+        driver: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    },
+}
+
+struct HandleInner {
+    shared: Arc<Shared>,
+    mode: Mode,
+}
+
+/// A cloneable handle on this node's replicated catalog. The driver stops
+/// at [`CatalogHandle::shutdown`] or when the last handle is dropped.
+#[derive(Clone)]
+pub struct CatalogHandle {
+    inner: Arc<HandleInner>,
+}
+
+impl std::fmt::Debug for CatalogHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = match self.inner.mode {
+            Mode::Local(_) => "local",
+            Mode::Cluster { .. } => "cluster",
+        };
+        f.debug_struct("CatalogHandle")
+            .field("node_id", &self.inner.shared.node_id)
+            .field("mode", &mode)
+            .field("applied", &self.applied_index())
+            .finish()
+    }
+}
+
+impl CatalogHandle {
+    /// One node, no peers: commands apply directly (the same
+    /// [`Catalog::apply`] and at-most-once bookkeeping), in memory; with a
+    /// `data_dir`, every applied command is persisted (appended and
+    /// fsynced) before it is applied and answered, and replayed on start.
+    /// If the catalog is empty and `seed` is given, it is bootstrapped from
+    /// the seed. The lease is always valid. Needs no runtime.
+    pub fn local(
+        seed: Option<CatalogSeed>,
+        data_dir: Option<&Path>,
+    ) -> Result<CatalogHandle, ServiceError> {
+        let storage = data_dir.map(SharedStorage::open).transpose()?;
+        let mut state = StateMachine::new();
+        let mut incarnation = 1;
+        if let Some(s) = &storage {
+            incarnation = s.next_incarnation()?;
+            let decided = s.get_decided_idx().map_err(storage_text)?;
+            for e in s.get_entries(0, decided).map_err(storage_text)? {
+                state.apply(&e);
+            }
+        }
+        let applied = storage
+            .as_ref()
+            .map(|s| s.get_decided_idx().unwrap_or(0))
+            .unwrap_or(0);
+        let shared = Arc::new(Shared::new(1, state.catalog().clone()));
+        shared.lease_until.store(u64::MAX, Ordering::Release);
+        let mut local = LocalState {
+            state,
+            storage,
+            incarnation,
+            next_seq: 1,
+            failed: false,
+        };
+        let mut applied = applied;
+        if let Some(seed) = seed {
+            if local.state.catalog().snapshot().is_none() {
+                if let Err(r) = local.apply(CatalogCommand::Bootstrap(seed), &mut applied)? {
+                    tracing::warn!(reason = %r, "the catalog seed was rejected");
+                }
+            }
+        }
+        shared.publish(local.state.catalog(), applied);
+        Ok(CatalogHandle {
+            inner: Arc::new(HandleInner {
+                shared,
+                mode: Mode::Local(Mutex::new(local)),
+            }),
+        })
+    }
+
+    /// Binds `settings.listen`, opens `settings.data_dir`, and spawns the
+    /// driver and the transport. Once this node has caught up (it follows
+    /// a leader in its accept phase and applied all it knows decided) and
+    /// the catalog is still empty, it proposes `Bootstrap(seed)`: the first
+    /// bootstrap in the log wins, later ones are rejected harmlessly.
+    pub async fn start(
+        settings: ClusterSettings,
+        seed: Option<CatalogSeed>,
+    ) -> Result<CatalogHandle, ServiceError> {
+        let me = settings.node_id;
+        if me == 0 {
+            return Err(ServiceError::Config("node_id must not be 0".into()));
+        }
+        if settings.peers.is_empty() {
+            return Err(ServiceError::Config(
+                "a cluster needs peers (use CatalogHandle::local for a single node)".into(),
+            ));
+        }
+        if settings.peers.contains_key(&me) || settings.peers.contains_key(&0) {
+            return Err(ServiceError::Config(
+                "peers must not include this node or node 0".into(),
+            ));
+        }
+        if settings.secret.is_empty() {
+            return Err(ServiceError::Config("the cluster secret is empty".into()));
+        }
+        if settings.tick.is_zero() || settings.lease < settings.tick * 8 {
+            return Err(ServiceError::Config(
+                "tick must be positive and lease at least 8 ticks".into(),
+            ));
+        }
+        let storage = SharedStorage::open(&settings.data_dir)?;
+        let mut nodes: Vec<u64> = settings.peers.keys().copied().collect();
+        nodes.push(me);
+        nodes.sort_unstable();
+        let mut replica = Replica::new(ReplicaConfig::new(me, nodes), storage)?;
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| ServiceError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
+        // Replay the decided prefix before anything else happens.
+        replica.apply_decided()?;
+        let shared = Arc::new(Shared::new(me, replica.catalog().clone()));
+        shared.publish(replica.catalog(), replica.applied_index());
+        let (requests, requests_rx) = mpsc::channel(1024);
+        let (partitioned, partitioned_rx) = watch::channel(false);
+        let (events_tx, events) = mpsc::channel(4096);
+        let net = Net::start(
+            NetConfig {
+                me,
+                peers: settings.peers.clone(),
+                secret: settings.secret.as_bytes().to_vec(),
+            },
+            listener,
+            events_tx,
+            partitioned_rx.clone(),
+        );
+        let lease_ms = u64::try_from(settings.lease.as_millis()).unwrap_or(u64::MAX);
+        let mut leases = Leases::new(settings.peers.keys().copied(), lease_ms);
+        leases.set_applied(shared.now_ms(), replica.applied_index());
+        let driver = Driver {
+            shared: shared.clone(),
+            replica,
+            leases,
+            peers: settings.peers,
+            out: BTreeMap::new(),
+            inbound: BTreeMap::new(),
+            proposals: BTreeMap::new(),
+            waits: Vec::new(),
+            seed,
+            seed_proposed: false,
+            partitioned: false,
+        };
+        let task =
+            tokio::spawn(driver.run(settings.tick, requests_rx, events, partitioned_rx, net));
+        Ok(CatalogHandle {
+            inner: Arc::new(HandleInner {
+                shared,
+                mode: Mode::Cluster {
+                    requests,
+                    partitioned,
+                    driver: tokio::sync::Mutex::new(Some(task)),
+                },
+            }),
+        })
+    }
+
+    /// The catalog as of the last applied entry (lock-free).
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.inner.shared.catalog.load_full()
+    }
+
+    /// A receiver that sees the catalog change whenever a command applied.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Catalog>> {
+        self.inner.shared.watch.subscribe()
+    }
+
+    /// Proposes `cmd` and waits until it is decided and applied here:
+    /// `Ok(Ok(applied))` or `Ok(Err(rejected))`. A follower's proposal is
+    /// forwarded to the leader by omnipaxos. `Err(Timeout)` after
+    /// `timeout`: the answer is unknown (the command may still be applied,
+    /// at most once). Cancel-safe (dropping the future abandons the wait,
+    /// not the proposal).
+    pub async fn propose(
+        &self,
+        cmd: CatalogCommand,
+        timeout: Duration,
+    ) -> Result<Result<Applied, Rejected>, ProposeError> {
+        match &self.inner.mode {
+            Mode::Local(local) => {
+                let mut local = local.lock().map_err(|_| ProposeError::Shutdown)?;
+                if local.failed {
+                    return Err(ProposeError::Shutdown);
+                }
+                let mut applied = self.applied_index();
+                let outcome = match local.apply(cmd, &mut applied) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        // fsync failures are not retried (the page cache may
+                        // have dropped the data): the catalog stops here.
+                        tracing::error!(error = %e, "local catalog: cannot persist a command; stopping");
+                        local.failed = true;
+                        return Err(ProposeError::Shutdown);
+                    }
+                };
+                self.inner.shared.publish(local.state.catalog(), applied);
+                Ok(outcome)
+            }
+            Mode::Cluster { requests, .. } => {
+                let (reply, rx) = oneshot::channel();
+                let ask = async {
+                    requests
+                        .send(Request::Propose { cmd, reply })
+                        .await
+                        .map_err(|_| ProposeError::Shutdown)?;
+                    rx.await.map_err(|_| ProposeError::Shutdown)?
+                };
+                tokio::time::timeout(timeout, ask)
+                    .await
+                    .unwrap_or(Err(ProposeError::Timeout))
+            }
+        }
+    }
+
+    /// The number of log entries applied here: one past the index of the
+    /// last applied entry. Pass it to
+    /// [`await_all_applied`](Self::await_all_applied) after a proposal.
+    pub fn applied_index(&self) -> usize {
+        self.inner.shared.applied.load(Ordering::Acquire)
+    }
+
+    /// This node's view of the cluster.
+    pub fn status(&self) -> ClusterStatus {
+        let mut s = self
+            .inner
+            .shared
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        let until = self.inner.shared.lease_until.load(Ordering::Acquire);
+        let now = self.inner.shared.now_ms();
+        s.lease = LeaseStatus {
+            valid: now < until,
+            remaining_ms: until.saturating_sub(now),
+        };
+        // The snapshot is refreshed every tick; the applied index is live.
+        s.applied = s.applied.max(self.applied_index());
+        s.decided = s.decided.max(s.applied);
+        s
+    }
+
+    /// Whether this node holds a valid lease and may route writes.
+    /// Lock-free: one atomic load and a monotonic clock read.
+    pub fn lease_valid(&self) -> bool {
+        let until = self.inner.shared.lease_until.load(Ordering::Acquire);
+        until == u64::MAX || self.inner.shared.now_ms() < until
+    }
+
+    /// Resolves when every node has reported `applied >= index` or when
+    /// `lease` + margin (10 % + 50 ms) has passed since this node applied
+    /// `index` entries: after either, no node can hold a lease without
+    /// having applied them. `index` counts entries, as
+    /// [`applied_index`](Self::applied_index) does. Waits for this node to
+    /// apply them first. Cancel-safe.
+    pub async fn await_all_applied(&self, index: usize) -> Result<(), ProposeError> {
+        match &self.inner.mode {
+            Mode::Local(_) => Ok(()),
+            Mode::Cluster { requests, .. } => {
+                let (reply, rx) = oneshot::channel();
+                requests
+                    .send(Request::AwaitApplied { index, reply })
+                    .await
+                    .map_err(|_| ProposeError::Shutdown)?;
+                rx.await.map_err(|_| ProposeError::Shutdown)
+            }
+        }
+    }
+
+    /// **Test-only fault injection.** While on, the node drops all traffic
+    /// to and from its peers: its connections are closed and new ones are
+    /// refused. Setting it back to false reconnects.
+    pub fn set_partitioned(&self, on: bool) {
+        if let Mode::Cluster { partitioned, .. } = &self.inner.mode {
+            partitioned.send_replace(on);
+        }
+    }
+
+    /// Stops the driver and the transport and waits for them (the listening
+    /// port is free when this returns). Pending proposals get
+    /// [`ProposeError::Shutdown`]. Idempotent.
+    pub async fn shutdown(&self) {
+        if let Mode::Cluster {
+            requests, driver, ..
+        } = &self.inner.mode
+        {
+            let _ = requests.send(Request::Shutdown).await;
+            if let Some(task) = driver.lock().await.take() {
+                let _ = task.await;
+            }
+        }
+    }
+
+    /// This node's id (1 for a local handle).
+    pub fn node_id(&self) -> u64 {
+        self.inner.shared.node_id
+    }
+}
+
+fn storage_text(e: Box<dyn std::error::Error>) -> ServiceError {
+    ServiceError::Config(format!("catalog storage: {e}"))
+}
+
+impl LocalState {
+    fn apply(
+        &mut self,
+        cmd: CatalogCommand,
+        applied: &mut usize,
+    ) -> Result<Result<Applied, Rejected>, ServiceError> {
+        let entry = CatalogEntry {
+            id: ProposalId {
+                node: 1,
+                incarnation: self.incarnation,
+                seq: self.next_seq,
+            },
+            cmd,
+        };
+        self.next_seq += 1;
+        if let Some(s) = self.storage.as_mut() {
+            use omnipaxos::storage::StorageOp;
+            s.write_atomically(vec![
+                StorageOp::AppendEntry(entry.clone()),
+                StorageOp::SetDecidedIndex(*applied + 1),
+            ])
+            .map_err(storage_text)?;
+        }
+        *applied += 1;
+        Ok(match self.state.apply(&entry) {
+            Outcome::Applied(a) => Ok(a),
+            Outcome::Rejected(r) => Err(r),
+            // Fresh ids only: a local entry is never stale.
+            Outcome::Stale => {
+                return Err(ServiceError::Config(
+                    "a local catalog entry came out stale (incarnation counter reset?)".into(),
+                ))
+            }
+        })
+    }
+}
+
+/// The driver task's state.
+struct Driver {
+    shared: Arc<Shared>,
+    replica: Replica,
+    leases: Leases,
+    peers: BTreeMap<u64, String>,
+    /// Sending side of the current outgoing link per peer.
+    out: BTreeMap<u64, (u64, mpsc::Sender<Wire>)>,
+    /// Current incoming link per peer: its generation, and the stop signal.
+    inbound: BTreeMap<u64, (u64, oneshot::Sender<()>)>,
+    proposals: BTreeMap<Ticket, Answer>,
+    waits: Vec<(usize, oneshot::Sender<()>)>,
+    seed: Option<CatalogSeed>,
+    seed_proposed: bool,
+    /// Fault injection: drop every link.
+    partitioned: bool,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        tick: Duration,
+        mut requests: mpsc::Receiver<Request>,
+        mut events: mpsc::Receiver<NetEvent>,
+        mut partitioned: watch::Receiver<bool>,
+        net: Net,
+    ) {
+        let mut timer = tokio::time::interval(tick);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Every branch is cancel-safe (interval tick, mpsc recv, watch
+            // changed).
+            tokio::select! {
+                _ = timer.tick() => self.on_tick(),
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_event(ev),
+                    None => break,
+                },
+                req = requests.recv() => match req {
+                    Some(Request::Propose { cmd, reply }) => self.on_propose(cmd, reply),
+                    Some(Request::AwaitApplied { index, reply }) => {
+                        self.waits.push((index, reply));
+                        self.check_waits();
+                    }
+                    Some(Request::Shutdown) | None => break,
+                },
+                changed = partitioned.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.partitioned = *partitioned.borrow_and_update();
+                    if self.partitioned {
+                        tracing::info!(node = self.shared.node_id, "catalog links partitioned (fault injection)");
+                        self.out.clear();
+                        self.inbound.clear();
+                    }
+                }
+            }
+            self.after_input();
+        }
+        // Pending proposals and waits see their senders dropped: Shutdown.
+        self.out.clear();
+        self.inbound.clear();
+        self.proposals.clear();
+        self.waits.clear();
+        drop(events);
+        net.stop().await;
+        self.shared.lease_until.store(0, Ordering::Release);
+        tracing::debug!(node = self.shared.node_id, "catalog driver stopped");
+    }
+
+    fn on_tick(&mut self) {
+        if let Err(e) = self.replica.tick() {
+            tracing::error!(node = self.shared.node_id, error = %e, "catalog replica tick failed");
+        }
+        let now = self.shared.now_ms();
+        let pings = self
+            .leases
+            .tick(now, self.replica.applied_index(), self.replica.log_len());
+        for (peer, msg) in pings {
+            self.send(peer, Wire::Lease(msg));
+        }
+        self.maybe_bootstrap();
+        self.check_waits();
+        self.update_status();
+    }
+
+    fn maybe_bootstrap(&mut self) {
+        if self.seed_proposed || self.seed.is_none() {
+            return;
+        }
+        let st = self.replica.status();
+        let caught_up = st.leader.is_some() && st.accepting && st.decided == st.applied;
+        if !caught_up {
+            return;
+        }
+        self.seed_proposed = true;
+        if self.replica.catalog().snapshot().is_some() {
+            return;
+        }
+        if let Some(seed) = self.seed.take() {
+            tracing::info!(
+                node = self.shared.node_id,
+                "catalog is empty: proposing the bootstrap seed"
+            );
+            if let Err(e) = self.replica.propose(CatalogCommand::Bootstrap(seed)) {
+                tracing::error!(node = self.shared.node_id, error = %e, "cannot propose the bootstrap seed");
+            }
+        }
+    }
+
+    fn on_propose(&mut self, cmd: CatalogCommand, reply: Answer) {
+        match self.replica.propose(cmd) {
+            Ok(ticket) => {
+                self.proposals.insert(ticket, reply);
+            }
+            Err(e) => {
+                tracing::error!(node = self.shared.node_id, error = %e, "cannot propose a catalog command");
+                let _ = reply.send(Err(ProposeError::Shutdown));
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: NetEvent) {
+        let me = self.shared.node_id;
+        match ev {
+            NetEvent::OutUp { peer, gen, tx } => {
+                if self.partitioned {
+                    return; // dropping tx closes it
+                }
+                // Before anything is sent on the new link.
+                self.replica.reconnected(peer);
+                self.out.insert(peer, (gen, tx));
+            }
+            NetEvent::OutDown { peer, gen } => {
+                if self.out.get(&peer).is_some_and(|(g, _)| *g == gen) {
+                    self.out.remove(&peer);
+                }
+            }
+            NetEvent::InUp { peer, gen, stop } => {
+                if self.partitioned {
+                    return;
+                }
+                // Before anything is delivered from the new link; replacing
+                // the entry drops the old link's stop, closing it.
+                self.replica.reconnected(peer);
+                self.inbound.insert(peer, (gen, stop));
+            }
+            NetEvent::InDown { peer, gen } => {
+                if self.inbound.get(&peer).is_some_and(|(g, _)| *g == gen) {
+                    self.inbound.remove(&peer);
+                }
+            }
+            NetEvent::In { peer, gen, wire } => {
+                if self.inbound.get(&peer).is_none_or(|(g, _)| *g != gen) {
+                    return; // a superseded or closed link
+                }
+                match wire {
+                    Wire::Paxos(m) => {
+                        if m.get_sender() != peer || m.get_receiver() != me {
+                            tracing::warn!(
+                                node = me,
+                                peer,
+                                "dropping a catalog message with a forged sender or receiver"
+                            );
+                            return;
+                        }
+                        self.replica.handle(m);
+                    }
+                    Wire::Lease(msg) => {
+                        // Apply first, so a pong reports what we applied.
+                        self.apply();
+                        let now = self.shared.now_ms();
+                        let reply = self.leases.handle(
+                            now,
+                            peer,
+                            msg,
+                            self.replica.applied_index(),
+                            self.replica.log_len(),
+                        );
+                        if let Some(reply) = reply {
+                            self.send(peer, Wire::Lease(reply));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends on the current link to `peer`, if any. A full queue counts as
+    /// a broken link: dropping the sender closes the connection (after
+    /// what is queued), the transport dials again, and both ends call
+    /// `reconnected` on the new link.
+    fn send(&mut self, peer: u64, wire: Wire) {
+        let Some((_, tx)) = self.out.get(&peer) else {
+            return; // no link: lost, as on a broken connection
+        };
+        if tx.try_send(wire).is_err() {
+            tracing::warn!(
+                node = self.shared.node_id,
+                peer,
+                "catalog link to peer is backed up: reconnecting"
+            );
+            self.out.remove(&peer);
+        }
+    }
+
+    fn after_input(&mut self) {
+        self.apply();
+        for m in self.replica.outgoing() {
+            let to = m.get_receiver();
+            self.send(to, Wire::Paxos(m));
+        }
+        self.shared
+            .lease_until
+            .store(self.leases.valid_until(), Ordering::Release);
+    }
+
+    /// Applies what was decided, answers proposals, publishes the catalog.
+    fn apply(&mut self) {
+        let decided = match self.replica.apply_decided() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(node = self.shared.node_id, error = %e, "catalog replica cannot apply the log");
+                return;
+            }
+        };
+        if decided.is_empty() {
+            return;
+        }
+        // Publish before answering: a proposer reads its own write (and
+        // the applied index that includes it).
+        let applied = self.replica.applied_index();
+        self.shared.publish(self.replica.catalog(), applied);
+        self.leases.set_applied(self.shared.now_ms(), applied);
+        for d in &decided {
+            let Some(ticket) = d.ticket else { continue };
+            let Some(reply) = self.proposals.remove(&ticket) else {
+                continue; // the bootstrap seed, or an abandoned wait
+            };
+            let answer = match &d.outcome {
+                Outcome::Applied(a) => Ok(a.clone()),
+                Outcome::Rejected(r) => Err(r.clone()),
+                // The replica re-proposes a stale proposal itself and never
+                // answers a ticket with Stale.
+                Outcome::Stale => continue,
+            };
+            let _ = reply.send(Ok(answer));
+        }
+        self.check_waits();
+    }
+
+    fn check_waits(&mut self) {
+        if self.waits.is_empty() {
+            return;
+        }
+        let now = self.shared.now_ms();
+        let leases = &self.leases;
+        let mut keep = Vec::new();
+        for (index, reply) in self.waits.drain(..) {
+            let done =
+                leases.all_applied(index) || leases.safe_after(index).is_some_and(|t| now >= t);
+            if done {
+                let _ = reply.send(());
+            } else if !reply.is_closed() {
+                keep.push((index, reply));
+            }
+        }
+        self.waits = keep;
+    }
+
+    fn update_status(&mut self) {
+        let st = self.replica.status();
+        let peers = self
+            .peers
+            .iter()
+            .map(|(&id, addr)| PeerStatus {
+                id,
+                addr: addr.clone(),
+                connected: self.out.contains_key(&id) && self.inbound.contains_key(&id),
+                applied: self.leases.peer_applied(id),
+            })
+            .collect();
+        let status = ClusterStatus {
+            node_id: self.shared.node_id,
+            leader: st.leader,
+            epoch: st.epoch,
+            decided: st.decided,
+            applied: st.applied,
+            lease: LeaseStatus {
+                valid: false,
+                remaining_ms: 0,
+            },
+            peers,
+        };
+        if let Ok(mut s) = self.shared.status.lock() {
+            *s = status;
+        }
+    }
+}

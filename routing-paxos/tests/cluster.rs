@@ -1,0 +1,410 @@
+//! The catalog service over real TCP on 127.0.0.1: three nodes bootstrap
+//! from a seed, replicate proposals, survive the leader's shutdown and a
+//! restart from disk, refuse a node with the wrong secret, and keep the
+//! lease rule under a partition. Every wait is bounded.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use hotrepart_router::catalog::{KeyType, RoutingFunction, Span};
+use hotrepart_routing_paxos::command::{CatalogSeed, Dsn, RangeSpec, ShardSpec, TableSpec};
+use hotrepart_routing_paxos::{CatalogCommand, CatalogHandle, ClusterSettings, ProposeError};
+
+const LEASE: Duration = Duration::from_millis(1000);
+/// The lease module's margin for this lease: 10 % + 50 ms.
+const MARGIN: Duration = Duration::from_millis(150);
+
+/// A directory removed on drop, also when the test fails.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "hotrepart-cluster-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// All log output of this test binary, for checking that refusals are
+/// logged.
+fn logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+    let logs = LOGS.get_or_init(|| Mutex::new(Vec::new()));
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(|| Capture)
+            .try_init();
+    });
+    logs
+}
+
+struct Capture;
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut l) = logs().lock() {
+            l.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn log_text() -> String {
+    String::from_utf8_lossy(&logs().lock().map(|l| l.clone()).unwrap_or_default()).into_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn seed(by: u64) -> CatalogSeed {
+    const HALF: u64 = 1 << 63;
+    CatalogSeed {
+        shards: (0..2)
+            .map(|s| ShardSpec {
+                shard: format!("s{s}"),
+                dsn: Dsn(format!("host=s{s} seeded_by={by}")),
+            })
+            .collect(),
+        home_shard: "s0".into(),
+        sharded: vec![TableSpec {
+            table: "t0".into(),
+            key_column: "id".into(),
+            key_type: KeyType::Int8,
+            function: RoutingFunction::PgHash { seed: 0 },
+        }],
+        reference: Vec::new(),
+        ranges: vec![
+            RangeSpec {
+                range: Span {
+                    lo: 0,
+                    hi: Some(HALF),
+                },
+                read_owner: "s0".into(),
+                write_owner: "s0".into(),
+            },
+            RangeSpec {
+                range: Span { lo: HALF, hi: None },
+                read_owner: "s1".into(),
+                write_owner: "s1".into(),
+            },
+        ],
+    }
+}
+
+/// Settings for nodes 1..=n on fresh ports; `secret(id)` per node.
+fn cluster_settings(
+    n: u64,
+    dirs: &[TempDir],
+    secret: impl Fn(u64) -> &'static str,
+) -> Vec<ClusterSettings> {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    (1..=n)
+        .map(|id| {
+            let peers: BTreeMap<u64, String> = (1..=n)
+                .filter(|p| *p != id)
+                .map(|p| (p, format!("127.0.0.1:{}", ports[(p - 1) as usize])))
+                .collect();
+            let listen = format!("127.0.0.1:{}", ports[(id - 1) as usize])
+                .parse()
+                .expect("address");
+            let mut s =
+                ClusterSettings::new(id, listen, peers, secret(id), &dirs[(id - 1) as usize].0);
+            s.lease = LEASE;
+            s
+        })
+        .collect()
+}
+
+/// Waits until `cond` holds, for at most `limit`; panics with `what`.
+async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn same_catalog(a: &CatalogHandle, b: &CatalogHandle) -> bool {
+    a.applied_index() == b.applied_index() && *a.catalog() == *b.catalog()
+}
+
+fn table(name: &str) -> CatalogCommand {
+    CatalogCommand::DeclareReference { table: name.into() }
+}
+
+const PROPOSE: Duration = Duration::from_secs(8);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_fail_over_restart_and_keep_leases() {
+    let _ = logs();
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("main")).collect();
+    let settings = cluster_settings(3, &dirs, |_| "the cluster secret");
+    let mut nodes = Vec::new();
+    for s in &settings {
+        nodes.push(Some(
+            CatalogHandle::start(s.clone(), Some(seed(s.node_id)))
+                .await
+                .expect("node starts"),
+        ));
+    }
+    let node = |nodes: &[Option<CatalogHandle>], i: usize| -> CatalogHandle {
+        nodes[i].clone().expect("node is running")
+    };
+    let all: Vec<CatalogHandle> = nodes.iter().flatten().cloned().collect();
+
+    // Bootstrap: every node proposes its seed, exactly one wins.
+    wait_for(
+        "the seed is applied everywhere, equally",
+        Duration::from_secs(10),
+        || {
+            all.iter().all(|h| h.catalog().snapshot().is_some())
+                && all.windows(2).all(|w| same_catalog(&w[0], &w[1]))
+        },
+    )
+    .await;
+    let epoch = all[0].catalog().epoch();
+    assert!(all.iter().all(|h| h.catalog().epoch() == epoch));
+    wait_for("every node holds a lease", Duration::from_secs(5), || {
+        all.iter().all(|h| h.lease_valid())
+    })
+    .await;
+
+    // A proposal on a follower is applied everywhere.
+    let leader = all[0].status().leader.expect("a leader is known");
+    let follower = all
+        .iter()
+        .find(|h| h.node_id() != leader)
+        .expect("a follower")
+        .clone();
+    let mut changes = follower.subscribe();
+    changes.borrow_and_update();
+    let applied = follower
+        .propose(table("r1"), PROPOSE)
+        .await
+        .expect("answered");
+    assert!(applied.is_ok(), "{applied:?}");
+    assert!(changes.has_changed().expect("subscribed"));
+    assert!(follower
+        .catalog()
+        .snapshot()
+        .expect("catalog")
+        .is_reference_table("r1"));
+    wait_for("r1 is applied everywhere", Duration::from_secs(5), || {
+        all.windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+    let index = follower.applied_index();
+    let start = Instant::now();
+    follower.await_all_applied(index).await.expect("await");
+    assert!(
+        start.elapsed() < Duration::from_millis(700),
+        "all connected: acks come with the next ping ({:?})",
+        start.elapsed()
+    );
+    let st = follower.status();
+    assert_eq!(st.applied, index);
+    assert!(st.lease.valid);
+    assert!(st.peers.iter().all(|p| p.connected), "{st:?}");
+    serde_json::to_string(&st).expect("status serialises");
+
+    // Partition a follower: it loses its lease within lease + margin; the
+    // others keep theirs and keep committing.
+    let cut = follower.clone();
+    let rest: Vec<CatalogHandle> = all
+        .iter()
+        .filter(|h| h.node_id() != cut.node_id())
+        .cloned()
+        .collect();
+    cut.set_partitioned(true);
+    let lost = wait_for(
+        "the partitioned node loses its lease",
+        LEASE + MARGIN + Duration::from_millis(500),
+        || !cut.lease_valid(),
+    )
+    .await;
+    assert!(
+        lost <= LEASE + MARGIN + Duration::from_millis(100),
+        "{lost:?}"
+    );
+    assert!(rest.iter().all(|h| h.lease_valid()));
+    let outcome = rest[0]
+        .propose(table("r2"), PROPOSE)
+        .await
+        .expect("answered");
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert!(rest.iter().all(|h| h.lease_valid()));
+    // With one node silent, await_all_applied waits out the lease.
+    let index = rest[0].applied_index();
+    let start = Instant::now();
+    rest[0].await_all_applied(index).await.expect("await");
+    let waited = start.elapsed();
+    assert!(
+        waited >= LEASE - Duration::from_millis(200)
+            && waited <= LEASE + MARGIN + Duration::from_secs(1),
+        "waited {waited:?}"
+    );
+    assert!(!cut.lease_valid());
+    assert!(cut
+        .catalog()
+        .snapshot()
+        .is_some_and(|s| !s.is_reference_table("r2")));
+
+    // Heal: it catches up and gets its lease back.
+    cut.set_partitioned(false);
+    wait_for("the healed node catches up", Duration::from_secs(5), || {
+        same_catalog(&cut, &rest[0]) && cut.lease_valid()
+    })
+    .await;
+
+    // Shut the leader down: the others elect another and commit.
+    let leader = rest[0].status().leader.expect("a leader is known");
+    let li = (leader - 1) as usize;
+    node(&nodes, li).shutdown().await;
+    nodes[li] = None;
+    let survivor = nodes.iter().flatten().next().expect("a survivor").clone();
+    let start = Instant::now();
+    let outcome = survivor
+        .propose(table("r3"), PROPOSE)
+        .await
+        .expect("answered after fail-over");
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // Restart it from its data directory: it catches up.
+    let restarted = CatalogHandle::start(settings[li].clone(), Some(seed(leader)))
+        .await
+        .expect("restart");
+    nodes[li] = Some(restarted.clone());
+    wait_for(
+        "the restarted node catches up",
+        Duration::from_secs(10),
+        || same_catalog(&restarted, &survivor),
+    )
+    .await;
+    assert!(restarted
+        .catalog()
+        .snapshot()
+        .is_some_and(|s| s.is_reference_table("r3")));
+    assert_eq!(restarted.catalog().epoch(), survivor.catalog().epoch());
+    for h in nodes.iter().flatten() {
+        h.shutdown().await;
+    }
+    let outcome = survivor.propose(table("r4"), PROPOSE).await;
+    assert_eq!(outcome, Err(ProposeError::Shutdown));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_the_wrong_secret_cannot_join() {
+    let _ = logs();
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("secret")).collect();
+    let settings = cluster_settings(3, &dirs, |id| {
+        if id == 3 {
+            "not the secret"
+        } else {
+            "the secret"
+        }
+    });
+    let mut nodes = Vec::new();
+    for s in &settings {
+        nodes.push(
+            CatalogHandle::start(s.clone(), Some(seed(s.node_id)))
+                .await
+                .expect("node starts"),
+        );
+    }
+    wait_for("nodes 1 and 2 bootstrap", Duration::from_secs(10), || {
+        nodes[..2].iter().all(|h| h.catalog().snapshot().is_some())
+            && same_catalog(&nodes[0], &nodes[1])
+    })
+    .await;
+    let outcome = nodes[2]
+        .propose(table("intruder"), Duration::from_millis(1500))
+        .await;
+    assert_eq!(outcome, Err(ProposeError::Timeout));
+    let outcome = nodes[0].propose(table("member"), PROPOSE).await;
+    assert!(matches!(outcome, Ok(Ok(_))), "{outcome:?}");
+    assert_eq!(nodes[2].applied_index(), 0);
+    assert!(nodes[2].catalog().snapshot().is_none());
+    assert!(!nodes[2].lease_valid());
+    assert!(nodes[2].status().peers.iter().all(|p| !p.connected));
+    assert!(!nodes[0]
+        .catalog()
+        .snapshot()
+        .is_some_and(|s| s.is_reference_table("intruder")));
+    wait_for("the refusal is logged", Duration::from_secs(3), || {
+        let logs = log_text();
+        logs.lines().any(|l| {
+            l.contains("refused a catalog connection")
+                && l.contains("node=1")
+                && l.contains("node 3 failed authentication")
+        })
+    })
+    .await;
+    for h in &nodes {
+        h.shutdown().await;
+    }
+}
+
+#[test]
+fn a_local_catalog_persists_its_commands() {
+    let dir = TempDir::new("local");
+    let h = CatalogHandle::local(Some(seed(1)), Some(&dir.0)).expect("local");
+    assert!(h.lease_valid());
+    assert_eq!(h.applied_index(), 1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let outcome = rt.block_on(h.propose(table("r1"), PROPOSE));
+    assert!(matches!(outcome, Ok(Ok(_))), "{outcome:?}");
+    let again = rt.block_on(h.propose(CatalogCommand::Bootstrap(seed(2)), PROPOSE));
+    assert!(
+        matches!(again, Ok(Err(_))),
+        "a second bootstrap is rejected"
+    );
+    rt.block_on(h.await_all_applied(h.applied_index()))
+        .expect("await");
+    let before = h.catalog();
+    drop(h);
+    let h = CatalogHandle::local(Some(seed(3)), Some(&dir.0)).expect("reopen");
+    assert_eq!(h.applied_index(), 3);
+    assert_eq!(*h.catalog(), *before);
+    let mem = CatalogHandle::local(None, None).expect("in memory");
+    assert!(mem.catalog().snapshot().is_none());
+    let arc: Arc<_> = mem.catalog();
+    assert_eq!(arc.epoch(), 0);
+}
