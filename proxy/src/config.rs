@@ -91,6 +91,120 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Replication of the routing catalog among nodes (absent: this node
+    /// is alone and its catalog lives in memory, or in `data_dir`).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+    /// The HTTP admin API (absent: no admin port).
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// Where a node without `[cluster]` keeps its catalog log (absent: in
+    /// memory; the catalog is then rebuilt from this file at each start and
+    /// changes made through the admin API are lost at exit).
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// `[cluster]`: this node is one replica of the routing catalog.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id: non-zero, unique in the cluster.
+    pub node_id: u64,
+    /// Address the node-to-node (catalog) listener binds.
+    pub listen: String,
+    /// The other nodes.
+    pub peers: Vec<PeerConfig>,
+    /// Shared secret authenticating nodes to each other (at least 16
+    /// bytes); or `secret_file`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Directory of the catalog log (created if absent).
+    pub data_dir: PathBuf,
+    /// Lease duration: a node cut off from the quorum stops routing after
+    /// this long.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// Timer period of the catalog replica.
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
+    /// Lets `POST /v1/debug/partition` cut this node off (tests only).
+    #[serde(default)]
+    pub allow_fault_injection: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u64,
+    /// Its `[cluster] listen` address.
+    pub addr: String,
+    /// Its admin API base URL (admin requests are not forwarded through
+    /// it today: catalog changes reach the leader through the log).
+    #[serde(default)]
+    pub admin: Option<String>,
+}
+
+/// `[admin]`: the HTTP admin API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// e.g. "127.0.0.1:7432".
+    pub listen: String,
+    /// Bearer token every request must carry; or `token_file`.
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+fn read_secret(
+    what: &str,
+    inline: &Option<String>,
+    file: &Option<PathBuf>,
+) -> Result<String, ConfigError> {
+    let v = match (inline, file) {
+        (Some(s), None) => s.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .map_err(|source| ConfigError::Read {
+                path: f.display().to_string(),
+                source,
+            })?
+            .trim()
+            .to_string(),
+        _ => {
+            return Err(ConfigError::Invalid(format!(
+                "{what}: set exactly one of the value and its _file"
+            )))
+        }
+    };
+    if v.len() < 16 {
+        return Err(ConfigError::Invalid(format!(
+            "{what} must be at least 16 bytes long"
+        )));
+    }
+    Ok(v)
+}
+
+impl ClusterConfig {
+    pub fn secret(&self) -> Result<String, ConfigError> {
+        read_secret("[cluster] secret", &self.secret, &self.secret_file)
+    }
+}
+
+impl AdminConfig {
+    pub fn token(&self) -> Result<String, ConfigError> {
+        read_secret("[admin] token", &self.token, &self.token_file)
+    }
+}
+
+fn default_lease_ms() -> u64 {
+    2_000
+}
+fn default_tick_ms() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,6 +369,42 @@ impl Config {
                     )))
                 }
             }
+        }
+        if let Some(c) = &self.cluster {
+            if c.node_id == 0 {
+                return Err(ConfigError::Invalid(
+                    "[cluster] node_id must not be 0".into(),
+                ));
+            }
+            c.listen.parse::<std::net::SocketAddr>().map_err(|e| {
+                ConfigError::Invalid(format!("[cluster] listen {:?}: {e}", c.listen))
+            })?;
+            let mut ids = std::collections::HashSet::from([c.node_id]);
+            for p in &c.peers {
+                if !ids.insert(p.id) || p.id == 0 {
+                    return Err(ConfigError::Invalid(format!(
+                        "[cluster] peer id {} is 0 or not unique",
+                        p.id
+                    )));
+                }
+            }
+            if c.peers.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "[cluster] needs at least one peer (a single node needs no [cluster])".into(),
+                ));
+            }
+            if c.lease_ms < 10 * c.tick_ms.max(1) {
+                return Err(ConfigError::Invalid(
+                    "[cluster] lease_ms must be at least 10 ticks".into(),
+                ));
+            }
+            c.secret()?;
+        }
+        if let Some(a) = &self.admin {
+            a.listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| ConfigError::Invalid(format!("[admin] listen {:?}: {e}", a.listen)))?;
+            a.token()?;
         }
         self.snapshot()?;
         Ok(())

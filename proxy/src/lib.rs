@@ -7,11 +7,15 @@
 //! [`routing`] (router decisions in node shard indexes), [`scatter`] (RUN ON
 //! ALL in the simple protocol), [`copy`] (COPY split over the shards),
 //! [`session`] (the per-client forwarding state machine), [`node`] (listener
-//! and handshake), [`localpg`] and [`demo`] (local PostgreSQL servers).
+//! and handshake), [`cluster`] (the replicated catalog the node follows),
+//! [`admin`] (the HTTP admin API `proxyctl` talks to), [`localpg`] and
+//! [`demo`] (local PostgreSQL servers).
 #![deny(clippy::print_stdout)]
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod cluster;
 pub mod config;
 pub mod copy;
 pub mod demo;

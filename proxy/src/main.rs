@@ -56,14 +56,47 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve { config } => rt.block_on(async {
             let cfg = hotrepart_proxy::Config::load(&config)?;
-            let node = hotrepart_proxy::Node::new(cfg)?;
+            let catalog = hotrepart_proxy::cluster::start_catalog(&cfg)
+                .await
+                .context("cannot start the routing catalog")?;
+            let node = hotrepart_proxy::Node::with_catalog(cfg.clone(), catalog.clone())?;
+            hotrepart_proxy::cluster::follow(node.clone(), catalog.clone());
             let listener = node.bind().await?;
             tracing::info!(addr = %listener.local_addr()?, "listening");
             let (tx, rx) = tokio::sync::watch::channel(false);
+            let admin = match &cfg.admin {
+                Some(a) => {
+                    let allow = cfg
+                        .cluster
+                        .as_ref()
+                        .is_some_and(|c| c.allow_fault_injection);
+                    let (addr, task) = hotrepart_proxy::admin::serve(
+                        node.clone(),
+                        &a.listen,
+                        a.token()?,
+                        allow,
+                        rx.clone(),
+                    )
+                    .await
+                    .with_context(|| format!("cannot listen on [admin] {}", a.listen))?;
+                    tracing::info!(%addr, "admin API listening");
+                    Some(task)
+                }
+                None => None,
+            };
             let server = tokio::spawn(node.serve(listener, rx));
-            tokio::signal::ctrl_c().await?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r?,
+                _ = term.recv() => {}
+            }
             let _ = tx.send(true);
             let _ = server.await;
+            if let Some(t) = admin {
+                let _ = t.await;
+            }
+            catalog.shutdown().await;
             anyhow::Ok(())
         }),
         Cmd::Demo {

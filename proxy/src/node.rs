@@ -22,9 +22,10 @@ use arc_swap::ArcSwap;
 use bytes::{BufMut, BytesMut};
 use hotrepart_router::catalog::RoutingSnapshot;
 use hotrepart_router::route::PlanCache;
+use hotrepart_routing_paxos::CatalogHandle;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -46,6 +47,8 @@ pub enum NodeError {
     },
     #[error("TLS setup: {0}")]
     Tls(String),
+    #[error("routing catalog: {0}")]
+    Catalog(String),
 }
 
 /// The backends a session holds, for CancelRequest: a cancel goes to all
@@ -67,6 +70,11 @@ pub struct Node {
     pub pools: Pools,
     /// The routing table; requests load it once, lock-free.
     pub catalog: ArcSwap<RoutingSnapshot>,
+    /// The replicated catalog this node follows (`cluster::follow`).
+    pub catalog_handle: CatalogHandle,
+    /// Set once `catalog` holds a snapshot of the replicated catalog (until
+    /// then it holds the configuration's, used only to log clients in).
+    ready: AtomicBool,
     plans: Mutex<PlanCache>,
     /// The shards the routing table names, by stable index (see
     /// [`ShardTable`]); replaced together with `catalog`.
@@ -170,7 +178,20 @@ impl ShardTable {
 }
 
 impl Node {
+    /// A node alone, its catalog seeded from `cfg` (in memory, or in
+    /// `cfg.data_dir`). Must run inside a tokio runtime.
     pub fn new(cfg: Config) -> Result<Arc<Node>, NodeError> {
+        let seed = crate::cluster::seed(&cfg).map_err(|e| NodeError::Catalog(e.to_string()))?;
+        let handle = CatalogHandle::local(Some(seed), cfg.data_dir.as_deref())
+            .map_err(|e| NodeError::Catalog(e.to_string()))?;
+        let node = Node::with_catalog(cfg, handle.clone())?;
+        crate::cluster::follow(node.clone(), handle);
+        Ok(node)
+    }
+
+    /// A node following `catalog`; call `cluster::follow` to publish its
+    /// snapshots.
+    pub fn with_catalog(cfg: Config, catalog: CatalogHandle) -> Result<Arc<Node>, NodeError> {
         let tls = match &cfg.tls {
             Some(t) => Some(load_tls(&t.cert, &t.key)?),
             None => None,
@@ -180,6 +201,8 @@ impl Node {
         let plans = Mutex::new(PlanCache::new(cfg.plan_cache_size));
         Ok(Arc::new(Node {
             catalog: ArcSwap::from_pointee(snapshot),
+            catalog_handle: catalog,
+            ready: AtomicBool::new(false),
             shards: ArcSwap::from_pointee(shards),
             plans,
             collations: Mutex::new(HashMap::new()),
@@ -198,6 +221,12 @@ impl Node {
         let shards = ShardTable::next(&self.shards.load(), &snapshot);
         self.shards.store(Arc::new(shards));
         self.catalog.store(snapshot);
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Whether the replicated catalog's routing table is published.
+    pub fn catalog_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
     }
 
     /// Name of shard `i` (any index a routing decision returned).
@@ -243,6 +272,18 @@ impl Node {
         params: Option<&BindParams>,
         state: &SessionState,
     ) -> Result<Decision, Refusal> {
+        if !self.catalog_ready() {
+            return Err(Refusal::new(
+                "57P03",
+                "this hotrepart node has not received the routing catalog yet (the cluster may still be electing a leader); retry shortly".into(),
+            ));
+        }
+        if !self.catalog_handle.lease_valid() {
+            return Err(Refusal::new(
+                "57P03",
+                "this hotrepart node is cut off from the catalog quorum (its routing lease expired), so it cannot be sure its routing table is current; retry, or connect to another node".into(),
+            ));
+        }
         let shards = self.shards.load();
         if shards.live == 1 {
             return Ok(Decision::single_on(shards.home));

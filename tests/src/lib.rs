@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod merge_data;
+pub mod procs;
 
 use hotrepart_proxy::localpg::{free_port, LocalPg, PgInstall};
 use hotrepart_proxy::{Config, Node};

@@ -1,0 +1,688 @@
+//! The HTTP admin API (JSON over HTTP/1.1, one per node; `proxyctl` is its
+//! client).
+//!
+//! Every request carries `Authorization: Bearer <token>` (`[admin] token`);
+//! anything else gets 401. Catalog changes are proposed to the replicated
+//! catalog from whichever node received them (omnipaxos forwards a
+//! follower's proposal to the leader) and answered once decided and applied
+//! on this node. Answers: 200 with JSON; errors as `{"error": "…"}` with
+//! 400 (bad request), 401, 404 (unknown range), 409 (the catalog refused the
+//! change, or the data forbids it), 503 (no catalog quorum), 504 (no answer
+//! in time: the change may still be applied).
+//!
+//! Guarantees:
+//! - metadata-only range changes never strand rows: assigning a range to
+//!   another shard freezes it, waits until every node applied the freeze
+//!   (or its lease ran out), checks that no sharded table holds a row of the
+//!   range on the old owners, and only then flips the owner (moving rows is
+//!   `proxyctl reshard`);
+//! - declaring a table sharded is refused while any shard holds rows of it
+//!   (they would be stranded on the home shard).
+//!
+//! Endpoints: `GET /v1/status`, `GET|POST /v1/shards`,
+//! `DELETE /v1/shards/{name}`, `GET|POST /v1/tables`, `GET /v1/ranges`,
+//! `POST /v1/ranges/split`, `POST /v1/ranges/assign`,
+//! `POST /v1/ranges/unfreeze`, and `POST /v1/debug/partition` when
+//! `[cluster] allow_fault_injection` is set (tests).
+
+use crate::node::Node;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use hotrepart_router::catalog::{KeyRange, KeyType, RangeStatus, RoutingFunction};
+use hotrepart_routing_paxos::command::{Dsn, TableSpec};
+use hotrepart_routing_paxos::{Applied, CatalogCommand, FreezeId, ProposeError};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How long a catalog change may take before the API answers 504.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout of the admin API's own connections to shards.
+const SHARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+struct Api {
+    node: Arc<Node>,
+    token: Arc<str>,
+    allow_fault_injection: bool,
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+/// Binds the admin listener and serves it until `shutdown` turns true.
+pub async fn serve(
+    node: Arc<Node>,
+    listen: &str,
+    token: String,
+    allow_fault_injection: bool,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let api = Api {
+        node,
+        token: token.into(),
+        allow_fault_injection,
+    };
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/shards", get(shards).post(add_shard))
+        .route("/v1/shards/{name}", delete(remove_shard))
+        .route("/v1/tables", get(tables).post(declare_table))
+        .route("/v1/ranges", get(ranges))
+        .route("/v1/ranges/split", post(split_range))
+        .route("/v1/ranges/assign", post(assign_range))
+        .route("/v1/ranges/unfreeze", post(unfreeze_range))
+        .route("/v1/debug/partition", post(partition))
+        .with_state(api);
+    let task = tokio::spawn(async move {
+        let stop = async move {
+            while !*shutdown.borrow() {
+                if shutdown.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::warn!(error = %e, "admin API stopped");
+        }
+    });
+    Ok((addr, task))
+}
+
+fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant-time comparison: the token is a password.
+    let a = given.as_bytes();
+    let b = api.token.as_bytes();
+    let mut diff = a.len() ^ b.len();
+    for (x, y) in a.iter().zip(b.iter()) {
+        diff |= usize::from(x ^ y);
+    }
+    if diff != 0 || a.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token (Authorization: Bearer …)",
+        ));
+    }
+    Ok(())
+}
+
+impl Api {
+    /// Proposes `cmd` and waits until it is applied here.
+    async fn propose(&self, cmd: CatalogCommand) -> Result<Applied, ApiError> {
+        let kind = cmd.kind();
+        match self
+            .node
+            .catalog_handle
+            .propose(cmd, PROPOSE_TIMEOUT)
+            .await
+        {
+            Ok(Ok(a)) => Ok(a),
+            Ok(Err(rejected)) => Err(ApiError::conflict(format!(
+                "the catalog refused {kind}: {rejected}"
+            ))),
+            Err(ProposeError::Timeout) => Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "{kind}: no decision from the catalog quorum within {} s; the change may still be applied (check `proxyctl status`)",
+                    PROPOSE_TIMEOUT.as_secs()
+                ),
+            )),
+            Err(e) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{kind}: {e}"),
+            )),
+        }
+    }
+
+    fn snapshot(&self) -> Result<Arc<hotrepart_router::catalog::RoutingSnapshot>, ApiError> {
+        if !self.node.catalog_ready() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this node has no routing catalog yet",
+            ));
+        }
+        Ok(self.node.catalog.load_full())
+    }
+
+    fn range_at(&self, lo: u64) -> Result<KeyRange, ApiError> {
+        let snap = self.snapshot()?;
+        snap.ranges()
+            .iter()
+            .find(|r| r.lo == lo)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no key range starts at {lo} (see `proxyctl range list`)"),
+                )
+            })
+    }
+}
+
+fn epoch_json(applied: &Applied) -> Value {
+    match applied {
+        Applied::Routing(s) => json!({ "epoch": s.epoch() }),
+        other => json!({ "applied": format!("{other:?}") }),
+    }
+}
+
+async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
+    authorize(&api, &headers)?;
+    let node = &api.node;
+    let snap = node.catalog.load_full();
+    let cluster = serde_json::to_value(node.catalog_handle.status())
+        .unwrap_or_else(|e| json!({ "error": e.to_string() }));
+    Ok(Json(json!({
+        "ready": node.catalog_ready(),
+        "epoch": if node.catalog_ready() { snap.epoch() } else { 0 },
+        "lease_valid": node.catalog_handle.lease_valid(),
+        "clients": node.client_count(),
+        "shards": snap.shards().count(),
+        "ranges": snap.ranges().len(),
+        "cluster": cluster,
+    })))
+}
+
+fn status_name(s: RangeStatus) -> &'static str {
+    match s {
+        RangeStatus::Active => "active",
+        RangeStatus::Frozen => "frozen",
+        RangeStatus::Moving => "moving",
+    }
+}
+
+async fn shards(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
+    authorize(&api, &headers)?;
+    let snap = api.snapshot()?;
+    let list: Vec<Value> = snap
+        .shards()
+        .map(|s| {
+            let reads = snap
+                .ranges()
+                .iter()
+                .filter(|r| r.read_owner == s.id)
+                .count();
+            let writes = snap
+                .ranges()
+                .iter()
+                .filter(|r| r.write_owner == s.id)
+                .count();
+            json!({
+                "name": s.id.as_str(),
+                "dsn": redact_dsn(&s.dsn),
+                "home": snap.home_shard() == &s.id,
+                "read_ranges": reads,
+                "write_ranges": writes,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "epoch": snap.epoch(), "shards": list })))
+}
+
+/// A DSN with its password replaced by `***`.
+fn redact_dsn(dsn: &str) -> String {
+    match dsn.parse::<tokio_postgres::Config>() {
+        Ok(c) => {
+            let host = match c.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                _ => "?".into(),
+            };
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            let mut out = format!("host={host} port={port}");
+            if let Some(u) = c.get_user() {
+                out.push_str(&format!(" user={u}"));
+            }
+            if let Some(d) = c.get_dbname() {
+                out.push_str(&format!(" dbname={d}"));
+            }
+            if c.get_password().is_some() {
+                out.push_str(" password=***");
+            }
+            out
+        }
+        Err(_) => "<unparsable>".into(),
+    }
+}
+
+#[derive(Deserialize)]
+struct AddShard {
+    name: String,
+    dsn: String,
+}
+
+async fn add_shard(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(req): Json<AddShard>,
+) -> ApiResult {
+    authorize(&api, &headers)?;
+    // Refuse a shard the nodes could not reach before it enters the log.
+    connect(&req.dsn, None)
+        .await
+        .map_err(|e| ApiError::bad(format!("shard {}: {e}", req.name)))?;
+    let a = api
+        .propose(CatalogCommand::AddShard {
+            shard: req.name,
+            dsn: Dsn(req.dsn),
+        })
+        .await?;
+    Ok(Json(epoch_json(&a)))
+}
+
+async fn remove_shard(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    authorize(&api, &headers)?;
+    let a = api
+        .propose(CatalogCommand::RemoveShard { shard: name })
+        .await?;
+    Ok(Json(epoch_json(&a)))
+}
+
+async fn tables(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
+    authorize(&api, &headers)?;
+    let snap = api.snapshot()?;
+    let sharded: Vec<Value> = snap
+        .sharded_tables()
+        .map(|t| {
+            json!({
+                "table": t.name,
+                "key_column": t.key_column,
+                "key_type": format!("{:?}", t.key_type).to_lowercase(),
+                "function": t.function.to_string(),
+            })
+        })
+        .collect();
+    let reference: Vec<&str> = snap.reference_tables().collect();
+    Ok(Json(json!({
+        "epoch": snap.epoch(),
+        "home_shard": snap.home_shard().as_str(),
+        "sharded": sharded,
+        "reference": reference,
+    })))
+}
+
+#[derive(Deserialize)]
+struct DeclareTable {
+    table: String,
+    /// "sharded" or "reference".
+    kind: String,
+    #[serde(default)]
+    key_column: Option<String>,
+    #[serde(default)]
+    key_type: Option<String>,
+    #[serde(default)]
+    seed: Option<u64>,
+}
+
+async fn declare_table(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(req): Json<DeclareTable>,
+) -> ApiResult {
+    authorize(&api, &headers)?;
+    let snap = api.snapshot()?;
+    let cmd = match req.kind.as_str() {
+        "sharded" => {
+            let key_column = req
+                .key_column
+                .ok_or_else(|| ApiError::bad("a sharded table needs key_column"))?;
+            let key_type: KeyType = req
+                .key_type
+                .as_deref()
+                .ok_or_else(|| ApiError::bad("a sharded table needs key_type"))?
+                .parse()
+                .map_err(|e| ApiError::bad(format!("key_type: {e}")))?;
+            // Rows already in the table sit on the home shard (it was
+            // undeclared): declaring it sharded would strand them.
+            let counts = count_rows(&snap, &req.table, None).await?;
+            if let Some((shard, db, n)) = counts.iter().find(|c| c.2 > 0) {
+                return Err(ApiError::conflict(format!(
+                    "table {} holds {n} row(s) on shard {shard} (database {db}); declaring it sharded would strand them — declare it while it is empty",
+                    req.table
+                )));
+            }
+            CatalogCommand::DeclareSharded(TableSpec {
+                table: req.table,
+                key_column,
+                key_type,
+                function: RoutingFunction::PgHash {
+                    seed: req.seed.unwrap_or(0),
+                },
+            })
+        }
+        "reference" => CatalogCommand::DeclareReference { table: req.table },
+        other => {
+            return Err(ApiError::bad(format!(
+                "kind must be \"sharded\" or \"reference\", not {other:?}"
+            )))
+        }
+    };
+    let a = api.propose(cmd).await?;
+    Ok(Json(epoch_json(&a)))
+}
+
+async fn ranges(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
+    authorize(&api, &headers)?;
+    let snap = api.snapshot()?;
+    let list: Vec<Value> = snap
+        .ranges()
+        .iter()
+        .map(|r| {
+            json!({
+                "lo": r.lo,
+                "hi": r.hi,
+                "read_owner": r.read_owner.as_str(),
+                "write_owner": r.write_owner.as_str(),
+                "status": status_name(r.status),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "epoch": snap.epoch(), "ranges": list })))
+}
+
+#[derive(Deserialize)]
+struct SplitRange {
+    lo: u64,
+    /// First point of the upper half (default: the middle).
+    #[serde(default)]
+    at: Option<u64>,
+}
+
+async fn split_range(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(req): Json<SplitRange>,
+) -> ApiResult {
+    authorize(&api, &headers)?;
+    let r = api.range_at(req.lo)?;
+    let span = r.span();
+    let at = match req.at {
+        Some(at) => at,
+        None => {
+            let mid = u128::from(span.lo) + span.len() / 2;
+            u64::try_from(mid).map_err(|_| ApiError::bad("range too small to split"))?
+        }
+    };
+    let a = api
+        .propose(CatalogCommand::SplitRange { range: span, at })
+        .await?;
+    Ok(Json(epoch_json(&a)))
+}
+
+#[derive(Deserialize)]
+struct AssignRange {
+    lo: u64,
+    /// New owner for reads and writes.
+    to: String,
+}
+
+async fn assign_range(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(req): Json<AssignRange>,
+) -> ApiResult {
+    authorize(&api, &headers)?;
+    let r = api.range_at(req.lo)?;
+    let snap = api.snapshot()?;
+    if snap.shards().all(|s| s.id.as_str() != req.to.as_str()) {
+        return Err(ApiError::bad(format!("unknown shard {:?}", req.to)));
+    }
+    if r.read_owner.as_str() == req.to && r.write_owner.as_str() == req.to {
+        return Ok(Json(json!({ "epoch": snap.epoch(), "unchanged": true })));
+    }
+    if r.status != RangeStatus::Active {
+        return Err(ApiError::conflict(format!(
+            "range {} is {}; only an active range can be assigned",
+            r.span(),
+            status_name(r.status)
+        )));
+    }
+    let span = r.span();
+    let freeze = FreezeId(rand::random::<u64>());
+    api.propose(CatalogCommand::FreezeRange {
+        range: span,
+        freeze,
+    })
+    .await?;
+    let result = assign_frozen(&api, &r, &req.to).await;
+    // Whatever happened, the range is thawed again (with the new owner if
+    // the assignment went through).
+    let thaw = api
+        .propose(CatalogCommand::UnfreezeRange {
+            range: span,
+            freeze,
+        })
+        .await;
+    let a = result?;
+    thaw.map_err(|e| {
+        ApiError::new(
+            e.status,
+            format!(
+                "the range was assigned but could not be unfrozen ({}); run `proxyctl range unfreeze {}`",
+                e.message, span.lo
+            ),
+        )
+    })?;
+    Ok(Json(epoch_json(&a)))
+}
+
+/// With the range frozen: wait until no node can still write to it by an
+/// older routing table, check it is empty, assign it.
+async fn assign_frozen(api: &Api, r: &KeyRange, to: &str) -> Result<Applied, ApiError> {
+    let handle = &api.node.catalog_handle;
+    handle
+        .await_all_applied(handle.applied_index())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let snap = api.snapshot()?;
+    for t in snap.sharded_tables() {
+        let col = quote_ident(&t.key_column);
+        let pred = r.sql_predicate(&t.function.sql_hash(t.key_type, &col));
+        for owner in [&r.read_owner, &r.write_owner] {
+            let counts = count_rows_on(&snap, owner.as_str(), &t.name, Some(&pred)).await?;
+            if let Some((db, n)) = counts.iter().find(|c| c.1 > 0) {
+                return Err(ApiError::conflict(format!(
+                    "range {} holds {n} row(s) of table {} on shard {owner} (database {db}); assigning it would strand them — moving rows is `proxyctl reshard move`",
+                    r.span(),
+                    t.name
+                )));
+            }
+        }
+    }
+    api.propose(CatalogCommand::AssignRange {
+        range: r.span(),
+        read_owner: to.to_string(),
+        write_owner: to.to_string(),
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct UnfreezeRange {
+    lo: u64,
+}
+
+/// Operator escape hatch: thaws a range left frozen by a job or an admin
+/// request whose node died.
+async fn unfreeze_range(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(req): Json<UnfreezeRange>,
+) -> ApiResult {
+    authorize(&api, &headers)?;
+    let r = api.range_at(req.lo)?;
+    let catalog = api.node.catalog_handle.catalog();
+    let Some(f) = catalog.freeze(r.lo) else {
+        return Err(ApiError::conflict(format!(
+            "range {} is not frozen",
+            r.span()
+        )));
+    };
+    let a = api
+        .propose(CatalogCommand::UnfreezeRange {
+            range: r.span(),
+            freeze: f.id,
+        })
+        .await?;
+    Ok(Json(epoch_json(&a)))
+}
+
+#[derive(Deserialize)]
+struct Partition {
+    on: bool,
+}
+
+async fn partition(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(req): Json<Partition>,
+) -> ApiResult {
+    authorize(&api, &headers)?;
+    if !api.allow_fault_injection {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "fault injection is disabled ([cluster] allow_fault_injection)",
+        ));
+    }
+    api.node.catalog_handle.set_partitioned(req.on);
+    Ok(Json(json!({ "partitioned": req.on })))
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// `schema.table` or `table`, each part quoted.
+fn quote_table(t: &str) -> String {
+    t.split('.').map(quote_ident).collect::<Vec<_>>().join(".")
+}
+
+async fn connect(dsn: &str, dbname: Option<&str>) -> Result<tokio_postgres::Client, String> {
+    let mut cfg: tokio_postgres::Config = dsn.parse().map_err(|e| format!("invalid DSN: {e}"))?;
+    if let Some(db) = dbname {
+        cfg.dbname(db);
+    }
+    cfg.connect_timeout(SHARD_TIMEOUT);
+    let (client, conn) = tokio::time::timeout(SHARD_TIMEOUT, cfg.connect(tokio_postgres::NoTls))
+        .await
+        .map_err(|_| "connection timed out".to_string())?
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Rows of `table` matching `pred` on every shard: (shard, database, n).
+async fn count_rows(
+    snap: &hotrepart_router::catalog::RoutingSnapshot,
+    table: &str,
+    pred: Option<&str>,
+) -> Result<Vec<(String, String, i64)>, ApiError> {
+    let mut out = Vec::new();
+    for s in snap.shards() {
+        for (db, n) in count_rows_on(snap, s.id.as_str(), table, pred).await? {
+            out.push((s.id.as_str().to_string(), db, n));
+        }
+    }
+    Ok(out)
+}
+
+/// Rows of `table` matching `pred` on `shard`, in each of its databases
+/// that has the table: (database, n).
+async fn count_rows_on(
+    snap: &hotrepart_router::catalog::RoutingSnapshot,
+    shard: &str,
+    table: &str,
+    pred: Option<&str>,
+) -> Result<Vec<(String, i64)>, ApiError> {
+    let shard_err = |e: String| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("shard {shard}: {e}"),
+        )
+    };
+    let dsn = snap
+        .shards()
+        .find(|s| s.id.as_str() == shard)
+        .map(|s| s.dsn.clone())
+        .ok_or_else(|| ApiError::bad(format!("unknown shard {shard}")))?;
+    let c = connect(&dsn, None).await.map_err(shard_err)?;
+    let dbs = c
+        .query(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate",
+            &[],
+        )
+        .await
+        .map_err(|e| shard_err(e.to_string()))?;
+    let mut out = Vec::new();
+    for row in dbs {
+        let db: String = row.get(0);
+        let c = connect(&dsn, Some(&db)).await.map_err(shard_err)?;
+        let exists: bool = c
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+            .await
+            .map_err(|e| shard_err(e.to_string()))?
+            .get(0);
+        if !exists {
+            continue;
+        }
+        let sql = format!(
+            "SELECT count(*) FROM {}{}",
+            quote_table(table),
+            pred.map(|p| format!(" WHERE {p}")).unwrap_or_default()
+        );
+        let n: i64 = c
+            .query_one(sql.as_str(), &[])
+            .await
+            .map_err(|e| shard_err(format!("{sql}: {e}")))?
+            .get(0);
+        out.push((db, n));
+    }
+    Ok(out)
+}

@@ -1,0 +1,106 @@
+//! The node's side of the replicated catalog: starting the catalog replica
+//! (alone, or one of a `[cluster]`), seeding it from the configuration file,
+//! and publishing every new routing snapshot into the node.
+//!
+//! Guarantees:
+//! - the configuration's shards, tables and ranges seed the catalog only
+//!   when it is empty (a new cluster); afterwards the replicated catalog is
+//!   the truth and the file's routing sections are ignored (a warning says
+//!   so when they differ);
+//! - the data plane never waits for the catalog: it routes with the last
+//!   published snapshot, and refuses (57P03, retryable) when this node holds
+//!   no catalog lease (cut off from the quorum) or has no catalog yet.
+
+use crate::config::Config;
+use crate::node::Node;
+use hotrepart_router::catalog::RoutingSnapshot;
+use hotrepart_routing_paxos::command::{CatalogSeed, Dsn, RangeSpec, ShardSpec, TableSpec};
+use hotrepart_routing_paxos::{CatalogHandle, ClusterSettings};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The catalog seed the configuration file describes.
+pub fn seed(cfg: &Config) -> anyhow::Result<CatalogSeed> {
+    let snap = cfg.snapshot()?;
+    Ok(seed_of(&snap))
+}
+
+/// A seed that recreates `snap` (epoch aside).
+pub fn seed_of(snap: &RoutingSnapshot) -> CatalogSeed {
+    CatalogSeed {
+        shards: snap
+            .shards()
+            .map(|s| ShardSpec {
+                shard: s.id.as_str().to_string(),
+                dsn: Dsn(s.dsn.clone()),
+            })
+            .collect(),
+        home_shard: snap.home_shard().as_str().to_string(),
+        sharded: snap
+            .sharded_tables()
+            .map(|t| TableSpec {
+                table: t.name.clone(),
+                key_column: t.key_column.clone(),
+                key_type: t.key_type,
+                function: t.function,
+            })
+            .collect(),
+        reference: snap.reference_tables().map(str::to_string).collect(),
+        ranges: snap
+            .ranges()
+            .iter()
+            .map(|r| RangeSpec {
+                range: r.span(),
+                read_owner: r.read_owner.as_str().to_string(),
+                write_owner: r.write_owner.as_str().to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// Starts this node's catalog replica as the configuration says.
+pub async fn start_catalog(cfg: &Config) -> anyhow::Result<CatalogHandle> {
+    let seed = seed(cfg)?;
+    match &cfg.cluster {
+        None => Ok(CatalogHandle::local(Some(seed), cfg.data_dir.as_deref())?),
+        Some(c) => {
+            let settings = ClusterSettings {
+                node_id: c.node_id,
+                listen: c.listen.parse()?,
+                peers: c
+                    .peers
+                    .iter()
+                    .map(|p| (p.id, p.addr.clone()))
+                    .collect::<BTreeMap<_, _>>(),
+                secret: c.secret()?,
+                data_dir: c.data_dir.clone(),
+                tick: Duration::from_millis(c.tick_ms.max(1)),
+                lease: Duration::from_millis(c.lease_ms),
+            };
+            Ok(CatalogHandle::start(settings, Some(seed)).await?)
+        }
+    }
+}
+
+/// Publishes the catalog's snapshots into `node` until the catalog stops.
+/// Publishes the current one before returning.
+pub fn follow(node: Arc<Node>, catalog: CatalogHandle) {
+    let mut rx = catalog.subscribe();
+    publish_current(&node, &rx.borrow_and_update());
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let c = rx.borrow_and_update().clone();
+            publish_current(&node, &c);
+        }
+    });
+}
+
+fn publish_current(node: &Node, c: &hotrepart_routing_paxos::Catalog) {
+    if let Some(snap) = c.snapshot() {
+        if snap.epoch() != node.catalog.load().epoch() || !node.catalog_ready() {
+            tracing::info!(epoch = snap.epoch(), "routing table published");
+            node.publish(snap.clone());
+        }
+    }
+}

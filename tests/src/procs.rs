@@ -1,0 +1,257 @@
+//! Real `hotrepart serve` processes forming one catalog cluster, for tests
+//! that kill -9 nodes. The binaries are built (or found up to date) with
+//! cargo once per test process, in the test's own target directory.
+
+use crate::{start_pg, TestDir, PASSWORD, USER};
+use hotrepart_proxy::localpg::{free_port, LocalPg};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Admin token of test clusters.
+pub const TOKEN: &str = "test-admin-token-0123456789";
+/// Cluster secret of test clusters.
+pub const SECRET: &str = "test-cluster-secret-0123456789";
+
+/// Path of a binary of the proxy crate (`hotrepart`, `proxyctl`), built
+/// once per test process so it is never stale.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // <target>/<profile>/deps/<test binary>
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let target = profile_dir.parent().unwrap().to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
+        let mut c = Command::new(cargo);
+        c.args([
+            "build",
+            "-q",
+            "-p",
+            "hotrepart-proxy",
+            "--bins",
+            "--manifest-path",
+        ])
+        .arg(manifest)
+        .arg("--target-dir")
+        .arg(&target);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            c.arg("--release");
+        }
+        let st = c
+            .status()
+            .expect("run cargo build for the hotrepart binaries");
+        assert!(st.success(), "cargo build of the hotrepart binaries failed");
+        profile_dir
+    });
+    dir.join(name)
+}
+
+/// One node process and its ports.
+pub struct ProcNode {
+    pub id: u64,
+    pub port: u16,
+    pub peer_port: u16,
+    pub admin_port: u16,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ProcNode {
+    /// Starts (or restarts) the process; returns once it accepts clients.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "node {} already running", self.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin("hotrepart"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .env("HOTREPART_LOG", "info,hotrepart_routing_paxos=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hotrepart");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).is_err() {
+            if let Some(Some(st)) = self.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "node {} exited at start ({st}); log:\n{}",
+                    self.id,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "node {} did not open its admin port",
+                self.id
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Client DSN (user `app`).
+    pub fn dsn(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={USER} password={PASSWORD} dbname=postgres",
+            self.port
+        )
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+}
+
+impl Drop for ProcNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// PostgreSQL shards plus `n` node processes replicating one catalog.
+pub struct ProcCluster {
+    pub nodes: Vec<ProcNode>,
+    pub shards: Vec<LocalPg>,
+    pub dir: TestDir,
+}
+
+impl ProcCluster {
+    /// `tail`: extra TOML appended to every node's file (tables…);
+    /// `cluster_extra`: extra lines of the `[cluster]` table.
+    pub async fn start(
+        nodes: usize,
+        shards: usize,
+        tail: &str,
+        cluster_extra: &str,
+    ) -> ProcCluster {
+        let dir = TestDir::new("procs");
+        let d = dir.0.clone();
+        let pgs = tokio::task::spawn_blocking(move || {
+            (0..shards)
+                .map(|i| start_pg(&d.join(format!("s{i}"))))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        let ports: Vec<(u16, u16, u16)> = (0..nodes)
+            .map(|_| {
+                (
+                    free_port().unwrap(),
+                    free_port().unwrap(),
+                    free_port().unwrap(),
+                )
+            })
+            .collect();
+        let mut list = Vec::new();
+        for (i, &(port, peer_port, admin_port)) in ports.iter().enumerate() {
+            let id = i as u64 + 1;
+            let mut toml = format!("listen = \"127.0.0.1:{port}\"\npool_size = 8\n");
+            for (j, s) in pgs.iter().enumerate() {
+                toml.push_str(&format!(
+                    "[[shards]]\nname = \"s{j}\"\ndsn = \"{}\"\n",
+                    s.dsn()
+                ));
+            }
+            toml.push_str(&format!(
+                "[[users]]\nname = \"{USER}\"\nauth = \"scram-sha-256\"\npassword_hash = \"{}\"\nserver_user = \"postgres\"\n",
+                hotrepart_proxy::auth::scram_verifier(PASSWORD)
+            ));
+            toml.push_str(&format!(
+                "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{TOKEN}\"\n"
+            ));
+            toml.push_str(&format!(
+                "[cluster]\nnode_id = {id}\nlisten = \"127.0.0.1:{peer_port}\"\nsecret = \"{SECRET}\"\ndata_dir = \"{}\"\nallow_fault_injection = true\n{cluster_extra}\n",
+                dir.0.join(format!("node{id}")).display()
+            ));
+            for (j, &(_, pp, ap)) in ports.iter().enumerate() {
+                if j != i {
+                    toml.push_str(&format!(
+                        "[[cluster.peers]]\nid = {}\naddr = \"127.0.0.1:{pp}\"\nadmin = \"http://127.0.0.1:{ap}\"\n",
+                        j + 1
+                    ));
+                }
+            }
+            toml.push_str(tail);
+            let config = dir.0.join(format!("node{id}.toml"));
+            std::fs::write(&config, toml).unwrap();
+            list.push(ProcNode {
+                id,
+                port,
+                peer_port,
+                admin_port,
+                config,
+                log: dir.0.join(format!("node{id}.log")),
+                child: None,
+            });
+        }
+        let mut c = ProcCluster {
+            nodes: list,
+            shards: pgs,
+            dir,
+        };
+        tokio::task::block_in_place(|| {
+            for n in &mut c.nodes {
+                n.start();
+            }
+        });
+        c
+    }
+
+    /// Runs `proxyctl` against node `i` (index in `nodes`).
+    pub async fn proxyctl(&self, i: usize, args: &[&str]) -> (bool, String, String) {
+        let url = self.nodes[i].admin_url();
+        let mut all = vec!["--admin", url.as_str(), "--token", TOKEN];
+        all.extend_from_slice(args);
+        crate::run_cmd(bin("proxyctl").to_str().unwrap(), &all, &[]).await
+    }
+
+    /// `proxyctl --json status` of node `i`, or None if it does not answer.
+    pub async fn status(&self, i: usize) -> Option<serde_json::Value> {
+        let (ok, out, _) = self.proxyctl(i, &["--json", "status"]).await;
+        if !ok {
+            return None;
+        }
+        serde_json::from_str(&out).ok()
+    }
+
+    /// The leader as node `i` sees it.
+    pub async fn leader(&self, i: usize) -> Option<u64> {
+        self.status(i).await?["cluster"]["leader"].as_u64()
+    }
+
+    /// Node logs, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "--- node {} ---\n{}",
+                    n.id,
+                    std::fs::read_to_string(&n.log).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}

@@ -1,0 +1,405 @@
+//! Three real `hotrepart serve` processes sharing one replicated catalog,
+//! in front of real PostgreSQL shards: the leader killed with SIGKILL while
+//! clients write through the other nodes, restarted, a node cut off from the
+//! others (fault-injecting transport), and the proxyctl metadata commands.
+#![allow(clippy::unwrap_used)]
+
+use hotrepart_router::hash::hashint8extended;
+use hotrepart_tests::procs::ProcCluster;
+use hotrepart_tests::*;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TABLES: &str = "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n";
+
+/// Ranges as (lo, hi, write owner) from `proxyctl --json range list`.
+async fn ranges(c: &ProcCluster, i: usize) -> Vec<(u64, Option<u64>, String)> {
+    let (ok, out, err) = c.proxyctl(i, &["--json", "range", "list"]).await;
+    assert!(ok, "range list: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["lo"].as_u64().unwrap(),
+                r["hi"].as_u64(),
+                r["write_owner"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+async fn epoch(c: &ProcCluster, i: usize) -> Option<u64> {
+    let s = c.status(i).await?;
+    if s["ready"] != serde_json::json!(true) {
+        return None;
+    }
+    s["epoch"].as_u64()
+}
+
+/// Waits until every running node is ready at the same epoch; returns it.
+async fn converged(c: &ProcCluster, timeout: Duration) -> u64 {
+    let start = Instant::now();
+    loop {
+        let mut epochs = BTreeSet::new();
+        let mut all = true;
+        for (i, n) in c.nodes.iter().enumerate() {
+            if !n.running() {
+                continue;
+            }
+            match epoch(c, i).await {
+                Some(e) => {
+                    epochs.insert(e);
+                }
+                None => all = false,
+            }
+        }
+        if all && epochs.len() == 1 {
+            return *epochs.iter().next().unwrap();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "nodes did not converge (epochs {epochs:?}); logs:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every row of `items` exactly once, on the shard owning its point.
+async fn check_rows(c: &ProcCluster, acked: &BTreeSet<i64>) {
+    let dsns: Vec<String> = c.shards.iter().map(|s| s.dsn()).collect();
+    check_rows_on(c, &dsns, acked).await;
+}
+
+/// Same, for shards `s0, s1, …` at `dsns`; rows per shard.
+async fn check_rows_on(c: &ProcCluster, dsns: &[String], acked: &BTreeSet<i64>) -> Vec<usize> {
+    let rs = ranges(c, 0).await;
+    let mut seen = BTreeSet::new();
+    let mut per_shard = vec![0; dsns.len()];
+    for (si, dsn) in dsns.iter().enumerate() {
+        let db = connect(dsn).await.unwrap();
+        for row in db.query("SELECT id FROM items", &[]).await.unwrap() {
+            let id: i64 = row.get(0);
+            assert!(seen.insert(id), "row {id} is stored twice");
+            per_shard[si] += 1;
+            let p = hashint8extended(id, 0);
+            let owner = &rs
+                .iter()
+                .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
+                .unwrap()
+                .2;
+            assert_eq!(
+                owner,
+                &format!("s{si}"),
+                "row {id} is on s{si}, its range is owned by {owner}"
+            );
+        }
+    }
+    let missing: Vec<_> = acked.difference(&seen).take(5).collect();
+    assert!(missing.is_empty(), "acknowledged rows missing: {missing:?}");
+    per_shard
+}
+
+/// Writers through the given nodes until `stop`: acknowledged ids and
+/// client errors.
+fn start_writers(
+    c: &ProcCluster,
+    nodes: &[usize],
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(Vec<i64>, Vec<String>)>> {
+    nodes
+        .iter()
+        .map(|&i| {
+            let dsn = c.nodes[i].dsn();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let db = connect(&dsn).await.unwrap();
+                let mut acked = Vec::new();
+                let mut errors = Vec::new();
+                let mut id = (i as i64 + 1) * 1_000_000_000;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    id += 1;
+                    match db
+                        .execute("INSERT INTO items (id, v) VALUES ($1, 'x')", &[&id])
+                        .await
+                    {
+                        Ok(1) => acked.push(id),
+                        Ok(n) => errors.push(format!("insert {id}: {n} rows")),
+                        Err(e) => errors.push(format!("insert {id}: {e}")),
+                    }
+                }
+                (acked, errors)
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_killed_while_clients_write_then_restarted() {
+    let mut c = ProcCluster::start(3, 2, TABLES, "lease_ms = 1500").await;
+    converged(&c, Duration::from_secs(20)).await;
+    let db = connect(&c.nodes[0].dsn()).await.unwrap();
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    // Which node leads.
+    let leader = {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = c.leader(0).await {
+                break l;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let li = (leader - 1) as usize;
+    let others: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(&c, &others, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.nodes[li].kill9();
+    let killed = Instant::now();
+    // A catalog change through a surviving node succeeds within seconds.
+    let lo = ranges(&c, others[0]).await[0].0;
+    let recovered = loop {
+        let (ok, _, err) = c
+            .proxyctl(others[0], &["range", "split", &lo.to_string()])
+            .await;
+        if ok {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "no catalog change within 15 s of killing the leader: {err}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("catalog change committed {recovered:?} after kill -9 of leader {leader}");
+    assert!(recovered < Duration::from_secs(10), "{recovered:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The killed node comes back with its disk and catches up.
+    tokio::task::block_in_place(|| c.nodes[li].start());
+    let e = converged(&c, Duration::from_secs(20)).await;
+    assert!(e >= 2, "epoch {e}");
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = BTreeSet::new();
+    for w in writers {
+        let (a, errors) = w.await.unwrap();
+        assert!(
+            errors.is_empty(),
+            "clients saw errors: {:?}",
+            &errors[..errors.len().min(5)]
+        );
+        assert!(a.len() > 10, "writers made no progress ({})", a.len());
+        acked.extend(a);
+    }
+    // The restarted node routes by the new table too.
+    let db = connect(&c.nodes[li].dsn()).await.unwrap();
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n as usize, acked.len());
+    check_rows(&c, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cut_off_node_stops_routing_after_its_lease_and_rejoins() {
+    let c = ProcCluster::start(3, 2, TABLES, "lease_ms = 1000").await;
+    converged(&c, Duration::from_secs(20)).await;
+    let db0 = connect(&c.nodes[0].dsn()).await.unwrap();
+    db0.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let db2 = connect(&c.nodes[2].dsn()).await.unwrap();
+    db2.execute("INSERT INTO items (id, v) VALUES (1, 'a')", &[])
+        .await
+        .unwrap();
+    let (ok, _, err) = c.proxyctl(2, &["debug", "partition", "on"]).await;
+    assert!(ok, "{err}");
+    let cut = Instant::now();
+    // Within the lease (+ margin), node 3 refuses to route, with a clear,
+    // retryable error.
+    let refused = loop {
+        match db2
+            .execute("INSERT INTO items (id, v) VALUES (2, 'b')", &[])
+            .await
+        {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(
+                    cut.elapsed() < Duration::from_secs(3),
+                    "node 3 still routes writes {:?} after being cut off",
+                    cut.elapsed()
+                );
+                db2.execute("DELETE FROM items WHERE id = 2", &[])
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let db_err = refused.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db_err.code().code(), "57P03", "{refused}");
+    assert!(db_err.message().contains("lease"), "{}", db_err.message());
+    // The majority side keeps writing and changing the catalog.
+    db0.execute("INSERT INTO items (id, v) VALUES (3, 'c')", &[])
+        .await
+        .unwrap();
+    let lo = ranges(&c, 0).await[0].0;
+    let (ok, _, err) = c.proxyctl(0, &["range", "split", &lo.to_string()]).await;
+    assert!(ok, "split on the majority side: {err}");
+    let e_majority = epoch(&c, 0).await.unwrap();
+    // Heal: node 3 catches up and routes again.
+    let (ok, _, err) = c.proxyctl(2, &["debug", "partition", "off"]).await;
+    assert!(ok, "{err}");
+    wait_for("node 3 to catch up", Duration::from_secs(15), || async {
+        epoch(&c, 2).await == Some(e_majority)
+    })
+    .await;
+    let ok_again = Arc::new(Mutex::new(None));
+    wait_for(
+        "node 3 to route writes again",
+        Duration::from_secs(10),
+        || {
+            let db2 = &db2;
+            let ok_again = ok_again.clone();
+            async move {
+                let r = db2
+                    .execute(
+                        "INSERT INTO items (id, v) VALUES (4, 'd') ON CONFLICT DO NOTHING",
+                        &[],
+                    )
+                    .await;
+                *ok_again.lock().unwrap() = Some(r.is_ok());
+                r.is_ok()
+            }
+        },
+    )
+    .await;
+    let n: i64 = db2
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3, "rows 1, 3 and 4");
+    check_rows(&c, &BTreeSet::from([1, 3, 4])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxyctl_changes_the_catalog_on_every_node() {
+    let c = ProcCluster::start(3, 2, TABLES, "").await;
+    let e0 = converged(&c, Duration::from_secs(20)).await;
+    // A third PostgreSQL server becomes a shard, through node 2.
+    let d = c.dir.0.join("s2");
+    let extra = tokio::task::spawn_blocking(move || start_pg(&d))
+        .await
+        .unwrap();
+    let (ok, out, err) = c.proxyctl(1, &["shard", "add", "s2", &extra.dsn()]).await;
+    assert!(ok, "shard add: {err}");
+    assert!(out.contains("epoch"), "{out}");
+    // An unreachable shard is refused before it enters the catalog.
+    let (ok, _, err) = c
+        .proxyctl(
+            1,
+            &["shard", "add", "bad", "host=127.0.0.1 port=1 user=postgres"],
+        )
+        .await;
+    assert!(!ok && err.contains("cannot connect"), "{err}");
+    let e1 = converged(&c, Duration::from_secs(10)).await;
+    assert_eq!(e1, e0 + 1);
+    let (ok, out, _) = c.proxyctl(2, &["shard", "list"]).await;
+    assert!(ok && out.contains("s2"), "{out}");
+    // Tables: declared on node 3, seen on node 1; a table holding rows
+    // cannot become sharded.
+    let db = connect(&c.nodes[0].dsn()).await.unwrap();
+    for sql in [
+        "CREATE TABLE items (id bigint PRIMARY KEY, v text)",
+        "CREATE TABLE full_t (id int)",
+        "INSERT INTO full_t VALUES (1)",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
+    let (ok, _, err) = c
+        .proxyctl(
+            2,
+            &["table", "shard", "full_t", "--key", "id", "--type", "int4"],
+        )
+        .await;
+    assert!(!ok && err.contains("holds 1 row"), "{err}");
+    let (ok, _, err) = c.proxyctl(2, &["table", "reference", "countries"]).await;
+    assert!(ok, "{err}");
+    converged(&c, Duration::from_secs(10)).await;
+    let (ok, out, _) = c.proxyctl(0, &["table", "list"]).await;
+    assert!(
+        ok && out.contains("countries") && out.contains("reference"),
+        "{out}"
+    );
+    // Split a range of s0's, give the empty half to s2.
+    let rs = ranges(&c, 0).await;
+    let (lo, _, _) = rs.iter().find(|r| r.2 == "s0").unwrap().clone();
+    let (ok, _, err) = c.proxyctl(0, &["range", "split", &lo.to_string()]).await;
+    assert!(ok, "{err}");
+    let rs = ranges(&c, 0).await;
+    let upper = rs.iter().find(|r| r.0 > lo && r.2 == "s0").unwrap().0;
+    let (ok, _, err) = c
+        .proxyctl(1, &["range", "assign", &upper.to_string(), "--to", "s2"])
+        .await;
+    assert!(ok, "assign of an empty range: {err}");
+    converged(&c, Duration::from_secs(10)).await;
+    // Rows inserted now land on s2 for that range, through every node (the
+    // CREATE TABLE through the node ran on s2 as well: it was a shard by then).
+    let mut acked = BTreeSet::new();
+    for id in 0..60i64 {
+        let db = connect(&c.nodes[(id % 3) as usize].dsn()).await.unwrap();
+        db.execute("INSERT INTO items (id, v) VALUES ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+        acked.insert(id);
+    }
+    let mut dsns: Vec<String> = c.shards.iter().map(|s| s.dsn()).collect();
+    dsns.push(extra.dsn());
+    let seen = check_rows_on(&c, &dsns, &acked).await;
+    assert!(seen[2] > 0, "no row landed on the new shard: {seen:?}");
+    // A range holding rows cannot be assigned away.
+    let rs = ranges(&c, 0).await;
+    let busy = rs.iter().find(|r| r.2 == "s1").unwrap().0;
+    let (ok, _, err) = c
+        .proxyctl(0, &["range", "assign", &busy.to_string(), "--to", "s2"])
+        .await;
+    assert!(!ok && err.contains("row(s) of table items"), "{err}");
+    // ...and stays writable (the freeze was lifted).
+    let (ok, out, _) = c.proxyctl(0, &["range", "list"]).await;
+    assert!(ok && !out.contains("frozen"), "{out}");
+    // A shard that owns ranges cannot be removed.
+    let (ok, _, err) = c.proxyctl(0, &["shard", "remove", "s1"]).await;
+    assert!(!ok && err.contains("owns"), "{err}");
+    // A wrong token is refused.
+    let (ok, _, err) = run_cmd(
+        procs_bin("proxyctl").as_str(),
+        &[
+            "--admin",
+            &c.nodes[0].admin_url(),
+            "--token",
+            "wrong",
+            "status",
+        ],
+        &[],
+    )
+    .await;
+    assert!(!ok && err.contains("401"), "{err}");
+    drop(extra);
+}
+
+fn procs_bin(name: &str) -> String {
+    hotrepart_tests::procs::bin(name).display().to_string()
+}
