@@ -1151,11 +1151,7 @@ fn simulated_cluster_agrees_and_makes_progress() {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64));
         while started.elapsed() < budget && seeds < max_seeds {
-            let mode = forced.unwrap_or(if seeds % 2 == 0 {
-                NetMode::Fifo
-            } else {
-                NetMode::OneWay
-            });
+            let mode = forced.unwrap_or([NetMode::Fifo, NetMode::OneWay][(seeds & 1) as usize]);
             run(gen.next(), mode, &mut total);
             seeds += 1;
         }
