@@ -408,3 +408,25 @@ fn a_local_catalog_persists_its_commands() {
     let arc: Arc<_> = mem.catalog();
     assert_eq!(arc.epoch(), 0);
 }
+
+/// The handle and its futures can cross threads (`tokio::spawn`).
+#[test]
+fn handles_and_their_futures_are_send() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: T) {}
+    let h = CatalogHandle::local(None, None).expect("in memory");
+    send_sync(&h);
+    send(h.propose(table("x"), PROPOSE));
+    send(h.await_all_applied(0));
+    send(h.shutdown());
+    send(CatalogHandle::start(
+        ClusterSettings::new(
+            1,
+            "127.0.0.1:0".parse().expect("address"),
+            BTreeMap::new(),
+            "s",
+            "/nonexistent",
+        ),
+        None,
+    ));
+}
