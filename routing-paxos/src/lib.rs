@@ -81,7 +81,7 @@ pub mod service;
 pub mod storage;
 
 pub use catalog::{Applied, Catalog, Rejected};
-pub use command::{CatalogCommand, FreezeId};
+pub use command::{CatalogCommand, CatalogSeed, FreezeId};
 pub use entry::{CatalogEntry, Outcome, ProposalId, StateMachine};
 pub use lease::{LeaseMsg, Leases};
 pub use replica::{Decided, Message, Replica, ReplicaConfig, ReplicaError, ReplicaStatus, Ticket};

@@ -200,7 +200,13 @@ pub async fn handshake_dial<S: AsyncRead + AsyncWrite + Unpin>(
         },
     )
     .await?;
-    let hello: Hello = read_json(s, MAX_HANDSHAKE_FRAME).await?;
+    let hello: Hello = read_json(s, MAX_HANDSHAKE_FRAME)
+        .await
+        .map_err(|e| match e {
+            // The acceptor closes without a word when it does not know us.
+            LinkError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => LinkError::Refused,
+            e => e,
+        })?;
     if hello.node != peer {
         return Err(LinkError::UnknownNode(hello.node));
     }
@@ -317,6 +323,43 @@ pub(crate) struct NetConfig {
     pub secret: Vec<u8>,
 }
 
+/// Logs each kind of refusal (source IP and reason) at warn level once a
+/// minute, and at debug level in between: a misconfigured node retries
+/// every second.
+#[derive(Default)]
+struct RefusalLog {
+    last: std::sync::Mutex<BTreeMap<String, std::time::Instant>>,
+}
+
+impl RefusalLog {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn log(&self, me: u64, addr: SocketAddr, reason: &LinkError) {
+        let key = format!("{} {reason}", addr.ip());
+        let now = std::time::Instant::now();
+        let loud = match self.last.lock() {
+            Ok(mut last) => {
+                if last.len() > 1024 {
+                    last.clear();
+                }
+                let loud = last
+                    .get(&key)
+                    .is_none_or(|t| now.duration_since(*t) >= Self::EVERY);
+                if loud {
+                    last.insert(key, now);
+                }
+                loud
+            }
+            Err(_) => true,
+        };
+        if loud {
+            tracing::warn!(node = me, %addr, reason = %reason, "refused a catalog connection");
+        } else {
+            tracing::debug!(node = me, %addr, reason = %reason, "refused a catalog connection");
+        }
+    }
+}
+
 /// The transport's tasks. [`Net::stop`] stops them and waits; dropping it
 /// stops them too (their shutdown signal's sender is gone), without
 /// waiting.
@@ -384,6 +427,7 @@ async fn listen(
     gens: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut readers = tokio::task::JoinSet::new();
+    let refusals = Arc::new(RefusalLog::default());
     loop {
         let accepted = tokio::select! {
             _ = until_true(&mut shutdown) => break,
@@ -409,6 +453,7 @@ async fn listen(
         }
         readers.spawn(serve_incoming(
             config.clone(),
+            refusals.clone(),
             stream,
             addr,
             events.clone(),
@@ -420,8 +465,10 @@ async fn listen(
     readers.shutdown().await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_incoming(
     config: Arc<NetConfig>,
+    refusals: Arc<RefusalLog>,
     mut stream: TcpStream,
     addr: SocketAddr,
     events: mpsc::Sender<NetEvent>,
@@ -440,7 +487,7 @@ async fn serve_incoming(
     let peer = match hs {
         Ok(peer) => peer,
         Err(e) => {
-            tracing::warn!(node = config.me, %addr, reason = %e, "refused a catalog connection");
+            refusals.log(config.me, addr, &e);
             return;
         }
     };

@@ -328,6 +328,64 @@ async fn three_nodes_replicate_fail_over_restart_and_keep_leases() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_cluster_restarts_from_disk() {
+    let _ = logs();
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("restart")).collect();
+    let settings = cluster_settings(3, &dirs, |_| "the secret");
+    let mut nodes = Vec::new();
+    for s in &settings {
+        nodes.push(
+            CatalogHandle::start(s.clone(), Some(seed(s.node_id)))
+                .await
+                .expect("node starts"),
+        );
+    }
+    wait_for("bootstrap", Duration::from_secs(10), || {
+        nodes.iter().all(|h| h.catalog().snapshot().is_some())
+    })
+    .await;
+    let outcome = nodes[1].propose(table("kept"), PROPOSE).await;
+    assert!(matches!(outcome, Ok(Ok(_))), "{outcome:?}");
+    wait_for("all applied", Duration::from_secs(5), || {
+        nodes.windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+    let before = nodes[0].catalog();
+    let applied = nodes[0].applied_index();
+    for h in &nodes {
+        h.shutdown().await;
+    }
+    // Everyone restarts, with other seeds: the catalog comes from the logs.
+    let mut nodes = Vec::new();
+    for s in &settings {
+        nodes.push(
+            CatalogHandle::start(s.clone(), Some(seed(10 + s.node_id)))
+                .await
+                .expect("node restarts"),
+        );
+    }
+    wait_for(
+        "everyone is back with the old catalog",
+        Duration::from_secs(10),
+        || {
+            nodes
+                .iter()
+                .all(|h| h.applied_index() >= applied && h.lease_valid())
+        },
+    )
+    .await;
+    for h in &nodes {
+        assert_eq!(*h.catalog(), *before);
+    }
+    let outcome = nodes[2].propose(table("after"), PROPOSE).await;
+    assert!(matches!(outcome, Ok(Ok(_))), "{outcome:?}");
+    assert_eq!(nodes[2].catalog().epoch(), before.epoch() + 1);
+    for h in &nodes {
+        h.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_the_wrong_secret_cannot_join() {
     let _ = logs();
     let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("secret")).collect();
@@ -407,4 +465,26 @@ fn a_local_catalog_persists_its_commands() {
     assert!(mem.catalog().snapshot().is_none());
     let arc: Arc<_> = mem.catalog();
     assert_eq!(arc.epoch(), 0);
+}
+
+/// The handle and its futures can cross threads (`tokio::spawn`).
+#[test]
+fn handles_and_their_futures_are_send() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: T) {}
+    let h = CatalogHandle::local(None, None).expect("in memory");
+    send_sync(&h);
+    send(h.propose(table("x"), PROPOSE));
+    send(h.await_all_applied(0));
+    send(h.shutdown());
+    send(CatalogHandle::start(
+        ClusterSettings::new(
+            1,
+            "127.0.0.1:0".parse().expect("address"),
+            BTreeMap::new(),
+            "s",
+            "/nonexistent",
+        ),
+        None,
+    ));
 }

@@ -42,6 +42,9 @@
 //! * `HOTREPART_SIM_SECS=S` wall-clock budget for random seeds after the
 //!   fixed ones (default 20);
 //! * `HOTREPART_SIM_SEEDS=K` at most K seeds in all;
+//! * `HOTREPART_SIM_NET=fifo|oneway` runs every seed with that network
+//!   (default: the fixed seeds with Fifo, then random seeds alternating
+//!   Fifo and OneWay);
 //! * `HOTREPART_SIM_NET=chaos` runs every seed with the Chaos network
 //!   (messages reordered on one link, lost one by one). omnipaxos 0.2.4 does
 //!   not tolerate that (a debug assertion in omnipaxos fires; with
@@ -109,6 +112,11 @@ enum NetMode {
     /// flight on it is lost, and both ends are told when it comes back).
     /// Messages on different links interleave in any order.
     Fifo,
+    /// The model of the TCP transport as built (`net.rs`: one connection
+    /// per direction): like Fifo, but a link break cuts one direction only
+    /// while the other keeps delivering; both ends are told when it comes
+    /// back. The test alternates it with Fifo for the random seeds.
+    OneWay,
     /// Harsher than TCP: any message may be lost silently or overtake
     /// another on the same link.
     Chaos,
@@ -307,6 +315,16 @@ impl Sim {
         self.now * TICK_MS * self.nodes[i].clock_pm / 1000
     }
 
+    /// The key of the link from `a` to `b` in `broken`: the pair, or the
+    /// direction (OneWay).
+    fn link_key(&self, a: u64, b: u64) -> (u64, u64) {
+        if self.p.mode == NetMode::OneWay {
+            (a, b)
+        } else {
+            (a.min(b), a.max(b))
+        }
+    }
+
     fn idx(&self, pid: u64) -> usize {
         (pid - 1) as usize
     }
@@ -321,7 +339,7 @@ impl Sim {
 
     fn linked(&self, a: u64, b: u64) -> bool {
         self.nodes[self.idx(a)].group == self.nodes[self.idx(b)].group
-            && !self.broken.contains_key(&(a.min(b), a.max(b)))
+            && !self.broken.contains_key(&self.link_key(a, b))
     }
 
     /// Both ends of a link that came back learn of it (a new connection).
@@ -339,14 +357,22 @@ impl Sim {
         let before = self.net.len();
         let groups: Vec<u64> = self.nodes.iter().map(|n| n.group).collect();
         let broken = &self.broken;
+        let one_way = self.p.mode == NetMode::OneWay;
+        let key = |a: u64, b: u64| {
+            if one_way {
+                (a, b)
+            } else {
+                (a.min(b), a.max(b))
+            }
+        };
         self.net.retain(|m| {
             groups[(m.from - 1) as usize] == groups[(m.to - 1) as usize]
-                && !broken.contains_key(&(m.from.min(m.to), m.from.max(m.to)))
+                && !broken.contains_key(&key(m.from, m.to))
         });
         self.stats.dropped += (before - self.net.len()) as u64;
         self.lease_net.retain(|m| {
             groups[(m.from - 1) as usize] == groups[(m.to - 1) as usize]
-                && !broken.contains_key(&(m.from.min(m.to), m.from.max(m.to)))
+                && !broken.contains_key(&key(m.from, m.to))
         });
     }
 
@@ -500,7 +526,8 @@ impl Sim {
             let b = 1 + self.rng.below(self.p.nodes);
             if a != b {
                 let until = self.now + 1 + self.rng.below(50);
-                self.broken.insert((a.min(b), a.max(b)), until);
+                let key = self.link_key(a, b);
+                self.broken.insert(key, until);
                 self.purge();
             }
         }
@@ -583,7 +610,9 @@ impl Sim {
         for a in 1..=self.p.nodes {
             for b in a + 1..=self.p.nodes {
                 let (ga, gb) = (groups[self.idx(a)], groups[self.idx(b)]);
-                if ga != gb && self.linked(a, b) {
+                // (OneWay: either direction that works now had lost what
+                // was in flight.)
+                if ga != gb && (self.linked(a, b) || self.linked(b, a)) {
                     self.reconnect(a, b);
                 }
             }
@@ -704,7 +733,7 @@ impl Sim {
     /// omnipaxos messages, drawn from `lease_rng`.
     fn send_lease(&mut self, from: u64, to: u64, msg: LeaseMsg) {
         let lost = match self.p.mode {
-            NetMode::Fifo => false,
+            NetMode::Fifo | NetMode::OneWay => false,
             NetMode::Chaos => self.lease_rng.chance(self.drop_pm),
         };
         if lost || !self.linked(from, to) {
@@ -788,7 +817,7 @@ impl Sim {
             self.stats.messages += 1;
             let to = msg.get_receiver();
             let lost = match self.p.mode {
-                NetMode::Fifo => false,
+                NetMode::Fifo | NetMode::OneWay => false,
                 NetMode::Chaos => self.rng.chance(self.drop_pm),
             };
             if lost || !self.linked(from, to) {
@@ -802,7 +831,7 @@ impl Sim {
             };
             let mut at = self.now + delay;
             let order = match self.p.mode {
-                NetMode::Fifo => {
+                NetMode::Fifo | NetMode::OneWay => {
                     // Never before the previous message on this link; ties
                     // go in sending order.
                     let last = self.last_at.entry((from, to)).or_insert(0);
@@ -1065,14 +1094,19 @@ fn env_u64(name: &str) -> Option<u64> {
 #[test]
 fn simulated_cluster_agrees_and_makes_progress() {
     let started = Instant::now();
-    let mode = match std::env::var("HOTREPART_SIM_NET").as_deref() {
-        Err(_) | Ok("fifo") => NetMode::Fifo,
-        Ok("chaos") => NetMode::Chaos,
-        Ok(other) => panic!("HOTREPART_SIM_NET={other:?}: expected fifo or chaos"),
+    // Unset: the fixed seeds with Fifo, then random seeds alternating
+    // between Fifo and OneWay.
+    let forced = match std::env::var("HOTREPART_SIM_NET").as_deref() {
+        Err(_) => None,
+        Ok("fifo") => Some(NetMode::Fifo),
+        Ok("oneway") => Some(NetMode::OneWay),
+        Ok("chaos") => Some(NetMode::Chaos),
+        Ok(other) => panic!("HOTREPART_SIM_NET={other:?}: expected fifo, oneway or chaos"),
     };
+    let mode = forced.unwrap_or(NetMode::Fifo);
     let mut total = Stats::default();
     let mut seeds = 0u64;
-    let run = |seed: u64, total: &mut Stats| {
+    let run = |seed: u64, mode: NetMode, total: &mut Stats| {
         // A panic inside omnipaxos does not know the seed: add it.
         let s = match std::panic::catch_unwind(|| Sim::new(seed, mode).run()) {
             Ok(s) => s,
@@ -1082,8 +1116,9 @@ fn simulated_cluster_agrees_and_makes_progress() {
                     .cloned()
                     .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
                     .unwrap_or_default();
+                let net = format!("{mode:?}").to_lowercase();
                 panic!(
-                    "seed {seed} ({mode:?} network) failed: {msg}\n  replay: HOTREPART_SIM_SEED={seed} cargo nextest run -p hotrepart-routing-paxos --test sim"
+                    "seed {seed} ({mode:?} network) failed: {msg}\n  replay: HOTREPART_SIM_NET={net} HOTREPART_SIM_SEED={seed} cargo nextest run -p hotrepart-routing-paxos --test sim"
                 );
             }
         };
@@ -1100,7 +1135,7 @@ fn simulated_cluster_agrees_and_makes_progress() {
         total.leased += s.leased;
     };
     if let Some(seed) = env_u64("HOTREPART_SIM_SEED") {
-        run(seed, &mut total);
+        run(seed, mode, &mut total);
         seeds = 1;
     } else {
         let budget = Duration::from_secs(env_u64("HOTREPART_SIM_SECS").unwrap_or(20));
@@ -1109,21 +1144,23 @@ fn simulated_cluster_agrees_and_makes_progress() {
             if seeds >= max_seeds {
                 break;
             }
-            run(seed, &mut total);
+            run(seed, mode, &mut total);
             seeds += 1;
         }
         let mut gen = Rng(std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64));
         while started.elapsed() < budget && seeds < max_seeds {
-            run(gen.next(), &mut total);
+            let mode = forced.unwrap_or([NetMode::Fifo, NetMode::OneWay][(seeds & 1) as usize]);
+            run(gen.next(), mode, &mut total);
             seeds += 1;
         }
     }
     eprintln!(
-        "sim ({mode:?} network): {seeds} seeds in {:.1}s: {} ticks, {} entries decided ({} accepted, {} rejected, {} stale retries), \
+        "sim ({} network): {seeds} seeds in {:.1}s: {} ticks, {} entries decided ({} accepted, {} rejected, {} stale retries), \
          {} crashes, {} partitions, {} messages ({} dropped), slowest recovery after healing {} ticks, \
          {} node-ticks with a lease",
+        forced.map_or("Fifo and OneWay".to_owned(), |m| format!("{m:?}")),
         started.elapsed().as_secs_f64(),
         total.ticks,
         total.entries,
