@@ -12,9 +12,9 @@
 //!   not atomic until two-phase commit: see docs/ARCHITECTURE.md), and a
 //!   failure anywhere rolls back everywhere.
 //! - Inside a transaction block a shard's COPY is started when its first row
-//!   arrives: rows for a second shard (or for another shard than the one the
-//!   transaction already wrote) are refused (0A000) and the transaction
-//!   fails — one written shard per transaction, as for every write.
+//!   arrives: one COPY writes to one shard (rows for a second shard are
+//!   refused with 0A000 and the transaction fails); the transaction itself
+//!   may write to several shards and then commits with two-phase commit.
 //! - A row whose key cannot be read (bad syntax, NULL, wrong number of
 //!   fields, malformed CSV/binary data) makes every shard's COPY fail
 //!   (CopyFail) and the client get one error; nothing lands.
@@ -785,7 +785,7 @@ async fn copy_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
             false,
             "0A000",
             &format!(
-                "this COPY writes to shards {} inside a transaction block; transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
+                "this COPY writes to shards {} inside a transaction block; a COPY into a reference table is supported outside a transaction block only",
                 names.join(", ")
             ),
         );
@@ -920,7 +920,6 @@ async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let pos_of = shard_positions(s, &snap, shards);
     let mut header: Option<Bytes> = None;
     let mut written: Option<usize> = None;
-    let tx_wrote = s.tx_wrote;
     let names: Vec<String> = s.node.cfg.shards.iter().map(|x| x.name.clone()).collect();
     loop {
         let f = read_client(s).await?;
@@ -967,18 +966,10 @@ async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
                                 ));
                             };
                             if in_tx {
-                                let t = shards[p];
                                 if let Some(w) = written.filter(|&w| w != p) {
                                     return Err(Fail::new("0A000", format!(
-                                        "this COPY writes rows to shards {} and {} inside a transaction block; transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
+                                        "this COPY writes rows to shards {} and {} inside a transaction block; inside a transaction block one COPY writes to one shard (split the rows into one COPY per shard; the transaction may write to several shards)",
                                         names[shards[w]], names[shards[p]]
-                                    )));
-                                }
-                                if let Some(w) = tx_wrote.filter(|&w| w != t) {
-                                    return Err(Fail::new("0A000", format!(
-                                        "this transaction already wrote to shard {} and this COPY would now write to shard {}; transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
-                                        names[w],
-                                        names[t]
                                     )));
                                 }
                                 written = Some(p);

@@ -79,6 +79,9 @@ pub struct Node {
     clients: AtomicUsize,
     cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
     shard_addrs: Vec<(SocketAddr, Option<String>, Option<String>)>,
+    /// Commit decisions of two-phase commits (in memory by default; the
+    /// replicated catalog plugs in here).
+    pub decisions: Arc<dyn crate::twopc::DecisionLog>,
 }
 
 impl Node {
@@ -127,6 +130,7 @@ impl Node {
             clients: AtomicUsize::new(0),
             cancels: Mutex::new(HashMap::new()),
             shard_addrs,
+            decisions: Arc::new(crate::twopc::LocalDecisions::default()),
         }))
     }
 
@@ -256,6 +260,7 @@ impl Node {
         listener: TcpListener,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        tokio::spawn(crate::twopc::run_resolver(self.clone(), shutdown.clone()));
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
