@@ -3,8 +3,14 @@
 //! killed between PREPARE and the decision.
 #![allow(clippy::unwrap_used)]
 
+use hotrepart_proxy::twopc::{DecisionError, DecisionLog, LocalDecisions};
 use hotrepart_router::catalog::{KeyValue, RoutingSnapshot};
 use hotrepart_tests::*;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const SEED: u64 = 7;
@@ -468,4 +474,183 @@ async fn an_error_on_a_read_shard_makes_commit_roll_back_the_written_one() {
     );
     nothing_prepared(&c).await;
     no_open_transactions(&c).await;
+}
+
+/// What a [`ScriptedLog`] does at its next `decide`.
+enum Step {
+    /// Never answers (the caller's timeout hits).
+    Hang,
+    /// Records this value first (as a resolver would have), then decides.
+    RecordFirst(bool),
+    /// Runs this, then decides normally.
+    Before(Pin<Box<dyn Future<Output = ()> + Send>>),
+}
+
+/// A decision log whose next answers a test scripts; otherwise in memory.
+#[derive(Default)]
+struct ScriptedLog {
+    inner: LocalDecisions,
+    script: Mutex<VecDeque<Step>>,
+    resolver: AtomicBool,
+}
+
+impl DecisionLog for ScriptedLog {
+    fn decide<'a>(
+        &'a self,
+        gid: &'a str,
+        commit: bool,
+    ) -> Pin<Box<dyn Future<Output = Result<bool, DecisionError>> + Send + 'a>> {
+        let step = self.script.lock().unwrap().pop_front();
+        Box::pin(async move {
+            match step {
+                Some(Step::Hang) => std::future::pending().await,
+                Some(Step::RecordFirst(v)) => {
+                    self.inner.decide(gid, v).await?;
+                }
+                Some(Step::Before(f)) => f.await,
+                None => {}
+            }
+            self.inner.decide(gid, commit).await
+        })
+    }
+    fn decision(&self, gid: &str) -> Option<bool> {
+        self.inner.decision(gid)
+    }
+    fn is_resolver(&self) -> bool {
+        self.resolver.load(Ordering::SeqCst)
+    }
+    fn finished(&self, gid: &str) {
+        self.inner.finished(gid)
+    }
+}
+
+async fn scripted_cluster(extra: &str) -> (Cluster, Arc<ScriptedLog>) {
+    let log = Arc::new(ScriptedLog::default());
+    let l = log.clone();
+    let c = Cluster::start_with(
+        Opts {
+            shards: 2,
+            extra: format!("pool_size = 4\n{extra}"),
+            users: String::new(),
+            tail: tail(),
+        },
+        move |n| n.decisions = l,
+    )
+    .await;
+    (c, log)
+}
+
+async fn two_shard_insert(db: &tokio_postgres::Client, a: i64, b: i64) {
+    db.batch_execute("BEGIN").await.unwrap();
+    db.execute("INSERT INTO users (id, v) VALUES ($1, 'a')", &[&a])
+        .await
+        .unwrap();
+    db.execute("INSERT INTO users (id, v) VALUES ($1, 'b')", &[&b])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_that_cannot_be_recorded_is_unknown_then_resolved() {
+    let (c, log) = scripted_cluster(
+        "twopc_decision_timeout_ms = 200\ntwopc_grace_ms = 200\ntwopc_resolver_interval_ms = 100",
+    )
+    .await;
+    let (db, a, b) = setup(&c).await;
+    two_shard_insert(&db, a, b).await;
+    // Neither `commit` nor the fallback `rollback` gets recorded.
+    log.script.lock().unwrap().extend([Step::Hang, Step::Hang]);
+    let e = db.batch_execute("COMMIT").await.unwrap_err();
+    assert_eq!(code(&e), "08007", "{e:?}");
+    assert!(message(&e).contains("outcome is unknown"), "{e:?}");
+    for i in 0..2 {
+        assert_eq!(prepared(&c, i).await.len(), 1, "s{i}");
+    }
+    assert_eq!(on_shard(&c, 0, a).await, None);
+    // The session goes on.
+    db.execute(
+        "INSERT INTO users (id, v) VALUES ($1, 'later')",
+        &[&(a + 7919)],
+    )
+    .await
+    .unwrap();
+    // Once a resolver runs, it records a rollback and applies it.
+    log.resolver.store(true, Ordering::SeqCst);
+    wait_for("the resolver", Duration::from_secs(20), || async {
+        prepared(&c, 0).await.is_empty() && prepared(&c, 1).await.is_empty()
+    })
+    .await;
+    assert_eq!(on_shard(&c, 0, a).await, None);
+    assert_eq!(on_shard(&c, 1, b).await, None);
+    no_open_transactions(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_decided_first_wins_over_the_commit() {
+    let (c, log) = scripted_cluster("").await;
+    let (db, a, b) = setup(&c).await;
+    two_shard_insert(&db, a, b).await;
+    log.script
+        .lock()
+        .unwrap()
+        .push_back(Step::RecordFirst(false));
+    let e = db.batch_execute("COMMIT").await.unwrap_err();
+    assert_eq!(code(&e), "40001", "{e:?}");
+    assert!(message(&e).contains("rolled back"), "{e:?}");
+    assert_eq!(on_shard(&c, 0, a).await, None);
+    assert_eq!(on_shard(&c, 1, b).await, None);
+    nothing_prepared(&c).await;
+    no_open_transactions(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_lost_after_the_decision_is_committed_by_the_resolver() {
+    let (c, log) = scripted_cluster(
+        "connect_timeout_ms = 300\npool_timeout_ms = 1000\ntwopc_grace_ms = 200\ntwopc_resolver_interval_ms = 100",
+    )
+    .await;
+    let (db, a, b) = setup(&c).await;
+    two_shard_insert(&db, a, b).await;
+    // Between the decision and COMMIT PREPARED, s1 stops answering: its
+    // sessions are terminated and its postmaster is frozen (SIGSTOP).
+    let dsn = c.shards[1].dsn();
+    let pidfile = c.shards[1].dir.join("data").join("postmaster.pid");
+    let postmaster: String = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let pm = postmaster.clone();
+    log.script
+        .lock()
+        .unwrap()
+        .push_back(Step::Before(Box::pin(async move {
+            let d = connect(&dsn).await.unwrap();
+            d.batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'")
+                .await
+                .unwrap();
+            let ok = std::process::Command::new("kill")
+                .args(["-STOP", &pm])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+        })));
+    let e = db.batch_execute("COMMIT").await;
+    // Whatever happens below, wake the shard up again.
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &postmaster])
+        .status();
+    let e = e.unwrap_err();
+    assert_eq!(code(&e), "58000", "{e:?}");
+    assert!(message(&e).contains("IS committed"), "{e:?}");
+    assert_eq!(on_shard(&c, 0, a).await.as_deref(), Some("a"));
+    log.resolver.store(true, Ordering::SeqCst);
+    wait_for("the resolver", Duration::from_secs(30), || async {
+        prepared(&c, 1).await.is_empty()
+    })
+    .await;
+    assert_eq!(on_shard(&c, 1, b).await.as_deref(), Some("b"));
+    nothing_prepared(&c).await;
 }
