@@ -8,9 +8,8 @@
 //! statement runs. Reference tables get the whole stream on every shard.
 //! - Outside a transaction block every shard's COPY runs inside a
 //!   transaction begun by the node; they are committed only after every
-//!   shard reported success, one after the other (the commits themselves are
-//!   not atomic until two-phase commit: see docs/ARCHITECTURE.md), and a
-//!   failure anywhere rolls back everywhere.
+//!   shard reported success, with two-phase commit when there are several
+//!   ([`crate::twopc`]), and a failure anywhere rolls back everywhere.
 //! - Inside a transaction block a shard's COPY is started when its first row
 //!   arrives: one COPY writes to one shard (rows for a second shard are
 //!   refused with 0A000 and the transaction fails); the transaction itself
@@ -1086,9 +1085,25 @@ async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
         st.iter().map(ShardCopy::count).sum()
     };
     if !in_tx {
-        // All shards succeeded: commit one after the other. A failure
-        // before any commit rolls everything back; after one, the shards
-        // already committed keep the rows (until two-phase commit).
+        // All shards succeeded. Several shards: two-phase commit, all or
+        // nothing (the client gets the error and nothing is copied, or 58000
+        // / 08007 when the commit is decided / in doubt).
+        let open: Vec<usize> = st
+            .iter()
+            .map(|sc| sc.t)
+            .filter(|&t| s.slots[t].conn.as_ref().is_some_and(|b| b.status == b'T'))
+            .collect();
+        if open.len() > 1 {
+            if let Err(r) = crate::twopc::commit(s, &open).await {
+                reply_error(s, proto, true, r.code, &r.message);
+                s.end_of_transaction().await?;
+                return Ok(());
+            }
+            reply_done(s, proto, true, total);
+            s.end_of_transaction().await?;
+            return Ok(());
+        }
+        // One shard: its COMMIT.
         let mut committed = Vec::new();
         let mut unknown: Vec<usize> = Vec::new();
         let mut failed: Option<(usize, String, String)> = None;

@@ -654,3 +654,55 @@ async fn a_shard_lost_after_the_decision_is_committed_by_the_resolver() {
     assert_eq!(on_shard(&c, 1, b).await.as_deref(), Some("b"));
     nothing_prepared(&c).await;
 }
+
+async fn copy_rows(
+    db: &tokio_postgres::Client,
+    rows: String,
+) -> Result<u64, tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    let sink = db
+        .copy_in::<_, bytes::Bytes>("COPY users (id, v) FROM STDIN")
+        .await?;
+    let mut sink = Box::pin(sink);
+    sink.send(bytes::Bytes::from(rows)).await?;
+    sink.as_mut().finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_into_two_shards_commits_all_or_nothing() {
+    let c = cluster("").await;
+    let (db, a, b) = setup(&c).await;
+    let n = copy_rows(&db, format!("{a}\tca\n{b}\tcb\n")).await.unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(on_shard(&c, 0, a).await.as_deref(), Some("ca"));
+    assert_eq!(on_shard(&c, 1, b).await.as_deref(), Some("cb"));
+    nothing_prepared(&c).await;
+    // a deferred check on s1 fails the PREPARE: nothing lands on s0 either
+    c.direct(1)
+        .await
+        .batch_execute(
+            "CREATE FUNCTION no_b() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'deferred check failed' USING ERRCODE = '23514'; END $$;
+             CREATE CONSTRAINT TRIGGER no_b AFTER INSERT ON users DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION no_b();",
+        )
+        .await
+        .unwrap();
+    let snap = c.node.catalog.load_full();
+    let owner = |k: i64| {
+        snap.range_for_key("users", &KeyValue::Int8(k))
+            .unwrap()
+            .write_owner
+            .as_str()
+            .to_string()
+    };
+    let a2 = (a + 1..).find(|&k| owner(k) == "s0").unwrap();
+    let b2 = (b + 1..).find(|&k| owner(k) == "s1").unwrap();
+    let e = copy_rows(&db, format!("{a2}\tx\n{b2}\tx\n"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "23514", "{e:?}");
+    assert!(message(&e).contains("rolled back on every shard"), "{e:?}");
+    assert_eq!(on_shard(&c, 0, a2).await, None, "s0 kept its row");
+    assert_eq!(on_shard(&c, 1, b2).await, None);
+    nothing_prepared(&c).await;
+    no_open_transactions(&c).await;
+}
