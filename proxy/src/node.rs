@@ -118,6 +118,7 @@ impl Node {
         let snapshot = cfg.snapshot().map_err(|e| NodeError::Tls(e.to_string()))?;
         let home_index = cfg.shard_index(snapshot.home_shard().as_str()).unwrap_or(0);
         let plans = Mutex::new(PlanCache::new(cfg.plan_cache_size));
+        let node_id = cfg.node_id;
         Ok(Arc::new(Node {
             catalog: ArcSwap::from_pointee(snapshot),
             plans,
@@ -130,7 +131,7 @@ impl Node {
             clients: AtomicUsize::new(0),
             cancels: Mutex::new(HashMap::new()),
             shard_addrs,
-            decisions: Arc::new(crate::twopc::LocalDecisions::default()),
+            decisions: Arc::new(crate::twopc::LocalDecisions::for_node(node_id)),
         }))
     }
 

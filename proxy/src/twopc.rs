@@ -4,15 +4,16 @@
 //! coordinator left prepared (it crashed, a shard was unreachable).
 //!
 //! A commit runs in this order, and the order is what makes it atomic:
-//! 1. `PREPARE TRANSACTION 'hr_<node_id>_<random>'` on every written shard.
+//! 1. `PREPARE TRANSACTION 'hr_<node_id>_<random>'` on every written shard
+//!    (all at once).
 //!    A failure anywhere rolls back everywhere (`ROLLBACK PREPARED` where
 //!    it had prepared) and the client gets that shard's error.
 //! 2. The decision `commit = true` is recorded through the node's
 //!    [`DecisionLog`]; the first decision recorded for a gid is final, so a
 //!    resolver that meanwhile recorded `false` wins and the transaction is
 //!    rolled back.
-//! 3. `COMMIT PREPARED` (or `ROLLBACK PREPARED`) on every prepared shard,
-//!    retried on a fresh backend; the client sees COMMIT only when every
+//! 3. `COMMIT PREPARED` (or `ROLLBACK PREPARED`) on every prepared shard
+//!    (all at once), retried on a fresh backend; the client sees COMMIT only when every
 //!    shard committed.
 //!
 //! Guarantees:
@@ -69,13 +70,36 @@ pub trait DecisionLog: Send + Sync + 'static {
     /// Every shard has ended gid's transaction: its decision is no longer
     /// needed (a log may drop it, or keep it; the default keeps it).
     fn finished(&self, _gid: &str) {}
+    /// Whether this node's resolver may decide gid. A log shared by every
+    /// node (the replicated catalog) may decide any gid (the default); a
+    /// log private to one node only its own, since another node's
+    /// coordinator would never see the decision.
+    fn may_resolve(&self, _gid: &str) -> bool {
+        true
+    }
 }
 
 /// In-memory decisions, used by a node on its own. They do not survive a
-/// restart of the node (see the module documentation).
+/// restart of the node (see the module documentation), and no other node
+/// sees them: the resolver of a node using them finishes only the
+/// transactions of its own `node_id` (nodes in front of the same shards
+/// need distinct ids).
 #[derive(Default)]
 pub struct LocalDecisions {
     map: Mutex<HashMap<String, bool>>,
+    /// `hr_<node_id>_`: the gids this node makes; None: any.
+    own_prefix: Option<String>,
+}
+
+impl LocalDecisions {
+    /// Decisions of node `node_id`, whose resolver finishes only that
+    /// node's transactions.
+    pub fn for_node(node_id: u64) -> LocalDecisions {
+        LocalDecisions {
+            map: Mutex::default(),
+            own_prefix: Some(format!("hr_{node_id}_")),
+        }
+    }
 }
 
 impl DecisionLog for LocalDecisions {
@@ -99,6 +123,12 @@ impl DecisionLog for LocalDecisions {
 
     fn is_resolver(&self) -> bool {
         true
+    }
+
+    fn may_resolve(&self, gid: &str) -> bool {
+        self.own_prefix
+            .as_deref()
+            .is_none_or(|p| gid.starts_with(p))
     }
 
     /// Dropped: nothing is left prepared under this gid, and a resolver
@@ -214,76 +244,63 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let gid = new_gid(node.cfg.node_id);
     let prepare = format!("PREPARE TRANSACTION '{gid}'");
 
-    // Phase 1. Sequential: one round trip per shard (a parallel PREPARE is
-    // a possible optimisation; correctness does not depend on the order).
-    let mut prepared: Vec<usize> = Vec::new();
+    // Phase 1, on every written shard at once. Only a backend known to be
+    // inside a transaction that has not failed is prepared: PostgreSQL
+    // answers PREPARE in an aborted transaction with ROLLBACK and no error.
     let mut failure: Option<Refusal> = None;
     for &t in shards {
-        let Some(b) = s.slots[t].conn.as_mut() else {
-            failure.get_or_insert_with(|| {
-                Refusal::new(
-                    "08006",
-                    format!("the connection to shard {} was lost before the commit; the transaction was rolled back on every shard", name(t)),
-                )
-            });
-            continue;
-        };
-        if failure.is_some() {
-            if b.status != b'I' {
-                if let Err(e) = b.hidden_query("ROLLBACK").await {
-                    tracing::warn!(error = %e, shard = t, "rolling back after a failed PREPARE");
-                    b.broken = true;
-                }
-            }
-            continue;
-        }
-        if b.status != b'T' {
-            // An aborted transaction would answer PREPARE with ROLLBACK and
-            // no error: never prepare one.
-            failure = Some(Refusal::new(
+        let status = s.slots[t].conn.as_ref().map(|b| (b.status, b.unsynced));
+        let r = match status {
+            None => Some(Refusal::new(
+                "08006",
+                format!("the connection to shard {} was lost before the commit; the transaction was rolled back on every shard", name(t)),
+            )),
+            Some((b'T', false)) => None,
+            Some((_, true)) => Some(Refusal::new(
+                "0A000",
+                format!("messages sent with Flush but without Sync are still open on shard {}; the transaction was rolled back on every shard (send Sync before COMMIT)", name(t)),
+            )),
+            Some(_) => Some(Refusal::new(
                 "25P02",
-                format!(
-                    "the transaction failed on shard {}; it was rolled back on every shard",
-                    name(t)
-                ),
-            ));
-            if b.status != b'I' {
-                if let Err(e) = b.hidden_query("ROLLBACK").await {
-                    tracing::warn!(error = %e, shard = t, "rolling back after a failed PREPARE");
-                    b.broken = true;
-                }
-            }
-            continue;
+                format!("the transaction failed on shard {}; it was rolled back on every shard", name(t)),
+            )),
+        };
+        if failure.is_none() {
+            failure = r;
         }
-        match b.hidden_query(&prepare).await {
-            Ok(_) => prepared.push(t),
-            Err(HiddenQueryError::Server { code, message }) => {
-                // PostgreSQL rolled this shard's transaction back itself.
-                let hint = if code == "55000"
-                    && message.contains("prepared transactions are disabled")
-                {
-                    "; hotrepart commits transactions that write to several shards with two-phase commit, which needs max_prepared_transactions > 0 on every shard"
-                } else {
-                    ""
-                };
-                failure = Some(Refusal::new(
-                    sqlstate(&code),
-                    format!(
-                        "{message} (preparing the commit on shard {}); the transaction was rolled back on every shard{hint}",
-                        name(t)
-                    ),
-                ));
-            }
-            Err(HiddenQueryError::Wire(e)) => {
-                b.broken = true;
-                tracing::warn!(error = %e, shard = t, %gid, "connection lost during PREPARE TRANSACTION");
-                failure = Some(Refusal::new(
-                    "08006",
-                    format!(
-                        "the connection to shard {} was lost while preparing the commit; the transaction was rolled back (if it was prepared there, the resolver rolls it back)",
-                        name(t)
-                    ),
-                ));
+    }
+    let mut prepared: Vec<usize> = Vec::new();
+    if failure.is_none() {
+        for (t, r) in run_all(s, shards, &prepare).await {
+            match r {
+                Ok(()) => prepared.push(t),
+                Err(HiddenQueryError::Server { code, message }) => {
+                    // PostgreSQL rolled this shard's transaction back itself.
+                    let hint = if code == "55000"
+                        && message.contains("prepared transactions are disabled")
+                    {
+                        "; hotrepart commits transactions that write to several shards with two-phase commit, which needs max_prepared_transactions > 0 on every shard"
+                    } else {
+                        ""
+                    };
+                    failure.get_or_insert_with(|| Refusal::new(
+                        sqlstate(&code),
+                        format!(
+                            "{message} (preparing the commit on shard {}); the transaction was rolled back on every shard{hint}",
+                            name(t)
+                        ),
+                    ));
+                }
+                Err(HiddenQueryError::Wire(e)) => {
+                    tracing::warn!(error = %e, shard = t, %gid, "connection lost during PREPARE TRANSACTION");
+                    failure.get_or_insert_with(|| Refusal::new(
+                        "08006",
+                        format!(
+                            "the connection to shard {} was lost while preparing the commit; the transaction was rolled back (if it was prepared there, the resolver rolls it back)",
+                            name(t)
+                        ),
+                    ));
+                }
             }
         }
     }
@@ -292,6 +309,20 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
         for &t in &prepared {
             if !finish_on(s, t, &sql).await {
                 tracing::warn!(shard = t, %gid, "cannot roll back a prepared transaction; the resolver will");
+            }
+        }
+        // Shards never prepared (or not reached) roll back.
+        for &t in shards {
+            if let Some(b) = s.slots[t].conn.as_mut() {
+                if b.unsynced {
+                    // Never pooled: closing it rolls back.
+                    b.broken = true;
+                } else if b.status != b'I' {
+                    if let Err(e) = b.hidden_query("ROLLBACK").await {
+                        tracing::warn!(error = %e, shard = t, "rolling back after a failed PREPARE");
+                        b.broken = true;
+                    }
+                }
             }
         }
         return Err(r);
@@ -331,13 +362,32 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
         format!("ROLLBACK PREPARED '{gid}'")
     };
     let mut pending = Vec::new();
-    for (i, &t) in prepared.iter().enumerate() {
-        if finish_on(s, t, &sql).await {
-            if commit && i == 0 {
+    if configured_failpoint() == Some(Failpoint::AfterFirstCommit) {
+        // One shard after the other, so that exactly one has committed when
+        // the failpoint fires.
+        for (i, &t) in prepared.iter().enumerate() {
+            if !finish_on(s, t, &sql).await {
+                pending.push(name(t));
+            } else if commit && i == 0 {
                 failpoint(Failpoint::AfterFirstCommit);
             }
-        } else {
-            pending.push(name(t));
+        }
+    } else {
+        // Every shard at once; a shard that failed is retried on a fresh
+        // backend.
+        for (t, r) in run_all(s, &prepared, &sql).await {
+            let done = match r {
+                Ok(()) => true,
+                Err(HiddenQueryError::Server { code, .. }) if code == "42704" => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, shard = t, "{sql} failed; retrying on a fresh connection");
+                    let pool = s.pool(t);
+                    finish_with_pool(&pool, t, &sql, node.cfg.pool_timeout()).await
+                }
+            };
+            if !done {
+                pending.push(name(t));
+            }
         }
     }
     if pending.is_empty() {
@@ -363,6 +413,60 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
             format!("the transaction was rolled back on every shard: the in-doubt transaction {gid} had been resolved to roll back before its commit was recorded"),
         )),
     }
+}
+
+/// Runs `sql` on the session's backends of `shards` at once (those
+/// attached), and returns each shard's result in the order of `shards`. A
+/// backend whose connection broke is marked broken.
+///
+/// Not cancel-safe: a query cut short leaves its backend owing replies.
+async fn run_all<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    shards: &[usize],
+    sql: &str,
+) -> Vec<(usize, Result<(), HiddenQueryError>)> {
+    let futs: Vec<_> = s
+        .slots
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| shards.contains(i))
+        .filter_map(|(i, sl)| sl.conn.as_mut().map(|b| (i, b)))
+        .map(|(i, b)| async move {
+            let r = b.hidden_query(sql).await.map(|_| ());
+            if matches!(r, Err(HiddenQueryError::Wire(_))) {
+                b.broken = true;
+            }
+            (i, r)
+        })
+        .collect();
+    let mut out = join_all(futs).await;
+    out.sort_by_key(|(i, _)| shards.iter().position(|t| t == i));
+    out
+}
+
+/// Polls every future until all are ready (the crate has no `futures`
+/// dependency); outputs in the order given.
+async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
 }
 
 /// Runs `sql` (COMMIT/ROLLBACK PREPARED) for shard `t`: on the session's
@@ -497,7 +601,7 @@ pub async fn resolve_shard(node: &Node, t: usize) -> Result<Vec<String>, Resolve
         let (Some(Some(gid)), Some(Some(db))) = (row.first(), row.get(1)) else {
             continue;
         };
-        if !is_hotrepart_gid(gid) {
+        if !is_hotrepart_gid(gid) || !node.decisions.may_resolve(gid) {
             continue;
         }
         let commit = match node.decisions.decision(gid) {
@@ -554,6 +658,10 @@ mod tests {
         assert_eq!(d.decision("g"), Some(false));
         d.finished("g");
         assert_eq!(d.decision("g"), None);
+        let own = LocalDecisions::for_node(3);
+        assert!(own.may_resolve(&new_gid(3)));
+        assert!(!own.may_resolve(&new_gid(31)));
+        assert!(d.may_resolve(&new_gid(31)));
     }
 
     #[test]

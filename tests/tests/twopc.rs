@@ -261,11 +261,11 @@ async fn the_resolver_finishes_prepared_transactions_left_behind() {
     let (_db, a, b) = setup(&c).await;
     let (a2, b2) = (a + 1000, b + 1000);
     // Recorded before the transaction is prepared: the resolver commits it.
-    let committed = "hr_9_00000000000000bb";
+    let committed = "hr_1_00000000000000bb";
     assert!(c.node.decisions.decide(committed, true).await.unwrap());
     let s0 = c.direct(0).await;
     s0.batch_execute(&format!(
-        "BEGIN; INSERT INTO users (id, v) VALUES ({a}, 'orphan'); PREPARE TRANSACTION 'hr_9_00000000000000aa'"
+        "BEGIN; INSERT INTO users (id, v) VALUES ({a}, 'orphan'); PREPARE TRANSACTION 'hr_1_00000000000000aa'"
     ))
     .await
     .unwrap();
@@ -274,8 +274,14 @@ async fn the_resolver_finishes_prepared_transactions_left_behind() {
     ))
     .await
     .unwrap();
-    // Not ours: left alone.
+    // Another node's transaction (its own resolver finishes it: decisions
+    // are in memory, per node) and not ours at all: left alone.
     let s1 = c.direct(1).await;
+    s1.batch_execute(&format!(
+        "BEGIN; INSERT INTO users (id, v) VALUES ({b}, 'node 2'); PREPARE TRANSACTION 'hr_2_00000000000000cc'"
+    ))
+    .await
+    .unwrap();
     s1.batch_execute(&format!(
         "BEGIN; INSERT INTO users (id, v) VALUES ({b2}, 'foreign'); PREPARE TRANSACTION 'not_hotrepart'"
     ))
@@ -291,13 +297,21 @@ async fn the_resolver_finishes_prepared_transactions_left_behind() {
     assert_eq!(on_shard(&c, 0, a2).await.as_deref(), Some("decided"));
     // The decision it found for the orphan is the one it recorded.
     assert_eq!(
-        c.node.decisions.decision("hr_9_00000000000000aa"),
+        c.node.decisions.decision("hr_1_00000000000000aa"),
         Some(false)
     );
-    assert_eq!(prepared(&c, 1).await, vec!["not_hotrepart".to_string()]);
-    s1.batch_execute("ROLLBACK PREPARED 'not_hotrepart'")
-        .await
-        .unwrap();
+    assert_eq!(
+        prepared(&c, 1).await,
+        vec![
+            "hr_2_00000000000000cc".to_string(),
+            "not_hotrepart".to_string()
+        ]
+    );
+    for gid in ["not_hotrepart", "hr_2_00000000000000cc"] {
+        s1.batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
+            .await
+            .unwrap();
+    }
 }
 
 /// Not a test by itself: the node process the crash test starts (this test
