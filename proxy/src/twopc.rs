@@ -32,7 +32,7 @@
 //! Paxos-replicated catalog (`CatalogCommand::TxDecision`) closes that gap
 //! once it is plugged in as the node's `DecisionLog`.
 
-use crate::backend::HiddenQueryError;
+use crate::backend::{BackendConn, BackendTarget, HiddenQueryError};
 use crate::node::Node;
 use crate::pool::Pool;
 use crate::session::{Refusal, Session};
@@ -526,36 +526,47 @@ async fn finish_with_pool(pool: &Arc<Pool>, t: usize, sql: &str, wait: Duration)
     false
 }
 
-/// Pool key user for the resolver's own connections (no client has it).
+/// Pool key user under which the resolver finds its login (no client has
+/// it); the resolver makes its own connections from that pool's target.
 const RESOLVER: &str = "\u{0}hotrepart-resolver";
+
+/// `application_name` of the resolver's connections: they are not part of
+/// any pool, and an operator (or a test counting a pool's backends) can
+/// tell them apart.
+pub const RESOLVER_APPLICATION_NAME: &str = "hotrepart resolver";
 
 /// The resolver: every `twopc_resolver_interval_ms`, while this node is the
 /// resolver, finishes the prepared `hr_` transactions older than
-/// `twopc_grace_ms` on every shard (any node's: a crashed node cannot).
-/// Spawned by [`Node::serve`]; ends when `shutdown` turns true.
+/// `twopc_grace_ms` on every shard (any node's with a shared decision log:
+/// a crashed node cannot; see [`DecisionLog::may_resolve`]). Keeps one
+/// connection per shard. Spawned by [`Node::serve`]; ends when `shutdown`
+/// turns true.
 pub async fn run_resolver(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     let every = Duration::from_millis(node.cfg.twopc_resolver_interval_ms.max(10));
+    let mut conns: Vec<Option<BackendConn>> = node.cfg.shards.iter().map(|_| None).collect();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
         }
         if !node.decisions.is_resolver() {
+            conns.iter_mut().for_each(|c| *c = None);
             continue;
         }
-        for t in 0..node.cfg.shards.len() {
-            if let Err(e) = resolve_shard(&node, t).await {
+        for (t, conn) in conns.iter_mut().enumerate() {
+            if let Err(e) = resolve_shard(&node, t, conn).await {
                 tracing::warn!(shard = %node.cfg.shards[t].name, error = %e, "2PC resolver cannot check the shard");
+                *conn = None;
             }
         }
     }
 }
 
-/// The pool the resolver uses for `database` on shard `t`: it logs in as
-/// the shard DSN's user (with the DSN's password), or, when the DSN names
-/// no user, as the first configured user's server login. Finishing another
-/// role's prepared transaction needs a superuser (or that role).
-fn resolver_pool(node: &Node, t: usize, database: &str) -> Arc<Pool> {
+/// Where the resolver logs in for `database` on shard `t`: as the shard
+/// DSN's user (with the DSN's password), or, when the DSN names no user, as
+/// the first configured user's server login. Finishing another role's
+/// prepared transaction needs a superuser (or that role).
+fn resolver_target(node: &Node, t: usize, database: &str) -> BackendTarget {
     let dsn_user = node.cfg.shards[t]
         .dsn
         .parse::<tokio_postgres::Config>()
@@ -565,39 +576,58 @@ fn resolver_pool(node: &Node, t: usize, database: &str) -> Arc<Pool> {
         (None, Some(u)) => u.name.clone(),
         _ => RESOLVER.to_string(),
     };
-    node.pool_for(t, database, &who)
+    // The pool is never used for connections: only its login is.
+    node.pool_for(t, database, &who).target.clone()
+}
+
+async fn resolver_connect(
+    node: &Node,
+    t: usize,
+    database: &str,
+) -> Result<BackendConn, crate::backend::BackendError> {
+    BackendConn::connect_named(
+        &resolver_target(node, t, database),
+        node.cfg.connect_timeout(),
+        Some(RESOLVER_APPLICATION_NAME),
+    )
+    .await
 }
 
 /// Error of one resolver pass over a shard.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     #[error(transparent)]
-    Pool(#[from] crate::pool::PoolError),
+    Connect(#[from] crate::backend::BackendError),
     #[error(transparent)]
     Query(#[from] HiddenQueryError),
 }
 
-/// One resolver pass over shard `t`. Returns the gids it finished.
-pub async fn resolve_shard(node: &Node, t: usize) -> Result<Vec<String>, ResolveError> {
-    let fp = crate::state::SessionState::default().fingerprint();
-    let wait = node.cfg.pool_timeout();
+/// One resolver pass over shard `t`, listing with `conn` (connected to the
+/// DSN's database when None). Returns the gids it finished.
+pub async fn resolve_shard(
+    node: &Node,
+    t: usize,
+    conn: &mut Option<BackendConn>,
+) -> Result<Vec<String>, ResolveError> {
     let home_db = node.cfg.shards[t]
         .dsn
         .parse::<tokio_postgres::Config>()
         .ok()
         .and_then(|c| c.get_dbname().map(str::to_string))
         .unwrap_or_else(|| "postgres".into());
-    let pool = resolver_pool(node, t, &home_db);
-    let mut b = pool.get(fp, wait).await?;
+    let b = match conn {
+        Some(b) => b,
+        None => conn.insert(resolver_connect(node, t, &home_db).await?),
+    };
     // pg_prepared_xacts lists every database's prepared transactions.
     let q = format!(
         "SELECT gid, database FROM pg_catalog.pg_prepared_xacts WHERE left(gid, 3) = 'hr_' AND prepared < now() - interval '{} milliseconds' ORDER BY prepared",
         node.cfg.twopc_grace_ms
     );
-    let rows = b.hidden_query(&q).await;
-    b.release();
+    let rows = b.hidden_query(&q).await?;
+    let shard = &node.cfg.shards[t].name;
     let mut done = Vec::new();
-    for row in rows? {
+    for row in rows {
         let (Some(Some(gid)), Some(Some(db))) = (row.first(), row.get(1)) else {
             continue;
         };
@@ -619,13 +649,31 @@ pub async fn resolve_shard(node: &Node, t: usize) -> Result<Vec<String>, Resolve
         } else {
             format!("ROLLBACK PREPARED '{gid}'")
         };
-        // Prepared transactions belong to their database: finish it there.
-        let pool = resolver_pool(node, t, db);
-        if finish_with_pool(&pool, t, &sql, wait).await {
-            tracing::info!(shard = %node.cfg.shards[t].name, %gid, database = %db, commit, "2PC resolver finished an in-doubt transaction");
-            done.push(gid.clone());
+        // A prepared transaction belongs to its database: finish it there.
+        let r = if *db == home_db {
+            b.hidden_query(&sql).await
         } else {
-            tracing::warn!(shard = %node.cfg.shards[t].name, %gid, database = %db, commit, "2PC resolver could not finish an in-doubt transaction");
+            match resolver_connect(node, t, db).await {
+                Ok(mut other) => other.hidden_query(&sql).await,
+                Err(e) => {
+                    tracing::warn!(%shard, %gid, database = %db, error = %e, "2PC resolver cannot connect");
+                    continue;
+                }
+            }
+        };
+        match r {
+            // 42704: finished meanwhile (the decision is final).
+            Ok(_) => {
+                tracing::info!(%shard, %gid, database = %db, commit, "2PC resolver finished an in-doubt transaction");
+                done.push(gid.clone());
+            }
+            Err(HiddenQueryError::Server { code, .. }) if code == "42704" => {}
+            Err(e) => {
+                tracing::warn!(%shard, %gid, database = %db, commit, error = %e, "2PC resolver could not finish an in-doubt transaction");
+                if matches!(e, HiddenQueryError::Wire(_)) && *db == home_db {
+                    return Err(e.into());
+                }
+            }
         }
     }
     Ok(done)
