@@ -410,7 +410,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
         )),
         (false, _) => Err(Refusal::new(
             "40001",
-            format!("the transaction was rolled back on every shard: the in-doubt transaction {gid} had been resolved to roll back before its commit was recorded"),
+            format!("the transaction was rolled back on every shard: a rollback was recorded for it ({gid}) before its commit could be (a resolver found it in doubt, or the decision log failed); it is safe to retry"),
         )),
     }
 }
