@@ -87,13 +87,26 @@ impl BackendConn {
         t: &BackendTarget,
         timeout: Duration,
     ) -> Result<BackendConn, BackendError> {
-        match tokio::time::timeout(timeout, Self::connect_inner(t)).await {
+        Self::connect_named(t, timeout, None).await
+    }
+
+    /// As [`BackendConn::connect`], with an `application_name` in the
+    /// startup packet (the node's own connections that are never pooled).
+    pub async fn connect_named(
+        t: &BackendTarget,
+        timeout: Duration,
+        application_name: Option<&str>,
+    ) -> Result<BackendConn, BackendError> {
+        match tokio::time::timeout(timeout, Self::connect_inner(t, application_name)).await {
             Ok(r) => r,
             Err(_) => Err(BackendError::Timeout(t.shard.clone())),
         }
     }
 
-    async fn connect_inner(t: &BackendTarget) -> Result<BackendConn, BackendError> {
+    async fn connect_inner(
+        t: &BackendTarget,
+        application_name: Option<&str>,
+    ) -> Result<BackendConn, BackendError> {
         let addr = t.addr.clone().map_err(|m| BackendError::Connect {
             shard: t.shard.clone(),
             source: std::io::Error::other(m),
@@ -108,13 +121,14 @@ impl BackendConn {
         let (r, mut w) = stream.into_split();
         let mut reader = FrameReader::new(r, 1 << 30);
         let mut out = BytesMut::new();
-        // No application_name: RESET ALL must bring a backend back to the
-        // defaults a direct connection would see.
-        frontend::startup_message(
-            [("user", t.user.as_str()), ("database", t.database.as_str())],
-            &mut out,
-        )
-        .map_err(|e| BackendError::Wire(WireError::Io(e)))?;
+        // No application_name for pooled backends: RESET ALL must bring a
+        // backend back to the defaults a direct connection would see.
+        let mut startup = vec![("user", t.user.as_str()), ("database", t.database.as_str())];
+        if let Some(app) = application_name {
+            startup.push(("application_name", app));
+        }
+        frontend::startup_message(startup, &mut out)
+            .map_err(|e| BackendError::Wire(WireError::Io(e)))?;
         w.write_all(&out).await.map_err(WireError::Io)?;
         let mut scram: Option<ScramSha256> = None;
         let mut params = Vec::new();

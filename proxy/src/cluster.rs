@@ -104,3 +104,85 @@ fn publish_current(node: &Node, c: &hotrepart_routing_paxos::Catalog) {
         }
     }
 }
+
+/// Two-phase-commit decisions recorded in the catalog
+/// ([`CatalogCommand::TxDecision`](hotrepart_routing_paxos::CatalogCommand)):
+/// durable before any COMMIT PREPARED, the first decision for a gid final,
+/// and, in a cluster, seen by every node — so the leader's resolver can
+/// finish any node's transaction. A node alone (no `[cluster]`) keeps them
+/// in `data_dir` (durable) or in memory (lost at exit: then its resolver
+/// rolls back what it had not finished, see docs/ARCHITECTURE.md), and
+/// resolves only its own transactions: other nodes in front of the same
+/// shards have their own logs.
+pub struct CatalogDecisions {
+    handle: CatalogHandle,
+    /// `hr_<node_id>_` when the log is private to this node.
+    own_prefix: Option<String>,
+    timeout: Duration,
+}
+
+impl CatalogDecisions {
+    pub fn new(cfg: &Config, handle: CatalogHandle) -> CatalogDecisions {
+        let own_prefix = match cfg.cluster {
+            Some(_) => None,
+            None => Some(format!("hr_{}_", cfg.effective_node_id())),
+        };
+        CatalogDecisions {
+            handle,
+            own_prefix,
+            timeout: Duration::from_millis(cfg.twopc_decision_timeout_ms.max(1)),
+        }
+    }
+}
+
+impl crate::twopc::DecisionLog for CatalogDecisions {
+    fn decide<'a>(
+        &'a self,
+        gid: &'a str,
+        commit: bool,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<bool, crate::twopc::DecisionError>> + Send + 'a,
+        >,
+    > {
+        Box::pin(async move {
+            use crate::twopc::DecisionError;
+            if let Some(d) = self.handle.catalog().decision(gid) {
+                return Ok(d);
+            }
+            let cmd = hotrepart_routing_paxos::CatalogCommand::TxDecision {
+                gid: gid.to_string(),
+                commit,
+            };
+            match self.handle.propose(cmd, self.timeout).await {
+                // Applied here, or refused because a decision exists: either
+                // way the catalog now holds the final one.
+                Ok(_) => self.handle.catalog().decision(gid).ok_or_else(|| {
+                    DecisionError::Unavailable(format!(
+                        "the catalog did not record a decision for {gid}"
+                    ))
+                }),
+                Err(hotrepart_routing_paxos::ProposeError::Timeout) => Err(DecisionError::Timeout),
+                Err(e) => Err(DecisionError::Unavailable(e.to_string())),
+            }
+        })
+    }
+
+    fn decision(&self, gid: &str) -> Option<bool> {
+        self.handle.catalog().decision(gid)
+    }
+
+    fn is_resolver(&self) -> bool {
+        match &self.own_prefix {
+            Some(_) => true,
+            None => {
+                let st = self.handle.status();
+                st.leader == Some(st.node_id)
+            }
+        }
+    }
+
+    fn may_resolve(&self, gid: &str) -> bool {
+        self.own_prefix.as_ref().is_none_or(|p| gid.starts_with(p))
+    }
+}

@@ -86,6 +86,24 @@ pub struct Config {
     /// Bounded cache of parsed statements.
     #[serde(default = "default_plan_cache_size")]
     pub plan_cache_size: usize,
+    /// This node's id, part of the two-phase-commit transaction ids it
+    /// makes (`hr_<node_id>_<random>`), so an operator can tell which node
+    /// prepared a transaction.
+    #[serde(default = "default_node_id")]
+    pub node_id: u64,
+    /// Two-phase commit: how long a prepared `hr_` transaction may stay
+    /// prepared before the resolver finishes it (commit or roll back).
+    #[serde(default = "default_twopc_grace_ms")]
+    pub twopc_grace_ms: u64,
+    /// Two-phase commit: how often the resolver looks for prepared
+    /// transactions on the shards.
+    #[serde(default = "default_twopc_resolver_interval_ms")]
+    pub twopc_resolver_interval_ms: u64,
+    /// Two-phase commit: how long a COMMIT waits for its decision to be
+    /// recorded before it gives up (SQLSTATE 08007 when the outcome is then
+    /// unknown).
+    #[serde(default = "default_twopc_decision_timeout_ms")]
+    pub twopc_decision_timeout_ms: u64,
     pub shards: Vec<ShardConfig>,
     #[serde(default)]
     pub users: Vec<UserConfig>,
@@ -288,6 +306,18 @@ fn default_max_merge_rows() -> usize {
 fn default_plan_cache_size() -> usize {
     10_000
 }
+fn default_node_id() -> u64 {
+    1
+}
+fn default_twopc_grace_ms() -> u64 {
+    10_000
+}
+fn default_twopc_resolver_interval_ms() -> u64 {
+    2_000
+}
+fn default_twopc_decision_timeout_ms() -> u64 {
+    5_000
+}
 fn default_max_message_size() -> usize {
     64 * 1024 * 1024
 }
@@ -445,6 +475,11 @@ impl Config {
         let n = self.initial_ranges.unwrap_or(self.shards.len());
         b = b.equal_ranges(n).map_err(|e| bad(&e))?;
         b.build().map_err(|e| bad(&e))
+    }
+
+    /// This node's id: `[cluster] node_id` in a cluster, else `node_id`.
+    pub fn effective_node_id(&self) -> u64 {
+        self.cluster.as_ref().map_or(self.node_id, |c| c.node_id)
     }
 
     pub fn shard_index(&self, name: &str) -> Option<usize> {

@@ -8,13 +8,12 @@
 //! statement runs. Reference tables get the whole stream on every shard.
 //! - Outside a transaction block every shard's COPY runs inside a
 //!   transaction begun by the node; they are committed only after every
-//!   shard reported success, one after the other (the commits themselves are
-//!   not atomic until two-phase commit: see docs/ARCHITECTURE.md), and a
-//!   failure anywhere rolls back everywhere.
+//!   shard reported success, with two-phase commit when there are several
+//!   ([`crate::twopc`]), and a failure anywhere rolls back everywhere.
 //! - Inside a transaction block a shard's COPY is started when its first row
-//!   arrives: rows for a second shard (or for another shard than the one the
-//!   transaction already wrote) are refused (0A000) and the transaction
-//!   fails — one written shard per transaction, as for every write.
+//!   arrives: one COPY writes to one shard (rows for a second shard are
+//!   refused with 0A000 and the transaction fails); the transaction itself
+//!   may write to several shards and then commits with two-phase commit.
 //! - A row whose key cannot be read (bad syntax, NULL, wrong number of
 //!   fields, malformed CSV/binary data) makes every shard's COPY fail
 //!   (CopyFail) and the client get one error; nothing lands.
@@ -785,7 +784,7 @@ async fn copy_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
             false,
             "0A000",
             &format!(
-                "this COPY writes to shards {} inside a transaction block; transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
+                "this COPY writes to shards {} inside a transaction block; a COPY into a reference table is supported outside a transaction block only",
                 names.join(", ")
             ),
         );
@@ -920,7 +919,6 @@ async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let pos_of = shard_positions(s, &snap, shards);
     let mut header: Option<Bytes> = None;
     let mut written: Option<usize> = None;
-    let tx_wrote = s.tx_wrote;
     let names: Vec<String> = (0..s.node.shard_slots())
         .map(|i| s.node.shard_name(i))
         .collect();
@@ -969,18 +967,10 @@ async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
                                 ));
                             };
                             if in_tx {
-                                let t = shards[p];
                                 if let Some(w) = written.filter(|&w| w != p) {
                                     return Err(Fail::new("0A000", format!(
-                                        "this COPY writes rows to shards {} and {} inside a transaction block; transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
+                                        "this COPY writes rows to shards {} and {} inside a transaction block; inside a transaction block one COPY writes to one shard (split the rows into one COPY per shard; the transaction may write to several shards)",
                                         names[shards[w]], names[shards[p]]
-                                    )));
-                                }
-                                if let Some(w) = tx_wrote.filter(|&w| w != t) {
-                                    return Err(Fail::new("0A000", format!(
-                                        "this transaction already wrote to shard {} and this COPY would now write to shard {}; transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
-                                        names[w],
-                                        names[t]
                                     )));
                                 }
                                 written = Some(p);
@@ -1097,9 +1087,25 @@ async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
         st.iter().map(ShardCopy::count).sum()
     };
     if !in_tx {
-        // All shards succeeded: commit one after the other. A failure
-        // before any commit rolls everything back; after one, the shards
-        // already committed keep the rows (until two-phase commit).
+        // All shards succeeded. Several shards: two-phase commit, all or
+        // nothing (the client gets the error and nothing is copied, or 58000
+        // / 08007 when the commit is decided / in doubt).
+        let open: Vec<usize> = st
+            .iter()
+            .map(|sc| sc.t)
+            .filter(|&t| s.slots[t].conn.as_ref().is_some_and(|b| b.status == b'T'))
+            .collect();
+        if open.len() > 1 {
+            if let Err(r) = crate::twopc::commit(s, &open).await {
+                reply_error(s, proto, true, r.code, &r.message);
+                s.end_of_transaction().await?;
+                return Ok(());
+            }
+            reply_done(s, proto, true, total);
+            s.end_of_transaction().await?;
+            return Ok(());
+        }
+        // One shard: its COMMIT.
         let mut committed = Vec::new();
         let mut unknown: Vec<usize> = Vec::new();
         let mut failed: Option<(usize, String, String)> = None;

@@ -6,10 +6,11 @@
 //! [`state`] (session state that follows a client across backends),
 //! [`routing`] (router decisions in node shard indexes), [`scatter`] (RUN ON
 //! ALL in the simple protocol), [`copy`] (COPY split over the shards),
-//! [`session`] (the per-client forwarding state machine), [`node`] (listener
-//! and handshake), [`cluster`] (the replicated catalog the node follows),
-//! [`admin`] (the HTTP admin API `proxyctl` talks to), [`localpg`] and
-//! [`demo`] (local PostgreSQL servers).
+//! [`session`] (the per-client forwarding state machine), [`twopc`]
+//! (two-phase commit and its resolver), [`node`] (listener and handshake),
+//! [`cluster`] (the replicated catalog the node follows), [`admin`] (the
+//! HTTP admin API `proxyctl` talks to), [`localpg`] and [`demo`] (local
+//! PostgreSQL servers).
 #![deny(clippy::print_stdout)]
 
 pub mod admin;
@@ -29,6 +30,7 @@ pub mod routing;
 pub mod scatter;
 pub mod session;
 pub mod state;
+pub mod twopc;
 pub mod wire;
 
 pub use config::Config;

@@ -210,16 +210,35 @@ impl LocalPg {
             owner,
             running: false,
         };
+        pg.pg_ctl_start("")?;
+        pg.running = true;
+        Ok(pg)
+    }
+
+    /// Starts the (stopped) server with extra `postgres` options after the
+    /// usual ones (a later `-c` wins), e.g. `-c max_prepared_transactions=0`.
+    /// The stop is a clean one (`-m fast`): with `synchronous_commit=off`
+    /// an immediate stop may lose the last commits.
+    pub fn restart_with(&mut self, extra: &str) -> Result<(), LocalPgError> {
+        self.stop_mode("fast")?;
+        self.pg_ctl_start(extra)?;
+        self.running = true;
+        Ok(())
+    }
+
+    fn pg_ctl_start(&self, extra: &str) -> Result<(), LocalPgError> {
+        let (dir, port) = (&self.dir, self.port);
+        // max_prepared_transactions > 0: two-phase commit across shards.
         let opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c max_connections=300 -c wal_level=logical \
              -c max_replication_slots=16 -c max_wal_senders=16 -c max_prepared_transactions=100 \
-             -c shared_buffers=64MB",
+             -c shared_buffers=64MB {extra}",
             dir.display()
         );
-        let mut c = command(&install.tool("pg_ctl"), owner);
+        let mut c = command(&self.install.tool("pg_ctl"), self.owner);
         c.arg("-D")
-            .arg(&data)
+            .arg(dir.join("data"))
             .arg("-l")
             .arg(dir.join("postgres.log"))
             .arg("-o")
@@ -234,9 +253,7 @@ impl LocalPg {
                 ),
             },
             e => e,
-        })?;
-        pg.running = true;
-        Ok(pg)
+        })
     }
 
     pub fn dsn(&self) -> String {
@@ -247,6 +264,10 @@ impl LocalPg {
     }
 
     pub fn stop(&mut self) -> Result<(), LocalPgError> {
+        self.stop_mode("immediate")
+    }
+
+    fn stop_mode(&mut self, mode: &str) -> Result<(), LocalPgError> {
         if !self.running {
             return Ok(());
         }
@@ -254,7 +275,7 @@ impl LocalPg {
         let mut c = command(&self.install.tool("pg_ctl"), self.owner);
         c.arg("-D")
             .arg(self.dir.join("data"))
-            .args(["-m", "immediate", "-w", "stop"]);
+            .args(["-m", mode, "-w", "stop"]);
         run(c, "pg_ctl stop")
     }
 }

@@ -60,7 +60,6 @@ fn main() -> anyhow::Result<()> {
                 .await
                 .context("cannot start the routing catalog")?;
             let node = hotrepart_proxy::Node::with_catalog(cfg.clone(), catalog.clone())?;
-            hotrepart_proxy::cluster::follow(node.clone(), catalog.clone());
             let listener = node.bind().await?;
             tracing::info!(addr = %listener.local_addr()?, "listening");
             let (tx, rx) = tokio::sync::watch::channel(false);

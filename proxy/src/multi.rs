@@ -151,7 +151,14 @@ impl ShardStreams {
                     self.cancel_others(s, Some(j)).await;
                 }
             }
-            b'Z' => self.rfq_left[j] = self.rfq_left[j].saturating_sub(1),
+            b'Z' => {
+                self.rfq_left[j] = self.rfq_left[j].saturating_sub(1);
+                // Two-phase commit prepares only a backend known to be in
+                // a transaction that has not failed.
+                if let Some(b) = s.slots[self.shards[j]].conn.as_mut() {
+                    b.status = f.body().first().copied().unwrap_or(b'I');
+                }
+            }
             _ => {}
         }
     }

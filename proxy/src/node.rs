@@ -47,6 +47,8 @@ pub enum NodeError {
     },
     #[error("TLS setup: {0}")]
     Tls(String),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("routing catalog: {0}")]
     Catalog(String),
 }
@@ -87,6 +89,9 @@ pub struct Node {
     tls: Option<tokio_rustls::TlsAcceptor>,
     clients: AtomicUsize,
     cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+    /// Commit decisions of two-phase commits (the replicated catalog's
+    /// `TxDecision` entries; see `cluster::CatalogDecisions`).
+    pub decisions: Arc<dyn crate::twopc::DecisionLog>,
 }
 
 /// Where the node reaches one shard.
@@ -184,25 +189,35 @@ impl Node {
         let seed = crate::cluster::seed(&cfg).map_err(|e| NodeError::Catalog(e.to_string()))?;
         let handle = CatalogHandle::local(Some(seed), cfg.data_dir.as_deref())
             .map_err(|e| NodeError::Catalog(e.to_string()))?;
-        let node = Node::with_catalog(cfg, handle.clone())?;
-        crate::cluster::follow(node.clone(), handle);
-        Ok(node)
+        Node::with_catalog(cfg, handle)
     }
 
-    /// A node following `catalog`; call `cluster::follow` to publish its
-    /// snapshots.
+    /// A node following `catalog`: it routes by the catalog's current
+    /// snapshot, and [`Node::serve`] follows the catalog's changes.
     pub fn with_catalog(cfg: Config, catalog: CatalogHandle) -> Result<Arc<Node>, NodeError> {
         let tls = match &cfg.tls {
             Some(t) => Some(load_tls(&t.cert, &t.key)?),
             None => None,
         };
-        let snapshot = cfg.snapshot().map_err(|e| NodeError::Tls(e.to_string()))?;
+        // Until the catalog has a routing table (a new cluster electing its
+        // first leader), the configuration's serves to log clients in.
+        let current = catalog.catalog().snapshot().cloned();
+        let ready = current.is_some();
+        let snapshot = match current {
+            Some(s) => s,
+            None => Arc::new(
+                cfg.snapshot()
+                    .map_err(|e| NodeError::Config(e.to_string()))?,
+            ),
+        };
         let shards = ShardTable::next(&ShardTable::default(), &snapshot);
         let plans = Mutex::new(PlanCache::new(cfg.plan_cache_size));
+        let decisions: Arc<dyn crate::twopc::DecisionLog> =
+            Arc::new(crate::cluster::CatalogDecisions::new(&cfg, catalog.clone()));
         Ok(Arc::new(Node {
-            catalog: ArcSwap::from_pointee(snapshot),
+            catalog: ArcSwap::new(snapshot),
             catalog_handle: catalog,
-            ready: AtomicBool::new(false),
+            ready: AtomicBool::new(ready),
             shards: ArcSwap::from_pointee(shards),
             plans,
             collations: Mutex::new(HashMap::new()),
@@ -212,6 +227,7 @@ impl Node {
             tls,
             clients: AtomicUsize::new(0),
             cancels: Mutex::new(HashMap::new()),
+            decisions,
         }))
     }
 
@@ -237,6 +253,20 @@ impl Node {
             .get(i)
             .map(|s| s.name.clone())
             .unwrap_or_else(|| format!("#{i}"))
+    }
+
+    /// DSN of shard `i`.
+    pub fn shard_dsn(&self, i: usize) -> Option<String> {
+        self.shards.load().list.get(i).map(|s| s.dsn.clone())
+    }
+
+    /// Indices of the shards in the current routing table.
+    pub fn live_shards(&self) -> Vec<usize> {
+        let snap = self.catalog.load();
+        let shards = self.shards.load();
+        snap.shards()
+            .filter_map(|s| shards.by_name.get(s.id.as_str()).copied())
+            .collect()
     }
 
     /// Index of the shard named `name` in the current routing table.
@@ -413,6 +443,8 @@ impl Node {
         listener: TcpListener,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        crate::cluster::follow(self.clone(), self.catalog_handle.clone());
+        tokio::spawn(crate::twopc::run_resolver(self.clone(), shutdown.clone()));
         loop {
             tokio::select! {
                 r = listener.accept() => match r {

@@ -15,12 +15,13 @@
 //!   ReadyForQuery — or one error;
 //! - shards that disagree on the row description make the statement fail;
 //! - a write outside a transaction block runs inside a transaction on every
-//!   shard and is committed only if it succeeded on all of them, else rolled
-//!   back everywhere. (The commits themselves are not atomic across shards
-//!   until two-phase commit lands; a failure between them is reported.) DDL
-//!   runs without a wrapping transaction (CREATE INDEX CONCURRENTLY and
-//!   friends refuse one); a DDL error names the shards where it did apply;
-//! - inside a transaction block, a write to several shards is refused.
+//!   shard and is committed only if it succeeded on all of them, with
+//!   two-phase commit ([`crate::twopc`]) — atomic across shards — else
+//!   rolled back everywhere. DDL runs without a wrapping transaction (CREATE
+//!   INDEX CONCURRENTLY and friends refuse one); a DDL error names the
+//!   shards where it did apply;
+//! - inside a transaction block, a write to several shards marks them all
+//!   written: the transaction's COMMIT uses two-phase commit.
 
 use crate::multi::ShardStreams;
 use crate::routing::{Decision, Target};
@@ -59,16 +60,9 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         );
     }
     if d.write && in_tx {
-        return refuse(
-            s,
-            Refusal::new(
-                "0A000",
-                format!(
-                    "this statement writes to shards {} inside a transaction block; transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
-                    names.join(", ")
-                ),
-            ),
-        );
+        for &t in shards {
+            s.note_write(t);
+        }
     }
     let wrap = d.write && !in_tx && !d.ddl;
     for &t in shards {
@@ -145,22 +139,12 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         tags.push(shard_tags);
     }
     let error = st.error.take().map(|(code, msg, t)| (t, code, msg));
-    // Finish implicit transactions: all or nothing (up to the commit itself).
-    let mut commit_failed = Vec::new();
-    if wrap {
-        let end = if error.is_none() && !mismatch {
-            "COMMIT"
-        } else {
-            "ROLLBACK"
-        };
-        for &t in shards {
-            if let Some(b) = s.slots[t].conn.as_mut() {
-                if let Err(e) = b.hidden_query(end).await {
-                    commit_failed.push(format!("{}: {e}", s.node.shard_name(t)));
-                }
-            }
-        }
-    }
+    // Finish implicit transactions: all or nothing.
+    let commit_failed = if wrap {
+        finish_wrapped(s, shards, error.is_none() && !mismatch).await
+    } else {
+        None
+    };
     if let Some((t, code, msg)) = error {
         let mut m = format!("{msg} (on shard {})", s.node.shard_name(t));
         if d.write && !wrap && !ok_shards.is_empty() {
@@ -183,16 +167,8 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         if in_tx {
             s.tx_failed = true;
         }
-    } else if !commit_failed.is_empty() {
-        wire::error_response(
-            &mut s.out,
-            Severity::Error,
-            "40003",
-            &format!(
-                "the statement succeeded on every shard but committing failed on {}; other shards committed",
-                commit_failed.join("; ")
-            ),
-        );
+    } else if let Some(r) = commit_failed {
+        wire::error_response(&mut s.out, Severity::Error, r.code, &r.message);
     } else {
         for tag in combine_tags(&tags) {
             s.out.put_slice(&command_complete(&tag));
@@ -204,6 +180,54 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         s.end_of_transaction().await?;
     }
     Ok(())
+}
+
+/// Ends the transactions the node wrapped around a write on `shards`:
+/// commits them atomically (two-phase commit when there are several) when
+/// `ok`, else rolls them all back. Some: the error the client gets instead
+/// of the statement's result.
+async fn finish_wrapped<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    shards: &[usize],
+    ok: bool,
+) -> Option<Refusal> {
+    if ok && shards.len() > 1 {
+        return crate::twopc::commit(s, shards).await.err();
+    }
+    let end = if ok { "COMMIT" } else { "ROLLBACK" };
+    let mut failed = None;
+    for &t in shards {
+        if let Some(b) = s.slots[t].conn.as_mut() {
+            let shard = &s.node.shard_name(t);
+            match b.hidden_query(end).await {
+                Ok(_) => {}
+                // The shard rolled back (a deferred constraint …).
+                Err(crate::backend::HiddenQueryError::Server { code, message }) => {
+                    failed.get_or_insert_with(|| {
+                        Refusal::new(
+                            crate::twopc::sqlstate(&code),
+                            format!("{message} (committing on shard {shard}); the statement was rolled back"),
+                        )
+                    });
+                }
+                Err(crate::backend::HiddenQueryError::Wire(e)) => {
+                    b.broken = true;
+                    failed.get_or_insert_with(|| {
+                        Refusal::new(
+                            "08007",
+                            format!("the connection to shard {shard} broke during {end} ({e}); the outcome there is unknown"),
+                        )
+                    });
+                }
+            }
+        }
+    }
+    if ok {
+        failed
+    } else {
+        // The statement's own error is what the client sees.
+        None
+    }
 }
 
 fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send>(
@@ -316,12 +340,6 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
             "fetching a multi-shard result in parts (Execute with a row limit) is not supported"
                 .to_string(),
         )
-    } else if d.write && in_tx {
-        let names: Vec<String> = shards.iter().map(|&i| s.node.shard_name(i)).collect();
-        Some(format!(
-            "this statement writes to shards {} inside a transaction block; transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
-            names.join(", ")
-        ))
     } else {
         None
     };
@@ -334,6 +352,11 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
             s.skip_to_sync = true;
         }
         return Ok(());
+    }
+    if d.write && in_tx {
+        for &t in shards {
+            s.note_write(t);
+        }
     }
     let wrap = d.write && !in_tx && !d.ddl;
     for &t in shards {
@@ -429,37 +452,19 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     s.owed.clear();
     let error = st.error.take().map(|(c, m, t)| (t, c, m));
-    let mut commit_failed = Vec::new();
-    if wrap {
-        let end = if error.is_none() {
-            "COMMIT"
-        } else {
-            "ROLLBACK"
-        };
-        for &t in shards {
-            if let Some(b) = s.slots[t].conn.as_mut() {
-                if let Err(e) = b.hidden_query(end).await {
-                    commit_failed.push(format!("{}: {e}", s.node.shard_name(t)));
-                }
-            }
-        }
-    }
+    let commit_failed = if wrap {
+        finish_wrapped(s, shards, error.is_none()).await
+    } else {
+        None
+    };
     if let Some((t, code, msg)) = error {
         let m = format!("{msg} (on shard {})", s.node.shard_name(t));
         wire::error_response(&mut s.out, Severity::Error, &code, &m);
         if in_tx {
             s.tx_failed = true;
         }
-    } else if !commit_failed.is_empty() {
-        wire::error_response(
-            &mut s.out,
-            Severity::Error,
-            "40003",
-            &format!(
-                "the statement succeeded on every shard but committing failed on {}; other shards committed",
-                commit_failed.join("; ")
-            ),
-        );
+    } else if let Some(r) = commit_failed {
+        wire::error_response(&mut s.out, Severity::Error, r.code, &r.message);
     } else if g.empty && tags.iter().all(Vec::is_empty) {
         let mut b = BytesMut::new();
         wire::frame(&mut b, b'I', |_| {});

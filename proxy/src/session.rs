@@ -28,9 +28,12 @@
 //! - Invariant: replies reach the client in the order of the client's
 //!   messages, as PostgreSQL itself would send them, including after an
 //!   error (everything up to the next Sync is skipped, synthetic replies too).
-//! - Invariant: within a transaction, at most one shard is written; a write
-//!   routed to a second shard is refused (until two-phase commit) and the
-//!   transaction can then only roll back.
+//! - Invariant: a transaction that wrote to one shard commits there with
+//!   the client's own COMMIT (read-only shards end first); one that wrote to
+//!   several shards commits with two-phase commit ([`crate::twopc`]): the
+//!   client sees COMMIT only after every written shard prepared, the commit
+//!   decision was recorded, and every shard ran COMMIT PREPARED. Its ROLLBACK
+//!   (or a COMMIT of a failed transaction) rolls back every shard.
 
 use crate::backend::BackendConn;
 use crate::node::{CancelSlot, Node};
@@ -151,8 +154,8 @@ pub struct Session<S> {
     pub(crate) tx_status: u8,
     /// The client's BEGIN, replayed on shards that join the transaction.
     tx_begin: Option<String>,
-    /// The shard this transaction has written to.
-    pub(crate) tx_wrote: Option<usize>,
+    /// The shards this transaction has written to, in order of first write.
+    pub(crate) tx_writes: Vec<usize>,
     /// The node refused a statement inside the transaction: like PostgreSQL
     /// after an error, only ROLLBACK (or COMMIT, which rolls back) is left.
     pub(crate) tx_failed: bool,
@@ -215,7 +218,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             skip_to_sync: false,
             tx_status: b'I',
             tx_begin: None,
-            tx_wrote: None,
+            tx_writes: Vec::new(),
             tx_failed: false,
             cancel,
             user,
@@ -453,7 +456,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(())
     }
 
-    fn pool(&mut self, shard: usize) -> Arc<Pool> {
+    pub(crate) fn pool(&mut self, shard: usize) -> Arc<Pool> {
         if let Some(p) = &self.slots[shard].pool {
             return p.clone();
         }
@@ -936,9 +939,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if d.statements > 1
             && d.has_tx_control
             && (self.attached_count() > 1
-                || self
-                    .tx_wrote
-                    .is_some_and(|w| target.is_some_and(|t| t != w)))
+                || target.is_some_and(|t| self.tx_writes.iter().any(|&w| w != t)))
         {
             refuse(self, Refusal::new(
                 "0A000",
@@ -965,32 +966,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(true);
         }
         if ending {
-            // The client's COMMIT/ROLLBACK must reach the written shard.
-            let primary = match (self.tx_wrote, target) {
-                (Some(w), Some(t)) if w != t => {
+            // The client's COMMIT/ROLLBACK must reach a written shard.
+            let primary = match (self.tx_writes.as_slice(), target) {
+                (w, Some(t)) if w.iter().any(|&x| x != t) => {
+                    let names: Vec<String> = w.iter().map(|&x| self.node.shard_name(x)).collect();
                     refuse(self, Refusal::new(
                         "0A000",
                         format!(
-                            "this COMMIT/ROLLBACK comes with statements for shard {} but the transaction wrote to shard {}; send COMMIT on its own",
-                            self.node.shard_name(t), self.node.shard_name(w)
+                            "this COMMIT/ROLLBACK comes with statements for shard {} but the transaction wrote to shard(s) {}; send COMMIT on its own",
+                            self.node.shard_name(t), names.join(", ")
                         ),
                     ));
                     return Ok(true);
                 }
-                (Some(w), _) => w,
-                (None, Some(t)) => t,
-                (None, None) => self.cur,
+                ([w, ..], _) => *w,
+                ([], Some(t)) => t,
+                ([], None) => self.cur,
             };
+            let aborted = self.tx_failed
+                || self
+                    .slots
+                    .iter()
+                    .any(|sl| sl.conn.as_ref().is_some_and(|b| b.status == b'E'));
+            if aborted {
+                // Before the shard that failed is released below: its
+                // 'E' is what says the COMMIT must roll back.
+                self.tx_failed = true;
+            }
+            if d.kind == Kind::Commit && self.tx_writes.len() > 1 && !aborted {
+                return match self.two_phase_commit().await? {
+                    Ok(()) => Ok(false),
+                    Err(r) => {
+                        refuse(self, r);
+                        Ok(true)
+                    }
+                };
+            }
             if self.attached_count() > 1 || (self.attached() && self.slots[primary].conn.is_none())
             {
                 // Shards other than the written one end first (they were
-                // only read); the client's own statement then goes to it.
-                let aborted = self.tx_failed
-                    || self
-                        .slots
-                        .iter()
-                        .any(|sl| sl.conn.as_ref().is_some_and(|b| b.status == b'E'));
-                self.finish_other_shards(d.kind == Kind::Commit && !aborted, primary)
+                // only read, or everything rolls back); the client's own
+                // statement then goes to it.
+                let keep = [primary];
+                self.finish_shards_except(d.kind == Kind::Commit && !aborted, &keep)
                     .await?;
             }
             if self.tx_failed
@@ -1045,19 +1063,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.slots.iter().filter(|s| s.conn.is_some()).count()
     }
 
-    /// Ends the transaction on every attached shard but the primary one
-    /// (they were only read in this transaction, or it is rolled back).
-    async fn finish_other_shards(
+    /// Ends the transaction on every attached shard but those in `keep`
+    /// (they were only read in this transaction, or it is rolled back);
+    /// the first of `keep` becomes the current shard.
+    async fn finish_shards_except(
         &mut self,
         commit: bool,
-        primary: usize,
+        keep: &[usize],
     ) -> Result<(), SessionError> {
         if !self.owed.is_empty() {
             self.drain_owed().await?;
         }
         let sql = if commit { "COMMIT" } else { "ROLLBACK" };
         for i in 0..self.slots.len() {
-            if i == primary || self.slots[i].conn.is_none() {
+            if keep.contains(&i) || self.slots[i].conn.is_none() {
                 continue;
             }
             if let Some(b) = self.slots[i].conn.as_mut() {
@@ -1073,40 +1092,72 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 b.release();
             }
         }
-        self.cur = primary;
+        if let Some(&p) = keep.first() {
+            self.cur = p;
+        }
         self.update_cancel();
         Ok(())
+    }
+
+    /// COMMIT of a transaction that wrote to several shards: read-only
+    /// shards commit first, then the written ones commit with two-phase
+    /// commit ([`crate::twopc::commit`]). Ok(Ok): committed; an empty
+    /// transaction is then begun on a written shard's backend, and the
+    /// client's own COMMIT goes there, so that PostgreSQL answers it in
+    /// whichever protocol the client used. Ok(Err): the error for the
+    /// client; the transaction is over (every backend outside a
+    /// transaction).
+    async fn two_phase_commit(&mut self) -> Result<Result<(), Refusal>, SessionError> {
+        let writes = self.tx_writes.clone();
+        self.finish_shards_except(true, &writes).await?;
+        if let Err(r) = crate::twopc::commit(self, &writes).await {
+            self.end_of_transaction().await?;
+            return Ok(Err(r));
+        }
+        for &p in &writes {
+            if let Some(b) = self.slots[p].conn.as_mut() {
+                match b.hidden_query("BEGIN").await {
+                    Ok(_) => {
+                        self.cur = p;
+                        return Ok(Ok(()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, shard = p, "cannot begin the reply transaction after a commit");
+                        b.broken = true;
+                    }
+                }
+            }
+        }
+        self.end_of_transaction().await?;
+        Ok(Err(Refusal::new(
+            "08006",
+            "the transaction was committed on every shard, but the connections to the shards broke before the node could confirm it".into(),
+        )))
     }
 
     fn reset_tx(&mut self) {
         self.tx_status = b'I';
         self.tx_begin = None;
-        self.tx_wrote = None;
+        self.tx_writes.clear();
         self.tx_failed = false;
     }
 
-    /// Refuses a second written shard inside a transaction.
     /// Records the shard written; the mark lasts until the ReadyForQuery
     /// that ends the transaction (so `BEGIN; INSERT …` in one string, whose
-    /// transaction the node learns of only afterwards, is covered too).
-    /// Call after replies owed by another shard are drained.
+    /// transaction the node learns of only afterwards, is covered too). A
+    /// transaction that wrote to several shards commits with two-phase
+    /// commit. Call after replies owed by another shard are drained.
     pub(crate) fn check_write(&mut self, d: &Decision, t: usize) -> Result<(), Refusal> {
-        if !d.write {
-            return Ok(());
+        if d.write {
+            self.note_write(t);
         }
-        match self.tx_wrote {
-            Some(w) if w != t => Err(Refusal::new(
-                "0A000",
-                format!(
-                    "this transaction already wrote to shard {} and would now write to shard {}; \
-                     transactions writing to several shards need two-phase commit, which hotrepart does not support yet",
-                    self.node.shard_name(w), self.node.shard_name(t)
-                ),
-            )),
-            _ => {
-                self.tx_wrote = Some(t);
-                Ok(())
-            }
+        Ok(())
+    }
+
+    /// Records that the transaction writes to shard `t`.
+    pub(crate) fn note_write(&mut self, t: usize) {
+        if !self.tx_writes.contains(&t) {
+            self.tx_writes.push(t);
         }
     }
 

@@ -95,6 +95,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(opts: Opts) -> Cluster {
+        Cluster::start_with(opts, |_| {}).await
+    }
+
+    /// As [`Cluster::start`], with `customize` applied to the node before
+    /// it serves (e.g. to replace its decision log).
+    pub async fn start_with(opts: Opts, customize: impl FnOnce(&mut Node)) -> Cluster {
         let dir = TestDir::new("cluster");
         let d = dir.0.clone();
         let n = opts.shards;
@@ -119,11 +125,21 @@ impl Cluster {
         ));
         toml.push_str(&opts.tail);
         let cfg = Config::from_toml(&toml).expect("test config");
-        Cluster::with_config(cfg, shards, dir).await
+        Cluster::with_config_and(cfg, shards, dir, customize).await
     }
 
     pub async fn with_config(cfg: Config, shards: Vec<LocalPg>, dir: TestDir) -> Cluster {
-        let node = Node::new(cfg).expect("node");
+        Cluster::with_config_and(cfg, shards, dir, |_| {}).await
+    }
+
+    async fn with_config_and(
+        cfg: Config,
+        shards: Vec<LocalPg>,
+        dir: TestDir,
+        customize: impl FnOnce(&mut Node),
+    ) -> Cluster {
+        let mut node = Node::new(cfg).expect("node");
+        customize(Arc::get_mut(&mut node).expect("a new node is not shared yet"));
         let listener = node.bind().await.expect("bind");
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::watch::channel(false);

@@ -1,0 +1,731 @@
+//! Two-phase commit for transactions that wrote to several shards: the
+//! coordinator a session runs at COMMIT, the [`DecisionLog`] that makes the
+//! commit decision durable, and the resolver that finishes transactions a
+//! coordinator left prepared (it crashed, a shard was unreachable).
+//!
+//! A commit runs in this order, and the order is what makes it atomic:
+//! 1. `PREPARE TRANSACTION 'hr_<node_id>_<random>'` on every written shard
+//!    (all at once).
+//!    A failure anywhere rolls back everywhere (`ROLLBACK PREPARED` where
+//!    it had prepared) and the client gets that shard's error.
+//! 2. The decision `commit = true` is recorded through the node's
+//!    [`DecisionLog`]; the first decision recorded for a gid is final, so a
+//!    resolver that meanwhile recorded `false` wins and the transaction is
+//!    rolled back.
+//! 3. `COMMIT PREPARED` (or `ROLLBACK PREPARED`) on every prepared shard
+//!    (all at once), retried on a fresh backend; the client sees COMMIT only when every
+//!    shard committed.
+//!
+//! Guarantees:
+//! - no shard commits before the commit decision is recorded; every shard
+//!   ends the way the final decision says — by the coordinator, or by the
+//!   resolver of whichever node runs it;
+//! - a prepared `hr_` transaction older than `twopc_grace_ms` with no
+//!   decision is rolled back (the resolver records `false` first, so a late
+//!   coordinator cannot commit it afterwards).
+//!
+//! Crash safety needs a decision log that survives the node: [`LocalDecisions`]
+//! (the default) keeps decisions in memory only. With it, a node that
+//! crashes after recording `commit` but before every COMMIT PREPARED loses
+//! the decision, and its resolver (after a restart) rolls back the shards
+//! that had not committed yet — the transaction is then half committed. The
+//! Paxos-replicated catalog (`CatalogCommand::TxDecision`) closes that gap
+//! once it is plugged in as the node's `DecisionLog`.
+
+use crate::backend::{BackendConn, BackendTarget, HiddenQueryError};
+use crate::node::Node;
+use crate::pool::Pool;
+use crate::session::{Refusal, Session};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+/// Why a decision could not be recorded. The decision may still have been
+/// recorded (a proposal in flight when a timeout hit): read it back with
+/// [`DecisionLog::decision`] or ask again.
+#[derive(Debug, thiserror::Error)]
+pub enum DecisionError {
+    #[error("the decision log is unavailable: {0}")]
+    Unavailable(String),
+    #[error("timed out recording the decision")]
+    Timeout,
+}
+
+/// Where commit decisions of distributed transactions are recorded.
+pub trait DecisionLog: Send + Sync + 'static {
+    /// Records `commit` for gid unless a decision exists; returns the final decision.
+    fn decide<'a>(
+        &'a self,
+        gid: &'a str,
+        commit: bool,
+    ) -> Pin<Box<dyn Future<Output = Result<bool, DecisionError>> + Send + 'a>>;
+    /// The recorded decision, without waiting.
+    fn decision(&self, gid: &str) -> Option<bool>;
+    /// Whether this node runs the resolver now (the leader, in a cluster).
+    fn is_resolver(&self) -> bool;
+    /// Every shard has ended gid's transaction: its decision is no longer
+    /// needed (a log may drop it, or keep it; the default keeps it).
+    fn finished(&self, _gid: &str) {}
+    /// Whether this node's resolver may decide gid. A log shared by every
+    /// node (the replicated catalog) may decide any gid (the default); a
+    /// log private to one node only its own, since another node's
+    /// coordinator would never see the decision.
+    fn may_resolve(&self, _gid: &str) -> bool {
+        true
+    }
+}
+
+/// In-memory decisions, used by a node on its own. They do not survive a
+/// restart of the node (see the module documentation), and no other node
+/// sees them: the resolver of a node using them finishes only the
+/// transactions of its own `node_id` (nodes in front of the same shards
+/// need distinct ids).
+#[derive(Default)]
+pub struct LocalDecisions {
+    map: Mutex<HashMap<String, bool>>,
+    /// `hr_<node_id>_`: the gids this node makes; None: any.
+    own_prefix: Option<String>,
+}
+
+impl LocalDecisions {
+    /// Decisions of node `node_id`, whose resolver finishes only that
+    /// node's transactions.
+    pub fn for_node(node_id: u64) -> LocalDecisions {
+        LocalDecisions {
+            map: Mutex::default(),
+            own_prefix: Some(format!("hr_{node_id}_")),
+        }
+    }
+}
+
+impl DecisionLog for LocalDecisions {
+    fn decide<'a>(
+        &'a self,
+        gid: &'a str,
+        commit: bool,
+    ) -> Pin<Box<dyn Future<Output = Result<bool, DecisionError>> + Send + 'a>> {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let v = *m.entry(gid.to_string()).or_insert(commit);
+        Box::pin(std::future::ready(Ok(v)))
+    }
+
+    fn decision(&self, gid: &str) -> Option<bool> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(gid)
+            .copied()
+    }
+
+    fn is_resolver(&self) -> bool {
+        true
+    }
+
+    fn may_resolve(&self, gid: &str) -> bool {
+        self.own_prefix
+            .as_deref()
+            .is_none_or(|p| gid.starts_with(p))
+    }
+
+    /// Dropped: nothing is left prepared under this gid, and a resolver
+    /// that still sees it listed finds it gone on the shard.
+    fn finished(&self, gid: &str) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(gid);
+    }
+}
+
+/// Points where a test makes the node die (`HOTREPART_FAILPOINT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failpoint {
+    /// Every written shard prepared, no decision recorded.
+    AfterPrepare,
+    /// The decision is recorded, no COMMIT PREPARED sent.
+    AfterDecision,
+    /// The first shard committed, the others are still prepared.
+    AfterFirstCommit,
+}
+
+fn configured_failpoint() -> Option<Failpoint> {
+    static FP: OnceLock<Option<Failpoint>> = OnceLock::new();
+    *FP.get_or_init(
+        || match std::env::var("HOTREPART_FAILPOINT").ok()?.as_str() {
+            "twopc_after_prepare" => Some(Failpoint::AfterPrepare),
+            "twopc_after_decision" => Some(Failpoint::AfterDecision),
+            "twopc_after_first_commit" => Some(Failpoint::AfterFirstCommit),
+            _ => None,
+        },
+    )
+}
+
+/// Aborts the process at `p` when `HOTREPART_FAILPOINT` names it (read once).
+pub(crate) fn failpoint(p: Failpoint) {
+    if configured_failpoint() == Some(p) {
+        tracing::error!(failpoint = ?p, "HOTREPART_FAILPOINT: aborting the process");
+        std::process::abort();
+    }
+}
+
+/// A new transaction id: `hr_<node_id>_<16 hex digits>` (well under
+/// PostgreSQL's 199 bytes).
+pub fn new_gid(node_id: u64) -> String {
+    format!("hr_{node_id}_{:016x}", rand::random::<u64>())
+}
+
+/// Whether `gid` has the shape of a transaction id made by [`new_gid`].
+pub fn is_hotrepart_gid(gid: &str) -> bool {
+    let Some(rest) = gid.strip_prefix("hr_") else {
+        return false;
+    };
+    let Some((node, rnd)) = rest.split_once('_') else {
+        return false;
+    };
+    !node.is_empty()
+        && node.bytes().all(|c| c.is_ascii_digit())
+        && rnd.len() == 16
+        && rnd.bytes().all(|c| c.is_ascii_hexdigit())
+}
+
+/// A SQLSTATE as `&'static str` (what [`Refusal`] carries). Shards answer
+/// with a small fixed set of codes; each distinct valid code is leaked once.
+pub(crate) fn sqlstate(code: &str) -> &'static str {
+    static CODES: OnceLock<Mutex<std::collections::HashSet<&'static str>>> = OnceLock::new();
+    if code.len() != 5
+        || !code
+            .bytes()
+            .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
+    {
+        return "XX000";
+    }
+    let mut set = CODES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = set.get(code) {
+        return c;
+    }
+    let c: &'static str = Box::leak(code.to_string().into_boxed_str());
+    set.insert(c);
+    c
+}
+
+/// Records `commit` for `gid` within the configured timeout.
+async fn record(node: &Node, gid: &str, commit: bool) -> Result<bool, DecisionError> {
+    let t = Duration::from_millis(node.cfg.twopc_decision_timeout_ms);
+    match tokio::time::timeout(t, node.decisions.decide(gid, commit)).await {
+        Ok(r) => r,
+        Err(_) => Err(DecisionError::Timeout),
+    }
+}
+
+/// Commits atomically the transactions open on `shards` (each attached to
+/// `s` and inside a transaction block, nothing owed). On return every
+/// backend of `shards` is outside a transaction (or marked broken).
+///
+/// Err: what the client is told — the shard's own error when a PREPARE
+/// failed (everything rolled back), 40001 when the final decision was to
+/// roll back, 58000 when the commit is decided but some shard could not be
+/// committed yet (the resolver completes it), 08007 when the decision could
+/// not be recorded and its outcome is unknown.
+///
+/// Not cancel-safe (it is never raced in `select!`).
+pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    shards: &[usize],
+) -> Result<(), Refusal> {
+    let node = s.node.clone();
+    let name = |t: usize| node.shard_name(t);
+    let gid = new_gid(node.cfg.node_id);
+    let prepare = format!("PREPARE TRANSACTION '{gid}'");
+
+    // Phase 1, on every written shard at once. Only a backend known to be
+    // inside a transaction that has not failed is prepared: PostgreSQL
+    // answers PREPARE in an aborted transaction with ROLLBACK and no error.
+    let mut failure: Option<Refusal> = None;
+    for &t in shards {
+        let status = s.slots[t].conn.as_ref().map(|b| (b.status, b.unsynced));
+        let r = match status {
+            None => Some(Refusal::new(
+                "08006",
+                format!("the connection to shard {} was lost before the commit; the transaction was rolled back on every shard", name(t)),
+            )),
+            Some((b'T', false)) => None,
+            Some((_, true)) => Some(Refusal::new(
+                "0A000",
+                format!("messages sent with Flush but without Sync are still open on shard {}; the transaction was rolled back on every shard (send Sync before COMMIT)", name(t)),
+            )),
+            Some(_) => Some(Refusal::new(
+                "25P02",
+                format!("the transaction failed on shard {}; it was rolled back on every shard", name(t)),
+            )),
+        };
+        if failure.is_none() {
+            failure = r;
+        }
+    }
+    let mut prepared: Vec<usize> = Vec::new();
+    if failure.is_none() {
+        for (t, r) in run_all(s, shards, &prepare).await {
+            match r {
+                Ok(()) => prepared.push(t),
+                Err(HiddenQueryError::Server { code, message }) => {
+                    // PostgreSQL rolled this shard's transaction back itself.
+                    let hint = if code == "55000"
+                        && message.contains("prepared transactions are disabled")
+                    {
+                        "; hotrepart commits transactions that write to several shards with two-phase commit, which needs max_prepared_transactions > 0 on every shard"
+                    } else {
+                        ""
+                    };
+                    failure.get_or_insert_with(|| Refusal::new(
+                        sqlstate(&code),
+                        format!(
+                            "{message} (preparing the commit on shard {}); the transaction was rolled back on every shard{hint}",
+                            name(t)
+                        ),
+                    ));
+                }
+                Err(HiddenQueryError::Wire(e)) => {
+                    tracing::warn!(error = %e, shard = t, %gid, "connection lost during PREPARE TRANSACTION");
+                    failure.get_or_insert_with(|| Refusal::new(
+                        "08006",
+                        format!(
+                            "the connection to shard {} was lost while preparing the commit; the transaction was rolled back (if it was prepared there, the resolver rolls it back)",
+                            name(t)
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(r) = failure {
+        let sql = format!("ROLLBACK PREPARED '{gid}'");
+        for &t in &prepared {
+            if !finish_on(s, t, &sql).await {
+                tracing::warn!(shard = t, %gid, "cannot roll back a prepared transaction; the resolver will");
+            }
+        }
+        // Shards never prepared (or not reached) roll back.
+        for &t in shards {
+            if let Some(b) = s.slots[t].conn.as_mut() {
+                if b.unsynced {
+                    // Never pooled: closing it rolls back.
+                    b.broken = true;
+                } else if b.status != b'I' {
+                    if let Err(e) = b.hidden_query("ROLLBACK").await {
+                        tracing::warn!(error = %e, shard = t, "rolling back after a failed PREPARE");
+                        b.broken = true;
+                    }
+                }
+            }
+        }
+        return Err(r);
+    }
+    failpoint(Failpoint::AfterPrepare);
+
+    // The decision: the commit point.
+    let commit = match record(&node, &gid, true).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, %gid, "cannot record the commit decision; trying to record a rollback");
+            match record(&node, &gid, false).await {
+                Ok(c) => c,
+                Err(e2) => match node.decisions.decision(&gid) {
+                    Some(c) => c,
+                    None => {
+                        tracing::error!(error = %e2, %gid, "2PC decision unknown; the resolver will finish the transaction");
+                        let names: Vec<String> = prepared.iter().map(|&t| name(t)).collect();
+                        return Err(Refusal::new(
+                            "08007",
+                            format!(
+                                "the commit decision could not be recorded ({e}); the transaction {gid} stays prepared on shard(s) {} and the resolver will commit or roll it back: its outcome is unknown now",
+                                names.join(", ")
+                            ),
+                        ));
+                    }
+                },
+            }
+        }
+    };
+    failpoint(Failpoint::AfterDecision);
+
+    // Phase 2.
+    let sql = if commit {
+        format!("COMMIT PREPARED '{gid}'")
+    } else {
+        format!("ROLLBACK PREPARED '{gid}'")
+    };
+    let mut pending = Vec::new();
+    if configured_failpoint() == Some(Failpoint::AfterFirstCommit) {
+        // One shard after the other, so that exactly one has committed when
+        // the failpoint fires.
+        for (i, &t) in prepared.iter().enumerate() {
+            if !finish_on(s, t, &sql).await {
+                pending.push(name(t));
+            } else if commit && i == 0 {
+                failpoint(Failpoint::AfterFirstCommit);
+            }
+        }
+    } else {
+        // Every shard at once; a shard that failed is retried on a fresh
+        // backend.
+        for (t, r) in run_all(s, &prepared, &sql).await {
+            let done = match r {
+                Ok(()) => true,
+                Err(HiddenQueryError::Server { code, .. }) if code == "42704" => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, shard = t, "{sql} failed; retrying on a fresh connection");
+                    let pool = s.pool(t);
+                    finish_with_pool(&pool, t, &sql, node.cfg.pool_timeout()).await
+                }
+            };
+            if !done {
+                pending.push(name(t));
+            }
+        }
+    }
+    if pending.is_empty() {
+        node.decisions.finished(&gid);
+    } else {
+        tracing::warn!(%gid, commit, shards = ?pending, "2PC outcome not applied everywhere; the resolver will finish it");
+    }
+    match (commit, pending.is_empty()) {
+        (true, true) => Ok(()),
+        // Not class 40 (the transaction is not rolled back, and retrying it
+        // would apply it twice), not 08 (the client's connection is fine)
+        // and not 08007 (the outcome is known): a failure of a system
+        // outside the client's database session, which the node repairs.
+        (true, false) => Err(Refusal::new(
+            "58000",
+            format!(
+                "the transaction IS committed (decision recorded for {gid}), but COMMIT PREPARED could not be completed yet on shard(s) {}; the resolver completes it, so its rows appear there shortly — do not retry the transaction",
+                pending.join(", ")
+            ),
+        )),
+        (false, _) => Err(Refusal::new(
+            "40001",
+            format!("the transaction was rolled back on every shard: a rollback was recorded for it ({gid}) before its commit could be (a resolver found it in doubt, or the decision log failed); it is safe to retry"),
+        )),
+    }
+}
+
+/// Runs `sql` on the session's backends of `shards` at once (those
+/// attached), and returns each shard's result in the order of `shards`. A
+/// backend whose connection broke is marked broken.
+///
+/// Not cancel-safe: a query cut short leaves its backend owing replies.
+async fn run_all<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    shards: &[usize],
+    sql: &str,
+) -> Vec<(usize, Result<(), HiddenQueryError>)> {
+    let futs: Vec<_> = s
+        .slots
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| shards.contains(i))
+        .filter_map(|(i, sl)| sl.conn.as_mut().map(|b| (i, b)))
+        .map(|(i, b)| async move {
+            let r = b.hidden_query(sql).await.map(|_| ());
+            if matches!(r, Err(HiddenQueryError::Wire(_))) {
+                b.broken = true;
+            }
+            (i, r)
+        })
+        .collect();
+    let mut out = join_all(futs).await;
+    out.sort_by_key(|(i, _)| shards.iter().position(|t| t == i));
+    out
+}
+
+/// Polls every future until all are ready (the crate has no `futures`
+/// dependency); outputs in the order given.
+async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+/// Runs `sql` (COMMIT/ROLLBACK PREPARED) for shard `t`: on the session's
+/// backend, then up to three times on a fresh backend. A gid already gone
+/// (42704: the resolver ended it the same way — the decision is final)
+/// counts as done.
+async fn finish_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    t: usize,
+    sql: &str,
+) -> bool {
+    if let Some(b) = s.slots[t].conn.as_mut() {
+        match b.hidden_query(sql).await {
+            Ok(_) => return true,
+            Err(HiddenQueryError::Server { code, .. }) if code == "42704" => return true,
+            Err(e) => {
+                tracing::warn!(error = %e, shard = t, "{sql} failed; retrying on a fresh connection");
+                if matches!(e, HiddenQueryError::Wire(_)) {
+                    b.broken = true;
+                }
+            }
+        }
+    }
+    let pool = s.pool(t);
+    finish_with_pool(&pool, t, sql, s.node.cfg.pool_timeout()).await
+}
+
+async fn finish_with_pool(pool: &Arc<Pool>, t: usize, sql: &str, wait: Duration) -> bool {
+    let fp = crate::state::SessionState::default().fingerprint();
+    for attempt in 0..3u32 {
+        tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        let mut b = match pool.get(fp, wait).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, shard = t, "no connection to finish a prepared transaction");
+                continue;
+            }
+        };
+        match b.hidden_query(sql).await {
+            Ok(_) => {
+                b.release();
+                return true;
+            }
+            Err(HiddenQueryError::Server { code, .. }) if code == "42704" => {
+                b.release();
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, shard = t, attempt, "{sql} failed");
+                if matches!(e, HiddenQueryError::Wire(_)) {
+                    b.broken = true;
+                }
+                b.release();
+            }
+        }
+    }
+    false
+}
+
+/// Pool key user under which the resolver finds its login (no client has
+/// it); the resolver makes its own connections from that pool's target.
+const RESOLVER: &str = "\u{0}hotrepart-resolver";
+
+/// `application_name` of the resolver's connections: they are not part of
+/// any pool, and an operator (or a test counting a pool's backends) can
+/// tell them apart.
+pub const RESOLVER_APPLICATION_NAME: &str = "hotrepart resolver";
+
+/// The resolver: every `twopc_resolver_interval_ms`, while this node is the
+/// resolver, finishes the prepared `hr_` transactions older than
+/// `twopc_grace_ms` on every shard (any node's with a shared decision log:
+/// a crashed node cannot; see [`DecisionLog::may_resolve`]). Keeps one
+/// connection per shard. Spawned by [`Node::serve`]; ends when `shutdown`
+/// turns true.
+pub async fn run_resolver(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    let every = Duration::from_millis(node.cfg.twopc_resolver_interval_ms.max(10));
+    let mut conns: Vec<Option<BackendConn>> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
+        }
+        if !node.decisions.is_resolver() {
+            conns.iter_mut().for_each(|c| *c = None);
+            continue;
+        }
+        // Shards of the current routing table (a removed shard keeps its
+        // index but is not visited; its connection is dropped).
+        conns.resize_with(node.shard_slots(), || None);
+        let live = node.live_shards();
+        for (t, conn) in conns.iter_mut().enumerate() {
+            if !live.contains(&t) {
+                *conn = None;
+                continue;
+            }
+            if let Err(e) = resolve_shard(&node, t, conn).await {
+                tracing::warn!(shard = %node.shard_name(t), error = %e, "2PC resolver cannot check the shard");
+                *conn = None;
+            }
+        }
+    }
+}
+
+/// Where the resolver logs in for `database` on shard `t`: as the shard
+/// DSN's user (with the DSN's password), or, when the DSN names no user, as
+/// the first configured user's server login. Finishing another role's
+/// prepared transaction needs a superuser (or that role).
+fn resolver_target(node: &Node, t: usize, database: &str) -> BackendTarget {
+    let dsn_user = node
+        .shard_dsn(t)
+        .unwrap_or_default()
+        .parse::<tokio_postgres::Config>()
+        .ok()
+        .and_then(|c| c.get_user().map(str::to_string));
+    let who = match (dsn_user, node.cfg.users.first()) {
+        (None, Some(u)) => u.name.clone(),
+        _ => RESOLVER.to_string(),
+    };
+    // The pool is never used for connections: only its login is.
+    node.pool_for(t, database, &who).target.clone()
+}
+
+async fn resolver_connect(
+    node: &Node,
+    t: usize,
+    database: &str,
+) -> Result<BackendConn, crate::backend::BackendError> {
+    BackendConn::connect_named(
+        &resolver_target(node, t, database),
+        node.cfg.connect_timeout(),
+        Some(RESOLVER_APPLICATION_NAME),
+    )
+    .await
+}
+
+/// Error of one resolver pass over a shard.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Connect(#[from] crate::backend::BackendError),
+    #[error(transparent)]
+    Query(#[from] HiddenQueryError),
+}
+
+/// One resolver pass over shard `t`, listing with `conn` (connected to the
+/// DSN's database when None). Returns the gids it finished.
+pub async fn resolve_shard(
+    node: &Node,
+    t: usize,
+    conn: &mut Option<BackendConn>,
+) -> Result<Vec<String>, ResolveError> {
+    let home_db = node
+        .shard_dsn(t)
+        .unwrap_or_default()
+        .parse::<tokio_postgres::Config>()
+        .ok()
+        .and_then(|c| c.get_dbname().map(str::to_string))
+        .unwrap_or_else(|| "postgres".into());
+    let b = match conn {
+        Some(b) => b,
+        None => conn.insert(resolver_connect(node, t, &home_db).await?),
+    };
+    // pg_prepared_xacts lists every database's prepared transactions.
+    let q = format!(
+        "SELECT gid, database FROM pg_catalog.pg_prepared_xacts WHERE left(gid, 3) = 'hr_' AND prepared < now() - interval '{} milliseconds' ORDER BY prepared",
+        node.cfg.twopc_grace_ms
+    );
+    let rows = b.hidden_query(&q).await?;
+    let shard = &node.cfg.shards[t].name;
+    let mut done = Vec::new();
+    for row in rows {
+        let (Some(Some(gid)), Some(Some(db))) = (row.first(), row.get(1)) else {
+            continue;
+        };
+        if !is_hotrepart_gid(gid) || !node.decisions.may_resolve(gid) {
+            continue;
+        }
+        let commit = match node.decisions.decision(gid) {
+            Some(c) => c,
+            None => match record(node, gid, false).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%gid, error = %e, "2PC resolver cannot record a rollback decision");
+                    continue;
+                }
+            },
+        };
+        let sql = if commit {
+            format!("COMMIT PREPARED '{gid}'")
+        } else {
+            format!("ROLLBACK PREPARED '{gid}'")
+        };
+        // A prepared transaction belongs to its database: finish it there.
+        let r = if *db == home_db {
+            b.hidden_query(&sql).await
+        } else {
+            match resolver_connect(node, t, db).await {
+                Ok(mut other) => other.hidden_query(&sql).await,
+                Err(e) => {
+                    tracing::warn!(%shard, %gid, database = %db, error = %e, "2PC resolver cannot connect");
+                    continue;
+                }
+            }
+        };
+        match r {
+            // 42704: finished meanwhile (the decision is final).
+            Ok(_) => {
+                tracing::info!(%shard, %gid, database = %db, commit, "2PC resolver finished an in-doubt transaction");
+                done.push(gid.clone());
+            }
+            Err(HiddenQueryError::Server { code, .. }) if code == "42704" => {}
+            Err(e) => {
+                tracing::warn!(%shard, %gid, database = %db, commit, error = %e, "2PC resolver could not finish an in-doubt transaction");
+                if matches!(e, HiddenQueryError::Wire(_)) && *db == home_db {
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gids_have_the_documented_shape() {
+        let g = new_gid(42);
+        assert!(g.starts_with("hr_42_"), "{g}");
+        assert!(g.len() <= 199);
+        assert!(is_hotrepart_gid(&g));
+        assert!(!is_hotrepart_gid("hr_x_0123456789abcdef"));
+        assert!(!is_hotrepart_gid("hr_1_0123"));
+        assert!(!is_hotrepart_gid("other_1_0123456789abcdef"));
+    }
+
+    #[test]
+    fn the_first_decision_is_final() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let d = LocalDecisions::default();
+        assert_eq!(d.decision("g"), None);
+        assert!(!rt.block_on(d.decide("g", false)).unwrap_or(true));
+        assert!(!rt.block_on(d.decide("g", true)).unwrap_or(true));
+        assert_eq!(d.decision("g"), Some(false));
+        d.finished("g");
+        assert_eq!(d.decision("g"), None);
+        let own = LocalDecisions::for_node(3);
+        assert!(own.may_resolve(&new_gid(3)));
+        assert!(!own.may_resolve(&new_gid(31)));
+        assert!(d.may_resolve(&new_gid(31)));
+    }
+
+    #[test]
+    fn sqlstates_are_interned_and_checked() {
+        assert_eq!(sqlstate("23505"), "23505");
+        assert!(std::ptr::eq(sqlstate("23505"), sqlstate("23505")));
+        assert_eq!(sqlstate("bad"), "XX000");
+    }
+}
