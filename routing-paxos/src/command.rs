@@ -13,7 +13,7 @@
 
 use std::fmt;
 
-use hotrepart_router::catalog::{KeyType, RoutingFunction, Span};
+use hotrepart_router::catalog::{FunctionId, KeyType, RoutingFunction, Span};
 use serde::{Deserialize, Serialize};
 
 /// Identifies one freeze of a range (chosen by whoever freezes it, e.g. a
@@ -209,7 +209,30 @@ enum KeyTypeDef {
 #[derive(Serialize, Deserialize)]
 #[serde(remote = "RoutingFunction", rename_all = "snake_case")]
 enum RoutingFunctionDef {
-    PgHash { seed: u64 },
+    PgHash {
+        seed: u64,
+    },
+    Wasm {
+        #[serde(with = "function_id_hex")]
+        id: FunctionId,
+    },
+}
+
+/// A [`FunctionId`] as 64 lowercase hex digits.
+mod function_id_hex {
+    use hotrepart_router::catalog::FunctionId;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &FunctionId, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(id)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<FunctionId, D::Error> {
+        let s = String::deserialize(d)?;
+        FunctionId::from_hex(&s).ok_or_else(|| {
+            D::Error::custom(format!("invalid function id {s:?}: expected 64 hex digits"))
+        })
+    }
 }
 
 #[derive(Serialize, Deserialize)]
