@@ -5,7 +5,8 @@
 //! [`backend`] (the node's logins to shards), [`pool`] (M:N pools),
 //! [`state`] (session state that follows a client across backends),
 //! [`routing`] (router decisions in node shard indexes), [`scatter`] (RUN ON
-//! ALL in the simple protocol), [`copy`] (COPY split over the shards),
+//! ALL in the simple protocol), [`copy`] (COPY split over the shards), [`functions`] (WebAssembly
+//! routing functions compiled and attached to snapshots),
 //! [`session`] (the per-client forwarding state machine), [`node`] (listener
 //! and handshake), [`localpg`] and [`demo`] (local PostgreSQL servers).
 #![deny(clippy::print_stdout)]
@@ -16,6 +17,7 @@ pub mod config;
 pub mod copy;
 pub mod demo;
 pub mod explain;
+pub mod functions;
 pub mod localpg;
 pub mod merge;
 pub mod multi;

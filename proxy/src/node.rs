@@ -46,6 +46,8 @@ pub enum NodeError {
     },
     #[error("TLS setup: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The backends a session holds, for CancelRequest: a cancel goes to all
@@ -112,7 +114,12 @@ impl Node {
                 .map(|p| String::from_utf8_lossy(p).into_owned());
             shard_addrs.push((addr, pc.get_user().map(str::to_string), pw));
         }
-        let snapshot = cfg.snapshot().map_err(|e| NodeError::Tls(e.to_string()))?;
+        // Compiles the WebAssembly routing functions the tables use.
+        // (One cache per node once snapshots come from the catalog.)
+        let functions = crate::functions::FunctionCache::new(Default::default())
+            .map_err(|e| NodeError::Config(e.to_string()))?;
+        let snapshot = crate::functions::config_snapshot(&cfg, &functions)
+            .map_err(|e| NodeError::Config(e.to_string()))?;
         let home_index = cfg.shard_index(snapshot.home_shard().as_str()).unwrap_or(0);
         let plans = Mutex::new(PlanCache::new(cfg.plan_cache_size));
         Ok(Arc::new(Node {
