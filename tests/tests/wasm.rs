@@ -428,6 +428,24 @@ async fn a_failing_function_fails_only_its_statement() {
         let n = lines(&db, &format!("SELECT count(*) FROM {table}")).await;
         assert_eq!(n, vec!["2".to_string()]);
     }
+    // inside a transaction the failure fails the transaction, as any error
+    db.batch_execute("BEGIN").await.unwrap();
+    db.execute("INSERT INTO users (id, v) VALUES (-1, 0)", &[])
+        .await
+        .unwrap();
+    let e = db
+        .execute("INSERT INTO traps (id, v) VALUES ($1, 0)", &[&13i64])
+        .await
+        .unwrap_err();
+    assert_function_error(&e, "traps", "trap: ");
+    let e = db
+        .batch_execute("SELECT count(*) FROM users WHERE id = -1")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("25P02"), "{e:?}");
+    db.batch_execute("COMMIT").await.unwrap();
+    let n = lines(&db, "SELECT count(*) FROM users WHERE id = -1").await;
+    assert_eq!(n, vec!["0".to_string()], "the failed transaction committed");
     side.await.unwrap();
     let n = lines(&db, "SELECT count(*) FROM users").await;
     assert_eq!(n, vec![(100 + next_user).to_string()]);
