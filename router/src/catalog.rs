@@ -210,10 +210,18 @@ impl RoutingFunction {
             RoutingFunction::PgHash { .. } => Ok(self.builtin_point(key).unwrap_or_default()),
             RoutingFunction::Wasm { id } => {
                 let f = functions.get(id).ok_or(PointError::Unresolved(*id))?;
-                f.point(key_type, key).map_err(|reason| PointError::Call {
-                    function: *id,
-                    key: key.to_string(),
-                    reason,
+                f.point(key_type, key).map_err(|reason| {
+                    // A text key may be long: its start is enough to tell.
+                    let mut key = key.to_string();
+                    if let Some((cut, _)) = key.char_indices().nth(80) {
+                        key.truncate(cut);
+                        key.push('…');
+                    }
+                    PointError::Call {
+                        function: *id,
+                        key,
+                        reason,
+                    }
                 })
             }
         }

@@ -7,7 +7,8 @@
 //! equal ranges (range i = `[i·2^62, (i+1)·2^62)`, owned by `s{i}`),
 //! `MOD4` puts integer key `k` on shard `s{k mod 4}` and text key on
 //! `s{first byte mod 4}`; `DIV10` puts `k` on `s{(k / 10) mod 4}`. Key 13
-//! traps, key 666 "runs out of fuel", key 777 "exceeds its memory".
+//! traps, key 666 "runs out of fuel", key 777 "exceeds its memory";
+//! a text key starting with `!` traps.
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ impl PointFunction for TestFn {
     fn point(&self, key_type: KeyType, key: &KeyValue) -> Result<u64, String> {
         // Like the real adapter: integers are placed as the column's type.
         let v = match (key_type, key) {
+            (_, KeyValue::Text(s)) if s.starts_with('!') => return Err("trapped: bang".into()),
             (_, KeyValue::Text(s)) => i64::from(s.bytes().next().unwrap_or(0)),
             (t, KeyValue::Int2(v)) if t.is_integer() => i64::from(*v),
             (t, KeyValue::Int4(v)) if t.is_integer() => i64::from(*v),
@@ -247,6 +249,11 @@ fn errors_name_the_table_the_function_the_key_and_the_reason() {
     assert!(err("INSERT INTO wusers (id) VALUES (777)")
         .message
         .contains("memory limit"));
+    // a long key is cut in the message
+    let long = format!("!{}", "y".repeat(1000));
+    let e = err(&format!("SELECT * FROM wtags WHERE tag = '{long}'"));
+    assert!(e.message.len() < 300, "{}", e.message);
+    assert!(e.message.contains("yyy…: trapped: bang"), "{}", e.message);
     let e = err("SELECT * FROM wlost WHERE id = 1");
     assert_eq!(e.sqlstate, "39000");
     assert_eq!(

@@ -51,13 +51,20 @@ pub const MAX_FUNCTION_BYTES: usize = 4 << 20;
 /// Longest function name, in bytes.
 pub const MAX_FUNCTION_NAME_LEN: usize = 63;
 
-/// A WebAssembly routing function stored in the catalog.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A WebAssembly routing function stored in the catalog. `Debug` prints
+/// the id and the size, not the module.
+#[derive(Clone, PartialEq, Eq)]
 pub struct StoredFunction {
     /// SHA-256 of the module.
     pub id: FunctionId,
     /// The binary module (shared: snapshots of the catalog are cheap).
     pub wasm: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for StoredFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoredFunction({}, {} bytes)", self.id, self.wasm.len())
+    }
 }
 
 /// The replicated catalog: the current routing snapshot plus what the
