@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use hotrepart_router::catalog::{FunctionId, KeyType, KeyValue, PointFunction, RoutingSnapshot};
 use hotrepart_udf_wasm::abi::{self, oid};
@@ -68,9 +68,12 @@ pub enum FunctionError {
     Config(String),
 }
 
-/// Compiled routing functions by id, sharing one wasmtime engine.
+/// Compiled routing functions by id, sharing one wasmtime engine (made
+/// when the first function is compiled: a node without routing functions
+/// never sets up wasmtime).
 pub struct FunctionCache {
-    runtime: Runtime,
+    limits: Limits,
+    runtime: OnceLock<Runtime>,
     compiled: Mutex<BTreeMap<FunctionId, Arc<Function>>>,
 }
 
@@ -78,7 +81,7 @@ impl fmt::Debug for FunctionCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ids: Vec<FunctionId> = self.lock().keys().copied().collect();
         f.debug_struct("FunctionCache")
-            .field("runtime", &self.runtime)
+            .field("limits", &self.limits)
             .field("compiled", &ids)
             .finish()
     }
@@ -86,11 +89,20 @@ impl fmt::Debug for FunctionCache {
 
 impl FunctionCache {
     /// An empty cache whose functions run under `limits`.
-    pub fn new(limits: Limits) -> Result<FunctionCache, FunctionError> {
-        Ok(FunctionCache {
-            runtime: Runtime::new(limits).map_err(|e| FunctionError::Runtime(e.to_string()))?,
+    pub fn new(limits: Limits) -> FunctionCache {
+        FunctionCache {
+            limits,
+            runtime: OnceLock::new(),
             compiled: Mutex::new(BTreeMap::new()),
-        })
+        }
+    }
+
+    fn runtime(&self) -> Result<&Runtime, FunctionError> {
+        if let Some(r) = self.runtime.get() {
+            return Ok(r);
+        }
+        let r = Runtime::new(self.limits).map_err(|e| FunctionError::Runtime(e.to_string()))?;
+        Ok(self.runtime.get_or_init(|| r))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<FunctionId, Arc<Function>>> {
@@ -111,7 +123,7 @@ impl FunctionCache {
         // Compiled outside the lock: a concurrent resolve of another
         // function does not wait; two compiles of one id keep the first.
         let f = self
-            .runtime
+            .runtime()?
             .compile(wasm)
             .map_err(|e| FunctionError::Invalid {
                 id: id.short(),
@@ -180,7 +192,7 @@ pub fn resolve<'a>(
     snapshot: RoutingSnapshot,
     modules: impl IntoIterator<Item = (FunctionId, &'a [u8])>,
 ) -> Result<RoutingSnapshot, FunctionError> {
-    FunctionCache::new(Limits::default())?.resolve(snapshot, modules)
+    FunctionCache::new(Limits::default()).resolve(snapshot, modules)
 }
 
 /// The node's first routing snapshot from its configuration file: the
@@ -318,7 +330,7 @@ mod tests {
 
     #[test]
     fn keys_are_encoded_as_the_column_type() {
-        let cache = FunctionCache::new(Limits::default()).expect("runtime");
+        let cache = FunctionCache::new(Limits::default());
         let wasm = module();
         let f = WasmPoint::new(
             cache
@@ -370,7 +382,7 @@ mod tests {
                 .and_then(|b| b.build())
                 .expect("snapshot")
         };
-        let cache = FunctionCache::new(Limits::default()).expect("runtime");
+        let cache = FunctionCache::new(Limits::default());
         let s = cache
             .resolve(snap(RoutingFunction::Wasm { id }), [(id, wasm.as_slice())])
             .expect("resolves");

@@ -116,8 +116,7 @@ impl Node {
         }
         // Compiles the WebAssembly routing functions the tables use.
         // (One cache per node once snapshots come from the catalog.)
-        let functions = crate::functions::FunctionCache::new(Default::default())
-            .map_err(|e| NodeError::Config(e.to_string()))?;
+        let functions = crate::functions::FunctionCache::new(Default::default());
         let snapshot = crate::functions::config_snapshot(&cfg, &functions)
             .map_err(|e| NodeError::Config(e.to_string()))?;
         let home_index = cfg.shard_index(snapshot.home_shard().as_str()).unwrap_or(0);
