@@ -14,7 +14,9 @@
 use crate::config::Config;
 use crate::node::Node;
 use hotrepart_router::catalog::RoutingSnapshot;
-use hotrepart_routing_paxos::command::{CatalogSeed, Dsn, RangeSpec, ShardSpec, TableSpec};
+use hotrepart_routing_paxos::command::{
+    CatalogSeed, Dsn, FunctionSpec, RangeSpec, ShardSpec, TableSpec, WasmModule,
+};
 use hotrepart_routing_paxos::{CatalogHandle, ClusterSettings};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,11 +24,24 @@ use std::time::Duration;
 
 /// The catalog seed the configuration file describes.
 pub fn seed(cfg: &Config) -> anyhow::Result<CatalogSeed> {
-    let snap = cfg.snapshot()?;
-    Ok(seed_of(&snap))
+    // Compiling the functions validates them (no imports, the ABI's
+    // exports, a trial call) before they can enter the catalog.
+    let cache = crate::functions::FunctionCache::new(Default::default());
+    let snap = crate::functions::config_snapshot(cfg, &cache)?;
+    let mut seed = seed_of(&snap);
+    seed.functions = cfg
+        .function_modules()?
+        .into_iter()
+        .map(|(name, wasm)| FunctionSpec {
+            name,
+            wasm: WasmModule(wasm),
+        })
+        .collect();
+    Ok(seed)
 }
 
-/// A seed that recreates `snap` (epoch aside).
+/// A seed that recreates `snap` (epoch aside; without the modules of its
+/// routing functions).
 pub fn seed_of(snap: &RoutingSnapshot) -> CatalogSeed {
     CatalogSeed {
         shards: snap
@@ -56,6 +71,7 @@ pub fn seed_of(snap: &RoutingSnapshot) -> CatalogSeed {
                 write_owner: r.write_owner.as_str().to_string(),
             })
             .collect(),
+        functions: Vec::new(),
     }
 }
 
@@ -98,9 +114,15 @@ pub fn follow(node: Arc<Node>, catalog: CatalogHandle) {
 
 fn publish_current(node: &Node, c: &hotrepart_routing_paxos::Catalog) {
     if let Some(snap) = c.snapshot() {
-        if snap.epoch() != node.catalog.load().epoch() || !node.catalog_ready() {
+        let cur = node.catalog.load();
+        // Function uploads do not change the epoch, but may resolve a
+        // function a table names.
+        if snap.epoch() != cur.epoch()
+            || !node.catalog_ready()
+            || !cur.unresolved_functions().is_empty()
+        {
             tracing::info!(epoch = snap.epoch(), "routing table published");
-            node.publish(snap.clone());
+            node.publish_catalog(c);
         }
     }
 }

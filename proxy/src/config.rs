@@ -75,6 +75,9 @@ pub struct Config {
     /// Tables with a full copy on every shard.
     #[serde(default)]
     pub reference_tables: Vec<String>,
+    /// WebAssembly routing functions that `[[sharded_tables]]` may name.
+    #[serde(default)]
+    pub functions: Vec<FunctionConfig>,
     /// Number of key ranges the keyspace is cut into at first start,
     /// assigned round-robin to the shards (default: one per shard).
     #[serde(default)]
@@ -247,6 +250,22 @@ pub struct ShardedTableConfig {
     /// Seed of the PostgreSQL-compatible hash (default 0).
     #[serde(default)]
     pub seed: u64,
+    /// Name of a `[[functions]]` entry: route by that WebAssembly function
+    /// instead of the built-in hash (then `seed` must be left out).
+    #[serde(default)]
+    pub function: Option<String>,
+}
+
+/// A WebAssembly routing function (docs/WASM_ABI.md) in a file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    /// The name tables use.
+    pub name: String,
+    /// A binary `.wasm` or text `.wat` module. A relative path is relative
+    /// to the configuration file's directory (to the working directory for
+    /// a configuration given as a string).
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -328,22 +347,54 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Config::from_toml(&text).map_err(|e| match e {
+        let mut cfg = Config::parse(&text).map_err(|e| match e {
             ConfigError::Parse { source, .. } => ConfigError::Parse {
                 path: path.display().to_string(),
                 source,
             },
             other => other,
-        })
+        })?;
+        if let Some(dir) = path.parent() {
+            for f in &mut cfg.functions {
+                if f.path.is_relative() {
+                    f.path = dir.join(&f.path);
+                }
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: "<string>".into(),
-            source: Box::new(source),
-        })?;
+        let cfg = Config::parse(text)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "<string>".into(),
+            source: Box::new(source),
+        })
+    }
+
+    /// The `[[functions]]` modules, read from their files (text converted
+    /// to binary), by name, in file order. Not compiled here: the node
+    /// compiles them (`functions::config_snapshot`).
+    pub fn function_modules(&self) -> Result<Vec<(String, Vec<u8>)>, ConfigError> {
+        let mut out: Vec<(String, Vec<u8>)> = Vec::with_capacity(self.functions.len());
+        for f in &self.functions {
+            if out.iter().any(|(n, _)| *n == f.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "duplicate function name {:?}",
+                    f.name
+                )));
+            }
+            let wasm = crate::functions::load_module(&f.name, &f.path)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            out.push((f.name.clone(), wasm));
+        }
+        Ok(out)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -457,16 +508,46 @@ impl Config {
             None => ids[0].clone(),
         };
         b = b.home_shard(home);
+        if let Some(t) = self
+            .sharded_tables
+            .iter()
+            .find(|t| t.function.is_some() && t.seed != 0)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "sharded table {:?}: a seed applies to the built-in hash, not to function {:?}",
+                t.name,
+                t.function.as_deref().unwrap_or_default()
+            )));
+        }
+        let modules = if self.sharded_tables.iter().any(|t| t.function.is_some()) {
+            self.function_modules()?
+        } else {
+            Vec::new()
+        };
         for t in &self.sharded_tables {
             let key_type: KeyType = t
                 .key_type
                 .parse()
                 .map_err(|e| ConfigError::Invalid(format!("sharded table {:?}: {e}", t.name)))?;
+            let function = match &t.function {
+                None => RoutingFunction::PgHash { seed: t.seed },
+                Some(name) => match modules.iter().find(|(n, _)| n == name) {
+                    Some((_, wasm)) => RoutingFunction::Wasm {
+                        id: crate::functions::module_id(wasm),
+                    },
+                    None => {
+                        return Err(ConfigError::Invalid(format!(
+                            "sharded table {:?}: no [[functions]] entry is named {name:?}",
+                            t.name
+                        )))
+                    }
+                },
+            };
             b = b.sharded_table(ShardedTable {
                 name: t.name.clone(),
                 key_column: t.key.clone(),
                 key_type,
-                function: RoutingFunction::PgHash { seed: t.seed },
+                function,
             });
         }
         for r in &self.reference_tables {
@@ -540,6 +621,65 @@ mod tests {
         )
         .expect_err("unknown key");
         assert!(e.to_string().contains("bogus"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod function_tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        [[shards]]
+        name = "s0"
+        dsn = "host=127.0.0.1"
+    "#;
+
+    #[test]
+    fn tables_name_functions_whose_paths_are_relative_to_the_file() {
+        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let dir = std::env::temp_dir().join(format!("hr-config-fn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("node.toml");
+        let text = format!(
+            "{BASE}\n[[functions]]\nname = \"tenant\"\npath = \"{}\"\n\
+             [[sharded_tables]]\nname = \"docs\"\nkey = \"k\"\ntype = \"text\"\nfunction = \"tenant\"\n",
+            "examples/functions/tenant_prefix.wat"
+        );
+        std::fs::write(&file, &text).expect("write");
+        // relative to the file: the file is not next to the examples
+        assert!(Config::load(&file).is_err());
+        std::fs::write(examples.join(".hr-config-fn-test.toml"), &text).expect("write");
+        let loaded = Config::load(&examples.join(".hr-config-fn-test.toml"));
+        let _ = std::fs::remove_file(examples.join(".hr-config-fn-test.toml"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = loaded.expect("valid");
+        let snap = cfg.snapshot().expect("snapshot");
+        let modules = cfg.function_modules().expect("modules");
+        let id = crate::functions::module_id(&modules[0].1);
+        assert_eq!(
+            snap.sharded_table("docs").map(|t| t.function),
+            Some(RoutingFunction::Wasm { id })
+        );
+        // not compiled yet: the node attaches it
+        assert_eq!(snap.unresolved_functions(), vec![id]);
+    }
+
+    #[test]
+    fn bad_function_references_are_refused() {
+        let table = "[[sharded_tables]]\nname = \"t\"\nkey = \"k\"\ntype = \"int8\"\n";
+        let e = Config::from_toml(&format!("{BASE}\n{table}function = \"nope\"\n"))
+            .expect_err("unknown function");
+        assert!(e.to_string().contains("no [[functions]] entry"), "{e}");
+        let e = Config::from_toml(&format!(
+            "{BASE}\n[[functions]]\nname = \"f\"\npath = \"/nonexistent.wat\"\n{table}function = \"f\"\n"
+        ))
+        .expect_err("missing file");
+        assert!(e.to_string().contains("/nonexistent.wat"), "{e}");
+        let e = Config::from_toml(&format!(
+            "{BASE}\n[[functions]]\nname = \"f\"\npath = \"/nonexistent.wat\"\n{table}function = \"f\"\nseed = 3\n"
+        ))
+        .expect_err("seed and function");
+        assert!(e.to_string().contains("seed"), "{e}");
     }
 }
 

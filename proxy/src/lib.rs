@@ -6,11 +6,12 @@
 //! [`state`] (session state that follows a client across backends),
 //! [`routing`] (router decisions in node shard indexes), [`scatter`] (RUN ON
 //! ALL in the simple protocol), [`copy`] (COPY split over the shards),
-//! [`session`] (the per-client forwarding state machine), [`twopc`]
-//! (two-phase commit and its resolver), [`node`] (listener and handshake),
-//! [`cluster`] (the replicated catalog the node follows), [`admin`] (the
-//! HTTP admin API `proxyctl` talks to), [`localpg`] and [`demo`] (local
-//! PostgreSQL servers).
+//! [`functions`] (WebAssembly routing functions compiled and attached to
+//! snapshots), [`session`] (the per-client forwarding state machine),
+//! [`twopc`] (two-phase commit and its resolver), [`node`] (listener and
+//! handshake), [`cluster`] (the replicated catalog the node follows),
+//! [`admin`] (the HTTP admin API `proxyctl` talks to), [`localpg`] and
+//! [`demo`] (local PostgreSQL servers).
 #![deny(clippy::print_stdout)]
 
 pub mod admin;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod copy;
 pub mod demo;
 pub mod explain;
+pub mod functions;
 pub mod localpg;
 pub mod merge;
 pub mod multi;

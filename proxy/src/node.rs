@@ -74,6 +74,8 @@ pub struct Node {
     pub catalog: ArcSwap<RoutingSnapshot>,
     /// The replicated catalog this node follows (`cluster::follow`).
     pub catalog_handle: CatalogHandle,
+    /// Compiled routing functions, by id.
+    functions: crate::functions::FunctionCache,
     /// Set once `catalog` holds a snapshot of the replicated catalog (until
     /// then it holds the configuration's, used only to log clients in).
     ready: AtomicBool,
@@ -92,6 +94,19 @@ pub struct Node {
     /// Commit decisions of two-phase commits (the replicated catalog's
     /// `TxDecision` entries; see `cluster::CatalogDecisions`).
     pub decisions: Arc<dyn crate::twopc::DecisionLog>,
+}
+
+/// `snapshot` (of `catalog`) with the routing functions its tables use.
+fn resolve_functions(
+    cache: &crate::functions::FunctionCache,
+    snapshot: &RoutingSnapshot,
+    catalog: &hotrepart_routing_paxos::Catalog,
+) -> RoutingSnapshot {
+    let (snap, errors) = cache.resolve_partial(snapshot.clone(), catalog.function_modules());
+    for e in errors {
+        tracing::error!(error = %e, "routing function not available; statements that need it fail");
+    }
+    snap
 }
 
 /// Where the node reaches one shard.
@@ -201,12 +216,13 @@ impl Node {
         };
         // Until the catalog has a routing table (a new cluster electing its
         // first leader), the configuration's serves to log clients in.
-        let current = catalog.catalog().snapshot().cloned();
-        let ready = current.is_some();
-        let snapshot = match current {
-            Some(s) => s,
+        let functions = crate::functions::FunctionCache::new(Default::default());
+        let current = catalog.catalog();
+        let ready = current.snapshot().is_some();
+        let snapshot = match current.snapshot() {
+            Some(s) => Arc::new(resolve_functions(&functions, s, &current)),
             None => Arc::new(
-                cfg.snapshot()
+                crate::functions::config_snapshot(&cfg, &functions)
                     .map_err(|e| NodeError::Config(e.to_string()))?,
             ),
         };
@@ -217,6 +233,7 @@ impl Node {
         Ok(Arc::new(Node {
             catalog: ArcSwap::new(snapshot),
             catalog_handle: catalog,
+            functions,
             ready: AtomicBool::new(ready),
             shards: ArcSwap::from_pointee(shards),
             plans,
@@ -229,6 +246,15 @@ impl Node {
             cancels: Mutex::new(HashMap::new()),
             decisions,
         }))
+    }
+
+    /// Makes the routing table of `catalog` current, with its WebAssembly
+    /// routing functions compiled and attached (a function that cannot be
+    /// is logged; only statements that need it fail, with 39000).
+    pub fn publish_catalog(&self, catalog: &hotrepart_routing_paxos::Catalog) {
+        if let Some(s) = catalog.snapshot() {
+            self.publish(Arc::new(resolve_functions(&self.functions, s, catalog)));
+        }
     }
 
     /// Makes `snapshot` the routing table. Shards it adds get new indices

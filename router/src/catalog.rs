@@ -30,6 +30,21 @@
 //! and points from 2^63 up are the negative ones, so a range is at most two
 //! `bigint` intervals.
 //!
+//! # WebAssembly routing functions
+//!
+//! [`RoutingFunction::Wasm`] names a user-supplied function by the SHA-256
+//! of its module ([`FunctionId`]). The router does not run WebAssembly: the
+//! node compiles the modules the catalog names and attaches them to the
+//! snapshot ([`RoutingSnapshot::with_functions`]) before publishing it. The
+//! point of a key under such a function is therefore fallible
+//! ([`PointError`]): the function may be missing on this node or fail for
+//! one key (trap, fuel, memory); that fails the statement needing the point,
+//! nothing else. PostgreSQL cannot compute such a point
+//! ([`RoutingFunction::sql_hash`] is `None`). Tables are co-located when
+//! they use the same function id and the same key type (the function gets
+//! the key encoded as the column's type, so `int4` and `int8` keys may land
+//! apart, unlike under the built-in hash).
+//!
 //! # Guarantees
 //!
 //! A [`RoutingSnapshot`] exists only if [`SnapshotBuilder::build`] validated
@@ -38,16 +53,19 @@
 //! table names are unique and well formed, every sharded table's routing
 //! function supports its key type, and there is a home shard. Lookups on a
 //! snapshot therefore cannot fail for a point; they fail for a key only when
-//! the table is not sharded or the key has the wrong type. A snapshot never
+//! the table is not sharded, the key has the wrong type, or the table's
+//! WebAssembly function is missing or fails. A snapshot never
 //! changes; a catalog change builds a new one with a larger epoch
 //! ([`RoutingSnapshot::edit`]).
 
+mod function;
 mod key;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
+pub use function::{FunctionId, Functions, PointError, PointFunction};
 pub use key::{KeyParseError, KeyType, KeyValue, UnknownKeyType};
 
 use crate::hash;
@@ -139,35 +157,82 @@ pub enum RoutingFunction {
         /// The seed, with the bits of PostgreSQL's `bigint` seed argument.
         seed: u64,
     },
+    /// A user-supplied WebAssembly function (docs/WASM_ABI.md), by content
+    /// hash. Its implementation is attached to the snapshot by the node
+    /// ([`RoutingSnapshot::with_functions`]); the key reaches it encoded
+    /// as the table's key type.
+    Wasm {
+        /// SHA-256 of the binary module.
+        id: FunctionId,
+    },
 }
 
 impl RoutingFunction {
-    /// Whether this function can place keys of type `ty`.
+    /// Whether this function can place keys of type `ty`. A WebAssembly
+    /// function is accepted for every type: which types it handles is only
+    /// known by calling it (an unsupported key traps, per statement).
     pub fn supports(&self, ty: KeyType) -> bool {
         match self {
-            RoutingFunction::PgHash { .. } => KeyType::ALL.contains(&ty),
+            RoutingFunction::PgHash { .. } | RoutingFunction::Wasm { .. } => {
+                KeyType::ALL.contains(&ty)
+            }
         }
     }
 
-    /// The point of `key`. Integer keys hash alike whatever their width (as
-    /// in PostgreSQL), so `Int2(5)`, `Int4(5)` and `Int8(5)` have one point.
-    pub fn point(&self, key: &KeyValue) -> u64 {
+    /// The point of `key` under a built-in function, `None` for a
+    /// WebAssembly function. Integer keys hash alike whatever their width
+    /// (as in PostgreSQL), so `Int2(5)`, `Int4(5)` and `Int8(5)` have one
+    /// point.
+    pub fn builtin_point(&self, key: &KeyValue) -> Option<u64> {
         match *self {
-            RoutingFunction::PgHash { seed } => match key {
+            RoutingFunction::PgHash { seed } => Some(match key {
                 KeyValue::Int2(v) => hash::hashint2extended(*v, seed),
                 KeyValue::Int4(v) => hash::hashint4extended(*v, seed),
                 KeyValue::Int8(v) => hash::hashint8extended(*v, seed),
                 KeyValue::Text(s) => hash::hashtextextended(s, seed),
                 KeyValue::Uuid(u) => hash::uuid_hash_extended(u, seed),
-            },
+            }),
+            RoutingFunction::Wasm { .. } => None,
+        }
+    }
+
+    /// The point of `key`, a key of a column of type `key_type`, with
+    /// `functions` providing the implementations of WebAssembly functions.
+    /// Fails only for a WebAssembly function: not attached, or the call
+    /// failed (the error concerns this key only).
+    pub fn point(
+        &self,
+        key_type: KeyType,
+        key: &KeyValue,
+        functions: &Functions,
+    ) -> Result<u64, PointError> {
+        match self {
+            RoutingFunction::PgHash { .. } => Ok(self.builtin_point(key).unwrap_or_default()),
+            RoutingFunction::Wasm { id } => {
+                let f = functions.get(id).ok_or(PointError::Unresolved(*id))?;
+                f.point(key_type, key).map_err(|reason| {
+                    // A text key may be long: its start is enough to tell.
+                    let mut key = key.to_string();
+                    if let Some((cut, _)) = key.char_indices().nth(80) {
+                        key.truncate(cut);
+                        key.push('…');
+                    }
+                    PointError::Call {
+                        function: *id,
+                        key,
+                        reason,
+                    }
+                })
+            }
         }
     }
 
     /// SQL computing the hash of `column` (an already-quoted column name or
     /// expression of type `ty`) as PostgreSQL's signed `bigint`; its bits are
     /// the point. Text is hashed under `COLLATE "C"` so the result is the byte
-    /// hash whatever the column's collation.
-    pub fn sql_hash(&self, ty: KeyType, column: &str) -> String {
+    /// hash whatever the column's collation. `None` for a WebAssembly
+    /// function, which PostgreSQL cannot run.
+    pub fn sql_hash(&self, ty: KeyType, column: &str) -> Option<String> {
         match *self {
             RoutingFunction::PgHash { seed } => {
                 let collate = if ty == KeyType::Text {
@@ -175,21 +240,42 @@ impl RoutingFunction {
                 } else {
                     ""
                 };
-                format!(
+                Some(format!(
                     "{}({column}{collate}, {})",
                     ty.pg_hash_function(),
                     seed as i64
-                )
+                ))
             }
+            RoutingFunction::Wasm { .. } => None,
         }
     }
 
-    /// SQL computing the point of `column` as a `numeric` in `0..2^64`.
-    pub fn sql_point(&self, ty: KeyType, column: &str) -> String {
-        format!(
-            "(({})::numeric + 18446744073709551616) % 18446744073709551616",
-            self.sql_hash(ty, column)
-        )
+    /// SQL computing the point of `column` as a `numeric` in `0..2^64`;
+    /// `None` for a WebAssembly function.
+    pub fn sql_point(&self, ty: KeyType, column: &str) -> Option<String> {
+        self.sql_hash(ty, column)
+            .map(|h| format!("(({h})::numeric + 18446744073709551616) % 18446744073709551616"))
+    }
+
+    /// Whether keys of type `a` under this function and keys of type `b`
+    /// under `other` land on the same point when equal, i.e. tables sharded
+    /// that way are co-located. The built-in hash hashes integers alike
+    /// whatever their width; a WebAssembly function gets the key encoded as
+    /// the column's type, so only the same type is safe.
+    pub fn colocated(&self, a: KeyType, other: &RoutingFunction, b: KeyType) -> bool {
+        self == other
+            && match self {
+                RoutingFunction::PgHash { .. } => a == b || (a.is_integer() && b.is_integer()),
+                RoutingFunction::Wasm { .. } => a == b,
+            }
+    }
+
+    /// The WebAssembly function's id, if this is one.
+    pub fn wasm_id(&self) -> Option<FunctionId> {
+        match self {
+            RoutingFunction::Wasm { id } => Some(*id),
+            RoutingFunction::PgHash { .. } => None,
+        }
     }
 }
 
@@ -197,6 +283,7 @@ impl fmt::Display for RoutingFunction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RoutingFunction::PgHash { seed } => write!(f, "pg_hash(seed={seed})"),
+            RoutingFunction::Wasm { id } => write!(f, "wasm({})", id.short()),
         }
     }
 }
@@ -489,6 +576,14 @@ pub enum LookupError {
         /// The value's type.
         got: KeyType,
     },
+    /// The table's routing function could not place the key.
+    #[error("table {table:?}: {error}")]
+    Function {
+        /// The table.
+        table: String,
+        /// Why.
+        error: PointError,
+    },
 }
 
 /// An immutable, validated routing table. Build one with
@@ -502,6 +597,8 @@ pub struct RoutingSnapshot {
     reference: BTreeSet<String>,
     /// Sorted by `lo`, contiguous, covering the whole point space.
     ranges: Vec<KeyRange>,
+    /// Implementations of the WebAssembly functions, attached by the node.
+    functions: Functions,
 }
 
 impl RoutingSnapshot {
@@ -524,7 +621,49 @@ impl RoutingSnapshot {
             sharded: self.sharded.values().cloned().collect(),
             reference: self.reference.iter().cloned().collect(),
             ranges: self.ranges.clone(),
+            functions: self.functions.clone(),
         }
+    }
+
+    /// This snapshot with `functions` attached (added to, or replacing,
+    /// those it has), same epoch. The node calls this after compiling the
+    /// modules the catalog names, before publishing the snapshot.
+    pub fn with_functions(
+        mut self,
+        functions: impl IntoIterator<Item = (FunctionId, Arc<dyn PointFunction>)>,
+    ) -> RoutingSnapshot {
+        for (id, f) in functions {
+            self.functions.insert(id, f);
+        }
+        self
+    }
+
+    /// The attached function implementations.
+    pub fn functions(&self) -> &Functions {
+        &self.functions
+    }
+
+    /// The ids of the WebAssembly functions the sharded tables use.
+    pub fn wasm_function_ids(&self) -> BTreeSet<FunctionId> {
+        self.sharded
+            .values()
+            .filter_map(|t| t.function.wasm_id())
+            .collect()
+    }
+
+    /// The WebAssembly functions some table uses that have no implementation
+    /// attached (statements needing them fail).
+    pub fn unresolved_functions(&self) -> Vec<FunctionId> {
+        self.wasm_function_ids()
+            .into_iter()
+            .filter(|id| self.functions.get(id).is_none())
+            .collect()
+    }
+
+    /// The point of `key` in sharded table `table` (a table of this
+    /// snapshot, or a copy of one), with this snapshot's functions.
+    pub fn point(&self, table: &ShardedTable, key: &KeyValue) -> Result<u64, PointError> {
+        table.function.point(table.key_type, key, &self.functions)
     }
 
     /// The epoch; a later catalog state has a larger one.
@@ -610,7 +749,10 @@ impl RoutingSnapshot {
                 got,
             });
         }
-        Ok(t.function.point(key))
+        self.point(t, key).map_err(|error| LookupError::Function {
+            table: table.to_owned(),
+            error,
+        })
     }
 
     /// The range holding `key` of sharded table `table`.
@@ -631,9 +773,17 @@ pub struct SnapshotBuilder {
     sharded: Vec<ShardedTable>,
     reference: Vec<String>,
     ranges: Vec<KeyRange>,
+    functions: Functions,
 }
 
 impl SnapshotBuilder {
+    /// Attaches the implementation of WebAssembly function `id` (see
+    /// [`RoutingSnapshot::with_functions`]).
+    pub fn function(mut self, id: FunctionId, f: Arc<dyn PointFunction>) -> Self {
+        self.functions.insert(id, f);
+        self
+    }
+
     /// Adds a shard.
     pub fn shard(mut self, id: ShardId, dsn: impl Into<String>) -> Self {
         self.shards.push(Shard {
@@ -755,6 +905,7 @@ impl SnapshotBuilder {
             sharded,
             reference,
             ranges,
+            functions: self.functions,
         })
     }
 }

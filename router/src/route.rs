@@ -70,7 +70,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 
-use crate::catalog::{KeyType, KeyValue, RoutingSnapshot, ShardId};
+use crate::catalog::{KeyType, KeyValue, PointError, RoutingSnapshot, ShardId};
 
 pub use cache::PlanCache;
 
@@ -297,6 +297,16 @@ impl RouteError {
         }
     }
 
+    /// The routing function of `table` could not place a key: `38000`
+    /// (the function failed) or `39000` (not loaded), see
+    /// [`PointError::sqlstate`]. Concerns this statement only.
+    pub fn point(table: &str, e: PointError) -> RouteError {
+        RouteError {
+            sqlstate: e.sqlstate(),
+            message: format!("cannot route by the shard key of \"{table}\": {e}"),
+        }
+    }
+
     /// `08P01 protocol_violation` (missing or malformed parameter).
     pub fn protocol(message: impl Into<String>) -> RouteError {
         RouteError {
@@ -404,8 +414,10 @@ fn key_hint_shard(
         sqlstate: e.sqlstate(),
         message: e.to_string(),
     })?;
-    let range = snapshot.range_for_point(table.function.point(&key));
-    Ok(range.write_owner.clone())
+    let point = snapshot
+        .point(&table, &key)
+        .map_err(|e| RouteError::point(&table.name, e))?;
+    Ok(snapshot.range_for_point(point).write_owner.clone())
 }
 
 /// Merges the routes of the statements of one string.

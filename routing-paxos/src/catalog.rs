@@ -20,18 +20,52 @@
 //!   routing table and do not change the epoch: a new epoch empties every
 //!   node's plan cache, and a decision per multi-shard commit must not do
 //!   that. The first decision for a GID is final.
+//! * WebAssembly routing functions are stored beside the routing table, by
+//!   name, as `(id = SHA-256 of the module, module)`. Tables name them by id
+//!   (`RoutingFunction::Wasm`), and only ids that some name holds: a table
+//!   can never refer to a module the catalog does not have. Uploading or
+//!   removing a function does not change the routing table or the epoch;
+//!   a name a table uses cannot be removed or get other bytes. The modules
+//!   are not compiled here (no I/O, no compilation in `apply`): they are
+//!   validated before they are proposed, and each node compiles them when
+//!   it publishes a snapshot ([`Catalog::function_modules`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hotrepart_router::catalog::{
-    CatalogError, KeyRange, RangeStatus, RoutingSnapshot, Shard, ShardId, ShardedTable, Span,
+    CatalogError, FunctionId, KeyRange, RangeStatus, RoutingFunction, RoutingSnapshot, Shard,
+    ShardId, ShardedTable, Span,
 };
 
-use crate::command::{CatalogCommand, CatalogSeed, Dsn, FreezeId, TableSpec};
+use crate::command::{CatalogCommand, CatalogSeed, Dsn, FreezeId, TableSpec, WasmModule};
 
 /// Longest PostgreSQL prepared-transaction GID, in bytes (`GIDSIZE` - 1).
 pub const MAX_GID_LEN: usize = 199;
+
+/// Largest WebAssembly module the catalog stores, in bytes. Every node keeps
+/// every module in memory and in its log; routing functions are small (the
+/// examples are 1–2 KB).
+pub const MAX_FUNCTION_BYTES: usize = 4 << 20;
+
+/// Longest function name, in bytes.
+pub const MAX_FUNCTION_NAME_LEN: usize = 63;
+
+/// A WebAssembly routing function stored in the catalog. `Debug` prints
+/// the id and the size, not the module.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredFunction {
+    /// SHA-256 of the module.
+    pub id: FunctionId,
+    /// The binary module (shared: snapshots of the catalog are cheap).
+    pub wasm: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for StoredFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoredFunction({}, {} bytes)", self.id, self.wasm.len())
+    }
+}
 
 /// The replicated catalog: the current routing snapshot plus what the
 /// snapshot does not carry (who froze which range, 2PC decisions).
@@ -44,6 +78,8 @@ pub struct Catalog {
     freezes: BTreeMap<u64, Freeze>,
     /// Decided 2PC transactions: GID → commit.
     decisions: BTreeMap<String, bool>,
+    /// WebAssembly routing functions by name.
+    functions: BTreeMap<String, StoredFunction>,
 }
 
 /// One freeze of a range.
@@ -68,6 +104,22 @@ pub enum Applied {
         /// Its outcome.
         commit: bool,
     },
+    /// A routing function was stored under `name` (new, or new bytes for a
+    /// name no table uses); the routing table did not change.
+    FunctionStored {
+        /// The name.
+        name: String,
+        /// The module's id.
+        id: FunctionId,
+    },
+    /// A routing function was forgotten; the routing table did not change.
+    FunctionRemoved {
+        /// The name.
+        name: String,
+    },
+    /// The command asked for what already is (the same module uploaded
+    /// again, a table's function set to the one it has): nothing changed.
+    Unchanged,
 }
 
 /// Why a command was rejected. The catalog is unchanged.
@@ -163,6 +215,48 @@ pub enum Rejected {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A function name breaks the naming rules.
+    #[error("invalid function name {name:?}: {reason}")]
+    InvalidFunctionName {
+        /// The name.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// The bytes of an upload are not a binary WebAssembly module.
+    #[error("function {name:?}: {reason}")]
+    NotWasm {
+        /// The function's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No function has this name.
+    #[error("unknown routing function {0:?}")]
+    UnknownFunction(String),
+    /// A table names a function id that no uploaded function has.
+    #[error("table {table:?}: routing function {id} is not uploaded")]
+    UnknownFunctionId {
+        /// The table.
+        table: String,
+        /// The id.
+        id: FunctionId,
+    },
+    /// RemoveFunction, or an upload with other bytes, of a function a table
+    /// uses.
+    #[error("routing function {name:?} is used by table {table:?}; changing or removing it would move rows (set the table's function first: a re-partitioning job for a table with rows)")]
+    FunctionInUse {
+        /// The function's name.
+        name: String,
+        /// The first table using it.
+        table: String,
+    },
+    /// Two functions with one name and different modules in a seed.
+    #[error("function {0:?} is declared twice with different modules")]
+    DuplicateFunction(String),
+    /// SetTableFunction of a table that is not sharded.
+    #[error("table {0:?} is not a sharded table")]
+    NotSharded(String),
     /// A second decision for a GID.
     #[error("transaction {gid:?} is already decided ({})", if *commit { "commit" } else { "rollback" })]
     AlreadyDecided {
@@ -200,6 +294,33 @@ impl Catalog {
         self.decisions.get(gid).copied()
     }
 
+    /// The routing function stored under `name`.
+    pub fn function(&self, name: &str) -> Option<&StoredFunction> {
+        self.functions.get(name)
+    }
+
+    /// All routing functions, by name.
+    pub fn functions(&self) -> impl Iterator<Item = (&str, &StoredFunction)> {
+        self.functions.iter().map(|(n, f)| (n.as_str(), f))
+    }
+
+    /// Every stored module once, by id: what a node compiles before it
+    /// publishes a snapshot.
+    pub fn function_modules(&self) -> impl Iterator<Item = (FunctionId, &[u8])> {
+        let by_id: BTreeMap<FunctionId, &[u8]> =
+            self.functions.values().map(|f| (f.id, &*f.wasm)).collect();
+        by_id.into_iter()
+    }
+
+    /// The names under which module `id` is stored (for messages).
+    pub fn function_names(&self, id: FunctionId) -> Vec<&str> {
+        self.functions
+            .iter()
+            .filter(|(_, f)| f.id == id)
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
     /// All decided 2PC transactions, by GID.
     pub fn decisions(&self) -> impl Iterator<Item = (&str, bool)> {
         self.decisions.iter().map(|(g, c)| (g.as_str(), *c))
@@ -221,6 +342,11 @@ impl Catalog {
             } => self.assign_range(*range, read_owner, write_owner),
             CatalogCommand::FreezeRange { range, freeze } => self.freeze_range(*range, *freeze),
             CatalogCommand::UnfreezeRange { range, freeze } => self.unfreeze_range(*range, *freeze),
+            CatalogCommand::UploadFunction { name, wasm } => self.upload_function(name, wasm),
+            CatalogCommand::RemoveFunction { name } => self.remove_function(name),
+            CatalogCommand::SetTableFunction { table, function } => {
+                self.set_table_function(table, *function)
+            }
             CatalogCommand::TxDecision { gid, commit } => self.tx_decision(gid, *commit),
         }
     }
@@ -258,13 +384,31 @@ impl Catalog {
             range.write_owner = ShardId::new(&r.write_owner)?;
             ranges.push(range);
         }
-        self.publish(Parts {
+        let mut functions = BTreeMap::new();
+        for f in &seed.functions {
+            let stored = stored_function(&f.name, &f.wasm)?;
+            match functions.get(&f.name) {
+                Some(StoredFunction { id, .. }) if *id != stored.id => {
+                    return Err(Rejected::DuplicateFunction(f.name.clone()));
+                }
+                _ => {
+                    functions.insert(f.name.clone(), stored);
+                }
+            }
+        }
+        let sharded: Vec<ShardedTable> = seed.sharded.iter().map(sharded_table).collect();
+        for t in &sharded {
+            check_function(&functions, &t.name, t.function)?;
+        }
+        let applied = self.publish(Parts {
             shards,
             home_shard: ShardId::new(&seed.home_shard)?,
-            sharded: seed.sharded.iter().map(sharded_table).collect(),
+            sharded,
             reference: seed.reference.clone(),
             ranges,
-        })
+        })?;
+        self.functions = functions;
+        Ok(applied)
     }
 
     fn add_shard(&mut self, name: &str, dsn: &Dsn) -> Result<Applied, Rejected> {
@@ -335,6 +479,7 @@ impl Catalog {
     fn declare_sharded(&mut self, spec: &TableSpec) -> Result<Applied, Rejected> {
         let snap = self.current()?;
         Self::check_undeclared(snap, &spec.table)?;
+        check_function(&self.functions, &spec.table, spec.function)?;
         let mut parts = Parts::of(snap);
         parts.sharded.push(sharded_table(spec));
         self.publish(parts)
@@ -418,6 +563,80 @@ impl Catalog {
         Ok(applied)
     }
 
+    /// The first table that uses the module stored under `name`, unless
+    /// another name holds the same module (then the module stays).
+    fn user_of(&self, name: &str, id: FunctionId) -> Option<String> {
+        let shared = self.functions.iter().any(|(n, f)| n != name && f.id == id);
+        if shared {
+            return None;
+        }
+        self.snapshot.as_deref().and_then(|snap| {
+            snap.sharded_tables()
+                .find(|t| t.function == RoutingFunction::Wasm { id })
+                .map(|t| t.name.clone())
+        })
+    }
+
+    fn upload_function(&mut self, name: &str, wasm: &WasmModule) -> Result<Applied, Rejected> {
+        let stored = stored_function(name, wasm)?;
+        if let Some(old) = self.functions.get(name) {
+            if old.id == stored.id {
+                return Ok(Applied::Unchanged);
+            }
+            if let Some(table) = self.user_of(name, old.id) {
+                return Err(Rejected::FunctionInUse {
+                    name: name.to_owned(),
+                    table,
+                });
+            }
+        }
+        let id = stored.id;
+        self.functions.insert(name.to_owned(), stored);
+        Ok(Applied::FunctionStored {
+            name: name.to_owned(),
+            id,
+        })
+    }
+
+    fn remove_function(&mut self, name: &str) -> Result<Applied, Rejected> {
+        let old = self
+            .functions
+            .get(name)
+            .ok_or_else(|| Rejected::UnknownFunction(name.to_owned()))?;
+        if let Some(table) = self.user_of(name, old.id) {
+            return Err(Rejected::FunctionInUse {
+                name: name.to_owned(),
+                table,
+            });
+        }
+        self.functions.remove(name);
+        Ok(Applied::FunctionRemoved {
+            name: name.to_owned(),
+        })
+    }
+
+    fn set_table_function(
+        &mut self,
+        table: &str,
+        function: RoutingFunction,
+    ) -> Result<Applied, Rejected> {
+        let snap = self.current()?;
+        let t = snap
+            .sharded_table(table)
+            .ok_or_else(|| Rejected::NotSharded(table.to_owned()))?;
+        if t.function == function {
+            return Ok(Applied::Unchanged);
+        }
+        check_function(&self.functions, table, function)?;
+        let mut parts = Parts::of(snap);
+        for t in &mut parts.sharded {
+            if t.name == table {
+                t.function = function;
+            }
+        }
+        self.publish(parts)
+    }
+
     fn tx_decision(&mut self, gid: &str, commit: bool) -> Result<Applied, Rejected> {
         let reason = if gid.is_empty() {
             Some("it is empty")
@@ -488,6 +707,65 @@ fn sharded_table(spec: &TableSpec) -> ShardedTable {
         key_column: spec.key_column.clone(),
         key_type: spec.key_type,
         function: spec.function,
+    }
+}
+
+/// Checks an upload's name and bytes (no compilation: that happened before
+/// the command was proposed) and makes the stored function.
+fn stored_function(name: &str, wasm: &WasmModule) -> Result<StoredFunction, Rejected> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > MAX_FUNCTION_NAME_LEN {
+        Some("it is longer than 63 bytes")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        Some("only ASCII letters, digits, '_', '-' and '.' are allowed")
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        return Err(Rejected::InvalidFunctionName {
+            name: name.to_owned(),
+            reason,
+        });
+    }
+    let not_wasm = |reason: String| Rejected::NotWasm {
+        name: name.to_owned(),
+        reason,
+    };
+    if wasm.0.len() > MAX_FUNCTION_BYTES {
+        return Err(not_wasm(format!(
+            "the module has {} bytes, more than the limit of {MAX_FUNCTION_BYTES}",
+            wasm.0.len()
+        )));
+    }
+    // The binary magic and version 1; text (.wat) is converted before.
+    if !wasm.0.starts_with(b"\0asm\x01\0\0\0") {
+        return Err(not_wasm(
+            "not a binary WebAssembly module (convert .wat text to binary before uploading)"
+                .to_owned(),
+        ));
+    }
+    Ok(StoredFunction {
+        id: wasm.id(),
+        wasm: Arc::from(wasm.0.as_slice()),
+    })
+}
+
+/// A WebAssembly `function` of `table` must be stored under some name.
+fn check_function(
+    functions: &BTreeMap<String, StoredFunction>,
+    table: &str,
+    function: RoutingFunction,
+) -> Result<(), Rejected> {
+    match function.wasm_id() {
+        Some(id) if !functions.values().any(|f| f.id == id) => Err(Rejected::UnknownFunctionId {
+            table: table.to_owned(),
+            id,
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -13,8 +13,9 @@
 
 use std::fmt;
 
-use hotrepart_router::catalog::{KeyType, RoutingFunction, Span};
+use hotrepart_router::catalog::{FunctionId, KeyType, RoutingFunction, Span};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// Identifies one freeze of a range (chosen by whoever freezes it, e.g. a
 /// reshard job). Unfreezing needs the same id, so a stale job cannot thaw
@@ -62,6 +63,42 @@ pub struct TableSpec {
     pub function: RoutingFunction,
 }
 
+/// The binary module of a WebAssembly routing function (docs/WASM_ABI.md).
+/// Serialised as lowercase hex; `Debug` prints its size and id, not the
+/// bytes.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WasmModule(#[serde(with = "bytes_hex")] pub Vec<u8>);
+
+impl WasmModule {
+    /// The function's id: SHA-256 of the module.
+    pub fn id(&self) -> FunctionId {
+        FunctionId(Sha256::digest(&self.0).into())
+    }
+}
+
+impl fmt::Debug for WasmModule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} bytes, {}>", self.0.len(), self.id().short())
+    }
+}
+
+impl From<Vec<u8>> for WasmModule {
+    fn from(v: Vec<u8>) -> WasmModule {
+        WasmModule(v)
+    }
+}
+
+/// A routing function in a [`CatalogSeed`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionSpec {
+    /// The function's name.
+    pub name: String,
+    /// Its binary module, validated (compiled, trial-called) before it was
+    /// proposed.
+    pub wasm: WasmModule,
+}
+
 /// A shard in a [`CatalogSeed`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardSpec {
@@ -96,6 +133,10 @@ pub struct CatalogSeed {
     pub reference: Vec<String>,
     /// Ranges covering the whole point space.
     pub ranges: Vec<RangeSpec>,
+    /// WebAssembly routing functions, by name (tables name them by id:
+    /// `RoutingFunction::Wasm`).
+    #[serde(default)]
+    pub functions: Vec<FunctionSpec>,
 }
 
 /// One change to the catalog: an entry of the replicated log.
@@ -165,6 +206,38 @@ pub enum CatalogCommand {
         /// The freeze being ended.
         freeze: FreezeId,
     },
+    /// Stores the WebAssembly routing function `wasm` under `name` (by id,
+    /// the module's SHA-256). The module must be validated *before* it is
+    /// proposed (`udf_wasm::Function::compile`): applying does no
+    /// compilation. Uploading the same bytes again is accepted and changes
+    /// nothing; other bytes under a name some table uses are refused (that
+    /// would move rows: re-partitioning). Never changes the routing table
+    /// or the epoch.
+    UploadFunction {
+        /// The function's name.
+        name: String,
+        /// The binary module.
+        wasm: WasmModule,
+    },
+    /// Forgets the function `name`; refused while a table uses it.
+    RemoveFunction {
+        /// The function's name.
+        name: String,
+    },
+    /// Sets the routing function of sharded table `table` (a WebAssembly
+    /// function is named by id, and must be uploaded). Metadata only: the
+    /// caller (the admin layer) must have checked that the table is empty
+    /// on every shard before proposing — for a table with rows this is a
+    /// re-partitioning job, never a flip. The catalog cannot check that
+    /// (it does no I/O). Setting the function it already has changes
+    /// nothing.
+    SetTableFunction {
+        /// The sharded table.
+        table: String,
+        /// Its new routing function.
+        #[serde(with = "RoutingFunctionDef")]
+        function: RoutingFunction,
+    },
     /// Records the outcome of a two-phase-commit transaction. The first
     /// decision for a `gid` in the log is final.
     TxDecision {
@@ -188,6 +261,9 @@ impl CatalogCommand {
             CatalogCommand::AssignRange { .. } => "assign_range",
             CatalogCommand::FreezeRange { .. } => "freeze_range",
             CatalogCommand::UnfreezeRange { .. } => "unfreeze_range",
+            CatalogCommand::UploadFunction { .. } => "upload_function",
+            CatalogCommand::RemoveFunction { .. } => "remove_function",
+            CatalogCommand::SetTableFunction { .. } => "set_table_function",
             CatalogCommand::TxDecision { .. } => "tx_decision",
         }
     }
@@ -209,7 +285,63 @@ enum KeyTypeDef {
 #[derive(Serialize, Deserialize)]
 #[serde(remote = "RoutingFunction", rename_all = "snake_case")]
 enum RoutingFunctionDef {
-    PgHash { seed: u64 },
+    PgHash {
+        seed: u64,
+    },
+    Wasm {
+        #[serde(with = "function_id_hex")]
+        id: FunctionId,
+    },
+}
+
+/// Bytes as lowercase hex (compact enough for modules of a few KiB, and
+/// readable in any serde format without a base64 dependency).
+mod bytes_hex {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(b.len() * 2);
+        for &x in b {
+            out.push(HEX[usize::from(x >> 4)] as char);
+            out.push(HEX[usize::from(x & 15)] as char);
+        }
+        s.serialize_str(&out)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() % 2 != 0 {
+            return Err(D::Error::custom("odd number of hex digits"));
+        }
+        s.as_bytes()
+            .chunks_exact(2)
+            .map(|p| {
+                let digit = |c: u8| (c as char).to_digit(16);
+                match (digit(p[0]), digit(p[1])) {
+                    (Some(h), Some(l)) => Ok((h << 4 | l) as u8),
+                    _ => Err(D::Error::custom("invalid hex digit")),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A [`FunctionId`] as 64 lowercase hex digits.
+mod function_id_hex {
+    use hotrepart_router::catalog::FunctionId;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &FunctionId, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(id)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<FunctionId, D::Error> {
+        let s = String::deserialize(d)?;
+        FunctionId::from_hex(&s).ok_or_else(|| {
+            D::Error::custom(format!("invalid function id {s:?}: expected 64 hex digits"))
+        })
+    }
 }
 
 #[derive(Serialize, Deserialize)]

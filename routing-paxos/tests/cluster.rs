@@ -98,6 +98,7 @@ fn seed(by: u64) -> CatalogSeed {
             function: RoutingFunction::PgHash { seed: 0 },
         }],
         reference: Vec::new(),
+        functions: Vec::new(),
         ranges: vec![
             RangeSpec {
                 range: Span {

@@ -997,6 +997,7 @@ fn seed_catalog(pid: u64) -> CatalogSeed {
             function: RoutingFunction::PgHash { seed: 0 },
         }],
         reference: Vec::new(),
+        functions: Vec::new(),
         ranges: vec![
             RangeSpec {
                 range: Span {

@@ -31,7 +31,10 @@ fn opts() -> Opts {
 /// is true exactly for the rows of `table` whose key it owns.
 fn owned_predicate(snap: &RoutingSnapshot, name: &str, table: &str, column: &str) -> String {
     let t = snap.sharded_table(table).unwrap();
-    let hash = t.function.sql_hash(t.key_type, column);
+    let hash = t
+        .function
+        .sql_hash(t.key_type, column)
+        .expect("a built-in hash");
     let parts: Vec<String> = snap
         .ranges()
         .iter()

@@ -333,7 +333,10 @@ impl CopyPlan {
                 self.table
             )));
         };
-        let range = snapshot.range_for_point(t.function.point(key));
+        let point = snapshot
+            .point(t, key)
+            .map_err(|e| RouteError::point(&t.name, e))?;
+        let range = snapshot.range_for_point(point);
         if range.status == RangeStatus::Frozen {
             return Err(copy_err(
                 "40001",

@@ -34,14 +34,18 @@ struct Owners<'s> {
 }
 
 impl Owners<'_> {
-    fn owner(&mut self, table: &ShardedTable, key: &KeyValue) -> ShardId {
-        let range = self.snap.range_for_point(table.function.point(key));
-        if self.write {
+    fn owner(&mut self, table: &ShardedTable, key: &KeyValue) -> Result<ShardId, RouteError> {
+        let point = self
+            .snap
+            .point(table, key)
+            .map_err(|e| RouteError::point(&table.name, e))?;
+        let range = self.snap.range_for_point(point);
+        Ok(if self.write {
             self.frozen |= range.status == RangeStatus::Frozen;
             range.write_owner.clone()
         } else {
             range.read_owner.clone()
-        }
+        })
     }
 }
 
@@ -78,7 +82,7 @@ fn eval_keys(
             let mut out = BTreeSet::new();
             for s in srcs {
                 for k in keys_of(s, params)? {
-                    out.insert(owners.owner(table, &k));
+                    out.insert(owners.owner(table, &k)?);
                 }
             }
             Ok(out)
@@ -163,7 +167,7 @@ fn forced_target(
     }
     let check = |table: &ShardedTable, src: &TypedSrc, owners: &mut Owners<'_>| {
         for k in keys_of(src, params)? {
-            let owner = owners.owner(table, &k);
+            let owner = owners.owner(table, &k)?;
             if &owner != shard {
                 return Err(RouteError::unsupported(format!(
                     "hint routes to shard {shard}, but key {k} of \"{}\" belongs to shard {owner}",
@@ -265,7 +269,7 @@ fn shape_target(
                 table.key_column, table.name
             )));
         };
-        let new_owner = owners.owner(table, key);
+        let new_owner = owners.owner(table, key)?;
         match &target {
             Target::One(s) if *s == new_owner => {}
             _ => {
@@ -297,7 +301,7 @@ fn insert_target(
     for (i, row) in ins.rows.iter().enumerate() {
         let owner = match &row.src {
             // The common case of a literal key: no copy of the key.
-            Src::Lit(key) => owners.owner(&ins.table, key),
+            Src::Lit(key) => owners.owner(&ins.table, key)?,
             _ => {
                 let keys = keys_of(row, params)?;
                 let [key] = keys.as_slice() else {
@@ -306,7 +310,7 @@ fn insert_target(
                         ins.table.key_column, ins.table.name
                     )));
                 };
-                owners.owner(&ins.table, key)
+                owners.owner(&ins.table, key)?
             }
         };
         by_shard.entry(owner).or_default().push(i);

@@ -180,7 +180,7 @@ pub(crate) fn placeholder(p: &str) -> Option<usize> {
 
 /// Whether two sharded tables are co-located (equal keys, same shard).
 pub(crate) fn colocated(a: &ShardedTable, b: &ShardedTable) -> bool {
-    a.function == b.function && compatible(a.key_type, b.key_type)
+    a.function.colocated(a.key_type, &b.function, b.key_type)
 }
 
 fn strip(e: &Expr) -> &Expr {

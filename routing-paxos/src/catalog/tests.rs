@@ -1,5 +1,7 @@
 use hotrepart_router::catalog::{KeyType, RoutingFunction};
 
+use crate::command::FunctionSpec;
+
 use super::*;
 use crate::command::{RangeSpec, ShardSpec};
 
@@ -479,6 +481,7 @@ fn seed() -> CatalogSeed {
                 write_owner: "s1".into(),
             },
         ],
+        functions: Vec::new(),
     }
 }
 
@@ -587,6 +590,19 @@ fn commands_round_trip_through_serde() {
             gid: "g".into(),
             commit: false,
         },
+        upload("f", 1),
+        CatalogCommand::RemoveFunction { name: "f".into() },
+        CatalogCommand::SetTableFunction {
+            table: "t".into(),
+            function: wasm(1),
+        },
+        CatalogCommand::Bootstrap(CatalogSeed {
+            functions: vec![FunctionSpec {
+                name: "f".into(),
+                wasm: module(1),
+            }],
+            ..seed()
+        }),
     ];
     for cmd in cmds {
         let json = serde_json::to_string(&cmd).expect("serialize");
@@ -604,4 +620,299 @@ fn commands_round_trip_through_serde() {
 fn debug_never_prints_a_dsn() {
     let text = format!("{:?}", add("a"));
     assert!(!text.contains("secret"), "{text}");
+}
+
+/// A module the catalog accepts (it does not compile modules: the binary
+/// header is all it checks), different for each `n`.
+fn module(n: u8) -> WasmModule {
+    WasmModule(vec![0, b'a', b's', b'm', 1, 0, 0, 0, 0, 2, 1, n])
+}
+
+fn upload(name: &str, n: u8) -> CatalogCommand {
+    CatalogCommand::UploadFunction {
+        name: name.into(),
+        wasm: module(n),
+    }
+}
+
+fn wasm(n: u8) -> RoutingFunction {
+    RoutingFunction::Wasm { id: module(n).id() }
+}
+
+fn wasm_table(name: &str, n: u8) -> CatalogCommand {
+    CatalogCommand::DeclareSharded(TableSpec {
+        function: wasm(n),
+        ..table(name)
+    })
+}
+
+#[test]
+fn functions_upload_by_name_and_leave_the_epoch_alone() {
+    let mut c = two_shards();
+    assert_eq!(
+        c.apply(&upload("tenant", 1)),
+        Ok(Applied::FunctionStored {
+            name: "tenant".into(),
+            id: module(1).id(),
+        })
+    );
+    assert_eq!(c.epoch(), 2);
+    // the same bytes again: accepted, nothing changes
+    let before = c.clone();
+    assert_eq!(c.apply(&upload("tenant", 1)), Ok(Applied::Unchanged));
+    assert_eq!(c, before);
+    // new bytes while no table uses it: replaced
+    assert!(matches!(
+        c.apply(&upload("tenant", 2)),
+        Ok(Applied::FunctionStored { .. })
+    ));
+    let f = c.function("tenant").expect("stored");
+    assert_eq!(f.id, module(2).id());
+    assert_eq!(&*f.wasm, module(2).0.as_slice());
+    assert_eq!(c.epoch(), 2);
+    // the id is the module's SHA-256
+    assert_eq!(
+        module(2).id().to_string(),
+        "3e5437effcde7f5fc6185dce20178e71185a59c327431f8f962a11b229a367e6"
+    );
+    assert_eq!(
+        c.apply(&CatalogCommand::RemoveFunction {
+            name: "tenant".into()
+        }),
+        Ok(Applied::FunctionRemoved {
+            name: "tenant".into()
+        })
+    );
+    assert!(c.function("tenant").is_none());
+    assert_eq!(c.epoch(), 2);
+}
+
+#[test]
+fn uploads_are_checked_without_compiling() {
+    let mut c = two_shards();
+    for (name, reason) in [
+        ("", "it is empty"),
+        (
+            "a b",
+            "only ASCII letters, digits, '_', '-' and '.' are allowed",
+        ),
+    ] {
+        rejects(
+            &mut c,
+            CatalogCommand::UploadFunction {
+                name: name.into(),
+                wasm: module(1),
+            },
+            Rejected::InvalidFunctionName {
+                name: name.into(),
+                reason,
+            },
+        );
+    }
+    let long = "f".repeat(MAX_FUNCTION_NAME_LEN + 1);
+    assert!(matches!(
+        c.apply(&upload(&long, 1)),
+        Err(Rejected::InvalidFunctionName { .. })
+    ));
+    assert!(c.apply(&upload(&long[1..], 1)).is_ok());
+    let text = CatalogCommand::UploadFunction {
+        name: "t".into(),
+        wasm: WasmModule(b"(module)".to_vec()),
+    };
+    let before = c.clone();
+    assert!(matches!(c.apply(&text), Err(Rejected::NotWasm { .. })));
+    let mut huge = module(1);
+    huge.0.resize(MAX_FUNCTION_BYTES + 1, 0);
+    let huge = CatalogCommand::UploadFunction {
+        name: "t".into(),
+        wasm: huge,
+    };
+    assert!(matches!(c.apply(&huge), Err(Rejected::NotWasm { .. })));
+    assert_eq!(c, before);
+    rejects(
+        &mut c,
+        CatalogCommand::RemoveFunction { name: "t".into() },
+        Rejected::UnknownFunction("t".into()),
+    );
+}
+
+#[test]
+fn tables_name_uploaded_functions_by_id() {
+    let mut c = two_shards();
+    rejects(
+        &mut c,
+        wasm_table("t", 1),
+        Rejected::UnknownFunctionId {
+            table: "t".into(),
+            id: module(1).id(),
+        },
+    );
+    accepts_function(&mut c, upload("tenant", 1));
+    let s = accepts(&mut c, wasm_table("t", 1));
+    assert_eq!(s.epoch(), 3);
+    assert_eq!(
+        s.sharded_table("t").map(|t| t.function),
+        Some(RoutingFunction::Wasm { id: module(1).id() })
+    );
+    assert_eq!(s.wasm_function_ids().len(), 1);
+    assert_eq!(c.function_names(module(1).id()), vec!["tenant"]);
+    let modules: Vec<_> = c.function_modules().collect();
+    assert_eq!(modules, vec![(module(1).id(), module(1).0.as_slice())]);
+    // in use: no other bytes, no removal
+    let in_use = Rejected::FunctionInUse {
+        name: "tenant".into(),
+        table: "t".into(),
+    };
+    rejects(&mut c, upload("tenant", 2), in_use.clone());
+    rejects(
+        &mut c,
+        CatalogCommand::RemoveFunction {
+            name: "tenant".into(),
+        },
+        in_use,
+    );
+    // the same bytes: fine
+    assert_eq!(c.apply(&upload("tenant", 1)), Ok(Applied::Unchanged));
+    // a second name for the same module: either name may go, not both
+    accepts_function(&mut c, upload("alias", 1));
+    assert_eq!(c.function_modules().count(), 1);
+    accepts_function(
+        &mut c,
+        CatalogCommand::RemoveFunction {
+            name: "tenant".into(),
+        },
+    );
+    rejects(
+        &mut c,
+        CatalogCommand::RemoveFunction {
+            name: "alias".into(),
+        },
+        Rejected::FunctionInUse {
+            name: "alias".into(),
+            table: "t".into(),
+        },
+    );
+}
+
+/// Applies a function command that must be accepted without a new epoch.
+fn accepts_function(c: &mut Catalog, cmd: CatalogCommand) {
+    let epoch = c.epoch();
+    match c.apply(&cmd) {
+        Ok(Applied::FunctionStored { .. } | Applied::FunctionRemoved { .. }) => {}
+        other => panic!("{cmd:?}: {other:?}"),
+    }
+    assert_eq!(c.epoch(), epoch);
+}
+
+#[test]
+fn set_table_function_is_a_metadata_flip() {
+    let mut c = two_shards();
+    accepts(&mut c, CatalogCommand::DeclareSharded(table("t")));
+    accepts_function(&mut c, upload("a", 1));
+    accepts_function(&mut c, upload("b", 2));
+    let set = |f| CatalogCommand::SetTableFunction {
+        table: "t".into(),
+        function: f,
+    };
+    let s = accepts(&mut c, set(wasm(1)));
+    assert_eq!(s.epoch(), 4);
+    assert_eq!(c.apply(&set(wasm(1))), Ok(Applied::Unchanged));
+    assert_eq!(c.epoch(), 4);
+    // now "a" is in use, "b" is not
+    assert!(matches!(
+        c.apply(&upload("a", 3)),
+        Err(Rejected::FunctionInUse { .. })
+    ));
+    accepts(&mut c, set(wasm(2)));
+    assert_eq!(c.epoch(), 5);
+    accepts_function(&mut c, upload("a", 3));
+    accepts(&mut c, set(RoutingFunction::PgHash { seed: 7 }));
+    accepts_function(&mut c, CatalogCommand::RemoveFunction { name: "b".into() });
+    rejects(
+        &mut c,
+        set(wasm(2)),
+        Rejected::UnknownFunctionId {
+            table: "t".into(),
+            id: module(2).id(),
+        },
+    );
+    rejects(
+        &mut c,
+        CatalogCommand::SetTableFunction {
+            table: "nope".into(),
+            function: wasm(3),
+        },
+        Rejected::NotSharded("nope".into()),
+    );
+}
+
+#[test]
+fn bootstrap_with_functions() {
+    let f = |name: &str, n| FunctionSpec {
+        name: name.into(),
+        wasm: module(n),
+    };
+    let with = |functions, sharded| CatalogSeed {
+        functions,
+        sharded,
+        ..seed()
+    };
+    let tspec = TableSpec {
+        function: wasm(1),
+        ..table("w")
+    };
+    let mut c = Catalog::new();
+    let missing = with(vec![f("x", 2)], vec![tspec.clone()]);
+    rejects(
+        &mut c,
+        CatalogCommand::Bootstrap(missing),
+        Rejected::UnknownFunctionId {
+            table: "w".into(),
+            id: module(1).id(),
+        },
+    );
+    let twice = with(vec![f("x", 1), f("x", 2)], vec![]);
+    rejects(
+        &mut c,
+        CatalogCommand::Bootstrap(twice),
+        Rejected::DuplicateFunction("x".into()),
+    );
+    let ok = with(vec![f("x", 1), f("x", 1)], vec![tspec]);
+    let s = accepts(&mut c, CatalogCommand::Bootstrap(ok));
+    assert_eq!(s.epoch(), 1);
+    assert_eq!(c.functions().count(), 1);
+    assert!(matches!(
+        c.apply(&CatalogCommand::RemoveFunction { name: "x".into() }),
+        Err(Rejected::FunctionInUse { .. })
+    ));
+}
+
+#[test]
+fn function_commands_print_no_module_bytes() {
+    let text = format!("{:?}", upload("f", 200));
+    assert!(text.contains("<12 bytes, "), "{text}");
+    assert!(!text.contains("200"), "{text}");
+    let json = serde_json::to_string(&upload("f", 255)).expect("serialize");
+    assert_eq!(
+        json,
+        r#"{"op":"upload_function","name":"f","wasm":"0061736d01000000000201ff"}"#
+    );
+    let json = serde_json::to_string(&CatalogCommand::SetTableFunction {
+        table: "t".into(),
+        function: RoutingFunction::Wasm {
+            id: FunctionId([0xab; 32]),
+        },
+    })
+    .expect("serialize");
+    assert_eq!(
+        json,
+        format!(
+            r#"{{"op":"set_table_function","table":"t","function":{{"wasm":{{"id":"{}"}}}}}}"#,
+            "ab".repeat(32)
+        )
+    );
+    assert!(serde_json::from_str::<CatalogCommand>(
+        r#"{"op":"upload_function","name":"f","wasm":"0g"}"#
+    )
+    .is_err());
 }
