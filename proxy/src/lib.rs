@@ -7,7 +7,8 @@
 //! [`routing`] (router decisions in node shard indexes), [`scatter`] (RUN ON
 //! ALL in the simple protocol), [`copy`] (COPY split over the shards),
 //! [`session`] (the per-client forwarding state machine), [`node`] (listener
-//! and handshake), [`localpg`] and [`demo`] (local PostgreSQL servers).
+//! and handshake), [`localpg`] and [`demo`] (local PostgreSQL servers),
+//! [`reshard`] (the data-movement engine of `proxyctl reshard`).
 #![deny(clippy::print_stdout)]
 
 pub mod auth;
@@ -21,6 +22,7 @@ pub mod merge;
 pub mod multi;
 pub mod node;
 pub mod pool;
+pub mod reshard;
 pub mod routing;
 pub mod scatter;
 pub mod session;
