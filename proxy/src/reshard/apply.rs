@@ -21,8 +21,8 @@
 use super::pgoutput::{self, Message, Relation, Value};
 use super::schema::TableInfo;
 use super::{
-    is_object_in_use, quote_ident, quote_literal, schema, sql, CatchUp, MoveSpec, ReshardError,
-    Side, SLOT_BUSY_WAIT,
+    is_object_in_use, lock_job, quote_ident, quote_literal, schema, sql, CatchUp, MoveSpec,
+    ReshardError, Side, SLOT_BUSY_WAIT,
 };
 use futures_util::TryStreamExt;
 use hotrepart_router::catalog::{KeyValue, Span};
@@ -58,10 +58,18 @@ pub(crate) async fn catch_up(
     for t in &spec.tables {
         infos.push(schema::describe_source(src, t).await?);
     }
+    let tx = dst
+        .transaction()
+        .await
+        .map_err(sql(Side::Target, "BEGIN"))?;
+    lock_job(&tx, spec).await?;
     // Commits on the source may be asynchronous (synchronous_commit = off):
     // a committed transaction is decodable only once its WAL is flushed. A
-    // synchronous commit of our own flushes everything before it.
-    src.batch_execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT")
+    // synchronous commit of our own flushes everything before it. It must
+    // write WAL (a transaction that only took an xid commits
+    // asynchronously whatever synchronous_commit says): a transactional
+    // logical message does, and pgoutput does not send it.
+    src.batch_execute("SELECT pg_logical_emit_message(true, 'hotrepart_flush', '')")
         .await
         .map_err(sql(Side::Source, "flushing the WAL"))?;
     let upto: String = src
@@ -97,10 +105,6 @@ pub(crate) async fn catch_up(
     };
     futures_util::pin_mut!(stream);
 
-    let tx = dst
-        .transaction()
-        .await
-        .map_err(sql(Side::Target, "BEGIN"))?;
     let mut ap = Applier {
         range: spec.range,
         infos: &infos,
@@ -171,7 +175,7 @@ pub(crate) async fn catch_up(
     }
     let lag: Option<String> = src
         .query_opt(
-            "SELECT GREATEST(pg_current_wal_lsn() - confirmed_flush_lsn, 0)::text \
+            "SELECT GREATEST(pg_current_wal_insert_lsn() - confirmed_flush_lsn, 0)::text \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )

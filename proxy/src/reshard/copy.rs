@@ -8,13 +8,14 @@
 //! tokio-postgres' buffers (a few KiB per side): rows are never collected.
 
 use super::schema::TableInfo;
-use super::{quote_ident, sql, ReshardError, Side};
+use super::{lock_job, quote_ident, sql, MoveSpec, ReshardError, Side};
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
 /// Copies one table's range; `progress` gets the rows copied so far of this
 /// table. Returns the number of rows copied.
 pub(crate) async fn copy_table(
+    spec: &MoveSpec,
     src: &Client,
     dst: &mut Client,
     info: &TableInfo,
@@ -27,6 +28,7 @@ pub(crate) async fn copy_table(
         .transaction()
         .await
         .map_err(sql(Side::Target, "BEGIN"))?;
+    lock_job(&tx, spec).await?;
     let deleted = tx
         .execute(
             &format!("DELETE FROM {} WHERE {predicate}", info.qualified),

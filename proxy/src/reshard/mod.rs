@@ -188,10 +188,15 @@ pub struct CatchUp {
     pub applied: u64,
     /// Changes decoded but outside the range (not applied).
     pub skipped: u64,
-    /// `pg_current_wal_lsn() - confirmed_flush_lsn` after the call.
+    /// `pg_current_wal_insert_lsn() - confirmed_flush_lsn` after the call
+    /// (the insert position, not the write position: an asynchronous commit
+    /// may be inserted but not yet written).
     pub remaining_lag_bytes: u64,
     /// Every change committed on the source before the call started was
-    /// applied (the call was not cut short by `max_changes`).
+    /// applied (the call was not cut short by `max_changes`). This, not a
+    /// lag of 0, is what a cut-over waits for once the range's writes are
+    /// frozen: the lag counts all WAL of the server, also other tables' and
+    /// databases' writes, and may never reach 0 on a busy server.
     pub drained: bool,
 }
 
@@ -428,7 +433,7 @@ pub async fn copy(spec: &MoveSpec, progress: impl Fn(u64)) -> Result<u64, Reshar
         let mut total = 0u64;
         for t in &spec.tables {
             let info = schema::describe_source(&src, t).await?;
-            let n = copy::copy_table(&src, &mut dst, &info, &spec.predicate(t), &|rows| {
+            let n = copy::copy_table(spec, &src, &mut dst, &info, &spec.predicate(t), &|rows| {
                 progress(total + rows)
             })
             .await?;
@@ -564,6 +569,7 @@ pub async fn abort_target(spec: &MoveSpec) -> Result<u64, ReshardError> {
             .transaction()
             .await
             .map_err(sql(Side::Target, "BEGIN"))?;
+        lock_job(&tx, spec).await?;
         let mut total = 0;
         for t in &spec.tables {
             let exists: bool = tx
@@ -639,6 +645,25 @@ pub async fn stop_capture(spec: &MoveSpec) -> Result<(), ReshardError> {
     }
     .instrument(span(spec, "stop_capture"))
     .await
+}
+
+/// Serialises the steps that write a job's range on the target (copy,
+/// catch-up, abort): each takes this transaction-scoped lock before it reads
+/// anything from the source. Should two runners of one job overlap (a node
+/// presumed dead that still has live sessions), their batches then apply
+/// one after the other, each reading the slot after the previous one
+/// committed, so a stale batch can never land after a newer one.
+async fn lock_job(
+    tx: &tokio_postgres::Transaction<'_>,
+    spec: &MoveSpec,
+) -> Result<(), ReshardError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&spec.capture_name()],
+    )
+    .await
+    .map_err(sql(Side::Target, "taking the job's lock"))?;
+    Ok(())
 }
 
 async fn capture_exists(src: &Client, spec: &MoveSpec) -> Result<bool, ReshardError> {
