@@ -590,3 +590,113 @@ async fn truncate_refuses_the_job() {
     reshard::stop_capture(&spec).await.unwrap();
     no_capture_left(&src).await;
 }
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The benchmark of `bench/reshard-copy.sh` (run with `--release
+/// --ignored --nocapture`): moves the range (about half the keyspace) of an
+/// `items` table of `HR_BENCH_ROWS` rows (default 2,000,000), then catches
+/// up `HR_BENCH_CHANGES` updates (default 200,000; half of them in the
+/// range) made after the copy, in transactions of 1,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: bench/reshard-copy.sh"]
+async fn bench_move_range() {
+    let total = env_or("HR_BENCH_ROWS", 2_000_000) as i64;
+    let changes = env_or("HR_BENCH_CHANGES", 200_000) as i64;
+    let batch = env_or("HR_BENCH_MAX_CHANGES", 50_000) as usize;
+    let dir = TestDir::new("reshard-bench");
+    let (a, b) = two_servers(&dir);
+    let src = connect(&a.dsn).await.unwrap();
+    let t0 = Instant::now();
+    src.batch_execute(&format!(
+        "{ITEMS_DDL}; INSERT INTO items SELECT g, 'value-' || g, g FROM generate_series(1, {total}) g"
+    ))
+    .await
+    .unwrap();
+    src.batch_execute("VACUUM ANALYZE items").await.unwrap();
+    let load = t0.elapsed();
+    let spec = spec(&a, &b, "bench", vec![items(KeyType::Int8)]);
+    reshard::check_preconditions(&spec).await.unwrap();
+    reshard::start_capture(&spec).await.unwrap();
+
+    let t = Instant::now();
+    let copied = reshard::copy(&spec, |_| {}).await.unwrap();
+    let copy_time = t.elapsed();
+
+    let t = Instant::now();
+    let mut lo = 1i64;
+    while lo <= changes {
+        let hi = (lo + 999).min(changes);
+        src.batch_execute(&format!(
+            "UPDATE items SET n = n + 1 WHERE id BETWEEN {lo} AND {hi}"
+        ))
+        .await
+        .unwrap();
+        lo = hi + 1;
+    }
+    let write_time = t.elapsed();
+
+    let t = Instant::now();
+    let (mut applied, mut skipped, mut calls) = (0, 0, 0);
+    loop {
+        let r = reshard::catch_up(&spec, batch).await.unwrap();
+        applied += r.applied;
+        skipped += r.skipped;
+        calls += 1;
+        if r.drained {
+            break;
+        }
+    }
+    let catch_time = t.elapsed();
+
+    let t = Instant::now();
+    let v = reshard::verify(&spec).await.unwrap();
+    let verify_time = t.elapsed();
+    assert!(v.equal(), "{v:?}");
+    reshard::stop_capture(&spec).await.unwrap();
+    let t = Instant::now();
+    let cleaned = reshard::cleanup_source(&spec, 10_000).await.unwrap();
+    let cleanup_time = t.elapsed();
+    assert_eq!(cleaned, copied);
+
+    let secs = |d: Duration| d.as_secs_f64();
+    println!("| step | rows or changes | seconds | per second |");
+    println!("|---|---|---|---|");
+    println!(
+        "| load source ({total} rows, not the engine) | {total} | {:.2} | {:.0} |",
+        secs(load),
+        total as f64 / secs(load)
+    );
+    println!(
+        "| copy (range rows) | {copied} | {:.2} | {:.0} |",
+        secs(copy_time),
+        copied as f64 / secs(copy_time)
+    );
+    println!(
+        "| source writes after the copy (not the engine) | {changes} | {:.2} | {:.0} |",
+        secs(write_time),
+        changes as f64 / secs(write_time)
+    );
+    println!(
+        "| catch-up ({calls} calls of up to {batch}; applied {applied}, skipped {skipped}) | {} | {:.2} | {:.0} decoded, {:.0} applied |",
+        applied + skipped,
+        secs(catch_time),
+        (applied + skipped) as f64 / secs(catch_time),
+        applied as f64 / secs(catch_time)
+    );
+    println!(
+        "| verify (count + checksum, both sides) | {copied} | {:.2} | {:.0} |",
+        secs(verify_time),
+        copied as f64 / secs(verify_time)
+    );
+    println!(
+        "| cleanup_source (batches of 10,000) | {cleaned} | {:.2} | {:.0} |",
+        secs(cleanup_time),
+        cleaned as f64 / secs(cleanup_time)
+    );
+}

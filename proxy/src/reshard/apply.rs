@@ -26,7 +26,7 @@ use super::{
 };
 use futures_util::TryStreamExt;
 use hotrepart_router::catalog::{KeyValue, Span};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio_postgres::{Client, Transaction};
 
@@ -112,6 +112,7 @@ pub(crate) async fn catch_up(
         spec,
         fetch: None,
         script: String::new(),
+        group: None,
         applied: 0,
         skipped: 0,
     };
@@ -261,6 +262,19 @@ fn bind(infos: &[TableInfo], r: &Relation) -> Result<Bound, ReshardError> {
     })
 }
 
+/// Rows of one multi-row INSERT … ON CONFLICT or DELETE … IN (…).
+struct Group {
+    upsert: bool,
+    head: String,
+    tail: String,
+    tuples: Vec<String>,
+    /// Conflict keys of the upserted rows.
+    keys: HashSet<String>,
+}
+
+/// At most this many rows per multi-row statement.
+const GROUP_ROWS: usize = 500;
+
 struct Applier<'a> {
     range: Span,
     infos: &'a [TableInfo],
@@ -270,6 +284,8 @@ struct Applier<'a> {
     /// TOASTed values an update did not carry.
     fetch: Option<Client>,
     script: String,
+    /// The multi-row statement being built (not yet in `script`).
+    group: Option<Group>,
     applied: u64,
     skipped: u64,
 }
@@ -328,7 +344,7 @@ impl Applier<'_> {
                 .iter()
                 .any(|&p| o.get(p) != new.get(p) && o.get(p) != Some(&Value::Unchanged));
             if old_in && (!new_in || moved) {
-                self.delete_by(b, &b.old_pos, o)?;
+                self.delete_by(b, &b.old_pos, o).await?;
             }
         }
         if new_in {
@@ -347,7 +363,7 @@ impl Applier<'_> {
             self.skipped += 1;
             return Ok(());
         }
-        self.delete_by(b, &b.old_pos, old)?;
+        self.delete_by(b, &b.old_pos, old).await?;
         self.applied += 1;
         Ok(())
     }
@@ -380,11 +396,43 @@ impl Applier<'_> {
         Ok(conds.join(" AND "))
     }
 
-    fn delete_by(&mut self, b: &Bound, pos: &[usize], row: &[Value]) -> Result<(), ReshardError> {
-        let w = self.where_clause(b, pos, row)?;
-        let s = format!("DELETE FROM {} WHERE {w};\n", self.infos[b.table].qualified);
-        self.script.push_str(&s);
-        Ok(())
+    async fn delete_by(
+        &mut self,
+        b: &Bound,
+        pos: &[usize],
+        row: &[Value],
+    ) -> Result<(), ReshardError> {
+        let vals = self.literals(b, pos, row)?;
+        let cols: Vec<String> = pos.iter().map(|&p| quote_ident(&b.cols[p])).collect();
+        let head = format!(
+            "DELETE FROM {} WHERE ({}) IN (",
+            self.infos[b.table].qualified,
+            cols.join(", ")
+        );
+        let tuple = format!("({})", vals.join(", "));
+        self.add(false, head, ")".into(), tuple.clone(), tuple)
+            .await
+    }
+
+    /// The literals of the columns at `pos`, which must all have values.
+    fn literals(
+        &self,
+        b: &Bound,
+        pos: &[usize],
+        row: &[Value],
+    ) -> Result<Vec<String>, ReshardError> {
+        pos.iter()
+            .map(|&p| match row.get(p) {
+                Some(Value::Text(s)) => Ok(quote_literal(s)),
+                _ => Err(ReshardError::Table {
+                    table: self.infos[b.table].name.clone(),
+                    problem: format!(
+                        "key column {:?} has no value in a replicated row",
+                        b.cols[p]
+                    ),
+                }),
+            })
+            .collect()
     }
 
     async fn upsert(&mut self, b: &Bound, row: &[Value]) -> Result<(), ReshardError> {
@@ -407,18 +455,66 @@ impl Applier<'_> {
         } else {
             format!("UPDATE SET {}", sets.join(", "))
         };
-        let s = format!(
-            "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO {action};\n",
+        let head = format!(
+            "INSERT INTO {} ({}) VALUES ",
             info.qualified,
-            cols.join(", "),
-            vals.join(", "),
-            conflict.join(", ")
+            cols.join(", ")
         );
-        self.script.push_str(&s);
+        let tail = format!(" ON CONFLICT ({}) DO {action}", conflict.join(", "));
+        let key = self.literals(b, &b.conflict_pos, row)?.join(",");
+        self.add(true, head, tail, format!("({})", vals.join(", ")), key)
+            .await
+    }
+
+    /// Adds a row to the current multi-row statement, or starts a new one.
+    /// Consecutive upserts (or deletes) of one table become one statement;
+    /// an upsert whose key is already in the statement starts a new one
+    /// (ON CONFLICT cannot touch a row twice, and the order of two changes
+    /// of one key matters; changes of different keys commute).
+    async fn add(
+        &mut self,
+        upsert: bool,
+        head: String,
+        tail: String,
+        tuple: String,
+        key: String,
+    ) -> Result<(), ReshardError> {
+        let fits = self.group.as_ref().is_some_and(|g| {
+            g.upsert == upsert
+                && g.head == head
+                && g.tail == tail
+                && g.tuples.len() < GROUP_ROWS
+                && !(upsert && g.keys.contains(&key))
+        });
+        if !fits {
+            self.close_group();
+            self.group = Some(Group {
+                upsert,
+                head,
+                tail,
+                tuples: Vec::new(),
+                keys: HashSet::new(),
+            });
+        }
+        if let Some(g) = self.group.as_mut() {
+            g.tuples.push(tuple);
+            if upsert {
+                g.keys.insert(key);
+            }
+        }
         if self.script.len() >= SCRIPT_BYTES {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    fn close_group(&mut self) {
+        if let Some(g) = self.group.take() {
+            self.script.push_str(&g.head);
+            self.script.push_str(&g.tuples.join(", "));
+            self.script.push_str(&g.tail);
+            self.script.push_str(";\n");
+        }
     }
 
     /// An update that did not carry every value: set what it carries; if the
@@ -498,6 +594,7 @@ impl Applier<'_> {
     }
 
     async fn flush(&mut self) -> Result<(), ReshardError> {
+        self.close_group();
         if self.script.is_empty() {
             return Ok(());
         }
