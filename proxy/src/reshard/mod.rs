@@ -25,6 +25,12 @@
 //! 6. after the flip: [`stop_capture`], then [`cleanup_source`]. To abort
 //!    before the flip: [`abort_target`] and [`stop_capture`].
 //!
+//! Cancellation: every step may be dropped at any `.await` (that is how the
+//! tests simulate a crash): its connections close, PostgreSQL rolls back
+//! the open target transaction, and re-running the step is correct. A
+//! dropped step may leave its server session running for a moment (a slot
+//! still "active"): the next step waits for it (up to 30 s).
+//!
 //! Why nothing is missed: the slot exists before the copy starts, so every
 //! transaction that commits after the copy's snapshot is in the slot; a
 //! change that is both in the copy and in the slot is applied again, which is
