@@ -12,6 +12,9 @@ use super::{lock_job, quote_ident, sql, MoveSpec, ReshardError, Side};
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
+/// `progress` is called every this many rows.
+const PROGRESS_ROWS: u64 = 1000;
+
 /// Copies one table's range; `progress` gets the rows copied so far of this
 /// table. Returns the number of rows copied.
 pub(crate) async fn copy_table(
@@ -67,7 +70,7 @@ pub(crate) async fn copy_table(
         sink.feed(chunk)
             .await
             .map_err(sql(Side::Target, format!("COPY {} FROM STDIN", info.name)))?;
-        if counter.rows - reported >= 10_000 {
+        if counter.rows - reported >= PROGRESS_ROWS {
             reported = counter.rows;
             progress(reported);
         }
