@@ -408,6 +408,35 @@ async fn preconditions() {
         .await
         .unwrap();
     reshard::check_preconditions(&s).await.unwrap();
+    // ... and moves: the old row ('O') tells where a row whose shard key
+    // (not in the primary key) changed was.
+    src.batch_execute(
+        "INSERT INTO keyless_identity SELECT g, g, 'v' FROM generate_series(1, 2000) g",
+    )
+    .await
+    .unwrap();
+    reshard::start_capture(&s).await.unwrap();
+    reshard::copy(&s, |_| {}).await.unwrap();
+    src.batch_execute(
+        "UPDATE keyless_identity SET id = id + 100000 WHERE seq % 3 = 0;
+         UPDATE keyless_identity SET v = 'w' WHERE seq % 5 = 0;
+         DELETE FROM keyless_identity WHERE seq % 7 = 0;",
+    )
+    .await
+    .unwrap();
+    drain(&s).await;
+    assert!(reshard::verify(&s).await.unwrap().equal());
+    let p = pred(&s.tables[0]);
+    assert_eq!(
+        rows(
+            &src,
+            &format!("SELECT ROW(t.*)::text FROM keyless_identity t WHERE {p}")
+        )
+        .await,
+        rows(&dst, "SELECT ROW(t.*)::text FROM keyless_identity t").await
+    );
+    reshard::stop_capture(&s).await.unwrap();
+    no_capture_left(&src).await;
 
     let s = spec(&a, &b, "pre", vec![table("missing")]);
     let e = reshard::check_preconditions(&s)
