@@ -427,14 +427,10 @@ async fn preconditions() {
     drain(&s).await;
     assert!(reshard::verify(&s).await.unwrap().equal());
     let p = pred(&s.tables[0]);
-    assert_eq!(
-        rows(
-            &src,
-            &format!("SELECT ROW(t.*)::text FROM keyless_identity t WHERE {p}")
-        )
-        .await,
-        rows(&dst, "SELECT ROW(t.*)::text FROM keyless_identity t").await
-    );
+    let moved = rows(&dst, "SELECT ROW(t.*)::text FROM keyless_identity t").await;
+    assert!(moved.len() > 500, "{}", moved.len());
+    let q = format!("SELECT ROW(t.*)::text FROM keyless_identity t WHERE {p}");
+    assert_eq!(rows(&src, &q).await, moved);
     reshard::stop_capture(&s).await.unwrap();
     no_capture_left(&src).await;
 
