@@ -597,6 +597,56 @@ async fn toasted_values_and_key_moves() {
     no_capture_left(&src).await;
 }
 
+/// Co-located tables move together in one job (one slot, one publication),
+/// each with its own key column name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tables_one_job() {
+    let dir = TestDir::new("reshard-two");
+    let (a, b) = two_servers(&dir);
+    let src = connect(&a.dsn).await.unwrap();
+    let dst = connect(&b.dsn).await.unwrap();
+    src.batch_execute(&format!(
+        "{ITEMS_DDL}; INSERT INTO items SELECT g, 'v' || g, g FROM generate_series(1, 3000) g;
+         CREATE TABLE item_events (item bigint, at int, what text, PRIMARY KEY (item, at));
+         INSERT INTO item_events SELECT g % 3000, g, 'e' || g FROM generate_series(1, 9000) g;"
+    ))
+    .await
+    .unwrap();
+    let events = TableMove {
+        name: "item_events".into(),
+        key_column: "item".into(),
+        key_type: KeyType::Int8,
+        function: FUNC,
+    };
+    let spec = spec(&a, &b, "two", vec![items(KeyType::Int8), events.clone()]);
+    reshard::check_preconditions(&spec).await.unwrap();
+    reshard::start_capture(&spec).await.unwrap();
+    let copied = reshard::copy(&spec, |_| {}).await.unwrap();
+    src.batch_execute(
+        "BEGIN; UPDATE items SET n = 0 WHERE id % 4 = 0; DELETE FROM item_events WHERE at % 4 = 0;
+         INSERT INTO item_events SELECT g, 100000 + g, 'late' FROM generate_series(1, 500) g; COMMIT;
+         DELETE FROM items WHERE id % 9 = 0;",
+    )
+    .await
+    .unwrap();
+    drain(&spec).await;
+    let v = reshard::verify(&spec).await.unwrap();
+    assert!(v.equal() && v.tables.len() == 2, "{v:?}");
+    let counts: i64 = v.tables.iter().map(|t| t.target_count).sum();
+    assert!(counts > 3000 && copied > 3000, "{v:?}");
+    let p = pred(&events);
+    assert_eq!(
+        rows(
+            &src,
+            &format!("SELECT ROW(e.*)::text FROM item_events e WHERE {p}")
+        )
+        .await,
+        rows(&dst, "SELECT ROW(e.*)::text FROM item_events e").await
+    );
+    reshard::stop_capture(&spec).await.unwrap();
+    no_capture_left(&src).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_refuses_the_job() {
     let dir = TestDir::new("reshard-trunc");
