@@ -11,7 +11,8 @@
 //! [`twopc`] (two-phase commit and its resolver), [`node`] (listener and
 //! handshake), [`cluster`] (the replicated catalog the node follows),
 //! [`admin`] (the HTTP admin API `proxyctl` talks to), [`localpg`] and
-//! [`demo`] (local PostgreSQL servers).
+//! [`demo`] (local PostgreSQL servers), [`reshard`] (the data-movement
+//! engine of `proxyctl reshard`).
 #![deny(clippy::print_stdout)]
 
 pub mod admin;
@@ -28,6 +29,7 @@ pub mod merge;
 pub mod multi;
 pub mod node;
 pub mod pool;
+pub mod reshard;
 pub mod routing;
 pub mod scatter;
 pub mod session;

@@ -1,0 +1,729 @@
+//! The data-movement engine of `proxyctl reshard`: moves the rows of one key
+//! range of a set of sharded tables from a source PostgreSQL to a target
+//! PostgreSQL while the application keeps writing to the source.
+//!
+//! The engine knows nothing of the catalog: the caller (the reshard job,
+//! whose state lives in the replicated log) runs the steps in order and
+//! records which one finished. Every step is idempotent, so a job resumed by
+//! another node after a crash at any point may simply re-run the step that
+//! was running:
+//!
+//! 1. [`check_preconditions`]: logical WAL, a free slot, a usable replica
+//!    identity on the source; the table on the target (created from the
+//!    source's definition when absent).
+//! 2. [`start_capture`]: publication `hr_<job>`, then logical slot
+//!    `hr_<job>` (pgoutput). Both kept when they exist.
+//! 3. [`copy`]: per table, in one target transaction: delete the range's
+//!    rows on the target, then `COPY (SELECT … WHERE <range>) TO STDOUT` from
+//!    the source streamed into `COPY … FROM STDIN` (binary, rows untouched).
+//! 4. [`catch_up`] (repeatedly): peek the slot's changes, keep those whose key
+//!    lies in the range (the router's own hash code), apply them as upserts
+//!    and deletes by primary key in one target transaction, then advance the
+//!    slot.
+//! 5. [`verify`]: row count and an order-independent checksum per table on
+//!    both sides.
+//! 6. after the flip: [`stop_capture`], then [`cleanup_source`]. To abort
+//!    before the flip: [`abort_target`] and [`stop_capture`].
+//!
+//! Cancellation: every step may be dropped at any `.await` (that is how the
+//! tests simulate a crash): its connections close, PostgreSQL rolls back
+//! the open target transaction, and re-running the step is correct. A
+//! dropped step may leave its server session running for a moment (a slot
+//! still "active"): the next step waits for it (up to 30 s).
+//!
+//! Why nothing is missed: the slot exists before the copy starts, so every
+//! transaction that commits after the copy's snapshot is in the slot; a
+//! change that is both in the copy and in the slot is applied again, which is
+//! harmless because every change is applied as "make the row with this key
+//! look like this" (upsert) or "make it absent" (delete), in commit order:
+//! the last change of each key decides its final state, as on the source.
+//! The slot is advanced only after the target committed (at least once);
+//! with idempotent apply that is exactly-once in effect.
+
+mod apply;
+mod copy;
+pub mod pgoutput;
+mod schema;
+
+use hotrepart_router::catalog::{KeyRange, KeyType, RoutingFunction, ShardId, Span};
+use std::fmt;
+use std::time::Duration;
+use thiserror::Error;
+use tokio_postgres::{Client, NoTls};
+use tracing::Instrument;
+
+pub use schema::TableInfo;
+
+/// One sharded table whose rows in the range move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableMove {
+    /// Table name, optionally schema-qualified (`schema.table`); each part is
+    /// taken literally (quoted in SQL).
+    pub name: String,
+    /// The shard-key column.
+    pub key_column: String,
+    /// Its type, as in the catalog.
+    pub key_type: KeyType,
+    /// The routing function of the table.
+    pub function: RoutingFunction,
+}
+
+/// What one job moves, from where to where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoveSpec {
+    /// `[a-z0-9_]{1,60}`; names the slot and the publication: `hr_<job>`.
+    pub job: String,
+    /// libpq-style connection string (URL or key=value) of the source server.
+    pub source_dsn: String,
+    /// Connection string of the target server.
+    pub target_dsn: String,
+    /// The database on both servers (overrides a dbname in the DSNs).
+    pub database: String,
+    /// The tables; all share the range's point space.
+    pub tables: Vec<TableMove>,
+    /// The range of points whose rows move.
+    pub range: Span,
+}
+
+impl MoveSpec {
+    /// Name of the replication slot and of the publication.
+    pub fn capture_name(&self) -> String {
+        format!("hr_{}", self.job)
+    }
+
+    fn validate(&self) -> Result<(), ReshardError> {
+        let ok = !self.job.is_empty()
+            && self.job.len() <= 60
+            && self
+                .job
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !ok {
+            return Err(ReshardError::Spec(format!(
+                "job name {:?} must be 1 to 60 characters of [a-z0-9_]",
+                self.job
+            )));
+        }
+        if self.tables.is_empty() {
+            return Err(ReshardError::Spec("no table to move".into()));
+        }
+        if self.range.is_empty() {
+            return Err(ReshardError::Spec(format!("empty range {}", self.range)));
+        }
+        for t in &self.tables {
+            if !t.function.supports(t.key_type) {
+                return Err(ReshardError::Table {
+                    table: t.name.clone(),
+                    problem: format!(
+                        "routing function {} does not support key type {}",
+                        t.function,
+                        t.key_type.sql_name()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// SQL predicate selecting the rows of `t` in the range, with the router's
+    /// own hash expression.
+    fn predicate(&self, t: &TableMove) -> String {
+        // KeyRange carries the predicate code; the owner is irrelevant here.
+        let owner = ShardId::new("reshard").ok();
+        match owner {
+            Some(owner) => KeyRange::active(self.range.lo, self.range.hi, owner)
+                .sql_predicate(&t.function.sql_hash(t.key_type, &quote_ident(&t.key_column))),
+            None => "false".into(),
+        }
+    }
+}
+
+/// Which server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Target,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        })
+    }
+}
+
+/// Why a step failed. Messages name the table and the problem; they never
+/// contain the DSNs (which may hold passwords).
+#[derive(Debug, Error)]
+pub enum ReshardError {
+    #[error("invalid reshard job: {0}")]
+    Spec(String),
+    #[error("cannot connect to the {side} server: {source}")]
+    Connect {
+        side: Side,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("{what} on the {side} server failed: {source}")]
+    Sql {
+        side: Side,
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("{side} server: {problem}")]
+    Server { side: Side, problem: String },
+    #[error("table {table}: {problem}")]
+    Table { table: String, problem: String },
+    #[error("table {table} was truncated on the source during the move; the job is refused (abort it and start again)")]
+    Truncated { table: String },
+    #[error("capture {0} has not been started (no replication slot)")]
+    NoCapture(String),
+    #[error("the replication slot {0} still exists: stop the capture before cleaning up the source (a catch-up after the cleanup would delete the moved rows from the target)")]
+    CaptureActive(String),
+    #[error(transparent)]
+    Decode(#[from] pgoutput::DecodeError),
+}
+
+/// Result of one [`catch_up`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CatchUp {
+    /// Changes in the range applied to the target.
+    pub applied: u64,
+    /// Changes decoded but outside the range (not applied).
+    pub skipped: u64,
+    /// `pg_current_wal_insert_lsn() - confirmed_flush_lsn` after the call
+    /// (the insert position, not the write position: an asynchronous commit
+    /// may be inserted but not yet written).
+    pub remaining_lag_bytes: u64,
+    /// Every change committed on the source before the call started was
+    /// applied (the call was not cut short by `max_changes`). This, not a
+    /// lag of 0, is what a cut-over waits for once the range's writes are
+    /// frozen: the lag counts all WAL of the server, also other tables' and
+    /// databases' writes, and may never reach 0 on a busy server.
+    pub drained: bool,
+}
+
+/// The check of one table by [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableCheck {
+    pub table: String,
+    pub source_count: i64,
+    pub target_count: i64,
+    /// Sum of `hashtextextended(ROW(columns)::text, 0)` over the range's rows.
+    pub source_sum: i128,
+    pub target_sum: i128,
+    pub equal: bool,
+}
+
+/// Result of [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verify {
+    pub tables: Vec<TableCheck>,
+}
+
+impl Verify {
+    /// Whether every table is equal on both sides.
+    pub fn equal(&self) -> bool {
+        self.tables.iter().all(|t| t.equal)
+    }
+}
+
+/// Quotes an identifier for SQL (always, so case and symbols survive).
+pub(crate) fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes a string literal (standard_conforming_strings is on in our
+/// sessions).
+pub(crate) fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// `schema.table` → `"schema"."table"`; `table` → `"table"`.
+pub(crate) fn quote_table(name: &str) -> String {
+    match name.split_once('.') {
+        Some((s, t)) => format!("{}.{}", quote_ident(s), quote_ident(t)),
+        None => quote_ident(name),
+    }
+}
+
+/// Settings of every engine session. The same text formats on both sides,
+/// so values read from one side (pgoutput, verify) mean the same on the
+/// other; synchronous commit so a target commit is durable before the slot
+/// moves past its changes (test and some production servers run
+/// `synchronous_commit = off`).
+const SESSION_SETUP: &str = "SET standard_conforming_strings = on; SET DateStyle = 'ISO, YMD'; \
+     SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; \
+     SET bytea_output = 'hex'; SET statement_timeout = 0; SET synchronous_commit = on; \
+     SET client_encoding = 'UTF8'";
+
+async fn connect(spec: &MoveSpec, side: Side) -> Result<Client, ReshardError> {
+    let dsn = match side {
+        Side::Source => &spec.source_dsn,
+        Side::Target => &spec.target_dsn,
+    };
+    let mut cfg: tokio_postgres::Config = dsn
+        .parse()
+        .map_err(|_| ReshardError::Spec(format!("the {side} connection string is not valid")))?;
+    cfg.dbname(&spec.database);
+    cfg.application_name(format!("hotrepart-reshard-{}", spec.job));
+    let (client, conn) = cfg
+        .connect(NoTls)
+        .await
+        .map_err(|source| ReshardError::Connect { side, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%side, "reshard connection ended: {e}");
+        }
+    });
+    client
+        .batch_execute(SESSION_SETUP)
+        .await
+        .map_err(sql(side, "session setup"))?;
+    Ok(client)
+}
+
+fn sql(side: Side, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ReshardError {
+    let what = what.into();
+    move |source| ReshardError::Sql { side, what, source }
+}
+
+fn is_object_in_use(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+}
+
+/// How long a step waits for a slot still held by a session that died
+/// (PostgreSQL notices a vanished client only when it next talks to it).
+const SLOT_BUSY_WAIT: Duration = Duration::from_secs(30);
+
+fn span(spec: &MoveSpec, step: &'static str) -> tracing::Span {
+    tracing::info_span!("reshard", job = %spec.job, step)
+}
+
+/// Checks that the job can run, and prepares the target: `wal_level =
+/// logical` on the source, a free replication slot (or this job's own), every
+/// table present on the source with a primary key (or a unique replica
+/// identity index) and a replica identity that contains the shard key (or
+/// `REPLICA IDENTITY FULL`); on the target, each table is created from the
+/// source's definition when absent, and otherwise must have the same columns
+/// with the same types and a unique index on the same key. Idempotent.
+pub async fn check_preconditions(spec: &MoveSpec) -> Result<(), ReshardError> {
+    spec.validate()?;
+    async {
+        let src = connect(spec, Side::Source).await?;
+        let dst = connect(spec, Side::Target).await?;
+        schema::check_source_server(&src, spec).await?;
+        for t in &spec.tables {
+            let info = schema::describe_source(&src, t).await?;
+            schema::ensure_target(&dst, t, &info).await?;
+        }
+        Ok(())
+    }
+    .instrument(span(spec, "preconditions"))
+    .await
+}
+
+/// Creates the publication `hr_<job>` for the tables, then the logical
+/// replication slot `hr_<job>` (pgoutput). Both are kept when they exist
+/// (a resumed job). The slot is created before any copy, so every change
+/// committed after a copy's snapshot is in it. Re-checks the source's
+/// replica identities first: publishing a table without one would make the
+/// application's UPDATEs and DELETEs on the source fail.
+pub async fn start_capture(spec: &MoveSpec) -> Result<(), ReshardError> {
+    spec.validate()?;
+    async {
+        let src = connect(spec, Side::Source).await?;
+        schema::check_source_server(&src, spec).await?;
+        let mut infos = Vec::new();
+        for t in &spec.tables {
+            infos.push(schema::describe_source(&src, t).await?);
+        }
+        let name = spec.capture_name();
+        // The publication must exist before the slot: pgoutput looks it up
+        // as of each decoded transaction.
+        let exists = src
+            .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+            .await
+            .map_err(sql(Side::Source, "reading pg_publication"))?
+            .is_some();
+        if !exists {
+            let tables: Vec<String> = infos.iter().map(|i| i.qualified.clone()).collect();
+            let create = format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(&name),
+                tables.join(", ")
+            );
+            if let Err(e) = src.batch_execute(&create).await {
+                if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) {
+                    return Err(sql(Side::Source, "CREATE PUBLICATION")(e));
+                }
+            }
+        }
+        for info in &infos {
+            let has = src
+                .query_opt(
+                    "SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid \
+                     WHERE p.pubname = $1 AND pr.prrelid = $2",
+                    &[&name, &info.oid],
+                )
+                .await
+                .map_err(sql(Side::Source, "reading pg_publication_rel"))?
+                .is_some();
+            if !has {
+                return Err(ReshardError::Table {
+                    table: info.name.clone(),
+                    problem: format!("the existing publication {name} does not include it"),
+                });
+            }
+        }
+        let slot = src
+            .query_opt(
+                "SELECT plugin::text, database::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(sql(Side::Source, "reading pg_replication_slots"))?;
+        match slot {
+            Some(row) => {
+                let plugin: Option<String> = row.get(0);
+                let db: Option<String> = row.get(1);
+                if plugin.as_deref() != Some("pgoutput") || db.as_deref() != Some(&spec.database) {
+                    return Err(ReshardError::Server {
+                        side: Side::Source,
+                        problem: format!(
+                            "a replication slot {name} exists but is not a pgoutput slot of database {}",
+                            spec.database
+                        ),
+                    });
+                }
+                tracing::info!(slot = %name, "replication slot exists; kept");
+            }
+            None => {
+                let r = src
+                    .execute(
+                        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                        &[&name],
+                    )
+                    .await;
+                match r {
+                    Ok(_) => tracing::info!(slot = %name, "replication slot created"),
+                    Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
+                    Err(e) => return Err(sql(Side::Source, "creating the replication slot")(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+    .instrument(span(spec, "start_capture"))
+    .await
+}
+
+/// Copies the range's rows of every table (see the module docs); `progress`
+/// is called with the total number of rows copied so far. Returns the
+/// number of rows copied. Re-running it redoes the copy from scratch (the
+/// range's rows on the target are deleted in the same transaction), so it
+/// is safe after a crash; changes since the capture started are then
+/// caught up from the slot as usual.
+pub async fn copy(spec: &MoveSpec, progress: impl Fn(u64)) -> Result<u64, ReshardError> {
+    spec.validate()?;
+    async {
+        let src = connect(spec, Side::Source).await?;
+        let mut dst = connect(spec, Side::Target).await?;
+        let slot_exists = capture_exists(&src, spec).await?;
+        if !slot_exists {
+            return Err(ReshardError::NoCapture(spec.capture_name()));
+        }
+        let mut total = 0u64;
+        for t in &spec.tables {
+            let info = schema::describe_source(&src, t).await?;
+            let n = copy::copy_table(spec, &src, &mut dst, &info, &spec.predicate(t), &|rows| {
+                progress(total + rows)
+            })
+            .await?;
+            total += n;
+            tracing::info!(table = %t.name, rows = n, "table copied");
+            progress(total);
+        }
+        Ok(total)
+    }
+    .instrument(span(spec, "copy"))
+    .await
+}
+
+/// Applies up to about `max_changes` changes from the slot (whole source
+/// transactions; a batch may exceed the bound by the rest of one
+/// transaction) to the target in one transaction, then advances the slot.
+/// A call made after the source stopped writing drains everything: the
+/// source's WAL is flushed first (its commits may be asynchronous), and when
+/// the call is not cut short the slot is advanced to the flush position
+/// read before decoding, so the lag is then 0 unless something else writes
+/// WAL. A TRUNCATE of a moved table is an error ([`ReshardError::Truncated`]).
+pub async fn catch_up(spec: &MoveSpec, max_changes: usize) -> Result<CatchUp, ReshardError> {
+    spec.validate()?;
+    async {
+        let src = connect(spec, Side::Source).await?;
+        let mut dst = connect(spec, Side::Target).await?;
+        let r = apply::catch_up(spec, &src, &mut dst, max_changes.max(1)).await?;
+        tracing::debug!(
+            applied = r.applied,
+            skipped = r.skipped,
+            lag = r.remaining_lag_bytes,
+            "catch-up batch"
+        );
+        Ok(r)
+    }
+    .instrument(span(spec, "catch_up"))
+    .await
+}
+
+/// Row count and checksum of the range's rows of every table on both
+/// sides. Any missing, extra or different row makes the table unequal
+/// (up to 64-bit hash collisions).
+pub async fn verify(spec: &MoveSpec) -> Result<Verify, ReshardError> {
+    spec.validate()?;
+    async {
+        let src = connect(spec, Side::Source).await?;
+        let dst = connect(spec, Side::Target).await?;
+        let mut tables = Vec::new();
+        for t in &spec.tables {
+            let info = schema::describe_source(&src, t).await?;
+            let cols: Vec<String> = info.copy_columns().map(|c| quote_ident(&c.name)).collect();
+            let q = format!(
+                "SELECT count(*)::int8, coalesce(sum(hashtextextended(ROW({})::text, 0)), 0)::text \
+                 FROM {} WHERE {}",
+                cols.join(", "),
+                info.qualified,
+                spec.predicate(t)
+            );
+            let (a, b) = tokio::join!(src.query_one(&q, &[]), dst.query_one(&q, &[]));
+            let a = a.map_err(sql(Side::Source, format!("checksum of {}", t.name)))?;
+            let b = b.map_err(sql(Side::Target, format!("checksum of {}", t.name)))?;
+            let parse = |s: String| {
+                s.parse::<i128>().map_err(|_| ReshardError::Table {
+                    table: t.name.clone(),
+                    problem: format!("unexpected checksum {s:?}"),
+                })
+            };
+            let (source_count, target_count): (i64, i64) = (a.get(0), b.get(0));
+            let source_sum = parse(a.get(1))?;
+            let target_sum = parse(b.get(1))?;
+            tables.push(TableCheck {
+                table: t.name.clone(),
+                source_count,
+                target_count,
+                source_sum,
+                target_sum,
+                equal: source_count == target_count && source_sum == target_sum,
+            });
+        }
+        Ok(Verify { tables })
+    }
+    .instrument(span(spec, "verify"))
+    .await
+}
+
+/// Deletes the range's rows from the source, `batch` rows per statement
+/// (each its own transaction, so locks and WAL stay small). Returns the
+/// number of rows deleted by this call; idempotent. Refused while the slot
+/// exists: these deletes are changes in the range, and a catch-up after
+/// them would delete the moved rows from the target.
+pub async fn cleanup_source(spec: &MoveSpec, batch: usize) -> Result<u64, ReshardError> {
+    spec.validate()?;
+    async {
+        let src = connect(spec, Side::Source).await?;
+        if capture_exists(&src, spec).await? {
+            return Err(ReshardError::CaptureActive(spec.capture_name()));
+        }
+        let batch = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
+        let mut total = 0;
+        for t in &spec.tables {
+            let table = quote_table(&t.name);
+            // ctid = ANY(ARRAY(…)) is a TID scan; ctid IN (…) may plan a
+            // join over the whole table per batch.
+            let q = format!(
+                "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE {} LIMIT $1))",
+                spec.predicate(t)
+            );
+            loop {
+                let n = src
+                    .execute(&q, &[&batch])
+                    .await
+                    .map_err(sql(Side::Source, format!("cleanup of {}", t.name)))?;
+                total += n;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        tracing::info!(rows = total, "source cleaned up");
+        Ok(total)
+    }
+    .instrument(span(spec, "cleanup_source"))
+    .await
+}
+
+/// Deletes the range's rows from the target (abort before the flip; the
+/// source is untouched). Returns the number of rows deleted; idempotent.
+pub async fn abort_target(spec: &MoveSpec) -> Result<u64, ReshardError> {
+    spec.validate()?;
+    async {
+        let mut dst = connect(spec, Side::Target).await?;
+        let tx = dst
+            .transaction()
+            .await
+            .map_err(sql(Side::Target, "BEGIN"))?;
+        lock_job(&tx, spec).await?;
+        let mut total = 0;
+        for t in &spec.tables {
+            let exists: bool = tx
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL",
+                    &[&quote_table(&t.name)],
+                )
+                .await
+                .map_err(sql(Side::Target, "to_regclass"))?
+                .get(0);
+            if !exists {
+                continue;
+            }
+            total += tx
+                .execute(
+                    &format!(
+                        "DELETE FROM {} WHERE {}",
+                        quote_table(&t.name),
+                        spec.predicate(t)
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(sql(Side::Target, format!("delete of {}", t.name)))?;
+        }
+        tx.commit().await.map_err(sql(Side::Target, "COMMIT"))?;
+        tracing::info!(rows = total, "target range deleted (abort)");
+        Ok(total)
+    }
+    .instrument(span(spec, "abort_target"))
+    .await
+}
+
+/// Drops the slot, then the publication, when they exist. Idempotent; waits
+/// for (and in the end terminates) a session still holding the slot, so no
+/// slot is left behind to hold WAL on the source forever.
+pub async fn stop_capture(spec: &MoveSpec) -> Result<(), ReshardError> {
+    spec.validate()?;
+    async {
+        let src = connect(spec, Side::Source).await?;
+        let name = spec.capture_name();
+        let deadline = tokio::time::Instant::now() + SLOT_BUSY_WAIT;
+        loop {
+            let r = src
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&name],
+                )
+                .await;
+            match r {
+                Ok(_) => break,
+                Err(e) if is_object_in_use(&e) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::warn!(slot = %name, "slot still in use; terminating its session");
+                        src.execute(
+                            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                             WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                            &[&name],
+                        )
+                        .await
+                        .map_err(sql(Side::Source, "terminating the slot's session"))?;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(sql(Side::Source, "dropping the replication slot")(e)),
+            }
+        }
+        src.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&name)))
+            .await
+            .map_err(sql(Side::Source, "DROP PUBLICATION"))?;
+        tracing::info!(slot = %name, "capture stopped");
+        Ok(())
+    }
+    .instrument(span(spec, "stop_capture"))
+    .await
+}
+
+/// Serialises the steps that write a job's range on the target (copy,
+/// catch-up, abort): each takes this transaction-scoped lock before it reads
+/// anything from the source. Should two runners of one job overlap (a node
+/// presumed dead that still has live sessions), their batches then apply
+/// one after the other, each reading the slot after the previous one
+/// committed, so a stale batch can never land after a newer one.
+async fn lock_job(
+    tx: &tokio_postgres::Transaction<'_>,
+    spec: &MoveSpec,
+) -> Result<(), ReshardError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&spec.capture_name()],
+    )
+    .await
+    .map_err(sql(Side::Target, "taking the job's lock"))?;
+    Ok(())
+}
+
+async fn capture_exists(src: &Client, spec: &MoveSpec) -> Result<bool, ReshardError> {
+    Ok(src
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&spec.capture_name()],
+        )
+        .await
+        .map_err(sql(Side::Source, "reading pg_replication_slots"))?
+        .is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> MoveSpec {
+        MoveSpec {
+            job: "j1".into(),
+            source_dsn: "host=a".into(),
+            target_dsn: "host=b".into(),
+            database: "postgres".into(),
+            tables: vec![TableMove {
+                name: "public.items".into(),
+                key_column: "id".into(),
+                key_type: KeyType::Int8,
+                function: RoutingFunction::PgHash { seed: 0 },
+            }],
+            range: Span {
+                lo: 0,
+                hi: Some(1 << 62),
+            },
+        }
+    }
+
+    #[test]
+    fn job_names_are_checked() {
+        assert!(spec().validate().is_ok());
+        for bad in ["", "Job", "a-b", "x;drop", &"a".repeat(61)] {
+            let mut s = spec();
+            s.job = bad.into();
+            assert!(matches!(s.validate(), Err(ReshardError::Spec(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn predicate_uses_the_router_hash() {
+        let s = spec();
+        assert_eq!(
+            s.predicate(&s.tables[0]),
+            "(hashint8extended(\"id\", 0) >= 0 AND hashint8extended(\"id\", 0) < 4611686018427387904)"
+        );
+        assert_eq!(quote_table("public.items"), "\"public\".\"items\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}
