@@ -299,7 +299,14 @@ impl Applier<'_> {
                     table: info.name.clone(),
                     problem: format!("shard key value from the slot: {e}"),
                 })?;
-                Ok(self.range.contains(info.function.point(&key)))
+                let point =
+                    info.function
+                        .builtin_point(&key)
+                        .ok_or_else(|| ReshardError::Table {
+                            table: info.name.clone(),
+                            problem: "routing function without a built-in point".into(),
+                        })?;
+                Ok(self.range.contains(point))
             }
             // A NULL key has no point: it is in no range (as in SQL, where
             // the range predicate on NULL is not true).

@@ -111,6 +111,15 @@ impl MoveSpec {
             return Err(ReshardError::Spec(format!("empty range {}", self.range)));
         }
         for t in &self.tables {
+            if t.function.sql_hash(t.key_type, "k").is_none() {
+                return Err(ReshardError::Table {
+                    table: t.name.clone(),
+                    problem: format!(
+                        "routing function {} has no SQL form (WebAssembly): moving rows of tables it places is not supported yet",
+                        t.function
+                    ),
+                });
+            }
             if !t.function.supports(t.key_type) {
                 return Err(ReshardError::Table {
                     table: t.name.clone(),
@@ -131,8 +140,13 @@ impl MoveSpec {
         // KeyRange carries the predicate code; the owner is irrelevant here.
         let owner = ShardId::new("reshard").ok();
         match owner {
-            Some(owner) => KeyRange::active(self.range.lo, self.range.hi, owner)
-                .sql_predicate(&t.function.sql_hash(t.key_type, &quote_ident(&t.key_column))),
+            Some(owner) => match t.function.sql_hash(t.key_type, &quote_ident(&t.key_column)) {
+                Some(hash) => {
+                    KeyRange::active(self.range.lo, self.range.hi, owner).sql_predicate(&hash)
+                }
+                // Refused by `validate`.
+                None => "false".into(),
+            },
             None => "false".into(),
         }
     }
