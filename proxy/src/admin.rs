@@ -48,8 +48,8 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 const SHARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
-struct Api {
-    node: Arc<Node>,
+pub(crate) struct Api {
+    pub(crate) node: Arc<Node>,
     token: Arc<str>,
     allow_fault_injection: bool,
 }
@@ -62,16 +62,16 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
         }
     }
-    fn bad(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
-    fn conflict(message: impl Into<String>) -> ApiError {
+    pub(crate) fn conflict(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::CONFLICT, message)
     }
 }
@@ -82,7 +82,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult = Result<Json<Value>, ApiError>;
+pub(crate) type ApiResult = Result<Json<Value>, ApiError>;
 
 /// Binds the admin listener and serves it until `shutdown` turns true.
 pub async fn serve(
@@ -109,6 +109,7 @@ pub async fn serve(
         .route("/v1/ranges/assign", post(assign_range))
         .route("/v1/ranges/unfreeze", post(unfreeze_range))
         .route("/v1/debug/partition", post(partition))
+        .merge(crate::jobs::routes())
         .with_state(api);
     let task = tokio::spawn(async move {
         let stop = async move {
@@ -128,7 +129,7 @@ pub async fn serve(
     Ok((addr, task))
 }
 
-fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -152,7 +153,7 @@ fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
 
 impl Api {
     /// Proposes `cmd` and waits until it is applied here.
-    async fn propose(&self, cmd: CatalogCommand) -> Result<Applied, ApiError> {
+    pub(crate) async fn propose(&self, cmd: CatalogCommand) -> Result<Applied, ApiError> {
         let kind = cmd.kind();
         match self
             .node
@@ -178,7 +179,9 @@ impl Api {
         }
     }
 
-    fn snapshot(&self) -> Result<Arc<hotrepart_router::catalog::RoutingSnapshot>, ApiError> {
+    pub(crate) fn snapshot(
+        &self,
+    ) -> Result<Arc<hotrepart_router::catalog::RoutingSnapshot>, ApiError> {
         if !self.node.catalog_ready() {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -188,7 +191,7 @@ impl Api {
         Ok(self.node.catalog.load_full())
     }
 
-    fn range_at(&self, lo: u64) -> Result<KeyRange, ApiError> {
+    pub(crate) fn range_at(&self, lo: u64) -> Result<KeyRange, ApiError> {
         let snap = self.snapshot()?;
         snap.ranges()
             .iter()
@@ -203,7 +206,7 @@ impl Api {
     }
 }
 
-fn epoch_json(applied: &Applied) -> Value {
+pub(crate) fn epoch_json(applied: &Applied) -> Value {
     match applied {
         Applied::Routing(s) => json!({ "epoch": s.epoch() }),
         other => json!({ "applied": format!("{other:?}") }),

@@ -86,6 +86,10 @@ pub struct Config {
     /// statement fails with 54000 instead of growing without bound.
     #[serde(default = "default_max_merge_rows")]
     pub max_merge_rows: usize,
+    /// How long a write to a key range frozen for a cut-over waits for the
+    /// cut-over to end before it fails with 40001.
+    #[serde(default = "default_freeze_wait_ms")]
+    pub freeze_wait_ms: u64,
     /// Bounded cache of parsed statements.
     #[serde(default = "default_plan_cache_size")]
     pub plan_cache_size: usize,
@@ -321,6 +325,9 @@ fn default_max_client_connections() -> usize {
 }
 fn default_max_merge_rows() -> usize {
     100_000
+}
+fn default_freeze_wait_ms() -> u64 {
+    10_000
 }
 fn default_plan_cache_size() -> usize {
     10_000

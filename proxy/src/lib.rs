@@ -24,6 +24,7 @@ pub mod copy;
 pub mod demo;
 pub mod explain;
 pub mod functions;
+pub mod jobs;
 pub mod localpg;
 pub mod merge;
 pub mod multi;

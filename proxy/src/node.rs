@@ -76,6 +76,11 @@ pub struct Node {
     pub catalog_handle: CatalogHandle,
     /// Compiled routing functions, by id.
     functions: crate::functions::FunctionCache,
+    /// The epoch of the published routing table, for sessions waiting for
+    /// the next one (a write to a frozen range).
+    epoch_tx: watch::Sender<u64>,
+    /// Reshard jobs this node is running.
+    pub jobs: crate::jobs::Running,
     /// Set once `catalog` holds a snapshot of the replicated catalog (until
     /// then it holds the configuration's, used only to log clients in).
     ready: AtomicBool,
@@ -234,6 +239,8 @@ impl Node {
             catalog: ArcSwap::new(snapshot),
             catalog_handle: catalog,
             functions,
+            epoch_tx: watch::Sender::new(0),
+            jobs: Default::default(),
             ready: AtomicBool::new(ready),
             shards: ArcSwap::from_pointee(shards),
             plans,
@@ -262,8 +269,21 @@ impl Node {
     pub fn publish(&self, snapshot: Arc<RoutingSnapshot>) {
         let shards = ShardTable::next(&self.shards.load(), &snapshot);
         self.shards.store(Arc::new(shards));
+        let epoch = snapshot.epoch();
         self.catalog.store(snapshot);
         self.ready.store(true, Ordering::Release);
+        self.epoch_tx.send_replace(epoch);
+    }
+
+    /// Changes whenever a routing table is published. Subscribe before
+    /// routing, then wait: a table published in between is not missed.
+    pub fn epochs(&self) -> watch::Receiver<u64> {
+        self.epoch_tx.subscribe()
+    }
+
+    /// Until when a write to a frozen range waits for the cut-over to end.
+    pub fn freeze_deadline(&self) -> std::time::Instant {
+        std::time::Instant::now() + std::time::Duration::from_millis(self.cfg.freeze_wait_ms)
     }
 
     /// Whether the replicated catalog's routing table is published.
@@ -471,6 +491,7 @@ impl Node {
     ) {
         crate::cluster::follow(self.clone(), self.catalog_handle.clone());
         tokio::spawn(crate::twopc::run_resolver(self.clone(), shutdown.clone()));
+        crate::jobs::spawn_supervisor(self.clone(), shutdown.clone());
         loop {
             tokio::select! {
                 r = listener.accept() => match r {

@@ -188,10 +188,12 @@ pub fn decision(
     sql: &str,
 ) -> Result<Decision, Refusal> {
     if route.touches_frozen {
-        return Err(Refusal::new(
+        let mut r = Refusal::new(
             "40001",
-            "the key range of this write is being moved; retry the statement".into(),
-        ));
+            "the key range of this write is frozen for a cut-over that did not end in time; retry the statement".into(),
+        );
+        r.frozen = true;
+        return Err(r);
     }
     let idx = |id: &ShardId| {
         shard_index(id).ok_or_else(|| {

@@ -45,7 +45,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// A reply the backend (or the node) owes the client, in order.
@@ -791,7 +791,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return crate::explain::run(self, ex).await;
             }
         }
-        let d = self.node.decide(sql, None, &self.state);
+        let deadline = self.node.freeze_deadline();
+        let d = loop {
+            let mut epochs = self.node.epochs();
+            match self.node.decide(sql, None, &self.state) {
+                Err(r) if r.frozen && Instant::now() < deadline => {
+                    // Writers wait out a cut-over; the client sees a pause.
+                    let _ = tokio::time::timeout_at(deadline.into(), epochs.changed()).await;
+                }
+                other => break other,
+            }
+        };
         let d = match d {
             Ok(d) => d,
             Err(r) => {
@@ -1165,7 +1175,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Sync (else with Flush, or a Query follows).
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
         let frames = std::mem::take(&mut self.batch);
-        let (target, d) = match self.route_batch(&frames) {
+        let deadline = self.node.freeze_deadline();
+        let routed = loop {
+            let mut epochs = self.node.epochs();
+            match self.route_batch(&frames) {
+                Err(r) if r.frozen && Instant::now() < deadline => {
+                    let _ = tokio::time::timeout_at(deadline.into(), epochs.changed()).await;
+                }
+                other => break other,
+            }
+        };
+        let (target, d) = match routed {
             Ok(x) => x,
             Err(r) => {
                 self.batch_error(&r, synced);
@@ -1948,11 +1968,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 pub struct Refusal {
     pub code: &'static str,
     pub message: String,
+    /// The statement writes to a range frozen for a cut-over: the session
+    /// waits for the next routing table and routes it again.
+    pub frozen: bool,
 }
 
 impl Refusal {
     pub fn new(code: &'static str, message: String) -> Refusal {
-        Refusal { code, message }
+        Refusal {
+            code,
+            message,
+            frozen: false,
+        }
     }
 }
 

@@ -38,7 +38,9 @@ use hotrepart_router::catalog::{
     ShardId, ShardedTable, Span,
 };
 
-use crate::command::{CatalogCommand, CatalogSeed, Dsn, FreezeId, TableSpec, WasmModule};
+use crate::command::{
+    CatalogCommand, CatalogSeed, Dsn, FreezeId, JobPhase, JobSpec, TableSpec, WasmModule,
+};
 
 /// Longest PostgreSQL prepared-transaction GID, in bytes (`GIDSIZE` - 1).
 pub const MAX_GID_LEN: usize = 199;
@@ -78,6 +80,8 @@ pub struct Catalog {
     freezes: BTreeMap<u64, Freeze>,
     /// Decided 2PC transactions: GID → commit.
     decisions: BTreeMap<String, bool>,
+    /// Reshard jobs by id (finished ones too).
+    jobs: BTreeMap<String, JobRecord>,
     /// WebAssembly routing functions by name.
     functions: BTreeMap<String, StoredFunction>,
 }
@@ -120,6 +124,30 @@ pub enum Applied {
     /// The command asked for what already is (the same module uploaded
     /// again, a table's function set to the one it has): nothing changed.
     Unchanged,
+    /// A reshard job's record changed; the routing table did not.
+    JobUpdated {
+        /// The job.
+        job: String,
+    },
+}
+
+/// A reshard job as the catalog records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    /// What it moves.
+    pub spec: JobSpec,
+    /// Where it is.
+    pub phase: JobPhase,
+    /// The node that recorded the last update (0: none yet).
+    pub owner: u64,
+    /// Rows copied so far.
+    pub rows_copied: u64,
+    /// Catch-up lag in bytes at the last update.
+    pub lag_bytes: u64,
+    /// Last step or error.
+    pub note: String,
+    /// Log position of its start, for ordering.
+    pub seq: u64,
 }
 
 /// Why a command was rejected. The catalog is unchanged.
@@ -257,6 +285,14 @@ pub enum Rejected {
     /// SetTableFunction of a table that is not sharded.
     #[error("table {0:?} is not a sharded table")]
     NotSharded(String),
+    /// JobStart with an id in use, or a bad id.
+    #[error("reshard job {job:?}: {reason}")]
+    BadJob {
+        /// The job.
+        job: String,
+        /// Why.
+        reason: String,
+    },
     /// A second decision for a GID.
     #[error("transaction {gid:?} is already decided ({})", if *commit { "commit" } else { "rollback" })]
     AlreadyDecided {
@@ -321,6 +357,16 @@ impl Catalog {
             .collect()
     }
 
+    /// The reshard job `id`.
+    pub fn job(&self, id: &str) -> Option<&JobRecord> {
+        self.jobs.get(id)
+    }
+
+    /// All reshard jobs, by id.
+    pub fn jobs(&self) -> impl Iterator<Item = (&str, &JobRecord)> {
+        self.jobs.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
     /// All decided 2PC transactions, by GID.
     pub fn decisions(&self) -> impl Iterator<Item = (&str, bool)> {
         self.decisions.iter().map(|(g, c)| (g.as_str(), *c))
@@ -348,6 +394,15 @@ impl Catalog {
                 self.set_table_function(table, *function)
             }
             CatalogCommand::TxDecision { gid, commit } => self.tx_decision(gid, *commit),
+            CatalogCommand::JobStart { job, spec } => self.job_start(job, spec),
+            CatalogCommand::JobUpdate {
+                job,
+                phase,
+                owner,
+                rows_copied,
+                lag_bytes,
+                note,
+            } => self.job_update(job, *phase, *owner, *rows_copied, *lag_bytes, note),
         }
     }
 
@@ -635,6 +690,143 @@ impl Catalog {
             }
         }
         self.publish(parts)
+    }
+
+    fn job_start(&mut self, job: &str, spec: &JobSpec) -> Result<Applied, Rejected> {
+        let bad = |reason: String| Rejected::BadJob {
+            job: job.to_owned(),
+            reason,
+        };
+        let ok_name = !job.is_empty()
+            && job.len() <= 40
+            && job
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !ok_name {
+            return Err(bad("the id must be 1 to 40 characters of [a-z0-9_]".into()));
+        }
+        if self.jobs.contains_key(job) {
+            return Err(bad("a job with this id exists".into()));
+        }
+        let snap = self.current()?;
+        let i = find_range(snap, spec.range)?;
+        let r = &snap.ranges()[i];
+        if r.status != RangeStatus::Active {
+            return Err(Rejected::RangeNotActive {
+                range: spec.range,
+                status: r.status,
+            });
+        }
+        if r.write_owner.as_str() != spec.from || r.read_owner.as_str() != spec.from {
+            return Err(bad(format!(
+                "range {} is served by {} (reads) and {} (writes), not by {}",
+                spec.range, r.read_owner, r.write_owner, spec.from
+            )));
+        }
+        known_shard(snap, &spec.to)?;
+        if spec.to == spec.from {
+            return Err(bad(format!(
+                "range {} is on {} already",
+                spec.range, spec.to
+            )));
+        }
+        let mut parts = Parts::of(snap);
+        parts.ranges[i].status = RangeStatus::Moving;
+        let applied = self.publish(parts)?;
+        let seq = self.jobs.len() as u64;
+        self.jobs.insert(
+            job.to_owned(),
+            JobRecord {
+                spec: spec.clone(),
+                phase: JobPhase::Planned,
+                owner: 0,
+                rows_copied: 0,
+                lag_bytes: 0,
+                note: String::new(),
+                seq,
+            },
+        );
+        Ok(applied)
+    }
+
+    fn job_update(
+        &mut self,
+        job: &str,
+        phase: JobPhase,
+        owner: u64,
+        rows_copied: u64,
+        lag_bytes: u64,
+        note: &str,
+    ) -> Result<Applied, Rejected> {
+        let bad = |reason: String| Rejected::BadJob {
+            job: job.to_owned(),
+            reason,
+        };
+        let rec = self
+            .jobs
+            .get(job)
+            .ok_or_else(|| bad("no such job".into()))?;
+        let from = rec.phase;
+        if from.is_final() {
+            return Err(bad(format!("the job has ended ({})", from.name())));
+        }
+        let allowed = match phase {
+            // Abort is possible only before the flip.
+            JobPhase::Aborting => from <= JobPhase::CutOver || from == JobPhase::Aborting,
+            JobPhase::Aborted => from == JobPhase::Aborting,
+            JobPhase::Failed => true,
+            // An aborting job only ends aborted (or failed).
+            _ if from == JobPhase::Aborting => false,
+            // Done needs the flip.
+            JobPhase::Done => from >= JobPhase::Flipped,
+            p => p >= from,
+        };
+        if !allowed {
+            return Err(bad(format!(
+                "cannot go from phase {} to {}",
+                from.name(),
+                phase.name()
+            )));
+        }
+        let spec = rec.spec.clone();
+        let mut applied = Applied::JobUpdated {
+            job: job.to_owned(),
+        };
+        if phase == JobPhase::Flipped && from != JobPhase::Flipped {
+            // The flip itself: atomic with the phase, so a job aborted
+            // before it can never flip (and one flipped never aborts).
+            if from != JobPhase::CutOver {
+                return Err(bad(format!("cannot flip from phase {}", from.name())));
+            }
+            let snap = self.current()?;
+            let i = find_range(snap, spec.range)?;
+            let to = known_shard(snap, &spec.to)?;
+            let mut parts = Parts::of(snap);
+            parts.ranges[i].read_owner = to.clone();
+            parts.ranges[i].write_owner = to;
+            applied = self.publish(parts)?;
+        }
+        if phase.is_final() {
+            // The range is Active again (a freeze the job left is lifted).
+            if let Ok(snap) = self.current() {
+                if let Ok(i) = find_range(snap, spec.range) {
+                    if snap.ranges()[i].status != RangeStatus::Active {
+                        let mut parts = Parts::of(snap);
+                        parts.ranges[i].status = RangeStatus::Active;
+                        applied = self.publish(parts)?;
+                        self.freezes.remove(&spec.range.lo);
+                    }
+                }
+            }
+        }
+        if let Some(rec) = self.jobs.get_mut(job) {
+            rec.phase = phase;
+            rec.owner = owner;
+            rec.rows_copied = rows_copied;
+            rec.lag_bytes = lag_bytes;
+            rec.note = note.to_owned();
+        }
+        Ok(applied)
     }
 
     fn tx_decision(&mut self, gid: &str, commit: bool) -> Result<Applied, Rejected> {

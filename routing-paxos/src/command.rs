@@ -139,6 +139,64 @@ pub struct CatalogSeed {
     pub functions: Vec<FunctionSpec>,
 }
 
+/// What a reshard job moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The range's exact bounds.
+    #[serde(with = "SpanDef")]
+    pub range: Span,
+    /// Its write owner when the job starts.
+    pub from: String,
+    /// The shard it moves to.
+    pub to: String,
+}
+
+/// The phases of a reshard job, in order (DESIGN §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobPhase {
+    /// Recorded; the capture (slot, publication) is next.
+    Planned,
+    /// Copying the range's rows from a snapshot taken after the slot.
+    Copy,
+    /// Applying the changes made since, from the slot.
+    CatchUp,
+    /// Range frozen: last changes, verification, flip of the owner.
+    CutOver,
+    /// The owner is flipped and the range thawed: the target owns it.
+    Flipped,
+    /// Abort requested (before the flip): the target's copy is removed.
+    Aborting,
+    /// Done: the source's copy removed, capture dropped.
+    Done,
+    /// Aborted: the source as it was, nothing left on the target.
+    Aborted,
+    /// Failed: see the note; the range is Active with its owner of the
+    /// time (capture dropped).
+    Failed,
+}
+
+impl JobPhase {
+    /// Whether the job has ended.
+    pub fn is_final(self) -> bool {
+        matches!(self, JobPhase::Done | JobPhase::Aborted | JobPhase::Failed)
+    }
+    /// Name for output.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobPhase::Planned => "planned",
+            JobPhase::Copy => "copy",
+            JobPhase::CatchUp => "catch_up",
+            JobPhase::CutOver => "cut_over",
+            JobPhase::Flipped => "flipped",
+            JobPhase::Aborting => "aborting",
+            JobPhase::Done => "done",
+            JobPhase::Aborted => "aborted",
+            JobPhase::Failed => "failed",
+        }
+    }
+}
+
 /// One change to the catalog: an entry of the replicated log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -238,6 +296,33 @@ pub enum CatalogCommand {
         #[serde(with = "RoutingFunctionDef")]
         function: RoutingFunction,
     },
+    /// Starts a reshard job moving the rows of one range to another shard.
+    /// Accepted only for an active range whose write owner is `spec.from`;
+    /// the range becomes Moving (no split, no second job) until the job
+    /// ends.
+    JobStart {
+        /// The job's id (`[a-z0-9_]`, unique for the life of the catalog).
+        job: String,
+        /// What it moves.
+        spec: JobSpec,
+    },
+    /// Records a reshard job's progress: its phase (phases only go forward;
+    /// Aborting only before the flip), the node running it, and figures.
+    /// Ending the job (Done, Aborted, Failed) makes its range Active again.
+    JobUpdate {
+        /// The job.
+        job: String,
+        /// Its new phase (the same phase again records progress).
+        phase: JobPhase,
+        /// The node running it.
+        owner: u64,
+        /// Rows copied so far.
+        rows_copied: u64,
+        /// Replication lag of the catch-up, in bytes.
+        lag_bytes: u64,
+        /// Free text: the error of a Failed job, the last step.
+        note: String,
+    },
     /// Records the outcome of a two-phase-commit transaction. The first
     /// decision for a `gid` in the log is final.
     TxDecision {
@@ -265,6 +350,8 @@ impl CatalogCommand {
             CatalogCommand::RemoveFunction { .. } => "remove_function",
             CatalogCommand::SetTableFunction { .. } => "set_table_function",
             CatalogCommand::TxDecision { .. } => "tx_decision",
+            CatalogCommand::JobStart { .. } => "job_start",
+            CatalogCommand::JobUpdate { .. } => "job_update",
         }
     }
 }

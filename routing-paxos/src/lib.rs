@@ -80,8 +80,8 @@ pub mod replica;
 pub mod service;
 pub mod storage;
 
-pub use catalog::{Applied, Catalog, Rejected};
-pub use command::{CatalogCommand, CatalogSeed, FreezeId};
+pub use catalog::{Applied, Catalog, JobRecord, Rejected};
+pub use command::{CatalogCommand, CatalogSeed, FreezeId, JobPhase, JobSpec};
 pub use entry::{CatalogEntry, Outcome, ProposalId, StateMachine};
 pub use lease::{LeaseMsg, Leases};
 pub use replica::{Decided, Message, Replica, ReplicaConfig, ReplicaError, ReplicaStatus, Ticket};

@@ -240,6 +240,35 @@ impl ProcCluster {
         self.status(i).await?["cluster"]["leader"].as_u64()
     }
 
+    /// Waits until every running node has the routing catalog and a leader.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let mut all = true;
+            for (i, n) in self.nodes.iter().enumerate() {
+                if !n.running() {
+                    continue;
+                }
+                let ok = match self.status(i).await {
+                    Some(s) => {
+                        s["ready"] == serde_json::json!(true) && s["cluster"]["leader"].is_u64()
+                    }
+                    None => false,
+                };
+                all &= ok;
+            }
+            if all {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "the nodes did not get ready; logs:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Node logs, for failure messages.
     pub fn logs(&self) -> String {
         self.nodes

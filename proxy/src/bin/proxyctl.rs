@@ -42,12 +42,56 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RangeCmd,
     },
+    /// Move key ranges between shards, live (rows included).
+    Reshard {
+        #[command(subcommand)]
+        cmd: ReshardCmd,
+    },
+    /// Reshard jobs: list, watch, abort.
+    Jobs {
+        #[command(subcommand)]
+        cmd: Option<JobsCmd>,
+    },
     /// Fault injection for tests (the node must allow it).
     #[command(hide = true)]
     Debug {
         #[command(subcommand)]
         cmd: DebugCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum ReshardCmd {
+    /// Move the range starting at LO, with its rows, to another shard.
+    Move {
+        lo: u64,
+        #[arg(long)]
+        to: String,
+        /// Follow the job until it ends.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Split the range starting at LO (at its middle, or --at); with --to,
+    /// move the upper half there.
+    Split {
+        lo: u64,
+        #[arg(long)]
+        at: Option<u64>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCmd {
+    /// List jobs (the default).
+    List,
+    /// Follow a job with a progress display until it ends.
+    Watch { id: String },
+    /// Abort a job before its flip: the source stays as it was.
+    Abort { id: String },
 }
 
 #[derive(Subcommand)]
@@ -229,6 +273,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 show_epoch,
             ),
         },
+        Cmd::Reshard { cmd } => {
+            let (v, wait) = match cmd {
+                ReshardCmd::Move { lo, to, wait } => (
+                    api.call(
+                        "POST",
+                        "/v1/reshard/move",
+                        Some(json!({ "lo": lo, "to": to })),
+                    )?,
+                    wait,
+                ),
+                ReshardCmd::Split { lo, at, to, wait } => (
+                    api.call(
+                        "POST",
+                        "/v1/reshard/split",
+                        Some(json!({ "lo": lo, "at": at, "to": to })),
+                    )?,
+                    wait,
+                ),
+            };
+            if let (true, Some(id)) = (wait, v["job"].as_str()) {
+                return watch(&api, id);
+            }
+            (v, |v: &Value| match v["job"].as_str() {
+                Some(id) => format!("job {id} started; follow it with `proxyctl jobs watch {id}`"),
+                None => format!("ok {v}"),
+            })
+        }
+        Cmd::Jobs { cmd } => match cmd.unwrap_or(JobsCmd::List) {
+            JobsCmd::List => (api.call("GET", "/v1/jobs", None)?, show_jobs),
+            JobsCmd::Watch { id } => return watch(&api, &id),
+            JobsCmd::Abort { id } => (
+                api.call("POST", &format!("/v1/jobs/{id}/abort"), None)?,
+                |v| format!("job {} is aborting", s(&v["job"])),
+            ),
+        },
         Cmd::Debug {
             cmd: DebugCmd::Partition { state },
         } => (
@@ -403,4 +482,70 @@ fn show_ranges(v: &Value) -> String {
         s(&v["epoch"]),
         table(&["LO", "HI", "READ", "WRITE", "STATUS"], rows)
     )
+}
+
+fn show_jobs(v: &Value) -> String {
+    let rows = v["jobs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|j| {
+                    vec![
+                        s(&j["job"]),
+                        s(&j["phase"]),
+                        format!(
+                            "[{}, {})",
+                            s(&j["lo"]),
+                            if j["hi"].is_null() {
+                                "2^64".into()
+                            } else {
+                                s(&j["hi"])
+                            }
+                        ),
+                        format!("{} -> {}", s(&j["from"]), s(&j["to"])),
+                        s(&j["rows_copied"]),
+                        s(&j["lag_bytes"]),
+                        s(&j["note"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &["JOB", "PHASE", "RANGE", "MOVE", "ROWS", "LAG", "NOTE"],
+        rows,
+    )
+}
+
+/// Follows job `id` until it ends; fails unless it ends Done.
+fn watch(api: &Api, id: &str) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(24 * 3600);
+    loop {
+        let v = api.call("GET", &format!("/v1/jobs/{id}"), None)?;
+        bar.set_message(format!(
+            "job {id}: {}  rows copied {}  lag {} B  {}",
+            s(&v["phase"]),
+            s(&v["rows_copied"]),
+            s(&v["lag_bytes"]),
+            s(&v["note"])
+        ));
+        bar.tick();
+        if v["done"] == json!(true) {
+            bar.finish();
+            let phase = s(&v["phase"]);
+            if phase != "done" {
+                bail!("job {id} ended {phase}: {}", s(&v["note"]));
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("job {id} did not end within a day");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }

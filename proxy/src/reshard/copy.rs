@@ -23,7 +23,7 @@ pub(crate) async fn copy_table(
     dst: &mut Client,
     info: &TableInfo,
     predicate: &str,
-    progress: &dyn Fn(u64),
+    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64, ReshardError> {
     let cols: Vec<String> = info.copy_columns().map(|c| quote_ident(&c.name)).collect();
     let cols = cols.join(", ");

@@ -441,7 +441,7 @@ pub async fn start_capture(spec: &MoveSpec) -> Result<(), ReshardError> {
 /// range's rows on the target are deleted in the same transaction), so it
 /// is safe after a crash; changes since the capture started are then
 /// caught up from the slot as usual.
-pub async fn copy(spec: &MoveSpec, progress: impl Fn(u64)) -> Result<u64, ReshardError> {
+pub async fn copy(spec: &MoveSpec, progress: impl Fn(u64) + Sync) -> Result<u64, ReshardError> {
     spec.validate()?;
     async {
         let src = connect(spec, Side::Source).await?;

@@ -1,0 +1,778 @@
+//! Reshard jobs: `proxyctl reshard move|split`, run by the catalog's leader
+//! with the data-movement engine ([`crate::reshard`]), their state in the
+//! replicated log.
+//!
+//! A job is a `JobStart` entry (the range becomes Moving: no split, no
+//! second job) followed by `JobUpdate`s recording each phase. The leader's
+//! supervisor runs every unfinished job from its recorded phase; every step
+//! is idempotent, so when the node running a job dies, the next leader
+//! resumes it (after waiting one lease, so that the old runner — which
+//! stops when it loses its lease or its leadership — is no longer running).
+//!
+//! Phases: Planned (capture: publication and slot on the source) → Copy →
+//! CatchUp → CutOver (freeze; every node acknowledges the freeze or loses its
+//! lease; open transactions on the source end; final catch-up; verify
+//! counts and checksums; flip the owner; thaw) → Flipped (every node
+//! applied the flip or lost its lease; capture dropped; the source's copy
+//! deleted in batches) → Done. Abort (before the flip) → Aborting (thaw;
+//! the target's copy deleted; capture dropped) → Aborted. A step that keeps
+//! failing before the flip aborts the job the same way and records Failed
+//! with the error.
+//!
+//! Guarantees:
+//! - a write never lands on a shard that no longer owns its range: writes
+//!   to the range wait while it is frozen, and the flip happens only once
+//!   every node has applied the freeze (or stopped routing);
+//! - nothing is lost: the slot exists before the copy; the final catch-up
+//!   runs after every transaction open at the freeze has ended; the owner
+//!   flips only if row counts and checksums agree on both sides;
+//! - no path leaves a slot or publication behind: Done, Aborted and Failed
+//!   all drop the capture (a failure to drop is retried, and reported).
+
+use crate::node::Node;
+use crate::reshard::{self, MoveSpec, TableMove};
+use hotrepart_router::catalog::{RoutingSnapshot, Span};
+use hotrepart_routing_paxos::{
+    Applied, Catalog, CatalogCommand, FreezeId, JobPhase, JobRecord, ProposeError, Rejected,
+};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// How long a catalog change of a job may take.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Changes read per catch-up call.
+const CATCH_UP_BATCH: usize = 20_000;
+/// Attempts of a failing step before a job is aborted (before the flip).
+const ATTEMPTS: u32 = 4;
+/// How long the cut-over waits for transactions open at the freeze.
+const OPEN_TX_WAIT: Duration = Duration::from_secs(5);
+/// The final catch-up of the cut-over must drain within this.
+const FINAL_DRAIN_WAIT: Duration = Duration::from_secs(5);
+
+/// Jobs being run by this node.
+#[derive(Default)]
+pub struct Running(Mutex<HashSet<String>>);
+
+/// Starts the supervisor: while this node leads the catalog (and holds its
+/// lease), it runs every unfinished job.
+pub fn spawn_supervisor(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut led_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
+            }
+            if !runs_jobs(&node) {
+                led_since = None;
+                continue;
+            }
+            let since = *led_since.get_or_insert_with(Instant::now);
+            let catalog = node.catalog_handle.catalog();
+            for (id, rec) in catalog.jobs() {
+                if rec.phase.is_final() || is_running(&node, id) {
+                    continue;
+                }
+                // Another node ran it last: wait one lease (+ margin) after
+                // taking over, so that node has stopped.
+                let me = node.catalog_handle.node_id();
+                if rec.owner != 0 && rec.owner != me && since.elapsed() < takeover_delay(&node) {
+                    continue;
+                }
+                node.jobs
+                    .0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.to_string());
+                let node = node.clone();
+                let id = id.to_string();
+                tokio::spawn(async move {
+                    let r = run(&node, &id).await;
+                    if let Err(e) = r {
+                        tracing::warn!(job = %id, error = %e, "reshard job stopped on this node");
+                    }
+                    node.jobs
+                        .0
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                });
+            }
+        }
+    });
+}
+
+fn is_running(node: &Node, id: &str) -> bool {
+    node.jobs
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(id)
+}
+
+/// Whether this node should drive jobs now: it is the leader (a node alone
+/// always is) and holds its lease.
+fn runs_jobs(node: &Node) -> bool {
+    let st = node.catalog_handle.status();
+    let leader = node.cfg.cluster.is_none() || st.leader == Some(st.node_id);
+    leader && node.catalog_handle.lease_valid() && node.catalog_ready()
+}
+
+fn takeover_delay(node: &Node) -> Duration {
+    let lease = node.cfg.cluster.as_ref().map_or(0, |c| c.lease_ms);
+    Duration::from_millis(lease + lease / 10 + 100)
+}
+
+/// Why a job stopped on this node.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("this node no longer leads the catalog or lost its lease")]
+    NotLeader,
+    #[error("the job is not in the catalog")]
+    Unknown,
+    #[error("catalog: {0}")]
+    Catalog(String),
+    #[error(transparent)]
+    Engine(#[from] reshard::ReshardError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<ProposeError> for JobError {
+    fn from(e: ProposeError) -> JobError {
+        JobError::Catalog(e.to_string())
+    }
+}
+
+/// What a job moves, per database of the source.
+struct Plan {
+    specs: Vec<MoveSpec>,
+    range: Span,
+    from: String,
+    freeze: FreezeId,
+}
+
+/// The freeze id of a job (stable across nodes and restarts).
+fn freeze_id(job: &str) -> FreezeId {
+    FreezeId(fnv(job.as_bytes()) | 1 << 63)
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf29ce484222325u64, |h, &c| {
+        (h ^ u64::from(c)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// Proposes `cmd`; a rejection is an error.
+async fn propose(node: &Node, cmd: CatalogCommand) -> Result<Applied, JobError> {
+    let kind = cmd.kind();
+    match node.catalog_handle.propose(cmd, PROPOSE_TIMEOUT).await? {
+        Ok(a) => Ok(a),
+        Err(r) => Err(JobError::Catalog(format!("{kind}: {r}"))),
+    }
+}
+
+async fn update(
+    node: &Node,
+    job: &str,
+    phase: JobPhase,
+    rows: u64,
+    lag: u64,
+    note: &str,
+) -> Result<(), JobError> {
+    propose(
+        node,
+        CatalogCommand::JobUpdate {
+            job: job.to_string(),
+            phase,
+            owner: node.catalog_handle.node_id(),
+            rows_copied: rows,
+            lag_bytes: lag,
+            note: note.to_string(),
+        },
+    )
+    .await
+    .map(|_| ())
+}
+
+fn record(node: &Node, job: &str) -> Result<JobRecord, JobError> {
+    node.catalog_handle
+        .catalog()
+        .job(job)
+        .cloned()
+        .ok_or(JobError::Unknown)
+}
+
+/// Runs job `id` from its recorded phase until it ends or this node stops
+/// leading.
+pub async fn run(node: &Arc<Node>, id: &str) -> Result<(), JobError> {
+    let mut failures = 0u32;
+    loop {
+        if !runs_jobs(node) {
+            return Err(JobError::NotLeader);
+        }
+        let rec = record(node, id)?;
+        if rec.phase.is_final() {
+            return Ok(());
+        }
+        let catalog = node.catalog_handle.catalog();
+        let plan = match plan(node, &catalog, id, &rec).await {
+            Ok(p) => p,
+            Err(e) if rec.phase < JobPhase::Flipped && rec.phase != JobPhase::Aborting => {
+                // Nothing can be moved (no table with an SQL form, the
+                // source unreachable …): end the job.
+                tracing::warn!(job = %id, error = %e, "reshard job cannot be planned");
+                failures += 1;
+                if failures >= ATTEMPTS {
+                    update(
+                        node,
+                        id,
+                        JobPhase::Failed,
+                        rec.rows_copied,
+                        0,
+                        &e.to_string(),
+                    )
+                    .await?;
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let step = step(node, id, &rec, &plan).await;
+        match step {
+            Ok(()) => failures = 0,
+            Err(JobError::NotLeader) => return Err(JobError::NotLeader),
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(job = %id, phase = rec.phase.name(), attempt = failures, error = %e, "reshard step failed");
+                if failures >= ATTEMPTS
+                    && rec.phase < JobPhase::Flipped
+                    && rec.phase != JobPhase::Aborting
+                {
+                    // Give up before the flip: undo, record why.
+                    abort_steps(node, &plan).await?;
+                    update(
+                        node,
+                        id,
+                        JobPhase::Failed,
+                        rec.rows_copied,
+                        0,
+                        &e.to_string(),
+                    )
+                    .await?;
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(failures))).await;
+            }
+        }
+    }
+}
+
+/// One phase of a job.
+async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Result<(), JobError> {
+    match rec.phase {
+        JobPhase::Planned => {
+            for s in &plan.specs {
+                reshard::check_preconditions(s).await?;
+                reshard::start_capture(s).await?;
+            }
+            update(node, id, JobPhase::Copy, 0, 0, "capture started").await
+        }
+        JobPhase::Copy => {
+            let copied = Arc::new(AtomicU64::new(0));
+            let reporter = {
+                let node = node.clone();
+                let id = id.to_string();
+                let copied = copied.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        let n = copied.load(Ordering::Relaxed);
+                        let _ = update(&node, &id, JobPhase::Copy, n, 0, "copying").await;
+                    }
+                })
+            };
+            let mut total = 0;
+            let mut result = Ok(());
+            for s in &plan.specs {
+                let base = total;
+                let c = copied.clone();
+                match reshard::copy(s, move |n| c.store(base + n, Ordering::Relaxed)).await {
+                    Ok(n) => total += n,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            reporter.abort();
+            result?;
+            update(node, id, JobPhase::CatchUp, total, 0, "copied").await
+        }
+        JobPhase::CatchUp => {
+            // Catch up until the backlog is small, then cut over.
+            let started = Instant::now();
+            loop {
+                if !runs_jobs(node) {
+                    return Err(JobError::NotLeader);
+                }
+                let mut applied = 0;
+                let mut lag = 0;
+                let mut drained = true;
+                for s in &plan.specs {
+                    let r = reshard::catch_up(s, CATCH_UP_BATCH).await?;
+                    applied += r.applied;
+                    lag += r.remaining_lag_bytes;
+                    drained &= r.drained;
+                }
+                if record(node, id)?.phase != JobPhase::CatchUp {
+                    return Ok(()); // aborted meanwhile
+                }
+                if drained && applied < 5_000 || started.elapsed() > Duration::from_secs(120) {
+                    return update(
+                        node,
+                        id,
+                        JobPhase::CutOver,
+                        rec.rows_copied,
+                        lag,
+                        "caught up",
+                    )
+                    .await;
+                }
+                update(
+                    node,
+                    id,
+                    JobPhase::CatchUp,
+                    rec.rows_copied,
+                    lag,
+                    "catching up",
+                )
+                .await?;
+            }
+        }
+        JobPhase::CutOver => cut_over(node, id, rec, plan).await,
+        JobPhase::Flipped => {
+            thaw(node, plan).await?;
+            // No node may still read the range from the source.
+            let h = &node.catalog_handle;
+            h.await_all_applied(h.applied_index()).await?;
+            let mut deleted = 0;
+            for s in &plan.specs {
+                reshard::stop_capture(s).await?;
+                deleted += reshard::cleanup_source(s, 10_000).await?;
+            }
+            update(
+                node,
+                id,
+                JobPhase::Done,
+                rec.rows_copied,
+                0,
+                &format!("done; {deleted} rows deleted from {}", plan.from),
+            )
+            .await
+        }
+        JobPhase::Aborting => {
+            abort_steps(node, plan).await?;
+            update(node, id, JobPhase::Aborted, rec.rows_copied, 0, "aborted").await
+        }
+        JobPhase::Done | JobPhase::Aborted | JobPhase::Failed => Ok(()),
+    }
+}
+
+/// Lifts the job's freeze if it is still there.
+async fn thaw(node: &Node, plan: &Plan) -> Result<(), JobError> {
+    let catalog = node.catalog_handle.catalog();
+    if catalog
+        .freeze(plan.range.lo)
+        .is_some_and(|f| f.id == plan.freeze)
+    {
+        match node
+            .catalog_handle
+            .propose(
+                CatalogCommand::UnfreezeRange {
+                    range: plan.range,
+                    freeze: plan.freeze,
+                },
+                PROPOSE_TIMEOUT,
+            )
+            .await?
+        {
+            Ok(_) | Err(Rejected::NotFrozen(_)) => {}
+            Err(r) => return Err(JobError::Catalog(r.to_string())),
+        }
+    }
+    Ok(())
+}
+
+async fn abort_steps(node: &Node, plan: &Plan) -> Result<(), JobError> {
+    thaw(node, plan).await?;
+    for s in &plan.specs {
+        reshard::abort_target(s).await?;
+        reshard::stop_capture(s).await?;
+    }
+    Ok(())
+}
+
+/// Freeze, wait, drain, verify, flip, thaw.
+async fn cut_over(
+    node: &Arc<Node>,
+    id: &str,
+    rec: &JobRecord,
+    plan: &Plan,
+) -> Result<(), JobError> {
+    let h = &node.catalog_handle;
+    let frozen_at = Instant::now();
+    if h.catalog().freeze(plan.range.lo).is_none() {
+        match h
+            .propose(
+                CatalogCommand::FreezeRange {
+                    range: plan.range,
+                    freeze: plan.freeze,
+                },
+                PROPOSE_TIMEOUT,
+            )
+            .await?
+        {
+            Ok(_) => {}
+            Err(Rejected::AlreadyFrozen { by, .. }) if by == plan.freeze => {}
+            Err(r) => return Err(JobError::Catalog(r.to_string())),
+        }
+    }
+    let result = async {
+        // Every node routes by the freeze (or has stopped routing).
+        h.await_all_applied(h.applied_index()).await?;
+        let acked = frozen_at.elapsed();
+        // Transactions that wrote to the range before the freeze end.
+        for s in &plan.specs {
+            wait_open_transactions(s).await?;
+        }
+        // The last changes.
+        let deadline = Instant::now() + FINAL_DRAIN_WAIT;
+        for s in &plan.specs {
+            loop {
+                let r = reshard::catch_up(s, CATCH_UP_BATCH).await?;
+                if r.drained {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(JobError::Other("the final catch-up did not drain in time".into()));
+                }
+            }
+        }
+        for s in &plan.specs {
+            let v = reshard::verify(s).await?;
+            if !v.equal() {
+                return Err(JobError::Other(format!(
+                    "verification failed in database {}: {:?}",
+                    s.database, v
+                )));
+            }
+        }
+        // The flip: the catalog assigns the range with the phase change,
+        // unless the job was aborted meanwhile.
+        let note = format!("flipped; writes paused {} ms", frozen_at.elapsed().as_millis());
+        update(node, id, JobPhase::Flipped, rec.rows_copied, 0, &note).await?;
+        tracing::info!(job = %id, acked_ms = acked.as_millis() as u64, frozen_ms = frozen_at.elapsed().as_millis() as u64, "range flipped");
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => thaw(node, plan).await,
+        Err(e) => {
+            // Writers must not wait on a cut-over that will not finish now:
+            // thaw and go back to catching up.
+            thaw(node, plan).await?;
+            let _ = update(
+                node,
+                id,
+                JobPhase::CutOver,
+                rec.rows_copied,
+                0,
+                &format!("cut-over retried: {e}"),
+            )
+            .await;
+            Err(e)
+        }
+    }
+}
+
+/// Waits until every transaction open on the source now has ended.
+async fn wait_open_transactions(spec: &MoveSpec) -> Result<(), JobError> {
+    let c = connect(&spec.source_dsn, &spec.database).await?;
+    let row = c
+        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
+        .await
+        .map_err(|e| JobError::Other(format!("source: {e}")))?;
+    let xmax: String = row.get(0);
+    let deadline = Instant::now() + OPEN_TX_WAIT;
+    loop {
+        let done: bool = c
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8",
+                &[&xmax],
+            )
+            .await
+            .map_err(|e| JobError::Other(format!("source: {e}")))?
+            .get(0);
+        if done {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(JobError::Other(
+                "transactions open on the source at the freeze did not end in time".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn connect(dsn: &str, db: &str) -> Result<tokio_postgres::Client, JobError> {
+    let mut cfg: tokio_postgres::Config = dsn
+        .parse()
+        .map_err(|e| JobError::Other(format!("invalid DSN: {e}")))?;
+    cfg.dbname(db);
+    cfg.connect_timeout(Duration::from_secs(10));
+    let (c, conn) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| JobError::Other(format!("cannot connect: {e}")))?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+/// The engine's work for job `id`: one MoveSpec per database of the source
+/// that holds any sharded table.
+async fn plan(node: &Node, catalog: &Catalog, id: &str, rec: &JobRecord) -> Result<Plan, JobError> {
+    let snap: Arc<RoutingSnapshot> = catalog
+        .snapshot()
+        .cloned()
+        .ok_or_else(|| JobError::Other("no catalog".into()))?;
+    let dsn = |name: &str| {
+        snap.shards()
+            .find(|s| s.id.as_str() == name)
+            .map(|s| s.dsn.clone())
+            .ok_or_else(|| JobError::Other(format!("shard {name} is not in the catalog")))
+    };
+    let source_dsn = dsn(&rec.spec.from)?;
+    let target_dsn = dsn(&rec.spec.to)?;
+    let tables: Vec<TableMove> = snap
+        .sharded_tables()
+        .map(|t| TableMove {
+            name: t.name.clone(),
+            key_column: t.key_column.clone(),
+            key_type: t.key_type,
+            function: t.function,
+        })
+        .collect();
+    let _ = node;
+    let c = connect(&source_dsn, "postgres").await?;
+    let dbs = c
+        .query(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(|e| JobError::Other(format!("source: {e}")))?;
+    let mut specs = Vec::new();
+    for row in dbs {
+        let db: String = row.get(0);
+        let c = connect(&source_dsn, &db).await?;
+        let mut here = Vec::new();
+        for t in &tables {
+            let exists: bool = c
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.name])
+                .await
+                .map_err(|e| JobError::Other(format!("source: {e}")))?
+                .get(0);
+            if exists {
+                here.push(t.clone());
+            }
+        }
+        if here.is_empty() {
+            continue;
+        }
+        specs.push(MoveSpec {
+            job: format!("{id}_{:08x}", fnv(db.as_bytes()) as u32),
+            source_dsn: source_dsn.clone(),
+            target_dsn: target_dsn.clone(),
+            database: db,
+            tables: here,
+            range: rec.spec.range,
+        });
+    }
+    Ok(Plan {
+        specs,
+        range: rec.spec.range,
+        from: rec.spec.from.clone(),
+        freeze: freeze_id(id),
+    })
+}
+
+// ---- admin API: /v1/reshard/*, /v1/jobs ----
+
+use crate::admin::{authorize, Api, ApiError, ApiResult};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+pub(crate) fn routes() -> Router<Api> {
+    Router::new()
+        .route("/v1/reshard/move", post(reshard_move))
+        .route("/v1/reshard/split", post(reshard_split))
+        .route("/v1/jobs", get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/abort", post(abort_job))
+}
+
+#[derive(Deserialize)]
+struct MoveReq {
+    lo: u64,
+    to: String,
+    #[serde(default)]
+    job: Option<String>,
+}
+
+async fn reshard_move(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(req): Json<MoveReq>,
+) -> ApiResult {
+    authorize(&api, &headers)?;
+    let r = api.range_at(req.lo)?;
+    let snap = api.snapshot()?;
+    for t in snap.sharded_tables() {
+        if t.function.sql_hash(t.key_type, "k").is_none() {
+            return Err(ApiError::conflict(format!(
+                "table {} is placed by a WebAssembly routing function; moving its rows is not supported yet",
+                t.name
+            )));
+        }
+    }
+    let job = req
+        .job
+        .unwrap_or_else(|| format!("move_{:x}_{:x}", r.lo, rand::random::<u32>()));
+    api.propose(CatalogCommand::JobStart {
+        job: job.clone(),
+        spec: hotrepart_routing_paxos::JobSpec {
+            range: r.span(),
+            from: r.write_owner.as_str().to_string(),
+            to: req.to,
+        },
+    })
+    .await?;
+    Ok(Json(json!({ "job": job })))
+}
+
+#[derive(Deserialize)]
+struct SplitReq {
+    lo: u64,
+    #[serde(default)]
+    at: Option<u64>,
+    /// Move the upper half there.
+    #[serde(default)]
+    to: Option<String>,
+}
+
+async fn reshard_split(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(req): Json<SplitReq>,
+) -> ApiResult {
+    authorize(&api, &headers)?;
+    let r = api.range_at(req.lo)?;
+    let span = r.span();
+    let at = match req.at {
+        Some(at) => at,
+        None => u64::try_from(u128::from(span.lo) + span.len() / 2)
+            .map_err(|_| ApiError::bad("range too small to split"))?,
+    };
+    api.propose(CatalogCommand::SplitRange { range: span, at })
+        .await?;
+    let Some(to) = req.to else {
+        return Ok(Json(json!({ "split_at": at })));
+    };
+    let job = format!("split_{:x}_{:x}", at, rand::random::<u32>());
+    api.propose(CatalogCommand::JobStart {
+        job: job.clone(),
+        spec: hotrepart_routing_paxos::JobSpec {
+            range: Span {
+                lo: at,
+                hi: span.hi,
+            },
+            from: r.write_owner.as_str().to_string(),
+            to,
+        },
+    })
+    .await?;
+    Ok(Json(json!({ "split_at": at, "job": job })))
+}
+
+fn job_json(id: &str, r: &JobRecord) -> Value {
+    json!({
+        "job": id,
+        "lo": r.spec.range.lo,
+        "hi": r.spec.range.hi,
+        "from": r.spec.from,
+        "to": r.spec.to,
+        "phase": r.phase.name(),
+        "done": r.phase.is_final(),
+        "owner": r.owner,
+        "rows_copied": r.rows_copied,
+        "lag_bytes": r.lag_bytes,
+        "note": r.note,
+    })
+}
+
+async fn list_jobs(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
+    authorize(&api, &headers)?;
+    let c = api.node.catalog_handle.catalog();
+    let mut jobs: Vec<(&str, &JobRecord)> = c.jobs().collect();
+    jobs.sort_by_key(|(_, r)| r.seq);
+    let list: Vec<Value> = jobs.iter().map(|(id, r)| job_json(id, r)).collect();
+    Ok(Json(json!({ "jobs": list })))
+}
+
+async fn get_job(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    authorize(&api, &headers)?;
+    let c = api.node.catalog_handle.catalog();
+    let r = c
+        .job(&id)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))?;
+    Ok(Json(job_json(&id, r)))
+}
+
+async fn abort_job(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authorize(&api, &headers)?;
+    let c = api.node.catalog_handle.catalog();
+    let r = c
+        .job(&id)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")))?;
+    if r.phase >= JobPhase::Flipped && r.phase != JobPhase::Aborting {
+        return Err(ApiError::conflict(format!(
+            "job {id} is {}: the range has moved already (abort is possible only before the flip)",
+            r.phase.name()
+        )));
+    }
+    api.propose(CatalogCommand::JobUpdate {
+        job: id.clone(),
+        phase: JobPhase::Aborting,
+        owner: r.owner,
+        rows_copied: r.rows_copied,
+        lag_bytes: r.lag_bytes,
+        note: "abort requested".into(),
+    })
+    .await?;
+    Ok(Json(json!({ "job": id, "phase": "aborting" })))
+}
