@@ -271,6 +271,24 @@ async fn functions_through_the_admin_api() {
     )
     .await;
     assert!(err.contains("invalid function name"), "{err}");
+    // An upload bigger than axum's default 2 MB body once hex-encoded (text
+    // padded with a 1.5 MiB comment; the binary, and so the log entry, is
+    // small) is accepted.
+    let big = c.dir.0.join("big.wat");
+    std::fs::write(
+        &big,
+        format!(
+            "(module (memory (export \"memory\") 1) ;; {}\n\
+             (func (export \"hr_abi_version\") (result i32) (i32.const 1))\n\
+             (func (export \"hr_alloc\") (param i32) (result i32) (i32.const 16))\n\
+             (func (export \"hr_route\") (param i32 i32 i32) (result i64) (i64.const 7)))",
+            "a".repeat(3 << 19)
+        ),
+    )
+    .unwrap();
+    let out = ctl_ok(&c, 1, &["function", "upload", "big", &path_str(&big)]).await;
+    assert!(out.contains("stored function big"), "{out}");
+    ctl_ok(&c, 1, &["function", "remove", "big"]).await;
     functions_converged(&c, &["geo", "grow", "loop", "spare", "tenant", "trap"]).await;
 
     // Tables declared through node 2.
@@ -356,6 +374,8 @@ async fn functions_through_the_admin_api() {
             .to_string();
         ctl_ok(&c, 0, &["range", "split", &lo, "--at", &at.to_string()]).await;
     }
+    // node 3 must have applied the splits before it is asked
+    converged(&c).await;
     ctl_ok(
         &c,
         2,
