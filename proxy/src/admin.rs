@@ -17,16 +17,22 @@
 //!   range on the old owners, and only then flips the owner (moving rows is
 //!   `proxyctl reshard`);
 //! - declaring a table sharded is refused while any shard holds rows of it
-//!   (they would be stranded on the home shard).
+//!   (they would be stranded on the home shard);
+//! - routing functions are validated before they enter the log, and
+//!   attached only to empty tables ([`functions`]).
 //!
 //! Endpoints: `GET /v1/status`, `GET|POST /v1/shards`,
-//! `DELETE /v1/shards/{name}`, `GET|POST /v1/tables`, `GET /v1/ranges`,
+//! `DELETE /v1/shards/{name}`, `GET|POST /v1/tables`,
+//! `POST /v1/tables/{table}/function`, `GET|POST /v1/functions`,
+//! `DELETE /v1/functions/{name}`, `GET /v1/ranges`,
 //! `POST /v1/ranges/split`, `POST /v1/ranges/assign`,
 //! `POST /v1/ranges/unfreeze`, and `POST /v1/debug/partition` when
 //! `[cluster] allow_fault_injection` is set (tests).
 
+mod functions;
+
 use crate::node::Node;
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -104,6 +110,14 @@ pub async fn serve(
         .route("/v1/shards", get(shards).post(add_shard))
         .route("/v1/shards/{name}", delete(remove_shard))
         .route("/v1/tables", get(tables).post(declare_table))
+        .route("/v1/tables/{table}/function", post(functions::attach))
+        .route(
+            "/v1/functions",
+            get(functions::list)
+                .post(functions::upload)
+                .layer(DefaultBodyLimit::max(functions::MAX_UPLOAD_BODY)),
+        )
+        .route("/v1/functions/{name}", delete(functions::remove))
         .route("/v1/ranges", get(ranges))
         .route("/v1/ranges/split", post(split_range))
         .route("/v1/ranges/assign", post(assign_range))
@@ -331,14 +345,22 @@ async fn remove_shard(
 async fn tables(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
     authorize(&api, &headers)?;
     let snap = api.snapshot()?;
+    let catalog = api.node.catalog_handle.catalog();
     let sharded: Vec<Value> = snap
         .sharded_tables()
         .map(|t| {
+            // A WebAssembly function is shown by its name(s) when it has one.
+            let names = t
+                .function
+                .wasm_id()
+                .map(|id| catalog.function_names(id).join(","))
+                .filter(|n| !n.is_empty());
             json!({
                 "table": t.name,
                 "key_column": t.key_column,
                 "key_type": format!("{:?}", t.key_type).to_lowercase(),
                 "function": t.function.to_string(),
+                "function_name": names,
             })
         })
         .collect();
@@ -362,6 +384,10 @@ struct DeclareTable {
     key_type: Option<String>,
     #[serde(default)]
     seed: Option<u64>,
+    /// Name of an uploaded WebAssembly routing function (instead of the
+    /// PostgreSQL hash with `seed`).
+    #[serde(default)]
+    function: Option<String>,
 }
 
 async fn declare_table(
@@ -382,6 +408,19 @@ async fn declare_table(
                 .ok_or_else(|| ApiError::bad("a sharded table needs key_type"))?
                 .parse()
                 .map_err(|e| ApiError::bad(format!("key_type: {e}")))?;
+            let function = match (req.function.as_deref(), req.seed) {
+                (Some(_), Some(_)) => {
+                    return Err(ApiError::bad(
+                        "give either a routing function or a hash seed, not both",
+                    ))
+                }
+                (Some(name), None) => RoutingFunction::Wasm {
+                    id: functions::function_id(&api.node.catalog_handle.catalog(), name)?,
+                },
+                (None, seed) => RoutingFunction::PgHash {
+                    seed: seed.unwrap_or(0),
+                },
+            };
             // Rows already in the table sit on the home shard (it was
             // undeclared): declaring it sharded would strand them.
             let counts = count_rows(&snap, &req.table, None).await?;
@@ -395,10 +434,13 @@ async fn declare_table(
                 table: req.table,
                 key_column,
                 key_type,
-                function: RoutingFunction::PgHash {
-                    seed: req.seed.unwrap_or(0),
-                },
+                function,
             })
+        }
+        "reference" if req.function.is_some() || req.seed.is_some() => {
+            return Err(ApiError::bad(
+                "a reference table has no routing function or seed",
+            ))
         }
         "reference" => CatalogCommand::DeclareReference { table: req.table },
         other => {

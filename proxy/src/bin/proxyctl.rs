@@ -37,6 +37,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TableCmd,
     },
+    /// WebAssembly routing functions (docs/WASM_ABI.md).
+    Function {
+        #[command(subcommand)]
+        cmd: FunctionCmd,
+    },
     /// Key ranges (metadata only; moving rows is `reshard`).
     Range {
         #[command(subcommand)]
@@ -123,13 +128,34 @@ enum TableCmd {
         /// int2, int4, int8, text or uuid.
         #[arg(long = "type")]
         key_type: String,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        /// Seed of the PostgreSQL hash (default 0).
+        #[arg(long, conflicts_with = "function")]
+        seed: Option<u64>,
+        /// Place rows with this uploaded WebAssembly routing function
+        /// instead of the PostgreSQL hash.
+        #[arg(long)]
+        function: Option<String>,
     },
     /// Declare a reference table (a copy on every shard).
     Reference { table: String },
     /// List declared tables.
     List,
+}
+
+#[derive(Subcommand)]
+enum FunctionCmd {
+    /// Upload a routing function (a .wasm binary or .wat text); the node
+    /// validates it before it enters the catalog.
+    Upload {
+        name: String,
+        file: std::path::PathBuf,
+    },
+    /// List routing functions and the tables using them.
+    List,
+    /// Remove a routing function no table uses.
+    Remove { name: String },
+    /// Make a function the routing function of an empty sharded table.
+    Attach { table: String, function: String },
 }
 
 #[derive(Subcommand)]
@@ -229,13 +255,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 key,
                 key_type,
                 seed,
+                function,
             } => (
                 api.call(
                     "POST",
                     "/v1/tables",
                     Some(
                         json!({ "table": table, "kind": "sharded", "key_column": key,
-                                 "key_type": key_type, "seed": seed }),
+                                 "key_type": key_type, "seed": seed, "function": function }),
                     ),
                 )?,
                 show_epoch,
@@ -249,6 +276,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 show_epoch,
             ),
             TableCmd::List => (api.call("GET", "/v1/tables", None)?, show_tables),
+        },
+        Cmd::Function { cmd } => match cmd {
+            FunctionCmd::Upload { name, file } => {
+                let bytes = std::fs::read(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                (
+                    api.call(
+                        "POST",
+                        "/v1/functions",
+                        Some(json!({ "name": name, "module_hex": hex(&bytes) })),
+                    )?,
+                    show_upload,
+                )
+            }
+            FunctionCmd::List => (api.call("GET", "/v1/functions", None)?, show_functions),
+            FunctionCmd::Remove { name } => (
+                api.call("DELETE", &format!("/v1/functions/{name}"), None)?,
+                |v| format!("removed function {}", s(&v["removed"])),
+            ),
+            FunctionCmd::Attach { table, function } => (
+                api.call(
+                    "POST",
+                    &format!("/v1/tables/{table}/function"),
+                    Some(json!({ "function": function })),
+                )?,
+                show_epoch,
+            ),
         },
         Cmd::Range { cmd } => match cmd {
             RangeCmd::List => (api.call("GET", "/v1/ranges", None)?, show_ranges),
@@ -358,6 +412,58 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out.join("\n")
 }
 
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
+}
+
+fn show_upload(v: &Value) -> String {
+    format!(
+        "{} function {} (id {}, {} bytes)",
+        if v["changed"] == json!(false) {
+            "unchanged:"
+        } else {
+            "stored"
+        },
+        s(&v["name"]),
+        s(&v["id"]),
+        s(&v["size"]),
+    )
+}
+
+fn show_functions(v: &Value) -> String {
+    let rows = v["functions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    let id = s(&x["id"]);
+                    let tables: Vec<String> = x["tables"]
+                        .as_array()
+                        .map(|t| t.iter().map(s).collect())
+                        .unwrap_or_default();
+                    vec![
+                        s(&x["name"]),
+                        id.get(..16).unwrap_or(&id).to_string(),
+                        s(&x["size"]),
+                        if tables.is_empty() {
+                            "-".into()
+                        } else {
+                            tables.join(",")
+                        },
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(&["FUNCTION", "ID", "BYTES", "TABLES"], rows)
+}
+
 fn show_epoch(v: &Value) -> String {
     match v.get("epoch") {
         Some(e) => format!("ok, catalog epoch {e}"),
@@ -431,7 +537,10 @@ fn show_tables(v: &Value) -> String {
                         "sharded".into(),
                         s(&x["key_column"]),
                         s(&x["key_type"]),
-                        s(&x["function"]),
+                        match x["function_name"].as_str() {
+                            Some(name) => format!("{name} ({})", s(&x["function"])),
+                            None => s(&x["function"]),
+                        },
                     ]
                 })
                 .collect()
