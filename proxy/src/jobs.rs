@@ -31,7 +31,7 @@
 
 use crate::node::Node;
 use crate::reshard::{self, MoveSpec, TableMove};
-use hotrepart_router::catalog::{RoutingSnapshot, Span};
+use hotrepart_router::catalog::{RangeStatus, RoutingSnapshot, Span};
 use hotrepart_routing_paxos::{
     Applied, Catalog, CatalogCommand, FreezeId, JobPhase, JobRecord, ProposeError, Rejected,
 };
@@ -630,6 +630,8 @@ pub(crate) fn routes() -> Router<Api> {
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/abort", post(abort_job))
+        .route("/v1/reshard/add-shard", post(add_shard))
+        .route("/v1/reshard/drain", post(drain))
 }
 
 #[derive(Deserialize)]
@@ -775,4 +777,385 @@ async fn abort_job(
     })
     .await?;
     Ok(Json(json!({ "job": id, "phase": "aborting" })))
+}
+
+// ---- add-shard (with reference tables and rebalance) and drain ----
+
+#[derive(Deserialize)]
+struct AddShardReq {
+    name: String,
+    dsn: String,
+    #[serde(default)]
+    rebalance: bool,
+}
+
+/// A connection string with `dbname` set (key=value form, as libpq and
+/// pg_dump accept it).
+fn with_db(dsn: &str, db: &str) -> Result<String, JobError> {
+    let cfg: tokio_postgres::Config = dsn
+        .parse()
+        .map_err(|e| JobError::Other(format!("invalid DSN: {e}")))?;
+    let mut parts = Vec::new();
+    if let Some(tokio_postgres::config::Host::Tcp(h)) = cfg.get_hosts().first() {
+        parts.push(format!("host={h}"));
+    }
+    if let Some(p) = cfg.get_ports().first() {
+        parts.push(format!("port={p}"));
+    }
+    if let Some(u) = cfg.get_user() {
+        parts.push(format!("user={u}"));
+    }
+    if let Some(pw) = cfg.get_password() {
+        let pw = String::from_utf8_lossy(pw)
+            .replace('\\', "\\\\")
+            .replace('\'', "\\'");
+        parts.push(format!("password='{pw}'"));
+    }
+    parts.push(format!(
+        "dbname='{}'",
+        db.replace('\\', "\\\\").replace('\'', "\\'")
+    ));
+    Ok(parts.join(" "))
+}
+
+/// Creates the declared tables (sharded: empty; reference: schema) of
+/// every database of `from` on the new shard `to_dsn`, from `pg_dump
+/// --schema-only`; returns the databases that hold reference tables.
+async fn copy_schema(
+    snap: &RoutingSnapshot,
+    from_dsn: &str,
+    to_dsn: &str,
+) -> Result<Vec<(String, Vec<String>)>, JobError> {
+    let install = crate::localpg::PgInstall::find()
+        .map_err(|e| JobError::Other(format!("pg_dump is needed to copy the schema: {e}")))?;
+    let src = connect(from_dsn, "postgres").await?;
+    let dbs: Vec<String> = src
+        .query(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(|e| JobError::Other(format!("source: {e}")))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let declared: Vec<(String, bool)> = snap
+        .sharded_tables()
+        .map(|t| (t.name.clone(), false))
+        .chain(snap.reference_tables().map(|t| (t.to_string(), true)))
+        .collect();
+    let dst = connect(to_dsn, "postgres").await?;
+    let mut out = Vec::new();
+    for db in dbs {
+        let c = connect(from_dsn, &db).await?;
+        let mut tables = Vec::new();
+        let mut reference = Vec::new();
+        for (t, is_ref) in &declared {
+            let exists: bool = c
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[t])
+                .await
+                .map_err(|e| JobError::Other(format!("source: {e}")))?
+                .get(0);
+            if exists {
+                tables.push(t.clone());
+                if *is_ref {
+                    reference.push(t.clone());
+                }
+            }
+        }
+        if tables.is_empty() {
+            continue;
+        }
+        let has_db: bool = dst
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+                &[&db],
+            )
+            .await
+            .map_err(|e| JobError::Other(format!("new shard: {e}")))?
+            .get(0);
+        if !has_db {
+            dst.batch_execute(&format!("CREATE DATABASE \"{}\"", db.replace('"', "\"\"")))
+                .await
+                .map_err(|e| JobError::Other(format!("new shard: CREATE DATABASE {db}: {e}")))?;
+        }
+        let target = connect(to_dsn, &db).await?;
+        let mut missing = Vec::new();
+        for t in &tables {
+            let exists: bool = target
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[t])
+                .await
+                .map_err(|e| JobError::Other(format!("new shard: {e}")))?
+                .get(0);
+            if !exists {
+                missing.push(t.clone());
+            }
+        }
+        if !missing.is_empty() {
+            let mut cmd = tokio::process::Command::new(install.tool("pg_dump"));
+            cmd.arg("--schema-only")
+                .arg("--no-owner")
+                .arg("--no-privileges");
+            for t in &missing {
+                cmd.arg(format!("--table={t}"));
+            }
+            cmd.arg(format!("--dbname={}", with_db(from_dsn, &db)?));
+            let dump = cmd
+                .output()
+                .await
+                .map_err(|e| JobError::Other(format!("pg_dump: {e}")))?;
+            if !dump.status.success() {
+                return Err(JobError::Other(format!(
+                    "pg_dump of {missing:?} failed: {}",
+                    String::from_utf8_lossy(&dump.stderr)
+                )));
+            }
+            let sql = String::from_utf8_lossy(&dump.stdout)
+                .lines()
+                // psql meta-commands of recent pg_dump versions.
+                .filter(|l| !l.starts_with('\\'))
+                .collect::<Vec<_>>()
+                .join("\n");
+            target
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| JobError::Other(format!("new shard: creating {missing:?}: {e}")))?;
+        }
+        if !reference.is_empty() {
+            out.push((db, reference));
+        }
+    }
+    Ok(out)
+}
+
+/// Copies the rows of reference table `t` from `from` to the new shard
+/// while writers of the table are held off on the source: every write
+/// after it reaches the new shard too (it is in the routing table by now),
+/// every write before it is in the copy. A writer caught between the two
+/// servers makes the target's lock time out: then the copy is retried.
+async fn sync_reference(from_dsn: &str, to_dsn: &str, db: &str, t: &str) -> Result<u64, JobError> {
+    use futures_util::{SinkExt, StreamExt};
+    let q = t
+        .split('.')
+        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".");
+    let mut last = String::new();
+    for attempt in 0..20u64 {
+        let mut src = connect(from_dsn, db).await?;
+        let mut dst = connect(to_dsn, db).await?;
+        let r: Result<u64, String> = async {
+            let stx = src.transaction().await.map_err(|e| e.to_string())?;
+            stx.batch_execute(&format!("SET LOCAL lock_timeout = '2s'; LOCK TABLE {q} IN SHARE MODE"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let dtx = dst.transaction().await.map_err(|e| e.to_string())?;
+            dtx.batch_execute(&format!(
+                "SET LOCAL lock_timeout = '2s'; LOCK TABLE {q} IN ACCESS EXCLUSIVE MODE; TRUNCATE {q}"
+            ))
+            .await
+            .map_err(|e| e.to_string())?;
+            let out = stx
+                .copy_out(format!("COPY {q} TO STDOUT (FORMAT binary)").as_str())
+                .await
+                .map_err(|e| e.to_string())?;
+            let sink = dtx
+                .copy_in::<_, bytes::Bytes>(format!("COPY {q} FROM STDIN (FORMAT binary)").as_str())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut sink = std::pin::pin!(sink);
+            let mut out = std::pin::pin!(out);
+            while let Some(chunk) = out.next().await {
+                sink.send(chunk.map_err(|e| e.to_string())?)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            let n = sink.as_mut().finish().await.map_err(|e| e.to_string())?;
+            dtx.commit().await.map_err(|e| e.to_string())?;
+            stx.commit().await.map_err(|e| e.to_string())?;
+            Ok(n)
+        }
+        .await;
+        match r {
+            Ok(n) => return Ok(n),
+            Err(e) => {
+                last = e;
+                tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+            }
+        }
+    }
+    Err(JobError::Other(format!(
+        "reference table {t} (database {db}) could not be copied to the new shard: {last}"
+    )))
+}
+
+async fn add_shard(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(req): Json<AddShardReq>,
+) -> ApiResult {
+    authorize(&api, &headers)?;
+    let snap = api.snapshot()?;
+    let fail =
+        |e: JobError| ApiError::new(StatusCode::CONFLICT, format!("add-shard {}: {e}", req.name));
+    connect(&req.dsn, "postgres").await.map_err(fail)?;
+    let home_dsn = snap
+        .shard(snap.home_shard())
+        .map(|s| s.dsn.clone())
+        .ok_or_else(|| ApiError::bad("no home shard"))?;
+    // Schema first: once the shard is in the routing table, statements for
+    // all shards reach it.
+    let reference = copy_schema(&snap, &home_dsn, &req.dsn)
+        .await
+        .map_err(fail)?;
+    api.propose(CatalogCommand::AddShard {
+        shard: req.name.clone(),
+        dsn: hotrepart_routing_paxos::command::Dsn(req.dsn.clone()),
+    })
+    .await?;
+    let h = &api.node.catalog_handle;
+    h.await_all_applied(h.applied_index())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let mut copied = Vec::new();
+    for (db, tables) in &reference {
+        for t in tables {
+            let n = sync_reference(&home_dsn, &req.dsn, db, t)
+                .await
+                .map_err(fail)?;
+            copied.push(json!({ "database": db, "table": t, "rows": n }));
+        }
+    }
+    let jobs = if req.rebalance {
+        rebalance(&api, &req.name).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Json(
+        json!({ "shard": req.name, "reference_copied": copied, "jobs": jobs }),
+    ))
+}
+
+/// Starts jobs moving ranges onto `to` until it holds its share (splitting
+/// ranges of the busiest shard when there are fewer ranges than shards).
+async fn rebalance(api: &Api, to: &str) -> Result<Vec<String>, ApiError> {
+    let mut jobs = Vec::new();
+    for _ in 0..64 {
+        let snap = api.snapshot()?;
+        let shards = snap.shards().count();
+        let ranges = snap.ranges();
+        let count = |s: &str| {
+            ranges
+                .iter()
+                .filter(|r| r.write_owner.as_str() == s)
+                .count()
+        };
+        let share = ranges.len() / shards.max(1);
+        if count(to) + jobs.len() >= share.max(1) {
+            break;
+        }
+        // The busiest other shard's largest active range.
+        let busiest = snap
+            .shards()
+            .filter(|s| s.id.as_str() != to)
+            .max_by_key(|s| count(s.id.as_str()))
+            .map(|s| s.id.as_str().to_string())
+            .ok_or_else(|| ApiError::bad("no other shard"))?;
+        let Some(r) = ranges
+            .iter()
+            .filter(|r| r.write_owner.as_str() == busiest && r.status == RangeStatus::Active)
+            .max_by_key(|r| r.span().len())
+            .cloned()
+        else {
+            break;
+        };
+        if ranges.len() < shards {
+            let span = r.span();
+            let at = u64::try_from(u128::from(span.lo) + span.len() / 2)
+                .map_err(|_| ApiError::bad("range too small to split"))?;
+            api.propose(CatalogCommand::SplitRange { range: span, at })
+                .await?;
+            continue;
+        }
+        let job = format!("rebalance_{:x}_{:x}", r.lo, rand::random::<u32>());
+        api.propose(CatalogCommand::JobStart {
+            job: job.clone(),
+            spec: hotrepart_routing_paxos::JobSpec {
+                range: r.span(),
+                from: busiest,
+                to: to.to_string(),
+            },
+        })
+        .await?;
+        jobs.push(job);
+    }
+    Ok(jobs)
+}
+
+#[derive(Deserialize)]
+struct DrainReq {
+    shard: String,
+}
+
+/// Starts jobs moving every range of a shard to the others (fewest ranges
+/// first).
+async fn drain(State(api): State<Api>, headers: HeaderMap, Json(req): Json<DrainReq>) -> ApiResult {
+    authorize(&api, &headers)?;
+    let snap = api.snapshot()?;
+    if snap.home_shard().as_str() == req.shard {
+        return Err(ApiError::conflict(format!(
+            "shard {} is the home shard of undeclared tables; it cannot be drained",
+            req.shard
+        )));
+    }
+    let others: Vec<String> = snap
+        .shards()
+        .map(|s| s.id.as_str().to_string())
+        .filter(|s| *s != req.shard)
+        .collect();
+    if others.is_empty() || others.len() == snap.shards().count() {
+        return Err(ApiError::bad(format!(
+            "unknown shard {} or no other shard",
+            req.shard
+        )));
+    }
+    let mut counts: std::collections::BTreeMap<String, usize> = others
+        .iter()
+        .map(|s| {
+            let n = snap
+                .ranges()
+                .iter()
+                .filter(|r| r.write_owner.as_str() == s)
+                .count();
+            (s.clone(), n)
+        })
+        .collect();
+    let mut jobs = Vec::new();
+    for r in snap
+        .ranges()
+        .iter()
+        .filter(|r| r.write_owner.as_str() == req.shard)
+    {
+        if r.status != RangeStatus::Active {
+            continue; // moving already
+        }
+        let to = counts
+            .iter()
+            .min_by_key(|(_, n)| **n)
+            .map(|(s, _)| s.clone())
+            .unwrap_or_default();
+        *counts.entry(to.clone()).or_default() += 1;
+        let job = format!("drain_{:x}_{:x}", r.lo, rand::random::<u32>());
+        api.propose(CatalogCommand::JobStart {
+            job: job.clone(),
+            spec: hotrepart_routing_paxos::JobSpec {
+                range: r.span(),
+                from: req.shard.clone(),
+                to,
+            },
+        })
+        .await?;
+        jobs.push(job);
+    }
+    Ok(Json(json!({ "shard": req.shard, "jobs": jobs })))
 }

@@ -261,31 +261,68 @@ async fn move_and_split_under_load_through_three_nodes() {
     let c = ProcCluster::start(3, 2, TABLES, "lease_ms = 1000").await;
     setup(&c, 20_000).await;
     let pre: BTreeMap<i64, i32> = (1..=20_000).map(|i| (i, 1)).collect();
+    // A reference table, to be copied to the new shard.
+    let (ok, _, err) = c.proxyctl(0, &["table", "reference", "countries"]).await;
+    assert!(ok, "{err}");
+    let db = connect(&c.nodes[1].dsn()).await.unwrap();
+    db.batch_execute("CREATE TABLE countries (code text PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    db.batch_execute(
+        "INSERT INTO countries VALUES ('fr', 'France'), ('de', 'Germany'), ('jp', 'Japan')",
+    )
+    .await
+    .unwrap();
     let load = Load::start(&c, &[0, 1, 2]);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // Move s0's first range to s1.
-    let rs = ranges(&c, 0).await;
-    let lo = rs.iter().find(|r| r.2 == "s0").unwrap().0;
-    let id = start_job(&c, 1, &["reshard", "move", &lo.to_string(), "--to", "s1"]).await;
-    let j = wait_phase(
-        &c,
-        2,
-        &id,
-        &["done", "failed", "aborted"],
-        Duration::from_secs(90),
-    )
-    .await;
-    assert_eq!(j["phase"], serde_json::json!("done"), "{j}");
-    // A third shard; split a range of s1 and move its upper half there.
+    // A third shard, with rebalance: ranges move onto it.
     let d = c.dir.0.join("s2");
     let extra = tokio::task::spawn_blocking(move || start_pg(&d))
         .await
         .unwrap();
-    let (ok, _, err) = c.proxyctl(0, &["shard", "add", "s2", &extra.dsn()]).await;
-    assert!(ok, "{err}");
+    let (ok, out, err) = c
+        .proxyctl(
+            1,
+            &[
+                "--json",
+                "reshard",
+                "add-shard",
+                "s2",
+                "--dsn",
+                &extra.dsn(),
+                "--rebalance",
+            ],
+        )
+        .await;
+    assert!(ok, "add-shard: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let jobs: Vec<String> = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j.as_str().unwrap().to_string())
+        .collect();
+    assert!(!jobs.is_empty(), "rebalance started no job: {v}");
+    assert_eq!(
+        v["reference_copied"][0]["rows"],
+        serde_json::json!(3),
+        "{v}"
+    );
+    for id in &jobs {
+        let j = wait_phase(
+            &c,
+            2,
+            id,
+            &["done", "failed", "aborted"],
+            Duration::from_secs(120),
+        )
+        .await;
+        assert_eq!(j["phase"], serde_json::json!("done"), "{j}");
+    }
+    // Split a range of s0 and move its upper half to s1.
     let rs = ranges(&c, 0).await;
-    let lo = rs.iter().find(|r| r.2 == "s1").unwrap().0;
-    let id = start_job(&c, 2, &["reshard", "split", &lo.to_string(), "--to", "s2"]).await;
+    let lo = rs.iter().find(|r| r.2 == "s0").unwrap().0;
+    let id = start_job(&c, 2, &["reshard", "split", &lo.to_string(), "--to", "s1"]).await;
     let j = wait_phase(
         &c,
         0,
@@ -295,6 +332,14 @@ async fn move_and_split_under_load_through_three_nodes() {
     )
     .await;
     assert_eq!(j["phase"], serde_json::json!("done"), "{j}");
+    // The reference table reads the same from the new shard.
+    let s2 = connect(&extra.dsn()).await.unwrap();
+    let n: i64 = s2
+        .query_one("SELECT count(*) FROM countries", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (acked, errors, worst) = load.finish().await;
     eprintln!(

@@ -87,6 +87,23 @@ enum ReshardCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Add a shard: its schema and reference tables are copied; with
+    /// --rebalance, ranges move onto it until it holds its share.
+    AddShard {
+        name: String,
+        #[arg(long)]
+        dsn: String,
+        #[arg(long)]
+        rebalance: bool,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Move every range of a shard to the others.
+    Drain {
+        shard: String,
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -345,13 +362,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     )?,
                     wait,
                 ),
+                ReshardCmd::AddShard {
+                    name,
+                    dsn,
+                    rebalance,
+                    wait,
+                } => (
+                    api.call(
+                        "POST",
+                        "/v1/reshard/add-shard",
+                        Some(json!({ "name": name, "dsn": dsn, "rebalance": rebalance })),
+                    )?,
+                    wait,
+                ),
+                ReshardCmd::Drain { shard, wait } => (
+                    api.call("POST", "/v1/reshard/drain", Some(json!({ "shard": shard })))?,
+                    wait,
+                ),
             };
             if let (true, Some(id)) = (wait, v["job"].as_str()) {
                 return watch(&api, id);
             }
-            (v, |v: &Value| match v["job"].as_str() {
-                Some(id) => format!("job {id} started; follow it with `proxyctl jobs watch {id}`"),
-                None => format!("ok {v}"),
+            if let (true, Some(list)) = (wait, v["jobs"].as_array()) {
+                for id in list.iter().filter_map(|j| j.as_str()) {
+                    watch(&api, id)?;
+                }
+                return Ok(());
+            }
+            (v, |v: &Value| {
+                match (v["job"].as_str(), v["jobs"].as_array()) {
+                    (Some(id), _) => {
+                        format!("job {id} started; follow it with `proxyctl jobs watch {id}`")
+                    }
+                    (None, Some(list)) => format!(
+                        "{} job(s) started: {}; see `proxyctl jobs`",
+                        list.len(),
+                        list.iter().map(s).collect::<Vec<_>>().join(", ")
+                    ),
+                    _ => format!("ok {v}"),
+                }
             })
         }
         Cmd::Jobs { cmd } => match cmd.unwrap_or(JobsCmd::List) {
