@@ -177,11 +177,17 @@ impl Leases {
             .collect()
     }
 
-    /// Records that this node has applied `applied` entries at `now`.
+    /// Records that this node has applied `applied` entries at `now`. A
+    /// node that applied something pings at the next tick instead of
+    /// waiting for the renewal period: the ping carries the new applied
+    /// index, which is what `all_applied` waits for (a cut-over's freeze is
+    /// acknowledged within a round trip, not a renewal period). Renewing
+    /// early is always safe: a round's lease counts from its own start.
     pub fn set_applied(&mut self, now: u64, applied: usize) {
         if applied > self.applied {
             self.applied = applied;
             self.applied_at.push_back((applied, now));
+            self.last_ping = None;
             self.evaluate();
         }
     }
