@@ -42,6 +42,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RangeCmd,
     },
+    /// Verifying load generator: writes, updates and reads through the
+    /// nodes, then checks every acknowledged write through the nodes and on
+    /// every shard (exit status 2 when the check fails).
+    Loadtest(hotrepart_proxy::loadtest::Args),
     /// Fault injection for tests (the node must allow it).
     #[command(hide = true)]
     Debug {
@@ -229,6 +233,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 show_epoch,
             ),
         },
+        Cmd::Loadtest(args) => {
+            let mut out = std::io::stdout();
+            let ok =
+                hotrepart_proxy::loadtest::cli(args, &cli.admin, &cli.token, cli.json, &mut out)
+                    .map_err(|e| anyhow::anyhow!(e))?;
+            if !ok {
+                std::process::exit(2);
+            }
+            return Ok(());
+        }
         Cmd::Debug {
             cmd: DebugCmd::Partition { state },
         } => (
