@@ -213,7 +213,7 @@ impl Ledger {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Violation {
-    /// An acknowledged row is absent (`via`: `node`, `node point read`,
+    /// An acknowledged row is absent (`via`: `node`, `node N point read`,
     /// `reader`, `updater` or `shards`).
     Missing { id: i64, via: String },
     /// A row's version is outside what the acknowledged updates allow.
@@ -330,8 +330,11 @@ pub struct Checked {
 /// The outcome of a load test.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
-    /// No violation (client errors alone do not make a run fail).
+    /// No violation, and the check ran to its end (client errors alone do
+    /// not make a run fail).
     pub ok: bool,
+    /// Why the final check could not finish (`ok` is then false).
+    pub check_error: Option<String>,
     pub table: String,
     pub seconds: f64,
     pub writers: usize,
@@ -406,8 +409,15 @@ pub async fn run(opts: &Options) -> Result<Report, Error> {
         setup(opts).await?;
     }
     let load = load(opts).await?;
-    let (checked, violations) = check(opts, &load.ledger).await?;
-    Ok(report(opts, load, checked, violations))
+    // A check that cannot finish still yields the load's numbers.
+    let (checked, violations, error) = match check(opts, &load.ledger).await {
+        Ok((c, v)) => (c, v, None),
+        Err(e) => (Checked::default(), Vec::new(), Some(e.to_string())),
+    };
+    let mut r = report(opts, load, checked, violations);
+    r.ok &= error.is_none();
+    r.check_error = error;
+    Ok(r)
 }
 
 /// Turns a load and its check into the report.
@@ -469,6 +479,7 @@ pub fn report(
     all.truncate(KEEP_VIOLATIONS);
     Report {
         ok: violation_count == 0,
+        check_error: None,
         table: opts.table.clone(),
         seconds: load.seconds,
         writers: opts.writers,

@@ -170,31 +170,32 @@ pub async fn check(opts: &Options, ledger: &Ledger) -> Result<(Checked, Vec<Viol
             expected_max: max,
         });
     }
-    // Point reads exercise routing by key (the scan goes everywhere).
-    let st = bounded(
-        opts.op_timeout,
-        "prepare",
-        db.client
-            .prepare(&format!("SELECT version, payload FROM {t} WHERE id = $1")),
-    )
-    .await?;
+    drop(db);
+    // Point reads exercise routing by key (the scan goes everywhere), on
+    // every node in turn: a node routing by a stale table would miss rows.
+    let sql = format!("SELECT version, payload FROM {t} WHERE id = $1");
+    let mut nodes = Vec::new();
+    for i in 0..opts.nodes.len() {
+        let c = connect(opts, i).await?;
+        let st = bounded(opts.op_timeout, "prepare", c.client.prepare(&sql)).await?;
+        nodes.push((c, st));
+    }
     let step = (ledger.ids.len() / CHECK_POINT_READS).max(1);
-    for &id in ledger.ids.iter().step_by(step) {
-        let rows = bounded(opts.op_timeout, "point read", db.client.query(&st, &[&id])).await?;
+    for (k, &id) in ledger.ids.iter().step_by(step).enumerate() {
+        let (c, st) = &nodes[k % nodes.len()];
+        let via = format!("node {} point read", k % nodes.len() + 1);
+        let rows = bounded(opts.op_timeout, "point read", c.client.query(st, &[&id])).await?;
         checked.point_reads += 1;
         match rows.first() {
-            None => v.push(Violation::Missing {
-                id,
-                via: "node point read".into(),
-            }),
+            None => v.push(Violation::Missing { id, via }),
             Some(r) => {
                 let version: i32 = r.try_get(0).map_err(|e| sql_err("point read", e))?;
                 let p: String = r.try_get(1).map_err(|e| sql_err("point read", e))?;
-                expect_row(id, version, &p, "node point read", &mut v);
+                expect_row(id, version, &p, &via, &mut v);
             }
         }
     }
-    drop(db);
+    drop(nodes);
 
     // (2) Directly on every shard: placement and uniqueness.
     let mut owners: Vec<&str> = routing.ranges.iter().map(|r| r.2.as_str()).collect();

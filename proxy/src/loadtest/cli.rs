@@ -181,6 +181,9 @@ pub fn summary(r: &Report) -> String {
         "checked at epoch {}: {} rows via node (count {}), {} point reads, per shard {:?}\n",
         k.epoch, k.rows_via_node, k.count_via_node, k.point_reads, k.rows_per_shard
     ));
+    if let Some(e) = &r.check_error {
+        s.push_str(&format!("the check could not finish: {e}\n"));
+    }
     if r.violation_count > 0 {
         s.push_str(&format!("{} violation(s):\n", r.violation_count));
         for v in r.violations.iter().take(50) {
