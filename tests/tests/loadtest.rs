@@ -251,3 +251,53 @@ async fn proxyctl_loadtest_end_to_end() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unanswered_writes_are_uncertain_and_bounded_in_time() {
+    let s = setup().await;
+    let mut opts = options(&s, 4, 2, 1, 1);
+    opts.op_timeout = Duration::from_secs(1);
+    loadtest::setup(&opts).await.unwrap();
+    // Halfway through, shard 0 stops answering for the table: statements
+    // there wait on a lock until after the load.
+    let locker = s.c.direct(0).await;
+    let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let fault = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        locker
+            .batch_execute("BEGIN; LOCK TABLE hr_load IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let _ = locked_tx.send(());
+        let _ = release_rx.await;
+        locker.batch_execute("COMMIT").await.unwrap();
+    });
+    let started = std::time::Instant::now();
+    let load = loadtest::load(&opts).await.unwrap();
+    let elapsed = started.elapsed();
+    locked_rx.await.unwrap();
+    release_tx.send(()).unwrap();
+    fault.await.unwrap();
+    let (checked, violations) = loadtest::check(&opts, &load.ledger).await.unwrap();
+    let report = loadtest::report(&opts, load, checked, violations);
+    let text = loadtest::summary(&report);
+    eprintln!("{text}");
+    // Workers stop within the bound: the load's length plus 2 timeouts + 2 s.
+    assert!(elapsed < Duration::from_secs(4 + 4 + 1), "{elapsed:?}");
+    assert!(report.hung_workers.is_empty(), "{text}");
+    assert!(
+        report
+            .errors
+            .by_code
+            .keys()
+            .any(|k| k.ends_with(":timeout")),
+        "{text}"
+    );
+    assert!(report.counts.inserts_uncertain > 0, "{text}");
+    // Unanswered writes are not losses; the rows that were acknowledged are
+    // all there.
+    assert!(report.ok, "{text}");
+    // The stall shows in the per-second windows.
+    assert!(report.windows.iter().any(|w| w.max_us >= 900_000), "{text}");
+}
