@@ -361,8 +361,10 @@ pub struct Load {
     samples: Vec<Sample>,
     errors: Errors,
     hung_workers: Vec<String>,
-    /// Found by readers and updaters during the run.
+    /// Found by readers and updaters during the run (the first ones) and
+    /// how many there were.
     violations: Vec<Violation>,
+    violations_found: usize,
     seconds: f64,
     reads_ok: u64,
 }
@@ -427,6 +429,7 @@ pub fn report(
     checked: Checked,
     mut violations: Vec<Violation>,
 ) -> Report {
+    let violation_count = load.violations_found + violations.len();
     let mut all = load.violations;
     all.append(&mut violations);
     let mut per_op: BTreeMap<Op, (Vec<u32>, u64)> = BTreeMap::new();
@@ -475,7 +478,6 @@ pub fn report(
             }
         })
         .collect();
-    let violation_count = all.len();
     all.truncate(KEEP_VIOLATIONS);
     Report {
         ok: violation_count == 0,
@@ -596,7 +598,8 @@ struct Shared {
     stop: AtomicBool,
     ledger: Mutex<Ledger>,
     errors: Mutex<Errors>,
-    violations: Mutex<Vec<Violation>>,
+    /// The first violations found during the run, and their number.
+    violations: Mutex<(Vec<Violation>, usize)>,
     /// Progress of the current second: ops, errors, max latency (µs).
     sec_ops: AtomicU64,
     sec_errors: AtomicU64,
@@ -610,7 +613,10 @@ impl Shared {
     }
     fn violation(&self, v: Violation) {
         let mut g = self.violations.lock().unwrap_or_else(|p| p.into_inner());
-        g.push(v);
+        g.1 += 1;
+        if g.0.len() < KEEP_VIOLATIONS {
+            g.0.push(v);
+        }
     }
     fn error(&self, op: Op, f: &Failure) {
         let mut g = self.errors.lock().unwrap_or_else(|p| p.into_inner());
@@ -928,7 +934,7 @@ pub async fn load(opts: &Options) -> Result<Load, Error> {
         stop: AtomicBool::new(false),
         ledger: Mutex::new(Ledger::default()),
         errors: Mutex::new(Errors::default()),
-        violations: Mutex::new(Vec::new()),
+        violations: Mutex::new((Vec::new(), 0)),
         sec_ops: AtomicU64::new(0),
         sec_errors: AtomicU64::new(0),
         sec_max: AtomicU64::new(0),
@@ -1010,7 +1016,7 @@ pub async fn load(opts: &Options) -> Result<Load, Error> {
     let seconds = shared.start.elapsed().as_secs_f64();
     let ledger = std::mem::take(&mut *shared.lock_ledger());
     let errors = std::mem::take(&mut *shared.errors.lock().unwrap_or_else(|p| p.into_inner()));
-    let violations =
+    let (violations, violations_found) =
         std::mem::take(&mut *shared.violations.lock().unwrap_or_else(|p| p.into_inner()));
     Ok(Load {
         ledger,
@@ -1018,6 +1024,7 @@ pub async fn load(opts: &Options) -> Result<Load, Error> {
         errors,
         hung_workers: hung,
         violations,
+        violations_found,
         seconds,
         reads_ok: shared.reads_ok.load(Ordering::Relaxed),
     })
