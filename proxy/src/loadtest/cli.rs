@@ -10,12 +10,13 @@ use std::time::Duration;
 pub struct Args {
     /// Client DSN of a hotrepart node (repeatable; workers are spread
     /// round-robin over the nodes).
-    #[arg(long = "node", required = true)]
+    #[arg(long = "node", value_name = "DSN", required = true)]
     pub nodes: Vec<String>,
     /// NAME=DSN of a shard, for the final check directly on the shards
     /// (repeatable; every shard that owns a range is needed).
-    #[arg(long = "shard", value_parser = parse_shard)]
+    #[arg(long = "shard", value_name = "NAME=DSN", value_parser = parse_shard)]
     pub shards: Vec<(String, String)>,
+    /// Table to load (`id bigint PRIMARY KEY, version int, payload text`).
     #[arg(long, default_value = "hr_load")]
     pub table: String,
     /// Declare the table sharded (unless it is), create it, empty it.
