@@ -118,10 +118,19 @@ pub enum Error {
     Timeout(String),
 }
 
-fn sql_err(what: impl Into<String>, e: impl std::fmt::Display) -> Error {
+fn sql_err(what: impl Into<String>, e: tokio_postgres::Error) -> Error {
     Error::Sql {
         what: what.into(),
-        msg: e.to_string(),
+        msg: pg_message(&e),
+    }
+}
+
+/// A PostgreSQL error as `SQLSTATE: message` (tokio-postgres' own text is
+/// only "db error").
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
     }
 }
 
@@ -390,12 +399,22 @@ pub async fn setup(opts: &Options) -> Result<(), Error> {
     let ddl = format!(
         "CREATE TABLE IF NOT EXISTS {t} (id bigint PRIMARY KEY, version int NOT NULL, payload text NOT NULL)"
     );
-    bounded(
-        opts.op_timeout,
-        "CREATE TABLE",
-        db.client.batch_execute(&ddl),
-    )
-    .await?;
+    // A node that just started (or just declared the table) may still be
+    // waiting for its routing lease (57P03): retry for a while.
+    let deadline = Instant::now() + opts.op_timeout * 3;
+    loop {
+        match tokio::time::timeout(opts.op_timeout, db.client.batch_execute(&ddl)).await {
+            Ok(Ok(())) => break,
+            Ok(Err(e))
+                if e.code() == Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW)
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(Err(e)) => return Err(sql_err("CREATE TABLE", e)),
+            Err(_) => return Err(Error::Timeout("CREATE TABLE".into())),
+        }
+    }
     bounded(
         opts.op_timeout * 6,
         "TRUNCATE",
@@ -533,10 +552,10 @@ async fn connect(opts: &Options, i: usize) -> Result<Conn, Error> {
     connect_dsn(dsn, opts.op_timeout, &format!("node {}", i % n + 1)).await
 }
 
-async fn bounded<T, E: std::fmt::Display>(
+async fn bounded<T>(
     limit: Duration,
     what: &str,
-    f: impl std::future::Future<Output = Result<T, E>>,
+    f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, Error> {
     tokio::time::timeout(limit, f)
         .await
@@ -583,10 +602,7 @@ impl Failure {
     }
     fn message(&self) -> String {
         match self {
-            Failure::Sql(e) => match e.as_db_error() {
-                Some(db) => format!("{}: {}", db.code().code(), db.message()),
-                None => e.to_string(),
-            },
+            Failure::Sql(e) => pg_message(e),
             Failure::Timeout => "no answer within the operation timeout".into(),
         }
     }

@@ -186,11 +186,16 @@ async fn check_finds_a_missing_row_and_a_row_on_the_wrong_shard() {
 async fn proxyctl_loadtest_end_to_end() {
     let c = ProcCluster::start(2, 2, "", "").await;
     for i in 0..2 {
-        wait_for("a ready catalog", Duration::from_secs(30), || async {
-            c.status(i)
-                .await
-                .is_some_and(|s| s["ready"] == serde_json::json!(true))
-        })
+        wait_for(
+            "a ready catalog and a valid lease",
+            Duration::from_secs(30),
+            || async {
+                c.status(i).await.is_some_and(|s| {
+                    s["ready"] == serde_json::json!(true)
+                        && s["lease_valid"] == serde_json::json!(true)
+                })
+            },
+        )
         .await;
     }
     let (n0, n1) = (c.nodes[0].dsn(), c.nodes[1].dsn());
