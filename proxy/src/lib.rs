@@ -12,7 +12,9 @@
 //! handshake), [`cluster`] (the replicated catalog the node follows),
 //! [`admin`] (the HTTP admin API `proxyctl` talks to), [`localpg`] and
 //! [`demo`] (local PostgreSQL servers), [`reshard`] (the data-movement
-//! engine of `proxyctl reshard`).
+//! engine of `proxyctl reshard`), [`jobs`] (reshard jobs run by the leader),
+//! [`loadtest`] (the verifying load
+//! generator of `proxyctl loadtest`).
 #![deny(clippy::print_stdout)]
 
 pub mod admin;
@@ -25,6 +27,7 @@ pub mod demo;
 pub mod explain;
 pub mod functions;
 pub mod jobs;
+pub mod loadtest;
 pub mod localpg;
 pub mod merge;
 pub mod multi;

@@ -57,6 +57,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: Option<JobsCmd>,
     },
+    /// Verifying load generator: writes, updates and reads through the
+    /// nodes, then checks every acknowledged write through the nodes and on
+    /// every shard (exit status 2 when the check fails).
+    Loadtest(hotrepart_proxy::loadtest::Args),
     /// Fault injection for tests (the node must allow it).
     #[command(hide = true)]
     Debug {
@@ -411,6 +415,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 |v| format!("job {} is aborting", s(&v["job"])),
             ),
         },
+        Cmd::Loadtest(args) => {
+            let mut out = std::io::stdout();
+            let ok =
+                hotrepart_proxy::loadtest::cli(args, &cli.admin, &cli.token, cli.json, &mut out)
+                    .map_err(|e| anyhow::anyhow!(e))?;
+            if !ok {
+                std::process::exit(2);
+            }
+            return Ok(());
+        }
         Cmd::Debug {
             cmd: DebugCmd::Partition { state },
         } => (
