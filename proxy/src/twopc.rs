@@ -241,7 +241,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<(), Refusal> {
     let node = s.node.clone();
     let name = |t: usize| node.shard_name(t);
-    let gid = new_gid(node.cfg.node_id);
+    let gid = new_gid(node.cfg.effective_node_id());
     let prepare = format!("PREPARE TRANSACTION '{gid}'");
 
     // Phase 1, on every written shard at once. Only a backend known to be
