@@ -320,4 +320,10 @@ async fn the_leader_finishes_in_doubt_transactions_by_the_replicated_decision() 
     for i in 0..3 {
         assert_eq!(status(&c, i).await["epoch"].as_u64(), Some(epoch0));
     }
+    // The nodes' files agree with the catalog they seeded: no warning.
+    let logs = c.logs();
+    assert!(
+        !logs.contains("differ from the replicated catalog"),
+        "spurious seed warning:\n{logs}"
+    );
 }
