@@ -14,11 +14,11 @@ deploy/setup.sh >/dev/null
 mkdir -p bench/out
 stamp=$(date -u +%Y%m%d-%H%M%S)
 out=bench/out/catalog-$stamp.json
-log=bench/out/catalog-$stamp.log
+log=bench/out/catalog-$stamp.txt
 { date -u; uptime; nproc; } > "$log"
 cargo build -q --release -p hotrepart-proxy --bins
 # One test at a time: they would compete for the same cores.
 cargo test -q --release -p hotrepart-tests --test cluster_bench -- --ignored --nocapture --test-threads=1 2>&1 \
-  | tee -a "$log" | tee /dev/stderr | sed -n 's/^\(CATALOG\|TWOPC\)-BENCH //p' > "$out"
+  | tee -a "$log" | tee /dev/stderr | sed -n 's/^.*\(CATALOG\|TWOPC\)-BENCH //p' > "$out"
 uptime >> "$log"
 echo "wrote $out (log: $log):"; cat "$out"
