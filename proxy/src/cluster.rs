@@ -103,13 +103,36 @@ pub async fn start_catalog(cfg: &Config) -> anyhow::Result<CatalogHandle> {
 /// Publishes the current one before returning.
 pub fn follow(node: Arc<Node>, catalog: CatalogHandle) {
     let mut rx = catalog.subscribe();
-    publish_current(&node, &rx.borrow_and_update());
+    let first = rx.borrow_and_update().clone();
+    publish_current(&node, &first);
+    let mut compared = compare_with_file(&node, &first);
     tokio::spawn(async move {
         while rx.changed().await.is_ok() {
             let c = rx.borrow_and_update().clone();
             publish_current(&node, &c);
+            if !compared {
+                compared = compare_with_file(&node, &c);
+            }
         }
     });
+}
+
+/// Once the catalog has a routing table: warns when the configuration
+/// file's shards, tables or ranges differ from it (the catalog wins; the
+/// file only seeded a new cluster). Returns whether the comparison was made.
+fn compare_with_file(node: &Node, c: &hotrepart_routing_paxos::Catalog) -> bool {
+    let Some(snap) = c.snapshot() else {
+        return false;
+    };
+    // Without the modules: the seed compares the tables' function ids.
+    let file = node.cfg.snapshot().map(|s| seed_of(&s));
+    if file.as_ref().ok() != Some(&seed_of(snap)) {
+        tracing::warn!(
+            epoch = snap.epoch(),
+            "the configuration file's shards, tables or ranges differ from the replicated catalog; the catalog is used (the file only seeds a new cluster: change the catalog with proxyctl)"
+        );
+    }
+    true
 }
 
 fn publish_current(node: &Node, c: &hotrepart_routing_paxos::Catalog) {

@@ -697,4 +697,20 @@ mod example_tests {
         let text = include_str!("../../deploy/hotrepart.example.toml");
         super::Config::from_toml(text).expect("deploy/hotrepart.example.toml must stay valid");
     }
+
+    #[test]
+    fn cluster_example_configs_are_valid() {
+        for (name, text) in [
+            ("node1", include_str!("../../deploy/cluster/node1.toml")),
+            ("node2", include_str!("../../deploy/cluster/node2.toml")),
+            ("node3", include_str!("../../deploy/cluster/node3.toml")),
+        ] {
+            let c = super::Config::from_toml(text)
+                .unwrap_or_else(|e| panic!("deploy/cluster/{name}.toml: {e}"));
+            let cl = c.cluster.as_ref().expect("[cluster]");
+            assert_eq!(format!("node{}", cl.node_id), name);
+            assert_eq!(cl.peers.len(), 2, "{name}");
+            assert!(c.admin.is_some(), "{name}: [admin]");
+        }
+    }
 }

@@ -24,13 +24,15 @@
 //!   decision is rolled back (the resolver records `false` first, so a late
 //!   coordinator cannot commit it afterwards).
 //!
-//! Crash safety needs a decision log that survives the node: [`LocalDecisions`]
-//! (the default) keeps decisions in memory only. With it, a node that
-//! crashes after recording `commit` but before every COMMIT PREPARED loses
-//! the decision, and its resolver (after a restart) rolls back the shards
-//! that had not committed yet — the transaction is then half committed. The
-//! Paxos-replicated catalog (`CatalogCommand::TxDecision`) closes that gap
-//! once it is plugged in as the node's `DecisionLog`.
+//! Crash safety needs a decision log that survives the node. The node's is
+//! `cluster::CatalogDecisions` (`CatalogCommand::TxDecision` entries in the
+//! catalog): in a cluster a decision is on a quorum's disk before any
+//! COMMIT PREPARED and every node sees it, so the leader's resolver
+//! finishes whatever a crashed coordinator left (`tests/cluster_twopc.rs`).
+//! [`LocalDecisions`] (in memory, for tests) and a node alone without
+//! `data_dir` lose decisions at exit: a crash between the first and the
+//! last COMMIT PREPARED then leaves the transaction half committed (the
+//! resolver rolls back the shards not yet committed).
 
 use crate::backend::{BackendConn, BackendTarget, HiddenQueryError};
 use crate::node::Node;
@@ -241,7 +243,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<(), Refusal> {
     let node = s.node.clone();
     let name = |t: usize| node.shard_name(t);
-    let gid = new_gid(node.cfg.node_id);
+    let gid = new_gid(node.cfg.effective_node_id());
     let prepare = format!("PREPARE TRANSACTION '{gid}'");
 
     // Phase 1, on every written shard at once. Only a backend known to be

@@ -60,13 +60,15 @@
 //! * Log compaction with catalog snapshots (omnipaxos trimming): a
 //!   restarted replica replays the whole log, and the journal file holds
 //!   the whole log (compaction of the file only drops superseded records).
-//! * Forwarding of admin requests, the HTTP admin API, `proxyctl` commands.
+//! * Forwarding of admin requests between nodes: not needed — the HTTP
+//!   admin API (proxy) proposes on the node it reached, and omnipaxos
+//!   forwards a follower's proposal to the leader.
 //! * Membership changes (omnipaxos reconfiguration): the peer set is fixed
 //!   by the settings at start.
 //! * Encryption of the node-to-node links (they are authenticated, not
 //!   encrypted: shard DSNs travel in clear text).
-//! * The 2PC coordinator and the resolver of in-doubt transactions (the
-//!   decisions are in the log already; forgetting old decisions is not).
+//! * Forgetting old 2PC decisions and finished reshard jobs (the
+//!   coordinator, the resolver and the job runner live in the proxy).
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 #![warn(missing_docs)]

@@ -63,6 +63,13 @@ pub struct ProcNode {
 impl ProcNode {
     /// Starts (or restarts) the process; returns once it accepts clients.
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// Like [`ProcNode::start`], with extra environment variables for this
+    /// run of the process only (e.g. `HOTREPART_FAILPOINT`). The test's own
+    /// `HOTREPART_FAILPOINT` is never inherited.
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "node {} already running", self.id);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -74,6 +81,8 @@ impl ProcNode {
             .arg("--config")
             .arg(&self.config)
             .env("HOTREPART_LOG", "info,hotrepart_routing_paxos=debug")
+            .env_remove("HOTREPART_FAILPOINT")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -108,6 +117,19 @@ impl ProcNode {
 
     pub fn running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// Whether the process has exited on its own (a failpoint's abort);
+    /// reaps it. A node killed with [`ProcNode::kill9`] is not running.
+    pub fn exited(&mut self) -> bool {
+        let gone = self
+            .child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+        if gone {
+            self.child = None;
+        }
+        gone
     }
 
     /// Client DSN (user `app`).
@@ -145,6 +167,20 @@ impl ProcCluster {
         tail: &str,
         cluster_extra: &str,
     ) -> ProcCluster {
+        ProcCluster::start_with(nodes, shards, "", tail, cluster_extra).await
+    }
+
+    /// As [`ProcCluster::start`], with `head`: top-level keys (e.g.
+    /// `twopc_grace_ms = 500`) written before the first table of every
+    /// node's file. (Keys in `tail` land in the last table written before
+    /// it, so top-level keys cannot go there.)
+    pub async fn start_with(
+        nodes: usize,
+        shards: usize,
+        head: &str,
+        tail: &str,
+        cluster_extra: &str,
+    ) -> ProcCluster {
         let dir = TestDir::new("procs");
         let d = dir.0.clone();
         let pgs = tokio::task::spawn_blocking(move || {
@@ -166,7 +202,7 @@ impl ProcCluster {
         let mut list = Vec::new();
         for (i, &(port, peer_port, admin_port)) in ports.iter().enumerate() {
             let id = i as u64 + 1;
-            let mut toml = format!("listen = \"127.0.0.1:{port}\"\npool_size = 8\n");
+            let mut toml = format!("listen = \"127.0.0.1:{port}\"\npool_size = 8\n{head}\n");
             for (j, s) in pgs.iter().enumerate() {
                 toml.push_str(&format!(
                     "[[shards]]\nname = \"s{j}\"\ndsn = \"{}\"\n",

@@ -1,0 +1,329 @@
+//! Two-phase commit with the decisions in the replicated catalog, across
+//! real `hotrepart serve` processes: 3 nodes, 2 PostgreSQL shards. A node
+//! started with `HOTREPART_FAILPOINT` aborts in the middle of a commit; the
+//! cluster's leader (another node) finishes the in-doubt transaction by the
+//! decision in the log — commit when one was recorded, rollback when none
+//! was — and leaves no prepared transaction behind. A normal multi-shard
+//! commit records one decision (a log entry) and leaves the epoch alone.
+#![allow(clippy::unwrap_used)]
+
+use hotrepart_router::hash::hashint8extended;
+use hotrepart_tests::procs::ProcCluster;
+use hotrepart_tests::*;
+use std::time::{Duration, Instant};
+
+/// Top-level keys: a prepared transaction is in doubt after 3 s (long
+/// enough to see it prepared after the crash, short enough for the test),
+/// and the resolver looks every 100 ms.
+const HEAD: &str = "twopc_grace_ms = 3000\ntwopc_resolver_interval_ms = 100\n";
+const TABLES: &str = "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n";
+/// How long the resolver may take once the grace period is over.
+const RESOLVE_BOUND: Duration = Duration::from_secs(20);
+
+/// `proxyctl --json status` of node `i`, retried until it answers.
+async fn status(c: &ProcCluster, i: usize) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = c.status(i).await {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "node {} does not answer status; logs:\n{}",
+            i + 1,
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Log entries applied on node `i`.
+async fn applied(c: &ProcCluster, i: usize) -> u64 {
+    status(c, i).await["cluster"]["applied"].as_u64().unwrap()
+}
+
+/// Waits until node `i` has the catalog and a valid lease (it routes).
+async fn routes(c: &ProcCluster, i: usize) {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = c.status(i).await {
+            if s["ready"] == serde_json::json!(true) && s["lease_valid"] == serde_json::json!(true)
+            {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node {} does not route; logs:\n{}",
+            i + 1,
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The leader as node `i` sees it, waiting for one.
+async fn leader(c: &ProcCluster, i: usize) -> u64 {
+    let start = Instant::now();
+    loop {
+        if let Some(l) = c.leader(i).await {
+            return l;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no leader; logs:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `n` keys owned by each shard: (keys on s0, keys on s1).
+async fn keys(c: &ProcCluster, n: usize) -> (Vec<i64>, Vec<i64>) {
+    let (ok, out, err) = c.proxyctl(0, &["--json", "range", "list"]).await;
+    assert!(ok, "range list: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ranges: Vec<(u64, Option<u64>, String)> = v["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["lo"].as_u64().unwrap(),
+                r["hi"].as_u64(),
+                r["write_owner"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let owner = |id: i64| {
+        let p = hashint8extended(id, 0);
+        ranges
+            .iter()
+            .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
+            .unwrap()
+            .2
+            .clone()
+    };
+    let pick = |s: &str| {
+        (1..100_000i64)
+            .filter(|&k| owner(k) == s)
+            .take(n)
+            .collect::<Vec<_>>()
+    };
+    (pick("s0"), pick("s1"))
+}
+
+/// The `hr_` transactions prepared on each shard.
+async fn prepared(c: &ProcCluster) -> Vec<Vec<String>> {
+    let mut all = Vec::new();
+    for s in &c.shards {
+        let db = connect(&s.dsn()).await.unwrap();
+        all.push(
+            db.query(
+                "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'hr\\_%' ORDER BY gid",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+        );
+    }
+    all
+}
+
+/// Whether row `id` is committed on shard `i` (read directly).
+async fn on_shard(c: &ProcCluster, i: usize, id: i64) -> bool {
+    let db = connect(&c.shards[i].dsn()).await.unwrap();
+    db.query_opt("SELECT 1 FROM items WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .is_some()
+}
+
+/// A transaction through node `i` writing `a` (on s0) and `b` (on s1).
+async fn two_shard_tx(c: &ProcCluster, i: usize, a: i64, b: i64) -> Result<(), String> {
+    let db = connect(&c.nodes[i].dsn())
+        .await
+        .map_err(|e| e.to_string())?;
+    db.batch_execute(&format!(
+        "BEGIN; INSERT INTO items (id, v) VALUES ({a}, 'a')"
+    ))
+    .await
+    .map_err(|e| e.to_string())?;
+    db.batch_execute(&format!("INSERT INTO items (id, v) VALUES ({b}, 'b')"))
+        .await
+        .map_err(|e| e.to_string())?;
+    db.batch_execute("COMMIT").await.map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_finishes_in_doubt_transactions_by_the_replicated_decision() {
+    let mut c = ProcCluster::start_with(3, 2, HEAD, TABLES, "").await;
+    for i in 0..3 {
+        routes(&c, i).await;
+    }
+    let db = connect(&c.nodes[0].dsn()).await.unwrap();
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let (k0, k1) = keys(&c, 8).await;
+
+    // A normal multi-shard transaction through a follower: committed on
+    // both shards, with exactly one new log entry (its decision) on every
+    // node, and the same epoch (a decision is not a routing change).
+    let l = leader(&c, 0).await;
+    let f = (0..3).find(|&i| i as u64 + 1 != l).unwrap();
+    let epoch0 = status(&c, f).await["epoch"].as_u64().unwrap();
+    let before = applied(&c, f).await;
+    two_shard_tx(&c, f, k0[0], k1[0]).await.unwrap();
+    assert!(on_shard(&c, 0, k0[0]).await && on_shard(&c, 1, k1[0]).await);
+    assert_eq!(prepared(&c).await, vec![Vec::<String>::new(); 2]);
+    let after = applied(&c, f).await;
+    assert_eq!(after, before + 1, "one decision entry in the log");
+    for i in 0..3 {
+        let cr = &c;
+        wait_for(
+            "every node to apply the decision",
+            Duration::from_secs(10),
+            || async move { applied(cr, i).await >= after },
+        )
+        .await;
+        assert_eq!(status(&c, i).await["epoch"].as_u64(), Some(epoch0));
+    }
+    // A one-shard transaction commits without a decision.
+    let db_f = connect(&c.nodes[f].dsn()).await.unwrap();
+    db_f.batch_execute(&format!(
+        "BEGIN; INSERT INTO items (id, v) VALUES ({}, 'x'); INSERT INTO items (id, v) VALUES ({}, 'y'); COMMIT",
+        k0[1], k0[2]
+    ))
+    .await
+    .unwrap();
+    assert_eq!(applied(&c, f).await, after, "no log entry for one shard");
+    // The same through the leader.
+    let li = (l - 1) as usize;
+    let before = applied(&c, li).await;
+    two_shard_tx(&c, li, k0[3], k1[3]).await.unwrap();
+    assert!(on_shard(&c, 0, k0[3]).await && on_shard(&c, 1, k1[3]).await);
+    assert_eq!(applied(&c, li).await, before + 1);
+
+    // The crashes: (failpoint, committed in the end?, shards with a
+    // prepared transaction right after the crash).
+    let cases = [
+        ("twopc_after_decision", true, 2),
+        ("twopc_after_first_commit", true, 1),
+        ("twopc_after_prepare", false, 2),
+    ];
+    for (n, &(fp, commit, in_doubt)) in cases.iter().enumerate() {
+        let (a, b) = (k0[4 + n], k1[4 + n]);
+        // Node A: not the leader, restarted with the failpoint.
+        let l = leader(&c, 0).await;
+        let ai = (0..3).find(|&i| i as u64 + 1 != l).unwrap();
+        let a_id = ai as u64 + 1;
+        tokio::task::block_in_place(|| {
+            c.nodes[ai].kill9();
+            c.nodes[ai].start_with_env(&[("HOTREPART_FAILPOINT", fp)]);
+        });
+        routes(&c, ai).await;
+        let r = two_shard_tx(&c, ai, a, b).await;
+        assert!(r.is_err(), "{fp}: the COMMIT through node {a_id} succeeded");
+        let start = Instant::now();
+        while !c.nodes[ai].exited() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{fp}: node {a_id} did not abort"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let crashed = Instant::now();
+        // In doubt now: prepared under node A's gid (the grace period has
+        // not passed yet).
+        let p = prepared(&c).await;
+        let gids: Vec<String> = p.iter().flatten().cloned().collect();
+        assert_eq!(
+            gids.len(),
+            in_doubt,
+            "{fp}: prepared after the crash: {p:?}"
+        );
+        assert!(
+            gids.iter().all(|g| g.starts_with(&format!("hr_{a_id}_"))),
+            "{fp}: {gids:?}"
+        );
+        if in_doubt == 1 {
+            // One shard committed already, the other is prepared.
+            let committed = [on_shard(&c, 0, a).await, on_shard(&c, 1, b).await];
+            assert_eq!(
+                committed.iter().filter(|&&x| x).count(),
+                1,
+                "{fp}: {committed:?}"
+            );
+        }
+        // The leader (another node) finishes it by the log's decision.
+        let start = Instant::now();
+        loop {
+            let p = prepared(&c).await;
+            if p.iter().all(Vec::is_empty) {
+                break;
+            }
+            assert!(
+                start.elapsed() < RESOLVE_BOUND,
+                "{fp}: still prepared after {:?}: {p:?}; logs:\n{}",
+                start.elapsed(),
+                c.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // ...finished by another node's resolver (the leader's).
+        let by: Vec<u64> = c
+            .nodes
+            .iter()
+            .filter(|n| {
+                let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+                log.lines().any(|l| {
+                    l.contains("finished an in-doubt transaction") && l.contains(gids[0].as_str())
+                })
+            })
+            .map(|n| n.id)
+            .collect();
+        assert!(
+            !by.is_empty() && !by.contains(&a_id),
+            "{fp}: {} finished by nodes {by:?}",
+            gids[0]
+        );
+        eprintln!(
+            "{fp}: node {a_id} crashed (leader {l}); node(s) {by:?} resolved it {:?} after the crash (grace 3 s)",
+            crashed.elapsed()
+        );
+        assert_eq!(
+            [on_shard(&c, 0, a).await, on_shard(&c, 1, b).await],
+            [commit, commit],
+            "{fp}: rows after resolution"
+        );
+        // Through the cluster too.
+        let other = (0..3).find(|&i| i != ai).unwrap();
+        let db = connect(&c.nodes[other].dsn()).await.unwrap();
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM items WHERE id = ANY($1)",
+                &[&vec![a, b]],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, if commit { 2 } else { 0 }, "{fp}");
+        // A comes back without the failpoint.
+        tokio::task::block_in_place(|| c.nodes[ai].start());
+        routes(&c, ai).await;
+    }
+    // Epoch untouched by all of it.
+    for i in 0..3 {
+        assert_eq!(status(&c, i).await["epoch"].as_u64(), Some(epoch0));
+    }
+    // The nodes' files agree with the catalog they seeded: no warning.
+    let logs = c.logs();
+    assert!(
+        !logs.contains("differ from the replicated catalog"),
+        "spurious seed warning:\n{logs}"
+    );
+}
