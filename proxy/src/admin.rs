@@ -486,19 +486,35 @@ async fn split_range(
     Json(req): Json<SplitRange>,
 ) -> ApiResult {
     authorize(&api, &headers)?;
-    let r = api.range_at(req.lo)?;
-    let span = r.span();
-    let at = match req.at {
+    let (_, _, a) = split(&api, req.lo, req.at).await?;
+    Ok(Json(epoch_json(&a)))
+}
+
+/// The middle of `span` (the first point of its upper half).
+pub(crate) fn midpoint(span: hotrepart_router::catalog::Span) -> Result<u64, ApiError> {
+    u64::try_from(u128::from(span.lo) + span.len() / 2)
+        .map_err(|_| ApiError::bad("range too small to split"))
+}
+
+/// Splits the range starting at `lo` at `at` (default: its middle);
+/// returns the range as it was, the split point and what was applied.
+pub(crate) async fn split(
+    api: &Api,
+    lo: u64,
+    at: Option<u64>,
+) -> Result<(KeyRange, u64, Applied), ApiError> {
+    let r = api.range_at(lo)?;
+    let at = match at {
         Some(at) => at,
-        None => {
-            let mid = u128::from(span.lo) + span.len() / 2;
-            u64::try_from(mid).map_err(|_| ApiError::bad("range too small to split"))?
-        }
+        None => midpoint(r.span())?,
     };
     let a = api
-        .propose(CatalogCommand::SplitRange { range: span, at })
+        .propose(CatalogCommand::SplitRange {
+            range: r.span(),
+            at,
+        })
         .await?;
-    Ok(Json(epoch_json(&a)))
+    Ok((r, at, a))
 }
 
 #[derive(Deserialize)]
@@ -654,7 +670,11 @@ fn quote_table(t: &str) -> String {
     t.split('.').map(quote_ident).collect::<Vec<_>>().join(".")
 }
 
-async fn connect(dsn: &str, dbname: Option<&str>) -> Result<tokio_postgres::Client, String> {
+/// A connection for admin work (not pooled), to `dbname` or the DSN's.
+pub(crate) async fn connect(
+    dsn: &str,
+    dbname: Option<&str>,
+) -> Result<tokio_postgres::Client, String> {
     let mut cfg: tokio_postgres::Config = dsn.parse().map_err(|e| format!("invalid DSN: {e}"))?;
     if let Some(db) = dbname {
         cfg.dbname(db);

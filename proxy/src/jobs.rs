@@ -532,17 +532,9 @@ async fn wait_open_transactions(spec: &MoveSpec) -> Result<(), JobError> {
 }
 
 async fn connect(dsn: &str, db: &str) -> Result<tokio_postgres::Client, JobError> {
-    let mut cfg: tokio_postgres::Config = dsn
-        .parse()
-        .map_err(|e| JobError::Other(format!("invalid DSN: {e}")))?;
-    cfg.dbname(db);
-    cfg.connect_timeout(Duration::from_secs(10));
-    let (c, conn) = cfg
-        .connect(tokio_postgres::NoTls)
+    crate::admin::connect(dsn, Some(db))
         .await
-        .map_err(|e| JobError::Other(format!("cannot connect: {e}")))?;
-    tokio::spawn(conn);
-    Ok(c)
+        .map_err(JobError::Other)
 }
 
 /// The engine's work for job `id`: one MoveSpec per database of the source

@@ -271,6 +271,25 @@ impl ProcCluster {
         serde_json::from_str(&out).ok()
     }
 
+    /// Key ranges as node `i` lists them: (lo, hi, write owner).
+    pub async fn ranges(&self, i: usize) -> Vec<(u64, Option<u64>, String)> {
+        let (ok, out, err) = self.proxyctl(i, &["--json", "range", "list"]).await;
+        assert!(ok, "range list: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["ranges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["lo"].as_u64().unwrap(),
+                    r["hi"].as_u64(),
+                    r["write_owner"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
     /// The leader as node `i` sees it.
     pub async fn leader(&self, i: usize) -> Option<u64> {
         self.status(i).await?["cluster"]["leader"].as_u64()

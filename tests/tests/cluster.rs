@@ -16,21 +16,7 @@ const TABLES: &str = "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype =
 
 /// Ranges as (lo, hi, write owner) from `proxyctl --json range list`.
 async fn ranges(c: &ProcCluster, i: usize) -> Vec<(u64, Option<u64>, String)> {
-    let (ok, out, err) = c.proxyctl(i, &["--json", "range", "list"]).await;
-    assert!(ok, "range list: {err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["ranges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["lo"].as_u64().unwrap(),
-                r["hi"].as_u64(),
-                r["write_owner"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    c.ranges(i).await
 }
 
 async fn epoch(c: &ProcCluster, i: usize) -> Option<u64> {

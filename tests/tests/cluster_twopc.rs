@@ -80,21 +80,7 @@ async fn leader(c: &ProcCluster, i: usize) -> u64 {
 
 /// `n` keys owned by each shard: (keys on s0, keys on s1).
 async fn keys(c: &ProcCluster, n: usize) -> (Vec<i64>, Vec<i64>) {
-    let (ok, out, err) = c.proxyctl(0, &["--json", "range", "list"]).await;
-    assert!(ok, "range list: {err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let ranges: Vec<(u64, Option<u64>, String)> = v["ranges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["lo"].as_u64().unwrap(),
-                r["hi"].as_u64(),
-                r["write_owner"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let ranges = c.ranges(0).await;
     let owner = |id: i64| {
         let p = hashint8extended(id, 0);
         ranges

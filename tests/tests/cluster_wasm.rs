@@ -104,20 +104,7 @@ async fn converged(c: &ProcCluster) -> u64 {
 
 /// Ranges as (lo, hi, write owner).
 async fn ranges(c: &ProcCluster) -> Vec<(u64, Option<u64>, String)> {
-    let out = ctl_ok(c, 0, &["--json", "range", "list"]).await;
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["ranges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["lo"].as_u64().unwrap(),
-                r["hi"].as_u64(),
-                r["write_owner"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    c.ranges(0).await
 }
 
 fn owner_of(rs: &[(u64, Option<u64>, String)], p: u64) -> &str {

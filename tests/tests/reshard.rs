@@ -13,24 +13,8 @@ use std::time::{Duration, Instant};
 
 const TABLES: &str = "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n";
 
-type Ranges = Vec<(u64, Option<u64>, String)>;
-
-async fn ranges(c: &ProcCluster, i: usize) -> Ranges {
-    let (ok, out, err) = c.proxyctl(i, &["--json", "range", "list"]).await;
-    assert!(ok, "range list: {err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["ranges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["lo"].as_u64().unwrap(),
-                r["hi"].as_u64(),
-                r["write_owner"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+async fn ranges(c: &ProcCluster, i: usize) -> Vec<(u64, Option<u64>, String)> {
+    c.ranges(i).await
 }
 
 async fn job(c: &ProcCluster, i: usize, id: &str) -> serde_json::Value {
