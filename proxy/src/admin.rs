@@ -196,13 +196,21 @@ impl Api {
     pub(crate) fn snapshot(
         &self,
     ) -> Result<Arc<hotrepart_router::catalog::RoutingSnapshot>, ApiError> {
-        if !self.node.catalog_ready() {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "this node has no routing catalog yet",
-            ));
-        }
-        Ok(self.node.catalog.load_full())
+        // The catalog as applied here, not the node's published copy: a
+        // change this request (or the previous one) proposed is in it as
+        // soon as `propose` returned, while publishing follows a moment
+        // later.
+        self.node
+            .catalog_handle
+            .catalog()
+            .snapshot()
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this node has no routing catalog yet",
+                )
+            })
     }
 
     pub(crate) fn range_at(&self, lo: u64) -> Result<KeyRange, ApiError> {
