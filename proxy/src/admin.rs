@@ -678,6 +678,46 @@ fn quote_table(t: &str) -> String {
     t.split('.').map(quote_ident).collect::<Vec<_>>().join(".")
 }
 
+/// Whether table `t` (a name as the catalog has it) exists.
+pub(crate) async fn table_exists(c: &tokio_postgres::Client, t: &str) -> Result<bool, String> {
+    c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&t])
+        .await
+        .map(|r| r.get(0))
+        .map_err(|e| e.to_string())
+}
+
+/// The databases of the server at `dsn` that hold any of `tables`, in name
+/// order, each with a connection to it and the tables it holds (in the
+/// order given).
+pub(crate) async fn databases_with(
+    dsn: &str,
+    tables: &[String],
+) -> Result<Vec<(String, tokio_postgres::Client, Vec<String>)>, String> {
+    let c = connect(dsn, Some("postgres")).await?;
+    let dbs = c
+        .query(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for row in dbs {
+        let db: String = row.get(0);
+        let c = connect(dsn, Some(&db)).await?;
+        let mut here = Vec::new();
+        for t in tables {
+            if table_exists(&c, t).await? {
+                here.push(t.clone());
+            }
+        }
+        if !here.is_empty() {
+            out.push((db, c, here));
+        }
+    }
+    Ok(out)
+}
+
 /// A connection for admin work (not pooled), to `dbname` or the DSN's.
 pub(crate) async fn connect(
     dsn: &str,
@@ -730,26 +770,11 @@ async fn count_rows_on(
         .find(|s| s.id.as_str() == shard)
         .map(|s| s.dsn.clone())
         .ok_or_else(|| ApiError::bad(format!("unknown shard {shard}")))?;
-    let c = connect(&dsn, None).await.map_err(shard_err)?;
-    let dbs = c
-        .query(
-            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate",
-            &[],
-        )
-        .await
-        .map_err(|e| shard_err(e.to_string()))?;
     let mut out = Vec::new();
-    for row in dbs {
-        let db: String = row.get(0);
-        let c = connect(&dsn, Some(&db)).await.map_err(shard_err)?;
-        let exists: bool = c
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-            .await
-            .map_err(|e| shard_err(e.to_string()))?
-            .get(0);
-        if !exists {
-            continue;
-        }
+    let dbs = databases_with(&dsn, &[table.to_string()])
+        .await
+        .map_err(shard_err)?;
+    for (db, c, _) in dbs {
         let sql = format!(
             "SELECT count(*) FROM {}{}",
             quote_table(table),

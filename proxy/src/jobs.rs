@@ -219,7 +219,7 @@ pub async fn run(node: &Arc<Node>, id: &str) -> Result<(), JobError> {
             return Ok(());
         }
         let catalog = node.catalog_handle.catalog();
-        let plan = match plan(node, &catalog, id, &rec).await {
+        let plan = match plan(&catalog, id, &rec).await {
             Ok(p) => p,
             Err(e) if rec.phase < JobPhase::Flipped && rec.phase != JobPhase::Aborting => {
                 // Nothing can be moved (no table with an SQL form, the
@@ -539,7 +539,7 @@ async fn connect(dsn: &str, db: &str) -> Result<tokio_postgres::Client, JobError
 
 /// The engine's work for job `id`: one MoveSpec per database of the source
 /// that holds any sharded table.
-async fn plan(node: &Node, catalog: &Catalog, id: &str, rec: &JobRecord) -> Result<Plan, JobError> {
+async fn plan(catalog: &Catalog, id: &str, rec: &JobRecord) -> Result<Plan, JobError> {
     let snap: Arc<RoutingSnapshot> = catalog
         .snapshot()
         .cloned()
@@ -561,33 +561,17 @@ async fn plan(node: &Node, catalog: &Catalog, id: &str, rec: &JobRecord) -> Resu
             function: t.function,
         })
         .collect();
-    let _ = node;
-    let c = connect(&source_dsn, "postgres").await?;
-    let dbs = c
-        .query(
-            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
-            &[],
-        )
+    let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
+    let dbs = crate::admin::databases_with(&source_dsn, &names)
         .await
         .map_err(|e| JobError::Other(format!("source: {e}")))?;
     let mut specs = Vec::new();
-    for row in dbs {
-        let db: String = row.get(0);
-        let c = connect(&source_dsn, &db).await?;
-        let mut here = Vec::new();
-        for t in &tables {
-            let exists: bool = c
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.name])
-                .await
-                .map_err(|e| JobError::Other(format!("source: {e}")))?
-                .get(0);
-            if exists {
-                here.push(t.clone());
-            }
-        }
-        if here.is_empty() {
-            continue;
-        }
+    for (db, _, present) in dbs {
+        let here: Vec<TableMove> = tables
+            .iter()
+            .filter(|t| present.contains(&t.name))
+            .cloned()
+            .collect();
         specs.push(MoveSpec {
             job: format!("{id}_{:08x}", fnv(db.as_bytes()) as u32),
             source_dsn: source_dsn.clone(),
@@ -820,44 +804,22 @@ async fn copy_schema(
 ) -> Result<Vec<(String, Vec<String>)>, JobError> {
     let install = crate::localpg::PgInstall::find()
         .map_err(|e| JobError::Other(format!("pg_dump is needed to copy the schema: {e}")))?;
-    let src = connect(from_dsn, "postgres").await?;
-    let dbs: Vec<String> = src
-        .query(
-            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
-            &[],
-        )
-        .await
-        .map_err(|e| JobError::Other(format!("source: {e}")))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let declared: Vec<(String, bool)> = snap
+    let declared: Vec<String> = snap
         .sharded_tables()
-        .map(|t| (t.name.clone(), false))
-        .chain(snap.reference_tables().map(|t| (t.to_string(), true)))
+        .map(|t| t.name.clone())
+        .chain(snap.reference_tables().map(str::to_string))
         .collect();
+    let dbs = crate::admin::databases_with(from_dsn, &declared)
+        .await
+        .map_err(|e| JobError::Other(format!("source: {e}")))?;
     let dst = connect(to_dsn, "postgres").await?;
     let mut out = Vec::new();
-    for db in dbs {
-        let c = connect(from_dsn, &db).await?;
-        let mut tables = Vec::new();
-        let mut reference = Vec::new();
-        for (t, is_ref) in &declared {
-            let exists: bool = c
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[t])
-                .await
-                .map_err(|e| JobError::Other(format!("source: {e}")))?
-                .get(0);
-            if exists {
-                tables.push(t.clone());
-                if *is_ref {
-                    reference.push(t.clone());
-                }
-            }
-        }
-        if tables.is_empty() {
-            continue;
-        }
+    for (db, _, tables) in dbs {
+        let reference: Vec<String> = tables
+            .iter()
+            .filter(|t| snap.is_reference_table(t))
+            .cloned()
+            .collect();
         let has_db: bool = dst
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
@@ -874,11 +836,9 @@ async fn copy_schema(
         let target = connect(to_dsn, &db).await?;
         let mut missing = Vec::new();
         for t in &tables {
-            let exists: bool = target
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[t])
+            let exists = crate::admin::table_exists(&target, t)
                 .await
-                .map_err(|e| JobError::Other(format!("new shard: {e}")))?
-                .get(0);
+                .map_err(|e| JobError::Other(format!("new shard: {e}")))?;
             if !exists {
                 missing.push(t.clone());
             }

@@ -101,6 +101,29 @@ pub struct Node {
     pub decisions: Arc<dyn crate::twopc::DecisionLog>,
 }
 
+/// A statement writing to a range frozen for a cut-over waits for the next
+/// routing table (the cut-over's end) and is routed again, until
+/// `freeze_wait_ms` has passed; then the refusal (40001) stands.
+pub struct FreezeWait {
+    deadline: tokio::time::Instant,
+    /// Subscribed before the first routing: a table published in between
+    /// is not missed.
+    epochs: watch::Receiver<u64>,
+}
+
+impl FreezeWait {
+    /// Whether to route again after refusal `r`: only for a frozen range
+    /// and before the deadline, after the next routing table (or the
+    /// deadline).
+    pub async fn retry(&mut self, r: &Refusal) -> bool {
+        if !r.frozen || tokio::time::Instant::now() >= self.deadline {
+            return false;
+        }
+        let _ = tokio::time::timeout_at(self.deadline, self.epochs.changed()).await;
+        true
+    }
+}
+
 /// `snapshot` (of `catalog`) with the routing functions its tables use.
 fn resolve_functions(
     cache: &crate::functions::FunctionCache,
@@ -275,15 +298,14 @@ impl Node {
         self.epoch_tx.send_replace(epoch);
     }
 
-    /// Changes whenever a routing table is published. Subscribe before
-    /// routing, then wait: a table published in between is not missed.
-    pub fn epochs(&self) -> watch::Receiver<u64> {
-        self.epoch_tx.subscribe()
-    }
-
-    /// Until when a write to a frozen range waits for the cut-over to end.
-    pub fn freeze_deadline(&self) -> std::time::Instant {
-        std::time::Instant::now() + std::time::Duration::from_millis(self.cfg.freeze_wait_ms)
+    /// Starts waiting out cut-overs for one statement: create it before
+    /// routing, then ask [`FreezeWait::retry`] about a refusal.
+    pub fn freeze_wait(&self) -> FreezeWait {
+        FreezeWait {
+            deadline: tokio::time::Instant::now()
+                + std::time::Duration::from_millis(self.cfg.freeze_wait_ms),
+            epochs: self.epoch_tx.subscribe(),
+        }
     }
 
     /// Whether the replicated catalog's routing table is published.

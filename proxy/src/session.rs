@@ -45,7 +45,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// A reply the backend (or the node) owes the client, in order.
@@ -791,16 +791,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return crate::explain::run(self, ex).await;
             }
         }
-        let deadline = self.node.freeze_deadline();
+        // Writers wait out a cut-over; the client sees a pause.
+        let mut wait = self.node.freeze_wait();
         let d = loop {
-            let mut epochs = self.node.epochs();
-            match self.node.decide(sql, None, &self.state) {
-                Err(r) if r.frozen && Instant::now() < deadline => {
-                    // Writers wait out a cut-over; the client sees a pause.
-                    let _ = tokio::time::timeout_at(deadline.into(), epochs.changed()).await;
+            let d = self.node.decide(sql, None, &self.state);
+            if let Err(r) = &d {
+                if wait.retry(r).await {
+                    continue;
                 }
-                other => break other,
             }
+            break d;
         };
         let d = match d {
             Ok(d) => d,
@@ -1175,15 +1175,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Sync (else with Flush, or a Query follows).
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
         let frames = std::mem::take(&mut self.batch);
-        let deadline = self.node.freeze_deadline();
+        let mut wait = self.node.freeze_wait();
         let routed = loop {
-            let mut epochs = self.node.epochs();
-            match self.route_batch(&frames) {
-                Err(r) if r.frozen && Instant::now() < deadline => {
-                    let _ = tokio::time::timeout_at(deadline.into(), epochs.changed()).await;
+            let routed = self.route_batch(&frames);
+            if let Err(r) = &routed {
+                if wait.retry(r).await {
+                    continue;
                 }
-                other => break other,
             }
+            break routed;
         };
         let (target, d) = match routed {
             Ok(x) => x,

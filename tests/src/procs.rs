@@ -290,6 +290,44 @@ impl ProcCluster {
             .collect()
     }
 
+    /// Rows of a table sharded by `id bigint` (built-in hash, seed 0), read
+    /// directly on shards `s0, s1, …` at `dsns` with `query` (which returns
+    /// `id bigint, n int`): each row's `n` by id, and rows per shard.
+    /// Panics when a row is stored twice or on a shard that does not own
+    /// its point (by node 0's routing table).
+    pub async fn placed_rows(
+        &self,
+        dsns: &[String],
+        query: &str,
+    ) -> (std::collections::BTreeMap<i64, i32>, Vec<usize>) {
+        let rs = self.ranges(0).await;
+        let mut seen = std::collections::BTreeMap::new();
+        let mut per_shard = vec![0; dsns.len()];
+        for (si, dsn) in dsns.iter().enumerate() {
+            let db = crate::connect(dsn).await.unwrap();
+            for row in db.query(query, &[]).await.unwrap() {
+                let id: i64 = row.get(0);
+                assert!(
+                    seen.insert(id, row.get(1)).is_none(),
+                    "row {id} is stored twice"
+                );
+                per_shard[si] += 1;
+                let p = hotrepart_router::hash::hashint8extended(id, 0);
+                let owner = &rs
+                    .iter()
+                    .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
+                    .unwrap()
+                    .2;
+                assert_eq!(
+                    owner,
+                    &format!("s{si}"),
+                    "row {id} is on s{si}, its range is owned by {owner}"
+                );
+            }
+        }
+        (seen, per_shard)
+    }
+
     /// The leader as node `i` sees it.
     pub async fn leader(&self, i: usize) -> Option<u64> {
         self.status(i).await?["cluster"]["leader"].as_u64()

@@ -4,7 +4,6 @@
 //! others (fault-injecting transport), and the proxyctl metadata commands.
 #![allow(clippy::unwrap_used)]
 
-use hotrepart_router::hash::hashint8extended;
 use hotrepart_tests::procs::ProcCluster;
 use hotrepart_tests::*;
 use std::collections::BTreeSet;
@@ -64,28 +63,8 @@ async fn check_rows(c: &ProcCluster, acked: &BTreeSet<i64>) {
 
 /// Same, for shards `s0, s1, …` at `dsns`; rows per shard.
 async fn check_rows_on(c: &ProcCluster, dsns: &[String], acked: &BTreeSet<i64>) -> Vec<usize> {
-    let rs = ranges(c, 0).await;
-    let mut seen = BTreeSet::new();
-    let mut per_shard = vec![0; dsns.len()];
-    for (si, dsn) in dsns.iter().enumerate() {
-        let db = connect(dsn).await.unwrap();
-        for row in db.query("SELECT id FROM items", &[]).await.unwrap() {
-            let id: i64 = row.get(0);
-            assert!(seen.insert(id), "row {id} is stored twice");
-            per_shard[si] += 1;
-            let p = hashint8extended(id, 0);
-            let owner = &rs
-                .iter()
-                .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
-                .unwrap()
-                .2;
-            assert_eq!(
-                owner,
-                &format!("s{si}"),
-                "row {id} is on s{si}, its range is owned by {owner}"
-            );
-        }
-    }
+    let (seen, per_shard) = c.placed_rows(dsns, "SELECT id, 0 FROM items").await;
+    let seen: BTreeSet<i64> = seen.into_keys().collect();
     let missing: Vec<_> = acked.difference(&seen).take(5).collect();
     assert!(missing.is_empty(), "acknowledged rows missing: {missing:?}");
     per_shard

@@ -3,7 +3,6 @@
 //! write through every node; the node running the job killed; a job aborted.
 #![allow(clippy::unwrap_used)]
 
-use hotrepart_router::hash::hashint8extended;
 use hotrepart_tests::procs::ProcCluster;
 use hotrepart_tests::*;
 use std::collections::BTreeMap;
@@ -151,33 +150,7 @@ impl Load {
 /// Every acknowledged row exactly once, with its version, on the shard
 /// owning its point; returns rows per shard.
 async fn check(c: &ProcCluster, dsns: &[String], acked: &BTreeMap<i64, i32>) -> Vec<usize> {
-    let rs = ranges(c, 0).await;
-    let mut seen = BTreeMap::new();
-    let mut per = vec![0; dsns.len()];
-    for (si, dsn) in dsns.iter().enumerate() {
-        let db = connect(dsn).await.unwrap();
-        for row in db
-            .query("SELECT id, version FROM items", &[])
-            .await
-            .unwrap()
-        {
-            let id: i64 = row.get(0);
-            let v: i32 = row.get(1);
-            assert!(seen.insert(id, v).is_none(), "row {id} is stored twice");
-            per[si] += 1;
-            let p = hashint8extended(id, 0);
-            let owner = &rs
-                .iter()
-                .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
-                .unwrap()
-                .2;
-            assert_eq!(
-                owner,
-                &format!("s{si}"),
-                "row {id} is on s{si}, its range is owned by {owner}"
-            );
-        }
-    }
+    let (seen, per) = c.placed_rows(dsns, "SELECT id, version FROM items").await;
     for (id, &v) in acked {
         match seen.get(id) {
             None => panic!("acknowledged row {id} is missing"),
