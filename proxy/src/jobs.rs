@@ -31,7 +31,7 @@
 
 use crate::node::Node;
 use crate::reshard::{self, MoveSpec, TableMove};
-use hotrepart_router::catalog::{RangeStatus, RoutingSnapshot, Span};
+use hotrepart_router::catalog::{Functions, RangeStatus, RoutingSnapshot, Span};
 use hotrepart_routing_paxos::{
     Applied, Catalog, CatalogCommand, FreezeId, JobPhase, JobRecord, ProposeError, Rejected,
 };
@@ -219,7 +219,8 @@ pub async fn run(node: &Arc<Node>, id: &str) -> Result<(), JobError> {
             return Ok(());
         }
         let catalog = node.catalog_handle.catalog();
-        let plan = match plan(&catalog, id, &rec).await {
+        let functions = node.catalog.load().functions().clone();
+        let plan = match plan(&catalog, id, &rec, functions).await {
             Ok(p) => p,
             Err(e) if rec.phase < JobPhase::Flipped && rec.phase != JobPhase::Aborting => {
                 // Nothing can be moved (no table with an SQL form, the
@@ -539,7 +540,12 @@ async fn connect(dsn: &str, db: &str) -> Result<tokio_postgres::Client, JobError
 
 /// The engine's work for job `id`: one MoveSpec per database of the source
 /// that holds any sharded table.
-async fn plan(catalog: &Catalog, id: &str, rec: &JobRecord) -> Result<Plan, JobError> {
+async fn plan(
+    catalog: &Catalog,
+    id: &str,
+    rec: &JobRecord,
+    functions: Functions,
+) -> Result<Plan, JobError> {
     let snap: Arc<RoutingSnapshot> = catalog
         .snapshot()
         .cloned()
@@ -579,6 +585,7 @@ async fn plan(catalog: &Catalog, id: &str, rec: &JobRecord) -> Result<Plan, JobE
             database: db,
             tables: here,
             range: rec.spec.range,
+            functions: functions.clone(),
         });
     }
     Ok(Plan {

@@ -39,6 +39,7 @@ fn spec(src: &LocalPg2, dst: &LocalPg2, job: &str, tables: Vec<TableMove>) -> Mo
         database: "postgres".into(),
         tables,
         range: RANGE,
+        functions: Default::default(),
     }
 }
 

@@ -45,7 +45,9 @@ mod copy;
 pub mod pgoutput;
 mod schema;
 
-use hotrepart_router::catalog::{KeyRange, KeyType, RoutingFunction, ShardId, Span};
+use hotrepart_router::catalog::{
+    Functions, KeyRange, KeyType, KeyValue, RoutingFunction, ShardId, Span,
+};
 use std::fmt;
 use std::time::Duration;
 use thiserror::Error;
@@ -83,12 +85,29 @@ pub struct MoveSpec {
     pub tables: Vec<TableMove>,
     /// The range of points whose rows move.
     pub range: Span,
+    /// Implementations of the WebAssembly routing functions the tables use
+    /// (those of the node's published routing table).
+    pub functions: Functions,
 }
 
 impl MoveSpec {
     /// Name of the replication slot and of the publication.
     pub fn capture_name(&self) -> String {
         format!("hr_{}", self.job)
+    }
+
+    /// Whether `key`, a shard key of table `t`, lies in the range: its
+    /// point by the table's routing function, computed by the router's own
+    /// code (the same call that routes queries), built-in or WebAssembly.
+    pub fn contains(&self, t: &TableMove, key: &KeyValue) -> Result<bool, ReshardError> {
+        let point = t
+            .function
+            .point(t.key_type, key, &self.functions)
+            .map_err(|e| ReshardError::Table {
+                table: t.name.clone(),
+                problem: e.to_string(),
+            })?;
+        Ok(self.range.contains(point))
     }
 
     fn validate(&self) -> Result<(), ReshardError> {
@@ -717,6 +736,7 @@ mod tests {
                 lo: 0,
                 hi: Some(1 << 62),
             },
+            functions: Functions::new(),
         }
     }
 

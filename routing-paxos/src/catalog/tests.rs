@@ -916,3 +916,51 @@ fn function_commands_print_no_module_bytes() {
     )
     .is_err());
 }
+
+fn job_update(job: &str, phase: JobPhase) -> CatalogCommand {
+    CatalogCommand::JobUpdate {
+        job: job.into(),
+        phase,
+        owner: 1,
+        rows_copied: 0,
+        lag_bytes: 0,
+        note: String::new(),
+    }
+}
+
+#[test]
+fn a_job_flips_its_range_and_lifts_its_freeze_in_one_entry() {
+    let mut c = two_shards();
+    accepts(&mut c, split(ALL, HALF));
+    let upper = span(HALF, None);
+    let start = CatalogCommand::JobStart {
+        job: "j1".into(),
+        spec: JobSpec {
+            range: upper,
+            from: "a".into(),
+            to: "b".into(),
+        },
+    };
+    let s = accepts(&mut c, start);
+    assert_eq!(s.ranges()[1].status, RangeStatus::Moving);
+    for phase in [JobPhase::Copy, JobPhase::CatchUp, JobPhase::CutOver] {
+        assert!(c.apply(&job_update("j1", phase)).is_ok(), "{phase:?}");
+    }
+    let s = accepts(&mut c, freeze(upper, 9));
+    assert_eq!(s.ranges()[1].status, RangeStatus::Frozen);
+    assert_eq!(s.ranges()[1].write_owner.as_str(), "a");
+
+    let s = accepts(&mut c, job_update("j1", JobPhase::Flipped));
+    assert_eq!(s.ranges()[1].write_owner.as_str(), "b");
+    assert_eq!(s.ranges()[1].read_owner.as_str(), "b");
+    // Writers are released by the flip itself; the job still holds the
+    // range (Moving) until it is done.
+    assert_eq!(s.ranges()[1].status, RangeStatus::Moving);
+    assert_eq!(c.freeze(HALF), None);
+    rejects(&mut c, unfreeze(upper, 9), Rejected::NotFrozen(upper));
+    // A flipped job cannot abort.
+    assert!(c.apply(&job_update("j1", JobPhase::Aborting)).is_err());
+    let s = accepts(&mut c, job_update("j1", JobPhase::Done));
+    assert_eq!(s.ranges()[1].status, RangeStatus::Active);
+    assert_eq!(s.ranges()[1].write_owner.as_str(), "b");
+}
