@@ -30,7 +30,7 @@
 //!   all drop the capture (a failure to drop is retried, and reported).
 
 use crate::node::Node;
-use crate::reshard::{self, MoveSpec, TableMove};
+use crate::reshard::{self, MoveSpec, Session, TableMove, Touched};
 use hotrepart_router::catalog::{Functions, RangeStatus, RoutingSnapshot, Span};
 use hotrepart_routing_paxos::{
     Applied, Catalog, CatalogCommand, FreezeId, JobPhase, JobRecord, ProposeError, Rejected,
@@ -419,7 +419,18 @@ async fn abort_steps(node: &Node, plan: &Plan) -> Result<(), JobError> {
     Ok(())
 }
 
-/// Freeze, wait, drain, verify, flip, thaw.
+/// Keys rechecked inside the freeze at most: a comparison that found more
+/// differing keys (a large backlog) is repeated after catching up.
+const MAX_RECHECK: usize = 20_000;
+
+/// Compare, freeze, wait, drain, recheck, flip (the flip lifts the freeze).
+///
+/// The whole range is compared row by row BEFORE the freeze while writes go
+/// on; inside the freeze only the rows whose shard key a change touched
+/// since then (or that differed) are compared again — see
+/// `reshard::verify`'s module docs for why that proves the whole range
+/// equal. So the freeze costs a few round trips plus the changes written
+/// during it, not a scan of the range.
 async fn cut_over(
     node: &Arc<Node>,
     id: &str,
@@ -427,6 +438,33 @@ async fn cut_over(
     plan: &Plan,
 ) -> Result<(), JobError> {
     let h = &node.catalog_handle;
+    let mut sessions = Vec::new();
+    for s in &plan.specs {
+        sessions.push(Session::open(s).await?);
+    }
+    // Before the freeze.
+    let mut keys: Vec<Touched> = Vec::new();
+    let mut compared = 0;
+    for sess in &mut sessions {
+        let mut attempt = 0;
+        let k = loop {
+            attempt += 1;
+            // Recording starts before the comparison reads anything.
+            let mut k = Touched::new(sess.spec());
+            let base = sess.compare().await?;
+            k.extend(&base.mismatched);
+            catch_up_all(sess, &mut k, FINAL_DRAIN_WAIT).await?;
+            if base.mismatched.len() <= MAX_RECHECK || attempt >= 3 {
+                compared += base.source_rows;
+                break k;
+            }
+            tracing::info!(job = %id, differing = base.mismatched.len(), "comparison found a large backlog; comparing again");
+        };
+        keys.push(k);
+    }
+    if record(node, id)?.phase != JobPhase::CutOver {
+        return Ok(()); // aborted meanwhile
+    }
     let frozen_at = Instant::now();
     if h.catalog().freeze(plan.range.lo).is_none() {
         match h
@@ -449,36 +487,43 @@ async fn cut_over(
         h.await_all_applied(h.applied_index()).await?;
         let acked = frozen_at.elapsed();
         // Transactions that wrote to the range before the freeze end.
-        for s in &plan.specs {
-            wait_open_transactions(s).await?;
+        for sess in &sessions {
+            wait_open_transactions(sess.source()).await?;
         }
+        let open_tx = frozen_at.elapsed();
         // The last changes.
-        let deadline = Instant::now() + FINAL_DRAIN_WAIT;
-        for s in &plan.specs {
-            loop {
-                let r = reshard::catch_up(s, CATCH_UP_BATCH).await?;
-                if r.drained {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(JobError::Other("the final catch-up did not drain in time".into()));
-                }
-            }
+        for (sess, k) in sessions.iter_mut().zip(keys.iter_mut()) {
+            catch_up_all(sess, k, FINAL_DRAIN_WAIT).await?;
         }
-        for s in &plan.specs {
-            let v = reshard::verify(s).await?;
+        let drained = frozen_at.elapsed();
+        let mut rechecked = 0;
+        for (sess, k) in sessions.iter().zip(&keys) {
+            let v = sess.verify_keys(k).await?;
             if !v.equal() {
                 return Err(JobError::Other(format!(
-                    "verification failed in database {}: {:?}",
-                    s.database, v
+                    "verification failed in database {}: {} keys differ between {} and the target, e.g. {}",
+                    sess.spec().database,
+                    v.differing_count,
+                    plan.from,
+                    v.differing.join(", ")
                 )));
             }
+            rechecked += v.keys;
         }
-        // The flip: the catalog assigns the range with the phase change,
-        // unless the job was aborted meanwhile.
-        let note = format!("flipped; writes paused {} ms", frozen_at.elapsed().as_millis());
+        let paused = frozen_at.elapsed();
+        // The flip: the catalog assigns the range and lifts the freeze with
+        // the phase change, unless the job was aborted meanwhile.
+        let note = format!(
+            "flipped; {compared} rows compared before the freeze; writes paused {} ms \
+             (acknowledged {} ms, open transactions {} ms, last changes {} ms, {rechecked} keys rechecked {} ms)",
+            paused.as_millis(),
+            acked.as_millis(),
+            (open_tx - acked).as_millis(),
+            (drained - open_tx).as_millis(),
+            (paused - drained).as_millis(),
+        );
         update(node, id, JobPhase::Flipped, rec.rows_copied, 0, &note).await?;
-        tracing::info!(job = %id, acked_ms = acked.as_millis() as u64, frozen_ms = frozen_at.elapsed().as_millis() as u64, "range flipped");
+        tracing::info!(job = %id, frozen_ms = frozen_at.elapsed().as_millis() as u64, "{note}");
         Ok(())
     }
     .await;
@@ -502,9 +547,27 @@ async fn cut_over(
     }
 }
 
+/// Catches up until a call drains everything committed before it,
+/// recording the touched keys; fails after `limit`.
+async fn catch_up_all(
+    sess: &mut Session,
+    keys: &mut Touched,
+    limit: Duration,
+) -> Result<(), JobError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let r = sess.catch_up(CATCH_UP_BATCH, Some(keys)).await?;
+        if r.drained {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(JobError::Other("the catch-up did not drain in time".into()));
+        }
+    }
+}
+
 /// Waits until every transaction open on the source now has ended.
-async fn wait_open_transactions(spec: &MoveSpec) -> Result<(), JobError> {
-    let c = connect(&spec.source_dsn, &spec.database).await?;
+async fn wait_open_transactions(c: &tokio_postgres::Client) -> Result<(), JobError> {
     let row = c
         .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
         .await
@@ -528,7 +591,7 @@ async fn wait_open_transactions(spec: &MoveSpec) -> Result<(), JobError> {
                 "transactions open on the source at the freeze did not end in time".into(),
             ));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

@@ -20,6 +20,7 @@
 
 use super::pgoutput::{self, Message, Relation, Value};
 use super::schema::TableInfo;
+use super::verify::Touched;
 use super::{
     is_object_in_use, lock_job, quote_ident, quote_literal, schema, sql, CatchUp, MoveSpec,
     ReshardError, Side, SLOT_BUSY_WAIT,
@@ -52,6 +53,7 @@ pub(crate) async fn catch_up(
     src: &Client,
     dst: &mut Client,
     max_changes: usize,
+    touched: Option<&mut Touched>,
 ) -> Result<CatchUp, ReshardError> {
     let slot = spec.capture_name();
     let mut infos = Vec::new();
@@ -115,6 +117,7 @@ pub(crate) async fn catch_up(
         group: None,
         applied: 0,
         skipped: 0,
+        touched,
     };
     let mut rels: HashMap<u32, Bound> = HashMap::new();
     let mut rows = 0usize;
@@ -288,9 +291,18 @@ struct Applier<'a> {
     group: Option<Group>,
     applied: u64,
     skipped: u64,
+    /// Records the shard key of every row the batch changes in the range.
+    touched: Option<&'a mut Touched>,
 }
 
 impl Applier<'_> {
+    /// Records the shard key of `row` (a row the batch changes in the range).
+    fn touch(&mut self, b: &Bound, row: &[Value]) {
+        if let (Some(t), Some(Value::Text(k))) = (self.touched.as_deref_mut(), row.get(b.key_pos)) {
+            t.add(b.table, k);
+        }
+    }
+
     fn in_range(&self, b: &Bound, row: &[Value]) -> Result<bool, ReshardError> {
         let info = &self.infos[b.table];
         match row.get(b.key_pos) {
@@ -323,6 +335,7 @@ impl Applier<'_> {
             self.skipped += 1;
             return Ok(());
         }
+        self.touch(b, new);
         self.upsert(b, new).await?;
         self.applied += 1;
         Ok(())
@@ -344,6 +357,12 @@ impl Applier<'_> {
         if !new_in && !old_in {
             self.skipped += 1;
             return Ok(());
+        }
+        if new_in {
+            self.touch(b, new);
+        }
+        if let Some(o) = old.filter(|_| old_in) {
+            self.touch(b, o);
         }
         if let Some(o) = old {
             let moved = b
@@ -370,6 +389,7 @@ impl Applier<'_> {
             self.skipped += 1;
             return Ok(());
         }
+        self.touch(b, old);
         self.delete_by(b, &b.old_pos, old).await?;
         self.applied += 1;
         Ok(())

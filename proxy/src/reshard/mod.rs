@@ -44,6 +44,7 @@ mod apply;
 mod copy;
 pub mod pgoutput;
 mod schema;
+mod verify;
 
 use hotrepart_router::catalog::{
     Functions, KeyRange, KeyType, KeyValue, RoutingFunction, ShardId, Span,
@@ -55,6 +56,7 @@ use tokio_postgres::{Client, NoTls};
 use tracing::Instrument;
 
 pub use schema::TableInfo;
+pub use verify::{Baseline, KeyCheck, Touched};
 
 /// One sharded table whose rows in the range move.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -499,7 +501,7 @@ pub async fn catch_up(spec: &MoveSpec, max_changes: usize) -> Result<CatchUp, Re
     async {
         let src = connect(spec, Side::Source).await?;
         let mut dst = connect(spec, Side::Target).await?;
-        let r = apply::catch_up(spec, &src, &mut dst, max_changes.max(1)).await?;
+        let r = apply::catch_up(spec, &src, &mut dst, max_changes.max(1), None).await?;
         tracing::debug!(
             applied = r.applied,
             skipped = r.skipped,
@@ -510,6 +512,68 @@ pub async fn catch_up(spec: &MoveSpec, max_changes: usize) -> Result<CatchUp, Re
     }
     .instrument(span(spec, "catch_up"))
     .await
+}
+
+/// Both servers' connections of one job, kept open across the steps of a
+/// cut-over (connecting costs milliseconds, and the writes are frozen).
+pub struct Session {
+    spec: MoveSpec,
+    src: Client,
+    dst: Client,
+}
+
+impl Session {
+    /// Connects to both servers.
+    pub async fn open(spec: &MoveSpec) -> Result<Session, ReshardError> {
+        spec.validate()?;
+        let (src, dst) =
+            tokio::try_join!(connect(spec, Side::Source), connect(spec, Side::Target))?;
+        Ok(Session {
+            spec: spec.clone(),
+            src,
+            dst,
+        })
+    }
+
+    /// The job this session works for.
+    pub fn spec(&self) -> &MoveSpec {
+        &self.spec
+    }
+
+    /// The connection to the source server.
+    pub fn source(&self) -> &Client {
+        &self.src
+    }
+
+    /// [`catch_up`], recording in `touched` the shard key of every row it
+    /// changes in the range.
+    pub async fn catch_up(
+        &mut self,
+        max_changes: usize,
+        touched: Option<&mut Touched>,
+    ) -> Result<CatchUp, ReshardError> {
+        let spec = &self.spec;
+        apply::catch_up(spec, &self.src, &mut self.dst, max_changes.max(1), touched)
+            .instrument(span(spec, "catch_up"))
+            .await
+    }
+
+    /// Compares the range row by row on both sides, while writes go on
+    /// (the first half of the cut-over's verification; see
+    /// `reshard::verify` module docs).
+    pub async fn compare(&self) -> Result<Baseline, ReshardError> {
+        verify::compare(&self.spec, &self.src, &self.dst)
+            .instrument(span(&self.spec, "compare"))
+            .await
+    }
+
+    /// Compares the rows of the given shard keys on both sides (the second
+    /// half, inside the freeze).
+    pub async fn verify_keys(&self, keys: &Touched) -> Result<KeyCheck, ReshardError> {
+        verify::verify_keys(&self.spec, &self.src, &self.dst, keys)
+            .instrument(span(&self.spec, "verify_keys"))
+            .await
+    }
 }
 
 /// Row count and checksum of the range's rows of every table on both
