@@ -373,7 +373,11 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
                 JobPhase::Done,
                 rec.rows_copied,
                 0,
-                &format!("done; {deleted} rows deleted from {}", plan.from),
+                // The flip's note (how long writes paused) stays readable.
+                &format!(
+                    "done; {deleted} rows deleted from {}; {}",
+                    plan.from, rec.note
+                ),
             )
             .await
         }

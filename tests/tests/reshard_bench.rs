@@ -136,6 +136,25 @@ async fn move_a_range_of_a_million_rows_under_load() {
         .filter(|x| x.0 < job_start)
         .map(|x| x.1)
         .collect();
+    // Writes into the moving range issued from when the job was seen in
+    // its cut-over phase (the comparison, then the freeze) until the flip
+    // was seen plus the polling period: the writes the freeze can have
+    // delayed.
+    let at = |name: &str| {
+        phases
+            .iter()
+            .find(|(p, _)| p == name)
+            .map(|(_, t)| job_start + t)
+    };
+    let (cut_from, cut_to) = (
+        at("cut_over").unwrap_or(job_start),
+        at("flipped").or(at("done")).unwrap_or(job_end) + 0.25,
+    );
+    let mut cut_over_moving: Vec<f64> = all
+        .iter()
+        .filter(|x| x.0 >= cut_from && x.0 < cut_to && x.2)
+        .map(|x| x.1)
+        .collect();
     let line = serde_json::json!({
         "rows_moved": moving_rows,
         "job_seconds": job_secs,
@@ -152,6 +171,12 @@ async fn move_a_range_of_a_million_rows_under_load() {
             "p50": pct(&mut during_moving, 0.5),
             "p99": pct(&mut during_moving, 0.99),
             "max": pct(&mut during_moving, 1.0),
+        },
+        "moving_range_writes_during_cut_over_ms": {
+            "n": cut_over_moving.len(),
+            "p50": pct(&mut cut_over_moving, 0.5),
+            "p99": pct(&mut cut_over_moving, 0.99),
+            "max": pct(&mut cut_over_moving, 1.0),
         },
     });
     println!("RESHARD-BENCH {line}");
