@@ -423,9 +423,14 @@ async fn abort_steps(node: &Node, plan: &Plan) -> Result<(), JobError> {
     Ok(())
 }
 
-/// Keys rechecked inside the freeze at most: a comparison that found more
-/// differing keys (a large backlog) is repeated after catching up.
+/// A comparison that found more differing keys (a large backlog) is
+/// repeated after catching up.
 const MAX_RECHECK: usize = 20_000;
+/// Recheck rounds before the freeze go on while more keys than this are
+/// left (at most `PRE_FREEZE_ROUNDS`); each round rechecks the keys written
+/// during the previous one.
+const FREEZE_RECHECK: usize = 200;
+const PRE_FREEZE_ROUNDS: usize = 4;
 
 /// Compare, freeze, wait, drain, recheck, flip (the flip lifts the freeze).
 ///
@@ -446,14 +451,15 @@ async fn cut_over(
     for s in &plan.specs {
         sessions.push(Session::open(s).await?);
     }
-    // Before the freeze.
+    // Before the freeze: compare everything, then recheck the keys written
+    // meanwhile in rounds (each round's recording starts before its
+    // recheck reads anything) until few are left for the freeze.
     let mut keys: Vec<Touched> = Vec::new();
     let mut compared = 0;
     for sess in &mut sessions {
         let mut attempt = 0;
-        let k = loop {
+        let mut k = loop {
             attempt += 1;
-            // Recording starts before the comparison reads anything.
             let mut k = Touched::new(sess.spec());
             let base = sess.compare().await?;
             k.extend(&base.mismatched);
@@ -464,6 +470,17 @@ async fn cut_over(
             }
             tracing::info!(job = %id, differing = base.mismatched.len(), "comparison found a large backlog; comparing again");
         };
+        for _ in 0..PRE_FREEZE_ROUNDS {
+            if k.len() <= FREEZE_RECHECK {
+                break;
+            }
+            let mut next = Touched::new(sess.spec());
+            let check = sess.verify_keys(&k).await?;
+            next.extend(&check.differing_keys);
+            catch_up_all(sess, &mut next, FINAL_DRAIN_WAIT).await?;
+            tracing::debug!(job = %id, rechecked = k.len(), left = next.len(), "pre-freeze recheck round");
+            k = next;
+        }
         keys.push(k);
     }
     if record(node, id)?.phase != JobPhase::CutOver {

@@ -17,6 +17,13 @@
 //!   there is as it was at ts;
 //! - a row not in `mismatched` was equal at ts / tt.
 //!
+//! The same argument repeats: starting a new recording at A', rechecking
+//! `touched ∪ mismatched` after A' and keeping the keys that still differ
+//! leaves, for the next step, only the keys touched after A' plus those.
+//! The cut-over does such rounds before the freeze until the set is small,
+//! so the freeze rechecks only what was written during the last round and
+//! the freeze itself.
+//!
 //! So the whole range is equal on both sides, checked row by row — not
 //! only by count and checksum — while the freeze pays for the few keys
 //! written during the cut-over. Keys are shard-key values, not primary keys:
@@ -101,6 +108,8 @@ pub struct KeyCheck {
     pub differing: Vec<String>,
     /// Number of differing keys.
     pub differing_count: u64,
+    /// All differing keys.
+    pub differing_keys: Touched,
 }
 
 impl KeyCheck {
@@ -232,7 +241,10 @@ pub(crate) async fn verify_keys(
     dst: &Client,
     keys: &Touched,
 ) -> Result<KeyCheck, ReshardError> {
-    let mut out = KeyCheck::default();
+    let mut out = KeyCheck {
+        differing_keys: Touched::new(spec),
+        ..KeyCheck::default()
+    };
     for (ti, t) in spec.tables.iter().enumerate() {
         let Some(set) = keys.0.get(ti).filter(|s| !s.is_empty()) else {
             continue;
@@ -279,6 +291,7 @@ pub(crate) async fn verify_keys(
         for k in &list {
             if sa.get(*k) != sb.get(*k) {
                 out.differing_count += 1;
+                out.differing_keys.add(ti, k);
                 if out.differing.len() < 10 {
                     out.differing.push(format!("{}: {k}", t.name));
                 }
