@@ -134,6 +134,10 @@ async fn compare_then_recheck_touched_keys() {
         listed.contains(&k4.to_string()) && listed.contains(&k5.to_string()),
         "{listed}"
     );
+    // The next round rechecks exactly these (plus what is written meanwhile).
+    assert_eq!(v.differing_keys.len(), 2);
+    let again = sess.verify_keys(&v.differing_keys).await.unwrap();
+    assert_eq!((again.keys, again.differing_count), (2, 2));
 
     // Repair the two rows: equal, and the full verification agrees.
     for k in [k4, k5] {
