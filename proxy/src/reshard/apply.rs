@@ -22,8 +22,8 @@ use super::pgoutput::{self, Message, Relation, Value};
 use super::schema::TableInfo;
 use super::verify::Touched;
 use super::{
-    is_object_in_use, lock_job, quote_ident, quote_literal, schema, sql, CatchUp, MoveSpec,
-    ReshardError, Side, SLOT_BUSY_WAIT,
+    is_object_in_use, lock_job, quote_ident, quote_literal, sql, CatchUp, MoveSpec, ReshardError,
+    Side, SLOT_BUSY_WAIT,
 };
 use futures_util::TryStreamExt;
 use hotrepart_router::catalog::{KeyValue, Span};
@@ -54,12 +54,9 @@ pub(crate) async fn catch_up(
     dst: &mut Client,
     max_changes: usize,
     touched: Option<&mut Touched>,
+    infos: &[TableInfo],
 ) -> Result<CatchUp, ReshardError> {
     let slot = spec.capture_name();
-    let mut infos = Vec::new();
-    for t in &spec.tables {
-        infos.push(schema::describe_source(src, t).await?);
-    }
     let tx = dst
         .transaction()
         .await
@@ -109,7 +106,7 @@ pub(crate) async fn catch_up(
 
     let mut ap = Applier {
         range: spec.range,
-        infos: &infos,
+        infos,
         tx: &tx,
         spec,
         fetch: None,
@@ -127,7 +124,7 @@ pub(crate) async fn catch_up(
         let data: &[u8] = row.get(0);
         match pgoutput::decode(data)? {
             Message::Relation(r) => {
-                let b = bind(&infos, &r)?;
+                let b = bind(infos, &r)?;
                 rels.insert(r.oid, b);
             }
             Message::Insert { rel, new } => {

@@ -501,7 +501,8 @@ pub async fn catch_up(spec: &MoveSpec, max_changes: usize) -> Result<CatchUp, Re
     async {
         let src = connect(spec, Side::Source).await?;
         let mut dst = connect(spec, Side::Target).await?;
-        let r = apply::catch_up(spec, &src, &mut dst, max_changes.max(1), None).await?;
+        let infos = describe_all(spec, &src).await?;
+        let r = apply::catch_up(spec, &src, &mut dst, max_changes.max(1), None, &infos).await?;
         tracing::debug!(
             applied = r.applied,
             skipped = r.skipped,
@@ -520,6 +521,17 @@ pub struct Session {
     spec: MoveSpec,
     src: Client,
     dst: Client,
+    /// The tables as described when the session opened (a table altered
+    /// meanwhile fails the catch-up: its relation no longer binds).
+    infos: Vec<TableInfo>,
+}
+
+async fn describe_all(spec: &MoveSpec, src: &Client) -> Result<Vec<TableInfo>, ReshardError> {
+    let mut infos = Vec::new();
+    for t in &spec.tables {
+        infos.push(schema::describe_source(src, t).await?);
+    }
+    Ok(infos)
 }
 
 impl Session {
@@ -528,10 +540,12 @@ impl Session {
         spec.validate()?;
         let (src, dst) =
             tokio::try_join!(connect(spec, Side::Source), connect(spec, Side::Target))?;
+        let infos = describe_all(spec, &src).await?;
         Ok(Session {
             spec: spec.clone(),
             src,
             dst,
+            infos,
         })
     }
 
@@ -553,16 +567,23 @@ impl Session {
         touched: Option<&mut Touched>,
     ) -> Result<CatchUp, ReshardError> {
         let spec = &self.spec;
-        apply::catch_up(spec, &self.src, &mut self.dst, max_changes.max(1), touched)
-            .instrument(span(spec, "catch_up"))
-            .await
+        apply::catch_up(
+            spec,
+            &self.src,
+            &mut self.dst,
+            max_changes.max(1),
+            touched,
+            &self.infos,
+        )
+        .instrument(span(spec, "catch_up"))
+        .await
     }
 
     /// Compares the range row by row on both sides, while writes go on
     /// (the first half of the cut-over's verification; see
     /// `reshard::verify` module docs).
     pub async fn compare(&self) -> Result<Baseline, ReshardError> {
-        verify::compare(&self.spec, &self.src, &self.dst)
+        verify::compare(&self.spec, &self.src, &self.dst, &self.infos)
             .instrument(span(&self.spec, "compare"))
             .await
     }
@@ -570,7 +591,7 @@ impl Session {
     /// Compares the rows of the given shard keys on both sides (the second
     /// half, inside the freeze).
     pub async fn verify_keys(&self, keys: &Touched) -> Result<KeyCheck, ReshardError> {
-        verify::verify_keys(&self.spec, &self.src, &self.dst, keys)
+        verify::verify_keys(&self.spec, &self.src, &self.dst, &self.infos, keys)
             .instrument(span(&self.spec, "verify_keys"))
             .await
     }

@@ -37,7 +37,7 @@
 //! (byte order, the same as Rust's `str` order), so the comparison streams
 //! with constant memory whatever the range's size.
 
-use super::schema::{self, TableInfo};
+use super::schema::TableInfo;
 use super::{quote_ident, sql, MoveSpec, ReshardError, Side, TableMove};
 use futures_util::TryStreamExt;
 use hotrepart_router::catalog::KeyValue;
@@ -160,16 +160,17 @@ pub(crate) async fn compare(
     spec: &MoveSpec,
     src: &Client,
     dst: &Client,
+    infos: &[TableInfo],
 ) -> Result<Baseline, ReshardError> {
     let mut out = Baseline {
         mismatched: Touched::new(spec),
         ..Baseline::default()
     };
     for (ti, t) in spec.tables.iter().enumerate() {
-        let info = schema::describe_source(src, t).await?;
+        let info = &infos[ti];
         let q = format!(
             "SELECT {} FROM {} WHERE {} ORDER BY 1",
-            select_list(&info),
+            select_list(info),
             info.qualified,
             spec.predicate(t)
         );
@@ -239,6 +240,7 @@ pub(crate) async fn verify_keys(
     spec: &MoveSpec,
     src: &Client,
     dst: &Client,
+    infos: &[TableInfo],
     keys: &Touched,
 ) -> Result<KeyCheck, ReshardError> {
     let mut out = KeyCheck {
@@ -249,7 +251,7 @@ pub(crate) async fn verify_keys(
         let Some(set) = keys.0.get(ti).filter(|s| !s.is_empty()) else {
             continue;
         };
-        let info = schema::describe_source(src, t).await?;
+        let info = &infos[ti];
         let key_type = info
             .columns
             .iter()
@@ -263,7 +265,7 @@ pub(crate) async fn verify_keys(
         out.keys += list.len() as u64;
         let q = format!(
             "SELECT {} FROM {} WHERE {} = ANY($1::text[]::{key_type}[])",
-            select_list(&info),
+            select_list(info),
             info.qualified,
             quote_ident(&info.key_column),
         );
