@@ -447,6 +447,9 @@ async fn cut_over(
     plan: &Plan,
 ) -> Result<(), JobError> {
     let h = &node.catalog_handle;
+    // A runner that died inside the freeze left it: writers must not wait
+    // through the comparison below.
+    thaw(node, plan).await?;
     let mut sessions = Vec::new();
     for s in &plan.specs {
         sessions.push(Session::open(s).await?);
