@@ -618,8 +618,8 @@ pub(crate) const DELETE_BATCH: usize = 10_000;
 
 /// Deletes the rows of `t` whose shard key lies in the range, on `side`:
 /// `reader`, a connection to that server that is not `deleter`'s, streams
-/// the table's distinct keys as text (pre-filtered in SQL when the function
-/// has an SQL form); the keys [`MoveSpec::contains`] places in the range
+/// the table's distinct keys as text, in key order (pre-filtered in SQL
+/// when the function has an SQL form); the keys [`MoveSpec::contains`] places in the range
 /// are deleted through `deleter` by key, `batch` keys per statement. Every
 /// row of a key has the key's point, so deleting by key is exact. Returns
 /// the number of rows deleted.
@@ -633,8 +633,11 @@ pub(crate) async fn delete_range<C: tokio_postgres::GenericClient>(
 ) -> Result<u64, ReshardError> {
     let table = quote_table(&t.name);
     let key = quote_ident(&t.key_column);
+    // In key order: an index on the key then yields the distinct keys as
+    // it scans (no hashing of the whole range first), and each batch
+    // deletes from one region of the index and the heap.
     let select = format!(
-        "SELECT DISTINCT {key}::text FROM {table}{}",
+        "SELECT d.k::text FROM (SELECT DISTINCT {key} AS k FROM {table}{}) d ORDER BY d.k",
         spec.where_prefilter(t)
     );
     let delete = format!(
