@@ -300,19 +300,42 @@ impl ProcCluster {
         dsns: &[String],
         query: &str,
     ) -> (std::collections::BTreeMap<i64, i32>, Vec<usize>) {
+        let (seen, per_shard) = self
+            .placed_rows_with(dsns, query, |row| {
+                let id: i64 = row.get(0);
+                let n: i32 = row.get(1);
+                (
+                    id.to_string(),
+                    hotrepart_router::hash::hashint8extended(id, 0),
+                    (id, n),
+                )
+            })
+            .await;
+        (seen.into_values().collect(), per_shard)
+    }
+
+    /// As [`ProcCluster::placed_rows`] for any key type and routing
+    /// function: `row` gives each row's key (as text, to find duplicates),
+    /// its point and a value to return. Returns the values by key and rows
+    /// per shard.
+    pub async fn placed_rows_with<T>(
+        &self,
+        dsns: &[String],
+        query: &str,
+        row: impl Fn(&tokio_postgres::Row) -> (String, u64, T),
+    ) -> (std::collections::BTreeMap<String, T>, Vec<usize>) {
         let rs = self.ranges(0).await;
         let mut seen = std::collections::BTreeMap::new();
         let mut per_shard = vec![0; dsns.len()];
         for (si, dsn) in dsns.iter().enumerate() {
             let db = crate::connect(dsn).await.unwrap();
-            for row in db.query(query, &[]).await.unwrap() {
-                let id: i64 = row.get(0);
+            for r in db.query(query, &[]).await.unwrap() {
+                let (key, p, value) = row(&r);
                 assert!(
-                    seen.insert(id, row.get(1)).is_none(),
-                    "row {id} is stored twice"
+                    seen.insert(key.clone(), value).is_none(),
+                    "row {key} is stored twice"
                 );
                 per_shard[si] += 1;
-                let p = hotrepart_router::hash::hashint8extended(id, 0);
                 let owner = &rs
                     .iter()
                     .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
@@ -321,7 +344,7 @@ impl ProcCluster {
                 assert_eq!(
                     owner,
                     &format!("s{si}"),
-                    "row {id} is on s{si}, its range is owned by {owner}"
+                    "row {key} (point {p:#018x}) is on s{si}, its range is owned by {owner}"
                 );
             }
         }

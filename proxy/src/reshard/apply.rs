@@ -9,8 +9,9 @@
 //!   committed but before the slot moved) leaves the same final state.
 //! - The slot is advanced only after the target transaction committed
 //!   (synchronously), and never past what was decoded.
-//! - A row's membership in the range is decided by the router's own
-//!   `RoutingFunction::point` on the key parsed by its `KeyType`; an UPDATE
+//! - A row's membership in the range is decided by `MoveSpec::contains` (the
+//!   router's own `RoutingFunction::point`, built-in or WebAssembly) on the
+//!   key parsed by its `KeyType`; an UPDATE
 //!   that moves a key out of the range deletes the old row, one that moves it
 //!   in upserts the new one.
 //! - A value left out of an UPDATE because it is TOASTed and unchanged is
@@ -26,7 +27,7 @@ use super::{
     Side, SLOT_BUSY_WAIT,
 };
 use futures_util::TryStreamExt;
-use hotrepart_router::catalog::{KeyValue, Span};
+use hotrepart_router::catalog::KeyValue;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio_postgres::{Client, Transaction};
@@ -105,7 +106,6 @@ pub(crate) async fn catch_up(
     futures_util::pin_mut!(stream);
 
     let mut ap = Applier {
-        range: spec.range,
         infos,
         tx: &tx,
         spec,
@@ -276,7 +276,6 @@ struct Group {
 const GROUP_ROWS: usize = 500;
 
 struct Applier<'a> {
-    range: Span,
     infos: &'a [TableInfo],
     tx: &'a Transaction<'a>,
     spec: &'a MoveSpec,
@@ -308,14 +307,8 @@ impl Applier<'_> {
                     table: info.name.clone(),
                     problem: format!("shard key value from the slot: {e}"),
                 })?;
-                let point =
-                    info.function
-                        .builtin_point(&key)
-                        .ok_or_else(|| ReshardError::Table {
-                            table: info.name.clone(),
-                            problem: "routing function without a built-in point".into(),
-                        })?;
-                Ok(self.range.contains(point))
+                // `infos` are described from `spec.tables`, in order.
+                self.spec.contains(&self.spec.tables[b.table], &key)
             }
             // A NULL key has no point: it is in no range (as in SQL, where
             // the range predicate on NULL is not true).

@@ -14,16 +14,31 @@
 //! 2. [`start_capture`]: publication `hr_<job>`, then logical slot
 //!    `hr_<job>` (pgoutput). Both kept when they exist.
 //! 3. [`copy`]: per table, in one target transaction: delete the range's
-//!    rows on the target, then `COPY (SELECT … WHERE <range>) TO STDOUT` from
-//!    the source streamed into `COPY … FROM STDIN` (binary, rows untouched).
+//!    rows on the target, then the source's binary `COPY … TO STDOUT`,
+//!    filtered tuple by tuple in Rust, streamed into `COPY … FROM STDIN`
+//!    (rows untouched).
 //! 4. [`catch_up`] (repeatedly): peek the slot's changes, keep those whose key
-//!    lies in the range (the router's own hash code), apply them as upserts
-//!    and deletes by primary key in one target transaction, then advance the
-//!    slot.
+//!    lies in the range, apply them as upserts and deletes by primary key in
+//!    one target transaction, then advance the slot.
 //! 5. [`verify`]: row count and an order-independent checksum per table on
 //!    both sides.
 //! 6. after the flip: [`stop_capture`], then [`cleanup_source`]. To abort
 //!    before the flip: [`abort_target`] and [`stop_capture`].
+//!
+//! Range membership: every step decides whether a row is in the range in
+//! Rust, with [`MoveSpec::contains`] — the router's own code placing the
+//! row's shard key (`RoutingFunction::point`), so built-in hashing and
+//! WebAssembly routing functions move alike, and a row moves exactly when
+//! queries for its key are routed by the range. When the table's function
+//! has an SQL form (built-in hashing) the steps also send the range
+//! predicate to PostgreSQL as a pre-filter, so that the servers send fewer
+//! rows; it never decides anything the Rust check would not. Per step: copy
+//! decodes the key of each tuple of the binary stream; catch-up parses the
+//! key of each change; verify streams `(key, row hash)` and sums those in
+//! the range; [`cleanup_source`], [`abort_target`] and the copy's clearing
+//! of the target stream the table's distinct keys and delete the range's
+//! ones by key, in batches (same key, same point: deleting by key is exact).
+//! A NULL shard key has no point: such a row is in no range and never moves.
 //!
 //! Cancellation: every step may be dropped at any `.await` (that is how the
 //! tests simulate a crash): its connections close, PostgreSQL rolls back
@@ -46,6 +61,7 @@ pub mod pgoutput;
 mod schema;
 mod verify;
 
+use futures_util::TryStreamExt;
 use hotrepart_router::catalog::{
     Functions, KeyRange, KeyType, KeyValue, RoutingFunction, ShardId, Span,
 };
@@ -132,14 +148,15 @@ impl MoveSpec {
             return Err(ReshardError::Spec(format!("empty range {}", self.range)));
         }
         for t in &self.tables {
-            if t.function.sql_hash(t.key_type, "k").is_none() {
-                return Err(ReshardError::Table {
-                    table: t.name.clone(),
-                    problem: format!(
-                        "routing function {} has no SQL form (WebAssembly): moving rows of tables it places is not supported yet",
-                        t.function
-                    ),
-                });
+            if let RoutingFunction::Wasm { id } = t.function {
+                if self.functions.get(&id).is_none() {
+                    return Err(ReshardError::Table {
+                        table: t.name.clone(),
+                        problem: format!(
+                            "its WebAssembly routing function {id} is not loaded on this node (no implementation to place its rows)"
+                        ),
+                    });
+                }
             }
             if !t.function.supports(t.key_type) {
                 return Err(ReshardError::Table {
@@ -155,21 +172,24 @@ impl MoveSpec {
         Ok(())
     }
 
-    /// SQL predicate selecting the rows of `t` in the range, with the router's
-    /// own hash expression.
-    fn predicate(&self, t: &TableMove) -> String {
+    /// SQL predicate selecting the rows of `t` in the range, with the
+    /// router's own hash expression, when the table's function has an SQL
+    /// form (`None` for a WebAssembly function). Only a pre-filter: which
+    /// rows are in the range is decided by [`MoveSpec::contains`].
+    fn prefilter(&self, t: &TableMove) -> Option<String> {
+        let hash = t
+            .function
+            .sql_hash(t.key_type, &quote_ident(&t.key_column))?;
         // KeyRange carries the predicate code; the owner is irrelevant here.
-        let owner = ShardId::new("reshard").ok();
-        match owner {
-            Some(owner) => match t.function.sql_hash(t.key_type, &quote_ident(&t.key_column)) {
-                Some(hash) => {
-                    KeyRange::active(self.range.lo, self.range.hi, owner).sql_predicate(&hash)
-                }
-                // Refused by `validate`.
-                None => "false".into(),
-            },
-            None => "false".into(),
-        }
+        let owner = ShardId::new("reshard").ok()?;
+        Some(KeyRange::active(self.range.lo, self.range.hi, owner).sql_predicate(&hash))
+    }
+
+    /// ` WHERE <pre-filter>`, or nothing.
+    fn where_prefilter(&self, t: &TableMove) -> String {
+        self.prefilter(t)
+            .map(|p| format!(" WHERE {p}"))
+            .unwrap_or_default()
     }
 }
 
@@ -467,6 +487,7 @@ pub async fn copy(spec: &MoveSpec, progress: impl Fn(u64) + Sync) -> Result<u64,
     async {
         let src = connect(spec, Side::Source).await?;
         let mut dst = connect(spec, Side::Target).await?;
+        let keys = connect(spec, Side::Target).await?;
         let slot_exists = capture_exists(&src, spec).await?;
         if !slot_exists {
             return Err(ReshardError::NoCapture(spec.capture_name()));
@@ -474,7 +495,7 @@ pub async fn copy(spec: &MoveSpec, progress: impl Fn(u64) + Sync) -> Result<u64,
         let mut total = 0u64;
         for t in &spec.tables {
             let info = schema::describe_source(&src, t).await?;
-            let n = copy::copy_table(spec, &src, &mut dst, &info, &spec.predicate(t), &|rows| {
+            let n = copy::copy_table(spec, t, &src, &mut dst, &keys, &info, &|rows| {
                 progress(total + rows)
             })
             .await?;
@@ -599,7 +620,10 @@ impl Session {
 
 /// Row count and checksum of the range's rows of every table on both
 /// sides. Any missing, extra or different row makes the table unequal
-/// (up to 64-bit hash collisions).
+/// (up to 64-bit hash collisions). Both sides stream `(key, row hash)` of
+/// their rows (only the pre-filtered ones when the function has an SQL
+/// form); the rows whose key [`MoveSpec::contains`] places in the range are
+/// counted and summed here.
 pub async fn verify(spec: &MoveSpec) -> Result<Verify, ReshardError> {
     spec.validate()?;
     async {
@@ -610,24 +634,17 @@ pub async fn verify(spec: &MoveSpec) -> Result<Verify, ReshardError> {
             let info = schema::describe_source(&src, t).await?;
             let cols: Vec<String> = info.copy_columns().map(|c| quote_ident(&c.name)).collect();
             let q = format!(
-                "SELECT count(*)::int8, coalesce(sum(hashtextextended(ROW({})::text, 0)), 0)::text \
-                 FROM {} WHERE {}",
+                "SELECT {}::text, hashtextextended(ROW({})::text, 0) FROM {}{}",
+                quote_ident(&t.key_column),
                 cols.join(", "),
                 info.qualified,
-                spec.predicate(t)
+                spec.where_prefilter(t)
             );
-            let (a, b) = tokio::join!(src.query_one(&q, &[]), dst.query_one(&q, &[]));
-            let a = a.map_err(sql(Side::Source, format!("checksum of {}", t.name)))?;
-            let b = b.map_err(sql(Side::Target, format!("checksum of {}", t.name)))?;
-            let parse = |s: String| {
-                s.parse::<i128>().map_err(|_| ReshardError::Table {
-                    table: t.name.clone(),
-                    problem: format!("unexpected checksum {s:?}"),
-                })
-            };
-            let (source_count, target_count): (i64, i64) = (a.get(0), b.get(0));
-            let source_sum = parse(a.get(1))?;
-            let target_sum = parse(b.get(1))?;
+            let (a, b) = tokio::join!(
+                range_checksum(spec, t, &src, Side::Source, &q),
+                range_checksum(spec, t, &dst, Side::Target, &q)
+            );
+            let ((source_count, source_sum), (target_count, target_sum)) = (a?, b?);
             tables.push(TableCheck {
                 table: t.name.clone(),
                 source_count,
@@ -643,11 +660,115 @@ pub async fn verify(spec: &MoveSpec) -> Result<Verify, ReshardError> {
     .await
 }
 
-/// Deletes the range's rows from the source, `batch` rows per statement
-/// (each its own transaction, so locks and WAL stay small). Returns the
-/// number of rows deleted by this call; idempotent. Refused while the slot
-/// exists: these deletes are changes in the range, and a catch-up after
-/// them would delete the moved rows from the target.
+/// Count and sum of the row hashes of the rows `q` streams (key as text,
+/// row hash) whose key is in the range.
+async fn range_checksum(
+    spec: &MoveSpec,
+    t: &TableMove,
+    c: &Client,
+    side: Side,
+    q: &str,
+) -> Result<(i64, i128), ReshardError> {
+    let what = || format!("checksum of {}", t.name);
+    let rows = c.query_raw(q, NO_PARAMS).await.map_err(sql(side, what()))?;
+    futures_util::pin_mut!(rows);
+    let (mut count, mut sum) = (0i64, 0i128);
+    while let Some(row) = rows.try_next().await.map_err(sql(side, what()))? {
+        let key: Option<&str> = row.try_get(0).map_err(sql(side, what()))?;
+        let Some(key) = key else {
+            continue; // a NULL key is in no range
+        };
+        if spec.contains(t, &parse_key(t, side, key)?)? {
+            let hash: i64 = row.try_get(1).map_err(sql(side, what()))?;
+            count += 1;
+            sum += i128::from(hash);
+        }
+    }
+    Ok((count, sum))
+}
+
+/// No statement parameters (for `query_raw`).
+const NO_PARAMS: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
+
+/// A shard key of `t` read as text from `side`.
+fn parse_key(t: &TableMove, side: Side, text: &str) -> Result<KeyValue, ReshardError> {
+    KeyValue::parse(t.key_type, text).map_err(|e| ReshardError::Table {
+        table: t.name.clone(),
+        problem: format!("shard key {text:?} on the {side} server: {e}"),
+    })
+}
+
+/// Keys per DELETE statement when clearing the range on the target.
+pub(crate) const DELETE_BATCH: usize = 10_000;
+
+/// Deletes the rows of `t` whose shard key lies in the range, on `side`:
+/// `reader`, a connection to that server that is not `deleter`'s, streams
+/// the table's distinct keys as text, in key order (pre-filtered in SQL
+/// when the function has an SQL form); the keys [`MoveSpec::contains`] places in the range
+/// are deleted through `deleter` by key, `batch` keys per statement. Every
+/// row of a key has the key's point, so deleting by key is exact. Returns
+/// the number of rows deleted.
+pub(crate) async fn delete_range<C: tokio_postgres::GenericClient>(
+    spec: &MoveSpec,
+    t: &TableMove,
+    side: Side,
+    reader: &Client,
+    deleter: &C,
+    batch: usize,
+) -> Result<u64, ReshardError> {
+    let table = quote_table(&t.name);
+    let key = quote_ident(&t.key_column);
+    // In key order: an index on the key then yields the distinct keys as
+    // it scans (no hashing of the whole range first), and each batch
+    // deletes from one region of the index and the heap.
+    let select = format!(
+        "SELECT d.k::text FROM (SELECT DISTINCT {key} AS k FROM {table}{}) d ORDER BY d.k",
+        spec.where_prefilter(t)
+    );
+    let delete = format!(
+        "DELETE FROM {table} WHERE {key} = ANY($1::text[]::{}[])",
+        t.key_type.sql_name()
+    );
+    let what = || format!("delete of the range of {}", t.name);
+    let keys = reader
+        .query_raw(&select, NO_PARAMS)
+        .await
+        .map_err(sql(side, what()))?;
+    futures_util::pin_mut!(keys);
+    let batch = batch.max(1);
+    let mut pending: Vec<String> = Vec::new();
+    let mut total = 0;
+    loop {
+        let row = keys.try_next().await.map_err(sql(side, what()))?;
+        let done = row.is_none();
+        if let Some(row) = row {
+            let k: Option<String> = row.try_get(0).map_err(sql(side, what()))?;
+            // A NULL key is in no range.
+            if let Some(k) = k {
+                if spec.contains(t, &parse_key(t, side, &k)?)? {
+                    pending.push(k);
+                }
+            }
+        }
+        if pending.len() >= batch || (done && !pending.is_empty()) {
+            total += deleter
+                .execute(&delete, &[&pending])
+                .await
+                .map_err(sql(side, what()))?;
+            pending.clear();
+        }
+        if done {
+            return Ok(total);
+        }
+    }
+}
+
+/// Deletes the range's rows from the source, by key, `batch` keys per
+/// statement (each its own transaction, so locks and WAL stay small; see
+/// [`delete_range`]). Returns the number of rows deleted by this call;
+/// idempotent. Refused while the slot exists: these deletes are changes in
+/// the range, and a catch-up after them would delete the moved rows from
+/// the target.
 pub async fn cleanup_source(spec: &MoveSpec, batch: usize) -> Result<u64, ReshardError> {
     spec.validate()?;
     async {
@@ -655,26 +776,10 @@ pub async fn cleanup_source(spec: &MoveSpec, batch: usize) -> Result<u64, Reshar
         if capture_exists(&src, spec).await? {
             return Err(ReshardError::CaptureActive(spec.capture_name()));
         }
-        let batch = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
+        let reader = connect(spec, Side::Source).await?;
         let mut total = 0;
         for t in &spec.tables {
-            let table = quote_table(&t.name);
-            // ctid = ANY(ARRAY(…)) is a TID scan; ctid IN (…) may plan a
-            // join over the whole table per batch.
-            let q = format!(
-                "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE {} LIMIT $1))",
-                spec.predicate(t)
-            );
-            loop {
-                let n = src
-                    .execute(&q, &[&batch])
-                    .await
-                    .map_err(sql(Side::Source, format!("cleanup of {}", t.name)))?;
-                total += n;
-                if n == 0 {
-                    break;
-                }
-            }
+            total += delete_range(spec, t, Side::Source, &reader, &src, batch).await?;
         }
         tracing::info!(rows = total, "source cleaned up");
         Ok(total)
@@ -684,11 +789,13 @@ pub async fn cleanup_source(spec: &MoveSpec, batch: usize) -> Result<u64, Reshar
 }
 
 /// Deletes the range's rows from the target (abort before the flip; the
-/// source is untouched). Returns the number of rows deleted; idempotent.
+/// source is untouched), in one target transaction holding the job's lock.
+/// Returns the number of rows deleted; idempotent.
 pub async fn abort_target(spec: &MoveSpec) -> Result<u64, ReshardError> {
     spec.validate()?;
     async {
         let mut dst = connect(spec, Side::Target).await?;
+        let reader = connect(spec, Side::Target).await?;
         let tx = dst
             .transaction()
             .await
@@ -707,17 +814,9 @@ pub async fn abort_target(spec: &MoveSpec) -> Result<u64, ReshardError> {
             if !exists {
                 continue;
             }
-            total += tx
-                .execute(
-                    &format!(
-                        "DELETE FROM {} WHERE {}",
-                        quote_table(&t.name),
-                        spec.predicate(t)
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(sql(Side::Target, format!("delete of {}", t.name)))?;
+            // The keys are read after the lock is held: every copy or
+            // catch-up of this job that wrote the range has committed.
+            total += delete_range(spec, t, Side::Target, &reader, &tx, DELETE_BATCH).await?;
         }
         tx.commit().await.map_err(sql(Side::Target, "COMMIT"))?;
         tracing::info!(rows = total, "target range deleted (abort)");
@@ -802,6 +901,7 @@ async fn capture_exists(src: &Client, spec: &MoveSpec) -> Result<bool, ReshardEr
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -836,13 +936,48 @@ mod tests {
     }
 
     #[test]
-    fn predicate_uses_the_router_hash() {
+    fn prefilter_uses_the_router_hash() {
         let s = spec();
         assert_eq!(
-            s.predicate(&s.tables[0]),
-            "(hashint8extended(\"id\", 0) >= 0 AND hashint8extended(\"id\", 0) < 4611686018427387904)"
+            s.prefilter(&s.tables[0]).as_deref(),
+            Some("(hashint8extended(\"id\", 0) >= 0 AND hashint8extended(\"id\", 0) < 4611686018427387904)")
         );
         assert_eq!(quote_table("public.items"), "\"public\".\"items\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    /// Points are the key's integer value.
+    #[derive(Debug)]
+    struct Identity;
+
+    impl hotrepart_router::catalog::PointFunction for Identity {
+        fn point(&self, _: KeyType, key: &KeyValue) -> Result<u64, String> {
+            key.as_i64()
+                .map(|v| v as u64)
+                .ok_or_else(|| "not an integer".into())
+        }
+    }
+
+    #[test]
+    fn webassembly_functions_move_when_loaded() {
+        let id = hotrepart_router::catalog::FunctionId([7; 32]);
+        let mut s = spec();
+        s.tables[0].function = RoutingFunction::Wasm { id };
+        let e = s.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("public.items") && e.contains(&id.to_string()) && e.contains("not loaded"),
+            "{e}"
+        );
+        s.functions.insert(id, std::sync::Arc::new(Identity));
+        assert!(s.validate().is_ok());
+        // No SQL form: no pre-filter; membership by the function's code.
+        assert_eq!(s.prefilter(&s.tables[0]), None);
+        assert_eq!(s.where_prefilter(&s.tables[0]), "");
+        let t = &s.tables[0];
+        assert!(s.contains(t, &KeyValue::Int8(5)).unwrap());
+        assert!(s.contains(t, &KeyValue::Int8((1 << 62) - 1)).unwrap());
+        assert!(!s.contains(t, &KeyValue::Int8(1 << 62)).unwrap());
+        assert!(!s.contains(t, &KeyValue::Int8(-1)).unwrap());
+        assert!(s.contains(t, &KeyValue::Text("x".into())).is_err());
     }
 }

@@ -169,10 +169,10 @@ pub(crate) async fn compare(
     for (ti, t) in spec.tables.iter().enumerate() {
         let info = &infos[ti];
         let q = format!(
-            "SELECT {} FROM {} WHERE {} ORDER BY 1",
+            "SELECT {} FROM {}{} ORDER BY 1",
             select_list(info),
             info.qualified,
-            spec.predicate(t)
+            spec.where_prefilter(t)
         );
         let none: [&(dyn ToSql + Sync); 0] = [];
         let (a, b) = tokio::join!(src.query_raw(&q, none), dst.query_raw(&q, none));
