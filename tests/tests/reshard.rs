@@ -8,6 +8,8 @@
 use hotrepart_tests::procs::{interrupt, ProcCluster};
 use hotrepart_tests::*;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TABLES: &str = "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n";
@@ -221,8 +223,14 @@ async fn epoch(c: &ProcCluster, i: usize) -> u64 {
 /// each on the shard owning its point and nothing else; returns rows per
 /// shard.
 async fn check(c: &ProcCluster, dsns: &[String], rows: i64) -> Vec<usize> {
+    check_with(c, dsns, rows, &[]).await
+}
+
+/// [`check`], with `copied` (version 1) besides the preloaded rows.
+async fn check_with(c: &ProcCluster, dsns: &[String], rows: i64, copied: &[i64]) -> Vec<usize> {
     let (seen, per) = c.placed_rows(dsns, "SELECT id, version FROM items").await;
-    let want: BTreeMap<i64, i32> = (1..=rows).map(|i| (i, 1)).collect();
+    let mut want: BTreeMap<i64, i32> = (1..=rows).map(|i| (i, 1)).collect();
+    want.extend(copied.iter().map(|&i| (i, 1)));
     assert_eq!(seen.len(), want.len(), "items: rows lost or added");
     assert!(seen == want, "items: rows differ from what was loaded");
     per
@@ -277,6 +285,68 @@ async fn setup(c: &ProcCluster, rows: i64) {
     }
 }
 
+/// Sharded COPYs of `items` through one node, in a loop: 40 new rows
+/// each, in 4 CopyData messages. A COPY into a frozen range waits and
+/// goes on; one that already wrote to the frozen range's source fails with
+/// 40001 (and its rows must be absent).
+struct Copier {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(Vec<i64>, Vec<i64>, Vec<String>)>,
+}
+
+impl Copier {
+    fn start(dsn: String) -> Copier {
+        use futures_util::SinkExt;
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let task = tokio::spawn(async move {
+            let db = connect(&dsn).await.unwrap();
+            let (mut acked, mut refused, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+            let mut next = 10_000_000i64;
+            while !st.load(Ordering::Relaxed) {
+                let ids: Vec<i64> = (next..next + 40).collect();
+                next += 40;
+                let r = async {
+                    let sink = db
+                        .copy_in::<_, bytes::Bytes>("COPY items (id, version) FROM STDIN")
+                        .await?;
+                    let mut sink = std::pin::pin!(sink);
+                    for part in ids.chunks(10) {
+                        let text: String = part.iter().map(|i| format!("{i}\t1\n")).collect();
+                        sink.send(bytes::Bytes::from(text)).await?;
+                    }
+                    sink.as_mut().finish().await
+                }
+                .await;
+                match r {
+                    Ok(n) => {
+                        assert_eq!(n, 40);
+                        acked.extend(ids);
+                    }
+                    Err(e) if e.code().is_some_and(|c| c.code() == "40001") => refused.extend(ids),
+                    Err(e) => errors.push(format!("{e:?}")),
+                }
+            }
+            (acked, refused, errors)
+        });
+        Copier { stop, task }
+    }
+
+    /// Acknowledged ids, ids of COPYs refused with 40001.
+    async fn finish(self) -> (Vec<i64>, Vec<i64>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (acked, refused, errors) = self.task.await.unwrap();
+        assert!(errors.is_empty(), "COPY errors: {errors:?}");
+        eprintln!(
+            "copier: {} COPYs acknowledged, {} refused with 40001",
+            acked.len() / 40,
+            refused.len() / 40
+        );
+        assert!(acked.len() >= 400, "the COPYs made no progress");
+        (acked, refused)
+    }
+}
+
 /// Issue 7: 2 shards → a third added with rebalance, then a range split
 /// and moved, while `proxyctl loadtest` writes, updates and reads through
 /// all 3 nodes: no client error, and its final check — through the nodes
@@ -312,6 +382,7 @@ async fn move_and_split_under_load_through_three_nodes() {
         ("s2", extra.dsn()),
     ];
     let load = LoadTest::start(&c, &[0, 1, 2], &shards).await;
+    let copier = Copier::start(c.nodes[2].dsn());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let epoch_before = epoch(&c, 0).await;
     let (ok, out, err) = c
@@ -379,6 +450,7 @@ async fn move_and_split_under_load_through_three_nodes() {
     let epoch_after = epoch(&c, 0).await;
     assert!(epoch_after > epoch_before);
     let report = load.finish().await;
+    let (copied, refused) = copier.finish().await;
     assert_clean(&report, &[]);
     // The check used the routing table after the moves: 3 shards, the
     // split range.
@@ -397,8 +469,11 @@ async fn move_and_split_under_load_through_three_nodes() {
         );
     }
     let dsns: Vec<String> = shards.iter().map(|s| s.1.clone()).collect();
-    let per = check(&c, &dsns, 20_000).await;
+    // The preloaded rows and every acknowledged COPY's rows, each once on
+    // its owner; none of a refused COPY's (the set must be exact).
+    let per = check_with(&c, &dsns, 20_000, &copied).await;
     assert!(per[2] > 0, "nothing moved to s2: {per:?}");
+    assert!(refused.iter().all(|id| !copied.contains(id)));
     nothing_left(&dsns).await;
     drop(extra);
 }
