@@ -17,6 +17,12 @@
 //! - A row whose key cannot be read (bad syntax, NULL, wrong number of
 //!   fields, malformed CSV/binary data) makes every shard's COPY fail
 //!   (CopyFail) and the client get one error; nothing lands.
+//! - Rows are routed by the routing table current when their message
+//!   arrives. A row of a range frozen for a cut-over waits for the next
+//!   table (the node's `FreezeWait`, as a statement does) and goes where
+//!   it names — unless this COPY's transaction already wrote to the range's
+//!   source, which the cut-over waits for: then 40001 at once
+//!   ([`route_held`]).
 //! - The header line (text/CSV `HEADER`) and the binary file header go to
 //!   every shard before its rows: each shard runs the client's statement
 //!   unchanged, so it expects them. The binary trailer is sent by the node.
@@ -34,7 +40,7 @@ use crate::routing::{Decision, Target};
 use crate::session::{command_complete, rfq, Refusal, Session, SessionError};
 use crate::wire::{self, Frame, Severity, WireError};
 use bytes::{BufMut, Bytes, BytesMut};
-use hotrepart_router::catalog::{KeyType, RoutingSnapshot, ShardId};
+use hotrepart_router::catalog::{KeyType, RangeStatus, RoutingSnapshot, ShardId};
 use hotrepart_router::route::copy::{CopyFormat, CopyPlan, CopyTable, Piece, RowSplitter};
 use hotrepart_router::route::{CopyDirection, RouteError};
 use postgres_protocol::message::frontend;
@@ -215,6 +221,10 @@ struct ShardCopy {
     done: bool,
     /// Its CommandComplete tag.
     tag: Option<String>,
+    /// Rows of this COPY queued or sent to the shard.
+    rows: u64,
+    /// The shard's name, for errors (COPY FROM).
+    name: String,
 }
 
 impl ShardCopy {
@@ -228,6 +238,8 @@ impl ShardCopy {
             error: None,
             done: false,
             tag: None,
+            rows: 0,
+            name: String::new(),
         }
     }
 
@@ -751,16 +763,17 @@ async fn read_client<S: AsyncRead + AsyncWrite + Unpin + Send>(
     })
 }
 
-/// Where the rows of a sharded COPY go: node shard index by router shard.
+/// Where the rows of a sharded COPY go: position in `st` by router shard
+/// (shards of the routing table this COPY has not started yet are absent).
 fn shard_positions<S>(
     s: &Session<S>,
     snap: &RoutingSnapshot,
-    shards: &[usize],
+    st: &[ShardCopy],
 ) -> HashMap<ShardId, usize> {
     snap.shards()
         .filter_map(|sh| {
             let t = s.node.shard_index(sh.id.as_str())?;
-            let pos = shards.iter().position(|&x| x == t)?;
+            let pos = st.iter().position(|sc| sc.t == t)?;
             Some((sh.id.clone(), pos))
         })
         .collect()
@@ -800,21 +813,40 @@ async fn copy_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
         );
         return Ok(());
     }
-    let mut st: Vec<ShardCopy> = shards.iter().map(|&t| ShardCopy::new(t)).collect();
-    match setup_from(s, plan, shards, &mut st, sql, in_tx).await? {
-        Ok(splitter) => {
-            let r = copy_in_loop(s, d, plan, shards, &mut st, splitter, in_tx).await?;
-            end_from(s, plan, &mut st, in_tx, proto, r).await
-        }
-        Err(f) => {
-            abort_shards(s, &mut st, &f.msg).await?;
-            reply_error(s, proto, false, &f.code, &f.msg);
-            if !in_tx {
-                s.end_of_transaction().await?;
+    let mut st: Vec<ShardCopy> = shards
+        .iter()
+        .map(|&t| {
+            let mut sc = ShardCopy::new(t);
+            sc.name = shard_name(s, t);
+            sc
+        })
+        .collect();
+    let res = async {
+        match setup_from(s, plan, shards, &mut st, sql, in_tx).await? {
+            Ok(splitter) => {
+                let r = copy_in_loop(s, d, plan, &mut st, splitter, in_tx).await?;
+                end_from(s, plan, &mut st, in_tx, proto, r).await
             }
-            Ok(())
+            Err(f) => {
+                abort_shards(s, &mut st, &f.msg).await?;
+                reply_error(s, proto, false, &f.code, &f.msg);
+                if !in_tx {
+                    s.end_of_transaction().await?;
+                }
+                Ok(())
+            }
         }
     }
+    .await;
+    if res.is_err() {
+        // Also the shards this COPY started on its own (see `run`).
+        for sc in &st {
+            if let Some(b) = s.slots[sc.t].conn.as_mut() {
+                b.broken = true;
+            }
+        }
+    }
+    res
 }
 
 /// Before copy-in mode: backends, columns, the shards' COPYs started
@@ -904,24 +936,35 @@ enum InEnd {
     Stop(Fail),
 }
 
+/// A row routed after the message it came in: its range was frozen, or
+/// its shard is not in this COPY yet (see [`route_held`]).
+struct Held {
+    data: Vec<u8>,
+    key: hotrepart_router::catalog::KeyValue,
+}
+
 /// Copy-in mode: client CopyData split over the shards until CopyDone,
 /// CopyFail or an error.
+///
+/// Rows are routed by the routing table current when their CopyData
+/// message arrives (reloaded when its epoch changes). A row that the
+/// table cannot place at once — its range is frozen for a cut-over, or its
+/// owner is a shard this COPY has not started — is held, with every later
+/// row of that message (row order per shard is kept), and routed by
+/// [`route_held`] before the next message is read.
 async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     d: &Decision,
     plan: &Arc<CopyPlan>,
-    shards: &[usize],
-    st: &mut [ShardCopy],
+    st: &mut Vec<ShardCopy>,
     mut splitter: Option<RowSplitter>,
     in_tx: bool,
 ) -> Result<InEnd, SessionError> {
-    let snap = s.node.catalog.load_full();
-    let pos_of = shard_positions(s, &snap, shards);
+    let mut snap = s.node.catalog.load_full();
+    let mut pos_of = shard_positions(s, &snap, st);
     let mut header: Option<Bytes> = None;
     let mut written: Option<usize> = None;
-    let names: Vec<String> = (0..s.node.shard_slots())
-        .map(|i| s.node.shard_name(i))
-        .collect();
+    let mut held: Vec<Held> = Vec::new();
     loop {
         let f = read_client(s).await?;
         let done = match f.tag() {
@@ -940,6 +983,10 @@ async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 )))
             }
         };
+        if s.node.catalog.load().epoch() != snap.epoch() {
+            snap = s.node.catalog.load_full();
+            pos_of = shard_positions(s, &snap, st);
+        }
         let res: Result<(), Fail> = match splitter.as_mut() {
             None => {
                 // Reference table: the same data to every shard.
@@ -959,26 +1006,25 @@ async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
                             let Some(key) = key else {
                                 return Err(Fail::new("XX000", "a sharded COPY row without a key"));
                             };
-                            let owner = plan.owner(&snap, &key)?;
-                            let Some(&p) = pos_of.get(owner) else {
-                                return Err(Fail::new(
-                                    "XX000",
-                                    format!("shard {owner} of the routing table is not configured on this node"),
-                                ));
-                            };
-                            if in_tx {
-                                if let Some(w) = written.filter(|&w| w != p) {
-                                    return Err(Fail::new("0A000", format!(
-                                        "this COPY writes rows to shards {} and {} inside a transaction block; inside a transaction block one COPY writes to one shard (split the rows into one COPY per shard; the transaction may write to several shards)",
-                                        names[shards[w]], names[shards[p]]
-                                    )));
-                                }
-                                written = Some(p);
+                            if !held.is_empty() {
+                                held.push(Held {
+                                    data: data.to_vec(),
+                                    key,
+                                });
+                                return Ok(());
                             }
-                            let sc = &mut st[p];
-                            sc.header(header.as_ref());
-                            sc.push_data(data);
-                            Ok(())
+                            let range = plan.range(&snap, &key)?;
+                            let pos = match pos_of.get(&range.write_owner) {
+                                Some(&p) if range.status != RangeStatus::Frozen => p,
+                                _ => {
+                                    held.push(Held {
+                                        data: data.to_vec(),
+                                        key,
+                                    });
+                                    return Ok(());
+                                }
+                            };
+                            place(st, &mut written, in_tx, pos, header.as_ref(), data)
                         }
                     }
                 };
@@ -992,25 +1038,47 @@ async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
         if let Err(fail) = res {
             return Ok(InEnd::Stop(fail));
         }
-        // Inside a transaction block: start the COPY on the shard of the
-        // first row.
-        if in_tx {
-            for sc in st.iter_mut() {
-                if sc.started || sc.out.is_empty() {
-                    continue;
-                }
+        if !held.is_empty() {
+            let rows = std::mem::take(&mut held);
+            let r = route_held(
+                s,
+                plan,
+                st,
+                &mut snap,
+                &mut pos_of,
+                &mut written,
+                in_tx,
+                header.as_ref(),
+                rows,
+            )
+            .await;
+            if let Err(fail) = r {
+                return Ok(InEnd::Stop(fail));
+            }
+        }
+        // Start the COPY on a shard when its first row arrives: inside a
+        // transaction block every shard (one COPY writes to one shard);
+        // outside, a shard the routing table gained during this COPY.
+        for sc in st.iter_mut() {
+            if sc.started || sc.done || sc.out.is_empty() {
+                continue;
+            }
+            if in_tx {
                 if let Err(r) = s.check_write(d, sc.t) {
                     return Ok(InEnd::Stop(r.into()));
                 }
-                if let Err(r) = s.ensure_backend(sc.t).await? {
-                    return Ok(InEnd::Stop(r.into()));
-                }
+            }
+            if let Err(r) = s.ensure_backend(sc.t).await? {
+                return Ok(InEnd::Stop(r.into()));
+            }
+            if in_tx {
                 s.cur = sc.t;
-                // The rows queued for it wait while the COPY starts.
-                start_shard(s, sc, &d.sql_text, false).await?;
-                if let Some((code, msg)) = sc.error.clone() {
-                    return Ok(InEnd::Stop(Fail { code, msg }));
-                }
+            }
+            // The rows queued for it wait while the COPY starts.
+            start_shard(s, sc, &d.sql_text, !in_tx).await?;
+            if let Some((code, msg)) = sc.error.clone() {
+                let m = format!("{msg} (on shard {})", shard_name(s, sc.t));
+                return Ok(InEnd::Stop(Fail { code, msg: m }));
             }
         }
         for sc in st.iter_mut() {
@@ -1036,6 +1104,133 @@ async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return Ok(InEnd::Done);
         }
     }
+}
+
+/// Queues a row for `st[pos]` (after the header, once). Inside a
+/// transaction block one COPY writes to one shard.
+fn place(
+    st: &mut [ShardCopy],
+    written: &mut Option<usize>,
+    in_tx: bool,
+    pos: usize,
+    header: Option<&Bytes>,
+    data: &[u8],
+) -> Result<(), Fail> {
+    if in_tx {
+        if let Some(w) = written.filter(|&w| w != pos) {
+            return Err(Fail::new(
+                "0A000",
+                format!(
+                    "this COPY writes rows to shards {} and {} inside a transaction block; inside a transaction block one COPY writes to one shard (split the rows into one COPY per shard; the transaction may write to several shards)",
+                    st[w].name, st[pos].name
+                ),
+            ));
+        }
+        *written = Some(pos);
+    }
+    let sc = &mut st[pos];
+    sc.header(header);
+    sc.push_data(data);
+    sc.rows += 1;
+    Ok(())
+}
+
+/// Routes held rows, in order, waiting where needed:
+///
+/// - A row whose owner is a shard this COPY has not started (the routing
+///   table gained it during the COPY) gets that shard added; its COPY is
+///   started by the caller before anything is sent to it.
+/// - A row of a **frozen** range (a cut-over in progress) waits for the
+///   next routing table with the node's [`crate::node::FreezeWait`] — the
+///   same wait, bounded by `freeze_wait_ms`, as a statement's — and is
+///   routed again by it (after the cut-over, to the new owner); past the
+///   bound: 40001, the COPY fails and nothing of it lands.
+/// - But not when this COPY's transaction has written to the frozen
+///   range's source (rows of this COPY queued or sent there, or, inside a
+///   transaction block, an earlier write there): the cut-over waits for
+///   every transaction open on the source at the freeze to end before it
+///   can flip (`jobs::wait_open_transactions`), so waiting here would only
+///   hold both up until the cut-over gives up (5 s), thaws and fails its
+///   attempt (a job fails after 4 attempts). Such a row fails the COPY at
+///   once with 40001: its rollback lets the cut-over go on, and the client
+///   retries the COPY after it.
+#[allow(clippy::too_many_arguments)]
+async fn route_held<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    plan: &CopyPlan,
+    st: &mut Vec<ShardCopy>,
+    snap: &mut Arc<RoutingSnapshot>,
+    pos_of: &mut HashMap<ShardId, usize>,
+    written: &mut Option<usize>,
+    in_tx: bool,
+    header: Option<&Bytes>,
+    rows: Vec<Held>,
+) -> Result<(), Fail> {
+    let mut wait: Option<crate::node::FreezeWait> = None;
+    let mut i = 0;
+    while i < rows.len() {
+        let row = &rows[i];
+        let range = plan.range(snap, &row.key)?;
+        if range.status == RangeStatus::Frozen {
+            let source = s.node.shard_index(range.write_owner.as_str());
+            let wrote_source = pos_of
+                .get(&range.write_owner)
+                .is_some_and(|&p| st[p].rows > 0)
+                || (in_tx && source.is_some_and(|t| s.tx_writes.contains(&t)));
+            let frozen = |why: &str| {
+                Fail::new(
+                    "40001",
+                    format!(
+                        "the key range of key {} of \"{}\" is frozen for a cut-over {why}; retry the COPY",
+                        row.key, plan.table
+                    ),
+                )
+            };
+            if wrote_source {
+                return Err(frozen(&format!(
+                    "that waits for this transaction, which wrote to its source shard {}",
+                    range.write_owner
+                )));
+            }
+            match wait.as_mut() {
+                None => {
+                    // Subscribe first, then read the current table: a
+                    // table published in between is not missed.
+                    wait = Some(s.node.freeze_wait());
+                }
+                Some(w) => {
+                    if !w.next_table().await {
+                        return Err(frozen("that did not end in time"));
+                    }
+                }
+            }
+            *snap = s.node.catalog.load_full();
+            *pos_of = shard_positions(s, snap, st);
+            continue;
+        }
+        let pos = match pos_of.get(&range.write_owner) {
+            Some(&p) => p,
+            None => {
+                let Some(t) = s.node.shard_index(range.write_owner.as_str()) else {
+                    return Err(Fail::new(
+                        "XX000",
+                        format!(
+                            "shard {} of the routing table is not configured on this node",
+                            range.write_owner
+                        ),
+                    ));
+                };
+                let mut sc = ShardCopy::new(t);
+                sc.name = s.node.shard_name(t);
+                st.push(sc);
+                pos_of.insert(range.write_owner.clone(), st.len() - 1);
+                st.len() - 1
+            }
+        };
+        place(st, written, in_tx, pos, header, &row.data)?;
+        i += 1;
+    }
+    Ok(())
 }
 
 /// After copy-in mode: CopyDone (or CopyFail) to the shards, their answers,

@@ -78,6 +78,9 @@ pub struct Options {
     pub seed: Option<u64>,
     /// Called once per second of load with that second's numbers.
     pub progress: Option<Progress>,
+    /// Ends the load before `duration` when notified (`proxyctl loadtest`:
+    /// SIGINT); the check runs as usual.
+    pub stop: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Options {
@@ -98,6 +101,7 @@ impl Options {
             op_timeout: Duration::from_secs(10),
             seed: None,
             progress: None,
+            stop: None,
         }
     }
 }
@@ -346,6 +350,8 @@ pub struct Report {
     pub check_error: Option<String>,
     pub table: String,
     pub seconds: f64,
+    /// The load was ended before its duration ([`Options::stop`]).
+    pub stopped_early: bool,
     pub writers: usize,
     pub updaters: usize,
     pub readers: usize,
@@ -375,6 +381,7 @@ pub struct Load {
     violations: Vec<Violation>,
     violations_found: usize,
     seconds: f64,
+    stopped_early: bool,
     reads_ok: u64,
 }
 
@@ -503,6 +510,7 @@ pub fn report(
         check_error: None,
         table: opts.table.clone(),
         seconds: load.seconds,
+        stopped_early: load.stopped_early,
         writers: opts.writers,
         updaters: opts.updaters,
         readers: opts.readers,
@@ -1010,7 +1018,16 @@ pub async fn load(opts: &Options) -> Result<Load, Error> {
             }
         })
     };
-    tokio::time::sleep(opts.duration).await;
+    let stopped_early = match &opts.stop {
+        Some(stop) => tokio::select! {
+            _ = tokio::time::sleep(opts.duration) => false,
+            _ = stop.notified() => true,
+        },
+        None => {
+            tokio::time::sleep(opts.duration).await;
+            false
+        }
+    };
     shared.stop.store(true, Ordering::Relaxed);
     // A worker ends its current operation (bounded by op_timeout, plus a
     // reconnect) and stops; one that does not is aborted and reported.
@@ -1042,6 +1059,7 @@ pub async fn load(opts: &Options) -> Result<Load, Error> {
         violations,
         violations_found,
         seconds,
+        stopped_early,
         reads_ok: shared.reads_ok.load(Ordering::Relaxed),
     })
 }

@@ -116,7 +116,14 @@ impl FreezeWait {
     /// and before the deadline, after the next routing table (or the
     /// deadline).
     pub async fn retry(&mut self, r: &Refusal) -> bool {
-        if !r.frozen || tokio::time::Instant::now() >= self.deadline {
+        r.frozen && self.next_table().await
+    }
+
+    /// Waits for the next routing table (or the deadline); false, at once,
+    /// when the deadline has passed: the write's 40001 stands. For callers
+    /// that find the frozen range themselves (a COPY's rows).
+    pub async fn next_table(&mut self) -> bool {
+        if tokio::time::Instant::now() >= self.deadline {
             return false;
         }
         let _ = tokio::time::timeout_at(self.deadline, self.epochs.changed()).await;

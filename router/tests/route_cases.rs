@@ -594,6 +594,18 @@ fn read_and_write_owners() {
     assert_eq!((r.target, r.touches_frozen), (Target::One(s("s0")), false));
     let r = route(&snap, "DELETE FROM users", &[], &h).expect("route");
     assert_eq!((r.target, r.touches_frozen), (Target::All, true));
+    // A sharded COPY FROM is placed (and waits) row by row, by the range:
+    // the statement itself is not held up by a frozen range.
+    let r = route(&snap, "COPY users FROM STDIN", &[], &h).expect("route");
+    assert_eq!((r.target, r.touches_frozen), (Target::All, false));
+    let copy = r.copy.expect("a copy plan");
+    let k = hotrepart_router::catalog::KeyValue::Int8(1);
+    let range = copy.range(&snap, &k).expect("range");
+    assert_eq!(
+        (range.status, range.write_owner.clone()),
+        (RangeStatus::Frozen, s("s1"))
+    );
+    assert_eq!(copy.owner(&snap, &k).expect_err("frozen").sqlstate, "40001");
 }
 
 /// Error messages name the construct.

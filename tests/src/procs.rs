@@ -49,6 +49,18 @@ pub fn bin(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// Sends SIGINT to a child process (`proxyctl loadtest` then ends its load
+/// and runs its check).
+pub fn interrupt(child: &tokio::process::Child) {
+    let pid = child.id().expect("the child is running");
+    let st = Command::new("kill")
+        .arg("-INT")
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -INT {pid} failed");
+}
+
 /// One node process and its ports.
 pub struct ProcNode {
     pub id: u64,
@@ -260,6 +272,33 @@ impl ProcCluster {
         let mut all = vec!["--admin", url.as_str(), "--token", TOKEN];
         all.extend_from_slice(args);
         crate::run_cmd(bin("proxyctl").to_str().unwrap(), &all, &[]).await
+    }
+
+    /// Starts `proxyctl` against node `i` as a child process (killed on
+    /// drop): stdout piped, stderr appended to `stderr_log`.
+    pub fn spawn_proxyctl(
+        &self,
+        i: usize,
+        args: &[String],
+        stderr_log: &std::path::Path,
+    ) -> tokio::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(stderr_log)
+            .unwrap();
+        tokio::process::Command::new(bin("proxyctl"))
+            .arg("--admin")
+            .arg(self.nodes[i].admin_url())
+            .arg("--token")
+            .arg(TOKEN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn proxyctl")
     }
 
     /// `proxyctl --json status` of node `i`, or None if it does not answer.

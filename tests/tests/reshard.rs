@@ -1,9 +1,11 @@
 //! Live resharding through a 3-node cluster of real `hotrepart serve`
-//! processes in front of real PostgreSQL shards: ranges moved while clients
-//! write through every node; the node running the job killed; a job aborted.
+//! processes in front of real PostgreSQL shards: ranges moved while the
+//! shipped verifying load generator (`proxyctl loadtest`, a child process)
+//! writes, updates and reads through the nodes, its JSON report parsed and
+//! checked; the node running the job killed; a job aborted.
 #![allow(clippy::unwrap_used)]
 
-use hotrepart_tests::procs::ProcCluster;
+use hotrepart_tests::procs::{interrupt, ProcCluster};
 use hotrepart_tests::*;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,105 +64,175 @@ async fn start_job(c: &ProcCluster, i: usize, args: &[&str]) -> String {
     v["job"].as_str().unwrap().to_string()
 }
 
-/// Writers through the given nodes: inserts of new ids and updates of a
-/// version column; returns the acknowledged (id → version) and every
-/// client error.
-/// Acknowledged id → version (negative: an update of that id failed with
-/// an unknown outcome, so its version may be higher), errors, worst latency.
-type LoadResult = (BTreeMap<i64, i32>, Vec<String>, Duration);
-
-struct Load {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<LoadResult>>,
+/// `proxyctl loadtest` — the shipped binary — as a child process: writers,
+/// updaters and readers on table `hr_load` through the given nodes (and
+/// the admin API of the first), until [`LoadTest::finish`] interrupts it
+/// (SIGINT: the load stops, its check runs against the routing table and
+/// shards of that moment). `--duration` only bounds it.
+struct LoadTest {
+    child: tokio::process::Child,
+    log: std::path::PathBuf,
 }
 
-impl Load {
-    fn start(c: &ProcCluster, nodes: &[usize]) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = nodes
-            .iter()
-            .enumerate()
-            .map(|(w, &i)| {
-                let dsn = c.nodes[i].dsn();
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let db = connect(&dsn).await.unwrap();
-                    let mut acked = BTreeMap::new();
-                    let mut errors = Vec::new();
-                    let mut worst = Duration::ZERO;
-                    let mut n = 0i64;
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        n += 1;
-                        let t0 = Instant::now();
-                        // Every third operation updates an earlier row.
-                        let mut updating = None;
-                        let r = if n % 3 == 0 && !acked.is_empty() {
-                            let id = *acked.keys().nth((n as usize * 7) % acked.len()).unwrap();
-                            updating = Some(id);
-                            db.query_one(
-                                "UPDATE items SET version = version + 1 WHERE id = $1 RETURNING version",
-                                &[&id],
-                            )
-                            .await
-                            .map(|row| (id, row.get::<_, i32>(0)))
-                        } else {
-                            let id = (w as i64 + 1) * 10_000_000 + n;
-                            db.execute("INSERT INTO items (id, version) VALUES ($1, 1)", &[&id])
-                                .await
-                                .map(|_| (id, 1))
-                        };
-                        worst = worst.max(t0.elapsed());
-                        match r {
-                            Ok((id, v)) => {
-                                acked.insert(id, v);
-                            }
-                            Err(e) => {
-                                if let Some(id) = updating {
-                                    if let Some(v) = acked.get_mut(&id) {
-                                        *v = -v.abs();
-                                    }
-                                }
-                                errors.push(e.to_string());
-                            }
-                        }
-                    }
-                    (acked, errors, worst)
-                })
-            })
-            .collect();
-        Load { stop, tasks }
-    }
+/// Upper bound of a load; the tests interrupt it long before.
+const LOAD_MAX: &str = "150s";
 
-    async fn finish(self) -> LoadResult {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = BTreeMap::new();
-        let mut errors = Vec::new();
-        let mut worst = Duration::ZERO;
-        for t in self.tasks {
-            let (a, e, w) = t.await.unwrap();
-            all.extend(a);
-            errors.extend(e);
-            worst = worst.max(w);
+impl LoadTest {
+    /// Starts the load; returns once its rows arrive. `shards`: every shard
+    /// (name, DSN) its final check reads directly.
+    async fn start(c: &ProcCluster, nodes: &[usize], shards: &[(&str, String)]) -> LoadTest {
+        let mut args: Vec<String> = [
+            "--json",
+            "loadtest",
+            "--setup",
+            "--duration",
+            LOAD_MAX,
+            "--writers",
+            "3",
+            "--updaters",
+            "2",
+            "--readers",
+            "2",
+            "--seed",
+            "11",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        for &i in nodes {
+            args.push("--node".into());
+            args.push(c.nodes[i].dsn());
         }
-        (all, errors, worst)
-    }
-}
-
-/// Every acknowledged row exactly once, with its version, on the shard
-/// owning its point; returns rows per shard.
-async fn check(c: &ProcCluster, dsns: &[String], acked: &BTreeMap<i64, i32>) -> Vec<usize> {
-    let (seen, per) = c.placed_rows(dsns, "SELECT id, version FROM items").await;
-    for (id, &v) in acked {
-        match seen.get(id) {
-            None => panic!("acknowledged row {id} is missing"),
-            // An update with an unknown outcome may have applied.
-            Some(&got) if v < 0 => {
-                assert!(got >= -v, "row {id}: version {got}, acknowledged {}", -v)
+        for (name, dsn) in shards {
+            args.push("--shard".into());
+            args.push(format!("{name}={dsn}"));
+        }
+        let log = c.dir.0.join("loadtest.stderr");
+        let child = c.spawn_proxyctl(nodes[0], &args, &log);
+        let dsn = c.nodes[nodes[0]].dsn();
+        let db = connect(&dsn).await.unwrap();
+        wait_for("the loadtest's first rows", Duration::from_secs(60), || {
+            let db = &db;
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                db.query_one("SELECT count(*) FROM hr_load", &[])
+                    .await
+                    .is_ok_and(|r| r.get::<_, i64>(0) > 0)
             }
-            Some(&got) => assert_eq!(got, v, "row {id}: version {got}, acknowledged {v}"),
+        })
+        .await;
+        LoadTest { child, log }
+    }
+
+    /// Interrupts the load and returns its JSON report.
+    async fn finish(self) -> serde_json::Value {
+        interrupt(&self.child);
+        let out = tokio::time::timeout(Duration::from_secs(120), self.child.wait_with_output())
+            .await
+            .expect("proxyctl loadtest did not end after SIGINT")
+            .unwrap();
+        let stderr = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!("loadtest report is not JSON ({e}): {stdout}\nstderr:\n{stderr}")
+        });
+        // Exit status 0 when the check passed, 2 when it found violations.
+        let code = out.status.code();
+        assert_eq!(
+            code == Some(0),
+            v["ok"] == serde_json::json!(true),
+            "exit status {code:?} for report {v}"
+        );
+        eprintln!("{}", summary(&v));
+        v
+    }
+}
+
+/// The numbers of a loadtest report, for the test's output.
+fn summary(v: &serde_json::Value) -> String {
+    format!(
+        "loadtest: {:.1} s, {} inserts, {} updates, {} reads acknowledged; {} errors {}; \
+         insert p99 {} µs max {} µs; checked at epoch {}: {} rows via node, per shard {}",
+        v["seconds"].as_f64().unwrap_or(0.0),
+        v["counts"]["inserts_acked"],
+        v["counts"]["updates_acked"],
+        v["counts"]["reads_ok"],
+        v["errors"]["total"],
+        v["errors"]["by_code"],
+        v["latency"]["insert"]["p99_us"],
+        v["latency"]["insert"]["max_us"],
+        v["checked"]["epoch"],
+        v["checked"]["rows_via_node"],
+        v["checked"]["rows_per_shard"],
+    )
+}
+
+/// The report's verdict: the check ran to its end and found nothing (no
+/// acknowledged row lost, none duplicated, none on a shard that does not
+/// own its point, by the routing table current at the check), the load
+/// progressed, no worker hung, and every client error's code is in
+/// `retryable` (`op:code` keys end with one of them).
+fn assert_clean(v: &serde_json::Value, retryable: &[&str]) {
+    assert_eq!(v["ok"], serde_json::json!(true), "loadtest failed: {v:#}");
+    assert!(v["check_error"].is_null(), "{v:#}");
+    assert_eq!(v["violation_count"], serde_json::json!(0), "{v:#}");
+    assert_eq!(v["stopped_early"], serde_json::json!(true), "{v:#}");
+    assert_eq!(v["hung_workers"], serde_json::json!([]), "{v:#}");
+    let n = |k: &str| v["counts"][k].as_u64().unwrap();
+    assert!(n("inserts_acked") > 100, "the load made no progress: {v:#}");
+    assert!(n("updates_acked") > 20, "{v:#}");
+    assert!(n("reads_ok") > 20, "{v:#}");
+    let mut fatal = 0;
+    for (k, count) in v["errors"]["by_code"].as_object().unwrap() {
+        let code = k.split_once(':').map_or(k.as_str(), |x| x.1);
+        if !retryable.contains(&code) {
+            fatal += count.as_u64().unwrap();
         }
     }
+    assert_eq!(fatal, 0, "non-retryable client errors: {:#}", v["errors"]);
+    if retryable.is_empty() {
+        assert_eq!(
+            v["errors"]["total"],
+            serde_json::json!(0),
+            "{:#}",
+            v["errors"]
+        );
+        assert_eq!(v["counts"]["inserts_uncertain"], serde_json::json!(0));
+        assert_eq!(v["counts"]["ids_uncertain"], serde_json::json!(0));
+    }
+    // Every shard owning a range was read directly (else: shard_not_checked).
+    let per = v["checked"]["rows_per_shard"].as_object().unwrap();
+    let total: u64 = per.values().map(|x| x.as_u64().unwrap()).sum();
+    assert_eq!(
+        total,
+        v["checked"]["rows_via_node"].as_u64().unwrap(),
+        "{v:#}"
+    );
+}
+
+/// The routing epoch node `i` publishes.
+async fn epoch(c: &ProcCluster, i: usize) -> u64 {
+    let (ok, out, err) = c.proxyctl(i, &["--json", "range", "list"]).await;
+    assert!(ok, "{err}");
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["epoch"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The preloaded rows of `items` (ids 1..=rows, version 1), exactly once,
+/// each on the shard owning its point and nothing else; returns rows per
+/// shard.
+async fn check(c: &ProcCluster, dsns: &[String], rows: i64) -> Vec<usize> {
+    check_with(c, dsns, rows, &[]).await
+}
+
+/// [`check`], with `copied` (version 1) besides the preloaded rows.
+async fn check_with(c: &ProcCluster, dsns: &[String], rows: i64, copied: &[i64]) -> Vec<usize> {
+    let (seen, per) = c.placed_rows(dsns, "SELECT id, version FROM items").await;
+    let mut want: BTreeMap<i64, i32> = (1..=rows).map(|i| (i, 1)).collect();
+    want.extend(copied.iter().map(|&i| (i, 1)));
+    assert_eq!(seen.len(), want.len(), "items: rows lost or added");
+    assert!(seen == want, "items: rows differ from what was loaded");
     per
 }
 
@@ -213,11 +285,79 @@ async fn setup(c: &ProcCluster, rows: i64) {
     }
 }
 
+/// Sharded COPYs of `items` through one node, in a loop: 40 new rows
+/// each, in 4 CopyData messages. A COPY into a frozen range waits and
+/// goes on; one that already wrote to the frozen range's source fails with
+/// 40001 (and its rows must be absent).
+struct Copier {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(Vec<i64>, Vec<i64>, Vec<String>)>,
+}
+
+impl Copier {
+    fn start(dsn: String) -> Copier {
+        use futures_util::SinkExt;
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let task = tokio::spawn(async move {
+            let db = connect(&dsn).await.unwrap();
+            let (mut acked, mut refused, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+            let mut next = 10_000_000i64;
+            while !st.load(Ordering::Relaxed) {
+                let ids: Vec<i64> = (next..next + 40).collect();
+                next += 40;
+                let r = async {
+                    let sink = db
+                        .copy_in::<_, bytes::Bytes>("COPY items (id, version) FROM STDIN")
+                        .await?;
+                    let mut sink = std::pin::pin!(sink);
+                    for part in ids.chunks(10) {
+                        let text: String = part.iter().map(|i| format!("{i}\t1\n")).collect();
+                        sink.send(bytes::Bytes::from(text)).await?;
+                    }
+                    sink.as_mut().finish().await
+                }
+                .await;
+                match r {
+                    Ok(n) => {
+                        assert_eq!(n, 40);
+                        acked.extend(ids);
+                    }
+                    Err(e) if e.code().is_some_and(|c| c.code() == "40001") => refused.extend(ids),
+                    Err(e) => errors.push(format!("{e:?}")),
+                }
+            }
+            (acked, refused, errors)
+        });
+        Copier { stop, task }
+    }
+
+    /// Acknowledged ids, ids of COPYs refused with 40001.
+    async fn finish(self) -> (Vec<i64>, Vec<i64>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (acked, refused, errors) = self.task.await.unwrap();
+        assert!(errors.is_empty(), "COPY errors: {errors:?}");
+        eprintln!(
+            "copier: {} COPYs acknowledged, {} refused with 40001",
+            acked.len() / 40,
+            refused.len() / 40
+        );
+        assert!(acked.len() >= 400, "the COPYs made no progress");
+        (acked, refused)
+    }
+}
+
+/// Issue 7: 2 shards → a third added with rebalance, then a range split
+/// and moved, while `proxyctl loadtest` writes, updates and reads through
+/// all 3 nodes: no client error, and its final check — through the nodes
+/// and directly on the 3 shards, by the routing table after the moves —
+/// finds no acknowledged row lost, duplicated or misplaced. The preloaded
+/// `items` rows move too and are all where they belong; no slot or
+/// publication is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn move_and_split_under_load_through_three_nodes() {
     let c = ProcCluster::start(3, 2, TABLES, "lease_ms = 1000").await;
     setup(&c, 20_000).await;
-    let pre: BTreeMap<i64, i32> = (1..=20_000).map(|i| (i, 1)).collect();
     // A reference table, to be copied to the new shard.
     let (ok, _, err) = c.proxyctl(0, &["table", "reference", "countries"]).await;
     assert!(ok, "{err}");
@@ -230,13 +370,21 @@ async fn move_and_split_under_load_through_three_nodes() {
     )
     .await
     .unwrap();
-    let load = Load::start(&c, &[0, 1, 2]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // A third shard, with rebalance: ranges move onto it.
+    // The third shard's server exists from the start (its DSN goes to the
+    // loadtest's check); it joins the catalog under load.
     let d = c.dir.0.join("s2");
     let extra = tokio::task::spawn_blocking(move || start_pg(&d))
         .await
         .unwrap();
+    let shards = [
+        ("s0", c.shards[0].dsn()),
+        ("s1", c.shards[1].dsn()),
+        ("s2", extra.dsn()),
+    ];
+    let load = LoadTest::start(&c, &[0, 1, 2], &shards).await;
+    let copier = Copier::start(c.nodes[2].dsn());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let epoch_before = epoch(&c, 0).await;
     let (ok, out, err) = c
         .proxyctl(
             1,
@@ -298,23 +446,34 @@ async fn move_and_split_under_load_through_three_nodes() {
         .get(0);
     assert_eq!(n, 3);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (acked, errors, worst) = load.finish().await;
-    eprintln!(
-        "{} acknowledged writes, worst latency {worst:?}",
-        acked.len()
+    let final_ranges = ranges(&c, 0).await;
+    let epoch_after = epoch(&c, 0).await;
+    assert!(epoch_after > epoch_before);
+    let report = load.finish().await;
+    let (copied, refused) = copier.finish().await;
+    assert_clean(&report, &[]);
+    // The check used the routing table after the moves: 3 shards, the
+    // split range.
+    assert_eq!(
+        report["checked"]["epoch"],
+        serde_json::json!(epoch_after),
+        "{report:#}"
     );
-    assert!(
-        errors.is_empty(),
-        "client errors: {:?}",
-        &errors[..errors.len().min(5)]
-    );
-    assert!(acked.len() > 50, "the load made no progress");
-    let mut all = pre;
-    all.extend(acked);
-    let mut dsns: Vec<String> = c.shards.iter().map(|s| s.dsn()).collect();
-    dsns.push(extra.dsn());
-    let per = check(&c, &dsns, &all).await;
+    assert_eq!(ranges(&c, 0).await, final_ranges);
+    let per = report["checked"]["rows_per_shard"].as_object().unwrap();
+    assert_eq!(per.len(), 3, "{report:#}");
+    for (name, n) in per {
+        assert!(
+            n.as_u64().unwrap() > 0,
+            "no loadtest row on {name}: {report:#}"
+        );
+    }
+    let dsns: Vec<String> = shards.iter().map(|s| s.1.clone()).collect();
+    // The preloaded rows and every acknowledged COPY's rows, each once on
+    // its owner; none of a refused COPY's (the set must be exact).
+    let per = check_with(&c, &dsns, 20_000, &copied).await;
     assert!(per[2] > 0, "nothing moved to s2: {per:?}");
+    assert!(refused.iter().all(|id| !copied.contains(id)));
     nothing_left(&dsns).await;
     drop(extra);
 }
@@ -323,7 +482,8 @@ async fn move_and_split_under_load_through_three_nodes() {
 async fn abort_during_catch_up_leaves_the_source_as_it_was() {
     let c = ProcCluster::start(3, 2, TABLES, "lease_ms = 1000").await;
     setup(&c, 5_000).await;
-    let load = Load::start(&c, &[0, 1]);
+    let shards = [("s0", c.shards[0].dsn()), ("s1", c.shards[1].dsn())];
+    let load = LoadTest::start(&c, &[0, 1], &shards).await;
     let rs = ranges(&c, 0).await;
     let lo = rs.iter().find(|r| r.2 == "s0").unwrap().0;
     let id = start_job(&c, 0, &["reshard", "move", &lo.to_string(), "--to", "s1"]).await;
@@ -336,37 +496,33 @@ async fn abort_during_catch_up_leaves_the_source_as_it_was() {
     )
     .await;
     let (ok, _, err) = c.proxyctl(1, &["jobs", "abort", &id]).await;
-    let j = if ok {
-        wait_phase(&c, 0, &id, &["aborted", "failed"], Duration::from_secs(60)).await
-    } else {
-        // Too late: it flipped already. The test needs an abort before.
-        panic!("abort refused: {err}");
-    };
+    // Too late (flipped already) fails the test: it needs an abort before.
+    assert!(ok, "abort refused: {err}");
+    let j = wait_phase(&c, 0, &id, &["aborted", "failed"], Duration::from_secs(60)).await;
     assert_eq!(j["phase"], serde_json::json!("aborted"), "{j}");
-    let (acked, errors, _) = load.finish().await;
-    assert!(
-        errors.is_empty(),
-        "client errors: {:?}",
-        &errors[..errors.len().min(5)]
-    );
-    let mut all: BTreeMap<i64, i32> = (1..=5_000).map(|i| (i, 1)).collect();
-    all.extend(acked);
-    let dsns: Vec<String> = c.shards.iter().map(|s| s.dsn()).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.finish().await;
+    assert_clean(&report, &[]);
+    let dsns: Vec<String> = shards.iter().map(|s| s.1.clone()).collect();
     // The range is still s0's, and s1 holds nothing of it.
     let rs2 = ranges(&c, 0).await;
     assert_eq!(rs, rs2, "the routing table changed");
-    check(&c, &dsns, &all).await;
+    check(&c, &dsns, 5_000).await;
     nothing_left(&dsns).await;
 }
+
+/// Connection trouble a client of a killed (or just restarted) node sees:
+/// the loadtest counts such writes as uncertain, never as lost.
+const NODE_DOWN: &[&str] = &["connection", "connect", "57P01", "57P03", "08006", "08003"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn job_survives_kill_of_its_node_during_copy_and_catch_up() {
     let mut c = ProcCluster::start(3, 2, TABLES, "lease_ms = 1000").await;
     setup(&c, 300_000).await;
-    let pre: BTreeMap<i64, i32> = (1..=300_000).map(|i| (i, 1)).collect();
     let leader = c.leader(0).await.expect("a leader");
     let others: Vec<usize> = (0..3).filter(|&i| i as u64 + 1 != leader).collect();
-    let load = Load::start(&c, &others);
+    let shards = [("s0", c.shards[0].dsn()), ("s1", c.shards[1].dsn())];
+    let load = LoadTest::start(&c, &others, &shards).await;
     let rs = ranges(&c, 0).await;
     let lo = rs.iter().find(|r| r.2 == "s0").unwrap().0;
     let id = start_job(
@@ -388,20 +544,23 @@ async fn job_survives_kill_of_its_node_during_copy_and_catch_up() {
     let killed_in = job(&c, others[0], &id).await["phase"].clone();
     eprintln!("killed the job's node during {killed_in}");
     // The next leader resumes it; kill that one during catch-up.
+    let alive = others[0];
     let j = wait_phase(
         &c,
-        others[0],
+        alive,
         &id,
         &["catch_up", "cut_over", "flipped", "done"],
         Duration::from_secs(60),
     )
     .await;
+    let mut second_kill = None;
     if j["phase"] == serde_json::json!("catch_up") {
-        let l2 = c.leader(others[0]).await.unwrap();
+        let l2 = c.leader(alive).await.unwrap();
         let l2i = (l2 - 1) as usize;
         tokio::task::block_in_place(|| c.nodes[(leader - 1) as usize].start());
         tokio::time::sleep(Duration::from_secs(2)).await;
         c.nodes[l2i].kill9();
+        second_kill = Some(l2i);
         eprintln!("killed node {l2} during catch_up");
         let alive = (0..3).find(|&i| c.nodes[i].running()).unwrap();
         wait_phase(
@@ -425,21 +584,26 @@ async fn job_survives_kill_of_its_node_during_copy_and_catch_up() {
     )
     .await;
     assert_eq!(j["phase"], serde_json::json!("done"), "{j}");
-    let (acked, errors, _) = load.finish().await;
-    // Clients of the surviving nodes see no error (the killed nodes' own
-    // clients were not in the load).
-    let real: Vec<&String> = errors
-        .iter()
-        .filter(|e| !e.contains("connection closed"))
-        .collect();
-    assert!(
-        real.is_empty(),
-        "client errors: {:?}",
-        &real[..real.len().min(5)]
-    );
-    let mut all = pre;
-    all.extend(acked);
-    let dsns: Vec<String> = c.shards.iter().map(|s| s.dsn()).collect();
-    check(&c, &dsns, &all).await;
+    // The restarted nodes serve again before the check reads through them.
+    c.wait_ready(Duration::from_secs(30)).await;
+    wait_for("every node's lease", Duration::from_secs(30), || async {
+        let mut all = true;
+        for i in 0..3 {
+            all &= c
+                .status(i)
+                .await
+                .is_some_and(|s| s["lease_valid"] == serde_json::json!(true));
+        }
+        all
+    })
+    .await;
+    let report = load.finish().await;
+    // The first node killed carried no load. Clients of the second one
+    // (when it was a loadtest node) see connection errors while it is down
+    // — retryable, their writes uncertain; nothing else.
+    let load_node_killed = second_kill.is_some_and(|k| others.contains(&k));
+    assert_clean(&report, if load_node_killed { NODE_DOWN } else { &[] });
+    let dsns: Vec<String> = shards.iter().map(|s| s.1.clone()).collect();
+    check(&c, &dsns, 300_000).await;
     nothing_left(&dsns).await;
 }

@@ -23,6 +23,7 @@ pub struct Args {
     #[arg(long)]
     pub setup: bool,
     /// Length of the load: seconds, or with a unit (`90s`, `5m`).
+    /// SIGINT (Ctrl-C) ends the load earlier; the check runs all the same.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub duration: Duration,
     #[arg(long, default_value_t = 4)]
@@ -114,10 +115,29 @@ pub fn cli(
     json: bool,
     out: &mut dyn std::io::Write,
 ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
-    let opts = args.options(admin, token);
+    let mut opts = args.options(admin, token);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // SIGINT ends the load early (the check still runs); a second one quits.
+    // The handler is installed before the load starts.
+    let stop = Arc::new(tokio::sync::Notify::new());
+    opts.stop = Some(stop.clone());
+    let mut sigint = {
+        let _rt = rt.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?
+    };
+    rt.spawn(async move {
+        if sigint.recv().await.is_some() {
+            eprintln!(
+                "loadtest: interrupted: the load stops and the check runs (interrupt again to quit)"
+            );
+            stop.notify_one();
+            if sigint.recv().await.is_some() {
+                std::process::exit(130);
+            }
+        }
+    });
     let report = rt.block_on(run(&opts))?;
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
@@ -130,10 +150,15 @@ pub fn cli(
 /// A human summary of a report.
 pub fn summary(r: &Report) -> String {
     let mut s = format!(
-        "{} — table {}, {:.1} s, {} writers, {} updaters, {} readers\n",
+        "{} — table {}, {:.1} s{}, {} writers, {} updaters, {} readers\n",
         if r.ok { "OK" } else { "FAILED" },
         r.table,
         r.seconds,
+        if r.stopped_early {
+            " (stopped early)"
+        } else {
+            ""
+        },
         r.writers,
         r.updaters,
         r.readers

@@ -27,7 +27,7 @@ use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, Ident};
 
 use super::{CopyDirection, RouteError};
 use crate::catalog::{
-    KeyParseError, KeyType, KeyValue, RangeStatus, RoutingSnapshot, ShardId, ShardedTable,
+    KeyParseError, KeyRange, KeyType, KeyValue, RangeStatus, RoutingSnapshot, ShardId, ShardedTable,
 };
 
 /// The data format of a `COPY`.
@@ -321,22 +321,14 @@ impl CopyPlan {
 
     /// The shard that receives a row whose key is `key`: the write owner
     /// of the key's range. A frozen range (a cut-over in progress) is an
-    /// error (`40001`): the COPY must be retried.
+    /// error (`40001`): the COPY must be retried. (The node waits out a
+    /// freeze instead: see [`CopyPlan::range`].)
     pub fn owner<'s>(
         &self,
         snapshot: &'s RoutingSnapshot,
         key: &KeyValue,
     ) -> Result<&'s ShardId, RouteError> {
-        let Some(t) = self.sharded() else {
-            return Err(RouteError::unsupported(format!(
-                "table \"{}\" is not sharded",
-                self.table
-            )));
-        };
-        let point = snapshot
-            .point(t, key)
-            .map_err(|e| RouteError::point(&t.name, e))?;
-        let range = snapshot.range_for_point(point);
+        let range = self.range(snapshot, key)?;
         if range.status == RangeStatus::Frozen {
             return Err(copy_err(
                 "40001",
@@ -347,6 +339,25 @@ impl CopyPlan {
             ));
         }
         Ok(&range.write_owner)
+    }
+
+    /// The range of the row whose key is `key`, whatever its status: its
+    /// `write_owner` receives the row unless it is frozen.
+    pub fn range<'s>(
+        &self,
+        snapshot: &'s RoutingSnapshot,
+        key: &KeyValue,
+    ) -> Result<&'s KeyRange, RouteError> {
+        let Some(t) = self.sharded() else {
+            return Err(RouteError::unsupported(format!(
+                "table \"{}\" is not sharded",
+                self.table
+            )));
+        };
+        let point = snapshot
+            .point(t, key)
+            .map_err(|e| RouteError::point(&t.name, e))?;
+        Ok(snapshot.range_for_point(point))
     }
 
     /// A splitter for this COPY's data, given the copied columns (the

@@ -128,7 +128,11 @@ pub(super) fn bind_stmt(
         (Body::Any, None) => Target::Any,
         (Body::Home, None) => Target::One(snap.home_shard().clone()),
         (Body::All | Body::Copy(_), None) => {
-            owners.frozen |= stmt.is_write && any_frozen(snap);
+            // A sharded COPY FROM is placed row by row by the executor,
+            // which waits out a frozen range only for the rows in it
+            // (`CopyPlan::range`); a reference COPY writes everywhere.
+            let per_row = matches!(&stmt.body, Body::Copy(c) if c.sharded().is_some());
+            owners.frozen |= stmt.is_write && !per_row && any_frozen(snap);
             Target::All
         }
         (Body::Shape(shape), None) => shape_target(stmt, shape, params, &mut owners)?,
