@@ -123,6 +123,7 @@ pub async fn serve(
         .route("/v1/ranges/assign", post(assign_range))
         .route("/v1/ranges/unfreeze", post(unfreeze_range))
         .route("/v1/debug/partition", post(partition))
+        .route("/v1/fence", post(fence))
         .merge(crate::jobs::routes())
         .with_state(api);
     let task = tokio::spawn(async move {
@@ -233,6 +234,28 @@ pub(crate) fn epoch_json(applied: &Applied) -> Value {
         Applied::Routing(s) => json!({ "epoch": s.epoch() }),
         other => json!({ "applied": format!("{other:?}") }),
     }
+}
+
+#[derive(Deserialize)]
+struct FenceReq {
+    epoch: u64,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// `POST /v1/fence {epoch, timeout_ms}`: answers once this node routes by
+/// the routing table of `epoch` (or later) and no statement routed by an
+/// older table is in flight (`Node::fence`); 409 when that takes longer
+/// than `timeout_ms` (default 5 s, at most 60 s). A cut-over calls it on
+/// every node after its freeze and after its flip.
+async fn fence(State(api): State<Api>, headers: HeaderMap, Json(req): Json<FenceReq>) -> ApiResult {
+    authorize(&api, &headers)?;
+    let limit = Duration::from_millis(req.timeout_ms.unwrap_or(5_000).min(60_000));
+    api.node
+        .fence(req.epoch, limit)
+        .await
+        .map_err(ApiError::conflict)?;
+    Ok(Json(json!({ "epoch": api.node.catalog.load().epoch() })))
 }
 
 async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
@@ -585,9 +608,7 @@ async fn assign_range(
 /// With the range frozen: wait until no node can still write to it by an
 /// older routing table, check it is empty, assign it.
 async fn assign_frozen(api: &Api, r: &KeyRange, to: &str) -> Result<Applied, ApiError> {
-    let handle = &api.node.catalog_handle;
-    handle
-        .await_all_applied(handle.applied_index())
+    crate::jobs::settle(&api.node)
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let snap = api.snapshot()?;

@@ -1199,7 +1199,15 @@ async fn route_held<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     wait = Some(s.node.freeze_wait());
                 }
                 Some(w) => {
-                    if !w.next_table().await {
+                    // Nothing of this COPY is in flight to the frozen
+                    // range's source (checked above), so its pin goes while
+                    // it waits (a fence must not wait for it), and comes
+                    // back for the next table. Rows sent to other shards
+                    // are not affected by this cut-over.
+                    s.pin = None;
+                    let next = w.next_table().await;
+                    s.pin_routing();
+                    if !next {
                         return Err(frozen("that did not end in time"));
                     }
                 }

@@ -109,6 +109,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     ex: Explain<'_>,
 ) -> Result<(), SessionError> {
     let in_tx = s.tx_status != b'I';
+    s.pin_routing();
     let d = match s.node.decide(ex.inner, None, s.state()) {
         Ok(d) => d,
         Err(r) => return refuse(s, r, in_tx).await,

@@ -126,6 +126,93 @@ fn takeover_delay(node: &Node) -> Duration {
     Duration::from_millis(lease + lease / 10 + 100)
 }
 
+/// How long one node may take to fence (`Node::fence`).
+const FENCE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Waits until every node routes by the catalog as this node has applied
+/// it now, and no node has a statement routed by an older routing table
+/// still in flight: `await_all_applied` (every node applied the entries, or
+/// lost its lease), then `Node::fence` on this node and on every peer
+/// through its admin API (`POST /v1/fence`). Without the fence, a write
+/// routed just before a freeze (e.g. still waiting for a pooled backend)
+/// could reach the range's source after the cut-over's last catch-up.
+///
+/// A peer whose admin API is not configured or cannot be reached is
+/// waited for by its lease instead (lease + 10% + 100 ms from the start):
+/// by then it no longer routes by an older table. Limit: a statement such
+/// an unreachable node had already routed and still holds in flight is not
+/// waited for. A peer that answers but cannot fence in time fails the call
+/// (the cut-over retries).
+pub(crate) async fn settle(node: &Arc<Node>) -> Result<(), JobError> {
+    let started = Instant::now();
+    let h = &node.catalog_handle;
+    let epoch = h.catalog().epoch();
+    h.await_all_applied(h.applied_index()).await?;
+    let own = node.fence(epoch, FENCE_LIMIT);
+    let peers: Vec<(u64, Option<String>)> = node
+        .cfg
+        .cluster
+        .as_ref()
+        .map(|c| c.peers.iter().map(|p| (p.id, p.admin.clone())).collect())
+        .unwrap_or_default();
+    let token = node.cfg.admin.as_ref().and_then(|a| a.token().ok());
+    let calls = peers.into_iter().map(|(id, admin)| {
+        let token = token.clone();
+        async move {
+            let answer = match (admin, token) {
+                (Some(url), Some(token)) => fence_peer(url, token, epoch).await,
+                _ => Err(None),
+            };
+            match answer {
+                Ok(()) => Ok(()),
+                Err(Some(refusal)) => Err(JobError::Other(format!("node {id}: {refusal}"))),
+                Err(None) => {
+                    let wait = takeover_delay(node).saturating_sub(started.elapsed());
+                    tracing::warn!(peer = id, wait_ms = wait.as_millis() as u64, "peer cannot be fenced through its admin API; waiting for its lease instead");
+                    tokio::time::sleep(wait).await;
+                    Ok(())
+                }
+            }
+        }
+    });
+    let (own, peers) = tokio::join!(own, futures_util::future::join_all(calls));
+    own.map_err(|e| JobError::Other(format!("this node: {e}")))?;
+    peers.into_iter().collect::<Result<Vec<()>, JobError>>()?;
+    Ok(())
+}
+
+/// `POST {admin}/v1/fence`. `Err(None)`: the peer could not be reached;
+/// `Err(Some(why))`: it answered that it cannot fence.
+async fn fence_peer(admin: String, token: String, epoch: u64) -> Result<(), Option<String>> {
+    tokio::task::spawn_blocking(move || {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(FENCE_LIMIT + Duration::from_secs(2)))
+            .build();
+        let agent = ureq::Agent::new_with_config(config);
+        let url = format!("{}/v1/fence", admin.trim_end_matches('/'));
+        let mut res = agent
+            .post(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .send_json(json!({ "epoch": epoch, "timeout_ms": FENCE_LIMIT.as_millis() as u64 }))
+            .map_err(|e| {
+                tracing::debug!(%url, "fence: {e}");
+                None
+            })?;
+        if res.status().is_success() {
+            return Ok(());
+        }
+        let text = res.body_mut().read_to_string().unwrap_or_default();
+        let msg = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or(text);
+        Err(Some(format!("{msg} (HTTP {})", res.status().as_u16())))
+    })
+    .await
+    .unwrap_or(Err(None))
+}
+
 /// Why a job stopped on this node.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -360,8 +447,7 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
         JobPhase::Flipped => {
             thaw(node, plan).await?;
             // No node may still read the range from the source.
-            let h = &node.catalog_handle;
-            h.await_all_applied(h.applied_index()).await?;
+            settle(node).await?;
             let mut deleted = 0;
             for s in &plan.specs {
                 reshard::stop_capture(s).await?;
@@ -507,8 +593,9 @@ async fn cut_over(
         }
     }
     let result = async {
-        // Every node routes by the freeze (or has stopped routing).
-        h.await_all_applied(h.applied_index()).await?;
+        // Every node routes by the freeze (or has stopped routing), and
+        // nothing routed before it is still in flight.
+        settle(node).await?;
         let acked = frozen_at.elapsed();
         // Transactions that wrote to the range before the freeze end.
         for sess in &sessions {

@@ -99,6 +99,47 @@ pub struct Node {
     /// Commit decisions of two-phase commits (the replicated catalog's
     /// `TxDecision` entries; see `cluster::CatalogDecisions`).
     pub decisions: Arc<dyn crate::twopc::DecisionLog>,
+    /// Statements in flight, by the epoch of the routing table they were
+    /// routed by ([`Node::pin`], [`Node::fence`]).
+    pins: Mutex<std::collections::BTreeMap<u64, usize>>,
+    unpinned: tokio::sync::Notify,
+}
+
+/// A statement (or a batch of them) routed by the routing table of
+/// `epoch` is in flight: routed, and not yet answered by its backends.
+/// Dropping the pin ends it. See [`Node::fence`].
+#[derive(Debug)]
+pub struct EpochPin {
+    node: Arc<Node>,
+    epoch: u64,
+}
+
+impl EpochPin {
+    /// The epoch of the routing table in use when the pin was taken.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
+impl Drop for EpochPin {
+    fn drop(&mut self) {
+        {
+            let mut pins = self.node.pins.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = pins.get_mut(&self.epoch) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(&self.epoch);
+                }
+            }
+        }
+        self.node.unpinned.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").finish_non_exhaustive()
+    }
 }
 
 /// A statement writing to a range frozen for a cut-over waits for the next
@@ -282,6 +323,8 @@ impl Node {
             clients: AtomicUsize::new(0),
             cancels: Mutex::new(HashMap::new()),
             decisions,
+            pins: Mutex::new(Default::default()),
+            unpinned: tokio::sync::Notify::new(),
         }))
     }
 
@@ -367,6 +410,65 @@ impl Node {
 
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Marks statements about to be routed by the current routing table as
+    /// in flight until the pin is dropped (when the session has their
+    /// answers). Taken before the routing table is read, so a fence that
+    /// saw a newer table published also sees every pin of an older one.
+    pub fn pin(self: &Arc<Self>) -> EpochPin {
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let epoch = self.catalog.load().epoch();
+        *pins.entry(epoch).or_default() += 1;
+        EpochPin {
+            node: self.clone(),
+            epoch,
+        }
+    }
+
+    /// Waits until this node routes by the routing table of `epoch` (or a
+    /// later one) and no statement routed by an older table is still in
+    /// flight. A cut-over fences every node after its freeze (no write
+    /// routed before the freeze can reach the source after it) and after
+    /// its flip (no read routed before the flip can reach the source after
+    /// the cleanup). Statements waiting out a freeze do not count: they
+    /// hold no pin while they wait, and route again afterwards.
+    pub async fn fence(&self, epoch: u64, limit: std::time::Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut epochs = self.epoch_tx.subscribe();
+        while self.catalog.load().epoch() < epoch {
+            if tokio::time::timeout_at(deadline, epochs.changed())
+                .await
+                .is_err()
+            {
+                return Err(format!(
+                    "node routes by epoch {} and has not published epoch {epoch} after {} ms",
+                    self.catalog.load().epoch(),
+                    limit.as_millis()
+                ));
+            }
+        }
+        loop {
+            let notified = self.unpinned.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let oldest = {
+                let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+                pins.iter()
+                    .next()
+                    .filter(|(e, _)| **e < epoch)
+                    .map(|(e, n)| (*e, *n))
+            };
+            let Some((old, n)) = oldest else {
+                return Ok(());
+            };
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(format!(
+                    "{n} statement(s) routed by epoch {old} (before {epoch}) still running after {} ms",
+                    limit.as_millis()
+                ));
+            }
+        }
     }
 
     /// Routes a statement against the current routing table. A node with a

@@ -134,6 +134,9 @@ pub struct Session<S> {
     database: String,
     session_mode: bool,
     pub(crate) owed: VecDeque<Owed>,
+    /// Held from routing until the session has the answers of what it
+    /// routed (`owed` empty after a batch): see [`Node::pin`].
+    pub(crate) pin: Option<crate::node::EpochPin>,
     stmts: HashMap<String, Stmt>,
     unnamed: Option<Unnamed>,
     /// Extended-protocol messages waiting for their Sync or Flush.
@@ -207,6 +210,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             database,
             session_mode,
             owed: VecDeque::new(),
+            pin: None,
             stmts: HashMap::new(),
             unnamed: None,
             batch: Vec::new(),
@@ -268,6 +272,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn run_inner(&mut self) -> End {
         loop {
+            // Everything routed has been answered: no statement of this
+            // session is in flight any more.
+            if self.owed.is_empty() {
+                self.pin = None;
+            }
             let res = if self.slots[self.cur].conn.is_some() {
                 self.step_attached().await
             } else {
@@ -794,8 +803,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // Writers wait out a cut-over; the client sees a pause.
         let mut wait = self.node.freeze_wait();
         let d = loop {
+            self.pin_routing();
             let d = self.node.decide(sql, None, &self.state);
             if let Err(r) = &d {
+                if r.frozen {
+                    self.park();
+                }
                 if wait.retry(r).await {
                     continue;
                 }
@@ -1173,12 +1186,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Routes and sends an extended-protocol batch. `synced`: it ends with
     /// Sync (else with Flush, or a Query follows).
+    /// Pins the current routing table before routing (unless a pin of
+    /// this session is held already: it covers what is still in flight).
+    pub(crate) fn pin_routing(&mut self) {
+        if self.pin.is_none() {
+            self.pin = Some(self.node.pin());
+        }
+    }
+
+    /// Before waiting out a freeze: with nothing owed nothing of this
+    /// session is in flight, so it lets go of its pin — a fence must not
+    /// wait for a session that itself waits for the fence's cut-over. It
+    /// pins again (a newer table) when it routes after the wait.
+    pub(crate) fn park(&mut self) {
+        if self.owed.is_empty() {
+            self.pin = None;
+        }
+    }
+
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
         let frames = std::mem::take(&mut self.batch);
         let mut wait = self.node.freeze_wait();
         let routed = loop {
+            self.pin_routing();
             let routed = self.route_batch(&frames);
             if let Err(r) = &routed {
+                if r.frozen {
+                    self.park();
+                }
                 if wait.retry(r).await {
                     continue;
                 }

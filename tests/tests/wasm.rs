@@ -466,7 +466,7 @@ fn an_invalid_module_stops_the_node_at_start() {
         path.display()
     ))
     .unwrap();
-    let e = hotrepart_proxy::Node::new(cfg).err().expect("refused");
+    let e = hotrepart_proxy::Node::new(cfg).expect_err("refused");
     let m = e.to_string();
     assert!(
         m.contains("routing function") && m.contains("memory"),
