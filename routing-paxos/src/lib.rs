@@ -12,8 +12,10 @@
 //!
 //! * [`command`]: the commands (serde types; data only).
 //! * [`catalog`]: the deterministic state machine, [`Catalog::apply`].
-//! * [`entry`]: log entries with proposal ids, and the [`StateMachine`] that
-//!   applies each proposal at most once.
+//! * [`entry`]: log entries with proposal ids, the [`StateMachine`] that
+//!   applies each proposal at most once, and [`CatalogSnapshot`], what
+//!   replaces a compacted prefix of the log (the state after it, as a
+//!   [`catalog::CatalogImage`], plus its last entries).
 //! * [`replica`]: [`Replica`], omnipaxos plus the state machine, sans-IO.
 //! * [`storage`]: [`SharedStorage`], the log store: in memory (survives a
 //!   replica: a restart "with the disk" in the simulation) or an fsynced
@@ -46,6 +48,15 @@
 //! anything is sent or delivered on it; see [`replica`] for why omnipaxos
 //! needs that.
 //!
+//! # Log compaction
+//!
+//! Once more than `compact_after` decided entries follow the last snapshot,
+//! a replica replaces its applied prefix with a [`CatalogSnapshot`]
+//! ([`Replica::compact`]); a restart loads it and replays the rest; a
+//! follower behind a compacted point is brought up to date with a snapshot
+//! by omnipaxos. The applied index keeps counting entries across
+//! snapshots. `tests/sim.rs` compacts every few entries.
+//!
 //! # Leases
 //!
 //! A node routes writes only while [`CatalogHandle::lease_valid`]; a range
@@ -57,9 +68,6 @@
 //!
 //! # Not done yet
 //!
-//! * Log compaction with catalog snapshots (omnipaxos trimming): a
-//!   restarted replica replays the whole log, and the journal file holds
-//!   the whole log (compaction of the file only drops superseded records).
 //! * Forwarding of admin requests between nodes: not needed — the HTTP
 //!   admin API (proxy) proposes on the node it reached, and omnipaxos
 //!   forwards a follower's proposal to the leader.
@@ -84,7 +92,7 @@ pub mod storage;
 
 pub use catalog::{Applied, Catalog, JobRecord, Rejected};
 pub use command::{CatalogCommand, CatalogSeed, FreezeId, JobPhase, JobSpec};
-pub use entry::{CatalogEntry, Outcome, ProposalId, StateMachine};
+pub use entry::{CatalogEntry, CatalogSnapshot, Outcome, ProposalId, StateImage, StateMachine};
 pub use lease::{LeaseMsg, Leases};
 pub use replica::{Decided, Message, Replica, ReplicaConfig, ReplicaError, ReplicaStatus, Ticket};
 pub use service::{

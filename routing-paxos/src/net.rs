@@ -73,8 +73,9 @@ pub const SEND_QUEUE: usize = 4096;
 /// What travels on a link after the handshake.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Wire {
-    /// An omnipaxos message.
-    Paxos(Message),
+    /// An omnipaxos message (boxed: a log sync can carry a catalog
+    /// snapshot).
+    Paxos(Box<Message>),
     /// Lease renewal traffic.
     Lease(LeaseMsg),
 }

@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 
 use crate::catalog::{Applied, Catalog, Rejected};
 use crate::command::{CatalogCommand, CatalogSeed};
-use crate::entry::{CatalogEntry, Outcome, ProposalId, StateMachine};
+use crate::entry::{CatalogEntry, CatalogSnapshot, Outcome, ProposalId, StateMachine};
 use crate::lease::Leases;
 use crate::net::{Net, NetConfig, NetEvent, Wire};
 use crate::replica::{Replica, ReplicaConfig, ReplicaError, Ticket};
@@ -62,6 +62,9 @@ pub struct ClusterSettings {
     pub tick: Duration,
     /// Lease duration (default 2 s).
     pub lease: Duration,
+    /// Compact the log into a catalog snapshot once more than this many
+    /// decided entries follow the last snapshot (default 1000; 0: never).
+    pub compact_after: usize,
 }
 
 impl std::fmt::Debug for ClusterSettings {
@@ -74,12 +77,14 @@ impl std::fmt::Debug for ClusterSettings {
             .field("data_dir", &self.data_dir)
             .field("tick", &self.tick)
             .field("lease", &self.lease)
+            .field("compact_after", &self.compact_after)
             .finish()
     }
 }
 
 impl ClusterSettings {
-    /// Settings with the default tick (10 ms) and lease (2 s).
+    /// Settings with the default tick (10 ms), lease (2 s) and
+    /// compaction threshold (1000 entries).
     pub fn new(
         node_id: u64,
         listen: SocketAddr,
@@ -95,6 +100,7 @@ impl ClusterSettings {
             data_dir: data_dir.into(),
             tick: Duration::from_millis(10),
             lease: Duration::from_secs(2),
+            compact_after: crate::replica::COMPACT_AFTER,
         }
     }
 }
@@ -125,6 +131,9 @@ pub enum ServiceError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProposeError {
     /// No answer within the timeout; the command may still be applied.
+    /// (Also the answer when the entry was folded into a catalog snapshot
+    /// from a peer before this node applied it: it was applied at most
+    /// once, and the catalog shows whether.)
     #[error("no answer from the catalog cluster in time (the command may still be applied)")]
     Timeout,
     /// The service stopped (shut down, or stopped by a storage failure:
@@ -147,6 +156,11 @@ pub struct ClusterStatus {
     pub decided: usize,
     /// Log entries applied here.
     pub applied: usize,
+    /// Log entries replaced by this node's catalog snapshot (the
+    /// snapshot's index; 0: none yet).
+    pub compacted: usize,
+    /// Log entries stored after the snapshot (accepted, decided or not).
+    pub log_len: usize,
     /// This node's lease.
     pub lease: LeaseStatus,
     /// The peers.
@@ -205,6 +219,8 @@ impl Shared {
                 epoch: catalog.epoch(),
                 decided: 0,
                 applied: 0,
+                compacted: 0,
+                log_len: 0,
                 lease: LeaseStatus {
                     valid: false,
                     remaining_ms: 0,
@@ -303,7 +319,21 @@ impl CatalogHandle {
         if let Some(s) = &storage {
             incarnation = s.next_incarnation()?;
             let decided = s.get_decided_idx().map_err(storage_text)?;
-            for e in s.get_entries(0, decided).map_err(storage_text)? {
+            let compacted = s.get_compacted_idx().map_err(storage_text)?;
+            if let Some(snap) = s.get_snapshot().map_err(storage_text)? {
+                if snap.len() != compacted {
+                    return Err(ServiceError::Config(format!(
+                        "catalog storage: the snapshot stands for {} entries, the log was compacted at {compacted}",
+                        snap.len()
+                    )));
+                }
+                state = snap.state();
+            } else if compacted > 0 {
+                return Err(ServiceError::Config(format!(
+                    "catalog storage: log trimmed at {compacted} without a snapshot"
+                )));
+            }
+            for e in s.get_entries(compacted, decided).map_err(storage_text)? {
                 state.apply(&e);
             }
         }
@@ -372,7 +402,9 @@ impl CatalogHandle {
         let mut nodes: Vec<u64> = settings.peers.keys().copied().collect();
         nodes.push(me);
         nodes.sort_unstable();
-        let mut replica = Replica::new(ReplicaConfig::new(me, nodes), storage)?;
+        let mut config = ReplicaConfig::new(me, nodes);
+        config.compact_after = settings.compact_after;
+        let mut replica = Replica::new(config, storage)?;
         let listener =
             TcpListener::bind(settings.listen)
                 .await
@@ -384,6 +416,13 @@ impl CatalogHandle {
         replica.apply_decided()?;
         let shared = Arc::new(Shared::new(me, replica.catalog().clone()));
         shared.publish(replica.catalog(), replica.applied_index());
+        if let Ok(mut s) = shared.status.lock() {
+            let st = replica.status();
+            s.decided = st.decided;
+            s.applied = st.applied;
+            s.compacted = st.compacted;
+            s.log_len = st.log_len;
+        }
         let (requests, requests_rx) = mpsc::channel(1024);
         let (partitioned, partitioned_rx) = watch::channel(false);
         let (events_tx, events) = mpsc::channel(4096);
@@ -597,7 +636,25 @@ impl LocalState {
             .map_err(storage_text)?;
         }
         *applied += 1;
-        Ok(match self.state.apply(&entry) {
+        let outcome = self.state.apply(&entry);
+        if let Some(s) = self.storage.as_mut() {
+            // Same rule as a replica: compact once more than
+            // COMPACT_AFTER entries follow the snapshot. A failure leaves
+            // the log as it is (the entry above is durable).
+            let compacted = s.get_compacted_idx().unwrap_or(0);
+            if *applied - compacted > crate::replica::COMPACT_AFTER {
+                use omnipaxos::storage::StorageOp;
+                let snap = CatalogSnapshot::of_state(self.state.clone(), *applied);
+                if let Err(e) = s.write_atomically(vec![
+                    StorageOp::Trim(*applied),
+                    StorageOp::SetCompactedIdx(*applied),
+                    StorageOp::SetSnapshot(Some(snap)),
+                ]) {
+                    tracing::error!(error = %e, "cannot compact the local catalog log");
+                }
+            }
+        }
+        Ok(match outcome {
             Outcome::Applied(a) => Ok(a),
             Outcome::Rejected(r) => Err(r),
             // Fresh ids only: a local entry is never stale.
@@ -777,7 +834,7 @@ impl Driver {
                             );
                             return;
                         }
-                        self.replica.handle(m);
+                        self.replica.handle(*m);
                     }
                     Wire::Lease(msg) => {
                         // Apply first, so a pong reports what we applied.
@@ -821,7 +878,7 @@ impl Driver {
         self.apply();
         for m in self.replica.outgoing() {
             let to = m.get_receiver();
-            self.send(to, Wire::Paxos(m));
+            self.send(to, Wire::Paxos(Box::new(m)));
         }
         self.shared
             .lease_until
@@ -837,7 +894,18 @@ impl Driver {
                 return;
             }
         };
-        if decided.is_empty() {
+        for ticket in self.replica.take_lost() {
+            if let Some(reply) = self.proposals.remove(&ticket) {
+                tracing::warn!(
+                    node = self.shared.node_id,
+                    "a proposal's outcome was compacted into a snapshot before this node applied it"
+                );
+                let _ = reply.send(Err(ProposeError::Timeout));
+            }
+        }
+        if decided.is_empty()
+            && self.shared.applied.load(Ordering::Acquire) == self.replica.applied_index()
+        {
             return;
         }
         // Publish before answering: a proposer reads its own write (and
@@ -899,6 +967,8 @@ impl Driver {
             epoch: st.epoch,
             decided: st.decided,
             applied: st.applied,
+            compacted: st.compacted,
+            log_len: st.log_len,
             lease: LeaseStatus {
                 valid: false,
                 remaining_ms: 0,

@@ -39,8 +39,11 @@
 //! compaction (plus 1 MiB), the whole current state is written as a single
 //! record to `catalog.log.tmp`, fsynced, renamed over `catalog.log`, and the
 //! directory is fsynced: a crash at any point leaves either the old or the
-//! new file, both complete. (The omnipaxos log itself is not trimmed yet,
-//! so this bounds the overhead of the journal, not the log.)
+//! new file, both complete. The rewritten state holds the catalog snapshot
+//! and the log after it only: once omnipaxos compacts the log (see
+//! [`crate::Replica::compact`]), the next rewrite drops the trimmed entries
+//! from the file, so the file stays bounded by the snapshot, the log
+//! after it and the slack.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -53,7 +56,7 @@ use omnipaxos_storage::memory_storage::MemoryStorage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::entry::CatalogEntry;
+use crate::entry::{CatalogEntry, CatalogSnapshot};
 
 const FILE: &str = "catalog.log";
 const TMP: &str = "catalog.log.tmp";
@@ -95,6 +98,7 @@ enum Op {
     SetCompactedIdx(usize),
     Trim(usize),
     SetStopsign(Option<StopSign>),
+    SetSnapshot(Option<CatalogSnapshot>),
 }
 
 /// A shared log store; clones share the contents (and the file).
@@ -232,11 +236,63 @@ impl Inner {
                 log.trim(i)
             }
             Op::SetStopsign(s) => log.set_stopsign(s),
+            Op::SetSnapshot(s) => log.set_snapshot(s),
         };
     }
 
+    /// Checks (and if need be repairs, see [`CatalogSnapshot`]) and
+    /// normalises the snapshot a batch stores, against the compacted index
+    /// the same batch sets and the store as it is before the batch.
+    fn fix_snapshot(&self, ops: &mut [Op]) -> Result<(), StorageError> {
+        let compacted = ops.iter().rev().find_map(|op| match op {
+            Op::SetCompactedIdx(c) => Some(*c),
+            _ => None,
+        });
+        let Some(snap) = ops.iter_mut().find_map(|op| match op {
+            Op::SetSnapshot(Some(s)) => Some(s),
+            _ => None,
+        }) else {
+            return Ok(());
+        };
+        if let Some(c) = compacted.filter(|c| *c != snap.len()) {
+            let bad = |what: String| StorageError::Corrupt {
+                path: PathBuf::new(),
+                what: format!("a catalog snapshot for index {c}: {what}"),
+            };
+            let delta = snap.merged();
+            let c0 = self.log.get_compacted_idx().unwrap_or(0);
+            let mut fixed = match self.log.get_snapshot().unwrap_or(None) {
+                Some(s) => s,
+                None => {
+                    <CatalogSnapshot as omnipaxos::storage::Snapshot<CatalogEntry>>::create(&[])
+                }
+            };
+            if fixed.len() != c0 || delta == 0 || c < c0 + delta {
+                return Err(bad(format!(
+                    "it stands for {} entries (last merge {delta}), the stored one for {} at {c0}",
+                    snap.len(),
+                    fixed.len()
+                )));
+            }
+            let own = self.log.get_entries(c0, c - delta).unwrap_or_default();
+            if own.len() != c - delta - c0 {
+                return Err(bad(format!(
+                    "entries {c0}..{} are not in the log",
+                    c - delta
+                )));
+            }
+            fixed.extend(own);
+            fixed.extend(snap.tail()[snap.tail().len() - delta..].iter().cloned());
+            tracing::debug!(index = c, "catalog snapshot from a log sync rebuilt");
+            *snap = fixed;
+        }
+        snap.normalize();
+        Ok(())
+    }
+
     /// Persists `ops` (if there is a journal), then applies them.
-    fn write(&mut self, ops: Vec<Op>) -> Result<(), StorageError> {
+    fn write(&mut self, mut ops: Vec<Op>) -> Result<(), StorageError> {
+        self.fix_snapshot(&mut ops)?;
         if let Some(j) = self.journal.as_mut() {
             let path = j.dir.join(FILE);
             if j.failed {
@@ -273,6 +329,9 @@ impl Inner {
     fn state_ops(&self) -> Vec<Op> {
         let log = &self.log;
         let mut ops = vec![Op::Incarnation(self.incarnation)];
+        if let Ok(Some(snap)) = log.get_snapshot() {
+            ops.push(Op::SetSnapshot(Some(snap)));
+        }
         if self.trimmed > 0 {
             ops.push(Op::Trim(self.trimmed));
         }
@@ -435,8 +494,8 @@ impl SharedStorage {
     }
 }
 
-fn convert(op: StorageOp<CatalogEntry>) -> Option<Op> {
-    Some(match op {
+fn convert(op: StorageOp<CatalogEntry>) -> Op {
+    match op {
         StorageOp::AppendEntry(e) => Op::AppendEntries(vec![e]),
         StorageOp::AppendEntries(e) => Op::AppendEntries(e),
         StorageOp::AppendOnPrefix(from, e) => Op::AppendOnPrefix(from, e),
@@ -446,16 +505,15 @@ fn convert(op: StorageOp<CatalogEntry>) -> Option<Op> {
         StorageOp::SetCompactedIdx(i) => Op::SetCompactedIdx(i),
         StorageOp::Trim(i) => Op::Trim(i),
         StorageOp::SetStopsign(s) => Op::SetStopsign(s),
-        // Catalog entries have no snapshots (`NoSnapshot`).
-        StorageOp::SetSnapshot(_) => return None,
-    })
+        StorageOp::SetSnapshot(s) => Op::SetSnapshot(s),
+    }
 }
 
 impl Storage<CatalogEntry> for SharedStorage {
     fn write_atomically(&mut self, ops: Vec<StorageOp<CatalogEntry>>) -> StorageResult<()> {
         // One lock and one record for the whole batch: a concurrent reader
         // never sees half of it, and a restart replays all of it or none.
-        self.write_ops(ops.into_iter().filter_map(convert).collect())
+        self.write_ops(ops.into_iter().map(convert).collect())
     }
 
     fn append_entry(&mut self, entry: CatalogEntry) -> StorageResult<()> {
@@ -530,17 +588,14 @@ impl Storage<CatalogEntry> for SharedStorage {
         self.with(|s| s.get_compacted_idx())
     }
 
-    fn set_snapshot(&mut self, _snapshot: Option<NoSnapshotOf>) -> StorageResult<()> {
-        // Catalog entries have no snapshots (`NoSnapshot`).
-        Ok(())
+    fn set_snapshot(&mut self, snapshot: Option<CatalogSnapshot>) -> StorageResult<()> {
+        self.write_ops(vec![Op::SetSnapshot(snapshot)])
     }
 
-    fn get_snapshot(&self) -> StorageResult<Option<NoSnapshotOf>> {
+    fn get_snapshot(&self) -> StorageResult<Option<CatalogSnapshot>> {
         self.with(|s| s.get_snapshot())
     }
 }
-
-type NoSnapshotOf = <CatalogEntry as omnipaxos::storage::Entry>::Snapshot;
 
 #[cfg(test)]
 mod tests;

@@ -386,6 +386,134 @@ async fn a_whole_cluster_restarts_from_disk() {
     }
 }
 
+fn decision(i: u64) -> CatalogCommand {
+    CatalogCommand::TxDecision {
+        gid: format!("hotrepart_{i}"),
+        commit: !i.is_multiple_of(3),
+    }
+}
+
+/// Log compaction with catalog snapshots, over TCP: (a) with a small
+/// `compact_after`, the stored log stays bounded on every node and all
+/// nodes hold the same catalog; (b) a node stopped before the others
+/// compacted past its log catches up, from a snapshot, after it restarts;
+/// (c) the whole cluster restarts from its compacted disks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_compacted_into_snapshots_and_survives_restarts() {
+    const COMPACT: usize = 10;
+    let _ = logs();
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("compact")).collect();
+    let mut settings = cluster_settings(3, &dirs, |_| "the secret");
+    for s in &mut settings {
+        s.compact_after = COMPACT;
+    }
+    let mut nodes = Vec::new();
+    for s in &settings {
+        nodes.push(
+            CatalogHandle::start(s.clone(), Some(seed(s.node_id)))
+                .await
+                .expect("node starts"),
+        );
+    }
+    wait_for("bootstrap everywhere", Duration::from_secs(10), || {
+        nodes.iter().all(|h| h.catalog().snapshot().is_some())
+            && nodes.windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+
+    // (b) Node 3 stops before anything is compacted.
+    let st = nodes[2].status();
+    assert_eq!(st.compacted, 0, "{st:?}");
+    nodes[2].shutdown().await;
+    let mut i = 0;
+    for _ in 0..6 * COMPACT {
+        i += 1;
+        let out = nodes[(i % 2) as usize].propose(decision(i), PROPOSE).await;
+        assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+    }
+    wait_for("nodes 1 and 2 agree", Duration::from_secs(5), || {
+        same_catalog(&nodes[0], &nodes[1])
+    })
+    .await;
+    for h in &nodes[..2] {
+        let st = h.status();
+        assert!(st.compacted >= 4 * COMPACT, "{st:?}");
+        assert!(st.log_len <= COMPACT + 1, "{st:?}");
+    }
+    // Node 3 comes back: its log ends where the others compacted long ago.
+    nodes[2] = CatalogHandle::start(settings[2].clone(), Some(seed(3)))
+        .await
+        .expect("node 3 restarts");
+    wait_for("node 3 catches up", Duration::from_secs(10), || {
+        nodes.windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+    // It did so from a snapshot: its log now starts past its old end.
+    wait_for("node 3 holds a snapshot", Duration::from_secs(5), || {
+        nodes[2].status().compacted > 0
+    })
+    .await;
+    assert_eq!(nodes[2].catalog().decisions().count(), 6 * COMPACT);
+
+    // (a) All three go on; every node's stored log stays bounded.
+    for _ in 0..6 * COMPACT {
+        i += 1;
+        let out = nodes[(i % 3) as usize].propose(decision(i), PROPOSE).await;
+        assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+        for h in &nodes {
+            let st = h.status();
+            assert!(st.log_len <= COMPACT + 3, "{st:?}");
+        }
+    }
+    wait_for("all agree", Duration::from_secs(5), || {
+        nodes.windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+    let applied = nodes[0].applied_index();
+    for h in &nodes {
+        let st = h.status();
+        assert!(st.compacted >= applied - COMPACT - 1, "{st:?}");
+        assert_eq!(st.compacted + st.log_len, st.decided, "{st:?}");
+        let json = serde_json::to_value(&st).expect("status serialises");
+        assert!(json.get("compacted").is_some() && json.get("log_len").is_some());
+    }
+    let before = nodes[0].catalog();
+    assert_eq!(before.decisions().count(), 12 * COMPACT);
+
+    // (c) The whole cluster restarts from its compacted disks.
+    for h in &nodes {
+        h.shutdown().await;
+    }
+    let mut nodes = Vec::new();
+    for s in &settings {
+        nodes.push(
+            CatalogHandle::start(s.clone(), Some(seed(10 + s.node_id)))
+                .await
+                .expect("node restarts"),
+        );
+    }
+    for h in &nodes {
+        // Loaded from the snapshot and the log after it, before any peer
+        // is heard.
+        assert!(h.applied_index() >= applied - COMPACT - 1);
+        assert!(h.status().compacted > 0);
+    }
+    wait_for("everyone is back", Duration::from_secs(10), || {
+        nodes
+            .iter()
+            .all(|h| h.applied_index() >= applied && h.lease_valid())
+    })
+    .await;
+    for h in &nodes {
+        assert_eq!(*h.catalog(), *before);
+    }
+    let out = nodes[1].propose(table("after"), PROPOSE).await;
+    assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+    for h in &nodes {
+        h.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_the_wrong_secret_cannot_join() {
     let _ = logs();
