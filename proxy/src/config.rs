@@ -159,6 +159,12 @@ pub struct ClusterConfig {
     /// decided entries follow the last one (0: never).
     #[serde(default = "default_compact_after")]
     pub compact_after: usize,
+    /// Start as a new node that waits to be added (`proxyctl node add`):
+    /// `peers` then names the current members to contact. Once the node
+    /// has a membership on disk this is ignored; `peers` is only the seed
+    /// membership of a new cluster.
+    #[serde(default)]
+    pub join: bool,
     /// Lets `POST /v1/debug/partition` cut this node off (tests only).
     #[serde(default)]
     pub allow_fault_injection: bool,

@@ -74,6 +74,9 @@ pub struct ReplicaConfig {
     pub pid: NodeId,
     /// All nodes of the cluster, this one included (at least 2).
     pub nodes: Vec<NodeId>,
+    /// The omnipaxos configuration id (1 for the first configuration; a
+    /// reconfiguration makes the next).
+    pub config_id: u32,
     /// Ticks per leader-election round (heartbeat period): a leader is
     /// replaced after about two rounds without its heartbeats. Must exceed
     /// the usual round-trip time in ticks.
@@ -99,6 +102,7 @@ impl ReplicaConfig {
         ReplicaConfig {
             pid,
             nodes,
+            config_id: 1,
             election_ticks: 10,
             resend_ticks: 20,
             retry_ticks: 50,
@@ -188,6 +192,8 @@ pub struct ReplicaStatus {
 /// One catalog replica. See the module docs for how to drive it.
 pub struct Replica {
     pid: NodeId,
+    config_id: u32,
+    nodes: Vec<NodeId>,
     incarnation: u64,
     paxos: OmniPaxos<CatalogEntry, SharedStorage>,
     /// Another handle on the store omnipaxos uses, for the incarnation.
@@ -223,9 +229,10 @@ impl Replica {
             ));
         }
         let incarnation = storage.next_incarnation()?;
+        let nodes = config.nodes.clone();
         let op_config = OmniPaxosConfig {
             cluster_config: ClusterConfig {
-                configuration_id: 1,
+                configuration_id: config.config_id,
                 nodes: config.nodes,
                 flexible_quorum: None,
             },
@@ -243,6 +250,8 @@ impl Replica {
             .map_err(|e| ReplicaError::Config(e.to_string()))?;
         Ok(Replica {
             pid: config.pid,
+            config_id: config.config_id,
+            nodes,
             incarnation,
             paxos,
             storage,
@@ -262,6 +271,53 @@ impl Replica {
     /// This node's id.
     pub fn pid(&self) -> NodeId {
         self.pid
+    }
+
+    /// The omnipaxos configuration this replica is part of.
+    pub fn config_id(&self) -> u32 {
+        self.config_id
+    }
+
+    /// The nodes of its configuration.
+    pub fn nodes(&self) -> &[NodeId] {
+        &self.nodes
+    }
+
+    /// Proposes the end of this configuration and the start of the next
+    /// one (`config_id + 1`) with `nodes`; `metadata` is decided with it.
+    /// Refused if a reconfiguration is already under way here.
+    pub fn reconfigure(
+        &mut self,
+        nodes: Vec<NodeId>,
+        metadata: Vec<u8>,
+    ) -> Result<(), ReplicaError> {
+        let next = ClusterConfig {
+            configuration_id: self.config_id + 1,
+            nodes,
+            flexible_quorum: None,
+        };
+        let result = self
+            .paxos
+            .reconfigure(next, Some(metadata))
+            .map_err(|e| match e {
+                omnipaxos::ProposeErr::ConfigError(e, ..) => ReplicaError::Config(e.to_string()),
+                _ => ReplicaError::Reconfiguring,
+            });
+        self.drain();
+        result
+    }
+
+    /// The decided StopSign, once this configuration has ended: the next
+    /// configuration and its metadata. Everything before it is decided (and
+    /// applied, once [`apply_decided`](Self::apply_decided) ran).
+    pub fn stopped(&self) -> Option<omnipaxos::storage::StopSign> {
+        self.paxos.is_reconfigured()
+    }
+
+    /// Whether a reconfiguration was accepted here (decided or not): no
+    /// proposal can be decided in this configuration any more.
+    pub fn stopping(&self) -> bool {
+        self.storage.stopsign_accepted()
     }
 
     /// This start's incarnation (1 for the first start over a store).

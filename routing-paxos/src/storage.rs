@@ -477,6 +477,45 @@ impl SharedStorage {
         Ok(inner.incarnation)
     }
 
+    /// Whether a StopSign is stored (accepted, decided or not).
+    pub fn stopsign_accepted(&self) -> bool {
+        self.lock()
+            .is_ok_and(|i| i.log.get_stopsign().ok().flatten().is_some())
+    }
+
+    /// Makes a fresh store the start of a new configuration's log: its
+    /// first `len` entries are `state` (a snapshot), decided. Refused if
+    /// the store is not empty.
+    pub fn preload(
+        &self,
+        state: crate::entry::StateMachine,
+        len: usize,
+    ) -> Result<(), StorageError> {
+        let mut inner = self.lock()?;
+        let empty = inner.log.get_log_len().unwrap_or(0) == 0
+            && inner.log.get_decided_idx().unwrap_or(0) == 0
+            && inner.log.get_compacted_idx().unwrap_or(0) == 0;
+        if !empty {
+            return Err(StorageError::Corrupt {
+                path: inner
+                    .journal
+                    .as_ref()
+                    .map(|j| j.dir.clone())
+                    .unwrap_or_default(),
+                what: "a new configuration's log is not empty".into(),
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        inner.write(vec![
+            Op::Trim(len),
+            Op::SetCompactedIdx(len),
+            Op::SetSnapshot(Some(CatalogSnapshot::of_state(state, len))),
+            Op::SetDecidedIndex(len),
+        ])
+    }
+
     /// Rewrites the journal as one record now (no-op in memory).
     pub fn compact(&self) -> Result<(), StorageError> {
         self.lock()?.compact()
