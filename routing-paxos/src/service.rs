@@ -1590,3 +1590,53 @@ fn check_change(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(ids: &[u64]) -> BTreeMap<u64, String> {
+        ids.iter().map(|id| (*id, format!("h{id}:1"))).collect()
+    }
+
+    #[test]
+    fn membership_changes_are_one_node_at_a_time_and_keep_two() {
+        let three = members(&[1, 2, 3]);
+        assert_eq!(check_change(&three, &members(&[1, 2, 3, 4])), Ok(()));
+        assert_eq!(check_change(&three, &members(&[1, 2])), Ok(()));
+        let err = |next: &[u64]| check_change(&three, &members(next)).expect_err("refused");
+        assert!(err(&[1, 2, 3]).contains("would not change"));
+        assert!(err(&[1]).contains("one node at a time"));
+        assert!(err(&[1, 2, 4]).contains("one node at a time"));
+        assert!(err(&[1, 2, 3, 4, 5]).contains("one node at a time"));
+        assert!(err(&[0, 1, 2, 3]).contains("id 0"));
+        let two = members(&[1, 2]);
+        let e = check_change(&two, &members(&[1])).expect_err("last but one");
+        assert!(e.contains("at least 2"), "{e}");
+        let mut no_addr = three.clone();
+        no_addr.insert(4, String::new());
+        let e = check_change(&three, &no_addr).expect_err("address");
+        assert!(e.contains("needs an address"), "{e}");
+    }
+
+    #[test]
+    fn the_membership_file_round_trips() {
+        let dir = std::env::temp_dir().join(format!("hotrepart-membership-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(read_membership(&dir).expect("no file").is_none());
+        let file = MembershipFile {
+            membership: Membership {
+                config_id: 3,
+                members: members(&[2, 3, 4]),
+            },
+            removed: false,
+        };
+        write_membership(&dir, &file).expect("write");
+        let back = read_membership(&dir).expect("read").expect("a file");
+        assert_eq!(back.membership, file.membership);
+        assert!(!back.removed);
+        assert_eq!(config_dir(&dir, 1), dir);
+        assert_eq!(config_dir(&dir, 3), dir.join("config-3"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
