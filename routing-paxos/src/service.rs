@@ -583,6 +583,7 @@ impl CatalogHandle {
             net: Some(net),
             reconfig: None,
             ticks: 0,
+            acks_count_from: 0,
             leases,
             peers,
             out: BTreeMap::new(),
@@ -756,6 +757,7 @@ impl CatalogHandle {
         addr: &str,
         timeout: Duration,
     ) -> Result<Membership, ReconfigureError> {
+        self.check_cluster()?;
         let current = self.membership().ok_or(ReconfigureError::NotMember)?;
         if current.members.contains_key(&id) {
             return Err(ReconfigureError::Invalid(format!(
@@ -778,6 +780,7 @@ impl CatalogHandle {
         id: u64,
         timeout: Duration,
     ) -> Result<Membership, ReconfigureError> {
+        self.check_cluster()?;
         let current = self.membership().ok_or(ReconfigureError::NotMember)?;
         if !current.members.contains_key(&id) {
             return Err(ReconfigureError::Invalid(format!(
@@ -788,6 +791,15 @@ impl CatalogHandle {
         let mut members = current.members;
         members.remove(&id);
         self.reconfigure(members, timeout).await
+    }
+
+    fn check_cluster(&self) -> Result<(), ReconfigureError> {
+        match self.inner.mode {
+            Mode::Local(_) => Err(ReconfigureError::Invalid(
+                "a single node without [cluster] has no membership to change".into(),
+            )),
+            Mode::Cluster { .. } => Ok(()),
+        }
     }
 
     /// The current configuration as this node knows it (`None`: a joining
@@ -920,6 +932,13 @@ struct Driver {
     /// who waits for it.
     reconfig: Option<(u32, oneshot::Sender<Result<Membership, ReconfigureError>>)>,
     ticks: u64,
+    /// Until then (ms on the lease clock), `await_all_applied` does not
+    /// take "every member acknowledged" as enough: a node that left the
+    /// configuration may still hold a lease from the old one (granted by
+    /// peers that had not switched yet), and it is not among the members
+    /// that acknowledge. Only `lease + margin` after the switch is that
+    /// lease surely over.
+    acks_count_from: u64,
     leases: Leases,
     peers: BTreeMap<u64, String>,
     /// Sending side of the current outgoing link per peer.
@@ -1196,11 +1215,38 @@ impl Driver {
     fn switch(&mut self, next: Membership, start: Option<(StateMachine, usize)>) {
         let me = self.shared.node_id;
         let removed = !next.members.contains_key(&me);
+        // The next configuration's log, with the catalog as of the
+        // StopSign, is made durable before the membership that points to
+        // it: a crash in between restarts in the old configuration, which
+        // sees the same StopSign and finds the new log ready.
+        let storage = if removed {
+            None
+        } else {
+            let opened = (|| -> Result<SharedStorage, ServiceError> {
+                let storage = SharedStorage::open(&config_dir(&self.data_dir, next.config_id))?;
+                if let Some((state, len)) = start {
+                    if storage.get_decided_idx().unwrap_or(0) == 0
+                        && storage.get_compacted_idx().unwrap_or(0) == 0
+                    {
+                        storage.preload(state, len)?;
+                    }
+                }
+                Ok(storage)
+            })();
+            match opened {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(node = me, error = %e, "cannot prepare the next catalog configuration's log; retrying");
+                    return;
+                }
+            }
+        };
         let file = MembershipFile {
             membership: next.clone(),
             removed,
         };
-        // Persist first: a restart must come back in this configuration.
+        // Then the membership: a restart must come back in this
+        // configuration.
         if let Err(e) = write_membership(&self.data_dir, &file) {
             tracing::error!(node = me, error = %e, "cannot persist the catalog membership; retrying");
             return;
@@ -1236,15 +1282,10 @@ impl Driver {
             self.answer_reconfig(&next);
             return;
         }
+        let Some(storage) = storage else {
+            return;
+        };
         let started = (|| -> Result<Replica, ServiceError> {
-            let storage = SharedStorage::open(&config_dir(&self.data_dir, next.config_id))?;
-            if let Some((state, len)) = start {
-                if storage.get_decided_idx().unwrap_or(0) == 0
-                    && storage.get_compacted_idx().unwrap_or(0) == 0
-                {
-                    storage.preload(state, len)?;
-                }
-            }
             let mut config = ReplicaConfig::new(me, next.members.keys().copied().collect());
             config.config_id = next.config_id;
             config.compact_after = self.compact_after;
@@ -1262,6 +1303,8 @@ impl Driver {
                 tracing::info!(node = me, config = next.config_id, members = ?next.members.keys().collect::<Vec<_>>(), applied = replica.applied_index(), "catalog configuration started");
                 let peers: Vec<u64> = next.members.keys().copied().filter(|p| *p != me).collect();
                 self.leases = Leases::new(peers, self.lease_ms);
+                self.acks_count_from =
+                    self.shared.now_ms() + self.lease_ms + self.leases.margin_ms();
                 self.leases
                     .set_applied(self.shared.now_ms(), replica.applied_index());
                 self.shared
@@ -1492,10 +1535,11 @@ impl Driver {
         }
         let now = self.shared.now_ms();
         let leases = &self.leases;
+        let acks_count = now >= self.acks_count_from;
         let mut keep = Vec::new();
         for (index, reply) in self.waits.drain(..) {
-            let done =
-                leases.all_applied(index) || leases.safe_after(index).is_some_and(|t| now >= t);
+            let done = (acks_count && leases.all_applied(index))
+                || leases.safe_after(index).is_some_and(|t| now >= t);
             if done {
                 let _ = reply.send(());
             } else if !reply.is_closed() {

@@ -226,13 +226,25 @@ impl Inner {
                 Ok(())
             }
             Op::AppendEntries(e) => log.append_entries(e),
+            // Below the trimmed index (a stale sync re-sending compacted
+            // entries): those entries are decided and the same; keep the
+            // rest. (MemoryStorage would underflow.)
+            Op::AppendOnPrefix(from, e) if from < self.trimmed => {
+                if from + e.len() <= self.trimmed {
+                    Ok(())
+                } else {
+                    let skip = self.trimmed - from;
+                    log.append_on_prefix(self.trimmed, e.into_iter().skip(skip).collect())
+                }
+            }
             Op::AppendOnPrefix(from, e) => log.append_on_prefix(from, e),
             Op::SetPromise(b) => log.set_promise(b),
             Op::SetDecidedIndex(i) => log.set_decided_idx(i),
             Op::SetAcceptedRound(b) => log.set_accepted_round(b),
             Op::SetCompactedIdx(i) => log.set_compacted_idx(i),
+            Op::Trim(i) if i <= self.trimmed => Ok(()),
             Op::Trim(i) => {
-                self.trimmed = self.trimmed.max(i);
+                self.trimmed = i;
                 log.trim(i)
             }
             Op::SetStopsign(s) => log.set_stopsign(s),
@@ -267,22 +279,38 @@ impl Inner {
                     <CatalogSnapshot as omnipaxos::storage::Snapshot<CatalogEntry>>::create(&[])
                 }
             };
-            if fixed.len() != c0 || delta == 0 || c < c0 + delta {
+            if fixed.len() != c0 || delta == 0 || c < delta || c < c0 {
                 return Err(bad(format!(
                     "it stands for {} entries (last merge {delta}), the stored one for {} at {c0}",
                     snap.len(),
                     fixed.len()
                 )));
             }
-            let own = self.log.get_entries(c0, c - delta).unwrap_or_default();
-            if own.len() != c - delta - c0 {
+            // The delta stands for entries start..c. Before it: our own
+            // decided entries from our snapshot on; where it starts before
+            // our snapshot's end (a stale sync re-sending what we already
+            // compacted), only its part after our snapshot counts (decided
+            // entries are the same everywhere).
+            let start = c - delta;
+            if start > c0 {
+                let own = self.log.get_entries(c0, start).unwrap_or_default();
+                if own.len() != start - c0 {
+                    return Err(bad(format!("entries {c0}..{start} are not in the log")));
+                }
+                fixed.extend(own);
+            }
+            let skip = c0.saturating_sub(start);
+            fixed.extend(
+                snap.tail()[snap.tail().len() - delta + skip..]
+                    .iter()
+                    .cloned(),
+            );
+            if fixed.len() != c {
                 return Err(bad(format!(
-                    "entries {c0}..{} are not in the log",
-                    c - delta
+                    "rebuilt, it stands for {} entries",
+                    fixed.len()
                 )));
             }
-            fixed.extend(own);
-            fixed.extend(snap.tail()[snap.tail().len() - delta..].iter().cloned());
             tracing::debug!(index = c, "catalog snapshot from a log sync rebuilt");
             *snap = fixed;
         }
@@ -592,7 +620,13 @@ impl Storage<CatalogEntry> for SharedStorage {
     }
 
     fn get_entries(&self, from: usize, to: usize) -> StorageResult<Vec<CatalogEntry>> {
-        self.with(|s| s.get_entries(from, to))
+        // Entries before the trimmed index are gone: not a complete
+        // interval (MemoryStorage would underflow).
+        let inner = self.lock()?;
+        if from < inner.trimmed || to < from {
+            return Ok(Vec::new());
+        }
+        inner.log.get_entries(from, to)
     }
 
     fn get_log_len(&self) -> StorageResult<usize> {
@@ -600,7 +634,11 @@ impl Storage<CatalogEntry> for SharedStorage {
     }
 
     fn get_suffix(&self, from: usize) -> StorageResult<Vec<CatalogEntry>> {
-        self.with(|s| s.get_suffix(from))
+        let inner = self.lock()?;
+        if from < inner.trimmed {
+            return Ok(Vec::new());
+        }
+        inner.log.get_suffix(from)
     }
 
     fn get_promise(&self) -> StorageResult<Option<Ballot>> {

@@ -52,6 +52,8 @@
 //!   logs can diverge and followers can get stuck), so it is an exploration
 //!   mode, not part of the test: the default is Fifo, the model of the TCP
 //!   transport;
+//! * `HOTREPART_SIM_COMPACT=N` compacts the log every N entries (0:
+//!   never; default: 5–44, from the seed);
 //! * `HOTREPART_SIM_TRACE=1` prints every protocol message and applied entry
 //!   (use with one seed).
 //!
@@ -316,7 +318,10 @@ impl Sim {
     /// and lagging or restarted replicas catch up from snapshots. Derived
     /// from the seed, not drawn (the draws stay as they were).
     fn compact_after(&self) -> usize {
-        5 + (self.seed % 40) as usize
+        match env_u64("HOTREPART_SIM_COMPACT") {
+            Some(n) => n as usize,
+            None => 5 + (self.seed % 40) as usize,
+        }
     }
 
     fn new_leases(&self, pid: u64) -> Leases {
@@ -437,6 +442,18 @@ impl Sim {
         self.stats.heal_ticks_max = self.now - heal_start;
         self.final_checks();
         self.leases_come_back();
+        // A late copy of a re-proposed command (stale, a no-op) may be
+        // decided while the leases come back: let everyone learn it.
+        let settle = self.now;
+        while self.now - settle < HEAL_BOUND
+            && !self.nodes.iter().all(|n| {
+                n.replica.as_ref().is_some_and(|r| {
+                    r.decided_index() == self.log.len() && r.applied_index() == self.log.len()
+                })
+            })
+        {
+            self.step(false);
+        }
         // All have caught up: their logs are the whole log.
         for n in &self.nodes {
             let len = n.replica.as_ref().map_or(0, Replica::decided_index);

@@ -297,6 +297,50 @@ fn a_snapshot_merged_by_a_log_sync_is_rebuilt_right() {
     }
 }
 
+/// A stale log sync (built from an older promise) re-sends entries this
+/// node already compacted: only what follows its snapshot counts.
+#[test]
+fn a_stale_sync_delta_over_the_compacted_prefix_is_rebuilt_right() {
+    use omnipaxos::storage::Snapshot as _;
+    let all: Vec<CatalogEntry> = (0..12).map(add_shard).collect();
+    for (compacted, sync_idx) in [(10, 10), (8, 10), (10, 12)] {
+        let mut s = SharedStorage::new();
+        s.append_entries(all.clone()).expect("append");
+        s.set_decided_idx(12).expect("decided");
+        let stored = CatalogSnapshot::create(&all[..compacted]);
+        s.write_atomically(vec![
+            StorageOp::Trim(compacted),
+            StorageOp::SetCompactedIdx(compacted),
+            StorageOp::SetSnapshot(Some(stored.clone())),
+        ])
+        .expect("compact");
+        // The leader thought we had decided 6: delta 6..sync_idx.
+        let mut merged = stored;
+        merged.merge(CatalogSnapshot::create(&all[compacted..sync_idx]));
+        merged.merge(CatalogSnapshot::create(&all[6..sync_idx]));
+        s.write_atomically(vec![
+            StorageOp::Trim(sync_idx),
+            StorageOp::SetCompactedIdx(sync_idx),
+            StorageOp::SetSnapshot(Some(merged)),
+            StorageOp::AppendOnPrefix(sync_idx, all[sync_idx..].to_vec()),
+        ])
+        .expect("sync");
+        let got = s.get_snapshot().expect("read").expect("a snapshot");
+        assert_eq!(got.len(), sync_idx, "{compacted} {sync_idx}");
+        assert_eq!(got.state(), state_of(&all[..sync_idx]));
+        assert_eq!(s.get_log_len().expect("read"), 12 - sync_idx);
+    }
+    // A prefix write below the trimmed index keeps what is after it.
+    let mut s = SharedStorage::new();
+    s.append_entries(all.clone()).expect("append");
+    s.trim(8).expect("trim");
+    s.append_on_prefix(5, all[5..].to_vec())
+        .expect("stale prefix");
+    assert_eq!(s.get_log_len().expect("read"), 4);
+    assert!(s.get_entries(4, 9).expect("read").is_empty());
+    assert_eq!(s.get_entries(8, 12).expect("read"), all[8..].to_vec());
+}
+
 #[test]
 fn a_snapshot_that_cannot_be_rebuilt_is_refused() {
     use omnipaxos::storage::Snapshot as _;
