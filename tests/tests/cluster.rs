@@ -362,6 +362,46 @@ async fn proxyctl_changes_the_catalog_on_every_node() {
     )
     .await;
     assert!(!ok && err.contains("401"), "{err}");
+    // Membership: bad changes are refused with the reason; node 3 is
+    // removed, the other two keep changing the catalog, node 3 says it is
+    // no longer a member.
+    let (ok, _, err) = c
+        .proxyctl(0, &["node", "add", "2", "--addr", "127.0.0.1:1"])
+        .await;
+    assert!(!ok && err.contains("already a member"), "{err}");
+    let (ok, _, err) = c.proxyctl(0, &["node", "remove", "9"]).await;
+    assert!(!ok && err.contains("not a member"), "{err}");
+    let (ok, _, err) = c
+        .proxyctl(0, &["node", "add", "7", "--addr", "no-port"])
+        .await;
+    assert!(!ok && err.contains("host:port"), "{err}");
+    let (ok, out, err) = c.proxyctl(0, &["node", "remove", "3"]).await;
+    assert!(ok, "node remove: {err}");
+    assert!(out.contains("configuration 2"), "{out}");
+    // The others learn it within a round trip.
+    let start = std::time::Instant::now();
+    loop {
+        let (_, out3, _) = c.proxyctl(2, &["status"]).await;
+        let (_, out2, _) = c.proxyctl(1, &["status"]).await;
+        if out3.contains("is NOT a member")
+            && out2.contains("members 1,2 ")
+            && out2.contains("is a member")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "node 3: {out3}\nnode 2: {out2}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, _, err) = c.proxyctl(1, &["table", "reference", "after_remove"]).await;
+    assert!(ok, "a change after the removal: {err}");
+    let (ok, _, err) = c.proxyctl(2, &["table", "reference", "on_removed"]).await;
+    assert!(!ok && err.contains("not a member"), "{err}");
+    // Two nodes are the minimum.
+    let (ok, _, err) = c.proxyctl(0, &["node", "remove", "2"]).await;
+    assert!(!ok && err.contains("at least 2"), "{err}");
     drop(extra);
 }
 
