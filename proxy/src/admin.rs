@@ -39,7 +39,9 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use hotrepart_router::catalog::{KeyRange, KeyType, RangeStatus, RoutingFunction};
 use hotrepart_routing_paxos::command::{Dsn, TableSpec};
-use hotrepart_routing_paxos::{Applied, CatalogCommand, FreezeId, ProposeError};
+use hotrepart_routing_paxos::{
+    Applied, CatalogCommand, FreezeId, Membership, ProposeError, ReconfigureError,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -122,6 +124,8 @@ pub async fn serve(
         .route("/v1/ranges/split", post(split_range))
         .route("/v1/ranges/assign", post(assign_range))
         .route("/v1/ranges/unfreeze", post(unfreeze_range))
+        .route("/v1/nodes", post(add_node))
+        .route("/v1/nodes/{id}", delete(remove_node))
         .route("/v1/debug/partition", post(partition))
         .route("/v1/fence", post(fence))
         .merge(crate::jobs::routes())
@@ -273,6 +277,87 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
         "ranges": snap.ranges().len(),
         "cluster": cluster,
     })))
+}
+
+#[derive(Deserialize)]
+struct AddNode {
+    id: u64,
+    /// Its `[cluster] listen` address ("host:port").
+    addr: String,
+    /// Its admin API base URL (checked for form only; not stored).
+    #[serde(default)]
+    admin: Option<String>,
+}
+
+fn membership_json(m: &Membership) -> Value {
+    json!({
+        "config_id": m.config_id,
+        "members": m.members.iter().map(|(id, addr)| json!({ "id": id, "addr": addr })).collect::<Vec<_>>(),
+    })
+}
+
+fn reconfigure_error(e: ReconfigureError) -> ApiError {
+    let status = match e {
+        ReconfigureError::Invalid(_) => StatusCode::BAD_REQUEST,
+        ReconfigureError::InProgress => StatusCode::CONFLICT,
+        ReconfigureError::NotMember | ReconfigureError::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+        ReconfigureError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+    };
+    let hint = match e {
+        ReconfigureError::NotMember => " (ask a node that is a member: see `proxyctl status`)",
+        ReconfigureError::Timeout => " (check `proxyctl status` for the configuration)",
+        _ => "",
+    };
+    ApiError::new(status, format!("{e}{hint}"))
+}
+
+/// Adds a catalog node (it must be running with `[cluster] join = true`).
+async fn add_node(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(req): Json<AddNode>,
+) -> ApiResult {
+    authorize(&api, &headers)?;
+    if req.id == 0 {
+        return Err(ApiError::bad("node id 0 is not valid"));
+    }
+    let addr = req.addr.trim();
+    if addr
+        .rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err(ApiError::bad(format!(
+            "node {}: address {addr:?} is not host:port",
+            req.id
+        )));
+    }
+    if let Some(admin) = &req.admin {
+        if !(admin.starts_with("http://") || admin.starts_with("https://")) {
+            return Err(ApiError::bad(format!(
+                "node {}: admin URL {admin:?} must start with http:// or https://",
+                req.id
+            )));
+        }
+    }
+    let m = api
+        .node
+        .catalog_handle
+        .add_node(req.id, addr, PROPOSE_TIMEOUT)
+        .await
+        .map_err(reconfigure_error)?;
+    Ok(Json(membership_json(&m)))
+}
+
+/// Removes a catalog node.
+async fn remove_node(State(api): State<Api>, headers: HeaderMap, Path(id): Path<u64>) -> ApiResult {
+    authorize(&api, &headers)?;
+    let m = api
+        .node
+        .catalog_handle
+        .remove_node(id, PROPOSE_TIMEOUT)
+        .await
+        .map_err(reconfigure_error)?;
+    Ok(Json(membership_json(&m)))
 }
 
 fn status_name(s: RangeStatus) -> &'static str {

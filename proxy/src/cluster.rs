@@ -93,6 +93,8 @@ pub async fn start_catalog(cfg: &Config) -> anyhow::Result<CatalogHandle> {
                 data_dir: c.data_dir.clone(),
                 tick: Duration::from_millis(c.tick_ms.max(1)),
                 lease: Duration::from_millis(c.lease_ms),
+                compact_after: c.compact_after,
+                join: c.join,
             };
             Ok(CatalogHandle::start(settings, Some(seed)).await?)
         }

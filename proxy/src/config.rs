@@ -155,6 +155,16 @@ pub struct ClusterConfig {
     /// Timer period of the catalog replica.
     #[serde(default = "default_tick_ms")]
     pub tick_ms: u64,
+    /// Compact the catalog log into a snapshot once more than this many
+    /// decided entries follow the last one (0: never).
+    #[serde(default = "default_compact_after")]
+    pub compact_after: usize,
+    /// Start as a new node that waits to be added (`proxyctl node add`):
+    /// `peers` then names the current members to contact. Once the node
+    /// has a membership on disk this is ignored; `peers` is only the seed
+    /// membership of a new cluster.
+    #[serde(default)]
+    pub join: bool,
     /// Lets `POST /v1/debug/partition` cut this node off (tests only).
     #[serde(default)]
     pub allow_fault_injection: bool,
@@ -228,6 +238,10 @@ impl AdminConfig {
 fn default_lease_ms() -> u64 {
     2_000
 }
+fn default_compact_after() -> usize {
+    hotrepart_routing_paxos::replica::COMPACT_AFTER
+}
+
 fn default_tick_ms() -> u64 {
     10
 }

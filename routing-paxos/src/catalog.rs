@@ -987,5 +987,10 @@ fn find_range(snap: &RoutingSnapshot, span: Span) -> Result<usize, Rejected> {
         .ok_or(Rejected::UnknownRange(span))
 }
 
+mod image;
+pub use image::{
+    BadImage, CatalogImage, FreezeImage, JobImage, RangeImage, RoutingImage, StatusImage,
+};
+
 #[cfg(test)]
 mod tests;

@@ -12,8 +12,10 @@
 //!
 //! * [`command`]: the commands (serde types; data only).
 //! * [`catalog`]: the deterministic state machine, [`Catalog::apply`].
-//! * [`entry`]: log entries with proposal ids, and the [`StateMachine`] that
-//!   applies each proposal at most once.
+//! * [`entry`]: log entries with proposal ids, the [`StateMachine`] that
+//!   applies each proposal at most once, and [`CatalogSnapshot`], what
+//!   replaces a compacted prefix of the log (the state after it, as a
+//!   [`catalog::CatalogImage`], plus its last entries).
 //! * [`replica`]: [`Replica`], omnipaxos plus the state machine, sans-IO.
 //! * [`storage`]: [`SharedStorage`], the log store: in memory (survives a
 //!   replica: a restart "with the disk" in the simulation) or an fsynced
@@ -46,6 +48,32 @@
 //! anything is sent or delivered on it; see [`replica`] for why omnipaxos
 //! needs that.
 //!
+//! # Log compaction
+//!
+//! Once more than `compact_after` decided entries follow the last snapshot,
+//! a replica replaces its applied prefix with a [`CatalogSnapshot`]
+//! ([`Replica::compact`]); a restart loads it and replays the rest; a
+//! follower behind a compacted point is brought up to date with a snapshot
+//! by omnipaxos. The applied index keeps counting entries across
+//! snapshots. `tests/sim.rs` compacts every few entries.
+//!
+//! # Membership changes
+//!
+//! [`CatalogHandle::reconfigure`] (and `add_node`/`remove_node`) proposes
+//! an omnipaxos StopSign for configuration `id + 1` whose metadata is the
+//! new [`Membership`] with addresses; one node is added or removed at a
+//! time. When the StopSign is decided and everything before it applied,
+//! each node persists the membership (`membership.json`), learns the new
+//! peers' addresses, and, if it is a member, starts the next omnipaxos
+//! instance over a fresh log (`config-<id>/`) that begins with a snapshot
+//! of the catalog as of the StopSign, so the applied index goes on from
+//! there; a node that is not a member stops taking part (no lease, every
+//! proposal refused). Members announce a reconfigured membership to each
+//! other; a node started with [`ClusterSettings::join`] starts the
+//! instance when it hears it, empty, and gets the catalog as a snapshot.
+//! Protocol messages carry their configuration id; each goes to the
+//! replica of that configuration, from its members only.
+//!
 //! # Leases
 //!
 //! A node routes writes only while [`CatalogHandle::lease_valid`]; a range
@@ -57,14 +85,15 @@
 //!
 //! # Not done yet
 //!
-//! * Log compaction with catalog snapshots (omnipaxos trimming): a
-//!   restarted replica replays the whole log, and the journal file holds
-//!   the whole log (compaction of the file only drops superseded records).
 //! * Forwarding of admin requests between nodes: not needed — the HTTP
 //!   admin API (proxy) proposes on the node it reached, and omnipaxos
 //!   forwards a follower's proposal to the leader.
-//! * Membership changes (omnipaxos reconfiguration): the peer set is fixed
-//!   by the settings at start.
+//! * Forgetting ended configurations: a node keeps running the replica of
+//!   the configuration it left (so that lagging peers learn the decided
+//!   StopSign) until it restarts, and keeps its directory on disk; a
+//!   removed peer stays in the transport's address book (its connections
+//!   are refused by nobody, but no message of a current configuration is
+//!   accepted from it).
 //! * Encryption of the node-to-node links (they are authenticated, not
 //!   encrypted: shard DSNs travel in clear text).
 //! * Forgetting old 2PC decisions and finished reshard jobs (the
@@ -84,11 +113,11 @@ pub mod storage;
 
 pub use catalog::{Applied, Catalog, JobRecord, Rejected};
 pub use command::{CatalogCommand, CatalogSeed, FreezeId, JobPhase, JobSpec};
-pub use entry::{CatalogEntry, Outcome, ProposalId, StateMachine};
+pub use entry::{CatalogEntry, CatalogSnapshot, Outcome, ProposalId, StateImage, StateMachine};
 pub use lease::{LeaseMsg, Leases};
 pub use replica::{Decided, Message, Replica, ReplicaConfig, ReplicaError, ReplicaStatus, Ticket};
 pub use service::{
-    CatalogHandle, ClusterSettings, ClusterStatus, LeaseStatus, PeerStatus, ProposeError,
-    ServiceError,
+    CatalogHandle, ClusterSettings, ClusterStatus, LeaseStatus, Membership, PeerStatus,
+    ProposeError, ReconfigureError, ServiceError,
 };
 pub use storage::{SharedStorage, StorageError};

@@ -73,8 +73,18 @@ pub const SEND_QUEUE: usize = 4096;
 /// What travels on a link after the handshake.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Wire {
-    /// An omnipaxos message.
-    Paxos(Message),
+    /// An omnipaxos message of configuration `cfg` (boxed: a log sync can
+    /// carry a catalog snapshot).
+    Paxos {
+        /// The omnipaxos configuration id the message belongs to.
+        cfg: u32,
+        /// The message.
+        msg: Box<Message>,
+    },
+    /// "Configuration `id` has these members": sent by the members of a
+    /// configuration made by a reconfiguration to its other members, so
+    /// that a node added to it (which has no log to learn it from) joins.
+    Config(crate::service::Membership),
     /// Lease renewal traffic.
     Lease(LeaseMsg),
 }
@@ -317,8 +327,9 @@ pub(crate) enum NetEvent {
 pub(crate) struct NetConfig {
     /// This node.
     pub me: u64,
-    /// Peers and their addresses.
-    pub peers: BTreeMap<u64, String>,
+    /// Peers and their addresses (grows when a reconfiguration adds a
+    /// node: [`Net::add_peer`]).
+    pub peers: std::sync::RwLock<BTreeMap<u64, String>>,
     /// The cluster secret.
     pub secret: Vec<u8>,
 }
@@ -366,6 +377,10 @@ impl RefusalLog {
 pub(crate) struct Net {
     tasks: Vec<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
+    config: Arc<NetConfig>,
+    events: mpsc::Sender<NetEvent>,
+    partitioned: watch::Receiver<bool>,
+    gens: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Net {
@@ -381,7 +396,7 @@ impl Net {
         let (shutdown, _) = watch::channel(false);
         let config = Arc::new(config);
         let gens = Arc::new(std::sync::atomic::AtomicU64::new(1));
-        let mut tasks = vec![tokio::spawn(listen(
+        let tasks = vec![tokio::spawn(listen(
             config.clone(),
             listener,
             events.clone(),
@@ -389,18 +404,54 @@ impl Net {
             shutdown.subscribe(),
             gens.clone(),
         ))];
-        for (&peer, addr) in &config.peers {
-            tasks.push(tokio::spawn(dial(
-                config.clone(),
-                peer,
-                addr.clone(),
-                events.clone(),
-                partitioned.clone(),
-                shutdown.subscribe(),
-                gens.clone(),
-            )));
+        let peers: Vec<(u64, String)> = config
+            .peers
+            .read()
+            .map(|p| p.iter().map(|(k, v)| (*k, v.clone())).collect())
+            .unwrap_or_default();
+        let mut net = Net {
+            tasks,
+            shutdown,
+            config,
+            events,
+            partitioned,
+            gens,
+        };
+        for (peer, addr) in peers {
+            net.spawn_dialer(peer, addr);
         }
-        Net { tasks, shutdown }
+        net
+    }
+
+    fn spawn_dialer(&mut self, peer: u64, addr: String) {
+        self.tasks.push(tokio::spawn(dial(
+            self.config.clone(),
+            peer,
+            addr,
+            self.events.clone(),
+            self.partitioned.clone(),
+            self.shutdown.subscribe(),
+            self.gens.clone(),
+        )));
+    }
+
+    /// Accepts and dials a new peer (a reconfiguration added it). No-op for
+    /// a known peer.
+    pub fn add_peer(&mut self, peer: u64, addr: String) {
+        if peer == self.config.me {
+            return;
+        }
+        let added = match self.config.peers.write() {
+            Ok(mut p) if !p.contains_key(&peer) => {
+                p.insert(peer, addr.clone());
+                true
+            }
+            _ => false,
+        };
+        if added {
+            tracing::info!(node = self.config.me, peer, %addr, "catalog transport: new peer");
+            self.spawn_dialer(peer, addr);
+        }
     }
 
     /// Stops every task and waits for them (the listening socket is closed
@@ -446,7 +497,8 @@ async fn listen(
             continue;
         }
         while readers.try_join_next().is_some() {}
-        if readers.len() >= 2 * config.peers.len() + SPARE_CONNECTIONS {
+        let npeers = config.peers.read().map_or(0, |p| p.len());
+        if readers.len() >= 2 * npeers + SPARE_CONNECTIONS {
             tracing::warn!(node = config.me, %addr, "refused a catalog connection: too many open connections");
             drop(stream);
             continue;
@@ -477,7 +529,7 @@ async fn serve_incoming(
     gens: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let _ = stream.set_nodelay(true);
-    let known = |id: u64| config.peers.contains_key(&id);
+    let known = |id: u64| config.peers.read().is_ok_and(|p| p.contains_key(&id));
     let hs = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         handshake_accept(&mut stream, config.me, known, &config.secret),

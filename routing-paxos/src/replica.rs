@@ -61,7 +61,7 @@ use omnipaxos::{ClusterConfig, OmniPaxos, OmniPaxosConfig, ServerConfig};
 
 use crate::catalog::Catalog;
 use crate::command::CatalogCommand;
-use crate::entry::{CatalogEntry, Outcome, ProposalId, StateMachine};
+use crate::entry::{CatalogEntry, CatalogSnapshot, Outcome, ProposalId, StateMachine};
 use crate::storage::SharedStorage;
 
 /// The messages replicas exchange (serde-serialisable).
@@ -74,6 +74,9 @@ pub struct ReplicaConfig {
     pub pid: NodeId,
     /// All nodes of the cluster, this one included (at least 2).
     pub nodes: Vec<NodeId>,
+    /// The omnipaxos configuration id (1 for the first configuration; a
+    /// reconfiguration makes the next).
+    pub config_id: u32,
     /// Ticks per leader-election round (heartbeat period): a leader is
     /// replaced after about two rounds without its heartbeats. Must exceed
     /// the usual round-trip time in ticks.
@@ -82,7 +85,15 @@ pub struct ReplicaConfig {
     pub resend_ticks: u64,
     /// Ticks before a proposal not yet decided is proposed again.
     pub retry_ticks: u64,
+    /// Once the decided log holds more than this many entries beyond the
+    /// last snapshot, the applied prefix is replaced by a snapshot
+    /// ([`Replica::compact`]). 0: never compact (snapshots from peers are
+    /// still taken in).
+    pub compact_after: usize,
 }
+
+/// Default [`ReplicaConfig::compact_after`].
+pub const COMPACT_AFTER: usize = 1000;
 
 impl ReplicaConfig {
     /// Defaults for a cluster of `nodes`, as node `pid`: election round 10
@@ -91,9 +102,11 @@ impl ReplicaConfig {
         ReplicaConfig {
             pid,
             nodes,
+            config_id: 1,
             election_ticks: 10,
             resend_ticks: 20,
             retry_ticks: 50,
+            compact_after: COMPACT_AFTER,
         }
     }
 }
@@ -107,10 +120,14 @@ pub enum ReplicaError {
     /// The storage handle is unusable.
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
-    /// The log was compacted past what this replica applied; catching up
-    /// from a catalog snapshot is not implemented yet.
-    #[error("log compacted at index {0}; snapshot catch-up is not implemented")]
+    /// The log was trimmed past what this replica applied without a
+    /// snapshot to take its place (this replica never trims without one).
+    #[error("log trimmed at index {0} without a catalog snapshot")]
     Compacted(usize),
+    /// A snapshot does not stand for the prefix of the log it replaces;
+    /// it is not loaded.
+    #[error("catalog snapshot refused: {0}")]
+    BadSnapshot(String),
     /// The configuration was stopped for a reconfiguration (membership
     /// changes are not implemented yet).
     #[error("the cluster configuration is being changed; proposals are closed")]
@@ -166,11 +183,17 @@ pub struct ReplicaStatus {
     pub epoch: u64,
     /// Proposals not answered yet.
     pub pending: usize,
+    /// Log entries replaced by the snapshot (the snapshot's index; 0: none).
+    pub compacted: usize,
+    /// Log entries stored after the snapshot (accepted, decided or not).
+    pub log_len: usize,
 }
 
 /// One catalog replica. See the module docs for how to drive it.
 pub struct Replica {
     pid: NodeId,
+    config_id: u32,
+    nodes: Vec<NodeId>,
     incarnation: u64,
     paxos: OmniPaxos<CatalogEntry, SharedStorage>,
     /// Another handle on the store omnipaxos uses, for the incarnation.
@@ -180,6 +203,10 @@ pub struct Replica {
     applied: usize,
     now: u64,
     retry_ticks: u64,
+    compact_after: usize,
+    /// Tickets whose entry was folded into a snapshot before this replica
+    /// applied it one by one: their outcome is unknown here.
+    lost: Vec<Ticket>,
     next_seq: u64,
     next_ticket: u64,
     /// Undecided proposals, by seq (seq never repeats within a process,
@@ -202,9 +229,10 @@ impl Replica {
             ));
         }
         let incarnation = storage.next_incarnation()?;
+        let nodes = config.nodes.clone();
         let op_config = OmniPaxosConfig {
             cluster_config: ClusterConfig {
-                configuration_id: 1,
+                configuration_id: config.config_id,
                 nodes: config.nodes,
                 flexible_quorum: None,
             },
@@ -222,6 +250,8 @@ impl Replica {
             .map_err(|e| ReplicaError::Config(e.to_string()))?;
         Ok(Replica {
             pid: config.pid,
+            config_id: config.config_id,
+            nodes,
             incarnation,
             paxos,
             storage,
@@ -229,6 +259,8 @@ impl Replica {
             applied: 0,
             now: 0,
             retry_ticks: config.retry_ticks,
+            compact_after: config.compact_after,
+            lost: Vec::new(),
             next_seq: 1,
             next_ticket: 1,
             pending: BTreeMap::new(),
@@ -239,6 +271,53 @@ impl Replica {
     /// This node's id.
     pub fn pid(&self) -> NodeId {
         self.pid
+    }
+
+    /// The omnipaxos configuration this replica is part of.
+    pub fn config_id(&self) -> u32 {
+        self.config_id
+    }
+
+    /// The nodes of its configuration.
+    pub fn nodes(&self) -> &[NodeId] {
+        &self.nodes
+    }
+
+    /// Proposes the end of this configuration and the start of the next
+    /// one (`config_id + 1`) with `nodes`; `metadata` is decided with it.
+    /// Refused if a reconfiguration is already under way here.
+    pub fn reconfigure(
+        &mut self,
+        nodes: Vec<NodeId>,
+        metadata: Vec<u8>,
+    ) -> Result<(), ReplicaError> {
+        let next = ClusterConfig {
+            configuration_id: self.config_id + 1,
+            nodes,
+            flexible_quorum: None,
+        };
+        let result = self
+            .paxos
+            .reconfigure(next, Some(metadata))
+            .map_err(|e| match e {
+                omnipaxos::ProposeErr::ConfigError(e, ..) => ReplicaError::Config(e.to_string()),
+                _ => ReplicaError::Reconfiguring,
+            });
+        self.drain();
+        result
+    }
+
+    /// The decided StopSign, once this configuration has ended: the next
+    /// configuration and its metadata. Everything before it is decided (and
+    /// applied, once [`apply_decided`](Self::apply_decided) ran).
+    pub fn stopped(&self) -> Option<omnipaxos::storage::StopSign> {
+        self.paxos.is_reconfigured()
+    }
+
+    /// Whether a reconfiguration was accepted here (decided or not): no
+    /// proposal can be decided in this configuration any more.
+    pub fn stopping(&self) -> bool {
+        self.storage.stopsign_accepted()
     }
 
     /// This start's incarnation (1 for the first start over a store).
@@ -284,9 +363,10 @@ impl Replica {
         self.paxos.get_current_leader().map(|(pid, _)| pid)
     }
 
-    /// The decided entries from index `from` on, as this replica's log holds
-    /// them (for inspection; [`apply_decided`](Self::apply_decided) is how
-    /// the catalog follows the log).
+    /// The decided entries from index `max(from, compacted_index())` on, as
+    /// this replica's log holds them (for inspection;
+    /// [`apply_decided`](Self::apply_decided) is how the catalog follows
+    /// the log).
     pub fn read_decided(&self, from: usize) -> Vec<CatalogEntry> {
         self.paxos
             .read_decided_suffix(from)
@@ -312,7 +392,43 @@ impl Replica {
             applied: self.applied,
             epoch: self.catalog().epoch(),
             pending: self.pending.len(),
+            compacted: self.compacted_index(),
+            log_len: self.log_len().saturating_sub(self.compacted_index()),
         }
+    }
+
+    /// Number of log entries replaced by the stored snapshot (0: none).
+    pub fn compacted_index(&self) -> usize {
+        self.paxos.get_compacted_idx()
+    }
+
+    /// Replaces the applied prefix of the log with a snapshot of the
+    /// catalog, on this replica only (each replica compacts its own log;
+    /// a peer that needs the prefix gets the snapshot from omnipaxos).
+    /// No-op when nothing applied is left to compact.
+    pub fn compact(&mut self) -> Result<(), ReplicaError> {
+        let upto = self.applied.min(self.paxos.get_decided_idx());
+        if upto <= self.compacted_index() {
+            return Ok(());
+        }
+        self.paxos
+            .snapshot(Some(upto), true)
+            .map_err(|e| ReplicaError::BadSnapshot(format!("cannot compact at {upto}: {e}")))?;
+        self.drain();
+        tracing::debug!(
+            pid = self.pid,
+            index = self.compacted_index(),
+            "catalog log compacted into a snapshot"
+        );
+        Ok(())
+    }
+
+    /// Takes the tickets whose outcome was lost: their entries were folded
+    /// into a snapshot (from a peer) before this replica applied them one
+    /// by one. Each was applied at most once, or never (if overtaken); the
+    /// catalog tells which.
+    pub fn take_lost(&mut self) -> Vec<Ticket> {
+        std::mem::take(&mut self.lost)
     }
 
     /// Number of this replica's proposals not answered yet.
@@ -416,30 +532,104 @@ impl Replica {
     }
 
     /// Applies the newly decided entries to the catalog, in log order, and
-    /// returns them with their outcomes.
+    /// returns them with their outcomes. Where the log was compacted past
+    /// what was applied, the snapshot's entries are applied one by one if
+    /// its tail reaches back far enough, else its state is loaded whole
+    /// (the tickets of this replica's proposals in the folded part then go
+    /// to [`take_lost`](Self::take_lost)). Then, if the decided log holds
+    /// more than `compact_after` entries beyond the snapshot, compacts it.
     pub fn apply_decided(&mut self) -> Result<Vec<Decided>, ReplicaError> {
         let mut out = Vec::new();
-        if self.paxos.get_decided_idx() <= self.applied {
-            return Ok(out);
-        }
-        let Some(entries) = self.paxos.read_decided_suffix(self.applied) else {
-            return Ok(out);
-        };
-        for entry in entries {
-            match entry {
-                LogEntry::Decided(entry) => {
-                    let decided = self.apply_one(entry)?;
-                    out.push(decided);
+        if self.paxos.get_decided_idx() > self.applied {
+            if let Some(entries) = self.paxos.read_decided_suffix(self.applied) {
+                for entry in entries {
+                    match entry {
+                        LogEntry::Decided(entry) => {
+                            let decided = self.apply_one(entry)?;
+                            out.push(decided);
+                        }
+                        LogEntry::Snapshotted(s) => {
+                            self.apply_snapshot(s.trimmed_idx, &s.snapshot, &mut out)?;
+                        }
+                        LogEntry::Trimmed(idx) => {
+                            if idx > self.applied {
+                                return Err(ReplicaError::Compacted(idx));
+                            }
+                        }
+                        // Reconfiguration is handled by the service; an
+                        // undecided entry cannot be in a decided suffix.
+                        // Stop at either.
+                        LogEntry::StopSign(..) | LogEntry::Undecided(_) => break,
+                    }
                 }
-                LogEntry::Trimmed(_) | LogEntry::Snapshotted(_) => {
-                    return Err(ReplicaError::Compacted(self.applied));
-                }
-                // Reconfiguration is never proposed yet; an undecided entry
-                // cannot be in a decided suffix. Stop at either.
-                LogEntry::StopSign(..) | LogEntry::Undecided(_) => break,
             }
         }
+        let decided = self.paxos.get_decided_idx();
+        if self.compact_after > 0
+            && decided.saturating_sub(self.compacted_index()) > self.compact_after
+        {
+            self.compact()?;
+        }
         Ok(out)
+    }
+
+    /// Brings the state to the end of a snapshot that stands for the first
+    /// `idx` entries of the log.
+    fn apply_snapshot(
+        &mut self,
+        idx: usize,
+        snap: &CatalogSnapshot,
+        out: &mut Vec<Decided>,
+    ) -> Result<(), ReplicaError> {
+        if snap.len() != idx {
+            return Err(ReplicaError::BadSnapshot(format!(
+                "it stands for {} entries, the log was compacted at {idx}",
+                snap.len()
+            )));
+        }
+        if idx <= self.applied {
+            return Ok(());
+        }
+        if self.applied >= snap.folded() {
+            // Apply the tail one by one: exact outcomes, tickets answered.
+            let skip = self.applied - snap.folded();
+            for e in &snap.tail()[skip..] {
+                let decided = self.apply_one(e.clone())?;
+                out.push(decided);
+            }
+            return Ok(());
+        }
+        let state = snap.state();
+        // Our proposals that the snapshot covers (applied, or overtaken and
+        // never to be applied): their outcome is not known here.
+        let last = state.last_applied(self.pid);
+        let covered: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(seq, p)| last.is_some_and(|l| (p.incarnation, **seq) <= l))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in covered {
+            if let Some(p) = self.pending.remove(&seq) {
+                self.lost.push(p.ticket);
+            }
+        }
+        if let Some((inc, _)) = last {
+            // The log knows a later incarnation of this node than ours (its
+            // store was replaced): move past it.
+            if inc > self.incarnation {
+                self.incarnation = self.storage.raise_incarnation(inc + 1)?;
+            }
+        }
+        tracing::info!(
+            pid = self.pid,
+            from = self.applied,
+            to = idx,
+            "catalog state loaded from a snapshot"
+        );
+        self.state = state;
+        self.applied = idx;
+        Ok(())
     }
 
     fn apply_one(&mut self, entry: CatalogEntry) -> Result<Decided, ReplicaError> {

@@ -30,14 +30,14 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use omnipaxos::storage::Storage;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::catalog::{Applied, Catalog, Rejected};
 use crate::command::{CatalogCommand, CatalogSeed};
-use crate::entry::{CatalogEntry, Outcome, ProposalId, StateMachine};
+use crate::entry::{CatalogEntry, CatalogSnapshot, Outcome, ProposalId, StateMachine};
 use crate::lease::Leases;
 use crate::net::{Net, NetConfig, NetEvent, Wire};
 use crate::replica::{Replica, ReplicaConfig, ReplicaError, Ticket};
@@ -62,6 +62,89 @@ pub struct ClusterSettings {
     pub tick: Duration,
     /// Lease duration (default 2 s).
     pub lease: Duration,
+    /// Compact the log into a catalog snapshot once more than this many
+    /// decided entries follow the last snapshot (default 1000; 0: never).
+    pub compact_after: usize,
+    /// Start as a node that is not a member yet: it waits until a
+    /// reconfiguration adds it ([`CatalogHandle::add_node`] on a member),
+    /// then gets the whole catalog from the members. `peers` names the
+    /// members to contact. Ignored once the node has a membership on disk.
+    pub join: bool,
+}
+
+/// A catalog configuration: its omnipaxos configuration id and its members
+/// with their node-to-node addresses. Persisted in `membership.json` in
+/// the data directory whenever it changes, before the node acts on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    /// The configuration id (1: the seed configuration from the settings).
+    pub config_id: u32,
+    /// Members: id → address ("host:port").
+    pub members: BTreeMap<u64, String>,
+}
+
+/// What `membership.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MembershipFile {
+    membership: Membership,
+    /// This node is not a member of `membership` (it was removed).
+    removed: bool,
+}
+
+const MEMBERSHIP_FILE: &str = "membership.json";
+
+fn config_dir(data_dir: &Path, config_id: u32) -> PathBuf {
+    if config_id <= 1 {
+        data_dir.to_owned()
+    } else {
+        data_dir.join(format!("config-{config_id}"))
+    }
+}
+
+fn read_membership(data_dir: &Path) -> Result<Option<MembershipFile>, ServiceError> {
+    let path = data_dir.join(MEMBERSHIP_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ServiceError::Config(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ServiceError::Config(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Writes `membership.json` atomically (temporary file, fsync, rename,
+/// directory fsync).
+fn write_membership(data_dir: &Path, file: &MembershipFile) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(data_dir)?;
+    let tmp = data_dir.join("membership.json.tmp");
+    let bytes = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, data_dir.join(MEMBERSHIP_FILE))?;
+    std::fs::File::open(data_dir)?.sync_all()
+}
+
+/// A membership change was refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReconfigureError {
+    /// The requested change is not valid (unknown id, already a member,
+    /// more than one node changed, too few nodes left…).
+    #[error("invalid membership change: {0}")]
+    Invalid(String),
+    /// This node is not a member of the current configuration.
+    #[error("this node is not a member of the catalog cluster")]
+    NotMember,
+    /// A reconfiguration is already under way.
+    #[error("a membership change is already under way")]
+    InProgress,
+    /// No answer in time; the change may still happen.
+    #[error("no answer from the catalog cluster in time (the membership change may still happen)")]
+    Timeout,
+    /// The service stopped.
+    #[error("the catalog service is shut down")]
+    Shutdown,
 }
 
 impl std::fmt::Debug for ClusterSettings {
@@ -74,12 +157,15 @@ impl std::fmt::Debug for ClusterSettings {
             .field("data_dir", &self.data_dir)
             .field("tick", &self.tick)
             .field("lease", &self.lease)
+            .field("compact_after", &self.compact_after)
+            .field("join", &self.join)
             .finish()
     }
 }
 
 impl ClusterSettings {
-    /// Settings with the default tick (10 ms) and lease (2 s).
+    /// Settings with the default tick (10 ms), lease (2 s) and
+    /// compaction threshold (1000 entries).
     pub fn new(
         node_id: u64,
         listen: SocketAddr,
@@ -95,6 +181,8 @@ impl ClusterSettings {
             data_dir: data_dir.into(),
             tick: Duration::from_millis(10),
             lease: Duration::from_secs(2),
+            compact_after: crate::replica::COMPACT_AFTER,
+            join: false,
         }
     }
 }
@@ -125,6 +213,9 @@ pub enum ServiceError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProposeError {
     /// No answer within the timeout; the command may still be applied.
+    /// (Also the answer when the entry was folded into a catalog snapshot
+    /// from a peer before this node applied it: it was applied at most
+    /// once, and the catalog shows whether.)
     #[error("no answer from the catalog cluster in time (the command may still be applied)")]
     Timeout,
     /// The service stopped (shut down, or stopped by a storage failure:
@@ -132,6 +223,10 @@ pub enum ProposeError {
     /// retried).
     #[error("the catalog service is shut down")]
     Shutdown,
+    /// This node is not a member of the catalog cluster (removed, or
+    /// started to join and not added yet).
+    #[error("this node is not a member of the catalog cluster")]
+    NotMember,
 }
 
 /// This node's view of the cluster.
@@ -147,10 +242,21 @@ pub struct ClusterStatus {
     pub decided: usize,
     /// Log entries applied here.
     pub applied: usize,
+    /// Log entries replaced by this node's catalog snapshot (the
+    /// snapshot's index; 0: none yet).
+    pub compacted: usize,
+    /// Log entries stored after the snapshot (accepted, decided or not).
+    pub log_len: usize,
     /// This node's lease.
     pub lease: LeaseStatus,
     /// The peers.
     pub peers: Vec<PeerStatus>,
+    /// The omnipaxos configuration id (0: none yet, a joining node).
+    pub config_id: u32,
+    /// The members of that configuration.
+    pub members: Vec<u64>,
+    /// Whether this node is a member of it (false: removed, or joining).
+    pub member: bool,
 }
 
 /// A node's lease.
@@ -205,11 +311,16 @@ impl Shared {
                 epoch: catalog.epoch(),
                 decided: 0,
                 applied: 0,
+                compacted: 0,
+                log_len: 0,
                 lease: LeaseStatus {
                     valid: false,
                     remaining_ms: 0,
                 },
                 peers: Vec::new(),
+                config_id: 0,
+                members: Vec::new(),
+                member: false,
             }),
         }
     }
@@ -237,6 +348,10 @@ enum Request {
     AwaitApplied {
         index: usize,
         reply: oneshot::Sender<()>,
+    },
+    Reconfigure {
+        members: BTreeMap<u64, String>,
+        reply: oneshot::Sender<Result<Membership, ReconfigureError>>,
     },
     Shutdown,
 }
@@ -303,7 +418,21 @@ impl CatalogHandle {
         if let Some(s) = &storage {
             incarnation = s.next_incarnation()?;
             let decided = s.get_decided_idx().map_err(storage_text)?;
-            for e in s.get_entries(0, decided).map_err(storage_text)? {
+            let compacted = s.get_compacted_idx().map_err(storage_text)?;
+            if let Some(snap) = s.get_snapshot().map_err(storage_text)? {
+                if snap.len() != compacted {
+                    return Err(ServiceError::Config(format!(
+                        "catalog storage: the snapshot stands for {} entries, the log was compacted at {compacted}",
+                        snap.len()
+                    )));
+                }
+                state = snap.state();
+            } else if compacted > 0 {
+                return Err(ServiceError::Config(format!(
+                    "catalog storage: log trimmed at {compacted} without a snapshot"
+                )));
+            }
+            for e in s.get_entries(compacted, decided).map_err(storage_text)? {
                 state.apply(&e);
             }
         }
@@ -368,11 +497,37 @@ impl CatalogHandle {
                 "tick must be positive and lease at least 8 ticks".into(),
             ));
         }
-        let storage = SharedStorage::open(&settings.data_dir)?;
-        let mut nodes: Vec<u64> = settings.peers.keys().copied().collect();
-        nodes.push(me);
-        nodes.sort_unstable();
-        let mut replica = Replica::new(ReplicaConfig::new(me, nodes), storage)?;
+        // The configuration: from disk once there is one, else the seed
+        // membership from the settings (or none yet, for a joining node).
+        let saved = read_membership(&settings.data_dir)?;
+        let (membership, removed) = match saved {
+            Some(f) => (Some(f.membership), f.removed),
+            None if settings.join => (None, false),
+            None => {
+                let mut members = settings.peers.clone();
+                members.insert(me, settings.listen.to_string());
+                (
+                    Some(Membership {
+                        config_id: 1,
+                        members,
+                    }),
+                    false,
+                )
+            }
+        };
+        let replica = match (&membership, removed) {
+            (Some(m), false) => {
+                let storage = SharedStorage::open(&config_dir(&settings.data_dir, m.config_id))?;
+                let mut config = ReplicaConfig::new(me, m.members.keys().copied().collect());
+                config.config_id = m.config_id;
+                config.compact_after = settings.compact_after;
+                let mut replica = Replica::new(config, storage)?;
+                // Replay the decided prefix before anything else happens.
+                replica.apply_decided()?;
+                Some(replica)
+            }
+            _ => None,
+        };
         let listener =
             TcpListener::bind(settings.listen)
                 .await
@@ -380,17 +535,28 @@ impl CatalogHandle {
                     addr: settings.listen,
                     source,
                 })?;
-        // Replay the decided prefix before anything else happens.
-        replica.apply_decided()?;
-        let shared = Arc::new(Shared::new(me, replica.catalog().clone()));
-        shared.publish(replica.catalog(), replica.applied_index());
+        let catalog = replica
+            .as_ref()
+            .map(|r| r.catalog().clone())
+            .unwrap_or_default();
+        let applied = replica.as_ref().map_or(0, Replica::applied_index);
+        let shared = Arc::new(Shared::new(me, catalog.clone()));
+        shared.publish(&catalog, applied);
+        let mut peers = settings.peers.clone();
+        if let Some(m) = &membership {
+            for (id, addr) in &m.members {
+                if *id != me {
+                    peers.entry(*id).or_insert_with(|| addr.clone());
+                }
+            }
+        }
         let (requests, requests_rx) = mpsc::channel(1024);
         let (partitioned, partitioned_rx) = watch::channel(false);
         let (events_tx, events) = mpsc::channel(4096);
         let net = Net::start(
             NetConfig {
                 me,
-                peers: settings.peers.clone(),
+                peers: std::sync::RwLock::new(peers.clone()),
                 secret: settings.secret.as_bytes().to_vec(),
             },
             listener,
@@ -398,13 +564,28 @@ impl CatalogHandle {
             partitioned_rx.clone(),
         );
         let lease_ms = u64::try_from(settings.lease.as_millis()).unwrap_or(u64::MAX);
-        let mut leases = Leases::new(settings.peers.keys().copied(), lease_ms);
-        leases.set_applied(shared.now_ms(), replica.applied_index());
-        let driver = Driver {
+        let member_peers: Vec<u64> = membership
+            .as_ref()
+            .map(|m| m.members.keys().copied().filter(|id| *id != me).collect())
+            .unwrap_or_default();
+        let mut leases = Leases::new(member_peers, lease_ms);
+        leases.set_applied(shared.now_ms(), applied);
+        let mut driver = Driver {
             shared: shared.clone(),
             replica,
+            retired: Vec::new(),
+            membership,
+            removed,
+            data_dir: settings.data_dir.clone(),
+            listen: settings.listen.to_string(),
+            compact_after: settings.compact_after,
+            lease_ms,
+            net: Some(net),
+            reconfig: None,
+            ticks: 0,
+            acks_count_from: 0,
             leases,
-            peers: settings.peers,
+            peers,
             out: BTreeMap::new(),
             inbound: BTreeMap::new(),
             proposals: BTreeMap::new(),
@@ -413,8 +594,8 @@ impl CatalogHandle {
             seed_proposed: false,
             partitioned: false,
         };
-        let task =
-            tokio::spawn(driver.run(settings.tick, requests_rx, events, partitioned_rx, net));
+        driver.update_status();
+        let task = tokio::spawn(driver.run(settings.tick, requests_rx, events, partitioned_rx));
         Ok(CatalogHandle {
             inner: Arc::new(HandleInner {
                 shared,
@@ -539,6 +720,107 @@ impl CatalogHandle {
         }
     }
 
+    /// Changes the membership to `members` (id → node-to-node address;
+    /// an empty address means "as known"), which must differ from the
+    /// current one by exactly one node. Proposed as an omnipaxos StopSign;
+    /// answers with the new configuration once it started on this node
+    /// (or this node, removed, stopped taking part). A node added must be
+    /// running with [`ClusterSettings::join`]: it gets the whole catalog
+    /// from the members. A timeout leaves the outcome unknown.
+    pub async fn reconfigure(
+        &self,
+        members: BTreeMap<u64, String>,
+        timeout: Duration,
+    ) -> Result<Membership, ReconfigureError> {
+        let Mode::Cluster { requests, .. } = &self.inner.mode else {
+            return Err(ReconfigureError::Invalid(
+                "a single node without [cluster] has no membership to change".into(),
+            ));
+        };
+        let (reply, rx) = oneshot::channel();
+        let ask = async {
+            requests
+                .send(Request::Reconfigure { members, reply })
+                .await
+                .map_err(|_| ReconfigureError::Shutdown)?;
+            rx.await.map_err(|_| ReconfigureError::Shutdown)?
+        };
+        tokio::time::timeout(timeout, ask)
+            .await
+            .unwrap_or(Err(ReconfigureError::Timeout))
+    }
+
+    /// Adds node `id` at `addr` (see [`reconfigure`](Self::reconfigure)).
+    pub async fn add_node(
+        &self,
+        id: u64,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<Membership, ReconfigureError> {
+        self.check_cluster()?;
+        let current = self.membership().ok_or(ReconfigureError::NotMember)?;
+        if current.members.contains_key(&id) {
+            return Err(ReconfigureError::Invalid(format!(
+                "node {id} is already a member"
+            )));
+        }
+        if addr.trim().is_empty() {
+            return Err(ReconfigureError::Invalid(format!(
+                "node {id} needs an address"
+            )));
+        }
+        let mut members = current.members;
+        members.insert(id, addr.to_owned());
+        self.reconfigure(members, timeout).await
+    }
+
+    /// Removes node `id` (see [`reconfigure`](Self::reconfigure)).
+    pub async fn remove_node(
+        &self,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<Membership, ReconfigureError> {
+        self.check_cluster()?;
+        let current = self.membership().ok_or(ReconfigureError::NotMember)?;
+        if !current.members.contains_key(&id) {
+            return Err(ReconfigureError::Invalid(format!(
+                "node {id} is not a member (members: {:?})",
+                current.members.keys().collect::<Vec<_>>()
+            )));
+        }
+        let mut members = current.members;
+        members.remove(&id);
+        self.reconfigure(members, timeout).await
+    }
+
+    fn check_cluster(&self) -> Result<(), ReconfigureError> {
+        match self.inner.mode {
+            Mode::Local(_) => Err(ReconfigureError::Invalid(
+                "a single node without [cluster] has no membership to change".into(),
+            )),
+            Mode::Cluster { .. } => Ok(()),
+        }
+    }
+
+    /// The current configuration as this node knows it (`None`: a joining
+    /// node not added yet, or a single node).
+    pub fn membership(&self) -> Option<Membership> {
+        let st = self.status();
+        if st.config_id == 0 {
+            return None;
+        }
+        let addrs: BTreeMap<u64, String> =
+            st.peers.iter().map(|p| (p.id, p.addr.clone())).collect();
+        Some(Membership {
+            config_id: st.config_id,
+            members: st
+                .members
+                .iter()
+                .map(|id| (*id, addrs.get(id).cloned().unwrap_or_default()))
+                .collect(),
+        })
+    }
+
     /// **Test-only fault injection.** While on, the node drops all traffic
     /// to and from its peers: its connections are closed and new ones are
     /// refused. Setting it back to false reconnects.
@@ -597,7 +879,25 @@ impl LocalState {
             .map_err(storage_text)?;
         }
         *applied += 1;
-        Ok(match self.state.apply(&entry) {
+        let outcome = self.state.apply(&entry);
+        if let Some(s) = self.storage.as_mut() {
+            // Same rule as a replica: compact once more than
+            // COMPACT_AFTER entries follow the snapshot. A failure leaves
+            // the log as it is (the entry above is durable).
+            let compacted = s.get_compacted_idx().unwrap_or(0);
+            if *applied - compacted > crate::replica::COMPACT_AFTER {
+                use omnipaxos::storage::StorageOp;
+                let snap = CatalogSnapshot::of_state(self.state.clone(), *applied);
+                if let Err(e) = s.write_atomically(vec![
+                    StorageOp::Trim(*applied),
+                    StorageOp::SetCompactedIdx(*applied),
+                    StorageOp::SetSnapshot(Some(snap)),
+                ]) {
+                    tracing::error!(error = %e, "cannot compact the local catalog log");
+                }
+            }
+        }
+        Ok(match outcome {
             Outcome::Applied(a) => Ok(a),
             Outcome::Rejected(r) => Err(r),
             // Fresh ids only: a local entry is never stale.
@@ -613,7 +913,32 @@ impl LocalState {
 /// The driver task's state.
 struct Driver {
     shared: Arc<Shared>,
-    replica: Replica,
+    /// The replica of the current configuration; `None` while joining or
+    /// once removed.
+    replica: Option<Replica>,
+    /// Replicas of ended configurations, still run so that peers that have
+    /// not learned the end (the decided StopSign) learn it from us.
+    retired: Vec<Replica>,
+    membership: Option<Membership>,
+    /// Not a member of `membership` (removed).
+    removed: bool,
+    data_dir: PathBuf,
+    /// Our node-to-node address, as the settings give it.
+    listen: String,
+    compact_after: usize,
+    lease_ms: u64,
+    net: Option<Net>,
+    /// A reconfiguration proposed here: the configuration id it makes, and
+    /// who waits for it.
+    reconfig: Option<(u32, oneshot::Sender<Result<Membership, ReconfigureError>>)>,
+    ticks: u64,
+    /// Until then (ms on the lease clock), `await_all_applied` does not
+    /// take "every member acknowledged" as enough: a node that left the
+    /// configuration may still hold a lease from the old one (granted by
+    /// peers that had not switched yet), and it is not among the members
+    /// that acknowledge. Only `lease + margin` after the switch is that
+    /// lease surely over.
+    acks_count_from: u64,
     leases: Leases,
     peers: BTreeMap<u64, String>,
     /// Sending side of the current outgoing link per peer.
@@ -628,6 +953,9 @@ struct Driver {
     partitioned: bool,
 }
 
+/// Ticks between two announcements of a configuration to its members.
+const ANNOUNCE_TICKS: u64 = 50;
+
 impl Driver {
     async fn run(
         mut self,
@@ -635,7 +963,6 @@ impl Driver {
         mut requests: mpsc::Receiver<Request>,
         mut events: mpsc::Receiver<NetEvent>,
         mut partitioned: watch::Receiver<bool>,
-        net: Net,
     ) {
         let mut timer = tokio::time::interval(tick);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -653,6 +980,9 @@ impl Driver {
                     Some(Request::AwaitApplied { index, reply }) => {
                         self.waits.push((index, reply));
                         self.check_waits();
+                    }
+                    Some(Request::Reconfigure { members, reply }) => {
+                        self.on_reconfigure(members, reply);
                     }
                     Some(Request::Shutdown) | None => break,
                 },
@@ -675,22 +1005,39 @@ impl Driver {
         self.inbound.clear();
         self.proposals.clear();
         self.waits.clear();
+        self.reconfig = None;
         drop(events);
-        net.stop().await;
+        if let Some(net) = self.net.take() {
+            net.stop().await;
+        }
         self.shared.lease_until.store(0, Ordering::Release);
         tracing::debug!(node = self.shared.node_id, "catalog driver stopped");
     }
 
     fn on_tick(&mut self) {
-        if let Err(e) = self.replica.tick() {
-            tracing::error!(node = self.shared.node_id, error = %e, "catalog replica tick failed");
+        self.ticks += 1;
+        for r in &mut self.retired {
+            let _ = r.tick();
         }
-        let now = self.shared.now_ms();
-        let pings = self
-            .leases
-            .tick(now, self.replica.applied_index(), self.replica.log_len());
-        for (peer, msg) in pings {
-            self.send(peer, Wire::Lease(msg));
+        if let Some(r) = self.replica.as_mut() {
+            if let Err(e) = r.tick() {
+                tracing::error!(node = self.shared.node_id, error = %e, "catalog replica tick failed");
+            }
+            let now = self.shared.now_ms();
+            let pings = self.leases.tick(now, r.applied_index(), r.log_len());
+            for (peer, msg) in pings {
+                self.send(peer, Wire::Lease(msg));
+            }
+        }
+        // A configuration made by a reconfiguration is announced to its
+        // members: a node it added has no log to learn it from.
+        if self.ticks.is_multiple_of(ANNOUNCE_TICKS) && !self.removed {
+            if let Some(m) = self.membership.clone().filter(|m| m.config_id > 1) {
+                let me = self.shared.node_id;
+                for id in m.members.keys().copied().filter(|id| *id != me) {
+                    self.send(id, Wire::Config(m.clone()));
+                }
+            }
         }
         self.maybe_bootstrap();
         self.check_waits();
@@ -701,13 +1048,16 @@ impl Driver {
         if self.seed_proposed || self.seed.is_none() {
             return;
         }
-        let st = self.replica.status();
+        let Some(r) = self.replica.as_mut() else {
+            return;
+        };
+        let st = r.status();
         let caught_up = st.leader.is_some() && st.accepting && st.decided == st.applied;
         if !caught_up {
             return;
         }
         self.seed_proposed = true;
-        if self.replica.catalog().snapshot().is_some() {
+        if r.catalog().snapshot().is_some() {
             return;
         }
         if let Some(seed) = self.seed.take() {
@@ -715,20 +1065,270 @@ impl Driver {
                 node = self.shared.node_id,
                 "catalog is empty: proposing the bootstrap seed"
             );
-            if let Err(e) = self.replica.propose(CatalogCommand::Bootstrap(seed)) {
+            if let Err(e) = r.propose(CatalogCommand::Bootstrap(seed)) {
                 tracing::error!(node = self.shared.node_id, error = %e, "cannot propose the bootstrap seed");
             }
         }
     }
 
     fn on_propose(&mut self, cmd: CatalogCommand, reply: Answer) {
-        match self.replica.propose(cmd) {
+        let Some(r) = self.replica.as_mut() else {
+            let _ = reply.send(Err(ProposeError::NotMember));
+            return;
+        };
+        match r.propose(cmd) {
             Ok(ticket) => {
                 self.proposals.insert(ticket, reply);
+            }
+            Err(ReplicaError::Reconfiguring) => {
+                // Answered when the next configuration starts here (the
+                // caller may retry then); a timeout is the usual answer.
+                let _ = reply.send(Err(ProposeError::Timeout));
             }
             Err(e) => {
                 tracing::error!(node = self.shared.node_id, error = %e, "cannot propose a catalog command");
                 let _ = reply.send(Err(ProposeError::Shutdown));
+            }
+        }
+    }
+
+    /// Checks a membership change against the current configuration and
+    /// proposes it (a StopSign naming the next configuration, with the
+    /// members' addresses as metadata).
+    fn on_reconfigure(
+        &mut self,
+        members: BTreeMap<u64, String>,
+        reply: oneshot::Sender<Result<Membership, ReconfigureError>>,
+    ) {
+        let me = self.shared.node_id;
+        let (Some(r), Some(current)) = (self.replica.as_mut(), self.membership.as_ref()) else {
+            let _ = reply.send(Err(ReconfigureError::NotMember));
+            return;
+        };
+        if self.reconfig.is_some() || r.stopping() {
+            let _ = reply.send(Err(ReconfigureError::InProgress));
+            return;
+        }
+        if let Err(e) = check_change(&current.members, &members) {
+            let _ = reply.send(Err(ReconfigureError::Invalid(e)));
+            return;
+        }
+        // Addresses: given for a new node; known ones for the others.
+        let mut next = BTreeMap::new();
+        for (id, addr) in &members {
+            let known = if *id == me {
+                current
+                    .members
+                    .get(id)
+                    .cloned()
+                    .or_else(|| Some(self.listen.clone()))
+            } else {
+                current
+                    .members
+                    .get(id)
+                    .cloned()
+                    .or_else(|| self.peers.get(id).cloned())
+            };
+            let addr = if addr.is_empty() {
+                known.unwrap_or_default()
+            } else {
+                addr.clone()
+            };
+            next.insert(*id, addr);
+        }
+        let target = Membership {
+            config_id: current.config_id + 1,
+            members: next,
+        };
+        let metadata = match serde_json::to_vec(&target) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = reply.send(Err(ReconfigureError::Invalid(e.to_string())));
+                return;
+            }
+        };
+        // The new node must be reachable before the change is decided.
+        for (id, addr) in &target.members {
+            if *id != me && !addr.is_empty() {
+                self.peers.entry(*id).or_insert_with(|| addr.clone());
+                if let Some(net) = self.net.as_mut() {
+                    net.add_peer(*id, addr.clone());
+                }
+            }
+        }
+        match r.reconfigure(target.members.keys().copied().collect(), metadata) {
+            Ok(()) => {
+                tracing::info!(node = me, config = target.config_id, members = ?target.members.keys().collect::<Vec<_>>(), "catalog membership change proposed");
+                self.reconfig = Some((target.config_id, reply));
+            }
+            Err(ReplicaError::Reconfiguring) => {
+                let _ = reply.send(Err(ReconfigureError::InProgress));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(ReconfigureError::Invalid(e.to_string())));
+            }
+        }
+    }
+
+    /// Once the current configuration's StopSign is decided and everything
+    /// before it applied: starts the next configuration (or stops
+    /// participating, if this node is not in it).
+    fn check_stopped(&mut self) {
+        let Some(r) = self.replica.as_ref() else {
+            return;
+        };
+        let Some(ss) = r.stopped() else {
+            return;
+        };
+        // The StopSign is the last decided entry; everything before it
+        // must be applied: its state is the next configuration's start.
+        if r.applied_index() + 1 != r.decided_index() {
+            return;
+        }
+        let members: BTreeMap<u64, String> = ss
+            .metadata
+            .as_deref()
+            .and_then(|m| serde_json::from_slice::<Membership>(m).ok())
+            .filter(|m| m.config_id == ss.next_config.configuration_id)
+            .map(|m| m.members)
+            .unwrap_or_else(|| {
+                ss.next_config
+                    .nodes
+                    .iter()
+                    .map(|id| (*id, self.peers.get(id).cloned().unwrap_or_default()))
+                    .collect()
+            });
+        let next = Membership {
+            config_id: ss.next_config.configuration_id,
+            members,
+        };
+        let start = (r.state().clone(), r.applied_index());
+        self.switch(next, Some(start));
+    }
+
+    /// Moves to configuration `next`: persists it, learns the new peers,
+    /// retires the current replica and, if this node is a member, starts
+    /// the next one over a fresh log that begins with `start` (the state
+    /// as of the StopSign and its length; `None`: a node that learned the
+    /// configuration from an announcement and gets the catalog from the
+    /// members).
+    fn switch(&mut self, next: Membership, start: Option<(StateMachine, usize)>) {
+        let me = self.shared.node_id;
+        let removed = !next.members.contains_key(&me);
+        // The next configuration's log, with the catalog as of the
+        // StopSign, is made durable before the membership that points to
+        // it: a crash in between restarts in the old configuration, which
+        // sees the same StopSign and finds the new log ready.
+        let storage = if removed {
+            None
+        } else {
+            let opened = (|| -> Result<SharedStorage, ServiceError> {
+                let storage = SharedStorage::open(&config_dir(&self.data_dir, next.config_id))?;
+                if let Some((state, len)) = start {
+                    if storage.get_decided_idx().unwrap_or(0) == 0
+                        && storage.get_compacted_idx().unwrap_or(0) == 0
+                    {
+                        storage.preload(state, len)?;
+                    }
+                }
+                Ok(storage)
+            })();
+            match opened {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(node = me, error = %e, "cannot prepare the next catalog configuration's log; retrying");
+                    return;
+                }
+            }
+        };
+        let file = MembershipFile {
+            membership: next.clone(),
+            removed,
+        };
+        // Then the membership: a restart must come back in this
+        // configuration.
+        if let Err(e) = write_membership(&self.data_dir, &file) {
+            tracing::error!(node = me, error = %e, "cannot persist the catalog membership; retrying");
+            return;
+        }
+        for (id, addr) in &next.members {
+            if *id != me && !addr.is_empty() {
+                self.peers.entry(*id).or_insert_with(|| addr.clone());
+                if let Some(net) = self.net.as_mut() {
+                    net.add_peer(*id, addr.clone());
+                }
+            }
+        }
+        // The old replica's tickets mean nothing to the next one; what was
+        // still pending was not decided before the StopSign and never will
+        // be in that configuration.
+        for (_, reply) in std::mem::take(&mut self.proposals) {
+            let _ = reply.send(Err(ProposeError::Timeout));
+        }
+        if let Some(old) = self.replica.take() {
+            self.retired.push(old);
+            if self.retired.len() > 2 {
+                self.retired.remove(0);
+            }
+        }
+        self.membership = Some(next.clone());
+        self.removed = removed;
+        if removed {
+            tracing::warn!(
+                node = me,
+                config = next.config_id,
+                "this node was removed from the catalog cluster; it no longer takes part"
+            );
+            self.answer_reconfig(&next);
+            return;
+        }
+        let Some(storage) = storage else {
+            return;
+        };
+        let started = (|| -> Result<Replica, ServiceError> {
+            let mut config = ReplicaConfig::new(me, next.members.keys().copied().collect());
+            config.config_id = next.config_id;
+            config.compact_after = self.compact_after;
+            let mut replica = Replica::new(config, storage)?;
+            replica.apply_decided()?;
+            Ok(replica)
+        })();
+        match started {
+            Ok(mut replica) => {
+                for peer in next.members.keys().copied().filter(|p| *p != me) {
+                    if self.out.contains_key(&peer) || self.inbound.contains_key(&peer) {
+                        replica.reconnected(peer);
+                    }
+                }
+                tracing::info!(node = me, config = next.config_id, members = ?next.members.keys().collect::<Vec<_>>(), applied = replica.applied_index(), "catalog configuration started");
+                let peers: Vec<u64> = next.members.keys().copied().filter(|p| *p != me).collect();
+                self.leases = Leases::new(peers, self.lease_ms);
+                self.acks_count_from =
+                    self.shared.now_ms() + self.lease_ms + self.leases.margin_ms();
+                self.leases
+                    .set_applied(self.shared.now_ms(), replica.applied_index());
+                self.shared
+                    .publish(replica.catalog(), replica.applied_index());
+                self.replica = Some(replica);
+                self.answer_reconfig(&next);
+            }
+            Err(e) => {
+                // Safety over liveness: the node stops taking part rather
+                // than guess; a restart retries from membership.json.
+                tracing::error!(node = me, error = %e, "cannot start the next catalog configuration");
+            }
+        }
+        self.update_status();
+    }
+
+    fn answer_reconfig(&mut self, next: &Membership) {
+        if self
+            .reconfig
+            .as_ref()
+            .is_some_and(|(id, _)| *id <= next.config_id)
+        {
+            if let Some((_, reply)) = self.reconfig.take() {
+                let _ = reply.send(Ok(next.clone()));
             }
         }
     }
@@ -741,7 +1341,7 @@ impl Driver {
                     return; // dropping tx closes it
                 }
                 // Before anything is sent on the new link.
-                self.replica.reconnected(peer);
+                self.reconnected(peer);
                 self.out.insert(peer, (gen, tx));
             }
             NetEvent::OutDown { peer, gen } => {
@@ -755,7 +1355,7 @@ impl Driver {
                 }
                 // Before anything is delivered from the new link; replacing
                 // the entry drops the old link's stop, closing it.
-                self.replica.reconnected(peer);
+                self.reconnected(peer);
                 self.inbound.insert(peer, (gen, stop));
             }
             NetEvent::InDown { peer, gen } => {
@@ -768,8 +1368,8 @@ impl Driver {
                     return; // a superseded or closed link
                 }
                 match wire {
-                    Wire::Paxos(m) => {
-                        if m.get_sender() != peer || m.get_receiver() != me {
+                    Wire::Paxos { cfg, msg } => {
+                        if msg.get_sender() != peer || msg.get_receiver() != me {
                             tracing::warn!(
                                 node = me,
                                 peer,
@@ -777,24 +1377,64 @@ impl Driver {
                             );
                             return;
                         }
-                        self.replica.handle(m);
+                        // To the replica of that configuration, if the
+                        // sender is one of its members (omnipaxos indexes
+                        // its peers by id).
+                        let target = self
+                            .replica
+                            .iter_mut()
+                            .chain(self.retired.iter_mut())
+                            .find(|r| r.config_id() == cfg);
+                        if let Some(r) = target {
+                            if r.nodes().contains(&peer) {
+                                r.handle(*msg);
+                            }
+                        }
+                    }
+                    Wire::Config(m) => {
+                        let newer = self
+                            .membership
+                            .as_ref()
+                            .is_none_or(|cur| m.config_id > cur.config_id);
+                        if newer && m.members.contains_key(&peer) && m.members.contains_key(&me) {
+                            tracing::info!(
+                                node = me,
+                                peer,
+                                config = m.config_id,
+                                "joining the catalog configuration a member announced"
+                            );
+                            self.switch(m, None);
+                        }
                     }
                     Wire::Lease(msg) => {
+                        let Some(r) = self.replica.as_ref() else {
+                            return;
+                        };
+                        if !r.nodes().contains(&peer) {
+                            return;
+                        }
                         // Apply first, so a pong reports what we applied.
                         self.apply();
+                        let Some(r) = self.replica.as_ref() else {
+                            return;
+                        };
                         let now = self.shared.now_ms();
-                        let reply = self.leases.handle(
-                            now,
-                            peer,
-                            msg,
-                            self.replica.applied_index(),
-                            self.replica.log_len(),
-                        );
+                        let reply =
+                            self.leases
+                                .handle(now, peer, msg, r.applied_index(), r.log_len());
                         if let Some(reply) = reply {
                             self.send(peer, Wire::Lease(reply));
                         }
                     }
                 }
+            }
+        }
+    }
+
+    fn reconnected(&mut self, peer: u64) {
+        for r in self.replica.iter_mut().chain(self.retired.iter_mut()) {
+            if r.nodes().contains(&peer) {
+                r.reconnected(peer);
             }
         }
     }
@@ -819,31 +1459,58 @@ impl Driver {
 
     fn after_input(&mut self) {
         self.apply();
-        for m in self.replica.outgoing() {
-            let to = m.get_receiver();
-            self.send(to, Wire::Paxos(m));
+        self.check_stopped();
+        let mut out = Vec::new();
+        for r in self.retired.iter_mut().chain(self.replica.iter_mut()) {
+            let cfg = r.config_id();
+            out.extend(r.outgoing().into_iter().map(|m| (cfg, m)));
         }
-        self.shared
-            .lease_until
-            .store(self.leases.valid_until(), Ordering::Release);
+        for (cfg, m) in out {
+            let to = m.get_receiver();
+            self.send(
+                to,
+                Wire::Paxos {
+                    cfg,
+                    msg: Box::new(m),
+                },
+            );
+        }
+        let until = if self.replica.is_some() {
+            self.leases.valid_until()
+        } else {
+            0
+        };
+        self.shared.lease_until.store(until, Ordering::Release);
     }
 
     /// Applies what was decided, answers proposals, publishes the catalog.
     fn apply(&mut self) {
-        let decided = match self.replica.apply_decided() {
+        let Some(replica) = self.replica.as_mut() else {
+            return;
+        };
+        let decided = match replica.apply_decided() {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(node = self.shared.node_id, error = %e, "catalog replica cannot apply the log");
                 return;
             }
         };
-        if decided.is_empty() {
+        for ticket in replica.take_lost() {
+            if let Some(reply) = self.proposals.remove(&ticket) {
+                tracing::warn!(
+                    node = self.shared.node_id,
+                    "a proposal's outcome was compacted into a snapshot before this node applied it"
+                );
+                let _ = reply.send(Err(ProposeError::Timeout));
+            }
+        }
+        let applied = replica.applied_index();
+        if decided.is_empty() && self.shared.applied.load(Ordering::Acquire) == applied {
             return;
         }
         // Publish before answering: a proposer reads its own write (and
         // the applied index that includes it).
-        let applied = self.replica.applied_index();
-        self.shared.publish(self.replica.catalog(), applied);
+        self.shared.publish(replica.catalog(), applied);
         self.leases.set_applied(self.shared.now_ms(), applied);
         for d in &decided {
             let Some(ticket) = d.ticket else { continue };
@@ -868,10 +1535,11 @@ impl Driver {
         }
         let now = self.shared.now_ms();
         let leases = &self.leases;
+        let acks_count = now >= self.acks_count_from;
         let mut keep = Vec::new();
         for (index, reply) in self.waits.drain(..) {
-            let done =
-                leases.all_applied(index) || leases.safe_after(index).is_some_and(|t| now >= t);
+            let done = (acks_count && leases.all_applied(index))
+                || leases.safe_after(index).is_some_and(|t| now >= t);
             if done {
                 let _ = reply.send(());
             } else if !reply.is_closed() {
@@ -882,10 +1550,16 @@ impl Driver {
     }
 
     fn update_status(&mut self) {
-        let st = self.replica.status();
+        let me = self.shared.node_id;
+        let (config_id, members) = self
+            .membership
+            .as_ref()
+            .map(|m| (m.config_id, m.members.keys().copied().collect::<Vec<_>>()))
+            .unwrap_or_default();
         let peers = self
             .peers
             .iter()
+            .filter(|(id, _)| members.is_empty() || members.contains(id))
             .map(|(&id, addr)| PeerStatus {
                 id,
                 addr: addr.clone(),
@@ -893,20 +1567,120 @@ impl Driver {
                 applied: self.leases.peer_applied(id),
             })
             .collect();
+        let st = self.replica.as_ref().map(Replica::status);
         let status = ClusterStatus {
-            node_id: self.shared.node_id,
-            leader: st.leader,
-            epoch: st.epoch,
-            decided: st.decided,
-            applied: st.applied,
+            node_id: me,
+            leader: st.as_ref().and_then(|s| s.leader),
+            epoch: self.shared.catalog.load().epoch(),
+            decided: st
+                .as_ref()
+                .map_or(self.shared.applied.load(Ordering::Acquire), |s| s.decided),
+            applied: st
+                .as_ref()
+                .map_or(self.shared.applied.load(Ordering::Acquire), |s| s.applied),
+            compacted: st.as_ref().map_or(0, |s| s.compacted),
+            log_len: st.as_ref().map_or(0, |s| s.log_len),
             lease: LeaseStatus {
                 valid: false,
                 remaining_ms: 0,
             },
             peers,
+            config_id,
+            member: self.replica.is_some() && members.contains(&me),
+            members,
         };
         if let Ok(mut s) = self.shared.status.lock() {
             *s = status;
         }
+    }
+}
+
+/// Checks that `next` differs from `current` by exactly one node: one
+/// added (a new, non-zero id with an address) or one removed (keeping at
+/// least two nodes).
+fn check_change(
+    current: &BTreeMap<u64, String>,
+    next: &BTreeMap<u64, String>,
+) -> Result<(), String> {
+    if next.contains_key(&0) {
+        return Err("node id 0 is not valid".into());
+    }
+    let added: Vec<u64> = next
+        .keys()
+        .copied()
+        .filter(|id| !current.contains_key(id))
+        .collect();
+    let removed: Vec<u64> = current
+        .keys()
+        .copied()
+        .filter(|id| !next.contains_key(id))
+        .collect();
+    match (added.as_slice(), removed.as_slice()) {
+        ([], []) => Err("the membership would not change".into()),
+        ([id], []) => {
+            if next.get(id).is_none_or(|a| a.is_empty()) {
+                Err(format!("node {id} needs an address"))
+            } else {
+                Ok(())
+            }
+        }
+        ([], [_]) if next.len() < 2 => Err(format!(
+            "the cluster would have {} node(s) left; a replicated catalog needs at least 2",
+            next.len()
+        )),
+        ([], [_]) => Ok(()),
+        _ => Err(format!(
+            "add or remove one node at a time (adding {added:?}, removing {removed:?})"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(ids: &[u64]) -> BTreeMap<u64, String> {
+        ids.iter().map(|id| (*id, format!("h{id}:1"))).collect()
+    }
+
+    #[test]
+    fn membership_changes_are_one_node_at_a_time_and_keep_two() {
+        let three = members(&[1, 2, 3]);
+        assert_eq!(check_change(&three, &members(&[1, 2, 3, 4])), Ok(()));
+        assert_eq!(check_change(&three, &members(&[1, 2])), Ok(()));
+        let err = |next: &[u64]| check_change(&three, &members(next)).expect_err("refused");
+        assert!(err(&[1, 2, 3]).contains("would not change"));
+        assert!(err(&[1]).contains("one node at a time"));
+        assert!(err(&[1, 2, 4]).contains("one node at a time"));
+        assert!(err(&[1, 2, 3, 4, 5]).contains("one node at a time"));
+        assert!(err(&[0, 1, 2, 3]).contains("id 0"));
+        let two = members(&[1, 2]);
+        let e = check_change(&two, &members(&[1])).expect_err("last but one");
+        assert!(e.contains("at least 2"), "{e}");
+        let mut no_addr = three.clone();
+        no_addr.insert(4, String::new());
+        let e = check_change(&three, &no_addr).expect_err("address");
+        assert!(e.contains("needs an address"), "{e}");
+    }
+
+    #[test]
+    fn the_membership_file_round_trips() {
+        let dir = std::env::temp_dir().join(format!("hotrepart-membership-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(read_membership(&dir).expect("no file").is_none());
+        let file = MembershipFile {
+            membership: Membership {
+                config_id: 3,
+                members: members(&[2, 3, 4]),
+            },
+            removed: false,
+        };
+        write_membership(&dir, &file).expect("write");
+        let back = read_membership(&dir).expect("read").expect("a file");
+        assert_eq!(back.membership, file.membership);
+        assert!(!back.removed);
+        assert_eq!(config_dir(&dir, 1), dir);
+        assert_eq!(config_dir(&dir, 3), dir.join("config-3"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

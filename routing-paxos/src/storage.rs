@@ -39,8 +39,11 @@
 //! compaction (plus 1 MiB), the whole current state is written as a single
 //! record to `catalog.log.tmp`, fsynced, renamed over `catalog.log`, and the
 //! directory is fsynced: a crash at any point leaves either the old or the
-//! new file, both complete. (The omnipaxos log itself is not trimmed yet,
-//! so this bounds the overhead of the journal, not the log.)
+//! new file, both complete. The rewritten state holds the catalog snapshot
+//! and the log after it only: once omnipaxos compacts the log (see
+//! [`crate::Replica::compact`]), the next rewrite drops the trimmed entries
+//! from the file, so the file stays bounded by the snapshot, the log
+//! after it and the slack.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -53,7 +56,7 @@ use omnipaxos_storage::memory_storage::MemoryStorage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::entry::CatalogEntry;
+use crate::entry::{CatalogEntry, CatalogSnapshot};
 
 const FILE: &str = "catalog.log";
 const TMP: &str = "catalog.log.tmp";
@@ -95,6 +98,7 @@ enum Op {
     SetCompactedIdx(usize),
     Trim(usize),
     SetStopsign(Option<StopSign>),
+    SetSnapshot(Option<CatalogSnapshot>),
 }
 
 /// A shared log store; clones share the contents (and the file).
@@ -222,21 +226,101 @@ impl Inner {
                 Ok(())
             }
             Op::AppendEntries(e) => log.append_entries(e),
+            // Below the trimmed index (a stale sync re-sending compacted
+            // entries): those entries are decided and the same; keep the
+            // rest. (MemoryStorage would underflow.)
+            Op::AppendOnPrefix(from, e) if from < self.trimmed => {
+                if from + e.len() <= self.trimmed {
+                    Ok(())
+                } else {
+                    let skip = self.trimmed - from;
+                    log.append_on_prefix(self.trimmed, e.into_iter().skip(skip).collect())
+                }
+            }
             Op::AppendOnPrefix(from, e) => log.append_on_prefix(from, e),
             Op::SetPromise(b) => log.set_promise(b),
             Op::SetDecidedIndex(i) => log.set_decided_idx(i),
             Op::SetAcceptedRound(b) => log.set_accepted_round(b),
             Op::SetCompactedIdx(i) => log.set_compacted_idx(i),
+            Op::Trim(i) if i <= self.trimmed => Ok(()),
             Op::Trim(i) => {
-                self.trimmed = self.trimmed.max(i);
+                self.trimmed = i;
                 log.trim(i)
             }
             Op::SetStopsign(s) => log.set_stopsign(s),
+            Op::SetSnapshot(s) => log.set_snapshot(s),
         };
     }
 
+    /// Checks (and if need be repairs, see [`CatalogSnapshot`]) and
+    /// normalises the snapshot a batch stores, against the compacted index
+    /// the same batch sets and the store as it is before the batch.
+    fn fix_snapshot(&self, ops: &mut [Op]) -> Result<(), StorageError> {
+        let compacted = ops.iter().rev().find_map(|op| match op {
+            Op::SetCompactedIdx(c) => Some(*c),
+            _ => None,
+        });
+        let Some(snap) = ops.iter_mut().find_map(|op| match op {
+            Op::SetSnapshot(Some(s)) => Some(s),
+            _ => None,
+        }) else {
+            return Ok(());
+        };
+        if let Some(c) = compacted.filter(|c| *c != snap.len()) {
+            let bad = |what: String| StorageError::Corrupt {
+                path: PathBuf::new(),
+                what: format!("a catalog snapshot for index {c}: {what}"),
+            };
+            let delta = snap.merged();
+            let c0 = self.log.get_compacted_idx().unwrap_or(0);
+            let mut fixed = match self.log.get_snapshot().unwrap_or(None) {
+                Some(s) => s,
+                None => {
+                    <CatalogSnapshot as omnipaxos::storage::Snapshot<CatalogEntry>>::create(&[])
+                }
+            };
+            if fixed.len() != c0 || delta == 0 || c < delta || c < c0 {
+                return Err(bad(format!(
+                    "it stands for {} entries (last merge {delta}), the stored one for {} at {c0}",
+                    snap.len(),
+                    fixed.len()
+                )));
+            }
+            // The delta stands for entries start..c. Before it: our own
+            // decided entries from our snapshot on; where it starts before
+            // our snapshot's end (a stale sync re-sending what we already
+            // compacted), only its part after our snapshot counts (decided
+            // entries are the same everywhere).
+            let start = c - delta;
+            if start > c0 {
+                let own = self.log.get_entries(c0, start).unwrap_or_default();
+                if own.len() != start - c0 {
+                    return Err(bad(format!("entries {c0}..{start} are not in the log")));
+                }
+                fixed.extend(own);
+            }
+            let skip = c0.saturating_sub(start);
+            fixed.extend(
+                snap.tail()[snap.tail().len() - delta + skip..]
+                    .iter()
+                    .cloned(),
+            );
+            if fixed.len() != c {
+                return Err(bad(format!(
+                    "rebuilt, it stands for {} entries",
+                    fixed.len()
+                )));
+            }
+            tracing::debug!(index = c, "catalog snapshot from a log sync rebuilt");
+            *snap = fixed;
+        }
+        snap.normalize();
+        Ok(())
+    }
+
     /// Persists `ops` (if there is a journal), then applies them.
-    fn write(&mut self, ops: Vec<Op>) -> Result<(), StorageError> {
+    fn write(&mut self, mut ops: Vec<Op>) -> Result<(), StorageError> {
+        self.fix_snapshot(&mut ops)?;
         if let Some(j) = self.journal.as_mut() {
             let path = j.dir.join(FILE);
             if j.failed {
@@ -273,6 +357,9 @@ impl Inner {
     fn state_ops(&self) -> Vec<Op> {
         let log = &self.log;
         let mut ops = vec![Op::Incarnation(self.incarnation)];
+        if let Ok(Some(snap)) = log.get_snapshot() {
+            ops.push(Op::SetSnapshot(Some(snap)));
+        }
         if self.trimmed > 0 {
             ops.push(Op::Trim(self.trimmed));
         }
@@ -418,6 +505,45 @@ impl SharedStorage {
         Ok(inner.incarnation)
     }
 
+    /// Whether a StopSign is stored (accepted, decided or not).
+    pub fn stopsign_accepted(&self) -> bool {
+        self.lock()
+            .is_ok_and(|i| i.log.get_stopsign().ok().flatten().is_some())
+    }
+
+    /// Makes a fresh store the start of a new configuration's log: its
+    /// first `len` entries are `state` (a snapshot), decided. Refused if
+    /// the store is not empty.
+    pub fn preload(
+        &self,
+        state: crate::entry::StateMachine,
+        len: usize,
+    ) -> Result<(), StorageError> {
+        let mut inner = self.lock()?;
+        let empty = inner.log.get_log_len().unwrap_or(0) == 0
+            && inner.log.get_decided_idx().unwrap_or(0) == 0
+            && inner.log.get_compacted_idx().unwrap_or(0) == 0;
+        if !empty {
+            return Err(StorageError::Corrupt {
+                path: inner
+                    .journal
+                    .as_ref()
+                    .map(|j| j.dir.clone())
+                    .unwrap_or_default(),
+                what: "a new configuration's log is not empty".into(),
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        inner.write(vec![
+            Op::Trim(len),
+            Op::SetCompactedIdx(len),
+            Op::SetSnapshot(Some(CatalogSnapshot::of_state(state, len))),
+            Op::SetDecidedIndex(len),
+        ])
+    }
+
     /// Rewrites the journal as one record now (no-op in memory).
     pub fn compact(&self) -> Result<(), StorageError> {
         self.lock()?.compact()
@@ -435,8 +561,8 @@ impl SharedStorage {
     }
 }
 
-fn convert(op: StorageOp<CatalogEntry>) -> Option<Op> {
-    Some(match op {
+fn convert(op: StorageOp<CatalogEntry>) -> Op {
+    match op {
         StorageOp::AppendEntry(e) => Op::AppendEntries(vec![e]),
         StorageOp::AppendEntries(e) => Op::AppendEntries(e),
         StorageOp::AppendOnPrefix(from, e) => Op::AppendOnPrefix(from, e),
@@ -446,16 +572,15 @@ fn convert(op: StorageOp<CatalogEntry>) -> Option<Op> {
         StorageOp::SetCompactedIdx(i) => Op::SetCompactedIdx(i),
         StorageOp::Trim(i) => Op::Trim(i),
         StorageOp::SetStopsign(s) => Op::SetStopsign(s),
-        // Catalog entries have no snapshots (`NoSnapshot`).
-        StorageOp::SetSnapshot(_) => return None,
-    })
+        StorageOp::SetSnapshot(s) => Op::SetSnapshot(s),
+    }
 }
 
 impl Storage<CatalogEntry> for SharedStorage {
     fn write_atomically(&mut self, ops: Vec<StorageOp<CatalogEntry>>) -> StorageResult<()> {
         // One lock and one record for the whole batch: a concurrent reader
         // never sees half of it, and a restart replays all of it or none.
-        self.write_ops(ops.into_iter().filter_map(convert).collect())
+        self.write_ops(ops.into_iter().map(convert).collect())
     }
 
     fn append_entry(&mut self, entry: CatalogEntry) -> StorageResult<()> {
@@ -495,7 +620,13 @@ impl Storage<CatalogEntry> for SharedStorage {
     }
 
     fn get_entries(&self, from: usize, to: usize) -> StorageResult<Vec<CatalogEntry>> {
-        self.with(|s| s.get_entries(from, to))
+        // Entries before the trimmed index are gone: not a complete
+        // interval (MemoryStorage would underflow).
+        let inner = self.lock()?;
+        if from < inner.trimmed || to < from {
+            return Ok(Vec::new());
+        }
+        inner.log.get_entries(from, to)
     }
 
     fn get_log_len(&self) -> StorageResult<usize> {
@@ -503,7 +634,11 @@ impl Storage<CatalogEntry> for SharedStorage {
     }
 
     fn get_suffix(&self, from: usize) -> StorageResult<Vec<CatalogEntry>> {
-        self.with(|s| s.get_suffix(from))
+        let inner = self.lock()?;
+        if from < inner.trimmed {
+            return Ok(Vec::new());
+        }
+        inner.log.get_suffix(from)
     }
 
     fn get_promise(&self) -> StorageResult<Option<Ballot>> {
@@ -530,17 +665,14 @@ impl Storage<CatalogEntry> for SharedStorage {
         self.with(|s| s.get_compacted_idx())
     }
 
-    fn set_snapshot(&mut self, _snapshot: Option<NoSnapshotOf>) -> StorageResult<()> {
-        // Catalog entries have no snapshots (`NoSnapshot`).
-        Ok(())
+    fn set_snapshot(&mut self, snapshot: Option<CatalogSnapshot>) -> StorageResult<()> {
+        self.write_ops(vec![Op::SetSnapshot(snapshot)])
     }
 
-    fn get_snapshot(&self) -> StorageResult<Option<NoSnapshotOf>> {
+    fn get_snapshot(&self) -> StorageResult<Option<CatalogSnapshot>> {
         self.with(|s| s.get_snapshot())
     }
 }
-
-type NoSnapshotOf = <CatalogEntry as omnipaxos::storage::Entry>::Snapshot;
 
 #[cfg(test)]
 mod tests;

@@ -386,6 +386,139 @@ async fn a_whole_cluster_restarts_from_disk() {
     }
 }
 
+fn decision(i: u64) -> CatalogCommand {
+    CatalogCommand::TxDecision {
+        gid: format!("hotrepart_{i}"),
+        commit: !i.is_multiple_of(3),
+    }
+}
+
+/// Log compaction with catalog snapshots, over TCP: (a) with a small
+/// `compact_after`, the stored log stays bounded on every node and all
+/// nodes hold the same catalog; (b) a node stopped before the others
+/// compacted past its log catches up, from a snapshot, after it restarts;
+/// (c) the whole cluster restarts from its compacted disks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_compacted_into_snapshots_and_survives_restarts() {
+    const COMPACT: usize = 10;
+    let _ = logs();
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("compact")).collect();
+    let mut settings = cluster_settings(3, &dirs, |_| "the secret");
+    for s in &mut settings {
+        s.compact_after = COMPACT;
+    }
+    let mut nodes = Vec::new();
+    for s in &settings {
+        nodes.push(
+            CatalogHandle::start(s.clone(), Some(seed(s.node_id)))
+                .await
+                .expect("node starts"),
+        );
+    }
+    wait_for("bootstrap everywhere", Duration::from_secs(10), || {
+        nodes.iter().all(|h| h.catalog().snapshot().is_some())
+            && nodes.windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+
+    // (b) Node 3 stops before anything is compacted.
+    let st = nodes[2].status();
+    assert_eq!(st.compacted, 0, "{st:?}");
+    nodes[2].shutdown().await;
+    let mut i = 0;
+    for _ in 0..6 * COMPACT {
+        i += 1;
+        let out = nodes[(i % 2) as usize].propose(decision(i), PROPOSE).await;
+        assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+    }
+    wait_for("nodes 1 and 2 agree", Duration::from_secs(5), || {
+        same_catalog(&nodes[0], &nodes[1])
+    })
+    .await;
+    for h in &nodes[..2] {
+        let st = h.status();
+        assert!(st.compacted >= 4 * COMPACT, "{st:?}");
+        assert!(st.log_len <= COMPACT + 1, "{st:?}");
+    }
+    // Node 3 comes back: its log ends where the others compacted long ago.
+    nodes[2] = CatalogHandle::start(settings[2].clone(), Some(seed(3)))
+        .await
+        .expect("node 3 restarts");
+    wait_for("node 3 catches up", Duration::from_secs(10), || {
+        nodes.windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+    // It did so from a snapshot: its log now starts past its old end.
+    wait_for("node 3 holds a snapshot", Duration::from_secs(5), || {
+        nodes[2].status().compacted > 0
+    })
+    .await;
+    assert_eq!(nodes[2].catalog().decisions().count(), 6 * COMPACT);
+
+    // (a) All three go on; every node's stored log stays bounded.
+    for _ in 0..6 * COMPACT {
+        i += 1;
+        let out = nodes[(i % 3) as usize].propose(decision(i), PROPOSE).await;
+        assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+        for h in &nodes {
+            let st = h.status();
+            assert!(st.log_len <= COMPACT + 3, "{st:?}");
+        }
+    }
+    wait_for("all agree", Duration::from_secs(5), || {
+        nodes.windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+    let applied = nodes[0].applied_index();
+    for h in &nodes {
+        // The status is refreshed every tick.
+        wait_for("the status is refreshed", Duration::from_secs(2), || {
+            let st = h.status();
+            st.compacted + st.log_len == st.decided
+        })
+        .await;
+        let st = h.status();
+        assert!(st.compacted >= applied - COMPACT - 1, "{st:?}");
+        let json = serde_json::to_value(&st).expect("status serialises");
+        assert!(json.get("compacted").is_some() && json.get("log_len").is_some());
+    }
+    let before = nodes[0].catalog();
+    assert_eq!(before.decisions().count(), 12 * COMPACT);
+
+    // (c) The whole cluster restarts from its compacted disks.
+    for h in &nodes {
+        h.shutdown().await;
+    }
+    let mut nodes = Vec::new();
+    for s in &settings {
+        nodes.push(
+            CatalogHandle::start(s.clone(), Some(seed(10 + s.node_id)))
+                .await
+                .expect("node restarts"),
+        );
+    }
+    for h in &nodes {
+        // Loaded from the snapshot and the log after it, before any peer
+        // is heard.
+        assert!(h.applied_index() >= applied - COMPACT - 1);
+        assert!(h.status().compacted > 0);
+    }
+    wait_for("everyone is back", Duration::from_secs(10), || {
+        nodes
+            .iter()
+            .all(|h| h.applied_index() >= applied && h.lease_valid())
+    })
+    .await;
+    for h in &nodes {
+        assert_eq!(*h.catalog(), *before);
+    }
+    let out = nodes[1].propose(table("after"), PROPOSE).await;
+    assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+    for h in &nodes {
+        h.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_the_wrong_secret_cannot_join() {
     let _ = logs();
@@ -488,4 +621,167 @@ fn handles_and_their_futures_are_send() {
         ),
         None,
     ));
+}
+
+/// Membership changes over TCP: three nodes; a fourth, started empty to
+/// join, is added and gets the whole catalog, and a proposal through it is
+/// applied everywhere; one of the original three is removed, the remaining
+/// three keep committing and the removed node cannot get anything
+/// committed. Bad changes get clear errors. A restart resumes in the new
+/// configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_are_added_and_removed() {
+    let _ = logs();
+    let dirs: Vec<TempDir> = (0..4).map(|_| TempDir::new("members")).collect();
+    let mut settings = cluster_settings(4, &dirs, |_| "the secret");
+    for s in &mut settings[..3] {
+        s.peers.remove(&4);
+        s.compact_after = 8;
+    }
+    settings[3].join = true;
+    let addr4 = settings[0].listen.to_string().replace(
+        &settings[0].listen.port().to_string(),
+        &settings[3].listen.port().to_string(),
+    );
+    let mut nodes = Vec::new();
+    for s in &settings[..3] {
+        nodes.push(
+            CatalogHandle::start(s.clone(), Some(seed(s.node_id)))
+                .await
+                .expect("node starts"),
+        );
+    }
+    wait_for("bootstrap", Duration::from_secs(10), || {
+        nodes.iter().all(|h| h.catalog().snapshot().is_some())
+            && nodes.windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+    for i in 0..20 {
+        let out = nodes[i % 3].propose(decision(i as u64), PROPOSE).await;
+        assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+    }
+    let st = nodes[0].status();
+    assert_eq!(
+        (st.config_id, st.members.clone(), st.member),
+        (1, vec![1, 2, 3], true)
+    );
+
+    // Clear errors for bad changes.
+    let e = nodes[0]
+        .add_node(2, &addr4, PROPOSE)
+        .await
+        .expect_err("member");
+    assert!(e.to_string().contains("already a member"), "{e}");
+    let e = nodes[0].remove_node(9, PROPOSE).await.expect_err("unknown");
+    assert!(e.to_string().contains("not a member"), "{e}");
+    let two_away: BTreeMap<u64, String> = [(1, String::new())].into();
+    let e = nodes[0]
+        .reconfigure(two_away, PROPOSE)
+        .await
+        .expect_err("two");
+    assert!(e.to_string().contains("one node at a time"), "{e}");
+
+    // Node 4 starts empty, waiting to be added.
+    let n4 = CatalogHandle::start(settings[3].clone(), None)
+        .await
+        .expect("node 4 starts");
+    let st = n4.status();
+    assert!(!st.member && st.config_id == 0, "{st:?}");
+    assert_eq!(
+        n4.propose(table("x"), Duration::from_secs(1)).await,
+        Err(ProposeError::NotMember)
+    );
+    let m = nodes[1]
+        .add_node(4, &addr4, PROPOSE)
+        .await
+        .expect("node 4 added");
+    assert_eq!(m.config_id, 2);
+    assert_eq!(m.members.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4]);
+    nodes.push(n4);
+    wait_for(
+        "node 4 has the whole catalog",
+        Duration::from_secs(10),
+        || nodes[3].status().member && *nodes[3].catalog() == *nodes[0].catalog(),
+    )
+    .await;
+    assert_eq!(nodes[3].catalog().decisions().count(), 20);
+    let out = nodes[3].propose(table("via4"), PROPOSE).await;
+    assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+    wait_for("via4 everywhere", Duration::from_secs(5), || {
+        nodes.windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+    for h in &nodes {
+        let st = h.status();
+        assert_eq!(
+            (st.config_id, st.members.clone()),
+            (2, vec![1, 2, 3, 4]),
+            "{st:?}"
+        );
+    }
+
+    // Remove node 1.
+    let m = nodes[2]
+        .remove_node(1, PROPOSE)
+        .await
+        .expect("node 1 removed");
+    assert_eq!(m.members.keys().copied().collect::<Vec<_>>(), [2, 3, 4]);
+    wait_for(
+        "node 1 knows it was removed",
+        Duration::from_secs(5),
+        || {
+            let st = nodes[0].status();
+            !st.member && st.config_id == 3
+        },
+    )
+    .await;
+    for i in 0..10 {
+        let out = nodes[1 + i % 3]
+            .propose(decision(100 + i as u64), PROPOSE)
+            .await;
+        assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+    }
+    wait_for("2, 3, 4 agree", Duration::from_secs(5), || {
+        nodes[1..].windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+    let out = nodes[0]
+        .propose(table("from1"), Duration::from_secs(2))
+        .await;
+    assert_eq!(out, Err(ProposeError::NotMember));
+    wait_for("node 1 loses its lease", Duration::from_secs(5), || {
+        !nodes[0].lease_valid()
+    })
+    .await;
+    assert!(nodes[1..].iter().all(|h| !h
+        .catalog()
+        .snapshot()
+        .expect("catalog")
+        .is_reference_table("from1")));
+
+    // Restarts resume in the current configuration.
+    let before = nodes[1].catalog();
+    for h in &nodes {
+        h.shutdown().await;
+    }
+    let mut again = Vec::new();
+    for s in &settings {
+        again.push(
+            CatalogHandle::start(s.clone(), None)
+                .await
+                .expect("restart"),
+        );
+    }
+    wait_for("2, 3, 4 back", Duration::from_secs(10), || {
+        again[1..]
+            .iter()
+            .all(|h| h.lease_valid() && *h.catalog() == *before)
+    })
+    .await;
+    assert!(!again[0].status().member);
+    let out = again[3].propose(table("after"), PROPOSE).await;
+    assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+    for h in &again {
+        h.shutdown().await;
+    }
 }

@@ -52,6 +52,8 @@
 //!   logs can diverge and followers can get stuck), so it is an exploration
 //!   mode, not part of the test: the default is Fifo, the model of the TCP
 //!   transport;
+//! * `HOTREPART_SIM_COMPACT=N` compacts the log every N entries (0:
+//!   never; default: 5–44, from the seed);
 //! * `HOTREPART_SIM_TRACE=1` prints every protocol message and applied entry
 //!   (use with one seed).
 //!
@@ -215,6 +217,10 @@ struct Stats {
     heal_ticks_max: u64,
     /// Node-ticks with a valid lease.
     leased: u64,
+    /// Proposals whose outcome was folded into a snapshot.
+    lost: u64,
+    /// Catalog states loaded from a snapshot (not applied entry by entry).
+    snapshot_loads: u64,
 }
 
 struct Sim {
@@ -302,8 +308,20 @@ impl Sim {
 
     fn start(&self, pid: u64, storage: &SharedStorage) -> Replica {
         let pids: Vec<u64> = (1..=self.p.nodes).collect();
-        Replica::new(ReplicaConfig::new(pid, pids), storage.clone())
+        let mut config = ReplicaConfig::new(pid, pids);
+        config.compact_after = self.compact_after();
+        Replica::new(config, storage.clone())
             .unwrap_or_else(|e| self.fail(format!("node {pid} does not start: {e}")))
+    }
+
+    /// The compaction threshold: small, so that every run compacts often
+    /// and lagging or restarted replicas catch up from snapshots. Derived
+    /// from the seed, not drawn (the draws stay as they were).
+    fn compact_after(&self) -> usize {
+        match env_u64("HOTREPART_SIM_COMPACT") {
+            Some(n) => n as usize,
+            None => 5 + (self.seed % 40) as usize,
+        }
     }
 
     fn new_leases(&self, pid: u64) -> Leases {
@@ -424,6 +442,18 @@ impl Sim {
         self.stats.heal_ticks_max = self.now - heal_start;
         self.final_checks();
         self.leases_come_back();
+        // A late copy of a re-proposed command (stale, a no-op) may be
+        // decided while the leases come back: let everyone learn it.
+        let settle = self.now;
+        while self.now - settle < HEAL_BOUND
+            && !self.nodes.iter().all(|n| {
+                n.replica.as_ref().is_some_and(|r| {
+                    r.decided_index() == self.log.len() && r.applied_index() == self.log.len()
+                })
+            })
+        {
+            self.step(false);
+        }
         // All have caught up: their logs are the whole log.
         for n in &self.nodes {
             let len = n.replica.as_ref().map_or(0, Replica::decided_index);
@@ -468,12 +498,19 @@ impl Sim {
         // The stored logs themselves (not only what was applied from them)
         // are prefixes of the log.
         for n in &self.nodes {
-            let stored = n
-                .replica
-                .as_ref()
-                .map(|r| r.read_decided(0))
-                .unwrap_or_default();
-            for (i, (e, (want, _))) in stored.iter().zip(&self.log).enumerate() {
+            let Some(r) = n.replica.as_ref() else {
+                continue;
+            };
+            // From the snapshot on: what it replaced was checked when
+            // applied.
+            let from = r.compacted_index();
+            let stored = r.read_decided(from);
+            for (i, (e, (want, _))) in stored
+                .iter()
+                .zip(self.log.iter().skip(from))
+                .enumerate()
+                .map(|(i, x)| (i + from, x))
+            {
                 if e != want {
                     self.fail(format!(
                         "node {} holds {e:?} at index {i}, applied everywhere: {want:?}",
@@ -857,11 +894,28 @@ impl Sim {
         let Some(r) = self.nodes[i].replica.as_mut() else {
             return;
         };
+        let before = r.applied_index();
         let decided = match r.apply_decided() {
             Ok(d) => d,
             Err(e) => self.fail(format!("node {pid} apply: {e}")),
         };
-        if decided.is_empty() {
+        // Proposals folded into a snapshot before this replica applied
+        // them: answered "unknown".
+        let lost = r.take_lost();
+        if !lost.is_empty() {
+            self.stats.lost += lost.len() as u64;
+            let n = &mut self.nodes[i];
+            for t in lost {
+                if n.tickets.remove(&t).is_none() {
+                    self.fail(format!("node {pid} ticket {t:?} lost after its answer"));
+                }
+                n.answered.insert(t);
+            }
+        }
+        let Some(r) = self.nodes[i].replica.as_ref() else {
+            return;
+        };
+        if decided.is_empty() && r.applied_index() == before {
             return;
         }
         if self.trace {
@@ -885,7 +939,13 @@ impl Sim {
         let final_epoch = r.catalog().epoch();
         let applied = r.applied_index();
         let mut epoch = self.nodes[i].epoch;
+        let mut next = before;
         for d in decided {
+            if d.index != next {
+                // Loaded a snapshot up to d.index.
+                epoch = self.jumped(pid, next, d.index);
+            }
+            next = d.index + 1;
             // Same entry and outcome at this index everywhere.
             if d.index < self.log.len() {
                 let (entry, outcome) = &self.log[d.index];
@@ -932,6 +992,9 @@ impl Sim {
                 }
             }
         }
+        if applied != next {
+            epoch = self.jumped(pid, next, applied);
+        }
         if final_epoch != epoch {
             self.fail(format!(
                 "node {pid}: catalog epoch {final_epoch}, entries say {epoch}"
@@ -948,6 +1011,26 @@ impl Sim {
                 ));
             }
         }
+    }
+}
+
+impl Sim {
+    /// A replica loaded a snapshot: from applying entry `from` on, it went
+    /// to `to` entries applied. Every entry of a snapshot was applied one
+    /// by one by some replica first; returns the epoch after `to` entries.
+    fn jumped(&mut self, pid: u64, from: usize, to: usize) -> u64 {
+        if to < from || to > self.log.len() {
+            self.fail(format!(
+                "node {pid} jumped from index {from} to {to}; the log has {} entries",
+                self.log.len()
+            ));
+        }
+        self.stats.snapshot_loads += 1;
+        if to == 0 {
+            return 0;
+        }
+        replay_states(&self.log, &mut self.states, to);
+        self.states[to - 1].catalog().epoch()
     }
 }
 
@@ -1134,6 +1217,8 @@ fn simulated_cluster_agrees_and_makes_progress() {
         total.dropped += s.dropped;
         total.heal_ticks_max = total.heal_ticks_max.max(s.heal_ticks_max);
         total.leased += s.leased;
+        total.lost += s.lost;
+        total.snapshot_loads += s.snapshot_loads;
     };
     if let Some(seed) = env_u64("HOTREPART_SIM_SEED") {
         run(seed, mode, &mut total);
@@ -1160,7 +1245,7 @@ fn simulated_cluster_agrees_and_makes_progress() {
     eprintln!(
         "sim ({} network): {seeds} seeds in {:.1}s: {} ticks, {} entries decided ({} accepted, {} rejected, {} stale retries), \
          {} crashes, {} partitions, {} messages ({} dropped), slowest recovery after healing {} ticks, \
-         {} node-ticks with a lease",
+         {} node-ticks with a lease, {} catalog states loaded from a snapshot, {} proposals answered \"unknown\" (folded into a snapshot)",
         forced.map_or("Fifo and OneWay".to_owned(), |m| format!("{m:?}")),
         started.elapsed().as_secs_f64(),
         total.ticks,
@@ -1174,5 +1259,7 @@ fn simulated_cluster_agrees_and_makes_progress() {
         total.dropped,
         total.heal_ticks_max,
         total.leased,
+        total.snapshot_loads,
+        total.lost,
     );
 }

@@ -266,6 +266,64 @@ impl ProcCluster {
         c
     }
 
+    /// Starts one more node, with `[cluster] join = true` and the current
+    /// nodes as its peers: it waits to be added (`proxyctl node add`).
+    /// Its configuration is node 1's with its own ports and directory (the
+    /// cluster must have been started with an empty `cluster_extra`).
+    /// Returns its index in `nodes`.
+    pub fn start_joining_node(&mut self) -> usize {
+        let first = &self.nodes[0];
+        let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        let (port, peer_port, admin_port) = (
+            free_port().unwrap(),
+            free_port().unwrap(),
+            free_port().unwrap(),
+        );
+        let text = std::fs::read_to_string(&first.config).unwrap();
+        let first_peer = format!(
+            "[[cluster.peers]]\nid = {}\naddr = \"127.0.0.1:{}\"\nadmin = \"{}\"\n",
+            first.id,
+            first.peer_port,
+            first.admin_url()
+        );
+        let text = text
+            .replace(
+                &format!("node_id = {}\n", first.id),
+                &format!("node_id = {id}\n"),
+            )
+            .replace(
+                &format!("127.0.0.1:{}\"", first.port),
+                &format!("127.0.0.1:{port}\""),
+            )
+            .replace(
+                &format!("127.0.0.1:{}\"\nsecret", first.peer_port),
+                &format!("127.0.0.1:{peer_port}\"\nsecret"),
+            )
+            .replace(
+                &format!("127.0.0.1:{}\"\ntoken", first.admin_port),
+                &format!("127.0.0.1:{admin_port}\"\ntoken"),
+            )
+            .replace(&format!("node{}\"", first.id), &format!("node{id}\""))
+            .replace(
+                "allow_fault_injection = true\n",
+                &format!("allow_fault_injection = true\njoin = true\n\n{first_peer}"),
+            );
+        let config = self.dir.0.join(format!("node{id}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let mut node = ProcNode {
+            id,
+            port,
+            peer_port,
+            admin_port,
+            config,
+            log: self.dir.0.join(format!("node{id}.log")),
+            child: None,
+        };
+        tokio::task::block_in_place(|| node.start());
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
     /// Runs `proxyctl` against node `i` (index in `nodes`).
     pub async fn proxyctl(&self, i: usize, args: &[&str]) -> (bool, String, String) {
         let url = self.nodes[i].admin_url();

@@ -362,7 +362,113 @@ async fn proxyctl_changes_the_catalog_on_every_node() {
     )
     .await;
     assert!(!ok && err.contains("401"), "{err}");
+    // Membership: bad changes are refused with the reason; node 3 is
+    // removed, the other two keep changing the catalog, node 3 says it is
+    // no longer a member.
+    let (ok, _, err) = c
+        .proxyctl(0, &["node", "add", "2", "--addr", "127.0.0.1:1"])
+        .await;
+    assert!(!ok && err.contains("already a member"), "{err}");
+    let (ok, _, err) = c.proxyctl(0, &["node", "remove", "9"]).await;
+    assert!(!ok && err.contains("not a member"), "{err}");
+    let (ok, _, err) = c
+        .proxyctl(0, &["node", "add", "7", "--addr", "no-port"])
+        .await;
+    assert!(!ok && err.contains("host:port"), "{err}");
+    let (ok, out, err) = c.proxyctl(0, &["node", "remove", "3"]).await;
+    assert!(ok, "node remove: {err}");
+    assert!(out.contains("configuration 2"), "{out}");
+    // The others learn it within a round trip.
+    let start = std::time::Instant::now();
+    loop {
+        let (_, out3, _) = c.proxyctl(2, &["status"]).await;
+        let (_, out2, _) = c.proxyctl(1, &["status"]).await;
+        if out3.contains("is NOT a member")
+            && out2.contains("members 1,2 ")
+            && out2.contains("is a member")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "node 3: {out3}\nnode 2: {out2}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, _, err) = c.proxyctl(1, &["table", "reference", "after_remove"]).await;
+    assert!(ok, "a change after the removal: {err}");
+    let (ok, _, err) = c.proxyctl(2, &["table", "reference", "on_removed"]).await;
+    assert!(!ok && err.contains("not a member"), "{err}");
+    // Two nodes are the minimum.
+    let (ok, _, err) = c.proxyctl(0, &["node", "remove", "2"]).await;
+    assert!(!ok && err.contains("at least 2"), "{err}");
     drop(extra);
+}
+
+/// `proxyctl node add`: a fourth process, started to join, is added
+/// through node 1, gets the whole catalog, and a change made through it
+/// reaches every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxyctl_adds_a_node() {
+    let mut c = ProcCluster::start(3, 1, TABLES, "").await;
+    converged(&c, Duration::from_secs(20)).await;
+    let (ok, _, err) = c.proxyctl(0, &["table", "reference", "before_add"]).await;
+    assert!(ok, "{err}");
+    let i = c.start_joining_node();
+    let (ok, out, _) = c.proxyctl(i, &["status"]).await;
+    assert!(ok && out.contains("is NOT a member"), "{out}");
+    let addr = format!("127.0.0.1:{}", c.nodes[i].peer_port);
+    let admin = c.nodes[i].admin_url();
+    let (ok, out, err) = c
+        .proxyctl(0, &["node", "add", "4", "--addr", &addr, "--admin", &admin])
+        .await;
+    assert!(ok, "node add: {err}\n{}", c.logs());
+    assert!(
+        out.contains("configuration 2") && out.contains(&addr),
+        "{out}"
+    );
+    let (ok, _, err) = c.proxyctl(1, &["node", "add", "4", "--addr", &addr]).await;
+    assert!(!ok && err.contains("already a member"), "{err}");
+    let start = Instant::now();
+    loop {
+        let (_, out, _) = c.proxyctl(i, &["table", "list"]).await;
+        let (_, st, _) = c.proxyctl(i, &["status"]).await;
+        if out.contains("before_add") && st.contains("is a member") && st.contains("lease valid") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "node 4 did not get the catalog: {out}\n{st}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, _, err) = c.proxyctl(i, &["table", "reference", "via_node4"]).await;
+    assert!(ok, "a change through node 4: {err}");
+    let start = Instant::now();
+    loop {
+        let mut all = true;
+        for j in 0..3 {
+            let (_, out, _) = c.proxyctl(j, &["table", "list"]).await;
+            all &= out.contains("via_node4");
+        }
+        if all {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "via_node4 not everywhere"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Clients of node 4 are routed (it holds a lease).
+    let db = connect(&c.nodes[i].dsn()).await.unwrap();
+    db.batch_execute("CREATE TABLE IF NOT EXISTS items (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO items VALUES (42, 'x')")
+        .await
+        .unwrap();
 }
 
 fn procs_bin(name: &str) -> String {

@@ -57,6 +57,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: Option<JobsCmd>,
     },
+    /// Catalog cluster nodes: add or remove one (membership change).
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Verifying load generator: writes, updates and reads through the
     /// nodes, then checks every acknowledged write through the nodes and on
     /// every shard (exit status 2 when the check fails).
@@ -127,6 +132,25 @@ enum DebugCmd {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Add a node to the catalog cluster. Start it first with
+    /// `[cluster] join = true` and `peers` naming current members; it gets
+    /// the whole catalog once added.
+    Add {
+        id: u64,
+        /// Its `[cluster] listen` address (HOST:PORT).
+        #[arg(long)]
+        addr: String,
+        /// Its admin API base URL.
+        #[arg(long = "admin")]
+        admin_url: Option<String>,
+    },
+    /// Remove a node from the catalog cluster (it stops routing once its
+    /// lease lapses).
+    Remove { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -255,6 +279,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let (v, show): (Value, fn(&Value) -> String) = match cli.cmd {
         Cmd::Status => (api.call("GET", "/v1/status", None)?, show_status),
+        Cmd::Node { cmd } => match cmd {
+            NodeCmd::Add {
+                id,
+                addr,
+                admin_url,
+            } => (
+                api.call(
+                    "POST",
+                    "/v1/nodes",
+                    Some(json!({ "id": id, "addr": addr, "admin": admin_url })),
+                )?,
+                show_membership,
+            ),
+            NodeCmd::Remove { id } => (
+                api.call("DELETE", &format!("/v1/nodes/{id}"), None)?,
+                show_membership,
+            ),
+        },
         Cmd::Shard { cmd } => match cmd {
             ShardCmd::Add { name, dsn } => (
                 api.call(
@@ -551,6 +593,21 @@ fn show_status(v: &Value) -> String {
         s(&v["shards"]),
         s(&v["ranges"]),
     );
+    if c["config_id"].as_u64().is_some() {
+        out.push_str(&format!(
+            "\nconfiguration {}  members {}  this node {}",
+            s(&c["config_id"]),
+            c["members"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+                .unwrap_or_default(),
+            if c["member"] == json!(true) {
+                "is a member"
+            } else {
+                "is NOT a member"
+            },
+        ));
+    }
     if let Some(peers) = c["peers"].as_array() {
         let rows = peers
             .iter()
@@ -567,6 +624,18 @@ fn show_status(v: &Value) -> String {
         out.push_str(&table(&["PEER", "ADDR", "CONNECTED", "APPLIED"], rows));
     }
     out
+}
+
+fn show_membership(v: &Value) -> String {
+    let rows = v["members"]
+        .as_array()
+        .map(|a| a.iter().map(|m| vec![s(&m["id"]), s(&m["addr"])]).collect())
+        .unwrap_or_default();
+    format!(
+        "configuration {}\n{}",
+        s(&v["config_id"]),
+        table(&["NODE", "ADDR"], rows)
+    )
 }
 
 fn show_shards(v: &Value) -> String {

@@ -964,3 +964,77 @@ fn a_job_flips_its_range_and_lifts_its_freeze_in_one_entry() {
     assert_eq!(s.ranges()[1].status, RangeStatus::Active);
     assert_eq!(s.ranges()[1].write_owner.as_str(), "b");
 }
+
+#[test]
+fn a_catalog_round_trips_through_its_image() {
+    // Empty.
+    let empty = Catalog::new();
+    assert_eq!(Catalog::from_image(&empty.image()), Ok(empty));
+    // Everything a catalog holds: shards, tables (built-in and wasm),
+    // split and reassigned ranges, a freeze, decisions, a job, functions.
+    let mut c = two_shards();
+    for cmd in [
+        upload("tenant", 1),
+        upload("spare", 2),
+        wasm_table("w", 1),
+        CatalogCommand::DeclareSharded(table("t")),
+        CatalogCommand::DeclareReference {
+            table: "countries".into(),
+        },
+        split(ALL, HALF),
+        split(span(0, Some(HALF)), 1000),
+        assign(span(0, Some(1000)), "b", "b"),
+        freeze(span(1000, Some(HALF)), 7),
+        CatalogCommand::TxDecision {
+            gid: "hotrepart_1".into(),
+            commit: true,
+        },
+        CatalogCommand::TxDecision {
+            gid: "hotrepart_2".into(),
+            commit: false,
+        },
+        CatalogCommand::JobStart {
+            job: "j1".into(),
+            spec: JobSpec {
+                range: span(HALF, None),
+                from: "a".into(),
+                to: "b".into(),
+            },
+        },
+    ] {
+        let kind = cmd.kind();
+        if let Err(e) = c.apply(&cmd) {
+            panic!("{kind} rejected: {e}");
+        }
+    }
+    let image = c.image();
+    let json = serde_json::to_string(&image).expect("serialise");
+    let back: CatalogImage = serde_json::from_str(&json).expect("deserialise");
+    let rebuilt = Catalog::from_image(&back).expect("valid image");
+    assert_eq!(rebuilt, c);
+    assert_eq!(rebuilt.epoch(), c.epoch());
+    // And it goes on the same way.
+    let mut a = c.clone();
+    let mut b = rebuilt;
+    let next = unfreeze(span(1000, Some(HALF)), 7);
+    assert_eq!(a.apply(&next), b.apply(&next));
+    assert_eq!(a, b);
+}
+
+#[test]
+fn an_invalid_image_is_refused() {
+    let c = two_shards();
+    let mut image = c.image();
+    if let Some(r) = image.routing.as_mut() {
+        r.ranges.pop(); // the ranges no longer tile the space
+    }
+    assert!(Catalog::from_image(&image).is_err());
+    let mut image = c.image();
+    image.freezes.push(FreezeImage {
+        lo: 12345,
+        id: FreezeId(1),
+        previous: StatusImage::Active,
+    });
+    let err = Catalog::from_image(&image).expect_err("a freeze of no range");
+    assert!(err.to_string().contains("12345"), "{err}");
+}

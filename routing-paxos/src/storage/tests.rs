@@ -217,3 +217,171 @@ fn a_bad_header_at_the_end_is_a_torn_tail_only_before_zeros() {
         Err(StorageError::Corrupt { .. })
     ));
 }
+
+fn add_shard(seq: u64) -> CatalogEntry {
+    CatalogEntry {
+        id: ProposalId {
+            node: 1,
+            incarnation: 1,
+            seq,
+        },
+        cmd: if seq == 0 {
+            CatalogCommand::AddShard {
+                shard: "a".into(),
+                dsn: crate::command::Dsn::from("host=a"),
+            }
+        } else {
+            CatalogCommand::TxDecision {
+                gid: format!("g{seq}"),
+                commit: true,
+            }
+        },
+    }
+}
+
+fn state_of(entries: &[CatalogEntry]) -> crate::entry::StateMachine {
+    let mut sm = crate::entry::StateMachine::new();
+    for e in entries {
+        sm.apply(e);
+    }
+    sm
+}
+
+/// omnipaxos 0.2.4 merges a log sync's delta into a snapshot of the
+/// follower's log read up to the *leader's* decided index: with the
+/// entries there it counts them twice, without them it leaves a gap. The
+/// store rebuilds the snapshot from its own state and the delta.
+#[test]
+fn a_snapshot_merged_by_a_log_sync_is_rebuilt_right() {
+    use omnipaxos::storage::Snapshot as _;
+    let all: Vec<CatalogEntry> = (0..10).map(add_shard).collect();
+    let dir = TempDir::new("sync-snapshot");
+    // (follower has entries up to, follower decided, expected after sync)
+    for have in [10, 6] {
+        let mut s = SharedStorage::open(&dir.0.join(format!("have{have}"))).expect("open");
+        s.append_entries(all[..have].to_vec()).expect("append");
+        s.set_decided_idx(6).expect("decided");
+        // A local snapshot at 4 (consistent: stored as is).
+        let snap4 = CatalogSnapshot::create(&all[..4]);
+        s.write_atomically(vec![
+            StorageOp::Trim(4),
+            StorageOp::SetCompactedIdx(4),
+            StorageOp::SetSnapshot(Some(snap4.clone())),
+        ])
+        .expect("compact");
+        // The sync: leader decided 10, delta = entries 6..10.
+        let mut merged = snap4;
+        // Its own entries up to the leader's decided index: all of them, or
+        // none when it lacks some (the store returns no partial range).
+        let own: &[CatalogEntry] = if have >= 10 { &all[4..10] } else { &[] };
+        merged.merge(CatalogSnapshot::create(own));
+        merged.merge(CatalogSnapshot::create(&all[6..10]));
+        assert_ne!(merged.len(), 10);
+        s.write_atomically(vec![
+            StorageOp::SetDecidedIndex(10),
+            StorageOp::Trim(10),
+            StorageOp::SetCompactedIdx(10),
+            StorageOp::SetSnapshot(Some(merged)),
+            StorageOp::AppendOnPrefix(10, Vec::new()),
+        ])
+        .expect("sync");
+        for s in [
+            s.clone(),
+            SharedStorage::open(&dir.0.join(format!("have{have}"))).expect("reopen"),
+        ] {
+            let got = s.get_snapshot().expect("read").expect("a snapshot");
+            assert_eq!(got.len(), 10, "have {have}");
+            assert_eq!(got.state(), state_of(&all), "have {have}");
+            assert_eq!(s.get_compacted_idx().expect("read"), 10);
+        }
+    }
+}
+
+/// A stale log sync (built from an older promise) re-sends entries this
+/// node already compacted: only what follows its snapshot counts.
+#[test]
+fn a_stale_sync_delta_over_the_compacted_prefix_is_rebuilt_right() {
+    use omnipaxos::storage::Snapshot as _;
+    let all: Vec<CatalogEntry> = (0..12).map(add_shard).collect();
+    for (compacted, sync_idx) in [(10, 10), (8, 10), (10, 12)] {
+        let mut s = SharedStorage::new();
+        s.append_entries(all.clone()).expect("append");
+        s.set_decided_idx(12).expect("decided");
+        let stored = CatalogSnapshot::create(&all[..compacted]);
+        s.write_atomically(vec![
+            StorageOp::Trim(compacted),
+            StorageOp::SetCompactedIdx(compacted),
+            StorageOp::SetSnapshot(Some(stored.clone())),
+        ])
+        .expect("compact");
+        // The leader thought we had decided 6: delta 6..sync_idx.
+        let mut merged = stored;
+        merged.merge(CatalogSnapshot::create(&all[compacted..sync_idx]));
+        merged.merge(CatalogSnapshot::create(&all[6..sync_idx]));
+        s.write_atomically(vec![
+            StorageOp::Trim(sync_idx),
+            StorageOp::SetCompactedIdx(sync_idx),
+            StorageOp::SetSnapshot(Some(merged)),
+            StorageOp::AppendOnPrefix(sync_idx, all[sync_idx..].to_vec()),
+        ])
+        .expect("sync");
+        let got = s.get_snapshot().expect("read").expect("a snapshot");
+        assert_eq!(got.len(), sync_idx, "{compacted} {sync_idx}");
+        assert_eq!(got.state(), state_of(&all[..sync_idx]));
+        assert_eq!(s.get_log_len().expect("read"), 12 - sync_idx);
+    }
+    // A prefix write below the trimmed index keeps what is after it.
+    let mut s = SharedStorage::new();
+    s.append_entries(all.clone()).expect("append");
+    s.trim(8).expect("trim");
+    s.append_on_prefix(5, all[5..].to_vec())
+        .expect("stale prefix");
+    assert_eq!(s.get_log_len().expect("read"), 4);
+    assert!(s.get_entries(4, 9).expect("read").is_empty());
+    assert_eq!(s.get_entries(8, 12).expect("read"), all[8..].to_vec());
+}
+
+#[test]
+fn a_snapshot_that_cannot_be_rebuilt_is_refused() {
+    use omnipaxos::storage::Snapshot as _;
+    let all: Vec<CatalogEntry> = (0..10).map(add_shard).collect();
+    let mut s = SharedStorage::new();
+    s.append_entries(all[..3].to_vec()).expect("append");
+    // Claims index 10 but stands for 2 entries and merged none.
+    let bad = CatalogSnapshot::create(&all[..2]);
+    let err = s
+        .write_atomically(vec![
+            StorageOp::Trim(10),
+            StorageOp::SetCompactedIdx(10),
+            StorageOp::SetSnapshot(Some(bad)),
+        ])
+        .expect_err("refused");
+    assert!(err.to_string().contains("snapshot"), "{err}");
+    assert_eq!(s.get_compacted_idx().expect("read"), 0);
+    assert_eq!(s.get_log_len().expect("read"), 3);
+}
+
+#[test]
+fn a_stored_snapshot_keeps_a_bounded_tail() {
+    use crate::entry::SNAPSHOT_TAIL;
+    use omnipaxos::storage::Snapshot as _;
+    let all: Vec<CatalogEntry> = (0..(SNAPSHOT_TAIL as u64 + 50)).map(add_shard).collect();
+    let mut s = SharedStorage::new();
+    s.append_entries(all.clone()).expect("append");
+    s.set_decided_idx(all.len()).expect("decided");
+    s.write_atomically(vec![
+        StorageOp::Trim(all.len()),
+        StorageOp::SetCompactedIdx(all.len()),
+        StorageOp::SetSnapshot(Some(CatalogSnapshot::create(&all))),
+    ])
+    .expect("compact");
+    let got = s.get_snapshot().expect("read").expect("a snapshot");
+    assert_eq!(got.len(), all.len());
+    assert_eq!(got.tail().len(), SNAPSHOT_TAIL);
+    assert_eq!(got.folded(), 50);
+    assert_eq!(got.state(), state_of(&all));
+    // Through serde (the wire and the journal) it is the same snapshot.
+    let json = serde_json::to_string(&got).expect("serialise");
+    let back: CatalogSnapshot = serde_json::from_str(&json).expect("deserialise");
+    assert_eq!(back, got);
+}
