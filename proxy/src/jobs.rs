@@ -149,12 +149,21 @@ pub(crate) async fn settle(node: &Arc<Node>) -> Result<(), JobError> {
     let epoch = h.catalog().epoch();
     h.await_all_applied(h.applied_index()).await?;
     let own = node.fence(epoch, FENCE_LIMIT);
-    let peers: Vec<(u64, Option<String>)> = node
+    // The current members (membership changes at run time), with the admin
+    // URL the configuration gives for them.
+    let status = h.status();
+    let configured: std::collections::HashMap<u64, Option<String>> = node
         .cfg
         .cluster
         .as_ref()
         .map(|c| c.peers.iter().map(|p| (p.id, p.admin.clone())).collect())
         .unwrap_or_default();
+    let peers: Vec<(u64, Option<String>)> = status
+        .members
+        .iter()
+        .filter(|&&id| id != status.node_id)
+        .map(|id| (*id, configured.get(id).cloned().flatten()))
+        .collect();
     let token = node.cfg.admin.as_ref().and_then(|a| a.token().ok());
     let calls = peers.into_iter().map(|(id, admin)| {
         let token = token.clone();
