@@ -292,7 +292,7 @@ struct AddNode {
 fn membership_json(m: &Membership) -> Value {
     json!({
         "config_id": m.config_id,
-        "members": m.members.iter().map(|(id, addr)| json!({ "id": id, "addr": addr })).collect::<Vec<_>>(),
+        "members": m.members.iter().map(|(id, addr)| json!({ "id": id, "addr": addr, "admin": m.admin.get(id) })).collect::<Vec<_>>(),
     })
 }
 
@@ -342,7 +342,12 @@ async fn add_node(
     let m = api
         .node
         .catalog_handle
-        .add_node(req.id, addr, PROPOSE_TIMEOUT)
+        .add_node_with_admin(
+            req.id,
+            addr,
+            req.admin.as_deref().map(|a| a.trim_end_matches('/')),
+            PROPOSE_TIMEOUT,
+        )
         .await
         .map_err(reconfigure_error)?;
     Ok(Json(membership_json(&m)))

@@ -150,7 +150,8 @@ pub(crate) async fn settle(node: &Arc<Node>) -> Result<(), JobError> {
     h.await_all_applied(h.applied_index()).await?;
     let own = node.fence(epoch, FENCE_LIMIT);
     // The current members (membership changes at run time), with the admin
-    // URL the configuration gives for them.
+    // URL this node's configuration gives for them, else the one recorded
+    // when they were added (`node add --admin`).
     let status = h.status();
     let configured: std::collections::HashMap<u64, Option<String>> = node
         .cfg
@@ -162,7 +163,14 @@ pub(crate) async fn settle(node: &Arc<Node>) -> Result<(), JobError> {
         .members
         .iter()
         .filter(|&&id| id != status.node_id)
-        .map(|id| (*id, configured.get(id).cloned().flatten()))
+        .map(|id| {
+            let admin = configured
+                .get(id)
+                .cloned()
+                .flatten()
+                .or_else(|| status.admin.get(id).cloned());
+            (*id, admin)
+        })
         .collect();
     let token = node.cfg.admin.as_ref().and_then(|a| a.token().ok());
     let calls = peers.into_iter().map(|(id, admin)| {

@@ -81,6 +81,10 @@ pub struct Membership {
     pub config_id: u32,
     /// Members: id → address ("host:port").
     pub members: BTreeMap<u64, String>,
+    /// Admin API base URLs of members, where given (`node add --admin`);
+    /// the proxy fences in-flight statements through them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub admin: BTreeMap<u64, String>,
 }
 
 /// What `membership.json` holds.
@@ -255,6 +259,8 @@ pub struct ClusterStatus {
     pub config_id: u32,
     /// The members of that configuration.
     pub members: Vec<u64>,
+    /// Admin API URLs of members, where the configuration change gave one.
+    pub admin: BTreeMap<u64, String>,
     /// Whether this node is a member of it (false: removed, or joining).
     pub member: bool,
 }
@@ -320,6 +326,7 @@ impl Shared {
                 peers: Vec::new(),
                 config_id: 0,
                 members: Vec::new(),
+                admin: BTreeMap::new(),
                 member: false,
             }),
         }
@@ -351,6 +358,7 @@ enum Request {
     },
     Reconfigure {
         members: BTreeMap<u64, String>,
+        admin: BTreeMap<u64, String>,
         reply: oneshot::Sender<Result<Membership, ReconfigureError>>,
     },
     Shutdown,
@@ -510,6 +518,7 @@ impl CatalogHandle {
                     Some(Membership {
                         config_id: 1,
                         members,
+                        admin: BTreeMap::new(),
                     }),
                     false,
                 )
@@ -732,6 +741,19 @@ impl CatalogHandle {
         members: BTreeMap<u64, String>,
         timeout: Duration,
     ) -> Result<Membership, ReconfigureError> {
+        self.reconfigure_with_admin(members, BTreeMap::new(), timeout)
+            .await
+    }
+
+    /// [`reconfigure`](Self::reconfigure), recording admin API URLs of
+    /// members (kept in the configuration; those of remaining members
+    /// carry over).
+    pub async fn reconfigure_with_admin(
+        &self,
+        members: BTreeMap<u64, String>,
+        admin: BTreeMap<u64, String>,
+        timeout: Duration,
+    ) -> Result<Membership, ReconfigureError> {
         let Mode::Cluster { requests, .. } = &self.inner.mode else {
             return Err(ReconfigureError::Invalid(
                 "a single node without [cluster] has no membership to change".into(),
@@ -740,7 +762,11 @@ impl CatalogHandle {
         let (reply, rx) = oneshot::channel();
         let ask = async {
             requests
-                .send(Request::Reconfigure { members, reply })
+                .send(Request::Reconfigure {
+                    members,
+                    admin,
+                    reply,
+                })
                 .await
                 .map_err(|_| ReconfigureError::Shutdown)?;
             rx.await.map_err(|_| ReconfigureError::Shutdown)?
@@ -757,6 +783,17 @@ impl CatalogHandle {
         addr: &str,
         timeout: Duration,
     ) -> Result<Membership, ReconfigureError> {
+        self.add_node_with_admin(id, addr, None, timeout).await
+    }
+
+    /// [`add_node`](Self::add_node), recording the node's admin API URL.
+    pub async fn add_node_with_admin(
+        &self,
+        id: u64,
+        addr: &str,
+        admin: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Membership, ReconfigureError> {
         self.check_cluster()?;
         let current = self.membership().ok_or(ReconfigureError::NotMember)?;
         if current.members.contains_key(&id) {
@@ -771,7 +808,8 @@ impl CatalogHandle {
         }
         let mut members = current.members;
         members.insert(id, addr.to_owned());
-        self.reconfigure(members, timeout).await
+        let admin = admin.map(|a| (id, a.to_owned())).into_iter().collect();
+        self.reconfigure_with_admin(members, admin, timeout).await
     }
 
     /// Removes node `id` (see [`reconfigure`](Self::reconfigure)).
@@ -813,6 +851,7 @@ impl CatalogHandle {
             st.peers.iter().map(|p| (p.id, p.addr.clone())).collect();
         Some(Membership {
             config_id: st.config_id,
+            admin: st.admin.clone(),
             members: st
                 .members
                 .iter()
@@ -981,8 +1020,8 @@ impl Driver {
                         self.waits.push((index, reply));
                         self.check_waits();
                     }
-                    Some(Request::Reconfigure { members, reply }) => {
-                        self.on_reconfigure(members, reply);
+                    Some(Request::Reconfigure { members, admin, reply }) => {
+                        self.on_reconfigure(members, admin, reply);
                     }
                     Some(Request::Shutdown) | None => break,
                 },
@@ -1098,6 +1137,7 @@ impl Driver {
     fn on_reconfigure(
         &mut self,
         members: BTreeMap<u64, String>,
+        admin: BTreeMap<u64, String>,
         reply: oneshot::Sender<Result<Membership, ReconfigureError>>,
     ) {
         let me = self.shared.node_id;
@@ -1136,9 +1176,13 @@ impl Driver {
             };
             next.insert(*id, addr);
         }
+        let mut admin_next = current.admin.clone();
+        admin_next.extend(admin);
+        admin_next.retain(|id, _| next.contains_key(id));
         let target = Membership {
             config_id: current.config_id + 1,
             members: next,
+            admin: admin_next,
         };
         let metadata = match serde_json::to_vec(&target) {
             Ok(m) => m,
@@ -1185,23 +1229,21 @@ impl Driver {
         if r.applied_index() + 1 != r.decided_index() {
             return;
         }
-        let members: BTreeMap<u64, String> = ss
+        let next = ss
             .metadata
             .as_deref()
             .and_then(|m| serde_json::from_slice::<Membership>(m).ok())
             .filter(|m| m.config_id == ss.next_config.configuration_id)
-            .map(|m| m.members)
-            .unwrap_or_else(|| {
-                ss.next_config
+            .unwrap_or_else(|| Membership {
+                config_id: ss.next_config.configuration_id,
+                members: ss
+                    .next_config
                     .nodes
                     .iter()
                     .map(|id| (*id, self.peers.get(id).cloned().unwrap_or_default()))
-                    .collect()
+                    .collect(),
+                admin: BTreeMap::new(),
             });
-        let next = Membership {
-            config_id: ss.next_config.configuration_id,
-            members,
-        };
         let start = (r.state().clone(), r.applied_index());
         self.switch(next, Some(start));
     }
@@ -1551,10 +1593,16 @@ impl Driver {
 
     fn update_status(&mut self) {
         let me = self.shared.node_id;
-        let (config_id, members) = self
+        let (config_id, members, admin) = self
             .membership
             .as_ref()
-            .map(|m| (m.config_id, m.members.keys().copied().collect::<Vec<_>>()))
+            .map(|m| {
+                (
+                    m.config_id,
+                    m.members.keys().copied().collect::<Vec<_>>(),
+                    m.admin.clone(),
+                )
+            })
             .unwrap_or_default();
         let peers = self
             .peers
@@ -1588,6 +1636,7 @@ impl Driver {
             config_id,
             member: self.replica.is_some() && members.contains(&me),
             members,
+            admin,
         };
         if let Ok(mut s) = self.shared.status.lock() {
             *s = status;
@@ -1672,6 +1721,9 @@ mod tests {
             membership: Membership {
                 config_id: 3,
                 members: members(&[2, 3, 4]),
+                admin: [(4, "http://127.0.0.1:7434".to_owned())]
+                    .into_iter()
+                    .collect(),
             },
             removed: false,
         };

@@ -692,10 +692,14 @@ async fn nodes_are_added_and_removed() {
         Err(ProposeError::NotMember)
     );
     let m = nodes[1]
-        .add_node(4, &addr4, PROPOSE)
+        .add_node_with_admin(4, &addr4, Some("http://127.0.0.1:7434"), PROPOSE)
         .await
         .expect("node 4 added");
     assert_eq!(m.config_id, 2);
+    assert_eq!(
+        m.admin.get(&4).map(String::as_str),
+        Some("http://127.0.0.1:7434")
+    );
     assert_eq!(m.members.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4]);
     nodes.push(n4);
     wait_for(
@@ -716,6 +720,12 @@ async fn nodes_are_added_and_removed() {
         assert_eq!(
             (st.config_id, st.members.clone()),
             (2, vec![1, 2, 3, 4]),
+            "{st:?}"
+        );
+        // Every member learned the admin URL from the decided change.
+        assert_eq!(
+            st.admin.get(&4).map(String::as_str),
+            Some("http://127.0.0.1:7434"),
             "{st:?}"
         );
     }
@@ -779,6 +789,15 @@ async fn nodes_are_added_and_removed() {
     })
     .await;
     assert!(!again[0].status().member);
+    // The admin URL of node 4 survived node 1's removal and the restart.
+    for h in &again[1..] {
+        let st = h.status();
+        assert_eq!(
+            st.admin.get(&4).map(String::as_str),
+            Some("http://127.0.0.1:7434"),
+            "{st:?}"
+        );
+    }
     let out = again[3].propose(table("after"), PROPOSE).await;
     assert!(matches!(out, Ok(Ok(_))), "{out:?}");
     for h in &again {

@@ -429,6 +429,18 @@ async fn proxyctl_adds_a_node() {
     );
     let (ok, _, err) = c.proxyctl(1, &["node", "add", "4", "--addr", &addr]).await;
     assert!(!ok && err.contains("already a member"), "{err}");
+    // Every member knows node 4's admin URL (the cut-over fences node 4's
+    // statements in flight through it).
+    for j in 0..3 {
+        let (ok, out, err) = c.proxyctl(j, &["--json", "status"]).await;
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            v["cluster"]["admin"]["4"].as_str(),
+            Some(admin.trim_end_matches('/')),
+            "node {j}: {out}"
+        );
+    }
     let start = Instant::now();
     loop {
         let (_, out, _) = c.proxyctl(i, &["table", "list"]).await;
