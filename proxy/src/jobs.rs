@@ -420,8 +420,13 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
             update(node, id, JobPhase::CatchUp, total, 0, "copied").await
         }
         JobPhase::CatchUp => {
-            // Catch up until the backlog is small, then cut over.
+            // Catch up until the backlog is small, then cut over (over
+            // connections kept open between passes).
             let started = Instant::now();
+            let mut sessions = Vec::new();
+            for s in &plan.specs {
+                sessions.push(Session::open(s).await?);
+            }
             loop {
                 if !runs_jobs(node) {
                     return Err(JobError::NotLeader);
@@ -429,8 +434,8 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
                 let mut applied = 0;
                 let mut lag = 0;
                 let mut drained = true;
-                for s in &plan.specs {
-                    let r = reshard::catch_up(s, CATCH_UP_BATCH).await?;
+                for sess in &mut sessions {
+                    let r = sess.catch_up(CATCH_UP_BATCH, None).await?;
                     applied += r.applied;
                     lag += r.remaining_lag_bytes;
                     drained &= r.drained;

@@ -800,21 +800,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return crate::explain::run(self, ex).await;
             }
         }
-        // Writers wait out a cut-over; the client sees a pause.
-        let mut wait = self.node.freeze_wait();
-        let d = loop {
-            self.pin_routing();
-            let d = self.node.decide(sql, None, &self.state);
-            if let Err(r) = &d {
-                if r.frozen {
-                    self.park();
-                }
-                if wait.retry(r).await {
-                    continue;
-                }
-            }
-            break d;
-        };
+        let d = self
+            .route_waiting(|s| s.node.decide(sql, None, &s.state))
+            .await;
         let d = match d {
             Ok(d) => d,
             Err(r) => {
@@ -1186,6 +1174,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Routes and sends an extended-protocol batch. `synced`: it ends with
     /// Sync (else with Flush, or a Query follows).
+    /// Routes with `route` under a pin of the current routing table. A
+    /// refusal for a frozen range waits (without the pin, when nothing is
+    /// owed) for the next routing table and routes again, until
+    /// `freeze_wait_ms` has passed; writers wait out a cut-over and the
+    /// client sees a pause.
+    async fn route_waiting<T>(
+        &mut self,
+        route: impl Fn(&Self) -> Result<T, Refusal>,
+    ) -> Result<T, Refusal> {
+        let mut wait = self.node.freeze_wait();
+        loop {
+            self.pin_routing();
+            let routed = route(self);
+            if let Err(r) = &routed {
+                if r.frozen {
+                    self.park();
+                }
+                if wait.retry(r).await {
+                    continue;
+                }
+            }
+            return routed;
+        }
+    }
+
     /// Pins the current routing table before routing (unless a pin of
     /// this session is held already: it covers what is still in flight).
     pub(crate) fn pin_routing(&mut self) {
@@ -1206,20 +1219,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
         let frames = std::mem::take(&mut self.batch);
-        let mut wait = self.node.freeze_wait();
-        let routed = loop {
-            self.pin_routing();
-            let routed = self.route_batch(&frames);
-            if let Err(r) = &routed {
-                if r.frozen {
-                    self.park();
-                }
-                if wait.retry(r).await {
-                    continue;
-                }
-            }
-            break routed;
-        };
+        let routed = self.route_waiting(|s| s.route_batch(&frames)).await;
         let (target, d) = match routed {
             Ok(x) => x,
             Err(r) => {

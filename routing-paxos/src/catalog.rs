@@ -132,7 +132,7 @@ pub enum Applied {
 }
 
 /// A reshard job as the catalog records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JobRecord {
     /// What it moves.
     pub spec: JobSpec,

@@ -173,6 +173,29 @@ impl Cluster {
         connect(&self.dsn()).await.expect("connect through node")
     }
 
+    /// Proposes `cmd` to the node's catalog (it must be accepted) and waits
+    /// until the node routes by the result; returns that epoch.
+    pub async fn propose(&self, cmd: hotrepart_routing_paxos::CatalogCommand) -> u64 {
+        self.node
+            .catalog_handle
+            .propose(cmd, Duration::from_secs(10))
+            .await
+            .expect("proposal decided")
+            .expect("proposal accepted");
+        let want = self
+            .node
+            .catalog_handle
+            .catalog()
+            .snapshot()
+            .expect("a routing table")
+            .epoch();
+        wait_for("the routing table", Duration::from_secs(10), || async {
+            self.node.catalog.load().epoch() >= want
+        })
+        .await;
+        want
+    }
+
     /// A tokio-postgres client directly to shard `i`.
     pub async fn direct(&self, i: usize) -> tokio_postgres::Client {
         connect(&self.shards[i].dsn())

@@ -36,21 +36,6 @@ async fn start(freeze_wait_ms: u64) -> Cluster {
     c
 }
 
-async fn propose(c: &Cluster, cmd: CatalogCommand) {
-    c.node
-        .catalog_handle
-        .propose(cmd, Duration::from_secs(10))
-        .await
-        .unwrap()
-        .unwrap();
-    // The node routes by it.
-    let want = c.node.catalog_handle.catalog().snapshot().unwrap().epoch();
-    wait_for("the routing table", Duration::from_secs(10), || async {
-        c.node.catalog.load().epoch() >= want
-    })
-    .await;
-}
-
 fn range_of(c: &Cluster, id: i64) -> KeyRange {
     let snap = c.node.catalog.load();
     let t = snap.sharded_table("items").unwrap();
@@ -111,13 +96,10 @@ async fn freeze_a_range_of_s0(c: &Cluster) -> KeyRange {
         .find(|r| r.write_owner.as_str() == "s0")
         .unwrap()
         .clone();
-    propose(
-        c,
-        CatalogCommand::FreezeRange {
-            range: r.span(),
-            freeze: FREEZE,
-        },
-    )
+    c.propose(CatalogCommand::FreezeRange {
+        range: r.span(),
+        freeze: FREEZE,
+    })
     .await;
     assert_eq!(range_of_lo(c, r.lo).status, RangeStatus::Frozen);
     r
@@ -177,35 +159,26 @@ async fn copy_into_a_frozen_range_waits_and_goes_to_the_new_owner() {
     assert_eq!((copying, xids), (1, 0));
     // The cut-over: a new shard, the range assigned to it (still frozen:
     // the COPY waits on), then the thaw.
-    propose(
-        &c,
-        CatalogCommand::AddShard {
-            shard: "s2".into(),
-            dsn: Dsn(extra.dsn()),
-        },
-    )
+    c.propose(CatalogCommand::AddShard {
+        shard: "s2".into(),
+        dsn: Dsn(extra.dsn()),
+    })
     .await;
-    propose(
-        &c,
-        CatalogCommand::AssignRange {
-            range: r.span(),
-            read_owner: "s2".into(),
-            write_owner: "s2".into(),
-        },
-    )
+    c.propose(CatalogCommand::AssignRange {
+        range: r.span(),
+        read_owner: "s2".into(),
+        write_owner: "s2".into(),
+    })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !task.is_finished(),
         "the COPY went on while the range was frozen"
     );
-    propose(
-        &c,
-        CatalogCommand::UnfreezeRange {
-            range: r.span(),
-            freeze: FREEZE,
-        },
-    )
+    c.propose(CatalogCommand::UnfreezeRange {
+        range: r.span(),
+        freeze: FREEZE,
+    })
     .await;
     let (n, took) = tokio::time::timeout(Duration::from_secs(10), task)
         .await
@@ -304,13 +277,10 @@ async fn copy_that_wrote_to_the_source_fails_at_once() {
     let retry = tokio::spawn(async move { copy(&db2, rows(&frozen)).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!retry.is_finished(), "the COPY did not wait");
-    propose(
-        &c,
-        CatalogCommand::UnfreezeRange {
-            range: r.span(),
-            freeze: FREEZE,
-        },
-    )
+    c.propose(CatalogCommand::UnfreezeRange {
+        range: r.span(),
+        freeze: FREEZE,
+    })
     .await;
     assert_eq!(retry.await.unwrap().unwrap(), 30);
     assert_eq!(ids_on(&s0).await.len(), 30);

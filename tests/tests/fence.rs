@@ -11,21 +11,6 @@ use hotrepart_routing_paxos::{CatalogCommand, FreezeId};
 use hotrepart_tests::*;
 use std::time::{Duration, Instant};
 
-async fn propose(c: &Cluster, cmd: CatalogCommand) -> u64 {
-    c.node
-        .catalog_handle
-        .propose(cmd, Duration::from_secs(10))
-        .await
-        .unwrap()
-        .unwrap();
-    let want = c.node.catalog_handle.catalog().snapshot().unwrap().epoch();
-    wait_for("the routing table", Duration::from_secs(10), || async {
-        c.node.catalog.load().epoch() >= want
-    })
-    .await;
-    want
-}
-
 fn range_of(c: &Cluster, id: i64) -> KeyRange {
     let snap = c.node.catalog.load();
     let t = snap.sharded_table("items").unwrap();
@@ -65,22 +50,17 @@ async fn fence_waits_for_statements_routed_by_an_older_table() {
         .map(|id| range_of(&c, id))
         .find(|r| r.lo != range_of(&c, 1).lo)
         .unwrap();
-    propose(
-        &c,
-        CatalogCommand::FreezeRange {
+    c.propose(CatalogCommand::FreezeRange {
+        range: other.span(),
+        freeze: FreezeId(7),
+    })
+    .await;
+    let epoch = c
+        .propose(CatalogCommand::UnfreezeRange {
             range: other.span(),
             freeze: FreezeId(7),
-        },
-    )
-    .await;
-    let epoch = propose(
-        &c,
-        CatalogCommand::UnfreezeRange {
-            range: other.span(),
-            freeze: FreezeId(7),
-        },
-    )
-    .await;
+        })
+        .await;
     let e = c
         .node
         .fence(epoch, Duration::from_millis(200))
@@ -118,14 +98,12 @@ async fn fence_waits_for_statements_routed_by_an_older_table() {
         .unwrap();
     // A writer waiting out a freeze holds nothing up either.
     let frozen = range_of(&c, 3);
-    let epoch = propose(
-        &c,
-        CatalogCommand::FreezeRange {
+    let epoch = c
+        .propose(CatalogCommand::FreezeRange {
             range: frozen.span(),
             freeze: FreezeId(8),
-        },
-    )
-    .await;
+        })
+        .await;
     let writer = c.connect().await;
     let waiting = tokio::spawn(async move {
         writer
@@ -140,13 +118,10 @@ async fn fence_waits_for_statements_routed_by_an_older_table() {
     let t = Instant::now();
     c.node.fence(epoch, Duration::from_secs(2)).await.unwrap();
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
-    propose(
-        &c,
-        CatalogCommand::UnfreezeRange {
-            range: frozen.span(),
-            freeze: FreezeId(8),
-        },
-    )
+    c.propose(CatalogCommand::UnfreezeRange {
+        range: frozen.span(),
+        freeze: FreezeId(8),
+    })
     .await;
     assert_eq!(waiting.await.unwrap().unwrap(), 1);
     idle.batch_execute("COMMIT").await.unwrap();

@@ -23,7 +23,7 @@ use hotrepart_router::catalog::{
 use serde::{Deserialize, Serialize};
 
 use super::{Catalog, Freeze, JobRecord, Parts, StoredFunction};
-use crate::command::{Dsn, FreezeId, JobPhase, JobSpec, TableSpec, WasmModule};
+use crate::command::{Dsn, FreezeId, TableSpec, WasmModule};
 
 /// A [`Catalog`] as data (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,25 +115,15 @@ pub struct FreezeImage {
     pub previous: StatusImage,
 }
 
-/// One reshard job as data.
+/// One reshard job as data: its id and its record (the record's fields
+/// sit beside `job` in the image).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobImage {
     /// Its id.
     pub job: String,
-    /// What it moves.
-    pub spec: JobSpec,
-    /// Its phase.
-    pub phase: JobPhase,
-    /// Last updater.
-    pub owner: u64,
-    /// Rows copied.
-    pub rows_copied: u64,
-    /// Lag in bytes.
-    pub lag_bytes: u64,
-    /// Last note.
-    pub note: String,
-    /// Log position of its start.
-    pub seq: u64,
+    /// Its record.
+    #[serde(flatten)]
+    pub record: JobRecord,
 }
 
 /// An image that does not describe a valid catalog.
@@ -196,13 +186,7 @@ impl Catalog {
                 .iter()
                 .map(|(id, j)| JobImage {
                     job: id.clone(),
-                    spec: j.spec.clone(),
-                    phase: j.phase,
-                    owner: j.owner,
-                    rows_copied: j.rows_copied,
-                    lag_bytes: j.lag_bytes,
-                    note: j.note.clone(),
-                    seq: j.seq,
+                    record: j.clone(),
                 })
                 .collect(),
             functions: self
@@ -292,20 +276,7 @@ impl Catalog {
             jobs: image
                 .jobs
                 .iter()
-                .map(|j| {
-                    (
-                        j.job.clone(),
-                        JobRecord {
-                            spec: j.spec.clone(),
-                            phase: j.phase,
-                            owner: j.owner,
-                            rows_copied: j.rows_copied,
-                            lag_bytes: j.lag_bytes,
-                            note: j.note.clone(),
-                            seq: j.seq,
-                        },
-                    )
-                })
+                .map(|j| (j.job.clone(), j.record.clone()))
                 .collect(),
             functions,
         })
