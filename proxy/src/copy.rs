@@ -1509,9 +1509,16 @@ async fn copy_to<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return Ok(());
         }
     }
-    let mut buf = BytesMut::new();
-    frontend::query(&d.sql_text, &mut buf).map_err(|_| encode_fatal())?;
-    for &t in shards {
+    // Each shard's text: the statement, or its per-shard form (a shard that
+    // must hide a moving range's rows, `Target::Multi::sqls`).
+    let sqls = match &d.target {
+        crate::routing::Target::Multi { sqls, .. } => sqls.as_deref(),
+        _ => None,
+    };
+    for (i, &t) in shards.iter().enumerate() {
+        let text = sqls.and_then(|v| v.get(i)).unwrap_or(&d.sql_text);
+        let mut buf = BytesMut::new();
+        frontend::query(text, &mut buf).map_err(|_| encode_fatal())?;
         if let Some(b) = s.slots[t].conn.as_mut() {
             if let Err(e) = b.writer.write_all(&buf).await {
                 return Err(s.backend_lost(t, WireError::Io(e)));

@@ -56,6 +56,41 @@ const FINAL_DRAIN_WAIT: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct Running(Mutex<HashSet<String>>);
 
+/// A test hook (`Node::job_gate`): before each step of a job the runner
+/// reports `(job, phase)` and waits until the test calls
+/// [`JobGate::release`], so a test can look at every phase of a job.
+pub struct JobGate {
+    reached: tokio::sync::mpsc::UnboundedSender<(String, JobPhase)>,
+    go: tokio::sync::Semaphore,
+}
+
+impl JobGate {
+    /// A gate and the receiver of the phases reached.
+    pub fn new() -> (
+        Arc<JobGate>,
+        tokio::sync::mpsc::UnboundedReceiver<(String, JobPhase)>,
+    ) {
+        let (reached, rx) = tokio::sync::mpsc::unbounded_channel();
+        let gate = JobGate {
+            reached,
+            go: tokio::sync::Semaphore::new(0),
+        };
+        (Arc::new(gate), rx)
+    }
+
+    /// Lets one waiting step go.
+    pub fn release(&self) {
+        self.go.add_permits(1);
+    }
+
+    async fn pass(&self, job: &str, phase: JobPhase) {
+        let _ = self.reached.send((job.to_string(), phase));
+        if let Ok(p) = self.go.acquire().await {
+            p.forget();
+        }
+    }
+}
+
 /// Starts the supervisor: while this node leads the catalog (and holds its
 /// lease), it runs every unfinished job.
 pub fn spawn_supervisor(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
@@ -348,6 +383,9 @@ pub async fn run(node: &Arc<Node>, id: &str) -> Result<(), JobError> {
             }
             Err(e) => return Err(e),
         };
+        if let Some(gate) = &node.job_gate {
+            gate.pass(id, rec.phase).await;
+        }
         let step = step(node, id, &rec, &plan).await;
         match step {
             Ok(()) => failures = 0,
@@ -389,6 +427,10 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
             update(node, id, JobPhase::Copy, 0, 0, "capture started").await
         }
         JobPhase::Copy => {
+            // Every node routes by the table that hides the range on the
+            // target (`KeyRange::hidden_on`, set by JobStart), and nothing
+            // routed by an older one is in flight, before a row lands there.
+            settle(node).await?;
             let copied = Arc::new(AtomicU64::new(0));
             let reporter = {
                 let node = node.clone();

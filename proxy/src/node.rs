@@ -81,6 +81,9 @@ pub struct Node {
     epoch_tx: watch::Sender<u64>,
     /// Reshard jobs this node is running.
     pub jobs: crate::jobs::Running,
+    /// Tests only: when set, a reshard job stops before each phase's step
+    /// until the test lets it go ([`crate::jobs::JobGate`]).
+    pub job_gate: Option<Arc<crate::jobs::JobGate>>,
     /// Set once `catalog` holds a snapshot of the replicated catalog (until
     /// then it holds the configuration's, used only to log clients in).
     ready: AtomicBool,
@@ -312,6 +315,7 @@ impl Node {
             functions,
             epoch_tx: watch::Sender::new(0),
             jobs: Default::default(),
+            job_gate: None,
             ready: AtomicBool::new(ready),
             shards: ArcSwap::from_pointee(shards),
             plans,

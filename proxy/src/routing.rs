@@ -20,8 +20,11 @@ pub enum Target {
     Shard(usize),
     /// No table: any shard answers the same.
     Any,
-    /// Several shards; `sqls[i]` is the text for `shards[i]` when the router
-    /// split the statement (multi-row INSERT), else None (same text).
+    /// Several shards; `sqls[i]` is the text `shards[i]` runs instead of
+    /// the statement (for a merge: instead of the plan's shard SQL) when it
+    /// differs per shard — the router split a multi-row INSERT, or a shard
+    /// must hide the rows of a range it holds without owning it
+    /// (`hotrepart_router::route::hide_rows`); else None (same text).
     Multi {
         shards: Vec<usize>,
         sqls: Option<Vec<String>>,
@@ -203,19 +206,45 @@ pub fn decision(
             )
         })
     };
+    // A statement on several shards while a reshard job holds rows of a
+    // range on a shard that does not own it: that shard runs it with the
+    // ownership filter (router `hide_rows`), so each row is seen once.
+    let hidden = |ids: &[ShardId]| -> Result<Option<Vec<String>>, Refusal> {
+        if !snapshot.has_hidden() {
+            return Ok(None);
+        }
+        let base = match &route.merge {
+            MergeNeed::Merge(p) => p.shard_sql.as_str(),
+            _ => sql,
+        };
+        let mut texts = Vec::with_capacity(ids.len());
+        let mut changed = false;
+        for id in ids {
+            match r::hide_rows(snapshot, base, id)
+                .map_err(|e| Refusal::new(e.sqlstate, e.message))?
+            {
+                Some(t) => {
+                    changed = true;
+                    texts.push(t);
+                }
+                None => texts.push(base.to_owned()),
+            }
+        }
+        Ok(changed.then_some(texts))
+    };
     let target = match &route.target {
         r::Target::One(id) => Target::Shard(idx(id)?),
         r::Target::Any => Target::Any,
-        r::Target::All => Target::Multi {
-            shards: snapshot
-                .shards()
-                .map(|s| idx(&s.id))
-                .collect::<Result<_, _>>()?,
-            sqls: None,
-        },
+        r::Target::All => {
+            let ids: Vec<ShardId> = snapshot.shards().map(|s| s.id.clone()).collect();
+            Target::Multi {
+                shards: ids.iter().map(idx).collect::<Result<_, _>>()?,
+                sqls: hidden(&ids)?,
+            }
+        }
         r::Target::Shards(ids) => Target::Multi {
             shards: ids.iter().map(idx).collect::<Result<_, _>>()?,
-            sqls: None,
+            sqls: hidden(ids)?,
         },
         r::Target::Split(parts) => {
             if parts.len() == 1 {

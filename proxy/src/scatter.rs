@@ -331,8 +331,6 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
             "a statement that touches several shards must be followed by Sync, not Flush"
                 .to_string(),
         )
-    } else if sqls.is_some() {
-        Some("a multi-row INSERT whose rows go to several shards is supported in the simple query protocol only; send it as a simple query or one row per statement".to_string())
     } else if frames.iter().any(|f| {
         f.tag() == b'E' && f.body().len() >= 4 && f.body()[f.body().len() - 4..] != [0, 0, 0, 0]
     }) {
@@ -393,7 +391,10 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
             if i > 0 && named_parse_or_close {
                 continue;
             }
-            s.forward_extended(f.clone(), t)?;
+            // The shard's own text, when it differs (a split INSERT's rows,
+            // or the ownership filter of a reshard job).
+            let text = sqls.as_ref().and_then(|v| v.get(i)).map(String::as_str);
+            s.forward_extended_as(f.clone(), t, text)?;
         }
         let buf = std::mem::take(&mut s.to_backend);
         if let Some(b) = s.slots[t].conn.as_mut() {

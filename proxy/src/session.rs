@@ -839,8 +839,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.drain_owed().await?;
                 }
                 let (plan, shards) = (d.merge.clone(), shards.clone());
+                let sqls = match &d.target {
+                    Target::Multi { sqls, .. } => sqls.clone(),
+                    _ => None,
+                };
                 if let Some(plan) = plan {
-                    return crate::merge::exec::run(self, &plan, &shards).await;
+                    return crate::merge::exec::run(self, &plan, &shards, sqls.as_deref()).await;
                 }
             }
             Target::Multi { .. } => {
@@ -1189,6 +1193,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let routed = route(self);
             if let Err(r) = &routed {
                 if r.frozen {
+                    if let Some(source) = self.wrote_to_frozen_source() {
+                        // The cut-over waits for this transaction to end: waiting
+                        // here would hold both up until the cut-over gives up.
+                        return Err(Refusal::new(
+                            "40001",
+                            format!(
+                                "could not serialize access due to a concurrent cut-over: this transaction wrote to shard {source}, \
+                                 the source of a key range frozen for a cut-over that waits for this transaction to end; roll back and retry"
+                            ),
+                        ));
+                    }
                     self.park();
                 }
                 if wait.retry(r).await {
@@ -1197,6 +1212,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             return routed;
         }
+    }
+
+    /// The name of a shard this open transaction wrote to that is the
+    /// source (write owner) of a range frozen for a cut-over, if any.
+    fn wrote_to_frozen_source(&self) -> Option<String> {
+        if self.tx_status == b'I' || self.tx_writes.is_empty() {
+            return None;
+        }
+        let snap = self.node.catalog.load();
+        snap.ranges()
+            .iter()
+            .filter(|r| r.status == hotrepart_router::catalog::RangeStatus::Frozen)
+            .find(|r| {
+                self.node
+                    .shard_index(r.write_owner.as_str())
+                    .is_some_and(|t| self.tx_writes.contains(&t))
+            })
+            .map(|r| r.write_owner.to_string())
     }
 
     /// Pins the current routing table before routing (unless a pin of
@@ -1264,8 +1297,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.batch_error(&r, synced);
                 return Ok(());
             }
-            if let (Some(plan), Target::Multi { shards, .. }) = (&d.merge, &d.target) {
-                return crate::merge::exec::run_extended(self, plan, shards, frames, synced).await;
+            if let (Some(plan), Target::Multi { shards, sqls }) = (&d.merge, &d.target) {
+                return crate::merge::exec::run_extended(
+                    self,
+                    plan,
+                    shards,
+                    sqls.as_deref(),
+                    frames,
+                    synced,
+                )
+                .await;
             }
             return crate::scatter::run_extended(self, &d, frames, synced).await;
         }
@@ -1437,8 +1478,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Forwards one extended-protocol message to the current backend,
     /// renaming named statements.
     pub(crate) fn forward_extended(&mut self, f: Frame, t: usize) -> Result<(), SessionError> {
+        self.forward_extended_as(f, t, None)
+    }
+
+    /// [`Self::forward_extended`], except that with `text` a Bind runs that
+    /// statement text instead of the one the client prepared (same
+    /// parameter types; prepared under the node's name for that text): a
+    /// shard's own form of a multi-shard statement (`Target::Multi::sqls`).
+    pub(crate) fn forward_extended_as(
+        &mut self,
+        f: Frame,
+        t: usize,
+        text: Option<&str>,
+    ) -> Result<(), SessionError> {
         match f.tag() {
             b'P' => self.on_parse(f, t),
+            b'B' if text.is_some() => {
+                let mut b = f.body();
+                let portal = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
+                let stmt = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
+                let rest = Bytes::copy_from_slice(b);
+                let types = self.param_types(&stmt);
+                let mut parse = BytesMut::new();
+                wire::put_cstr(&mut parse, text.unwrap_or_default());
+                parse.put_i16(types.len() as i16);
+                for ty in &types {
+                    parse.put_u32(*ty);
+                }
+                let internal = internal_name(&parse);
+                if !self.backend_mut().prepared.contains(&internal) {
+                    self.backend_mut().prepared.insert(internal.clone());
+                    wire::frame(&mut self.to_backend, b'P', |o| {
+                        wire::put_cstr(o, &internal);
+                        o.put_slice(&parse);
+                    });
+                    self.owed.push_back(Owed::Parse {
+                        hidden: true,
+                        internal: Some(internal.clone()),
+                        client: None,
+                    });
+                }
+                wire::frame(&mut self.to_backend, b'B', |o| {
+                    wire::put_cstr(o, &portal);
+                    wire::put_cstr(o, &internal);
+                    o.put_slice(&rest);
+                });
+                self.owed.push_back(Owed::Bind);
+                Ok(())
+            }
             b'B' => {
                 let mut b = f.body();
                 let portal = wire::get_cstr(&mut b).map_err(client_err)?;

@@ -357,6 +357,61 @@ impl Span {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The range as at most two intervals of PostgreSQL's signed hash value
+    /// `h = point as i64`: each `(lo, hi)` means `lo <= h < hi`, with
+    /// `hi: None` meaning no upper bound. Points below 2^63 are non-negative
+    /// hashes in the same order; points from 2^63 are the negative hashes, also
+    /// in order; so a range that crosses 2^63 becomes two intervals.
+    pub fn signed_intervals(&self) -> Vec<(i64, Option<i64>)> {
+        const MID: u128 = 1 << 63;
+        let (lo, end) = (u128::from(self.lo), self.end());
+        let mut out = Vec::with_capacity(2);
+        if lo < MID {
+            // Non-negative part: [lo, min(end, 2^63)).
+            let hi = (end < MID).then_some(end as i64);
+            out.push((lo as i64, hi));
+        }
+        if end > MID {
+            // Negative part: [max(lo, 2^63), end) shifted down by 2^64; the
+            // end of the space, 2^64, becomes 0.
+            let start = lo.max(MID) as u64 as i64;
+            out.push((start, Some(end as u64 as i64)));
+        }
+        out
+    }
+
+    /// A SQL boolean expression that is true exactly when the signed `bigint`
+    /// hash expression `hash_sql` (e.g. from [`RoutingFunction::sql_hash`])
+    /// denotes a point in this range. Uses only `bigint` comparisons, so an
+    /// expression index on the hash can serve it.
+    pub fn sql_predicate(&self, hash_sql: &str) -> String {
+        if self.len() == 1 << 64 {
+            return "true".to_owned();
+        }
+        let parts: Vec<String> = self
+            .signed_intervals()
+            .into_iter()
+            .map(|(lo, hi)| {
+                let mut conds = Vec::with_capacity(2);
+                if lo != i64::MIN {
+                    conds.push(format!("{hash_sql} >= {lo}"));
+                }
+                if let Some(hi) = hi {
+                    conds.push(format!("{hash_sql} < {hi}"));
+                }
+                match conds.len() {
+                    0 => "true".to_owned(),
+                    1 => conds.concat(),
+                    _ => format!("({})", conds.join(" AND ")),
+                }
+            })
+            .collect();
+        match parts.as_slice() {
+            [one] => one.clone(),
+            _ => format!("({})", parts.join(" OR ")),
+        }
+    }
 }
 
 impl fmt::Display for Span {
@@ -382,6 +437,12 @@ pub struct KeyRange {
     pub write_owner: ShardId,
     /// Whether writes may proceed.
     pub status: RangeStatus,
+    /// A shard that holds rows of this range without owning it — a reshard
+    /// job's copy on its target before the flip, the source's leftover after
+    /// it until the cleanup has deleted them. Statements that read or write a
+    /// sharded table without a key on that shard must not see those rows
+    /// ([`crate::route::hide_rows`]). Never the read or write owner.
+    pub hidden_on: Option<ShardId>,
 }
 
 impl KeyRange {
@@ -393,6 +454,7 @@ impl KeyRange {
             read_owner: owner.clone(),
             write_owner: owner,
             status: RangeStatus::Active,
+            hidden_on: None,
         }
     }
 
@@ -409,59 +471,14 @@ impl KeyRange {
         self.span().contains(p)
     }
 
-    /// The range as at most two intervals of PostgreSQL's signed hash value
-    /// `h = point as i64`: each `(lo, hi)` means `lo <= h < hi`, with
-    /// `hi: None` meaning no upper bound. Points below 2^63 are non-negative
-    /// hashes in the same order; points from 2^63 are the negative hashes, also
-    /// in order; so a range that crosses 2^63 becomes two intervals.
+    /// See [`Span::signed_intervals`].
     pub fn signed_intervals(&self) -> Vec<(i64, Option<i64>)> {
-        const MID: u128 = 1 << 63;
-        let (lo, end) = (u128::from(self.lo), self.span().end());
-        let mut out = Vec::with_capacity(2);
-        if lo < MID {
-            // Non-negative part: [lo, min(end, 2^63)).
-            let hi = (end < MID).then_some(end as i64);
-            out.push((lo as i64, hi));
-        }
-        if end > MID {
-            // Negative part: [max(lo, 2^63), end) shifted down by 2^64; the
-            // end of the space, 2^64, becomes 0.
-            let start = lo.max(MID) as u64 as i64;
-            out.push((start, Some(end as u64 as i64)));
-        }
-        out
+        self.span().signed_intervals()
     }
 
-    /// A SQL boolean expression that is true exactly when the signed `bigint`
-    /// hash expression `hash_sql` (e.g. from [`RoutingFunction::sql_hash`])
-    /// denotes a point in this range. Uses only `bigint` comparisons, so an
-    /// expression index on the hash can serve it.
+    /// See [`Span::sql_predicate`].
     pub fn sql_predicate(&self, hash_sql: &str) -> String {
-        if self.span().len() == 1 << 64 {
-            return "true".to_owned();
-        }
-        let parts: Vec<String> = self
-            .signed_intervals()
-            .into_iter()
-            .map(|(lo, hi)| {
-                let mut conds = Vec::with_capacity(2);
-                if lo != i64::MIN {
-                    conds.push(format!("{hash_sql} >= {lo}"));
-                }
-                if let Some(hi) = hi {
-                    conds.push(format!("{hash_sql} < {hi}"));
-                }
-                match conds.len() {
-                    0 => "true".to_owned(),
-                    1 => conds.concat(),
-                    _ => format!("({})", conds.join(" AND ")),
-                }
-            })
-            .collect();
-        match parts.as_slice() {
-            [one] => one.clone(),
-            _ => format!("({})", parts.join(" OR ")),
-        }
+        self.span().sql_predicate(hash_sql)
     }
 }
 
@@ -558,6 +575,14 @@ pub enum CatalogError {
     /// The epoch cannot be incremented.
     #[error("catalog epoch overflow")]
     EpochOverflow,
+    /// A range's rows are hidden on the shard that owns it.
+    #[error("key range {range} cannot be hidden on {shard}, which serves it")]
+    HiddenOnOwner {
+        /// The range.
+        range: Span,
+        /// Its owner.
+        shard: ShardId,
+    },
 }
 
 /// A lookup by key failed.
@@ -720,6 +745,22 @@ impl RoutingSnapshot {
     /// All ranges, sorted by `lo`; they cover the point space exactly once.
     pub fn ranges(&self) -> &[KeyRange] {
         &self.ranges
+    }
+
+    /// The ranges whose rows shard `shard` holds but must not show
+    /// (`KeyRange::hidden_on`), as spans sorted by `lo`.
+    pub fn hidden_spans(&self, shard: &ShardId) -> Vec<Span> {
+        self.ranges
+            .iter()
+            .filter(|r| r.hidden_on.as_ref() == Some(shard))
+            .map(KeyRange::span)
+            .collect()
+    }
+
+    /// Whether some shard holds rows it must not show (a reshard job is
+    /// copying or cleaning up).
+    pub fn has_hidden(&self) -> bool {
+        self.ranges.iter().any(|r| r.hidden_on.is_some())
     }
 
     /// Index in [`ranges`](Self::ranges) of the range holding point `p`.
@@ -896,6 +937,15 @@ impl SnapshotBuilder {
             let what = || format!("key range {}", r.span());
             known(&r.read_owner, &what)?;
             known(&r.write_owner, &what)?;
+            if let Some(h) = &r.hidden_on {
+                known(h, &what)?;
+                if *h == r.read_owner || *h == r.write_owner {
+                    return Err(CatalogError::HiddenOnOwner {
+                        range: r.span(),
+                        shard: h.clone(),
+                    });
+                }
+            }
         }
 
         Ok(RoutingSnapshot {

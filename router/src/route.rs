@@ -57,6 +57,7 @@ mod analyze;
 mod cache;
 pub mod copy;
 mod eval;
+mod hide;
 mod keys;
 mod merge;
 mod params;
@@ -73,6 +74,7 @@ use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 use crate::catalog::{KeyType, KeyValue, PointError, RoutingSnapshot, ShardId};
 
 pub use cache::PlanCache;
+pub use hide::hide_rows;
 
 /// Whether `name` (lower case, unqualified) is a built-in aggregate the
 /// router knows: a call to any other aggregate (user-defined) is planned as

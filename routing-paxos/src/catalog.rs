@@ -723,15 +723,18 @@ impl Catalog {
                 spec.range, r.read_owner, r.write_owner, spec.from
             )));
         }
-        known_shard(snap, &spec.to)?;
         if spec.to == spec.from {
             return Err(bad(format!(
                 "range {} is on {} already",
                 spec.range, spec.to
             )));
         }
+        let to = known_shard(snap, &spec.to)?;
         let mut parts = Parts::of(snap);
         parts.ranges[i].status = RangeStatus::Moving;
+        // The target is about to receive the range's rows: nothing may see
+        // them there before the flip.
+        parts.ranges[i].hidden_on = Some(to);
         let applied = self.publish(parts)?;
         let seq = self.jobs.len() as u64;
         self.jobs.insert(
@@ -801,9 +804,12 @@ impl Catalog {
             let snap = self.current()?;
             let i = find_range(snap, spec.range)?;
             let to = known_shard(snap, &spec.to)?;
+            let from = known_shard(snap, &spec.from)?;
             let mut parts = Parts::of(snap);
             parts.ranges[i].read_owner = to.clone();
             parts.ranges[i].write_owner = to;
+            // The source keeps its copy until the cleanup: hidden from now on.
+            parts.ranges[i].hidden_on = Some(from);
             // The flip also lifts the cut-over's freeze: writers waiting on
             // the range go to the new owner with this one entry, one
             // round of Paxos sooner than with a separate unfreeze.
@@ -817,9 +823,13 @@ impl Catalog {
             // The range is Active again (a freeze the job left is lifted).
             if let Ok(snap) = self.current() {
                 if let Ok(i) = find_range(snap, spec.range) {
-                    if snap.ranges()[i].status != RangeStatus::Active {
+                    let r = &snap.ranges()[i];
+                    if r.status != RangeStatus::Active || r.hidden_on.is_some() {
+                        // Done: the cleanup deleted the source's copy;
+                        // Aborted/Failed: the abort deleted the target's.
                         let mut parts = Parts::of(snap);
                         parts.ranges[i].status = RangeStatus::Active;
+                        parts.ranges[i].hidden_on = None;
                         applied = self.publish(parts)?;
                         self.freezes.remove(&spec.range.lo);
                     }

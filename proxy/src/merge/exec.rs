@@ -220,19 +220,32 @@ impl Output {
     }
 }
 
-/// Runs `plan` on `shards` for a simple-protocol client.
+/// The text shard `i` of the statement runs: the plan's shard SQL, or the
+/// route's per-shard text (a shard hiding a moving range's rows).
+fn shard_text<'a>(plan: &'a MergePlan, sqls: Option<&'a [String]>, i: usize) -> &'a str {
+    sqls.and_then(|v| v.get(i))
+        .map_or(plan.shard_sql.as_str(), String::as_str)
+}
+
+/// Runs `plan` on `shards` for a simple-protocol client (`sqls`: the
+/// route's per-shard texts, if any).
 pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     plan: &MergePlan,
     shards: &[usize],
+    sqls: Option<&[String]>,
 ) -> Result<(), SessionError> {
-    let mut q = BytesMut::new();
-    frontend::query(&plan.shard_sql, &mut q).map_err(|_| encode_error())?;
+    let mut requests = Vec::with_capacity(shards.len());
+    for i in 0..shards.len() {
+        let mut q = BytesMut::new();
+        frontend::query(shard_text(plan, sqls, i), &mut q).map_err(|_| encode_error())?;
+        requests.push(q.freeze());
+    }
     let out = Output {
         describe: true,
         formats: Vec::new(),
     };
-    run_with(s, plan, shards, &q, &out, None).await
+    run_with(s, plan, shards, &requests, &out, None).await
 }
 
 fn encode_error() -> SessionError {
@@ -251,6 +264,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     plan: &MergePlan,
     shards: &[usize],
+    sqls: Option<&[String]>,
     frames: Vec<Frame>,
     synced: bool,
 ) -> Result<(), SessionError> {
@@ -328,33 +342,37 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     wire::frame(&mut bc, b'2', |_| {});
     s.out.put_slice(&bc);
     // The shards' request: the rewritten statement, unnamed, text results.
-    let mut q = BytesMut::new();
-    wire::frame(&mut q, b'P', |o| {
-        o.put_u8(0);
-        wire::put_cstr(o, &plan.shard_sql);
-        o.put_i16(types.len() as i16);
-        for t in &types {
-            o.put_u32(*t);
-        }
-    });
-    wire::frame(&mut q, b'B', |o| {
-        o.put_u8(0);
-        o.put_u8(0);
-        o.put_slice(params_part);
-        o.put_i16(0);
-    });
-    wire::frame(&mut q, b'D', |o| {
-        o.put_u8(b'P');
-        o.put_u8(0);
-    });
-    wire::frame(&mut q, b'E', |o| {
-        o.put_u8(0);
-        o.put_i32(0);
-    });
-    wire::frame(&mut q, b'S', |_| {});
+    let mut requests = Vec::with_capacity(shards.len());
+    for i in 0..shards.len() {
+        let mut q = BytesMut::new();
+        wire::frame(&mut q, b'P', |o| {
+            o.put_u8(0);
+            wire::put_cstr(o, shard_text(plan, sqls, i));
+            o.put_i16(types.len() as i16);
+            for t in &types {
+                o.put_u32(*t);
+            }
+        });
+        wire::frame(&mut q, b'B', |o| {
+            o.put_u8(0);
+            o.put_u8(0);
+            o.put_slice(params_part);
+            o.put_i16(0);
+        });
+        wire::frame(&mut q, b'D', |o| {
+            o.put_u8(b'P');
+            o.put_u8(0);
+        });
+        wire::frame(&mut q, b'E', |o| {
+            o.put_u8(0);
+            o.put_i32(0);
+        });
+        wire::frame(&mut q, b'S', |_| {});
+        requests.push(q.freeze());
+    }
     s.unnamed_replaced_on(shards);
     let out = Output { describe, formats };
-    run_with(s, plan, shards, &q, &out, Some(&params)).await
+    run_with(s, plan, shards, &requests, &out, Some(&params)).await
 }
 
 fn proto(e: &WireError) -> SessionError {
@@ -410,13 +428,13 @@ pub(crate) fn parse_body_types(mut b: &[u8]) -> Vec<u32> {
         .collect()
 }
 
-/// Runs `plan` on `shards` (`request`: the messages each shard gets) and
+/// Runs `plan` on `shards` (`requests[i]`: the messages shard `i` gets) and
 /// answers the client.
 async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     plan: &MergePlan,
     shards: &[usize],
-    request: &[u8],
+    requests: &[bytes::Bytes],
     out: &Output,
     params: Option<&BindParams>,
 ) -> Result<(), SessionError> {
@@ -451,7 +469,7 @@ async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return refuse(s, r, in_tx).await;
         }
     }
-    for &t in shards {
+    for (&t, request) in shards.iter().zip(requests) {
         if let Some(b) = s.slots[t].conn.as_mut() {
             if let Err(e) = b.writer.write_all(request).await {
                 return Err(s.backend_lost(t, WireError::Io(e)));

@@ -153,7 +153,7 @@ pub(super) fn norm(id: &Ident) -> String {
 }
 
 /// The catalog name of a table: `t` or `public.t` → `t`, `s.t` → `s.t`.
-fn table_name(name: &ObjectName) -> Result<String, RouteError> {
+pub(super) fn table_name(name: &ObjectName) -> Result<String, RouteError> {
     let mut parts = Vec::with_capacity(name.0.len());
     for p in &name.0 {
         match p.as_ident() {

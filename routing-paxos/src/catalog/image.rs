@@ -70,6 +70,10 @@ pub struct RangeImage {
     pub write_owner: String,
     /// Status.
     pub status: StatusImage,
+    /// A shard that holds the range's rows without showing them (a reshard
+    /// job's copy or leftover); absent in images written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_on: Option<String>,
 }
 
 /// [`RangeStatus`] as data.
@@ -162,6 +166,7 @@ impl Catalog {
                     read_owner: r.read_owner.as_ref().to_owned(),
                     write_owner: r.write_owner.as_ref().to_owned(),
                     status: r.status.into(),
+                    hidden_on: r.hidden_on.as_ref().map(|h| h.as_ref().to_owned()),
                 })
                 .collect(),
         });
@@ -221,6 +226,7 @@ impl Catalog {
                         read_owner: id(&x.read_owner)?,
                         write_owner: id(&x.write_owner)?,
                         status: x.status.into(),
+                        hidden_on: x.hidden_on.as_deref().map(id).transpose()?,
                     });
                 }
                 let parts = Parts {
