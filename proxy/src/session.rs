@@ -162,6 +162,14 @@ pub struct Session<S> {
     /// The node refused a statement inside the transaction: like PostgreSQL
     /// after an error, only ROLLBACK (or COMMIT, which rolls back) is left.
     pub(crate) tx_failed: bool,
+    /// The routing table of the open transaction's first routed statement:
+    /// a REPEATABLE READ or SERIALIZABLE transaction must not outlive a
+    /// range's change of owner (its snapshot on the new owner may predate
+    /// the range's rows there).
+    tx_routing: Option<Arc<hotrepart_router::catalog::RoutingSnapshot>>,
+    /// The open transaction asked for REPEATABLE READ or SERIALIZABLE
+    /// (`SET TRANSACTION …`, `SET SESSION CHARACTERISTICS …`).
+    tx_snapshot_isolation: bool,
     cancel: Arc<CancelSlot>,
     user: String,
     /// Set while a multi-shard extended statement is gathered.
@@ -224,6 +232,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tx_begin: None,
             tx_writes: Vec::new(),
             tx_failed: false,
+            tx_routing: None,
+            tx_snapshot_isolation: false,
             cancel,
             user,
             gather: None,
@@ -802,7 +812,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let d = self
             .route_waiting(|s| s.node.decide(sql, None, &s.state))
-            .await;
+            .await
+            .and_then(|d| self.check_owner_change(&d).map(|()| d));
         let d = match d {
             Ok(d) => d,
             Err(r) => {
@@ -1155,6 +1166,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.tx_begin = None;
         self.tx_writes.clear();
         self.tx_failed = false;
+        self.tx_routing = None;
+        self.tx_snapshot_isolation = false;
     }
 
     /// Records the shard written; the mark lasts until the ReadyForQuery
@@ -1214,6 +1227,59 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// Inside a REPEATABLE READ or SERIALIZABLE transaction, after a key
+    /// range changed owner since its first statement: 40001. Its snapshot
+    /// on the new owner may have been taken before the range's rows were
+    /// there (a read would miss them); PostgreSQL's own answer to a
+    /// conflicting concurrent change at these levels is the same error.
+    /// READ COMMITTED takes a snapshot per statement: nothing to do.
+    fn check_owner_change(&mut self, d: &Decision) -> Result<(), Refusal> {
+        // Transaction control (ROLLBACK above all) is never refused here.
+        if self.tx_status == b'I' || d.kind != Kind::Other {
+            return Ok(());
+        }
+        let now = self.node.catalog.load_full();
+        let Some(first) = &self.tx_routing else {
+            self.tx_routing = Some(now);
+            return Ok(());
+        };
+        if first.epoch() == now.epoch() || !self.snapshot_isolation() {
+            return Ok(());
+        }
+        let moved = now.ranges().iter().find(|r| {
+            let before = first.range_for_point(r.lo);
+            before.read_owner != r.read_owner || before.write_owner != r.write_owner
+        });
+        match moved {
+            None => Ok(()),
+            Some(r) => Err(Refusal::new(
+                "40001",
+                format!(
+                    "could not serialize access due to a concurrent reshard: key range {} moved to shard {} \
+                     during this REPEATABLE READ or SERIALIZABLE transaction; retry the transaction",
+                    r.span(),
+                    r.read_owner
+                ),
+            )),
+        }
+    }
+
+    /// Whether the open transaction runs at REPEATABLE READ or SERIALIZABLE
+    /// (as far as the node can tell: its BEGIN, a SET TRANSACTION in it, or
+    /// the session's default).
+    fn snapshot_isolation(&self) -> bool {
+        let level = |t: &str| {
+            let t = t.to_ascii_lowercase();
+            t.contains("repeatable") || t.contains("serializable")
+        };
+        self.tx_snapshot_isolation
+            || self.tx_begin.as_deref().is_some_and(level)
+            || self
+                .state
+                .get("default_transaction_isolation")
+                .is_some_and(level)
+    }
+
     /// The name of a shard this open transaction wrote to that is the
     /// source (write owner) of a range frozen for a cut-over, if any.
     fn wrote_to_frozen_source(&self) -> Option<String> {
@@ -1252,7 +1318,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
         let frames = std::mem::take(&mut self.batch);
-        let routed = self.route_waiting(|s| s.route_batch(&frames)).await;
+        let routed = self
+            .route_waiting(|s| s.route_batch(&frames))
+            .await
+            .and_then(|(t, d)| match &d {
+                Some(dd) => self.check_owner_change(dd).map(|()| (t, d)),
+                None => Ok((t, d)),
+            });
         let (target, d) = match routed {
             Ok(x) => x,
             Err(r) => {
@@ -1811,6 +1883,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     pub(crate) fn note_sql(&mut self, sql: &str, shard: usize) {
         if state::may_change_state(sql) {
+            let lower = sql.to_ascii_lowercase();
+            if lower.contains("isolation")
+                && (lower.contains("repeatable") || lower.contains("serializable"))
+            {
+                self.tx_snapshot_isolation = true;
+            }
             self.state_dirty[shard] = true;
             match state::custom_settings(sql) {
                 Some(names) => self.custom_settings.extend(names),

@@ -325,3 +325,66 @@ async fn a_writer_of_the_source_fails_at_once_on_a_frozen_range_others_wait() {
         .get(0);
     assert_eq!(n, 2, "the second transaction's rows, not the first's");
 }
+
+/// A REPEATABLE READ transaction that began before a range changed owner
+/// gets 40001 at its next statement (its snapshot on the new owner could
+/// predate the range's rows there); a READ COMMITTED one goes on and sees
+/// every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_transaction_does_not_outlive_a_flip() {
+    let (gate, mut reached) = JobGate::new();
+    let c = Cluster::start_with(opts(10_000), |n| n.job_gate = Some(gate.clone())).await;
+    fill(&c).await;
+    let r = (1..ROWS)
+        .map(|i| range_of(&c, i))
+        .find(|r| r.write_owner.as_str() == "s0")
+        .unwrap();
+    c.propose(CatalogCommand::JobStart {
+        job: "rr".into(),
+        spec: JobSpec {
+            range: r.span(),
+            from: "s0".into(),
+            to: "s1".into(),
+        },
+    })
+    .await;
+    let rr = c.connect().await;
+    let rc = c.connect().await;
+    let count = "SELECT count(*) FROM items";
+    loop {
+        let (_, phase) = tokio::time::timeout(Duration::from_secs(120), reached.recv())
+            .await
+            .expect("the job goes on")
+            .expect("gate");
+        if phase == JobPhase::Copy {
+            // Before the copy: the snapshot on s1 will not hold the rows.
+            rr.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                .await
+                .unwrap();
+            rc.batch_execute("BEGIN").await.unwrap();
+            for db in [&rr, &rc] {
+                let n: i64 = db.query_one(count, &[]).await.unwrap().get(0);
+                assert_eq!(n, ROWS);
+            }
+        }
+        if phase == JobPhase::Flipped {
+            // The owner changed (this gate is after the flip's entry).
+            let e = rr.query_one(count, &[]).await.expect_err("40001");
+            assert_eq!(code(&e), "40001", "{e:?}");
+            rr.batch_execute("ROLLBACK").await.unwrap();
+            let n: i64 = rc.query_one(count, &[]).await.unwrap().get(0);
+            assert_eq!(n, ROWS, "READ COMMITTED goes on");
+            rc.batch_execute("COMMIT").await.unwrap();
+            gate.release();
+            break;
+        }
+        gate.release();
+    }
+    // A new REPEATABLE READ transaction after the flip is fine.
+    rr.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    let n: i64 = rr.query_one(count, &[]).await.unwrap().get(0);
+    assert_eq!(n, ROWS);
+    rr.batch_execute("COMMIT").await.unwrap();
+}
