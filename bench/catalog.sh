@@ -18,7 +18,7 @@ log=bench/out/catalog-$stamp.txt
 { date -u; uptime; nproc; } > "$log"
 cargo build -q --release -p hotrepart-proxy --bins
 # One test at a time: they would compete for the same cores.
-cargo test -q --release -p hotrepart-tests --test cluster_bench -- --ignored --nocapture --test-threads=1 2>&1 \
+cargo test -q --release -p hotrepart-tests --test it -- --ignored --nocapture --test-threads=1 cluster_bench:: 2>&1 \
   | tee -a "$log" | tee /dev/stderr | sed -n 's/^.*\(CATALOG\|TWOPC\)-BENCH //p' > "$out"
 uptime >> "$log"
 echo "wrote $out (log: $log):"; cat "$out"

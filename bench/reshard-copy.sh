@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/out
 out="bench/out/reshard-$(date -u +%Y%m%d-%H%M%S).md"
-cargo test --release -p hotrepart-tests --test reshard_engine -- \
-    --ignored --nocapture --exact bench_move_range 2>&1 | tee "$out.log"
+cargo test --release -p hotrepart-tests --test it -- \
+    --ignored --nocapture --exact reshard_engine::bench_move_range 2>&1 | tee "$out.log"
 grep '^|' "$out.log" > "$out"
 echo "results: $out"

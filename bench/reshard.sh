@@ -11,6 +11,6 @@ mkdir -p bench/out
 stamp=$(date -u +%Y%m%d-%H%M%S)
 out=bench/out/reshard-live-$stamp.json
 cargo build -q --release -p hotrepart-proxy --bins
-cargo test -q --release -p hotrepart-tests --test reshard_bench -- --ignored --nocapture 2>&1 \
+cargo test -q --release -p hotrepart-tests --test it -- --ignored --nocapture reshard_bench:: 2>&1 \
   | tee /dev/stderr | sed -n 's/^RESHARD-BENCH //p' > "$out"
 echo "wrote $out:"; cat "$out"

@@ -1,0 +1,30 @@
+//! The integration tests, in one binary (each test binary links the whole
+//! node, wasmtime included: one link instead of one per file). Run one
+//! file's tests with a filter, e.g. `cargo nextest run -p hotrepart-tests
+//! -E 'test(/^twopc::/)'` or `cargo test -p hotrepart-tests --test it twopc::`.
+
+mod clients;
+mod cluster;
+mod cluster_bench;
+mod cluster_twopc;
+mod cluster_wasm;
+mod copy;
+mod copy_freeze;
+mod dataplane;
+mod fence;
+mod hashing;
+mod loadtest;
+mod merge;
+mod merge_known_bugs;
+mod merge_memory;
+mod merge_random;
+mod reshard;
+mod reshard_bench;
+mod reshard_engine;
+mod reshard_reads;
+mod reshard_verify;
+mod reshard_wasm;
+mod routing;
+mod transactions;
+mod twopc;
+mod wasm;
