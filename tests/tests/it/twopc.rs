@@ -354,7 +354,7 @@ fn spawn_node(
     let path = c.dir.0.join(format!("node-{port}.toml"));
     std::fs::write(&path, toml).unwrap();
     let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "node_process", "--nocapture", "--test-threads=1"])
+    cmd.args(["--exact", "twopc::node_process", "--nocapture", "--test-threads=1"])
         .env("HR_TWOPC_NODE_CONFIG", &path)
         .env_remove("HOTREPART_FAILPOINT")
         .stdin(std::process::Stdio::null())
