@@ -813,6 +813,19 @@ pub(crate) fn routes() -> Router<Api> {
         .route("/v1/reshard/drain", post(drain))
 }
 
+/// Reshard requests need a catalog that survives a restart: a job's
+/// phase is what tells the next runner whether the range has flipped, and
+/// a node that forgot it would resume (or abort) a job against the wrong
+/// owner. 409 on a node alone without `data_dir`.
+fn require_durable(api: &Api) -> Result<(), ApiError> {
+    if api.node.catalog_handle.is_durable() {
+        return Ok(());
+    }
+    Err(ApiError::conflict(
+        "reshard jobs need a durable catalog: this node runs without data_dir (its catalog is in memory and a restart would forget a job's progress and the range's owner); set data_dir (or run a [cluster]) and restart the node",
+    ))
+}
+
 #[derive(Deserialize)]
 struct MoveReq {
     lo: u64,
@@ -827,6 +840,7 @@ async fn reshard_move(
     Json(req): Json<MoveReq>,
 ) -> ApiResult {
     authorize(&api, &headers)?;
+    require_durable(&api)?;
     let r = api.range_at(req.lo)?;
     let job = req
         .job
@@ -859,6 +873,7 @@ async fn reshard_split(
     Json(req): Json<SplitReq>,
 ) -> ApiResult {
     authorize(&api, &headers)?;
+    require_durable(&api)?;
     let r = api.range_at(req.lo)?;
     let span = r.span();
     let at = match req.at {
@@ -1141,6 +1156,7 @@ async fn add_shard(
     Json(req): Json<AddShardReq>,
 ) -> ApiResult {
     authorize(&api, &headers)?;
+    require_durable(&api)?;
     let snap = api.snapshot()?;
     let fail =
         |e: JobError| ApiError::new(StatusCode::CONFLICT, format!("add-shard {}: {e}", req.name));
@@ -1247,6 +1263,7 @@ struct DrainReq {
 /// first).
 async fn drain(State(api): State<Api>, headers: HeaderMap, Json(req): Json<DrainReq>) -> ApiResult {
     authorize(&api, &headers)?;
+    require_durable(&api)?;
     let snap = api.snapshot()?;
     if snap.home_shard().as_str() == req.shard {
         return Err(ApiError::conflict(format!(
