@@ -276,6 +276,7 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
         "shards": snap.shards().count(),
         "ranges": snap.ranges().len(),
         "cluster": cluster,
+        "tasks": node.tasks.status(),
     })))
 }
 

@@ -56,50 +56,79 @@ const FINAL_DRAIN_WAIT: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct Running(Mutex<HashSet<String>>);
 
-/// Starts the supervisor: while this node leads the catalog (and holds its
-/// lease), it runs every unfinished job.
-pub fn spawn_supervisor(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    tokio::spawn(async move {
-        let mut led_since: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
-            }
-            if !runs_jobs(&node) {
-                led_since = None;
+/// The job supervisor (a supervised background task of the node, see
+/// [`crate::supervisor`]): while this node leads the catalog (and holds
+/// its lease), it runs every unfinished job. Ends when `shutdown` turns
+/// true.
+pub async fn supervise(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> Result<(), String> {
+    let mut led_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return Ok(()) },
+        }
+        if !runs_jobs(&node) {
+            led_since = None;
+            continue;
+        }
+        let since = *led_since.get_or_insert_with(Instant::now);
+        let catalog = node.catalog_handle.catalog();
+        for (id, rec) in catalog.jobs() {
+            if rec.phase.is_final() || is_running(&node, id) {
                 continue;
             }
-            let since = *led_since.get_or_insert_with(Instant::now);
-            let catalog = node.catalog_handle.catalog();
-            for (id, rec) in catalog.jobs() {
-                if rec.phase.is_final() || is_running(&node, id) {
-                    continue;
-                }
-                // Another node ran it last: wait one lease (+ margin) after
-                // taking over, so that node has stopped.
-                let me = node.catalog_handle.node_id();
-                if rec.owner != 0 && rec.owner != me && since.elapsed() < takeover_delay(&node) {
-                    continue;
-                }
-                node.jobs
-                    .0
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.to_string());
-                let node = node.clone();
-                let id = id.to_string();
-                tokio::spawn(async move {
-                    let r = run(&node, &id).await;
-                    if let Err(e) = r {
-                        tracing::warn!(job = %id, error = %e, "reshard job stopped on this node");
-                    }
-                    node.jobs
-                        .0
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&id);
-                });
+            // Another node ran it last: wait one lease (+ margin) after
+            // taking over, so that node has stopped.
+            let me = node.catalog_handle.node_id();
+            if rec.owner != 0 && rec.owner != me && since.elapsed() < takeover_delay(&node) {
+                continue;
+            }
+            spawn_job(&node, id);
+        }
+    }
+}
+
+/// Marks job `id` as running here until dropped (also when its task
+/// panics: the job is then picked up again by the supervisor).
+struct RunningGuard {
+    node: Arc<Node>,
+    id: String,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.node
+            .jobs
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Runs job `id` in a task of its own; a panic is logged at ERROR (the
+/// supervisor starts the job again on its next round).
+fn spawn_job(node: &Arc<Node>, id: &str) {
+    node.jobs
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.to_string());
+    let guard = RunningGuard {
+        node: node.clone(),
+        id: id.to_string(),
+    };
+    let task = tokio::spawn(async move {
+        let r = run(&guard.node, &guard.id).await;
+        if let Err(e) = r {
+            tracing::warn!(job = %guard.id, error = %e, "reshard job stopped on this node");
+        }
+    });
+    let id = id.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = task.await {
+            if e.is_panic() {
+                tracing::error!(job = %id, "reshard job runner panicked; the supervisor starts it again");
             }
         }
     });

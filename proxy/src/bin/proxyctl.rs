@@ -219,7 +219,8 @@ enum RangeCmd {
         #[arg(long)]
         to: String,
     },
-    /// Thaw a range left frozen by a job or request whose node died.
+    /// Thaw a range left frozen by a request whose node died (a live
+    /// reshard job's freeze is refused: abort the job instead).
     Unfreeze { lo: u64 },
 }
 
@@ -623,7 +624,42 @@ fn show_status(v: &Value) -> String {
         out.push('\n');
         out.push_str(&table(&["PEER", "ADDR", "CONNECTED", "APPLIED"], rows));
     }
+    if let Some(tasks) = v["tasks"].as_array() {
+        let rows = tasks
+            .iter()
+            .map(|t| {
+                vec![
+                    s(&t["name"]),
+                    s(&t["state"]).to_uppercase(),
+                    s(&t["restarts"]),
+                    since(&t["since_ms"]),
+                    s(&t["last_error"]),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &["TASK", "STATE", "RESTARTS", "SINCE", "LAST ERROR"],
+            rows,
+        ));
+    }
     out
+}
+
+/// How long ago a time in milliseconds since the Unix epoch was.
+fn since(ms: &Value) -> String {
+    let Some(ms) = ms.as_u64() else {
+        return "-".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let secs = now.saturating_sub(ms) / 1000;
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
 }
 
 fn show_membership(v: &Value) -> String {
