@@ -28,9 +28,20 @@
 //!   flips only if row counts and checksums agree on both sides;
 //! - no path leaves a slot or publication behind: Done, Aborted and Failed
 //!   all drop the capture (a failure to drop is retried, and reported).
+//! - nothing deletes a range's rows on a shard that owns it: giving up is
+//!   recorded (Aborting) before anything is undone, and the catalog
+//!   refuses it after the flip; every destructive step re-reads the phase
+//!   from the catalog right before it acts; the engine checks the current
+//!   routing table before every delete (`MoveSpec::guard`);
+//! - a step runs only while this node leads and holds its lease: it is
+//!   dropped (`while_running`) within 50 ms of losing either;
+//! - the flip happens only under the job's own freeze (the catalog checks
+//!   `FreezeId::for_job`), and only the job lifts that freeze while it
+//!   lives (an operator's `range unfreeze` is refused).
 
+use crate::failpoint::{self, Failpoint};
 use crate::node::Node;
-use crate::reshard::{self, MoveSpec, Session, TableMove, Touched};
+use crate::reshard::{self, MoveSpec, OwnerGuard, Session, Side, TableMove, Touched};
 use hotrepart_router::catalog::{Functions, RangeStatus, RoutingSnapshot, Span};
 use hotrepart_routing_paxos::{
     Applied, Catalog, CatalogCommand, FreezeId, JobPhase, JobRecord, ProposeError, Rejected,
@@ -264,6 +275,8 @@ async fn fence_peer(admin: String, token: String, epoch: u64) -> Result<(), Opti
 pub enum JobError {
     #[error("this node no longer leads the catalog or lost its lease")]
     NotLeader,
+    #[error("the job is {phase} in the catalog now, so this runner does not {what}")]
+    PhaseChanged { phase: &'static str, what: String },
     #[error("the job is not in the catalog")]
     Unknown,
     #[error("catalog: {0}")]
@@ -282,15 +295,14 @@ impl From<ProposeError> for JobError {
 
 /// What a job moves, per database of the source.
 struct Plan {
+    /// The job.
+    id: String,
     specs: Vec<MoveSpec>,
     range: Span,
     from: String,
+    /// The job's freeze (`FreezeId::for_job`: the same on every node and
+    /// across restarts; the catalog flips the range only under it).
     freeze: FreezeId,
-}
-
-/// The freeze id of a job (stable across nodes and restarts).
-fn freeze_id(job: &str) -> FreezeId {
-    FreezeId(fnv(job.as_bytes()) | 1 << 63)
 }
 
 fn fnv(b: &[u8]) -> u64 {
@@ -339,29 +351,93 @@ fn record(node: &Node, job: &str) -> Result<JobRecord, JobError> {
         .ok_or(JobError::Unknown)
 }
 
+/// The note of an Aborting recorded because the job gave up (its steps
+/// kept failing): the job then ends Failed, with the rest of the note as
+/// the error, instead of Aborted.
+const GIVING_UP: &str = "failed: ";
+
+/// Err(NotLeader) unless this node may run jobs now.
+fn ensure_runs(node: &Node) -> Result<(), JobError> {
+    if runs_jobs(node) {
+        Ok(())
+    } else {
+        Err(JobError::NotLeader)
+    }
+}
+
+/// Right before a destructive step (deleting rows, dropping the capture,
+/// lifting the freeze): this node still runs jobs, and the catalog — read
+/// again now, not the phase the step started from — has the job in a
+/// phase `allowed` says the step belongs to.
+fn recheck(
+    node: &Node,
+    id: &str,
+    allowed: impl Fn(JobPhase) -> bool,
+    what: &str,
+) -> Result<(), JobError> {
+    ensure_runs(node)?;
+    let phase = record(node, id)?.phase;
+    if allowed(phase) {
+        Ok(())
+    } else {
+        Err(JobError::PhaseChanged {
+            phase: phase.name(),
+            what: what.to_string(),
+        })
+    }
+}
+
+/// Runs `step` until it ends, or until this node loses its leadership or
+/// its lease (checked every 50 ms): then the step is dropped — every step
+/// may be, at any `.await` (see `reshard`'s module docs) — and the job is
+/// left to the next leader. A runner that lost its right to run never
+/// goes on to its next statement, however long the step's waits are.
+async fn while_running<T>(
+    node: &Node,
+    step: impl std::future::Future<Output = Result<T, JobError>>,
+) -> Result<T, JobError> {
+    let lost = async {
+        while runs_jobs(node) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        r = step => r,
+        () = lost => Err(JobError::NotLeader),
+    }
+}
+
 /// Runs job `id` from its recorded phase until it ends or this node stops
 /// leading.
+///
+/// The phase every step acts on is read from the catalog at the top of
+/// each round, and the destructive steps read it again right before they
+/// act ([`recheck`]). Giving up (a step failed [`ATTEMPTS`] times before
+/// the flip) is itself a catalog decision: Aborting is proposed first and
+/// the copy is undone only once the catalog accepted it — the catalog
+/// refuses it once the range flipped, even when the flip's proposal
+/// seemed to fail here (a timeout after it was decided), and the job then
+/// goes on from Flipped.
 pub async fn run(node: &Arc<Node>, id: &str) -> Result<(), JobError> {
     let mut failures = 0u32;
     loop {
-        if !runs_jobs(node) {
-            return Err(JobError::NotLeader);
-        }
+        ensure_runs(node)?;
         let rec = record(node, id)?;
         if rec.phase.is_final() {
             return Ok(());
         }
         let catalog = node.catalog_handle.catalog();
         let functions = node.catalog.load().functions().clone();
-        let plan = match plan(&catalog, id, &rec, functions).await {
+        let plan = match plan(node, &catalog, id, &rec, functions).await {
             Ok(p) => p,
-            Err(e) if rec.phase < JobPhase::Flipped && rec.phase != JobPhase::Aborting => {
+            Err(e) if rec.phase < JobPhase::Flipped => {
                 // Nothing can be moved (the source unreachable, a routing
-                // function not loaded …): end the job.
+                // function not loaded …): end the job. (Nothing was
+                // deleted; the catalog refuses Failed after a flip.)
                 tracing::warn!(job = %id, error = %e, "reshard job cannot be planned");
                 failures += 1;
                 if failures >= ATTEMPTS {
-                    update(
+                    let r = update(
                         node,
                         id,
                         JobPhase::Failed,
@@ -369,43 +445,55 @@ pub async fn run(node: &Arc<Node>, id: &str) -> Result<(), JobError> {
                         0,
                         &e.to_string(),
                     )
-                    .await?;
-                    return Ok(());
+                    .await;
+                    if let Err(e) = r {
+                        tracing::warn!(job = %id, error = %e, "cannot record the job as failed; reading its phase again");
+                        failures = 0;
+                    }
+                    continue;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
             Err(e) => return Err(e),
         };
-        let step = step(node, id, &rec, &plan).await;
-        match step {
+        match while_running(node, step(node, id, &rec, &plan)).await {
             Ok(()) => failures = 0,
             Err(JobError::NotLeader) => return Err(JobError::NotLeader),
+            Err(e @ JobError::PhaseChanged { .. }) => {
+                // Not a failure: the next round acts on the new phase.
+                tracing::info!(job = %id, "{e}");
+            }
             Err(e) => {
                 failures += 1;
                 tracing::warn!(job = %id, phase = rec.phase.name(), attempt = failures, error = %e, "reshard step failed");
-                if failures >= ATTEMPTS
-                    && rec.phase < JobPhase::Flipped
-                    && rec.phase != JobPhase::Aborting
-                {
-                    // Give up before the flip: undo, record why.
-                    abort_steps(node, &plan).await?;
-                    update(
+                if failures >= ATTEMPTS && record(node, id)?.phase < JobPhase::Flipped {
+                    // Give up before the flip: record the decision, then
+                    // (in the Aborting phase) undo and record Failed.
+                    let r = update(
                         node,
                         id,
-                        JobPhase::Failed,
+                        JobPhase::Aborting,
                         rec.rows_copied,
                         0,
-                        &e.to_string(),
+                        &format!("{GIVING_UP}{e}"),
                     )
-                    .await?;
-                    return Ok(());
+                    .await;
+                    if let Err(refused) = r {
+                        tracing::warn!(job = %id, error = %refused, "the job cannot be given up now (it may have flipped); going on from its recorded phase");
+                    }
+                    failures = 0;
+                    continue;
                 }
-                tokio::time::sleep(Duration::from_millis(500 * u64::from(failures))).await;
+                let backoff = 500 * u64::from(failures.min(20));
+                tokio::time::sleep(Duration::from_millis(backoff)).await;
             }
         }
     }
 }
+
+/// Counts the cut-over attempts of this process (failpoint `reshard_flip_lost`).
+static CUT_OVER_ATTEMPTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// One phase of a job.
 async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Result<(), JobError> {
@@ -419,7 +507,8 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
         }
         JobPhase::Copy => {
             let copied = Arc::new(AtomicU64::new(0));
-            let reporter = {
+            // Aborted when the step ends — or is dropped.
+            let reporter = AbortOnDrop({
                 let node = node.clone();
                 let id = id.to_string();
                 let copied = copied.clone();
@@ -430,22 +519,14 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
                         let _ = update(&node, &id, JobPhase::Copy, n, 0, "copying").await;
                     }
                 })
-            };
+            });
             let mut total = 0;
-            let mut result = Ok(());
             for s in &plan.specs {
                 let base = total;
                 let c = copied.clone();
-                match reshard::copy(s, move |n| c.store(base + n, Ordering::Relaxed)).await {
-                    Ok(n) => total += n,
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
-                }
+                total += reshard::copy(s, move |n| c.store(base + n, Ordering::Relaxed)).await?;
             }
-            reporter.abort();
-            result?;
+            drop(reporter);
             update(node, id, JobPhase::CatchUp, total, 0, "copied").await
         }
         JobPhase::CatchUp => {
@@ -457,9 +538,7 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
                 sessions.push(Session::open(s).await?);
             }
             loop {
-                if !runs_jobs(node) {
-                    return Err(JobError::NotLeader);
-                }
+                ensure_runs(node)?;
                 let mut applied = 0;
                 let mut lag = 0;
                 let mut drained = true;
@@ -496,12 +575,18 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
         }
         JobPhase::CutOver => cut_over(node, id, rec, plan).await,
         JobPhase::Flipped => {
+            let flipped = |p: JobPhase| p == JobPhase::Flipped;
+            recheck(node, id, flipped, "lift the freeze")?;
             thaw(node, plan).await?;
             // No node may still read the range from the source.
             settle(node).await?;
             let mut deleted = 0;
             for s in &plan.specs {
+                recheck(node, id, flipped, "drop the capture")?;
                 reshard::stop_capture(s).await?;
+                // The engine checks the current routing table again before
+                // every batch (`MoveSpec::guard`).
+                recheck(node, id, flipped, "delete the source's copy")?;
                 deleted += reshard::cleanup_source(s, 10_000).await?;
             }
             update(
@@ -520,9 +605,22 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
         }
         JobPhase::Aborting => {
             abort_steps(node, plan).await?;
-            update(node, id, JobPhase::Aborted, rec.rows_copied, 0, "aborted").await
+            let (phase, note) = match rec.note.strip_prefix(GIVING_UP) {
+                Some(why) => (JobPhase::Failed, why.to_string()),
+                None => (JobPhase::Aborted, "aborted".to_string()),
+            };
+            update(node, id, phase, rec.rows_copied, 0, &note).await
         }
         JobPhase::Done | JobPhase::Aborted | JobPhase::Failed => Ok(()),
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -539,6 +637,7 @@ async fn thaw(node: &Node, plan: &Plan) -> Result<(), JobError> {
                 CatalogCommand::UnfreezeRange {
                     range: plan.range,
                     freeze: plan.freeze,
+                    job: Some(plan.id.clone()),
                 },
                 PROPOSE_TIMEOUT,
             )
@@ -551,10 +650,17 @@ async fn thaw(node: &Node, plan: &Plan) -> Result<(), JobError> {
     Ok(())
 }
 
+/// Undoes a job that is Aborting (re-read from the catalog before each
+/// destructive step): thaw, delete the target's copy, drop the capture.
+/// The engine also refuses to delete on a target that owns the range.
 async fn abort_steps(node: &Node, plan: &Plan) -> Result<(), JobError> {
+    let aborting = |p: JobPhase| p == JobPhase::Aborting;
+    recheck(node, &plan.id, aborting, "lift the freeze")?;
     thaw(node, plan).await?;
     for s in &plan.specs {
+        recheck(node, &plan.id, aborting, "delete the target's copy")?;
         reshard::abort_target(s).await?;
+        recheck(node, &plan.id, aborting, "drop the capture")?;
         reshard::stop_capture(s).await?;
     }
     Ok(())
@@ -584,8 +690,15 @@ async fn cut_over(
     plan: &Plan,
 ) -> Result<(), JobError> {
     let h = &node.catalog_handle;
+    let attempt = CUT_OVER_ATTEMPTS.fetch_add(1, Ordering::Relaxed) + 1;
+    if failpoint::active(Failpoint::FlipLost) && attempt < ATTEMPTS {
+        return Err(JobError::Other(format!(
+            "failpoint reshard_flip_lost: cut-over attempt {attempt} fails before its freeze"
+        )));
+    }
     // A runner that died inside the freeze left it: writers must not wait
     // through the comparison below.
+    recheck(node, id, |p| p == JobPhase::CutOver, "lift the freeze")?;
     thaw(node, plan).await?;
     let mut sessions = Vec::new();
     for s in &plan.specs {
@@ -626,8 +739,11 @@ async fn cut_over(
     if record(node, id)?.phase != JobPhase::CutOver {
         return Ok(()); // aborted meanwhile
     }
+    ensure_runs(node)?;
     let frozen_at = Instant::now();
-    if h.catalog().freeze(plan.range.lo).is_none() {
+    if h.catalog().freeze(plan.range.lo).map(|f| f.id) != Some(plan.freeze) {
+        // Frozen by someone else: refused, and the cut-over retries (the
+        // catalog flips the range only under the job's own freeze).
         match h
             .propose(
                 CatalogCommand::FreezeRange {
@@ -647,6 +763,11 @@ async fn cut_over(
         // Every node routes by the freeze (or has stopped routing), and
         // nothing routed before it is still in flight.
         settle(node).await?;
+        ensure_runs(node)?;
+        if failpoint::active(Failpoint::HoldFreeze) {
+            tracing::warn!(job = %id, "failpoint reshard_hold_freeze: holding the freeze 3 s");
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
         let acked = frozen_at.elapsed();
         // Transactions that wrote to the range before the freeze end.
         for sess in &sessions {
@@ -658,6 +779,7 @@ async fn cut_over(
             catch_up_all(sess, k, FINAL_DRAIN_WAIT).await?;
         }
         let drained = frozen_at.elapsed();
+        ensure_runs(node)?;
         let mut rechecked = 0;
         for (sess, k) in sessions.iter().zip(&keys) {
             let v = sess.verify_keys(k).await?;
@@ -684,7 +806,14 @@ async fn cut_over(
             (drained - open_tx).as_millis(),
             (paused - drained).as_millis(),
         );
+        ensure_runs(node)?;
         update(node, id, JobPhase::Flipped, rec.rows_copied, 0, &note).await?;
+        if failpoint::active(Failpoint::FlipLost) && attempt == ATTEMPTS {
+            tracing::warn!(job = %id, "failpoint reshard_flip_lost: the flip is decided; reporting it as timed out");
+            return Err(JobError::Catalog(
+                "job_update: no answer from the catalog cluster in time (failpoint reshard_flip_lost: the flip was decided)".into(),
+            ));
+        }
         tracing::info!(job = %id, frozen_ms = frozen_at.elapsed().as_millis() as u64, "{note}");
         Ok(())
     }
@@ -766,6 +895,7 @@ async fn connect(dsn: &str, db: &str) -> Result<tokio_postgres::Client, JobError
 /// The engine's work for job `id`: one MoveSpec per database of the source
 /// that holds any sharded table.
 async fn plan(
+    node: &Arc<Node>,
     catalog: &Catalog,
     id: &str,
     rec: &JobRecord,
@@ -811,13 +941,50 @@ async fn plan(
             tables: here,
             range: rec.spec.range,
             functions: functions.clone(),
+            guard: owner_guard(node, rec.spec.range, &rec.spec.from, &rec.spec.to),
         });
     }
     Ok(Plan {
+        id: id.to_string(),
         specs,
         range: rec.spec.range,
         from: rec.spec.from.clone(),
-        freeze: freeze_id(id),
+        freeze: FreezeId::for_job(id),
+    })
+}
+
+/// The engine's owner check for a job moving `range` from `from` to `to`:
+/// a server may lose (or get overwritten) rows of the range only while
+/// its shard owns no part of it — neither reads nor writes — in the
+/// catalog as this node has applied it at that moment.
+fn owner_guard(node: &Arc<Node>, range: Span, from: &str, to: &str) -> OwnerGuard {
+    let node = node.clone();
+    let (from, to) = (from.to_string(), to.to_string());
+    OwnerGuard::new(move |side| {
+        let shard = match side {
+            Side::Source => &from,
+            Side::Target => &to,
+        };
+        let catalog = node.catalog_handle.catalog();
+        let snap = catalog
+            .snapshot()
+            .ok_or_else(|| "the node has no routing table".to_string())?;
+        let owned = snap.ranges().iter().find(|r| {
+            let s = r.span();
+            u128::from(s.lo) < range.end()
+                && u128::from(range.lo) < s.end()
+                && (r.read_owner.as_str() == shard || r.write_owner.as_str() == shard)
+        });
+        match owned {
+            Some(r) => Err(format!(
+                "shard {shard} owns range {} (reads {}, writes {}) in the routing table of epoch {}",
+                r.span(),
+                r.read_owner,
+                r.write_owner,
+                snap.epoch()
+            )),
+            None => Ok(()),
+        }
     })
 }
 
