@@ -9,6 +9,9 @@
 //! resumes it (after waiting one lease, so that the old runner — which
 //! stops when it loses its lease or its leadership — is no longer running).
 //!
+//! `add-shard --rebalance` and `drain` start jobs from a plan balanced by
+//! rows (`rebalance`), which `dry_run` answers without changing anything.
+//!
 //! Phases: Planned (capture: publication and slot on the source) → Copy →
 //! CatchUp → CutOver (freeze; every node acknowledges the freeze or loses its
 //! lease; open transactions on the source end; final catch-up; verify
@@ -39,10 +42,12 @@
 //!   `FreezeId::for_job`), and only the job lifts that freeze while it
 //!   lives (an operator's `range unfreeze` is refused).
 
+mod rebalance;
+
 use crate::failpoint::{self, Failpoint};
 use crate::node::Node;
 use crate::reshard::{self, MoveSpec, OwnerGuard, Session, Side, TableMove, Touched};
-use hotrepart_router::catalog::{Functions, RangeStatus, RoutingSnapshot, Span};
+use hotrepart_router::catalog::{Functions, RoutingSnapshot, Span};
 use hotrepart_routing_paxos::{
     Applied, Catalog, CatalogCommand, FreezeId, JobPhase, JobRecord, ProposeError, Rejected,
 };
@@ -1168,6 +1173,9 @@ struct AddShardReq {
     dsn: String,
     #[serde(default)]
     rebalance: bool,
+    /// Plan only: answer the moves `rebalance` would start, change nothing.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 /// A connection string with `dbname` set (key=value form, as libpq and
@@ -1357,6 +1365,29 @@ async fn add_shard(
     let fail =
         |e: JobError| ApiError::new(StatusCode::CONFLICT, format!("add-shard {}: {e}", req.name));
     connect(&req.dsn, "postgres").await.map_err(fail)?;
+    if req.dry_run {
+        if snap.shards().any(|s| s.id.as_str() == req.name) {
+            return Err(ApiError::conflict(format!(
+                "shard {} exists already",
+                req.name
+            )));
+        }
+        let plan = if req.rebalance {
+            let mut shards = rebalance::shard_names(&snap);
+            shards.push(req.name.clone());
+            plan_json(&snap, &shards, |loads, shards| {
+                rebalance::plan_onto(loads, shards, &req.name)
+            })
+            .await
+            .map_err(fail)?
+            .0
+        } else {
+            json!({ "moves": [] })
+        };
+        let mut v = json!({ "shard": req.name, "dry_run": true });
+        merge(&mut v, plan);
+        return Ok(Json(v));
+    }
     let home_dsn = snap
         .shard(snap.home_shard())
         .map(|s| s.dsn.clone())
@@ -1384,64 +1415,79 @@ async fn add_shard(
             copied.push(json!({ "database": db, "table": t, "rows": n }));
         }
     }
-    let jobs = if req.rebalance {
-        rebalance(&api, &req.name).await?
-    } else {
-        Vec::new()
-    };
-    Ok(Json(
-        json!({ "shard": req.name, "reference_copied": copied, "jobs": jobs }),
-    ))
+    let mut v = json!({ "shard": req.name, "reference_copied": copied, "jobs": [] });
+    if req.rebalance {
+        let snap = api.snapshot()?;
+        let shards = rebalance::shard_names(&snap);
+        let (plan, moves) = plan_json(&snap, &shards, |loads, shards| {
+            rebalance::plan_onto(loads, shards, &req.name)
+        })
+        .await
+        .map_err(fail)?;
+        let jobs = start_moves(&api, moves, "rebalance").await?;
+        merge(&mut v, plan);
+        v["jobs"] = json!(jobs);
+    }
+    Ok(Json(v))
 }
 
-/// Starts jobs moving ranges onto `to` until it holds its share (splitting
-/// ranges of the busiest shard when there are fewer ranges than shards).
-async fn rebalance(api: &Api, to: &str) -> Result<Vec<String>, ApiError> {
+/// Sets the keys of `extra` in `v`.
+fn merge(v: &mut Value, extra: Value) {
+    if let (Some(v), Value::Object(extra)) = (v.as_object_mut(), extra) {
+        v.extend(extra);
+    }
+}
+
+/// The rows of every range now, a plan made of them by `plan`, and its
+/// moves with their split points, as JSON: `basis`, `rows` (per shard),
+/// `total_rows`, `moves` (`lo`, `hi`, `from`, `to`, `rows`, `split_of`).
+/// Read-only.
+async fn plan_json(
+    snap: &RoutingSnapshot,
+    shards: &[String],
+    plan: impl FnOnce(&[rebalance::Load], &[String]) -> Vec<rebalance::Take>,
+) -> Result<(Value, Vec<rebalance::Move>), JobError> {
+    let (loads, basis) = rebalance::loads(snap).await?;
+    let takes = plan(&loads, shards);
+    let moves = rebalance::resolve(snap, &loads, &takes, basis).await?;
+    let per = rebalance::per_shard(&loads, shards);
+    let total: u64 = per.values().sum();
+    let v = json!({
+        "basis": basis,
+        "rows": per,
+        "total_rows": total,
+        "share": total / (shards.len().max(1) as u64),
+        "moves": moves,
+    });
+    Ok((v, moves))
+}
+
+/// Starts `moves` (from [`plan_json`]): a move cut from a larger range
+/// splits it first. Returns the job ids.
+async fn start_moves(
+    api: &Api,
+    moves: Vec<rebalance::Move>,
+    kind: &str,
+) -> Result<Vec<String>, ApiError> {
     let mut jobs = Vec::new();
-    for _ in 0..64 {
-        let snap = api.snapshot()?;
-        let shards = snap.shards().count();
-        let ranges = snap.ranges();
-        let count = |s: &str| {
-            ranges
-                .iter()
-                .filter(|r| r.write_owner.as_str() == s)
-                .count()
-        };
-        let share = ranges.len() / shards.max(1);
-        if count(to) + jobs.len() >= share.max(1) {
-            break;
+    for m in moves {
+        if let Some(of) = m.split_of {
+            api.propose(CatalogCommand::SplitRange {
+                range: Span {
+                    lo: of.lo,
+                    hi: of.hi,
+                },
+                at: m.lo,
+            })
+            .await?;
         }
-        // The busiest other shard's largest active range.
-        let busiest = snap
-            .shards()
-            .filter(|s| s.id.as_str() != to)
-            .max_by_key(|s| count(s.id.as_str()))
-            .map(|s| s.id.as_str().to_string())
-            .ok_or_else(|| ApiError::bad("no other shard"))?;
-        let Some(r) = ranges
-            .iter()
-            .filter(|r| r.write_owner.as_str() == busiest && r.status == RangeStatus::Active)
-            .max_by_key(|r| r.span().len())
-            .cloned()
-        else {
-            break;
-        };
-        if ranges.len() < shards {
-            let span = r.span();
-            let at = u64::try_from(u128::from(span.lo) + span.len() / 2)
-                .map_err(|_| ApiError::bad("range too small to split"))?;
-            api.propose(CatalogCommand::SplitRange { range: span, at })
-                .await?;
-            continue;
-        }
-        let job = format!("rebalance_{:x}_{:x}", r.lo, rand::random::<u32>());
+        let job = format!("{kind}_{:x}_{:x}", m.lo, rand::random::<u32>());
         api.propose(CatalogCommand::JobStart {
             job: job.clone(),
             spec: hotrepart_routing_paxos::JobSpec {
-                range: r.span(),
-                from: busiest,
-                to: to.to_string(),
+                range: m.span(),
+                from: m.from.clone(),
+                to: m.to.clone(),
             },
         })
         .await?;
@@ -1453,10 +1499,13 @@ async fn rebalance(api: &Api, to: &str) -> Result<Vec<String>, ApiError> {
 #[derive(Deserialize)]
 struct DrainReq {
     shard: String,
+    /// Plan only: answer the moves, change nothing.
+    #[serde(default)]
+    dry_run: bool,
 }
 
-/// Starts jobs moving every range of a shard to the others (fewest ranges
-/// first).
+/// Starts jobs moving every range of a shard to the others: the largest
+/// range first, each to the shard holding the fewest rows then.
 async fn drain(State(api): State<Api>, headers: HeaderMap, Json(req): Json<DrainReq>) -> ApiResult {
     authorize(&api, &headers)?;
     require_durable(&api)?;
@@ -1467,54 +1516,24 @@ async fn drain(State(api): State<Api>, headers: HeaderMap, Json(req): Json<Drain
             req.shard
         )));
     }
-    let others: Vec<String> = snap
-        .shards()
-        .map(|s| s.id.as_str().to_string())
-        .filter(|s| *s != req.shard)
-        .collect();
-    if others.is_empty() || others.len() == snap.shards().count() {
+    let shards = rebalance::shard_names(&snap);
+    if shards.len() < 2 || !shards.contains(&req.shard) {
         return Err(ApiError::bad(format!(
             "unknown shard {} or no other shard",
             req.shard
         )));
     }
-    let mut counts: std::collections::BTreeMap<String, usize> = others
-        .iter()
-        .map(|s| {
-            let n = snap
-                .ranges()
-                .iter()
-                .filter(|r| r.write_owner.as_str() == s)
-                .count();
-            (s.clone(), n)
-        })
-        .collect();
-    let mut jobs = Vec::new();
-    for r in snap
-        .ranges()
-        .iter()
-        .filter(|r| r.write_owner.as_str() == req.shard)
-    {
-        if r.status != RangeStatus::Active {
-            continue; // moving already
-        }
-        let to = counts
-            .iter()
-            .min_by_key(|(_, n)| **n)
-            .map(|(s, _)| s.clone())
-            .unwrap_or_default();
-        *counts.entry(to.clone()).or_default() += 1;
-        let job = format!("drain_{:x}_{:x}", r.lo, rand::random::<u32>());
-        api.propose(CatalogCommand::JobStart {
-            job: job.clone(),
-            spec: hotrepart_routing_paxos::JobSpec {
-                range: r.span(),
-                from: req.shard.clone(),
-                to,
-            },
-        })
-        .await?;
-        jobs.push(job);
+    let (plan, moves) = plan_json(&snap, &shards, |loads, shards| {
+        rebalance::plan_drain(loads, shards, &req.shard)
+    })
+    .await
+    .map_err(|e| ApiError::conflict(format!("drain {}: {e}", req.shard)))?;
+    let mut v = json!({ "shard": req.shard });
+    if req.dry_run {
+        v["dry_run"] = json!(true);
+    } else {
+        v["jobs"] = json!(start_moves(&api, moves, "drain").await?);
     }
-    Ok(Json(json!({ "shard": req.shard, "jobs": jobs })))
+    merge(&mut v, plan);
+    Ok(Json(v))
 }
