@@ -681,7 +681,7 @@ async fn assign_range(
         .propose(CatalogCommand::UnfreezeRange {
             range: span,
             freeze,
-            job: None,
+            operator: false,
         })
         .await;
     let a = result?;
@@ -766,7 +766,7 @@ async fn unfreeze_range(
         .propose(CatalogCommand::UnfreezeRange {
             range: r.span(),
             freeze: f.id,
-            job: None,
+            operator: true,
         })
         .await?;
     Ok(Json(epoch_json(&a)))

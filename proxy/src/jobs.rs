@@ -642,7 +642,7 @@ async fn thaw(node: &Node, plan: &Plan) -> Result<(), JobError> {
                 CatalogCommand::UnfreezeRange {
                     range: plan.range,
                     freeze: plan.freeze,
-                    job: Some(plan.id.clone()),
+                    operator: false,
                 },
                 PROPOSE_TIMEOUT,
             )

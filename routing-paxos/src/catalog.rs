@@ -235,8 +235,8 @@ pub enum Rejected {
         /// The id in the command.
         given: FreezeId,
     },
-    /// UnfreezeRange of the freeze of a reshard job that has not ended, by
-    /// someone other than the job.
+    /// An operator's UnfreezeRange of the freeze of a reshard job that has
+    /// not ended.
     #[error("key range {range} is frozen by reshard job {job:?}, which has not ended: only the job lifts its own freeze (to end it, abort the job: `proxyctl jobs abort {job}`)")]
     FrozenByJob {
         /// The range.
@@ -396,9 +396,11 @@ impl Catalog {
                 write_owner,
             } => self.assign_range(*range, read_owner, write_owner),
             CatalogCommand::FreezeRange { range, freeze } => self.freeze_range(*range, *freeze),
-            CatalogCommand::UnfreezeRange { range, freeze, job } => {
-                self.unfreeze_range(*range, *freeze, job.as_deref())
-            }
+            CatalogCommand::UnfreezeRange {
+                range,
+                freeze,
+                operator,
+            } => self.unfreeze_range(*range, *freeze, *operator),
             CatalogCommand::UploadFunction { name, wasm } => self.upload_function(name, wasm),
             CatalogCommand::RemoveFunction { name } => self.remove_function(name),
             CatalogCommand::SetTableFunction { table, function } => {
@@ -611,7 +613,7 @@ impl Catalog {
         &mut self,
         range: Span,
         id: FreezeId,
-        by_job: Option<&str>,
+        operator: bool,
     ) -> Result<Applied, Rejected> {
         let snap = self.current()?;
         let i = find_range(snap, range)?;
@@ -627,8 +629,8 @@ impl Catalog {
                 given: id,
             });
         }
-        if let Some(job) = self.live_job_freezing(range, freeze.id) {
-            if by_job != Some(job) {
+        if operator {
+            if let Some(job) = self.live_job_freezing(range, freeze.id) {
                 return Err(Rejected::FrozenByJob {
                     range,
                     job: job.to_owned(),

@@ -1173,7 +1173,7 @@ fn random_command(rng: &mut Rng, view: &Catalog) -> CatalogCommand {
             CatalogCommand::UnfreezeRange {
                 range,
                 freeze,
-                job: None,
+                operator: false,
             }
         }
         85..=89 if !spans.is_empty() => CatalogCommand::Bootstrap(seed_catalog(0)),

@@ -42,7 +42,16 @@ fn unfreeze(range: Span, id: u64) -> CatalogCommand {
     CatalogCommand::UnfreezeRange {
         range,
         freeze: FreezeId(id),
-        job: None,
+        operator: false,
+    }
+}
+
+/// `proxyctl range unfreeze`'s command.
+fn operator_unfreeze(range: Span, id: u64) -> CatalogCommand {
+    CatalogCommand::UnfreezeRange {
+        range,
+        freeze: FreezeId(id),
+        operator: true,
     }
 }
 
@@ -587,6 +596,7 @@ fn commands_round_trip_through_serde() {
         assign(ALL, "a", "b"),
         freeze(span(0, Some(1)), u64::MAX),
         unfreeze(span(0, Some(1)), 0),
+        operator_unfreeze(span(0, Some(1)), 3),
         CatalogCommand::TxDecision {
             gid: "g".into(),
             commit: false,
@@ -615,6 +625,12 @@ fn commands_round_trip_through_serde() {
         json,
         r#"{"op":"split_range","range":{"lo":3,"hi":null},"at":5}"#
     );
+    // An unfreeze written before the operator marker existed reads (and
+    // is written) as it was.
+    let old = r#"{"op":"unfreeze_range","range":{"lo":0,"hi":1},"freeze":7}"#;
+    let cmd: CatalogCommand = serde_json::from_str(old).expect("old entry");
+    assert_eq!(cmd, unfreeze(span(0, Some(1)), 7));
+    assert_eq!(serde_json::to_string(&cmd).expect("serialize"), old);
 }
 
 #[test]
@@ -1109,14 +1125,7 @@ fn a_flip_needs_the_range_frozen_by_the_jobs_own_freeze() {
         "{why}"
     );
     accepts(&mut c, freeze(upper, own.0));
-    accepts(
-        &mut c,
-        CatalogCommand::UnfreezeRange {
-            range: upper,
-            freeze: own,
-            job: Some("j1".into()),
-        },
-    );
+    accepts(&mut c, unfreeze(upper, own.0));
     let why = rejected_reason(&mut c, job_update("j1", JobPhase::Flipped));
     assert!(why.contains("no longer frozen"), "{why}");
     // Frozen by someone else.
@@ -1132,45 +1141,32 @@ fn a_flip_needs_the_range_frozen_by_the_jobs_own_freeze() {
 }
 
 #[test]
-fn only_the_job_lifts_its_freeze_while_it_lives() {
+fn an_operator_cannot_lift_a_live_jobs_freeze() {
     let (mut c, upper) = job_at(JobPhase::CutOver);
     let own = FreezeId::for_job("j1");
     accepts(&mut c, freeze(upper, own.0));
-    // An operator's unfreeze (no job named), or one naming another job.
+    // `proxyctl range unfreeze` while the job lives: refused, naming it.
     rejects(
         &mut c,
-        unfreeze(upper, own.0),
+        operator_unfreeze(upper, own.0),
         Rejected::FrozenByJob {
             range: upper,
             job: "j1".into(),
         },
     );
-    let msg = rejected_reason(
-        &mut c,
-        CatalogCommand::UnfreezeRange {
-            range: upper,
-            freeze: own,
-            job: Some("j2".into()),
-        },
-    );
+    let msg = rejected_reason(&mut c, operator_unfreeze(upper, own.0));
     assert!(msg.contains("proxyctl jobs abort j1"), "{msg}");
     assert_eq!(c.live_job_freezing(upper, own), Some("j1"));
-    // The job itself may.
-    accepts(
-        &mut c,
-        CatalogCommand::UnfreezeRange {
-            range: upper,
-            freeze: own,
-            job: Some("j1".into()),
-        },
-    );
-    // Other freezes of the range stay anyone's to lift.
+    // The job's runner lifts it (the command of every entry written
+    // before the marker existed applies as it did).
+    accepts(&mut c, unfreeze(upper, own.0));
+    // An operator may lift any other freeze of the range.
     accepts(&mut c, freeze(upper, 5));
-    accepts(&mut c, unfreeze(upper, 5));
+    accepts(&mut c, operator_unfreeze(upper, 5));
     // Once the job has ended, its freeze id is an ordinary one.
     assert!(c.apply(&job_update("j1", JobPhase::Aborting)).is_ok());
     accepts(&mut c, job_update("j1", JobPhase::Aborted));
     assert_eq!(c.live_job_freezing(upper, own), None);
     accepts(&mut c, freeze(upper, own.0));
-    accepts(&mut c, unfreeze(upper, own.0));
+    accepts(&mut c, operator_unfreeze(upper, own.0));
 }
