@@ -276,6 +276,7 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
         "shards": snap.shards().count(),
         "ranges": snap.ranges().len(),
         "cluster": cluster,
+        "tasks": node.tasks.status(),
     })))
 }
 
@@ -680,6 +681,7 @@ async fn assign_range(
         .propose(CatalogCommand::UnfreezeRange {
             range: span,
             freeze,
+            operator: false,
         })
         .await;
     let a = result?;
@@ -734,8 +736,11 @@ struct UnfreezeRange {
     lo: u64,
 }
 
-/// Operator escape hatch: thaws a range left frozen by a job or an admin
-/// request whose node died.
+/// Operator escape hatch: thaws a range left frozen by an admin request
+/// whose node died. The freeze of a reshard job that has not ended is
+/// refused (409, naming the job): lifting it would let writes reach the
+/// source while the job verifies and flips; the job's runner lifts it
+/// itself, and aborting the job (`proxyctl jobs abort`) ends it.
 async fn unfreeze_range(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -750,10 +755,18 @@ async fn unfreeze_range(
             r.span()
         )));
     };
+    if let Some(job) = catalog.live_job_freezing(r.span(), f.id) {
+        let phase = catalog.job(job).map_or("?", |j| j.phase.name());
+        return Err(ApiError::conflict(format!(
+            "range {} is frozen by reshard job {job} (phase {phase}), which lifts its freeze itself; unfreezing it now would let writes reach the source while the job verifies and flips — to end the freeze, abort the job: `proxyctl jobs abort {job}`",
+            r.span()
+        )));
+    }
     let a = api
         .propose(CatalogCommand::UnfreezeRange {
             range: r.span(),
             freeze: f.id,
+            operator: true,
         })
         .await?;
     Ok(Json(epoch_json(&a)))

@@ -101,22 +101,38 @@ pub async fn start_catalog(cfg: &Config) -> anyhow::Result<CatalogHandle> {
     }
 }
 
-/// Publishes the catalog's snapshots into `node` until the catalog stops.
-/// Publishes the current one before returning.
-pub fn follow(node: Arc<Node>, catalog: CatalogHandle) {
+/// Publishes the catalog's snapshots into `node` until `shutdown` turns
+/// true; the current one first. Err when the catalog stops while the node
+/// runs (the supervisor logs it and starts the follower again).
+pub async fn follow(
+    node: Arc<Node>,
+    catalog: CatalogHandle,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), String> {
     let mut rx = catalog.subscribe();
     let first = rx.borrow_and_update().clone();
     publish_current(&node, &first);
     let mut compared = compare_with_file(&node, &first);
-    tokio::spawn(async move {
-        while rx.changed().await.is_ok() {
-            let c = rx.borrow_and_update().clone();
-            publish_current(&node, &c);
-            if !compared {
-                compared = compare_with_file(&node, &c);
-            }
+    loop {
+        tokio::select! {
+            r = rx.changed() => if r.is_err() {
+                return Err("the replicated catalog stopped publishing".into());
+            },
+            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() {
+                return Ok(());
+            },
         }
-    });
+        let c = rx.borrow_and_update().clone();
+        publish_current(&node, &c);
+        if !compared {
+            compared = compare_with_file(&node, &c);
+        }
+    }
+}
+
+/// Publishes the catalog's current routing table into `node` now.
+pub fn publish_now(node: &Node, catalog: &CatalogHandle) {
+    publish_current(node, &catalog.catalog());
 }
 
 /// Once the catalog has a routing table: warns when the configuration

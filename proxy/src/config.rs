@@ -146,7 +146,9 @@ pub struct ClusterConfig {
     pub secret: Option<String>,
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
-    /// Directory of the catalog log (created if absent).
+    /// Directory of the catalog log (created if absent). Required: a
+    /// replica that forgets its promises at a restart breaks consensus.
+    #[serde(default)]
     pub data_dir: PathBuf,
     /// Lease duration: a node cut off from the quorum stops routing after
     /// this long.
@@ -495,6 +497,11 @@ impl Config {
                     "[cluster] needs at least one peer (a single node needs no [cluster])".into(),
                 ));
             }
+            if c.data_dir.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid(
+                    "[cluster] needs data_dir: a catalog replica must keep its log, promises and accepted entries on disk across restarts (a replica that forgets them can break consensus and lose catalog changes)".into(),
+                ));
+            }
             if c.lease_ms < 10 * c.tick_ms.max(1) {
                 return Err(ConfigError::Invalid(
                     "[cluster] lease_ms must be at least 10 ticks".into(),
@@ -514,7 +521,9 @@ impl Config {
 
     /// The initial routing snapshot (epoch 1) described by this file: shards
     /// in file order, tables, and `initial_ranges` equal ranges assigned
-    /// round-robin. Shard index `i` in the node is `shards[i]` here.
+    /// round-robin. It only seeds a new catalog: the node's shard indexes
+    /// are those of its shard table (`node::ShardTable`, built from the
+    /// catalog, which grows at run time), never positions in `shards`.
     pub fn snapshot(&self) -> Result<RoutingSnapshot, ConfigError> {
         let bad = |e: &dyn std::fmt::Display| ConfigError::Invalid(e.to_string());
         let mut b = RoutingSnapshot::builder(1);
@@ -584,10 +593,6 @@ impl Config {
         self.cluster.as_ref().map_or(self.node_id, |c| c.node_id)
     }
 
-    pub fn shard_index(&self, name: &str) -> Option<usize> {
-        self.shards.iter().position(|s| s.name == name)
-    }
-
     pub fn pool_timeout(&self) -> Duration {
         Duration::from_millis(self.pool_timeout_ms)
     }
@@ -642,6 +647,27 @@ mod tests {
         )
         .expect_err("unknown key");
         assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_node_needs_a_data_dir() {
+        let cluster = |data_dir: &str| {
+            format!(
+                "[[shards]]\nname = \"s0\"\ndsn = \"host=127.0.0.1\"\n\
+                 [cluster]\nnode_id = 1\nlisten = \"127.0.0.1:7001\"\n\
+                 secret = \"0123456789abcdef0123\"\n{data_dir}\
+                 [[cluster.peers]]\nid = 2\naddr = \"127.0.0.1:7002\"\n"
+            )
+        };
+        let e = Config::from_toml(&cluster("")).expect_err("no data_dir");
+        assert!(e.to_string().contains("[cluster] needs data_dir"), "{e}");
+        let e = Config::from_toml(&cluster("data_dir = \"\"\n")).expect_err("empty data_dir");
+        assert!(e.to_string().contains("[cluster] needs data_dir"), "{e}");
+        let c = Config::from_toml(&cluster("data_dir = \"/var/lib/hr\"\n")).expect("valid");
+        assert_eq!(
+            c.cluster.map(|c| c.data_dir),
+            Some(PathBuf::from("/var/lib/hr"))
+        );
     }
 }
 

@@ -9,6 +9,9 @@
 //! resumes it (after waiting one lease, so that the old runner — which
 //! stops when it loses its lease or its leadership — is no longer running).
 //!
+//! `add-shard --rebalance` and `drain` start jobs from a plan balanced by
+//! rows (`rebalance`), which `dry_run` answers without changing anything.
+//!
 //! Phases: Planned (capture: publication and slot on the source) → Copy →
 //! CatchUp → CutOver (freeze; every node acknowledges the freeze or loses its
 //! lease; open transactions on the source end; final catch-up; verify
@@ -28,10 +31,23 @@
 //!   flips only if row counts and checksums agree on both sides;
 //! - no path leaves a slot or publication behind: Done, Aborted and Failed
 //!   all drop the capture (a failure to drop is retried, and reported).
+//! - nothing deletes a range's rows on a shard that owns it: giving up is
+//!   recorded (Aborting) before anything is undone, and the catalog
+//!   refuses it after the flip; every destructive step re-reads the phase
+//!   from the catalog right before it acts; the engine checks the current
+//!   routing table before every delete (`MoveSpec::guard`);
+//! - a step runs only while this node leads and holds its lease: it is
+//!   dropped (`while_running`) within 50 ms of losing either;
+//! - the flip happens only under the job's own freeze (the catalog checks
+//!   `FreezeId::for_job`), and only the job lifts that freeze while it
+//!   lives (an operator's `range unfreeze` is refused).
 
+mod rebalance;
+
+use crate::failpoint::{self, Failpoint};
 use crate::node::Node;
-use crate::reshard::{self, MoveSpec, Session, TableMove, Touched};
-use hotrepart_router::catalog::{Functions, RangeStatus, RoutingSnapshot, Span};
+use crate::reshard::{self, MoveSpec, OwnerGuard, Session, Side, TableMove, Touched};
+use hotrepart_router::catalog::{Functions, RoutingSnapshot, Span};
 use hotrepart_routing_paxos::{
     Applied, Catalog, CatalogCommand, FreezeId, JobPhase, JobRecord, ProposeError, Rejected,
 };
@@ -91,50 +107,79 @@ impl JobGate {
     }
 }
 
-/// Starts the supervisor: while this node leads the catalog (and holds its
-/// lease), it runs every unfinished job.
-pub fn spawn_supervisor(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    tokio::spawn(async move {
-        let mut led_since: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
-            }
-            if !runs_jobs(&node) {
-                led_since = None;
+/// The job supervisor (a supervised background task of the node, see
+/// [`crate::supervisor`]): while this node leads the catalog (and holds
+/// its lease), it runs every unfinished job. Ends when `shutdown` turns
+/// true.
+pub async fn supervise(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> Result<(), String> {
+    let mut led_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return Ok(()) },
+        }
+        if !runs_jobs(&node) {
+            led_since = None;
+            continue;
+        }
+        let since = *led_since.get_or_insert_with(Instant::now);
+        let catalog = node.catalog_handle.catalog();
+        for (id, rec) in catalog.jobs() {
+            if rec.phase.is_final() || is_running(&node, id) {
                 continue;
             }
-            let since = *led_since.get_or_insert_with(Instant::now);
-            let catalog = node.catalog_handle.catalog();
-            for (id, rec) in catalog.jobs() {
-                if rec.phase.is_final() || is_running(&node, id) {
-                    continue;
-                }
-                // Another node ran it last: wait one lease (+ margin) after
-                // taking over, so that node has stopped.
-                let me = node.catalog_handle.node_id();
-                if rec.owner != 0 && rec.owner != me && since.elapsed() < takeover_delay(&node) {
-                    continue;
-                }
-                node.jobs
-                    .0
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.to_string());
-                let node = node.clone();
-                let id = id.to_string();
-                tokio::spawn(async move {
-                    let r = run(&node, &id).await;
-                    if let Err(e) = r {
-                        tracing::warn!(job = %id, error = %e, "reshard job stopped on this node");
-                    }
-                    node.jobs
-                        .0
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&id);
-                });
+            // Another node ran it last: wait one lease (+ margin) after
+            // taking over, so that node has stopped.
+            let me = node.catalog_handle.node_id();
+            if rec.owner != 0 && rec.owner != me && since.elapsed() < takeover_delay(&node) {
+                continue;
+            }
+            spawn_job(&node, id);
+        }
+    }
+}
+
+/// Marks job `id` as running here until dropped (also when its task
+/// panics: the job is then picked up again by the supervisor).
+struct RunningGuard {
+    node: Arc<Node>,
+    id: String,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.node
+            .jobs
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Runs job `id` in a task of its own; a panic is logged at ERROR (the
+/// supervisor starts the job again on its next round).
+fn spawn_job(node: &Arc<Node>, id: &str) {
+    node.jobs
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.to_string());
+    let guard = RunningGuard {
+        node: node.clone(),
+        id: id.to_string(),
+    };
+    let task = tokio::spawn(async move {
+        let r = run(&guard.node, &guard.id).await;
+        if let Err(e) = r {
+            tracing::warn!(job = %guard.id, error = %e, "reshard job stopped on this node");
+        }
+    });
+    let id = id.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = task.await {
+            if e.is_panic() {
+                tracing::error!(job = %id, "reshard job runner panicked; the supervisor starts it again");
             }
         }
     });
@@ -270,6 +315,8 @@ async fn fence_peer(admin: String, token: String, epoch: u64) -> Result<(), Opti
 pub enum JobError {
     #[error("this node no longer leads the catalog or lost its lease")]
     NotLeader,
+    #[error("the job is {phase} in the catalog now, so this runner does not {what}")]
+    PhaseChanged { phase: &'static str, what: String },
     #[error("the job is not in the catalog")]
     Unknown,
     #[error("catalog: {0}")]
@@ -288,15 +335,14 @@ impl From<ProposeError> for JobError {
 
 /// What a job moves, per database of the source.
 struct Plan {
+    /// The job.
+    id: String,
     specs: Vec<MoveSpec>,
     range: Span,
     from: String,
+    /// The job's freeze (`FreezeId::for_job`: the same on every node and
+    /// across restarts; the catalog flips the range only under it).
     freeze: FreezeId,
-}
-
-/// The freeze id of a job (stable across nodes and restarts).
-fn freeze_id(job: &str) -> FreezeId {
-    FreezeId(fnv(job.as_bytes()) | 1 << 63)
 }
 
 fn fnv(b: &[u8]) -> u64 {
@@ -345,29 +391,107 @@ fn record(node: &Node, job: &str) -> Result<JobRecord, JobError> {
         .ok_or(JobError::Unknown)
 }
 
+/// The note of an Aborting recorded because the job gave up (its steps
+/// kept failing): the job then ends Failed, with the rest of the note as
+/// the error, instead of Aborted.
+const GIVING_UP: &str = "failed: ";
+
+/// Err(NotLeader) unless this node may run jobs now.
+fn ensure_runs(node: &Node) -> Result<(), JobError> {
+    if runs_jobs(node) {
+        Ok(())
+    } else {
+        Err(JobError::NotLeader)
+    }
+}
+
+/// Right before a destructive step (deleting rows, dropping the capture,
+/// lifting the freeze): this node still runs jobs, and the catalog — read
+/// again now, not the phase the step started from — has the job in a
+/// phase `allowed` says the step belongs to.
+fn recheck(
+    node: &Node,
+    id: &str,
+    allowed: impl Fn(JobPhase) -> bool,
+    what: &str,
+) -> Result<(), JobError> {
+    ensure_runs(node)?;
+    let phase = record(node, id)?.phase;
+    if allowed(phase) {
+        Ok(())
+    } else {
+        Err(JobError::PhaseChanged {
+            phase: phase.name(),
+            what: what.to_string(),
+        })
+    }
+}
+
+/// Runs `step` until it ends, or until this node loses its leadership or
+/// its lease (checked every 50 ms): then the step is dropped — every step
+/// may be, at any `.await` (see `reshard`'s module docs) — and the job is
+/// left to the next leader. A runner that lost its right to run never
+/// goes on to its next statement, however long the step's waits are.
+async fn while_running<T>(
+    node: &Node,
+    step: impl std::future::Future<Output = Result<T, JobError>>,
+) -> Result<T, JobError> {
+    let lost = async {
+        while runs_jobs(node) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        r = step => r,
+        () = lost => Err(JobError::NotLeader),
+    }
+}
+
 /// Runs job `id` from its recorded phase until it ends or this node stops
 /// leading.
+///
+/// The phase every step acts on is read from the catalog at the top of
+/// each round, and the destructive steps read it again right before they
+/// act ([`recheck`]). Giving up (a step failed [`ATTEMPTS`] times before
+/// the flip) is itself a catalog decision: Aborting is proposed first and
+/// the copy is undone only once the catalog accepted it — the catalog
+/// refuses it once the range flipped, even when the flip's proposal
+/// seemed to fail here (a timeout after it was decided), and the job then
+/// goes on from Flipped.
 pub async fn run(node: &Arc<Node>, id: &str) -> Result<(), JobError> {
     let mut failures = 0u32;
     loop {
-        if !runs_jobs(node) {
-            return Err(JobError::NotLeader);
-        }
+        ensure_runs(node)?;
         let rec = record(node, id)?;
         if rec.phase.is_final() {
             return Ok(());
         }
         let catalog = node.catalog_handle.catalog();
         let functions = node.catalog.load().functions().clone();
-        let plan = match plan(&catalog, id, &rec, functions).await {
+        let plan = match plan(node, &catalog, id, &rec, functions).await {
             Ok(p) => p,
-            Err(e) if rec.phase < JobPhase::Flipped && rec.phase != JobPhase::Aborting => {
+            Err(e) if rec.phase < JobPhase::Flipped => {
                 // Nothing can be moved (the source unreachable, a routing
-                // function not loaded …): end the job.
+                // function not loaded …). Before the copy: end the job.
+                // After it the target may hold copied rows, hidden from
+                // reads only while the job lives (`KeyRange::hidden_on`):
+                // ending it without deleting them would show them twice,
+                // and deleting needs the plan — so keep trying, and say why
+                // in the job's note.
                 tracing::warn!(job = %id, error = %e, "reshard job cannot be planned");
                 failures += 1;
+                if failures >= ATTEMPTS && rec.phase > JobPhase::Planned {
+                    let note = format!("cannot plan the job (retrying): {e}");
+                    if rec.note != note {
+                        let _ = update(node, id, rec.phase, rec.rows_copied, rec.lag_bytes, &note)
+                            .await;
+                    }
+                    let backoff = Duration::from_secs(u64::from(failures.min(30)));
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
                 if failures >= ATTEMPTS {
-                    update(
+                    let r = update(
                         node,
                         id,
                         JobPhase::Failed,
@@ -375,8 +499,12 @@ pub async fn run(node: &Arc<Node>, id: &str) -> Result<(), JobError> {
                         0,
                         &e.to_string(),
                     )
-                    .await?;
-                    return Ok(());
+                    .await;
+                    if let Err(e) = r {
+                        tracing::warn!(job = %id, error = %e, "cannot record the job as failed; reading its phase again");
+                        failures = 0;
+                    }
+                    continue;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -386,35 +514,43 @@ pub async fn run(node: &Arc<Node>, id: &str) -> Result<(), JobError> {
         if let Some(gate) = &node.job_gate {
             gate.pass(id, rec.phase).await;
         }
-        let step = step(node, id, &rec, &plan).await;
-        match step {
+        match while_running(node, step(node, id, &rec, &plan)).await {
             Ok(()) => failures = 0,
             Err(JobError::NotLeader) => return Err(JobError::NotLeader),
+            Err(e @ JobError::PhaseChanged { .. }) => {
+                // Not a failure: the next round acts on the new phase.
+                tracing::info!(job = %id, "{e}");
+            }
             Err(e) => {
                 failures += 1;
                 tracing::warn!(job = %id, phase = rec.phase.name(), attempt = failures, error = %e, "reshard step failed");
-                if failures >= ATTEMPTS
-                    && rec.phase < JobPhase::Flipped
-                    && rec.phase != JobPhase::Aborting
-                {
-                    // Give up before the flip: undo, record why.
-                    abort_steps(node, &plan).await?;
-                    update(
+                if failures >= ATTEMPTS && record(node, id)?.phase < JobPhase::Flipped {
+                    // Give up before the flip: record the decision, then
+                    // (in the Aborting phase) undo and record Failed.
+                    let r = update(
                         node,
                         id,
-                        JobPhase::Failed,
+                        JobPhase::Aborting,
                         rec.rows_copied,
                         0,
-                        &e.to_string(),
+                        &format!("{GIVING_UP}{e}"),
                     )
-                    .await?;
-                    return Ok(());
+                    .await;
+                    if let Err(refused) = r {
+                        tracing::warn!(job = %id, error = %refused, "the job cannot be given up now (it may have flipped); going on from its recorded phase");
+                    }
+                    failures = 0;
+                    continue;
                 }
-                tokio::time::sleep(Duration::from_millis(500 * u64::from(failures))).await;
+                let backoff = 500 * u64::from(failures.min(20));
+                tokio::time::sleep(Duration::from_millis(backoff)).await;
             }
         }
     }
 }
+
+/// Counts the cut-over attempts of this process (failpoint `reshard_flip_lost`).
+static CUT_OVER_ATTEMPTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// One phase of a job.
 async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Result<(), JobError> {
@@ -432,7 +568,8 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
             // routed by an older one is in flight, before a row lands there.
             settle(node).await?;
             let copied = Arc::new(AtomicU64::new(0));
-            let reporter = {
+            // Aborted when the step ends — or is dropped.
+            let reporter = AbortOnDrop({
                 let node = node.clone();
                 let id = id.to_string();
                 let copied = copied.clone();
@@ -443,22 +580,14 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
                         let _ = update(&node, &id, JobPhase::Copy, n, 0, "copying").await;
                     }
                 })
-            };
+            });
             let mut total = 0;
-            let mut result = Ok(());
             for s in &plan.specs {
                 let base = total;
                 let c = copied.clone();
-                match reshard::copy(s, move |n| c.store(base + n, Ordering::Relaxed)).await {
-                    Ok(n) => total += n,
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
-                }
+                total += reshard::copy(s, move |n| c.store(base + n, Ordering::Relaxed)).await?;
             }
-            reporter.abort();
-            result?;
+            drop(reporter);
             update(node, id, JobPhase::CatchUp, total, 0, "copied").await
         }
         JobPhase::CatchUp => {
@@ -470,9 +599,7 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
                 sessions.push(Session::open(s).await?);
             }
             loop {
-                if !runs_jobs(node) {
-                    return Err(JobError::NotLeader);
-                }
+                ensure_runs(node)?;
                 let mut applied = 0;
                 let mut lag = 0;
                 let mut drained = true;
@@ -509,12 +636,18 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
         }
         JobPhase::CutOver => cut_over(node, id, rec, plan).await,
         JobPhase::Flipped => {
+            let flipped = |p: JobPhase| p == JobPhase::Flipped;
+            recheck(node, id, flipped, "lift the freeze")?;
             thaw(node, plan).await?;
             // No node may still read the range from the source.
             settle(node).await?;
             let mut deleted = 0;
             for s in &plan.specs {
+                recheck(node, id, flipped, "drop the capture")?;
                 reshard::stop_capture(s).await?;
+                // The engine checks the current routing table again before
+                // every batch (`MoveSpec::guard`).
+                recheck(node, id, flipped, "delete the source's copy")?;
                 deleted += reshard::cleanup_source(s, 10_000).await?;
             }
             update(
@@ -533,9 +666,22 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
         }
         JobPhase::Aborting => {
             abort_steps(node, plan).await?;
-            update(node, id, JobPhase::Aborted, rec.rows_copied, 0, "aborted").await
+            let (phase, note) = match rec.note.strip_prefix(GIVING_UP) {
+                Some(why) => (JobPhase::Failed, why.to_string()),
+                None => (JobPhase::Aborted, "aborted".to_string()),
+            };
+            update(node, id, phase, rec.rows_copied, 0, &note).await
         }
         JobPhase::Done | JobPhase::Aborted | JobPhase::Failed => Ok(()),
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -552,6 +698,7 @@ async fn thaw(node: &Node, plan: &Plan) -> Result<(), JobError> {
                 CatalogCommand::UnfreezeRange {
                     range: plan.range,
                     freeze: plan.freeze,
+                    operator: false,
                 },
                 PROPOSE_TIMEOUT,
             )
@@ -564,10 +711,17 @@ async fn thaw(node: &Node, plan: &Plan) -> Result<(), JobError> {
     Ok(())
 }
 
+/// Undoes a job that is Aborting (re-read from the catalog before each
+/// destructive step): thaw, delete the target's copy, drop the capture.
+/// The engine also refuses to delete on a target that owns the range.
 async fn abort_steps(node: &Node, plan: &Plan) -> Result<(), JobError> {
+    let aborting = |p: JobPhase| p == JobPhase::Aborting;
+    recheck(node, &plan.id, aborting, "lift the freeze")?;
     thaw(node, plan).await?;
     for s in &plan.specs {
+        recheck(node, &plan.id, aborting, "delete the target's copy")?;
         reshard::abort_target(s).await?;
+        recheck(node, &plan.id, aborting, "drop the capture")?;
         reshard::stop_capture(s).await?;
     }
     Ok(())
@@ -597,8 +751,15 @@ async fn cut_over(
     plan: &Plan,
 ) -> Result<(), JobError> {
     let h = &node.catalog_handle;
+    let attempt = CUT_OVER_ATTEMPTS.fetch_add(1, Ordering::Relaxed) + 1;
+    if failpoint::active(Failpoint::FlipLost) && attempt < ATTEMPTS {
+        return Err(JobError::Other(format!(
+            "failpoint reshard_flip_lost: cut-over attempt {attempt} fails before its freeze"
+        )));
+    }
     // A runner that died inside the freeze left it: writers must not wait
     // through the comparison below.
+    recheck(node, id, |p| p == JobPhase::CutOver, "lift the freeze")?;
     thaw(node, plan).await?;
     let mut sessions = Vec::new();
     for s in &plan.specs {
@@ -639,8 +800,11 @@ async fn cut_over(
     if record(node, id)?.phase != JobPhase::CutOver {
         return Ok(()); // aborted meanwhile
     }
+    ensure_runs(node)?;
     let frozen_at = Instant::now();
-    if h.catalog().freeze(plan.range.lo).is_none() {
+    if h.catalog().freeze(plan.range.lo).map(|f| f.id) != Some(plan.freeze) {
+        // Frozen by someone else: refused, and the cut-over retries (the
+        // catalog flips the range only under the job's own freeze).
         match h
             .propose(
                 CatalogCommand::FreezeRange {
@@ -660,6 +824,11 @@ async fn cut_over(
         // Every node routes by the freeze (or has stopped routing), and
         // nothing routed before it is still in flight.
         settle(node).await?;
+        ensure_runs(node)?;
+        if failpoint::active(Failpoint::HoldFreeze) {
+            tracing::warn!(job = %id, "failpoint reshard_hold_freeze: holding the freeze 3 s");
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
         let acked = frozen_at.elapsed();
         // Transactions that wrote to the range before the freeze end.
         for sess in &sessions {
@@ -671,6 +840,7 @@ async fn cut_over(
             catch_up_all(sess, k, FINAL_DRAIN_WAIT).await?;
         }
         let drained = frozen_at.elapsed();
+        ensure_runs(node)?;
         let mut rechecked = 0;
         for (sess, k) in sessions.iter().zip(&keys) {
             let v = sess.verify_keys(k).await?;
@@ -697,7 +867,14 @@ async fn cut_over(
             (drained - open_tx).as_millis(),
             (paused - drained).as_millis(),
         );
+        ensure_runs(node)?;
         update(node, id, JobPhase::Flipped, rec.rows_copied, 0, &note).await?;
+        if failpoint::active(Failpoint::FlipLost) && attempt == ATTEMPTS {
+            tracing::warn!(job = %id, "failpoint reshard_flip_lost: the flip is decided; reporting it as timed out");
+            return Err(JobError::Catalog(
+                "job_update: no answer from the catalog cluster in time (failpoint reshard_flip_lost: the flip was decided)".into(),
+            ));
+        }
         tracing::info!(job = %id, frozen_ms = frozen_at.elapsed().as_millis() as u64, "{note}");
         Ok(())
     }
@@ -779,6 +956,7 @@ async fn connect(dsn: &str, db: &str) -> Result<tokio_postgres::Client, JobError
 /// The engine's work for job `id`: one MoveSpec per database of the source
 /// that holds any sharded table.
 async fn plan(
+    node: &Arc<Node>,
     catalog: &Catalog,
     id: &str,
     rec: &JobRecord,
@@ -824,13 +1002,50 @@ async fn plan(
             tables: here,
             range: rec.spec.range,
             functions: functions.clone(),
+            guard: owner_guard(node, rec.spec.range, &rec.spec.from, &rec.spec.to),
         });
     }
     Ok(Plan {
+        id: id.to_string(),
         specs,
         range: rec.spec.range,
         from: rec.spec.from.clone(),
-        freeze: freeze_id(id),
+        freeze: FreezeId::for_job(id),
+    })
+}
+
+/// The engine's owner check for a job moving `range` from `from` to `to`:
+/// a server may lose (or get overwritten) rows of the range only while
+/// its shard owns no part of it — neither reads nor writes — in the
+/// catalog as this node has applied it at that moment.
+fn owner_guard(node: &Arc<Node>, range: Span, from: &str, to: &str) -> OwnerGuard {
+    let node = node.clone();
+    let (from, to) = (from.to_string(), to.to_string());
+    OwnerGuard::new(move |side| {
+        let shard = match side {
+            Side::Source => &from,
+            Side::Target => &to,
+        };
+        let catalog = node.catalog_handle.catalog();
+        let snap = catalog
+            .snapshot()
+            .ok_or_else(|| "the node has no routing table".to_string())?;
+        let owned = snap.ranges().iter().find(|r| {
+            let s = r.span();
+            u128::from(s.lo) < range.end()
+                && u128::from(range.lo) < s.end()
+                && (r.read_owner.as_str() == shard || r.write_owner.as_str() == shard)
+        });
+        match owned {
+            Some(r) => Err(format!(
+                "shard {shard} owns range {} (reads {}, writes {}) in the routing table of epoch {}",
+                r.span(),
+                r.read_owner,
+                r.write_owner,
+                snap.epoch()
+            )),
+            None => Ok(()),
+        }
     })
 }
 
@@ -855,6 +1070,19 @@ pub(crate) fn routes() -> Router<Api> {
         .route("/v1/reshard/drain", post(drain))
 }
 
+/// Reshard requests need a catalog that survives a restart: a job's
+/// phase is what tells the next runner whether the range has flipped, and
+/// a node that forgot it would resume (or abort) a job against the wrong
+/// owner. 409 on a node alone without `data_dir`.
+fn require_durable(api: &Api) -> Result<(), ApiError> {
+    if api.node.catalog_handle.is_durable() {
+        return Ok(());
+    }
+    Err(ApiError::conflict(
+        "reshard jobs need a durable catalog: this node runs without data_dir (its catalog is in memory and a restart would forget a job's progress and the range's owner); set data_dir (or run a [cluster]) and restart the node",
+    ))
+}
+
 #[derive(Deserialize)]
 struct MoveReq {
     lo: u64,
@@ -869,6 +1097,7 @@ async fn reshard_move(
     Json(req): Json<MoveReq>,
 ) -> ApiResult {
     authorize(&api, &headers)?;
+    require_durable(&api)?;
     let r = api.range_at(req.lo)?;
     let job = req
         .job
@@ -901,6 +1130,7 @@ async fn reshard_split(
     Json(req): Json<SplitReq>,
 ) -> ApiResult {
     authorize(&api, &headers)?;
+    require_durable(&api)?;
     let r = api.range_at(req.lo)?;
     let span = r.span();
     let at = match req.at {
@@ -999,6 +1229,9 @@ struct AddShardReq {
     dsn: String,
     #[serde(default)]
     rebalance: bool,
+    /// Plan only: answer the moves `rebalance` would start, change nothing.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 /// A connection string with `dbname` set (key=value form, as libpq and
@@ -1183,10 +1416,34 @@ async fn add_shard(
     Json(req): Json<AddShardReq>,
 ) -> ApiResult {
     authorize(&api, &headers)?;
+    require_durable(&api)?;
     let snap = api.snapshot()?;
     let fail =
         |e: JobError| ApiError::new(StatusCode::CONFLICT, format!("add-shard {}: {e}", req.name));
     connect(&req.dsn, "postgres").await.map_err(fail)?;
+    if req.dry_run {
+        if snap.shards().any(|s| s.id.as_str() == req.name) {
+            return Err(ApiError::conflict(format!(
+                "shard {} exists already",
+                req.name
+            )));
+        }
+        let plan = if req.rebalance {
+            let mut shards = rebalance::shard_names(&snap);
+            shards.push(req.name.clone());
+            plan_json(&snap, &shards, |loads, shards| {
+                rebalance::plan_onto(loads, shards, &req.name)
+            })
+            .await
+            .map_err(fail)?
+            .0
+        } else {
+            json!({ "moves": [] })
+        };
+        let mut v = json!({ "shard": req.name, "dry_run": true });
+        merge(&mut v, plan);
+        return Ok(Json(v));
+    }
     let home_dsn = snap
         .shard(snap.home_shard())
         .map(|s| s.dsn.clone())
@@ -1214,64 +1471,79 @@ async fn add_shard(
             copied.push(json!({ "database": db, "table": t, "rows": n }));
         }
     }
-    let jobs = if req.rebalance {
-        rebalance(&api, &req.name).await?
-    } else {
-        Vec::new()
-    };
-    Ok(Json(
-        json!({ "shard": req.name, "reference_copied": copied, "jobs": jobs }),
-    ))
+    let mut v = json!({ "shard": req.name, "reference_copied": copied, "jobs": [] });
+    if req.rebalance {
+        let snap = api.snapshot()?;
+        let shards = rebalance::shard_names(&snap);
+        let (plan, moves) = plan_json(&snap, &shards, |loads, shards| {
+            rebalance::plan_onto(loads, shards, &req.name)
+        })
+        .await
+        .map_err(fail)?;
+        let jobs = start_moves(&api, moves, "rebalance").await?;
+        merge(&mut v, plan);
+        v["jobs"] = json!(jobs);
+    }
+    Ok(Json(v))
 }
 
-/// Starts jobs moving ranges onto `to` until it holds its share (splitting
-/// ranges of the busiest shard when there are fewer ranges than shards).
-async fn rebalance(api: &Api, to: &str) -> Result<Vec<String>, ApiError> {
+/// Sets the keys of `extra` in `v`.
+fn merge(v: &mut Value, extra: Value) {
+    if let (Some(v), Value::Object(extra)) = (v.as_object_mut(), extra) {
+        v.extend(extra);
+    }
+}
+
+/// The rows of every range now, a plan made of them by `plan`, and its
+/// moves with their split points, as JSON: `basis`, `rows` (per shard),
+/// `total_rows`, `moves` (`lo`, `hi`, `from`, `to`, `rows`, `split_of`).
+/// Read-only.
+async fn plan_json(
+    snap: &RoutingSnapshot,
+    shards: &[String],
+    plan: impl FnOnce(&[rebalance::Load], &[String]) -> Vec<rebalance::Take>,
+) -> Result<(Value, Vec<rebalance::Move>), JobError> {
+    let (loads, basis) = rebalance::loads(snap).await?;
+    let takes = plan(&loads, shards);
+    let moves = rebalance::resolve(snap, &loads, &takes, basis).await?;
+    let per = rebalance::per_shard(&loads, shards);
+    let total: u64 = per.values().sum();
+    let v = json!({
+        "basis": basis,
+        "rows": per,
+        "total_rows": total,
+        "share": total / (shards.len().max(1) as u64),
+        "moves": moves,
+    });
+    Ok((v, moves))
+}
+
+/// Starts `moves` (from [`plan_json`]): a move cut from a larger range
+/// splits it first. Returns the job ids.
+async fn start_moves(
+    api: &Api,
+    moves: Vec<rebalance::Move>,
+    kind: &str,
+) -> Result<Vec<String>, ApiError> {
     let mut jobs = Vec::new();
-    for _ in 0..64 {
-        let snap = api.snapshot()?;
-        let shards = snap.shards().count();
-        let ranges = snap.ranges();
-        let count = |s: &str| {
-            ranges
-                .iter()
-                .filter(|r| r.write_owner.as_str() == s)
-                .count()
-        };
-        let share = ranges.len() / shards.max(1);
-        if count(to) + jobs.len() >= share.max(1) {
-            break;
+    for m in moves {
+        if let Some(of) = m.split_of {
+            api.propose(CatalogCommand::SplitRange {
+                range: Span {
+                    lo: of.lo,
+                    hi: of.hi,
+                },
+                at: m.lo,
+            })
+            .await?;
         }
-        // The busiest other shard's largest active range.
-        let busiest = snap
-            .shards()
-            .filter(|s| s.id.as_str() != to)
-            .max_by_key(|s| count(s.id.as_str()))
-            .map(|s| s.id.as_str().to_string())
-            .ok_or_else(|| ApiError::bad("no other shard"))?;
-        let Some(r) = ranges
-            .iter()
-            .filter(|r| r.write_owner.as_str() == busiest && r.status == RangeStatus::Active)
-            .max_by_key(|r| r.span().len())
-            .cloned()
-        else {
-            break;
-        };
-        if ranges.len() < shards {
-            let span = r.span();
-            let at = u64::try_from(u128::from(span.lo) + span.len() / 2)
-                .map_err(|_| ApiError::bad("range too small to split"))?;
-            api.propose(CatalogCommand::SplitRange { range: span, at })
-                .await?;
-            continue;
-        }
-        let job = format!("rebalance_{:x}_{:x}", r.lo, rand::random::<u32>());
+        let job = format!("{kind}_{:x}_{:x}", m.lo, rand::random::<u32>());
         api.propose(CatalogCommand::JobStart {
             job: job.clone(),
             spec: hotrepart_routing_paxos::JobSpec {
-                range: r.span(),
-                from: busiest,
-                to: to.to_string(),
+                range: m.span(),
+                from: m.from.clone(),
+                to: m.to.clone(),
             },
         })
         .await?;
@@ -1283,12 +1555,16 @@ async fn rebalance(api: &Api, to: &str) -> Result<Vec<String>, ApiError> {
 #[derive(Deserialize)]
 struct DrainReq {
     shard: String,
+    /// Plan only: answer the moves, change nothing.
+    #[serde(default)]
+    dry_run: bool,
 }
 
-/// Starts jobs moving every range of a shard to the others (fewest ranges
-/// first).
+/// Starts jobs moving every range of a shard to the others: the largest
+/// range first, each to the shard holding the fewest rows then.
 async fn drain(State(api): State<Api>, headers: HeaderMap, Json(req): Json<DrainReq>) -> ApiResult {
     authorize(&api, &headers)?;
+    require_durable(&api)?;
     let snap = api.snapshot()?;
     if snap.home_shard().as_str() == req.shard {
         return Err(ApiError::conflict(format!(
@@ -1296,54 +1572,24 @@ async fn drain(State(api): State<Api>, headers: HeaderMap, Json(req): Json<Drain
             req.shard
         )));
     }
-    let others: Vec<String> = snap
-        .shards()
-        .map(|s| s.id.as_str().to_string())
-        .filter(|s| *s != req.shard)
-        .collect();
-    if others.is_empty() || others.len() == snap.shards().count() {
+    let shards = rebalance::shard_names(&snap);
+    if shards.len() < 2 || !shards.contains(&req.shard) {
         return Err(ApiError::bad(format!(
             "unknown shard {} or no other shard",
             req.shard
         )));
     }
-    let mut counts: std::collections::BTreeMap<String, usize> = others
-        .iter()
-        .map(|s| {
-            let n = snap
-                .ranges()
-                .iter()
-                .filter(|r| r.write_owner.as_str() == s)
-                .count();
-            (s.clone(), n)
-        })
-        .collect();
-    let mut jobs = Vec::new();
-    for r in snap
-        .ranges()
-        .iter()
-        .filter(|r| r.write_owner.as_str() == req.shard)
-    {
-        if r.status != RangeStatus::Active {
-            continue; // moving already
-        }
-        let to = counts
-            .iter()
-            .min_by_key(|(_, n)| **n)
-            .map(|(s, _)| s.clone())
-            .unwrap_or_default();
-        *counts.entry(to.clone()).or_default() += 1;
-        let job = format!("drain_{:x}_{:x}", r.lo, rand::random::<u32>());
-        api.propose(CatalogCommand::JobStart {
-            job: job.clone(),
-            spec: hotrepart_routing_paxos::JobSpec {
-                range: r.span(),
-                from: req.shard.clone(),
-                to,
-            },
-        })
-        .await?;
-        jobs.push(job);
+    let (plan, moves) = plan_json(&snap, &shards, |loads, shards| {
+        rebalance::plan_drain(loads, shards, &req.shard)
+    })
+    .await
+    .map_err(|e| ApiError::conflict(format!("drain {}: {e}", req.shard)))?;
+    let mut v = json!({ "shard": req.shard });
+    if req.dry_run {
+        v["dry_run"] = json!(true);
+    } else {
+        v["jobs"] = json!(start_moves(&api, moves, "drain").await?);
     }
-    Ok(Json(json!({ "shard": req.shard, "jobs": jobs })))
+    merge(&mut v, plan);
+    Ok(Json(v))
 }

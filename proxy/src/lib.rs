@@ -9,7 +9,8 @@
 //! [`functions`] (WebAssembly routing functions compiled and attached to
 //! snapshots), [`session`] (the per-client forwarding state machine),
 //! [`twopc`] (two-phase commit and its resolver), [`node`] (listener and
-//! handshake), [`cluster`] (the replicated catalog the node follows),
+//! handshake), [`supervisor`] (the node's background tasks, restarted when
+//! they fail), [`cluster`] (the replicated catalog the node follows),
 //! [`admin`] (the HTTP admin API `proxyctl` talks to), [`localpg`] and
 //! [`demo`] (local PostgreSQL servers), [`reshard`] (the data-movement
 //! engine of `proxyctl reshard`), [`jobs`] (reshard jobs run by the leader),
@@ -25,6 +26,7 @@ pub mod config;
 pub mod copy;
 pub mod demo;
 pub mod explain;
+pub mod failpoint;
 pub mod functions;
 pub mod jobs;
 pub mod loadtest;
@@ -38,6 +40,7 @@ pub mod routing;
 pub mod scatter;
 pub mod session;
 pub mod state;
+pub mod supervisor;
 pub mod twopc;
 pub mod wire;
 

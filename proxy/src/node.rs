@@ -106,6 +106,9 @@ pub struct Node {
     /// routed by ([`Node::pin`], [`Node::fence`]).
     pins: Mutex<std::collections::BTreeMap<u64, usize>>,
     unpinned: tokio::sync::Notify,
+    /// The node's background tasks (resolver, job supervisor, catalog
+    /// follower), restarted when they fail; their state is in `/v1/status`.
+    pub tasks: Arc<crate::supervisor::Supervisor>,
 }
 
 /// A statement (or a batch of them) routed by the routing table of
@@ -329,6 +332,7 @@ impl Node {
             decisions,
             pins: Mutex::new(Default::default()),
             unpinned: tokio::sync::Notify::new(),
+            tasks: Default::default(),
         }))
     }
 
@@ -618,15 +622,44 @@ impl Node {
             })
     }
 
-    /// Accepts clients until `shutdown` turns true.
+    /// Starts the node's long-running background tasks through its
+    /// supervisor: the catalog follower (after publishing the current
+    /// routing table), the 2PC resolver and the reshard job supervisor.
+    pub fn start_background(self: &Arc<Self>, shutdown: &watch::Receiver<bool>) {
+        crate::cluster::publish_now(self, &self.catalog_handle);
+        let node = self.clone();
+        let stop = shutdown.clone();
+        self.tasks
+            .spawn("catalog_follower", shutdown.clone(), move || {
+                crate::cluster::follow(node.clone(), node.catalog_handle.clone(), stop.clone())
+            });
+        let node = self.clone();
+        let stop = shutdown.clone();
+        self.tasks
+            .spawn("twopc_resolver", shutdown.clone(), move || {
+                let (node, stop) = (node.clone(), stop.clone());
+                async move {
+                    crate::twopc::run_resolver(node, stop).await;
+                    Ok(())
+                }
+            });
+        let node = self.clone();
+        let stop = shutdown.clone();
+        self.tasks
+            .spawn("job_supervisor", shutdown.clone(), move || {
+                crate::jobs::supervise(node.clone(), stop.clone())
+            });
+    }
+
+    /// Accepts clients until `shutdown` turns true. Starts the node's
+    /// background tasks first, each supervised (restarted when it fails:
+    /// [`crate::supervisor`]).
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        crate::cluster::follow(self.clone(), self.catalog_handle.clone());
-        tokio::spawn(crate::twopc::run_resolver(self.clone(), shutdown.clone()));
-        crate::jobs::spawn_supervisor(self.clone(), shutdown.clone());
+        self.start_background(&shutdown);
         loop {
             tokio::select! {
                 r = listener.accept() => match r {

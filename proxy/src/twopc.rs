@@ -35,6 +35,7 @@
 //! resolver rolls back the shards not yet committed).
 
 use crate::backend::{BackendConn, BackendTarget, HiddenQueryError};
+use crate::failpoint::{self, abort_at, Failpoint};
 use crate::node::Node;
 use crate::pool::Pool;
 use crate::session::{Refusal, Session};
@@ -140,37 +141,6 @@ impl DecisionLog for LocalDecisions {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(gid);
-    }
-}
-
-/// Points where a test makes the node die (`HOTREPART_FAILPOINT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failpoint {
-    /// Every written shard prepared, no decision recorded.
-    AfterPrepare,
-    /// The decision is recorded, no COMMIT PREPARED sent.
-    AfterDecision,
-    /// The first shard committed, the others are still prepared.
-    AfterFirstCommit,
-}
-
-fn configured_failpoint() -> Option<Failpoint> {
-    static FP: OnceLock<Option<Failpoint>> = OnceLock::new();
-    *FP.get_or_init(
-        || match std::env::var("HOTREPART_FAILPOINT").ok()?.as_str() {
-            "twopc_after_prepare" => Some(Failpoint::AfterPrepare),
-            "twopc_after_decision" => Some(Failpoint::AfterDecision),
-            "twopc_after_first_commit" => Some(Failpoint::AfterFirstCommit),
-            _ => None,
-        },
-    )
-}
-
-/// Aborts the process at `p` when `HOTREPART_FAILPOINT` names it (read once).
-pub(crate) fn failpoint(p: Failpoint) {
-    if configured_failpoint() == Some(p) {
-        tracing::error!(failpoint = ?p, "HOTREPART_FAILPOINT: aborting the process");
-        std::process::abort();
     }
 }
 
@@ -329,7 +299,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         return Err(r);
     }
-    failpoint(Failpoint::AfterPrepare);
+    abort_at(Failpoint::AfterPrepare);
 
     // The decision: the commit point.
     let commit = match record(&node, &gid, true).await {
@@ -355,7 +325,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
     };
-    failpoint(Failpoint::AfterDecision);
+    abort_at(Failpoint::AfterDecision);
 
     // Phase 2.
     let sql = if commit {
@@ -364,14 +334,14 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
         format!("ROLLBACK PREPARED '{gid}'")
     };
     let mut pending = Vec::new();
-    if configured_failpoint() == Some(Failpoint::AfterFirstCommit) {
+    if failpoint::active(Failpoint::AfterFirstCommit) {
         // One shard after the other, so that exactly one has committed when
         // the failpoint fires.
         for (i, &t) in prepared.iter().enumerate() {
             if !finish_on(s, t, &sql).await {
                 pending.push(name(t));
             } else if commit && i == 0 {
-                failpoint(Failpoint::AfterFirstCommit);
+                abort_at(Failpoint::AfterFirstCommit);
             }
         }
     } else {
@@ -541,8 +511,8 @@ pub const RESOLVER_APPLICATION_NAME: &str = "hotrepart resolver";
 /// resolver, finishes the prepared `hr_` transactions older than
 /// `twopc_grace_ms` on every shard (any node's with a shared decision log:
 /// a crashed node cannot; see [`DecisionLog::may_resolve`]). Keeps one
-/// connection per shard. Spawned by [`Node::serve`]; ends when `shutdown`
-/// turns true.
+/// connection per shard. Started by [`Node::serve`] under the node's
+/// supervisor (restarted if it fails); ends when `shutdown` turns true.
 pub async fn run_resolver(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     let every = Duration::from_millis(node.cfg.twopc_resolver_interval_ms.max(10));
     let mut conns: Vec<Option<BackendConn>> = Vec::new();
@@ -637,7 +607,9 @@ pub async fn resolve_shard(
         node.cfg.twopc_grace_ms
     );
     let rows = b.hidden_query(&q).await?;
-    let shard = &node.cfg.shards[t].name;
+    // `t` is an index of the node's shard table (the catalog's shards,
+    // which grow at run time), never of the configuration file's list.
+    let shard = node.shard_name(t);
     let mut done = Vec::new();
     for row in rows {
         let (Some(Some(gid)), Some(Some(db))) = (row.first(), row.get(1)) else {

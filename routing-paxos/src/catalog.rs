@@ -235,6 +235,15 @@ pub enum Rejected {
         /// The id in the command.
         given: FreezeId,
     },
+    /// An operator's UnfreezeRange of the freeze of a reshard job that has
+    /// not ended.
+    #[error("key range {range} is frozen by reshard job {job:?}, which has not ended: only the job lifts its own freeze (to end it, abort the job: `proxyctl jobs abort {job}`)")]
+    FrozenByJob {
+        /// The range.
+        range: Span,
+        /// The job.
+        job: String,
+    },
     /// A GID PostgreSQL would not accept.
     #[error("invalid transaction id {gid:?}: {reason}")]
     InvalidGid {
@@ -387,7 +396,11 @@ impl Catalog {
                 write_owner,
             } => self.assign_range(*range, read_owner, write_owner),
             CatalogCommand::FreezeRange { range, freeze } => self.freeze_range(*range, *freeze),
-            CatalogCommand::UnfreezeRange { range, freeze } => self.unfreeze_range(*range, *freeze),
+            CatalogCommand::UnfreezeRange {
+                range,
+                freeze,
+                operator,
+            } => self.unfreeze_range(*range, *freeze, *operator),
             CatalogCommand::UploadFunction { name, wasm } => self.upload_function(name, wasm),
             CatalogCommand::RemoveFunction { name } => self.remove_function(name),
             CatalogCommand::SetTableFunction { table, function } => {
@@ -596,7 +609,12 @@ impl Catalog {
         Ok(applied)
     }
 
-    fn unfreeze_range(&mut self, range: Span, id: FreezeId) -> Result<Applied, Rejected> {
+    fn unfreeze_range(
+        &mut self,
+        range: Span,
+        id: FreezeId,
+        operator: bool,
+    ) -> Result<Applied, Rejected> {
         let snap = self.current()?;
         let i = find_range(snap, range)?;
         let freeze = self
@@ -611,11 +629,29 @@ impl Catalog {
                 given: id,
             });
         }
+        if operator {
+            if let Some(job) = self.live_job_freezing(range, freeze.id) {
+                return Err(Rejected::FrozenByJob {
+                    range,
+                    job: job.to_owned(),
+                });
+            }
+        }
         let mut parts = Parts::of(snap);
         parts.ranges[i].status = freeze.previous;
         let applied = self.publish(parts)?;
         self.freezes.remove(&range.lo);
         Ok(applied)
+    }
+
+    /// The reshard job, not ended, of range `range` whose freeze is `id`.
+    pub fn live_job_freezing(&self, range: Span, id: FreezeId) -> Option<&str> {
+        self.jobs
+            .iter()
+            .find(|(job, r)| {
+                !r.phase.is_final() && r.spec.range == range && FreezeId::for_job(job) == id
+            })
+            .map(|(job, _)| job.as_str())
     }
 
     /// The first table that uses the module stored under `name`, unless
@@ -774,10 +810,13 @@ impl Catalog {
             return Err(bad(format!("the job has ended ({})", from.name())));
         }
         let allowed = match phase {
-            // Abort is possible only before the flip.
-            JobPhase::Aborting => from <= JobPhase::CutOver || from == JobPhase::Aborting,
+            // Abort is possible only before the flip; so is a failure:
+            // once the range is the target's, undoing the job would delete
+            // the new owner's rows. After the flip a job only goes on
+            // (Flipped) and ends Done.
+            JobPhase::Aborting => from < JobPhase::Flipped || from == JobPhase::Aborting,
             JobPhase::Aborted => from == JobPhase::Aborting,
-            JobPhase::Failed => true,
+            JobPhase::Failed => from < JobPhase::Flipped || from == JobPhase::Aborting,
             // An aborting job only ends aborted (or failed).
             _ if from == JobPhase::Aborting => false,
             // Done needs the flip.
@@ -785,8 +824,13 @@ impl Catalog {
             p => p >= from,
         };
         if !allowed {
+            let why = if from == JobPhase::Flipped {
+                "; the range belongs to the target since the flip, so the job can only go on to done"
+            } else {
+                ""
+            };
             return Err(bad(format!(
-                "cannot go from phase {} to {}",
+                "cannot go from phase {} to {}{why}",
                 from.name(),
                 phase.name()
             )));
@@ -800,6 +844,26 @@ impl Catalog {
             // before it can never flip (and one flipped never aborts).
             if from != JobPhase::CutOver {
                 return Err(bad(format!("cannot flip from phase {}", from.name())));
+            }
+            // Only under the job's own freeze: the runner verified the
+            // range while every write to it waited. A freeze lifted since
+            // (an operator's unfreeze, another runner's thaw) let writes
+            // reach the source that the verification did not see.
+            let own = FreezeId::for_job(job);
+            match self.freezes.get(&spec.range.lo) {
+                Some(f) if f.id == own => {}
+                Some(f) => {
+                    return Err(bad(format!(
+                        "cannot flip: range {} is frozen by {}, not by the job's own freeze {own}",
+                        spec.range, f.id
+                    )))
+                }
+                None => {
+                    return Err(bad(format!(
+                        "cannot flip: range {} is no longer frozen by the job's freeze {own} (lifted since the verification: writes may have reached the source); the cut-over must run again",
+                        spec.range
+                    )))
+                }
             }
             let snap = self.current()?;
             let i = find_range(snap, spec.range)?;

@@ -24,6 +24,20 @@ use sha2::{Digest, Sha256};
 #[serde(transparent)]
 pub struct FreezeId(pub u64);
 
+impl FreezeId {
+    /// The freeze of reshard job `job`'s cut-over: the same on every node
+    /// and across restarts (FNV-1a of the id, top bit set), so the catalog
+    /// can tell a job's freeze from any other (`JobUpdate` to Flipped
+    /// requires it; an operator's `UnfreezeRange` of it is refused while
+    /// the job lives).
+    pub fn for_job(job: &str) -> FreezeId {
+        let h = job.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
+            (h ^ u64::from(c)).wrapping_mul(0x0100_0000_01b3)
+        });
+        FreezeId(h | 1 << 63)
+    }
+}
+
 impl fmt::Display for FreezeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "freeze#{}", self.0)
@@ -256,13 +270,22 @@ pub enum CatalogCommand {
         freeze: FreezeId,
     },
     /// Ends the freeze `freeze` of a range; the range gets back the status
-    /// it had before.
+    /// it had before. An operator's unfreeze (`operator`) of the freeze of
+    /// a reshard job that has not ended ([`FreezeId::for_job`]) is refused:
+    /// it would let writes reach the source while the job verifies and
+    /// flips; the job's runner lifts its freeze itself. (A marker on the
+    /// operator's command rather than on the runner's, so that entries
+    /// already in a log apply as they always did.)
     UnfreezeRange {
         /// The range's exact current bounds.
         #[serde(with = "SpanDef")]
         range: Span,
         /// The freeze being ended.
         freeze: FreezeId,
+        /// Asked by an operator (`proxyctl range unfreeze`), not by the
+        /// holder of the freeze.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        operator: bool,
     },
     /// Stores the WebAssembly routing function `wasm` under `name` (by id,
     /// the module's SHA-256). The module must be validated *before* it is
@@ -307,8 +330,11 @@ pub enum CatalogCommand {
         spec: JobSpec,
     },
     /// Records a reshard job's progress: its phase (phases only go forward;
-    /// Aborting only before the flip), the node running it, and figures.
-    /// Ending the job (Done, Aborted, Failed) makes its range Active again.
+    /// Aborting, Aborted and Failed only before the flip — or Aborted and
+    /// Failed after Aborting), the node running it, and figures. Flipped
+    /// (from CutOver) flips the owner and is accepted only while the range
+    /// is frozen by the job's own freeze ([`FreezeId::for_job`]). Ending
+    /// the job (Done, Aborted, Failed) makes its range Active again.
     JobUpdate {
         /// The job.
         job: String,

@@ -120,4 +120,4 @@ pub use service::{
     CatalogHandle, ClusterSettings, ClusterStatus, LeaseStatus, Membership, PeerStatus,
     ProposeError, ReconfigureError, ServiceError,
 };
-pub use storage::{SharedStorage, StorageError};
+pub use storage::{DirLock, SharedStorage, StorageError};

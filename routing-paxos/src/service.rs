@@ -41,7 +41,7 @@ use crate::entry::{CatalogEntry, CatalogSnapshot, Outcome, ProposalId, StateMach
 use crate::lease::Leases;
 use crate::net::{Net, NetConfig, NetEvent, Wire};
 use crate::replica::{Replica, ReplicaConfig, ReplicaError, Ticket};
-use crate::storage::{SharedStorage, StorageError};
+use crate::storage::{DirLock, SharedStorage, StorageError};
 
 /// How one node joins the catalog cluster. `Debug` does not print the
 /// secret.
@@ -367,6 +367,8 @@ enum Request {
 /// A single node's catalog without replication.
 struct LocalState {
     state: StateMachine,
+    /// The data directory's lock, held as long as the catalog is open.
+    _lock: Option<DirLock>,
     storage: Option<SharedStorage>,
     incarnation: u64,
     next_seq: u64,
@@ -420,6 +422,9 @@ impl CatalogHandle {
         seed: Option<CatalogSeed>,
         data_dir: Option<&Path>,
     ) -> Result<CatalogHandle, ServiceError> {
+        // Locked before anything is read: a second process must not even
+        // replay a journal the first one is writing.
+        let lock = data_dir.map(DirLock::acquire).transpose()?;
         let storage = data_dir.map(SharedStorage::open).transpose()?;
         let mut state = StateMachine::new();
         let mut incarnation = 1;
@@ -452,6 +457,7 @@ impl CatalogHandle {
         shared.lease_until.store(u64::MAX, Ordering::Release);
         let mut local = LocalState {
             state,
+            _lock: lock,
             storage,
             incarnation,
             next_seq: 1,
@@ -505,6 +511,9 @@ impl CatalogHandle {
                 "tick must be positive and lease at least 8 ticks".into(),
             ));
         }
+        // The data directory is this process's for as long as the driver
+        // runs (see `DirLock`).
+        let lock = DirLock::acquire(&settings.data_dir)?;
         // The configuration: from disk once there is one, else the seed
         // membership from the settings (or none yet, for a joining node).
         let saved = read_membership(&settings.data_dir)?;
@@ -580,6 +589,7 @@ impl CatalogHandle {
         let mut leases = Leases::new(member_peers, lease_ms);
         leases.set_applied(shared.now_ms(), applied);
         let mut driver = Driver {
+            _lock: lock,
             shared: shared.clone(),
             replica,
             retired: Vec::new(),
@@ -884,6 +894,20 @@ impl CatalogHandle {
         }
     }
 
+    /// Whether the catalog survives a restart of this process: a cluster
+    /// replica always keeps it in its data directory; a local handle only
+    /// when it was opened with one.
+    pub fn is_durable(&self) -> bool {
+        match &self.inner.mode {
+            Mode::Local(l) => l
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .storage
+                .is_some(),
+            Mode::Cluster { .. } => true,
+        }
+    }
+
     /// This node's id (1 for a local handle).
     pub fn node_id(&self) -> u64 {
         self.inner.shared.node_id
@@ -951,6 +975,8 @@ impl LocalState {
 
 /// The driver task's state.
 struct Driver {
+    /// The data directory's lock: released when the driver ends.
+    _lock: DirLock,
     shared: Arc<Shared>,
     /// The replica of the current configuration; `None` while joining or
     /// once removed.

@@ -134,6 +134,62 @@ pub enum StorageError {
         /// What is wrong.
         what: String,
     },
+    /// Another process holds the data directory's lock.
+    #[error("data_dir {} is in use by another hotrepart process{}: two processes on one data_dir would break the catalog's consensus (Paxos) safety; stop the other process or give this node its own data_dir", dir.display(), pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// The pid the holder wrote into the lock file, if readable.
+        pid: Option<u32>,
+    },
+}
+
+/// Name of the lock file in a data directory.
+pub const LOCK_FILE: &str = "hotrepart.lock";
+
+/// An exclusive advisory lock (`flock`) on a data directory's
+/// [`LOCK_FILE`], held until dropped (for a process that dies, the kernel
+/// drops it). The holder's pid is written into the file, so that a
+/// second process can name it. Two processes writing one catalog journal
+/// would each make promises the other does not know of — the end of
+/// consensus safety — so every catalog on disk is opened under this lock.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Takes the lock of `dir` (created if missing), or fails at once with
+    /// [`StorageError::Locked`] when another process (or another handle of
+    /// this one) holds it.
+    pub fn acquire(dir: &Path) -> Result<DirLock, StorageError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(StorageError::Locked {
+                    dir: dir.to_owned(),
+                    pid: text.trim().parse().ok(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+        }
+        file.set_len(0).map_err(io(&path))?;
+        file.write_all(format!("{}\n", std::process::id()).as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(io(&path))?;
+        Ok(DirLock { _file: file })
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {

@@ -804,3 +804,22 @@ async fn nodes_are_added_and_removed() {
         h.shutdown().await;
     }
 }
+
+#[test]
+fn a_local_catalog_directory_is_opened_by_one_handle_at_a_time() {
+    let dir = TempDir::new("local-lock");
+    let h = CatalogHandle::local(Some(seed(1)), Some(&dir.0)).expect("local");
+    assert!(h.is_durable());
+    let e = CatalogHandle::local(Some(seed(1)), Some(&dir.0)).expect_err("second handle");
+    assert!(
+        e.to_string()
+            .contains("in use by another hotrepart process"),
+        "{e}"
+    );
+    drop(h);
+    let h = CatalogHandle::local(None, Some(&dir.0)).expect("reopened after the first closed");
+    assert_eq!(h.applied_index(), 1);
+    assert!(!CatalogHandle::local(None, None)
+        .expect("memory")
+        .is_durable());
+}

@@ -1170,7 +1170,11 @@ fn random_command(rng: &mut Rng, view: &Catalog) -> CatalogCommand {
                 Some(f) if rng.chance(800) => f.id,
                 _ => FreezeId(rng.below(4)),
             };
-            CatalogCommand::UnfreezeRange { range, freeze }
+            CatalogCommand::UnfreezeRange {
+                range,
+                freeze,
+                operator: false,
+            }
         }
         85..=89 if !spans.is_empty() => CatalogCommand::Bootstrap(seed_catalog(0)),
         _ => CatalogCommand::TxDecision {

@@ -73,6 +73,26 @@ pub struct ProcNode {
 }
 
 impl ProcNode {
+    /// A node process run from `config` (not started), for tests that
+    /// write their own configuration; `port` and `admin_port` are the
+    /// ports it names (it is ready once the admin port answers).
+    pub fn from_config(config: PathBuf, log: PathBuf, port: u16, admin_port: u16) -> ProcNode {
+        ProcNode {
+            id: 1,
+            port,
+            peer_port: 0,
+            admin_port,
+            config,
+            log,
+            child: None,
+        }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts (or restarts) the process; returns once it accepts clients.
     pub fn start(&mut self) {
         self.start_with_env(&[]);

@@ -97,19 +97,28 @@ enum ReshardCmd {
         wait: bool,
     },
     /// Add a shard: its schema and reference tables are copied; with
-    /// --rebalance, ranges move onto it until it holds its share.
+    /// --rebalance, rows move onto it (ranges split where needed) until it
+    /// holds about its share of the rows (1 / number of shards).
     AddShard {
         name: String,
         #[arg(long)]
         dsn: String,
         #[arg(long)]
         rebalance: bool,
+        /// Print the moves --rebalance would make (range, from, to,
+        /// estimated rows) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         wait: bool,
     },
-    /// Move every range of a shard to the others.
+    /// Move every range of a shard to the others (largest first, each to
+    /// the shard with the fewest rows).
     Drain {
         shard: String,
+        /// Print the moves and change nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         wait: bool,
     },
@@ -219,7 +228,8 @@ enum RangeCmd {
         #[arg(long)]
         to: String,
     },
-    /// Thaw a range left frozen by a job or request whose node died.
+    /// Thaw a range left frozen by a request whose node died (a live
+    /// reshard job's freeze is refused: abort the job instead).
     Unfreeze { lo: u64 },
 }
 
@@ -412,18 +422,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     name,
                     dsn,
                     rebalance,
+                    dry_run,
                     wait,
                 } => (
                     api.call(
                         "POST",
                         "/v1/reshard/add-shard",
-                        Some(json!({ "name": name, "dsn": dsn, "rebalance": rebalance })),
+                        Some(
+                            json!({ "name": name, "dsn": dsn, "rebalance": rebalance, "dry_run": dry_run }),
+                        ),
                     )?,
-                    wait,
+                    wait && !dry_run,
                 ),
-                ReshardCmd::Drain { shard, wait } => (
-                    api.call("POST", "/v1/reshard/drain", Some(json!({ "shard": shard })))?,
+                ReshardCmd::Drain {
+                    shard,
+                    dry_run,
                     wait,
+                } => (
+                    api.call(
+                        "POST",
+                        "/v1/reshard/drain",
+                        Some(json!({ "shard": shard, "dry_run": dry_run })),
+                    )?,
+                    wait && !dry_run,
                 ),
             };
             if let (true, Some(id)) = (wait, v["job"].as_str()) {
@@ -436,15 +457,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             (v, |v: &Value| {
+                let plan = show_plan(v);
                 match (v["job"].as_str(), v["jobs"].as_array()) {
                     (Some(id), _) => {
                         format!("job {id} started; follow it with `proxyctl jobs watch {id}`")
                     }
                     (None, Some(list)) => format!(
-                        "{} job(s) started: {}; see `proxyctl jobs`",
+                        "{plan}{} job(s) started: {}; see `proxyctl jobs`",
                         list.len(),
                         list.iter().map(s).collect::<Vec<_>>().join(", ")
                     ),
+                    _ if v["dry_run"] == json!(true) => {
+                        format!("{plan}dry run: nothing was changed")
+                    }
                     _ => format!("ok {v}"),
                 }
             })
@@ -623,6 +648,93 @@ fn show_status(v: &Value) -> String {
         out.push('\n');
         out.push_str(&table(&["PEER", "ADDR", "CONNECTED", "APPLIED"], rows));
     }
+    if let Some(tasks) = v["tasks"].as_array() {
+        let rows = tasks
+            .iter()
+            .map(|t| {
+                vec![
+                    s(&t["name"]),
+                    s(&t["state"]).to_uppercase(),
+                    s(&t["restarts"]),
+                    since(&t["since_ms"]),
+                    s(&t["last_error"]),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &["TASK", "STATE", "RESTARTS", "SINCE", "LAST ERROR"],
+            rows,
+        ));
+    }
+    out
+}
+
+/// How long ago a time in milliseconds since the Unix epoch was.
+fn since(ms: &Value) -> String {
+    let Some(ms) = ms.as_u64() else {
+        return "-".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let secs = now.saturating_sub(ms) / 1000;
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
+}
+
+/// The rows per shard and the moves of a rebalance or drain plan (empty
+/// when the answer has none).
+fn show_plan(v: &Value) -> String {
+    let Some(moves) = v["moves"].as_array() else {
+        return String::new();
+    };
+    let mut out = String::new();
+    if let Some(rows) = v["rows"].as_object() {
+        let per: Vec<String> = rows.iter().map(|(k, n)| format!("{k} {}", s(n))).collect();
+        out.push_str(&format!(
+            "rows now: {} (total {}, share per shard {}; by {})\n",
+            per.join(", "),
+            s(&v["total_rows"]),
+            s(&v["share"]),
+            s(&v["basis"]).replace('_', " "),
+        ));
+    }
+    if moves.is_empty() {
+        out.push_str("no move needed\n");
+        return out;
+    }
+    let span = |lo: &Value, hi: &Value| {
+        format!(
+            "[{}, {})",
+            s(lo),
+            if hi.is_null() { "2^64".into() } else { s(hi) }
+        )
+    };
+    let rows = moves
+        .iter()
+        .map(|m| {
+            vec![
+                span(&m["lo"], &m["hi"]),
+                s(&m["from"]),
+                s(&m["to"]),
+                s(&m["rows"]),
+                if m["split_of"].is_null() {
+                    "-".into()
+                } else {
+                    format!(
+                        "split from {}",
+                        span(&m["split_of"]["lo"], &m["split_of"]["hi"])
+                    )
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["RANGE", "FROM", "TO", "EST. ROWS", "SPLIT"], rows));
+    out.push('\n');
     out
 }
 

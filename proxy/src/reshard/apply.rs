@@ -153,6 +153,7 @@ pub(crate) async fn catch_up(
     ap.flush().await?;
     let (applied, skipped) = (ap.applied, ap.skipped);
     drop(ap);
+    spec.guard.check(spec, Side::Target)?;
     tx.commit().await.map_err(sql(Side::Target, "COMMIT"))?;
 
     // Decoding stops at the change count (after a whole transaction) or at

@@ -138,6 +138,7 @@ pub(crate) async fn copy_table(
         .finish()
         .await
         .map_err(sql(Side::Target, format!("COPY {} FROM STDIN", info.name)))?;
+    spec.guard.check(spec, Side::Target)?;
     tx.commit().await.map_err(sql(
         Side::Target,
         format!("COMMIT of the copy of {}", info.name),

@@ -25,6 +25,13 @@
 //! 6. after the flip: [`stop_capture`], then [`cleanup_source`]. To abort
 //!    before the flip: [`abort_target`] and [`stop_capture`].
 //!
+//! Owners: the engine knows no catalog, but asks its caller's
+//! [`OwnerGuard`] (`MoveSpec::guard`) right before every statement that
+//! deletes or overwrites rows of the range — each cleanup batch, and the
+//! commit of the abort, of the copy's clearing of the target and of each
+//! catch-up batch — and refuses ([`ReshardError::Owner`]) when the server's
+//! shard owns the range now.
+//!
 //! Range membership: every step decides whether a row is in the range in
 //! Rust, with [`MoveSpec::contains`] — the router's own code placing the
 //! row's shard key (`RoutingFunction::point`), so built-in hashing and
@@ -66,6 +73,7 @@ use hotrepart_router::catalog::{
     Functions, KeyRange, KeyType, KeyValue, RoutingFunction, ShardId, Span,
 };
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 use tokio_postgres::{Client, NoTls};
@@ -88,6 +96,50 @@ pub struct TableMove {
     pub function: RoutingFunction,
 }
 
+/// Whether a server owns the range now. The engine knows no catalog: its
+/// caller (the reshard job) answers from the current routing table.
+/// Asked right before every statement that deletes or overwrites rows of
+/// the range on a server — each batch of [`cleanup_source`] (source), the
+/// commit of [`abort_target`], of the copy's clearing of the target and
+/// of every catch-up batch (target) — and `Err(why)` refuses it
+/// ([`ReshardError::Owner`]): nothing deletes a range's rows on the shard
+/// that owns the range (read or write owner), whatever the job's runner
+/// believes about its phase.
+#[derive(Clone)]
+pub struct OwnerGuard(Arc<OwnerCheck>);
+
+type OwnerCheck = dyn Fn(Side) -> Result<(), String> + Send + Sync;
+
+impl OwnerGuard {
+    /// A guard answering with `check`: `Err(why)` when the server on that
+    /// side owns the range now.
+    pub fn new(check: impl Fn(Side) -> Result<(), String> + Send + Sync + 'static) -> OwnerGuard {
+        OwnerGuard(Arc::new(check))
+    }
+
+    fn check(&self, spec: &MoveSpec, side: Side) -> Result<(), ReshardError> {
+        (self.0)(side).map_err(|reason| ReshardError::Owner {
+            side,
+            range: spec.range,
+            reason,
+        })
+    }
+}
+
+impl fmt::Debug for OwnerGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OwnerGuard")
+    }
+}
+
+impl PartialEq for OwnerGuard {
+    fn eq(&self, other: &OwnerGuard) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for OwnerGuard {}
+
 /// What one job moves, from where to where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MoveSpec {
@@ -106,6 +158,8 @@ pub struct MoveSpec {
     /// Implementations of the WebAssembly routing functions the tables use
     /// (those of the node's published routing table).
     pub functions: Functions,
+    /// Asked before every delete or overwrite of the range's rows.
+    pub guard: OwnerGuard,
 }
 
 impl MoveSpec {
@@ -238,6 +292,14 @@ pub enum ReshardError {
     NoCapture(String),
     #[error("the replication slot {0} still exists: stop the capture before cleaning up the source (a catch-up after the cleanup would delete the moved rows from the target)")]
     CaptureActive(String),
+    #[error(
+        "refusing to delete or overwrite rows of range {range} on the {side} server: {reason}"
+    )]
+    Owner {
+        side: Side,
+        range: Span,
+        reason: String,
+    },
     #[error(transparent)]
     Decode(#[from] pgoutput::DecodeError),
 }
@@ -751,6 +813,7 @@ pub(crate) async fn delete_range<C: tokio_postgres::GenericClient>(
             }
         }
         if pending.len() >= batch || (done && !pending.is_empty()) {
+            spec.guard.check(spec, side)?;
             total += deleter
                 .execute(&delete, &[&pending])
                 .await
@@ -818,6 +881,7 @@ pub async fn abort_target(spec: &MoveSpec) -> Result<u64, ReshardError> {
             // catch-up of this job that wrote the range has committed.
             total += delete_range(spec, t, Side::Target, &reader, &tx, DELETE_BATCH).await?;
         }
+        spec.guard.check(spec, Side::Target)?;
         tx.commit().await.map_err(sql(Side::Target, "COMMIT"))?;
         tracing::info!(rows = total, "target range deleted (abort)");
         Ok(total)
@@ -922,6 +986,7 @@ mod tests {
                 hi: Some(1 << 62),
             },
             functions: Functions::new(),
+            guard: OwnerGuard::new(|_| Ok(())),
         }
     }
 

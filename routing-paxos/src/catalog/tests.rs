@@ -42,6 +42,16 @@ fn unfreeze(range: Span, id: u64) -> CatalogCommand {
     CatalogCommand::UnfreezeRange {
         range,
         freeze: FreezeId(id),
+        operator: false,
+    }
+}
+
+/// `proxyctl range unfreeze`'s command.
+fn operator_unfreeze(range: Span, id: u64) -> CatalogCommand {
+    CatalogCommand::UnfreezeRange {
+        range,
+        freeze: FreezeId(id),
+        operator: true,
     }
 }
 
@@ -586,6 +596,7 @@ fn commands_round_trip_through_serde() {
         assign(ALL, "a", "b"),
         freeze(span(0, Some(1)), u64::MAX),
         unfreeze(span(0, Some(1)), 0),
+        operator_unfreeze(span(0, Some(1)), 3),
         CatalogCommand::TxDecision {
             gid: "g".into(),
             commit: false,
@@ -614,6 +625,12 @@ fn commands_round_trip_through_serde() {
         json,
         r#"{"op":"split_range","range":{"lo":3,"hi":null},"at":5}"#
     );
+    // An unfreeze written before the operator marker existed reads (and
+    // is written) as it was.
+    let old = r#"{"op":"unfreeze_range","range":{"lo":0,"hi":1},"freeze":7}"#;
+    let cmd: CatalogCommand = serde_json::from_str(old).expect("old entry");
+    assert_eq!(cmd, unfreeze(span(0, Some(1)), 7));
+    assert_eq!(serde_json::to_string(&cmd).expect("serialize"), old);
 }
 
 #[test]
@@ -946,7 +963,8 @@ fn a_job_flips_its_range_and_lifts_its_freeze_in_one_entry() {
     for phase in [JobPhase::Copy, JobPhase::CatchUp, JobPhase::CutOver] {
         assert!(c.apply(&job_update("j1", phase)).is_ok(), "{phase:?}");
     }
-    let s = accepts(&mut c, freeze(upper, 9));
+    let own = FreezeId::for_job("j1").0;
+    let s = accepts(&mut c, freeze(upper, own));
     assert_eq!(s.ranges()[1].status, RangeStatus::Frozen);
     assert_eq!(s.ranges()[1].write_owner.as_str(), "a");
 
@@ -957,7 +975,7 @@ fn a_job_flips_its_range_and_lifts_its_freeze_in_one_entry() {
     // range (Moving) until it is done.
     assert_eq!(s.ranges()[1].status, RangeStatus::Moving);
     assert_eq!(c.freeze(HALF), None);
-    rejects(&mut c, unfreeze(upper, 9), Rejected::NotFrozen(upper));
+    rejects(&mut c, unfreeze(upper, own), Rejected::NotFrozen(upper));
     // A flipped job cannot abort.
     assert!(c.apply(&job_update("j1", JobPhase::Aborting)).is_err());
     let s = accepts(&mut c, job_update("j1", JobPhase::Done));
@@ -1037,4 +1055,118 @@ fn an_invalid_image_is_refused() {
     });
     let err = Catalog::from_image(&image).expect_err("a freeze of no range");
     assert!(err.to_string().contains("12345"), "{err}");
+}
+
+/// Two shards, the upper half of the space moving from `a` to `b` under
+/// job `j1`, which has reached `phase` (before the flip).
+fn job_at(phase: JobPhase) -> (Catalog, Span) {
+    let mut c = two_shards();
+    accepts(&mut c, split(ALL, HALF));
+    let upper = span(HALF, None);
+    accepts(
+        &mut c,
+        CatalogCommand::JobStart {
+            job: "j1".into(),
+            spec: JobSpec {
+                range: upper,
+                from: "a".into(),
+                to: "b".into(),
+            },
+        },
+    );
+    for p in [JobPhase::Copy, JobPhase::CatchUp, JobPhase::CutOver] {
+        if p > phase {
+            break;
+        }
+        assert!(c.apply(&job_update("j1", p)).is_ok(), "{p:?}");
+    }
+    (c, upper)
+}
+
+fn rejected_reason(c: &mut Catalog, cmd: CatalogCommand) -> String {
+    let before = c.clone();
+    let e = c.apply(&cmd).expect_err("rejected");
+    assert_eq!(*c, before, "a rejected command changed the catalog");
+    e.to_string()
+}
+
+#[test]
+fn no_failure_or_abort_is_accepted_at_or_after_the_flip() {
+    let (mut c, upper) = job_at(JobPhase::CutOver);
+    accepts(&mut c, freeze(upper, FreezeId::for_job("j1").0));
+    accepts(&mut c, job_update("j1", JobPhase::Flipped));
+    // The runner that believes the flip failed (its proposal timed out
+    // after it was decided) cannot undo the job: the range is b's now.
+    for phase in [JobPhase::Failed, JobPhase::Aborting, JobPhase::Aborted] {
+        let why = rejected_reason(&mut c, job_update("j1", phase));
+        assert!(why.contains("can only go on to done"), "{phase:?}: {why}");
+    }
+    assert_eq!(snap(&c).ranges()[1].write_owner.as_str(), "b");
+    // Before the flip a failure is still accepted (the runner undoes the
+    // copy), and so is one after an abort.
+    let (mut c, _) = job_at(JobPhase::CatchUp);
+    assert!(c.apply(&job_update("j1", JobPhase::Failed)).is_ok());
+    let (mut c, _) = job_at(JobPhase::CutOver);
+    assert!(c.apply(&job_update("j1", JobPhase::Aborting)).is_ok());
+    assert!(c.apply(&job_update("j1", JobPhase::Failed)).is_ok());
+    assert_eq!(snap(&c).ranges()[1].write_owner.as_str(), "a");
+}
+
+#[test]
+fn a_flip_needs_the_range_frozen_by_the_jobs_own_freeze() {
+    let own = FreezeId::for_job("j1");
+    assert_eq!(own, FreezeId::for_job("j1"), "deterministic");
+    assert_ne!(own, FreezeId::for_job("j2"));
+    // Not frozen (never, or lifted since the verification).
+    let (mut c, upper) = job_at(JobPhase::CutOver);
+    let why = rejected_reason(&mut c, job_update("j1", JobPhase::Flipped));
+    assert!(
+        why.contains("no longer frozen by the job's freeze"),
+        "{why}"
+    );
+    accepts(&mut c, freeze(upper, own.0));
+    accepts(&mut c, unfreeze(upper, own.0));
+    let why = rejected_reason(&mut c, job_update("j1", JobPhase::Flipped));
+    assert!(why.contains("no longer frozen"), "{why}");
+    // Frozen by someone else.
+    accepts(&mut c, freeze(upper, 77));
+    let why = rejected_reason(&mut c, job_update("j1", JobPhase::Flipped));
+    assert!(why.contains("frozen by freeze#77"), "{why}");
+    accepts(&mut c, unfreeze(upper, 77));
+    // Under its own freeze: the flip goes through and lifts it.
+    accepts(&mut c, freeze(upper, own.0));
+    let s = accepts(&mut c, job_update("j1", JobPhase::Flipped));
+    assert_eq!(s.ranges()[1].write_owner.as_str(), "b");
+    assert_eq!(c.freeze(HALF), None);
+}
+
+#[test]
+fn an_operator_cannot_lift_a_live_jobs_freeze() {
+    let (mut c, upper) = job_at(JobPhase::CutOver);
+    let own = FreezeId::for_job("j1");
+    accepts(&mut c, freeze(upper, own.0));
+    // `proxyctl range unfreeze` while the job lives: refused, naming it.
+    rejects(
+        &mut c,
+        operator_unfreeze(upper, own.0),
+        Rejected::FrozenByJob {
+            range: upper,
+            job: "j1".into(),
+        },
+    );
+    let msg = rejected_reason(&mut c, operator_unfreeze(upper, own.0));
+    assert!(msg.contains("proxyctl jobs abort j1"), "{msg}");
+    assert_eq!(c.live_job_freezing(upper, own), Some("j1"));
+    // The job's runner lifts it (the command of every entry written
+    // before the marker existed applies as it did).
+    accepts(&mut c, unfreeze(upper, own.0));
+    // An operator may lift any other freeze of the range.
+    accepts(&mut c, freeze(upper, 5));
+    accepts(&mut c, operator_unfreeze(upper, 5));
+    // Once the job has ended, its freeze id is an ordinary one.
+    assert!(c.apply(&job_update("j1", JobPhase::Aborting)).is_ok());
+    accepts(&mut c, job_update("j1", JobPhase::Aborted));
+    assert_eq!(c.live_job_freezing(upper, own), None);
+    accepts(&mut c, freeze(upper, own.0));
+    accepts(&mut c, operator_unfreeze(upper, own.0));
 }

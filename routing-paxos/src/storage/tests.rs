@@ -385,3 +385,28 @@ fn a_stored_snapshot_keeps_a_bounded_tail() {
     let back: CatalogSnapshot = serde_json::from_str(&json).expect("deserialise");
     assert_eq!(back, got);
 }
+
+#[test]
+fn a_data_dir_is_locked_for_one_holder_at_a_time() {
+    let dir = TempDir::new("lock");
+    let first = DirLock::acquire(&dir.0).expect("first lock");
+    let pid = std::fs::read_to_string(dir.0.join(LOCK_FILE)).expect("lock file");
+    assert_eq!(pid.trim(), std::process::id().to_string());
+    // A second holder (another open file: what another process does) is
+    // refused at once, told the directory and the holder's pid.
+    let e = DirLock::acquire(&dir.0).expect_err("second lock");
+    assert!(
+        matches!(&e, StorageError::Locked { dir: d, pid: Some(p) } if *d == dir.0 && *p == std::process::id()),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&dir.0.display().to_string())
+            && msg.contains(&format!("pid {}", std::process::id()))
+            && msg.contains("in use by another hotrepart process"),
+        "{msg}"
+    );
+    drop(first);
+    let again = DirLock::acquire(&dir.0).expect("free again once dropped");
+    drop(again);
+}

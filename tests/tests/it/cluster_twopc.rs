@@ -313,3 +313,183 @@ async fn the_leader_finishes_in_doubt_transactions_by_the_replicated_decision() 
         "spurious seed warning:\n{logs}"
     );
 }
+
+/// `n` keys whose point the routing table (as node 0 has it) gives to
+/// `shard`.
+async fn keys_on(c: &ProcCluster, n: usize, shard: &str) -> Vec<i64> {
+    let ranges = c.ranges(0).await;
+    (1..200_000i64)
+        .filter(|&k| {
+            let p = hashint8extended(k, 0);
+            ranges
+                .iter()
+                .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
+                .is_some_and(|r| r.2 == shard)
+        })
+        .take(n)
+        .collect()
+}
+
+/// Runs `proxyctl` on node `i` and expects success; returns stdout.
+async fn ctl(c: &ProcCluster, i: usize, args: &[&str]) -> String {
+    let (ok, out, err) = c.proxyctl(i, args).await;
+    assert!(ok, "proxyctl {args:?}: {err}\nlogs:\n{}", c.logs());
+    out
+}
+
+/// Issue 12 (D2): a shard added at run time (`reshard add-shard`) has a
+/// catalog shard index past the configuration file's list. The resolver
+/// indexed the file's list with it and panicked on every leader — silently
+/// (a bare `tokio::spawn`) — leaving a transaction committed on two shards
+/// and prepared on the third. Now it finishes a transaction in doubt on all
+/// three shards, and `status` shows it running without restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_resolver_finishes_in_doubt_transactions_on_a_shard_added_at_run_time() {
+    let mut c = ProcCluster::start_with(3, 2, HEAD, TABLES, "").await;
+    for i in 0..3 {
+        routes(&c, i).await;
+    }
+    let db = connect(&c.nodes[0].dsn()).await.unwrap();
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    // A third PostgreSQL joins the catalog at run time and gets half of
+    // s1's range (empty: a metadata-only assignment).
+    let d = c.dir.0.join("s2");
+    let extra = tokio::task::spawn_blocking(move || start_pg(&d))
+        .await
+        .unwrap();
+    ctl(
+        &c,
+        0,
+        &["reshard", "add-shard", "s2", "--dsn", &extra.dsn()],
+    )
+    .await;
+    let lo = c.ranges(0).await.iter().find(|r| r.2 == "s1").unwrap().0;
+    ctl(&c, 0, &["range", "split", &lo.to_string()]).await;
+    let upper = c
+        .ranges(0)
+        .await
+        .iter()
+        .filter(|r| r.2 == "s1")
+        .map(|r| r.0)
+        .max()
+        .unwrap();
+    ctl(
+        &c,
+        0,
+        &["range", "assign", &upper.to_string(), "--to", "s2"],
+    )
+    .await;
+    let want_epoch = status(&c, 0).await["epoch"].as_u64().unwrap();
+    for i in 0..3 {
+        let cr = &c;
+        wait_for(
+            "every node to route by the new table",
+            Duration::from_secs(10),
+            || async move { status(cr, i).await["epoch"].as_u64() >= Some(want_epoch) },
+        )
+        .await;
+    }
+    let (a, b, e) = (
+        keys_on(&c, 1, "s0").await[0],
+        keys_on(&c, 1, "s1").await[0],
+        keys_on(&c, 1, "s2").await[0],
+    );
+
+    // A non-leader node records the commit decision and dies before any
+    // COMMIT PREPARED: the transaction is in doubt on all three shards.
+    let l = leader(&c, 0).await;
+    let ai = (0..3).find(|&i| i as u64 + 1 != l).unwrap();
+    tokio::task::block_in_place(|| {
+        c.nodes[ai].kill9();
+        c.nodes[ai].start_with_env(&[("HOTREPART_FAILPOINT", "twopc_after_decision")]);
+    });
+    routes(&c, ai).await;
+    let r = async {
+        let db = connect(&c.nodes[ai].dsn())
+            .await
+            .map_err(|e| e.to_string())?;
+        db.batch_execute("BEGIN").await.map_err(|e| e.to_string())?;
+        for (k, v) in [(a, "a"), (b, "b"), (e, "e")] {
+            db.batch_execute(&format!("INSERT INTO items (id, v) VALUES ({k}, '{v}')"))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        db.batch_execute("COMMIT").await.map_err(|e| e.to_string())
+    }
+    .await;
+    assert!(
+        r.is_err(),
+        "the COMMIT through the failpoint node succeeded"
+    );
+    let start = Instant::now();
+    while !c.nodes[ai].exited() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the node did not abort ({r:?}); logs:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let extra_db = connect(&extra.dsn()).await.unwrap();
+    let on_new: i64 = extra_db
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'hr\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_new, 1, "in doubt on the new shard");
+
+    // The leader's resolver commits it on every shard, the new one included.
+    let start = Instant::now();
+    loop {
+        let mut left = prepared(&c).await.into_iter().flatten().count() as i64;
+        left += extra_db
+            .query_one(
+                "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'hr\\_%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < RESOLVE_BOUND,
+            "{left} prepared transaction(s) left after {:?}; logs:\n{}",
+            start.elapsed(),
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(on_shard(&c, 0, a).await && on_shard(&c, 1, b).await);
+    let n: i64 = extra_db
+        .query_one("SELECT count(*) FROM items WHERE id = $1", &[&e])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the row on the added shard is committed");
+    // Every running node's resolver is up and never had to be restarted.
+    for i in (0..3).filter(|&i| i != ai) {
+        let tasks = status(&c, i).await["tasks"].clone();
+        let resolver = tasks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "twopc_resolver")
+            .cloned()
+            .unwrap_or_else(|| panic!("no resolver task in {tasks}"));
+        assert_eq!(resolver["state"], "running", "{resolver}");
+        assert_eq!(resolver["restarts"], 0, "{resolver}");
+    }
+    let (_, table, _) = c.proxyctl((ai + 1) % 3, &["status"]).await;
+    assert!(
+        table.contains("twopc_resolver") && table.contains("RUNNING"),
+        "{table}"
+    );
+    drop(extra);
+}

@@ -178,6 +178,7 @@ async fn copy_into_a_frozen_range_waits_and_goes_to_the_new_owner() {
     c.propose(CatalogCommand::UnfreezeRange {
         range: r.span(),
         freeze: FREEZE,
+        operator: false,
     })
     .await;
     let (n, took) = tokio::time::timeout(Duration::from_secs(10), task)
@@ -280,6 +281,7 @@ async fn copy_that_wrote_to_the_source_fails_at_once() {
     c.propose(CatalogCommand::UnfreezeRange {
         range: r.span(),
         freeze: FREEZE,
+        operator: false,
     })
     .await;
     assert_eq!(retry.await.unwrap().unwrap(), 30);

@@ -59,6 +59,7 @@ async fn fence_waits_for_statements_routed_by_an_older_table() {
         .propose(CatalogCommand::UnfreezeRange {
             range: other.span(),
             freeze: FreezeId(7),
+            operator: false,
         })
         .await;
     let e = c
@@ -121,6 +122,7 @@ async fn fence_waits_for_statements_routed_by_an_older_table() {
     c.propose(CatalogCommand::UnfreezeRange {
         range: frozen.span(),
         freeze: FreezeId(8),
+        operator: false,
     })
     .await;
     assert_eq!(waiting.await.unwrap().unwrap(), 1);

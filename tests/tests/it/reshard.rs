@@ -607,3 +607,116 @@ async fn job_survives_kill_of_its_node_during_copy_and_catch_up() {
     check(&c, &dsns, 300_000).await;
     nothing_left(&dsns).await;
 }
+
+/// Restarts every node of `c` with `HOTREPART_FAILPOINT=fp` and waits
+/// until they serve.
+async fn restart_all_with(c: &mut ProcCluster, fp: &str) {
+    tokio::task::block_in_place(|| {
+        for n in &mut c.nodes {
+            n.kill9();
+        }
+        for n in &mut c.nodes {
+            n.start_with_env(&[("HOTREPART_FAILPOINT", fp)]);
+        }
+    });
+    c.wait_ready(Duration::from_secs(30)).await;
+}
+
+/// Issue 12 (D3): the flip's proposal is decided, but the runner is told
+/// it timed out — on the last attempt it is allowed before giving up
+/// (failpoint `reshard_flip_lost`). It used to "undo" the job on the
+/// stale phase it had read: delete the range on the target, which owned
+/// it since the flip, and record Failed. Now giving up is a catalog
+/// decision (Aborting) that the catalog refuses after the flip: the job
+/// goes on from Flipped to Done, and the new owner keeps every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flip_reported_lost_on_the_last_attempt_keeps_the_new_owners_rows() {
+    let mut c = ProcCluster::start(3, 2, TABLES, "lease_ms = 1000").await;
+    restart_all_with(&mut c, "reshard_flip_lost").await;
+    setup(&c, 3_000).await;
+    let rs = ranges(&c, 0).await;
+    let lo = rs.iter().find(|r| r.2 == "s0").unwrap().0;
+    let id = start_job(&c, 0, &["reshard", "move", &lo.to_string(), "--to", "s1"]).await;
+    let j = wait_phase(
+        &c,
+        0,
+        &id,
+        &["done", "failed", "aborted"],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(j["phase"], serde_json::json!("done"), "{j}\n{}", c.logs());
+    // The failpoint did fire: the flip was reported lost on the fourth
+    // attempt, and the runner then refused to give the job up.
+    let logs = c.logs();
+    assert!(
+        logs.contains("reporting it as timed out"),
+        "the failpoint did not fire:\n{logs}"
+    );
+    // Every row once, on its owner — s1 for the moved range.
+    let dsns = vec![c.shards[0].dsn(), c.shards[1].dsn()];
+    let per = check(&c, &dsns, 3_000).await;
+    assert!(per[1] > per[0], "the range did not move to s1: {per:?}");
+    let db = connect(&c.nodes[1].dsn()).await.unwrap();
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3_000, "rows lost as seen through a node");
+    nothing_left(&dsns).await;
+}
+
+/// Issue 12 (D4): `proxyctl range unfreeze` of a range frozen by a live
+/// reshard job is refused (409, naming the job) — the job lifts its own
+/// freeze; lifting it under the job would let writes reach the source
+/// between its verification and its flip. The job still completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unfreezing_a_range_frozen_by_a_live_job_is_refused() {
+    let mut c = ProcCluster::start(3, 2, TABLES, "lease_ms = 1000").await;
+    restart_all_with(&mut c, "reshard_hold_freeze").await;
+    setup(&c, 1_000).await;
+    let rs = ranges(&c, 0).await;
+    let lo = rs.iter().find(|r| r.2 == "s0").unwrap().0;
+    let id = start_job(&c, 0, &["reshard", "move", &lo.to_string(), "--to", "s1"]).await;
+    // Wait for the cut-over's freeze (held 3 s by the failpoint).
+    let start = Instant::now();
+    loop {
+        let (ok, out, err) = c.proxyctl(1, &["--json", "range", "list"]).await;
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let frozen = v["ranges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["lo"] == serde_json::json!(lo) && r["status"] == "frozen");
+        if frozen {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the range was never frozen: {v}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ok, _, err) = c.proxyctl(1, &["range", "unfreeze", &lo.to_string()]).await;
+    assert!(!ok, "the unfreeze of a live job's freeze was accepted");
+    assert!(
+        err.contains(&format!("frozen by reshard job {id}"))
+            && err.contains("proxyctl jobs abort")
+            && err.contains("HTTP 409"),
+        "{err}"
+    );
+    let j = wait_phase(
+        &c,
+        0,
+        &id,
+        &["done", "failed", "aborted"],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(j["phase"], serde_json::json!("done"), "{j}");
+    let dsns = vec![c.shards[0].dsn(), c.shards[1].dsn()];
+    check(&c, &dsns, 1_000).await;
+}

@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used)]
 
 use hotrepart_proxy::functions::WasmPoint;
-use hotrepart_proxy::reshard::{self, MoveSpec, ReshardError, TableMove};
+use hotrepart_proxy::reshard::{self, MoveSpec, OwnerGuard, ReshardError, Side, TableMove};
 use hotrepart_router::catalog::{
     FunctionId, Functions, KeyRange, KeyType, KeyValue, RoutingFunction, ShardId, Span,
 };
@@ -46,6 +46,9 @@ fn spec(src: &LocalPg2, dst: &LocalPg2, job: &str, tables: Vec<TableMove>) -> Mo
         tables,
         range: RANGE,
         functions: Default::default(),
+        // No catalog here: every server may be written (the node's jobs
+        // answer from the routing table).
+        guard: OwnerGuard::new(|_| Ok(())),
     }
 }
 
@@ -366,6 +369,89 @@ async fn abort_leaves_the_source_untouched() {
     assert_eq!(
         rows(&dst, "SELECT ROW(items.*)::text FROM items").await,
         others
+    );
+    no_capture_left(&src).await;
+}
+
+/// Issue 12 (D3): whatever the caller believes, the engine deletes (or
+/// overwrites) no row of the range on a server its guard says owns the
+/// range now: cleanup, abort, the copy's clearing and catch-up are refused
+/// with an error naming the range, and leave the rows as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_deletes_the_range_on_its_owner() {
+    let dir = TestDir::new("reshard-owner");
+    let (a, b) = two_servers(&dir);
+    let src = connect(&a.dsn).await.unwrap();
+    let dst = connect(&b.dsn).await.unwrap();
+    fill_items(&src).await;
+    let mut spec = spec(&a, &b, "owner", vec![items(KeyType::Int8)]);
+    reshard::check_preconditions(&spec).await.unwrap();
+    reshard::start_capture(&spec).await.unwrap();
+    reshard::copy(&spec, |_| {}).await.unwrap();
+    let p = pred(&spec.tables[0]);
+    let in_range = format!("SELECT count(*) FROM items WHERE {p}");
+    let (on_src, on_dst) = (count(&src, &in_range).await, count(&dst, &in_range).await);
+    assert!(on_src > 0 && on_src == on_dst);
+    // The target owns the range (the flip happened): no abort, no copy,
+    // no catch-up may touch it.
+    spec.guard = OwnerGuard::new(|side| match side {
+        Side::Target => Err("shard b owns it in the routing table of epoch 9".into()),
+        Side::Source => Ok(()),
+    });
+    src.batch_execute("DELETE FROM items WHERE id % 3 = 0")
+        .await
+        .unwrap();
+    for (what, e) in [
+        ("abort", reshard::abort_target(&spec).await.unwrap_err()),
+        ("copy", reshard::copy(&spec, |_| {}).await.unwrap_err()),
+        (
+            "catch-up",
+            reshard::catch_up(&spec, 1000).await.unwrap_err(),
+        ),
+    ] {
+        assert!(
+            matches!(
+                e,
+                ReshardError::Owner {
+                    side: Side::Target,
+                    ..
+                }
+            ),
+            "{what}: {e:?}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("refusing to delete or overwrite rows of range")
+                && msg.contains("target")
+                && msg.contains("epoch 9"),
+            "{what}: {msg}"
+        );
+    }
+    assert_eq!(count(&dst, &in_range).await, on_dst, "the owner lost rows");
+    // The source owns it (no flip): the cleanup is refused.
+    reshard::stop_capture(&spec).await.unwrap();
+    spec.guard = OwnerGuard::new(|side| match side {
+        Side::Source => Err("shard a owns it".into()),
+        Side::Target => Ok(()),
+    });
+    let before = count(&src, &in_range).await;
+    let e = reshard::cleanup_source(&spec, 100).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ReshardError::Owner {
+                side: Side::Source,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(count(&src, &in_range).await, before);
+    // And with the right answer it goes through.
+    spec.guard = OwnerGuard::new(|_| Ok(()));
+    assert_eq!(
+        reshard::cleanup_source(&spec, 100).await.unwrap(),
+        before as u64
     );
     no_capture_left(&src).await;
 }

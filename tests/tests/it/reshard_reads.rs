@@ -311,6 +311,7 @@ async fn a_writer_of_the_source_fails_at_once_on_a_frozen_range_others_wait() {
     c.propose(CatalogCommand::UnfreezeRange {
         range: frozen.span(),
         freeze: FreezeId(7),
+        operator: true,
     })
     .await;
     let (r, waited) = writer.await.unwrap();

@@ -69,6 +69,7 @@ async fn compare_then_recheck_touched_keys() {
         tables: vec![table()],
         range: RANGE,
         functions: Default::default(),
+        guard: reshard::OwnerGuard::new(|_| Ok(())),
     };
     reshard::check_preconditions(&spec).await.unwrap();
     reshard::start_capture(&spec).await.unwrap();

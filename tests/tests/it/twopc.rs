@@ -354,13 +354,18 @@ fn spawn_node(
     let path = c.dir.0.join(format!("node-{port}.toml"));
     std::fs::write(&path, toml).unwrap();
     let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "twopc::node_process", "--nocapture", "--test-threads=1"])
-        .env("HR_TWOPC_NODE_CONFIG", &path)
-        .env_remove("HOTREPART_FAILPOINT")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
+    cmd.args([
+        "--exact",
+        "twopc::node_process",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("HR_TWOPC_NODE_CONFIG", &path)
+    .env_remove("HOTREPART_FAILPOINT")
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .kill_on_drop(true);
     if let Some(f) = failpoint {
         cmd.env("HOTREPART_FAILPOINT", f);
     }
