@@ -845,9 +845,14 @@ impl Node {
         r.set_max_len(self.cfg.max_message_size);
         let session_mode = ucfg.pool_mode.unwrap_or(self.cfg.pool_mode) == PoolMode::Session;
         tracing::debug!(%user, %database, "session started");
-        let end = Session::new(self.clone(), r, database, session_mode, state, slot, user)
-            .run()
-            .await;
+        // The session's span names it (the pid the client got in
+        // BackendKeyData): a panic caught in `Session::run` is logged in it.
+        let span = tracing::info_span!("session", id = pid, %user, %database);
+        let end = tracing::Instrument::instrument(
+            Session::new(self.clone(), r, database, session_mode, state, slot, user).run(),
+            span,
+        )
+        .await;
         tracing::debug!(?end, "session ended");
         self.unregister_cancel(pid, secret);
     }

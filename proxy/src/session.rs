@@ -232,11 +232,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Runs until the client leaves or a fatal error. Never leaves an open
     /// transaction behind: a backend not cleanly idle is closed on exit.
+    ///
+    /// A panic inside the session (a bug: no input may cause one) is
+    /// caught here: it is logged at ERROR (in the session's span, which
+    /// names it), the client gets a FATAL `XX000` if its socket still
+    /// takes it, every backend is closed (PostgreSQL rolls back), and the
+    /// node and its other sessions go on.
     pub async fn run(mut self) -> End {
-        let end = self.run_inner().await;
+        let (end, panicked) = match catch_panic(self.run_inner()).await {
+            Ok(end) => (end, false),
+            Err(what) => {
+                tracing::error!(user = %self.user, database = %self.database, panic = %what, "internal error in the proxy: the client session panicked; closing it");
+                let mut e = BytesMut::new();
+                wire::error_response(
+                    &mut e,
+                    Severity::Fatal,
+                    "XX000",
+                    "internal error in the proxy; the session is closed and its open transaction, if any, was rolled back",
+                );
+                let w = self.client.get_mut();
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = w.write_all(&e).await;
+                    let _ = w.flush().await;
+                })
+                .await;
+                (End::Fatal, true)
+            }
+        };
         self.cancel.set(Vec::new());
-        let clean =
-            self.owed.is_empty() && self.tx_status == b'I' && !self.state_dirty.contains(&true);
+        let clean = !panicked
+            && self.owed.is_empty()
+            && self.tx_status == b'I'
+            && !self.state_dirty.contains(&true);
         for slot in &mut self.slots {
             if let Some(b) = slot.conn.take() {
                 // Otherwise the guard's drop closes the connection (and
@@ -1998,6 +2025,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 }
 
+/// Runs `f`, turning a panic inside it into `Err(message)`.
+pub(crate) async fn catch_panic<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(f)
+        .catch_unwind()
+        .await
+        .map_err(|p| {
+            p.downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_string())
+        })
+}
+
 /// A statement the node refuses (an ERROR, not FATAL).
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -2141,5 +2182,22 @@ fn proto_fatal(msg: String) -> SessionError {
     SessionError::Fatal {
         code: "08P01",
         msg: format!("protocol violation: {msg}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_in_a_session_future_is_caught() {
+        let r = catch_panic(async {
+            let s = "SELECT\u{a0}1";
+            // The original defect: slicing inside a multi-byte character.
+            s.get(..7).map(str::len).unwrap_or_else(|| panic!("byte 7 of {s:?}"))
+        })
+        .await;
+        assert_eq!(r, Err("byte 7 of \"SELECT\\u{a0}1\"".to_string()));
+        assert_eq!(catch_panic(async { 5 }).await, Ok(5));
     }
 }

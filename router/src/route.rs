@@ -49,9 +49,30 @@
 //! * Hints: a comment `/* hotrepart: shard=NAME */` or
 //!   `/* hotrepart: key=VALUE */` anywhere in the string, or
 //!   [`Hints::session_shard`], force a single shard (comment first, then the
-//!   session). They are not honoured for transaction control, `SET`, `SHOW`
-//!   and the like, and they never place a row on a shard that does not own
-//!   its key, nor write a reference table on one shard only.
+//!   session; `key=` means the key's read owner for a read, its write owner
+//!   for a write). They are not honoured for transaction control, `SET`,
+//!   `SHOW` and the like.
+//!   - A hinted *read* is the user asking for that shard's local view: it
+//!     runs there as it is, whatever the ranges say (rows of a range being
+//!     moved may be seen twice or not at all across shards, by design).
+//!   - A hinted *write* never writes where the ranges do not allow it: it
+//!     never places a row on a shard that does not own its key, nor writes
+//!     a reference table on one shard only, nor COPYs FROM. A write to a
+//!     sharded table obeys the freeze exactly as an unhinted write (a key
+//!     in a frozen range sets [`Route::touches_frozen`]: the session waits
+//!     for the cut-over and routes again) and every key it names (INSERT
+//!     rows, `WHERE key = …`, `SET key = …`) must belong to the hinted
+//!     shard's write owner, else it is refused with `0A000` (the hint
+//!     cannot change where rows live: after a flip the old owner's copy is
+//!     deleted by the cleanup, so a write acknowledged there would be lost).
+//!   - A hinted write to a sharded table that does not name the key of
+//!     every table it touches (a keyless UPDATE/DELETE) touches whatever
+//!     rows the shard holds. It is allowed only while no range is being
+//!     moved (status Moving, or read and write owners differing): then a
+//!     shard holds exactly the rows of the ranges it owns. While a range
+//!     is frozen it waits; while one is moving it is refused with `55000`
+//!     (object_not_in_prerequisite_state: the cluster's state, not the
+//!     statement, is what stands in the way; retry after the job).
 
 mod analyze;
 mod cache;
@@ -247,11 +268,26 @@ pub struct Route {
 pub type Routed = Route;
 
 /// Session state the router honours.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hints {
     /// Set by `SET hotrepart.shard = '…'` (tracked by the proxy): run every
     /// routable statement on this shard.
     pub session_shard: Option<ShardId>,
+    /// The session's `standard_conforming_strings` (default on). Off,
+    /// PostgreSQL reads backslash escapes inside plain `'…'` literals, which
+    /// the router does not: a statement with a backslash in such a literal
+    /// is then refused (`0A000`) rather than routed by a key the server
+    /// would read differently. `E'…'` literals read the same either way.
+    pub standard_conforming_strings: bool,
+}
+
+impl Default for Hints {
+    fn default() -> Hints {
+        Hints {
+            session_shard: None,
+            standard_conforming_strings: true,
+        }
+    }
 }
 
 /// A statement cannot be routed. Goes to the client as an ErrorResponse.
@@ -330,6 +366,9 @@ pub struct Plan {
     epoch: u64,
     stmts: Vec<StmtPlan>,
     hint: Option<CommentHint>,
+    /// A plain `'…'` (or `N'…'`) literal contains a backslash: read
+    /// differently when `standard_conforming_strings` is off.
+    backslash_literal: bool,
 }
 
 impl Plan {
@@ -356,7 +395,12 @@ impl Plan {
         if snapshot.epoch() != self.epoch {
             return plan(snapshot, &self.sql)?.bind(snapshot, params, hints);
         }
-        let forced = self.forced_shard(snapshot, hints)?;
+        if self.backslash_literal && !hints.standard_conforming_strings {
+            return Err(RouteError::unsupported(
+                "a string literal containing a backslash while standard_conforming_strings is off: PostgreSQL would read the backslash as an escape, hotrepart routes by the literal as written; use E'…' for escapes, or SET standard_conforming_strings = on",
+            ));
+        }
+        let forced = self.forced(snapshot, hints)?;
         let mut parts = Vec::with_capacity(self.stmts.len());
         for stmt in &self.stmts {
             parts.push(eval::bind_stmt(stmt, snapshot, params, forced.as_ref())?);
@@ -364,32 +408,34 @@ impl Plan {
         combine(parts)
     }
 
-    /// The shard a hint forces, if any: the comment hint, else the session.
-    fn forced_shard(
+    /// What a hint forces, if anything: the comment hint, else the session.
+    fn forced(
         &self,
         snapshot: &RoutingSnapshot,
         hints: &Hints,
-    ) -> Result<Option<ShardId>, RouteError> {
+    ) -> Result<Option<eval::Forced>, RouteError> {
         match &self.hint {
-            Some(CommentHint::Shard(id)) => Ok(Some(id.clone())),
-            Some(CommentHint::Key(text)) => key_hint_shard(snapshot, &self.stmts, text).map(Some),
+            Some(CommentHint::Shard(id)) => Ok(Some(eval::Forced::Shard(id.clone()))),
+            Some(CommentHint::Key(text)) => key_hint(snapshot, &self.stmts, text).map(Some),
             None => match &hints.session_shard {
                 Some(id) if snapshot.shard(id).is_none() => Err(RouteError::undefined(format!(
                     "hotrepart.shard names unknown shard \"{id}\""
                 ))),
-                other => Ok(other.clone()),
+                other => Ok(other.clone().map(eval::Forced::Shard)),
             },
         }
     }
 }
 
-/// The shard owning `text`, a key given in a `key=` hint, parsed as the key
-/// type of the sharded tables in the statement (they must agree).
-fn key_hint_shard(
+/// The key given in a `key=` hint, parsed as the key type of the sharded
+/// tables in the statement (they must agree); each statement is then sent to
+/// the key's read owner (a read) or write owner (a write, which waits while
+/// the key's range is frozen).
+fn key_hint(
     snapshot: &RoutingSnapshot,
     stmts: &[StmtPlan],
     text: &str,
-) -> Result<ShardId, RouteError> {
+) -> Result<eval::Forced, RouteError> {
     let mut table = None;
     for s in stmts {
         for t in &s.sharded_tables {
@@ -417,7 +463,9 @@ fn key_hint_shard(
     let point = snapshot
         .point(&table, &key)
         .map_err(|e| RouteError::point(&table.name, e))?;
-    Ok(snapshot.range_for_point(point).write_owner.clone())
+    Ok(eval::Forced::Key {
+        range: snapshot.range_index_for_point(point),
+    })
 }
 
 /// Merges the routes of the statements of one string.
@@ -516,6 +564,12 @@ pub fn plan(snapshot: &RoutingSnapshot, sql: &str) -> Result<Plan, RouteError> {
         .tokenize_with_location()
         .map_err(|e| RouteError::syntax(e.to_string()))?;
     let mut hint = None;
+    // With standard_conforming_strings off PostgreSQL tokenizes differently
+    // only where a plain literal holds a backslash (up to that point both
+    // readings agree), so flagging those literals is enough.
+    let backslash_literal = tokens.iter().any(|t| {
+        matches!(&t.token, Token::SingleQuotedString(s) | Token::NationalStringLiteral(s) if s.contains('\\'))
+    });
     for t in &tokens {
         let comment = match &t.token {
             Token::Whitespace(Whitespace::MultiLineComment(c)) => c.as_str(),
@@ -547,6 +601,7 @@ pub fn plan(snapshot: &RoutingSnapshot, sql: &str) -> Result<Plan, RouteError> {
         epoch: snapshot.epoch(),
         stmts,
         hint,
+        backslash_literal,
     })
 }
 

@@ -373,6 +373,8 @@ fn run_case(snap: &RoutingSnapshot, line: &str, m: &MergeExpect) -> Result<(), S
             owned.push((n, parse_param(spec)?));
         } else if let Some(s) = w.strip_prefix("session=") {
             hints.session_shard = Some(ShardId::new(s).map_err(|e| e.to_string())?);
+        } else if w == "scs=off" {
+            hints.standard_conforming_strings = false;
         } else if let Some(k) = w.strip_prefix("kind=") {
             want_kind = Some(k.to_owned());
         } else if w == "merge" {
@@ -629,4 +631,99 @@ fn messages_name_the_construct() {
     assert!(msg("SELECT * FROM users WHERE id = 1 /* hotrepart: shard=s9 */").contains("s9"));
     assert!(msg("INSERT INTO users (name) VALUES ('x')").contains("\"id\""));
     assert!(msg("SELEC 1").contains("Expected"));
+}
+
+/// Hinted writes (issue 12, D5): they obey the freeze and ownership of the
+/// ranges as unhinted writes do; hinted reads stay a shard's local view.
+/// Cases: (ranges state, session shard, SQL, expected) where expected is a
+/// shard name (`+frozen` when the write must wait for the cut-over), or
+/// `REFUSE:SQLSTATE`. Key 1 lives in the last range (s3), 8 on s1, 2 on s0.
+#[test]
+fn hinted_writes_obey_ownership_and_the_freeze() {
+    use hotrepart_router::catalog::{KeyRange, RangeStatus};
+    let base = snapshot();
+    let s = |n: &str| ShardId::new(n).expect("name");
+    // The range of key 1 in a given state, with this write/read owner.
+    let state = |status: RangeStatus, owner: &str| {
+        let ranges: Vec<KeyRange> = base
+            .ranges()
+            .iter()
+            .map(|r| {
+                if r.read_owner == s("s3") {
+                    KeyRange {
+                        read_owner: s(owner),
+                        write_owner: s(owner),
+                        status,
+                        ..r.clone()
+                    }
+                } else {
+                    r.clone()
+                }
+            })
+            .collect();
+        base.edit().ranges(ranges).build().expect("snapshot")
+    };
+    let active = base.clone();
+    // A reshard job copies the range from s3 to s1 (before the flip) …
+    let moving = state(RangeStatus::Moving, "s3");
+    // … freezes it for the cut-over …
+    let frozen = state(RangeStatus::Frozen, "s3");
+    // … and flips it to s1 (the Moving status lasts until the cleanup).
+    let flipped = state(RangeStatus::Moving, "s1");
+    let cases: &[(&RoutingSnapshot, Option<&str>, &str, &str)] = &[
+        // Keyed writes: the key's write owner or nothing.
+        (&active, None, "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s3 */", "s3"),
+        (&active, None, "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s2 */", "REFUSE:0A000"),
+        (&active, Some("s2"), "DELETE FROM users WHERE id = 8", "REFUSE:0A000"),
+        (&active, Some("s1"), "DELETE FROM users WHERE id = 8", "s1"),
+        (&active, None, "DELETE FROM users WHERE id IN (1, 8) /* hotrepart: shard=s1 */", "REFUSE:0A000"),
+        (&active, None, "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: key=8 */", "REFUSE:0A000"),
+        (&active, None, "UPDATE users SET name = 'x' WHERE id = 8 /* hotrepart: key=8 */", "s1"),
+        (&active, None, "UPDATE orders SET n = 1 WHERE user_id = 1 /* hotrepart: shard=s0 */", "REFUSE:0A000"),
+        (&active, None, "INSERT INTO users (id) VALUES (1) /* hotrepart: shard=s0 */", "REFUSE:0A000"),
+        // Keyless writes: the shard's own rows, while nothing moves.
+        (&active, None, "DELETE FROM users /* hotrepart: shard=s2 */", "s2"),
+        (&active, Some("s2"), "UPDATE users SET name = 'x' WHERE name = 'y'", "s2"),
+        // Reads: the shard's local view, as asked.
+        (&active, None, "SELECT * FROM users WHERE id = 1 /* hotrepart: shard=s2 */", "s2"),
+        // While the range of key 1 is copied to s1 (s3 still owns it).
+        (&moving, None, "DELETE FROM users WHERE id = 1 /* hotrepart: shard=s3 */", "s3"),
+        (&moving, None, "DELETE FROM users /* hotrepart: shard=s1 */", "REFUSE:55000"),
+        (&moving, None, "DELETE FROM users /* hotrepart: shard=s0 */", "REFUSE:55000"),
+        (&moving, Some("s1"), "UPDATE users SET name = 'x'", "REFUSE:55000"),
+        (&moving, None, "SELECT * FROM users /* hotrepart: shard=s1 */", "s1"),
+        // During the cut-over: writes to the range wait, hinted or not.
+        (&frozen, None, "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s3 */", "s3+frozen"),
+        (&frozen, Some("s3"), "INSERT INTO users (id) VALUES (1)", "s3+frozen"),
+        (&frozen, None, "UPDATE users SET name = 'x' /* hotrepart: key=1 */", "s3+frozen"),
+        (&frozen, None, "DELETE FROM users /* hotrepart: shard=s0 */", "s0+frozen"),
+        (&frozen, None, "UPDATE users SET name = 'x' WHERE id = 2 /* hotrepart: shard=s0 */", "s0"),
+        (&frozen, None, "SELECT * FROM users WHERE id = 1 /* hotrepart: shard=s3 */", "s3"),
+        // After the flip: the old owner is never written again.
+        (&flipped, None, "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s3 */", "REFUSE:0A000"),
+        (&flipped, Some("s3"), "INSERT INTO users (id) VALUES (1)", "REFUSE:0A000"),
+        (&flipped, None, "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s1 */", "s1"),
+        (&flipped, None, "UPDATE users SET name = 'x' /* hotrepart: key=1 */", "REFUSE:55000"),
+        (&flipped, None, "SELECT * FROM users /* hotrepart: key=1 */", "s1"),
+        (&flipped, None, "DELETE FROM users /* hotrepart: shard=s3 */", "REFUSE:55000"),
+    ];
+    let mut failures = Vec::new();
+    for (snap, session, sql, want) in cases {
+        let hints = Hints {
+            session_shard: session.map(s),
+            ..Hints::default()
+        };
+        let got = match route(snap, sql, &[], &hints) {
+            Err(e) => format!("REFUSE:{}", e.sqlstate),
+            Ok(r) => match &r.target {
+                Target::One(t) if r.touches_frozen => format!("{t}+frozen"),
+                Target::One(t) => t.to_string(),
+                other => format!("{other}"),
+            },
+        };
+        if got != *want {
+            failures.push(format!("{sql} (session {session:?}): expected {want}, got {got}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

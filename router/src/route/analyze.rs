@@ -112,6 +112,9 @@ pub(super) struct StmtPlan {
     pub sharded_tables: Vec<ShardedTable>,
     /// It writes a reference table (a shard hint must not narrow it).
     pub reference_write: bool,
+    /// It writes a sharded table (a shard hint must respect ownership and
+    /// the freeze, see [`super::eval`]).
+    pub writes_sharded: bool,
 }
 
 impl StmtPlan {
@@ -123,6 +126,7 @@ impl StmtPlan {
             merge: MergeNeed::None,
             sharded_tables: Vec::new(),
             reference_write: false,
+            writes_sharded: false,
         }
     }
 
@@ -418,6 +422,7 @@ pub(super) fn plan_statement(
             }
             inner.kind = K::Utility;
             inner.is_write = inner.is_write && *analyze;
+            inner.writes_sharded = inner.writes_sharded && *analyze;
             Ok(inner)
         }
         Statement::Vacuum(v) => a.maintenance(v.table_name.as_ref()),
@@ -1333,6 +1338,7 @@ impl<'a> Analyzer<'a> {
             merge: merge_plan(q),
             sharded_tables: self.sharded_tables(),
             reference_write: false,
+            writes_sharded: false,
         })
     }
 }

@@ -29,6 +29,7 @@ impl Analyzer<'_> {
             merge: MergeNeed::None,
             sharded_tables: self.sharded_tables(),
             reference_write: false,
+            writes_sharded: false,
         };
         match self.snap.placement(target_name) {
             TablePlacement::Reference => {
@@ -61,6 +62,7 @@ impl Analyzer<'_> {
                 let mut shape = self.shape(Some(root));
                 shape.update_key = update_key;
                 plan.body = Body::Shape(shape);
+                plan.writes_sharded = true;
             }
         }
         Ok(plan)
@@ -310,6 +312,7 @@ impl Analyzer<'_> {
                 merge: MergeNeed::None,
                 sharded_tables,
                 reference_write: false,
+                writes_sharded: true,
             });
         }
         // INSERT … SELECT.
@@ -338,6 +341,7 @@ impl Analyzer<'_> {
                     merge: merge_need(source),
                     sharded_tables: tables,
                     reference_write: false,
+                    writes_sharded: true,
                 })
             }
             Some(OutCol::Value(e)) if self.occs.is_empty() => {
@@ -355,6 +359,7 @@ impl Analyzer<'_> {
                     merge: MergeNeed::None,
                     sharded_tables,
                     reference_write: false,
+                    writes_sharded: true,
                 })
             }
             _ => Err(unsupported(format!(
