@@ -116,7 +116,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<(), SessionError> {
     let in_tx = s.tx_status != b'I';
     s.pin_routing();
-    let d = match s.node.decide(ex.inner, None, s.state()) {
+    let d = match s.node.decide(ex.inner, None, &s.route_ctx()) {
         Ok(d) => d,
         Err(r) => return refuse(s, r, in_tx).await,
     };

@@ -477,7 +477,7 @@ impl Node {
         &self,
         sql: &str,
         params: Option<&BindParams>,
-        state: &SessionState,
+        ctx: &routing::RouteCtx<'_>,
     ) -> Result<Decision, Refusal> {
         if !self.catalog_ready() {
             return Err(Refusal::new(
@@ -502,7 +502,7 @@ impl Node {
             |id| shards.by_name.get(id.as_str()).copied(),
             sql,
             params,
-            state,
+            ctx,
         )
     }
 
@@ -849,7 +849,9 @@ impl Node {
         // BackendKeyData): a panic caught in `Session::run` is logged in it.
         let span = tracing::info_span!("session", id = pid, %user, %database);
         let end = tracing::Instrument::instrument(
-            Session::new(self.clone(), r, database, session_mode, state, slot, user).run(),
+            Session::new(self.clone(), r, database, session_mode, state, slot, user)
+                .with_server_params(&server_params)
+                .run(),
             span,
         )
         .await;

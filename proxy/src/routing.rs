@@ -291,6 +291,25 @@ pub fn decision(
     })
 }
 
+/// What routing needs to know of the client's session.
+pub struct RouteCtx<'a> {
+    /// The settings as the node last read them back.
+    pub state: &'a SessionState,
+    /// A statement that may have changed settings ran since `state` was
+    /// read: what depends on them (standard_conforming_strings) is unknown.
+    pub stale: bool,
+    /// The server's `standard_conforming_strings` at login.
+    pub server_scs: bool,
+}
+
+impl RouteCtx<'_> {
+    /// `standard_conforming_strings`; unknown (stale) counts as off, the
+    /// setting under which the router refuses more.
+    fn standard_conforming_strings(&self) -> bool {
+        !self.stale && crate::state::standard_conforming_strings(self.state, self.server_scs)
+    }
+}
+
 /// Routes `sql` (with Bind parameters, if any) against `snapshot`, using
 /// and filling the plan cache.
 pub fn decide(
@@ -299,8 +318,9 @@ pub fn decide(
     shard_index: impl Fn(&ShardId) -> Option<usize>,
     sql: &str,
     params: Option<&BindParams>,
-    state: &SessionState,
+    ctx: &RouteCtx<'_>,
 ) -> Result<Decision, Refusal> {
+    let state = ctx.state;
     let hints = Hints {
         session_shard: match state.get("hotrepart.shard") {
             Some(s) if !s.is_empty() => Some(
@@ -309,6 +329,7 @@ pub fn decide(
             ),
             _ => None,
         },
+        standard_conforming_strings: ctx.standard_conforming_strings(),
     };
     let plan = cache
         .lock()

@@ -145,6 +145,12 @@ pub struct Session<S> {
     state_fp: u64,
     /// Shard of a backend whose transaction may have changed session state.
     state_dirty: Vec<bool>,
+    /// A statement that may change settings was sent since `state` was
+    /// last read: routing must not trust `state` (search_path,
+    /// standard_conforming_strings) until it is read again.
+    state_stale: bool,
+    /// The server's `standard_conforming_strings` at login.
+    server_scs: bool,
     /// Custom settings (`app.name`) the client has set, read back with
     /// the others.
     custom_settings: std::collections::BTreeSet<String>,
@@ -217,6 +223,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             state,
             state_fp,
             state_dirty: vec![false; nshards],
+            state_stale: false,
+            server_scs: true,
             custom_settings: Default::default(),
             prepared_dirty: false,
             skip_to_sync: false,
@@ -287,6 +295,61 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.slots.resize_with(n, Slot::default);
             self.state_dirty.resize(n, false);
         }
+    }
+
+    /// The server's defaults the client saw at login (ParameterStatus):
+    /// those routing depends on when the client has not set them.
+    pub fn with_server_params(mut self, params: &[(String, String)]) -> Self {
+        if let Some((_, v)) = params
+            .iter()
+            .find(|(k, _)| k == "standard_conforming_strings")
+        {
+            self.server_scs = state::on(v);
+        }
+        self
+    }
+
+    /// What routing needs of this session.
+    pub(crate) fn route_ctx(&self) -> crate::routing::RouteCtx<'_> {
+        crate::routing::RouteCtx {
+            state: &self.state,
+            stale: self.state_stale,
+            server_scs: self.server_scs,
+        }
+    }
+
+    /// Before routing: when a statement that may change settings was sent
+    /// since they were last read, wait for its answer and read them again
+    /// (inside a transaction too), so that the next statement is routed
+    /// under the settings PostgreSQL will apply to it. When that is not
+    /// possible (a backend with Flush-only messages, or a failed
+    /// transaction) the state stays stale and routing treats what depends
+    /// on it as unknown.
+    async fn settle_state(&mut self) -> Result<(), SessionError> {
+        if !self.state_stale || self.slots.iter().any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced)) {
+            return Ok(());
+        }
+        if !self.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let mut settled = true;
+        for i in 0..self.slots.len() {
+            if !self.state_dirty[i] {
+                continue;
+            }
+            match self.slots[i].conn.as_ref().map(|b| b.status) {
+                // Lost with its backend: the next backend gets `state`.
+                None => {}
+                Some(b'E') => settled = false,
+                Some(_) => {
+                    self.refresh_state_from(i).await;
+                    settled &= !self.state_stale;
+                    self.state_stale = true;
+                }
+            }
+        }
+        self.state_stale = !settled;
+        Ok(())
     }
 
     pub(crate) fn database(&self) -> &str {
@@ -573,11 +636,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Ok(()))
     }
 
-    /// The session state as the node last read it back.
-    pub(crate) fn state(&self) -> &SessionState {
-        &self.state
-    }
-
     /// A session setting as the node last read it back.
     pub(crate) fn setting(&self, name: &str) -> Option<&str> {
         self.state.get(name)
@@ -810,6 +868,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn on_query(&mut self, f: Frame) -> Result<(), SessionError> {
+        self.settle_state().await?;
         let mut b = f.body();
         let sql = wire::get_cstr(&mut b).map_err(client_err)?;
         if let Err(r) = self.check_listen(sql) {
@@ -828,7 +887,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         let d = self
-            .route_waiting(|s| s.node.decide(sql, None, &s.state))
+            .route_waiting(|s| s.node.decide(sql, None, &s.route_ctx()))
             .await;
         let d = match d {
             Ok(d) => d,
@@ -1245,6 +1304,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
+        self.settle_state().await?;
         let frames = std::mem::take(&mut self.batch);
         let routed = self.route_waiting(|s| s.route_batch(&frames)).await;
         let (target, d) = match routed {
@@ -1388,7 +1448,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // missing here); PostgreSQL reports syntax errors at
                     // Parse itself. A statement whose shard is known without
                     // parameters (hints, undeclared tables) is prepared there.
-                    match self.node.decide(sql, None, &self.state) {
+                    match self.node.decide(sql, None, &self.route_ctx()) {
                         Err(r) if r.code == "42601" => return Err(r),
                         Ok(Decision {
                             target: Target::Shard(t),
@@ -1420,7 +1480,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let Some(sql) = sql else { continue };
                     binds += 1;
                     let params = BindParams::parse(b).map_err(proto_refusal)?;
-                    let d = self.node.decide(&sql, Some(&params), &self.state)?;
+                    let d = self.node.decide(&sql, Some(&params), &self.route_ctx())?;
                     let t = match &d.target {
                         Target::Shard(t) => Some(*t),
                         Target::Any => None,
@@ -1483,6 +1543,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // change session state each time it runs.
                     if self.stmts.get(&stmt).is_some_and(|s| s.changes_state) {
                         self.state_dirty[t] = true;
+                        self.state_stale = true;
                         self.prepared_dirty |=
                             self.stmts.get(&stmt).is_some_and(|s| s.drops_prepared);
                     }
@@ -1752,6 +1813,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(crate) fn note_sql(&mut self, sql: &str, shard: usize) {
         if state::may_change_state(sql) {
             self.state_dirty[shard] = true;
+            self.state_stale = true;
             match state::custom_settings(sql) {
                 Some(names) => self.custom_settings.extend(names),
                 // A setting we cannot name cannot be read back: this
@@ -1962,7 +2024,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.state = SessionState::from_pairs(pairs);
                 self.state_fp = self.state.fingerprint();
                 b.state_fp = self.state_fp;
-                self.state_dirty[i] = false;
+                self.state_stale = false;
+                // Read inside a transaction, the state may still change at
+                // its end (a ROLLBACK undoes a SET): read it again then.
+                if b.status == b'I' {
+                    self.state_dirty[i] = false;
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read session state back");

@@ -15,7 +15,38 @@ const PIECES: &[&str] = &[
     "170141183460469231731687303715884105727", "00000000-0000-0000-0000-000000000000",
 ];
 
+/// Numbers at the edges of the integer types.
+const NUMS: &[&str] = &[
+    "0", "1", "12", "59", "99", "-1", "9223372036854775807", "-9223372036854775808",
+    "99999999999999999999", "170141183460469231731687303715884105727", "", "1e5",
+];
+
+fn num(rng: &mut StdRng) -> &'static str {
+    NUMS[rng.random_range(0..NUMS.len())]
+}
+
 fn text(rng: &mut StdRng) -> Vec<u8> {
+    if rng.random_bool(0.3) {
+        // Shaped like a date, a timestamp or a numeric, with extreme parts.
+        let v = match rng.random_range(0..3) {
+            0 => format!("{}-{}-{}", num(rng), num(rng), num(rng)),
+            1 => format!(
+                "{}-{}-{} {}:{}:{}.{}{}{}{}",
+                num(rng),
+                num(rng),
+                num(rng),
+                num(rng),
+                num(rng),
+                num(rng),
+                num(rng),
+                ["+", "-", ""][rng.random_range(0..3)],
+                num(rng),
+                [" BC", "", ":30"][rng.random_range(0..3)],
+            ),
+            _ => format!("{}.{}", num(rng), num(rng)),
+        };
+        return v.into_bytes();
+    }
     let mut v = Vec::new();
     for _ in 0..rng.random_range(0..8) {
         if rng.random_bool(0.2) {
