@@ -335,7 +335,18 @@ pub fn decide(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get_or_plan(snapshot, sql)
-        .map_err(|e| Refusal::new(e.sqlstate, e.message))?;
+        .map_err(|e| {
+            // Off, PostgreSQL's reading of '…\'…' differs from the
+            // router's, which may then not even tokenize.
+            if e.sqlstate == "42601" && !hints.standard_conforming_strings && sql.contains('\\') {
+                Refusal::new(
+                    "0A000",
+                    format!("a string literal containing a backslash while standard_conforming_strings is off cannot be routed (hotrepart reads literals as with it on: {}); use E'…' for escapes, or SET standard_conforming_strings = on", e.message),
+                )
+            } else {
+                Refusal::new(e.sqlstate, e.message)
+            }
+        })?;
     let owned;
     let params: &[Param<'_>] = match params {
         Some(p) => {

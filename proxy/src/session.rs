@@ -326,7 +326,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// transaction) the state stays stale and routing treats what depends
     /// on it as unknown.
     async fn settle_state(&mut self) -> Result<(), SessionError> {
-        if !self.state_stale || self.slots.iter().any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced)) {
+        if !self.state_stale
+            || self
+                .slots
+                .iter()
+                .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced))
+        {
             return Ok(());
         }
         if !self.owed.is_empty() {
@@ -2261,7 +2266,9 @@ mod tests {
         let r = catch_panic(async {
             let s = "SELECT\u{a0}1";
             // The original defect: slicing inside a multi-byte character.
-            s.get(..7).map(str::len).unwrap_or_else(|| panic!("byte 7 of {s:?}"))
+            s.get(..7)
+                .map(str::len)
+                .unwrap_or_else(|| panic!("byte 7 of {s:?}"))
         })
         .await;
         assert_eq!(r, Err("byte 7 of \"SELECT\\u{a0}1\"".to_string()));

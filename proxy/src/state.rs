@@ -301,13 +301,14 @@ mod tests {
     fn literals_read_the_same_under_both_string_settings() {
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(quote_literal("a\\b'c"), "E'a\\\\b''c'");
-        let s = SessionState::from_pairs(vec![(
-            "standard_conforming_strings".into(),
-            "off".into(),
-        )]);
+        let s =
+            SessionState::from_pairs(vec![("standard_conforming_strings".into(), "off".into())]);
         assert!(!standard_conforming_strings(&s, true));
         assert!(standard_conforming_strings(&SessionState::default(), true));
-        assert!(!standard_conforming_strings(&SessionState::default(), false));
+        assert!(!standard_conforming_strings(
+            &SessionState::default(),
+            false
+        ));
     }
 
     #[test]

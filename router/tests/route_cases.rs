@@ -672,40 +672,180 @@ fn hinted_writes_obey_ownership_and_the_freeze() {
     let flipped = state(RangeStatus::Moving, "s1");
     let cases: &[(&RoutingSnapshot, Option<&str>, &str, &str)] = &[
         // Keyed writes: the key's write owner or nothing.
-        (&active, None, "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s3 */", "s3"),
-        (&active, None, "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s2 */", "REFUSE:0A000"),
-        (&active, Some("s2"), "DELETE FROM users WHERE id = 8", "REFUSE:0A000"),
+        (
+            &active,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s3 */",
+            "s3",
+        ),
+        (
+            &active,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s2 */",
+            "REFUSE:0A000",
+        ),
+        (
+            &active,
+            Some("s2"),
+            "DELETE FROM users WHERE id = 8",
+            "REFUSE:0A000",
+        ),
         (&active, Some("s1"), "DELETE FROM users WHERE id = 8", "s1"),
-        (&active, None, "DELETE FROM users WHERE id IN (1, 8) /* hotrepart: shard=s1 */", "REFUSE:0A000"),
-        (&active, None, "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: key=8 */", "REFUSE:0A000"),
-        (&active, None, "UPDATE users SET name = 'x' WHERE id = 8 /* hotrepart: key=8 */", "s1"),
-        (&active, None, "UPDATE orders SET n = 1 WHERE user_id = 1 /* hotrepart: shard=s0 */", "REFUSE:0A000"),
-        (&active, None, "INSERT INTO users (id) VALUES (1) /* hotrepart: shard=s0 */", "REFUSE:0A000"),
+        (
+            &active,
+            None,
+            "DELETE FROM users WHERE id IN (1, 8) /* hotrepart: shard=s1 */",
+            "REFUSE:0A000",
+        ),
+        (
+            &active,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: key=8 */",
+            "REFUSE:0A000",
+        ),
+        (
+            &active,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 8 /* hotrepart: key=8 */",
+            "s1",
+        ),
+        (
+            &active,
+            None,
+            "UPDATE orders SET n = 1 WHERE user_id = 1 /* hotrepart: shard=s0 */",
+            "REFUSE:0A000",
+        ),
+        (
+            &active,
+            None,
+            "INSERT INTO users (id) VALUES (1) /* hotrepart: shard=s0 */",
+            "REFUSE:0A000",
+        ),
         // Keyless writes: the shard's own rows, while nothing moves.
-        (&active, None, "DELETE FROM users /* hotrepart: shard=s2 */", "s2"),
-        (&active, Some("s2"), "UPDATE users SET name = 'x' WHERE name = 'y'", "s2"),
+        (
+            &active,
+            None,
+            "DELETE FROM users /* hotrepart: shard=s2 */",
+            "s2",
+        ),
+        (
+            &active,
+            Some("s2"),
+            "UPDATE users SET name = 'x' WHERE name = 'y'",
+            "s2",
+        ),
         // Reads: the shard's local view, as asked.
-        (&active, None, "SELECT * FROM users WHERE id = 1 /* hotrepart: shard=s2 */", "s2"),
+        (
+            &active,
+            None,
+            "SELECT * FROM users WHERE id = 1 /* hotrepart: shard=s2 */",
+            "s2",
+        ),
         // While the range of key 1 is copied to s1 (s3 still owns it).
-        (&moving, None, "DELETE FROM users WHERE id = 1 /* hotrepart: shard=s3 */", "s3"),
-        (&moving, None, "DELETE FROM users /* hotrepart: shard=s1 */", "REFUSE:55000"),
-        (&moving, None, "DELETE FROM users /* hotrepart: shard=s0 */", "REFUSE:55000"),
-        (&moving, Some("s1"), "UPDATE users SET name = 'x'", "REFUSE:55000"),
-        (&moving, None, "SELECT * FROM users /* hotrepart: shard=s1 */", "s1"),
+        (
+            &moving,
+            None,
+            "DELETE FROM users WHERE id = 1 /* hotrepart: shard=s3 */",
+            "s3",
+        ),
+        (
+            &moving,
+            None,
+            "DELETE FROM users /* hotrepart: shard=s1 */",
+            "REFUSE:55000",
+        ),
+        (
+            &moving,
+            None,
+            "DELETE FROM users /* hotrepart: shard=s0 */",
+            "REFUSE:55000",
+        ),
+        (
+            &moving,
+            Some("s1"),
+            "UPDATE users SET name = 'x'",
+            "REFUSE:55000",
+        ),
+        (
+            &moving,
+            None,
+            "SELECT * FROM users /* hotrepart: shard=s1 */",
+            "s1",
+        ),
         // During the cut-over: writes to the range wait, hinted or not.
-        (&frozen, None, "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s3 */", "s3+frozen"),
-        (&frozen, Some("s3"), "INSERT INTO users (id) VALUES (1)", "s3+frozen"),
-        (&frozen, None, "UPDATE users SET name = 'x' /* hotrepart: key=1 */", "s3+frozen"),
-        (&frozen, None, "DELETE FROM users /* hotrepart: shard=s0 */", "s0+frozen"),
-        (&frozen, None, "UPDATE users SET name = 'x' WHERE id = 2 /* hotrepart: shard=s0 */", "s0"),
-        (&frozen, None, "SELECT * FROM users WHERE id = 1 /* hotrepart: shard=s3 */", "s3"),
+        (
+            &frozen,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s3 */",
+            "s3+frozen",
+        ),
+        (
+            &frozen,
+            Some("s3"),
+            "INSERT INTO users (id) VALUES (1)",
+            "s3+frozen",
+        ),
+        (
+            &frozen,
+            None,
+            "UPDATE users SET name = 'x' /* hotrepart: key=1 */",
+            "s3+frozen",
+        ),
+        (
+            &frozen,
+            None,
+            "DELETE FROM users /* hotrepart: shard=s0 */",
+            "s0+frozen",
+        ),
+        (
+            &frozen,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 2 /* hotrepart: shard=s0 */",
+            "s0",
+        ),
+        (
+            &frozen,
+            None,
+            "SELECT * FROM users WHERE id = 1 /* hotrepart: shard=s3 */",
+            "s3",
+        ),
         // After the flip: the old owner is never written again.
-        (&flipped, None, "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s3 */", "REFUSE:0A000"),
-        (&flipped, Some("s3"), "INSERT INTO users (id) VALUES (1)", "REFUSE:0A000"),
-        (&flipped, None, "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s1 */", "s1"),
-        (&flipped, None, "UPDATE users SET name = 'x' /* hotrepart: key=1 */", "REFUSE:55000"),
-        (&flipped, None, "SELECT * FROM users /* hotrepart: key=1 */", "s1"),
-        (&flipped, None, "DELETE FROM users /* hotrepart: shard=s3 */", "REFUSE:55000"),
+        (
+            &flipped,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s3 */",
+            "REFUSE:0A000",
+        ),
+        (
+            &flipped,
+            Some("s3"),
+            "INSERT INTO users (id) VALUES (1)",
+            "REFUSE:0A000",
+        ),
+        (
+            &flipped,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s1 */",
+            "s1",
+        ),
+        (
+            &flipped,
+            None,
+            "UPDATE users SET name = 'x' /* hotrepart: key=1 */",
+            "REFUSE:55000",
+        ),
+        (
+            &flipped,
+            None,
+            "SELECT * FROM users /* hotrepart: key=1 */",
+            "s1",
+        ),
+        (
+            &flipped,
+            None,
+            "DELETE FROM users /* hotrepart: shard=s3 */",
+            "REFUSE:55000",
+        ),
     ];
     let mut failures = Vec::new();
     for (snap, session, sql, want) in cases {
@@ -722,7 +862,9 @@ fn hinted_writes_obey_ownership_and_the_freeze() {
             },
         };
         if got != *want {
-            failures.push(format!("{sql} (session {session:?}): expected {want}, got {got}"));
+            failures.push(format!(
+                "{sql} (session {session:?}): expected {want}, got {got}"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

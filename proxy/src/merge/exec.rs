@@ -1244,7 +1244,10 @@ mod tests {
         }
         // a huge column count, a negative count, a length past the end
         assert!(parse_desc(&[b'T', 0, 0, 0, 0, 255, 255]).is_none());
-        assert_eq!(parse_row(&[b'D', 0, 0, 0, 0, 255, 255]).map(|r| r.len()), Some(0));
+        assert_eq!(
+            parse_row(&[b'D', 0, 0, 0, 0, 255, 255]).map(|r| r.len()),
+            Some(0)
+        );
         row[10] = 200;
         assert!(parse_row(&row).is_none());
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
