@@ -93,6 +93,10 @@ pub struct Node {
     /// Per database: function names seen called in multi-shard statements,
     /// and whether each is an aggregate (pg_proc), learned on first sight.
     aggregates: Mutex<HashMap<String, HashMap<String, bool>>>,
+    /// Per database: function names statements call that the router does
+    /// not know to be read-only, and whether any function of that name is
+    /// volatile (pg_proc; such a call may write). Forgotten on DDL.
+    volatile: Mutex<HashMap<String, HashMap<String, bool>>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     clients: AtomicUsize,
     cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
@@ -317,6 +321,7 @@ impl Node {
             plans,
             collations: Mutex::new(HashMap::new()),
             aggregates: Mutex::new(HashMap::new()),
+            volatile: Mutex::new(HashMap::new()),
             cfg,
             pools: Pools::default(),
             tls,
@@ -552,9 +557,44 @@ impl Node {
         }
     }
 
-    /// After DDL through the node: collations and aggregates are learned
-    /// again on the next attach.
+    /// Of `names`, those whose volatility is not known yet for `database`
+    /// (first), and the first known to be volatile (second).
+    pub fn known_volatile(
+        &self,
+        database: &str,
+        names: &[String],
+    ) -> (Vec<String>, Option<String>) {
+        let m = self.volatile.lock().unwrap_or_else(|e| e.into_inner());
+        let known = m.get(database);
+        let mut unknown = Vec::new();
+        for n in names {
+            match known.and_then(|k| k.get(n)) {
+                Some(true) => return (Vec::new(), Some(n.clone())),
+                Some(false) => {}
+                None => unknown.push(n.clone()),
+            }
+        }
+        (unknown, None)
+    }
+
+    pub fn learn_volatile(&self, database: &str, names: &[String], volatile: &[String]) {
+        let mut m = self.volatile.lock().unwrap_or_else(|e| e.into_inner());
+        let k = m.entry(database.to_string()).or_default();
+        if k.len() > 10_000 {
+            k.clear();
+        }
+        for n in names {
+            k.insert(n.clone(), volatile.contains(n));
+        }
+    }
+
+    /// After DDL through the node: collations, aggregates and function
+    /// volatility are learned again when next needed.
     pub fn forget_catalog(&self, database: &str) {
+        self.volatile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(database);
         self.collations
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -57,6 +57,10 @@ pub struct Decision {
     /// A COPY the node splits (FROM) or concatenates (TO) over the shards
     /// (see [`crate::copy`]).
     pub copy: Option<std::sync::Arc<hotrepart_router::route::copy::CopyPlan>>,
+    /// Functions called that the router does not know to be read-only:
+    /// when one is volatile the session makes `write` true (it may run
+    /// DML), so a transaction over several shards commits with 2PC.
+    pub calls: std::sync::Arc<[String]>,
 }
 
 impl Decision {
@@ -86,6 +90,7 @@ impl Decision {
             has_tx_control: false,
             merge: None,
             copy: None,
+            calls: std::sync::Arc::from(Vec::new()),
         }
     }
 }
@@ -270,7 +275,8 @@ pub fn decision(
     Ok(Decision {
         target,
         kind,
-        write: route.is_write,
+        // DML, FOR UPDATE/SHARE: a write for commit purposes.
+        write: route.is_write || route.may_write,
         ddl: route
             .statements
             .iter()
@@ -288,6 +294,7 @@ pub fn decision(
             _ => None,
         },
         copy: route.copy.filter(|_| target_is_multi),
+        calls: route.calls.clone(),
     })
 }
 

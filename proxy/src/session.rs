@@ -646,6 +646,103 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.state.get(name)
     }
 
+    /// A statement that calls functions the router does not know to be
+    /// read-only is a write for commit purposes when one of them is
+    /// volatile (it may run DML; a non-volatile SQL or PL/pgSQL function
+    /// cannot, PostgreSQL refuses it): `d.write` becomes true, so a
+    /// transaction that also wrote elsewhere commits with two-phase commit,
+    /// and a multi-shard statement outside a transaction block runs in a
+    /// transaction per shard committed together. Looked up in `pg_proc` on
+    /// the statement's shard `t` (any overload or schema of the name
+    /// counts), cached per database, forgotten on DDL. Only done where it
+    /// matters: inside a transaction, or on several shards. When the
+    /// lookup cannot be made the statement counts as a write.
+    async fn settle_calls(&mut self, d: &mut Decision, t: usize) -> Result<(), SessionError> {
+        let multi = matches!(d.target, Target::Multi { .. });
+        if d.write || d.calls.is_empty() || !(self.tx_status != b'I' || d.has_tx_control || multi) {
+            return Ok(());
+        }
+        let (unknown, found) = self.node.known_volatile(&self.database, &d.calls);
+        if found.is_some() {
+            d.write = true;
+        }
+        if found.is_some() || unknown.is_empty() {
+            return Ok(());
+        }
+        if self
+            .slots
+            .iter()
+            .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced))
+        {
+            d.write = true;
+            return Ok(());
+        }
+        if !self.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        if self.ensure_backend(t).await?.is_err() {
+            d.write = true;
+            return Ok(());
+        }
+        let list: Vec<String> = unknown.iter().map(|n| state::quote_literal(n)).collect();
+        let sql = format!(
+            "SELECT DISTINCT lower(proname) FROM pg_catalog.pg_proc WHERE provolatile = 'v' AND lower(proname) IN ({})",
+            list.join(", ")
+        );
+        let rows = match self.slots[t].conn.as_mut() {
+            Some(b) => b.hidden_query(&sql).await.ok(),
+            None => None,
+        };
+        match rows {
+            Some(rows) => {
+                let volatile: Vec<String> = rows
+                    .into_iter()
+                    .filter_map(|r| r.into_iter().next().flatten())
+                    .collect();
+                self.node
+                    .learn_volatile(&self.database, &unknown, &volatile);
+                d.write |= !volatile.is_empty();
+            }
+            None => d.write = true,
+        }
+        Ok(())
+    }
+
+    /// The shard a decision's statement runs on first (for lookups).
+    fn first_shard(&self, d: &Decision) -> usize {
+        match &d.target {
+            Target::Shard(t) => *t,
+            Target::Multi { shards, .. } if !shards.is_empty() => shards[0],
+            _ => self.default_shard(),
+        }
+    }
+
+    /// A multi-shard statement the merger answers may write (a volatile
+    /// function, FOR UPDATE): inside a transaction every shard is marked
+    /// written (COMMIT then uses two-phase commit); outside one it is
+    /// refused, as the merger runs each shard's part in its own implicit
+    /// transaction and could not commit them atomically.
+    fn check_merged_write(&mut self, d: &Decision, shards: &[usize]) -> Result<(), Refusal> {
+        if !d.write {
+            return Ok(());
+        }
+        if self.tx_status == b'I' {
+            let f = d
+                .calls
+                .first()
+                .map(|f| format!("calls {f}(), which may write"))
+                .unwrap_or_else(|| "locks rows".to_string());
+            return Err(Refusal::new(
+                "0A000",
+                format!("this statement reads several shards with a merge (ORDER BY, LIMIT, aggregates …) and {f}: run it inside a transaction block (BEGIN … COMMIT), so that what it does on every shard commits together"),
+            ));
+        }
+        for &t in shards {
+            self.note_write(t);
+        }
+        Ok(())
+    }
+
     /// Before a statement runs on several shards: the refusal the router
     /// cannot make without the shards' catalog (a call to a user-defined
     /// aggregate, which it plans as a scalar function).
@@ -810,6 +907,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let t = self.default_shard();
                 match self.switch_to(t).await? {
                     Ok(()) => {
+                        // The function called may write (the node cannot
+                        // see which it is): a write for commit purposes.
+                        self.note_write(t);
                         self.to_backend.put_slice(&f.raw);
                         self.owed.push_back(Owed::FunctionCall);
                     }
@@ -894,13 +994,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let d = self
             .route_waiting(|s| s.node.decide(sql, None, &s.route_ctx()))
             .await;
-        let d = match d {
+        let mut d = match d {
             Ok(d) => d,
             Err(r) => {
                 self.refuse_simple(r);
                 return Ok(());
             }
         };
+        let first = self.first_shard(&d);
+        self.settle_calls(&mut d, first).await?;
         let target = match d.target {
             Target::Shard(t) => Some(t),
             _ => None,
@@ -930,6 +1032,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.drain_owed().await?;
                 }
                 let (plan, shards) = (d.merge.clone(), shards.clone());
+                if let Err(r) = self.check_merged_write(&d, &shards) {
+                    self.refuse_simple(r);
+                    return Ok(());
+                }
                 if let Some(plan) = plan {
                     return crate::merge::exec::run(self, &plan, &shards).await;
                 }
@@ -1312,13 +1418,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.settle_state().await?;
         let frames = std::mem::take(&mut self.batch);
         let routed = self.route_waiting(|s| s.route_batch(&frames)).await;
-        let (target, d) = match routed {
+        let (target, mut d) = match routed {
             Ok(x) => x,
             Err(r) => {
                 self.batch_error(&r, synced);
                 return Ok(());
             }
         };
+        if let Some(d) = d.as_mut() {
+            let first = target.unwrap_or_else(|| self.first_shard(d));
+            self.settle_calls(d, first).await?;
+        }
         // A batch without a statement (a lone Sync, Close …) belongs to the
         // current backend: it may owe its replies only after this Sync
         // (PostgreSQL sends an extended COPY's CommandComplete at Sync).
@@ -1357,6 +1467,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(());
             }
             if let (Some(plan), Target::Multi { shards, .. }) = (&d.merge, &d.target) {
+                if let Err(r) = self.check_merged_write(&d, shards) {
+                    self.batch_error(&r, synced);
+                    return Ok(());
+                }
                 return crate::merge::exec::run_extended(self, plan, shards, frames, synced).await;
             }
             return crate::scatter::run_extended(self, &d, frames, synced).await;
@@ -1441,6 +1555,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut multi = false;
         let mut binds = 0;
         let mut any_write = false;
+        let mut calls: Vec<String> = Vec::new();
         let mut parse_target: Option<usize> = None;
         for f in frames {
             match f.tag() {
@@ -1505,6 +1620,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         target = Some(t);
                     }
                     any_write |= d.write;
+                    for c in d.calls.iter() {
+                        if !calls.contains(c) {
+                            calls.push(c.clone());
+                        }
+                    }
                     if strongest.as_ref().is_none_or(|s| d.outranks(s)) {
                         strongest = Some(d);
                     }
@@ -1522,6 +1642,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // The batch runs on one shard: it writes there if any statement does.
         if let Some(d) = strongest.as_mut() {
             d.write |= any_write;
+            d.calls = Arc::from(calls);
         }
         Ok((target, strongest))
     }

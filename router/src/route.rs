@@ -253,6 +253,16 @@ pub struct Route {
     /// Whether the statement may write (DML, DDL, `COPY FROM`, …). A
     /// transaction that writes on several shards needs two-phase commit.
     pub is_write: bool,
+    /// Whether the statement may write for commit purposes: `is_write`, or
+    /// `SELECT … FOR UPDATE/SHARE`. A transaction that may have written on
+    /// several shards must commit with two-phase commit. (Triggers fire
+    /// only on DML, which is a write already.)
+    pub may_write: bool,
+    /// Functions the statement calls that the router does not know to be
+    /// read-only (lower case, unqualified): a volatile function may run
+    /// DML, so the executor treats the statement as a write when one of
+    /// them is volatile (looked up in `pg_proc`).
+    pub calls: Arc<[String]>,
     /// For multi-shard reads: whether the results can be concatenated.
     pub merge: MergeNeed,
     /// A write touches a range that is frozen for a cut-over: the executor
@@ -369,6 +379,8 @@ pub struct Plan {
     /// A plain `'…'` (or `N'…'`) literal contains a backslash: read
     /// differently when `standard_conforming_strings` is off.
     backslash_literal: bool,
+    /// The calls of all statements (see [`Route::calls`]).
+    calls: Arc<[String]>,
 }
 
 impl Plan {
@@ -405,7 +417,9 @@ impl Plan {
         for stmt in &self.stmts {
             parts.push(eval::bind_stmt(stmt, snapshot, params, forced.as_ref())?);
         }
-        combine(parts)
+        let mut route = combine(parts)?;
+        route.calls = self.calls.clone();
+        Ok(route)
     }
 
     /// What a hint forces, if anything: the comment hint, else the session.
@@ -477,6 +491,8 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
             kind: p.kind,
             target: p.target,
             is_write: p.is_write,
+            may_write: p.may_write,
+            calls: Arc::from(Vec::new()),
             merge: p.merge,
             touches_frozen: p.touches_frozen,
             copy: p.copy,
@@ -484,6 +500,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
     }
     let mut target = Target::Any;
     let mut is_write = false;
+    let mut may_write = false;
     let mut touches_frozen = false;
     let mut merge = MergeNeed::None;
     let mut returns_rows = false;
@@ -494,6 +511,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
             ));
         }
         is_write |= p.is_write;
+        may_write |= p.may_write;
         touches_frozen |= p.touches_frozen;
         returns_rows |= p.kind == StatementKind::Select;
         if merge == MergeNeed::None {
@@ -536,6 +554,8 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
         },
         statements,
         is_write,
+        may_write,
+        calls: Arc::from(Vec::new()),
         merge,
         touches_frozen,
         copy: None,
@@ -599,6 +619,12 @@ pub fn plan(snapshot: &RoutingSnapshot, sql: &str) -> Result<Plan, RouteError> {
     Ok(Plan {
         sql: Arc::from(sql),
         epoch: snapshot.epoch(),
+        calls: stmts
+            .iter()
+            .flat_map(|s| s.calls.iter().cloned())
+            .collect::<BTreeSet<String>>()
+            .into_iter()
+            .collect(),
         stmts,
         hint,
         backslash_literal,

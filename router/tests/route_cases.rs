@@ -869,3 +869,58 @@ fn hinted_writes_obey_ownership_and_the_freeze() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Writes the router cannot see (issue 12, D7): FOR UPDATE/SHARE may write
+/// for commit purposes; calls of functions not known to be read-only are
+/// reported for the node's volatility check; EXPLAIN without ANALYZE runs
+/// nothing. Cases: (SQL, may_write, calls).
+#[test]
+fn may_write_and_calls_for_commit() {
+    let snap = snapshot();
+    let cases: &[(&str, bool, &[&str])] = &[
+        ("SELECT * FROM users WHERE id = 1 FOR UPDATE", true, &[]),
+        (
+            "SELECT * FROM (SELECT * FROM users WHERE id = 1 FOR SHARE) s",
+            true,
+            &[],
+        ),
+        (
+            "SELECT add_order(id) FROM users WHERE id = 1",
+            false,
+            &["add_order"],
+        ),
+        ("SELECT * FROM orders_of(5)", false, &["orders_of"]),
+        (
+            "SELECT lower(name), count(*) FROM users GROUP BY 1",
+            false,
+            &[],
+        ),
+        ("SELECT now(), random(), coalesce(1, 2)", false, &[]),
+        ("SELECT f(1); SELECT g(2), f(3)", false, &["f", "g"]),
+        (
+            "SELECT public.f(1) WHERE EXISTS (SELECT h(id) FROM users WHERE id = 2)",
+            false,
+            &["f", "h"],
+        ),
+        ("UPDATE users SET name = 'x' WHERE id = 1", true, &[]),
+        ("INSERT INTO users (id) VALUES (1)", true, &[]),
+        ("EXPLAIN SELECT f(1) FROM users FOR UPDATE", false, &[]),
+        ("EXPLAIN ANALYZE SELECT f(1)", false, &["f"]),
+    ];
+    let mut failures = Vec::new();
+    for (sql, may_write, calls) in cases {
+        match route(&snap, sql, &[], &Hints::default()) {
+            Err(e) => failures.push(format!("{sql}: {}", e.message)),
+            Ok(r) => {
+                let got: Vec<&str> = r.calls.iter().map(String::as_str).collect();
+                if r.may_write != *may_write || got != *calls {
+                    failures.push(format!(
+                        "{sql}: expected may_write {may_write} calls {calls:?}, got {} {got:?}",
+                        r.may_write
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

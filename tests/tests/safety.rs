@@ -264,3 +264,87 @@ async fn backslash_literals_under_standard_conforming_strings_off() {
     db.batch_execute("ROLLBACK").await.unwrap();
     db.batch_execute(r"SELECT 'a\b'").await.unwrap();
 }
+
+/// D7: a transaction whose writes the router cannot see (a SELECT calling
+/// a volatile plpgsql function that inserts) on two shards commits with
+/// two-phase commit: a deferred check failing at PREPARE on one shard rolls
+/// back the other as well. A merged multi-shard read calling such a
+/// function outside a transaction block is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_inside_functions_on_two_shards_commit_atomically() {
+    let c = Cluster::start(opts()).await;
+    let db = c.connect().await;
+    db.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, v text);
+         CREATE TABLE fn_log (id bigint, note text);
+         CREATE FUNCTION add_log(k bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+           BEGIN INSERT INTO fn_log VALUES (k, 'called'); RETURN k; END $$;",
+    )
+    .await
+    .unwrap();
+    let snap = c.node.catalog.load_full();
+    let (a, b) = keys(&snap, "users");
+    for k in [a, b] {
+        db.execute("INSERT INTO users (id, v) VALUES ($1, 'u')", &[&k])
+            .await
+            .unwrap();
+    }
+    // On s1 only: a check that fails when the transaction commits
+    // (PREPARE TRANSACTION runs deferred triggers).
+    c.direct(1)
+        .await
+        .batch_execute(
+            "CREATE FUNCTION no_log() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'deferred check failed' USING ERRCODE = '23514'; END $$;
+             CREATE CONSTRAINT TRIGGER no_log AFTER INSERT ON fn_log DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION no_log();",
+        )
+        .await
+        .unwrap();
+    db.batch_execute("BEGIN").await.unwrap();
+    db.query("SELECT add_log(id) FROM users WHERE id = $1", &[&a])
+        .await
+        .unwrap();
+    db.batch_execute(&format!("SELECT add_log(id) FROM users WHERE id = {b}"))
+        .await
+        .unwrap();
+    let e = db.batch_execute("COMMIT").await.unwrap_err();
+    assert_eq!(code(&e), "23514", "{e:?}");
+    assert!(
+        message(&e).contains("rolled back on every shard"),
+        "{}",
+        message(&e)
+    );
+    for i in 0..2 {
+        assert_eq!(
+            count_on(&c, i, "SELECT count(*) FROM fn_log").await,
+            0,
+            "s{i}"
+        );
+    }
+    // A merged read that may write, outside a transaction block: refused.
+    let e = db
+        .batch_execute("SELECT add_log(id) FROM users ORDER BY id")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    assert!(message(&e).contains("add_log"), "{}", message(&e));
+    // Without the failing check, both shards commit, with 2PC.
+    c.direct(1)
+        .await
+        .batch_execute("DROP TRIGGER no_log ON fn_log")
+        .await
+        .unwrap();
+    db.batch_execute("BEGIN").await.unwrap();
+    let rows = db
+        .query("SELECT add_log(id) FROM users ORDER BY id", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    db.batch_execute("COMMIT").await.unwrap();
+    for i in 0..2 {
+        assert_eq!(
+            count_on(&c, i, "SELECT count(*) FROM fn_log").await,
+            1,
+            "s{i}"
+        );
+    }
+}

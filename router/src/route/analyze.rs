@@ -115,6 +115,14 @@ pub(super) struct StmtPlan {
     /// It writes a sharded table (a shard hint must respect ownership and
     /// the freeze, see [`super::eval`]).
     pub writes_sharded: bool,
+    /// It may write although it is no DML: `FOR UPDATE/SHARE` (row locks
+    /// that must last to the commit). With [`StmtPlan::calls`], for commit
+    /// purposes only (two-phase commit): routing still reads.
+    pub may_write: bool,
+    /// Functions it calls that the router does not know to be read-only
+    /// (lower case, unqualified, deduplicated): the node treats the
+    /// statement as a write when one of them is volatile.
+    pub calls: Vec<String>,
 }
 
 impl StmtPlan {
@@ -127,6 +135,8 @@ impl StmtPlan {
             sharded_tables: Vec::new(),
             reference_write: false,
             writes_sharded: false,
+            may_write: false,
+            calls: Vec::new(),
         }
     }
 
@@ -235,6 +245,183 @@ const PURE_FUNCTIONS: &[&str] = &[
     "generate_series",
     "unnest",
     "cast",
+];
+
+/// Built-in functions that never write data (besides [`PURE_FUNCTIONS`] and
+/// [`AGGREGATES`]): a statement calling only these is no write for commit
+/// purposes. Any other call may write (a volatile function can run DML):
+/// the node asks the shard's `pg_proc` whether the name is volatile.
+const READ_ONLY: &[&str] = &[
+    "position",
+    "strpos",
+    "left",
+    "right",
+    "lpad",
+    "rpad",
+    "ltrim",
+    "rtrim",
+    "btrim",
+    "split_part",
+    "regexp_replace",
+    "regexp_match",
+    "regexp_matches",
+    "regexp_split_to_array",
+    "starts_with",
+    "string_to_array",
+    "array_to_string",
+    "array_append",
+    "array_prepend",
+    "array_cat",
+    "array_position",
+    "array_remove",
+    "array_replace",
+    "array_lower",
+    "array_upper",
+    "array_dims",
+    "cardinality",
+    "to_json",
+    "to_jsonb",
+    "json_build_object",
+    "jsonb_build_object",
+    "json_build_array",
+    "jsonb_build_array",
+    "jsonb_set",
+    "jsonb_insert",
+    "jsonb_extract_path",
+    "jsonb_extract_path_text",
+    "json_extract_path",
+    "json_extract_path_text",
+    "jsonb_array_elements",
+    "jsonb_array_elements_text",
+    "json_array_elements",
+    "jsonb_each",
+    "jsonb_each_text",
+    "json_each",
+    "jsonb_object_keys",
+    "jsonb_typeof",
+    "json_typeof",
+    "jsonb_array_length",
+    "json_array_length",
+    "jsonb_strip_nulls",
+    "jsonb_pretty",
+    "row_to_json",
+    "row_number",
+    "lag",
+    "lead",
+    "first_value",
+    "last_value",
+    "ntile",
+    "nth_value",
+    "sign",
+    "sqrt",
+    "cbrt",
+    "power",
+    "pow",
+    "exp",
+    "ln",
+    "log",
+    "log10",
+    "mod",
+    "div",
+    "trunc",
+    "pi",
+    "degrees",
+    "radians",
+    "sin",
+    "cos",
+    "tan",
+    "width_bucket",
+    "scale",
+    "gcd",
+    "lcm",
+    "age",
+    "make_date",
+    "make_time",
+    "make_timestamp",
+    "make_timestamptz",
+    "make_interval",
+    "date_bin",
+    "justify_days",
+    "justify_hours",
+    "justify_interval",
+    "isfinite",
+    "to_number",
+    "quote_ident",
+    "quote_literal",
+    "quote_nullable",
+    "encode",
+    "decode",
+    "sha224",
+    "sha256",
+    "sha384",
+    "sha512",
+    "char_length",
+    "character_length",
+    "octet_length",
+    "bit_length",
+    "initcap",
+    "repeat",
+    "reverse",
+    "translate",
+    "ascii",
+    "chr",
+    "overlay",
+    "hashtext",
+    "hashtextextended",
+    "hashint4extended",
+    "hashint8extended",
+    "uuid_hash_extended",
+    "num_nonnulls",
+    "num_nulls",
+    "array_fill",
+    "array_ndims",
+    "string_to_table",
+    "unistr",
+    "normalize",
+    "to_hex",
+    "to_ascii",
+    "convert_from",
+    "convert_to",
+    "int4range",
+    "int8range",
+    "numrange",
+    "tsrange",
+    "tstzrange",
+    "daterange",
+    "lower_inc",
+    "upper_inc",
+    "isempty",
+    "host",
+    "masklen",
+    "family",
+    "abbrev",
+    "broadcast",
+    "network",
+    "setseed",
+    "exists",
+    "any",
+    "all",
+    "row",
+    "array",
+    "coalesce",
+    "current_schema",
+    "pg_typeof",
+    "format_type",
+    "pg_get_viewdef",
+    "obj_description",
+    "col_description",
+    "has_table_privilege",
+    "pg_table_size",
+    "pg_total_relation_size",
+    "pg_relation_size",
+    "pg_size_pretty",
+    "pg_database_size",
+    "pg_column_size",
+    "pg_postmaster_start_time",
+    "pg_is_in_recovery",
+    "inet_client_addr",
+    "inet_client_port",
+    "txid_current_if_assigned",
 ];
 
 /// Aggregate functions of PostgreSQL 15 (built-in).
@@ -357,6 +544,10 @@ struct Analyzer<'a> {
     reference_tables: Vec<String>,
     /// Calls a function not in [`PURE_FUNCTIONS`].
     impure_calls: bool,
+    /// Calls of functions not known to be read-only ([`READ_ONLY`]).
+    calls: Vec<String>,
+    /// A query with FOR UPDATE/SHARE.
+    locks: bool,
     placeholders: bool,
 }
 
@@ -365,8 +556,20 @@ pub(super) fn plan_statement(
     snap: &RoutingSnapshot,
     st: &Statement,
 ) -> Result<StmtPlan, RouteError> {
-    use StatementKind as K;
     let mut a = Analyzer::new(snap);
+    let mut p = plan_in(&mut a, st)?;
+    p.may_write |= a.locks;
+    for c in a.calls {
+        if !p.calls.contains(&c) {
+            p.calls.push(c);
+        }
+    }
+    Ok(p)
+}
+
+fn plan_in(a: &mut Analyzer<'_>, st: &Statement) -> Result<StmtPlan, RouteError> {
+    use StatementKind as K;
+    let snap = a.snap;
     match st {
         Statement::Query(q) => a.select_statement(q, K::Select),
         Statement::Insert(ins) => a.insert(ins),
@@ -423,6 +626,11 @@ pub(super) fn plan_statement(
             inner.kind = K::Utility;
             inner.is_write = inner.is_write && *analyze;
             inner.writes_sharded = inner.writes_sharded && *analyze;
+            if !*analyze {
+                // Planned, not run: no function is called, no row locked.
+                inner.may_write = false;
+                inner.calls.clear();
+            }
             Ok(inner)
         }
         Statement::Vacuum(v) => a.maintenance(v.table_name.as_ref()),
@@ -576,6 +784,7 @@ impl Visitor for SubqueryWalker<'_, '_> {
                 if !PURE_FUNCTIONS.contains(&name.as_str()) {
                     self.a.impure_calls = true;
                 }
+                self.a.note_call(&name);
             }
             Expr::Value(v) if matches!(v.value, Value::Placeholder(_)) => {
                 self.a.placeholders = true;
@@ -695,6 +904,8 @@ impl<'a> Analyzer<'a> {
             home_tables: Vec::new(),
             reference_tables: Vec::new(),
             impure_calls: false,
+            calls: Vec::new(),
+            locks: false,
             placeholders: false,
         }
     }
@@ -971,6 +1182,7 @@ impl<'a> Analyzer<'a> {
 
     /// Analyses a query in a new scope under `parent`.
     fn query(&mut self, q: &Query, parent: Option<usize>) -> Result<QueryInfo, RouteError> {
+        self.locks |= !q.locks.is_empty();
         let mut scope = parent;
         if let Some(with) = &q.with {
             let cs = self.new_scope(parent);
@@ -1227,8 +1439,21 @@ impl<'a> Analyzer<'a> {
     }
 
     fn impure_or_pure_call(&mut self, name: &ObjectName) {
-        if !PURE_FUNCTIONS.contains(&last_name(name).as_str()) {
+        let n = last_name(name);
+        if !PURE_FUNCTIONS.contains(&n.as_str()) {
             self.impure_calls = true;
+        }
+        self.note_call(&n);
+    }
+
+    /// Records a call of `name` unless it is known to be read-only.
+    fn note_call(&mut self, name: &str) {
+        if !READ_ONLY.contains(&name)
+            && !PURE_FUNCTIONS.contains(&name)
+            && !AGGREGATES.contains(&name)
+            && !self.calls.iter().any(|c| c == name)
+        {
+            self.calls.push(name.to_owned());
         }
     }
 
@@ -1339,6 +1564,8 @@ impl<'a> Analyzer<'a> {
             sharded_tables: self.sharded_tables(),
             reference_write: false,
             writes_sharded: false,
+            may_write: false,
+            calls: Vec::new(),
         })
     }
 }

@@ -22,6 +22,8 @@ pub(super) struct StmtRoute {
     pub is_write: bool,
     pub merge: MergeNeed,
     pub touches_frozen: bool,
+    /// See [`super::Route::may_write`].
+    pub may_write: bool,
     /// A COPY the executor splits over every shard.
     pub copy: Option<std::sync::Arc<super::copy::CopyPlan>>,
 }
@@ -180,6 +182,7 @@ pub(super) fn bind_stmt(
         is_write: stmt.is_write,
         merge,
         touches_frozen: owners.frozen,
+        may_write: stmt.is_write || stmt.may_write,
         copy,
     })
 }

@@ -30,6 +30,8 @@ impl Analyzer<'_> {
             sharded_tables: self.sharded_tables(),
             reference_write: false,
             writes_sharded: false,
+            may_write: false,
+            calls: Vec::new(),
         };
         match self.snap.placement(target_name) {
             TablePlacement::Reference => {
@@ -313,6 +315,8 @@ impl Analyzer<'_> {
                 sharded_tables,
                 reference_write: false,
                 writes_sharded: true,
+                may_write: false,
+                calls: Vec::new(),
             });
         }
         // INSERT … SELECT.
@@ -342,6 +346,8 @@ impl Analyzer<'_> {
                     sharded_tables: tables,
                     reference_write: false,
                     writes_sharded: true,
+                    may_write: false,
+                    calls: Vec::new(),
                 })
             }
             Some(OutCol::Value(e)) if self.occs.is_empty() => {
@@ -360,6 +366,8 @@ impl Analyzer<'_> {
                     sharded_tables,
                     reference_write: false,
                     writes_sharded: true,
+                    may_write: false,
+                    calls: Vec::new(),
                 })
             }
             _ => Err(unsupported(format!(
