@@ -97,6 +97,13 @@ pub struct Node {
     /// not know to be read-only, and whether any function of that name is
     /// volatile (pg_proc; such a call may write). Forgotten on DDL.
     volatile: Mutex<HashMap<String, HashMap<String, bool>>>,
+    /// Per (database, user, search_path setting): the namespace routing
+    /// resolves names in, with the declared-tables fingerprint it was
+    /// read under ([`crate::names`]).
+    namespaces: Mutex<HashMap<NsKey, (u64, Arc<hotrepart_router::route::Namespace>)>>,
+    /// Bumped by [`Node::forget_catalog`]: sessions read their namespace
+    /// again.
+    pub(crate) catalog_generation: std::sync::atomic::AtomicU64,
     tls: Option<tokio_rustls::TlsAcceptor>,
     clients: AtomicUsize,
     cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
@@ -277,6 +284,9 @@ impl ShardTable {
     }
 }
 
+/// (database, client user, the client's `search_path` setting if it set one).
+pub type NsKey = (String, String, Option<String>);
+
 impl Node {
     /// A node alone, its catalog seeded from `cfg` (in memory, or in
     /// `cfg.data_dir`). Must run inside a tokio runtime.
@@ -322,6 +332,8 @@ impl Node {
             collations: Mutex::new(HashMap::new()),
             aggregates: Mutex::new(HashMap::new()),
             volatile: Mutex::new(HashMap::new()),
+            namespaces: Mutex::new(HashMap::new()),
+            catalog_generation: std::sync::atomic::AtomicU64::new(0),
             cfg,
             pools: Pools::default(),
             tls,
@@ -590,7 +602,36 @@ impl Node {
 
     /// After DDL through the node: collations, aggregates and function
     /// volatility are learned again when next needed.
+    pub fn namespace(
+        &self,
+        key: &NsKey,
+        fp: u64,
+    ) -> Option<Arc<hotrepart_router::route::Namespace>> {
+        let m = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(key)
+            .filter(|(f, _)| *f == fp)
+            .map(|(_, ns)| ns.clone())
+    }
+
+    pub fn learn_namespace(
+        &self,
+        key: NsKey,
+        fp: u64,
+        ns: Arc<hotrepart_router::route::Namespace>,
+    ) {
+        let mut m = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > 10_000 {
+            m.clear();
+        }
+        m.insert(key, (fp, ns));
+    }
+
     pub fn forget_catalog(&self, database: &str) {
+        self.namespaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| k.0 != database);
+        self.catalog_generation.fetch_add(1, Ordering::SeqCst);
         self.volatile
             .lock()
             .unwrap_or_else(|e| e.into_inner())

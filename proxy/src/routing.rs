@@ -307,6 +307,8 @@ pub struct RouteCtx<'a> {
     pub stale: bool,
     /// The server's `standard_conforming_strings` at login.
     pub server_scs: bool,
+    /// Where unqualified names resolve ([`crate::names`]).
+    pub ns: &'a r::Namespace,
 }
 
 impl RouteCtx<'_> {
@@ -341,7 +343,7 @@ pub fn decide(
     let plan = cache
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get_or_plan(snapshot, sql)
+        .get_or_plan_in(snapshot, sql, ctx.ns)
         .map_err(|e| {
             // Off, PostgreSQL's reading of '…\'…' differs from the
             // router's, which may then not even tokenize.
@@ -365,7 +367,44 @@ pub fn decide(
     let route = plan
         .bind(snapshot, params, &hints)
         .map_err(|e| Refusal::new(e.sqlstate, e.message))?;
+    if route.statements.len() > 1 && changes_routing_settings(sql) && routed_after_change(&route) {
+        return Err(Refusal::new(
+            "0A000",
+            "a query string that changes search_path or standard_conforming_strings must hold no other statement: hotrepart routes the whole string before the change is made; send the SET on its own".into(),
+        ));
+    }
     decision(snapshot, shard_index, route, sql)
+}
+
+/// Whether a statement that depends on names or literals follows one that
+/// may change settings (a SET/RESET, or anything when `set_config` may be
+/// called in a query).
+fn routed_after_change(route: &Route) -> bool {
+    let changes = |k: &StatementKind| matches!(k, StatementKind::Set | StatementKind::Reset);
+    let first = route
+        .statements
+        .iter()
+        .position(|k| changes(k) || !route.calls.is_empty() || matches!(k, StatementKind::Select))
+        .unwrap_or(route.statements.len());
+    route.statements.iter().skip(first + 1).any(|k| {
+        !matches!(
+            k,
+            StatementKind::Set
+                | StatementKind::Reset
+                | StatementKind::Show
+                | StatementKind::Empty
+                | StatementKind::Transaction(_)
+        )
+    })
+}
+
+/// Whether `sql` may change a setting routing depends on.
+pub(crate) fn changes_routing_settings(sql: &str) -> bool {
+    crate::state::may_change_state(sql)
+        && (contains_ci(sql, "search_path")
+            || contains_ci(sql, "standard_conforming_strings")
+            || contains_ci(sql, "reset")
+            || contains_ci(sql, "discard"))
 }
 
 fn contains_ci(hay: &str, needle: &str) -> bool {

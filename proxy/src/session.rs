@@ -151,6 +151,11 @@ pub struct Session<S> {
     state_stale: bool,
     /// The server's `standard_conforming_strings` at login.
     server_scs: bool,
+    /// Where unqualified names resolve, and what it was read under
+    /// (search_path setting, declared-tables fingerprint, the node's
+    /// catalog generation).
+    ns: Arc<hotrepart_router::route::Namespace>,
+    ns_under: Option<(Option<String>, u64, u64)>,
     /// Custom settings (`app.name`) the client has set, read back with
     /// the others.
     custom_settings: std::collections::BTreeSet<String>,
@@ -225,6 +230,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             state_dirty: vec![false; nshards],
             state_stale: false,
             server_scs: true,
+            ns: Arc::default(),
+            ns_under: None,
             custom_settings: Default::default(),
             prepared_dirty: false,
             skip_to_sync: false,
@@ -315,7 +322,78 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             state: &self.state,
             stale: self.state_stale,
             server_scs: self.server_scs,
+            ns: &self.ns,
         }
+    }
+
+    /// Before routing: the namespace unqualified names resolve in, for the
+    /// client's current `search_path` ([`crate::names`]): from the node's
+    /// cache, else read on the home shard on a backend carrying the
+    /// client's settings (attached to its transaction if one is open;
+    /// released again if the session was idle).
+    async fn ensure_namespace(&mut self) -> Result<(), SessionError> {
+        if self.node.single_shard() {
+            return Ok(());
+        }
+        let snap = self.node.catalog.load_full();
+        let fp = crate::names::declared_fingerprint(&snap);
+        let path = self.state.get("search_path").map(str::to_string);
+        let generation = self
+            .node
+            .catalog_generation
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let under = (path.clone(), fp, generation);
+        if self.ns_under.as_ref() == Some(&under) {
+            return Ok(());
+        }
+        if fp == 0 {
+            self.ns = Arc::default();
+            self.ns_under = Some(under);
+            return Ok(());
+        }
+        let key = (self.database.clone(), self.user.clone(), path);
+        if let Some(ns) = self.node.namespace(&key, fp) {
+            self.ns = ns;
+            self.ns_under = Some(under);
+            return Ok(());
+        }
+        if self
+            .slots
+            .iter()
+            .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced))
+        {
+            return Ok(());
+        }
+        if !self.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let home = self.node.home_index();
+        let was_attached = self.slots[home].conn.is_some();
+        if let Err(r) = self.ensure_backend(home).await? {
+            tracing::warn!(error = %r.message, "cannot read the search path on the home shard");
+            return Ok(());
+        }
+        let sql = crate::names::probe_sql(&snap);
+        let rows = match self.slots[home].conn.as_mut() {
+            Some(b) => b.hidden_query(&sql).await,
+            None => return Ok(()),
+        };
+        match rows {
+            Ok(rows) => {
+                let ns = Arc::new(crate::names::parse(rows));
+                self.node.learn_namespace(key, fp, ns.clone());
+                self.ns = ns;
+                self.ns_under = Some(under);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the search path on the home shard"),
+        }
+        if !was_attached && self.tx_status == b'I' && self.owed.is_empty() {
+            if let Some(b) = self.slots[home].conn.take() {
+                b.release();
+            }
+            self.update_cancel();
+        }
+        Ok(())
     }
 
     /// Before routing: when a statement that may change settings was sent
@@ -974,6 +1052,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn on_query(&mut self, f: Frame) -> Result<(), SessionError> {
         self.settle_state().await?;
+        self.ensure_namespace().await?;
         let mut b = f.body();
         let sql = wire::get_cstr(&mut b).map_err(client_err)?;
         if let Err(r) = self.check_listen(sql) {
@@ -1416,6 +1495,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
         self.settle_state().await?;
+        self.ensure_namespace().await?;
         let frames = std::mem::take(&mut self.batch);
         let routed = self.route_waiting(|s| s.route_batch(&frames)).await;
         let (target, mut d) = match routed {
@@ -1556,6 +1636,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut binds = 0;
         let mut any_write = false;
         let mut calls: Vec<String> = Vec::new();
+        let mut changed_settings = false;
         let mut parse_target: Option<usize> = None;
         for f in frames {
             match f.tag() {
@@ -1599,6 +1680,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // An unknown statement: PostgreSQL will say so.
                     let Some(sql) = sql else { continue };
                     binds += 1;
+                    if changed_settings {
+                        return Err(Refusal::new(
+                            "0A000",
+                            "a statement that changes search_path or standard_conforming_strings must be followed by Sync before the next statement: hotrepart routes a batch before it runs".into(),
+                        ));
+                    }
+                    changed_settings = crate::routing::changes_routing_settings(&sql);
                     let params = BindParams::parse(b).map_err(proto_refusal)?;
                     let d = self.node.decide(&sql, Some(&params), &self.route_ctx())?;
                     let t = match &d.target {

@@ -33,9 +33,14 @@
 //! # Conventions (documented choices)
 //!
 //! * Names: unquoted identifiers are folded to lower case (ASCII, as
-//!   PostgreSQL does), quoted ones are taken verbatim. A table `public.t` or
-//!   `t` is looked up in the catalog as `t`; a table in another schema `s.t`
-//!   is looked up as `s.t`. `search_path` is assumed to be `public`.
+//!   PostgreSQL does), quoted ones are taken verbatim. A table `public.t`
+//!   is looked up in the catalog as `t`; a table in another schema `s.t`
+//!   is looked up as `s.t`. An unqualified name resolves through the
+//!   session's [`Namespace`] (its effective `search_path` and the
+//!   relations in it, read by the node from the home shard's catalog), as
+//!   PostgreSQL resolves it; [`plan`] without one takes `public`. A view,
+//!   partition or inheritance relative of a declared table that is not
+//!   itself declared is refused (`0A000`), see [`Namespace`].
 //! * Reads of reference tables only go to the home shard (deterministic, and
 //!   the home shard also holds the undeclared tables they are often joined
 //!   with); writes to them go to all shards.
@@ -80,6 +85,7 @@ pub mod copy;
 mod eval;
 mod keys;
 mod merge;
+mod names;
 mod params;
 mod split;
 
@@ -94,6 +100,7 @@ use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 use crate::catalog::{KeyType, KeyValue, PointError, RoutingSnapshot, ShardId};
 
 pub use cache::PlanCache;
+pub use names::Namespace;
 
 /// Whether `name` (lower case, unqualified) is a built-in aggregate the
 /// router knows: a call to any other aggregate (user-defined) is planned as
@@ -381,6 +388,8 @@ pub struct Plan {
     backslash_literal: bool,
     /// The calls of all statements (see [`Route::calls`]).
     calls: Arc<[String]>,
+    /// The namespace it was planned in.
+    ns: Namespace,
 }
 
 impl Plan {
@@ -394,6 +403,11 @@ impl Plan {
         self.epoch
     }
 
+    /// The namespace it was planned in.
+    pub fn namespace(&self) -> &Namespace {
+        &self.ns
+    }
+
     /// Routes one execution. `params` are the Bind parameters (empty for the
     /// simple protocol). If `snapshot` is not the one the plan was made from
     /// (another epoch), the statement is planned again first, so a stale plan
@@ -405,7 +419,7 @@ impl Plan {
         hints: &Hints,
     ) -> Result<Route, RouteError> {
         if snapshot.epoch() != self.epoch {
-            return plan(snapshot, &self.sql)?.bind(snapshot, params, hints);
+            return plan_in(snapshot, &self.sql, &self.ns)?.bind(snapshot, params, hints);
         }
         if self.backslash_literal && !hints.standard_conforming_strings {
             return Err(RouteError::unsupported(
@@ -579,6 +593,11 @@ fn describe(t: &Target) -> String {
 /// text and the snapshot only (not on parameter values), so it can be cached
 /// per (text, epoch).
 pub fn plan(snapshot: &RoutingSnapshot, sql: &str) -> Result<Plan, RouteError> {
+    plan_in(snapshot, sql, &Namespace::default())
+}
+
+/// [`plan`] with unqualified names resolved in `ns`.
+pub fn plan_in(snapshot: &RoutingSnapshot, sql: &str, ns: &Namespace) -> Result<Plan, RouteError> {
     let dialect = PostgreSqlDialect {};
     let tokens = Tokenizer::new(&dialect, sql)
         .tokenize_with_location()
@@ -611,7 +630,7 @@ pub fn plan(snapshot: &RoutingSnapshot, sql: &str) -> Result<Plan, RouteError> {
         .map_err(|e| RouteError::syntax(e.to_string()))?;
     let mut stmts = Vec::with_capacity(statements.len());
     for st in &statements {
-        stmts.push(analyze::plan_statement(snapshot, st)?);
+        stmts.push(analyze::plan_statement(snapshot, ns, st)?);
     }
     if stmts.is_empty() {
         stmts.push(StmtPlan::fixed(StatementKind::Empty, false, Body::Any));
@@ -628,6 +647,7 @@ pub fn plan(snapshot: &RoutingSnapshot, sql: &str) -> Result<Plan, RouteError> {
         stmts,
         hint,
         backslash_literal,
+        ns: ns.clone(),
     })
 }
 

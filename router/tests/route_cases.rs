@@ -924,3 +924,87 @@ fn may_write_and_calls_for_commit() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Unqualified names resolve through the session's search path as
+/// PostgreSQL resolves them (issue 12, D6); relations that reach a declared
+/// table without being declared (views, partitions) are refused.
+/// Cases: (search path, relations listed, reaching, SQL, expected).
+#[test]
+fn names_resolve_through_the_search_path() {
+    use hotrepart_router::route::{plan_in, Namespace};
+    let snap = snapshot();
+    let ns = |path: &[&str], rels: &[(&str, &str)], reach: &[(&str, &str, &str)]| Namespace {
+        schemas: path.iter().map(|s| s.to_string()).collect(),
+        relations: rels
+            .iter()
+            .map(|(s, t)| (s.to_string(), t.to_string()))
+            .collect(),
+        reaching: reach
+            .iter()
+            .map(|(s, t, d)| ((s.to_string(), t.to_string()), d.to_string()))
+            .collect(),
+    };
+    let app_first = ns(
+        &["pg_catalog", "app", "public"],
+        &[("public", "users"), ("app", "accounts")],
+        &[],
+    );
+    let shadowed = ns(
+        &["pg_catalog", "app", "public"],
+        &[("app", "users"), ("public", "users")],
+        &[],
+    );
+    let public_only = ns(&["pg_catalog", "public"], &[("public", "users")], &[]);
+    let views = ns(
+        &["pg_catalog", "public"],
+        &[("public", "users")],
+        &[
+            ("public", "users_v", "users"),
+            ("public", "users_2024", "users"),
+        ],
+    );
+    let cases: &[(&Namespace, &str, &str)] = &[
+        // `accounts` is app.accounts under search_path app, public.
+        (&app_first, "SELECT * FROM accounts WHERE id = 1", "s3"),
+        (&public_only, "SELECT * FROM accounts WHERE id = 1", "s0"),
+        (&app_first, "INSERT INTO accounts (id) VALUES (8)", "s1"),
+        (&app_first, "SELECT * FROM users WHERE id = 1", "s3"),
+        // An undeclared app.users comes first: it is that one, on home.
+        (&shadowed, "SELECT * FROM users WHERE id = 1", "s0"),
+        (&shadowed, "SELECT * FROM public.users WHERE id = 1", "s3"),
+        (&public_only, "SELECT * FROM users WHERE id = 1", "s3"),
+        // Views and partitions of declared tables are refused.
+        (&views, "SELECT * FROM users_v", "REFUSE:0A000"),
+        (
+            &views,
+            "INSERT INTO users_v (id) VALUES (1)",
+            "REFUSE:0A000",
+        ),
+        (
+            &views,
+            "SELECT * FROM public.users_2024 WHERE id = 1",
+            "REFUSE:0A000",
+        ),
+        (&views, "UPDATE users_2024 SET x = 1", "REFUSE:0A000"),
+        (&views, "SELECT * FROM other_table", "s0"),
+        (
+            &views,
+            "WITH users_v AS (SELECT 1) SELECT * FROM users_v",
+            "ANY",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (ns, sql, want) in cases {
+        let got = match plan_in(&snap, sql, ns).and_then(|p| p.bind(&snap, &[], &Hints::default()))
+        {
+            Err(e) => format!("REFUSE:{}", e.sqlstate),
+            Ok(r) => format!("{}", r.target)
+                .replace("shard ", "")
+                .replace("any shard", "ANY"),
+        };
+        if got != *want {
+            failures.push(format!("{sql}: expected {want}, got {got}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -348,3 +348,87 @@ async fn writes_inside_functions_on_two_shards_commit_atomically() {
         );
     }
 }
+
+/// D6: unqualified names resolve through the session's search_path as
+/// PostgreSQL resolves them (`orders` is the sharded `app.orders` under
+/// `search_path = app, public`, so rows land on their owners), and
+/// undeclared views, inheritance children or partitions of a sharded table
+/// are refused instead of being read or written on the home shard alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_resolve_through_search_path_and_views_are_refused() {
+    let c = Cluster::start(opts()).await;
+    let db = c.connect().await;
+    db.batch_execute(
+        "CREATE SCHEMA app;
+         CREATE TABLE app.orders (id bigint PRIMARY KEY, v text);
+         CREATE TABLE users (id bigint PRIMARY KEY, v text);",
+    )
+    .await
+    .unwrap();
+    let snap = c.node.catalog.load_full();
+    let (a, b) = keys(&snap, "app.orders");
+    db.batch_execute("SET search_path = app, public")
+        .await
+        .unwrap();
+    db.batch_execute(&format!(
+        "INSERT INTO orders (id, v) VALUES ({a}, 'a'), ({b}, 'b')"
+    ))
+    .await
+    .unwrap();
+    db.execute("UPDATE orders SET v = 'b2' WHERE id = $1", &[&b])
+        .await
+        .unwrap();
+    for (i, k) in [(0, a), (1, b)] {
+        let sql = format!("SELECT count(*) FROM app.orders WHERE id = {k}");
+        assert_eq!(count_on(&c, i, &sql).await, 1, "s{i} lacks {k}");
+    }
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    // Inside a transaction, SET LOCAL is seen by the next statement.
+    db.batch_execute("BEGIN; SET LOCAL search_path = public")
+        .await
+        .unwrap();
+    let e = db
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "42P01", "{e:?}");
+    db.batch_execute("ROLLBACK").await.unwrap();
+    // With search_path and another statement in one string: refused.
+    let e = db
+        .batch_execute("SET search_path = public; SELECT count(*) FROM orders")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    // Views and inheritance children of a sharded table.
+    db.batch_execute("SELECT set_config('search_path', 'public', false)")
+        .await
+        .unwrap();
+    db.batch_execute(
+        "CREATE VIEW users_v AS SELECT * FROM users;
+         CREATE VIEW users_vv AS SELECT id FROM users_v;
+         CREATE TABLE users_child () INHERITS (users);",
+    )
+    .await
+    .unwrap();
+    for sql in [
+        "SELECT * FROM users_v",
+        "SELECT * FROM users_vv WHERE id = 1",
+        "INSERT INTO users_v (id, v) VALUES (1, 'x')",
+        "SELECT * FROM public.users_child",
+        "DELETE FROM users_child",
+    ] {
+        let e = db.batch_execute(sql).await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{sql}: {e:?}");
+        assert!(message(&e).contains("\"users\""), "{sql}: {}", message(&e));
+    }
+    let e = db.batch_execute("SELECT * FROM orders").await.unwrap_err();
+    assert_eq!(code(&e), "42P01", "{e:?}");
+    db.batch_execute(&format!("SELECT * FROM users WHERE id = {a}"))
+        .await
+        .unwrap();
+}

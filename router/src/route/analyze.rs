@@ -39,7 +39,7 @@ use merge_plan::merge_plan;
 
 use super::keys::{array_src, colocated, value_src, KeyExpr, Src, SrcError, TypedSrc};
 use super::split::SplitText;
-use super::{CopyDirection, MergeNeed, RouteError, StatementKind, TransactionKind};
+use super::{CopyDirection, MergeNeed, Namespace, RouteError, StatementKind, TransactionKind};
 use crate::catalog::{KeyType, RoutingSnapshot, ShardedTable, TablePlacement};
 
 /// A sharded occurrence as the binder sees it.
@@ -166,22 +166,41 @@ pub(super) fn norm(id: &Ident) -> String {
     }
 }
 
-/// The catalog name of a table: `t` or `public.t` → `t`, `s.t` → `s.t`.
-fn table_name(name: &ObjectName) -> Result<String, RouteError> {
-    let mut parts = Vec::with_capacity(name.0.len());
-    for p in &name.0 {
-        match p.as_ident() {
-            Some(id) => parts.push(norm(id)),
-            None => return Err(unsupported(format!("table name {name}"))),
+impl Analyzer<'_> {
+    /// The catalog name of a relation: `public.t` → `t`, `s.t` → `s.t`,
+    /// and `t` as the session's search path resolves it ([`Namespace`]).
+    /// A relation that reaches a declared table without being declared
+    /// itself (a view over it, a partition …) is refused.
+    fn table_name(&self, name: &ObjectName) -> Result<String, RouteError> {
+        let mut parts = Vec::with_capacity(name.0.len());
+        for p in &name.0 {
+            match p.as_ident() {
+                Some(id) => parts.push(norm(id)),
+                None => return Err(unsupported(format!("table name {name}"))),
+            }
         }
-    }
-    match parts.as_slice() {
-        [t] => Ok(t.clone()),
-        [s, t] if s == "public" => Ok(t.clone()),
-        [s, t] => Ok(format!("{s}.{t}")),
-        _ => Err(unsupported(format!(
-            "table name {name} (database-qualified names are not supported)"
-        ))),
+        let (schema, t) = match parts.as_slice() {
+            [t] => match self.ns.resolve(t) {
+                Some(s) => (s.to_owned(), t.clone()),
+                None => return Ok(t.clone()),
+            },
+            [s, t] => (s.clone(), t.clone()),
+            _ => {
+                return Err(unsupported(format!(
+                    "table name {name} (database-qualified names are not supported)"
+                )))
+            }
+        };
+        if let Some(declared) = self.ns.reaching.get(&(schema.clone(), t.clone())) {
+            return Err(unsupported(format!(
+                "relation \"{schema}.{t}\" is not declared to hotrepart but reaches table \"{declared}\" (a view over it, or a partition or inheritance parent or child of it): on one shard it would see or change that shard's rows only; use \"{declared}\" itself, or declare the relation"
+            )));
+        }
+        Ok(if schema == "public" {
+            t
+        } else {
+            format!("{schema}.{t}")
+        })
     }
 }
 
@@ -534,6 +553,7 @@ struct QueryInfo {
 
 struct Analyzer<'a> {
     snap: &'a RoutingSnapshot,
+    ns: &'a Namespace,
     occs: Vec<Occ>,
     scopes: Vec<Scope>,
     pins: Vec<(usize, KeyExpr)>,
@@ -554,9 +574,10 @@ struct Analyzer<'a> {
 /// Plans one statement.
 pub(super) fn plan_statement(
     snap: &RoutingSnapshot,
+    ns: &Namespace,
     st: &Statement,
 ) -> Result<StmtPlan, RouteError> {
-    let mut a = Analyzer::new(snap);
+    let mut a = Analyzer::new(snap, ns);
     let mut p = plan_in(&mut a, st)?;
     p.may_write |= a.locks;
     for c in a.calls {
@@ -613,7 +634,7 @@ fn plan_in(a: &mut Analyzer<'_>, st: &Statement) -> Result<StmtPlan, RouteError>
         Statement::Explain {
             statement, analyze, ..
         } => {
-            let mut inner = plan_statement(snap, statement)?;
+            let mut inner = plan_statement(snap, a.ns, statement)?;
             if !matches!(inner.kind, K::Select | K::Insert | K::Update | K::Delete) {
                 return Err(unsupported(format!("EXPLAIN of {}", inner.kind_name())));
             }
@@ -893,9 +914,10 @@ fn select_merge_need(s: &Select) -> MergeNeed {
 }
 
 impl<'a> Analyzer<'a> {
-    fn new(snap: &'a RoutingSnapshot) -> Self {
+    fn new(snap: &'a RoutingSnapshot, ns: &'a Namespace) -> Self {
         Analyzer {
             snap,
+            ns,
             occs: Vec::new(),
             scopes: Vec::new(),
             pins: Vec::new(),
@@ -961,7 +983,7 @@ impl<'a> Analyzer<'a> {
                 return Ok(None);
             }
         }
-        let catalog = table_name(name)?;
+        let catalog = self.table_name(name)?;
         let own = last_name(name);
         let qualified = if visible.is_some() {
             None

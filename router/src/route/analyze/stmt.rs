@@ -78,7 +78,7 @@ impl Analyzer<'_> {
         let TableFactor::Table { name, alias, .. } = &up.table.relation else {
             return Err(unsupported("UPDATE of something that is not a table"));
         };
-        let target = table_name(name)?;
+        let target = self.table_name(name)?;
         let target_occ = self.table_item(name, alias.as_ref(), s)?;
         self.scopes[s].covered = target_occ.is_some();
         if let Some(from) = &up.from {
@@ -147,7 +147,7 @@ impl Analyzer<'_> {
             return Err(unsupported("DELETE from something that is not a table"));
         };
         let s = self.new_scope(None);
-        let target = table_name(name)?;
+        let target = self.table_name(name)?;
         let target_occ = self.table_item(name, alias.as_ref(), s)?;
         self.scopes[s].covered = target_occ.is_some();
         if let Some(using) = &del.using {
@@ -174,7 +174,7 @@ impl Analyzer<'_> {
         let TableObject::TableName(name) = &ins.table else {
             return Err(unsupported("INSERT into a table function"));
         };
-        let target = table_name(name)?;
+        let target = self.table_name(name)?;
         let s = self.new_scope(None);
         // The target is visible to RETURNING and ON CONFLICT, but it is not a
         // read occurrence: it is routed by the inserted keys.
@@ -431,7 +431,7 @@ impl Analyzer<'_> {
                 table_name: name,
                 columns,
             } => {
-                let t = table_name(name)?;
+                let t = self.table_name(name)?;
                 let kind = StatementKind::Copy {
                     table: Some(t.clone()),
                     direction,
@@ -492,7 +492,7 @@ impl Analyzer<'_> {
     ) -> Result<StmtPlan, RouteError> {
         let body = match name {
             None => Body::All,
-            Some(n) => match self.snap.placement(&table_name(n)?) {
+            Some(n) => match self.snap.placement(&self.table_name(n)?) {
                 TablePlacement::Home(_) => Body::Home,
                 _ => Body::All,
             },
@@ -509,7 +509,7 @@ impl Analyzer<'_> {
     ) -> Result<StmtPlan, RouteError> {
         let mut everywhere = false;
         for n in names {
-            let t = table_name(n)?;
+            let t = self.table_name(n)?;
             if !matches!(self.snap.placement(&t), TablePlacement::Home(_)) {
                 everywhere = true;
             }
