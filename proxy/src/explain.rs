@@ -33,17 +33,22 @@ pub(crate) struct Explain<'a> {
 /// EXPLAIN.
 pub(crate) fn parse(sql: &str) -> Option<Explain<'_>> {
     let t = skip_space(sql);
-    if t.len() < 7 || !t[..7].eq_ignore_ascii_case("explain") {
-        return None;
-    }
-    if t[7..]
-        .chars()
+    // `get`, not indexing: byte 7 may fall inside a multi-byte character
+    // ("SELECT\u{a0}1"), and client text must never panic the session.
+    let after = match t.get(..7) {
+        Some(head) if head.eq_ignore_ascii_case("explain") => t.get(7..)?,
+        _ => return None,
+    };
+    // As PostgreSQL's lexer: a letter, digit, `_`, `$` or any non-ASCII
+    // byte continues the word ("EXPLAIN\u{a0}SELECT" is one identifier).
+    if after
+        .bytes()
         .next()
-        .is_some_and(|c| c.is_alphanumeric() || c == '_')
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80)
     {
         return None;
     }
-    let mut rest = skip_space(&t[7..]);
+    let mut rest = skip_space(after);
     let (mut analyze, mut text) = (false, true);
     if let Some(opts) = rest.strip_prefix('(') {
         let end = opts.find(')')?;
@@ -89,10 +94,11 @@ pub(crate) fn parse(sql: &str) -> Option<Explain<'_>> {
     })
 }
 
-/// Skips whitespace and comments.
+/// Skips whitespace (PostgreSQL's: space, tab, newline, carriage return,
+/// form feed, vertical tab) and comments.
 fn skip_space(mut s: &str) -> &str {
     loop {
-        s = s.trim_start();
+        s = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0c', '\x0b']);
         if let Some(r) = s.strip_prefix("--") {
             s = r.find('\n').map_or("", |i| &r[i..]);
         } else if let Some(r) = s.strip_prefix("/*") {
@@ -110,7 +116,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<(), SessionError> {
     let in_tx = s.tx_status != b'I';
     s.pin_routing();
-    let d = match s.node.decide(ex.inner, None, s.state()) {
+    let d = match s.node.decide(ex.inner, None, &s.route_ctx()) {
         Ok(d) => d,
         Err(r) => return refuse(s, r, in_tx).await,
     };
@@ -369,5 +375,29 @@ mod tests {
         );
         assert!(parse("EXPLAINX SELECT 1").is_none());
         assert!(parse("SELECT 1").is_none());
+    }
+
+    /// Multi-byte characters around the keyword never panic (byte 7 of
+    /// "SELECT\u{a0}1" is inside the no-break space).
+    #[test]
+    fn multibyte_text_does_not_panic() {
+        assert!(parse("SELECT\u{a0}1").is_none());
+        assert!(parse("SELECTé").is_none());
+        assert!(parse("EXPLAIN\u{a0}SELECT 1").is_none());
+        assert!(parse("EXPLAIN\tSELECT 1").is_some_and(|e| e.inner == "SELECT 1"));
+        for s in [
+            "EXPLAIN (é) SELECT 1",
+            "EXPLAIN ANALYZé SELECT 1",
+            "EXPLAIN /* é */ SELECT 1",
+            "explain -- é\nSELECT 1",
+            "EXPLAINé",
+            "EXPLAIN (FORMAT 'é",
+        ] {
+            for end in 0..=s.len() {
+                if let Some(prefix) = s.get(..end) {
+                    let _ = parse(prefix);
+                }
+            }
+        }
     }
 }

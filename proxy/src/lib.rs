@@ -33,6 +33,7 @@ pub mod loadtest;
 pub mod localpg;
 pub mod merge;
 pub mod multi;
+pub mod names;
 pub mod node;
 pub mod pool;
 pub mod reshard;

@@ -96,6 +96,17 @@ pub struct Node {
     /// Per database: function names seen called in multi-shard statements,
     /// and whether each is an aggregate (pg_proc), learned on first sight.
     aggregates: Mutex<HashMap<String, HashMap<String, bool>>>,
+    /// Per database: function names statements call that the router does
+    /// not know to be read-only, and whether any function of that name is
+    /// volatile (pg_proc; such a call may write). Forgotten on DDL.
+    volatile: Mutex<HashMap<String, HashMap<String, bool>>>,
+    /// Per (database, user, search_path setting): the namespace routing
+    /// resolves names in, with the declared-tables fingerprint it was
+    /// read under ([`crate::names`]).
+    namespaces: Mutex<HashMap<NsKey, (u64, Arc<hotrepart_router::route::Namespace>)>>,
+    /// Bumped by [`Node::forget_catalog`]: sessions read their namespace
+    /// again.
+    pub(crate) catalog_generation: std::sync::atomic::AtomicU64,
     tls: Option<tokio_rustls::TlsAcceptor>,
     clients: AtomicUsize,
     cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
@@ -279,6 +290,9 @@ impl ShardTable {
     }
 }
 
+/// (database, client user, the client's `search_path` setting if it set one).
+pub type NsKey = (String, String, Option<String>);
+
 impl Node {
     /// A node alone, its catalog seeded from `cfg` (in memory, or in
     /// `cfg.data_dir`). Must run inside a tokio runtime.
@@ -324,6 +338,9 @@ impl Node {
             plans,
             collations: Mutex::new(HashMap::new()),
             aggregates: Mutex::new(HashMap::new()),
+            volatile: Mutex::new(HashMap::new()),
+            namespaces: Mutex::new(HashMap::new()),
+            catalog_generation: std::sync::atomic::AtomicU64::new(0),
             cfg,
             pools: Pools::default(),
             tls,
@@ -485,7 +502,7 @@ impl Node {
         &self,
         sql: &str,
         params: Option<&BindParams>,
-        state: &SessionState,
+        ctx: &routing::RouteCtx<'_>,
     ) -> Result<Decision, Refusal> {
         if !self.catalog_ready() {
             return Err(Refusal::new(
@@ -510,7 +527,7 @@ impl Node {
             |id| shards.by_name.get(id.as_str()).copied(),
             sql,
             params,
-            state,
+            ctx,
         )
     }
 
@@ -560,9 +577,73 @@ impl Node {
         }
     }
 
-    /// After DDL through the node: collations and aggregates are learned
-    /// again on the next attach.
+    /// Of `names`, those whose volatility is not known yet for `database`
+    /// (first), and the first known to be volatile (second).
+    pub fn known_volatile(
+        &self,
+        database: &str,
+        names: &[String],
+    ) -> (Vec<String>, Option<String>) {
+        let m = self.volatile.lock().unwrap_or_else(|e| e.into_inner());
+        let known = m.get(database);
+        let mut unknown = Vec::new();
+        for n in names {
+            match known.and_then(|k| k.get(n)) {
+                Some(true) => return (Vec::new(), Some(n.clone())),
+                Some(false) => {}
+                None => unknown.push(n.clone()),
+            }
+        }
+        (unknown, None)
+    }
+
+    pub fn learn_volatile(&self, database: &str, names: &[String], volatile: &[String]) {
+        let mut m = self.volatile.lock().unwrap_or_else(|e| e.into_inner());
+        let k = m.entry(database.to_string()).or_default();
+        if k.len() > 10_000 {
+            k.clear();
+        }
+        for n in names {
+            k.insert(n.clone(), volatile.contains(n));
+        }
+    }
+
+    /// After DDL through the node: collations, aggregates and function
+    /// volatility are learned again when next needed.
+    pub fn namespace(
+        &self,
+        key: &NsKey,
+        fp: u64,
+    ) -> Option<Arc<hotrepart_router::route::Namespace>> {
+        let m = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(key)
+            .filter(|(f, _)| *f == fp)
+            .map(|(_, ns)| ns.clone())
+    }
+
+    pub fn learn_namespace(
+        &self,
+        key: NsKey,
+        fp: u64,
+        ns: Arc<hotrepart_router::route::Namespace>,
+    ) {
+        let mut m = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > 10_000 {
+            m.clear();
+        }
+        m.insert(key, (fp, ns));
+    }
+
     pub fn forget_catalog(&self, database: &str) {
+        self.namespaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| k.0 != database);
+        self.catalog_generation.fetch_add(1, Ordering::SeqCst);
+        self.volatile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(database);
         self.collations
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -882,9 +963,16 @@ impl Node {
         r.set_max_len(self.cfg.max_message_size);
         let session_mode = ucfg.pool_mode.unwrap_or(self.cfg.pool_mode) == PoolMode::Session;
         tracing::debug!(%user, %database, "session started");
-        let end = Session::new(self.clone(), r, database, session_mode, state, slot, user)
-            .run()
-            .await;
+        // The session's span names it (the pid the client got in
+        // BackendKeyData): a panic caught in `Session::run` is logged in it.
+        let span = tracing::info_span!("session", id = pid, %user, %database);
+        let end = tracing::Instrument::instrument(
+            Session::new(self.clone(), r, database, session_mode, state, slot, user)
+                .with_server_params(&server_params)
+                .run(),
+            span,
+        )
+        .await;
         tracing::debug!(?end, "session ended");
         self.unregister_cancel(pid, secret);
     }

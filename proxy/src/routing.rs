@@ -60,6 +60,10 @@ pub struct Decision {
     /// A COPY the node splits (FROM) or concatenates (TO) over the shards
     /// (see [`crate::copy`]).
     pub copy: Option<std::sync::Arc<hotrepart_router::route::copy::CopyPlan>>,
+    /// Functions called that the router does not know to be read-only:
+    /// when one is volatile the session makes `write` true (it may run
+    /// DML), so a transaction over several shards commits with 2PC.
+    pub calls: std::sync::Arc<[String]>,
 }
 
 impl Decision {
@@ -89,6 +93,7 @@ impl Decision {
             has_tx_control: false,
             merge: None,
             copy: None,
+            calls: std::sync::Arc::from(Vec::new()),
         }
     }
 }
@@ -186,6 +191,7 @@ impl BindParams {
 /// Turns a router route into a decision for this node's shards.
 pub fn decision(
     snapshot: &RoutingSnapshot,
+    ns: &r::Namespace,
     shard_index: impl Fn(&ShardId) -> Option<usize>,
     route: Route,
     sql: &str,
@@ -220,7 +226,7 @@ pub fn decision(
         let mut texts = Vec::with_capacity(ids.len());
         let mut changed = false;
         for id in ids {
-            match r::hide_rows(snapshot, base, id)
+            match r::hide_rows(snapshot, ns, base, id)
                 .map_err(|e| Refusal::new(e.sqlstate, e.message))?
             {
                 Some(t) => {
@@ -299,7 +305,8 @@ pub fn decision(
     Ok(Decision {
         target,
         kind,
-        write: route.is_write,
+        // DML, FOR UPDATE/SHARE: a write for commit purposes.
+        write: route.is_write || route.may_write,
         ddl: route
             .statements
             .iter()
@@ -317,7 +324,29 @@ pub fn decision(
             _ => None,
         },
         copy: route.copy.filter(|_| target_is_multi),
+        calls: route.calls.clone(),
     })
+}
+
+/// What routing needs to know of the client's session.
+pub struct RouteCtx<'a> {
+    /// The settings as the node last read them back.
+    pub state: &'a SessionState,
+    /// A statement that may have changed settings ran since `state` was
+    /// read: what depends on them (standard_conforming_strings) is unknown.
+    pub stale: bool,
+    /// The server's `standard_conforming_strings` at login.
+    pub server_scs: bool,
+    /// Where unqualified names resolve ([`crate::names`]).
+    pub ns: &'a r::Namespace,
+}
+
+impl RouteCtx<'_> {
+    /// `standard_conforming_strings`; unknown (stale) counts as off, the
+    /// setting under which the router refuses more.
+    fn standard_conforming_strings(&self) -> bool {
+        !self.stale && crate::state::standard_conforming_strings(self.state, self.server_scs)
+    }
 }
 
 /// Routes `sql` (with Bind parameters, if any) against `snapshot`, using
@@ -328,8 +357,9 @@ pub fn decide(
     shard_index: impl Fn(&ShardId) -> Option<usize>,
     sql: &str,
     params: Option<&BindParams>,
-    state: &SessionState,
+    ctx: &RouteCtx<'_>,
 ) -> Result<Decision, Refusal> {
+    let state = ctx.state;
     let hints = Hints {
         session_shard: match state.get("hotrepart.shard") {
             Some(s) if !s.is_empty() => Some(
@@ -338,12 +368,24 @@ pub fn decide(
             ),
             _ => None,
         },
+        standard_conforming_strings: ctx.standard_conforming_strings(),
     };
     let plan = cache
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get_or_plan(snapshot, sql)
-        .map_err(|e| Refusal::new(e.sqlstate, e.message))?;
+        .get_or_plan_in(snapshot, sql, ctx.ns)
+        .map_err(|e| {
+            // Off, PostgreSQL's reading of '…\'…' differs from the
+            // router's, which may then not even tokenize.
+            if e.sqlstate == "42601" && !hints.standard_conforming_strings && sql.contains('\\') {
+                Refusal::new(
+                    "0A000",
+                    format!("a string literal containing a backslash while standard_conforming_strings is off cannot be routed (hotrepart reads literals as with it on: {}); use E'…' for escapes, or SET standard_conforming_strings = on", e.message),
+                )
+            } else {
+                Refusal::new(e.sqlstate, e.message)
+            }
+        })?;
     let owned;
     let params: &[Param<'_>] = match params {
         Some(p) => {
@@ -355,7 +397,44 @@ pub fn decide(
     let route = plan
         .bind(snapshot, params, &hints)
         .map_err(|e| Refusal::new(e.sqlstate, e.message))?;
-    decision(snapshot, shard_index, route, sql)
+    if route.statements.len() > 1 && changes_routing_settings(sql) && routed_after_change(&route) {
+        return Err(Refusal::new(
+            "0A000",
+            "a query string that changes search_path or standard_conforming_strings must hold no other statement: hotrepart routes the whole string before the change is made; send the SET on its own".into(),
+        ));
+    }
+    decision(snapshot, ctx.ns, shard_index, route, sql)
+}
+
+/// Whether a statement that depends on names or literals follows one that
+/// may change settings (a SET/RESET, or anything when `set_config` may be
+/// called in a query).
+fn routed_after_change(route: &Route) -> bool {
+    let changes = |k: &StatementKind| matches!(k, StatementKind::Set | StatementKind::Reset);
+    let first = route
+        .statements
+        .iter()
+        .position(|k| changes(k) || !route.calls.is_empty() || matches!(k, StatementKind::Select))
+        .unwrap_or(route.statements.len());
+    route.statements.iter().skip(first + 1).any(|k| {
+        !matches!(
+            k,
+            StatementKind::Set
+                | StatementKind::Reset
+                | StatementKind::Show
+                | StatementKind::Empty
+                | StatementKind::Transaction(_)
+        )
+    })
+}
+
+/// Whether `sql` may change a setting routing depends on.
+pub(crate) fn changes_routing_settings(sql: &str) -> bool {
+    crate::state::may_change_state(sql)
+        && (contains_ci(sql, "search_path")
+            || contains_ci(sql, "standard_conforming_strings")
+            || contains_ci(sql, "reset")
+            || contains_ci(sql, "discard"))
 }
 
 fn contains_ci(hay: &str, needle: &str) -> bool {

@@ -145,6 +145,17 @@ pub struct Session<S> {
     state_fp: u64,
     /// Shard of a backend whose transaction may have changed session state.
     state_dirty: Vec<bool>,
+    /// A statement that may change settings was sent since `state` was
+    /// last read: routing must not trust `state` (search_path,
+    /// standard_conforming_strings) until it is read again.
+    state_stale: bool,
+    /// The server's `standard_conforming_strings` at login.
+    server_scs: bool,
+    /// Where unqualified names resolve, and what it was read under
+    /// (search_path setting, declared-tables fingerprint, the node's
+    /// catalog generation).
+    ns: Arc<hotrepart_router::route::Namespace>,
+    ns_under: Option<(Option<String>, u64, u64)>,
     /// Custom settings (`app.name`) the client has set, read back with
     /// the others.
     custom_settings: std::collections::BTreeSet<String>,
@@ -225,6 +236,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             state,
             state_fp,
             state_dirty: vec![false; nshards],
+            state_stale: false,
+            server_scs: true,
+            ns: Arc::default(),
+            ns_under: None,
             custom_settings: Default::default(),
             prepared_dirty: false,
             skip_to_sync: false,
@@ -242,11 +257,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Runs until the client leaves or a fatal error. Never leaves an open
     /// transaction behind: a backend not cleanly idle is closed on exit.
+    ///
+    /// A panic inside the session (a bug: no input may cause one) is
+    /// caught here: it is logged at ERROR (in the session's span, which
+    /// names it), the client gets a FATAL `XX000` if its socket still
+    /// takes it, every backend is closed (PostgreSQL rolls back), and the
+    /// node and its other sessions go on.
     pub async fn run(mut self) -> End {
-        let end = self.run_inner().await;
+        let (end, panicked) = match catch_panic(self.run_inner()).await {
+            Ok(end) => (end, false),
+            Err(what) => {
+                tracing::error!(user = %self.user, database = %self.database, panic = %what, "internal error in the proxy: the client session panicked; closing it");
+                let mut e = BytesMut::new();
+                wire::error_response(
+                    &mut e,
+                    Severity::Fatal,
+                    "XX000",
+                    "internal error in the proxy; the session is closed and its open transaction, if any, was rolled back",
+                );
+                let w = self.client.get_mut();
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = w.write_all(&e).await;
+                    let _ = w.flush().await;
+                })
+                .await;
+                (End::Fatal, true)
+            }
+        };
         self.cancel.set(Vec::new());
-        let clean =
-            self.owed.is_empty() && self.tx_status == b'I' && !self.state_dirty.contains(&true);
+        let clean = !panicked
+            && self.owed.is_empty()
+            && self.tx_status == b'I'
+            && !self.state_dirty.contains(&true);
         for slot in &mut self.slots {
             if let Some(b) = slot.conn.take() {
                 // Otherwise the guard's drop closes the connection (and
@@ -270,6 +312,137 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.slots.resize_with(n, Slot::default);
             self.state_dirty.resize(n, false);
         }
+    }
+
+    /// The server's defaults the client saw at login (ParameterStatus):
+    /// those routing depends on when the client has not set them.
+    pub fn with_server_params(mut self, params: &[(String, String)]) -> Self {
+        if let Some((_, v)) = params
+            .iter()
+            .find(|(k, _)| k == "standard_conforming_strings")
+        {
+            self.server_scs = state::on(v);
+        }
+        self
+    }
+
+    /// What routing needs of this session.
+    pub(crate) fn route_ctx(&self) -> crate::routing::RouteCtx<'_> {
+        crate::routing::RouteCtx {
+            state: &self.state,
+            stale: self.state_stale,
+            server_scs: self.server_scs,
+            ns: &self.ns,
+        }
+    }
+
+    /// Before routing: the namespace unqualified names resolve in, for the
+    /// client's current `search_path` ([`crate::names`]): from the node's
+    /// cache, else read on the home shard on a backend carrying the
+    /// client's settings (attached to its transaction if one is open;
+    /// released again if the session was idle).
+    async fn ensure_namespace(&mut self) -> Result<(), SessionError> {
+        if self.node.single_shard() {
+            return Ok(());
+        }
+        let snap = self.node.catalog.load_full();
+        let fp = crate::names::declared_fingerprint(&snap);
+        let path = self.state.get("search_path").map(str::to_string);
+        let generation = self
+            .node
+            .catalog_generation
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let under = (path.clone(), fp, generation);
+        if self.ns_under.as_ref() == Some(&under) {
+            return Ok(());
+        }
+        if fp == 0 {
+            self.ns = Arc::default();
+            self.ns_under = Some(under);
+            return Ok(());
+        }
+        let key = (self.database.clone(), self.user.clone(), path);
+        if let Some(ns) = self.node.namespace(&key, fp) {
+            self.ns = ns;
+            self.ns_under = Some(under);
+            return Ok(());
+        }
+        if self
+            .slots
+            .iter()
+            .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced))
+        {
+            return Ok(());
+        }
+        if !self.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let home = self.node.home_index();
+        let was_attached = self.slots[home].conn.is_some();
+        if let Err(r) = self.ensure_backend(home).await? {
+            tracing::warn!(error = %r.message, "cannot read the search path on the home shard");
+            return Ok(());
+        }
+        let sql = crate::names::probe_sql(&snap);
+        let rows = match self.slots[home].conn.as_mut() {
+            Some(b) => b.hidden_query(&sql).await,
+            None => return Ok(()),
+        };
+        match rows {
+            Ok(rows) => {
+                let ns = Arc::new(crate::names::parse(rows));
+                self.node.learn_namespace(key, fp, ns.clone());
+                self.ns = ns;
+                self.ns_under = Some(under);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the search path on the home shard"),
+        }
+        if !was_attached && self.tx_status == b'I' && self.owed.is_empty() {
+            if let Some(b) = self.slots[home].conn.take() {
+                b.release();
+            }
+            self.update_cancel();
+        }
+        Ok(())
+    }
+
+    /// Before routing: when a statement that may change settings was sent
+    /// since they were last read, wait for its answer and read them again
+    /// (inside a transaction too), so that the next statement is routed
+    /// under the settings PostgreSQL will apply to it. When that is not
+    /// possible (a backend with Flush-only messages, or a failed
+    /// transaction) the state stays stale and routing treats what depends
+    /// on it as unknown.
+    async fn settle_state(&mut self) -> Result<(), SessionError> {
+        if !self.state_stale
+            || self
+                .slots
+                .iter()
+                .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced))
+        {
+            return Ok(());
+        }
+        if !self.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let mut settled = true;
+        for i in 0..self.slots.len() {
+            if !self.state_dirty[i] {
+                continue;
+            }
+            match self.slots[i].conn.as_ref().map(|b| b.status) {
+                // Lost with its backend: the next backend gets `state`.
+                None => {}
+                Some(b'E') => settled = false,
+                Some(_) => {
+                    self.refresh_state_from(i).await;
+                    settled &= !self.state_stale;
+                    self.state_stale = true;
+                }
+            }
+        }
+        self.state_stale = !settled;
+        Ok(())
     }
 
     pub(crate) fn database(&self) -> &str {
@@ -556,14 +729,106 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Ok(()))
     }
 
-    /// The session state as the node last read it back.
-    pub(crate) fn state(&self) -> &SessionState {
-        &self.state
-    }
-
     /// A session setting as the node last read it back.
     pub(crate) fn setting(&self, name: &str) -> Option<&str> {
         self.state.get(name)
+    }
+
+    /// A statement that calls functions the router does not know to be
+    /// read-only is a write for commit purposes when one of them is
+    /// volatile (it may run DML; a non-volatile SQL or PL/pgSQL function
+    /// cannot, PostgreSQL refuses it): `d.write` becomes true, so a
+    /// transaction that also wrote elsewhere commits with two-phase commit,
+    /// and a multi-shard statement outside a transaction block runs in a
+    /// transaction per shard committed together. Looked up in `pg_proc` on
+    /// the statement's shard `t` (any overload or schema of the name
+    /// counts), cached per database, forgotten on DDL. Only done where it
+    /// matters: inside a transaction, or on several shards. When the
+    /// lookup cannot be made the statement counts as a write.
+    async fn settle_calls(&mut self, d: &mut Decision, t: usize) -> Result<(), SessionError> {
+        let multi = matches!(d.target, Target::Multi { .. });
+        if d.write || d.calls.is_empty() || !(self.tx_status != b'I' || d.has_tx_control || multi) {
+            return Ok(());
+        }
+        let (unknown, found) = self.node.known_volatile(&self.database, &d.calls);
+        if found.is_some() {
+            d.write = true;
+        }
+        if found.is_some() || unknown.is_empty() {
+            return Ok(());
+        }
+        if self
+            .slots
+            .iter()
+            .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced))
+        {
+            d.write = true;
+            return Ok(());
+        }
+        if !self.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        if self.ensure_backend(t).await?.is_err() {
+            d.write = true;
+            return Ok(());
+        }
+        let list: Vec<String> = unknown.iter().map(|n| state::quote_literal(n)).collect();
+        let sql = format!(
+            "SELECT DISTINCT lower(proname) FROM pg_catalog.pg_proc WHERE provolatile = 'v' AND lower(proname) IN ({})",
+            list.join(", ")
+        );
+        let rows = match self.slots[t].conn.as_mut() {
+            Some(b) => b.hidden_query(&sql).await.ok(),
+            None => None,
+        };
+        match rows {
+            Some(rows) => {
+                let volatile: Vec<String> = rows
+                    .into_iter()
+                    .filter_map(|r| r.into_iter().next().flatten())
+                    .collect();
+                self.node
+                    .learn_volatile(&self.database, &unknown, &volatile);
+                d.write |= !volatile.is_empty();
+            }
+            None => d.write = true,
+        }
+        Ok(())
+    }
+
+    /// The shard a decision's statement runs on first (for lookups).
+    fn first_shard(&self, d: &Decision) -> usize {
+        match &d.target {
+            Target::Shard(t) => *t,
+            Target::Multi { shards, .. } if !shards.is_empty() => shards[0],
+            _ => self.default_shard(),
+        }
+    }
+
+    /// A multi-shard statement the merger answers may write (a volatile
+    /// function, FOR UPDATE): inside a transaction every shard is marked
+    /// written (COMMIT then uses two-phase commit); outside one it is
+    /// refused, as the merger runs each shard's part in its own implicit
+    /// transaction and could not commit them atomically.
+    fn check_merged_write(&mut self, d: &Decision, shards: &[usize]) -> Result<(), Refusal> {
+        if !d.write {
+            return Ok(());
+        }
+        if self.tx_status == b'I' {
+            let f = d
+                .calls
+                .first()
+                .map(|f| format!("calls {f}(), which may write"))
+                .unwrap_or_else(|| "locks rows".to_string());
+            return Err(Refusal::new(
+                "0A000",
+                format!("this statement reads several shards with a merge (ORDER BY, LIMIT, aggregates …) and {f}: run it inside a transaction block (BEGIN … COMMIT), so that what it does on every shard commits together"),
+            ));
+        }
+        for &t in shards {
+            self.note_write(t);
+        }
+        Ok(())
     }
 
     /// Before a statement runs on several shards: the refusal the router
@@ -730,6 +995,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let t = self.default_shard();
                 match self.switch_to(t).await? {
                     Ok(()) => {
+                        // The function called may write (the node cannot
+                        // see which it is): a write for commit purposes.
+                        self.note_write(t);
                         self.to_backend.put_slice(&f.raw);
                         self.owed.push_back(Owed::FunctionCall);
                     }
@@ -793,6 +1061,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn on_query(&mut self, f: Frame) -> Result<(), SessionError> {
+        self.settle_state().await?;
+        self.ensure_namespace().await?;
         let mut b = f.body();
         let sql = wire::get_cstr(&mut b).map_err(client_err)?;
         if let Err(r) = self.check_listen(sql) {
@@ -811,16 +1081,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         let d = self
-            .route_waiting(|s| s.node.decide(sql, None, &s.state))
+            .route_waiting(|s| s.node.decide(sql, None, &s.route_ctx()))
             .await
             .and_then(|d| self.check_owner_change(&d).map(|()| d));
-        let d = match d {
+        let mut d = match d {
             Ok(d) => d,
             Err(r) => {
                 self.refuse_simple(r);
                 return Ok(());
             }
         };
+        let first = self.first_shard(&d);
+        self.settle_calls(&mut d, first).await?;
         let target = match d.target {
             Target::Shard(t) => Some(t),
             _ => None,
@@ -850,6 +1122,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.drain_owed().await?;
                 }
                 let (plan, shards) = (d.merge.clone(), shards.clone());
+                if let Err(r) = self.check_merged_write(&d, &shards) {
+                    self.refuse_simple(r);
+                    return Ok(());
+                }
                 let sqls = match &d.target {
                     Target::Multi { sqls, .. } => sqls.clone(),
                     _ => None,
@@ -1317,6 +1593,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
+        self.settle_state().await?;
+        self.ensure_namespace().await?;
         let frames = std::mem::take(&mut self.batch);
         let routed = self
             .route_waiting(|s| s.route_batch(&frames))
@@ -1325,13 +1603,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Some(dd) => self.check_owner_change(dd).map(|()| (t, d)),
                 None => Ok((t, d)),
             });
-        let (target, d) = match routed {
+        let (target, mut d) = match routed {
             Ok(x) => x,
             Err(r) => {
                 self.batch_error(&r, synced);
                 return Ok(());
             }
         };
+        if let Some(d) = d.as_mut() {
+            let first = target.unwrap_or_else(|| self.first_shard(d));
+            self.settle_calls(d, first).await?;
+        }
         // A batch without a statement (a lone Sync, Close …) belongs to the
         // current backend: it may owe its replies only after this Sync
         // (PostgreSQL sends an extended COPY's CommandComplete at Sync).
@@ -1370,6 +1652,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(());
             }
             if let (Some(plan), Target::Multi { shards, sqls }) = (&d.merge, &d.target) {
+                if let Err(r) = self.check_merged_write(&d, shards) {
+                    self.batch_error(&r, synced);
+                    return Ok(());
+                }
                 return crate::merge::exec::run_extended(
                     self,
                     plan,
@@ -1462,6 +1748,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut multi = false;
         let mut binds = 0;
         let mut any_write = false;
+        let mut calls: Vec<String> = Vec::new();
+        let mut changed_settings = false;
         let mut parse_target: Option<usize> = None;
         for f in frames {
             match f.tag() {
@@ -1474,7 +1762,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // missing here); PostgreSQL reports syntax errors at
                     // Parse itself. A statement whose shard is known without
                     // parameters (hints, undeclared tables) is prepared there.
-                    match self.node.decide(sql, None, &self.state) {
+                    match self.node.decide(sql, None, &self.route_ctx()) {
                         Err(r) if r.code == "42601" => return Err(r),
                         Ok(Decision {
                             target: Target::Shard(t),
@@ -1505,8 +1793,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // An unknown statement: PostgreSQL will say so.
                     let Some(sql) = sql else { continue };
                     binds += 1;
+                    if changed_settings {
+                        return Err(Refusal::new(
+                            "0A000",
+                            "a statement that changes search_path or standard_conforming_strings must be followed by Sync before the next statement: hotrepart routes a batch before it runs".into(),
+                        ));
+                    }
+                    changed_settings = crate::routing::changes_routing_settings(&sql);
                     let params = BindParams::parse(b).map_err(proto_refusal)?;
-                    let d = self.node.decide(&sql, Some(&params), &self.state)?;
+                    let d = self.node.decide(&sql, Some(&params), &self.route_ctx())?;
                     let t = match &d.target {
                         Target::Shard(t) => Some(*t),
                         Target::Any => None,
@@ -1526,6 +1821,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         target = Some(t);
                     }
                     any_write |= d.write;
+                    for c in d.calls.iter() {
+                        if !calls.contains(c) {
+                            calls.push(c.clone());
+                        }
+                    }
                     if strongest.as_ref().is_none_or(|s| d.outranks(s)) {
                         strongest = Some(d);
                     }
@@ -1543,6 +1843,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // The batch runs on one shard: it writes there if any statement does.
         if let Some(d) = strongest.as_mut() {
             d.write |= any_write;
+            d.calls = Arc::from(calls);
         }
         Ok((target, strongest))
     }
@@ -1615,6 +1916,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // change session state each time it runs.
                     if self.stmts.get(&stmt).is_some_and(|s| s.changes_state) {
                         self.state_dirty[t] = true;
+                        self.state_stale = true;
                         self.prepared_dirty |=
                             self.stmts.get(&stmt).is_some_and(|s| s.drops_prepared);
                     }
@@ -1890,6 +2192,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.tx_snapshot_isolation = true;
             }
             self.state_dirty[shard] = true;
+            self.state_stale = true;
             match state::custom_settings(sql) {
                 Some(names) => self.custom_settings.extend(names),
                 // A setting we cannot name cannot be read back: this
@@ -2100,7 +2403,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.state = SessionState::from_pairs(pairs);
                 self.state_fp = self.state.fingerprint();
                 b.state_fp = self.state_fp;
-                self.state_dirty[i] = false;
+                self.state_stale = false;
+                // Read inside a transaction, the state may still change at
+                // its end (a ROLLBACK undoes a SET): read it again then.
+                if b.status == b'I' {
+                    self.state_dirty[i] = false;
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read session state back");
@@ -2161,6 +2469,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         Ok(())
     }
+}
+
+/// Runs `f`, turning a panic inside it into `Err(message)`.
+pub(crate) async fn catch_panic<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(f)
+        .catch_unwind()
+        .await
+        .map_err(|p| {
+            p.downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_string())
+        })
 }
 
 /// A statement the node refuses (an ERROR, not FATAL).
@@ -2306,5 +2628,24 @@ fn proto_fatal(msg: String) -> SessionError {
     SessionError::Fatal {
         code: "08P01",
         msg: format!("protocol violation: {msg}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_in_a_session_future_is_caught() {
+        let r = catch_panic(async {
+            let s = "SELECT\u{a0}1";
+            // The original defect: slicing inside a multi-byte character.
+            s.get(..7)
+                .map(str::len)
+                .unwrap_or_else(|| panic!("byte 7 of {s:?}"))
+        })
+        .await;
+        assert_eq!(r, Err("byte 7 of \"SELECT\\u{a0}1\"".to_string()));
+        assert_eq!(catch_panic(async { 5 }).await, Ok(5));
     }
 }

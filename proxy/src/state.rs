@@ -151,10 +151,32 @@ pub fn custom_settings(sql: &str) -> Option<Vec<String>> {
     Some(out)
 }
 
-/// Quotes a string as an SQL literal (standard_conforming_strings on, the
-/// default that RESET ALL restores first).
+/// Quotes a string as an SQL literal that reads the same whatever
+/// `standard_conforming_strings` is (a server may default to off): a value
+/// with a backslash is written as `E'…'` with the backslash doubled.
 pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    if s.contains('\\') {
+        format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", s.replace('\'', "''"))
+    }
+}
+
+/// The session's `standard_conforming_strings` as PostgreSQL reported it:
+/// the client's own value, else the server's default (`server`).
+pub fn standard_conforming_strings(state: &SessionState, server: bool) -> bool {
+    match state.get("standard_conforming_strings") {
+        Some(v) => on(v),
+        None => server,
+    }
+}
+
+/// A boolean setting's value as PostgreSQL prints or accepts it.
+pub fn on(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "on" | "true" | "yes" | "1" | "t" | "y"
+    )
 }
 
 fn parse_options(opts: &str) -> Result<Vec<(String, String)>, String> {
@@ -273,6 +295,20 @@ mod tests {
         assert_eq!(s.get("work_mem"), Some("64MB"));
         assert_eq!(s.get("client_encoding"), None);
         assert!(SessionState::from_startup(&[("options".into(), "-x".into())]).is_err());
+    }
+
+    #[test]
+    fn literals_read_the_same_under_both_string_settings() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\b'c"), "E'a\\\\b''c'");
+        let s =
+            SessionState::from_pairs(vec![("standard_conforming_strings".into(), "off".into())]);
+        assert!(!standard_conforming_strings(&s, true));
+        assert!(standard_conforming_strings(&SessionState::default(), true));
+        assert!(!standard_conforming_strings(
+            &SessionState::default(),
+            false
+        ));
     }
 
     #[test]

@@ -33,9 +33,14 @@
 //! # Conventions (documented choices)
 //!
 //! * Names: unquoted identifiers are folded to lower case (ASCII, as
-//!   PostgreSQL does), quoted ones are taken verbatim. A table `public.t` or
-//!   `t` is looked up in the catalog as `t`; a table in another schema `s.t`
-//!   is looked up as `s.t`. `search_path` is assumed to be `public`.
+//!   PostgreSQL does), quoted ones are taken verbatim. A table `public.t`
+//!   is looked up in the catalog as `t`; a table in another schema `s.t`
+//!   is looked up as `s.t`. An unqualified name resolves through the
+//!   session's [`Namespace`] (its effective `search_path` and the
+//!   relations in it, read by the node from the home shard's catalog), as
+//!   PostgreSQL resolves it; [`plan`] without one takes `public`. A view,
+//!   partition or inheritance relative of a declared table that is not
+//!   itself declared is refused (`0A000`), see [`Namespace`].
 //! * Reads of reference tables only go to the home shard (deterministic, and
 //!   the home shard also holds the undeclared tables they are often joined
 //!   with); writes to them go to all shards.
@@ -49,9 +54,30 @@
 //! * Hints: a comment `/* hotrepart: shard=NAME */` or
 //!   `/* hotrepart: key=VALUE */` anywhere in the string, or
 //!   [`Hints::session_shard`], force a single shard (comment first, then the
-//!   session). They are not honoured for transaction control, `SET`, `SHOW`
-//!   and the like, and they never place a row on a shard that does not own
-//!   its key, nor write a reference table on one shard only.
+//!   session; `key=` means the key's read owner for a read, its write owner
+//!   for a write). They are not honoured for transaction control, `SET`,
+//!   `SHOW` and the like.
+//!   - A hinted *read* is the user asking for that shard's local view: it
+//!     runs there as it is, whatever the ranges say (rows of a range being
+//!     moved may be seen twice or not at all across shards, by design).
+//!   - A hinted *write* never writes where the ranges do not allow it: it
+//!     never places a row on a shard that does not own its key, nor writes
+//!     a reference table on one shard only, nor COPYs FROM. A write to a
+//!     sharded table obeys the freeze exactly as an unhinted write (a key
+//!     in a frozen range sets [`Route::touches_frozen`]: the session waits
+//!     for the cut-over and routes again) and every key it names (INSERT
+//!     rows, `WHERE key = …`, `SET key = …`) must belong to the hinted
+//!     shard's write owner, else it is refused with `0A000` (the hint
+//!     cannot change where rows live: after a flip the old owner's copy is
+//!     deleted by the cleanup, so a write acknowledged there would be lost).
+//!   - A hinted write to a sharded table that does not name the key of
+//!     every table it touches (a keyless UPDATE/DELETE) touches whatever
+//!     rows the shard holds. It is allowed only while no range is being
+//!     moved (status Moving, or read and write owners differing): then a
+//!     shard holds exactly the rows of the ranges it owns. While a range
+//!     is frozen it waits; while one is moving it is refused with `55000`
+//!     (object_not_in_prerequisite_state: the cluster's state, not the
+//!     statement, is what stands in the way; retry after the job).
 
 mod analyze;
 mod cache;
@@ -60,6 +86,7 @@ mod eval;
 mod hide;
 mod keys;
 mod merge;
+mod names;
 mod params;
 mod split;
 
@@ -75,6 +102,7 @@ use crate::catalog::{KeyType, KeyValue, PointError, RoutingSnapshot, ShardId};
 
 pub use cache::PlanCache;
 pub use hide::hide_rows;
+pub use names::Namespace;
 
 /// Whether `name` (lower case, unqualified) is a built-in aggregate the
 /// router knows: a call to any other aggregate (user-defined) is planned as
@@ -234,6 +262,16 @@ pub struct Route {
     /// Whether the statement may write (DML, DDL, `COPY FROM`, …). A
     /// transaction that writes on several shards needs two-phase commit.
     pub is_write: bool,
+    /// Whether the statement may write for commit purposes: `is_write`, or
+    /// `SELECT … FOR UPDATE/SHARE`. A transaction that may have written on
+    /// several shards must commit with two-phase commit. (Triggers fire
+    /// only on DML, which is a write already.)
+    pub may_write: bool,
+    /// Functions the statement calls that the router does not know to be
+    /// read-only (lower case, unqualified): a volatile function may run
+    /// DML, so the executor treats the statement as a write when one of
+    /// them is volatile (looked up in `pg_proc`).
+    pub calls: Arc<[String]>,
     /// For multi-shard reads: whether the results can be concatenated.
     pub merge: MergeNeed,
     /// A write touches a range that is frozen for a cut-over: the executor
@@ -249,11 +287,26 @@ pub struct Route {
 pub type Routed = Route;
 
 /// Session state the router honours.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hints {
     /// Set by `SET hotrepart.shard = '…'` (tracked by the proxy): run every
     /// routable statement on this shard.
     pub session_shard: Option<ShardId>,
+    /// The session's `standard_conforming_strings` (default on). Off,
+    /// PostgreSQL reads backslash escapes inside plain `'…'` literals, which
+    /// the router does not: a statement with a backslash in such a literal
+    /// is then refused (`0A000`) rather than routed by a key the server
+    /// would read differently. `E'…'` literals read the same either way.
+    pub standard_conforming_strings: bool,
+}
+
+impl Default for Hints {
+    fn default() -> Hints {
+        Hints {
+            session_shard: None,
+            standard_conforming_strings: true,
+        }
+    }
 }
 
 /// A statement cannot be routed. Goes to the client as an ErrorResponse.
@@ -332,6 +385,13 @@ pub struct Plan {
     epoch: u64,
     stmts: Vec<StmtPlan>,
     hint: Option<CommentHint>,
+    /// A plain `'…'` (or `N'…'`) literal contains a backslash: read
+    /// differently when `standard_conforming_strings` is off.
+    backslash_literal: bool,
+    /// The calls of all statements (see [`Route::calls`]).
+    calls: Arc<[String]>,
+    /// The namespace it was planned in.
+    ns: Namespace,
 }
 
 impl Plan {
@@ -345,6 +405,11 @@ impl Plan {
         self.epoch
     }
 
+    /// The namespace it was planned in.
+    pub fn namespace(&self) -> &Namespace {
+        &self.ns
+    }
+
     /// Routes one execution. `params` are the Bind parameters (empty for the
     /// simple protocol). If `snapshot` is not the one the plan was made from
     /// (another epoch), the statement is planned again first, so a stale plan
@@ -356,42 +421,51 @@ impl Plan {
         hints: &Hints,
     ) -> Result<Route, RouteError> {
         if snapshot.epoch() != self.epoch {
-            return plan(snapshot, &self.sql)?.bind(snapshot, params, hints);
+            return plan_in(snapshot, &self.sql, &self.ns)?.bind(snapshot, params, hints);
         }
-        let forced = self.forced_shard(snapshot, hints)?;
+        if self.backslash_literal && !hints.standard_conforming_strings {
+            return Err(RouteError::unsupported(
+                "a string literal containing a backslash while standard_conforming_strings is off: PostgreSQL would read the backslash as an escape, hotrepart routes by the literal as written; use E'…' for escapes, or SET standard_conforming_strings = on",
+            ));
+        }
+        let forced = self.forced(snapshot, hints)?;
         let mut parts = Vec::with_capacity(self.stmts.len());
         for stmt in &self.stmts {
             parts.push(eval::bind_stmt(stmt, snapshot, params, forced.as_ref())?);
         }
-        combine(parts)
+        let mut route = combine(parts)?;
+        route.calls = self.calls.clone();
+        Ok(route)
     }
 
-    /// The shard a hint forces, if any: the comment hint, else the session.
-    fn forced_shard(
+    /// What a hint forces, if anything: the comment hint, else the session.
+    fn forced(
         &self,
         snapshot: &RoutingSnapshot,
         hints: &Hints,
-    ) -> Result<Option<ShardId>, RouteError> {
+    ) -> Result<Option<eval::Forced>, RouteError> {
         match &self.hint {
-            Some(CommentHint::Shard(id)) => Ok(Some(id.clone())),
-            Some(CommentHint::Key(text)) => key_hint_shard(snapshot, &self.stmts, text).map(Some),
+            Some(CommentHint::Shard(id)) => Ok(Some(eval::Forced::Shard(id.clone()))),
+            Some(CommentHint::Key(text)) => key_hint(snapshot, &self.stmts, text).map(Some),
             None => match &hints.session_shard {
                 Some(id) if snapshot.shard(id).is_none() => Err(RouteError::undefined(format!(
                     "hotrepart.shard names unknown shard \"{id}\""
                 ))),
-                other => Ok(other.clone()),
+                other => Ok(other.clone().map(eval::Forced::Shard)),
             },
         }
     }
 }
 
-/// The shard owning `text`, a key given in a `key=` hint, parsed as the key
-/// type of the sharded tables in the statement (they must agree).
-fn key_hint_shard(
+/// The key given in a `key=` hint, parsed as the key type of the sharded
+/// tables in the statement (they must agree); each statement is then sent to
+/// the key's read owner (a read) or write owner (a write, which waits while
+/// the key's range is frozen).
+fn key_hint(
     snapshot: &RoutingSnapshot,
     stmts: &[StmtPlan],
     text: &str,
-) -> Result<ShardId, RouteError> {
+) -> Result<eval::Forced, RouteError> {
     let mut table = None;
     for s in stmts {
         for t in &s.sharded_tables {
@@ -419,7 +493,9 @@ fn key_hint_shard(
     let point = snapshot
         .point(&table, &key)
         .map_err(|e| RouteError::point(&table.name, e))?;
-    Ok(snapshot.range_for_point(point).write_owner.clone())
+    Ok(eval::Forced::Key {
+        range: snapshot.range_index_for_point(point),
+    })
 }
 
 /// Merges the routes of the statements of one string.
@@ -431,6 +507,8 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
             kind: p.kind,
             target: p.target,
             is_write: p.is_write,
+            may_write: p.may_write,
+            calls: Arc::from(Vec::new()),
             merge: p.merge,
             touches_frozen: p.touches_frozen,
             copy: p.copy,
@@ -438,6 +516,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
     }
     let mut target = Target::Any;
     let mut is_write = false;
+    let mut may_write = false;
     let mut touches_frozen = false;
     let mut merge = MergeNeed::None;
     let mut returns_rows = false;
@@ -448,6 +527,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
             ));
         }
         is_write |= p.is_write;
+        may_write |= p.may_write;
         touches_frozen |= p.touches_frozen;
         returns_rows |= p.kind == StatementKind::Select;
         if merge == MergeNeed::None {
@@ -490,6 +570,8 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
         },
         statements,
         is_write,
+        may_write,
+        calls: Arc::from(Vec::new()),
         merge,
         touches_frozen,
         copy: None,
@@ -513,11 +595,22 @@ fn describe(t: &Target) -> String {
 /// text and the snapshot only (not on parameter values), so it can be cached
 /// per (text, epoch).
 pub fn plan(snapshot: &RoutingSnapshot, sql: &str) -> Result<Plan, RouteError> {
+    plan_in(snapshot, sql, &Namespace::default())
+}
+
+/// [`plan`] with unqualified names resolved in `ns`.
+pub fn plan_in(snapshot: &RoutingSnapshot, sql: &str, ns: &Namespace) -> Result<Plan, RouteError> {
     let dialect = PostgreSqlDialect {};
     let tokens = Tokenizer::new(&dialect, sql)
         .tokenize_with_location()
         .map_err(|e| RouteError::syntax(e.to_string()))?;
     let mut hint = None;
+    // With standard_conforming_strings off PostgreSQL tokenizes differently
+    // only where a plain literal holds a backslash (up to that point both
+    // readings agree), so flagging those literals is enough.
+    let backslash_literal = tokens.iter().any(|t| {
+        matches!(&t.token, Token::SingleQuotedString(s) | Token::NationalStringLiteral(s) if s.contains('\\'))
+    });
     for t in &tokens {
         let comment = match &t.token {
             Token::Whitespace(Whitespace::MultiLineComment(c)) => c.as_str(),
@@ -539,7 +632,7 @@ pub fn plan(snapshot: &RoutingSnapshot, sql: &str) -> Result<Plan, RouteError> {
         .map_err(|e| RouteError::syntax(e.to_string()))?;
     let mut stmts = Vec::with_capacity(statements.len());
     for st in &statements {
-        stmts.push(analyze::plan_statement(snapshot, st)?);
+        stmts.push(analyze::plan_statement(snapshot, ns, st)?);
     }
     if stmts.is_empty() {
         stmts.push(StmtPlan::fixed(StatementKind::Empty, false, Body::Any));
@@ -547,8 +640,16 @@ pub fn plan(snapshot: &RoutingSnapshot, sql: &str) -> Result<Plan, RouteError> {
     Ok(Plan {
         sql: Arc::from(sql),
         epoch: snapshot.epoch(),
+        calls: stmts
+            .iter()
+            .flat_map(|s| s.calls.iter().cloned())
+            .collect::<BTreeSet<String>>()
+            .into_iter()
+            .collect(),
         stmts,
         hint,
+        backslash_literal,
+        ns: ns.clone(),
     })
 }
 

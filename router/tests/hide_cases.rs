@@ -4,7 +4,7 @@
 use hotrepart_router::catalog::{
     FunctionId, KeyRange, KeyType, RoutingFunction, RoutingSnapshot, ShardId, ShardedTable,
 };
-use hotrepart_router::route::hide_rows;
+use hotrepart_router::route::{hide_rows, Namespace};
 
 fn s(n: &str) -> ShardId {
     ShardId::new(n).expect("shard name")
@@ -61,13 +61,17 @@ fn check(cases: &[(&str, Option<&str>)]) {
     let snap = snapshot();
     let mut failures = Vec::new();
     for (sql, want) in cases {
-        let got = hide_rows(&snap, sql, &s("s1")).map_err(|e| e.to_string());
+        let got = hide_rows(&snap, &Namespace::default(), sql, &s("s1")).map_err(|e| e.to_string());
         let want = want.map(str::to_owned);
         if got != Ok(want.clone()) {
             failures.push(format!("{sql}\n   got: {got:?}\n  want: {want:?}"));
         }
         // Nothing is hidden on s0: never rewritten there.
-        assert_eq!(hide_rows(&snap, sql, &s("s0")), Ok(None), "{sql} on s0");
+        assert_eq!(
+            hide_rows(&snap, &Namespace::default(), sql, &s("s0")),
+            Ok(None),
+            "{sql} on s0"
+        );
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
@@ -158,11 +162,18 @@ fn copy_to_becomes_a_filtered_query() {
 #[test]
 fn what_cannot_be_filtered_in_sql_is_refused() {
     let snap = snapshot();
-    let e = hide_rows(&snap, "SELECT count(*) FROM geo", &s("s1")).expect_err("wasm");
+    let e = hide_rows(
+        &snap,
+        &Namespace::default(),
+        "SELECT count(*) FROM geo",
+        &s("s1"),
+    )
+    .expect_err("wasm");
     assert_eq!(e.sqlstate, "55000");
     assert!(e.message.contains("WebAssembly"), "{}", e.message);
     let e = hide_rows(
         &snap,
+        &Namespace::default(),
         "WITH users AS (SELECT 1 AS id) SELECT * FROM users",
         &s("s1"),
     )
@@ -181,7 +192,7 @@ fn rewritten_text_parses() {
         "SELECT * FROM ONLY users",
         "UPDATE users SET v = v + 1 FROM events WHERE events.id = users.id RETURNING users.id",
     ] {
-        let out = hide_rows(&snap, sql, &s("s1"))
+        let out = hide_rows(&snap, &Namespace::default(), sql, &s("s1"))
             .expect("rewrite")
             .expect("changed");
         hotrepart_router::route::plan(&snap, &out).expect("rewritten text parses");

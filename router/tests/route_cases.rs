@@ -373,6 +373,8 @@ fn run_case(snap: &RoutingSnapshot, line: &str, m: &MergeExpect) -> Result<(), S
             owned.push((n, parse_param(spec)?));
         } else if let Some(s) = w.strip_prefix("session=") {
             hints.session_shard = Some(ShardId::new(s).map_err(|e| e.to_string())?);
+        } else if w == "scs=off" {
+            hints.standard_conforming_strings = false;
         } else if let Some(k) = w.strip_prefix("kind=") {
             want_kind = Some(k.to_owned());
         } else if w == "merge" {
@@ -629,4 +631,380 @@ fn messages_name_the_construct() {
     assert!(msg("SELECT * FROM users WHERE id = 1 /* hotrepart: shard=s9 */").contains("s9"));
     assert!(msg("INSERT INTO users (name) VALUES ('x')").contains("\"id\""));
     assert!(msg("SELEC 1").contains("Expected"));
+}
+
+/// Hinted writes (issue 12, D5): they obey the freeze and ownership of the
+/// ranges as unhinted writes do; hinted reads stay a shard's local view.
+/// Cases: (ranges state, session shard, SQL, expected) where expected is a
+/// shard name (`+frozen` when the write must wait for the cut-over), or
+/// `REFUSE:SQLSTATE`. Key 1 lives in the last range (s3), 8 on s1, 2 on s0.
+#[test]
+fn hinted_writes_obey_ownership_and_the_freeze() {
+    use hotrepart_router::catalog::{KeyRange, RangeStatus};
+    let base = snapshot();
+    let s = |n: &str| ShardId::new(n).expect("name");
+    // The range of key 1 in a given state, with this write/read owner.
+    let state = |status: RangeStatus, owner: &str| {
+        let ranges: Vec<KeyRange> = base
+            .ranges()
+            .iter()
+            .map(|r| {
+                if r.read_owner == s("s3") {
+                    KeyRange {
+                        read_owner: s(owner),
+                        write_owner: s(owner),
+                        status,
+                        ..r.clone()
+                    }
+                } else {
+                    r.clone()
+                }
+            })
+            .collect();
+        base.edit().ranges(ranges).build().expect("snapshot")
+    };
+    let active = base.clone();
+    // A reshard job copies the range from s3 to s1 (before the flip) …
+    let moving = state(RangeStatus::Moving, "s3");
+    // … freezes it for the cut-over …
+    let frozen = state(RangeStatus::Frozen, "s3");
+    // … and flips it to s1 (the Moving status lasts until the cleanup).
+    let flipped = state(RangeStatus::Moving, "s1");
+    let cases: &[(&RoutingSnapshot, Option<&str>, &str, &str)] = &[
+        // Keyed writes: the key's write owner or nothing.
+        (
+            &active,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s3 */",
+            "s3",
+        ),
+        (
+            &active,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s2 */",
+            "REFUSE:0A000",
+        ),
+        (
+            &active,
+            Some("s2"),
+            "DELETE FROM users WHERE id = 8",
+            "REFUSE:0A000",
+        ),
+        (&active, Some("s1"), "DELETE FROM users WHERE id = 8", "s1"),
+        (
+            &active,
+            None,
+            "DELETE FROM users WHERE id IN (1, 8) /* hotrepart: shard=s1 */",
+            "REFUSE:0A000",
+        ),
+        (
+            &active,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: key=8 */",
+            "REFUSE:0A000",
+        ),
+        (
+            &active,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 8 /* hotrepart: key=8 */",
+            "s1",
+        ),
+        (
+            &active,
+            None,
+            "UPDATE orders SET n = 1 WHERE user_id = 1 /* hotrepart: shard=s0 */",
+            "REFUSE:0A000",
+        ),
+        (
+            &active,
+            None,
+            "INSERT INTO users (id) VALUES (1) /* hotrepart: shard=s0 */",
+            "REFUSE:0A000",
+        ),
+        // Keyless writes: the shard's own rows, while nothing moves.
+        (
+            &active,
+            None,
+            "DELETE FROM users /* hotrepart: shard=s2 */",
+            "s2",
+        ),
+        (
+            &active,
+            Some("s2"),
+            "UPDATE users SET name = 'x' WHERE name = 'y'",
+            "s2",
+        ),
+        // Reads: the shard's local view, as asked.
+        (
+            &active,
+            None,
+            "SELECT * FROM users WHERE id = 1 /* hotrepart: shard=s2 */",
+            "s2",
+        ),
+        // While the range of key 1 is copied to s1 (s3 still owns it).
+        (
+            &moving,
+            None,
+            "DELETE FROM users WHERE id = 1 /* hotrepart: shard=s3 */",
+            "s3",
+        ),
+        (
+            &moving,
+            None,
+            "DELETE FROM users /* hotrepart: shard=s1 */",
+            "REFUSE:55000",
+        ),
+        (
+            &moving,
+            None,
+            "DELETE FROM users /* hotrepart: shard=s0 */",
+            "REFUSE:55000",
+        ),
+        (
+            &moving,
+            Some("s1"),
+            "UPDATE users SET name = 'x'",
+            "REFUSE:55000",
+        ),
+        (
+            &moving,
+            None,
+            "SELECT * FROM users /* hotrepart: shard=s1 */",
+            "s1",
+        ),
+        // During the cut-over: writes to the range wait, hinted or not.
+        (
+            &frozen,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s3 */",
+            "s3+frozen",
+        ),
+        (
+            &frozen,
+            Some("s3"),
+            "INSERT INTO users (id) VALUES (1)",
+            "s3+frozen",
+        ),
+        (
+            &frozen,
+            None,
+            "UPDATE users SET name = 'x' /* hotrepart: key=1 */",
+            "s3+frozen",
+        ),
+        (
+            &frozen,
+            None,
+            "DELETE FROM users /* hotrepart: shard=s0 */",
+            "s0+frozen",
+        ),
+        (
+            &frozen,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 2 /* hotrepart: shard=s0 */",
+            "s0",
+        ),
+        (
+            &frozen,
+            None,
+            "SELECT * FROM users WHERE id = 1 /* hotrepart: shard=s3 */",
+            "s3",
+        ),
+        // After the flip: the old owner is never written again.
+        (
+            &flipped,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s3 */",
+            "REFUSE:0A000",
+        ),
+        (
+            &flipped,
+            Some("s3"),
+            "INSERT INTO users (id) VALUES (1)",
+            "REFUSE:0A000",
+        ),
+        (
+            &flipped,
+            None,
+            "UPDATE users SET name = 'x' WHERE id = 1 /* hotrepart: shard=s1 */",
+            "s1",
+        ),
+        (
+            &flipped,
+            None,
+            "UPDATE users SET name = 'x' /* hotrepart: key=1 */",
+            "REFUSE:55000",
+        ),
+        (
+            &flipped,
+            None,
+            "SELECT * FROM users /* hotrepart: key=1 */",
+            "s1",
+        ),
+        (
+            &flipped,
+            None,
+            "DELETE FROM users /* hotrepart: shard=s3 */",
+            "REFUSE:55000",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (snap, session, sql, want) in cases {
+        let hints = Hints {
+            session_shard: session.map(s),
+            ..Hints::default()
+        };
+        let got = match route(snap, sql, &[], &hints) {
+            Err(e) => format!("REFUSE:{}", e.sqlstate),
+            Ok(r) => match &r.target {
+                Target::One(t) if r.touches_frozen => format!("{t}+frozen"),
+                Target::One(t) => t.to_string(),
+                other => format!("{other}"),
+            },
+        };
+        if got != *want {
+            failures.push(format!(
+                "{sql} (session {session:?}): expected {want}, got {got}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Writes the router cannot see (issue 12, D7): FOR UPDATE/SHARE may write
+/// for commit purposes; calls of functions not known to be read-only are
+/// reported for the node's volatility check; EXPLAIN without ANALYZE runs
+/// nothing. Cases: (SQL, may_write, calls).
+#[test]
+fn may_write_and_calls_for_commit() {
+    let snap = snapshot();
+    let cases: &[(&str, bool, &[&str])] = &[
+        ("SELECT * FROM users WHERE id = 1 FOR UPDATE", true, &[]),
+        (
+            "SELECT * FROM (SELECT * FROM users WHERE id = 1 FOR SHARE) s",
+            true,
+            &[],
+        ),
+        (
+            "SELECT add_order(id) FROM users WHERE id = 1",
+            false,
+            &["add_order"],
+        ),
+        ("SELECT * FROM orders_of(5)", false, &["orders_of"]),
+        (
+            "SELECT lower(name), count(*) FROM users GROUP BY 1",
+            false,
+            &[],
+        ),
+        ("SELECT now(), random(), coalesce(1, 2)", false, &[]),
+        ("SELECT f(1); SELECT g(2), f(3)", false, &["f", "g"]),
+        (
+            "SELECT public.f(1) WHERE EXISTS (SELECT h(id) FROM users WHERE id = 2)",
+            false,
+            &["f", "h"],
+        ),
+        ("UPDATE users SET name = 'x' WHERE id = 1", true, &[]),
+        ("INSERT INTO users (id) VALUES (1)", true, &[]),
+        ("EXPLAIN SELECT f(1) FROM users FOR UPDATE", false, &[]),
+        ("EXPLAIN ANALYZE SELECT f(1)", false, &["f"]),
+    ];
+    let mut failures = Vec::new();
+    for (sql, may_write, calls) in cases {
+        match route(&snap, sql, &[], &Hints::default()) {
+            Err(e) => failures.push(format!("{sql}: {}", e.message)),
+            Ok(r) => {
+                let got: Vec<&str> = r.calls.iter().map(String::as_str).collect();
+                if r.may_write != *may_write || got != *calls {
+                    failures.push(format!(
+                        "{sql}: expected may_write {may_write} calls {calls:?}, got {} {got:?}",
+                        r.may_write
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Unqualified names resolve through the session's search path as
+/// PostgreSQL resolves them (issue 12, D6); relations that reach a declared
+/// table without being declared (views, partitions) are refused.
+/// Cases: (search path, relations listed, reaching, SQL, expected).
+#[test]
+fn names_resolve_through_the_search_path() {
+    use hotrepart_router::route::{plan_in, Namespace};
+    let snap = snapshot();
+    let ns = |path: &[&str], rels: &[(&str, &str)], reach: &[(&str, &str, &str)]| Namespace {
+        schemas: path.iter().map(|s| s.to_string()).collect(),
+        relations: rels
+            .iter()
+            .map(|(s, t)| (s.to_string(), t.to_string()))
+            .collect(),
+        reaching: reach
+            .iter()
+            .map(|(s, t, d)| ((s.to_string(), t.to_string()), d.to_string()))
+            .collect(),
+    };
+    let app_first = ns(
+        &["pg_catalog", "app", "public"],
+        &[("public", "users"), ("app", "accounts")],
+        &[],
+    );
+    let shadowed = ns(
+        &["pg_catalog", "app", "public"],
+        &[("app", "users"), ("public", "users")],
+        &[],
+    );
+    let public_only = ns(&["pg_catalog", "public"], &[("public", "users")], &[]);
+    let views = ns(
+        &["pg_catalog", "public"],
+        &[("public", "users")],
+        &[
+            ("public", "users_v", "users"),
+            ("public", "users_2024", "users"),
+        ],
+    );
+    let cases: &[(&Namespace, &str, &str)] = &[
+        // `accounts` is app.accounts under search_path app, public.
+        (&app_first, "SELECT * FROM accounts WHERE id = 1", "s3"),
+        (&public_only, "SELECT * FROM accounts WHERE id = 1", "s0"),
+        (&app_first, "INSERT INTO accounts (id) VALUES (8)", "s1"),
+        (&app_first, "SELECT * FROM users WHERE id = 1", "s3"),
+        // An undeclared app.users comes first: it is that one, on home.
+        (&shadowed, "SELECT * FROM users WHERE id = 1", "s0"),
+        (&shadowed, "SELECT * FROM public.users WHERE id = 1", "s3"),
+        (&public_only, "SELECT * FROM users WHERE id = 1", "s3"),
+        // Views and partitions of declared tables are refused.
+        (&views, "SELECT * FROM users_v", "REFUSE:0A000"),
+        (
+            &views,
+            "INSERT INTO users_v (id) VALUES (1)",
+            "REFUSE:0A000",
+        ),
+        (
+            &views,
+            "SELECT * FROM public.users_2024 WHERE id = 1",
+            "REFUSE:0A000",
+        ),
+        (&views, "UPDATE users_2024 SET x = 1", "REFUSE:0A000"),
+        (&views, "SELECT * FROM other_table", "s0"),
+        (
+            &views,
+            "WITH users_v AS (SELECT 1) SELECT * FROM users_v",
+            "ANY",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (ns, sql, want) in cases {
+        let got = match plan_in(&snap, sql, ns).and_then(|p| p.bind(&snap, &[], &Hints::default()))
+        {
+            Err(e) => format!("REFUSE:{}", e.sqlstate),
+            Ok(r) => format!("{}", r.target)
+                .replace("shard ", "")
+                .replace("any shard", "ANY"),
+        };
+        if got != *want {
+            failures.push(format!("{sql}: expected {want}, got {got}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

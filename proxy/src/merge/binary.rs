@@ -225,11 +225,15 @@ fn ymd(s: &str, bc: bool) -> Option<i64> {
             None
         }
     };
-    let mut y = num(y)?;
+    let (mut y, m, d) = (num(y)?, num(m)?, num(d)?);
+    // Wider than anything PostgreSQL prints; keeps the arithmetic in range.
+    if y > 10_000_000 || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
     if bc {
         y = 1 - y;
     }
-    Some(days_from_civil(y, num(m)?, num(d)?))
+    Some(days_from_civil(y, m, d))
 }
 
 /// `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM[:SS]]][ BC]` → microseconds from
@@ -259,8 +263,9 @@ fn timestamp_us(s: &str, tz: bool) -> Option<i64> {
     if t.next().is_some() || frac.len() > 6 || !frac.bytes().all(|c| c.is_ascii_digit()) {
         return None;
     }
+    // Time fields are at most two digits (fractions six): no overflow below.
     let p = |x: &str| -> Option<i64> {
-        if !x.is_empty() && x.bytes().all(|c| c.is_ascii_digit()) {
+        if !x.is_empty() && x.len() <= 6 && x.bytes().all(|c| c.is_ascii_digit()) {
             x.parse().ok()
         } else {
             None

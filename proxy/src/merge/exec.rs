@@ -47,8 +47,13 @@ impl Field {
     }
 }
 
+/// A RowDescription's fields; None when the frame is malformed (a
+/// backend's bytes never panic the merge).
 fn parse_desc(raw: &[u8]) -> Option<Vec<Field>> {
     let mut b = raw.get(5..)?;
+    if b.len() < 2 {
+        return None;
+    }
     let n = b.get_u16();
     let mut out = Vec::with_capacity(n as usize);
     for _ in 0..n {
@@ -656,7 +661,23 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // Output row description.
     let out_fields: Vec<Field> = match &plan.aggregate {
         None => fields.get(plan.hidden..).unwrap_or(&[]).to_vec(),
-        Some(a) => a.outputs.iter().map(|o| output_field(o, fields)).collect(),
+        Some(a) => match a
+            .outputs
+            .iter()
+            .map(|o| output_field(o, fields))
+            .collect::<Option<Vec<Field>>>()
+        {
+            Some(f) => f,
+            None => {
+                return Ok(Err(MergeError(
+                    "XX000",
+                    format!(
+                        "the shards answered {} columns, fewer than the merge plan needs",
+                        fields.len()
+                    ),
+                )))
+            }
+        },
     };
     // Columns the client wants in binary: their type OIDs (0: text).
     let binary: Vec<u32> = out_fields
@@ -887,18 +908,20 @@ fn key_ty(v: &Combined, types: &[Ty]) -> Ty {
     }
 }
 
-fn output_field(o: &Combined, fields: &[Field]) -> Field {
+/// The client's column for a combined output; None when the shards
+/// answered fewer columns than the plan needs.
+fn output_field(o: &Combined, fields: &[Field]) -> Option<Field> {
     match o {
-        Combined::Col(c) => fields[*c].clone(),
+        Combined::Col(c) => fields.get(*c).cloned(),
         Combined::Avg { sum, .. } => {
-            let mut f = fields[*sum].clone();
+            let mut f = fields.get(*sum)?.clone();
             let float = Ty::of(f.type_oid()) == Ty::Float;
             let (oid, len): (u32, i16) = if float { (701, 8) } else { (1700, -1) };
             f.meta[0..6].fill(0);
             f.meta[6..10].copy_from_slice(&oid.to_be_bytes());
             f.meta[10..12].copy_from_slice(&len.to_be_bytes());
             f.meta[12..16].copy_from_slice(&(-1i32).to_be_bytes());
-            f
+            Some(f)
         }
     }
 }
@@ -1214,6 +1237,49 @@ async fn shards_use_c_collation<S: AsyncRead + AsyncWrite + Unpin + Send>(
 #[cfg(test)]
 mod tests {
     use super::float_text;
+
+    /// Malformed RowDescription / DataRow frames from a backend are
+    /// rejected (None), never a panic: truncated at every length, and
+    /// random bytes behind a valid header.
+    #[test]
+    fn malformed_backend_frames_do_not_panic() {
+        use super::{parse_desc, parse_row};
+        use rand::{Rng, SeedableRng};
+        let mut desc = vec![b'T', 0, 0, 0, 0, 0, 2];
+        for name in ["a", "b"] {
+            desc.extend_from_slice(name.as_bytes());
+            desc.push(0);
+            desc.extend_from_slice(&[0; 18]);
+        }
+        let mut row = vec![b'D', 0, 0, 0, 0, 0, 2, 0, 0, 0, 1, b'x', 255, 255, 255, 255];
+        assert_eq!(parse_desc(&desc).map(|f| f.len()), Some(2));
+        assert_eq!(parse_row(&row).map(|r| r.len()), Some(2));
+        for cut in 0..desc.len() {
+            assert!(parse_desc(&desc[..cut]).is_none(), "desc cut at {cut}");
+        }
+        for cut in 0..row.len() {
+            assert!(parse_row(&row[..cut]).is_none(), "row cut at {cut}");
+        }
+        // a huge column count, a negative count, a length past the end
+        assert!(parse_desc(&[b'T', 0, 0, 0, 0, 255, 255]).is_none());
+        assert_eq!(
+            parse_row(&[b'D', 0, 0, 0, 0, 255, 255]).map(|r| r.len()),
+            Some(0)
+        );
+        row[10] = 200;
+        assert!(parse_row(&row).is_none());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let n = rng.random_range(0..40);
+            let mut f: Vec<u8> = (0..n).map(|_| rng.random::<u8>()).collect();
+            if f.len() > 6 && rng.random_bool(0.5) {
+                f[5] = 0;
+                f[6] = rng.random_range(0..4);
+            }
+            let _ = parse_desc(&f);
+            let _ = parse_row(&f);
+        }
+    }
 
     #[test]
     fn finds_collate_clauses() {

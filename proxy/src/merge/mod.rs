@@ -10,3 +10,8 @@
 pub mod binary;
 pub mod exec;
 pub mod value;
+
+/// Malformed backend bytes never panic the merge: the decoders and the
+/// value code are fed random and almost-valid input (seeded, replayable).
+#[cfg(test)]
+mod fuzz_tests;

@@ -161,6 +161,11 @@ fn parse_time(s: &str, ty: Ty) -> Result<(i8, i128), ValueError> {
     let y: i64 = dp.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
     let m: i64 = dp.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
     let d: i64 = dp.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+    // Bounds wider than any value PostgreSQL prints (5874897 AD, 4713 BC),
+    // so that malformed text cannot overflow the arithmetic below.
+    if y.abs() > 10_000_000 || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return Err(bad());
+    }
     // ISO years: 1 BC is year 0.
     let y = if bc { 1 - y } else { y };
     let days = days_from_civil(y, m, d);
@@ -185,6 +190,9 @@ fn parse_time(s: &str, ty: Ty) -> Result<(i8, i128), ValueError> {
             f.push('0');
         }
         let frac: i128 = f.parse().map_err(|_| bad())?;
+        if !(0..=24).contains(&h) || !(0..=59).contains(&mi) || !(0..=60).contains(&whole) {
+            return Err(bad());
+        }
         micros += ((h * 60 + mi) * 60 + whole) * 1_000_000 + frac;
         if let Some(off) = offset {
             let sign: i128 = if off.starts_with('-') { -1 } else { 1 };
@@ -200,6 +208,9 @@ fn parse_time(s: &str, ty: Ty) -> Result<(i8, i128), ValueError> {
                 .map(|x| x.parse().map_err(|_| bad()))
                 .transpose()?
                 .unwrap_or(0);
+            if !(0..=99).contains(&oh) || !(0..=59).contains(&om) || !(0..=59).contains(&os) {
+                return Err(bad());
+            }
             micros -= sign * ((oh * 60 + om) * 60 + os) * 1_000_000;
         }
     }

@@ -39,7 +39,7 @@ use merge_plan::merge_plan;
 
 use super::keys::{array_src, colocated, value_src, KeyExpr, Src, SrcError, TypedSrc};
 use super::split::SplitText;
-use super::{CopyDirection, MergeNeed, RouteError, StatementKind, TransactionKind};
+use super::{CopyDirection, MergeNeed, Namespace, RouteError, StatementKind, TransactionKind};
 use crate::catalog::{KeyType, RoutingSnapshot, ShardedTable, TablePlacement};
 
 /// A sharded occurrence as the binder sees it.
@@ -112,6 +112,17 @@ pub(super) struct StmtPlan {
     pub sharded_tables: Vec<ShardedTable>,
     /// It writes a reference table (a shard hint must not narrow it).
     pub reference_write: bool,
+    /// It writes a sharded table (a shard hint must respect ownership and
+    /// the freeze, see [`super::eval`]).
+    pub writes_sharded: bool,
+    /// It may write although it is no DML: `FOR UPDATE/SHARE` (row locks
+    /// that must last to the commit). With [`StmtPlan::calls`], for commit
+    /// purposes only (two-phase commit): routing still reads.
+    pub may_write: bool,
+    /// Functions it calls that the router does not know to be read-only
+    /// (lower case, unqualified, deduplicated): the node treats the
+    /// statement as a write when one of them is volatile.
+    pub calls: Vec<String>,
 }
 
 impl StmtPlan {
@@ -123,6 +134,9 @@ impl StmtPlan {
             merge: MergeNeed::None,
             sharded_tables: Vec::new(),
             reference_write: false,
+            writes_sharded: false,
+            may_write: false,
+            calls: Vec::new(),
         }
     }
 
@@ -152,8 +166,18 @@ pub(super) fn norm(id: &Ident) -> String {
     }
 }
 
-/// The catalog name of a table: `t` or `public.t` → `t`, `s.t` → `s.t`.
-pub(super) fn table_name(name: &ObjectName) -> Result<String, RouteError> {
+impl Analyzer<'_> {
+    /// See [`table_name`].
+    fn table_name(&self, name: &ObjectName) -> Result<String, RouteError> {
+        table_name(self.ns, name)
+    }
+}
+
+/// The catalog name of a relation: `public.t` → `t`, `s.t` → `s.t`, and
+/// `t` as the session's search path resolves it ([`Namespace`]). A
+/// relation that reaches a declared table without being declared itself (a
+/// view over it, a partition …) is refused.
+pub(super) fn table_name(ns: &Namespace, name: &ObjectName) -> Result<String, RouteError> {
     let mut parts = Vec::with_capacity(name.0.len());
     for p in &name.0 {
         match p.as_ident() {
@@ -161,14 +185,28 @@ pub(super) fn table_name(name: &ObjectName) -> Result<String, RouteError> {
             None => return Err(unsupported(format!("table name {name}"))),
         }
     }
-    match parts.as_slice() {
-        [t] => Ok(t.clone()),
-        [s, t] if s == "public" => Ok(t.clone()),
-        [s, t] => Ok(format!("{s}.{t}")),
-        _ => Err(unsupported(format!(
-            "table name {name} (database-qualified names are not supported)"
-        ))),
+    let (schema, t) = match parts.as_slice() {
+        [t] => match ns.resolve(t) {
+            Some(s) => (s.to_owned(), t.clone()),
+            None => return Ok(t.clone()),
+        },
+        [s, t] => (s.clone(), t.clone()),
+        _ => {
+            return Err(unsupported(format!(
+                "table name {name} (database-qualified names are not supported)"
+            )))
+        }
+    };
+    if let Some(declared) = ns.reaching.get(&(schema.clone(), t.clone())) {
+        return Err(unsupported(format!(
+            "relation \"{schema}.{t}\" is not declared to hotrepart but reaches table \"{declared}\" (a view over it, or a partition or inheritance parent or child of it): on one shard it would see or change that shard's rows only; use \"{declared}\" itself, or declare the relation"
+        )));
     }
+    Ok(if schema == "public" {
+        t
+    } else {
+        format!("{schema}.{t}")
+    })
 }
 
 /// Functions that are known not to read tables (for table-less statements).
@@ -231,6 +269,183 @@ const PURE_FUNCTIONS: &[&str] = &[
     "generate_series",
     "unnest",
     "cast",
+];
+
+/// Built-in functions that never write data (besides [`PURE_FUNCTIONS`] and
+/// [`AGGREGATES`]): a statement calling only these is no write for commit
+/// purposes. Any other call may write (a volatile function can run DML):
+/// the node asks the shard's `pg_proc` whether the name is volatile.
+const READ_ONLY: &[&str] = &[
+    "position",
+    "strpos",
+    "left",
+    "right",
+    "lpad",
+    "rpad",
+    "ltrim",
+    "rtrim",
+    "btrim",
+    "split_part",
+    "regexp_replace",
+    "regexp_match",
+    "regexp_matches",
+    "regexp_split_to_array",
+    "starts_with",
+    "string_to_array",
+    "array_to_string",
+    "array_append",
+    "array_prepend",
+    "array_cat",
+    "array_position",
+    "array_remove",
+    "array_replace",
+    "array_lower",
+    "array_upper",
+    "array_dims",
+    "cardinality",
+    "to_json",
+    "to_jsonb",
+    "json_build_object",
+    "jsonb_build_object",
+    "json_build_array",
+    "jsonb_build_array",
+    "jsonb_set",
+    "jsonb_insert",
+    "jsonb_extract_path",
+    "jsonb_extract_path_text",
+    "json_extract_path",
+    "json_extract_path_text",
+    "jsonb_array_elements",
+    "jsonb_array_elements_text",
+    "json_array_elements",
+    "jsonb_each",
+    "jsonb_each_text",
+    "json_each",
+    "jsonb_object_keys",
+    "jsonb_typeof",
+    "json_typeof",
+    "jsonb_array_length",
+    "json_array_length",
+    "jsonb_strip_nulls",
+    "jsonb_pretty",
+    "row_to_json",
+    "row_number",
+    "lag",
+    "lead",
+    "first_value",
+    "last_value",
+    "ntile",
+    "nth_value",
+    "sign",
+    "sqrt",
+    "cbrt",
+    "power",
+    "pow",
+    "exp",
+    "ln",
+    "log",
+    "log10",
+    "mod",
+    "div",
+    "trunc",
+    "pi",
+    "degrees",
+    "radians",
+    "sin",
+    "cos",
+    "tan",
+    "width_bucket",
+    "scale",
+    "gcd",
+    "lcm",
+    "age",
+    "make_date",
+    "make_time",
+    "make_timestamp",
+    "make_timestamptz",
+    "make_interval",
+    "date_bin",
+    "justify_days",
+    "justify_hours",
+    "justify_interval",
+    "isfinite",
+    "to_number",
+    "quote_ident",
+    "quote_literal",
+    "quote_nullable",
+    "encode",
+    "decode",
+    "sha224",
+    "sha256",
+    "sha384",
+    "sha512",
+    "char_length",
+    "character_length",
+    "octet_length",
+    "bit_length",
+    "initcap",
+    "repeat",
+    "reverse",
+    "translate",
+    "ascii",
+    "chr",
+    "overlay",
+    "hashtext",
+    "hashtextextended",
+    "hashint4extended",
+    "hashint8extended",
+    "uuid_hash_extended",
+    "num_nonnulls",
+    "num_nulls",
+    "array_fill",
+    "array_ndims",
+    "string_to_table",
+    "unistr",
+    "normalize",
+    "to_hex",
+    "to_ascii",
+    "convert_from",
+    "convert_to",
+    "int4range",
+    "int8range",
+    "numrange",
+    "tsrange",
+    "tstzrange",
+    "daterange",
+    "lower_inc",
+    "upper_inc",
+    "isempty",
+    "host",
+    "masklen",
+    "family",
+    "abbrev",
+    "broadcast",
+    "network",
+    "setseed",
+    "exists",
+    "any",
+    "all",
+    "row",
+    "array",
+    "coalesce",
+    "current_schema",
+    "pg_typeof",
+    "format_type",
+    "pg_get_viewdef",
+    "obj_description",
+    "col_description",
+    "has_table_privilege",
+    "pg_table_size",
+    "pg_total_relation_size",
+    "pg_relation_size",
+    "pg_size_pretty",
+    "pg_database_size",
+    "pg_column_size",
+    "pg_postmaster_start_time",
+    "pg_is_in_recovery",
+    "inet_client_addr",
+    "inet_client_port",
+    "txid_current_if_assigned",
 ];
 
 /// Aggregate functions of PostgreSQL 15 (built-in).
@@ -343,6 +558,7 @@ struct QueryInfo {
 
 struct Analyzer<'a> {
     snap: &'a RoutingSnapshot,
+    ns: &'a Namespace,
     occs: Vec<Occ>,
     scopes: Vec<Scope>,
     pins: Vec<(usize, KeyExpr)>,
@@ -353,16 +569,33 @@ struct Analyzer<'a> {
     reference_tables: Vec<String>,
     /// Calls a function not in [`PURE_FUNCTIONS`].
     impure_calls: bool,
+    /// Calls of functions not known to be read-only ([`READ_ONLY`]).
+    calls: Vec<String>,
+    /// A query with FOR UPDATE/SHARE.
+    locks: bool,
     placeholders: bool,
 }
 
 /// Plans one statement.
 pub(super) fn plan_statement(
     snap: &RoutingSnapshot,
+    ns: &Namespace,
     st: &Statement,
 ) -> Result<StmtPlan, RouteError> {
+    let mut a = Analyzer::new(snap, ns);
+    let mut p = plan_in(&mut a, st)?;
+    p.may_write |= a.locks;
+    for c in a.calls {
+        if !p.calls.contains(&c) {
+            p.calls.push(c);
+        }
+    }
+    Ok(p)
+}
+
+fn plan_in(a: &mut Analyzer<'_>, st: &Statement) -> Result<StmtPlan, RouteError> {
     use StatementKind as K;
-    let mut a = Analyzer::new(snap);
+    let snap = a.snap;
     match st {
         Statement::Query(q) => a.select_statement(q, K::Select),
         Statement::Insert(ins) => a.insert(ins),
@@ -406,7 +639,7 @@ pub(super) fn plan_statement(
         Statement::Explain {
             statement, analyze, ..
         } => {
-            let mut inner = plan_statement(snap, statement)?;
+            let mut inner = plan_statement(snap, a.ns, statement)?;
             if !matches!(inner.kind, K::Select | K::Insert | K::Update | K::Delete) {
                 return Err(unsupported(format!("EXPLAIN of {}", inner.kind_name())));
             }
@@ -418,6 +651,12 @@ pub(super) fn plan_statement(
             }
             inner.kind = K::Utility;
             inner.is_write = inner.is_write && *analyze;
+            inner.writes_sharded = inner.writes_sharded && *analyze;
+            if !*analyze {
+                // Planned, not run: no function is called, no row locked.
+                inner.may_write = false;
+                inner.calls.clear();
+            }
             Ok(inner)
         }
         Statement::Vacuum(v) => a.maintenance(v.table_name.as_ref()),
@@ -571,6 +810,7 @@ impl Visitor for SubqueryWalker<'_, '_> {
                 if !PURE_FUNCTIONS.contains(&name.as_str()) {
                     self.a.impure_calls = true;
                 }
+                self.a.note_call(&name);
             }
             Expr::Value(v) if matches!(v.value, Value::Placeholder(_)) => {
                 self.a.placeholders = true;
@@ -679,9 +919,10 @@ fn select_merge_need(s: &Select) -> MergeNeed {
 }
 
 impl<'a> Analyzer<'a> {
-    fn new(snap: &'a RoutingSnapshot) -> Self {
+    fn new(snap: &'a RoutingSnapshot, ns: &'a Namespace) -> Self {
         Analyzer {
             snap,
+            ns,
             occs: Vec::new(),
             scopes: Vec::new(),
             pins: Vec::new(),
@@ -690,6 +931,8 @@ impl<'a> Analyzer<'a> {
             home_tables: Vec::new(),
             reference_tables: Vec::new(),
             impure_calls: false,
+            calls: Vec::new(),
+            locks: false,
             placeholders: false,
         }
     }
@@ -745,7 +988,7 @@ impl<'a> Analyzer<'a> {
                 return Ok(None);
             }
         }
-        let catalog = table_name(name)?;
+        let catalog = self.table_name(name)?;
         let own = last_name(name);
         let qualified = if visible.is_some() {
             None
@@ -966,6 +1209,7 @@ impl<'a> Analyzer<'a> {
 
     /// Analyses a query in a new scope under `parent`.
     fn query(&mut self, q: &Query, parent: Option<usize>) -> Result<QueryInfo, RouteError> {
+        self.locks |= !q.locks.is_empty();
         let mut scope = parent;
         if let Some(with) = &q.with {
             let cs = self.new_scope(parent);
@@ -1222,8 +1466,21 @@ impl<'a> Analyzer<'a> {
     }
 
     fn impure_or_pure_call(&mut self, name: &ObjectName) {
-        if !PURE_FUNCTIONS.contains(&last_name(name).as_str()) {
+        let n = last_name(name);
+        if !PURE_FUNCTIONS.contains(&n.as_str()) {
             self.impure_calls = true;
+        }
+        self.note_call(&n);
+    }
+
+    /// Records a call of `name` unless it is known to be read-only.
+    fn note_call(&mut self, name: &str) {
+        if !READ_ONLY.contains(&name)
+            && !PURE_FUNCTIONS.contains(&name)
+            && !AGGREGATES.contains(&name)
+            && !self.calls.iter().any(|c| c == name)
+        {
+            self.calls.push(name.to_owned());
         }
     }
 
@@ -1333,6 +1590,9 @@ impl<'a> Analyzer<'a> {
             merge: merge_plan(q),
             sharded_tables: self.sharded_tables(),
             reference_write: false,
+            writes_sharded: false,
+            may_write: false,
+            calls: Vec::new(),
         })
     }
 }

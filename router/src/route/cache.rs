@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{plan, Plan, RouteError};
+use super::{plan_in, Namespace, Plan, RouteError};
 use crate::catalog::RoutingSnapshot;
 
 struct Entry {
@@ -88,18 +88,37 @@ impl PlanCache {
         snapshot: &RoutingSnapshot,
         sql: &str,
     ) -> Result<Arc<Plan>, RouteError> {
+        self.get_or_plan_in(snapshot, sql, &Namespace::default())
+    }
+
+    /// The plan for `sql` under `snapshot` with names resolved in `ns`. A
+    /// cached plan made under another namespace is planned again (and
+    /// replaces it).
+    pub fn get_or_plan_in(
+        &mut self,
+        snapshot: &RoutingSnapshot,
+        sql: &str,
+        ns: &Namespace,
+    ) -> Result<Arc<Plan>, RouteError> {
         if self.epoch != Some(snapshot.epoch()) {
             self.clear();
             self.epoch = Some(snapshot.epoch());
         }
+        let ns_id = ns.id();
         if let Some(&i) = self.index.get(sql) {
-            self.hits += 1;
             let e = &mut self.slots[i];
-            e.referenced = true;
-            return Ok(Arc::clone(&e.plan));
+            if e.plan.namespace().id() == ns_id {
+                self.hits += 1;
+                e.referenced = true;
+                return Ok(Arc::clone(&e.plan));
+            }
+            self.misses += 1;
+            let p = Arc::new(plan_in(snapshot, sql, ns)?);
+            e.plan = Arc::clone(&p);
+            return Ok(p);
         }
         self.misses += 1;
-        let p = Arc::new(plan(snapshot, sql)?);
+        let p = Arc::new(plan_in(snapshot, sql, ns)?);
         self.insert(Arc::from(sql), Arc::clone(&p));
         Ok(p)
     }

@@ -22,8 +22,21 @@ pub(super) struct StmtRoute {
     pub is_write: bool,
     pub merge: MergeNeed,
     pub touches_frozen: bool,
+    /// See [`super::Route::may_write`].
+    pub may_write: bool,
     /// A COPY the executor splits over every shard.
     pub copy: Option<std::sync::Arc<super::copy::CopyPlan>>,
+}
+
+/// What a hint forces (see the module docs of [`super`] for the rules).
+#[derive(Debug, Clone)]
+pub(crate) enum Forced {
+    /// `/* hotrepart: shard=NAME */` or `SET hotrepart.shard`.
+    Shard(ShardId),
+    /// `/* hotrepart: key=VALUE */`: the index of the range holding the
+    /// key in the snapshot the plan is bound against (reads go to its read
+    /// owner, writes to its write owner).
+    Key { range: usize },
 }
 
 /// Collects owners of keys.
@@ -115,7 +128,7 @@ pub(super) fn bind_stmt(
     stmt: &StmtPlan,
     snap: &RoutingSnapshot,
     params: &[Param<'_>],
-    forced: Option<&ShardId>,
+    forced: Option<&Forced>,
 ) -> Result<StmtRoute, RouteError> {
     let mut owners = Owners {
         snap,
@@ -124,7 +137,23 @@ pub(super) fn bind_stmt(
     };
     let forced = forced.filter(|_| stmt.hintable());
     let target = match (&stmt.body, forced) {
-        (_, Some(shard)) => forced_target(stmt, shard, params, &mut owners)?,
+        (_, Some(f)) => {
+            let shard = match f {
+                Forced::Shard(id) => id.clone(),
+                Forced::Key { range } => {
+                    let r = snap.ranges().get(*range).ok_or_else(|| {
+                        RouteError::unsupported("hotrepart key hint: the routing table changed")
+                    })?;
+                    if stmt.is_write {
+                        owners.frozen |= r.status == RangeStatus::Frozen;
+                        r.write_owner.clone()
+                    } else {
+                        r.read_owner.clone()
+                    }
+                }
+            };
+            forced_target(stmt, &shard, params, &mut owners)?
+        }
         (Body::Any, None) => Target::Any,
         (Body::Home, None) => Target::One(snap.home_shard().clone()),
         (Body::All | Body::Copy(_), None) => {
@@ -153,11 +182,13 @@ pub(super) fn bind_stmt(
         is_write: stmt.is_write,
         merge,
         touches_frozen: owners.frozen,
+        may_write: stmt.is_write || stmt.may_write,
         copy,
     })
 }
 
-/// A hint forces `shard`; refuse where obeying would misplace data.
+/// A hint forces `shard`; refuse where obeying would misplace data or
+/// write where the shard does not own the rows.
 fn forced_target(
     stmt: &StmtPlan,
     shard: &ShardId,
@@ -202,10 +233,62 @@ fn forced_target(
                     "INSERT … SELECT into a sharded table cannot be forced to one shard by a hint",
                 ));
             }
+            if stmt.writes_sharded {
+                // The keys the write names must all belong to the hinted
+                // shard (its write owner: a frozen range waits); without a
+                // key on every table it is a keyless write.
+                let mut keyed = true;
+                for o in &shape.occs {
+                    let Some((expr, table)) = &o.restriction else {
+                        keyed = false;
+                        continue;
+                    };
+                    if let Some(owner) = eval_keys(expr, table, params, owners)?
+                        .into_iter()
+                        .find(|s| s != shard)
+                    {
+                        return Err(RouteError::unsupported(format!(
+                            "hint routes this write to shard {shard}, but the rows of \"{}\" it names by their shard key \"{}\" belong to shard {owner}",
+                            o.table.name, o.table.key_column
+                        )));
+                    }
+                }
+                if !keyed {
+                    keyless_hinted_write(shard, owners)?;
+                }
+            }
         }
         _ => {}
     }
     Ok(Target::One(shard.clone()))
+}
+
+/// A hinted write to a sharded table without a shard key on every table
+/// touches whatever rows the shard holds. That is sound only while the
+/// shard holds rows of the ranges it owns and nothing else: no range is
+/// being moved (a reshard job's copy on its target, or the source's rows
+/// after the flip until cleanup) and every range is read and written on one
+/// shard. A frozen range waits, as every write does, and the rule is
+/// checked again on the next routing table.
+fn keyless_hinted_write(shard: &ShardId, owners: &mut Owners<'_>) -> Result<(), RouteError> {
+    let ranges = owners.snap.ranges();
+    if ranges.iter().any(|r| r.status == RangeStatus::Frozen) {
+        owners.frozen = true;
+        return Ok(());
+    }
+    if let Some(r) = ranges
+        .iter()
+        .find(|r| r.status == RangeStatus::Moving || r.read_owner != r.write_owner)
+    {
+        return Err(RouteError {
+            sqlstate: "55000",
+            message: format!(
+                "a write forced to shard {shard} by a hint, without the shard key of every table it touches, cannot run while key range {} is being moved between shards (it could change rows that shard {shard} holds but does not own); name the shard key in the statement, or retry when the reshard job is done",
+                r.span()
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn shape_target(

@@ -41,7 +41,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::analyze::table_name;
-use super::RouteError;
+use super::{Namespace, RouteError};
 use crate::catalog::{RoutingSnapshot, ShardId, ShardedTable, Span, TablePlacement};
 
 /// `sql` rewritten so that on `shard` it does not see the rows of the ranges
@@ -50,6 +50,7 @@ use crate::catalog::{RoutingSnapshot, ShardId, ShardedTable, Span, TablePlacemen
 /// queries, INSERT, UPDATE, DELETE and COPY are left alone.
 pub fn hide_rows(
     snapshot: &RoutingSnapshot,
+    ns: &Namespace,
     sql: &str,
     shard: &ShardId,
 ) -> Result<Option<String>, RouteError> {
@@ -65,6 +66,7 @@ pub fn hide_rows(
     })?;
     let mut hider = Hider {
         snap: snapshot,
+        ns,
         hidden: &hidden,
         ctes: BTreeSet::new(),
         changed: false,
@@ -83,6 +85,8 @@ pub fn hide_rows(
 
 struct Hider<'a> {
     snap: &'a RoutingSnapshot,
+    /// How unqualified names resolve (the session's search path).
+    ns: &'a Namespace,
     hidden: &'a [Span],
     /// Names of the statement's CTEs: a table reference with such a name may
     /// be the CTE, so a sharded table of that name is refused, not guessed.
@@ -167,7 +171,7 @@ impl Hider<'_> {
     /// The sharded table `name` denotes, if it is one (refused when a CTE
     /// of the statement has its name).
     fn sharded(&self, name: &ObjectName) -> Result<Option<&ShardedTable>, RouteError> {
-        let Ok(catalog_name) = table_name(name) else {
+        let Ok(catalog_name) = table_name(self.ns, name) else {
             return Ok(None);
         };
         let TablePlacement::Sharded(t) = self.snap.placement(&catalog_name) else {

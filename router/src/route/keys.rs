@@ -70,6 +70,9 @@ pub(crate) fn value_src(e: &Expr, ty: KeyType) -> Result<TypedSrc, SrcError> {
         Expr::Value(v) => match &v.value {
             Value::Number(n, _) if ty.is_integer() => lit(n, ty),
             Value::SingleQuotedString(s) => lit(s, ty),
+            // The tokenizer reads E'…' escapes as PostgreSQL does, or fails
+            // (refused) where it cannot (bytes above 127, surrogates).
+            Value::EscapedStringLiteral(s) => lit(s, ty),
             Value::DollarQuotedString(s) => lit(&s.value, ty),
             Value::Null => Ok(TypedSrc { src: Src::Null, ty }),
             Value::Placeholder(p) => placeholder(p)

@@ -27,6 +27,7 @@ mod reshard_reads;
 mod reshard_verify;
 mod reshard_wasm;
 mod routing;
+mod safety;
 mod transactions;
 mod twopc;
 mod wasm;

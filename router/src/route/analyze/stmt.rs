@@ -29,6 +29,9 @@ impl Analyzer<'_> {
             merge: MergeNeed::None,
             sharded_tables: self.sharded_tables(),
             reference_write: false,
+            writes_sharded: false,
+            may_write: false,
+            calls: Vec::new(),
         };
         match self.snap.placement(target_name) {
             TablePlacement::Reference => {
@@ -61,6 +64,7 @@ impl Analyzer<'_> {
                 let mut shape = self.shape(Some(root));
                 shape.update_key = update_key;
                 plan.body = Body::Shape(shape);
+                plan.writes_sharded = true;
             }
         }
         Ok(plan)
@@ -74,7 +78,7 @@ impl Analyzer<'_> {
         let TableFactor::Table { name, alias, .. } = &up.table.relation else {
             return Err(unsupported("UPDATE of something that is not a table"));
         };
-        let target = table_name(name)?;
+        let target = self.table_name(name)?;
         let target_occ = self.table_item(name, alias.as_ref(), s)?;
         self.scopes[s].covered = target_occ.is_some();
         if let Some(from) = &up.from {
@@ -143,7 +147,7 @@ impl Analyzer<'_> {
             return Err(unsupported("DELETE from something that is not a table"));
         };
         let s = self.new_scope(None);
-        let target = table_name(name)?;
+        let target = self.table_name(name)?;
         let target_occ = self.table_item(name, alias.as_ref(), s)?;
         self.scopes[s].covered = target_occ.is_some();
         if let Some(using) = &del.using {
@@ -170,7 +174,7 @@ impl Analyzer<'_> {
         let TableObject::TableName(name) = &ins.table else {
             return Err(unsupported("INSERT into a table function"));
         };
-        let target = table_name(name)?;
+        let target = self.table_name(name)?;
         let s = self.new_scope(None);
         // The target is visible to RETURNING and ON CONFLICT, but it is not a
         // read occurrence: it is routed by the inserted keys.
@@ -310,6 +314,9 @@ impl Analyzer<'_> {
                 merge: MergeNeed::None,
                 sharded_tables,
                 reference_write: false,
+                writes_sharded: true,
+                may_write: false,
+                calls: Vec::new(),
             });
         }
         // INSERT … SELECT.
@@ -338,6 +345,9 @@ impl Analyzer<'_> {
                     merge: merge_need(source),
                     sharded_tables: tables,
                     reference_write: false,
+                    writes_sharded: true,
+                    may_write: false,
+                    calls: Vec::new(),
                 })
             }
             Some(OutCol::Value(e)) if self.occs.is_empty() => {
@@ -355,6 +365,9 @@ impl Analyzer<'_> {
                     merge: MergeNeed::None,
                     sharded_tables,
                     reference_write: false,
+                    writes_sharded: true,
+                    may_write: false,
+                    calls: Vec::new(),
                 })
             }
             _ => Err(unsupported(format!(
@@ -418,7 +431,7 @@ impl Analyzer<'_> {
                 table_name: name,
                 columns,
             } => {
-                let t = table_name(name)?;
+                let t = self.table_name(name)?;
                 let kind = StatementKind::Copy {
                     table: Some(t.clone()),
                     direction,
@@ -479,7 +492,7 @@ impl Analyzer<'_> {
     ) -> Result<StmtPlan, RouteError> {
         let body = match name {
             None => Body::All,
-            Some(n) => match self.snap.placement(&table_name(n)?) {
+            Some(n) => match self.snap.placement(&self.table_name(n)?) {
                 TablePlacement::Home(_) => Body::Home,
                 _ => Body::All,
             },
@@ -496,7 +509,7 @@ impl Analyzer<'_> {
     ) -> Result<StmtPlan, RouteError> {
         let mut everywhere = false;
         for n in names {
-            let t = table_name(n)?;
+            let t = self.table_name(n)?;
             if !matches!(self.snap.placement(&t), TablePlacement::Home(_)) {
                 everywhere = true;
             }
