@@ -67,6 +67,26 @@ impl CancelSlot {
     }
 }
 
+/// What pg_proc says of the functions of one name (every overload and
+/// schema counts).
+#[derive(Debug, Clone, Default)]
+pub struct FunctionInfo {
+    /// One of them is volatile: a call may write.
+    pub volatile: bool,
+    /// The sharded table one of their bodies names, if any: such a
+    /// function reads or writes rows the router cannot place.
+    pub reads: Option<String>,
+}
+
+/// What is known of the functions a statement calls.
+#[derive(Debug, Clone, Default)]
+pub struct Calls {
+    /// A volatile function called.
+    pub volatile: Option<String>,
+    /// A function called whose body names a sharded table: (function, table).
+    pub reads: Option<(String, String)>,
+}
+
 pub struct Node {
     pub cfg: Config,
     pub pools: Pools,
@@ -97,9 +117,9 @@ pub struct Node {
     /// and whether each is an aggregate (pg_proc), learned on first sight.
     aggregates: Mutex<HashMap<String, HashMap<String, bool>>>,
     /// Per database: function names statements call that the router does
-    /// not know to be read-only, and whether any function of that name is
-    /// volatile (pg_proc; such a call may write). Forgotten on DDL.
-    volatile: Mutex<HashMap<String, HashMap<String, bool>>>,
+    /// not know to be read-only, and what pg_proc says of them
+    /// ([`FunctionInfo`]). Forgotten on DDL.
+    volatile: Mutex<HashMap<String, HashMap<String, FunctionInfo>>>,
     /// Per (database, user, search_path setting): the namespace routing
     /// resolves names in, with the declared-tables fingerprint it was
     /// read under ([`crate::names`]).
@@ -577,34 +597,45 @@ impl Node {
         }
     }
 
-    /// Of `names`, those whose volatility is not known yet for `database`
-    /// (first), and the first known to be volatile (second).
-    pub fn known_volatile(
-        &self,
-        database: &str,
-        names: &[String],
-    ) -> (Vec<String>, Option<String>) {
+    /// Of `names`, those not looked up yet for `database`, and what is
+    /// known of the others (merged: the first volatile one, the first that
+    /// reads a sharded table).
+    pub fn known_functions(&self, database: &str, names: &[String]) -> (Vec<String>, Calls) {
         let m = self.volatile.lock().unwrap_or_else(|e| e.into_inner());
         let known = m.get(database);
         let mut unknown = Vec::new();
+        let mut calls = Calls::default();
         for n in names {
             match known.and_then(|k| k.get(n)) {
-                Some(true) => return (Vec::new(), Some(n.clone())),
-                Some(false) => {}
+                Some(info) => {
+                    if info.volatile && calls.volatile.is_none() {
+                        calls.volatile = Some(n.clone());
+                    }
+                    if let (Some(t), None) = (&info.reads, &calls.reads) {
+                        calls.reads = Some((n.clone(), t.clone()));
+                    }
+                }
                 None => unknown.push(n.clone()),
             }
         }
-        (unknown, None)
+        (unknown, calls)
     }
 
-    pub fn learn_volatile(&self, database: &str, names: &[String], volatile: &[String]) {
+    /// Records what pg_proc says of `names` in `database` (a name missing
+    /// from `found` is no function there: nothing to fear of it).
+    pub fn learn_functions(
+        &self,
+        database: &str,
+        names: &[String],
+        found: &HashMap<String, FunctionInfo>,
+    ) {
         let mut m = self.volatile.lock().unwrap_or_else(|e| e.into_inner());
         let k = m.entry(database.to_string()).or_default();
         if k.len() > 10_000 {
             k.clear();
         }
         for n in names {
-            k.insert(n.clone(), volatile.contains(n));
+            k.insert(n.clone(), found.get(n).cloned().unwrap_or_default());
         }
     }
 

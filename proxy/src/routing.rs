@@ -64,6 +64,8 @@ pub struct Decision {
     /// when one is volatile the session makes `write` true (it may run
     /// DML), so a transaction over several shards commits with 2PC.
     pub calls: std::sync::Arc<[String]>,
+    /// A hint chose the shard ([`hotrepart_router::route::Route::hinted`]).
+    pub hinted: bool,
 }
 
 impl Decision {
@@ -94,6 +96,7 @@ impl Decision {
             merge: None,
             copy: None,
             calls: std::sync::Arc::from(Vec::new()),
+            hinted: false,
         }
     }
 }
@@ -325,6 +328,7 @@ pub fn decision(
         },
         copy: route.copy.filter(|_| target_is_multi),
         calls: route.calls.clone(),
+        hinted: route.hinted,
     })
 }
 

@@ -735,65 +735,103 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// A statement that calls functions the router does not know to be
-    /// read-only is a write for commit purposes when one of them is
-    /// volatile (it may run DML; a non-volatile SQL or PL/pgSQL function
-    /// cannot, PostgreSQL refuses it): `d.write` becomes true, so a
-    /// transaction that also wrote elsewhere commits with two-phase commit,
-    /// and a multi-shard statement outside a transaction block runs in a
-    /// transaction per shard committed together. Looked up in `pg_proc` on
-    /// the statement's shard `t` (any overload or schema of the name
-    /// counts), cached per database, forgotten on DDL. Only done where it
-    /// matters: inside a transaction, or on several shards. When the
-    /// lookup cannot be made the statement counts as a write.
-    async fn settle_calls(&mut self, d: &mut Decision, t: usize) -> Result<(), SessionError> {
-        let multi = matches!(d.target, Target::Multi { .. });
-        if d.write || d.calls.is_empty() || !(self.tx_status != b'I' || d.has_tx_control || multi) {
-            return Ok(());
+    /// read-only:
+    /// - is refused (0A000) when one of them names a sharded table in its
+    ///   body, unless a hint forced the shard: what such a function reads
+    ///   or writes is not where the router sends the statement (the home
+    ///   shard, or the shard of the statement's own key);
+    /// - is a write for commit purposes when one of them is volatile (it
+    ///   may run DML; a non-volatile SQL or PL/pgSQL function cannot,
+    ///   PostgreSQL refuses it): `d.write` becomes true, so a transaction
+    ///   that also wrote elsewhere commits with two-phase commit, and a
+    ///   multi-shard statement outside a transaction block runs in a
+    ///   transaction per shard committed together.
+    ///
+    /// Looked up in `pg_proc` on the statement's shard `t` (any overload or
+    /// schema of the name counts), once per name and database, forgotten on
+    /// DDL through the node. When the lookup cannot be made the statement
+    /// counts as a write (and is not refused).
+    async fn settle_calls(
+        &mut self,
+        d: &mut Decision,
+        t: usize,
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        if d.calls.is_empty() {
+            return Ok(Ok(()));
         }
-        let (unknown, found) = self.node.known_volatile(&self.database, &d.calls);
-        if found.is_some() {
-            d.write = true;
-        }
-        if found.is_some() || unknown.is_empty() {
-            return Ok(());
-        }
-        if self
-            .slots
-            .iter()
-            .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced))
-        {
-            d.write = true;
-            return Ok(());
-        }
-        if !self.owed.is_empty() {
-            self.drain_owed().await?;
-        }
-        if self.ensure_backend(t).await?.is_err() {
-            d.write = true;
-            return Ok(());
-        }
-        let list: Vec<String> = unknown.iter().map(|n| state::quote_literal(n)).collect();
-        let sql = format!(
-            "SELECT DISTINCT lower(proname) FROM pg_catalog.pg_proc WHERE provolatile = 'v' AND lower(proname) IN ({})",
-            list.join(", ")
-        );
-        let rows = match self.slots[t].conn.as_mut() {
-            Some(b) => b.hidden_query(&sql).await.ok(),
-            None => None,
-        };
-        match rows {
-            Some(rows) => {
-                let volatile: Vec<String> = rows
-                    .into_iter()
-                    .filter_map(|r| r.into_iter().next().flatten())
-                    .collect();
-                self.node
-                    .learn_volatile(&self.database, &unknown, &volatile);
-                d.write |= !volatile.is_empty();
+        let (unknown, mut known) = self.node.known_functions(&self.database, &d.calls);
+        if !unknown.is_empty() {
+            let unsynced = self
+                .slots
+                .iter()
+                .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced));
+            if unsynced {
+                // Mid-pipeline: no hidden query can run now.
+                d.write = true;
+                return Ok(Ok(()));
             }
-            None => d.write = true,
+            if !self.owed.is_empty() {
+                self.drain_owed().await?;
+            }
+            if self.ensure_backend(t).await?.is_err() {
+                d.write = true;
+                return Ok(Ok(()));
+            }
+            let list: Vec<String> = unknown.iter().map(|n| state::quote_literal(n)).collect();
+            let sql = format!(
+                "SELECT lower(proname), bool_or(provolatile = 'v'), string_agg(coalesce(prosrc, ''), ' ') \
+                 FROM pg_catalog.pg_proc WHERE lower(proname) IN ({}) GROUP BY 1",
+                list.join(", ")
+            );
+            let rows = match self.slots[t].conn.as_mut() {
+                Some(b) => b.hidden_query(&sql).await.ok(),
+                None => None,
+            };
+            let Some(rows) = rows else {
+                d.write = true;
+                return Ok(Ok(()));
+            };
+            let snap = self.node.catalog.load();
+            let sharded: Vec<String> = snap
+                .sharded_tables()
+                .map(|t| {
+                    t.name
+                        .rsplit('.')
+                        .next()
+                        .unwrap_or(&t.name)
+                        .to_ascii_lowercase()
+                })
+                .collect();
+            let mut found = HashMap::new();
+            for r in rows {
+                let mut r = r.into_iter();
+                let (Some(Some(name)), Some(vol), Some(src)) = (r.next(), r.next(), r.next())
+                else {
+                    continue;
+                };
+                let info = crate::node::FunctionInfo {
+                    volatile: vol.as_deref() == Some("t"),
+                    reads: src.as_deref().and_then(|src| names_table(src, &sharded)),
+                };
+                found.insert(name, info);
+            }
+            self.node.learn_functions(&self.database, &unknown, &found);
+            known = self.node.known_functions(&self.database, &d.calls).1;
         }
-        Ok(())
+        if let (Some((f, table)), false) = (&known.reads, d.hinted) {
+            return Ok(Err(Refusal::new(
+                "0A000",
+                format!(
+                    "function {f}() names sharded table \"{table}\" in its body: hotrepart cannot tell which rows it reads or writes, \
+                     so the statement would run on one shard and see or change that shard's rows only; \
+                     run it on the shard you mean with /* hotrepart: shard=NAME */ or SET hotrepart.shard"
+                ),
+            )));
+        }
+        if known.volatile.is_some() {
+            d.write = true;
+        }
+        Ok(Ok(()))
     }
 
     /// The shard a decision's statement runs on first (for lookups).
@@ -1092,7 +1130,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         let first = self.first_shard(&d);
-        self.settle_calls(&mut d, first).await?;
+        if let Err(r) = self.settle_calls(&mut d, first).await? {
+            self.refuse_simple(r);
+            return Ok(());
+        }
         let target = match d.target {
             Target::Shard(t) => Some(t),
             _ => None,
@@ -1610,9 +1651,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(());
             }
         };
-        if let Some(d) = d.as_mut() {
-            let first = target.unwrap_or_else(|| self.first_shard(d));
-            self.settle_calls(d, first).await?;
+        if let Some(dd) = d.as_mut() {
+            let first = target.unwrap_or_else(|| self.first_shard(dd));
+            if let Err(r) = self.settle_calls(dd, first).await? {
+                self.batch_error(&r, synced);
+                return Ok(());
+            }
         }
         // A batch without a statement (a lone Sync, Close …) belongs to the
         // current backend: it may owe its replies only after this Sync
@@ -2527,6 +2571,25 @@ pub(crate) fn command_complete(tag: &str) -> Bytes {
 /// orders bytewise there (database collation C/POSIX and no user column with
 /// another collation).
 const CATALOG_PROBE: &str = "SELECT d.datcollate IN ('C', 'POSIX') AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid >= 16384 AND a.attnum > 0 AND NOT a.attisdropped AND a.attcollation NOT IN (0, 100, 950, 951)) FROM pg_catalog.pg_database d WHERE d.datname = current_database()";
+
+/// The first of `tables` (lower-case names) that `src`, a function body,
+/// names as a whole word (case-insensitive; a mention in a comment or a
+/// string counts too: refusing too much is safe).
+fn names_table(src: &str, tables: &[String]) -> Option<String> {
+    let lower = src.to_ascii_lowercase();
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$';
+    tables
+        .iter()
+        .find(|t| {
+            lower.match_indices(t.as_str()).any(|(i, _)| {
+                let b = lower.as_bytes();
+                let before = i.checked_sub(1).map(|j| b[j]);
+                let after = b.get(i + t.len()).copied();
+                !before.is_some_and(word) && !after.is_some_and(word)
+            })
+        })
+        .cloned()
+}
 
 /// The names `sql` calls as functions (followed by `(`, outside literals,
 /// quoted names and comments; lower case) that the router does not know as

@@ -272,6 +272,9 @@ pub struct Route {
     /// DML, so the executor treats the statement as a write when one of
     /// them is volatile (looked up in `pg_proc`).
     pub calls: Arc<[String]>,
+    /// A hint (`/* hotrepart: … */` or `SET hotrepart.shard`) chose the
+    /// shard: the user takes responsibility for what it reaches there.
+    pub hinted: bool,
     /// For multi-shard reads: whether the results can be concatenated.
     pub merge: MergeNeed,
     /// A write touches a range that is frozen for a cut-over: the executor
@@ -435,6 +438,7 @@ impl Plan {
         }
         let mut route = combine(parts)?;
         route.calls = self.calls.clone();
+        route.hinted = forced.is_some();
         Ok(route)
     }
 
@@ -509,6 +513,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
             is_write: p.is_write,
             may_write: p.may_write,
             calls: Arc::from(Vec::new()),
+            hinted: false,
             merge: p.merge,
             touches_frozen: p.touches_frozen,
             copy: p.copy,
@@ -572,6 +577,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
         is_write,
         may_write,
         calls: Arc::from(Vec::new()),
+        hinted: false,
         merge,
         touches_frozen,
         copy: None,

@@ -433,3 +433,74 @@ async fn names_resolve_through_search_path_and_views_are_refused() {
         .await
         .unwrap();
 }
+
+/// A function whose body names a sharded table reads or writes rows the
+/// router cannot place: a statement calling it is refused (it would run on
+/// the home shard, or on its key's shard, and see that shard's rows only),
+/// unless a hint names the shard. Other functions run as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_over_sharded_tables_are_refused_unless_hinted() {
+    let c = Cluster::start(opts()).await;
+    let db = c.connect().await;
+    db.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, v text);
+         CREATE FUNCTION users_named(n text) RETURNS SETOF users LANGUAGE sql STABLE
+             AS $$ SELECT * FROM Users WHERE v = n $$;
+         CREATE FUNCTION bump(i bigint) RETURNS void LANGUAGE plpgsql
+             AS $$ BEGIN UPDATE public.users SET v = v || '+' WHERE id = i; END $$;
+         CREATE FUNCTION twice(i bigint) RETURNS bigint LANGUAGE sql IMMUTABLE AS $$ SELECT i * 2 $$;",
+    )
+    .await
+    .unwrap();
+    let snap = c.node.catalog.load_full();
+    let (a, b) = keys(&snap, "users");
+    db.batch_execute(&format!(
+        "INSERT INTO users (id, v) VALUES ({a}, 'x'), ({b}, 'x')"
+    ))
+    .await
+    .unwrap();
+    for sql in [
+        "SELECT count(*) FROM users_named('x')".to_string(),
+        format!("SELECT bump({b})"),
+        format!("SELECT bump(id) FROM users WHERE id = {a}"),
+    ] {
+        let e = db.simple_query(&sql).await.expect_err(&sql);
+        assert_eq!(code(&e), "0A000", "{sql}: {e:?}");
+        assert!(
+            message(&e).contains("names sharded table"),
+            "{sql}: {}",
+            message(&e)
+        );
+        // The extended protocol too.
+        let e = db.query(&sql, &[]).await.expect_err(&sql);
+        assert_eq!(code(&e), "0A000", "{sql}: {e:?}");
+    }
+    // Nothing ran: no row was bumped anywhere.
+    for i in 0..2 {
+        assert_eq!(
+            count_on(&c, i, "SELECT count(*) FROM users WHERE v = 'x'").await,
+            1
+        );
+    }
+    // With a hint the user names the shard: it runs there.
+    let s = owner(&snap, "users", KeyValue::Int8(b));
+    db.batch_execute(&format!("/* hotrepart: shard=s{s} */ SELECT bump({b})"))
+        .await
+        .unwrap();
+    assert_eq!(
+        count_on(
+            &c,
+            s,
+            &format!("SELECT count(*) FROM users WHERE id = {b} AND v = 'x+'")
+        )
+        .await,
+        1
+    );
+    // A function that names no sharded table is fine.
+    let n: i64 = db
+        .query_one("SELECT twice($1)", &[&21i64])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 42);
+}
