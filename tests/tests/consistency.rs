@@ -135,6 +135,101 @@ async fn leader(c: &ProcCluster, i: usize) -> u64 {
     }
 }
 
+/// `line` without terminal colour sequences (ESC [ … m).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// Lines of the nodes' logs that name a panic or an error (at most 40),
+/// for failure messages: the full logs are long.
+fn notable_log_lines(c: &ProcCluster) -> String {
+    let mut out = Vec::new();
+    for n in &c.nodes {
+        let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+        let mut lines = log.lines();
+        while let Some(l) = lines.next() {
+            if l.contains("panicked") || l.contains("ERROR") {
+                out.push(format!("node {}: {}", n.id, strip_ansi(l)));
+            }
+            if l.contains("panicked") {
+                // The panic's message.
+                if let Some(m) = lines.next() {
+                    out.push(format!("node {}: {}", n.id, strip_ansi(m)));
+                }
+            }
+        }
+    }
+    let total = out.len();
+    out.truncate(40);
+    if total > out.len() {
+        out.push(format!("… {} more", total - out.len()));
+    }
+    out.join("\n")
+}
+
+/// How long a `proxyctl reshard … --wait` may take.
+const JOB_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `proxyctl <args>` (with `--wait`: following its jobs) against node
+/// `i`, bounded by [`JOB_TIMEOUT`]: (ok, stdout, stderr). A job that does
+/// not end in time is an error the test reports (with the jobs as the
+/// node lists them), not a hang.
+async fn proxyctl_wait(c: &ProcCluster, i: usize, args: &[&str]) -> (bool, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let log = c
+        .dir
+        .0
+        .join(format!("proxyctl-{}.stderr", rand::random::<u32>()));
+    let child = c.spawn_proxyctl(i, &args, &log);
+    let r = tokio::time::timeout(JOB_TIMEOUT, child.wait_with_output()).await;
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    match r {
+        Ok(Ok(out)) => (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr,
+        ),
+        Ok(Err(e)) => (false, String::new(), format!("cannot run proxyctl: {e}")),
+        Err(_) => {
+            let jobs = c.admin_get(i, "/v1/jobs").await;
+            (
+                false,
+                String::new(),
+                format!(
+                    "{stderr}did not end within {JOB_TIMEOUT:?}; jobs: {}",
+                    jobs.map_or("<no answer>".into(), |j| j.to_string())
+                ),
+            )
+        }
+    }
+}
+
+/// Copies the nodes' logs out of the test directory (removed at the end)
+/// into the temporary directory; returns where, for the failure message.
+fn keep_logs(c: &ProcCluster) -> String {
+    let dir = std::env::temp_dir().join(format!("hotrepart-consistency-{}", std::process::id()));
+    if std::fs::create_dir_all(&dir).is_err() {
+        return String::new();
+    }
+    for n in &c.nodes {
+        let _ = std::fs::copy(&n.log, dir.join(format!("node{}.log", n.id)));
+    }
+    format!("node logs kept in {}", dir.display())
+}
+
 /// The transactions prepared on each shard (name, gids).
 async fn prepared(shards: &[(String, String)]) -> Vec<(String, Vec<String>)> {
     let mut all = Vec::new();
@@ -595,6 +690,15 @@ async fn transfer(
     }
 }
 
+/// Consecutive keyless reads that returned the same wrong answer.
+struct WrongRun {
+    value: String,
+    first: String,
+    last: String,
+    nodes: std::collections::BTreeSet<usize>,
+    reads: u64,
+}
+
 /// (f): `count(*)` of the accounts through the nodes in turn, until stop.
 /// Returns (reads, violations, errors).
 async fn count_reader(
@@ -604,6 +708,17 @@ async fn count_reader(
 ) -> (u64, Vec<String>, u64) {
     let (mut reads, mut bad, mut errors) = (0u64, Vec::new(), 0u64);
     let mut conns: Vec<Option<tokio_postgres::Client>> = dsns.iter().map(|_| None).collect();
+    // The current run of one wrong answer.
+    let mut run: Option<WrongRun> = None;
+    let end_run = |run: &mut Option<WrongRun>, bad: &mut Vec<String>| {
+        if let Some(r) = run.take() {
+            bad.push(format!(
+                "{} keyless reads from {} to {} through node(s) {:?}: \
+                 SELECT count(*) FROM accounts = {}, want {ACCOUNTS}",
+                r.reads, r.first, r.last, r.nodes, r.value
+            ));
+        }
+    };
     let mut i = 0usize;
     while !sh.stop.load(Ordering::Relaxed) && Instant::now() < hard_stop {
         i += 1;
@@ -624,12 +739,22 @@ async fn count_reader(
                 Ok(Ok(m)) => {
                     reads += 1;
                     let got = first_value(&m, 0).unwrap_or_default();
-                    if got != ACCOUNTS.to_string() {
-                        bad.push(format!(
-                            "{}: SELECT count(*) FROM accounts through node {} = {got}, want {ACCOUNTS}",
-                            sh.at(),
-                            n + 1
-                        ));
+                    if got == ACCOUNTS.to_string() {
+                        end_run(&mut run, &mut bad);
+                    } else {
+                        if run.as_ref().is_some_and(|r| r.value != got) {
+                            end_run(&mut run, &mut bad);
+                        }
+                        let r = run.get_or_insert_with(|| WrongRun {
+                            value: got.clone(),
+                            first: sh.at(),
+                            last: String::new(),
+                            nodes: Default::default(),
+                            reads: 0,
+                        });
+                        r.last = sh.at();
+                        r.nodes.insert(n + 1);
+                        r.reads += 1;
                     }
                 }
                 Ok(Err(e)) => {
@@ -651,6 +776,7 @@ async fn count_reader(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    end_run(&mut run, &mut bad);
     (reads, bad, errors)
 }
 
@@ -813,47 +939,21 @@ async fn bank_transfers_stay_exact_through_reshards_and_kills() {
         v.push(e);
     }
 
-    // 1. kill -9 of a node (not the leader) while transfers commit through
-    // it; the others go on; it comes back and serves again.
-    let l = leader(&c, 0).await;
-    let k1 = (0..3).rev().find(|&i| i as u64 + 1 != l).unwrap();
-    let others: Vec<usize> = all.iter().copied().filter(|&i| i != k1).collect();
-    if let Err(e) = progress(&sh, &[k1], 10, Duration::from_secs(60)).await {
-        v.push(e);
-    }
-    c.nodes[k1].kill9();
-    events.push(format!(
-        "{}: killed node {} (kill -9) under load",
-        sh.at(),
-        k1 + 1
-    ));
-    if let Err(e) = progress(&sh, &others, 20, Duration::from_secs(60)).await {
-        v.push(e);
-    }
-    tokio::task::block_in_place(|| c.nodes[k1].start());
-    if !routes(&c, k1, Duration::from_secs(60)).await {
-        v.push(format!("node {} does not route after its restart", k1 + 1));
-    }
-    events.push(format!("{}: node {} restarted and routes", sh.at(), k1 + 1));
-    if let Err(e) = progress(&sh, &[k1], 10, Duration::from_secs(60)).await {
-        v.push(e);
-    }
-
-    // 2. add the spare shard with rebalance.
-    let (ok, out, err) = c
-        .proxyctl(
-            0,
-            &[
-                "reshard",
-                "add-shard",
-                "s3",
-                "--dsn",
-                &spare.dsn(),
-                "--rebalance",
-                "--wait",
-            ],
-        )
-        .await;
+    // 1. add the spare shard with rebalance.
+    let (ok, out, err) = proxyctl_wait(
+        &c,
+        0,
+        &[
+            "reshard",
+            "add-shard",
+            "s3",
+            "--dsn",
+            &spare.dsn(),
+            "--rebalance",
+            "--wait",
+        ],
+    )
+    .await;
     events.push(format!(
         "{}: add-shard s3 --rebalance ended (ok: {ok})",
         sh.at()
@@ -867,16 +967,65 @@ async fn bank_transfers_stay_exact_through_reshards_and_kills() {
         v.push(e);
     }
 
+    // 2. kill -9 of a node (not the leader) while transfers commit through
+    // it; the others go on. It comes back with a failpoint that makes it
+    // die in its first two-phase commit after the commit decision (an
+    // in-doubt transaction for certain, which the leader's resolver must
+    // commit on every shard, the new one included), then for good.
+    let l = leader(&c, 0).await;
+    let k1 = (0..3).rev().find(|&i| i as u64 + 1 != l).unwrap();
+    let others: Vec<usize> = all.iter().copied().filter(|&i| i != k1).collect();
+    if let Err(e) = progress(&sh, &[k1], 10, Duration::from_secs(60)).await {
+        v.push(e);
+    }
+    c.nodes[k1].kill9();
+    events.push(format!(
+        "{}: killed node {} (kill -9) under load",
+        sh.at(),
+        k1 + 1
+    ));
+    if let Err(e) = progress(&sh, &others, 100, Duration::from_secs(60)).await {
+        v.push(e);
+    }
+    tokio::task::block_in_place(|| {
+        c.nodes[k1].start_with_env(&[("HOTREPART_FAILPOINT", "twopc_after_decision")])
+    });
+    let start = Instant::now();
+    while !c.nodes[k1].exited() && start.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if c.nodes[k1].running() {
+        v.push(format!(
+            "node {} (failpoint twopc_after_decision) made no two-phase commit within 60 s",
+            k1 + 1
+        ));
+        c.nodes[k1].kill9();
+    } else {
+        events.push(format!(
+            "{}: node {} restarted with failpoint twopc_after_decision, died in a commit",
+            sh.at(),
+            k1 + 1
+        ));
+    }
+    tokio::task::block_in_place(|| c.nodes[k1].start());
+    if !routes(&c, k1, Duration::from_secs(60)).await {
+        v.push(format!("node {} does not route after its restart", k1 + 1));
+    }
+    events.push(format!("{}: node {} restarted and routes", sh.at(), k1 + 1));
+    if let Err(e) = progress(&sh, &[k1], 10, Duration::from_secs(60)).await {
+        v.push(e);
+    }
+
     // 3. split the range holding the most accounts, moving its upper half
     // to the shard holding the fewest.
     let rs = c.ranges(0).await;
     let (lo, owner, to) = busiest_range(&rs);
-    let (ok, out, err) = c
-        .proxyctl(
-            1,
-            &["reshard", "split", &lo.to_string(), "--to", &to, "--wait"],
-        )
-        .await;
+    let (ok, out, err) = proxyctl_wait(
+        &c,
+        1,
+        &["reshard", "split", &lo.to_string(), "--to", &to, "--wait"],
+    )
+    .await;
     events.push(format!(
         "{}: split of range {lo:#x} ({owner}), upper half to {to}, ended (ok: {ok})",
         sh.at()
@@ -914,7 +1063,7 @@ async fn bank_transfers_stay_exact_through_reshards_and_kills() {
     ));
     let start = Instant::now();
     let mut killed = None;
-    while killed.is_none() && start.elapsed() < Duration::from_secs(90) {
+    while killed.is_none() && start.elapsed() < JOB_TIMEOUT {
         let j = job(&c, via, &id).await;
         let ph = phase_of(&j);
         if j.as_ref()
@@ -953,31 +1102,26 @@ async fn bank_transfers_stay_exact_through_reshards_and_kills() {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let Some(ri) = killed else {
-        panic!(
-            "job {id} was never seen frozen or flipped; violations so far: {v:#?}\n{}",
-            c.logs()
-        );
-    };
-    let watcher = (0..3).find(|&i| i != ri).unwrap();
-    match wait_job_end(&c, watcher, &id, Duration::from_secs(120)).await {
-        Ok(j) => {
-            events.push(format!("{}: job {id} ended {}", sh.at(), j["phase"]));
-            if j["phase"] != "done" {
-                v.push(format!(
-                    "job {id} (resumed after its node was killed) ended {j}"
-                ));
+    match killed {
+        Some(ri) => {
+            let watcher = (0..3).find(|&i| i != ri).unwrap();
+            match wait_job_end(&c, watcher, &id, JOB_TIMEOUT).await {
+                Ok(j) => events.push(format!("{}: job {id} ended {}", sh.at(), j["phase"])),
+                Err(e) => v.push(e),
+            }
+            tokio::task::block_in_place(|| c.nodes[ri].start());
+            if !routes(&c, ri, Duration::from_secs(60)).await {
+                v.push(format!("node {} does not route after its restart", ri + 1));
+            }
+            events.push(format!("{}: node {} restarted and routes", sh.at(), ri + 1));
+            if let Err(e) = progress(&sh, &all, 20, Duration::from_secs(60)).await {
+                v.push(e);
             }
         }
-        Err(e) => v.push(e),
-    }
-    tokio::task::block_in_place(|| c.nodes[ri].start());
-    if !routes(&c, ri, Duration::from_secs(60)).await {
-        v.push(format!("node {} does not route after its restart", ri + 1));
-    }
-    events.push(format!("{}: node {} restarted and routes", sh.at(), ri + 1));
-    if let Err(e) = progress(&sh, &all, 20, Duration::from_secs(60)).await {
-        v.push(e);
+        None => v.push(format!(
+            "job {id} was not seen frozen or flipped within {JOB_TIMEOUT:?} (last phase {}): its node was not killed",
+            phase_of(&job(&c, via, &id).await)
+        )),
     }
 
     // The load stops.
@@ -1232,12 +1376,18 @@ async fn bank_transfers_stay_exact_through_reshards_and_kills() {
         count(Outcome::Acked) >= 200,
         "too few transfers were acknowledged for the test to mean anything; violations: {v:#?}"
     );
+    let kept = if v.is_empty() {
+        String::new()
+    } else {
+        keep_logs(&c)
+    };
     assert!(
         v.is_empty(),
-        "{} violation(s) of the bank's invariants:\n{}\n(events:\n  {})",
+        "{} violation(s) of the bank's invariants:\n{}\n(events:\n  {})\nnode log lines with ERROR or panicked:\n{}\n{kept}",
         v.len(),
         v.join("\n"),
-        events.join("\n  ")
+        events.join("\n  "),
+        notable_log_lines(&c)
     );
     drop(spare);
 }
@@ -1687,12 +1837,14 @@ async fn keyless_reads_see_each_row_once_in_every_phase_of_a_move() {
             report.push(format!("  {k}: {m} wrong, e.g. {ex}"));
         }
     }
-    eprintln!(
-        "{} keyless reads during job {id} ({}):\n{}",
-        reads.len(),
-        j["note"].as_str().unwrap_or(""),
-        report.join("\n")
-    );
+    if wrong == 0 {
+        eprintln!(
+            "{} keyless reads during job {id} ({}):\n{}",
+            reads.len(),
+            j["note"].as_str().unwrap_or(""),
+            report.join("\n")
+        );
+    }
     // Coverage: the reads were spread over every phase.
     let mut missing = Vec::new();
     for p in ["copy", "catch_up", "cut_over", "flipped", "done"] {
