@@ -2,7 +2,7 @@
 //! Jepsen's bank test, through real `hotrepart serve` processes in front of
 //! real PostgreSQL shards.
 //!
-//! - [`bank_transfers_stay_exact_through_reshards_and_kills`]: 3 nodes, 3
+//! - [`bank_transfers_stay_exact_through_reshards_and_kills`] — 3 nodes, 3
 //!   shards and a spare; clients move money between accounts in explicit
 //!   transactions (two-phase commit when the accounts are on different
 //!   shards), each transfer also inserting its own row into `transfers`,
@@ -17,7 +17,7 @@
 //!   the committed transfers; (e) no statement waited past a bound; (f)
 //!   `count(*)` of the accounts read through the nodes during the load is
 //!   always the number of accounts (keyless reads see each row once).
-//! - [`keyless_reads_see_each_row_once_in_every_phase_of_a_move`]: static
+//! - [`keyless_reads_see_each_row_once_in_every_phase_of_a_move`] — static
 //!   data, one range moved; keyless reads of every kind, in both protocols,
 //!   through every node, in every phase of the job, each compared with the
 //!   truth computed before the job.
@@ -459,7 +459,7 @@ async fn bank_client(
     sh: Arc<Shared>,
     hard_stop: Instant,
 ) -> ClientLog {
-    let simple = k % 2 == 0;
+    let simple = k.is_multiple_of(2);
     let proto = if simple { "simple" } else { "extended" };
     let home = k % dsns.len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xba2c + k as u64);
@@ -1372,10 +1372,16 @@ async fn bank_transfers_stay_exact_through_reshards_and_kills() {
         max.1,
         events.join("\n  ")
     );
-    assert!(
-        count(Outcome::Acked) >= 200,
-        "too few transfers were acknowledged for the test to mean anything; violations: {v:#?}"
-    );
+    for proto in ["(simple)", "(extended)"] {
+        let n = records
+            .values()
+            .filter(|r| r.outcome == Outcome::Acked && r.via.ends_with(proto))
+            .count();
+        assert!(
+            n >= 100,
+            "only {n} transfers {proto} were acknowledged: too few for the test to mean anything; violations: {v:#?}"
+        );
+    }
     let kept = if v.is_empty() {
         String::new()
     } else {
@@ -1663,6 +1669,14 @@ async fn read_once(
     r.unwrap_or_else(Some)
 }
 
+/// The reads of one phase (or transition between two): how many, and the
+/// wrong ones by kind and protocol (count, first example).
+#[derive(Default)]
+struct PhaseReads {
+    reads: usize,
+    wrong: BTreeMap<String, (usize, String)>,
+}
+
 struct Read {
     kind: Kind,
     simple: bool,
@@ -1778,7 +1792,7 @@ async fn keyless_reads_see_each_row_once_in_every_phase_of_a_move() {
         );
         let node = i % 3;
         let kind = KINDS[(i / 2) % KINDS.len()];
-        let simple = i % 2 == 0;
+        let simple = i.is_multiple_of(2);
         i += 1;
         let before = phase_of(&job(&c, node, &id).await);
         let bad = read_once(kind, simple, &dbs[node], &dsns[node], &truth).await;
@@ -1801,20 +1815,21 @@ async fn keyless_reads_see_each_row_once_in_every_phase_of_a_move() {
     assert_eq!(j["phase"], "done", "{j}");
 
     // Per phase: reads, wrong ones by kind and protocol (first example).
-    let mut phases: BTreeMap<String, (usize, BTreeMap<String, (usize, String)>)> = BTreeMap::new();
+    let mut phases: BTreeMap<String, PhaseReads> = BTreeMap::new();
     let order = ["planned", "copy", "catch_up", "cut_over", "flipped", "done"];
     for r in &reads {
         let e = phases.entry(r.phase()).or_default();
-        e.0 += 1;
+        e.reads += 1;
         if let Some(b) = &r.bad {
             let key = format!(
                 "{:?} ({})",
                 r.kind,
                 if r.simple { "simple" } else { "extended" }
             );
-            let x =
-                e.1.entry(key)
-                    .or_insert_with(|| (0, format!("node {}: {b}", r.node + 1)));
+            let x = e
+                .wrong
+                .entry(key)
+                .or_insert_with(|| (0, format!("node {}: {b}", r.node + 1)));
             x.0 += 1;
         }
     }
@@ -1829,7 +1844,10 @@ async fn keyless_reads_see_each_row_once_in_every_phase_of_a_move() {
     let mut report = Vec::new();
     let mut wrong = 0;
     for p in keys {
-        let (n, bad) = &phases[p];
+        let PhaseReads {
+            reads: n,
+            wrong: bad,
+        } = &phases[p];
         let nbad: usize = bad.values().map(|x| x.0).sum();
         wrong += nbad;
         report.push(format!("phase {p}: {n} reads, {nbad} wrong"));
@@ -1848,7 +1866,7 @@ async fn keyless_reads_see_each_row_once_in_every_phase_of_a_move() {
     // Coverage: the reads were spread over every phase.
     let mut missing = Vec::new();
     for p in ["copy", "catch_up", "cut_over", "flipped", "done"] {
-        let n = phases.get(p).map_or(0, |x| x.0);
+        let n = phases.get(p).map_or(0, |x| x.reads);
         if n < 6 {
             missing.push(format!("{p} ({n} reads)"));
         }
