@@ -249,6 +249,19 @@ async fn prepared(shards: &[(String, String)]) -> Vec<(String, Vec<String>)> {
     all
 }
 
+/// An error as a DBA reads it: SQLSTATE, message, detail.
+fn db_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!(
+            "{} {}{}",
+            d.code().code(),
+            d.message(),
+            d.detail().map_or(String::new(), |x| format!(" ({x})"))
+        ),
+        None => e.to_string(),
+    }
+}
+
 /// The first value of the first row of a simple-protocol answer.
 fn first_value(msgs: &[SimpleQueryMessage], col: usize) -> Option<String> {
     msgs.iter().find_map(|m| match m {
@@ -442,10 +455,7 @@ impl StmtErr {
     fn text(&self) -> String {
         match self {
             StmtErr::Timeout => format!("no answer within {STMT_TIMEOUT:?}"),
-            StmtErr::Db(e) => match e.as_db_error() {
-                Some(d) => format!("{}: {}", d.code().code(), d.message()),
-                None => e.to_string(),
-            },
+            StmtErr::Db(e) => db_error(e),
         }
     }
 }
@@ -1176,7 +1186,7 @@ async fn bank_transfers_stay_exact_through_reshards_and_kills() {
     // (b) the resolver finishes every in-doubt transaction.
     let start = Instant::now();
     let mut left = prepared(&shards).await;
-    while left.iter().any(|(_, g)| !g.is_empty()) && start.elapsed() < Duration::from_secs(45) {
+    while left.iter().any(|(_, g)| !g.is_empty()) && start.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(200)).await;
         left = prepared(&shards).await;
     }
@@ -1228,7 +1238,11 @@ async fn bank_transfers_stay_exact_through_reshards_and_kills() {
                     ));
                 }
             }
-            Err(e) => v.push(format!("(a) sum through node {}: {e}", i + 1)),
+            Err(e) => v.push(format!(
+                "(a) SELECT count(*), sum(balance) FROM accounts through node {} failed: {}",
+                i + 1,
+                db_error(&e)
+            )),
         }
     }
     if direct_total != ACCOUNTS * INITIAL {
@@ -1237,13 +1251,21 @@ async fn bank_transfers_stay_exact_through_reshards_and_kills() {
             ACCOUNTS * INITIAL
         ));
     }
-    let via_node = connect(&c.nodes[0].dsn())
+    let via_node = match connect(&c.nodes[0].dsn())
         .await
         .unwrap()
         .simple_query("SELECT id, balance FROM accounts")
         .await
-        .map(|m| text_rows(&m))
-        .unwrap_or_default();
+    {
+        Ok(m) => text_rows(&m),
+        Err(e) => {
+            v.push(format!(
+                "(a) SELECT id, balance FROM accounts through node 1 failed: {}",
+                db_error(&e)
+            ));
+            Vec::new()
+        }
+    };
     let mut seen = BTreeMap::new();
     for r in &via_node {
         let (id, bal): (i64, i64) = (r[0].parse().unwrap(), r[1].parse().unwrap());
@@ -1554,10 +1576,7 @@ async fn read_once(
     truth: &Truth,
 ) -> Option<String> {
     let r: Result<Option<String>, String> = async {
-        let e = |e: tokio_postgres::Error| match e.as_db_error() {
-            Some(d) => format!("error {}: {}", d.code().code(), d.message()),
-            None => format!("error: {e}"),
-        };
+        let e = |e: tokio_postgres::Error| format!("error {}", db_error(&e));
         match (kind, simple) {
             (Kind::Copy, true) => {
                 // psql: COPY in the simple protocol.
