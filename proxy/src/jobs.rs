@@ -447,6 +447,27 @@ async fn while_running<T>(
     }
 }
 
+/// Test-only knob: `HOTREPART_TEST_JOB_STEP_DELAY_MS=<ms>` makes the
+/// runner of a reshard job wait that long before each step (read once per
+/// process), so that every phase lasts long enough for a test to act in it
+/// (`tests/tests/it/consistency.rs` reads through the nodes in every phase). Never
+/// set in production: it only slows jobs down (a wait between idempotent
+/// steps, as a slow step would), it changes no step.
+fn test_step_delay() -> Option<Duration> {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        let ms: u64 = std::env::var("HOTREPART_TEST_JOB_STEP_DELAY_MS")
+            .ok()?
+            .parse()
+            .ok()?;
+        tracing::warn!(
+            delay_ms = ms,
+            "HOTREPART_TEST_JOB_STEP_DELAY_MS (test only): reshard job steps are delayed"
+        );
+        Some(Duration::from_millis(ms))
+    })
+}
+
 /// Runs job `id` from its recorded phase until it ends or this node stops
 /// leading.
 ///
@@ -461,6 +482,9 @@ async fn while_running<T>(
 pub async fn run(node: &Arc<Node>, id: &str) -> Result<(), JobError> {
     let mut failures = 0u32;
     loop {
+        if let Some(d) = test_step_delay() {
+            tokio::time::sleep(d).await;
+        }
         ensure_runs(node)?;
         let rec = record(node, id)?;
         if rec.phase.is_final() {

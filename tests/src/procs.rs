@@ -69,6 +69,9 @@ pub struct ProcNode {
     pub admin_port: u16,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// Environment of every run of the process (e.g. the test-only
+    /// `HOTREPART_TEST_JOB_STEP_DELAY_MS`), restarts included.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -84,6 +87,7 @@ impl ProcNode {
             admin_port,
             config,
             log,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -99,8 +103,9 @@ impl ProcNode {
     }
 
     /// Like [`ProcNode::start`], with extra environment variables for this
-    /// run of the process only (e.g. `HOTREPART_FAILPOINT`). The test's own
-    /// `HOTREPART_FAILPOINT` is never inherited.
+    /// run of the process only (e.g. `HOTREPART_FAILPOINT`), after the
+    /// node's own [`ProcNode::env`]. The test's own `HOTREPART_FAILPOINT`
+    /// is never inherited.
     pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "node {} already running", self.id);
         let log = std::fs::OpenOptions::new()
@@ -114,6 +119,7 @@ impl ProcNode {
             .arg(&self.config)
             .env("HOTREPART_LOG", "info,hotrepart_routing_paxos=debug")
             .env_remove("HOTREPART_FAILPOINT")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -213,6 +219,19 @@ impl ProcCluster {
         tail: &str,
         cluster_extra: &str,
     ) -> ProcCluster {
+        ProcCluster::start_with_env(nodes, shards, head, tail, cluster_extra, &[]).await
+    }
+
+    /// As [`ProcCluster::start_with`], with `env` set for every node
+    /// process, at every (re)start ([`ProcNode::env`]).
+    pub async fn start_with_env(
+        nodes: usize,
+        shards: usize,
+        head: &str,
+        tail: &str,
+        cluster_extra: &str,
+        env: &[(&str, &str)],
+    ) -> ProcCluster {
         let dir = TestDir::new("procs");
         let d = dir.0.clone();
         let pgs = tokio::task::spawn_blocking(move || {
@@ -270,6 +289,10 @@ impl ProcCluster {
                 admin_port,
                 config,
                 log: dir.0.join(format!("node{id}.log")),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 child: None,
             });
         }
@@ -337,6 +360,7 @@ impl ProcCluster {
             admin_port,
             config,
             log: self.dir.0.join(format!("node{id}.log")),
+            env: first.env.clone(),
             child: None,
         };
         tokio::task::block_in_place(|| node.start());
@@ -377,6 +401,35 @@ impl ProcCluster {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn proxyctl")
+    }
+
+    /// `GET <admin API of node i><path>` (e.g. `/v1/jobs/<id>`) straight
+    /// over HTTP (no proxyctl process: cheap enough to poll between
+    /// statements); None when the node does not answer or answers an
+    /// error.
+    pub async fn admin_get(&self, i: usize, path: &str) -> Option<serde_json::Value> {
+        let url = format!("{}{path}", self.nodes[i].admin_url());
+        tokio::task::spawn_blocking(move || {
+            let agent = ureq::Agent::new_with_config(
+                ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(5)))
+                    .build(),
+            );
+            let mut res = agent
+                .get(&url)
+                .header("Authorization", &format!("Bearer {TOKEN}"))
+                .call()
+                .ok()?;
+            if !res.status().is_success() {
+                return None;
+            }
+            let text = res.body_mut().read_to_string().ok()?;
+            serde_json::from_str(&text).ok()
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// `proxyctl --json status` of node `i`, or None if it does not answer.

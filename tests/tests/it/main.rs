@@ -8,6 +8,7 @@ mod cluster;
 mod cluster_bench;
 mod cluster_twopc;
 mod cluster_wasm;
+mod consistency;
 mod copy;
 mod copy_freeze;
 mod data_dir;
