@@ -367,11 +367,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.ns_under = Some(under);
             return Ok(());
         }
-        if self
-            .slots
-            .iter()
-            .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced))
-        {
+        if self.mid_pipeline() {
             return Ok(());
         }
         if !self.owed.is_empty() {
@@ -414,12 +410,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// transaction) the state stays stale and routing treats what depends
     /// on it as unknown.
     async fn settle_state(&mut self) -> Result<(), SessionError> {
-        if !self.state_stale
-            || self
-                .slots
-                .iter()
-                .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced))
-        {
+        if !self.state_stale || self.mid_pipeline() {
             return Ok(());
         }
         if !self.owed.is_empty() {
@@ -451,6 +442,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     fn attached(&self) -> bool {
         self.slots.iter().any(|s| s.conn.is_some())
+    }
+
+    /// Some backend has messages up to a Flush but no Sync yet: no hidden
+    /// query can run on the session's backends now.
+    fn mid_pipeline(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced))
     }
 
     async fn run_inner(&mut self) -> End {
@@ -761,10 +760,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let (unknown, mut known) = self.node.known_functions(&self.database, &d.calls);
         if !unknown.is_empty() {
-            let unsynced = self
-                .slots
-                .iter()
-                .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced));
+            let unsynced = self.mid_pipeline();
             if unsynced {
                 // Mid-pipeline: no hidden query can run now.
                 d.write = true;
