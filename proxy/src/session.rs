@@ -152,7 +152,7 @@ pub struct Session<S> {
     /// The server's `standard_conforming_strings` at login.
     server_scs: bool,
     /// Where unqualified names resolve, and what it was read under
-    /// (search_path setting, declared-tables fingerprint, the node's
+    /// (search_path setting, routing table epoch, the node's
     /// catalog generation).
     ns: Arc<hotrepart_router::route::Namespace>,
     ns_under: Option<(Option<String>, u64, u64)>,
@@ -345,17 +345,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.node.single_shard() {
             return Ok(());
         }
+        // Per statement only this: the routing table's epoch, the catalog
+        // generation and the setting, compared without allocating.
         let snap = self.node.catalog.load_full();
-        let fp = crate::names::declared_fingerprint(&snap);
-        let path = self.state.get("search_path").map(str::to_string);
         let generation = self
             .node
             .catalog_generation
             .load(std::sync::atomic::Ordering::SeqCst);
-        let under = (path.clone(), fp, generation);
-        if self.ns_under.as_ref() == Some(&under) {
-            return Ok(());
+        if let Some((p, e, g)) = &self.ns_under {
+            if *e == snap.epoch()
+                && *g == generation
+                && p.as_deref() == self.state.get("search_path")
+            {
+                return Ok(());
+            }
         }
+        let fp = crate::names::declared_fingerprint(&snap);
+        let path = self.state.get("search_path").map(str::to_string);
+        let under = (path.clone(), snap.epoch(), generation);
         if fp == 0 {
             self.ns = Arc::default();
             self.ns_under = Some(under);
