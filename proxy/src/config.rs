@@ -413,7 +413,7 @@ impl Config {
                     f.name
                 )));
             }
-            let wasm = crate::functions::load_module(&f.name, &f.path)
+            let wasm = crate::routing::functions::load_module(&f.name, &f.path)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
             out.push((f.name.clone(), wasm));
         }
@@ -456,7 +456,7 @@ impl Config {
             match (u.auth, &u.password_hash) {
                 (AuthMethod::Trust, _) => {}
                 (AuthMethod::ScramSha256, Some(h)) => {
-                    crate::auth::ScramVerifier::parse(h)
+                    crate::frontend::auth::ScramVerifier::parse(h)
                         .map_err(|e| ConfigError::Invalid(format!("user {:?}: {e}", u.name)))?;
                 }
                 (AuthMethod::Md5, Some(h)) if h.len() == 35 && h.starts_with("md5") => {}
@@ -563,7 +563,7 @@ impl Config {
                 None => RoutingFunction::PgHash { seed: t.seed },
                 Some(name) => match modules.iter().find(|(n, _)| n == name) {
                     Some((_, wasm)) => RoutingFunction::Wasm {
-                        id: crate::functions::module_id(wasm),
+                        id: crate::routing::functions::module_id(wasm),
                     },
                     None => {
                         return Err(ConfigError::Invalid(format!(
@@ -702,7 +702,7 @@ mod function_tests {
         let cfg = loaded.expect("valid");
         let snap = cfg.snapshot().expect("snapshot");
         let modules = cfg.function_modules().expect("modules");
-        let id = crate::functions::module_id(&modules[0].1);
+        let id = crate::routing::functions::module_id(&modules[0].1);
         assert_eq!(
             snap.sharded_table("docs").map(|t| t.function),
             Some(RoutingFunction::Wasm { id })

@@ -1,48 +1,36 @@
 //! hotrepart-proxy: the hotrepart node as a library. The binaries in
-//! `main.rs` only parse arguments and call into it.
+//! `main.rs` (`hotrepart`) and `bin/proxyctl.rs` only parse arguments and
+//! call into it.
 //!
-//! Code map: [`wire`] (frames), [`auth`] (client authentication),
-//! [`backend`] (the node's logins to shards), [`pool`] (M:N pools),
-//! [`state`] (session state that follows a client across backends),
-//! [`routing`] (router decisions in node shard indexes), [`scatter`] (RUN ON
-//! ALL in the simple protocol), [`copy`] (COPY split over the shards),
-//! [`functions`] (WebAssembly routing functions compiled and attached to
-//! snapshots), [`session`] (the per-client forwarding state machine),
-//! [`twopc`] (two-phase commit and its resolver), [`node`] (listener and
-//! handshake), [`supervisor`] (the node's background tasks, restarted when
-//! they fail), [`cluster`] (the replicated catalog the node follows),
-//! [`admin`] (the HTTP admin API `proxyctl` talks to), [`localpg`] and
-//! [`demo`] (local PostgreSQL servers), [`reshard`] (the data-movement
-//! engine of `proxyctl reshard`), [`jobs`] (reshard jobs run by the leader),
-//! [`loadtest`] (the verifying load
-//! generator of `proxyctl loadtest`).
+//! The folders follow the way a statement travels, with the control plane
+//! beside it (imports point down this list, never up):
+//! - [`frontend`]: listener, TLS, startup handshake, authentication;
+//! - [`session`]: the client protocol state machine after login;
+//! - [`exec`]: multi-shard executors (scatter, merge, COPY, EXPLAIN, 2PC);
+//! - [`routing`]: router decisions in node shard indexes, name resolution,
+//!   WebAssembly routing functions;
+//! - [`backend`]: the node's connections and pools, session state replay;
+//! - [`node`]: what all sessions of a node share (routing table, pools,
+//!   caches, pins);
+//! - [`control`]: replicated catalog, admin API, reshard jobs and engine,
+//!   background task supervisor;
+//! - [`tools`]: local PostgreSQL servers, `hotrepart demo`, the load
+//!   generator of `proxyctl loadtest`;
+//! - [`config`], [`error`] (refusals, SQLSTATEs), [`wire`] (frames),
+//!   [`failpoint`] (test crash points).
 #![deny(clippy::print_stdout)]
 
-pub mod admin;
-pub mod auth;
 pub mod backend;
-pub mod cluster;
 pub mod config;
-pub mod copy;
-pub mod demo;
-pub mod explain;
+pub mod control;
+pub mod error;
+pub mod exec;
 pub mod failpoint;
-pub mod functions;
-pub mod jobs;
-pub mod loadtest;
-pub mod localpg;
-pub mod merge;
-pub mod multi;
-pub mod names;
+pub mod frontend;
 pub mod node;
-pub mod pool;
-pub mod reshard;
 pub mod routing;
-pub mod scatter;
 pub mod session;
-pub mod state;
-pub mod supervisor;
-pub mod twopc;
+pub mod tools;
 pub mod wire;
 
 pub use config::Config;

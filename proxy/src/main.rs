@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve { config } => rt.block_on(async {
             let cfg = hotrepart_proxy::Config::load(&config)?;
-            let catalog = hotrepart_proxy::cluster::start_catalog(&cfg)
+            let catalog = hotrepart_proxy::control::cluster::start_catalog(&cfg)
                 .await
                 .context("cannot start the routing catalog")?;
             let node = hotrepart_proxy::Node::with_catalog(cfg.clone(), catalog.clone())?;
@@ -69,7 +69,7 @@ fn main() -> anyhow::Result<()> {
                         .cluster
                         .as_ref()
                         .is_some_and(|c| c.allow_fault_injection);
-                    let (addr, task) = hotrepart_proxy::admin::serve(
+                    let (addr, task) = hotrepart_proxy::control::admin::serve(
                         node.clone(),
                         &a.listen,
                         a.token()?,
@@ -103,7 +103,7 @@ fn main() -> anyhow::Result<()> {
             port,
             data_dir,
         } => rt.block_on(async {
-            hotrepart_proxy::demo::run(shards, port, data_dir, |line| {
+            hotrepart_proxy::tools::demo::run(shards, port, data_dir, |line| {
                 let mut out = std::io::stdout();
                 let _ = writeln!(out, "{line}");
                 let _ = out.flush();
@@ -117,8 +117,8 @@ fn main() -> anyhow::Result<()> {
             let pw = pw.trim_end_matches(['\n', '\r']);
             anyhow::ensure!(!pw.is_empty(), "empty password on standard input");
             let v = match md5_user {
-                Some(u) => hotrepart_proxy::auth::md5_verifier(&u, pw),
-                None => hotrepart_proxy::auth::scram_verifier(pw),
+                Some(u) => hotrepart_proxy::frontend::auth::md5_verifier(&u, pw),
+                None => hotrepart_proxy::frontend::auth::scram_verifier(pw),
             };
             writeln!(std::io::stdout(), "{v}")?;
             Ok(())

@@ -1,25 +1,16 @@
-//! A hotrepart node: the client listener, the startup handshake (SSL/GSS
-//! negotiation, CancelRequest, startup parameters, authentication), and the
-//! shared state every session uses (pools, cancel keys, limits).
-//!
-//! Guarantees:
-//! - one task per client connection; a failing or malicious client ends
-//!   only its own task (malformed input gets an ErrorResponse and a close);
-//! - at most `max_client_connections` sessions exist; the next one gets
-//!   SQLSTATE 53300 and is closed;
-//! - a CancelRequest carrying a session's key cancels the query that session
-//!   is running on its current backend, whichever pooled backend that is.
+//! What every session and task of a node shares: the routing table (and
+//! the shard indexes, pins and fences that go with it), the pools, the
+//! caches of what the shards' catalogs say (collations, aggregates,
+//! functions, namespaces), cancel keys, the replicated catalog's handle.
+//! The listener and handshake are in [`crate::frontend`].
 
-use crate::auth::{self, ScramServer, ScramVerifier};
-use crate::backend::{self, BackendTarget};
-use crate::config::{AuthMethod, Config, PoolMode};
-use crate::pool::{Pool, Pools};
+use crate::backend::conn::BackendTarget;
+use crate::backend::pool::{Pool, Pools};
+use crate::config::Config;
+use crate::error::sqlstate;
+use crate::error::Refusal;
 use crate::routing::{self, BindParams, Decision};
-use crate::session::{Refusal, Session};
-use crate::state::SessionState;
-use crate::wire::{self, FrameReader, Severity, WireError};
 use arc_swap::ArcSwap;
-use bytes::{BufMut, BytesMut};
 use hotrepart_router::catalog::RoutingSnapshot;
 use hotrepart_router::route::PlanCache;
 use hotrepart_routing_paxos::CatalogHandle;
@@ -27,16 +18,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-
-const SSL_REQUEST: i32 = 80877103;
-const GSSENC_REQUEST: i32 = 80877104;
-const CANCEL_REQUEST: i32 = 80877102;
-const PROTOCOL_3_0: i32 = 196608;
-/// Largest message accepted before login (PostgreSQL: PG_MAX_AUTH_TOKEN_LENGTH).
-const AUTH_MAX_MESSAGE: usize = 65_535;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -62,7 +44,7 @@ impl CancelSlot {
     pub fn set(&self, v: Vec<(SocketAddr, i32, i32)>) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = v;
     }
-    fn get(&self) -> Vec<(SocketAddr, i32, i32)> {
+    pub(crate) fn get(&self) -> Vec<(SocketAddr, i32, i32)> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -95,15 +77,15 @@ pub struct Node {
     /// The replicated catalog this node follows (`cluster::follow`).
     pub catalog_handle: CatalogHandle,
     /// Compiled routing functions, by id.
-    functions: crate::functions::FunctionCache,
+    functions: crate::routing::functions::FunctionCache,
     /// The epoch of the published routing table, for sessions waiting for
     /// the next one (a write to a frozen range).
     epoch_tx: watch::Sender<u64>,
     /// Reshard jobs this node is running.
-    pub jobs: crate::jobs::Running,
+    pub jobs: crate::control::jobs::Running,
     /// Tests only: when set, a reshard job stops before each phase's step
-    /// until the test lets it go ([`crate::jobs::JobGate`]).
-    pub job_gate: Option<Arc<crate::jobs::JobGate>>,
+    /// until the test lets it go ([`crate::control::jobs::JobGate`]).
+    pub job_gate: Option<Arc<crate::control::jobs::JobGate>>,
     /// Set once `catalog` holds a snapshot of the replicated catalog (until
     /// then it holds the configuration's, used only to log clients in).
     ready: AtomicBool,
@@ -122,24 +104,24 @@ pub struct Node {
     volatile: Mutex<HashMap<String, HashMap<String, FunctionInfo>>>,
     /// Per (database, user, search_path setting): the namespace routing
     /// resolves names in, with the declared-tables fingerprint it was
-    /// read under ([`crate::names`]).
+    /// read under ([`crate::routing::names`]).
     namespaces: Mutex<HashMap<NsKey, (u64, Arc<hotrepart_router::route::Namespace>)>>,
     /// Bumped by [`Node::forget_catalog`]: sessions read their namespace
     /// again.
     pub(crate) catalog_generation: std::sync::atomic::AtomicU64,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    clients: AtomicUsize,
-    cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) clients: AtomicUsize,
+    pub(crate) cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
     /// Commit decisions of two-phase commits (the replicated catalog's
     /// `TxDecision` entries; see `cluster::CatalogDecisions`).
-    pub decisions: Arc<dyn crate::twopc::DecisionLog>,
+    pub decisions: Arc<dyn crate::exec::twopc::DecisionLog>,
     /// Statements in flight, by the epoch of the routing table they were
     /// routed by ([`Node::pin`], [`Node::fence`]).
     pins: Mutex<std::collections::BTreeMap<u64, usize>>,
     unpinned: tokio::sync::Notify,
     /// The node's background tasks (resolver, job supervisor, catalog
     /// follower), restarted when they fail; their state is in `/v1/status`.
-    pub tasks: Arc<crate::supervisor::Supervisor>,
+    pub tasks: Arc<crate::control::supervisor::Supervisor>,
 }
 
 /// A statement (or a batch of them) routed by the routing table of
@@ -194,7 +176,7 @@ impl FreezeWait {
     /// and before the deadline, after the next routing table (or the
     /// deadline).
     pub async fn retry(&mut self, r: &Refusal) -> bool {
-        r.frozen && self.next_table().await
+        r.frozen() && self.next_table().await
     }
 
     /// Waits for the next routing table (or the deadline); false, at once,
@@ -211,7 +193,7 @@ impl FreezeWait {
 
 /// `snapshot` (of `catalog`) with the routing functions its tables use.
 fn resolve_functions(
-    cache: &crate::functions::FunctionCache,
+    cache: &crate::routing::functions::FunctionCache,
     snapshot: &RoutingSnapshot,
     catalog: &hotrepart_routing_paxos::Catalog,
 ) -> RoutingSnapshot {
@@ -317,7 +299,8 @@ impl Node {
     /// A node alone, its catalog seeded from `cfg` (in memory, or in
     /// `cfg.data_dir`). Must run inside a tokio runtime.
     pub fn new(cfg: Config) -> Result<Arc<Node>, NodeError> {
-        let seed = crate::cluster::seed(&cfg).map_err(|e| NodeError::Catalog(e.to_string()))?;
+        let seed =
+            crate::control::cluster::seed(&cfg).map_err(|e| NodeError::Catalog(e.to_string()))?;
         let handle = CatalogHandle::local(Some(seed), cfg.data_dir.as_deref())
             .map_err(|e| NodeError::Catalog(e.to_string()))?;
         Node::with_catalog(cfg, handle)
@@ -332,20 +315,21 @@ impl Node {
         };
         // Until the catalog has a routing table (a new cluster electing its
         // first leader), the configuration's serves to log clients in.
-        let functions = crate::functions::FunctionCache::new(Default::default());
+        let functions = crate::routing::functions::FunctionCache::new(Default::default());
         let current = catalog.catalog();
         let ready = current.snapshot().is_some();
         let snapshot = match current.snapshot() {
             Some(s) => Arc::new(resolve_functions(&functions, s, &current)),
             None => Arc::new(
-                crate::functions::config_snapshot(&cfg, &functions)
+                crate::routing::functions::config_snapshot(&cfg, &functions)
                     .map_err(|e| NodeError::Config(e.to_string()))?,
             ),
         };
         let shards = ShardTable::next(&ShardTable::default(), &snapshot);
         let plans = Mutex::new(PlanCache::new(cfg.plan_cache_size));
-        let decisions: Arc<dyn crate::twopc::DecisionLog> =
-            Arc::new(crate::cluster::CatalogDecisions::new(&cfg, catalog.clone()));
+        let decisions: Arc<dyn crate::exec::twopc::DecisionLog> = Arc::new(
+            crate::control::cluster::CatalogDecisions::new(&cfg, catalog.clone()),
+        );
         Ok(Arc::new(Node {
             catalog: ArcSwap::new(snapshot),
             catalog_handle: catalog,
@@ -526,13 +510,13 @@ impl Node {
     ) -> Result<Decision, Refusal> {
         if !self.catalog_ready() {
             return Err(Refusal::new(
-                "57P03",
+                sqlstate::CANNOT_CONNECT_NOW,
                 "this hotrepart node has not received the routing catalog yet (the cluster may still be electing a leader); retry shortly".into(),
             ));
         }
         if !self.catalog_handle.lease_valid() {
             return Err(Refusal::new(
-                "57P03",
+                sqlstate::CANNOT_CONNECT_NOW,
                 "this hotrepart node is cut off from the catalog quorum (its routing lease expired), so it cannot be sure its routing table is current; retry, or connect to another node".into(),
             ));
         }
@@ -722,421 +706,9 @@ impl Node {
             )
         })
     }
-
-    /// Binds the listener; returns it so callers learn the port before
-    /// serving (port 0 picks a free one).
-    pub async fn bind(&self) -> Result<TcpListener, NodeError> {
-        TcpListener::bind(&self.cfg.listen)
-            .await
-            .map_err(|source| NodeError::Bind {
-                addr: self.cfg.listen.clone(),
-                source,
-            })
-    }
-
-    /// Starts the node's long-running background tasks through its
-    /// supervisor: the catalog follower (after publishing the current
-    /// routing table), the 2PC resolver and the reshard job supervisor.
-    pub fn start_background(self: &Arc<Self>, shutdown: &watch::Receiver<bool>) {
-        crate::cluster::publish_now(self, &self.catalog_handle);
-        let node = self.clone();
-        let stop = shutdown.clone();
-        self.tasks
-            .spawn("catalog_follower", shutdown.clone(), move || {
-                crate::cluster::follow(node.clone(), node.catalog_handle.clone(), stop.clone())
-            });
-        let node = self.clone();
-        let stop = shutdown.clone();
-        self.tasks
-            .spawn("twopc_resolver", shutdown.clone(), move || {
-                let (node, stop) = (node.clone(), stop.clone());
-                async move {
-                    crate::twopc::run_resolver(node, stop).await;
-                    Ok(())
-                }
-            });
-        let node = self.clone();
-        let stop = shutdown.clone();
-        self.tasks
-            .spawn("job_supervisor", shutdown.clone(), move || {
-                crate::jobs::supervise(node.clone(), stop.clone())
-            });
-    }
-
-    /// Accepts clients until `shutdown` turns true. Starts the node's
-    /// background tasks first, each supervised (restarted when it fails:
-    /// [`crate::supervisor`]).
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        self.start_background(&shutdown);
-        loop {
-            tokio::select! {
-                r = listener.accept() => match r {
-                    Ok((sock, peer)) => {
-                        let node = self.clone();
-                        let span = tracing::info_span!("client", %peer);
-                        tokio::spawn(tracing::Instrument::instrument(node.handle(sock), span));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    }
-                },
-                _ = shutdown.changed() => break,
-            }
-        }
-    }
-
-    async fn handle(self: Arc<Self>, sock: TcpStream) {
-        let _ = sock.set_nodelay(true);
-        let n = self.clients.fetch_add(1, Ordering::Relaxed) + 1;
-        let _guard = CountGuard(self.clone());
-        // Before login a client gets no more than PostgreSQL allows for
-        // authentication messages.
-        let mut r = FrameReader::new(sock, AUTH_MAX_MESSAGE);
-        // Startup: SSLRequest / GSSENCRequest / CancelRequest come first.
-        let mut tls_done = false;
-        let params = loop {
-            let pkt = match r.next_startup().await {
-                Ok(p) => p,
-                Err(WireError::Protocol(m)) => {
-                    return refuse(
-                        r.get_mut(),
-                        "08P01",
-                        &format!("invalid startup packet: {m}"),
-                    )
-                    .await
-                }
-                Err(_) => return,
-            };
-            let code = i32::from_be_bytes([pkt[4], pkt[5], pkt[6], pkt[7]]);
-            match code {
-                SSL_REQUEST if !tls_done => {
-                    if let Some(acc) = self.tls.clone() {
-                        if r.buffered() > 0 {
-                            return refuse(r.get_mut(), "08P01", "data after SSLRequest").await;
-                        }
-                        if r.get_mut().write_all(b"S").await.is_err() {
-                            return;
-                        }
-                        let (sock, _) = r.into_parts();
-                        let tls = match acc.accept(sock).await {
-                            Ok(t) => t,
-                            Err(e) => {
-                                tracing::info!(error = %e, "TLS handshake failed");
-                                return;
-                            }
-                        };
-                        let max = self.cfg.max_message_size;
-                        return self
-                            .after_tls(FrameReader::new(tls, AUTH_MAX_MESSAGE.min(max)), n)
-                            .await;
-                    }
-                    if r.get_mut().write_all(b"N").await.is_err() {
-                        return;
-                    }
-                    tls_done = true;
-                }
-                GSSENC_REQUEST => {
-                    if r.get_mut().write_all(b"N").await.is_err() {
-                        return;
-                    }
-                }
-                CANCEL_REQUEST if pkt.len() == 16 => {
-                    let pid = i32::from_be_bytes([pkt[8], pkt[9], pkt[10], pkt[11]]);
-                    let secret = i32::from_be_bytes([pkt[12], pkt[13], pkt[14], pkt[15]]);
-                    self.cancel(pid, secret).await;
-                    return;
-                }
-                PROTOCOL_3_0 => match parse_startup(&pkt[8..]) {
-                    Ok(p) => break p,
-                    Err(m) => return refuse(r.get_mut(), "08P01", &m).await,
-                },
-                other => {
-                    let m = format!(
-                        "unsupported frontend protocol {}.{}: server supports 3.0",
-                        other >> 16,
-                        other & 0xffff
-                    );
-                    return refuse(r.get_mut(), "0A000", &m).await;
-                }
-            }
-        };
-        self.login(r, params, n).await
-    }
-
-    async fn after_tls<S: AsyncRead + AsyncWrite + Unpin + Send>(
-        self: Arc<Self>,
-        mut r: FrameReader<S>,
-        n: usize,
-    ) {
-        let pkt = match r.next_startup().await {
-            Ok(p) => p,
-            Err(_) => return,
-        };
-        let code = i32::from_be_bytes([pkt[4], pkt[5], pkt[6], pkt[7]]);
-        if code != PROTOCOL_3_0 {
-            return refuse(r.get_mut(), "08P01", "expected a startup message after TLS").await;
-        }
-        match parse_startup(&pkt[8..]) {
-            Ok(p) => self.login(r, p, n).await,
-            Err(m) => refuse(r.get_mut(), "08P01", &m).await,
-        }
-    }
-
-    async fn cancel(&self, pid: i32, secret: i32) {
-        let slot = self
-            .cancels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&(pid, secret))
-            .cloned();
-        for (addr, bpid, bsecret) in slot.map(|s| s.get()).unwrap_or_default() {
-            if let Err(e) = backend::send_cancel(addr, bpid, bsecret).await {
-                tracing::warn!(error = %e, "cannot forward cancel request");
-            }
-        }
-    }
-
-    async fn login<S: AsyncRead + AsyncWrite + Unpin + Send>(
-        self: Arc<Self>,
-        mut r: FrameReader<S>,
-        params: Vec<(String, String)>,
-        n: usize,
-    ) {
-        let get = |k: &str| params.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
-        let Some(user) = get("user") else {
-            return refuse(
-                r.get_mut(),
-                "28000",
-                "no PostgreSQL user name specified in startup packet",
-            )
-            .await;
-        };
-        let database = get("database").unwrap_or_else(|| user.clone());
-        if get("replication").is_some_and(|v| v != "false" && v != "0" && v != "off") {
-            return refuse(
-                r.get_mut(),
-                "0A000",
-                "replication connections are not supported by hotrepart",
-            )
-            .await;
-        }
-        if n > self.cfg.max_client_connections {
-            return refuse(
-                r.get_mut(),
-                "53300",
-                &format!(
-                    "sorry, too many clients already (max_client_connections = {})",
-                    self.cfg.max_client_connections
-                ),
-            )
-            .await;
-        }
-        let Some(ucfg) = self.cfg.user(&user).cloned() else {
-            return refuse(
-                r.get_mut(),
-                "28000",
-                &format!("role \"{user}\" is not allowed to connect through hotrepart"),
-            )
-            .await;
-        };
-        if let Err(m) = authenticate(&mut r, &ucfg, &user).await {
-            return refuse(r.get_mut(), m.0, &m.1).await;
-        }
-        let state = match SessionState::from_startup(&params) {
-            Ok(s) => s,
-            Err(m) => return refuse(r.get_mut(), "0A000", &m).await,
-        };
-        let shard = self.home_index();
-        let pool = self.pool_for(shard, &database, &user);
-        let server_params = match pool.server_params(self.cfg.pool_timeout()).await {
-            Ok(p) => p,
-            Err(crate::pool::PoolError::Backend(crate::backend::BackendError::Refused {
-                code,
-                message,
-                ..
-            })) => {
-                let code: &'static str = match code.as_str() {
-                    "3D000" => "3D000",
-                    "28000" => "28000",
-                    "28P01" => "28P01",
-                    _ => "08006",
-                };
-                return refuse(r.get_mut(), code, &message).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot reach shard at login");
-                return refuse(r.get_mut(), "08006", "cannot connect to the shard").await;
-            }
-        };
-        let mut out = BytesMut::new();
-        wire::auth_request(&mut out, 0, &[]);
-        for (k, v) in &server_params {
-            let v = state.get(k).unwrap_or(v);
-            wire::parameter_status(&mut out, k, v);
-        }
-        if let Some(app) = state.get("application_name") {
-            if !server_params.iter().any(|(k, _)| k == "application_name") {
-                wire::parameter_status(&mut out, "application_name", app);
-            }
-        }
-        let (pid, secret, slot) = self.register_cancel();
-        wire::backend_key_data(&mut out, pid, secret);
-        wire::ready_for_query(&mut out, b'I');
-        if r.get_mut().write_all(&out).await.is_err() {
-            self.unregister_cancel(pid, secret);
-            return;
-        }
-        r.set_max_len(self.cfg.max_message_size);
-        let session_mode = ucfg.pool_mode.unwrap_or(self.cfg.pool_mode) == PoolMode::Session;
-        tracing::debug!(%user, %database, "session started");
-        // The session's span names it (the pid the client got in
-        // BackendKeyData): a panic caught in `Session::run` is logged in it.
-        let span = tracing::info_span!("session", id = pid, %user, %database);
-        let end = tracing::Instrument::instrument(
-            Session::new(self.clone(), r, database, session_mode, state, slot, user)
-                .with_server_params(&server_params)
-                .run(),
-            span,
-        )
-        .await;
-        tracing::debug!(?end, "session ended");
-        self.unregister_cancel(pid, secret);
-    }
-
-    fn register_cancel(&self) -> (i32, i32, Arc<CancelSlot>) {
-        let slot = Arc::new(CancelSlot::default());
-        let mut m = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            let pid: i32 = rand::random::<i32>() & 0x7fff_ffff;
-            let secret: i32 = rand::random();
-            if let std::collections::hash_map::Entry::Vacant(v) = m.entry((pid, secret)) {
-                v.insert(slot.clone());
-                return (pid, secret, slot);
-            }
-        }
-    }
-
-    fn unregister_cancel(&self, pid: i32, secret: i32) {
-        self.cancels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(pid, secret));
-    }
 }
 
-struct CountGuard(Arc<Node>);
-impl Drop for CountGuard {
-    fn drop(&mut self) {
-        self.0.clients.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, code: &str, msg: &str) {
-    let mut out = BytesMut::new();
-    wire::error_response(&mut out, Severity::Fatal, code, msg);
-    let _ = w.write_all(&out).await;
-    let _ = w.flush().await;
-}
-
-fn parse_startup(mut b: &[u8]) -> Result<Vec<(String, String)>, String> {
-    let mut v = Vec::new();
-    loop {
-        let k = wire::get_cstr(&mut b).map_err(|e| e.to_string())?;
-        if k.is_empty() {
-            return Ok(v);
-        }
-        let val = wire::get_cstr(&mut b).map_err(|e| e.to_string())?;
-        v.push((k.to_string(), val.to_string()));
-    }
-}
-
-/// Runs the configured authentication exchange. Err: (SQLSTATE, message).
-async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
-    r: &mut FrameReader<S>,
-    ucfg: &crate::config::UserConfig,
-    user: &str,
-) -> Result<(), (&'static str, String)> {
-    let failed = || {
-        (
-            "28P01",
-            format!("password authentication failed for user \"{user}\""),
-        )
-    };
-    let hash = ucfg.password_hash.clone().unwrap_or_default();
-    let mut out = BytesMut::new();
-    match ucfg.auth {
-        AuthMethod::Trust => Ok(()),
-        AuthMethod::Md5 => {
-            let salt: [u8; 4] = rand::random();
-            wire::auth_request(&mut out, 5, &salt);
-            send(r, &out).await?;
-            let f = read_password(r).await?;
-            let mut b = f.body();
-            let resp = wire::get_cstr(&mut b).map_err(|_| failed())?;
-            if auth::md5_check(&hash, salt, resp) {
-                Ok(())
-            } else {
-                Err(failed())
-            }
-        }
-        AuthMethod::ScramSha256 => {
-            let v = ScramVerifier::parse(&hash).map_err(|_| failed())?;
-            let mut mechs = BytesMut::new();
-            wire::put_cstr(&mut mechs, "SCRAM-SHA-256");
-            mechs.put_u8(0);
-            wire::auth_request(&mut out, 10, &mechs);
-            send(r, &out).await?;
-            let f = read_password(r).await?;
-            let mut b = f.body();
-            let mech = wire::get_cstr(&mut b).map_err(|_| failed())?;
-            if mech != "SCRAM-SHA-256" {
-                return Err(("28000", format!("unsupported SASL mechanism {mech:?}")));
-            }
-            let _len = wire::get_i32(&mut b).map_err(|_| failed())?;
-            let first = std::str::from_utf8(b).map_err(|_| failed())?;
-            let server = ScramServer::start(v, first).map_err(|e| ("08P01", e.to_string()))?;
-            out.clear();
-            wire::auth_request(&mut out, 11, server.server_first().as_bytes());
-            send(r, &out).await?;
-            let f = read_password(r).await?;
-            let fin = std::str::from_utf8(f.body()).map_err(|_| failed())?;
-            let sfinal = server.finish(fin).map_err(|_| failed())?;
-            out.clear();
-            wire::auth_request(&mut out, 12, sfinal.as_bytes());
-            send(r, &out).await
-        }
-    }
-}
-
-async fn send<S: AsyncWrite + Unpin + AsyncRead>(
-    r: &mut FrameReader<S>,
-    out: &[u8],
-) -> Result<(), (&'static str, String)> {
-    r.get_mut()
-        .write_all(out)
-        .await
-        .map_err(|_| ("08006", "client went away".to_string()))
-}
-
-async fn read_password<S: AsyncRead + AsyncWrite + Unpin>(
-    r: &mut FrameReader<S>,
-) -> Result<wire::Frame, (&'static str, String)> {
-    let f = r
-        .next()
-        .await
-        .map_err(|e| ("08P01", format!("during authentication: {e}")))?;
-    if f.tag() != b'p' {
-        return Err(("08P01", "expected a password response".into()));
-    }
-    Ok(f)
-}
-
-fn load_tls(
+pub(crate) fn load_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<tokio_rustls::TlsAcceptor, NodeError> {

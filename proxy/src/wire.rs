@@ -275,6 +275,20 @@ pub fn parse_error_fields(body: &[u8]) -> (String, String) {
     (code, msg)
 }
 
+/// ReadyForQuery with `status`, as bytes.
+pub fn rfq(status: u8) -> Bytes {
+    let mut b = BytesMut::with_capacity(6);
+    ready_for_query(&mut b, status);
+    b.freeze()
+}
+
+/// CommandComplete with `tag`, as bytes.
+pub fn command_complete(tag: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    frame(&mut b, b'C', |o| put_cstr(o, tag));
+    b.freeze()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

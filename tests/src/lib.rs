@@ -10,7 +10,7 @@
 pub mod merge_data;
 pub mod procs;
 
-use hotrepart_proxy::localpg::{free_port, LocalPg, PgInstall};
+use hotrepart_proxy::tools::localpg::{free_port, LocalPg, PgInstall};
 use hotrepart_proxy::{Config, Node};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -120,7 +120,7 @@ impl Cluster {
         }
         toml.push_str(&format!(
             "[[users]]\nname = \"{USER}\"\nauth = \"scram-sha-256\"\npassword_hash = \"{}\"\nserver_user = \"postgres\"\n{}\n",
-            hotrepart_proxy::auth::scram_verifier(PASSWORD),
+            hotrepart_proxy::frontend::auth::scram_verifier(PASSWORD),
             opts.users
         ));
         toml.push_str(&opts.tail);

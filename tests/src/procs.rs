@@ -3,7 +3,7 @@
 //! cargo once per test process, in the test's own target directory.
 
 use crate::{start_pg, TestDir, PASSWORD, USER};
-use hotrepart_proxy::localpg::{free_port, LocalPg};
+use hotrepart_proxy::tools::localpg::{free_port, LocalPg};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -262,7 +262,7 @@ impl ProcCluster {
             }
             toml.push_str(&format!(
                 "[[users]]\nname = \"{USER}\"\nauth = \"scram-sha-256\"\npassword_hash = \"{}\"\nserver_user = \"postgres\"\n",
-                hotrepart_proxy::auth::scram_verifier(PASSWORD)
+                hotrepart_proxy::frontend::auth::scram_verifier(PASSWORD)
             ));
             toml.push_str(&format!(
                 "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{TOKEN}\"\n"

@@ -65,7 +65,7 @@ enum Cmd {
     /// Verifying load generator: writes, updates and reads through the
     /// nodes, then checks every acknowledged write through the nodes and on
     /// every shard (exit status 2 when the check fails).
-    Loadtest(hotrepart_proxy::loadtest::Args),
+    Loadtest(hotrepart_proxy::tools::loadtest::Args),
     /// Fault injection for tests (the node must allow it).
     #[command(hide = true)]
     Debug {
@@ -484,9 +484,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Cmd::Loadtest(args) => {
             let mut out = std::io::stdout();
-            let ok =
-                hotrepart_proxy::loadtest::cli(args, &cli.admin, &cli.token, cli.json, &mut out)
-                    .map_err(|e| anyhow::anyhow!(e))?;
+            let ok = hotrepart_proxy::tools::loadtest::cli(
+                args, &cli.admin, &cli.token, cli.json, &mut out,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
             if !ok {
                 std::process::exit(2);
             }

@@ -7,7 +7,7 @@
 //! PostgreSQL: nodes do not connect to their shards at start.
 #![allow(clippy::unwrap_used)]
 
-use hotrepart_proxy::localpg::free_port;
+use hotrepart_proxy::tools::localpg::free_port;
 use hotrepart_tests::procs::{bin, ProcNode, SECRET, TOKEN};
 use hotrepart_tests::*;
 use std::path::Path;

@@ -396,7 +396,7 @@ async fn disconnect_mid_transaction_leaks_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_methods() {
-    let md5 = hotrepart_proxy::auth::md5_verifier("m", "mpw");
+    let md5 = hotrepart_proxy::frontend::auth::md5_verifier("m", "mpw");
     let c = Cluster::start(Opts {
         users: format!(
             "[[users]]\nname = \"m\"\nauth = \"md5\"\npassword_hash = \"{md5}\"\nserver_user = \"postgres\"\n\

@@ -1,10 +1,10 @@
-//! The verifying load generator (`hotrepart_proxy::loadtest`, `proxyctl
+//! The verifying load generator (`hotrepart_proxy::tools::loadtest`, `proxyctl
 //! loadtest`) against real PostgreSQL shards and a real node: a clean run
 //! passes with no client error, a tampered table fails the check with the
 //! right violations, and the CLI works end to end.
 #![allow(clippy::unwrap_used)]
 
-use hotrepart_proxy::loadtest::{self, Options, Violation};
+use hotrepart_proxy::tools::loadtest::{self, Options, Violation};
 use hotrepart_tests::procs::{ProcCluster, TOKEN};
 use hotrepart_tests::*;
 use std::time::Duration;
@@ -24,10 +24,15 @@ async fn setup() -> Setup {
     })
     .await;
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let (addr, _task) =
-        hotrepart_proxy::admin::serve(c.node.clone(), "127.0.0.1:0", TOKEN.into(), false, rx)
-            .await
-            .unwrap();
+    let (addr, _task) = hotrepart_proxy::control::admin::serve(
+        c.node.clone(),
+        "127.0.0.1:0",
+        TOKEN.into(),
+        false,
+        rx,
+    )
+    .await
+    .unwrap();
     Setup {
         c,
         admin: format!("http://{addr}"),

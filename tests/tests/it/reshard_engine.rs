@@ -1,4 +1,4 @@
-//! The reshard data-movement engine (`hotrepart_proxy::reshard`) between two
+//! The reshard data-movement engine (`hotrepart_proxy::control::reshard`) between two
 //! real PostgreSQL servers: a range of `items` moves while a writer keeps
 //! inserting, updating (also the key, also leaving a TOASTed value
 //! unchanged) and deleting on the source; the target ends with exactly the
@@ -8,8 +8,10 @@
 //! and tables placed by a WebAssembly routing function.
 #![allow(clippy::unwrap_used)]
 
-use hotrepart_proxy::functions::WasmPoint;
-use hotrepart_proxy::reshard::{self, MoveSpec, OwnerGuard, ReshardError, Side, TableMove};
+use hotrepart_proxy::control::reshard::{
+    self, MoveSpec, OwnerGuard, ReshardError, Side, TableMove,
+};
+use hotrepart_proxy::routing::functions::WasmPoint;
 use hotrepart_router::catalog::{
     FunctionId, Functions, KeyRange, KeyType, KeyValue, RoutingFunction, ShardId, Span,
 };
@@ -62,7 +64,7 @@ fn pred(t: &TableMove) -> String {
 }
 
 struct LocalPg2 {
-    _pg: hotrepart_proxy::localpg::LocalPg,
+    _pg: hotrepart_proxy::tools::localpg::LocalPg,
     dsn: String,
 }
 

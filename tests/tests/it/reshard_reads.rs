@@ -14,7 +14,7 @@
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use hotrepart_proxy::jobs::JobGate;
+use hotrepart_proxy::control::jobs::JobGate;
 use hotrepart_router::catalog::{KeyRange, KeyValue, RangeStatus};
 use hotrepart_routing_paxos::{CatalogCommand, FreezeId, JobPhase, JobSpec};
 use hotrepart_tests::*;

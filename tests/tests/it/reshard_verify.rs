@@ -6,7 +6,7 @@
 //! and one made after the comparison on a touched key.
 #![allow(clippy::unwrap_used)]
 
-use hotrepart_proxy::reshard::{self, MoveSpec, Session, TableMove, Touched};
+use hotrepart_proxy::control::reshard::{self, MoveSpec, Session, TableMove, Touched};
 use hotrepart_router::catalog::{KeyRange, KeyType, RoutingFunction, ShardId, Span};
 use hotrepart_tests::*;
 

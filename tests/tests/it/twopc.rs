@@ -3,7 +3,7 @@
 //! killed between PREPARE and the decision.
 #![allow(clippy::unwrap_used)]
 
-use hotrepart_proxy::twopc::{DecisionError, DecisionLog, LocalDecisions};
+use hotrepart_proxy::exec::twopc::{DecisionError, DecisionLog, LocalDecisions};
 use hotrepart_router::catalog::{KeyValue, RoutingSnapshot};
 use hotrepart_tests::*;
 use std::collections::VecDeque;
@@ -410,7 +410,7 @@ async fn a_node_killed_after_prepare_leaves_nothing_after_restart() {
                 (b..).find(|&k| owner(k) == "s1").unwrap(),
             )
         };
-        let port = hotrepart_proxy::localpg::free_port().unwrap();
+        let port = hotrepart_proxy::tools::localpg::free_port().unwrap();
         let mut node = spawn_node(&c, port, Some(fp), "");
         let db = connect_to(port).await;
         db.batch_execute("BEGIN").await.unwrap();
@@ -437,7 +437,7 @@ async fn a_node_killed_after_prepare_leaves_nothing_after_restart() {
         // "Restart": a node with the same configuration (and a short grace
         // period) resolves it. The in-memory decision log did not survive,
         // so even after the decision the transaction is rolled back.
-        let port = hotrepart_proxy::localpg::free_port().unwrap();
+        let port = hotrepart_proxy::tools::localpg::free_port().unwrap();
         let _node = spawn_node(
             &c,
             port,

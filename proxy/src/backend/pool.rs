@@ -11,7 +11,7 @@
 //!   nothing owed; dropping the guard any other way closes the connection, so
 //!   a backend that might carry another client's state is never reused.
 
-use crate::backend::{BackendConn, BackendError, BackendTarget};
+use crate::backend::conn::{BackendConn, BackendError, BackendTarget};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -136,7 +136,7 @@ impl Pool {
         {
             return Ok(p);
         }
-        let fp = crate::state::SessionState::default().fingerprint();
+        let fp = crate::backend::state::SessionState::default().fingerprint();
         let c = self.get(fp, wait).await?;
         let params = c.params.clone();
         c.release();

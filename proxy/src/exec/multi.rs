@@ -9,7 +9,8 @@
 //! alone could mean waiting for its whole statement while another shard
 //! already failed.)
 
-use crate::session::{Session, SessionError};
+use crate::error::SessionError;
+use crate::session::Session;
 use crate::wire::{self, Frame, WireError};
 use std::collections::VecDeque;
 use std::future::Future;
@@ -198,7 +199,7 @@ pub(crate) async fn cancel_shards<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let (addr, pid, secret) = (b.addr, b.pid, b.secret);
         let sent = tokio::time::timeout(
             std::time::Duration::from_secs(2),
-            crate::backend::send_cancel(addr, pid, secret),
+            crate::backend::conn::send_cancel(addr, pid, secret),
         )
         .await;
         if !matches!(sent, Ok(Ok(()))) {

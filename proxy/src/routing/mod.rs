@@ -6,8 +6,12 @@
 //! becomes a [`Refusal`] with the router's SQLSTATE; nothing here guesses a
 //! shard.
 
-use crate::session::Refusal;
-use crate::state::SessionState;
+pub mod functions;
+pub mod names;
+
+use crate::backend::state::SessionState;
+use crate::error::sqlstate;
+use crate::error::Refusal;
 use crate::wire::{self, WireError};
 use hotrepart_router::catalog::{RoutingSnapshot, ShardId};
 use hotrepart_router::route::{
@@ -58,7 +62,7 @@ pub struct Decision {
     /// For a multi-shard read: how to merge the shards' answers.
     pub merge: Option<std::sync::Arc<hotrepart_router::route::MergePlan>>,
     /// A COPY the node splits (FROM) or concatenates (TO) over the shards
-    /// (see [`crate::copy`]).
+    /// (see [`crate::exec::copy`]).
     pub copy: Option<std::sync::Arc<hotrepart_router::route::copy::CopyPlan>>,
     /// Functions called that the router does not know to be read-only:
     /// when one is volatile the session makes `write` true (it may run
@@ -201,16 +205,16 @@ pub fn decision(
 ) -> Result<Decision, Refusal> {
     if route.touches_frozen {
         let mut r = Refusal::new(
-            "40001",
+            sqlstate::SERIALIZATION_FAILURE,
             "the key range of this write is frozen for a cut-over that did not end in time; retry the statement".into(),
         );
-        r.frozen = true;
+        r.retry = crate::error::Retry::AfterFreeze;
         return Err(r);
     }
     let idx = |id: &ShardId| {
         shard_index(id).ok_or_else(|| {
             Refusal::new(
-                "XX000",
+                sqlstate::INTERNAL_ERROR,
                 format!("shard {id} of the routing table is not configured on this node"),
             )
         })
@@ -278,7 +282,7 @@ pub fn decision(
                     return Err(Refusal::new(e.sqlstate, e.message));
                 }
                 return Err(Refusal::new(
-                    "0A000",
+                    sqlstate::FEATURE_NOT_SUPPORTED,
                     "this multi-shard statement cannot be merged".into(),
                 ));
             }
@@ -341,7 +345,7 @@ pub struct RouteCtx<'a> {
     pub stale: bool,
     /// The server's `standard_conforming_strings` at login.
     pub server_scs: bool,
-    /// Where unqualified names resolve ([`crate::names`]).
+    /// Where unqualified names resolve ([`crate::routing::names`]).
     pub ns: &'a r::Namespace,
 }
 
@@ -349,7 +353,8 @@ impl RouteCtx<'_> {
     /// `standard_conforming_strings`; unknown (stale) counts as off, the
     /// setting under which the router refuses more.
     fn standard_conforming_strings(&self) -> bool {
-        !self.stale && crate::state::standard_conforming_strings(self.state, self.server_scs)
+        !self.stale
+            && crate::backend::state::standard_conforming_strings(self.state, self.server_scs)
     }
 }
 
@@ -366,10 +371,12 @@ pub fn decide(
     let state = ctx.state;
     let hints = Hints {
         session_shard: match state.get("hotrepart.shard") {
-            Some(s) if !s.is_empty() => Some(
-                ShardId::new(s)
-                    .map_err(|e| Refusal::new("42704", format!("SET hotrepart.shard: {e}")))?,
-            ),
+            Some(s) if !s.is_empty() => Some(ShardId::new(s).map_err(|e| {
+                Refusal::new(
+                    sqlstate::UNDEFINED_OBJECT,
+                    format!("SET hotrepart.shard: {e}"),
+                )
+            })?),
             _ => None,
         },
         standard_conforming_strings: ctx.standard_conforming_strings(),
@@ -381,9 +388,9 @@ pub fn decide(
         .map_err(|e| {
             // Off, PostgreSQL's reading of '…\'…' differs from the
             // router's, which may then not even tokenize.
-            if e.sqlstate == "42601" && !hints.standard_conforming_strings && sql.contains('\\') {
+            if e.sqlstate == sqlstate::SYNTAX_ERROR && !hints.standard_conforming_strings && sql.contains('\\') {
                 Refusal::new(
-                    "0A000",
+                    sqlstate::FEATURE_NOT_SUPPORTED,
                     format!("a string literal containing a backslash while standard_conforming_strings is off cannot be routed (hotrepart reads literals as with it on: {}); use E'…' for escapes, or SET standard_conforming_strings = on", e.message),
                 )
             } else {
@@ -403,7 +410,7 @@ pub fn decide(
         .map_err(|e| Refusal::new(e.sqlstate, e.message))?;
     if route.statements.len() > 1 && changes_routing_settings(sql) && routed_after_change(&route) {
         return Err(Refusal::new(
-            "0A000",
+            sqlstate::FEATURE_NOT_SUPPORTED,
             "a query string that changes search_path or standard_conforming_strings must hold no other statement: hotrepart routes the whole string before the change is made; send the SET on its own".into(),
         ));
     }
@@ -434,7 +441,7 @@ fn routed_after_change(route: &Route) -> bool {
 
 /// Whether `sql` may change a setting routing depends on.
 pub(crate) fn changes_routing_settings(sql: &str) -> bool {
-    crate::state::may_change_state(sql)
+    crate::backend::state::may_change_state(sql)
         && (contains_ci(sql, "search_path")
             || contains_ci(sql, "standard_conforming_strings")
             || contains_ci(sql, "reset")

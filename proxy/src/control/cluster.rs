@@ -26,8 +26,8 @@ use std::time::Duration;
 pub fn seed(cfg: &Config) -> anyhow::Result<CatalogSeed> {
     // Compiling the functions validates them (no imports, the ABI's
     // exports, a trial call) before they can enter the catalog.
-    let cache = crate::functions::FunctionCache::new(Default::default());
-    let snap = crate::functions::config_snapshot(cfg, &cache)?;
+    let cache = crate::routing::functions::FunctionCache::new(Default::default());
+    let snap = crate::routing::functions::config_snapshot(cfg, &cache)?;
     let mut seed = seed_of(&snap);
     seed.functions = cfg
         .function_modules()?
@@ -198,18 +198,20 @@ impl CatalogDecisions {
     }
 }
 
-impl crate::twopc::DecisionLog for CatalogDecisions {
+impl crate::exec::twopc::DecisionLog for CatalogDecisions {
     fn decide<'a>(
         &'a self,
         gid: &'a str,
         commit: bool,
     ) -> std::pin::Pin<
         Box<
-            dyn std::future::Future<Output = Result<bool, crate::twopc::DecisionError>> + Send + 'a,
+            dyn std::future::Future<Output = Result<bool, crate::exec::twopc::DecisionError>>
+                + Send
+                + 'a,
         >,
     > {
         Box::pin(async move {
-            use crate::twopc::DecisionError;
+            use crate::exec::twopc::DecisionError;
             if let Some(d) = self.handle.catalog().decision(gid) {
                 return Ok(d);
             }

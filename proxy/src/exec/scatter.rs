@@ -7,7 +7,7 @@
 //! run in parallel; the answers are then read shard by shard and streamed,
 //! so memory stays bounded (a shard not yet read is read ahead up to a
 //! bound, then waits on TCP backpressure). An error on one shard cancels
-//! the statement on the others ([`crate::multi`]), except DDL.
+//! the statement on the others ([`crate::exec::multi`]), except DDL.
 //!
 //! Guarantees:
 //! - the client sees one RowDescription, the rows of every shard, one
@@ -16,17 +16,20 @@
 //! - shards that disagree on the row description make the statement fail;
 //! - a write outside a transaction block runs inside a transaction on every
 //!   shard and is committed only if it succeeded on all of them, with
-//!   two-phase commit ([`crate::twopc`]) — atomic across shards — else
+//!   two-phase commit ([`crate::exec::twopc`]) — atomic across shards — else
 //!   rolled back everywhere. DDL runs without a wrapping transaction (CREATE
 //!   INDEX CONCURRENTLY and friends refuse one); a DDL error names the
 //!   shards where it did apply;
 //! - inside a transaction block, a write to several shards marks them all
 //!   written: the transaction's COMMIT uses two-phase commit.
 
-use crate::multi::ShardStreams;
+use crate::error::sqlstate;
+use crate::error::{Refusal, SessionError};
+use crate::exec::multi::ShardStreams;
 use crate::routing::{Decision, Target};
-use crate::session::{command_complete, rfq, Refusal, Session, SessionError};
+use crate::session::Session;
 use crate::wire::{self, Severity};
+use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -45,7 +48,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         return refuse(
             s,
             Refusal::new(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 "several statements in one query string that return rows from several shards are not supported; send them one by one".into(),
             ),
         );
@@ -54,7 +57,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         return refuse(
             s,
             Refusal::new(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 "a write to several shards cannot share a query string with BEGIN/COMMIT/ROLLBACK; send it on its own".into(),
             ),
         );
@@ -161,7 +164,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         wire::error_response(
             &mut s.out,
             Severity::Error,
-            "XX000",
+            sqlstate::INTERNAL_ERROR,
             &format!("shards {} returned different row descriptions for the same statement; is the schema the same everywhere?", names.join(", ")),
         );
         if in_tx {
@@ -192,7 +195,7 @@ async fn finish_wrapped<S: AsyncRead + AsyncWrite + Unpin + Send>(
     ok: bool,
 ) -> Option<Refusal> {
     if ok && shards.len() > 1 {
-        return crate::twopc::commit(s, shards).await.err();
+        return crate::exec::twopc::commit(s, shards).await.err();
     }
     let end = if ok { "COMMIT" } else { "ROLLBACK" };
     let mut failed = None;
@@ -202,19 +205,19 @@ async fn finish_wrapped<S: AsyncRead + AsyncWrite + Unpin + Send>(
             match b.hidden_query(end).await {
                 Ok(_) => {}
                 // The shard rolled back (a deferred constraint …).
-                Err(crate::backend::HiddenQueryError::Server { code, message }) => {
+                Err(crate::backend::conn::HiddenQueryError::Server { code, message }) => {
                     failed.get_or_insert_with(|| {
                         Refusal::new(
-                            crate::twopc::sqlstate(&code),
+                            crate::error::sqlstate::intern(&code),
                             format!("{message} (committing on shard {shard}); the statement was rolled back"),
                         )
                     });
                 }
-                Err(crate::backend::HiddenQueryError::Wire(e)) => {
+                Err(crate::backend::conn::HiddenQueryError::Wire(e)) => {
                     b.broken = true;
                     failed.get_or_insert_with(|| {
                         Refusal::new(
-                            "08007",
+                            sqlstate::TRANSACTION_RESOLUTION_UNKNOWN,
                             format!("the connection to shard {shard} broke during {end} ({e}); the outcome there is unknown"),
                         )
                     });
@@ -245,7 +248,7 @@ fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send>(
 
 fn io_fatal() -> SessionError {
     SessionError::Fatal {
-        code: "XX000",
+        code: sqlstate::INTERNAL_ERROR,
         msg: "cannot encode a message".into(),
     }
 }
@@ -342,7 +345,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         None
     };
     if let Some(m) = refusal {
-        s.push_error(&Refusal::new("0A000", m));
+        s.push_error(&Refusal::new(sqlstate::FEATURE_NOT_SUPPORTED, m));
         if synced {
             let status = s.client_status();
             s.out.put_slice(&rfq(status));
@@ -369,7 +372,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 if let Err(e) = b.hidden_query("BEGIN").await {
                     b.broken = true;
                     s.push_error(&Refusal::new(
-                        "08P01",
+                        sqlstate::PROTOCOL_VIOLATION,
                         format!("cannot begin on shard: {e}"),
                     ));
                     let status = s.client_status();

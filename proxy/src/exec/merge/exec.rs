@@ -17,10 +17,13 @@
 //! uses the C collation; anything else is an error naming what is missing.
 
 use super::value::{self, Num, Ty, ValueError};
-use crate::multi::ShardStreams;
+use crate::error::sqlstate;
+use crate::error::{Refusal, SessionError};
+use crate::exec::multi::ShardStreams;
 use crate::routing::BindParams;
-use crate::session::{command_complete, rfq, Refusal, Session, SessionError};
+use crate::session::Session;
 use crate::wire::{self, Frame, Severity, WireError};
+use crate::wire::{command_complete, rfq};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use hotrepart_router::route::{
     AggregatePlan, Combined, CompareOp, HavingExpr, LimitSpec, Literal, MergePlan, Operand,
@@ -102,9 +105,10 @@ fn put_out(out: &mut BytesMut, binary: &[u32], row: &[Option<Bytes>]) -> Result<
     let mut conv = Vec::with_capacity(row.len());
     for (i, v) in row.iter().enumerate() {
         conv.push(match (v, binary.get(i).copied().unwrap_or(0)) {
-            (Some(v), oid) if oid != 0 => {
-                Some(super::binary::to_binary(oid, v).map_err(|m| MergeError("22P03", m))?)
-            }
+            (Some(v), oid) if oid != 0 => Some(
+                super::binary::to_binary(oid, v)
+                    .map_err(|m| MergeError(sqlstate::INVALID_BINARY_REPRESENTATION, m))?,
+            ),
             (v, _) => v.clone(),
         });
     }
@@ -131,11 +135,11 @@ struct MergeError(&'static str, String);
 
 impl From<ValueError> for MergeError {
     fn from(e: ValueError) -> Self {
-        MergeError("0A000", e.0)
+        MergeError(sqlstate::FEATURE_NOT_SUPPORTED, e.0)
     }
 }
 
-/// The shards' reply streams (see [`crate::multi::ShardStreams`]) and which
+/// The shards' reply streams (see [`crate::exec::multi::ShardStreams`]) and which
 /// of them the merge has read to their ReadyForQuery.
 struct Streams {
     inner: ShardStreams,
@@ -255,7 +259,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
 
 fn encode_error() -> SessionError {
     SessionError::Fatal {
-        code: "XX000",
+        code: sqlstate::INTERNAL_ERROR,
         msg: "cannot encode a message".into(),
     }
 }
@@ -274,7 +278,10 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     synced: bool,
 ) -> Result<(), SessionError> {
     let refuse_batch = |s: &mut Session<S>, m: &str| {
-        s.push_error(&Refusal::new("0A000", m.to_string()));
+        s.push_error(&Refusal::new(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            m.to_string(),
+        ));
         if synced {
             let status = s.client_status();
             s.out.put_slice(&rfq(status));
@@ -382,7 +389,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
 
 fn proto(e: &WireError) -> SessionError {
     SessionError::Fatal {
-        code: "08P01",
+        code: sqlstate::PROTOCOL_VIOLATION,
         msg: format!("invalid Bind message: {e}"),
     }
 }
@@ -456,12 +463,14 @@ async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let counts = (count(&plan.offset, params), count(&plan.limit, params));
     let (offset, limit) = match counts {
         (Ok(o), Ok(l)) if !having_params => (o.unwrap_or(0), l),
-        (Err(m), _) | (_, Err(m)) => return refuse(s, Refusal::new("22023", m), in_tx).await,
+        (Err(m), _) | (_, Err(m)) => {
+            return refuse(s, Refusal::new(sqlstate::INVALID_PARAMETER_VALUE, m), in_tx).await
+        }
         _ => {
             return refuse(
                 s,
                 Refusal::new(
-                    "0A000",
+                    sqlstate::FEATURE_NOT_SUPPORTED,
                     "parameters in HAVING of a multi-shard statement are not supported yet".into(),
                 ),
                 in_tx,
@@ -523,7 +532,7 @@ async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
             execute(s, plan, &f, &mut st, out, offset, limit).await?
         }
         (_, true, _) => Err(MergeError(
-            "XX000",
+            sqlstate::INTERNAL_ERROR,
             "shards returned different row descriptions for the same statement".into(),
         )),
         _ => Ok(0),
@@ -623,7 +632,7 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 && fields.get(i).map(Field::type_oid) == Some(700)
         }) {
             return Ok(Err(MergeError(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 "sum or avg of a real (float4) column across shards cannot reproduce PostgreSQL's float4 rounding; cast it to double precision or numeric".into(),
             )));
         }
@@ -639,21 +648,21 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         && types.contains(&Ty::Float)
     {
         return Ok(Err(MergeError(
-            "0A000",
+            sqlstate::FEATURE_NOT_SUPPORTED,
             "merging real or double precision values across shards needs extra_float_digits >= 1 (exact output); the session has it lower".into(),
         )));
     }
     if orders_text {
         if let Some(c) = non_c_collate(&plan.shard_sql) {
             return Ok(Err(MergeError(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 format!("ordering text across shards under COLLATE {c} is not supported (hotrepart merges text bytewise: C collation only)"),
             )));
         }
     }
     if orders_text && !shards_use_c_collation(s, &st.shards).await? {
         return Ok(Err(MergeError(
-            "0A000",
+            sqlstate::FEATURE_NOT_SUPPORTED,
             "ordering text across shards needs the C collation on every shard (database collation is not C)".into(),
         )));
     }
@@ -670,7 +679,7 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             Some(f) => f,
             None => {
                 return Ok(Err(MergeError(
-                    "XX000",
+                    sqlstate::INTERNAL_ERROR,
                     format!(
                         "the shards answered {} columns, fewer than the merge plan needs",
                         fields.len()
@@ -691,7 +700,7 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .find(|(_, &oid)| oid != 0 && !super::binary::supported(oid))
     {
         return Ok(Err(MergeError(
-            "0A000",
+            sqlstate::FEATURE_NOT_SUPPORTED,
             format!(
                 "binary results of type OID {oid} (column \"{}\") are not supported for multi-shard statements; ask for text results",
                 String::from_utf8_lossy(&out_fields[i].name)
@@ -893,7 +902,7 @@ fn group_key(
 
 fn too_many(n: usize) -> MergeError {
     MergeError(
-        "54000",
+        sqlstate::PROGRAM_LIMIT_EXCEEDED,
         format!("a multi-shard result needs more than max_merge_rows = {n} groups or rows in memory; raise the limit or narrow the query"),
     )
 }
@@ -951,7 +960,7 @@ fn combined_value(
                     let s: f64 = 0.0 + parse_f64(utf8(&sv)?)?;
                     let c: f64 = utf8(&cv)?
                         .parse()
-                        .map_err(|_| MergeError("XX000", "bad count".into()))?;
+                        .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, "bad count".into()))?;
                     Ok(Some(Bytes::from(float_text(s / c))))
                 }
                 _ => {
@@ -964,7 +973,8 @@ fn combined_value(
 }
 
 fn utf8(b: &[u8]) -> Result<&str, MergeError> {
-    std::str::from_utf8(b).map_err(|_| MergeError("XX000", "invalid UTF-8 in a value".into()))
+    std::str::from_utf8(b)
+        .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, "invalid UTF-8 in a value".into()))
 }
 
 fn parse_f64(s: &str) -> Result<f64, MergeError> {
@@ -974,7 +984,7 @@ fn parse_f64(s: &str) -> Result<f64, MergeError> {
         "-Infinity" => Ok(f64::NEG_INFINITY),
         _ => s
             .parse()
-            .map_err(|_| MergeError("XX000", format!("invalid float {s:?}"))),
+            .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, format!("invalid float {s:?}"))),
     }
 }
 
@@ -1059,17 +1069,17 @@ fn add(ty: Ty, a: &[u8], b: &[u8]) -> Result<Bytes, MergeError> {
         Ty::Int => {
             let x: i128 = utf8(a)?
                 .parse()
-                .map_err(|_| MergeError("XX000", "bad integer".into()))?;
+                .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, "bad integer".into()))?;
             let y: i128 = utf8(b)?
                 .parse()
-                .map_err(|_| MergeError("XX000", "bad integer".into()))?;
+                .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, "bad integer".into()))?;
             (x + y).to_string()
         }
         Ty::Numeric => Num::parse(utf8(a)?)?.add(&Num::parse(utf8(b)?)?).to_text(),
         Ty::Float => float_text(parse_f64(utf8(a)?)? + parse_f64(utf8(b)?)?),
         other => {
             return Err(MergeError(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 format!("cannot add values of type {other:?} across shards"),
             ))
         }
@@ -1148,7 +1158,7 @@ fn eval_having(
             let string_lit = |o: &Operand| matches!(o, Operand::Literal(Literal::String(_)));
             if (string_lit(left) || string_lit(right)) && ty != Ty::Text {
                 return Err(MergeError(
-                    "0A000",
+                    sqlstate::FEATURE_NOT_SUPPORTED,
                     format!("HAVING compares a {ty:?} value with a string literal across shards; hotrepart cannot apply PostgreSQL's input conversion for that type (session TimeZone, formats): compare with a number, or filter in WHERE"),
                 ));
             }
@@ -1187,7 +1197,7 @@ fn operand_value(
         Operand::Literal(Literal::String(sv)) => (Some(Bytes::from(sv.clone())), None),
         Operand::Param(_) => {
             return Err(MergeError(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 "parameters in HAVING are not supported yet".into(),
             ))
         }

@@ -34,15 +34,17 @@
 //! last COMMIT PREPARED then leaves the transaction half committed (the
 //! resolver rolls back the shards not yet committed).
 
-use crate::backend::{BackendConn, BackendTarget, HiddenQueryError};
+use crate::backend::conn::{BackendConn, BackendTarget, HiddenQueryError};
+use crate::backend::pool::Pool;
+use crate::error::sqlstate;
+use crate::error::Refusal;
 use crate::failpoint::{self, abort_at, Failpoint};
 use crate::node::Node;
-use crate::pool::Pool;
-use crate::session::{Refusal, Session};
+use crate::session::Session;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -164,29 +166,6 @@ pub fn is_hotrepart_gid(gid: &str) -> bool {
         && rnd.bytes().all(|c| c.is_ascii_hexdigit())
 }
 
-/// A SQLSTATE as `&'static str` (what [`Refusal`] carries). Shards answer
-/// with a small fixed set of codes; each distinct valid code is leaked once.
-pub(crate) fn sqlstate(code: &str) -> &'static str {
-    static CODES: OnceLock<Mutex<std::collections::HashSet<&'static str>>> = OnceLock::new();
-    if code.len() != 5
-        || !code
-            .bytes()
-            .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
-    {
-        return "XX000";
-    }
-    let mut set = CODES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(c) = set.get(code) {
-        return c;
-    }
-    let c: &'static str = Box::leak(code.to_string().into_boxed_str());
-    set.insert(c);
-    c
-}
-
 /// Records `commit` for `gid` within the configured timeout.
 async fn record(node: &Node, gid: &str, commit: bool) -> Result<bool, DecisionError> {
     let t = Duration::from_millis(node.cfg.twopc_decision_timeout_ms);
@@ -224,16 +203,16 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let status = s.slots[t].conn.as_ref().map(|b| (b.status, b.unsynced));
         let r = match status {
             None => Some(Refusal::new(
-                "08006",
+                sqlstate::CONNECTION_FAILURE,
                 format!("the connection to shard {} was lost before the commit; the transaction was rolled back on every shard", name(t)),
             )),
             Some((b'T', false)) => None,
             Some((_, true)) => Some(Refusal::new(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 format!("messages sent with Flush but without Sync are still open on shard {}; the transaction was rolled back on every shard (send Sync before COMMIT)", name(t)),
             )),
             Some(_) => Some(Refusal::new(
-                "25P02",
+                sqlstate::IN_FAILED_SQL_TRANSACTION,
                 format!("the transaction failed on shard {}; it was rolled back on every shard", name(t)),
             )),
         };
@@ -248,7 +227,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 Ok(()) => prepared.push(t),
                 Err(HiddenQueryError::Server { code, message }) => {
                     // PostgreSQL rolled this shard's transaction back itself.
-                    let hint = if code == "55000"
+                    let hint = if code == sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE
                         && message.contains("prepared transactions are disabled")
                     {
                         "; hotrepart commits transactions that write to several shards with two-phase commit, which needs max_prepared_transactions > 0 on every shard"
@@ -256,7 +235,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         ""
                     };
                     failure.get_or_insert_with(|| Refusal::new(
-                        sqlstate(&code),
+                        sqlstate::intern(&code),
                         format!(
                             "{message} (preparing the commit on shard {}); the transaction was rolled back on every shard{hint}",
                             name(t)
@@ -266,7 +245,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 Err(HiddenQueryError::Wire(e)) => {
                     tracing::warn!(error = %e, shard = t, %gid, "connection lost during PREPARE TRANSACTION");
                     failure.get_or_insert_with(|| Refusal::new(
-                        "08006",
+                        sqlstate::CONNECTION_FAILURE,
                         format!(
                             "the connection to shard {} was lost while preparing the commit; the transaction was rolled back (if it was prepared there, the resolver rolls it back)",
                             name(t)
@@ -314,7 +293,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         tracing::error!(error = %e2, %gid, "2PC decision unknown; the resolver will finish the transaction");
                         let names: Vec<String> = prepared.iter().map(|&t| name(t)).collect();
                         return Err(Refusal::new(
-                            "08007",
+                            sqlstate::TRANSACTION_RESOLUTION_UNKNOWN,
                             format!(
                                 "the commit decision could not be recorded ({e}); the transaction {gid} stays prepared on shard(s) {} and the resolver will commit or roll it back: its outcome is unknown now",
                                 names.join(", ")
@@ -350,7 +329,11 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
         for (t, r) in run_all(s, &prepared, &sql).await {
             let done = match r {
                 Ok(()) => true,
-                Err(HiddenQueryError::Server { code, .. }) if code == "42704" => true,
+                Err(HiddenQueryError::Server { code, .. })
+                    if code == sqlstate::UNDEFINED_OBJECT =>
+                {
+                    true
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, shard = t, "{sql} failed; retrying on a fresh connection");
                     let pool = s.pool(t);
@@ -374,14 +357,14 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
         // and not 08007 (the outcome is known): a failure of a system
         // outside the client's database session, which the node repairs.
         (true, false) => Err(Refusal::new(
-            "58000",
+            sqlstate::SYSTEM_ERROR,
             format!(
                 "the transaction IS committed (decision recorded for {gid}), but COMMIT PREPARED could not be completed yet on shard(s) {}; the resolver completes it, so its rows appear there shortly — do not retry the transaction",
                 pending.join(", ")
             ),
         )),
         (false, _) => Err(Refusal::new(
-            "40001",
+            sqlstate::SERIALIZATION_FAILURE,
             format!("the transaction was rolled back on every shard: a rollback was recorded for it ({gid}) before its commit could be (a resolver found it in doubt, or the decision log failed); it is safe to retry"),
         )),
     }
@@ -453,7 +436,9 @@ async fn finish_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if let Some(b) = s.slots[t].conn.as_mut() {
         match b.hidden_query(sql).await {
             Ok(_) => return true,
-            Err(HiddenQueryError::Server { code, .. }) if code == "42704" => return true,
+            Err(HiddenQueryError::Server { code, .. }) if code == sqlstate::UNDEFINED_OBJECT => {
+                return true
+            }
             Err(e) => {
                 tracing::warn!(error = %e, shard = t, "{sql} failed; retrying on a fresh connection");
                 if matches!(e, HiddenQueryError::Wire(_)) {
@@ -467,7 +452,7 @@ async fn finish_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
 }
 
 async fn finish_with_pool(pool: &Arc<Pool>, t: usize, sql: &str, wait: Duration) -> bool {
-    let fp = crate::state::SessionState::default().fingerprint();
+    let fp = crate::backend::state::SessionState::default().fingerprint();
     for attempt in 0..3u32 {
         tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         let mut b = match pool.get(fp, wait).await {
@@ -482,7 +467,7 @@ async fn finish_with_pool(pool: &Arc<Pool>, t: usize, sql: &str, wait: Duration)
                 b.release();
                 return true;
             }
-            Err(HiddenQueryError::Server { code, .. }) if code == "42704" => {
+            Err(HiddenQueryError::Server { code, .. }) if code == sqlstate::UNDEFINED_OBJECT => {
                 b.release();
                 return true;
             }
@@ -565,7 +550,7 @@ async fn resolver_connect(
     node: &Node,
     t: usize,
     database: &str,
-) -> Result<BackendConn, crate::backend::BackendError> {
+) -> Result<BackendConn, crate::backend::conn::BackendError> {
     BackendConn::connect_named(
         &resolver_target(node, t, database),
         node.cfg.connect_timeout(),
@@ -578,7 +563,7 @@ async fn resolver_connect(
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     #[error(transparent)]
-    Connect(#[from] crate::backend::BackendError),
+    Connect(#[from] crate::backend::conn::BackendError),
     #[error(transparent)]
     Query(#[from] HiddenQueryError),
 }
@@ -651,7 +636,7 @@ pub async fn resolve_shard(
                 tracing::info!(%shard, %gid, database = %db, commit, "2PC resolver finished an in-doubt transaction");
                 done.push(gid.clone());
             }
-            Err(HiddenQueryError::Server { code, .. }) if code == "42704" => {}
+            Err(HiddenQueryError::Server { code, .. }) if code == sqlstate::UNDEFINED_OBJECT => {}
             Err(e) => {
                 tracing::warn!(%shard, %gid, database = %db, commit, error = %e, "2PC resolver could not finish an in-doubt transaction");
                 if matches!(e, HiddenQueryError::Wire(_)) && *db == home_db {
@@ -698,8 +683,11 @@ mod tests {
 
     #[test]
     fn sqlstates_are_interned_and_checked() {
-        assert_eq!(sqlstate("23505"), "23505");
-        assert!(std::ptr::eq(sqlstate("23505"), sqlstate("23505")));
-        assert_eq!(sqlstate("bad"), "XX000");
+        assert_eq!(sqlstate::intern("23505"), "23505");
+        assert!(std::ptr::eq(
+            sqlstate::intern("23505"),
+            sqlstate::intern("23505")
+        ));
+        assert_eq!(sqlstate::intern("bad"), "XX000");
     }
 }

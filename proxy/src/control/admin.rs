@@ -128,7 +128,7 @@ pub async fn serve(
         .route("/v1/nodes/{id}", delete(remove_node))
         .route("/v1/debug/partition", post(partition))
         .route("/v1/fence", post(fence))
-        .merge(crate::jobs::routes())
+        .merge(crate::control::jobs::routes())
         .with_state(api);
     let task = tokio::spawn(async move {
         let stop = async move {
@@ -700,7 +700,7 @@ async fn assign_range(
 /// With the range frozen: wait until no node can still write to it by an
 /// older routing table, check it is empty, assign it.
 async fn assign_frozen(api: &Api, r: &KeyRange, to: &str) -> Result<Applied, ApiError> {
-    crate::jobs::settle(&api.node)
+    crate::control::jobs::settle(&api.node)
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let snap = api.snapshot()?;

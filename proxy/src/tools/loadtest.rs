@@ -26,6 +26,7 @@
 //! - a worker that does not stop within its timeout is aborted and reported,
 //!   never waited for.
 
+use crate::error::sqlstate;
 use md5::{Digest, Md5};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -598,9 +599,9 @@ impl Failure {
         let c = self.code();
         c == "timeout"
             || c == "connection"
-            || c == "40003"
+            || c == sqlstate::STATEMENT_COMPLETION_UNKNOWN
             || c.starts_with("08")
-            || (c.starts_with("57") && c != "57014")
+            || (c.starts_with("57") && c != sqlstate::QUERY_CANCELED)
             || c.starts_with("58")
             || c.starts_with("XX")
     }

@@ -9,7 +9,7 @@
 //! - Outside a transaction block every shard's COPY runs inside a
 //!   transaction begun by the node; they are committed only after every
 //!   shard reported success, with two-phase commit when there are several
-//!   ([`crate::twopc`]), and a failure anywhere rolls back everywhere.
+//!   ([`crate::exec::twopc`]), and a failure anywhere rolls back everywhere.
 //! - Inside a transaction block a shard's COPY is started when its first row
 //!   arrives: one COPY writes to one shard (rows for a second shard are
 //!   refused with 0A000 and the transaction fails); the transaction itself
@@ -35,10 +35,13 @@
 //! Memory is bounded: per shard at most ~64 KiB of rows waiting to be sent,
 //! plus one partial row (at most `max_message_size`).
 
-use crate::backend::BackendConn;
+use crate::backend::conn::BackendConn;
+use crate::error::sqlstate;
+use crate::error::{Refusal, SessionError};
 use crate::routing::{Decision, Target};
-use crate::session::{command_complete, rfq, Refusal, Session, SessionError};
+use crate::session::Session;
 use crate::wire::{self, Frame, Severity, WireError};
+use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, Bytes, BytesMut};
 use hotrepart_router::catalog::{KeyType, RangeStatus, RoutingSnapshot, ShardId};
 use hotrepart_router::route::copy::{CopyFormat, CopyPlan, CopyTable, Piece, RowSplitter};
@@ -130,13 +133,13 @@ fn ext_prelude<S: AsyncRead + AsyncWrite + Unpin + Send>(
             b'S' | b'H' => {}
             b'P' => {
                 return Err(Refusal::new(
-                    "0A000",
+                    sqlstate::FEATURE_NOT_SUPPORTED,
                     "a COPY of a sharded or reference table cannot be parsed in the batch that executes it; prepare it in a batch of its own (Parse, Sync) or send it as a simple query".into(),
                 ))
             }
             _ => {
                 return Err(Refusal::new(
-                    "0A000",
+                    sqlstate::FEATURE_NOT_SUPPORTED,
                     "a COPY of a sharded or reference table must be the only statement of its extended-protocol batch".into(),
                 ))
             }
@@ -144,7 +147,7 @@ fn ext_prelude<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     if !executed {
         return Err(Refusal::new(
-            "0A000",
+            sqlstate::FEATURE_NOT_SUPPORTED,
             "a COPY of a sharded or reference table must be executed in the batch that binds it"
                 .into(),
         ));
@@ -458,17 +461,19 @@ async fn copied_columns<S: AsyncRead + AsyncWrite + Unpin + Send>(
         };
         let rows = match b.hidden_query(&sql).await {
             Ok(rows) => rows,
-            Err(crate::backend::HiddenQueryError::Server { code, message }) => {
+            Err(crate::backend::conn::HiddenQueryError::Server { code, message }) => {
                 return Ok(Err(Fail { code, msg: message }))
             }
-            Err(crate::backend::HiddenQueryError::Wire(e)) => return Err(s.backend_lost(t, e)),
+            Err(crate::backend::conn::HiddenQueryError::Wire(e)) => {
+                return Err(s.backend_lost(t, e))
+            }
         };
         let mut names = Vec::with_capacity(rows.len());
         for r in &rows {
             if let Some(Some(enc)) = r.first() {
                 if !encoding_ok(enc, key) {
                     return Ok(Err(Fail::new(
-                        "0A000",
+                        sqlstate::FEATURE_NOT_SUPPORTED,
                         format!(
                             "COPY of sharded table \"{}\" needs client_encoding UTF8 (it is {enc})",
                             plan.table
@@ -482,7 +487,7 @@ async fn copied_columns<S: AsyncRead + AsyncWrite + Unpin + Send>(
             None => first = Some((t, names)),
             Some((t0, n0)) if *n0 != names => {
                 return Ok(Err(Fail::new(
-                    "XX000",
+                    sqlstate::INTERNAL_ERROR,
                     format!(
                         "shards {} and {} disagree on the columns of table \"{}\"; is the schema the same everywhere?",
                         shard_name(s, *t0),
@@ -497,7 +502,7 @@ async fn copied_columns<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if let Some(enc) = &plan.encoding {
         if !encoding_ok(enc, key) {
             return Ok(Err(Fail::new(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 format!(
                     "COPY of sharded table \"{}\" with ENCODING {enc} is not supported",
                     plan.table
@@ -512,7 +517,7 @@ async fn copied_columns<S: AsyncRead + AsyncWrite + Unpin + Send>(
     for c in &plan.columns {
         if !table_cols.contains(c) {
             return Ok(Err(Fail::new(
-                "42703",
+                sqlstate::UNDEFINED_COLUMN,
                 format!(
                     "column \"{c}\" of relation \"{}\" does not exist",
                     plan.table
@@ -639,7 +644,10 @@ async fn finish_shard<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 s.slots[sc.t].conn = None;
                 sc.done = true;
                 if sc.error.is_none() {
-                    sc.error = Some(("08006".into(), "the shard did not answer in time".into()));
+                    sc.error = Some((
+                        sqlstate::CONNECTION_FAILURE.into(),
+                        "the shard did not answer in time".into(),
+                    ));
                 }
             }
         }
@@ -675,7 +683,7 @@ async fn abort_shards<S: AsyncRead + AsyncWrite + Unpin + Send>(
 
 fn encode_fatal() -> SessionError {
     SessionError::Fatal {
-        code: "XX000",
+        code: sqlstate::INTERNAL_ERROR,
         msg: "cannot encode a message".into(),
     }
 }
@@ -746,7 +754,7 @@ async fn read_client<S: AsyncRead + AsyncWrite + Unpin + Send>(
             match tokio::time::timeout(Duration::from_millis(ms), s.client.next()).await {
                 Ok(r) => r,
                 Err(_) => return Err(SessionError::Fatal {
-                    code: "25P03",
+                    code: sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                     msg: "terminating connection due to idle-in-transaction timeout (during COPY)"
                         .into(),
                 }),
@@ -757,7 +765,7 @@ async fn read_client<S: AsyncRead + AsyncWrite + Unpin + Send>(
     r.map_err(|e| match e {
         WireError::Closed | WireError::Io(_) => SessionError::ClientGone,
         WireError::Protocol(m) => SessionError::Fatal {
-            code: "08P01",
+            code: sqlstate::PROTOCOL_VIOLATION,
             msg: format!("protocol violation: {m}"),
         },
     })
@@ -795,7 +803,7 @@ async fn copy_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
             s,
             proto,
             false,
-            "0A000",
+            sqlstate::FEATURE_NOT_SUPPORTED,
             &format!(
                 "this COPY writes to shards {} inside a transaction block; a COPY into a reference table is supported outside a transaction block only",
                 names.join(", ")
@@ -808,7 +816,7 @@ async fn copy_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
             s,
             proto,
             false,
-            "0A000",
+            sqlstate::FEATURE_NOT_SUPPORTED,
             &format!("write the value of COPY option {opt} as a quoted string (PostgreSQL lower-cases a bare word there; the node splits rows by the option's exact value)"),
         );
         return Ok(());
@@ -919,7 +927,12 @@ async fn setup_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         match first {
             Some(g) => g,
-            None => return Ok(Err(Fail::new("XX000", "no shard started the COPY"))),
+            None => {
+                return Ok(Err(Fail::new(
+                    sqlstate::INTERNAL_ERROR,
+                    "no shard started the COPY",
+                )))
+            }
         }
     };
     s.out.put_slice(&response);
@@ -978,7 +991,7 @@ async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
             b'H' | b'S' => continue,
             other => {
                 return Ok(InEnd::Stop(Fail::new(
-                    "08P01",
+                    sqlstate::PROTOCOL_VIOLATION,
                     format!("unexpected message type 0x{other:02X} during COPY from stdin"),
                 )))
             }
@@ -1004,7 +1017,10 @@ async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         }
                         Piece::Row { data, key } => {
                             let Some(key) = key else {
-                                return Err(Fail::new("XX000", "a sharded COPY row without a key"));
+                                return Err(Fail::new(
+                                    sqlstate::INTERNAL_ERROR,
+                                    "a sharded COPY row without a key",
+                                ));
                             };
                             if !held.is_empty() {
                                 held.push(Held {
@@ -1119,7 +1135,7 @@ fn place(
     if in_tx {
         if let Some(w) = written.filter(|&w| w != pos) {
             return Err(Fail::new(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 format!(
                     "this COPY writes rows to shards {} and {} inside a transaction block; inside a transaction block one COPY writes to one shard (split the rows into one COPY per shard; the transaction may write to several shards)",
                     st[w].name, st[pos].name
@@ -1179,7 +1195,7 @@ async fn route_held<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 || (in_tx && source.is_some_and(|t| s.tx_writes.contains(&t)));
             let frozen = |why: &str| {
                 Fail::new(
-                    "40001",
+                    sqlstate::SERIALIZATION_FAILURE,
                     format!(
                         "the key range of key {} of \"{}\" is frozen for a cut-over {why}; retry the COPY",
                         row.key, plan.table
@@ -1221,7 +1237,7 @@ async fn route_held<S: AsyncRead + AsyncWrite + Unpin + Send>(
             None => {
                 let Some(t) = s.node.shard_index(range.write_owner.as_str()) else {
                     return Err(Fail::new(
-                        "XX000",
+                        sqlstate::INTERNAL_ERROR,
                         format!(
                             "shard {} of the routing table is not configured on this node",
                             range.write_owner
@@ -1253,7 +1269,10 @@ async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<(), SessionError> {
     let fail = match end {
         InEnd::Done => None,
-        InEnd::ClientFail(m) => Some(Fail::new("57014", format!("COPY from stdin failed: {m}"))),
+        InEnd::ClientFail(m) => Some(Fail::new(
+            sqlstate::QUERY_CANCELED,
+            format!("COPY from stdin failed: {m}"),
+        )),
         InEnd::Stop(f) => Some(f),
     };
     if let Some(f) = fail {
@@ -1299,7 +1318,7 @@ async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
             .filter(|&t| s.slots[t].conn.as_ref().is_some_and(|b| b.status == b'T'))
             .collect();
         if open.len() > 1 {
-            if let Err(r) = crate::twopc::commit(s, &open).await {
+            if let Err(r) = crate::exec::twopc::commit(s, &open).await {
                 reply_error(s, proto, true, r.code, &r.message);
                 s.end_of_transaction().await?;
                 return Ok(());
@@ -1324,12 +1343,12 @@ async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
             match b.hidden_query(sql).await {
                 Ok(_) if b.status == b'I' && sql == "COMMIT" => committed.push(sc.t),
                 Ok(_) => {}
-                Err(crate::backend::HiddenQueryError::Server { code, message }) => {
+                Err(crate::backend::conn::HiddenQueryError::Server { code, message }) => {
                     if failed.is_none() {
                         failed = Some((sc.t, code, message));
                     }
                 }
-                Err(crate::backend::HiddenQueryError::Wire(e)) => {
+                Err(crate::backend::conn::HiddenQueryError::Wire(e)) => {
                     b.broken = true;
                     if sql == "COMMIT" {
                         // The shard may have committed before the
@@ -1337,7 +1356,7 @@ async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         unknown.push(sc.t);
                     }
                     if failed.is_none() {
-                        failed = Some((sc.t, "08006".into(), e.to_string()));
+                        failed = Some((sc.t, sqlstate::CONNECTION_FAILURE.into(), e.to_string()));
                     }
                 }
             }
@@ -1354,7 +1373,13 @@ async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     shard_name(s, t),
                     names.join(", ")
                 );
-                reply_error(s, proto, true, "08007", &msg);
+                reply_error(
+                    s,
+                    proto,
+                    true,
+                    sqlstate::TRANSACTION_RESOLUTION_UNKNOWN,
+                    &msg,
+                );
                 s.end_of_transaction().await?;
                 return Ok(());
             }
@@ -1374,7 +1399,7 @@ async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let code = if committed.is_empty() {
                 code
             } else {
-                "40003".into()
+                sqlstate::STATEMENT_COMPLETION_UNKNOWN.into()
             };
             reply_error(s, proto, true, &code, &msg);
             s.end_of_transaction().await?;
@@ -1480,7 +1505,7 @@ async fn cancel_rest<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let (addr, pid, secret) = (b.addr, b.pid, b.secret);
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            crate::backend::send_cancel(addr, pid, secret),
+            crate::backend::conn::send_cancel(addr, pid, secret),
         )
         .await;
     }
@@ -1542,7 +1567,7 @@ async fn copy_to<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         None => first = Some(f.raw.clone()),
                         Some(h) if h[5..] != f.raw[5..] => {
                             error.get_or_insert((
-                                "XX000".into(),
+                                sqlstate::INTERNAL_ERROR.into(),
                                 format!(
                                     "shards return different COPY formats for table \"{}\"; is the schema the same everywhere?",
                                     plan.table
@@ -1568,7 +1593,12 @@ async fn copy_to<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     let Some(h) = first.filter(|_| error.is_none()) else {
         cancel_rest(s, &running).await?;
-        let (code, msg) = error.unwrap_or_else(|| ("XX000".into(), "no shard ran the COPY".into()));
+        let (code, msg) = error.unwrap_or_else(|| {
+            (
+                sqlstate::INTERNAL_ERROR.into(),
+                "no shard ran the COPY".into(),
+            )
+        });
         reply_error(s, proto, false, &code, &msg);
         if !in_tx {
             s.end_of_transaction().await?;

@@ -15,7 +15,7 @@
 //! A view or partition created directly on the shards is not seen until
 //! then.
 
-use crate::state::quote_literal;
+use crate::backend::state::quote_literal;
 use hotrepart_router::catalog::RoutingSnapshot;
 use hotrepart_router::route::Namespace;
 use std::hash::{Hash, Hasher};

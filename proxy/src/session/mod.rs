@@ -11,7 +11,7 @@
 //! arrives, an extended-protocol batch (Parse/Bind/Describe/Execute/Close)
 //! when its Sync or Flush arrives — by then every Bind's parameter values
 //! are known. A batch goes to one shard; statements that touch several
-//! shards run through [`crate::scatter`] (simple protocol).
+//! shards run through [`crate::exec::scatter`] (simple protocol).
 //!
 //! Frames are forwarded as raw bytes. The session looks inside only:
 //! - Parse/Bind/Describe/Close of *named* statements, which it renames to
@@ -30,17 +30,20 @@
 //!   error (everything up to the next Sync is skipped, synthetic replies too).
 //! - Invariant: a transaction that wrote to one shard commits there with
 //!   the client's own COMMIT (read-only shards end first); one that wrote to
-//!   several shards commits with two-phase commit ([`crate::twopc`]): the
+//!   several shards commits with two-phase commit ([`crate::exec::twopc`]): the
 //!   client sees COMMIT only after every written shard prepared, the commit
 //!   decision was recorded, and every shard ran COMMIT PREPARED. Its ROLLBACK
 //!   (or a COMMIT of a failed transaction) rolls back every shard.
 
-use crate::backend::BackendConn;
+use crate::backend::conn::BackendConn;
+use crate::backend::pool::{Pool, PoolError, Pooled};
+use crate::backend::state::{self, SessionState};
+use crate::error::sqlstate;
+use crate::error::{Refusal, SessionError};
 use crate::node::{CancelSlot, Node};
-use crate::pool::{Pool, PoolError, Pooled};
 use crate::routing::{BindParams, Decision, Kind, Target};
-use crate::state::{self, SessionState};
 use crate::wire::{self, Frame, FrameReader, Severity, WireError};
+use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -272,7 +275,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 wire::error_response(
                     &mut e,
                     Severity::Fatal,
-                    "XX000",
+                    sqlstate::INTERNAL_ERROR,
                     "internal error in the proxy; the session is closed and its open transaction, if any, was rolled back",
                 );
                 let w = self.client.get_mut();
@@ -337,7 +340,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Before routing: the namespace unqualified names resolve in, for the
-    /// client's current `search_path` ([`crate::names`]): from the node's
+    /// client's current `search_path` ([`crate::routing::names`]): from the node's
     /// cache, else read on the home shard on a backend carrying the
     /// client's settings (attached to its transaction if one is open;
     /// released again if the session was idle).
@@ -360,7 +363,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(());
             }
         }
-        let fp = crate::names::declared_fingerprint(&snap);
+        let fp = crate::routing::names::declared_fingerprint(&snap);
         let path = self.state.get("search_path").map(str::to_string);
         let under = (path.clone(), snap.epoch(), generation);
         if fp == 0 {
@@ -386,14 +389,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tracing::warn!(error = %r.message, "cannot read the search path on the home shard");
             return Ok(());
         }
-        let sql = crate::names::probe_sql(&snap);
+        let sql = crate::routing::names::probe_sql(&snap);
         let rows = match self.slots[home].conn.as_mut() {
             Some(b) => b.hidden_query(&sql).await,
             None => return Ok(()),
         };
         match rows {
             Ok(rows) => {
-                let ns = Arc::new(crate::names::parse(rows));
+                let ns = Arc::new(crate::routing::names::parse(rows));
                 self.node.learn_namespace(key, fp, ns.clone());
                 self.ns = ns;
                 self.ns_under = Some(under);
@@ -497,13 +500,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let (t, code, msg) = if self.tx_status == b'I' {
             (
                 self.node.cfg.client_idle_timeout_ms,
-                "57P05",
+                sqlstate::IDLE_SESSION_TIMEOUT,
                 "terminating connection due to idle-session timeout",
             )
         } else {
             (
                 self.node.cfg.idle_in_transaction_timeout_ms,
-                "25P03",
+                sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                 "terminating connection due to idle-in-transaction timeout",
             )
         };
@@ -549,7 +552,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
             _ = sleep, if timer_on => Err(SessionError::Fatal {
-                code: "25P03",
+                code: sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                 msg: "terminating connection due to idle-in-transaction timeout".into(),
             }),
         }
@@ -560,7 +563,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.slots[shard].conn = None;
         self.cancel.set(Vec::new());
         SessionError::Fatal {
-            code: "08006",
+            code: sqlstate::CONNECTION_FAILURE,
             msg: "server connection lost; the transaction, if any, was rolled back".into(),
         }
     }
@@ -685,14 +688,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(b) => b,
             Err(PoolError::Timeout { shard, waited_ms, size }) => {
                 return Ok(Err(Refusal::new(
-                    "53300",
+                    sqlstate::TOO_MANY_CONNECTIONS,
                     format!("no server connection to shard {shard} became free within {waited_ms} ms (pool size {size})"),
                 )))
             }
             Err(PoolError::Backend(e)) => {
                 tracing::warn!(error = %e, "cannot open backend connection");
                 return Ok(Err(Refusal::new(
-                    "08006",
+                    sqlstate::CONNECTION_FAILURE,
                     format!("cannot connect to shard {}", self.node.shard_name(t)),
                 )));
             }
@@ -702,7 +705,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if let Err(e) = b.hidden_query(&sql).await {
                 b.broken = true;
                 return Ok(Err(Refusal::new(
-                    "08P01",
+                    sqlstate::PROTOCOL_VIOLATION,
                     format!("cannot restore session state on a server connection: {e}"),
                 )));
             }
@@ -725,7 +728,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if let Err(e) = b.hidden_query(&begin).await {
                 b.broken = true;
                 return Ok(Err(Refusal::new(
-                    "08P01",
+                    sqlstate::PROTOCOL_VIOLATION,
                     format!("cannot begin the transaction on another shard: {e}"),
                 )));
             }
@@ -823,7 +826,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if let (Some((f, table)), false) = (&known.reads, d.hinted) {
             return Ok(Err(Refusal::new(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 format!(
                     "function {f}() names sharded table \"{table}\" in its body: hotrepart cannot tell which rows it reads or writes, \
                      so the statement would run on one shard and see or change that shard's rows only; \
@@ -862,7 +865,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .map(|f| format!("calls {f}(), which may write"))
                 .unwrap_or_else(|| "locks rows".to_string());
             return Err(Refusal::new(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 format!("this statement reads several shards with a merge (ORDER BY, LIMIT, aggregates …) and {f}: run it inside a transaction block (BEGIN … COMMIT), so that what it does on every shard commits together"),
             ));
         }
@@ -903,7 +906,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             };
             let Some(rows) = rows else {
                 return Ok(Err(Refusal::new(
-                    "0A000",
+                    sqlstate::FEATURE_NOT_SUPPORTED,
                     "cannot read the shard's catalog (pg_proc) to check the statement's functions"
                         .into(),
                 )));
@@ -917,7 +920,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if let Some(name) = found {
             return Ok(Err(Refusal::new(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 format!("aggregate function {name}() cannot be combined across shards (hotrepart combines count, sum, min, max, avg, bool_and, bool_or); pin the statement to one shard with its shard key"),
             )));
         }
@@ -946,7 +949,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .is_some_and(|b| b.unsynced)
             {
                 return Ok(Err(Refusal::new(
-                    "0A000",
+                    sqlstate::FEATURE_NOT_SUPPORTED,
                     "messages sent with Flush but without Sync are still open on one shard, and the next statement goes to another; send Sync first".into(),
                 )));
             }
@@ -1114,11 +1117,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(());
         }
         if !self.node.single_shard() {
-            if let Some(ex) = crate::explain::parse(sql) {
+            if let Some(ex) = crate::exec::explain::parse(sql) {
                 if !self.owed.is_empty() {
                     self.drain_owed().await?;
                 }
-                return crate::explain::run(self, ex).await;
+                return crate::exec::explain::run(self, ex).await;
             }
         }
         let d = self
@@ -1151,7 +1154,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(());
         }
         if d.copy.is_some() {
-            return crate::copy::run(self, &d, None).await;
+            return crate::exec::copy::run(self, &d, None).await;
         }
         if d.ddl {
             self.node.forget_catalog(&self.database);
@@ -1175,7 +1178,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     _ => None,
                 };
                 if let Some(plan) = plan {
-                    return crate::merge::exec::run(self, &plan, &shards, sqls.as_deref()).await;
+                    return crate::exec::merge::exec::run(self, &plan, &shards, sqls.as_deref())
+                        .await;
                 }
             }
             Target::Multi { .. } => {
@@ -1183,7 +1187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if !self.owed.is_empty() {
                     self.drain_owed().await?;
                 }
-                return crate::scatter::run(self, &d, &sql).await;
+                return crate::exec::scatter::run(self, &d, &sql).await;
             }
             Target::Shard(_) | Target::Any => {}
         }
@@ -1256,7 +1260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.push_synthetic(rfq(status));
         } else {
             self.refuse_simple(Refusal::new(
-                "26000",
+                sqlstate::INVALID_SQL_STATEMENT_NAME,
                 format!("prepared statement \"{name}\" does not exist"),
             ));
         }
@@ -1288,7 +1292,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 || target.is_some_and(|t| self.tx_writes.iter().any(|&w| w != t)))
         {
             refuse(self, Refusal::new(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 "BEGIN/COMMIT/ROLLBACK together with other statements in one query string are not supported in a transaction that spans several shards; send them separately".into(),
             ));
             return Ok(true);
@@ -1304,7 +1308,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if self.tx_failed && !ending {
             let r = Refusal::new(
-                "25P02",
+                sqlstate::IN_FAILED_SQL_TRANSACTION,
                 "current transaction is aborted, commands ignored until end of transaction block"
                     .into(),
             );
@@ -1317,7 +1321,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 (w, Some(t)) if w.iter().any(|&x| x != t) => {
                     let names: Vec<String> = w.iter().map(|&x| self.node.shard_name(x)).collect();
                     refuse(self, Refusal::new(
-                        "0A000",
+                        sqlstate::FEATURE_NOT_SUPPORTED,
                         format!(
                             "this COMMIT/ROLLBACK comes with statements for shard {} but the transaction wrote to shard(s) {}; send COMMIT on its own",
                             self.node.shard_name(t), names.join(", ")
@@ -1447,7 +1451,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// COMMIT of a transaction that wrote to several shards: read-only
     /// shards commit first, then the written ones commit with two-phase
-    /// commit ([`crate::twopc::commit`]). Ok(Ok): committed; an empty
+    /// commit ([`crate::exec::twopc::commit`]). Ok(Ok): committed; an empty
     /// transaction is then begun on a written shard's backend, and the
     /// client's own COMMIT goes there, so that PostgreSQL answers it in
     /// whichever protocol the client used. Ok(Err): the error for the
@@ -1456,7 +1460,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn two_phase_commit(&mut self) -> Result<Result<(), Refusal>, SessionError> {
         let writes = self.tx_writes.clone();
         self.finish_shards_except(true, &writes).await?;
-        if let Err(r) = crate::twopc::commit(self, &writes).await {
+        if let Err(r) = crate::exec::twopc::commit(self, &writes).await {
             self.end_of_transaction().await?;
             return Ok(Err(r));
         }
@@ -1476,7 +1480,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.end_of_transaction().await?;
         Ok(Err(Refusal::new(
-            "08006",
+            sqlstate::CONNECTION_FAILURE,
             "the transaction was committed on every shard, but the connections to the shards broke before the node could confirm it".into(),
         )))
     }
@@ -1525,12 +1529,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.pin_routing();
             let routed = route(self);
             if let Err(r) = &routed {
-                if r.frozen {
+                if r.frozen() {
                     if let Some(source) = self.wrote_to_frozen_source() {
                         // The cut-over waits for this transaction to end: waiting
                         // here would hold both up until the cut-over gives up.
                         return Err(Refusal::new(
-                            "40001",
+                            sqlstate::SERIALIZATION_FAILURE,
                             format!(
                                 "could not serialize access due to a concurrent cut-over: this transaction wrote to shard {source}, \
                                  the source of a key range frozen for a cut-over that waits for this transaction to end; roll back and retry"
@@ -1573,7 +1577,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match moved {
             None => Ok(()),
             Some(r) => Err(Refusal::new(
-                "40001",
+                sqlstate::SERIALIZATION_FAILURE,
                 format!(
                     "could not serialize access due to a concurrent reshard: key range {} moved to shard {} \
                      during this REPEATABLE READ or SERIALIZABLE transaction; retry the transaction",
@@ -1683,8 +1687,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         if let Some(d) = d.as_ref().filter(|d| d.copy.is_some()) {
-            let (d, ext) = (d.clone(), crate::copy::Ext { frames, synced });
-            return crate::copy::run(self, &d, Some(ext)).await;
+            let (d, ext) = (d.clone(), crate::exec::copy::Ext { frames, synced });
+            return crate::exec::copy::run(self, &d, Some(ext)).await;
         }
         if let Some(d) = d
             .as_ref()
@@ -1703,7 +1707,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.batch_error(&r, synced);
                     return Ok(());
                 }
-                return crate::merge::exec::run_extended(
+                return crate::exec::merge::exec::run_extended(
                     self,
                     plan,
                     shards,
@@ -1713,7 +1717,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 )
                 .await;
             }
-            return crate::scatter::run_extended(self, &d, frames, synced).await;
+            return crate::exec::scatter::run_extended(self, &d, frames, synced).await;
         }
         // A lone Sync with nothing held: answer it here.
         if target.is_none()
@@ -1810,7 +1814,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // Parse itself. A statement whose shard is known without
                     // parameters (hints, undeclared tables) is prepared there.
                     match self.node.decide(sql, None, &self.route_ctx()) {
-                        Err(r) if r.code == "42601" => return Err(r),
+                        Err(r) if r.code == sqlstate::SYNTAX_ERROR => return Err(r),
                         Ok(Decision {
                             target: Target::Shard(t),
                             ..
@@ -1842,7 +1846,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     binds += 1;
                     if changed_settings {
                         return Err(Refusal::new(
-                            "0A000",
+                            sqlstate::FEATURE_NOT_SUPPORTED,
                             "a statement that changes search_path or standard_conforming_strings must be followed by Sync before the next statement: hotrepart routes a batch before it runs".into(),
                         ));
                     }
@@ -1861,7 +1865,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     if let Some(t) = t {
                         if target.is_some_and(|x| x != t) {
                             return Err(Refusal::new(
-                                "0A000",
+                                sqlstate::FEATURE_NOT_SUPPORTED,
                                 "statements of one pipelined batch (up to Sync) go to different shards; send a Sync between them".into(),
                             ));
                         }
@@ -1882,7 +1886,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if multi && (binds > 1 || target.is_some()) {
             return Err(Refusal::new(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 "a pipelined batch (up to Sync) that holds a multi-shard statement must hold only that statement; send a Sync after it".into(),
             ));
         }
@@ -2101,7 +2105,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn register_stmt(&mut self, name: String, rest: &[u8], sql: &str) -> Option<String> {
         if self.stmts.contains_key(&name) {
             self.push_error(&Refusal::new(
-                "42P05",
+                sqlstate::DUPLICATE_PREPARED_STATEMENT,
                 format!("prepared statement \"{name}\" already exists"),
             ));
             return None;
@@ -2151,12 +2155,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .unnamed
                 .as_ref()
                 .and_then(|u| u.raw.get(5..))
-                .map(crate::merge::exec::parse_body_types)
+                .map(crate::exec::merge::exec::parse_body_types)
                 .unwrap_or_default();
         }
         self.stmts
             .get(stmt)
-            .map(|s| crate::merge::exec::parse_body_types(&s.parse))
+            .map(|s| crate::exec::merge::exec::parse_body_types(&s.parse))
             .unwrap_or_default()
     }
 
@@ -2223,7 +2227,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn check_listen(&self, sql: &str) -> Result<(), Refusal> {
         if !self.session_mode && starts_with_ci(sql.trim_start(), "listen") {
             return Err(Refusal::new(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 "LISTEN is not supported in transaction pooling mode; use pool_mode = \"session\" for this user".into(),
             ));
         }
@@ -2532,43 +2536,11 @@ pub(crate) async fn catch_panic<T>(f: impl std::future::Future<Output = T>) -> R
         })
 }
 
-/// A statement the node refuses (an ERROR, not FATAL).
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    pub code: &'static str,
-    pub message: String,
-    /// The statement writes to a range frozen for a cut-over: the session
-    /// waits for the next routing table and routes it again.
-    pub frozen: bool,
-}
-
-impl Refusal {
-    pub fn new(code: &'static str, message: String) -> Refusal {
-        Refusal {
-            code,
-            message,
-            frozen: false,
-        }
-    }
-}
-
 /// Extended-protocol messages held before routing, at most.
 const MAX_BATCH: usize = 1024;
 
 const POISON_SQL: &str =
     "DO $$BEGIN RAISE EXCEPTION 'hotrepart: this transaction failed at the node'; END$$";
-
-pub(crate) fn rfq(status: u8) -> Bytes {
-    let mut b = BytesMut::with_capacity(6);
-    wire::ready_for_query(&mut b, status);
-    b.freeze()
-}
-
-pub(crate) fn command_complete(tag: &str) -> Bytes {
-    let mut b = BytesMut::new();
-    wire::frame(&mut b, b'C', |o| wire::put_cstr(o, tag));
-    b.freeze()
-}
 
 /// What the node learns of a shard's database on attach: whether text
 /// orders bytewise there (database collation C/POSIX and no user column with
@@ -2669,12 +2641,6 @@ fn starts_with_ci(s: &str, p: &str) -> bool {
     s.len() >= p.len() && s.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
 }
 
-#[derive(Debug)]
-pub enum SessionError {
-    ClientGone,
-    Fatal { code: &'static str, msg: String },
-}
-
 fn client_err(e: WireError) -> SessionError {
     match e {
         WireError::Closed | WireError::Io(_) => SessionError::ClientGone,
@@ -2683,7 +2649,10 @@ fn client_err(e: WireError) -> SessionError {
 }
 
 fn proto_refusal(e: WireError) -> Refusal {
-    Refusal::new("08P01", format!("protocol violation: {e}"))
+    Refusal::new(
+        sqlstate::PROTOCOL_VIOLATION,
+        format!("protocol violation: {e}"),
+    )
 }
 
 fn proto(m: &str) -> SessionError {
@@ -2692,7 +2661,7 @@ fn proto(m: &str) -> SessionError {
 
 fn proto_fatal(msg: String) -> SessionError {
     SessionError::Fatal {
-        code: "08P01",
+        code: sqlstate::PROTOCOL_VIOLATION,
         msg: format!("protocol violation: {msg}"),
     }
 }

@@ -254,7 +254,7 @@ impl BackendConn {
             secret,
             params,
             prepared: HashSet::new(),
-            state_fp: crate::state::SessionState::default().fingerprint(),
+            state_fp: crate::backend::state::SessionState::default().fingerprint(),
             broken: false,
             idle_since: std::time::Instant::now(),
             status: b'I',

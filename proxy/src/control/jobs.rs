@@ -1,5 +1,5 @@
 //! Reshard jobs: `proxyctl reshard move|split`, run by the catalog's leader
-//! with the data-movement engine ([`crate::reshard`]), their state in the
+//! with the data-movement engine ([`crate::control::reshard`]), their state in the
 //! replicated log.
 //!
 //! A job is a `JobStart` entry (the range becomes Moving: no split, no
@@ -44,9 +44,9 @@
 
 mod rebalance;
 
+use crate::control::reshard::{self, MoveSpec, OwnerGuard, Session, Side, TableMove, Touched};
 use crate::failpoint::{self, Failpoint};
 use crate::node::Node;
-use crate::reshard::{self, MoveSpec, OwnerGuard, Session, Side, TableMove, Touched};
 use hotrepart_router::catalog::{Functions, RoutingSnapshot, Span};
 use hotrepart_routing_paxos::{
     Applied, Catalog, CatalogCommand, FreezeId, JobPhase, JobRecord, ProposeError, Rejected,
@@ -108,7 +108,7 @@ impl JobGate {
 }
 
 /// The job supervisor (a supervised background task of the node, see
-/// [`crate::supervisor`]): while this node leads the catalog (and holds
+/// [`crate::control::supervisor`]): while this node leads the catalog (and holds
 /// its lease), it runs every unfinished job. Ends when `shutdown` turns
 /// true.
 pub async fn supervise(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> Result<(), String> {
@@ -972,7 +972,7 @@ async fn wait_open_transactions(c: &tokio_postgres::Client) -> Result<(), JobErr
 }
 
 async fn connect(dsn: &str, db: &str) -> Result<tokio_postgres::Client, JobError> {
-    crate::admin::connect(dsn, Some(db))
+    crate::control::admin::connect(dsn, Some(db))
         .await
         .map_err(JobError::Other)
 }
@@ -1008,7 +1008,7 @@ async fn plan(
         })
         .collect();
     let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
-    let dbs = crate::admin::databases_with(&source_dsn, &names)
+    let dbs = crate::control::admin::databases_with(&source_dsn, &names)
         .await
         .map_err(|e| JobError::Other(format!("source: {e}")))?;
     let mut specs = Vec::new();
@@ -1075,7 +1075,7 @@ fn owner_guard(node: &Arc<Node>, range: Span, from: &str, to: &str) -> OwnerGuar
 
 // ---- admin API: /v1/reshard/*, /v1/jobs ----
 
-use crate::admin::{authorize, Api, ApiError, ApiResult};
+use crate::control::admin::{authorize, Api, ApiError, ApiResult};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -1295,14 +1295,14 @@ async fn copy_schema(
     from_dsn: &str,
     to_dsn: &str,
 ) -> Result<Vec<(String, Vec<String>)>, JobError> {
-    let install = crate::localpg::PgInstall::find()
+    let install = crate::tools::localpg::PgInstall::find()
         .map_err(|e| JobError::Other(format!("pg_dump is needed to copy the schema: {e}")))?;
     let declared: Vec<String> = snap
         .sharded_tables()
         .map(|t| t.name.clone())
         .chain(snap.reference_tables().map(str::to_string))
         .collect();
-    let dbs = crate::admin::databases_with(from_dsn, &declared)
+    let dbs = crate::control::admin::databases_with(from_dsn, &declared)
         .await
         .map_err(|e| JobError::Other(format!("source: {e}")))?;
     let dst = connect(to_dsn, "postgres").await?;
@@ -1329,7 +1329,7 @@ async fn copy_schema(
         let target = connect(to_dsn, &db).await?;
         let mut missing = Vec::new();
         for t in &tables {
-            let exists = crate::admin::table_exists(&target, t)
+            let exists = crate::control::admin::table_exists(&target, t)
                 .await
                 .map_err(|e| JobError::Other(format!("new shard: {e}")))?;
             if !exists {

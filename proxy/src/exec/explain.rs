@@ -9,9 +9,12 @@
 //! refused in those formats, as is EXPLAIN ANALYZE of a write to several
 //! shards (it would execute the write).
 
+use crate::error::sqlstate;
+use crate::error::{Refusal, SessionError};
 use crate::routing::Target;
-use crate::session::{command_complete, rfq, Refusal, Session, SessionError};
+use crate::session::Session;
 use crate::wire::{self, Severity};
+use crate::wire::{command_complete, rfq};
 use bytes::BufMut;
 use hotrepart_router::route::{Combined, MergePlan, ShardCol};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -121,7 +124,10 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Err(r) => return refuse(s, r, in_tx).await,
     };
     if d.statements != 1 {
-        let r = Refusal::new("0A000", "EXPLAIN of several statements".into());
+        let r = Refusal::new(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "EXPLAIN of several statements".into(),
+        );
         return refuse(s, r, in_tx).await;
     }
     let names = |s: &Session<S>, shards: &[usize]| -> String {
@@ -161,7 +167,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Target::Multi { shards, sqls } => {
             if !ex.text {
                 let r = Refusal::new(
-                    "0A000",
+                    sqlstate::FEATURE_NOT_SUPPORTED,
                     "EXPLAIN of a statement on several shards is available in FORMAT TEXT only"
                         .into(),
                 );
@@ -169,7 +175,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
             if ex.analyze && d.write {
                 let r = Refusal::new(
-                    "0A000",
+                    sqlstate::FEATURE_NOT_SUPPORTED,
                     "EXPLAIN ANALYZE of a write to several shards is not supported (it would run the write)".into(),
                 );
                 return refuse(s, r, in_tx).await;
@@ -228,7 +234,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     lines.push(if multi { format!("  {l}") } else { l });
                 }
             }
-            Err(crate::backend::HiddenQueryError::Server { code, message }) => {
+            Err(crate::backend::conn::HiddenQueryError::Server { code, message }) => {
                 let m = format!("{message} (on shard {})", s.node.shard_name(t));
                 wire::error_response(&mut s.out, Severity::Error, &code, &m);
                 if in_tx {
@@ -240,7 +246,10 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 if let Some(b) = s.slots[t].conn.as_mut() {
                     b.broken = true;
                 }
-                let r = Refusal::new("08006", format!("EXPLAIN failed on a shard: {e}"));
+                let r = Refusal::new(
+                    sqlstate::CONNECTION_FAILURE,
+                    format!("EXPLAIN failed on a shard: {e}"),
+                );
                 return refuse(s, r, in_tx).await;
             }
         }

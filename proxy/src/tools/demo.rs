@@ -2,8 +2,8 @@
 //! in the foreground, everything stopped again on Ctrl-C/SIGTERM.
 
 use crate::config::Config;
-use crate::localpg::{free_port, LocalPg, LocalPgError, PgInstall};
 use crate::node::Node;
+use crate::tools::localpg::{free_port, LocalPg, LocalPgError, PgInstall};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -54,7 +54,7 @@ pub fn start_shards(
     }
     toml.push_str(&format!(
         "[[users]]\nname = \"{DEMO_USER}\"\nauth = \"scram-sha-256\"\npassword_hash = \"{}\"\nserver_user = \"postgres\"\n",
-        crate::auth::scram_verifier(DEMO_PASSWORD)
+        crate::frontend::auth::scram_verifier(DEMO_PASSWORD)
     ));
     let config = Config::from_toml(&toml).map_err(|e| DemoError::Other(e.to_string()))?;
     Ok(Demo { shards, config })

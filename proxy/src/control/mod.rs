@@ -1,0 +1,11 @@
+//! The control plane of a node, beside the data path: the replicated
+//! catalog the node follows ([`cluster`]), the HTTP admin API
+//! ([`admin`]), reshard jobs ([`jobs`]) and their data-movement engine
+//! ([`reshard`]), and the supervisor of the node's background tasks
+//! ([`supervisor`]).
+
+pub mod admin;
+pub mod cluster;
+pub mod jobs;
+pub mod reshard;
+pub mod supervisor;

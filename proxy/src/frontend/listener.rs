@@ -1,0 +1,475 @@
+//! The listener and the startup handshake: SSL/GSS negotiation,
+//! CancelRequest, startup parameters, limits, authentication; a client that
+//! logs in is handed to a [`Session`].
+//!
+//! Guarantees:
+//! - one task per client connection; a failing or malicious client ends
+//!   only its own task (malformed input gets an ErrorResponse and a close);
+//! - at most `max_client_connections` sessions exist; the next one gets
+//!   SQLSTATE 53300 and is closed;
+//! - a CancelRequest carrying a session's key cancels the query that session
+//!   is running on its current backend, whichever pooled backend that is.
+
+use crate::backend::conn::{self};
+use crate::backend::state::SessionState;
+use crate::config::{AuthMethod, PoolMode};
+use crate::error::sqlstate;
+use crate::frontend::auth::{self, ScramServer, ScramVerifier};
+use crate::node::*;
+use crate::session::Session;
+use crate::wire::{self, FrameReader, Severity, WireError};
+use bytes::{BufMut, BytesMut};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const SSL_REQUEST: i32 = 80877103;
+const GSSENC_REQUEST: i32 = 80877104;
+const CANCEL_REQUEST: i32 = 80877102;
+const PROTOCOL_3_0: i32 = 196608;
+/// Largest message accepted before login (PostgreSQL: PG_MAX_AUTH_TOKEN_LENGTH).
+const AUTH_MAX_MESSAGE: usize = 65_535;
+
+impl Node {
+    /// Binds the listener; returns it so callers learn the port before
+    /// serving (port 0 picks a free one).
+    pub async fn bind(&self) -> Result<TcpListener, NodeError> {
+        TcpListener::bind(&self.cfg.listen)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: self.cfg.listen.clone(),
+                source,
+            })
+    }
+
+    /// Starts the node's long-running background tasks through its
+    /// supervisor: the catalog follower (after publishing the current
+    /// routing table), the 2PC resolver and the reshard job supervisor.
+    pub fn start_background(self: &Arc<Self>, shutdown: &watch::Receiver<bool>) {
+        crate::control::cluster::publish_now(self, &self.catalog_handle);
+        let node = self.clone();
+        let stop = shutdown.clone();
+        self.tasks
+            .spawn("catalog_follower", shutdown.clone(), move || {
+                crate::control::cluster::follow(
+                    node.clone(),
+                    node.catalog_handle.clone(),
+                    stop.clone(),
+                )
+            });
+        let node = self.clone();
+        let stop = shutdown.clone();
+        self.tasks
+            .spawn("twopc_resolver", shutdown.clone(), move || {
+                let (node, stop) = (node.clone(), stop.clone());
+                async move {
+                    crate::exec::twopc::run_resolver(node, stop).await;
+                    Ok(())
+                }
+            });
+        let node = self.clone();
+        let stop = shutdown.clone();
+        self.tasks
+            .spawn("job_supervisor", shutdown.clone(), move || {
+                crate::control::jobs::supervise(node.clone(), stop.clone())
+            });
+    }
+
+    /// Accepts clients until `shutdown` turns true. Starts the node's
+    /// background tasks first, each supervised (restarted when it fails:
+    /// [`crate::control::supervisor`]).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        self.start_background(&shutdown);
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((sock, peer)) => {
+                        let node = self.clone();
+                        let span = tracing::info_span!("client", %peer);
+                        tokio::spawn(tracing::Instrument::instrument(node.handle(sock), span));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, sock: TcpStream) {
+        let _ = sock.set_nodelay(true);
+        let n = self.clients.fetch_add(1, Ordering::Relaxed) + 1;
+        let _guard = CountGuard(self.clone());
+        // Before login a client gets no more than PostgreSQL allows for
+        // authentication messages.
+        let mut r = FrameReader::new(sock, AUTH_MAX_MESSAGE);
+        // Startup: SSLRequest / GSSENCRequest / CancelRequest come first.
+        let mut tls_done = false;
+        let params = loop {
+            let pkt = match r.next_startup().await {
+                Ok(p) => p,
+                Err(WireError::Protocol(m)) => {
+                    return refuse(
+                        r.get_mut(),
+                        sqlstate::PROTOCOL_VIOLATION,
+                        &format!("invalid startup packet: {m}"),
+                    )
+                    .await
+                }
+                Err(_) => return,
+            };
+            let code = i32::from_be_bytes([pkt[4], pkt[5], pkt[6], pkt[7]]);
+            match code {
+                SSL_REQUEST if !tls_done => {
+                    if let Some(acc) = self.tls.clone() {
+                        if r.buffered() > 0 {
+                            return refuse(
+                                r.get_mut(),
+                                sqlstate::PROTOCOL_VIOLATION,
+                                "data after SSLRequest",
+                            )
+                            .await;
+                        }
+                        if r.get_mut().write_all(b"S").await.is_err() {
+                            return;
+                        }
+                        let (sock, _) = r.into_parts();
+                        let tls = match acc.accept(sock).await {
+                            Ok(t) => t,
+                            Err(e) => {
+                                tracing::info!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                        };
+                        let max = self.cfg.max_message_size;
+                        return self
+                            .after_tls(FrameReader::new(tls, AUTH_MAX_MESSAGE.min(max)), n)
+                            .await;
+                    }
+                    if r.get_mut().write_all(b"N").await.is_err() {
+                        return;
+                    }
+                    tls_done = true;
+                }
+                GSSENC_REQUEST => {
+                    if r.get_mut().write_all(b"N").await.is_err() {
+                        return;
+                    }
+                }
+                CANCEL_REQUEST if pkt.len() == 16 => {
+                    let pid = i32::from_be_bytes([pkt[8], pkt[9], pkt[10], pkt[11]]);
+                    let secret = i32::from_be_bytes([pkt[12], pkt[13], pkt[14], pkt[15]]);
+                    self.cancel(pid, secret).await;
+                    return;
+                }
+                PROTOCOL_3_0 => match parse_startup(&pkt[8..]) {
+                    Ok(p) => break p,
+                    Err(m) => return refuse(r.get_mut(), sqlstate::PROTOCOL_VIOLATION, &m).await,
+                },
+                other => {
+                    let m = format!(
+                        "unsupported frontend protocol {}.{}: server supports 3.0",
+                        other >> 16,
+                        other & 0xffff
+                    );
+                    return refuse(r.get_mut(), sqlstate::FEATURE_NOT_SUPPORTED, &m).await;
+                }
+            }
+        };
+        self.login(r, params, n).await
+    }
+
+    async fn after_tls<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        self: Arc<Self>,
+        mut r: FrameReader<S>,
+        n: usize,
+    ) {
+        let pkt = match r.next_startup().await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let code = i32::from_be_bytes([pkt[4], pkt[5], pkt[6], pkt[7]]);
+        if code != PROTOCOL_3_0 {
+            return refuse(
+                r.get_mut(),
+                sqlstate::PROTOCOL_VIOLATION,
+                "expected a startup message after TLS",
+            )
+            .await;
+        }
+        match parse_startup(&pkt[8..]) {
+            Ok(p) => self.login(r, p, n).await,
+            Err(m) => refuse(r.get_mut(), sqlstate::PROTOCOL_VIOLATION, &m).await,
+        }
+    }
+
+    async fn cancel(&self, pid: i32, secret: i32) {
+        let slot = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(pid, secret))
+            .cloned();
+        for (addr, bpid, bsecret) in slot.map(|s| s.get()).unwrap_or_default() {
+            if let Err(e) = conn::send_cancel(addr, bpid, bsecret).await {
+                tracing::warn!(error = %e, "cannot forward cancel request");
+            }
+        }
+    }
+
+    async fn login<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        self: Arc<Self>,
+        mut r: FrameReader<S>,
+        params: Vec<(String, String)>,
+        n: usize,
+    ) {
+        let get = |k: &str| params.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
+        let Some(user) = get("user") else {
+            return refuse(
+                r.get_mut(),
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                "no PostgreSQL user name specified in startup packet",
+            )
+            .await;
+        };
+        let database = get("database").unwrap_or_else(|| user.clone());
+        if get("replication").is_some_and(|v| v != "false" && v != "0" && v != "off") {
+            return refuse(
+                r.get_mut(),
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "replication connections are not supported by hotrepart",
+            )
+            .await;
+        }
+        if n > self.cfg.max_client_connections {
+            return refuse(
+                r.get_mut(),
+                sqlstate::TOO_MANY_CONNECTIONS,
+                &format!(
+                    "sorry, too many clients already (max_client_connections = {})",
+                    self.cfg.max_client_connections
+                ),
+            )
+            .await;
+        }
+        let Some(ucfg) = self.cfg.user(&user).cloned() else {
+            return refuse(
+                r.get_mut(),
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                &format!("role \"{user}\" is not allowed to connect through hotrepart"),
+            )
+            .await;
+        };
+        if let Err(m) = authenticate(&mut r, &ucfg, &user).await {
+            return refuse(r.get_mut(), m.0, &m.1).await;
+        }
+        let state = match SessionState::from_startup(&params) {
+            Ok(s) => s,
+            Err(m) => return refuse(r.get_mut(), sqlstate::FEATURE_NOT_SUPPORTED, &m).await,
+        };
+        let shard = self.home_index();
+        let pool = self.pool_for(shard, &database, &user);
+        let server_params = match pool.server_params(self.cfg.pool_timeout()).await {
+            Ok(p) => p,
+            Err(crate::backend::pool::PoolError::Backend(
+                crate::backend::conn::BackendError::Refused { code, message, .. },
+            )) => {
+                let code: &'static str = match code.as_str() {
+                    sqlstate::INVALID_CATALOG_NAME => sqlstate::INVALID_CATALOG_NAME,
+                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION => {
+                        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION
+                    }
+                    sqlstate::INVALID_PASSWORD => sqlstate::INVALID_PASSWORD,
+                    _ => sqlstate::CONNECTION_FAILURE,
+                };
+                return refuse(r.get_mut(), code, &message).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach shard at login");
+                return refuse(
+                    r.get_mut(),
+                    sqlstate::CONNECTION_FAILURE,
+                    "cannot connect to the shard",
+                )
+                .await;
+            }
+        };
+        let mut out = BytesMut::new();
+        wire::auth_request(&mut out, 0, &[]);
+        for (k, v) in &server_params {
+            let v = state.get(k).unwrap_or(v);
+            wire::parameter_status(&mut out, k, v);
+        }
+        if let Some(app) = state.get("application_name") {
+            if !server_params.iter().any(|(k, _)| k == "application_name") {
+                wire::parameter_status(&mut out, "application_name", app);
+            }
+        }
+        let (pid, secret, slot) = self.register_cancel();
+        wire::backend_key_data(&mut out, pid, secret);
+        wire::ready_for_query(&mut out, b'I');
+        if r.get_mut().write_all(&out).await.is_err() {
+            self.unregister_cancel(pid, secret);
+            return;
+        }
+        r.set_max_len(self.cfg.max_message_size);
+        let session_mode = ucfg.pool_mode.unwrap_or(self.cfg.pool_mode) == PoolMode::Session;
+        tracing::debug!(%user, %database, "session started");
+        // The session's span names it (the pid the client got in
+        // BackendKeyData): a panic caught in `Session::run` is logged in it.
+        let span = tracing::info_span!("session", id = pid, %user, %database);
+        let end = tracing::Instrument::instrument(
+            Session::new(self.clone(), r, database, session_mode, state, slot, user)
+                .with_server_params(&server_params)
+                .run(),
+            span,
+        )
+        .await;
+        tracing::debug!(?end, "session ended");
+        self.unregister_cancel(pid, secret);
+    }
+
+    fn register_cancel(&self) -> (i32, i32, Arc<CancelSlot>) {
+        let slot = Arc::new(CancelSlot::default());
+        let mut m = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let pid: i32 = rand::random::<i32>() & 0x7fff_ffff;
+            let secret: i32 = rand::random();
+            if let std::collections::hash_map::Entry::Vacant(v) = m.entry((pid, secret)) {
+                v.insert(slot.clone());
+                return (pid, secret, slot);
+            }
+        }
+    }
+
+    fn unregister_cancel(&self, pid: i32, secret: i32) {
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(pid, secret));
+    }
+}
+
+struct CountGuard(Arc<Node>);
+impl Drop for CountGuard {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, code: &str, msg: &str) {
+    let mut out = BytesMut::new();
+    wire::error_response(&mut out, Severity::Fatal, code, msg);
+    let _ = w.write_all(&out).await;
+    let _ = w.flush().await;
+}
+
+fn parse_startup(mut b: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let mut v = Vec::new();
+    loop {
+        let k = wire::get_cstr(&mut b).map_err(|e| e.to_string())?;
+        if k.is_empty() {
+            return Ok(v);
+        }
+        let val = wire::get_cstr(&mut b).map_err(|e| e.to_string())?;
+        v.push((k.to_string(), val.to_string()));
+    }
+}
+
+/// Runs the configured authentication exchange. Err: (SQLSTATE, message).
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    r: &mut FrameReader<S>,
+    ucfg: &crate::config::UserConfig,
+    user: &str,
+) -> Result<(), (&'static str, String)> {
+    let failed = || {
+        (
+            sqlstate::INVALID_PASSWORD,
+            format!("password authentication failed for user \"{user}\""),
+        )
+    };
+    let hash = ucfg.password_hash.clone().unwrap_or_default();
+    let mut out = BytesMut::new();
+    match ucfg.auth {
+        AuthMethod::Trust => Ok(()),
+        AuthMethod::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            wire::auth_request(&mut out, 5, &salt);
+            send(r, &out).await?;
+            let f = read_password(r).await?;
+            let mut b = f.body();
+            let resp = wire::get_cstr(&mut b).map_err(|_| failed())?;
+            if auth::md5_check(&hash, salt, resp) {
+                Ok(())
+            } else {
+                Err(failed())
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            let v = ScramVerifier::parse(&hash).map_err(|_| failed())?;
+            let mut mechs = BytesMut::new();
+            wire::put_cstr(&mut mechs, "SCRAM-SHA-256");
+            mechs.put_u8(0);
+            wire::auth_request(&mut out, 10, &mechs);
+            send(r, &out).await?;
+            let f = read_password(r).await?;
+            let mut b = f.body();
+            let mech = wire::get_cstr(&mut b).map_err(|_| failed())?;
+            if mech != "SCRAM-SHA-256" {
+                return Err((
+                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                    format!("unsupported SASL mechanism {mech:?}"),
+                ));
+            }
+            let _len = wire::get_i32(&mut b).map_err(|_| failed())?;
+            let first = std::str::from_utf8(b).map_err(|_| failed())?;
+            let server = ScramServer::start(v, first)
+                .map_err(|e| (sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+            out.clear();
+            wire::auth_request(&mut out, 11, server.server_first().as_bytes());
+            send(r, &out).await?;
+            let f = read_password(r).await?;
+            let fin = std::str::from_utf8(f.body()).map_err(|_| failed())?;
+            let sfinal = server.finish(fin).map_err(|_| failed())?;
+            out.clear();
+            wire::auth_request(&mut out, 12, sfinal.as_bytes());
+            send(r, &out).await
+        }
+    }
+}
+
+async fn send<S: AsyncWrite + Unpin + AsyncRead>(
+    r: &mut FrameReader<S>,
+    out: &[u8],
+) -> Result<(), (&'static str, String)> {
+    r.get_mut()
+        .write_all(out)
+        .await
+        .map_err(|_| (sqlstate::CONNECTION_FAILURE, "client went away".to_string()))
+}
+
+async fn read_password<S: AsyncRead + AsyncWrite + Unpin>(
+    r: &mut FrameReader<S>,
+) -> Result<wire::Frame, (&'static str, String)> {
+    let f = r.next().await.map_err(|e| {
+        (
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("during authentication: {e}"),
+        )
+    })?;
+    if f.tag() != b'p' {
+        return Err((
+            sqlstate::PROTOCOL_VIOLATION,
+            "expected a password response".into(),
+        ));
+    }
+    Ok(f)
+}
