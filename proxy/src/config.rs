@@ -365,6 +365,30 @@ fn default_max_message_size() -> usize {
 }
 
 impl Config {
+    /// The node's first routing snapshot from this configuration: the
+    /// tables of [`Config::snapshot`] with the `[[functions]]` they use
+    /// compiled (by `cache`) and attached. (Until the replicated catalog
+    /// seeds the node.)
+    pub fn routing_snapshot(
+        &self,
+        cache: &crate::routing::functions::FunctionCache,
+    ) -> Result<hotrepart_router::catalog::RoutingSnapshot, crate::routing::functions::FunctionError>
+    {
+        use crate::routing::functions::{module_id, FunctionError};
+        let snapshot = self
+            .snapshot()
+            .map_err(|e| FunctionError::Config(e.to_string()))?;
+        let modules = self
+            .function_modules()
+            .map_err(|e| FunctionError::Config(e.to_string()))?;
+        cache.resolve(
+            snapshot,
+            modules
+                .iter()
+                .map(|(_, wasm)| (module_id(wasm), wasm.as_slice())),
+        )
+    }
+
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
@@ -403,7 +427,7 @@ impl Config {
 
     /// The `[[functions]]` modules, read from their files (text converted
     /// to binary), by name, in file order. Not compiled here: the node
-    /// compiles them (`functions::config_snapshot`).
+    /// compiles them ([`Config::routing_snapshot`]).
     pub fn function_modules(&self) -> Result<Vec<(String, Vec<u8>)>, ConfigError> {
         let mut out: Vec<(String, Vec<u8>)> = Vec::with_capacity(self.functions.len());
         for f in &self.functions {

@@ -2,7 +2,7 @@
 //! the shard indexes, pins and fences that go with it), the pools, the
 //! caches of what the shards' catalogs say (collations, aggregates,
 //! functions, namespaces), cancel keys, the replicated catalog's handle.
-//! The listener and handshake are in [`crate::frontend`].
+//! The listener and handshake are in `frontend`.
 
 use crate::backend::conn::BackendTarget;
 use crate::backend::pool::{Pool, Pools};
@@ -82,10 +82,10 @@ pub struct Node {
     /// the next one (a write to a frozen range).
     epoch_tx: watch::Sender<u64>,
     /// Reshard jobs this node is running.
-    pub jobs: crate::control::jobs::Running,
+    pub jobs: crate::control::jobs::running::Running,
     /// Tests only: when set, a reshard job stops before each phase's step
-    /// until the test lets it go ([`crate::control::jobs::JobGate`]).
-    pub job_gate: Option<Arc<crate::control::jobs::JobGate>>,
+    /// until the test lets it go ([`crate::control::jobs::running::JobGate`]).
+    pub job_gate: Option<Arc<crate::control::jobs::running::JobGate>>,
     /// Set once `catalog` holds a snapshot of the replicated catalog (until
     /// then it holds the configuration's, used only to log clients in).
     ready: AtomicBool,
@@ -114,7 +114,7 @@ pub struct Node {
     pub(crate) cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
     /// Commit decisions of two-phase commits (the replicated catalog's
     /// `TxDecision` entries; see `cluster::CatalogDecisions`).
-    pub decisions: Arc<dyn crate::exec::twopc::DecisionLog>,
+    pub decisions: Arc<dyn crate::exec::decisions::DecisionLog>,
     /// Statements in flight, by the epoch of the routing table they were
     /// routed by ([`Node::pin`], [`Node::fence`]).
     pins: Mutex<std::collections::BTreeMap<u64, usize>>,
@@ -296,19 +296,14 @@ impl ShardTable {
 pub type NsKey = (String, String, Option<String>);
 
 impl Node {
-    /// A node alone, its catalog seeded from `cfg` (in memory, or in
-    /// `cfg.data_dir`). Must run inside a tokio runtime.
-    pub fn new(cfg: Config) -> Result<Arc<Node>, NodeError> {
-        let seed =
-            crate::control::cluster::seed(&cfg).map_err(|e| NodeError::Catalog(e.to_string()))?;
-        let handle = CatalogHandle::local(Some(seed), cfg.data_dir.as_deref())
-            .map_err(|e| NodeError::Catalog(e.to_string()))?;
-        Node::with_catalog(cfg, handle)
-    }
-
-    /// A node following `catalog`: it routes by the catalog's current
-    /// snapshot, and [`Node::serve`] follows the catalog's changes.
-    pub fn with_catalog(cfg: Config, catalog: CatalogHandle) -> Result<Arc<Node>, NodeError> {
+    /// A node following `catalog`, recording 2PC decisions in
+    /// `decisions` (see `control::cluster` for the constructors a node
+    /// normally uses: `Node::new`, `Node::with_catalog`).
+    pub fn with_parts(
+        cfg: Config,
+        catalog: CatalogHandle,
+        decisions: Arc<dyn crate::exec::decisions::DecisionLog>,
+    ) -> Result<Arc<Node>, NodeError> {
         let tls = match &cfg.tls {
             Some(t) => Some(load_tls(&t.cert, &t.key)?),
             None => None,
@@ -321,15 +316,12 @@ impl Node {
         let snapshot = match current.snapshot() {
             Some(s) => Arc::new(resolve_functions(&functions, s, &current)),
             None => Arc::new(
-                crate::routing::functions::config_snapshot(&cfg, &functions)
+                cfg.routing_snapshot(&functions)
                     .map_err(|e| NodeError::Config(e.to_string()))?,
             ),
         };
         let shards = ShardTable::next(&ShardTable::default(), &snapshot);
         let plans = Mutex::new(PlanCache::new(cfg.plan_cache_size));
-        let decisions: Arc<dyn crate::exec::twopc::DecisionLog> = Arc::new(
-            crate::control::cluster::CatalogDecisions::new(&cfg, catalog.clone()),
-        );
         Ok(Arc::new(Node {
             catalog: ArcSwap::new(snapshot),
             catalog_handle: catalog,

@@ -30,7 +30,9 @@
 //! `[cluster] allow_fault_injection` is set (tests).
 
 mod functions;
+mod jobs;
 
+use crate::control::pg::{connect, databases_with, quote_ident, quote_table};
 use crate::node::Node;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -52,8 +54,6 @@ use tokio::sync::watch;
 
 /// How long a catalog change may take before the API answers 504.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Timeout of the admin API's own connections to shards.
-const SHARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub(crate) struct Api {
@@ -128,7 +128,7 @@ pub async fn serve(
         .route("/v1/nodes/{id}", delete(remove_node))
         .route("/v1/debug/partition", post(partition))
         .route("/v1/fence", post(fence))
-        .merge(crate::control::jobs::routes())
+        .merge(jobs::routes())
         .with_state(api);
     let task = tokio::spawn(async move {
         let stop = async move {
@@ -791,73 +791,6 @@ async fn partition(
     }
     api.node.catalog_handle.set_partitioned(req.on);
     Ok(Json(json!({ "partitioned": req.on })))
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// `schema.table` or `table`, each part quoted.
-fn quote_table(t: &str) -> String {
-    t.split('.').map(quote_ident).collect::<Vec<_>>().join(".")
-}
-
-/// Whether table `t` (a name as the catalog has it) exists.
-pub(crate) async fn table_exists(c: &tokio_postgres::Client, t: &str) -> Result<bool, String> {
-    c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&t])
-        .await
-        .map(|r| r.get(0))
-        .map_err(|e| e.to_string())
-}
-
-/// The databases of the server at `dsn` that hold any of `tables`, in name
-/// order, each with a connection to it and the tables it holds (in the
-/// order given).
-pub(crate) async fn databases_with(
-    dsn: &str,
-    tables: &[String],
-) -> Result<Vec<(String, tokio_postgres::Client, Vec<String>)>, String> {
-    let c = connect(dsn, Some("postgres")).await?;
-    let dbs = c
-        .query(
-            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
-            &[],
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    for row in dbs {
-        let db: String = row.get(0);
-        let c = connect(dsn, Some(&db)).await?;
-        let mut here = Vec::new();
-        for t in tables {
-            if table_exists(&c, t).await? {
-                here.push(t.clone());
-            }
-        }
-        if !here.is_empty() {
-            out.push((db, c, here));
-        }
-    }
-    Ok(out)
-}
-
-/// A connection for admin work (not pooled), to `dbname` or the DSN's.
-pub(crate) async fn connect(
-    dsn: &str,
-    dbname: Option<&str>,
-) -> Result<tokio_postgres::Client, String> {
-    let mut cfg: tokio_postgres::Config = dsn.parse().map_err(|e| format!("invalid DSN: {e}"))?;
-    if let Some(db) = dbname {
-        cfg.dbname(db);
-    }
-    cfg.connect_timeout(SHARD_TIMEOUT);
-    let (client, conn) = tokio::time::timeout(SHARD_TIMEOUT, cfg.connect(tokio_postgres::NoTls))
-        .await
-        .map_err(|_| "connection timed out".to_string())?
-        .map_err(|e| format!("cannot connect: {e}"))?;
-    tokio::spawn(conn);
-    Ok(client)
 }
 
 /// Rows of `table` matching `pred` on every shard: (shard, database, n).

@@ -12,7 +12,7 @@
 //!   no catalog lease (cut off from the quorum) or has no catalog yet.
 
 use crate::config::Config;
-use crate::node::Node;
+use crate::node::{Node, NodeError};
 use hotrepart_router::catalog::RoutingSnapshot;
 use hotrepart_routing_paxos::command::{
     CatalogSeed, Dsn, FunctionSpec, RangeSpec, ShardSpec, TableSpec, WasmModule,
@@ -27,7 +27,7 @@ pub fn seed(cfg: &Config) -> anyhow::Result<CatalogSeed> {
     // Compiling the functions validates them (no imports, the ABI's
     // exports, a trial call) before they can enter the catalog.
     let cache = crate::routing::functions::FunctionCache::new(Default::default());
-    let snap = crate::routing::functions::config_snapshot(cfg, &cache)?;
+    let snap = cfg.routing_snapshot(&cache)?;
     let mut seed = seed_of(&snap);
     seed.functions = cfg
         .function_modules()?
@@ -198,20 +198,20 @@ impl CatalogDecisions {
     }
 }
 
-impl crate::exec::twopc::DecisionLog for CatalogDecisions {
+impl crate::exec::decisions::DecisionLog for CatalogDecisions {
     fn decide<'a>(
         &'a self,
         gid: &'a str,
         commit: bool,
     ) -> std::pin::Pin<
         Box<
-            dyn std::future::Future<Output = Result<bool, crate::exec::twopc::DecisionError>>
+            dyn std::future::Future<Output = Result<bool, crate::exec::decisions::DecisionError>>
                 + Send
                 + 'a,
         >,
     > {
         Box::pin(async move {
-            use crate::exec::twopc::DecisionError;
+            use crate::exec::decisions::DecisionError;
             if let Some(d) = self.handle.catalog().decision(gid) {
                 return Ok(d);
             }
@@ -249,5 +249,24 @@ impl crate::exec::twopc::DecisionLog for CatalogDecisions {
 
     fn may_resolve(&self, gid: &str) -> bool {
         self.own_prefix.as_ref().is_none_or(|p| gid.starts_with(p))
+    }
+}
+
+impl Node {
+    /// A node alone, its catalog seeded from `cfg` (in memory, or in
+    /// `cfg.data_dir`). Must run inside a tokio runtime.
+    pub fn new(cfg: Config) -> Result<Arc<Node>, NodeError> {
+        let seed = seed(&cfg).map_err(|e| NodeError::Catalog(e.to_string()))?;
+        let handle = CatalogHandle::local(Some(seed), cfg.data_dir.as_deref())
+            .map_err(|e| NodeError::Catalog(e.to_string()))?;
+        Node::with_catalog(cfg, handle)
+    }
+
+    /// A node following `catalog`: it routes by the catalog's current
+    /// snapshot, follows its changes once serving, and records 2PC
+    /// decisions in it ([`CatalogDecisions`]).
+    pub fn with_catalog(cfg: Config, catalog: CatalogHandle) -> Result<Arc<Node>, NodeError> {
+        let decisions = Arc::new(CatalogDecisions::new(&cfg, catalog.clone()));
+        Node::with_parts(cfg, catalog, decisions)
     }
 }

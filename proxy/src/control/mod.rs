@@ -7,5 +7,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod jobs;
+pub mod pg;
 pub mod reshard;
+pub mod resolver;
 pub mod supervisor;

@@ -34,117 +34,19 @@
 //! last COMMIT PREPARED then leaves the transaction half committed (the
 //! resolver rolls back the shards not yet committed).
 
-use crate::backend::conn::{BackendConn, BackendTarget, HiddenQueryError};
+use crate::backend::conn::HiddenQueryError;
 use crate::backend::pool::Pool;
 use crate::error::sqlstate;
 use crate::error::Refusal;
+use crate::exec::decisions::DecisionError;
 use crate::failpoint::{self, abort_at, Failpoint};
 use crate::node::Node;
 use crate::session::Session;
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
-
-/// Why a decision could not be recorded. The decision may still have been
-/// recorded (a proposal in flight when a timeout hit): read it back with
-/// [`DecisionLog::decision`] or ask again.
-#[derive(Debug, thiserror::Error)]
-pub enum DecisionError {
-    #[error("the decision log is unavailable: {0}")]
-    Unavailable(String),
-    #[error("timed out recording the decision")]
-    Timeout,
-}
-
-/// Where commit decisions of distributed transactions are recorded.
-pub trait DecisionLog: Send + Sync + 'static {
-    /// Records `commit` for gid unless a decision exists; returns the final decision.
-    fn decide<'a>(
-        &'a self,
-        gid: &'a str,
-        commit: bool,
-    ) -> Pin<Box<dyn Future<Output = Result<bool, DecisionError>> + Send + 'a>>;
-    /// The recorded decision, without waiting.
-    fn decision(&self, gid: &str) -> Option<bool>;
-    /// Whether this node runs the resolver now (the leader, in a cluster).
-    fn is_resolver(&self) -> bool;
-    /// Every shard has ended gid's transaction: its decision is no longer
-    /// needed (a log may drop it, or keep it; the default keeps it).
-    fn finished(&self, _gid: &str) {}
-    /// Whether this node's resolver may decide gid. A log shared by every
-    /// node (the replicated catalog) may decide any gid (the default); a
-    /// log private to one node only its own, since another node's
-    /// coordinator would never see the decision.
-    fn may_resolve(&self, _gid: &str) -> bool {
-        true
-    }
-}
-
-/// In-memory decisions, used by a node on its own. They do not survive a
-/// restart of the node (see the module documentation), and no other node
-/// sees them: the resolver of a node using them finishes only the
-/// transactions of its own `node_id` (nodes in front of the same shards
-/// need distinct ids).
-#[derive(Default)]
-pub struct LocalDecisions {
-    map: Mutex<HashMap<String, bool>>,
-    /// `hr_<node_id>_`: the gids this node makes; None: any.
-    own_prefix: Option<String>,
-}
-
-impl LocalDecisions {
-    /// Decisions of node `node_id`, whose resolver finishes only that
-    /// node's transactions.
-    pub fn for_node(node_id: u64) -> LocalDecisions {
-        LocalDecisions {
-            map: Mutex::default(),
-            own_prefix: Some(format!("hr_{node_id}_")),
-        }
-    }
-}
-
-impl DecisionLog for LocalDecisions {
-    fn decide<'a>(
-        &'a self,
-        gid: &'a str,
-        commit: bool,
-    ) -> Pin<Box<dyn Future<Output = Result<bool, DecisionError>> + Send + 'a>> {
-        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let v = *m.entry(gid.to_string()).or_insert(commit);
-        Box::pin(std::future::ready(Ok(v)))
-    }
-
-    fn decision(&self, gid: &str) -> Option<bool> {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(gid)
-            .copied()
-    }
-
-    fn is_resolver(&self) -> bool {
-        true
-    }
-
-    fn may_resolve(&self, gid: &str) -> bool {
-        self.own_prefix
-            .as_deref()
-            .is_none_or(|p| gid.starts_with(p))
-    }
-
-    /// Dropped: nothing is left prepared under this gid, and a resolver
-    /// that still sees it listed finds it gone on the shard.
-    fn finished(&self, gid: &str) {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(gid);
-    }
-}
 
 /// A new transaction id: `hr_<node_id>_<16 hex digits>` (well under
 /// PostgreSQL's 199 bytes).
@@ -167,7 +69,7 @@ pub fn is_hotrepart_gid(gid: &str) -> bool {
 }
 
 /// Records `commit` for `gid` within the configured timeout.
-async fn record(node: &Node, gid: &str, commit: bool) -> Result<bool, DecisionError> {
+pub(crate) async fn record(node: &Node, gid: &str, commit: bool) -> Result<bool, DecisionError> {
     let t = Duration::from_millis(node.cfg.twopc_decision_timeout_ms);
     match tokio::time::timeout(t, node.decisions.decide(gid, commit)).await {
         Ok(r) => r,
@@ -483,171 +385,6 @@ async fn finish_with_pool(pool: &Arc<Pool>, t: usize, sql: &str, wait: Duration)
     false
 }
 
-/// Pool key user under which the resolver finds its login (no client has
-/// it); the resolver makes its own connections from that pool's target.
-const RESOLVER: &str = "\u{0}hotrepart-resolver";
-
-/// `application_name` of the resolver's connections: they are not part of
-/// any pool, and an operator (or a test counting a pool's backends) can
-/// tell them apart.
-pub const RESOLVER_APPLICATION_NAME: &str = "hotrepart resolver";
-
-/// The resolver: every `twopc_resolver_interval_ms`, while this node is the
-/// resolver, finishes the prepared `hr_` transactions older than
-/// `twopc_grace_ms` on every shard (any node's with a shared decision log:
-/// a crashed node cannot; see [`DecisionLog::may_resolve`]). Keeps one
-/// connection per shard. Started by [`Node::serve`] under the node's
-/// supervisor (restarted if it fails); ends when `shutdown` turns true.
-pub async fn run_resolver(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    let every = Duration::from_millis(node.cfg.twopc_resolver_interval_ms.max(10));
-    let mut conns: Vec<Option<BackendConn>> = Vec::new();
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
-        }
-        if !node.decisions.is_resolver() {
-            conns.iter_mut().for_each(|c| *c = None);
-            continue;
-        }
-        // Shards of the current routing table (a removed shard keeps its
-        // index but is not visited; its connection is dropped).
-        conns.resize_with(node.shard_slots(), || None);
-        let live = node.live_shards();
-        for (t, conn) in conns.iter_mut().enumerate() {
-            if !live.contains(&t) {
-                *conn = None;
-                continue;
-            }
-            if let Err(e) = resolve_shard(&node, t, conn).await {
-                tracing::warn!(shard = %node.shard_name(t), error = %e, "2PC resolver cannot check the shard");
-                *conn = None;
-            }
-        }
-    }
-}
-
-/// Where the resolver logs in for `database` on shard `t`: as the shard
-/// DSN's user (with the DSN's password), or, when the DSN names no user, as
-/// the first configured user's server login. Finishing another role's
-/// prepared transaction needs a superuser (or that role).
-fn resolver_target(node: &Node, t: usize, database: &str) -> BackendTarget {
-    let dsn_user = node
-        .shard_dsn(t)
-        .unwrap_or_default()
-        .parse::<tokio_postgres::Config>()
-        .ok()
-        .and_then(|c| c.get_user().map(str::to_string));
-    let who = match (dsn_user, node.cfg.users.first()) {
-        (None, Some(u)) => u.name.clone(),
-        _ => RESOLVER.to_string(),
-    };
-    // The pool is never used for connections: only its login is.
-    node.pool_for(t, database, &who).target.clone()
-}
-
-async fn resolver_connect(
-    node: &Node,
-    t: usize,
-    database: &str,
-) -> Result<BackendConn, crate::backend::conn::BackendError> {
-    BackendConn::connect_named(
-        &resolver_target(node, t, database),
-        node.cfg.connect_timeout(),
-        Some(RESOLVER_APPLICATION_NAME),
-    )
-    .await
-}
-
-/// Error of one resolver pass over a shard.
-#[derive(Debug, thiserror::Error)]
-pub enum ResolveError {
-    #[error(transparent)]
-    Connect(#[from] crate::backend::conn::BackendError),
-    #[error(transparent)]
-    Query(#[from] HiddenQueryError),
-}
-
-/// One resolver pass over shard `t`, listing with `conn` (connected to the
-/// DSN's database when None). Returns the gids it finished.
-pub async fn resolve_shard(
-    node: &Node,
-    t: usize,
-    conn: &mut Option<BackendConn>,
-) -> Result<Vec<String>, ResolveError> {
-    let home_db = node
-        .shard_dsn(t)
-        .unwrap_or_default()
-        .parse::<tokio_postgres::Config>()
-        .ok()
-        .and_then(|c| c.get_dbname().map(str::to_string))
-        .unwrap_or_else(|| "postgres".into());
-    let b = match conn {
-        Some(b) => b,
-        None => conn.insert(resolver_connect(node, t, &home_db).await?),
-    };
-    // pg_prepared_xacts lists every database's prepared transactions.
-    let q = format!(
-        "SELECT gid, database FROM pg_catalog.pg_prepared_xacts WHERE left(gid, 3) = 'hr_' AND prepared < now() - interval '{} milliseconds' ORDER BY prepared",
-        node.cfg.twopc_grace_ms
-    );
-    let rows = b.hidden_query(&q).await?;
-    // `t` is an index of the node's shard table (the catalog's shards,
-    // which grow at run time), never of the configuration file's list.
-    let shard = node.shard_name(t);
-    let mut done = Vec::new();
-    for row in rows {
-        let (Some(Some(gid)), Some(Some(db))) = (row.first(), row.get(1)) else {
-            continue;
-        };
-        if !is_hotrepart_gid(gid) || !node.decisions.may_resolve(gid) {
-            continue;
-        }
-        let commit = match node.decisions.decision(gid) {
-            Some(c) => c,
-            None => match record(node, gid, false).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(%gid, error = %e, "2PC resolver cannot record a rollback decision");
-                    continue;
-                }
-            },
-        };
-        let sql = if commit {
-            format!("COMMIT PREPARED '{gid}'")
-        } else {
-            format!("ROLLBACK PREPARED '{gid}'")
-        };
-        // A prepared transaction belongs to its database: finish it there.
-        let r = if *db == home_db {
-            b.hidden_query(&sql).await
-        } else {
-            match resolver_connect(node, t, db).await {
-                Ok(mut other) => other.hidden_query(&sql).await,
-                Err(e) => {
-                    tracing::warn!(%shard, %gid, database = %db, error = %e, "2PC resolver cannot connect");
-                    continue;
-                }
-            }
-        };
-        match r {
-            // 42704: finished meanwhile (the decision is final).
-            Ok(_) => {
-                tracing::info!(%shard, %gid, database = %db, commit, "2PC resolver finished an in-doubt transaction");
-                done.push(gid.clone());
-            }
-            Err(HiddenQueryError::Server { code, .. }) if code == sqlstate::UNDEFINED_OBJECT => {}
-            Err(e) => {
-                tracing::warn!(%shard, %gid, database = %db, commit, error = %e, "2PC resolver could not finish an in-doubt transaction");
-                if matches!(e, HiddenQueryError::Wire(_)) && *db == home_db {
-                    return Err(e.into());
-                }
-            }
-        }
-    }
-    Ok(done)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -665,6 +402,7 @@ mod tests {
 
     #[test]
     fn the_first_decision_is_final() {
+        use crate::exec::decisions::{DecisionLog, LocalDecisions};
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap_or_else(|e| panic!("{e}"));

@@ -65,7 +65,7 @@ impl Node {
             .spawn("twopc_resolver", shutdown.clone(), move || {
                 let (node, stop) = (node.clone(), stop.clone());
                 async move {
-                    crate::exec::twopc::run_resolver(node, stop).await;
+                    crate::control::resolver::run_resolver(node, stop).await;
                     Ok(())
                 }
             });

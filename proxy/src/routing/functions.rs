@@ -26,8 +26,6 @@ use hotrepart_router::catalog::{FunctionId, KeyType, KeyValue, PointFunction, Ro
 use hotrepart_udf_wasm::abi::{self, oid};
 use hotrepart_udf_wasm::{CallError, Function, Limits, Runtime};
 
-use crate::config::Config;
-
 /// A routing function could not be made ready.
 #[derive(Debug, thiserror::Error)]
 pub enum FunctionError {
@@ -193,27 +191,6 @@ pub fn resolve<'a>(
     modules: impl IntoIterator<Item = (FunctionId, &'a [u8])>,
 ) -> Result<RoutingSnapshot, FunctionError> {
     FunctionCache::new(Limits::default()).resolve(snapshot, modules)
-}
-
-/// The node's first routing snapshot from its configuration file: the
-/// tables of [`Config::snapshot`] with the `[[functions]]` they use
-/// compiled and attached. (Until the replicated catalog seeds this.)
-pub fn config_snapshot(
-    cfg: &Config,
-    cache: &FunctionCache,
-) -> Result<RoutingSnapshot, FunctionError> {
-    let snapshot = cfg
-        .snapshot()
-        .map_err(|e| FunctionError::Config(e.to_string()))?;
-    let modules = cfg
-        .function_modules()
-        .map_err(|e| FunctionError::Config(e.to_string()))?;
-    cache.resolve(
-        snapshot,
-        modules
-            .iter()
-            .map(|(_, wasm)| (module_id(wasm), wasm.as_slice())),
-    )
 }
 
 /// Reads a routing function's file: binary `.wasm`, or `.wat` text converted

@@ -62,7 +62,7 @@ pub struct Decision {
     /// For a multi-shard read: how to merge the shards' answers.
     pub merge: Option<std::sync::Arc<hotrepart_router::route::MergePlan>>,
     /// A COPY the node splits (FROM) or concatenates (TO) over the shards
-    /// (see [`crate::exec::copy`]).
+    /// (see `exec::copy`).
     pub copy: Option<std::sync::Arc<hotrepart_router::route::copy::CopyPlan>>,
     /// Functions called that the router does not know to be read-only:
     /// when one is volatile the session makes `write` true (it may run

@@ -11,7 +11,7 @@
 //! parent of it, transitively (an over-approximation: a sibling partition
 //! of a declared one is refused too). The node caches the result per
 //! (database, user, `search_path` setting) and the set of declared tables,
-//! and forgets it on DDL through the node ([`crate::node::Node::forget_catalog`]).
+//! and forgets it on DDL through the node (`Node::forget_catalog`).
 //! A view or partition created directly on the shards is not seen until
 //! then.
 

@@ -3,7 +3,7 @@
 //! killed between PREPARE and the decision.
 #![allow(clippy::unwrap_used)]
 
-use hotrepart_proxy::exec::twopc::{DecisionError, DecisionLog, LocalDecisions};
+use hotrepart_proxy::exec::decisions::{DecisionError, DecisionLog, LocalDecisions};
 use hotrepart_router::catalog::{KeyValue, RoutingSnapshot};
 use hotrepart_tests::*;
 use std::collections::VecDeque;

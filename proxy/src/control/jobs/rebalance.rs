@@ -131,7 +131,7 @@ pub(crate) async fn loads(snap: &RoutingSnapshot) -> Result<(Vec<Load>, Basis), 
     for shard in snap.shards() {
         let name = shard.id.as_str();
         let fail = |e: String| JobError::Other(format!("shard {name}: {e}"));
-        let dbs = crate::control::admin::databases_with(&shard.dsn, &names)
+        let dbs = crate::control::pg::databases_with(&shard.dsn, &names)
             .await
             .map_err(fail)?;
         for (db, client, present) in dbs {
@@ -342,7 +342,7 @@ pub(crate) async fn split_point(
     let lo_v = ordered(range.lo);
     let hi_v: Option<i64> = range.hi.map(ordered);
     let names: Vec<String> = snap.sharded_tables().map(|t| t.name.clone()).collect();
-    let dbs = crate::control::admin::databases_with(dsn, &names)
+    let dbs = crate::control::pg::databases_with(dsn, &names)
         .await
         .map_err(JobError::Other)?;
     let mut tables: Vec<(u64, Vec<u64>)> = Vec::new();
