@@ -39,7 +39,7 @@ use crate::backend::conn::BackendConn;
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::{Decision, Target};
-use crate::session::Session;
+use crate::session::conn::Session;
 use crate::wire::{self, Frame, Severity, WireError};
 use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, Bytes, BytesMut};

@@ -12,7 +12,7 @@
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::Target;
-use crate::session::Session;
+use crate::session::conn::Session;
 use crate::wire::{self, Severity};
 use crate::wire::{command_complete, rfq};
 use bytes::BufMut;

@@ -10,7 +10,7 @@
 //! already failed.)
 
 use crate::error::SessionError;
-use crate::session::Session;
+use crate::session::conn::Session;
 use crate::wire::{self, Frame, WireError};
 use std::collections::VecDeque;
 use std::future::Future;

@@ -27,7 +27,7 @@ use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::exec::multi::ShardStreams;
 use crate::routing::{Decision, Target};
-use crate::session::Session;
+use crate::session::conn::Session;
 use crate::wire::{self, Severity};
 use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -384,7 +384,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     // Send the batch to every shard. The first shard's pass registers named
     // statements; the others get them through Bind's prepare-on-backend.
-    let mut owed_by: Vec<std::collections::VecDeque<crate::session::Owed>> = Vec::new();
+    let mut owed_by: Vec<std::collections::VecDeque<crate::session::conn::Owed>> = Vec::new();
     for (i, &t) in shards.iter().enumerate() {
         s.cur = t;
         for f in &frames {

@@ -41,7 +41,7 @@ use crate::error::Refusal;
 use crate::exec::decisions::DecisionError;
 use crate::failpoint::{self, abort_at, Failpoint};
 use crate::node::Node;
-use crate::session::Session;
+use crate::session::conn::Session;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

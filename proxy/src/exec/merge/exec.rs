@@ -21,7 +21,7 @@ use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::exec::multi::ShardStreams;
 use crate::routing::BindParams;
-use crate::session::Session;
+use crate::session::conn::Session;
 use crate::wire::{self, Frame, Severity, WireError};
 use crate::wire::{command_complete, rfq};
 use bytes::{Buf, BufMut, Bytes, BytesMut};

@@ -1,0 +1,601 @@
+//! Backends joining and leaving a session: checkout from the pool,
+//! session state replayed or read back, the namespace and the functions a
+//! statement needs looked up on a shard, draining and flushing, the end of
+//! a transaction (backends released).
+
+use super::conn::*;
+use crate::backend::pool::{Pool, PoolError};
+use crate::backend::state::{self, SessionState};
+use crate::error::sqlstate;
+use crate::error::{Refusal, SessionError};
+use crate::routing::{Decision, Target};
+use crate::wire::WireError;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub(crate) fn pool(&mut self, shard: usize) -> Arc<Pool> {
+        if let Some(p) = &self.slots[shard].pool {
+            return p.clone();
+        }
+        let p = self.node.pool_for(shard, &self.database, &self.user);
+        self.slots[shard].pool = Some(p.clone());
+        p
+    }
+
+    /// Makes sure shard `t` has a backend carrying this client's state (and
+    /// inside a transaction, a transaction of its own). Returns a client
+    /// error (not fatal) when no backend can be had.
+    pub(crate) async fn ensure_backend(
+        &mut self,
+        t: usize,
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        if self.slots[t].conn.is_some() {
+            return Ok(Ok(()));
+        }
+        // A SET earlier in this transaction: learn the state it made before
+        // giving a new backend this client's state.
+        for d in 0..self.slots.len() {
+            if d != t && self.state_dirty[d] && self.slots[d].conn.is_some() {
+                self.refresh_state_from(d).await;
+            }
+        }
+        let pool = self.pool(t);
+        let mut b = match pool.get(self.state_fp, self.node.cfg.pool_timeout()).await {
+            Ok(b) => b,
+            Err(PoolError::Timeout { shard, waited_ms, size }) => {
+                return Ok(Err(Refusal::new(
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    format!("no server connection to shard {shard} became free within {waited_ms} ms (pool size {size})"),
+                )))
+            }
+            Err(PoolError::Backend(e)) => {
+                tracing::warn!(error = %e, "cannot open backend connection");
+                return Ok(Err(Refusal::new(
+                    sqlstate::CONNECTION_FAILURE,
+                    format!("cannot connect to shard {}", self.node.shard_name(t)),
+                )));
+            }
+        };
+        if b.state_fp != self.state_fp {
+            let sql = self.state.replay_sql();
+            if let Err(e) = b.hidden_query(&sql).await {
+                b.broken = true;
+                return Ok(Err(Refusal::new(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("cannot restore session state on a server connection: {e}"),
+                )));
+            }
+            b.state_fp = self.state_fp;
+        }
+        if !self.node.single_shard() && self.node.collation_is_c(t, &self.database).is_none() {
+            // Needed by the merger: text is ordered across shards only when
+            // the database and every user column use the C collation.
+            if let Ok(rows) = b.hidden_query(CATALOG_PROBE).await {
+                let row = rows.first();
+                let c = row
+                    .and_then(|r| r.first().cloned().flatten())
+                    .is_some_and(|v| v == "t");
+                self.node.set_collation_is_c(t, &self.database, c);
+            }
+        }
+        if self.tx_status != b'I' {
+            // The shard joins an open transaction.
+            let begin = self.tx_begin.clone().unwrap_or_else(|| "BEGIN".into());
+            if let Err(e) = b.hidden_query(&begin).await {
+                b.broken = true;
+                return Ok(Err(Refusal::new(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("cannot begin the transaction on another shard: {e}"),
+                )));
+            }
+        }
+        self.slots[t].conn = Some(b);
+        self.update_cancel();
+        Ok(Ok(()))
+    }
+
+    /// Makes `t` the current shard: drains what another shard still owes,
+    /// then attaches a backend on `t`.
+    pub(super) async fn switch_to(
+        &mut self,
+        t: usize,
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        if self.cur != t {
+            if !self.owed.is_empty() {
+                self.drain_owed().await?;
+            }
+            if self.slots[self.cur]
+                .conn
+                .as_ref()
+                .is_some_and(|b| b.unsynced)
+            {
+                return Ok(Err(Refusal::new(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "messages sent with Flush but without Sync are still open on one shard, and the next statement goes to another; send Sync first".into(),
+                )));
+            }
+        }
+        let r = self.ensure_backend(t).await?;
+        if r.is_ok() {
+            self.cur = t;
+        }
+        Ok(r)
+    }
+
+    pub(crate) fn backend_lost(&mut self, shard: usize, e: WireError) -> SessionError {
+        tracing::warn!(error = %e, shard, "backend connection lost");
+        self.slots[shard].conn = None;
+        self.cancel.set(Vec::new());
+        SessionError::Fatal {
+            code: sqlstate::CONNECTION_FAILURE,
+            msg: "server connection lost; the transaction, if any, was rolled back".into(),
+        }
+    }
+
+    /// Reads the current backend until nothing is owed (before a statement
+    /// goes to another shard, so replies stay in order).
+    pub(crate) async fn drain_owed(&mut self) -> Result<(), SessionError> {
+        self.flush_backend().await?;
+        while !self.owed.is_empty() {
+            let cur = self.cur;
+            let Some(b) = self.slots[cur].conn.as_mut() else {
+                break;
+            };
+            let f = match b.reader.next().await {
+                Ok(f) => f,
+                Err(e) => return Err(self.backend_lost(cur, e)),
+            };
+            self.on_backend_frame(f).await?;
+            if self.out.len() > 64 * 1024 {
+                self.flush_client().await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn flush_client(&mut self) -> Result<(), SessionError> {
+        if !self.out.is_empty() {
+            let w = self.client.get_mut();
+            w.write_all(&self.out)
+                .await
+                .map_err(|_| SessionError::ClientGone)?;
+            w.flush().await.map_err(|_| SessionError::ClientGone)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn flush_backend(&mut self) -> Result<(), SessionError> {
+        if self.to_backend.is_empty() {
+            return Ok(());
+        }
+        let cur = self.cur;
+        let Some(b) = self.slots[cur].conn.as_mut() else {
+            self.to_backend.clear();
+            return Ok(());
+        };
+        if let Err(e) = b.writer.write_all(&self.to_backend).await {
+            self.to_backend.clear();
+            return Err(self.backend_lost(cur, WireError::Io(e)));
+        }
+        self.to_backend.clear();
+        Ok(())
+    }
+
+    /// ReadyForQuery(idle) with nothing owed: read back session state if it
+    /// may have changed, then return the backends (transaction mode).
+    /// Reads the session state of shard `i`'s backend (where a SET may have
+    /// run) and makes it the client's; the backend is labelled with it.
+    pub(super) async fn refresh_state_from(&mut self, i: usize) {
+        let sql = state::read_state_sql(&self.custom_settings);
+        let Some(b) = self.slots[i].conn.as_mut() else {
+            return;
+        };
+        match b.hidden_query(&sql).await {
+            Ok(rows) => {
+                let pairs = rows
+                    .into_iter()
+                    .filter_map(|r| match (r.first(), r.get(1)) {
+                        // A custom setting that was RESET reads as '' (it stays
+                        // defined): the same as never set.
+                        (Some(Some(k)), Some(Some(v)))
+                            if !(v.is_empty() && self.custom_settings.contains(k)) =>
+                        {
+                            Some((k.clone(), v.clone()))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                self.state = SessionState::from_pairs(pairs);
+                self.state_fp = self.state.fingerprint();
+                b.state_fp = self.state_fp;
+                self.state_stale = false;
+                // Read inside a transaction, the state may still change at
+                // its end (a ROLLBACK undoes a SET): read it again then.
+                if b.status == b'I' {
+                    self.state_dirty[i] = false;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read session state back");
+                b.broken = true;
+            }
+        }
+    }
+
+    /// ReadyForQuery(idle) with nothing owed: end what other shards still
+    /// hold open (they were only read: one written shard per transaction),
+    /// read back session state where it may have changed, then return the
+    /// backends (transaction mode).
+    pub(crate) async fn end_of_transaction(&mut self) -> Result<(), SessionError> {
+        self.reset_tx();
+        for i in 0..self.slots.len() {
+            if let Some(b) = self.slots[i].conn.as_mut() {
+                if b.status != b'I' && !b.unsynced {
+                    if let Err(e) = b.hidden_query("ROLLBACK").await {
+                        tracing::warn!(error = %e, shard = i, "rolling back a read-only shard failed");
+                        b.broken = true;
+                    }
+                }
+            }
+            if self.state_dirty[i] {
+                self.refresh_state_from(i).await;
+            }
+        }
+        if self.prepared_dirty {
+            for slot in &mut self.slots {
+                if let Some(b) = slot.conn.as_mut() {
+                    match b
+                        .hidden_query("SELECT name FROM pg_catalog.pg_prepared_statements")
+                        .await
+                    {
+                        Ok(rows) => {
+                            b.prepared = rows
+                                .into_iter()
+                                .filter_map(|r| r.into_iter().next().flatten())
+                                .collect();
+                        }
+                        Err(_) => b.broken = true,
+                    }
+                }
+            }
+            self.prepared_dirty = false;
+        }
+        if !self.session_mode {
+            for slot in &mut self.slots {
+                if let Some(b) = slot.conn.take() {
+                    // Closed instead when not idle and synced.
+                    b.release();
+                }
+            }
+            if let Some(u) = self.unnamed.as_mut() {
+                u.on = None;
+            }
+            self.update_cancel();
+        }
+        Ok(())
+    }
+
+    /// Before routing: when a statement that may change settings was sent
+    /// since they were last read, wait for its answer and read them again
+    /// (inside a transaction too), so that the next statement is routed
+    /// under the settings PostgreSQL will apply to it. When that is not
+    /// possible (a backend with Flush-only messages, or a failed
+    /// transaction) the state stays stale and routing treats what depends
+    /// on it as unknown.
+    pub(super) async fn settle_state(&mut self) -> Result<(), SessionError> {
+        if !self.state_stale || self.mid_pipeline() {
+            return Ok(());
+        }
+        if !self.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let mut settled = true;
+        for i in 0..self.slots.len() {
+            if !self.state_dirty[i] {
+                continue;
+            }
+            match self.slots[i].conn.as_ref().map(|b| b.status) {
+                // Lost with its backend: the next backend gets `state`.
+                None => {}
+                Some(b'E') => settled = false,
+                Some(_) => {
+                    self.refresh_state_from(i).await;
+                    settled &= !self.state_stale;
+                    self.state_stale = true;
+                }
+            }
+        }
+        self.state_stale = !settled;
+        Ok(())
+    }
+
+    /// Before routing: the namespace unqualified names resolve in, for the
+    /// client's current `search_path` ([`crate::routing::names`]): from the node's
+    /// cache, else read on the home shard on a backend carrying the
+    /// client's settings (attached to its transaction if one is open;
+    /// released again if the session was idle).
+    pub(super) async fn ensure_namespace(&mut self) -> Result<(), SessionError> {
+        if self.node.single_shard() {
+            return Ok(());
+        }
+        // Per statement only this: the routing table's epoch, the catalog
+        // generation and the setting, compared without allocating.
+        let snap = self.node.catalog.load_full();
+        let generation = self
+            .node
+            .catalog_generation
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if let Some((p, e, g)) = &self.ns_under {
+            if *e == snap.epoch()
+                && *g == generation
+                && p.as_deref() == self.state.get("search_path")
+            {
+                return Ok(());
+            }
+        }
+        let fp = crate::routing::names::declared_fingerprint(&snap);
+        let path = self.state.get("search_path").map(str::to_string);
+        let under = (path.clone(), snap.epoch(), generation);
+        if fp == 0 {
+            self.ns = Arc::default();
+            self.ns_under = Some(under);
+            return Ok(());
+        }
+        let key = (self.database.clone(), self.user.clone(), path);
+        if let Some(ns) = self.node.namespace(&key, fp) {
+            self.ns = ns;
+            self.ns_under = Some(under);
+            return Ok(());
+        }
+        if self.mid_pipeline() {
+            return Ok(());
+        }
+        if !self.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let home = self.node.home_index();
+        let was_attached = self.slots[home].conn.is_some();
+        if let Err(r) = self.ensure_backend(home).await? {
+            tracing::warn!(error = %r.message, "cannot read the search path on the home shard");
+            return Ok(());
+        }
+        let sql = crate::routing::names::probe_sql(&snap);
+        let rows = match self.slots[home].conn.as_mut() {
+            Some(b) => b.hidden_query(&sql).await,
+            None => return Ok(()),
+        };
+        match rows {
+            Ok(rows) => {
+                let ns = Arc::new(crate::routing::names::parse(rows));
+                self.node.learn_namespace(key, fp, ns.clone());
+                self.ns = ns;
+                self.ns_under = Some(under);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the search path on the home shard"),
+        }
+        if !was_attached && self.tx_status == b'I' && self.owed.is_empty() {
+            if let Some(b) = self.slots[home].conn.take() {
+                b.release();
+            }
+            self.update_cancel();
+        }
+        Ok(())
+    }
+
+    /// A statement that calls functions the router does not know to be
+    /// read-only:
+    /// - is refused (0A000) when one of them names a sharded table in its
+    ///   body, unless a hint forced the shard: what such a function reads
+    ///   or writes is not where the router sends the statement (the home
+    ///   shard, or the shard of the statement's own key);
+    /// - is a write for commit purposes when one of them is volatile (it
+    ///   may run DML; a non-volatile SQL or PL/pgSQL function cannot,
+    ///   PostgreSQL refuses it): `d.write` becomes true, so a transaction
+    ///   that also wrote elsewhere commits with two-phase commit, and a
+    ///   multi-shard statement outside a transaction block runs in a
+    ///   transaction per shard committed together.
+    ///
+    /// Looked up in `pg_proc` on the statement's shard `t` (any overload or
+    /// schema of the name counts), once per name and database, forgotten on
+    /// DDL through the node. When the lookup cannot be made the statement
+    /// counts as a write (and is not refused).
+    pub(super) async fn settle_calls(
+        &mut self,
+        d: &mut Decision,
+        t: usize,
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        if d.calls.is_empty() {
+            return Ok(Ok(()));
+        }
+        let (unknown, mut known) = self.node.known_functions(&self.database, &d.calls);
+        if !unknown.is_empty() {
+            let unsynced = self.mid_pipeline();
+            if unsynced {
+                // Mid-pipeline: no hidden query can run now.
+                d.write = true;
+                return Ok(Ok(()));
+            }
+            if !self.owed.is_empty() {
+                self.drain_owed().await?;
+            }
+            if self.ensure_backend(t).await?.is_err() {
+                d.write = true;
+                return Ok(Ok(()));
+            }
+            let list: Vec<String> = unknown.iter().map(|n| state::quote_literal(n)).collect();
+            let sql = format!(
+                "SELECT lower(proname), bool_or(provolatile = 'v'), string_agg(coalesce(prosrc, ''), ' ') \
+                 FROM pg_catalog.pg_proc WHERE lower(proname) IN ({}) GROUP BY 1",
+                list.join(", ")
+            );
+            let rows = match self.slots[t].conn.as_mut() {
+                Some(b) => b.hidden_query(&sql).await.ok(),
+                None => None,
+            };
+            let Some(rows) = rows else {
+                d.write = true;
+                return Ok(Ok(()));
+            };
+            let snap = self.node.catalog.load();
+            let sharded: Vec<String> = snap
+                .sharded_tables()
+                .map(|t| {
+                    t.name
+                        .rsplit('.')
+                        .next()
+                        .unwrap_or(&t.name)
+                        .to_ascii_lowercase()
+                })
+                .collect();
+            let mut found = HashMap::new();
+            for r in rows {
+                let mut r = r.into_iter();
+                let (Some(Some(name)), Some(vol), Some(src)) = (r.next(), r.next(), r.next())
+                else {
+                    continue;
+                };
+                let info = crate::node::FunctionInfo {
+                    volatile: vol.as_deref() == Some("t"),
+                    reads: src.as_deref().and_then(|src| names_table(src, &sharded)),
+                };
+                found.insert(name, info);
+            }
+            self.node.learn_functions(&self.database, &unknown, &found);
+            known = self.node.known_functions(&self.database, &d.calls).1;
+        }
+        if let (Some((f, table)), false) = (&known.reads, d.hinted) {
+            return Ok(Err(Refusal::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "function {f}() names sharded table \"{table}\" in its body: hotrepart cannot tell which rows it reads or writes, \
+                     so the statement would run on one shard and see or change that shard's rows only; \
+                     run it on the shard you mean with /* hotrepart: shard=NAME */ or SET hotrepart.shard"
+                ),
+            )));
+        }
+        if known.volatile.is_some() {
+            d.write = true;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Before a statement runs on several shards: the refusal the router
+    /// cannot make without the shards' catalog (a call to a user-defined
+    /// aggregate, which it plans as a scalar function).
+    pub(super) async fn check_multi_shard(
+        &mut self,
+        d: &Decision,
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        let Target::Multi { shards, .. } = &d.target else {
+            return Ok(Ok(()));
+        };
+        if shards.len() < 2 || d.ddl {
+            return Ok(Ok(()));
+        }
+        let names = called_names(&d.sql_text);
+        let (unknown, mut found) = self.node.known_aggregates(&self.database, &names);
+        if found.is_none() && !unknown.is_empty() {
+            let t = shards[0];
+            if let Err(r) = self.ensure_backend(t).await? {
+                return Ok(Err(r));
+            }
+            let list: Vec<String> = unknown.iter().map(|n| state::quote_literal(n)).collect();
+            let sql = format!(
+                "SELECT DISTINCT lower(proname) FROM pg_catalog.pg_proc WHERE prokind = 'a' AND lower(proname) IN ({})",
+                list.join(", ")
+            );
+            let rows = match self.slots[t].conn.as_mut() {
+                Some(b) => b.hidden_query(&sql).await.ok(),
+                None => None,
+            };
+            let Some(rows) = rows else {
+                return Ok(Err(Refusal::new(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "cannot read the shard's catalog (pg_proc) to check the statement's functions"
+                        .into(),
+                )));
+            };
+            let aggs: Vec<String> = rows
+                .into_iter()
+                .filter_map(|r| r.into_iter().next().flatten())
+                .collect();
+            self.node.learn_aggregates(&self.database, &unknown, &aggs);
+            found = aggs.into_iter().next();
+        }
+        if let Some(name) = found {
+            return Ok(Err(Refusal::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("aggregate function {name}() cannot be combined across shards (hotrepart combines count, sum, min, max, avg, bool_and, bool_or); pin the statement to one shard with its shard key"),
+            )));
+        }
+        Ok(Ok(()))
+    }
+
+    /// A multi-shard statement the merger answers may write (a volatile
+    /// function, FOR UPDATE): inside a transaction every shard is marked
+    /// written (COMMIT then uses two-phase commit); outside one it is
+    /// refused, as the merger runs each shard's part in its own implicit
+    /// transaction and could not commit them atomically.
+    pub(super) fn check_merged_write(
+        &mut self,
+        d: &Decision,
+        shards: &[usize],
+    ) -> Result<(), Refusal> {
+        if !d.write {
+            return Ok(());
+        }
+        if self.tx_status == b'I' {
+            let f = d
+                .calls
+                .first()
+                .map(|f| format!("calls {f}(), which may write"))
+                .unwrap_or_else(|| "locks rows".to_string());
+            return Err(Refusal::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("this statement reads several shards with a merge (ORDER BY, LIMIT, aggregates …) and {f}: run it inside a transaction block (BEGIN … COMMIT), so that what it does on every shard commits together"),
+            ));
+        }
+        for &t in shards {
+            self.note_write(t);
+        }
+        Ok(())
+    }
+
+    /// The shard a decision's statement runs on first (for lookups).
+    pub(super) fn first_shard(&self, d: &Decision) -> usize {
+        match &d.target {
+            Target::Shard(t) => *t,
+            Target::Multi { shards, .. } if !shards.is_empty() => shards[0],
+            _ => self.default_shard(),
+        }
+    }
+
+    pub(crate) fn note_sql(&mut self, sql: &str, shard: usize) {
+        if state::may_change_state(sql) {
+            let lower = sql.to_ascii_lowercase();
+            if lower.contains("isolation")
+                && (lower.contains("repeatable") || lower.contains("serializable"))
+            {
+                self.tx_snapshot_isolation = true;
+            }
+            self.state_dirty[shard] = true;
+            self.state_stale = true;
+            match state::custom_settings(sql) {
+                Some(names) => self.custom_settings.extend(names),
+                // A setting we cannot name cannot be read back: this
+                // backend is closed instead of pooled.
+                None => {
+                    if let Some(b) = self.slots[shard].conn.as_mut() {
+                        b.broken = true;
+                    }
+                }
+            }
+        }
+        if state::may_drop_prepared(sql) {
+            self.prepared_dirty = true;
+        }
+    }
+}

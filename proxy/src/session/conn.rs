@@ -1,0 +1,540 @@
+//! The session's state and its lowest plumbing: the client connection
+//! and what is queued for it, the backend slots, the replies owed, the
+//! open transaction's bookkeeping. Everything else of the session (and
+//! the executors in `crate::exec`) builds on this; it imports none of them.
+
+use crate::backend::conn::BackendConn;
+use crate::backend::pool::{Pool, Pooled};
+use crate::backend::state::{self, SessionState};
+use crate::error::sqlstate;
+use crate::error::{Refusal, SessionError};
+use crate::node::{CancelSlot, Node};
+use crate::routing::Decision;
+use crate::wire::rfq;
+use crate::wire::{self, Frame, FrameReader, Severity, WireError};
+use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A reply the backend (or the node) owes the client, in order.
+#[derive(Debug)]
+pub(crate) enum Owed {
+    /// ParseComplete. `hidden`: injected by the node, not shown to the
+    /// client. `internal`: node name prepared by it (dropped on error).
+    /// `client`: the client's statement name this Parse creates.
+    Parse {
+        hidden: bool,
+        internal: Option<String>,
+        client: Option<String>,
+    },
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    Query,
+    FunctionCall,
+    /// A reply the node makes itself, sent when everything before it is done.
+    /// `forget`: a client statement name to drop when the reply is sent
+    /// (Close), or when an error skips it (Parse), as PostgreSQL would.
+    Synthetic {
+        frame: Bytes,
+        forget: Forget,
+    },
+}
+
+/// When a synthetic reply drops a client statement name.
+#[derive(Debug, Clone)]
+pub(crate) enum Forget {
+    Nothing,
+    OnSend(String),
+    OnSkip(String),
+}
+
+/// A client's named prepared statement.
+pub(super) struct Stmt {
+    pub(super) internal: String,
+    /// Body of a Parse message under the internal name.
+    pub(super) parse: Bytes,
+    pub(super) sql: Arc<str>,
+    /// Running it may change session state / drop prepared statements.
+    pub(super) changes_state: bool,
+    pub(super) drops_prepared: bool,
+}
+
+/// The client's unnamed statement: kept so that it can be prepared again on
+/// another shard's backend when a later Bind goes there.
+pub(super) struct Unnamed {
+    /// The Parse message as the client sent it.
+    pub(super) raw: Bytes,
+    /// Shard whose current backend has it.
+    pub(super) on: Option<usize>,
+}
+
+impl Unnamed {
+    /// Its SQL text (read from the Parse message when routing needs it).
+    pub(super) fn sql(&self) -> Option<Arc<str>> {
+        let mut b = self.raw.get(5..)?;
+        let _name = wire::get_cstr(&mut b).ok()?;
+        wire::get_cstr(&mut b).ok().map(Arc::from)
+    }
+}
+
+/// One shard's side of the session.
+#[derive(Default)]
+pub(crate) struct Slot {
+    pub(crate) pool: Option<Arc<Pool>>,
+    pub(crate) conn: Option<Pooled>,
+}
+
+/// Backend slots a session keeps beyond the shards the node knows of; see
+/// `Session::ensure_slots`.
+pub(super) const SLOT_HEADROOM: usize = 8;
+
+pub struct Session<S> {
+    pub(crate) node: Arc<Node>,
+    pub(crate) client: FrameReader<S>,
+    pub(crate) out: BytesMut,
+    pub(crate) to_backend: BytesMut,
+    pub(crate) slots: Vec<Slot>,
+    /// Shard whose backend receives forwarded frames and owes the replies.
+    pub(crate) cur: usize,
+    pub(super) database: String,
+    pub(super) session_mode: bool,
+    pub(crate) owed: VecDeque<Owed>,
+    /// Held from routing until the session has the answers of what it
+    /// routed (`owed` empty after a batch): see [`Node::pin`].
+    pub(crate) pin: Option<crate::node::EpochPin>,
+    pub(super) stmts: HashMap<String, Stmt>,
+    pub(super) unnamed: Option<Unnamed>,
+    /// Extended-protocol messages waiting for their Sync or Flush.
+    pub(super) batch: Vec<Frame>,
+    pub(super) state: SessionState,
+    pub(super) state_fp: u64,
+    /// Shard of a backend whose transaction may have changed session state.
+    pub(super) state_dirty: Vec<bool>,
+    /// A statement that may change settings was sent since `state` was
+    /// last read: routing must not trust `state` (search_path,
+    /// standard_conforming_strings) until it is read again.
+    pub(super) state_stale: bool,
+    /// The server's `standard_conforming_strings` at login.
+    pub(super) server_scs: bool,
+    /// Where unqualified names resolve, and what it was read under
+    /// (search_path setting, routing table epoch, the node's
+    /// catalog generation).
+    pub(super) ns: Arc<hotrepart_router::route::Namespace>,
+    pub(super) ns_under: Option<(Option<String>, u64, u64)>,
+    /// Custom settings (`app.name`) the client has set, read back with
+    /// the others.
+    pub(super) custom_settings: std::collections::BTreeSet<String>,
+    /// ... or dropped prepared statements (DISCARD/DEALLOCATE).
+    pub(super) prepared_dirty: bool,
+    /// After an error the node raised itself in an extended-protocol batch,
+    /// client messages are skipped until Sync.
+    pub(crate) skip_to_sync: bool,
+    /// Transaction status as the client sees it.
+    pub(crate) tx_status: u8,
+    /// The client's BEGIN, replayed on shards that join the transaction.
+    pub(super) tx_begin: Option<String>,
+    /// The shards this transaction has written to, in order of first write.
+    pub(crate) tx_writes: Vec<usize>,
+    /// The node refused a statement inside the transaction: like PostgreSQL
+    /// after an error, only ROLLBACK (or COMMIT, which rolls back) is left.
+    pub(crate) tx_failed: bool,
+    /// The routing table of the open transaction's first routed statement:
+    /// a REPEATABLE READ or SERIALIZABLE transaction must not outlive a
+    /// range's change of owner (its snapshot on the new owner may predate
+    /// the range's rows there).
+    pub(super) tx_routing: Option<Arc<hotrepart_router::catalog::RoutingSnapshot>>,
+    /// The open transaction asked for REPEATABLE READ or SERIALIZABLE
+    /// (`SET TRANSACTION …`, `SET SESSION CHARACTERISTICS …`).
+    pub(super) tx_snapshot_isolation: bool,
+    pub(super) cancel: Arc<CancelSlot>,
+    pub(super) user: String,
+    /// Set while a multi-shard extended statement is gathered.
+    pub(crate) gather: Option<Gather>,
+}
+
+/// What a multi-shard extended statement's first shard answered.
+#[derive(Default, Debug)]
+pub(crate) struct Gather {
+    pub(crate) tags: Vec<String>,
+    pub(crate) error: Option<(String, String)>,
+    pub(crate) status: u8,
+    pub(crate) empty: bool,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+pub enum End {
+    /// Terminate, or the client closed the connection.
+    ClientGone,
+    /// The node sent a FATAL error and closed.
+    Fatal,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node: Arc<Node>,
+        client: FrameReader<S>,
+        database: String,
+        session_mode: bool,
+        state: SessionState,
+        cancel: Arc<CancelSlot>,
+        user: String,
+    ) -> Self {
+        let state_fp = state.fingerprint();
+        let nshards = node.shard_slots() + SLOT_HEADROOM;
+        let home = node.home_index();
+        Session {
+            node,
+            client,
+            out: BytesMut::with_capacity(8192),
+            to_backend: BytesMut::with_capacity(8192),
+            slots: (0..nshards).map(|_| Slot::default()).collect(),
+            cur: home,
+            database,
+            session_mode,
+            owed: VecDeque::new(),
+            pin: None,
+            stmts: HashMap::new(),
+            unnamed: None,
+            batch: Vec::new(),
+            state,
+            state_fp,
+            state_dirty: vec![false; nshards],
+            state_stale: false,
+            server_scs: true,
+            ns: Arc::default(),
+            ns_under: None,
+            custom_settings: Default::default(),
+            prepared_dirty: false,
+            skip_to_sync: false,
+            tx_status: b'I',
+            tx_begin: None,
+            tx_writes: Vec::new(),
+            tx_failed: false,
+            tx_routing: None,
+            tx_snapshot_isolation: false,
+            cancel,
+            user,
+            gather: None,
+        }
+    }
+
+    /// The server's defaults the client saw at login (ParameterStatus):
+    /// those routing depends on when the client has not set them.
+    pub fn with_server_params(mut self, params: &[(String, String)]) -> Self {
+        if let Some((_, v)) = params
+            .iter()
+            .find(|(k, _)| k == "standard_conforming_strings")
+        {
+            self.server_scs = state::on(v);
+        }
+        self
+    }
+
+    /// Grows the backend slots when the routing table gained shards. Done
+    /// before each client batch is routed, with headroom: a decision can
+    /// only name a shard added between this call and the routing (a
+    /// replicated catalog change, not a per-statement event), so
+    /// [`SLOT_HEADROOM`] more slots than the node has handed out cover it.
+    pub(super) fn ensure_slots(&mut self) {
+        let n = self.node.shard_slots() + SLOT_HEADROOM;
+        if self.slots.len() < n {
+            self.slots.resize_with(n, Slot::default);
+            self.state_dirty.resize(n, false);
+        }
+    }
+
+    /// What routing needs of this session.
+    pub(crate) fn route_ctx(&self) -> crate::routing::RouteCtx<'_> {
+        crate::routing::RouteCtx {
+            state: &self.state,
+            stale: self.state_stale,
+            server_scs: self.server_scs,
+            ns: &self.ns,
+        }
+    }
+
+    pub(crate) fn database(&self) -> &str {
+        &self.database
+    }
+
+    pub(super) fn attached(&self) -> bool {
+        self.slots.iter().any(|s| s.conn.is_some())
+    }
+
+    /// Some backend has messages up to a Flush but no Sync yet: no hidden
+    /// query can run on the session's backends now.
+    pub(super) fn mid_pipeline(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced))
+    }
+
+    /// A session setting as the node last read it back.
+    pub(crate) fn setting(&self, name: &str) -> Option<&str> {
+        self.state.get(name)
+    }
+
+    /// The shard for statements that touch no table: the current one while
+    /// a transaction or replies are open there, else the home shard.
+    pub(super) fn default_shard(&self) -> usize {
+        if self.slots[self.cur].conn.is_some() {
+            self.cur
+        } else {
+            self.node.home_index()
+        }
+    }
+
+    /// Queues a reply the node makes itself, after everything owed before it.
+    pub(crate) fn push_synthetic(&mut self, f: Bytes) {
+        self.push_synthetic_with(f, Forget::Nothing);
+    }
+
+    pub(super) fn push_synthetic_with(&mut self, frame: Bytes, forget: Forget) {
+        if self.owed.is_empty() {
+            self.out.put_slice(&frame);
+            if let Forget::OnSend(name) = forget {
+                self.stmts.remove(&name);
+            }
+        } else {
+            self.owed.push_back(Owed::Synthetic { frame, forget });
+        }
+    }
+
+    /// Error for a statement the node refuses, in the simple protocol:
+    /// ErrorResponse then ReadyForQuery.
+    pub(super) fn refuse_simple(&mut self, r: Refusal) {
+        self.push_error(&r);
+        let status = self.client_status();
+        self.push_synthetic(rfq(status));
+    }
+
+    pub(crate) fn push_error(&mut self, r: &Refusal) {
+        let mut e = BytesMut::new();
+        wire::error_response(&mut e, Severity::Error, r.code, &r.message);
+        self.push_synthetic(e.freeze());
+        if self.tx_status != b'I' {
+            self.tx_failed = true;
+        }
+    }
+
+    pub(crate) fn client_status(&self) -> u8 {
+        if self.tx_status != b'I' && self.tx_failed {
+            b'E'
+        } else {
+            self.tx_status
+        }
+    }
+
+    /// A batch the node refuses: the error, and ReadyForQuery if it ended
+    /// with Sync (else the rest up to Sync is skipped).
+    pub(super) fn batch_error(&mut self, r: &Refusal, synced: bool) {
+        self.push_error(r);
+        if synced {
+            let status = self.client_status();
+            self.push_synthetic(rfq(status));
+        } else {
+            self.skip_to_sync = true;
+        }
+    }
+
+    pub(super) fn reset_tx(&mut self) {
+        self.tx_status = b'I';
+        self.tx_begin = None;
+        self.tx_writes.clear();
+        self.tx_failed = false;
+        self.tx_routing = None;
+        self.tx_snapshot_isolation = false;
+    }
+
+    /// Records the shard written; the mark lasts until the ReadyForQuery
+    /// that ends the transaction (so `BEGIN; INSERT …` in one string, whose
+    /// transaction the node learns of only afterwards, is covered too). A
+    /// transaction that wrote to several shards commits with two-phase
+    /// commit. Call after replies owed by another shard are drained.
+    pub(crate) fn check_write(&mut self, d: &Decision, t: usize) -> Result<(), Refusal> {
+        if d.write {
+            self.note_write(t);
+        }
+        Ok(())
+    }
+
+    /// Records that the transaction writes to shard `t`.
+    pub(crate) fn note_write(&mut self, t: usize) {
+        if !self.tx_writes.contains(&t) {
+            self.tx_writes.push(t);
+        }
+    }
+
+    pub(super) fn attached_count(&self) -> usize {
+        self.slots.iter().filter(|s| s.conn.is_some()).count()
+    }
+
+    pub(super) fn backend_mut(&mut self) -> &mut BackendConn {
+        // Called only after switch_to succeeded.
+        let cur = self.cur;
+        self.slots[cur]
+            .conn
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!())
+    }
+
+    pub(super) fn update_cancel(&self) {
+        let v = self
+            .slots
+            .iter()
+            .filter_map(|s| s.conn.as_ref().map(|b| (b.addr, b.pid, b.secret)))
+            .collect();
+        self.cancel.set(v);
+    }
+}
+
+/// Runs `f`, turning a panic inside it into `Err(message)`.
+pub(crate) async fn catch_panic<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(f)
+        .catch_unwind()
+        .await
+        .map_err(|p| {
+            p.downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_string())
+        })
+}
+
+/// Extended-protocol messages held before routing, at most.
+pub(super) const MAX_BATCH: usize = 1024;
+
+pub(super) const POISON_SQL: &str =
+    "DO $$BEGIN RAISE EXCEPTION 'hotrepart: this transaction failed at the node'; END$$";
+
+/// What the node learns of a shard's database on attach: whether text
+/// orders bytewise there (database collation C/POSIX and no user column with
+/// another collation).
+pub(super) const CATALOG_PROBE: &str = "SELECT d.datcollate IN ('C', 'POSIX') AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid >= 16384 AND a.attnum > 0 AND NOT a.attisdropped AND a.attcollation NOT IN (0, 100, 950, 951)) FROM pg_catalog.pg_database d WHERE d.datname = current_database()";
+
+/// The first of `tables` (lower-case names) that `src`, a function body,
+/// names as a whole word (case-insensitive; a mention in a comment or a
+/// string counts too: refusing too much is safe).
+pub(super) fn names_table(src: &str, tables: &[String]) -> Option<String> {
+    let lower = src.to_ascii_lowercase();
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$';
+    tables
+        .iter()
+        .find(|t| {
+            lower.match_indices(t.as_str()).any(|(i, _)| {
+                let b = lower.as_bytes();
+                let before = i.checked_sub(1).map(|j| b[j]);
+                let after = b.get(i + t.len()).copied();
+                !before.is_some_and(word) && !after.is_some_and(word)
+            })
+        })
+        .cloned()
+}
+
+/// The names `sql` calls as functions (followed by `(`, outside literals,
+/// quoted names and comments; lower case) that the router does not know as
+/// aggregates: candidates for a user-defined aggregate.
+pub(crate) fn called_names(sql: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let b = sql.as_bytes();
+    let mut i = 0;
+    let mut last_word: Option<String> = None;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'\'' => {
+                i += 1;
+                while i < b.len() && b[i] != b'\'' {
+                    i += 1;
+                }
+                last_word = None;
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += 1;
+                }
+                last_word = Some(String::from_utf8_lossy(&b[start..i.min(b.len())]).into_owned());
+            }
+            b'(' => {
+                if let Some(w) = last_word.take() {
+                    if !hotrepart_router::route::is_known_aggregate(&w) && !out.contains(&w) {
+                        out.push(w);
+                    }
+                }
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                let start = i;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$')
+                {
+                    i += 1;
+                }
+                last_word = Some(String::from_utf8_lossy(&b[start..i]).to_ascii_lowercase());
+                continue;
+            }
+            c if c.is_ascii_whitespace() || c == b'.' => {}
+            _ => last_word = None,
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The node's name for a statement: a hash of its Parse body after the
+/// client's name (SQL text and parameter types), so that clients preparing
+/// the same statement share it on a backend.
+pub(super) fn internal_name(rest: &[u8]) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    rest.hash(&mut h);
+    format!("hr_{:016x}", h.finish())
+}
+
+pub(super) fn starts_with_ci(s: &str, p: &str) -> bool {
+    s.len() >= p.len() && s.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+}
+
+pub(super) fn client_err(e: WireError) -> SessionError {
+    match e {
+        WireError::Closed | WireError::Io(_) => SessionError::ClientGone,
+        WireError::Protocol(m) => proto_fatal(m),
+    }
+}
+
+pub(super) fn proto_refusal(e: WireError) -> Refusal {
+    Refusal::new(
+        sqlstate::PROTOCOL_VIOLATION,
+        format!("protocol violation: {e}"),
+    )
+}
+
+pub(super) fn proto(m: &str) -> SessionError {
+    proto_fatal(m.to_string())
+}
+
+pub(super) fn proto_fatal(msg: String) -> SessionError {
+    SessionError::Fatal {
+        code: sqlstate::PROTOCOL_VIOLATION,
+        msg: format!("protocol violation: {msg}"),
+    }
+}

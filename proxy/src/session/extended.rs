@@ -1,0 +1,487 @@
+//! The extended protocol: batches routed at Sync/Flush, named statements
+//! renamed to node-wide names and prepared on whichever backend needs them,
+//! the unnamed statement followed across backends.
+
+use super::conn::*;
+use crate::backend::state::{self};
+use crate::error::sqlstate;
+use crate::error::{Refusal, SessionError};
+use crate::routing::{BindParams, Decision, Target};
+use crate::wire::rfq;
+use crate::wire::{self, Frame};
+use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// Decides the one shard of a batch (None: any shard will do) and the
+    /// decision of its most significant statement.
+    pub(super) fn route_batch(
+        &self,
+        frames: &[Frame],
+    ) -> Result<(Option<usize>, Option<Decision>), Refusal> {
+        if self.node.single_shard() {
+            // Nothing to route; only LISTEN needs a look.
+            for f in frames.iter().filter(|f| f.tag() == b'P') {
+                let mut b = f.body();
+                let _name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                self.check_listen(wire::get_cstr(&mut b).map_err(proto_refusal)?)?;
+            }
+            return Ok((Some(0), None));
+        }
+        let mut target: Option<usize> = None;
+        let mut strongest: Option<Decision> = None;
+        let mut batch_unnamed: Option<Arc<str>> = None;
+        let mut batch_named: HashMap<String, Arc<str>> = HashMap::new();
+        let mut multi = false;
+        let mut binds = 0;
+        let mut any_write = false;
+        let mut calls: Vec<String> = Vec::new();
+        let mut changed_settings = false;
+        let mut parse_target: Option<usize> = None;
+        for f in frames {
+            match f.tag() {
+                b'P' => {
+                    let mut b = f.body();
+                    let name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    let sql = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    self.check_listen(sql)?;
+                    // Routing errors surface at Bind (parameters may be
+                    // missing here); PostgreSQL reports syntax errors at
+                    // Parse itself. A statement whose shard is known without
+                    // parameters (hints, undeclared tables) is prepared there.
+                    match self.node.decide(sql, None, &self.route_ctx()) {
+                        Err(r) if r.code == sqlstate::SYNTAX_ERROR => return Err(r),
+                        Ok(Decision {
+                            target: Target::Shard(t),
+                            ..
+                        }) => parse_target = parse_target.or(Some(t)),
+                        _ => {}
+                    }
+                    if name.is_empty() {
+                        batch_unnamed = Some(Arc::from(sql));
+                    } else {
+                        batch_named.insert(name.to_string(), Arc::from(sql));
+                    }
+                }
+                b'B' => {
+                    let mut b = f.body();
+                    let _portal = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    let stmt = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    let sql = if stmt.is_empty() {
+                        batch_unnamed
+                            .clone()
+                            .or_else(|| self.unnamed.as_ref().and_then(Unnamed::sql))
+                    } else {
+                        batch_named
+                            .get(stmt)
+                            .cloned()
+                            .or_else(|| self.stmts.get(stmt).map(|s| s.sql.clone()))
+                    };
+                    // An unknown statement: PostgreSQL will say so.
+                    let Some(sql) = sql else { continue };
+                    binds += 1;
+                    if changed_settings {
+                        return Err(Refusal::new(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            "a statement that changes search_path or standard_conforming_strings must be followed by Sync before the next statement: hotrepart routes a batch before it runs".into(),
+                        ));
+                    }
+                    changed_settings = crate::routing::changes_routing_settings(&sql);
+                    let params = BindParams::parse(b).map_err(proto_refusal)?;
+                    let d = self.node.decide(&sql, Some(&params), &self.route_ctx())?;
+                    let t = match &d.target {
+                        Target::Shard(t) => Some(*t),
+                        Target::Any => None,
+                        Target::Multi { shards, .. } if shards.len() == 1 => Some(shards[0]),
+                        Target::Multi { .. } => {
+                            multi = true;
+                            None
+                        }
+                    };
+                    if let Some(t) = t {
+                        if target.is_some_and(|x| x != t) {
+                            return Err(Refusal::new(
+                                sqlstate::FEATURE_NOT_SUPPORTED,
+                                "statements of one pipelined batch (up to Sync) go to different shards; send a Sync between them".into(),
+                            ));
+                        }
+                        target = Some(t);
+                    }
+                    any_write |= d.write;
+                    for c in d.calls.iter() {
+                        if !calls.contains(c) {
+                            calls.push(c.clone());
+                        }
+                    }
+                    if strongest.as_ref().is_none_or(|s| d.outranks(s)) {
+                        strongest = Some(d);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if multi && (binds > 1 || target.is_some()) {
+            return Err(Refusal::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "a pipelined batch (up to Sync) that holds a multi-shard statement must hold only that statement; send a Sync after it".into(),
+            ));
+        }
+        let target = target.or(parse_target);
+        // The batch runs on one shard: it writes there if any statement does.
+        if let Some(d) = strongest.as_mut() {
+            d.write |= any_write;
+            d.calls = Arc::from(calls);
+        }
+        Ok((target, strongest))
+    }
+
+    /// Forwards one extended-protocol message to the current backend,
+    /// renaming named statements.
+    pub(crate) fn forward_extended(&mut self, f: Frame, t: usize) -> Result<(), SessionError> {
+        self.forward_extended_as(f, t, None)
+    }
+
+    /// [`Self::forward_extended`], except that with `text` a Bind runs that
+    /// statement text instead of the one the client prepared (same
+    /// parameter types; prepared under the node's name for that text): a
+    /// shard's own form of a multi-shard statement (`Target::Multi::sqls`).
+    pub(crate) fn forward_extended_as(
+        &mut self,
+        f: Frame,
+        t: usize,
+        text: Option<&str>,
+    ) -> Result<(), SessionError> {
+        match f.tag() {
+            b'P' => self.on_parse(f, t),
+            b'B' if text.is_some() => {
+                let mut b = f.body();
+                let portal = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
+                let stmt = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
+                let rest = Bytes::copy_from_slice(b);
+                let types = self.param_types(&stmt);
+                let mut parse = BytesMut::new();
+                wire::put_cstr(&mut parse, text.unwrap_or_default());
+                parse.put_i16(types.len() as i16);
+                for ty in &types {
+                    parse.put_u32(*ty);
+                }
+                let internal = internal_name(&parse);
+                if !self.backend_mut().prepared.contains(&internal) {
+                    self.backend_mut().prepared.insert(internal.clone());
+                    wire::frame(&mut self.to_backend, b'P', |o| {
+                        wire::put_cstr(o, &internal);
+                        o.put_slice(&parse);
+                    });
+                    self.owed.push_back(Owed::Parse {
+                        hidden: true,
+                        internal: Some(internal.clone()),
+                        client: None,
+                    });
+                }
+                wire::frame(&mut self.to_backend, b'B', |o| {
+                    wire::put_cstr(o, &portal);
+                    wire::put_cstr(o, &internal);
+                    o.put_slice(&rest);
+                });
+                self.owed.push_back(Owed::Bind);
+                Ok(())
+            }
+            b'B' => {
+                let mut b = f.body();
+                let portal = wire::get_cstr(&mut b).map_err(client_err)?;
+                let stmt = wire::get_cstr(&mut b).map_err(client_err)?;
+                if stmt.is_empty() {
+                    self.ensure_unnamed(t);
+                    self.to_backend.put_slice(&f.raw);
+                } else {
+                    let (portal, stmt, rest) = (
+                        portal.to_string(),
+                        stmt.to_string(),
+                        Bytes::copy_from_slice(b),
+                    );
+                    // A statement prepared in an earlier transaction may
+                    // change session state each time it runs.
+                    if self.stmts.get(&stmt).is_some_and(|s| s.changes_state) {
+                        self.state_dirty[t] = true;
+                        self.state_stale = true;
+                        self.prepared_dirty |=
+                            self.stmts.get(&stmt).is_some_and(|s| s.drops_prepared);
+                    }
+                    match self.prepare_on_backend(&stmt) {
+                        Some(internal) => wire::frame(&mut self.to_backend, b'B', |o| {
+                            wire::put_cstr(o, &portal);
+                            wire::put_cstr(o, &internal);
+                            o.put_slice(&rest);
+                        }),
+                        // Unknown to us: let PostgreSQL raise its own error.
+                        None => self.to_backend.put_slice(&f.raw),
+                    }
+                }
+                self.owed.push_back(Owed::Bind);
+                Ok(())
+            }
+            b'D' => {
+                let mut b = f.body();
+                let kind = *b.first().ok_or_else(|| proto("empty Describe"))?;
+                b = &b[1..];
+                let name = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
+                if kind == b'S' && !name.is_empty() {
+                    match self.prepare_on_backend(&name) {
+                        Some(internal) => wire::frame(&mut self.to_backend, b'D', |o| {
+                            o.put_u8(b'S');
+                            wire::put_cstr(o, &internal);
+                        }),
+                        None => self.to_backend.put_slice(&f.raw),
+                    }
+                } else {
+                    if kind == b'S' {
+                        self.ensure_unnamed(t);
+                    }
+                    self.to_backend.put_slice(&f.raw);
+                }
+                self.owed.push_back(Owed::Describe);
+                Ok(())
+            }
+            b'E' => {
+                self.to_backend.put_slice(&f.raw);
+                self.owed.push_back(Owed::Execute);
+                Ok(())
+            }
+            b'C' => {
+                let mut b = f.body();
+                let kind = *b.first().ok_or_else(|| proto("empty Close"))?;
+                b = &b[1..];
+                let name = wire::get_cstr(&mut b).map_err(client_err)?;
+                if kind == b'S' && !name.is_empty() {
+                    // Node-named statements stay prepared on the backends
+                    // (other clients may share them); the client's name goes.
+                    let name = name.to_string();
+                    self.push_synthetic_with(wire::close_complete(), Forget::OnSend(name));
+                } else {
+                    self.to_backend.put_slice(&f.raw);
+                    self.owed.push_back(Owed::Close);
+                }
+                Ok(())
+            }
+            b'S' => {
+                self.to_backend.put_slice(&f.raw);
+                self.owed.push_back(Owed::Sync);
+                Ok(())
+            }
+            b'H' => {
+                self.to_backend.put_slice(&f.raw);
+                Ok(())
+            }
+            other => Err(proto_fatal(format!(
+                "unexpected message {:?} in batch",
+                other as char
+            ))),
+        }
+    }
+
+    /// Prepares the client's unnamed statement on shard `t`'s backend if the
+    /// last Parse went elsewhere.
+    pub(super) fn ensure_unnamed(&mut self, t: usize) {
+        let Some(u) = self.unnamed.as_mut() else {
+            return;
+        };
+        if u.on == Some(t) {
+            return;
+        }
+        u.on = Some(t);
+        let raw = u.raw.clone();
+        self.to_backend.put_slice(&raw);
+        self.owed.push_back(Owed::Parse {
+            hidden: true,
+            internal: None,
+            client: None,
+        });
+    }
+
+    pub(super) fn on_parse(&mut self, f: Frame, t: usize) -> Result<(), SessionError> {
+        let mut b = f.body();
+        let name = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
+        let rest = b; // query \0, int16 n, n × int32 types
+        let mut q = rest;
+        let sql = wire::get_cstr(&mut q).map_err(client_err)?;
+        self.note_sql(sql, t);
+        if name.is_empty() {
+            self.unnamed = Some(Unnamed {
+                raw: f.raw.clone(),
+                on: Some(t),
+            });
+            self.to_backend.put_slice(&f.raw);
+            self.owed.push_back(Owed::Parse {
+                hidden: false,
+                internal: None,
+                client: None,
+            });
+            return Ok(());
+        }
+        let Some(internal) = self.register_stmt(name.clone(), rest, sql) else {
+            self.skip_to_sync = true;
+            return Ok(());
+        };
+        if self.backend_mut().prepared.contains(&internal) {
+            self.push_synthetic_with(wire::parse_complete(), Forget::OnSkip(name));
+        } else {
+            self.prepare_on_backend(&name);
+            // This ParseComplete answers the client's own Parse.
+            if let Some(Owed::Parse { hidden, client, .. }) = self.owed.back_mut() {
+                *hidden = false;
+                *client = Some(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the client's statement `name` (Parse body `rest` after the
+    /// name, SQL `sql`) under its node name, which it returns; None (and an
+    /// error queued) when the name is taken.
+    pub(super) fn register_stmt(&mut self, name: String, rest: &[u8], sql: &str) -> Option<String> {
+        if self.stmts.contains_key(&name) {
+            self.push_error(&Refusal::new(
+                sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                format!("prepared statement \"{name}\" already exists"),
+            ));
+            return None;
+        }
+        let internal = internal_name(rest);
+        let mut parse = BytesMut::with_capacity(rest.len() + 20);
+        wire::put_cstr(&mut parse, &internal);
+        parse.put_slice(rest);
+        self.stmts.insert(
+            name,
+            Stmt {
+                internal: internal.clone(),
+                parse: parse.freeze(),
+                sql: Arc::from(sql),
+                changes_state: state::may_change_state(sql),
+                drops_prepared: state::may_drop_prepared(sql),
+            },
+        );
+        Some(internal)
+    }
+
+    /// The client's Parse in a batch the merger answers itself, recorded as
+    /// if a backend had parsed it: a named statement is prepared where it
+    /// runs, the unnamed one again on the next backend that needs it.
+    /// False: the name is taken (the error is queued).
+    pub(crate) fn record_parse(&mut self, f: &Frame) -> Result<bool, SessionError> {
+        let mut b = f.body();
+        let name = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
+        let rest = b;
+        let mut q = rest;
+        let sql = wire::get_cstr(&mut q).map_err(client_err)?;
+        if name.is_empty() {
+            self.unnamed = Some(Unnamed {
+                raw: f.raw.clone(),
+                on: None,
+            });
+            return Ok(true);
+        }
+        Ok(self.register_stmt(name, rest, sql).is_some())
+    }
+
+    /// Parameter type OIDs the client gave when it prepared `stmt` ("" is
+    /// the unnamed statement).
+    pub(crate) fn param_types(&self, stmt: &str) -> Vec<u32> {
+        if stmt.is_empty() {
+            return self
+                .unnamed
+                .as_ref()
+                .and_then(|u| u.raw.get(5..))
+                .map(crate::exec::merge::exec::parse_body_types)
+                .unwrap_or_default();
+        }
+        self.stmts
+            .get(stmt)
+            .map(|s| crate::exec::merge::exec::parse_body_types(&s.parse))
+            .unwrap_or_default()
+    }
+
+    /// The node parsed its own unnamed statement on these shards' backends.
+    pub(crate) fn unnamed_replaced_on(&mut self, shards: &[usize]) {
+        if let Some(u) = self.unnamed.as_mut() {
+            if u.on.is_some_and(|t| shards.contains(&t)) {
+                u.on = None;
+            }
+        }
+    }
+
+    /// A batch of named Parses and a Sync, outside a transaction, whose
+    /// statements backends of shard `t`'s pool have all parsed before under
+    /// the client's session state: answered here, without waiting for a
+    /// backend. (pgbench -M prepared prepares synchronously in the thread
+    /// that drives its other clients; waiting for a backend those clients
+    /// hold would deadlock it.) The backend that later runs the statement
+    /// prepares it first, so an error PostgreSQL would raise at Parse (say
+    /// the table was dropped since) surfaces at Bind instead.
+    pub(super) fn parse_without_backend(
+        &mut self,
+        frames: &[Frame],
+        t: usize,
+    ) -> Result<bool, SessionError> {
+        let Some((last, parses)) = frames.split_last() else {
+            return Ok(false);
+        };
+        if self.tx_status != b'I'
+            || self.attached()
+            || !self.owed.is_empty()
+            || last.tag() != b'S'
+            || parses.is_empty()
+        {
+            return Ok(false);
+        }
+        let pool = self.pool(t);
+        let mut todo = Vec::with_capacity(parses.len());
+        for f in parses {
+            if f.tag() != b'P' {
+                return Ok(false);
+            }
+            let mut b = f.body();
+            let name = wire::get_cstr(&mut b).map_err(client_err)?;
+            let rest = b;
+            let mut q = rest;
+            let sql = wire::get_cstr(&mut q).map_err(client_err)?;
+            if name.is_empty()
+                || self.stmts.contains_key(name)
+                || state::may_change_state(sql)
+                || !pool.is_validated(&internal_name(rest), self.state_fp)
+            {
+                return Ok(false);
+            }
+            todo.push((name.to_string(), rest, sql));
+        }
+        for (name, rest, sql) in todo {
+            if self.register_stmt(name, rest, sql).is_none() {
+                // As PostgreSQL: the error, then nothing up to Sync.
+                break;
+            }
+            self.push_synthetic(wire::parse_complete());
+        }
+        self.push_synthetic(rfq(b'I'));
+        Ok(true)
+    }
+
+    /// Makes sure the backend has the client's statement `name` prepared;
+    /// returns the internal name, or None if the client never prepared it.
+    pub(super) fn prepare_on_backend(&mut self, name: &str) -> Option<String> {
+        let (internal, parse) = {
+            let s = self.stmts.get(name)?;
+            (s.internal.clone(), s.parse.clone())
+        };
+        if !self.backend_mut().prepared.contains(&internal) {
+            self.backend_mut().prepared.insert(internal.clone());
+            wire::frame(&mut self.to_backend, b'P', |o| o.put_slice(&parse));
+            self.owed.push_back(Owed::Parse {
+                hidden: true,
+                internal: Some(internal.clone()),
+                client: None,
+            });
+        }
+        Some(internal)
+    }
+}

@@ -1,0 +1,179 @@
+//! The replies of the backends: each matched against what the client is
+//! owed (`Owed`), synthetic replies spliced in, errors skipping to Sync,
+//! the ReadyForQuery that ends a transaction.
+
+use super::conn::*;
+use crate::error::SessionError;
+use crate::wire::rfq;
+use crate::wire::{self, Frame};
+use bytes::BufMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub(crate) async fn on_backend_frame(&mut self, f: Frame) -> Result<(), SessionError> {
+        let tag = f.tag();
+        if self.gather.is_some() && self.gathered(&f) {
+            return Ok(());
+        }
+        let mut forward = true;
+        match tag {
+            b'1' => {
+                if let Some(Owed::Parse {
+                    hidden, internal, ..
+                }) = self.owed.front()
+                {
+                    forward = !*hidden;
+                    let cur = self.cur;
+                    if let (Some(internal), Some(b), false) =
+                        (internal, &self.slots[cur].conn, self.state_dirty[cur])
+                    {
+                        b.pool().mark_validated(internal, b.state_fp);
+                    }
+                    self.owed.pop_front();
+                }
+            }
+            b'2' => self.pop_if(|o| matches!(o, Owed::Bind)),
+            b'3' => self.pop_if(|o| matches!(o, Owed::Close)),
+            b'T' | b'n' => self.pop_if(|o| matches!(o, Owed::Describe)),
+            b'C' | b'I' | b's' => self.pop_if(|o| matches!(o, Owed::Execute)),
+            b'E' => self.on_backend_error(),
+            b'G' => {
+                // PostgreSQL ignores Sync received in copy-in mode, and
+                // drivers do send one right after the Execute that starts
+                // COPY (tokio-postgres does): those already sent are not owed.
+                if matches!(self.owed.front(), Some(Owed::Execute | Owed::Query)) {
+                    let mut first = true;
+                    self.owed
+                        .retain(|o| std::mem::take(&mut first) || !matches!(o, Owed::Sync));
+                }
+            }
+            b'Z' => {
+                self.pop_if(|o| matches!(o, Owed::Sync | Owed::Query | Owed::FunctionCall));
+                let s = f.body().first().copied().unwrap_or(b'I');
+                let cur = self.cur;
+                if let Some(b) = self.slots[cur].conn.as_mut() {
+                    b.status = s;
+                }
+                self.tx_status = s;
+                if s == b'I' {
+                    self.tx_failed = false;
+                }
+            }
+            _ => {}
+        }
+        if forward {
+            if tag == b'Z' && self.tx_failed && self.tx_status != b'I' {
+                // The node failed this transaction: the client must see 'E'.
+                self.out.put_slice(&rfq(b'E'));
+            } else {
+                self.out.put_slice(&f.raw);
+            }
+        }
+        self.emit_synthetic();
+        if tag == b'Z' && self.owed.is_empty() && self.tx_status == b'I' {
+            self.end_of_transaction().await?;
+        }
+        Ok(())
+    }
+
+    /// While a multi-shard extended statement runs (see `scatter`), the
+    /// first shard's replies pass through here: its CommandComplete, errors
+    /// and ReadyForQuery are collected instead of forwarded. True: consumed.
+    pub(super) fn gathered(&mut self, f: &Frame) -> bool {
+        let executing = matches!(self.owed.front(), Some(Owed::Execute));
+        let Some(g) = self.gather.as_mut() else {
+            return false;
+        };
+        match f.tag() {
+            b'C' | b's' | b'I' if executing => {
+                if f.tag() == b'C' {
+                    let mut b = f.body();
+                    g.tags
+                        .push(wire::get_cstr(&mut b).unwrap_or("").to_string());
+                } else if f.tag() == b'I' {
+                    g.empty = true;
+                }
+                self.owed.pop_front();
+                self.emit_synthetic();
+                true
+            }
+            b'E' => {
+                if g.error.is_none() {
+                    g.error = Some(wire::parse_error_fields(f.body()));
+                }
+                self.on_backend_error();
+                true
+            }
+            b'D' => g.error.is_some(),
+            b'Z' => {
+                g.status = f.body().first().copied().unwrap_or(b'I');
+                self.pop_if(|o| matches!(o, Owed::Sync));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(super) fn pop_if(&mut self, p: impl Fn(&Owed) -> bool) {
+        if self.owed.front().is_some_and(p) {
+            self.owed.pop_front();
+        }
+    }
+
+    /// PostgreSQL skips everything up to Sync after an error in the
+    /// extended protocol; so does the owed queue (synthetic replies too).
+    pub(super) fn on_backend_error(&mut self) {
+        match self.owed.front() {
+            Some(Owed::Query | Owed::FunctionCall | Owed::Sync) | None => {}
+            Some(_) => {
+                while let Some(o) = self.owed.front() {
+                    if matches!(o, Owed::Sync) {
+                        break;
+                    }
+                    match self.owed.pop_front() {
+                        Some(Owed::Parse {
+                            internal: Some(name),
+                            client,
+                            ..
+                        }) => {
+                            // Not prepared on this backend after all; a
+                            // client's own Parse that never ran leaves no
+                            // statement behind, a hidden re-Parse does not
+                            // touch the client's name.
+                            let cur = self.cur;
+                            if let Some(b) = self.slots[cur].conn.as_mut() {
+                                b.prepared.remove(&name);
+                            }
+                            if let Some(c) = client {
+                                self.stmts.remove(&c);
+                            }
+                        }
+                        Some(Owed::Synthetic {
+                            forget: Forget::OnSkip(c),
+                            ..
+                        }) => {
+                            self.stmts.remove(&c);
+                        }
+                        Some(Owed::Parse { internal: None, .. }) => {
+                            if let Some(u) = self.unnamed.as_mut() {
+                                u.on = None;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn emit_synthetic(&mut self) {
+        while let Some(Owed::Synthetic { .. }) = self.owed.front() {
+            if let Some(Owed::Synthetic { frame, forget }) = self.owed.pop_front() {
+                self.out.put_slice(&frame);
+                if let Forget::OnSend(name) = forget {
+                    self.stmts.remove(&name);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Transaction control at the node: a deferred BEGIN, COMMIT/ROLLBACK over
+//! every shard the transaction used, two-phase commit when it wrote to
+//! several ([`crate::exec::twopc`]).
+
+use super::conn::*;
+use crate::error::sqlstate;
+use crate::error::{Refusal, SessionError};
+use crate::routing::{Decision, Kind};
+use crate::wire::{command_complete, rfq};
+use bytes::BufMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// BEGIN/COMMIT/ROLLBACK and the failed-transaction rule. Returns true
+    /// when the statement was answered here.
+    pub(super) async fn transaction_control(
+        &mut self,
+        d: &Decision,
+        simple: bool,
+        target: Option<usize>,
+    ) -> Result<bool, SessionError> {
+        let ending = matches!(d.kind, Kind::Commit | Kind::Rollback);
+        let refuse = |s: &mut Self, r: Refusal| {
+            if simple {
+                s.refuse_simple(r);
+            } else {
+                s.push_error(&r);
+                s.skip_to_sync = true;
+            }
+        };
+        // Transaction control mixed with other statements in one string or
+        // batch cannot be split over several shards correctly.
+        if d.statements > 1
+            && d.has_tx_control
+            && (self.attached_count() > 1
+                || target.is_some_and(|t| self.tx_writes.iter().any(|&w| w != t)))
+        {
+            refuse(self, Refusal::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "BEGIN/COMMIT/ROLLBACK together with other statements in one query string are not supported in a transaction that spans several shards; send them separately".into(),
+            ));
+            return Ok(true);
+        }
+        // A failed statement on one shard aborts the whole transaction.
+        if !ending && self.tx_status != b'I' {
+            let aborted_elsewhere = self.slots.iter().enumerate().any(|(i, sl)| {
+                sl.conn.as_ref().is_some_and(|b| b.status == b'E') && target.is_some_and(|t| t != i)
+            });
+            if aborted_elsewhere {
+                self.tx_failed = true;
+            }
+        }
+        if self.tx_failed && !ending {
+            let r = Refusal::new(
+                sqlstate::IN_FAILED_SQL_TRANSACTION,
+                "current transaction is aborted, commands ignored until end of transaction block"
+                    .into(),
+            );
+            refuse(self, r);
+            return Ok(true);
+        }
+        if ending {
+            // The client's COMMIT/ROLLBACK must reach a written shard.
+            let primary = match (self.tx_writes.as_slice(), target) {
+                (w, Some(t)) if w.iter().any(|&x| x != t) => {
+                    let names: Vec<String> = w.iter().map(|&x| self.node.shard_name(x)).collect();
+                    refuse(self, Refusal::new(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        format!(
+                            "this COMMIT/ROLLBACK comes with statements for shard {} but the transaction wrote to shard(s) {}; send COMMIT on its own",
+                            self.node.shard_name(t), names.join(", ")
+                        ),
+                    ));
+                    return Ok(true);
+                }
+                ([w, ..], _) => *w,
+                ([], Some(t)) => t,
+                ([], None) => self.cur,
+            };
+            let aborted = self.tx_failed
+                || self
+                    .slots
+                    .iter()
+                    .any(|sl| sl.conn.as_ref().is_some_and(|b| b.status == b'E'));
+            if aborted {
+                // Before the shard that failed is released below: its
+                // 'E' is what says the COMMIT must roll back.
+                self.tx_failed = true;
+            }
+            if d.kind == Kind::Commit && self.tx_writes.len() > 1 && !aborted {
+                return match self.two_phase_commit().await? {
+                    Ok(()) => Ok(false),
+                    Err(r) => {
+                        refuse(self, r);
+                        Ok(true)
+                    }
+                };
+            }
+            if self.attached_count() > 1 || (self.attached() && self.slots[primary].conn.is_none())
+            {
+                // Shards other than the written one end first (they were
+                // only read, or everything rolls back); the client's own
+                // statement then goes to it.
+                let keep = [primary];
+                self.finish_shards_except(d.kind == Kind::Commit && !aborted, &keep)
+                    .await?;
+            }
+            if self.tx_failed
+                || self
+                    .slots
+                    .iter()
+                    .any(|sl| sl.conn.as_ref().is_some_and(|b| b.status == b'E'))
+            {
+                self.tx_failed = true;
+            }
+        }
+        if !simple || d.statements != 1 {
+            return Ok(false);
+        }
+        match d.kind {
+            // A BEGIN is held back until the first statement shows which
+            // shard the transaction needs; that shard then begins it.
+            Kind::Begin if !self.attached() && self.tx_status == b'I' => {
+                self.tx_begin = Some(d.sql_text.clone());
+                self.tx_status = b'T';
+                self.out.put_slice(&command_complete("BEGIN"));
+                self.out.put_slice(&rfq(b'T'));
+                Ok(true)
+            }
+            Kind::Commit | Kind::Rollback if !self.attached() && self.tx_status != b'I' => {
+                let tag = if d.kind == Kind::Commit && !self.tx_failed {
+                    "COMMIT"
+                } else {
+                    "ROLLBACK"
+                };
+                self.reset_tx();
+                self.out.put_slice(&command_complete(tag));
+                self.out.put_slice(&rfq(b'I'));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Before the client's COMMIT reaches a transaction the node failed,
+    /// make PostgreSQL fail it too: COMMIT then rolls back and answers
+    /// ROLLBACK, exactly as after an error of PostgreSQL's own.
+    pub(super) async fn poison_if_failed(&mut self, d: &Decision, t: usize) {
+        if self.tx_failed && d.kind == Kind::Commit {
+            if let Some(b) = self.slots[t].conn.as_mut() {
+                let _ = b.hidden_query(POISON_SQL).await;
+            }
+        }
+    }
+
+    /// Ends the transaction on every attached shard but those in `keep`
+    /// (they were only read in this transaction, or it is rolled back);
+    /// the first of `keep` becomes the current shard.
+    pub(super) async fn finish_shards_except(
+        &mut self,
+        commit: bool,
+        keep: &[usize],
+    ) -> Result<(), SessionError> {
+        if !self.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
+        for i in 0..self.slots.len() {
+            if keep.contains(&i) || self.slots[i].conn.is_none() {
+                continue;
+            }
+            if let Some(b) = self.slots[i].conn.as_mut() {
+                if let Err(e) = b.hidden_query(sql).await {
+                    tracing::warn!(error = %e, shard = i, "ending a read-only shard's transaction failed");
+                    b.broken = true;
+                }
+            }
+            if self.state_dirty[i] {
+                self.refresh_state_from(i).await;
+            }
+            if let Some(b) = self.slots[i].conn.take() {
+                b.release();
+            }
+        }
+        if let Some(&p) = keep.first() {
+            self.cur = p;
+        }
+        self.update_cancel();
+        Ok(())
+    }
+
+    /// COMMIT of a transaction that wrote to several shards: read-only
+    /// shards commit first, then the written ones commit with two-phase
+    /// commit ([`crate::exec::twopc::commit`]). Ok(Ok): committed; an empty
+    /// transaction is then begun on a written shard's backend, and the
+    /// client's own COMMIT goes there, so that PostgreSQL answers it in
+    /// whichever protocol the client used. Ok(Err): the error for the
+    /// client; the transaction is over (every backend outside a
+    /// transaction).
+    pub(super) async fn two_phase_commit(&mut self) -> Result<Result<(), Refusal>, SessionError> {
+        let writes = self.tx_writes.clone();
+        self.finish_shards_except(true, &writes).await?;
+        if let Err(r) = crate::exec::twopc::commit(self, &writes).await {
+            self.end_of_transaction().await?;
+            return Ok(Err(r));
+        }
+        for &p in &writes {
+            if let Some(b) = self.slots[p].conn.as_mut() {
+                match b.hidden_query("BEGIN").await {
+                    Ok(_) => {
+                        self.cur = p;
+                        return Ok(Ok(()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, shard = p, "cannot begin the reply transaction after a commit");
+                        b.broken = true;
+                    }
+                }
+            }
+        }
+        self.end_of_transaction().await?;
+        Ok(Err(Refusal::new(
+            sqlstate::CONNECTION_FAILURE,
+            "the transaction was committed on every shard, but the connections to the shards broke before the node could confirm it".into(),
+        )))
+    }
+}
