@@ -16,7 +16,8 @@
 //! for their type ([`super::value`]); text is ordered only when every shard
 //! uses the C collation; anything else is an error naming what is missing.
 
-use super::value::{self, Num, Ty, ValueError};
+use super::combine::*;
+use super::value::{Ty, ValueError};
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::exec::multi::ShardStreams;
@@ -25,34 +26,31 @@ use crate::session::conn::Session;
 use crate::wire::{self, Frame, Severity, WireError};
 use crate::wire::{command_complete, rfq};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use hotrepart_router::route::{
-    AggregatePlan, Combined, CompareOp, HavingExpr, LimitSpec, Literal, MergePlan, Operand,
-    Partial, ShardCol,
-};
+use hotrepart_router::route::{HavingExpr, LimitSpec, MergePlan, Operand, Partial, ShardCol};
 use postgres_protocol::message::frontend;
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-type Row = Vec<Option<Bytes>>;
+pub(super) type Row = Vec<Option<Bytes>>;
 
 /// One column of the shards' RowDescription.
 #[derive(Clone)]
-struct Field {
-    name: Vec<u8>,
+pub(super) struct Field {
+    pub(super) name: Vec<u8>,
     /// table oid, attnum, type oid, typlen, typmod, format (18 bytes)
-    meta: [u8; 18],
+    pub(super) meta: [u8; 18],
 }
 
 impl Field {
-    fn type_oid(&self) -> u32 {
+    pub(super) fn type_oid(&self) -> u32 {
         u32::from_be_bytes([self.meta[6], self.meta[7], self.meta[8], self.meta[9]])
     }
 }
 
 /// A RowDescription's fields; None when the frame is malformed (a
 /// backend's bytes never panic the merge).
-fn parse_desc(raw: &[u8]) -> Option<Vec<Field>> {
+pub(super) fn parse_desc(raw: &[u8]) -> Option<Vec<Field>> {
     let mut b = raw.get(5..)?;
     if b.len() < 2 {
         return None;
@@ -69,7 +67,7 @@ fn parse_desc(raw: &[u8]) -> Option<Vec<Field>> {
     Some(out)
 }
 
-fn parse_row(raw: &[u8]) -> Option<Row> {
+pub(super) fn parse_row(raw: &[u8]) -> Option<Row> {
     let mut b = raw.get(5..)?;
     if b.len() < 2 {
         return None;
@@ -97,7 +95,11 @@ fn parse_row(raw: &[u8]) -> Option<Row> {
 
 /// A DataRow; columns whose entry in `binary` is a type OID (not 0) are
 /// converted to binary.
-fn put_out(out: &mut BytesMut, binary: &[u32], row: &[Option<Bytes>]) -> Result<(), MergeError> {
+pub(super) fn put_out(
+    out: &mut BytesMut,
+    binary: &[u32],
+    row: &[Option<Bytes>],
+) -> Result<(), MergeError> {
     if binary.is_empty() {
         put_row(out, row);
         return Ok(());
@@ -116,7 +118,7 @@ fn put_out(out: &mut BytesMut, binary: &[u32], row: &[Option<Bytes>]) -> Result<
     Ok(())
 }
 
-fn put_row(out: &mut BytesMut, row: &[Option<Bytes>]) {
+pub(super) fn put_row(out: &mut BytesMut, row: &[Option<Bytes>]) {
     wire::frame(out, b'D', |o| {
         o.put_i16(row.len() as i16);
         for v in row {
@@ -131,7 +133,7 @@ fn put_row(out: &mut BytesMut, row: &[Option<Bytes>]) {
     });
 }
 
-struct MergeError(&'static str, String);
+pub(super) struct MergeError(pub(super) &'static str, pub(super) String);
 
 impl From<ValueError> for MergeError {
     fn from(e: ValueError) -> Self {
@@ -141,7 +143,7 @@ impl From<ValueError> for MergeError {
 
 /// The shards' reply streams (see [`crate::exec::multi::ShardStreams`]) and which
 /// of them the merge has read to their ReadyForQuery.
-struct Streams {
+pub(super) struct Streams {
     inner: ShardStreams,
     shards: Vec<usize>,
     done: Vec<bool>,
@@ -231,7 +233,7 @@ impl Output {
 
 /// The text shard `i` of the statement runs: the plan's shard SQL, or the
 /// route's per-shard text (a shard hiding a moving range's rows).
-fn shard_text<'a>(plan: &'a MergePlan, sqls: Option<&'a [String]>, i: usize) -> &'a str {
+pub(super) fn shard_text<'a>(plan: &'a MergePlan, sqls: Option<&'a [String]>, i: usize) -> &'a str {
     sqls.and_then(|v| v.get(i))
         .map_or(plan.shard_sql.as_str(), String::as_str)
 }
@@ -257,7 +259,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     run_with(s, plan, shards, &requests, &out, None).await
 }
 
-fn encode_error() -> SessionError {
+pub(super) fn encode_error() -> SessionError {
     SessionError::Fatal {
         code: sqlstate::INTERNAL_ERROR,
         msg: "cannot encode a message".into(),
@@ -387,7 +389,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     run_with(s, plan, shards, &requests, &out, Some(&params)).await
 }
 
-fn proto(e: &WireError) -> SessionError {
+pub(super) fn proto(e: &WireError) -> SessionError {
     SessionError::Fatal {
         code: sqlstate::PROTOCOL_VIOLATION,
         msg: format!("invalid Bind message: {e}"),
@@ -395,7 +397,7 @@ fn proto(e: &WireError) -> SessionError {
 }
 
 /// Skips a Bind's parameter formats and values.
-fn skip_bind_params(b: &mut &[u8]) -> Result<(), WireError> {
+pub(super) fn skip_bind_params(b: &mut &[u8]) -> Result<(), WireError> {
     let nf = wire::get_i16(b)?;
     for _ in 0..nf {
         wire::get_i16(b)?;
@@ -416,7 +418,7 @@ fn skip_bind_params(b: &mut &[u8]) -> Result<(), WireError> {
     Ok(())
 }
 
-fn parse_name(p: &Frame) -> Option<String> {
+pub(super) fn parse_name(p: &Frame) -> Option<String> {
     let mut b = p.body();
     wire::get_cstr(&mut b).ok().map(str::to_string)
 }
@@ -442,7 +444,7 @@ pub(crate) fn parse_body_types(mut b: &[u8]) -> Vec<u32> {
 
 /// Runs `plan` on `shards` (`requests[i]`: the messages shard `i` gets) and
 /// answers the client.
-async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
+pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     plan: &MergePlan,
     shards: &[usize],
@@ -562,7 +564,7 @@ async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
     Ok(())
 }
 
-async fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send>(
+pub(super) async fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     r: Refusal,
     in_tx: bool,
@@ -576,7 +578,7 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send>(
     Ok(())
 }
 
-fn having_has_params(e: &HavingExpr) -> bool {
+pub(super) fn having_has_params(e: &HavingExpr) -> bool {
     fn op(o: &Operand) -> bool {
         matches!(o, Operand::Param(_))
     }
@@ -591,7 +593,10 @@ fn having_has_params(e: &HavingExpr) -> bool {
 }
 
 /// A LIMIT or OFFSET count; None: no limit.
-fn count(l: &Option<LimitSpec>, params: Option<&BindParams>) -> Result<Option<u64>, String> {
+pub(super) fn count(
+    l: &Option<LimitSpec>,
+    params: Option<&BindParams>,
+) -> Result<Option<u64>, String> {
     match l {
         None => Ok(None),
         Some(LimitSpec::Count(n)) => Ok(Some(*n)),
@@ -603,7 +608,7 @@ fn count(l: &Option<LimitSpec>, params: Option<&BindParams>) -> Result<Option<u6
 }
 
 /// Merges the rows; returns the number sent.
-async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
+pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     plan: &MergePlan,
     fields: &[Field],
@@ -883,330 +888,9 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     Ok(Ok(sent))
 }
 
-/// The grouping key of `row` over columns `cols` (see [`value::group_key`]).
-fn group_key(
-    cols: &[usize],
-    row: &[Option<Bytes>],
-    types: &[Ty],
-) -> Result<Vec<Option<Vec<u8>>>, MergeError> {
-    cols.iter()
-        .map(|&c| match row.get(c).cloned().flatten() {
-            None => Ok(None),
-            Some(v) => Ok(Some(value::group_key(
-                types.get(c).copied().unwrap_or(Ty::Other(0)),
-                &v,
-            )?)),
-        })
-        .collect()
-}
-
-fn too_many(n: usize) -> MergeError {
-    MergeError(
-        sqlstate::PROGRAM_LIMIT_EXCEEDED,
-        format!("a multi-shard result needs more than max_merge_rows = {n} groups or rows in memory; raise the limit or narrow the query"),
-    )
-}
-
-fn key_ty(v: &Combined, types: &[Ty]) -> Ty {
-    match v {
-        Combined::Col(c) => types.get(*c).copied().unwrap_or(Ty::Other(0)),
-        Combined::Avg { sum, .. } => match types.get(*sum) {
-            Some(Ty::Float) => Ty::Float,
-            _ => Ty::Numeric,
-        },
-    }
-}
-
-/// The client's column for a combined output; None when the shards
-/// answered fewer columns than the plan needs.
-fn output_field(o: &Combined, fields: &[Field]) -> Option<Field> {
-    match o {
-        Combined::Col(c) => fields.get(*c).cloned(),
-        Combined::Avg { sum, .. } => {
-            let mut f = fields.get(*sum)?.clone();
-            let float = Ty::of(f.type_oid()) == Ty::Float;
-            let (oid, len): (u32, i16) = if float { (701, 8) } else { (1700, -1) };
-            f.meta[0..6].fill(0);
-            f.meta[6..10].copy_from_slice(&oid.to_be_bytes());
-            f.meta[10..12].copy_from_slice(&len.to_be_bytes());
-            f.meta[12..16].copy_from_slice(&(-1i32).to_be_bytes());
-            Some(f)
-        }
-    }
-}
-
-/// The value of a combined column in a (combined) shard row.
-fn combined_value(
-    o: &Combined,
-    row: &[Option<Bytes>],
-    types: &[Ty],
-) -> Result<Option<Bytes>, MergeError> {
-    match o {
-        Combined::Col(c) => Ok(row.get(*c).cloned().flatten()),
-        Combined::Avg { sum, count } => {
-            let (Some(sv), Some(cv)) = (
-                row.get(*sum).cloned().flatten(),
-                row.get(*count).cloned().flatten(),
-            ) else {
-                return Ok(None);
-            };
-            let cnt = Num::parse(utf8(&cv)?)?;
-            if cnt.cmp_num(&Num::from_i128(0)) == Ordering::Equal {
-                return Ok(None);
-            }
-            match types.get(*sum) {
-                Some(Ty::Float) => {
-                    // PostgreSQL's avg accumulates from +0 (so -0 sums to 0).
-                    let s: f64 = 0.0 + parse_f64(utf8(&sv)?)?;
-                    let c: f64 = utf8(&cv)?
-                        .parse()
-                        .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, "bad count".into()))?;
-                    Ok(Some(Bytes::from(float_text(s / c))))
-                }
-                _ => {
-                    let q = Num::parse(utf8(&sv)?)?.div_pg(&cnt)?;
-                    Ok(Some(Bytes::from(q.to_text())))
-                }
-            }
-        }
-    }
-}
-
-fn utf8(b: &[u8]) -> Result<&str, MergeError> {
-    std::str::from_utf8(b)
-        .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, "invalid UTF-8 in a value".into()))
-}
-
-fn parse_f64(s: &str) -> Result<f64, MergeError> {
-    match s {
-        "NaN" => Ok(f64::NAN),
-        "Infinity" => Ok(f64::INFINITY),
-        "-Infinity" => Ok(f64::NEG_INFINITY),
-        _ => s
-            .parse()
-            .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, format!("invalid float {s:?}"))),
-    }
-}
-
-/// PostgreSQL's float8 output: shortest round-trip digits, exponent form
-/// below 1e-4 and from 1e15.
-pub(crate) fn float_text(x: f64) -> String {
-    if x.is_nan() {
-        return "NaN".into();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 {
-            "Infinity".into()
-        } else {
-            "-Infinity".into()
-        };
-    }
-    if x == 0.0 {
-        return if x.is_sign_negative() {
-            "-0".into()
-        } else {
-            "0".into()
-        };
-    }
-    let e = format!("{x:e}"); // e.g. "1.2345e14", "-5e-7"
-    let (mant, exp) = e.split_once('e').unwrap_or((&e, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    if (-4..15).contains(&exp) {
-        format!("{x}")
-    } else {
-        let sign = if exp < 0 { '-' } else { '+' };
-        format!("{mant}e{sign}{:02}", exp.abs())
-    }
-}
-
-/// Combines a shard row into its group's row, column by column.
-fn combine(a: &AggregatePlan, types: &[Ty], acc: &mut Row, row: &Row) -> Result<(), MergeError> {
-    for (i, col) in a.shard_cols.iter().enumerate() {
-        let ShardCol::Partial(p) = col else { continue };
-        let new = row.get(i).cloned().flatten();
-        let old = acc.get(i).cloned().flatten();
-        let ty = types.get(i).copied().unwrap_or(Ty::Other(0));
-        let v = match (old, new) {
-            (None, n) => n,
-            (o, None) => o,
-            (Some(o), Some(n)) => Some(match p {
-                Partial::Count => add(Ty::Int, &o, &n)?,
-                Partial::Sum => add(ty, &o, &n)?,
-                Partial::Min | Partial::Max => {
-                    let ord = value::compare(ty, &o, &n)?;
-                    let take_new = if *p == Partial::Min {
-                        ord == Ordering::Greater
-                    } else {
-                        ord == Ordering::Less
-                    };
-                    if take_new {
-                        n
-                    } else {
-                        o
-                    }
-                }
-                Partial::BoolAnd => Bytes::from_static(if &o[..] == b"t" && &n[..] == b"t" {
-                    b"t"
-                } else {
-                    b"f"
-                }),
-                Partial::BoolOr => Bytes::from_static(if &o[..] == b"t" || &n[..] == b"t" {
-                    b"t"
-                } else {
-                    b"f"
-                }),
-            }),
-        };
-        if let Some(slot) = acc.get_mut(i) {
-            *slot = v;
-        }
-    }
-    Ok(())
-}
-
-fn add(ty: Ty, a: &[u8], b: &[u8]) -> Result<Bytes, MergeError> {
-    Ok(Bytes::from(match ty {
-        Ty::Int => {
-            let x: i128 = utf8(a)?
-                .parse()
-                .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, "bad integer".into()))?;
-            let y: i128 = utf8(b)?
-                .parse()
-                .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, "bad integer".into()))?;
-            (x + y).to_string()
-        }
-        Ty::Numeric => Num::parse(utf8(a)?)?.add(&Num::parse(utf8(b)?)?).to_text(),
-        Ty::Float => float_text(parse_f64(utf8(a)?)? + parse_f64(utf8(b)?)?),
-        other => {
-            return Err(MergeError(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("cannot add values of type {other:?} across shards"),
-            ))
-        }
-    }))
-}
-
-/// Compares two shard rows by the plan's ORDER BY.
-fn compare_rows(
-    plan: &MergePlan,
-    types: &[Ty],
-    a: &[Option<Bytes>],
-    b: &[Option<Bytes>],
-) -> Result<Ordering, MergeError> {
-    for k in &plan.order_by {
-        let ty = key_ty(&k.value, types);
-        let va = combined_value(&k.value, a, types)?;
-        let vb = combined_value(&k.value, b, types)?;
-        let o = match (va, vb) {
-            (None, None) => Ordering::Equal,
-            (None, Some(_)) => {
-                if k.nulls_first {
-                    Ordering::Less
-                } else {
-                    Ordering::Greater
-                }
-            }
-            (Some(_), None) => {
-                if k.nulls_first {
-                    Ordering::Greater
-                } else {
-                    Ordering::Less
-                }
-            }
-            (Some(x), Some(y)) => {
-                let o = value::compare(ty, &x, &y)?;
-                if k.desc {
-                    o.reverse()
-                } else {
-                    o
-                }
-            }
-        };
-        if o != Ordering::Equal {
-            return Ok(o);
-        }
-    }
-    Ok(Ordering::Equal)
-}
-
-/// HAVING with SQL's three-valued logic (None = unknown).
-fn eval_having(
-    h: &HavingExpr,
-    row: &[Option<Bytes>],
-    types: &[Ty],
-) -> Result<Option<bool>, MergeError> {
-    Ok(match h {
-        HavingExpr::And(a, b) => match (eval_having(a, row, types)?, eval_having(b, row, types)?) {
-            (Some(false), _) | (_, Some(false)) => Some(false),
-            (Some(true), Some(true)) => Some(true),
-            _ => None,
-        },
-        HavingExpr::Or(a, b) => match (eval_having(a, row, types)?, eval_having(b, row, types)?) {
-            (Some(true), _) | (_, Some(true)) => Some(true),
-            (Some(false), Some(false)) => Some(false),
-            _ => None,
-        },
-        HavingExpr::Not(a) => eval_having(a, row, types)?.map(|v| !v),
-        HavingExpr::IsNull { operand, negated } => {
-            let null = operand_value(operand, row, types)?.0.is_none();
-            Some(null != *negated)
-        }
-        HavingExpr::Compare { left, op, right } => {
-            let (l, lt) = operand_value(left, row, types)?;
-            let (r, rt) = operand_value(right, row, types)?;
-            let ty = lt.or(rt).unwrap_or(Ty::Numeric);
-            let string_lit = |o: &Operand| matches!(o, Operand::Literal(Literal::String(_)));
-            if (string_lit(left) || string_lit(right)) && ty != Ty::Text {
-                return Err(MergeError(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    format!("HAVING compares a {ty:?} value with a string literal across shards; hotrepart cannot apply PostgreSQL's input conversion for that type (session TimeZone, formats): compare with a number, or filter in WHERE"),
-                ));
-            }
-            let (Some(l), Some(r)) = (l, r) else {
-                return Ok(None);
-            };
-            let o = match ty {
-                Ty::Int | Ty::Numeric => Num::parse(utf8(&l)?)?.cmp_num(&Num::parse(utf8(&r)?)?),
-                other => value::compare(other, &l, &r)?,
-            };
-            Some(match op {
-                CompareOp::Eq => o == Ordering::Equal,
-                CompareOp::NotEq => o != Ordering::Equal,
-                CompareOp::Lt => o == Ordering::Less,
-                CompareOp::LtEq => o != Ordering::Greater,
-                CompareOp::Gt => o == Ordering::Greater,
-                CompareOp::GtEq => o != Ordering::Less,
-            })
-        }
-    })
-}
-
-/// An operand's value and, for column values, its type.
-fn operand_value(
-    o: &Operand,
-    row: &[Option<Bytes>],
-    types: &[Ty],
-) -> Result<(Option<Bytes>, Option<Ty>), MergeError> {
-    Ok(match o {
-        Operand::Value(c) => (combined_value(c, row, types)?, Some(key_ty(c, types))),
-        Operand::Literal(Literal::Null) => (None, None),
-        Operand::Literal(Literal::Bool(b)) => {
-            (Some(Bytes::from_static(if *b { b"t" } else { b"f" })), None)
-        }
-        Operand::Literal(Literal::Number(n)) => (Some(Bytes::from(n.clone())), None),
-        Operand::Literal(Literal::String(sv)) => (Some(Bytes::from(sv.clone())), None),
-        Operand::Param(_) => {
-            return Err(MergeError(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                "parameters in HAVING are not supported yet".into(),
-            ))
-        }
-    })
-}
-
 /// The first `COLLATE name` in `sql` whose collation is not C or POSIX (a
 /// conservative text scan: a false hit only refuses).
-fn non_c_collate(sql: &str) -> Option<String> {
+pub(super) fn non_c_collate(sql: &str) -> Option<String> {
     let lower = sql.to_ascii_lowercase();
     let mut from = 0;
     while let Some(at) = lower[from..].find("collate") {
@@ -1231,7 +915,7 @@ fn non_c_collate(sql: &str) -> Option<String> {
 
 /// Whether every shard's database uses the C (or POSIX) collation; cached
 /// per shard and database by the node.
-async fn shards_use_c_collation<S: AsyncRead + AsyncWrite + Unpin + Send>(
+pub(super) async fn shards_use_c_collation<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     shards: &[usize],
 ) -> Result<bool, SessionError> {

@@ -8,6 +8,7 @@
 //! partial aggregates, on text-format values.
 
 pub mod binary;
+mod combine;
 pub mod exec;
 pub mod value;
 

@@ -1,0 +1,339 @@
+//! Combining the shards' rows of a merge: grouping keys, partial
+//! aggregates added up, HAVING evaluated, rows compared for ORDER BY,
+//! output values produced — each with PostgreSQL's semantics for the type
+//! ([`super::value`]).
+
+use super::exec::*;
+use super::value::{self, Num, Ty};
+use crate::error::sqlstate;
+use bytes::Bytes;
+use hotrepart_router::route::{
+    AggregatePlan, Combined, CompareOp, HavingExpr, Literal, MergePlan, Operand, Partial, ShardCol,
+};
+use std::cmp::Ordering;
+
+/// The grouping key of `row` over columns `cols` (see [`value::group_key`]).
+pub(super) fn group_key(
+    cols: &[usize],
+    row: &[Option<Bytes>],
+    types: &[Ty],
+) -> Result<Vec<Option<Vec<u8>>>, MergeError> {
+    cols.iter()
+        .map(|&c| match row.get(c).cloned().flatten() {
+            None => Ok(None),
+            Some(v) => Ok(Some(value::group_key(
+                types.get(c).copied().unwrap_or(Ty::Other(0)),
+                &v,
+            )?)),
+        })
+        .collect()
+}
+
+pub(super) fn too_many(n: usize) -> MergeError {
+    MergeError(
+        sqlstate::PROGRAM_LIMIT_EXCEEDED,
+        format!("a multi-shard result needs more than max_merge_rows = {n} groups or rows in memory; raise the limit or narrow the query"),
+    )
+}
+
+pub(super) fn key_ty(v: &Combined, types: &[Ty]) -> Ty {
+    match v {
+        Combined::Col(c) => types.get(*c).copied().unwrap_or(Ty::Other(0)),
+        Combined::Avg { sum, .. } => match types.get(*sum) {
+            Some(Ty::Float) => Ty::Float,
+            _ => Ty::Numeric,
+        },
+    }
+}
+
+/// The client's column for a combined output; None when the shards
+/// answered fewer columns than the plan needs.
+pub(super) fn output_field(o: &Combined, fields: &[Field]) -> Option<Field> {
+    match o {
+        Combined::Col(c) => fields.get(*c).cloned(),
+        Combined::Avg { sum, .. } => {
+            let mut f = fields.get(*sum)?.clone();
+            let float = Ty::of(f.type_oid()) == Ty::Float;
+            let (oid, len): (u32, i16) = if float { (701, 8) } else { (1700, -1) };
+            f.meta[0..6].fill(0);
+            f.meta[6..10].copy_from_slice(&oid.to_be_bytes());
+            f.meta[10..12].copy_from_slice(&len.to_be_bytes());
+            f.meta[12..16].copy_from_slice(&(-1i32).to_be_bytes());
+            Some(f)
+        }
+    }
+}
+
+/// The value of a combined column in a (combined) shard row.
+pub(super) fn combined_value(
+    o: &Combined,
+    row: &[Option<Bytes>],
+    types: &[Ty],
+) -> Result<Option<Bytes>, MergeError> {
+    match o {
+        Combined::Col(c) => Ok(row.get(*c).cloned().flatten()),
+        Combined::Avg { sum, count } => {
+            let (Some(sv), Some(cv)) = (
+                row.get(*sum).cloned().flatten(),
+                row.get(*count).cloned().flatten(),
+            ) else {
+                return Ok(None);
+            };
+            let cnt = Num::parse(utf8(&cv)?)?;
+            if cnt.cmp_num(&Num::from_i128(0)) == Ordering::Equal {
+                return Ok(None);
+            }
+            match types.get(*sum) {
+                Some(Ty::Float) => {
+                    // PostgreSQL's avg accumulates from +0 (so -0 sums to 0).
+                    let s: f64 = 0.0 + parse_f64(utf8(&sv)?)?;
+                    let c: f64 = utf8(&cv)?
+                        .parse()
+                        .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, "bad count".into()))?;
+                    Ok(Some(Bytes::from(float_text(s / c))))
+                }
+                _ => {
+                    let q = Num::parse(utf8(&sv)?)?.div_pg(&cnt)?;
+                    Ok(Some(Bytes::from(q.to_text())))
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn utf8(b: &[u8]) -> Result<&str, MergeError> {
+    std::str::from_utf8(b)
+        .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, "invalid UTF-8 in a value".into()))
+}
+
+pub(super) fn parse_f64(s: &str) -> Result<f64, MergeError> {
+    match s {
+        "NaN" => Ok(f64::NAN),
+        "Infinity" => Ok(f64::INFINITY),
+        "-Infinity" => Ok(f64::NEG_INFINITY),
+        _ => s
+            .parse()
+            .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, format!("invalid float {s:?}"))),
+    }
+}
+
+/// PostgreSQL's float8 output: shortest round-trip digits, exponent form
+/// below 1e-4 and from 1e15.
+pub(crate) fn float_text(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    if x == 0.0 {
+        return if x.is_sign_negative() {
+            "-0".into()
+        } else {
+            "0".into()
+        };
+    }
+    let e = format!("{x:e}"); // e.g. "1.2345e14", "-5e-7"
+    let (mant, exp) = e.split_once('e').unwrap_or((&e, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if (-4..15).contains(&exp) {
+        format!("{x}")
+    } else {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{mant}e{sign}{:02}", exp.abs())
+    }
+}
+
+/// Combines a shard row into its group's row, column by column.
+pub(super) fn combine(
+    a: &AggregatePlan,
+    types: &[Ty],
+    acc: &mut Row,
+    row: &Row,
+) -> Result<(), MergeError> {
+    for (i, col) in a.shard_cols.iter().enumerate() {
+        let ShardCol::Partial(p) = col else { continue };
+        let new = row.get(i).cloned().flatten();
+        let old = acc.get(i).cloned().flatten();
+        let ty = types.get(i).copied().unwrap_or(Ty::Other(0));
+        let v = match (old, new) {
+            (None, n) => n,
+            (o, None) => o,
+            (Some(o), Some(n)) => Some(match p {
+                Partial::Count => add(Ty::Int, &o, &n)?,
+                Partial::Sum => add(ty, &o, &n)?,
+                Partial::Min | Partial::Max => {
+                    let ord = value::compare(ty, &o, &n)?;
+                    let take_new = if *p == Partial::Min {
+                        ord == Ordering::Greater
+                    } else {
+                        ord == Ordering::Less
+                    };
+                    if take_new {
+                        n
+                    } else {
+                        o
+                    }
+                }
+                Partial::BoolAnd => Bytes::from_static(if &o[..] == b"t" && &n[..] == b"t" {
+                    b"t"
+                } else {
+                    b"f"
+                }),
+                Partial::BoolOr => Bytes::from_static(if &o[..] == b"t" || &n[..] == b"t" {
+                    b"t"
+                } else {
+                    b"f"
+                }),
+            }),
+        };
+        if let Some(slot) = acc.get_mut(i) {
+            *slot = v;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn add(ty: Ty, a: &[u8], b: &[u8]) -> Result<Bytes, MergeError> {
+    Ok(Bytes::from(match ty {
+        Ty::Int => {
+            let x: i128 = utf8(a)?
+                .parse()
+                .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, "bad integer".into()))?;
+            let y: i128 = utf8(b)?
+                .parse()
+                .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, "bad integer".into()))?;
+            (x + y).to_string()
+        }
+        Ty::Numeric => Num::parse(utf8(a)?)?.add(&Num::parse(utf8(b)?)?).to_text(),
+        Ty::Float => float_text(parse_f64(utf8(a)?)? + parse_f64(utf8(b)?)?),
+        other => {
+            return Err(MergeError(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("cannot add values of type {other:?} across shards"),
+            ))
+        }
+    }))
+}
+
+/// Compares two shard rows by the plan's ORDER BY.
+pub(super) fn compare_rows(
+    plan: &MergePlan,
+    types: &[Ty],
+    a: &[Option<Bytes>],
+    b: &[Option<Bytes>],
+) -> Result<Ordering, MergeError> {
+    for k in &plan.order_by {
+        let ty = key_ty(&k.value, types);
+        let va = combined_value(&k.value, a, types)?;
+        let vb = combined_value(&k.value, b, types)?;
+        let o = match (va, vb) {
+            (None, None) => Ordering::Equal,
+            (None, Some(_)) => {
+                if k.nulls_first {
+                    Ordering::Less
+                } else {
+                    Ordering::Greater
+                }
+            }
+            (Some(_), None) => {
+                if k.nulls_first {
+                    Ordering::Greater
+                } else {
+                    Ordering::Less
+                }
+            }
+            (Some(x), Some(y)) => {
+                let o = value::compare(ty, &x, &y)?;
+                if k.desc {
+                    o.reverse()
+                } else {
+                    o
+                }
+            }
+        };
+        if o != Ordering::Equal {
+            return Ok(o);
+        }
+    }
+    Ok(Ordering::Equal)
+}
+
+/// HAVING with SQL's three-valued logic (None = unknown).
+pub(super) fn eval_having(
+    h: &HavingExpr,
+    row: &[Option<Bytes>],
+    types: &[Ty],
+) -> Result<Option<bool>, MergeError> {
+    Ok(match h {
+        HavingExpr::And(a, b) => match (eval_having(a, row, types)?, eval_having(b, row, types)?) {
+            (Some(false), _) | (_, Some(false)) => Some(false),
+            (Some(true), Some(true)) => Some(true),
+            _ => None,
+        },
+        HavingExpr::Or(a, b) => match (eval_having(a, row, types)?, eval_having(b, row, types)?) {
+            (Some(true), _) | (_, Some(true)) => Some(true),
+            (Some(false), Some(false)) => Some(false),
+            _ => None,
+        },
+        HavingExpr::Not(a) => eval_having(a, row, types)?.map(|v| !v),
+        HavingExpr::IsNull { operand, negated } => {
+            let null = operand_value(operand, row, types)?.0.is_none();
+            Some(null != *negated)
+        }
+        HavingExpr::Compare { left, op, right } => {
+            let (l, lt) = operand_value(left, row, types)?;
+            let (r, rt) = operand_value(right, row, types)?;
+            let ty = lt.or(rt).unwrap_or(Ty::Numeric);
+            let string_lit = |o: &Operand| matches!(o, Operand::Literal(Literal::String(_)));
+            if (string_lit(left) || string_lit(right)) && ty != Ty::Text {
+                return Err(MergeError(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!("HAVING compares a {ty:?} value with a string literal across shards; hotrepart cannot apply PostgreSQL's input conversion for that type (session TimeZone, formats): compare with a number, or filter in WHERE"),
+                ));
+            }
+            let (Some(l), Some(r)) = (l, r) else {
+                return Ok(None);
+            };
+            let o = match ty {
+                Ty::Int | Ty::Numeric => Num::parse(utf8(&l)?)?.cmp_num(&Num::parse(utf8(&r)?)?),
+                other => value::compare(other, &l, &r)?,
+            };
+            Some(match op {
+                CompareOp::Eq => o == Ordering::Equal,
+                CompareOp::NotEq => o != Ordering::Equal,
+                CompareOp::Lt => o == Ordering::Less,
+                CompareOp::LtEq => o != Ordering::Greater,
+                CompareOp::Gt => o == Ordering::Greater,
+                CompareOp::GtEq => o != Ordering::Less,
+            })
+        }
+    })
+}
+
+/// An operand's value and, for column values, its type.
+pub(super) fn operand_value(
+    o: &Operand,
+    row: &[Option<Bytes>],
+    types: &[Ty],
+) -> Result<(Option<Bytes>, Option<Ty>), MergeError> {
+    Ok(match o {
+        Operand::Value(c) => (combined_value(c, row, types)?, Some(key_ty(c, types))),
+        Operand::Literal(Literal::Null) => (None, None),
+        Operand::Literal(Literal::Bool(b)) => {
+            (Some(Bytes::from_static(if *b { b"t" } else { b"f" })), None)
+        }
+        Operand::Literal(Literal::Number(n)) => (Some(Bytes::from(n.clone())), None),
+        Operand::Literal(Literal::String(sv)) => (Some(Bytes::from(sv.clone())), None),
+        Operand::Param(_) => {
+            return Err(MergeError(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "parameters in HAVING are not supported yet".into(),
+            ))
+        }
+    })
+}
