@@ -3,14 +3,37 @@
 //! output values produced — each with PostgreSQL's semantics for the type
 //! ([`super::value`]).
 
-use super::exec::*;
-use super::value::{self, Num, Ty};
+use super::value::{self, Num, Ty, ValueError};
 use crate::error::sqlstate;
 use bytes::Bytes;
 use hotrepart_router::route::{
     AggregatePlan, Combined, CompareOp, HavingExpr, Literal, MergePlan, Operand, Partial, ShardCol,
 };
 use std::cmp::Ordering;
+
+pub(super) type Row = Vec<Option<Bytes>>;
+
+/// One column of the shards' RowDescription.
+#[derive(Clone)]
+pub(super) struct Field {
+    pub(super) name: Vec<u8>,
+    /// table oid, attnum, type oid, typlen, typmod, format (18 bytes)
+    pub(super) meta: [u8; 18],
+}
+
+impl Field {
+    pub(super) fn type_oid(&self) -> u32 {
+        u32::from_be_bytes([self.meta[6], self.meta[7], self.meta[8], self.meta[9]])
+    }
+}
+
+pub(super) struct MergeError(pub(super) &'static str, pub(super) String);
+
+impl From<ValueError> for MergeError {
+    fn from(e: ValueError) -> Self {
+        MergeError(sqlstate::FEATURE_NOT_SUPPORTED, e.0)
+    }
+}
 
 /// The grouping key of `row` over columns `cols` (see [`value::group_key`]).
 pub(super) fn group_key(

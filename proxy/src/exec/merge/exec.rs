@@ -17,7 +17,7 @@
 //! uses the C collation; anything else is an error naming what is missing.
 
 use super::combine::*;
-use super::value::{Ty, ValueError};
+use super::value::Ty;
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::exec::multi::ShardStreams;
@@ -31,22 +31,6 @@ use postgres_protocol::message::frontend;
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-
-pub(super) type Row = Vec<Option<Bytes>>;
-
-/// One column of the shards' RowDescription.
-#[derive(Clone)]
-pub(super) struct Field {
-    pub(super) name: Vec<u8>,
-    /// table oid, attnum, type oid, typlen, typmod, format (18 bytes)
-    pub(super) meta: [u8; 18],
-}
-
-impl Field {
-    pub(super) fn type_oid(&self) -> u32 {
-        u32::from_be_bytes([self.meta[6], self.meta[7], self.meta[8], self.meta[9]])
-    }
-}
 
 /// A RowDescription's fields; None when the frame is malformed (a
 /// backend's bytes never panic the merge).
@@ -131,14 +115,6 @@ pub(super) fn put_row(out: &mut BytesMut, row: &[Option<Bytes>]) {
             }
         }
     });
-}
-
-pub(super) struct MergeError(pub(super) &'static str, pub(super) String);
-
-impl From<ValueError> for MergeError {
-    fn from(e: ValueError) -> Self {
-        MergeError(sqlstate::FEATURE_NOT_SUPPORTED, e.0)
-    }
 }
 
 /// The shards' reply streams (see [`crate::exec::multi::ShardStreams`]) and which
