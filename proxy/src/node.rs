@@ -9,16 +9,13 @@ use crate::backend::pool::{Pool, Pools};
 use crate::config::Config;
 use crate::error::sqlstate;
 use crate::error::Refusal;
+use crate::routing::state::RoutingState;
 use crate::routing::{self, BindParams, Decision};
-use arc_swap::ArcSwap;
-use hotrepart_router::catalog::RoutingSnapshot;
-use hotrepart_router::route::PlanCache;
 use hotrepart_routing_paxos::CatalogHandle;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -72,27 +69,15 @@ pub struct Calls {
 pub struct Node {
     pub cfg: Config,
     pub pools: Pools,
-    /// The routing table; requests load it once, lock-free.
-    pub catalog: ArcSwap<RoutingSnapshot>,
+    /// The routing table, its shard indexes, plans and pins.
+    pub routing: Arc<RoutingState>,
     /// The replicated catalog this node follows (`cluster::follow`).
     pub catalog_handle: CatalogHandle,
-    /// Compiled routing functions, by id.
-    functions: crate::routing::functions::FunctionCache,
-    /// The epoch of the published routing table, for sessions waiting for
-    /// the next one (a write to a frozen range).
-    epoch_tx: watch::Sender<u64>,
     /// Reshard jobs this node is running.
     pub jobs: crate::control::jobs::running::Running,
     /// Tests only: when set, a reshard job stops before each phase's step
     /// until the test lets it go ([`crate::control::jobs::running::JobGate`]).
     pub job_gate: Option<Arc<crate::control::jobs::running::JobGate>>,
-    /// Set once `catalog` holds a snapshot of the replicated catalog (until
-    /// then it holds the configuration's, used only to log clients in).
-    ready: AtomicBool,
-    plans: Mutex<PlanCache>,
-    /// The shards the routing table names, by stable index (see
-    /// [`ShardTable`]); replaced together with `catalog`.
-    shards: ArcSwap<ShardTable>,
     /// Whether (shard, database) uses the C collation (learned on attach).
     collations: Mutex<HashMap<(usize, String), bool>>,
     /// Per database: function names seen called in multi-shard statements,
@@ -115,180 +100,14 @@ pub struct Node {
     /// Commit decisions of two-phase commits (the replicated catalog's
     /// `TxDecision` entries; see `cluster::CatalogDecisions`).
     pub decisions: Arc<dyn crate::exec::decisions::DecisionLog>,
-    /// Statements in flight, by the epoch of the routing table they were
-    /// routed by ([`Node::pin`], [`Node::fence`]).
-    pins: Mutex<std::collections::BTreeMap<u64, usize>>,
-    unpinned: tokio::sync::Notify,
     /// The node's background tasks (resolver, job supervisor, catalog
     /// follower), restarted when they fail; their state is in `/v1/status`.
     pub tasks: Arc<crate::control::supervisor::Supervisor>,
 }
 
-/// A statement (or a batch of them) routed by the routing table of
-/// `epoch` is in flight: routed, and not yet answered by its backends.
-/// Dropping the pin ends it. See [`Node::fence`].
-#[derive(Debug)]
-pub struct EpochPin {
-    node: Arc<Node>,
-    epoch: u64,
-}
-
-impl EpochPin {
-    /// The epoch of the routing table in use when the pin was taken.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-}
-
-impl Drop for EpochPin {
-    fn drop(&mut self) {
-        {
-            let mut pins = self.node.pins.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = pins.get_mut(&self.epoch) {
-                *n -= 1;
-                if *n == 0 {
-                    pins.remove(&self.epoch);
-                }
-            }
-        }
-        self.node.unpinned.notify_waiters();
-    }
-}
-
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node").finish_non_exhaustive()
-    }
-}
-
-/// A statement writing to a range frozen for a cut-over waits for the next
-/// routing table (the cut-over's end) and is routed again, until
-/// `freeze_wait_ms` has passed; then the refusal (40001) stands.
-pub struct FreezeWait {
-    deadline: tokio::time::Instant,
-    /// Subscribed before the first routing: a table published in between
-    /// is not missed.
-    epochs: watch::Receiver<u64>,
-}
-
-impl FreezeWait {
-    /// Whether to route again after refusal `r`: only for a frozen range
-    /// and before the deadline, after the next routing table (or the
-    /// deadline).
-    pub async fn retry(&mut self, r: &Refusal) -> bool {
-        r.frozen() && self.next_table().await
-    }
-
-    /// Waits for the next routing table (or the deadline); false, at once,
-    /// when the deadline has passed: the write's 40001 stands. For callers
-    /// that find the frozen range themselves (a COPY's rows).
-    pub async fn next_table(&mut self) -> bool {
-        if tokio::time::Instant::now() >= self.deadline {
-            return false;
-        }
-        let _ = tokio::time::timeout_at(self.deadline, self.epochs.changed()).await;
-        true
-    }
-}
-
-/// `snapshot` (of `catalog`) with the routing functions its tables use.
-fn resolve_functions(
-    cache: &crate::routing::functions::FunctionCache,
-    snapshot: &RoutingSnapshot,
-    catalog: &hotrepart_routing_paxos::Catalog,
-) -> RoutingSnapshot {
-    let (snap, errors) = cache.resolve_partial(snapshot.clone(), catalog.function_modules());
-    for e in errors {
-        tracing::error!(error = %e, "routing function not available; statements that need it fail");
-    }
-    snap
-}
-
-/// Where the node reaches one shard.
-#[derive(Debug)]
-pub struct ShardInfo {
-    pub name: String,
-    dsn: String,
-    /// `Err`: the DSN could not be resolved (connecting fails with it).
-    addr: Result<SocketAddr, String>,
-    user: Option<String>,
-    password: Option<String>,
-}
-
-impl ShardInfo {
-    fn new(name: &str, dsn: &str) -> ShardInfo {
-        let mut info = ShardInfo {
-            name: name.to_string(),
-            dsn: dsn.to_string(),
-            addr: Err(String::new()),
-            user: None,
-            password: None,
-        };
-        let pc: tokio_postgres::Config = match dsn.parse() {
-            Ok(pc) => pc,
-            Err(e) => {
-                info.addr = Err(format!("shard {name}: invalid DSN: {e}"));
-                return info;
-            }
-        };
-        let host = match pc.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            _ => "127.0.0.1".to_string(),
-        };
-        let port = pc.get_ports().first().copied().unwrap_or(5432);
-        info.addr = format!("{host}:{port}").parse::<SocketAddr>().or_else(|_| {
-            std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| format!("shard {name}: cannot resolve {host}"))
-        });
-        info.user = pc.get_user().map(str::to_string);
-        info.password = pc
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned());
-        info
-    }
-}
-
-/// The shards of the routing table, by index. Indices are stable for the
-/// life of the node: pools, sessions' backend slots and caches are keyed by
-/// them, so a shard added to the catalog gets the next index and a removed
-/// one keeps its index (never reused). A shard whose DSN changes gets a new
-/// index too, so no pooled connection to the old address is ever reused.
-#[derive(Debug, Default)]
-pub struct ShardTable {
-    list: Vec<Arc<ShardInfo>>,
-    by_name: HashMap<String, usize>,
-    /// Indices of the shards in the current routing table.
-    live: usize,
-    home: usize,
-}
-
-impl ShardTable {
-    /// The table for `snapshot`, keeping the indices of `prev`.
-    fn next(prev: &ShardTable, snapshot: &RoutingSnapshot) -> ShardTable {
-        let mut list = prev.list.clone();
-        let mut by_name = prev.by_name.clone();
-        let mut live = 0;
-        for s in snapshot.shards() {
-            live += 1;
-            let name = s.id.as_str();
-            let same = by_name.get(name).is_some_and(|&i| list[i].dsn == s.dsn);
-            if !same {
-                list.push(Arc::new(ShardInfo::new(name, &s.dsn)));
-                by_name.insert(name.to_string(), list.len() - 1);
-            }
-        }
-        let home = by_name
-            .get(snapshot.home_shard().as_str())
-            .copied()
-            .unwrap_or(0);
-        ShardTable {
-            list,
-            by_name,
-            live,
-            home,
-        }
     }
 }
 
@@ -314,24 +133,26 @@ impl Node {
         let current = catalog.catalog();
         let ready = current.snapshot().is_some();
         let snapshot = match current.snapshot() {
-            Some(s) => Arc::new(resolve_functions(&functions, s, &current)),
+            Some(s) => Arc::new(crate::routing::state::resolve_functions(
+                &functions, s, &current,
+            )),
             None => Arc::new(
                 cfg.routing_snapshot(&functions)
                     .map_err(|e| NodeError::Config(e.to_string()))?,
             ),
         };
-        let shards = ShardTable::next(&ShardTable::default(), &snapshot);
-        let plans = Mutex::new(PlanCache::new(cfg.plan_cache_size));
-        Ok(Arc::new(Node {
-            catalog: ArcSwap::new(snapshot),
-            catalog_handle: catalog,
+        let routing = Arc::new(RoutingState::new(
+            snapshot,
             functions,
-            epoch_tx: watch::Sender::new(0),
+            ready,
+            cfg.plan_cache_size,
+            std::time::Duration::from_millis(cfg.freeze_wait_ms),
+        ));
+        Ok(Arc::new(Node {
+            routing,
+            catalog_handle: catalog,
             jobs: Default::default(),
             job_gate: None,
-            ready: AtomicBool::new(ready),
-            shards: ArcSwap::from_pointee(shards),
-            plans,
             collations: Mutex::new(HashMap::new()),
             aggregates: Mutex::new(HashMap::new()),
             volatile: Mutex::new(HashMap::new()),
@@ -343,153 +164,12 @@ impl Node {
             clients: AtomicUsize::new(0),
             cancels: Mutex::new(HashMap::new()),
             decisions,
-            pins: Mutex::new(Default::default()),
-            unpinned: tokio::sync::Notify::new(),
             tasks: Default::default(),
         }))
     }
 
-    /// Makes the routing table of `catalog` current, with its WebAssembly
-    /// routing functions compiled and attached (a function that cannot be
-    /// is logged; only statements that need it fail, with 39000).
-    pub fn publish_catalog(&self, catalog: &hotrepart_routing_paxos::Catalog) {
-        if let Some(s) = catalog.snapshot() {
-            self.publish(Arc::new(resolve_functions(&self.functions, s, catalog)));
-        }
-    }
-
-    /// Makes `snapshot` the routing table. Shards it adds get new indices
-    /// first, so a request that loads the new snapshot always finds them.
-    pub fn publish(&self, snapshot: Arc<RoutingSnapshot>) {
-        let shards = ShardTable::next(&self.shards.load(), &snapshot);
-        self.shards.store(Arc::new(shards));
-        let epoch = snapshot.epoch();
-        self.catalog.store(snapshot);
-        self.ready.store(true, Ordering::Release);
-        self.epoch_tx.send_replace(epoch);
-    }
-
-    /// Starts waiting out cut-overs for one statement: create it before
-    /// routing, then ask [`FreezeWait::retry`] about a refusal.
-    pub fn freeze_wait(&self) -> FreezeWait {
-        FreezeWait {
-            deadline: tokio::time::Instant::now()
-                + std::time::Duration::from_millis(self.cfg.freeze_wait_ms),
-            epochs: self.epoch_tx.subscribe(),
-        }
-    }
-
-    /// Whether the replicated catalog's routing table is published.
-    pub fn catalog_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
-    /// Name of shard `i` (any index a routing decision returned).
-    pub fn shard_name(&self, i: usize) -> String {
-        self.shards
-            .load()
-            .list
-            .get(i)
-            .map(|s| s.name.clone())
-            .unwrap_or_else(|| format!("#{i}"))
-    }
-
-    /// DSN of shard `i`.
-    pub fn shard_dsn(&self, i: usize) -> Option<String> {
-        self.shards.load().list.get(i).map(|s| s.dsn.clone())
-    }
-
-    /// Indices of the shards in the current routing table.
-    pub fn live_shards(&self) -> Vec<usize> {
-        let snap = self.catalog.load();
-        let shards = self.shards.load();
-        snap.shards()
-            .filter_map(|s| shards.by_name.get(s.id.as_str()).copied())
-            .collect()
-    }
-
-    /// Index of the shard named `name` in the current routing table.
-    pub fn shard_index(&self, name: &str) -> Option<usize> {
-        self.shards.load().by_name.get(name).copied()
-    }
-
-    /// Number of shard indices handed out so far (sessions size their
-    /// backend slots by it).
-    pub fn shard_slots(&self) -> usize {
-        self.shards.load().list.len()
-    }
-
-    /// Whether the routing table has one shard only (nothing to route).
-    pub fn single_shard(&self) -> bool {
-        self.shards.load().live == 1
-    }
-
-    /// Index of the home shard (undeclared tables, keyless statements).
-    pub fn home_index(&self) -> usize {
-        self.shards.load().home
-    }
-
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
-    }
-
-    /// Marks statements about to be routed by the current routing table as
-    /// in flight until the pin is dropped (when the session has their
-    /// answers). Taken before the routing table is read, so a fence that
-    /// saw a newer table published also sees every pin of an older one.
-    pub fn pin(self: &Arc<Self>) -> EpochPin {
-        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
-        let epoch = self.catalog.load().epoch();
-        *pins.entry(epoch).or_default() += 1;
-        EpochPin {
-            node: self.clone(),
-            epoch,
-        }
-    }
-
-    /// Waits until this node routes by the routing table of `epoch` (or a
-    /// later one) and no statement routed by an older table is still in
-    /// flight. A cut-over fences every node after its freeze (no write
-    /// routed before the freeze can reach the source after it) and after
-    /// its flip (no read routed before the flip can reach the source after
-    /// the cleanup). Statements waiting out a freeze do not count: they
-    /// hold no pin while they wait, and route again afterwards.
-    pub async fn fence(&self, epoch: u64, limit: std::time::Duration) -> Result<(), String> {
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut epochs = self.epoch_tx.subscribe();
-        while self.catalog.load().epoch() < epoch {
-            if tokio::time::timeout_at(deadline, epochs.changed())
-                .await
-                .is_err()
-            {
-                return Err(format!(
-                    "node routes by epoch {} and has not published epoch {epoch} after {} ms",
-                    self.catalog.load().epoch(),
-                    limit.as_millis()
-                ));
-            }
-        }
-        loop {
-            let notified = self.unpinned.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let oldest = {
-                let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
-                pins.iter()
-                    .next()
-                    .filter(|(e, _)| **e < epoch)
-                    .map(|(e, n)| (*e, *n))
-            };
-            let Some((old, n)) = oldest else {
-                return Ok(());
-            };
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(format!(
-                    "{n} statement(s) routed by epoch {old} (before {epoch}) still running after {} ms",
-                    limit.as_millis()
-                ));
-            }
-        }
     }
 
     /// Routes a statement against the current routing table. A node with a
@@ -500,7 +180,7 @@ impl Node {
         params: Option<&BindParams>,
         ctx: &routing::RouteCtx<'_>,
     ) -> Result<Decision, Refusal> {
-        if !self.catalog_ready() {
+        if !self.routing.catalog_ready() {
             return Err(Refusal::new(
                 sqlstate::CANNOT_CONNECT_NOW,
                 "this hotrepart node has not received the routing catalog yet (the cluster may still be electing a leader); retry shortly".into(),
@@ -512,14 +192,14 @@ impl Node {
                 "this hotrepart node is cut off from the catalog quorum (its routing lease expired), so it cannot be sure its routing table is current; retry, or connect to another node".into(),
             ));
         }
-        let shards = self.shards.load();
+        let shards = self.routing.shards.load();
         if shards.live == 1 {
             return Ok(Decision::single_on(shards.home));
         }
-        let snap = self.catalog.load();
+        let snap = self.routing.catalog.load();
         routing::decide(
             &snap,
-            &self.plans,
+            &self.routing.plans,
             |id| shards.by_name.get(id.as_str()).copied(),
             sql,
             params,
@@ -663,7 +343,7 @@ impl Node {
 
     pub(crate) fn pool_for(&self, shard: usize, database: &str, client_user: &str) -> Arc<Pool> {
         let ucfg = self.cfg.user(client_user);
-        let info = self.shards.load().list.get(shard).cloned();
+        let info = self.routing.shards.load().list.get(shard).cloned();
         let (addr, dsn_user, dsn_pw, name) = match info.as_deref() {
             Some(i) => (
                 i.addr.clone(),

@@ -190,7 +190,7 @@ impl Cluster {
             .expect("a routing table")
             .epoch();
         wait_for("the routing table", Duration::from_secs(10), || async {
-            self.node.catalog.load().epoch() >= want
+            self.node.routing.catalog.load().epoch() >= want
         })
         .await;
         want

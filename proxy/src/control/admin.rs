@@ -256,21 +256,24 @@ async fn fence(State(api): State<Api>, headers: HeaderMap, Json(req): Json<Fence
     authorize(&api, &headers)?;
     let limit = Duration::from_millis(req.timeout_ms.unwrap_or(5_000).min(60_000));
     api.node
+        .routing
         .fence(req.epoch, limit)
         .await
         .map_err(ApiError::conflict)?;
-    Ok(Json(json!({ "epoch": api.node.catalog.load().epoch() })))
+    Ok(Json(
+        json!({ "epoch": api.node.routing.catalog.load().epoch() }),
+    ))
 }
 
 async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
     authorize(&api, &headers)?;
     let node = &api.node;
-    let snap = node.catalog.load_full();
+    let snap = node.routing.catalog.load_full();
     let cluster = serde_json::to_value(node.catalog_handle.status())
         .unwrap_or_else(|e| json!({ "error": e.to_string() }));
     Ok(Json(json!({
-        "ready": node.catalog_ready(),
-        "epoch": if node.catalog_ready() { snap.epoch() } else { 0 },
+        "ready": node.routing.catalog_ready(),
+        "epoch": if node.routing.catalog_ready() { snap.epoch() } else { 0 },
         "lease_valid": node.catalog_handle.lease_valid(),
         "clients": node.client_count(),
         "shards": snap.shards().count(),

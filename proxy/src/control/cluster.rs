@@ -155,15 +155,15 @@ fn compare_with_file(node: &Node, c: &hotrepart_routing_paxos::Catalog) -> bool 
 
 fn publish_current(node: &Node, c: &hotrepart_routing_paxos::Catalog) {
     if let Some(snap) = c.snapshot() {
-        let cur = node.catalog.load();
+        let cur = node.routing.catalog.load();
         // Function uploads do not change the epoch, but may resolve a
         // function a table names.
         if snap.epoch() != cur.epoch()
-            || !node.catalog_ready()
+            || !node.routing.catalog_ready()
             || !cur.unresolved_functions().is_empty()
         {
             tracing::info!(epoch = snap.epoch(), "routing table published");
-            node.publish_catalog(c);
+            node.routing.publish_catalog(c);
         }
     }
 }

@@ -163,7 +163,7 @@ fn is_running(node: &Node, id: &str) -> bool {
 fn runs_jobs(node: &Node) -> bool {
     let st = node.catalog_handle.status();
     let leader = node.cfg.cluster.is_none() || st.leader == Some(st.node_id);
-    leader && node.catalog_handle.lease_valid() && node.catalog_ready()
+    leader && node.catalog_handle.lease_valid() && node.routing.catalog_ready()
 }
 
 fn takeover_delay(node: &Node) -> Duration {
@@ -193,7 +193,7 @@ pub(crate) async fn settle(node: &Arc<Node>) -> Result<(), JobError> {
     let h = &node.catalog_handle;
     let epoch = h.catalog().epoch();
     h.await_all_applied(h.applied_index()).await?;
-    let own = node.fence(epoch, FENCE_LIMIT);
+    let own = node.routing.fence(epoch, FENCE_LIMIT);
     // The current members (membership changes at run time), with the admin
     // URL this node's configuration gives for them, else the one recorded
     // when they were added (`node add --admin`).
@@ -456,7 +456,7 @@ pub async fn run(node: &Arc<Node>, id: &str) -> Result<(), JobError> {
             return Ok(());
         }
         let catalog = node.catalog_handle.catalog();
-        let functions = node.catalog.load().functions().clone();
+        let functions = node.routing.catalog.load().functions().clone();
         let plan = match plan(node, &catalog, id, &rec, functions).await {
             Ok(p) => p,
             Err(e) if rec.phase < JobPhase::Flipped => {

@@ -42,15 +42,15 @@ pub async fn run_resolver(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) 
         }
         // Shards of the current routing table (a removed shard keeps its
         // index but is not visited; its connection is dropped).
-        conns.resize_with(node.shard_slots(), || None);
-        let live = node.live_shards();
+        conns.resize_with(node.routing.shard_slots(), || None);
+        let live = node.routing.live_shards();
         for (t, conn) in conns.iter_mut().enumerate() {
             if !live.contains(&t) {
                 *conn = None;
                 continue;
             }
             if let Err(e) = resolve_shard(&node, t, conn).await {
-                tracing::warn!(shard = %node.shard_name(t), error = %e, "2PC resolver cannot check the shard");
+                tracing::warn!(shard = %node.routing.shard_name(t), error = %e, "2PC resolver cannot check the shard");
                 *conn = None;
             }
         }
@@ -63,6 +63,7 @@ pub async fn run_resolver(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) 
 /// prepared transaction needs a superuser (or that role).
 fn resolver_target(node: &Node, t: usize, database: &str) -> BackendTarget {
     let dsn_user = node
+        .routing
         .shard_dsn(t)
         .unwrap_or_default()
         .parse::<tokio_postgres::Config>()
@@ -106,6 +107,7 @@ pub async fn resolve_shard(
     conn: &mut Option<BackendConn>,
 ) -> Result<Vec<String>, ResolveError> {
     let home_db = node
+        .routing
         .shard_dsn(t)
         .unwrap_or_default()
         .parse::<tokio_postgres::Config>()
@@ -124,7 +126,7 @@ pub async fn resolve_shard(
     let rows = b.hidden_query(&q).await?;
     // `t` is an index of the node's shard table (the catalog's shards,
     // which grow at run time), never of the configuration file's list.
-    let shard = node.shard_name(t);
+    let shard = node.routing.shard_name(t);
     let mut done = Vec::new();
     for row in rows {
         let (Some(Some(gid)), Some(Some(db))) = (row.first(), row.get(1)) else {

@@ -133,7 +133,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let names = |s: &Session<S>, shards: &[usize]| -> String {
         shards
             .iter()
-            .map(|&i| s.node.shard_name(i))
+            .map(|&i| s.node.routing.shard_name(i))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -144,7 +144,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Target::Shard(_) | Target::Any => {
             let t = match d.target {
                 Target::Shard(t) => t,
-                _ => s.node.home_index(),
+                _ => s.node.routing.home_index(),
             };
             if ex.analyze && d.write {
                 if let Err(r) = s.check_write(&d, t) {
@@ -154,7 +154,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             if ex.text {
                 lines.push(format!(
                     "hotrepart: RUN ON ONE shard {}{}",
-                    s.node.shard_name(t),
+                    s.node.routing.shard_name(t),
                     if matches!(d.target, Target::Any) {
                         " (the statement reads no sharded table: any shard answers)"
                     } else {
@@ -226,7 +226,10 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         match res {
             Ok(rows) => {
                 if multi {
-                    lines.push(format!("hotrepart: shard {}:", s.node.shard_name(t)));
+                    lines.push(format!(
+                        "hotrepart: shard {}:",
+                        s.node.routing.shard_name(t)
+                    ));
                 }
                 for r in rows {
                     let l = r.into_iter().next().flatten().unwrap_or_default();
@@ -235,7 +238,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 }
             }
             Err(crate::backend::conn::HiddenQueryError::Server { code, message }) => {
-                let m = format!("{message} (on shard {})", s.node.shard_name(t));
+                let m = format!("{message} (on shard {})", s.node.routing.shard_name(t));
                 wire::error_response(&mut s.out, Severity::Error, &code, &m);
                 if in_tx {
                     s.tx_failed = true;

@@ -42,7 +42,10 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let Target::Multi { shards, sqls } = &d.target else {
         return Ok(());
     };
-    let names: Vec<String> = shards.iter().map(|&i| s.node.shard_name(i)).collect();
+    let names: Vec<String> = shards
+        .iter()
+        .map(|&i| s.node.routing.shard_name(i))
+        .collect();
     let in_tx = s.tx_status != b'I';
     if d.statements > 1 && d.returns_rows {
         return refuse(
@@ -137,7 +140,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
         if !shard_err {
-            ok_shards.push(s.node.shard_name(t));
+            ok_shards.push(s.node.routing.shard_name(t));
         }
         tags.push(shard_tags);
     }
@@ -149,7 +152,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         None
     };
     if let Some((t, code, msg)) = error {
-        let mut m = format!("{msg} (on shard {})", s.node.shard_name(t));
+        let mut m = format!("{msg} (on shard {})", s.node.routing.shard_name(t));
         if d.write && !wrap && !ok_shards.is_empty() {
             m.push_str(&format!(
                 "; the statement did apply on shard(s) {}",
@@ -201,7 +204,7 @@ async fn finish_wrapped<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut failed = None;
     for &t in shards {
         if let Some(b) = s.slots[t].conn.as_mut() {
-            let shard = &s.node.shard_name(t);
+            let shard = &s.node.routing.shard_name(t);
             match b.hidden_query(end).await {
                 Ok(_) => {}
                 // The shard rolled back (a deferred constraint …).
@@ -462,7 +465,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         None
     };
     if let Some((t, code, msg)) = error {
-        let m = format!("{msg} (on shard {})", s.node.shard_name(t));
+        let m = format!("{msg} (on shard {})", s.node.routing.shard_name(t));
         wire::error_response(&mut s.out, Severity::Error, &code, &m);
         if in_tx {
             s.tx_failed = true;

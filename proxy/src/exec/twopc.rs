@@ -93,7 +93,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
     shards: &[usize],
 ) -> Result<(), Refusal> {
     let node = s.node.clone();
-    let name = |t: usize| node.shard_name(t);
+    let name = |t: usize| node.routing.shard_name(t);
     let gid = new_gid(node.cfg.effective_node_id());
     let prepare = format!("PREPARE TRANSACTION '{gid}'");
 

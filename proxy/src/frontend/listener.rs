@@ -275,7 +275,7 @@ impl Node {
             Ok(s) => s,
             Err(m) => return refuse(r.get_mut(), sqlstate::FEATURE_NOT_SUPPORTED, &m).await,
         };
-        let shard = self.home_index();
+        let shard = self.routing.home_index();
         let pool = self.pool_for(shard, &database, &user);
         let server_params = match pool.server_params(self.cfg.pool_timeout()).await {
             Ok(p) => p,

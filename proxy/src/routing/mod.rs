@@ -8,6 +8,7 @@
 
 pub mod functions;
 pub mod names;
+pub mod state;
 
 use crate::backend::state::SessionState;
 use crate::error::sqlstate;
@@ -381,10 +382,19 @@ pub fn decide(
         },
         standard_conforming_strings: ctx.standard_conforming_strings(),
     };
-    let plan = cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get_or_plan_in(snapshot, sql, ctx.ns)
+    // The lock is held for the lookup and the insert only: a statement that
+    // takes long to parse stalls no other session's routing.
+    let lock = || cache.lock().unwrap_or_else(|e| e.into_inner());
+    let cached = lock().get(snapshot, sql, ctx.ns);
+    let plan = match cached {
+        Some(p) => Ok(p),
+        None => r::plan_in(snapshot, sql, ctx.ns).map(|p| {
+            let p = std::sync::Arc::new(p);
+            lock().put(snapshot, sql, std::sync::Arc::clone(&p));
+            p
+        }),
+    };
+    let plan = plan
         .map_err(|e| {
             // Off, PostgreSQL's reading of '…\'…' differs from the
             // router's, which may then not even tokenize.

@@ -54,7 +54,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 tracing::warn!(error = %e, "cannot open backend connection");
                 return Ok(Err(Refusal::new(
                     sqlstate::CONNECTION_FAILURE,
-                    format!("cannot connect to shard {}", self.node.shard_name(t)),
+                    format!("cannot connect to shard {}", self.node.routing.shard_name(t)),
                 )));
             }
         };
@@ -69,7 +69,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             b.state_fp = self.state_fp;
         }
-        if !self.node.single_shard() && self.node.collation_is_c(t, &self.database).is_none() {
+        if !self.node.routing.single_shard()
+            && self.node.collation_is_c(t, &self.database).is_none()
+        {
             // Needed by the merger: text is ordered across shards only when
             // the database and every user column use the C collation.
             if let Ok(rows) = b.hidden_query(CATALOG_PROBE).await {
@@ -318,12 +320,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// client's settings (attached to its transaction if one is open;
     /// released again if the session was idle).
     pub(super) async fn ensure_namespace(&mut self) -> Result<(), SessionError> {
-        if self.node.single_shard() {
+        if self.node.routing.single_shard() {
             return Ok(());
         }
         // Per statement only this: the routing table's epoch, the catalog
         // generation and the setting, compared without allocating.
-        let snap = self.node.catalog.load_full();
+        let snap = self.node.routing.catalog.load_full();
         let generation = self
             .node
             .catalog_generation
@@ -356,7 +358,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !self.owed.is_empty() {
             self.drain_owed().await?;
         }
-        let home = self.node.home_index();
+        let home = self.node.routing.home_index();
         let was_attached = self.slots[home].conn.is_some();
         if let Err(r) = self.ensure_backend(home).await? {
             tracing::warn!(error = %r.message, "cannot read the search path on the home shard");
@@ -439,7 +441,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 d.write = true;
                 return Ok(Ok(()));
             };
-            let snap = self.node.catalog.load();
+            let snap = self.node.routing.catalog.load();
             let sharded: Vec<String> = snap
                 .sharded_tables()
                 .map(|t| {

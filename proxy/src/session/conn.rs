@@ -106,7 +106,7 @@ pub struct Session<S> {
     pub(crate) owed: VecDeque<Owed>,
     /// Held from routing until the session has the answers of what it
     /// routed (`owed` empty after a batch): see [`Node::pin`].
-    pub(crate) pin: Option<crate::node::EpochPin>,
+    pub(crate) pin: Option<crate::routing::state::EpochPin>,
     pub(super) stmts: HashMap<String, Stmt>,
     pub(super) unnamed: Option<Unnamed>,
     /// Extended-protocol messages waiting for their Sync or Flush.
@@ -187,8 +187,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         user: String,
     ) -> Self {
         let state_fp = state.fingerprint();
-        let nshards = node.shard_slots() + SLOT_HEADROOM;
-        let home = node.home_index();
+        let nshards = node.routing.shard_slots() + SLOT_HEADROOM;
+        let home = node.routing.home_index();
         Session {
             node,
             client,
@@ -243,7 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// replicated catalog change, not a per-statement event), so
     /// [`SLOT_HEADROOM`] more slots than the node has handed out cover it.
     pub(super) fn ensure_slots(&mut self) {
-        let n = self.node.shard_slots() + SLOT_HEADROOM;
+        let n = self.node.routing.shard_slots() + SLOT_HEADROOM;
         if self.slots.len() < n {
             self.slots.resize_with(n, Slot::default);
             self.state_dirty.resize(n, false);
@@ -287,7 +287,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.slots[self.cur].conn.is_some() {
             self.cur
         } else {
-            self.node.home_index()
+            self.node.routing.home_index()
         }
     }
 

@@ -21,7 +21,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         &self,
         frames: &[Frame],
     ) -> Result<(Option<usize>, Option<Decision>), Refusal> {
-        if self.node.single_shard() {
+        if self.node.routing.single_shard() {
             // Nothing to route; only LISTEN needs a look.
             for f in frames.iter().filter(|f| f.tag() == b'P') {
                 let mut b = f.body();

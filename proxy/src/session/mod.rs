@@ -312,7 +312,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.deallocate(sql) {
             return Ok(());
         }
-        if !self.node.single_shard() {
+        if !self.node.routing.single_shard() {
             if let Some(ex) = crate::exec::explain::parse(sql) {
                 if !self.owed.is_empty() {
                     self.drain_owed().await?;

@@ -21,7 +21,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         &mut self,
         route: impl Fn(&Self) -> Result<T, Refusal>,
     ) -> Result<T, Refusal> {
-        let mut wait = self.node.freeze_wait();
+        let mut wait = self.node.routing.freeze_wait();
         loop {
             self.pin_routing();
             let routed = route(self);
@@ -59,7 +59,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.tx_status == b'I' || d.kind != Kind::Other {
             return Ok(());
         }
-        let now = self.node.catalog.load_full();
+        let now = self.node.routing.catalog.load_full();
         let Some(first) = &self.tx_routing else {
             self.tx_routing = Some(now);
             return Ok(());
@@ -107,12 +107,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.tx_status == b'I' || self.tx_writes.is_empty() {
             return None;
         }
-        let snap = self.node.catalog.load();
+        let snap = self.node.routing.catalog.load();
         snap.ranges()
             .iter()
             .filter(|r| r.status == hotrepart_router::catalog::RangeStatus::Frozen)
             .find(|r| {
                 self.node
+                    .routing
                     .shard_index(r.write_owner.as_str())
                     .is_some_and(|t| self.tx_writes.contains(&t))
             })
@@ -123,7 +124,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// this session is held already: it covers what is still in flight).
     pub(crate) fn pin_routing(&mut self) {
         if self.pin.is_none() {
-            self.pin = Some(self.node.pin());
+            self.pin = Some(self.node.routing.pin());
         }
     }
 

@@ -63,12 +63,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // The client's COMMIT/ROLLBACK must reach a written shard.
             let primary = match (self.tx_writes.as_slice(), target) {
                 (w, Some(t)) if w.iter().any(|&x| x != t) => {
-                    let names: Vec<String> = w.iter().map(|&x| self.node.shard_name(x)).collect();
+                    let names: Vec<String> =
+                        w.iter().map(|&x| self.node.routing.shard_name(x)).collect();
                     refuse(self, Refusal::new(
                         sqlstate::FEATURE_NOT_SUPPORTED,
                         format!(
                             "this COMMIT/ROLLBACK comes with statements for shard {} but the transaction wrote to shard(s) {}; send COMMIT on its own",
-                            self.node.shard_name(t), names.join(", ")
+                            self.node.routing.shard_name(t), names.join(", ")
                         ),
                     ));
                     return Ok(true);

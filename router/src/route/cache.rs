@@ -91,15 +91,32 @@ impl PlanCache {
         self.get_or_plan_in(snapshot, sql, &Namespace::default())
     }
 
-    /// The plan for `sql` under `snapshot` with names resolved in `ns`. A
-    /// cached plan made under another namespace is planned again (and
-    /// replaces it).
+    /// The plan for `sql` under `snapshot` with names resolved in `ns`,
+    /// planning it on a miss (under the caller's lock: a shared cache
+    /// should use [`PlanCache::get`], plan outside its lock, then
+    /// [`PlanCache::put`]).
     pub fn get_or_plan_in(
         &mut self,
         snapshot: &RoutingSnapshot,
         sql: &str,
         ns: &Namespace,
     ) -> Result<Arc<Plan>, RouteError> {
+        if let Some(p) = self.get(snapshot, sql, ns) {
+            return Ok(p);
+        }
+        let p = Arc::new(plan_in(snapshot, sql, ns)?);
+        self.put(snapshot, sql, Arc::clone(&p));
+        Ok(p)
+    }
+
+    /// The cached plan for `sql` under `snapshot` and `ns`, if any (a miss
+    /// is counted). A cache of another epoch is dropped first.
+    pub fn get(
+        &mut self,
+        snapshot: &RoutingSnapshot,
+        sql: &str,
+        ns: &Namespace,
+    ) -> Option<Arc<Plan>> {
         if self.epoch != Some(snapshot.epoch()) {
             self.clear();
             self.epoch = Some(snapshot.epoch());
@@ -110,17 +127,25 @@ impl PlanCache {
             if e.plan.namespace().id() == ns_id {
                 self.hits += 1;
                 e.referenced = true;
-                return Ok(Arc::clone(&e.plan));
+                return Some(Arc::clone(&e.plan));
             }
-            self.misses += 1;
-            let p = Arc::new(plan_in(snapshot, sql, ns)?);
-            e.plan = Arc::clone(&p);
-            return Ok(p);
         }
         self.misses += 1;
-        let p = Arc::new(plan_in(snapshot, sql, ns)?);
-        self.insert(Arc::from(sql), Arc::clone(&p));
-        Ok(p)
+        None
+    }
+
+    /// Caches `plan` (made from `sql` under `snapshot`); a plan of another
+    /// epoch than the cache's is not kept. Replaces a plan of the same
+    /// text made under another namespace.
+    pub fn put(&mut self, snapshot: &RoutingSnapshot, sql: &str, plan: Arc<Plan>) {
+        if self.epoch != Some(snapshot.epoch()) || plan.epoch() != snapshot.epoch() {
+            return;
+        }
+        if let Some(&i) = self.index.get(sql) {
+            self.slots[i].plan = plan;
+            return;
+        }
+        self.insert(Arc::from(sql), plan);
     }
 
     fn insert(&mut self, sql: Arc<str>, plan: Arc<Plan>) {
@@ -195,5 +220,30 @@ mod tests {
         // Errors are not cached.
         assert!(c.get_or_plan(&s2, "SELEC").is_err());
         assert_eq!(c.len(), 1);
+    }
+
+    /// The split API a shared cache uses (look up under the lock, plan
+    /// outside it, put under it): a plan made for an older epoch while the
+    /// cache moved on is not kept.
+    #[test]
+    fn get_and_put_keep_only_plans_of_the_current_epoch() {
+        let (s1, s2) = (snap(1), snap(2));
+        let ns = Namespace::default();
+        let mut c = PlanCache::new(4);
+        assert!(c.get(&s1, "SELECT 1", &ns).is_none());
+        let p1 = Arc::new(plan_in(&s1, "SELECT 1", &ns).expect("plan"));
+        c.put(&s1, "SELECT 1", Arc::clone(&p1));
+        let hit = c.get(&s1, "SELECT 1", &ns).expect("cached");
+        assert!(Arc::ptr_eq(&hit, &p1));
+        // Meanwhile the epoch moved: a plan of epoch 1 is not put.
+        assert!(c.get(&s2, "SELECT 2", &ns).is_none());
+        c.put(
+            &s1,
+            "SELECT 2",
+            Arc::new(plan_in(&s1, "SELECT 2", &ns).expect("plan")),
+        );
+        assert_eq!(c.len(), 0);
+        assert!(c.get(&s2, "SELECT 1", &ns).is_none());
+        assert_eq!(c.stats(), (1, 3));
     }
 }

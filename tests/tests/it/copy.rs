@@ -50,7 +50,7 @@ fn owned_predicate(snap: &RoutingSnapshot, name: &str, table: &str, column: &str
 
 /// Rows of `table` per shard; panics if a shard holds a row it does not own.
 async fn rows_per_shard(c: &Cluster, table: &str, column: &str) -> Vec<i64> {
-    let snap = c.node.catalog.load_full();
+    let snap = c.node.routing.catalog.load_full();
     let mut out = Vec::new();
     for i in 0..c.shards.len() {
         let d = c.direct(i).await;
@@ -490,7 +490,7 @@ async fn bad_rows_and_failures_leave_nothing_anywhere() {
     db.batch_execute("TRUNCATE users").await.unwrap();
 
     // inside a transaction: rows of one shard are fine ...
-    let snap = c.node.catalog.load_full();
+    let snap = c.node.routing.catalog.load_full();
     let owner = |id: i64| {
         snap.range_for_key("users", &hotrepart_router::catalog::KeyValue::Int8(id))
             .unwrap()

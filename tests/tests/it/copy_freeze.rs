@@ -37,7 +37,7 @@ async fn start(freeze_wait_ms: u64) -> Cluster {
 }
 
 fn range_of(c: &Cluster, id: i64) -> KeyRange {
-    let snap = c.node.catalog.load();
+    let snap = c.node.routing.catalog.load();
     let t = snap.sharded_table("items").unwrap();
     let p = snap.point(t, &KeyValue::Int8(id)).unwrap();
     snap.range_for_point(p).clone()
@@ -89,6 +89,7 @@ fn code(e: &tokio_postgres::Error) -> String {
 async fn freeze_a_range_of_s0(c: &Cluster) -> KeyRange {
     let r = c
         .node
+        .routing
         .catalog
         .load()
         .ranges()
@@ -107,6 +108,7 @@ async fn freeze_a_range_of_s0(c: &Cluster) -> KeyRange {
 
 fn range_of_lo(c: &Cluster, lo: u64) -> KeyRange {
     c.node
+        .routing
         .catalog
         .load()
         .ranges()

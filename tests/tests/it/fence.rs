@@ -12,7 +12,7 @@ use hotrepart_tests::*;
 use std::time::{Duration, Instant};
 
 fn range_of(c: &Cluster, id: i64) -> KeyRange {
-    let snap = c.node.catalog.load();
+    let snap = c.node.routing.catalog.load();
     let t = snap.sharded_table("items").unwrap();
     let p = snap.point(t, &KeyValue::Int8(id)).unwrap();
     snap.range_for_point(p).clone()
@@ -64,12 +64,17 @@ async fn fence_waits_for_statements_routed_by_an_older_table() {
         .await;
     let e = c
         .node
+        .routing
         .fence(epoch, Duration::from_millis(200))
         .await
         .unwrap_err();
     assert!(e.contains("still running"), "{e}");
     assert!(!task.is_finished());
-    c.node.fence(epoch, Duration::from_secs(10)).await.unwrap();
+    c.node
+        .routing
+        .fence(epoch, Duration::from_secs(10))
+        .await
+        .unwrap();
     // Not before the statement ended on the server (the client may see
     // its answer a moment after the node let go of the pin).
     assert!(
@@ -81,11 +86,13 @@ async fn fence_waits_for_statements_routed_by_an_older_table() {
     // Nothing in flight now: at once. A later epoch not yet published:
     // a clear error.
     c.node
+        .routing
         .fence(epoch, Duration::from_millis(100))
         .await
         .unwrap();
     let e = c
         .node
+        .routing
         .fence(epoch + 100, Duration::from_millis(100))
         .await
         .unwrap_err();
@@ -117,7 +124,11 @@ async fn fence_waits_for_statements_routed_by_an_older_table() {
         "the write did not wait for the freeze"
     );
     let t = Instant::now();
-    c.node.fence(epoch, Duration::from_secs(2)).await.unwrap();
+    c.node
+        .routing
+        .fence(epoch, Duration::from_secs(2))
+        .await
+        .unwrap();
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     c.propose(CatalogCommand::UnfreezeRange {
         range: frozen.span(),

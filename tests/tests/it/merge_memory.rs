@@ -164,7 +164,7 @@ async fn big_results_stream_in_bounded_memory() {
     .await;
     // Load each shard directly with the rows it owns (PostgreSQL computes
     // the hash; the predicate comes from the node's routing table).
-    let snap = c.node.catalog.load_full();
+    let snap = c.node.routing.catalog.load_full();
     let mut loads = Vec::new();
     for i in 0..SHARDS {
         let name = format!("s{i}");

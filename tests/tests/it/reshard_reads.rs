@@ -35,7 +35,7 @@ fn opts(freeze_wait_ms: u64) -> Opts {
 const TABLE: &str = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL)";
 
 fn range_of(c: &Cluster, id: i64) -> KeyRange {
-    let snap = c.node.catalog.load();
+    let snap = c.node.routing.catalog.load();
     let t = snap.sharded_table("items").unwrap();
     let p = snap.point(t, &KeyValue::Int8(id)).unwrap();
     snap.range_for_point(p).clone()
@@ -246,6 +246,7 @@ async fn a_writer_of_the_source_fails_at_once_on_a_frozen_range_others_wait() {
     c.connect().await.batch_execute(TABLE).await.unwrap();
     let frozen = c
         .node
+        .routing
         .catalog
         .load()
         .ranges()

@@ -43,7 +43,7 @@ fn owned_predicate(snap: &RoutingSnapshot, name: &str, column: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_land_on_their_owner_and_are_found() {
     let c = Cluster::start(opts()).await;
-    let snap = c.node.catalog.load_full();
+    let snap = c.node.routing.catalog.load_full();
     let db = c.connect().await;
     // DDL reaches all shards
     db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
@@ -216,7 +216,7 @@ async fn rows_land_on_their_owner_and_are_found() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_across_shards() {
     let c = Cluster::start(opts()).await;
-    let snap = c.node.catalog.load_full();
+    let snap = c.node.routing.catalog.load_full();
     let mut db = c.connect().await;
     db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
         .await

@@ -96,7 +96,7 @@ async fn a_hinted_write_waits_for_the_cut_over_and_never_writes_the_old_owner() 
     db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, v text)")
         .await
         .unwrap();
-    let snap = c.node.catalog.load_full();
+    let snap = c.node.routing.catalog.load_full();
     let (a, b) = keys(&snap, "users");
     db.execute("INSERT INTO users (id, v) VALUES ($1, 'old')", &[&a])
         .await
@@ -210,7 +210,7 @@ async fn backslash_literals_under_standard_conforming_strings_off() {
     db.batch_execute("CREATE TABLE names (k text PRIMARY KEY, v int)")
         .await
         .unwrap();
-    let snap = c.node.catalog.load_full();
+    let snap = c.node.routing.catalog.load_full();
     db.batch_execute("SET standard_conforming_strings = off")
         .await
         .unwrap();
@@ -283,7 +283,7 @@ async fn writes_inside_functions_on_two_shards_commit_atomically() {
     )
     .await
     .unwrap();
-    let snap = c.node.catalog.load_full();
+    let snap = c.node.routing.catalog.load_full();
     let (a, b) = keys(&snap, "users");
     for k in [a, b] {
         db.execute("INSERT INTO users (id, v) VALUES ($1, 'u')", &[&k])
@@ -366,7 +366,7 @@ async fn names_resolve_through_search_path_and_views_are_refused() {
     )
     .await
     .unwrap();
-    let snap = c.node.catalog.load_full();
+    let snap = c.node.routing.catalog.load_full();
     let (a, b) = keys(&snap, "app.orders");
     db.batch_execute("SET search_path = app, public")
         .await
@@ -452,7 +452,7 @@ async fn functions_over_sharded_tables_are_refused_unless_hinted() {
     )
     .await
     .unwrap();
-    let snap = c.node.catalog.load_full();
+    let snap = c.node.routing.catalog.load_full();
     let (a, b) = keys(&snap, "users");
     db.batch_execute(&format!(
         "INSERT INTO users (id, v) VALUES ({a}, 'x'), ({b}, 'x')"

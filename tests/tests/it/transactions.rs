@@ -42,7 +42,7 @@ async fn setup(c: &Cluster) -> (tokio_postgres::Client, i64, i64) {
     db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, v text)")
         .await
         .unwrap();
-    let (a, b) = keys(&c.node.catalog.load_full());
+    let (a, b) = keys(&c.node.routing.catalog.load_full());
     (db, a, b)
 }
 

@@ -48,7 +48,7 @@ async fn setup(c: &Cluster) -> (tokio_postgres::Client, i64, i64) {
     db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, v text)")
         .await
         .unwrap();
-    let (a, b) = keys(&c.node.catalog.load_full());
+    let (a, b) = keys(&c.node.routing.catalog.load_full());
     (db, a, b)
 }
 
@@ -397,7 +397,7 @@ async fn a_node_killed_after_prepare_leaves_nothing_after_restart() {
         let (a, b) = (a + 1000 * round as i64, b + 1000 * round as i64);
         let (a, b) = {
             // keys on s0 and s1 again
-            let snap = c.node.catalog.load_full();
+            let snap = c.node.routing.catalog.load_full();
             let owner = |k: i64| {
                 snap.range_for_key("users", &KeyValue::Int8(k))
                     .unwrap()
@@ -705,7 +705,7 @@ async fn copy_into_two_shards_commits_all_or_nothing() {
         )
         .await
         .unwrap();
-    let snap = c.node.catalog.load_full();
+    let snap = c.node.routing.catalog.load_full();
     let owner = |k: i64| {
         snap.range_for_key("users", &KeyValue::Int8(k))
             .unwrap()

@@ -184,7 +184,7 @@ async fn lines(db: &tokio_postgres::Client, sql: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_land_where_the_function_puts_them() {
     let c = Cluster::start(opts()).await;
-    let snap = c.node.catalog.load_full();
+    let snap = c.node.routing.catalog.load_full();
     assert!(snap.unresolved_functions().is_empty());
     let tenant = compile(&example("tenant_prefix.wat"));
     let geo = compile(&example("geo.wat"));

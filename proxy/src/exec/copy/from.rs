@@ -219,7 +219,7 @@ pub(super) fn shard_positions<S>(
 ) -> HashMap<ShardId, usize> {
     snap.shards()
         .filter_map(|sh| {
-            let t = s.node.shard_index(sh.id.as_str())?;
+            let t = s.node.routing.shard_index(sh.id.as_str())?;
             let pos = st.iter().position(|sc| sc.t == t)?;
             Some((sh.id.clone(), pos))
         })
@@ -412,7 +412,7 @@ pub(super) async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
     mut splitter: Option<RowSplitter>,
     in_tx: bool,
 ) -> Result<InEnd, SessionError> {
-    let mut snap = s.node.catalog.load_full();
+    let mut snap = s.node.routing.catalog.load_full();
     let mut pos_of = shard_positions(s, &snap, st);
     let mut header: Option<Bytes> = None;
     let mut written: Option<usize> = None;
@@ -435,8 +435,8 @@ pub(super) async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 )))
             }
         };
-        if s.node.catalog.load().epoch() != snap.epoch() {
-            snap = s.node.catalog.load_full();
+        if s.node.routing.catalog.load().epoch() != snap.epoch() {
+            snap = s.node.routing.catalog.load_full();
             pos_of = shard_positions(s, &snap, st);
         }
         let res: Result<(), Fail> = match splitter.as_mut() {
@@ -596,7 +596,7 @@ pub(super) fn place(
 ///   table gained it during the COPY) gets that shard added; its COPY is
 ///   started by the caller before anything is sent to it.
 /// - A row of a **frozen** range (a cut-over in progress) waits for the
-///   next routing table with the node's [`crate::node::FreezeWait`] — the
+///   next routing table with the node's [`crate::routing::state::FreezeWait`] — the
 ///   same wait, bounded by `freeze_wait_ms`, as a statement's — and is
 ///   routed again by it (after the cut-over, to the new owner); past the
 ///   bound: 40001, the COPY fails and nothing of it lands.
@@ -621,13 +621,13 @@ pub(super) async fn route_held<S: AsyncRead + AsyncWrite + Unpin + Send>(
     header: Option<&Bytes>,
     rows: Vec<Held>,
 ) -> Result<(), Fail> {
-    let mut wait: Option<crate::node::FreezeWait> = None;
+    let mut wait: Option<crate::routing::state::FreezeWait> = None;
     let mut i = 0;
     while i < rows.len() {
         let row = &rows[i];
         let range = plan.range(snap, &row.key)?;
         if range.status == RangeStatus::Frozen {
-            let source = s.node.shard_index(range.write_owner.as_str());
+            let source = s.node.routing.shard_index(range.write_owner.as_str());
             let wrote_source = pos_of
                 .get(&range.write_owner)
                 .is_some_and(|&p| st[p].rows > 0)
@@ -651,7 +651,7 @@ pub(super) async fn route_held<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 None => {
                     // Subscribe first, then read the current table: a
                     // table published in between is not missed.
-                    wait = Some(s.node.freeze_wait());
+                    wait = Some(s.node.routing.freeze_wait());
                 }
                 Some(w) => {
                     // Nothing of this COPY is in flight to the frozen
@@ -667,14 +667,14 @@ pub(super) async fn route_held<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     }
                 }
             }
-            *snap = s.node.catalog.load_full();
+            *snap = s.node.routing.catalog.load_full();
             *pos_of = shard_positions(s, snap, st);
             continue;
         }
         let pos = match pos_of.get(&range.write_owner) {
             Some(&p) => p,
             None => {
-                let Some(t) = s.node.shard_index(range.write_owner.as_str()) else {
+                let Some(t) = s.node.routing.shard_index(range.write_owner.as_str()) else {
                     return Err(Fail::new(
                         sqlstate::INTERNAL_ERROR,
                         format!(
@@ -684,7 +684,7 @@ pub(super) async fn route_held<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     ));
                 };
                 let mut sc = ShardCopy::new(t);
-                sc.name = s.node.shard_name(t);
+                sc.name = s.node.routing.shard_name(t);
                 st.push(sc);
                 pos_of.insert(range.write_owner.clone(), st.len() - 1);
                 st.len() - 1

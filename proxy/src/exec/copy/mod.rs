@@ -286,7 +286,7 @@ impl ShardCopy {
 }
 
 fn shard_name<S>(s: &Session<S>, t: usize) -> String {
-    s.node.shard_name(t)
+    s.node.routing.shard_name(t)
 }
 
 fn encoding_ok(enc: &str, key: Option<KeyType>) -> bool {

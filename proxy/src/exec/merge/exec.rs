@@ -517,7 +517,7 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
     };
     st.drain(s).await?;
     if let Some((code, msg, t)) = st.inner.error.take() {
-        let m = format!("{msg} (on shard {})", s.node.shard_name(t));
+        let m = format!("{msg} (on shard {})", s.node.routing.shard_name(t));
         wire::error_response(&mut s.out, Severity::Error, &code, &m);
         if in_tx {
             s.tx_failed = true;
