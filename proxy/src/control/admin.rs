@@ -32,8 +32,9 @@
 mod functions;
 mod jobs;
 
-use crate::control::pg::{connect, databases_with, quote_ident, quote_table};
+use crate::control::pg::{connect, databases_with};
 use crate::node::Node;
+use crate::sql::{quote_ident, quote_table};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -7,15 +7,6 @@ use std::time::Duration;
 /// How long a connection to a shard may take.
 pub(crate) const SHARD_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(crate) fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// `schema.table` or `table`, each part quoted.
-pub(crate) fn quote_table(t: &str) -> String {
-    t.split('.').map(quote_ident).collect::<Vec<_>>().join(".")
-}
-
 /// Whether table `t` (a name as the catalog has it) exists.
 pub(crate) async fn table_exists(c: &tokio_postgres::Client, t: &str) -> Result<bool, String> {
     c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&t])
