@@ -373,11 +373,13 @@ async fn connect(spec: &MoveSpec, side: Side) -> Result<Client, ReshardError> {
         .connect(NoTls)
         .await
         .map_err(|source| ReshardError::Connect { side, source })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%side, "reshard connection ended: {e}");
-        }
-    });
+    crate::control::pg::drive(
+        conn,
+        match side {
+            Side::Source => "reshard source",
+            Side::Target => "reshard target",
+        },
+    );
     client
         .batch_execute(SESSION_SETUP)
         .await
