@@ -660,13 +660,17 @@ async fn shutdown_ends_every_task_within_its_bound() {
     // One client in a transaction (a backend checked out).
     let busy = c.connect().await;
     busy.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    wait_for("the supervised tasks running", Duration::from_secs(10), || async {
-        let st = c.node.tasks.status();
-        st.len() == 3
-            && st
-                .iter()
-                .all(|t| t.state == hotrepart_proxy::control::supervisor::TaskState::Running)
-    })
+    wait_for(
+        "the supervised tasks running",
+        Duration::from_secs(10),
+        || async {
+            let st = c.node.tasks.status();
+            st.len() == 3
+                && st
+                    .iter()
+                    .all(|t| t.state == hotrepart_proxy::control::supervisor::TaskState::Running)
+        },
+    )
     .await;
     assert!(c.node.tasks.running() > 0);
     let started = Instant::now();
