@@ -420,7 +420,7 @@ async fn while_running<T>(
 /// Test-only knob: `HOTREPART_TEST_JOB_STEP_DELAY_MS=<ms>` makes the
 /// runner of a reshard job wait that long before each step (read once per
 /// process), so that every phase lasts long enough for a test to act in it
-/// (`tests/tests/it/consistency.rs` reads through the nodes in every phase). Never
+/// (`tests/tests/it/consistency/` reads through the nodes in every phase). Never
 /// set in production: it only slows jobs down (a wait between idempotent
 /// steps, as a slow step would), it changes no step.
 fn test_step_delay() -> Option<Duration> {
