@@ -2,7 +2,7 @@
 //! client).
 //!
 //! Every request carries `Authorization: Bearer <token>` (`[admin] token`);
-//! anything else gets 401 — one middleware ([`require_token`]) checks it
+//! anything else gets 401 — one middleware (`require_token`) checks it
 //! before any handler runs or any body is read; no endpoint is public. Catalog changes are proposed to the replicated
 //! catalog from whichever node received them (omnipaxos forwards a
 //! follower's proposal to the leader) and answered once decided and applied

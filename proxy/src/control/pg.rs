@@ -2,7 +2,7 @@
 //! shard's DSN or one of its databases, and the catalog lookups the admin
 //! API and the jobs share.
 //!
-//! Guarantee: a connection's driver task ([`drive`]) ends when its
+//! Guarantee: a connection's driver task (`drive`) ends when its
 //! `Client` is dropped (or the server closes the connection), so it never
 //! outlives the control-plane work that holds the client — which runs in
 //! the node's tracked tasks and ends at the node's shutdown.
