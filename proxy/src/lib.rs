@@ -17,7 +17,8 @@
 //! - [`tools`]: local PostgreSQL servers, `hotrepart demo`, the load
 //!   generator of `proxyctl loadtest`;
 //! - [`config`], [`error`] (refusals, SQLSTATEs), [`wire`] (frames),
-//!   [`failpoint`] (test crash points).
+//!   [`sql`] (quoting SQL text the node writes), [`failpoint`] (test crash
+//!   points).
 #![deny(clippy::print_stdout)]
 
 pub mod backend;
@@ -30,6 +31,7 @@ pub mod frontend;
 pub mod node;
 pub mod routing;
 pub mod session;
+pub mod sql;
 pub mod tools;
 pub mod wire;
 

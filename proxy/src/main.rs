@@ -62,39 +62,29 @@ fn main() -> anyhow::Result<()> {
             let node = hotrepart_proxy::Node::with_catalog(cfg.clone(), catalog.clone())?;
             let listener = node.bind().await?;
             tracing::info!(addr = %listener.local_addr()?, "listening");
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            let admin = match &cfg.admin {
-                Some(a) => {
-                    let allow = cfg
-                        .cluster
-                        .as_ref()
-                        .is_some_and(|c| c.allow_fault_injection);
-                    let (addr, task) = hotrepart_proxy::control::admin::serve(
-                        node.clone(),
-                        &a.listen,
-                        a.token()?,
-                        allow,
-                        rx.clone(),
-                    )
-                    .await
-                    .with_context(|| format!("cannot listen on [admin] {}", a.listen))?;
-                    tracing::info!(%addr, "admin API listening");
-                    Some(task)
-                }
-                None => None,
-            };
-            let server = tokio::spawn(node.serve(listener, rx));
+            if let Some(a) = &cfg.admin {
+                let allow = cfg
+                    .cluster
+                    .as_ref()
+                    .is_some_and(|c| c.allow_fault_injection);
+                let addr = hotrepart_proxy::control::admin::serve(
+                    node.clone(),
+                    &a.listen,
+                    a.token()?,
+                    allow,
+                )
+                .await
+                .with_context(|| format!("cannot listen on [admin] {}", a.listen))?;
+                tracing::info!(%addr, "admin API listening");
+            }
+            node.start(listener);
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 r = tokio::signal::ctrl_c() => r?,
                 _ = term.recv() => {}
             }
-            let _ = tx.send(true);
-            let _ = server.await;
-            if let Some(t) = admin {
-                let _ = t.await;
-            }
+            node.shutdown(hotrepart_proxy::Node::SHUTDOWN_GRACE).await;
             catalog.shutdown().await;
             anyhow::Ok(())
         }),

@@ -89,7 +89,6 @@ pub struct Cluster {
     pub node: Arc<Node>,
     pub addr: SocketAddr,
     pub shards: Vec<LocalPg>,
-    shutdown: tokio::sync::watch::Sender<bool>,
     pub dir: TestDir,
 }
 
@@ -142,13 +141,11 @@ impl Cluster {
         customize(Arc::get_mut(&mut node).expect("a new node is not shared yet"));
         let listener = node.bind().await.expect("bind");
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(node.clone().serve(listener, rx));
+        node.start(listener);
         Cluster {
             node,
             addr,
             shards,
-            shutdown: tx,
             dir,
         }
     }
@@ -206,7 +203,8 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
+        // Starts the node's shutdown; the test's runtime ends what is left.
+        self.node.stop();
     }
 }
 

@@ -10,6 +10,7 @@
 //! replays is what PostgreSQL itself reported — including SETs that were
 //! rolled back, `SET LOCAL`, or `set_config()` inside a SELECT.
 
+use crate::sql::contains_ci;
 use std::hash::{Hash, Hasher};
 
 /// Settings a client has changed, sorted by name.
@@ -151,16 +152,9 @@ pub fn custom_settings(sql: &str) -> Option<Vec<String>> {
     Some(out)
 }
 
-/// Quotes a string as an SQL literal that reads the same whatever
-/// `standard_conforming_strings` is (a server may default to off): a value
-/// with a backslash is written as `E'…'` with the backslash doubled.
-pub fn quote_literal(s: &str) -> String {
-    if s.contains('\\') {
-        format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
-    } else {
-        format!("'{}'", s.replace('\'', "''"))
-    }
-}
+/// Re-exported for the session's call sites (`state::quote_literal`);
+/// the one definition is [`crate::sql::quote_literal`].
+pub use crate::sql::quote_literal;
 
 /// The session's `standard_conforming_strings` as PostgreSQL reported it:
 /// the client's own value, else the server's default (`server`).
@@ -264,13 +258,6 @@ fn ci_prefix(s: &[u8], p: &[u8]) -> bool {
 /// Whether a statement may drop prepared statements the node made.
 pub fn may_drop_prepared(sql: &str) -> bool {
     contains_ci(sql, "discard") || contains_ci(sql, "deallocate")
-}
-
-fn contains_ci(hay: &str, needle: &str) -> bool {
-    let n = needle.as_bytes();
-    hay.as_bytes()
-        .windows(n.len())
-        .any(|w| w.eq_ignore_ascii_case(n))
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! client).
 //!
 //! Every request carries `Authorization: Bearer <token>` (`[admin] token`);
-//! anything else gets 401. Catalog changes are proposed to the replicated
+//! anything else gets 401 — one middleware (`require_token`) checks it
+//! before any handler runs or any body is read; no endpoint is public. Catalog changes are proposed to the replicated
 //! catalog from whichever node received them (omnipaxos forwards a
 //! follower's proposal to the leader) and answered once decided and applied
 //! on this node. Answers: 200 with JSON; errors as `{"error": "…"}` with
@@ -32,10 +33,12 @@
 mod functions;
 mod jobs;
 
-use crate::control::pg::{connect, databases_with, quote_ident, quote_table};
+use crate::control::pg::{connect, databases_with};
 use crate::node::Node;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use crate::sql::{quote_ident, quote_table};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -50,7 +53,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 /// How long a catalog change may take before the API answers 504.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -92,22 +94,40 @@ impl IntoResponse for ApiError {
 
 pub(crate) type ApiResult = Result<Json<Value>, ApiError>;
 
-/// Binds the admin listener and serves it until `shutdown` turns true.
+/// Binds the admin listener and serves it in a task of the node's
+/// supervisor until the node shuts down (requests in flight then finish;
+/// [`Node::shutdown`] waits for them, within its bound). Returns the
+/// address it listens on.
 pub async fn serve(
     node: Arc<Node>,
     listen: &str,
     token: String,
     allow_fault_injection: bool,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let api = Api {
+    let stop = node.tasks.shutdown_token();
+    let tasks = node.tasks.clone();
+    let app = router(Api {
         node,
         token: token.into(),
         allow_fault_injection,
-    };
-    let app = Router::new()
+    });
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
+            tracing::warn!(error = %e, "admin API stopped");
+        }
+    });
+    Ok(addr)
+}
+
+/// Every endpoint, behind the token check ([`require_token`]). No endpoint
+/// is public; a path that names none is 404 with or without a token.
+fn router(api: Api) -> Router {
+    Router::new()
         .route("/v1/status", get(status))
         .route("/v1/shards", get(shards).post(add_shard))
         .route("/v1/shards/{name}", delete(remove_shard))
@@ -129,26 +149,24 @@ pub async fn serve(
         .route("/v1/debug/partition", post(partition))
         .route("/v1/fence", post(fence))
         .merge(jobs::routes())
-        .with_state(api);
-    let task = tokio::spawn(async move {
-        let stop = async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::warn!(error = %e, "admin API stopped");
-        }
-    });
-    Ok((addr, task))
+        // Last: it wraps every route above (and only routes: an unknown
+        // path stays 404).
+        .route_layer(middleware::from_fn_with_state(api.clone(), require_token))
+        .with_state(api)
 }
 
-pub(crate) fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
+/// The admin token check, in front of every endpoint: it runs before the
+/// handler and its extractors, so a request without the token is answered
+/// 401 before its body is read — never 400, 413 or 415 for a body nobody
+/// may send.
+async fn require_token(State(api): State<Api>, req: Request, next: Next) -> Response {
+    match authorize(&api, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -252,8 +270,7 @@ struct FenceReq {
 /// older table is in flight (`Node::fence`); 409 when that takes longer
 /// than `timeout_ms` (default 5 s, at most 60 s). A cut-over calls it on
 /// every node after its freeze and after its flip.
-async fn fence(State(api): State<Api>, headers: HeaderMap, Json(req): Json<FenceReq>) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn fence(State(api): State<Api>, Json(req): Json<FenceReq>) -> ApiResult {
     let limit = Duration::from_millis(req.timeout_ms.unwrap_or(5_000).min(60_000));
     api.node
         .routing
@@ -265,8 +282,7 @@ async fn fence(State(api): State<Api>, headers: HeaderMap, Json(req): Json<Fence
     ))
 }
 
-async fn status(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn status(State(api): State<Api>) -> ApiResult {
     let node = &api.node;
     let snap = node.routing.catalog.load_full();
     let cluster = serde_json::to_value(node.catalog_handle.status())
@@ -316,12 +332,7 @@ fn reconfigure_error(e: ReconfigureError) -> ApiError {
 }
 
 /// Adds a catalog node (it must be running with `[cluster] join = true`).
-async fn add_node(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(req): Json<AddNode>,
-) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn add_node(State(api): State<Api>, Json(req): Json<AddNode>) -> ApiResult {
     if req.id == 0 {
         return Err(ApiError::bad("node id 0 is not valid"));
     }
@@ -358,8 +369,7 @@ async fn add_node(
 }
 
 /// Removes a catalog node.
-async fn remove_node(State(api): State<Api>, headers: HeaderMap, Path(id): Path<u64>) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn remove_node(State(api): State<Api>, Path(id): Path<u64>) -> ApiResult {
     let m = api
         .node
         .catalog_handle
@@ -377,8 +387,7 @@ fn status_name(s: RangeStatus) -> &'static str {
     }
 }
 
-async fn shards(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn shards(State(api): State<Api>) -> ApiResult {
     let snap = api.snapshot()?;
     let list: Vec<Value> = snap
         .shards()
@@ -436,12 +445,7 @@ struct AddShard {
     dsn: String,
 }
 
-async fn add_shard(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(req): Json<AddShard>,
-) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn add_shard(State(api): State<Api>, Json(req): Json<AddShard>) -> ApiResult {
     // Refuse a shard the nodes could not reach before it enters the log.
     connect(&req.dsn, None)
         .await
@@ -455,20 +459,14 @@ async fn add_shard(
     Ok(Json(epoch_json(&a)))
 }
 
-async fn remove_shard(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn remove_shard(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
     let a = api
         .propose(CatalogCommand::RemoveShard { shard: name })
         .await?;
     Ok(Json(epoch_json(&a)))
 }
 
-async fn tables(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn tables(State(api): State<Api>) -> ApiResult {
     let snap = api.snapshot()?;
     let catalog = api.node.catalog_handle.catalog();
     let sharded: Vec<Value> = snap
@@ -515,12 +513,7 @@ struct DeclareTable {
     function: Option<String>,
 }
 
-async fn declare_table(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(req): Json<DeclareTable>,
-) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn declare_table(State(api): State<Api>, Json(req): Json<DeclareTable>) -> ApiResult {
     let snap = api.snapshot()?;
     let cmd = match req.kind.as_str() {
         "sharded" => {
@@ -578,8 +571,7 @@ async fn declare_table(
     Ok(Json(epoch_json(&a)))
 }
 
-async fn ranges(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn ranges(State(api): State<Api>) -> ApiResult {
     let snap = api.snapshot()?;
     let list: Vec<Value> = snap
         .ranges()
@@ -605,12 +597,7 @@ struct SplitRange {
     at: Option<u64>,
 }
 
-async fn split_range(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(req): Json<SplitRange>,
-) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn split_range(State(api): State<Api>, Json(req): Json<SplitRange>) -> ApiResult {
     let (_, _, a) = split(&api, req.lo, req.at).await?;
     Ok(Json(epoch_json(&a)))
 }
@@ -649,12 +636,7 @@ struct AssignRange {
     to: String,
 }
 
-async fn assign_range(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(req): Json<AssignRange>,
-) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn assign_range(State(api): State<Api>, Json(req): Json<AssignRange>) -> ApiResult {
     let r = api.range_at(req.lo)?;
     let snap = api.snapshot()?;
     if snap.shards().all(|s| s.id.as_str() != req.to.as_str()) {
@@ -744,12 +726,7 @@ struct UnfreezeRange {
 /// refused (409, naming the job): lifting it would let writes reach the
 /// source while the job verifies and flips; the job's runner lifts it
 /// itself, and aborting the job (`proxyctl jobs abort`) ends it.
-async fn unfreeze_range(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(req): Json<UnfreezeRange>,
-) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn unfreeze_range(State(api): State<Api>, Json(req): Json<UnfreezeRange>) -> ApiResult {
     let r = api.range_at(req.lo)?;
     let catalog = api.node.catalog_handle.catalog();
     let Some(f) = catalog.freeze(r.lo) else {
@@ -780,12 +757,7 @@ struct Partition {
     on: bool,
 }
 
-async fn partition(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(req): Json<Partition>,
-) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn partition(State(api): State<Api>, Json(req): Json<Partition>) -> ApiResult {
     if !api.allow_fault_injection {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -848,4 +820,209 @@ async fn count_rows_on(
         out.push((db, n));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{header, Method};
+    use tower::ServiceExt;
+
+    const TOKEN: &str = "s3cret-token";
+
+    /// The admin router of a node alone, with its catalog in memory (no
+    /// shard is contacted by the requests below).
+    fn app() -> Router {
+        let cfg = crate::Config::from_toml(
+            r#"
+            [[shards]]
+            name = "s0"
+            dsn = "postgres://u:p@127.0.0.1:1/db"
+            [[users]]
+            name = "app"
+            auth = "trust"
+            "#,
+        )
+        .expect("config");
+        let node = Node::new(cfg).expect("node");
+        router(Api {
+            node,
+            token: TOKEN.into(),
+            allow_fault_injection: false,
+        })
+    }
+
+    async fn call(
+        app: &Router,
+        method: Method,
+        path: &str,
+        auth: Option<&str>,
+        content_type: Option<&str>,
+        body: impl Into<Body>,
+    ) -> (StatusCode, Value) {
+        let mut req = axum::http::Request::builder().method(method).uri(path);
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        let res = app
+            .clone()
+            .oneshot(req.body(body.into()).expect("request"))
+            .await
+            .expect("the router answers");
+        let status = res.status();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .expect("answer body");
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| json!({ "text": String::from_utf8_lossy(&bytes) }));
+        (status, json)
+    }
+
+    fn is_401(status: StatusCode, body: &Value) -> bool {
+        status == StatusCode::UNAUTHORIZED
+            && body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("missing or wrong admin token"))
+    }
+
+    /// The token is checked before the body is read or parsed: without
+    /// it, a malformed, huge or untyped body is 401 — not 400, 413 or 415
+    /// (as when each handler checked the token after its `Json`
+    /// extractor had run).
+    #[tokio::test]
+    async fn the_token_is_checked_before_the_body() {
+        let app = app();
+        let json = Some("application/json");
+        let bearer = format!("Bearer {TOKEN}");
+        // Malformed JSON.
+        for auth in [None, Some("Bearer wrong"), Some(TOKEN)] {
+            let (st, body) = call(&app, Method::POST, "/v1/shards", auth, json, "{not json").await;
+            assert!(is_401(st, &body), "{auth:?}: {st} {body}");
+        }
+        // Larger than any body limit (2 MiB by default, the function upload's
+        // own on /v1/functions).
+        let huge = vec![b'x'; 3 * functions::MAX_UPLOAD_BODY];
+        for path in [
+            "/v1/shards",
+            "/v1/functions",
+            "/v1/reshard/move",
+            "/v1/fence",
+        ] {
+            let (st, body) = call(&app, Method::POST, path, None, json, huge.clone()).await;
+            assert!(is_401(st, &body), "{path}: {st} {body}");
+        }
+        // No content type.
+        let (st, body) = call(&app, Method::POST, "/v1/ranges/split", None, None, "{}").await;
+        assert!(is_401(st, &body), "{st} {body}");
+        // With the token the same bodies reach the handler's extractor.
+        let (st, _) = call(
+            &app,
+            Method::POST,
+            "/v1/shards",
+            Some(&bearer),
+            json,
+            "{not json",
+        )
+        .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+        let (st, _) = call(&app, Method::POST, "/v1/shards", Some(&bearer), json, huge).await;
+        assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE);
+        let (st, _) = call(
+            &app,
+            Method::POST,
+            "/v1/ranges/split",
+            Some(&bearer),
+            None,
+            "{}",
+        )
+        .await;
+        assert_eq!(st, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    /// Every endpoint needs the token; with it they answer as before.
+    #[tokio::test]
+    async fn every_endpoint_needs_the_token() {
+        let app = app();
+        let bearer = format!("Bearer {TOKEN}");
+        let endpoints = [
+            (Method::GET, "/v1/status"),
+            (Method::GET, "/v1/shards"),
+            (Method::POST, "/v1/shards"),
+            (Method::DELETE, "/v1/shards/s0"),
+            (Method::GET, "/v1/tables"),
+            (Method::POST, "/v1/tables"),
+            (Method::POST, "/v1/tables/t/function"),
+            (Method::GET, "/v1/functions"),
+            (Method::POST, "/v1/functions"),
+            (Method::DELETE, "/v1/functions/f"),
+            (Method::GET, "/v1/ranges"),
+            (Method::POST, "/v1/ranges/split"),
+            (Method::POST, "/v1/ranges/assign"),
+            (Method::POST, "/v1/ranges/unfreeze"),
+            (Method::POST, "/v1/nodes"),
+            (Method::DELETE, "/v1/nodes/2"),
+            (Method::POST, "/v1/debug/partition"),
+            (Method::POST, "/v1/fence"),
+            (Method::POST, "/v1/reshard/move"),
+            (Method::POST, "/v1/reshard/split"),
+            (Method::GET, "/v1/jobs"),
+            (Method::GET, "/v1/jobs/j1"),
+            (Method::POST, "/v1/jobs/j1/abort"),
+            (Method::POST, "/v1/reshard/add-shard"),
+            (Method::POST, "/v1/reshard/drain"),
+        ];
+        let wrong = [
+            None,
+            Some(""),
+            Some("Bearer "),
+            Some("Bearer wrong"),
+            Some(TOKEN),
+            Some("bearer s3cret-token"),
+            Some("Bearer s3cret-token2"),
+            Some("Bearer s3cret-toke"),
+        ];
+        for (method, path) in &endpoints {
+            for auth in wrong {
+                let (st, body) = call(
+                    &app,
+                    method.clone(),
+                    path,
+                    auth,
+                    Some("application/json"),
+                    "{}",
+                )
+                .await;
+                assert!(is_401(st, &body), "{method} {path} {auth:?}: {st} {body}");
+            }
+        }
+        // With the token: a read answers 200, a bad request its own error.
+        let (st, body) = call(&app, Method::GET, "/v1/status", Some(&bearer), None, "").await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+        assert_eq!(body["shards"], 1, "{body}");
+        let (st, body) = call(&app, Method::GET, "/v1/ranges", Some(&bearer), None, "").await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+        let (st, body) = call(
+            &app,
+            Method::POST,
+            "/v1/ranges/split",
+            Some(&bearer),
+            Some("application/json"),
+            r#"{"lo": 12345}"#,
+        )
+        .await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.contains("12345")),
+            "{body}"
+        );
+        // A path that names no endpoint is 404, token or not.
+        for auth in [None, Some(bearer.as_str())] {
+            let (st, _) = call(&app, Method::GET, "/v1/nope", auth, None, "").await;
+            assert_eq!(st, StatusCode::NOT_FOUND, "{auth:?}");
+        }
+    }
 }

@@ -101,13 +101,13 @@ pub async fn start_catalog(cfg: &Config) -> anyhow::Result<CatalogHandle> {
     }
 }
 
-/// Publishes the catalog's snapshots into `node` until `shutdown` turns
-/// true; the current one first. Err when the catalog stops while the node
+/// Publishes the catalog's snapshots into `node` until `shutdown` is
+/// cancelled; the current one first. Err when the catalog stops while the node
 /// runs (the supervisor logs it and starts the follower again).
 pub async fn follow(
     node: Arc<Node>,
     catalog: CatalogHandle,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let mut rx = catalog.subscribe();
     let first = rx.borrow_and_update().clone();
@@ -118,9 +118,7 @@ pub async fn follow(
             r = rx.changed() => if r.is_err() {
                 return Err("the replicated catalog stopped publishing".into());
             },
-            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() {
-                return Ok(());
-            },
+            () = shutdown.cancelled() => return Ok(()),
         }
         let c = rx.borrow_and_update().clone();
         publish_current(&node, &c);

@@ -51,6 +51,7 @@ pub use running::{JobGate, Running};
 use crate::control::reshard::{self, MoveSpec, OwnerGuard, Session, Side, TableMove, Touched};
 use crate::failpoint::{self, Failpoint};
 use crate::node::Node;
+use futures_util::FutureExt;
 use hotrepart_router::catalog::{Functions, RoutingSnapshot, Span};
 use hotrepart_routing_paxos::{
     Applied, Catalog, CatalogCommand, FreezeId, JobPhase, JobRecord, ProposeError, Rejected,
@@ -59,7 +60,7 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// How long a catalog change of a job may take.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,14 +75,15 @@ const FINAL_DRAIN_WAIT: Duration = Duration::from_secs(5);
 
 /// The job supervisor (a supervised background task of the node, see
 /// [`crate::control::supervisor`]): while this node leads the catalog (and holds
-/// its lease), it runs every unfinished job. Ends when `shutdown` turns
-/// true.
-pub async fn supervise(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> Result<(), String> {
+/// its lease), it runs every unfinished job, each in a task of the node's
+/// supervisor that ends at the node's shutdown. Ends when `shutdown` is
+/// cancelled.
+pub async fn supervise(node: Arc<Node>, shutdown: CancellationToken) -> Result<(), String> {
     let mut led_since: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return Ok(()) },
+            () = shutdown.cancelled() => return Ok(()),
         }
         if !runs_jobs(&node) {
             led_since = None;
@@ -122,8 +124,11 @@ impl Drop for RunningGuard {
     }
 }
 
-/// Runs job `id` in a task of its own; a panic is logged at ERROR (the
-/// supervisor starts the job again on its next round).
+/// Runs job `id` in a task of its own, tracked by the node's supervisor
+/// and dropped at the node's shutdown (a job's steps may be dropped at any
+/// `.await`; the next runner resumes from the recorded phase); a panic is
+/// logged at ERROR (the job supervisor starts the job again on its next
+/// round).
 fn spawn_job(node: &Arc<Node>, id: &str) {
     node.jobs
         .0
@@ -134,17 +139,17 @@ fn spawn_job(node: &Arc<Node>, id: &str) {
         node: node.clone(),
         id: id.to_string(),
     };
-    let task = tokio::spawn(async move {
-        let r = run(&guard.node, &guard.id).await;
-        if let Err(e) = r {
-            tracing::warn!(job = %guard.id, error = %e, "reshard job stopped on this node");
-        }
-    });
-    let id = id.to_string();
-    tokio::spawn(async move {
-        if let Err(e) = task.await {
-            if e.is_panic() {
-                tracing::error!(job = %id, "reshard job runner panicked; the supervisor starts it again");
+    node.tasks.spawn_until_shutdown(async move {
+        let r = std::panic::AssertUnwindSafe(run(&guard.node, &guard.id))
+            .catch_unwind()
+            .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(job = %guard.id, error = %e, "reshard job stopped on this node");
+            }
+            Err(_) => {
+                tracing::error!(job = %guard.id, "reshard job runner panicked; the supervisor starts it again");
             }
         }
     });
@@ -415,7 +420,7 @@ async fn while_running<T>(
 /// Test-only knob: `HOTREPART_TEST_JOB_STEP_DELAY_MS=<ms>` makes the
 /// runner of a reshard job wait that long before each step (read once per
 /// process), so that every phase lasts long enough for a test to act in it
-/// (`tests/tests/it/consistency.rs` reads through the nodes in every phase). Never
+/// (`tests/tests/it/consistency/` reads through the nodes in every phase). Never
 /// set in production: it only slows jobs down (a wait between idempotent
 /// steps, as a slow step would), it changes no step.
 fn test_step_delay() -> Option<Duration> {
@@ -557,26 +562,22 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
             // routed by an older one is in flight, before a row lands there.
             settle(node).await?;
             let copied = Arc::new(AtomicU64::new(0));
-            // Aborted when the step ends — or is dropped.
-            let reporter = AbortOnDrop({
-                let node = node.clone();
-                let id = id.to_string();
-                let copied = copied.clone();
-                tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                        let n = copied.load(Ordering::Relaxed);
-                        let _ = update(&node, &id, JobPhase::Copy, n, 0, "copying").await;
-                    }
-                })
-            });
-            let mut total = 0;
-            for s in &plan.specs {
-                let base = total;
-                let c = copied.clone();
-                total += reshard::copy(s, move |n| c.store(base + n, Ordering::Relaxed)).await?;
-            }
-            drop(reporter);
+            let copy = async {
+                let mut total = 0;
+                for s in &plan.specs {
+                    let base = total;
+                    let c = copied.clone();
+                    total +=
+                        reshard::copy(s, move |n| c.store(base + n, Ordering::Relaxed)).await?;
+                }
+                Ok::<u64, JobError>(total)
+            };
+            // The progress reports run beside the copy, in this task: they
+            // end when the copy does — or when the step is dropped.
+            let total = tokio::select! {
+                r = copy => r?,
+                never = report_copy_progress(node, id, &copied) => match never {},
+            };
             update(node, id, JobPhase::CatchUp, total, 0, "copied").await
         }
         JobPhase::CatchUp => {
@@ -665,12 +666,17 @@ async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Resul
     }
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+/// Records the rows `copied` so far every 2 s (a failed report is
+/// skipped: the next one says more); never ends by itself.
+async fn report_copy_progress(
+    node: &Node,
+    id: &str,
+    copied: &AtomicU64,
+) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let n = copied.load(Ordering::Relaxed);
+        let _ = update(node, id, JobPhase::Copy, n, 0, "copying").await;
     }
 }
 

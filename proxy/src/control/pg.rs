@@ -1,20 +1,16 @@
 //! Plain PostgreSQL connections of the control plane (not pooled): to a
 //! shard's DSN or one of its databases, and the catalog lookups the admin
 //! API and the jobs share.
+//!
+//! Guarantee: a connection's driver task (`drive`) ends when its
+//! `Client` is dropped (or the server closes the connection), so it never
+//! outlives the control-plane work that holds the client — which runs in
+//! the node's tracked tasks and ends at the node's shutdown.
 
 use std::time::Duration;
 
 /// How long a connection to a shard may take.
 pub(crate) const SHARD_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub(crate) fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// `schema.table` or `table`, each part quoted.
-pub(crate) fn quote_table(t: &str) -> String {
-    t.split('.').map(quote_ident).collect::<Vec<_>>().join(".")
-}
 
 /// Whether table `t` (a name as the catalog has it) exists.
 pub(crate) async fn table_exists(c: &tokio_postgres::Client, t: &str) -> Result<bool, String> {
@@ -70,6 +66,26 @@ pub(crate) async fn connect(
         .await
         .map_err(|_| "connection timed out".to_string())?
         .map_err(|e| format!("cannot connect: {e}"))?;
-    tokio::spawn(conn);
+    drive(conn, "admin");
     Ok(client)
+}
+
+/// Runs a tokio-postgres connection's driver (`what` names it in the log).
+///
+/// The one spawn of the control plane outside the node's supervisor: the
+/// driver does no work of its own — it carries its `Client`'s requests —
+/// and it ends once the client and everything borrowed from it (a COPY
+/// sink, a replication stream) are dropped and the requests sent are
+/// answered, or when the server closes the connection. Tracking it would
+/// add nothing: the tracked task that holds the client ends at shutdown,
+/// and with it the driver.
+pub(crate) fn drive<F>(conn: F, what: &'static str)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(connection = what, "connection ended: {e}");
+        }
+    });
 }

@@ -11,7 +11,7 @@ use crate::exec::twopc::{is_hotrepart_gid, record};
 use crate::node::Node;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// Pool key user under which the resolver finds its login (no client has
 /// it); the resolver makes its own connections from that pool's target.
@@ -27,14 +27,14 @@ pub const RESOLVER_APPLICATION_NAME: &str = "hotrepart resolver";
 /// `twopc_grace_ms` on every shard (any node's with a shared decision log:
 /// a crashed node cannot; see [`DecisionLog::may_resolve`]). Keeps one
 /// connection per shard. Started by [`Node::serve`] under the node's
-/// supervisor (restarted if it fails); ends when `shutdown` turns true.
-pub async fn run_resolver(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+/// supervisor (restarted if it fails); ends when `shutdown` is cancelled.
+pub async fn run_resolver(node: Arc<Node>, shutdown: CancellationToken) {
     let every = Duration::from_millis(node.cfg.twopc_resolver_interval_ms.max(10));
     let mut conns: Vec<Option<BackendConn>> = Vec::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
+            () = shutdown.cancelled() => return,
         }
         if !node.decisions.is_resolver() {
             conns.iter_mut().for_each(|c| *c = None);

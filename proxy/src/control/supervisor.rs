@@ -1,26 +1,46 @@
-//! The node's background tasks, supervised: the 2PC resolver, the reshard
-//! job supervisor, the catalog follower — every task that lives as long as
-//! the node — are started through [`Supervisor::spawn`].
+//! The node's background tasks, all started here: every task the node runs
+//! besides the caller's own is spawned through its [`Supervisor`]
+//! (`Node::tasks`), under one [`TaskTracker`] and one [`CancellationToken`]
+//! — the node's shutdown signal.
+//!
+//! Three kinds:
+//! - [`Supervisor::supervise`]: tasks that live as long as the node (the
+//!   catalog follower, the 2PC resolver, the reshard job supervisor),
+//!   restarted when they fail;
+//! - [`Supervisor::spawn`]: a task that runs to its own end and watches the
+//!   shutdown token itself where it must stop early (the accept loop, the
+//!   admin HTTP server, which finishes the requests in flight);
+//! - [`Supervisor::spawn_until_shutdown`]: a task dropped at its next
+//!   `.await` once the node shuts down (a client session, a reshard job's
+//!   runner — every job step may be dropped at any `.await`).
+//!
+//! Not here: the drivers of the control plane's tokio-postgres connections
+//! (`control::pg::drive`), which end on their own when their client is
+//! dropped, and `spawn_blocking` calls that their caller awaits.
 //!
 //! Guarantees:
-//! - no background task dies silently: a task that panics, returns an
-//!   error, or returns while the node is not shutting down is logged at
-//!   ERROR and started again after a back-off (100 ms, doubling up to
-//!   30 s; back to 100 ms after a run of 60 s or more);
+//! - no background task dies silently: a supervised task that panics,
+//!   returns an error, or returns while the node is not shutting down is
+//!   logged at ERROR and started again after a back-off (100 ms, doubling
+//!   up to 30 s; back to 100 ms after a run of 60 s or more);
 //! - panics are caught through the task's `JoinHandle` (`JoinError::
 //!   is_panic`), so a panic anywhere in the task (not only at its top)
 //!   counts;
-//! - each task's state (running or restarting, restarts so far, the last
-//!   error and since when) is visible: [`Supervisor::status`], served by
-//!   `GET /v1/status` and printed by `proxyctl status`;
-//! - once the node's shutdown signal is set, nothing is restarted.
+//! - each supervised task's state (running or restarting, restarts so far,
+//!   the last error and since when) is visible: [`Supervisor::status`],
+//!   served by `GET /v1/status` and printed by `proxyctl status`;
+//! - once the node's shutdown token is cancelled, nothing is restarted;
+//!   [`Supervisor::shutdown`] cancels it and waits, for a bounded time,
+//!   until every task started here has ended.
 
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Where a supervised task is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -70,11 +90,16 @@ impl Default for Backoff {
     }
 }
 
-/// Starts and watches the node's background tasks.
+/// Starts, tracks and stops the node's background tasks.
 #[derive(Debug, Default)]
 pub struct Supervisor {
+    /// Supervised tasks, by name.
     tasks: Mutex<BTreeMap<String, TaskStatus>>,
     backoff: Backoff,
+    /// Every task started here (supervised runs included).
+    tracker: TaskTracker,
+    /// The node's shutdown signal.
+    shutdown: CancellationToken,
 }
 
 fn now_ms() -> u64 {
@@ -98,9 +123,73 @@ impl Supervisor {
     /// A supervisor with its own back-off (tests use short ones).
     pub fn with_backoff(backoff: Backoff) -> Supervisor {
         Supervisor {
-            tasks: Mutex::default(),
             backoff,
+            ..Supervisor::default()
         }
+    }
+
+    /// The node's shutdown signal (a clone: cancelled together).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Whether the node is shutting down.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// How many tasks started here have not ended yet.
+    pub fn running(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Runs `task` in a tokio task of its own, tracked: [`Supervisor::
+    /// shutdown`] waits for it. It runs to its own end; a task that must
+    /// stop when the node shuts down watches [`Supervisor::
+    /// shutdown_token`].
+    pub fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn(task)
+    }
+
+    /// Runs `task` in a tokio task of its own, tracked, and drops it at its
+    /// next `.await` once the node shuts down: only for tasks that may stop
+    /// at any `.await` (a client session: its client sees the connection
+    /// close; a reshard job's runner).
+    pub fn spawn_until_shutdown<F>(&self, task: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let stop = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = stop.cancelled() => {}
+            }
+        })
+    }
+
+    /// Starts the shutdown: cancels the token (the accept loop and the
+    /// supervised tasks end, the tasks of [`Supervisor::
+    /// spawn_until_shutdown`] are dropped, the admin API finishes its
+    /// requests in flight). Does not wait.
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+    }
+
+    /// [`Supervisor::stop`], then waits until every task started here has
+    /// ended, at most `within`. Returns whether they all ended; tasks
+    /// still running then are left to the runtime (they end when it is
+    /// dropped).
+    pub async fn shutdown(&self, within: Duration) -> bool {
+        self.stop();
+        tokio::time::timeout(within, self.tracker.wait())
+            .await
+            .is_ok()
     }
 
     /// The state of every task started so far, by name.
@@ -125,21 +214,21 @@ impl Supervisor {
         f(t);
     }
 
-    /// Runs `make()` as task `name` until `shutdown` turns true: each run
-    /// in its own tokio task; a run that panics, returns `Err`, or returns
-    /// `Ok` before the shutdown is logged at ERROR and followed by a new
-    /// run after the back-off. `make` must return a task that also ends
-    /// when `shutdown` turns true.
-    pub fn spawn<F, Fut>(self: &Arc<Self>, name: &str, shutdown: watch::Receiver<bool>, make: F)
+    /// Runs `make(shutdown)` as task `name` until the node shuts down: each
+    /// run in its own tokio task; a run that panics, returns `Err`, or
+    /// returns `Ok` before the shutdown is logged at ERROR and followed by
+    /// a new run after the back-off. The task `make` returns must end when
+    /// the token it is given is cancelled.
+    pub fn supervise<F, Fut>(self: &Arc<Self>, name: &str, make: F)
     where
-        F: Fn() -> Fut + Send + Sync + 'static,
+        F: Fn(CancellationToken) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
         let sup = self.clone();
         let name = name.to_string();
         self.set(&name, |_| {});
-        tokio::spawn(async move {
-            let mut shutdown = shutdown;
+        self.tracker.spawn(async move {
+            let shutdown = sup.shutdown.clone();
             let mut wait = sup.backoff.min;
             loop {
                 sup.set(&name, |t| {
@@ -147,8 +236,8 @@ impl Supervisor {
                     t.since_ms = now_ms();
                 });
                 let started = tokio::time::Instant::now();
-                let outcome = tokio::spawn(make()).await;
-                let stopping = *shutdown.borrow();
+                let outcome = sup.tracker.spawn(make(shutdown.clone())).await;
+                let stopping = shutdown.is_cancelled();
                 let error = match outcome {
                     Ok(Ok(())) if stopping => None,
                     Ok(Ok(())) => Some("ended while the node is running".to_string()),
@@ -178,7 +267,7 @@ impl Supervisor {
                 });
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    r = shutdown.changed() => if r.is_err() || *shutdown.borrow() {
+                    () = shutdown.cancelled() => {
                         sup.set(&name, |t| {
                             t.state = TaskState::Stopped;
                             t.since_ms = now_ms();
@@ -219,20 +308,17 @@ mod tests {
     #[tokio::test]
     async fn a_task_that_panics_is_restarted_and_reported() {
         let sup = fast();
-        let (tx, rx) = watch::channel(false);
         let runs = Arc::new(AtomicU32::new(0));
         let r = runs.clone();
-        let stop = rx.clone();
-        sup.spawn("resolver", rx, move || {
+        sup.supervise("resolver", move |stop| {
             let n = r.fetch_add(1, Ordering::SeqCst);
-            let mut stop = stop.clone();
             async move {
                 // A panic deep inside the task, the first two runs.
                 if n < 2 {
                     let v: Vec<u32> = Vec::new();
                     let _ = v[n as usize + 5];
                 }
-                let _ = stop.wait_for(|s| *s).await;
+                stop.cancelled().await;
                 Ok(())
             }
         });
@@ -253,11 +339,9 @@ mod tests {
             "{err}"
         );
         // Shutdown: it ends and is not restarted.
-        let _ = tx.send(true);
-        wait_until("the task stopped", || {
-            sup.status()[0].state == TaskState::Stopped
-        })
-        .await;
+        assert!(sup.shutdown(Duration::from_secs(10)).await);
+        assert_eq!(sup.status()[0].state, TaskState::Stopped);
+        assert_eq!(sup.running(), 0);
         assert_eq!(runs.load(Ordering::SeqCst), 3);
         assert_eq!(sup.status()[0].restarts, 2);
     }
@@ -265,10 +349,9 @@ mod tests {
     #[tokio::test]
     async fn errors_and_early_returns_restart_the_task() {
         let sup = fast();
-        let (_tx, rx) = watch::channel(false);
         let runs = Arc::new(AtomicU32::new(0));
         let r = runs.clone();
-        sup.spawn("follower", rx, move || {
+        sup.supervise("follower", move |_stop| {
             let n = r.fetch_add(1, Ordering::SeqCst);
             async move {
                 match n {
@@ -288,5 +371,61 @@ mod tests {
         let json = serde_json::to_value(st).unwrap_or_default();
         assert_eq!(json["restarts"], 2);
         assert!(json["state"].is_string(), "{json}");
+    }
+
+    /// Shutdown cancels the token, drops the tasks that may be dropped,
+    /// waits for the ones that finish their work, and gives up on a task
+    /// that does not end within the bound.
+    #[tokio::test]
+    async fn shutdown_waits_for_tracked_tasks_within_a_bound() {
+        let sup = fast();
+        // A supervised task and a task dropped at shutdown.
+        sup.supervise("follower", |stop| async move {
+            stop.cancelled().await;
+            Ok(())
+        });
+        struct Dropped(Arc<AtomicU32>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(AtomicU32::new(0));
+        let d = Dropped(dropped.clone());
+        sup.spawn_until_shutdown(async move {
+            let _d = d;
+            std::future::pending::<()>().await;
+        });
+        // A task that finishes its work after the signal (50 ms).
+        let finished = Arc::new(AtomicU32::new(0));
+        let (f, stop) = (finished.clone(), sup.shutdown_token());
+        sup.spawn(async move {
+            stop.cancelled().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            f.fetch_add(1, Ordering::SeqCst);
+        });
+        wait_until("the follower running", || {
+            sup.status()
+                .first()
+                .is_some_and(|t| t.state == TaskState::Running)
+        })
+        .await;
+        assert!(sup.running() >= 3, "{}", sup.running());
+        assert!(!sup.is_shutting_down());
+        assert!(sup.shutdown(Duration::from_secs(10)).await);
+        assert!(sup.is_shutting_down());
+        assert_eq!(sup.running(), 0);
+        assert_eq!(dropped.load(Ordering::SeqCst), 1);
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
+        assert_eq!(sup.status()[0].state, TaskState::Stopped);
+
+        // A task that ignores the signal holds the shutdown only as long
+        // as the bound.
+        let sup = fast();
+        sup.spawn(std::future::pending::<()>());
+        let started = tokio::time::Instant::now();
+        assert!(!sup.shutdown(Duration::from_millis(100)).await);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(sup.running(), 1);
     }
 }

@@ -2,9 +2,15 @@
 //! CancelRequest, startup parameters, limits, authentication; a client that
 //! logs in is handed to a [`Session`].
 //!
+//! Also the node's server life cycle: [`Node::serve`] / [`Node::start`]
+//! (background tasks, then the accept loop) and [`Node::shutdown`] (the
+//! node's cancellation token, then a bounded wait for every task it
+//! started: [`crate::control::supervisor`]).
+//!
 //! Guarantees:
-//! - one task per client connection; a failing or malicious client ends
-//!   only its own task (malformed input gets an ErrorResponse and a close);
+//! - one task per client connection, tracked by the node's supervisor and
+//!   ended at shutdown; a failing or malicious client ends only its own
+//!   task (malformed input gets an ErrorResponse and a close);
 //! - at most `max_client_connections` sessions exist; the next one gets
 //!   SQLSTATE 53300 and is closed;
 //! - a CancelRequest carrying a session's key cancels the query that session
@@ -23,7 +29,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 const SSL_REQUEST: i32 = 80877103;
 const GSSENC_REQUEST: i32 = 80877104;
@@ -44,64 +49,87 @@ impl Node {
             })
     }
 
-    /// Starts the node's long-running background tasks through its
+    /// Starts the node's long-running background tasks under its
     /// supervisor: the catalog follower (after publishing the current
     /// routing table), the 2PC resolver and the reshard job supervisor.
-    pub fn start_background(self: &Arc<Self>, shutdown: &watch::Receiver<bool>) {
+    /// Each ends when the node shuts down ([`Node::shutdown`]).
+    pub fn start_background(self: &Arc<Self>) {
         crate::control::cluster::publish_now(self, &self.catalog_handle);
         let node = self.clone();
-        let stop = shutdown.clone();
-        self.tasks
-            .spawn("catalog_follower", shutdown.clone(), move || {
-                crate::control::cluster::follow(
-                    node.clone(),
-                    node.catalog_handle.clone(),
-                    stop.clone(),
-                )
-            });
+        self.tasks.supervise("catalog_follower", move |stop| {
+            crate::control::cluster::follow(node.clone(), node.catalog_handle.clone(), stop)
+        });
         let node = self.clone();
-        let stop = shutdown.clone();
-        self.tasks
-            .spawn("twopc_resolver", shutdown.clone(), move || {
-                let (node, stop) = (node.clone(), stop.clone());
-                async move {
-                    crate::control::resolver::run_resolver(node, stop).await;
-                    Ok(())
-                }
-            });
+        self.tasks.supervise("twopc_resolver", move |stop| {
+            let node = node.clone();
+            async move {
+                crate::control::resolver::run_resolver(node, stop).await;
+                Ok(())
+            }
+        });
         let node = self.clone();
-        let stop = shutdown.clone();
-        self.tasks
-            .spawn("job_supervisor", shutdown.clone(), move || {
-                crate::control::jobs::supervise(node.clone(), stop.clone())
-            });
+        self.tasks.supervise("job_supervisor", move |stop| {
+            crate::control::jobs::supervise(node.clone(), stop)
+        });
     }
 
-    /// Accepts clients until `shutdown` turns true. Starts the node's
-    /// background tasks first, each supervised (restarted when it fails:
-    /// [`crate::control::supervisor`]).
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        self.start_background(&shutdown);
+    /// Starts the node's background tasks, then accepts clients until the
+    /// node shuts down ([`Node::shutdown`]), each client in a task of its
+    /// own (tracked by the node's supervisor, dropped at shutdown: the
+    /// client sees its connection close).
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        self.start_background();
+        let stop = self.tasks.shutdown_token();
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((sock, peer)) => {
                         let node = self.clone();
                         let span = tracing::info_span!("client", %peer);
-                        tokio::spawn(tracing::Instrument::instrument(node.handle(sock), span));
+                        self.tasks
+                            .spawn_until_shutdown(tracing::Instrument::instrument(node.handle(sock), span));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     }
                 },
-                _ = shutdown.changed() => break,
+                () = stop.cancelled() => break,
             }
         }
+    }
+
+    /// [`Node::serve`] in a task of the node's own (tracked): returns at
+    /// once; [`Node::shutdown`] ends it.
+    pub fn start(self: &Arc<Self>, listener: TcpListener) {
+        self.tasks.spawn(self.clone().serve(listener));
+    }
+
+    /// How long the binaries' shutdown (SIGTERM, Ctrl-C) waits for the
+    /// node's tasks ([`Node::shutdown`]).
+    pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Starts the node's shutdown without waiting for it (e.g. from a
+    /// `Drop`): see [`Node::shutdown`].
+    pub fn stop(&self) {
+        self.tasks.stop();
+    }
+
+    /// Shuts the node down: stops accepting clients, closes every client
+    /// connection, stops the background tasks and the admin API (which
+    /// finishes the requests in flight), then waits until every task the
+    /// node started has ended — at most `within`. Returns whether they
+    /// all ended (a task still running is logged and left to the runtime).
+    pub async fn shutdown(&self, within: std::time::Duration) -> bool {
+        let done = self.tasks.shutdown(within).await;
+        if !done {
+            tracing::warn!(
+                tasks = self.tasks.running(),
+                within_ms = within.as_millis() as u64,
+                "shutdown: tasks still running after the grace period"
+            );
+        }
+        done
     }
 
     async fn handle(self: Arc<Self>, sock: TcpStream) {

@@ -13,6 +13,7 @@ pub mod state;
 use crate::backend::state::SessionState;
 use crate::error::sqlstate;
 use crate::error::Refusal;
+use crate::sql::contains_ci;
 use crate::wire::{self, WireError};
 use hotrepart_router::catalog::{RoutingSnapshot, ShardId};
 use hotrepart_router::route::{
@@ -456,11 +457,4 @@ pub(crate) fn changes_routing_settings(sql: &str) -> bool {
             || contains_ci(sql, "standard_conforming_strings")
             || contains_ci(sql, "reset")
             || contains_ci(sql, "discard"))
-}
-
-fn contains_ci(hay: &str, needle: &str) -> bool {
-    let n = needle.as_bytes();
-    hay.as_bytes()
-        .windows(n.len())
-        .any(|w| w.eq_ignore_ascii_case(n))
 }

@@ -15,7 +15,7 @@
 //! A view or partition created directly on the shards is not seen until
 //! then.
 
-use crate::backend::state::quote_literal;
+use crate::sql::{quote_ident, quote_literal};
 use hotrepart_router::catalog::RoutingSnapshot;
 use hotrepart_router::route::Namespace;
 use std::hash::{Hash, Hasher};
@@ -37,10 +37,6 @@ pub fn declared_fingerprint(snap: &RoutingSnapshot) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     d.hash(&mut h);
     h.finish() | 1
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// `(schema, name)` of a catalog name (`t` is `public.t`).

@@ -5,7 +5,6 @@ use crate::config::Config;
 use crate::node::Node;
 use crate::tools::localpg::{free_port, LocalPg, LocalPgError, PgInstall};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 /// Demo client credentials (loopback only).
 pub const DEMO_USER: &str = "app";
@@ -77,15 +76,13 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_err(|e| DemoError::Other(e.to_string()))?;
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(Arc::clone(&node).serve(listener, rx));
+    node.start(listener);
     announce(format!(
         "ready: postgres://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{}/postgres",
         addr.port()
     ));
     wait_for_signal().await;
-    let _ = tx.send(true);
-    let _ = server.await;
+    node.shutdown(Node::SHUTDOWN_GRACE).await;
     drop(demo); // stops every shard
     Ok(())
 }

@@ -27,6 +27,7 @@
 //!   never waited for.
 
 use crate::error::sqlstate;
+use crate::sql::quote_ident;
 use md5::{Digest, Md5};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -149,10 +150,6 @@ pub fn payload(id: i64, version: i32) -> String {
 /// [`payload`] in SQL, for the row's next version.
 fn payload_sql() -> &'static str {
     "md5(id::text || ':' || (version + 1)::text)"
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// The operations.

@@ -7,7 +7,7 @@
 use hotrepart_tests::procs::ProcCluster;
 use hotrepart_tests::*;
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,17 +71,19 @@ async fn check_rows_on(c: &ProcCluster, dsns: &[String], acked: &BTreeSet<i64>) 
 }
 
 /// Writers through the given nodes until `stop`: acknowledged ids and
-/// client errors.
+/// client errors; `progress` counts the acknowledged inserts as they come.
 fn start_writers(
     c: &ProcCluster,
     nodes: &[usize],
     stop: Arc<AtomicBool>,
+    progress: Arc<AtomicUsize>,
 ) -> Vec<tokio::task::JoinHandle<(Vec<i64>, Vec<String>)>> {
     nodes
         .iter()
         .map(|&i| {
             let dsn = c.nodes[i].dsn();
             let stop = stop.clone();
+            let progress = progress.clone();
             tokio::spawn(async move {
                 let db = connect(&dsn).await.unwrap();
                 let mut acked = Vec::new();
@@ -94,7 +96,10 @@ fn start_writers(
                         .execute("INSERT INTO items (id, v) VALUES ($1, 'x')", &[&id])
                         .await
                     {
-                        Ok(1) => acked.push(id),
+                        Ok(1) => {
+                            acked.push(id);
+                            progress.fetch_add(1, Ordering::Relaxed);
+                        }
                         Ok(n) => errors.push(format!("insert {id}: {n} rows")),
                         Err(e) => errors.push(format!("insert {id}: {e}")),
                     }
@@ -127,8 +132,17 @@ async fn leader_killed_while_clients_write_then_restarted() {
     let li = (leader - 1) as usize;
     let others: Vec<usize> = (0..3).filter(|&i| i != li).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let writers = start_writers(&c, &others, stop.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let progress = Arc::new(AtomicUsize::new(0));
+    let writers = start_writers(&c, &others, stop.clone(), progress.clone());
+    // The leader dies while the clients write.
+    let writing = |past: usize| {
+        let progress = progress.clone();
+        async move { progress.load(Ordering::Relaxed) > past }
+    };
+    wait_for("the writers' first rows", Duration::from_secs(20), || {
+        writing(10)
+    })
+    .await;
     c.nodes[li].kill9();
     let killed = Instant::now();
     // A catalog change through a surviving node succeeds within seconds.
@@ -149,7 +163,15 @@ async fn leader_killed_while_clients_write_then_restarted() {
     };
     eprintln!("catalog change committed {recovered:?} after kill -9 of leader {leader}");
     assert!(recovered < Duration::from_secs(10), "{recovered:?}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The clients go on writing under the new leader before the killed
+    // node returns.
+    let now = progress.load(Ordering::Relaxed);
+    wait_for(
+        "rows written after the recovery",
+        Duration::from_secs(20),
+        || writing(now + 10),
+    )
+    .await;
     // The killed node comes back with its disk and catches up.
     tokio::task::block_in_place(|| c.nodes[li].start());
     let e = converged(&c, Duration::from_secs(20)).await;

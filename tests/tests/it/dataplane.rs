@@ -644,3 +644,50 @@ async fn custom_settings_follow_the_client_and_do_not_leak() {
     a.batch_execute("RESET app.tenant").await.unwrap();
     assert_eq!(tenant(&a).await, None);
 }
+
+/// `Node::shutdown`: the accept loop, every client session, the supervised
+/// background tasks and the admin API end, and the call returns once they
+/// have (within its bound): nothing the node started keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_every_task_within_its_bound() {
+    let c = Cluster::start(Opts::default()).await;
+    let admin =
+        hotrepart_proxy::control::admin::serve(c.node.clone(), "127.0.0.1:0", "t".into(), false)
+            .await
+            .unwrap();
+    let idle = c.connect().await;
+    idle.simple_query("SELECT 1").await.unwrap();
+    // One client in a transaction (a backend checked out).
+    let busy = c.connect().await;
+    busy.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    wait_for(
+        "the supervised tasks running",
+        Duration::from_secs(10),
+        || async {
+            let st = c.node.tasks.status();
+            st.len() == 3
+                && st
+                    .iter()
+                    .all(|t| t.state == hotrepart_proxy::control::supervisor::TaskState::Running)
+        },
+    )
+    .await;
+    assert!(c.node.tasks.running() > 0);
+    let started = Instant::now();
+    assert!(c.node.shutdown(Duration::from_secs(10)).await);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(c.node.tasks.running(), 0);
+    for t in c.node.tasks.status() {
+        assert_eq!(
+            t.state,
+            hotrepart_proxy::control::supervisor::TaskState::Stopped,
+            "{t:?}"
+        );
+    }
+    // The clients' connections are closed, and no new one is accepted.
+    for client in [&idle, &busy] {
+        assert!(client.simple_query("SELECT 1").await.is_err());
+    }
+    assert!(connect(&c.dsn()).await.is_err());
+    assert!(tokio::net::TcpStream::connect(admin).await.is_err());
+}

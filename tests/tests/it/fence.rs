@@ -44,7 +44,25 @@ async fn fence_waits_for_statements_routed_by_an_older_table() {
             .unwrap();
         started.elapsed()
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // It runs on its shard (so the node routed it, by the current table).
+    wait_for("the slow statement on its shard", Duration::from_secs(10), || async {
+        let mut running = false;
+        for i in 0..2 {
+            running |= c
+                .direct(i)
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep(1.5)%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                > 0;
+        }
+        running
+    })
+    .await;
     // A newer routing table (a freeze of another range, then its thaw).
     let other = (2..10_000i64)
         .map(|id| range_of(&c, id))
@@ -118,6 +136,8 @@ async fn fence_waits_for_statements_routed_by_an_older_table() {
             .execute("INSERT INTO items (id, v) VALUES (3, 'c')", &[])
             .await
     });
+    // The sleep is the subject: the write is still held 300 ms later
+    // (it waits out the freeze); the fence below must not wait for it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !waiting.is_finished(),

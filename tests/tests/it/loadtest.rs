@@ -13,7 +13,6 @@ use std::time::Duration;
 struct Setup {
     c: Cluster,
     admin: String,
-    _stop: tokio::sync::watch::Sender<bool>,
 }
 
 async fn setup() -> Setup {
@@ -23,20 +22,14 @@ async fn setup() -> Setup {
         ..Opts::default()
     })
     .await;
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let (addr, _task) = hotrepart_proxy::control::admin::serve(
-        c.node.clone(),
-        "127.0.0.1:0",
-        TOKEN.into(),
-        false,
-        rx,
-    )
-    .await
-    .unwrap();
+    // Stops with the node (when `c` is dropped).
+    let addr =
+        hotrepart_proxy::control::admin::serve(c.node.clone(), "127.0.0.1:0", TOKEN.into(), false)
+            .await
+            .unwrap();
     Setup {
         c,
         admin: format!("http://{addr}"),
-        _stop: tx,
     }
 }
 

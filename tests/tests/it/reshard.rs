@@ -8,7 +8,7 @@
 use hotrepart_tests::procs::{interrupt, ProcCluster};
 use hotrepart_tests::*;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -285,12 +285,30 @@ async fn setup(c: &ProcCluster, rows: i64) {
     }
 }
 
+/// Waits until the load has inserted more rows (counted through node `i`)
+/// than when called: the load goes on after what the test just did.
+async fn load_goes_on(c: &ProcCluster, i: usize) {
+    let db = connect(&c.nodes[i].dsn()).await.unwrap();
+    let rows = || async {
+        db.query_one("SELECT count(*) FROM hr_load", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+    };
+    let before = rows().await.unwrap();
+    wait_for("the load's next rows", Duration::from_secs(30), || async {
+        rows().await.is_ok_and(|n| n > before + 20)
+    })
+    .await;
+}
+
 /// Sharded COPYs of `items` through one node, in a loop: 40 new rows
 /// each, in 4 CopyData messages. A COPY into a frozen range waits and
 /// goes on; one that already wrote to the frozen range's source fails with
 /// 40001 (and its rows must be absent).
 struct Copier {
     stop: Arc<AtomicBool>,
+    /// Rows of acknowledged COPYs so far.
+    progress: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<(Vec<i64>, Vec<i64>, Vec<String>)>,
 }
 
@@ -298,7 +316,8 @@ impl Copier {
     fn start(dsn: String) -> Copier {
         use futures_util::SinkExt;
         let stop = Arc::new(AtomicBool::new(false));
-        let st = stop.clone();
+        let progress = Arc::new(AtomicUsize::new(0));
+        let (st, pr) = (stop.clone(), progress.clone());
         let task = tokio::spawn(async move {
             let db = connect(&dsn).await.unwrap();
             let (mut acked, mut refused, mut errors) = (Vec::new(), Vec::new(), Vec::new());
@@ -322,6 +341,7 @@ impl Copier {
                     Ok(n) => {
                         assert_eq!(n, 40);
                         acked.extend(ids);
+                        pr.fetch_add(40, Ordering::Relaxed);
                     }
                     Err(e) if e.code().is_some_and(|c| c.code() == "40001") => refused.extend(ids),
                     Err(e) => errors.push(format!("{e:?}")),
@@ -329,7 +349,22 @@ impl Copier {
             }
             (acked, refused, errors)
         });
-        Copier { stop, task }
+        Copier {
+            stop,
+            progress,
+            task,
+        }
+    }
+
+    /// Waits for the next acknowledged COPY.
+    async fn goes_on(&self) {
+        let before = self.progress.load(Ordering::Relaxed);
+        wait_for(
+            "the copier's next COPY",
+            Duration::from_secs(30),
+            || async { self.progress.load(Ordering::Relaxed) > before },
+        )
+        .await;
     }
 
     /// Acknowledged ids, ids of COPYs refused with 40001.
@@ -383,7 +418,7 @@ async fn move_and_split_under_load_through_three_nodes() {
     ];
     let load = LoadTest::start(&c, &[0, 1, 2], &shards).await;
     let copier = Copier::start(c.nodes[2].dsn());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    copier.goes_on().await;
     let epoch_before = epoch(&c, 0).await;
     let (ok, out, err) = c
         .proxyctl(
@@ -445,7 +480,9 @@ async fn move_and_split_under_load_through_three_nodes() {
         .unwrap()
         .get(0);
     assert_eq!(n, 3);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The load and the COPYs go on by the final routing table.
+    load_goes_on(&c, 0).await;
+    copier.goes_on().await;
     let final_ranges = ranges(&c, 0).await;
     let epoch_after = epoch(&c, 0).await;
     assert!(epoch_after > epoch_before);
@@ -500,7 +537,8 @@ async fn abort_during_catch_up_leaves_the_source_as_it_was() {
     assert!(ok, "abort refused: {err}");
     let j = wait_phase(&c, 0, &id, &["aborted", "failed"], Duration::from_secs(60)).await;
     assert_eq!(j["phase"], serde_json::json!("aborted"), "{j}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The load goes on after the abort.
+    load_goes_on(&c, 0).await;
     let report = load.finish().await;
     assert_clean(&report, &[]);
     let dsns: Vec<String> = shards.iter().map(|s| s.1.clone()).collect();
@@ -557,8 +595,21 @@ async fn job_survives_kill_of_its_node_during_copy_and_catch_up() {
     if j["phase"] == serde_json::json!("catch_up") {
         let l2 = c.leader(alive).await.unwrap();
         let l2i = (l2 - 1) as usize;
-        tokio::task::block_in_place(|| c.nodes[(leader - 1) as usize].start());
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let back = (leader - 1) as usize;
+        tokio::task::block_in_place(|| c.nodes[back].start());
+        // The restarted node is back in the quorum (it holds a lease)
+        // before the next kill, or two of three nodes would be down.
+        wait_for(
+            "the restarted node's lease",
+            Duration::from_secs(30),
+            || async {
+                c.status(back).await.is_some_and(|s| {
+                    s["ready"] == serde_json::json!(true)
+                        && s["lease_valid"] == serde_json::json!(true)
+                })
+            },
+        )
+        .await;
         c.nodes[l2i].kill9();
         second_kill = Some(l2i);
         eprintln!("killed node {l2} during catch_up");

@@ -83,6 +83,8 @@ async fn move_a_range_of_a_million_rows_under_load() {
             (out, errors)
         }));
     }
+    // Not a wait for a condition: 5 s of load before the job is the
+    // baseline the latencies during the job are compared with.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let job_start = t_zero.elapsed().as_secs_f64();
     let (ok, out, err) = c
@@ -114,6 +116,7 @@ async fn move_a_range_of_a_million_rows_under_load() {
     };
     let job_end = t_zero.elapsed().as_secs_f64();
     let job_secs = job_end - job_start;
+    // Not a wait for a condition: 5 s of load after the job, measured.
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();

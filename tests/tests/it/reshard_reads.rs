@@ -307,6 +307,7 @@ async fn a_writer_of_the_source_fails_at_once_on_a_frozen_range_others_wait() {
         db2.batch_execute("COMMIT").await.unwrap();
         (r.map_err(|e| e.to_string()), t0.elapsed())
     });
+    // The sleep is the subject: the writer is still held 500 ms later.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!writer.is_finished(), "the writer waits out the freeze");
     c.propose(CatalogCommand::UnfreezeRange {

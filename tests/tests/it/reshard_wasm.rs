@@ -16,7 +16,7 @@ use hotrepart_udf_wasm::abi::{self, oid};
 use hotrepart_udf_wasm::Function;
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -189,9 +189,11 @@ async fn move_a_range_of_wasm_placed_tables() {
     // regions and updates of existing ones (statements to a frozen range
     // wait; none may fail).
     let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicUsize::new(0));
     let writer = {
         let dsn = c.nodes[1].dsn();
         let stop = stop.clone();
+        let written = written.clone();
         tokio::spawn(async move {
             let db = connect(&dsn).await.unwrap();
             let mut added = Vec::new();
@@ -213,12 +215,26 @@ async fn move_a_range_of_wasm_placed_tables() {
                 .await
                 .unwrap();
                 added.push((id, k));
+                written.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             added
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The writer writes before, during and after the move.
+    let writes_on = || {
+        let now = written.load(Ordering::Relaxed);
+        let written = written.clone();
+        wait_for(
+            "the writer's next rows",
+            Duration::from_secs(30),
+            move || {
+                let written = written.clone();
+                async move { written.load(Ordering::Relaxed) >= now + 5 }
+            },
+        )
+    };
+    writes_on().await;
 
     let out = ctl_ok(
         &c,
@@ -233,7 +249,7 @@ async fn move_a_range_of_wasm_placed_tables() {
         ],
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    writes_on().await;
     stop.store(true, Ordering::Relaxed);
     let added = writer.await.unwrap();
     assert!(added.len() > 10, "the writer hardly wrote: {out}");

@@ -330,8 +330,7 @@ fn node_process() {
     rt.block_on(async {
         let node = hotrepart_proxy::Node::new(cfg).unwrap();
         let listener = node.bind().await.unwrap();
-        let (_tx, rx) = tokio::sync::watch::channel(false);
-        node.serve(listener, rx).await;
+        node.serve(listener).await;
     });
 }
 

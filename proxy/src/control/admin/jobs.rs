@@ -2,11 +2,11 @@
 //! and `/v1/jobs…` (`proxyctl reshard`, `proxyctl jobs`). The jobs
 //! themselves run in [`crate::control::jobs`].
 
-use super::{authorize, Api, ApiError, ApiResult};
+use super::{Api, ApiError, ApiResult};
 use crate::control::jobs::schema_copy::{copy_schema, sync_reference};
 use crate::control::jobs::{connect, rebalance, JobError};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hotrepart_router::catalog::{RoutingSnapshot, Span};
@@ -46,12 +46,7 @@ struct MoveReq {
     job: Option<String>,
 }
 
-async fn reshard_move(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(req): Json<MoveReq>,
-) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn reshard_move(State(api): State<Api>, Json(req): Json<MoveReq>) -> ApiResult {
     require_durable(&api)?;
     let r = api.range_at(req.lo)?;
     let job = req
@@ -79,12 +74,7 @@ struct SplitReq {
     to: Option<String>,
 }
 
-async fn reshard_split(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(req): Json<SplitReq>,
-) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn reshard_split(State(api): State<Api>, Json(req): Json<SplitReq>) -> ApiResult {
     require_durable(&api)?;
     let r = api.range_at(req.lo)?;
     let span = r.span();
@@ -130,8 +120,7 @@ fn job_json(id: &str, r: &JobRecord) -> Value {
     })
 }
 
-async fn list_jobs(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn list_jobs(State(api): State<Api>) -> ApiResult {
     let c = api.node.catalog_handle.catalog();
     let mut jobs: Vec<(&str, &JobRecord)> = c.jobs().collect();
     jobs.sort_by_key(|(_, r)| r.seq);
@@ -139,8 +128,7 @@ async fn list_jobs(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
     Ok(Json(json!({ "jobs": list })))
 }
 
-async fn get_job(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn get_job(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
     let c = api.node.catalog_handle.catalog();
     let r = c
         .job(&id)
@@ -148,12 +136,7 @@ async fn get_job(State(api): State<Api>, headers: HeaderMap, Path(id): Path<Stri
     Ok(Json(job_json(&id, r)))
 }
 
-async fn abort_job(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn abort_job(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
     let c = api.node.catalog_handle.catalog();
     let r = c
         .job(&id)
@@ -189,12 +172,7 @@ struct AddShardReq {
     dry_run: bool,
 }
 
-async fn add_shard(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(req): Json<AddShardReq>,
-) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn add_shard(State(api): State<Api>, Json(req): Json<AddShardReq>) -> ApiResult {
     require_durable(&api)?;
     let snap = api.snapshot()?;
     let fail =
@@ -341,8 +319,7 @@ struct DrainReq {
 
 /// Starts jobs moving every range of a shard to the others: the largest
 /// range first, each to the shard holding the fewest rows then.
-async fn drain(State(api): State<Api>, headers: HeaderMap, Json(req): Json<DrainReq>) -> ApiResult {
-    authorize(&api, &headers)?;
+async fn drain(State(api): State<Api>, Json(req): Json<DrainReq>) -> ApiResult {
     require_durable(&api)?;
     let snap = api.snapshot()?;
     if snap.home_shard().as_str() == req.shard {

@@ -24,6 +24,7 @@
 //! to the shard holding the fewest rows at that moment.
 
 use super::JobError;
+use crate::sql::{quote_ident, quote_table};
 use hotrepart_router::catalog::{RangeStatus, RoutingSnapshot, Span};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -111,14 +112,6 @@ fn point(v: i64) -> u64 {
 }
 
 const ORDERED_SQL: &str = "# (-9223372036854775807::int8 - 1)";
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-fn quote_table(t: &str) -> String {
-    t.split('.').map(quote_ident).collect::<Vec<_>>().join(".")
-}
 
 /// Rows of every range of `snap` (see the module docs), in the order of
 /// `snap.ranges()`, and what they are based on.

@@ -23,9 +23,9 @@ use super::pgoutput::{self, Message, Relation, Value};
 use super::schema::TableInfo;
 use super::verify::Touched;
 use super::{
-    is_object_in_use, lock_job, quote_ident, quote_literal, sql, CatchUp, MoveSpec, ReshardError,
-    Side, SLOT_BUSY_WAIT,
+    is_object_in_use, lock_job, sql, CatchUp, MoveSpec, ReshardError, Side, SLOT_BUSY_WAIT,
 };
+use crate::sql::{quote_ident, quote_literal};
 use futures_util::TryStreamExt;
 use hotrepart_router::catalog::KeyValue;
 use std::collections::{HashMap, HashSet};

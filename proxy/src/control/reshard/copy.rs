@@ -17,7 +17,8 @@
 //! (about [`BLOCK_BYTES`]) on its way to the target.
 
 use super::schema::TableInfo;
-use super::{lock_job, quote_ident, sql, MoveSpec, ReshardError, Side, TableMove};
+use super::{lock_job, sql, MoveSpec, ReshardError, Side, TableMove};
+use crate::sql::quote_ident;
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use hotrepart_router::catalog::{KeyType, KeyValue};

@@ -68,6 +68,7 @@ pub mod pgoutput;
 mod schema;
 mod verify;
 
+use crate::sql::{quote_ident, quote_table};
 use futures_util::TryStreamExt;
 use hotrepart_router::catalog::{
     Functions, KeyRange, KeyType, KeyValue, RoutingFunction, ShardId, Span,
@@ -348,25 +349,6 @@ impl Verify {
     }
 }
 
-/// Quotes an identifier for SQL (always, so case and symbols survive).
-pub(crate) fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes a string literal (standard_conforming_strings is on in our
-/// sessions).
-pub(crate) fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-/// `schema.table` → `"schema"."table"`; `table` → `"table"`.
-pub(crate) fn quote_table(name: &str) -> String {
-    match name.split_once('.') {
-        Some((s, t)) => format!("{}.{}", quote_ident(s), quote_ident(t)),
-        None => quote_ident(name),
-    }
-}
-
 /// Settings of every engine session. The same text formats on both sides,
 /// so values read from one side (pgoutput, verify) mean the same on the
 /// other; synchronous commit so a target commit is durable before the slot
@@ -391,11 +373,13 @@ async fn connect(spec: &MoveSpec, side: Side) -> Result<Client, ReshardError> {
         .connect(NoTls)
         .await
         .map_err(|source| ReshardError::Connect { side, source })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%side, "reshard connection ended: {e}");
-        }
-    });
+    crate::control::pg::drive(
+        conn,
+        match side {
+            Side::Source => "reshard source",
+            Side::Target => "reshard target",
+        },
+    );
     client
         .batch_execute(SESSION_SETUP)
         .await
@@ -1007,8 +991,6 @@ mod tests {
             s.prefilter(&s.tables[0]).as_deref(),
             Some("(hashint8extended(\"id\", 0) >= 0 AND hashint8extended(\"id\", 0) < 4611686018427387904)")
         );
-        assert_eq!(quote_table("public.items"), "\"public\".\"items\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
     }
 
     /// Points are the key's integer value.

@@ -10,7 +10,8 @@
 //! [`ensure_target`] has every copied column with the same type (binary COPY
 //! needs that) and a unique index on the same key (ON CONFLICT needs that).
 
-use super::{quote_ident, quote_table, sql, MoveSpec, ReshardError, Side, TableMove};
+use super::{sql, MoveSpec, ReshardError, Side, TableMove};
+use crate::sql::{quote_ident, quote_table};
 use hotrepart_router::catalog::{KeyType, RoutingFunction};
 use tokio_postgres::Client;
 

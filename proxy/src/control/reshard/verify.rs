@@ -38,7 +38,8 @@
 //! with constant memory whatever the range's size.
 
 use super::schema::TableInfo;
-use super::{quote_ident, sql, MoveSpec, ReshardError, Side, TableMove};
+use super::{sql, MoveSpec, ReshardError, Side, TableMove};
+use crate::sql::quote_ident;
 use futures_util::TryStreamExt;
 use hotrepart_router::catalog::KeyValue;
 use std::cmp::Ordering;

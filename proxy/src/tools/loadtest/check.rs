@@ -3,9 +3,10 @@
 //! table of the admin API (see the parent module for what is checked).
 
 use super::{
-    bounded, connect, connect_dsn, payload, quote_ident, sql_err, Checked, Error, Ledger, Options,
-    Violation, CHECK_POINT_READS,
+    bounded, connect, connect_dsn, payload, sql_err, Checked, Error, Ledger, Options, Violation,
+    CHECK_POINT_READS,
 };
+use crate::sql::quote_ident;
 use hotrepart_router::catalog::{KeyType, KeyValue, RoutingFunction};
 use serde_json::Value;
 use std::collections::HashMap;
