@@ -22,12 +22,16 @@
 //!   journal file ([`SharedStorage::open`]).
 //! * [`lease`]: [`Leases`], the sans-IO lease rule and the acknowledgements
 //!   behind `await_all_applied`, with the safety argument.
+//! * [`membership`]: [`Membership`], a configuration's members, the
+//!   one-node-at-a-time rule for changing it, and `membership.json`.
 //! * [`net`]: the node-to-node transport: one TCP connection per direction
 //!   of each node pair, a mutual HMAC-SHA256 challenge-response on the
 //!   cluster secret, length-prefixed JSON frames.
 //! * [`service`]: [`CatalogHandle`], the driver task owning replica, timers,
 //!   transport, disk and leases (or a single node without replication:
-//!   [`CatalogHandle::local`]).
+//!   [`CatalogHandle::local`]); split into the handle, the driver (and its
+//!   membership changes), local mode, shared state, settings, errors,
+//!   status DTOs and fault injection.
 //!
 //! # Determinism guarantee
 //!
@@ -106,6 +110,7 @@ pub mod catalog;
 pub mod command;
 pub mod entry;
 pub mod lease;
+pub mod membership;
 pub mod net;
 pub mod replica;
 pub mod service;
