@@ -133,7 +133,7 @@ pub(super) async fn upload(
         )));
     }
     let size = wasm.len();
-    let id = FunctionId(compiled.id().0);
+    let id = FunctionId(compiled.id());
     let a = api
         .propose(CatalogCommand::UploadFunction {
             name: req.name.clone(),
