@@ -13,7 +13,10 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use hotrepart_router::catalog::{KeyType, RoutingFunction, RoutingSnapshot, ShardId, ShardedTable};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use hotrepart_router::catalog::{KeyType, RoutingSnapshot};
 use hotrepart_router::route::{plan, Hints, Param, PlanCache, Target};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -34,29 +37,17 @@ const INSERT_10: &str = "INSERT INTO users (id, name) VALUES \
 /// ranges, seed 0, several sharded tables (among them users(id int8)), a
 /// reference table, home shard s0.
 fn snapshot() -> RoutingSnapshot {
-    let ids: Vec<ShardId> = (0..4)
-        .map(|i| ShardId::new(&format!("s{i}")).expect("shard name"))
-        .collect();
-    let t = |name: &str, col: &str, ty: KeyType| ShardedTable {
-        name: name.into(),
-        key_column: col.into(),
-        key_type: ty,
-        function: RoutingFunction::PgHash { seed: 0 },
-    };
-    let mut b = RoutingSnapshot::builder(1);
-    for id in &ids {
-        b = b.shard(id.clone(), format!("dbname={id}"));
-    }
-    b.home_shard(ids[0].clone())
-        .sharded_table(t("users", "id", KeyType::Int8))
-        .sharded_table(t("orders", "user_id", KeyType::Int8))
-        .sharded_table(t("events", "tenant", KeyType::Text))
-        .sharded_table(t("devices", "uuid", KeyType::Uuid))
-        .sharded_table(t("items", "id", KeyType::Int4))
-        .reference_table("countries")
-        .equal_ranges(4)
-        .and_then(|b| b.build())
-        .expect("bench snapshot")
+    common::snapshot(
+        4,
+        &[
+            ("users", "id", KeyType::Int8),
+            ("orders", "user_id", KeyType::Int8),
+            ("events", "tenant", KeyType::Text),
+            ("devices", "uuid", KeyType::Uuid),
+            ("items", "id", KeyType::Int4),
+        ],
+        &["countries"],
+    )
 }
 
 fn point_select(c: &mut Criterion) {

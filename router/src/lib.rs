@@ -14,6 +14,11 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 #![warn(missing_docs)]
 
+// The shared test fixture (`tests/common/mod.rs`) names the crate by its
+// external name; the unit tests include it too.
+#[cfg(test)]
+extern crate self as hotrepart_router;
+
 pub mod catalog;
 pub mod hash;
 pub mod route;

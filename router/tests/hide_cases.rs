@@ -1,31 +1,21 @@
 //! The ownership predicate (`route::hide_rows`): SQL in, the text a shard
 //! that hides a range runs out, as a table of cases.
 
+mod common;
+
+use common::{pg_hash, shard as s};
 use hotrepart_router::catalog::{
-    FunctionId, KeyRange, KeyType, RoutingFunction, RoutingSnapshot, ShardId, ShardedTable,
+    FunctionId, KeyRange, KeyType, RoutingFunction, RoutingSnapshot, ShardedTable,
 };
 use hotrepart_router::route::{hide_rows, Namespace};
-
-fn s(n: &str) -> ShardId {
-    ShardId::new(n).expect("shard name")
-}
 
 /// 2 shards s0, s1; 2 ranges; the lower range [0, 2^63) is owned by s0 and
 /// hidden on s1 (a reshard job copies it there). users(id int8),
 /// events(tenant text), geo(id int8) placed by a WebAssembly function.
 fn snapshot() -> RoutingSnapshot {
-    let t = |name: &str, col: &str, ty: KeyType| ShardedTable {
-        name: name.into(),
-        key_column: col.into(),
-        key_type: ty,
-        function: RoutingFunction::PgHash { seed: 0 },
-    };
-    let snap = RoutingSnapshot::builder(1)
-        .shard(s("s0"), "dbname=s0")
-        .shard(s("s1"), "dbname=s1")
-        .home_shard(s("s0"))
-        .sharded_table(t("users", "id", KeyType::Int8))
-        .sharded_table(t("events", "tenant", KeyType::Text))
+    let snap = common::builder(2)
+        .sharded_table(pg_hash("users", "id", KeyType::Int8))
+        .sharded_table(pg_hash("events", "tenant", KeyType::Text))
         .sharded_table(ShardedTable {
             name: "geo".into(),
             key_column: "id".into(),

@@ -4,35 +4,25 @@
 //! Each must give a route or a `RouteError`. Seeded; a failure prints the
 //! seed and the input (`HOTREPART_FUZZ_SEED=n` replays one seed).
 
-use hotrepart_router::catalog::{KeyType, RoutingFunction, RoutingSnapshot, ShardId, ShardedTable};
+mod common;
+
+use hotrepart_router::catalog::{KeyType, RoutingSnapshot, ShardId};
 use hotrepart_router::route::{plan, route, Hints, Param, ParamFormat, PlanCache};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn snapshot() -> RoutingSnapshot {
-    let ids: Vec<ShardId> = (0..3)
-        .map(|i| ShardId::new(&format!("s{i}")).expect("shard name"))
-        .collect();
-    let t = |name: &str, col: &str, ty: KeyType| ShardedTable {
-        name: name.into(),
-        key_column: col.into(),
-        key_type: ty,
-        function: RoutingFunction::PgHash { seed: 0 },
-    };
-    let mut b = RoutingSnapshot::builder(1);
-    for id in &ids {
-        b = b.shard(id.clone(), format!("dbname={id}"));
-    }
-    b.home_shard(ids[0].clone())
-        .sharded_table(t("users", "id", KeyType::Int8))
-        .sharded_table(t("orders", "user_id", KeyType::Int8))
-        .sharded_table(t("events", "tenant", KeyType::Text))
-        .sharded_table(t("devices", "uuid", KeyType::Uuid))
-        .sharded_table(t("app.accounts", "id", KeyType::Int4))
-        .reference_table("countries")
-        .equal_ranges(3)
-        .and_then(|b| b.build())
-        .expect("test snapshot")
+    common::snapshot(
+        3,
+        &[
+            ("users", "id", KeyType::Int8),
+            ("orders", "user_id", KeyType::Int8),
+            ("events", "tenant", KeyType::Text),
+            ("devices", "uuid", KeyType::Uuid),
+            ("app.accounts", "id", KeyType::Int4),
+        ],
+        &["countries"],
+    )
 }
 
 const PIECES: &[&str] = &[

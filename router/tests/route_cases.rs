@@ -5,7 +5,9 @@
 //! literally (they were read once off the hash, which is itself pinned to
 //! PostgreSQL elsewhere), so these tests do not recompute what they check.
 
-use hotrepart_router::catalog::{KeyType, RoutingFunction, RoutingSnapshot, ShardId, ShardedTable};
+mod common;
+
+use hotrepart_router::catalog::{KeyType, RoutingSnapshot, ShardId};
 use hotrepart_router::route::{
     route, Combined, CompareOp, HavingExpr, Hints, LimitSpec, Literal, MergeNeed, MergePlan,
     Operand, Param, Partial, Route, ShardCol, SortKey, StatementKind, Target,
@@ -17,31 +19,19 @@ use hotrepart_router::route::{
 /// "Mixed"("Key" int8), app.accounts(id int8), reference table countries,
 /// home shard s0.
 fn snapshot() -> RoutingSnapshot {
-    let ids: Vec<ShardId> = (0..4)
-        .map(|i| ShardId::new(&format!("s{i}")).expect("shard name"))
-        .collect();
-    let t = |name: &str, col: &str, ty: KeyType| ShardedTable {
-        name: name.into(),
-        key_column: col.into(),
-        key_type: ty,
-        function: RoutingFunction::PgHash { seed: 0 },
-    };
-    let mut b = RoutingSnapshot::builder(1);
-    for id in &ids {
-        b = b.shard(id.clone(), format!("dbname={id}"));
-    }
-    b.home_shard(ids[0].clone())
-        .sharded_table(t("users", "id", KeyType::Int8))
-        .sharded_table(t("orders", "user_id", KeyType::Int8))
-        .sharded_table(t("events", "tenant", KeyType::Text))
-        .sharded_table(t("devices", "uuid", KeyType::Uuid))
-        .sharded_table(t("items", "id", KeyType::Int4))
-        .sharded_table(t("Mixed", "Key", KeyType::Int8))
-        .sharded_table(t("app.accounts", "id", KeyType::Int8))
-        .reference_table("countries")
-        .equal_ranges(4)
-        .and_then(|b| b.build())
-        .expect("test snapshot")
+    common::snapshot(
+        4,
+        &[
+            ("users", "id", KeyType::Int8),
+            ("orders", "user_id", KeyType::Int8),
+            ("events", "tenant", KeyType::Text),
+            ("devices", "uuid", KeyType::Uuid),
+            ("items", "id", KeyType::Int4),
+            ("Mixed", "Key", KeyType::Int8),
+            ("app.accounts", "id", KeyType::Int8),
+        ],
+        &["countries"],
+    )
 }
 
 /// An owned parameter, so the case can lend `Param`s.

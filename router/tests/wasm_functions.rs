@@ -10,6 +10,8 @@
 //! traps, key 666 "runs out of fuel", key 777 "exceeds its memory";
 //! a text key starting with `!` traps.
 
+mod common;
+
 use std::sync::Arc;
 
 use hotrepart_router::catalog::{
@@ -53,9 +55,6 @@ impl PointFunction for TestFn {
 /// another key type: not co-located); DIV10: wother(id int8); LOST:
 /// wlost(id int8); pg_hash: users(id int8).
 fn snapshot() -> RoutingSnapshot {
-    let ids: Vec<ShardId> = (0..4)
-        .map(|i| ShardId::new(&format!("s{i}")).expect("shard name"))
-        .collect();
     let t = |name: &str, col: &str, ty: KeyType, function| ShardedTable {
         name: name.into(),
         key_column: col.into(),
@@ -63,24 +62,14 @@ fn snapshot() -> RoutingSnapshot {
         function,
     };
     let wasm = |id| RoutingFunction::Wasm { id };
-    let mut b = RoutingSnapshot::builder(1);
-    for id in &ids {
-        b = b.shard(id.clone(), format!("dbname={id}"));
-    }
-    let snap = b
-        .home_shard(ids[0].clone())
+    let snap = common::builder(4)
         .sharded_table(t("wusers", "id", KeyType::Int8, wasm(MOD4)))
         .sharded_table(t("worders", "user_id", KeyType::Int8, wasm(MOD4)))
         .sharded_table(t("wtags", "tag", KeyType::Text, wasm(MOD4)))
         .sharded_table(t("witems", "id", KeyType::Int4, wasm(MOD4)))
         .sharded_table(t("wother", "id", KeyType::Int8, wasm(DIV10)))
         .sharded_table(t("wlost", "id", KeyType::Int8, wasm(LOST)))
-        .sharded_table(t(
-            "users",
-            "id",
-            KeyType::Int8,
-            RoutingFunction::PgHash { seed: 0 },
-        ))
+        .sharded_table(common::pg_hash("users", "id", KeyType::Int8))
         .equal_ranges(4)
         .and_then(|b| b.build())
         .expect("test snapshot");

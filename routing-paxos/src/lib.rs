@@ -22,12 +22,16 @@
 //!   journal file ([`SharedStorage::open`]).
 //! * [`lease`]: [`Leases`], the sans-IO lease rule and the acknowledgements
 //!   behind `await_all_applied`, with the safety argument.
+//! * [`membership`]: [`Membership`], a configuration's members, the
+//!   one-node-at-a-time rule for changing it, and `membership.json`.
 //! * [`net`]: the node-to-node transport: one TCP connection per direction
 //!   of each node pair, a mutual HMAC-SHA256 challenge-response on the
 //!   cluster secret, length-prefixed JSON frames.
 //! * [`service`]: [`CatalogHandle`], the driver task owning replica, timers,
 //!   transport, disk and leases (or a single node without replication:
-//!   [`CatalogHandle::local`]).
+//!   [`CatalogHandle::local`]); split into the handle, the driver (and its
+//!   membership changes), local mode, shared state, settings, errors,
+//!   status DTOs and fault injection.
 //!
 //! # Determinism guarantee
 //!
@@ -37,7 +41,7 @@
 //! stays in the log and applies as a no-op with the same reason everywhere.
 //! Hence replicas that applied the same prefix of the log hold equal state,
 //! and every accepted change of the routing table yields a snapshot whose
-//! epoch is one more than the last. `tests/sim.rs` checks this, with
+//! epoch is one more than the last. `tests/sim/` checks this, with
 //! omnipaxos, over many seeds: random delays (messages on different links
 //! arrive in any order), links that break and lose what is in flight,
 //! partitions, and nodes that crash and restart from their storage.
@@ -55,7 +59,7 @@
 //! ([`Replica::compact`]); a restart loads it and replays the rest; a
 //! follower behind a compacted point is brought up to date with a snapshot
 //! by omnipaxos. The applied index keeps counting entries across
-//! snapshots. `tests/sim.rs` compacts every few entries.
+//! snapshots. `tests/sim/` compacts every few entries.
 //!
 //! # Membership changes
 //!
@@ -79,7 +83,7 @@
 //! A node routes writes only while [`CatalogHandle::lease_valid`]; a range
 //! cut-over calls [`CatalogHandle::await_all_applied`] after the freeze is
 //! applied, which returns when every node acknowledged it or when every
-//! lease that predates it has expired. `tests/sim.rs` checks the lease rule
+//! lease that predates it has expired. `tests/sim/` checks the lease rule
 //! with virtual time; `tests/cluster.rs` checks it over TCP with a
 //! partitioned node.
 //!
@@ -106,6 +110,7 @@ pub mod catalog;
 pub mod command;
 pub mod entry;
 pub mod lease;
+pub mod membership;
 pub mod net;
 pub mod replica;
 pub mod service;

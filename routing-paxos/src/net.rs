@@ -84,7 +84,7 @@ pub enum Wire {
     /// "Configuration `id` has these members": sent by the members of a
     /// configuration made by a reconfiguration to its other members, so
     /// that a node added to it (which has no log to learn it from) joins.
-    Config(crate::service::Membership),
+    Config(crate::membership::Membership),
     /// Lease renewal traffic.
     Lease(LeaseMsg),
 }

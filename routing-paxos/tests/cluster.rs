@@ -151,6 +151,8 @@ async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -
         if start.elapsed() > limit {
             panic!("timed out after {limit:?} waiting for: {what}");
         }
+        // The polling interval of a deadline-bounded wait, not a guess at
+        // how long the condition takes.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -543,6 +545,8 @@ async fn a_node_with_the_wrong_secret_cannot_join() {
             && same_catalog(&nodes[0], &nodes[1])
     })
     .await;
+    // Never answered: running into the timeout is what this checks (not a
+    // wait for something to happen).
     let outcome = nodes[2]
         .propose(table("intruder"), Duration::from_millis(1500))
         .await;

@@ -53,7 +53,7 @@ fn load(name: &str) -> Function {
 fn snapshot() -> RoutingSnapshot {
     let rust_hash = load("rust-hash.wasm");
     let tenant = load("tenant_prefix.wat");
-    let (rh, tp) = (FunctionId(rust_hash.id().0), FunctionId(tenant.id().0));
+    let (rh, tp) = (FunctionId(rust_hash.id()), FunctionId(tenant.id()));
     let ids: Vec<ShardId> = (0..4)
         .map(|i| ShardId::new(&format!("s{i}")).expect("shard name"))
         .collect();

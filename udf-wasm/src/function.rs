@@ -98,33 +98,23 @@ impl Runtime {
     }
 }
 
-/// SHA-256 of a function's binary module: its identity in the catalog.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FunctionId(pub [u8; 32]);
-
-impl FunctionId {
-    /// The id of a binary module.
-    pub fn of(wasm: &[u8]) -> FunctionId {
-        FunctionId(Sha256::digest(wasm).into())
-    }
+/// The SHA-256 of a binary module: a function's identity in the catalog.
+///
+/// The catalog's type for it is `hotrepart_router::catalog::FunctionId`,
+/// which the node builds from these bytes; this crate stands alone and
+/// names no catalog type.
+pub fn sha256_id(wasm: &[u8]) -> [u8; 32] {
+    Sha256::digest(wasm).into()
 }
 
-impl fmt::Display for FunctionId {
-    /// Lowercase hex, 64 digits.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
-    }
-}
-
-impl fmt::Debug for FunctionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "FunctionId({self})")
-    }
+/// Lowercase hex (for `Debug`).
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A validated routing function, ready to be called from any thread.
 pub struct Function {
-    id: FunctionId,
+    id: [u8; 32],
     wasm: Vec<u8>,
     engine: Engine,
     limits: Limits,
@@ -137,7 +127,7 @@ pub struct Function {
 impl fmt::Debug for Function {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Function")
-            .field("id", &self.id)
+            .field("id", &hex(&self.id))
             .field("wasm_len", &self.wasm.len())
             .field("limits", &self.limits)
             .finish_non_exhaustive()
@@ -219,7 +209,7 @@ impl Function {
             .instantiate_pre(&module)
             .map_err(|e| Error::Invalid(format!("{e:#}")))?;
         let function = Function {
-            id: FunctionId::of(&wasm),
+            id: sha256_id(&wasm),
             wasm,
             engine: runtime.engine.clone(),
             limits: runtime.limits,
@@ -231,8 +221,8 @@ impl Function {
         Ok(function)
     }
 
-    /// The function's id: SHA-256 of [`wasm`](Self::wasm).
-    pub fn id(&self) -> FunctionId {
+    /// The function's id: SHA-256 of [`wasm`](Self::wasm) ([`sha256_id`]).
+    pub fn id(&self) -> [u8; 32] {
         self.id
     }
 
@@ -542,9 +532,9 @@ mod tests {
 
     #[test]
     fn id_is_hex_sha256() {
-        let id = FunctionId::of(b"");
+        let id = sha256_id(b"");
         assert_eq!(
-            id.to_string(),
+            hex(&id),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
     }

@@ -20,9 +20,11 @@
 //! * Instances are reused across calls from a small internal pool;
 //!   [`Function`] is `Send + Sync` and can be shared by all sessions of a
 //!   node.
-//! * A function is named by its [`FunctionId`], the SHA-256 of its binary
-//!   module ([`Function::wasm`]): `.wat` text is converted to binary first,
-//!   and the binary is what a node stores and replicates.
+//! * A function is named by the SHA-256 of its binary module
+//!   ([`Function::id`], [`sha256_id`] of [`Function::wasm`]): `.wat` text is
+//!   converted to binary first, and the binary is what a node stores and
+//!   replicates. The catalog's id type (`FunctionId`) is the router's; this
+//!   crate depends on no other crate of the project.
 //! * Floating-point NaNs are canonicalised and the non-deterministic
 //!   proposals (threads, relaxed SIMD) are off, so every node computes the
 //!   same point for the same key.
@@ -35,4 +37,4 @@ mod error;
 mod function;
 
 pub use error::{CallError, Error};
-pub use function::{Function, FunctionId, Limits, Runtime};
+pub use function::{sha256_id, Function, Limits, Runtime};

@@ -216,7 +216,13 @@ fn function_id_is_the_binary_hash() {
     assert_eq!(&f.wasm()[..4], b"\0asm");
     let again = Function::compile(f.wasm()).expect("binary form compiles");
     assert_eq!(again.id(), f.id());
-    assert_eq!(f.id().to_string().len(), 64);
+    assert_eq!(f.id(), hotrepart_udf_wasm::sha256_id(f.wasm()));
+    assert_eq!(
+        hotrepart_router::catalog::FunctionId(f.id())
+            .to_string()
+            .len(),
+        64
+    );
     assert_ne!(example("tenant_prefix.wat").id(), f.id());
 }
 

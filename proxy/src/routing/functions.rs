@@ -127,7 +127,7 @@ impl FunctionCache {
                 id: id.short(),
                 reason: e.to_string(),
             })?;
-        let actual = FunctionId(f.id().0);
+        let actual = FunctionId(f.id());
         if actual != id {
             return Err(FunctionError::WrongId {
                 expected: id,
@@ -209,7 +209,7 @@ pub fn load_module(name: &str, path: &Path) -> Result<Vec<u8>, FunctionError> {
 
 /// The id of a binary module (SHA-256).
 pub fn module_id(wasm: &[u8]) -> FunctionId {
-    FunctionId(hotrepart_udf_wasm::FunctionId::of(wasm).0)
+    FunctionId(hotrepart_udf_wasm::sha256_id(wasm))
 }
 
 /// A compiled WebAssembly function as the router's [`PointFunction`].

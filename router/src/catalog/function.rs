@@ -18,7 +18,9 @@ use super::{KeyType, KeyValue};
 
 /// The identity of a user-supplied routing function: the SHA-256 of its
 /// binary WebAssembly module. The same module uploaded twice is the same
-/// function.
+/// function. The one id type of the catalog: the wasm host
+/// (`hotrepart-udf-wasm`, which depends on nothing of ours) hands out the
+/// bare 32 bytes, which the node wraps in this type.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FunctionId(pub [u8; 32]);
 

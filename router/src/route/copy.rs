@@ -23,8 +23,9 @@
 //! * memory is bounded: at most one partial row (up to `max_row` bytes) is
 //!   held.
 
-use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, Ident};
+use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption};
 
+use super::names::norm;
 use super::{CopyDirection, RouteError};
 use crate::catalog::{
     KeyParseError, KeyRange, KeyType, KeyValue, RangeStatus, RoutingSnapshot, ShardId, ShardedTable,
@@ -109,10 +110,6 @@ fn one_byte(what: &str, c: char) -> Result<u8, RouteError> {
         .ok_or_else(|| {
             RouteError::unsupported(format!("COPY {what} must be a single one-byte character"))
         })
-}
-
-fn norm(id: &Ident) -> String {
-    super::analyze::norm(id)
 }
 
 impl CopyPlan {

@@ -40,7 +40,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use super::analyze::table_name;
+use super::names::{norm, table_name};
 use super::{Namespace, RouteError};
 use crate::catalog::{RoutingSnapshot, ShardId, ShardedTable, Span, TablePlacement};
 
@@ -318,7 +318,7 @@ fn cte_names(st: &Statement) -> BTreeSet<String> {
         fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
             if let Some(w) = &q.with {
                 for c in &w.cte_tables {
-                    self.0.insert(super::analyze::norm(&c.alias.name));
+                    self.0.insert(norm(&c.alias.name));
                 }
             }
             ControlFlow::Continue(())

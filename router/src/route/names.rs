@@ -1,4 +1,6 @@
-//! How unqualified relation names resolve: the session's effective
+//! How relation names resolve: identifiers folded as PostgreSQL folds
+//! them ([`norm`], [`last_name`]), the catalog name of a relation
+//! ([`table_name`]), and for unqualified names the session's effective
 //! `search_path` and the relations in it that matter to routing, as the
 //! node read them from the home shard's catalog (see
 //! `proxy/src/names.rs`).
@@ -18,6 +20,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
+
+use sqlparser::ast::{Ident, ObjectName};
+
+use super::RouteError;
 
 /// The session's namespace, as far as routing needs it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -54,4 +60,58 @@ impl Namespace {
             self.relations.contains(&key) || self.reaching.contains_key(&key)
         })
     }
+}
+
+/// Folds an identifier as PostgreSQL does: unquoted → ASCII lower case.
+pub(super) fn norm(id: &Ident) -> String {
+    if id.quote_style.is_some() {
+        id.value.clone()
+    } else {
+        id.value.to_ascii_lowercase()
+    }
+}
+
+/// The last part of a qualified name, folded (`s.F` → `f`).
+pub(super) fn last_name(name: &ObjectName) -> String {
+    name.0
+        .last()
+        .and_then(|p| p.as_ident())
+        .map(norm)
+        .unwrap_or_default()
+}
+
+/// The catalog name of a relation: `public.t` → `t`, `s.t` → `s.t`, and
+/// `t` as the session's search path resolves it ([`Namespace`]). A
+/// relation that reaches a declared table without being declared itself (a
+/// view over it, a partition …) is refused.
+pub(super) fn table_name(ns: &Namespace, name: &ObjectName) -> Result<String, RouteError> {
+    let mut parts = Vec::with_capacity(name.0.len());
+    for p in &name.0 {
+        match p.as_ident() {
+            Some(id) => parts.push(norm(id)),
+            None => return Err(RouteError::unsupported(format!("table name {name}"))),
+        }
+    }
+    let (schema, t) = match parts.as_slice() {
+        [t] => match ns.resolve(t) {
+            Some(s) => (s.to_owned(), t.clone()),
+            None => return Ok(t.clone()),
+        },
+        [s, t] => (s.clone(), t.clone()),
+        _ => {
+            return Err(RouteError::unsupported(format!(
+                "table name {name} (database-qualified names are not supported)"
+            )))
+        }
+    };
+    if let Some(declared) = ns.reaching.get(&(schema.clone(), t.clone())) {
+        return Err(RouteError::unsupported(format!(
+            "relation \"{schema}.{t}\" is not declared to hotrepart but reaches table \"{declared}\" (a view over it, or a partition or inheritance parent or child of it): on one shard it would see or change that shard's rows only; use \"{declared}\" itself, or declare the relation"
+        )));
+    }
+    Ok(if schema == "public" {
+        t
+    } else {
+        format!("{schema}.{t}")
+    })
 }

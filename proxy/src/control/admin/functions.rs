@@ -128,7 +128,7 @@ pub(super) async fn upload(State(api): State<Api>, Json(req): Json<Upload>) -> A
         )));
     }
     let size = wasm.len();
-    let id = FunctionId(compiled.id().0);
+    let id = FunctionId(compiled.id());
     let a = api
         .propose(CatalogCommand::UploadFunction {
             name: req.name.clone(),

@@ -25,14 +25,21 @@
 //! bare name an output column name (explicit or implicit), anything else an
 //! expression (matched against the select list, else a hidden column).
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use sqlparser::ast::{
-    DuplicateTreatment, Function, FunctionArg, FunctionArgExpr, LimitClause, ObjectNamePart,
-    OrderBy, OrderByExpr, OrderByKind, OrderBySort, UnaryOperator,
+    BinaryOperator, Distinct, DuplicateTreatment, Expr, Function, FunctionArg, FunctionArgExpr,
+    FunctionArgumentClause, FunctionArguments, GroupByExpr, Ident, LimitClause, ObjectNamePart,
+    OrderBy, OrderByExpr, OrderByKind, OrderBySort, Query, SelectItem, SetExpr, UnaryOperator,
+    Value, Visit, Visitor,
 };
 
-use super::*;
+use super::super::names::{last_name, norm};
+use super::super::MergeNeed;
+use super::expr::strip;
+use super::functions::{AGGREGATES, PURE_FUNCTIONS};
+use super::merge_need::merge_need;
 use crate::route::merge::{
     AggregatePlan, Combined, CompareOp, HavingExpr, LimitSpec, Literal, MergePlan, Operand,
     Partial, ShardCol, SortKey,

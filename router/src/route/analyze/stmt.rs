@@ -1,15 +1,25 @@
 //! Statement-level analysis of writes and utility statements: INSERT,
-//! UPDATE, DELETE, COPY, VACUUM/ANALYZE, TRUNCATE/LOCK. Reads are in the
-//! parent module; both share the scope/occurrence model described there.
+//! UPDATE, DELETE, COPY, VACUUM/ANALYZE, TRUNCATE/LOCK. Reads are planned
+//! by the binder in [`super::scope`]; both share the scope/occurrence model
+//! described in [`super`].
 
 use sqlparser::ast::{
     self, AssignmentTarget, CopySource, CopyTarget, Expr, FromTable, Insert, ObjectName,
     OnConflictAction, OnInsert, SetExpr, TableFactor, TableObject, UpdateTableFromKind, Visit,
 };
 
-use super::*;
-use crate::route::copy::{CopyPlan, CopyTable};
 use std::sync::Arc;
+
+use super::super::keys::{colocated, value_src, Src, SrcError, TypedSrc};
+use super::super::names::{last_name, norm};
+use super::super::split::SplitText;
+use super::super::{CopyDirection, MergeNeed, RouteError, StatementKind};
+use super::expr::{strip, unsupported};
+use super::merge_need::merge_need;
+use super::plan::{Body, InsertPlan, StmtPlan};
+use super::scope::{Analyzer, Item, OutCol, SubqueryWalker};
+use crate::catalog::{ShardedTable, TablePlacement};
+use crate::route::copy::{CopyPlan, CopyTable};
 
 impl Analyzer<'_> {
     /// A write whose target is `target` (already registered in scope

@@ -4,31 +4,22 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use crate::catalog::{KeyType, RoutingFunction, RoutingSnapshot, ShardId, ShardedTable};
+use crate::catalog::{KeyType, RoutingSnapshot, ShardId};
 use crate::route::{route, Hints, Target};
 
+#[path = "../../../tests/common/mod.rs"]
+mod common;
+
 fn snapshot() -> RoutingSnapshot {
-    let ids: Vec<ShardId> = (0..4)
-        .map(|i| ShardId::new(&format!("s{i}")).expect("shard name"))
-        .collect();
-    let t = |name: &str, col: &str, ty: KeyType| ShardedTable {
-        name: name.into(),
-        key_column: col.into(),
-        key_type: ty,
-        function: RoutingFunction::PgHash { seed: 0 },
-    };
-    let mut b = RoutingSnapshot::builder(1);
-    for id in &ids {
-        b = b.shard(id.clone(), format!("dbname={id}"));
-    }
-    b.home_shard(ids[0].clone())
-        .sharded_table(t("users", "id", KeyType::Int8))
-        .sharded_table(t("events", "tenant", KeyType::Text))
-        .sharded_table(t("devices", "uuid", KeyType::Uuid))
-        .reference_table("countries")
-        .equal_ranges(4)
-        .and_then(|b| b.build())
-        .expect("test snapshot")
+    common::snapshot(
+        4,
+        &[
+            ("users", "id", KeyType::Int8),
+            ("events", "tenant", KeyType::Text),
+            ("devices", "uuid", KeyType::Uuid),
+        ],
+        &["countries"],
+    )
 }
 
 fn plan(sql: &str) -> Result<CopyPlan, RouteError> {

@@ -46,7 +46,7 @@ fn geo() -> (Arc<Function>, RoutingFunction, Functions) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../deploy/examples/functions/geo.wat");
     let f = Arc::new(Function::compile(&std::fs::read(path).unwrap()).unwrap());
-    let id = FunctionId(f.id().0);
+    let id = FunctionId(f.id());
     let mut functions = Functions::new();
     functions.insert(id, Arc::new(WasmPoint::new(f.clone())));
     (f, RoutingFunction::Wasm { id }, functions)

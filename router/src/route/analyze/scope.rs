@@ -1,0 +1,834 @@
+//! The FROM/scope analyzer (the binder): walks a query's FROM lists,
+//! scopes and conditions to find the sharded *occurrences*, the *pins*
+//! that restrict them, what they *inherit* and the *edges* that join them
+//! (the model is in [`super`]), then sums them up as a [`Shape`]. Reads
+//! (`SELECT`, and the queries inside any statement) are planned here
+//! ([`Analyzer::select_statement`]); the write planners ([`super::stmt`])
+//! use the same binder for their targets and subqueries.
+
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    self, BinaryOperator, Distinct, Expr, InTarget, JoinConstraint, JoinOperator, ObjectName,
+    Query, Select, SelectItem, SetExpr, TableFactor, TableWithJoins, Value, Visit, Visitor,
+};
+
+use super::super::keys::{array_src, colocated, value_src, KeyExpr, TypedSrc};
+use super::super::names::{last_name, norm, table_name};
+use super::super::{Namespace, RouteError, StatementKind};
+use super::expr::{conjuncts, strip, unsupported};
+use super::functions::{AGGREGATES, PURE_FUNCTIONS, READ_ONLY};
+use super::merge_plan::merge_plan;
+use super::plan::{Body, Shape, ShapeOcc, StmtPlan};
+use crate::catalog::{KeyType, RoutingSnapshot, ShardedTable, TablePlacement};
+
+/// Where a FROM item's name points.
+#[derive(Debug, Clone)]
+pub(super) struct Item {
+    /// Name visible to column references (alias, or the table's own name).
+    pub(super) visible: String,
+    /// `schema.table` when not aliased (for three-part column references).
+    pub(super) qualified: Option<String>,
+    /// The sharded occurrence, if any.
+    pub(super) occ: Option<usize>,
+    /// `AS a(x, y)`: columns renamed, the key column name is unreliable.
+    pub(super) col_aliases: bool,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Scope {
+    pub(super) parent: Option<usize>,
+    pub(super) items: Vec<Item>,
+    /// CTE names visible from here (FROM lookups only).
+    pub(super) ctes: Vec<String>,
+    /// Every row of this scope's FROM contains a row (not null-extended) of
+    /// a sharded occurrence: its output rows are partitioned by shard.
+    pub(super) covered: bool,
+}
+
+#[derive(Debug)]
+pub(super) struct Occ {
+    pub(super) table: ShardedTable,
+    pub(super) scope: usize,
+    pub(super) nullable: bool,
+}
+
+/// One output column of a query, for `IN (SELECT …)` and `INSERT … SELECT`.
+#[derive(Debug, Clone)]
+pub(super) enum OutCol {
+    /// The key column of an occurrence of the query's own scope.
+    Key(usize),
+    /// A literal or parameter expression.
+    Value(Box<Expr>),
+    Other,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct QueryInfo {
+    /// The scope of the query's own SELECT (None for set operations etc.).
+    pub(super) root: Option<usize>,
+    /// Output columns, when known (None with `*` or set operations).
+    pub(super) outputs: Option<Vec<OutCol>>,
+}
+
+pub(super) struct Analyzer<'a> {
+    pub(super) snap: &'a RoutingSnapshot,
+    pub(super) ns: &'a Namespace,
+    pub(super) occs: Vec<Occ>,
+    pub(super) scopes: Vec<Scope>,
+    pub(super) pins: Vec<(usize, KeyExpr)>,
+    /// (o, p): o inherits p's restriction.
+    pub(super) inherits: Vec<(usize, usize)>,
+    pub(super) edges: Vec<(usize, usize)>,
+    pub(super) home_tables: Vec<String>,
+    pub(super) reference_tables: Vec<String>,
+    /// Calls a function not in [`PURE_FUNCTIONS`].
+    pub(super) impure_calls: bool,
+    /// Calls of functions not known to be read-only ([`READ_ONLY`]).
+    pub(super) calls: Vec<String>,
+    /// A query with FOR UPDATE/SHARE.
+    pub(super) locks: bool,
+    pub(super) placeholders: bool,
+}
+
+/// A visitor that analyses the subqueries directly inside an expression (in
+/// scope `scope`) and notes function calls.
+pub(super) struct SubqueryWalker<'x, 'a> {
+    pub(super) a: &'x mut Analyzer<'a>,
+    pub(super) scope: usize,
+    pub(super) depth: usize,
+}
+
+impl Visitor for SubqueryWalker<'_, '_> {
+    type Break = RouteError;
+
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<RouteError> {
+        if self.depth == 0 {
+            if let Err(e) = self.a.query(q, Some(self.scope)) {
+                return ControlFlow::Break(e);
+            }
+        }
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<RouteError> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<RouteError> {
+        match e {
+            Expr::Function(f) => {
+                let name = last_name(&f.name);
+                if !PURE_FUNCTIONS.contains(&name.as_str()) {
+                    self.a.impure_calls = true;
+                }
+                self.a.note_call(&name);
+            }
+            Expr::Value(v) if matches!(v.value, Value::Placeholder(_)) => {
+                self.a.placeholders = true;
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+impl Analyzer<'_> {
+    /// See [`table_name`].
+    pub(super) fn table_name(&self, name: &ObjectName) -> Result<String, RouteError> {
+        table_name(self.ns, name)
+    }
+}
+
+impl<'a> Analyzer<'a> {
+    pub(super) fn new(snap: &'a RoutingSnapshot, ns: &'a Namespace) -> Self {
+        Analyzer {
+            snap,
+            ns,
+            occs: Vec::new(),
+            scopes: Vec::new(),
+            pins: Vec::new(),
+            inherits: Vec::new(),
+            edges: Vec::new(),
+            home_tables: Vec::new(),
+            reference_tables: Vec::new(),
+            impure_calls: false,
+            calls: Vec::new(),
+            locks: false,
+            placeholders: false,
+        }
+    }
+
+    pub(super) fn new_scope(&mut self, parent: Option<usize>) -> usize {
+        self.scopes.push(Scope {
+            parent,
+            ..Scope::default()
+        });
+        self.scopes.len() - 1
+    }
+
+    pub(super) fn walk<V: Visit + ?Sized>(
+        &mut self,
+        node: &V,
+        scope: usize,
+    ) -> Result<(), RouteError> {
+        let mut w = SubqueryWalker {
+            a: self,
+            scope,
+            depth: 0,
+        };
+        match node.visit(&mut w) {
+            ControlFlow::Break(e) => Err(e),
+            ControlFlow::Continue(()) => Ok(()),
+        }
+    }
+
+    fn is_cte(&self, mut scope: Option<usize>, name: &str) -> bool {
+        while let Some(s) = scope {
+            if self.scopes[s].ctes.iter().any(|c| c == name) {
+                return true;
+            }
+            scope = self.scopes[s].parent;
+        }
+        false
+    }
+
+    /// Registers a base table named in FROM (or as a DML target) in `scope`.
+    pub(super) fn table_item(
+        &mut self,
+        name: &ObjectName,
+        alias: Option<&ast::TableAlias>,
+        scope: usize,
+    ) -> Result<Option<usize>, RouteError> {
+        let visible = alias.map(|a| norm(&a.name));
+        let col_aliases = alias.is_some_and(|a| !a.columns.is_empty());
+        if name.0.len() == 1 {
+            let simple = last_name(name);
+            if self.is_cte(Some(scope), &simple) {
+                self.scopes[scope].items.push(Item {
+                    visible: visible.unwrap_or(simple),
+                    qualified: None,
+                    occ: None,
+                    col_aliases,
+                });
+                return Ok(None);
+            }
+        }
+        let catalog = self.table_name(name)?;
+        let own = last_name(name);
+        let qualified = if visible.is_some() {
+            None
+        } else if catalog.contains('.') {
+            Some(catalog.clone())
+        } else {
+            Some(format!("public.{catalog}"))
+        };
+        let occ = match self.snap.placement(&catalog) {
+            TablePlacement::Sharded(t) => {
+                self.occs.push(Occ {
+                    table: t.clone(),
+                    scope,
+                    nullable: false,
+                });
+                Some(self.occs.len() - 1)
+            }
+            TablePlacement::Reference => {
+                self.reference_tables.push(catalog.clone());
+                None
+            }
+            TablePlacement::Home(_) => {
+                self.home_tables.push(catalog.clone());
+                None
+            }
+        };
+        self.scopes[scope].items.push(Item {
+            visible: visible.unwrap_or(own),
+            qualified,
+            occ,
+            col_aliases,
+        });
+        Ok(occ)
+    }
+
+    /// The occurrence whose key column `e` names, seen from `scope`.
+    fn resolve(&self, e: &Expr, scope: usize) -> Option<usize> {
+        match strip(e) {
+            Expr::Identifier(id) => {
+                let col = norm(id);
+                let sc = &self.scopes[scope];
+                // An unqualified name resolves in the innermost scope (we
+                // do not know the other columns of tables, so never outward).
+                if sc.items.iter().any(|i| i.col_aliases) {
+                    return None;
+                }
+                let mut found = sc
+                    .items
+                    .iter()
+                    .filter_map(|i| i.occ)
+                    .filter(|&o| self.occs[o].table.key_column == col);
+                let first = found.next()?;
+                found.next().is_none().then_some(first)
+            }
+            Expr::CompoundIdentifier(parts) => {
+                let names: Vec<String> = parts.iter().map(norm).collect();
+                // `q.col` matches an item by its visible name; `s.t.col`
+                // matches an unaliased table by its qualified name.
+                let (qualifier, by_visible, col) = match names.as_slice() {
+                    [q, c] => (q.clone(), true, c),
+                    [sch, t, c] => (format!("{sch}.{t}"), false, c),
+                    _ => return None,
+                };
+                let qual = |i: &Item| {
+                    if by_visible {
+                        i.visible == qualifier
+                    } else {
+                        i.qualified.as_deref() == Some(qualifier.as_str())
+                    }
+                };
+                let mut s = Some(scope);
+                while let Some(cur) = s {
+                    if let Some(item) = self.scopes[cur].items.iter().find(|i| qual(i)) {
+                        let o = item.occ?;
+                        return (!item.col_aliases && self.occs[o].table.key_column == *col)
+                            .then_some(o);
+                    }
+                    s = self.scopes[cur].parent;
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// The keys that rows of occurrence `o` must have for `e` to hold.
+    fn pin_of(&self, e: &Expr, o: usize, scope: usize) -> Option<KeyExpr> {
+        let ty = self.occs[o].table.key_type;
+        match strip(e) {
+            Expr::BinaryOp { left, op, right } => match op {
+                BinaryOperator::And => {
+                    match (self.pin_of(left, o, scope), self.pin_of(right, o, scope)) {
+                        (Some(a), Some(b)) => Some(KeyExpr::And(Box::new(a), Box::new(b))),
+                        (a, b) => a.or(b),
+                    }
+                }
+                BinaryOperator::Or => {
+                    let a = self.pin_of(left, o, scope)?;
+                    let b = self.pin_of(right, o, scope)?;
+                    Some(KeyExpr::Or(Box::new(a), Box::new(b)))
+                }
+                BinaryOperator::Eq => {
+                    let (col, val) = if self.resolve(left, scope) == Some(o) {
+                        (left, right)
+                    } else if self.resolve(right, scope) == Some(o) {
+                        (right, left)
+                    } else {
+                        return None;
+                    };
+                    let _ = col;
+                    value_src(val, ty).ok().map(|s| KeyExpr::Keys(vec![s]))
+                }
+                _ => None,
+            },
+            Expr::In {
+                expr,
+                target: InTarget::List(list),
+                negated: false,
+                ..
+            } if self.resolve(expr, scope) == Some(o) => {
+                let srcs: Option<Vec<TypedSrc>> =
+                    list.iter().map(|v| value_src(v, ty).ok()).collect();
+                srcs.map(KeyExpr::Keys)
+            }
+            Expr::AnyOp {
+                left,
+                compare_op: BinaryOperator::Eq,
+                right,
+                ..
+            } if self.resolve(left, scope) == Some(o) => array_src(right, ty).map(KeyExpr::Keys),
+            _ => None,
+        }
+    }
+
+    /// A filtering condition `e` (WHERE, or a join's ON) in `scope`.
+    /// `local`: occurrences the condition relates; `filtered`: those whose
+    /// rows it filters.
+    pub(super) fn condition(
+        &mut self,
+        e: &Expr,
+        scope: usize,
+        local: &[usize],
+        filtered: &[usize],
+    ) -> Result<(), RouteError> {
+        for &o in filtered {
+            if let Some(k) = self.pin_of(e, o, scope) {
+                self.pins.push((o, k));
+            }
+        }
+        for c in conjuncts(e) {
+            match c {
+                Expr::BinaryOp {
+                    left,
+                    op: BinaryOperator::Eq,
+                    right,
+                } => {
+                    if let (Some(a), Some(b)) =
+                        (self.resolve(left, scope), self.resolve(right, scope))
+                    {
+                        self.key_equality(a, b, local, filtered);
+                    }
+                    self.walk(c, scope)?;
+                }
+                Expr::In {
+                    expr,
+                    target: InTarget::Subquery(q),
+                    negated: false,
+                    ..
+                } => {
+                    self.walk(expr.as_ref(), scope)?;
+                    let info = self.query(q, Some(scope))?;
+                    let a = self.resolve(expr, scope);
+                    let b = match (&info.outputs, info.root) {
+                        (Some(outs), Some(root)) if outs.len() == 1 => match outs[0] {
+                            OutCol::Key(b)
+                                if self.occs[b].scope == root && !self.occs[b].nullable =>
+                            {
+                                Some(b)
+                            }
+                            _ => None,
+                        },
+                        _ => None,
+                    };
+                    if let (Some(a), Some(b)) = (a, b) {
+                        if filtered.contains(&a)
+                            && colocated(&self.occs[a].table, &self.occs[b].table)
+                        {
+                            // A semi-join on the key: both sides' relevant
+                            // rows have keys of the other side.
+                            self.edges.push((a, b));
+                            self.inherits.push((a, b));
+                            self.inherits.push((b, a));
+                        }
+                    }
+                }
+                other => self.walk(other, scope)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn key_equality(&mut self, a: usize, b: usize, local: &[usize], filtered: &[usize]) {
+        if a == b || !colocated(&self.occs[a].table, &self.occs[b].table) {
+            return;
+        }
+        let fa = filtered.contains(&a);
+        let fb = filtered.contains(&b);
+        if fa || fb || (local.contains(&a) && local.contains(&b)) {
+            self.edges.push((a, b));
+        }
+        if fa {
+            self.inherits.push((a, b));
+        }
+        if fb {
+            self.inherits.push((b, a));
+        }
+    }
+
+    /// Analyses a query in a new scope under `parent`.
+    pub(super) fn query(
+        &mut self,
+        q: &Query,
+        parent: Option<usize>,
+    ) -> Result<QueryInfo, RouteError> {
+        self.locks |= !q.locks.is_empty();
+        let mut scope = parent;
+        if let Some(with) = &q.with {
+            let cs = self.new_scope(parent);
+            if with.recursive {
+                for cte in &with.cte_tables {
+                    self.scopes[cs].ctes.push(norm(&cte.alias.name));
+                }
+            }
+            for cte in &with.cte_tables {
+                match cte.query.body.as_ref() {
+                    SetExpr::Insert(_)
+                    | SetExpr::Update(_)
+                    | SetExpr::Delete(_)
+                    | SetExpr::Merge(_) => {
+                        return Err(unsupported("data-modifying statements in WITH"));
+                    }
+                    _ => {}
+                }
+                self.query(&cte.query, Some(cs))?;
+                self.scopes[cs].ctes.push(norm(&cte.alias.name));
+            }
+            scope = Some(cs);
+        }
+        let info = self.set_expr(&q.body, scope)?;
+        let tail_scope = match info.root.or(scope) {
+            Some(s) => s,
+            None => self.new_scope(None),
+        };
+        if let Some(ob) = &q.order_by {
+            self.walk(ob, tail_scope)?;
+        }
+        if let Some(l) = &q.limit_clause {
+            self.walk(l, tail_scope)?;
+        }
+        Ok(info)
+    }
+
+    fn set_expr(&mut self, body: &SetExpr, parent: Option<usize>) -> Result<QueryInfo, RouteError> {
+        match body {
+            SetExpr::Select(s) => self.select(s, parent),
+            SetExpr::Query(q) => self.query(q, parent),
+            SetExpr::SetOperation { left, right, .. } => {
+                self.set_expr(left, parent)?;
+                self.set_expr(right, parent)?;
+                Ok(QueryInfo::default())
+            }
+            SetExpr::Values(v) => {
+                let s = self.new_scope(parent);
+                for row in &v.rows {
+                    self.walk(&row.content, s)?;
+                }
+                Ok(QueryInfo::default())
+            }
+            SetExpr::Table(t) => {
+                let s = self.new_scope(parent);
+                let name = match (&t.schema_name, &t.table_name) {
+                    (Some(schema), Some(table)) => {
+                        ObjectName::from(vec![schema.clone(), table.clone()])
+                    }
+                    (None, Some(table)) => ObjectName::from(vec![table.clone()]),
+                    _ => return Err(unsupported("TABLE without a name")),
+                };
+                self.table_item(&name, None, s)?;
+                Ok(QueryInfo {
+                    root: Some(s),
+                    outputs: None,
+                })
+            }
+            SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_) => {
+                Err(unsupported("data-modifying statement inside a query"))
+            }
+        }
+    }
+
+    fn select(&mut self, sel: &Select, parent: Option<usize>) -> Result<QueryInfo, RouteError> {
+        if sel.into.is_some() {
+            return Err(unsupported(
+                "SELECT … INTO (the new table would hold different rows on each shard)",
+            ));
+        }
+        let s = self.new_scope(parent);
+        for twj in &sel.from {
+            let (_, covered) = self.table_with_joins(twj, s)?;
+            self.scopes[s].covered |= covered;
+        }
+        if let Some(w) = &sel.selection {
+            let here: Vec<usize> = (0..self.occs.len())
+                .filter(|&o| self.occs[o].scope == s)
+                .collect();
+            self.condition(w, s, &here, &here)?;
+        }
+        let mut outputs = Some(Vec::with_capacity(sel.projection.len()));
+        for item in &sel.projection {
+            let expr = match item {
+                SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => Some(e),
+                _ => None,
+            };
+            match (expr, outputs.as_mut()) {
+                (Some(e), Some(outs)) => {
+                    let col = match self.resolve(e, s) {
+                        Some(o) if self.occs[o].scope == s => OutCol::Key(o),
+                        _ if value_src(e, KeyType::Text).is_ok()
+                            || value_src(e, KeyType::Int8).is_ok() =>
+                        {
+                            OutCol::Value(Box::new(e.clone()))
+                        }
+                        _ => OutCol::Other,
+                    };
+                    outs.push(col);
+                }
+                _ => outputs = None,
+            }
+            self.walk(item, s)?;
+        }
+        self.walk(&sel.group_by, s)?;
+        if let Some(h) = &sel.having {
+            self.walk(h, s)?;
+        }
+        if let Some(Distinct::On(v)) = &sel.distinct {
+            self.walk(v, s)?;
+        }
+        self.walk(&sel.named_window, s)?;
+        if let Some(q) = &sel.qualify {
+            self.walk(q, s)?;
+        }
+        Ok(QueryInfo {
+            root: Some(s),
+            outputs,
+        })
+    }
+
+    /// Registers a FROM entry with its joins; returns its occurrences.
+    pub(super) fn table_with_joins(
+        &mut self,
+        twj: &TableWithJoins,
+        s: usize,
+    ) -> Result<(Vec<usize>, bool), RouteError> {
+        let (mut left, mut covered) = self.factor(&twj.relation, s)?;
+        for j in &twj.joins {
+            let (right, right_covered) = self.factor(&j.relation, s)?;
+            #[derive(PartialEq)]
+            enum J {
+                Inner,
+                Left,
+                Right,
+                Full,
+                Cross,
+            }
+            let (kind, constraint) = match &j.join_operator {
+                JoinOperator::Join(c) | JoinOperator::Inner(c) => (J::Inner, Some(c)),
+                JoinOperator::Left(c) | JoinOperator::LeftOuter(c) => (J::Left, Some(c)),
+                JoinOperator::Right(c) | JoinOperator::RightOuter(c) => (J::Right, Some(c)),
+                JoinOperator::FullOuter(c) => (J::Full, Some(c)),
+                JoinOperator::CrossJoin(_) => (J::Cross, None),
+                other => return Err(unsupported(format!("join type {other:?}"))),
+            };
+            covered = match kind {
+                J::Inner | J::Cross => covered || right_covered,
+                J::Left => covered,
+                J::Right => right_covered,
+                J::Full => covered && right_covered,
+            };
+            if matches!(kind, J::Left | J::Full) {
+                for &o in &right {
+                    self.occs[o].nullable = true;
+                }
+            }
+            if matches!(kind, J::Right | J::Full) {
+                for &o in &left {
+                    self.occs[o].nullable = true;
+                }
+            }
+            let filtered: Vec<usize> = match kind {
+                J::Inner => left.iter().chain(&right).copied().collect(),
+                J::Left => right.clone(),
+                J::Right => left.clone(),
+                J::Full | J::Cross => Vec::new(),
+            };
+            let local: Vec<usize> = left.iter().chain(&right).copied().collect();
+            match constraint {
+                Some(JoinConstraint::On(e)) => self.condition(e, s, &local, &filtered)?,
+                Some(JoinConstraint::Using(cols)) => {
+                    for c in cols {
+                        let col = last_name(c);
+                        for &a in &left {
+                            for &b in &right {
+                                if self.occs[a].table.key_column == col
+                                    && self.occs[b].table.key_column == col
+                                {
+                                    self.key_equality(a, b, &local, &filtered);
+                                }
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+            left.extend(right);
+        }
+        Ok((left, covered))
+    }
+
+    /// Registers one FROM item; returns its occurrences and whether it is
+    /// covered (see [`Scope::covered`]).
+    fn factor(&mut self, f: &TableFactor, s: usize) -> Result<(Vec<usize>, bool), RouteError> {
+        match f {
+            TableFactor::Table {
+                name, alias, args, ..
+            } => {
+                if let Some(args) = args {
+                    // A set-returning function call in FROM.
+                    self.walk(args, s)?;
+                    self.impure_or_pure_call(name);
+                    self.opaque_item(alias.as_ref(), last_name(name), s);
+                    return Ok((Vec::new(), false));
+                }
+                let occ = self.table_item(name, alias.as_ref(), s)?;
+                Ok((occ.into_iter().collect(), occ.is_some()))
+            }
+            TableFactor::Derived {
+                subquery, alias, ..
+            } => {
+                self.query(subquery, Some(s))?;
+                self.opaque_item(alias.as_ref(), String::new(), s);
+                Ok((Vec::new(), false))
+            }
+            TableFactor::Function {
+                name, args, alias, ..
+            } => {
+                self.walk(args, s)?;
+                self.impure_or_pure_call(name);
+                self.opaque_item(alias.as_ref(), last_name(name), s);
+                Ok((Vec::new(), false))
+            }
+            TableFactor::UNNEST {
+                array_exprs, alias, ..
+            } => {
+                self.walk(array_exprs, s)?;
+                self.opaque_item(alias.as_ref(), "unnest".to_owned(), s);
+                Ok((Vec::new(), false))
+            }
+            TableFactor::NestedJoin {
+                table_with_joins,
+                alias,
+            } => {
+                let res = self.table_with_joins(table_with_joins, s)?;
+                if alias.is_some() {
+                    self.opaque_item(alias.as_ref(), String::new(), s);
+                }
+                Ok(res)
+            }
+            other => Err(unsupported(format!("FROM item {other}"))),
+        }
+    }
+
+    fn impure_or_pure_call(&mut self, name: &ObjectName) {
+        let n = last_name(name);
+        if !PURE_FUNCTIONS.contains(&n.as_str()) {
+            self.impure_calls = true;
+        }
+        self.note_call(&n);
+    }
+
+    /// Records a call of `name` unless it is known to be read-only.
+    fn note_call(&mut self, name: &str) {
+        if !READ_ONLY.contains(&name)
+            && !PURE_FUNCTIONS.contains(&name)
+            && !AGGREGATES.contains(&name)
+            && !self.calls.iter().any(|c| c == name)
+        {
+            self.calls.push(name.to_owned());
+        }
+    }
+
+    fn opaque_item(&mut self, alias: Option<&ast::TableAlias>, default: String, s: usize) {
+        self.scopes[s].items.push(Item {
+            visible: alias.map(|a| norm(&a.name)).unwrap_or(default),
+            qualified: None,
+            occ: None,
+            col_aliases: alias.is_some_and(|a| !a.columns.is_empty()),
+        });
+    }
+
+    /// Builds the shape from everything collected so far.
+    pub(super) fn shape(&self, root: Option<usize>) -> Shape {
+        let n = self.occs.len();
+        // Restrictions: direct pins, then inherited along filtering equalities.
+        let mut restr: Vec<Option<(KeyExpr, usize)>> = vec![None; n];
+        for (o, k) in &self.pins {
+            restr[*o] = Some(match restr[*o].take() {
+                None => (k.clone(), *o),
+                Some((old, from)) if from == *o => {
+                    (KeyExpr::And(Box::new(old), Box::new(k.clone())), *o)
+                }
+                Some(_) => (k.clone(), *o),
+            });
+        }
+        loop {
+            let mut changed = false;
+            for &(o, p) in &self.inherits {
+                if restr[o].is_none() {
+                    if let Some(r) = restr[p].clone() {
+                        restr[o] = Some(r);
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        // Components (union-find).
+        let mut parent: Vec<usize> = (0..n).collect();
+        fn find(p: &mut [usize], x: usize) -> usize {
+            let mut r = x;
+            while p[r] != r {
+                r = p[r];
+            }
+            p[x] = r;
+            r
+        }
+        for &(a, b) in &self.edges {
+            let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
+            parent[ra] = rb;
+        }
+        let mut roots: Vec<usize> = (0..n).map(|x| find(&mut parent, x)).collect();
+        roots.sort_unstable();
+        roots.dedup();
+        let anchored = root.is_some_and(|r| self.scopes[r].covered);
+        Shape {
+            occs: self
+                .occs
+                .iter()
+                .zip(restr)
+                .map(|(o, r)| ShapeOcc {
+                    table: o.table.clone(),
+                    restriction: r.map(|(k, from)| (k, self.occs[from].table.clone())),
+                })
+                .collect(),
+            components: roots.len(),
+            anchored,
+            home_table: self.home_tables.first().cloned(),
+            update_key: None,
+            insert_select: false,
+        }
+    }
+
+    pub(super) fn sharded_tables(&self) -> Vec<ShardedTable> {
+        let mut v: Vec<ShardedTable> = Vec::new();
+        for o in &self.occs {
+            if !v.iter().any(|t| t.name == o.table.name) {
+                v.push(o.table.clone());
+            }
+        }
+        v
+    }
+
+    /// The body for a statement that only reads (or writes a home table).
+    fn read_body(&self, root: Option<usize>) -> Body {
+        if !self.occs.is_empty() {
+            Body::Shape(self.shape(root))
+        } else if !self.home_tables.is_empty()
+            || !self.reference_tables.is_empty()
+            || self.impure_calls
+        {
+            Body::Home
+        } else {
+            Body::Any
+        }
+    }
+
+    pub(super) fn select_statement(
+        &mut self,
+        q: &Query,
+        kind: StatementKind,
+    ) -> Result<StmtPlan, RouteError> {
+        let info = self.query(q, None)?;
+        Ok(StmtPlan {
+            kind,
+            is_write: false,
+            body: self.read_body(info.root),
+            merge: merge_plan(q),
+            sharded_tables: self.sharded_tables(),
+            reference_write: false,
+            writes_sharded: false,
+            may_write: false,
+            calls: Vec::new(),
+        })
+    }
+}
