@@ -27,12 +27,14 @@
 //!
 //! Built-in answers (the node's hidden queries; see `session/attach.rs`,
 //! `session/txn.rs`, `backend/state.rs`, `routing/names.rs`):
-//! - transaction control as above; `SET …` → SET, `RESET ALL` → RESET,
-//!   `DISCARD ALL` → DISCARD ALL (forgets the connection's statements);
-//! - the state replay's `SELECT pg_catalog.set_config(…)` → one row;
-//! - the state read-back (`… FROM pg_catalog.pg_settings WHERE source =
-//!   'session'`) → no rows: the fake keeps no settings, so every session
-//!   state reads back as PostgreSQL's defaults;
+//! - transaction control as above;
+//! - session settings: `SET [SESSION] name {=|TO} value` → SET, `RESET
+//!   name`/`RESET ALL` → RESET, `DISCARD ALL` (also forgets the
+//!   connection's statements), and the state replay's `SELECT
+//!   pg_catalog.set_config('name', 'value', false), …` → one row; the
+//!   connection keeps the values (not transactionally: a rolled-back SET
+//!   stays, unlike PostgreSQL) and the state read-back (`SELECT name,
+//!   setting FROM pg_catalog.pg_settings …`) answers them;
 //! - the collation probe (`SELECT d.datcollate …`) → `t` (C collation);
 //! - the namespace probe (`WITH RECURSIVE declared …`) → no rows: the node
 //!   then resolves every unqualified name in `public`;
@@ -464,6 +466,8 @@ struct Conn {
     portals: HashMap<String, String>,
     /// After an error in the extended protocol: skip to Sync.
     skipping: bool,
+    /// Settings changed in this session (name in lower case).
+    settings: std::collections::BTreeMap<String, String>,
     /// Scripted statements run in the open transaction (explicit or
     /// implicit): they reach `Shared::committed` when it commits.
     pending: Vec<String>,
@@ -680,7 +684,6 @@ impl Conn {
                         self.pending.clear();
                         self.status = b'I';
                     }
-                    "DISCARD" => self.stmts.clear(),
                     _ => {}
                 }
                 out.put_slice(&wire::command_complete(&tag));
@@ -692,8 +695,63 @@ impl Conn {
         }
         if from_script {
             self.pending.push(sql.trim().to_string());
+        } else {
+            self.apply_settings(sql);
         }
         true
+    }
+
+    /// What a built-in statement does to the session's settings.
+    fn apply_settings(&mut self, sql: &str) {
+        let t = sql.trim();
+        let words: Vec<String> = t.split_whitespace().map(str::to_ascii_lowercase).collect();
+        let word = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
+        match word(0) {
+            "set"
+                if !matches!(word(1), "local" | "transaction") && word(2) != "characteristics" =>
+            {
+                let rest = t[3..].trim_start();
+                let rest = match word(1) {
+                    "session" => rest[7..].trim_start(),
+                    _ => rest,
+                };
+                let lower = rest.to_ascii_lowercase();
+                let cut = lower
+                    .find('=')
+                    .map(|i| (i, 1))
+                    .or_else(|| lower.find(" to ").map(|i| (i, 4)));
+                if let Some((i, n)) = cut {
+                    let value = rest[i + n..].trim().trim_end_matches(';').trim();
+                    self.settings.insert(
+                        rest[..i].trim().to_ascii_lowercase(),
+                        value.trim_matches('\'').to_string(),
+                    );
+                }
+            }
+            "reset" if word(1) == "all" => self.settings.clear(),
+            "reset" => {
+                self.settings.remove(word(1).trim_end_matches(';'));
+            }
+            "discard" => {
+                self.settings.clear();
+                self.stmts.clear();
+            }
+            "select" => {
+                let mut rest = t;
+                while let Some(i) = rest.find("set_config(") {
+                    rest = &rest[i + "set_config(".len()..];
+                    let Some((name, r)) = literal(rest) else {
+                        return;
+                    };
+                    let Some((value, r)) = r.strip_prefix(',').and_then(literal) else {
+                        return;
+                    };
+                    self.settings.insert(name.to_ascii_lowercase(), value);
+                    rest = r;
+                }
+            }
+            _ => {}
+        }
     }
 
     /// What `sql` answers: scripted, else built in, else XX000.
@@ -724,6 +782,16 @@ impl Conn {
         if t.starts_with("SELECT pg_catalog.set_config(") {
             return Answer::rows(&["set_config"], &[&[""]]);
         }
+        if t.starts_with("SELECT name, setting FROM pg_catalog.pg_settings") {
+            return Answer::Rows {
+                columns: vec!["name".into(), "setting".into()],
+                rows: self
+                    .settings
+                    .iter()
+                    .map(|(k, v)| vec![Some(k.clone()), Some(v.clone())])
+                    .collect(),
+            };
+        }
         if t.starts_with("SELECT d.datcollate") {
             return Answer::rows(&["c"], &[&["t"]]);
         }
@@ -752,6 +820,25 @@ impl Conn {
             &format!("fake PostgreSQL: nothing scripted for {t:?}"),
         )
     }
+}
+
+/// A single-quoted SQL literal at the start of `s` ('' for a quote):
+/// its value and what follows.
+fn literal(s: &str) -> Option<(String, &str)> {
+    let s = s.trim_start().strip_prefix('\'')?;
+    let mut v = String::new();
+    let mut chars = s.char_indices().peekable();
+    while let Some((i, ch)) = chars.next() {
+        if ch == '\'' {
+            if chars.peek().is_some_and(|&(_, n)| n == '\'') {
+                chars.next();
+            } else {
+                return Some((v, s[i + 1..].trim_start()));
+            }
+        }
+        v.push(ch);
+    }
+    None
 }
 
 const ABORTED: &str =
@@ -844,5 +931,30 @@ mod tests {
             vec!["BEGIN", " SELECT ';'", " DO $$BEGIN x; END$$"]
         );
         assert_eq!(param_count("SELECT $1, $12, '$3'"), 12);
+        assert_eq!(literal("'it''s', x"), Some(("it's".to_string(), ", x")));
+        let mut c = Conn::default();
+        c.apply_settings("SET work_mem = '8MB'");
+        c.apply_settings("set session DateStyle to ISO");
+        c.apply_settings(
+            "SELECT pg_catalog.set_config('a.b','x''y',false),pg_catalog.set_config('c','d',false)",
+        );
+        let got: Vec<(&str, &str)> = c
+            .settings
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a.b", "x'y"),
+                ("c", "d"),
+                ("datestyle", "ISO"),
+                ("work_mem", "8MB")
+            ]
+        );
+        c.apply_settings("RESET work_mem");
+        assert_eq!(c.settings.len(), 3);
+        c.apply_settings("RESET ALL");
+        assert!(c.settings.is_empty());
     }
 }

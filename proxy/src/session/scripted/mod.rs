@@ -783,3 +783,45 @@ async fn a_commit_ends_the_shard_only_read_first() {
         );
     }
 }
+
+#[tokio::test]
+async fn settings_follow_the_client_to_whichever_backend_serves_it() {
+    let (node, pg) = node(1, "pool_size = 1").await;
+    pg[0].answer("SHOW work_mem", Answer::rows(&["work_mem"], &[&["4MB"]]));
+    let mut a = Client::start(&node);
+    assert_eq!(
+        a.query("SET work_mem = '8MB'").replies().await,
+        strs(&["CommandComplete(SET)", "ReadyForQuery(I)"])
+    );
+    // Read back from the backend at the end of the transaction.
+    let read_back = |log: &[fake_pg::Received]| {
+        log.iter()
+            .filter(|r| {
+                matches!(&r.msg, Msg::Query(q) if q.starts_with("SELECT name, setting FROM pg_catalog.pg_settings"))
+            })
+            .count()
+    };
+    assert_eq!(read_back(&pg[0].log()), 1);
+    pg[0].clear_log();
+    // Another client on the same (only) backend: its defaults back first.
+    let mut b = Client::start(&node);
+    assert_eq!(b.query("SHOW work_mem").replies().await.len(), 4);
+    assert_eq!(
+        pg[0].msgs(),
+        vec![
+            Msg::Query("RESET ALL".into()),
+            Msg::Query("SHOW work_mem".into())
+        ]
+    );
+    pg[0].clear_log();
+    // And the first client's setting replayed before its next statement.
+    assert_eq!(a.query("SHOW work_mem").replies().await.len(), 4);
+    assert_eq!(
+        pg[0].msgs(),
+        vec![
+            Msg::Query("RESET ALL;SELECT pg_catalog.set_config('work_mem','8MB',false)".into()),
+            Msg::Query("SHOW work_mem".into())
+        ]
+    );
+    assert_eq!(pg[0].accepted(), 1);
+}
