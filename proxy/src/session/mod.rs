@@ -40,6 +40,8 @@ pub(crate) mod conn;
 mod extended;
 mod replies;
 mod route;
+#[cfg(test)]
+mod scripted;
 mod txn;
 
 pub use conn::{End, Session};
