@@ -43,6 +43,14 @@ pub(crate) enum Owed {
         frame: Bytes,
         forget: Forget,
     },
+    /// A ParseComplete or BindComplete of the node's own hidden statement
+    /// ([`Session::fail_pipeline`]): not shown to the client.
+    Hidden,
+    /// The ErrorResponse the node's failing statement provokes: not shown
+    /// to the client; the backend then skips to Sync, and so does the queue.
+    Poison,
+    /// The ReadyForQuery of a Sync the node sent itself: not shown.
+    HiddenSync,
 }
 
 /// When a synthetic reply drops a client statement name.
@@ -335,12 +343,66 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// A batch the node refuses: the error, and ReadyForQuery if it ended
     /// with Sync (else the rest up to Sync is skipped).
     pub(super) fn batch_error(&mut self, r: &Refusal, synced: bool) {
+        // The client's Sync is answered here: the backend gets its own.
+        self.fail_pipeline(synced);
         self.push_error(r);
         if synced {
             let status = self.client_status();
             self.push_synthetic(rfq(status));
         } else {
             self.skip_to_sync = true;
+        }
+    }
+
+    /// After the node itself raised an error in an extended-protocol
+    /// pipeline: the current backend's implicit transaction holds what the
+    /// pipeline ran before it, which PostgreSQL would roll back with the
+    /// error (the client was told so). Makes the backend fail it as well:
+    /// a hidden statement that raises, its replies not shown; with `sync`
+    /// the node also sends the Sync (when it answers the client's Sync
+    /// itself). Nothing to do when the backend has nothing of this
+    /// pipeline (no statement since its last Sync).
+    pub(super) fn fail_pipeline(&mut self, sync: bool) {
+        let cur = self.cur;
+        let Some(b) = self.slots[cur].conn.as_mut() else {
+            return;
+        };
+        let work = b.unsynced
+            || self
+                .owed
+                .iter()
+                .any(|o| !matches!(o, Owed::Synthetic { .. }));
+        if !work {
+            return;
+        }
+        if sync {
+            b.unsynced = false;
+        }
+        wire::frame(&mut self.to_backend, b'P', |o| {
+            o.put_u8(0);
+            wire::put_cstr(o, POISON_SQL);
+            o.put_i16(0);
+        });
+        wire::frame(&mut self.to_backend, b'B', |o| {
+            o.put_u8(0);
+            o.put_u8(0);
+            o.put_i16(0);
+            o.put_i16(0);
+            o.put_i16(0);
+        });
+        wire::frame(&mut self.to_backend, b'E', |o| {
+            o.put_u8(0);
+            o.put_i32(0);
+        });
+        self.owed.extend([Owed::Hidden, Owed::Hidden, Owed::Poison]);
+        if sync {
+            wire::frame(&mut self.to_backend, b'S', |_| {});
+            self.owed.push_back(Owed::HiddenSync);
+        }
+        if let Some(u) = self.unnamed.as_mut() {
+            if u.on == Some(cur) {
+                u.on = None;
+            }
         }
     }
 

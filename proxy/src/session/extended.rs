@@ -321,6 +321,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(());
         }
         let Some(internal) = self.register_stmt(name.clone(), rest, sql) else {
+            self.fail_pipeline(false);
             self.skip_to_sync = true;
             return Ok(());
         };

@@ -17,6 +17,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let mut forward = true;
         match tag {
+            b'1' | b'2' if matches!(self.owed.front(), Some(Owed::Hidden)) => {
+                forward = false;
+                self.owed.pop_front();
+            }
+            b'E' if matches!(self.owed.front(), Some(Owed::Poison)) => {
+                forward = false;
+                self.owed.pop_front();
+                self.on_backend_error();
+            }
+            b'Z' if matches!(self.owed.front(), Some(Owed::HiddenSync)) => {
+                forward = false;
+                self.owed.pop_front();
+                let s = f.body().first().copied().unwrap_or(b'I');
+                let cur = self.cur;
+                if let Some(b) = self.slots[cur].conn.as_mut() {
+                    b.status = s;
+                }
+                self.tx_status = s;
+                if s == b'I' {
+                    self.tx_failed = false;
+                }
+            }
             b'1' => {
                 if let Some(Owed::Parse {
                     hidden, internal, ..
@@ -124,10 +146,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// extended protocol; so does the owed queue (synthetic replies too).
     pub(super) fn on_backend_error(&mut self) {
         match self.owed.front() {
-            Some(Owed::Query | Owed::FunctionCall | Owed::Sync) | None => {}
+            Some(Owed::Query | Owed::FunctionCall | Owed::Sync | Owed::HiddenSync) | None => {}
             Some(_) => {
                 while let Some(o) = self.owed.front() {
-                    if matches!(o, Owed::Sync) {
+                    if matches!(o, Owed::Sync | Owed::HiddenSync) {
                         break;
                     }
                     match self.owed.pop_front() {

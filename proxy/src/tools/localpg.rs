@@ -145,7 +145,37 @@ fn chown_r(path: &Path, owner: Option<(u32, u32)>) -> Result<(), LocalPgError> {
 }
 
 /// Picks a free loopback port.
+///
+/// Ports come from 20000–32767, below Linux's ephemeral range (32768–60999
+/// by default), so an outgoing connection's source port never takes one
+/// between this check and the server's bind. Each port handed out is
+/// claimed for the life of the process with a lock file
+/// (`$TMPDIR/hotrepart-ports/<port>`, `flock`), so concurrent test
+/// processes never get the same one, and never twice in one process.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::Mutex;
+    static CLAIMED: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("hotrepart-ports");
+    std::fs::create_dir_all(&dir)?;
+    let start =
+        20_000 + (std::process::id() as u64 * 7919 + rand::random::<u64>() % 12_768) % 12_768;
+    for i in 0..12_768u64 {
+        let port = (20_000 + (start - 20_000 + i * 97) % 12_768) as u16;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(dir.join(port.to_string()))?;
+        if f.try_lock().is_err() {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        CLAIMED.lock().unwrap_or_else(|e| e.into_inner()).push(f);
+        return Ok(port);
+    }
+    // Everything claimed (should not happen): let the kernel choose.
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
