@@ -25,6 +25,9 @@
 #   CLIENTS ["10 100 1000"]  MODES ["simple extended prepared"]
 #   SCALE [10]  POOL_SIZE [20]  THREADS [2]  SANITY_DURATION [5]
 #   HOTREPART_BIN [build target/release/hotrepart]  KEEP [0: delete temp dir]
+#   BASELINE_BIN [none]: a second hotrepart binary (e.g. built from an older
+#     commit) run as a fourth target "baseline" beside the others, same
+#     config, interleaved per point: before/after comparisons in one run
 #   SKIP_SETUP [0]  OUT_DIR [bench/out]
 set -euo pipefail
 
@@ -82,6 +85,8 @@ else
   HR_BIN=$ROOT/target/release/hotrepart
 fi
 [ -x "$HR_BIN" ] || die "hotrepart binary $HR_BIN missing"
+BASE_BIN=${BASELINE_BIN:-}
+[ -z "$BASE_BIN" ] || [ -x "$BASE_BIN" ] || die "baseline binary $BASE_BIN missing"
 
 # Enough file descriptors for MAX_CLIENTS pgbench connections (and the
 # proxies, which inherit the limit).
@@ -168,6 +173,13 @@ chmod 755 "$WORK"
 cp "$HR_BIN" "$WORK/hotrepart"
 HR_BIN_SHA=$(sha256sum "$WORK/hotrepart" | cut -c1-12)
 HR_BIN=$WORK/hotrepart
+if [ -n "$BASE_BIN" ]; then
+  cp "$BASE_BIN" "$WORK/baseline"
+  BASE_BIN_SHA=$(sha256sum "$WORK/baseline" | cut -c1-12)
+  BASE_BIN_FROM="BASELINE_BIN=$BASELINE_BIN, built $(date -u -r "$BASELINE_BIN" '+%Y-%m-%d %H:%M UTC' 2>/dev/null || echo '?')"
+  BASE_BIN=$WORK/baseline
+fi
+BASE_PID=""
 PG_STARTED=0
 BOUNCER_PID=""
 HR_PID=""
@@ -179,6 +191,10 @@ cleanup() {
   if [ -n "$HR_PID" ] && kill -0 "$HR_PID" 2>/dev/null; then
     stop_pid "$HR_PID" INT 15 || echo "hotrepart did not stop on SIGINT within 15 s" >>"$WORK/problems"
     wait "$HR_PID" 2>/dev/null
+  fi
+  if [ -n "$BASE_PID" ] && kill -0 "$BASE_PID" 2>/dev/null; then
+    stop_pid "$BASE_PID" INT 15 || echo "baseline did not stop on SIGINT within 15 s" >>"$WORK/problems"
+    wait "$BASE_PID" 2>/dev/null
   fi
   [ -n "$BOUNCER_PID" ] && stop_pid "$BOUNCER_PID" TERM 10
   if [ "$PG_STARTED" = 1 ]; then
@@ -205,6 +221,8 @@ trap 'exit 143' TERM
 free_port PG_PORT || die "no free port"
 free_port BOUNCER_PORT || die "no free port"
 free_port HR_PORT || die "no free port"
+BASE_PORT=""
+[ -n "$BASE_BIN" ] && { free_port BASE_PORT || die "no free port"; }
 log "ports: postgres $PG_PORT, pgbouncer $BOUNCER_PORT, hotrepart $HR_PORT; temp dir $WORK"
 
 printf '%s\n' "$PG_PASSWORD" >"$WORK/pwfile"
@@ -299,14 +317,27 @@ start_hotrepart() {
 }
 start_hotrepart
 log "hotrepart up (pid $HR_PID, transaction mode, pool $POOL_SIZE)"
+BASE_STARTS=0
+start_baseline() {
+  BASE_STARTS=$((BASE_STARTS + 1))
+  sed "s/^listen = .*/listen = \"127.0.0.1:$BASE_PORT\"/" "$WORK/hotrepart.toml" >"$WORK/baseline.toml"
+  HOTREPART_LOG=${HOTREPART_LOG:-warn} "$BASE_BIN" serve --config "$WORK/baseline.toml" \
+    >>"$WORK/baseline.log" 2>&1 &
+  BASE_PID=$!
+  wait_port "$BASE_PORT" 30 "$BASE_PID" || { tail -20 "$WORK/baseline.log" >&2; die "baseline did not start"; }
+}
+if [ -n "$BASE_BIN" ]; then
+  start_baseline
+  log "baseline hotrepart up (pid $BASE_PID, port $BASE_PORT)"
+fi
 
 # ---------------------------------------------------------------- pgbench
 target_port() {
-  case $1 in direct) echo "$PG_PORT" ;; pgbouncer) echo "$BOUNCER_PORT" ;; hotrepart) echo "$HR_PORT" ;; esac
+  case $1 in direct) echo "$PG_PORT" ;; pgbouncer) echo "$BOUNCER_PORT" ;; hotrepart) echo "$HR_PORT" ;; baseline) echo "$BASE_PORT" ;; esac
 }
 target_user() { [ "$1" = direct ] && echo postgres || echo bench; }
 target_pid() {
-  case $1 in pgbouncer) echo "$BOUNCER_PID" ;; hotrepart) echo "$HR_PID" ;; *) echo "" ;; esac
+  case $1 in pgbouncer) echo "$BOUNCER_PID" ;; hotrepart) echo "$HR_PID" ;; baseline) echo "$BASE_PID" ;; *) echo "" ;; esac
 }
 
 RAW=$WORK/raw.tsv
@@ -326,6 +357,11 @@ run_pgbench() {
     echo "hotrepart (pid $HR_PID) was not running before $mode/$clients; restarted it" >>"$PROBLEMS"
     start_hotrepart
     pid=$HR_PID
+  fi
+  if [ "$target" = baseline ] && ! kill -0 "$BASE_PID" 2>/dev/null; then
+    echo "baseline (pid $BASE_PID) was not running before $mode/$clients; restarted it" >>"$PROBLEMS"
+    start_baseline
+    pid=$BASE_PID
   fi
   c0=-1
   [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
@@ -370,17 +406,19 @@ for mode in simple extended prepared; do
 done
 
 TARGETS=(direct pgbouncer hotrepart)
+[ -n "$BASE_BIN" ] && TARGETS+=(baseline)
+NT=${#TARGETS[@]}
 n_modes=$(wc -w <<<"$MODES")
 n_clients=$(wc -w <<<"$CLIENTS")
-TOTAL_RUNS=$((n_modes * n_clients * REPEAT * 3))
-log "pgbench -S: modes [$MODES] x clients [$CLIENTS] x $REPEAT repeats x 3 targets = $TOTAL_RUNS runs of ${DURATION} s"
+TOTAL_RUNS=$((n_modes * n_clients * REPEAT * NT))
+log "pgbench -S: modes [$MODES] x clients [$CLIENTS] x $REPEAT repeats x $NT targets = $TOTAL_RUNS runs of ${DURATION} s"
 for mode in $MODES; do
   for clients in $CLIENTS; do
     for rep in $(seq 1 "$REPEAT"); do
       # Rotate the order per repeat so no target always runs first.
-      off=$(((rep - 1) % 3))
-      for k in 0 1 2; do
-        target=${TARGETS[$(((k + off) % 3))]}
+      off=$(((rep - 1) % NT))
+      for k in $(seq 0 $((NT - 1))); do
+        target=${TARGETS[$(((k + off) % NT))]}
         RUN_NO=$((RUN_NO + 1))
         out=$WORK/run-$mode-$clients-$target-$rep.log
         run_pgbench "$target" "$mode" "$clients" "$DURATION" "$out" -S
@@ -390,7 +428,7 @@ for mode in $MODES; do
         [ "$R_RC" != 0 ] && status="FAILED (exit $R_RC): ${R_ERR:-no error line}"
         [ "$R_RC" = 0 ] && [ "${R_FAILED:-0}" != 0 ] && status="$status, $R_FAILED failed tx"
         log "[$RUN_NO/$TOTAL_RUNS] -M $mode -c $clients $target #$rep: $status"
-        if [ "$R_RC" != 0 ] && [ "$target" = hotrepart ]; then
+        if [ "$R_RC" != 0 ] && { [ "$target" = hotrepart ] || [ "$target" = baseline ]; }; then
           echo "hotrepart -M $mode -c $clients #$rep: pgbench exit $R_RC: $R_ERR" >>"$PROBLEMS"
         fi
         if [ "$R_RC" = 0 ] && [ "${R_FAILED:-0}" != 0 ]; then
@@ -439,6 +477,7 @@ ELAPSED=$(($(date +%s) - T0))
   echo "# pgbench: direct PostgreSQL vs PgBouncer vs hotrepart"
   echo
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); hotrepart $HR_BIN_FROM (binary sha256 $HR_BIN_SHA…)"
+  [ -n "$BASE_BIN" ] && echo "- baseline: a second hotrepart node, same configuration, $BASE_BIN_FROM (binary sha256 $BASE_BIN_SHA…)"
   echo "- machine: $(nproc) cores ($(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)), $(free -g | awk '/^Mem:/{print $2}') GiB; PostgreSQL, the proxy and pgbench all share these cores"
   echo "- PostgreSQL $PG_VERSION (fsync=off, synchronous_commit=off, full_page_writes=off, shared_buffers=512MB, max_connections=$PG_MAXCONN, scram-sha-256 on loopback); PgBouncer $BOUNCER_VERSION (pool_mode=transaction, default_pool_size=$POOL_SIZE, auth_type=trust); hotrepart (pool_mode=transaction, pool_size=$POOL_SIZE, auth=trust, backends log in with SCRAM)"
   echo "- pgbench -S (select-only), -j $THREADS, -T $DURATION s per run, scale $SCALE, $REPEAT runs per point, targets interleaved per point (order rotated per repeat); TPS = median over runs (pgbench's 'without initial connection time')"
@@ -463,6 +502,22 @@ ELAPSED=$(($(date +%s) - T0))
   done
   echo
   echo "CPU columns: proxy CPU µs per transaction (in brackets: µs per 1,000 transactions)."
+  if [ -n "$BASE_BIN" ]; then
+    echo
+    echo "Before/after, same run: hotrepart vs the baseline binary."
+    echo
+    echo "| mode | clients | baseline TPS | hotrepart TPS | hotrepart/baseline TPS | CPU µs/tx baseline | CPU µs/tx hotrepart | hotrepart/baseline CPU |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    for mode in $MODES; do
+      for clients in $CLIENTS; do
+        IFS='|' read -r h_tps h_cpu h_ok h_runs _ <<<"$(agg "$mode" "$clients" hotrepart)"
+        IFS='|' read -r x_tps x_cpu x_ok x_runs _ <<<"$(agg "$mode" "$clients" baseline)"
+        [ "$h_ok" = 0 ] && h_cpu=""
+        [ "$x_ok" = 0 ] && x_cpu=""
+        echo "| $mode | $clients | $(cell_tps "$x_tps" "$x_ok" "$x_runs") | $(cell_tps "$h_tps" "$h_ok" "$h_runs") | $(fmt_ratio "$h_tps" "$x_tps") | $(fmt_cpu "$x_cpu") | $(fmt_cpu "$h_cpu") | $(fmt_ratio "$h_cpu" "$x_cpu") |"
+      done
+    done
+  fi
   failures=$(awk -F'\t' '$5 != 0 { printf "- %s -M %s -c %s run %s: exit %s: %s\n", $3, $1, $2, $4, $5, $10 }' "$RAW")
   if [ -n "$failures" ]; then
     echo
