@@ -12,6 +12,63 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+/// Frontend (client → server) message tags, as the protocol docs name them.
+pub mod fe {
+    pub const QUERY: u8 = b'Q';
+    pub const PARSE: u8 = b'P';
+    pub const BIND: u8 = b'B';
+    pub const DESCRIBE: u8 = b'D';
+    pub const EXECUTE: u8 = b'E';
+    pub const CLOSE: u8 = b'C';
+    pub const SYNC: u8 = b'S';
+    pub const FLUSH: u8 = b'H';
+    pub const FUNCTION_CALL: u8 = b'F';
+    pub const COPY_DATA: u8 = b'd';
+    pub const COPY_DONE: u8 = b'c';
+    pub const COPY_FAIL: u8 = b'f';
+    pub const TERMINATE: u8 = b'X';
+    pub const PASSWORD: u8 = b'p';
+}
+
+/// Backend (server → client) message tags, as the protocol docs name them.
+pub mod be {
+    pub const PARSE_COMPLETE: u8 = b'1';
+    pub const BIND_COMPLETE: u8 = b'2';
+    pub const CLOSE_COMPLETE: u8 = b'3';
+    pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const DATA_ROW: u8 = b'D';
+    pub const ERROR_RESPONSE: u8 = b'E';
+    pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+    pub const NO_DATA: u8 = b'n';
+    pub const PORTAL_SUSPENDED: u8 = b's';
+    pub const READY_FOR_QUERY: u8 = b'Z';
+    pub const ROW_DESCRIPTION: u8 = b'T';
+    pub const PARAMETER_DESCRIPTION: u8 = b't';
+    pub const NOTICE_RESPONSE: u8 = b'N';
+    pub const PARAMETER_STATUS: u8 = b'S';
+    pub const NOTIFICATION_RESPONSE: u8 = b'A';
+    pub const COPY_IN_RESPONSE: u8 = b'G';
+    pub const COPY_OUT_RESPONSE: u8 = b'H';
+    pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    pub const BACKEND_KEY_DATA: u8 = b'K';
+    pub const AUTHENTICATION: u8 = b'R';
+}
+
+/// The transaction status a ReadyForQuery carries.
+pub mod tx {
+    /// Not in a transaction block.
+    pub const IDLE: u8 = b'I';
+    /// In a transaction block.
+    pub const IN_TRANSACTION: u8 = b'T';
+    /// In a failed transaction block (only ROLLBACK will do).
+    pub const FAILED: u8 = b'E';
+}
+
+/// What a Describe or Close names: a prepared statement, or a portal.
+pub const STATEMENT: u8 = b'S';
+/// See [`STATEMENT`].
+pub const PORTAL: u8 = b'P';
+
 /// Errors of the wire layer.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {

@@ -9,6 +9,7 @@ use crate::backend::state::{self, SessionState};
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::{Decision, Target};
+use crate::wire::tx;
 use crate::wire::WireError;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -82,7 +83,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.node.set_collation_is_c(t, &self.database, c);
             }
         }
-        if self.tx_status != b'I' {
+        if self.tx_status != tx::IDLE {
             // The shard joins an open transaction.
             let begin = self.tx_begin.clone().unwrap_or_else(|| "BEGIN".into());
             if let Err(e) = b.hidden_query(&begin).await {
@@ -216,7 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.state_stale = false;
                 // Read inside a transaction, the state may still change at
                 // its end (a ROLLBACK undoes a SET): read it again then.
-                if b.status == b'I' {
+                if b.status == tx::IDLE {
                     self.state_dirty[i] = false;
                 }
             }
@@ -235,7 +236,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.reset_tx();
         for i in 0..self.slots.len() {
             if let Some(b) = self.slots[i].conn.as_mut() {
-                if b.status != b'I' && !b.unsynced {
+                if b.status != tx::IDLE && !b.unsynced {
                     if let Err(e) = b.hidden_query("ROLLBACK").await {
                         tracing::warn!(error = %e, shard = i, "rolling back a read-only shard failed");
                         b.broken = true;
@@ -302,7 +303,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             match self.slots[i].conn.as_ref().map(|b| b.status) {
                 // Lost with its backend: the next backend gets `state`.
                 None => {}
-                Some(b'E') => settled = false,
+                Some(tx::FAILED) => settled = false,
                 Some(_) => {
                     self.refresh_state_from(i).await;
                     settled &= !self.state_stale;
@@ -378,7 +379,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the search path on the home shard"),
         }
-        if !was_attached && self.tx_status == b'I' && self.owed.is_empty() {
+        if !was_attached && self.tx_status == tx::IDLE && self.owed.is_empty() {
             if let Some(b) = self.slots[home].conn.take() {
                 b.release();
             }
@@ -549,7 +550,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !d.write {
             return Ok(());
         }
-        if self.tx_status == b'I' {
+        if self.tx_status == tx::IDLE {
             let f = d
                 .calls
                 .first()

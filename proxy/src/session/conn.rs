@@ -12,6 +12,7 @@ use crate::node::{CancelSlot, Node};
 use crate::routing::Decision;
 use crate::wire::rfq;
 use crate::wire::{self, Frame, FrameReader, Severity, WireError};
+use crate::wire::{fe, tx};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -221,7 +222,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             custom_settings: Default::default(),
             prepared_dirty: false,
             skip_to_sync: false,
-            tx_status: b'I',
+            tx_status: tx::IDLE,
             tx_begin: None,
             tx_writes: Vec::new(),
             tx_failed: false,
@@ -327,14 +328,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut e = BytesMut::new();
         wire::error_response(&mut e, Severity::Error, r.code, &r.message);
         self.push_synthetic(e.freeze());
-        if self.tx_status != b'I' {
+        if self.tx_status != tx::IDLE {
             self.tx_failed = true;
         }
     }
 
     pub(crate) fn client_status(&self) -> u8 {
-        if self.tx_status != b'I' && self.tx_failed {
-            b'E'
+        if self.tx_status != tx::IDLE && self.tx_failed {
+            tx::FAILED
         } else {
             self.tx_status
         }
@@ -378,25 +379,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if sync {
             b.unsynced = false;
         }
-        wire::frame(&mut self.to_backend, b'P', |o| {
+        wire::frame(&mut self.to_backend, fe::PARSE, |o| {
             o.put_u8(0);
             wire::put_cstr(o, POISON_SQL);
             o.put_i16(0);
         });
-        wire::frame(&mut self.to_backend, b'B', |o| {
+        wire::frame(&mut self.to_backend, fe::BIND, |o| {
             o.put_u8(0);
             o.put_u8(0);
             o.put_i16(0);
             o.put_i16(0);
             o.put_i16(0);
         });
-        wire::frame(&mut self.to_backend, b'E', |o| {
+        wire::frame(&mut self.to_backend, fe::EXECUTE, |o| {
             o.put_u8(0);
             o.put_i32(0);
         });
         self.owed.extend([Owed::Hidden, Owed::Hidden, Owed::Poison]);
         if sync {
-            wire::frame(&mut self.to_backend, b'S', |_| {});
+            wire::frame(&mut self.to_backend, fe::SYNC, |_| {});
             self.owed.push_back(Owed::HiddenSync);
         }
         if let Some(u) = self.unnamed.as_mut() {
@@ -407,7 +408,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     pub(super) fn reset_tx(&mut self) {
-        self.tx_status = b'I';
+        self.tx_status = tx::IDLE;
         self.tx_begin = None;
         self.tx_writes.clear();
         self.tx_failed = false;

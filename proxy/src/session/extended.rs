@@ -9,6 +9,7 @@ use crate::error::{Refusal, SessionError};
 use crate::routing::{BindParams, Decision, Target};
 use crate::wire::rfq;
 use crate::wire::{self, Frame};
+use crate::wire::{fe, tx};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     ) -> Result<(Option<usize>, Option<Decision>), Refusal> {
         if self.node.routing.single_shard() {
             // Nothing to route; only LISTEN needs a look.
-            for f in frames.iter().filter(|f| f.tag() == b'P') {
+            for f in frames.iter().filter(|f| f.tag() == fe::PARSE) {
                 let mut b = f.body();
                 let _name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
                 self.check_listen(wire::get_cstr(&mut b).map_err(proto_refusal)?)?;
@@ -42,7 +43,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut parse_target: Option<usize> = None;
         for f in frames {
             match f.tag() {
-                b'P' => {
+                fe::PARSE => {
                     let mut b = f.body();
                     let name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
                     let sql = wire::get_cstr(&mut b).map_err(proto_refusal)?;
@@ -65,7 +66,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         batch_named.insert(name.to_string(), Arc::from(sql));
                     }
                 }
-                b'B' => {
+                fe::BIND => {
                     let mut b = f.body();
                     let _portal = wire::get_cstr(&mut b).map_err(proto_refusal)?;
                     let stmt = wire::get_cstr(&mut b).map_err(proto_refusal)?;
@@ -154,8 +155,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         text: Option<&str>,
     ) -> Result<(), SessionError> {
         match f.tag() {
-            b'P' => self.on_parse(f, t),
-            b'B' if text.is_some() => {
+            fe::PARSE => self.on_parse(f, t),
+            fe::BIND if text.is_some() => {
                 let mut b = f.body();
                 let portal = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
                 let stmt = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
@@ -170,7 +171,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let internal = internal_name(&parse);
                 if !self.backend_mut().prepared.contains(&internal) {
                     self.backend_mut().prepared.insert(internal.clone());
-                    wire::frame(&mut self.to_backend, b'P', |o| {
+                    wire::frame(&mut self.to_backend, fe::PARSE, |o| {
                         wire::put_cstr(o, &internal);
                         o.put_slice(&parse);
                     });
@@ -180,7 +181,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         client: None,
                     });
                 }
-                wire::frame(&mut self.to_backend, b'B', |o| {
+                wire::frame(&mut self.to_backend, fe::BIND, |o| {
                     wire::put_cstr(o, &portal);
                     wire::put_cstr(o, &internal);
                     o.put_slice(&rest);
@@ -188,7 +189,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.owed.push_back(Owed::Bind);
                 Ok(())
             }
-            b'B' => {
+            fe::BIND => {
                 let mut b = f.body();
                 let portal = wire::get_cstr(&mut b).map_err(client_err)?;
                 let stmt = wire::get_cstr(&mut b).map_err(client_err)?;
@@ -210,7 +211,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             self.stmts.get(&stmt).is_some_and(|s| s.drops_prepared);
                     }
                     match self.prepare_on_backend(&stmt) {
-                        Some(internal) => wire::frame(&mut self.to_backend, b'B', |o| {
+                        Some(internal) => wire::frame(&mut self.to_backend, fe::BIND, |o| {
                             wire::put_cstr(o, &portal);
                             wire::put_cstr(o, &internal);
                             o.put_slice(&rest);
@@ -222,21 +223,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.owed.push_back(Owed::Bind);
                 Ok(())
             }
-            b'D' => {
+            fe::DESCRIBE => {
                 let mut b = f.body();
                 let kind = *b.first().ok_or_else(|| proto("empty Describe"))?;
                 b = &b[1..];
                 let name = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
-                if kind == b'S' && !name.is_empty() {
+                if kind == wire::STATEMENT && !name.is_empty() {
                     match self.prepare_on_backend(&name) {
-                        Some(internal) => wire::frame(&mut self.to_backend, b'D', |o| {
-                            o.put_u8(b'S');
+                        Some(internal) => wire::frame(&mut self.to_backend, fe::DESCRIBE, |o| {
+                            o.put_u8(wire::STATEMENT);
                             wire::put_cstr(o, &internal);
                         }),
                         None => self.to_backend.put_slice(&f.raw),
                     }
                 } else {
-                    if kind == b'S' {
+                    if kind == wire::STATEMENT {
                         self.ensure_unnamed(t);
                     }
                     self.to_backend.put_slice(&f.raw);
@@ -244,17 +245,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.owed.push_back(Owed::Describe);
                 Ok(())
             }
-            b'E' => {
+            fe::EXECUTE => {
                 self.to_backend.put_slice(&f.raw);
                 self.owed.push_back(Owed::Execute);
                 Ok(())
             }
-            b'C' => {
+            fe::CLOSE => {
                 let mut b = f.body();
                 let kind = *b.first().ok_or_else(|| proto("empty Close"))?;
                 b = &b[1..];
                 let name = wire::get_cstr(&mut b).map_err(client_err)?;
-                if kind == b'S' && !name.is_empty() {
+                if kind == wire::STATEMENT && !name.is_empty() {
                     // Node-named statements stay prepared on the backends
                     // (other clients may share them); the client's name goes.
                     let name = name.to_string();
@@ -265,12 +266,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 Ok(())
             }
-            b'S' => {
+            fe::SYNC => {
                 self.to_backend.put_slice(&f.raw);
                 self.owed.push_back(Owed::Sync);
                 Ok(())
             }
-            b'H' => {
+            fe::FLUSH => {
                 self.to_backend.put_slice(&f.raw);
                 Ok(())
             }
@@ -428,10 +429,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some((last, parses)) = frames.split_last() else {
             return Ok(false);
         };
-        if self.tx_status != b'I'
+        if self.tx_status != tx::IDLE
             || self.attached()
             || !self.owed.is_empty()
-            || last.tag() != b'S'
+            || last.tag() != fe::SYNC
             || parses.is_empty()
         {
             return Ok(false);
@@ -439,7 +440,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let pool = self.pool(t);
         let mut todo = Vec::with_capacity(parses.len());
         for f in parses {
-            if f.tag() != b'P' {
+            if f.tag() != fe::PARSE {
                 return Ok(false);
             }
             let mut b = f.body();
@@ -463,7 +464,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             self.push_synthetic(wire::parse_complete());
         }
-        self.push_synthetic(rfq(b'I'));
+        self.push_synthetic(rfq(tx::IDLE));
         Ok(true)
     }
 
@@ -476,7 +477,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         if !self.backend_mut().prepared.contains(&internal) {
             self.backend_mut().prepared.insert(internal.clone());
-            wire::frame(&mut self.to_backend, b'P', |o| o.put_slice(&parse));
+            wire::frame(&mut self.to_backend, fe::PARSE, |o| o.put_slice(&parse));
             self.owed.push_back(Owed::Parse {
                 hidden: true,
                 internal: Some(internal.clone()),

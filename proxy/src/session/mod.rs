@@ -51,6 +51,7 @@ use crate::error::{Refusal, SessionError};
 use crate::routing::{Kind, Target};
 use crate::wire::{self, Frame, Severity};
 use crate::wire::{command_complete, rfq};
+use crate::wire::{fe, tx};
 use bytes::{BufMut, BytesMut};
 use conn::*;
 use std::time::Duration;
@@ -89,7 +90,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.cancel.set(Vec::new());
         let clean = !panicked
             && self.owed.is_empty()
-            && self.tx_status == b'I'
+            && self.tx_status == tx::IDLE
             && !self.state_dirty.contains(&true);
         for slot in &mut self.slots {
             if let Some(b) = slot.conn.take() {
@@ -138,7 +139,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Nothing owed by the current shard: wait for the client, bounded by
     /// the idle (or idle-in-transaction) timeout.
     async fn step_idle(&mut self) -> Result<Option<End>, SessionError> {
-        let (t, code, msg) = if self.tx_status == b'I' {
+        let (t, code, msg) = if self.tx_status == tx::IDLE {
             (
                 self.node.cfg.client_idle_timeout_ms,
                 sqlstate::IDLE_SESSION_TIMEOUT,
@@ -170,7 +171,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn step_attached(&mut self) -> Result<Option<End>, SessionError> {
         let idle_in_tx = self.node.cfg.idle_in_transaction_timeout_ms;
-        let timer_on = idle_in_tx > 0 && self.owed.is_empty() && self.tx_status != b'I';
+        let timer_on = idle_in_tx > 0 && self.owed.is_empty() && self.tx_status != tx::IDLE;
         let sleep = tokio::time::sleep(Duration::from_millis(if timer_on {
             idle_in_tx
         } else {
@@ -240,18 +241,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn on_client_frame(&mut self, f: Frame) -> Result<Option<End>, SessionError> {
         let tag = f.tag();
-        if self.skip_to_sync && tag != b'S' {
+        if self.skip_to_sync && tag != fe::SYNC {
             return Ok(None);
         }
         match tag {
-            b'Q' => {
+            fe::QUERY => {
                 if !self.batch.is_empty() {
                     // A Query after unsynced extended messages: they go first.
                     self.run_batch(false).await?;
                 }
                 self.on_query(f).await?;
             }
-            b'P' | b'B' | b'D' | b'E' | b'C' => {
+            fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE => {
                 self.batch.push(f);
                 // Bounded memory: a client that never sends Sync or Flush
                 // has its messages forwarded anyway (as Flush would).
@@ -259,16 +260,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.run_batch(false).await?;
                 }
             }
-            b'S' => {
+            fe::SYNC => {
                 self.skip_to_sync = false;
                 self.batch.push(f);
                 self.run_batch(true).await?;
             }
-            b'H' => {
+            fe::FLUSH => {
                 self.batch.push(f);
                 self.run_batch(false).await?;
             }
-            b'F' => {
+            fe::FUNCTION_CALL => {
                 let t = self.default_shard();
                 match self.switch_to(t).await? {
                     Ok(()) => {
@@ -281,17 +282,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Err(r) => self.refuse_simple(r),
                 }
             }
-            b'd' => {
+            fe::COPY_DATA => {
                 if self.slots[self.cur].conn.is_some() {
                     self.to_backend.put_slice(&f.raw);
                 }
             }
-            b'c' | b'f' => {
+            fe::COPY_DONE | fe::COPY_FAIL => {
                 if self.slots[self.cur].conn.is_some() {
                     self.to_backend.put_slice(&f.raw);
                 }
             }
-            b'X' => return Ok(Some(End::ClientGone)),
+            fe::TERMINATE => return Ok(Some(End::ClientGone)),
             other => {
                 return Err(proto_fatal(format!(
                     "unexpected message type {:?} from client",
@@ -547,7 +548,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // A lone Sync with nothing held: answer it here.
         if target.is_none()
             && !self.attached()
-            && frames.iter().all(|f| f.tag() == b'S' || f.tag() == b'H')
+            && frames
+                .iter()
+                .all(|f| f.tag() == fe::SYNC || f.tag() == fe::FLUSH)
         {
             if synced {
                 let status = self.client_status();
@@ -576,12 +579,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.poison_if_failed(d, t).await;
         }
         for f in frames {
-            if self.skip_to_sync && f.tag() != b'S' {
+            if self.skip_to_sync && f.tag() != fe::SYNC {
                 continue;
             }
             let tag = f.tag();
             self.forward_extended(f, t)?;
-            if tag == b'S' {
+            if tag == fe::SYNC {
                 self.skip_to_sync = false;
             }
         }

@@ -6,6 +6,7 @@ use super::conn::*;
 use crate::error::SessionError;
 use crate::wire::rfq;
 use crate::wire::{self, Frame};
+use crate::wire::{be, tx};
 use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -17,29 +18,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let mut forward = true;
         match tag {
-            b'1' | b'2' if matches!(self.owed.front(), Some(Owed::Hidden)) => {
+            be::PARSE_COMPLETE | be::BIND_COMPLETE
+                if matches!(self.owed.front(), Some(Owed::Hidden)) =>
+            {
                 forward = false;
                 self.owed.pop_front();
             }
-            b'E' if matches!(self.owed.front(), Some(Owed::Poison)) => {
+            be::ERROR_RESPONSE if matches!(self.owed.front(), Some(Owed::Poison)) => {
                 forward = false;
                 self.owed.pop_front();
                 self.on_backend_error();
             }
-            b'Z' if matches!(self.owed.front(), Some(Owed::HiddenSync)) => {
+            be::READY_FOR_QUERY if matches!(self.owed.front(), Some(Owed::HiddenSync)) => {
                 forward = false;
                 self.owed.pop_front();
-                let s = f.body().first().copied().unwrap_or(b'I');
+                let s = f.body().first().copied().unwrap_or(tx::IDLE);
                 let cur = self.cur;
                 if let Some(b) = self.slots[cur].conn.as_mut() {
                     b.status = s;
                 }
                 self.tx_status = s;
-                if s == b'I' {
+                if s == tx::IDLE {
                     self.tx_failed = false;
                 }
             }
-            b'1' => {
+            be::PARSE_COMPLETE => {
                 if let Some(Owed::Parse {
                     hidden, internal, ..
                 }) = self.owed.front()
@@ -54,12 +57,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.owed.pop_front();
                 }
             }
-            b'2' => self.pop_if(|o| matches!(o, Owed::Bind)),
-            b'3' => self.pop_if(|o| matches!(o, Owed::Close)),
-            b'T' | b'n' => self.pop_if(|o| matches!(o, Owed::Describe)),
-            b'C' | b'I' | b's' => self.pop_if(|o| matches!(o, Owed::Execute)),
-            b'E' => self.on_backend_error(),
-            b'G' => {
+            be::BIND_COMPLETE => self.pop_if(|o| matches!(o, Owed::Bind)),
+            be::CLOSE_COMPLETE => self.pop_if(|o| matches!(o, Owed::Close)),
+            be::ROW_DESCRIPTION | be::NO_DATA => self.pop_if(|o| matches!(o, Owed::Describe)),
+            be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED => {
+                self.pop_if(|o| matches!(o, Owed::Execute))
+            }
+            be::ERROR_RESPONSE => self.on_backend_error(),
+            be::COPY_IN_RESPONSE => {
                 // PostgreSQL ignores Sync received in copy-in mode, and
                 // drivers do send one right after the Execute that starts
                 // COPY (tokio-postgres does): those already sent are not owed.
@@ -69,30 +74,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         .retain(|o| std::mem::take(&mut first) || !matches!(o, Owed::Sync));
                 }
             }
-            b'Z' => {
+            be::READY_FOR_QUERY => {
                 self.pop_if(|o| matches!(o, Owed::Sync | Owed::Query | Owed::FunctionCall));
-                let s = f.body().first().copied().unwrap_or(b'I');
+                let s = f.body().first().copied().unwrap_or(tx::IDLE);
                 let cur = self.cur;
                 if let Some(b) = self.slots[cur].conn.as_mut() {
                     b.status = s;
                 }
                 self.tx_status = s;
-                if s == b'I' {
+                if s == tx::IDLE {
                     self.tx_failed = false;
                 }
             }
             _ => {}
         }
         if forward {
-            if tag == b'Z' && self.tx_failed && self.tx_status != b'I' {
+            if tag == be::READY_FOR_QUERY && self.tx_failed && self.tx_status != tx::IDLE {
                 // The node failed this transaction: the client must see 'E'.
-                self.out.put_slice(&rfq(b'E'));
+                self.out.put_slice(&rfq(tx::FAILED));
             } else {
                 self.out.put_slice(&f.raw);
             }
         }
         self.emit_synthetic();
-        if tag == b'Z' && self.owed.is_empty() && self.tx_status == b'I' {
+        if tag == be::READY_FOR_QUERY && self.owed.is_empty() && self.tx_status == tx::IDLE {
             self.end_of_transaction().await?;
         }
         Ok(())
@@ -107,28 +112,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return false;
         };
         match f.tag() {
-            b'C' | b's' | b'I' if executing => {
-                if f.tag() == b'C' {
+            be::COMMAND_COMPLETE | be::PORTAL_SUSPENDED | be::EMPTY_QUERY_RESPONSE if executing => {
+                if f.tag() == be::COMMAND_COMPLETE {
                     let mut b = f.body();
                     g.tags
                         .push(wire::get_cstr(&mut b).unwrap_or("").to_string());
-                } else if f.tag() == b'I' {
+                } else if f.tag() == be::EMPTY_QUERY_RESPONSE {
                     g.empty = true;
                 }
                 self.owed.pop_front();
                 self.emit_synthetic();
                 true
             }
-            b'E' => {
+            be::ERROR_RESPONSE => {
                 if g.error.is_none() {
                     g.error = Some(wire::parse_error_fields(f.body()));
                 }
                 self.on_backend_error();
                 true
             }
-            b'D' => g.error.is_some(),
-            b'Z' => {
-                g.status = f.body().first().copied().unwrap_or(b'I');
+            be::DATA_ROW => g.error.is_some(),
+            be::READY_FOR_QUERY => {
+                g.status = f.body().first().copied().unwrap_or(tx::IDLE);
                 self.pop_if(|o| matches!(o, Owed::Sync));
                 true
             }

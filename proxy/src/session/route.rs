@@ -7,6 +7,7 @@ use super::conn::*;
 use crate::error::sqlstate;
 use crate::error::Refusal;
 use crate::routing::{Decision, Kind};
+use crate::wire::tx;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -56,7 +57,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// READ COMMITTED takes a snapshot per statement: nothing to do.
     pub(super) fn check_owner_change(&mut self, d: &Decision) -> Result<(), Refusal> {
         // Transaction control (ROLLBACK above all) is never refused here.
-        if self.tx_status == b'I' || d.kind != Kind::Other {
+        if self.tx_status == tx::IDLE || d.kind != Kind::Other {
             return Ok(());
         }
         let now = self.node.routing.catalog.load_full();
@@ -104,7 +105,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The name of a shard this open transaction wrote to that is the
     /// source (write owner) of a range frozen for a cut-over, if any.
     pub(super) fn wrote_to_frozen_source(&self) -> Option<String> {
-        if self.tx_status == b'I' || self.tx_writes.is_empty() {
+        if self.tx_status == tx::IDLE || self.tx_writes.is_empty() {
             return None;
         }
         let snap = self.node.routing.catalog.load();

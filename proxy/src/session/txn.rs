@@ -6,6 +6,7 @@ use super::conn::*;
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::{Decision, Kind};
+use crate::wire::tx;
 use crate::wire::{command_complete, rfq};
 use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -42,9 +43,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(true);
         }
         // A failed statement on one shard aborts the whole transaction.
-        if !ending && self.tx_status != b'I' {
+        if !ending && self.tx_status != tx::IDLE {
             let aborted_elsewhere = self.slots.iter().enumerate().any(|(i, sl)| {
-                sl.conn.as_ref().is_some_and(|b| b.status == b'E') && target.is_some_and(|t| t != i)
+                sl.conn.as_ref().is_some_and(|b| b.status == tx::FAILED)
+                    && target.is_some_and(|t| t != i)
             });
             if aborted_elsewhere {
                 self.tx_failed = true;
@@ -82,7 +84,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 || self
                     .slots
                     .iter()
-                    .any(|sl| sl.conn.as_ref().is_some_and(|b| b.status == b'E'));
+                    .any(|sl| sl.conn.as_ref().is_some_and(|b| b.status == tx::FAILED));
             if aborted {
                 // Before the shard that failed is released below: its
                 // 'E' is what says the COMMIT must roll back.
@@ -110,7 +112,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 || self
                     .slots
                     .iter()
-                    .any(|sl| sl.conn.as_ref().is_some_and(|b| b.status == b'E'))
+                    .any(|sl| sl.conn.as_ref().is_some_and(|b| b.status == tx::FAILED))
             {
                 self.tx_failed = true;
             }
@@ -121,14 +123,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match d.kind {
             // A BEGIN is held back until the first statement shows which
             // shard the transaction needs; that shard then begins it.
-            Kind::Begin if !self.attached() && self.tx_status == b'I' => {
+            Kind::Begin if !self.attached() && self.tx_status == tx::IDLE => {
                 self.tx_begin = Some(d.sql_text.clone());
-                self.tx_status = b'T';
+                self.tx_status = tx::IN_TRANSACTION;
                 self.out.put_slice(&command_complete("BEGIN"));
-                self.out.put_slice(&rfq(b'T'));
+                self.out.put_slice(&rfq(tx::IN_TRANSACTION));
                 Ok(true)
             }
-            Kind::Commit | Kind::Rollback if !self.attached() && self.tx_status != b'I' => {
+            Kind::Commit | Kind::Rollback if !self.attached() && self.tx_status != tx::IDLE => {
                 let tag = if d.kind == Kind::Commit && !self.tx_failed {
                     "COMMIT"
                 } else {
@@ -136,7 +138,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 };
                 self.reset_tx();
                 self.out.put_slice(&command_complete(tag));
-                self.out.put_slice(&rfq(b'I'));
+                self.out.put_slice(&rfq(tx::IDLE));
                 Ok(true)
             }
             _ => Ok(false),
