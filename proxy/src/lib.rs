@@ -3,22 +3,30 @@
 //! call into it.
 //!
 //! The folders follow the way a statement travels, with the control plane
-//! beside it (imports point down this list, never up):
-//! - [`frontend`]: listener, TLS, startup handshake, authentication;
-//! - [`session`]: the client protocol state machine after login;
-//! - [`exec`]: multi-shard executors (scatter, merge, COPY, EXPLAIN, 2PC);
-//! - [`routing`]: router decisions in node shard indexes, name resolution,
-//!   WebAssembly routing functions;
-//! - [`backend`]: the node's connections and pools, session state replay;
-//! - [`node`]: what all sessions of a node share (routing table, pools,
-//!   caches, pins);
-//! - [`control`]: replicated catalog, admin API, reshard jobs and engine,
-//!   background task supervisor;
+//! beside it. Imports point down this list, never up, except into files
+//! that import nothing of the crate (`node` uses `control::supervisor`,
+//! `control::jobs::running` and `exec::decisions`; `config` uses
+//! `frontend::auth`; `control::jobs::schema_copy` uses `tools::localpg`)
+//! and the executors' use of the session's lower layer (`session::conn`);
+//! no files import each other in a loop (`docs/ARCHITECTURE.md`):
 //! - [`tools`]: local PostgreSQL servers, `hotrepart demo`, the load
 //!   generator of `proxyctl loadtest`;
-//! - [`config`], [`error`] (refusals, SQLSTATEs), [`wire`] (frames),
-//!   [`sql`] (quoting SQL text the node writes), [`failpoint`] (test crash
-//!   points).
+//! - [`frontend`]: listener, TLS, startup handshake, authentication, the
+//!   node's life cycle;
+//! - [`session`]: the client protocol state machine after login;
+//! - [`control`]: replicated catalog, admin API, reshard jobs and engine,
+//!   2PC resolver, background task supervisor;
+//! - [`exec`]: multi-shard executors (scatter, merge, COPY, EXPLAIN, 2PC);
+//! - [`node`]: what all sessions of a node share (routing state, pools,
+//!   caches of the shards' catalogs, cancel keys, tasks);
+//! - [`config`]: the typed TOML configuration;
+//! - [`routing`]: router decisions in node shard indexes, the routing
+//!   state (snapshot, plan cache, pins), name resolution, WebAssembly
+//!   routing functions;
+//! - [`backend`]: the node's connections and pools, session state replay;
+//!   [`error`] (refusals, SQLSTATEs);
+//! - [`wire`] (frames), [`sql`] (quoting SQL text the node writes),
+//!   [`failpoint`] (test crash points).
 #![deny(clippy::print_stdout)]
 
 pub mod backend;

@@ -5,10 +5,12 @@
 //!
 //! One log of [`CatalogCommand`]s: bootstrap from a configuration, add and
 //! remove shards, declare sharded and reference tables, split, assign,
-//! freeze and unfreeze key ranges, and 2PC decisions. Every replica applies
-//! the decided log, in order, to a [`Catalog`]: the current
-//! [`hotrepart_router::catalog::RoutingSnapshot`] plus the freezes and 2PC
-//! decisions that the snapshot does not carry.
+//! freeze and unfreeze key ranges, upload and remove WebAssembly routing
+//! functions (and set a table's), start and advance reshard jobs, and 2PC
+//! decisions. Every replica applies the decided log, in order, to a
+//! [`Catalog`]: the current [`hotrepart_router::catalog::RoutingSnapshot`]
+//! plus what the snapshot does not carry (freezes, jobs, function modules,
+//! 2PC decisions).
 //!
 //! * [`command`]: the commands (serde types; data only).
 //! * [`catalog`]: the deterministic state machine, [`Catalog::apply`].

@@ -1,5 +1,5 @@
-//! Shared data of the merge tests (`tests/merge.rs`, `tests/merge_random.rs`):
-//! the `items` table (sharded by `id`), deterministic rows with NULLs, ties
+//! Shared data of the merge tests (`tests/tests/it/merge.rs`,
+//! `tests/tests/it/merge_random.rs`): the `items` table (sharded by `id`), deterministic rows with NULLs, ties
 //! and negative numbers, and a reader for simple-query answers.
 //!
 //! Two variants of the table:

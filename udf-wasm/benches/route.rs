@@ -8,7 +8,7 @@
 //! It lives here, not in `router/benches`, because the router must not
 //! depend on wasmtime — not even as a dev-dependency, which would build
 //! wasmtime for every `cargo test -p hotrepart-router`. The adapter below is
-//! the int8 case of the node's (`proxy/src/functions.rs`).
+//! the int8 case of the node's (`proxy/src/routing/functions.rs`).
 //!
 //! * `pg_hash`: `users(id int8)`, built-in hash, seed 0.
 //! * `wasm/rust-hash`: `wusers(id int8)` by `rust-hash.wasm` (the same

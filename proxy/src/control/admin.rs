@@ -27,7 +27,10 @@
 //! `POST /v1/tables/{table}/function`, `GET|POST /v1/functions`,
 //! `DELETE /v1/functions/{name}`, `GET /v1/ranges`,
 //! `POST /v1/ranges/split`, `POST /v1/ranges/assign`,
-//! `POST /v1/ranges/unfreeze`, and `POST /v1/debug/partition` when
+//! `POST /v1/ranges/unfreeze`, `POST /v1/nodes`, `DELETE /v1/nodes/{id}`,
+//! `POST /v1/fence` (what a cut-over calls on every node), the reshard and
+//! job endpoints of `admin/jobs.rs` (`/v1/reshard/…`, `/v1/jobs…`), and
+//! `POST /v1/debug/partition`, refused unless
 //! `[cluster] allow_fault_injection` is set (tests).
 
 mod functions;

@@ -1,6 +1,8 @@
-//! Reshard jobs: `proxyctl reshard move|split`, run by the catalog's leader
-//! with the data-movement engine ([`crate::control::reshard`]), their state in the
-//! replicated log.
+//! Reshard jobs: `proxyctl reshard move|split|add-shard|drain`, run by the
+//! catalog's leader with the data-movement engine
+//! ([`crate::control::reshard`]), their state in the replicated log. The
+//! HTTP endpoints are in `control/admin/jobs.rs`; design:
+//! `docs/design/resharding.md`.
 //!
 //! A job is a `JobStart` entry (the range becomes Moving: no split, no
 //! second job) followed by `JobUpdate`s recording each phase. The leader's
@@ -12,12 +14,15 @@
 //! `add-shard --rebalance` and `drain` start jobs from a plan balanced by
 //! rows (`rebalance`), which `dry_run` answers without changing anything.
 //!
-//! Phases: Planned (capture: publication and slot on the source) → Copy →
-//! CatchUp → CutOver (freeze; every node acknowledges the freeze or loses its
-//! lease; open transactions on the source end; final catch-up; verify
-//! counts and checksums; flip the owner; thaw) → Flipped (every node
-//! applied the flip or lost its lease; capture dropped; the source's copy
-//! deleted in batches) → Done. Abort (before the flip) → Aborting (thaw;
+//! Phases: Planned (capture: publication and slot on the source) → Copy
+//! (after `settle`: every node hides the range on the target) → CatchUp →
+//! CutOver (the whole range compared row by row before the freeze; freeze;
+//! `settle`: every node acknowledges the freeze or loses its lease, and
+//! fences its statements in flight; open transactions on the source end;
+//! final catch-up; the keys touched since the comparison rechecked; the
+//! flip, which assigns the range and lifts the freeze in one catalog entry)
+//! → Flipped (`settle`; capture dropped; the source's copy deleted in
+//! batches) → Done. Abort (before the flip) → Aborting (thaw;
 //! the target's copy deleted; capture dropped) → Aborted. A step that keeps
 //! failing before the flip aborts the job the same way and records Failed
 //! with the error.
@@ -28,7 +33,9 @@
 //!   every node has applied the freeze (or stopped routing);
 //! - nothing is lost: the slot exists before the copy; the final catch-up
 //!   runs after every transaction open at the freeze has ended; the owner
-//!   flips only if row counts and checksums agree on both sides;
+//!   flips only if the range is equal on both sides, row by row (compared
+//!   before the freeze, the keys touched since rechecked inside it:
+//!   `reshard::verify`);
 //! - no path leaves a slot or publication behind: Done, Aborted and Failed
 //!   all drop the capture (a failure to drop is retried, and reported).
 //! - nothing deletes a range's rows on a shard that owns it: giving up is

@@ -1,7 +1,8 @@
 //! The control plane of a node, beside the data path: the replicated
 //! catalog the node follows ([`cluster`]), the HTTP admin API
 //! ([`admin`]), reshard jobs ([`jobs`]) and their data-movement engine
-//! ([`reshard`]), and the supervisor of the node's background tasks
+//! ([`reshard`]), the 2PC resolver ([`resolver`]), plain control-plane
+//! connections ([`pg`]), and the supervisor of the node's background tasks
 //! ([`supervisor`]).
 
 pub mod admin;

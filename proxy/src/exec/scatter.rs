@@ -1,13 +1,16 @@
-//! RUN ON ALL for the simple query protocol: one statement on several
-//! shards, their answers concatenated.
+//! RUN ON ALL by concatenation: one statement on several shards, their
+//! answers concatenated — a simple Query (`run`) or one extended-protocol
+//! statement per batch (`run_extended`).
 //!
-//! The router only sends statements here whose answers can be concatenated
-//! (no ORDER BY, aggregates, LIMIT … across shards — those are refused until
-//! the merger exists). The statement is sent to every shard first, so they
-//! run in parallel; the answers are then read shard by shard and streamed,
-//! so memory stays bounded (a shard not yet read is read ahead up to a
-//! bound, then waits on TCP backpressure). An error on one shard cancels
-//! the statement on the others ([`crate::exec::multi`]), except DDL.
+//! The session sends statements here only when the router says their
+//! answers can be concatenated; ORDER BY, aggregates, LIMIT … across shards
+//! come with a merge plan and go to [`crate::exec::merge`] instead, and
+//! what no plan answers correctly is refused (0A000). The statement is sent
+//! to every shard first, so they run in parallel; the answers are then read
+//! shard by shard and streamed, so memory stays bounded (a shard not yet
+//! read is read ahead up to a bound, then waits on TCP backpressure). An
+//! error on one shard cancels the statement on the others
+//! ([`crate::exec::multi`]), except DDL.
 //!
 //! Guarantees:
 //! - the client sees one RowDescription, the rows of every shard, one

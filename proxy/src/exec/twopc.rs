@@ -1,7 +1,9 @@
 //! Two-phase commit for transactions that wrote to several shards: the
-//! coordinator a session runs at COMMIT, the [`DecisionLog`] that makes the
-//! commit decision durable, and the resolver that finishes transactions a
-//! coordinator left prepared (it crashed, a shard was unreachable).
+//! coordinator a session runs at COMMIT (`commit`). The decision log it
+//! records in is [`crate::exec::decisions::DecisionLog`]; the resolver that
+//! finishes transactions a coordinator left prepared (it crashed, a shard
+//! was unreachable) is [`crate::control::resolver`], which uses the helpers
+//! here (`record`, `is_hotrepart_gid`).
 //!
 //! A commit runs in this order, and the order is what makes it atomic:
 //! 1. `PREPARE TRANSACTION 'hr_<node_id>_<random>'` on every written shard
@@ -9,12 +11,12 @@
 //!    A failure anywhere rolls back everywhere (`ROLLBACK PREPARED` where
 //!    it had prepared) and the client gets that shard's error.
 //! 2. The decision `commit = true` is recorded through the node's
-//!    [`DecisionLog`]; the first decision recorded for a gid is final, so a
+//!    `DecisionLog`; the first decision recorded for a gid is final, so a
 //!    resolver that meanwhile recorded `false` wins and the transaction is
 //!    rolled back.
 //! 3. `COMMIT PREPARED` (or `ROLLBACK PREPARED`) on every prepared shard
-//!    (all at once), retried on a fresh backend; the client sees COMMIT only when every
-//!    shard committed.
+//!    (all at once), retried on a fresh backend; the client sees COMMIT
+//!    only when every shard committed.
 //!
 //! Guarantees:
 //! - no shard commits before the commit decision is recorded; every shard
@@ -25,14 +27,15 @@
 //!   coordinator cannot commit it afterwards).
 //!
 //! Crash safety needs a decision log that survives the node. The node's is
-//! `cluster::CatalogDecisions` (`CatalogCommand::TxDecision` entries in the
-//! catalog): in a cluster a decision is on a quorum's disk before any
-//! COMMIT PREPARED and every node sees it, so the leader's resolver
-//! finishes whatever a crashed coordinator left (`tests/cluster_twopc.rs`).
-//! [`LocalDecisions`] (in memory, for tests) and a node alone without
-//! `data_dir` lose decisions at exit: a crash between the first and the
-//! last COMMIT PREPARED then leaves the transaction half committed (the
-//! resolver rolls back the shards not yet committed).
+//! `control::cluster::CatalogDecisions` (`CatalogCommand::TxDecision`
+//! entries in the catalog): in a cluster a decision is on a quorum's disk
+//! before any COMMIT PREPARED and every node sees it, so the leader's
+//! resolver finishes whatever a crashed coordinator left
+//! (`tests/tests/it/cluster_twopc.rs`). `LocalDecisions` (in memory, for
+//! tests) and a node alone without `data_dir` lose decisions at exit: a
+//! crash between the first and the last COMMIT PREPARED then leaves the
+//! transaction half committed (the resolver rolls back the shards not yet
+//! committed). Design: `docs/design/twopc.md`.
 
 use crate::backend::conn::HiddenQueryError;
 use crate::backend::pool::Pool;

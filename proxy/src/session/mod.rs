@@ -10,8 +10,11 @@
 //! Statements are routed once per statement: a simple Query when it
 //! arrives, an extended-protocol batch (Parse/Bind/Describe/Execute/Close)
 //! when its Sync or Flush arrives — by then every Bind's parameter values
-//! are known. A batch goes to one shard; statements that touch several
-//! shards run through [`crate::exec::scatter`] (simple protocol).
+//! are known. A batch goes to one shard. A statement that touches several
+//! shards runs through [`crate::exec`] (concatenated, merged, COPY,
+//! EXPLAIN): a simple Query, or in the extended protocol one statement per
+//! batch. The executors use the session's lower layer (`conn.rs` and the
+//! methods of `attach.rs`, `replies.rs`, `extended.rs`), never this loop.
 //!
 //! Frames are forwarded as raw bytes. The session looks inside only:
 //! - Parse/Bind/Describe/Close of *named* statements, which it renames to

@@ -3,7 +3,7 @@
 //! ([`table_name`]), and for unqualified names the session's effective
 //! `search_path` and the relations in it that matter to routing, as the
 //! node read them from the home shard's catalog (see
-//! `proxy/src/names.rs`).
+//! `proxy/src/routing/names.rs`).
 //!
 //! Resolution is PostgreSQL's: the first schema of the effective path
 //! (`current_schemas(true)`: `pg_temp` and `pg_catalog` where PostgreSQL

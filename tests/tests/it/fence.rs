@@ -1,5 +1,5 @@
-//! `Node::fence` (what a cut-over calls on every node after its freeze and
-//! after its flip), through an in-process node over real PostgreSQL shards:
+//! `RoutingState::fence` (`node.routing.fence`: what a cut-over calls on
+//! every node after its freeze and after its flip), through an in-process node over real PostgreSQL shards:
 //! it waits for a statement routed by an older routing table that is still
 //! running, and fails with a clear message when that outlasts its limit;
 //! a session waiting out a freeze and a session idle in a transaction do

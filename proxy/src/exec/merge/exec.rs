@@ -1,6 +1,7 @@
-//! Runs a router [`MergePlan`] over several shards (simple query protocol,
-//! text results) and sends the client the answer one PostgreSQL holding all
-//! rows would give.
+//! Runs a router [`MergePlan`] over several shards (a simple Query, or one
+//! extended-protocol statement per batch; the shards always answer in text)
+//! and sends the client the answer one PostgreSQL holding all rows would
+//! give (in binary where the client's Bind asks for it).
 //!
 //! Two ways, chosen from the plan:
 //! - **streaming** (no aggregation, no DISTINCT): a k-way merge over the

@@ -1,8 +1,13 @@
 //! Merging the answers of several shards into the one answer a single
-//! PostgreSQL holding all rows would give (the merge issue; in progress).
+//! PostgreSQL holding all rows would give, for the multi-shard reads the
+//! router gave a merge plan (ORDER BY, LIMIT/OFFSET, aggregates, GROUP BY,
+//! HAVING, DISTINCT; `hotrepart_router::route::MergePlan`). Design and
+//! what is refused: `docs/design/merge.md`.
 //!
 //! [`exec`]: runs a router merge plan over the shards (simple and
-//! extended protocol).
+//! extended protocol): a streaming k-way merge, or rows combined by group.
+//! `combine`: grouping keys, partial aggregates added up, HAVING, row
+//! comparison for ORDER BY, output values.
 //! [`binary`]: merged text values in the binary format clients ask for.
 //! [`value`]: PostgreSQL's ordering and the arithmetic for combining
 //! partial aggregates, on text-format values.
