@@ -270,7 +270,7 @@ struct FenceReq {
 
 /// `POST /v1/fence {epoch, timeout_ms}`: answers once this node routes by
 /// the routing table of `epoch` (or later) and no statement routed by an
-/// older table is in flight (`Node::fence`); 409 when that takes longer
+/// older table is in flight (`RoutingState::fence`); 409 when that takes longer
 /// than `timeout_ms` (default 5 s, at most 60 s). A cut-over calls it on
 /// every node after its freeze and after its flip.
 async fn fence(State(api): State<Api>, Json(req): Json<FenceReq>) -> ApiResult {
@@ -307,7 +307,7 @@ struct AddNode {
     id: u64,
     /// Its `[cluster] listen` address ("host:port").
     addr: String,
-    /// Its admin API base URL (checked for form only; not stored).
+    /// Its admin API base URL (recorded in the membership: the cut-over fences that node through it).
     #[serde(default)]
     admin: Option<String>,
 }

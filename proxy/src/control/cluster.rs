@@ -172,7 +172,7 @@ fn publish_current(node: &Node, c: &hotrepart_routing_paxos::Catalog) {
 /// and, in a cluster, seen by every node — so the leader's resolver can
 /// finish any node's transaction. A node alone (no `[cluster]`) keeps them
 /// in `data_dir` (durable) or in memory (lost at exit: then its resolver
-/// rolls back what it had not finished, see docs/ARCHITECTURE.md), and
+/// rolls back what it had not finished, see docs/design/twopc.md), and
 /// resolves only its own transactions: other nodes in front of the same
 /// shards have their own logs.
 pub struct CatalogDecisions {

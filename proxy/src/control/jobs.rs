@@ -183,13 +183,13 @@ fn takeover_delay(node: &Node) -> Duration {
     Duration::from_millis(lease + lease / 10 + 100)
 }
 
-/// How long one node may take to fence (`Node::fence`).
+/// How long one node may take to fence (`RoutingState::fence`).
 const FENCE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Waits until every node routes by the catalog as this node has applied
 /// it now, and no node has a statement routed by an older routing table
 /// still in flight: `await_all_applied` (every node applied the entries, or
-/// lost its lease), then `Node::fence` on this node and on every peer
+/// lost its lease), then `RoutingState::fence` on this node and on every peer
 /// through its admin API (`POST /v1/fence`). Without the fence, a write
 /// routed just before a freeze (e.g. still waiting for a pooled backend)
 /// could reach the range's source after the cut-over's last catch-up.

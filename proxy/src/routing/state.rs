@@ -221,7 +221,7 @@ impl RoutingState {
 
 /// A statement (or a batch of them) routed by the routing table of
 /// `epoch` is in flight: routed, and not yet answered by its backends.
-/// Dropping the pin ends it. See [`Node::fence`].
+/// Dropping the pin ends it. See [`RoutingState::fence`].
 #[derive(Debug)]
 pub struct EpochPin {
     routing: Arc<RoutingState>,

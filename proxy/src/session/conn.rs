@@ -114,7 +114,7 @@ pub struct Session<S> {
     pub(super) session_mode: bool,
     pub(crate) owed: VecDeque<Owed>,
     /// Held from routing until the session has the answers of what it
-    /// routed (`owed` empty after a batch): see [`Node::pin`].
+    /// routed (`owed` empty after a batch): see [`RoutingState::pin`](crate::routing::state::RoutingState::pin).
     pub(crate) pin: Option<crate::routing::state::EpochPin>,
     pub(super) stmts: HashMap<String, Stmt>,
     pub(super) unnamed: Option<Unnamed>,
