@@ -34,11 +34,12 @@
 //!   until every task started here has ended.
 
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -100,6 +101,12 @@ pub struct Supervisor {
     tracker: TaskTracker,
     /// The node's shutdown signal.
     shutdown: CancellationToken,
+    /// Tasks [`Supervisor::spawn_until_shutdown`] started and that still
+    /// run, aborted by [`Supervisor::stop`]. (A registry rather than a
+    /// `select!` on the token in each task: client sessions wake many
+    /// times per transaction, and the token would be polled each time.)
+    droppable: Arc<Mutex<HashMap<u64, AbortHandle>>>,
+    next_droppable: AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -163,13 +170,26 @@ impl Supervisor {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let stop = self.shutdown.clone();
-        self.tracker.spawn(async move {
-            tokio::select! {
-                () = task => {}
-                () = stop.cancelled() => {}
+        let id = self.next_droppable.fetch_add(1, Ordering::Relaxed);
+        let registry = Arc::clone(&self.droppable);
+        let handle = self.tracker.spawn(async move {
+            task.await;
+            registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        });
+        {
+            let mut m = self.droppable.lock().unwrap_or_else(|e| e.into_inner());
+            if !handle.is_finished() {
+                m.insert(id, handle.abort_handle());
             }
-        })
+        }
+        // Started while the node stops: stopped at once.
+        if self.shutdown.is_cancelled() {
+            handle.abort();
+        }
+        handle
     }
 
     /// Starts the shutdown: cancels the token (the accept loop and the
@@ -179,6 +199,16 @@ impl Supervisor {
     pub fn stop(&self) {
         self.shutdown.cancel();
         self.tracker.close();
+        let droppable: Vec<AbortHandle> = self
+            .droppable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, h)| h)
+            .collect();
+        for h in droppable {
+            h.abort();
+        }
     }
 
     /// [`Supervisor::stop`], then waits until every task started here has
