@@ -117,7 +117,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     ex: Explain<'_>,
 ) -> Result<(), SessionError> {
-    let in_tx = s.tx_status != b'I';
+    let in_tx = s.txn.open();
     s.pin_routing();
     let d = match s.node.decide(ex.inner, None, &s.route_ctx()) {
         Ok(d) => d,
@@ -219,7 +219,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         if let Err(r) = s.ensure_backend(t).await? {
             return refuse(s, r, in_tx).await;
         }
-        let res = match s.slots[t].conn.as_mut() {
+        let res = match s.be.slots[t].conn.as_mut() {
             Some(b) => b.hidden_query(&sql).await,
             None => continue,
         };
@@ -241,12 +241,12 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 let m = format!("{message} (on shard {})", s.node.routing.shard_name(t));
                 wire::error_response(&mut s.out, Severity::Error, &code, &m);
                 if in_tx {
-                    s.tx_failed = true;
+                    s.txn.failed = true;
                 }
                 return finish(s, in_tx).await;
             }
             Err(e) => {
-                if let Some(b) = s.slots[t].conn.as_mut() {
+                if let Some(b) = s.be.slots[t].conn.as_mut() {
                     b.broken = true;
                 }
                 let r = Refusal::new(

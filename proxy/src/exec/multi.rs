@@ -73,7 +73,7 @@ impl ShardStreams {
             }
             // Fast path: a whole frame of stream i is already buffered.
             let t = self.shards[i];
-            let buffered = match s.slots[t].conn.as_mut() {
+            let buffered = match s.be.slots[t].conn.as_mut() {
                 Some(b) if b.reader.has_frame() => b.reader.try_frame(),
                 _ => Ok(None),
             };
@@ -88,7 +88,7 @@ impl ShardStreams {
             // Wait on stream i and on every other stream that may still
             // send and has room ahead.
             let mut waits: Vec<(usize, Wait<'_>)> = Vec::new();
-            for (t, slot) in s.slots.iter_mut().enumerate() {
+            for (t, slot) in s.be.slots.iter_mut().enumerate() {
                 let Some(j) = self.shards.iter().position(|&x| x == t) else {
                     continue;
                 };
@@ -156,7 +156,7 @@ impl ShardStreams {
                 self.rfq_left[j] = self.rfq_left[j].saturating_sub(1);
                 // Two-phase commit prepares only a backend known to be in
                 // a transaction that has not failed.
-                if let Some(b) = s.slots[self.shards[j]].conn.as_mut() {
+                if let Some(b) = s.be.slots[self.shards[j]].conn.as_mut() {
                     b.status = f.body().first().copied().unwrap_or(b'I');
                 }
             }
@@ -192,7 +192,7 @@ pub(crate) async fn cancel_shards<S: AsyncRead + AsyncWrite + Unpin + Send>(
     shards: &[usize],
 ) {
     for &t in shards {
-        let Some(b) = s.slots[t].conn.as_mut() else {
+        let Some(b) = s.be.slots[t].conn.as_mut() else {
             continue;
         };
         b.broken = true;

@@ -49,7 +49,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .iter()
         .map(|&i| s.node.routing.shard_name(i))
         .collect();
-    let in_tx = s.tx_status != b'I';
+    let in_tx = s.txn.open();
     if d.statements > 1 && d.returns_rows {
         return refuse(
             s,
@@ -70,7 +70,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     if d.write && in_tx {
         for &t in shards {
-            s.note_write(t);
+            s.txn.note_write(t);
         }
     }
     let wrap = d.write && !in_tx && !d.ddl;
@@ -88,7 +88,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             frontend::query("BEGIN", &mut buf).map_err(|_| io_fatal())?;
         }
         frontend::query(text, &mut buf).map_err(|_| io_fatal())?;
-        let Some(b) = s.slots[t].conn.as_mut() else {
+        let Some(b) = s.be.slots[t].conn.as_mut() else {
             continue;
         };
         if let Err(e) = b.writer.write_all(&buf).await {
@@ -132,7 +132,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     let mut fail = BytesMut::new();
                     frontend::copy_fail("COPY into several shards is not supported", &mut fail)
                         .map_err(|_| io_fatal())?;
-                    if let Some(b) = s.slots[t].conn.as_mut() {
+                    if let Some(b) = s.be.slots[t].conn.as_mut() {
                         let _ = b.writer.write_all(&fail).await;
                     }
                 }
@@ -164,7 +164,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         wire::error_response(&mut s.out, Severity::Error, &code, &m);
         if in_tx {
-            s.tx_failed = true;
+            s.txn.failed = true;
         }
     } else if mismatch {
         wire::error_response(
@@ -174,7 +174,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             &format!("shards {} returned different row descriptions for the same statement; is the schema the same everywhere?", names.join(", ")),
         );
         if in_tx {
-            s.tx_failed = true;
+            s.txn.failed = true;
         }
     } else if let Some(r) = commit_failed {
         wire::error_response(&mut s.out, Severity::Error, r.code, &r.message);
@@ -206,7 +206,7 @@ async fn finish_wrapped<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let end = if ok { "COMMIT" } else { "ROLLBACK" };
     let mut failed = None;
     for &t in shards {
-        if let Some(b) = s.slots[t].conn.as_mut() {
+        if let Some(b) = s.be.slots[t].conn.as_mut() {
             let shard = &s.node.routing.shard_name(t);
             match b.hidden_query(end).await {
                 Ok(_) => {}
@@ -244,8 +244,8 @@ fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send>(
     r: Refusal,
 ) -> Result<(), SessionError> {
     wire::error_response(&mut s.out, Severity::Error, r.code, &r.message);
-    if s.tx_status != b'I' {
-        s.tx_failed = true;
+    if s.txn.open() {
+        s.txn.failed = true;
     }
     let status = s.client_status();
     s.out.put_slice(&rfq(status));
@@ -334,7 +334,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let Target::Multi { shards, sqls } = &d.target else {
         return Ok(());
     };
-    let in_tx = s.tx_status != b'I';
+    let in_tx = s.txn.open();
     let refusal = if !synced {
         Some(
             "a statement that touches several shards must be followed by Sync, not Flush"
@@ -362,7 +362,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     if d.write && in_tx {
         for &t in shards {
-            s.note_write(t);
+            s.txn.note_write(t);
         }
     }
     let wrap = d.write && !in_tx && !d.ddl;
@@ -374,7 +374,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return Ok(());
         }
         if wrap {
-            if let Some(b) = s.slots[t].conn.as_mut() {
+            if let Some(b) = s.be.slots[t].conn.as_mut() {
                 if let Err(e) = b.hidden_query("BEGIN").await {
                     b.broken = true;
                     s.push_error(&Refusal::new(
@@ -392,7 +392,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // statements; the others get them through Bind's prepare-on-backend.
     let mut owed_by: Vec<std::collections::VecDeque<crate::session::conn::Owed>> = Vec::new();
     for (i, &t) in shards.iter().enumerate() {
-        s.cur = t;
+        s.be.cur = t;
         for f in &frames {
             let named_parse_or_close = matches!(f.tag(), b'P' | b'C')
                 && f.body().first() != Some(&0)
@@ -405,19 +405,19 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let text = sqls.as_ref().and_then(|v| v.get(i)).map(String::as_str);
             s.forward_extended_as(f.clone(), t, text)?;
         }
-        let buf = std::mem::take(&mut s.to_backend);
-        if let Some(b) = s.slots[t].conn.as_mut() {
+        let buf = std::mem::take(&mut s.be.to_backend);
+        if let Some(b) = s.be.slots[t].conn.as_mut() {
             if let Err(e) = b.writer.write_all(&buf).await {
                 return Err(s.backend_lost(t, crate::wire::WireError::Io(e)));
             }
         }
-        owed_by.push(std::mem::take(&mut s.owed));
+        owed_by.push(std::mem::take(&mut s.be.owed));
     }
     // Gather: the first shard through the session's reply logic, the others
     // for their rows only.
     let first = shards[0];
-    s.cur = first;
-    s.owed = owed_by.remove(0);
+    s.be.cur = first;
+    s.be.owed = owed_by.remove(0);
     s.gather = Some(Default::default());
     // All shards are read at once: an error on any cancels the others
     // (DDL excepted).
@@ -460,7 +460,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         tags.push(shard_tags);
     }
-    s.owed.clear();
+    s.be.owed.clear();
     let error = st.error.take().map(|(c, m, t)| (t, c, m));
     let commit_failed = if wrap {
         finish_wrapped(s, shards, error.is_none()).await
@@ -471,7 +471,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let m = format!("{msg} (on shard {})", s.node.routing.shard_name(t));
         wire::error_response(&mut s.out, Severity::Error, &code, &m);
         if in_tx {
-            s.tx_failed = true;
+            s.txn.failed = true;
         }
     } else if let Some(r) = commit_failed {
         wire::error_response(&mut s.out, Severity::Error, r.code, &r.message);
@@ -487,7 +487,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let status = if in_tx { s.client_status() } else { b'I' };
     s.out.put_slice(&rfq(status));
     if !in_tx {
-        s.tx_status = b'I';
+        s.txn.status = crate::session::conn::TxStatus::Idle;
         s.end_of_transaction().await?;
     }
     Ok(())

@@ -105,7 +105,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // answers PREPARE in an aborted transaction with ROLLBACK and no error.
     let mut failure: Option<Refusal> = None;
     for &t in shards {
-        let status = s.slots[t].conn.as_ref().map(|b| (b.status, b.unsynced));
+        let status = s.be.slots[t].conn.as_ref().map(|b| (b.status, b.unsynced));
         let r = match status {
             None => Some(Refusal::new(
                 sqlstate::CONNECTION_FAILURE,
@@ -169,7 +169,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         // Shards never prepared (or not reached) roll back.
         for &t in shards {
-            if let Some(b) = s.slots[t].conn.as_mut() {
+            if let Some(b) = s.be.slots[t].conn.as_mut() {
                 if b.unsynced {
                     // Never pooled: closing it rolls back.
                     b.broken = true;
@@ -285,20 +285,20 @@ async fn run_all<S: AsyncRead + AsyncWrite + Unpin + Send>(
     shards: &[usize],
     sql: &str,
 ) -> Vec<(usize, Result<(), HiddenQueryError>)> {
-    let futs: Vec<_> = s
-        .slots
-        .iter_mut()
-        .enumerate()
-        .filter(|(i, _)| shards.contains(i))
-        .filter_map(|(i, sl)| sl.conn.as_mut().map(|b| (i, b)))
-        .map(|(i, b)| async move {
-            let r = b.hidden_query(sql).await.map(|_| ());
-            if matches!(r, Err(HiddenQueryError::Wire(_))) {
-                b.broken = true;
-            }
-            (i, r)
-        })
-        .collect();
+    let futs: Vec<_> =
+        s.be.slots
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| shards.contains(i))
+            .filter_map(|(i, sl)| sl.conn.as_mut().map(|b| (i, b)))
+            .map(|(i, b)| async move {
+                let r = b.hidden_query(sql).await.map(|_| ());
+                if matches!(r, Err(HiddenQueryError::Wire(_))) {
+                    b.broken = true;
+                }
+                (i, r)
+            })
+            .collect();
     let mut out = join_all(futs).await;
     out.sort_by_key(|(i, _)| shards.iter().position(|t| t == i));
     out
@@ -338,7 +338,7 @@ async fn finish_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
     t: usize,
     sql: &str,
 ) -> bool {
-    if let Some(b) = s.slots[t].conn.as_mut() {
+    if let Some(b) = s.be.slots[t].conn.as_mut() {
         match b.hidden_query(sql).await {
             Ok(_) => return true,
             Err(HiddenQueryError::Server { code, .. }) if code == sqlstate::UNDEFINED_OBJECT => {

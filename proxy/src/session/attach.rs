@@ -17,11 +17,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(crate) fn pool(&mut self, shard: usize) -> Arc<Pool> {
-        if let Some(p) = &self.slots[shard].pool {
+        if let Some(p) = &self.be.slots[shard].pool {
             return p.clone();
         }
         let p = self.node.pool_for(shard, &self.database, &self.user);
-        self.slots[shard].pool = Some(p.clone());
+        self.be.slots[shard].pool = Some(p.clone());
         p
     }
 
@@ -32,13 +32,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         &mut self,
         t: usize,
     ) -> Result<Result<(), Refusal>, SessionError> {
-        if self.slots[t].conn.is_some() {
+        if self.be.slots[t].conn.is_some() {
             return Ok(Ok(()));
         }
         // A SET earlier in this transaction: learn the state it made before
         // giving a new backend this client's state.
-        for d in 0..self.slots.len() {
-            if d != t && self.state_dirty[d] && self.slots[d].conn.is_some() {
+        for d in 0..self.be.slots.len() {
+            if d != t && self.state_dirty[d] && self.be.slots[d].conn.is_some() {
                 self.refresh_state_from(d).await;
             }
         }
@@ -83,9 +83,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.node.set_collation_is_c(t, &self.database, c);
             }
         }
-        if self.tx_status != tx::IDLE {
+        if self.txn.open() {
             // The shard joins an open transaction.
-            let begin = self.tx_begin.clone().unwrap_or_else(|| "BEGIN".into());
+            let begin = self.txn.begin.clone().unwrap_or_else(|| "BEGIN".into());
             if let Err(e) = b.hidden_query(&begin).await {
                 b.broken = true;
                 return Ok(Err(Refusal::new(
@@ -94,7 +94,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 )));
             }
         }
-        self.slots[t].conn = Some(b);
+        self.be.slots[t].conn = Some(b);
         self.update_cancel();
         Ok(Ok(()))
     }
@@ -105,11 +105,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         &mut self,
         t: usize,
     ) -> Result<Result<(), Refusal>, SessionError> {
-        if self.cur != t {
-            if !self.owed.is_empty() {
+        if self.be.cur != t {
+            if !self.be.owed.is_empty() {
                 self.drain_owed().await?;
             }
-            if self.slots[self.cur]
+            if self.be.slots[self.be.cur]
                 .conn
                 .as_ref()
                 .is_some_and(|b| b.unsynced)
@@ -122,14 +122,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let r = self.ensure_backend(t).await?;
         if r.is_ok() {
-            self.cur = t;
+            self.be.cur = t;
         }
         Ok(r)
     }
 
     pub(crate) fn backend_lost(&mut self, shard: usize, e: WireError) -> SessionError {
         tracing::warn!(error = %e, shard, "backend connection lost");
-        self.slots[shard].conn = None;
+        self.be.slots[shard].conn = None;
         self.cancel.set(Vec::new());
         SessionError::Fatal {
             code: sqlstate::CONNECTION_FAILURE,
@@ -141,9 +141,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// goes to another shard, so replies stay in order).
     pub(crate) async fn drain_owed(&mut self) -> Result<(), SessionError> {
         self.flush_backend().await?;
-        while !self.owed.is_empty() {
-            let cur = self.cur;
-            let Some(b) = self.slots[cur].conn.as_mut() else {
+        while !self.be.owed.is_empty() {
+            let cur = self.be.cur;
+            let Some(b) = self.be.slots[cur].conn.as_mut() else {
                 break;
             };
             let f = match b.reader.next().await {
@@ -171,19 +171,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     pub(crate) async fn flush_backend(&mut self) -> Result<(), SessionError> {
-        if self.to_backend.is_empty() {
+        if self.be.to_backend.is_empty() {
             return Ok(());
         }
-        let cur = self.cur;
-        let Some(b) = self.slots[cur].conn.as_mut() else {
-            self.to_backend.clear();
+        let cur = self.be.cur;
+        let Some(b) = self.be.slots[cur].conn.as_mut() else {
+            self.be.to_backend.clear();
             return Ok(());
         };
-        if let Err(e) = b.writer.write_all(&self.to_backend).await {
-            self.to_backend.clear();
+        if let Err(e) = b.writer.write_all(&self.be.to_backend).await {
+            self.be.to_backend.clear();
             return Err(self.backend_lost(cur, WireError::Io(e)));
         }
-        self.to_backend.clear();
+        self.be.to_backend.clear();
         Ok(())
     }
 
@@ -193,7 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// run) and makes it the client's; the backend is labelled with it.
     pub(super) async fn refresh_state_from(&mut self, i: usize) {
         let sql = state::read_state_sql(&self.custom_settings);
-        let Some(b) = self.slots[i].conn.as_mut() else {
+        let Some(b) = self.be.slots[i].conn.as_mut() else {
             return;
         };
         match b.hidden_query(&sql).await {
@@ -233,9 +233,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// read back session state where it may have changed, then return the
     /// backends (transaction mode).
     pub(crate) async fn end_of_transaction(&mut self) -> Result<(), SessionError> {
-        self.reset_tx();
-        for i in 0..self.slots.len() {
-            if let Some(b) = self.slots[i].conn.as_mut() {
+        self.txn.reset();
+        for i in 0..self.be.slots.len() {
+            if let Some(b) = self.be.slots[i].conn.as_mut() {
                 if b.status != tx::IDLE && !b.unsynced {
                     if let Err(e) = b.hidden_query("ROLLBACK").await {
                         tracing::warn!(error = %e, shard = i, "rolling back a read-only shard failed");
@@ -248,7 +248,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         if self.prepared_dirty {
-            for slot in &mut self.slots {
+            for slot in &mut self.be.slots {
                 if let Some(b) = slot.conn.as_mut() {
                     match b
                         .hidden_query("SELECT name FROM pg_catalog.pg_prepared_statements")
@@ -267,7 +267,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.prepared_dirty = false;
         }
         if !self.session_mode {
-            for slot in &mut self.slots {
+            for slot in &mut self.be.slots {
                 if let Some(b) = slot.conn.take() {
                     // Closed instead when not idle and synced.
                     b.release();
@@ -289,18 +289,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// transaction) the state stays stale and routing treats what depends
     /// on it as unknown.
     pub(super) async fn settle_state(&mut self) -> Result<(), SessionError> {
-        if !self.state_stale || self.mid_pipeline() {
+        if !self.state_stale || self.be.mid_pipeline() {
             return Ok(());
         }
-        if !self.owed.is_empty() {
+        if !self.be.owed.is_empty() {
             self.drain_owed().await?;
         }
         let mut settled = true;
-        for i in 0..self.slots.len() {
+        for i in 0..self.be.slots.len() {
             if !self.state_dirty[i] {
                 continue;
             }
-            match self.slots[i].conn.as_ref().map(|b| b.status) {
+            match self.be.slots[i].conn.as_ref().map(|b| b.status) {
                 // Lost with its backend: the next backend gets `state`.
                 None => {}
                 Some(tx::FAILED) => settled = false,
@@ -353,20 +353,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.ns_under = Some(under);
             return Ok(());
         }
-        if self.mid_pipeline() {
+        if self.be.mid_pipeline() {
             return Ok(());
         }
-        if !self.owed.is_empty() {
+        if !self.be.owed.is_empty() {
             self.drain_owed().await?;
         }
         let home = self.node.routing.home_index();
-        let was_attached = self.slots[home].conn.is_some();
+        let was_attached = self.be.slots[home].conn.is_some();
         if let Err(r) = self.ensure_backend(home).await? {
             tracing::warn!(error = %r.message, "cannot read the search path on the home shard");
             return Ok(());
         }
         let sql = crate::routing::names::probe_sql(&snap);
-        let rows = match self.slots[home].conn.as_mut() {
+        let rows = match self.be.slots[home].conn.as_mut() {
             Some(b) => b.hidden_query(&sql).await,
             None => return Ok(()),
         };
@@ -379,8 +379,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the search path on the home shard"),
         }
-        if !was_attached && self.tx_status == tx::IDLE && self.owed.is_empty() {
-            if let Some(b) = self.slots[home].conn.take() {
+        if !was_attached && !self.txn.open() && self.be.owed.is_empty() {
+            if let Some(b) = self.be.slots[home].conn.take() {
                 b.release();
             }
             self.update_cancel();
@@ -415,13 +415,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let (unknown, mut known) = self.node.known_functions(&self.database, &d.calls);
         if !unknown.is_empty() {
-            let unsynced = self.mid_pipeline();
+            let unsynced = self.be.mid_pipeline();
             if unsynced {
                 // Mid-pipeline: no hidden query can run now.
                 d.write = true;
                 return Ok(Ok(()));
             }
-            if !self.owed.is_empty() {
+            if !self.be.owed.is_empty() {
                 self.drain_owed().await?;
             }
             if self.ensure_backend(t).await?.is_err() {
@@ -434,7 +434,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                  FROM pg_catalog.pg_proc WHERE lower(proname) IN ({}) GROUP BY 1",
                 list.join(", ")
             );
-            let rows = match self.slots[t].conn.as_mut() {
+            let rows = match self.be.slots[t].conn.as_mut() {
                 Some(b) => b.hidden_query(&sql).await.ok(),
                 None => None,
             };
@@ -510,7 +510,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 "SELECT DISTINCT lower(proname) FROM pg_catalog.pg_proc WHERE prokind = 'a' AND lower(proname) IN ({})",
                 list.join(", ")
             );
-            let rows = match self.slots[t].conn.as_mut() {
+            let rows = match self.be.slots[t].conn.as_mut() {
                 Some(b) => b.hidden_query(&sql).await.ok(),
                 None => None,
             };
@@ -550,7 +550,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !d.write {
             return Ok(());
         }
-        if self.tx_status == tx::IDLE {
+        if !self.txn.open() {
             let f = d
                 .calls
                 .first()
@@ -562,7 +562,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ));
         }
         for &t in shards {
-            self.note_write(t);
+            self.txn.note_write(t);
         }
         Ok(())
     }
@@ -582,7 +582,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if lower.contains("isolation")
                 && (lower.contains("repeatable") || lower.contains("serializable"))
             {
-                self.tx_snapshot_isolation = true;
+                self.txn.snapshot_isolation = true;
             }
             self.state_dirty[shard] = true;
             self.state_stale = true;
@@ -591,7 +591,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // A setting we cannot name cannot be read back: this
                 // backend is closed instead of pooled.
                 None => {
-                    if let Some(b) = self.slots[shard].conn.as_mut() {
+                    if let Some(b) = self.be.slots[shard].conn.as_mut() {
                         b.broken = true;
                     }
                 }

@@ -102,20 +102,158 @@ pub(crate) struct Slot {
 /// `Session::ensure_slots`.
 pub(super) const SLOT_HEADROOM: usize = 8;
 
-pub struct Session<S> {
-    pub(crate) node: Arc<Node>,
-    pub(crate) client: FrameReader<S>,
-    pub(crate) out: BytesMut,
-    pub(crate) to_backend: BytesMut,
+/// The session's backend side: a slot per shard (its pool and, while
+/// attached, its backend), the shard that receives forwarded frames, what
+/// is queued for the backends and the replies they (or the node) owe the
+/// client, in order.
+pub(crate) struct Backends {
     pub(crate) slots: Vec<Slot>,
     /// Shard whose backend receives forwarded frames and owes the replies.
     pub(crate) cur: usize,
-    pub(super) database: String,
-    pub(super) session_mode: bool,
+    pub(crate) to_backend: BytesMut,
     pub(crate) owed: VecDeque<Owed>,
     /// Held from routing until the session has the answers of what it
     /// routed (`owed` empty after a batch): see [`RoutingState::pin`](crate::routing::state::RoutingState::pin).
     pub(crate) pin: Option<crate::routing::state::EpochPin>,
+}
+
+impl Backends {
+    fn new(nshards: usize, home: usize) -> Self {
+        Backends {
+            slots: (0..nshards).map(|_| Slot::default()).collect(),
+            cur: home,
+            to_backend: BytesMut::with_capacity(8192),
+            owed: VecDeque::new(),
+            pin: None,
+        }
+    }
+
+    /// Some shard's backend is attached to the session.
+    pub(crate) fn attached(&self) -> bool {
+        self.slots.iter().any(|s| s.conn.is_some())
+    }
+
+    pub(crate) fn attached_count(&self) -> usize {
+        self.slots.iter().filter(|s| s.conn.is_some()).count()
+    }
+
+    /// Some backend has messages up to a Flush but no Sync yet: no hidden
+    /// query can run on the session's backends now.
+    pub(crate) fn mid_pipeline(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced))
+    }
+
+    /// The current shard's backend. Called only after the session
+    /// attached it (`switch_to` succeeded).
+    pub(crate) fn current_mut(&mut self) -> &mut BackendConn {
+        let cur = self.cur;
+        self.slots[cur]
+            .conn
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!())
+    }
+
+    /// Every attached backend's cancel key.
+    pub(crate) fn cancel_keys(&self) -> Vec<(std::net::SocketAddr, i32, i32)> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.conn.as_ref().map(|b| (b.addr, b.pid, b.secret)))
+            .collect()
+    }
+}
+
+/// The client's transaction as the node keeps it.
+#[derive(Default)]
+pub(crate) struct Txn {
+    /// Transaction status as the backends reported it (ReadyForQuery).
+    pub(crate) status: TxStatus,
+    /// The client's BEGIN, replayed on shards that join the transaction.
+    pub(crate) begin: Option<String>,
+    /// The shards this transaction has written to, in order of first write.
+    pub(crate) writes: Vec<usize>,
+    /// The node refused a statement inside the transaction: like PostgreSQL
+    /// after an error, only ROLLBACK (or COMMIT, which rolls back) is left.
+    pub(crate) failed: bool,
+    /// The routing table of the open transaction's first routed statement:
+    /// a REPEATABLE READ or SERIALIZABLE transaction must not outlive a
+    /// range's change of owner (its snapshot on the new owner may predate
+    /// the range's rows there).
+    pub(crate) routing: Option<Arc<hotrepart_router::catalog::RoutingSnapshot>>,
+    /// The open transaction asked for REPEATABLE READ or SERIALIZABLE
+    /// (`SET TRANSACTION …`, `SET SESSION CHARACTERISTICS …`).
+    pub(crate) snapshot_isolation: bool,
+}
+
+/// A transaction status of ReadyForQuery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum TxStatus {
+    #[default]
+    Idle,
+    InTransaction,
+    Failed,
+}
+
+impl TxStatus {
+    /// From ReadyForQuery's status byte (anything unknown counts as in a
+    /// transaction: the safe reading).
+    pub(crate) fn from_byte(b: u8) -> Self {
+        match b {
+            tx::IDLE => TxStatus::Idle,
+            tx::FAILED => TxStatus::Failed,
+            _ => TxStatus::InTransaction,
+        }
+    }
+
+    /// ReadyForQuery's status byte.
+    pub(crate) fn byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => tx::IDLE,
+            TxStatus::InTransaction => tx::IN_TRANSACTION,
+            TxStatus::Failed => tx::FAILED,
+        }
+    }
+}
+
+impl Txn {
+    /// A transaction block is open.
+    pub(crate) fn open(&self) -> bool {
+        self.status != TxStatus::Idle
+    }
+
+    /// The status the client sees: failed after the node refused a
+    /// statement inside the transaction.
+    pub(crate) fn client_status(&self) -> TxStatus {
+        if self.open() && self.failed {
+            TxStatus::Failed
+        } else {
+            self.status
+        }
+    }
+
+    /// The transaction ended: everything of it forgotten.
+    pub(crate) fn reset(&mut self) {
+        *self = Txn::default();
+    }
+
+    /// Records that the transaction writes to shard `t`.
+    pub(crate) fn note_write(&mut self, t: usize) {
+        if !self.writes.contains(&t) {
+            self.writes.push(t);
+        }
+    }
+}
+
+pub struct Session<S> {
+    pub(crate) node: Arc<Node>,
+    pub(crate) client: FrameReader<S>,
+    /// What is queued for the client.
+    pub(crate) out: BytesMut,
+    pub(crate) be: Backends,
+    pub(crate) txn: Txn,
+    pub(super) database: String,
+    pub(super) session_mode: bool,
     pub(super) stmts: HashMap<String, Stmt>,
     pub(super) unnamed: Option<Unnamed>,
     /// Extended-protocol messages waiting for their Sync or Flush.
@@ -143,23 +281,6 @@ pub struct Session<S> {
     /// After an error the node raised itself in an extended-protocol batch,
     /// client messages are skipped until Sync.
     pub(crate) skip_to_sync: bool,
-    /// Transaction status as the client sees it.
-    pub(crate) tx_status: u8,
-    /// The client's BEGIN, replayed on shards that join the transaction.
-    pub(super) tx_begin: Option<String>,
-    /// The shards this transaction has written to, in order of first write.
-    pub(crate) tx_writes: Vec<usize>,
-    /// The node refused a statement inside the transaction: like PostgreSQL
-    /// after an error, only ROLLBACK (or COMMIT, which rolls back) is left.
-    pub(crate) tx_failed: bool,
-    /// The routing table of the open transaction's first routed statement:
-    /// a REPEATABLE READ or SERIALIZABLE transaction must not outlive a
-    /// range's change of owner (its snapshot on the new owner may predate
-    /// the range's rows there).
-    pub(super) tx_routing: Option<Arc<hotrepart_router::catalog::RoutingSnapshot>>,
-    /// The open transaction asked for REPEATABLE READ or SERIALIZABLE
-    /// (`SET TRANSACTION …`, `SET SESSION CHARACTERISTICS …`).
-    pub(super) tx_snapshot_isolation: bool,
     pub(super) cancel: Arc<CancelSlot>,
     pub(super) user: String,
     /// Set while a multi-shard extended statement is gathered.
@@ -202,13 +323,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             node,
             client,
             out: BytesMut::with_capacity(8192),
-            to_backend: BytesMut::with_capacity(8192),
-            slots: (0..nshards).map(|_| Slot::default()).collect(),
-            cur: home,
+            be: Backends::new(nshards, home),
+            txn: Txn::default(),
             database,
             session_mode,
-            owed: VecDeque::new(),
-            pin: None,
             stmts: HashMap::new(),
             unnamed: None,
             batch: Vec::new(),
@@ -222,12 +340,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             custom_settings: Default::default(),
             prepared_dirty: false,
             skip_to_sync: false,
-            tx_status: tx::IDLE,
-            tx_begin: None,
-            tx_writes: Vec::new(),
-            tx_failed: false,
-            tx_routing: None,
-            tx_snapshot_isolation: false,
             cancel,
             user,
             gather: None,
@@ -253,8 +365,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// [`SLOT_HEADROOM`] more slots than the node has handed out cover it.
     pub(super) fn ensure_slots(&mut self) {
         let n = self.node.routing.shard_slots() + SLOT_HEADROOM;
-        if self.slots.len() < n {
-            self.slots.resize_with(n, Slot::default);
+        if self.be.slots.len() < n {
+            self.be.slots.resize_with(n, Slot::default);
             self.state_dirty.resize(n, false);
         }
     }
@@ -273,18 +385,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         &self.database
     }
 
-    pub(super) fn attached(&self) -> bool {
-        self.slots.iter().any(|s| s.conn.is_some())
-    }
-
-    /// Some backend has messages up to a Flush but no Sync yet: no hidden
-    /// query can run on the session's backends now.
-    pub(super) fn mid_pipeline(&self) -> bool {
-        self.slots
-            .iter()
-            .any(|s| s.conn.as_ref().is_some_and(|b| b.unsynced))
-    }
-
     /// A session setting as the node last read it back.
     pub(crate) fn setting(&self, name: &str) -> Option<&str> {
         self.state.get(name)
@@ -293,8 +393,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The shard for statements that touch no table: the current one while
     /// a transaction or replies are open there, else the home shard.
     pub(super) fn default_shard(&self) -> usize {
-        if self.slots[self.cur].conn.is_some() {
-            self.cur
+        if self.be.slots[self.be.cur].conn.is_some() {
+            self.be.cur
         } else {
             self.node.routing.home_index()
         }
@@ -306,13 +406,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     pub(super) fn push_synthetic_with(&mut self, frame: Bytes, forget: Forget) {
-        if self.owed.is_empty() {
+        if self.be.owed.is_empty() {
             self.out.put_slice(&frame);
             if let Forget::OnSend(name) = forget {
                 self.stmts.remove(&name);
             }
         } else {
-            self.owed.push_back(Owed::Synthetic { frame, forget });
+            self.be.owed.push_back(Owed::Synthetic { frame, forget });
         }
     }
 
@@ -328,17 +428,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut e = BytesMut::new();
         wire::error_response(&mut e, Severity::Error, r.code, &r.message);
         self.push_synthetic(e.freeze());
-        if self.tx_status != tx::IDLE {
-            self.tx_failed = true;
+        if self.txn.open() {
+            self.txn.failed = true;
         }
     }
 
+    /// ReadyForQuery's status byte for the client.
     pub(crate) fn client_status(&self) -> u8 {
-        if self.tx_status != tx::IDLE && self.tx_failed {
-            tx::FAILED
-        } else {
-            self.tx_status
-        }
+        self.txn.client_status().byte()
     }
 
     /// A batch the node refuses: the error, and ReadyForQuery if it ended
@@ -364,12 +461,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// itself). Nothing to do when the backend has nothing of this
     /// pipeline (no statement since its last Sync).
     pub(super) fn fail_pipeline(&mut self, sync: bool) {
-        let cur = self.cur;
-        let Some(b) = self.slots[cur].conn.as_mut() else {
+        let cur = self.be.cur;
+        let Some(b) = self.be.slots[cur].conn.as_mut() else {
             return;
         };
         let work = b.unsynced
             || self
+                .be
                 .owed
                 .iter()
                 .any(|o| !matches!(o, Owed::Synthetic { .. }));
@@ -379,41 +477,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if sync {
             b.unsynced = false;
         }
-        wire::frame(&mut self.to_backend, fe::PARSE, |o| {
+        wire::frame(&mut self.be.to_backend, fe::PARSE, |o| {
             o.put_u8(0);
             wire::put_cstr(o, POISON_SQL);
             o.put_i16(0);
         });
-        wire::frame(&mut self.to_backend, fe::BIND, |o| {
+        wire::frame(&mut self.be.to_backend, fe::BIND, |o| {
             o.put_u8(0);
             o.put_u8(0);
             o.put_i16(0);
             o.put_i16(0);
             o.put_i16(0);
         });
-        wire::frame(&mut self.to_backend, fe::EXECUTE, |o| {
+        wire::frame(&mut self.be.to_backend, fe::EXECUTE, |o| {
             o.put_u8(0);
             o.put_i32(0);
         });
-        self.owed.extend([Owed::Hidden, Owed::Hidden, Owed::Poison]);
+        self.be
+            .owed
+            .extend([Owed::Hidden, Owed::Hidden, Owed::Poison]);
         if sync {
-            wire::frame(&mut self.to_backend, fe::SYNC, |_| {});
-            self.owed.push_back(Owed::HiddenSync);
+            wire::frame(&mut self.be.to_backend, fe::SYNC, |_| {});
+            self.be.owed.push_back(Owed::HiddenSync);
         }
         if let Some(u) = self.unnamed.as_mut() {
             if u.on == Some(cur) {
                 u.on = None;
             }
         }
-    }
-
-    pub(super) fn reset_tx(&mut self) {
-        self.tx_status = tx::IDLE;
-        self.tx_begin = None;
-        self.tx_writes.clear();
-        self.tx_failed = false;
-        self.tx_routing = None;
-        self.tx_snapshot_isolation = false;
     }
 
     /// Records the shard written; the mark lasts until the ReadyForQuery
@@ -423,38 +514,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// commit. Call after replies owed by another shard are drained.
     pub(crate) fn check_write(&mut self, d: &Decision, t: usize) -> Result<(), Refusal> {
         if d.write {
-            self.note_write(t);
+            self.txn.note_write(t);
         }
         Ok(())
     }
 
-    /// Records that the transaction writes to shard `t`.
-    pub(crate) fn note_write(&mut self, t: usize) {
-        if !self.tx_writes.contains(&t) {
-            self.tx_writes.push(t);
-        }
-    }
-
-    pub(super) fn attached_count(&self) -> usize {
-        self.slots.iter().filter(|s| s.conn.is_some()).count()
-    }
-
-    pub(super) fn backend_mut(&mut self) -> &mut BackendConn {
-        // Called only after switch_to succeeded.
-        let cur = self.cur;
-        self.slots[cur]
-            .conn
-            .as_deref_mut()
-            .unwrap_or_else(|| unreachable!())
-    }
-
     pub(super) fn update_cancel(&self) {
-        let v = self
-            .slots
-            .iter()
-            .filter_map(|s| s.conn.as_ref().map(|b| (b.addr, b.pid, b.secret)))
-            .collect();
-        self.cancel.set(v);
+        self.cancel.set(self.be.cancel_keys());
     }
 }
 

@@ -169,24 +169,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     parse.put_u32(*ty);
                 }
                 let internal = internal_name(&parse);
-                if !self.backend_mut().prepared.contains(&internal) {
-                    self.backend_mut().prepared.insert(internal.clone());
-                    wire::frame(&mut self.to_backend, fe::PARSE, |o| {
+                if !self.be.current_mut().prepared.contains(&internal) {
+                    self.be.current_mut().prepared.insert(internal.clone());
+                    wire::frame(&mut self.be.to_backend, fe::PARSE, |o| {
                         wire::put_cstr(o, &internal);
                         o.put_slice(&parse);
                     });
-                    self.owed.push_back(Owed::Parse {
+                    self.be.owed.push_back(Owed::Parse {
                         hidden: true,
                         internal: Some(internal.clone()),
                         client: None,
                     });
                 }
-                wire::frame(&mut self.to_backend, fe::BIND, |o| {
+                wire::frame(&mut self.be.to_backend, fe::BIND, |o| {
                     wire::put_cstr(o, &portal);
                     wire::put_cstr(o, &internal);
                     o.put_slice(&rest);
                 });
-                self.owed.push_back(Owed::Bind);
+                self.be.owed.push_back(Owed::Bind);
                 Ok(())
             }
             fe::BIND => {
@@ -195,7 +195,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let stmt = wire::get_cstr(&mut b).map_err(client_err)?;
                 if stmt.is_empty() {
                     self.ensure_unnamed(t);
-                    self.to_backend.put_slice(&f.raw);
+                    self.be.to_backend.put_slice(&f.raw);
                 } else {
                     let (portal, stmt, rest) = (
                         portal.to_string(),
@@ -211,16 +211,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             self.stmts.get(&stmt).is_some_and(|s| s.drops_prepared);
                     }
                     match self.prepare_on_backend(&stmt) {
-                        Some(internal) => wire::frame(&mut self.to_backend, fe::BIND, |o| {
+                        Some(internal) => wire::frame(&mut self.be.to_backend, fe::BIND, |o| {
                             wire::put_cstr(o, &portal);
                             wire::put_cstr(o, &internal);
                             o.put_slice(&rest);
                         }),
                         // Unknown to us: let PostgreSQL raise its own error.
-                        None => self.to_backend.put_slice(&f.raw),
+                        None => self.be.to_backend.put_slice(&f.raw),
                     }
                 }
-                self.owed.push_back(Owed::Bind);
+                self.be.owed.push_back(Owed::Bind);
                 Ok(())
             }
             fe::DESCRIBE => {
@@ -230,24 +230,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let name = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
                 if kind == wire::STATEMENT && !name.is_empty() {
                     match self.prepare_on_backend(&name) {
-                        Some(internal) => wire::frame(&mut self.to_backend, fe::DESCRIBE, |o| {
+                        Some(internal) => wire::frame(&mut self.be.to_backend, fe::DESCRIBE, |o| {
                             o.put_u8(wire::STATEMENT);
                             wire::put_cstr(o, &internal);
                         }),
-                        None => self.to_backend.put_slice(&f.raw),
+                        None => self.be.to_backend.put_slice(&f.raw),
                     }
                 } else {
                     if kind == wire::STATEMENT {
                         self.ensure_unnamed(t);
                     }
-                    self.to_backend.put_slice(&f.raw);
+                    self.be.to_backend.put_slice(&f.raw);
                 }
-                self.owed.push_back(Owed::Describe);
+                self.be.owed.push_back(Owed::Describe);
                 Ok(())
             }
             fe::EXECUTE => {
-                self.to_backend.put_slice(&f.raw);
-                self.owed.push_back(Owed::Execute);
+                self.be.to_backend.put_slice(&f.raw);
+                self.be.owed.push_back(Owed::Execute);
                 Ok(())
             }
             fe::CLOSE => {
@@ -261,18 +261,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let name = name.to_string();
                     self.push_synthetic_with(wire::close_complete(), Forget::OnSend(name));
                 } else {
-                    self.to_backend.put_slice(&f.raw);
-                    self.owed.push_back(Owed::Close);
+                    self.be.to_backend.put_slice(&f.raw);
+                    self.be.owed.push_back(Owed::Close);
                 }
                 Ok(())
             }
             fe::SYNC => {
-                self.to_backend.put_slice(&f.raw);
-                self.owed.push_back(Owed::Sync);
+                self.be.to_backend.put_slice(&f.raw);
+                self.be.owed.push_back(Owed::Sync);
                 Ok(())
             }
             fe::FLUSH => {
-                self.to_backend.put_slice(&f.raw);
+                self.be.to_backend.put_slice(&f.raw);
                 Ok(())
             }
             other => Err(proto_fatal(format!(
@@ -293,8 +293,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         u.on = Some(t);
         let raw = u.raw.clone();
-        self.to_backend.put_slice(&raw);
-        self.owed.push_back(Owed::Parse {
+        self.be.to_backend.put_slice(&raw);
+        self.be.owed.push_back(Owed::Parse {
             hidden: true,
             internal: None,
             client: None,
@@ -313,8 +313,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 raw: f.raw.clone(),
                 on: Some(t),
             });
-            self.to_backend.put_slice(&f.raw);
-            self.owed.push_back(Owed::Parse {
+            self.be.to_backend.put_slice(&f.raw);
+            self.be.owed.push_back(Owed::Parse {
                 hidden: false,
                 internal: None,
                 client: None,
@@ -326,12 +326,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.skip_to_sync = true;
             return Ok(());
         };
-        if self.backend_mut().prepared.contains(&internal) {
+        if self.be.current_mut().prepared.contains(&internal) {
             self.push_synthetic_with(wire::parse_complete(), Forget::OnSkip(name));
         } else {
             self.prepare_on_backend(&name);
             // This ParseComplete answers the client's own Parse.
-            if let Some(Owed::Parse { hidden, client, .. }) = self.owed.back_mut() {
+            if let Some(Owed::Parse { hidden, client, .. }) = self.be.owed.back_mut() {
                 *hidden = false;
                 *client = Some(name);
             }
@@ -429,9 +429,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some((last, parses)) = frames.split_last() else {
             return Ok(false);
         };
-        if self.tx_status != tx::IDLE
-            || self.attached()
-            || !self.owed.is_empty()
+        if self.txn.open()
+            || self.be.attached()
+            || !self.be.owed.is_empty()
             || last.tag() != fe::SYNC
             || parses.is_empty()
         {
@@ -475,10 +475,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let s = self.stmts.get(name)?;
             (s.internal.clone(), s.parse.clone())
         };
-        if !self.backend_mut().prepared.contains(&internal) {
-            self.backend_mut().prepared.insert(internal.clone());
-            wire::frame(&mut self.to_backend, fe::PARSE, |o| o.put_slice(&parse));
-            self.owed.push_back(Owed::Parse {
+        if !self.be.current_mut().prepared.contains(&internal) {
+            self.be.current_mut().prepared.insert(internal.clone());
+            wire::frame(&mut self.be.to_backend, fe::PARSE, |o| o.put_slice(&parse));
+            self.be.owed.push_back(Owed::Parse {
                 hidden: true,
                 internal: Some(internal.clone()),
                 client: None,

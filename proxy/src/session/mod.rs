@@ -52,9 +52,9 @@ pub use conn::{End, Session};
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::{Kind, Target};
+use crate::wire::fe;
 use crate::wire::{self, Frame, Severity};
 use crate::wire::{command_complete, rfq};
-use crate::wire::{fe, tx};
 use bytes::{BufMut, BytesMut};
 use conn::*;
 use std::time::Duration;
@@ -92,10 +92,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         self.cancel.set(Vec::new());
         let clean = !panicked
-            && self.owed.is_empty()
-            && self.tx_status == tx::IDLE
+            && self.be.owed.is_empty()
+            && !self.txn.open()
             && !self.state_dirty.contains(&true);
-        for slot in &mut self.slots {
+        for slot in &mut self.be.slots {
             if let Some(b) = slot.conn.take() {
                 // Otherwise the guard's drop closes the connection (and
                 // PostgreSQL rolls back).
@@ -111,10 +111,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         loop {
             // Everything routed has been answered: no statement of this
             // session is in flight any more.
-            if self.owed.is_empty() {
-                self.pin = None;
+            if self.be.owed.is_empty() {
+                self.be.pin = None;
             }
-            let res = if self.slots[self.cur].conn.is_some() {
+            let res = if self.be.slots[self.be.cur].conn.is_some() {
                 self.step_attached().await
             } else {
                 self.step_idle().await
@@ -142,7 +142,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Nothing owed by the current shard: wait for the client, bounded by
     /// the idle (or idle-in-transaction) timeout.
     async fn step_idle(&mut self) -> Result<Option<End>, SessionError> {
-        let (t, code, msg) = if self.tx_status == tx::IDLE {
+        let (t, code, msg) = if !self.txn.open() {
             (
                 self.node.cfg.client_idle_timeout_ms,
                 sqlstate::IDLE_SESSION_TIMEOUT,
@@ -174,14 +174,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn step_attached(&mut self) -> Result<Option<End>, SessionError> {
         let idle_in_tx = self.node.cfg.idle_in_transaction_timeout_ms;
-        let timer_on = idle_in_tx > 0 && self.owed.is_empty() && self.tx_status != tx::IDLE;
+        let timer_on = idle_in_tx > 0 && self.be.owed.is_empty() && self.txn.open();
         let sleep = tokio::time::sleep(Duration::from_millis(if timer_on {
             idle_in_tx
         } else {
             86_400_000
         }));
-        let cur = self.cur;
-        let Some(backend) = self.slots[cur].conn.as_mut() else {
+        let cur = self.be.cur;
+        let Some(backend) = self.be.slots[cur].conn.as_mut() else {
             return Ok(None);
         };
         // Both `next()` calls are cancel-safe (partial frames stay buffered).
@@ -226,8 +226,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn on_backend_batch(&mut self, first: Frame) -> Result<(), SessionError> {
         self.on_backend_frame(first).await?;
         loop {
-            let cur = self.cur;
-            let Some(b) = self.slots[cur].conn.as_mut() else {
+            let cur = self.be.cur;
+            let Some(b) = self.be.slots[cur].conn.as_mut() else {
                 break;
             };
             if !b.reader.has_frame() {
@@ -278,21 +278,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Ok(()) => {
                         // The function called may write (the node cannot
                         // see which it is): a write for commit purposes.
-                        self.note_write(t);
-                        self.to_backend.put_slice(&f.raw);
-                        self.owed.push_back(Owed::FunctionCall);
+                        self.txn.note_write(t);
+                        self.be.to_backend.put_slice(&f.raw);
+                        self.be.owed.push_back(Owed::FunctionCall);
                     }
                     Err(r) => self.refuse_simple(r),
                 }
             }
             fe::COPY_DATA => {
-                if self.slots[self.cur].conn.is_some() {
-                    self.to_backend.put_slice(&f.raw);
+                if self.be.slots[self.be.cur].conn.is_some() {
+                    self.be.to_backend.put_slice(&f.raw);
                 }
             }
             fe::COPY_DONE | fe::COPY_FAIL => {
-                if self.slots[self.cur].conn.is_some() {
-                    self.to_backend.put_slice(&f.raw);
+                if self.be.slots[self.be.cur].conn.is_some() {
+                    self.be.to_backend.put_slice(&f.raw);
                 }
             }
             fe::TERMINATE => return Ok(Some(End::ClientGone)),
@@ -320,7 +320,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if !self.node.routing.single_shard() {
             if let Some(ex) = crate::exec::explain::parse(sql) {
-                if !self.owed.is_empty() {
+                if !self.be.owed.is_empty() {
                     self.drain_owed().await?;
                 }
                 return crate::exec::explain::run(self, ex).await;
@@ -349,7 +349,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // Decide with what the current shard has answered: a pipelined
         // statement for another shard waits for its replies (an error there
         // aborts the transaction).
-        if !self.owed.is_empty() && (target != Some(self.cur) || d.kind != Kind::Other) {
+        if !self.be.owed.is_empty() && (target != Some(self.be.cur) || d.kind != Kind::Other) {
             self.drain_owed().await?;
         }
         if self.transaction_control(&d, true, target).await? {
@@ -367,7 +367,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         match &d.target {
             Target::Multi { shards, .. } if d.merge.is_some() => {
-                if !self.owed.is_empty() {
+                if !self.be.owed.is_empty() {
                     self.drain_owed().await?;
                 }
                 let (plan, shards) = (d.merge.clone(), shards.clone());
@@ -386,7 +386,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Target::Multi { .. } => {
                 let sql = sql.to_string();
-                if !self.owed.is_empty() {
+                if !self.be.owed.is_empty() {
                     self.drain_owed().await?;
                 }
                 return crate::exec::scatter::run(self, &d, &sql).await;
@@ -397,7 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Target::Shard(t) => t,
             _ => self.default_shard(),
         };
-        if t != self.cur && !self.owed.is_empty() {
+        if t != self.be.cur && !self.be.owed.is_empty() {
             self.drain_owed().await?;
         }
         if let Err(r) = self.check_write(&d, t) {
@@ -413,9 +413,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.poison_if_failed(&d, t).await;
         self.note_sql(sql, t);
-        self.to_backend.put_slice(&f.raw);
-        self.owed.push_back(Owed::Query);
-        if let Some(b) = self.slots[t].conn.as_mut() {
+        self.be.to_backend.put_slice(&f.raw);
+        self.be.owed.push_back(Owed::Query);
+        if let Some(b) = self.be.slots[t].conn.as_mut() {
             b.unsynced = false;
         }
         Ok(())
@@ -497,10 +497,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // A batch without a statement (a lone Sync, Close …) belongs to the
         // current backend: it may owe its replies only after this Sync
         // (PostgreSQL sends an extended COPY's CommandComplete at Sync).
-        let here = target.is_none() && d.is_none() && self.slots[self.cur].conn.is_some();
-        if !self.owed.is_empty()
+        let here = target.is_none() && d.is_none() && self.be.slots[self.be.cur].conn.is_some();
+        if !self.be.owed.is_empty()
             && !here
-            && (target.is_none_or(|t| t != self.cur)
+            && (target.is_none_or(|t| t != self.be.cur)
                 || d.as_ref().is_some_and(|d| d.kind != Kind::Other))
         {
             self.drain_owed().await?;
@@ -523,7 +523,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .as_ref()
             .filter(|d| matches!(&d.target, Target::Multi { shards, .. } if shards.len() > 1))
         {
-            if !self.owed.is_empty() {
+            if !self.be.owed.is_empty() {
                 self.drain_owed().await?;
             }
             let d = d.clone();
@@ -550,7 +550,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         // A lone Sync with nothing held: answer it here.
         if target.is_none()
-            && !self.attached()
+            && !self.be.attached()
             && frames
                 .iter()
                 .all(|f| f.tag() == fe::SYNC || f.tag() == fe::FLUSH)
@@ -565,7 +565,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if synced && self.parse_without_backend(&frames, t)? {
             return Ok(());
         }
-        if t != self.cur && !self.owed.is_empty() {
+        if t != self.be.cur && !self.be.owed.is_empty() {
             self.drain_owed().await?;
         }
         if let Some(d) = &d {
@@ -593,7 +593,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         // Until its Sync, an implicit transaction may be open on this
         // backend: it must not be pooled or left for another shard.
-        if let Some(b) = self.slots[t].conn.as_mut() {
+        if let Some(b) = self.be.slots[t].conn.as_mut() {
             b.unsynced = !synced;
         }
         Ok(())

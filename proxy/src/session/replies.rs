@@ -19,42 +19,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut forward = true;
         match tag {
             be::PARSE_COMPLETE | be::BIND_COMPLETE
-                if matches!(self.owed.front(), Some(Owed::Hidden)) =>
+                if matches!(self.be.owed.front(), Some(Owed::Hidden)) =>
             {
                 forward = false;
-                self.owed.pop_front();
+                self.be.owed.pop_front();
             }
-            be::ERROR_RESPONSE if matches!(self.owed.front(), Some(Owed::Poison)) => {
+            be::ERROR_RESPONSE if matches!(self.be.owed.front(), Some(Owed::Poison)) => {
                 forward = false;
-                self.owed.pop_front();
+                self.be.owed.pop_front();
                 self.on_backend_error();
             }
-            be::READY_FOR_QUERY if matches!(self.owed.front(), Some(Owed::HiddenSync)) => {
+            be::READY_FOR_QUERY if matches!(self.be.owed.front(), Some(Owed::HiddenSync)) => {
                 forward = false;
-                self.owed.pop_front();
+                self.be.owed.pop_front();
                 let s = f.body().first().copied().unwrap_or(tx::IDLE);
-                let cur = self.cur;
-                if let Some(b) = self.slots[cur].conn.as_mut() {
+                let cur = self.be.cur;
+                if let Some(b) = self.be.slots[cur].conn.as_mut() {
                     b.status = s;
                 }
-                self.tx_status = s;
+                self.txn.status = TxStatus::from_byte(s);
                 if s == tx::IDLE {
-                    self.tx_failed = false;
+                    self.txn.failed = false;
                 }
             }
             be::PARSE_COMPLETE => {
                 if let Some(Owed::Parse {
                     hidden, internal, ..
-                }) = self.owed.front()
+                }) = self.be.owed.front()
                 {
                     forward = !*hidden;
-                    let cur = self.cur;
+                    let cur = self.be.cur;
                     if let (Some(internal), Some(b), false) =
-                        (internal, &self.slots[cur].conn, self.state_dirty[cur])
+                        (internal, &self.be.slots[cur].conn, self.state_dirty[cur])
                     {
                         b.pool().mark_validated(internal, b.state_fp);
                     }
-                    self.owed.pop_front();
+                    self.be.owed.pop_front();
                 }
             }
             be::BIND_COMPLETE => self.pop_if(|o| matches!(o, Owed::Bind)),
@@ -68,28 +68,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // PostgreSQL ignores Sync received in copy-in mode, and
                 // drivers do send one right after the Execute that starts
                 // COPY (tokio-postgres does): those already sent are not owed.
-                if matches!(self.owed.front(), Some(Owed::Execute | Owed::Query)) {
+                if matches!(self.be.owed.front(), Some(Owed::Execute | Owed::Query)) {
                     let mut first = true;
-                    self.owed
+                    self.be
+                        .owed
                         .retain(|o| std::mem::take(&mut first) || !matches!(o, Owed::Sync));
                 }
             }
             be::READY_FOR_QUERY => {
                 self.pop_if(|o| matches!(o, Owed::Sync | Owed::Query | Owed::FunctionCall));
                 let s = f.body().first().copied().unwrap_or(tx::IDLE);
-                let cur = self.cur;
-                if let Some(b) = self.slots[cur].conn.as_mut() {
+                let cur = self.be.cur;
+                if let Some(b) = self.be.slots[cur].conn.as_mut() {
                     b.status = s;
                 }
-                self.tx_status = s;
+                self.txn.status = TxStatus::from_byte(s);
                 if s == tx::IDLE {
-                    self.tx_failed = false;
+                    self.txn.failed = false;
                 }
             }
             _ => {}
         }
         if forward {
-            if tag == be::READY_FOR_QUERY && self.tx_failed && self.tx_status != tx::IDLE {
+            if tag == be::READY_FOR_QUERY && self.txn.failed && self.txn.open() {
                 // The node failed this transaction: the client must see 'E'.
                 self.out.put_slice(&rfq(tx::FAILED));
             } else {
@@ -97,7 +98,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.emit_synthetic();
-        if tag == be::READY_FOR_QUERY && self.owed.is_empty() && self.tx_status == tx::IDLE {
+        if tag == be::READY_FOR_QUERY && self.be.owed.is_empty() && !self.txn.open() {
             self.end_of_transaction().await?;
         }
         Ok(())
@@ -107,7 +108,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// first shard's replies pass through here: its CommandComplete, errors
     /// and ReadyForQuery are collected instead of forwarded. True: consumed.
     pub(super) fn gathered(&mut self, f: &Frame) -> bool {
-        let executing = matches!(self.owed.front(), Some(Owed::Execute));
+        let executing = matches!(self.be.owed.front(), Some(Owed::Execute));
         let Some(g) = self.gather.as_mut() else {
             return false;
         };
@@ -120,7 +121,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 } else if f.tag() == be::EMPTY_QUERY_RESPONSE {
                     g.empty = true;
                 }
-                self.owed.pop_front();
+                self.be.owed.pop_front();
                 self.emit_synthetic();
                 true
             }
@@ -142,22 +143,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     pub(super) fn pop_if(&mut self, p: impl Fn(&Owed) -> bool) {
-        if self.owed.front().is_some_and(p) {
-            self.owed.pop_front();
+        if self.be.owed.front().is_some_and(p) {
+            self.be.owed.pop_front();
         }
     }
 
     /// PostgreSQL skips everything up to Sync after an error in the
     /// extended protocol; so does the owed queue (synthetic replies too).
     pub(super) fn on_backend_error(&mut self) {
-        match self.owed.front() {
+        match self.be.owed.front() {
             Some(Owed::Query | Owed::FunctionCall | Owed::Sync | Owed::HiddenSync) | None => {}
             Some(_) => {
-                while let Some(o) = self.owed.front() {
+                while let Some(o) = self.be.owed.front() {
                     if matches!(o, Owed::Sync | Owed::HiddenSync) {
                         break;
                     }
-                    match self.owed.pop_front() {
+                    match self.be.owed.pop_front() {
                         Some(Owed::Parse {
                             internal: Some(name),
                             client,
@@ -167,8 +168,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             // client's own Parse that never ran leaves no
                             // statement behind, a hidden re-Parse does not
                             // touch the client's name.
-                            let cur = self.cur;
-                            if let Some(b) = self.slots[cur].conn.as_mut() {
+                            let cur = self.be.cur;
+                            if let Some(b) = self.be.slots[cur].conn.as_mut() {
                                 b.prepared.remove(&name);
                             }
                             if let Some(c) = client {
@@ -194,8 +195,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     pub(super) fn emit_synthetic(&mut self) {
-        while let Some(Owed::Synthetic { .. }) = self.owed.front() {
-            if let Some(Owed::Synthetic { frame, forget }) = self.owed.pop_front() {
+        while let Some(Owed::Synthetic { .. }) = self.be.owed.front() {
+            if let Some(Owed::Synthetic { frame, forget }) = self.be.owed.pop_front() {
                 self.out.put_slice(&frame);
                 if let Forget::OnSend(name) = forget {
                     self.stmts.remove(&name);

@@ -7,7 +7,6 @@ use super::conn::*;
 use crate::error::sqlstate;
 use crate::error::Refusal;
 use crate::routing::{Decision, Kind};
-use crate::wire::tx;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -57,12 +56,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// READ COMMITTED takes a snapshot per statement: nothing to do.
     pub(super) fn check_owner_change(&mut self, d: &Decision) -> Result<(), Refusal> {
         // Transaction control (ROLLBACK above all) is never refused here.
-        if self.tx_status == tx::IDLE || d.kind != Kind::Other {
+        if !self.txn.open() || d.kind != Kind::Other {
             return Ok(());
         }
         let now = self.node.routing.catalog.load_full();
-        let Some(first) = &self.tx_routing else {
-            self.tx_routing = Some(now);
+        let Some(first) = &self.txn.routing else {
+            self.txn.routing = Some(now);
             return Ok(());
         };
         if first.epoch() == now.epoch() || !self.snapshot_isolation() {
@@ -94,8 +93,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let t = t.to_ascii_lowercase();
             t.contains("repeatable") || t.contains("serializable")
         };
-        self.tx_snapshot_isolation
-            || self.tx_begin.as_deref().is_some_and(level)
+        self.txn.snapshot_isolation
+            || self.txn.begin.as_deref().is_some_and(level)
             || self
                 .state
                 .get("default_transaction_isolation")
@@ -105,7 +104,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The name of a shard this open transaction wrote to that is the
     /// source (write owner) of a range frozen for a cut-over, if any.
     pub(super) fn wrote_to_frozen_source(&self) -> Option<String> {
-        if self.tx_status == tx::IDLE || self.tx_writes.is_empty() {
+        if !self.txn.open() || self.txn.writes.is_empty() {
             return None;
         }
         let snap = self.node.routing.catalog.load();
@@ -116,7 +115,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.node
                     .routing
                     .shard_index(r.write_owner.as_str())
-                    .is_some_and(|t| self.tx_writes.contains(&t))
+                    .is_some_and(|t| self.txn.writes.contains(&t))
             })
             .map(|r| r.write_owner.to_string())
     }
@@ -124,8 +123,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Pins the current routing table before routing (unless a pin of
     /// this session is held already: it covers what is still in flight).
     pub(crate) fn pin_routing(&mut self) {
-        if self.pin.is_none() {
-            self.pin = Some(self.node.routing.pin());
+        if self.be.pin.is_none() {
+            self.be.pin = Some(self.node.routing.pin());
         }
     }
 
@@ -134,8 +133,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// wait for a session that itself waits for the fence's cut-over. It
     /// pins again (a newer table) when it routes after the wait.
     pub(crate) fn park(&mut self) {
-        if self.owed.is_empty() {
-            self.pin = None;
+        if self.be.owed.is_empty() {
+            self.be.pin = None;
         }
     }
 }

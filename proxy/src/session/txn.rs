@@ -33,8 +33,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // batch cannot be split over several shards correctly.
         if d.statements > 1
             && d.has_tx_control
-            && (self.attached_count() > 1
-                || target.is_some_and(|t| self.tx_writes.iter().any(|&w| w != t)))
+            && (self.be.attached_count() > 1
+                || target.is_some_and(|t| self.txn.writes.iter().any(|&w| w != t)))
         {
             refuse(self, Refusal::new(
                 sqlstate::FEATURE_NOT_SUPPORTED,
@@ -43,16 +43,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(true);
         }
         // A failed statement on one shard aborts the whole transaction.
-        if !ending && self.tx_status != tx::IDLE {
-            let aborted_elsewhere = self.slots.iter().enumerate().any(|(i, sl)| {
+        if !ending && self.txn.open() {
+            let aborted_elsewhere = self.be.slots.iter().enumerate().any(|(i, sl)| {
                 sl.conn.as_ref().is_some_and(|b| b.status == tx::FAILED)
                     && target.is_some_and(|t| t != i)
             });
             if aborted_elsewhere {
-                self.tx_failed = true;
+                self.txn.failed = true;
             }
         }
-        if self.tx_failed && !ending {
+        if self.txn.failed && !ending {
             let r = Refusal::new(
                 sqlstate::IN_FAILED_SQL_TRANSACTION,
                 "current transaction is aborted, commands ignored until end of transaction block"
@@ -63,7 +63,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if ending {
             // The client's COMMIT/ROLLBACK must reach a written shard.
-            let primary = match (self.tx_writes.as_slice(), target) {
+            let primary = match (self.txn.writes.as_slice(), target) {
                 (w, Some(t)) if w.iter().any(|&x| x != t) => {
                     let names: Vec<String> =
                         w.iter().map(|&x| self.node.routing.shard_name(x)).collect();
@@ -78,19 +78,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 ([w, ..], _) => *w,
                 ([], Some(t)) => t,
-                ([], None) => self.cur,
+                ([], None) => self.be.cur,
             };
-            let aborted = self.tx_failed
+            let aborted = self.txn.failed
                 || self
+                    .be
                     .slots
                     .iter()
                     .any(|sl| sl.conn.as_ref().is_some_and(|b| b.status == tx::FAILED));
             if aborted {
                 // Before the shard that failed is released below: its
                 // 'E' is what says the COMMIT must roll back.
-                self.tx_failed = true;
+                self.txn.failed = true;
             }
-            if d.kind == Kind::Commit && self.tx_writes.len() > 1 && !aborted {
+            if d.kind == Kind::Commit && self.txn.writes.len() > 1 && !aborted {
                 return match self.two_phase_commit().await? {
                     Ok(()) => Ok(false),
                     Err(r) => {
@@ -99,7 +100,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                 };
             }
-            if self.attached_count() > 1 || (self.attached() && self.slots[primary].conn.is_none())
+            if self.be.attached_count() > 1
+                || (self.be.attached() && self.be.slots[primary].conn.is_none())
             {
                 // Shards other than the written one end first (they were
                 // only read, or everything rolls back); the client's own
@@ -108,13 +110,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.finish_shards_except(d.kind == Kind::Commit && !aborted, &keep)
                     .await?;
             }
-            if self.tx_failed
+            if self.txn.failed
                 || self
+                    .be
                     .slots
                     .iter()
                     .any(|sl| sl.conn.as_ref().is_some_and(|b| b.status == tx::FAILED))
             {
-                self.tx_failed = true;
+                self.txn.failed = true;
             }
         }
         if !simple || d.statements != 1 {
@@ -123,20 +126,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match d.kind {
             // A BEGIN is held back until the first statement shows which
             // shard the transaction needs; that shard then begins it.
-            Kind::Begin if !self.attached() && self.tx_status == tx::IDLE => {
-                self.tx_begin = Some(d.sql_text.clone());
-                self.tx_status = tx::IN_TRANSACTION;
+            Kind::Begin if !self.be.attached() && !self.txn.open() => {
+                self.txn.begin = Some(d.sql_text.clone());
+                self.txn.status = TxStatus::InTransaction;
                 self.out.put_slice(&command_complete("BEGIN"));
                 self.out.put_slice(&rfq(tx::IN_TRANSACTION));
                 Ok(true)
             }
-            Kind::Commit | Kind::Rollback if !self.attached() && self.tx_status != tx::IDLE => {
-                let tag = if d.kind == Kind::Commit && !self.tx_failed {
+            Kind::Commit | Kind::Rollback if !self.be.attached() && self.txn.open() => {
+                let tag = if d.kind == Kind::Commit && !self.txn.failed {
                     "COMMIT"
                 } else {
                     "ROLLBACK"
                 };
-                self.reset_tx();
+                self.txn.reset();
                 self.out.put_slice(&command_complete(tag));
                 self.out.put_slice(&rfq(tx::IDLE));
                 Ok(true)
@@ -149,8 +152,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// make PostgreSQL fail it too: COMMIT then rolls back and answers
     /// ROLLBACK, exactly as after an error of PostgreSQL's own.
     pub(super) async fn poison_if_failed(&mut self, d: &Decision, t: usize) {
-        if self.tx_failed && d.kind == Kind::Commit {
-            if let Some(b) = self.slots[t].conn.as_mut() {
+        if self.txn.failed && d.kind == Kind::Commit {
+            if let Some(b) = self.be.slots[t].conn.as_mut() {
                 let _ = b.hidden_query(POISON_SQL).await;
             }
         }
@@ -164,15 +167,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         commit: bool,
         keep: &[usize],
     ) -> Result<(), SessionError> {
-        if !self.owed.is_empty() {
+        if !self.be.owed.is_empty() {
             self.drain_owed().await?;
         }
         let sql = if commit { "COMMIT" } else { "ROLLBACK" };
-        for i in 0..self.slots.len() {
-            if keep.contains(&i) || self.slots[i].conn.is_none() {
+        for i in 0..self.be.slots.len() {
+            if keep.contains(&i) || self.be.slots[i].conn.is_none() {
                 continue;
             }
-            if let Some(b) = self.slots[i].conn.as_mut() {
+            if let Some(b) = self.be.slots[i].conn.as_mut() {
                 if let Err(e) = b.hidden_query(sql).await {
                     tracing::warn!(error = %e, shard = i, "ending a read-only shard's transaction failed");
                     b.broken = true;
@@ -181,12 +184,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if self.state_dirty[i] {
                 self.refresh_state_from(i).await;
             }
-            if let Some(b) = self.slots[i].conn.take() {
+            if let Some(b) = self.be.slots[i].conn.take() {
                 b.release();
             }
         }
         if let Some(&p) = keep.first() {
-            self.cur = p;
+            self.be.cur = p;
         }
         self.update_cancel();
         Ok(())
@@ -201,17 +204,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// client; the transaction is over (every backend outside a
     /// transaction).
     pub(super) async fn two_phase_commit(&mut self) -> Result<Result<(), Refusal>, SessionError> {
-        let writes = self.tx_writes.clone();
+        let writes = self.txn.writes.clone();
         self.finish_shards_except(true, &writes).await?;
         if let Err(r) = crate::exec::twopc::commit(self, &writes).await {
             self.end_of_transaction().await?;
             return Ok(Err(r));
         }
         for &p in &writes {
-            if let Some(b) = self.slots[p].conn.as_mut() {
+            if let Some(b) = self.be.slots[p].conn.as_mut() {
                 match b.hidden_query("BEGIN").await {
                     Ok(_) => {
-                        self.cur = p;
+                        self.be.cur = p;
                         return Ok(Ok(()));
                     }
                     Err(e) => {

@@ -41,7 +41,7 @@ pub(super) async fn send_shard<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     while pos < buf.len() {
         let ev = {
-            let Some(b) = s.slots[t].conn.as_mut() else {
+            let Some(b) = s.be.slots[t].conn.as_mut() else {
                 return Ok(());
             };
             let b: &mut BackendConn = b;
@@ -62,7 +62,7 @@ pub(super) async fn send_shard<S: AsyncRead + AsyncWrite + Unpin + Send>(
             Ev::Read(Err(e)) => return Err(s.backend_lost(t, e)),
             Ev::Read(Ok(f)) => {
                 if f.tag() == b'Z' {
-                    if let Some(b) = s.slots[t].conn.as_mut() {
+                    if let Some(b) = s.be.slots[t].conn.as_mut() {
                         b.status = f.body().first().copied().unwrap_or(b'I');
                     }
                 }
@@ -87,7 +87,7 @@ pub(super) async fn finish_shard<S: AsyncRead + AsyncWrite + Unpin + Send>(
             Some(f) => on_copy_frame(s, sc, &f),
             None => {
                 // Timed out (or no connection): close it.
-                s.slots[sc.t].conn = None;
+                s.be.slots[sc.t].conn = None;
                 sc.done = true;
                 if sc.error.is_none() {
                     sc.error = Some((
@@ -140,7 +140,7 @@ pub(super) async fn start_shard<S: AsyncRead + AsyncWrite + Unpin + Send>(
         frontend::query("BEGIN", &mut buf).map_err(|_| encode_fatal())?;
     }
     frontend::query(sql, &mut buf).map_err(|_| encode_fatal())?;
-    if let Some(b) = s.slots[sc.t].conn.as_mut() {
+    if let Some(b) = s.be.slots[sc.t].conn.as_mut() {
         if let Err(e) = b.writer.write_all(&buf).await {
             return Err(s.backend_lost(sc.t, WireError::Io(e)));
         }
@@ -233,7 +233,7 @@ pub(super) async fn copy_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
     shards: &[usize],
     proto: Proto,
 ) -> Result<(), SessionError> {
-    let in_tx = s.tx_status != b'I';
+    let in_tx = s.txn.open();
     let reference = plan.placement == CopyTable::Reference;
     let sql = d.sql_text.as_str();
     if in_tx && reference {
@@ -288,7 +288,7 @@ pub(super) async fn copy_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if res.is_err() {
         // Also the shards this COPY started on its own (see `run`).
         for sc in &st {
-            if let Some(b) = s.slots[sc.t].conn.as_mut() {
+            if let Some(b) = s.be.slots[sc.t].conn.as_mut() {
                 b.broken = true;
             }
         }
@@ -347,7 +347,7 @@ pub(super) async fn setup_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
         frontend::query("BEGIN", &mut buf).map_err(|_| encode_fatal())?;
         frontend::query(sql, &mut buf).map_err(|_| encode_fatal())?;
         for sc in st.iter() {
-            if let Some(b) = s.slots[sc.t].conn.as_mut() {
+            if let Some(b) = s.be.slots[sc.t].conn.as_mut() {
                 if let Err(e) = b.writer.write_all(&buf).await {
                     return Err(s.backend_lost(sc.t, WireError::Io(e)));
                 }
@@ -527,7 +527,7 @@ pub(super) async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 return Ok(InEnd::Stop(r.into()));
             }
             if in_tx {
-                s.cur = sc.t;
+                s.be.cur = sc.t;
             }
             // The rows queued for it wait while the COPY starts.
             start_shard(s, sc, &d.sql_text, !in_tx).await?;
@@ -631,7 +631,7 @@ pub(super) async fn route_held<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let wrote_source = pos_of
                 .get(&range.write_owner)
                 .is_some_and(|&p| st[p].rows > 0)
-                || (in_tx && source.is_some_and(|t| s.tx_writes.contains(&t)));
+                || (in_tx && source.is_some_and(|t| s.txn.writes.contains(&t)));
             let frozen = |why: &str| {
                 Fail::new(
                     sqlstate::SERIALIZATION_FAILURE,
@@ -659,7 +659,7 @@ pub(super) async fn route_held<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     // it waits (a fence must not wait for it), and comes
                     // back for the next table. Rows sent to other shards
                     // are not affected by this cut-over.
-                    s.pin = None;
+                    s.be.pin = None;
                     let next = w.next_table().await;
                     s.pin_routing();
                     if !next {
@@ -754,7 +754,12 @@ pub(super) async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let open: Vec<usize> = st
             .iter()
             .map(|sc| sc.t)
-            .filter(|&t| s.slots[t].conn.as_ref().is_some_and(|b| b.status == b'T'))
+            .filter(|&t| {
+                s.be.slots[t]
+                    .conn
+                    .as_ref()
+                    .is_some_and(|b| b.status == b'T')
+            })
             .collect();
         if open.len() > 1 {
             if let Err(r) = crate::exec::twopc::commit(s, &open).await {
@@ -771,7 +776,7 @@ pub(super) async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let mut unknown: Vec<usize> = Vec::new();
         let mut failed: Option<(usize, String, String)> = None;
         for sc in st.iter() {
-            let Some(b) = s.slots[sc.t].conn.as_mut() else {
+            let Some(b) = s.be.slots[sc.t].conn.as_mut() else {
                 continue;
             };
             let sql = if failed.is_some() {

@@ -84,7 +84,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         return Ok(());
     };
     let shards = shards.clone();
-    if !s.owed.is_empty() {
+    if !s.be.owed.is_empty() {
         s.drain_owed().await?;
     }
     let proto = match &ext {
@@ -104,7 +104,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if res.is_err() {
         // The session ends; no backend in the middle of a COPY may be pooled.
         for &t in &shards {
-            if let Some(b) = s.slots[t].conn.as_mut() {
+            if let Some(b) = s.be.slots[t].conn.as_mut() {
                 b.broken = true;
             }
         }
@@ -169,8 +169,8 @@ fn reply_error<S: AsyncRead + AsyncWrite + Unpin + Send>(
     msg: &str,
 ) {
     wire::error_response(&mut s.out, Severity::Error, code, msg);
-    if s.tx_status != b'I' {
-        s.tx_failed = true;
+    if s.txn.open() {
+        s.txn.failed = true;
     }
     match proto {
         Proto::Simple => {
@@ -458,7 +458,7 @@ async fn copied_columns<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &on[..on.len().min(1)]
     };
     for &t in ask {
-        let Some(b) = s.slots[t].conn.as_mut() else {
+        let Some(b) = s.be.slots[t].conn.as_mut() else {
             continue;
         };
         let rows = match b.hidden_query(&sql).await {
@@ -536,7 +536,7 @@ async fn read_backend<S: AsyncRead + AsyncWrite + Unpin + Send>(
     wait: Option<Duration>,
 ) -> Result<Option<Frame>, SessionError> {
     let r = {
-        let Some(b) = s.slots[t].conn.as_mut() else {
+        let Some(b) = s.be.slots[t].conn.as_mut() else {
             return Ok(None);
         };
         match wait {
@@ -548,7 +548,7 @@ async fn read_backend<S: AsyncRead + AsyncWrite + Unpin + Send>(
         None => Ok(None),
         Some(Ok(f)) => {
             if f.tag() == b'Z' {
-                if let Some(b) = s.slots[t].conn.as_mut() {
+                if let Some(b) = s.be.slots[t].conn.as_mut() {
                     b.status = f.body().first().copied().unwrap_or(b'I');
                 }
             }

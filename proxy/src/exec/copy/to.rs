@@ -98,7 +98,7 @@ pub(super) async fn cancel_rest<S: AsyncRead + AsyncWrite + Unpin + Send>(
     running: &[usize],
 ) -> Result<(), SessionError> {
     for &t in running {
-        let Some(b) = s.slots[t].conn.as_mut() else {
+        let Some(b) = s.be.slots[t].conn.as_mut() else {
             continue;
         };
         b.broken = true;
@@ -124,7 +124,7 @@ pub(super) async fn copy_to<S: AsyncRead + AsyncWrite + Unpin + Send>(
     shards: &[usize],
     proto: Proto,
 ) -> Result<(), SessionError> {
-    let in_tx = s.tx_status != b'I';
+    let in_tx = s.txn.open();
     for &t in shards {
         if let Err(r) = s.ensure_backend(t).await? {
             reply_error(s, proto, false, r.code, &r.message);
@@ -144,7 +144,7 @@ pub(super) async fn copy_to<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let text = sqls.and_then(|v| v.get(i)).unwrap_or(&d.sql_text);
         let mut buf = BytesMut::new();
         frontend::query(text, &mut buf).map_err(|_| encode_fatal())?;
-        if let Some(b) = s.slots[t].conn.as_mut() {
+        if let Some(b) = s.be.slots[t].conn.as_mut() {
             if let Err(e) = b.writer.write_all(&buf).await {
                 return Err(s.backend_lost(t, WireError::Io(e)));
             }

@@ -166,7 +166,7 @@ impl Streams {
                     }
                 }
                 b'Z' => {
-                    if let Some(b) = s.slots[t].conn.as_mut() {
+                    if let Some(b) = s.be.slots[t].conn.as_mut() {
                         b.status = f.body().first().copied().unwrap_or(b'I');
                     }
                     self.done[i] = true;
@@ -429,7 +429,7 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
     out: &Output,
     params: Option<&BindParams>,
 ) -> Result<(), SessionError> {
-    let in_tx = s.tx_status != b'I';
+    let in_tx = s.txn.open();
     let finish = |s: &mut Session<S>| {
         let status = s.client_status();
         s.out.put_slice(&rfq(status));
@@ -463,7 +463,7 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     }
     for (&t, request) in shards.iter().zip(requests) {
-        if let Some(b) = s.slots[t].conn.as_mut() {
+        if let Some(b) = s.be.slots[t].conn.as_mut() {
             if let Err(e) = b.writer.write_all(request).await {
                 return Err(s.backend_lost(t, WireError::Io(e)));
             }
@@ -495,7 +495,7 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     break;
                 }
                 b'Z' => {
-                    if let Some(b) = s.slots[t].conn.as_mut() {
+                    if let Some(b) = s.be.slots[t].conn.as_mut() {
                         b.status = f.body().first().copied().unwrap_or(b'I');
                     }
                     st.done[i] = true;
@@ -521,7 +521,7 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let m = format!("{msg} (on shard {})", s.node.routing.shard_name(t));
         wire::error_response(&mut s.out, Severity::Error, &code, &m);
         if in_tx {
-            s.tx_failed = true;
+            s.txn.failed = true;
         }
     } else {
         match result {
@@ -529,7 +529,7 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
             Err(MergeError(code, m)) => {
                 wire::error_response(&mut s.out, Severity::Error, code, &m);
                 if in_tx {
-                    s.tx_failed = true;
+                    s.txn.failed = true;
                 }
             }
         }
@@ -548,7 +548,7 @@ pub(super) async fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<(), SessionError> {
     wire::error_response(&mut s.out, Severity::Error, r.code, &r.message);
     if in_tx {
-        s.tx_failed = true;
+        s.txn.failed = true;
     }
     let status = s.client_status();
     s.out.put_slice(&rfq(status));
