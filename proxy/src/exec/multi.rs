@@ -10,13 +10,12 @@
 //! already failed.)
 
 use crate::error::SessionError;
-use crate::session::conn::Session;
+use crate::session::conn::Backends;
 use crate::wire::{self, Frame, WireError};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
-use tokio::io::{AsyncRead, AsyncWrite};
 
 /// A pending read of one shard's next frame.
 type Wait<'a> = Pin<Box<dyn Future<Output = Result<Frame, WireError>> + Send + 'a>>;
@@ -58,9 +57,9 @@ impl ShardStreams {
 
     /// Next frame of stream `i`; None when it has sent all its
     /// ReadyForQuery messages and all were consumed, or its backend is gone.
-    pub(crate) async fn frame<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    pub(crate) async fn frame(
         &mut self,
-        s: &mut Session<S>,
+        be: &mut Backends,
         i: usize,
     ) -> Result<Option<Frame>, SessionError> {
         loop {
@@ -73,22 +72,22 @@ impl ShardStreams {
             }
             // Fast path: a whole frame of stream i is already buffered.
             let t = self.shards[i];
-            let buffered = match s.be.slots[t].conn.as_mut() {
+            let buffered = match be.slots[t].conn.as_mut() {
                 Some(b) if b.reader.has_frame() => b.reader.try_frame(),
                 _ => Ok(None),
             };
             match buffered {
                 Ok(Some(f)) => {
-                    self.note(s, i, &f).await;
+                    self.note(be, i, &f).await;
                     return Ok(Some(f));
                 }
                 Ok(None) => {}
-                Err(e) => return Err(s.backend_lost(t, e)),
+                Err(e) => return Err(be.lost(t, e)),
             }
             // Wait on stream i and on every other stream that may still
             // send and has room ahead.
             let mut waits: Vec<(usize, Wait<'_>)> = Vec::new();
-            for (t, slot) in s.be.slots.iter_mut().enumerate() {
+            for (t, slot) in be.slots.iter_mut().enumerate() {
                 let Some(j) = self.shards.iter().position(|&x| x == t) else {
                     continue;
                 };
@@ -119,15 +118,15 @@ impl ShardStreams {
             };
             drop(waits);
             let Some((j, r)) = got else {
-                self.cancel_others(s, None).await;
+                self.cancel_others(be, None).await;
                 continue;
             };
             let t = self.shards[j];
             let f = match r {
                 Ok(f) => f,
-                Err(e) => return Err(s.backend_lost(t, e)),
+                Err(e) => return Err(be.lost(t, e)),
             };
-            self.note(s, j, &f).await;
+            self.note(be, j, &f).await;
             if j == i {
                 return Ok(Some(f));
             }
@@ -138,25 +137,20 @@ impl ShardStreams {
 
     /// Takes note of a frame read from stream `j`: the first error (and
     /// the cancel of the others), the end of the stream.
-    async fn note<S: AsyncRead + AsyncWrite + Unpin + Send>(
-        &mut self,
-        s: &mut Session<S>,
-        j: usize,
-        f: &Frame,
-    ) {
+    async fn note(&mut self, be: &mut Backends, j: usize, f: &Frame) {
         match f.tag() {
             b'E' if self.error.is_none() => {
                 let (c, m) = wire::parse_error_fields(f.body());
                 self.error = Some((c, m, self.shards[j]));
                 if self.cancel_on_error {
-                    self.cancel_others(s, Some(j)).await;
+                    self.cancel_others(be, Some(j)).await;
                 }
             }
             b'Z' => {
                 self.rfq_left[j] = self.rfq_left[j].saturating_sub(1);
                 // Two-phase commit prepares only a backend known to be in
                 // a transaction that has not failed.
-                if let Some(b) = s.be.slots[self.shards[j]].conn.as_mut() {
+                if let Some(b) = be.slots[self.shards[j]].conn.as_mut() {
                     b.status = f.body().first().copied().unwrap_or(b'I');
                 }
             }
@@ -165,11 +159,7 @@ impl ShardStreams {
     }
 
     /// Cancels every stream that has not ended but the one that failed.
-    async fn cancel_others<S: AsyncRead + AsyncWrite + Unpin + Send>(
-        &self,
-        s: &mut Session<S>,
-        failed: Option<usize>,
-    ) {
+    async fn cancel_others(&self, be: &mut Backends, failed: Option<usize>) {
         let failed = failed.or_else(|| {
             let t = self.error.as_ref()?.2;
             self.shards.iter().position(|&x| x == t)
@@ -178,7 +168,7 @@ impl ShardStreams {
             .filter(|&k| self.rfq_left[k] > 0 && Some(k) != failed)
             .map(|k| self.shards[k])
             .collect();
-        cancel_shards(s, &others).await;
+        cancel_shards(be, &others).await;
     }
 }
 
@@ -187,12 +177,9 @@ impl ShardStreams {
 /// others' work. Their backends are closed at the end of the transaction
 /// instead of pooled: a cancel that reaches one late must not hit another
 /// client's query.
-pub(crate) async fn cancel_shards<S: AsyncRead + AsyncWrite + Unpin + Send>(
-    s: &mut Session<S>,
-    shards: &[usize],
-) {
+pub(crate) async fn cancel_shards(be: &mut Backends, shards: &[usize]) {
     for &t in shards {
-        let Some(b) = s.be.slots[t].conn.as_mut() else {
+        let Some(b) = be.slots[t].conn.as_mut() else {
             continue;
         };
         b.broken = true;

@@ -92,7 +92,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             continue;
         };
         if let Err(e) = b.writer.write_all(&buf).await {
-            return Err(s.backend_lost(t, crate::wire::WireError::Io(e)));
+            return Err(s.be.lost(t, crate::wire::WireError::Io(e)));
         }
     }
     let mut first_desc: Option<Bytes> = None;
@@ -106,7 +106,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let mut shard_tags = Vec::new();
         let mut shard_err = false;
         let mut in_begin = wrap;
-        while let Some(f) = st.frame(s, i).await? {
+        while let Some(f) = st.frame(&mut s.be, i).await? {
             match f.tag() {
                 b'Z' => in_begin = false,
                 _ if in_begin => {}
@@ -408,7 +408,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let buf = std::mem::take(&mut s.be.to_backend);
         if let Some(b) = s.be.slots[t].conn.as_mut() {
             if let Err(e) = b.writer.write_all(&buf).await {
-                return Err(s.backend_lost(t, crate::wire::WireError::Io(e)));
+                return Err(s.be.lost(t, crate::wire::WireError::Io(e)));
             }
         }
         owed_by.push(std::mem::take(&mut s.be.owed));
@@ -423,7 +423,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // (DDL excepted).
     let mut st = ShardStreams::new(shards, 1, !d.ddl);
     loop {
-        let f = match st.frame(s, 0).await {
+        let f = match st.frame(&mut s.be, 0).await {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => {
@@ -444,7 +444,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut tags = vec![g.tags.clone()];
     for (i, _) in shards.iter().enumerate().skip(1) {
         let mut shard_tags = Vec::new();
-        while let Some(f) = st.frame(s, i).await? {
+        while let Some(f) = st.frame(&mut s.be, i).await? {
             match f.tag() {
                 b'D' if st.error.is_none() => s.out.put_slice(&f.raw),
                 b'C' => {

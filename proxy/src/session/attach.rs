@@ -95,7 +95,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.be.slots[t].conn = Some(b);
-        self.update_cancel();
+        self.be.update_cancel();
         Ok(Ok(()))
     }
 
@@ -127,16 +127,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(r)
     }
 
-    pub(crate) fn backend_lost(&mut self, shard: usize, e: WireError) -> SessionError {
-        tracing::warn!(error = %e, shard, "backend connection lost");
-        self.be.slots[shard].conn = None;
-        self.cancel.set(Vec::new());
-        SessionError::Fatal {
-            code: sqlstate::CONNECTION_FAILURE,
-            msg: "server connection lost; the transaction, if any, was rolled back".into(),
-        }
-    }
-
     /// Reads the current backend until nothing is owed (before a statement
     /// goes to another shard, so replies stay in order).
     pub(crate) async fn drain_owed(&mut self) -> Result<(), SessionError> {
@@ -148,7 +138,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             };
             let f = match b.reader.next().await {
                 Ok(f) => f,
-                Err(e) => return Err(self.backend_lost(cur, e)),
+                Err(e) => return Err(self.be.lost(cur, e)),
             };
             self.on_backend_frame(f).await?;
             if self.out.len() > 64 * 1024 {
@@ -181,7 +171,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         if let Err(e) = b.writer.write_all(&self.be.to_backend).await {
             self.be.to_backend.clear();
-            return Err(self.backend_lost(cur, WireError::Io(e)));
+            return Err(self.be.lost(cur, WireError::Io(e)));
         }
         self.be.to_backend.clear();
         Ok(())
@@ -276,7 +266,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if let Some(u) = self.unnamed.as_mut() {
                 u.on = None;
             }
-            self.update_cancel();
+            self.be.update_cancel();
         }
         Ok(())
     }
@@ -383,7 +373,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if let Some(b) = self.be.slots[home].conn.take() {
                 b.release();
             }
-            self.update_cancel();
+            self.be.update_cancel();
         }
         Ok(())
     }

@@ -115,11 +115,14 @@ pub(crate) struct Backends {
     /// Held from routing until the session has the answers of what it
     /// routed (`owed` empty after a batch): see [`RoutingState::pin`](crate::routing::state::RoutingState::pin).
     pub(crate) pin: Option<crate::routing::state::EpochPin>,
+    /// Where the node's cancel requests find the attached backends.
+    cancel: Arc<CancelSlot>,
 }
 
 impl Backends {
-    fn new(nshards: usize, home: usize) -> Self {
+    fn new(nshards: usize, home: usize, cancel: Arc<CancelSlot>) -> Self {
         Backends {
+            cancel,
             slots: (0..nshards).map(|_| Slot::default()).collect(),
             cur: home,
             to_backend: BytesMut::with_capacity(8192),
@@ -155,12 +158,32 @@ impl Backends {
             .unwrap_or_else(|| unreachable!())
     }
 
-    /// Every attached backend's cancel key.
-    pub(crate) fn cancel_keys(&self) -> Vec<(std::net::SocketAddr, i32, i32)> {
-        self.slots
-            .iter()
-            .filter_map(|s| s.conn.as_ref().map(|b| (b.addr, b.pid, b.secret)))
-            .collect()
+    /// Publishes the attached backends' cancel keys (for a cancel request
+    /// of the client).
+    pub(crate) fn update_cancel(&self) {
+        self.cancel.set(
+            self.slots
+                .iter()
+                .filter_map(|s| s.conn.as_ref().map(|b| (b.addr, b.pid, b.secret)))
+                .collect(),
+        );
+    }
+
+    /// No backend may be cancelled for this client any more.
+    pub(crate) fn clear_cancel(&self) {
+        self.cancel.set(Vec::new());
+    }
+
+    /// Shard `shard`'s backend failed (`e`): dropped, and the session ends
+    /// with the error returned.
+    pub(crate) fn lost(&mut self, shard: usize, e: WireError) -> SessionError {
+        tracing::warn!(error = %e, shard, "backend connection lost");
+        self.slots[shard].conn = None;
+        self.clear_cancel();
+        SessionError::Fatal {
+            code: sqlstate::CONNECTION_FAILURE,
+            msg: "server connection lost; the transaction, if any, was rolled back".into(),
+        }
     }
 }
 
@@ -281,7 +304,6 @@ pub struct Session<S> {
     /// After an error the node raised itself in an extended-protocol batch,
     /// client messages are skipped until Sync.
     pub(crate) skip_to_sync: bool,
-    pub(super) cancel: Arc<CancelSlot>,
     pub(super) user: String,
     /// Set while a multi-shard extended statement is gathered.
     pub(crate) gather: Option<Gather>,
@@ -323,7 +345,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             node,
             client,
             out: BytesMut::with_capacity(8192),
-            be: Backends::new(nshards, home),
+            be: Backends::new(nshards, home, cancel),
             txn: Txn::default(),
             database,
             session_mode,
@@ -340,7 +362,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             custom_settings: Default::default(),
             prepared_dirty: false,
             skip_to_sync: false,
-            cancel,
             user,
             gather: None,
         }
@@ -517,10 +538,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.txn.note_write(t);
         }
         Ok(())
-    }
-
-    pub(super) fn update_cancel(&self) {
-        self.cancel.set(self.be.cancel_keys());
     }
 }
 

@@ -90,7 +90,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 (End::Fatal, true)
             }
         };
-        self.cancel.set(Vec::new());
+        self.be.clear_cancel();
         let clean = !panicked
             && self.be.owed.is_empty()
             && !self.txn.open()
@@ -193,7 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             f = backend.reader.next() => {
                 match f {
                     Ok(f) => { self.on_backend_batch(f).await?; Ok(None) }
-                    Err(e) => Err(self.backend_lost(cur, e)),
+                    Err(e) => Err(self.be.lost(cur, e)),
                 }
             }
             _ = sleep, if timer_on => Err(SessionError::Fatal {
@@ -236,7 +236,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             match b.reader.try_frame() {
                 Ok(Some(f)) => self.on_backend_frame(f).await?,
                 Ok(None) => break,
-                Err(e) => return Err(self.backend_lost(cur, e)),
+                Err(e) => return Err(self.be.lost(cur, e)),
             }
         }
         self.flush_client().await

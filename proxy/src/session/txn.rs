@@ -191,7 +191,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(&p) = keep.first() {
             self.be.cur = p;
         }
-        self.update_cancel();
+        self.be.update_cancel();
         Ok(())
     }
 

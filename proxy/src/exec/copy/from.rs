@@ -55,11 +55,13 @@ pub(super) async fn send_shard<S: AsyncRead + AsyncWrite + Unpin + Send>(
         };
         match ev {
             Ev::Wrote(0) => {
-                return Err(s.backend_lost(t, WireError::Io(std::io::ErrorKind::WriteZero.into())))
+                return Err(s
+                    .be
+                    .lost(t, WireError::Io(std::io::ErrorKind::WriteZero.into())))
             }
             Ev::Wrote(n) => pos += n,
-            Ev::WriteErr(e) => return Err(s.backend_lost(t, WireError::Io(e))),
-            Ev::Read(Err(e)) => return Err(s.backend_lost(t, e)),
+            Ev::WriteErr(e) => return Err(s.be.lost(t, WireError::Io(e))),
+            Ev::Read(Err(e)) => return Err(s.be.lost(t, e)),
             Ev::Read(Ok(f)) => {
                 if f.tag() == b'Z' {
                     if let Some(b) = s.be.slots[t].conn.as_mut() {
@@ -142,7 +144,7 @@ pub(super) async fn start_shard<S: AsyncRead + AsyncWrite + Unpin + Send>(
     frontend::query(sql, &mut buf).map_err(|_| encode_fatal())?;
     if let Some(b) = s.be.slots[sc.t].conn.as_mut() {
         if let Err(e) = b.writer.write_all(&buf).await {
-            return Err(s.backend_lost(sc.t, WireError::Io(e)));
+            return Err(s.be.lost(sc.t, WireError::Io(e)));
         }
     }
     read_start(s, sc, begin).await
@@ -349,7 +351,7 @@ pub(super) async fn setup_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
         for sc in st.iter() {
             if let Some(b) = s.be.slots[sc.t].conn.as_mut() {
                 if let Err(e) = b.writer.write_all(&buf).await {
-                    return Err(s.backend_lost(sc.t, WireError::Io(e)));
+                    return Err(s.be.lost(sc.t, WireError::Io(e)));
                 }
             }
         }

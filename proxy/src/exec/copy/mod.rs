@@ -466,9 +466,7 @@ async fn copied_columns<S: AsyncRead + AsyncWrite + Unpin + Send>(
             Err(crate::backend::conn::HiddenQueryError::Server { code, message }) => {
                 return Ok(Err(Fail { code, msg: message }))
             }
-            Err(crate::backend::conn::HiddenQueryError::Wire(e)) => {
-                return Err(s.backend_lost(t, e))
-            }
+            Err(crate::backend::conn::HiddenQueryError::Wire(e)) => return Err(s.be.lost(t, e)),
         };
         let mut names = Vec::with_capacity(rows.len());
         for r in &rows {
@@ -554,7 +552,7 @@ async fn read_backend<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
             Ok(Some(f))
         }
-        Some(Err(e)) => Err(s.backend_lost(t, e)),
+        Some(Err(e)) => Err(s.be.lost(t, e)),
     }
 }
 

@@ -146,7 +146,7 @@ pub(super) async fn copy_to<S: AsyncRead + AsyncWrite + Unpin + Send>(
         frontend::query(text, &mut buf).map_err(|_| encode_fatal())?;
         if let Some(b) = s.be.slots[t].conn.as_mut() {
             if let Err(e) = b.writer.write_all(&buf).await {
-                return Err(s.backend_lost(t, WireError::Io(e)));
+                return Err(s.be.lost(t, WireError::Io(e)));
             }
         }
     }

@@ -23,7 +23,7 @@ use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::exec::multi::ShardStreams;
 use crate::routing::BindParams;
-use crate::session::conn::Session;
+use crate::session::conn::{Backends, Session};
 use crate::wire::{self, Frame, Severity, WireError};
 use crate::wire::{command_complete, rfq};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -135,24 +135,16 @@ impl Streams {
         }
     }
 
-    async fn frame<S: AsyncRead + AsyncWrite + Unpin + Send>(
-        &mut self,
-        s: &mut Session<S>,
-        i: usize,
-    ) -> Result<Option<Frame>, SessionError> {
-        self.inner.frame(s, i).await
+    async fn frame(&mut self, be: &mut Backends, i: usize) -> Result<Option<Frame>, SessionError> {
+        self.inner.frame(be, i).await
     }
 
     /// Next data row of stream `i` (None at its end). Errors are recorded
     /// (when read, by `frame`).
-    async fn next<S: AsyncRead + AsyncWrite + Unpin + Send>(
-        &mut self,
-        s: &mut Session<S>,
-        i: usize,
-    ) -> Result<Option<Row>, SessionError> {
+    async fn next(&mut self, be: &mut Backends, i: usize) -> Result<Option<Row>, SessionError> {
         while !self.done[i] {
             let t = self.shards[i];
-            let Some(f) = self.frame(s, i).await? else {
+            let Some(f) = self.frame(be, i).await? else {
                 self.done[i] = true;
                 break;
             };
@@ -160,13 +152,11 @@ impl Streams {
                 b'D' => {
                     return match parse_row(&f.raw) {
                         Some(r) => Ok(Some(r)),
-                        None => {
-                            Err(s.backend_lost(t, WireError::Protocol("malformed DataRow".into())))
-                        }
+                        None => Err(be.lost(t, WireError::Protocol("malformed DataRow".into()))),
                     }
                 }
                 b'Z' => {
-                    if let Some(b) = s.be.slots[t].conn.as_mut() {
+                    if let Some(b) = be.slots[t].conn.as_mut() {
                         b.status = f.body().first().copied().unwrap_or(b'I');
                     }
                     self.done[i] = true;
@@ -178,12 +168,9 @@ impl Streams {
     }
 
     /// Reads every stream to its end.
-    async fn drain<S: AsyncRead + AsyncWrite + Unpin + Send>(
-        &mut self,
-        s: &mut Session<S>,
-    ) -> Result<(), SessionError> {
+    async fn drain(&mut self, be: &mut Backends) -> Result<(), SessionError> {
         for i in 0..self.shards.len() {
-            while self.next(s, i).await?.is_some() {}
+            while self.next(be, i).await?.is_some() {}
         }
         Ok(())
     }
@@ -465,7 +452,7 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
     for (&t, request) in shards.iter().zip(requests) {
         if let Some(b) = s.be.slots[t].conn.as_mut() {
             if let Err(e) = b.writer.write_all(request).await {
-                return Err(s.backend_lost(t, WireError::Io(e)));
+                return Err(s.be.lost(t, WireError::Io(e)));
             }
         }
     }
@@ -475,7 +462,7 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut mismatch = false;
     for (i, &t) in shards.iter().enumerate() {
         loop {
-            let Some(f) = st.frame(s, i).await? else {
+            let Some(f) = st.frame(&mut s.be, i).await? else {
                 st.done[i] = true;
                 break;
             };
@@ -516,7 +503,7 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
         )),
         _ => Ok(0),
     };
-    st.drain(s).await?;
+    st.drain(&mut s.be).await?;
     if let Some((code, msg, t)) = st.inner.error.take() {
         let m = format!("{msg} (on shard {})", s.node.routing.shard_name(t));
         wire::error_response(&mut s.out, Severity::Error, &code, &m);
@@ -711,7 +698,7 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if streaming {
         let mut heads: Vec<Option<Row>> = Vec::with_capacity(st.shards.len());
         for i in 0..st.shards.len() {
-            heads.push(st.next(s, i).await?);
+            heads.push(st.next(&mut s.be, i).await?);
         }
         let (mut skipped, mut sent) = (0u64, 0u64);
         loop {
@@ -744,7 +731,7 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
             let Some(b) = best else { break };
             let row = heads[b].take().unwrap_or_default();
-            heads[b] = st.next(s, b).await?;
+            heads[b] = st.next(&mut s.be, b).await?;
             if skipped < offset {
                 skipped += 1;
                 continue;
@@ -763,7 +750,7 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut groups: Vec<Row> = Vec::new();
     let mut index: HashMap<Vec<Option<Vec<u8>>>, usize> = HashMap::new();
     for i in 0..st.shards.len() {
-        while let Some(row) = st.next(s, i).await? {
+        while let Some(row) = st.next(&mut s.be, i).await? {
             match &plan.aggregate {
                 Some(a) => {
                     let key = match group_key(&a.group_by, &row, &types) {
