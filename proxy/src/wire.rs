@@ -50,6 +50,8 @@ pub mod be {
     pub const COPY_IN_RESPONSE: u8 = b'G';
     pub const COPY_OUT_RESPONSE: u8 = b'H';
     pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    pub const COPY_DATA: u8 = b'd';
+    pub const COPY_DONE: u8 = b'c';
     pub const BACKEND_KEY_DATA: u8 = b'K';
     pub const AUTHENTICATION: u8 = b'R';
 }

@@ -13,6 +13,7 @@ use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::Target;
 use crate::session::conn::Session;
+use crate::wire::be;
 use crate::wire::{self, Severity};
 use crate::wire::{command_complete, rfq};
 use bytes::BufMut;
@@ -257,7 +258,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
     }
-    wire::frame(&mut s.out, b'T', |o| {
+    wire::frame(&mut s.out, be::ROW_DESCRIPTION, |o| {
         o.put_i16(1);
         wire::put_cstr(o, "QUERY PLAN");
         o.put_u32(0);
@@ -268,7 +269,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         o.put_i16(0);
     });
     for l in &lines {
-        wire::frame(&mut s.out, b'D', |o| {
+        wire::frame(&mut s.out, be::DATA_ROW, |o| {
             o.put_i16(1);
             o.put_i32(l.len() as i32);
             o.put_slice(l.as_bytes());

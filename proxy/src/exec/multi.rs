@@ -12,6 +12,7 @@
 use crate::error::SessionError;
 use crate::session::conn::Backends;
 use crate::wire::{self, Frame, WireError};
+use crate::wire::{be, tx};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -139,19 +140,19 @@ impl ShardStreams {
     /// the cancel of the others), the end of the stream.
     async fn note(&mut self, be: &mut Backends, j: usize, f: &Frame) {
         match f.tag() {
-            b'E' if self.error.is_none() => {
+            be::ERROR_RESPONSE if self.error.is_none() => {
                 let (c, m) = wire::parse_error_fields(f.body());
                 self.error = Some((c, m, self.shards[j]));
                 if self.cancel_on_error {
                     self.cancel_others(be, Some(j)).await;
                 }
             }
-            b'Z' => {
+            be::READY_FOR_QUERY => {
                 self.rfq_left[j] = self.rfq_left[j].saturating_sub(1);
                 // Two-phase commit prepares only a backend known to be in
                 // a transaction that has not failed.
                 if let Some(b) = be.slots[self.shards[j]].conn.as_mut() {
-                    b.status = f.body().first().copied().unwrap_or(b'I');
+                    b.status = f.body().first().copied().unwrap_or(tx::IDLE);
                 }
             }
             _ => {}

@@ -32,6 +32,7 @@ use crate::exec::multi::ShardStreams;
 use crate::routing::{Decision, Target};
 use crate::session::conn::Session;
 use crate::wire::{self, Severity};
+use crate::wire::{be, fe, tx};
 use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::message::frontend;
@@ -108,9 +109,9 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let mut in_begin = wrap;
         while let Some(f) = st.frame(&mut s.be, i).await? {
             match f.tag() {
-                b'Z' => in_begin = false,
+                be::READY_FOR_QUERY => in_begin = false,
                 _ if in_begin => {}
-                b'T' => match &first_desc {
+                be::ROW_DESCRIPTION => match &first_desc {
                     None => {
                         first_desc = Some(f.raw.clone());
                         s.out.put_slice(&f.raw);
@@ -118,15 +119,17 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     Some(d0) if !same_columns(d0, &f.raw) => mismatch = true,
                     Some(_) => {}
                 },
-                b'D' if !mismatch => s.out.put_slice(&f.raw),
-                b'C' => {
+                be::DATA_ROW if !mismatch => s.out.put_slice(&f.raw),
+                be::COMMAND_COMPLETE => {
                     let mut body = f.body();
                     shard_tags.push(wire::get_cstr(&mut body).unwrap_or("").to_string());
                 }
-                b'I' | b'N' | b'S' if i == 0 => s.out.put_slice(&f.raw),
-                b'E' => shard_err = true,
+                be::EMPTY_QUERY_RESPONSE | be::NOTICE_RESPONSE | be::PARAMETER_STATUS if i == 0 => {
+                    s.out.put_slice(&f.raw)
+                }
+                be::ERROR_RESPONSE => shard_err = true,
 
-                b'G' | b'W' => {
+                be::COPY_IN_RESPONSE | be::COPY_BOTH_RESPONSE => {
                     // COPY FROM STDIN across shards: the router refuses it;
                     // should one slip through, end the copy on that shard.
                     let mut fail = BytesMut::new();
@@ -341,7 +344,9 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 .to_string(),
         )
     } else if frames.iter().any(|f| {
-        f.tag() == b'E' && f.body().len() >= 4 && f.body()[f.body().len() - 4..] != [0, 0, 0, 0]
+        f.tag() == be::ERROR_RESPONSE
+            && f.body().len() >= 4
+            && f.body()[f.body().len() - 4..] != [0, 0, 0, 0]
     }) {
         Some(
             "fetching a multi-shard result in parts (Execute with a row limit) is not supported"
@@ -394,9 +399,9 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     for (i, &t) in shards.iter().enumerate() {
         s.be.cur = t;
         for f in &frames {
-            let named_parse_or_close = matches!(f.tag(), b'P' | b'C')
+            let named_parse_or_close = matches!(f.tag(), fe::PARSE | fe::CLOSE)
                 && f.body().first() != Some(&0)
-                && !(f.tag() == b'C' && f.body().get(1) == Some(&0));
+                && !(f.tag() == fe::CLOSE && f.body().get(1) == Some(&0));
             if i > 0 && named_parse_or_close {
                 continue;
             }
@@ -431,7 +436,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 return Err(e);
             }
         };
-        let done = f.tag() == b'Z';
+        let done = f.tag() == be::READY_FOR_QUERY;
         s.on_backend_frame(f).await?;
         if s.out.len() > 64 * 1024 {
             s.flush_client().await?;
@@ -446,12 +451,12 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let mut shard_tags = Vec::new();
         while let Some(f) = st.frame(&mut s.be, i).await? {
             match f.tag() {
-                b'D' if st.error.is_none() => s.out.put_slice(&f.raw),
-                b'C' => {
+                be::DATA_ROW if st.error.is_none() => s.out.put_slice(&f.raw),
+                be::COMMAND_COMPLETE => {
                     let mut body = f.body();
                     shard_tags.push(wire::get_cstr(&mut body).unwrap_or("").to_string());
                 }
-                b'Z' => break,
+                be::READY_FOR_QUERY => break,
                 _ => {}
             }
             if s.out.len() > 64 * 1024 {
@@ -477,14 +482,14 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         wire::error_response(&mut s.out, Severity::Error, r.code, &r.message);
     } else if g.empty && tags.iter().all(Vec::is_empty) {
         let mut b = BytesMut::new();
-        wire::frame(&mut b, b'I', |_| {});
+        wire::frame(&mut b, be::EMPTY_QUERY_RESPONSE, |_| {});
         s.out.put_slice(&b);
     } else {
         for tag in combine_tags(&tags) {
             s.out.put_slice(&command_complete(&tag));
         }
     }
-    let status = if in_tx { s.client_status() } else { b'I' };
+    let status = if in_tx { s.client_status() } else { tx::IDLE };
     s.out.put_slice(&rfq(status));
     if !in_tx {
         s.txn.status = crate::session::conn::TxStatus::Idle;

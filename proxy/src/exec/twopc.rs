@@ -45,6 +45,7 @@ use crate::exec::decisions::DecisionError;
 use crate::failpoint::{self, abort_at, Failpoint};
 use crate::node::Node;
 use crate::session::conn::Session;
+use crate::wire::tx;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -111,7 +112,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 sqlstate::CONNECTION_FAILURE,
                 format!("the connection to shard {} was lost before the commit; the transaction was rolled back on every shard", name(t)),
             )),
-            Some((b'T', false)) => None,
+            Some((tx::IN_TRANSACTION, false)) => None,
             Some((_, true)) => Some(Refusal::new(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 format!("messages sent with Flush but without Sync are still open on shard {}; the transaction was rolled back on every shard (send Sync before COMMIT)", name(t)),
@@ -173,7 +174,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 if b.unsynced {
                     // Never pooled: closing it rolls back.
                     b.broken = true;
-                } else if b.status != b'I' {
+                } else if b.status != tx::IDLE {
                     if let Err(e) = b.hidden_query("ROLLBACK").await {
                         tracing::warn!(error = %e, shard = t, "rolling back after a failed PREPARE");
                         b.broken = true;

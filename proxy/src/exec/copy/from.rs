@@ -8,6 +8,7 @@ use crate::error::SessionError;
 use crate::routing::Decision;
 use crate::session::conn::Session;
 use crate::wire::{self, Frame, WireError};
+use crate::wire::{be, fe, tx};
 use bytes::{BufMut, Bytes, BytesMut};
 use hotrepart_router::catalog::{RangeStatus, RoutingSnapshot, ShardId};
 use hotrepart_router::route::copy::{CopyFormat, CopyPlan, CopyTable, Piece, RowSplitter};
@@ -63,9 +64,9 @@ pub(super) async fn send_shard<S: AsyncRead + AsyncWrite + Unpin + Send>(
             Ev::WriteErr(e) => return Err(s.be.lost(t, WireError::Io(e))),
             Ev::Read(Err(e)) => return Err(s.be.lost(t, e)),
             Ev::Read(Ok(f)) => {
-                if f.tag() == b'Z' {
+                if f.tag() == be::READY_FOR_QUERY {
                     if let Some(b) = s.be.slots[t].conn.as_mut() {
-                        b.status = f.body().first().copied().unwrap_or(b'I');
+                        b.status = f.body().first().copied().unwrap_or(tx::IDLE);
                     }
                 }
                 // PostgreSQL reads and ignores CopyData after an error: the
@@ -162,9 +163,9 @@ pub(super) async fn read_start<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return Ok(None);
         };
         match f.tag() {
-            b'Z' if in_begin => in_begin = false,
-            b'C' if in_begin => {}
-            b'G' => {
+            be::READY_FOR_QUERY if in_begin => in_begin = false,
+            be::COMMAND_COMPLETE if in_begin => {}
+            be::COPY_IN_RESPONSE => {
                 sc.started = true;
                 return Ok(Some(f.raw));
             }
@@ -335,7 +336,7 @@ pub(super) async fn setup_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let n = splitter.as_ref().map(|(_, n)| *n).unwrap_or(0);
         let fmt = u8::from(plan.format == CopyFormat::Binary);
         let mut g = BytesMut::new();
-        wire::frame(&mut g, b'G', |o| {
+        wire::frame(&mut g, be::COPY_IN_RESPONSE, |o| {
             o.put_u8(fmt);
             o.put_i16(n as i16);
             for _ in 0..n {
@@ -422,14 +423,14 @@ pub(super) async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
     loop {
         let f = read_client(s).await?;
         let done = match f.tag() {
-            b'd' => false,
-            b'c' => true,
-            b'f' => {
+            fe::COPY_DATA => false,
+            fe::COPY_DONE => true,
+            fe::COPY_FAIL => {
                 let mut b = f.body();
                 let m = wire::get_cstr(&mut b).unwrap_or("").to_string();
                 return Ok(InEnd::ClientFail(m));
             }
-            b'H' | b'S' => continue,
+            fe::FLUSH | fe::SYNC => continue,
             other => {
                 return Ok(InEnd::Stop(Fail::new(
                     sqlstate::PROTOCOL_VIOLATION,
@@ -726,7 +727,7 @@ pub(super) async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     for sc in st.iter_mut() {
         if sc.started && !sc.done {
-            sc.out.put_slice(&[b'c', 0, 0, 0, 4]);
+            sc.out.put_slice(&[fe::COPY_DONE, 0, 0, 0, 4]);
             send_shard(s, sc).await?;
         }
     }
@@ -760,7 +761,7 @@ pub(super) async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 s.be.slots[t]
                     .conn
                     .as_ref()
-                    .is_some_and(|b| b.status == b'T')
+                    .is_some_and(|b| b.status == tx::IN_TRANSACTION)
             })
             .collect();
         if open.len() > 1 {
@@ -787,7 +788,7 @@ pub(super) async fn end_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 "COMMIT"
             };
             match b.hidden_query(sql).await {
-                Ok(_) if b.status == b'I' && sql == "COMMIT" => committed.push(sc.t),
+                Ok(_) if b.status == tx::IDLE && sql == "COMMIT" => committed.push(sc.t),
                 Ok(_) => {}
                 Err(crate::backend::conn::HiddenQueryError::Server { code, message }) => {
                     if failed.is_none() {

@@ -40,6 +40,7 @@ use crate::error::{Refusal, SessionError};
 use crate::routing::{Decision, Target};
 use crate::session::conn::Session;
 use crate::wire::{self, Frame, Severity};
+use crate::wire::{be, fe, tx};
 use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, Bytes, BytesMut};
 use hotrepart_router::catalog::KeyType;
@@ -124,16 +125,16 @@ fn ext_prelude<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut executed = false;
     for f in frames {
         match f.tag() {
-            b'B' if !executed => wire::frame(&mut replies, b'2', |_| {}),
-            b'D' if !executed => {
-                if f.body().first() == Some(&b'S') {
-                    wire::frame(&mut replies, b't', |o| o.put_i16(0));
+            fe::BIND if !executed => wire::frame(&mut replies, be::BIND_COMPLETE, |_| {}),
+            fe::DESCRIBE if !executed => {
+                if f.body().first() == Some(&wire::STATEMENT) {
+                    wire::frame(&mut replies, be::PARAMETER_DESCRIPTION, |o| o.put_i16(0));
                 }
-                wire::frame(&mut replies, b'n', |_| {});
+                wire::frame(&mut replies, be::NO_DATA, |_| {});
             }
-            b'E' if !executed => executed = true,
-            b'S' | b'H' => {}
-            b'P' => {
+            fe::EXECUTE if !executed => executed = true,
+            fe::SYNC | fe::FLUSH => {}
+            fe::PARSE => {
                 return Err(Refusal::new(
                     sqlstate::FEATURE_NOT_SUPPORTED,
                     "a COPY of a sharded or reference table cannot be parsed in the batch that executes it; prepare it in a batch of its own (Parse, Sync) or send it as a simple query".into(),
@@ -253,7 +254,7 @@ impl ShardCopy {
             return;
         }
         if self.open.is_none() {
-            self.out.put_u8(b'd');
+            self.out.put_u8(be::COPY_DATA);
             self.open = Some(self.out.len());
             self.out.put_u32(0);
         }
@@ -545,9 +546,9 @@ async fn read_backend<S: AsyncRead + AsyncWrite + Unpin + Send>(
     match r {
         None => Ok(None),
         Some(Ok(f)) => {
-            if f.tag() == b'Z' {
+            if f.tag() == be::READY_FOR_QUERY {
                 if let Some(b) = s.be.slots[t].conn.as_mut() {
-                    b.status = f.body().first().copied().unwrap_or(b'I');
+                    b.status = f.body().first().copied().unwrap_or(tx::IDLE);
                 }
             }
             Ok(Some(f))
@@ -559,14 +560,16 @@ async fn read_backend<S: AsyncRead + AsyncWrite + Unpin + Send>(
 /// A backend message while a shard is in (or leaving) copy-in mode.
 fn on_copy_frame<S>(s: &mut Session<S>, sc: &mut ShardCopy, f: &Frame) {
     match f.tag() {
-        b'E' if sc.error.is_none() => sc.error = Some(wire::parse_error_fields(f.body())),
-        b'Z' => sc.done = true,
-        b'N' => s.out.put_slice(&f.raw),
-        b'C' => {
+        be::ERROR_RESPONSE if sc.error.is_none() => {
+            sc.error = Some(wire::parse_error_fields(f.body()))
+        }
+        be::READY_FOR_QUERY => sc.done = true,
+        be::NOTICE_RESPONSE => s.out.put_slice(&f.raw),
+        be::COMMAND_COMPLETE => {
             let mut b = f.body();
             sc.tag = wire::get_cstr(&mut b).ok().map(str::to_string);
         }
-        b'G' => sc.started = true,
+        be::COPY_IN_RESPONSE => sc.started = true,
         _ => {}
     }
 }

@@ -5,6 +5,7 @@ use crate::error::sqlstate;
 use crate::error::SessionError;
 use crate::routing::Decision;
 use crate::session::conn::Session;
+use crate::wire::be;
 use crate::wire::{self, WireError};
 use bytes::{BufMut, Bytes, BytesMut};
 use hotrepart_router::route::copy::{CopyFormat, CopyPlan};
@@ -67,7 +68,7 @@ impl OutFilter {
             keep.extend(self.carry.drain(..n));
         }
         if !keep.is_empty() {
-            wire::frame(out, b'd', |o| o.put_slice(&keep));
+            wire::frame(out, be::COPY_DATA, |o| o.put_slice(&keep));
         }
     }
 
@@ -84,7 +85,7 @@ impl OutFilter {
     fn end(&mut self, out: &mut BytesMut) {
         let carry = std::mem::take(&mut self.carry);
         if self.binary && carry != [0xff, 0xff] && !carry.is_empty() {
-            wire::frame(out, b'd', |o| o.put_slice(&carry));
+            wire::frame(out, be::COPY_DATA, |o| o.put_slice(&carry));
         }
     }
 }
@@ -162,7 +163,7 @@ pub(super) async fn copy_to<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 break;
             };
             match f.tag() {
-                b'H' => {
+                be::COPY_OUT_RESPONSE => {
                     match &first {
                         None => first = Some(f.raw.clone()),
                         Some(h) if h[5..] != f.raw[5..] => {
@@ -217,8 +218,8 @@ pub(super) async fn copy_to<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 break;
             };
             match f.tag() {
-                b'd' => filter.data(&f.raw, f.body(), &mut s.out),
-                b'c' => filter.end(&mut s.out),
+                be::COPY_DATA => filter.data(&f.raw, f.body(), &mut s.out),
+                be::COPY_DONE => filter.end(&mut s.out),
                 _ => on_copy_frame(s, &mut sc, &f),
             }
             if s.out.len() > FLUSH_AT {
@@ -236,9 +237,9 @@ pub(super) async fn copy_to<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Some((code, msg)) => reply_error(s, proto, false, &code, &msg),
         None => {
             if plan.format == CopyFormat::Binary {
-                wire::frame(&mut s.out, b'd', |o| o.put_slice(&[0xff, 0xff]));
+                wire::frame(&mut s.out, be::COPY_DATA, |o| o.put_slice(&[0xff, 0xff]));
             }
-            s.out.put_slice(&[b'c', 0, 0, 0, 4]);
+            s.out.put_slice(&[be::COPY_DONE, 0, 0, 0, 4]);
             reply_done(s, proto, false, total);
         }
     }

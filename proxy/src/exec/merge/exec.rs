@@ -25,6 +25,7 @@ use crate::exec::multi::ShardStreams;
 use crate::routing::BindParams;
 use crate::session::conn::{Backends, Session};
 use crate::wire::{self, Frame, Severity, WireError};
+use crate::wire::{be, fe, tx};
 use crate::wire::{command_complete, rfq};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use hotrepart_router::route::{HavingExpr, LimitSpec, MergePlan, Operand, Partial, ShardCol};
@@ -104,7 +105,7 @@ pub(super) fn put_out(
 }
 
 pub(super) fn put_row(out: &mut BytesMut, row: &[Option<Bytes>]) {
-    wire::frame(out, b'D', |o| {
+    wire::frame(out, be::DATA_ROW, |o| {
         o.put_i16(row.len() as i16);
         for v in row {
             match v {
@@ -149,15 +150,15 @@ impl Streams {
                 break;
             };
             match f.tag() {
-                b'D' => {
+                be::DATA_ROW => {
                     return match parse_row(&f.raw) {
                         Some(r) => Ok(Some(r)),
                         None => Err(be.lost(t, WireError::Protocol("malformed DataRow".into()))),
                     }
                 }
-                b'Z' => {
+                be::READY_FOR_QUERY => {
                     if let Some(b) = be.slots[t].conn.as_mut() {
-                        b.status = f.body().first().copied().unwrap_or(b'I');
+                        b.status = f.body().first().copied().unwrap_or(tx::IDLE);
                     }
                     self.done[i] = true;
                 }
@@ -267,17 +268,19 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     for f in &frames {
         let body = f.body();
         match f.tag() {
-            b'P' if parse.is_none() && bind.is_none() => parse = Some(f),
-            b'B' if bind.is_none() => bind = Some(f),
-            b'D' if bind.is_some() && !executed && body.first() == Some(&b'P') => describe = true,
-            b'E' if bind.is_some() && !executed => {
+            fe::PARSE if parse.is_none() && bind.is_none() => parse = Some(f),
+            fe::BIND if bind.is_none() => bind = Some(f),
+            fe::DESCRIBE if bind.is_some() && !executed && body.first() == Some(&wire::PORTAL) => {
+                describe = true
+            }
+            fe::EXECUTE if bind.is_some() && !executed => {
                 if body.len() < 4 || body[body.len() - 4..] != [0, 0, 0, 0] {
                     refuse_batch(s, "fetching a multi-shard result in parts (Execute with a row limit) is not supported");
                     return Ok(());
                 }
                 executed = true;
             }
-            b'S' => {}
+            fe::SYNC => {}
             _ => {
                 refuse_batch(s, SHAPE);
                 return Ok(());
@@ -317,13 +320,13 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         s.out.put_slice(&wire::parse_complete());
     }
     let mut bc = BytesMut::new();
-    wire::frame(&mut bc, b'2', |_| {});
+    wire::frame(&mut bc, be::BIND_COMPLETE, |_| {});
     s.out.put_slice(&bc);
     // The shards' request: the rewritten statement, unnamed, text results.
     let mut requests = Vec::with_capacity(shards.len());
     for i in 0..shards.len() {
         let mut q = BytesMut::new();
-        wire::frame(&mut q, b'P', |o| {
+        wire::frame(&mut q, fe::PARSE, |o| {
             o.put_u8(0);
             wire::put_cstr(o, shard_text(plan, sqls, i));
             o.put_i16(types.len() as i16);
@@ -331,21 +334,21 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 o.put_u32(*t);
             }
         });
-        wire::frame(&mut q, b'B', |o| {
+        wire::frame(&mut q, fe::BIND, |o| {
             o.put_u8(0);
             o.put_u8(0);
             o.put_slice(params_part);
             o.put_i16(0);
         });
-        wire::frame(&mut q, b'D', |o| {
-            o.put_u8(b'P');
+        wire::frame(&mut q, fe::DESCRIBE, |o| {
+            o.put_u8(wire::PORTAL);
             o.put_u8(0);
         });
-        wire::frame(&mut q, b'E', |o| {
+        wire::frame(&mut q, fe::EXECUTE, |o| {
             o.put_u8(0);
             o.put_i32(0);
         });
-        wire::frame(&mut q, b'S', |_| {});
+        wire::frame(&mut q, fe::SYNC, |_| {});
         requests.push(q.freeze());
     }
     s.unnamed_replaced_on(shards);
@@ -467,7 +470,7 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 break;
             };
             match f.tag() {
-                b'T' => {
+                be::ROW_DESCRIPTION => {
                     let d = parse_desc(&f.raw);
                     match (&fields, d) {
                         (None, Some(d)) => fields = Some(d),
@@ -481,9 +484,9 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     }
                     break;
                 }
-                b'Z' => {
+                be::READY_FOR_QUERY => {
                     if let Some(b) = s.be.slots[t].conn.as_mut() {
-                        b.status = f.body().first().copied().unwrap_or(b'I');
+                        b.status = f.body().first().copied().unwrap_or(tx::IDLE);
                     }
                     st.done[i] = true;
                     break;
@@ -682,7 +685,7 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         binary
     };
     if out.describe {
-        wire::frame(&mut s.out, b'T', |o| {
+        wire::frame(&mut s.out, be::ROW_DESCRIPTION, |o| {
             o.put_i16(out_fields.len() as i16);
             for (i, f) in out_fields.iter().enumerate() {
                 o.put_slice(&f.name);
