@@ -462,9 +462,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// A batch the node refuses: the error, and ReadyForQuery if it ended
     /// with Sync (else the rest up to Sync is skipped).
     pub(super) fn batch_error(&mut self, r: &Refusal, synced: bool) {
+        // The error first: the backend's own failure (the hidden statement
+        // of `fail_pipeline`) skips whatever is owed after it.
+        self.push_error(r);
         // The client's Sync is answered here: the backend gets its own.
         self.fail_pipeline(synced);
-        self.push_error(r);
         if synced {
             let status = self.client_status();
             self.push_synthetic(rfq(status));

@@ -469,7 +469,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         true
     }
 
+    /// Runs the extended-protocol messages held (up to a Sync when
+    /// `synced`, else a Flush).
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
+        loop {
+            if self.skip_to_sync {
+                // After an error in the pipeline everything up to Sync is
+                // ignored, as PostgreSQL does; the Sync goes where the
+                // failed messages went.
+                if !synced {
+                    self.batch.clear();
+                    return Ok(());
+                }
+                self.batch.retain(|f| f.tag() == fe::SYNC);
+            }
+            if self.run_batch_once(synced).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// While the batch waited for what a backend owed, that backend
+    /// reported an error its pipeline had not synced: PostgreSQL now
+    /// ignores the batch up to its Sync. The Sync is held again (for
+    /// [`Session::run_batch`]'s next round); true: stop this one.
+    fn skipped(&mut self, frames: &[Frame]) -> bool {
+        if !self.skip_to_sync {
+            return false;
+        }
+        self.batch = frames
+            .iter()
+            .filter(|f| f.tag() == fe::SYNC)
+            .cloned()
+            .collect();
+        true
+    }
+
+    /// One round of [`Session::run_batch`]; false: the batch is to be run
+    /// again (it turned out to follow an error).
+    async fn run_batch_once(&mut self, synced: bool) -> Result<bool, SessionError> {
         self.settle_state().await?;
         self.ensure_namespace().await?;
         let frames = std::mem::take(&mut self.batch);
@@ -484,14 +522,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(x) => x,
             Err(r) => {
                 self.batch_error(&r, synced);
-                return Ok(());
+                return Ok(true);
             }
         };
         if let Some(dd) = d.as_mut() {
             let first = target.unwrap_or_else(|| self.first_shard(dd));
             if let Err(r) = self.settle_calls(dd, first).await? {
                 self.batch_error(&r, synced);
-                return Ok(());
+                return Ok(true);
             }
         }
         // A batch without a statement (a lone Sync, Close …) belongs to the
@@ -504,6 +542,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 || d.as_ref().is_some_and(|d| d.kind != Kind::Other))
         {
             self.drain_owed().await?;
+            if self.skipped(&frames) {
+                return Ok(false);
+            }
         }
         if let Some(d) = &d {
             if self.transaction_control(d, false, target).await? {
@@ -512,12 +553,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.push_synthetic(rfq(status));
                     self.skip_to_sync = false;
                 }
-                return Ok(());
+                return Ok(true);
             }
         }
         if let Some(d) = d.as_ref().filter(|d| d.copy.is_some()) {
             let (d, ext) = (d.clone(), crate::exec::copy::Ext { frames, synced });
-            return crate::exec::copy::run(self, &d, Some(ext)).await;
+            return crate::exec::copy::run(self, &d, Some(ext))
+                .await
+                .map(|()| true);
         }
         if let Some(d) = d
             .as_ref()
@@ -525,16 +568,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         {
             if !self.be.owed.is_empty() {
                 self.drain_owed().await?;
+                if self.skipped(&frames) {
+                    return Ok(false);
+                }
             }
             let d = d.clone();
             if let Err(r) = self.check_multi_shard(&d).await? {
                 self.batch_error(&r, synced);
-                return Ok(());
+                return Ok(true);
             }
             if let (Some(plan), Target::Multi { shards, sqls }) = (&d.merge, &d.target) {
                 if let Err(r) = self.check_merged_write(&d, shards) {
                     self.batch_error(&r, synced);
-                    return Ok(());
+                    return Ok(true);
                 }
                 return crate::exec::merge::exec::run_extended(
                     self,
@@ -544,9 +590,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     frames,
                     synced,
                 )
-                .await;
+                .await
+                .map(|()| true);
             }
-            return crate::exec::scatter::run_extended(self, &d, frames, synced).await;
+            return crate::exec::scatter::run_extended(self, &d, frames, synced)
+                .await
+                .map(|()| true);
         }
         // A lone Sync with nothing held: answer it here.
         if target.is_none()
@@ -559,24 +608,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let status = self.client_status();
                 self.push_synthetic(rfq(status));
             }
-            return Ok(());
+            return Ok(true);
         }
         let t = target.unwrap_or_else(|| self.default_shard());
         if synced && self.parse_without_backend(&frames, t)? {
-            return Ok(());
+            return Ok(true);
         }
         if t != self.be.cur && !self.be.owed.is_empty() {
             self.drain_owed().await?;
+            if self.skipped(&frames) {
+                return Ok(false);
+            }
         }
         if let Some(d) = &d {
             if let Err(r) = self.check_write(d, t) {
                 self.batch_error(&r, synced);
-                return Ok(());
+                return Ok(true);
             }
         }
-        if let Err(r) = self.switch_to(t).await? {
+        let switched = self.switch_to(t).await?;
+        if self.skipped(&frames) {
+            return Ok(false);
+        }
+        if let Err(r) = switched {
             self.batch_error(&r, synced);
-            return Ok(());
+            return Ok(true);
         }
         if let Some(d) = &d {
             self.poison_if_failed(d, t).await;
@@ -596,7 +652,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(b) = self.be.slots[t].conn.as_mut() {
             b.unsynced = !synced;
         }
-        Ok(())
+        Ok(true)
     }
 
     fn check_listen(&self, sql: &str) -> Result<(), Refusal> {

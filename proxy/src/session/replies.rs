@@ -190,6 +190,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         _ => {}
                     }
                 }
+                // No Sync sent since the failed message: the backend ignores
+                // whatever comes before the client's next Sync, and so does
+                // the node (else it would owe replies that never come).
+                if self.be.owed.is_empty() {
+                    self.skip_to_sync = true;
+                }
             }
         }
     }

@@ -320,6 +320,11 @@ impl Raw {
 
     /// Reads messages until ReadyForQuery; fails the test after 10 s.
     async fn until_ready(&mut self) -> Vec<(u8, Vec<u8>)> {
+        self.until(b'Z').await
+    }
+
+    /// Reads messages until one tagged `end`; fails the test after 10 s.
+    async fn until(&mut self, end: u8) -> Vec<(u8, Vec<u8>)> {
         tokio::time::timeout(Duration::from_secs(10), async {
             let mut msgs = Vec::new();
             loop {
@@ -334,7 +339,7 @@ impl Raw {
                     self.buf.advance(5);
                     let body = self.buf.split_to(len - 4).to_vec();
                     msgs.push((tag, body));
-                    if tag == b'Z' {
+                    if tag == end {
                         return msgs;
                     }
                 }
@@ -343,7 +348,7 @@ impl Raw {
             }
         })
         .await
-        .expect("no ReadyForQuery within 10 s: the session hangs")
+        .unwrap_or_else(|_| panic!("no '{}' within 10 s: the session hangs", end as char))
     }
 }
 
@@ -398,4 +403,106 @@ async fn an_unsynced_pipeline_never_reaches_another_client() {
     no_open_transactions(&c).await;
     assert_eq!(count(&db, b).await, 0);
     let _ = a;
+}
+
+/// One statement of a pipeline as libpq's pipeline mode sends it (psycopg
+/// 3): Parse, Bind, Describe portal, Execute, Flush — no Sync.
+fn pipelined(o: &mut BytesMut, sql: &str) {
+    frontend::parse("", sql, std::iter::empty(), o).unwrap();
+    o.extend_from_slice(&[b'B', 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0]);
+    frontend::describe(b'P', "", o).unwrap();
+    frontend::execute("", 0, o).unwrap();
+    frontend::flush(o);
+}
+
+/// Issue 14: psycopg 3's async pipeline in autocommit hung through a
+/// 2-shard node. An error skips to the next Sync exactly as PostgreSQL
+/// does (there: `12TDC` for a good statement, `E` for the failing one,
+/// nothing for what follows it up to Sync, then `Z`), whichever shards
+/// the statements went to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_in_a_pipeline_skips_to_sync_whichever_shards_the_statements_go_to() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    for k in [a, b] {
+        db.execute("INSERT INTO users (id, v) VALUES ($1, 'x')", &[&k])
+            .await
+            .unwrap();
+    }
+    let on = |k: i64| format!("SELECT v FROM users WHERE id = {k}");
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "psycopg's sequence",
+            vec![
+                "select 1".into(),
+                "select * from doesnotexist".into(),
+                "select 'aborted'".into(),
+            ],
+        ),
+        (
+            "error on the other shard",
+            vec![
+                on(a),
+                format!("SELECT v::int FROM users WHERE id = {b}"),
+                on(a),
+            ],
+        ),
+        (
+            "error on the first shard after the other",
+            vec![
+                on(b),
+                format!("SELECT v::int FROM users WHERE id = {a}"),
+                on(b),
+            ],
+        ),
+        (
+            "error then a keyless read",
+            vec![
+                on(a),
+                "select * from doesnotexist".into(),
+                "SELECT count(*) FROM users".into(),
+            ],
+        ),
+    ];
+    for (what, stmts) in cases {
+        let mut r = Raw::connect(&c).await;
+        let first = stmts[0].clone();
+        r.send(|o| {
+            for s in &stmts {
+                pipelined(o, s);
+            }
+            frontend::sync(o);
+            pipelined(o, "select 2");
+            frontend::sync(o);
+        })
+        .await;
+        let m1 = r.until_ready().await;
+        assert_eq!(tags(&m1), "12TDCEZ", "{what} ({first}): {m1:?}");
+        let m2 = r.until_ready().await;
+        assert_eq!(tags(&m2), "12TDCZ", "{what}: after the Sync: {m2:?}");
+        // and the session goes on
+        r.send(|o| frontend::query("SELECT 3", o).unwrap()).await;
+        assert_eq!(tags(&r.until_ready().await), "TDCZ", "{what}");
+        // The same with the error read before the rest is sent.
+        let mut r = Raw::connect(&c).await;
+        r.send(|o| {
+            pipelined(o, &stmts[0]);
+            pipelined(o, &stmts[1]);
+        })
+        .await;
+        let m = r.until(b'E').await;
+        assert_eq!(tags(&m), "12TDCE", "{what}, error first: {m:?}");
+        r.send(|o| {
+            pipelined(o, &stmts[2]);
+            frontend::sync(o);
+            pipelined(o, "select 2");
+            frontend::sync(o);
+        })
+        .await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "Z", "{what}, error first: {m:?}");
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "12TDCZ", "{what}, error first: {m:?}");
+    }
+    no_open_transactions(&c).await;
 }
