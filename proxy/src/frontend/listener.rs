@@ -23,6 +23,7 @@ use crate::error::sqlstate;
 use crate::frontend::auth::{self, ScramServer, ScramVerifier};
 use crate::node::*;
 use crate::session::Session;
+use crate::wire::startup::{CANCEL_REQUEST, GSSENC_REQUEST, PROTOCOL_3_0, SSL_REQUEST};
 use crate::wire::{self, FrameReader, Severity, WireError};
 use bytes::{BufMut, BytesMut};
 use std::sync::atomic::Ordering;
@@ -30,10 +31,6 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const SSL_REQUEST: i32 = 80877103;
-const GSSENC_REQUEST: i32 = 80877104;
-const CANCEL_REQUEST: i32 = 80877102;
-const PROTOCOL_3_0: i32 = 196608;
 /// Largest message accepted before login (PostgreSQL: PG_MAX_AUTH_TOKEN_LENGTH).
 const AUTH_MAX_MESSAGE: usize = 65_535;
 
@@ -166,7 +163,7 @@ impl Node {
                             )
                             .await;
                         }
-                        if r.get_mut().write_all(b"S").await.is_err() {
+                        if r.get_mut().write_all(wire::startup::ACCEPT).await.is_err() {
                             return;
                         }
                         let (sock, _) = r.into_parts();
@@ -182,13 +179,13 @@ impl Node {
                             .after_tls(FrameReader::new(tls, AUTH_MAX_MESSAGE.min(max)), n)
                             .await;
                     }
-                    if r.get_mut().write_all(b"N").await.is_err() {
+                    if r.get_mut().write_all(wire::startup::REFUSE).await.is_err() {
                         return;
                     }
                     tls_done = true;
                 }
                 GSSENC_REQUEST => {
-                    if r.get_mut().write_all(b"N").await.is_err() {
+                    if r.get_mut().write_all(wire::startup::REFUSE).await.is_err() {
                         return;
                     }
                 }
@@ -331,7 +328,7 @@ impl Node {
             }
         };
         let mut out = BytesMut::new();
-        wire::auth_request(&mut out, 0, &[]);
+        wire::auth_request(&mut out, wire::auth::OK, &[]);
         for (k, v) in &server_params {
             let v = state.get(k).unwrap_or(v);
             wire::parameter_status(&mut out, k, v);
@@ -343,7 +340,7 @@ impl Node {
         }
         let (pid, secret, slot) = self.register_cancel();
         wire::backend_key_data(&mut out, pid, secret);
-        wire::ready_for_query(&mut out, b'I');
+        wire::ready_for_query(&mut out, wire::tx::IDLE);
         if r.get_mut().write_all(&out).await.is_err() {
             self.unregister_cancel(pid, secret);
             return;
@@ -430,7 +427,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         AuthMethod::Trust => Ok(()),
         AuthMethod::Md5 => {
             let salt: [u8; 4] = rand::random();
-            wire::auth_request(&mut out, 5, &salt);
+            wire::auth_request(&mut out, wire::auth::MD5_PASSWORD, &salt);
             send(r, &out).await?;
             let f = read_password(r).await?;
             let mut b = f.body();
@@ -446,7 +443,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             let mut mechs = BytesMut::new();
             wire::put_cstr(&mut mechs, "SCRAM-SHA-256");
             mechs.put_u8(0);
-            wire::auth_request(&mut out, 10, &mechs);
+            wire::auth_request(&mut out, wire::auth::SASL, &mechs);
             send(r, &out).await?;
             let f = read_password(r).await?;
             let mut b = f.body();
@@ -462,13 +459,17 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             let server = ScramServer::start(v, first)
                 .map_err(|e| (sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
             out.clear();
-            wire::auth_request(&mut out, 11, server.server_first().as_bytes());
+            wire::auth_request(
+                &mut out,
+                wire::auth::SASL_CONTINUE,
+                server.server_first().as_bytes(),
+            );
             send(r, &out).await?;
             let f = read_password(r).await?;
             let fin = std::str::from_utf8(f.body()).map_err(|_| failed())?;
             let sfinal = server.finish(fin).map_err(|_| failed())?;
             out.clear();
-            wire::auth_request(&mut out, 12, sfinal.as_bytes());
+            wire::auth_request(&mut out, wire::auth::SASL_FINAL, sfinal.as_bytes());
             send(r, &out).await
         }
     }
@@ -493,7 +494,7 @@ async fn read_password<S: AsyncRead + AsyncWrite + Unpin>(
             format!("during authentication: {e}"),
         )
     })?;
-    if f.tag() != b'p' {
+    if f.tag() != wire::fe::PASSWORD {
         return Err((
             sqlstate::PROTOCOL_VIOLATION,
             "expected a password response".into(),
