@@ -73,6 +73,8 @@ pub struct BackendConn {
     /// Set when the connection may hold state nobody tracks; it is then
     /// closed instead of being returned to the pool.
     pub broken: bool,
+    /// When the connection was opened (`server_lifetime`).
+    pub created: std::time::Instant,
     /// When the connection last went idle in the pool.
     pub idle_since: std::time::Instant,
     /// Transaction status of the last ReadyForQuery ('I', 'T', 'E').
@@ -256,6 +258,7 @@ impl BackendConn {
             prepared: HashSet::new(),
             state_fp: crate::backend::state::SessionState::default().fingerprint(),
             broken: false,
+            created: std::time::Instant::now(),
             idle_since: std::time::Instant::now(),
             status: tx::IDLE,
             unsynced: false,
@@ -278,6 +281,13 @@ impl BackendConn {
     /// not marked broken.
     pub fn reusable(&self) -> bool {
         !self.broken && self.status == tx::IDLE && !self.unsynced
+    }
+
+    /// Ends the connection politely: a Terminate if the socket takes it
+    /// at once (never waits), then the close. PostgreSQL then ends the
+    /// backend without logging an unexpected EOF.
+    pub fn terminate(self) {
+        let _ = self.writer.try_write(&[wire::fe::TERMINATE, 0, 0, 0, 4]);
     }
 
     /// Runs a simple query whose results the client never sees; returns the
