@@ -57,8 +57,9 @@ impl Node {
 
     /// Starts the node's long-running background tasks under its
     /// supervisor: the catalog follower (after publishing the current
-    /// routing table), the 2PC resolver and the reshard job supervisor.
-    /// Each ends when the node shuts down ([`Node::shutdown`]).
+    /// routing table), the 2PC resolver, the reshard job supervisor and,
+    /// when `server_lifetime` or `server_idle_timeout` is set, the pool
+    /// reaper ([`crate::backend::pool::Pool::reap`]). Each ends when the node shuts down ([`Node::shutdown`]).
     pub fn start_background(self: &Arc<Self>) {
         crate::control::cluster::publish_now(self, &self.catalog_handle);
         let node = self.clone();
