@@ -1,6 +1,7 @@
 //! Backend ages (issue 17): `server_lifetime` closes a backend when it
 //! comes back to the pool past its age, never inside a transaction;
 //! `server_idle_timeout` closes backends idle in the pool.
+#![allow(clippy::unwrap_used)]
 
 use hotrepart_tests::*;
 use std::time::Duration;
