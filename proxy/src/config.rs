@@ -60,6 +60,23 @@ pub struct Config {
     /// Largest protocol message accepted from a client, in bytes.
     #[serde(default = "default_max_message_size")]
     pub max_message_size: usize,
+    /// The startup packet, SSL negotiation, TLS handshake and
+    /// authentication of a client must end within this; else the socket is
+    /// closed (FATAL 57014 once the startup packet is in). 0 = no limit.
+    #[serde(default = "default_client_login_timeout_ms")]
+    pub client_login_timeout_ms: u64,
+    /// Client sockets that may be in the login handshake at once (accepted,
+    /// not yet logged in); the next one gets FATAL 53300 and is closed.
+    #[serde(default = "default_max_pending_logins")]
+    pub max_pending_logins: usize,
+    /// A backend connection older than this is closed when it goes back to
+    /// the pool (never inside a transaction) or while idle there. 0 = no
+    /// limit.
+    #[serde(default = "default_server_lifetime_ms")]
+    pub server_lifetime_ms: u64,
+    /// A backend connection idle in the pool this long is closed. 0 = never.
+    #[serde(default = "default_server_idle_timeout_ms")]
+    pub server_idle_timeout_ms: u64,
     /// Close a client idle (outside a transaction) this long; 0 = never.
     #[serde(default)]
     pub client_idle_timeout_ms: u64,
@@ -339,6 +356,18 @@ fn default_connect_timeout_ms() -> u64 {
 fn default_max_client_connections() -> usize {
     10_000
 }
+fn default_client_login_timeout_ms() -> u64 {
+    60_000
+}
+fn default_max_pending_logins() -> usize {
+    1_000
+}
+fn default_server_lifetime_ms() -> u64 {
+    3_600_000
+}
+fn default_server_idle_timeout_ms() -> u64 {
+    600_000
+}
 fn default_max_merge_rows() -> usize {
     100_000
 }
@@ -471,6 +500,11 @@ impl Config {
         }
         if self.pool_size == 0 {
             return Err(ConfigError::Invalid("pool_size must be at least 1".into()));
+        }
+        if self.max_pending_logins == 0 {
+            return Err(ConfigError::Invalid(
+                "max_pending_logins must be at least 1".into(),
+            ));
         }
         let mut users = std::collections::HashSet::new();
         for u in &self.users {
@@ -623,9 +657,25 @@ impl Config {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
+    /// `client_login_timeout_ms`, `None` when off.
+    pub fn client_login_timeout(&self) -> Option<Duration> {
+        nonzero_ms(self.client_login_timeout_ms)
+    }
+    /// `server_lifetime_ms`, `None` when off.
+    pub fn server_lifetime(&self) -> Option<Duration> {
+        nonzero_ms(self.server_lifetime_ms)
+    }
+    /// `server_idle_timeout_ms`, `None` when off.
+    pub fn server_idle_timeout(&self) -> Option<Duration> {
+        nonzero_ms(self.server_idle_timeout_ms)
+    }
     pub fn user(&self, name: &str) -> Option<&UserConfig> {
         self.users.iter().find(|u| u.name == name)
     }
+}
+
+fn nonzero_ms(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 #[cfg(test)]

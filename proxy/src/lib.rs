@@ -6,7 +6,7 @@
 //! beside it. Imports point down this list, never up, except into files
 //! that import nothing of the crate (`node` uses `control::supervisor`,
 //! `control::jobs::running` and `exec::decisions`; `config` uses
-//! `frontend::auth`; `control::jobs::schema_copy` uses `tools::localpg`)
+//! `frontend::auth`)
 //! and the executors' use of the session's lower layer (`session::conn`);
 //! no files import each other in a loop (`docs/ARCHITECTURE.md`):
 //! - [`tools`]: local PostgreSQL servers, `hotrepart demo`, the load

@@ -5,7 +5,7 @@
 //! The listener and handshake are in `frontend`.
 
 use crate::backend::conn::BackendTarget;
-use crate::backend::pool::{Pool, Pools};
+use crate::backend::pool::{Pool, PoolSettings, Pools};
 use crate::config::Config;
 use crate::error::sqlstate;
 use crate::error::Refusal;
@@ -95,7 +95,10 @@ pub struct Node {
     /// again.
     pub(crate) catalog_generation: std::sync::atomic::AtomicU64,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Clients past the startup packet (`max_client_connections`).
     pub(crate) clients: AtomicUsize,
+    /// Accepted sockets not yet logged in (`max_pending_logins`).
+    pub(crate) pending_logins: AtomicUsize,
     pub(crate) cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
     /// Commit decisions of two-phase commits (the replicated catalog's
     /// `TxDecision` entries; see `cluster::CatalogDecisions`).
@@ -162,6 +165,7 @@ impl Node {
             pools: Pools::default(),
             tls,
             clients: AtomicUsize::new(0),
+            pending_logins: AtomicUsize::new(0),
             cancels: Mutex::new(HashMap::new()),
             decisions,
             tasks: Default::default(),
@@ -373,8 +377,12 @@ impl Node {
                     password,
                     database: database.to_string(),
                 },
-                self.cfg.pool_size,
-                self.cfg.connect_timeout(),
+                PoolSettings {
+                    size: self.cfg.pool_size,
+                    connect_timeout: self.cfg.connect_timeout(),
+                    lifetime: self.cfg.server_lifetime(),
+                    idle_timeout: self.cfg.server_idle_timeout(),
+                },
             )
         })
     }

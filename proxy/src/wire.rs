@@ -66,6 +66,50 @@ pub mod tx {
     pub const FAILED: u8 = b'E';
 }
 
+/// Codes of the untagged first packet a client sends (length, then code).
+pub mod startup {
+    /// StartupMessage for protocol 3.0.
+    pub const PROTOCOL_3_0: i32 = 196_608;
+    /// SSLRequest.
+    pub const SSL_REQUEST: i32 = 80_877_103;
+    /// GSSENCRequest.
+    pub const GSSENC_REQUEST: i32 = 80_877_104;
+    /// CancelRequest.
+    pub const CANCEL_REQUEST: i32 = 80_877_102;
+    /// The one-byte answer to SSLRequest/GSSENCRequest: go ahead.
+    pub const ACCEPT: &[u8] = b"S";
+    /// The one-byte answer to SSLRequest/GSSENCRequest: not supported.
+    pub const REFUSE: &[u8] = b"N";
+}
+
+/// The request codes an Authentication message carries.
+pub mod auth {
+    /// AuthenticationOk.
+    pub const OK: i32 = 0;
+    /// AuthenticationCleartextPassword.
+    pub const CLEARTEXT_PASSWORD: i32 = 3;
+    /// AuthenticationMD5Password (followed by a 4-byte salt).
+    pub const MD5_PASSWORD: i32 = 5;
+    /// AuthenticationSASL (followed by the mechanism names).
+    pub const SASL: i32 = 10;
+    /// AuthenticationSASLContinue.
+    pub const SASL_CONTINUE: i32 = 11;
+    /// AuthenticationSASLFinal.
+    pub const SASL_FINAL: i32 = 12;
+}
+
+/// Field types inside an ErrorResponse or NoticeResponse body.
+pub mod field {
+    /// Severity, possibly localized.
+    pub const SEVERITY: u8 = b'S';
+    /// Severity, never localized (protocol 3.0, PostgreSQL 9.6+).
+    pub const SEVERITY_NONLOCALIZED: u8 = b'V';
+    /// SQLSTATE code.
+    pub const CODE: u8 = b'C';
+    /// Primary human-readable message.
+    pub const MESSAGE: u8 = b'M';
+}
+
 /// What a Describe or Close names: a prepared statement, or a portal.
 pub const STATEMENT: u8 = b'S';
 /// See [`STATEMENT`].
@@ -268,39 +312,39 @@ pub fn error_response(out: &mut BytesMut, sev: Severity, code: &str, msg: &str) 
         Severity::Error => "ERROR",
         Severity::Fatal => "FATAL",
     };
-    frame(out, b'E', |o| {
-        o.put_u8(b'S');
+    frame(out, be::ERROR_RESPONSE, |o| {
+        o.put_u8(field::SEVERITY);
         put_cstr(o, s);
-        o.put_u8(b'V');
+        o.put_u8(field::SEVERITY_NONLOCALIZED);
         put_cstr(o, s);
-        o.put_u8(b'C');
+        o.put_u8(field::CODE);
         put_cstr(o, code);
-        o.put_u8(b'M');
+        o.put_u8(field::MESSAGE);
         put_cstr(o, msg);
         o.put_u8(0);
     });
 }
 
 pub fn ready_for_query(out: &mut BytesMut, status: u8) {
-    frame(out, b'Z', |o| o.put_u8(status));
+    frame(out, be::READY_FOR_QUERY, |o| o.put_u8(status));
 }
 
 pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
-    frame(out, b'S', |o| {
+    frame(out, be::PARAMETER_STATUS, |o| {
         put_cstr(o, name);
         put_cstr(o, value);
     });
 }
 
 pub fn auth_request(out: &mut BytesMut, code: i32, data: &[u8]) {
-    frame(out, b'R', |o| {
+    frame(out, be::AUTHENTICATION, |o| {
         o.put_i32(code);
         o.put_slice(data);
     });
 }
 
 pub fn backend_key_data(out: &mut BytesMut, pid: i32, secret: i32) {
-    frame(out, b'K', |o| {
+    frame(out, be::BACKEND_KEY_DATA, |o| {
         o.put_i32(pid);
         o.put_i32(secret);
     });
@@ -308,10 +352,10 @@ pub fn backend_key_data(out: &mut BytesMut, pid: i32, secret: i32) {
 
 /// Simple fixed frames the node synthesises in place of a backend's answer.
 pub fn parse_complete() -> Bytes {
-    Bytes::from_static(&[b'1', 0, 0, 0, 4])
+    Bytes::from_static(&[be::PARSE_COMPLETE, 0, 0, 0, 4])
 }
 pub fn close_complete() -> Bytes {
-    Bytes::from_static(&[b'3', 0, 0, 0, 4])
+    Bytes::from_static(&[be::CLOSE_COMPLETE, 0, 0, 0, 4])
 }
 
 /// Fields of an ErrorResponse/NoticeResponse body: (code, message).
@@ -326,8 +370,8 @@ pub fn parse_error_fields(body: &[u8]) -> (String, String) {
         b = rest;
         let Ok(v) = get_cstr(&mut b) else { break };
         match t {
-            b'C' => code = v.to_string(),
-            b'M' => msg = v.to_string(),
+            field::CODE => code = v.to_string(),
+            field::MESSAGE => msg = v.to_string(),
             _ => {}
         }
     }
@@ -344,7 +388,7 @@ pub fn rfq(status: u8) -> Bytes {
 /// CommandComplete with `tag`, as bytes.
 pub fn command_complete(tag: &str) -> Bytes {
     let mut b = BytesMut::new();
-    frame(&mut b, b'C', |o| put_cstr(o, tag));
+    frame(&mut b, be::COMMAND_COMPLETE, |o| put_cstr(o, tag));
     b.freeze()
 }
 
@@ -355,17 +399,17 @@ mod tests {
     #[tokio::test]
     async fn splits_frames_across_reads() {
         let mut out = BytesMut::new();
-        ready_for_query(&mut out, b'I');
+        ready_for_query(&mut out, tx::IDLE);
         error_response(&mut out, Severity::Error, "0A000", "nope");
         let data = out.freeze();
         let (a, b) = data.split_at(3);
         let stream = tokio_test_stream(vec![a.to_vec(), b.to_vec()]);
         let mut r = FrameReader::new(stream, 1 << 20);
         let f1 = r.next().await.expect("frame");
-        assert_eq!(f1.tag(), b'Z');
+        assert_eq!(f1.tag(), be::READY_FOR_QUERY);
         assert_eq!(f1.body(), b"I");
         let f2 = r.next().await.expect("frame");
-        assert_eq!(f2.tag(), b'E');
+        assert_eq!(f2.tag(), be::ERROR_RESPONSE);
         let (code, msg) = parse_error_fields(f2.body());
         assert_eq!((code.as_str(), msg.as_str()), ("0A000", "nope"));
         assert!(matches!(r.next().await, Err(WireError::Closed)));
@@ -373,10 +417,10 @@ mod tests {
 
     #[tokio::test]
     async fn rejects_oversized_and_short_lengths() {
-        let big = vec![b'Q', 0, 1, 0, 0];
+        let big = vec![fe::QUERY, 0, 1, 0, 0];
         let mut r = FrameReader::new(tokio_test_stream(vec![big]), 1024);
         assert!(matches!(r.next().await, Err(WireError::Protocol(_))));
-        let short = vec![b'Q', 0, 0, 0, 2];
+        let short = vec![fe::QUERY, 0, 0, 0, 2];
         let mut r = FrameReader::new(tokio_test_stream(vec![short]), 1024);
         assert!(matches!(r.next().await, Err(WireError::Protocol(_))));
     }

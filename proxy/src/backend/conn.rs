@@ -8,7 +8,7 @@
 //! Guarantee: a connection returned by [`BackendConn::connect`] has completed
 //! startup and sat at ReadyForQuery(idle) with nothing owed.
 
-use crate::wire::{self, Frame, FrameReader, WireError};
+use crate::wire::{self, auth, be, tx, Frame, FrameReader, WireError};
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
@@ -73,6 +73,8 @@ pub struct BackendConn {
     /// Set when the connection may hold state nobody tracks; it is then
     /// closed instead of being returned to the pool.
     pub broken: bool,
+    /// When the connection was opened (`server_lifetime`).
+    pub created: std::time::Instant,
     /// When the connection last went idle in the pool.
     pub idle_since: std::time::Instant,
     /// Transaction status of the last ReadyForQuery ('I', 'T', 'E').
@@ -137,12 +139,12 @@ impl BackendConn {
             let f = reader.next().await?;
             let mut body = f.body();
             match f.tag() {
-                b'R' => {
+                be::AUTHENTICATION => {
                     let code = wire::get_i32(&mut body)?;
                     out.clear();
                     match code {
-                        0 => continue,
-                        3 => {
+                        auth::OK => continue,
+                        auth::CLEARTEXT_PASSWORD => {
                             let pw = t
                                 .password
                                 .as_deref()
@@ -150,7 +152,7 @@ impl BackendConn {
                             frontend::password_message(pw.as_bytes(), &mut out)
                                 .map_err(|e| BackendError::Wire(WireError::Io(e)))?;
                         }
-                        5 => {
+                        auth::MD5_PASSWORD => {
                             let pw = t
                                 .password
                                 .as_deref()
@@ -167,7 +169,7 @@ impl BackendConn {
                             frontend::password_message(h.as_bytes(), &mut out)
                                 .map_err(|e| BackendError::Wire(WireError::Io(e)))?;
                         }
-                        10 => {
+                        auth::SASL => {
                             let pw = t
                                 .password
                                 .as_deref()
@@ -194,7 +196,7 @@ impl BackendConn {
                             .map_err(|e| BackendError::Wire(WireError::Io(e)))?;
                             scram = Some(s);
                         }
-                        11 => {
+                        auth::SASL_CONTINUE => {
                             let s = scram.as_mut().ok_or_else(|| {
                                 WireError::Protocol("unexpected SASL continue".into())
                             })?;
@@ -202,7 +204,7 @@ impl BackendConn {
                             frontend::sasl_response(s.message(), &mut out)
                                 .map_err(|e| BackendError::Wire(WireError::Io(e)))?;
                         }
-                        12 => {
+                        auth::SASL_FINAL => {
                             let s = scram.as_mut().ok_or_else(|| {
                                 WireError::Protocol("unexpected SASL final".into())
                             })?;
@@ -218,16 +220,16 @@ impl BackendConn {
                     }
                     w.write_all(&out).await.map_err(WireError::Io)?;
                 }
-                b'S' => {
+                be::PARAMETER_STATUS => {
                     let k = wire::get_cstr(&mut body)?.to_string();
                     let v = wire::get_cstr(&mut body)?.to_string();
                     params.push((k, v));
                 }
-                b'K' => {
+                be::BACKEND_KEY_DATA => {
                     pid = wire::get_i32(&mut body)?;
                     secret = wire::get_i32(&mut body)?;
                 }
-                b'E' => {
+                be::ERROR_RESPONSE => {
                     let (code, message) = wire::parse_error_fields(f.body());
                     return Err(BackendError::Refused {
                         shard: t.shard.clone(),
@@ -235,8 +237,8 @@ impl BackendConn {
                         message,
                     });
                 }
-                b'N' => {}
-                b'Z' => break,
+                be::NOTICE_RESPONSE => {}
+                be::READY_FOR_QUERY => break,
                 other => {
                     return Err(WireError::Protocol(format!(
                         "unexpected message {:?} during backend startup",
@@ -256,8 +258,9 @@ impl BackendConn {
             prepared: HashSet::new(),
             state_fp: crate::backend::state::SessionState::default().fingerprint(),
             broken: false,
+            created: std::time::Instant::now(),
             idle_since: std::time::Instant::now(),
-            status: b'I',
+            status: tx::IDLE,
             unsynced: false,
         })
     }
@@ -277,7 +280,14 @@ impl BackendConn {
     /// Whether the connection may go back to the pool: idle, synced, and
     /// not marked broken.
     pub fn reusable(&self) -> bool {
-        !self.broken && self.status == b'I' && !self.unsynced
+        !self.broken && self.status == tx::IDLE && !self.unsynced
+    }
+
+    /// Ends the connection politely: a Terminate if the socket takes it
+    /// at once (never waits), then the close. PostgreSQL then ends the
+    /// backend without logging an unexpected EOF.
+    pub fn terminate(self) {
+        let _ = self.writer.try_write(&[wire::fe::TERMINATE, 0, 0, 0, 4]);
     }
 
     /// Runs a simple query whose results the client never sees; returns the
@@ -299,7 +309,7 @@ impl BackendConn {
         loop {
             let f: Frame = self.reader.next().await.map_err(HiddenQueryError::Wire)?;
             match f.tag() {
-                b'D' => {
+                be::DATA_ROW => {
                     let mut b = f.body();
                     let n = wire::get_i16(&mut b).map_err(HiddenQueryError::Wire)?;
                     let mut row = Vec::with_capacity(n.max(0) as usize);
@@ -320,9 +330,9 @@ impl BackendConn {
                     }
                     rows.push(row);
                 }
-                b'E' => err = Some(wire::parse_error_fields(f.body())),
-                b'Z' => {
-                    self.status = f.body().first().copied().unwrap_or(b'I');
+                be::ERROR_RESPONSE => err = Some(wire::parse_error_fields(f.body())),
+                be::READY_FOR_QUERY => {
+                    self.status = f.body().first().copied().unwrap_or(tx::IDLE);
                     break;
                 }
                 _ => {}

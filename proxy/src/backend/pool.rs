@@ -9,7 +9,12 @@
 //! - a [`Pooled`] guard returns its connection to the pool only through
 //!   [`Pooled::release`], which the session calls at ReadyForQuery(idle) with
 //!   nothing owed; dropping the guard any other way closes the connection, so
-//!   a backend that might carry another client's state is never reused.
+//!   a backend that might carry another client's state is never reused;
+//! - a backend older than `server_lifetime` is closed when it comes back
+//!   (at ReadyForQuery(idle): never inside a transaction) instead of going
+//!   idle, and [`Pool::reap`] closes idle backends past their lifetime or
+//!   idle longer than `server_idle_timeout`; checkout never hands out
+//!   either.
 
 use crate::backend::conn::{BackendConn, BackendError, BackendTarget};
 use std::collections::{HashMap, HashSet};
@@ -32,12 +37,33 @@ pub enum PoolError {
 /// Idle connections older than this are checked for liveness at checkout.
 const LIVENESS_CHECK_AFTER: Duration = Duration::from_millis(100);
 
+/// Sizes and ages of a pool's backends (from the node's config).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub size: usize,
+    pub connect_timeout: Duration,
+    /// `server_lifetime`: close a backend this old when it is idle.
+    pub lifetime: Option<Duration>,
+    /// `server_idle_timeout`: close a backend idle this long.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl PoolSettings {
+    /// Whether an idle backend should be closed rather than used.
+    fn expired(&self, c: &BackendConn) -> bool {
+        self.lifetime.is_some_and(|l| c.created.elapsed() >= l)
+            || self
+                .idle_timeout
+                .is_some_and(|t| c.idle_since.elapsed() >= t)
+    }
+}
+
 pub struct Pool {
     pub target: BackendTarget,
     size: usize,
     sem: Arc<Semaphore>,
     idle: Mutex<Vec<BackendConn>>,
-    connect_timeout: Duration,
+    settings: PoolSettings,
     /// ParameterStatus values of the first connection made, shown to clients
     /// at login.
     server_params: Mutex<Option<Vec<(String, String)>>>,
@@ -51,13 +77,13 @@ pub struct Pool {
 const VALIDATED_MAX: usize = 4096;
 
 impl Pool {
-    pub fn new(target: BackendTarget, size: usize, connect_timeout: Duration) -> Arc<Pool> {
+    pub fn new(target: BackendTarget, settings: PoolSettings) -> Arc<Pool> {
         Arc::new(Pool {
             target,
-            size,
-            sem: Arc::new(Semaphore::new(size)),
+            size: settings.size,
+            sem: Arc::new(Semaphore::new(settings.size)),
             idle: Mutex::new(Vec::new()),
-            connect_timeout,
+            settings,
             server_params: Mutex::new(None),
             validated: Mutex::new(HashSet::new()),
         })
@@ -98,6 +124,10 @@ impl Pool {
                 }
             };
             match candidate {
+                Some(c) if self.settings.expired(&c) => {
+                    tracing::debug!(shard = %self.target.shard, "closing expired idle backend");
+                    c.terminate();
+                }
                 Some(c) if c.idle_since.elapsed() >= LIVENESS_CHECK_AFTER && !c.is_alive() => {
                     tracing::debug!(shard = %self.target.shard, "dropping dead idle backend");
                     drop(c);
@@ -108,7 +138,8 @@ impl Pool {
         let conn = match idle {
             Some(c) => c,
             None => {
-                let conn = BackendConn::connect(&self.target, self.connect_timeout).await?;
+                let conn =
+                    BackendConn::connect(&self.target, self.settings.connect_timeout).await?;
                 let mut sp = self.server_params.lock().unwrap_or_else(|e| e.into_inner());
                 if sp.is_none() {
                     *sp = Some(conn.params.clone());
@@ -162,6 +193,27 @@ impl Pool {
             .contains(&(internal.to_owned(), fp))
     }
 
+    /// Closes the idle backends past `server_lifetime` or idle longer than
+    /// `server_idle_timeout`; returns how many. Never waits: the node's
+    /// pool reaper calls it periodically.
+    pub fn reap(&self) -> usize {
+        let expired: Vec<BackendConn> = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let (old, keep): (Vec<_>, Vec<_>) =
+                idle.drain(..).partition(|c| self.settings.expired(c));
+            *idle = keep;
+            old
+        };
+        let n = expired.len();
+        for c in expired {
+            c.terminate();
+        }
+        if n > 0 {
+            tracing::debug!(shard = %self.target.shard, closed = n, "closed expired idle backends");
+        }
+        n
+    }
+
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -190,7 +242,17 @@ impl Pooled {
         if let Some(mut c) = self.conn.take() {
             // A connection inside a transaction, or with an unsynced
             // pipeline, is closed (PostgreSQL rolls back), never reused.
-            if c.reusable() {
+            // One past its lifetime is closed here, at ReadyForQuery(idle):
+            // its transaction, if any, has ended.
+            let too_old = self
+                .pool
+                .settings
+                .lifetime
+                .is_some_and(|l| c.created.elapsed() >= l);
+            if c.reusable() && too_old {
+                tracing::debug!(shard = %self.pool.target.shard, "closing backend past server_lifetime");
+                c.terminate();
+            } else if c.reusable() {
                 c.idle_since = std::time::Instant::now();
                 self.pool
                     .idle

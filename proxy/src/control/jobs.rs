@@ -49,6 +49,7 @@
 //!   `FreezeId::for_job`), and only the job lifts that freeze while it
 //!   lives (an operator's `range unfreeze` is refused).
 
+pub(crate) mod pgbin;
 pub(crate) mod rebalance;
 pub(crate) mod schema_copy;
 

@@ -11,8 +11,17 @@
 //! - one task per client connection, tracked by the node's supervisor and
 //!   ended at shutdown; a failing or malicious client ends only its own
 //!   task (malformed input gets an ErrorResponse and a close);
-//! - at most `max_client_connections` sessions exist; the next one gets
-//!   SQLSTATE 53300 and is closed;
+//! - at most `max_client_connections` clients past their startup packet
+//!   exist; the next one gets SQLSTATE 53300 and is closed;
+//! - at most `max_pending_logins` sockets are in the login handshake
+//!   (accepted, not logged in); the next one gets 53300 at once and is
+//!   closed, without the node waiting on it;
+//! - the handshake (startup packet, SSL/GSSENC negotiation, TLS, the
+//!   authentication exchange, the home shard's parameters) ends within
+//!   `client_login_timeout`, else the socket is closed: silently before the
+//!   startup packet (as PostgreSQL does), with FATAL 57014 "canceling
+//!   authentication due to timeout" after it;
+//! - SSLRequest and GSSENCRequest each come at most once (else 08P01);
 //! - a CancelRequest carrying a session's key cancels the query that session
 //!   is running on its current backend, whichever pooled backend that is.
 
@@ -23,6 +32,7 @@ use crate::error::sqlstate;
 use crate::frontend::auth::{self, ScramServer, ScramVerifier};
 use crate::node::*;
 use crate::session::Session;
+use crate::wire::startup::{CANCEL_REQUEST, GSSENC_REQUEST, PROTOCOL_3_0, SSL_REQUEST};
 use crate::wire::{self, FrameReader, Severity, WireError};
 use bytes::{BufMut, BytesMut};
 use std::sync::atomic::Ordering;
@@ -30,10 +40,6 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const SSL_REQUEST: i32 = 80877103;
-const GSSENC_REQUEST: i32 = 80877104;
-const CANCEL_REQUEST: i32 = 80877102;
-const PROTOCOL_3_0: i32 = 196608;
 /// Largest message accepted before login (PostgreSQL: PG_MAX_AUTH_TOKEN_LENGTH).
 const AUTH_MAX_MESSAGE: usize = 65_535;
 
@@ -51,8 +57,9 @@ impl Node {
 
     /// Starts the node's long-running background tasks under its
     /// supervisor: the catalog follower (after publishing the current
-    /// routing table), the 2PC resolver and the reshard job supervisor.
-    /// Each ends when the node shuts down ([`Node::shutdown`]).
+    /// routing table), the 2PC resolver, the reshard job supervisor and,
+    /// when `server_lifetime` or `server_idle_timeout` is set, the pool
+    /// reaper ([`crate::backend::pool::Pool::reap`]). Each ends when the node shuts down ([`Node::shutdown`]).
     pub fn start_background(self: &Arc<Self>) {
         crate::control::cluster::publish_now(self, &self.catalog_handle);
         let node = self.clone();
@@ -71,6 +78,26 @@ impl Node {
         self.tasks.supervise("job_supervisor", move |stop| {
             crate::control::jobs::supervise(node.clone(), stop)
         });
+        if let Some(every) = reap_interval(&self.cfg) {
+            let node = self.clone();
+            self.tasks.supervise("pool_reaper", move |stop| {
+                let node = node.clone();
+                async move {
+                    let mut tick = tokio::time::interval(every);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                    loop {
+                        tokio::select! {
+                            _ = tick.tick() => {
+                                for (_, pool) in node.pools.all() {
+                                    pool.reap();
+                                }
+                            }
+                            () = stop.cancelled() => return Ok(()),
+                        }
+                    }
+                }
+            });
+        }
     }
 
     /// Starts the node's background tasks, then accepts clients until the
@@ -132,75 +159,135 @@ impl Node {
         done
     }
 
+    /// One client connection: the login handshake under
+    /// `client_login_timeout` and `max_pending_logins`, then the session.
     async fn handle(self: Arc<Self>, sock: TcpStream) {
         let _ = sock.set_nodelay(true);
-        let n = self.clients.fetch_add(1, Ordering::Relaxed) + 1;
-        let _guard = CountGuard(self.clone());
+        let Some(pending) = PendingLogin::enter(&self) else {
+            tracing::warn!(
+                max_pending_logins = self.cfg.max_pending_logins,
+                "refusing a connection: too many clients in the login handshake"
+            );
+            let m = format!(
+                "too many connections are logging in at once (max_pending_logins = {}); try again",
+                self.cfg.max_pending_logins
+            );
+            return refuse_and_close(sock, sqlstate::TOO_MANY_CONNECTIONS, &m).await;
+        };
+        let deadline = self
+            .cfg
+            .client_login_timeout()
+            .map(|t| tokio::time::Instant::now() + t);
+        // Until the startup packet is in, PostgreSQL closes a timed-out
+        // connection without a word (the client may be waiting for the one
+        // byte that answers an SSLRequest, or for a TLS record); so do we.
+        let negotiated = match within(deadline, self.negotiate(sock)).await {
+            Some(n) => n,
+            None => {
+                tracing::info!(
+                    timeout_ms = self.cfg.client_login_timeout_ms,
+                    "client_login_timeout: no startup packet in time; connection closed"
+                );
+                return;
+            }
+        };
+        match negotiated {
+            Negotiated::Done => {}
+            Negotiated::Plain(r, params) => self.login(r, params, deadline, pending).await,
+            Negotiated::Tls(r, params) => self.login(*r, params, deadline, pending).await,
+        }
+    }
+
+    /// SSLRequest / GSSENCRequest / CancelRequest, the TLS handshake and
+    /// the startup packet. Each negotiation may come once: a second
+    /// SSLRequest or GSSENCRequest is a protocol violation.
+    async fn negotiate(&self, sock: TcpStream) -> Negotiated {
         // Before login a client gets no more than PostgreSQL allows for
         // authentication messages.
         let mut r = FrameReader::new(sock, AUTH_MAX_MESSAGE);
-        // Startup: SSLRequest / GSSENCRequest / CancelRequest come first.
-        let mut tls_done = false;
-        let params = loop {
+        let (mut ssl_done, mut gss_done) = (false, false);
+        loop {
             let pkt = match r.next_startup().await {
                 Ok(p) => p,
                 Err(WireError::Protocol(m)) => {
-                    return refuse(
+                    refuse(
                         r.get_mut(),
                         sqlstate::PROTOCOL_VIOLATION,
                         &format!("invalid startup packet: {m}"),
                     )
-                    .await
+                    .await;
+                    return Negotiated::Done;
                 }
-                Err(_) => return,
+                Err(_) => return Negotiated::Done,
             };
             let code = i32::from_be_bytes([pkt[4], pkt[5], pkt[6], pkt[7]]);
+            let again = match code {
+                SSL_REQUEST => std::mem::replace(&mut ssl_done, true).then_some("SSLRequest"),
+                GSSENC_REQUEST => std::mem::replace(&mut gss_done, true).then_some("GSSENCRequest"),
+                _ => None,
+            };
+            if let Some(what) = again {
+                refuse(
+                    r.get_mut(),
+                    sqlstate::PROTOCOL_VIOLATION,
+                    &format!(
+                        "duplicate {what}: encryption was already negotiated on this connection"
+                    ),
+                )
+                .await;
+                return Negotiated::Done;
+            }
             match code {
-                SSL_REQUEST if !tls_done => {
+                SSL_REQUEST => {
                     if let Some(acc) = self.tls.clone() {
                         if r.buffered() > 0 {
-                            return refuse(
+                            refuse(
                                 r.get_mut(),
                                 sqlstate::PROTOCOL_VIOLATION,
                                 "data after SSLRequest",
                             )
                             .await;
+                            return Negotiated::Done;
                         }
-                        if r.get_mut().write_all(b"S").await.is_err() {
-                            return;
+                        if r.get_mut().write_all(wire::startup::ACCEPT).await.is_err() {
+                            return Negotiated::Done;
                         }
                         let (sock, _) = r.into_parts();
                         let tls = match acc.accept(sock).await {
                             Ok(t) => t,
                             Err(e) => {
                                 tracing::info!(error = %e, "TLS handshake failed");
-                                return;
+                                return Negotiated::Done;
                             }
                         };
                         let max = self.cfg.max_message_size;
-                        return self
-                            .after_tls(FrameReader::new(tls, AUTH_MAX_MESSAGE.min(max)), n)
-                            .await;
+                        let mut r = FrameReader::new(tls, AUTH_MAX_MESSAGE.min(max));
+                        return match startup_after_tls(&mut r).await {
+                            Some(p) => Negotiated::Tls(Box::new(r), p),
+                            None => Negotiated::Done,
+                        };
                     }
-                    if r.get_mut().write_all(b"N").await.is_err() {
-                        return;
+                    if r.get_mut().write_all(wire::startup::REFUSE).await.is_err() {
+                        return Negotiated::Done;
                     }
-                    tls_done = true;
                 }
                 GSSENC_REQUEST => {
-                    if r.get_mut().write_all(b"N").await.is_err() {
-                        return;
+                    if r.get_mut().write_all(wire::startup::REFUSE).await.is_err() {
+                        return Negotiated::Done;
                     }
                 }
                 CANCEL_REQUEST if pkt.len() == 16 => {
                     let pid = i32::from_be_bytes([pkt[8], pkt[9], pkt[10], pkt[11]]);
                     let secret = i32::from_be_bytes([pkt[12], pkt[13], pkt[14], pkt[15]]);
                     self.cancel(pid, secret).await;
-                    return;
+                    return Negotiated::Done;
                 }
                 PROTOCOL_3_0 => match parse_startup(&pkt[8..]) {
-                    Ok(p) => break p,
-                    Err(m) => return refuse(r.get_mut(), sqlstate::PROTOCOL_VIOLATION, &m).await,
+                    Ok(p) => return Negotiated::Plain(r, p),
+                    Err(m) => {
+                        refuse(r.get_mut(), sqlstate::PROTOCOL_VIOLATION, &m).await;
+                        return Negotiated::Done;
+                    }
                 },
                 other => {
                     let m = format!(
@@ -208,34 +295,10 @@ impl Node {
                         other >> 16,
                         other & 0xffff
                     );
-                    return refuse(r.get_mut(), sqlstate::FEATURE_NOT_SUPPORTED, &m).await;
+                    refuse(r.get_mut(), sqlstate::FEATURE_NOT_SUPPORTED, &m).await;
+                    return Negotiated::Done;
                 }
             }
-        };
-        self.login(r, params, n).await
-    }
-
-    async fn after_tls<S: AsyncRead + AsyncWrite + Unpin + Send>(
-        self: Arc<Self>,
-        mut r: FrameReader<S>,
-        n: usize,
-    ) {
-        let pkt = match r.next_startup().await {
-            Ok(p) => p,
-            Err(_) => return,
-        };
-        let code = i32::from_be_bytes([pkt[4], pkt[5], pkt[6], pkt[7]]);
-        if code != PROTOCOL_3_0 {
-            return refuse(
-                r.get_mut(),
-                sqlstate::PROTOCOL_VIOLATION,
-                "expected a startup message after TLS",
-            )
-            .await;
-        }
-        match parse_startup(&pkt[8..]) {
-            Ok(p) => self.login(r, p, n).await,
-            Err(m) => refuse(r.get_mut(), sqlstate::PROTOCOL_VIOLATION, &m).await,
         }
     }
 
@@ -253,32 +316,107 @@ impl Node {
         }
     }
 
+    /// Authenticates a client that sent its startup packet (within the
+    /// login deadline), then runs its session.
     async fn login<S: AsyncRead + AsyncWrite + Unpin + Send>(
         self: Arc<Self>,
         mut r: FrameReader<S>,
         params: Vec<(String, String)>,
-        n: usize,
+        deadline: Option<tokio::time::Instant>,
+        pending: PendingLogin,
     ) {
+        let a = match within(deadline, self.admit(&mut r, &params)).await {
+            Some(Some(a)) => a,
+            Some(None) => return,
+            None => {
+                // PostgreSQL's words and SQLSTATE (it only logs them; the
+                // client here is waiting for an authentication message, so
+                // it may as well read why the connection ends).
+                tracing::info!(
+                    timeout_ms = self.cfg.client_login_timeout_ms,
+                    "client_login_timeout: canceling authentication due to timeout"
+                );
+                let _ = tokio::time::timeout(
+                    REFUSAL_WRITE_TIMEOUT,
+                    refuse(
+                        r.get_mut(),
+                        sqlstate::QUERY_CANCELED,
+                        "canceling authentication due to timeout",
+                    ),
+                )
+                .await;
+                return;
+            }
+        };
+        drop(pending);
+        r.set_max_len(self.cfg.max_message_size);
+        let Admitted {
+            user,
+            database,
+            state,
+            server_params,
+            session_mode,
+            key,
+            _count,
+        } = a;
+        tracing::debug!(%user, %database, "session started");
+        // The session's span names it (the pid the client got in
+        // BackendKeyData): a panic caught in `Session::run` is logged in it.
+        let span = tracing::info_span!("session", id = key.pid, %user, %database);
+        let end = tracing::Instrument::instrument(
+            Session::new(
+                self.clone(),
+                r,
+                database,
+                session_mode,
+                state,
+                key.slot.clone(),
+                user,
+            )
+            .with_server_params(&server_params)
+            .run(),
+            span,
+        )
+        .await;
+        tracing::debug!(?end, "session ended");
+        drop(key);
+    }
+
+    /// The limits, authentication, the home shard's parameters, and the
+    /// messages that end the login (AuthenticationOk … ReadyForQuery).
+    /// `None`: the client was refused (and told why) or went away.
+    async fn admit<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        self: &Arc<Self>,
+        r: &mut FrameReader<S>,
+        params: &[(String, String)],
+    ) -> Option<Admitted> {
         let get = |k: &str| params.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
         let Some(user) = get("user") else {
-            return refuse(
+            refuse(
                 r.get_mut(),
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 "no PostgreSQL user name specified in startup packet",
             )
             .await;
+            return None;
         };
         let database = get("database").unwrap_or_else(|| user.clone());
         if get("replication").is_some_and(|v| v != "false" && v != "0" && v != "off") {
-            return refuse(
+            refuse(
                 r.get_mut(),
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "replication connections are not supported by hotrepart",
             )
             .await;
+            return None;
         }
+        // Counted from here (past the startup packet), not from accept: a
+        // socket that never sends a startup packet takes a pending-login
+        // slot, never a client slot.
+        let n = self.clients.fetch_add(1, Ordering::Relaxed) + 1;
+        let count = CountGuard(self.clone());
         if n > self.cfg.max_client_connections {
-            return refuse(
+            refuse(
                 r.get_mut(),
                 sqlstate::TOO_MANY_CONNECTIONS,
                 &format!(
@@ -287,21 +425,27 @@ impl Node {
                 ),
             )
             .await;
+            return None;
         }
         let Some(ucfg) = self.cfg.user(&user).cloned() else {
-            return refuse(
+            refuse(
                 r.get_mut(),
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 &format!("role \"{user}\" is not allowed to connect through hotrepart"),
             )
             .await;
+            return None;
         };
-        if let Err(m) = authenticate(&mut r, &ucfg, &user).await {
-            return refuse(r.get_mut(), m.0, &m.1).await;
+        if let Err(m) = authenticate(r, &ucfg, &user).await {
+            refuse(r.get_mut(), m.0, &m.1).await;
+            return None;
         }
-        let state = match SessionState::from_startup(&params) {
+        let state = match SessionState::from_startup(params) {
             Ok(s) => s,
-            Err(m) => return refuse(r.get_mut(), sqlstate::FEATURE_NOT_SUPPORTED, &m).await,
+            Err(m) => {
+                refuse(r.get_mut(), sqlstate::FEATURE_NOT_SUPPORTED, &m).await;
+                return None;
+            }
         };
         let shard = self.routing.home_index();
         let pool = self.pool_for(shard, &database, &user);
@@ -318,20 +462,22 @@ impl Node {
                     sqlstate::INVALID_PASSWORD => sqlstate::INVALID_PASSWORD,
                     _ => sqlstate::CONNECTION_FAILURE,
                 };
-                return refuse(r.get_mut(), code, &message).await;
+                refuse(r.get_mut(), code, &message).await;
+                return None;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach shard at login");
-                return refuse(
+                refuse(
                     r.get_mut(),
                     sqlstate::CONNECTION_FAILURE,
                     "cannot connect to the shard",
                 )
                 .await;
+                return None;
             }
         };
         let mut out = BytesMut::new();
-        wire::auth_request(&mut out, 0, &[]);
+        wire::auth_request(&mut out, wire::auth::OK, &[]);
         for (k, v) in &server_params {
             let v = state.get(k).unwrap_or(v);
             wire::parameter_status(&mut out, k, v);
@@ -341,31 +487,25 @@ impl Node {
                 wire::parameter_status(&mut out, "application_name", app);
             }
         }
-        let (pid, secret, slot) = self.register_cancel();
-        wire::backend_key_data(&mut out, pid, secret);
-        wire::ready_for_query(&mut out, b'I');
+        let key = self.register_cancel();
+        wire::backend_key_data(&mut out, key.pid, key.secret);
+        wire::ready_for_query(&mut out, wire::tx::IDLE);
         if r.get_mut().write_all(&out).await.is_err() {
-            self.unregister_cancel(pid, secret);
-            return;
+            return None;
         }
-        r.set_max_len(self.cfg.max_message_size);
         let session_mode = ucfg.pool_mode.unwrap_or(self.cfg.pool_mode) == PoolMode::Session;
-        tracing::debug!(%user, %database, "session started");
-        // The session's span names it (the pid the client got in
-        // BackendKeyData): a panic caught in `Session::run` is logged in it.
-        let span = tracing::info_span!("session", id = pid, %user, %database);
-        let end = tracing::Instrument::instrument(
-            Session::new(self.clone(), r, database, session_mode, state, slot, user)
-                .with_server_params(&server_params)
-                .run(),
-            span,
-        )
-        .await;
-        tracing::debug!(?end, "session ended");
-        self.unregister_cancel(pid, secret);
+        Some(Admitted {
+            user,
+            database,
+            state,
+            server_params,
+            session_mode,
+            key,
+            _count: count,
+        })
     }
 
-    fn register_cancel(&self) -> (i32, i32, Arc<CancelSlot>) {
+    fn register_cancel(self: &Arc<Self>) -> CancelKey {
         let slot = Arc::new(CancelSlot::default());
         let mut m = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -373,17 +513,127 @@ impl Node {
             let secret: i32 = rand::random();
             if let std::collections::hash_map::Entry::Vacant(v) = m.entry((pid, secret)) {
                 v.insert(slot.clone());
-                return (pid, secret, slot);
+                return CancelKey {
+                    node: self.clone(),
+                    pid,
+                    secret,
+                    slot,
+                };
             }
         }
     }
+}
 
-    fn unregister_cancel(&self, pid: i32, secret: i32) {
-        self.cancels
+/// What the handshake produced.
+enum Negotiated {
+    /// Refused, cancelled, or gone: nothing more to do.
+    Done,
+    Plain(FrameReader<TcpStream>, Vec<(String, String)>),
+    Tls(
+        Box<FrameReader<tokio_rustls::server::TlsStream<TcpStream>>>,
+        Vec<(String, String)>,
+    ),
+}
+
+/// A client that logged in: what its session starts with.
+struct Admitted {
+    user: String,
+    database: String,
+    state: SessionState,
+    server_params: Vec<(String, String)>,
+    session_mode: bool,
+    key: CancelKey,
+    _count: CountGuard,
+}
+
+/// A session's cancel key, registered until dropped.
+struct CancelKey {
+    node: Arc<Node>,
+    pid: i32,
+    secret: i32,
+    slot: Arc<CancelSlot>,
+}
+
+impl Drop for CancelKey {
+    fn drop(&mut self) {
+        self.node
+            .cancels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&(pid, secret));
+            .remove(&(self.pid, self.secret));
     }
+}
+
+/// A place among the `max_pending_logins` sockets in the handshake, held
+/// from accept until login ends.
+struct PendingLogin(Arc<Node>);
+
+impl PendingLogin {
+    fn enter(node: &Arc<Node>) -> Option<PendingLogin> {
+        let n = node.pending_logins.fetch_add(1, Ordering::Relaxed) + 1;
+        let guard = PendingLogin(node.clone());
+        (n <= node.cfg.max_pending_logins).then_some(guard)
+    }
+}
+
+impl Drop for PendingLogin {
+    fn drop(&mut self) {
+        self.0.pending_logins.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `f`, unless `deadline` passes first (`None`).
+async fn within<F: std::future::Future>(
+    deadline: Option<tokio::time::Instant>,
+    f: F,
+) -> Option<F::Output> {
+    match deadline {
+        None => Some(f.await),
+        Some(d) => tokio::time::timeout_at(d, f).await.ok(),
+    }
+}
+
+/// How often the pool reaper looks for backends past `server_lifetime` or
+/// `server_idle_timeout`: a quarter of the shorter, between 10 ms and 1 s;
+/// `None` when both are off.
+fn reap_interval(cfg: &crate::config::Config) -> Option<std::time::Duration> {
+    let shortest = [cfg.server_lifetime(), cfg.server_idle_timeout()]
+        .into_iter()
+        .flatten()
+        .min()?;
+    Some((shortest / 4).clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(1),
+    ))
+}
+
+/// The longest a FATAL sent at a login timeout may take to write.
+const REFUSAL_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How long a refused socket's input is read (and discarded) after the
+/// refusal, so that closing it does not reset the connection before the
+/// client has read why.
+const REFUSAL_DRAIN: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Refuses a socket before reading anything from it: the FATAL if the
+/// socket takes it at once (never waits on the client), our end closed,
+/// then its input drained briefly.
+async fn refuse_and_close(mut sock: TcpStream, code: &str, msg: &str) {
+    let mut out = BytesMut::new();
+    wire::error_response(&mut out, Severity::Fatal, code, msg);
+    let _ = sock.try_write(&out);
+    let _ = sock.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(REFUSAL_DRAIN, async {
+        let mut total = 0usize;
+        while total < 64 * 1024 {
+            match tokio::io::AsyncReadExt::read(&mut sock, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }
 
 struct CountGuard(Arc<Node>);
@@ -398,6 +648,30 @@ async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, code: &str, msg: &str) {
     wire::error_response(&mut out, Severity::Fatal, code, msg);
     let _ = w.write_all(&out).await;
     let _ = w.flush().await;
+}
+
+/// The startup packet inside TLS (nothing else may come there).
+async fn startup_after_tls<S: AsyncRead + AsyncWrite + Unpin>(
+    r: &mut FrameReader<S>,
+) -> Option<Vec<(String, String)>> {
+    let pkt = r.next_startup().await.ok()?;
+    let code = i32::from_be_bytes([pkt[4], pkt[5], pkt[6], pkt[7]]);
+    if code != PROTOCOL_3_0 {
+        refuse(
+            r.get_mut(),
+            sqlstate::PROTOCOL_VIOLATION,
+            "expected a startup message after TLS",
+        )
+        .await;
+        return None;
+    }
+    match parse_startup(&pkt[8..]) {
+        Ok(p) => Some(p),
+        Err(m) => {
+            refuse(r.get_mut(), sqlstate::PROTOCOL_VIOLATION, &m).await;
+            None
+        }
+    }
 }
 
 fn parse_startup(mut b: &[u8]) -> Result<Vec<(String, String)>, String> {
@@ -430,7 +704,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         AuthMethod::Trust => Ok(()),
         AuthMethod::Md5 => {
             let salt: [u8; 4] = rand::random();
-            wire::auth_request(&mut out, 5, &salt);
+            wire::auth_request(&mut out, wire::auth::MD5_PASSWORD, &salt);
             send(r, &out).await?;
             let f = read_password(r).await?;
             let mut b = f.body();
@@ -446,7 +720,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             let mut mechs = BytesMut::new();
             wire::put_cstr(&mut mechs, "SCRAM-SHA-256");
             mechs.put_u8(0);
-            wire::auth_request(&mut out, 10, &mechs);
+            wire::auth_request(&mut out, wire::auth::SASL, &mechs);
             send(r, &out).await?;
             let f = read_password(r).await?;
             let mut b = f.body();
@@ -462,13 +736,17 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             let server = ScramServer::start(v, first)
                 .map_err(|e| (sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
             out.clear();
-            wire::auth_request(&mut out, 11, server.server_first().as_bytes());
+            wire::auth_request(
+                &mut out,
+                wire::auth::SASL_CONTINUE,
+                server.server_first().as_bytes(),
+            );
             send(r, &out).await?;
             let f = read_password(r).await?;
             let fin = std::str::from_utf8(f.body()).map_err(|_| failed())?;
             let sfinal = server.finish(fin).map_err(|_| failed())?;
             out.clear();
-            wire::auth_request(&mut out, 12, sfinal.as_bytes());
+            wire::auth_request(&mut out, wire::auth::SASL_FINAL, sfinal.as_bytes());
             send(r, &out).await
         }
     }
@@ -493,7 +771,7 @@ async fn read_password<S: AsyncRead + AsyncWrite + Unpin>(
             format!("during authentication: {e}"),
         )
     })?;
-    if f.tag() != b'p' {
+    if f.tag() != wire::fe::PASSWORD {
         return Err((
             sqlstate::PROTOCOL_VIOLATION,
             "expected a password response".into(),

@@ -34,36 +34,9 @@ pub struct PgInstall {
 
 impl PgInstall {
     pub fn find() -> Result<PgInstall, LocalPgError> {
-        let ok = |d: &Path| {
-            d.join("initdb").exists() && d.join("pg_ctl").exists() && d.join("postgres").exists()
-        };
-        if let Some(d) = std::env::var_os("PG_BIN").map(PathBuf::from) {
-            if ok(&d) {
-                return Ok(PgInstall { bin: d });
-            }
-        }
-        // Debian's versioned directories first: /usr/local/bin or /usr/bin
-        // may hold only wrapper scripts.
-        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let v = e.file_name().to_str()?.parse::<u32>().ok()?;
-                Some((v, e.path().join("bin")))
-            })
-            .filter(|(_, p)| ok(p))
-            .collect();
-        versions.sort();
-        if let Some((_, p)) = versions.pop() {
-            return Ok(PgInstall { bin: p });
-        }
-        for d in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
-            if ok(&d) {
-                return Ok(PgInstall { bin: d });
-            }
-        }
-        Err(LocalPgError::NotInstalled)
+        crate::control::jobs::pgbin::find(&["initdb", "pg_ctl", "postgres"])
+            .map(|bin| PgInstall { bin })
+            .ok_or(LocalPgError::NotInstalled)
     }
 
     pub fn tool(&self, name: &str) -> PathBuf {

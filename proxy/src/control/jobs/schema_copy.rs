@@ -43,8 +43,15 @@ pub(crate) async fn copy_schema(
     from_dsn: &str,
     to_dsn: &str,
 ) -> Result<Vec<(String, Vec<String>)>, JobError> {
-    let install = crate::tools::localpg::PgInstall::find()
-        .map_err(|e| JobError::Other(format!("pg_dump is needed to copy the schema: {e}")))?;
+    let pg_dump = crate::control::jobs::pgbin::find(&["pg_dump"])
+        .map(|d| d.join("pg_dump"))
+        .ok_or_else(|| {
+            JobError::Other(format!(
+                "pg_dump is needed to copy the schema and was not found in {}; \
+                 install the PostgreSQL client programs or set PG_BIN",
+                crate::control::jobs::pgbin::SEARCHED
+            ))
+        })?;
     let declared: Vec<String> = snap
         .sharded_tables()
         .map(|t| t.name.clone())
@@ -85,7 +92,7 @@ pub(crate) async fn copy_schema(
             }
         }
         if !missing.is_empty() {
-            let mut cmd = tokio::process::Command::new(install.tool("pg_dump"));
+            let mut cmd = tokio::process::Command::new(&pg_dump);
             cmd.arg("--schema-only")
                 .arg("--no-owner")
                 .arg("--no-privileges");

@@ -10,6 +10,38 @@
 
 use thiserror::Error;
 
+/// pgoutput message tags (protocol version 1), as PostgreSQL's
+/// "Logical Replication Message Formats" names them.
+mod tag {
+    pub const BEGIN: u8 = b'B';
+    pub const COMMIT: u8 = b'C';
+    pub const ORIGIN: u8 = b'O';
+    pub const RELATION: u8 = b'R';
+    pub const TYPE: u8 = b'Y';
+    pub const INSERT: u8 = b'I';
+    pub const UPDATE: u8 = b'U';
+    pub const DELETE: u8 = b'D';
+    pub const TRUNCATE: u8 = b'T';
+    pub const MESSAGE: u8 = b'M';
+}
+
+/// Markers inside Insert/Update/Delete: which tuple follows.
+mod tuple_marker {
+    /// The new tuple.
+    pub const NEW: u8 = b'N';
+    /// The old tuple's replica-identity key columns.
+    pub const KEY: u8 = b'K';
+    /// The whole old tuple (REPLICA IDENTITY FULL).
+    pub const OLD: u8 = b'O';
+}
+
+/// The kind of one column value inside a TupleData.
+mod value_kind {
+    pub const NULL: u8 = b'n';
+    pub const UNCHANGED_TOAST: u8 = b'u';
+    pub const TEXT: u8 = b't';
+}
+
 /// A malformed pgoutput message.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("malformed pgoutput message: {0}")]
@@ -128,9 +160,9 @@ impl<'a> Reader<'a> {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             out.push(match self.u8()? {
-                b'n' => Value::Null,
-                b'u' => Value::Unchanged,
-                b't' => {
+                value_kind::NULL => Value::Null,
+                value_kind::UNCHANGED_TOAST => Value::Unchanged,
+                value_kind::TEXT => {
                     let len = self.u32()? as usize;
                     let bytes = self.take(len)?;
                     Value::Text(
@@ -150,13 +182,13 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
     let mut r = Reader { buf: data };
     let tag = r.u8()?;
     let msg = match tag {
-        b'B' => {
+        tag::BEGIN => {
             let final_lsn = r.u64()?;
             let _commit_ts = r.u64()?;
             let xid = r.u32()?;
             Message::Begin { final_lsn, xid }
         }
-        b'C' => {
+        tag::COMMIT => {
             let _flags = r.u8()?;
             let commit_lsn = r.u64()?;
             let end_lsn = r.u64()?;
@@ -166,7 +198,7 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
                 end_lsn,
             }
         }
-        b'R' => {
+        tag::RELATION => {
             let oid = r.u32()?;
             let namespace = r.cstr()?;
             let name = r.cstr()?;
@@ -192,26 +224,26 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
                 columns,
             })
         }
-        b'I' => {
+        tag::INSERT => {
             let rel = r.u32()?;
             match r.u8()? {
-                b'N' => Message::Insert {
+                tuple_marker::NEW => Message::Insert {
                     rel,
                     new: r.tuple()?,
                 },
                 k => return Err(DecodeError(format!("insert: unexpected {k:#x}"))),
             }
         }
-        b'U' => {
+        tag::UPDATE => {
             let rel = r.u32()?;
             let (old, marker) = match r.u8()? {
-                b'K' | b'O' => {
+                tuple_marker::KEY | tuple_marker::OLD => {
                     let old = r.tuple()?;
                     (Some(old), r.u8()?)
                 }
                 k => (None, k),
             };
-            if marker != b'N' {
+            if marker != tuple_marker::NEW {
                 return Err(DecodeError(format!("update: unexpected {marker:#x}")));
             }
             Message::Update {
@@ -220,17 +252,17 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
                 new: r.tuple()?,
             }
         }
-        b'D' => {
+        tag::DELETE => {
             let rel = r.u32()?;
             match r.u8()? {
-                b'K' | b'O' => Message::Delete {
+                tuple_marker::KEY | tuple_marker::OLD => Message::Delete {
                     rel,
                     old: r.tuple()?,
                 },
                 k => return Err(DecodeError(format!("delete: unexpected {k:#x}"))),
             }
         }
-        b'T' => {
+        tag::TRUNCATE => {
             let n = r.u32()?;
             let _options = r.u8()?;
             let mut rels = Vec::new();
@@ -239,7 +271,7 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
             }
             Message::Truncate { rels }
         }
-        b'O' | b'Y' | b'M' => Message::Other(tag),
+        tag::ORIGIN | tag::TYPE | tag::MESSAGE => Message::Other(tag),
         t => return Err(DecodeError(format!("unknown message tag {t:#x}"))),
     };
     Ok(msg)
@@ -254,10 +286,10 @@ mod tests {
         let mut b = (vals.len() as i16).to_be_bytes().to_vec();
         for v in vals {
             match v {
-                None => b.push(b'n'),
-                Some("\u{0}toast") => b.push(b'u'),
+                None => b.push(value_kind::NULL),
+                Some("\u{0}toast") => b.push(value_kind::UNCHANGED_TOAST),
                 Some(s) => {
-                    b.push(b't');
+                    b.push(value_kind::TEXT);
                     b.extend((s.len() as u32).to_be_bytes());
                     b.extend(s.as_bytes());
                 }
@@ -268,7 +300,7 @@ mod tests {
 
     #[test]
     fn decodes_relation_and_changes() {
-        let mut rel = vec![b'R'];
+        let mut rel = vec![tag::RELATION];
         rel.extend(16384u32.to_be_bytes());
         rel.extend(b"public\0items\0d");
         rel.extend(2i16.to_be_bytes());
@@ -284,9 +316,9 @@ mod tests {
         assert_eq!(r.name, "items");
         assert!(r.columns[0].key && !r.columns[1].key);
 
-        let mut ins = vec![b'I'];
+        let mut ins = vec![tag::INSERT];
         ins.extend(16384u32.to_be_bytes());
-        ins.push(b'N');
+        ins.push(tuple_marker::NEW);
         ins.extend(tuple(&[Some("7"), None]));
         assert_eq!(
             decode(&ins).unwrap(),
@@ -296,11 +328,11 @@ mod tests {
             }
         );
 
-        let mut upd = vec![b'U'];
+        let mut upd = vec![tag::UPDATE];
         upd.extend(16384u32.to_be_bytes());
-        upd.push(b'K');
+        upd.push(tuple_marker::KEY);
         upd.extend(tuple(&[Some("7"), None]));
-        upd.push(b'N');
+        upd.push(tuple_marker::NEW);
         upd.extend(tuple(&[Some("8"), Some("\u{0}toast")]));
         assert_eq!(
             decode(&upd).unwrap(),
@@ -311,16 +343,16 @@ mod tests {
             }
         );
 
-        let mut upd2 = vec![b'U'];
+        let mut upd2 = vec![tag::UPDATE];
         upd2.extend(1u32.to_be_bytes());
-        upd2.push(b'N');
+        upd2.push(tuple_marker::NEW);
         upd2.extend(tuple(&[Some("1")]));
         assert!(matches!(
             decode(&upd2).unwrap(),
             Message::Update { old: None, .. }
         ));
 
-        let mut tr = vec![b'T'];
+        let mut tr = vec![tag::TRUNCATE];
         tr.extend(2u32.to_be_bytes());
         tr.push(0);
         tr.extend(1u32.to_be_bytes());
@@ -330,9 +362,9 @@ mod tests {
 
     #[test]
     fn truncated_input_is_an_error() {
-        let mut ins = vec![b'I'];
+        let mut ins = vec![tag::INSERT];
         ins.extend(16384u32.to_be_bytes());
-        ins.push(b'N');
+        ins.push(tuple_marker::NEW);
         ins.extend(tuple(&[Some("hello")]));
         for cut in 0..ins.len() {
             assert!(decode(&ins[..cut]).is_err(), "cut at {cut}");
