@@ -80,7 +80,7 @@ impl Default for Class<'_> {
 }
 
 /// An `EXPLAIN` statement, split.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Explain<'a> {
     /// `EXPLAIN` and its options, as written.
     pub prefix: &'a str,
@@ -157,6 +157,14 @@ pub fn classify(sql: &str) -> Class<'_> {
         c.snapshot_isolation = snapshot_isolation(sql);
     }
     c
+}
+
+/// Whether the first token of `sql` is the unquoted keyword `kw` (any
+/// case): enough for a string that holds one statement (a Parse).
+pub fn first_keyword_is(sql: &str, kw: &str) -> bool {
+    Lexer::new(sql)
+        .next()
+        .is_some_and(|t| t.kind == Kind::Word && sql[t.start..t.end].eq_ignore_ascii_case(kw))
 }
 
 /// A word beginning a statement.
@@ -294,11 +302,11 @@ fn scan_string(s: &[u8], c: &mut Class<'_>, routing_words: &mut bool) {
                     *routing_words |= discard;
                 }
             }
-            b'r' => {
-                if ci_prefix(rest, b"reset") && rest.get(5).is_some_and(u8::is_ascii_whitespace) {
-                    c.changes_state = true;
-                    *routing_words = true;
-                }
+            b'r' if ci_prefix(rest, b"reset")
+                && rest.get(5).is_some_and(u8::is_ascii_whitespace) =>
+            {
+                c.changes_state = true;
+                *routing_words = true;
             }
             _ => {}
         }

@@ -465,3 +465,35 @@ fn classify_timing() {
         new.as_nanos() as f64 / f64::from(N)
     );
 }
+
+#[test]
+fn first_keyword() {
+    assert!(first_keyword_is("  /* c */ listen ch", "listen"));
+    assert!(first_keyword_is("LISTEN ch", "listen"));
+    assert!(!first_keyword_is("\"listen\"", "listen"));
+    assert!(!first_keyword_is("listening", "listen"));
+    assert!(!first_keyword_is("", "listen"));
+}
+
+#[test]
+fn function_bodies_naming_tables() {
+    let tables = ["accounts".to_string(), "s.items".to_string()];
+    assert_eq!(
+        names_table("BEGIN UPDATE Accounts SET x = 1; END", &tables),
+        Some("accounts".into())
+    );
+    // Mentions in comments and strings count (refusing too much is safe).
+    assert_eq!(
+        names_table("select 1 -- accounts", &tables),
+        Some("accounts".into())
+    );
+    assert_eq!(
+        names_table("select 'x' from s.items", &tables),
+        Some("s.items".into())
+    );
+    assert_eq!(
+        names_table("select 1 from accounts_2, my_accounts", &tables),
+        None
+    );
+    assert_eq!(names_table("select $accounts", &tables), None);
+}
