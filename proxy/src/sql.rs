@@ -1,8 +1,8 @@
 //! SQL text helpers: quoting identifiers, catalog table names and string
 //! literals for SQL the node writes itself (state replay, namespace probe,
-//! admin checks, the reshard engine, rebalance estimates), and a
-//! case-insensitive substring test for the few cheap pre-checks on a
-//! client's SQL text. A leaf module: it imports nothing of the crate.
+//! admin checks, the reshard engine, rebalance estimates). A leaf module:
+//! it imports nothing of the crate. (What a client's SQL does is the
+//! router's to say: `hotrepart_router::classify`.)
 //!
 //! Guarantees:
 //! - [`quote_ident`] always quotes, so case, dots, spaces and keywords
@@ -38,17 +38,6 @@ pub fn quote_literal(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', "''"))
     }
-}
-
-/// Whether `hay` contains `needle`, ASCII case-insensitively (an empty
-/// needle is contained in everything).
-pub fn contains_ci(hay: &str, needle: &str) -> bool {
-    let n = needle.as_bytes();
-    n.is_empty()
-        || hay
-            .as_bytes()
-            .windows(n.len())
-            .any(|w| w.eq_ignore_ascii_case(n))
 }
 
 #[cfg(test)]
@@ -104,17 +93,5 @@ mod tests {
         ] {
             assert_eq!(quote_literal(value), sql, "{value:?}");
         }
-    }
-
-    #[test]
-    fn contains_ignores_ascii_case() {
-        assert!(contains_ci("SET Search_Path = x", "search_path"));
-        assert!(contains_ci("insert … RETURNING id", "returning"));
-        assert!(!contains_ci("select 1", "returning"));
-        assert!(!contains_ci("", "x"));
-        assert!(contains_ci("anything", ""));
-        assert!(contains_ci("", ""));
-        // Needle longer than the haystack.
-        assert!(!contains_ci("ab", "abc"));
     }
 }

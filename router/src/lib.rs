@@ -8,6 +8,9 @@
 //! * [`catalog`]: the catalog model and the immutable, validated
 //!   [`catalog::RoutingSnapshot`] that maps keys to points, points to ranges
 //!   and ranges to shards.
+//! * [`classify`]: what a statement string does besides reading and writing
+//!   rows (session state, prepared statements, LISTEN, EXPLAIN, DEALLOCATE),
+//!   from one lexing pass.
 //! * [`route`]: statement routing — parse once into a cacheable
 //!   [`route::Plan`], bind parameters and hints into a [`route::Route`].
 
@@ -20,5 +23,6 @@
 extern crate self as hotrepart_router;
 
 pub mod catalog;
+pub mod classify;
 pub mod hash;
 pub mod route;

@@ -8,9 +8,10 @@
 //! state; before a client runs on a backend whose state fingerprint differs,
 //! the node replays it with `RESET ALL` and `set_config`. So what the node
 //! replays is what PostgreSQL itself reported — including SETs that were
-//! rolled back, `SET LOCAL`, or `set_config()` inside a SELECT.
+//! rolled back, `SET LOCAL`, or `set_config()` inside a SELECT. Which
+//! statements may change state (and which custom settings they name) is
+//! the router's classification ([`hotrepart_router::classify`]).
 
-use crate::sql::contains_ci;
 use std::hash::{Hash, Hasher};
 
 /// Settings a client has changed, sorted by name.
@@ -104,54 +105,6 @@ pub fn read_state_sql(custom: &std::collections::BTreeSet<String>) -> String {
     sql
 }
 
-/// Custom settings (names with a dot, like `app.tenant`) a statement may
-/// set, for `read_state_sql`. `None` when it calls `set_config` with a name
-/// that is not a literal: its effect cannot be read back.
-pub fn custom_settings(sql: &str) -> Option<Vec<String>> {
-    let b = sql.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        let rest = &b[i..];
-        if ci_prefix(rest, b"set_config") {
-            let mut j = i + "set_config".len();
-            while j < b.len() && (b[j].is_ascii_whitespace() || b[j] == b'(') {
-                j += 1;
-            }
-            if b.get(j) != Some(&b'\'') {
-                return None;
-            }
-            let end = b[j + 1..].iter().position(|&c| c == b'\'')?;
-            let name = &sql[j + 1..j + 1 + end];
-            if name.contains('.') {
-                out.push(name.to_ascii_lowercase());
-            }
-            i = j + 1 + end;
-            continue;
-        }
-        if (b[i] | 0x20) == b's'
-            && ci_prefix(rest, b"set")
-            && rest.get(3).is_some_and(|c| c.is_ascii_whitespace())
-            && starts_statement(b, i)
-        {
-            // SET [SESSION | LOCAL] name ...
-            let words: Vec<&str> = sql[i + 3..].split_whitespace().take(2).collect();
-            let name = match words.first().map(|w| w.to_ascii_lowercase()) {
-                Some(w) if w == "session" || w == "local" => words.get(1).copied(),
-                _ => words.first().copied(),
-            };
-            if let Some(n) = name {
-                let n = n.split(['=', ';']).next().unwrap_or("").trim_matches('"');
-                if n.contains('.') {
-                    out.push(n.to_ascii_lowercase());
-                }
-            }
-        }
-        i += 1;
-    }
-    Some(out)
-}
-
 /// Re-exported for the session's call sites (`state::quote_literal`);
 /// the one definition is [`crate::sql::quote_literal`].
 pub use crate::sql::quote_literal;
@@ -196,68 +149,6 @@ fn parse_options(opts: &str) -> Result<Vec<(String, String)>, String> {
         out.push((k.replace('-', "_").to_ascii_lowercase(), v.to_string()));
     }
     Ok(out)
-}
-
-/// Whether a statement may change session state (so the node must read the
-/// state back after the transaction). Cheap and conservative: a false
-/// positive costs one extra round trip, a false negative would leak state.
-pub fn may_change_state(sql: &str) -> bool {
-    let b = sql.as_bytes();
-    let starts = |p: &[u8]| {
-        let s = sql.trim_start().as_bytes();
-        s.len() >= p.len() && s[..p.len()].eq_ignore_ascii_case(p)
-    };
-    if starts(b"set") || starts(b"reset") || starts(b"discard") || starts(b"deallocate") {
-        return true;
-    }
-    // One pass: only positions holding s/S, d/D or r/R can start a match.
-    for i in 0..b.len() {
-        let rest = &b[i..];
-        let hit = match b[i] | 0x20 {
-            b's' => {
-                // "set_config", or "set" starting a later statement
-                ci_prefix(rest, b"set_config")
-                    || (ci_prefix(rest, b"set") && starts_statement(b, i))
-            }
-            b'd' => ci_prefix(rest, b"discard") || ci_prefix(rest, b"deallocate"),
-            b'r' => {
-                ci_prefix(rest, b"reset") && rest.get(5).is_some_and(|c| c.is_ascii_whitespace())
-            }
-            _ => false,
-        };
-        if hit {
-            return true;
-        }
-    }
-    false
-}
-
-/// Whether position `i` may begin a statement: after `;`, after a block
-/// comment, or on the line after a `--` comment.
-fn starts_statement(b: &[u8], i: usize) -> bool {
-    let before = &b[..i];
-    match before.iter().rposition(|c| !c.is_ascii_whitespace()) {
-        None => true,
-        Some(p) if b[p] == b';' || b[p] == b'/' => true,
-        Some(p) => {
-            let line_start = before[..=p]
-                .iter()
-                .rposition(|&c| c == b'\n')
-                .map_or(0, |n| n + 1);
-            let line = &before[line_start..=p];
-            let has_newline_after = before[p..].contains(&b'\n');
-            has_newline_after && line.windows(2).any(|w| w == b"--")
-        }
-    }
-}
-
-fn ci_prefix(s: &[u8], p: &[u8]) -> bool {
-    s.len() >= p.len() && s[..p.len()].eq_ignore_ascii_case(p)
-}
-
-/// Whether a statement may drop prepared statements the node made.
-pub fn may_drop_prepared(sql: &str) -> bool {
-    contains_ci(sql, "discard") || contains_ci(sql, "deallocate")
 }
 
 #[cfg(test)]
@@ -306,46 +197,5 @@ mod tests {
             "RESET ALL;SELECT pg_catalog.set_config('application_name','it''s',false)"
         );
         assert_ne!(s.fingerprint(), SessionState::default().fingerprint());
-    }
-
-    #[test]
-    fn finds_custom_settings() {
-        assert_eq!(
-            custom_settings("SET app.tenant = 'x'"),
-            Some(vec!["app.tenant".to_string()])
-        );
-        assert_eq!(
-            custom_settings("set local App.User to 3"),
-            Some(vec!["app.user".to_string()])
-        );
-        assert_eq!(
-            custom_settings("select set_config('a.b', '1', false), 1"),
-            Some(vec!["a.b".to_string()])
-        );
-        assert_eq!(custom_settings("SET work_mem = '1MB'"), Some(vec![]));
-        assert_eq!(custom_settings("select set_config($1, $2, false)"), None);
-    }
-
-    #[test]
-    fn detects_state_changes() {
-        for yes in [
-            "SET search_path = x",
-            "  reset all",
-            "select set_config('a','b',false)",
-            "BEGIN; SET LOCAL x = 1",
-            "DISCARD ALL",
-            "/* tag */ SET search_path = x",
-            "-- comment\nSET work_mem = '1MB'",
-        ] {
-            assert!(may_change_state(yes), "{yes}");
-        }
-        for no in [
-            "SELECT 1",
-            "BEGIN",
-            "select * from t offset 3",
-            "UPDATE t SET a = 1",
-        ] {
-            assert!(!may_change_state(no), "{no}");
-        }
     }
 }

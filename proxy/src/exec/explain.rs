@@ -1,8 +1,9 @@
 //! EXPLAIN through a node with several shards (simple query protocol).
 //!
-//! The statement after `EXPLAIN [options]` is routed like any other; the
-//! node then runs the same EXPLAIN on the shard(s) it goes to and answers
-//! one `QUERY PLAN` result: first lines saying where the statement runs and
+//! The statement after `EXPLAIN [options]` (split by the router's
+//! classification, `hotrepart_router::classify::Explain`) is routed like
+//! any other; the node then runs the same EXPLAIN on the shard(s) it goes
+//! to and answers one `QUERY PLAN` result: first lines saying where the statement runs and
 //! how the answers are merged, then each shard's plan, indented under its
 //! name. A single-shard EXPLAIN in a non-text format is passed through
 //! unchanged (no lines are added to JSON/XML/YAML); a multi-shard one is
@@ -17,101 +18,9 @@ use crate::wire::be;
 use crate::wire::{self, Severity};
 use crate::wire::{command_complete, rfq};
 use bytes::BufMut;
+use hotrepart_router::classify::Explain;
 use hotrepart_router::route::{Combined, MergePlan, ShardCol};
 use tokio::io::{AsyncRead, AsyncWrite};
-
-/// An `EXPLAIN` statement, split.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Explain<'a> {
-    /// `EXPLAIN` and its options, as written.
-    pub(crate) prefix: &'a str,
-    /// The explained statement.
-    pub(crate) inner: &'a str,
-    pub(crate) analyze: bool,
-    /// FORMAT TEXT (the default).
-    pub(crate) text: bool,
-}
-
-/// Splits `EXPLAIN [ ( option [, …] ) ] statement` or
-/// `EXPLAIN [ ANALYZE ] [ VERBOSE ] statement`; None when `sql` is not an
-/// EXPLAIN.
-pub(crate) fn parse(sql: &str) -> Option<Explain<'_>> {
-    let t = skip_space(sql);
-    // `get`, not indexing: byte 7 may fall inside a multi-byte character
-    // ("SELECT\u{a0}1"), and client text must never panic the session.
-    let after = match t.get(..7) {
-        Some(head) if head.eq_ignore_ascii_case("explain") => t.get(7..)?,
-        _ => return None,
-    };
-    // As PostgreSQL's lexer: a letter, digit, `_`, `$` or any non-ASCII
-    // byte continues the word ("EXPLAIN\u{a0}SELECT" is one identifier).
-    if after
-        .bytes()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80)
-    {
-        return None;
-    }
-    let mut rest = skip_space(after);
-    let (mut analyze, mut text) = (false, true);
-    if let Some(opts) = rest.strip_prefix('(') {
-        let end = opts.find(')')?;
-        for opt in opts[..end].split(',') {
-            let words: Vec<String> = opt
-                .split_whitespace()
-                .map(|w| {
-                    w.trim_matches(|c| c == '\'' || c == '"')
-                        .to_ascii_lowercase()
-                })
-                .collect();
-            match words.first().map(String::as_str) {
-                Some("analyze" | "analyse") => {
-                    analyze = !matches!(
-                        words.get(1).map(String::as_str),
-                        Some("false" | "off" | "0")
-                    )
-                }
-                Some("format") => text = words.get(1).is_none_or(|f| f == "text"),
-                _ => {}
-            }
-        }
-        rest = skip_space(&opts[end + 1..]);
-    } else {
-        loop {
-            let word_len = rest
-                .find(|c: char| !(c.is_alphanumeric() || c == '_'))
-                .unwrap_or(rest.len());
-            match rest[..word_len].to_ascii_lowercase().as_str() {
-                "analyze" | "analyse" => analyze = true,
-                "verbose" => {}
-                _ => break,
-            }
-            rest = skip_space(&rest[word_len..]);
-        }
-    }
-    let prefix = t[..t.len() - rest.len()].trim_end();
-    Some(Explain {
-        prefix,
-        inner: rest.trim_end().trim_end_matches(';'),
-        analyze,
-        text,
-    })
-}
-
-/// Skips whitespace (PostgreSQL's: space, tab, newline, carriage return,
-/// form feed, vertical tab) and comments.
-fn skip_space(mut s: &str) -> &str {
-    loop {
-        s = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0c', '\x0b']);
-        if let Some(r) = s.strip_prefix("--") {
-            s = r.find('\n').map_or("", |i| &r[i..]);
-        } else if let Some(r) = s.strip_prefix("/*") {
-            s = r.find("*/").map_or("", |i| &r[i + 2..]);
-        } else {
-            return s;
-        }
-    }
-}
 
 /// Answers an EXPLAIN (simple protocol).
 pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
@@ -361,56 +270,4 @@ async fn finish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         s.end_of_transaction().await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splits_explain() {
-        let e = parse("EXPLAIN SELECT 1").expect("explain");
-        assert_eq!(
-            (e.prefix, e.inner, e.analyze, e.text),
-            ("EXPLAIN", "SELECT 1", false, true)
-        );
-        let e = parse("  /* c */ explain analyze verbose select * from t;").expect("explain");
-        assert_eq!(
-            (e.prefix, e.inner, e.analyze),
-            ("explain analyze verbose", "select * from t", true)
-        );
-        let e = parse("EXPLAIN (ANALYZE false, FORMAT JSON) SELECT 1").expect("explain");
-        assert_eq!((e.inner, e.analyze, e.text), ("SELECT 1", false, false));
-        let e = parse("EXPLAIN (costs off) SELECT 1").expect("explain");
-        assert_eq!(
-            (e.prefix, e.inner, e.text),
-            ("EXPLAIN (costs off)", "SELECT 1", true)
-        );
-        assert!(parse("EXPLAINX SELECT 1").is_none());
-        assert!(parse("SELECT 1").is_none());
-    }
-
-    /// Multi-byte characters around the keyword never panic (byte 7 of
-    /// "SELECT\u{a0}1" is inside the no-break space).
-    #[test]
-    fn multibyte_text_does_not_panic() {
-        assert!(parse("SELECT\u{a0}1").is_none());
-        assert!(parse("SELECTé").is_none());
-        assert!(parse("EXPLAIN\u{a0}SELECT 1").is_none());
-        assert!(parse("EXPLAIN\tSELECT 1").is_some_and(|e| e.inner == "SELECT 1"));
-        for s in [
-            "EXPLAIN (é) SELECT 1",
-            "EXPLAIN ANALYZé SELECT 1",
-            "EXPLAIN /* é */ SELECT 1",
-            "explain -- é\nSELECT 1",
-            "EXPLAINé",
-            "EXPLAIN (FORMAT 'é",
-        ] {
-            for end in 0..=s.len() {
-                if let Some(prefix) = s.get(..end) {
-                    let _ = parse(prefix);
-                }
-            }
-        }
-    }
 }

@@ -13,9 +13,9 @@ pub mod state;
 use crate::backend::state::SessionState;
 use crate::error::sqlstate;
 use crate::error::Refusal;
-use crate::sql::contains_ci;
 use crate::wire::{self, WireError};
 use hotrepart_router::catalog::{RoutingSnapshot, ShardId};
+use hotrepart_router::classify::classify;
 use hotrepart_router::route::{
     self as r, Hints, MergeNeed, Param, ParamFormat, Route, StatementKind, TransactionKind,
 };
@@ -299,6 +299,7 @@ pub fn decision(
         StatementKind::Transaction(_) => Kind::Savepoint,
         _ => Kind::Other,
     };
+    let mut returning = None;
     let returns_rows = route.statements.iter().any(|k| {
         matches!(
             k,
@@ -309,7 +310,7 @@ pub fn decision(
         ) || matches!(
             k,
             StatementKind::Insert | StatementKind::Update | StatementKind::Delete
-        ) && contains_ci(sql, "returning")
+        ) && *returning.get_or_insert_with(|| classify(sql).returning)
     });
     Ok(Decision {
         target,
@@ -419,7 +420,10 @@ pub fn decide(
     let route = plan
         .bind(snapshot, params, &hints)
         .map_err(|e| Refusal::new(e.sqlstate, e.message))?;
-    if route.statements.len() > 1 && changes_routing_settings(sql) && routed_after_change(&route) {
+    if route.statements.len() > 1
+        && classify(sql).changes_routing_settings
+        && routed_after_change(&route)
+    {
         return Err(Refusal::new(
             sqlstate::FEATURE_NOT_SUPPORTED,
             "a query string that changes search_path or standard_conforming_strings must hold no other statement: hotrepart routes the whole string before the change is made; send the SET on its own".into(),
@@ -448,13 +452,4 @@ fn routed_after_change(route: &Route) -> bool {
                 | StatementKind::Transaction(_)
         )
     })
-}
-
-/// Whether `sql` may change a setting routing depends on.
-pub(crate) fn changes_routing_settings(sql: &str) -> bool {
-    crate::backend::state::may_change_state(sql)
-        && (contains_ci(sql, "search_path")
-            || contains_ci(sql, "standard_conforming_strings")
-            || contains_ci(sql, "reset")
-            || contains_ci(sql, "discard"))
 }

@@ -11,6 +11,7 @@ use crate::error::{Refusal, SessionError};
 use crate::routing::{Decision, Target};
 use crate::wire::tx;
 use crate::wire::WireError;
+use hotrepart_router::classify::{classify, Class};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -452,7 +453,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 };
                 let info = crate::node::FunctionInfo {
                     volatile: vol.as_deref() == Some("t"),
-                    reads: src.as_deref().and_then(|src| names_table(src, &sharded)),
+                    reads: src
+                        .as_deref()
+                        .and_then(|src| hotrepart_router::classify::names_table(src, &sharded)),
                 };
                 found.insert(name, info);
             }
@@ -567,16 +570,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     pub(crate) fn note_sql(&mut self, sql: &str, shard: usize) {
-        if state::may_change_state(sql) {
-            let lower = sql.to_ascii_lowercase();
-            if lower.contains("isolation")
-                && (lower.contains("repeatable") || lower.contains("serializable"))
-            {
+        self.note_class(classify(sql), shard)
+    }
+
+    /// [`Self::note_sql`] with the statement already classified.
+    pub(crate) fn note_class(&mut self, class: Class<'_>, shard: usize) {
+        if class.changes_state {
+            if class.snapshot_isolation {
                 self.txn.snapshot_isolation = true;
             }
             self.state_dirty[shard] = true;
             self.state_stale = true;
-            match state::custom_settings(sql) {
+            match class.custom_settings {
                 Some(names) => self.custom_settings.extend(names),
                 // A setting we cannot name cannot be read back: this
                 // backend is closed instead of pooled.
@@ -587,7 +592,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         }
-        if state::may_drop_prepared(sql) {
+        if class.drops_prepared {
             self.prepared_dirty = true;
         }
     }

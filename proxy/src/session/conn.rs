@@ -568,25 +568,6 @@ pub(super) const POISON_SQL: &str =
 /// another collation).
 pub(super) const CATALOG_PROBE: &str = "SELECT d.datcollate IN ('C', 'POSIX') AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid >= 16384 AND a.attnum > 0 AND NOT a.attisdropped AND a.attcollation NOT IN (0, 100, 950, 951)) FROM pg_catalog.pg_database d WHERE d.datname = current_database()";
 
-/// The first of `tables` (lower-case names) that `src`, a function body,
-/// names as a whole word (case-insensitive; a mention in a comment or a
-/// string counts too: refusing too much is safe).
-pub(super) fn names_table(src: &str, tables: &[String]) -> Option<String> {
-    let lower = src.to_ascii_lowercase();
-    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$';
-    tables
-        .iter()
-        .find(|t| {
-            lower.match_indices(t.as_str()).any(|(i, _)| {
-                let b = lower.as_bytes();
-                let before = i.checked_sub(1).map(|j| b[j]);
-                let after = b.get(i + t.len()).copied();
-                !before.is_some_and(word) && !after.is_some_and(word)
-            })
-        })
-        .cloned()
-}
-
 /// The names `sql` calls as functions (followed by `(`, outside literals,
 /// quoted names and comments; lower case) that the router does not know as
 /// aggregates: candidates for a user-defined aggregate.
@@ -656,10 +637,6 @@ pub(super) fn internal_name(rest: &[u8]) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     rest.hash(&mut h);
     format!("hr_{:016x}", h.finish())
-}
-
-pub(super) fn starts_with_ci(s: &str, p: &str) -> bool {
-    s.len() >= p.len() && s.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
 }
 
 pub(super) fn client_err(e: WireError) -> SessionError {

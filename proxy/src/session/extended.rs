@@ -3,7 +3,6 @@
 //! the unnamed statement followed across backends.
 
 use super::conn::*;
-use crate::backend::state::{self};
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::{BindParams, Decision, Target};
@@ -11,6 +10,7 @@ use crate::wire::rfq;
 use crate::wire::{self, Frame};
 use crate::wire::{fe, tx};
 use bytes::{BufMut, Bytes, BytesMut};
+use hotrepart_router::classify::{classify, first_keyword_is};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -27,7 +27,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             for f in frames.iter().filter(|f| f.tag() == fe::PARSE) {
                 let mut b = f.body();
                 let _name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
-                self.check_listen(wire::get_cstr(&mut b).map_err(proto_refusal)?)?;
+                let sql = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                // A Parse holds one statement.
+                self.check_listen(first_keyword_is(sql, "listen"))?;
             }
             return Ok((Some(0), None));
         }
@@ -47,7 +49,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let mut b = f.body();
                     let name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
                     let sql = wire::get_cstr(&mut b).map_err(proto_refusal)?;
-                    self.check_listen(sql)?;
+                    self.check_listen(first_keyword_is(sql, "listen"))?;
                     // Routing errors surface at Bind (parameters may be
                     // missing here); PostgreSQL reports syntax errors at
                     // Parse itself. A statement whose shard is known without
@@ -89,7 +91,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             "a statement that changes search_path or standard_conforming_strings must be followed by Sync before the next statement: hotrepart routes a batch before it runs".into(),
                         ));
                     }
-                    changed_settings = crate::routing::changes_routing_settings(&sql);
+                    changed_settings = classify(&sql).changes_routing_settings;
                     let params = BindParams::parse(b).map_err(proto_refusal)?;
                     let d = self.node.decide(&sql, Some(&params), &self.route_ctx())?;
                     let t = match &d.target {
@@ -354,14 +356,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut parse = BytesMut::with_capacity(rest.len() + 20);
         wire::put_cstr(&mut parse, &internal);
         parse.put_slice(rest);
+        let class = classify(sql);
         self.stmts.insert(
             name,
             Stmt {
                 internal: internal.clone(),
                 parse: parse.freeze(),
                 sql: Arc::from(sql),
-                changes_state: state::may_change_state(sql),
-                drops_prepared: state::may_drop_prepared(sql),
+                changes_state: class.changes_state,
+                drops_prepared: class.drops_prepared,
             },
         );
         Some(internal)
@@ -450,7 +453,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let sql = wire::get_cstr(&mut q).map_err(client_err)?;
             if name.is_empty()
                 || self.stmts.contains_key(name)
-                || state::may_change_state(sql)
+                || classify(sql).changes_state
                 || !pool.is_validated(&internal_name(rest), self.state_fp)
             {
                 return Ok(false);

@@ -57,6 +57,7 @@ use crate::wire::{self, Frame, Severity};
 use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, BytesMut};
 use conn::*;
+use hotrepart_router::classify::{classify, Deallocate};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -311,15 +312,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.ensure_namespace().await?;
         let mut b = f.body();
         let sql = wire::get_cstr(&mut b).map_err(client_err)?;
-        if let Err(r) = self.check_listen(sql) {
+        let class = classify(sql);
+        if let Err(r) = self.check_listen(class.listen) {
             self.refuse_simple(r);
             return Ok(());
         }
-        if self.deallocate(sql) {
+        if self.deallocate(class.deallocate.as_ref()) {
             return Ok(());
         }
         if !self.node.routing.single_shard() {
-            if let Some(ex) = crate::exec::explain::parse(sql) {
+            if let Some(ex) = class.explain {
                 if !self.be.owed.is_empty() {
                     self.drain_owed().await?;
                 }
@@ -412,7 +414,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.poison_if_failed(&d, t).await;
-        self.note_sql(sql, t);
+        self.note_class(class, t);
         self.be.to_backend.put_slice(&f.raw);
         self.be.owed.push_back(Owed::Query);
         if let Some(b) = self.be.slots[t].conn.as_mut() {
@@ -426,37 +428,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// answers `DEALLOCATE name` itself, and `DEALLOCATE ALL`/`DISCARD ALL`
     /// also forget the client's names (the backend's side follows from the
     /// prepared-statement re-read). Returns true when answered here.
-    fn deallocate(&mut self, sql: &str) -> bool {
-        // Most statements: no allocation.
-        if !sql.trim_start().starts_with(['d', 'D']) {
-            return false;
-        }
-        let words: Vec<&str> = sql
-            .trim()
-            .trim_end_matches(';')
-            .split_whitespace()
-            .collect();
-        let lower: Vec<String> = words.iter().map(|w| w.to_ascii_lowercase()).collect();
-        let is = |i: usize, w: &str| lower.get(i).is_some_and(|x| x == w);
-        if (is(0, "discard") && is(1, "all") && words.len() == 2)
-            || (is(0, "deallocate") && (is(1, "all") || (is(1, "prepare") && is(2, "all"))))
-        {
-            self.stmts.clear();
-            return false;
-        }
-        if !is(0, "deallocate") {
-            return false;
-        }
-        let name = match (lower.get(1).map(String::as_str), words.len()) {
-            (Some("prepare"), 3) => words[2],
-            (Some(_), 2) => words[1],
-            _ => return false,
+    fn deallocate(&mut self, d: Option<&Deallocate>) -> bool {
+        let name = match d {
+            None => return false,
+            Some(Deallocate::All) => {
+                self.stmts.clear();
+                return false;
+            }
+            Some(Deallocate::Name(name)) => name,
         };
-        let name = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
-            Some(q) => q.replace("\"\"", "\""),
-            None => name.to_ascii_lowercase(),
-        };
-        if self.stmts.remove(&name).is_some() {
+        if self.stmts.remove(name).is_some() {
             self.push_synthetic(command_complete("DEALLOCATE"));
             let status = self.client_status();
             self.push_synthetic(rfq(status));
@@ -655,8 +636,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(true)
     }
 
-    fn check_listen(&self, sql: &str) -> Result<(), Refusal> {
-        if !self.session_mode && starts_with_ci(sql.trim_start(), "listen") {
+    /// `listen`: the statement string holds a LISTEN.
+    fn check_listen(&self, listen: bool) -> Result<(), Refusal> {
+        if !self.session_mode && listen {
             return Err(Refusal::new(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "LISTEN is not supported in transaction pooling mode; use pool_mode = \"session\" for this user".into(),

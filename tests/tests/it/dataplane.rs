@@ -566,8 +566,41 @@ async fn session_mode_keeps_the_backend() {
 async fn listen_is_refused_in_transaction_mode() {
     let c = Cluster::start(Opts::default()).await;
     let db = c.connect().await;
-    let e = db.batch_execute("LISTEN ch").await.unwrap_err();
-    assert_eq!(e.code().unwrap().code(), "0A000", "{e}");
+    // After a comment or another statement too (the old text check looked
+    // at the string's first word only).
+    for sql in ["LISTEN ch", "/* tag */ LISTEN ch", "SELECT 1; LISTEN ch"] {
+        let e = db.batch_execute(sql).await.unwrap_err();
+        assert_eq!(e.code().unwrap().code(), "0A000", "{sql}: {e}");
+    }
+    // The word in a literal is not a LISTEN.
+    db.batch_execute("SELECT 'LISTEN ch'").await.unwrap();
+}
+
+/// A SET inside a DO block changes the backend's session state like any
+/// SET: the node reads it back, so it follows its client and does not
+/// reach the next client of the backend (the old text check saw no SET
+/// starting a statement there and read nothing back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_inside_a_do_block_follows_the_client() {
+    let c = Cluster::start(Opts {
+        extra: "pool_size = 1".into(),
+        ..Opts::default()
+    })
+    .await;
+    let a = c.connect().await;
+    let b = c.connect().await;
+    async fn work_mem(db: &tokio_postgres::Client) -> String {
+        db.query_one("SHOW work_mem", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    }
+    b.batch_execute("DO $$BEGIN SET work_mem = '9MB'; END$$")
+        .await
+        .unwrap();
+    // One backend only: a runs on the very backend b changed.
+    assert_eq!(work_mem(&a).await, "4MB");
+    assert_eq!(work_mem(&b).await, "9MB");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -504,3 +504,40 @@ async fn functions_over_sharded_tables_are_refused_unless_hinted() {
         .get(0);
     assert_eq!(n, 42);
 }
+
+/// Keywords are read as PostgreSQL lexes them: `RETURNING` in a literal
+/// or a comment does not make two writes on several shards "return rows"
+/// (the old text check refused them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keywords_are_lexed_not_searched_in_the_text() {
+    let c = Cluster::start(opts()).await;
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let snap = c.node.routing.catalog.load_full();
+    let (a, b) = keys(&snap, "users");
+    db.batch_execute(&format!(
+        "INSERT INTO users (id, v) VALUES ({a}, 'x'), ({b}, 'y')"
+    ))
+    .await
+    .unwrap();
+    db.batch_execute(
+        "UPDATE users SET v = 'returning'; UPDATE users SET v = v || '!' /* RETURNING */",
+    )
+    .await
+    .unwrap();
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM users WHERE v = 'returning!'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    // A real RETURNING in such a string is still refused.
+    let e = db
+        .batch_execute("UPDATE users SET v = v RETURNING id; UPDATE users SET v = v")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    assert!(message(&e).contains("return rows"), "{e:?}");
+}

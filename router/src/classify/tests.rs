@@ -1,0 +1,499 @@
+use super::*;
+
+fn names(v: &[&str]) -> Option<Vec<String>> {
+    Some(v.iter().map(|s| s.to_string()).collect())
+}
+
+#[test]
+fn plain_statements_change_nothing() {
+    for sql in [
+        "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+        "SELECT 1",
+        "BEGIN",
+        "select * from t offset 3",
+        "UPDATE t SET a = 1",
+        "INSERT INTO t VALUES (1, 2)",
+        "",
+        "   ",
+        "-- only a comment",
+        "SELECT reset_val FROM pg_settings",
+        "SELECT discarded, deallocated_at, settings FROM t",
+        "SELECT x AS set FROM t",
+    ] {
+        let c = classify(sql);
+        assert_eq!(c, Class::default(), "{sql:?}");
+    }
+}
+
+#[test]
+fn statements_that_change_state() {
+    for sql in [
+        "SET search_path = x",
+        "  reset all",
+        "select set_config('a','b',false)",
+        "select pg_catalog.set_config('a','b',false)",
+        "SELECT \"set_config\"('a', 'b', false)",
+        "BEGIN; SET LOCAL x = 1",
+        "DISCARD ALL",
+        "/* tag */ SET search_path = x",
+        "/* nested /* comment */ still */ SET work_mem = 1",
+        "-- comment\nSET work_mem = '1MB'",
+        "deallocate p",
+        "SELECT 1;set work_mem=1",
+        // Text another statement may run: scanned as text.
+        "DO $$BEGIN SET work_mem = '1MB'; END$$",
+        "DO $f$BEGIN PERFORM set_config('a.b', 'x', false); END$f$",
+        "DO 'BEGIN RESET ALL; END'",
+        "DO E'BEGIN\\nSET work_mem = 1; END'",
+        "SELECT query_to_xml('select 1; discard plans', true, true, '')",
+    ] {
+        assert!(classify(sql).changes_state, "{sql:?}");
+    }
+}
+
+#[test]
+fn keywords_in_comments_strings_and_names_are_not_keywords() {
+    for sql in [
+        "SELECT 1 /* SET x = 1 */",
+        "SELECT 1 -- ; SET x = 1",
+        "SELECT \"set\" FROM t",
+        "SELECT 1 /* discard all; deallocate all */",
+        "SELECT 1 -- set_config('a', 'b', false)",
+        "SELECT \"discard\", \"reset\" FROM t",
+        "SELECT 'offset', 'settings', 'asset' FROM t",
+    ] {
+        let c = classify(sql);
+        assert!(!c.changes_state && !c.drops_prepared, "{sql:?}");
+    }
+    for sql in [
+        "INSERT INTO t VALUES ('returning')",
+        "INSERT INTO t VALUES (1) /* returning */",
+        "INSERT INTO t VALUES (1) -- RETURNING id",
+        "INSERT INTO t (\"returning\") VALUES (1)",
+        "INSERT INTO t VALUES ($$ returning $$)",
+        "INSERT INTO t VALUES (E'\\' returning')",
+    ] {
+        assert!(!classify(sql).returning, "{sql:?}");
+    }
+    for sql in [
+        "INSERT INTO t VALUES (1) RETURNING id",
+        "update t set a = 1 returning *",
+        "WITH x AS (DELETE FROM t RETURNING k) SELECT * FROM x",
+        "INSERT INTO t VALUES ('a''b') RETURNING id",
+        "INSERT INTO t VALUES (E'it\\'s') RETURNING id",
+    ] {
+        assert!(classify(sql).returning, "{sql:?}");
+    }
+}
+
+#[test]
+fn prepared_statements_dropped() {
+    for sql in [
+        "DISCARD ALL",
+        "discard plans",
+        "DEALLOCATE p",
+        "SELECT 1; DEALLOCATE ALL",
+        "DO $$BEGIN EXECUTE 'DEALLOCATE ALL'; END$$",
+    ] {
+        let c = classify(sql);
+        assert!(c.drops_prepared && c.changes_state, "{sql:?}");
+    }
+    for sql in [
+        "SET x.y = 1",
+        "SELECT deallocate FROM t",
+        "SELECT 1 -- discard",
+    ] {
+        assert!(!classify(sql).drops_prepared, "{sql:?}");
+    }
+}
+
+#[test]
+fn finds_custom_settings() {
+    for (sql, want) in [
+        ("SET app.tenant = 'x'", names(&["app.tenant"])),
+        ("set local App.User to 3", names(&["app.user"])),
+        ("SET SESSION app.x TO 1", names(&["app.x"])),
+        ("SET \"App\".\"Quoted\" = 1", names(&["app.quoted"])),
+        ("SET \"app.dotted\" = 1", names(&["app.dotted"])),
+        ("SET app . spaced = 1", names(&["app.spaced"])),
+        ("SET app.tenant='x'", names(&["app.tenant"])),
+        ("select set_config('a.b', '1', false), 1", names(&["a.b"])),
+        (
+            "SET a.b = 1; SELECT set_config('C.D', '1', false)",
+            names(&["a.b", "c.d"]),
+        ),
+        ("SET work_mem = '1MB'", names(&[])),
+        ("SET LOCAL work_mem = '1MB'", names(&[])),
+        ("SELECT 1 /* SET a.b = 1 */", names(&[])),
+        ("select set_config($1, $2, false)", None),
+        ("select set_config(E'a.b', '1', false)", None),
+        ("select set_config('a.' || 'b', '1', false)", None),
+        ("select set_config(name, '1', false) from t", None),
+        // Inside a string: the call's name cannot be read.
+        (
+            "DO $$BEGIN PERFORM set_config('a.b', '1', false); END$$",
+            None,
+        ),
+    ] {
+        assert_eq!(classify(sql).custom_settings, want, "{sql:?}");
+    }
+}
+
+#[test]
+fn routing_settings() {
+    for sql in [
+        "SET search_path = a, b",
+        "SET LOCAL \"search_path\" TO a",
+        "SET standard_conforming_strings = off",
+        "SET SCHEMA 'a'",
+        "RESET ALL",
+        "reset search_path",
+        "DISCARD ALL",
+        "SELECT set_config('search_path', 'a', false)",
+        "DO $$BEGIN SET search_path = a; END$$",
+    ] {
+        let c = classify(sql);
+        assert!(c.changes_routing_settings && c.changes_state, "{sql:?}");
+    }
+    for sql in [
+        "SET work_mem = '1MB'",
+        "SELECT current_setting('search_path')",
+        "SHOW search_path",
+        "SET work_mem = 1 /* search_path */",
+        "SELECT 'reset'",
+    ] {
+        assert!(!classify(sql).changes_routing_settings, "{sql:?}");
+    }
+}
+
+#[test]
+fn snapshot_isolation() {
+    for sql in [
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "set session characteristics as transaction isolation level repeatable read",
+        "SET default_transaction_isolation = 'serializable'",
+        "SELECT set_config('transaction_isolation', 'repeatable read', true)",
+    ] {
+        assert!(classify(sql).snapshot_isolation, "{sql:?}");
+    }
+    for sql in [
+        "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+        "SELECT 'isolation serializable'",
+        "SET work_mem = 1 /* isolation level serializable */",
+    ] {
+        assert!(!classify(sql).snapshot_isolation, "{sql:?}");
+    }
+}
+
+#[test]
+fn listen() {
+    for sql in [
+        "LISTEN ch",
+        "  listen \"Ch\"",
+        "/* c */ LISTEN ch",
+        "SELECT 1; LISTEN ch",
+    ] {
+        assert!(classify(sql).listen, "{sql:?}");
+    }
+    for sql in [
+        "NOTIFY ch",
+        "UNLISTEN *",
+        "SELECT 'listen'",
+        "SELECT listen FROM t",
+        "-- LISTEN ch\nSELECT 1",
+        "listening",
+    ] {
+        assert!(!classify(sql).listen, "{sql:?}");
+    }
+}
+
+#[test]
+fn deallocate_targets() {
+    let d = |sql| classify(sql).deallocate;
+    assert_eq!(d("DEALLOCATE p1"), Some(Deallocate::Name("p1".into())));
+    assert_eq!(
+        d("deallocate MyStmt;"),
+        Some(Deallocate::Name("mystmt".into()))
+    );
+    assert_eq!(
+        d("DEALLOCATE PREPARE \"My\"\"Stmt\""),
+        Some(Deallocate::Name("My\"Stmt".into()))
+    );
+    assert_eq!(
+        d("DEALLOCATE \"ALL\""),
+        Some(Deallocate::Name("ALL".into()))
+    );
+    assert_eq!(d("DEALLOCATE ALL"), Some(Deallocate::All));
+    assert_eq!(d("  Deallocate Prepare all ; "), Some(Deallocate::All));
+    assert_eq!(d("DISCARD ALL"), Some(Deallocate::All));
+    assert_eq!(d("/* x */ discard all -- bye"), Some(Deallocate::All));
+    for sql in [
+        "DISCARD PLANS",
+        "DISCARD ALL; SELECT 1",
+        "DEALLOCATE p; SELECT 1",
+        "SELECT 1; DEALLOCATE p",
+        "DEALLOCATE",
+        "DEALLOCATE a b",
+        "DEALLOCATE 'p'",
+        "SELECT 'DEALLOCATE p'",
+    ] {
+        assert_eq!(d(sql), None, "{sql:?}");
+    }
+}
+
+#[test]
+fn splits_explain() {
+    let e = |sql| classify(sql).explain;
+    let x = e("EXPLAIN SELECT 1").expect("explain");
+    assert_eq!(
+        (x.prefix, x.inner, x.analyze, x.text),
+        ("EXPLAIN", "SELECT 1", false, true)
+    );
+    let x = e("  /* c */ explain analyze verbose select * from t;").expect("explain");
+    assert_eq!(
+        (x.prefix, x.inner, x.analyze),
+        ("explain analyze verbose", "select * from t", true)
+    );
+    let x = e("EXPLAIN (ANALYZE false, FORMAT JSON) SELECT 1").expect("explain");
+    assert_eq!((x.inner, x.analyze, x.text), ("SELECT 1", false, false));
+    let x = e("EXPLAIN (ANALYZE, FORMAT 'text') SELECT 1").expect("explain");
+    assert_eq!((x.analyze, x.text), (true, true));
+    let x = e("EXPLAIN (costs off) SELECT 1").expect("explain");
+    assert_eq!(
+        (x.prefix, x.inner, x.text),
+        ("EXPLAIN (costs off)", "SELECT 1", true)
+    );
+    let x = e("EXPLAIN /* a) */ (FORMAT \"yaml\") -- )\n SELECT ')'").expect("explain");
+    assert_eq!((x.inner, x.text), ("SELECT ')'", false));
+    let x = e("EXPLAIN\tSELECT 1").expect("explain");
+    assert_eq!(x.inner, "SELECT 1");
+    assert_eq!(e("EXPLAINX SELECT 1"), None);
+    assert_eq!(e("SELECT 1"), None);
+    assert_eq!(e("SELECT 1; EXPLAIN SELECT 1"), None);
+    assert_eq!(e("SELECT 'EXPLAIN SELECT 1'"), None);
+    assert_eq!(e("EXPLAIN (FORMAT JSON SELECT 1"), None);
+}
+
+/// Multi-byte characters anywhere never panic (byte 7 of "SELECT\u{a0}1"
+/// is inside the no-break space).
+#[test]
+fn multibyte_text_does_not_panic() {
+    assert_eq!(classify("SELECT\u{a0}1").explain, None);
+    assert_eq!(classify("EXPLAIN\u{a0}SELECT 1").explain, None);
+    for s in [
+        "EXPLAIN (é) SELECT 1",
+        "EXPLAIN ANALYZé SELECT 1",
+        "EXPLAIN /* é */ SELECT 1",
+        "explain -- é\nSELECT 1",
+        "EXPLAINé",
+        "EXPLAIN (FORMAT 'é",
+        "SET é.ü = 'ö'; DEALLOCATE \"é",
+        "select set_config('é.x', $é$é$é$, false)",
+        "DO $$é set é$$; E'é\\",
+        "U&'é' U&\"é\" B'é' X'é' N'é' /* é /* é */",
+    ] {
+        for end in 0..=s.len() {
+            if let Some(prefix) = s.get(..end) {
+                let _ = classify(prefix);
+            }
+        }
+    }
+}
+
+#[test]
+fn lexer_tokens() {
+    let kinds = |sql| {
+        let mut lx = Lexer::new(sql);
+        let mut v = Vec::new();
+        while let Some(t) = lx.next() {
+            v.push((t.kind, &sql[t.cs..t.ce]));
+        }
+        v
+    };
+    assert_eq!(
+        kinds("a$b $1 $$x$$ $t$ $$ $t$ e'\\'' 'it''s' \"q\"\"\" ;"),
+        vec![
+            (Kind::Word, "a$b"),
+            (Kind::Other, "$1"),
+            (Kind::Str(StrKind::Other), "x"),
+            (Kind::Str(StrKind::Other), " $$ "),
+            (Kind::Str(StrKind::Other), "\\'"),
+            (Kind::Str(StrKind::Plain), "it''s"),
+            (Kind::Quoted, "q\"\""),
+            (Kind::Semi, ";"),
+        ]
+    );
+    assert_eq!(
+        kinds("x.y 1.5e3 .5 U&'a' ue'x'"),
+        vec![
+            (Kind::Word, "x"),
+            (Kind::Punct(b'.'), "."),
+            (Kind::Word, "y"),
+            (Kind::Other, "1.5e3"),
+            (Kind::Other, ".5"),
+            (Kind::Str(StrKind::Other), "a"),
+            (Kind::Word, "ue"),
+            (Kind::Str(StrKind::Plain), "x"),
+        ]
+    );
+}
+
+/// The scanners this module replaced (proxy `backend::state`), kept here
+/// for the timing comparison below.
+mod old {
+    pub fn may_change_state(sql: &str) -> bool {
+        let b = sql.as_bytes();
+        let starts = |p: &[u8]| {
+            let s = sql.trim_start().as_bytes();
+            s.len() >= p.len() && s[..p.len()].eq_ignore_ascii_case(p)
+        };
+        if starts(b"set") || starts(b"reset") || starts(b"discard") || starts(b"deallocate") {
+            return true;
+        }
+        for i in 0..b.len() {
+            let rest = &b[i..];
+            let hit = match b[i] | 0x20 {
+                b's' => {
+                    ci_prefix(rest, b"set_config")
+                        || (ci_prefix(rest, b"set") && starts_statement(b, i))
+                }
+                b'd' => ci_prefix(rest, b"discard") || ci_prefix(rest, b"deallocate"),
+                b'r' => {
+                    ci_prefix(rest, b"reset")
+                        && rest.get(5).is_some_and(|c| c.is_ascii_whitespace())
+                }
+                _ => false,
+            };
+            if hit {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn starts_statement(b: &[u8], i: usize) -> bool {
+        let before = &b[..i];
+        match before.iter().rposition(|c| !c.is_ascii_whitespace()) {
+            None => true,
+            Some(p) if b[p] == b';' || b[p] == b'/' => true,
+            Some(p) => {
+                let line_start = before[..=p]
+                    .iter()
+                    .rposition(|&c| c == b'\n')
+                    .map_or(0, |n| n + 1);
+                let line = &before[line_start..=p];
+                let has_newline_after = before[p..].contains(&b'\n');
+                has_newline_after && line.windows(2).any(|w| w == b"--")
+            }
+        }
+    }
+
+    fn ci_prefix(s: &[u8], p: &[u8]) -> bool {
+        s.len() >= p.len() && s[..p.len()].eq_ignore_ascii_case(p)
+    }
+
+    fn contains_ci(hay: &str, needle: &str) -> bool {
+        let n = needle.as_bytes();
+        n.is_empty()
+            || hay
+                .as_bytes()
+                .windows(n.len())
+                .any(|w| w.eq_ignore_ascii_case(n))
+    }
+
+    pub fn may_drop_prepared(sql: &str) -> bool {
+        contains_ci(sql, "discard") || contains_ci(sql, "deallocate")
+    }
+}
+
+/// Wherever the old scanners saw a state change or a drop outside
+/// comments, the classification sees one too (it is never less safe).
+#[test]
+fn never_less_conservative_than_the_old_scanners() {
+    for sql in [
+        "SET search_path = x",
+        "  reset all",
+        "select set_config('a','b',false)",
+        "BEGIN; SET LOCAL x = 1",
+        "DISCARD ALL",
+        "/* tag */ SET search_path = x",
+        "-- comment\nSET work_mem = '1MB'",
+        "SELECT 'reset me'",
+        "SELECT 'a;set x'",
+        "INSERT INTO t VALUES ('discard')",
+        "SELECT 'x'; SET y = 1",
+        "DO $$BEGIN RESET ALL; DEALLOCATE ALL; END$$",
+        "SELECT 1;\nset x = 1",
+    ] {
+        let c = classify(sql);
+        assert!(old::may_change_state(sql), "old {sql:?}");
+        assert!(c.changes_state, "{sql:?}");
+        if old::may_drop_prepared(sql) {
+            assert!(c.drops_prepared, "{sql:?}");
+        }
+    }
+}
+
+/// `cargo nextest run -p hotrepart-router --release --run-ignored only
+/// classify_timing --no-capture`: the classification against the two old
+/// scanners on pgbench's `-S` statement.
+#[test]
+#[ignore = "timing, run by hand"]
+#[allow(clippy::print_stderr)]
+fn classify_timing() {
+    use std::hint::black_box;
+    use std::time::Instant;
+    const N: u32 = 1_000_000;
+    let sql = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+    let t = Instant::now();
+    let mut n = 0u32;
+    for _ in 0..N {
+        let s = black_box(sql);
+        n += u32::from(old::may_change_state(s)) + u32::from(old::may_drop_prepared(s));
+    }
+    let old = t.elapsed();
+    let t = Instant::now();
+    for _ in 0..N {
+        let c = classify(black_box(sql));
+        n += u32::from(c.changes_state) + u32::from(c.drops_prepared);
+    }
+    let new = t.elapsed();
+    assert_eq!(n, 0);
+    eprintln!(
+        "{N} calls: old scanners {old:?} ({:.1} ns/call), classify {new:?} ({:.1} ns/call)",
+        old.as_nanos() as f64 / f64::from(N),
+        new.as_nanos() as f64 / f64::from(N)
+    );
+}
+
+#[test]
+fn first_keyword() {
+    assert!(first_keyword_is("  /* c */ listen ch", "listen"));
+    assert!(first_keyword_is("LISTEN ch", "listen"));
+    assert!(!first_keyword_is("\"listen\"", "listen"));
+    assert!(!first_keyword_is("listening", "listen"));
+    assert!(!first_keyword_is("", "listen"));
+}
+
+#[test]
+fn function_bodies_naming_tables() {
+    let tables = ["accounts".to_string(), "s.items".to_string()];
+    assert_eq!(
+        names_table("BEGIN UPDATE Accounts SET x = 1; END", &tables),
+        Some("accounts".into())
+    );
+    // Mentions in comments and strings count (refusing too much is safe).
+    assert_eq!(
+        names_table("select 1 -- accounts", &tables),
+        Some("accounts".into())
+    );
+    assert_eq!(
+        names_table("select 'x' from s.items", &tables),
+        Some("s.items".into())
+    );
+    assert_eq!(
+        names_table("select 1 from accounts_2, my_accounts", &tables),
+        None
+    );
+    assert_eq!(names_table("select $accounts", &tables), None);
+}
