@@ -61,6 +61,10 @@ pub struct Class<'a> {
     pub explain: Option<Explain<'a>>,
     /// The string is exactly one `DEALLOCATE` / `DISCARD ALL`.
     pub deallocate: Option<Deallocate>,
+    /// A statement of the string may change the schema: it starts with
+    /// `CREATE`, `ALTER`, `DROP`, `IMPORT` or `DO` (whose body may).
+    /// Statements prepared before it may describe what no longer is.
+    pub schema_change: bool,
 }
 
 impl Default for Class<'_> {
@@ -75,6 +79,7 @@ impl Default for Class<'_> {
             listen: false,
             explain: None,
             deallocate: None,
+            schema_change: false,
         }
     }
 }
@@ -188,6 +193,10 @@ fn statement_start<'a>(
             *routing_words = true;
         }
         6 if is(b"listen") => c.listen = true,
+        2 if is(b"do") => c.schema_change = true,
+        4 if is(b"drop") => c.schema_change = true,
+        5 if is(b"alter") => c.schema_change = true,
+        6 if is(b"create") || is(b"import") => c.schema_change = true,
         7 if is(b"discard") => {
             c.changes_state = true;
             c.drops_prepared = true;

@@ -575,6 +575,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// [`Self::note_sql`] with the statement already classified.
     pub(crate) fn note_class(&mut self, class: Class<'_>, shard: usize) {
+        if class.schema_change {
+            self.note_ddl();
+        }
         if class.changes_state {
             if class.snapshot_isolation {
                 self.txn.snapshot_isolation = true;

@@ -307,6 +307,10 @@ pub struct Session<S> {
     pub(super) user: String,
     /// Set while a multi-shard extended statement is gathered.
     pub(crate) gather: Option<Gather>,
+    /// DDL was sent: once its replies are in (and its transaction ended),
+    /// the node's catalog generation is bumped again, so that statements
+    /// other sessions parsed while it ran are not reused.
+    pub(super) ddl_sent: bool,
 }
 
 /// What a multi-shard extended statement's first shard answered.
@@ -364,6 +368,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             skip_to_sync: false,
             user,
             gather: None,
+            ddl_sent: false,
         }
     }
 
@@ -399,6 +404,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             stale: self.state_stale,
             server_scs: self.server_scs,
             ns: &self.ns,
+        }
+    }
+
+    /// The node's catalog generation (see [`internal_name`]).
+    pub(super) fn generation(&self) -> u64 {
+        self.node
+            .catalog_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// DDL goes out: what the node knows of the schema is forgotten now,
+    /// and once more when it has run (`ddl_sent`).
+    pub(crate) fn note_ddl(&mut self) {
+        self.node.forget_catalog(&self.database);
+        self.ddl_sent = true;
+    }
+
+    /// A backend reported an error that shows a prepared statement older
+    /// than the schema: statements parsed from now on get new names.
+    pub(super) fn note_stale_statement(&self, f: &Frame) {
+        let (code, message) = wire::parse_error_fields(f.body());
+        let stale = (code == sqlstate::FEATURE_NOT_SUPPORTED
+            && message.starts_with("cached plan must not change result type"))
+            || (code == sqlstate::INTERNAL_ERROR && message.starts_with("cache lookup failed"));
+        if stale {
+            self.node.forget_catalog(&self.database);
         }
     }
 
@@ -633,9 +664,14 @@ pub(crate) fn called_names(sql: &str) -> Vec<String> {
 /// The node's name for a statement: a hash of its Parse body after the
 /// client's name (SQL text and parameter types), so that clients preparing
 /// the same statement share it on a backend.
-pub(super) fn internal_name(rest: &[u8]) -> String {
+///
+/// `generation`: the node's catalog generation, bumped by DDL: a statement
+/// parsed after a schema change gets a new name, so that no backend answers
+/// it with a statement prepared against the old schema.
+pub(super) fn internal_name(rest: &[u8], generation: u64) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     rest.hash(&mut h);
+    generation.hash(&mut h);
     format!("hr_{:016x}", h.finish())
 }
 

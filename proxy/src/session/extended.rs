@@ -170,7 +170,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 for ty in &types {
                     parse.put_u32(*ty);
                 }
-                let internal = internal_name(&parse);
+                let internal = internal_name(&parse, self.generation());
                 if !self.be.current_mut().prepared.contains(&internal) {
                     self.be.current_mut().prepared.insert(internal.clone());
                     wire::frame(&mut self.be.to_backend, fe::PARSE, |o| {
@@ -352,7 +352,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ));
             return None;
         }
-        let internal = internal_name(rest);
+        let internal = internal_name(rest, self.generation());
         let mut parse = BytesMut::with_capacity(rest.len() + 20);
         wire::put_cstr(&mut parse, &internal);
         parse.put_slice(rest);
@@ -454,7 +454,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if name.is_empty()
                 || self.stmts.contains_key(name)
                 || classify(sql).changes_state
-                || !pool.is_validated(&internal_name(rest), self.state_fp)
+                || !pool.is_validated(&internal_name(rest, self.generation()), self.state_fp)
             {
                 return Ok(false);
             }

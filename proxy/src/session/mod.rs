@@ -245,6 +245,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn on_client_frame(&mut self, f: Frame) -> Result<Option<End>, SessionError> {
         let tag = f.tag();
+        if self.ddl_sent && self.be.owed.is_empty() && !self.txn.open() {
+            self.ddl_sent = false;
+            self.node.forget_catalog(&self.database);
+        }
         if self.skip_to_sync && tag != fe::SYNC {
             return Ok(None);
         }
@@ -359,9 +363,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if d.copy.is_some() {
             return crate::exec::copy::run(self, &d, None).await;
-        }
-        if d.ddl {
-            self.node.forget_catalog(&self.database);
         }
         if let Err(r) = self.check_multi_shard(&d).await? {
             self.refuse_simple(r);

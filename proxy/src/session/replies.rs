@@ -63,7 +63,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED => {
                 self.pop_if(|o| matches!(o, Owed::Execute))
             }
-            be::ERROR_RESPONSE => self.on_backend_error(),
+            be::ERROR_RESPONSE => {
+                self.note_stale_statement(&f);
+                self.on_backend_error();
+            }
             be::COPY_IN_RESPONSE => {
                 // PostgreSQL ignores Sync received in copy-in mode, and
                 // drivers do send one right after the Execute that starts

@@ -497,3 +497,27 @@ fn function_bodies_naming_tables() {
     );
     assert_eq!(names_table("select $accounts", &tables), None);
 }
+
+#[test]
+fn schema_change() {
+    for sql in [
+        "CREATE TABLE t (a int)",
+        "alter table t add column b text",
+        "DROP TYPE e",
+        "SELECT 1; DROP TABLE t",
+        "/* c */ create index on t (a)",
+        "DO $$BEGIN EXECUTE 'ALTER TABLE t ADD c int'; END$$",
+        "IMPORT FOREIGN SCHEMA s FROM SERVER x INTO public",
+    ] {
+        assert!(classify(sql).schema_change, "{sql:?}");
+    }
+    for sql in [
+        "SELECT 'drop table t'",
+        "SELECT created FROM t",
+        "-- ALTER TABLE t\nSELECT 1",
+        "INSERT INTO t (\"create\") VALUES (1)",
+        "UPDATE t SET a = 1",
+    ] {
+        assert!(!classify(sql).schema_change, "{sql:?}");
+    }
+}

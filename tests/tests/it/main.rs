@@ -22,6 +22,7 @@ mod merge_known_bugs;
 mod merge_memory;
 mod merge_random;
 mod pool_lifetime;
+mod prepared;
 mod rebalance;
 mod reshard;
 mod reshard_bench;
