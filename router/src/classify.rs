@@ -473,6 +473,81 @@ pub fn names_table(src: &str, tables: &[String]) -> Option<String> {
         .cloned()
 }
 
+/// The names `sql` calls as functions (a name followed by `(`, outside
+/// literals and comments; unquoted names lower case, the last part of a
+/// qualified name) that the router does not know as aggregates: candidates
+/// for a user-defined aggregate.
+pub fn called_names(sql: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut last: Option<String> = None;
+    let mut lx = Lexer::new(sql);
+    for t in std::iter::from_fn(|| lx.next()) {
+        match t.kind {
+            Kind::Word => last = Some(sql[t.start..t.end].to_ascii_lowercase()),
+            Kind::Quoted => last = Some(sql[t.cs..t.ce].replace("\"\"", "\"")),
+            Kind::Punct(b'(') => {
+                if let Some(w) = last.take() {
+                    if !crate::route::is_known_aggregate(&w) && !out.contains(&w) {
+                        out.push(w);
+                    }
+                }
+            }
+            // `schema.name(`: the next part replaces the word.
+            Kind::Punct(b'.') => {}
+            _ => last = None,
+        }
+    }
+    out
+}
+
+/// The first `COLLATE name` in `sql` (outside literals and comments) whose
+/// collation is not C or POSIX, as written.
+pub fn non_c_collate(sql: &str) -> Option<String> {
+    let mut lx = Lexer::new(sql);
+    while let Some(t) = lx.next() {
+        if t.kind != Kind::Word || !sql[t.start..t.end].eq_ignore_ascii_case("collate") {
+            continue;
+        }
+        // name [. name …]
+        let (mut first, mut last) = (None, None);
+        let mut bare = "";
+        let mut ahead = lx;
+        while let Some(n) = ahead.next() {
+            match n.kind {
+                Kind::Word | Kind::Quoted => {
+                    first.get_or_insert(n.start);
+                    last = Some(n.end);
+                    bare = &sql[n.cs..n.ce];
+                    lx = ahead;
+                }
+                Kind::Punct(b'.') if last.is_some() => lx = ahead,
+                _ => break,
+            }
+        }
+        let (Some(a), Some(b)) = (first, last) else {
+            // COLLATE followed by no name: PostgreSQL's syntax error.
+            continue;
+        };
+        if !matches!(bare, "C" | "POSIX" | "c" | "posix") {
+            return Some(sql[a..b].to_string());
+        }
+    }
+    None
+}
+
+/// Whether a transaction's BEGIN/START TRANSACTION (or SET TRANSACTION)
+/// text asks for REPEATABLE READ or SERIALIZABLE (the words, outside
+/// literals and comments).
+pub fn asks_snapshot_isolation(sql: &str) -> bool {
+    let mut lx = Lexer::new(sql);
+    std::iter::from_fn(|| lx.next()).any(|t| {
+        t.kind == Kind::Word && {
+            let w = &sql[t.start..t.end];
+            w.eq_ignore_ascii_case("repeatable") || w.eq_ignore_ascii_case("serializable")
+        }
+    })
+}
+
 /// The kinds of string literal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StrKind {

@@ -491,7 +491,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if shards.len() < 2 || d.ddl {
             return Ok(Ok(()));
         }
-        let names = called_names(&d.sql_text);
+        let names = hotrepart_router::classify::called_names(&d.sql_text);
         let (unknown, mut found) = self.node.known_aggregates(&self.database, &names);
         if found.is_none() && !unknown.is_empty() {
             let t = shards[0];

@@ -599,68 +599,6 @@ pub(super) const POISON_SQL: &str =
 /// another collation).
 pub(super) const CATALOG_PROBE: &str = "SELECT d.datcollate IN ('C', 'POSIX') AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid >= 16384 AND a.attnum > 0 AND NOT a.attisdropped AND a.attcollation NOT IN (0, 100, 950, 951)) FROM pg_catalog.pg_database d WHERE d.datname = current_database()";
 
-/// The names `sql` calls as functions (followed by `(`, outside literals,
-/// quoted names and comments; lower case) that the router does not know as
-/// aggregates: candidates for a user-defined aggregate.
-pub(crate) fn called_names(sql: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let b = sql.as_bytes();
-    let mut i = 0;
-    let mut last_word: Option<String> = None;
-    while i < b.len() {
-        let c = b[i];
-        match c {
-            b'\'' => {
-                i += 1;
-                while i < b.len() && b[i] != b'\'' {
-                    i += 1;
-                }
-                last_word = None;
-            }
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                i += 2;
-                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
-                    i += 1;
-                }
-                i += 1;
-            }
-            b'"' => {
-                let start = i + 1;
-                i += 1;
-                while i < b.len() && b[i] != b'"' {
-                    i += 1;
-                }
-                last_word = Some(String::from_utf8_lossy(&b[start..i.min(b.len())]).into_owned());
-            }
-            b'(' => {
-                if let Some(w) = last_word.take() {
-                    if !hotrepart_router::route::is_known_aggregate(&w) && !out.contains(&w) {
-                        out.push(w);
-                    }
-                }
-            }
-            c if c.is_ascii_alphabetic() || c == b'_' => {
-                let start = i;
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$')
-                {
-                    i += 1;
-                }
-                last_word = Some(String::from_utf8_lossy(&b[start..i]).to_ascii_lowercase());
-                continue;
-            }
-            c if c.is_ascii_whitespace() || c == b'.' => {}
-            _ => last_word = None,
-        }
-        i += 1;
-    }
-    out
-}
-
 /// The node's name for a statement: a hash of its Parse body after the
 /// client's name (SQL text and parameter types), so that clients preparing
 /// the same statement share it on a backend.

@@ -89,16 +89,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// (as far as the node can tell: its BEGIN, a SET TRANSACTION in it, or
     /// the session's default).
     pub(super) fn snapshot_isolation(&self) -> bool {
-        let level = |t: &str| {
-            let t = t.to_ascii_lowercase();
-            t.contains("repeatable") || t.contains("serializable")
-        };
         self.txn.snapshot_isolation
-            || self.txn.begin.as_deref().is_some_and(level)
+            || self
+                .txn
+                .begin
+                .as_deref()
+                .is_some_and(hotrepart_router::classify::asks_snapshot_isolation)
             || self
                 .state
                 .get("default_transaction_isolation")
-                .is_some_and(level)
+                // A setting's value as PostgreSQL reports it.
+                .is_some_and(|v| v == "repeatable read" || v == "serializable")
     }
 
     /// The name of a shard this open transaction wrote to that is the

@@ -521,3 +521,53 @@ fn schema_change() {
         assert!(!classify(sql).schema_change, "{sql:?}");
     }
 }
+
+#[test]
+fn collate_clauses() {
+    assert_eq!(
+        non_c_collate("SELECT a FROM t ORDER BY a COLLATE \"C\""),
+        None
+    );
+    assert_eq!(
+        non_c_collate("SELECT a FROM t ORDER BY a collate pg_catalog.\"POSIX\""),
+        None
+    );
+    assert_eq!(
+        non_c_collate("SELECT a FROM t ORDER BY a COLLATE \"und-x-icu\", b").as_deref(),
+        Some("\"und-x-icu\"")
+    );
+    assert_eq!(
+        non_c_collate("SELECT a FROM t ORDER BY a COLLATE pg_catalog.\"de-x-icu\"").as_deref(),
+        Some("pg_catalog.\"de-x-icu\"")
+    );
+    assert_eq!(non_c_collate("SELECT collated FROM t ORDER BY 1"), None);
+    // not a clause: a literal, a comment
+    assert_eq!(
+        non_c_collate("SELECT 'COLLATE x' FROM t /* collate y */"),
+        None
+    );
+}
+
+#[test]
+fn called_function_names() {
+    assert_eq!(
+        called_names("SELECT my_agg(a), s.other(b), \"Quoted\"(c), count(*) FROM t"),
+        vec!["my_agg", "other", "Quoted"]
+    );
+    // not calls: literals, comments, dollar quotes, words before other tokens
+    assert!(called_names("SELECT 'f(x)', $$g(y)$$ /* h(z) */ FROM t WHERE a = 1").is_empty());
+}
+
+#[test]
+fn snapshot_isolation_words() {
+    assert!(asks_snapshot_isolation(
+        "BEGIN ISOLATION LEVEL SERIALIZABLE"
+    ));
+    assert!(asks_snapshot_isolation(
+        "start transaction isolation level repeatable read"
+    ));
+    assert!(!asks_snapshot_isolation("BEGIN /* serializable */"));
+    assert!(!asks_snapshot_isolation(
+        "BEGIN ISOLATION LEVEL READ COMMITTED"
+    ));
+}

@@ -625,7 +625,7 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         )));
     }
     if orders_text {
-        if let Some(c) = non_c_collate(&plan.shard_sql) {
+        if let Some(c) = hotrepart_router::classify::non_c_collate(&plan.shard_sql) {
             return Ok(Err(MergeError(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 format!("ordering text across shards under COLLATE {c} is not supported (hotrepart merges text bytewise: C collation only)"),
@@ -855,31 +855,6 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     Ok(Ok(sent))
 }
 
-/// The first `COLLATE name` in `sql` whose collation is not C or POSIX (a
-/// conservative text scan: a false hit only refuses).
-pub(super) fn non_c_collate(sql: &str) -> Option<String> {
-    let lower = sql.to_ascii_lowercase();
-    let mut from = 0;
-    while let Some(at) = lower[from..].find("collate") {
-        let start = from + at;
-        from = start + 7;
-        let before_ok = start == 0 || !lower.as_bytes()[start - 1].is_ascii_alphanumeric();
-        let rest = sql[from..].trim_start();
-        if !before_ok || rest.len() == sql[from..].len() {
-            continue;
-        }
-        let name: String = rest
-            .chars()
-            .take_while(|c| !c.is_whitespace() && !matches!(c, ',' | ')' | ';'))
-            .collect();
-        let bare = name.rsplit('.').next().unwrap_or("").trim_matches('"');
-        if !matches!(bare, "C" | "POSIX" | "c" | "posix") || name.is_empty() {
-            return Some(name);
-        }
-    }
-    None
-}
-
 /// Whether every shard's database uses the C (or POSIX) collation; cached
 /// per shard and database by the node.
 pub(super) async fn shards_use_c_collation<S: AsyncRead + AsyncWrite + Unpin + Send>(
@@ -940,24 +915,6 @@ mod tests {
             let _ = parse_desc(&f);
             let _ = parse_row(&f);
         }
-    }
-
-    #[test]
-    fn finds_collate_clauses() {
-        use super::non_c_collate;
-        assert_eq!(
-            non_c_collate("SELECT a FROM t ORDER BY a COLLATE \"C\""),
-            None
-        );
-        assert_eq!(
-            non_c_collate("SELECT a FROM t ORDER BY a collate pg_catalog.\"POSIX\""),
-            None
-        );
-        assert_eq!(
-            non_c_collate("SELECT a FROM t ORDER BY a COLLATE \"und-x-icu\", b").as_deref(),
-            Some("\"und-x-icu\"")
-        );
-        assert_eq!(non_c_collate("SELECT collated FROM t ORDER BY 1"), None);
     }
 
     #[test]
