@@ -94,6 +94,8 @@ pub struct Node {
     /// Bumped by [`Node::forget_catalog`]: sessions read their namespace
     /// again.
     pub(crate) catalog_generation: std::sync::atomic::AtomicU64,
+    /// LISTEN/NOTIFY for sessions in transaction pooling.
+    pub notifier: crate::backend::notify::Notifier,
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     /// Clients past the startup packet (`max_client_connections`).
     pub(crate) clients: AtomicUsize,
@@ -161,6 +163,7 @@ impl Node {
             volatile: Mutex::new(HashMap::new()),
             namespaces: Mutex::new(HashMap::new()),
             catalog_generation: std::sync::atomic::AtomicU64::new(0),
+            notifier: Default::default(),
             cfg,
             pools: Pools::default(),
             tls,

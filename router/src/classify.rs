@@ -548,6 +548,45 @@ pub fn asks_snapshot_isolation(sql: &str) -> bool {
     })
 }
 
+/// A string that is exactly one LISTEN or UNLISTEN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenCommand {
+    /// `LISTEN channel`
+    Listen(String),
+    /// `UNLISTEN channel`, or `UNLISTEN *` (None).
+    Unlisten(Option<String>),
+}
+
+/// `sql` as a LISTEN or UNLISTEN, if it is exactly one (an optional `;`,
+/// comments anywhere). The channel as PostgreSQL names it: an unquoted
+/// name in lower case, a quoted one as written.
+pub fn listen_command(sql: &str) -> Option<ListenCommand> {
+    let mut lx = Lexer::new(sql);
+    let kw = lx.next().filter(|t| t.kind == Kind::Word)?;
+    let w = &sql[kw.start..kw.end];
+    let listen = w.eq_ignore_ascii_case("listen");
+    if !listen && !w.eq_ignore_ascii_case("unlisten") {
+        return None;
+    }
+    let t = lx.next()?;
+    let name = match t.kind {
+        Kind::Word => Some(sql[t.start..t.end].to_ascii_lowercase()),
+        Kind::Quoted if t.ce > t.cs => Some(sql[t.cs..t.ce].replace("\"\"", "\"")),
+        Kind::Punct(b'*') if !listen => None,
+        _ => return None,
+    };
+    while let Some(t) = lx.next() {
+        if t.kind != Kind::Semi {
+            return None;
+        }
+    }
+    if listen {
+        name.map(ListenCommand::Listen)
+    } else {
+        Some(ListenCommand::Unlisten(name))
+    }
+}
+
 /// The kinds of string literal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StrKind {

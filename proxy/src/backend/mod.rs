@@ -3,5 +3,6 @@
 //! a client from one pooled backend to the next ([`state`]).
 
 pub mod conn;
+pub mod notify;
 pub mod pool;
 pub mod state;

@@ -154,6 +154,11 @@ impl Pool {
         })
     }
 
+    /// How long a new connection to the shard may take.
+    pub fn connect_timeout(&self) -> Duration {
+        self.settings.connect_timeout
+    }
+
     /// Server parameters to announce to clients; connects once if needed.
     pub async fn server_params(
         self: &Arc<Self>,

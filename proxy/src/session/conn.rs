@@ -311,6 +311,9 @@ pub struct Session<S> {
     /// the node's catalog generation is bumped again, so that statements
     /// other sessions parsed while it ran are not reused.
     pub(super) ddl_sent: bool,
+    /// The session listens (LISTEN under transaction pooling): its
+    /// membership in the node's listeners, created at the first LISTEN.
+    pub(super) listener: Option<crate::backend::notify::Listener>,
 }
 
 /// What a multi-shard extended statement's first shard answered.
@@ -369,6 +372,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             user,
             gather: None,
             ddl_sent: false,
+            listener: None,
         }
     }
 

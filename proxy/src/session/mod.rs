@@ -52,8 +52,8 @@ pub use conn::{End, Session};
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::{Kind, Target};
-use crate::wire::fe;
 use crate::wire::{self, Frame, Severity};
+use crate::wire::{be, fe};
 use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, BytesMut};
 use conn::*;
@@ -92,6 +92,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         self.be.clear_cancel();
+        if let Some(who) = &self.listener {
+            self.node.notifier.unlisten(&self.database, None, who.id);
+        }
         let clean = !panicked
             && self.be.owed.is_empty()
             && !self.txn.open()
@@ -156,21 +159,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 "terminating connection due to idle-in-transaction timeout",
             )
         };
-        let f = if t > 0 {
-            match tokio::time::timeout(Duration::from_millis(t), self.client.next()).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Err(SessionError::Fatal {
-                        code,
-                        msg: msg.into(),
-                    })
-                }
+        let timer = tokio::time::sleep(Duration::from_millis(if t > 0 { t } else { 86_400_000 }));
+        // Notifications for a listening session wait for the end of its
+        // transaction, as on PostgreSQL.
+        let deliver = !self.txn.open();
+        let listening = async {
+            match self.listener.as_mut() {
+                Some(l) if deliver => l.rx.recv().await,
+                _ => std::future::pending().await,
             }
-        } else {
-            self.client.next().await
         };
-        let f = f.map_err(client_err)?;
-        self.on_client_batch(f).await
+        // `next()` and `recv()` are cancel-safe.
+        tokio::select! {
+            f = self.client.next() => {
+                let f = f.map_err(client_err)?;
+                self.on_client_batch(f).await
+            }
+            Some(n) = listening => {
+                self.out.put_slice(&n);
+                if let Some(l) = self.listener.as_mut() {
+                    while let Ok(n) = l.rx.try_recv() {
+                        self.out.put_slice(&n);
+                    }
+                }
+                self.flush_client().await?;
+                Ok(None)
+            }
+            () = timer, if t > 0 => Err(SessionError::Fatal {
+                code,
+                msg: msg.into(),
+            }),
+        }
     }
 
     async fn step_attached(&mut self) -> Result<Option<End>, SessionError> {
@@ -317,6 +336,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut b = f.body();
         let sql = wire::get_cstr(&mut b).map_err(client_err)?;
         let class = classify(sql);
+        if !self.session_mode {
+            if let Some(cmd) = hotrepart_router::classify::listen_command(sql) {
+                match self.on_listen(cmd).await {
+                    Ok(()) => {
+                        let status = self.client_status();
+                        self.push_synthetic(rfq(status));
+                    }
+                    Err(r) => self.refuse_simple(r),
+                }
+                return Ok(());
+            }
+        }
         if let Err(r) = self.check_listen(class.listen) {
             self.refuse_simple(r);
             return Ok(());
@@ -493,6 +524,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.settle_state().await?;
         self.ensure_namespace().await?;
         let frames = std::mem::take(&mut self.batch);
+        if self.listen_batch(&frames).await {
+            return Ok(true);
+        }
         let routed = self
             .route_waiting(|s| s.route_batch(&frames))
             .await
@@ -642,10 +676,141 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !self.session_mode && listen {
             return Err(Refusal::new(
                 sqlstate::FEATURE_NOT_SUPPORTED,
-                "LISTEN is not supported in transaction pooling mode; use pool_mode = \"session\" for this user".into(),
+                "in transaction pooling mode, LISTEN must be sent alone (one statement in its query string)".into(),
             ));
         }
         Ok(())
+    }
+
+    /// LISTEN/UNLISTEN under transaction pooling: the node listens for the
+    /// session ([`crate::backend::notify`]); answers the CommandComplete
+    /// once every shard listens. Takes effect at once (PostgreSQL: at the
+    /// end of the transaction).
+    async fn on_listen(
+        &mut self,
+        cmd: hotrepart_router::classify::ListenCommand,
+    ) -> Result<(), Refusal> {
+        use hotrepart_router::classify::ListenCommand;
+        let node = self.node.clone();
+        let tag = match cmd {
+            ListenCommand::Listen(channel) => {
+                let (database, user) = (self.database.clone(), self.user.clone());
+                let targets = || {
+                    node.routing
+                        .live_shards()
+                        .into_iter()
+                        .map(|t| {
+                            let p = node.pool_for(t, &database, &user);
+                            (p.target.clone(), p.connect_timeout())
+                        })
+                        .collect()
+                };
+                let wait = Duration::from_millis(node.cfg.pool_timeout_ms.max(1000));
+                let who = self.listener.get_or_insert_with(|| node.notifier.member());
+                node.notifier
+                    .listen(
+                        &database,
+                        targets,
+                        |task| {
+                            node.tasks.spawn_until_shutdown(task);
+                        },
+                        &channel,
+                        who,
+                        wait,
+                    )
+                    .await
+                    .map_err(|e| {
+                        Refusal::new(
+                            sqlstate::CONNECTION_FAILURE,
+                            format!("LISTEN {channel}: {e}; see the node's log"),
+                        )
+                    })?;
+                "LISTEN"
+            }
+            ListenCommand::Unlisten(channel) => {
+                if let Some(who) = &self.listener {
+                    node.notifier
+                        .unlisten(&self.database, channel.as_deref(), who.id);
+                }
+                "UNLISTEN"
+            }
+        };
+        self.push_synthetic(command_complete(tag));
+        Ok(())
+    }
+
+    /// An extended-protocol batch that only runs a LISTEN/UNLISTEN (an
+    /// unnamed Parse, Bind, Describe, Execute, Sync/Flush): answered by the
+    /// node, message by message, as PostgreSQL would. True: answered.
+    async fn listen_batch(&mut self, frames: &[Frame]) -> bool {
+        if self.session_mode {
+            return false;
+        }
+        let mut cmd = None;
+        for f in frames {
+            match f.tag() {
+                fe::PARSE => {
+                    let mut b = f.body();
+                    let (Ok(""), Ok(sql)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b)) else {
+                        return false;
+                    };
+                    match hotrepart_router::classify::listen_command(sql) {
+                        Some(c) if cmd.is_none() => cmd = Some(c),
+                        _ => return false,
+                    }
+                }
+                fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::SYNC | fe::FLUSH => {}
+                _ => return false,
+            }
+        }
+        let Some(cmd) = cmd else {
+            return false;
+        };
+        let mut cmd = Some(cmd);
+        let mut failed = false;
+        for f in frames {
+            if failed && f.tag() != fe::SYNC {
+                continue;
+            }
+            match f.tag() {
+                fe::PARSE => self.push_synthetic(wire::parse_complete()),
+                fe::BIND => {
+                    let mut b = BytesMut::new();
+                    wire::frame(&mut b, be::BIND_COMPLETE, |_| {});
+                    self.push_synthetic(b.freeze());
+                }
+                fe::DESCRIBE => {
+                    if f.body().first() == Some(&wire::STATEMENT) {
+                        let mut p = BytesMut::new();
+                        wire::frame(&mut p, be::PARAMETER_DESCRIPTION, |o| o.put_i16(0));
+                        self.push_synthetic(p.freeze());
+                    }
+                    let mut n = BytesMut::new();
+                    wire::frame(&mut n, be::NO_DATA, |_| {});
+                    self.push_synthetic(n.freeze());
+                }
+                fe::EXECUTE => {
+                    if let Some(c) = cmd.take() {
+                        if let Err(r) = self.on_listen(c).await {
+                            // As PostgreSQL: the error, then nothing up to
+                            // Sync.
+                            self.push_error(&r);
+                            failed = true;
+                        }
+                    }
+                }
+                fe::SYNC => {
+                    let status = self.client_status();
+                    self.push_synthetic(rfq(status));
+                    failed = false;
+                }
+                _ => {}
+            }
+        }
+        if failed {
+            self.skip_to_sync = true;
+        }
+        true
     }
 }
 

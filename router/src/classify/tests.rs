@@ -571,3 +571,29 @@ fn snapshot_isolation_words() {
         "BEGIN ISOLATION LEVEL READ COMMITTED"
     ));
 }
+
+#[test]
+fn listen_commands() {
+    use ListenCommand::*;
+    assert_eq!(listen_command("LISTEN Ch"), Some(Listen("ch".into())));
+    assert_eq!(
+        listen_command(" listen \"My \"\"Ch\"\"\" ;"),
+        Some(Listen("My \"Ch\"".into()))
+    );
+    assert_eq!(
+        listen_command("/* x */ UNLISTEN ch;"),
+        Some(Unlisten(Some("ch".into())))
+    );
+    assert_eq!(listen_command("unlisten *"), Some(Unlisten(None)));
+    for sql in [
+        "LISTEN *",
+        "LISTEN",
+        "LISTEN a; SELECT 1",
+        "SELECT 1; LISTEN a",
+        "LISTEN a b",
+        "NOTIFY a",
+        "LISTEN \"\"",
+    ] {
+        assert_eq!(listen_command(sql), None, "{sql:?}");
+    }
+}

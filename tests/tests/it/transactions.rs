@@ -506,3 +506,32 @@ async fn an_error_in_a_pipeline_skips_to_sync_whichever_shards_the_statements_go
     }
     no_open_transactions(&c).await;
 }
+
+/// LISTEN in the extended protocol, as psycopg 3 sends it (unnamed Parse,
+/// Bind, Describe, Execute, Sync): answered by the node as PostgreSQL
+/// would, and the notification arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_in_the_extended_protocol() {
+    let c = cluster().await;
+    let db = c.connect().await;
+    let mut r = Raw::connect(&c).await;
+    r.send(|o| {
+        pipelined(o, "LISTEN ext");
+        frontend::sync(o);
+    })
+    .await;
+    assert_eq!(tags(&r.until_ready().await), "12nCZ");
+    db.batch_execute("NOTIFY ext, 'hi'").await.unwrap();
+    let m = r.until(b'A').await;
+    let (_, body) = m.last().unwrap();
+    assert!(body.ends_with(b"ext\0hi\0"), "{m:?}");
+    // A named statement for LISTEN is refused clearly (it would be run on
+    // a pooled backend).
+    r.send(|o| {
+        frontend::parse("l", "LISTEN ext2", std::iter::empty(), o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "EZ", "{m:?}");
+}
