@@ -12,6 +12,7 @@
 //! statements may change state (and which custom settings they name) is
 //! the router's classification ([`hotrepart_router::classify`]).
 
+use crate::error::sqlstate;
 use std::hash::{Hash, Hasher};
 
 /// Settings a client has changed, sorted by name.
@@ -31,12 +32,15 @@ impl SessionState {
     }
 
     /// Builds the initial state from a client's startup parameters.
-    /// Returns an error message for an option the node cannot honour.
-    pub fn from_startup(params: &[(String, String)]) -> Result<SessionState, String> {
+    /// Returns the SQLSTATE and message for an option the node cannot
+    /// honour or a value PostgreSQL would refuse.
+    pub fn from_startup(
+        params: &[(String, String)],
+    ) -> Result<SessionState, (&'static str, String)> {
         let mut v = Vec::new();
         for (k, val) in params {
             if k == "options" {
-                v.extend(parse_options(val)?);
+                v.extend(parse_options(val).map_err(|m| (sqlstate::FEATURE_NOT_SUPPORTED, m))?);
                 continue;
             }
             if NOT_SETTINGS.contains(&k.as_str()) {
@@ -47,11 +51,24 @@ impl SessionState {
             if k == "client_encoding" && val.eq_ignore_ascii_case("auto") {
                 continue;
             }
+            // PostgreSQL reports (ParameterStatus) and replays the
+            // encoding's own name: `UTF8` for `utf-8`.
+            if k.eq_ignore_ascii_case("client_encoding") {
+                let name = canonical_encoding(val).ok_or_else(|| {
+                    (
+                        sqlstate::INVALID_PARAMETER_VALUE,
+                        format!("invalid value for parameter \"client_encoding\": \"{val}\""),
+                    )
+                })?;
+                v.push(("client_encoding".into(), name.into()));
+                continue;
+            }
             v.push((k.to_ascii_lowercase(), val.clone()));
         }
         Ok(SessionState::from_pairs(v))
     }
 
+    /// The settings, as (name, value) pairs.
     pub fn settings(&self) -> &[(String, String)] {
         &self.settings
     }
@@ -151,8 +168,87 @@ fn parse_options(opts: &str) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
+/// PostgreSQL's name of a client encoding given under any of the names it
+/// accepts (its `pg_encname_tbl`: case and punctuation ignored, so
+/// `utf-8`, `Unicode` and `UTF8` are all `UTF8`). None: PostgreSQL would
+/// refuse the name.
+pub fn canonical_encoding(name: &str) -> Option<&'static str> {
+    let clean: String = name
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    Some(match clean.as_str() {
+        "abc" | "tcvn" | "tcvn5712" | "vscii" | "win1258" | "cp1258" => "WIN1258",
+        "alt" | "win866" | "cp866" => "WIN866",
+        "big5" => "BIG5",
+        "euccn" => "EUC_CN",
+        "eucjis2004" => "EUC_JIS_2004",
+        "eucjp" => "EUC_JP",
+        "euckr" => "EUC_KR",
+        "euctw" => "EUC_TW",
+        "gb18030" => "GB18030",
+        "gbk" | "cp936" => "GBK",
+        "iso88591" | "latin1" => "LATIN1",
+        "iso885910" | "latin6" => "LATIN6",
+        "iso885913" | "latin7" => "LATIN7",
+        "iso885914" | "latin8" => "LATIN8",
+        "iso885915" | "latin9" => "LATIN9",
+        "iso885916" | "latin10" => "LATIN10",
+        "iso88592" | "latin2" => "LATIN2",
+        "iso88593" | "latin3" => "LATIN3",
+        "iso88594" | "latin4" => "LATIN4",
+        "iso88595" => "ISO_8859_5",
+        "iso88596" => "ISO_8859_6",
+        "iso88597" => "ISO_8859_7",
+        "iso88598" => "ISO_8859_8",
+        "iso88599" | "latin5" => "LATIN5",
+        "johab" => "JOHAB",
+        "koi8" | "koi8r" => "KOI8R",
+        "koi8u" => "KOI8U",
+        "mskanji" | "shiftjis" | "sjis" | "cp932" => "SJIS",
+        "shiftjis2004" => "SHIFT_JIS_2004",
+        "sqlascii" => "SQL_ASCII",
+        "uhc" | "cp949" => "UHC",
+        "unicode" | "utf8" => "UTF8",
+        "win" | "win1251" | "cp1251" => "WIN1251",
+        "win1250" | "cp1250" => "WIN1250",
+        "win1252" | "cp1252" => "WIN1252",
+        "win1253" | "cp1253" => "WIN1253",
+        "win1254" | "cp1254" => "WIN1254",
+        "win1255" | "cp1255" => "WIN1255",
+        "win1256" | "cp1256" => "WIN1256",
+        "win1257" | "cp1257" => "WIN1257",
+        "win874" | "cp874" => "WIN874",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn client_encoding_names_as_postgresql_reports_them() {
+        use super::{canonical_encoding, SessionState};
+        for (given, name) in [
+            ("utf-8", "UTF8"),
+            ("UTF8", "UTF8"),
+            ("Unicode", "UTF8"),
+            ("latin-9", "LATIN9"),
+            ("ISO-8859-15", "LATIN9"),
+            ("euc_jp", "EUC_JP"),
+            ("win1252", "WIN1252"),
+            ("sql_ascii", "SQL_ASCII"),
+        ] {
+            assert_eq!(canonical_encoding(given), Some(name), "{given}");
+        }
+        assert_eq!(canonical_encoding("klingon"), None);
+        let s = SessionState::from_startup(&[("client_encoding".into(), "utf-8".into())]).unwrap();
+        assert_eq!(s.get("client_encoding"), Some("UTF8"));
+        assert!(
+            SessionState::from_startup(&[("client_encoding".into(), "klingon".into())]).is_err()
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -442,8 +442,8 @@ impl Node {
         }
         let state = match SessionState::from_startup(params) {
             Ok(s) => s,
-            Err(m) => {
-                refuse(r.get_mut(), sqlstate::FEATURE_NOT_SUPPORTED, &m).await;
+            Err((code, m)) => {
+                refuse(r.get_mut(), code, &m).await;
                 return None;
             }
         };

@@ -535,3 +535,53 @@ async fn listen_in_the_extended_protocol() {
     let m = r.until_ready().await;
     assert_eq!(tags(&m), "EZ", "{m:?}");
 }
+
+/// The ParameterStatus a client sees carries PostgreSQL's name of its
+/// encoding (`UTF8` for `utf-8`), and a name PostgreSQL does not know is
+/// refused at login as PostgreSQL refuses it (22023).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_encoding_is_reported_under_its_postgresql_name() {
+    let c = cluster().await;
+    for (given, want) in [
+        ("utf-8", Some("UTF8")),
+        ("Unicode", Some("UTF8")),
+        ("klingon", None),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(c.addr).await.unwrap();
+        let mut out = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", "t"),
+                ("database", "postgres"),
+                ("client_encoding", given),
+            ],
+            &mut out,
+        )
+        .unwrap();
+        s.write_all(&out).await.unwrap();
+        let mut r = Raw {
+            s,
+            buf: BytesMut::new(),
+        };
+        match want {
+            Some(want) => {
+                let m = r.until_ready().await;
+                let status: Vec<String> = m
+                    .iter()
+                    .filter(|(t, _)| *t == b'S')
+                    .map(|(_, b)| String::from_utf8_lossy(b).replace('\0', "="))
+                    .collect();
+                assert!(
+                    status.contains(&format!("client_encoding={want}=")),
+                    "{given}: {status:?}"
+                );
+            }
+            None => {
+                let m = r.until(b'E').await;
+                let (_, body) = m.last().unwrap();
+                let text = String::from_utf8_lossy(body);
+                assert!(text.contains("C22023"), "{given}: {text}");
+            }
+        }
+    }
+}
