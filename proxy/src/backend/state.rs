@@ -242,7 +242,8 @@ mod tests {
             assert_eq!(canonical_encoding(given), Some(name), "{given}");
         }
         assert_eq!(canonical_encoding("klingon"), None);
-        let s = SessionState::from_startup(&[("client_encoding".into(), "utf-8".into())]).unwrap();
+        let s = SessionState::from_startup(&[("client_encoding".into(), "utf-8".into())])
+            .expect("utf-8 is an encoding");
         assert_eq!(s.get("client_encoding"), Some("UTF8"));
         assert!(
             SessionState::from_startup(&[("client_encoding".into(), "klingon".into())]).is_err()
