@@ -13,6 +13,7 @@ mod copy;
 mod copy_freeze;
 mod data_dir;
 mod dataplane;
+mod demo;
 mod fence;
 mod hashing;
 mod loadtest;
