@@ -60,15 +60,28 @@ enum Cmd {
     },
 }
 
+/// Logs on stderr: `HOTREPART_LOG` filters (default `info`);
+/// `HOTREPART_LOG_FORMAT` is `text` (default; colours only when stderr is
+/// a terminal) or `json` (one JSON object per line).
+fn init_logging() -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOTREPART_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let format = std::env::var("HOTREPART_LOG_FORMAT").unwrap_or_default();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format.as_str() {
+        "" | "text" => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        "json" => builder.json().init(),
+        other => anyhow::bail!("HOTREPART_LOG_FORMAT={other:?}: expected text or json"),
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HOTREPART_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

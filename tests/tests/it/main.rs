@@ -21,6 +21,7 @@ mod merge;
 mod merge_known_bugs;
 mod merge_memory;
 mod merge_random;
+mod proxyctl;
 mod rebalance;
 mod reshard;
 mod reshard_bench;
