@@ -21,6 +21,7 @@ mod merge;
 mod merge_known_bugs;
 mod merge_memory;
 mod merge_random;
+mod metrics;
 mod proxyctl;
 mod rebalance;
 mod reshard;
