@@ -954,6 +954,7 @@ mod tests {
         let app = app();
         let bearer = format!("Bearer {TOKEN}");
         let endpoints = [
+            (Method::GET, "/metrics"),
             (Method::GET, "/v1/status"),
             (Method::GET, "/v1/shards"),
             (Method::POST, "/v1/shards"),
