@@ -13,6 +13,16 @@ const POOL: usize = 8;
 
 const TABLES: &str = "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n";
 
+/// A routing function whose point is the key's first byte (top 8 bits)
+/// and that traps for a key starting with 'x'.
+const POISON_WAT: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "hr_abi_version") (result i32) (i32.const 1))
+  (func (export "hr_alloc") (param i32) (result i32) (i32.const 16))
+  (func (export "hr_route") (param $oid i32) (param $p i32) (param $n i32) (result i64)
+    (if (i32.eq (i32.load8_u (local.get $p)) (i32.const 120)) (then unreachable))
+    (i64.shl (i64.extend_i32_u (i32.load8_u (local.get $p))) (i64.const 56))))"#;
+
 /// One sample: metric name and labels (sorted) to value.
 type Samples = BTreeMap<(String, BTreeMap<String, String>), f64>;
 
@@ -232,6 +242,64 @@ async fn metrics_are_behind_the_token_and_move_with_the_node() {
         get(s, "hotrepart_clients_connected", &[]) == Some(0.0)
     })
     .await;
+
+    // A WebAssembly routing function that traps for keys starting with
+    // 'x': the failed call and the instance made after it are counted.
+    let wat = c.dir.0.join("poison.wat");
+    std::fs::write(&wat, POISON_WAT).unwrap();
+    for args in [
+        vec!["function", "upload", "poison", wat.to_str().unwrap()],
+        vec![
+            "table",
+            "shard",
+            "docs",
+            "--key",
+            "k",
+            "--type",
+            "text",
+            "--function",
+            "poison",
+        ],
+    ] {
+        let (ok, _, err) = c.proxyctl(0, &args).await;
+        assert!(ok, "proxyctl {args:?}: {err}");
+    }
+    let db = connect(&c.nodes[0].dsn()).await.unwrap();
+    db.batch_execute("CREATE TABLE docs (k text PRIMARY KEY, v int)")
+        .await
+        .unwrap();
+    let err = db
+        .batch_execute("INSERT INTO docs (k, v) VALUES ('x-ray', 1)")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("38000"), "{err:?}");
+    db.batch_execute("INSERT INTO docs (k, v) VALUES ('alpha', 1)")
+        .await
+        .unwrap();
+    let wasm = |name: &str, s: &Samples| {
+        s.iter()
+            .find(|((n, l), _)| {
+                n == name && l.get("function").map(String::as_str) == Some("poison")
+            })
+            .map(|(_, v)| *v)
+    };
+    let s = scrape(&c, 0).await;
+    assert_eq!(
+        wasm("hotrepart_wasm_failed_calls_total", &s),
+        Some(1.0),
+        "{s:?}"
+    );
+    assert_eq!(
+        wasm("hotrepart_wasm_out_of_fuel_total", &s),
+        Some(0.0),
+        "{s:?}"
+    );
+    assert_eq!(
+        wasm("hotrepart_wasm_instances_created_total", &s),
+        Some(1.0),
+        "{s:?}"
+    );
+    drop(db);
 
     // A reshard job: its phase and rows while it runs, then counted done;
     // the epoch moved on every node.

@@ -12,6 +12,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -32,6 +33,15 @@ fn family(reg: &mut Registry, name: &str, help: &str, values: Vec<(Labels, i64)>
     let f = Family::<Labels, Gauge>::default();
     for (labels, v) in values {
         f.get_or_create(&labels).set(v);
+    }
+    reg.register(name, help, f);
+}
+
+/// Counters kept elsewhere, reported as counters (`_total`).
+fn counters(reg: &mut Registry, name: &str, help: &str, values: Vec<(Labels, u64)>) {
+    let f = Family::<Labels, Counter>::default();
+    for (labels, v) in values {
+        f.get_or_create(&labels).inc_by(v);
     }
     reg.register(name, help, f);
 }
@@ -226,6 +236,37 @@ pub(crate) fn registry(api: &Api) -> Registry {
         "reshard_job_lag_bytes",
         "Catch-up lag of a running reshard job at its last update",
         lag,
+    );
+
+    // WebAssembly routing functions (counted off the successful-call path).
+    let mut instances = Vec::new();
+    let mut failed = Vec::new();
+    let mut fuel = Vec::new();
+    for (id, st) in node.routing.functions().stats() {
+        let names = catalog.function_names(id);
+        let labels: Labels = vec![
+            ("function", names.join(",")),
+            (
+                "id",
+                id.to_string().get(..16).unwrap_or_default().to_string(),
+            ),
+        ];
+        instances.push((labels.clone(), st.instances_created));
+        failed.push((labels.clone(), st.failed_calls));
+        fuel.push((labels, st.out_of_fuel));
+    }
+    counters(
+        &mut reg,
+        "wasm_instances_created",
+        "Instances of a routing function created on this node",
+        instances,
+    );
+    counters(&mut reg, "wasm_failed_calls", "Calls of a routing function that failed (trap, fuel, memory, bad return): the statement failed", failed);
+    counters(
+        &mut reg,
+        "wasm_out_of_fuel",
+        "Calls of a routing function that ran out of fuel",
+        fuel,
     );
 
     // Two-phase commit.
