@@ -331,3 +331,84 @@ async fn metrics_are_behind_the_token_and_move_with_the_node() {
         .await;
     }
 }
+
+/// The sum of a series over every node (the resolver runs on the leader,
+/// which may change), polled until `cond` holds.
+async fn until_sum(
+    c: &ProcCluster,
+    what: &str,
+    series: &[(&str, &[(&str, &str)])],
+    cond: impl Fn(&[f64]) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut sums = vec![0.0; series.len()];
+        for i in 0..c.nodes.len() {
+            let s = scrape(c, i).await;
+            for (k, (name, labels)) in series.iter().enumerate() {
+                sums[k] += get(&s, name, labels).unwrap_or(0.0);
+            }
+        }
+        if cond(&sums) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics never showed {what}: {series:?} = {sums:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_doubt_transactions_are_counted_by_the_resolver() {
+    let c = ProcCluster::start_with(
+        2,
+        1,
+        "twopc_grace_ms = 1500\ntwopc_resolver_interval_ms = 100",
+        "",
+        "",
+    )
+    .await;
+    c.wait_ready(Duration::from_secs(60)).await;
+    let s0: &[(&str, &str)] = &[("shard", "s0")];
+    let prepared = ("hotrepart_twopc_prepared", s0);
+    let in_doubt = ("hotrepart_twopc_in_doubt", s0);
+    let rollback = (
+        "hotrepart_twopc_resolved_total",
+        &[("outcome", "rollback")][..],
+    );
+    let commit = (
+        "hotrepart_twopc_resolved_total",
+        &[("outcome", "commit")][..],
+    );
+
+    // A prepared transaction as a coordinator that crashed leaves it.
+    let shard = connect(&c.shards[0].dsn()).await.unwrap();
+    shard
+        .batch_execute(
+            "CREATE TABLE t (i int);
+             BEGIN; INSERT INTO t VALUES (1); PREPARE TRANSACTION 'hr_9_00000000deadbeef'",
+        )
+        .await
+        .unwrap();
+    until_sum(&c, "the prepared transaction", &[prepared], |v| v[0] >= 1.0).await;
+    // No decision was recorded: after the grace the resolver rolls it back.
+    until_sum(&c, "the resolver's rollback", &[rollback, commit], |v| {
+        v == [1.0, 0.0]
+    })
+    .await;
+    until_sum(
+        &c,
+        "nothing prepared any more",
+        &[prepared, in_doubt],
+        |v| v == [0.0, 0.0],
+    )
+    .await;
+    let left = shard
+        .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(left, 0);
+}

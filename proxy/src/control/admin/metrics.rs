@@ -3,7 +3,8 @@
 //! with `authorization: {credentials_file: …}` in its scrape config).
 //!
 //! Every value is read when scraped, from state the node keeps anyway
-//! (pools, clients, the catalog and its jobs): nothing is added to the
+//! (pools, clients, the catalog and its jobs, the 2PC resolver's last
+//! pass, the routing functions' failure counters): nothing is added to the
 //! per-statement path. A fresh registry per scrape, so nodes that share a
 //! process (`hotrepart demo`) never mix their numbers.
 
@@ -269,7 +270,39 @@ pub(crate) fn registry(api: &Api) -> Registry {
         fuel,
     );
 
-    // Two-phase commit.
+    // Two-phase commit: what the resolver saw at its last pass (only the
+    // node that resolves, the catalog leader, has these series).
+    let st = node
+        .resolver_stats
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let per_shard = |m: &BTreeMap<String, usize>| {
+        m.iter()
+            .map(|(s, n)| (vec![("shard", s.clone())], int(*n)))
+            .collect()
+    };
+    family(
+        &mut reg,
+        "twopc_prepared",
+        "Prepared hr_ transactions on the shard at the resolver's last pass",
+        per_shard(&st.prepared),
+    );
+    family(
+        &mut reg,
+        "twopc_in_doubt",
+        "Of those, older than twopc_grace_ms: in doubt, being finished by the resolver",
+        per_shard(&st.in_doubt),
+    );
+    counters(
+        &mut reg,
+        "twopc_resolved",
+        "In-doubt transactions the resolver finished on this node, by outcome",
+        vec![
+            (vec![("outcome", "commit".to_string())], st.committed),
+            (vec![("outcome", "rollback".to_string())], st.rolled_back),
+        ],
+    );
     gauge(
         &mut reg,
         "twopc_decisions_recorded",
