@@ -376,6 +376,10 @@ pub async fn run(opts: DemoOptions, mut announce: impl FnMut(String)) -> Result<
         load.push_str(&format!(" --shard 'shard{j}={}'", s.dsn()));
     }
     announce(load);
+    announce(
+        "curl -s -H \"Authorization: Bearer $HOTREPART_TOKEN\" $HOTREPART_ADMIN/metrics | grep -v '^#'"
+            .into(),
+    );
     announce("# Ctrl-C stops the nodes and every PostgreSQL server of the demo".into());
 
     wait_for_signal().await;
