@@ -23,12 +23,31 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Start local PostgreSQL shards and a node in front of them.
+    /// Try the whole product locally: nodes replicating the catalog with
+    /// Paxos, local PostgreSQL shards plus spare servers, the admin API, a
+    /// sample schema (hash and WebAssembly placement) with rows. Prints
+    /// `ready: …`, the psql line of each node, proxyctl's environment and
+    /// commands to try; Ctrl-C stops everything.
     Demo {
+        /// Nodes (1: a single node, no Paxos).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// PostgreSQL shards in the catalog.
         #[arg(long, default_value_t = 2)]
         shards: usize,
+        /// Spare PostgreSQL servers, not in the catalog (for `proxyctl
+        /// reshard add-shard`).
+        #[arg(long, default_value_t = 1)]
+        spare: usize,
+        /// Client port of node 1 (node i listens on PORT + i - 1); 0: any
+        /// free ports.
         #[arg(long, default_value_t = 6432)]
         port: u16,
+        /// Admin API port of node 1 (likewise); 0: any free ports.
+        #[arg(long, default_value_t = 7432)]
+        admin_port: u16,
+        /// Where the servers and catalog journals live (emptied first;
+        /// default: $TMPDIR/hotrepart-demo).
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
@@ -41,15 +60,28 @@ enum Cmd {
     },
 }
 
+/// Logs on stderr: `HOTREPART_LOG` filters (default `info`);
+/// `HOTREPART_LOG_FORMAT` is `text` (default; colours only when stderr is
+/// a terminal) or `json` (one JSON object per line).
+fn init_logging() -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOTREPART_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let format = std::env::var("HOTREPART_LOG_FORMAT").unwrap_or_default();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format.as_str() {
+        "" | "text" => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        "json" => builder.json().init(),
+        other => anyhow::bail!("HOTREPART_LOG_FORMAT={other:?}: expected text or json"),
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HOTREPART_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -89,11 +121,25 @@ fn main() -> anyhow::Result<()> {
             anyhow::Ok(())
         }),
         Cmd::Demo {
+            nodes,
             shards,
+            spare,
             port,
+            admin_port,
             data_dir,
         } => rt.block_on(async {
-            hotrepart_proxy::tools::demo::run(shards, port, data_dir, |line| {
+            let mut opts = hotrepart_proxy::tools::demo::DemoOptions {
+                nodes,
+                shards,
+                spare,
+                port,
+                admin_port,
+                ..Default::default()
+            };
+            if let Some(d) = data_dir {
+                opts.data_dir = d;
+            }
+            hotrepart_proxy::tools::demo::run(opts, |line| {
                 let mut out = std::io::stdout();
                 let _ = writeln!(out, "{line}");
                 let _ = out.flush();

@@ -101,6 +101,8 @@ pub struct Node {
     pub(crate) clients: AtomicUsize,
     /// Accepted sockets not yet logged in (`max_pending_logins`).
     pub(crate) pending_logins: AtomicUsize,
+    /// What the 2PC resolver saw at its last pass ([`ResolverStats`]).
+    pub resolver_stats: Mutex<ResolverStats>,
     pub(crate) cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
     /// Commit decisions of two-phase commits (the replicated catalog's
     /// `TxDecision` entries; see `cluster::CatalogDecisions`).
@@ -114,6 +116,23 @@ impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node").finish_non_exhaustive()
     }
+}
+
+/// What the 2PC resolver (`control/resolver.rs`) saw, for `/metrics`; kept
+/// only on the node that resolves (the catalog leader), emptied when it
+/// stops resolving.
+#[derive(Debug, Clone, Default)]
+pub struct ResolverStats {
+    /// Per shard name: prepared `hr_` transactions at the last pass (any
+    /// age: younger than `twopc_grace_ms` ones may still be committed by
+    /// their coordinator).
+    pub prepared: std::collections::BTreeMap<String, usize>,
+    /// Of those, older than `twopc_grace_ms` (in doubt: the resolver
+    /// finishes them).
+    pub in_doubt: std::collections::BTreeMap<String, usize>,
+    /// Transactions the resolver committed / rolled back since start.
+    pub committed: u64,
+    pub rolled_back: u64,
 }
 
 /// (database, client user, the client's `search_path` setting if it set one).
@@ -169,6 +188,7 @@ impl Node {
             tls,
             clients: AtomicUsize::new(0),
             pending_logins: AtomicUsize::new(0),
+            resolver_stats: Mutex::new(ResolverStats::default()),
             cancels: Mutex::new(HashMap::new()),
             decisions,
             tasks: Default::default(),

@@ -9,6 +9,7 @@
 //! failed instance is never reused.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
@@ -122,6 +123,25 @@ pub struct Function {
     /// Idle instances. A plain mutex: it is held only to push or pop one
     /// element, never during a call.
     idle: Mutex<Vec<Slot>>,
+    /// Counted off the successful-call path ([`Function::stats`]).
+    instances: AtomicU64,
+    failed: AtomicU64,
+    out_of_fuel: AtomicU64,
+}
+
+/// What a function's calls have cost and how they failed since it was
+/// compiled (its trial calls left out). Counted only where a call is slow
+/// or fails anyway — a new instance, a failed call — so a successful call
+/// on a pooled instance pays nothing; successful calls are not counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FunctionStats {
+    /// Instances created (the first call on each thread at once, and one
+    /// after each failed call).
+    pub instances_created: u64,
+    /// Calls that failed: traps, fuel, memory, bad returns, keys too long.
+    pub failed_calls: u64,
+    /// Of those, calls that ran out of fuel.
+    pub out_of_fuel: u64,
 }
 
 impl fmt::Debug for Function {
@@ -215,9 +235,16 @@ impl Function {
             limits: runtime.limits,
             pre,
             idle: Mutex::new(Vec::new()),
+            instances: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            out_of_fuel: AtomicU64::new(0),
         };
         function.check_version()?;
         function.trial_calls()?;
+        // The trial's instances and traps are not the users'.
+        for c in [&function.instances, &function.failed, &function.out_of_fuel] {
+            c.store(0, Ordering::Relaxed);
+        }
         Ok(function)
     }
 
@@ -239,6 +266,26 @@ impl Function {
     /// The point of `key`, a value of PostgreSQL type `type_oid` in its
     /// binary send format (see [`abi`]).
     pub fn point(&self, type_oid: u32, key: &[u8]) -> Result<u64, CallError> {
+        let r = self.call_pooled(type_oid, key);
+        if let Err(e) = &r {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            if matches!(e, CallError::OutOfFuel(_)) {
+                self.out_of_fuel.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    /// Counters of this function's calls ([`FunctionStats`]).
+    pub fn stats(&self) -> FunctionStats {
+        FunctionStats {
+            instances_created: self.instances.load(Ordering::Relaxed),
+            failed_calls: self.failed.load(Ordering::Relaxed),
+            out_of_fuel: self.out_of_fuel.load(Ordering::Relaxed),
+        }
+    }
+
+    fn call_pooled(&self, type_oid: u32, key: &[u8]) -> Result<u64, CallError> {
         if key.len() > self.limits.max_key_len {
             return Err(CallError::KeyTooLong {
                 len: key.len(),
@@ -287,6 +334,7 @@ impl Function {
     }
 
     fn instantiate(&self) -> wasmtime::Result<Slot> {
+        self.instances.fetch_add(1, Ordering::Relaxed);
         let mut store = self.new_store();
         // Start functions and data initialisation run under the call budget.
         store.set_fuel(self.limits.fuel_per_call)?;

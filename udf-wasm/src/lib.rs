@@ -37,4 +37,4 @@ mod error;
 mod function;
 
 pub use error::{CallError, Error};
-pub use function::{sha256_id, Function, Limits, Runtime};
+pub use function::{sha256_id, Function, FunctionStats, Limits, Runtime};

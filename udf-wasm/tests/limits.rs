@@ -409,3 +409,36 @@ fn the_abi_documents_example_works() {
     assert!(point(-5) < point(3));
     assert!(matches!(f.point(oid::TEXT, b"x"), Err(CallError::Trap(_))));
 }
+
+#[test]
+fn stats_count_failures_and_new_instances_not_the_trial() {
+    let f = compile(&poisoned("(loop $forever (br $forever))"));
+    assert_eq!(f.stats(), hotrepart_udf_wasm::FunctionStats::default());
+    assert_eq!(f.point(oid::TEXT, &[7]), Ok(7));
+    assert_eq!(f.point(oid::TEXT, &[8]), Ok(8));
+    // The trial's idle instance serves them: nothing counted.
+    assert_eq!(f.stats(), hotrepart_udf_wasm::FunctionStats::default());
+    assert!(matches!(
+        f.point(oid::TEXT, &[0xff]),
+        Err(CallError::OutOfFuel(_))
+    ));
+    let trap = compile(&poisoned("unreachable"));
+    assert!(matches!(
+        trap.point(oid::TEXT, &[0xff]),
+        Err(CallError::Trap(_))
+    ));
+    assert_eq!(trap.point(oid::TEXT, &[1]), Ok(1));
+    assert_eq!(
+        trap.stats(),
+        hotrepart_udf_wasm::FunctionStats {
+            instances_created: 1,
+            failed_calls: 1,
+            out_of_fuel: 0
+        }
+    );
+    let st = f.stats();
+    assert_eq!((st.failed_calls, st.out_of_fuel), (1, 1));
+    // The failed instance was dropped: the next call makes a new one.
+    assert_eq!(f.point(oid::TEXT, &[9]), Ok(9));
+    assert_eq!(f.stats().instances_created, 1);
+}

@@ -71,6 +71,18 @@ pub struct Pool {
     /// pool has parsed without error: a client's Parse of one of them,
     /// outside a transaction, is answered without taking a backend.
     validated: Mutex<HashSet<(String, u64)>>,
+    /// Clients waiting for a connection right now (counted only when none
+    /// was free at once: nothing is counted on the fast path).
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a waiter of [`Pool::get`] while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Bound on [`Pool::validated`]; the set is emptied when it is reached.
@@ -86,6 +98,7 @@ impl Pool {
             settings,
             server_params: Mutex::new(None),
             validated: Mutex::new(HashSet::new()),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -96,15 +109,23 @@ impl Pool {
     /// opened only by a permit holder that finds no idle one, so idle plus
     /// checked-out never exceeds `size`.
     pub async fn get(self: &Arc<Self>, want_fp: u64, wait: Duration) -> Result<Pooled, PoolError> {
-        let permit = match tokio::time::timeout(wait, self.sem.clone().acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            // The semaphore is never closed, so only the timeout gets here.
-            Ok(Err(_)) | Err(_) => {
-                return Err(PoolError::Timeout {
-                    shard: self.target.shard.clone(),
-                    waited_ms: wait.as_millis(),
-                    size: self.size,
-                })
+        let permit = match self.sem.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                self.waiting
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _waiting = Waiting(&self.waiting);
+                match tokio::time::timeout(wait, self.sem.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    // The semaphore is never closed, so only the timeout gets here.
+                    Ok(Err(_)) | Err(_) => {
+                        return Err(PoolError::Timeout {
+                            shard: self.target.shard.clone(),
+                            waited_ms: wait.as_millis(),
+                            size: self.size,
+                        })
+                    }
+                }
             }
         };
         // Reusing a connection that died while idle would fail the client's
@@ -230,6 +251,11 @@ impl Pool {
     /// Connections checked out right now.
     pub fn busy_count(&self) -> usize {
         self.size - self.sem.available_permits()
+    }
+
+    /// Clients waiting for a connection right now.
+    pub fn waiting_count(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -1,14 +1,39 @@
 //! `proxyctl`: the admin CLI. Talks to one node's HTTP admin API (any node:
 //! catalog changes reach the leader through the replicated log).
+//!
+//! For scripts: `jobs watch` and `--wait` draw a spinner only when stdout
+//! is a terminal; otherwise they print a line per change of the job (JSON
+//! lines with `--json`). A closed stdout (`| head -1`) ends proxyctl
+//! quietly with status 0. Exit statuses are in [`EXIT_STATUS`].
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use std::io::Write;
-use std::time::Duration;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+/// The exit statuses (printed by `--help`; also in README.md, "proxyctl in
+/// scripts").
+const EXIT_STATUS: &str = "\
+Output: a table for people, the API's JSON with --json. `jobs watch` and
+`--wait` draw a spinner on a terminal; when stdout is not a terminal they
+print a line per change of the job instead (one JSON object per line with
+--json), the last one with the phase the job ended in.
+
+Exit status:
+  0  success (also when stdout was closed early, e.g. `proxyctl range list | head -1`)
+  1  the request failed: node unreachable, change refused (the message says why),
+     or a followed job ended other than `done` (failed, aborted)
+  2  wrong arguments; for `loadtest`: the check found a lost, duplicated or
+     misplaced row";
 
 #[derive(Parser)]
-#[command(name = "proxyctl", version, about = "Administer a hotrepart cluster")]
+#[command(
+    name = "proxyctl",
+    version,
+    about = "Administer a hotrepart cluster",
+    after_help = EXIT_STATUS
+)]
 struct Cli {
     /// Admin API of any node, e.g. http://127.0.0.1:7432.
     #[arg(long, env = "HOTREPART_ADMIN", default_value = "http://127.0.0.1:7432")]
@@ -272,9 +297,21 @@ impl Api {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
+        if broken_pipe(&e) {
+            // The reader is gone (`| head -1`): nothing left to say.
+            std::process::exit(0);
+        }
         let _ = writeln!(std::io::stderr(), "proxyctl: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Whether `e` comes from writing to a closed pipe.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -448,11 +485,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             };
             if let (true, Some(id)) = (wait, v["job"].as_str()) {
-                return watch(&api, id);
+                return watch(&api, id, cli.json);
             }
             if let (true, Some(list)) = (wait, v["jobs"].as_array()) {
                 for id in list.iter().filter_map(|j| j.as_str()) {
-                    watch(&api, id)?;
+                    watch(&api, id, cli.json)?;
                 }
                 return Ok(());
             }
@@ -476,7 +513,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Jobs { cmd } => match cmd.unwrap_or(JobsCmd::List) {
             JobsCmd::List => (api.call("GET", "/v1/jobs", None)?, show_jobs),
-            JobsCmd::Watch { id } => return watch(&api, &id),
+            JobsCmd::Watch { id } => return watch(&api, &id, cli.json),
             JobsCmd::Abort { id } => (
                 api.call("POST", &format!("/v1/jobs/{id}/abort"), None)?,
                 |v| format!("job {} is aborting", s(&v["job"])),
@@ -871,25 +908,67 @@ fn show_jobs(v: &Value) -> String {
     )
 }
 
-/// Follows job `id` until it ends; fails unless it ends Done.
-fn watch(api: &Api, id: &str) -> anyhow::Result<()> {
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(24 * 3600);
+/// Follows job `id` until it ends; fails unless it ends Done. On a
+/// terminal (and without `--json`) a spinner; otherwise a line on stdout
+/// per change (phase or note at once, progress at most once a second),
+/// the final state always.
+fn watch(api: &Api, id: &str, json: bool) -> anyhow::Result<()> {
+    let tty = !json && std::io::stdout().is_terminal();
+    let bar = if tty {
+        let bar =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stdout());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(24 * 3600);
+    let mut printed: Option<(Value, Instant)> = None;
     loop {
         let v = api.call("GET", &format!("/v1/jobs/{id}"), None)?;
-        bar.set_message(format!(
+        let done = v["done"] == json!(true);
+        let msg = format!(
             "job {id}: {}  rows copied {}  lag {} B  {}",
             s(&v["phase"]),
             s(&v["rows_copied"]),
             s(&v["lag_bytes"]),
             s(&v["note"])
-        ));
-        bar.tick();
-        if v["done"] == json!(true) {
+        );
+        if tty {
+            bar.set_message(msg);
+            bar.tick();
+        } else {
+            let key = json!([v["phase"], v["note"], v["rows_copied"], v["lag_bytes"]]);
+            let due = match &printed {
+                None => true,
+                Some((k, at)) => {
+                    k[0] != key[0]
+                        || k[1] != key[1]
+                        || (k != &key && at.elapsed() >= Duration::from_secs(1))
+                        || done
+                }
+            };
+            if due {
+                let mut out = std::io::stdout().lock();
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(&v)?)?;
+                } else {
+                    writeln!(
+                        out,
+                        "{}  ({:.1} s)",
+                        msg.trim_end(),
+                        start.elapsed().as_secs_f64()
+                    )?;
+                }
+                out.flush()?;
+                printed = Some((key, Instant::now()));
+            }
+        }
+        if done {
             bar.finish();
             let phase = s(&v["phase"]);
             if phase != "done" {
@@ -897,7 +976,7 @@ fn watch(api: &Api, id: &str) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        if std::time::Instant::now() > deadline {
+        if Instant::now() > deadline {
             bail!("job {id} did not end within a day");
         }
         std::thread::sleep(Duration::from_millis(300));

@@ -22,7 +22,7 @@
 //! - routing functions are validated before they enter the log, and
 //!   attached only to empty tables ([`functions`]).
 //!
-//! Endpoints: `GET /v1/status`, `GET|POST /v1/shards`,
+//! Endpoints: `GET /metrics` (Prometheus, [`metrics`]), `GET /v1/status`, `GET|POST /v1/shards`,
 //! `DELETE /v1/shards/{name}`, `GET|POST /v1/tables`,
 //! `POST /v1/tables/{table}/function`, `GET|POST /v1/functions`,
 //! `DELETE /v1/functions/{name}`, `GET /v1/ranges`,
@@ -35,6 +35,7 @@
 
 mod functions;
 mod jobs;
+mod metrics;
 
 use crate::control::pg::{connect, databases_with};
 use crate::node::Node;
@@ -132,6 +133,7 @@ pub async fn serve(
 fn router(api: Api) -> Router {
     Router::new()
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics::metrics))
         .route("/v1/shards", get(shards).post(add_shard))
         .route("/v1/shards/{name}", delete(remove_shard))
         .route("/v1/tables", get(tables).post(declare_table))
@@ -952,6 +954,7 @@ mod tests {
         let app = app();
         let bearer = format!("Bearer {TOKEN}");
         let endpoints = [
+            (Method::GET, "/metrics"),
             (Method::GET, "/v1/status"),
             (Method::GET, "/v1/shards"),
             (Method::POST, "/v1/shards"),

@@ -38,6 +38,12 @@ pub async fn run_resolver(node: Arc<Node>, shutdown: CancellationToken) {
         }
         if !node.decisions.is_resolver() {
             conns.iter_mut().for_each(|c| *c = None);
+            let mut st = node
+                .resolver_stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            st.prepared.clear();
+            st.in_doubt.clear();
             continue;
         }
         // Shards of the current routing table (a removed shard keeps its
@@ -47,6 +53,13 @@ pub async fn run_resolver(node: Arc<Node>, shutdown: CancellationToken) {
         for (t, conn) in conns.iter_mut().enumerate() {
             if !live.contains(&t) {
                 *conn = None;
+                let name = node.routing.shard_name(t);
+                let mut st = node
+                    .resolver_stats
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                st.prepared.remove(&name);
+                st.in_doubt.remove(&name);
                 continue;
             }
             if let Err(e) = resolve_shard(&node, t, conn).await {
@@ -119,16 +132,28 @@ pub async fn resolve_shard(
         None => conn.insert(resolver_connect(node, t, &home_db).await?),
     };
     // pg_prepared_xacts lists every database's prepared transactions.
+    // Every `hr_` one is listed (counted for `/metrics`); only those older
+    // than the grace are finished.
     let q = format!(
-        "SELECT gid, database FROM pg_catalog.pg_prepared_xacts WHERE left(gid, 3) = 'hr_' AND prepared < now() - interval '{} milliseconds' ORDER BY prepared",
+        "SELECT gid, database, prepared < now() - interval '{} milliseconds' FROM pg_catalog.pg_prepared_xacts WHERE left(gid, 3) = 'hr_' ORDER BY prepared",
         node.cfg.twopc_grace_ms
     );
     let rows = b.hidden_query(&q).await?;
     // `t` is an index of the node's shard table (the catalog's shards,
     // which grow at run time), never of the configuration file's list.
     let shard = node.routing.shard_name(t);
+    let old = |row: &Vec<Option<String>>| matches!(row.get(2), Some(Some(o)) if o == "t");
+    {
+        let mut st = node
+            .resolver_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        st.prepared.insert(shard.clone(), rows.len());
+        st.in_doubt
+            .insert(shard.clone(), rows.iter().filter(|r| old(r)).count());
+    }
     let mut done = Vec::new();
-    for row in rows {
+    for row in rows.iter().filter(|r| old(r)) {
         let (Some(Some(gid)), Some(Some(db))) = (row.first(), row.get(1)) else {
             continue;
         };
@@ -166,6 +191,15 @@ pub async fn resolve_shard(
             // 42704: finished meanwhile (the decision is final).
             Ok(_) => {
                 tracing::info!(%shard, %gid, database = %db, commit, "2PC resolver finished an in-doubt transaction");
+                let mut st = node
+                    .resolver_stats
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if commit {
+                    st.committed += 1;
+                } else {
+                    st.rolled_back += 1;
+                }
                 done.push(gid.clone());
             }
             Err(HiddenQueryError::Server { code, .. }) if code == sqlstate::UNDEFINED_OBJECT => {}

@@ -103,6 +103,11 @@ impl FunctionCache {
         Ok(self.runtime.get_or_init(|| r))
     }
 
+    /// The counters of every compiled function (for `/metrics`).
+    pub fn stats(&self) -> Vec<(FunctionId, hotrepart_udf_wasm::FunctionStats)> {
+        self.lock().iter().map(|(id, f)| (*id, f.stats())).collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<FunctionId, Arc<Function>>> {
         self.compiled.lock().unwrap_or_else(PoisonError::into_inner)
     }
