@@ -46,6 +46,10 @@ pub struct Config {
     pub listen: String,
     #[serde(default)]
     pub pool_mode: PoolMode,
+    /// Users (of `[[users]]`, authenticated as usual) who may connect to
+    /// the admin console, the virtual database `hotrepart`.
+    #[serde(default)]
+    pub admin_users: Vec<String>,
     /// Backend connections per (shard, database, user).
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,

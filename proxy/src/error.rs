@@ -39,6 +39,7 @@ pub mod sqlstate {
     pub const STATEMENT_COMPLETION_UNKNOWN: &str = "40003";
     /// `42601 syntax_error`.
     pub const SYNTAX_ERROR: &str = "42601";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     /// `42703 undefined_column`.
     pub const UNDEFINED_COLUMN: &str = "42703";
     /// `42704 undefined_object`.

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod console;
 pub mod jobs;
 pub mod pg;
 pub mod reshard;

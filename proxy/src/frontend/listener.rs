@@ -356,9 +356,16 @@ impl Node {
             state,
             server_params,
             session_mode,
+            console,
             key,
             _count,
         } = a;
+        if console {
+            tracing::debug!(%user, "admin console session started");
+            crate::control::console::run(self.clone(), r).await;
+            drop(key);
+            return;
+        }
         tracing::debug!(%user, %database, "session started");
         // The session's span names it (the pid the client got in
         // BackendKeyData): a panic caught in `Session::run` is logged in it.
@@ -440,6 +447,48 @@ impl Node {
             refuse(r.get_mut(), m.0, &m.1).await;
             return None;
         }
+        if database == crate::control::console::DATABASE {
+            if !self.cfg.admin_users.contains(&user) {
+                refuse(
+                    r.get_mut(),
+                    sqlstate::INSUFFICIENT_PRIVILEGE,
+                    &format!(
+                        "role \"{user}\" may not use the admin console (it is not in admin_users)"
+                    ),
+                )
+                .await;
+                return None;
+            }
+            let mut out = BytesMut::new();
+            wire::auth_request(&mut out, wire::auth::OK, &[]);
+            for (k, v) in [
+                ("server_version", "15.0 (hotrepart admin console)"),
+                ("server_encoding", "UTF8"),
+                ("client_encoding", "UTF8"),
+                ("DateStyle", "ISO, MDY"),
+                ("integer_datetimes", "on"),
+                ("standard_conforming_strings", "on"),
+                ("application_name", ""),
+            ] {
+                wire::parameter_status(&mut out, k, v);
+            }
+            let key = self.register_cancel();
+            wire::backend_key_data(&mut out, key.pid, key.secret);
+            wire::ready_for_query(&mut out, wire::tx::IDLE);
+            if r.get_mut().write_all(&out).await.is_err() {
+                return None;
+            }
+            return Some(Admitted {
+                user,
+                database,
+                state: SessionState::default(),
+                server_params: Vec::new(),
+                session_mode: false,
+                console: true,
+                key,
+                _count: count,
+            });
+        }
         let state = match SessionState::from_startup(params) {
             Ok(s) => s,
             Err((code, m)) => {
@@ -500,6 +549,7 @@ impl Node {
             state,
             server_params,
             session_mode,
+            console: false,
             key,
             _count: count,
         })
@@ -542,6 +592,8 @@ struct Admitted {
     state: SessionState,
     server_params: Vec<(String, String)>,
     session_mode: bool,
+    /// The admin console, not a session through the shards.
+    console: bool,
     key: CancelKey,
     _count: CountGuard,
 }

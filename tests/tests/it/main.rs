@@ -9,6 +9,7 @@ mod cluster_bench;
 mod cluster_twopc;
 mod cluster_wasm;
 mod consistency;
+mod console;
 mod copy;
 mod copy_freeze;
 mod data_dir;
