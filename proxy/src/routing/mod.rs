@@ -224,8 +224,15 @@ pub fn decision(
     // A statement on several shards while a reshard job holds rows of a
     // range on a shard that does not own it: that shard runs it with the
     // ownership filter (router `hide_rows`), so each row is seen once.
+    // DDL and utility statements (VACUUM …) are not rewritten by
+    // `hide_rows` (and may be strings the parser cannot read).
+    let ddl_only = !route.statements.is_empty()
+        && route
+            .statements
+            .iter()
+            .all(|k| matches!(k, StatementKind::Ddl | StatementKind::Utility));
     let hidden = |ids: &[ShardId]| -> Result<Option<Vec<String>>, Refusal> {
-        if !snapshot.has_hidden() {
+        if !snapshot.has_hidden() || ddl_only {
             return Ok(None);
         }
         let base = match &route.merge {
