@@ -525,3 +525,90 @@ async fn pgbench_init_and_run_on_two_shards() {
         .get(0);
     assert_eq!((a, t), (b, b));
 }
+
+/// What the parser cannot read still reaches PostgreSQL through a
+/// two-shard node when routing needs nothing from it: a syntax error comes
+/// back in PostgreSQL's words (as directly), schema statements the parser
+/// does not know run on every shard, and a statement naming a sharded table
+/// that cannot be read is refused, naming the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparsed_statements_reach_postgresql_on_two_shards() {
+    let c = Cluster::start(pgbench_sharded()).await;
+    let node = c.connect().await;
+    let direct = c.direct(0).await;
+    let db_err = |e: tokio_postgres::Error| {
+        let d = e.as_db_error().cloned().expect("a server error");
+        (d.code().code().to_owned(), d.message().to_owned())
+    };
+    for bad in [
+        "SELEC 1",
+        "SELECT * FROM nowhere WHERE",
+        "SELECT 'unterminated",
+        "CREATE TABEL t (a int)",
+    ] {
+        let through = db_err(node.simple_query(bad).await.unwrap_err());
+        let want = db_err(direct.simple_query(bad).await.unwrap_err());
+        assert_eq!(through.0, "42601", "{bad}");
+        if bad.starts_with("CREATE") {
+            // Every shard ran it; the node names the shard that answered.
+            assert_eq!(through.0, want.0, "{bad}");
+            assert!(through.1.starts_with(&want.1), "{bad}: {through:?}");
+        } else {
+            assert_eq!(through, want, "{bad}");
+        }
+    }
+    node.batch_execute(
+        "CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, abalance int);
+         CREATE TABLE notes (id int)",
+    )
+    .await
+    .unwrap();
+    // Schema statements the parser cannot read: every shard.
+    for sql in [
+        "COMMENT ON TABLE pgbench_accounts IS 'sharded by aid'",
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_type WHERE typname = 'mood') THEN CREATE TYPE mood AS ENUM ('ok'); END IF; END $$",
+    ] {
+        node.simple_query(sql).await.unwrap();
+    }
+    for i in 0..2 {
+        let d = c.direct(i).await;
+        let r = d
+            .query_one(
+                "SELECT obj_description('pgbench_accounts'::regclass), to_regtype('mood') IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            r.get::<_, Option<String>>(0).as_deref(),
+            Some("sharded by aid"),
+            "s{i}"
+        );
+        assert!(r.get::<_, bool>(1), "type on s{i}");
+    }
+    // Not naming a sharded table: the home shard runs it.
+    node.simple_query("DO $$ BEGIN INSERT INTO notes VALUES (1); END $$")
+        .await
+        .unwrap();
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    // Naming one: refused with the table's name, nothing runs.
+    for sql in [
+        "DO $$ BEGIN INSERT INTO pgbench_accounts VALUES (1, 0); END $$",
+        "MERGE INTO public.pgbench_accounts a USING notes n ON a.aid = n.id WHEN NOT MATCHED THEN INSERT VALUES (n.id, 0)",
+    ] {
+        let (code, msg) = db_err(node.simple_query(sql).await.unwrap_err());
+        assert_eq!(code, "0A000", "{sql}: {msg}");
+        assert!(msg.contains("\"pgbench_accounts\"") && msg.contains("cannot route"), "{msg}");
+    }
+    let n: i64 = node
+        .query_one("SELECT count(*) FROM pgbench_accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
