@@ -641,7 +641,8 @@ fn unparsed_statements_the_node_must_read_are_refused() {
 
 #[test]
 fn copy_option_lists_are_read_by_the_lexer() {
-    let o = copy_options("copy pgbench_accounts from stdin with (freeze on)").unwrap();
+    let o =
+        copy_options("copy pgbench_accounts from stdin with (freeze on)").expect("an option list");
     assert_eq!(
         o.options,
         vec![(
@@ -650,7 +651,7 @@ fn copy_option_lists_are_read_by_the_lexer() {
         )]
     );
     let sql = r#"COPY "T" (a, "B") FROM STDIN (FORMAT csv, DELIMITER E'\t', NULL '', HEADER MATCH, FORCE_NULL (a, "B"), ON_ERROR ignore) WHERE a > 1"#;
-    let o = copy_options(sql).unwrap();
+    let o = copy_options(sql).expect("an option list");
     assert_eq!(
         &sql[o.span.clone()],
         r#"(FORMAT csv, DELIMITER E'\t', NULL '', HEADER MATCH, FORCE_NULL (a, "B"), ON_ERROR ignore)"#
@@ -671,7 +672,8 @@ fn copy_option_lists_are_read_by_the_lexer() {
         ]
     );
     // A query's parentheses and a column list are not the options.
-    let o = copy_options("COPY (SELECT 1 FROM t) TO STDOUT WITH (FORMAT binary)").unwrap();
+    let o = copy_options("COPY (SELECT 1 FROM t) TO STDOUT WITH (FORMAT binary)")
+        .expect("an option list");
     assert_eq!(o.options, vec![("format".to_string(), text("binary"))]);
     assert_eq!(copy_options("COPY t (a, b) FROM STDIN"), None);
     assert_eq!(copy_options("COPY t FROM STDIN WITH CSV HEADER"), None);
