@@ -28,7 +28,13 @@
 //!   combined at all (sharded tables not joined on their keys, a sharded table
 //!   only inside a derived table, …) is refused with SQLSTATE `0A000`.
 //! * Anything the router does not understand is refused (`0A000`), never
-//!   guessed. Parse errors are `42601` with the parser's message.
+//!   guessed. A string the parser cannot read (a syntax error, or syntax
+//!   it does not know) is routed by the lexer ([`plan_in`],
+//!   [`crate::classify::unparsed`]) only where routing needs nothing from
+//!   it: naming no declared table (nor a relation over one) it goes to the
+//!   home shard, so PostgreSQL answers — with its own syntax error;
+//!   schema statements go to every shard as DDL; anything else is refused
+//!   (`0A000`, naming the table).
 //!
 //! # Conventions (documented choices)
 //!
