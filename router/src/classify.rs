@@ -699,7 +699,9 @@ impl<'a> Lexer<'a> {
     }
 }
 
+mod database;
 mod unparsed;
+pub use database::{database_statement, DatabaseStatement};
 pub use unparsed::{copy_options, unparsed, CopyOptionValue, CopyOptions, Unparsed};
 
 #[cfg(test)]

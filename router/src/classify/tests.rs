@@ -682,3 +682,37 @@ fn copy_option_lists_are_read_by_the_lexer() {
     assert_eq!(copy_options(r"COPY t FROM STDIN (DELIMITER E'\x09')"), None);
     assert_eq!(copy_options("COPY t FROM STDIN (FORMAT csv) garbage"), None);
 }
+
+#[test]
+fn database_statements() {
+    let db = |create, name: &str, if_exists| {
+        Some(DatabaseStatement {
+            create,
+            name: name.to_string(),
+            if_exists,
+        })
+    };
+    assert_eq!(
+        database_statement("CREATE DATABASE Shop"),
+        db(true, "shop", false)
+    );
+    assert_eq!(
+        database_statement("create database \"Shop\" TEMPLATE template0;"),
+        db(true, "Shop", false)
+    );
+    assert_eq!(
+        database_statement("DROP DATABASE shop"),
+        db(false, "shop", false)
+    );
+    assert_eq!(
+        database_statement("/* x */ DROP DATABASE IF EXISTS shop WITH (FORCE)"),
+        db(false, "shop", true)
+    );
+    assert_eq!(
+        database_statement("DROP DATABASE if"),
+        db(false, "if", false)
+    );
+    assert_eq!(database_statement("CREATE DATABASE a; SELECT 1"), None);
+    assert_eq!(database_statement("CREATE TABLE database (a int)"), None);
+    assert_eq!(database_statement("DROP SCHEMA shop"), None);
+}

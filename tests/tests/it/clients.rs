@@ -612,3 +612,127 @@ async fn unparsed_statements_reach_postgresql_on_two_shards() {
         .get(0);
     assert_eq!(n, 0);
 }
+
+/// CREATE/DROP DATABASE through a two-shard node: on every shard, one at a
+/// time; a failure names the shards where it ran and did not; a retry
+/// finishes the job; what is already so everywhere gets PostgreSQL's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_and_drop_database_on_every_shard() {
+    let c = Cluster::start(pgbench_sharded()).await;
+    let node = c.connect().await;
+    let exists = |name: &'static str| {
+        let c = &c;
+        async move {
+            let mut v = Vec::new();
+            for i in 0..2 {
+                let n: i64 = c
+                    .direct(i)
+                    .await
+                    .query_one(
+                        "SELECT count(*) FROM pg_database WHERE datname = $1",
+                        &[&name],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                v.push(n == 1);
+            }
+            v
+        }
+    };
+    let db_err = |e: tokio_postgres::Error| {
+        let d = e.as_db_error().cloned().expect("a server error");
+        (d.code().code().to_owned(), d.message().to_owned())
+    };
+    node.simple_query("CREATE DATABASE shop").await.unwrap();
+    assert_eq!(exists("shop").await, [true, true]);
+    // A client of the new database through the node.
+    {
+        let dsn = c.dsn().replace("/postgres", "/shop");
+        let shop = connect(&dsn).await.unwrap();
+        shop.batch_execute("CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, abalance int)")
+            .await
+            .unwrap();
+        shop.batch_execute(
+            "INSERT INTO pgbench_accounts (aid, abalance) VALUES (1, 10), (2, 20), (3, 30), (4, 40)",
+        )
+        .await
+        .unwrap();
+        let n: i64 = shop
+            .query_one("SELECT count(*) FROM pgbench_accounts", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 4);
+    }
+    // Already on every shard: PostgreSQL's error, as directly.
+    let through = db_err(node.simple_query("CREATE DATABASE shop").await.unwrap_err());
+    let direct = db_err(
+        c.direct(0)
+            .await
+            .simple_query("CREATE DATABASE shop")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(through, direct);
+    // A failure on the second shard: reported with where it ran; after the
+    // cause is fixed, a retry finishes the job.
+    c.direct(0)
+        .await
+        .batch_execute("CREATE DATABASE tpl")
+        .await
+        .unwrap();
+    let (code, msg) = db_err(
+        node.simple_query("CREATE DATABASE shop2 TEMPLATE tpl")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, "3D000", "{msg}");
+    assert!(
+        msg.contains("tpl") && msg.contains("on shard s1") && msg.contains("done on shard(s) s0"),
+        "{msg}"
+    );
+    assert_eq!(exists("shop2").await, [true, false]);
+    c.direct(1)
+        .await
+        .batch_execute("CREATE DATABASE tpl")
+        .await
+        .unwrap();
+    node.simple_query("CREATE DATABASE shop2 TEMPLATE tpl")
+        .await
+        .unwrap();
+    assert_eq!(exists("shop2").await, [true, true]);
+    // DROP: the node's own pooled connections to it do not stand in the way.
+    node.simple_query("DROP DATABASE shop").await.unwrap();
+    assert_eq!(exists("shop").await, [false, false]);
+    let through = db_err(node.simple_query("DROP DATABASE shop").await.unwrap_err());
+    let direct = db_err(
+        c.direct(0)
+            .await
+            .simple_query("DROP DATABASE shop")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(through, direct);
+    node.simple_query("DROP DATABASE IF EXISTS shop")
+        .await
+        .unwrap();
+    // Dropped on one shard by hand: the node's DROP finishes the job.
+    c.direct(0)
+        .await
+        .batch_execute("DROP DATABASE shop2")
+        .await
+        .unwrap();
+    node.simple_query("DROP DATABASE shop2").await.unwrap();
+    assert_eq!(exists("shop2").await, [false, false]);
+    // Not in a transaction block, as PostgreSQL says.
+    node.batch_execute("BEGIN").await.unwrap();
+    let (code, _) = db_err(
+        node.simple_query("CREATE DATABASE shop3")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, "25001");
+    node.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(exists("shop3").await, [false, false]);
+}
