@@ -406,8 +406,9 @@ pub fn decide(
     let plan = plan
         .map_err(|e| {
             // Off, PostgreSQL's reading of '…\'…' differs from the
-            // router's, which may then not even tokenize.
-            if e.sqlstate == sqlstate::SYNTAX_ERROR && !hints.standard_conforming_strings && sql.contains('\\') {
+            // router's, which may then not even tokenize (or route it by
+            // its lexer, misreading where strings end).
+            if !hints.standard_conforming_strings && sql.contains('\\') {
                 Refusal::new(
                     sqlstate::FEATURE_NOT_SUPPORTED,
                     format!("a string literal containing a backslash while standard_conforming_strings is off cannot be routed (hotrepart reads literals as with it on: {}); use E'…' for escapes, or SET standard_conforming_strings = on", e.message),
