@@ -31,6 +31,8 @@ pub mod sqlstate {
     pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
     /// `28P01 invalid_password`.
     pub const INVALID_PASSWORD: &str = "28P01";
+    /// `42P04 duplicate_database`.
+    pub const DUPLICATE_DATABASE: &str = "42P04";
     /// `3D000 invalid_catalog_name` (unknown database).
     pub const INVALID_CATALOG_NAME: &str = "3D000";
     /// `40001 serialization_failure`: retry the transaction.

@@ -325,6 +325,21 @@ pub fn error_response(out: &mut BytesMut, sev: Severity, code: &str, msg: &str) 
     });
 }
 
+/// Writes a NoticeResponse (severity NOTICE) from the node.
+pub fn notice_response(out: &mut BytesMut, code: &str, msg: &str) {
+    frame(out, be::NOTICE_RESPONSE, |o| {
+        o.put_u8(field::SEVERITY);
+        put_cstr(o, "NOTICE");
+        o.put_u8(field::SEVERITY_NONLOCALIZED);
+        put_cstr(o, "NOTICE");
+        o.put_u8(field::CODE);
+        put_cstr(o, code);
+        o.put_u8(field::MESSAGE);
+        put_cstr(o, msg);
+        o.put_u8(0);
+    });
+}
+
 pub fn ready_for_query(out: &mut BytesMut, status: u8) {
     frame(out, be::READY_FOR_QUERY, |o| o.put_u8(status));
 }

@@ -11,6 +11,11 @@
 //! a comment, a string or a quoted identifier is not taken for the keyword.
 //! The common statement (no keyword of interest) allocates nothing.
 //!
+//! For a string the SQL parser cannot read, [`unparsed`] says whether it
+//! may go to the home shard or to every shard without a parse, or must be
+//! refused; [`copy_options`] reads a `COPY` statement's option list (see
+//! `classify/unparsed.rs`).
+//!
 //! Guarantees (each flag errs on the side where a mistake costs a round
 //! trip or a refusal, never a leak):
 //! - [`Class::changes_state`] is set for a statement starting with `SET`,
@@ -807,6 +812,11 @@ impl<'a> Lexer<'a> {
         Some(t)
     }
 }
+
+mod database;
+mod unparsed;
+pub use database::{database_statement, DatabaseStatement};
+pub use unparsed::{copy_options, unparsed, CopyOptionValue, CopyOptions, Unparsed};
 
 #[cfg(test)]
 mod tests;

@@ -28,7 +28,13 @@
 //!   combined at all (sharded tables not joined on their keys, a sharded table
 //!   only inside a derived table, …) is refused with SQLSTATE `0A000`.
 //! * Anything the router does not understand is refused (`0A000`), never
-//!   guessed. Parse errors are `42601` with the parser's message.
+//!   guessed. A string the parser cannot read (a syntax error, or syntax
+//!   it does not know) is routed by the lexer ([`plan_in`],
+//!   [`crate::classify::unparsed`]) only where routing needs nothing from
+//!   it: naming no declared table (nor a relation over one) it goes to the
+//!   home shard, so PostgreSQL answers — with its own syntax error;
+//!   schema statements go to every shard as DDL; anything else is refused
+//!   (`0A000`, naming the table).
 //!
 //! # Conventions (documented choices)
 //!
@@ -94,11 +100,13 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
+use sqlparser::ast;
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 
 use crate::catalog::{KeyType, KeyValue, PointError, RoutingSnapshot, ShardId};
+use crate::classify::Unparsed;
 
 pub use cache::PlanCache;
 pub use hide::hide_rows;
@@ -605,11 +613,53 @@ pub fn plan(snapshot: &RoutingSnapshot, sql: &str) -> Result<Plan, RouteError> {
 }
 
 /// [`plan`] with unqualified names resolved in `ns`.
+///
+/// A string the parser cannot read, or holding a statement the analyzer
+/// does not plan, is routed by the lexer instead ([`plan_unparsed`]). A
+/// `COPY`'s `( … )` option list is read by the lexer and passed to the
+/// shards untouched (PostgreSQL validates it), so options the parser does
+/// not know (`FREEZE ON`, `HEADER MATCH`, `ON_ERROR …`) do not stop it.
 pub fn plan_in(snapshot: &RoutingSnapshot, sql: &str, ns: &Namespace) -> Result<Plan, RouteError> {
+    match parse_and_plan(snapshot, sql, ns)? {
+        Parsed::Plan(p) => Ok(p),
+        Parsed::Unreadable(why) => plan_unparsed(snapshot, sql, ns, &why),
+    }
+}
+
+/// What the parser and the analyzer made of a string.
+enum Parsed {
+    Plan(Plan),
+    /// The parser cannot read it, or the analyzer does not plan one of its
+    /// statements (why, for messages).
+    Unreadable(String),
+}
+
+fn parse_and_plan(
+    snapshot: &RoutingSnapshot,
+    sql: &str,
+    ns: &Namespace,
+) -> Result<Parsed, RouteError> {
     let dialect = PostgreSqlDialect {};
-    let tokens = Tokenizer::new(&dialect, sql)
-        .tokenize_with_location()
-        .map_err(|e| RouteError::syntax(e.to_string()))?;
+    // A COPY option list is blanked for the parser (same length: token
+    // positions stay) and read by the lexer.
+    let copy_options = crate::classify::copy_options(sql);
+    let blanked;
+    let text = match &copy_options {
+        Some(o) => {
+            blanked = format!(
+                "{}{}{}",
+                &sql[..o.span.start],
+                " ".repeat(o.span.len()),
+                &sql[o.span.end..]
+            );
+            blanked.as_str()
+        }
+        None => sql,
+    };
+    let tokens = match Tokenizer::new(&dialect, text).tokenize_with_location() {
+        Ok(t) => t,
+        Err(e) => return Ok(Parsed::Unreadable(e.to_string())),
+    };
     let mut hint = None;
     // With standard_conforming_strings off PostgreSQL tokenizes differently
     // only where a plain literal holds a backslash (up to that point both
@@ -632,18 +682,43 @@ pub fn plan_in(snapshot: &RoutingSnapshot, sql: &str, ns: &Namespace) -> Result<
             hint = Some(h);
         }
     }
-    let statements = Parser::new(&dialect)
+    let mut statements = match Parser::new(&dialect)
         .with_tokens_with_locations(tokens)
         .parse_statements()
-        .map_err(|e| RouteError::syntax(e.to_string()))?;
+    {
+        Ok(s) => s,
+        Err(e) => return Ok(Parsed::Unreadable(e.to_string())),
+    };
+    let mut passed = Vec::new();
+    if let (Some(list), [ast::Statement::Copy { options, .. }]) =
+        (&copy_options, statements.as_mut_slice())
+    {
+        let (read, rest) = copy::options_from_lexer(list)?;
+        *options = read;
+        passed = rest;
+    }
     let mut stmts = Vec::with_capacity(statements.len());
     for st in &statements {
-        stmts.push(analyze::plan_statement(snapshot, ns, st)?);
+        match analyze::plan_statement(snapshot, ns, st)? {
+            Some(p) => stmts.push(p),
+            None => {
+                let text = st.to_string();
+                let word = text.split_whitespace().next().unwrap_or("statement");
+                return Ok(Parsed::Unreadable(format!(
+                    "statement {word} is not planned by the router"
+                )));
+            }
+        }
+    }
+    for p in &stmts {
+        if let analyze::Body::Copy(c) = &p.body {
+            c.check_passed_options(&passed)?;
+        }
     }
     if stmts.is_empty() {
         stmts.push(StmtPlan::fixed(StatementKind::Empty, false, Body::Any));
     }
-    Ok(Plan {
+    Ok(Parsed::Plan(Plan {
         sql: Arc::from(sql),
         epoch: snapshot.epoch(),
         calls: stmts
@@ -655,6 +730,68 @@ pub fn plan_in(snapshot: &RoutingSnapshot, sql: &str, ns: &Namespace) -> Result<
         stmts,
         hint,
         backslash_literal,
+        ns: ns.clone(),
+    }))
+}
+
+/// Routes a string the parser cannot read (or whose statement the
+/// analyzer does not plan) by the lexer ([`crate::classify::unparsed`]):
+/// when it names no declared table (nor a relation reaching one) the home
+/// shard runs it, so the client gets PostgreSQL's answer — its own syntax
+/// error included; schema statements run on every shard as DDL; anything
+/// else is refused (`0A000`), never guessed. Such a plan has no hint (the
+/// comments are not read) and counts as a write (what it does is unknown);
+/// on the home shard its calls are every word before a `(`, so the node
+/// checks their bodies for sharded tables as for a parsed statement.
+fn plan_unparsed(
+    snapshot: &RoutingSnapshot,
+    sql: &str,
+    ns: &Namespace,
+    why: &str,
+) -> Result<Plan, RouteError> {
+    let last = |n: &str| n.rsplit('.').next().unwrap_or(n).to_ascii_lowercase();
+    let mut relations: Vec<String> = snapshot
+        .sharded_tables()
+        .map(|t| last(&t.name))
+        .chain(snapshot.reference_tables().map(last))
+        .chain(ns.reaching.keys().map(|(_, n)| n.to_ascii_lowercase()))
+        .collect();
+    relations.sort();
+    relations.dedup();
+    let (kind, body, n, calls) = match crate::classify::unparsed(sql, &relations) {
+        Unparsed::Home { statements, calls } => {
+            (StatementKind::Utility, Body::Home, statements, calls)
+        }
+        Unparsed::Schema(n) => (StatementKind::Ddl, Body::All, n, Vec::new()),
+        Unparsed::Maintenance(n) => (StatementKind::Utility, Body::All, n, Vec::new()),
+        Unparsed::Refuse(reason) => {
+            return Err(RouteError::unsupported(format!(
+                "{reason} (hotrepart's SQL parser: {why})"
+            )))
+        }
+    };
+    let stmts = if n == 0 {
+        vec![StmtPlan::fixed(StatementKind::Empty, false, Body::Any)]
+    } else {
+        (0..n)
+            .map(|_| {
+                StmtPlan::fixed(
+                    kind.clone(),
+                    kind != StatementKind::Utility || matches!(body, Body::Home),
+                    body.clone(),
+                )
+            })
+            .collect()
+    };
+    Ok(Plan {
+        sql: Arc::from(sql),
+        epoch: snapshot.epoch(),
+        calls: Arc::from(calls),
+        stmts,
+        hint: None,
+        // Not tokenized by the parser: refuse under
+        // standard_conforming_strings off whenever a backslash appears.
+        backslash_literal: sql.contains('\\'),
         ns: ns.clone(),
     })
 }

@@ -240,6 +240,23 @@ impl Pool {
         n
     }
 
+    /// Closes every idle backend (before `DROP DATABASE` of the pool's
+    /// database, which PostgreSQL refuses while connections use it);
+    /// returns how many.
+    pub fn close_idle(&self) -> usize {
+        let idle: Vec<BackendConn> = self
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        let n = idle.len();
+        for c in idle {
+            c.terminate();
+        }
+        n
+    }
+
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }

@@ -5,6 +5,7 @@
 //! replies of several shards at once.
 
 pub mod copy;
+pub mod database;
 pub mod decisions;
 pub mod explain;
 pub mod merge;

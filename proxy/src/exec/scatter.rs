@@ -22,7 +22,8 @@
 //!   two-phase commit ([`crate::exec::twopc`]) — atomic across shards — else
 //!   rolled back everywhere. DDL runs without a wrapping transaction (CREATE
 //!   INDEX CONCURRENTLY and friends refuse one); a DDL error names the
-//!   shards where it did apply;
+//!   shards where it did apply; `CREATE`/`DROP DATABASE` run one shard at
+//!   a time ([`crate::exec::database`]);
 //! - inside a transaction block, a write to several shards marks them all
 //!   written: the transaction's COMMIT uses two-phase commit.
 
@@ -51,6 +52,12 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .map(|&i| s.node.routing.shard_name(i))
         .collect();
     let in_tx = s.txn.open();
+    if d.ddl && !in_tx {
+        if let Some(db) = hotrepart_router::classify::database_statement(sql) {
+            let shards = shards.clone();
+            return crate::exec::database::run(s, &db, &shards, sql).await;
+        }
+    }
     if d.statements > 1 && d.returns_rows {
         return refuse(
             s,

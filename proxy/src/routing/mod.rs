@@ -224,8 +224,15 @@ pub fn decision(
     // A statement on several shards while a reshard job holds rows of a
     // range on a shard that does not own it: that shard runs it with the
     // ownership filter (router `hide_rows`), so each row is seen once.
+    // DDL and utility statements (VACUUM …) are not rewritten by
+    // `hide_rows` (and may be strings the parser cannot read).
+    let ddl_only = !route.statements.is_empty()
+        && route
+            .statements
+            .iter()
+            .all(|k| matches!(k, StatementKind::Ddl | StatementKind::Utility));
     let hidden = |ids: &[ShardId]| -> Result<Option<Vec<String>>, Refusal> {
-        if !snapshot.has_hidden() {
+        if !snapshot.has_hidden() || ddl_only {
             return Ok(None);
         }
         let base = match &route.merge {
@@ -399,8 +406,9 @@ pub fn decide(
     let plan = plan
         .map_err(|e| {
             // Off, PostgreSQL's reading of '…\'…' differs from the
-            // router's, which may then not even tokenize.
-            if e.sqlstate == sqlstate::SYNTAX_ERROR && !hints.standard_conforming_strings && sql.contains('\\') {
+            // router's, which may then not even tokenize (or route it by
+            // its lexer, misreading where strings end).
+            if !hints.standard_conforming_strings && sql.contains('\\') {
                 Refusal::new(
                     sqlstate::FEATURE_NOT_SUPPORTED,
                     format!("a string literal containing a backslash while standard_conforming_strings is off cannot be routed (hotrepart reads literals as with it on: {}); use E'…' for escapes, or SET standard_conforming_strings = on", e.message),

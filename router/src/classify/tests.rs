@@ -597,3 +597,198 @@ fn listen_commands() {
         assert_eq!(listen_command(sql), None, "{sql:?}");
     }
 }
+
+fn rels() -> Vec<String> {
+    vec!["accounts".to_string(), "ref_countries".to_string()]
+}
+
+#[test]
+fn unparsed_statements_naming_no_declared_table_go_home() {
+    for sql in [
+        "SELEC 1",
+        "select * from home_t where x = 'unterminated",
+        "MERGE INTO home_t USING src ON true WHEN MATCHED THEN DELETE",
+        "-- accounts\nSELEC 1",
+        "/* accounts /* nested */ */ SELEC 1",
+        "SELEC 1 FROM accounts_archive",
+        "SELEC 1 FROM my_accounts",
+        "LOAD 'auto_explain'",
+        "VACUUM (weird) home_t",
+        "",
+        ";;",
+    ] {
+        assert!(
+            matches!(unparsed(sql, &rels()), Unparsed::Home { .. }),
+            "{sql:?}: {:?}",
+            unparsed(sql, &rels())
+        );
+    }
+    assert_eq!(
+        unparsed("SELEC f(1); g (2)", &rels()),
+        Unparsed::Home {
+            statements: 2,
+            calls: vec!["f".to_string(), "g".to_string()]
+        }
+    );
+}
+
+#[test]
+fn unparsed_statements_naming_a_declared_table_are_refused() {
+    for (sql, table) in [
+        (
+            "MERGE INTO accounts USING s ON true WHEN MATCHED THEN DELETE",
+            "accounts",
+        ),
+        ("SELEC * FROM public.accounts", "accounts"),
+        ("SELEC * FROM \"public\".\"accounts\"", "accounts"),
+        ("SELEC * FROM ACCOUNTS", "accounts"),
+        ("SELEC * FROM \"Accounts\"", "accounts"),
+        (
+            "INSERT INTO other.Ref_Countries VALUES (1) WEIRD",
+            "ref_countries",
+        ),
+        // dynamic SQL in a string counts
+        (
+            "SELEC query_to_xml('select * from accounts', true)",
+            "accounts",
+        ),
+        ("DO $$ BEGIN UPDATE accounts SET a = 1; END $$", "accounts"),
+        ("DO $$ BEGIN PERFORM 1 FROM accounts; END $$", "accounts"),
+    ] {
+        match unparsed(sql, &rels()) {
+            Unparsed::Refuse(why) => {
+                assert!(why.contains(&format!("\"{table}\"")), "{sql:?}: {why}")
+            }
+            other => panic!("{sql:?}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn unparsed_schema_statements_go_everywhere() {
+    for sql in [
+        "COMMENT ON TABLE accounts IS 'the accounts'",
+        "COMMENT ON COLUMN home_t.x IS $c$ -- not a comment $c$",
+        "GRANT SELECT ON ALL TABLES IN SCHEMA public TO app",
+        "CREATE EVENT TRIGGER t ON ddl_command_start EXECUTE FUNCTION f()",
+        "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO app",
+        "SECURITY LABEL ON TABLE accounts IS 'x'",
+        "CREATE FUNCTION f() RETURNS TABLE (a int) AS $$ SELECT 1 $$ LANGUAGE sql",
+        "CREATE TABLE t (a int GENERATED ALWAYS AS (1) STORED) WEIRD",
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_type WHERE typname = 'e') THEN CREATE TYPE e AS ENUM ('a'); END IF; END $$",
+        "CREATE TYPE a AS ENUM ('x'); COMMENT ON TYPE a IS 'y'",
+    ] {
+        assert!(
+            matches!(unparsed(sql, &rels()), Unparsed::Schema(_)),
+            "{sql:?}: {:?}",
+            unparsed(sql, &rels())
+        );
+    }
+    assert_eq!(
+        unparsed("VACUUM (FREEZE, weird) accounts", &rels()),
+        Unparsed::Maintenance(1)
+    );
+}
+
+#[test]
+fn unparsed_statements_the_node_must_read_are_refused() {
+    for sql in [
+        "BEGIN WEIRD",
+        "COMMIT PREPARED 'x'",
+        "PREPARE TRANSACTION 'x'",
+        "MOVE FORWARD 2 IN c",
+        "FETCH weird",
+        "CALL p()",
+        "EXECUTE q(1)",
+        "CREATE TABLE t2 AS SELECT * FROM home_t",
+        "CREATE UNLOGGED TABLE IF NOT EXISTS t2 AS TABLE home_t",
+        "CREATE MATERIALIZED VIEW mv AS SELECT 1",
+        "DO $$ BEGIN CREATE TABLE x (a int); INSERT INTO x VALUES (1); END $$",
+        "COMMENT ON TABLE home_t IS 'x'; SELEC 1",
+        "VACUUM accounts; VACUUM home_t",
+    ] {
+        assert!(
+            matches!(unparsed(sql, &rels()), Unparsed::Refuse(_)),
+            "{sql:?}: {:?}",
+            unparsed(sql, &rels())
+        );
+    }
+}
+
+#[test]
+fn copy_option_lists_are_read_by_the_lexer() {
+    let o =
+        copy_options("copy pgbench_accounts from stdin with (freeze on)").expect("an option list");
+    assert_eq!(
+        o.options,
+        vec![(
+            "freeze".to_string(),
+            Some(CopyOptionValue::Text("on".to_string()))
+        )]
+    );
+    let sql = r#"COPY "T" (a, "B") FROM STDIN (FORMAT csv, DELIMITER E'\t', NULL '', HEADER MATCH, FORCE_NULL (a, "B"), ON_ERROR ignore) WHERE a > 1"#;
+    let o = copy_options(sql).expect("an option list");
+    assert_eq!(
+        &sql[o.span.clone()],
+        r#"(FORMAT csv, DELIMITER E'\t', NULL '', HEADER MATCH, FORCE_NULL (a, "B"), ON_ERROR ignore)"#
+    );
+    let text = |s: &str| Some(CopyOptionValue::Text(s.to_string()));
+    assert_eq!(
+        o.options,
+        vec![
+            ("format".to_string(), text("csv")),
+            ("delimiter".to_string(), text("\t")),
+            ("null".to_string(), text("")),
+            ("header".to_string(), text("match")),
+            (
+                "force_null".to_string(),
+                Some(CopyOptionValue::Columns(vec!["a".into(), "B".into()]))
+            ),
+            ("on_error".to_string(), text("ignore")),
+        ]
+    );
+    // A query's parentheses and a column list are not the options.
+    let o = copy_options("COPY (SELECT 1 FROM t) TO STDOUT WITH (FORMAT binary)")
+        .expect("an option list");
+    assert_eq!(o.options, vec![("format".to_string(), text("binary"))]);
+    assert_eq!(copy_options("COPY t (a, b) FROM STDIN"), None);
+    assert_eq!(copy_options("COPY t FROM STDIN WITH CSV HEADER"), None);
+    assert_eq!(copy_options("SELECT 1"), None);
+    // What the lexer does not decode is left to the parser.
+    assert_eq!(copy_options(r"COPY t FROM STDIN (DELIMITER E'\x09')"), None);
+    assert_eq!(copy_options("COPY t FROM STDIN (FORMAT csv) garbage"), None);
+}
+
+#[test]
+fn database_statements() {
+    let db = |create, name: &str, if_exists| {
+        Some(DatabaseStatement {
+            create,
+            name: name.to_string(),
+            if_exists,
+        })
+    };
+    assert_eq!(
+        database_statement("CREATE DATABASE Shop"),
+        db(true, "shop", false)
+    );
+    assert_eq!(
+        database_statement("create database \"Shop\" TEMPLATE template0;"),
+        db(true, "Shop", false)
+    );
+    assert_eq!(
+        database_statement("DROP DATABASE shop"),
+        db(false, "shop", false)
+    );
+    assert_eq!(
+        database_statement("/* x */ DROP DATABASE IF EXISTS shop WITH (FORCE)"),
+        db(false, "shop", true)
+    );
+    assert_eq!(
+        database_statement("DROP DATABASE if"),
+        db(false, "if", false)
+    );
+    assert_eq!(database_statement("CREATE DATABASE a; SELECT 1"), None);
+    assert_eq!(database_statement("CREATE TABLE database (a int)"), None);
+    assert_eq!(database_statement("DROP SCHEMA shop"), None);
+}

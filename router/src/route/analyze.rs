@@ -55,26 +55,44 @@ use expr::unsupported;
 use plan::{ddl_all, tx};
 use scope::Analyzer;
 
-/// Plans one statement.
+/// Plans one statement; None for a kind of statement the analyzer does
+/// not plan (the router then routes the string by the lexer, see
+/// `route::plan_unparsed`).
 pub(super) fn plan_statement(
     snap: &RoutingSnapshot,
     ns: &Namespace,
     st: &Statement,
-) -> Result<StmtPlan, RouteError> {
+) -> Result<Option<StmtPlan>, RouteError> {
     let mut a = Analyzer::new(snap, ns);
-    let mut p = plan_in(&mut a, st)?;
+    let Some(mut p) = plan_in(&mut a, st)? else {
+        return Ok(None);
+    };
     p.may_write |= a.locks;
     for c in a.calls {
         if !p.calls.contains(&c) {
             p.calls.push(c);
         }
     }
-    Ok(p)
+    Ok(Some(p))
 }
 
-fn plan_in(a: &mut Analyzer<'_>, st: &Statement) -> Result<StmtPlan, RouteError> {
-    use StatementKind as K;
+fn plan_in(a: &mut Analyzer<'_>, st: &Statement) -> Result<Option<StmtPlan>, RouteError> {
     let snap = a.snap;
+    match plan_known(a, st, snap) {
+        Err(e) if e.message == NOT_PLANNED => Ok(None),
+        other => other.map(Some),
+    }
+}
+
+/// The marker of a statement [`plan_known`] does not plan (never sent).
+const NOT_PLANNED: &str = "statement not planned by the analyzer";
+
+fn plan_known(
+    a: &mut Analyzer<'_>,
+    st: &Statement,
+    snap: &RoutingSnapshot,
+) -> Result<StmtPlan, RouteError> {
+    use StatementKind as K;
     match st {
         Statement::Query(q) => a.select_statement(q, K::Select),
         Statement::Insert(ins) => a.insert(ins),
@@ -118,7 +136,9 @@ fn plan_in(a: &mut Analyzer<'_>, st: &Statement) -> Result<StmtPlan, RouteError>
         Statement::Explain {
             statement, analyze, ..
         } => {
-            let mut inner = plan_statement(snap, a.ns, statement)?;
+            let Some(mut inner) = plan_statement(snap, a.ns, statement)? else {
+                return Err(unsupported("EXPLAIN of this statement"));
+            };
             if !matches!(inner.kind, K::Select | K::Insert | K::Update | K::Delete) {
                 return Err(unsupported(format!("EXPLAIN of {}", inner.kind_name())));
             }
@@ -201,12 +221,9 @@ fn plan_in(a: &mut Analyzer<'_>, st: &Statement) -> Result<StmtPlan, RouteError>
         Statement::Call(_) => Err(unsupported(
             "CALL (the router cannot see which shard a procedure needs)",
         )),
-        other => {
-            let text = other.to_string();
-            let word = text.split_whitespace().next().unwrap_or("statement");
-            Err(unsupported(format!(
-                "statement {word} is not supported by the router"
-            )))
-        }
+        // Routed by the lexer (`route::plan_unparsed`); CREATE/DROP
+        // DATABASE too (the parser reads them, the analyzer has nothing to
+        // add).
+        _ => Err(unsupported(NOT_PLANNED)),
     }
 }

@@ -218,7 +218,7 @@ mod tests {
         assert_eq!(b.epoch(), 2);
         assert_eq!(c.len(), 1);
         // Errors are not cached.
-        assert!(c.get_or_plan(&s2, "SELEC").is_err());
+        assert!(c.get_or_plan(&s2, "BEGIN WEIRD").is_err());
         assert_eq!(c.len(), 1);
     }
 

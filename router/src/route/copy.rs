@@ -23,7 +23,9 @@
 //! * memory is bounded: at most one partial row (up to `max_row` bytes) is
 //!   held.
 
-use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption};
+use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, Ident};
+
+use crate::classify::{CopyOptionValue, CopyOptions};
 
 use super::names::norm;
 use super::{CopyDirection, RouteError};
@@ -85,6 +87,85 @@ pub struct CopyPlan {
     pub force_null: Vec<String>,
     /// An `ENCODING` option, if any.
     pub encoding: Option<String>,
+}
+
+/// A COPY option list read by the lexer ([`crate::classify::copy_options`])
+/// as the parser's options, for the options the row splitter depends on
+/// (`FORMAT`, `FREEZE`, `DELIMITER`, `NULL`, `HEADER`, `QUOTE`, `ESCAPE`,
+/// `FORCE_QUOTE`, `FORCE_NOT_NULL`, `FORCE_NULL`, `ENCODING`), and the
+/// names of the others, which pass to PostgreSQL untouched (it validates
+/// them: `ON_ERROR`, `LOG_VERBOSITY`, …). Values are read as PostgreSQL's
+/// `defGetBoolean`/`defGetString` read them.
+pub(super) fn options_from_lexer(
+    list: &CopyOptions,
+) -> Result<(Vec<CopyOption>, Vec<String>), RouteError> {
+    let mut read = Vec::new();
+    let mut passed = Vec::new();
+    for (name, value) in &list.options {
+        let text = || match value {
+            Some(CopyOptionValue::Text(t)) => Ok(t.clone()),
+            _ => Err(copy_err("22023", format!("{name} requires a parameter"))),
+        };
+        let boolean = || match value {
+            None => Ok(true),
+            Some(CopyOptionValue::Text(t)) => match t.to_ascii_lowercase().as_str() {
+                "true" | "on" | "1" => Ok(true),
+                "false" | "off" | "0" => Ok(false),
+                // HEADER MATCH: there is a header line (checked by the shard).
+                "match" if name == "header" => Ok(true),
+                _ => Err(copy_err(
+                    "22023",
+                    format!("{name} requires a Boolean value"),
+                )),
+            },
+            _ => Err(copy_err(
+                "22023",
+                format!("{name} requires a Boolean value"),
+            )),
+        };
+        let one = |what: &str| {
+            let t = text()?;
+            let mut cs = t.chars();
+            match (cs.next(), cs.next()) {
+                (Some(c), None) => Ok(c),
+                _ => Err(RouteError::unsupported(format!(
+                    "COPY {what} must be a single one-byte character"
+                ))),
+            }
+        };
+        let columns = || match value {
+            Some(CopyOptionValue::Columns(cs)) => Ok(cs
+                .iter()
+                .map(|c| Ident::with_quote('"', c.clone()))
+                .collect::<Vec<_>>()),
+            Some(CopyOptionValue::Star) => Err(RouteError::unsupported(format!(
+                "COPY {} * of a sharded or reference table (name the columns)",
+                name.to_ascii_uppercase()
+            ))),
+            _ => Err(copy_err("22023", format!("{name} requires a column list"))),
+        };
+        read.push(match name.as_str() {
+            "format" => CopyOption::Format(Ident::with_quote('"', text()?)),
+            "freeze" => CopyOption::Freeze(boolean()?),
+            "delimiter" => CopyOption::Delimiter(one("delimiter")?),
+            "null" => CopyOption::Null(text()?),
+            "header" => CopyOption::Header(boolean()?),
+            "quote" => CopyOption::Quote(one("quote")?),
+            "escape" => CopyOption::Escape(one("escape")?),
+            "force_quote" => CopyOption::ForceQuote(match value {
+                Some(CopyOptionValue::Star) => Vec::new(),
+                _ => columns()?,
+            }),
+            "force_not_null" => CopyOption::ForceNotNull(columns()?),
+            "force_null" => CopyOption::ForceNull(columns()?),
+            "encoding" => CopyOption::Encoding(text()?),
+            _ => {
+                passed.push(name.clone());
+                continue;
+            }
+        });
+    }
+    Ok((read, passed))
 }
 
 fn copy_err(sqlstate: &'static str, message: impl Into<String>) -> RouteError {
@@ -306,6 +387,23 @@ impl CopyPlan {
             force_null: force_null.unwrap_or_default(),
             encoding,
         })
+    }
+
+    /// Refuses a COPY of a sharded or reference table with a passed-through
+    /// option (`passed`, see [`options_from_lexer`]) that changes how a
+    /// row's fields read: `DEFAULT` (a field equal to it is the column's
+    /// default, so the key field's text would not be the key).
+    pub(super) fn check_passed_options(&self, passed: &[String]) -> Result<(), RouteError> {
+        match passed.iter().find(|o| *o == "default") {
+            Some(o) if self.direction == CopyDirection::From => Err(RouteError::unsupported(
+                format!(
+                    "COPY option {} into table \"{}\" (hotrepart reads each row's shard key as written)",
+                    o.to_ascii_uppercase(),
+                    self.table
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The sharded table, if the table is sharded.

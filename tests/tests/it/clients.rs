@@ -431,3 +431,308 @@ async fn scram_through_psql() {
         "{err}"
     );
 }
+
+/// pgbench's four tables sharded over two shards, each by its own key
+/// (built-in hash, one seed: co-located by key value).
+fn pgbench_sharded() -> Opts {
+    let mut tail = String::new();
+    for (table, key) in [
+        ("pgbench_accounts", "aid"),
+        ("pgbench_branches", "bid"),
+        ("pgbench_tellers", "tid"),
+        ("pgbench_history", "aid"),
+    ] {
+        tail.push_str(&format!(
+            "[[sharded_tables]]\nname = \"{table}\"\nkey = \"{key}\"\ntype = \"int4\"\n"
+        ));
+    }
+    Opts {
+        shards: 2,
+        tail,
+        ..Opts::default()
+    }
+}
+
+/// `pgbench -i` through a two-shard node (its `COPY … (FREEZE ON)`, and
+/// whatever else the parser cannot read, reaches PostgreSQL), then the
+/// select-only and the default TPC-B scripts run without a failed
+/// transaction; every row is on the shard that owns its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_init_and_run_on_two_shards() {
+    let c = Cluster::start(pgbench_sharded()).await;
+    let init = pgbench(&c, &["-i", "-s", "1"]).await;
+    assert!(init.contains("done in"), "{init}");
+    let snap = c.node.routing.catalog.load();
+    let mut total = 0;
+    for (i, name) in ["s0", "s1"].into_iter().enumerate() {
+        let direct = c.direct(i).await;
+        // Every account on this shard is one it owns.
+        let aids: Vec<i32> = direct
+            .query("SELECT aid FROM pgbench_accounts", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(!aids.is_empty(), "no account on {name}");
+        for aid in &aids {
+            let owner = snap
+                .range_for_key(
+                    "pgbench_accounts",
+                    &hotrepart_router::catalog::KeyValue::Int4(*aid),
+                )
+                .unwrap()
+                .write_owner
+                .as_str()
+                .to_owned();
+            assert_eq!(owner, name, "account {aid}");
+        }
+        total += aids.len();
+    }
+    assert_eq!(total, 100_000);
+    for args in [
+        &["-S", "-c", "4", "-j", "2", "-T", "3"][..],
+        &["-c", "4", "-j", "2", "-T", "3"][..],
+    ] {
+        let out = pgbench(&c, args).await;
+        assert!(
+            out.contains("number of failed transactions: 0 "),
+            "{args:?}\n{out}"
+        );
+        let processed = out
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{args:?}: no processed count\n{out}"));
+        assert!(processed > 0, "{args:?}\n{out}");
+    }
+    // TPC-B keeps the sums of balances equal across the three tables.
+    let through = c.connect().await;
+    let r = through
+        .query_one("SELECT sum(abalance) FROM pgbench_accounts", &[])
+        .await
+        .unwrap();
+    let a: i64 = r.get(0);
+    let t: i64 = through
+        .query_one("SELECT sum(tbalance) FROM pgbench_tellers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let b: i64 = through
+        .query_one("SELECT sum(bbalance) FROM pgbench_branches", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((a, t), (b, b));
+}
+
+/// What the parser cannot read still reaches PostgreSQL through a
+/// two-shard node when routing needs nothing from it: a syntax error comes
+/// back in PostgreSQL's words (as directly), schema statements the parser
+/// does not know run on every shard, and a statement naming a sharded table
+/// that cannot be read is refused, naming the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparsed_statements_reach_postgresql_on_two_shards() {
+    let c = Cluster::start(pgbench_sharded()).await;
+    let node = c.connect().await;
+    let direct = c.direct(0).await;
+    let db_err = |e: tokio_postgres::Error| {
+        let d = e.as_db_error().cloned().expect("a server error");
+        (d.code().code().to_owned(), d.message().to_owned())
+    };
+    for bad in [
+        "SELEC 1",
+        "SELECT * FROM nowhere WHERE",
+        "SELECT 'unterminated",
+        "CREATE TABEL t (a int)",
+    ] {
+        let through = db_err(node.simple_query(bad).await.unwrap_err());
+        let want = db_err(direct.simple_query(bad).await.unwrap_err());
+        assert_eq!(through.0, "42601", "{bad}");
+        if bad.starts_with("CREATE") {
+            // Every shard ran it; the node names the shard that answered.
+            assert_eq!(through.0, want.0, "{bad}");
+            assert!(through.1.starts_with(&want.1), "{bad}: {through:?}");
+        } else {
+            assert_eq!(through, want, "{bad}");
+        }
+    }
+    node.batch_execute(
+        "CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, abalance int);
+         CREATE TABLE notes (id int)",
+    )
+    .await
+    .unwrap();
+    // Schema statements the parser cannot read: every shard.
+    for sql in [
+        "COMMENT ON TABLE pgbench_accounts IS 'sharded by aid'",
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_type WHERE typname = 'mood') THEN CREATE TYPE mood AS ENUM ('ok'); END IF; END $$",
+    ] {
+        node.simple_query(sql).await.unwrap();
+    }
+    for i in 0..2 {
+        let d = c.direct(i).await;
+        let r = d
+            .query_one(
+                "SELECT obj_description('pgbench_accounts'::regclass), to_regtype('mood') IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            r.get::<_, Option<String>>(0).as_deref(),
+            Some("sharded by aid"),
+            "s{i}"
+        );
+        assert!(r.get::<_, bool>(1), "type on s{i}");
+    }
+    // Not naming a sharded table: the home shard runs it.
+    node.simple_query("DO $$ BEGIN INSERT INTO notes VALUES (1); END $$")
+        .await
+        .unwrap();
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    // Naming one: refused with the table's name, nothing runs.
+    for sql in [
+        "DO $$ BEGIN INSERT INTO pgbench_accounts VALUES (1, 0); END $$",
+        "MERGE INTO public.pgbench_accounts a USING notes n ON a.aid = n.id WHEN NOT MATCHED THEN INSERT VALUES (n.id, 0)",
+    ] {
+        let (code, msg) = db_err(node.simple_query(sql).await.unwrap_err());
+        assert_eq!(code, "0A000", "{sql}: {msg}");
+        assert!(msg.contains("\"pgbench_accounts\"") && msg.contains("cannot route"), "{msg}");
+    }
+    let n: i64 = node
+        .query_one("SELECT count(*) FROM pgbench_accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+/// CREATE/DROP DATABASE through a two-shard node: on every shard, one at a
+/// time; a failure names the shards where it ran and did not; a retry
+/// finishes the job; what is already so everywhere gets PostgreSQL's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_and_drop_database_on_every_shard() {
+    let c = Cluster::start(pgbench_sharded()).await;
+    let node = c.connect().await;
+    let exists = |name: &'static str| {
+        let c = &c;
+        async move {
+            let mut v = Vec::new();
+            for i in 0..2 {
+                let n: i64 = c
+                    .direct(i)
+                    .await
+                    .query_one(
+                        "SELECT count(*) FROM pg_database WHERE datname = $1",
+                        &[&name],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                v.push(n == 1);
+            }
+            v
+        }
+    };
+    let db_err = |e: tokio_postgres::Error| {
+        let d = e.as_db_error().cloned().expect("a server error");
+        (d.code().code().to_owned(), d.message().to_owned())
+    };
+    node.simple_query("CREATE DATABASE shop").await.unwrap();
+    assert_eq!(exists("shop").await, [true, true]);
+    // A client of the new database through the node.
+    {
+        let dsn = c.dsn().replace("/postgres", "/shop");
+        let shop = connect(&dsn).await.unwrap();
+        shop.batch_execute("CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, abalance int)")
+            .await
+            .unwrap();
+        shop.batch_execute(
+            "INSERT INTO pgbench_accounts (aid, abalance) VALUES (1, 10), (2, 20), (3, 30), (4, 40)",
+        )
+        .await
+        .unwrap();
+        let n: i64 = shop
+            .query_one("SELECT count(*) FROM pgbench_accounts", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 4);
+    }
+    // Already on every shard: PostgreSQL's error, as directly.
+    let through = db_err(node.simple_query("CREATE DATABASE shop").await.unwrap_err());
+    let direct = db_err(
+        c.direct(0)
+            .await
+            .simple_query("CREATE DATABASE shop")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(through, direct);
+    // A failure on the second shard: reported with where it ran; after the
+    // cause is fixed, a retry finishes the job.
+    c.direct(0)
+        .await
+        .batch_execute("CREATE DATABASE tpl")
+        .await
+        .unwrap();
+    let (code, msg) = db_err(
+        node.simple_query("CREATE DATABASE shop2 TEMPLATE tpl")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, "3D000", "{msg}");
+    assert!(
+        msg.contains("tpl") && msg.contains("on shard s1") && msg.contains("done on shard(s) s0"),
+        "{msg}"
+    );
+    assert_eq!(exists("shop2").await, [true, false]);
+    c.direct(1)
+        .await
+        .batch_execute("CREATE DATABASE tpl")
+        .await
+        .unwrap();
+    node.simple_query("CREATE DATABASE shop2 TEMPLATE tpl")
+        .await
+        .unwrap();
+    assert_eq!(exists("shop2").await, [true, true]);
+    // DROP: the node's own pooled connections to it do not stand in the way.
+    node.simple_query("DROP DATABASE shop").await.unwrap();
+    assert_eq!(exists("shop").await, [false, false]);
+    let through = db_err(node.simple_query("DROP DATABASE shop").await.unwrap_err());
+    let direct = db_err(
+        c.direct(0)
+            .await
+            .simple_query("DROP DATABASE shop")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(through, direct);
+    node.simple_query("DROP DATABASE IF EXISTS shop")
+        .await
+        .unwrap();
+    // Dropped on one shard by hand: the node's DROP finishes the job.
+    c.direct(0)
+        .await
+        .batch_execute("DROP DATABASE shop2")
+        .await
+        .unwrap();
+    node.simple_query("DROP DATABASE shop2").await.unwrap();
+    assert_eq!(exists("shop2").await, [false, false]);
+    // Not in a transaction block, as PostgreSQL says.
+    node.batch_execute("BEGIN").await.unwrap();
+    let (code, _) = db_err(
+        node.simple_query("CREATE DATABASE shop3")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, "25001");
+    node.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(exists("shop3").await, [false, false]);
+}

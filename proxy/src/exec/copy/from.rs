@@ -418,7 +418,6 @@ pub(super) async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut snap = s.node.routing.catalog.load_full();
     let mut pos_of = shard_positions(s, &snap, st);
     let mut header: Option<Bytes> = None;
-    let mut written: Option<usize> = None;
     let mut held: Vec<Held> = Vec::new();
     loop {
         let f = read_client(s).await?;
@@ -482,7 +481,7 @@ pub(super) async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
                                     return Ok(());
                                 }
                             };
-                            place(st, &mut written, in_tx, pos, header.as_ref(), data)
+                            place(st, pos, header.as_ref(), data)
                         }
                     }
                 };
@@ -504,7 +503,6 @@ pub(super) async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 st,
                 &mut snap,
                 &mut pos_of,
-                &mut written,
                 in_tx,
                 header.as_ref(),
                 rows,
@@ -515,8 +513,9 @@ pub(super) async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
         // Start the COPY on a shard when its first row arrives: inside a
-        // transaction block every shard (one COPY writes to one shard);
-        // outside, a shard the routing table gained during this COPY.
+        // transaction block every shard (the transaction then commits with
+        // two-phase commit when it wrote several); outside, a shard the
+        // routing table gained during this COPY.
         for sc in st.iter_mut() {
             if sc.started || sc.done || sc.out.is_empty() {
                 continue;
@@ -564,28 +563,13 @@ pub(super) async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
 }
 
-/// Queues a row for `st[pos]` (after the header, once). Inside a
-/// transaction block one COPY writes to one shard.
+/// Queues a row for `st[pos]` (after the header, once).
 pub(super) fn place(
     st: &mut [ShardCopy],
-    written: &mut Option<usize>,
-    in_tx: bool,
     pos: usize,
     header: Option<&Bytes>,
     data: &[u8],
 ) -> Result<(), Fail> {
-    if in_tx {
-        if let Some(w) = written.filter(|&w| w != pos) {
-            return Err(Fail::new(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "this COPY writes rows to shards {} and {} inside a transaction block; inside a transaction block one COPY writes to one shard (split the rows into one COPY per shard; the transaction may write to several shards)",
-                    st[w].name, st[pos].name
-                ),
-            ));
-        }
-        *written = Some(pos);
-    }
     let sc = &mut st[pos];
     sc.header(header);
     sc.push_data(data);
@@ -619,7 +603,6 @@ pub(super) async fn route_held<S: AsyncRead + AsyncWrite + Unpin + Send>(
     st: &mut Vec<ShardCopy>,
     snap: &mut Arc<RoutingSnapshot>,
     pos_of: &mut HashMap<ShardId, usize>,
-    written: &mut Option<usize>,
     in_tx: bool,
     header: Option<&Bytes>,
     rows: Vec<Held>,
@@ -693,7 +676,7 @@ pub(super) async fn route_held<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 st.len() - 1
             }
         };
-        place(st, written, in_tx, pos, header, &row.data)?;
+        place(st, pos, header, &row.data)?;
         i += 1;
     }
     Ok(())

@@ -11,9 +11,8 @@
 //!   shard reported success, with two-phase commit when there are several
 //!   ([`crate::exec::twopc`]), and a failure anywhere rolls back everywhere.
 //! - Inside a transaction block a shard's COPY is started when its first row
-//!   arrives: one COPY writes to one shard (rows for a second shard are
-//!   refused with 0A000 and the transaction fails); the transaction itself
-//!   may write to several shards and then commits with two-phase commit.
+//!   arrives; a transaction that wrote several shards commits with
+//!   two-phase commit.
 //! - A row whose key cannot be read (bad syntax, NULL, wrong number of
 //!   fields, malformed CSV/binary data) makes every shard's COPY fail
 //!   (CopyFail) and the client get one error; nothing lands.
