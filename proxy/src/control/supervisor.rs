@@ -172,19 +172,21 @@ impl Supervisor {
     {
         let id = self.next_droppable.fetch_add(1, Ordering::Relaxed);
         let registry = Arc::clone(&self.droppable);
-        let handle = self.tracker.spawn(async move {
-            task.await;
-            registry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
-        });
-        {
+        // Registered under the lock the task's own removal takes: a task
+        // that ends at once cannot remove itself before it is registered
+        // (which would leave its handle behind for good).
+        let handle = {
             let mut m = self.droppable.lock().unwrap_or_else(|e| e.into_inner());
-            if !handle.is_finished() {
-                m.insert(id, handle.abort_handle());
-            }
-        }
+            let handle = self.tracker.spawn(async move {
+                task.await;
+                registry
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            });
+            m.insert(id, handle.abort_handle());
+            handle
+        };
         // Started while the node stops: stopped at once.
         if self.shutdown.is_cancelled() {
             handle.abort();

@@ -142,7 +142,10 @@ fn node_config(
     data_dir: &Path,
 ) -> Result<Config, DemoError> {
     let p = &ports[i];
-    let mut t = format!("listen = \"127.0.0.1:{}\"\npool_size = 20\n", p.port);
+    let mut t = format!(
+        "listen = \"127.0.0.1:{}\"\npool_size = 20\nadmin_users = [\"{DEMO_USER}\"]\n",
+        p.port
+    );
     for (j, s) in servers.shards.iter().enumerate() {
         t.push_str(&format!(
             "[[shards]]\nname = \"shard{j}\"\ndsn = \"{}\"\n",
@@ -348,6 +351,10 @@ pub async fn run(opts: DemoOptions, mut announce: impl FnMut(String)) -> Result<
     for (i, n) in nodes.iter().enumerate() {
         announce(format!("psql '{}'    # node {}", node_dsn(n.port), i + 1));
     }
+    announce(format!(
+        "# admin console (SHOW HELP, SHOW POOLS, SHOW SHARDS, SHOW RANGES): psql '{}'",
+        node_dsn(nodes[0].port).replace("/postgres", "/hotrepart")
+    ));
     announce(format!(
         "# sample tables: accounts ({ACCOUNTS_ROWS} rows, sharded by the PostgreSQL hash of id), \
          orders ({} rows, placed by the WebAssembly function tenant_prefix: a tenant's orders on one shard)",

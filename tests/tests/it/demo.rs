@@ -217,6 +217,22 @@ async fn the_demo_runs_a_cluster_with_sample_tables_and_stops_cleanly() {
     assert!(p.admin.starts_with("http://127.0.0.1:"), "{}", p.admin);
     assert!(p.token.len() >= 16, "token {:?}", p.token);
     assert!(p.commands.iter().any(|c| c == "proxyctl range list"));
+    // The admin console line works: the demo's user is an admin user.
+    let console = demo
+        .lines
+        .iter()
+        .find(|l| l.starts_with("# admin console"))
+        .map(|l| quoted(l).remove(0))
+        .unwrap_or_else(|| panic!("no admin console line: {:?}", demo.lines));
+    let admin = connect(&console)
+        .await
+        .expect("connect to the admin console");
+    let shards = admin.simple_query("SHOW SHARDS").await.unwrap();
+    let rows = shards
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(rows, 2, "the demo's two shards in SHOW SHARDS");
     assert!(
         p.commands.iter().any(
             |c| c.starts_with("proxyctl reshard add-shard shard2 --dsn ")
