@@ -78,8 +78,14 @@ pub struct Catalog {
     /// Frozen ranges by their `lo`. A frozen range cannot be split, so its
     /// `lo` identifies it for as long as the freeze lasts.
     freezes: BTreeMap<u64, Freeze>,
-    /// Decided 2PC transactions: GID → commit.
+    /// Decided 2PC transactions: GID → commit (only those a shard may
+    /// still need: see [`CatalogCommand::ForgetDecisions`]).
     decisions: BTreeMap<String, bool>,
+    /// 2PC decisions ever recorded (forgotten ones too).
+    decisions_recorded: u64,
+    /// A `TxDecision` whose `since` is below this is refused: a decision
+    /// recorded after its coordinator read `since` was swept.
+    decisions_swept_at: u64,
     /// Reshard jobs by id (finished ones too).
     jobs: BTreeMap<String, JobRecord>,
     /// WebAssembly routing functions by name.
@@ -107,6 +113,11 @@ pub enum Applied {
         gid: String,
         /// Its outcome.
         commit: bool,
+    },
+    /// 2PC decisions were forgotten; the routing table did not change.
+    DecisionsForgotten {
+        /// How many of the named gids the catalog held.
+        count: usize,
     },
     /// A routing function was stored under `name` (new, or new bytes for a
     /// name no table uses); the routing table did not change.
@@ -302,6 +313,16 @@ pub enum Rejected {
         /// Why.
         reason: String,
     },
+    /// A decision whose coordinator read the decision horizon before a
+    /// sweep that may have forgotten this gid's decision.
+    #[error("transaction {gid:?} cannot be decided any more: its decision may have been forgotten (the coordinator took longer than the resolver's grace period)")]
+    DecisionTooLate {
+        /// The GID.
+        gid: String,
+    },
+    /// A ForgetDecisions naming more than [`crate::command::MAX_FORGET`] gids.
+    #[error("too many transactions to forget in one command: {0}")]
+    TooManyToForget(usize),
     /// A second decision for a GID.
     #[error("transaction {gid:?} is already decided ({})", if *commit { "commit" } else { "rollback" })]
     AlreadyDecided {
@@ -381,6 +402,18 @@ impl Catalog {
         self.decisions.iter().map(|(g, c)| (g.as_str(), *c))
     }
 
+    /// How many 2PC decisions the catalog holds.
+    pub fn decision_count(&self) -> usize {
+        self.decisions.len()
+    }
+
+    /// What a coordinator reads before its first PREPARE and passes as
+    /// `since` in its [`CatalogCommand::TxDecision`]: the number of
+    /// decisions recorded so far.
+    pub fn decision_horizon(&self) -> u64 {
+        self.decisions_recorded
+    }
+
     /// Applies one command. On `Err` the catalog is unchanged.
     pub fn apply(&mut self, cmd: &CatalogCommand) -> Result<Applied, Rejected> {
         match cmd {
@@ -406,7 +439,10 @@ impl Catalog {
             CatalogCommand::SetTableFunction { table, function } => {
                 self.set_table_function(table, *function)
             }
-            CatalogCommand::TxDecision { gid, commit } => self.tx_decision(gid, *commit),
+            CatalogCommand::TxDecision { gid, commit, since } => {
+                self.tx_decision(gid, *commit, *since)
+            }
+            CatalogCommand::ForgetDecisions { gids, swept } => self.forget_decisions(gids, *swept),
             CatalogCommand::JobStart { job, spec } => self.job_start(job, spec),
             CatalogCommand::JobUpdate {
                 job,
@@ -910,7 +946,12 @@ impl Catalog {
         Ok(applied)
     }
 
-    fn tx_decision(&mut self, gid: &str, commit: bool) -> Result<Applied, Rejected> {
+    fn tx_decision(
+        &mut self,
+        gid: &str,
+        commit: bool,
+        since: Option<u64>,
+    ) -> Result<Applied, Rejected> {
         let reason = if gid.is_empty() {
             Some("it is empty")
         } else if gid.len() > MAX_GID_LEN {
@@ -930,11 +971,43 @@ impl Catalog {
                 commit,
             });
         }
+        // Checked after AlreadyDecided: a decision that stands is the answer.
+        if since.is_some_and(|s| s < self.decisions_swept_at) {
+            return Err(Rejected::DecisionTooLate {
+                gid: gid.to_owned(),
+            });
+        }
         self.decisions.insert(gid.to_owned(), commit);
+        self.decisions_recorded += 1;
         Ok(Applied::TxDecided {
             gid: gid.to_owned(),
             commit,
         })
+    }
+}
+
+impl Catalog {
+    /// Why it is safe (the proxy keeps the other half of the rule: it names
+    /// only gids that no shard holds prepared): a forgotten decision is
+    /// needed again only if its gid is asked about again. A shard cannot
+    /// prepare it again — a commit decision is recorded after every PREPARE
+    /// returned, and a rollback found again is decided rollback again. The
+    /// coordinator asks only before it reports the gid finished; a swept
+    /// gid's coordinator may still be running, so a sweep moves the horizon
+    /// to every decision recorded so far, and a coordinator that read an
+    /// older horizon is refused ([`Rejected::DecisionTooLate`]).
+    fn forget_decisions(&mut self, gids: &[String], swept: bool) -> Result<Applied, Rejected> {
+        if gids.len() > crate::command::MAX_FORGET {
+            return Err(Rejected::TooManyToForget(gids.len()));
+        }
+        let count = gids
+            .iter()
+            .filter(|g| self.decisions.remove(g.as_str()).is_some())
+            .count();
+        if swept && count > 0 {
+            self.decisions_swept_at = self.decisions_recorded;
+        }
+        Ok(Applied::DecisionsForgotten { count })
     }
 }
 

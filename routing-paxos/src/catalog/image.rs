@@ -34,6 +34,13 @@ pub struct CatalogImage {
     pub freezes: Vec<FreezeImage>,
     /// 2PC decisions: GID, commit.
     pub decisions: Vec<(String, bool)>,
+    /// 2PC decisions ever recorded (0 in images written before it existed).
+    #[serde(default)]
+    pub decisions_recorded: u64,
+    /// The horizon below which a decision is refused (see
+    /// `CatalogCommand::ForgetDecisions`).
+    #[serde(default)]
+    pub decisions_swept_at: u64,
     /// Reshard jobs.
     pub jobs: Vec<JobImage>,
     /// WebAssembly functions by name (the id is the module's SHA-256).
@@ -186,6 +193,8 @@ impl Catalog {
                 .iter()
                 .map(|(g, c)| (g.clone(), *c))
                 .collect(),
+            decisions_recorded: self.decisions_recorded,
+            decisions_swept_at: self.decisions_swept_at,
             jobs: self
                 .jobs
                 .iter()
@@ -279,6 +288,8 @@ impl Catalog {
             snapshot,
             freezes,
             decisions: image.decisions.iter().cloned().collect(),
+            decisions_recorded: image.decisions_recorded,
+            decisions_swept_at: image.decisions_swept_at,
             jobs: image
                 .jobs
                 .iter()
