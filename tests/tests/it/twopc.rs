@@ -262,7 +262,12 @@ async fn the_resolver_finishes_prepared_transactions_left_behind() {
     let (a2, b2) = (a + 1000, b + 1000);
     // Recorded before the transaction is prepared: the resolver commits it.
     let committed = "hr_1_00000000000000bb";
-    assert!(c.node.decisions.decide(committed, true).await.unwrap());
+    assert!(c
+        .node
+        .decisions
+        .decide(committed, true, None)
+        .await
+        .unwrap());
     let s0 = c.direct(0).await;
     s0.batch_execute(&format!(
         "BEGIN; INSERT INTO users (id, v) VALUES ({a}, 'orphan'); PREPARE TRANSACTION 'hr_1_00000000000000aa'"
@@ -517,18 +522,19 @@ impl DecisionLog for ScriptedLog {
         &'a self,
         gid: &'a str,
         commit: bool,
+        since: Option<u64>,
     ) -> Pin<Box<dyn Future<Output = Result<bool, DecisionError>> + Send + 'a>> {
         let step = self.script.lock().unwrap().pop_front();
         Box::pin(async move {
             match step {
                 Some(Step::Hang) => std::future::pending().await,
                 Some(Step::RecordFirst(v)) => {
-                    self.inner.decide(gid, v).await?;
+                    self.inner.decide(gid, v, None).await?;
                 }
                 Some(Step::Before(f)) => f.await,
                 None => {}
             }
-            self.inner.decide(gid, commit).await
+            self.inner.decide(gid, commit, since).await
         })
     }
     fn decision(&self, gid: &str) -> Option<bool> {
