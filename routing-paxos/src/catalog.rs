@@ -19,7 +19,10 @@
 //! * 2PC decisions ([`CatalogCommand::TxDecision`]) are recorded beside the
 //!   routing table and do not change the epoch: a new epoch empties every
 //!   node's plan cache, and a decision per multi-shard commit must not do
-//!   that. The first decision for a GID is final.
+//!   that. The first decision for a GID is final. Decisions no shard can
+//!   need any more are forgotten in batches
+//!   ([`CatalogCommand::ForgetDecisions`]); a coordinator that read the
+//!   decision horizon before a sweep cannot decide afterwards.
 //! * WebAssembly routing functions are stored beside the routing table, by
 //!   name, as `(id = SHA-256 of the module, module)`. Tables name them by id
 //!   (`RoutingFunction::Wasm`), and only ids that some name holds: a table

@@ -176,7 +176,8 @@ fn publish_current(node: &Node, c: &hotrepart_routing_paxos::Catalog) {
 /// in `data_dir` (durable) or in memory (lost at exit: then its resolver
 /// rolls back what it had not finished, see docs/design/twopc.md), and
 /// resolves only its own transactions: other nodes in front of the same
-/// shards have their own logs.
+/// shards have their own logs. Finished and swept decisions are forgotten
+/// with `CatalogCommand::ForgetDecisions` (docs/design/twopc.md).
 pub struct CatalogDecisions {
     handle: CatalogHandle,
     /// `hr_<node_id>_` when the log is private to this node.

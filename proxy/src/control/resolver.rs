@@ -4,6 +4,10 @@
 //! was recorded: it is recorded first, so a late coordinator cannot commit).
 //! Runs on the node whose `DecisionLog` says it is the resolver (the
 //! catalog's leader in a cluster), on every shard of the routing table.
+//! The same task, on every node, forgets the decisions its coordinators
+//! finished (`DecisionLog::flush`); the resolver also sweeps decisions
+//! that no shard holds prepared after the grace period
+//! (docs/design/twopc.md, "Forgetting decisions").
 
 use crate::backend::conn::{BackendConn, BackendTarget, HiddenQueryError};
 use crate::error::sqlstate;
