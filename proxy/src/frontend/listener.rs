@@ -309,8 +309,8 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner())
             .get(&(pid, secret))
             .cloned();
-        for (addr, bpid, bsecret) in slot.map(|s| s.get()).unwrap_or_default() {
-            if let Err(e) = conn::send_cancel(addr, bpid, bsecret).await {
+        for t in slot.map(|s| s.take_targets()).unwrap_or_default() {
+            if let Err(e) = conn::send_cancel(t.addr, t.pid, t.secret).await {
                 tracing::warn!(error = %e, "cannot forward cancel request");
             }
         }
