@@ -83,16 +83,25 @@ pub struct Catalog {
     freezes: BTreeMap<u64, Freeze>,
     /// Decided 2PC transactions: GID → commit (only those a shard may
     /// still need: see [`CatalogCommand::ForgetDecisions`]).
-    decisions: BTreeMap<String, bool>,
+    decisions: BTreeMap<String, Decision>,
     /// 2PC decisions ever recorded (forgotten ones too).
     decisions_recorded: u64,
     /// A `TxDecision` whose `since` is below this is refused: a decision
-    /// recorded after its coordinator read `since` was swept.
+    /// recorded after its coordinator read `since` was swept (the largest
+    /// `seq` of a swept decision).
     decisions_swept_at: u64,
     /// Reshard jobs by id (finished ones too).
     jobs: BTreeMap<String, JobRecord>,
     /// WebAssembly routing functions by name.
     functions: BTreeMap<String, StoredFunction>,
+}
+
+/// A recorded 2PC decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Decision {
+    commit: bool,
+    /// `decisions_recorded` once it was recorded (1 for the first).
+    seq: u64,
 }
 
 /// One freeze of a range.
@@ -360,7 +369,7 @@ impl Catalog {
     /// The recorded outcome of 2PC transaction `gid`: `Some(true)` commit,
     /// `Some(false)` rollback, `None` not decided.
     pub fn decision(&self, gid: &str) -> Option<bool> {
-        self.decisions.get(gid).copied()
+        self.decisions.get(gid).map(|d| d.commit)
     }
 
     /// The routing function stored under `name`.
@@ -402,7 +411,7 @@ impl Catalog {
 
     /// All decided 2PC transactions, by GID.
     pub fn decisions(&self) -> impl Iterator<Item = (&str, bool)> {
-        self.decisions.iter().map(|(g, c)| (g.as_str(), *c))
+        self.decisions.iter().map(|(g, d)| (g.as_str(), d.commit))
     }
 
     /// How many 2PC decisions the catalog holds.
@@ -968,7 +977,7 @@ impl Catalog {
                 reason,
             });
         }
-        if let Some(&commit) = self.decisions.get(gid) {
+        if let Some(&Decision { commit, .. }) = self.decisions.get(gid) {
             return Err(Rejected::AlreadyDecided {
                 gid: gid.to_owned(),
                 commit,
@@ -980,8 +989,14 @@ impl Catalog {
                 gid: gid.to_owned(),
             });
         }
-        self.decisions.insert(gid.to_owned(), commit);
         self.decisions_recorded += 1;
+        self.decisions.insert(
+            gid.to_owned(),
+            Decision {
+                commit,
+                seq: self.decisions_recorded,
+            },
+        );
         Ok(Applied::TxDecided {
             gid: gid.to_owned(),
             commit,
@@ -997,18 +1012,23 @@ impl Catalog {
     /// returned, and a rollback found again is decided rollback again. The
     /// coordinator asks only before it reports the gid finished; a swept
     /// gid's coordinator may still be running, so a sweep moves the horizon
-    /// to every decision recorded so far, and a coordinator that read an
-    /// older horizon is refused ([`Rejected::DecisionTooLate`]).
+    /// to the swept decisions' `seq`, and a coordinator that read the
+    /// horizon before one of them was recorded is refused
+    /// ([`Rejected::DecisionTooLate`]): it may be that decision's own. The
+    /// resolver sweeps only decisions older than its grace period, so only
+    /// coordinators in flight that long are refused.
     fn forget_decisions(&mut self, gids: &[String], swept: bool) -> Result<Applied, Rejected> {
         if gids.len() > crate::command::MAX_FORGET {
             return Err(Rejected::TooManyToForget(gids.len()));
         }
-        let count = gids
-            .iter()
-            .filter(|g| self.decisions.remove(g.as_str()).is_some())
-            .count();
-        if swept && count > 0 {
-            self.decisions_swept_at = self.decisions_recorded;
+        let mut count = 0;
+        for g in gids {
+            if let Some(d) = self.decisions.remove(g.as_str()) {
+                count += 1;
+                if swept {
+                    self.decisions_swept_at = self.decisions_swept_at.max(d.seq);
+                }
+            }
         }
         Ok(Applied::DecisionsForgotten { count })
     }

@@ -94,7 +94,8 @@ pub struct LocalDecisions {
 
 #[derive(Default)]
 struct Local {
-    map: HashMap<String, bool>,
+    /// gid → (commit, the horizon once it was recorded).
+    map: HashMap<String, (bool, u64)>,
     /// Decisions ever recorded (the horizon).
     recorded: u64,
     /// A decision whose `since` is below this is refused.
@@ -124,20 +125,21 @@ impl DecisionLog for LocalDecisions {
         since: Option<u64>,
     ) -> LogFuture<'a, Result<bool, DecisionError>> {
         let mut st = self.state();
-        let r = if let Some(&v) = st.map.get(gid) {
+        let r = if let Some(&(v, _)) = st.map.get(gid) {
             Ok(v)
         } else if since.is_some_and(|s| s < st.swept_at) {
             Err(DecisionError::TooLate)
         } else {
-            st.map.insert(gid.to_string(), commit);
             st.recorded += 1;
+            let seq = st.recorded;
+            st.map.insert(gid.to_string(), (commit, seq));
             Ok(commit)
         };
         Box::pin(std::future::ready(r))
     }
 
     fn decision(&self, gid: &str) -> Option<bool> {
-        self.state().map.get(gid).copied()
+        self.state().map.get(gid).map(|d| d.0)
     }
 
     fn horizon(&self) -> Option<u64> {
@@ -166,12 +168,10 @@ impl DecisionLog for LocalDecisions {
 
     fn sweep<'a>(&'a self, gids: &'a [String]) -> LogFuture<'a, ()> {
         let mut st = self.state();
-        let before = st.map.len();
         for g in gids {
-            st.map.remove(g);
-        }
-        if st.map.len() < before {
-            st.swept_at = st.recorded;
+            if let Some((_, seq)) = st.map.remove(g) {
+                st.swept_at = st.swept_at.max(seq);
+            }
         }
         Box::pin(std::future::ready(()))
     }

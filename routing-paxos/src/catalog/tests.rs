@@ -527,6 +527,9 @@ fn a_sweep_refuses_a_coordinator_that_prepared_before_it() {
     // The resolver finds the gid prepared, records a rollback (no check),
     // rolls every shard back, and its sweep forgets the decision.
     assert!(c.apply(&decide("slow", false, None)).is_ok());
+    // A coordinator that reads the horizon now prepared after that
+    // decision: it is not refused for its sweep.
+    let after = c.decision_horizon();
     assert_eq!(
         c.apply(&forget(&["slow"], true)),
         Ok(Applied::DecisionsForgotten { count: 1 })
@@ -546,7 +549,9 @@ fn a_sweep_refuses_a_coordinator_that_prepared_before_it() {
             gid: "other".into(),
         },
     );
-    // One that read it after the sweep commits; so does the resolver.
+    // One that read it after the swept decision was recorded commits; so
+    // does one that read it after the sweep, and the resolver.
+    assert!(c.apply(&decide("after", true, Some(after))).is_ok());
     assert!(c
         .apply(&decide("fresh", true, Some(c.decision_horizon())))
         .is_ok());
