@@ -571,8 +571,9 @@ async fn decisions_stay_bounded_over_many_commits_and_a_new_node_catches_up() {
     let n = done.load(std::sync::atomic::Ordering::SeqCst);
     assert!(n >= COMMITS, "only {n} commits in the time allowed");
     eprintln!("{n} commits; at most {most} decisions held at once on a node");
+    // In flight plus a resolver tick's worth, not one per commit.
     assert!(
-        most <= 300,
+        most <= (COMMITS / 4) as u64,
         "{most} decisions held at once after {n} commits"
     );
     for i in 0..3 {
