@@ -215,8 +215,7 @@ impl CatalogDecisions {
     /// Proposes `ForgetDecisions` for `gids`, in batches; the gids of a
     /// batch that could not be proposed are returned.
     async fn forget(&self, gids: &[String], swept: bool) -> Vec<String> {
-        let mut left = Vec::new();
-        for batch in gids.chunks(MAX_FORGET) {
+        for (i, batch) in gids.chunks(MAX_FORGET).enumerate() {
             let cmd = CatalogCommand::ForgetDecisions {
                 gids: batch.to_vec(),
                 swept,
@@ -227,12 +226,14 @@ impl CatalogDecisions {
                     tracing::warn!(error = %e, "the catalog refused to forget 2PC decisions")
                 }
                 Err(e) => {
+                    // The catalog is slow or away: the rest waits for the
+                    // next tick (one timeout per tick at most).
                     tracing::debug!(error = %e, "cannot forget 2PC decisions now; retrying later");
-                    left.extend_from_slice(batch);
+                    return gids[i * MAX_FORGET..].to_vec();
                 }
             }
         }
-        left
+        Vec::new()
     }
 }
 
