@@ -4,7 +4,7 @@
 //! functions, namespaces), cancel keys, the replicated catalog's handle.
 //! The listener and handshake are in `frontend`.
 
-use crate::backend::conn::BackendTarget;
+use crate::backend::conn::{BackendTarget, CancelGate};
 use crate::backend::pool::{Pool, PoolSettings, Pools};
 use crate::config::Config;
 use crate::error::sqlstate;
@@ -33,16 +33,55 @@ pub enum NodeError {
 }
 
 /// The backends a session holds, for CancelRequest: a cancel goes to all
-/// of them (a multi-shard statement runs on several).
-#[derive(Default)]
-pub struct CancelSlot(Mutex<Vec<(SocketAddr, i32, i32)>>);
+/// of them (a multi-shard statement runs on several), each only while its
+/// [`CancelGate`] says this session still holds it.
+pub struct CancelSlot {
+    /// The session's id in the gates of the backends it holds (never 0).
+    id: u64,
+    targets: Mutex<Vec<CancelTarget>>,
+}
+
+/// One backend a cancel may go to.
+#[derive(Clone)]
+pub struct CancelTarget {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+    pub gate: Arc<CancelGate>,
+}
+
+impl Default for CancelSlot {
+    fn default() -> Self {
+        // Ids only tell live sessions apart in the gates; a process-wide
+        // counter is enough.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        CancelSlot {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            targets: Mutex::default(),
+        }
+    }
+}
 
 impl CancelSlot {
-    pub fn set(&self, v: Vec<(SocketAddr, i32, i32)>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = v;
+    /// The session holds `v` now: each backend's gate is claimed for it.
+    pub fn set(&self, v: Vec<CancelTarget>) {
+        for t in &v {
+            t.gate.claim(self.id);
+        }
+        *self.targets.lock().unwrap_or_else(|e| e.into_inner()) = v;
     }
-    pub(crate) fn get(&self) -> Vec<(SocketAddr, i32, i32)> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+
+    /// The backends a cancel of this session may go to now, each marked
+    /// (closed at its release): those whose gate this session still holds.
+    pub(crate) fn take_targets(&self) -> Vec<CancelTarget> {
+        let all = self
+            .targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        all.into_iter()
+            .filter(|t| t.gate.try_mark(self.id))
+            .collect()
     }
 }
 

@@ -19,7 +19,10 @@
 //! * 2PC decisions ([`CatalogCommand::TxDecision`]) are recorded beside the
 //!   routing table and do not change the epoch: a new epoch empties every
 //!   node's plan cache, and a decision per multi-shard commit must not do
-//!   that. The first decision for a GID is final.
+//!   that. The first decision for a GID is final. Decisions no shard can
+//!   need any more are forgotten in batches
+//!   ([`CatalogCommand::ForgetDecisions`]); a coordinator that read the
+//!   decision horizon before a sweep cannot decide afterwards.
 //! * WebAssembly routing functions are stored beside the routing table, by
 //!   name, as `(id = SHA-256 of the module, module)`. Tables name them by id
 //!   (`RoutingFunction::Wasm`), and only ids that some name holds: a table
@@ -78,12 +81,27 @@ pub struct Catalog {
     /// Frozen ranges by their `lo`. A frozen range cannot be split, so its
     /// `lo` identifies it for as long as the freeze lasts.
     freezes: BTreeMap<u64, Freeze>,
-    /// Decided 2PC transactions: GID → commit.
-    decisions: BTreeMap<String, bool>,
+    /// Decided 2PC transactions: GID → commit (only those a shard may
+    /// still need: see [`CatalogCommand::ForgetDecisions`]).
+    decisions: BTreeMap<String, Decision>,
+    /// 2PC decisions ever recorded (forgotten ones too).
+    decisions_recorded: u64,
+    /// A `TxDecision` whose `since` is below this is refused: a decision
+    /// recorded after its coordinator read `since` was swept (the largest
+    /// `seq` of a swept decision).
+    decisions_swept_at: u64,
     /// Reshard jobs by id (finished ones too).
     jobs: BTreeMap<String, JobRecord>,
     /// WebAssembly routing functions by name.
     functions: BTreeMap<String, StoredFunction>,
+}
+
+/// A recorded 2PC decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Decision {
+    commit: bool,
+    /// `decisions_recorded` once it was recorded (1 for the first).
+    seq: u64,
 }
 
 /// One freeze of a range.
@@ -107,6 +125,11 @@ pub enum Applied {
         gid: String,
         /// Its outcome.
         commit: bool,
+    },
+    /// 2PC decisions were forgotten; the routing table did not change.
+    DecisionsForgotten {
+        /// How many of the named gids the catalog held.
+        count: usize,
     },
     /// A routing function was stored under `name` (new, or new bytes for a
     /// name no table uses); the routing table did not change.
@@ -302,6 +325,16 @@ pub enum Rejected {
         /// Why.
         reason: String,
     },
+    /// A decision whose coordinator read the decision horizon before a
+    /// sweep that may have forgotten this gid's decision.
+    #[error("transaction {gid:?} cannot be decided any more: its decision may have been forgotten (the coordinator took longer than the resolver's grace period)")]
+    DecisionTooLate {
+        /// The GID.
+        gid: String,
+    },
+    /// A ForgetDecisions naming more than [`crate::command::MAX_FORGET`] gids.
+    #[error("too many transactions to forget in one command: {0}")]
+    TooManyToForget(usize),
     /// A second decision for a GID.
     #[error("transaction {gid:?} is already decided ({})", if *commit { "commit" } else { "rollback" })]
     AlreadyDecided {
@@ -336,7 +369,7 @@ impl Catalog {
     /// The recorded outcome of 2PC transaction `gid`: `Some(true)` commit,
     /// `Some(false)` rollback, `None` not decided.
     pub fn decision(&self, gid: &str) -> Option<bool> {
-        self.decisions.get(gid).copied()
+        self.decisions.get(gid).map(|d| d.commit)
     }
 
     /// The routing function stored under `name`.
@@ -378,7 +411,19 @@ impl Catalog {
 
     /// All decided 2PC transactions, by GID.
     pub fn decisions(&self) -> impl Iterator<Item = (&str, bool)> {
-        self.decisions.iter().map(|(g, c)| (g.as_str(), *c))
+        self.decisions.iter().map(|(g, d)| (g.as_str(), d.commit))
+    }
+
+    /// How many 2PC decisions the catalog holds.
+    pub fn decision_count(&self) -> usize {
+        self.decisions.len()
+    }
+
+    /// What a coordinator reads before its first PREPARE and passes as
+    /// `since` in its [`CatalogCommand::TxDecision`]: the number of
+    /// decisions recorded so far.
+    pub fn decision_horizon(&self) -> u64 {
+        self.decisions_recorded
     }
 
     /// Applies one command. On `Err` the catalog is unchanged.
@@ -406,7 +451,10 @@ impl Catalog {
             CatalogCommand::SetTableFunction { table, function } => {
                 self.set_table_function(table, *function)
             }
-            CatalogCommand::TxDecision { gid, commit } => self.tx_decision(gid, *commit),
+            CatalogCommand::TxDecision { gid, commit, since } => {
+                self.tx_decision(gid, *commit, *since)
+            }
+            CatalogCommand::ForgetDecisions { gids, swept } => self.forget_decisions(gids, *swept),
             CatalogCommand::JobStart { job, spec } => self.job_start(job, spec),
             CatalogCommand::JobUpdate {
                 job,
@@ -910,7 +958,12 @@ impl Catalog {
         Ok(applied)
     }
 
-    fn tx_decision(&mut self, gid: &str, commit: bool) -> Result<Applied, Rejected> {
+    fn tx_decision(
+        &mut self,
+        gid: &str,
+        commit: bool,
+        since: Option<u64>,
+    ) -> Result<Applied, Rejected> {
         let reason = if gid.is_empty() {
             Some("it is empty")
         } else if gid.len() > MAX_GID_LEN {
@@ -924,17 +977,60 @@ impl Catalog {
                 reason,
             });
         }
-        if let Some(&commit) = self.decisions.get(gid) {
+        if let Some(&Decision { commit, .. }) = self.decisions.get(gid) {
             return Err(Rejected::AlreadyDecided {
                 gid: gid.to_owned(),
                 commit,
             });
         }
-        self.decisions.insert(gid.to_owned(), commit);
+        // Checked after AlreadyDecided: a decision that stands is the answer.
+        if since.is_some_and(|s| s < self.decisions_swept_at) {
+            return Err(Rejected::DecisionTooLate {
+                gid: gid.to_owned(),
+            });
+        }
+        self.decisions_recorded += 1;
+        self.decisions.insert(
+            gid.to_owned(),
+            Decision {
+                commit,
+                seq: self.decisions_recorded,
+            },
+        );
         Ok(Applied::TxDecided {
             gid: gid.to_owned(),
             commit,
         })
+    }
+}
+
+impl Catalog {
+    /// Why it is safe (the proxy keeps the other half of the rule: it names
+    /// only gids that no shard holds prepared): a forgotten decision is
+    /// needed again only if its gid is asked about again. A shard cannot
+    /// prepare it again — a commit decision is recorded after every PREPARE
+    /// returned, and a rollback found again is decided rollback again. The
+    /// coordinator asks only before it reports the gid finished; a swept
+    /// gid's coordinator may still be running, so a sweep moves the horizon
+    /// to the swept decisions' `seq`, and a coordinator that read the
+    /// horizon before one of them was recorded is refused
+    /// ([`Rejected::DecisionTooLate`]): it may be that decision's own. The
+    /// resolver sweeps only decisions older than its grace period, so only
+    /// coordinators in flight that long are refused.
+    fn forget_decisions(&mut self, gids: &[String], swept: bool) -> Result<Applied, Rejected> {
+        if gids.len() > crate::command::MAX_FORGET {
+            return Err(Rejected::TooManyToForget(gids.len()));
+        }
+        let mut count = 0;
+        for g in gids {
+            if let Some(d) = self.decisions.remove(g.as_str()) {
+                count += 1;
+                if swept {
+                    self.decisions_swept_at = self.decisions_swept_at.max(d.seq);
+                }
+            }
+        }
+        Ok(Applied::DecisionsForgotten { count })
     }
 }
 

@@ -356,8 +356,35 @@ pub enum CatalogCommand {
         gid: String,
         /// `true`: COMMIT PREPARED everywhere; `false`: ROLLBACK PREPARED.
         commit: bool,
+        /// The coordinator's [`Catalog::decision_horizon`](crate::Catalog::decision_horizon),
+        /// read before its first PREPARE: the decision is refused
+        /// ([`Rejected::DecisionTooLate`](crate::Rejected)) when a decision
+        /// recorded after that point was swept since (it may have been this
+        /// gid's). `None`: no check (the resolver's rollback of a gid it
+        /// found prepared, always consistent with a swept decision).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+    },
+    /// Forgets 2PC decisions that no shard can need any more (at most
+    /// [`MAX_FORGET`] gids; gids not held are skipped). Replicated, so every
+    /// node forgets the same ones. `swept: false` — reported by the
+    /// coordinator that ran the final COMMIT/ROLLBACK PREPARED on every
+    /// shard it prepared, and which never asks about the gid again.
+    /// `swept: true` — found by the resolver: held on no shard, the
+    /// coordinator possibly still alive; this raises the decision horizon,
+    /// so that a coordinator that prepared before it cannot record a
+    /// decision afterwards (its gid's decision may have been forgotten).
+    ForgetDecisions {
+        /// The transactions.
+        gids: Vec<String>,
+        /// Found by the resolver's sweep (see above).
+        swept: bool,
     },
 }
+
+/// Most gids one [`CatalogCommand::ForgetDecisions`] names (one log entry
+/// of at most ~200 KiB: well under the transport's frame limit).
+pub const MAX_FORGET: usize = 1024;
 
 impl CatalogCommand {
     /// Short name of the command kind, for logs and metrics labels.
@@ -376,6 +403,7 @@ impl CatalogCommand {
             CatalogCommand::RemoveFunction { .. } => "remove_function",
             CatalogCommand::SetTableFunction { .. } => "set_table_function",
             CatalogCommand::TxDecision { .. } => "tx_decision",
+            CatalogCommand::ForgetDecisions { .. } => "forget_decisions",
             CatalogCommand::JobStart { .. } => "job_start",
             CatalogCommand::JobUpdate { .. } => "job_update",
         }

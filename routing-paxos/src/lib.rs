@@ -102,8 +102,8 @@
 //!   accepted from it).
 //! * Encryption of the node-to-node links (they are authenticated, not
 //!   encrypted: shard DSNs travel in clear text).
-//! * Forgetting old 2PC decisions and finished reshard jobs (the
-//!   coordinator, the resolver and the job runner live in the proxy).
+//! * Forgetting finished reshard jobs (2PC decisions are forgotten by
+//!   `ForgetDecisions`, which the proxy's coordinator and resolver propose).
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 #![warn(missing_docs)]

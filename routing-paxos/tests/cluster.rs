@@ -392,6 +392,7 @@ fn decision(i: u64) -> CatalogCommand {
     CatalogCommand::TxDecision {
         gid: format!("hotrepart_{i}"),
         commit: !i.is_multiple_of(3),
+        since: None,
     }
 }
 

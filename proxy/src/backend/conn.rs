@@ -14,6 +14,7 @@ use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256}
 use postgres_protocol::message::frontend;
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -82,6 +83,59 @@ pub struct BackendConn {
     /// Extended-protocol messages were sent without a Sync yet (an implicit
     /// transaction may be open even though `status` is 'I').
     pub unsynced: bool,
+    /// Which client's CancelRequest may reach this connection now.
+    pub cancel_gate: Arc<CancelGate>,
+}
+
+/// Which client may cancel what a backend runs. A CancelRequest reaches a
+/// backend only while the backend is attached to the session whose key it
+/// carries: the node checks the owner and marks the backend under this lock
+/// ([`try_mark`](Self::try_mark)), and the release to the pool clears the
+/// owner under the same lock ([`release`](Self::release)); a backend that a
+/// cancel was forwarded to is closed instead of pooled, since the signal may
+/// land after its statement ended, in another client's (PgBouncer's fix of
+/// the same race keeps such a server out of the pool until the cancel is
+/// done; closing it needs no wait).
+#[derive(Debug, Default)]
+pub struct CancelGate(Mutex<Gate>);
+
+#[derive(Debug, Default)]
+struct Gate {
+    /// The session that may cancel (0: none, the backend is not attached).
+    owner: u64,
+    /// A cancel was forwarded while `owner` held it.
+    hit: bool,
+}
+
+impl CancelGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Gate> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Session `owner` (never 0) holds the backend from now on.
+    pub fn claim(&self, owner: u64) {
+        self.lock().owner = owner;
+    }
+
+    /// Whether session `owner`'s cancel may go to the backend; if so, the
+    /// backend is marked and will not be pooled again.
+    pub fn try_mark(&self, owner: u64) -> bool {
+        let mut g = self.lock();
+        if owner != 0 && g.owner == owner {
+            g.hit = true;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The backend leaves its session: no cancel may reach it from now on.
+    /// Returns whether one was forwarded to it (then it must be closed).
+    pub fn release(&self) -> bool {
+        let mut g = self.lock();
+        g.owner = 0;
+        std::mem::take(&mut g.hit)
+    }
 }
 
 impl BackendConn {
@@ -260,6 +314,7 @@ impl BackendConn {
             broken: false,
             created: std::time::Instant::now(),
             idle_since: std::time::Instant::now(),
+            cancel_gate: Arc::default(),
             status: tx::IDLE,
             unsynced: false,
         })
@@ -351,6 +406,18 @@ pub enum HiddenQueryError {
     Wire(WireError),
     #[error("{code}: {message}")]
     Server { code: String, message: String },
+}
+
+/// Cancels what `b` runs, within `wait`, before the caller closes it (a
+/// connection being closed: no other client can be running on it).
+pub async fn cancel_before_close(b: &BackendConn, wait: Duration) {
+    match tokio::time::timeout(wait, send_cancel(b.addr, b.pid, b.secret)).await {
+        Ok(Ok(())) => tracing::debug!(pid = b.pid, "cancelled the statement of a client that left"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot cancel the statement of a client that left")
+        }
+        Err(_) => tracing::warn!("timed out cancelling the statement of a client that left"),
+    }
 }
 
 /// Sends a CancelRequest for `pid`/`secret` to a backend.

@@ -297,7 +297,12 @@ impl Pooled {
                 .settings
                 .lifetime
                 .is_some_and(|l| c.created.elapsed() >= l);
-            if c.reusable() && too_old {
+            // After this no cancel can reach it; one already forwarded may
+            // still land: then it is closed, not handed to another client.
+            if c.cancel_gate.release() {
+                tracing::debug!(shard = %self.pool.target.shard, "closing a backend a cancel request was forwarded to");
+                c.terminate();
+            } else if c.reusable() && too_old {
                 tracing::debug!(shard = %self.pool.target.shard, "closing backend past server_lifetime");
                 c.terminate();
             } else if c.reusable() {

@@ -12,12 +12,14 @@
 //!   no catalog lease (cut off from the quorum) or has no catalog yet.
 
 use crate::config::Config;
+use crate::exec::decisions::{DecisionError, DecisionLog, LogFuture};
 use crate::node::{Node, NodeError};
 use hotrepart_router::catalog::RoutingSnapshot;
+use hotrepart_routing_paxos::command::MAX_FORGET;
 use hotrepart_routing_paxos::command::{
     CatalogSeed, Dsn, FunctionSpec, RangeSpec, ShardSpec, TableSpec, WasmModule,
 };
-use hotrepart_routing_paxos::{CatalogHandle, ClusterSettings};
+use hotrepart_routing_paxos::{CatalogCommand, CatalogHandle, ClusterSettings};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,13 +176,23 @@ fn publish_current(node: &Node, c: &hotrepart_routing_paxos::Catalog) {
 /// in `data_dir` (durable) or in memory (lost at exit: then its resolver
 /// rolls back what it had not finished, see docs/design/twopc.md), and
 /// resolves only its own transactions: other nodes in front of the same
-/// shards have their own logs.
+/// shards have their own logs. Finished and swept decisions are forgotten
+/// with `CatalogCommand::ForgetDecisions` (docs/design/twopc.md).
 pub struct CatalogDecisions {
     handle: CatalogHandle,
     /// `hr_<node_id>_` when the log is private to this node.
     own_prefix: Option<String>,
     timeout: Duration,
+    /// Gids this node's coordinators finished, forgotten at the next
+    /// [`flush`](crate::exec::decisions::DecisionLog::flush) in
+    /// batches of [`MAX_FORGET`]. At most [`MAX_UNFLUSHED`]: beyond that
+    /// (the catalog unavailable for long) a gid is left to the resolver's
+    /// sweep.
+    finished: std::sync::Mutex<Vec<String>>,
 }
+
+/// Most finished gids a node holds for its next flush.
+const MAX_UNFLUSHED: usize = 64 * MAX_FORGET;
 
 impl CatalogDecisions {
     pub fn new(cfg: &Config, handle: CatalogHandle) -> CatalogDecisions {
@@ -192,32 +204,59 @@ impl CatalogDecisions {
             handle,
             own_prefix,
             timeout: Duration::from_millis(cfg.twopc_decision_timeout_ms.max(1)),
+            finished: std::sync::Mutex::default(),
         }
+    }
+
+    fn finished_list(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.finished.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Proposes `ForgetDecisions` for `gids`, in batches; the gids of a
+    /// batch that could not be proposed are returned.
+    async fn forget(&self, gids: &[String], swept: bool) -> Vec<String> {
+        for (i, batch) in gids.chunks(MAX_FORGET).enumerate() {
+            let cmd = CatalogCommand::ForgetDecisions {
+                gids: batch.to_vec(),
+                swept,
+            };
+            match self.handle.propose(cmd, self.timeout).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "the catalog refused to forget 2PC decisions")
+                }
+                Err(e) => {
+                    // The catalog is slow or away: the rest waits for the
+                    // next tick (one timeout per tick at most).
+                    tracing::debug!(error = %e, "cannot forget 2PC decisions now; retrying later");
+                    return gids[i * MAX_FORGET..].to_vec();
+                }
+            }
+        }
+        Vec::new()
     }
 }
 
-impl crate::exec::decisions::DecisionLog for CatalogDecisions {
+impl DecisionLog for CatalogDecisions {
     fn decide<'a>(
         &'a self,
         gid: &'a str,
         commit: bool,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<bool, crate::exec::decisions::DecisionError>>
-                + Send
-                + 'a,
-        >,
-    > {
+        since: Option<u64>,
+    ) -> LogFuture<'a, Result<bool, DecisionError>> {
         Box::pin(async move {
-            use crate::exec::decisions::DecisionError;
             if let Some(d) = self.handle.catalog().decision(gid) {
                 return Ok(d);
             }
-            let cmd = hotrepart_routing_paxos::CatalogCommand::TxDecision {
+            let cmd = CatalogCommand::TxDecision {
                 gid: gid.to_string(),
                 commit,
+                since,
             };
             match self.handle.propose(cmd, self.timeout).await {
+                Ok(Err(hotrepart_routing_paxos::Rejected::DecisionTooLate { .. })) => {
+                    Err(DecisionError::TooLate)
+                }
                 // Applied here, or refused because a decision exists: either
                 // way the catalog now holds the final one.
                 Ok(_) => self.handle.catalog().decision(gid).ok_or_else(|| {
@@ -235,6 +274,10 @@ impl crate::exec::decisions::DecisionLog for CatalogDecisions {
         self.handle.catalog().decision(gid)
     }
 
+    fn horizon(&self) -> Option<u64> {
+        Some(self.handle.catalog().decision_horizon())
+    }
+
     fn is_resolver(&self) -> bool {
         match &self.own_prefix {
             Some(_) => true,
@@ -247,6 +290,41 @@ impl crate::exec::decisions::DecisionLog for CatalogDecisions {
 
     fn may_resolve(&self, gid: &str) -> bool {
         self.own_prefix.as_ref().is_none_or(|p| gid.starts_with(p))
+    }
+
+    fn finished(&self, gid: &str) {
+        let mut l = self.finished_list();
+        if l.len() < MAX_UNFLUSHED {
+            l.push(gid.to_string());
+        }
+    }
+
+    fn flush(&self) -> LogFuture<'_, ()> {
+        Box::pin(async move {
+            let gids = std::mem::take(&mut *self.finished_list());
+            if gids.is_empty() {
+                return;
+            }
+            let left = self.forget(&gids, false).await;
+            let mut l = self.finished_list();
+            let room = MAX_UNFLUSHED.saturating_sub(l.len());
+            l.extend(left.into_iter().take(room));
+        })
+    }
+
+    fn held(&self) -> (u64, Vec<String>) {
+        let c = self.handle.catalog();
+        (
+            c.epoch(),
+            c.decisions().map(|(g, _)| g.to_string()).collect(),
+        )
+    }
+
+    fn sweep<'a>(&'a self, gids: &'a [String]) -> LogFuture<'a, ()> {
+        Box::pin(async move {
+            // Not retried: the next pass finds them again.
+            self.forget(gids, true).await;
+        })
     }
 }
 

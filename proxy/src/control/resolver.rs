@@ -4,13 +4,18 @@
 //! was recorded: it is recorded first, so a late coordinator cannot commit).
 //! Runs on the node whose `DecisionLog` says it is the resolver (the
 //! catalog's leader in a cluster), on every shard of the routing table.
+//! The same task, on every node, forgets the decisions its coordinators
+//! finished (`DecisionLog::flush`); the resolver also sweeps decisions
+//! that no shard holds prepared after the grace period
+//! (docs/design/twopc.md, "Forgetting decisions").
 
 use crate::backend::conn::{BackendConn, BackendTarget, HiddenQueryError};
 use crate::error::sqlstate;
 use crate::exec::twopc::{is_hotrepart_gid, record};
 use crate::node::Node;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Pool key user under which the resolver finds its login (no client has
@@ -30,12 +35,19 @@ pub const RESOLVER_APPLICATION_NAME: &str = "hotrepart resolver";
 /// supervisor (restarted if it fails); ends when `shutdown` is cancelled.
 pub async fn run_resolver(node: Arc<Node>, shutdown: CancellationToken) {
     let every = Duration::from_millis(node.cfg.twopc_resolver_interval_ms.max(10));
+    let grace = Duration::from_millis(node.cfg.twopc_grace_ms);
     let mut conns: Vec<Option<BackendConn>> = Vec::new();
+    // Decisions held by the catalog, with when this resolver first saw
+    // them (the sweep waits a grace period: their coordinators report
+    // them finished first, without moving the horizon).
+    let mut seen: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             () = shutdown.cancelled() => return,
         }
+        // Every node forgets what its own coordinators finished.
+        node.decisions.flush().await;
         if !node.decisions.is_resolver() {
             conns.iter_mut().for_each(|c| *c = None);
             let mut st = node
@@ -44,12 +56,28 @@ pub async fn run_resolver(node: Arc<Node>, shutdown: CancellationToken) {
                 .unwrap_or_else(|e| e.into_inner());
             st.prepared.clear();
             st.in_doubt.clear();
+            seen.clear();
             continue;
+        }
+        // Read before listing the shards: a decision recorded after this
+        // is not swept in this pass.
+        let (held_epoch, held) = node.decisions.held();
+        let now = Instant::now();
+        let held: HashSet<String> = held.into_iter().collect();
+        seen.retain(|g, _| held.contains(g));
+        for g in held {
+            seen.entry(g).or_insert(now);
         }
         // Shards of the current routing table (a removed shard keeps its
         // index but is not visited; its connection is dropped).
         conns.resize_with(node.routing.shard_slots(), || None);
         let live = node.routing.live_shards();
+        // The sweep needs every shard a held decision's transaction was
+        // prepared on listed: those of a routing table at least as new as
+        // the catalog the decisions were read from (the coordinator
+        // routed by a table no newer than its decision's entry).
+        let mut complete = node.routing.catalog.load().epoch() >= held_epoch;
+        let mut prepared: HashSet<String> = HashSet::new();
         for (t, conn) in conns.iter_mut().enumerate() {
             if !live.contains(&t) {
                 *conn = None;
@@ -62,9 +90,27 @@ pub async fn run_resolver(node: Arc<Node>, shutdown: CancellationToken) {
                 st.in_doubt.remove(&name);
                 continue;
             }
-            if let Err(e) = resolve_shard(&node, t, conn).await {
-                tracing::warn!(shard = %node.routing.shard_name(t), error = %e, "2PC resolver cannot check the shard");
-                *conn = None;
+            match resolve_shard(&node, t, conn).await {
+                Ok(pass) => prepared.extend(pass.prepared),
+                Err(e) => {
+                    tracing::warn!(shard = %node.routing.shard_name(t), error = %e, "2PC resolver cannot check the shard");
+                    *conn = None;
+                    complete = false;
+                }
+            }
+        }
+        if complete {
+            let sweep: Vec<String> = seen
+                .iter()
+                .filter(|(g, first)| now.duration_since(**first) >= grace && !prepared.contains(*g))
+                .map(|(g, _)| g.clone())
+                .collect();
+            if !sweep.is_empty() {
+                tracing::info!(
+                    count = sweep.len(),
+                    "2PC resolver forgets decisions that no shard holds prepared any more"
+                );
+                node.decisions.sweep(&sweep).await;
             }
         }
     }
@@ -112,13 +158,23 @@ pub enum ResolveError {
     Query(#[from] HiddenQueryError),
 }
 
+/// What one resolver pass saw on a shard.
+#[derive(Debug, Default)]
+pub struct ShardPass {
+    /// The gids it finished.
+    pub done: Vec<String>,
+    /// Every `hr_` gid prepared there when it listed them (older than the
+    /// grace period or not, finished in this pass or not).
+    pub prepared: Vec<String>,
+}
+
 /// One resolver pass over shard `t`, listing with `conn` (connected to the
-/// DSN's database when None). Returns the gids it finished.
+/// DSN's database when None).
 pub async fn resolve_shard(
     node: &Node,
     t: usize,
     conn: &mut Option<BackendConn>,
-) -> Result<Vec<String>, ResolveError> {
+) -> Result<ShardPass, ResolveError> {
     let home_db = node
         .routing
         .shard_dsn(t)
@@ -131,18 +187,19 @@ pub async fn resolve_shard(
         Some(b) => b,
         None => conn.insert(resolver_connect(node, t, &home_db).await?),
     };
-    // pg_prepared_xacts lists every database's prepared transactions.
-    // Every `hr_` one is listed (counted for `/metrics`); only those older
-    // than the grace are finished.
+    // pg_prepared_xacts lists every database's prepared transactions; all
+    // are listed (the sweep must not forget a young one's decision), the
+    // old ones resolved.
     let q = format!(
-        "SELECT gid, database, prepared < now() - interval '{} milliseconds' FROM pg_catalog.pg_prepared_xacts WHERE left(gid, 3) = 'hr_' ORDER BY prepared",
+        "SELECT gid, database, (prepared < now() - interval '{} milliseconds')::text FROM pg_catalog.pg_prepared_xacts WHERE left(gid, 3) = 'hr_' ORDER BY prepared",
         node.cfg.twopc_grace_ms
     );
     let rows = b.hidden_query(&q).await?;
+    let mut pass = ShardPass::default();
     // `t` is an index of the node's shard table (the catalog's shards,
     // which grow at run time), never of the configuration file's list.
     let shard = node.routing.shard_name(t);
-    let old = |row: &Vec<Option<String>>| matches!(row.get(2), Some(Some(o)) if o == "t");
+    let old_row = |row: &Vec<Option<String>>| matches!(row.get(2), Some(Some(v)) if v == "true");
     {
         let mut st = node
             .resolver_stats
@@ -150,19 +207,25 @@ pub async fn resolve_shard(
             .unwrap_or_else(|e| e.into_inner());
         st.prepared.insert(shard.clone(), rows.len());
         st.in_doubt
-            .insert(shard.clone(), rows.iter().filter(|r| old(r)).count());
+            .insert(shard.clone(), rows.iter().filter(|r| old_row(r)).count());
     }
-    let mut done = Vec::new();
-    for row in rows.iter().filter(|r| old(r)) {
+    for row in rows {
         let (Some(Some(gid)), Some(Some(db))) = (row.first(), row.get(1)) else {
             continue;
         };
-        if !is_hotrepart_gid(gid) || !node.decisions.may_resolve(gid) {
+        pass.prepared.push(gid.clone());
+        let old = matches!(row.get(2), Some(Some(v)) if v == "true");
+        if !old || !is_hotrepart_gid(gid) || !node.decisions.may_resolve(gid) {
             continue;
         }
+        // No decision: none was ever recorded (rolling back is what any
+        // later one will say: a coordinator records only after this
+        // `false`, and is told `false`), or it was forgotten, which
+        // happens only once no shard holds the gid prepared (a PREPARE
+        // that lands after a sweep belongs to a rollback).
         let commit = match node.decisions.decision(gid) {
             Some(c) => c,
-            None => match record(node, gid, false).await {
+            None => match record(node, gid, false, None).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(%gid, error = %e, "2PC resolver cannot record a rollback decision");
@@ -191,16 +254,18 @@ pub async fn resolve_shard(
             // 42704: finished meanwhile (the decision is final).
             Ok(_) => {
                 tracing::info!(%shard, %gid, database = %db, commit, "2PC resolver finished an in-doubt transaction");
-                let mut st = node
-                    .resolver_stats
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                if commit {
-                    st.committed += 1;
-                } else {
-                    st.rolled_back += 1;
+                {
+                    let mut st = node
+                        .resolver_stats
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if commit {
+                        st.committed += 1;
+                    } else {
+                        st.rolled_back += 1;
+                    }
                 }
-                done.push(gid.clone());
+                pass.done.push(gid.clone());
             }
             Err(HiddenQueryError::Server { code, .. }) if code == sqlstate::UNDEFINED_OBJECT => {}
             Err(e) => {
@@ -211,5 +276,5 @@ pub async fn resolve_shard(
             }
         }
     }
-    Ok(done)
+    Ok(pass)
 }

@@ -72,10 +72,16 @@ pub fn is_hotrepart_gid(gid: &str) -> bool {
         && rnd.bytes().all(|c| c.is_ascii_hexdigit())
 }
 
-/// Records `commit` for `gid` within the configured timeout.
-pub(crate) async fn record(node: &Node, gid: &str, commit: bool) -> Result<bool, DecisionError> {
+/// Records `commit` for `gid` within the configured timeout (`since`: see
+/// [`crate::exec::decisions::DecisionLog::decide`]).
+pub(crate) async fn record(
+    node: &Node,
+    gid: &str,
+    commit: bool,
+    since: Option<u64>,
+) -> Result<bool, DecisionError> {
     let t = Duration::from_millis(node.cfg.twopc_decision_timeout_ms);
-    match tokio::time::timeout(t, node.decisions.decide(gid, commit)).await {
+    match tokio::time::timeout(t, node.decisions.decide(gid, commit, since)).await {
         Ok(r) => r,
         Err(_) => Err(DecisionError::Timeout),
     }
@@ -100,6 +106,9 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let name = |t: usize| node.routing.shard_name(t);
     let gid = new_gid(node.cfg.effective_node_id());
     let prepare = format!("PREPARE TRANSACTION '{gid}'");
+    // Read before the first PREPARE: a decision for gid cannot have been
+    // recorded (and forgotten) before this point.
+    let since = node.decisions.horizon();
 
     // Phase 1, on every written shard at once. Only a backend known to be
     // inside a transaction that has not failed is prepared: PostgreSQL
@@ -187,11 +196,18 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
     abort_at(Failpoint::AfterPrepare);
 
     // The decision: the commit point.
-    let commit = match record(&node, &gid, true).await {
+    let commit = match record(&node, &gid, true, since).await {
         Ok(c) => c,
+        // Nothing recorded and no commit recordable for gid: either a
+        // resolver decided rollback (then swept it) or nobody decided;
+        // rolling back agrees with both.
+        Err(DecisionError::TooLate) => {
+            tracing::warn!(%gid, "the commit decision came after the resolver's grace period; rolling back");
+            false
+        }
         Err(e) => {
             tracing::warn!(error = %e, %gid, "cannot record the commit decision; trying to record a rollback");
-            match record(&node, &gid, false).await {
+            match record(&node, &gid, false, since).await {
                 Ok(c) => c,
                 Err(e2) => match node.decisions.decision(&gid) {
                     Some(c) => c,
@@ -412,8 +428,8 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let d = LocalDecisions::default();
         assert_eq!(d.decision("g"), None);
-        assert!(!rt.block_on(d.decide("g", false)).unwrap_or(true));
-        assert!(!rt.block_on(d.decide("g", true)).unwrap_or(true));
+        assert!(!rt.block_on(d.decide("g", false, None)).unwrap_or(true));
+        assert!(!rt.block_on(d.decide("g", true, Some(0))).unwrap_or(true));
         assert_eq!(d.decision("g"), Some(false));
         d.finished("g");
         assert_eq!(d.decision("g"), None);

@@ -23,7 +23,10 @@
 //!   authentication due to timeout" after it;
 //! - SSLRequest and GSSENCRequest each come at most once (else 08P01);
 //! - a CancelRequest carrying a session's key cancels the query that session
-//!   is running on its current backend, whichever pooled backend that is.
+//!   is running on its current backend, whichever pooled backend that is,
+//!   and only while that backend is the session's (`CancelGate`: a backend
+//!   a cancel went to is closed at its release, never pooled, so a late
+//!   signal cannot hit the next client).
 
 use crate::backend::conn::{self};
 use crate::backend::state::SessionState;
@@ -309,8 +312,8 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner())
             .get(&(pid, secret))
             .cloned();
-        for (addr, bpid, bsecret) in slot.map(|s| s.get()).unwrap_or_default() {
-            if let Err(e) = conn::send_cancel(addr, bpid, bsecret).await {
+        for t in slot.map(|s| s.take_targets()).unwrap_or_default() {
+            if let Err(e) = conn::send_cancel(t.addr, t.pid, t.secret).await {
                 tracing::warn!(error = %e, "cannot forward cancel request");
             }
         }

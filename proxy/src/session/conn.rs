@@ -164,7 +164,14 @@ impl Backends {
         self.cancel.set(
             self.slots
                 .iter()
-                .filter_map(|s| s.conn.as_ref().map(|b| (b.addr, b.pid, b.secret)))
+                .filter_map(|s| {
+                    s.conn.as_ref().map(|b| crate::node::CancelTarget {
+                        addr: b.addr,
+                        pid: b.pid,
+                        secret: b.secret,
+                        gate: b.cancel_gate.clone(),
+                    })
+                })
                 .collect(),
         );
     }

@@ -99,12 +99,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             && self.be.owed.is_empty()
             && !self.txn.open()
             && !self.state_dirty.contains(&true);
+        // A statement still running (the client left mid-statement) would
+        // go on holding its locks until it ends: PostgreSQL notices a
+        // closed connection only when it writes. Cancel it.
+        let running = !self.be.owed.is_empty();
+        let wait = self.node.cfg.connect_timeout();
         for slot in &mut self.be.slots {
             if let Some(b) = slot.conn.take() {
                 // Otherwise the guard's drop closes the connection (and
-                // PostgreSQL rolls back).
+                // PostgreSQL rolls back); it is never pooled again, so the
+                // cancel cannot reach another client.
                 if clean {
                     b.release();
+                } else if running {
+                    crate::backend::conn::cancel_before_close(&b, wait).await;
                 }
             }
         }

@@ -34,6 +34,17 @@ pub struct CatalogImage {
     pub freezes: Vec<FreezeImage>,
     /// 2PC decisions: GID, commit.
     pub decisions: Vec<(String, bool)>,
+    /// Each decision's `seq`, in the order of `decisions` (missing in
+    /// images written before it existed: then `decisions_recorded`).
+    #[serde(default)]
+    pub decision_seqs: Vec<u64>,
+    /// 2PC decisions ever recorded (0 in images written before it existed).
+    #[serde(default)]
+    pub decisions_recorded: u64,
+    /// The horizon below which a decision is refused (see
+    /// `CatalogCommand::ForgetDecisions`).
+    #[serde(default)]
+    pub decisions_swept_at: u64,
     /// Reshard jobs.
     pub jobs: Vec<JobImage>,
     /// WebAssembly functions by name (the id is the module's SHA-256).
@@ -184,8 +195,11 @@ impl Catalog {
             decisions: self
                 .decisions
                 .iter()
-                .map(|(g, c)| (g.clone(), *c))
+                .map(|(g, d)| (g.clone(), d.commit))
                 .collect(),
+            decision_seqs: self.decisions.values().map(|d| d.seq).collect(),
+            decisions_recorded: self.decisions_recorded,
+            decisions_swept_at: self.decisions_swept_at,
             jobs: self
                 .jobs
                 .iter()
@@ -278,7 +292,27 @@ impl Catalog {
         Ok(Catalog {
             snapshot,
             freezes,
-            decisions: image.decisions.iter().cloned().collect(),
+            decisions: image
+                .decisions
+                .iter()
+                .enumerate()
+                .map(|(i, (g, commit))| {
+                    let seq = image
+                        .decision_seqs
+                        .get(i)
+                        .copied()
+                        .unwrap_or(image.decisions_recorded);
+                    (
+                        g.clone(),
+                        super::Decision {
+                            commit: *commit,
+                            seq,
+                        },
+                    )
+                })
+                .collect(),
+            decisions_recorded: image.decisions_recorded,
+            decisions_swept_at: image.decisions_swept_at,
             jobs: image
                 .jobs
                 .iter()

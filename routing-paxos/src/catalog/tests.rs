@@ -3,7 +3,7 @@ use hotrepart_router::catalog::{KeyType, RoutingFunction};
 use crate::command::FunctionSpec;
 
 use super::*;
-use crate::command::{RangeSpec, ShardSpec};
+use crate::command::{RangeSpec, ShardSpec, MAX_FORGET};
 
 const HALF: u64 = 1 << 63;
 const ALL: Span = Span { lo: 0, hi: None };
@@ -422,6 +422,7 @@ fn tx_decisions_are_final_and_leave_the_epoch_alone() {
     let cmd = |gid: &str, commit| CatalogCommand::TxDecision {
         gid: gid.into(),
         commit,
+        since: None,
     };
     assert_eq!(
         c.apply(&cmd("hr_1", true)),
@@ -462,6 +463,154 @@ fn tx_decisions_are_final_and_leave_the_epoch_alone() {
     );
     assert!(c.apply(&cmd(&long[1..], false)).is_ok());
     assert_eq!(c.decisions().count(), 2);
+}
+
+fn decide(gid: &str, commit: bool, since: Option<u64>) -> CatalogCommand {
+    CatalogCommand::TxDecision {
+        gid: gid.into(),
+        commit,
+        since,
+    }
+}
+
+fn forget(gids: &[&str], swept: bool) -> CatalogCommand {
+    CatalogCommand::ForgetDecisions {
+        gids: gids.iter().map(|g| g.to_string()).collect(),
+        swept,
+    }
+}
+
+#[test]
+fn finished_decisions_are_forgotten_in_batches() {
+    let mut c = two_shards();
+    for g in ["g1", "g2", "g3"] {
+        assert!(c
+            .apply(&decide(g, true, Some(c.decision_horizon())))
+            .is_ok());
+    }
+    assert_eq!(c.decision_horizon(), 3);
+    // One command for several gids; one already gone is skipped.
+    assert_eq!(
+        c.apply(&forget(&["g1", "g3", "gone"], false)),
+        Ok(Applied::DecisionsForgotten { count: 2 })
+    );
+    assert_eq!(c.decision_count(), 1);
+    assert_eq!((c.decision("g1"), c.decision("g2")), (None, Some(true)));
+    assert_eq!(c.epoch(), 2, "forgetting leaves the routing table alone");
+    // Forgetting again is a no-op (a retried proposal).
+    assert_eq!(
+        c.apply(&forget(&["g1"], false)),
+        Ok(Applied::DecisionsForgotten { count: 0 })
+    );
+    // A coordinator's report does not move the horizon: a coordinator that
+    // read it before still records its decision.
+    assert!(c.apply(&decide("g4", true, Some(0))).is_ok());
+    // Bounded command.
+    let many: Vec<String> = (0..=MAX_FORGET).map(|i| format!("g{i}")).collect();
+    rejects(
+        &mut c,
+        CatalogCommand::ForgetDecisions {
+            gids: many,
+            swept: false,
+        },
+        Rejected::TooManyToForget(MAX_FORGET + 1),
+    );
+    // The image keeps the counters.
+    assert_eq!(Catalog::from_image(&c.image()), Ok(c.clone()));
+}
+
+#[test]
+fn a_sweep_refuses_a_coordinator_that_prepared_before_it() {
+    let mut c = two_shards();
+    // A coordinator reads the horizon, then prepares and stalls.
+    let late = c.decision_horizon();
+    // The resolver finds the gid prepared, records a rollback (no check),
+    // rolls every shard back, and its sweep forgets the decision.
+    assert!(c.apply(&decide("slow", false, None)).is_ok());
+    // A coordinator that reads the horizon now prepared after that
+    // decision: it is not refused for its sweep.
+    let after = c.decision_horizon();
+    assert_eq!(
+        c.apply(&forget(&["slow"], true)),
+        Ok(Applied::DecisionsForgotten { count: 1 })
+    );
+    assert_eq!(c.decision("slow"), None);
+    // The coordinator comes back: it must not commit what was rolled back.
+    rejects(
+        &mut c,
+        decide("slow", true, Some(late)),
+        Rejected::DecisionTooLate { gid: "slow".into() },
+    );
+    // Nor may any coordinator that read the horizon before the sweep.
+    rejects(
+        &mut c,
+        decide("other", true, Some(late)),
+        Rejected::DecisionTooLate {
+            gid: "other".into(),
+        },
+    );
+    // One that read it after the swept decision was recorded commits; so
+    // does one that read it after the sweep, and the resolver.
+    assert!(c.apply(&decide("after", true, Some(after))).is_ok());
+    assert!(c
+        .apply(&decide("fresh", true, Some(c.decision_horizon())))
+        .is_ok());
+    assert!(c.apply(&decide("found", false, None)).is_ok());
+    // A sweep that forgot nothing moves nothing.
+    let h = c.decision_horizon();
+    let before = c.decision_horizon();
+    assert!(c.apply(&forget(&["nothing"], true)).is_ok());
+    assert!(c.apply(&decide("next", true, Some(before))).is_ok());
+    assert_eq!(c.decision_horizon(), h + 1);
+    let back: super::image::CatalogImage =
+        serde_json::from_str(&serde_json::to_string(&c.image()).expect("json")).expect("image");
+    assert_eq!(Catalog::from_image(&back), Ok(c));
+}
+
+/// The "catch-up after 1M multi-shard commits", at the level of
+/// the state machine (a real run of a million commits is too slow for a
+/// test): a million decisions recorded, forgotten in batches as the
+/// coordinators report them, one in-doubt transaction kept throughout. The
+/// image a lagging or new node loads stays a few KiB (unpruned: ~30 bytes
+/// of JSON per decision, the 64 MiB frame limit at about two million), and
+/// rebuilds the same catalog.
+#[test]
+fn a_million_pruned_decisions_keep_the_catch_up_image_small() {
+    let mut c = two_shards();
+    assert!(c.apply(&decide("hr_9_in_doubt", true, Some(0))).is_ok());
+    let mut batch: Vec<String> = Vec::with_capacity(MAX_FORGET);
+    let mut largest = 0;
+    for i in 0..1_000_000u64 {
+        let gid = format!("hr_1_{i:016x}");
+        let since = Some(c.decision_horizon());
+        assert!(matches!(
+            c.apply(&decide(&gid, true, since)),
+            Ok(Applied::TxDecided { .. })
+        ));
+        batch.push(gid);
+        if batch.len() == MAX_FORGET {
+            let cmd = CatalogCommand::ForgetDecisions {
+                gids: std::mem::take(&mut batch),
+                swept: false,
+            };
+            assert_eq!(
+                c.apply(&cmd),
+                Ok(Applied::DecisionsForgotten { count: MAX_FORGET })
+            );
+            if i % 100_000 < MAX_FORGET as u64 {
+                let size = serde_json::to_vec(&c.image()).expect("json").len();
+                largest = largest.max(size);
+            }
+        }
+    }
+    assert_eq!(c.decision_horizon(), 1_000_001);
+    assert_eq!(c.decision_count(), 1 + batch.len());
+    assert_eq!(c.decision("hr_9_in_doubt"), Some(true), "in doubt: kept");
+    let bytes = serde_json::to_vec(&c.image()).expect("json");
+    largest = largest.max(bytes.len());
+    assert!(largest < 64 << 10, "image of {largest} bytes");
+    let back: super::image::CatalogImage = serde_json::from_slice(&bytes).expect("image");
+    assert_eq!(Catalog::from_image(&back), Ok(c));
 }
 
 fn seed() -> CatalogSeed {
@@ -600,6 +749,7 @@ fn commands_round_trip_through_serde() {
         CatalogCommand::TxDecision {
             gid: "g".into(),
             commit: false,
+            since: None,
         },
         upload("f", 1),
         CatalogCommand::RemoveFunction { name: "f".into() },
@@ -1006,10 +1156,12 @@ fn a_catalog_round_trips_through_its_image() {
         CatalogCommand::TxDecision {
             gid: "hotrepart_1".into(),
             commit: true,
+            since: None,
         },
         CatalogCommand::TxDecision {
             gid: "hotrepart_2".into(),
             commit: false,
+            since: None,
         },
         CatalogCommand::JobStart {
             job: "j1".into(),

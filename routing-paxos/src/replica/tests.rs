@@ -254,6 +254,7 @@ fn decision(i: u64) -> CatalogCommand {
     CatalogCommand::TxDecision {
         gid: format!("gid{i}"),
         commit: i.is_multiple_of(2),
+        since: None,
     }
 }
 

@@ -175,6 +175,7 @@ impl CatalogHandle {
         // The snapshot is refreshed every tick; the applied index is live.
         s.applied = s.applied.max(self.applied_index());
         s.decided = s.decided.max(s.applied);
+        s.decisions = self.catalog().decision_count();
         s
     }
 

@@ -50,6 +50,7 @@ impl Shared {
                 epoch: catalog.epoch(),
                 decided: 0,
                 applied: 0,
+                decisions: 0,
                 compacted: 0,
                 log_len: 0,
                 lease: LeaseStatus {

@@ -18,6 +18,10 @@ pub struct ClusterStatus {
     pub decided: usize,
     /// Log entries applied here.
     pub applied: usize,
+    /// 2PC decisions the catalog holds (recorded and not yet forgotten:
+    /// bounded by the transactions in flight, see
+    /// [`CatalogCommand::ForgetDecisions`](crate::CatalogCommand)).
+    pub decisions: usize,
     /// Log entries replaced by this node's catalog snapshot (the
     /// snapshot's index; 0: none yet).
     pub compacted: usize,

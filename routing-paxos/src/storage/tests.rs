@@ -234,6 +234,7 @@ fn add_shard(seq: u64) -> CatalogEntry {
             CatalogCommand::TxDecision {
                 gid: format!("g{seq}"),
                 commit: true,
+                since: None,
             }
         },
     }

@@ -112,6 +112,7 @@ pub(crate) fn random_command(rng: &mut Rng, view: &Catalog) -> CatalogCommand {
         _ => CatalogCommand::TxDecision {
             gid: format!("g{}", rng.below(40)),
             commit: rng.chance(500),
+            since: None,
         },
     }
 }

@@ -29,6 +29,7 @@ impl Sim {
         let marker = CatalogCommand::TxDecision {
             gid: format!("progress-{}", self.seed),
             commit: true,
+            since: None,
         };
         let ticket = self.propose(i, marker);
         loop {

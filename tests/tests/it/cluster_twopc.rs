@@ -42,6 +42,17 @@ async fn applied(c: &ProcCluster, i: usize) -> u64 {
     status(c, i).await["cluster"]["applied"].as_u64().unwrap()
 }
 
+/// Waits until node `i`'s catalog holds no 2PC decision (every one
+/// forgotten).
+async fn forgotten(c: &ProcCluster, i: usize) {
+    wait_for(
+        "every 2PC decision to be forgotten",
+        Duration::from_secs(10),
+        || async { status(c, i).await["cluster"]["decisions"].as_u64() == Some(0) },
+    )
+    .await;
+}
+
 /// Waits until node `i` has the catalog and a valid lease (it routes).
 async fn routes(c: &ProcCluster, i: usize) {
     let start = Instant::now();
@@ -166,8 +177,11 @@ async fn the_leader_finishes_in_doubt_transactions_by_the_replicated_decision() 
     two_shard_tx(&c, f, k0[0], k1[0]).await.unwrap();
     assert!(on_shard(&c, 0, k0[0]).await && on_shard(&c, 1, k1[0]).await);
     assert_eq!(prepared(&c).await, vec![Vec::<String>::new(); 2]);
+    // The decision, then (at the node's next resolver tick) the entry that
+    // forgets it: the coordinator finished it on both shards.
+    forgotten(&c, f).await;
     let after = applied(&c, f).await;
-    assert_eq!(after, before + 1, "one decision entry in the log");
+    assert_eq!(after, before + 2, "a decision entry and a forget entry");
     for i in 0..3 {
         let cr = &c;
         wait_for(
@@ -192,7 +206,8 @@ async fn the_leader_finishes_in_doubt_transactions_by_the_replicated_decision() 
     let before = applied(&c, li).await;
     two_shard_tx(&c, li, k0[3], k1[3]).await.unwrap();
     assert!(on_shard(&c, 0, k0[3]).await && on_shard(&c, 1, k1[3]).await);
-    assert_eq!(applied(&c, li).await, before + 1);
+    forgotten(&c, li).await;
+    assert_eq!(applied(&c, li).await, before + 2);
 
     // The crashes: (failpoint, committed in the end?, shards with a
     // prepared transaction right after the crash).
@@ -302,9 +317,11 @@ async fn the_leader_finishes_in_doubt_transactions_by_the_replicated_decision() 
         tokio::task::block_in_place(|| c.nodes[ai].start());
         routes(&c, ai).await;
     }
-    // Epoch untouched by all of it.
+    // Epoch untouched by all of it; the crashed coordinators' decisions
+    // are swept by the leader once no shard holds their transaction.
     for i in 0..3 {
         assert_eq!(status(&c, i).await["epoch"].as_u64(), Some(epoch0));
+        forgotten(&c, i).await;
     }
     // The nodes' files agree with the catalog they seeded: no warning.
     let logs = c.logs();
@@ -492,4 +509,107 @@ async fn the_resolver_finishes_in_doubt_transactions_on_a_shard_added_at_run_tim
         "{table}"
     );
     drop(extra);
+}
+
+/// Issue 17, catalog growth: 2,000 multi-shard commits through three nodes
+/// leave no decision behind (each coordinator forgets its own, in
+/// batches), the number held at once stays bounded, and a node added
+/// afterwards catches up from the compacted catalog (the log is compacted
+/// every 1,000 entries) and commits across shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decisions_stay_bounded_over_many_commits_and_a_new_node_catches_up() {
+    const COMMITS: usize = 2_000;
+    const WORKERS: usize = 6;
+    let mut c = ProcCluster::start_with(3, 2, HEAD, TABLES, "").await;
+    for i in 0..3 {
+        routes(&c, i).await;
+    }
+    let db = connect(&c.nodes[0].dsn()).await.unwrap();
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let (k0, k1) = keys(&c, WORKERS + 1).await;
+    for k in k0[..WORKERS].iter().chain(&k1[..WORKERS]) {
+        db.execute("INSERT INTO items (id, v) VALUES ($1, '')", &[k])
+            .await
+            .unwrap();
+    }
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut workers = Vec::new();
+    for w in 0..WORKERS {
+        let client = connect(&c.nodes[w % 3].dsn()).await.unwrap();
+        let done = done.clone();
+        let (a, b) = (k0[w], k1[w]);
+        workers.push(tokio::spawn(async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            while done.load(SeqCst) < COMMITS && Instant::now() < deadline {
+                // One statement per string: a string is routed whole.
+                for sql in [
+                    format!("BEGIN; UPDATE items SET v = 'x' WHERE id = {a}"),
+                    format!("UPDATE items SET v = 'y' WHERE id = {b}"),
+                    "COMMIT".to_string(),
+                ] {
+                    client.batch_execute(&sql).await.unwrap();
+                }
+                done.fetch_add(1, SeqCst);
+            }
+        }));
+    }
+    let mut most = 0;
+    while workers.iter().any(|w| !w.is_finished()) {
+        for i in 0..3 {
+            if let Some(s) = c.status(i).await {
+                most = most.max(s["cluster"]["decisions"].as_u64().unwrap_or(0));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let n = done.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(n >= COMMITS, "only {n} commits in the time allowed");
+    eprintln!("{n} commits; at most {most} decisions held at once on a node");
+    // In flight plus a resolver tick's worth, not one per commit.
+    assert!(
+        most <= (COMMITS / 4) as u64,
+        "{most} decisions held at once after {n} commits"
+    );
+    for i in 0..3 {
+        forgotten(&c, i).await;
+    }
+    assert!(
+        applied(&c, 0).await as usize > COMMITS,
+        "one entry per commit at least"
+    );
+    assert_eq!(prepared(&c).await, vec![Vec::<String>::new(); 2]);
+
+    // A fourth node joins and catches up.
+    let j = c.start_joining_node();
+    let addr = format!("127.0.0.1:{}", c.nodes[j].peer_port);
+    let admin = c.nodes[j].admin_url();
+    let (ok, _, err) = c
+        .proxyctl(0, &["node", "add", "4", "--addr", &addr, "--admin", &admin])
+        .await;
+    assert!(ok, "node add: {err}\n{}", c.logs());
+    routes(&c, j).await;
+    let target = applied(&c, 0).await;
+    let cr = &c;
+    wait_for(
+        "node 4 to apply the whole log",
+        Duration::from_secs(30),
+        || async move { applied(cr, j).await >= target },
+    )
+    .await;
+    let st = status(&c, j).await;
+    assert_eq!(st["cluster"]["decisions"].as_u64(), Some(0), "{st}");
+    assert!(
+        st["cluster"]["compacted"].as_u64().unwrap_or(0) > 0,
+        "node 4 loaded a compacted catalog: {st}"
+    );
+    // It routes and commits across shards; its decision is forgotten too.
+    two_shard_tx(&c, j, k0[WORKERS], k1[WORKERS]).await.unwrap();
+    assert!(on_shard(&c, 0, k0[WORKERS]).await && on_shard(&c, 1, k1[WORKERS]).await);
+    forgotten(&c, j).await;
 }

@@ -3,6 +3,7 @@
 //! file's tests with a filter, e.g. `cargo nextest run -p hotrepart-tests
 //! -E 'test(/^twopc::/)'` or `cargo test -p hotrepart-tests --test it twopc::`.
 
+mod cancel;
 mod clients;
 mod cluster;
 mod cluster_bench;

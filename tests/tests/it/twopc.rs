@@ -262,7 +262,12 @@ async fn the_resolver_finishes_prepared_transactions_left_behind() {
     let (a2, b2) = (a + 1000, b + 1000);
     // Recorded before the transaction is prepared: the resolver commits it.
     let committed = "hr_1_00000000000000bb";
-    assert!(c.node.decisions.decide(committed, true).await.unwrap());
+    assert!(c
+        .node
+        .decisions
+        .decide(committed, true, None)
+        .await
+        .unwrap());
     let s0 = c.direct(0).await;
     s0.batch_execute(&format!(
         "BEGIN; INSERT INTO users (id, v) VALUES ({a}, 'orphan'); PREPARE TRANSACTION 'hr_1_00000000000000aa'"
@@ -517,18 +522,19 @@ impl DecisionLog for ScriptedLog {
         &'a self,
         gid: &'a str,
         commit: bool,
+        since: Option<u64>,
     ) -> Pin<Box<dyn Future<Output = Result<bool, DecisionError>> + Send + 'a>> {
         let step = self.script.lock().unwrap().pop_front();
         Box::pin(async move {
             match step {
                 Some(Step::Hang) => std::future::pending().await,
                 Some(Step::RecordFirst(v)) => {
-                    self.inner.decide(gid, v).await?;
+                    self.inner.decide(gid, v, None).await?;
                 }
                 Some(Step::Before(f)) => f.await,
                 None => {}
             }
-            self.inner.decide(gid, commit).await
+            self.inner.decide(gid, commit, since).await
         })
     }
     fn decision(&self, gid: &str) -> Option<bool> {
@@ -723,4 +729,173 @@ async fn copy_into_two_shards_commits_all_or_nothing() {
     assert_eq!(on_shard(&c, 1, b2).await, None);
     nothing_prepared(&c).await;
     no_open_transactions(&c).await;
+}
+
+/// Issue 17, catalog growth: the decision of every finished multi-shard
+/// commit is forgotten (its coordinator reports it, in batches), so the
+/// decisions the catalog holds stay bounded by the transactions in flight
+/// however many commit. Before, every commit left its decision forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_of_finished_transactions_are_forgotten() {
+    const COMMITS: usize = 2_000;
+    const WORKERS: usize = 4;
+    let c = cluster("twopc_resolver_interval_ms = 100").await;
+    let (db, _, _) = setup(&c).await;
+    // A key on each shard per worker.
+    let snap = c.node.routing.catalog.load_full();
+    let on = |s: &str| {
+        (1..10_000i64)
+            .filter(|&k| {
+                snap.range_for_key("users", &KeyValue::Int8(k))
+                    .unwrap()
+                    .write_owner
+                    .as_str()
+                    == s
+            })
+            .take(WORKERS)
+            .collect::<Vec<_>>()
+    };
+    let (k0, k1) = (on("s0"), on("s1"));
+    for k in k0.iter().chain(&k1) {
+        db.execute("INSERT INTO users (id, v) VALUES ($1, '0')", &[k])
+            .await
+            .unwrap();
+    }
+    let horizon0 = c.node.decisions.horizon().unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut workers = Vec::new();
+    for w in 0..WORKERS {
+        let client = c.connect().await;
+        let done = done.clone();
+        let (a, b) = (k0[w], k1[w]);
+        workers.push(tokio::spawn(async move {
+            while done.load(Ordering::SeqCst) < COMMITS && std::time::Instant::now() < deadline {
+                // One statement per string: a string is routed whole.
+                for sql in [
+                    format!("BEGIN; UPDATE users SET v = v || 'x' WHERE id = {a}"),
+                    format!("UPDATE users SET v = v || 'x' WHERE id = {b}"),
+                    "COMMIT".to_string(),
+                ] {
+                    client.batch_execute(&sql).await.unwrap();
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let mut most = 0;
+    while workers.iter().any(|w| !w.is_finished()) {
+        most = most.max(c.node.catalog_handle.catalog().decision_count());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let n = done.load(Ordering::SeqCst);
+    assert!(n >= COMMITS, "only {n} commits in the time allowed");
+    assert_eq!(
+        c.node.decisions.horizon().unwrap() - horizon0,
+        n as u64,
+        "one decision per commit"
+    );
+    eprintln!("{n} commits; at most {most} decisions held at once");
+    // In flight plus a resolver tick's worth (the rate times the tick:
+    // ~300 at 1,000 commits/s), not one per commit.
+    assert!(most <= COMMITS / 4, "{most} decisions held at once");
+    wait_for(
+        "every decision to be forgotten",
+        Duration::from_secs(10),
+        || async { c.node.catalog_handle.catalog().decision_count() == 0 },
+    )
+    .await;
+    assert_eq!(c.node.catalog_handle.status().decisions, 0);
+    nothing_prepared(&c).await;
+}
+
+/// A prepared transaction whose decision is recorded keeps it until the
+/// resolver has finished it on every shard, however many sweeps run
+/// meanwhile: a forgotten commit decision would make the resolver roll it
+/// back (no decision: rollback). The in-doubt transaction is prepared in a
+/// database that refuses connections, so the resolver lists it (from
+/// `pg_prepared_xacts`) but cannot finish it; an undecided one beside it
+/// shows that sweeps ran (its rollback decision is recorded, then swept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_doubt_transaction_keeps_its_decision_until_it_is_resolved() {
+    let c = cluster("twopc_grace_ms = 300\ntwopc_resolver_interval_ms = 100").await;
+    let (_db, a, b) = setup(&c).await;
+    let s0 = c.direct(0).await;
+    s0.batch_execute("CREATE DATABASE otherdb").await.unwrap();
+    let other_dsn = format!(
+        "{}/otherdb",
+        c.shards[0].dsn().strip_suffix("/postgres").unwrap()
+    );
+    let other = connect(&other_dsn).await.unwrap();
+    let in_doubt = "hr_1_00000000000000dd";
+    other
+        .batch_execute(&format!(
+            "CREATE TABLE users (id bigint PRIMARY KEY, v text); BEGIN; INSERT INTO users VALUES ({a}, 'in doubt'); PREPARE TRANSACTION '{in_doubt}'"
+        ))
+        .await
+        .unwrap();
+    // The coordinator's decision, recorded after its PREPARE; then it dies.
+    let since = c.node.decisions.horizon();
+    assert!(c
+        .node
+        .decisions
+        .decide(in_doubt, true, since)
+        .await
+        .unwrap());
+    drop(other);
+    s0.batch_execute("ALTER DATABASE otherdb ALLOW_CONNECTIONS false")
+        .await
+        .unwrap();
+    // An undecided orphan beside it: the resolver records a rollback.
+    let orphan = "hr_1_00000000000000ee";
+    let s1 = c.direct(1).await;
+    s1.batch_execute(&format!(
+        "BEGIN; INSERT INTO users VALUES ({b}, 'orphan'); PREPARE TRANSACTION '{orphan}'"
+    ))
+    .await
+    .unwrap();
+    wait_for(
+        "the orphan's rollback to be recorded",
+        Duration::from_secs(20),
+        || async { c.node.decisions.decision(orphan) == Some(false) },
+    )
+    .await;
+    // Swept after the grace period (the in-doubt decision, older, was due
+    // too): a sweep ran while the in-doubt transaction was listed.
+    wait_for(
+        "the orphan's decision to be swept",
+        Duration::from_secs(20),
+        || async { c.node.decisions.decision(orphan).is_none() },
+    )
+    .await;
+    assert_eq!(prepared(&c, 1).await, Vec::<String>::new());
+    assert_eq!(prepared(&c, 0).await, vec![in_doubt.to_string()]);
+    assert_eq!(c.node.decisions.decision(in_doubt), Some(true), "kept");
+    // The database accepts connections again: the resolver commits it,
+    // then forgets the decision.
+    s0.batch_execute("ALTER DATABASE otherdb ALLOW_CONNECTIONS true")
+        .await
+        .unwrap();
+    wait_for(
+        "the in-doubt transaction to be committed",
+        Duration::from_secs(20),
+        || async { prepared(&c, 0).await.is_empty() },
+    )
+    .await;
+    let other = connect(&other_dsn).await.unwrap();
+    let v: String = other
+        .query_one("SELECT v FROM users WHERE id = $1", &[&a])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "in doubt", "committed by its recorded decision");
+    wait_for(
+        "its decision to be forgotten",
+        Duration::from_secs(20),
+        || async { c.node.decisions.decision(in_doubt).is_none() },
+    )
+    .await;
 }

@@ -618,6 +618,7 @@ impl Driver {
             applied: st
                 .as_ref()
                 .map_or(self.shared.applied.load(Ordering::Acquire), |s| s.applied),
+            decisions: 0,
             compacted: st.as_ref().map_or(0, |s| s.compacted),
             log_len: st.as_ref().map_or(0, |s| s.log_len),
             lease: LeaseStatus {
