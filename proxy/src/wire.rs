@@ -344,6 +344,39 @@ pub fn ready_for_query(out: &mut BytesMut, status: u8) {
     frame(out, be::READY_FOR_QUERY, |o| o.put_u8(status));
 }
 
+/// A RowDescription of text columns (type `text`, text format) named
+/// `names`: what the node answers itself (EXPLAIN, the admin console).
+pub fn text_row_description<S: AsRef<str>>(out: &mut BytesMut, names: &[S]) {
+    frame(out, be::ROW_DESCRIPTION, |o| {
+        o.put_i16(names.len() as i16);
+        for n in names {
+            put_cstr(o, n.as_ref());
+            o.put_u32(0); // table oid
+            o.put_i16(0); // column number
+            o.put_u32(25); // text
+            o.put_i16(-1);
+            o.put_i32(-1);
+            o.put_i16(0); // text format
+        }
+    });
+}
+
+/// A DataRow of text values (None: NULL).
+pub fn text_data_row<S: AsRef<str>>(out: &mut BytesMut, values: &[Option<S>]) {
+    frame(out, be::DATA_ROW, |o| {
+        o.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    o.put_i32(v.as_ref().len() as i32);
+                    o.put_slice(v.as_ref().as_bytes());
+                }
+                None => o.put_i32(-1),
+            }
+        }
+    });
+}
+
 pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
     frame(out, be::PARAMETER_STATUS, |o| {
         put_cstr(o, name);

@@ -38,31 +38,9 @@ impl Table {
     }
 
     fn write(&self, out: &mut BytesMut) {
-        wire::frame(out, be::ROW_DESCRIPTION, |o| {
-            o.put_i16(self.columns.len() as i16);
-            for c in &self.columns {
-                wire::put_cstr(o, c);
-                o.put_u32(0); // table oid
-                o.put_i16(0); // column number
-                o.put_u32(25); // text
-                o.put_i16(-1);
-                o.put_i32(-1);
-                o.put_i16(0); // text format
-            }
-        });
+        wire::text_row_description(out, &self.columns);
         for r in &self.rows {
-            wire::frame(out, be::DATA_ROW, |o| {
-                o.put_i16(r.len() as i16);
-                for v in r {
-                    match v {
-                        Some(v) => {
-                            o.put_i32(v.len() as i32);
-                            o.put_slice(v.as_bytes());
-                        }
-                        None => o.put_i32(-1),
-                    }
-                }
-            });
+            wire::text_data_row(out, r);
         }
     }
 }

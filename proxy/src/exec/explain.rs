@@ -14,7 +14,6 @@ use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::Target;
 use crate::session::conn::Session;
-use crate::wire::be;
 use crate::wire::{self, Severity};
 use crate::wire::{command_complete, rfq};
 use bytes::BufMut;
@@ -167,22 +166,9 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
     }
-    wire::frame(&mut s.out, be::ROW_DESCRIPTION, |o| {
-        o.put_i16(1);
-        wire::put_cstr(o, "QUERY PLAN");
-        o.put_u32(0);
-        o.put_i16(0);
-        o.put_u32(25);
-        o.put_i16(-1);
-        o.put_i32(-1);
-        o.put_i16(0);
-    });
+    wire::text_row_description(&mut s.out, &["QUERY PLAN"]);
     for l in &lines {
-        wire::frame(&mut s.out, be::DATA_ROW, |o| {
-            o.put_i16(1);
-            o.put_i32(l.len() as i32);
-            o.put_slice(l.as_bytes());
-        });
+        wire::text_data_row(&mut s.out, &[Some(l)]);
     }
     s.out.put_slice(&command_complete("EXPLAIN"));
     finish(s, in_tx).await

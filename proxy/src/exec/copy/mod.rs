@@ -290,46 +290,56 @@ fn shard_name<S>(s: &Session<S>, t: usize) -> String {
 }
 
 fn encoding_ok(enc: &str, key: Option<KeyType>) -> bool {
-    // PostgreSQL's own name cleaning: alphanumerics only, any case.
-    let e: String = enc
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect::<String>()
-        .to_ascii_uppercase();
-    if e == "UTF8" || e == "UNICODE" {
+    // PostgreSQL's own name for it (any alias, any case).
+    let Some(e) = crate::backend::state::canonical_encoding(enc) else {
+        return false;
+    };
+    if e == "UTF8" {
         return true;
     }
     // Text keys are hashed as UTF-8. Other keys: only encodings whose
     // characters never contain ASCII bytes other than themselves (single-byte
     // and EUC encodings) can be split without converting; an allow-list, so
-    // that no alias of SJIS, BIG5, GBK, UHC, GB18030 or JOHAB (whose second
-    // bytes may be a backslash or a delimiter) gets through.
+    // that SJIS, BIG5, GBK, UHC, GB18030 and JOHAB (whose second bytes may be
+    // a backslash or a delimiter) do not get through.
     key != Some(KeyType::Text)
-        && (matches!(
-            e.as_str(),
-            "SQLASCII"
-                | "MULEINTERNAL"
-                | "EUCJP"
-                | "EUCCN"
-                | "EUCKR"
-                | "EUCTW"
-                | "EUCJIS2004"
-                | "KOI8"
+        && matches!(
+            e,
+            "SQL_ASCII"
+                | "MULE_INTERNAL"
+                | "EUC_JP"
+                | "EUC_CN"
+                | "EUC_KR"
+                | "EUC_TW"
+                | "EUC_JIS_2004"
                 | "KOI8R"
                 | "KOI8U"
-                | "ALT"
-                | "WIN"
-                | "TCVN"
-                | "TCVN5712"
-                | "VSCII"
-                | "ABC"
-        ) || ["LATIN", "ISO8859", "WIN", "WINDOWS"].iter().any(|p| {
-            e.strip_prefix(p).is_some_and(|n| {
-                !n.is_empty()
-                    && n.bytes().all(|c| c.is_ascii_digit())
-                    && !matches!(n, "932" | "936" | "949" | "950")
-            })
-        }))
+                | "WIN866"
+                | "WIN874"
+                | "WIN1250"
+                | "WIN1251"
+                | "WIN1252"
+                | "WIN1253"
+                | "WIN1254"
+                | "WIN1255"
+                | "WIN1256"
+                | "WIN1257"
+                | "WIN1258"
+                | "LATIN1"
+                | "LATIN2"
+                | "LATIN3"
+                | "LATIN4"
+                | "LATIN5"
+                | "LATIN6"
+                | "LATIN7"
+                | "LATIN8"
+                | "LATIN9"
+                | "LATIN10"
+                | "ISO_8859_5"
+                | "ISO_8859_6"
+                | "ISO_8859_7"
+                | "ISO_8859_8"
+        )
 }
 
 /// The first of DELIMITER, QUOTE, ESCAPE, NULL in a COPY statement whose

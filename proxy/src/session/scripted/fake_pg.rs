@@ -655,18 +655,7 @@ impl Conn {
                     row_description(out, &columns);
                 }
                 for r in &rows {
-                    wire::frame(out, b'D', |o| {
-                        o.put_i16(r.len() as i16);
-                        for v in r {
-                            match v {
-                                Some(v) => {
-                                    o.put_i32(v.len() as i32);
-                                    o.put_slice(v.as_bytes());
-                                }
-                                None => o.put_i32(-1),
-                            }
-                        }
-                    });
+                    wire::text_data_row(out, r);
                 }
                 out.put_slice(&wire::command_complete(&format!("SELECT {}", rows.len())));
             }
@@ -857,18 +846,7 @@ fn error(out: &mut BytesMut, code: &str, msg: &str) {
 }
 
 fn row_description(out: &mut BytesMut, columns: &[String]) {
-    wire::frame(out, b'T', |o| {
-        o.put_i16(columns.len() as i16);
-        for c in columns {
-            wire::put_cstr(o, c);
-            o.put_i32(0); // table
-            o.put_i16(0); // column
-            o.put_u32(25); // text
-            o.put_i16(-1);
-            o.put_i32(-1);
-            o.put_i16(0); // text format
-        }
-    });
+    wire::text_row_description(out, columns);
 }
 
 /// The highest `$n` in `sql`.
