@@ -138,10 +138,13 @@ fn show(node: &Node, what: &str) -> Result<Table, (&'static str, String)> {
             t
         }
         "POOLS" => {
+            // A pool per (shard, database, client user), as PgBouncer's per
+            // (database, user); `server_user` logs in to the shard.
             let mut t = Table::new(&[
                 "database",
                 "user",
                 "shard",
+                "server_user",
                 "sv_active",
                 "sv_idle",
                 "pool_size",
@@ -149,17 +152,14 @@ fn show(node: &Node, what: &str) -> Result<Table, (&'static str, String)> {
             ]);
             let mut pools = node.pools.all();
             pools.sort_by(|a, b| {
-                (&a.1.target.database, &a.1.target.user, &a.1.target.shard).cmp(&(
-                    &b.1.target.database,
-                    &b.1.target.user,
-                    &b.1.target.shard,
-                ))
+                (&a.0 .1, &a.0 .2, &a.1.target.shard).cmp(&(&b.0 .1, &b.0 .2, &b.1.target.shard))
             });
-            for (_, p) in pools {
+            for ((_, database, user), p) in pools {
                 t.row(vec![
-                    p.target.database.clone(),
-                    p.target.user.clone(),
+                    database,
+                    user,
                     p.target.shard.clone(),
+                    p.target.user.clone(),
                     p.busy_count().to_string(),
                     p.idle_count().to_string(),
                     p.size().to_string(),
