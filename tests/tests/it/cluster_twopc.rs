@@ -141,18 +141,24 @@ async fn on_shard(c: &ProcCluster, i: usize, id: i64) -> bool {
 
 /// A transaction through node `i` writing `a` (on s0) and `b` (on s1).
 async fn two_shard_tx(c: &ProcCluster, i: usize, a: i64, b: i64) -> Result<(), String> {
-    let db = connect(&c.nodes[i].dsn())
-        .await
-        .map_err(|e| e.to_string())?;
+    let db = connect(&c.nodes[i].dsn()).await.map_err(|e| say(&e))?;
     db.batch_execute(&format!(
         "BEGIN; INSERT INTO items (id, v) VALUES ({a}, 'a')"
     ))
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| say(&e))?;
     db.batch_execute(&format!("INSERT INTO items (id, v) VALUES ({b}, 'b')"))
         .await
-        .map_err(|e| e.to_string())?;
-    db.batch_execute("COMMIT").await.map_err(|e| e.to_string())
+        .map_err(|e| say(&e))?;
+    db.batch_execute("COMMIT").await.map_err(|e| say(&e))
+}
+
+/// An error as the test reports it: SQLSTATE and message for a server's.
+fn say(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.code().code(), d.message()),
+        None => e.to_string(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -612,4 +618,228 @@ async fn decisions_stay_bounded_over_many_commits_and_a_new_node_catches_up() {
     two_shard_tx(&c, j, k0[WORKERS], k1[WORKERS]).await.unwrap();
     assert!(on_shard(&c, 0, k0[WORKERS]).await && on_shard(&c, 1, k1[WORKERS]).await);
     forgotten(&c, j).await;
+}
+
+/// The job of `reshard` call `out` (`--json`), waited for until it ends
+/// (asked on node `i`); returns its final record.
+async fn job_end(c: &ProcCluster, i: usize, id: &str, timeout: Duration) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        if let Some(j) = c.admin_get(i, &format!("/v1/jobs/{id}")).await {
+            let phase = j["phase"].as_str().unwrap_or_default().to_string();
+            if ["done", "aborted", "failed"].contains(&phase.as_str()) {
+                return j;
+            }
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "job {id} did not end in {timeout:?}; logs:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Job `id`'s phase as node `i` has it ("" while it does not answer).
+async fn job_phase(c: &ProcCluster, i: usize, id: &str) -> String {
+    c.admin_get(i, &format!("/v1/jobs/{id}"))
+        .await
+        .and_then(|j| j["phase"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The open safety question of the session of 2026-12-05: a transfer
+/// acknowledged as committed was found on one shard only, its rows on the
+/// other in a range that was moving. This forces that shape: a 2PC
+/// transaction whose coordinator crashed (in doubt, finished later by
+/// the resolver) holds a write to a moving range on its source — prepared
+/// before the job starts (the capture's slot must wait for it), and
+/// prepared during the catch-up (the cut-over must wait for it: a prepared
+/// transaction is open on the source). Whatever the decision, the moved
+/// range ends on the target exactly as the decision says, nothing is left
+/// on the source, and nothing stays prepared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_in_doubt_transaction_on_a_moving_range_moves_with_its_decision() {
+    // Every job step waits 1.5 s, so the catch-up lasts long enough to
+    // crash a coordinator in it.
+    let mut c = ProcCluster::start_with_env(
+        3,
+        2,
+        HEAD,
+        TABLES,
+        "lease_ms = 1000",
+        &[("HOTREPART_TEST_JOB_STEP_DELAY_MS", "1500")],
+    )
+    .await;
+    for i in 0..3 {
+        routes(&c, i).await;
+    }
+    let db = connect(&c.nodes[0].dsn()).await.unwrap();
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let values: Vec<String> = (1..=400).map(|i| format!("({i}, 'pre')")).collect();
+    db.batch_execute(&format!(
+        "INSERT INTO items (id, v) VALUES {}",
+        values.join(", ")
+    ))
+    .await
+    .unwrap();
+    let dsns: Vec<String> = c.shards.iter().map(|s| s.dsn()).collect();
+    let mut expected: std::collections::BTreeMap<String, String> = (1..=400)
+        .map(|i| (i.to_string(), "pre".to_string()))
+        .collect();
+    // (failpoint, committed in the end, crash during the job's catch-up
+    // rather than before the job)
+    let cases = [
+        ("twopc_after_decision", true, true),
+        ("twopc_after_prepare", false, true),
+        ("twopc_after_decision", true, false),
+        ("twopc_after_first_commit", true, true),
+    ];
+    // Keys written by the cases (each case writes fresh ones).
+    let mut used: Vec<i64> = Vec::new();
+    for &(fp, commit, during) in &cases {
+        // `a`: a key of s0 whose point starts a range of its own (split
+        // off s0's range at the point), moved to s1; `b` on s1.
+        let a = keys_on(&c, 1000, "s0")
+            .await
+            .into_iter()
+            .find(|k| *k > 400 && !used.contains(k))
+            .unwrap();
+        let b = keys_on(&c, 1000, "s1")
+            .await
+            .into_iter()
+            .find(|k| *k > 400 && !used.contains(k))
+            .unwrap();
+        used.extend([a, b]);
+        let p = hashint8extended(a, 0);
+        let l = leader(&c, 0).await;
+        let li = (l - 1) as usize;
+        let rs = c.ranges(li).await;
+        let lo = rs
+            .iter()
+            .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
+            .unwrap()
+            .0;
+        if lo != p {
+            ctl(
+                &c,
+                li,
+                &["range", "split", &lo.to_string(), "--at", &p.to_string()],
+            )
+            .await;
+        }
+        let ai = (0..3).find(|&i| i != li).unwrap();
+        tokio::task::block_in_place(|| {
+            c.nodes[ai].kill9();
+            c.nodes[ai].start_with_env(&[("HOTREPART_FAILPOINT", fp)]);
+        });
+        routes(&c, ai).await;
+        let mut job = None;
+        if during {
+            let id = start_move(&c, li, p).await;
+            // Crash the coordinator while the job catches up.
+            let t0 = Instant::now();
+            loop {
+                let ph = job_phase(&c, li, &id).await;
+                if ph == "catch_up" {
+                    break;
+                }
+                assert!(
+                    ph != "cut_over" && ph != "done" && t0.elapsed() < Duration::from_secs(60),
+                    "{fp}: the job is {ph:?}, the test missed its catch-up"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            job = Some(id);
+        }
+        let r = two_shard_tx(&c, ai, a, b).await;
+        assert!(
+            r.is_err(),
+            "{fp}: the COMMIT through node {} succeeded",
+            ai + 1
+        );
+        let t0 = Instant::now();
+        while !c.nodes[ai].exited() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{fp}: node {} did not abort; the transaction said {r:?}",
+                ai + 1
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let in_doubt: usize = prepared(&c).await.iter().map(Vec::len).sum();
+        assert!(in_doubt >= 1, "{fp}: nothing prepared after the crash");
+        if during {
+            assert_eq!(
+                job_phase(&c, li, job.as_deref().unwrap()).await,
+                "catch_up",
+                "{fp}: the crash came too late to be in the catch-up"
+            );
+        }
+        let id = match job {
+            Some(id) => id,
+            None => start_move(&c, li, p).await,
+        };
+        let j = job_end(&c, li, &id, Duration::from_secs(120)).await;
+        assert_eq!(
+            j["phase"],
+            serde_json::json!("done"),
+            "{fp}: {j}\nlogs:\n{}",
+            c.logs()
+        );
+        wait_for("no transaction left prepared", RESOLVE_BOUND, || async {
+            prepared(&c).await.iter().all(Vec::is_empty)
+        })
+        .await;
+        // The crashed node back (the checks read node 1's routing table).
+        tokio::task::block_in_place(|| {
+            c.nodes[ai].kill9();
+            c.nodes[ai].start();
+        });
+        routes(&c, ai).await;
+        if commit {
+            expected.insert(a.to_string(), "a".into());
+            expected.insert(b.to_string(), "b".into());
+        }
+        // Every row once, on its owner (placed_rows_with panics otherwise),
+        // and exactly the expected ones: `a` on s1 now, as decided.
+        let (seen, _) = c
+            .placed_rows_with(&dsns, "SELECT id, v FROM items", |row| {
+                let id: i64 = row.get(0);
+                let v: String = row.get(1);
+                (id.to_string(), hashint8extended(id, 0), v)
+            })
+            .await;
+        assert_eq!(
+            on_shard(&c, 1, a).await,
+            commit,
+            "{fp} (during the job: {during}): row {a} on the range's new owner"
+        );
+        assert!(
+            !on_shard(&c, 0, a).await,
+            "{fp}: row {a} left on the source"
+        );
+        assert!(
+            seen == expected,
+            "{fp} (during the job: {during}): rows differ from the decisions: missing {:?}, extra {:?}",
+            expected.keys().filter(|k| !seen.contains_key(*k)).collect::<Vec<_>>(),
+            seen.iter().filter(|(k, v)| expected.get(*k) != Some(v)).collect::<Vec<_>>()
+        );
+        eprintln!("{fp} (during the job: {during}): job {id} done, the row moved as decided (committed: {commit})");
+    }
+}
+
+/// Starts moving the range that begins at point `lo` to s1 through node
+/// `i`; returns the job id.
+async fn start_move(c: &ProcCluster, i: usize, lo: u64) -> String {
+    let out = ctl(
+        c,
+        i,
+        &["--json", "reshard", "move", &lo.to_string(), "--to", "s1"],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["job"].as_str().unwrap().to_string()
 }
