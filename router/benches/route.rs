@@ -2,7 +2,9 @@
 //! and a hit (`PlanCache::get_or_plan` on a warm cache + `bind`), for a
 //! point SELECT with a binary int8 parameter and a 10-row literal INSERT
 //! (split over the shards), plus the simple-protocol case where the key is a
-//! literal and the text differs on every call (every call misses).
+//! literal and the text differs on every call: every call misses a cache
+//! keyed by text (`cache_miss`), and hits the cache of shapes (literals
+//! made parameters, `shape_hit`), as the node routes such statements.
 //!
 //! Run: `cargo bench -p hotrepart-router --bench route -- --warm-up-time 1 --measurement-time 3`
 //!
@@ -17,7 +19,10 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 mod common;
 
 use hotrepart_router::catalog::{KeyType, RoutingSnapshot};
-use hotrepart_router::route::{plan, Hints, Param, PlanCache, Target};
+use hotrepart_router::route::{
+    normalize_literals, plan, plan_shape, shape_route_usable, Hints, Namespace, Param, PlanCache,
+    Target,
+};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
@@ -197,8 +202,48 @@ fn simple_protocol_literal(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // As the node does it now: the statement's shape (`$1` for the
+    // literal) is planned once and cached; each call normalises the text,
+    // looks the shape up and binds the literal (proxy/src/routing/mod.rs
+    // `shape_route`).
+    let ns = Namespace::default();
+    let mut shapes = PlanCache::new(CACHE_SIZE);
+    let mut n = 0u64;
+    g.bench_function("shape_hit", |b| {
+        b.iter_batched_ref(
+            || {
+                n += 1;
+                text(n)
+            },
+            |sql: &mut String| {
+                let norm = normalize_literals(sql.as_str()).expect("a literal");
+                let p = match shapes.get(&snap, &norm.text, &ns) {
+                    Some(p) => p,
+                    None => {
+                        let p = std::sync::Arc::new(
+                            plan_shape(&snap, &norm.text, &ns)
+                                .expect("plan")
+                                .expect("parsed"),
+                        );
+                        shapes.put(&snap, &norm.text, std::sync::Arc::clone(&p));
+                        p
+                    }
+                };
+                let r = p.bind(&snap, &norm.params(), &hints).expect("bind");
+                assert!(shape_route_usable(&r));
+                r
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // The normalisation alone.
+    let sql = text(123_456);
+    g.bench_function("normalize_only", |b| {
+        b.iter(|| normalize_literals(black_box(sql.as_str())).expect("a literal"))
+    });
     g.finish();
     assert_eq!(cache.stats().0, 0, "every simple-protocol call must miss");
+    assert_eq!(shapes.stats().1, 1, "the shape must be planned once");
 }
 
 criterion_group!(

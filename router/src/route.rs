@@ -93,6 +93,7 @@ mod hide;
 mod keys;
 mod merge;
 mod names;
+mod normalize;
 mod params;
 mod split;
 
@@ -111,6 +112,7 @@ use crate::classify::Unparsed;
 pub use cache::PlanCache;
 pub use hide::hide_rows;
 pub use names::Namespace;
+pub use normalize::{normalize_literals, usable as shape_route_usable, Normalized};
 
 /// Whether `name` (lower case, unqualified) is a built-in aggregate the
 /// router knows: a call to any other aggregate (user-defined) is planned as
@@ -624,6 +626,37 @@ pub fn plan_in(snapshot: &RoutingSnapshot, sql: &str, ns: &Namespace) -> Result<
         Parsed::Plan(p) => Ok(p),
         Parsed::Unreadable(why) => plan_unparsed(snapshot, sql, ns, &why),
     }
+}
+
+/// The plan of a statement's shape (its literals made parameters,
+/// [`normalize_literals`]): parsed and analysed only. `Ok(None)` when the
+/// parser cannot read the shape: the lexer's routing of unparsed text
+/// ([`plan_unparsed`]) must never stand for a statement the parser reads.
+pub fn plan_shape(
+    snapshot: &RoutingSnapshot,
+    shape: &str,
+    ns: &Namespace,
+) -> Result<Option<Plan>, RouteError> {
+    match parse_and_plan(snapshot, shape, ns)? {
+        Parsed::Plan(p) => Ok(Some(p)),
+        Parsed::Unreadable(_) => Ok(None),
+    }
+}
+
+/// The route of `sql` (simple protocol, no parameters) taken from its
+/// shape, when the shape's route may stand for the statement's (one
+/// statement, one shard or any: [`shape_route_usable`]); `None` otherwise
+/// (plan the text itself). The node does the same through its plan cache.
+pub fn route_by_shape(
+    snapshot: &RoutingSnapshot,
+    sql: &str,
+    ns: &Namespace,
+    hints: &Hints,
+) -> Option<Route> {
+    let n = normalize_literals(sql)?;
+    let plan = plan_shape(snapshot, &n.text, ns).ok()??;
+    let route = plan.bind(snapshot, &n.params(), hints).ok()?;
+    shape_route_usable(&route).then_some(route)
 }
 
 /// What the parser and the analyzer made of a string.

@@ -394,6 +394,13 @@ pub fn decide(
     // The lock is held for the lookup and the insert only: a statement that
     // takes long to parse stalls no other session's routing.
     let lock = || cache.lock().unwrap_or_else(|e| e.into_inner());
+    // A statement with literals is routed by its shape when it can be
+    // (one plan per shape, not per key: `router/src/route/normalize.rs`).
+    if params.is_none_or(|p| p.values.is_empty()) {
+        if let Some(route) = shape_route(snapshot, cache, sql, ctx.ns, &hints) {
+            return decision(snapshot, ctx.ns, shard_index, route, sql);
+        }
+    }
     let cached = lock().get(snapshot, sql, ctx.ns);
     let plan = match cached {
         Some(p) => Ok(p),
@@ -438,6 +445,47 @@ pub fn decide(
         ));
     }
     decision(snapshot, ctx.ns, shard_index, route, sql)
+}
+
+/// The route of `sql` taken from the plan of its shape (literals made
+/// parameters), planned once per shape and cached under the shape's text;
+/// `None` when the statement has no literal, its shape has no plan (marked
+/// in the cache, not tried again in this epoch), or the shape's route
+/// cannot stand for the statement's ([`r::shape_route_usable`]): then the
+/// text itself is planned.
+fn shape_route(
+    snapshot: &RoutingSnapshot,
+    cache: &std::sync::Mutex<r::PlanCache>,
+    sql: &str,
+    ns: &r::Namespace,
+    hints: &Hints,
+) -> Option<Route> {
+    let n = r::normalize_literals(sql)?;
+    let lock = || cache.lock().unwrap_or_else(|e| e.into_inner());
+    let cached = {
+        let mut c = lock();
+        if c.is_no_shape(snapshot, &n.text) {
+            return None;
+        }
+        c.get(snapshot, &n.text, ns)
+    };
+    let plan = match cached {
+        Some(p) => p,
+        // Parsed outside the lock, as the statements' own plans.
+        None => match r::plan_shape(snapshot, &n.text, ns) {
+            Ok(Some(p)) => {
+                let p = std::sync::Arc::new(p);
+                lock().put(snapshot, &n.text, std::sync::Arc::clone(&p));
+                p
+            }
+            Ok(None) | Err(_) => {
+                lock().mark_no_shape(snapshot, &n.text);
+                return None;
+            }
+        },
+    };
+    let route = plan.bind(snapshot, &n.params(), hints).ok()?;
+    r::shape_route_usable(&route).then_some(route)
 }
 
 /// Whether a statement that depends on names or literals follows one that

@@ -31,6 +31,12 @@ pub struct PlanCache {
     hand: usize,
     hits: u64,
     misses: u64,
+    /// Statement shapes (see [`crate::route::normalize_literals`]) whose
+    /// plan cannot stand for their statements' (the parser cannot read
+    /// the shape, or the analyser refuses it): their statements are
+    /// planned from their own text without trying the shape again.
+    /// Bounded by `capacity` (emptied when full), dropped with the epoch.
+    no_shape: std::collections::HashSet<Arc<str>>,
 }
 
 impl std::fmt::Debug for PlanCache {
@@ -57,6 +63,7 @@ impl PlanCache {
             hand: 0,
             hits: 0,
             misses: 0,
+            no_shape: std::collections::HashSet::new(),
         }
     }
 
@@ -77,6 +84,7 @@ impl PlanCache {
 
     /// Drops every plan.
     pub fn clear(&mut self) {
+        self.no_shape.clear();
         self.index.clear();
         self.slots.clear();
         self.hand = 0;
@@ -146,6 +154,27 @@ impl PlanCache {
             return;
         }
         self.insert(Arc::from(sql), plan);
+    }
+
+    /// Whether `shape` was marked as having no usable plan under
+    /// `snapshot` ([`PlanCache::mark_no_shape`]).
+    pub fn is_no_shape(&mut self, snapshot: &RoutingSnapshot, shape: &str) -> bool {
+        if self.epoch != Some(snapshot.epoch()) {
+            self.clear();
+            self.epoch = Some(snapshot.epoch());
+        }
+        self.no_shape.contains(shape)
+    }
+
+    /// Remembers that `shape` has no usable plan under `snapshot`.
+    pub fn mark_no_shape(&mut self, snapshot: &RoutingSnapshot, shape: &str) {
+        if self.epoch != Some(snapshot.epoch()) {
+            return;
+        }
+        if self.no_shape.len() >= self.capacity {
+            self.no_shape.clear();
+        }
+        self.no_shape.insert(Arc::from(shape));
     }
 
     fn insert(&mut self, sql: Arc<str>, plan: Arc<Plan>) {

@@ -21,6 +21,7 @@ mod oid {
     pub const NAME: u32 = 19;
     pub const UUID: u32 = 2950;
     pub const UNKNOWN: u32 = 705;
+    pub const NUMERIC: u32 = 1700;
 }
 
 /// Wire format of a parameter value.
@@ -51,6 +52,16 @@ impl<'a> Param<'a> {
             value: Some(value.as_bytes()),
             format: ParamFormat::Text,
             type_oid: None,
+        }
+    }
+
+    /// A text-format number (type `numeric`, as a numeric literal is
+    /// read: comparable with an integer key, not with a text one).
+    pub fn numeric_text(value: &'a str) -> Param<'a> {
+        Param {
+            value: Some(value.as_bytes()),
+            format: ParamFormat::Text,
+            type_oid: Some(oid::NUMERIC),
         }
     }
 
@@ -192,6 +203,15 @@ pub(super) fn decode_key(
             // The server parses the text with the parameter's type; for an
             // integer parameter of another width the value is the same.
             let t = match p.oid() {
+                // PostgreSQL has no operator comparing a number with a
+                // text or uuid column: the server refuses such a
+                // statement, the router does not pretend to route it.
+                Some(oid::INT2 | oid::INT4 | oid::INT8 | oid::NUMERIC) if !ty.is_integer() => {
+                    return Err(RouteError::unsupported(format!(
+                        "parameter ${} of a numeric type cannot be compared with a {ty} shard key",
+                        i + 1
+                    )))
+                }
                 Some(oid::INT2) if ty.is_integer() => KeyType::Int2,
                 Some(oid::INT4) if ty.is_integer() => KeyType::Int4,
                 Some(oid::INT8) if ty.is_integer() => KeyType::Int8,
