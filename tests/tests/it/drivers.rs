@@ -160,7 +160,8 @@ async fn runner(d: Driver) -> Option<Runner> {
             Some(Runner {
                 program: py,
                 script: dir.join(script),
-                env: vec![],
+                // No __pycache__ in the source tree.
+                env: vec![("PYTHONDONTWRITEBYTECODE", PathBuf::from("1"))],
             })
         }
         Driver::NodePg => {
