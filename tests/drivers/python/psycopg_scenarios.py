@@ -335,6 +335,53 @@ def enum_type():
     return [m.value for m in got]
 
 
+def copy_rows():
+    """COPY FROM STDIN and COPY TO STDOUT through psycopg's copy API."""
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_copy")
+        c.execute("CREATE TABLE drv_copy (id int, t text, b bytea)")
+        cur = c.cursor()
+        with cur.copy("COPY drv_copy (id, t, b) FROM STDIN") as cp:
+            for i in range(1, 101):
+                cp.write_row((i, f"row {i}\ttab", bytes([i % 256])))
+        eq("rowcount", cur.rowcount, 100)
+        out = []
+        with cur.copy("COPY (SELECT id, t FROM drv_copy WHERE id <= 3 ORDER BY id) TO STDOUT") as cp:
+            for row in cp.rows():
+                out.append(row)
+        eq("copied out", out, [(str(i), f"row {i}\ttab") for i in range(1, 4)])
+        got = c.execute("SELECT count(*), sum(id) FROM drv_copy").fetchone()
+        eq("rows", got, (100, 5050))
+    return [list(got), len(out)]
+
+
+def temp_table():
+    """A temporary table used by later statements of the session, in
+    autocommit, while another client holds a transaction open (PostgreSQL
+    keeps the table for the session, whatever other clients do)."""
+    with connect() as c, connect(autocommit=False) as other:
+        c.execute("CREATE TEMP TABLE drv_tmp (a int)")
+        other.execute("SELECT 1")  # a transaction stays open
+        c.execute("INSERT INTO drv_tmp VALUES (1), (2)")
+        got = c.execute("SELECT sum(a) FROM drv_tmp").fetchone()
+        other.rollback()
+    eq("sum", got, (3,))
+    return list(got)
+
+
+def sql_prepare():
+    """SQL-level PREPARE / EXECUTE / DEALLOCATE, in autocommit, while
+    another client holds a transaction open."""
+    with connect() as c, connect(autocommit=False) as other:
+        c.execute("PREPARE drv_q (int) AS SELECT $1 + 1")
+        other.execute("SELECT 1")  # a transaction stays open
+        got = [c.execute("EXECUTE drv_q (%s)" % i).fetchone()[0] for i in (1, 2)]
+        c.execute("DEALLOCATE drv_q")
+        other.rollback()
+    eq("results", got, [2, 3])
+    return got
+
+
 run([
     ("types", types),
     ("transactions", transactions),
@@ -349,4 +396,7 @@ run([
     ("sharded_keys", sharded_keys),
     ("server_cursor", server_cursor),
     ("enum_type", enum_type),
+    ("copy_rows", copy_rows),
+    ("temp_table", temp_table),
+    ("sql_prepare", sql_prepare),
 ], sys.argv[2:])
