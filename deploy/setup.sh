@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what hotrepart's demo and tests need on a fresh Debian machine:
-# PostgreSQL server binaries (initdb, pg_ctl) and clients (psql, pgbench).
-# Idempotent; does nothing when everything is present.
+# PostgreSQL server binaries (initdb, pg_ctl) and clients (psql, pgbench),
+# and the interpreters the driver tests run real clients with (python3 with
+# venv, node and npm; the tests install the pinned drivers themselves, see
+# tests/src/drivers.rs). Idempotent; does nothing when everything is present.
 set -euo pipefail
 
 have_pg() {
@@ -16,6 +18,10 @@ have_pg || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 command -v pgbench >/dev/null 2>&1 || need+=(postgresql-contrib)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if [ "${1:-}" = "--bench" ]; then
   command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
 fi

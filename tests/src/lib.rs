@@ -7,6 +7,7 @@
 //! later ones copy it (much faster than initdb on 2 cores).
 #![allow(clippy::unwrap_used)]
 
+pub mod drivers;
 pub mod merge_data;
 pub mod procs;
 

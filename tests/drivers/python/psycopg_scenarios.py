@@ -1,0 +1,402 @@
+"""psycopg 3 scenarios (issue 14): `python psycopg_scenarios.py DSN [scenario...]`.
+
+Prints one JSON line per scenario (see common.py). Tables are named drv_*;
+each scenario drops and creates its own. `drv_kv` is the table the tests
+shard by `id`.
+"""
+
+import asyncio
+import datetime
+import sys
+import threading
+import time
+from decimal import Decimal
+
+import psycopg
+from psycopg import errors
+from psycopg.types.json import Jsonb
+
+from common import Fail, describe, eq, run
+
+DSN = sys.argv[1]
+
+
+def connect(**kw):
+    kw.setdefault("autocommit", True)
+    return psycopg.connect(DSN, connect_timeout=10, **kw)
+
+
+VALUES = [
+    42,
+    2**40,
+    "héllo ✓ 'quoted' \\ \"x\"",
+    Decimal("12345.678901"),
+    datetime.datetime(2024, 2, 29, 12, 34, 56, 789000, tzinfo=datetime.timezone.utc),
+    b"\x00\x01\xffbin",
+    {"a": [1, 2, {"b": None}], "é": "ü"},
+    [1, 2, None, 4],
+    ["x", "y z", None],
+    None,
+    True,
+    1.5,
+]
+TYPES = ["int4", "int8", "text", "numeric", "timestamptz", "bytea", "jsonb",
+         "int4[]", "text[]", "int4", "bool", "float8"]
+
+
+def types():
+    sql = "SELECT " + ", ".join(f"%s::{t}" for t in TYPES)
+    params = [Jsonb(v) if isinstance(v, dict) else v for v in VALUES]
+    with connect() as c:
+        for binary in (False, True):
+            row = c.cursor(binary=binary).execute(sql, params).fetchone()
+            got = list(row)
+            eq(f"round trip (binary={binary})", got, VALUES)
+        # The same values come back from a table.
+        c.execute("DROP TABLE IF EXISTS drv_types")
+        c.execute("CREATE TABLE drv_types (i int4, b int8, t text, n numeric, ts timestamptz, "
+                  "by bytea, j jsonb, ia int4[], ta text[], nul int4, bo bool, f float8)")
+        c.execute("INSERT INTO drv_types VALUES (" + ", ".join(["%s"] * len(VALUES)) + ")", params)
+        eq("from a table", list(c.execute("SELECT * FROM drv_types").fetchone()), VALUES)
+        eq("NULL is NULL", c.execute("SELECT %s::text IS NULL", [None]).fetchone(), (True,))
+    return f"{len(VALUES)} values of {len(set(TYPES))} types round-trip in text and binary"
+
+
+def transactions():
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_tx")
+        c.execute("CREATE TABLE drv_tx (id int PRIMARY KEY)")
+    with connect(autocommit=False) as c:
+        c.execute("INSERT INTO drv_tx VALUES (1)")
+        c.commit()
+        c.execute("INSERT INTO drv_tx VALUES (2)")
+        c.rollback()
+        with c.transaction():
+            c.execute("INSERT INTO drv_tx VALUES (3)")
+            try:
+                with c.transaction():  # a savepoint
+                    c.execute("INSERT INTO drv_tx VALUES (4)")
+                    c.execute("INSERT INTO drv_tx VALUES (3)")
+            except errors.UniqueViolation:
+                pass
+            else:
+                raise Fail("duplicate key not reported")
+        # An error aborts the transaction until rollback, as directly.
+        try:
+            c.execute("SELECT 1/0")
+        except errors.DivisionByZero:
+            pass
+        try:
+            c.execute("SELECT 1")
+            raise Fail("statement after an error ran")
+        except errors.InFailedSqlTransaction as e:
+            aborted = describe(e)
+        c.rollback()
+        ids = [r[0] for r in c.execute("SELECT id FROM drv_tx ORDER BY id")]
+        c.commit()
+    eq("committed rows", ids, [1, 3])
+    return f"rows {ids}; {aborted}"
+
+
+def executemany():
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_many")
+        c.execute("CREATE TABLE drv_many (id int PRIMARY KEY, v text)")
+        cur = c.cursor()
+        cur.executemany("INSERT INTO drv_many VALUES (%s, %s)", [(i, f"v{i}") for i in range(100)])
+        eq("rowcount", cur.rowcount, 100)
+        cur.executemany("UPDATE drv_many SET v = %s WHERE id = %s RETURNING id",
+                        [(f"w{i}", i) for i in range(0, 100, 10)], returning=True)
+        ret = []
+        while True:
+            ret.extend(r[0] for r in cur.fetchall())
+            if not cur.nextset():
+                break
+        eq("returned ids", ret, list(range(0, 100, 10)))
+        got = c.execute("SELECT count(*), sum(id), count(*) FILTER (WHERE v LIKE 'w%%') FROM drv_many").fetchone()
+        eq("rows", got, (100, 4950, 10))
+    return f"count, sum, updated: {list(got)}"
+
+
+def executemany_error():
+    """A duplicate key in the middle of the batch: PostgreSQL skips to the
+    Sync; what the client sees (the error, the rows kept) must be the same
+    through the node."""
+    out = []
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_many_err")
+        c.execute("CREATE TABLE drv_many_err (id int PRIMARY KEY)")
+        for autocommit in (True, False):
+            c.autocommit = autocommit
+            c.execute("DELETE FROM drv_many_err")
+            if not autocommit:
+                c.commit()
+            try:
+                c.cursor().executemany("INSERT INTO drv_many_err VALUES (%s)",
+                                       [(1,), (2,), (3,), (2,), (5,)])
+                raise Fail("duplicate key not reported")
+            except errors.UniqueViolation as e:
+                err = describe(e)
+            if not autocommit:
+                c.rollback()
+            kept = [r[0] for r in c.execute("SELECT id FROM drv_many_err ORDER BY id")]
+            if not autocommit:
+                c.commit()
+            out.append(f"autocommit={autocommit}: {err}; kept {kept}")
+            eq(f"rows kept (autocommit={autocommit})", kept, [])
+        c.autocommit = True
+        eq("usable after", c.execute("SELECT 7").fetchone(), (7,))
+    return out
+
+
+async def _pipeline_aborted():
+    # psycopg's own test_pipeline_aborted, in autocommit.
+    async with await psycopg.AsyncConnection.connect(DSN, autocommit=True, connect_timeout=10) as aconn:
+        async with aconn.pipeline() as p:
+            c1 = await aconn.execute("select 1")
+            try:
+                await (await aconn.execute("select * from doesnotexist")).fetchone()
+                raise Fail("select from doesnotexist did not fail")
+            except errors.UndefinedTable as e:
+                e1 = describe(e)
+            try:
+                await (await aconn.execute("select 'aborted'")).fetchone()
+                raise Fail("the statement after the error was not aborted")
+            except errors.PipelineAborted as e:
+                e2 = type(e).__name__
+            await p.sync()
+            c2 = await aconn.execute("select 2")
+        eq("c1", await c1.fetchone(), (1,))
+        eq("c2", await c2.fetchone(), (2,))
+        eq("after the pipeline", await (await aconn.execute("select 3")).fetchone(), (3,))
+    return [e1, e2, "(1,)", "(2,)"]
+
+
+def pipeline_aborted():
+    return asyncio.run(asyncio.wait_for(_pipeline_aborted(), 15))
+
+
+async def _pipeline_mixed():
+    # A pipeline mixing a keyed write, a keyless read and DDL, in one Sync.
+    async with await psycopg.AsyncConnection.connect(DSN, autocommit=True, connect_timeout=10) as aconn:
+        await aconn.execute("DROP TABLE IF EXISTS drv_pipe")
+        async with aconn.pipeline():
+            await aconn.execute("CREATE TABLE drv_pipe (id int)")
+            await aconn.execute("INSERT INTO drv_pipe VALUES (%s)", [1])
+            c = await aconn.execute("SELECT count(*) FROM drv_pipe")
+        eq("count", await c.fetchone(), (1,))
+    return "create, insert, select in one pipeline: count 1"
+
+
+def pipeline_mixed():
+    return asyncio.run(asyncio.wait_for(_pipeline_mixed(), 15))
+
+
+def prepared_after_alter():
+    """Auto-prepared (prepare_threshold=0) statements after ALTER TABLE."""
+    out = []
+    with connect(prepare_threshold=0) as c:
+        c.execute("DROP TABLE IF EXISTS drv_prep")
+        c.execute("CREATE TABLE drv_prep (a int)")
+        c.execute("INSERT INTO drv_prep VALUES (1)")
+        sel = "SELECT * FROM drv_prep WHERE a = %s"
+
+        def step():
+            try:
+                return str(c.execute(sel, [1]).fetchall())
+            except psycopg.Error as e:
+                return describe(e)
+
+        out.append(step())
+        out.append(step())
+        c.execute("ALTER TABLE drv_prep ADD COLUMN b text DEFAULT 'x'")
+        out.append(step())
+        out.append(step())
+        c.execute("ALTER TABLE drv_prep ALTER COLUMN a TYPE bigint")
+        out.append(step())
+        out.append(step())
+    # What PostgreSQL 15 answers directly: the statement is re-planned.
+    eq("outcomes", out, ["[(1,)]"] * 2 + ["[(1, 'x')]"] * 4)
+    return out
+
+
+def listen_notify():
+    with connect() as lis, connect() as other:
+        lis.execute("LISTEN drv_ch")
+        other.execute("NOTIFY drv_ch, 'hello'")
+        other.execute("SELECT pg_notify('drv_ch', %s)", ["from pg_notify"])
+        with other.transaction():
+            other.execute("NOTIFY drv_ch, 'in a transaction'")
+        got = [(n.channel, n.payload) for n in lis.notifies(timeout=10, stop_after=3)]
+        want = [("drv_ch", "hello"), ("drv_ch", "from pg_notify"), ("drv_ch", "in a transaction")]
+        eq("notifications", got, want)
+        lis.execute("UNLISTEN drv_ch")
+        other.execute("NOTIFY drv_ch, 'after unlisten'")
+        eq("after UNLISTEN", [n.payload for n in lis.notifies(timeout=0.5)], [])
+    return [p for _, p in got]
+
+
+def client_encoding():
+    with psycopg.connect(DSN, autocommit=True, connect_timeout=10, client_encoding="utf-8") as c:
+        status = c.info.parameter_status("client_encoding")
+        shown = c.execute("SHOW client_encoding").fetchone()[0]
+        text = c.execute("SELECT %s::text", ["żółw €"]).fetchone()[0]
+    eq("ParameterStatus client_encoding", status, "UTF8")
+    eq("SHOW client_encoding", shown, "UTF8")
+    eq("text", text, "żółw €")
+    return [status, shown]
+
+
+def cancel():
+    with connect() as c:
+        done = threading.Event()
+
+        def canceller():
+            # A cancel sent before the query reaches the server is lost (as
+            # directly): send again until the query ends, bounded.
+            deadline = time.monotonic() + 10
+            while not done.wait(0.2) and time.monotonic() < deadline:
+                c.cancel_safe(timeout=5)
+
+        t = threading.Thread(target=canceller)
+        start = time.monotonic()
+        t.start()
+        try:
+            c.execute("SELECT pg_sleep(30)")
+            raise Fail("pg_sleep was not cancelled")
+        except errors.QueryCanceled as e:
+            err = describe(e)
+        finally:
+            done.set()
+            t.join()
+        spent = time.monotonic() - start
+        if spent > 12:
+            raise Fail(f"cancel took {spent:.1f}s")
+        eq("usable after", c.execute("SELECT 1").fetchone(), (1,))
+    eq("error", err.split(":")[0], "QueryCanceled 57014")
+    return err
+
+
+def sharded_keys():
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_kv")
+        c.execute("CREATE TABLE drv_kv (id bigint PRIMARY KEY, v text)")
+        for i in range(1, 21):
+            c.execute("INSERT INTO drv_kv (id, v) VALUES (%s, %s)", [i, f"v{i}"])
+        for i in range(1, 21):
+            eq(f"read {i}", c.execute("SELECT v FROM drv_kv WHERE id = %s", [i]).fetchone(), (f"v{i}",))
+        with c.transaction():
+            c.execute("UPDATE drv_kv SET v = v || '+' WHERE id = %s", [5])
+        c.execute("DELETE FROM drv_kv WHERE id = %s", [20])
+        rows = c.execute("SELECT id, v FROM drv_kv ORDER BY id").fetchall()
+    want = [(i, f"v{i}+" if i == 5 else f"v{i}") for i in range(1, 20)]
+    eq("rows", rows, want)
+    return "ids 1..19, 5 updated"
+
+
+def server_cursor():
+    """A named (server-side) cursor: DECLARE, FETCH, CLOSE."""
+    with connect(autocommit=False) as c:
+        cur = c.cursor(name="drv_cur")
+        cur.execute("SELECT g FROM generate_series(1, 10) g")
+        first = [r[0] for r in cur.fetchmany(3)]
+        rest = [r[0] for r in cur.fetchall()]
+        cur.close()
+        c.commit()
+    eq("first", first, [1, 2, 3])
+    eq("rest", rest, list(range(4, 11)))
+    return [first, rest]
+
+
+def enum_type():
+    """A user enum type, its OID fetched once by the driver (EnumInfo) and
+    used for every row of a sharded table, in binary."""
+    import enum
+    from psycopg.types.enum import EnumInfo, register_enum
+
+    class Mood(enum.Enum):
+        sad = "sad"
+        ok = "ok"
+        happy = "happy"
+
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_enum")
+        c.execute("DROP TYPE IF EXISTS drv_mood")
+        c.execute("CREATE TYPE drv_mood AS ENUM ('sad', 'ok', 'happy')")
+        c.execute("CREATE TABLE drv_enum (id bigint PRIMARY KEY, m drv_mood)")
+        info = EnumInfo.fetch(c, "drv_mood")
+        register_enum(info, c, Mood)
+        moods = list(Mood)
+        for i in range(1, 11):
+            c.execute("INSERT INTO drv_enum (id, m) VALUES (%s, %s)", [i, moods[i % 3]])
+        cur = c.cursor(binary=True)
+        got = [cur.execute("SELECT m FROM drv_enum WHERE id = %s", [i]).fetchone()[0] for i in range(1, 11)]
+    eq("moods", got, [moods[i % 3] for i in range(1, 11)])
+    return [m.value for m in got]
+
+
+def copy_rows():
+    """COPY FROM STDIN and COPY TO STDOUT through psycopg's copy API."""
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_copy")
+        c.execute("CREATE TABLE drv_copy (id int, t text, b bytea)")
+        cur = c.cursor()
+        with cur.copy("COPY drv_copy (id, t, b) FROM STDIN") as cp:
+            for i in range(1, 101):
+                cp.write_row((i, f"row {i}\ttab", bytes([i % 256])))
+        eq("rowcount", cur.rowcount, 100)
+        out = []
+        with cur.copy("COPY (SELECT id, t FROM drv_copy WHERE id <= 3 ORDER BY id) TO STDOUT") as cp:
+            for row in cp.rows():
+                out.append(row)
+        eq("copied out", out, [(str(i), f"row {i}\ttab") for i in range(1, 4)])
+        got = c.execute("SELECT count(*), sum(id) FROM drv_copy").fetchone()
+        eq("rows", got, (100, 5050))
+    return [list(got), len(out)]
+
+
+def temp_table():
+    """A temporary table used by later statements of the session, in
+    autocommit, while another client holds a transaction open (PostgreSQL
+    keeps the table for the session, whatever other clients do)."""
+    with connect() as c, connect(autocommit=False) as other:
+        c.execute("CREATE TEMP TABLE drv_tmp (a int)")
+        other.execute("SELECT 1")  # a transaction stays open
+        c.execute("INSERT INTO drv_tmp VALUES (1), (2)")
+        got = c.execute("SELECT sum(a) FROM drv_tmp").fetchone()
+        other.rollback()
+    eq("sum", got, (3,))
+    return list(got)
+
+
+def sql_prepare():
+    """SQL-level PREPARE / EXECUTE / DEALLOCATE, in autocommit, while
+    another client holds a transaction open."""
+    with connect() as c, connect(autocommit=False) as other:
+        c.execute("PREPARE drv_q (int) AS SELECT $1 + 1")
+        other.execute("SELECT 1")  # a transaction stays open
+        got = [c.execute("EXECUTE drv_q (%s)" % i).fetchone()[0] for i in (1, 2)]
+        c.execute("DEALLOCATE drv_q")
+        other.rollback()
+    eq("results", got, [2, 3])
+    return got
+
+
+run([
+    ("types", types),
+    ("transactions", transactions),
+    ("executemany", executemany),
+    ("executemany_error", executemany_error),
+    ("pipeline_aborted", pipeline_aborted),
+    ("pipeline_mixed", pipeline_mixed),
+    ("prepared_after_alter", prepared_after_alter),
+    ("listen_notify", listen_notify),
+    ("client_encoding", client_encoding),
+    ("cancel", cancel),
+    ("sharded_keys", sharded_keys),
+    ("server_cursor", server_cursor),
+    ("enum_type", enum_type),
+    ("copy_rows", copy_rows),
+    ("temp_table", temp_table),
+    ("sql_prepare", sql_prepare),
+], sys.argv[2:])
