@@ -73,6 +73,11 @@ pub struct Config {
     /// not yet logged in); the next one gets FATAL 53300 and is closed.
     #[serde(default = "default_max_pending_logins")]
     pub max_pending_logins: usize,
+    /// A failed authentication (wrong password, unknown role) is answered
+    /// only after this delay, as PostgreSQL's `auth_delay`: guessing
+    /// passwords costs time. 0 = none.
+    #[serde(default = "default_auth_failure_delay_ms")]
+    pub auth_failure_delay_ms: u64,
     /// A backend connection older than this is closed when it goes back to
     /// the pool (never inside a transaction) or while idle there. 0 = no
     /// limit.
@@ -366,6 +371,9 @@ fn default_client_login_timeout_ms() -> u64 {
 fn default_max_pending_logins() -> usize {
     1_000
 }
+fn default_auth_failure_delay_ms() -> u64 {
+    500
+}
 fn default_server_lifetime_ms() -> u64 {
     3_600_000
 }
@@ -443,6 +451,40 @@ impl Config {
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Refuses a configuration that still holds the examples' placeholder
+    /// secrets (`CHANGE_ME` in a shard DSN, the admin token or the cluster
+    /// secret, read from their files too): a node must not serve with
+    /// credentials published in this repository. Checked by `serve`, not
+    /// by [`Config::validate`], so the examples stay parseable.
+    pub fn check_placeholders(&self) -> Result<(), ConfigError> {
+        const MARK: &str = "CHANGE_ME";
+        let mut found: Vec<String> = Vec::new();
+        for s in &self.shards {
+            if s.dsn.contains(MARK) {
+                found.push(format!("shard {:?} dsn", s.name));
+            }
+        }
+        if let Some(a) = &self.admin {
+            if a.token().is_ok_and(|t| t.contains(MARK)) {
+                found.push("[admin] token".into());
+            }
+        }
+        if let Some(c) = &self.cluster {
+            if c.secret().is_ok_and(|t| t.contains(MARK)) {
+                found.push("[cluster] secret".into());
+            }
+        }
+        if found.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(format!(
+                "{} still hold{} the example value {MARK}: set real credentials before serving",
+                found.join(", "),
+                if found.len() == 1 { "s" } else { "" }
+            )))
+        }
     }
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
@@ -813,7 +855,12 @@ mod example_tests {
     #[test]
     fn example_config_is_valid() {
         let text = include_str!("../../deploy/hotrepart.example.toml");
-        super::Config::from_toml(text).expect("deploy/hotrepart.example.toml must stay valid");
+        let c =
+            super::Config::from_toml(text).expect("deploy/hotrepart.example.toml must stay valid");
+        let e = c
+            .check_placeholders()
+            .expect_err("the example's DSN password is a placeholder");
+        assert!(e.to_string().contains("shard \"shard0\" dsn"), "{e}");
     }
 
     #[test]
@@ -829,6 +876,15 @@ mod example_tests {
             assert_eq!(format!("node{}", cl.node_id), name);
             assert_eq!(cl.peers.len(), 2, "{name}");
             assert!(c.admin.is_some(), "{name}: [admin]");
+            // Parseable, but refused by `serve` until the placeholders go.
+            let e = c.check_placeholders().expect_err(name).to_string();
+            assert!(
+                e.contains("[admin] token")
+                    && e.contains("[cluster] secret")
+                    && e.contains("dsn")
+                    && e.contains("CHANGE_ME"),
+                "{name}: {e}"
+            );
         }
     }
 }

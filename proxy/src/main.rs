@@ -88,6 +88,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve { config } => rt.block_on(async {
             let cfg = hotrepart_proxy::Config::load(&config)?;
+            cfg.check_placeholders()?;
             let catalog = hotrepart_proxy::control::cluster::start_catalog(&cfg)
                 .await
                 .context("cannot start the routing catalog")?;

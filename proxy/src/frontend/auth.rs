@@ -72,6 +72,29 @@ pub fn scram_verifier(password: &str) -> String {
     postgres_protocol::password::scram_sha_256(password.as_bytes())
 }
 
+/// A verifier no password matches, for a role the node does not know:
+/// the client goes through the same SCRAM exchange as for a known role
+/// and gets the same "password authentication failed" answer, so that
+/// which role names exist cannot be learnt by trying (as PostgreSQL's
+/// mock authentication). The salt is the same at every try for a name
+/// (derived from a per-process secret), as a real role's is.
+pub fn doomed_verifier(user: &str) -> String {
+    static NONCE: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let nonce = NONCE.get_or_init(rand::random);
+    let mut h = Sha256::new();
+    h.update(nonce);
+    h.update(user.as_bytes());
+    let salt = &h.finalize()[..16];
+    let stored: [u8; 32] = rand::random();
+    let server: [u8; 32] = rand::random();
+    format!(
+        "SCRAM-SHA-256$4096:{}${}:{}",
+        B64.encode(salt),
+        B64.encode(stored),
+        B64.encode(server)
+    )
+}
+
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     // HMAC accepts keys of any length, so this cannot fail.
     let mut m = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());

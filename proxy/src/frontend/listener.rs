@@ -437,19 +437,41 @@ impl Node {
             .await;
             return None;
         }
-        let Some(ucfg) = self.cfg.user(&user).cloned() else {
+        // A role the node does not know goes through a SCRAM exchange no
+        // password passes, and gets the answer a wrong password gets.
+        let known = self.cfg.user(&user).cloned();
+        let ucfg = known.clone().unwrap_or_else(|| crate::config::UserConfig {
+            name: user.clone(),
+            auth: AuthMethod::ScramSha256,
+            password_hash: Some(auth::doomed_verifier(&user)),
+            server_user: None,
+            server_password: None,
+            pool_mode: None,
+        });
+        if let Err(m) = authenticate(r, &ucfg, &user).await {
+            if m.0 != sqlstate::CONNECTION_FAILURE && self.cfg.auth_failure_delay_ms > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    self.cfg.auth_failure_delay_ms,
+                ))
+                .await;
+            }
+            if known.is_none() {
+                tracing::info!(%user, "login refused: no such role in the node's users");
+            }
+            refuse(r.get_mut(), m.0, &m.1).await;
+            return None;
+        }
+        let Some(ucfg) = known else {
+            // Unreachable in practice (no proof matches a doomed
+            // verifier); refused as a wrong password all the same.
             refuse(
                 r.get_mut(),
-                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                &format!("role \"{user}\" is not allowed to connect through hotrepart"),
+                sqlstate::INVALID_PASSWORD,
+                &format!("password authentication failed for user \"{user}\""),
             )
             .await;
             return None;
         };
-        if let Err(m) = authenticate(r, &ucfg, &user).await {
-            refuse(r.get_mut(), m.0, &m.1).await;
-            return None;
-        }
         if database == crate::control::console::DATABASE {
             if !self.cfg.admin_users.contains(&user) {
                 refuse(

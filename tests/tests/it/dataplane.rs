@@ -425,9 +425,33 @@ async fn authentication_methods() {
         .query_one("SELECT 1", &[])
         .await
         .unwrap();
-    // unknown user
+    // An unknown role gets exactly what a wrong password gets (which role
+    // names exist cannot be learnt by trying), after the same delay
+    // (auth_failure_delay_ms, default 500 ms).
+    let t = std::time::Instant::now();
     let e = connect(&c.dsn_for("nobody", "x")).await.unwrap_err();
-    assert_eq!(e.code().unwrap().code(), "28000");
+    let nobody = e.as_db_error().unwrap();
+    assert_eq!(nobody.code().code(), "28P01", "{e}");
+    assert_eq!(
+        nobody.message(),
+        "password authentication failed for user \"nobody\""
+    );
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(450),
+        "{:?}",
+        t.elapsed()
+    );
+    let t = std::time::Instant::now();
+    let e = connect(&c.dsn_for(USER, "wrong")).await.unwrap_err();
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(450),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        e.as_db_error().unwrap().message(),
+        format!("password authentication failed for user \"{USER}\"")
+    );
     // unknown database: PostgreSQL's own error reaches the client
     let e = connect(&format!(
         "postgres://{USER}:{PASSWORD}@127.0.0.1:{}/nodb",
