@@ -112,6 +112,11 @@ pub struct Config {
     /// statement fails with 54000 instead of growing without bound.
     #[serde(default = "default_max_merge_rows")]
     pub max_merge_rows: usize,
+    /// Bytes of values (and group keys) a multi-shard merge may hold in
+    /// memory; beyond it the statement fails with 53200 (out of memory)
+    /// and the node goes on.
+    #[serde(default = "default_max_merge_bytes")]
+    pub max_merge_bytes: usize,
     /// How long a write to a key range frozen for a cut-over waits for the
     /// cut-over to end before it fails with 40001.
     #[serde(default = "default_freeze_wait_ms")]
@@ -382,6 +387,9 @@ fn default_server_idle_timeout_ms() -> u64 {
 }
 fn default_max_merge_rows() -> usize {
     100_000
+}
+fn default_max_merge_bytes() -> usize {
+    256 << 20
 }
 fn default_freeze_wait_ms() -> u64 {
     10_000

@@ -281,6 +281,37 @@ async fn too_many_groups_is_an_error_not_unbounded_memory() {
     );
 }
 
+/// Issue 17: a merge holding more than `max_merge_bytes` of values fails
+/// with 53200 (out of memory) before growing further; under the limit the
+/// same merge answers; the session and the node go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_bytes_is_an_error_not_unbounded_memory() {
+    let (_c, db) = items_cluster(2, "max_merge_bytes = 20000", 7, 300).await;
+    // DISTINCT over wide values: 300 rows of ~200 bytes held to deduplicate.
+    let e = rows(
+        &db,
+        "SELECT DISTINCT id, repeat('x', 200) FROM items ORDER BY 1",
+    )
+    .await
+    .unwrap_err();
+    let d = e.as_db_error().unwrap();
+    assert_eq!(d.code().code(), "53200", "{e:?}");
+    assert!(
+        d.message().contains("max_merge_bytes = 20000"),
+        "{}",
+        d.message()
+    );
+    // Narrow values fit: the same shape answers exactly.
+    let r = rows(&db, "SELECT DISTINCT id % 10 FROM items ORDER BY 1")
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 10);
+    assert_eq!(
+        rows(&db, "SELECT count(*) FROM items").await.unwrap()[0][0].as_deref(),
+        Some("300")
+    );
+}
+
 /// Extended protocol: LIMIT/OFFSET as parameters, HAVING parameters and a
 /// negative LIMIT refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

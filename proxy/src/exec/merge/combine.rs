@@ -59,6 +59,21 @@ pub(super) fn too_many(n: usize) -> MergeError {
     )
 }
 
+pub(super) fn too_big(limit: usize, groups: usize) -> MergeError {
+    MergeError(
+        sqlstate::OUT_OF_MEMORY,
+        format!("out of memory: a multi-shard result needs more than max_merge_bytes = {limit} bytes in memory ({groups} groups or rows held); raise the limit or narrow the query"),
+    )
+}
+
+/// Bytes a held row costs (its values and their slots), for
+/// `max_merge_bytes`.
+pub(super) fn row_bytes(row: &[Option<Bytes>]) -> usize {
+    row.iter()
+        .map(|v| std::mem::size_of::<Option<Bytes>>() + v.as_ref().map_or(0, Bytes::len))
+        .sum()
+}
+
 pub(super) fn key_ty(v: &Combined, types: &[Ty]) -> Ty {
     match v {
         Combined::Col(c) => types.get(*c).copied().unwrap_or(Ty::Other(0)),

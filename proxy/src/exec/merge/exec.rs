@@ -10,7 +10,8 @@
 //!   shard;
 //! - **collecting** (aggregates, DISTINCT, or an order the shards cannot
 //!   produce): rows are combined by group into at most `max_merge_rows`
-//!   entries — more is an error (54000), never unbounded growth — then
+//!   entries and `max_merge_bytes` of values and keys — more is an error
+//!   (54000, 53200), never unbounded growth — then
 //!   HAVING, outputs, DISTINCT, ORDER BY, OFFSET, LIMIT.
 //!
 //! Guarantee: values are compared and combined with PostgreSQL's semantics
@@ -639,6 +640,7 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         )));
     }
     let max_rows = s.node.cfg.max_merge_rows;
+    let max_bytes = s.node.cfg.max_merge_bytes;
     // Output row description.
     let out_fields: Vec<Field> = match &plan.aggregate {
         None => fields.get(plan.hidden..).unwrap_or(&[]).to_vec(),
@@ -752,6 +754,8 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // Collecting: combine by group (or keep rows), bounded.
     let mut groups: Vec<Row> = Vec::new();
     let mut index: HashMap<Vec<Option<Vec<u8>>>, usize> = HashMap::new();
+    // Bytes held: values of the kept rows, and the group keys.
+    let mut held: usize = 0;
     for i in 0..st.shards.len() {
         while let Some(row) = st.next(&mut s.be, i).await? {
             match &plan.aggregate {
@@ -770,6 +774,14 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
                             if groups.len() >= max_rows {
                                 return Ok(Err(too_many(max_rows)));
                             }
+                            held += row_bytes(&row)
+                                + key
+                                    .iter()
+                                    .map(|k| 24 + k.as_ref().map_or(0, Vec::len))
+                                    .sum::<usize>();
+                            if held > max_bytes {
+                                return Ok(Err(too_big(max_bytes, groups.len())));
+                            }
                             index.insert(key, groups.len());
                             groups.push(row);
                         }
@@ -778,6 +790,10 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 None => {
                     if groups.len() >= max_rows {
                         return Ok(Err(too_many(max_rows)));
+                    }
+                    held += row_bytes(&row);
+                    if held > max_bytes {
+                        return Ok(Err(too_big(max_bytes, groups.len())));
                     }
                     groups.push(row);
                 }
