@@ -143,6 +143,14 @@ wait_port() {
   done
   return 1
 }
+# perf stat with the syscall tracepoint works here (root or
+# perf_event_paranoid low enough)? Then syscalls and context switches per
+# transaction are measured too.
+PERF_OK=0
+if command -v perf >/dev/null 2>&1 \
+  && perf stat -x, -e raw_syscalls:sys_enter,context-switches -- true 2>&1 | grep -q '^[0-9]*,,raw_syscalls'; then
+  PERF_OK=1
+fi
 # cpu_ticks PID: utime+stime of the process (all threads), in clock ticks.
 cpu_ticks() {
   local s
@@ -365,6 +373,16 @@ run_pgbench() {
   fi
   c0=-1
   [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
+  # Syscalls and context switches of the proxy over the run (every thread:
+  # perf stat -p counts the threads present at its start; the runtime's
+  # workers live as long as the process). Counting mode, no recording.
+  local perf_pid=""
+  R_SYS=-1
+  R_CS=-1
+  if [ -n "$pid" ] && [ "$PERF_OK" = 1 ]; then
+    perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$pid" -o "$out.perf" &
+    perf_pid=$!
+  fi
   set +e
   timeout --kill-after=10 $((dur + 240)) "$PGBENCH" -h 127.0.0.1 -p "$(target_port "$target")" \
     -U "$(target_user "$target")" -n -M "$mode" -c "$clients" -j "$THREADS" -T "$dur" "$@" postgres \
@@ -373,6 +391,14 @@ run_pgbench() {
   set -e
   c1=-1
   [ -n "$pid" ] && c1=$(cpu_ticks "$pid")
+  if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+    R_SYS=$(awk -F, '$3 == "raw_syscalls:sys_enter" && $1 ~ /^[0-9]+$/ {print $1}' "$out.perf" 2>/dev/null | head -1)
+    R_CS=$(awk -F, '$3 == "context-switches" && $1 ~ /^[0-9]+$/ {print $1}' "$out.perf" 2>/dev/null | head -1)
+    R_SYS=${R_SYS:--1}
+    R_CS=${R_CS:--1}
+  fi
   R_CPU=-1
   [ "$c0" -ge 0 ] && [ "$c1" -ge 0 ] && R_CPU=$((c1 - c0))
   R_TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
@@ -422,8 +448,8 @@ for mode in $MODES; do
         RUN_NO=$((RUN_NO + 1))
         out=$WORK/run-$mode-$clients-$target-$rep.log
         run_pgbench "$target" "$mode" "$clients" "$DURATION" "$out" -S
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$clients" "$target" "$rep" \
-          "$R_RC" "${R_TPS:-}" "${R_NTX:-}" "$R_CPU" "${R_FAILED:-}" "${R_ERR:-}" >>"$RAW"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$clients" "$target" "$rep" \
+          "$R_RC" "${R_TPS:-}" "${R_NTX:-}" "$R_CPU" "${R_FAILED:-}" "${R_ERR:-}" "$R_SYS" "$R_CS" >>"$RAW"
         status="tps ${R_TPS:-?}"
         [ "$R_RC" != 0 ] && status="FAILED (exit $R_RC): ${R_ERR:-no error line}"
         [ "$R_RC" = 0 ] && [ "${R_FAILED:-0}" != 0 ] && status="$status, $R_FAILED failed tx"
@@ -441,7 +467,7 @@ for mode in $MODES; do
 done
 
 # ---------------------------------------------------------------- report
-# agg MODE CLIENTS TARGET -> "median_tps|median_cpu_us_per_tx|ok_runs|runs|first_err"
+# agg MODE CLIENTS TARGET -> "median_tps|median_cpu_us_per_tx|ok_runs|runs|first_err|min_tps|max_tps|median_syscalls_per_tx|median_cs_per_tx"
 agg() {
   awk -F'\t' -v m="$1" -v c="$2" -v t="$3" -v hz="$CLK_TCK" '
     function median(a, n,   i, j, x) {
@@ -452,14 +478,20 @@ agg() {
     $1 == m && $2 == c && $3 == t {
       runs++
       if ($5 == 0 && $6 != "") { nt++; tps[nt] = $6
-        if ($8 >= 0 && $7 > 0) { nc++; cpu[nc] = ($8 / hz) * 1e6 / $7 } }
+        if (lo == "" || $6 + 0 < lo) lo = $6 + 0
+        if (hi == "" || $6 + 0 > hi) hi = $6 + 0
+        if ($8 >= 0 && $7 > 0) { nc++; cpu[nc] = ($8 / hz) * 1e6 / $7 }
+        if ($11 != "" && $11 >= 0 && $7 > 0) { ns++; sys[ns] = $11 / $7 }
+        if ($12 != "" && $12 >= 0 && $7 > 0) { nw++; csw[nw] = $12 / $7 } }
       else if (err == "") err = $10
     }
     END {
       gsub(/\|/, "/", err)
-      printf "%s|%s|%d|%d|%s\n", median(tps, nt), median(cpu, nc), nt, runs, err
+      printf "%s|%s|%d|%d|%s|%s|%s|%s|%s\n", median(tps, nt), median(cpu, nc), nt, runs, err, lo, hi, median(sys, ns), median(csw, nw)
     }' "$RAW"
 }
+fmt_spread() { [ -z "$1" ] && echo "" || awk -v a="$1" -v b="$2" 'BEGIN{printf "%.0f–%.0f", a, b}'; }
+fmt_per() { awk -v x="$1" 'BEGIN{ if (x == "") print "n/a"; else printf "%.2f", x }'; }
 fmt_tps() { [ -z "$1" ] && echo "" || awk -v x="$1" 'BEGIN{printf "%.0f", x}'; }
 fmt_ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a == "" || b == "" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
 fmt_cpu() { awk -v x="$1" 'BEGIN{ if (x == "") print "n/a"; else printf "%.1f (%.0f)", x, x * 1000 }'; }
@@ -502,6 +534,20 @@ ELAPSED=$(($(date +%s) - T0))
   done
   echo
   echo "CPU columns: proxy CPU µs per transaction (in brackets: µs per 1,000 transactions)."
+  echo
+  echo "Per target: TPS spread (min–max over the runs), and the proxy's syscalls and context switches per transaction (perf stat -e raw_syscalls:sys_enter,context-switches -p PID over each run, median; n/a: perf unavailable, or direct PostgreSQL — a process per connection)."
+  echo
+  echo "| mode | clients | target | TPS median | TPS min–max | CPU µs/tx | syscalls/tx | context switches/tx |"
+  echo "|---|---:|---|---:|---:|---:|---:|---:|"
+  for mode in $MODES; do
+    for clients in $CLIENTS; do
+      for t in "${TARGETS[@]}"; do
+        IFS='|' read -r x_tps x_cpu x_ok _ _ x_lo x_hi x_sys x_cs <<<"$(agg "$mode" "$clients" "$t")"
+        [ "$x_ok" = 0 ] && x_cpu=""
+        echo "| $mode | $clients | $t | $(fmt_tps "$x_tps") | $(fmt_spread "$x_lo" "$x_hi") | $(fmt_cpu "$x_cpu") | $(fmt_per "$x_sys") | $(fmt_per "$x_cs") |"
+      done
+    done
+  done
   if [ -n "$BASE_BIN" ]; then
     echo
     echo "Before/after, same run: hotrepart vs the baseline binary."
@@ -541,7 +587,7 @@ ELAPSED=$(($(date +%s) - T0))
     sed 's/^/- /' "$PROBLEMS"
   fi
   echo
-  echo "Raw runs (mode, clients, target, repeat, exit, tps, transactions, proxy CPU ticks, failed tx, first error): bench/out/pgbench-$STAMP.tsv"
+  echo "Raw runs (mode, clients, target, repeat, exit, tps, transactions, proxy CPU ticks, failed tx, first error, proxy syscalls, proxy context switches): bench/out/pgbench-$STAMP.tsv"
 } >"$REPORT"
 cp "$RAW" "$OUT_DIR/pgbench-$STAMP.tsv"
 cat "$REPORT"
