@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: formatting, lints, unit and integration tests (the
-# integration tests start their own PostgreSQL servers on free loopback ports).
+# integration tests start their own PostgreSQL servers on free loopback ports),
+# then a short fuzzing run of every fuzz target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/setup.sh
@@ -11,3 +12,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+# Coverage-guided fuzzing of the router's targets, 30 s each from the kept
+# corpora (nightly toolchain + cargo-fuzz; see fuzz/smoke.sh).
+fuzz/smoke.sh

@@ -24,5 +24,7 @@ extern crate self as hotrepart_router;
 
 pub mod catalog;
 pub mod classify;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hash;
 pub mod route;
