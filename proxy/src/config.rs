@@ -121,6 +121,14 @@ pub struct Config {
     /// cut-over to end before it fails with 40001.
     #[serde(default = "default_freeze_wait_ms")]
     pub freeze_wait_ms: u64,
+    /// A cut-over waits for the transactions open on the source at its
+    /// freeze; one that wrote there and sits idle in its transaction this
+    /// long after the freeze is ended (`pg_terminate_backend`: its client
+    /// sees the connection to the shard end, its transaction rolled back)
+    /// so that the move can finish. 0 = never: the cut-over fails that
+    /// attempt after 5 s and retries (a job gives up after 4 attempts).
+    #[serde(default = "default_cutover_idle_grace_ms")]
+    pub cutover_idle_grace_ms: u64,
     /// Bounded cache of parsed statements.
     #[serde(default = "default_plan_cache_size")]
     pub plan_cache_size: usize,
@@ -390,6 +398,9 @@ fn default_max_merge_rows() -> usize {
 }
 fn default_max_merge_bytes() -> usize {
     256 << 20
+}
+fn default_cutover_idle_grace_ms() -> u64 {
+    2_000
 }
 fn default_freeze_wait_ms() -> u64 {
     10_000

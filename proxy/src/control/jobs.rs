@@ -558,9 +558,22 @@ static CUT_OVER_ATTEMPTS: std::sync::atomic::AtomicU32 = std::sync::atomic::Atom
 async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Result<(), JobError> {
     match rec.phase {
         JobPhase::Planned => {
+            let grace = match node.cfg.cutover_idle_grace_ms {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            };
             for s in &plan.specs {
                 reshard::check_preconditions(s).await?;
-                reshard::start_capture(s).await?;
+                // Creating the slot waits for every transaction open on
+                // the source server.
+                ending_idle_writers(
+                    &s.source_dsn,
+                    &s.database,
+                    grace,
+                    id,
+                    reshard::start_capture(s),
+                )
+                .await??;
             }
             update(node, id, JobPhase::Copy, 0, 0, "capture started").await
         }
@@ -834,8 +847,12 @@ async fn cut_over(
         }
         let acked = frozen_at.elapsed();
         // Transactions that wrote to the range before the freeze end.
+        let grace = match node.cfg.cutover_idle_grace_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        };
         for sess in &sessions {
-            wait_open_transactions(sess.source()).await?;
+            wait_open_transactions(sess.source(), grace, id).await?;
         }
         let open_tx = frozen_at.elapsed();
         // The last changes.
@@ -921,8 +938,95 @@ async fn catch_up_all(
     }
 }
 
-/// Waits until every transaction open on the source now has ended.
-async fn wait_open_transactions(c: &tokio_postgres::Client) -> Result<(), JobError> {
+/// The writers (sessions holding a transaction id) open on a server now,
+/// but the caller's own: (pid, xid).
+async fn open_writers(c: &tokio_postgres::Client) -> Result<Vec<(i32, String)>, JobError> {
+    Ok(c.query(
+        "SELECT pid, backend_xid::text FROM pg_catalog.pg_stat_activity \
+             WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()",
+        &[],
+    )
+    .await
+    .map_err(|e| JobError::Other(format!("source: {e}")))?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect())
+}
+
+/// Ends those of `writers` still idle in the same transaction
+/// (`pg_terminate_backend`): their clients' transactions are rolled back
+/// and their connections to the shard end.
+async fn end_idle_writers(
+    c: &tokio_postgres::Client,
+    writers: &[(i32, String)],
+    grace: Duration,
+    job: &str,
+    what: &str,
+) -> Result<(), JobError> {
+    for (pid, xid) in writers {
+        let ended: Option<bool> = c
+            .query_opt(
+                "SELECT pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+                 WHERE pid = $1 AND backend_xid::text = $2 \
+                 AND state IN ('idle in transaction', 'idle in transaction (aborted)')",
+                &[pid, xid],
+            )
+            .await
+            .map_err(|e| JobError::Other(format!("source: {e}")))?
+            .map(|r| r.get(0));
+        if ended == Some(true) {
+            tracing::warn!(
+                %job, pid, xid = %xid, grace_ms = grace.as_millis() as u64,
+                "ended a session idle in a transaction that held the {what} back (cutover_idle_grace_ms); its client's transaction is rolled back"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs `fut`, a step that waits for every transaction open on the source
+/// server (creating the logical slot does); with `grace`, the writers open
+/// when it began and still idle in their transaction `grace` later are
+/// ended, so that a client gone quiet inside a transaction cannot hold the
+/// job back for ever.
+async fn ending_idle_writers<F: std::future::Future>(
+    dsn: &str,
+    db: &str,
+    grace: Option<Duration>,
+    job: &str,
+    fut: F,
+) -> Result<F::Output, JobError> {
+    let Some(g) = grace else {
+        return Ok(fut.await);
+    };
+    let c = connect(dsn, db).await?;
+    let writers = open_writers(&c).await?;
+    tokio::pin!(fut);
+    tokio::select! {
+        out = &mut fut => return Ok(out),
+        () = tokio::time::sleep(g) => {}
+    }
+    end_idle_writers(&c, &writers, g, job, "start of the capture").await?;
+    Ok(fut.await)
+}
+
+/// Waits until every transaction open on the source now has ended. With
+/// `idle_grace`, a writer among them still idle in its transaction that
+/// long after the wait began is ended (`pg_terminate_backend`): a client
+/// that went quiet inside a transaction must not hold every move of the
+/// shard back (issue 17; `cutover_idle_grace_ms`). Prepared (2PC)
+/// transactions have no backend and are waited for: the resolver finishes
+/// them.
+async fn wait_open_transactions(
+    c: &tokio_postgres::Client,
+    idle_grace: Option<Duration>,
+    job: &str,
+) -> Result<(), JobError> {
+    // The writers open now, before the horizon is read: each of them
+    // started before it.
+    let writers = open_writers(c).await?;
+    let started = Instant::now();
+    let mut ended_idle = false;
     let row = c
         .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
         .await
@@ -940,6 +1044,10 @@ async fn wait_open_transactions(c: &tokio_postgres::Client) -> Result<(), JobErr
             .get(0);
         if done {
             return Ok(());
+        }
+        if let Some(g) = idle_grace.filter(|g| !ended_idle && started.elapsed() >= *g) {
+            ended_idle = true;
+            end_idle_writers(c, &writers, g, job, "cut-over").await?;
         }
         if Instant::now() > deadline {
             return Err(JobError::Other(

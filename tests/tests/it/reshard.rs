@@ -771,3 +771,108 @@ async fn unfreezing_a_range_frozen_by_a_live_job_is_refused() {
     let dsns = vec![c.shards[0].dsn(), c.shards[1].dsn()];
     check(&c, &dsns, 1_000).await;
 }
+
+/// Issue 17: a client that wrote to the source and then sits idle in its
+/// transaction held every cut-over back (the job failed after four
+/// attempts). Now it is ended `cutover_idle_grace_ms` (default 2 s) after
+/// the freeze: the move finishes, the idle client's transaction is rolled
+/// back and its next statement fails (its connection to the shard ended),
+/// and the node says so in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_writer_on_the_source_does_not_hold_a_move_back() {
+    // Job steps wait 1 s each, so that the second writer can start in the
+    // catch-up, after the capture began.
+    let c = ProcCluster::start_with_env(
+        3,
+        2,
+        "",
+        TABLES,
+        "lease_ms = 1000",
+        &[("HOTREPART_TEST_JOB_STEP_DELAY_MS", "1000")],
+    )
+    .await;
+    setup(&c, 1_000).await;
+    let rs = ranges(&c, 0).await;
+    let (lo, hi) = rs.iter().find(|r| r.2 == "s0").map(|r| (r.0, r.1)).unwrap();
+    let k = (1..=1_000i64)
+        .find(|&k| {
+            let p = hotrepart_router::hash::hashint8extended(k, 0);
+            p >= lo && hi.is_none_or(|h| p < h)
+        })
+        .unwrap();
+    // The idle writer, through node 2.
+    let idle = connect(&c.nodes[1].dsn()).await.unwrap();
+    idle.batch_execute(&format!(
+        "BEGIN; UPDATE items SET version = 99 WHERE id = {k}"
+    ))
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    let id = start_job(&c, 0, &["reshard", "move", &lo.to_string(), "--to", "s1"]).await;
+    let j = wait_phase(
+        &c,
+        0,
+        &id,
+        &["done", "aborted", "failed"],
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(
+        j["phase"],
+        serde_json::json!("done"),
+        "the move did not finish past the idle writer: {j}\n{}",
+        c.logs()
+    );
+    eprintln!("move done in {:?} past an idle writer", t0.elapsed());
+    // The idle client's transaction is gone: its next statement fails,
+    // and its update never happened.
+    let e = idle
+        .batch_execute(&format!("UPDATE items SET version = 100 WHERE id = {k}"))
+        .await
+        .unwrap_err();
+    eprintln!("the idle client then got: {e:?}");
+    let dsns: Vec<String> = c.shards.iter().map(|s| s.dsn()).collect();
+    check(&c, &dsns, 1_000).await;
+    assert!(
+        c.logs()
+            .contains("ended a session idle in a transaction that held the"),
+        "the node did not log the ended session:\n{}",
+        c.logs()
+    );
+    // A new connection works, and sees the row unchanged on its new owner.
+    let db = connect(&c.nodes[1].dsn()).await.unwrap();
+    let v: i32 = db
+        .query_one("SELECT version FROM items WHERE id = $1", &[&k])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 1);
+
+    // The range back to s0, with a writer that goes idle in the catch-up
+    // (after the capture started): the cut-over's wait ends it.
+    let id = start_job(&c, 0, &["reshard", "move", &lo.to_string(), "--to", "s0"]).await;
+    wait_phase(&c, 0, &id, &["catch_up"], Duration::from_secs(60)).await;
+    let idle = connect(&c.nodes[2].dsn()).await.unwrap();
+    idle.batch_execute(&format!(
+        "BEGIN; UPDATE items SET version = 98 WHERE id = {k}"
+    ))
+    .await
+    .unwrap();
+    let j = wait_phase(
+        &c,
+        0,
+        &id,
+        &["done", "aborted", "failed"],
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(j["phase"], serde_json::json!("done"), "{j}\n{}", c.logs());
+    assert!(idle.batch_execute("SELECT 1").await.is_err());
+    assert!(
+        c.logs()
+            .contains("ended a session idle in a transaction that held the cut-over back"),
+        "the cut-over did not end the idle writer:\n{}",
+        c.logs()
+    );
+    check(&c, &dsns, 1_000).await;
+}
