@@ -3,7 +3,8 @@
 # PostgreSQL server binaries (initdb, pg_ctl) and clients (psql, pgbench),
 # and the interpreters the driver tests run real clients with (python3 with
 # venv, node and npm; the tests install the pinned drivers themselves, see
-# tests/src/drivers.rs). Idempotent; does nothing when everything is present.
+# tests/src/drivers.rs), and Chromium for the dashboard's headless browser
+# test. Idempotent; does nothing when everything is present.
 set -euo pipefail
 
 have_pg() {
@@ -22,6 +23,8 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+# The dashboard's browser test (tests/tests/it/dashboard.rs).
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ "${1:-}" = "--bench" ]; then
   command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
 fi

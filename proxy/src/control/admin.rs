@@ -129,7 +129,9 @@ pub async fn serve(
 }
 
 /// Every endpoint, behind the token check ([`require_token`]). No endpoint
-/// is public; a path that names none is 404 with or without a token.
+/// is public (the dashboard's page at `/` holds no data: its script calls
+/// the endpoints with the token); a path that names none is 404 with or
+/// without a token.
 fn router(api: Api) -> Router {
     Router::new()
         .route("/v1/status", get(status))
@@ -157,7 +159,31 @@ fn router(api: Api) -> Router {
         // Last: it wraps every route above (and only routes: an unknown
         // path stays 404).
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token))
+        // The dashboard's page: static, no data in it (its script asks
+        // for the token and calls the endpoints above with it).
+        .route("/", get(dashboard))
         .with_state(api)
+}
+
+/// `GET /`: the web dashboard, one page shipped inside the binary (no CDN,
+/// no asset elsewhere): the key space per shard, jobs with their progress,
+/// nodes with leader and lease, throughput and latency, refreshed every
+/// second from `/v1/status`, `/v1/ranges`, `/v1/jobs` and `/metrics`. The
+/// token is typed once or given once as `/?token=…`, then kept in a
+/// cookie (SameSite=Strict) and sent as the Bearer token of every call.
+async fn dashboard() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (axum::http::header::CACHE_CONTROL, "no-store"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:",
+            ),
+        ],
+        include_str!("admin/dashboard.html"),
+    )
+        .into_response()
 }
 
 /// The admin token check, in front of every endpoint: it runs before the

@@ -13,6 +13,7 @@ mod consistency;
 mod console;
 mod copy;
 mod copy_freeze;
+mod dashboard;
 mod data_dir;
 mod dataplane;
 mod demo;
