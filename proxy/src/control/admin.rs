@@ -614,6 +614,7 @@ async fn ranges(State(api): State<Api>) -> ApiResult {
                 "read_owner": r.read_owner.as_str(),
                 "write_owner": r.write_owner.as_str(),
                 "status": status_name(r.status),
+                "hidden_on": r.hidden_on.as_ref().map(|s| s.as_str()),
             })
         })
         .collect();
