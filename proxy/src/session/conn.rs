@@ -321,6 +321,8 @@ pub struct Session<S> {
     /// The session listens (LISTEN under transaction pooling): its
     /// membership in the node's listeners, created at the first LISTEN.
     pub(super) listener: Option<crate::backend::notify::Listener>,
+    /// The session's side of its database's counters (`SHOW STATS`).
+    pub(crate) stats: crate::stats::Tracker,
 }
 
 /// What a multi-shard extended statement's first shard answered.
@@ -355,7 +357,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let state_fp = state.fingerprint();
         let nshards = node.routing.shard_slots() + SLOT_HEADROOM;
         let home = node.routing.home_index();
+        let stats = crate::stats::Tracker::new(node.stats.db(&database));
         Session {
+            stats,
             node,
             client,
             out: BytesMut::with_capacity(8192),
