@@ -167,8 +167,11 @@ pub fn apply(node: &Node, mut new: Config) -> Reloaded {
     }
     if log_changed {
         if let (Some(set), Some(level)) = (node.log_filter.get(), log_level) {
-            if let Err(e) = set(&level) {
-                tracing::warn!(log_level = %level, error = %e, "RELOAD: log_level not applied");
+            match set(&level) {
+                Ok(()) => tracing::debug!("log filter set to {level}"),
+                Err(e) => {
+                    tracing::warn!(log_level = %level, error = %e, "RELOAD: log_level not applied")
+                }
             }
         }
     }

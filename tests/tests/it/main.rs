@@ -30,6 +30,7 @@ mod pool_lifetime;
 mod prepared;
 mod proxyctl;
 mod rebalance;
+mod reload;
 mod reshard;
 mod reshard_bench;
 mod reshard_engine;
