@@ -16,6 +16,7 @@ mod copy_freeze;
 mod data_dir;
 mod dataplane;
 mod demo;
+mod deploy;
 mod fence;
 mod hashing;
 mod loadtest;
