@@ -142,8 +142,8 @@ fn the_dockerfile_builds_in_stages_and_runs_as_a_user() {
     assert!(text.contains("COPY --from=build"));
     let user = text
         .lines()
-        .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
         .expect("a USER line");
     assert!(
         !user.starts_with('0') && !user.starts_with("root"),
