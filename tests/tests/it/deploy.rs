@@ -93,40 +93,67 @@ async fn the_kubernetes_manifests_parse_and_hold_together() {
         "the budget covers the nodes"
     );
 
-    // The file pod hotrepart-1 writes (start.sh), with the Secret's
-    // values in files: the node's own validation accepts it.
+    // start.sh run as pods 1 and 3 would run it (a fake `hotrepart` on
+    // PATH prints the file it is given), the Secret's values in files:
+    // the node's own validation accepts what it writes.
     let cm = kind("ConfigMap")[0];
     let secret = kind("Secret")[0];
     let dir = TestDir::new("deploy-k8s");
-    let mut text = cm["data"]["node.toml.tpl"]
+    let template = dir.0.join("node.toml.tpl");
+    std::fs::write(&template, cm["data"]["node.toml.tpl"].as_str().unwrap()).unwrap();
+    let script = dir.0.join("start.sh");
+    std::fs::write(&script, cm["data"]["start.sh"].as_str().unwrap()).unwrap();
+    let fake = dir.0.join("bin");
+    std::fs::create_dir_all(&fake).unwrap();
+    std::fs::write(fake.join("hotrepart"), "#!/bin/sh\ncat \"$3\"\n").unwrap();
+    run_cmd(
+        "chmod",
+        &["+x", fake.join("hotrepart").to_str().unwrap()],
+        &[],
+    )
+    .await;
+    let path = format!(
+        "{}:{}",
+        fake.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let initial = env.iter().find(|e| e["name"] == "INITIAL_MEMBERS").unwrap()["value"]
         .as_str()
         .unwrap()
-        .replace("@NODE_ID@", "2");
-    for (k, v) in secret["stringData"].as_object().unwrap() {
-        let f = dir.0.join(k);
-        std::fs::write(&f, v.as_str().unwrap()).unwrap();
-        text = text.replace(&format!("/etc/hotrepart-secret/{k}"), f.to_str().unwrap());
+        .to_string();
+    for (pod, joins) in [(1u64, false), (replicas, true)] {
+        let out_file = dir.0.join(format!("node{pod}.toml"));
+        let pod_name = format!("hotrepart-{pod}");
+        let pods = (replicas + 1).to_string();
+        let (ok, text, err) = run_cmd(
+            "sh",
+            &[script.to_str().unwrap()],
+            &[
+                ("POD_NAME", &pod_name),
+                ("POD_NAMESPACE", "default"),
+                ("REPLICAS", &pods),
+                ("INITIAL_MEMBERS", &initial),
+                ("TEMPLATE", template.to_str().unwrap()),
+                ("CONFIG", out_file.to_str().unwrap()),
+                ("PATH", &path),
+            ],
+        )
+        .await;
+        assert!(ok, "start.sh as {pod_name}: {err}");
+        let mut text = text;
+        for (k, v) in secret["stringData"].as_object().unwrap() {
+            let f = dir.0.join(k);
+            std::fs::write(&f, v.as_str().unwrap()).unwrap();
+            text = text.replace(&format!("/etc/hotrepart-secret/{k}"), f.to_str().unwrap());
+        }
+        let cfg = hotrepart_proxy::Config::from_toml(&text)
+            .unwrap_or_else(|e| panic!("{pod_name}'s file is refused: {e}\n{text}"));
+        let cl = cfg.cluster.unwrap();
+        assert_eq!(cl.node_id, pod + 1, "node id = ordinal + 1");
+        assert_eq!(cl.peers.len() as u64, replicas, "every other pod");
+        assert!(cl.peers.iter().all(|p| p.id != pod + 1));
+        assert_eq!(cl.join, joins, "{pod_name}: join");
     }
-    // start.sh's loop, as the shell would run it for ordinal 1.
-    let script = cm["data"]["start.sh"].as_str().unwrap();
-    assert!(script.contains("id=$((ord + 1))"));
-    for i in (0..replicas).filter(|&i| i != 1) {
-        let host = format!("hotrepart-{i}.hotrepart-peers.default.svc.cluster.local");
-        text.push_str(&format!(
-            "[[cluster.peers]]\nid = {}\naddr = \"{host}:7001\"\nadmin = \"http://{host}:7432\"\n",
-            i + 1
-        ));
-    }
-    let cfg = hotrepart_proxy::Config::from_toml(&text)
-        .unwrap_or_else(|e| panic!("the generated node file is refused: {e}\n{text}"));
-    let cl = cfg.cluster.unwrap();
-    assert_eq!(cl.node_id, 2);
-    assert_eq!(cl.peers.len() as u64, replicas - 1);
-    // And the script itself is valid sh.
-    let s = dir.0.join("start.sh");
-    std::fs::write(&s, script).unwrap();
-    let (ok, _, err) = run_cmd("sh", &["-n", s.to_str().unwrap()], &[]).await;
-    assert!(ok, "start.sh: {err}");
 }
 
 #[test]
