@@ -147,7 +147,9 @@ pub struct Node {
     pub(crate) catalog_generation: std::sync::atomic::AtomicU64,
     /// LISTEN/NOTIFY for sessions in transaction pooling.
     pub notifier: crate::backend::notify::Notifier,
-    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The TLS acceptor for new clients (a reload reads the certificate
+    /// and key again).
+    pub(crate) tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
     /// Clients past the startup packet (`max_client_connections`).
     pub(crate) clients: AtomicUsize,
     /// Accepted sockets not yet logged in (`max_pending_logins`).
@@ -243,7 +245,7 @@ impl Node {
             stats: Default::default(),
             pause: Default::default(),
             pools: Pools::default(),
-            tls,
+            tls: arc_swap::ArcSwapOption::new(tls.map(Arc::new)),
             clients: AtomicUsize::new(0),
             pending_logins: AtomicUsize::new(0),
             resolver_stats: Mutex::new(ResolverStats::default()),

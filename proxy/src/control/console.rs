@@ -155,6 +155,12 @@ fn reload(node: &Node) -> Result<(), ConsoleError> {
         tracing::warn!(error = %e, "RELOAD failed");
         (sqlstate::CONFIG_FILE_ERROR, format!("RELOAD: {e}"))
     })?;
+    if !r.failed.is_empty() {
+        return Err((
+            sqlstate::CONFIG_FILE_ERROR,
+            format!("RELOAD: {}", r.failed.join("; ")),
+        ));
+    }
     if r.refused.is_empty() {
         return Ok(());
     }

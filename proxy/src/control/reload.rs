@@ -3,10 +3,12 @@
 //! change under running clients is applied at once, without dropping any:
 //! users and their passwords, `admin_users`, pool sizes and modes, the
 //! timeouts and limits read per client or per checkout, `max_merge_rows`,
-//! `twopc_decision_timeout_ms`, `log_level`.
+//! `twopc_decision_timeout_ms`, `log_level`, and TLS: the certificate and
+//! key are read again (a rotated certificate serves new clients; clients
+//! already connected keep their session).
 //!
 //! What needs a restart (addresses, the node's identity and its cluster,
-//! the admin API, TLS, the shards and tables that only seed the replicated
+//! the admin API, the shards and tables that only seed the replicated
 //! catalog, settings read once at start) is refused: logged, reported to
 //! the console with SQLSTATE 55P02 (PostgreSQL's "cannot be changed
 //! without restarting the server"), and its old value kept — the rest of
@@ -28,6 +30,9 @@ pub struct Reloaded {
     /// Keys that changed in the file but need a restart (their old values
     /// are kept).
     pub refused: Vec<&'static str>,
+    /// Parts that could not be applied (a certificate that does not
+    /// load): the running ones are kept.
+    pub failed: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +92,6 @@ pub fn apply(node: &Node, mut new: Config) -> Reloaded {
         node_id,
         cluster,
         admin,
-        tls,
         data_dir,
         shards,
         home_shard,
@@ -156,6 +160,33 @@ pub fn apply(node: &Node, mut new: Config) -> Reloaded {
             relogin.push(o.name.clone());
         }
     }
+    // TLS: the files are read again at every reload (a rotated
+    // certificate keeps its path); one that does not load keeps the
+    // running acceptor and section.
+    match &new.tls {
+        Some(t) => match crate::node::load_tls(&t.cert, &t.key) {
+            Ok(acc) => {
+                node.tls.store(Some(std::sync::Arc::new(acc)));
+                if format!("{:?}", old.tls) != format!("{:?}", new.tls) {
+                    r.changed
+                        .push(format!("tls: {} (new clients)", t.cert.display()));
+                } else {
+                    tracing::info!(cert = %t.cert.display(), "RELOAD: TLS certificate and key read again");
+                }
+            }
+            Err(e) => {
+                r.failed
+                    .push(format!("tls: {e}; the running certificate is kept"));
+                new.tls = old.tls.clone();
+            }
+        },
+        None if old.tls.is_some() => {
+            node.tls.store(None);
+            r.changed
+                .push("tls: off (new clients connect in plain text only)".into());
+        }
+        None => {}
+    }
     let log_changed = old.log_level != new.log_level;
     drop(old);
     let settings = Node::pool_settings(&new);
@@ -178,13 +209,16 @@ pub fn apply(node: &Node, mut new: Config) -> Reloaded {
     for c in &r.changed {
         tracing::info!(change = %c, "configuration reloaded");
     }
+    for f in &r.failed {
+        tracing::error!("configuration reload: {f}");
+    }
     for k in &r.refused {
         tracing::warn!(
             key = k,
             "configuration reload: {k} changed in the file but needs a restart; the running value is kept"
         );
     }
-    if r.changed.is_empty() && r.refused.is_empty() {
+    if r.changed.is_empty() && r.refused.is_empty() && r.failed.is_empty() {
         tracing::info!("configuration reloaded: no change");
     }
     r

@@ -259,7 +259,7 @@ impl Node {
             }
             match code {
                 SSL_REQUEST => {
-                    if let Some(acc) = self.tls.clone() {
+                    if let Some(acc) = self.tls.load_full() {
                         if r.buffered() > 0 {
                             refuse(
                                 r.get_mut(),
