@@ -788,7 +788,14 @@ async fn reload_reads_a_rotated_tls_certificate() {
         )
     };
     let (ok, out, err) = psql(
-        &["-X", "-w", "-At", "-c", "SELECT 1", &verify(Path::new(&cert_a))],
+        &[
+            "-X",
+            "-w",
+            "-At",
+            "-c",
+            "SELECT 1",
+            &verify(Path::new(&cert_a)),
+        ],
         &env,
     )
     .await;

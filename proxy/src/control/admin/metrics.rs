@@ -13,6 +13,7 @@ use super::{Api, ApiError};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use hotrepart_routing_paxos::JobPhase;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -248,7 +249,22 @@ pub(crate) fn registry(api: &Api) -> Registry {
 
     // Reshard jobs.
     let catalog = node.catalog_handle.catalog();
-    let mut by_phase: BTreeMap<&'static str, i64> = BTreeMap::new();
+    // Every phase, 0 when no job is in it: the series exist before the
+    // first job (dashboards and alerts need no special case).
+    let mut by_phase: BTreeMap<&'static str, i64> = [
+        JobPhase::Planned,
+        JobPhase::Copy,
+        JobPhase::CatchUp,
+        JobPhase::CutOver,
+        JobPhase::Flipped,
+        JobPhase::Aborting,
+        JobPhase::Done,
+        JobPhase::Aborted,
+        JobPhase::Failed,
+    ]
+    .into_iter()
+    .map(|p| (p.name(), 0))
+    .collect();
     let mut phase = Vec::new();
     let mut rows = Vec::new();
     let mut lag = Vec::new();
