@@ -1,6 +1,7 @@
 //! The deployment files in `deploy/` (issue 16), checked by what runs
 //! here: `systemd-analyze verify` of the unit (with the binary just
-//! built), a YAML parse of the Kubernetes manifests (python3's PyYAML)
+//! built), a YAML parse of the Kubernetes manifests and of the Helm chart
+//! rendered by a small renderer of the constructs it uses (python3's PyYAML)
 //! with the checks that matter (stable node ids, a headless Service, a
 //! quorum-keeping PodDisruptionBudget, non-root), the node file the pods
 //! generate accepted by the node's own validation, the Dockerfile's
@@ -37,26 +38,127 @@ async fn the_systemd_unit_verifies() {
     assert_eq!(err.trim(), "", "systemd-analyze verify warns");
 }
 
-/// The manifests as JSON values, one per YAML document.
-async fn manifests() -> Vec<serde_json::Value> {
-    let path = deploy("kubernetes/hotrepart.yaml");
+/// YAML documents (`---` separated) as JSON values, parsed by PyYAML.
+async fn yaml_docs(file: &Path) -> Vec<serde_json::Value> {
     let (ok, out, err) = run_cmd(
         "python3",
         &[
             "-c",
-            "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
-            path.to_str().unwrap(),
+            "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]))",
+            file.to_str().unwrap(),
         ],
         &[],
     )
     .await;
-    assert!(ok, "the manifests do not parse as YAML: {err}");
+    assert!(ok, "{} does not parse as YAML: {err}", file.display());
     serde_json::from_str(&out).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kubernetes_manifests_parse_and_hold_together() {
-    let docs = manifests().await;
+    let docs = yaml_docs(&deploy("kubernetes/hotrepart.yaml")).await;
+    check_manifests(&docs, "hotrepart").await;
+}
+
+/// Renders a template of the chart the way helm would for the constructs
+/// the chart allows itself: `{{ .Values.a.b }}`, `{{ .Release.Name }}`,
+/// `{{ .Release.Namespace }}`, the pipes `quote` and `nindent N`, and `{{-`
+/// trimming. Anything else fails the test (so the chart stays checkable
+/// without helm).
+fn render(template: &str, values: &serde_json::Value, release: &str) -> String {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(i) = rest.find("{{") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after.find("}}").expect("unclosed {{");
+        let mut expr = after[..end].trim();
+        if let Some(e) = expr.strip_prefix('-') {
+            let kept = out.trim_end_matches([' ', '\t', '\n']).len();
+            out.truncate(kept);
+            expr = e.trim();
+        }
+        let mut parts = expr.split('|').map(str::trim);
+        let head = parts.next().unwrap();
+        let mut v = match head {
+            ".Release.Name" => release.to_string(),
+            ".Release.Namespace" => "default".to_string(),
+            h => {
+                let path = h
+                    .strip_prefix(".Values.")
+                    .unwrap_or_else(|| panic!("unsupported template expression {h:?}"));
+                let mut x = values;
+                for k in path.split('.') {
+                    x = &x[k];
+                }
+                match x {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    serde_json::Value::Bool(b) => b.to_string(),
+                    other => panic!("{h} is not a scalar: {other:?}"),
+                }
+            }
+        };
+        for pipe in parts {
+            v = match pipe.split_whitespace().collect::<Vec<_>>().as_slice() {
+                ["quote"] => serde_json::Value::String(v).to_string(),
+                ["nindent", n] => {
+                    let pad = " ".repeat(n.parse().unwrap());
+                    let lines: Vec<String> = v
+                        .trim_end_matches('\n')
+                        .lines()
+                        .map(|l| {
+                            if l.is_empty() {
+                                String::new()
+                            } else {
+                                format!("{pad}{l}")
+                            }
+                        })
+                        .collect();
+                    format!("\n{}", lines.join("\n"))
+                }
+                other => panic!("unsupported template pipe {other:?}"),
+            };
+        }
+        out.push_str(&v);
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_helm_chart_renders_to_the_same_shape() {
+    let chart = deploy("helm/hotrepart");
+    let dir = TestDir::new("deploy-helm");
+    let meta = yaml_docs(&chart.join("Chart.yaml")).await;
+    assert_eq!(meta[0]["apiVersion"], "v2");
+    assert_eq!(meta[0]["name"], "hotrepart");
+    let values = yaml_docs(&chart.join("values.yaml")).await.remove(0);
+    let mut all = String::new();
+    let mut files: Vec<_> = std::fs::read_dir(chart.join("templates"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        all.push_str("---\n");
+        all.push_str(&render(&text, &values, "hr"));
+        all.push('\n');
+    }
+    let rendered = dir.0.join("rendered.yaml");
+    std::fs::write(&rendered, &all).unwrap();
+    let docs = yaml_docs(&rendered).await;
+    check_manifests(&docs, "hr").await;
+}
+
+/// What both the plain manifests and the chart must hold: stable node ids
+/// from the StatefulSet's ordinals, a headless Service it names, a
+/// PodDisruptionBudget over its pods, non-root, and a start script that
+/// writes node files the node's own validation accepts (run here, with a
+/// fake `hotrepart` on PATH that prints the file it is given).
+async fn check_manifests(docs: &[serde_json::Value], sts_name: &str) {
     let kind =
         |k: &str| -> Vec<&serde_json::Value> { docs.iter().filter(|d| d["kind"] == k).collect() };
     for k in [
@@ -69,19 +171,25 @@ async fn the_kubernetes_manifests_parse_and_hold_together() {
         assert!(!kind(k).is_empty(), "no {k}");
     }
     let sts = kind("StatefulSet")[0];
+    assert_eq!(sts["metadata"]["name"], sts_name);
     let headless = kind("Service")
         .into_iter()
         .find(|s| s["spec"]["clusterIP"] == "None")
         .expect("a headless Service");
     assert_eq!(sts["spec"]["serviceName"], headless["metadata"]["name"]);
+    assert_eq!(headless["metadata"]["name"], format!("{sts_name}-peers"));
     assert_eq!(headless["spec"]["publishNotReadyAddresses"], true);
     let replicas = sts["spec"]["replicas"].as_u64().unwrap();
     let pod = &sts["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     let c = &pod["containers"][0];
     let env = c["env"].as_array().unwrap();
-    let replicas_env = env.iter().find(|e| e["name"] == "REPLICAS").unwrap();
-    assert_eq!(replicas_env["value"], replicas.to_string());
+    let env_value = |name: &str| -> Option<String> {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str().map(str::to_string))
+    };
+    assert_eq!(env_value("REPLICAS"), Some(replicas.to_string()));
     assert!(env
         .iter()
         .any(|e| e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"));
@@ -92,10 +200,11 @@ async fn the_kubernetes_manifests_parse_and_hold_together() {
         pdb["spec"]["selector"], sts["spec"]["selector"],
         "the budget covers the nodes"
     );
+    assert_eq!(
+        headless["spec"]["selector"],
+        sts["spec"]["selector"]["matchLabels"]
+    );
 
-    // start.sh run as pods 1 and 3 would run it (a fake `hotrepart` on
-    // PATH prints the file it is given), the Secret's values in files:
-    // the node's own validation accepts what it writes.
     let cm = kind("ConfigMap")[0];
     let secret = kind("Secret")[0];
     let dir = TestDir::new("deploy-k8s");
@@ -117,28 +226,26 @@ async fn the_kubernetes_manifests_parse_and_hold_together() {
         fake.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let initial = env.iter().find(|e| e["name"] == "INITIAL_MEMBERS").unwrap()["value"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let initial = env_value("INITIAL_MEMBERS").unwrap();
+    let sts_env = env_value("STS").unwrap_or_default();
+    // Pod 1, and a pod added by a scale-up (it joins).
     for (pod, joins) in [(1u64, false), (replicas, true)] {
         let out_file = dir.0.join(format!("node{pod}.toml"));
-        let pod_name = format!("hotrepart-{pod}");
+        let pod_name = format!("{sts_name}-{pod}");
         let pods = (replicas + 1).to_string();
-        let (ok, text, err) = run_cmd(
-            "sh",
-            &[script.to_str().unwrap()],
-            &[
-                ("POD_NAME", &pod_name),
-                ("POD_NAMESPACE", "default"),
-                ("REPLICAS", &pods),
-                ("INITIAL_MEMBERS", &initial),
-                ("TEMPLATE", template.to_str().unwrap()),
-                ("CONFIG", out_file.to_str().unwrap()),
-                ("PATH", &path),
-            ],
-        )
-        .await;
+        let mut vars = vec![
+            ("POD_NAME", pod_name.as_str()),
+            ("POD_NAMESPACE", "default"),
+            ("REPLICAS", pods.as_str()),
+            ("INITIAL_MEMBERS", initial.as_str()),
+            ("TEMPLATE", template.to_str().unwrap()),
+            ("CONFIG", out_file.to_str().unwrap()),
+            ("PATH", path.as_str()),
+        ];
+        if !sts_env.is_empty() {
+            vars.push(("STS", sts_env.as_str()));
+        }
+        let (ok, text, err) = run_cmd("sh", &[script.to_str().unwrap()], &vars).await;
         assert!(ok, "start.sh as {pod_name}: {err}");
         let mut text = text;
         for (k, v) in secret["stringData"].as_object().unwrap() {
@@ -152,6 +259,14 @@ async fn the_kubernetes_manifests_parse_and_hold_together() {
         assert_eq!(cl.node_id, pod + 1, "node id = ordinal + 1");
         assert_eq!(cl.peers.len() as u64, replicas, "every other pod");
         assert!(cl.peers.iter().all(|p| p.id != pod + 1));
+        assert!(
+            cl.peers
+                .iter()
+                .all(|p| p.addr.starts_with(&format!("{sts_name}-"))
+                    && p.addr.contains(&format!(".{sts_name}-peers."))),
+            "peers are the StatefulSet's pods: {:?}",
+            cl.peers
+        );
         assert_eq!(cl.join, joins, "{pod_name}: join");
     }
 }
