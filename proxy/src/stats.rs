@@ -197,6 +197,9 @@ impl Stats {
 #[derive(Debug)]
 pub struct Tracker {
     db: Arc<DbStats>,
+    /// Bytes received and not yet added to `db` (added at the next
+    /// write to the client: one shared add per round trip, not per frame).
+    received: u64,
     /// Requests received and not yet answered by a ReadyForQuery.
     pending: u64,
     /// Since when the oldest pending request has been served.
@@ -212,6 +215,7 @@ impl Tracker {
     pub fn new(db: Arc<DbStats>) -> Tracker {
         Tracker {
             db,
+            received: 0,
             pending: 0,
             query_start: None,
             xact_start: None,
@@ -222,7 +226,7 @@ impl Tracker {
     /// ReadyForQuery answers (Query, Sync, FunctionCall).
     #[inline]
     pub fn received(&mut self, len: usize, request: bool) {
-        self.db.received.fetch_add(len as u64, Relaxed);
+        self.received += len as u64;
         if request {
             if self.pending == 0 {
                 let now = Instant::now();
@@ -238,6 +242,7 @@ impl Tracker {
     /// ReadyForQuery messages in it (frame headers only are read).
     #[inline]
     pub fn sending(&mut self, out: &[u8]) {
+        self.publish_received();
         self.db.sent.fetch_add(out.len() as u64, Relaxed);
         if self.pending == 0 {
             return;
@@ -251,6 +256,14 @@ impl Tracker {
                 self.answered(status, *now.get_or_insert_with(Instant::now));
             }
             i = i.saturating_add(1 + len.max(4));
+        }
+    }
+
+    fn publish_received(&mut self) {
+        if self.received > 0 {
+            self.db
+                .received
+                .fetch_add(std::mem::take(&mut self.received), Relaxed);
         }
     }
 
@@ -288,6 +301,14 @@ impl Tracker {
     }
 }
 
+impl Drop for Tracker {
+    /// A session that ends between its last message and any answer still
+    /// counts those bytes.
+    fn drop(&mut self) {
+        self.publish_received();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +339,7 @@ mod tests {
         t.sending(&two);
         // A notification while idle is bytes only.
         t.sending(&[b'A', 0, 0, 0, 4]);
+        drop(t);
         let s = db.totals();
         assert_eq!(s.query_count, 5);
         assert_eq!(s.xact_count, 3);

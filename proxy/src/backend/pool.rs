@@ -223,7 +223,15 @@ impl Pool {
         let conn = match idle {
             Some(c) => c,
             None => {
-                let conn = BackendConn::connect(&self.target, self.connect_timeout()).await?;
+                let conn = match BackendConn::connect(&self.target, self.connect_timeout()).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // The permit goes back as a released one would (a
+                        // shrink may be owed it).
+                        self.give_back(permit);
+                        return Err(e.into());
+                    }
+                };
                 let mut sp = self.server_params.lock().unwrap_or_else(|e| e.into_inner());
                 if sp.is_none() {
                     *sp = Some(conn.params.clone());
@@ -392,23 +400,30 @@ impl Pool {
         self.waiting.load(Relaxed)
     }
 
-    /// A permit comes back: forgotten while the pool still owes permits
-    /// after a shrink, else returned.
-    fn give_back(&self, permit: OwnedSemaphorePermit) {
+    /// Takes one permit off the debt of a shrink, if any is owed (one
+    /// relaxed load when none is).
+    fn take_debt(&self) -> bool {
         let mut debt = self.shrink_debt.load(Relaxed);
         while debt > 0 {
             match self
                 .shrink_debt
                 .compare_exchange(debt, debt - 1, Relaxed, Relaxed)
             {
-                Ok(_) => {
-                    permit.forget();
-                    return;
-                }
+                Ok(_) => return true,
                 Err(d) => debt = d,
             }
         }
-        drop(permit);
+        false
+    }
+
+    /// A permit comes back: forgotten while the pool still owes permits
+    /// after a shrink, else returned.
+    fn give_back(&self, permit: OwnedSemaphorePermit) {
+        if self.take_debt() {
+            permit.forget();
+        } else {
+            drop(permit);
+        }
     }
 }
 
@@ -423,6 +438,19 @@ impl Pooled {
     /// Returns the connection to the pool. Call only at ReadyForQuery(idle)
     /// with nothing owed; a connection not `reusable()` is closed instead.
     pub fn release(mut self) {
+        if self.pool.take_debt() {
+            // The pool shrank (a reload): this connection and its permit
+            // go, so that no more than the new size stay open.
+            if let Some(c) = self.conn.take() {
+                // No cancel may reach it from now on.
+                c.cancel_gate.release();
+                c.terminate();
+            }
+            if let Some(p) = self.permit.take() {
+                p.forget();
+            }
+            return;
+        }
         if let Some(mut c) = self.conn.take() {
             // A connection inside a transaction, or with an unsynced
             // pipeline, is closed (PostgreSQL rolls back), never reused.
