@@ -17,8 +17,9 @@
 //!   either;
 //! - a configuration reload changes a pool in place ([`Pool::apply`]):
 //!   a larger size adds permits at once, a smaller one takes them back as
-//!   they come free (a checked-out connection is never taken from its
-//!   client), and the ages and timeouts apply from the next checkout.
+//!   they come free — the connection released with each is closed, not
+//!   pooled (a checked-out connection is never taken from its client) —
+//!   and the ages and timeouts apply from the next checkout.
 //!
 //! Every live backend of a pool is listed (weakly) for `SHOW SERVERS`;
 //! its state is written at checkout and release (atomics only).
