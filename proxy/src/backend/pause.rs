@@ -28,6 +28,17 @@ pub struct Pause {
     any: AtomicBool,
     state: Mutex<State>,
     resumed: tokio::sync::Notify,
+    /// Clients waiting for RESUME now (`SHOW STATE`).
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a waiter of [`Pause::wait`] while it lives.
+struct Waiter<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a PAUSE or RESUME was refused (PgBouncer's words).
@@ -101,6 +112,11 @@ impl Pause {
     /// Waits until `database` is not paused, at most `limit` (`None`: no
     /// limit); false when the limit passed first. Cancel-safe.
     pub async fn wait(&self, database: &str, limit: Option<Duration>) -> bool {
+        if !self.holds(database) {
+            return true;
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiter = Waiter(&self.waiting);
         let deadline = limit.map(|l| tokio::time::Instant::now() + l);
         loop {
             let resumed = self.resumed.notified();
@@ -119,6 +135,11 @@ impl Pause {
                 None => resumed.await,
             }
         }
+    }
+
+    /// Clients waiting for RESUME now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// The paused databases, and whether the whole node is (`SHOW STATE`).

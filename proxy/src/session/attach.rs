@@ -157,10 +157,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(())
     }
 
+    /// Waits while the admin console has paused this session's database,
+    /// at most `query_wait_timeout_ms`; returns when that ends.
+    pub(super) async fn wait_for_resume(&self) -> Option<tokio::time::Instant> {
+        let deadline = self
+            .node
+            .cfg()
+            .query_wait_timeout()
+            .map(|l| tokio::time::Instant::now() + l);
+        self.node
+            .pause
+            .wait(
+                &self.database,
+                deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now())),
+            )
+            .await;
+        deadline
+    }
+
     /// Waits while the admin console has paused this session's database
-    /// (bounded by `query_wait_timeout_ms`).
+    /// (bounded by `query_wait_timeout_ms`, counted from the start of the
+    /// batch's wait if it waited already).
     async fn wait_while_paused(&self) -> Result<(), Refusal> {
-        let limit = self.node.cfg().query_wait_timeout();
+        let limit = match self.pause_deadline {
+            Some(d) => d.map(|d| d.saturating_duration_since(tokio::time::Instant::now())),
+            None => self.node.cfg().query_wait_timeout(),
+        };
         if self.node.pause.wait(&self.database, limit).await {
             return Ok(());
         }

@@ -323,6 +323,9 @@ pub struct Session<S> {
     pub(super) listener: Option<crate::backend::notify::Listener>,
     /// The session's side of its database's counters (`SHOW STATS`).
     pub(crate) stats: crate::stats::Tracker,
+    /// The client batch being handled waited for RESUME: until when it
+    /// may wait in all (`None` inside: no limit).
+    pub(super) pause_deadline: Option<Option<tokio::time::Instant>>,
 }
 
 /// What a multi-shard extended statement's first shard answered.
@@ -360,6 +363,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let stats = crate::stats::Tracker::new(node.stats.db(&database));
         Session {
             stats,
+            pause_deadline: None,
             node,
             client,
             out: BytesMut::with_capacity(8192),

@@ -240,6 +240,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// then writes to backend and client once.
     async fn on_client_batch(&mut self, first: Frame) -> Result<Option<End>, SessionError> {
         self.ensure_slots();
+        if self.node.pause.active() && !self.be.attached() {
+            // PAUSE: wait before routing, so that no routing pin is held
+            // while waiting (a cut-over waits for pins); `ensure_backend`
+            // refuses if the wait ran out, and waits itself for a PAUSE
+            // that comes after this point.
+            self.pause_deadline = Some(self.wait_for_resume().await);
+        }
         let mut f = Some(first);
         while let Some(frame) = f.take() {
             if let Some(end) = self.on_client_frame(frame).await? {
@@ -253,6 +260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.flush_backend().await?;
         self.flush_client().await?;
+        self.pause_deadline = None;
         Ok(None)
     }
 

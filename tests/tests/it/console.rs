@@ -361,6 +361,25 @@ async fn pause_holds_new_transactions_until_resume() {
         });
         (b, v)
     });
+    wait_for("b waiting for RESUME", Duration::from_secs(10), || async {
+        show(&admin, "SHOW STATE")
+            .await
+            .iter()
+            .any(|r| get(r, "key") == "waiting_clients" && get(r, "value") == "1")
+    })
+    .await;
+    // b waits holding no routing pin: a catalog change's fence (what a
+    // cut-over waits on) goes through while it waits.
+    let epoch = c
+        .propose(CatalogCommand::DeclareReference {
+            table: "paused_ref".into(),
+        })
+        .await;
+    c.node
+        .routing
+        .fence(epoch, Duration::from_secs(3))
+        .await
+        .expect("no statement held by PAUSE pins the old routing table");
     // a's transaction goes on to its end while paused.
     a.simple_query("SELECT 2").await.unwrap();
     a.simple_query("COMMIT").await.unwrap();

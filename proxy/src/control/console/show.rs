@@ -56,6 +56,10 @@ pub(super) fn show(node: &Node, what: &str) -> Result<Table, ConsoleError> {
             t.row(vec!["paused".into(), yes(all)]);
             t.row(vec!["suspended".into(), yes(false)]);
             t.row(vec!["paused_databases".into(), dbs.join(",")]);
+            t.row(vec![
+                "waiting_clients".into(),
+                node.pause.waiting().to_string(),
+            ]);
             t
         }
         "RANGES" => {
