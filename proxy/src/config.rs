@@ -86,6 +86,16 @@ pub struct Config {
     /// A backend connection idle in the pool this long is closed. 0 = never.
     #[serde(default = "default_server_idle_timeout_ms")]
     pub server_idle_timeout_ms: u64,
+    /// While the admin console has paused the node (`PAUSE`), a client
+    /// needing a server connection waits this long for `RESUME`, then
+    /// gets 57P03 (PgBouncer's `query_wait_timeout`). 0 = no limit.
+    #[serde(default = "default_query_wait_timeout_ms")]
+    pub query_wait_timeout_ms: u64,
+    /// Log filter (`info`, `debug`, `hotrepart_proxy=debug,info` …: an
+    /// `EnvFilter` directive). Absent: `HOTREPART_LOG`, else `info`.
+    /// Applied again by `RELOAD` and SIGHUP.
+    #[serde(default)]
+    pub log_level: Option<String>,
     /// Close a client idle (outside a transaction) this long; 0 = never.
     #[serde(default)]
     pub client_idle_timeout_ms: u64,
@@ -392,6 +402,9 @@ fn default_server_lifetime_ms() -> u64 {
 }
 fn default_server_idle_timeout_ms() -> u64 {
     600_000
+}
+fn default_query_wait_timeout_ms() -> u64 {
+    120_000
 }
 fn default_max_merge_rows() -> usize {
     100_000
@@ -725,6 +738,10 @@ impl Config {
     /// `client_login_timeout_ms`, `None` when off.
     pub fn client_login_timeout(&self) -> Option<Duration> {
         nonzero_ms(self.client_login_timeout_ms)
+    }
+    /// `query_wait_timeout_ms`, `None` when off.
+    pub fn query_wait_timeout(&self) -> Option<Duration> {
+        nonzero_ms(self.query_wait_timeout_ms)
     }
     /// `server_lifetime_ms`, `None` when off.
     pub fn server_lifetime(&self) -> Option<Duration> {

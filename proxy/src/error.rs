@@ -55,6 +55,11 @@ pub mod sqlstate {
     pub const OUT_OF_MEMORY: &str = "53200";
     /// `55000 object_not_in_prerequisite_state`.
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    /// `F0000 config_file_error`.
+    pub const CONFIG_FILE_ERROR: &str = "F0000";
+    /// `55P02 cant_change_runtime_param`: a configuration change that
+    /// needs a restart.
+    pub const CANT_CHANGE_RUNTIME_PARAM: &str = "55P02";
     /// `57014 query_canceled`.
     pub const QUERY_CANCELED: &str = "57014";
     /// `57P03 cannot_connect_now`.

@@ -26,6 +26,7 @@
 //! - [`backend`]: the node's connections and pools, session state replay;
 //!   [`error`] (refusals, SQLSTATEs);
 //! - [`wire`] (frames), [`sql`] (quoting SQL text the node writes),
+//!   [`stats`] (per-database traffic counters, `SHOW STATS`),
 //!   [`failpoint`] (test crash points).
 #![deny(clippy::print_stdout)]
 
@@ -40,6 +41,7 @@ pub mod node;
 pub mod routing;
 pub mod session;
 pub mod sql;
+pub mod stats;
 pub mod tools;
 pub mod wire;
 

@@ -60,28 +60,45 @@ enum Cmd {
     },
 }
 
-/// Logs on stderr: `HOTREPART_LOG` filters (default `info`);
+/// Logs on stderr: `HOTREPART_LOG` filters (default `info`; a config
+/// file's `log_level` replaces it once read);
 /// `HOTREPART_LOG_FORMAT` is `text` (default; colours only when stderr is
-/// a terminal) or `json` (one JSON object per line).
-fn init_logging() -> anyhow::Result<()> {
+/// a terminal) or `json` (one JSON object per line). Returns the hook that
+/// sets the filter later (a reload's `log_level`).
+fn init_logging() -> anyhow::Result<hotrepart_proxy::node::LogFilterHook> {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HOTREPART_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("HOTREPART_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let format = std::env::var("HOTREPART_LOG_FORMAT").unwrap_or_default();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match format.as_str() {
-        "" | "text" => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        "json" => builder.json().init(),
-        other => anyhow::bail!("HOTREPART_LOG_FORMAT={other:?}: expected text or json"),
+    fn parse(level: &str) -> Result<EnvFilter, String> {
+        EnvFilter::try_new(level).map_err(|e| format!("invalid log_level {level:?}: {e}"))
     }
-    Ok(())
+    Ok(match format.as_str() {
+        "" | "text" => {
+            let b = builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            Box::new(move |level: &str| h.reload(parse(level)?).map_err(|e| e.to_string()))
+        }
+        "json" => {
+            let b = builder.json().with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            Box::new(move |level: &str| h.reload(parse(level)?).map_err(|e| e.to_string()))
+        }
+        other => anyhow::bail!("HOTREPART_LOG_FORMAT={other:?}: expected text or json"),
+    })
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging()?;
+    let set_log_filter = init_logging()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -89,10 +106,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Serve { config } => rt.block_on(async {
             let cfg = hotrepart_proxy::Config::load(&config)?;
             cfg.check_placeholders()?;
+            if let Some(level) = &cfg.log_level {
+                set_log_filter(level).map_err(anyhow::Error::msg)?;
+            }
             let catalog = hotrepart_proxy::control::cluster::start_catalog(&cfg)
                 .await
                 .context("cannot start the routing catalog")?;
             let node = hotrepart_proxy::Node::with_catalog(cfg.clone(), catalog.clone())?;
+            let _ = node.config_file.set(config.clone());
+            let _ = node.log_filter.set(set_log_filter);
             let listener = node.bind().await?;
             tracing::info!(addr = %listener.local_addr()?, "listening");
             if let Some(a) = &cfg.admin {
@@ -111,11 +133,20 @@ fn main() -> anyhow::Result<()> {
                 tracing::info!(%addr, "admin API listening");
             }
             node.start(listener);
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            tokio::select! {
-                r = tokio::signal::ctrl_c() => r?,
-                _ = term.recv() => {}
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate())?;
+            let mut hup = signal(SignalKind::hangup())?;
+            loop {
+                tokio::select! {
+                    r = tokio::signal::ctrl_c() => { r?; break }
+                    _ = term.recv() => break,
+                    _ = hup.recv() => {
+                        tracing::info!(file = %config.display(), "SIGHUP: reloading the configuration");
+                        if let Err(e) = hotrepart_proxy::control::reload::reload(&node) {
+                            tracing::error!(error = %e, "SIGHUP: reload failed");
+                        }
+                    }
+                }
             }
             node.shutdown(hotrepart_proxy::Node::SHUTDOWN_GRACE).await;
             catalog.shutdown().await;

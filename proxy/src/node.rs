@@ -106,7 +106,19 @@ pub struct Calls {
 }
 
 pub struct Node {
-    pub cfg: Config,
+    /// The configuration now: swapped whole by a reload
+    /// ([`crate::control::reload`]); read it with [`Node::cfg`].
+    cfg: arc_swap::ArcSwap<Config>,
+    /// The file the configuration was read from (set by `hotrepart
+    /// serve`): what `RELOAD` and SIGHUP read again.
+    pub config_file: std::sync::OnceLock<std::path::PathBuf>,
+    /// Sets the log filter (installed by the binary): a reload applies
+    /// `log_level` through it.
+    pub log_filter: std::sync::OnceLock<LogFilterHook>,
+    /// Per-database traffic counters (`SHOW STATS`).
+    pub stats: crate::stats::Stats,
+    /// `PAUSE`/`RESUME` of the admin console.
+    pub pause: crate::backend::pause::Pause,
     pub pools: Pools,
     /// The routing table, its shard indexes, plans and pins.
     pub routing: Arc<RoutingState>,
@@ -135,7 +147,9 @@ pub struct Node {
     pub(crate) catalog_generation: std::sync::atomic::AtomicU64,
     /// LISTEN/NOTIFY for sessions in transaction pooling.
     pub notifier: crate::backend::notify::Notifier,
-    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The TLS acceptor for new clients (a reload reads the certificate
+    /// and key again).
+    pub(crate) tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
     /// Clients past the startup packet (`max_client_connections`).
     pub(crate) clients: AtomicUsize,
     /// Accepted sockets not yet logged in (`max_pending_logins`).
@@ -173,6 +187,9 @@ pub struct ResolverStats {
     pub committed: u64,
     pub rolled_back: u64,
 }
+
+/// Sets the process's log filter (an `EnvFilter` directive string).
+pub type LogFilterHook = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// (database, client user, the client's `search_path` setting if it set one).
 pub type NsKey = (String, String, Option<String>);
@@ -222,9 +239,13 @@ impl Node {
             namespaces: Mutex::new(HashMap::new()),
             catalog_generation: std::sync::atomic::AtomicU64::new(0),
             notifier: Default::default(),
-            cfg,
+            cfg: arc_swap::ArcSwap::from_pointee(cfg),
+            config_file: Default::default(),
+            log_filter: Default::default(),
+            stats: Default::default(),
+            pause: Default::default(),
             pools: Pools::default(),
-            tls,
+            tls: arc_swap::ArcSwapOption::new(tls.map(Arc::new)),
             clients: AtomicUsize::new(0),
             pending_logins: AtomicUsize::new(0),
             resolver_stats: Mutex::new(ResolverStats::default()),
@@ -232,6 +253,28 @@ impl Node {
             decisions,
             tasks: Default::default(),
         }))
+    }
+
+    /// The configuration now (a reload may replace it: hold the guard
+    /// briefly, never across an await).
+    pub fn cfg(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.cfg.load()
+    }
+
+    /// Replaces the configuration ([`crate::control::reload`] checks what
+    /// may change first).
+    pub fn set_cfg(&self, cfg: Config) {
+        self.cfg.store(Arc::new(cfg));
+    }
+
+    /// The settings of a pool for `client_user` under configuration `cfg`.
+    pub(crate) fn pool_settings(cfg: &Config) -> PoolSettings {
+        PoolSettings {
+            size: cfg.pool_size,
+            connect_timeout: cfg.connect_timeout(),
+            lifetime: cfg.server_lifetime(),
+            idle_timeout: cfg.server_idle_timeout(),
+        }
     }
 
     pub fn client_count(&self) -> usize {
@@ -408,7 +451,8 @@ impl Node {
     }
 
     pub(crate) fn pool_for(&self, shard: usize, database: &str, client_user: &str) -> Arc<Pool> {
-        let ucfg = self.cfg.user(client_user);
+        let cfg = self.cfg();
+        let ucfg = cfg.user(client_user);
         let info = self.routing.shards.load().list.get(shard).cloned();
         let (addr, dsn_user, dsn_pw, name) = match info.as_deref() {
             Some(i) => (
@@ -431,7 +475,7 @@ impl Node {
         let password = ucfg.and_then(|u| u.server_password.clone()).or(dsn_pw);
         let key = (shard, database.to_string(), client_user.to_string());
         self.pools.get_or_create(key, || {
-            Pool::new(
+            Pool::with_stats(
                 BackendTarget {
                     shard: name,
                     addr,
@@ -439,12 +483,8 @@ impl Node {
                     password,
                     database: database.to_string(),
                 },
-                PoolSettings {
-                    size: self.cfg.pool_size,
-                    connect_timeout: self.cfg.connect_timeout(),
-                    lifetime: self.cfg.server_lifetime(),
-                    idle_timeout: self.cfg.server_idle_timeout(),
-                },
+                Node::pool_settings(&cfg),
+                Some(self.stats.db(database)),
             )
         })
     }

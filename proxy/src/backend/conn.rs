@@ -85,6 +85,62 @@ pub struct BackendConn {
     pub unsynced: bool,
     /// Which client's CancelRequest may reach this connection now.
     pub cancel_gate: Arc<CancelGate>,
+    /// What the admin console's `SHOW SERVERS` shows of it (the pool keeps
+    /// a weak reference; it lives as long as the connection).
+    pub info: Arc<ServerInfo>,
+}
+
+/// A backend connection as `SHOW SERVERS` lists it: fixed at connect, but
+/// for its state and last request time (atomics, written at checkout and
+/// release).
+#[derive(Debug)]
+pub struct ServerInfo {
+    /// The node's side of the socket.
+    pub local_addr: Option<SocketAddr>,
+    pub remote_pid: i32,
+    pub connect_time: std::time::SystemTime,
+    /// [`ServerInfo::IDLE`] or [`ServerInfo::ACTIVE`].
+    state: std::sync::atomic::AtomicU8,
+    /// Microseconds since the Unix epoch of the last checkout or release.
+    request_time_us: std::sync::atomic::AtomicU64,
+    /// The cancel gate's owner is the session that holds it (`link`).
+    pub cancel_gate: Arc<CancelGate>,
+}
+
+impl ServerInfo {
+    pub const IDLE: u8 = 0;
+    pub const ACTIVE: u8 = 1;
+
+    fn now_us() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    }
+
+    /// Checked out (`ACTIVE`) or back in the pool (`IDLE`).
+    pub fn set_state(&self, state: u8) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.state.store(state, Relaxed);
+        self.request_time_us.store(Self::now_us(), Relaxed);
+    }
+
+    pub fn state(&self) -> u8 {
+        self.state.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The last checkout or release.
+    pub fn request_time(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH
+            + Duration::from_micros(
+                self.request_time_us
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+    }
+
+    /// The session holding the connection (0: none).
+    pub fn link(&self) -> u64 {
+        self.cancel_gate.owner()
+    }
 }
 
 /// Which client may cancel what a backend runs. A CancelRequest reaches a
@@ -110,6 +166,11 @@ struct Gate {
 impl CancelGate {
     fn lock(&self) -> std::sync::MutexGuard<'_, Gate> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session holding the backend (0: none).
+    pub fn owner(&self) -> u64 {
+        self.lock().owner
     }
 
     /// Session `owner` (never 0) holds the backend from now on.
@@ -174,6 +235,7 @@ impl BackendConn {
                 source,
             })?;
         let _ = stream.set_nodelay(true);
+        let local_addr = stream.local_addr().ok();
         let (r, mut w) = stream.into_split();
         let mut reader = FrameReader::new(r, 1 << 30);
         let mut out = BytesMut::new();
@@ -302,6 +364,15 @@ impl BackendConn {
                 }
             }
         }
+        let cancel_gate: Arc<CancelGate> = Arc::default();
+        let info = Arc::new(ServerInfo {
+            local_addr,
+            remote_pid: pid,
+            connect_time: std::time::SystemTime::now(),
+            state: std::sync::atomic::AtomicU8::new(ServerInfo::IDLE),
+            request_time_us: std::sync::atomic::AtomicU64::new(ServerInfo::now_us()),
+            cancel_gate: cancel_gate.clone(),
+        });
         Ok(BackendConn {
             reader,
             writer: w,
@@ -314,7 +385,8 @@ impl BackendConn {
             broken: false,
             created: std::time::Instant::now(),
             idle_since: std::time::Instant::now(),
-            cancel_gate: Arc::default(),
+            cancel_gate,
+            info,
             status: tx::IDLE,
             unsynced: false,
         })

@@ -14,11 +14,21 @@
 //!   (at ReadyForQuery(idle): never inside a transaction) instead of going
 //!   idle, and [`Pool::reap`] closes idle backends past their lifetime or
 //!   idle longer than `server_idle_timeout`; checkout never hands out
-//!   either.
+//!   either;
+//! - a configuration reload changes a pool in place ([`Pool::apply`]):
+//!   a larger size adds permits at once, a smaller one takes them back as
+//!   they come free — the connection released with each is closed, not
+//!   pooled (a checked-out connection is never taken from its client) —
+//!   and the ages and timeouts apply from the next checkout.
+//!
+//! Every live backend of a pool is listed (weakly) for `SHOW SERVERS`;
+//! its state is written at checkout and release (atomics only).
 
-use crate::backend::conn::{BackendConn, BackendError, BackendTarget};
+use crate::backend::conn::{BackendConn, BackendError, BackendTarget, ServerInfo};
+use crate::stats::DbStats;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -48,22 +58,59 @@ pub struct PoolSettings {
     pub idle_timeout: Option<Duration>,
 }
 
-impl PoolSettings {
+/// [`PoolSettings`] a reload may change under a running pool: durations
+/// in milliseconds, 0 for none.
+#[derive(Debug, Default)]
+struct LiveSettings {
+    connect_timeout_ms: AtomicU64,
+    lifetime_ms: AtomicU64,
+    idle_timeout_ms: AtomicU64,
+}
+
+fn ms(d: Option<Duration>) -> u64 {
+    d.map_or(0, |d| {
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
+}
+
+fn nonzero(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+impl LiveSettings {
+    fn set(&self, s: &PoolSettings) {
+        self.connect_timeout_ms
+            .store(ms(Some(s.connect_timeout)), Relaxed);
+        self.lifetime_ms.store(ms(s.lifetime), Relaxed);
+        self.idle_timeout_ms.store(ms(s.idle_timeout), Relaxed);
+    }
+
+    fn lifetime(&self) -> Option<Duration> {
+        nonzero(self.lifetime_ms.load(Relaxed))
+    }
+
     /// Whether an idle backend should be closed rather than used.
     fn expired(&self, c: &BackendConn) -> bool {
-        self.lifetime.is_some_and(|l| c.created.elapsed() >= l)
-            || self
-                .idle_timeout
+        self.lifetime().is_some_and(|l| c.created.elapsed() >= l)
+            || nonzero(self.idle_timeout_ms.load(Relaxed))
                 .is_some_and(|t| c.idle_since.elapsed() >= t)
     }
 }
 
 pub struct Pool {
     pub target: BackendTarget,
-    size: usize,
+    /// `pool_size` now (a reload may change it).
+    size: AtomicUsize,
+    /// Permits still to be taken back after the size shrank: a permit
+    /// released while this is above 0 is forgotten instead.
+    shrink_debt: AtomicUsize,
     sem: Arc<Semaphore>,
     idle: Mutex<Vec<BackendConn>>,
-    settings: PoolSettings,
+    settings: LiveSettings,
+    /// Where a client's wait for a connection is counted (`SHOW STATS`).
+    stats: Option<Arc<DbStats>>,
+    /// Every backend opened by this pool that may still live.
+    servers: Mutex<Vec<Weak<ServerInfo>>>,
     /// ParameterStatus values of the first connection made, shown to clients
     /// at login.
     server_params: Mutex<Option<Vec<(String, String)>>>,
@@ -90,12 +137,26 @@ const VALIDATED_MAX: usize = 4096;
 
 impl Pool {
     pub fn new(target: BackendTarget, settings: PoolSettings) -> Arc<Pool> {
+        Pool::with_stats(target, settings, None)
+    }
+
+    /// A pool that counts its clients' waits in `stats`.
+    pub fn with_stats(
+        target: BackendTarget,
+        settings: PoolSettings,
+        stats: Option<Arc<DbStats>>,
+    ) -> Arc<Pool> {
+        let live = LiveSettings::default();
+        live.set(&settings);
         Arc::new(Pool {
             target,
-            size: settings.size,
+            size: AtomicUsize::new(settings.size),
+            shrink_debt: AtomicUsize::new(0),
             sem: Arc::new(Semaphore::new(settings.size)),
             idle: Mutex::new(Vec::new()),
-            settings,
+            settings: live,
+            stats,
+            servers: Mutex::new(Vec::new()),
             server_params: Mutex::new(None),
             validated: Mutex::new(HashSet::new()),
             waiting: std::sync::atomic::AtomicUsize::new(0),
@@ -112,17 +173,21 @@ impl Pool {
         let permit = match self.sem.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                self.waiting
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.waiting.fetch_add(1, Relaxed);
                 let _waiting = Waiting(&self.waiting);
-                match tokio::time::timeout(wait, self.sem.clone().acquire_owned()).await {
+                let since = std::time::Instant::now();
+                let got = tokio::time::timeout(wait, self.sem.clone().acquire_owned()).await;
+                if let Some(s) = &self.stats {
+                    s.add_wait(since.elapsed());
+                }
+                match got {
                     Ok(Ok(p)) => p,
                     // The semaphore is never closed, so only the timeout gets here.
                     Ok(Err(_)) | Err(_) => {
                         return Err(PoolError::Timeout {
                             shard: self.target.shard.clone(),
                             waited_ms: wait.as_millis(),
-                            size: self.size,
+                            size: self.size(),
                         })
                     }
                 }
@@ -159,15 +224,27 @@ impl Pool {
         let conn = match idle {
             Some(c) => c,
             None => {
-                let conn =
-                    BackendConn::connect(&self.target, self.settings.connect_timeout).await?;
+                let conn = match BackendConn::connect(&self.target, self.connect_timeout()).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // The permit goes back as a released one would (a
+                        // shrink may be owed it).
+                        self.give_back(permit);
+                        return Err(e.into());
+                    }
+                };
                 let mut sp = self.server_params.lock().unwrap_or_else(|e| e.into_inner());
                 if sp.is_none() {
                     *sp = Some(conn.params.clone());
                 }
+                drop(sp);
+                let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+                servers.retain(|w| w.strong_count() > 0);
+                servers.push(Arc::downgrade(&conn.info));
                 conn
             }
         };
+        conn.info.set_state(ServerInfo::ACTIVE);
         Ok(Pooled {
             conn: Some(conn),
             permit: Some(permit),
@@ -177,7 +254,56 @@ impl Pool {
 
     /// How long a new connection to the shard may take.
     pub fn connect_timeout(&self) -> Duration {
-        self.settings.connect_timeout
+        nonzero(self.settings.connect_timeout_ms.load(Relaxed)).unwrap_or(Duration::from_secs(5))
+    }
+
+    /// Applies reloaded settings: the ages and timeouts from now on, the
+    /// size by permits added at once or taken back as they come free.
+    pub fn apply(&self, s: &PoolSettings) {
+        self.settings.set(s);
+        let old = self.size.swap(s.size, Relaxed);
+        if s.size > old {
+            let mut grow = s.size - old;
+            // Permits still owed from an earlier shrink cancel out first.
+            while grow > 0 {
+                let debt = self.shrink_debt.load(Relaxed);
+                if debt == 0 {
+                    break;
+                }
+                let take = debt.min(grow);
+                if self
+                    .shrink_debt
+                    .compare_exchange(debt, debt - take, Relaxed, Relaxed)
+                    .is_ok()
+                {
+                    grow -= take;
+                }
+            }
+            self.sem.add_permits(grow);
+        } else if s.size < old {
+            let shrink = old - s.size;
+            let now = self.sem.forget_permits(shrink);
+            self.shrink_debt.fetch_add(shrink - now, Relaxed);
+            // Idle connections beyond the new size are closed.
+            let extra: Vec<BackendConn> = {
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let keep = s.size.min(idle.len());
+                idle.drain(keep..).collect()
+            };
+            for c in extra {
+                c.terminate();
+            }
+        }
+    }
+
+    /// The pool's live backends, for `SHOW SERVERS`.
+    pub fn servers(&self) -> Vec<Arc<ServerInfo>> {
+        self.servers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
     }
 
     /// Server parameters to announce to clients; connects once if needed.
@@ -262,17 +388,43 @@ impl Pool {
     }
 
     pub fn size(&self) -> usize {
-        self.size
+        self.size.load(Relaxed)
     }
 
     /// Connections checked out right now.
     pub fn busy_count(&self) -> usize {
-        self.size - self.sem.available_permits()
+        (self.size() + self.shrink_debt.load(Relaxed)).saturating_sub(self.sem.available_permits())
     }
 
     /// Clients waiting for a connection right now.
     pub fn waiting_count(&self) -> usize {
-        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+        self.waiting.load(Relaxed)
+    }
+
+    /// Takes one permit off the debt of a shrink, if any is owed (one
+    /// relaxed load when none is).
+    fn take_debt(&self) -> bool {
+        let mut debt = self.shrink_debt.load(Relaxed);
+        while debt > 0 {
+            match self
+                .shrink_debt
+                .compare_exchange(debt, debt - 1, Relaxed, Relaxed)
+            {
+                Ok(_) => return true,
+                Err(d) => debt = d,
+            }
+        }
+        false
+    }
+
+    /// A permit comes back: forgotten while the pool still owes permits
+    /// after a shrink, else returned.
+    fn give_back(&self, permit: OwnedSemaphorePermit) {
+        if self.take_debt() {
+            permit.forget();
+        } else {
+            drop(permit);
+        }
     }
 }
 
@@ -287,6 +439,19 @@ impl Pooled {
     /// Returns the connection to the pool. Call only at ReadyForQuery(idle)
     /// with nothing owed; a connection not `reusable()` is closed instead.
     pub fn release(mut self) {
+        if self.pool.take_debt() {
+            // The pool shrank (a reload): this connection and its permit
+            // go, so that no more than the new size stay open.
+            if let Some(c) = self.conn.take() {
+                // No cancel may reach it from now on.
+                c.cancel_gate.release();
+                c.terminate();
+            }
+            if let Some(p) = self.permit.take() {
+                p.forget();
+            }
+            return;
+        }
         if let Some(mut c) = self.conn.take() {
             // A connection inside a transaction, or with an unsynced
             // pipeline, is closed (PostgreSQL rolls back), never reused.
@@ -295,8 +460,9 @@ impl Pooled {
             let too_old = self
                 .pool
                 .settings
-                .lifetime
+                .lifetime()
                 .is_some_and(|l| c.created.elapsed() >= l);
+            c.info.set_state(ServerInfo::IDLE);
             // After this no cancel can reach it; one already forwarded may
             // still land: then it is closed, not handed to another client.
             if c.cancel_gate.release() {
@@ -315,11 +481,23 @@ impl Pooled {
             }
         }
         // Only now may a waiter take a permit and find the connection idle.
-        drop(self.permit.take());
+        if let Some(p) = self.permit.take() {
+            self.pool.give_back(p);
+        }
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        // Not released: the connection (if still here) closes with the
+        // guard; the permit goes back as a released one would.
+        if let Some(p) = self.permit.take() {
+            self.pool.give_back(p);
+        }
     }
 }
 
@@ -349,6 +527,17 @@ impl Pools {
     pub fn get_or_create(&self, key: PoolKey, make: impl FnOnce() -> Arc<Pool>) -> Arc<Pool> {
         let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(key).or_insert_with(make).clone()
+    }
+
+    /// Forgets the pools of these client users (a reload changed their
+    /// shard login): the next client makes new ones; sessions holding the
+    /// old ones keep them until they end.
+    pub fn forget_users(&self, users: &[String]) {
+        if users.is_empty() {
+            return;
+        }
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|k, _| !users.contains(&k.2));
     }
 
     pub fn all(&self) -> Vec<(PoolKey, Arc<Pool>)> {

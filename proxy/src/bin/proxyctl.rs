@@ -38,9 +38,10 @@ struct Cli {
     /// Admin API of any node, e.g. http://127.0.0.1:7432.
     #[arg(long, env = "HOTREPART_ADMIN", default_value = "http://127.0.0.1:7432")]
     admin: String,
-    /// Admin token ([admin] token of the node).
+    /// Admin token ([admin] token of the node); required by every
+    /// command but `completions`.
     #[arg(long, env = "HOTREPART_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
     /// Print the API's JSON answer instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -91,6 +92,10 @@ enum Cmd {
     /// nodes, then checks every acknowledged write through the nodes and on
     /// every shard (exit status 2 when the check fails).
     Loadtest(hotrepart_proxy::tools::loadtest::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell), e.g. `proxyctl completions bash >
+    /// /etc/bash_completion.d/proxyctl`.
+    Completions { shell: clap_complete::Shell },
     /// Fault injection for tests (the node must allow it).
     #[command(hide = true)]
     Debug {
@@ -296,6 +301,23 @@ impl Api {
 
 fn main() {
     let cli = Cli::parse();
+    if let Cmd::Completions { shell } = cli.cmd {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        // Written whole, so that a closed pipe (`| head`) is no error.
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "proxyctl", &mut script);
+        let mut out = std::io::stdout();
+        let _ = out.write_all(&script).and_then(|()| out.flush());
+        std::process::exit(0);
+    }
+    if cli.token.is_none() {
+        <Cli as clap::CommandFactory>::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "the admin token is required: --token or HOTREPART_TOKEN",
+            )
+            .exit();
+    }
     if let Err(e) = run(cli) {
         if broken_pipe(&e) {
             // The reader is gone (`| head -1`): nothing left to say.
@@ -321,7 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build();
     let api = Api {
         base: cli.admin.clone(),
-        token: cli.token.clone(),
+        token: cli.token.clone().unwrap_or_default(),
         agent: ureq::Agent::new_with_config(config),
     };
     let (v, show): (Value, fn(&Value) -> String) = match cli.cmd {
@@ -522,7 +544,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Loadtest(args) => {
             let mut out = std::io::stdout();
             let ok = hotrepart_proxy::tools::loadtest::cli(
-                args, &cli.admin, &cli.token, cli.json, &mut out,
+                args, &cli.admin, &api.token, cli.json, &mut out,
             )
             .map_err(|e| anyhow::anyhow!(e))?;
             if !ok {
@@ -530,6 +552,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        // Answered by `main` before any request.
+        Cmd::Completions { .. } => return Ok(()),
         Cmd::Debug {
             cmd: DebugCmd::Partition { state },
         } => (

@@ -143,7 +143,7 @@ fn compare_with_file(node: &Node, c: &hotrepart_routing_paxos::Catalog) -> bool 
         return false;
     };
     // Without the modules: the seed compares the tables' function ids.
-    let file = node.cfg.snapshot().map(|s| seed_of(&s));
+    let file = node.cfg().snapshot().map(|s| seed_of(&s));
     if file.as_ref().ok() != Some(&seed_of(snap)) {
         tracing::warn!(
             epoch = snap.epoch(),

@@ -2,18 +2,24 @@
 //! to the virtual database `hotrepart` as one of the `admin_users` (after
 //! the usual authentication) talks to the node itself, not to a shard,
 //! with PgBouncer's commands where they overlap (`SHOW POOLS`, `SHOW
-//! DATABASES`, `SHOW CONFIG`, `SHOW VERSION`, `SHOW LISTS`, `SHOW CLIENTS`
-//! as a count) and the node's own (`SHOW SHARDS`, `SHOW RANGES`, `SHOW
-//! NODES`, `SHOW HELP`). Columns are text; names follow PgBouncer's where
-//! the meaning is the same, so DBAs' habits and exporters that read them
-//! work. Simple queries only (as PgBouncer's console); anything else gets a
-//! clear error and the session goes on.
+//! STATS`, `SHOW SERVERS`, `SHOW DATABASES`, `SHOW CONFIG`, `SHOW
+//! VERSION`, `SHOW LISTS`, `SHOW STATE`, `SHOW CLIENTS` as a count,
+//! `RELOAD`, `PAUSE [db]`, `RESUME [db]`) and the node's own (`SHOW
+//! SHARDS`, `SHOW RANGES`, `SHOW TABLES`, `SHOW FUNCTIONS`, `SHOW JOBS`,
+//! `SHOW NODES`, `SHOW HELP`). Columns are text; names follow PgBouncer's
+//! where the meaning is the same, so DBAs' habits and exporters that read
+//! them work (the result sets are in `console/show.rs`). Simple queries
+//! only (as PgBouncer's console); anything else gets a clear error and the
+//! session goes on.
+
+mod show;
 
 use crate::error::sqlstate;
 use crate::node::Node;
 use crate::wire::{self, be, fe, FrameReader, Severity};
 use bytes::{BufMut, BytesMut};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// The virtual database of the console.
@@ -45,6 +51,16 @@ impl Table {
     }
 }
 
+/// What a command answers: a result set or a bare tag, then its tag.
+enum Answer {
+    Rows(Table),
+    Done(&'static str),
+    Empty,
+}
+
+/// An error for the console client: SQLSTATE and message.
+type ConsoleError = (&'static str, String);
+
 /// Serves an admin console session until the client leaves.
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(node: Arc<Node>, mut r: FrameReader<S>) {
     loop {
@@ -56,12 +72,15 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(node: Arc<Node>, mut 
             fe::QUERY => {
                 let mut b = f.body();
                 match wire::get_cstr(&mut b) {
-                    Ok(sql) => match answer(&node, sql) {
-                        Ok(Some((t, tag))) => {
+                    Ok(sql) => match answer(&node, sql).await {
+                        Ok(Answer::Rows(t)) => {
                             t.write(&mut out);
-                            out.put_slice(&wire::command_complete(&tag));
+                            out.put_slice(&wire::command_complete("SHOW"));
                         }
-                        Ok(None) => wire::frame(&mut out, be::EMPTY_QUERY_RESPONSE, |_| {}),
+                        Ok(Answer::Done(tag)) => out.put_slice(&wire::command_complete(tag)),
+                        Ok(Answer::Empty) => {
+                            wire::frame(&mut out, be::EMPTY_QUERY_RESPONSE, |_| {})
+                        }
                         Err((code, msg)) => {
                             wire::error_response(&mut out, Severity::Error, code, &msg)
                         }
@@ -94,187 +113,116 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(node: Arc<Node>, mut 
     }
 }
 
-const HELP: &str =
-    "SHOW HELP | VERSION | POOLS | DATABASES | CLIENTS | LISTS | CONFIG | SHARDS | RANGES | NODES";
+const HELP: &str = "SHOW HELP | VERSION | POOLS | STATS | SERVERS | DATABASES | CLIENTS | LISTS | CONFIG | STATE | SHARDS | RANGES | TABLES | FUNCTIONS | JOBS | NODES; RELOAD; PAUSE [db]; RESUME [db]";
 
-/// The answer to one console command: a table and its command tag, None
-/// for an empty query, or an error.
-fn answer(node: &Node, sql: &str) -> Result<Option<(Table, String)>, (&'static str, String)> {
-    let words: Vec<String> = sql
-        .trim()
-        .trim_end_matches(';')
-        .split_whitespace()
-        .map(|w| w.to_ascii_uppercase())
-        .collect();
-    let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    let t = match words.as_slice() {
-        [] => return Ok(None),
-        ["SHOW", what] => show(node, what)?,
-        _ => {
-            return Err((
-                sqlstate::SYNTAX_ERROR,
-                format!(
-                    "unknown admin console command \"{}\"; commands: {HELP}",
-                    sql.trim()
-                ),
-            ))
+/// The answer to one console command.
+async fn answer(node: &Node, sql: &str) -> Result<Answer, ConsoleError> {
+    let text = sql.trim().trim_end_matches(';');
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+    let upper: Vec<&str> = upper.iter().map(String::as_str).collect();
+    // A database name as PgBouncer reads it: the word as typed, quotes
+    // taken off.
+    let db = |i: usize| words.get(i).map(|w| w.trim_matches('"').to_string());
+    match upper.as_slice() {
+        [] => Ok(Answer::Empty),
+        ["SHOW", what] => show::show(node, what).map(Answer::Rows),
+        ["RELOAD"] => reload(node).map(|()| Answer::Done("RELOAD")),
+        ["PAUSE"] | ["PAUSE", _] => pause(node, db(1).as_deref())
+            .await
+            .map(|()| Answer::Done("PAUSE")),
+        ["RESUME"] | ["RESUME", _] => {
+            let d = db(1);
+            node.pause
+                .resume(d.as_deref())
+                .map_err(|e| (sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE, e.to_string()))?;
+            tracing::info!(database = d.as_deref().unwrap_or("(all)"), "RESUME");
+            Ok(Answer::Done("RESUME"))
         }
-    };
-    Ok(Some((t, "SHOW".into())))
+        _ => Err((
+            sqlstate::SYNTAX_ERROR,
+            format!(
+                "unknown admin console command \"{}\"; commands: {HELP}",
+                sql.trim()
+            ),
+        )),
+    }
 }
 
-fn show(node: &Node, what: &str) -> Result<Table, (&'static str, String)> {
-    Ok(match what {
-        "HELP" => {
-            let mut t = Table::new(&["command"]);
-            for c in HELP.split(" | ") {
-                t.row(vec![format!("SHOW {c}")]);
-            }
-            t
+/// `RELOAD`: the configuration file again ([`crate::control::reload`]).
+fn reload(node: &Node) -> Result<(), ConsoleError> {
+    let r = crate::control::reload::reload(node).map_err(|e| {
+        tracing::warn!(error = %e, "RELOAD failed");
+        (sqlstate::CONFIG_FILE_ERROR, format!("RELOAD: {e}"))
+    })?;
+    if !r.failed.is_empty() {
+        return Err((
+            sqlstate::CONFIG_FILE_ERROR,
+            format!("RELOAD: {}", r.failed.join("; ")),
+        ));
+    }
+    if r.refused.is_empty() {
+        return Ok(());
+    }
+    let applied = if r.changed.is_empty() {
+        "nothing else changed".to_string()
+    } else {
+        format!("applied: {}", r.changed.join("; "))
+    };
+    Err((
+        sqlstate::CANT_CHANGE_RUNTIME_PARAM,
+        format!(
+            "RELOAD: {} cannot be changed without restarting the node; the running value is kept ({applied})",
+            r.refused.join(", ")
+        ),
+    ))
+}
+
+/// How often PAUSE looks whether every server connection is back.
+const PAUSE_POLL: Duration = Duration::from_millis(10);
+
+/// `PAUSE [db]`: new transactions wait from now on; returns once every
+/// server connection concerned is back in its pool (then closes them, so
+/// that the shards can restart), or RESUME came first.
+async fn pause(node: &Node, database: Option<&str>) -> Result<(), ConsoleError> {
+    node.pause
+        .pause(database)
+        .map_err(|e| (sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE, e.to_string()))?;
+    tracing::info!(
+        database = database.unwrap_or("(all)"),
+        "PAUSE: waiting for the server connections in use"
+    );
+    let concerned = || {
+        node.pools
+            .all()
+            .into_iter()
+            .filter(move |((_, d, u), _)| {
+                !u.starts_with('\u{0}') && database.is_none_or(|x| x == d)
+            })
+            .map(|(_, p)| p)
+    };
+    loop {
+        let busy: usize = concerned().map(|p| p.busy_count()).sum();
+        if busy == 0 {
+            break;
         }
-        "VERSION" => {
-            let mut t = Table::new(&["version"]);
-            t.row(vec![format!("hotrepart {}", env!("CARGO_PKG_VERSION"))]);
-            t
-        }
-        "POOLS" => {
-            // A pool per (shard, database, client user), as PgBouncer's per
-            // (database, user); `server_user` logs in to the shard.
-            let mut t = Table::new(&[
-                "database",
-                "user",
-                "shard",
-                "server_user",
-                "sv_active",
-                "sv_idle",
-                "pool_size",
-                "pool_mode",
-            ]);
-            let mut pools = node.pools.all();
-            pools.sort_by(|a, b| {
-                (&a.0 .1, &a.0 .2, &a.1.target.shard).cmp(&(&b.0 .1, &b.0 .2, &b.1.target.shard))
-            });
-            for ((_, database, user), p) in pools {
-                t.row(vec![
-                    database,
-                    user,
-                    p.target.shard.clone(),
-                    p.target.user.clone(),
-                    p.busy_count().to_string(),
-                    p.idle_count().to_string(),
-                    p.size().to_string(),
-                    format!("{:?}", node.cfg.pool_mode).to_lowercase(),
-                ]);
-            }
-            t
-        }
-        "DATABASES" | "SHARDS" => {
-            let mut t = if what == "DATABASES" {
-                Table::new(&["name", "host", "port", "pool_size", "pool_mode"])
-            } else {
-                Table::new(&["name", "host", "port", "ranges_owned"])
-            };
-            let snap = node.routing.catalog.load_full();
-            let shards = node.routing.shards.load();
-            for s in shards.list.iter() {
-                let (host, port) = match &s.addr {
-                    Ok(a) => (a.ip().to_string(), a.port().to_string()),
-                    Err(e) => (format!("unresolved: {e}"), String::new()),
-                };
-                if what == "DATABASES" {
-                    t.row(vec![
-                        s.name.clone(),
-                        host,
-                        port,
-                        node.cfg.pool_size.to_string(),
-                        format!("{:?}", node.cfg.pool_mode).to_lowercase(),
-                    ]);
-                } else {
-                    let owned = snap
-                        .ranges()
-                        .iter()
-                        .filter(|r| r.write_owner.as_str() == s.name)
-                        .count();
-                    t.row(vec![s.name.clone(), host, port, owned.to_string()]);
-                }
-            }
-            t
-        }
-        "CLIENTS" => {
-            let mut t = Table::new(&["clients"]);
-            t.row(vec![node.client_count().to_string()]);
-            t
-        }
-        "LISTS" => {
-            let snap = node.routing.catalog.load_full();
-            let mut t = Table::new(&["list", "items"]);
-            t.row(vec!["databases".into(), snap.shards().count().to_string()]);
-            t.row(vec!["pools".into(), node.pools.all().len().to_string()]);
-            t.row(vec!["used_clients".into(), node.client_count().to_string()]);
-            t.row(vec!["ranges".into(), snap.ranges().len().to_string()]);
-            t
-        }
-        "CONFIG" => {
-            let c = &node.cfg;
-            let mut t = Table::new(&["key", "value"]);
-            for (k, v) in [
-                ("listen", c.listen.clone()),
-                ("pool_mode", format!("{:?}", c.pool_mode).to_lowercase()),
-                ("pool_size", c.pool_size.to_string()),
-                ("pool_timeout_ms", c.pool_timeout_ms.to_string()),
-                ("connect_timeout_ms", c.connect_timeout_ms.to_string()),
-                (
-                    "max_client_connections",
-                    c.max_client_connections.to_string(),
-                ),
-                ("max_message_size", c.max_message_size.to_string()),
-                (
-                    "client_idle_timeout_ms",
-                    c.client_idle_timeout_ms.to_string(),
-                ),
-                (
-                    "idle_in_transaction_timeout_ms",
-                    c.idle_in_transaction_timeout_ms.to_string(),
-                ),
-                (
-                    "client_login_timeout_ms",
-                    c.client_login_timeout_ms.to_string(),
-                ),
-                ("admin_users", c.admin_users.join(",")),
-            ] {
-                t.row(vec![k.to_string(), v]);
-            }
-            t
-        }
-        "RANGES" => {
-            let snap = node.routing.catalog.load_full();
-            let mut t = Table::new(&["lo", "hi", "read_owner", "write_owner", "status"]);
-            for r in snap.ranges() {
-                t.row(vec![
-                    r.lo.to_string(),
-                    r.hi.map_or_else(|| "end".to_string(), |h| h.to_string()),
-                    r.read_owner.as_str().to_string(),
-                    r.write_owner.as_str().to_string(),
-                    format!("{:?}", r.status),
-                ]);
-            }
-            t
-        }
-        "NODES" => {
-            let s = serde_json::to_value(node.catalog_handle.status()).unwrap_or_default();
-            let mut t = Table::new(&["key", "value"]);
-            if let Some(m) = s.as_object() {
-                for (k, v) in m {
-                    t.row(vec![k.clone(), v.to_string()]);
-                }
-            }
-            t
-        }
-        other => {
+        let still = match database {
+            None => node.pause.paused().0,
+            Some(d) => node.pause.holds(d),
+        };
+        if !still {
             return Err((
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("SHOW {other} is not supported by the admin console; commands: {HELP}"),
-            ))
+                sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "RESUME came before every server connection was back in its pool".into(),
+            ));
         }
-    })
+        tokio::time::sleep(PAUSE_POLL).await;
+    }
+    let closed: usize = concerned().map(|p| p.close_idle()).sum();
+    tracing::info!(
+        database = database.unwrap_or("(all)"),
+        closed,
+        "PAUSE: every server connection is back; idle ones closed"
+    );
+    Ok(())
 }

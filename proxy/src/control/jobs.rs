@@ -175,12 +175,12 @@ fn is_running(node: &Node, id: &str) -> bool {
 /// always is) and holds its lease.
 fn runs_jobs(node: &Node) -> bool {
     let st = node.catalog_handle.status();
-    let leader = node.cfg.cluster.is_none() || st.leader == Some(st.node_id);
+    let leader = node.cfg().cluster.is_none() || st.leader == Some(st.node_id);
     leader && node.catalog_handle.lease_valid() && node.routing.catalog_ready()
 }
 
 fn takeover_delay(node: &Node) -> Duration {
-    let lease = node.cfg.cluster.as_ref().map_or(0, |c| c.lease_ms);
+    let lease = node.cfg().cluster.as_ref().map_or(0, |c| c.lease_ms);
     Duration::from_millis(lease + lease / 10 + 100)
 }
 
@@ -212,7 +212,7 @@ pub(crate) async fn settle(node: &Arc<Node>) -> Result<(), JobError> {
     // when they were added (`node add --admin`).
     let status = h.status();
     let configured: std::collections::HashMap<u64, Option<String>> = node
-        .cfg
+        .cfg()
         .cluster
         .as_ref()
         .map(|c| c.peers.iter().map(|p| (p.id, p.admin.clone())).collect())
@@ -230,7 +230,7 @@ pub(crate) async fn settle(node: &Arc<Node>) -> Result<(), JobError> {
             (*id, admin)
         })
         .collect();
-    let token = node.cfg.admin.as_ref().and_then(|a| a.token().ok());
+    let token = node.cfg().admin.as_ref().and_then(|a| a.token().ok());
     let calls = peers.into_iter().map(|(id, admin)| {
         let token = token.clone();
         async move {
@@ -558,7 +558,7 @@ static CUT_OVER_ATTEMPTS: std::sync::atomic::AtomicU32 = std::sync::atomic::Atom
 async fn step(node: &Arc<Node>, id: &str, rec: &JobRecord, plan: &Plan) -> Result<(), JobError> {
     match rec.phase {
         JobPhase::Planned => {
-            let grace = match node.cfg.cutover_idle_grace_ms {
+            let grace = match node.cfg().cutover_idle_grace_ms {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
             };
@@ -847,7 +847,7 @@ async fn cut_over(
         }
         let acked = frozen_at.elapsed();
         // Transactions that wrote to the range before the freeze end.
-        let grace = match node.cfg.cutover_idle_grace_ms {
+        let grace = match node.cfg().cutover_idle_grace_ms {
             0 => None,
             ms => Some(Duration::from_millis(ms)),
         };

@@ -2,7 +2,8 @@
 //! catalog the node follows ([`cluster`]), the HTTP admin API
 //! ([`admin`]), reshard jobs ([`jobs`]) and their data-movement engine
 //! ([`reshard`]), the 2PC resolver ([`resolver`]), plain control-plane
-//! connections ([`pg`]), and the supervisor of the node's background tasks
+//! connections ([`pg`]), configuration reload ([`reload`]), the admin
+//! console ([`console`]), and the supervisor of the node's background tasks
 //! ([`supervisor`]).
 
 pub mod admin;
@@ -10,6 +11,7 @@ pub mod cluster;
 pub mod console;
 pub mod jobs;
 pub mod pg;
+pub mod reload;
 pub mod reshard;
 pub mod resolver;
 pub mod supervisor;

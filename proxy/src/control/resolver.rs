@@ -34,8 +34,8 @@ pub const RESOLVER_APPLICATION_NAME: &str = "hotrepart resolver";
 /// connection per shard. Started by [`Node::serve`] under the node's
 /// supervisor (restarted if it fails); ends when `shutdown` is cancelled.
 pub async fn run_resolver(node: Arc<Node>, shutdown: CancellationToken) {
-    let every = Duration::from_millis(node.cfg.twopc_resolver_interval_ms.max(10));
-    let grace = Duration::from_millis(node.cfg.twopc_grace_ms);
+    let every = Duration::from_millis(node.cfg().twopc_resolver_interval_ms.max(10));
+    let grace = Duration::from_millis(node.cfg().twopc_grace_ms);
     let mut conns: Vec<Option<BackendConn>> = Vec::new();
     // Decisions held by the catalog, with when this resolver first saw
     // them (the sweep waits a grace period: their coordinators report
@@ -128,7 +128,7 @@ fn resolver_target(node: &Node, t: usize, database: &str) -> BackendTarget {
         .parse::<tokio_postgres::Config>()
         .ok()
         .and_then(|c| c.get_user().map(str::to_string));
-    let who = match (dsn_user, node.cfg.users.first()) {
+    let who = match (dsn_user, node.cfg().users.first()) {
         (None, Some(u)) => u.name.clone(),
         _ => RESOLVER.to_string(),
     };
@@ -141,9 +141,10 @@ async fn resolver_connect(
     t: usize,
     database: &str,
 ) -> Result<BackendConn, crate::backend::conn::BackendError> {
+    let wait = node.cfg().connect_timeout();
     BackendConn::connect_named(
         &resolver_target(node, t, database),
-        node.cfg.connect_timeout(),
+        wait,
         Some(RESOLVER_APPLICATION_NAME),
     )
     .await
@@ -192,7 +193,7 @@ pub async fn resolve_shard(
     // old ones resolved.
     let q = format!(
         "SELECT gid, database, (prepared < now() - interval '{} milliseconds')::text FROM pg_catalog.pg_prepared_xacts WHERE left(gid, 3) = 'hr_' ORDER BY prepared",
-        node.cfg.twopc_grace_ms
+        node.cfg().twopc_grace_ms
     );
     let rows = b.hidden_query(&q).await?;
     let mut pass = ShardPass::default();

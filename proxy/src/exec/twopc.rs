@@ -80,7 +80,7 @@ pub(crate) async fn record(
     commit: bool,
     since: Option<u64>,
 ) -> Result<bool, DecisionError> {
-    let t = Duration::from_millis(node.cfg.twopc_decision_timeout_ms);
+    let t = Duration::from_millis(node.cfg().twopc_decision_timeout_ms);
     match tokio::time::timeout(t, node.decisions.decide(gid, commit, since)).await {
         Ok(r) => r,
         Err(_) => Err(DecisionError::Timeout),
@@ -104,7 +104,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<(), Refusal> {
     let node = s.node.clone();
     let name = |t: usize| node.routing.shard_name(t);
-    let gid = new_gid(node.cfg.effective_node_id());
+    let gid = new_gid(node.cfg().effective_node_id());
     let prepare = format!("PREPARE TRANSACTION '{gid}'");
     // Read before the first PREPARE: a decision for gid cannot have been
     // recorded (and forgotten) before this point.
@@ -259,7 +259,8 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 Err(e) => {
                     tracing::warn!(error = %e, shard = t, "{sql} failed; retrying on a fresh connection");
                     let pool = s.pool(t);
-                    finish_with_pool(&pool, t, &sql, node.cfg.pool_timeout()).await
+                    let wait = node.cfg().pool_timeout();
+                    finish_with_pool(&pool, t, &sql, wait).await
                 }
             };
             if !done {
@@ -370,7 +371,8 @@ async fn finish_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     }
     let pool = s.pool(t);
-    finish_with_pool(&pool, t, sql, s.node.cfg.pool_timeout()).await
+    let wait = s.node.cfg().pool_timeout();
+    finish_with_pool(&pool, t, sql, wait).await
 }
 
 async fn finish_with_pool(pool: &Arc<Pool>, t: usize, sql: &str, wait: Duration) -> bool {

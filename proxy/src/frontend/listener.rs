@@ -50,19 +50,20 @@ impl Node {
     /// Binds the listener; returns it so callers learn the port before
     /// serving (port 0 picks a free one).
     pub async fn bind(&self) -> Result<TcpListener, NodeError> {
-        TcpListener::bind(&self.cfg.listen)
+        TcpListener::bind(&self.cfg().listen)
             .await
             .map_err(|source| NodeError::Bind {
-                addr: self.cfg.listen.clone(),
+                addr: self.cfg().listen.clone(),
                 source,
             })
     }
 
     /// Starts the node's long-running background tasks under its
     /// supervisor: the catalog follower (after publishing the current
-    /// routing table), the 2PC resolver, the reshard job supervisor and,
-    /// when `server_lifetime` or `server_idle_timeout` is set, the pool
-    /// reaper ([`crate::backend::pool::Pool::reap`]). Each ends when the node shuts down ([`Node::shutdown`]).
+    /// routing table), the 2PC resolver, the reshard job supervisor, the
+    /// pool reaper ([`crate::backend::pool::Pool::reap`], idle while
+    /// neither `server_lifetime` nor `server_idle_timeout` is set) and the
+    /// stats period ([`crate::stats::Stats::roll`]). Each ends when the node shuts down ([`Node::shutdown`]).
     pub fn start_background(self: &Arc<Self>) {
         crate::control::cluster::publish_now(self, &self.catalog_handle);
         let node = self.clone();
@@ -81,26 +82,42 @@ impl Node {
         self.tasks.supervise("job_supervisor", move |stop| {
             crate::control::jobs::supervise(node.clone(), stop)
         });
-        if let Some(every) = reap_interval(&self.cfg) {
-            let node = self.clone();
-            self.tasks.supervise("pool_reaper", move |stop| {
-                let node = node.clone();
-                async move {
-                    let mut tick = tokio::time::interval(every);
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                    loop {
-                        tokio::select! {
-                            _ = tick.tick() => {
+        // Always running: a reload may turn the ages on; the interval
+        // follows the configuration of the moment.
+        let node = self.clone();
+        self.tasks.supervise("pool_reaper", move |stop| {
+            let node = node.clone();
+            async move {
+                loop {
+                    let every = reap_interval(&node.cfg());
+                    tokio::select! {
+                        _ = tokio::time::sleep(every.unwrap_or(std::time::Duration::from_secs(1))) => {
+                            if every.is_some() {
                                 for (_, pool) in node.pools.all() {
                                     pool.reap();
                                 }
                             }
-                            () = stop.cancelled() => return Ok(()),
                         }
+                        () = stop.cancelled() => return Ok(()),
                     }
                 }
-            });
-        }
+            }
+        });
+        // SHOW STATS' averages: one stats period at a time.
+        let node = self.clone();
+        self.tasks.supervise("stats_period", move |stop| {
+            let node = node.clone();
+            async move {
+                let mut tick = tokio::time::interval(crate::stats::PERIOD);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => node.stats.roll(),
+                        () = stop.cancelled() => return Ok(()),
+                    }
+                }
+            }
+        });
     }
 
     /// Starts the node's background tasks, then accepts clients until the
@@ -168,17 +185,17 @@ impl Node {
         let _ = sock.set_nodelay(true);
         let Some(pending) = PendingLogin::enter(&self) else {
             tracing::warn!(
-                max_pending_logins = self.cfg.max_pending_logins,
+                max_pending_logins = self.cfg().max_pending_logins,
                 "refusing a connection: too many clients in the login handshake"
             );
             let m = format!(
                 "too many connections are logging in at once (max_pending_logins = {}); try again",
-                self.cfg.max_pending_logins
+                self.cfg().max_pending_logins
             );
             return refuse_and_close(sock, sqlstate::TOO_MANY_CONNECTIONS, &m).await;
         };
         let deadline = self
-            .cfg
+            .cfg()
             .client_login_timeout()
             .map(|t| tokio::time::Instant::now() + t);
         // Until the startup packet is in, PostgreSQL closes a timed-out
@@ -188,7 +205,7 @@ impl Node {
             Some(n) => n,
             None => {
                 tracing::info!(
-                    timeout_ms = self.cfg.client_login_timeout_ms,
+                    timeout_ms = self.cfg().client_login_timeout_ms,
                     "client_login_timeout: no startup packet in time; connection closed"
                 );
                 return;
@@ -242,7 +259,7 @@ impl Node {
             }
             match code {
                 SSL_REQUEST => {
-                    if let Some(acc) = self.tls.clone() {
+                    if let Some(acc) = self.tls.load_full() {
                         if r.buffered() > 0 {
                             refuse(
                                 r.get_mut(),
@@ -263,7 +280,7 @@ impl Node {
                                 return Negotiated::Done;
                             }
                         };
-                        let max = self.cfg.max_message_size;
+                        let max = self.cfg().max_message_size;
                         let mut r = FrameReader::new(tls, AUTH_MAX_MESSAGE.min(max));
                         return match startup_after_tls(&mut r).await {
                             Some(p) => Negotiated::Tls(Box::new(r), p),
@@ -336,7 +353,7 @@ impl Node {
                 // client here is waiting for an authentication message, so
                 // it may as well read why the connection ends).
                 tracing::info!(
-                    timeout_ms = self.cfg.client_login_timeout_ms,
+                    timeout_ms = self.cfg().client_login_timeout_ms,
                     "client_login_timeout: canceling authentication due to timeout"
                 );
                 let _ = tokio::time::timeout(
@@ -352,7 +369,7 @@ impl Node {
             }
         };
         drop(pending);
-        r.set_max_len(self.cfg.max_message_size);
+        r.set_max_len(self.cfg().max_message_size);
         let Admitted {
             user,
             database,
@@ -425,13 +442,13 @@ impl Node {
         // slot, never a client slot.
         let n = self.clients.fetch_add(1, Ordering::Relaxed) + 1;
         let count = CountGuard(self.clone());
-        if n > self.cfg.max_client_connections {
+        if n > self.cfg().max_client_connections {
             refuse(
                 r.get_mut(),
                 sqlstate::TOO_MANY_CONNECTIONS,
                 &format!(
                     "sorry, too many clients already (max_client_connections = {})",
-                    self.cfg.max_client_connections
+                    self.cfg().max_client_connections
                 ),
             )
             .await;
@@ -439,7 +456,7 @@ impl Node {
         }
         // A role the node does not know goes through a SCRAM exchange no
         // password passes, and gets the answer a wrong password gets.
-        let known = self.cfg.user(&user).cloned();
+        let known = self.cfg().user(&user).cloned();
         let ucfg = known.clone().unwrap_or_else(|| crate::config::UserConfig {
             name: user.clone(),
             auth: AuthMethod::ScramSha256,
@@ -448,12 +465,10 @@ impl Node {
             server_password: None,
             pool_mode: None,
         });
+        let cfg_delay = self.cfg().auth_failure_delay_ms;
         if let Err(m) = authenticate(r, &ucfg, &user).await {
-            if m.0 != sqlstate::CONNECTION_FAILURE && self.cfg.auth_failure_delay_ms > 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(
-                    self.cfg.auth_failure_delay_ms,
-                ))
-                .await;
+            if m.0 != sqlstate::CONNECTION_FAILURE && cfg_delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(cfg_delay)).await;
             }
             if known.is_none() {
                 tracing::info!(%user, "login refused: no such role in the node's users");
@@ -473,7 +488,7 @@ impl Node {
             return None;
         };
         if database == crate::control::console::DATABASE {
-            if !self.cfg.admin_users.contains(&user) {
+            if !self.cfg().admin_users.contains(&user) {
                 refuse(
                     r.get_mut(),
                     sqlstate::INSUFFICIENT_PRIVILEGE,
@@ -523,7 +538,8 @@ impl Node {
         };
         let shard = self.routing.home_index();
         let pool = self.pool_for(shard, &database, &user);
-        let server_params = match pool.server_params(self.cfg.pool_timeout()).await {
+        let wait = self.cfg().pool_timeout();
+        let server_params = match pool.server_params(wait).await {
             Ok(p) => p,
             Err(crate::backend::pool::PoolError::Backend(
                 crate::backend::conn::BackendError::Refused { code, message, .. },
@@ -567,7 +583,7 @@ impl Node {
         if r.get_mut().write_all(&out).await.is_err() {
             return None;
         }
-        let session_mode = ucfg.pool_mode.unwrap_or(self.cfg.pool_mode) == PoolMode::Session;
+        let session_mode = ucfg.pool_mode.unwrap_or(self.cfg().pool_mode) == PoolMode::Session;
         Some(Admitted {
             user,
             database,
@@ -649,7 +665,7 @@ impl PendingLogin {
     fn enter(node: &Arc<Node>) -> Option<PendingLogin> {
         let n = node.pending_logins.fetch_add(1, Ordering::Relaxed) + 1;
         let guard = PendingLogin(node.clone());
-        (n <= node.cfg.max_pending_logins).then_some(guard)
+        (n <= node.cfg().max_pending_logins).then_some(guard)
     }
 }
 

@@ -43,8 +43,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.refresh_state_from(d).await;
             }
         }
+        if self.node.pause.active() && !self.be.attached() {
+            // PAUSE: a new transaction waits for RESUME (one that holds a
+            // backend goes on, so that PAUSE can end).
+            if let Err(r) = self.wait_while_paused().await {
+                return Ok(Err(r));
+            }
+        }
         let pool = self.pool(t);
-        let mut b = match pool.get(self.state_fp, self.node.cfg.pool_timeout()).await {
+        let wait = self.node.cfg().pool_timeout();
+        let mut b = match pool.get(self.state_fp, wait).await {
             Ok(b) => b,
             Err(PoolError::Timeout { shard, waited_ms, size }) => {
                 return Ok(Err(Refusal::new(
@@ -149,8 +157,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(())
     }
 
+    /// Waits while the admin console has paused this session's database,
+    /// at most `query_wait_timeout_ms`; returns when that ends.
+    pub(super) async fn wait_for_resume(&self) -> Option<tokio::time::Instant> {
+        let deadline = self
+            .node
+            .cfg()
+            .query_wait_timeout()
+            .map(|l| tokio::time::Instant::now() + l);
+        self.node
+            .pause
+            .wait(
+                &self.database,
+                deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now())),
+            )
+            .await;
+        deadline
+    }
+
+    /// Waits while the admin console has paused this session's database
+    /// (bounded by `query_wait_timeout_ms`, counted from the start of the
+    /// batch's wait if it waited already).
+    async fn wait_while_paused(&self) -> Result<(), Refusal> {
+        let limit = match self.pause_deadline {
+            Some(d) => d.map(|d| d.saturating_duration_since(tokio::time::Instant::now())),
+            None => self.node.cfg().query_wait_timeout(),
+        };
+        if self.node.pause.wait(&self.database, limit).await {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            sqlstate::CANNOT_CONNECT_NOW,
+            format!(
+                "database \"{}\" is paused on this hotrepart node (PAUSE on the admin console) and was not resumed within query_wait_timeout_ms",
+                self.database
+            ),
+        ))
+    }
+
     pub(crate) async fn flush_client(&mut self) -> Result<(), SessionError> {
         if !self.out.is_empty() {
+            self.stats.sending(&self.out);
             let w = self.client.get_mut();
             w.write_all(&self.out)
                 .await

@@ -321,6 +321,11 @@ pub struct Session<S> {
     /// The session listens (LISTEN under transaction pooling): its
     /// membership in the node's listeners, created at the first LISTEN.
     pub(super) listener: Option<crate::backend::notify::Listener>,
+    /// The session's side of its database's counters (`SHOW STATS`).
+    pub(crate) stats: crate::stats::Tracker,
+    /// The client batch being handled waited for RESUME: until when it
+    /// may wait in all (`None` inside: no limit).
+    pub(super) pause_deadline: Option<Option<tokio::time::Instant>>,
 }
 
 /// What a multi-shard extended statement's first shard answered.
@@ -355,7 +360,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let state_fp = state.fingerprint();
         let nshards = node.routing.shard_slots() + SLOT_HEADROOM;
         let home = node.routing.home_index();
+        let stats = crate::stats::Tracker::new(node.stats.db(&database));
         Session {
+            stats,
+            pause_deadline: None,
             node,
             client,
             out: BytesMut::with_capacity(8192),

@@ -103,7 +103,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // go on holding its locks until it ends: PostgreSQL notices a
         // closed connection only when it writes. Cancel it.
         let running = !self.be.owed.is_empty();
-        let wait = self.node.cfg.connect_timeout();
+        let wait = self.node.cfg().connect_timeout();
         for slot in &mut self.be.slots {
             if let Some(b) = slot.conn.take() {
                 // Otherwise the guard's drop closes the connection (and
@@ -125,6 +125,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // session is in flight any more.
             if self.be.owed.is_empty() {
                 self.be.pin = None;
+                if self.out.is_empty() {
+                    // Every request has had its ReadyForQuery (one PostgreSQL
+                    // ignores, a Sync in COPY, is not waited for).
+                    self.stats.settled();
+                }
             }
             let res = if self.be.slots[self.be.cur].conn.is_some() {
                 self.step_attached().await
@@ -156,13 +161,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn step_idle(&mut self) -> Result<Option<End>, SessionError> {
         let (t, code, msg) = if !self.txn.open() {
             (
-                self.node.cfg.client_idle_timeout_ms,
+                self.node.cfg().client_idle_timeout_ms,
                 sqlstate::IDLE_SESSION_TIMEOUT,
                 "terminating connection due to idle-session timeout",
             )
         } else {
             (
-                self.node.cfg.idle_in_transaction_timeout_ms,
+                self.node.cfg().idle_in_transaction_timeout_ms,
                 sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                 "terminating connection due to idle-in-transaction timeout",
             )
@@ -201,7 +206,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn step_attached(&mut self) -> Result<Option<End>, SessionError> {
-        let idle_in_tx = self.node.cfg.idle_in_transaction_timeout_ms;
+        let idle_in_tx = self.node.cfg().idle_in_transaction_timeout_ms;
         let timer_on = idle_in_tx > 0 && self.be.owed.is_empty() && self.txn.open();
         let sleep = tokio::time::sleep(Duration::from_millis(if timer_on {
             idle_in_tx
@@ -235,6 +240,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// then writes to backend and client once.
     async fn on_client_batch(&mut self, first: Frame) -> Result<Option<End>, SessionError> {
         self.ensure_slots();
+        if self.node.pause.active() && !self.be.attached() {
+            // PAUSE: wait before routing, so that no routing pin is held
+            // while waiting (a cut-over waits for pins); `ensure_backend`
+            // refuses if the wait ran out, and waits itself for a PAUSE
+            // that comes after this point.
+            self.pause_deadline = Some(self.wait_for_resume().await);
+        }
         let mut f = Some(first);
         while let Some(frame) = f.take() {
             if let Some(end) = self.on_client_frame(frame).await? {
@@ -248,6 +260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.flush_backend().await?;
         self.flush_client().await?;
+        self.pause_deadline = None;
         Ok(None)
     }
 
@@ -272,6 +285,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn on_client_frame(&mut self, f: Frame) -> Result<Option<End>, SessionError> {
         let tag = f.tag();
+        self.stats.received(
+            f.raw.len(),
+            matches!(tag, fe::QUERY | fe::SYNC | fe::FUNCTION_CALL),
+        );
         if self.ddl_sent && self.be.owed.is_empty() && !self.txn.open() {
             self.ddl_sent = false;
             self.node.forget_catalog(&self.database);
@@ -713,7 +730,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         })
                         .collect()
                 };
-                let wait = Duration::from_millis(node.cfg.pool_timeout_ms.max(1000));
+                let wait = Duration::from_millis(node.cfg().pool_timeout_ms.max(1000));
                 let who = self.listener.get_or_insert_with(|| node.notifier.member());
                 node.notifier
                     .listen(

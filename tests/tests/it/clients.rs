@@ -736,3 +736,133 @@ async fn create_and_drop_database_on_every_shard() {
     node.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(exists("shop3").await, [false, false]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reads_a_rotated_tls_certificate() {
+    let certs = TestDir::new("tls-reload");
+    let first = certs.0.join("first");
+    std::fs::create_dir_all(&first).unwrap();
+    let (cert_a, _) = make_cert(&first);
+    // The node's files are those at `cert`/`key`: first certificate A.
+    let (cert, key) = (certs.0.join("cert.pem"), certs.0.join("key.pem"));
+    std::fs::copy(&cert_a, &cert).unwrap();
+    std::fs::copy(first.join("key.pem"), &key).unwrap();
+    let c = Cluster::start(Opts {
+        extra: format!(
+            "admin_users = [\"{USER}\"]\n[tls]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+        ..Opts::default()
+    })
+    .await;
+    // The same configuration, in a file the node reloads.
+    let file = certs.0.join("node.toml");
+    let mut text = String::from("listen = \"127.0.0.1:0\"\n");
+    text.push_str(&format!(
+        "admin_users = [\"{USER}\"]\n[tls]\ncert = {:?}\nkey = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    ));
+    for (i, s) in c.shards.iter().enumerate() {
+        text.push_str(&format!(
+            "[[shards]]\nname = \"s{i}\"\ndsn = \"{}\"\n",
+            s.dsn()
+        ));
+    }
+    text.push_str(&format!(
+        "[[users]]\nname = \"{USER}\"\nauth = \"scram-sha-256\"\npassword_hash = \"{}\"\nserver_user = \"postgres\"\n",
+        hotrepart_proxy::frontend::auth::scram_verifier(PASSWORD)
+    ));
+    std::fs::write(&file, text).unwrap();
+    c.node.config_file.set(file).unwrap();
+    let env = [("PGPASSWORD", PASSWORD)];
+    let verify = |root: &Path| {
+        node_conninfo(
+            &c,
+            "postgres",
+            &format!(
+                "sslmode=verify-full sslrootcert={} host=localhost hostaddr=127.0.0.1",
+                root.display()
+            ),
+        )
+    };
+    let (ok, out, err) = psql(
+        &[
+            "-X",
+            "-w",
+            "-At",
+            "-c",
+            "SELECT 1",
+            &verify(Path::new(&cert_a)),
+        ],
+        &env,
+    )
+    .await;
+    assert!(ok && out.starts_with('1'), "certificate A: {err}");
+    let before = c.connect().await;
+    // Rotate: certificate B at the same paths, then RELOAD.
+    let second = certs.0.join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    let (cert_b, _) = make_cert(&second);
+    std::fs::copy(&cert_b, &cert).unwrap();
+    std::fs::copy(second.join("key.pem"), &key).unwrap();
+    let admin = connect(&format!(
+        "postgres://{USER}:{PASSWORD}@127.0.0.1:{}/hotrepart",
+        c.addr.port()
+    ))
+    .await
+    .unwrap();
+    admin.simple_query("RELOAD").await.unwrap();
+    let (ok, out, err) = psql(
+        &[
+            "-X",
+            "-w",
+            "-At",
+            "-c",
+            "SELECT 2",
+            &verify(Path::new(&cert_b)),
+        ],
+        &env,
+    )
+    .await;
+    assert!(
+        ok && out.starts_with('2'),
+        "certificate B after RELOAD: {err}"
+    );
+    let (ok, _, err) = psql(
+        &[
+            "-X",
+            "-w",
+            "-At",
+            "-c",
+            "SELECT 3",
+            &verify(Path::new(&cert_a)),
+        ],
+        &env,
+    )
+    .await;
+    assert!(!ok, "the old certificate is still served");
+    assert!(err.contains("certificate"), "{err}");
+    before
+        .simple_query("SELECT 4")
+        .await
+        .expect("a client from before goes on");
+    // A key that does not load: RELOAD fails (F0000), B stays.
+    std::fs::write(&key, "not a key").unwrap();
+    let e = admin.simple_query("RELOAD").await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "F0000", "{e}");
+    let (ok, _, err) = psql(
+        &[
+            "-X",
+            "-w",
+            "-At",
+            "-c",
+            "SELECT 5",
+            &verify(Path::new(&cert_b)),
+        ],
+        &env,
+    )
+    .await;
+    assert!(ok, "the running certificate is kept: {err}");
+}

@@ -3,7 +3,10 @@
 //! from the node's own state, with real clients (tokio-postgres, psql).
 #![allow(clippy::unwrap_used)]
 
+use hotrepart_routing_paxos::CatalogCommand;
+use hotrepart_routing_paxos::{JobPhase, JobSpec};
 use hotrepart_tests::*;
+use std::time::Duration;
 use tokio_postgres::SimpleQueryMessage;
 
 /// Rows of a console command as (column → value) lists.
@@ -77,7 +80,7 @@ async fn admin_console_shows_pools_shards_and_ranges() {
         .iter()
         .any(|r| get(r, "key") == "pool_size" && get(r, "value") == "3"));
     // Errors are clear and the console goes on.
-    let e = admin.simple_query("SHOW STATS").await.unwrap_err();
+    let e = admin.simple_query("SHOW NOTHING").await.unwrap_err();
     assert_eq!(e.code().unwrap().code(), "0A000", "{e}");
     let e = admin.simple_query("DROP TABLE x").await.unwrap_err();
     assert_eq!(e.code().unwrap().code(), "42601", "{e}");
@@ -99,4 +102,321 @@ async fn admin_console_shows_pools_shards_and_ranges() {
     .await;
     assert!(ok, "psql failed: {err}");
     assert!(out.contains("sv_idle") && out.contains("postgres"), "{out}");
+}
+
+fn console_dsn(c: &Cluster) -> String {
+    format!(
+        "postgres://{USER}:{PASSWORD}@127.0.0.1:{}/hotrepart",
+        c.addr.port()
+    )
+}
+
+/// SHOW STATS' row of database `postgres` as numbers by column.
+async fn stats_of(admin: &tokio_postgres::Client) -> std::collections::BTreeMap<String, u64> {
+    let rows = show(admin, "SHOW STATS").await;
+    let r = rows
+        .iter()
+        .find(|r| get(r, "database") == "postgres")
+        .unwrap_or_else(|| panic!("no stats for postgres: {rows:?}"));
+    r.iter()
+        .filter(|(c, _)| c != "database")
+        .map(|(c, v)| (c.clone(), v.parse().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_stats_and_servers_follow_the_load() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: format!("admin_users = [\"{USER}\"]\npool_size = 1"),
+        ..Opts::default()
+    })
+    .await;
+    let admin = connect(&console_dsn(&c)).await.unwrap();
+    // The PgBouncer 1.18 columns, in its order.
+    let stats = show(&admin, "SHOW STATS").await;
+    assert!(stats.is_empty(), "no client yet: {stats:?}");
+    let a = c.connect().await;
+    a.simple_query("SELECT 1").await.unwrap();
+    let before = stats_of(&admin).await;
+    let names: Vec<&String> = before.keys().collect();
+    for col in [
+        "total_xact_count",
+        "total_query_count",
+        "total_received",
+        "total_sent",
+        "total_xact_time",
+        "total_query_time",
+        "total_wait_time",
+        "avg_xact_count",
+        "avg_query_count",
+        "avg_recv",
+        "avg_sent",
+        "avg_xact_time",
+        "avg_query_time",
+        "avg_wait_time",
+    ] {
+        assert!(before.contains_key(col), "{col} missing: {names:?}");
+    }
+    // 20 autocommit queries, then one transaction of three.
+    for _ in 0..20 {
+        a.simple_query("SELECT 1").await.unwrap();
+    }
+    a.simple_query("BEGIN").await.unwrap();
+    let pid: i32 = a
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .unwrap()
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+            _ => None,
+        })
+        .unwrap();
+    // Inside the transaction: its server is active, held by the session.
+    let servers = show(&admin, "SHOW SERVERS").await;
+    let held = servers
+        .iter()
+        .find(|r| get(r, "remote_pid") == pid.to_string())
+        .unwrap_or_else(|| panic!("backend {pid} not in SHOW SERVERS: {servers:?}"));
+    assert_eq!(get(held, "type"), "S");
+    assert_eq!(get(held, "state"), "active", "{held:?}");
+    assert!(!get(held, "link").is_empty(), "{held:?}");
+    assert_eq!(get(held, "database"), "postgres");
+    assert_eq!(get(held, "user"), "postgres", "the shard login");
+    assert_eq!(get(held, "addr"), "127.0.0.1");
+    let shard_ports: Vec<String> = c.shards.iter().map(|s| s.port.to_string()).collect();
+    assert!(
+        shard_ports.contains(&get(held, "port").to_string()),
+        "{held:?}"
+    );
+    assert!(get(held, "local_port").parse::<u16>().unwrap() > 0);
+    assert!(get(held, "connect_time").ends_with(" UTC"), "{held:?}");
+    // A second client waits for the pool's only connection (pool_size 1).
+    let b = c.connect().await;
+    let waiter = tokio::spawn(async move {
+        b.simple_query("SELECT 1").await.unwrap();
+        b
+    });
+    wait_for(
+        "a client waiting in SHOW POOLS",
+        Duration::from_secs(10),
+        || async {
+            show(&admin, "SHOW POOLS")
+                .await
+                .iter()
+                .any(|r| get(r, "database") == "postgres" && get(r, "cl_waiting") == "1")
+        },
+    )
+    .await;
+    a.simple_query("COMMIT").await.unwrap();
+    let b = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiting client gets the connection after COMMIT")
+        .unwrap();
+    let after = stats_of(&admin).await;
+    let d = |k: &str| after[k] - before[k];
+    // 20 + BEGIN + SELECT + COMMIT from a, and b's SELECT.
+    assert_eq!(d("total_query_count"), 24, "{before:?} -> {after:?}");
+    assert_eq!(d("total_xact_count"), 22, "{before:?} -> {after:?}");
+    assert!(d("total_received") > 24 * 5, "{before:?} -> {after:?}");
+    assert!(
+        d("total_sent") > d("total_received"),
+        "{before:?} -> {after:?}"
+    );
+    assert!(d("total_query_time") > 0 && d("total_xact_time") >= d("total_query_time") / 2);
+    assert!(
+        d("total_wait_time") > 0,
+        "b waited: {before:?} -> {after:?}"
+    );
+    // After the transaction the server is back in the pool.
+    let servers = show(&admin, "SHOW SERVERS").await;
+    let back = servers
+        .iter()
+        .find(|r| get(r, "remote_pid") == pid.to_string())
+        .unwrap_or_else(|| panic!("{servers:?}"));
+    assert_eq!(get(back, "state"), "idle", "{back:?}");
+    assert_eq!(get(back, "link"), "", "{back:?}");
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_tables_functions_and_jobs_read_the_catalog() {
+    let wat = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples/functions/tenant_prefix.wat")
+        .canonicalize()
+        .unwrap();
+    let (gate, mut reached) = hotrepart_proxy::control::jobs::JobGate::new();
+    let c = Cluster::start_with(
+        Opts {
+            shards: 2,
+            extra: format!("admin_users = [\"{USER}\"]\nreference_tables = [\"countries\"]"),
+            tail: format!(
+                "[[functions]]\nname = \"tenant\"\npath = \"{}\"\n\
+                 [[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n\
+                 [[sharded_tables]]\nname = \"docs\"\nkey = \"k\"\ntype = \"text\"\nfunction = \"tenant\"\n",
+                wat.display()
+            ),
+            ..Opts::default()
+        },
+        |n| n.job_gate = Some(gate.clone()),
+    )
+    .await;
+    let admin = connect(&console_dsn(&c)).await.unwrap();
+    let tables = show(&admin, "SHOW TABLES").await;
+    let row = |name: &str| {
+        tables
+            .iter()
+            .find(|r| get(r, "name") == name)
+            .unwrap_or_else(|| panic!("{name} not in {tables:?}"))
+            .clone()
+    };
+    let items = row("items");
+    assert_eq!(
+        (
+            get(&items, "kind"),
+            get(&items, "key"),
+            get(&items, "key_type")
+        ),
+        ("sharded", "id", "bigint")
+    );
+    assert_eq!(get(&items, "function"), "hash (seed 0)");
+    assert!(get(&row("docs"), "function").starts_with("wasm tenant ("));
+    assert_eq!(get(&row("countries"), "kind"), "reference");
+    let functions = show(&admin, "SHOW FUNCTIONS").await;
+    assert_eq!(functions.len(), 1, "{functions:?}");
+    assert_eq!(get(&functions[0], "name"), "tenant");
+    assert_eq!(get(&functions[0], "tables"), "docs");
+    assert_eq!(get(&functions[0], "id").len(), 64);
+    assert!(get(&functions[0], "size_bytes").parse::<usize>().unwrap() > 0);
+    assert!(show(&admin, "SHOW JOBS").await.is_empty());
+    // A job, held by the test before its first step.
+    let snap = c.node.routing.catalog.load_full();
+    let r = snap
+        .ranges()
+        .iter()
+        .find(|r| r.write_owner.as_str() == "s0")
+        .unwrap()
+        .clone();
+    c.propose(CatalogCommand::JobStart {
+        job: "console_job".into(),
+        spec: JobSpec {
+            range: r.span(),
+            from: "s0".into(),
+            to: "s1".into(),
+        },
+    })
+    .await;
+    let (job, phase) = tokio::time::timeout(Duration::from_secs(30), reached.recv())
+        .await
+        .expect("the job starts")
+        .unwrap();
+    assert_eq!((job.as_str(), phase), ("console_job", JobPhase::Planned));
+    let jobs = show(&admin, "SHOW JOBS").await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let j = &jobs[0];
+    assert_eq!(
+        (
+            get(j, "id"),
+            get(j, "phase"),
+            get(j, "from_shard"),
+            get(j, "to_shard")
+        ),
+        ("console_job", "planned", "s0", "s1")
+    );
+    assert_eq!(get(j, "lo"), r.lo.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_new_transactions_until_resume() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: format!("admin_users = [\"{USER}\"]"),
+        ..Opts::default()
+    })
+    .await;
+    let admin = connect(&console_dsn(&c)).await.unwrap();
+    let a = c.connect().await;
+    let b = c.connect().await;
+    b.simple_query("SELECT 1").await.unwrap();
+    // a holds a server connection in a transaction.
+    a.simple_query("BEGIN").await.unwrap();
+    a.simple_query("SELECT 1").await.unwrap();
+    let pauser = connect(&console_dsn(&c)).await.unwrap();
+    let pause = tokio::spawn(async move { pauser.simple_query("PAUSE").await.map(|_| ()) });
+    wait_for("SHOW STATE paused", Duration::from_secs(10), || async {
+        show(&admin, "SHOW STATE")
+            .await
+            .iter()
+            .any(|r| get(r, "key") == "paused" && get(r, "value") == "yes")
+    })
+    .await;
+    // PAUSE waits for a's transaction.
+    assert!(!pause.is_finished(), "PAUSE returned with a server in use");
+    let mut query = tokio::spawn(async move {
+        let rows = b.simple_query("SELECT 41 + 1").await.unwrap();
+        let v = rows.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        });
+        (b, v)
+    });
+    wait_for("b waiting for RESUME", Duration::from_secs(10), || async {
+        show(&admin, "SHOW STATE")
+            .await
+            .iter()
+            .any(|r| get(r, "key") == "waiting_clients" && get(r, "value") == "1")
+    })
+    .await;
+    // b waits holding no routing pin: a catalog change's fence (what a
+    // cut-over waits on) goes through while it waits.
+    let epoch = c
+        .propose(CatalogCommand::DeclareReference {
+            table: "paused_ref".into(),
+        })
+        .await;
+    c.node
+        .routing
+        .fence(epoch, Duration::from_secs(3))
+        .await
+        .expect("no statement held by PAUSE pins the old routing table");
+    // a's transaction goes on to its end while paused.
+    a.simple_query("SELECT 2").await.unwrap();
+    a.simple_query("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), pause)
+        .await
+        .expect("PAUSE returns once every server is back")
+        .unwrap()
+        .unwrap();
+    // Every server connection was closed, and b's query still waits.
+    assert!(show(&admin, "SHOW SERVERS").await.is_empty());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut query)
+            .await
+            .is_err(),
+        "a new transaction ran while paused"
+    );
+    let e = admin.simple_query("PAUSE").await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "55000", "{e}");
+    admin.simple_query("RESUME").await.unwrap();
+    let (b, n) = tokio::time::timeout(Duration::from_secs(10), query)
+        .await
+        .expect("the waiting query runs after RESUME")
+        .unwrap();
+    assert_eq!(n.as_deref(), Some("42"));
+    let e = admin.simple_query("RESUME").await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "55000", "{e}");
+    // PAUSE of another database leaves this one alone.
+    admin.simple_query("PAUSE otherdb").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), b.simple_query("SELECT 1"))
+        .await
+        .expect("postgres is not paused")
+        .unwrap();
+    let e = admin.simple_query("RESUME postgres").await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "55000", "{e}");
+    admin.simple_query("RESUME otherdb").await.unwrap();
+    assert!(show(&admin, "SHOW STATE")
+        .await
+        .iter()
+        .any(|r| get(r, "key") == "paused" && get(r, "value") == "no"));
 }

@@ -723,9 +723,9 @@ async fn shutdown_ends_every_task_within_its_bound() {
         Duration::from_secs(10),
         || async {
             let st = c.node.tasks.status();
-            // catalog follower, 2PC resolver, job supervisor, pool reaper
-            // (on by default: server_lifetime and server_idle_timeout).
-            st.len() == 4
+            // catalog follower, 2PC resolver, job supervisor, pool reaper,
+            // stats period (SHOW STATS' averages).
+            st.len() == 5
                 && st
                     .iter()
                     .all(|t| t.state == hotrepart_proxy::control::supervisor::TaskState::Running)

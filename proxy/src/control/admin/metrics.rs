@@ -4,14 +4,16 @@
 //!
 //! Every value is read when scraped, from state the node keeps anyway
 //! (pools, clients, the catalog and its jobs, the 2PC resolver's last
-//! pass, the routing functions' failure counters): nothing is added to the
-//! per-statement path. A fresh registry per scrape, so nodes that share a
+//! pass, the routing functions' failure counters, the per-database
+//! traffic counters of `crate::stats`): nothing is added to the
+//! per-statement path for it. A fresh registry per scrape, so nodes that share a
 //! process (`hotrepart demo`) never mix their numbers.
 
 use super::{Api, ApiError};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use hotrepart_routing_paxos::JobPhase;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -109,6 +111,62 @@ pub(crate) fn registry(api: &Api) -> Registry {
         waiting,
     );
 
+    // Client traffic per database (the admin console's SHOW STATS).
+    let mut xacts = Vec::new();
+    let mut queries = Vec::new();
+    let mut received = Vec::new();
+    let mut sent = Vec::new();
+    let mut query_us = Vec::new();
+    let mut xact_us = Vec::new();
+    let mut wait_us = Vec::new();
+    for (database, t, _) in node.stats.list() {
+        let labels: Labels = vec![("database", database)];
+        xacts.push((labels.clone(), t.xact_count));
+        queries.push((labels.clone(), t.query_count));
+        received.push((labels.clone(), t.received));
+        sent.push((labels.clone(), t.sent));
+        query_us.push((labels.clone(), t.query_time_us));
+        xact_us.push((labels.clone(), t.xact_time_us));
+        wait_us.push((labels, t.wait_time_us));
+    }
+    counters(
+        &mut reg,
+        "client_transactions",
+        "Client transactions ended (a ReadyForQuery with status idle)",
+        xacts,
+    );
+    counters(
+        &mut reg,
+        "client_queries",
+        "Client requests answered (a simple Query, or an extended batch up to Sync)",
+        queries,
+    );
+    counters(
+        &mut reg,
+        "client_received_bytes",
+        "Bytes received from clients",
+        received,
+    );
+    counters(&mut reg, "client_sent_bytes", "Bytes sent to clients", sent);
+    counters(
+        &mut reg,
+        "client_query_time_microseconds",
+        "Time from a client request to its ReadyForQuery",
+        query_us,
+    );
+    counters(
+        &mut reg,
+        "client_transaction_time_microseconds",
+        "Time from a transaction's first request to its end",
+        xact_us,
+    );
+    counters(
+        &mut reg,
+        "client_wait_time_microseconds",
+        "Time clients waited for a server connection",
+        wait_us,
+    );
+
     // The catalog.
     let ready = node.routing.catalog_ready();
     let snap = node.routing.catalog.load_full();
@@ -191,7 +249,22 @@ pub(crate) fn registry(api: &Api) -> Registry {
 
     // Reshard jobs.
     let catalog = node.catalog_handle.catalog();
-    let mut by_phase: BTreeMap<&'static str, i64> = BTreeMap::new();
+    // Every phase, 0 when no job is in it: the series exist before the
+    // first job (dashboards and alerts need no special case).
+    let mut by_phase: BTreeMap<&'static str, i64> = [
+        JobPhase::Planned,
+        JobPhase::Copy,
+        JobPhase::CatchUp,
+        JobPhase::CutOver,
+        JobPhase::Flipped,
+        JobPhase::Aborting,
+        JobPhase::Done,
+        JobPhase::Aborted,
+        JobPhase::Failed,
+    ]
+    .into_iter()
+    .map(|p| (p.name(), 0))
+    .collect();
     let mut phase = Vec::new();
     let mut rows = Vec::new();
     let mut lag = Vec::new();

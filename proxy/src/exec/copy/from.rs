@@ -185,11 +185,13 @@ pub(super) async fn read_client<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
 ) -> Result<Frame, SessionError> {
     s.flush_client().await?;
-    let cfg = &s.node.cfg;
-    let ms = if cfg.idle_in_transaction_timeout_ms > 0 {
-        cfg.idle_in_transaction_timeout_ms
-    } else {
-        cfg.client_idle_timeout_ms
+    let ms = {
+        let cfg = s.node.cfg();
+        if cfg.idle_in_transaction_timeout_ms > 0 {
+            cfg.idle_in_transaction_timeout_ms
+        } else {
+            cfg.client_idle_timeout_ms
+        }
     };
     let r =
         if ms > 0 {
@@ -204,6 +206,9 @@ pub(super) async fn read_client<S: AsyncRead + AsyncWrite + Unpin + Send>(
         } else {
             s.client.next().await
         };
+    if let Ok(f) = &r {
+        s.stats.received(f.raw.len(), false);
+    }
     r.map_err(|e| match e {
         WireError::Closed | WireError::Io(_) => SessionError::ClientGone,
         WireError::Protocol(m) => SessionError::Fatal {
@@ -309,7 +314,7 @@ pub(super) async fn setup_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
     sql: &str,
     in_tx: bool,
 ) -> Result<Result<Option<RowSplitter>, Fail>, SessionError> {
-    let max_row = s.node.cfg.max_message_size;
+    let max_row = s.node.cfg().max_message_size;
     // Outside a transaction block every shard starts now; inside one, the
     // shard of the first row. Either way every shard's column order is
     // read and must agree (a row is split by it before its shard is known).

@@ -639,8 +639,8 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             "ordering text across shards needs the C collation on every shard (database collation is not C)".into(),
         )));
     }
-    let max_rows = s.node.cfg.max_merge_rows;
-    let max_bytes = s.node.cfg.max_merge_bytes;
+    let max_rows = s.node.cfg().max_merge_rows;
+    let max_bytes = s.node.cfg().max_merge_bytes;
     // Output row description.
     let out_fields: Vec<Field> = match &plan.aggregate {
         None => fields.get(plan.hidden..).unwrap_or(&[]).to_vec(),

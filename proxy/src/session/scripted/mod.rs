@@ -15,6 +15,7 @@
 
 mod client;
 mod fake_pg;
+mod pool_resize;
 
 use crate::backend::pool::Pool;
 use crate::config::Config;
