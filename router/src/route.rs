@@ -423,6 +423,16 @@ impl Plan {
         &self.ns
     }
 
+    /// Whether binding it may call a WebAssembly routing function (a
+    /// sharded table it touches is placed by one).
+    pub fn places_by_function(&self) -> bool {
+        self.stmts.iter().any(|s| {
+            s.sharded_tables
+                .iter()
+                .any(|t| !matches!(t.function, crate::catalog::RoutingFunction::PgHash { .. }))
+        })
+    }
+
     /// Routes one execution. `params` are the Bind parameters (empty for the
     /// simple protocol). If `snapshot` is not the one the plan was made from
     /// (another epoch), the statement is planned again first, so a stale plan
@@ -655,6 +665,9 @@ pub fn route_by_shape(
 ) -> Option<Route> {
     let n = normalize_literals(sql)?;
     let plan = plan_shape(snapshot, &n.text, ns).ok()??;
+    if plan.places_by_function() {
+        return None;
+    }
     let route = plan.bind(snapshot, &n.params(), hints).ok()?;
     shape_route_usable(&route).then_some(route)
 }

@@ -473,12 +473,15 @@ fn shape_route(
         Some(p) => p,
         // Parsed outside the lock, as the statements' own plans.
         None => match r::plan_shape(snapshot, &n.text, ns) {
-            Ok(Some(p)) => {
+            // A WebAssembly function would run twice for a statement the
+            // shape cannot route (once for the shape, once for the text):
+            // such tables are routed by their text, as before.
+            Ok(Some(p)) if !p.places_by_function() => {
                 let p = std::sync::Arc::new(p);
                 lock().put(snapshot, &n.text, std::sync::Arc::clone(&p));
                 p
             }
-            Ok(None) | Err(_) => {
+            Ok(_) | Err(_) => {
                 lock().mark_no_shape(snapshot, &n.text);
                 return None;
             }

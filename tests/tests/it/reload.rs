@@ -83,7 +83,7 @@ async fn reload_and_sighup_apply_the_file_without_dropping_clients() {
     let e = connect(&dsn("newbie", "newbie-pw", "postgres"))
         .await
         .unwrap_err();
-    assert_eq!(e.code().unwrap().code(), "28000", "{e}");
+    assert_eq!(e.code().unwrap().code(), "28P01", "{e}");
 
     // RELOAD: a new user and pool size apply; a new listen address is
     // refused (55P02) and the old one kept.
