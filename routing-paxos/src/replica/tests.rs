@@ -401,7 +401,9 @@ fn a_node_restarted_with_a_promise_for_its_own_unfinished_ballot_catches_up() {
     }
     let status: Vec<ReplicaStatus> = c.nodes.iter().flatten().map(Replica::status).collect();
     assert!(
-        status.iter().all(|s| s.applied == 4 && s.epoch == 4 && s.accepting),
+        status
+            .iter()
+            .all(|s| s.applied == 4 && s.epoch == 4 && s.accepting),
         "{status:#?}"
     );
 }
