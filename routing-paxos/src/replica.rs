@@ -82,6 +82,15 @@
 //! makes itself a candidate: a node that was the accepting leader of `P`
 //! (accepted round = `P`) had a majority promise `P`, and those followers'
 //! BLE elect a successor above `P` once its heartbeats stop, as usual.
+//! The condition also cannot be met by a torn state: the leader of `P`
+//! writes accepted round `P` with the synced log in one atomic batch
+//! (`write_atomically`, one journal record) before it queues its first
+//! AcceptSync, and the driver sends messages only after the call returns;
+//! so accepted round < `P` in the store proves that no node accepted, and
+//! none decided, anything in `P`. The only party that relied on our
+//! promise for `P` was our own election for `P`, which is abandoned (its
+//! leader state is not stored, and the new ballot supersedes it). A crash
+//! during the new election is the same case one ballot higher.
 //!
 //! # What the transport must provide
 //!
