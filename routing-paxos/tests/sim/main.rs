@@ -263,6 +263,7 @@ fn simulated_cluster_agrees_and_makes_progress() {
         eprintln!("sim: random seeds from HOTREPART_SIM_STREAM={stream}, for {budget:?}");
         let mut gen = Rng(stream);
         let mut random = 0u64;
+        let failed_before = failures.len();
         while started.elapsed() < budget && seeds < max_seeds {
             let mode = forced.unwrap_or([NetMode::Fifo, NetMode::OneWay][(random & 1) as usize]);
             let seed = gen.next();
@@ -270,7 +271,10 @@ fn simulated_cluster_agrees_and_makes_progress() {
             run(seed, mode, &mut total, &mut failures);
             seeds += 1;
         }
-        eprintln!("sim: {random} random seeds, {} failed", failures.len());
+        eprintln!(
+            "sim: {random} random seeds, {} of them failed",
+            failures.len() - failed_before
+        );
     }
     eprintln!(
         "sim ({} network): {seeds} seeds in {:.1}s: {} ticks, {} entries decided ({} accepted, {} rejected, {} stale retries), \
