@@ -42,6 +42,56 @@
 //! them after every call into omnipaxos and keeps them in its own outbox
 //! until [`Replica::outgoing`].
 //!
+//! # Restarting with a promise for our own ballot
+//!
+//! A node that starts an election writes a promise for its new ballot `P`
+//! (durably) before its Prepare goes out. If it stops before `P` reaches
+//! the accept phase (its Prepare lost, or answered by a minority only), it
+//! restarts holding that promise. omnipaxos 0.2.4 then recovers like this:
+//! sequence paxos starts in the Recover phase and sends PrepareReq(`P`) to
+//! every peer; ballot leader election (BLE) takes `P` as its leader but
+//! advertises its own ballot at round 0 (`RECOVERY_ROUND`), and a BLE only
+//! ever adopts the *ballots* in heartbeat replies, never the leaders they
+//! name. Meanwhile the others may have elected a leader `L` with a ballot
+//! below `P` (they never saw `P`: e.g. both took over at the same round and
+//! this node's pid is higher). Then nothing moves anyone past `P`: `L`
+//! ignores PrepareReq(`P`) (it answers only requests at or below its own
+//! ballot), this node ignores `L`'s Prepare (below its promise), and the
+//! others' BLE, happy with `L` and never shown a ballot above it, never
+//! starts an election. The node stays behind for as long as `L` leads (in
+//! the simulation: forever; "all replicas catch up after healing" fails).
+//!
+//! So a replica that starts over a store whose promise is its own ballot
+//! and whose accepted round is below that promise calls omnipaxos'
+//! `try_become_leader`: a Prepare for ballot (`P.n + 1`, this pid), which
+//! the others promise (it is above `L`); BLE takes that ballot from the
+//! promise at its next round and advertises it, so the others' BLE follow.
+//! If the cluster had already moved past `P + 1`, the PrepareReq(`P`) sent
+//! just before reaches that leader, which answers with its Prepare, and
+//! this node follows it (a Prepare above its promise).
+//!
+//! Safety: nothing is given up. The stored promise, accepted round and log
+//! are untouched; starting a ballot is what any proposer may do at any time
+//! in Paxos, and Paxos' safety (a value decided in a ballot is the value of
+//! every higher ballot's accept phase) holds whoever starts which ballot
+//! when, provided two proposers never use the same ballot. `P.n + 1` with
+//! this pid was never used by this node: the promise is written before a
+//! Prepare for it is sent and never decreases, so every ballot this node
+//! ever started is at most `P`; no other node uses this pid. The condition
+//! (own ballot, nothing accepted in it) only limits when the restarted node
+//! makes itself a candidate: a node that was the accepting leader of `P`
+//! (accepted round = `P`) had a majority promise `P`, and those followers'
+//! BLE elect a successor above `P` once its heartbeats stop, as usual.
+//! The condition also cannot be met by a torn state: the leader of `P`
+//! writes accepted round `P` with the synced log in one atomic batch
+//! (`write_atomically`, one journal record) before it queues its first
+//! AcceptSync, and the driver sends messages only after the call returns;
+//! so accepted round < `P` in the store proves that no node accepted, and
+//! none decided, anything in `P`. The only party that relied on our
+//! promise for `P` was our own election for `P`, which is abandoned (its
+//! leader state is not stored, and the new ballot supersedes it). A crash
+//! during the new election is the same case one ballot higher.
+//!
 //! # What the transport must provide
 //!
 //! Messages between two replicas must arrive in the order sent, each at
@@ -245,10 +295,21 @@ impl Replica {
         };
         // omnipaxos' ConfigError reports itself as its own `source()`, so it
         // is kept as text: an error-chain walker would loop on it.
-        let paxos = op_config
+        let mut paxos = op_config
             .build(storage.clone())
             .map_err(|e| ReplicaError::Config(e.to_string()))?;
-        Ok(Replica {
+        if stranded_own_ballot(&storage, config.pid) {
+            // See "Restarting with a promise for our own ballot" in the
+            // module docs.
+            tracing::info!(
+                pid = config.pid,
+                round = paxos.get_promise().n,
+                "restarted with a promise for its own ballot that never reached the accept phase: \
+                 starting a higher ballot"
+            );
+            paxos.try_become_leader();
+        }
+        let mut replica = Replica {
             pid: config.pid,
             config_id: config.config_id,
             nodes,
@@ -265,7 +326,9 @@ impl Replica {
             next_ticket: 1,
             pending: BTreeMap::new(),
             outbox: Vec::new(),
-        })
+        };
+        replica.drain();
+        Ok(replica)
     }
 
     /// This node's id.
@@ -666,6 +729,17 @@ impl Replica {
             ticket,
         })
     }
+}
+
+/// Whether `storage` holds a promise for a ballot of node `pid` itself in
+/// which that node never accepted anything: the ballot of an election it
+/// started and did not see through to the accept phase before it stopped.
+/// See "Restarting with a promise for our own ballot" in the module docs.
+fn stranded_own_ballot(storage: &SharedStorage, pid: NodeId) -> bool {
+    use omnipaxos::storage::Storage;
+    let promise = storage.get_promise().ok().flatten();
+    let accepted = storage.get_accepted_round().ok().flatten();
+    promise.is_some_and(|p| p.pid == pid && accepted.is_none_or(|a| a < p))
 }
 
 #[cfg(test)]

@@ -352,3 +352,58 @@ fn a_follower_behind_by_a_few_entries_applies_the_snapshot_tail_one_by_one() {
     let one = c.node(1).state().clone();
     assert_eq!(*c.node(3).state(), one);
 }
+
+/// The liveness defect of issue 17 (module docs, "Restarting with a promise
+/// for our own ballot"): node 3 took over at the same round as the leader
+/// the others elected (a higher ballot: its pid is higher), wrote its
+/// promise, and stopped before its Prepare got out. Restarted, it must not
+/// stay behind the others' (lower-ballot) leader.
+#[test]
+fn a_node_restarted_with_a_promise_for_its_own_unfinished_ballot_catches_up() {
+    use omnipaxos::ballot_leader_election::Ballot;
+    use omnipaxos::storage::Storage;
+
+    let mut c = Cluster::new(3);
+    let t = c.node(1).propose(add("a")).expect("propose");
+    c.answer(1, t);
+
+    // Node 3 (the first leader: highest initial ballot) stops; 1 and 2
+    // elect a leader among themselves and decide more.
+    c.nodes[2] = None;
+    let t = c.node(1).propose(add("b")).expect("propose");
+    c.answer(1, t);
+    let status = c.node(1).status();
+    let leader = status.leader.expect("nodes 1 and 2 have a leader");
+    assert!(leader < 3 && status.accepting, "{status:?}");
+
+    // What node 3's store holds after a takeover at the others' round that
+    // never got out: a promise for its own ballot above their leader's, no
+    // entry accepted in it.
+    let mut store = c.storages[2].clone();
+    let stranded = Ballot::with(1, status.round, 0, 3);
+    store.set_promise(stranded).expect("set promise");
+    let accepted = store.get_accepted_round().expect("read").expect("some");
+    assert!(accepted < stranded);
+
+    c.nodes[2] = Some(replica(3, 3, &c.storages[2]));
+    for peer in [1, 2] {
+        c.node(peer).reconnected(3);
+    }
+    // The others' leader keeps deciding; node 3 must follow, and its own
+    // proposals must be decided.
+    let t = c.node(1).propose(add("c")).expect("propose");
+    c.answer(1, t);
+    let t = c.node(3).propose(add("d")).expect("propose");
+    let d = c.answer(3, t);
+    assert!(matches!(d.outcome, Outcome::Applied(_)), "{d:?}");
+    for _ in 0..50 {
+        c.step();
+    }
+    let status: Vec<ReplicaStatus> = c.nodes.iter().flatten().map(Replica::status).collect();
+    assert!(
+        status
+            .iter()
+            .all(|s| s.applied == 4 && s.epoch == 4 && s.accepting),
+        "{status:#?}"
+    );
+}

@@ -67,6 +67,9 @@ impl Sim {
 
     pub(crate) fn crash(&mut self, pid: u64) {
         self.stats.crashes += 1;
+        if self.trace {
+            eprintln!("t{} node {pid} crashes", self.now);
+        }
         let i = self.idx(pid);
         let n = &mut self.nodes[i];
         n.decided_at_crash = n.replica.as_ref().map_or(0, Replica::decided_index);
@@ -84,6 +87,9 @@ impl Sim {
         let i = self.idx(pid);
         let storage = self.nodes[i].storage.clone();
         let replica = self.start(pid, &storage);
+        if self.trace {
+            eprintln!("t{} node {pid} restarts: {:?}", self.now, replica.status());
+        }
         if replica.decided_index() < self.nodes[i].decided_at_crash {
             self.fail(format!(
                 "node {pid} restarted with decided index {} < {} before the crash",
