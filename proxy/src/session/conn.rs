@@ -542,6 +542,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if sync {
             b.unsynced = false;
         }
+        b.unsynced_ran = !sync;
         wire::frame(&mut self.be.to_backend, fe::PARSE, |o| {
             o.put_u8(0);
             wire::put_cstr(o, POISON_SQL);

@@ -459,6 +459,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.be.owed.push_back(Owed::Query);
         if let Some(b) = self.be.slots[t].conn.as_mut() {
             b.unsynced = false;
+            b.unsynced_ran = false;
         }
         Ok(())
     }
@@ -661,6 +662,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(d) = &d {
             self.poison_if_failed(d, t).await;
         }
+        let ran = frames
+            .iter()
+            .any(|f| matches!(f.tag(), fe::BIND | fe::EXECUTE));
         for f in frames {
             if self.skip_to_sync && f.tag() != fe::SYNC {
                 continue;
@@ -672,8 +676,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         // Until its Sync, an implicit transaction may be open on this
-        // backend: it must not be pooled or left for another shard.
+        // backend: it must not be pooled, nor left for another shard once
+        // something ran there (`switch_to`).
         if let Some(b) = self.be.slots[t].conn.as_mut() {
+            b.unsynced_ran = !synced && ((b.unsynced && b.unsynced_ran) || ran);
             b.unsynced = !synced;
         }
         Ok(true)

@@ -106,16 +106,6 @@ const KNOWN_FAILURES: &[Known] = &[
         fails_with: "LISTEN must be sent alone",
     },
     Known {
-        driver: Driver::Asyncpg,
-        shards: 2,
-        scenario: "sharded_keys",
-        known_failure: "asyncpg prepares with Parse/Describe/Flush and sends Bind/Execute/Sync \
-            after: the node sends the keyless Parse to one shard and the Bind's key routes to \
-            another (0A000 \"messages sent with Flush but without Sync are still open on one \
-            shard\"); every keyed statement with parameters fails on several shards",
-        fails_with: "messages sent with Flush but without Sync are still open on one shard",
-    },
-    Known {
         driver: Driver::Psycopg,
         shards: 2,
         scenario: "pipeline_mixed",

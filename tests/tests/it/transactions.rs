@@ -323,8 +323,20 @@ impl Raw {
         self.until(b'Z').await
     }
 
+    /// Reads the next message; fails the test after 10 s.
+    async fn next(&mut self) -> (u8, Vec<u8>) {
+        let mut m = self.until_with(|_| true).await;
+        m.pop().unwrap()
+    }
+
     /// Reads messages until one tagged `end`; fails the test after 10 s.
     async fn until(&mut self, end: u8) -> Vec<(u8, Vec<u8>)> {
+        self.until_with(|t| t == end).await
+    }
+
+    /// Reads messages up to the first whose tag `last` accepts; fails the
+    /// test after 10 s.
+    async fn until_with(&mut self, last: impl Fn(u8) -> bool) -> Vec<(u8, Vec<u8>)> {
         tokio::time::timeout(Duration::from_secs(10), async {
             let mut msgs = Vec::new();
             loop {
@@ -339,7 +351,7 @@ impl Raw {
                     self.buf.advance(5);
                     let body = self.buf.split_to(len - 4).to_vec();
                     msgs.push((tag, body));
-                    if tag == end {
+                    if last(tag) {
                         return msgs;
                     }
                 }
@@ -348,7 +360,9 @@ impl Raw {
             }
         })
         .await
-        .unwrap_or_else(|_| panic!("no '{}' within 10 s: the session hangs", end as char))
+        .unwrap_or_else(|_| {
+            panic!("the awaited message did not come within 10 s: the session hangs")
+        })
     }
 }
 
@@ -503,6 +517,127 @@ async fn an_error_in_a_pipeline_skips_to_sync_whichever_shards_the_statements_go
         assert_eq!(tags(&m), "Z", "{what}, error first: {m:?}");
         let m = r.until_ready().await;
         assert_eq!(tags(&m), "12TDCZ", "{what}, error first: {m:?}");
+    }
+    no_open_transactions(&c).await;
+}
+
+/// Bind (text parameters), Execute and Sync of the prepared statement
+/// `stmt`, as asyncpg runs a statement it prepared before.
+fn bind_execute_sync(o: &mut BytesMut, stmt: &str, params: &[&str]) {
+    frontend::bind(
+        "",
+        stmt,
+        std::iter::empty(),
+        params.iter().map(|p| p.as_bytes()),
+        |p, o| {
+            o.extend_from_slice(p);
+            Ok(postgres_protocol::IsNull::No)
+        },
+        std::iter::empty(),
+        o,
+    )
+    .map_err(|_| "bind")
+    .unwrap();
+    frontend::execute("", 0, o).unwrap();
+    frontend::sync(o);
+}
+
+/// asyncpg's prepare: Parse and Describe of a named statement, then Flush.
+async fn prepare_with_flush(r: &mut Raw, stmt: &str, sql: &str) {
+    r.send(|o| {
+        frontend::parse(stmt, sql, std::iter::empty(), o).unwrap();
+        frontend::describe(b'S', stmt, o).unwrap();
+        frontend::flush(o);
+    })
+    .await;
+    // ParseComplete, ParameterDescription, then RowDescription or NoData
+    let m = [r.next().await, r.next().await, r.next().await];
+    assert!(tags(&m) == "1tT" || tags(&m) == "1tn", "{stmt}: {m:?}");
+}
+
+/// Rows of `users` with key `id` directly on shard `i`.
+async fn count_on(c: &Cluster, i: usize, id: i64) -> i64 {
+    c.direct(i)
+        .await
+        .query_one("SELECT count(*) FROM users WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Issue 14: asyncpg prepares a statement with Parse/Describe/Flush (no
+/// key yet: it goes to some shard) and runs it later with Bind/Execute/
+/// Sync, whose key may route to another shard. As on PostgreSQL it runs
+/// there: the node ends the prepared-only part with a hidden Sync and
+/// prepares the statement again where the Bind goes; inside a transaction
+/// block both shards stay in the transaction (ROLLBACK undoes both, COMMIT
+/// commits both). Through a 2-shard node this was refused (0A000
+/// "messages sent with Flush but without Sync are still open").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_with_flush_runs_on_the_shard_of_its_key() {
+    let c = cluster().await;
+    let (_db, a, b) = setup(&c).await;
+    let mut r = Raw::connect(&c).await;
+    prepare_with_flush(&mut r, "ins", "INSERT INTO users (id, v) VALUES ($1, $2)").await;
+    for k in [b, a] {
+        let id = k.to_string();
+        r.send(|o| bind_execute_sync(o, "ins", &[&id, "x"])).await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "2CZ", "insert {k}: {m:?}");
+        assert_eq!(m.last().unwrap().1, b"I");
+    }
+    assert_eq!((count_on(&c, 0, a).await, count_on(&c, 1, a).await), (1, 0));
+    assert_eq!((count_on(&c, 0, b).await, count_on(&c, 1, b).await), (0, 1));
+    // A read prepared the same way answers from the key's shard.
+    prepare_with_flush(&mut r, "sel", "SELECT id FROM users WHERE id = $1").await;
+    for k in [b, a] {
+        let id = k.to_string();
+        r.send(|o| bind_execute_sync(o, "sel", &[&id])).await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "2DCZ", "select {k}: {m:?}");
+        assert!(m[1].1.ends_with(id.as_bytes()), "{k}: {m:?}");
+    }
+    // In a transaction block: prepared before any shard is used, then
+    // run on both shards; ROLLBACK, then COMMIT.
+    let snap = c.node.routing.catalog.load_full();
+    let on_s0 = |k: i64| {
+        snap.range_for_key("users", &KeyValue::Int8(k))
+            .unwrap()
+            .write_owner
+            .as_str()
+            == "s0"
+    };
+    let a2 = (1000..2000).find(|&k| on_s0(k)).unwrap();
+    let b2 = (1000..2000).find(|&k| !on_s0(k)).unwrap();
+    for (end, rows) in [("ROLLBACK", 0), ("COMMIT", 1)] {
+        r.send(|o| frontend::query("BEGIN", o).unwrap()).await;
+        assert_eq!(tags(&r.until_ready().await), "CZ");
+        let stmt = format!("ins_{end}");
+        prepare_with_flush(&mut r, &stmt, "INSERT INTO users (id, v) VALUES ($1, $2)").await;
+        for k in [b2, a2] {
+            let id = k.to_string();
+            r.send(|o| bind_execute_sync(o, &stmt, &[&id, "t"])).await;
+            let m = r.until_ready().await;
+            assert_eq!(tags(&m), "2CZ", "{end}: insert {k}: {m:?}");
+            assert_eq!(m.last().unwrap().1, b"T", "{end}: {m:?}");
+        }
+        // prepared again while both shards are in the transaction
+        prepare_with_flush(
+            &mut r,
+            &format!("sel_{end}"),
+            "SELECT v FROM users WHERE id = $1",
+        )
+        .await;
+        let id = a2.to_string();
+        r.send(|o| bind_execute_sync(o, &format!("sel_{end}"), &[&id]))
+            .await;
+        assert_eq!(tags(&r.until_ready().await), "2DCZ", "{end}");
+        r.send(|o| frontend::query(end, o).unwrap()).await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "CZ", "{end}: {m:?}");
+        assert_eq!(m.last().unwrap().1, b"I");
+        assert_eq!(count_on(&c, 0, a2).await, rows, "{end}: key {a2}");
+        assert_eq!(count_on(&c, 1, b2).await, rows, "{end}: key {b2}");
     }
     no_open_transactions(&c).await;
 }
