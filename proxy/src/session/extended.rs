@@ -24,12 +24,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     ) -> Result<(Option<usize>, Option<Decision>), Refusal> {
         if self.node.routing.single_shard() {
             // Nothing to route; only LISTEN needs a look.
-            for f in frames.iter().filter(|f| f.tag() == fe::PARSE) {
+            for f in frames {
                 let mut b = f.body();
-                let _name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
-                let sql = wire::get_cstr(&mut b).map_err(proto_refusal)?;
-                // A Parse holds one statement.
-                self.check_listen(first_keyword_is(sql, "listen"))?;
+                match f.tag() {
+                    fe::PARSE => {
+                        let _name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                        let sql = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                        // A Parse holds one statement.
+                        self.check_listen(first_keyword_is(sql, "listen"))?;
+                    }
+                    fe::BIND => {
+                        let _portal = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                        let stmt = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                        self.check_listen(self.listen_stmt(stmt).is_some())?;
+                    }
+                    _ => {}
+                }
             }
             return Ok((Some(0), None));
         }
@@ -84,6 +94,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     };
                     // An unknown statement: PostgreSQL will say so.
                     let Some(sql) = sql else { continue };
+                    self.check_listen(self.listen_stmt(stmt).is_some())?;
                     binds += 1;
                     if changed_settings {
                         return Err(Refusal::new(

@@ -41,6 +41,7 @@
 mod attach;
 pub(crate) mod conn;
 mod extended;
+mod listen;
 mod replies;
 mod route;
 #[cfg(test)]
@@ -52,8 +53,8 @@ pub use conn::{End, Session};
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::{Kind, Target};
+use crate::wire::fe;
 use crate::wire::{self, Frame, Severity};
-use crate::wire::{be, fe};
 use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, BytesMut};
 use conn::*;
@@ -683,148 +684,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             b.unsynced = !synced;
         }
         Ok(true)
-    }
-
-    /// `listen`: the statement string holds a LISTEN.
-    fn check_listen(&self, listen: bool) -> Result<(), Refusal> {
-        if !self.session_mode && listen {
-            return Err(Refusal::new(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                "in transaction pooling mode, LISTEN must be sent alone (one statement in its query string)".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// LISTEN/UNLISTEN under transaction pooling: the node listens for the
-    /// session ([`crate::backend::notify`]); answers the CommandComplete
-    /// once every shard listens. Takes effect at once (PostgreSQL: at the
-    /// end of the transaction).
-    async fn on_listen(
-        &mut self,
-        cmd: hotrepart_router::classify::ListenCommand,
-    ) -> Result<(), Refusal> {
-        use hotrepart_router::classify::ListenCommand;
-        let node = self.node.clone();
-        let tag = match cmd {
-            ListenCommand::Listen(channel) => {
-                let (database, user) = (self.database.clone(), self.user.clone());
-                let targets = || {
-                    node.routing
-                        .live_shards()
-                        .into_iter()
-                        .map(|t| {
-                            let p = node.pool_for(t, &database, &user);
-                            (p.target.clone(), p.connect_timeout())
-                        })
-                        .collect()
-                };
-                let wait = Duration::from_millis(node.cfg.pool_timeout_ms.max(1000));
-                let who = self.listener.get_or_insert_with(|| node.notifier.member());
-                node.notifier
-                    .listen(
-                        &database,
-                        targets,
-                        |task| {
-                            node.tasks.spawn_until_shutdown(task);
-                        },
-                        &channel,
-                        who,
-                        wait,
-                    )
-                    .await
-                    .map_err(|e| {
-                        Refusal::new(
-                            sqlstate::CONNECTION_FAILURE,
-                            format!("LISTEN {channel}: {e}; see the node's log"),
-                        )
-                    })?;
-                "LISTEN"
-            }
-            ListenCommand::Unlisten(channel) => {
-                if let Some(who) = &self.listener {
-                    node.notifier
-                        .unlisten(&self.database, channel.as_deref(), who.id);
-                }
-                "UNLISTEN"
-            }
-        };
-        self.push_synthetic(command_complete(tag));
-        Ok(())
-    }
-
-    /// An extended-protocol batch that only runs a LISTEN/UNLISTEN (an
-    /// unnamed Parse, Bind, Describe, Execute, Sync/Flush): answered by the
-    /// node, message by message, as PostgreSQL would. True: answered.
-    async fn listen_batch(&mut self, frames: &[Frame]) -> bool {
-        if self.session_mode {
-            return false;
-        }
-        let mut cmd = None;
-        for f in frames {
-            match f.tag() {
-                fe::PARSE => {
-                    let mut b = f.body();
-                    let (Ok(""), Ok(sql)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b)) else {
-                        return false;
-                    };
-                    match hotrepart_router::classify::listen_command(sql) {
-                        Some(c) if cmd.is_none() => cmd = Some(c),
-                        _ => return false,
-                    }
-                }
-                fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::SYNC | fe::FLUSH => {}
-                _ => return false,
-            }
-        }
-        let Some(cmd) = cmd else {
-            return false;
-        };
-        let mut cmd = Some(cmd);
-        let mut failed = false;
-        for f in frames {
-            if failed && f.tag() != fe::SYNC {
-                continue;
-            }
-            match f.tag() {
-                fe::PARSE => self.push_synthetic(wire::parse_complete()),
-                fe::BIND => {
-                    let mut b = BytesMut::new();
-                    wire::frame(&mut b, be::BIND_COMPLETE, |_| {});
-                    self.push_synthetic(b.freeze());
-                }
-                fe::DESCRIBE => {
-                    if f.body().first() == Some(&wire::STATEMENT) {
-                        let mut p = BytesMut::new();
-                        wire::frame(&mut p, be::PARAMETER_DESCRIPTION, |o| o.put_i16(0));
-                        self.push_synthetic(p.freeze());
-                    }
-                    let mut n = BytesMut::new();
-                    wire::frame(&mut n, be::NO_DATA, |_| {});
-                    self.push_synthetic(n.freeze());
-                }
-                fe::EXECUTE => {
-                    if let Some(c) = cmd.take() {
-                        if let Err(r) = self.on_listen(c).await {
-                            // As PostgreSQL: the error, then nothing up to
-                            // Sync.
-                            self.push_error(&r);
-                            failed = true;
-                        }
-                    }
-                }
-                fe::SYNC => {
-                    let status = self.client_status();
-                    self.push_synthetic(rfq(status));
-                    failed = false;
-                }
-                _ => {}
-            }
-        }
-        if failed {
-            self.skip_to_sync = true;
-        }
-        true
     }
 }
 

@@ -89,23 +89,6 @@ struct Known {
 
 const KNOWN_FAILURES: &[Known] = &[
     Known {
-        driver: Driver::Asyncpg,
-        shards: 1,
-        scenario: "listen_notify",
-        known_failure: "asyncpg's add_listener runs LISTEN as a named prepared statement \
-            (Parse/Describe/Flush, then Bind/Execute/Sync); the node answers LISTEN in the \
-            extended protocol only as one unnamed batch and refuses this (0A000 \"LISTEN must \
-            be sent alone\")",
-        fails_with: "LISTEN must be sent alone",
-    },
-    Known {
-        driver: Driver::Asyncpg,
-        shards: 2,
-        scenario: "listen_notify",
-        known_failure: "as on one shard: LISTEN as a named prepared statement is refused",
-        fails_with: "LISTEN must be sent alone",
-    },
-    Known {
         driver: Driver::Psycopg,
         shards: 2,
         scenario: "pipeline_mixed",

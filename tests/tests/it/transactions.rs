@@ -643,8 +643,12 @@ async fn a_statement_prepared_with_flush_runs_on_the_shard_of_its_key() {
 }
 
 /// LISTEN in the extended protocol, as psycopg 3 sends it (unnamed Parse,
-/// Bind, Describe, Execute, Sync): answered by the node as PostgreSQL
-/// would, and the notification arrives.
+/// Bind, Describe, Execute, Sync) and as asyncpg's `add_listener` does (a
+/// named statement: Parse/Describe/Flush, then Bind/Execute/Sync; issue
+/// 14, refused before): answered by the node as PostgreSQL would, and the
+/// notifications arrive until UNLISTEN (prepared the same way). A named
+/// LISTEN beside another statement in one batch is refused (it would run
+/// on a pooled backend).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_in_the_extended_protocol() {
     let c = cluster().await;
@@ -660,15 +664,77 @@ async fn listen_in_the_extended_protocol() {
     let m = r.until(b'A').await;
     let (_, body) = m.last().unwrap();
     assert!(body.ends_with(b"ext\0hi\0"), "{m:?}");
-    // A named statement for LISTEN is refused clearly (it would be run on
-    // a pooled backend).
+    // asyncpg: a named statement, prepared and described with Flush
+    prepare_with_flush(&mut r, "l", "LISTEN ext2").await;
+    r.send(|o| bind_execute_sync(o, "l", &[])).await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "2CZ", "{m:?}");
+    assert!(m[1].1.starts_with(b"LISTEN\0"), "{m:?}");
+    db.batch_execute("NOTIFY ext2, 'named'").await.unwrap();
+    let m = r.until(b'A').await;
+    assert!(m.last().unwrap().1.ends_with(b"ext2\0named\0"), "{m:?}");
+    // run again from the statement cache: still one listener, no error
+    r.send(|o| bind_execute_sync(o, "l", &[])).await;
+    assert_eq!(tags(&r.until_ready().await), "2CZ");
+    // the name is taken, as for any statement
     r.send(|o| {
-        frontend::parse("l", "LISTEN ext2", std::iter::empty(), o).unwrap();
+        frontend::parse("l", "LISTEN ext3", std::iter::empty(), o).unwrap();
         frontend::sync(o);
     })
     .await;
     let m = r.until_ready().await;
     assert_eq!(tags(&m), "EZ", "{m:?}");
+    assert!(String::from_utf8_lossy(&m[0].1).contains("C42P05"), "{m:?}");
+    // beside another statement: refused, and nothing of the batch runs
+    r.send(|o| {
+        frontend::bind(
+            "",
+            "l",
+            [],
+            std::iter::empty::<&[u8]>(),
+            |_, _| Ok(postgres_protocol::IsNull::No),
+            [],
+            o,
+        )
+        .map_err(|_| "bind")
+        .unwrap();
+        frontend::execute("", 0, o).unwrap();
+        pipelined(o, "SELECT 1");
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "EZ", "{m:?}");
+    assert!(String::from_utf8_lossy(&m[0].1).contains("C0A000"), "{m:?}");
+    r.send(|o| {
+        frontend::parse("l2", "LISTEN ext3", std::iter::empty(), o).unwrap();
+        pipelined(o, "SELECT 1");
+        frontend::sync(o);
+    })
+    .await;
+    assert_eq!(tags(&r.until_ready().await), "EZ");
+    // UNLISTEN prepared the same way; the statement is closed as any other
+    prepare_with_flush(&mut r, "u", "UNLISTEN ext2").await;
+    r.send(|o| {
+        bind_execute_sync(o, "u", &[]);
+        frontend::close(b'S', "l", o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "2CZ", "{m:?}");
+    assert!(m[1].1.starts_with(b"UNLISTEN\0"), "{m:?}");
+    assert_eq!(tags(&r.until_ready().await), "3Z");
+    // ext2 is no longer delivered; ext still is (after it, in order)
+    db.batch_execute("NOTIFY ext2, 'gone'; NOTIFY ext, 'still'")
+        .await
+        .unwrap();
+    let m = r.until(b'A').await;
+    assert!(m.last().unwrap().1.ends_with(b"ext\0still\0"), "{m:?}");
+    // the closed name is free again
+    prepare_with_flush(&mut r, "l", "LISTEN ext2").await;
+    r.send(|o| frontend::sync(o)).await;
+    assert_eq!(tags(&r.until_ready().await), "Z");
 }
 
 /// The ParameterStatus a client sees carries PostgreSQL's name of its
