@@ -733,7 +733,7 @@ async fn listen_in_the_extended_protocol() {
     assert!(m.last().unwrap().1.ends_with(b"ext\0still\0"), "{m:?}");
     // the closed name is free again
     prepare_with_flush(&mut r, "l", "LISTEN ext2").await;
-    r.send(|o| frontend::sync(o)).await;
+    r.send(frontend::sync).await;
     assert_eq!(tags(&r.until_ready().await), "Z");
 }
 
