@@ -183,6 +183,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     pub(crate) async fn flush_client(&mut self) -> Result<(), SessionError> {
+        // A part of a cut batch shows no ReadyForQuery of its own.
+        self.scan_part();
         if !self.out.is_empty() {
             let w = self.client.get_mut();
             w.write_all(&self.out)
@@ -190,6 +192,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .map_err(|_| SessionError::ClientGone)?;
             w.flush().await.map_err(|_| SessionError::ClientGone)?;
             self.out.clear();
+            if let Some(p) = self.part.as_mut() {
+                p.from = 0;
+            }
         }
         Ok(())
     }

@@ -321,6 +321,22 @@ pub struct Session<S> {
     /// The session listens (LISTEN under transaction pooling): its
     /// membership in the node's listeners, created at the first LISTEN.
     pub(super) listener: Option<crate::backend::notify::Listener>,
+    /// Set while a part of a client batch cut at a multi-shard statement
+    /// runs (`Session::run_parts`).
+    pub(crate) part: Option<Part>,
+    /// Routing asked for the batch held to be cut at a multi-shard
+    /// statement (`Session::run_batch`).
+    pub(super) cut_wanted: bool,
+}
+
+/// A part of a client batch that the node cut at a multi-shard statement,
+/// while it runs: it ends with a Sync of the node's, whose ReadyForQuery
+/// the client must not see, and an error in it skips the rest of the
+/// client's batch. Its replies start at `from` in the client output.
+#[derive(Debug, Default)]
+pub(crate) struct Part {
+    pub(crate) from: usize,
+    pub(crate) failed: bool,
 }
 
 /// What a multi-shard extended statement's first shard answered.
@@ -380,6 +396,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             gather: None,
             ddl_sent: false,
             listener: None,
+            part: None,
+            cut_wanted: false,
         }
     }
 
@@ -461,6 +479,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             self.node.routing.home_index()
         }
+    }
+
+    /// While a part of a cut batch runs ([`Part`]): looks at its replies
+    /// queued for the client since the last look, notes an ErrorResponse
+    /// and drops the ReadyForQuery messages (the part's Sync is the
+    /// node's; the client's own Sync ends the last part).
+    pub(crate) fn scan_part(&mut self) {
+        let Some(p) = self.part.as_mut() else {
+            return;
+        };
+        let mut kept = BytesMut::new();
+        let mut dropped = false;
+        let mut i = p.from;
+        while i + 5 <= self.out.len() {
+            let len = u32::from_be_bytes([
+                self.out[i + 1],
+                self.out[i + 2],
+                self.out[i + 3],
+                self.out[i + 4],
+            ]) as usize;
+            let end = (i + 1 + len).min(self.out.len());
+            match self.out[i] {
+                wire::be::READY_FOR_QUERY => dropped = true,
+                tag => {
+                    p.failed |= tag == wire::be::ERROR_RESPONSE;
+                    kept.put_slice(&self.out[i..end]);
+                }
+            }
+            i = end;
+        }
+        if dropped {
+            self.out.truncate(p.from);
+            self.out.put_slice(&kept);
+        }
+        p.from = self.out.len();
     }
 
     /// Queues a reply the node makes itself, after everything owed before it.

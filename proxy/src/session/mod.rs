@@ -13,8 +13,9 @@
 //! are known. A batch goes to one shard. A statement that touches several
 //! shards runs through [`crate::exec`] (concatenated, merged, COPY,
 //! EXPLAIN): a simple Query, or in the extended protocol one statement per
-//! batch. The executors use the session's lower layer (`conn.rs` and the
-//! methods of `attach.rs`, `replies.rs`, `extended.rs`), never this loop.
+//! batch (a batch holding others beside it is cut into parts there). The
+//! executors use the session's lower layer (`conn.rs` and the methods of
+//! `attach.rs`, `replies.rs`, `extended.rs`), never this loop.
 //!
 //! Frames are forwarded as raw bytes. The session looks inside only:
 //! - Parse/Bind/Describe/Close of *named* statements, which it renames to
@@ -495,6 +496,64 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Runs the extended-protocol messages held (up to a Sync when
     /// `synced`, else a Flush).
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
+        self.run_batch_rounds(synced).await?;
+        if !std::mem::take(&mut self.cut_wanted) {
+            return Ok(());
+        }
+        // Routing found a multi-shard statement beside others (the batch
+        // is held again): cut it there.
+        let frames = std::mem::take(&mut self.batch);
+        match self.batch_parts(&frames) {
+            Some(parts) => self.run_parts(parts).await,
+            None => {
+                self.batch_error(&extended::multi_beside_others(), synced);
+                Ok(())
+            }
+        }
+    }
+
+    /// A batch cut at its multi-shard statements ([`Session::batch_parts`]):
+    /// each part but the last runs as a batch of its own, ended by a Sync
+    /// of the node's (its ReadyForQuery not shown), and is answered in
+    /// full before the next starts; after an error the rest is skipped up
+    /// to the client's Sync, as PostgreSQL does. The last part carries the
+    /// client's Sync. Outside a transaction block each part commits on its
+    /// own (PostgreSQL would run the batch as one implicit transaction).
+    async fn run_parts(&mut self, parts: Vec<Vec<Frame>>) -> Result<(), SessionError> {
+        let n = parts.len();
+        for (i, mut part) in parts.into_iter().enumerate() {
+            if i + 1 == n {
+                self.batch = part;
+                self.run_batch_rounds(true).await?;
+                break;
+            }
+            if self.skip_to_sync {
+                continue;
+            }
+            part.push(Frame {
+                raw: bytes::Bytes::from_static(&[fe::SYNC, 0, 0, 0, 4]),
+            });
+            self.part = Some(Part {
+                from: self.out.len(),
+                failed: false,
+            });
+            self.batch = part;
+            let mut r = self.run_batch_rounds(true).await;
+            if r.is_ok() && !self.be.owed.is_empty() {
+                r = self.drain_owed().await;
+            }
+            self.scan_part();
+            let failed = self.part.take().is_some_and(|p| p.failed);
+            r?;
+            self.skip_to_sync = failed;
+        }
+        // The client's Sync is answered.
+        self.skip_to_sync = false;
+        Ok(())
+    }
+
+    /// [`Session::run_batch`] for a batch that is not cut.
+    async fn run_batch_rounds(&mut self, synced: bool) -> Result<(), SessionError> {
         loop {
             if self.skip_to_sync {
                 // After an error in the pipeline everything up to Sync is
@@ -546,6 +605,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             });
         let (target, mut d) = match routed {
             Ok(x) => x,
+            Err(r)
+                if r.message == extended::MULTI_BESIDE_OTHERS && synced && self.part.is_none() =>
+            {
+                self.batch = frames;
+                self.cut_wanted = true;
+                return Ok(true);
+            }
             Err(r) => {
                 self.batch_error(&r, synced);
                 return Ok(true);

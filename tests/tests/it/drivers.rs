@@ -91,14 +91,6 @@ const KNOWN_FAILURES: &[Known] = &[
     Known {
         driver: Driver::Psycopg,
         shards: 2,
-        scenario: "pipeline_mixed",
-        known_failure: "a pipelined batch holding a multi-shard statement (DDL) beside others \
-            is refused (0A000 \"must hold only that statement; send a Sync after it\")",
-        fails_with: "must hold only that statement",
-    },
-    Known {
-        driver: Driver::Psycopg,
-        shards: 2,
         scenario: "server_cursor",
         known_failure: "cursors are refused on several shards (0A000 \"cursors \
             (DECLARE/FETCH/CLOSE) are not supported through hotrepart yet\")",

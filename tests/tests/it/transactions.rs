@@ -642,6 +642,119 @@ async fn a_statement_prepared_with_flush_runs_on_the_shard_of_its_key() {
     no_open_transactions(&c).await;
 }
 
+/// One statement of a pipeline without a Flush after it (psycopg's
+/// pipeline when it does not wait for results): Parse, Bind, Describe
+/// portal, Execute.
+fn unflushed(o: &mut BytesMut, sql: &str) {
+    frontend::parse("", sql, std::iter::empty(), o).unwrap();
+    o.extend_from_slice(&[b'B', 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0]);
+    frontend::describe(b'P', "", o).unwrap();
+    frontend::execute("", 0, o).unwrap();
+}
+
+/// Issue 14: a pipelined batch holding a multi-shard statement (DDL, a
+/// merged read) beside other statements, as psycopg's pipeline sends it,
+/// was refused ("must hold only that statement"). The node cuts it at
+/// the multi-shard statement and runs the parts in order; the client sees
+/// the replies PostgreSQL gives, one ReadyForQuery at its Sync, and after
+/// an error nothing more up to that Sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_with_a_multi_shard_statement_runs_in_parts() {
+    let c = cluster().await;
+    let (_db, a, b) = setup(&c).await;
+    let mut r = Raw::connect(&c).await;
+    let one = |sql: String| {
+        move |o: &mut BytesMut| {
+            unflushed(o, &sql);
+            frontend::sync(o);
+        }
+    };
+    r.send(one(format!("INSERT INTO users (id, v) VALUES ({b}, 'x')")))
+        .await;
+    assert_eq!(tags(&r.until_ready().await), "12nCZ");
+    // DDL, a keyed write, a merged read, a keyed read, in one Sync
+    r.send(|o| {
+        unflushed(o, "CREATE TABLE pm (id int)");
+        unflushed(o, &format!("INSERT INTO users (id, v) VALUES ({a}, 'y')"));
+        unflushed(o, "SELECT count(*) FROM users");
+        unflushed(o, &format!("SELECT v FROM users WHERE id = {b}"));
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "12nC12nC12TDC12TDCZ", "{m:?}");
+    let rows: Vec<&Vec<u8>> = m
+        .iter()
+        .filter(|(t, _)| *t == b'D')
+        .map(|(_, b)| b)
+        .collect();
+    assert!(rows[0].ends_with(b"\x012"), "count: {m:?}");
+    assert!(rows[1].ends_with(b"\x01x"), "read: {m:?}");
+    assert_eq!(m.last().unwrap().1, b"I");
+    for i in 0..2 {
+        c.direct(i)
+            .await
+            .query("SELECT * FROM pm", &[])
+            .await
+            .unwrap();
+    }
+    assert_eq!((count_on(&c, 0, a).await, count_on(&c, 1, a).await), (1, 0));
+    // an error before the multi-shard statement: nothing after it runs
+    r.send(|o| {
+        unflushed(o, "SELECT * FROM doesnotexist");
+        unflushed(o, "SELECT count(*) FROM users");
+        unflushed(o, "CREATE TABLE pm2 (id int)");
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "EZ", "{m:?}");
+    // an error in the multi-shard statement: the same
+    r.send(|o| {
+        unflushed(o, "SELECT 1");
+        unflushed(o, "SELECT v::int FROM users");
+        unflushed(o, "CREATE TABLE pm2 (id int)");
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    let t = tags(&m);
+    assert!(t.starts_with("12TDC12") && t.ends_with("EZ"), "{m:?}");
+    assert_eq!(t.matches('C').count(), 1, "{m:?}");
+    for i in 0..2 {
+        let e = c.direct(i).await.query("SELECT * FROM pm2", &[]).await;
+        assert!(e.is_err(), "pm2 was created on shard {i}");
+    }
+    // the session goes on
+    r.send(one("SELECT 3".into())).await;
+    assert_eq!(tags(&r.until_ready().await), "12TDCZ");
+    // In a transaction block the parts stay in the transaction: its
+    // ROLLBACK undoes them on every shard.
+    r.send(|o| frontend::query("BEGIN", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    let (a2, b2) = (a + 100_000, b + 100_000);
+    r.send(|o| {
+        unflushed(o, &format!("INSERT INTO users (id, v) VALUES ({a2}, 't')"));
+        unflushed(o, "SELECT count(*) FROM users");
+        unflushed(o, &format!("INSERT INTO users (id, v) VALUES ({b2}, 't')"));
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "12nC12TDC12nCZ", "{m:?}");
+    assert!(
+        m[7].1.ends_with(b"\x013"),
+        "count in the transaction: {m:?}"
+    );
+    assert_eq!(m.last().unwrap().1, b"T");
+    r.send(|o| frontend::query("ROLLBACK", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    for i in 0..2 {
+        assert_eq!(count_on(&c, i, a2).await + count_on(&c, i, b2).await, 0);
+    }
+    no_open_transactions(&c).await;
+}
+
 /// LISTEN in the extended protocol, as psycopg 3 sends it (unnamed Parse,
 /// Bind, Describe, Execute, Sync) and as asyncpg's `add_listener` does (a
 /// named statement: Parse/Describe/Flush, then Bind/Execute/Sync; issue
