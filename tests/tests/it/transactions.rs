@@ -621,14 +621,15 @@ async fn a_statement_prepared_with_flush_runs_on_the_shard_of_its_key() {
             assert_eq!(tags(&m), "2CZ", "{end}: insert {k}: {m:?}");
             assert_eq!(m.last().unwrap().1, b"T", "{end}: {m:?}");
         }
-        // prepared again while both shards are in the transaction
+        // prepared on the shard written last (a2's), run on the other:
+        // the hidden Sync there leaves its write in the transaction
         prepare_with_flush(
             &mut r,
             &format!("sel_{end}"),
             "SELECT v FROM users WHERE id = $1",
         )
         .await;
-        let id = a2.to_string();
+        let id = b2.to_string();
         r.send(|o| bind_execute_sync(o, &format!("sel_{end}"), &[&id]))
             .await;
         assert_eq!(tags(&r.until_ready().await), "2DCZ", "{end}");
