@@ -83,6 +83,11 @@ pub struct BackendConn {
     /// Extended-protocol messages were sent without a Sync yet (an implicit
     /// transaction may be open even though `status` is 'I').
     pub unsynced: bool,
+    /// Of those unsynced messages, some made a portal or ran a statement
+    /// (Bind, Execute): a Sync would end or commit work of the client's
+    /// pipeline. Without them (only Parse, Describe, Close) the node may
+    /// end the open part itself with a hidden Sync.
+    pub unsynced_ran: bool,
     /// Which client's CancelRequest may reach this connection now.
     pub cancel_gate: Arc<CancelGate>,
     /// What the admin console's `SHOW SERVERS` shows of it (the pool keeps
@@ -389,6 +394,7 @@ impl BackendConn {
             info,
             status: tx::IDLE,
             unsynced: false,
+            unsynced_ran: false,
         })
     }
 

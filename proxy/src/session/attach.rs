@@ -110,6 +110,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Makes `t` the current shard: drains what another shard still owes,
     /// then attaches a backend on `t`.
+    ///
+    /// The current shard's backend may hold messages sent with Flush but
+    /// no Sync. When they only prepared or described statements (Parse,
+    /// Describe, Close: asyncpg prepares that way before the Bind that
+    /// carries the key), the node ends them there with a Sync of its own
+    /// (its ReadyForQuery hidden): nothing ran, so the Sync commits
+    /// nothing, and inside a transaction block it leaves the transaction
+    /// open on that backend. The statements are prepared again on `t`
+    /// before a Bind uses them there (`prepare_on_backend`,
+    /// `ensure_unnamed`). A portal or a statement run since the last Sync
+    /// (Bind, Execute) is the client's implicit transaction on that shard:
+    /// refused, as splitting it would break its atomicity.
     pub(super) async fn switch_to(
         &mut self,
         t: usize,
@@ -118,15 +130,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if !self.be.owed.is_empty() {
                 self.drain_owed().await?;
             }
-            if self.be.slots[self.be.cur]
+            let cur = self.be.cur;
+            let open = self.be.slots[cur]
                 .conn
                 .as_ref()
-                .is_some_and(|b| b.unsynced)
-            {
-                return Ok(Err(Refusal::new(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    "messages sent with Flush but without Sync are still open on one shard, and the next statement goes to another; send Sync first".into(),
-                )));
+                .filter(|b| b.unsynced)
+                .map(|b| b.unsynced_ran);
+            match open {
+                None => {}
+                // After an error there the backend skips to the client's
+                // Sync, which the caller sends there (`skipped`).
+                Some(false) if !self.skip_to_sync => self.sync_hidden().await?,
+                Some(_) => {
+                    return Ok(Err(Refusal::new(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "messages sent with Flush but without Sync are still open on one shard, and the next statement goes to another; send Sync first".into(),
+                    )))
+                }
             }
         }
         let r = self.ensure_backend(t).await?;
@@ -134,6 +154,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.be.cur = t;
         }
         Ok(r)
+    }
+
+    /// Ends the current backend's unsynced messages with a Sync of the
+    /// node's own and reads its answers (the ReadyForQuery not shown).
+    /// Outside a transaction block that Sync may end the transaction: the
+    /// backends then go back to the pool (`end_of_transaction`).
+    async fn sync_hidden(&mut self) -> Result<(), SessionError> {
+        let b = self.be.current_mut();
+        b.unsynced = false;
+        b.unsynced_ran = false;
+        crate::wire::frame(&mut self.be.to_backend, crate::wire::fe::SYNC, |_| {});
+        self.be.owed.push_back(Owed::HiddenSync);
+        self.drain_owed().await
     }
 
     /// Reads the current backend until nothing is owed (before a statement
@@ -196,6 +229,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     pub(crate) async fn flush_client(&mut self) -> Result<(), SessionError> {
+        // A part of a cut batch shows no ReadyForQuery of its own.
+        self.scan_part();
         if !self.out.is_empty() {
             self.stats.sending(&self.out);
             let w = self.client.get_mut();
@@ -204,6 +239,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .map_err(|_| SessionError::ClientGone)?;
             w.flush().await.map_err(|_| SessionError::ClientGone)?;
             self.out.clear();
+            if let Some(p) = self.part.as_mut() {
+                p.from = 0;
+            }
         }
         Ok(())
     }

@@ -326,6 +326,22 @@ pub struct Session<S> {
     /// The client batch being handled waited for RESUME: until when it
     /// may wait in all (`None` inside: no limit).
     pub(super) pause_deadline: Option<Option<tokio::time::Instant>>,
+    /// Set while a part of a client batch cut at a multi-shard statement
+    /// runs (`Session::run_parts`).
+    pub(crate) part: Option<Part>,
+    /// Routing asked for the batch held to be cut at a multi-shard
+    /// statement (`Session::run_batch`).
+    pub(super) cut_wanted: bool,
+}
+
+/// A part of a client batch that the node cut at a multi-shard statement,
+/// while it runs: it ends with a Sync of the node's, whose ReadyForQuery
+/// the client must not see, and an error in it skips the rest of the
+/// client's batch. Its replies start at `from` in the client output.
+#[derive(Debug, Default)]
+pub(crate) struct Part {
+    pub(crate) from: usize,
+    pub(crate) failed: bool,
 }
 
 /// What a multi-shard extended statement's first shard answered.
@@ -388,6 +404,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             gather: None,
             ddl_sent: false,
             listener: None,
+            part: None,
+            cut_wanted: false,
         }
     }
 
@@ -471,6 +489,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// While a part of a cut batch runs ([`Part`]): looks at its replies
+    /// queued for the client since the last look, notes an ErrorResponse
+    /// and drops the ReadyForQuery messages (the part's Sync is the
+    /// node's; the client's own Sync ends the last part).
+    pub(crate) fn scan_part(&mut self) {
+        let Some(p) = self.part.as_mut() else {
+            return;
+        };
+        let mut kept = BytesMut::new();
+        let mut dropped = false;
+        let mut i = p.from;
+        while i + 5 <= self.out.len() {
+            let len = u32::from_be_bytes([
+                self.out[i + 1],
+                self.out[i + 2],
+                self.out[i + 3],
+                self.out[i + 4],
+            ]) as usize;
+            let end = (i + 1 + len).min(self.out.len());
+            match self.out[i] {
+                wire::be::READY_FOR_QUERY => dropped = true,
+                tag => {
+                    p.failed |= tag == wire::be::ERROR_RESPONSE;
+                    kept.put_slice(&self.out[i..end]);
+                }
+            }
+            i = end;
+        }
+        if dropped {
+            self.out.truncate(p.from);
+            self.out.put_slice(&kept);
+        }
+        p.from = self.out.len();
+    }
+
     /// Queues a reply the node makes itself, after everything owed before it.
     pub(crate) fn push_synthetic(&mut self, f: Bytes) {
         self.push_synthetic_with(f, Forget::Nothing);
@@ -550,6 +603,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if sync {
             b.unsynced = false;
         }
+        b.unsynced_ran = !sync;
         wire::frame(&mut self.be.to_backend, fe::PARSE, |o| {
             o.put_u8(0);
             wire::put_cstr(o, POISON_SQL);

@@ -24,12 +24,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     ) -> Result<(Option<usize>, Option<Decision>), Refusal> {
         if self.node.routing.single_shard() {
             // Nothing to route; only LISTEN needs a look.
-            for f in frames.iter().filter(|f| f.tag() == fe::PARSE) {
+            for f in frames {
                 let mut b = f.body();
-                let _name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
-                let sql = wire::get_cstr(&mut b).map_err(proto_refusal)?;
-                // A Parse holds one statement.
-                self.check_listen(first_keyword_is(sql, "listen"))?;
+                match f.tag() {
+                    fe::PARSE => {
+                        let _name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                        let sql = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                        // A Parse holds one statement.
+                        self.check_listen(first_keyword_is(sql, "listen"))?;
+                    }
+                    fe::BIND => {
+                        let _portal = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                        let stmt = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                        self.check_listen(self.listen_stmt(stmt).is_some())?;
+                    }
+                    _ => {}
+                }
             }
             return Ok((Some(0), None));
         }
@@ -38,6 +48,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut batch_unnamed: Option<Arc<str>> = None;
         let mut batch_named: HashMap<String, Arc<str>> = HashMap::new();
         let mut multi = false;
+        let mut different = false;
         let mut binds = 0;
         let mut any_write = false;
         let mut calls: Vec<String> = Vec::new();
@@ -84,6 +95,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     };
                     // An unknown statement: PostgreSQL will say so.
                     let Some(sql) = sql else { continue };
+                    self.check_listen(self.listen_stmt(stmt).is_some())?;
                     binds += 1;
                     if changed_settings {
                         return Err(Refusal::new(
@@ -104,13 +116,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         }
                     };
                     if let Some(t) = t {
-                        if target.is_some_and(|x| x != t) {
-                            return Err(Refusal::new(
-                                sqlstate::FEATURE_NOT_SUPPORTED,
-                                "statements of one pipelined batch (up to Sync) go to different shards; send a Sync between them".into(),
-                            ));
-                        }
-                        target = Some(t);
+                        // Refused below, unless the batch is cut at a
+                        // multi-shard statement between them.
+                        different |= target.is_some_and(|x| x != t);
+                        target = target.or(Some(t));
                     }
                     any_write |= d.write;
                     for c in d.calls.iter() {
@@ -126,9 +135,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         if multi && (binds > 1 || target.is_some()) {
+            // Ended by Sync, the batch is cut at that statement instead
+            // (`Session::run_batch`).
+            return Err(multi_beside_others());
+        }
+        if different {
             return Err(Refusal::new(
                 sqlstate::FEATURE_NOT_SUPPORTED,
-                "a pipelined batch (up to Sync) that holds a multi-shard statement must hold only that statement; send a Sync after it".into(),
+                "statements of one pipelined batch (up to Sync) go to different shards; send a Sync between them".into(),
             ));
         }
         let target = target.or(parse_target);
@@ -138,6 +152,80 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             d.calls = Arc::from(calls);
         }
         Ok((target, strongest))
+    }
+
+    /// A batch ended by Sync that holds a statement for several shards
+    /// beside other statements, cut into parts to run one after another:
+    /// each multi-shard statement alone, the statements between them
+    /// together (one shard, or refused by routing as any batch whose
+    /// statements go to different shards). A statement ends at its
+    /// Execute; what follows the last Execute (the Sync) belongs to the
+    /// last part. None: no cut needed, or routing fails (`route_batch`
+    /// then reports it).
+    pub(super) fn batch_parts(&self, frames: &[Frame]) -> Option<Vec<Vec<Frame>>> {
+        if self.node.routing.single_shard() {
+            return None;
+        }
+        let mut batch_unnamed: Option<Arc<str>> = None;
+        let mut batch_named: HashMap<&str, Arc<str>> = HashMap::new();
+        // (end of the statement's frames, runs on several shards)
+        let mut stmts: Vec<(usize, bool)> = Vec::new();
+        let mut multi = false;
+        for (i, f) in frames.iter().enumerate() {
+            let mut b = f.body();
+            match f.tag() {
+                fe::PARSE => {
+                    let name = wire::get_cstr(&mut b).ok()?;
+                    let sql = wire::get_cstr(&mut b).ok()?;
+                    if name.is_empty() {
+                        batch_unnamed = Some(Arc::from(sql));
+                    } else {
+                        batch_named.insert(name, Arc::from(sql));
+                    }
+                }
+                fe::BIND => {
+                    let _portal = wire::get_cstr(&mut b).ok()?;
+                    let stmt = wire::get_cstr(&mut b).ok()?;
+                    let sql = if stmt.is_empty() {
+                        batch_unnamed
+                            .clone()
+                            .or_else(|| self.unnamed.as_ref().and_then(Unnamed::sql))
+                    } else {
+                        batch_named
+                            .get(stmt)
+                            .cloned()
+                            .or_else(|| self.stmts.get(stmt).map(|s| s.sql.clone()))
+                    };
+                    let Some(sql) = sql else { continue };
+                    let params = BindParams::parse(b).ok()?;
+                    let d = self
+                        .node
+                        .decide(&sql, Some(&params), &self.route_ctx())
+                        .ok()?;
+                    multi |= matches!(&d.target, Target::Multi { shards, .. } if shards.len() > 1);
+                }
+                fe::EXECUTE => {
+                    stmts.push((i + 1, std::mem::take(&mut multi)));
+                }
+                _ => {}
+            }
+        }
+        if stmts.len() < 2 || !stmts.iter().any(|&(_, m)| m) {
+            return None;
+        }
+        if let Some(last) = stmts.last_mut() {
+            last.0 = frames.len();
+        }
+        let mut parts: Vec<Vec<Frame>> = Vec::new();
+        let (mut start, mut prev_multi) = (0, true);
+        for (end, m) in stmts {
+            match parts.last_mut() {
+                Some(p) if !m && !prev_multi => p.extend_from_slice(&frames[start..end]),
+                _ => parts.push(frames[start..end].to_vec()),
+            }
+            (start, prev_multi) = (end, m);
+        }
+        Some(parts)
     }
 
     /// Forwards one extended-protocol message to the current backend,
@@ -490,3 +578,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Some(internal)
     }
 }
+
+/// The refusal of a batch that holds a multi-shard statement beside other
+/// statements and cannot be cut (it ends with Flush, not Sync); a batch
+/// that can be is recognised by it (`Session::run_batch_once`).
+pub(super) fn multi_beside_others() -> Refusal {
+    Refusal::new(sqlstate::FEATURE_NOT_SUPPORTED, MULTI_BESIDE_OTHERS.into())
+}
+
+pub(super) const MULTI_BESIDE_OTHERS: &str = "a pipelined batch that holds a multi-shard statement beside other statements must end with Sync, not Flush";

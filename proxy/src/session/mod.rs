@@ -13,8 +13,9 @@
 //! are known. A batch goes to one shard. A statement that touches several
 //! shards runs through [`crate::exec`] (concatenated, merged, COPY,
 //! EXPLAIN): a simple Query, or in the extended protocol one statement per
-//! batch. The executors use the session's lower layer (`conn.rs` and the
-//! methods of `attach.rs`, `replies.rs`, `extended.rs`), never this loop.
+//! batch (a batch holding others beside it is cut into parts there). The
+//! executors use the session's lower layer (`conn.rs` and the methods of
+//! `attach.rs`, `replies.rs`, `extended.rs`), never this loop.
 //!
 //! Frames are forwarded as raw bytes. The session looks inside only:
 //! - Parse/Bind/Describe/Close of *named* statements, which it renames to
@@ -41,6 +42,7 @@
 mod attach;
 pub(crate) mod conn;
 mod extended;
+mod listen;
 mod replies;
 mod route;
 #[cfg(test)]
@@ -52,8 +54,8 @@ pub use conn::{End, Session};
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::{Kind, Target};
+use crate::wire::fe;
 use crate::wire::{self, Frame, Severity};
-use crate::wire::{be, fe};
 use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, BytesMut};
 use conn::*;
@@ -476,6 +478,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.be.owed.push_back(Owed::Query);
         if let Some(b) = self.be.slots[t].conn.as_mut() {
             b.unsynced = false;
+            b.unsynced_ran = false;
         }
         Ok(())
     }
@@ -510,6 +513,64 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Runs the extended-protocol messages held (up to a Sync when
     /// `synced`, else a Flush).
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
+        self.run_batch_rounds(synced).await?;
+        if !std::mem::take(&mut self.cut_wanted) {
+            return Ok(());
+        }
+        // Routing found a multi-shard statement beside others (the batch
+        // is held again): cut it there.
+        let frames = std::mem::take(&mut self.batch);
+        match self.batch_parts(&frames) {
+            Some(parts) => self.run_parts(parts).await,
+            None => {
+                self.batch_error(&extended::multi_beside_others(), synced);
+                Ok(())
+            }
+        }
+    }
+
+    /// A batch cut at its multi-shard statements ([`Session::batch_parts`]):
+    /// each part but the last runs as a batch of its own, ended by a Sync
+    /// of the node's (its ReadyForQuery not shown), and is answered in
+    /// full before the next starts; after an error the rest is skipped up
+    /// to the client's Sync, as PostgreSQL does. The last part carries the
+    /// client's Sync. Outside a transaction block each part commits on its
+    /// own (PostgreSQL would run the batch as one implicit transaction).
+    async fn run_parts(&mut self, parts: Vec<Vec<Frame>>) -> Result<(), SessionError> {
+        let n = parts.len();
+        for (i, mut part) in parts.into_iter().enumerate() {
+            if i + 1 == n {
+                self.batch = part;
+                self.run_batch_rounds(true).await?;
+                break;
+            }
+            if self.skip_to_sync {
+                continue;
+            }
+            part.push(Frame {
+                raw: bytes::Bytes::from_static(&[fe::SYNC, 0, 0, 0, 4]),
+            });
+            self.part = Some(Part {
+                from: self.out.len(),
+                failed: false,
+            });
+            self.batch = part;
+            let mut r = self.run_batch_rounds(true).await;
+            if r.is_ok() && !self.be.owed.is_empty() {
+                r = self.drain_owed().await;
+            }
+            self.scan_part();
+            let failed = self.part.take().is_some_and(|p| p.failed);
+            r?;
+            self.skip_to_sync = failed;
+        }
+        // The client's Sync is answered.
+        self.skip_to_sync = false;
+        Ok(())
+    }
+
+    /// [`Session::run_batch`] for a batch that is not cut.
+    async fn run_batch_rounds(&mut self, synced: bool) -> Result<(), SessionError> {
         loop {
             if self.skip_to_sync {
                 // After an error in the pipeline everything up to Sync is
@@ -561,6 +622,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             });
         let (target, mut d) = match routed {
             Ok(x) => x,
+            Err(r)
+                if r.message == extended::MULTI_BESIDE_OTHERS && synced && self.part.is_none() =>
+            {
+                self.batch = frames;
+                self.cut_wanted = true;
+                return Ok(true);
+            }
             Err(r) => {
                 self.batch_error(&r, synced);
                 return Ok(true);
@@ -678,6 +746,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(d) = &d {
             self.poison_if_failed(d, t).await;
         }
+        let ran = frames
+            .iter()
+            .any(|f| matches!(f.tag(), fe::BIND | fe::EXECUTE));
         for f in frames {
             if self.skip_to_sync && f.tag() != fe::SYNC {
                 continue;
@@ -689,153 +760,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         // Until its Sync, an implicit transaction may be open on this
-        // backend: it must not be pooled or left for another shard.
+        // backend: it must not be pooled, nor left for another shard once
+        // something ran there (`switch_to`).
         if let Some(b) = self.be.slots[t].conn.as_mut() {
+            b.unsynced_ran = !synced && ((b.unsynced && b.unsynced_ran) || ran);
             b.unsynced = !synced;
         }
         Ok(true)
-    }
-
-    /// `listen`: the statement string holds a LISTEN.
-    fn check_listen(&self, listen: bool) -> Result<(), Refusal> {
-        if !self.session_mode && listen {
-            return Err(Refusal::new(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                "in transaction pooling mode, LISTEN must be sent alone (one statement in its query string)".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// LISTEN/UNLISTEN under transaction pooling: the node listens for the
-    /// session ([`crate::backend::notify`]); answers the CommandComplete
-    /// once every shard listens. Takes effect at once (PostgreSQL: at the
-    /// end of the transaction).
-    async fn on_listen(
-        &mut self,
-        cmd: hotrepart_router::classify::ListenCommand,
-    ) -> Result<(), Refusal> {
-        use hotrepart_router::classify::ListenCommand;
-        let node = self.node.clone();
-        let tag = match cmd {
-            ListenCommand::Listen(channel) => {
-                let (database, user) = (self.database.clone(), self.user.clone());
-                let targets = || {
-                    node.routing
-                        .live_shards()
-                        .into_iter()
-                        .map(|t| {
-                            let p = node.pool_for(t, &database, &user);
-                            (p.target.clone(), p.connect_timeout())
-                        })
-                        .collect()
-                };
-                let wait = Duration::from_millis(node.cfg().pool_timeout_ms.max(1000));
-                let who = self.listener.get_or_insert_with(|| node.notifier.member());
-                node.notifier
-                    .listen(
-                        &database,
-                        targets,
-                        |task| {
-                            node.tasks.spawn_until_shutdown(task);
-                        },
-                        &channel,
-                        who,
-                        wait,
-                    )
-                    .await
-                    .map_err(|e| {
-                        Refusal::new(
-                            sqlstate::CONNECTION_FAILURE,
-                            format!("LISTEN {channel}: {e}; see the node's log"),
-                        )
-                    })?;
-                "LISTEN"
-            }
-            ListenCommand::Unlisten(channel) => {
-                if let Some(who) = &self.listener {
-                    node.notifier
-                        .unlisten(&self.database, channel.as_deref(), who.id);
-                }
-                "UNLISTEN"
-            }
-        };
-        self.push_synthetic(command_complete(tag));
-        Ok(())
-    }
-
-    /// An extended-protocol batch that only runs a LISTEN/UNLISTEN (an
-    /// unnamed Parse, Bind, Describe, Execute, Sync/Flush): answered by the
-    /// node, message by message, as PostgreSQL would. True: answered.
-    async fn listen_batch(&mut self, frames: &[Frame]) -> bool {
-        if self.session_mode {
-            return false;
-        }
-        let mut cmd = None;
-        for f in frames {
-            match f.tag() {
-                fe::PARSE => {
-                    let mut b = f.body();
-                    let (Ok(""), Ok(sql)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b)) else {
-                        return false;
-                    };
-                    match hotrepart_router::classify::listen_command(sql) {
-                        Some(c) if cmd.is_none() => cmd = Some(c),
-                        _ => return false,
-                    }
-                }
-                fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::SYNC | fe::FLUSH => {}
-                _ => return false,
-            }
-        }
-        let Some(cmd) = cmd else {
-            return false;
-        };
-        let mut cmd = Some(cmd);
-        let mut failed = false;
-        for f in frames {
-            if failed && f.tag() != fe::SYNC {
-                continue;
-            }
-            match f.tag() {
-                fe::PARSE => self.push_synthetic(wire::parse_complete()),
-                fe::BIND => {
-                    let mut b = BytesMut::new();
-                    wire::frame(&mut b, be::BIND_COMPLETE, |_| {});
-                    self.push_synthetic(b.freeze());
-                }
-                fe::DESCRIBE => {
-                    if f.body().first() == Some(&wire::STATEMENT) {
-                        let mut p = BytesMut::new();
-                        wire::frame(&mut p, be::PARAMETER_DESCRIPTION, |o| o.put_i16(0));
-                        self.push_synthetic(p.freeze());
-                    }
-                    let mut n = BytesMut::new();
-                    wire::frame(&mut n, be::NO_DATA, |_| {});
-                    self.push_synthetic(n.freeze());
-                }
-                fe::EXECUTE => {
-                    if let Some(c) = cmd.take() {
-                        if let Err(r) = self.on_listen(c).await {
-                            // As PostgreSQL: the error, then nothing up to
-                            // Sync.
-                            self.push_error(&r);
-                            failed = true;
-                        }
-                    }
-                }
-                fe::SYNC => {
-                    let status = self.client_status();
-                    self.push_synthetic(rfq(status));
-                    failed = false;
-                }
-                _ => {}
-            }
-        }
-        if failed {
-            self.skip_to_sync = true;
-        }
-        true
     }
 }
 

@@ -89,41 +89,6 @@ struct Known {
 
 const KNOWN_FAILURES: &[Known] = &[
     Known {
-        driver: Driver::Asyncpg,
-        shards: 1,
-        scenario: "listen_notify",
-        known_failure: "asyncpg's add_listener runs LISTEN as a named prepared statement \
-            (Parse/Describe/Flush, then Bind/Execute/Sync); the node answers LISTEN in the \
-            extended protocol only as one unnamed batch and refuses this (0A000 \"LISTEN must \
-            be sent alone\")",
-        fails_with: "LISTEN must be sent alone",
-    },
-    Known {
-        driver: Driver::Asyncpg,
-        shards: 2,
-        scenario: "listen_notify",
-        known_failure: "as on one shard: LISTEN as a named prepared statement is refused",
-        fails_with: "LISTEN must be sent alone",
-    },
-    Known {
-        driver: Driver::Asyncpg,
-        shards: 2,
-        scenario: "sharded_keys",
-        known_failure: "asyncpg prepares with Parse/Describe/Flush and sends Bind/Execute/Sync \
-            after: the node sends the keyless Parse to one shard and the Bind's key routes to \
-            another (0A000 \"messages sent with Flush but without Sync are still open on one \
-            shard\"); every keyed statement with parameters fails on several shards",
-        fails_with: "messages sent with Flush but without Sync are still open on one shard",
-    },
-    Known {
-        driver: Driver::Psycopg,
-        shards: 2,
-        scenario: "pipeline_mixed",
-        known_failure: "a pipelined batch holding a multi-shard statement (DDL) beside others \
-            is refused (0A000 \"must hold only that statement; send a Sync after it\")",
-        fails_with: "must hold only that statement",
-    },
-    Known {
         driver: Driver::Psycopg,
         shards: 2,
         scenario: "server_cursor",

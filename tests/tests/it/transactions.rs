@@ -323,8 +323,20 @@ impl Raw {
         self.until(b'Z').await
     }
 
+    /// Reads the next message; fails the test after 10 s.
+    async fn next(&mut self) -> (u8, Vec<u8>) {
+        let mut m = self.until_with(|_| true).await;
+        m.pop().unwrap()
+    }
+
     /// Reads messages until one tagged `end`; fails the test after 10 s.
     async fn until(&mut self, end: u8) -> Vec<(u8, Vec<u8>)> {
+        self.until_with(|t| t == end).await
+    }
+
+    /// Reads messages up to the first whose tag `last` accepts; fails the
+    /// test after 10 s.
+    async fn until_with(&mut self, last: impl Fn(u8) -> bool) -> Vec<(u8, Vec<u8>)> {
         tokio::time::timeout(Duration::from_secs(10), async {
             let mut msgs = Vec::new();
             loop {
@@ -339,7 +351,7 @@ impl Raw {
                     self.buf.advance(5);
                     let body = self.buf.split_to(len - 4).to_vec();
                     msgs.push((tag, body));
-                    if tag == end {
+                    if last(tag) {
                         return msgs;
                     }
                 }
@@ -348,7 +360,9 @@ impl Raw {
             }
         })
         .await
-        .unwrap_or_else(|_| panic!("no '{}' within 10 s: the session hangs", end as char))
+        .unwrap_or_else(|_| {
+            panic!("the awaited message did not come within 10 s: the session hangs")
+        })
     }
 }
 
@@ -507,9 +521,248 @@ async fn an_error_in_a_pipeline_skips_to_sync_whichever_shards_the_statements_go
     no_open_transactions(&c).await;
 }
 
+/// Bind (text parameters), Execute and Sync of the prepared statement
+/// `stmt`, as asyncpg runs a statement it prepared before.
+fn bind_execute_sync(o: &mut BytesMut, stmt: &str, params: &[&str]) {
+    frontend::bind(
+        "",
+        stmt,
+        std::iter::empty(),
+        params.iter().map(|p| p.as_bytes()),
+        |p, o| {
+            o.extend_from_slice(p);
+            Ok(postgres_protocol::IsNull::No)
+        },
+        std::iter::empty(),
+        o,
+    )
+    .map_err(|_| "bind")
+    .unwrap();
+    frontend::execute("", 0, o).unwrap();
+    frontend::sync(o);
+}
+
+/// asyncpg's prepare: Parse and Describe of a named statement, then Flush.
+async fn prepare_with_flush(r: &mut Raw, stmt: &str, sql: &str) {
+    r.send(|o| {
+        frontend::parse(stmt, sql, std::iter::empty(), o).unwrap();
+        frontend::describe(b'S', stmt, o).unwrap();
+        frontend::flush(o);
+    })
+    .await;
+    // ParseComplete, ParameterDescription, then RowDescription or NoData
+    let m = [r.next().await, r.next().await, r.next().await];
+    assert!(tags(&m) == "1tT" || tags(&m) == "1tn", "{stmt}: {m:?}");
+}
+
+/// Rows of `users` with key `id` directly on shard `i`.
+async fn count_on(c: &Cluster, i: usize, id: i64) -> i64 {
+    c.direct(i)
+        .await
+        .query_one("SELECT count(*) FROM users WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Issue 14: asyncpg prepares a statement with Parse/Describe/Flush (no
+/// key yet: it goes to some shard) and runs it later with Bind/Execute/
+/// Sync, whose key may route to another shard. As on PostgreSQL it runs
+/// there: the node ends the prepared-only part with a hidden Sync and
+/// prepares the statement again where the Bind goes; inside a transaction
+/// block both shards stay in the transaction (ROLLBACK undoes both, COMMIT
+/// commits both). Through a 2-shard node this was refused (0A000
+/// "messages sent with Flush but without Sync are still open").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_with_flush_runs_on_the_shard_of_its_key() {
+    let c = cluster().await;
+    let (_db, a, b) = setup(&c).await;
+    let mut r = Raw::connect(&c).await;
+    prepare_with_flush(&mut r, "ins", "INSERT INTO users (id, v) VALUES ($1, $2)").await;
+    for k in [b, a] {
+        let id = k.to_string();
+        r.send(|o| bind_execute_sync(o, "ins", &[&id, "x"])).await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "2CZ", "insert {k}: {m:?}");
+        assert_eq!(m.last().unwrap().1, b"I");
+    }
+    assert_eq!((count_on(&c, 0, a).await, count_on(&c, 1, a).await), (1, 0));
+    assert_eq!((count_on(&c, 0, b).await, count_on(&c, 1, b).await), (0, 1));
+    // A read prepared the same way answers from the key's shard.
+    prepare_with_flush(&mut r, "sel", "SELECT id FROM users WHERE id = $1").await;
+    for k in [b, a] {
+        let id = k.to_string();
+        r.send(|o| bind_execute_sync(o, "sel", &[&id])).await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "2DCZ", "select {k}: {m:?}");
+        assert!(m[1].1.ends_with(id.as_bytes()), "{k}: {m:?}");
+    }
+    // In a transaction block: prepared before any shard is used, then
+    // run on both shards; ROLLBACK, then COMMIT.
+    let snap = c.node.routing.catalog.load_full();
+    let on_s0 = |k: i64| {
+        snap.range_for_key("users", &KeyValue::Int8(k))
+            .unwrap()
+            .write_owner
+            .as_str()
+            == "s0"
+    };
+    let a2 = (1000..2000).find(|&k| on_s0(k)).unwrap();
+    let b2 = (1000..2000).find(|&k| !on_s0(k)).unwrap();
+    for (end, rows) in [("ROLLBACK", 0), ("COMMIT", 1)] {
+        r.send(|o| frontend::query("BEGIN", o).unwrap()).await;
+        assert_eq!(tags(&r.until_ready().await), "CZ");
+        let stmt = format!("ins_{end}");
+        prepare_with_flush(&mut r, &stmt, "INSERT INTO users (id, v) VALUES ($1, $2)").await;
+        for k in [b2, a2] {
+            let id = k.to_string();
+            r.send(|o| bind_execute_sync(o, &stmt, &[&id, "t"])).await;
+            let m = r.until_ready().await;
+            assert_eq!(tags(&m), "2CZ", "{end}: insert {k}: {m:?}");
+            assert_eq!(m.last().unwrap().1, b"T", "{end}: {m:?}");
+        }
+        // prepared on the shard written last (a2's), run on the other:
+        // the hidden Sync there leaves its write in the transaction
+        prepare_with_flush(
+            &mut r,
+            &format!("sel_{end}"),
+            "SELECT v FROM users WHERE id = $1",
+        )
+        .await;
+        let id = b2.to_string();
+        r.send(|o| bind_execute_sync(o, &format!("sel_{end}"), &[&id]))
+            .await;
+        assert_eq!(tags(&r.until_ready().await), "2DCZ", "{end}");
+        r.send(|o| frontend::query(end, o).unwrap()).await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "CZ", "{end}: {m:?}");
+        assert_eq!(m.last().unwrap().1, b"I");
+        assert_eq!(count_on(&c, 0, a2).await, rows, "{end}: key {a2}");
+        assert_eq!(count_on(&c, 1, b2).await, rows, "{end}: key {b2}");
+    }
+    no_open_transactions(&c).await;
+}
+
+/// One statement of a pipeline without a Flush after it (psycopg's
+/// pipeline when it does not wait for results): Parse, Bind, Describe
+/// portal, Execute.
+fn unflushed(o: &mut BytesMut, sql: &str) {
+    frontend::parse("", sql, std::iter::empty(), o).unwrap();
+    o.extend_from_slice(&[b'B', 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0]);
+    frontend::describe(b'P', "", o).unwrap();
+    frontend::execute("", 0, o).unwrap();
+}
+
+/// Issue 14: a pipelined batch holding a multi-shard statement (DDL, a
+/// merged read) beside other statements, as psycopg's pipeline sends it,
+/// was refused ("must hold only that statement"). The node cuts it at
+/// the multi-shard statement and runs the parts in order; the client sees
+/// the replies PostgreSQL gives, one ReadyForQuery at its Sync, and after
+/// an error nothing more up to that Sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_with_a_multi_shard_statement_runs_in_parts() {
+    let c = cluster().await;
+    let (_db, a, b) = setup(&c).await;
+    let mut r = Raw::connect(&c).await;
+    let one = |sql: String| {
+        move |o: &mut BytesMut| {
+            unflushed(o, &sql);
+            frontend::sync(o);
+        }
+    };
+    r.send(one(format!("INSERT INTO users (id, v) VALUES ({b}, 'x')")))
+        .await;
+    assert_eq!(tags(&r.until_ready().await), "12nCZ");
+    // DDL, a keyed write, a merged read, a keyed read, in one Sync
+    r.send(|o| {
+        unflushed(o, "CREATE TABLE pm (id int)");
+        unflushed(o, &format!("INSERT INTO users (id, v) VALUES ({a}, 'y')"));
+        unflushed(o, "SELECT count(*) FROM users");
+        unflushed(o, &format!("SELECT v FROM users WHERE id = {b}"));
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "12nC12nC12TDC12TDCZ", "{m:?}");
+    let rows: Vec<&Vec<u8>> = m
+        .iter()
+        .filter(|(t, _)| *t == b'D')
+        .map(|(_, b)| b)
+        .collect();
+    assert!(rows[0].ends_with(b"\x012"), "count: {m:?}");
+    assert!(rows[1].ends_with(b"\x01x"), "read: {m:?}");
+    assert_eq!(m.last().unwrap().1, b"I");
+    for i in 0..2 {
+        c.direct(i)
+            .await
+            .query("SELECT * FROM pm", &[])
+            .await
+            .unwrap();
+    }
+    assert_eq!((count_on(&c, 0, a).await, count_on(&c, 1, a).await), (1, 0));
+    // an error before the multi-shard statement: nothing after it runs
+    r.send(|o| {
+        unflushed(o, "SELECT * FROM doesnotexist");
+        unflushed(o, "SELECT count(*) FROM users");
+        unflushed(o, "CREATE TABLE pm2 (id int)");
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "EZ", "{m:?}");
+    // an error in the multi-shard statement: the same
+    r.send(|o| {
+        unflushed(o, "SELECT 1");
+        unflushed(o, "SELECT v::int FROM users");
+        unflushed(o, "CREATE TABLE pm2 (id int)");
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    let t = tags(&m);
+    assert!(t.starts_with("12TDC12") && t.ends_with("EZ"), "{m:?}");
+    assert_eq!(t.matches('C').count(), 1, "{m:?}");
+    for i in 0..2 {
+        let e = c.direct(i).await.query("SELECT * FROM pm2", &[]).await;
+        assert!(e.is_err(), "pm2 was created on shard {i}");
+    }
+    // the session goes on
+    r.send(one("SELECT 3".into())).await;
+    assert_eq!(tags(&r.until_ready().await), "12TDCZ");
+    // In a transaction block the parts stay in the transaction: its
+    // ROLLBACK undoes them on every shard.
+    r.send(|o| frontend::query("BEGIN", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    let (a2, b2) = (a + 100_000, b + 100_000);
+    r.send(|o| {
+        unflushed(o, &format!("INSERT INTO users (id, v) VALUES ({a2}, 't')"));
+        unflushed(o, "SELECT count(*) FROM users");
+        unflushed(o, &format!("INSERT INTO users (id, v) VALUES ({b2}, 't')"));
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "12nC12TDC12nCZ", "{m:?}");
+    assert!(
+        m[7].1.ends_with(b"\x013"),
+        "count in the transaction: {m:?}"
+    );
+    assert_eq!(m.last().unwrap().1, b"T");
+    r.send(|o| frontend::query("ROLLBACK", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    for i in 0..2 {
+        assert_eq!(count_on(&c, i, a2).await + count_on(&c, i, b2).await, 0);
+    }
+    no_open_transactions(&c).await;
+}
+
 /// LISTEN in the extended protocol, as psycopg 3 sends it (unnamed Parse,
-/// Bind, Describe, Execute, Sync): answered by the node as PostgreSQL
-/// would, and the notification arrives.
+/// Bind, Describe, Execute, Sync) and as asyncpg's `add_listener` does (a
+/// named statement: Parse/Describe/Flush, then Bind/Execute/Sync; issue
+/// 14, refused before): answered by the node as PostgreSQL would, and the
+/// notifications arrive until UNLISTEN (prepared the same way). A named
+/// LISTEN beside another statement in one batch is refused (it would run
+/// on a pooled backend).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_in_the_extended_protocol() {
     let c = cluster().await;
@@ -525,15 +778,77 @@ async fn listen_in_the_extended_protocol() {
     let m = r.until(b'A').await;
     let (_, body) = m.last().unwrap();
     assert!(body.ends_with(b"ext\0hi\0"), "{m:?}");
-    // A named statement for LISTEN is refused clearly (it would be run on
-    // a pooled backend).
+    // asyncpg: a named statement, prepared and described with Flush
+    prepare_with_flush(&mut r, "l", "LISTEN ext2").await;
+    r.send(|o| bind_execute_sync(o, "l", &[])).await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "2CZ", "{m:?}");
+    assert!(m[1].1.starts_with(b"LISTEN\0"), "{m:?}");
+    db.batch_execute("NOTIFY ext2, 'named'").await.unwrap();
+    let m = r.until(b'A').await;
+    assert!(m.last().unwrap().1.ends_with(b"ext2\0named\0"), "{m:?}");
+    // run again from the statement cache: still one listener, no error
+    r.send(|o| bind_execute_sync(o, "l", &[])).await;
+    assert_eq!(tags(&r.until_ready().await), "2CZ");
+    // the name is taken, as for any statement
     r.send(|o| {
-        frontend::parse("l", "LISTEN ext2", std::iter::empty(), o).unwrap();
+        frontend::parse("l", "LISTEN ext3", std::iter::empty(), o).unwrap();
         frontend::sync(o);
     })
     .await;
     let m = r.until_ready().await;
     assert_eq!(tags(&m), "EZ", "{m:?}");
+    assert!(String::from_utf8_lossy(&m[0].1).contains("C42P05"), "{m:?}");
+    // beside another statement: refused, and nothing of the batch runs
+    r.send(|o| {
+        frontend::bind(
+            "",
+            "l",
+            [],
+            std::iter::empty::<&[u8]>(),
+            |_, _| Ok(postgres_protocol::IsNull::No),
+            [],
+            o,
+        )
+        .map_err(|_| "bind")
+        .unwrap();
+        frontend::execute("", 0, o).unwrap();
+        pipelined(o, "SELECT 1");
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "EZ", "{m:?}");
+    assert!(String::from_utf8_lossy(&m[0].1).contains("C0A000"), "{m:?}");
+    r.send(|o| {
+        frontend::parse("l2", "LISTEN ext3", std::iter::empty(), o).unwrap();
+        pipelined(o, "SELECT 1");
+        frontend::sync(o);
+    })
+    .await;
+    assert_eq!(tags(&r.until_ready().await), "EZ");
+    // UNLISTEN prepared the same way; the statement is closed as any other
+    prepare_with_flush(&mut r, "u", "UNLISTEN ext2").await;
+    r.send(|o| {
+        bind_execute_sync(o, "u", &[]);
+        frontend::close(b'S', "l", o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "2CZ", "{m:?}");
+    assert!(m[1].1.starts_with(b"UNLISTEN\0"), "{m:?}");
+    assert_eq!(tags(&r.until_ready().await), "3Z");
+    // ext2 is no longer delivered; ext still is (after it, in order)
+    db.batch_execute("NOTIFY ext2, 'gone'; NOTIFY ext, 'still'")
+        .await
+        .unwrap();
+    let m = r.until(b'A').await;
+    assert!(m.last().unwrap().1.ends_with(b"ext\0still\0"), "{m:?}");
+    // the closed name is free again
+    prepare_with_flush(&mut r, "l", "LISTEN ext2").await;
+    r.send(frontend::sync).await;
+    assert_eq!(tags(&r.until_ready().await), "Z");
 }
 
 /// The ParameterStatus a client sees carries PostgreSQL's name of its
