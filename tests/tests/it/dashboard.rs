@@ -3,7 +3,8 @@
 //! as `?token=…`, loads and shows the cluster's shards, ranges and nodes,
 //! then follows a reshard job through its phases to its end. Chromium's
 //! `--dump-dom` gives the DOM after the page's script ran (virtual time);
-//! a screenshot is taken during the job (`target/dashboard-during-job.png`).
+//! a screenshot is taken during the job (in the temp dir, path printed;
+//! `docs/dashboard-reshard.png` is one).
 #![allow(clippy::unwrap_used)]
 
 use hotrepart_tests::procs::{ProcCluster, TOKEN};
@@ -156,8 +157,12 @@ async fn the_dashboard_shows_the_cluster_and_follows_a_job_in_a_browser() {
         .as_str()
         .unwrap()
         .to_string();
-    let shot = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/dashboard-during-job.png");
+    // Beside the test's other temporary files (the target dir may be
+    // anywhere: CARGO_TARGET_DIR); its path is printed.
+    let shot = std::env::temp_dir().join(format!(
+        "hotrepart-dashboard-during-job-{}.png",
+        std::process::id()
+    ));
     let mut phases: Vec<String> = Vec::new();
     let start = Instant::now();
     loop {
@@ -210,5 +215,6 @@ async fn the_dashboard_shows_the_cluster_and_follows_a_job_in_a_browser() {
         0,
         "s0 still owns a range:\n{dom}"
     );
-    assert!(shot.exists(), "no screenshot taken");
+    assert!(shot.exists(), "no screenshot taken at {}", shot.display());
+    eprintln!("screenshot during the job: {}", shot.display());
 }
