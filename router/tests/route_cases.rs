@@ -7,7 +7,7 @@
 
 mod common;
 
-use hotrepart_router::catalog::{KeyType, RoutingSnapshot, ShardId};
+use hotrepart_router::catalog::{RoutingSnapshot, ShardId};
 use hotrepart_router::route::{
     route, Combined, CompareOp, HavingExpr, Hints, LimitSpec, Literal, MergeNeed, MergePlan,
     Operand, Param, Partial, Route, ShardCol, SortKey, StatementKind, Target,
@@ -19,19 +19,7 @@ use hotrepart_router::route::{
 /// "Mixed"("Key" int8), app.accounts(id int8), reference table countries,
 /// home shard s0.
 fn snapshot() -> RoutingSnapshot {
-    common::snapshot(
-        4,
-        &[
-            ("users", "id", KeyType::Int8),
-            ("orders", "user_id", KeyType::Int8),
-            ("events", "tenant", KeyType::Text),
-            ("devices", "uuid", KeyType::Uuid),
-            ("items", "id", KeyType::Int4),
-            ("Mixed", "Key", KeyType::Int8),
-            ("app.accounts", "id", KeyType::Int8),
-        ],
-        &["countries"],
-    )
+    common::cases_snapshot()
 }
 
 /// An owned parameter, so the case can lend `Param`s.

@@ -8,26 +8,14 @@
 
 mod common;
 
-use hotrepart_router::catalog::{KeyType, RoutingSnapshot};
+use hotrepart_router::catalog::RoutingSnapshot;
 use hotrepart_router::route::{
     normalize_literals, route, route_by_shape, Hints, Namespace, Route, Target,
 };
 use rand::{Rng, SeedableRng};
 
 fn snapshot() -> RoutingSnapshot {
-    common::snapshot(
-        4,
-        &[
-            ("users", "id", KeyType::Int8),
-            ("orders", "user_id", KeyType::Int8),
-            ("events", "tenant", KeyType::Text),
-            ("devices", "uuid", KeyType::Uuid),
-            ("items", "id", KeyType::Int4),
-            ("Mixed", "Key", KeyType::Int8),
-            ("app.accounts", "id", KeyType::Int8),
-        ],
-        &["countries"],
-    )
+    common::cases_snapshot()
 }
 
 /// What must agree between the two routes.

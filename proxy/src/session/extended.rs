@@ -16,6 +16,26 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// The text a Bind of statement `stmt` runs: the statement parsed
+    /// earlier in the batch being routed (`unnamed`, `named`), else the
+    /// one the session knows.
+    fn bound_sql(
+        &self,
+        stmt: &str,
+        unnamed: &Option<Arc<str>>,
+        named: Option<&Arc<str>>,
+    ) -> Option<Arc<str>> {
+        if stmt.is_empty() {
+            unnamed
+                .clone()
+                .or_else(|| self.unnamed.as_ref().and_then(Unnamed::sql))
+        } else {
+            named
+                .cloned()
+                .or_else(|| self.stmts.get(stmt).map(|s| s.sql.clone()))
+        }
+    }
+
     /// Decides the one shard of a batch (None: any shard will do) and the
     /// decision of its most significant statement.
     pub(super) fn route_batch(
@@ -83,16 +103,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let mut b = f.body();
                     let _portal = wire::get_cstr(&mut b).map_err(proto_refusal)?;
                     let stmt = wire::get_cstr(&mut b).map_err(proto_refusal)?;
-                    let sql = if stmt.is_empty() {
-                        batch_unnamed
-                            .clone()
-                            .or_else(|| self.unnamed.as_ref().and_then(Unnamed::sql))
-                    } else {
-                        batch_named
-                            .get(stmt)
-                            .cloned()
-                            .or_else(|| self.stmts.get(stmt).map(|s| s.sql.clone()))
-                    };
+                    let sql = self.bound_sql(stmt, &batch_unnamed, batch_named.get(stmt));
                     // An unknown statement: PostgreSQL will say so.
                     let Some(sql) = sql else { continue };
                     self.check_listen(self.listen_stmt(stmt).is_some())?;
@@ -186,16 +197,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 fe::BIND => {
                     let _portal = wire::get_cstr(&mut b).ok()?;
                     let stmt = wire::get_cstr(&mut b).ok()?;
-                    let sql = if stmt.is_empty() {
-                        batch_unnamed
-                            .clone()
-                            .or_else(|| self.unnamed.as_ref().and_then(Unnamed::sql))
-                    } else {
-                        batch_named
-                            .get(stmt)
-                            .cloned()
-                            .or_else(|| self.stmts.get(stmt).map(|s| s.sql.clone()))
-                    };
+                    let sql = self.bound_sql(stmt, &batch_unnamed, batch_named.get(stmt));
                     let Some(sql) = sql else { continue };
                     let params = BindParams::parse(b).ok()?;
                     let d = self

@@ -158,19 +158,12 @@ pub fn normalize_literals(sql: &str) -> Option<Normalized> {
                 }
                 prev = Prev::Operand;
             }
-            b'0'..=b'9' => {
-                let (end, ok) = number_end(b, i);
-                if !ok {
-                    return None;
-                }
-                text.push_str(&sql[copied..i]);
-                push_param(&mut text, &mut values, sql[i..end].to_string());
-                numeric.push(true);
-                i = end;
-                copied = i;
-                prev = Prev::Operand;
-            }
-            b'.' if b.get(i + 1).is_some_and(u8::is_ascii_digit) && prev == Prev::SignAllowed => {
+            // A number: digits, or `.5` where an operand may start.
+            c if c.is_ascii_digit()
+                || (c == b'.'
+                    && b.get(i + 1).is_some_and(u8::is_ascii_digit)
+                    && prev == Prev::SignAllowed) =>
+            {
                 let (end, ok) = number_end(b, i);
                 if !ok {
                     return None;

@@ -60,3 +60,22 @@ pub fn snapshot(
         .and_then(|b| b.build())
         .expect("test snapshot")
 }
+
+/// The snapshot of the routing cases (`cases.txt`): 4 shards, the tables
+/// they name, reference table `countries`. Shared by `route_cases.rs` and
+/// `shape_routes.rs`, which must route the same statements alike.
+pub fn cases_snapshot() -> RoutingSnapshot {
+    snapshot(
+        4,
+        &[
+            ("users", "id", KeyType::Int8),
+            ("orders", "user_id", KeyType::Int8),
+            ("events", "tenant", KeyType::Text),
+            ("devices", "uuid", KeyType::Uuid),
+            ("items", "id", KeyType::Int4),
+            ("Mixed", "Key", KeyType::Int8),
+            ("app.accounts", "id", KeyType::Int8),
+        ],
+        &["countries"],
+    )
+}
