@@ -25,6 +25,8 @@ command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 # The dashboard's browser test (tests/tests/it/dashboard.rs).
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# The deployment files' checks (tests/tests/it/deploy.rs).
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ "${1:-}" = "--bench" ]; then
   command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
 fi
@@ -42,3 +44,9 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 have_pg || { echo "setup: PostgreSQL server binaries still missing" >&2; exit 1; }
+# PyYAML for the deployment files' checks (the python3 on PATH may not be
+# Debian's, so pip rather than python3-yaml).
+if ! python3 -c 'import yaml' >/dev/null 2>&1; then
+  echo "setup: installing PyYAML" >&2
+  python3 -m pip install -q --user pyyaml >&2 || python3 -m pip install -q --user --break-system-packages pyyaml >&2
+fi
