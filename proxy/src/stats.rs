@@ -16,6 +16,12 @@
 //! idle (an autocommit statement is one); its time runs from its first
 //! request. *Wait* is the time a client waited for a pooled server
 //! connection (only when none was free at once).
+//!
+//! Node-wide, [`Requests`] keeps a latency histogram per route (the shard
+//! of a one-shard request; all shards; a merge; answered by the node) and
+//! the errors sent to clients by SQLSTATE class, also with atomic adds
+//! only: each session notes the route of its current request
+//! ([`Tracker::note_route`]) and the answer closes it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -148,6 +154,8 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct Stats {
     dbs: Mutex<HashMap<String, Entry>>,
+    /// Latency by route and errors by class, node-wide.
+    pub requests: Arc<Requests>,
 }
 
 impl Stats {
@@ -191,6 +199,171 @@ impl Stats {
     }
 }
 
+/// Where a client request went, as the latency histograms label it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// One shard (its index), or one shard each for statements of the same
+    /// request that went to different shards (None).
+    One(Option<usize>),
+    /// Several shards, answers passed through (DDL, writes, keyless
+    /// statements without a merge).
+    All,
+    /// Several shards, answers merged by the node.
+    Merge,
+    /// Answered by the node alone (a refusal, a local SET, an empty query).
+    Node,
+}
+
+impl Route {
+    /// One request's route when it held several statements: a merge wins,
+    /// then all shards, then one shard (the same one, or several).
+    fn join(self, other: Route) -> Route {
+        use Route::*;
+        match (self, other) {
+            (Node, r) | (r, Node) => r,
+            (Merge, _) | (_, Merge) => Merge,
+            (All, _) | (_, All) => All,
+            (One(a), One(b)) if a == b => One(a),
+            (One(_), One(_)) => One(None),
+        }
+    }
+
+    /// The `route` label.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Route::One(_) => "one",
+            Route::All => "all",
+            Route::Merge => "merge",
+            Route::Node => "node",
+        }
+    }
+}
+
+/// Upper bounds of the latency buckets, in microseconds (100 µs to 10 s;
+/// above: the +Inf bucket).
+pub const LATENCY_BOUNDS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// A latency histogram: counts per bucket (not cumulative; the last is
+/// +Inf) and the sum.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let us = micros(d);
+        let i = LATENCY_BOUNDS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// (count per bucket, +Inf last; sum in microseconds).
+    pub fn read(&self) -> (Vec<u64>, u64) {
+        (
+            self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+            self.sum_us.load(Relaxed),
+        )
+    }
+}
+
+/// SQLSTATE classes are two characters of [0-9A-Z]: one counter each.
+const CLASSES: usize = 36 * 36;
+
+fn class_index(code: &[u8]) -> Option<usize> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(usize::from(c - b'0')),
+        b'A'..=b'Z' => Some(usize::from(c - b'A') + 10),
+        _ => None,
+    };
+    Some(digit(*code.first()?)? * 36 + digit(*code.get(1)?)?)
+}
+
+fn class_name(i: usize) -> String {
+    let c = |d: usize| {
+        char::from_digit(d as u32, 36)
+            .unwrap_or('?')
+            .to_ascii_uppercase()
+    };
+    [c(i / 36), c(i % 36)].iter().collect()
+}
+
+/// Node-wide request latency by route, and client errors by class.
+#[derive(Debug)]
+pub struct Requests {
+    hists: Mutex<HashMap<Route, Arc<Histogram>>>,
+    errors: Box<[AtomicU64]>,
+}
+
+impl Default for Requests {
+    fn default() -> Self {
+        Requests {
+            hists: Mutex::default(),
+            errors: (0..CLASSES).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl Requests {
+    /// The histogram of `route` (made on first use; sessions keep it).
+    pub fn hist(&self, route: Route) -> Arc<Histogram> {
+        self.hists
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(route)
+            .or_default()
+            .clone()
+    }
+
+    /// Every route's histogram.
+    pub fn hists(&self) -> Vec<(Route, Arc<Histogram>)> {
+        let m = self.hists.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(r, h)| (*r, h.clone())).collect()
+    }
+
+    /// Errors sent to clients by SQLSTATE class (e.g. "42"), classes
+    /// seen only.
+    pub fn errors(&self) -> Vec<(String, u64)> {
+        self.errors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                let n = n.load(Relaxed);
+                (n > 0).then(|| (class_name(i), n))
+            })
+            .collect()
+    }
+
+    fn error(&self, code: &[u8]) {
+        if let Some(i) = class_index(code) {
+            self.errors[i].fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// The SQLSTATE of an ErrorResponse body (its `C` field).
+fn error_code(body: &[u8]) -> Option<&[u8]> {
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            return None;
+        }
+        let end = tail.iter().position(|b| *b == 0)?;
+        if field == b'C' {
+            return Some(&tail[..end]);
+        }
+        rest = &tail[end + 1..];
+    }
+    None
+}
+
 /// A session's side of the counting: when its requests and transaction
 /// began. Plain fields (the session owns it); only the adds to
 /// [`DbStats`] are shared.
@@ -206,20 +379,47 @@ pub struct Tracker {
     query_start: Option<Instant>,
     /// Since when the current transaction has run.
     xact_start: Option<Instant>,
+    requests: Arc<Requests>,
+    /// The route of each pending request, oldest first (None: not routed
+    /// yet, or answered by the node).
+    routes: std::collections::VecDeque<Option<Route>>,
+    /// A route noted before its request arrived (a batch run on Flush,
+    /// before its Sync).
+    early: Option<Route>,
+    /// Histograms this session used (a handful: no lock after the first).
+    hists: Vec<(Route, Arc<Histogram>)>,
 }
 
 /// The ReadyForQuery tag ('Z').
 const READY_FOR_QUERY: u8 = b'Z';
+/// The ErrorResponse tag ('E').
+const ERROR_RESPONSE: u8 = b'E';
 
 impl Tracker {
-    pub fn new(db: Arc<DbStats>) -> Tracker {
+    pub fn new(db: Arc<DbStats>, requests: Arc<Requests>) -> Tracker {
         Tracker {
             db,
             received: 0,
             pending: 0,
             query_start: None,
             xact_start: None,
+            requests,
+            routes: std::collections::VecDeque::new(),
+            early: None,
+            hists: Vec::new(),
         }
+    }
+
+    /// The request being served (the last one received) goes to `route`
+    /// (joined with what it already went to: a batch of several
+    /// statements).
+    #[inline]
+    pub fn note_route(&mut self, route: Route) {
+        let slot = match self.routes.back_mut() {
+            Some(r) => r,
+            None => &mut self.early,
+        };
+        *slot = Some(slot.map_or(route, |r| r.join(route)));
     }
 
     /// A client message of `len` bytes arrived; `request`: one that a
@@ -234,6 +434,7 @@ impl Tracker {
                 self.xact_start.get_or_insert(now);
             }
             self.pending += 1;
+            self.routes.push_back(self.early.take());
         }
     }
 
@@ -254,6 +455,11 @@ impl Tracker {
             if h[0] == READY_FOR_QUERY && len == 5 {
                 let status = out.get(i + 5).copied().unwrap_or(b'I');
                 self.answered(status, *now.get_or_insert_with(Instant::now));
+            } else if h[0] == ERROR_RESPONSE {
+                let body = out.get(i + 5..i.saturating_add(1 + len)).unwrap_or(&[]);
+                if let Some(code) = error_code(body) {
+                    self.requests.error(code);
+                }
             }
             i = i.saturating_add(1 + len.max(4));
         }
@@ -275,16 +481,32 @@ impl Tracker {
         if self.pending > 0 {
             self.pending = 0;
             self.query_start = None;
+            self.routes.clear();
         }
+    }
+
+    fn observe(&mut self, route: Route, d: Duration) {
+        let h = match self.hists.iter().find(|(r, _)| *r == route) {
+            Some((_, h)) => h,
+            None => {
+                self.hists.push((route, self.requests.hist(route)));
+                match self.hists.last() {
+                    Some((_, h)) => h,
+                    None => return,
+                }
+            }
+        };
+        h.observe(d);
     }
 
     fn answered(&mut self, status: u8, now: Instant) {
         self.pending = self.pending.saturating_sub(1);
         self.db.query_count.fetch_add(1, Relaxed);
+        let route = self.routes.pop_front().flatten().unwrap_or(Route::Node);
         if let Some(s) = self.query_start {
-            self.db
-                .query_time_us
-                .fetch_add(micros(now.duration_since(s)), Relaxed);
+            let d = now.duration_since(s);
+            self.db.query_time_us.fetch_add(micros(d), Relaxed);
+            self.observe(route, d);
         }
         self.query_start = (self.pending > 0).then_some(now);
         if status == b'I' {
@@ -320,7 +542,7 @@ mod tests {
     #[test]
     fn counts_requests_answers_and_transactions() {
         let db = Arc::new(DbStats::default());
-        let mut t = Tracker::new(db.clone());
+        let mut t = Tracker::new(db.clone(), Arc::default());
         // BEGIN; SELECT; COMMIT as three simple queries.
         t.received(11, true);
         t.sending(&rfq(b'T'));
@@ -350,7 +572,7 @@ mod tests {
     #[test]
     fn a_truncated_buffer_is_not_misread() {
         let db = Arc::new(DbStats::default());
-        let mut t = Tracker::new(db.clone());
+        let mut t = Tracker::new(db.clone(), Arc::default());
         t.received(5, true);
         t.sending(&[b'D', 0xff, 0xff, 0xff, 0xff, b'Z', 0, 0, 0, 5, b'I']);
         t.sending(&[b'Z', 0, 0]);
@@ -382,6 +604,91 @@ mod tests {
                 wait_time: 10,
             }
         );
+    }
+
+    fn error(code: &str) -> Vec<u8> {
+        let mut body = vec![b'S'];
+        body.extend_from_slice(b"ERROR\0C");
+        body.extend_from_slice(code.as_bytes());
+        body.extend_from_slice(b"\0Mboom\0\0");
+        let mut f = vec![b'E'];
+        f.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        f.extend_from_slice(&body);
+        f
+    }
+
+    #[test]
+    fn requests_are_timed_by_their_route_and_errors_counted_by_class() {
+        let db = Arc::new(DbStats::default());
+        let req = Arc::new(Requests::default());
+        let mut t = Tracker::new(db, req.clone());
+        // Two pipelined requests: one shard, then a merge; answered in one
+        // write, the second with an error.
+        t.received(10, true);
+        t.note_route(Route::One(Some(1)));
+        t.received(10, true);
+        t.note_route(Route::One(Some(0)));
+        t.note_route(Route::Merge);
+        let mut out = rfq(b'I').to_vec();
+        out.extend_from_slice(&error("22012"));
+        out.extend_from_slice(&rfq(b'I'));
+        t.sending(&out);
+        // A batch run on Flush before its Sync arrives: the route waits for
+        // the request; statements on two shards make One(None).
+        t.note_route(Route::One(Some(0)));
+        t.received(10, true);
+        t.note_route(Route::One(Some(1)));
+        t.sending(&rfq(b'I'));
+        // Not routed: answered by the node; a settled session forgets.
+        t.received(10, true);
+        t.sending(&error("0A000"));
+        t.sending(&rfq(b'I'));
+        t.received(10, true);
+        t.note_route(Route::All);
+        t.settled();
+        let counts: HashMap<Route, u64> = req
+            .hists()
+            .into_iter()
+            .map(|(r, h)| (r, h.read().0.iter().sum()))
+            .collect();
+        let want: HashMap<Route, u64> = [
+            (Route::One(Some(1)), 1),
+            (Route::Merge, 1),
+            (Route::One(None), 1),
+            (Route::Node, 1),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(counts, want);
+        assert_eq!(
+            req.errors(),
+            vec![("0A".to_string(), 1), ("22".to_string(), 1)]
+        );
+    }
+
+    #[test]
+    fn routes_join_as_the_strongest() {
+        use Route::*;
+        assert_eq!(Node.join(One(Some(2))), One(Some(2)));
+        assert_eq!(One(Some(2)).join(One(Some(2))), One(Some(2)));
+        assert_eq!(One(Some(2)).join(One(Some(3))), One(None));
+        assert_eq!(One(Some(2)).join(All), All);
+        assert_eq!(All.join(Merge), Merge);
+        assert_eq!(Merge.join(Node), Merge);
+    }
+
+    #[test]
+    fn latency_lands_in_its_bucket() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(100));
+        h.observe(Duration::from_micros(101));
+        h.observe(Duration::from_secs(11));
+        let (b, sum) = h.read();
+        assert_eq!((b[0], b[1], b[LATENCY_BOUNDS_US.len()]), (1, 1, 1));
+        assert_eq!(b.iter().sum::<u64>(), 3);
+        assert_eq!(sum, 11_000_201);
+        assert_eq!(class_index(b"0A").map(class_name).as_deref(), Some("0A"));
+        assert_eq!(class_index(b"zz"), None);
     }
 
     #[test]

@@ -376,7 +376,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let state_fp = state.fingerprint();
         let nshards = node.routing.shard_slots() + SLOT_HEADROOM;
         let home = node.routing.home_index();
-        let stats = crate::stats::Tracker::new(node.stats.db(&database));
+        let stats =
+            crate::stats::Tracker::new(node.stats.db(&database), node.stats.requests.clone());
         Session {
             stats,
             pause_deadline: None,

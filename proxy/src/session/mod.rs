@@ -54,6 +54,7 @@ pub use conn::{End, Session};
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::{Kind, Target};
+use crate::stats::Route;
 use crate::wire::fe;
 use crate::wire::{self, Frame, Severity};
 use crate::wire::{command_complete, rfq};
@@ -387,6 +388,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if !self.be.owed.is_empty() {
                     self.drain_owed().await?;
                 }
+                self.stats.note_route(Route::All);
                 return crate::exec::explain::run(self, ex).await;
             }
         }
@@ -420,6 +422,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(());
         }
         if d.copy.is_some() {
+            let route = route_of(&d, self.default_shard());
+            self.stats.note_route(route);
             return crate::exec::copy::run(self, &d, None).await;
         }
         if let Err(r) = self.check_multi_shard(&d).await? {
@@ -441,6 +445,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     _ => None,
                 };
                 if let Some(plan) = plan {
+                    self.stats.note_route(Route::Merge);
                     return crate::exec::merge::exec::run(self, &plan, &shards, sqls.as_deref())
                         .await;
                 }
@@ -450,6 +455,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if !self.be.owed.is_empty() {
                     self.drain_owed().await?;
                 }
+                self.stats.note_route(route_of(&d, self.be.cur));
                 return crate::exec::scatter::run(self, &d, &sql).await;
             }
             Target::Shard(_) | Target::Any => {}
@@ -474,6 +480,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.poison_if_failed(&d, t).await;
         self.note_class(class, t);
+        self.stats.note_route(Route::One(Some(t)));
         self.be.to_backend.put_slice(&f.raw);
         self.be.owed.push_back(Owed::Query);
         if let Some(b) = self.be.slots[t].conn.as_mut() {
@@ -666,6 +673,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         if let Some(d) = d.as_ref().filter(|d| d.copy.is_some()) {
+            let route = route_of(d, target.unwrap_or_else(|| self.default_shard()));
+            self.stats.note_route(route);
             let (d, ext) = (d.clone(), crate::exec::copy::Ext { frames, synced });
             return crate::exec::copy::run(self, &d, Some(ext))
                 .await
@@ -691,6 +700,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.batch_error(&r, synced);
                     return Ok(true);
                 }
+                self.stats.note_route(Route::Merge);
                 return crate::exec::merge::exec::run_extended(
                     self,
                     plan,
@@ -702,6 +712,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .await
                 .map(|()| true);
             }
+            self.stats.note_route(Route::All);
             return crate::exec::scatter::run_extended(self, &d, frames, synced)
                 .await
                 .map(|()| true);
@@ -746,6 +757,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(d) = &d {
             self.poison_if_failed(d, t).await;
         }
+        self.stats.note_route(Route::One(Some(t)));
         let ran = frames
             .iter()
             .any(|f| matches!(f.tag(), fe::BIND | fe::EXECUTE));
@@ -767,6 +779,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             b.unsynced = !synced;
         }
         Ok(true)
+    }
+}
+
+/// How the latency histograms label a routed statement (`t`: the shard it
+/// runs on when the decision names none).
+fn route_of(d: &crate::routing::Decision, t: usize) -> Route {
+    match &d.target {
+        Target::Multi { shards, .. } if shards.len() > 1 => {
+            if d.merge.is_some() {
+                Route::Merge
+            } else {
+                Route::All
+            }
+        }
+        Target::Multi { shards, .. } => Route::One(shards.first().copied()),
+        Target::Shard(t) => Route::One(Some(*t)),
+        Target::Any => Route::One(Some(t)),
     }
 }
 

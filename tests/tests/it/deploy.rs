@@ -386,6 +386,8 @@ async fn the_grafana_dashboard_uses_only_exported_metrics() {
     // Some traffic, so that per-database series exist too.
     let db = c.connect().await;
     db.simple_query("SELECT 1").await.unwrap();
+    // And an error, so that the errors by class exist.
+    db.simple_query("SELECT 1/0").await.unwrap_err();
     let scrape = || {
         let url = format!("http://{addr}/metrics");
         tokio::task::spawn_blocking(move || {
@@ -412,11 +414,19 @@ async fn the_grafana_dashboard_uses_only_exported_metrics() {
             if let Some(rest) = l.strip_prefix("# TYPE ") {
                 let mut it = rest.split_whitespace();
                 let (name, ty) = (it.next().unwrap(), it.next().unwrap());
-                exported.insert(if ty == "counter" {
-                    format!("{name}_total")
-                } else {
-                    name.to_string()
-                });
+                match ty {
+                    "counter" => {
+                        exported.insert(format!("{name}_total"));
+                    }
+                    "histogram" => {
+                        for part in ["bucket", "count", "sum"] {
+                            exported.insert(format!("{name}_{part}"));
+                        }
+                    }
+                    _ => {
+                        exported.insert(name.to_string());
+                    }
+                }
             }
         }
         exported
@@ -438,6 +448,8 @@ async fn the_grafana_dashboard_uses_only_exported_metrics() {
         "hotrepart_client_queries_total",
         "hotrepart_wasm_failed_calls_total",
         "hotrepart_reshard_jobs",
+        "hotrepart_request_duration_seconds_bucket",
+        "hotrepart_client_errors_total",
     ] {
         assert!(exported.contains(n), "{n} not in {exported:?}");
     }

@@ -412,3 +412,117 @@ async fn in_doubt_transactions_are_counted_by_the_resolver() {
         .get::<_, i64>(0);
     assert_eq!(left, 0);
 }
+
+/// The count of `hotrepart_request_duration_seconds` for a route and
+/// shard (0 when the series does not exist yet).
+fn requests(s: &Samples, route: &str, shard: &str) -> f64 {
+    get(
+        s,
+        "hotrepart_request_duration_seconds_count",
+        &[("route", route), ("shard", shard)],
+    )
+    .unwrap_or(0.0)
+}
+
+fn errors(s: &Samples, class: &str) -> f64 {
+    get(s, "hotrepart_client_errors_total", &[("class", class)]).unwrap_or(0.0)
+}
+
+/// Issue 16: request latency per shard and route kind (one, all, merge,
+/// node) as Prometheus histograms, and the errors clients get by SQLSTATE
+/// class.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_are_timed_by_route_and_errors_counted_by_class() {
+    let c = ProcCluster::start(2, 2, TABLES, "").await;
+    c.wait_ready(Duration::from_secs(60)).await;
+    let db = connect(&c.nodes[0].dsn()).await.unwrap();
+    let before = scrape(&c, 0).await;
+
+    // all: DDL on every shard.
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, n int)")
+        .await
+        .unwrap();
+    // one: a keyed write to each shard, three to s1.
+    let on0 = id_on(&c, "s0", 0).await;
+    db.batch_execute(&format!("INSERT INTO items (id, n) VALUES ({on0}, 1)"))
+        .await
+        .unwrap();
+    for k in 0..3 {
+        let on1 = id_on(&c, "s1", k).await;
+        db.batch_execute(&format!("INSERT INTO items (id, n) VALUES ({on1}, 1)"))
+            .await
+            .unwrap();
+    }
+    // merge: a count over both shards, twice.
+    for _ in 0..2 {
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM items", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 4);
+    }
+    // Errors: class 22 (division by zero) twice, 23 (unique violation) once.
+    for _ in 0..2 {
+        let e = db.batch_execute("SELECT 1/0").await.unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("22012"), "{e:?}");
+    }
+    let e = db
+        .batch_execute(&format!("INSERT INTO items (id, n) VALUES ({on0}, 2)"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("23505"), "{e:?}");
+
+    let after = scrape(&c, 0).await;
+    let delta =
+        |route: &str, shard: &str| requests(&after, route, shard) - requests(&before, route, shard);
+    assert_eq!(delta("all", "*"), 1.0, "{after:?}");
+    // The count(*) prepared (Parse/Describe/Sync, one shard) then run
+    // (Bind/Execute/Sync, merged): two requests each time.
+    assert_eq!(delta("merge", "*"), 2.0, "{after:?}");
+    // The failed insert went to s0 too.
+    assert!(delta("one", "s1") >= 3.0, "{after:?}");
+    assert!(delta("one", "s0") >= 2.0, "{after:?}");
+    assert_eq!(
+        errors(&after, "22") - errors(&before, "22"),
+        2.0,
+        "{after:?}"
+    );
+    assert_eq!(
+        errors(&after, "23") - errors(&before, "23"),
+        1.0,
+        "{after:?}"
+    );
+
+    // Each histogram is whole: its +Inf bucket holds every request, its
+    // buckets never decrease, its sum is positive and below a minute per
+    // request.
+    for (route, shard) in [("all", "*"), ("merge", "*"), ("one", "s0"), ("one", "s1")] {
+        let count = requests(&after, route, shard);
+        let bucket = |le: &str| {
+            get(
+                &after,
+                "hotrepart_request_duration_seconds_bucket",
+                &[("le", le), ("route", route), ("shard", shard)],
+            )
+            .unwrap_or_else(|| panic!("no bucket {le} for {route}/{shard}: {after:?}"))
+        };
+        assert_eq!(bucket("+Inf"), count, "{route}/{shard}");
+        let mut last = 0.0;
+        for le in ["0.0001", "0.001", "0.01", "0.1", "1.0", "10.0", "+Inf"] {
+            let b = bucket(le);
+            assert!(b >= last, "{route}/{shard}: bucket {le} = {b} < {last}");
+            last = b;
+        }
+        let sum = get(
+            &after,
+            "hotrepart_request_duration_seconds_sum",
+            &[("route", route), ("shard", shard)],
+        )
+        .unwrap();
+        assert!(
+            sum > 0.0 && sum < 60.0 * count,
+            "{route}/{shard}: sum {sum}, count {count}"
+        );
+    }
+}

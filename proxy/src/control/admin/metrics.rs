@@ -5,19 +5,24 @@
 //! Every value is read when scraped, from state the node keeps anyway
 //! (pools, clients, the catalog and its jobs, the 2PC resolver's last
 //! pass, the routing functions' failure counters, the per-database
-//! traffic counters of `crate::stats`): nothing is added to the
-//! per-statement path for it. A fresh registry per scrape, so nodes that share a
+//! traffic counters of `crate::stats`). On the request path only
+//! atomic adds: the per-route latency histograms and the error classes of
+//! `crate::stats::Requests`, read here into prometheus-client's histogram
+//! encoding. A fresh registry per scrape, so nodes that share a
 //! process (`hotrepart demo`) never mix their numbers.
 
 use super::{Api, ApiError};
+use crate::stats::{Route, LATENCY_BOUNDS_US};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hotrepart_routing_paxos::JobPhase;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 
@@ -47,6 +52,60 @@ fn counters(reg: &mut Registry, name: &str, help: &str, values: Vec<(Labels, u64
         f.get_or_create(&labels).inc_by(v);
     }
     reg.register(name, help, f);
+}
+
+/// The `shard` label of a route: the shard's name, `*` for several.
+fn route_shard(node: &crate::node::Node, r: Route) -> String {
+    match r {
+        Route::One(Some(t)) => node.routing.shard_name(t),
+        Route::One(None) | Route::All | Route::Merge => "*".to_string(),
+        Route::Node => String::new(),
+    }
+}
+
+/// A histogram read from [`crate::stats::Histogram`] when scraped
+/// (prometheus-client's own takes a lock per observation; ours are
+/// atomic adds, kept by the sessions).
+#[derive(Debug, Default)]
+struct Snapshot(std::sync::OnceLock<SnapshotData>);
+
+#[derive(Debug)]
+struct SnapshotData {
+    sum: f64,
+    count: u64,
+    /// (upper bound in seconds, count in this bucket), +Inf last.
+    buckets: Vec<(f64, u64)>,
+}
+
+impl Snapshot {
+    fn data(counts: &[u64], sum_us: u64) -> SnapshotData {
+        let bounds = LATENCY_BOUNDS_US
+            .iter()
+            .map(|b| *b as f64 / 1e6)
+            .chain([f64::INFINITY]);
+        SnapshotData {
+            sum: sum_us as f64 / 1e6,
+            count: counts.iter().sum(),
+            buckets: bounds.zip(counts.iter().copied()).collect(),
+        }
+    }
+}
+
+impl TypedMetric for Snapshot {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Snapshot {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        match self.0.get() {
+            Some(d) => encoder.encode_histogram::<NoLabelSet>(d.sum, d.count, &d.buckets, None),
+            None => encoder.encode_histogram::<NoLabelSet>(0.0, 0, &[], None),
+        }
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 fn int(n: impl TryInto<i64>) -> i64 {
@@ -165,6 +224,39 @@ pub(crate) fn registry(api: &Api) -> Registry {
         "client_wait_time_microseconds",
         "Time clients waited for a server connection",
         wait_us,
+    );
+
+    // Requests by route: latency histograms (their counts are the number
+    // of requests per shard and route kind), and errors by class.
+    let hists = Family::<Labels, Snapshot>::default();
+    let mut routes = node.stats.requests.hists();
+    routes.sort_by_key(|(r, _)| (r.kind(), route_shard(node, *r)));
+    for (route, h) in routes {
+        let labels: Labels = vec![
+            ("route", route.kind().to_string()),
+            ("shard", route_shard(node, route)),
+        ];
+        let (counts, sum_us) = h.read();
+        let _ = hists
+            .get_or_create(&labels)
+            .0
+            .set(Snapshot::data(&counts, sum_us));
+    }
+    reg.register(
+        "request_duration_seconds",
+        "Client requests (a Query, or an extended-protocol batch up to its Sync) from arrival to ReadyForQuery, by route: one (shard: the shard; * when the request's statements went to different shards), all (several shards), merge (several shards, merged by the node), node (answered by the node alone)",
+        hists,
+    );
+    counters(
+        &mut reg,
+        "client_errors",
+        "ErrorResponses sent to clients in answer to requests, by SQLSTATE class",
+        node.stats
+            .requests
+            .errors()
+            .into_iter()
+            .map(|(class, n)| (vec![("class", class)], n))
+            .collect(),
     );
 
     // The catalog.
