@@ -39,6 +39,102 @@ pub struct CancelSlot {
     /// The session's id in the gates of the backends it holds (never 0).
     id: u64,
     targets: Mutex<Vec<CancelTarget>>,
+    /// What the admin console's SHOW CLIENTS shows of the session (set
+    /// once at login).
+    pub info: std::sync::OnceLock<ClientInfo>,
+}
+
+/// A logged-in client as SHOW CLIENTS shows it: fixed at login, except the
+/// times the session updates (relaxed atomic stores).
+#[derive(Debug)]
+pub struct ClientInfo {
+    pub user: String,
+    pub database: String,
+    pub addr: Option<SocketAddr>,
+    pub local_addr: Option<SocketAddr>,
+    pub connect_time: std::time::SystemTime,
+    /// e.g. `TLSv1.3/TLS13_AES_256_GCM_SHA384`; empty without TLS.
+    pub tls: String,
+    pub application_name: String,
+    /// The pid the client got in BackendKeyData.
+    pub pid: i32,
+    /// Microseconds since the Unix epoch of the latest request.
+    request_time_us: std::sync::atomic::AtomicU64,
+    /// Since when (µs since the epoch) the session waits for a server
+    /// connection; 0: it does not.
+    wait_since_us: std::sync::atomic::AtomicU64,
+}
+
+fn epoch_us(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+impl ClientInfo {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        user: String,
+        database: String,
+        addr: Option<SocketAddr>,
+        local_addr: Option<SocketAddr>,
+        tls: String,
+        application_name: String,
+        pid: i32,
+    ) -> ClientInfo {
+        let now = std::time::SystemTime::now();
+        ClientInfo {
+            user,
+            database,
+            addr,
+            local_addr,
+            connect_time: now,
+            tls,
+            application_name,
+            pid,
+            request_time_us: std::sync::atomic::AtomicU64::new(epoch_us(now)),
+            wait_since_us: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// A request arrived.
+    #[inline]
+    pub fn requested(&self) {
+        self.request_time_us.store(
+            epoch_us(std::time::SystemTime::now()),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The session starts (true) or stops (false) waiting for a server
+    /// connection.
+    pub fn waiting(&self, yes: bool) {
+        let v = if yes {
+            epoch_us(std::time::SystemTime::now()).max(1)
+        } else {
+            0
+        };
+        self.wait_since_us
+            .store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn request_time(&self) -> std::time::SystemTime {
+        let us = self
+            .request_time_us
+            .load(std::sync::atomic::Ordering::Relaxed);
+        std::time::UNIX_EPOCH + std::time::Duration::from_micros(us)
+    }
+
+    /// How long the session has been waiting for a server connection.
+    pub fn wait(&self) -> Option<std::time::Duration> {
+        let since = self
+            .wait_since_us
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (since > 0).then(|| {
+            std::time::Duration::from_micros(
+                epoch_us(std::time::SystemTime::now()).saturating_sub(since),
+            )
+        })
+    }
 }
 
 /// One backend a cancel may go to.
@@ -58,11 +154,17 @@ impl Default for CancelSlot {
         CancelSlot {
             id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             targets: Mutex::default(),
+            info: std::sync::OnceLock::new(),
         }
     }
 }
 
 impl CancelSlot {
+    /// The session's id (SHOW SERVERS' `link`, SHOW CLIENTS' `ptr`).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// The session holds `v` now: each backend's gate is claimed for it.
     pub fn set(&self, v: Vec<CancelTarget>) {
         for t in &v {

@@ -183,6 +183,11 @@ impl Node {
     /// `client_login_timeout` and `max_pending_logins`, then the session.
     async fn handle(self: Arc<Self>, sock: TcpStream) {
         let _ = sock.set_nodelay(true);
+        let mut peer = Peer {
+            addr: sock.peer_addr().ok(),
+            local_addr: sock.local_addr().ok(),
+            tls: String::new(),
+        };
         let Some(pending) = PendingLogin::enter(&self) else {
             tracing::warn!(
                 max_pending_logins = self.cfg().max_pending_logins,
@@ -213,8 +218,21 @@ impl Node {
         };
         match negotiated {
             Negotiated::Done => {}
-            Negotiated::Plain(r, params) => self.login(r, params, deadline, pending).await,
-            Negotiated::Tls(r, params) => self.login(*r, params, deadline, pending).await,
+            Negotiated::Plain(r, params) => self.login(r, params, peer, deadline, pending).await,
+            Negotiated::Tls(r, params) => {
+                let conn = r.get_ref().get_ref().1;
+                peer.tls = format!(
+                    "{}/{}",
+                    conn.protocol_version()
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("TLS")
+                        .replace("TLSv1_", "TLSv1."),
+                    conn.negotiated_cipher_suite()
+                        .and_then(|c| c.suite().as_str())
+                        .unwrap_or("")
+                );
+                self.login(*r, params, peer, deadline, pending).await
+            }
         }
     }
 
@@ -342,10 +360,11 @@ impl Node {
         self: Arc<Self>,
         mut r: FrameReader<S>,
         params: Vec<(String, String)>,
+        peer: Peer,
         deadline: Option<tokio::time::Instant>,
         pending: PendingLogin,
     ) {
-        let a = match within(deadline, self.admit(&mut r, &params)).await {
+        let a = match within(deadline, self.admit(&mut r, &params, peer)).await {
             Some(Some(a)) => a,
             Some(None) => return,
             None => {
@@ -416,6 +435,7 @@ impl Node {
         self: &Arc<Self>,
         r: &mut FrameReader<S>,
         params: &[(String, String)],
+        peer: Peer,
     ) -> Option<Admitted> {
         let get = |k: &str| params.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
         let Some(user) = get("user") else {
@@ -513,6 +533,7 @@ impl Node {
                 wire::parameter_status(&mut out, k, v);
             }
             let key = self.register_cancel();
+            key.describe(&user, &database, peer, "");
             wire::backend_key_data(&mut out, key.pid, key.secret);
             wire::ready_for_query(&mut out, wire::tx::IDLE);
             if r.get_mut().write_all(&out).await.is_err() {
@@ -578,6 +599,12 @@ impl Node {
             }
         }
         let key = self.register_cancel();
+        key.describe(
+            &user,
+            &database,
+            peer,
+            state.get("application_name").unwrap_or(""),
+        );
         wire::backend_key_data(&mut out, key.pid, key.secret);
         wire::ready_for_query(&mut out, wire::tx::IDLE);
         if r.get_mut().write_all(&out).await.is_err() {
@@ -637,6 +664,29 @@ struct Admitted {
     console: bool,
     key: CancelKey,
     _count: CountGuard,
+}
+
+/// The client's socket, as SHOW CLIENTS shows it.
+struct Peer {
+    addr: Option<std::net::SocketAddr>,
+    local_addr: Option<std::net::SocketAddr>,
+    /// Protocol and cipher suite; empty without TLS.
+    tls: String,
+}
+
+impl CancelKey {
+    /// What SHOW CLIENTS shows of this client.
+    fn describe(&self, user: &str, database: &str, peer: Peer, application_name: &str) {
+        let _ = self.slot.info.set(crate::node::ClientInfo::new(
+            user.to_string(),
+            database.to_string(),
+            peer.addr,
+            peer.local_addr,
+            peer.tls,
+            application_name.to_string(),
+            self.pid,
+        ));
+    }
 }
 
 /// A session's cancel key, registered until dropped.

@@ -52,7 +52,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let pool = self.pool(t);
         let wait = self.node.cfg().pool_timeout();
-        let mut b = match pool.get(self.state_fp, wait).await {
+        let info = self.be.client_info();
+        if let Some(i) = info {
+            i.waiting(true);
+        }
+        let got = pool.get(self.state_fp, wait).await;
+        if let Some(i) = info {
+            i.waiting(false);
+        }
+        let mut b = match got {
             Ok(b) => b,
             Err(PoolError::Timeout { shard, waited_ms, size }) => {
                 return Ok(Err(Refusal::new(

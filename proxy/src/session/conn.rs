@@ -120,6 +120,11 @@ pub(crate) struct Backends {
 }
 
 impl Backends {
+    /// What SHOW CLIENTS shows of this session (None in unit tests).
+    pub(crate) fn client_info(&self) -> Option<&crate::node::ClientInfo> {
+        self.cancel.info.get()
+    }
+
     fn new(nshards: usize, home: usize, cancel: Arc<CancelSlot>) -> Self {
         Backends {
             cancel,

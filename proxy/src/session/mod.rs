@@ -288,10 +288,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn on_client_frame(&mut self, f: Frame) -> Result<Option<End>, SessionError> {
         let tag = f.tag();
-        self.stats.received(
-            f.raw.len(),
-            matches!(tag, fe::QUERY | fe::SYNC | fe::FUNCTION_CALL),
-        );
+        let request = matches!(tag, fe::QUERY | fe::SYNC | fe::FUNCTION_CALL);
+        self.stats.received(f.raw.len(), request);
+        if request {
+            if let Some(i) = self.be.client_info() {
+                i.requested();
+            }
+        }
         if self.ddl_sent && self.be.owed.is_empty() && !self.txn.open() {
             self.ddl_sent = false;
             self.node.forget_catalog(&self.database);

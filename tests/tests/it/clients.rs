@@ -325,7 +325,9 @@ async fn tls_when_configured_and_refused_otherwise() {
     // `extra` goes before [[shards]]; a [tls] table is fine there as long as
     // it is the last thing in `extra`.
     let c = Cluster::start(Opts {
-        extra: format!("pool_size = 4\n[tls]\ncert = {cert:?}\nkey = {key:?}\n"),
+        extra: format!(
+            "pool_size = 4\nadmin_users = [\"{USER}\"]\n[tls]\ncert = {cert:?}\nkey = {key:?}\n"
+        ),
         ..Opts::default()
     })
     .await;
@@ -354,6 +356,12 @@ async fn tls_when_configured_and_refused_otherwise() {
     assert!(ok, "sslmode=verify-full through a TLS node failed: {err}");
     assert!(out.starts_with("42\n"), "{out}");
     assert!(out.contains("SSL connection"), "{out}");
+    // The admin console's SHOW CLIENTS shows the TLS session's protocol
+    // and cipher suite (its own row, here).
+    let ci = node_conninfo(&c, "hotrepart", "sslmode=require");
+    let (ok, out, err) = psql(&["-X", "-w", "-At", "-c", "SHOW CLIENTS", &ci], &env).await;
+    assert!(ok, "SHOW CLIENTS over TLS failed: {err}");
+    assert!(out.contains("|TLSv1.3/TLS13_"), "{out}");
     // sslmode=disable still works on a TLS node, in plain text.
     let args = with(node_conninfo(&c, "postgres", "sslmode=disable"));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

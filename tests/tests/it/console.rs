@@ -84,7 +84,8 @@ async fn admin_console_shows_pools_shards_and_ranges() {
     assert_eq!(e.code().unwrap().code(), "0A000", "{e}");
     let e = admin.simple_query("DROP TABLE x").await.unwrap_err();
     assert_eq!(e.code().unwrap().code(), "42601", "{e}");
-    assert_eq!(show(&admin, "SHOW CLIENTS").await.len(), 1);
+    // The client through the shards and this console session.
+    assert_eq!(show(&admin, "SHOW CLIENTS").await.len(), 2);
     // Not an admin user: refused at login.
     let e = connect(&format!(
         "postgres://t@127.0.0.1:{}/hotrepart",
@@ -419,4 +420,104 @@ async fn pause_holds_new_transactions_until_resume() {
         .await
         .iter()
         .any(|r| get(r, "key") == "paused" && get(r, "value") == "no"));
+}
+
+/// Issue 16: SHOW CLIENTS lists each client with PgBouncer's columns: who,
+/// from where, since when, waiting or not, and the backends it holds
+/// (SHOW SERVERS' `link` is the client's `ptr`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_clients_lists_each_client_and_what_it_holds() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: format!("admin_users = [\"{USER}\"]\npool_size = 1"),
+        ..Opts::default()
+    })
+    .await;
+    let admin = connect(&console_dsn(&c)).await.unwrap();
+    let a = connect(&format!("{}?application_name=app-a", c.dsn()))
+        .await
+        .unwrap();
+    a.simple_query("BEGIN").await.unwrap();
+    let pid: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // b waits for the home shard's only pooled connection.
+    let b = connect(&format!("{}?application_name=app-b", c.dsn()))
+        .await
+        .unwrap();
+    let waiter = tokio::spawn(async move {
+        b.simple_query("SELECT 1").await.unwrap();
+        b
+    });
+    let app = |rows: &[Vec<(String, String)>], name: &str| {
+        rows.iter()
+            .find(|r| get(r, "application_name") == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no client {name}: {rows:?}"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let rows = loop {
+        let rows = show(&admin, "SHOW CLIENTS").await;
+        if rows
+            .iter()
+            .any(|r| get(r, "application_name") == "app-b" && get(r, "state") == "waiting")
+        {
+            break rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "app-b never waiting in SHOW CLIENTS: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(rows.len(), 3, "a, b and the console: {rows:?}");
+    let ra = app(&rows, "app-a");
+    let rb = app(&rows, "app-b");
+    for r in [&ra, &rb] {
+        assert_eq!(get(r, "type"), "C");
+        assert_eq!(get(r, "user"), USER);
+        assert_eq!(get(r, "database"), "postgres");
+        assert_eq!(get(r, "addr"), "127.0.0.1");
+        assert!(get(r, "port").parse::<u16>().unwrap() > 0, "{r:?}");
+        assert_eq!(get(r, "local_port"), c.addr.port().to_string());
+        assert!(get(r, "connect_time").ends_with(" UTC"), "{r:?}");
+        assert!(get(r, "request_time").ends_with(" UTC"), "{r:?}");
+        assert_eq!(get(r, "tls"), "");
+        assert!(get(r, "pid").parse::<i32>().unwrap() > 0, "{r:?}");
+    }
+    assert_ne!(get(&ra, "port"), get(&rb, "port"));
+    assert_eq!(get(&ra, "state"), "active", "{ra:?}");
+    assert_eq!(get(&ra, "wait_us"), "0");
+    assert_eq!(get(&ra, "shards"), "s0", "a holds its home shard's backend");
+    assert_eq!(get(&rb, "link"), "", "b holds nothing yet: {rb:?}");
+    // a's backend in SHOW SERVERS links to a, and a's link is that backend.
+    let servers = show(&admin, "SHOW SERVERS").await;
+    let held = servers
+        .iter()
+        .find(|r| get(r, "remote_pid") == pid.to_string())
+        .unwrap_or_else(|| panic!("backend {pid} not in SHOW SERVERS: {servers:?}"));
+    assert_eq!(get(held, "link"), get(&ra, "ptr"), "{held:?} {ra:?}");
+    assert_eq!(get(&ra, "link"), get(held, "ptr"), "{held:?} {ra:?}");
+    let console = rows
+        .iter()
+        .find(|r| get(r, "database") == "hotrepart")
+        .unwrap_or_else(|| panic!("the console session: {rows:?}"));
+    assert_eq!(get(console, "link"), "");
+    // a ends its transaction: b gets the connection and is active again.
+    a.simple_query("COMMIT").await.unwrap();
+    let b = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    let rows = show(&admin, "SHOW CLIENTS").await;
+    let rb = app(&rows, "app-b");
+    assert_eq!(get(&rb, "state"), "active", "{rb:?}");
+    assert_eq!(get(&rb, "link"), "", "b released it: {rb:?}");
+    drop((a, b));
+    wait_for("only the console left", Duration::from_secs(10), || async {
+        show(&admin, "SHOW CLIENTS").await.len() == 1
+    })
+    .await;
 }

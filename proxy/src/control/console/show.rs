@@ -33,11 +33,7 @@ pub(super) fn show(node: &Node, what: &str) -> Result<Table, ConsoleError> {
         "STATS" => stats(node),
         "SERVERS" => servers(node),
         "DATABASES" | "SHARDS" => shards(node, what == "DATABASES"),
-        "CLIENTS" => {
-            let mut t = Table::new(&["clients"]);
-            t.row(vec![node.client_count().to_string()]);
-            t
-        }
+        "CLIENTS" => clients(node),
         "LISTS" => {
             let snap = node.routing.catalog.load_full();
             let mut t = Table::new(&["list", "items"]);
@@ -259,6 +255,97 @@ fn servers(node: &Node) -> Table {
                 p.target.shard.clone(),
             ]);
         }
+    }
+    t
+}
+
+/// One row per logged-in client (the admin console's own sessions
+/// included, as PgBouncer lists them), oldest first. `ptr` is the
+/// session's id, which SHOW SERVERS gives as `link` of the backends it
+/// holds; `link` lists those backends' `ptr`, `shards` their shards.
+fn clients(node: &Node) -> Table {
+    let mut t = Table::new(&[
+        "type",
+        "user",
+        "database",
+        "state",
+        "addr",
+        "port",
+        "local_addr",
+        "local_port",
+        "connect_time",
+        "request_time",
+        "wait",
+        "wait_us",
+        "close_needed",
+        "ptr",
+        "link",
+        "remote_pid",
+        "tls",
+        "application_name",
+        "pid",
+        "shards",
+    ]);
+    // Backends held, by session id: (ptr, shard).
+    let mut held: std::collections::HashMap<u64, Vec<(String, String)>> =
+        std::collections::HashMap::new();
+    for (_, p) in node.pools.all() {
+        for s in p.servers() {
+            let link = s.link();
+            if link != 0 {
+                held.entry(link).or_default().push((
+                    format!("{:x}", std::sync::Arc::as_ptr(&s) as usize),
+                    p.target.shard.clone(),
+                ));
+            }
+        }
+    }
+    let slots: Vec<_> = node
+        .cancels
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    let mut rows: Vec<_> = slots
+        .iter()
+        .filter_map(|slot| slot.info.get().map(|i| (slot.id(), i)))
+        .collect();
+    rows.sort_by_key(|(id, i)| (i.connect_time, *id));
+    for (id, i) in rows {
+        let wait = i.wait();
+        let mut links = held.remove(&id).unwrap_or_default();
+        links.sort();
+        let (ptrs, shards): (Vec<_>, Vec<_>) = links.into_iter().unzip();
+        let addr = |a: Option<std::net::SocketAddr>| {
+            a.map_or((String::new(), String::new()), |a| {
+                (a.ip().to_string(), a.port().to_string())
+            })
+        };
+        let (host, port) = addr(i.addr);
+        let (local_host, local_port) = addr(i.local_addr);
+        t.row(vec![
+            "C".into(),
+            i.user.clone(),
+            i.database.clone(),
+            if wait.is_some() { "waiting" } else { "active" }.into(),
+            host,
+            port,
+            local_host,
+            local_port,
+            timestamp(i.connect_time),
+            timestamp(i.request_time()),
+            wait.map_or(0, |w| w.as_secs()).to_string(),
+            wait.map_or(0, |w| w.subsec_micros()).to_string(),
+            "0".into(),
+            format!("{id:x}"),
+            ptrs.join(","),
+            "0".into(),
+            i.tls.clone(),
+            i.application_name.clone(),
+            i.pid.to_string(),
+            shards.join(","),
+        ]);
     }
     t
 }
