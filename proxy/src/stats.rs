@@ -156,6 +156,9 @@ pub struct Stats {
     dbs: Mutex<HashMap<String, Entry>>,
     /// Latency by route and errors by class, node-wide.
     pub requests: Arc<Requests>,
+    /// How long the cut-overs of the reshard jobs this node ran paused
+    /// writes to their range (freeze to flip), successful ones only.
+    pub freezes: Histogram,
 }
 
 impl Stats {

@@ -123,18 +123,26 @@ pub struct Function {
     /// Idle instances. A plain mutex: it is held only to push or pop one
     /// element, never during a call.
     idle: Mutex<Vec<Slot>>,
-    /// Counted off the successful-call path ([`Function::stats`]).
+    /// [`Function::stats`]: two relaxed adds per successful call (calls,
+    /// fuel), the rest off that path.
     instances: AtomicU64,
+    calls: AtomicU64,
+    fuel: AtomicU64,
     failed: AtomicU64,
     out_of_fuel: AtomicU64,
 }
 
 /// What a function's calls have cost and how they failed since it was
-/// compiled (its trial calls left out). Counted only where a call is slow
-/// or fails anyway — a new instance, a failed call — so a successful call
-/// on a pooled instance pays nothing; successful calls are not counted.
+/// compiled (its trial calls left out). A successful call on a pooled
+/// instance pays two relaxed atomic adds (its count and its fuel); the
+/// rest is counted where a call is slow or fails anyway.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FunctionStats {
+    /// Calls, successful or not.
+    pub calls: u64,
+    /// Fuel the successful calls used (failed ones are not measured; one
+    /// out of fuel used its whole budget).
+    pub fuel_used: u64,
     /// Instances created (the first call on each thread at once, and one
     /// after each failed call).
     pub instances_created: u64,
@@ -236,13 +244,21 @@ impl Function {
             pre,
             idle: Mutex::new(Vec::new()),
             instances: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            fuel: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             out_of_fuel: AtomicU64::new(0),
         };
         function.check_version()?;
         function.trial_calls()?;
         // The trial's instances and traps are not the users'.
-        for c in [&function.instances, &function.failed, &function.out_of_fuel] {
+        for c in [
+            &function.instances,
+            &function.calls,
+            &function.fuel,
+            &function.failed,
+            &function.out_of_fuel,
+        ] {
             c.store(0, Ordering::Relaxed);
         }
         Ok(function)
@@ -266,26 +282,35 @@ impl Function {
     /// The point of `key`, a value of PostgreSQL type `type_oid` in its
     /// binary send format (see [`abi`]).
     pub fn point(&self, type_oid: u32, key: &[u8]) -> Result<u64, CallError> {
-        let r = self.call_pooled(type_oid, key);
-        if let Err(e) = &r {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            if matches!(e, CallError::OutOfFuel(_)) {
-                self.out_of_fuel.fetch_add(1, Ordering::Relaxed);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        match self.call_pooled(type_oid, key) {
+            Ok((point, fuel)) => {
+                self.fuel.fetch_add(fuel, Ordering::Relaxed);
+                Ok(point)
+            }
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                if matches!(e, CallError::OutOfFuel(_)) {
+                    self.out_of_fuel.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e)
             }
         }
-        r
     }
 
     /// Counters of this function's calls ([`FunctionStats`]).
     pub fn stats(&self) -> FunctionStats {
         FunctionStats {
             instances_created: self.instances.load(Ordering::Relaxed),
+            calls: self.calls.load(Ordering::Relaxed),
+            fuel_used: self.fuel.load(Ordering::Relaxed),
             failed_calls: self.failed.load(Ordering::Relaxed),
             out_of_fuel: self.out_of_fuel.load(Ordering::Relaxed),
         }
     }
 
-    fn call_pooled(&self, type_oid: u32, key: &[u8]) -> Result<u64, CallError> {
+    /// (point, fuel used).
+    fn call_pooled(&self, type_oid: u32, key: &[u8]) -> Result<(u64, u64), CallError> {
         if key.len() > self.limits.max_key_len {
             return Err(CallError::KeyTooLong {
                 len: key.len(),
@@ -305,11 +330,15 @@ impl Function {
         };
         // On error the slot is dropped here: never reuse a failed instance.
         let point = slot.call(type_oid, key, &self.limits)?;
+        let fuel = self
+            .limits
+            .fuel_per_call
+            .saturating_sub(slot.store.get_fuel().unwrap_or(0));
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < self.limits.max_idle_instances {
             idle.push(slot);
         }
-        Ok(point)
+        Ok((point, fuel))
     }
 
     /// Number of idle instances in the pool (for tests and metrics).

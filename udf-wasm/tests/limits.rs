@@ -416,8 +416,14 @@ fn stats_count_failures_and_new_instances_not_the_trial() {
     assert_eq!(f.stats(), hotrepart_udf_wasm::FunctionStats::default());
     assert_eq!(f.point(oid::TEXT, &[7]), Ok(7));
     assert_eq!(f.point(oid::TEXT, &[8]), Ok(8));
-    // The trial's idle instance serves them: nothing counted.
-    assert_eq!(f.stats(), hotrepart_udf_wasm::FunctionStats::default());
+    // The trial's idle instance serves them: no instance made, no
+    // failure; the calls and the fuel they used are counted.
+    let st = f.stats();
+    assert_eq!((st.calls, st.instances_created, st.failed_calls), (2, 0, 0));
+    assert!(
+        st.fuel_used > 0 && st.fuel_used < 2 * f.limits().fuel_per_call,
+        "{st:?}"
+    );
     assert!(matches!(
         f.point(oid::TEXT, &[0xff]),
         Err(CallError::OutOfFuel(_))
@@ -428,16 +434,20 @@ fn stats_count_failures_and_new_instances_not_the_trial() {
         Err(CallError::Trap(_))
     ));
     assert_eq!(trap.point(oid::TEXT, &[1]), Ok(1));
+    let st = trap.stats();
     assert_eq!(
-        trap.stats(),
-        hotrepart_udf_wasm::FunctionStats {
-            instances_created: 1,
-            failed_calls: 1,
-            out_of_fuel: 0
-        }
+        (
+            st.calls,
+            st.instances_created,
+            st.failed_calls,
+            st.out_of_fuel
+        ),
+        (2, 1, 1, 0),
+        "{st:?}"
     );
+    assert!(st.fuel_used > 0, "{st:?}");
     let st = f.stats();
-    assert_eq!((st.failed_calls, st.out_of_fuel), (1, 1));
+    assert_eq!((st.calls, st.failed_calls, st.out_of_fuel), (3, 1, 1));
     // The failed instance was dropped: the next call makes a new one.
     assert_eq!(f.point(oid::TEXT, &[9]), Ok(9));
     assert_eq!(f.stats().instances_created, 1);

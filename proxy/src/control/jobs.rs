@@ -896,6 +896,7 @@ async fn cut_over(
             ));
         }
         tracing::info!(job = %id, frozen_ms = frozen_at.elapsed().as_millis() as u64, "{note}");
+        node.stats.freezes.observe(paused);
         Ok(())
     }
     .await;

@@ -299,6 +299,15 @@ async fn metrics_are_behind_the_token_and_move_with_the_node() {
         Some(1.0),
         "{s:?}"
     );
+    // Both inserts called it (one trapped); the successful call used fuel.
+    assert!(
+        wasm("hotrepart_wasm_calls_total", &s).is_some_and(|n| n >= 2.0),
+        "{s:?}"
+    );
+    assert!(
+        wasm("hotrepart_wasm_fuel_used_total", &s).is_some_and(|n| n > 0.0),
+        "{s:?}"
+    );
     drop(db);
 
     // A reshard job: its phase and rows while it runs, then counted done;
@@ -330,6 +339,15 @@ async fn metrics_are_behind_the_token_and_move_with_the_node() {
         })
         .await;
     }
+    // The node that ran the job timed its cut-over's write pause.
+    let (mut freezes, mut paused) = (0.0, 0.0);
+    for i in 0..2 {
+        let s = scrape(&c, i).await;
+        freezes += get(&s, "hotrepart_reshard_freeze_seconds_count", &[]).unwrap();
+        paused += get(&s, "hotrepart_reshard_freeze_seconds_sum", &[]).unwrap();
+    }
+    assert_eq!(freezes, 1.0);
+    assert!(paused > 0.0 && paused < 60.0, "{paused}");
 }
 
 /// The sum of a series over every node (the resolver runs on the leader,

@@ -404,7 +404,18 @@ pub(crate) fn registry(api: &Api) -> Registry {
         lag,
     );
 
-    // WebAssembly routing functions (counted off the successful-call path).
+    let (counts, sum_us) = node.stats.freezes.read();
+    let freezes = Snapshot::default();
+    let _ = freezes.0.set(Snapshot::data(&counts, sum_us));
+    reg.register(
+        "reshard_freeze_seconds",
+        "How long the cut-overs of reshard jobs run by this node paused writes to the moving range (freeze to flip)",
+        freezes,
+    );
+
+    // WebAssembly routing functions (a successful call: two relaxed adds).
+    let mut calls = Vec::new();
+    let mut fuel_used = Vec::new();
     let mut instances = Vec::new();
     let mut failed = Vec::new();
     let mut fuel = Vec::new();
@@ -417,10 +428,24 @@ pub(crate) fn registry(api: &Api) -> Registry {
                 id.to_string().get(..16).unwrap_or_default().to_string(),
             ),
         ];
+        calls.push((labels.clone(), st.calls));
+        fuel_used.push((labels.clone(), st.fuel_used));
         instances.push((labels.clone(), st.instances_created));
         failed.push((labels.clone(), st.failed_calls));
         fuel.push((labels, st.out_of_fuel));
     }
+    counters(
+        &mut reg,
+        "wasm_calls",
+        "Calls of a routing function on this node (successful or not)",
+        calls,
+    );
+    counters(
+        &mut reg,
+        "wasm_fuel_used",
+        "Fuel (wasmtime units, about one per instruction) used by the successful calls of a routing function",
+        fuel_used,
+    );
     counters(
         &mut reg,
         "wasm_instances_created",
