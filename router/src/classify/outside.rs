@@ -119,14 +119,26 @@ mod tests {
             ("ALTER SYSTEM SET work_mem = '8MB'", Some(Refused)),
             ("CREATE DATABASE d", Some(Refused)),
             ("ALTER DATABASE d SET TABLESPACE ts", Some(Refused)),
-            ("ALTER TABLE p DETACH PARTITION c CONCURRENTLY", Some(Refused)),
-            ("CREATE SUBSCRIPTION s CONNECTION '' PUBLICATION p", Some(Refused)),
-            ("CREATE TABLE a (x int); CREATE INDEX CONCURRENTLY ON a (x)", Some(Refused)),
+            (
+                "ALTER TABLE p DETACH PARTITION c CONCURRENTLY",
+                Some(Refused),
+            ),
+            (
+                "CREATE SUBSCRIPTION s CONNECTION '' PUBLICATION p",
+                Some(Refused),
+            ),
+            (
+                "CREATE TABLE a (x int); CREATE INDEX CONCURRENTLY ON a (x)",
+                Some(Refused),
+            ),
             ("CREATE TEMP TABLE tmp (a int)", Some(Temporary)),
             ("create global temporary table tmp (a int)", Some(Temporary)),
             ("CREATE OR REPLACE TEMP VIEW v AS SELECT 1", Some(Temporary)),
             ("DROP TABLE pg_temp.tmp", Some(Temporary)),
-            ("CREATE TEMP TABLE a (x int); DROP TABLESPACE ts", Some(Refused)),
+            (
+                "CREATE TEMP TABLE a (x int); DROP TABLESPACE ts",
+                Some(Refused),
+            ),
             // Inside a transaction is fine.
             ("CREATE TABLE t (a int)", None),
             ("CREATE INDEX i ON t (concurrently)", None),
