@@ -341,3 +341,41 @@ async fn ddl_on_a_shard_without_prepared_transactions_fails_cleanly() {
     }
     nothing_left_open(&c).await;
 }
+
+/// A known limit: DDL on a temporary table the node does not see as such
+/// (`DROP TABLE tmp`) is wrapped and committed with two-phase commit,
+/// which PostgreSQL refuses for temporary objects: nothing changes, and the
+/// error says how to run it (one shard at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_on_a_temporary_table_says_how_to_run_it() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: "pool_mode = \"session\"\npool_size = 4".into(),
+        users: String::new(),
+        tail: String::new(),
+    })
+    .await;
+    let db = c.connect().await;
+    db.batch_execute("CREATE TEMP TABLE ddl_tmp (a int)")
+        .await
+        .unwrap();
+    let e = db.batch_execute("DROP TABLE ddl_tmp").await.unwrap_err();
+    let m = message(&e);
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    assert!(
+        m.contains("temporary objects") && m.contains("SET hotrepart.shard"),
+        "{m}"
+    );
+    // Still there on both shards; dropped one shard at a time.
+    for s in ["s0", "s1"] {
+        db.batch_execute(&format!("SET hotrepart.shard = '{s}'"))
+            .await
+            .unwrap();
+        db.query_one("SELECT count(*) FROM ddl_tmp", &[])
+            .await
+            .unwrap();
+        db.batch_execute("DROP TABLE ddl_tmp").await.unwrap();
+    }
+    db.batch_execute("RESET hotrepart.shard").await.unwrap();
+    nothing_left_open(&c).await;
+}
