@@ -7,6 +7,8 @@
 
 /// SQLSTATE codes the node raises itself, named as PostgreSQL names them.
 pub mod sqlstate {
+    /// `25001 active_sql_transaction`.
+    pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
     /// `25P02 in_failed_sql_transaction`.
     pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
     /// `25P03 idle_in_transaction_session_timeout`.

@@ -814,8 +814,10 @@ impl<'a> Lexer<'a> {
 }
 
 mod database;
+mod outside;
 mod unparsed;
 pub use database::{database_statement, DatabaseStatement};
+pub use outside::{outside_transaction, OutsideTransaction};
 pub use unparsed::{copy_options, unparsed, CopyOptionValue, CopyOptions, Unparsed};
 
 #[cfg(test)]

@@ -10,22 +10,28 @@
 //! shard by shard and streamed, so memory stays bounded (a shard not yet
 //! read is read ahead up to a bound, then waits on TCP backpressure). An
 //! error on one shard cancels the statement on the others
-//! ([`crate::exec::multi`]), except DDL.
+//! ([`crate::exec::multi`]), except DDL that runs outside a transaction.
 //!
 //! Guarantees:
 //! - the client sees one RowDescription, the rows of every shard, one
 //!   CommandComplete per statement with the counts summed, and one
 //!   ReadyForQuery — or one error;
 //! - shards that disagree on the row description make the statement fail;
-//! - a write outside a transaction block runs inside a transaction on every
-//!   shard and is committed only if it succeeded on all of them, with
-//!   two-phase commit ([`crate::exec::twopc`]) — atomic across shards — else
-//!   rolled back everywhere. DDL runs without a wrapping transaction (CREATE
-//!   INDEX CONCURRENTLY and friends refuse one); a DDL error names the
-//!   shards where it did apply; `CREATE`/`DROP DATABASE` run one shard at
-//!   a time ([`crate::exec::database`]);
-//! - inside a transaction block, a write to several shards marks them all
-//!   written: the transaction's COMMIT uses two-phase commit.
+//! - a write outside a transaction block, DDL included, runs inside a
+//!   transaction on every shard and is committed only if it succeeded on
+//!   all of them, with two-phase commit ([`crate::exec::twopc`]) — atomic
+//!   across shards — else rolled back everywhere; the client gets the
+//!   failing shard's error once. DDL that cannot run inside a transaction
+//!   on the shards (CREATE INDEX CONCURRENTLY, VACUUM, ALTER SYSTEM …, or a
+//!   temporary object, which two-phase commit cannot prepare: classified
+//!   up front from its words,
+//!   [`hotrepart_router::classify::outside_transaction`]) runs as sent, not
+//!   atomically: its error names the shards where it did and did not
+//!   apply; `CREATE`/`DROP DATABASE` run one shard at a time
+//!   ([`crate::exec::database`]);
+//! - inside a transaction block, a write (DDL included) to several shards
+//!   marks them all written: the transaction's COMMIT uses two-phase
+//!   commit.
 
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
@@ -36,6 +42,7 @@ use crate::wire::{self, Severity};
 use crate::wire::{be, fe, tx};
 use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, Bytes, BytesMut};
+use hotrepart_router::classify::OutsideTransaction;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -81,7 +88,8 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             s.txn.note_write(t);
         }
     }
-    let wrap = d.write && !in_tx && !d.ddl;
+    let outside = outside_transaction(d, in_tx);
+    let wrap = d.write && !in_tx && outside.is_none();
     for &t in shards {
         if let Err(r) = s.ensure_backend(t).await? {
             return refuse(s, r);
@@ -107,9 +115,10 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut mismatch = false;
     let mut tags: Vec<Vec<String>> = Vec::new();
     let mut ok_shards = Vec::new();
-    // An error on one shard cancels the statement on the others, except DDL
-    // (not wrapped in a transaction: it is left to finish where it runs).
-    let mut st = ShardStreams::new(shards, if wrap { 2 } else { 1 }, !d.ddl);
+    // An error on one shard cancels the statement on the others, except
+    // DDL that runs outside a transaction: it is left to finish where it
+    // runs (cut short, what it did there would be unknown).
+    let mut st = ShardStreams::new(shards, if wrap { 2 } else { 1 }, outside.is_none());
     for (i, &t) in shards.iter().enumerate() {
         let mut shard_tags = Vec::new();
         let mut shard_err = false;
@@ -166,11 +175,10 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     };
     if let Some((t, code, msg)) = error {
         let mut m = format!("{msg} (on shard {})", s.node.routing.shard_name(t));
-        if d.write && !wrap && !ok_shards.is_empty() {
-            m.push_str(&format!(
-                "; the statement did apply on shard(s) {}",
-                ok_shards.join(", ")
-            ));
+        if outside.is_some() {
+            m.push_str(&applied_only_on(&ok_shards, &names));
+        } else if wrap && d.ddl {
+            m.push_str(refused_wrapped(&code));
         }
         wire::error_response(&mut s.out, Severity::Error, &code, &m);
         if in_tx {
@@ -187,7 +195,13 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             s.txn.failed = true;
         }
     } else if let Some(r) = commit_failed {
-        wire::error_response(&mut s.out, Severity::Error, r.code, &r.message);
+        let hint = if d.ddl { temporary_hint(&r) } else { "" };
+        wire::error_response(
+            &mut s.out,
+            Severity::Error,
+            r.code,
+            &format!("{}{hint}", r.message),
+        );
     } else {
         for tag in combine_tags(&tags) {
             s.out.put_slice(&command_complete(&tag));
@@ -246,6 +260,56 @@ async fn finish_wrapped<S: AsyncRead + AsyncWrite + Unpin + Send>(
     } else {
         // The statement's own error is what the client sees.
         None
+    }
+}
+
+/// Some: the statement is DDL outside a transaction block that cannot run
+/// inside a transaction on the shards
+/// ([`hotrepart_router::classify::outside_transaction`]); it runs on every
+/// shard as sent, not atomically. None: it runs like any write.
+fn outside_transaction(d: &Decision, in_tx: bool) -> Option<OutsideTransaction> {
+    if !d.ddl || in_tx {
+        return None;
+    }
+    hotrepart_router::classify::outside_transaction(&d.sql_text)
+}
+
+/// For DDL that ran outside a transaction and failed somewhere: where it
+/// applied (`ok`, of `all`), and what to do.
+fn applied_only_on(ok: &[String], all: &[String]) -> String {
+    if ok.is_empty() {
+        return String::new();
+    }
+    let rest: Vec<&str> = all
+        .iter()
+        .filter(|n| !ok.contains(n))
+        .map(String::as_str)
+        .collect();
+    format!(
+        "; the statement did apply on shard(s) {} and not on shard(s) {}: PostgreSQL cannot run it inside a transaction, so hotrepart cannot apply it on all shards or none, and it was not undone; run it again where it did not apply (SET hotrepart.shard = 'NAME' runs statements on one shard), or with IF NOT EXISTS / IF EXISTS",
+        ok.join(", "),
+        rest.join(", ")
+    )
+}
+
+/// After a DDL statement the node wrapped in a transaction failed with
+/// 25001 (a statement [`hotrepart_router::classify::outside_transaction`]
+/// does not know): nothing applied; how to run it anyway.
+fn refused_wrapped(code: &str) -> &'static str {
+    if code == sqlstate::ACTIVE_SQL_TRANSACTION {
+        "; hotrepart runs a schema change on several shards inside a transaction, so that it applies on all of them or none, and PostgreSQL refuses this statement there: nothing was changed; run it on each shard with SET hotrepart.shard = 'NAME'"
+    } else {
+        ""
+    }
+}
+
+/// After a DDL statement's two-phase commit failed because it touched a
+/// temporary object (PostgreSQL cannot prepare that): how to run it anyway.
+fn temporary_hint(r: &Refusal) -> &'static str {
+    if r.message.contains("temporary objects") {
+        "; hotrepart commits a schema change on several shards with two-phase commit, which PostgreSQL refuses for temporary objects: run it on each shard with SET hotrepart.shard = 'NAME'"
+    } else {
+        ""
     }
 }
 
@@ -377,7 +441,8 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
             s.txn.note_write(t);
         }
     }
-    let wrap = d.write && !in_tx && !d.ddl;
+    let outside = outside_transaction(d, in_tx);
+    let wrap = d.write && !in_tx && outside.is_none();
     for &t in shards {
         if let Err(r) = s.ensure_backend(t).await? {
             s.push_error(&r);
@@ -432,8 +497,8 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s.be.owed = owed_by.remove(0);
     s.gather = Some(Default::default());
     // All shards are read at once: an error on any cancels the others
-    // (DDL excepted).
-    let mut st = ShardStreams::new(shards, 1, !d.ddl);
+    // (DDL that runs outside a transaction excepted).
+    let mut st = ShardStreams::new(shards, 1, outside.is_none());
     loop {
         let f = match st.frame(&mut s.be, 0).await {
             Ok(Some(f)) => f,
@@ -454,10 +519,17 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     let g = s.gather.take().unwrap_or_default();
     let mut tags = vec![g.tags.clone()];
-    for (i, _) in shards.iter().enumerate().skip(1) {
+    // The shards where the statement did not fail.
+    let mut ok_shards = Vec::new();
+    if g.error.is_none() {
+        ok_shards.push(s.node.routing.shard_name(first));
+    }
+    for (i, &t) in shards.iter().enumerate().skip(1) {
         let mut shard_tags = Vec::new();
+        let mut shard_err = false;
         while let Some(f) = st.frame(&mut s.be, i).await? {
             match f.tag() {
+                be::ERROR_RESPONSE => shard_err = true,
                 be::DATA_ROW if st.error.is_none() => s.out.put_slice(&f.raw),
                 be::COMMAND_COMPLETE => {
                     let mut body = f.body();
@@ -470,6 +542,9 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 s.flush_client().await?;
             }
         }
+        if !shard_err {
+            ok_shards.push(s.node.routing.shard_name(t));
+        }
         tags.push(shard_tags);
     }
     s.be.owed.clear();
@@ -480,13 +555,28 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         None
     };
     if let Some((t, code, msg)) = error {
-        let m = format!("{msg} (on shard {})", s.node.routing.shard_name(t));
+        let mut m = format!("{msg} (on shard {})", s.node.routing.shard_name(t));
+        if outside.is_some() {
+            let names: Vec<String> = shards
+                .iter()
+                .map(|&i| s.node.routing.shard_name(i))
+                .collect();
+            m.push_str(&applied_only_on(&ok_shards, &names));
+        } else if wrap && d.ddl {
+            m.push_str(refused_wrapped(&code));
+        }
         wire::error_response(&mut s.out, Severity::Error, &code, &m);
         if in_tx {
             s.txn.failed = true;
         }
     } else if let Some(r) = commit_failed {
-        wire::error_response(&mut s.out, Severity::Error, r.code, &r.message);
+        let hint = if d.ddl { temporary_hint(&r) } else { "" };
+        wire::error_response(
+            &mut s.out,
+            Severity::Error,
+            r.code,
+            &format!("{}{hint}", r.message),
+        );
     } else if g.empty && tags.iter().all(Vec::is_empty) {
         let mut b = BytesMut::new();
         wire::frame(&mut b, be::EMPTY_QUERY_RESPONSE, |_| {});

@@ -145,7 +145,7 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     let hint = if code == sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE
                         && message.contains("prepared transactions are disabled")
                     {
-                        "; hotrepart commits transactions that write to several shards with two-phase commit, which needs max_prepared_transactions > 0 on every shard"
+                        "; hotrepart commits a transaction that writes to several shards, and a schema change (DDL) on several shards, with two-phase commit, which needs max_prepared_transactions > 0 on every shard: set it (e.g. to max_connections) in the shard's postgresql.conf and restart it"
                     } else {
                         ""
                     };

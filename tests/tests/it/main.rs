@@ -16,6 +16,7 @@ mod copy_freeze;
 mod dashboard;
 mod data_dir;
 mod dataplane;
+mod ddl;
 mod demo;
 mod deploy;
 mod drivers;

@@ -756,6 +756,47 @@ async fn a_pipeline_with_a_multi_shard_statement_runs_in_parts() {
     no_open_transactions(&c).await;
 }
 
+/// Issue 14 (DDL on every shard is not atomic): a pipelined batch cut into
+/// parts runs its DDL part like any multi-shard write, in a transaction on
+/// every shard: when it fails on one shard it is rolled back on all, while
+/// the part before it (a keyed INSERT) stays committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ddl_part_of_a_pipeline_that_fails_on_one_shard_applies_on_none() {
+    let c = cluster().await;
+    let (_db, a, _b) = setup(&c).await;
+    c.direct(1)
+        .await
+        .batch_execute("CREATE TABLE pd (stray int)")
+        .await
+        .unwrap();
+    let mut r = Raw::connect(&c).await;
+    r.send(|o| {
+        unflushed(o, &format!("INSERT INTO users (id, v) VALUES ({a}, 'p')"));
+        unflushed(o, "CREATE TABLE pd (id int)");
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    let t = tags(&m);
+    assert!(t.starts_with("12nC") && t.ends_with("EZ"), "{m:?}");
+    let e = m.iter().find(|(t, _)| *t == b'E').unwrap();
+    let text = String::from_utf8_lossy(&e.1);
+    assert!(
+        text.contains("42P07") && !text.contains("did apply"),
+        "{text}"
+    );
+    assert_eq!(m.last().unwrap().1, b"I");
+    let on_s0 = c
+        .direct(0)
+        .await
+        .query_one("SELECT to_regclass('pd') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get::<_, bool>(0);
+    assert!(!on_s0, "pd was created on shard s0");
+    assert_eq!(count_on(&c, 0, a).await, 1);
+}
+
 /// LISTEN in the extended protocol, as psycopg 3 sends it (unnamed Parse,
 /// Bind, Describe, Execute, Sync) and as asyncpg's `add_listener` does (a
 /// named statement: Parse/Describe/Flush, then Bind/Execute/Sync; issue
