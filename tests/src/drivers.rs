@@ -204,10 +204,33 @@ fn base_python() -> Result<(String, String), String> {
 
 /// A venv with the pinned psycopg 3 and asyncpg: the path of its python.
 pub fn python() -> Result<PathBuf, String> {
+    python_env(
+        "python",
+        &drivers_dir().join("python/requirements.txt"),
+        "import psycopg, asyncpg",
+        "the pinned drivers",
+    )
+}
+
+/// A venv with the pinned Kubernetes Python client and PyYAML, for the
+/// schema check of the deployment manifests (`tests/deploy/`): the path
+/// of its python.
+pub fn k8s_schema_python() -> Result<PathBuf, String> {
+    let req = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/requirements.txt");
+    python_env(
+        "k8s-schema",
+        &req,
+        "import yaml, kubernetes.client.models",
+        "the Kubernetes Python client",
+    )
+}
+
+/// A venv `kind` with the packages pinned in `req`, checked by running
+/// `check` in it: the path of its python.
+fn python_env(kind: &str, req: &Path, check: &str, what: &str) -> Result<PathBuf, String> {
     let (base, version) = base_python()?;
-    let req = drivers_dir().join("python/requirements.txt");
-    let pins = fs::read(&req).map_err(|e| format!("cannot read {}: {e}", req.display()))?;
-    let dir = prepare("python", &[&pins, version.as_bytes()], |dir| {
+    let pins = fs::read(req).map_err(|e| format!("cannot read {}: {e}", req.display()))?;
+    let dir = prepare(kind, &[&pins, version.as_bytes()], |dir| {
         let log = dir.join("build.log");
         let venv = dir.join("venv");
         let mut c = Command::new(&base);
@@ -227,12 +250,11 @@ pub fn python() -> Result<PathBuf, String> {
             "2",
             "-r",
         ])
-        .arg(&req);
-        run_logged(c, &log, INSTALL_TIMEOUT).map_err(|e| {
-            format!("pip could not install the pinned drivers (is PyPI reachable?): {e}")
-        })?;
+        .arg(req);
+        run_logged(c, &log, INSTALL_TIMEOUT)
+            .map_err(|e| format!("pip could not install {what} (is PyPI reachable?): {e}"))?;
         let mut c = Command::new(&py);
-        c.args(["-c", "import psycopg, asyncpg"]);
+        c.args(["-c", check]);
         run_logged(c, &log, Duration::from_secs(60))
     })?;
     Ok(dir.join("venv/bin/python"))

@@ -1,8 +1,10 @@
 //! The deployment files in `deploy/` (issue 16), checked by what runs
 //! here: `systemd-analyze verify` of the unit (with the binary just
 //! built), a YAML parse of the Kubernetes manifests and of the Helm chart
-//! rendered by a small renderer of the constructs it uses (python3's PyYAML)
-//! with the checks that matter (stable node ids, a headless Service, a
+//! rendered by a small renderer of the constructs it uses (python3's PyYAML),
+//! both checked against the Kubernetes API schema (unknown fields, types,
+//! required fields: `tests/deploy/k8s_schema.py`, with the models of the
+//! pinned official Python client), with the checks that matter (stable node ids, a headless Service, a
 //! quorum-keeping PodDisruptionBudget, non-root), the node file the pods
 //! generate accepted by the node's own validation, the Dockerfile's
 //! stages and user, `proxyctl completions` (bash's own syntax check), and
@@ -56,8 +58,104 @@ async fn yaml_docs(file: &Path) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kubernetes_manifests_parse_and_hold_together() {
-    let docs = yaml_docs(&deploy("kubernetes/hotrepart.yaml")).await;
+    let file = deploy("kubernetes/hotrepart.yaml");
+    let docs = yaml_docs(&file).await;
     check_manifests(&docs, "hotrepart").await;
+    if let Some(out) = schema_check(&file).await {
+        assert_eq!(out.lines().count(), docs.len(), "{out}");
+    }
+}
+
+/// `tests/deploy/k8s_schema.py` over `file`: its report (one `ok` line per
+/// document), or None when the venv cannot be built outside CI (skipped).
+/// Fails the test on any schema error.
+async fn schema_check(file: &Path) -> Option<String> {
+    let py = tokio::task::block_in_place(|| {
+        hotrepart_tests::drivers::require(
+            "the Kubernetes schema check",
+            hotrepart_tests::drivers::k8s_schema_python(),
+        )
+    })?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s_schema.py");
+    let (ok, out, err) = run_cmd(
+        py.to_str().unwrap(),
+        &[script.to_str().unwrap(), file.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert!(
+        ok,
+        "{} does not match the Kubernetes API schema:\n{out}{err}",
+        file.display()
+    );
+    assert!(out.lines().all(|l| l.starts_with("ok ")), "{out}");
+    Some(out)
+}
+
+/// The schema check finds what it should: a misspelt field, a number
+/// given as a string, a missing required field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schema_check_catches_what_kubernetes_would_refuse() {
+    let Some(py) = tokio::task::block_in_place(|| {
+        hotrepart_tests::drivers::require(
+            "the Kubernetes schema check",
+            hotrepart_tests::drivers::k8s_schema_python(),
+        )
+    }) else {
+        return;
+    };
+    let good = std::fs::read_to_string(deploy("kubernetes/hotrepart.yaml")).unwrap();
+    let dir = TestDir::new("deploy-schema");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s_schema.py");
+    for (from, to, expected) in [
+        (
+            "serviceName:",
+            "servicename:",
+            "spec.servicename: no such field in V1StatefulSetSpec",
+        ),
+        (
+            "replicas: 3",
+            "replicas: \"3\"",
+            "spec.replicas: expected int, found str '3'",
+        ),
+        (
+            "containerPort: 6432",
+            "containerPort: x6432",
+            "containerPort: expected int",
+        ),
+        (
+            "maxUnavailable: 1",
+            "maxUnavailabel: 1",
+            "spec.maxUnavailabel: no such field",
+        ),
+    ] {
+        assert!(good.contains(from), "{from:?} not in the manifests");
+        let bad = dir.0.join("bad.yaml");
+        std::fs::write(&bad, good.replacen(from, to, 1)).unwrap();
+        let (ok, out, err) = run_cmd(
+            py.to_str().unwrap(),
+            &[script.to_str().unwrap(), bad.to_str().unwrap()],
+            &[],
+        )
+        .await;
+        assert!(!ok, "{to:?} passed: {out}{err}");
+        assert!(out.contains(expected), "{to:?}: {out}{err}");
+    }
+    // A container without its required name.
+    let bad = dir.0.join("noname.yaml");
+    let without = good.replacen("- name: hotrepart\n          image:", "- image:", 1);
+    assert_ne!(without, good, "the container's name line moved");
+    std::fs::write(&bad, without).unwrap();
+    let (ok, out, _) = run_cmd(
+        py.to_str().unwrap(),
+        &[script.to_str().unwrap(), bad.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert!(
+        !ok && out.contains("containers[0].name: required in V1Container"),
+        "{out}"
+    );
 }
 
 /// Renders a template of the chart the way helm would for the constructs
@@ -151,6 +249,9 @@ async fn the_helm_chart_renders_to_the_same_shape() {
     std::fs::write(&rendered, &all).unwrap();
     let docs = yaml_docs(&rendered).await;
     check_manifests(&docs, "hr").await;
+    if let Some(out) = schema_check(&rendered).await {
+        assert_eq!(out.lines().count(), docs.len(), "{out}");
+    }
 }
 
 /// What both the plain manifests and the chart must hold: stable node ids
