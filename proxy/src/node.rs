@@ -313,6 +313,7 @@ impl Node {
             sql,
             params,
             ctx,
+            self.cfg().max_parse_bytes,
         )
     }
 

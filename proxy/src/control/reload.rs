@@ -3,6 +3,9 @@
 //! change under running clients is applied at once, without dropping any:
 //! users and their passwords, `admin_users`, pool sizes and modes, the
 //! timeouts and limits read per client or per checkout, `max_merge_rows`,
+//! the session memory limits (`max_parse_bytes`,
+//! `max_session_buffer_bytes`, `max_prepared_statements`,
+//! `server_prepared_statements`: read per statement),
 //! `twopc_decision_timeout_ms`, `log_level`, and TLS: the certificate and
 //! key are read again (a rotated certificate serves new clients; clients
 //! already connected keep their session).
@@ -123,6 +126,10 @@ pub fn apply(node: &Node, mut new: Config) -> Reloaded {
         query_wait_timeout_ms,
         max_merge_rows,
         max_merge_bytes,
+        max_parse_bytes,
+        max_session_buffer_bytes,
+        max_prepared_statements,
+        server_prepared_statements,
         auth_failure_delay_ms,
         cutover_idle_grace_ms,
         twopc_decision_timeout_ms,

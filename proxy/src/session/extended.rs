@@ -261,8 +261,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     parse.put_u32(*ty);
                 }
                 let internal = internal_name(&parse, self.generation());
-                if !self.be.current_mut().prepared.contains(&internal) {
-                    self.be.current_mut().prepared.insert(internal.clone());
+                if !self.be.current_mut().prepared.touch(&internal) {
+                    self.note_prepared(&internal);
                     wire::frame(&mut self.be.to_backend, fe::PARSE, |o| {
                         wire::put_cstr(o, &internal);
                         o.put_slice(&parse);
@@ -418,7 +418,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.skip_to_sync = true;
             return Ok(());
         };
-        if self.be.current_mut().prepared.contains(&internal) {
+        if self.be.current_mut().prepared.touch(&internal) {
             self.push_synthetic_with(wire::parse_complete(), Forget::OnSkip(name));
         } else {
             self.prepare_on_backend(&name);
@@ -439,6 +439,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.push_error(&Refusal::new(
                 sqlstate::DUPLICATE_PREPARED_STATEMENT,
                 format!("prepared statement \"{name}\" already exists"),
+            ));
+            return None;
+        }
+        let max = self.node.cfg().max_prepared_statements;
+        if max > 0 && self.stmts.len() >= max {
+            self.push_error(&Refusal::new(
+                sqlstate::OUT_OF_MEMORY,
+                format!("out of memory: this session already holds {} prepared statements, the most max_prepared_statements allows; close some (Close, DEALLOCATE) or raise the limit", self.stmts.len()),
             ));
             return None;
         }
@@ -568,8 +576,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let s = self.stmts.get(name)?;
             (s.internal.clone(), s.parse.clone())
         };
-        if !self.be.current_mut().prepared.contains(&internal) {
-            self.be.current_mut().prepared.insert(internal.clone());
+        if !self.be.current_mut().prepared.touch(&internal) {
+            self.note_prepared(&internal);
             wire::frame(&mut self.be.to_backend, fe::PARSE, |o| o.put_slice(&parse));
             self.be.owed.push_back(Owed::Parse {
                 hidden: true,
@@ -578,6 +586,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             });
         }
         Some(internal)
+    }
+
+    /// Records `internal` as prepared on the current backend (its Parse
+    /// goes next); beyond `server_prepared_statements` the least recently
+    /// used statements are closed there first. One a later message of the
+    /// pipeline needs is prepared again then ([`Self::prepare_on_backend`]
+    /// finds it missing); a portal already bound from one survives its
+    /// Close, as on PostgreSQL.
+    fn note_prepared(&mut self, internal: &str) {
+        let max = self.node.cfg().server_prepared_statements;
+        let evicted = self
+            .be
+            .current_mut()
+            .prepared
+            .insert(internal.to_string(), max);
+        for name in evicted {
+            wire::frame(&mut self.be.to_backend, fe::CLOSE, |o| {
+                o.put_u8(wire::STATEMENT);
+                wire::put_cstr(o, &name);
+            });
+            self.be.owed.push_back(Owed::Closing(name));
+        }
     }
 }
 

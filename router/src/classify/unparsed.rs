@@ -73,7 +73,18 @@ pub fn unparsed(sql: &str, relations: &[String]) -> Unparsed {
                 end = false;
                 break;
             }
-            toks.push(t);
+            // Only words, names, strings and parentheses decide (and the
+            // first two tokens, whatever they are): numbers, commas and
+            // operators are not kept, so a huge `IN (1, 2, …)` list costs
+            // no memory here.
+            let keep = toks.len() < 2
+                || matches!(
+                    t.kind,
+                    Kind::Word | Kind::Quoted | Kind::Str(_) | Kind::Punct(b'(' | b')')
+                );
+            if keep {
+                toks.push(t);
+            }
         }
         if !toks.is_empty() {
             match statement(sql, &toks, relations) {
