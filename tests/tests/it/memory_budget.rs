@@ -447,3 +447,60 @@ async fn statements_prepared_on_a_backend_are_bounded_and_still_answer() {
     let n = count(&db2).await;
     assert!(n <= 4, "the backend holds {n} prepared statements");
 }
+
+/// A Close the node sends to keep a backend within
+/// `server_prepared_statements` that PostgreSQL skips (an error earlier in
+/// the pipeline) leaves the statement prepared there, and known to be:
+/// using it later does not prepare it twice (42P05).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_skipped_after_an_error_keeps_the_statement_known() {
+    let c = cluster(1, "pool_size = 1\nserver_prepared_statements = 2").await;
+    let mut r = Raw::connect(&c).await;
+    for name in ["a", "b"] {
+        let m = r
+            .until_ready_after(|o| {
+                frontend::parse(
+                    name,
+                    &format!("SELECT '{name}'::text"),
+                    std::iter::empty(),
+                    o,
+                )
+                .unwrap();
+                frontend::sync(o);
+            })
+            .await;
+        assert_eq!(tags(&m), "1Z", "{m:?}");
+    }
+    // An error, then a Parse that makes the node close `a` on the
+    // backend: PostgreSQL skips both.
+    let m = r
+        .until_ready_after(|o| {
+            frontend::parse("", "SELECT 1/0", std::iter::empty(), o).unwrap();
+            bind("", o);
+            frontend::execute("", 0, o).unwrap();
+            frontend::parse("c", "SELECT 'c'::text", std::iter::empty(), o).unwrap();
+            frontend::sync(o);
+        })
+        .await;
+    assert_eq!(error_of(&m).unwrap_or_default().0, "22012", "{m:?}");
+    for name in ["a", "b"] {
+        let m = r
+            .until_ready_after(|o| {
+                bind(name, o);
+                frontend::execute("", 0, o).unwrap();
+                frontend::sync(o);
+            })
+            .await;
+        assert_eq!(tags(&m), "2DCZ", "{name}: {m:?}");
+    }
+    // `c` never existed; preparing it now works.
+    let m = r
+        .until_ready_after(|o| {
+            frontend::parse("c", "SELECT 'c'::text", std::iter::empty(), o).unwrap();
+            bind("c", o);
+            frontend::execute("", 0, o).unwrap();
+            frontend::sync(o);
+        })
+        .await;
+    assert_eq!(tags(&m), "12DCZ", "{m:?}");
+}
