@@ -257,7 +257,10 @@ mod tests {
     async fn reloadable_keys_apply_and_restart_only_keys_are_kept() {
         let n = node(BASE);
         let text = BASE
-            .replace("pool_size = 4", "pool_size = 2\nquery_wait_timeout_ms = 7")
+            .replace(
+                "pool_size = 4",
+                "pool_size = 2\nquery_wait_timeout_ms = 7\nmax_session_buffer_bytes = 1000",
+            )
             .replace("127.0.0.1:6432", "127.0.0.1:7000")
             + "[[users]]\nname = \"new\"\nauth = \"trust\"\n";
         let r = apply(&n, Config::from_toml(&text).expect("config"));
@@ -271,6 +274,13 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:6432");
         assert_eq!(c.pool_size, 2);
         assert_eq!(c.query_wait_timeout_ms, 7);
+        // The session memory limits are read per statement: they apply.
+        assert_eq!(c.max_session_buffer_bytes, 1000);
+        assert!(
+            r.changed
+                .contains(&"max_session_buffer_bytes: 67108864 -> 1000".to_string()),
+            "{r:?}"
+        );
         assert!(c.user("new").is_some());
         // The same file again: nothing changes.
         let again = apply(&n, Config::from_toml(&text).expect("config"));
