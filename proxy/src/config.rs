@@ -138,7 +138,8 @@ pub struct Config {
     /// extended-protocol batch (Parse/Bind/Execute …) waiting for its
     /// Sync or Flush. Beyond, the batch fails with 53200 (out of memory)
     /// and the client's messages are skipped up to its Sync, as after any
-    /// error; the session goes on. 0 = no limit.
+    /// error; the session goes on. Keep it above `max_message_size`.
+    /// 0 = no limit.
     #[serde(default = "default_max_session_buffer_bytes")]
     pub max_session_buffer_bytes: usize,
     /// Named prepared statements one client session may hold; one more
@@ -440,7 +441,9 @@ fn default_max_parse_bytes() -> usize {
     1 << 20
 }
 fn default_max_session_buffer_bytes() -> usize {
-    64 << 20
+    // Twice the default max_message_size: a message of the largest size
+    // and the Bind/Execute that go with it always fit.
+    128 << 20
 }
 fn default_max_prepared_statements() -> usize {
     10_000

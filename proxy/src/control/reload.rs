@@ -278,7 +278,7 @@ mod tests {
         assert_eq!(c.max_session_buffer_bytes, 1000);
         assert!(
             r.changed
-                .contains(&"max_session_buffer_bytes: 67108864 -> 1000".to_string()),
+                .contains(&"max_session_buffer_bytes: 134217728 -> 1000".to_string()),
             "{r:?}"
         );
         assert!(c.user("new").is_some());
