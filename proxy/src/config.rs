@@ -146,6 +146,11 @@ pub struct Config {
     /// fails with 53200 (DEALLOCATE or Close frees them). 0 = no limit.
     #[serde(default = "default_max_prepared_statements")]
     pub max_prepared_statements: usize,
+    /// Bytes of statement text (and parameter types) one client session's
+    /// named prepared statements may hold on the node; one more fails with
+    /// 53200. 0 = no limit.
+    #[serde(default = "default_max_prepared_statement_bytes")]
+    pub max_prepared_statement_bytes: usize,
     /// Statements the node keeps prepared on one backend connection (for
     /// all the clients it serves); beyond, the least recently used is
     /// closed there first, and prepared again when a client next uses it.
@@ -447,6 +452,9 @@ fn default_max_session_buffer_bytes() -> usize {
 }
 fn default_max_prepared_statements() -> usize {
     10_000
+}
+fn default_max_prepared_statement_bytes() -> usize {
+    64 << 20
 }
 fn default_server_prepared_statements() -> usize {
     500

@@ -5,7 +5,8 @@
 //! timeouts and limits read per client or per checkout, `max_merge_rows`,
 //! the session memory limits (`max_parse_bytes`,
 //! `max_session_buffer_bytes`, `max_prepared_statements`,
-//! `server_prepared_statements`: read per statement),
+//! `max_prepared_statement_bytes`, `server_prepared_statements`: read per
+//! statement),
 //! `twopc_decision_timeout_ms`, `log_level`, and TLS: the certificate and
 //! key are read again (a rotated certificate serves new clients; clients
 //! already connected keep their session).
@@ -129,6 +130,7 @@ pub fn apply(node: &Node, mut new: Config) -> Reloaded {
         max_parse_bytes,
         max_session_buffer_bytes,
         max_prepared_statements,
+        max_prepared_statement_bytes,
         server_prepared_statements,
         auth_failure_delay_ms,
         cutover_idle_grace_ms,

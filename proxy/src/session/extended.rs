@@ -442,12 +442,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ));
             return None;
         }
-        let max = self.node.cfg().max_prepared_statements;
-        if max > 0 && self.stmts.len() >= max {
-            self.push_error(&Refusal::new(
-                sqlstate::OUT_OF_MEMORY,
-                format!("out of memory: this session already holds {} prepared statements, the most max_prepared_statements allows; close some (Close, DEALLOCATE) or raise the limit", self.stmts.len()),
-            ));
+        if let Err(r) = self.prepared_within_budget(rest.len() + sql.len()) {
+            self.push_error(&r);
             return None;
         }
         let internal = internal_name(rest, self.generation());
@@ -466,6 +462,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             },
         );
         Some(internal)
+    }
+
+    /// One more named statement of `bytes` fits the session's budget
+    /// (`max_prepared_statements`, `max_prepared_statement_bytes`), or the
+    /// refusal (53200). (The sum is taken here, over at most
+    /// `max_prepared_statements` entries, not kept: names leave the map on
+    /// many paths.)
+    fn prepared_within_budget(&self, bytes: usize) -> Result<(), Refusal> {
+        let cfg = self.node.cfg();
+        let (max, max_bytes) = (
+            cfg.max_prepared_statements,
+            cfg.max_prepared_statement_bytes,
+        );
+        if max > 0 && self.stmts.len() >= max {
+            return Err(Refusal::new(
+                sqlstate::OUT_OF_MEMORY,
+                format!("out of memory: this session already holds {} prepared statements, the most max_prepared_statements allows; close some (Close, DEALLOCATE) or raise the limit", self.stmts.len()),
+            ));
+        }
+        if max_bytes > 0 {
+            let held: usize = self
+                .stmts
+                .values()
+                .map(|s| s.parse.len() + s.sql.len())
+                .sum();
+            if held + bytes > max_bytes {
+                return Err(Refusal::new(
+                    sqlstate::OUT_OF_MEMORY,
+                    format!("out of memory: this session's prepared statements would hold more than {max_bytes} bytes of text (max_prepared_statement_bytes; {held} held, {bytes} more asked); close some (Close, DEALLOCATE) or raise the limit"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The client's Parse in a batch the merger answers itself, recorded as

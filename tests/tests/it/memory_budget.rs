@@ -7,7 +7,8 @@
 //!   batch up to its Sync) are bounded by `max_session_buffer_bytes`:
 //!   beyond, 53200 and the batch skipped to Sync, the session goes on;
 //! - a session's named prepared statements are bounded by
-//!   `max_prepared_statements` (53200), Close and DEALLOCATE free them;
+//!   `max_prepared_statements` and `max_prepared_statement_bytes` (53200),
+//!   Close and DEALLOCATE free them;
 //! - the statements the node prepares on a pooled backend are bounded by
 //!   `server_prepared_statements` (least recently used closed first), and
 //!   every statement still answers correctly.
@@ -324,11 +325,16 @@ async fn a_pipeline_beyond_the_session_buffer_fails_with_53200_and_the_session_g
 }
 
 /// A session's named prepared statements are bounded by
-/// `max_prepared_statements` (53200 beyond); Close and DEALLOCATE free
-/// their slots. (The map had no bound.)
+/// `max_prepared_statements` and their text by
+/// `max_prepared_statement_bytes` (53200 beyond); Close and DEALLOCATE
+/// free their slots. (The map had no bound.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_statements_per_session_are_bounded() {
-    let c = cluster(2, "max_prepared_statements = 5").await;
+    let c = cluster(
+        2,
+        "max_prepared_statements = 5\nmax_prepared_statement_bytes = 100000",
+    )
+    .await;
     let mut r = Raw::connect(&c).await;
     let parse = |name: &str| {
         let (name, sql) = (name.to_string(), format!("SELECT '{name}'::text"));
@@ -373,6 +379,26 @@ async fn prepared_statements_per_session_are_bounded() {
         })
         .await;
     assert_eq!(tags(&m), "2DCZ", "{m:?}");
+    // Their text is bounded too: with one slot free, 120 kB is refused.
+    let m = r
+        .until_ready_after(|o| {
+            frontend::close(b'S', "p7", o).unwrap();
+            frontend::sync(o);
+        })
+        .await;
+    assert_eq!(tags(&m), "3Z", "{m:?}");
+    let big = format!("SELECT length('{}')", "x".repeat(120_000));
+    let m = r
+        .until_ready_after(|o| {
+            frontend::parse("big", &big, std::iter::empty(), o).unwrap();
+            frontend::sync(o);
+        })
+        .await;
+    let (code, msg) = error_of(&m).unwrap_or_default();
+    assert_eq!(code, "53200", "{m:?}");
+    assert!(msg.contains("max_prepared_statement_bytes"), "{msg}");
+    let m = r.until_ready_after(parse("p8")).await;
+    assert_eq!(tags(&m), "1Z", "{m:?}");
 }
 
 impl Raw {

@@ -334,6 +334,10 @@ fn config(node: &Node) -> Table {
             c.max_prepared_statements.to_string(),
         ),
         (
+            "max_prepared_statement_bytes",
+            c.max_prepared_statement_bytes.to_string(),
+        ),
+        (
             "server_prepared_statements",
             c.server_prepared_statements.to_string(),
         ),
