@@ -391,11 +391,14 @@ pub fn decide(
 ) -> Result<Decision, Refusal> {
     let hints = hints(ctx)?;
     if max_parse > 0 && sql.len() > max_parse {
-        let why = "a statement longer than max_parse_bytes is not parsed";
-        let plan = r::plan_unparsed(snapshot, sql, ctx.ns, why).map_err(|e| {
+        let why = format!(
+            "not parsed: {} bytes, more than max_parse_bytes = {max_parse}",
+            sql.len()
+        );
+        let plan = r::plan_unparsed(snapshot, sql, ctx.ns, &why).map_err(|e| {
             Refusal::new(
                 sqlstate::PROGRAM_LIMIT_EXCEEDED,
-                format!("statement too long to route: it is {} bytes, more than max_parse_bytes = {max_parse}, so the node routes it by its words alone, and cannot: {}; send a shorter statement (a long IN list as one array parameter: = ANY($1)) or raise max_parse_bytes", sql.len(), e.message),
+                format!("statement too long to route: {}; send a shorter statement (a long IN list as one array parameter: = ANY($1)) or raise max_parse_bytes", e.message),
             )
         })?;
         return bind_and_decide(snapshot, shard_index, sql, params, ctx, &plan, &hints);

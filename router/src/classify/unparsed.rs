@@ -184,7 +184,7 @@ fn statement(sql: &str, toks: &[Tok], relations: &[String]) -> Stmt {
 
 fn refuse_mention(table: &str) -> Stmt {
     Stmt::Refuse(format!(
-        "the statement names \"{table}\", a table declared to hotrepart (or a relation over one), and the node cannot route it: its SQL parser cannot read the statement, so it cannot tell which shards own the rows it touches"
+        "the statement names \"{table}\", a table declared to hotrepart (or a relation over one), and the node cannot route it without a parse: it cannot tell which shards own the rows it touches"
     ))
 }
 

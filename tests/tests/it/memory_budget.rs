@@ -142,6 +142,16 @@ async fn a_38_mb_in_list_does_not_take_the_node_to_gigabytes() {
             if table == "u" {
                 // Not parsed, it still reaches the home shard.
                 assert!(r.is_ok(), "{}", report.join("\n"));
+            } else if q.len() > 1 << 20 {
+                // Not parsed, it cannot be routed.
+                let e = r.as_ref().err().and_then(|e| e.as_db_error());
+                assert!(
+                    e.is_some_and(
+                        |e| e.code().code() == "54000" && e.message().contains("max_parse_bytes")
+                    ),
+                    "{}",
+                    report.join("\n")
+                );
             }
         }
     }
