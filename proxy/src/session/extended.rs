@@ -1,6 +1,13 @@
 //! The extended protocol: batches routed at Sync/Flush, named statements
 //! renamed to node-wide names and prepared on whichever backend needs them,
 //! the unnamed statement followed across backends.
+//!
+//! Bounded: a session's named statements by `max_prepared_statements` and
+//! `max_prepared_statement_bytes` (53200 at the Parse beyond), the
+//! statements the node keeps prepared on one backend by
+//! `server_prepared_statements` (the least recently used is closed there
+//! by a hidden Close before the Parse that needs its room, and prepared
+//! again when next used).
 
 use super::conn::*;
 use crate::error::sqlstate;
