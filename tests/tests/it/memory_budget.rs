@@ -470,6 +470,22 @@ async fn statements_prepared_on_a_backend_are_bounded_and_still_answer() {
     }
     let n = count(&db).await;
     assert!(n <= 4, "the backend holds {n} prepared statements");
+    // The same inside a transaction, every statement twice.
+    let mut db = db;
+    let tx = db.transaction().await.unwrap();
+    let results = futures_util::future::join_all(stmts.iter().chain(stmts.iter()).enumerate().map(
+        |(k, st)| {
+            let tx = &tx;
+            async move { (k as i32 % 20, tx.query_one(st, &[&3i32]).await) }
+        },
+    ))
+    .await;
+    for (i, r) in results {
+        assert_eq!(r.unwrap().get::<_, i32>(0), i * 1000 + 3);
+    }
+    tx.commit().await.unwrap();
+    let n = count(&db).await;
+    assert!(n <= 4, "the backend holds {n} prepared statements");
     // A second client on the same backend shares what is there and is
     // bounded alike.
     let db2 = c.connect().await;
