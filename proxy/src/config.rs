@@ -127,6 +127,36 @@ pub struct Config {
     /// and the node goes on.
     #[serde(default = "default_max_merge_bytes")]
     pub max_merge_bytes: usize,
+    /// A statement longer than this (bytes) is not parsed by the node (a
+    /// parse takes about a hundred times the text in memory): it is
+    /// routed by its words alone — to the home shard when it names no
+    /// declared table, to every shard as DDL — or refused with 54000.
+    /// 0 = no limit.
+    #[serde(default = "default_max_parse_bytes")]
+    pub max_parse_bytes: usize,
+    /// Bytes of client messages a session may hold unanswered: an
+    /// extended-protocol batch (Parse/Bind/Execute …) waiting for its
+    /// Sync or Flush. Beyond, the batch fails with 53200 (out of memory)
+    /// and the client's messages are skipped up to its Sync, as after any
+    /// error; the session goes on. Keep it above `max_message_size`.
+    /// 0 = no limit.
+    #[serde(default = "default_max_session_buffer_bytes")]
+    pub max_session_buffer_bytes: usize,
+    /// Named prepared statements one client session may hold; one more
+    /// fails with 53200 (DEALLOCATE or Close frees them). 0 = no limit.
+    #[serde(default = "default_max_prepared_statements")]
+    pub max_prepared_statements: usize,
+    /// Bytes of statement text (and parameter types) one client session's
+    /// named prepared statements may hold on the node; one more fails with
+    /// 53200. 0 = no limit.
+    #[serde(default = "default_max_prepared_statement_bytes")]
+    pub max_prepared_statement_bytes: usize,
+    /// Statements the node keeps prepared on one backend connection (for
+    /// all the clients it serves); beyond, the least recently used is
+    /// closed there first, and prepared again when a client next uses it.
+    /// 0 = no limit.
+    #[serde(default = "default_server_prepared_statements")]
+    pub server_prepared_statements: usize,
     /// How long a write to a key range frozen for a cut-over waits for the
     /// cut-over to end before it fails with 40001.
     #[serde(default = "default_freeze_wait_ms")]
@@ -411,6 +441,23 @@ fn default_max_merge_rows() -> usize {
 }
 fn default_max_merge_bytes() -> usize {
     256 << 20
+}
+fn default_max_parse_bytes() -> usize {
+    1 << 20
+}
+fn default_max_session_buffer_bytes() -> usize {
+    // Twice the default max_message_size: a message of the largest size
+    // and the Bind/Execute that go with it always fit.
+    128 << 20
+}
+fn default_max_prepared_statements() -> usize {
+    10_000
+}
+fn default_max_prepared_statement_bytes() -> usize {
+    64 << 20
+}
+fn default_server_prepared_statements() -> usize {
+    500
 }
 fn default_cutover_idle_grace_ms() -> u64 {
     2_000

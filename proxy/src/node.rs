@@ -415,6 +415,7 @@ impl Node {
             sql,
             params,
             ctx,
+            self.cfg().max_parse_bytes,
         )
     }
 

@@ -789,7 +789,9 @@ fn parse_and_plan(
 /// comments are not read) and counts as a write (what it does is unknown);
 /// on the home shard its calls are every word before a `(`, so the node
 /// checks their bodies for sharded tables as for a parsed statement.
-fn plan_unparsed(
+/// `why` says why it is not parsed (in the refusal); the node also routes
+/// this way a statement too long for it to parse (`max_parse_bytes`).
+pub fn plan_unparsed(
     snapshot: &RoutingSnapshot,
     sql: &str,
     ns: &Namespace,

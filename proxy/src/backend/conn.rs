@@ -12,7 +12,6 @@ use crate::wire::{self, auth, be, tx, Frame, FrameReader, WireError};
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,8 +65,10 @@ pub struct BackendConn {
     pub secret: i32,
     /// ParameterStatus values reported at startup.
     pub params: Vec<(String, String)>,
-    /// Statement names the node has prepared on this connection.
-    pub prepared: HashSet<String>,
+    /// Statement names the node has prepared on this connection, bounded
+    /// by `server_prepared_statements` (the session closes the least
+    /// recently used).
+    pub prepared: crate::backend::stmts::StmtCache,
     /// Fingerprint of the session state (SET values) applied on this
     /// connection; see `session::SessionState`.
     pub state_fp: u64,
@@ -385,7 +386,7 @@ impl BackendConn {
             pid,
             secret,
             params,
-            prepared: HashSet::new(),
+            prepared: Default::default(),
             state_fp: crate::backend::state::SessionState::default().fingerprint(),
             broken: false,
             created: std::time::Instant::now(),

@@ -2,10 +2,11 @@
 //! ([`conn`]), the M:N pools ([`pool`]), and the session state that follows
 //! a client from one pooled backend to the next ([`state`]), and the gate
 //! new transactions wait at while the console has paused the node
-//! ([`pause`]).
+//! ([`pause`]); the statements prepared on a backend, bounded ([`stmts`]).
 
 pub mod conn;
 pub mod notify;
 pub mod pause;
 pub mod pool;
 pub mod state;
+pub mod stmts;

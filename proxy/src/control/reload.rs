@@ -3,6 +3,10 @@
 //! change under running clients is applied at once, without dropping any:
 //! users and their passwords, `admin_users`, pool sizes and modes, the
 //! timeouts and limits read per client or per checkout, `max_merge_rows`,
+//! the session memory limits (`max_parse_bytes`,
+//! `max_session_buffer_bytes`, `max_prepared_statements`,
+//! `max_prepared_statement_bytes`, `server_prepared_statements`: read per
+//! statement),
 //! `twopc_decision_timeout_ms`, `log_level`, and TLS: the certificate and
 //! key are read again (a rotated certificate serves new clients; clients
 //! already connected keep their session).
@@ -123,6 +127,11 @@ pub fn apply(node: &Node, mut new: Config) -> Reloaded {
         query_wait_timeout_ms,
         max_merge_rows,
         max_merge_bytes,
+        max_parse_bytes,
+        max_session_buffer_bytes,
+        max_prepared_statements,
+        max_prepared_statement_bytes,
+        server_prepared_statements,
         auth_failure_delay_ms,
         cutover_idle_grace_ms,
         twopc_decision_timeout_ms,
@@ -250,7 +259,10 @@ mod tests {
     async fn reloadable_keys_apply_and_restart_only_keys_are_kept() {
         let n = node(BASE);
         let text = BASE
-            .replace("pool_size = 4", "pool_size = 2\nquery_wait_timeout_ms = 7")
+            .replace(
+                "pool_size = 4",
+                "pool_size = 2\nquery_wait_timeout_ms = 7\nmax_session_buffer_bytes = 1000",
+            )
             .replace("127.0.0.1:6432", "127.0.0.1:7000")
             + "[[users]]\nname = \"new\"\nauth = \"trust\"\n";
         let r = apply(&n, Config::from_toml(&text).expect("config"));
@@ -264,6 +276,13 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:6432");
         assert_eq!(c.pool_size, 2);
         assert_eq!(c.query_wait_timeout_ms, 7);
+        // The session memory limits are read per statement: they apply.
+        assert_eq!(c.max_session_buffer_bytes, 1000);
+        assert!(
+            r.changed
+                .contains(&"max_session_buffer_bytes: 134217728 -> 1000".to_string()),
+            "{r:?}"
+        );
         assert!(c.user("new").is_some());
         // The same file again: nothing changes.
         let again = apply(&n, Config::from_toml(&text).expect("config"));

@@ -368,8 +368,18 @@ impl RouteCtx<'_> {
     }
 }
 
+/// Statement texts longer than this are planned but not cached (nor is
+/// their shape): the cache is bounded by entries, and each entry holds its
+/// text twice.
+const CACHE_MAX_TEXT: usize = 64 << 10;
+
 /// Routes `sql` (with Bind parameters, if any) against `snapshot`, using
-/// and filling the plan cache.
+/// and filling the plan cache. A statement longer than `max_parse` bytes
+/// (0: no limit) is not parsed: sqlparser's tree takes about a hundred
+/// times the text in memory. It is routed by the lexer alone, as a string
+/// the parser cannot read ([`r::plan_unparsed`]): to the home shard when
+/// it names no declared table, to every shard as DDL; else refused with
+/// 54000.
 pub fn decide(
     snapshot: &RoutingSnapshot,
     cache: &std::sync::Mutex<r::PlanCache>,
@@ -377,36 +387,45 @@ pub fn decide(
     sql: &str,
     params: Option<&BindParams>,
     ctx: &RouteCtx<'_>,
+    max_parse: usize,
 ) -> Result<Decision, Refusal> {
-    let state = ctx.state;
-    let hints = Hints {
-        session_shard: match state.get("hotrepart.shard") {
-            Some(s) if !s.is_empty() => Some(ShardId::new(s).map_err(|e| {
-                Refusal::new(
-                    sqlstate::UNDEFINED_OBJECT,
-                    format!("SET hotrepart.shard: {e}"),
-                )
-            })?),
-            _ => None,
-        },
-        standard_conforming_strings: ctx.standard_conforming_strings(),
-    };
-    // The lock is held for the lookup and the insert only: a statement that
-    // takes long to parse stalls no other session's routing.
+    let hints = hints(ctx)?;
+    if max_parse > 0 && sql.len() > max_parse {
+        let why = format!(
+            "not parsed: {} bytes, more than max_parse_bytes = {max_parse}",
+            sql.len()
+        );
+        let plan = r::plan_unparsed(snapshot, sql, ctx.ns, &why).map_err(|e| {
+            Refusal::new(
+                sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                format!("statement too long to route: {}; send a shorter statement (a long IN list as one array parameter: = ANY($1)) or raise max_parse_bytes", e.message),
+            )
+        })?;
+        return bind_and_decide(snapshot, shard_index, sql, params, ctx, &plan, &hints);
+    }
     let lock = || cache.lock().unwrap_or_else(|e| e.into_inner());
+    let cacheable = sql.len() <= CACHE_MAX_TEXT;
     // A statement with literals is routed by its shape when it can be
     // (one plan per shape, not per key: `router/src/route/normalize.rs`).
-    if params.is_none_or(|p| p.values.is_empty()) {
+    if cacheable && params.is_none_or(|p| p.values.is_empty()) {
         if let Some(route) = shape_route(snapshot, cache, sql, ctx.ns, &hints) {
             return decision(snapshot, ctx.ns, shard_index, route, sql);
         }
     }
-    let cached = lock().get(snapshot, sql, ctx.ns);
+    // The lock is held for the lookup and the insert only: a statement that
+    // takes long to parse stalls no other session's routing.
+    let cached = if cacheable {
+        lock().get(snapshot, sql, ctx.ns)
+    } else {
+        None
+    };
     let plan = match cached {
         Some(p) => Ok(p),
         None => r::plan_in(snapshot, sql, ctx.ns).map(|p| {
             let p = std::sync::Arc::new(p);
-            lock().put(snapshot, sql, std::sync::Arc::clone(&p));
+            if cacheable {
+                lock().put(snapshot, sql, std::sync::Arc::clone(&p));
+            }
             p
         }),
     };
@@ -424,6 +443,36 @@ pub fn decide(
                 Refusal::new(e.sqlstate, e.message)
             }
         })?;
+    bind_and_decide(snapshot, shard_index, sql, params, ctx, &plan, &hints)
+}
+
+/// The session's routing hints (`hotrepart.shard`, the string reading).
+fn hints(ctx: &RouteCtx<'_>) -> Result<Hints, Refusal> {
+    let state = ctx.state;
+    Ok(Hints {
+        session_shard: match state.get("hotrepart.shard") {
+            Some(s) if !s.is_empty() => Some(ShardId::new(s).map_err(|e| {
+                Refusal::new(
+                    sqlstate::UNDEFINED_OBJECT,
+                    format!("SET hotrepart.shard: {e}"),
+                )
+            })?),
+            _ => None,
+        },
+        standard_conforming_strings: ctx.standard_conforming_strings(),
+    })
+}
+
+/// [`decide`] once the plan is at hand.
+fn bind_and_decide(
+    snapshot: &RoutingSnapshot,
+    shard_index: impl Fn(&ShardId) -> Option<usize>,
+    sql: &str,
+    params: Option<&BindParams>,
+    ctx: &RouteCtx<'_>,
+    plan: &r::Plan,
+    hints: &Hints,
+) -> Result<Decision, Refusal> {
     let owned;
     let params: &[Param<'_>] = match params {
         Some(p) => {
@@ -433,7 +482,7 @@ pub fn decide(
         None => &[],
     };
     let route = plan
-        .bind(snapshot, params, &hints)
+        .bind(snapshot, params, hints)
         .map_err(|e| Refusal::new(e.sqlstate, e.message))?;
     if route.statements.len() > 1
         && classify(sql).changes_routing_settings

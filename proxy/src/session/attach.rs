@@ -339,9 +339,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         .await
                     {
                         Ok(rows) => {
+                            // The node's own names only: a client's SQL
+                            // PREPARE is the client's to deallocate.
                             b.prepared = rows
                                 .into_iter()
                                 .filter_map(|r| r.into_iter().next().flatten())
+                                .filter(|n| n.starts_with("hr_"))
                                 .collect();
                         }
                         Err(_) => b.broken = true,

@@ -52,6 +52,10 @@ pub(crate) enum Owed {
     Poison,
     /// The ReadyForQuery of a Sync the node sent itself: not shown.
     HiddenSync,
+    /// The CloseComplete of a statement the node closes on the backend to
+    /// keep it within `server_prepared_statements`: not shown. Skipped
+    /// after an error, the statement stays prepared there (and known).
+    Closing(String),
 }
 
 /// When a synthetic reply drops a client statement name.

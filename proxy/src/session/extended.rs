@@ -1,6 +1,13 @@
 //! The extended protocol: batches routed at Sync/Flush, named statements
 //! renamed to node-wide names and prepared on whichever backend needs them,
 //! the unnamed statement followed across backends.
+//!
+//! Bounded: a session's named statements by `max_prepared_statements` and
+//! `max_prepared_statement_bytes` (53200 at the Parse beyond), the
+//! statements the node keeps prepared on one backend by
+//! `server_prepared_statements` (the least recently used is closed there
+//! by a hidden Close before the Parse that needs its room, and prepared
+//! again when next used).
 
 use super::conn::*;
 use crate::error::sqlstate;
@@ -261,8 +268,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     parse.put_u32(*ty);
                 }
                 let internal = internal_name(&parse, self.generation());
-                if !self.be.current_mut().prepared.contains(&internal) {
-                    self.be.current_mut().prepared.insert(internal.clone());
+                if !self.be.current_mut().prepared.touch(&internal) {
+                    self.note_prepared(&internal);
                     wire::frame(&mut self.be.to_backend, fe::PARSE, |o| {
                         wire::put_cstr(o, &internal);
                         o.put_slice(&parse);
@@ -418,7 +425,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.skip_to_sync = true;
             return Ok(());
         };
-        if self.be.current_mut().prepared.contains(&internal) {
+        if self.be.current_mut().prepared.touch(&internal) {
             self.push_synthetic_with(wire::parse_complete(), Forget::OnSkip(name));
         } else {
             self.prepare_on_backend(&name);
@@ -442,6 +449,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ));
             return None;
         }
+        if let Err(r) = self.prepared_within_budget(rest.len() + sql.len()) {
+            self.push_error(&r);
+            return None;
+        }
         let internal = internal_name(rest, self.generation());
         let mut parse = BytesMut::with_capacity(rest.len() + 20);
         wire::put_cstr(&mut parse, &internal);
@@ -458,6 +469,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             },
         );
         Some(internal)
+    }
+
+    /// One more named statement of `bytes` fits the session's budget
+    /// (`max_prepared_statements`, `max_prepared_statement_bytes`), or the
+    /// refusal (53200). (The sum is taken here, over at most
+    /// `max_prepared_statements` entries, not kept: names leave the map on
+    /// many paths.)
+    fn prepared_within_budget(&self, bytes: usize) -> Result<(), Refusal> {
+        let cfg = self.node.cfg();
+        let (max, max_bytes) = (
+            cfg.max_prepared_statements,
+            cfg.max_prepared_statement_bytes,
+        );
+        if max > 0 && self.stmts.len() >= max {
+            return Err(Refusal::new(
+                sqlstate::OUT_OF_MEMORY,
+                format!("out of memory: this session already holds {} prepared statements, the most max_prepared_statements allows; close some (Close, DEALLOCATE) or raise the limit", self.stmts.len()),
+            ));
+        }
+        if max_bytes > 0 {
+            let held: usize = self
+                .stmts
+                .values()
+                .map(|s| s.parse.len() + s.sql.len())
+                .sum();
+            if held + bytes > max_bytes {
+                return Err(Refusal::new(
+                    sqlstate::OUT_OF_MEMORY,
+                    format!("out of memory: this session's prepared statements would hold more than {max_bytes} bytes of text (max_prepared_statement_bytes; {held} held, {bytes} more asked); close some (Close, DEALLOCATE) or raise the limit"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The client's Parse in a batch the merger answers itself, recorded as
@@ -568,8 +612,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let s = self.stmts.get(name)?;
             (s.internal.clone(), s.parse.clone())
         };
-        if !self.be.current_mut().prepared.contains(&internal) {
-            self.be.current_mut().prepared.insert(internal.clone());
+        if !self.be.current_mut().prepared.touch(&internal) {
+            self.note_prepared(&internal);
             wire::frame(&mut self.be.to_backend, fe::PARSE, |o| o.put_slice(&parse));
             self.be.owed.push_back(Owed::Parse {
                 hidden: true,
@@ -578,6 +622,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             });
         }
         Some(internal)
+    }
+
+    /// Records `internal` as prepared on the current backend (its Parse
+    /// goes next); beyond `server_prepared_statements` the least recently
+    /// used statements are closed there first. One a later message of the
+    /// pipeline needs is prepared again then ([`Self::prepare_on_backend`]
+    /// finds it missing); a portal already bound from one survives its
+    /// Close, as on PostgreSQL.
+    fn note_prepared(&mut self, internal: &str) {
+        let max = self.node.cfg().server_prepared_statements;
+        let evicted = self
+            .be
+            .current_mut()
+            .prepared
+            .insert(internal.to_string(), max);
+        for name in evicted {
+            wire::frame(&mut self.be.to_backend, fe::CLOSE, |o| {
+                o.put_u8(wire::STATEMENT);
+                wire::put_cstr(o, &name);
+            });
+            self.be.owed.push_back(Owed::Closing(name));
+        }
     }
 }
 

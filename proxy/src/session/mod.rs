@@ -311,6 +311,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.on_query(f).await?;
             }
             fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE => {
+                if let Err(r) = self.hold_within_budget(&f) {
+                    // Nothing of the batch held has been sent: it is
+                    // dropped whole, and the rest skipped up to Sync.
+                    self.batch.clear();
+                    self.batch_error(&r, false);
+                    return Ok(None);
+                }
                 self.batch.push(f);
                 // Bounded memory: a client that never sends Sync or Flush
                 // has its messages forwarded anyway (as Flush would).
@@ -359,6 +366,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         Ok(None)
+    }
+
+    /// The session's budget of held client messages
+    /// (`max_session_buffer_bytes`): `f` may join the batch held for its
+    /// Sync, or the batch fails with 53200. (A frame itself is at most
+    /// `max_message_size`, checked as it is read.)
+    fn hold_within_budget(&self, f: &Frame) -> Result<(), Refusal> {
+        let max = self.node.cfg().max_session_buffer_bytes;
+        if max == 0 {
+            return Ok(());
+        }
+        let held: usize = self.batch.iter().map(|b| b.raw.len()).sum::<usize>() + f.raw.len();
+        if held <= max {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            sqlstate::OUT_OF_MEMORY,
+            format!("out of memory: this session holds more than {max} bytes of unanswered messages (max_session_buffer_bytes); send Sync more often or raise the limit"),
+        ))
     }
 
     async fn on_query(&mut self, f: Frame) -> Result<(), SessionError> {

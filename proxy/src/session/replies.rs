@@ -58,6 +58,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
             be::BIND_COMPLETE => self.pop_if(|o| matches!(o, Owed::Bind)),
+            be::CLOSE_COMPLETE if matches!(self.be.owed.front(), Some(Owed::Closing(_))) => {
+                forward = false;
+                self.be.owed.pop_front();
+            }
             be::CLOSE_COMPLETE => self.pop_if(|o| matches!(o, Owed::Close)),
             be::ROW_DESCRIPTION | be::NO_DATA => self.pop_if(|o| matches!(o, Owed::Describe)),
             be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED => {
@@ -188,6 +192,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         Some(Owed::Parse { internal: None, .. }) => {
                             if let Some(u) = self.unnamed.as_mut() {
                                 u.on = None;
+                            }
+                        }
+                        Some(Owed::Closing(name)) => {
+                            // Not closed: still prepared on the backend.
+                            let cur = self.be.cur;
+                            if let Some(b) = self.be.slots[cur].conn.as_mut() {
+                                b.prepared.insert(name, 0);
                             }
                         }
                         _ => {}

@@ -73,7 +73,18 @@ pub fn unparsed(sql: &str, relations: &[String]) -> Unparsed {
                 end = false;
                 break;
             }
-            toks.push(t);
+            // Only words, names, strings and parentheses decide (and the
+            // first two tokens, whatever they are): numbers, commas and
+            // operators are not kept, so a huge `IN (1, 2, …)` list costs
+            // no memory here.
+            let keep = toks.len() < 2
+                || matches!(
+                    t.kind,
+                    Kind::Word | Kind::Quoted | Kind::Str(_) | Kind::Punct(b'(' | b')')
+                );
+            if keep {
+                toks.push(t);
+            }
         }
         if !toks.is_empty() {
             match statement(sql, &toks, relations) {
@@ -173,7 +184,7 @@ fn statement(sql: &str, toks: &[Tok], relations: &[String]) -> Stmt {
 
 fn refuse_mention(table: &str) -> Stmt {
     Stmt::Refuse(format!(
-        "the statement names \"{table}\", a table declared to hotrepart (or a relation over one), and the node cannot route it: its SQL parser cannot read the statement, so it cannot tell which shards own the rows it touches"
+        "the statement names \"{table}\", a table declared to hotrepart (or a relation over one), and the node cannot route it without a parse: it cannot tell which shards own the rows it touches"
     ))
 }
 

@@ -24,6 +24,7 @@ mod fence;
 mod hashing;
 mod loadtest;
 mod login;
+mod memory_budget;
 mod merge;
 mod merge_known_bugs;
 mod merge_memory;

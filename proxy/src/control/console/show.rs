@@ -410,6 +410,24 @@ fn config(node: &Node) -> Table {
         ("server_idle_timeout_ms", ms(c.server_idle_timeout_ms)),
         ("query_wait_timeout_ms", ms(c.query_wait_timeout_ms)),
         ("max_merge_rows", c.max_merge_rows.to_string()),
+        ("max_merge_bytes", c.max_merge_bytes.to_string()),
+        ("max_parse_bytes", c.max_parse_bytes.to_string()),
+        (
+            "max_session_buffer_bytes",
+            c.max_session_buffer_bytes.to_string(),
+        ),
+        (
+            "max_prepared_statements",
+            c.max_prepared_statements.to_string(),
+        ),
+        (
+            "max_prepared_statement_bytes",
+            c.max_prepared_statement_bytes.to_string(),
+        ),
+        (
+            "server_prepared_statements",
+            c.server_prepared_statements.to_string(),
+        ),
         ("freeze_wait_ms", ms(c.freeze_wait_ms)),
         ("twopc_decision_timeout_ms", ms(c.twopc_decision_timeout_ms)),
         ("admin_users", c.admin_users.join(",")),
