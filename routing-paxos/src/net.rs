@@ -28,15 +28,27 @@
 //! replay, distinct labels defeat reflection, and the acceptor never
 //! computes a MAC for an unauthenticated party. Every refusal closes the
 //! connection and is logged with its reason; nothing is delivered to the
-//! driver before both checks passed. The secret authenticates, it does not
-//! encrypt: catalog traffic (including shard DSNs) is in clear text, so the
-//! links belong on a trusted network.
+//! driver before both checks passed. Both `Hello`s carry the link protocol
+//! version ([`LINK_VERSION`]); a peer of another version is refused with a
+//! log naming both (a node from before sealed frames sends none).
+//!
+//! # Sealed frames
+//!
+//! Every frame after the handshake is encrypted and authenticated
+//! (ChaCha20-Poly1305, [`Sealer`]/[`Opener`]) under a key of its own
+//! connection: HKDF-SHA256 of the cluster secret with both node ids and
+//! both nonces. The nonce of frame *n* is *n*, so a frame that is
+//! changed, dropped, replayed, reordered or taken from another connection
+//! fails to open, and the connection is closed with a warning. So an
+//! on-path attacker can neither read catalog traffic (shard DSNs) nor
+//! inject commands; it can still cut links (which Paxos tolerates).
 //!
 //! # Frames
 //!
-//! `u32` big-endian length, then a JSON document. Handshake frames are at
-//! most [`MAX_HANDSHAKE_FRAME`] bytes, others [`MAX_FRAME`]; a longer one
-//! closes the connection.
+//! `u32` big-endian length, then the payload: a JSON document (handshake),
+//! or a sealed JSON document and its 16-byte tag. Handshake frames are at
+//! most [`MAX_HANDSHAKE_FRAME`] bytes, others [`MAX_FRAME`] (plaintext); a
+//! longer one closes the connection.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -89,11 +101,21 @@ pub enum Wire {
     Lease(LeaseMsg),
 }
 
+/// The link protocol: 2 seals every frame after the handshake (a node
+/// from before that sends no version: 1).
+pub const LINK_VERSION: u32 = 2;
+
+fn version_one() -> u32 {
+    1
+}
+
 /// The first frame of each side.
 #[derive(Debug, Serialize, Deserialize)]
 struct Hello {
     node: u64,
     nonce: Vec<u8>,
+    #[serde(default = "version_one")]
+    version: u32,
 }
 
 /// The second frame: a MAC proving knowledge of the secret.
@@ -127,6 +149,132 @@ pub enum LinkError {
     /// The handshake did not finish in time.
     #[error("handshake timed out")]
     Timeout,
+    /// The peer speaks another link protocol.
+    #[error("node {node} speaks link protocol version {theirs}, this node {LINK_VERSION} (upgrade every node to the same release)")]
+    Version {
+        /// The peer.
+        node: u64,
+        /// Its version.
+        theirs: u32,
+    },
+    /// A sealed frame did not open: changed, replayed, reordered, or
+    /// not from this connection.
+    #[error("a frame failed authentication (altered or injected on the network?)")]
+    BadFrame,
+}
+
+/// The AEAD tag appended to every sealed frame.
+const TAG_LEN: usize = 16;
+
+/// The key of one connection's frames, from the handshake.
+fn link_key(secret: &[u8], dialer: u64, acceptor: u64, dn: &[u8], an: &[u8]) -> [u8; 32] {
+    struct Len;
+    impl ring::hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            32
+        }
+    }
+    let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"hotrepart-catalog-link-v2");
+    let prk = salt.extract(secret);
+    let (d, a) = (dialer.to_be_bytes(), acceptor.to_be_bytes());
+    let info: [&[u8]; 5] = [b"frames dialer->acceptor", &d, &a, dn, an];
+    let mut key = [0u8; 32];
+    // HKDF-Expand fails only for outputs longer than 255 hashes.
+    if let Ok(okm) = prk.expand(&info, Len) {
+        let _ = okm.fill(&mut key);
+    }
+    key
+}
+
+/// Nonce *n* for frame *n* (never repeated under one key: a key is one
+/// connection's, and the count ends the connection before it wraps).
+fn frame_nonce(n: u64) -> ring::aead::Nonce {
+    let mut b = [0u8; 12];
+    b[4..].copy_from_slice(&n.to_be_bytes());
+    ring::aead::Nonce::assume_unique_for_key(b)
+}
+
+fn aead_key(key: &[u8; 32]) -> ring::aead::LessSafeKey {
+    // A 32-byte key is what ChaCha20-Poly1305 takes: this cannot fail.
+    #[allow(clippy::expect_used)]
+    let k = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, key)
+        .expect("a 32-byte ChaCha20-Poly1305 key");
+    ring::aead::LessSafeKey::new(k)
+}
+
+/// The sending side of a connection's sealed frames.
+pub struct Sealer {
+    key: ring::aead::LessSafeKey,
+    next: u64,
+}
+
+/// The receiving side of a connection's sealed frames.
+pub struct Opener {
+    key: ring::aead::LessSafeKey,
+    next: u64,
+}
+
+impl Sealer {
+    fn new(key: &[u8; 32]) -> Sealer {
+        Sealer {
+            key: aead_key(key),
+            next: 0,
+        }
+    }
+
+    /// Writes `payload` as the next sealed frame.
+    pub async fn write<W: AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut W,
+        payload: &[u8],
+    ) -> Result<(), LinkError> {
+        if payload.len() > MAX_FRAME {
+            return Err(LinkError::TooLarge(payload.len()));
+        }
+        let n = self.next;
+        self.next = n.checked_add(1).ok_or(LinkError::BadFrame)?;
+        let len = payload.len() + TAG_LEN;
+        let mut buf = Vec::with_capacity(4 + len);
+        // MAX_FRAME + TAG_LEN fits in a u32.
+        buf.extend_from_slice(&(len as u32).to_be_bytes());
+        buf.extend_from_slice(payload);
+        let mut sealed = buf.split_off(4);
+        self.key
+            .seal_in_place_append_tag(
+                frame_nonce(n),
+                ring::aead::Aad::from(&buf[..4]),
+                &mut sealed,
+            )
+            .map_err(|_| LinkError::BadFrame)?;
+        buf.extend_from_slice(&sealed);
+        w.write_all(&buf).await?;
+        Ok(())
+    }
+}
+
+impl Opener {
+    fn new(key: &[u8; 32]) -> Opener {
+        Opener {
+            key: aead_key(key),
+            next: 0,
+        }
+    }
+
+    /// Reads and opens the next sealed frame. Not cancel-safe (see
+    /// [`read_frame`]).
+    pub async fn read<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<Vec<u8>, LinkError> {
+        let mut sealed = read_frame(r, MAX_FRAME + TAG_LEN).await?;
+        let len = (sealed.len() as u32).to_be_bytes();
+        let n = self.next;
+        self.next = n.checked_add(1).ok_or(LinkError::BadFrame)?;
+        let plain = self
+            .key
+            .open_in_place(frame_nonce(n), ring::aead::Aad::from(&len), &mut sealed)
+            .map_err(|_| LinkError::BadFrame)?
+            .len();
+        sealed.truncate(plain);
+        Ok(sealed)
+    }
 }
 
 /// Reads one frame of at most `max` bytes. Not cancel-safe (a frame may be
@@ -200,13 +348,14 @@ pub async fn handshake_dial<S: AsyncRead + AsyncWrite + Unpin>(
     me: u64,
     peer: u64,
     secret: &[u8],
-) -> Result<(), LinkError> {
+) -> Result<Sealer, LinkError> {
     let dn: [u8; 32] = rand::random();
     write_json(
         s,
         &Hello {
             node: me,
             nonce: dn.to_vec(),
+            version: LINK_VERSION,
         },
     )
     .await?;
@@ -219,6 +368,12 @@ pub async fn handshake_dial<S: AsyncRead + AsyncWrite + Unpin>(
         })?;
     if hello.node != peer {
         return Err(LinkError::UnknownNode(hello.node));
+    }
+    if hello.version != LINK_VERSION {
+        return Err(LinkError::Version {
+            node: peer,
+            theirs: hello.version,
+        });
     }
     let proof = mac(secret, "dialer", me, peer, &dn, &hello.nonce)
         .finalize()
@@ -239,21 +394,29 @@ pub async fn handshake_dial<S: AsyncRead + AsyncWrite + Unpin>(
         })?;
     mac(secret, "acceptor", me, peer, &dn, &hello.nonce)
         .verify_slice(&theirs.mac)
-        .map_err(|_| LinkError::BadProof(peer))
+        .map_err(|_| LinkError::BadProof(peer))?;
+    Ok(Sealer::new(&link_key(secret, me, peer, &dn, &hello.nonce)))
 }
 
-/// The acceptor's side of the handshake; returns the authenticated peer.
-/// `known` tells whether a node id is a cluster member.
+/// The acceptor's side of the handshake; returns the authenticated peer
+/// and the opener of its frames. `known` tells whether a node id is a
+/// cluster member.
 pub async fn handshake_accept<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     me: u64,
     known: impl Fn(u64) -> bool,
     secret: &[u8],
-) -> Result<u64, LinkError> {
+) -> Result<(u64, Opener), LinkError> {
     let hello: Hello = read_json(s, MAX_HANDSHAKE_FRAME).await?;
     let peer = hello.node;
     if peer == me || !known(peer) {
         return Err(LinkError::UnknownNode(peer));
+    }
+    if hello.version != LINK_VERSION {
+        return Err(LinkError::Version {
+            node: peer,
+            theirs: hello.version,
+        });
     }
     let an: [u8; 32] = rand::random();
     write_json(
@@ -261,6 +424,7 @@ pub async fn handshake_accept<S: AsyncRead + AsyncWrite + Unpin>(
         &Hello {
             node: me,
             nonce: an.to_vec(),
+            version: LINK_VERSION,
         },
     )
     .await?;
@@ -272,7 +436,10 @@ pub async fn handshake_accept<S: AsyncRead + AsyncWrite + Unpin>(
         .finalize()
         .into_bytes();
     write_json(s, &Proof { mac: ours.to_vec() }).await?;
-    Ok(peer)
+    Ok((
+        peer,
+        Opener::new(&link_key(secret, peer, me, &hello.nonce, &an)),
+    ))
 }
 
 /// What the transport reports to the driver.
@@ -536,8 +703,8 @@ async fn serve_incoming(
     )
     .await
     .unwrap_or(Err(LinkError::Timeout));
-    let peer = match hs {
-        Ok(peer) => peer,
+    let (peer, mut opener) = match hs {
+        Ok(p) => p,
         Err(e) => {
             refusals.log(config.me, addr, &e);
             return;
@@ -565,12 +732,16 @@ async fn serve_incoming(
             _ = &mut stop_rx => break,
             _ = until_true(&mut partitioned) => break,
             _ = until_true(&mut shutdown) => break,
-            f = read_frame(&mut rd, MAX_FRAME) => f,
+            f = opener.read(&mut rd) => f,
         };
         let wire = match frame.and_then(|f| {
             serde_json::from_slice::<Wire>(&f).map_err(|e| LinkError::Malformed(e.to_string()))
         }) {
             Ok(w) => w,
+            Err(e @ LinkError::BadFrame) => {
+                tracing::warn!(node = config.me, peer, %addr, reason = %e, "catalog link from peer closed");
+                break;
+            }
             Err(e) => {
                 tracing::debug!(node = config.me, peer, reason = %e, "catalog link from peer closed");
                 break;
@@ -613,25 +784,28 @@ async fn dial(
                 .await
                 .map_err(|_| LinkError::Timeout)??;
             let _ = s.set_nodelay(true);
-            tokio::time::timeout(
+            let sealer = tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
                 handshake_dial(&mut s, config.me, peer, &config.secret),
             )
             .await
             .unwrap_or(Err(LinkError::Timeout))?;
-            Ok::<TcpStream, LinkError>(s)
+            Ok::<(TcpStream, Sealer), LinkError>((s, sealer))
         };
         let stream = tokio::select! {
             _ = until_true(&mut shutdown) => return,
             r = attempt => r,
         };
-        let stream = match stream {
+        let (stream, mut sealer) = match stream {
             Ok(s) => s,
             Err(e) => {
                 let what = e.to_string();
                 let auth = matches!(
                     e,
-                    LinkError::BadProof(_) | LinkError::UnknownNode(_) | LinkError::Refused
+                    LinkError::BadProof(_)
+                        | LinkError::UnknownNode(_)
+                        | LinkError::Refused
+                        | LinkError::Version { .. }
                 );
                 if what != last_failure {
                     if auth {
@@ -683,7 +857,7 @@ async fn dial(
             // fine because every branch but completion closes the
             // connection.
             let written = tokio::select! {
-                w = tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut wr, &buf)) => w,
+                w = tokio::time::timeout(WRITE_TIMEOUT, sealer.write(&mut wr, &buf)) => w,
                 _ = until_true(&mut partitioned) => break,
                 _ = until_true(&mut shutdown) => break,
             };
@@ -716,7 +890,7 @@ mod tests {
         dial_secret: &'static [u8],
         accept_secret: &'static [u8],
         dial_as: u64,
-    ) -> (Result<(), LinkError>, Result<u64, LinkError>) {
+    ) -> (Result<Sealer, LinkError>, Result<(u64, Opener), LinkError>) {
         let (mut a, mut b) = tokio::io::duplex(4096);
         let d = tokio::spawn(async move {
             let r = handshake_dial(&mut a, dial_as, 2, dial_secret).await;
@@ -731,22 +905,114 @@ mod tests {
     #[tokio::test]
     async fn the_same_secret_authenticates_both_sides() {
         let (d, a) = pair(b"s3cret", b"s3cret", 1).await;
-        assert!(d.is_ok(), "{d:?}");
-        assert_eq!(a.expect("accepted"), 1);
+        assert!(d.is_ok(), "{:?}", d.err());
+        assert_eq!(a.expect("accepted").0, 1);
     }
 
     #[tokio::test]
     async fn a_wrong_secret_is_refused_on_both_sides() {
         let (d, a) = pair(b"wrong", b"s3cret", 1).await;
-        assert!(matches!(a, Err(LinkError::BadProof(1))), "{a:?}");
+        assert!(matches!(a, Err(LinkError::BadProof(1))), "{:?}", a.err());
         assert!(d.is_err());
     }
 
     #[tokio::test]
     async fn an_unknown_node_is_refused() {
         let (d, a) = pair(b"s3cret", b"s3cret", 7).await;
-        assert!(matches!(a, Err(LinkError::UnknownNode(7))), "{a:?}");
+        assert!(matches!(a, Err(LinkError::UnknownNode(7))), "{:?}", a.err());
         assert!(d.is_err());
+    }
+
+    /// A handshake, then `frames` sealed by the dialer: the raw bytes it
+    /// would write, and the acceptor's opener (to feed it bytes of our
+    /// choosing).
+    async fn sealed_link(frames: &[&[u8]]) -> (Vec<u8>, Opener) {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let dialer = tokio::spawn(async move {
+            let sealer = handshake_dial(&mut a, 1, 2, b"s3cret").await.expect("dial");
+            (a, sealer)
+        });
+        let (peer, opener) = handshake_accept(&mut b, 2, |id| id == 1, b"s3cret")
+            .await
+            .expect("accept");
+        assert_eq!(peer, 1);
+        let (_a, mut sealer) = dialer.await.expect("dialer task");
+        let mut raw = Vec::new();
+        for f in frames {
+            sealer.write(&mut raw, f).await.expect("seal");
+        }
+        (raw, opener)
+    }
+
+    #[tokio::test]
+    async fn frames_are_sealed_and_open_in_order_only() {
+        let dsn: &[u8] = b"{\"dsn\":\"postgres://app:hunter2@db-7:5432/app\"}";
+        let (raw, mut opener) = sealed_link(&[dsn, b"second", b"third"]).await;
+        // Nothing of the plaintext on the wire.
+        assert!(!raw.windows(7).any(|w| w == b"hunter2"));
+        assert!(!raw.windows(6).any(|w| w == b"second"));
+        let mut r = &raw[..];
+        assert_eq!(opener.read(&mut r).await.expect("first"), dsn);
+        assert_eq!(opener.read(&mut r).await.expect("second"), b"second");
+        assert_eq!(opener.read(&mut r).await.expect("third"), b"third");
+
+        // One bit changed anywhere (length, ciphertext, tag): refused.
+        let first_len = 4 + dsn.len() + TAG_LEN;
+        for at in [2, 4, 10, first_len - 1] {
+            let (mut raw, mut opener) = sealed_link(&[dsn]).await;
+            raw[at] ^= 0x01;
+            let got = opener.read(&mut &raw[..]).await;
+            assert!(
+                matches!(
+                    got,
+                    Err(LinkError::BadFrame | LinkError::Io(_) | LinkError::TooLarge(_))
+                ),
+                "byte {at} changed: {got:?}"
+            );
+            assert!(got.is_err());
+        }
+        // A frame replayed, or the second before the first: refused.
+        let (raw, mut opener) = sealed_link(&[b"once", b"twice"]).await;
+        let first = &raw[..4 + 4 + TAG_LEN];
+        let mut replayed = first.to_vec();
+        replayed.extend_from_slice(first);
+        let mut r = &replayed[..];
+        assert_eq!(opener.read(&mut r).await.expect("first"), b"once");
+        assert!(matches!(
+            opener.read(&mut r).await,
+            Err(LinkError::BadFrame)
+        ));
+        let (raw, mut opener) = sealed_link(&[b"once", b"twice"]).await;
+        let mut r = &raw[4 + 4 + TAG_LEN..];
+        assert!(matches!(
+            opener.read(&mut r).await,
+            Err(LinkError::BadFrame)
+        ));
+        // A frame of another connection (same secret, same nodes): refused.
+        let (other, _) = sealed_link(&[b"once"]).await;
+        let (_, mut opener) = sealed_link(&[]).await;
+        assert!(matches!(
+            opener.read(&mut &other[..]).await,
+            Err(LinkError::BadFrame)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_node_of_the_unsealed_protocol_is_refused_by_name() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        // What a node of link protocol 1 sends: no version.
+        tokio::spawn(async move {
+            let _ = write_frame(&mut a, br#"{"node":1,"nonce":[1,2,3]}"#).await;
+            let mut sink = Vec::new();
+            let _ = a.read_to_end(&mut sink).await;
+        });
+        let got = handshake_accept(&mut b, 2, |id| id == 1, b"s3cret").await;
+        match got {
+            Err(e @ LinkError::Version { node: 1, theirs: 1 }) => {
+                assert!(e.to_string().contains("version 1, this node 2"), "{e}");
+            }
+            other => panic!("{:?}", other.err()),
+        }
     }
 
     #[tokio::test]
