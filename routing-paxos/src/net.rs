@@ -31,6 +31,11 @@
 //! driver before both checks passed. Both `Hello`s carry the link protocol
 //! version ([`LINK_VERSION`]); a peer of another version is refused with a
 //! log naming both (a node from before sealed frames sends none).
+//! Strangers cannot hold every handshake slot: at most
+//! [`HANDSHAKES_PER_IP`] handshakes per source address and
+//! [`STRANGER_HANDSHAKES`] in all from addresses that are not a peer's
+//! (a peer's configured address, resolved when that limit is reached, is
+//! let in), each bounded by the handshake timeout.
 //!
 //! # Sealed frames
 //!
@@ -79,6 +84,11 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections (authenticated or in their handshake) accepted at once,
 /// beyond two per peer.
 const SPARE_CONNECTIONS: usize = 32;
+/// Handshakes in progress from one IP address at once.
+const HANDSHAKES_PER_IP: usize = 4;
+/// Handshakes in progress at once from addresses that are not a peer's
+/// (a peer's address is always let in, within [`HANDSHAKES_PER_IP`]).
+const STRANGER_HANDSHAKES: usize = 16;
 /// Messages queued for one peer before its link counts as broken.
 pub const SEND_QUEUE: usize = 4096;
 
@@ -157,6 +167,10 @@ pub enum LinkError {
         /// Its version.
         theirs: u32,
     },
+    /// Too many handshakes in progress from this address, or from
+    /// addresses that are not a peer's.
+    #[error("too many catalog handshakes in progress (from this address, or from non-peers)")]
+    Busy,
     /// A sealed frame did not open: changed, replayed, reordered, or
     /// not from this connection.
     #[error("a frame failed authentication (altered or injected on the network?)")]
@@ -632,6 +646,92 @@ impl Net {
 }
 
 /// Resolves when `flag` is true (or its sender is gone). Cancel-safe.
+/// Handshakes in progress, per source address and from strangers.
+#[derive(Default)]
+struct Handshakes {
+    inner: std::sync::Mutex<HandshakeCounts>,
+}
+
+#[derive(Default)]
+struct HandshakeCounts {
+    per_ip: std::collections::HashMap<std::net::IpAddr, usize>,
+    strangers: usize,
+}
+
+/// One handshake's place in [`Handshakes`], given back when dropped.
+struct HandshakeSlot {
+    of: Arc<Handshakes>,
+    ip: std::net::IpAddr,
+    stranger: bool,
+}
+
+impl Handshakes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HandshakeCounts> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn per_ip(&self, ip: std::net::IpAddr) -> usize {
+        self.lock().per_ip.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// A place for a handshake from `ip`: within the per-address limit,
+    /// and, unless `peer` (its address is a peer's), within the strangers'.
+    fn enter(self: &Arc<Self>, ip: std::net::IpAddr, peer: bool) -> Option<HandshakeSlot> {
+        let mut c = self.lock();
+        let n = c.per_ip.get(&ip).copied().unwrap_or(0);
+        if n >= HANDSHAKES_PER_IP || (!peer && c.strangers >= STRANGER_HANDSHAKES) {
+            return None;
+        }
+        c.per_ip.insert(ip, n + 1);
+        if !peer {
+            c.strangers += 1;
+        }
+        Some(HandshakeSlot {
+            of: self.clone(),
+            ip,
+            stranger: !peer,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut c = self.of.lock();
+        if self.stranger {
+            c.strangers = c.strangers.saturating_sub(1);
+        }
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Whether `ip` is the address of a peer (its configured address
+/// resolved now, within a second).
+async fn is_peer_address(config: &NetConfig, ip: std::net::IpAddr) -> bool {
+    let addrs: Vec<String> = config
+        .peers
+        .read()
+        .map(|p| p.values().cloned().collect())
+        .unwrap_or_default();
+    let resolve = async {
+        for a in addrs {
+            if let Ok(mut it) = tokio::net::lookup_host(a).await {
+                if it.any(|sa| sa.ip() == ip) {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    tokio::time::timeout(Duration::from_secs(1), resolve)
+        .await
+        .unwrap_or(false)
+}
+
 async fn until_true(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|v| *v).await;
 }
@@ -646,6 +746,7 @@ async fn listen(
 ) {
     let mut readers = tokio::task::JoinSet::new();
     let refusals = Arc::new(RefusalLog::default());
+    let handshakes = Arc::new(Handshakes::default());
     loop {
         let accepted = tokio::select! {
             _ = until_true(&mut shutdown) => break,
@@ -670,9 +771,27 @@ async fn listen(
             drop(stream);
             continue;
         }
+        // Strangers cannot hold every handshake slot: a few per address,
+        // and past STRANGER_HANDSHAKES only peers' addresses (resolved
+        // only then).
+        let slot = match handshakes.enter(addr.ip(), false) {
+            Some(s) => Some(s),
+            None if handshakes.per_ip(addr.ip()) < HANDSHAKES_PER_IP
+                && is_peer_address(&config, addr.ip()).await =>
+            {
+                handshakes.enter(addr.ip(), true)
+            }
+            None => None,
+        };
+        let Some(slot) = slot else {
+            refusals.log(config.me, addr, &LinkError::Busy);
+            drop(stream);
+            continue;
+        };
         readers.spawn(serve_incoming(
             config.clone(),
             refusals.clone(),
+            slot,
             stream,
             addr,
             events.clone(),
@@ -688,6 +807,7 @@ async fn listen(
 async fn serve_incoming(
     config: Arc<NetConfig>,
     refusals: Arc<RefusalLog>,
+    slot: HandshakeSlot,
     mut stream: TcpStream,
     addr: SocketAddr,
     events: mpsc::Sender<NetEvent>,
@@ -703,6 +823,7 @@ async fn serve_incoming(
     )
     .await
     .unwrap_or(Err(LinkError::Timeout));
+    drop(slot);
     let (peer, mut opener) = match hs {
         Ok(p) => p,
         Err(e) => {
@@ -1013,6 +1134,106 @@ mod tests {
             }
             other => panic!("{:?}", other.err()),
         }
+    }
+
+    async fn stranger(from: &str, to: SocketAddr) -> TcpStream {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(format!("{from}:0").parse().expect("addr"))
+            .expect("bind");
+        sock.connect(to).await.expect("connect")
+    }
+
+    /// Strangers that connect and stay silent hold handshake slots only
+    /// within their limits (a few per address, a few in all), and a peer
+    /// still gets its link up while they hold them.
+    #[tokio::test]
+    async fn silent_strangers_cannot_keep_a_peer_out() {
+        let l2 = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l1 = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (a2, a1) = (
+            l2.local_addr().expect("addr"),
+            l1.local_addr().expect("addr"),
+        );
+        let (_part, partitioned) = watch::channel(false);
+        let config = |me: u64, peer: u64, addr: SocketAddr| NetConfig {
+            me,
+            peers: std::sync::RwLock::new([(peer, addr.to_string())].into_iter().collect()),
+            secret: b"s3cret-s3cret-s3cret".to_vec(),
+        };
+        let (tx2, mut rx2) = mpsc::channel(64);
+        let n2 = Net::start(config(2, 1, a1), l2, tx2, partitioned.clone());
+        // 4 addresses × HANDSHAKES_PER_IP silent connections: every
+        // stranger slot taken.
+        let mut held = Vec::new();
+        for i in 2..6 {
+            for _ in 0..HANDSHAKES_PER_IP {
+                held.push(stranger(&format!("127.0.0.{i}"), a2).await);
+            }
+        }
+        assert_eq!(held.len(), STRANGER_HANDSHAKES);
+        // One more stranger, and a fifth connection from a held address:
+        // closed at once, long before the handshake timeout.
+        let started = std::time::Instant::now();
+        for from in ["127.0.0.6", "127.0.0.2"] {
+            let mut s = stranger(from, a2).await;
+            let mut b = [0u8; 1];
+            let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b))
+                .await
+                .expect("refused at once, not after the handshake timeout");
+            assert!(matches!(n, Ok(0) | Err(_)), "{from}: {n:?}");
+        }
+        // The peer (node 1, dialing from 127.0.0.1, its configured
+        // address) gets its link up while the strangers hold their slots.
+        let (tx1, _rx1) = mpsc::channel(64);
+        let n1 = Net::start(config(1, 2, a2), l1, tx1, partitioned);
+        let up = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match rx2.recv().await {
+                    Some(NetEvent::InUp { peer, .. }) => break peer,
+                    Some(_) => {}
+                    None => panic!("events closed"),
+                }
+            }
+        })
+        .await
+        .expect("the peer's link came up while strangers held slots");
+        assert_eq!(up, 1);
+        assert!(
+            started.elapsed() < HANDSHAKE_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+        drop(held);
+        n1.stop().await;
+        n2.stop().await;
+    }
+
+    #[test]
+    fn handshake_slots_are_counted_and_given_back() {
+        let h = Arc::new(Handshakes::default());
+        let ip = |i: u8| std::net::IpAddr::from([127, 0, 0, i]);
+        let mut slots: Vec<HandshakeSlot> = (0..HANDSHAKES_PER_IP)
+            .map(|_| h.enter(ip(2), false).expect("slot"))
+            .collect();
+        assert!(h.enter(ip(2), false).is_none());
+        assert!(
+            h.enter(ip(2), true).is_none(),
+            "a peer too is capped per address"
+        );
+        slots.pop();
+        assert_eq!(h.per_ip(ip(2)), HANDSHAKES_PER_IP - 1);
+        assert!(h.enter(ip(2), false).is_some());
+        for i in 0..STRANGER_HANDSHAKES {
+            if let Some(s) = h.enter(ip(10 + (i / HANDSHAKES_PER_IP) as u8), false) {
+                slots.push(s);
+            }
+        }
+        assert!(h.enter(ip(100), false).is_none(), "strangers full");
+        let peer = h.enter(ip(100), true).expect("a peer's address gets in");
+        drop(slots);
+        drop(peer);
+        assert_eq!(h.lock().strangers, 0);
+        assert!(h.lock().per_ip.is_empty());
     }
 
     #[tokio::test]
