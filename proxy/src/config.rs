@@ -102,6 +102,13 @@ pub struct Config {
     /// Close a client idle inside a transaction this long; 0 = never.
     #[serde(default)]
     pub idle_in_transaction_timeout_ms: u64,
+    /// A shard connection that sends nothing for this long while the node
+    /// waits for its answer is taken for stalled: it is closed and the
+    /// client's session ends with 08006 naming the shard; 0 = never (a
+    /// stalled shard then holds its clients, as a stalled PostgreSQL
+    /// would). Set it above the longest statement a client may run.
+    #[serde(default)]
+    pub server_silence_timeout_ms: u64,
     /// Shard holding every table not declared below (default: the first).
     #[serde(default, alias = "default_shard")]
     pub home_shard: Option<String>,

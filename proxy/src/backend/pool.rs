@@ -436,6 +436,11 @@ pub struct Pooled {
 }
 
 impl Pooled {
+    /// The shard this connection goes to.
+    pub fn shard(&self) -> &str {
+        &self.pool.target.shard
+    }
+
     /// Returns the connection to the pool. Call only at ReadyForQuery(idle)
     /// with nothing owed; a connection not `reusable()` is closed instead.
     pub fn release(mut self) {

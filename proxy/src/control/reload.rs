@@ -124,6 +124,7 @@ pub fn apply(node: &Node, mut new: Config) -> Reloaded {
         server_idle_timeout_ms,
         client_idle_timeout_ms,
         idle_in_transaction_timeout_ms,
+        server_silence_timeout_ms,
         query_wait_timeout_ms,
         max_merge_rows,
         max_merge_bytes,

@@ -113,12 +113,22 @@ impl ShardStreams {
             // After an error, a cancel that reached a shard between two
             // messages (PostgreSQL ignores it while reading a command) is
             // sent again until the shard ends.
-            let got = match (&self.error, self.cancel_on_error) {
-                (Some(_), true) => tokio::time::timeout(RECANCEL_AFTER, any).await.ok(),
-                _ => Some(any.await),
+            let recancel = self.error.is_some() && self.cancel_on_error;
+            let limit = match (recancel, be.silence) {
+                (true, _) => Some(RECANCEL_AFTER),
+                (false, s) => s,
+            };
+            let got = match limit {
+                Some(d) => tokio::time::timeout(d, any).await.ok(),
+                None => Some(any.await),
             };
             drop(waits);
             let Some((j, r)) = got else {
+                if !recancel {
+                    // server_silence_timeout_ms: every shard still owing
+                    // was quiet that long; the one waited on is stalled.
+                    return Err(be.silent(self.shards[i]));
+                }
                 self.cancel_others(be, None).await;
                 continue;
             };

@@ -121,6 +121,9 @@ pub(crate) struct Backends {
     pub(crate) pin: Option<crate::routing::state::EpochPin>,
     /// Where the node's cancel requests find the attached backends.
     cancel: Arc<CancelSlot>,
+    /// `server_silence_timeout_ms` as of the session's latest step (None:
+    /// 0, never).
+    pub(crate) silence: Option<std::time::Duration>,
 }
 
 impl Backends {
@@ -137,6 +140,31 @@ impl Backends {
             to_backend: BytesMut::with_capacity(8192),
             owed: VecDeque::new(),
             pin: None,
+            silence: None,
+        }
+    }
+
+    /// Shard `shard`'s backend sent nothing for `server_silence_timeout_ms`
+    /// while owing answers: it is taken for stalled and closed (not
+    /// pooled: whatever it runs is rolled back by PostgreSQL when it
+    /// notices), and the session ends.
+    pub(crate) fn silent(&mut self, shard: usize) -> SessionError {
+        let name = self.slots[shard]
+            .conn
+            .as_ref()
+            .map_or_else(|| format!("#{shard}"), |b| b.shard().to_string());
+        let ms = self.silence.map_or(0, |d| d.as_millis());
+        tracing::warn!(shard = %name, silent_ms = ms, "shard sent nothing within server_silence_timeout_ms; its connection is closed");
+        if let Some(b) = self.slots[shard].conn.as_mut() {
+            b.broken = true;
+        }
+        self.slots[shard].conn = None;
+        self.clear_cancel();
+        SessionError::Fatal {
+            code: sqlstate::CONNECTION_FAILURE,
+            msg: format!(
+                "shard {name} sent nothing for {ms} ms (server_silence_timeout_ms): its connection was closed; the transaction, if any, was rolled back"
+            ),
         }
     }
 

@@ -134,6 +134,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.stats.settled();
                 }
             }
+            self.be.silence = match self.node.cfg().server_silence_timeout_ms {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            };
             let res = if self.be.slots[self.be.cur].conn.is_some() {
                 self.step_attached().await
             } else {
@@ -217,6 +221,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             86_400_000
         }));
         let cur = self.be.cur;
+        // Answers owed and a silence limit: a backend quiet that long is
+        // taken for stalled.
+        let silence = self.be.silence.filter(|_| !self.be.owed.is_empty());
+        let quiet = tokio::time::sleep(silence.unwrap_or(Duration::from_secs(86_400)));
         let Some(backend) = self.be.slots[cur].conn.as_mut() else {
             return Ok(None);
         };
@@ -236,6 +244,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 code: sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                 msg: "terminating connection due to idle-in-transaction timeout".into(),
             }),
+            _ = quiet, if silence.is_some() => Err(self.be.silent(cur)),
         }
     }
 

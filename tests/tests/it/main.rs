@@ -20,6 +20,7 @@ mod ddl;
 mod demo;
 mod deploy;
 mod drivers;
+mod faults;
 mod fence;
 mod hashing;
 mod loadtest;

@@ -408,6 +408,7 @@ fn config(node: &Node) -> Table {
         ("client_login_timeout_ms", ms(c.client_login_timeout_ms)),
         ("server_lifetime_ms", ms(c.server_lifetime_ms)),
         ("server_idle_timeout_ms", ms(c.server_idle_timeout_ms)),
+        ("server_silence_timeout_ms", ms(c.server_silence_timeout_ms)),
         ("query_wait_timeout_ms", ms(c.query_wait_timeout_ms)),
         ("max_merge_rows", c.max_merge_rows.to_string()),
         ("max_merge_bytes", c.max_merge_bytes.to_string()),

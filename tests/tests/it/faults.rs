@@ -1,0 +1,182 @@
+//! Failing shards (issue 17): a shard whose processes are stopped
+//! (SIGSTOP: a hung host, a stalled disk) does not hold the node or the
+//! other shards' clients, and with `server_silence_timeout_ms` its own
+//! clients get a clear error instead of waiting for ever; once it runs
+//! again, everything works without restarting the node.
+#![allow(clippy::unwrap_used)]
+
+use hotrepart_tests::*;
+use std::time::{Duration, Instant};
+
+/// The shard's PostgreSQL processes: the postmaster (first line of
+/// `postmaster.pid`) and its children.
+fn pg_processes(dir: &std::path::Path) -> Vec<String> {
+    let pid_file = std::fs::read_to_string(dir.join("data/postmaster.pid")).unwrap();
+    let postmaster: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    let mut pids = vec![postmaster.to_string()];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …: comm may hold spaces, so split after ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(postmaster) {
+            pids.push(pid.to_string());
+        }
+    }
+    pids
+}
+
+/// Stops a shard's processes; lets them run again when dropped (also
+/// when the test fails, so that the harness can stop the server).
+struct Stopped(Vec<String>);
+
+impl Stopped {
+    fn new(dir: &std::path::Path) -> Stopped {
+        let pids = pg_processes(dir);
+        signal("-STOP", &pids);
+        Stopped(pids)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal("-CONT", &self.0);
+    }
+}
+
+fn signal(sig: &str, pids: &[String]) {
+    let status = std::process::Command::new("kill")
+        .arg(sig)
+        .args(pids)
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig} {pids:?}");
+}
+
+async fn min_id(dsn: &str) -> i64 {
+    connect(dsn)
+        .await
+        .unwrap()
+        .query_one("SELECT min(id) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_shard_holds_only_its_own_clients_and_they_get_a_clear_error() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: "server_silence_timeout_ms = 1500\nconnect_timeout_ms = 1500".into(),
+        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, n int)")
+        .await
+        .unwrap();
+    let values: Vec<String> = (1..=100).map(|i| format!("({i}, {i})")).collect();
+    db.batch_execute(&format!(
+        "INSERT INTO items (id, n) VALUES {}",
+        values.join(",")
+    ))
+    .await
+    .unwrap();
+    let (on0, on1) = (
+        min_id(&c.shards[0].dsn()).await,
+        min_id(&c.shards[1].dsn()).await,
+    );
+    let read = "SELECT n FROM items WHERE id = $1";
+    // A client that has used s1 (its backend is attached while in a
+    // transaction), and one that will use s0.
+    let a = c.connect().await;
+    a.batch_execute("BEGIN").await.unwrap();
+    let n: i32 = a.query_one(read, &[&on1]).await.unwrap().get(0);
+    assert_eq!(i64::from(n), on1);
+    let b = c.connect().await;
+
+    let stopped = Stopped::new(&c.shards[1].dir);
+    // a's next statement on s1: no answer comes; after the silence limit
+    // a clear error, not a hang.
+    let t = Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(20), a.query_one(read, &[&on1]))
+        .await
+        .expect("the client must not wait for ever on a stalled shard")
+        .unwrap_err();
+    let waited = t.elapsed();
+    let db_err = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(db_err.code().code(), "08006", "{e:?}");
+    assert!(
+        db_err.message().contains("shard s1")
+            && db_err.message().contains("server_silence_timeout_ms"),
+        "{}",
+        db_err.message()
+    );
+    assert!(waited >= Duration::from_millis(1400), "{waited:?}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+
+    // s0 answers meanwhile, at once.
+    let t = Instant::now();
+    let n: i32 = b.query_one(read, &[&on0]).await.unwrap().get(0);
+    assert_eq!(i64::from(n), on0);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    // A statement over both shards: a clear error too.
+    let e = tokio::time::timeout(
+        Duration::from_secs(20),
+        b.query_one("SELECT count(*) FROM items", &[]),
+    )
+    .await
+    .expect("a multi-shard statement must not wait for ever on a stalled shard")
+    .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("08006"), "{e:?}");
+
+    // A new client needing a new connection to s1: refused in time.
+    let d = c.connect().await;
+    let e = tokio::time::timeout(Duration::from_secs(20), d.query_one(read, &[&on1]))
+        .await
+        .expect("a login to a stalled shard must not wait for ever")
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("08006"), "{e:?}");
+    let m = e.as_db_error().map(|d| d.message().to_string());
+    assert!(
+        m.as_deref().is_some_and(|m| m.contains("shard s1")),
+        "{e:?}"
+    );
+
+    // The node is up: s0 still works from a new client.
+    let f = c.connect().await;
+    let n: i32 = f.query_one(read, &[&on0]).await.unwrap().get(0);
+    assert_eq!(i64::from(n), on0);
+
+    // s1 runs again: its clients work again, without a node restart.
+    drop(stopped);
+    let g = c.connect().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match g.query_one(read, &[&on1]).await {
+            Ok(r) => {
+                assert_eq!(i64::from(r.get::<_, i32>(0)), on1);
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "s1 never answered again: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let n: i64 = g
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 100);
+}
