@@ -63,6 +63,8 @@ impl ShardStreams {
         be: &mut Backends,
         i: usize,
     ) -> Result<Option<Frame>, SessionError> {
+        // Since when stream i has been waited on (server_silence_timeout_ms).
+        let since = std::time::Instant::now();
         loop {
             if let Some(f) = self.ahead[i].0.pop_front() {
                 self.ahead[i].1 -= f.raw.len();
@@ -114,9 +116,11 @@ impl ShardStreams {
             // messages (PostgreSQL ignores it while reading a command) is
             // sent again until the shard ends.
             let recancel = self.error.is_some() && self.cancel_on_error;
-            let limit = match (recancel, be.silence) {
-                (true, _) => Some(RECANCEL_AFTER),
-                (false, s) => s,
+            let silence_left = be.silence.map(|d| d.saturating_sub(since.elapsed()));
+            let limit = match (recancel, silence_left) {
+                (true, Some(left)) => Some(RECANCEL_AFTER.min(left)),
+                (true, None) => Some(RECANCEL_AFTER),
+                (false, left) => left,
             };
             let got = match limit {
                 Some(d) => tokio::time::timeout(d, any).await.ok(),
@@ -124,9 +128,9 @@ impl ShardStreams {
             };
             drop(waits);
             let Some((j, r)) = got else {
-                if !recancel {
-                    // server_silence_timeout_ms: every shard still owing
-                    // was quiet that long; the one waited on is stalled.
+                if be.silence.is_some_and(|d| since.elapsed() >= d) {
+                    // server_silence_timeout_ms: nothing came from stream
+                    // i that long (re-cancelled or not): it is stalled.
                     return Err(be.silent(self.shards[i]));
                 }
                 self.cancel_others(be, None).await;

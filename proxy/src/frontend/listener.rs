@@ -347,11 +347,29 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner())
             .get(&(pid, secret))
             .cloned();
-        for t in slot.map(|s| s.take_targets()).unwrap_or_default() {
-            if let Err(e) = conn::send_cancel(t.addr, t.pid, t.secret).await {
-                tracing::warn!(error = %e, "cannot forward cancel request");
-            }
-        }
+        // To every backend at once, each bounded: a stalled shard (its
+        // server accepts the connection and never closes it) neither holds
+        // this task for ever nor keeps the others from being cancelled.
+        let within = self.cfg().connect_timeout() + std::time::Duration::from_secs(2);
+        let sends = slot
+            .map(|s| s.take_targets())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| async move {
+                match tokio::time::timeout(within, conn::send_cancel(t.addr, t.pid, t.secret)).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, addr = %t.addr, "cannot forward cancel request")
+                    }
+                    Err(_) => tracing::warn!(
+                        addr = %t.addr,
+                        within_ms = within.as_millis() as u64,
+                        "cancel request not acknowledged by the shard in time (stalled?)"
+                    ),
+                }
+            });
+        futures_util::future::join_all(sends).await;
     }
 
     /// Authenticates a client that sent its startup packet (within the

@@ -51,13 +51,16 @@ impl Drop for Stopped {
     }
 }
 
+/// Sends `sig` to each of `pids`; one that has exited meanwhile (a
+/// backend ending as it was listed) is skipped.
 fn signal(sig: &str, pids: &[String]) {
-    let status = std::process::Command::new("kill")
-        .arg(sig)
-        .args(pids)
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill {sig} {pids:?}");
+    for pid in pids {
+        let _ = std::process::Command::new("kill")
+            .arg(sig)
+            .arg(pid)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }
 
 async fn min_id(dsn: &str) -> i64 {
@@ -179,4 +182,84 @@ async fn a_stalled_shard_holds_only_its_own_clients_and_they_get_a_clear_error()
         .unwrap()
         .get(0);
     assert_eq!(n, 100);
+}
+
+/// Counts statements running `pg_sleep(30)` on a shard, read directly.
+async fn sleeping(dsn: &str) -> i64 {
+    connect(dsn)
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A client's cancel reaches every shard its statement runs on, also when
+/// one of them is stalled (its server accepts the cancel's connection and
+/// never answers): the node sends to all at once, each bounded in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_the_other_shards_when_one_is_stalled() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: "server_silence_timeout_ms = 3000\nconnect_timeout_ms = 1500".into(),
+        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, n int)")
+        .await
+        .unwrap();
+    let values: Vec<String> = (1..=20).map(|i| format!("({i}, {i})")).collect();
+    db.batch_execute(&format!(
+        "INSERT INTO items (id, n) VALUES {}",
+        values.join(",")
+    ))
+    .await
+    .unwrap();
+    let a = c.connect().await;
+    let cancel = a.cancel_token();
+    let running = tokio::spawn(async move {
+        a.query_one(
+            "SELECT count(*) FROM items WHERE pg_sleep(30) IS NOT NULL",
+            &[],
+        )
+        .await
+    });
+    let (d0, d1) = (c.shards[0].dsn(), c.shards[1].dsn());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sleeping(&d0).await == 0 || sleeping(&d1).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the statement never ran on both shards"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // s0 stalls (the first shard a cancel goes to); the client cancels.
+    let stopped = Stopped::new(&c.shards[0].dir);
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let t = Instant::now();
+    while sleeping(&d1).await > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "s1's part was not cancelled while s0 is stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The client gets an answer in bounded time (s0 never answers: the
+    // silence limit ends the session).
+    let e = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("the cancelled client must not wait for ever")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(e.code().map(|c| c.code()), Some("57014" | "08006")),
+        "{e:?}"
+    );
+    drop(stopped);
 }
