@@ -845,10 +845,11 @@ impl Drop for Mounted {
 /// (ENOSPC) stops taking part — its lease lapses, so it stops serving a
 /// catalog it can no longer keep up to date, and its proposals fail — while
 /// the other two go on deciding; once space is freed, the node restarted
-/// on the same directory catches up. How it stops today: omnipaxos
-/// panics on the failed write (`Error writing to storage … No space left on
-/// device`) and the node's catalog driver task ends; nothing restarts it
-/// until the node is restarted. Needs a small tmpfs of its own for that
+/// on the same directory catches up. How it stops: omnipaxos panics on
+/// the failed write (`Error writing to storage … No space left on
+/// device`); the node's catalog driver ends, withdraws the lease at once
+/// and says why in its status (`stopped`, also in `/v1/status`); nothing
+/// restarts it until the node is restarted. Needs a small tmpfs of its own for that
 /// node's directory (root); skipped with a message where mounting is not
 /// allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -909,6 +910,13 @@ async fn a_node_whose_disk_fills_stops_safely_and_catches_up_after_a_restart() {
     // and it does not take proposals.
     wait_for("node 3's lease lapses", LEASE * 10, || {
         !nodes[2].lease_valid()
+    })
+    .await;
+    wait_for("node 3 says why it stopped", LEASE * 10, || {
+        nodes[2]
+            .status()
+            .stopped
+            .is_some_and(|why| why.contains("No space left on device"))
     })
     .await;
     let outcome = nodes[2]

@@ -62,6 +62,7 @@ impl Shared {
                 members: Vec::new(),
                 admin: BTreeMap::new(),
                 member: false,
+                stopped: None,
             }),
         }
     }

@@ -39,6 +39,10 @@ pub struct ClusterStatus {
     pub admin: BTreeMap<u64, String>,
     /// Whether this node is a member of it (false: removed, or joining).
     pub member: bool,
+    /// Why this node's catalog driver stopped, if it did (e.g. a write to
+    /// its store failed: a full disk). It then takes no part in the
+    /// catalog and holds no lease until the node is restarted.
+    pub stopped: Option<String>,
 }
 
 /// A node's lease.

@@ -172,7 +172,32 @@ pub(super) async fn spawn(
         partitioned: false,
     };
     driver.update_status();
-    let task = tokio::spawn(driver.run(settings.tick, requests_rx, events, partitioned_rx));
+    let run = tokio::spawn(driver.run(settings.tick, requests_rx, events, partitioned_rx));
+    // A panic of the driver (omnipaxos panics when its store cannot be
+    // written: a full disk) ends this node's part in the catalog: said
+    // loudly, in the status, and the lease withdrawn at once (not left to
+    // lapse).
+    let watched = shared.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = run.await {
+            if e.is_panic() {
+                let p = e.into_panic();
+                let why = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "a panic".to_owned());
+                watched.lease_until.store(0, Ordering::Release);
+                if let Ok(mut s) = watched.status.lock() {
+                    s.stopped = Some(why.clone());
+                }
+                tracing::error!(
+                    error = %why,
+                    "the catalog driver stopped: this node no longer takes part in the replicated catalog nor holds a lease (it refuses writes); fix the cause (e.g. free space under data_dir) and restart the node"
+                );
+            }
+        }
+    });
     Ok((
         shared,
         Running {
@@ -630,6 +655,7 @@ impl Driver {
             member: self.replica.is_some() && members.contains(&me),
             members,
             admin,
+            stopped: None,
         };
         if let Ok(mut s) = self.shared.status.lock() {
             *s = status;
