@@ -165,6 +165,12 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    // --- Client TLS policy (issue 17 hardening) ---
+    /// Refuse clients that log in without TLS (FATAL 28000, as a
+    /// PostgreSQL `hostssl`-only pg_hba). Needs `[tls]`. Reloadable.
+    #[serde(default)]
+    pub tls_required: bool,
+    // --- end client TLS policy ---
     /// Replication of the routing catalog among nodes (absent: this node
     /// is alone and its catalog lives in memory, or in `data_dir`).
     #[serde(default)]
@@ -645,6 +651,11 @@ impl Config {
             }
             c.secret()?;
         }
+        if self.tls_required && self.tls.is_none() {
+            return Err(ConfigError::Invalid(
+                "tls_required = true needs a [tls] section with cert and key: without a certificate no client could connect".into(),
+            ));
+        }
         if let Some(a) = &self.admin {
             a.listen
                 .parse::<std::net::SocketAddr>()
@@ -779,7 +790,18 @@ mod tests {
         .expect("valid config");
         assert_eq!(c.pool_size, 20);
         assert_eq!(c.pool_mode, PoolMode::Transaction);
+        assert!(!c.tls_required);
         assert!(Config::from_toml("shards = []").is_err());
+        // tls_required without a certificate: no client could log in.
+        let e = Config::from_toml(
+            "tls_required = true\n[[shards]]\nname = \"s0\"\ndsn = \"host=127.0.0.1\"\n",
+        )
+        .expect_err("tls_required without [tls]")
+        .to_string();
+        assert!(
+            e.contains("tls_required = true needs a [tls] section"),
+            "{e}"
+        );
         let e = Config::from_toml(
             r#"
             [[shards]]

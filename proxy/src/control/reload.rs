@@ -3,7 +3,7 @@
 //! change under running clients is applied at once, without dropping any:
 //! users and their passwords, `admin_users`, pool sizes and modes, the
 //! timeouts and limits read per client or per checkout, `max_merge_rows`,
-//! `twopc_decision_timeout_ms`, `log_level`, and TLS: the certificate and
+//! `twopc_decision_timeout_ms`, `log_level`, `tls_required`, and TLS: the certificate and
 //! key are read again (a rotated certificate serves new clients; clients
 //! already connected keep their session).
 //!
@@ -129,6 +129,8 @@ pub fn apply(node: &Node, mut new: Config) -> Reloaded {
         admin_users,
         log_level,
     );
+    // Client TLS policy (checked per login).
+    report_changes!(old, new, r.changed, tls_required);
     // Users: names only. A user whose shard login changed (or who is
     // gone) gets new pools; clients already connected keep theirs.
     let mut relogin = Vec::new();
@@ -168,8 +170,8 @@ pub fn apply(node: &Node, mut new: Config) -> Reloaded {
     // running acceptor and section.
     match &new.tls {
         Some(t) => match crate::node::load_tls(&t.cert, &t.key) {
-            Ok(acc) => {
-                node.tls.store(Some(std::sync::Arc::new(acc)));
+            Ok(tls) => {
+                node.tls.store(Some(std::sync::Arc::new(tls)));
                 if format!("{:?}", old.tls) != format!("{:?}", new.tls) {
                     r.changed
                         .push(format!("tls: {} (new clients)", t.cert.display()));
