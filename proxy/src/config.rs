@@ -250,6 +250,28 @@ pub struct AdminConfig {
     pub token: Option<String>,
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    // --- Admin API TLS (issue 17 hardening) ---
+    /// HTTPS on the admin port: PEM certificate chain and key (both or
+    /// neither; the port then serves HTTPS only). Read at start.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM roots this node trusts for other nodes' `https://` admin
+    /// addresses (the cut-over's fence calls). Absent: such calls fail.
+    #[serde(default)]
+    pub cacert: Option<PathBuf>,
+    // --- end admin API TLS ---
+}
+
+impl AdminConfig {
+    /// `(tls_cert, tls_key)` when the admin port serves HTTPS.
+    pub fn tls_files(&self) -> Option<(&std::path::Path, &std::path::Path)> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            _ => None,
+        }
+    }
 }
 
 fn read_secret(
@@ -661,6 +683,12 @@ impl Config {
                 .parse::<std::net::SocketAddr>()
                 .map_err(|e| ConfigError::Invalid(format!("[admin] listen {:?}: {e}", a.listen)))?;
             a.token()?;
+            if a.tls_cert.is_some() != a.tls_key.is_some() {
+                return Err(ConfigError::Invalid(
+                    "[admin] tls_cert and tls_key go together: set both for HTTPS, or neither"
+                        .into(),
+                ));
+            }
         }
         self.snapshot()?;
         Ok(())

@@ -1,7 +1,8 @@
 //! TLS as a client: the certificate checks libpq's `sslmode` values mean
 //! ([`client_config`]), and a rustls connector for tokio-postgres
 //! ([`MakeRustlsConnect`]) that reports `tls-server-end-point` channel
-//! binding data (so SCRAM-SHA-256-PLUS works through it).
+//! binding data (so SCRAM-SHA-256-PLUS works through it); the admin API's
+//! HTTP(S) agent ([`http_agent`]).
 //!
 //! Guarantees: `verify-full` checks the chain against the given roots and
 //! the host name; `verify-ca` the chain only; `require` encrypts without
@@ -47,19 +48,12 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Root certificates from a PEM file.
 pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsClientError> {
-    use rustls::pki_types::pem::PemObject;
-    let bad = |message: String| TlsClientError::Roots {
-        path: path.display().to_string(),
-        message,
-    };
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
-        roots
-            .add(c.map_err(|e| bad(e.to_string()))?)
-            .map_err(|e| bad(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(bad("no certificate in the file".into()));
+    for c in load_roots_der(path)? {
+        roots.add(c).map_err(|e| TlsClientError::Roots {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
     }
     Ok(roots)
 }
@@ -186,6 +180,51 @@ impl ServerCertVerifier for ChainOnly {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
     }
+}
+
+/// An HTTP(S) agent for the admin API (proxyctl, a node's calls to its
+/// peers): answers of any status are returned, not errors; `https://`
+/// servers are checked (chain and name) against the PEM roots in
+/// `cacert` only — without it, no https server is trusted.
+pub fn http_agent(
+    timeout: std::time::Duration,
+    cacert: Option<&Path>,
+) -> Result<ureq::Agent, TlsClientError> {
+    let roots: Vec<ureq::tls::Certificate<'static>> = match cacert {
+        None => Vec::new(),
+        Some(f) => load_roots_der(f)?
+            .into_iter()
+            .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+            .collect(),
+    };
+    let tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+        .unversioned_rustls_crypto_provider(provider())
+        .build();
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .tls_config(tls)
+        .build();
+    Ok(ureq::Agent::new_with_config(config))
+}
+
+/// The certificates of a PEM file (at least one).
+fn load_roots_der(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsClientError> {
+    use rustls::pki_types::pem::PemObject;
+    let bad = |message: String| TlsClientError::Roots {
+        path: path.display().to_string(),
+        message,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("no certificate in the file".into()));
+    }
+    Ok(certs)
 }
 
 /// A tokio-postgres TLS connector over rustls.

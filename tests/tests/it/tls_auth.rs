@@ -392,3 +392,106 @@ async fn channel_binding_negotiation_is_checked_on_the_wire() {
     assert_eq!(code, "08P01", "{msg}");
     assert!(msg.contains("includes channel binding data"), "{msg}");
 }
+
+/// `[admin] tls_cert`/`tls_key`: the admin port speaks HTTPS only;
+/// proxyctl verifies it against `--cacert` / HOTREPART_CACERT; the token
+/// is checked before any body is read, over HTTPS as over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_over_https_with_proxyctl() {
+    const TOKEN: &str = "https-admin-token-0123456789";
+    let certs = TestDir::new("admin-https");
+    let (ca, cert, key) = make_ca_and_cert(&certs.0);
+    let other = TestDir::new("admin-https-other-ca");
+    let (other_ca, _, _) = make_ca_and_cert(&other.0);
+    let c = Cluster::start(Opts::default()).await;
+    let addr = hotrepart_proxy::control::admin::serve_tls(
+        c.node.clone(),
+        "127.0.0.1:0",
+        TOKEN.into(),
+        false,
+        Some((Path::new(&cert), Path::new(&key))),
+    )
+    .await
+    .unwrap();
+    let https = format!("https://localhost:{}", addr.port());
+    let ctl = hotrepart_tests::procs::bin("proxyctl")
+        .display()
+        .to_string();
+    let run = |admin: String, cacert: Option<String>| {
+        let ctl = ctl.clone();
+        async move {
+            let mut env = vec![
+                ("HOTREPART_ADMIN", admin),
+                ("HOTREPART_TOKEN", TOKEN.into()),
+            ];
+            if let Some(f) = cacert {
+                env.push(("HOTREPART_CACERT", f));
+            }
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            run_cmd(&ctl, &["--json", "status"], &env).await
+        }
+    };
+    // The right CA: served.
+    let (ok, out, err) = run(https.clone(), Some(ca.clone())).await;
+    assert!(ok, "proxyctl over https: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["shards"], 1, "{out}");
+    // No CA: proxyctl says what is missing, before any request.
+    let (ok, _, err) = run(https.clone(), None).await;
+    assert!(!ok);
+    assert!(err.contains("--cacert or HOTREPART_CACERT"), "{err}");
+    // Another CA: the certificate is not trusted.
+    let (ok, _, err) = run(https.clone(), Some(other_ca)).await;
+    assert!(!ok);
+    assert!(
+        err.contains("cannot reach the admin API") && err.to_lowercase().contains("cert"),
+        "{err}"
+    );
+    // Plain HTTP to the HTTPS port: no answer.
+    let (ok, _, err) = run(format!("http://127.0.0.1:{}", addr.port()), None).await;
+    assert!(!ok, "plain HTTP was answered on the HTTPS admin port");
+    assert!(err.contains("cannot reach the admin API"), "{err}");
+
+    // The token before the body, over HTTPS: a wrong token with a
+    // malformed or huge body is 401, not 400/413.
+    let agent =
+        hotrepart_proxy::tls::http_agent(std::time::Duration::from_secs(20), Some(Path::new(&ca)))
+            .unwrap();
+    let url = format!("{https}/v1/shards");
+    let huge = vec![b'x'; 8 << 20];
+    for body in [&b"{not json"[..], &huge[..]] {
+        let agent = agent.clone();
+        let url = url.clone();
+        let is_huge = body.len() > 1000;
+        let body = body.to_vec();
+        let status = tokio::task::spawn_blocking(move || {
+            agent
+                .post(&url)
+                .header("Authorization", "Bearer wrong-token")
+                .header("Content-Type", "application/json")
+                .send(&body[..])
+                .map(|r| r.status().as_u16())
+        })
+        .await
+        .unwrap();
+        match status {
+            Ok(s) => assert_eq!(s, 401),
+            // The node may answer 401 and close before the whole huge
+            // body is sent: a write error then, never a 400 or 413.
+            Err(e) => assert!(is_huge, "{e}"),
+        }
+    }
+    let agent2 = agent.clone();
+    let url2 = format!("{https}/v1/status");
+    let status = tokio::task::spawn_blocking(move || {
+        agent2
+            .get(&url2)
+            .header("Authorization", &format!("Bearer {TOKEN}"))
+            .call()
+            .map(|r| r.status().as_u16())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(status, 200);
+}
