@@ -171,6 +171,13 @@ pub struct Config {
     #[serde(default)]
     pub tls_required: bool,
     // --- end client TLS policy ---
+    // --- Shard TLS policy (issue 17 hardening) ---
+    /// Let a shard that asks for a cleartext password get it over a
+    /// connection without TLS (default: refused, 28000). Read per new
+    /// backend connection.
+    #[serde(default)]
+    pub allow_cleartext_shard_password: bool,
+    // --- end shard TLS policy ---
     /// Replication of the routing catalog among nodes (absent: this node
     /// is alone and its catalog lives in memory, or in `data_dir`).
     #[serde(default)]
@@ -593,8 +600,9 @@ impl Config {
                     s.name
                 )));
             }
-            s.dsn
-                .parse::<tokio_postgres::Config>()
+            let (dsn, _) = crate::tls::split_shard_dsn(&s.dsn)
+                .map_err(|e| ConfigError::Invalid(format!("shard {:?}: bad dsn: {e}", s.name)))?;
+            dsn.parse::<tokio_postgres::Config>()
                 .map_err(|e| ConfigError::Invalid(format!("shard {:?}: bad dsn: {e}", s.name)))?;
         }
         if let Some(d) = &self.home_shard {

@@ -570,6 +570,14 @@ impl Node {
                 format!("#{shard}"),
             ),
         };
+        let tls = info
+            .as_deref()
+            .map(|i| crate::backend::conn::BackendTls {
+                tls: i.tls.clone(),
+                host: i.host.clone(),
+                allow_cleartext_password: cfg.allow_cleartext_shard_password,
+            })
+            .unwrap_or_default();
         let user = ucfg
             .and_then(|u| u.server_user.clone())
             .or(dsn_user)
@@ -584,6 +592,7 @@ impl Node {
                     user,
                     password,
                     database: database.to_string(),
+                    tls,
                 },
                 Node::pool_settings(&cfg),
                 Some(self.stats.db(database)),

@@ -318,3 +318,239 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for Rustl
             .unwrap_or_else(tokio_postgres::tls::ChannelBinding::none)
     }
 }
+
+/// TLS to a shard, from its DSN's `sslmode` and `sslrootcert` (libpq's
+/// meanings; `disable`, `allow`, `prefer` and no `sslmode` mean plain
+/// text: the node does not try TLS unless the DSN asks for it).
+#[derive(Clone, Default)]
+pub struct ShardTls {
+    /// `None`: plain text.
+    config: Option<Arc<rustls::ClientConfig>>,
+    /// The `sslmode` as written (for messages).
+    pub mode: String,
+    /// `sslrootcert`, as written.
+    pub root: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for ShardTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ShardTls({})", self.mode)
+    }
+}
+
+impl ShardTls {
+    /// Whether the connection must use TLS.
+    pub fn required(&self) -> bool {
+        self.config.is_some()
+    }
+
+    /// The rustls client configuration, when TLS is required.
+    pub fn client_config(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.config.clone()
+    }
+
+    /// A tokio-postgres connector for this shard (`None`: plain text).
+    pub fn connector(&self) -> Option<MakeRustlsConnect> {
+        self.config.clone().map(MakeRustlsConnect)
+    }
+}
+
+/// Splits a shard DSN (key=value or URL) into what tokio-postgres
+/// understands and the node's [`ShardTls`]: `sslmode=verify-ca` and
+/// `verify-full` become `require` and `sslrootcert` is taken out
+/// (tokio-postgres knows neither); TLS is then the node's to set up.
+pub fn split_shard_dsn(dsn: &str) -> Result<(String, ShardTls), String> {
+    let (rest, mode, root) = if let Some(q) = dsn
+        .strip_prefix("postgres://")
+        .or_else(|| dsn.strip_prefix("postgresql://"))
+        .map(|_| dsn.split_once('?'))
+    {
+        match q {
+            None => (dsn.to_string(), None, None),
+            Some((base, query)) => {
+                let (mut mode, mut root, mut kept) = (None, None, Vec::new());
+                for kv in query.split('&').filter(|s| !s.is_empty()) {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    match k {
+                        "sslmode" => mode = Some(percent_decode(v)?),
+                        "sslrootcert" => root = Some(percent_decode(v)?),
+                        _ => kept.push(kv.to_string()),
+                    }
+                }
+                if mode
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("verify-") || m == "require")
+                {
+                    kept.push("sslmode=require".into());
+                } else if let Some(m) = &mode {
+                    kept.push(format!("sslmode={m}"));
+                }
+                let rest = if kept.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                };
+                (rest, mode, root)
+            }
+        }
+    } else {
+        let (mut mode, mut root, mut kept) = (None, None, Vec::new());
+        for (k, v) in key_values(dsn)? {
+            match k.as_str() {
+                "sslmode" => mode = Some(v),
+                "sslrootcert" => root = Some(v),
+                _ => kept.push(format!("{k}={}", quote(&v))),
+            }
+        }
+        if let Some(m) = &mode {
+            let m = if m.starts_with("verify-") {
+                "require"
+            } else {
+                m
+            };
+            kept.push(format!("sslmode={}", quote(m)));
+        }
+        (kept.join(" "), mode, root)
+    };
+    let mode_s = mode.clone().unwrap_or_else(|| "prefer".into());
+    let root = root.map(std::path::PathBuf::from);
+    let verify = match mode_s.as_str() {
+        "disable" | "allow" | "prefer" => {
+            return Ok((
+                rest,
+                ShardTls {
+                    config: None,
+                    mode: mode_s,
+                    root,
+                },
+            ))
+        }
+        // libpq: require with a root file checks the chain, as verify-ca.
+        "require" if root.is_some() => Verify::Ca,
+        "require" => Verify::None,
+        "verify-ca" => Verify::Ca,
+        "verify-full" => Verify::Full,
+        other => return Err(format!("invalid sslmode {other:?}")),
+    };
+    let cfg = client_config(verify, root.as_deref()).map_err(|e| e.to_string())?;
+    Ok((
+        rest,
+        ShardTls {
+            config: Some(Arc::new(cfg)),
+            mode: mode_s,
+            root,
+        },
+    ))
+}
+
+/// libpq key=value pairs: `key = value`, values optionally single-quoted
+/// with `\'` and `\\` escapes.
+fn key_values(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    let mut it = s.chars().peekable();
+    loop {
+        while it.peek().is_some_and(|c| c.is_whitespace()) {
+            it.next();
+        }
+        if it.peek().is_none() {
+            return Ok(out);
+        }
+        let mut key = String::new();
+        while let Some(&c) = it.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            it.next();
+        }
+        while it.peek().is_some_and(|c| c.is_whitespace()) {
+            it.next();
+        }
+        if it.next() != Some('=') {
+            return Err(format!("missing \"=\" after {key:?} in connection string"));
+        }
+        while it.peek().is_some_and(|c| c.is_whitespace()) {
+            it.next();
+        }
+        let mut val = String::new();
+        if it.peek() == Some(&'\'') {
+            it.next();
+            loop {
+                match it.next() {
+                    None => return Err("unterminated quoted string in connection string".into()),
+                    Some('\'') => break,
+                    Some('\\') => val.extend(it.next()),
+                    Some(c) => val.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = it.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                if c == '\\' {
+                    it.next();
+                    val.extend(it.next());
+                    continue;
+                }
+                val.push(c);
+                it.next();
+            }
+        }
+        out.push((key, val));
+    }
+}
+
+fn quote(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-encoding in {s:?}"))?;
+            out.push(h);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("bad percent-encoding in {s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_dsns_are_split_for_tokio_postgres() {
+        let (d, t) = split_shard_dsn("host=h port=5 user=u password='a b\\'c'").expect("kv");
+        assert_eq!(d, "host='h' port='5' user='u' password='a b\\'c'");
+        assert!(!t.required());
+        let c: tokio_postgres::Config = d.parse().expect("tokio-postgres parses it");
+        assert_eq!(c.get_password(), Some(&b"a b'c"[..]));
+        let (d, t) = split_shard_dsn("host=h sslmode=require").expect("kv");
+        assert!(t.required());
+        assert!(d.contains("sslmode='require'"), "{d}");
+        let e = split_shard_dsn("host=h sslmode=verify-full").expect_err("no root");
+        assert!(e.contains("sslrootcert"), "{e}");
+        let e = split_shard_dsn("host=h sslmode=verify-full sslrootcert=/nonexistent")
+            .expect_err("missing file");
+        assert!(e.contains("/nonexistent"), "{e}");
+        let (d, t) = split_shard_dsn("postgres://u:p@h:5/db?sslmode=require&connect_timeout=3")
+            .expect("url");
+        assert!(t.required());
+        assert_eq!(d, "postgres://u:p@h:5/db?connect_timeout=3&sslmode=require");
+        let (d, t) = split_shard_dsn("postgres://u:p@h:5/db").expect("url");
+        assert_eq!(d, "postgres://u:p@h:5/db");
+        assert!(!t.required());
+        assert!(split_shard_dsn("host=h sslmode=sometimes").is_err());
+    }
+}

@@ -9,3 +9,4 @@ pub mod notify;
 pub mod pause;
 pub mod pool;
 pub mod state;
+pub mod stream;

@@ -562,7 +562,14 @@ async fn shards(State(api): State<Api>) -> ApiResult {
 
 /// A DSN with its password replaced by `***`.
 fn redact_dsn(dsn: &str) -> String {
-    match dsn.parse::<tokio_postgres::Config>() {
+    let tls = crate::tls::split_shard_dsn(dsn);
+    let parsed = match &tls {
+        Ok((d, _)) => d
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.clone()),
+    };
+    match parsed {
         Ok(c) => {
             let host = match c.get_hosts().first() {
                 Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
@@ -578,6 +585,11 @@ fn redact_dsn(dsn: &str) -> String {
             }
             if c.get_password().is_some() {
                 out.push_str(" password=***");
+            }
+            if let Ok((_, t)) = &tls {
+                if t.mode != "prefer" {
+                    out.push_str(&format!(" sslmode={}", t.mode));
+                }
             }
             out
         }

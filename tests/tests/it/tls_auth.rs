@@ -495,3 +495,150 @@ async fn admin_api_over_https_with_proxyctl() {
     .unwrap();
     assert_eq!(status, 200);
 }
+
+/// A node config with one shard at `dsn` and the test user.
+fn one_shard_config(dsn: &str, extra: &str) -> hotrepart_proxy::Config {
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\npool_size = 2\n{extra}\n[[shards]]\nname = \"s0\"\ndsn = {dsn:?}\n[[users]]\nname = \"{USER}\"\nauth = \"scram-sha-256\"\npassword_hash = \"{}\"\nserver_user = \"postgres\"\n",
+        hotrepart_proxy::frontend::auth::scram_verifier(PASSWORD),
+    );
+    hotrepart_proxy::Config::from_toml(&text).unwrap()
+}
+
+/// Whether the node's backend connection to the shard uses TLS (as the
+/// shard sees it), through a client of the node; `Err`: the login failed.
+async fn shard_ssl_through_node(dsn: &str, extra: &str) -> Result<bool, tokio_postgres::Error> {
+    let c = Cluster::with_config(
+        one_shard_config(dsn, extra),
+        vec![],
+        TestDir::new("shard-tls-node"),
+    )
+    .await;
+    let db = connect(&c.dsn()).await?;
+    let row = db
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// A direct backend login as the node makes it: the error's words.
+async fn backend_error(dsn: &str, allow_cleartext: bool) -> Option<String> {
+    let (plain, tls) = hotrepart_proxy::tls::split_shard_dsn(dsn).unwrap();
+    let pc: tokio_postgres::Config = plain.parse().unwrap();
+    let t = hotrepart_proxy::backend::conn::BackendTarget {
+        shard: "s0".into(),
+        addr: Ok(format!("127.0.0.1:{}", pc.get_ports()[0]).parse().unwrap()),
+        user: pc.get_user().unwrap().into(),
+        password: pc
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned()),
+        database: "postgres".into(),
+        tls: hotrepart_proxy::backend::conn::BackendTls {
+            tls,
+            host: "127.0.0.1".into(),
+            allow_cleartext_password: allow_cleartext,
+        },
+    };
+    hotrepart_proxy::backend::conn::BackendConn::connect(&t, std::time::Duration::from_secs(10))
+        .await
+        .err()
+        .map(|e| e.to_string())
+}
+
+/// The node's own connections to a shard follow the DSN's `sslmode` and
+/// `sslrootcert`; a cleartext password is sent only over TLS unless
+/// `allow_cleartext_shard_password`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_connections_use_tls_as_the_dsn_says() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new("shard-tls");
+    let (ca, cert, key) = make_ca_and_cert(&dir.0);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let other = TestDir::new("shard-tls-other-ca");
+    let (other_ca, _, _) = make_ca_and_cert(&other.0);
+    let d = dir.0.join("s0");
+    let d2 = d.clone();
+    let mut pg = tokio::task::spawn_blocking(move || start_pg(&d2))
+        .await
+        .unwrap();
+    // The shard asks for a cleartext password (pg_hba `password`), and
+    // speaks TLS.
+    // The server may run as another user (tests as root): its key must
+    // be its own (PostgreSQL refuses a key others can read).
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(d.join("data")).unwrap();
+        for f in [&cert, &key] {
+            std::os::unix::fs::chown(f, Some(m.uid()), Some(m.gid())).unwrap();
+        }
+    }
+    let hba = d.join("data").join("pg_hba.conf");
+    let text = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(&hba, text.replace("scram-sha-256", "password")).unwrap();
+    pg.restart_with(&format!(
+        "-c ssl=on -c ssl_cert_file={cert} -c ssl_key_file={key}"
+    ))
+    .unwrap();
+    let base = format!(
+        "host=127.0.0.1 port={} user={} password={} dbname=postgres",
+        pg.port, pg.superuser, pg.password
+    );
+
+    // verify-full against the CA that signed the shard's certificate.
+    let full = format!("{base} sslmode=verify-full sslrootcert={ca}");
+    assert!(shard_ssl_through_node(&full, "").await.unwrap());
+    // require (no check) and verify-ca.
+    for mode in [
+        "sslmode=require".to_string(),
+        format!("sslmode=verify-ca sslrootcert={ca}"),
+    ] {
+        assert!(
+            shard_ssl_through_node(&format!("{base} {mode}"), "")
+                .await
+                .unwrap(),
+            "{mode}"
+        );
+    }
+    // Another CA: the node does not log in, the client gets 08006.
+    let wrong = format!("{base} sslmode=verify-full sslrootcert={other_ca}");
+    let e = shard_ssl_through_node(&wrong, "").await.unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::CONNECTION_FAILURE), "{e}");
+    let m = backend_error(&wrong, false)
+        .await
+        .expect("untrusted certificate refused");
+    assert!(
+        m.contains("TLS with shard s0 failed (sslmode=verify-full)"),
+        "{m}"
+    );
+
+    // Plain text: the cleartext password is not sent ...
+    let e = shard_ssl_through_node(&base, "").await.unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::CONNECTION_FAILURE), "{e}");
+    let m = backend_error(&base, false)
+        .await
+        .expect("cleartext refused");
+    assert!(
+        m.contains("asks for a cleartext password over a connection without TLS")
+            && m.contains("allow_cleartext_shard_password"),
+        "{m}"
+    );
+    // ... unless allowed.
+    assert!(
+        !shard_ssl_through_node(&base, "allow_cleartext_shard_password = true")
+            .await
+            .unwrap()
+    );
+
+    // A shard without TLS and sslmode=require: no fallback to plain text.
+    pg.restart_with("-c ssl=off").unwrap();
+    let m = backend_error(&format!("{base} sslmode=require"), true)
+        .await
+        .expect("no TLS, no connection");
+    assert!(
+        m.contains("does not accept TLS connections") && m.contains("sslmode=require"),
+        "{m}"
+    );
+}
