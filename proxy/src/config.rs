@@ -173,8 +173,8 @@ pub struct Config {
     // --- end client TLS policy ---
     // --- Shard TLS policy (issue 17 hardening) ---
     /// Let a shard that asks for a cleartext password get it over a
-    /// connection without TLS (default: refused, 28000). Read per new
-    /// backend connection.
+    /// connection without TLS (default: refused; the client sees 08006
+    /// and the log says why). Needs a restart.
     #[serde(default)]
     pub allow_cleartext_shard_password: bool,
     // --- end shard TLS policy ---

@@ -3,10 +3,13 @@
 //! A [`BackendConn`] is a raw protocol connection (frames, not rows). The node
 //! authenticates to the shard itself (SCRAM-SHA-256, md5, cleartext or trust),
 //! independently of how the client authenticated to the node, so TLS between
-//! client and node never breaks SCRAM channel binding.
+//! client and node never breaks SCRAM channel binding. Over TLS when the
+//! shard's DSN asks for it ([`crate::backend::stream`]).
 //!
-//! Guarantee: a connection returned by [`BackendConn::connect`] has completed
-//! startup and sat at ReadyForQuery(idle) with nothing owed.
+//! Guarantees: a connection returned by [`BackendConn::connect`] has
+//! completed startup and sat at ReadyForQuery(idle) with nothing owed; a
+//! cleartext password goes to a shard only over TLS, unless
+//! `allow_cleartext_shard_password`.
 
 use crate::wire::{self, auth, be, tx, Frame, FrameReader, WireError};
 use bytes::{Buf, BytesMut};

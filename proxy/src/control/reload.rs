@@ -131,6 +131,8 @@ pub fn apply(node: &Node, mut new: Config) -> Reloaded {
     );
     // Client TLS policy (checked per login).
     report_changes!(old, new, r.changed, tls_required);
+    // Shard TLS policy: fixed in each pool's target when it is made.
+    keep_restart_only!(old, new, r.refused, allow_cleartext_shard_password);
     // Users: names only. A user whose shard login changed (or who is
     // gone) gets new pools; clients already connected keep theirs.
     let mut relogin = Vec::new();

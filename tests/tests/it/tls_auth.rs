@@ -632,6 +632,43 @@ async fn shard_connections_use_tls_as_the_dsn_says() {
             .unwrap()
     );
 
+    // The node's tokio-postgres connections (admin API, reshard, jobs)
+    // follow the DSN too: adding a shard checks that it can be reached.
+    let c = Cluster::with_config(
+        one_shard_config(&full, ""),
+        vec![],
+        TestDir::new("shard-tls-admin"),
+    )
+    .await;
+    const TOKEN: &str = "shard-tls-admin-token-0123";
+    let admin =
+        hotrepart_proxy::control::admin::serve(c.node.clone(), "127.0.0.1:0", TOKEN.into(), false)
+            .await
+            .unwrap();
+    let add = |dsn: String| async move {
+        tokio::task::spawn_blocking(move || {
+            let agent =
+                hotrepart_proxy::tls::http_agent(std::time::Duration::from_secs(20), None).unwrap();
+            let mut r = agent
+                .post(&format!("http://{admin}/v1/shards"))
+                .header("Authorization", &format!("Bearer {TOKEN}"))
+                .send_json(serde_json::json!({ "name": "s1", "dsn": dsn }))
+                .unwrap();
+            (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+        })
+        .await
+        .unwrap()
+    };
+    let (st, body) = add(wrong.clone()).await;
+    assert_eq!(st, 400, "{body}");
+    assert!(
+        body.contains("cannot connect") && body.contains("TLS handshake"),
+        "{body}"
+    );
+    let (st, body) = add(format!("{full} application_name=x")).await;
+    assert_eq!(st, 200, "{body}");
+    drop(c);
+
     // A shard without TLS and sslmode=require: no fallback to plain text.
     pg.restart_with("-c ssl=off").unwrap();
     let m = backend_error(&format!("{base} sslmode=require"), true)
