@@ -202,6 +202,19 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    // --- Client TLS policy (issue 17 hardening) ---
+    /// Refuse clients that log in without TLS (FATAL 28000, as a
+    /// PostgreSQL `hostssl`-only pg_hba). Needs `[tls]`. Reloadable.
+    #[serde(default)]
+    pub tls_required: bool,
+    // --- end client TLS policy ---
+    // --- Shard TLS policy (issue 17 hardening) ---
+    /// Let a shard that asks for a cleartext password get it over a
+    /// connection without TLS (default: refused; the client sees 08006
+    /// and the log says why). Needs a restart.
+    #[serde(default)]
+    pub allow_cleartext_shard_password: bool,
+    // --- end shard TLS policy ---
     /// Replication of the routing catalog among nodes (absent: this node
     /// is alone and its catalog lives in memory, or in `data_dir`).
     #[serde(default)]
@@ -281,6 +294,28 @@ pub struct AdminConfig {
     pub token: Option<String>,
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    // --- Admin API TLS (issue 17 hardening) ---
+    /// HTTPS on the admin port: PEM certificate chain and key (both or
+    /// neither; the port then serves HTTPS only). Read at start.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM roots this node trusts for other nodes' `https://` admin
+    /// addresses (the cut-over's fence calls). Absent: such calls fail.
+    #[serde(default)]
+    pub cacert: Option<PathBuf>,
+    // --- end admin API TLS ---
+}
+
+impl AdminConfig {
+    /// `(tls_cert, tls_key)` when the admin port serves HTTPS.
+    pub fn tls_files(&self) -> Option<(&std::path::Path, &std::path::Path)> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            _ => None,
+        }
+    }
 }
 
 fn read_secret(
@@ -619,8 +654,9 @@ impl Config {
                     s.name
                 )));
             }
-            s.dsn
-                .parse::<tokio_postgres::Config>()
+            let (dsn, _) = crate::tls::split_shard_dsn(&s.dsn)
+                .map_err(|e| ConfigError::Invalid(format!("shard {:?}: bad dsn: {e}", s.name)))?;
+            dsn.parse::<tokio_postgres::Config>()
                 .map_err(|e| ConfigError::Invalid(format!("shard {:?}: bad dsn: {e}", s.name)))?;
         }
         if let Some(d) = &self.home_shard {
@@ -699,11 +735,22 @@ impl Config {
             }
             c.secret()?;
         }
+        if self.tls_required && self.tls.is_none() {
+            return Err(ConfigError::Invalid(
+                "tls_required = true needs a [tls] section with cert and key: without a certificate no client could connect".into(),
+            ));
+        }
         if let Some(a) = &self.admin {
             a.listen
                 .parse::<std::net::SocketAddr>()
                 .map_err(|e| ConfigError::Invalid(format!("[admin] listen {:?}: {e}", a.listen)))?;
             a.token()?;
+            if a.tls_cert.is_some() != a.tls_key.is_some() {
+                return Err(ConfigError::Invalid(
+                    "[admin] tls_cert and tls_key go together: set both for HTTPS, or neither"
+                        .into(),
+                ));
+            }
         }
         self.snapshot()?;
         Ok(())
@@ -833,7 +880,18 @@ mod tests {
         .expect("valid config");
         assert_eq!(c.pool_size, 20);
         assert_eq!(c.pool_mode, PoolMode::Transaction);
+        assert!(!c.tls_required);
         assert!(Config::from_toml("shards = []").is_err());
+        // tls_required without a certificate: no client could log in.
+        let e = Config::from_toml(
+            "tls_required = true\n[[shards]]\nname = \"s0\"\ndsn = \"host=127.0.0.1\"\n",
+        )
+        .expect_err("tls_required without [tls]")
+        .to_string();
+        assert!(
+            e.contains("tls_required = true needs a [tls] section"),
+            "{e}"
+        );
         let e = Config::from_toml(
             r#"
             [[shards]]

@@ -27,7 +27,8 @@
 //!   [`error`] (refusals, SQLSTATEs);
 //! - [`wire`] (frames), [`sql`] (quoting SQL text the node writes),
 //!   [`stats`] (per-database traffic counters, `SHOW STATS`),
-//!   [`failpoint`] (test crash points).
+//!   [`failpoint`] (test crash points), [`tls`] (TLS as a client:
+//!   sslmode checks, a rustls connector for tokio-postgres).
 #![deny(clippy::print_stdout)]
 
 pub mod backend;
@@ -42,6 +43,7 @@ pub mod routing;
 pub mod session;
 pub mod sql;
 pub mod stats;
+pub mod tls;
 pub mod tools;
 pub mod wire;
 

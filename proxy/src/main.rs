@@ -122,15 +122,16 @@ fn main() -> anyhow::Result<()> {
                     .cluster
                     .as_ref()
                     .is_some_and(|c| c.allow_fault_injection);
-                let addr = hotrepart_proxy::control::admin::serve(
+                let addr = hotrepart_proxy::control::admin::serve_tls(
                     node.clone(),
                     &a.listen,
                     a.token()?,
                     allow,
+                    a.tls_files(),
                 )
                 .await
                 .with_context(|| format!("cannot listen on [admin] {}", a.listen))?;
-                tracing::info!(%addr, "admin API listening");
+                tracing::info!(%addr, https = a.tls_files().is_some(), "admin API listening");
             }
             node.start(listener);
             use tokio::signal::unix::{signal, SignalKind};

@@ -251,7 +251,7 @@ pub struct Node {
     pub notifier: crate::backend::notify::Notifier,
     /// The TLS acceptor for new clients (a reload reads the certificate
     /// and key again).
-    pub(crate) tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
+    pub(crate) tls: arc_swap::ArcSwapOption<TlsServer>,
     /// Clients past the startup packet (`max_client_connections`).
     pub(crate) clients: AtomicUsize,
     /// Accepted sockets not yet logged in (`max_pending_logins`).
@@ -571,6 +571,14 @@ impl Node {
                 format!("#{shard}"),
             ),
         };
+        let tls = info
+            .as_deref()
+            .map(|i| crate::backend::conn::BackendTls {
+                tls: i.tls.clone(),
+                host: i.host.clone(),
+                allow_cleartext_password: cfg.allow_cleartext_shard_password,
+            })
+            .unwrap_or_default();
         let user = ucfg
             .and_then(|u| u.server_user.clone())
             .or(dsn_user)
@@ -585,6 +593,7 @@ impl Node {
                     user,
                     password,
                     database: database.to_string(),
+                    tls,
                 },
                 Node::pool_settings(&cfg),
                 Some(self.stats.db(database)),
@@ -593,10 +602,21 @@ impl Node {
     }
 }
 
+/// The node's TLS for clients: the acceptor, and the SCRAM channel
+/// binding data of the certificate it presents (one value, so a reload
+/// cannot pair a handshake with another certificate's hash).
+pub(crate) struct TlsServer {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// `tls-server-end-point` data of the node's certificate
+    /// ([`crate::frontend::cbind`]); `None`: its signature algorithm names
+    /// no usable hash, and SCRAM-SHA-256-PLUS is not offered.
+    pub end_point: Option<Arc<[u8]>>,
+}
+
 pub(crate) fn load_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
-) -> Result<tokio_rustls::TlsAcceptor, NodeError> {
+) -> Result<TlsServer, NodeError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
@@ -605,6 +625,16 @@ pub(crate) fn load_tls(
         .map_err(|e| NodeError::Tls(format!("bad certificate in {}: {e}", cert.display())))?;
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| NodeError::Tls(format!("cannot read key {}: {e}", key.display())))?;
+    let end_point = certs
+        .first()
+        .and_then(|c| crate::frontend::cbind::tls_server_end_point(c.as_ref()))
+        .map(Arc::from);
+    if end_point.is_none() {
+        tracing::warn!(
+            cert = %cert.display(),
+            "the certificate's signature algorithm names no hash usable for channel binding (tls-server-end-point): SCRAM-SHA-256-PLUS is not offered"
+        );
+    }
     let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -613,5 +643,8 @@ pub(crate) fn load_tls(
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .map_err(|e| NodeError::Tls(e.to_string()))?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+    Ok(TlsServer {
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+        end_point,
+    })
 }

@@ -3,10 +3,13 @@
 //! A [`BackendConn`] is a raw protocol connection (frames, not rows). The node
 //! authenticates to the shard itself (SCRAM-SHA-256, md5, cleartext or trust),
 //! independently of how the client authenticated to the node, so TLS between
-//! client and node never breaks SCRAM channel binding.
+//! client and node never breaks SCRAM channel binding. Over TLS when the
+//! shard's DSN asks for it ([`crate::backend::stream`]).
 //!
-//! Guarantee: a connection returned by [`BackendConn::connect`] has completed
-//! startup and sat at ReadyForQuery(idle) with nothing owed.
+//! Guarantees: a connection returned by [`BackendConn::connect`] has
+//! completed startup and sat at ReadyForQuery(idle) with nothing owed; a
+//! cleartext password goes to a shard only over TLS, unless
+//! `allow_cleartext_shard_password`.
 
 use crate::wire::{self, auth, be, tx, Frame, FrameReader, WireError};
 use bytes::{Buf, BytesMut};
@@ -16,8 +19,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+
+pub use crate::backend::stream::{BackendRead, BackendTls, BackendWrite};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -44,6 +48,18 @@ pub enum BackendError {
     Wire(#[from] WireError),
     #[error("SCRAM with shard failed: {0}")]
     Scram(std::io::Error),
+    /// `sslmode=require` or stronger, and the shard answered the
+    /// SSLRequest with 'N'.
+    #[error("shard {shard} does not accept TLS connections, and its DSN has sslmode={mode}")]
+    TlsRefused { shard: String, mode: String },
+    #[error("TLS with shard {shard} failed (sslmode={mode}): {message}")]
+    Tls {
+        shard: String,
+        mode: String,
+        message: String,
+    },
+    #[error("shard {0} asks for a cleartext password over a connection without TLS; refused (set sslmode=require in its DSN, or allow_cleartext_shard_password = true)")]
+    CleartextRefused(String),
 }
 
 /// Where and as whom to connect.
@@ -55,11 +71,13 @@ pub struct BackendTarget {
     pub user: String,
     pub password: Option<String>,
     pub database: String,
+    /// TLS to the shard and the cleartext-password policy.
+    pub tls: BackendTls,
 }
 
 pub struct BackendConn {
-    pub reader: FrameReader<OwnedReadHalf>,
-    pub writer: OwnedWriteHalf,
+    pub reader: FrameReader<BackendRead>,
+    pub writer: BackendWrite,
     pub addr: SocketAddr,
     pub pid: i32,
     pub secret: i32,
@@ -242,7 +260,8 @@ impl BackendConn {
             })?;
         let _ = stream.set_nodelay(true);
         let local_addr = stream.local_addr().ok();
-        let (r, mut w) = stream.into_split();
+        let (r, mut w) = crate::backend::stream::open(stream, &t.shard, &t.tls).await?;
+        let encrypted = t.tls.tls.required();
         let mut reader = FrameReader::new(r, 1 << 30);
         let mut out = BytesMut::new();
         // No application_name for pooled backends: RESET ALL must bring a
@@ -267,6 +286,9 @@ impl BackendConn {
                     match code {
                         auth::OK => continue,
                         auth::CLEARTEXT_PASSWORD => {
+                            if !encrypted && !t.tls.allow_cleartext_password {
+                                return Err(BackendError::CleartextRefused(t.shard.clone()));
+                            }
                             let pw = t
                                 .password
                                 .as_deref()
@@ -407,8 +429,7 @@ impl BackendConn {
         if self.reader.buffered() > 0 {
             return false;
         }
-        let mut b = [0u8; 1];
-        matches!(self.reader.get_ref().try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.reader.get_ref().is_idle()
     }
 
     /// Whether the connection may go back to the pool: idle, synced, and
@@ -421,7 +442,7 @@ impl BackendConn {
     /// at once (never waits), then the close. PostgreSQL then ends the
     /// backend without logging an unexpected EOF.
     pub fn terminate(self) {
-        let _ = self.writer.try_write(&[wire::fe::TERMINATE, 0, 0, 0, 4]);
+        self.writer.try_terminate();
     }
 
     /// Runs a simple query whose results the client never sees; returns the

@@ -10,3 +10,4 @@ pub mod pause;
 pub mod pool;
 pub mod state;
 pub mod stmts;
+pub mod stream;

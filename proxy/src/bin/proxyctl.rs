@@ -35,9 +35,15 @@ Exit status:
     after_help = EXIT_STATUS
 )]
 struct Cli {
-    /// Admin API of any node, e.g. http://127.0.0.1:7432.
+    /// Admin API of any node, e.g. http://127.0.0.1:7432 (https://… when
+    /// the node has [admin] tls_cert: then give --cacert).
     #[arg(long, env = "HOTREPART_ADMIN", default_value = "http://127.0.0.1:7432")]
     admin: String,
+    /// PEM file of the CA (or the certificate itself) that signed the
+    /// node's admin certificate: an https:// admin address is verified
+    /// against it (chain and host name).
+    #[arg(long, env = "HOTREPART_CACERT")]
+    cacert: Option<std::path::PathBuf>,
     /// Admin token ([admin] token of the node); required by every
     /// command but `completions`.
     #[arg(long, env = "HOTREPART_TOKEN", hide_env_values = true)]
@@ -337,14 +343,17 @@ fn broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build();
+    if cli.admin.starts_with("https://") && cli.cacert.is_none() {
+        bail!(
+            "{} is https: give the CA that signed the node's admin certificate with --cacert or HOTREPART_CACERT",
+            cli.admin
+        );
+    }
+    let agent = hotrepart_proxy::tls::http_agent(Duration::from_secs(60), cli.cacert.as_deref())?;
     let api = Api {
         base: cli.admin.clone(),
         token: cli.token.clone().unwrap_or_default(),
-        agent: ureq::Agent::new_with_config(config),
+        agent,
     };
     let (v, show): (Value, fn(&Value) -> String) = match cli.cmd {
         Cmd::Status => (api.call("GET", "/v1/status", None)?, show_status),

@@ -101,13 +101,34 @@ pub(crate) type ApiResult = Result<Json<Value>, ApiError>;
 /// Binds the admin listener and serves it in a task of the node's
 /// supervisor until the node shuts down (requests in flight then finish;
 /// [`Node::shutdown`] waits for them, within its bound). Returns the
-/// address it listens on.
+/// address it listens on. Plain HTTP: see [`serve_tls`] for HTTPS.
 pub async fn serve(
     node: Arc<Node>,
     listen: &str,
     token: String,
     allow_fault_injection: bool,
 ) -> std::io::Result<SocketAddr> {
+    serve_tls(node, listen, token, allow_fault_injection, None).await
+}
+
+/// As [`serve`]; with `tls` (`[admin] tls_cert` and `tls_key`: PEM
+/// certificate chain and key) the port speaks HTTPS only: a plain HTTP
+/// request fails its TLS handshake and gets no answer.
+pub async fn serve_tls(
+    node: Arc<Node>,
+    listen: &str,
+    token: String,
+    allow_fault_injection: bool,
+    tls: Option<(&std::path::Path, &std::path::Path)>,
+) -> std::io::Result<SocketAddr> {
+    let acceptor = match tls {
+        Some((cert, key)) => Some(
+            crate::node::load_tls(cert, key)
+                .map_err(|e| std::io::Error::other(format!("[admin] tls_cert/tls_key: {e}")))?
+                .acceptor,
+        ),
+        None => None,
+    };
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let stop = node.tasks.shutdown_token();
@@ -117,15 +138,109 @@ pub async fn serve(
         token: token.into(),
         allow_fault_injection,
     });
-    tasks.spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-        {
-            tracing::warn!(error = %e, "admin API stopped");
+    match acceptor {
+        None => {
+            tasks.spawn(async move {
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                {
+                    tracing::warn!(error = %e, "admin API stopped");
+                }
+            });
         }
-    });
+        Some(acceptor) => {
+            let tls = TlsListener::start(&tasks, listener, acceptor, addr);
+            tasks.spawn(async move {
+                if let Err(e) = axum::serve(tls, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                {
+                    tracing::warn!(error = %e, "admin API stopped");
+                }
+            });
+        }
+    }
     Ok(addr)
+}
+
+/// The admin port's HTTPS listener for `axum::serve`: each TLS handshake
+/// runs in a task of its own (a slow or silent client holds up no other),
+/// at most [`TlsListener::HANDSHAKES`] at once, each within
+/// [`TlsListener::HANDSHAKE_TIMEOUT`]; finished ones are handed to axum.
+struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        SocketAddr,
+    )>,
+    addr: SocketAddr,
+}
+
+impl TlsListener {
+    const HANDSHAKES: usize = 64;
+    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn start(
+        tasks: &Arc<crate::control::supervisor::Supervisor>,
+        listener: TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        addr: SocketAddr,
+    ) -> TlsListener {
+        let (tx, rx) = tokio::sync::mpsc::channel(Self::HANDSHAKES);
+        let slots = Arc::new(tokio::sync::Semaphore::new(Self::HANDSHAKES));
+        let stop = tasks.shutdown_token();
+        let handshakes = tasks.clone();
+        tasks.spawn(async move {
+            loop {
+                let (sock, peer) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "admin API: accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    () = stop.cancelled() => return,
+                };
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                handshakes.spawn_until_shutdown(async move {
+                    match tokio::time::timeout(Self::HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await
+                    {
+                        Ok(Ok(s)) => {
+                            drop(slot);
+                            let _ = tx.send((s, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "admin API: TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "admin API: TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        TlsListener { rx, addr }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The acceptor ended (shutdown): nothing more comes.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
 }
 
 /// Every endpoint, behind the token check ([`require_token`]). No endpoint
@@ -447,7 +562,14 @@ async fn shards(State(api): State<Api>) -> ApiResult {
 
 /// A DSN with its password replaced by `***`.
 fn redact_dsn(dsn: &str) -> String {
-    match dsn.parse::<tokio_postgres::Config>() {
+    let tls = crate::tls::split_shard_dsn(dsn);
+    let parsed = match &tls {
+        Ok((d, _)) => d
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.clone()),
+    };
+    match parsed {
         Ok(c) => {
             let host = match c.get_hosts().first() {
                 Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
@@ -463,6 +585,11 @@ fn redact_dsn(dsn: &str) -> String {
             }
             if c.get_password().is_some() {
                 out.push_str(" password=***");
+            }
+            if let Ok((_, t)) = &tls {
+                if t.mode != "prefer" {
+                    out.push_str(&format!(" sslmode={}", t.mode));
+                }
             }
             out
         }

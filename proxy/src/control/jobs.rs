@@ -231,11 +231,13 @@ pub(crate) async fn settle(node: &Arc<Node>) -> Result<(), JobError> {
         })
         .collect();
     let token = node.cfg().admin.as_ref().and_then(|a| a.token().ok());
+    let cacert = node.cfg().admin.as_ref().and_then(|a| a.cacert.clone());
     let calls = peers.into_iter().map(|(id, admin)| {
         let token = token.clone();
+        let cacert = cacert.clone();
         async move {
             let answer = match (admin, token) {
-                (Some(url), Some(token)) => fence_peer(url, token, epoch).await,
+                (Some(url), Some(token)) => fence_peer(url, token, epoch, cacert).await,
                 _ => Err(None),
             };
             match answer {
@@ -256,15 +258,21 @@ pub(crate) async fn settle(node: &Arc<Node>) -> Result<(), JobError> {
     Ok(())
 }
 
-/// `POST {admin}/v1/fence`. `Err(None)`: the peer could not be reached;
+/// `POST {admin}/v1/fence`. `Err(None)`: the peer could not be reached
+/// (an `https://` peer is checked against `[admin] cacert`);
 /// `Err(Some(why))`: it answered that it cannot fence.
-async fn fence_peer(admin: String, token: String, epoch: u64) -> Result<(), Option<String>> {
+async fn fence_peer(
+    admin: String,
+    token: String,
+    epoch: u64,
+    cacert: Option<std::path::PathBuf>,
+) -> Result<(), Option<String>> {
     tokio::task::spawn_blocking(move || {
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(FENCE_LIMIT + Duration::from_secs(2)))
-            .build();
-        let agent = ureq::Agent::new_with_config(config);
+        let agent = crate::tls::http_agent(FENCE_LIMIT + Duration::from_secs(2), cacert.as_deref())
+            .map_err(|e| {
+                tracing::warn!(error = %e, "fence: [admin] cacert");
+                None
+            })?;
         let url = format!("{}/v1/fence", admin.trim_end_matches('/'));
         let mut res = agent
             .post(&url)

@@ -57,17 +57,47 @@ pub(crate) async fn connect(
     dsn: &str,
     dbname: Option<&str>,
 ) -> Result<tokio_postgres::Client, String> {
-    let mut cfg: tokio_postgres::Config = dsn.parse().map_err(|e| format!("invalid DSN: {e}"))?;
+    let (mut cfg, tls) = parse_dsn(dsn)?;
     if let Some(db) = dbname {
         cfg.dbname(db);
     }
     cfg.connect_timeout(SHARD_TIMEOUT);
-    let (client, conn) = tokio::time::timeout(SHARD_TIMEOUT, cfg.connect(tokio_postgres::NoTls))
+    tokio::time::timeout(SHARD_TIMEOUT, connect_config(&cfg, &tls, "admin"))
         .await
         .map_err(|_| "connection timed out".to_string())?
-        .map_err(|e| format!("cannot connect: {e}"))?;
-    drive(conn, "admin");
-    Ok(client)
+        .map_err(|e| format!("cannot connect: {e}"))
+}
+
+/// A shard DSN as tokio-postgres reads it, and its TLS
+/// ([`crate::tls::split_shard_dsn`]: `sslmode=verify-ca|verify-full` and
+/// `sslrootcert` are the node's).
+pub(crate) fn parse_dsn(
+    dsn: &str,
+) -> Result<(tokio_postgres::Config, crate::tls::ShardTls), String> {
+    let (dsn, tls) = crate::tls::split_shard_dsn(dsn).map_err(|e| format!("invalid DSN: {e}"))?;
+    let cfg = dsn.parse().map_err(|e| format!("invalid DSN: {e}"))?;
+    Ok((cfg, tls))
+}
+
+/// Connects with TLS when `tls` requires it (rustls, the DSN's checks),
+/// and runs the connection's driver ([`drive`]).
+pub(crate) async fn connect_config(
+    cfg: &tokio_postgres::Config,
+    tls: &crate::tls::ShardTls,
+    what: &'static str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    match tls.connector() {
+        None => {
+            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+            drive(conn, what);
+            Ok(client)
+        }
+        Some(t) => {
+            let (client, conn) = cfg.connect(t).await?;
+            drive(conn, what);
+            Ok(client)
+        }
+    }
 }
 
 /// Runs a tokio-postgres connection's driver (`what` names it in the log).

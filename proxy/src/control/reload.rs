@@ -7,7 +7,7 @@
 //! `max_session_buffer_bytes`, `max_prepared_statements`,
 //! `max_prepared_statement_bytes`, `server_prepared_statements`: read per
 //! statement),
-//! `twopc_decision_timeout_ms`, `log_level`, and TLS: the certificate and
+//! `twopc_decision_timeout_ms`, `log_level`, `tls_required`, and TLS: the certificate and
 //! key are read again (a rotated certificate serves new clients; clients
 //! already connected keep their session).
 //!
@@ -139,6 +139,10 @@ pub fn apply(node: &Node, mut new: Config) -> Reloaded {
         admin_users,
         log_level,
     );
+    // Client TLS policy (checked per login).
+    report_changes!(old, new, r.changed, tls_required);
+    // Shard TLS policy: fixed in each pool's target when it is made.
+    keep_restart_only!(old, new, r.refused, allow_cleartext_shard_password);
     // Users: names only. A user whose shard login changed (or who is
     // gone) gets new pools; clients already connected keep theirs.
     let mut relogin = Vec::new();
@@ -178,8 +182,8 @@ pub fn apply(node: &Node, mut new: Config) -> Reloaded {
     // running acceptor and section.
     match &new.tls {
         Some(t) => match crate::node::load_tls(&t.cert, &t.key) {
-            Ok(acc) => {
-                node.tls.store(Some(std::sync::Arc::new(acc)));
+            Ok(tls) => {
+                node.tls.store(Some(std::sync::Arc::new(tls)));
                 if format!("{:?}", old.tls) != format!("{:?}", new.tls) {
                     r.changed
                         .push(format!("tls: {} (new clients)", t.cert.display()));

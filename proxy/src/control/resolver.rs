@@ -124,9 +124,8 @@ fn resolver_target(node: &Node, t: usize, database: &str) -> BackendTarget {
     let dsn_user = node
         .routing
         .shard_dsn(t)
-        .unwrap_or_default()
-        .parse::<tokio_postgres::Config>()
-        .ok()
+        .and_then(|d| crate::control::pg::parse_dsn(&d).ok())
+        .map(|(c, _)| c)
         .and_then(|c| c.get_user().map(str::to_string));
     let who = match (dsn_user, node.cfg().users.first()) {
         (None, Some(u)) => u.name.clone(),
@@ -179,9 +178,8 @@ pub async fn resolve_shard(
     let home_db = node
         .routing
         .shard_dsn(t)
-        .unwrap_or_default()
-        .parse::<tokio_postgres::Config>()
-        .ok()
+        .and_then(|d| crate::control::pg::parse_dsn(&d).ok())
+        .map(|(c, _)| c)
         .and_then(|c| c.get_dbname().map(str::to_string))
         .unwrap_or_else(|| "postgres".into());
     let b = match conn {

@@ -1,5 +1,6 @@
-//! Client authentication at the node: SCRAM-SHA-256 (server side, RFC 5802
-//! / 7677 without channel binding), md5 and trust.
+//! Client authentication at the node: SCRAM-SHA-256 and, over TLS,
+//! SCRAM-SHA-256-PLUS with `tls-server-end-point` channel binding (server
+//! side, RFC 5802 / 7677 / 5929), md5 and trust.
 //!
 //! Guarantee: the node stores and needs only verifiers (the same formats as
 //! PostgreSQL's `pg_authid.rolpassword`), never plain passwords; proofs are
@@ -19,6 +20,9 @@ pub enum AuthError {
     BadVerifier(&'static str),
     #[error("malformed SCRAM message: {0}")]
     BadMessage(&'static str),
+    /// Channel binding refused (PostgreSQL: 08P01 protocol violation).
+    #[error("{0}")]
+    Binding(&'static str),
     #[error("password authentication failed")]
     Failed,
 }
@@ -106,26 +110,85 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Server side of one SCRAM-SHA-256 exchange.
+/// Channel binding in one SCRAM exchange, as the node advertised it.
+#[derive(Debug, Clone, Copy)]
+pub enum Binding<'a> {
+    /// Not offered (no TLS, or a certificate without end-point data): only
+    /// SCRAM-SHA-256 was advertised.
+    NotOffered,
+    /// SCRAM-SHA-256-PLUS was advertised; the client chose it (`plus`) or
+    /// plain SCRAM-SHA-256. `data`: the `tls-server-end-point` data of the
+    /// node's certificate.
+    Offered { plus: bool, data: &'a [u8] },
+}
+
+/// The only channel binding type supported (as PostgreSQL).
+pub const TLS_SERVER_END_POINT: &str = "tls-server-end-point";
+
+/// Server side of one SCRAM-SHA-256(-PLUS) exchange.
 pub struct ScramServer {
     verifier: ScramVerifier,
     client_first_bare: String,
     server_first: String,
-    gs2_header: String,
+    /// What the client-final `c=` must hold, decoded: the gs2 header, then
+    /// the channel binding data when the client uses binding.
+    expected_cbind: Vec<u8>,
     nonce: String,
 }
 
 impl ScramServer {
     /// Takes the client-first-message; returns the server-first-message.
-    pub fn start(verifier: ScramVerifier, client_first: &str) -> Result<ScramServer, AuthError> {
-        // gs2-header: "n,," or "y,," (we do not offer channel binding).
-        let (gs2_header, bare) = if let Some(b) = client_first.strip_prefix("n,,") {
-            ("n,,", b)
-        } else if let Some(b) = client_first.strip_prefix("y,,") {
-            ("y,,", b)
-        } else {
-            return Err(AuthError::BadMessage("unsupported channel binding flag"));
+    /// Checks the gs2 header against what was advertised (`binding`), as
+    /// PostgreSQL's `read_client_first_message`: a client that chose
+    /// SCRAM-SHA-256-PLUS must bind (`p=`), one that chose SCRAM-SHA-256
+    /// must not, and a `y` (the client could bind but thinks the server
+    /// cannot) where binding was offered is a downgrade and refused.
+    pub fn start(
+        verifier: ScramVerifier,
+        client_first: &str,
+        binding: Binding<'_>,
+    ) -> Result<ScramServer, AuthError> {
+        let plus = matches!(binding, Binding::Offered { plus: true, .. });
+        let (flag, rest) = client_first
+            .split_once(',')
+            .ok_or(AuthError::BadMessage("missing gs2 header"))?;
+        let cb_data: &[u8] = match flag {
+            "n" | "y" if plus => return Err(AuthError::Binding(
+                "the client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not include channel binding data",
+            )),
+            "n" => &[],
+            "y" => match binding {
+                Binding::NotOffered => &[],
+                Binding::Offered { .. } => return Err(AuthError::Binding(
+                    "SCRAM channel binding negotiation error: the client supports SCRAM channel binding but thinks the server does not; however, this server does support channel binding (possible downgrade attack)",
+                )),
+            },
+            p if p.starts_with("p=") => {
+                let Binding::Offered { plus: true, data } = binding else {
+                    return Err(AuthError::Binding(
+                        "the client selected SCRAM-SHA-256 without channel binding, but the SCRAM message includes channel binding data",
+                    ));
+                };
+                if &p[2..] != TLS_SERVER_END_POINT {
+                    return Err(AuthError::Binding(
+                        "unsupported SCRAM channel-binding type (only tls-server-end-point is supported)",
+                    ));
+                }
+                data
+            }
+            _ => return Err(AuthError::BadMessage("unexpected channel-binding flag")),
         };
+        let (authzid, bare) = rest
+            .split_once(',')
+            .ok_or(AuthError::BadMessage("missing gs2 header"))?;
+        if !authzid.is_empty() {
+            return Err(AuthError::BadMessage(
+                "client uses authorization identity, but it is not supported",
+            ));
+        }
+        let gs2_header = &client_first[..flag.len() + 1 + authzid.len() + 1];
+        let mut expected_cbind = gs2_header.as_bytes().to_vec();
+        expected_cbind.extend_from_slice(cb_data);
         let cnonce = bare
             .split(',')
             .find_map(|a| a.strip_prefix("r="))
@@ -145,7 +208,7 @@ impl ScramServer {
             verifier,
             client_first_bare: bare.to_string(),
             server_first,
-            gs2_header: gs2_header.to_string(),
+            expected_cbind,
             nonce,
         })
     }
@@ -168,8 +231,15 @@ impl ScramServer {
                 nonce = Some(v);
             }
         }
-        if cbind != Some(B64.encode(&self.gs2_header).as_str()) {
-            return Err(AuthError::BadMessage("channel binding mismatch"));
+        // Decoded and compared in constant time: the binding data is not
+        // secret, but this costs nothing.
+        let cbind = cbind
+            .and_then(|c| B64.decode(c).ok())
+            .ok_or(AuthError::BadMessage(
+                "missing or malformed channel binding",
+            ))?;
+        if !ct_eq(&cbind, &self.expected_cbind) {
+            return Err(AuthError::Binding("SCRAM channel binding check failed"));
         }
         if nonce != Some(self.nonce.as_str()) {
             return Err(AuthError::BadMessage("nonce mismatch"));
@@ -227,7 +297,7 @@ mod tests {
         let v = ScramVerifier::parse(&scram_verifier("s3cret")).expect("verifier");
         let mut client = ScramSha256::new(b"s3cret", ChannelBinding::unsupported());
         let first = String::from_utf8(client.message().to_vec()).expect("utf8");
-        let server = ScramServer::start(v.clone(), &first).expect("start");
+        let server = ScramServer::start(v.clone(), &first, Binding::NotOffered).expect("start");
         client
             .update(server.server_first().as_bytes())
             .expect("client update");
@@ -237,11 +307,89 @@ mod tests {
 
         let mut bad = ScramSha256::new(b"wrong", ChannelBinding::unsupported());
         let first = String::from_utf8(bad.message().to_vec()).expect("utf8");
-        let server = ScramServer::start(v, &first).expect("start");
+        let server = ScramServer::start(v, &first, Binding::NotOffered).expect("start");
         bad.update(server.server_first().as_bytes())
             .expect("update");
         let fin = String::from_utf8(bad.message().to_vec()).expect("utf8");
         assert_eq!(server.finish(&fin), Err(AuthError::Failed));
+    }
+
+    /// One exchange with postgres-protocol's client: `Ok` when the
+    /// server accepted the proof and the client the server's signature.
+    fn exchange(
+        password: &[u8],
+        client_cb: ChannelBinding,
+        binding: Binding<'_>,
+    ) -> Result<(), AuthError> {
+        let v = ScramVerifier::parse(&scram_verifier("s3cret")).expect("verifier");
+        let mut client = ScramSha256::new(password, client_cb);
+        let first = String::from_utf8(client.message().to_vec()).expect("utf8");
+        let server = ScramServer::start(v, &first, binding)?;
+        client
+            .update(server.server_first().as_bytes())
+            .expect("client update");
+        let fin = String::from_utf8(client.message().to_vec()).expect("utf8");
+        let sfinal = server.finish(&fin)?;
+        client.finish(sfinal.as_bytes()).expect("server verified");
+        Ok(())
+    }
+
+    #[test]
+    fn channel_binding_is_checked_and_downgrades_refused() {
+        let data = [7u8; 32];
+        let offered = |plus| Binding::Offered { plus, data: &data };
+        let cb = |d: &[u8]| ChannelBinding::tls_server_end_point(d.to_vec());
+        // PLUS with the node's end-point data.
+        assert_eq!(exchange(b"s3cret", cb(&data), offered(true)), Ok(()));
+        // A wrong password is still a wrong password.
+        assert_eq!(
+            exchange(b"wrong", cb(&data), offered(true)),
+            Err(AuthError::Failed)
+        );
+        // Other binding data (a man in the middle's certificate).
+        assert!(matches!(
+            exchange(b"s3cret", cb(&[8u8; 32]), offered(true)),
+            Err(AuthError::Binding(m)) if m.contains("check failed")
+        ));
+        // `y` where PLUS was advertised: a downgrade.
+        assert!(matches!(
+            exchange(b"s3cret", ChannelBinding::unrequested(), offered(false)),
+            Err(AuthError::Binding(m)) if m.contains("downgrade")
+        ));
+        // `n` (no binding support) with plain SCRAM over TLS is fine, and
+        // `y` where nothing was offered.
+        assert_eq!(
+            exchange(b"s3cret", ChannelBinding::unsupported(), offered(false)),
+            Ok(())
+        );
+        assert_eq!(
+            exchange(
+                b"s3cret",
+                ChannelBinding::unrequested(),
+                Binding::NotOffered
+            ),
+            Ok(())
+        );
+        // PLUS chosen, but no binding in the message; binding data sent
+        // with plain SCRAM-SHA-256.
+        assert!(matches!(
+            exchange(b"s3cret", ChannelBinding::unsupported(), offered(true)),
+            Err(AuthError::Binding(_))
+        ));
+        assert!(matches!(
+            exchange(b"s3cret", cb(&data), offered(false)),
+            Err(AuthError::Binding(_))
+        ));
+        assert!(matches!(
+            exchange(b"s3cret", cb(&data), Binding::NotOffered),
+            Err(AuthError::Binding(_))
+        ));
+        // Another binding type.
+        let v = ScramVerifier::parse(&scram_verifier("s3cret")).expect("verifier");
+        assert!(matches!(
+            ScramServer::start(v, "p=tls-unique,,n=,r=abc", offered(true)),
+            Err(AuthError::Binding(m)) if m.contains("unsupported")
+        ));
     }
 
     #[test]

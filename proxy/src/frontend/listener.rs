@@ -43,6 +43,10 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The SASL mechanisms the node offers.
+const SCRAM: &str = "SCRAM-SHA-256";
+const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
 /// Largest message accepted before login (PostgreSQL: PG_MAX_AUTH_TOKEN_LENGTH).
 const AUTH_MAX_MESSAGE: usize = 65_535;
 
@@ -187,6 +191,7 @@ impl Node {
             addr: sock.peer_addr().ok(),
             local_addr: sock.local_addr().ok(),
             tls: String::new(),
+            end_point: None,
         };
         let Some(pending) = PendingLogin::enter(&self) else {
             tracing::warn!(
@@ -219,7 +224,8 @@ impl Node {
         match negotiated {
             Negotiated::Done => {}
             Negotiated::Plain(r, params) => self.login(r, params, peer, deadline, pending).await,
-            Negotiated::Tls(r, params) => {
+            Negotiated::Tls(r, params, end_point) => {
+                peer.end_point = end_point;
                 let conn = r.get_ref().get_ref().1;
                 peer.tls = format!(
                     "{}/{}",
@@ -277,7 +283,7 @@ impl Node {
             }
             match code {
                 SSL_REQUEST => {
-                    if let Some(acc) = self.tls.load_full() {
+                    if let Some(tls) = self.tls.load_full() {
                         if r.buffered() > 0 {
                             refuse(
                                 r.get_mut(),
@@ -291,7 +297,7 @@ impl Node {
                             return Negotiated::Done;
                         }
                         let (sock, _) = r.into_parts();
-                        let tls = match acc.accept(sock).await {
+                        let stream = match tls.acceptor.accept(sock).await {
                             Ok(t) => t,
                             Err(e) => {
                                 tracing::info!(error = %e, "TLS handshake failed");
@@ -299,9 +305,9 @@ impl Node {
                             }
                         };
                         let max = self.cfg().max_message_size;
-                        let mut r = FrameReader::new(tls, AUTH_MAX_MESSAGE.min(max));
+                        let mut r = FrameReader::new(stream, AUTH_MAX_MESSAGE.min(max));
                         return match startup_after_tls(&mut r).await {
-                            Some(p) => Negotiated::Tls(Box::new(r), p),
+                            Some(p) => Negotiated::Tls(Box::new(r), p, tls.end_point.clone()),
                             None => Negotiated::Done,
                         };
                     }
@@ -475,6 +481,18 @@ impl Node {
             .await;
             return None;
         }
+        // As a PostgreSQL `hostssl`-only pg_hba: checked before any
+        // password is asked for.
+        if self.cfg().tls_required && peer.tls.is_empty() {
+            tracing::info!(%user, "login refused: tls_required and the client did not use TLS");
+            refuse(
+                r.get_mut(),
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                "this hotrepart node accepts only TLS connections (tls_required = true); connect with sslmode=require",
+            )
+            .await;
+            return None;
+        }
         // Counted from here (past the startup packet), not from accept: a
         // socket that never sends a startup packet takes a pending-login
         // slot, never a client slot.
@@ -504,7 +522,8 @@ impl Node {
             pool_mode: None,
         });
         let cfg_delay = self.cfg().auth_failure_delay_ms;
-        if let Err(m) = authenticate(r, &ucfg, &user).await {
+        let end_point = peer.end_point.clone();
+        if let Err(m) = authenticate(r, &ucfg, &user, end_point.as_deref()).await {
             if m.0 != sqlstate::CONNECTION_FAILURE && cfg_delay > 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(cfg_delay)).await;
             }
@@ -665,9 +684,11 @@ enum Negotiated {
     /// Refused, cancelled, or gone: nothing more to do.
     Done,
     Plain(FrameReader<TcpStream>, Vec<(String, String)>),
+    /// With the channel binding data of the certificate presented.
     Tls(
         Box<FrameReader<tokio_rustls::server::TlsStream<TcpStream>>>,
         Vec<(String, String)>,
+        Option<Arc<[u8]>>,
     ),
 }
 
@@ -690,6 +711,9 @@ struct Peer {
     local_addr: Option<std::net::SocketAddr>,
     /// Protocol and cipher suite; empty without TLS.
     tls: String,
+    /// Over TLS, the `tls-server-end-point` channel binding data of the
+    /// certificate the node presented (`None`: no TLS, or no usable hash).
+    end_point: Option<Arc<[u8]>>,
 }
 
 impl CancelKey {
@@ -852,6 +876,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     r: &mut FrameReader<S>,
     ucfg: &crate::config::UserConfig,
     user: &str,
+    end_point: Option<&[u8]>,
 ) -> Result<(), (&'static str, String)> {
     let failed = || {
         (
@@ -878,23 +903,35 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         }
         AuthMethod::ScramSha256 => {
             let v = ScramVerifier::parse(&hash).map_err(|_| failed())?;
+            // PostgreSQL's order: PLUS first, when channel binding can be
+            // offered (TLS, and a certificate with end-point data).
             let mut mechs = BytesMut::new();
-            wire::put_cstr(&mut mechs, "SCRAM-SHA-256");
+            if end_point.is_some() {
+                wire::put_cstr(&mut mechs, SCRAM_PLUS);
+            }
+            wire::put_cstr(&mut mechs, SCRAM);
             mechs.put_u8(0);
             wire::auth_request(&mut out, wire::auth::SASL, &mechs);
             send(r, &out).await?;
             let f = read_password(r).await?;
             let mut b = f.body();
             let mech = wire::get_cstr(&mut b).map_err(|_| failed())?;
-            if mech != "SCRAM-SHA-256" {
-                return Err((
-                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                    format!("unsupported SASL mechanism {mech:?}"),
-                ));
-            }
+            let binding = match (mech, end_point) {
+                (SCRAM, None) => auth::Binding::NotOffered,
+                (SCRAM, Some(data)) => auth::Binding::Offered { plus: false, data },
+                (SCRAM_PLUS, Some(data)) => auth::Binding::Offered { plus: true, data },
+                _ => {
+                    return Err((
+                        sqlstate::PROTOCOL_VIOLATION,
+                        format!(
+                            "client selected an invalid SASL authentication mechanism {mech:?}"
+                        ),
+                    ))
+                }
+            };
             let _len = wire::get_i32(&mut b).map_err(|_| failed())?;
             let first = std::str::from_utf8(b).map_err(|_| failed())?;
-            let server = ScramServer::start(v, first)
+            let server = ScramServer::start(v, first, binding)
                 .map_err(|e| (sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
             out.clear();
             wire::auth_request(
@@ -905,7 +942,10 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             send(r, &out).await?;
             let f = read_password(r).await?;
             let fin = std::str::from_utf8(f.body()).map_err(|_| failed())?;
-            let sfinal = server.finish(fin).map_err(|_| failed())?;
+            let sfinal = server.finish(fin).map_err(|e| match e {
+                auth::AuthError::Failed => failed(),
+                other => (sqlstate::PROTOCOL_VIOLATION, other.to_string()),
+            })?;
             out.clear();
             wire::auth_request(&mut out, wire::auth::SASL_FINAL, sfinal.as_bytes());
             send(r, &out).await

@@ -4,4 +4,5 @@
 //! [`crate::session::Session`].
 
 pub mod auth;
+pub mod cbind;
 pub mod listener;

@@ -302,6 +302,10 @@ pub struct ShardInfo {
     pub(crate) addr: Result<SocketAddr, String>,
     pub(crate) user: Option<String>,
     pub(crate) password: Option<String>,
+    /// TLS to the shard (the DSN's `sslmode`, `sslrootcert`).
+    pub(crate) tls: crate::tls::ShardTls,
+    /// The host name the DSN gives (TLS checks the certificate against it).
+    pub(crate) host: String,
 }
 
 impl ShardInfo {
@@ -312,7 +316,17 @@ impl ShardInfo {
             addr: Err(String::new()),
             user: None,
             password: None,
+            tls: Default::default(),
+            host: String::new(),
         };
+        let (dsn, tls) = match crate::tls::split_shard_dsn(dsn) {
+            Ok(x) => x,
+            Err(e) => {
+                info.addr = Err(format!("shard {name}: invalid DSN: {e}"));
+                return info;
+            }
+        };
+        info.tls = tls;
         let pc: tokio_postgres::Config = match dsn.parse() {
             Ok(pc) => pc,
             Err(e) => {
@@ -325,6 +339,7 @@ impl ShardInfo {
             _ => "127.0.0.1".to_string(),
         };
         let port = pc.get_ports().first().copied().unwrap_or(5432);
+        info.host = host.clone();
         info.addr = format!("{host}:{port}").parse::<SocketAddr>().or_else(|_| {
             std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
                 .ok()

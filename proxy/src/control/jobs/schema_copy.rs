@@ -9,9 +9,7 @@ use std::time::Duration;
 /// A connection string with `dbname` set (key=value form, as libpq and
 /// pg_dump accept it).
 fn with_db(dsn: &str, db: &str) -> Result<String, JobError> {
-    let cfg: tokio_postgres::Config = dsn
-        .parse()
-        .map_err(|e| JobError::Other(format!("invalid DSN: {e}")))?;
+    let (cfg, tls) = crate::control::pg::parse_dsn(dsn).map_err(JobError::Other)?;
     let mut parts = Vec::new();
     if let Some(tokio_postgres::config::Host::Tcp(h)) = cfg.get_hosts().first() {
         parts.push(format!("host={h}"));
@@ -32,6 +30,12 @@ fn with_db(dsn: &str, db: &str) -> Result<String, JobError> {
         "dbname='{}'",
         db.replace('\\', "\\\\").replace('\'', "\\'")
     ));
+    // pg_dump and psql are libpq: they take the DSN's TLS as written.
+    let q = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+    parts.push(format!("sslmode={}", q(&tls.mode)));
+    if let Some(r) = &tls.root {
+        parts.push(format!("sslrootcert={}", q(&r.display().to_string())));
+    }
     Ok(parts.join(" "))
 }
 

@@ -77,7 +77,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tracing::Instrument;
 
 pub use schema::TableInfo;
@@ -364,22 +364,17 @@ async fn connect(spec: &MoveSpec, side: Side) -> Result<Client, ReshardError> {
         Side::Source => &spec.source_dsn,
         Side::Target => &spec.target_dsn,
     };
-    let mut cfg: tokio_postgres::Config = dsn
-        .parse()
+    let (mut cfg, tls) = crate::control::pg::parse_dsn(dsn)
         .map_err(|_| ReshardError::Spec(format!("the {side} connection string is not valid")))?;
     cfg.dbname(&spec.database);
     cfg.application_name(format!("hotrepart-reshard-{}", spec.job));
-    let (client, conn) = cfg
-        .connect(NoTls)
+    let what = match side {
+        Side::Source => "reshard source",
+        Side::Target => "reshard target",
+    };
+    let client = crate::control::pg::connect_config(&cfg, &tls, what)
         .await
         .map_err(|source| ReshardError::Connect { side, source })?;
-    crate::control::pg::drive(
-        conn,
-        match side {
-            Side::Source => "reshard source",
-            Side::Target => "reshard target",
-        },
-    );
     client
         .batch_execute(SESSION_SETUP)
         .await
