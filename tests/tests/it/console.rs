@@ -521,3 +521,65 @@ async fn show_clients_lists_each_client_and_what_it_holds() {
     })
     .await;
 }
+
+/// SHOW DATABASES, LISTS and HELP: columns and values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_databases_lists_and_help() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: format!("admin_users = [\"{USER}\"]\npool_size = 3"),
+        ..Opts::default()
+    })
+    .await;
+    let db = c.connect().await;
+    db.simple_query("SELECT 1").await.unwrap();
+    let admin = connect(&console_dsn(&c)).await.unwrap();
+
+    let dbs = show(&admin, "SHOW DATABASES").await;
+    let cols: Vec<&str> = dbs[0].iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(cols, ["name", "host", "port", "pool_size", "pool_mode"]);
+    assert_eq!(dbs.len(), 2, "{dbs:?}");
+    for (i, r) in dbs.iter().enumerate() {
+        assert_eq!(get(r, "name"), format!("s{i}"));
+        assert_eq!(get(r, "host"), "127.0.0.1");
+        assert_eq!(get(r, "port"), c.shards[i].port.to_string());
+        assert_eq!(get(r, "pool_size"), "3");
+        assert_eq!(get(r, "pool_mode"), "transaction");
+    }
+
+    let lists = show(&admin, "SHOW LISTS").await;
+    let item = |name: &str| -> usize {
+        let r = lists
+            .iter()
+            .find(|r| get(r, "list") == name)
+            .unwrap_or_else(|| panic!("no {name}: {lists:?}"));
+        get(r, "items").parse().unwrap()
+    };
+    assert_eq!(item("databases"), 2);
+    assert_eq!(item("used_clients"), 2, "the client and this console");
+    assert!(item("pools") >= 1);
+    assert_eq!(item("ranges"), show(&admin, "SHOW RANGES").await.len());
+
+    let help = show(&admin, "SHOW HELP").await;
+    let commands: Vec<&str> = help.iter().map(|r| get(r, "command")).collect();
+    for c in [
+        "SHOW POOLS",
+        "SHOW CLIENTS",
+        "SHOW SERVERS",
+        "SHOW STATS",
+        "SHOW DATABASES",
+        "SHOW NODES",
+        "RELOAD",
+        "PAUSE [db]",
+        "RESUME [db]",
+    ] {
+        assert!(commands.contains(&c), "{c} not in SHOW HELP: {commands:?}");
+    }
+    // Every SHOW that HELP lists answers.
+    for c in commands.iter().filter(|c| c.starts_with("SHOW ")) {
+        admin
+            .simple_query(c)
+            .await
+            .unwrap_or_else(|e| panic!("{c}: {e:?}"));
+    }
+}
