@@ -247,20 +247,16 @@ impl Sealer {
         }
         let n = self.next;
         self.next = n.checked_add(1).ok_or(LinkError::BadFrame)?;
-        let len = payload.len() + TAG_LEN;
-        let mut buf = Vec::with_capacity(4 + len);
         // MAX_FRAME + TAG_LEN fits in a u32.
-        buf.extend_from_slice(&(len as u32).to_be_bytes());
+        let len = ((payload.len() + TAG_LEN) as u32).to_be_bytes();
+        let mut buf = Vec::with_capacity(4 + payload.len() + TAG_LEN);
+        buf.extend_from_slice(&len);
         buf.extend_from_slice(payload);
-        let mut sealed = buf.split_off(4);
-        self.key
-            .seal_in_place_append_tag(
-                frame_nonce(n),
-                ring::aead::Aad::from(&buf[..4]),
-                &mut sealed,
-            )
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(frame_nonce(n), ring::aead::Aad::from(&len), &mut buf[4..])
             .map_err(|_| LinkError::BadFrame)?;
-        buf.extend_from_slice(&sealed);
+        buf.extend_from_slice(tag.as_ref());
         w.write_all(&buf).await?;
         Ok(())
     }

@@ -65,6 +65,30 @@ fn signal(sig: &str, pids: &[String]) {
     }
 }
 
+/// Two shards, `extra` config lines, and table `items` (sharded by `id`)
+/// holding ids 1..=`rows` (n = id).
+async fn items_cluster(extra: &str, rows: i64) -> Cluster {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: extra.into(),
+        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, n int)")
+        .await
+        .unwrap();
+    let values: Vec<String> = (1..=rows).map(|i| format!("({i}, {i})")).collect();
+    db.batch_execute(&format!(
+        "INSERT INTO items (id, n) VALUES {}",
+        values.join(",")
+    ))
+    .await
+    .unwrap();
+    c
+}
+
 async fn min_id(dsn: &str) -> i64 {
     connect(dsn)
         .await
@@ -77,24 +101,11 @@ async fn min_id(dsn: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_shard_holds_only_its_own_clients_and_they_get_a_clear_error() {
-    let c = Cluster::start(Opts {
-        shards: 2,
-        extra: "server_silence_timeout_ms = 1500\nconnect_timeout_ms = 1500".into(),
-        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
-        ..Opts::default()
-    })
+    let c = items_cluster(
+        "server_silence_timeout_ms = 1500\nconnect_timeout_ms = 1500",
+        100,
+    )
     .await;
-    let db = c.connect().await;
-    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, n int)")
-        .await
-        .unwrap();
-    let values: Vec<String> = (1..=100).map(|i| format!("({i}, {i})")).collect();
-    db.batch_execute(&format!(
-        "INSERT INTO items (id, n) VALUES {}",
-        values.join(",")
-    ))
-    .await
-    .unwrap();
     let (on0, on1) = (
         min_id(&c.shards[0].dsn()).await,
         min_id(&c.shards[1].dsn()).await,
@@ -205,24 +216,11 @@ async fn sleeping(dsn: &str) -> i64 {
 /// never answers): the node sends to all at once, each bounded in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_reaches_the_other_shards_when_one_is_stalled() {
-    let c = Cluster::start(Opts {
-        shards: 2,
-        extra: "server_silence_timeout_ms = 3000\nconnect_timeout_ms = 1500".into(),
-        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
-        ..Opts::default()
-    })
+    let c = items_cluster(
+        "server_silence_timeout_ms = 3000\nconnect_timeout_ms = 1500",
+        20,
+    )
     .await;
-    let db = c.connect().await;
-    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, n int)")
-        .await
-        .unwrap();
-    let values: Vec<String> = (1..=20).map(|i| format!("({i}, {i})")).collect();
-    db.batch_execute(&format!(
-        "INSERT INTO items (id, n) VALUES {}",
-        values.join(",")
-    ))
-    .await
-    .unwrap();
     let a = c.connect().await;
     let cancel = a.cancel_token();
     let running = tokio::spawn(async move {
@@ -273,25 +271,13 @@ async fn a_cancel_reaches_the_other_shards_when_one_is_stalled() {
 /// checked out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_shard_restarted_under_load_fails_cleanly_and_comes_back_at_once() {
-    let mut c = Cluster::start(Opts {
-        shards: 2,
-        extra: "pool_size = 4\nconnect_timeout_ms = 1500\npool_timeout_ms = 5000".into(),
-        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
-        ..Opts::default()
-    })
+    // Which shard owns which id: ask the shards after a first insert.
+    let mut c = items_cluster(
+        "pool_size = 4\nconnect_timeout_ms = 1500\npool_timeout_ms = 5000",
+        200,
+    )
     .await;
     let db = c.connect().await;
-    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, n int)")
-        .await
-        .unwrap();
-    // Which shard owns which id: ask the shards after a first insert.
-    let values: Vec<String> = (1..=200).map(|i| format!("({i}, 0)")).collect();
-    db.batch_execute(&format!(
-        "INSERT INTO items (id, n) VALUES {}",
-        values.join(",")
-    ))
-    .await
-    .unwrap();
     let on1: std::collections::HashSet<i64> = connect(&c.shards[1].dsn())
         .await
         .unwrap()

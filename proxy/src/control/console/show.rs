@@ -185,30 +185,33 @@ fn stats(node: &Node) -> Table {
     t
 }
 
+/// PgBouncer 1.18's columns of `SHOW SERVERS` and `SHOW CLIENTS`, in its
+/// order; the node's own columns follow them.
+const CONNECTION_COLUMNS: [&str; 18] = [
+    "type",
+    "user",
+    "database",
+    "state",
+    "addr",
+    "port",
+    "local_addr",
+    "local_port",
+    "connect_time",
+    "request_time",
+    "wait",
+    "wait_us",
+    "close_needed",
+    "ptr",
+    "link",
+    "remote_pid",
+    "tls",
+    "application_name",
+];
+
 /// PgBouncer's `SHOW SERVERS`: every backend connection of every pool,
 /// then the shard it belongs to.
 fn servers(node: &Node) -> Table {
-    let mut t = Table::new(&[
-        "type",
-        "user",
-        "database",
-        "state",
-        "addr",
-        "port",
-        "local_addr",
-        "local_port",
-        "connect_time",
-        "request_time",
-        "wait",
-        "wait_us",
-        "close_needed",
-        "ptr",
-        "link",
-        "remote_pid",
-        "tls",
-        "application_name",
-        "shard",
-    ]);
+    let mut t = Table::new(&[&CONNECTION_COLUMNS[..], &["shard"]].concat());
     let lifetime = node.cfg().server_lifetime();
     let mut pools = node.pools.all();
     pools.sort_by(|a, b| a.0.cmp(&b.0));
@@ -264,28 +267,7 @@ fn servers(node: &Node) -> Table {
 /// session's id, which SHOW SERVERS gives as `link` of the backends it
 /// holds; `link` lists those backends' `ptr`, `shards` their shards.
 fn clients(node: &Node) -> Table {
-    let mut t = Table::new(&[
-        "type",
-        "user",
-        "database",
-        "state",
-        "addr",
-        "port",
-        "local_addr",
-        "local_port",
-        "connect_time",
-        "request_time",
-        "wait",
-        "wait_us",
-        "close_needed",
-        "ptr",
-        "link",
-        "remote_pid",
-        "tls",
-        "application_name",
-        "pid",
-        "shards",
-    ]);
+    let mut t = Table::new(&[&CONNECTION_COLUMNS[..], &["pid", "shards"]].concat());
     // Backends held, by session id: (ptr, shard).
     let mut held: std::collections::HashMap<u64, Vec<(String, String)>> =
         std::collections::HashMap::new();
