@@ -53,13 +53,13 @@ impl Drop for Stopped {
     }
 }
 
-/// Sends `sig` to each of `pids`; one that has exited meanwhile (a
-/// backend ending as it was listed) is skipped.
+/// Sends `sig` to each of `pids` (the shell's own `kill`: no procps
+/// needed); one that has exited meanwhile (a backend ending as it was
+/// listed) is skipped.
 fn signal(sig: &str, pids: &[String]) {
     for pid in pids {
-        let _ = std::process::Command::new("kill")
-            .arg(sig)
-            .arg(pid)
+        let _ = std::process::Command::new("sh")
+            .args(["-c", "kill \"$0\" \"$1\"", sig, pid])
             .stderr(std::process::Stdio::null())
             .status();
     }
