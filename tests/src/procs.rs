@@ -19,6 +19,11 @@ pub const SECRET: &str = "test-cluster-secret-0123456789";
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
+        // Binaries built beforehand (bench/soak.sh: release nodes driven
+        // by the debug test binary).
+        if let Some(d) = std::env::var_os("HOTREPART_BIN_DIR") {
+            return PathBuf::from(d);
+        }
         // <target>/<profile>/deps/<test binary>
         let exe = std::env::current_exe().unwrap();
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
@@ -143,6 +148,28 @@ impl ProcNode {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGTERM (a graceful stop: the node drains its clients) and waits
+    /// for the exit; kill -9 after `within`. Returns whether it exited by
+    /// itself.
+    pub fn terminate(&mut self, within: Duration) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("sh")
+            .args(["-c", "kill -TERM \"$0\"", &c.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
     }
 
     /// kill -9.

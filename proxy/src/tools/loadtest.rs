@@ -78,6 +78,9 @@ pub struct Options {
     pub op_timeout: Duration,
     /// Seed of the ids; random when `None`.
     pub seed: Option<u64>,
+    /// Think time of a worker after each operation (zero: none): with
+    /// many clients, a pace like an application's instead of a flood.
+    pub pause: Duration,
     /// Called once per second of load with that second's numbers.
     pub progress: Option<Progress>,
     /// Ends the load before `duration` when notified (`proxyctl loadtest`:
@@ -102,6 +105,7 @@ impl Options {
             readers: 2,
             op_timeout: Duration::from_secs(10),
             seed: None,
+            pause: Duration::ZERO,
             progress: None,
             stop: None,
         }
@@ -760,6 +764,9 @@ impl Worker {
             };
             if keep {
                 conn = Some((c, st));
+            }
+            if !self.opts.pause.is_zero() {
+                tokio::time::sleep(self.opts.pause).await;
             }
         }
         self.samples

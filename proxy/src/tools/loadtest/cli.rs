@@ -39,6 +39,10 @@ pub struct Args {
     /// Seed of the random ids.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Think time of each worker after each operation (`20ms`): many
+    /// clients at an application's pace rather than flat out.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub pause: Duration,
     /// Print no progress line per second on stderr.
     #[arg(long, default_value_t = false, action = clap::ArgAction::SetTrue)]
     pub quiet: bool,
@@ -88,6 +92,7 @@ impl Args {
         o.readers = self.readers;
         o.op_timeout = self.op_timeout;
         o.seed = self.seed;
+        o.pause = self.pause;
         if !self.quiet {
             o.progress = Some(Arc::new(|w: &Window| {
                 use std::io::Write;
