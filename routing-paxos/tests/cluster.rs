@@ -844,16 +844,17 @@ impl Drop for Mounted {
 /// Issue 17, a full disk: a node whose catalog store cannot be written
 /// (ENOSPC) stops taking part — its lease lapses, so it stops serving a
 /// catalog it can no longer keep up to date, and its proposals fail — while
-/// the other two go on deciding; once space is freed, the node restarted
-/// on the same directory catches up. How it stops: omnipaxos panics on
+/// the other two go on deciding; once space is freed, it catches up and
+/// takes part again by itself. How it stops: omnipaxos panics on
 /// the failed write (`Error writing to storage … No space left on
 /// device`); the node's catalog driver ends, withdraws the lease at once
-/// and says why in its status (`stopped`, also in `/v1/status`); nothing
-/// restarts it until the node is restarted. Needs a small tmpfs of its own for that
+/// and says why in its status (`stopped`, also in `/v1/status`); its
+/// supervisor opens it again from the directory after growing pauses, so
+/// once space is freed it takes part again by itself. Needs a small tmpfs of its own for that
 /// node's directory (root); skipped with a message where mounting is not
 /// allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_whose_disk_fills_stops_safely_and_catches_up_after_a_restart() {
+async fn a_node_whose_disk_fills_stops_safely_and_comes_back_by_itself() {
     let _ = logs();
     let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("fulldisk")).collect();
     std::fs::create_dir_all(&dirs[2].0).expect("mkdir");
@@ -933,12 +934,46 @@ async fn a_node_whose_disk_fills_stops_safely_and_catches_up_after_a_restart() {
         .snapshot()
         .is_some_and(|s| s.is_reference_table("from-a-full-disk")));
 
-    // Space again; the node restarted on its directory catches up.
+    // Space again: the node's driver, started again from its directory
+    // by itself (its pauses are at most 30 s), catches up and takes part
+    // again, without a restart of the node.
     std::fs::remove_file(&filler).expect("remove filler");
+    let t0 = std::time::Instant::now();
+    wait_for(
+        "node 3 runs again and catches up by itself",
+        Duration::from_secs(45),
+        || {
+            nodes[2].status().stopped.is_none()
+                && same_catalog(&nodes[0], &nodes[2])
+                && nodes[2].lease_valid()
+        },
+    )
+    .await;
+    eprintln!(
+        "node 3 back {:.1} s after the space was freed",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(nodes[2]
+        .catalog()
+        .snapshot()
+        .is_some_and(|s| s.is_reference_table("full19")));
+    // It proposes again, and the others apply what it proposed.
+    let outcome = nodes[2].propose(table("after-the-disk"), PROPOSE).await;
+    assert!(matches!(outcome, Ok(Ok(_))), "{outcome:?}");
+    wait_for("everyone applies it", Duration::from_secs(10), || {
+        nodes.iter().all(|h| {
+            h.catalog()
+                .snapshot()
+                .is_some_and(|s| s.is_reference_table("after-the-disk"))
+        })
+    })
+    .await;
+    // And a node whose driver failed and came back still shuts down, and
+    // restarts on its directory as usual.
     let old = nodes.pop().expect("node 3");
     tokio::time::timeout(Duration::from_secs(10), old.shutdown())
         .await
-        .expect("a node whose store failed still shuts down");
+        .expect("a node whose driver came back still shuts down");
     let back = CatalogHandle::start(settings[2].clone(), Some(seed(3)))
         .await
         .expect("node 3 restarts on its directory");
@@ -946,10 +981,6 @@ async fn a_node_whose_disk_fills_stops_safely_and_catches_up_after_a_restart() {
         same_catalog(&nodes[0], &back) && back.lease_valid()
     })
     .await;
-    assert!(back
-        .catalog()
-        .snapshot()
-        .is_some_and(|s| s.is_reference_table("full19")));
     back.shutdown().await;
     for h in &nodes {
         h.shutdown().await;

@@ -62,12 +62,185 @@ pub(super) struct Running {
 }
 
 /// Binds `settings.listen`, opens `settings.data_dir`, starts the
-/// transport and spawns the driver (see the module doc for who stops it).
-/// `settings` must have passed [`ClusterSettings::validate`].
+/// transport and spawns the driver under its supervisor (see the module
+/// doc for who stops it). `settings` must have passed
+/// [`ClusterSettings::validate`].
 pub(super) async fn spawn(
     settings: ClusterSettings,
     seed: Option<CatalogSeed>,
 ) -> Result<(Arc<Shared>, Running), ServiceError> {
+    let (requests, requests_rx) = mpsc::channel(1024);
+    let (partition, partitioned_rx) = PartitionSwitch::new();
+    let (driver, events) = open(&settings, seed, None, partitioned_rx.clone()).await?;
+    let shared = driver.shared.clone();
+    let task = tokio::spawn(supervise(
+        settings,
+        driver,
+        events,
+        requests_rx,
+        partitioned_rx,
+    ));
+    Ok((
+        shared,
+        Running {
+            requests,
+            partition,
+            task,
+        },
+    ))
+}
+
+/// The first wait before a driver that failed is started again; it
+/// doubles up to [`RESTART_MAX`] while restarts keep failing, and starts
+/// over once a driver has run for [`RESTART_RESET`].
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+const RESTART_MAX: Duration = Duration::from_secs(30);
+const RESTART_RESET: Duration = Duration::from_secs(60);
+
+/// Runs the driver and, when it fails, starts it again from the disk.
+///
+/// A panic of the driver (omnipaxos panics when its store cannot be
+/// written: a full disk) takes this node out of the catalog at once: the
+/// lease is withdrawn (not left to lapse), the status says why
+/// (`stopped`, also in `/v1/status` and SHOW NODES), and an error log
+/// tells the operator. Then, after a pause, the driver is opened again
+/// from the data directory exactly as at a process start (what was
+/// written is authoritative; the peers bring it up to date), and it
+/// takes part again once it can write; while the cause lasts (the disk
+/// still full), it fails again and the pauses grow to
+/// [`RESTART_MAX`]. Requests that arrive while no driver runs are dropped
+/// (their callers see the service stopped), except `Shutdown`, which ends
+/// the supervisor.
+///
+/// Each driver run gets its own request channel, fed from the handles'
+/// one: a panic loses the receiver with the driver.
+async fn supervise(
+    settings: ClusterSettings,
+    first: Driver,
+    first_events: mpsc::Receiver<NetEvent>,
+    mut requests: mpsc::Receiver<Request>,
+    partitioned: watch::Receiver<bool>,
+) {
+    let shared = first.shared.clone();
+    let mut next = Some((first, first_events));
+    let mut pause = RESTART_FIRST;
+    loop {
+        let Some((driver, events)) = next.take() else {
+            return;
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        let began = tokio::time::Instant::now();
+        let mut run = tokio::spawn(driver.run(settings.tick, rx, events, partitioned.clone()));
+        let ended = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                req = requests.recv() => match req {
+                    // A send fails only once the driver has ended: its
+                    // join handle says how, at the next turn.
+                    Some(req) => { let _ = tx.send(req).await; }
+                    None => {
+                        // Every handle is gone: the driver ends when its
+                        // own channel closes.
+                        drop(tx);
+                        break (&mut run).await;
+                    }
+                },
+            }
+        };
+        let panic = match ended {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => e.into_panic(),
+            Err(_) => return,
+        };
+        let why = panic_text(panic);
+        if began.elapsed() >= RESTART_RESET {
+            pause = RESTART_FIRST;
+        }
+        // Out at once: no lease, and the status says why.
+        shared.lease_until.store(0, Ordering::Release);
+        if let Ok(mut s) = shared.status.lock() {
+            s.stopped = Some(why.clone());
+            s.lease = LeaseStatus {
+                valid: false,
+                remaining_ms: 0,
+            };
+        }
+        tracing::error!(
+            error = %why,
+            retry_in_ms = pause.as_millis() as u64,
+            "the catalog driver stopped: this node no longer takes part in the replicated catalog nor holds a lease (it refuses writes) until its driver runs again; fix the cause (e.g. free space under data_dir); it is restarted from the data directory"
+        );
+        // Pause, then open again from the disk; a failed open pauses
+        // longer and tries again.
+        loop {
+            let wake = tokio::time::sleep(pause);
+            tokio::pin!(wake);
+            loop {
+                tokio::select! {
+                    () = &mut wake => break,
+                    req = requests.recv() => match req {
+                        Some(Request::Shutdown) | None => return,
+                        // Dropped: the caller sees the service stopped.
+                        Some(_) => {}
+                    },
+                }
+            }
+            pause = (pause * 2).min(RESTART_MAX);
+            // Opening writes too (omnipaxos persists as it starts, and
+            // panics when it cannot): in a task of its own, so that a
+            // panic there is one more failed attempt.
+            let opening = tokio::spawn({
+                let (settings, shared, partitioned) =
+                    (settings.clone(), shared.clone(), partitioned.clone());
+                async move { open(&settings, None, Some(shared), partitioned).await }
+            });
+            let opened = match opening.await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) if e.is_panic() => Err(panic_text(e.into_panic())),
+                Err(e) => Err(e.to_string()),
+            };
+            match opened {
+                Ok(x) => {
+                    tracing::warn!(
+                        node = settings.node_id,
+                        "the catalog driver runs again (opened from the data directory after a failure)"
+                    );
+                    next = Some(x);
+                    break;
+                }
+                Err(e) => {
+                    if let Ok(mut s) = shared.status.lock() {
+                        s.stopped = Some(format!("{why}; starting again failed: {e}"));
+                    }
+                    tracing::error!(
+                        error = %e,
+                        retry_in_ms = pause.as_millis() as u64,
+                        "the catalog driver could not start again"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A panic's message.
+fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "a panic".to_owned())
+}
+
+/// Opens the data directory (under its lock), the replica and the
+/// transport: a driver ready to run, and its transport's events. `shared`
+/// is the node's, when it has one (a restart).
+async fn open(
+    settings: &ClusterSettings,
+    seed: Option<CatalogSeed>,
+    shared: Option<Arc<Shared>>,
+    partitioned: watch::Receiver<bool>,
+) -> Result<(Driver, mpsc::Receiver<NetEvent>), ServiceError> {
     let me = settings.node_id;
     // The data directory is this process's for as long as the driver
     // runs (see `DirLock`).
@@ -116,8 +289,21 @@ pub(super) async fn spawn(
         .map(|r| r.catalog().clone())
         .unwrap_or_default();
     let applied = replica.as_ref().map_or(0, Replica::applied_index);
-    let shared = Arc::new(Shared::new(me, catalog.clone()));
-    shared.publish(&catalog, applied);
+    let shared = match shared {
+        // A restart after a failure: the node's readers keep their
+        // `Shared`; it moves on only if the store is ahead of it.
+        Some(s) => {
+            if applied > s.applied.load(Ordering::Acquire) {
+                s.publish(&catalog, applied);
+            }
+            s
+        }
+        None => {
+            let s = Arc::new(Shared::new(me, catalog.clone()));
+            s.publish(&catalog, applied);
+            s
+        }
+    };
     let mut peers = settings.peers.clone();
     if let Some(m) = &membership {
         for (id, addr) in &m.members {
@@ -126,8 +312,6 @@ pub(super) async fn spawn(
             }
         }
     }
-    let (requests, requests_rx) = mpsc::channel(1024);
-    let (partition, partitioned_rx) = PartitionSwitch::new();
     let (events_tx, events) = mpsc::channel(4096);
     let net = Net::start(
         NetConfig {
@@ -137,7 +321,7 @@ pub(super) async fn spawn(
         },
         listener,
         events_tx,
-        partitioned_rx.clone(),
+        partitioned.clone(),
     );
     let lease_ms = u64::try_from(settings.lease.as_millis()).unwrap_or(u64::MAX);
     let member_peers: Vec<u64> = membership
@@ -172,40 +356,7 @@ pub(super) async fn spawn(
         partitioned: false,
     };
     driver.update_status();
-    let run = tokio::spawn(driver.run(settings.tick, requests_rx, events, partitioned_rx));
-    // A panic of the driver (omnipaxos panics when its store cannot be
-    // written: a full disk) ends this node's part in the catalog: said
-    // loudly, in the status, and the lease withdrawn at once (not left to
-    // lapse).
-    let watched = shared.clone();
-    let task = tokio::spawn(async move {
-        if let Err(e) = run.await {
-            if e.is_panic() {
-                let p = e.into_panic();
-                let why = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_else(|| "a panic".to_owned());
-                watched.lease_until.store(0, Ordering::Release);
-                if let Ok(mut s) = watched.status.lock() {
-                    s.stopped = Some(why.clone());
-                }
-                tracing::error!(
-                    error = %why,
-                    "the catalog driver stopped: this node no longer takes part in the replicated catalog nor holds a lease (it refuses writes); fix the cause (e.g. free space under data_dir) and restart the node"
-                );
-            }
-        }
-    });
-    Ok((
-        shared,
-        Running {
-            requests,
-            partition,
-            task,
-        },
-    ))
+    Ok((driver, events))
 }
 
 /// The driver task's state.
