@@ -9,6 +9,7 @@
 
 pub mod drivers;
 pub mod merge_data;
+pub mod netfault;
 pub mod procs;
 
 use hotrepart_proxy::tools::localpg::{free_port, LocalPg, PgInstall};

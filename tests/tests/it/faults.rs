@@ -4,7 +4,9 @@
 //! (SIGSTOP: a hung host, a stalled disk) does not hold the node or the
 //! other shards' clients, and with `server_silence_timeout_ms` its own
 //! clients get a clear error instead of waiting for ever; once it runs
-//! again, everything works without restarting the node.
+//! again, everything works without restarting the node. A slow or dead
+//! network link to a shard (`hotrepart_tests::netfault`, a TCP proxy that
+//! delays or holds bytes) slows or fails only that shard's statements.
 #![allow(clippy::unwrap_used)]
 
 use hotrepart_tests::*;
@@ -412,5 +414,190 @@ async fn a_shard_restarted_under_load_fails_cleanly_and_comes_back_at_once() {
             "a backend of {} is still checked out",
             p.target.shard
         );
+    }
+}
+
+/// Median of `v` (sorted in place).
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// A slow network to one shard (a TCP proxy in the harness that delays
+/// each chunk 100 ms each way): its statements are slower and right, the
+/// other shard's are not slowed, multi-shard reads and writes (2PC) stay
+/// right. A link that delivers nothing (held) gets its clients a clear
+/// error after `server_silence_timeout_ms` while the other shard answers at
+/// once; once it heals, the shard is served again without a node restart
+/// and no backend is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_link_to_a_shard_slows_only_its_statements_and_a_dead_one_fails_clearly() {
+    use hotrepart_tests::netfault::{FaultProxy, LinkMode};
+    let dir = TestDir::new("netfault");
+    let d = dir.0.clone();
+    let shards = tokio::task::spawn_blocking(move || {
+        (0..2)
+            .map(|i| start_pg(&d.join(format!("s{i}"))))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let link = FaultProxy::start(([127, 0, 0, 1], shards[1].port).into()).await;
+    let s1_via_link = shards[1].dsn().replace(
+        &format!(":{}/", shards[1].port),
+        &format!(":{}/", link.addr.port()),
+    );
+    assert_ne!(s1_via_link, shards[1].dsn());
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\npool_size = 4\nserver_silence_timeout_ms = 1500\n\
+         connect_timeout_ms = 5000\n\
+         [[shards]]\nname = \"s0\"\ndsn = \"{}\"\n[[shards]]\nname = \"s1\"\ndsn = \"{s1_via_link}\"\n\
+         [[users]]\nname = \"{USER}\"\nauth = \"scram-sha-256\"\npassword_hash = \"{}\"\nserver_user = \"postgres\"\n\
+         [[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\n",
+        shards[0].dsn(),
+        hotrepart_proxy::frontend::auth::scram_verifier(PASSWORD),
+    );
+    let cfg = hotrepart_proxy::config::Config::from_toml(&toml).unwrap();
+    let c = Cluster::with_config(cfg, shards, dir).await;
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, n int)")
+        .await
+        .unwrap();
+    let values: Vec<String> = (1..=100).map(|i| format!("({i}, {i})")).collect();
+    db.batch_execute(&format!(
+        "INSERT INTO items (id, n) VALUES {}",
+        values.join(",")
+    ))
+    .await
+    .unwrap();
+    let (on0, on1) = (
+        min_id(&c.shards[0].dsn()).await,
+        min_id(&c.shards[1].dsn()).await,
+    );
+    let read = "SELECT n FROM items WHERE id = $1";
+    // `n` reads of `id` (which holds `id + plus`): the client back and
+    // the median time.
+    let timed = |db: tokio_postgres::Client, id: i64, plus: i64, n: usize| async move {
+        let mut took = Vec::new();
+        for _ in 0..n {
+            let t = Instant::now();
+            let v: i32 = db.query_one(read, &[&id]).await.unwrap().get(0);
+            took.push(t.elapsed());
+            assert_eq!(i64::from(v), id + plus);
+        }
+        (db, median(&mut took))
+    };
+    let (a, base1) = timed(c.connect().await, on1, 0, 10).await;
+    let (b, base0) = timed(c.connect().await, on0, 0, 10).await;
+
+    // Slow: 100 ms each way to s1.
+    link.set(LinkMode::Delay(Duration::from_millis(100)));
+    let slow = tokio::spawn(timed(a, on1, 0, 5));
+    let (b, fast0) = timed(b, on0, 0, 20).await;
+    let (a, slow1) = slow.await.unwrap();
+    assert!(
+        slow1 >= Duration::from_millis(200),
+        "s1 read over a 2×100 ms link took {slow1:?}"
+    );
+    assert!(slow1 < Duration::from_millis(1400), "{slow1:?}");
+    assert!(
+        fast0 < Duration::from_millis(100),
+        "s0 reads slowed by s1's link: median {fast0:?} (before {base0:?}; s1 before {base1:?})"
+    );
+    // Over both shards: right answers, at the slow shard's pace.
+    let t = Instant::now();
+    let n: i64 = b
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 100);
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+    // A write on both shards, committed by 2PC over the slow link.
+    for sql in [
+        "BEGIN".to_string(),
+        format!("UPDATE items SET n = n + 1000 WHERE id = {on0}"),
+        format!("UPDATE items SET n = n + 1000 WHERE id = {on1}"),
+        "COMMIT".to_string(),
+    ] {
+        b.batch_execute(&sql).await.unwrap();
+    }
+    for (i, id) in [(0, on0), (1, on1)] {
+        let v: i32 = c
+            .direct(i)
+            .await
+            .query_one(read, &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(i64::from(v), id + 1000, "shard s{i}");
+    }
+
+    // Dead: nothing gets through to s1.
+    link.set(LinkMode::Hold);
+    let t = Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(20), a.query_one(read, &[&on1]))
+        .await
+        .expect("a client must not wait for ever on a dead link")
+        .unwrap_err();
+    let waited = t.elapsed();
+    let db_err = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(db_err.code().code(), "08006", "{e:?}");
+    assert!(
+        db_err.message().contains("shard s1"),
+        "{}",
+        db_err.message()
+    );
+    assert!(waited >= Duration::from_millis(1400), "{waited:?}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    let (b, dead0) = timed(b, on0, 1000, 10).await;
+    assert!(
+        dead0 < Duration::from_millis(100),
+        "s0 while s1's link is dead: {dead0:?}"
+    );
+
+    // Healed: s1 is served again (the node drops what it had given up on).
+    link.set(LinkMode::Pass);
+    let healed = Instant::now();
+    let g = c.connect().await;
+    loop {
+        match g.query_one(read, &[&on1]).await {
+            Ok(r) => {
+                assert_eq!(i64::from(r.get::<_, i32>(0)), on1 + 1000);
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    healed.elapsed() < Duration::from_secs(10),
+                    "s1 never answered again: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    eprintln!(
+        "link healed: s1 served again after {:?}; medians: s1 {base1:?} → {slow1:?} (2×100 ms), s0 {base0:?} → {fast0:?} → {dead0:?}",
+        healed.elapsed()
+    );
+    let n: i64 = b
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 100);
+    // No backend left behind: the node's connections to s1 stay within
+    // its pool (the given-up one closed).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while link.open_connections() > 4 {
+        assert!(
+            Instant::now() < deadline,
+            "{} connections to s1 through the link, pool_size 4",
+            link.open_connections()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
