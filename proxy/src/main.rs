@@ -115,6 +115,9 @@ fn main() -> anyhow::Result<()> {
             let node = hotrepart_proxy::Node::with_catalog(cfg.clone(), catalog.clone())?;
             let _ = node.config_file.set(config.clone());
             let _ = node.log_filter.set(set_log_filter);
+            hotrepart_proxy::control::resolver::check_claims(&node)
+                .await
+                .map_err(|why| anyhow::anyhow!("refusing to start: {why}"))?;
             let listener = node.bind().await?;
             tracing::info!(addr = %listener.local_addr()?, "listening");
             if let Some(a) = &cfg.admin {

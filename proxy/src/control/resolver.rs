@@ -92,6 +92,11 @@ pub async fn run_resolver(node: Arc<Node>, shutdown: CancellationToken) {
             }
             match resolve_shard(&node, t, conn).await {
                 Ok(pass) => prepared.extend(pass.prepared),
+                Err(ResolveError::Claimed(why)) => {
+                    tracing::error!(error = %why, "2PC resolver: this node does not resolve on the shard");
+                    *conn = None;
+                    complete = false;
+                }
                 Err(e) => {
                     tracing::warn!(shard = %node.routing.shard_name(t), error = %e, "2PC resolver cannot check the shard");
                     *conn = None;
@@ -156,6 +161,127 @@ pub enum ResolveError {
     Connect(#[from] crate::backend::conn::BackendError),
     #[error(transparent)]
     Query(#[from] HiddenQueryError),
+    /// Another session holds this standalone node's claim on the shard.
+    #[error("{0}")]
+    Claimed(String),
+}
+
+/// First key of the advisory lock by which a standalone node claims its
+/// `node_id` on a shard (`pg_advisory_lock(CLAIM_CLASS, node_id)`, "hrnd").
+///
+/// Why: a standalone node resolves the in-doubt transactions named
+/// `hr_<its node_id>_…` by its own decisions, which live only in its
+/// memory/data directory. A second standalone node with the same
+/// `node_id` in front of the same shards would take the first one's
+/// in-doubt transactions for its own and roll back ones the first decided
+/// to commit: half-committed transactions. So the resolver's connection
+/// to each shard holds this lock for as long as it is open, a resolver
+/// that cannot take it does not resolve on that shard, and `hotrepart
+/// serve` refuses to start when another node holds it
+/// ([`check_claims`]). Nodes of a cluster share their decisions in the
+/// catalog and need no claim.
+pub const CLAIM_CLASS: i32 = 0x6872_6e64;
+
+/// Whether this node claims its `node_id` on the shards (standalone).
+fn claims(node: &Node) -> bool {
+    node.cfg().cluster.is_none()
+}
+
+/// Takes this node's claim on shard `t` with `b` (held while `b` is
+/// open). The server ends the session of a node that vanished without
+/// closing it (a host lost) within about 30 s (TCP keepalives set here),
+/// which gives the claim back.
+async fn claim(node: &Node, t: usize, b: &mut BackendConn) -> Result<(), ResolveError> {
+    let id = node.cfg().effective_node_id();
+    let key = i32::try_from(id).unwrap_or(i32::MAX);
+    let rows = b
+        .hidden_query(&format!(
+            "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+             SET tcp_keepalives_count = 3; \
+             SELECT pg_catalog.pg_try_advisory_lock({CLAIM_CLASS}, {key})::text"
+        ))
+        .await?;
+    if matches!(rows.last().and_then(|r| r.first()), Some(Some(v)) if v == "true") {
+        return Ok(());
+    }
+    let holder = b
+        .hidden_query(&format!(
+            "SELECT a.pid::text, coalesce(host(a.client_addr), 'a local socket'), \
+             a.application_name, to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ') \
+             FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a USING (pid) \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {CLAIM_CLASS}::oid \
+             AND l.objid = {key}::oid AND l.objsubid = 2 LIMIT 1"
+        ))
+        .await
+        .unwrap_or_default();
+    let who = match holder.first().map(|r| r.as_slice()) {
+        Some([Some(pid), Some(from), app, Some(since)]) => format!(
+            "backend pid {pid} from {from} ({}), connected since {since}",
+            app.as_deref().unwrap_or("")
+        ),
+        _ => "a session that has just ended or is not visible to this login".into(),
+    };
+    Err(ResolveError::Claimed(format!(
+        "another hotrepart node with node_id {id} is in front of shard {} (it holds the claim: {who}). \
+         Two standalone nodes with the same node_id would resolve each other's two-phase \
+         transactions wrongly: give each node its own node_id, or join them in a cluster. \
+         If that node is gone, end its session on the shard (SELECT pg_terminate_backend(<pid>))",
+        node.routing.shard_name(t)
+    )))
+}
+
+/// Checks, before a standalone node serves, that no other node holds its
+/// claim on a shard (see [`CLAIM_CLASS`]): Err with the reason when one
+/// does. A shard that cannot be reached is skipped (logged): the
+/// resolver's connection claims it once it is back, and does not resolve
+/// there while another node holds it.
+pub async fn check_claims(node: &Node) -> Result<(), String> {
+    if !claims(node) {
+        return Ok(());
+    }
+    for t in node.routing.live_shards() {
+        let mut conn = None;
+        match connect_and_claim(node, t, &mut conn).await {
+            Ok(_) => {}
+            Err(ResolveError::Claimed(why)) => return Err(why),
+            Err(e) => tracing::warn!(
+                shard = %node.routing.shard_name(t),
+                error = %e,
+                "cannot check this node's claim on the shard now; its 2PC resolver claims it once it is reachable"
+            ),
+        }
+        // Dropping the connection gives the claim back; the resolver takes
+        // it again on its own connection.
+    }
+    Ok(())
+}
+
+/// The database shard `t`'s DSN names (`postgres` when none).
+fn home_db(node: &Node, t: usize) -> String {
+    node.routing
+        .shard_dsn(t)
+        .and_then(|d| crate::control::pg::parse_dsn(&d).ok())
+        .map(|(c, _)| c)
+        .and_then(|c| c.get_dbname().map(str::to_string))
+        .unwrap_or_else(|| "postgres".into())
+}
+
+/// The resolver's connection to shard `t`'s home database (made, and
+/// claimed for a standalone node, when `conn` is None).
+async fn connect_and_claim<'a>(
+    node: &Node,
+    t: usize,
+    conn: &'a mut Option<BackendConn>,
+) -> Result<&'a mut BackendConn, ResolveError> {
+    if conn.is_none() {
+        let mut b = resolver_connect(node, t, &home_db(node, t)).await?;
+        if claims(node) {
+            claim(node, t, &mut b).await?;
+        }
+        *conn = Some(b);
+    }
+    conn.as_mut()
+        .ok_or_else(|| ResolveError::Claimed("no connection".into()))
 }
 
 /// What one resolver pass saw on a shard.
@@ -175,17 +301,8 @@ pub async fn resolve_shard(
     t: usize,
     conn: &mut Option<BackendConn>,
 ) -> Result<ShardPass, ResolveError> {
-    let home_db = node
-        .routing
-        .shard_dsn(t)
-        .and_then(|d| crate::control::pg::parse_dsn(&d).ok())
-        .map(|(c, _)| c)
-        .and_then(|c| c.get_dbname().map(str::to_string))
-        .unwrap_or_else(|| "postgres".into());
-    let b = match conn {
-        Some(b) => b,
-        None => conn.insert(resolver_connect(node, t, &home_db).await?),
-    };
+    let home_db = home_db(node, t);
+    let b = connect_and_claim(node, t, conn).await?;
     // pg_prepared_xacts lists every database's prepared transactions; all
     // are listed (the sweep must not forget a young one's decision), the
     // old ones resolved.

@@ -899,3 +899,123 @@ async fn an_in_doubt_transaction_keeps_its_decision_until_it_is_resolved() {
     )
     .await;
 }
+
+/// Advisory locks holding `node_id`'s claim on a shard (read directly).
+async fn claims_held(dsn: &str, node_id: i64) -> i64 {
+    connect(dsn)
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND classid = $1::int8::oid AND objid = $2::int8::oid AND objsubid = 2",
+            &[
+                &i64::from(hotrepart_proxy::control::resolver::CLAIM_CLASS),
+                &node_id,
+            ],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Runs `hotrepart serve` for `c`'s shards as standalone node `node_id`:
+/// Err(its output) when it exits within 30 s, Ok(child) once it listens.
+async fn serve_standalone(c: &Cluster, node_id: u64) -> Result<tokio::process::Child, String> {
+    let port = hotrepart_proxy::tools::localpg::free_port().unwrap();
+    let mut toml = format!("listen = \"127.0.0.1:{port}\"\nnode_id = {node_id}\n");
+    for (i, s) in c.shards.iter().enumerate() {
+        toml.push_str(&format!(
+            "[[shards]]\nname = \"s{i}\"\ndsn = \"{}\"\n",
+            s.dsn()
+        ));
+    }
+    toml.push_str("[[users]]\nname = \"t\"\nauth = \"trust\"\nserver_user = \"postgres\"\n");
+    let path = c.dir.0.join(format!("standalone-{port}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    let log = c.dir.0.join(format!("standalone-{port}.log"));
+    let mut child = tokio::process::Command::new(hotrepart_tests::procs::bin("hotrepart"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            let out = std::fs::read_to_string(&log).unwrap_or_default()
+                + &std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+            return Err(format!("exit {st}: {out}"));
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(child);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node_id {node_id} neither served nor exited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 17: two standalone nodes with the same `node_id` in front of the
+/// same shards would resolve each other's in-doubt transactions by the
+/// wrong decisions. A standalone node's resolver holds a claim on every
+/// shard (an advisory lock on its connection); `hotrepart serve` with a
+/// node_id another node holds refuses to start and says who holds it and
+/// what to do; another node_id starts; once the first node is gone, its
+/// node_id is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_standalone_node_with_the_same_node_id_is_refused() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: "node_id = 7\ntwopc_resolver_interval_ms = 100".into(),
+        users: String::new(),
+        tail: tail(),
+    })
+    .await;
+    // The running node claims node_id 7 on both shards.
+    let start = std::time::Instant::now();
+    while claims_held(&c.shards[0].dsn(), 7).await != 1
+        || claims_held(&c.shards[1].dsn(), 7).await != 1
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "no claim taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = serve_standalone(&c, 7)
+        .await
+        .err()
+        .expect("a second node with node_id 7 must not serve");
+    assert!(
+        out.contains("refusing to start")
+            && out.contains("another hotrepart node with node_id 7 is in front of shard s0")
+            && out.contains("backend pid")
+            && out.contains("give each node its own node_id")
+            && out.contains("pg_terminate_backend"),
+        "{out}"
+    );
+    // Another node_id is welcome.
+    let mut other = serve_standalone(&c, 8).await.expect("node_id 8 serves");
+    assert_eq!(claims_held(&c.shards[0].dsn(), 7).await, 1);
+    other.kill().await.unwrap();
+    // The first node stops: node_id 7 is free.
+    assert!(c.node.shutdown(Duration::from_secs(5)).await);
+    let start = std::time::Instant::now();
+    while claims_held(&c.shards[0].dsn(), 7).await != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the claim outlived its node"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut again = serve_standalone(&c, 7)
+        .await
+        .expect("node_id 7 serves once the first node is gone");
+    again.kill().await.unwrap();
+}
