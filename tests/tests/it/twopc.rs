@@ -988,10 +988,9 @@ async fn a_second_standalone_node_with_the_same_node_id_is_refused() {
         assert!(start.elapsed() < Duration::from_secs(20), "no claim taken");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let out = serve_standalone(&c, 7)
-        .await
-        .err()
-        .expect("a second node with node_id 7 must not serve");
+    let Err(out) = serve_standalone(&c, 7).await else {
+        panic!("a second node with node_id 7 must not serve");
+    };
     assert!(
         out.contains("refusing to start")
             && out.contains("another hotrepart node with node_id 7 is in front of shard s0")
