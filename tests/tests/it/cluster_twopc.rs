@@ -179,6 +179,9 @@ async fn the_leader_finishes_in_doubt_transactions_by_the_replicated_decision() 
     let l = leader(&c, 0).await;
     let f = (0..3).find(|&i| i as u64 + 1 != l).unwrap();
     let epoch0 = status(&c, f).await["epoch"].as_u64().unwrap();
+    // The CREATE TABLE above was itself a two-shard transaction (atomic
+    // DDL): its forget entry must be in before counting.
+    forgotten(&c, f).await;
     let before = applied(&c, f).await;
     two_shard_tx(&c, f, k0[0], k1[0]).await.unwrap();
     assert!(on_shard(&c, 0, k0[0]).await && on_shard(&c, 1, k1[0]).await);
