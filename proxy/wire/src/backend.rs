@@ -5,8 +5,9 @@
 //! reads, and the channel of a NotificationResponse.
 //!
 //! Guarantee: a malformed body gives an error (`WireError::Protocol`) or
-//! `None`, never a panic, and never an allocation larger than the body
-//! it was given.
+//! `None`, never a panic. (A row's or description's vector is sized by
+//! the count the message claims, at most 65,535 entries, before the
+//! entries are checked.)
 
 use crate::frame::{get_cstr, get_i16, get_i32, WireError};
 use bytes::{Buf, Bytes};
@@ -49,13 +50,17 @@ pub fn row_description(raw: &[u8]) -> Option<Vec<Field>> {
     Some(out)
 }
 
-/// A DataRow's values (`raw`: the whole frame); None when malformed.
+/// A DataRow's values (`raw`: the whole frame); None when malformed (a
+/// negative column count included: not an empty row).
 pub fn data_row(raw: &[u8]) -> Option<Row> {
     let mut b = raw.get(5..)?;
     if b.len() < 2 {
         return None;
     }
     let n = b.get_i16();
+    if n < 0 {
+        return None;
+    }
     let mut row = Vec::with_capacity(n.max(0) as usize);
     for _ in 0..n {
         if b.len() < 4 {
@@ -80,6 +85,11 @@ pub fn data_row(raw: &[u8]) -> Option<Row> {
 /// (invalid UTF-8 replaced).
 pub fn text_data_row(mut b: &[u8]) -> Result<Vec<Option<String>>, WireError> {
     let n = get_i16(&mut b)?;
+    if n < 0 {
+        return Err(WireError::Protocol(format!(
+            "data row with a negative column count ({n})"
+        )));
+    }
     let mut row = Vec::with_capacity(n.max(0) as usize);
     for _ in 0..n {
         let len = get_i32(&mut b)?;
@@ -142,4 +152,26 @@ pub fn backend_key_data(mut b: &[u8]) -> Result<(i32, i32), WireError> {
 pub fn notification_channel(body: &[u8]) -> Option<String> {
     let mut b = body.get(4..)?;
     get_cstr(&mut b).ok().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `backend` fuzz target: a DataRow claiming -1 columns
+    /// was taken for an empty row (the merge would have read its columns
+    /// as NULLs) instead of being refused.
+    #[test]
+    fn a_negative_column_count_is_refused() {
+        let frame = [b'D', 0, 0, 0, 6, 0xff, 0xff];
+        assert!(data_row(&frame).is_none());
+        assert!(matches!(
+            text_data_row(&frame[5..]),
+            Err(WireError::Protocol(m)) if m.contains("negative column count")
+        ));
+        // Zero columns is a real (empty) row.
+        let empty = [b'D', 0, 0, 0, 6, 0, 0];
+        assert_eq!(data_row(&empty), Some(Vec::new()));
+        assert_eq!(text_data_row(&empty[5..]).ok(), Some(Vec::new()));
+    }
 }
