@@ -51,7 +51,8 @@ pub fn row_description(raw: &[u8]) -> Option<Vec<Field>> {
 }
 
 /// A DataRow's values (`raw`: the whole frame); None when malformed (a
-/// negative column count included: not an empty row).
+/// negative column count or a value length below -1 included: not an
+/// empty row, not a NULL).
 pub fn data_row(raw: &[u8]) -> Option<Row> {
     let mut b = raw.get(5..)?;
     if b.len() < 2 {
@@ -67,6 +68,9 @@ pub fn data_row(raw: &[u8]) -> Option<Row> {
             return None;
         }
         let len = b.get_i32();
+        if len < -1 {
+            return None;
+        }
         if len < 0 {
             row.push(None);
         } else {
@@ -93,6 +97,11 @@ pub fn text_data_row(mut b: &[u8]) -> Result<Vec<Option<String>>, WireError> {
     let mut row = Vec::with_capacity(n.max(0) as usize);
     for _ in 0..n {
         let len = get_i32(&mut b)?;
+        if len < -1 {
+            return Err(WireError::Protocol(format!(
+                "data row with an invalid value length ({len})"
+            )));
+        }
         if len < 0 {
             row.push(None);
         } else {
@@ -173,5 +182,20 @@ mod tests {
         let empty = [b'D', 0, 0, 0, 6, 0, 0];
         assert_eq!(data_row(&empty), Some(Vec::new()));
         assert_eq!(text_data_row(&empty[5..]).ok(), Some(Vec::new()));
+    }
+
+    /// Found by the `backend` fuzz target: a value length below -1 (only
+    /// -1 means NULL) was read as a NULL instead of being refused.
+    #[test]
+    fn a_value_length_below_minus_one_is_refused() {
+        let frame = [b'D', 0, 0, 0, 10, 0, 1, 0xff, 0xff, 0x00, 0xff];
+        assert!(data_row(&frame).is_none());
+        assert!(matches!(
+            text_data_row(&frame[5..]),
+            Err(WireError::Protocol(m)) if m.contains("invalid value length")
+        ));
+        let null = [b'D', 0, 0, 0, 10, 0, 1, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(data_row(&null), Some(vec![None]));
+        assert_eq!(text_data_row(&null[5..]).ok(), Some(vec![None]));
     }
 }
