@@ -12,6 +12,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
-# Coverage-guided fuzzing of the router's targets, 30 s each from the kept
-# corpora (nightly toolchain + cargo-fuzz; see fuzz/smoke.sh).
+# Coverage-guided fuzzing of every target (router, wire decoders, WASM
+# module loading), 30 s each from the kept corpora (nightly toolchain +
+# cargo-fuzz; see fuzz/smoke.sh).
 fuzz/smoke.sh

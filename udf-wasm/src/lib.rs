@@ -36,5 +36,8 @@ pub mod abi;
 mod error;
 mod function;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use error::{CallError, Error};
 pub use function::{sha256_id, Function, FunctionStats, Limits, Runtime};

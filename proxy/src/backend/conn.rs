@@ -12,7 +12,8 @@
 //! `allow_cleartext_shard_password`.
 
 use crate::wire::{self, auth, be, tx, Frame, FrameReader, WireError};
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
+use hotrepart_wire::backend as decode;
 use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use std::net::SocketAddr;
@@ -278,10 +279,10 @@ impl BackendConn {
         let (mut pid, mut secret) = (0, 0);
         loop {
             let f = reader.next().await?;
-            let mut body = f.body();
+            let body = f.body();
             match f.tag() {
                 be::AUTHENTICATION => {
-                    let code = wire::get_i32(&mut body)?;
+                    let (code, body) = decode::auth_request(body)?;
                     out.clear();
                     match code {
                         auth::OK => continue,
@@ -301,10 +302,7 @@ impl BackendConn {
                                 .password
                                 .as_deref()
                                 .ok_or_else(|| BackendError::NoPassword(t.shard.clone()))?;
-                            if body.len() < 4 {
-                                return Err(WireError::Protocol("short md5 salt".into()).into());
-                            }
-                            let salt = [body[0], body[1], body[2], body[3]];
+                            let salt = decode::md5_salt(body)?;
                             let h = postgres_protocol::authentication::md5_hash(
                                 t.user.as_bytes(),
                                 pw.as_bytes(),
@@ -318,13 +316,8 @@ impl BackendConn {
                                 .password
                                 .as_deref()
                                 .ok_or_else(|| BackendError::NoPassword(t.shard.clone()))?;
-                            let mut has_scram = false;
-                            while let Ok(m) = wire::get_cstr(&mut body) {
-                                if m.is_empty() {
-                                    break;
-                                }
-                                has_scram |= m == sasl::SCRAM_SHA_256;
-                            }
+                            let has_scram =
+                                decode::sasl_mechanisms(body).contains(&sasl::SCRAM_SHA_256);
                             if !has_scram {
                                 return Err(BackendError::UnsupportedAuth {
                                     shard: t.shard.clone(),
@@ -364,15 +357,8 @@ impl BackendConn {
                     }
                     w.write_all(&out).await.map_err(WireError::Io)?;
                 }
-                be::PARAMETER_STATUS => {
-                    let k = wire::get_cstr(&mut body)?.to_string();
-                    let v = wire::get_cstr(&mut body)?.to_string();
-                    params.push((k, v));
-                }
-                be::BACKEND_KEY_DATA => {
-                    pid = wire::get_i32(&mut body)?;
-                    secret = wire::get_i32(&mut body)?;
-                }
+                be::PARAMETER_STATUS => params.push(decode::parameter_status(body)?),
+                be::BACKEND_KEY_DATA => (pid, secret) = decode::backend_key_data(body)?,
                 be::ERROR_RESPONSE => {
                     let (code, message) = wire::parse_error_fields(f.body());
                     return Err(BackendError::Refused {
@@ -465,25 +451,7 @@ impl BackendConn {
             let f: Frame = self.reader.next().await.map_err(HiddenQueryError::Wire)?;
             match f.tag() {
                 be::DATA_ROW => {
-                    let mut b = f.body();
-                    let n = wire::get_i16(&mut b).map_err(HiddenQueryError::Wire)?;
-                    let mut row = Vec::with_capacity(n.max(0) as usize);
-                    for _ in 0..n {
-                        let len = wire::get_i32(&mut b).map_err(HiddenQueryError::Wire)?;
-                        if len < 0 {
-                            row.push(None);
-                        } else {
-                            let len = len as usize;
-                            if b.len() < len {
-                                return Err(HiddenQueryError::Wire(WireError::Protocol(
-                                    "short data row".into(),
-                                )));
-                            }
-                            row.push(Some(String::from_utf8_lossy(&b[..len]).into_owned()));
-                            b.advance(len);
-                        }
-                    }
-                    rows.push(row);
+                    rows.push(decode::text_data_row(f.body()).map_err(HiddenQueryError::Wire)?)
                 }
                 be::ERROR_RESPONSE => err = Some(wire::parse_error_fields(f.body())),
                 be::READY_FOR_QUERY => {

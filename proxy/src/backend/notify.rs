@@ -192,8 +192,7 @@ fn unlisten_db(db: &DbListeners, channel: Option<&str>, who: u64) {
 
 /// The channel a NotificationResponse names.
 fn channel_of(f: &Frame) -> Option<String> {
-    let mut b = f.body().get(4..)?;
-    wire::get_cstr(&mut b).ok().map(str::to_string)
+    hotrepart_wire::backend::notification_channel(f.body())
 }
 
 async fn send_query(c: &mut BackendConn, sql: &str) -> std::io::Result<()> {

@@ -36,7 +36,7 @@ use crate::frontend::auth::{self, ScramServer, ScramVerifier};
 use crate::node::*;
 use crate::session::Session;
 use crate::wire::startup::{CANCEL_REQUEST, GSSENC_REQUEST, PROTOCOL_3_0, SSL_REQUEST};
-use crate::wire::{self, FrameReader, Severity, WireError};
+use crate::wire::{self, parse_startup, FrameReader, Severity, WireError};
 use bytes::{BufMut, BytesMut};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -856,18 +856,6 @@ async fn startup_after_tls<S: AsyncRead + AsyncWrite + Unpin>(
             refuse(r.get_mut(), sqlstate::PROTOCOL_VIOLATION, &m).await;
             None
         }
-    }
-}
-
-fn parse_startup(mut b: &[u8]) -> Result<Vec<(String, String)>, String> {
-    let mut v = Vec::new();
-    loop {
-        let k = wire::get_cstr(&mut b).map_err(|e| e.to_string())?;
-        if k.is_empty() {
-            return Ok(v);
-        }
-        let val = wire::get_cstr(&mut b).map_err(|e| e.to_string())?;
-        v.push((k.to_string(), val.to_string()));
     }
 }
 

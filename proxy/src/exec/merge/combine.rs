@@ -11,21 +11,8 @@ use hotrepart_router::route::{
 };
 use std::cmp::Ordering;
 
-pub(super) type Row = Vec<Option<Bytes>>;
-
-/// One column of the shards' RowDescription.
-#[derive(Clone)]
-pub(super) struct Field {
-    pub(super) name: Vec<u8>,
-    /// table oid, attnum, type oid, typlen, typmod, format (18 bytes)
-    pub(super) meta: [u8; 18],
-}
-
-impl Field {
-    pub(super) fn type_oid(&self) -> u32 {
-        u32::from_be_bytes([self.meta[6], self.meta[7], self.meta[8], self.meta[9]])
-    }
-}
+/// A shard's row, and one column of the shards' RowDescription.
+pub(super) use hotrepart_wire::backend::{Field, Row};
 
 pub(super) struct MergeError(pub(super) &'static str, pub(super) String);
 

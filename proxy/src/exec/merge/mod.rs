@@ -10,14 +10,11 @@
 //! comparison for ORDER BY, output values.
 //! [`binary`]: merged text values in the binary format clients ask for.
 //! [`value`]: PostgreSQL's ordering and the arithmetic for combining
-//! partial aggregates, on text-format values.
+//! partial aggregates, on text-format values. Both (and the shards'
+//! RowDescription/DataRow decoding) live in the `hotrepart-wire` crate,
+//! fuzzed there (`fuzz/fuzz_targets/merge_values.rs`, `backend.rs`).
 
 pub mod binary;
 mod combine;
 pub mod exec;
 pub mod value;
-
-/// Malformed backend bytes never panic the merge: the decoders and the
-/// value code are fed random and almost-valid input (seeded, replayable).
-#[cfg(test)]
-mod fuzz_tests;
