@@ -815,9 +815,11 @@ impl<'a> Lexer<'a> {
 
 mod database;
 mod outside;
+mod script;
 mod unparsed;
 pub use database::{database_statement, DatabaseStatement};
 pub use outside::{outside_transaction, OutsideTransaction};
+pub use script::{split_statements, transaction_statement, TxStatement};
 pub use unparsed::{copy_options, unparsed, CopyOptionValue, CopyOptions, Unparsed};
 
 #[cfg(test)]

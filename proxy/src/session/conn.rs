@@ -364,7 +364,8 @@ pub struct Session<S> {
     /// may wait in all (`None` inside: no limit).
     pub(super) pause_deadline: Option<Option<tokio::time::Instant>>,
     /// Set while a part of a client batch cut at a multi-shard statement
-    /// runs (`Session::run_parts`).
+    /// runs (`Session::run_parts`), or a query string runs statement by
+    /// statement (`Session::run_script`).
     pub(crate) part: Option<Part>,
     /// Routing asked for the batch held to be cut at a multi-shard
     /// statement (`Session::run_batch`).
@@ -374,11 +375,17 @@ pub struct Session<S> {
 /// A part of a client batch that the node cut at a multi-shard statement,
 /// while it runs: it ends with a Sync of the node's, whose ReadyForQuery
 /// the client must not see, and an error in it skips the rest of the
-/// client's batch. Its replies start at `from` in the client output.
+/// client's batch. Its replies start at `from` in the client output. Also
+/// a statement of a simple-Query string run statement by statement
+/// (`session/script.rs`).
 #[derive(Debug, Default)]
 pub(crate) struct Part {
     pub(crate) from: usize,
     pub(crate) failed: bool,
+    /// Drop CommandComplete too: the statement running is the node's own
+    /// (the COMMIT or ROLLBACK that ends a query string's implicit
+    /// transaction block, `session/script.rs`).
+    pub(crate) hide_complete: bool,
 }
 
 /// What a multi-shard extended statement's first shard answered.
@@ -548,6 +555,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let end = (i + 1 + len).min(self.out.len());
             match self.out[i] {
                 wire::be::READY_FOR_QUERY => dropped = true,
+                wire::be::COMMAND_COMPLETE if p.hide_complete => dropped = true,
                 tag => {
                     p.failed |= tag == wire::be::ERROR_RESPONSE;
                     kept.put_slice(&self.out[i..end]);

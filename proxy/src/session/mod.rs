@@ -45,6 +45,7 @@ mod extended;
 mod listen;
 mod replies;
 mod route;
+mod script;
 #[cfg(test)]
 mod scripted;
 mod txn;
@@ -437,6 +438,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut d = match d {
             Ok(d) => d,
             Err(r) => {
+                // Statements the node cannot route together (different
+                // shards, rows from several): one by one, as PostgreSQL
+                // runs them.
+                if r.code == sqlstate::FEATURE_NOT_SUPPORTED {
+                    if let Some(stmts) = self.script_of(sql) {
+                        return self.run_script(stmts).await;
+                    }
+                }
                 self.refuse_simple(r);
                 return Ok(());
             }
@@ -450,6 +459,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Target::Shard(t) => Some(t),
             _ => None,
         };
+        if self.script_wanted(&d, target) {
+            if let Some(stmts) = self.script_of(sql) {
+                return self.run_script(stmts).await;
+            }
+        }
         // Decide with what the current shard has answered: a pipelined
         // statement for another shard waits for its replies (an error there
         // aborts the transaction).
@@ -597,7 +611,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             });
             self.part = Some(Part {
                 from: self.out.len(),
-                failed: false,
+                ..Part::default()
             });
             self.batch = part;
             let mut r = self.run_batch_rounds(true).await;

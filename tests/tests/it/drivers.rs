@@ -135,14 +135,6 @@ const KNOWN_FAILURES: &[Known] = &[
         known_failure: "SQL-level PREPARE/EXECUTE is refused on several shards",
         fails_with: "0A000: SQL-level PREPARE/EXECUTE (use the extended protocol)",
     },
-    Known {
-        driver: Driver::NodePg,
-        shards: 2,
-        scenario: "multi_statement_string",
-        known_failure: "a query string mixing DDL (every shard) and a write on the home shard \
-            is refused (0A000 \"go to different shards; send them separately\")",
-        fails_with: "send them separately",
-    },
 ];
 
 /// The interpreter, script and environment of a driver; None when skipped

@@ -45,6 +45,7 @@ mod reshard_verify;
 mod reshard_wasm;
 mod routing;
 mod safety;
+mod scripts;
 mod tls_auth;
 mod transactions;
 mod twopc;
