@@ -48,6 +48,7 @@ mod route;
 mod script;
 #[cfg(test)]
 mod scripted;
+mod sql_prepare;
 mod txn;
 
 pub use conn::{End, Session};
@@ -418,6 +419,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Err(r) = self.check_listen(class.listen) {
             self.refuse_simple(r);
             return Ok(());
+        }
+        // SQL PREPARE/EXECUTE: as the protocol's named statements, which
+        // survive transaction pooling and route by their parameters (in
+        // session pooling on one shard the backend keeps them itself).
+        if !self.session_mode || !self.node.routing.single_shard() {
+            if let Some(p) = hotrepart_router::classify::sql_prepare(sql) {
+                return self.sql_prepare(p).await;
+            }
+            if let Some(e) = hotrepart_router::classify::sql_execute(sql) {
+                return self.sql_execute(e).await;
+            }
         }
         if self.deallocate(class.deallocate.as_ref()) {
             return Ok(());

@@ -46,6 +46,7 @@ mod reshard_wasm;
 mod routing;
 mod safety;
 mod scripts;
+mod sql_prepare;
 mod tls_auth;
 mod transactions;
 mod twopc;

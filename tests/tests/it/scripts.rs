@@ -45,7 +45,7 @@ fn keys(c: &Cluster, n: usize) -> (Vec<i64>, Vec<i64>) {
 /// What the client sees of a query string: row descriptions, rows and
 /// command tags in order, then the error (code and message, without the
 /// node's "(on shard …)" suffix) if one ends it.
-async fn transcript(db: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+pub(crate) async fn transcript(db: &tokio_postgres::Client, sql: &str) -> Vec<String> {
     let mut out = Vec::new();
     let stream = match db.simple_query_raw(sql).await {
         Ok(s) => s,
