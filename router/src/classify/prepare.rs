@@ -191,6 +191,7 @@ fn arg<'a>(sql: &'a str, toks: &[Tok]) -> Arg<'a> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
