@@ -107,6 +107,11 @@ fn list(toks: &[Tok], open: usize) -> Option<(Vec<(usize, usize)>, usize)> {
 
 /// Reads `sql` as one SQL `PREPARE` (not `PREPARE TRANSACTION`).
 pub fn sql_prepare(sql: &str) -> Option<SqlPrepare<'_>> {
+    // The common statement costs one token, not a list of all of them (a
+    // huge IN list would take memory in proportion).
+    if !super::first_keyword_is(sql, "prepare") {
+        return None;
+    }
     let toks = tokens(sql)?;
     if !is_word(sql, toks.first()?, "prepare") || is_word(sql, toks.get(1)?, "transaction") {
         return None;
@@ -136,6 +141,9 @@ pub fn sql_prepare(sql: &str) -> Option<SqlPrepare<'_>> {
 
 /// Reads `sql` as one SQL `EXECUTE`.
 pub fn sql_execute(sql: &str) -> Option<SqlExecute<'_>> {
+    if !super::first_keyword_is(sql, "execute") {
+        return None;
+    }
     let toks = tokens(sql)?;
     if !is_word(sql, toks.first()?, "execute") {
         return None;
