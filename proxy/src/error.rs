@@ -9,6 +9,8 @@
 pub mod sqlstate {
     /// `25001 active_sql_transaction`.
     pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
+    /// `25P01 no_active_sql_transaction`.
+    pub const NO_ACTIVE_SQL_TRANSACTION: &str = "25P01";
     /// `25P02 in_failed_sql_transaction`.
     pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
     /// `25P03 idle_in_transaction_session_timeout`.

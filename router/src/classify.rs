@@ -815,9 +815,13 @@ impl<'a> Lexer<'a> {
 
 mod database;
 mod outside;
+mod prepare;
+mod script;
 mod unparsed;
 pub use database::{database_statement, DatabaseStatement};
 pub use outside::{outside_transaction, OutsideTransaction};
+pub use prepare::{highest_parameter, sql_execute, sql_prepare, Arg, SqlExecute, SqlPrepare};
+pub use script::{split_statements, transaction_statement, TxStatement};
 pub use unparsed::{copy_options, unparsed, CopyOptionValue, CopyOptions, Unparsed};
 
 #[cfg(test)]

@@ -364,7 +364,8 @@ pub struct Session<S> {
     /// may wait in all (`None` inside: no limit).
     pub(super) pause_deadline: Option<Option<tokio::time::Instant>>,
     /// Set while a part of a client batch cut at a multi-shard statement
-    /// runs (`Session::run_parts`).
+    /// runs (`Session::run_parts`), or a query string runs statement by
+    /// statement (`Session::run_script`).
     pub(crate) part: Option<Part>,
     /// Routing asked for the batch held to be cut at a multi-shard
     /// statement (`Session::run_batch`).
@@ -374,11 +375,32 @@ pub struct Session<S> {
 /// A part of a client batch that the node cut at a multi-shard statement,
 /// while it runs: it ends with a Sync of the node's, whose ReadyForQuery
 /// the client must not see, and an error in it skips the rest of the
-/// client's batch. Its replies start at `from` in the client output.
+/// client's batch. Its replies start at `from` in the client output. Also
+/// a statement of a simple-Query string run statement by statement
+/// (`session/script.rs`).
 #[derive(Debug, Default)]
 pub(crate) struct Part {
     pub(crate) from: usize,
     pub(crate) failed: bool,
+    /// Drop CommandComplete too: the statement running is the node's own
+    /// (the COMMIT or ROLLBACK that ends a query string's implicit
+    /// transaction block, `session/script.rs`).
+    pub(crate) hide_complete: bool,
+    /// Show its ReadyForQuery (a SQL PREPARE/EXECUTE run as a batch of
+    /// the node's, outside a query string run statement by statement).
+    pub(crate) keep_ready: bool,
+    /// The replies of a SQL PREPARE/EXECUTE run as protocol messages,
+    /// shown as the simple protocol's (`session/sql_prepare.rs`).
+    pub(crate) sql_reply: Option<SqlReply>,
+}
+
+/// Which SQL statement a batch of the node's stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SqlReply {
+    /// `PREPARE`: ParseComplete shows as CommandComplete `PREPARE`.
+    Prepare,
+    /// `EXECUTE`: BindComplete and NoData are not shown.
+    Execute,
 }
 
 /// What a multi-shard extended statement's first shard answered.
@@ -530,7 +552,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// While a part of a cut batch runs ([`Part`]): looks at its replies
     /// queued for the client since the last look, notes an ErrorResponse
     /// and drops the ReadyForQuery messages (the part's Sync is the
-    /// node's; the client's own Sync ends the last part).
+    /// node's; the client's own Sync ends the last part), and rewrites
+    /// what the part's mode asks ([`Part::hide_complete`],
+    /// [`Part::sql_reply`]).
     pub(crate) fn scan_part(&mut self) {
         let Some(p) = self.part.as_mut() else {
             return;
@@ -547,7 +571,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ]) as usize;
             let end = (i + 1 + len).min(self.out.len());
             match self.out[i] {
-                wire::be::READY_FOR_QUERY => dropped = true,
+                wire::be::READY_FOR_QUERY if !p.keep_ready => dropped = true,
+                wire::be::COMMAND_COMPLETE if p.hide_complete => dropped = true,
+                wire::be::PARSE_COMPLETE if p.sql_reply == Some(SqlReply::Prepare) => {
+                    dropped = true;
+                    kept.put_slice(&crate::wire::command_complete("PREPARE"));
+                }
+                wire::be::BIND_COMPLETE | wire::be::NO_DATA
+                    if p.sql_reply == Some(SqlReply::Execute) =>
+                {
+                    dropped = true
+                }
                 tag => {
                     p.failed |= tag == wire::be::ERROR_RESPONSE;
                     kept.put_slice(&self.out[i..end]);

@@ -45,8 +45,10 @@ mod extended;
 mod listen;
 mod replies;
 mod route;
+mod script;
 #[cfg(test)]
 mod scripted;
+mod sql_prepare;
 mod txn;
 
 pub use conn::{End, Session};
@@ -418,6 +420,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.refuse_simple(r);
             return Ok(());
         }
+        // SQL PREPARE/EXECUTE: as the protocol's named statements, which
+        // survive transaction pooling and route by their parameters (in
+        // session pooling on one shard the backend keeps them itself).
+        if !self.session_mode || !self.node.routing.single_shard() {
+            if let Some(p) = hotrepart_router::classify::sql_prepare(sql) {
+                return self.sql_prepare(p).await;
+            }
+            if let Some(e) = hotrepart_router::classify::sql_execute(sql) {
+                return self.sql_execute(e).await;
+            }
+        }
         if self.deallocate(class.deallocate.as_ref()) {
             return Ok(());
         }
@@ -437,6 +450,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut d = match d {
             Ok(d) => d,
             Err(r) => {
+                // Statements the node cannot route together (different
+                // shards, rows from several): one by one, as PostgreSQL
+                // runs them.
+                if r.code == sqlstate::FEATURE_NOT_SUPPORTED {
+                    if let Some(stmts) = self.script_of(sql) {
+                        return self.run_script(stmts).await;
+                    }
+                }
                 self.refuse_simple(r);
                 return Ok(());
             }
@@ -450,6 +471,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Target::Shard(t) => Some(t),
             _ => None,
         };
+        if self.script_wanted(&d, target) {
+            if let Some(stmts) = self.script_of(sql) {
+                return self.run_script(stmts).await;
+            }
+        }
         // Decide with what the current shard has answered: a pipelined
         // statement for another shard waits for its replies (an error there
         // aborts the transaction).
@@ -597,7 +623,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             });
             self.part = Some(Part {
                 from: self.out.len(),
-                failed: false,
+                ..Part::default()
             });
             self.batch = part;
             let mut r = self.run_batch_rounds(true).await;

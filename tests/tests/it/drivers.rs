@@ -120,29 +120,6 @@ const KNOWN_FAILURES: &[Known] = &[
         known_failure: "as on one shard: a temporary table is not kept for the session",
         fails_with: "42P01: relation \"drv_tmp\" does not exist",
     },
-    Known {
-        driver: Driver::Psycopg,
-        shards: 1,
-        scenario: "sql_prepare",
-        known_failure: "transaction pooling does not keep SQL-level PREPARE: EXECUTE may run \
-            on another backend (docs/design/session.md: use pool_mode = \"session\")",
-        fails_with: "26000: prepared statement \"drv_q\" does not exist",
-    },
-    Known {
-        driver: Driver::Psycopg,
-        shards: 2,
-        scenario: "sql_prepare",
-        known_failure: "SQL-level PREPARE/EXECUTE is refused on several shards",
-        fails_with: "0A000: SQL-level PREPARE/EXECUTE (use the extended protocol)",
-    },
-    Known {
-        driver: Driver::NodePg,
-        shards: 2,
-        scenario: "multi_statement_string",
-        known_failure: "a query string mixing DDL (every shard) and a write on the home shard \
-            is refused (0A000 \"go to different shards; send them separately\")",
-        fails_with: "send them separately",
-    },
 ];
 
 /// The interpreter, script and environment of a driver; None when skipped
