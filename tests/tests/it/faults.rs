@@ -77,6 +77,12 @@ async fn items_cluster(extra: &str, rows: i64) -> Cluster {
         ..Opts::default()
     })
     .await;
+    fill_items(&c, rows).await;
+    c
+}
+
+/// Creates table `items` through the node, holding ids 1..=`rows` (n = id).
+async fn fill_items(c: &Cluster, rows: i64) {
     let db = c.connect().await;
     db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, n int)")
         .await
@@ -88,7 +94,6 @@ async fn items_cluster(extra: &str, rows: i64) -> Cluster {
     ))
     .await
     .unwrap();
-    c
 }
 
 async fn min_id(dsn: &str) -> i64 {
@@ -459,17 +464,7 @@ async fn a_slow_link_to_a_shard_slows_only_its_statements_and_a_dead_one_fails_c
     );
     let cfg = hotrepart_proxy::config::Config::from_toml(&toml).unwrap();
     let c = Cluster::with_config(cfg, shards, dir).await;
-    let db = c.connect().await;
-    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, n int)")
-        .await
-        .unwrap();
-    let values: Vec<String> = (1..=100).map(|i| format!("({i}, {i})")).collect();
-    db.batch_execute(&format!(
-        "INSERT INTO items (id, n) VALUES {}",
-        values.join(",")
-    ))
-    .await
-    .unwrap();
+    fill_items(&c, 100).await;
     let (on0, on1) = (
         min_id(&c.shards[0].dsn()).await,
         min_id(&c.shards[1].dsn()).await,
