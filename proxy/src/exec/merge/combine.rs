@@ -3,12 +3,14 @@
 //! output values produced — each with PostgreSQL's semantics for the type
 //! ([`super::value`]).
 
+use super::packed::{put_key_part, Cols, Packed};
 use super::value::{self, Num, Ty, ValueError};
 use crate::error::sqlstate;
 use bytes::Bytes;
 use hotrepart_router::route::{
     AggregatePlan, Combined, CompareOp, HavingExpr, Literal, MergePlan, Operand, Partial, ShardCol,
 };
+use std::borrow::Cow;
 use std::cmp::Ordering;
 
 /// A shard's row, and one column of the shards' RowDescription.
@@ -22,21 +24,25 @@ impl From<ValueError> for MergeError {
     }
 }
 
-/// The grouping key of `row` over columns `cols` (see [`value::group_key`]).
-pub(super) fn group_key(
+/// The grouping key of `row` over columns `cols` into `out` (cleared
+/// first): per column its [`value::group_key`] (equal values, equal keys).
+pub(super) fn key_into<R: Cols + ?Sized>(
     cols: &[usize],
-    row: &[Option<Bytes>],
+    row: &R,
     types: &[Ty],
-) -> Result<Vec<Option<Vec<u8>>>, MergeError> {
-    cols.iter()
-        .map(|&c| match row.get(c).cloned().flatten() {
-            None => Ok(None),
-            Some(v) => Ok(Some(value::group_key(
-                types.get(c).copied().unwrap_or(Ty::Other(0)),
-                &v,
-            )?)),
-        })
-        .collect()
+    out: &mut Vec<u8>,
+) -> Result<(), MergeError> {
+    out.clear();
+    for &c in cols {
+        match row.col(c) {
+            None => put_key_part(out, None),
+            Some(v) => {
+                let ty = types.get(c).copied().unwrap_or(Ty::Other(0));
+                put_key_part(out, Some(&value::group_key(ty, v)?));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn too_many(n: usize) -> MergeError {
@@ -51,14 +57,6 @@ pub(super) fn too_big(limit: usize, groups: usize) -> MergeError {
         sqlstate::OUT_OF_MEMORY,
         format!("out of memory: a multi-shard result needs more than max_merge_bytes = {limit} bytes in memory ({groups} groups or rows held); raise the limit or narrow the query"),
     )
-}
-
-/// Bytes a held row costs (its values and their slots), for
-/// `max_merge_bytes`.
-pub(super) fn row_bytes(row: &[Option<Bytes>]) -> usize {
-    row.iter()
-        .map(|v| std::mem::size_of::<Option<Bytes>>() + v.as_ref().map_or(0, Bytes::len))
-        .sum()
 }
 
 pub(super) fn key_ty(v: &Combined, types: &[Ty]) -> Ty {
@@ -90,36 +88,33 @@ pub(super) fn output_field(o: &Combined, fields: &[Field]) -> Option<Field> {
 }
 
 /// The value of a combined column in a (combined) shard row.
-pub(super) fn combined_value(
+pub(super) fn combined_value<'a, R: Cols + ?Sized>(
     o: &Combined,
-    row: &[Option<Bytes>],
+    row: &'a R,
     types: &[Ty],
-) -> Result<Option<Bytes>, MergeError> {
+) -> Result<Option<Cow<'a, [u8]>>, MergeError> {
     match o {
-        Combined::Col(c) => Ok(row.get(*c).cloned().flatten()),
+        Combined::Col(c) => Ok(row.col(*c).map(Cow::Borrowed)),
         Combined::Avg { sum, count } => {
-            let (Some(sv), Some(cv)) = (
-                row.get(*sum).cloned().flatten(),
-                row.get(*count).cloned().flatten(),
-            ) else {
+            let (Some(sv), Some(cv)) = (row.col(*sum), row.col(*count)) else {
                 return Ok(None);
             };
-            let cnt = Num::parse(utf8(&cv)?)?;
+            let cnt = Num::parse(utf8(cv)?)?;
             if cnt.cmp_num(&Num::from_i128(0)) == Ordering::Equal {
                 return Ok(None);
             }
             match types.get(*sum) {
                 Some(Ty::Float) => {
                     // PostgreSQL's avg accumulates from +0 (so -0 sums to 0).
-                    let s: f64 = 0.0 + parse_f64(utf8(&sv)?)?;
-                    let c: f64 = utf8(&cv)?
+                    let s: f64 = 0.0 + parse_f64(utf8(sv)?)?;
+                    let c: f64 = utf8(cv)?
                         .parse()
                         .map_err(|_| MergeError(sqlstate::INTERNAL_ERROR, "bad count".into()))?;
-                    Ok(Some(Bytes::from(float_text(s / c))))
+                    Ok(Some(Cow::Owned(float_text(s / c).into_bytes())))
                 }
                 _ => {
-                    let q = Num::parse(utf8(&sv)?)?.div_pg(&cnt)?;
-                    Ok(Some(Bytes::from(q.to_text())))
+                    let q = Num::parse(utf8(sv)?)?.div_pg(&cnt)?;
+                    Ok(Some(Cow::Owned(q.to_text().into_bytes())))
                 }
             }
         }
@@ -173,54 +168,67 @@ pub(crate) fn float_text(x: f64) -> String {
     }
 }
 
-/// Combines a shard row into its group's row, column by column.
-pub(super) fn combine(
+/// Combines a shard row into its group's row, column by column: the
+/// group's new row, or None when no value changed.
+pub(super) fn combine<B: AsRef<[u8]>>(
     a: &AggregatePlan,
     types: &[Ty],
-    acc: &mut Row,
-    row: &Row,
-) -> Result<(), MergeError> {
-    for (i, col) in a.shard_cols.iter().enumerate() {
-        let ShardCol::Partial(p) = col else { continue };
-        let new = row.get(i).cloned().flatten();
-        let old = acc.get(i).cloned().flatten();
+    acc: &Packed,
+    row: &Packed<B>,
+) -> Result<Option<Packed>, MergeError> {
+    let mut changed = false;
+    let mut owned: Vec<(usize, Bytes)> = Vec::new();
+    let mut vals: Vec<Option<&[u8]>> = Vec::with_capacity(acc.len());
+    for (i, (old, new)) in acc.values().zip(row.values()).enumerate() {
+        let Some(ShardCol::Partial(p)) = a.shard_cols.get(i) else {
+            vals.push(old);
+            continue;
+        };
         let ty = types.get(i).copied().unwrap_or(Ty::Other(0));
         let v = match (old, new) {
-            (None, n) => n,
+            (None, n) => {
+                changed |= n.is_some();
+                n
+            }
             (o, None) => o,
-            (Some(o), Some(n)) => Some(match p {
-                Partial::Count => add(Ty::Int, &o, &n)?,
-                Partial::Sum => add(ty, &o, &n)?,
+            (Some(o), Some(n)) => match p {
+                Partial::Count | Partial::Sum => {
+                    let sum = add(if *p == Partial::Count { Ty::Int } else { ty }, o, n)?;
+                    changed = true;
+                    owned.push((i, sum));
+                    None
+                }
                 Partial::Min | Partial::Max => {
-                    let ord = value::compare(ty, &o, &n)?;
+                    let ord = value::compare(ty, o, n)?;
                     let take_new = if *p == Partial::Min {
                         ord == Ordering::Greater
                     } else {
                         ord == Ordering::Less
                     };
-                    if take_new {
-                        n
-                    } else {
-                        o
-                    }
+                    changed |= take_new;
+                    Some(if take_new { n } else { o })
                 }
-                Partial::BoolAnd => Bytes::from_static(if &o[..] == b"t" && &n[..] == b"t" {
-                    b"t"
-                } else {
-                    b"f"
-                }),
-                Partial::BoolOr => Bytes::from_static(if &o[..] == b"t" || &n[..] == b"t" {
-                    b"t"
-                } else {
-                    b"f"
-                }),
-            }),
+                Partial::BoolAnd | Partial::BoolOr => {
+                    let t = if *p == Partial::BoolAnd {
+                        o == b"t" && n == b"t"
+                    } else {
+                        o == b"t" || n == b"t"
+                    };
+                    let v: &[u8] = if t { b"t" } else { b"f" };
+                    changed |= v != o;
+                    Some(v)
+                }
+            },
         };
-        if let Some(slot) = acc.get_mut(i) {
-            *slot = v;
-        }
+        vals.push(v);
     }
-    Ok(())
+    if !changed {
+        return Ok(None);
+    }
+    for (i, v) in &owned {
+        vals[*i] = Some(v);
+    }
+    Ok(Some(Packed::pack(&vals)))
 }
 
 pub(super) fn add(ty: Ty, a: &[u8], b: &[u8]) -> Result<Bytes, MergeError> {
@@ -246,11 +254,11 @@ pub(super) fn add(ty: Ty, a: &[u8], b: &[u8]) -> Result<Bytes, MergeError> {
 }
 
 /// Compares two shard rows by the plan's ORDER BY.
-pub(super) fn compare_rows(
+pub(super) fn compare_rows<A: Cols + ?Sized, B: Cols + ?Sized>(
     plan: &MergePlan,
     types: &[Ty],
-    a: &[Option<Bytes>],
-    b: &[Option<Bytes>],
+    a: &A,
+    b: &B,
 ) -> Result<Ordering, MergeError> {
     for k in &plan.order_by {
         let ty = key_ty(&k.value, types);
@@ -289,9 +297,9 @@ pub(super) fn compare_rows(
 }
 
 /// HAVING with SQL's three-valued logic (None = unknown).
-pub(super) fn eval_having(
+pub(super) fn eval_having<R: Cols + ?Sized>(
     h: &HavingExpr,
-    row: &[Option<Bytes>],
+    row: &R,
     types: &[Ty],
 ) -> Result<Option<bool>, MergeError> {
     Ok(match h {
@@ -340,20 +348,24 @@ pub(super) fn eval_having(
     })
 }
 
+/// A value read or computed from a row: borrowed where it can be.
+pub(super) type Value<'a> = Option<Cow<'a, [u8]>>;
+
 /// An operand's value and, for column values, its type.
-pub(super) fn operand_value(
-    o: &Operand,
-    row: &[Option<Bytes>],
+pub(super) fn operand_value<'a, R: Cols + ?Sized>(
+    o: &'a Operand,
+    row: &'a R,
     types: &[Ty],
-) -> Result<(Option<Bytes>, Option<Ty>), MergeError> {
+) -> Result<(Value<'a>, Option<Ty>), MergeError> {
     Ok(match o {
         Operand::Value(c) => (combined_value(c, row, types)?, Some(key_ty(c, types))),
         Operand::Literal(Literal::Null) => (None, None),
-        Operand::Literal(Literal::Bool(b)) => {
-            (Some(Bytes::from_static(if *b { b"t" } else { b"f" })), None)
-        }
-        Operand::Literal(Literal::Number(n)) => (Some(Bytes::from(n.clone())), None),
-        Operand::Literal(Literal::String(sv)) => (Some(Bytes::from(sv.clone())), None),
+        Operand::Literal(Literal::Bool(b)) => (
+            Some(Cow::Borrowed(if *b { &b"t"[..] } else { &b"f"[..] })),
+            None,
+        ),
+        Operand::Literal(Literal::Number(n)) => (Some(Cow::Borrowed(n.as_bytes())), None),
+        Operand::Literal(Literal::String(sv)) => (Some(Cow::Borrowed(sv.as_bytes())), None),
         Operand::Param(_) => {
             return Err(MergeError(
                 sqlstate::FEATURE_NOT_SUPPORTED,

@@ -19,6 +19,7 @@
 //! uses the C collation; anything else is an error naming what is missing.
 
 use super::combine::*;
+use super::packed::{GroupIndex, Packed};
 use super::value::Ty;
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
@@ -32,12 +33,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use hotrepart_router::route::{HavingExpr, LimitSpec, MergePlan, Operand, Partial, ShardCol};
 use postgres_protocol::message::frontend;
 use std::cmp::Ordering;
-use std::collections::HashMap;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// A RowDescription's fields and a DataRow's values; None when the frame
 /// is malformed (a backend's bytes never panic the merge).
-pub(super) use hotrepart_wire::backend::{data_row as parse_row, row_description as parse_desc};
+pub(super) use hotrepart_wire::backend::row_description as parse_desc;
 
 /// A DataRow; columns whose entry in `binary` is a type OID (not 0) are
 /// converted to binary.
@@ -103,6 +103,15 @@ impl Streams {
     /// Next data row of stream `i` (None at its end). Errors are recorded
     /// (when read, by `frame`).
     async fn next(&mut self, be: &mut Backends, i: usize) -> Result<Option<Row>, SessionError> {
+        Ok(self.next_packed(be, i).await?.map(|p| p.to_row(0)))
+    }
+
+    /// Next data row of stream `i`, its values read in place (no copy).
+    async fn next_packed(
+        &mut self,
+        be: &mut Backends,
+        i: usize,
+    ) -> Result<Option<Packed<Bytes>>, SessionError> {
         while !self.done[i] {
             let t = self.shards[i];
             let Some(f) = self.frame(be, i).await? else {
@@ -111,10 +120,11 @@ impl Streams {
             };
             match f.tag() {
                 be::DATA_ROW => {
-                    return match parse_row(&f.raw) {
-                        Some(r) => Ok(Some(r)),
+                    let body = f.raw.slice(5.min(f.raw.len())..);
+                    return match Packed::check(body) {
+                        Some(row) => Ok(Some(row)),
                         None => Err(be.lost(t, WireError::Protocol("malformed DataRow".into()))),
-                    }
+                    };
                 }
                 be::READY_FOR_QUERY => {
                     if let Some(b) = be.slots[t].conn.as_mut() {
@@ -710,52 +720,60 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         return Ok(Ok(sent));
     }
-    // Collecting: combine by group (or keep rows), bounded.
-    let mut groups: Vec<Row> = Vec::new();
-    let mut index: HashMap<Vec<Option<Vec<u8>>>, usize> = HashMap::new();
-    // Bytes held: values of the kept rows, and the group keys.
+    // Collecting: combine by group (or keep rows), bounded. Rows are held
+    // packed, one allocation each, and the groups' keys end to end
+    // (`packed.rs`).
+    let mut groups: Vec<Packed> = Vec::new();
+    let mut index = GroupIndex::default();
+    let mut key = Vec::new();
+    // Bytes held: the kept rows and the group keys.
     let mut held: usize = 0;
     for i in 0..st.shards.len() {
-        while let Some(row) = st.next(&mut s.be, i).await? {
-            match &plan.aggregate {
-                Some(a) => {
-                    let key = match group_key(&a.group_by, &row, &types) {
-                        Ok(k) => k,
-                        Err(e) => return Ok(Err(e)),
-                    };
-                    match index.get(&key) {
-                        Some(&g) => {
-                            if let Err(e) = combine(a, &types, &mut groups[g], &row) {
-                                return Ok(Err(e));
-                            }
-                        }
-                        None => {
-                            if groups.len() >= max_rows {
-                                return Ok(Err(too_many(max_rows)));
-                            }
-                            held += row_bytes(&row)
-                                + key
-                                    .iter()
-                                    .map(|k| 24 + k.as_ref().map_or(0, Vec::len))
-                                    .sum::<usize>();
-                            if held > max_bytes {
-                                return Ok(Err(too_big(max_bytes, groups.len())));
-                            }
-                            index.insert(key, groups.len());
-                            groups.push(row);
-                        }
-                    }
+        while let Some(row) = st.next_packed(&mut s.be, i).await? {
+            let Some(a) = &plan.aggregate else {
+                if groups.len() >= max_rows {
+                    return Ok(Err(too_many(max_rows)));
                 }
-                None => {
-                    if groups.len() >= max_rows {
-                        return Ok(Err(too_many(max_rows)));
-                    }
-                    held += row_bytes(&row);
+                let kept = row.to_held();
+                held += kept.held_bytes();
+                if held > max_bytes {
+                    return Ok(Err(too_big(max_bytes, groups.len())));
+                }
+                groups.push(kept);
+                continue;
+            };
+            if let Err(e) = key_into(&a.group_by, &row, &types, &mut key) {
+                return Ok(Err(e));
+            }
+            let (g, new) = index.find_or_insert(&key);
+            if new {
+                if groups.len() >= max_rows {
+                    return Ok(Err(too_many(max_rows)));
+                }
+                let kept = row.to_held();
+                held += kept.held_bytes() + GroupIndex::key_bytes(&key);
+                if held > max_bytes {
+                    return Ok(Err(too_big(max_bytes, groups.len())));
+                }
+                groups.push(kept);
+                continue;
+            }
+            let Some(slot) = groups.get_mut(g as usize) else {
+                return Ok(Err(MergeError(
+                    sqlstate::INTERNAL_ERROR,
+                    format!("merge group {g} has no row"),
+                )));
+            };
+            match combine(a, &types, slot, &row) {
+                Ok(Some(combined)) => {
+                    held = held.saturating_sub(slot.held_bytes()) + combined.held_bytes();
+                    *slot = combined;
                     if held > max_bytes {
                         return Ok(Err(too_big(max_bytes, groups.len())));
                     }
-                    groups.push(row);
                 }
+                Ok(None) => {}
+                Err(e) => return Ok(Err(e)),
             }
         }
     }
@@ -764,14 +782,14 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // From here on only the combined rows are kept: outputs are computed
     // as they are sent (memory: one row per group, not two).
     drop(index);
-    let output = |g: &Row| -> Result<Row, MergeError> {
+    let output = |g: &Packed| -> Result<Row, MergeError> {
         match &plan.aggregate {
             Some(a) => a
                 .outputs
                 .iter()
-                .map(|o| combined_value(o, g, &types))
+                .map(|o| Ok(combined_value(o, g, &types)?.map(owned_bytes)))
                 .collect(),
-            None => Ok(g.get(plan.hidden..).unwrap_or(&[]).to_vec()),
+            None => Ok(g.to_row(plan.hidden)),
         }
     };
     let mut err = None;
@@ -787,25 +805,39 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if plan.distinct && err.is_none() {
         let out_types: Vec<Ty> = out_fields.iter().map(|f| Ty::of(f.type_oid())).collect();
         let cols: Vec<usize> = (0..out_types.len()).collect();
-        let mut seen = std::collections::HashSet::new();
-        groups.retain(
-            |g| match output(g).and_then(|o| group_key(&cols, &o, &out_types)) {
-                Ok(k) => seen.insert(k),
+        let mut seen = GroupIndex::default();
+        groups.retain(|g| {
+            match output(g).and_then(|o| key_into(&cols, &o, &out_types, &mut key)) {
+                Ok(()) => seen.find_or_insert(&key).1,
                 Err(e) => {
                     err.get_or_insert(e);
                     false
                 }
-            },
-        );
+            }
+        });
     }
     if !plan.order_by.is_empty() && err.is_none() {
-        groups.sort_by(|a, b| match compare_rows(plan, &types, a, b) {
+        let mut cmp = |a: &Packed, b: &Packed| match compare_rows(plan, &types, a, b) {
             Ok(o) => o,
             Err(e) => {
                 err.get_or_insert(e);
                 Ordering::Equal
             }
-        });
+        };
+        // With a LIMIT only the first OFFSET + LIMIT rows are sorted: they
+        // are selected first (linear), the others dropped. Rows that tie
+        // on every sort key may be cut differently than a full sort would;
+        // PostgreSQL does not order them either.
+        if let Some(n) = limit.map(|l| offset.saturating_add(l)) {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            if n == 0 {
+                groups.clear();
+            } else if n < groups.len() {
+                groups.select_nth_unstable_by(n - 1, &mut cmp);
+                groups.truncate(n);
+            }
+        }
+        groups.sort_by(&mut cmp);
     }
     if let Some(e) = err {
         return Ok(Err(e));
@@ -830,6 +862,14 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     Ok(Ok(sent))
 }
 
+/// A computed value as an output row holds it.
+fn owned_bytes(v: std::borrow::Cow<'_, [u8]>) -> Bytes {
+    match v {
+        std::borrow::Cow::Borrowed(b) => Bytes::copy_from_slice(b),
+        std::borrow::Cow::Owned(v) => Bytes::from(v),
+    }
+}
+
 /// Whether every shard's database uses the C (or POSIX) collation; cached
 /// per shard and database by the node.
 pub(super) async fn shards_use_c_collation<S: AsyncRead + AsyncWrite + Unpin + Send>(
@@ -851,11 +891,13 @@ mod tests {
 
     /// Malformed RowDescription / DataRow frames from a backend are
     /// rejected (None), never a panic: truncated at every length, and
-    /// random bytes behind a valid header.
+    /// random bytes behind a valid header. The merge reads rows in place
+    /// (`Packed`); it accepts exactly what the row decoder accepts.
     #[test]
     fn malformed_backend_frames_do_not_panic() {
-        use super::{parse_desc, parse_row};
+        use super::parse_desc;
         use rand::{Rng, SeedableRng};
+        let parse_row = |raw: &[u8]| super::Packed::check(raw.get(5..)?).map(|p| p.to_row(0));
         let mut desc = vec![b'T', 0, 0, 0, 0, 0, 2];
         for name in ["a", "b"] {
             desc.extend_from_slice(name.as_bytes());
@@ -886,7 +928,11 @@ mod tests {
                 f[6] = rng.random_range(0..4);
             }
             let _ = parse_desc(&f);
-            let _ = parse_row(&f);
+            assert_eq!(
+                parse_row(&f),
+                hotrepart_wire::backend::data_row(&f),
+                "{f:?}"
+            );
         }
     }
 

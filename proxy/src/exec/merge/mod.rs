@@ -17,4 +17,5 @@
 pub mod binary;
 mod combine;
 pub mod exec;
+mod packed;
 pub mod value;
