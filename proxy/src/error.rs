@@ -43,6 +43,8 @@ pub mod sqlstate {
     pub const SERIALIZATION_FAILURE: &str = "40001";
     /// `40003 statement_completion_unknown`.
     pub const STATEMENT_COMPLETION_UNKNOWN: &str = "40003";
+    /// `42602 invalid_name`.
+    pub const INVALID_NAME: &str = "42602";
     /// `42601 syntax_error`.
     pub const SYNTAX_ERROR: &str = "42601";
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";

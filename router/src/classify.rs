@@ -70,6 +70,9 @@ pub struct Class<'a> {
     /// `CREATE`, `ALTER`, `DROP`, `IMPORT` or `DO` (whose body may).
     /// Statements prepared before it may describe what no longer is.
     pub schema_change: bool,
+    /// A statement of the string is `PREPARE TRANSACTION`, `COMMIT
+    /// PREPARED` or `ROLLBACK PREPARED` (see [`two_phase`]).
+    pub two_phase: bool,
 }
 
 impl Default for Class<'_> {
@@ -85,6 +88,7 @@ impl Default for Class<'_> {
             explain: None,
             deallocate: None,
             schema_change: false,
+            two_phase: false,
         }
     }
 }
@@ -198,6 +202,18 @@ fn statement_start<'a>(
             *routing_words = true;
         }
         6 if is(b"listen") => c.listen = true,
+        6..=8 if is(b"commit") || is(b"prepare") || is(b"rollback") => {
+            let mut ahead = lx;
+            let next = ahead.next().filter(|n| n.kind == Kind::Word);
+            c.two_phase |= next.is_some_and(|n| {
+                let n = &sql.as_bytes()[n.start..n.end];
+                n.eq_ignore_ascii_case(if is(b"prepare") {
+                    b"transaction"
+                } else {
+                    b"prepared"
+                })
+            });
+        }
         2 if is(b"do") => c.schema_change = true,
         4 if is(b"drop") => c.schema_change = true,
         5 if is(b"alter") => c.schema_change = true,
@@ -820,7 +836,10 @@ mod script;
 mod unparsed;
 pub use database::{database_statement, DatabaseStatement};
 pub use outside::{outside_transaction, OutsideTransaction};
-pub use prepare::{highest_parameter, sql_execute, sql_prepare, Arg, SqlExecute, SqlPrepare};
+pub use prepare::{
+    highest_parameter, sql_execute, sql_prepare, two_phase, Arg, SqlExecute, SqlPrepare, TwoPhase,
+    TwoPhaseOp,
+};
 pub use script::{split_statements, transaction_statement, TxStatement};
 pub use unparsed::{copy_options, unparsed, CopyOptionValue, CopyOptions, Unparsed};
 

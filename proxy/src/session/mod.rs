@@ -40,6 +40,7 @@
 //!   (or a COMMIT of a failed transaction) rolls back every shard.
 
 mod attach;
+mod client_tpc;
 pub(crate) mod conn;
 mod extended;
 mod listen;
@@ -431,6 +432,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return self.sql_execute(e).await;
             }
         }
+        if class.two_phase {
+            if let Some(tp) = hotrepart_router::classify::two_phase(sql) {
+                return self.client_two_phase(&f, class, tp).await;
+            }
+            if let Some(r) = client_tpc::reserved_in(sql) {
+                self.refuse_simple(r);
+                return Ok(());
+            }
+        }
         if self.deallocate(class.deallocate.as_ref()) {
             return Ok(());
         }
@@ -543,6 +553,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.poison_if_failed(&d, t).await;
+        self.pass_query(&f, class, t);
+        Ok(())
+    }
+
+    /// Sends the client's simple Query `f` as is to shard `t`, the current
+    /// backend, and owes the client its replies.
+    fn pass_query(&mut self, f: &Frame, class: hotrepart_router::classify::Class<'_>, t: usize) {
         self.note_class(class, t);
         self.stats.note_route(Route::One(Some(t)));
         self.be.to_backend.put_slice(&f.raw);
@@ -551,7 +568,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             b.unsynced = false;
             b.unsynced_ran = false;
         }
-        Ok(())
     }
 
     /// SQL-level DEALLOCATE of statements the client prepared with the

@@ -105,6 +105,69 @@ fn list(toks: &[Tok], open: usize) -> Option<(Vec<(usize, usize)>, usize)> {
     None
 }
 
+/// A client's own two-phase commit statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TwoPhase {
+    /// Which of the three.
+    pub op: TwoPhaseOp,
+    /// The transaction identifier; None when it is not written as a plain
+    /// string literal (`'…'`), which the node cannot read exactly.
+    pub gid: Option<String>,
+}
+
+/// The three statements of a client's two-phase commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TwoPhaseOp {
+    /// `PREPARE TRANSACTION 'gid'`
+    Prepare,
+    /// `COMMIT PREPARED 'gid'`
+    Commit,
+    /// `ROLLBACK PREPARED 'gid'`
+    Rollback,
+}
+
+impl TwoPhaseOp {
+    /// The statement's name as PostgreSQL writes it in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            TwoPhaseOp::Prepare => "PREPARE TRANSACTION",
+            TwoPhaseOp::Commit => "COMMIT PREPARED",
+            TwoPhaseOp::Rollback => "ROLLBACK PREPARED",
+        }
+    }
+}
+
+/// Reads `sql` as one `PREPARE TRANSACTION`, `COMMIT PREPARED` or
+/// `ROLLBACK PREPARED` (alone in the string, a final `;` allowed).
+pub fn two_phase(sql: &str) -> Option<TwoPhase> {
+    // The common statement costs one token.
+    let t = Lexer::new(sql).next()?;
+    let w = &sql[t.start..t.end];
+    if t.kind != Kind::Word
+        || !["prepare", "commit", "rollback"]
+            .iter()
+            .any(|k| w.eq_ignore_ascii_case(k))
+    {
+        return None;
+    }
+    let toks = tokens(sql)?;
+    let op = match (toks.first()?, toks.get(1)?) {
+        (a, b) if is_word(sql, a, "prepare") && is_word(sql, b, "transaction") => {
+            TwoPhaseOp::Prepare
+        }
+        (a, b) if is_word(sql, a, "commit") && is_word(sql, b, "prepared") => TwoPhaseOp::Commit,
+        (a, b) if is_word(sql, a, "rollback") && is_word(sql, b, "prepared") => {
+            TwoPhaseOp::Rollback
+        }
+        _ => return None,
+    };
+    let gid = match toks.get(2..)? {
+        [t] if t.kind == Kind::Str(StrKind::Plain) => Some(sql[t.cs..t.ce].replace("''", "'")),
+        _ => None,
+    };
+    Some(TwoPhase { op, gid })
+}
+
 /// Reads `sql` as one SQL `PREPARE` (not `PREPARE TRANSACTION`).
 pub fn sql_prepare(sql: &str) -> Option<SqlPrepare<'_>> {
     // The common statement costs one token, not a list of all of them (a
@@ -201,6 +264,39 @@ fn arg<'a>(sql: &'a str, toks: &[Tok]) -> Arg<'a> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn two_phase_statements_and_their_identifiers() {
+        use super::{two_phase, TwoPhase, TwoPhaseOp::*};
+        let tp = |op, gid: Option<&str>| {
+            Some(TwoPhase {
+                op,
+                gid: gid.map(String::from),
+            })
+        };
+        let cases = [
+            ("PREPARE TRANSACTION 'a1'", tp(Prepare, Some("a1"))),
+            ("prepare transaction 'it''s';", tp(Prepare, Some("it's"))),
+            ("  COMMIT PREPARED 'x' ; ", tp(Commit, Some("x"))),
+            (
+                "/* c */ ROLLBACK PREPARED 'hr_1'",
+                tp(Rollback, Some("hr_1")),
+            ),
+            ("COMMIT PREPARED E'a\\b'", tp(Commit, None)),
+            ("COMMIT PREPARED $$x$$", tp(Commit, None)),
+            ("PREPARE TRANSACTION", tp(Prepare, None)),
+            ("COMMIT PREPARED 'x' 'y'", tp(Commit, None)),
+            ("COMMIT", None),
+            ("ROLLBACK", None),
+            ("ROLLBACK TO SAVEPOINT s", None),
+            ("PREPARE q AS SELECT 1", None),
+            ("COMMIT PREPARED 'x'; SELECT 1", None),
+            ("SELECT 'COMMIT PREPARED'", None),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(two_phase(sql), want, "{sql}");
+        }
+    }
+
     use super::*;
 
     #[test]

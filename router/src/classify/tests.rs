@@ -792,3 +792,22 @@ fn database_statements() {
     assert_eq!(database_statement("CREATE TABLE database (a int)"), None);
     assert_eq!(database_statement("DROP SCHEMA shop"), None);
 }
+
+#[test]
+fn two_phase_statements_are_noticed_anywhere_in_the_string() {
+    for (sql, want) in [
+        ("PREPARE TRANSACTION 'a'", true),
+        (
+            "BEGIN; INSERT INTO t VALUES (1); prepare transaction 'a'",
+            true,
+        ),
+        ("COMMIT PREPARED 'a'", true),
+        ("select 1; Rollback Prepared 'a'", true),
+        ("COMMIT", false),
+        ("ROLLBACK; PREPARE q AS SELECT 1", false),
+        ("SELECT 'PREPARE TRANSACTION x'", false),
+        ("SELECT prepare, transaction FROM t", false),
+    ] {
+        assert_eq!(classify(sql).two_phase, want, "{sql}");
+    }
+}

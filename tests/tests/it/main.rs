@@ -4,6 +4,7 @@
 //! -E 'test(/^twopc::/)'` or `cargo test -p hotrepart-tests --test it twopc::`.
 
 mod cancel;
+mod client_twophase;
 mod clients;
 mod cluster;
 mod cluster_bench;

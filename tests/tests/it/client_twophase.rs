@@ -1,0 +1,219 @@
+//! A client's own two-phase commit (issue 14): `PREPARE TRANSACTION`,
+//! `COMMIT PREPARED`, `ROLLBACK PREPARED` pass through when the
+//! transaction used one shard, and are refused clearly otherwise. The
+//! shard that holds a prepared transaction is found by its identifier.
+#![allow(clippy::unwrap_used)]
+
+use hotrepart_router::catalog::KeyValue;
+use hotrepart_tests::*;
+
+const SEED: u64 = 7;
+
+async fn cluster(shards: usize) -> Cluster {
+    Cluster::start(Opts {
+        shards,
+        extra: "pool_size = 2".into(),
+        users: "[[users]]\nname = \"t\"\nauth = \"trust\"\nserver_user = \"postgres\"\n".into(),
+        tail: format!(
+            "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\nseed = {SEED}\n"
+        ),
+    })
+    .await
+}
+
+/// A key owned by each shard, in shard order (the first from `from` on).
+fn keys(c: &Cluster, from: i64) -> Vec<i64> {
+    let snap = c.node.routing.catalog.load_full();
+    (0..c.shards.len())
+        .map(|s| {
+            let name = format!("s{s}");
+            (from..from + 10_000)
+                .find(|&k| {
+                    snap.range_for_key("items", &KeyValue::Int8(k))
+                        .unwrap()
+                        .write_owner
+                        .as_str()
+                        == name
+                })
+                .unwrap()
+        })
+        .collect()
+}
+
+async fn err_of(db: &tokio_postgres::Client, sql: &str) -> (String, String) {
+    let e = db.batch_execute(sql).await.unwrap_err();
+    let e = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
+    (e.code().code().to_string(), e.message().to_string())
+}
+
+async fn rows_on(c: &Cluster, shard: usize, id: i64) -> i64 {
+    c.direct(shard)
+        .await
+        .query_one("SELECT count(*) FROM items WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn prepared_on(c: &Cluster, shard: usize, gid: &str) -> bool {
+    c.direct(shard)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1",
+            &[&gid],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 1
+}
+
+async fn one_shard_transactions_prepare_and_finish(shards: usize) {
+    let c = cluster(shards).await;
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let ks = keys(&c, 1);
+    let last = shards - 1;
+    let k = ks[last];
+    // Prepared, then committed from another connection.
+    db.batch_execute(&format!(
+        "BEGIN; INSERT INTO items (id, v) VALUES ({k}, 'a'); PREPARE TRANSACTION 'app_commit'"
+    ))
+    .await
+    .unwrap();
+    assert!(prepared_on(&c, last, "app_commit").await);
+    assert_eq!(
+        rows_on(&c, last, k).await,
+        0,
+        "not visible before COMMIT PREPARED"
+    );
+    // The session is outside a transaction again and goes on working.
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    let other = c.connect().await;
+    other
+        .batch_execute("COMMIT PREPARED 'app_commit'")
+        .await
+        .unwrap();
+    assert!(!prepared_on(&c, last, "app_commit").await);
+    assert_eq!(rows_on(&c, last, k).await, 1);
+    // Prepared, then rolled back.
+    db.batch_execute(&format!(
+        "BEGIN; UPDATE items SET v = 'b' WHERE id = {k}; PREPARE TRANSACTION 'app_rollback'"
+    ))
+    .await
+    .unwrap();
+    other
+        .batch_execute("ROLLBACK PREPARED 'app_rollback'")
+        .await
+        .unwrap();
+    let v: String = db
+        .query_one("SELECT v FROM items WHERE id = $1", &[&k])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "a");
+    // Statement by statement, after a read of every shard: the shards only
+    // read end first, the written one holds the prepared transaction.
+    let k2 = keys(&c, 10_000)[last];
+    db.batch_execute("BEGIN").await.unwrap();
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    db.batch_execute(&format!("INSERT INTO items (id, v) VALUES ({k2}, 'c')"))
+        .await
+        .unwrap();
+    db.batch_execute("PREPARE TRANSACTION 'app_after_read'")
+        .await
+        .unwrap();
+    assert!(prepared_on(&c, last, "app_after_read").await);
+    for s in 0..last {
+        assert!(!prepared_on(&c, s, "app_after_read").await);
+    }
+    other
+        .batch_execute("COMMIT PREPARED 'app_after_read'")
+        .await
+        .unwrap();
+    assert_eq!(rows_on(&c, last, k2).await, 1);
+    // What PostgreSQL says for an unknown identifier and inside a block.
+    assert_eq!(
+        err_of(&other, "COMMIT PREPARED 'nope'").await,
+        (
+            "42704".into(),
+            "prepared transaction with identifier \"nope\" does not exist".into()
+        )
+    );
+    assert_eq!(
+        err_of(&other, "BEGIN; ROLLBACK PREPARED 'nope'").await.0,
+        "25001"
+    );
+    other.batch_execute("ROLLBACK").await.unwrap();
+    // The node's own identifiers are not the client's to use.
+    let ks = keys(&c, 20_000);
+    let (code, msg) = err_of(
+        &db,
+        &format!(
+            "BEGIN; INSERT INTO items (id) VALUES ({}); PREPARE TRANSACTION 'hr_1_2'",
+            ks[0]
+        ),
+    )
+    .await;
+    assert_eq!(code, "42602", "{msg}");
+    db.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(rows_on(&c, 0, ks[0]).await, 0);
+    let (code, msg) = err_of(&other, "COMMIT PREPARED 'hr_1_2'").await;
+    assert_eq!(code, "42602", "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shard_transaction_prepares_and_commits_on_one_shard() {
+    one_shard_transactions_prepare_and_finish(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shard_transaction_prepares_and_commits_on_two_shards() {
+    one_shard_transactions_prepare_and_finish(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_over_two_shards_is_not_prepared() {
+    let c = cluster(2).await;
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let ks = keys(&c, 1);
+    db.batch_execute(&format!("BEGIN; INSERT INTO items (id) VALUES ({})", ks[0]))
+        .await
+        .unwrap();
+    db.batch_execute(&format!("INSERT INTO items (id) VALUES ({})", ks[1]))
+        .await
+        .unwrap();
+    let (code, msg) = err_of(&db, "PREPARE TRANSACTION 'app_two'").await;
+    assert_eq!(code, "0A000", "{msg}");
+    assert!(msg.contains("s0") && msg.contains("s1"), "{msg}");
+    // As when PostgreSQL cannot prepare: the transaction is rolled back.
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    for s in 0..2 {
+        assert!(!prepared_on(&c, s, "app_two").await);
+    }
+    // Nothing left open on the shards; the session works on.
+    db.batch_execute(&format!("INSERT INTO items (id) VALUES ({})", ks[1]))
+        .await
+        .unwrap();
+    assert_eq!(rows_on(&c, 1, ks[1]).await, 1);
+}
