@@ -17,7 +17,9 @@
 //! node on the backend that holds them) come first, as `pg_temp` does when
 //! the path does not name it: such a name, and any name qualified by
 //! `pg_temp` or `pg_temp_N`, resolves to the catalog name `pg_temp.NAME`,
-//! an undeclared relation (the home shard). When the session's
+//! an undeclared relation (the home shard), unless it reaches a declared
+//! table (listed in [`Namespace::reaching`] under schema `pg_temp`: a
+//! temporary view over it …), which is refused. When the session's
 //! `search_path` names `pg_temp` itself ([`Namespace::temp_explicit`]) an
 //! unqualified name of a temporary relation is refused (`0A000`): where
 //! PostgreSQL resolves it then depends on relations the node does not list.
@@ -130,13 +132,13 @@ pub(super) fn table_name(ns: &Namespace, name: &ObjectName) -> Result<String, Ro
                     "\"{t}\" is a temporary table of this session and search_path names pg_temp explicitly: hotrepart cannot tell which relation \"{t}\" means; qualify it (pg_temp.{t}, or its schema)"
                 )));
             }
-            return Ok(format!("pg_temp.{t}"));
+            ("pg_temp".to_owned(), t.clone())
         }
         [t] => match ns.resolve(t) {
             Some(s) => (s.to_owned(), t.clone()),
             None => return Ok(t.clone()),
         },
-        [s, t] if is_temp_schema(s) => return Ok(format!("pg_temp.{t}")),
+        [s, t] if is_temp_schema(s) => ("pg_temp".to_owned(), t.clone()),
         [s, t] => (s.clone(), t.clone()),
         _ => {
             return Err(RouteError::unsupported(format!(
