@@ -75,6 +75,8 @@ pub(super) struct Stmt {
     /// Running it may change session state / drop prepared statements.
     pub(super) changes_state: bool,
     pub(super) drops_prepared: bool,
+    /// What it may do to temporary objects each time it runs.
+    pub(super) temp: super::temp::TempClass,
 }
 
 /// The client's unnamed statement: kept so that it can be prepared again on
@@ -266,10 +268,9 @@ pub(crate) struct Txn {
     /// The open transaction asked for REPEATABLE READ or SERIALIZABLE
     /// (`SET TRANSACTION …`, `SET SESSION CHARACTERISTICS …`).
     pub(crate) snapshot_isolation: bool,
-    /// A statement of the transaction used a temporary object (on the
-    /// shard that holds them, `session/temp.rs`): PostgreSQL cannot
-    /// PREPARE it there.
-    pub(crate) temp_touched: bool,
+    /// The shard where a statement of the transaction used a temporary
+    /// object (`session/temp.rs`): PostgreSQL cannot PREPARE it there.
+    pub(crate) temp_used_on: Option<usize>,
 }
 
 /// A transaction status of ReadyForQuery.
@@ -749,7 +750,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(crate) fn check_write(&mut self, d: &Decision, t: usize) -> Result<(), Refusal> {
         self.check_temp(d, &[t])?;
         if d.temp {
-            self.txn.temp_touched = true;
+            self.txn.temp_used_on = Some(t);
         }
         if d.write {
             self.txn.note_write(t);

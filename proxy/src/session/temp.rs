@@ -73,6 +73,25 @@ pub(crate) struct TempObjects {
     overlay_of: Option<(Arc<Namespace>, u64, bool)>,
 }
 
+/// What a statement's words say about temporary objects (from its
+/// `Class`, kept with a named statement).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TempClass {
+    /// It may create one (`Class::temporary`).
+    pub(crate) temporary: bool,
+    /// It may drop one: `CREATE`/`ALTER`/`DROP`/`DO`, `DISCARD`.
+    pub(crate) may_drop: bool,
+}
+
+impl TempClass {
+    pub(crate) fn of(c: &Class<'_>) -> Self {
+        TempClass {
+            temporary: c.temporary,
+            may_drop: c.schema_change || c.drops_prepared,
+        }
+    }
+}
+
 impl TempObjects {
     fn forget(&mut self) {
         self.home = None;
@@ -87,8 +106,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// A statement that went to shard `shard`: whether what it does to
     /// temporary objects must be read back.
     pub(crate) fn note_temp(&mut self, class: &Class<'_>, shard: usize) {
-        let may = class.temporary
-            || (self.temp.home.is_some() && (class.schema_change || class.drops_prepared));
+        self.note_temp_of(TempClass::of(class), shard);
+    }
+
+    /// [`Self::note_temp`] for a statement classified earlier (a named
+    /// statement run again).
+    pub(super) fn note_temp_of(&mut self, c: TempClass, shard: usize) {
+        let may = c.temporary || (self.temp.home.is_some() && c.may_drop);
         if !may {
             return;
         }
@@ -279,17 +303,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// need two-phase commit over their shard after using them there.
     pub(crate) fn check_temp(&self, d: &Decision, shards: &[usize]) -> Result<(), Refusal> {
         let name = |t: usize| self.node.routing.shard_name(t);
+        let objects_on = self.temp.home.or(self.txn.temp_used_on);
         if d.temp {
             if shards.len() > 1 {
                 return Err(Refusal::new(
                     sqlstate::FEATURE_NOT_SUPPORTED,
                     format!(
                         "this statement uses a temporary object of this session together with rows of several shards; temporary objects exist on one shard only ({}): use them in statements of their own",
-                        name(self.temp.home.unwrap_or_else(|| self.node.routing.home_index()))
+                        name(objects_on.unwrap_or_else(|| self.node.routing.home_index()))
                     ),
                 ));
             }
-            if let (Some(h), [t]) = (self.temp.home, shards) {
+            if let (Some(h), [t]) = (objects_on, shards) {
                 if *t != h {
                     return Err(Refusal::new(
                         sqlstate::FEATURE_NOT_SUPPORTED,
@@ -302,16 +327,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         }
-        let home = self
-            .temp
-            .home
-            .or_else(|| d.temp.then(|| shards.first().copied()).flatten());
-        let Some(h) = home else {
+        // The shard where the transaction used (or this statement uses)
+        // temporary objects.
+        let used_on = self.txn.temp_used_on.or_else(|| {
+            d.temp
+                .then(|| objects_on.or(shards.first().copied()))
+                .flatten()
+        });
+        let Some(h) = used_on else {
             return Ok(());
         };
-        if !(self.txn.temp_touched || d.temp) {
-            return Ok(());
-        }
         let mut writes = self.txn.writes.clone();
         if d.write {
             for &t in shards {
@@ -330,8 +355,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// objects on a shard it wrote to, where PREPARE TRANSACTION would
     /// fail (a use the node could not refuse at the statement).
     pub(super) fn temp_blocks_twopc(&self) -> Option<Refusal> {
-        let h = self.temp.home?;
-        (self.txn.temp_touched && self.txn.writes.contains(&h) && self.txn.writes.len() > 1)
+        let h = self.txn.temp_used_on?;
+        (self.txn.writes.contains(&h) && self.txn.writes.len() > 1)
             .then(|| temp_twopc(self, h, &self.txn.writes))
     }
 

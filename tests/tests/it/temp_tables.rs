@@ -337,3 +337,39 @@ async fn what_would_need_two_shards_with_a_temporary_table_is_refused() {
     want.sort();
     assert_eq!(ids, want);
 }
+
+/// A named statement prepared in one transaction and run in a later one
+/// (the extended protocol's Bind) pins as the same text sent again would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_statement_making_a_temporary_table_pins_when_it_runs() {
+    let c = cluster(1).await;
+    let a = c.connect().await;
+    let make = a.prepare("CREATE TEMP TABLE tp (a int)").await.unwrap();
+    wait_counts(&c, 0, (0, 1), "nothing kept after the Parse").await;
+    a.execute(&make, &[]).await.unwrap();
+    wait_counts(&c, 0, (1, 0), "kept once it ran").await;
+    let b = c.connect().await;
+    b.batch_execute("BEGIN").await.unwrap();
+    a.execute("INSERT INTO tp VALUES (1)", &[]).await.unwrap();
+    b.batch_execute("COMMIT").await.unwrap();
+}
+
+/// Session pooling: the backend a client leaves goes back to the pool
+/// without its temporary objects (before: the next client found them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_pooling_drops_the_temporary_objects_of_a_client_that_leaves() {
+    let c = Cluster::start(Opts {
+        shards: 1,
+        extra: "pool_size = 1\npool_mode = \"session\"".into(),
+        ..Opts::default()
+    })
+    .await;
+    let a = c.connect().await;
+    a.batch_execute("CREATE TEMP TABLE ts (a int); INSERT INTO ts VALUES (1)")
+        .await
+        .unwrap();
+    drop(a);
+    wait_counts(&c, 0, (0, 1), "the backend back in the pool").await;
+    let b = c.connect().await;
+    assert_eq!(temp_objects(&b).await, 0);
+}
