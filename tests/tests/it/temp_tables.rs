@@ -271,7 +271,7 @@ async fn what_would_need_two_shards_with_a_temporary_table_is_refused() {
         "SELECT * FROM tt, users".to_string(),
         format!("SELECT * FROM tt JOIN users ON users.id = tt.a WHERE users.id = {other}"),
         "INSERT INTO users (id) SELECT a FROM tt".into(),
-        format!("/* hotrepart: shard=s1 */ SELECT * FROM tt"),
+        "/* hotrepart: shard=s1 */ SELECT * FROM tt".into(),
     ] {
         let (code, msg) = err(a.simple_query(&sql).await.unwrap_err());
         assert_eq!(code, "0A000", "{sql}: {msg}");
