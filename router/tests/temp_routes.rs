@@ -143,6 +143,12 @@ fn a_temporary_table_hides_a_declared_one_of_its_name() {
             ("DROP TABLE users", Route("s0", true)),
         ],
     );
+    // A temporary view over a sharded table (made where the node could not
+    // refuse it) would see the home shard's rows only.
+    let mut over = ns(&["v"], false);
+    over.reaching
+        .insert(("pg_temp".into(), "v".into()), "users".into());
+    check(&over, &[("SELECT * FROM v", Refuse("0A000"))]);
     // Where search_path places pg_temp itself, the node cannot tell.
     check(
         &ns(&["tmp"], true),

@@ -187,4 +187,19 @@ mod tests {
         assert_eq!(ns.resolve("users_v"), Some("public"));
         assert_eq!(ns.resolve("other"), None);
     }
+
+    #[test]
+    fn parses_the_temporary_schema_probe() {
+        let row = |n: Option<&str>, via: Option<&str>| {
+            vec![n.map(str::to_string), via.map(str::to_string)]
+        };
+        assert_eq!(parse_temp(Vec::new()), TempHeld::default());
+        let held = parse_temp(vec![row(Some("tmp"), None), row(Some("v"), Some("users"))]);
+        assert!(held.any);
+        assert_eq!(held.names.iter().collect::<Vec<_>>(), ["tmp", "v"]);
+        assert_eq!(held.reaching.get("v").map(String::as_str), Some("users"));
+        // Only functions or types: kept, no names.
+        let held = parse_temp(vec![row(None, None)]);
+        assert!(held.any && held.names.is_empty());
+    }
 }

@@ -5,7 +5,9 @@
 //! States: idle (no backend) ⇄ attached (backends held: replies owed or a
 //! transaction open) → closed. A backend is attached by the first statement
 //! routed to its shard and every backend is released at the ReadyForQuery
-//! that ends the transaction with nothing owed.
+//! that ends the transaction with nothing owed — but one holding the
+//! session's temporary objects, which the session keeps between its
+//! transactions and attaches again as from the pool (`temp.rs`).
 //!
 //! Statements are routed once per statement: a simple Query when it
 //! arrives, an extended-protocol batch (Parse/Bind/Describe/Execute/Close)
