@@ -420,8 +420,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(());
         }
         self.ensure_base_namespace().await?;
-        let base = self.ns_base.clone();
-        self.ns = self.with_temp(base);
+        self.apply_temp_namespace();
         Ok(())
     }
 

@@ -270,31 +270,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    /// The namespace routing uses: `base` with the session's temporary
-    /// relations (made again only when either changed).
-    pub(super) fn with_temp(&mut self, base: Arc<Namespace>) -> Arc<Namespace> {
+    /// Sets the namespace routing uses (`ns`): the shared one (`ns_base`)
+    /// with the session's temporary relations, made again only when
+    /// either changed; without any, the shared one itself (no allocation
+    /// per statement).
+    pub(super) fn apply_temp_namespace(&mut self) {
         if self.temp.held.names.is_empty() {
             self.temp.overlay_of = None;
-            return base;
+            if !Arc::ptr_eq(&self.ns, &self.ns_base) {
+                self.ns = self.ns_base.clone();
+            }
+            return;
         }
         let explicit = self
             .state
             .get("search_path")
             .is_some_and(|p| p.to_ascii_lowercase().contains("pg_temp"));
         if let Some((b, g, e)) = &self.temp.overlay_of {
-            if Arc::ptr_eq(b, &base) && *g == self.temp.generation && *e == explicit {
-                return self.ns.clone();
+            if Arc::ptr_eq(b, &self.ns_base) && *g == self.temp.generation && *e == explicit {
+                return;
             }
         }
-        let mut ns = (*base).clone();
+        let mut ns = (*self.ns_base).clone();
         ns.temp = self.temp.held.names.clone();
         ns.temp_explicit = explicit;
         for (name, via) in &self.temp.held.reaching {
             ns.reaching
                 .insert(("pg_temp".to_owned(), name.clone()), via.clone());
         }
-        self.temp.overlay_of = Some((base, self.temp.generation, explicit));
-        Arc::new(ns)
+        self.temp.overlay_of = Some((self.ns_base.clone(), self.temp.generation, explicit));
+        self.ns = Arc::new(ns);
     }
 
     /// A statement about to run on `shards` (`d.write`: it writes there):
