@@ -50,7 +50,8 @@ pub struct Config {
     /// the admin console, the virtual database `hotrepart`.
     #[serde(default)]
     pub admin_users: Vec<String>,
-    /// Backend connections per (shard, database, user).
+    /// Backend connections per (shard, database, user). A backend a
+    /// session keeps for its temporary objects counts against it.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
     /// How long a client waits for a free backend before an error.

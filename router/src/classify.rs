@@ -29,6 +29,11 @@
 //!   a `SET` or a `set_config('literal', …)` sets, lower case; `None` when a
 //!   `set_config` call's name is not a plain literal (or the call is inside
 //!   a string): its effect cannot be read back;
+//! - [`Class::temporary`]: a statement starting with `CREATE` that has the
+//!   word `TEMP` or `TEMPORARY`, `INTO TEMP|TEMPORARY` (`SELECT … INTO`),
+//!   a name starting with `pg_temp` anywhere, or a string literal whose
+//!   text has `pg_temp`, or `temp` beside `create` or `into` (a `DO`
+//!   body);
 //! - [`Class::changes_routing_settings`] implies `changes_state` and is set
 //!   when the string may change `search_path` (also `SET SCHEMA`) or
 //!   `standard_conforming_strings`, or resets/discards settings;
@@ -73,6 +78,11 @@ pub struct Class<'a> {
     /// A statement of the string is `PREPARE TRANSACTION`, `COMMIT
     /// PREPARED` or `ROLLBACK PREPARED` (see [`two_phase`]).
     pub two_phase: bool,
+    /// The string may create a temporary object or name the temporary
+    /// schema, as far as its words show (see the module docs): the node
+    /// then reads back which temporary objects the session has. A function
+    /// that creates one in its body is not seen.
+    pub temporary: bool,
 }
 
 impl Default for Class<'_> {
@@ -89,6 +99,7 @@ impl Default for Class<'_> {
             deallocate: None,
             schema_change: false,
             two_phase: false,
+            temporary: false,
         }
     }
 }
@@ -127,7 +138,10 @@ pub fn classify(sql: &str) -> Class<'_> {
     let mut at_start = true;
     let mut first = true;
     let mut routing_words = false;
+    // The statement began with CREATE; the previous token was INTO.
+    let (mut create, mut into) = (false, false);
     while let Some(t) = lx.next() {
+        let after_into = std::mem::take(&mut into);
         match t.kind {
             Kind::Semi => {
                 if !at_start {
@@ -139,20 +153,31 @@ pub fn classify(sql: &str) -> Class<'_> {
             Kind::Word => {
                 let w = &b[t.start..t.end];
                 if at_start {
+                    create = w.eq_ignore_ascii_case(b"create");
                     statement_start(sql, w, t, lx, first, &mut c, &mut routing_words);
                 }
                 match w.len() {
+                    4 if w.eq_ignore_ascii_case(b"into") => into = true,
+                    4 | 9
+                        if (create || after_into)
+                            && (w.eq_ignore_ascii_case(b"temp")
+                                || w.eq_ignore_ascii_case(b"temporary")) =>
+                    {
+                        c.temporary = true
+                    }
                     9 if w.eq_ignore_ascii_case(b"returning") => c.returning = true,
                     10 if w.eq_ignore_ascii_case(b"set_config") => set_config(sql, lx, &mut c),
                     11 if w.eq_ignore_ascii_case(b"search_path") => routing_words = true,
                     27 if w.eq_ignore_ascii_case(b"standard_conforming_strings") => {
                         routing_words = true
                     }
+                    n if n >= 7 && ci_prefix(w, b"pg_temp") => c.temporary = true,
                     _ => {}
                 }
             }
             Kind::Quoted => {
                 let w = &b[t.cs..t.ce];
+                c.temporary |= ci_prefix(w, b"pg_temp");
                 if w.eq_ignore_ascii_case(b"set_config") {
                     set_config(sql, lx, &mut c);
                 } else if w.eq_ignore_ascii_case(b"search_path")
@@ -161,7 +186,13 @@ pub fn classify(sql: &str) -> Class<'_> {
                     routing_words = true;
                 }
             }
-            Kind::Str(_) => scan_string(&b[t.cs..t.ce], &mut c, &mut routing_words),
+            Kind::Str(_) => {
+                let text = &b[t.cs..t.ce];
+                scan_string(text, &mut c, &mut routing_words);
+                c.temporary |= contains_ci(text, b"pg_temp")
+                    || (contains_ci(text, b"temp")
+                        && (contains_ci(text, b"create") || contains_ci(text, b"into")));
+            }
             Kind::Punct(_) | Kind::Other => {}
         }
         at_start = false;

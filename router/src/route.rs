@@ -294,6 +294,12 @@ pub struct Route {
     /// every shard ([`Target::All`]): the executor runs it itself, splitting
     /// `FROM` rows by key or concatenating `TO` output.
     pub copy: Option<Arc<copy::CopyPlan>>,
+    /// The string creates, names or drops a temporary object of the
+    /// session (a relation of [`Namespace::temp`], one qualified by
+    /// `pg_temp`, `CREATE TEMP …`, `SELECT … INTO TEMP`): such objects
+    /// live on the home shard only, and two-phase commit cannot prepare a
+    /// transaction that touched one (`route/analyze/temp.rs`).
+    pub temp: bool,
 }
 
 /// The name the issue uses for a route.
@@ -459,6 +465,7 @@ impl Plan {
         let mut route = combine(parts)?;
         route.calls = self.calls.clone();
         route.hinted = forced.is_some();
+        route.temp = self.stmts.iter().any(|s| s.temp);
         Ok(route)
     }
 
@@ -537,6 +544,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
             merge: p.merge,
             touches_frozen: p.touches_frozen,
             copy: p.copy,
+            temp: false,
         });
     }
     let mut target = Target::Any;
@@ -601,6 +609,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
         merge,
         touches_frozen,
         copy: None,
+        temp: false,
     })
 }
 
@@ -743,10 +752,18 @@ fn parse_and_plan(
         *options = read;
         passed = rest;
     }
+    // A word of a temporary object: each statement's own words are read
+    // (`analyze::mark_by_words`).
+    let temp_words = crate::classify::classify(sql).temporary;
     let mut stmts = Vec::with_capacity(statements.len());
     for st in &statements {
         match analyze::plan_statement(snapshot, ns, st)? {
-            Some(p) => stmts.push(p),
+            Some(mut p) => {
+                if temp_words {
+                    analyze::mark_by_words(&mut p, st);
+                }
+                stmts.push(p)
+            }
             None => {
                 let text = st.to_string();
                 let word = text.split_whitespace().next().unwrap_or("statement");
@@ -818,16 +835,33 @@ pub fn plan_unparsed(
             )))
         }
     };
+    // A temporary object lives on the home shard only
+    // (`route/analyze/temp.rs`): schema statements on one go there.
+    let temp = crate::classify::outside_transaction(sql)
+        == Some(crate::classify::OutsideTransaction::Temporary);
+    let body = match body {
+        Body::All if temp && kind == StatementKind::Ddl => {
+            if n > 1 {
+                return Err(RouteError::unsupported(format!(
+                    "several statements in one string, one of them on a temporary object, which lives on the home shard only while the others run on every shard: send it on its own (hotrepart's SQL parser: {why})"
+                )));
+            }
+            Body::Home
+        }
+        other => other,
+    };
     let stmts = if n == 0 {
         vec![StmtPlan::fixed(StatementKind::Empty, false, Body::Any)]
     } else {
         (0..n)
             .map(|_| {
-                StmtPlan::fixed(
+                let mut p = StmtPlan::fixed(
                     kind.clone(),
                     kind != StatementKind::Utility || matches!(body, Body::Home),
                     body.clone(),
-                )
+                );
+                p.temp = temp;
+                p
             })
             .collect()
     };

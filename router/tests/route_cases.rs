@@ -922,6 +922,7 @@ fn names_resolve_through_the_search_path() {
             .iter()
             .map(|(s, t, d)| ((s.to_string(), t.to_string()), d.to_string()))
             .collect(),
+        ..Namespace::default()
     };
     let app_first = ns(
         &["pg_catalog", "app", "public"],

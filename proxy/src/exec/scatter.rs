@@ -23,8 +23,9 @@
 //!   across shards — else rolled back everywhere; the client gets the
 //!   failing shard's error once. DDL that cannot run inside a transaction
 //!   on the shards (CREATE INDEX CONCURRENTLY, VACUUM, ALTER SYSTEM …, or a
-//!   temporary object, which two-phase commit cannot prepare: classified
-//!   up front from its words,
+//!   temporary object, which two-phase commit cannot prepare — the router
+//!   sends DDL on one to the home shard alone, so only what it could not
+//!   read gets here: classified up front from its words,
 //!   [`hotrepart_router::classify::outside_transaction`]) runs as sent, not
 //!   atomically: its error names the shards where it did and did not
 //!   apply; `CREATE`/`DROP DATABASE` run one shard at a time

@@ -72,6 +72,10 @@ pub struct Decision {
     pub calls: std::sync::Arc<[String]>,
     /// A hint chose the shard ([`hotrepart_router::route::Route::hinted`]).
     pub hinted: bool,
+    /// It creates, names or drops a temporary object of the session
+    /// ([`hotrepart_router::route::Route::temp`]): it must run on the
+    /// backend that holds them (`session/temp.rs`).
+    pub temp: bool,
 }
 
 impl Decision {
@@ -103,6 +107,7 @@ impl Decision {
             copy: None,
             calls: std::sync::Arc::from(Vec::new()),
             hinted: false,
+            temp: false,
         }
     }
 }
@@ -343,6 +348,7 @@ pub fn decision(
         copy: route.copy.filter(|_| target_is_multi),
         calls: route.calls.clone(),
         hinted: route.hinted,
+        temp: route.temp,
     })
 }
 

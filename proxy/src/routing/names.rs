@@ -13,7 +13,10 @@
 //! (database, user, `search_path` setting) and the set of declared tables,
 //! and forgets it on DDL through the node (`Node::forget_catalog`).
 //! A view or partition created directly on the shards is not seen until
-//! then.
+//! then. Temporary schemas (`pg_temp_N`) are left out: what one backend
+//! holds there belongs to the session using it, which adds its own
+//! temporary relations to its namespace (`session/temp.rs`), and must not
+//! reach the namespace other sessions share.
 
 use crate::sql::{quote_ident, quote_literal};
 use hotrepart_router::catalog::RoutingSnapshot;
@@ -44,9 +47,10 @@ fn split(name: &str) -> (&str, &str) {
     name.split_once('.').unwrap_or(("public", name))
 }
 
-/// The query that reads the namespace (rows: kind, schema, name, extra).
-pub fn probe_sql(snap: &RoutingSnapshot) -> String {
-    let names = declared(snap);
+/// The common part of the probes: `declared` (the declared tables' oids
+/// and catalog names) and `reach` (every relation that reaches one, with
+/// the declared table it reaches), as a `WITH RECURSIVE` prefix.
+fn reach_cte(names: &[String]) -> String {
     let regs: Vec<String> = names
         .iter()
         .map(|n| {
@@ -55,7 +59,6 @@ pub fn probe_sql(snap: &RoutingSnapshot) -> String {
         })
         .collect();
     let cats: Vec<String> = names.iter().map(|n| quote_literal(n)).collect();
-    let bases: Vec<String> = names.iter().map(|n| quote_literal(split(n).1)).collect();
     format!(
         "WITH RECURSIVE declared AS (\
            SELECT c.oid, x.name FROM unnest(ARRAY[{regs}]::text[], ARRAY[{cats}]::text[]) AS x(reg, name) \
@@ -67,20 +70,75 @@ pub fn probe_sql(snap: &RoutingSnapshot) -> String {
            UNION ALL SELECT i.inhrelid, i.inhparent FROM pg_catalog.pg_inherits i), \
          reach(oid, via) AS (\
            SELECT oid, name FROM declared \
-           UNION SELECT e.dst, r.via FROM reach r JOIN edges e ON e.src = r.oid), \
-         path AS (SELECT s.nspname, s.ord FROM unnest(pg_catalog.current_schemas(true)) WITH ORDINALITY AS s(nspname, ord)) \
+           UNION SELECT e.dst, r.via FROM reach r JOIN edges e ON e.src = r.oid)",
+        regs = regs.join(","),
+        cats = cats.join(","),
+    )
+}
+
+/// The query that reads the namespace (rows: kind, schema, name, extra).
+pub fn probe_sql(snap: &RoutingSnapshot) -> String {
+    let names = declared(snap);
+    let bases: Vec<String> = names.iter().map(|n| quote_literal(split(n).1)).collect();
+    format!(
+        "{cte}, \
+         path AS (SELECT s.nspname, s.ord FROM unnest(pg_catalog.current_schemas(true)) WITH ORDINALITY AS s(nspname, ord) \
+           WHERE s.nspname::text NOT LIKE 'pg\\_temp\\_%') \
          SELECT 'path', p.nspname::text, p.ord::text, NULL::text FROM path p \
          UNION ALL SELECT 'reach', ns.nspname::text, c.relname::text, min(r.via) FROM reach r \
            JOIN pg_catalog.pg_class c ON c.oid = r.oid JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace \
-           WHERE r.oid NOT IN (SELECT oid FROM declared) GROUP BY ns.nspname, c.relname \
+           WHERE r.oid NOT IN (SELECT oid FROM declared) AND c.relpersistence <> 't' GROUP BY ns.nspname, c.relname \
          UNION ALL SELECT 'rel', ns.nspname::text, c.relname::text, NULL FROM pg_catalog.pg_class c \
            JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace \
            WHERE ns.nspname IN (SELECT nspname FROM path) \
            AND (c.relname = ANY(ARRAY[{bases}]::text[]) OR c.oid IN (SELECT oid FROM reach))",
-        regs = regs.join(","),
-        cats = cats.join(","),
+        cte = reach_cte(&names),
         bases = bases.join(","),
     )
+}
+
+/// The query that reads what the session's backend holds in its own
+/// temporary schema (`pg_my_temp_schema()`, none before its first
+/// temporary object): a row per relation (name, and the declared table it
+/// reaches if any: a temporary view over a sharded table …), and a row of
+/// NULLs when it holds functions or types of their own too.
+pub fn temp_probe_sql(snap: &RoutingSnapshot) -> String {
+    format!(
+        "{cte} \
+         SELECT c.relname::text, (SELECT min(r.via) FROM reach r WHERE r.oid = c.oid) FROM pg_catalog.pg_class c \
+           WHERE c.relnamespace = pg_catalog.pg_my_temp_schema() \
+         UNION ALL SELECT NULL, NULL WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.pronamespace = pg_catalog.pg_my_temp_schema()) \
+           OR EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace = pg_catalog.pg_my_temp_schema() AND t.typrelid = 0 \
+             AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type e WHERE e.oid = t.typelem AND e.typrelid <> 0))",
+        cte = reach_cte(&declared(snap)),
+    )
+}
+
+/// What a backend holds in its temporary schema ([`temp_probe_sql`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TempHeld {
+    /// Relations by name.
+    pub names: std::collections::BTreeSet<String>,
+    /// Those that reach a declared table, with its catalog name.
+    pub reaching: std::collections::BTreeMap<String, String>,
+    /// Anything at all (functions and types included).
+    pub any: bool,
+}
+
+/// [`TempHeld`] from the rows of [`temp_probe_sql`].
+pub fn parse_temp(rows: Vec<Vec<Option<String>>>) -> TempHeld {
+    let mut held = TempHeld::default();
+    for r in rows {
+        held.any = true;
+        let mut r = r.into_iter();
+        if let (Some(Some(name)), via) = (r.next(), r.next().flatten()) {
+            if let Some(via) = via {
+                held.reaching.insert(name.clone(), via);
+            }
+            held.names.insert(name);
+        }
+    }
+    held
 }
 
 /// The namespace from the probe's rows.
@@ -128,5 +186,20 @@ mod tests {
         assert_eq!(ns.resolve("users"), Some("public"));
         assert_eq!(ns.resolve("users_v"), Some("public"));
         assert_eq!(ns.resolve("other"), None);
+    }
+
+    #[test]
+    fn parses_the_temporary_schema_probe() {
+        let row = |n: Option<&str>, via: Option<&str>| {
+            vec![n.map(str::to_string), via.map(str::to_string)]
+        };
+        assert_eq!(parse_temp(Vec::new()), TempHeld::default());
+        let held = parse_temp(vec![row(Some("tmp"), None), row(Some("v"), Some("users"))]);
+        assert!(held.any);
+        assert_eq!(held.names.iter().collect::<Vec<_>>(), ["tmp", "v"]);
+        assert_eq!(held.reaching.get("v").map(String::as_str), Some("users"));
+        // Only functions or types: kept, no names.
+        let held = parse_temp(vec![row(None, None)]);
+        assert!(held.any && held.names.is_empty());
     }
 }

@@ -43,7 +43,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.refresh_state_from(d).await;
             }
         }
-        if self.node.pause.active() && !self.be.attached() {
+        if self.node.pause.active() && !self.be.holds() {
             // PAUSE: a new transaction waits for RESUME (one that holds a
             // backend goes on, so that PAUSE can end).
             if let Err(r) = self.wait_while_paused().await {
@@ -52,14 +52,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let pool = self.pool(t);
         let wait = self.node.cfg().pool_timeout();
+        // The backend the session keeps (its temporary objects) is checked
+        // out again as a pooled one would be.
+        let kept = self.take_kept(t);
         let info = self.be.client_info();
-        if let Some(i) = info {
-            i.waiting(true);
-        }
-        let got = pool.get(self.state_fp, wait).await;
-        if let Some(i) = info {
-            i.waiting(false);
-        }
+        let got = match kept {
+            Some(b) => Ok(b),
+            None => {
+                if let Some(i) = info {
+                    i.waiting(true);
+                }
+                let got = pool.get(self.state_fp, wait).await;
+                if let Some(i) = info {
+                    i.waiting(false);
+                }
+                got
+            }
+        };
         let mut b = match got {
             Ok(b) => b,
             Err(PoolError::Timeout { shard, waited_ms, size }) => {
@@ -353,12 +362,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             self.prepared_dirty = false;
         }
+        // Before the backends are let go: whether one keeps the session's
+        // temporary objects.
+        self.read_temp_at_end().await;
         if !self.session_mode {
-            for slot in &mut self.be.slots {
-                if let Some(b) = slot.conn.take() {
-                    // Closed instead when not idle and synced.
-                    b.release();
-                }
+            for i in 0..self.be.slots.len() {
+                // Kept, or released (closed instead when not idle and synced).
+                self.let_go(i);
             }
             if let Some(u) = self.unnamed.as_mut() {
                 u.on = None;
@@ -403,14 +413,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Before routing: the namespace unqualified names resolve in, for the
-    /// client's current `search_path` ([`crate::routing::names`]): from the node's
-    /// cache, else read on the home shard on a backend carrying the
-    /// client's settings (attached to its transaction if one is open;
-    /// released again if the session was idle).
+    /// client's current `search_path` ([`crate::routing::names`]), with the
+    /// session's temporary relations (`session/temp.rs`).
     pub(super) async fn ensure_namespace(&mut self) -> Result<(), SessionError> {
         if self.node.routing.single_shard() {
             return Ok(());
         }
+        self.ensure_base_namespace().await?;
+        self.apply_temp_namespace();
+        Ok(())
+    }
+
+    /// The namespace of the client's `search_path` as every session of its
+    /// user and database sees it: from the node's cache, else read on the
+    /// home shard on a backend carrying the client's settings (attached to
+    /// its transaction if one is open; let go again if the session was
+    /// idle).
+    async fn ensure_base_namespace(&mut self) -> Result<(), SessionError> {
         // Per statement only this: the routing table's epoch, the catalog
         // generation and the setting, compared without allocating.
         let snap = self.node.routing.catalog.load_full();
@@ -430,13 +449,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let path = self.state.get("search_path").map(str::to_string);
         let under = (path.clone(), snap.epoch(), generation);
         if fp == 0 {
-            self.ns = Arc::default();
+            self.ns_base = Arc::default();
             self.ns_under = Some(under);
             return Ok(());
         }
         let key = (self.database.clone(), self.user.clone(), path);
         if let Some(ns) = self.node.namespace(&key, fp) {
-            self.ns = ns;
+            self.ns_base = ns;
             self.ns_under = Some(under);
             return Ok(());
         }
@@ -461,15 +480,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(rows) => {
                 let ns = Arc::new(crate::routing::names::parse(rows));
                 self.node.learn_namespace(key, fp, ns.clone());
-                self.ns = ns;
+                self.ns_base = ns;
                 self.ns_under = Some(under);
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the search path on the home shard"),
         }
         if !was_attached && !self.txn.open() && self.be.owed.is_empty() {
-            if let Some(b) = self.be.slots[home].conn.take() {
-                b.release();
-            }
+            self.let_go(home);
             self.be.update_cancel();
         }
         Ok(())
@@ -574,9 +591,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Ok(()))
     }
 
-    /// Before a statement runs on several shards: the refusal the router
-    /// cannot make without the shards' catalog (a call to a user-defined
-    /// aggregate, which it plans as a scalar function).
+    /// Before a statement runs on several shards: the refusals the router
+    /// cannot make without the session (its temporary objects,
+    /// [`Self::check_temp`]) or the shards' catalog (a call to a
+    /// user-defined aggregate, which it plans as a scalar function).
     pub(super) async fn check_multi_shard(
         &mut self,
         d: &Decision,
@@ -584,6 +602,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Target::Multi { shards, .. } = &d.target else {
             return Ok(Ok(()));
         };
+        if let Err(r) = self.check_temp(d, shards) {
+            return Ok(Err(r));
+        }
         if shards.len() < 2 || d.ddl {
             return Ok(Ok(()));
         }
@@ -671,6 +692,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// [`Self::note_sql`] with the statement already classified.
     pub(crate) fn note_class(&mut self, class: Class<'_>, shard: usize) {
+        self.note_temp(&class, shard);
         if class.schema_change {
             self.note_ddl();
         }

@@ -75,6 +75,8 @@ pub(super) struct Stmt {
     /// Running it may change session state / drop prepared statements.
     pub(super) changes_state: bool,
     pub(super) drops_prepared: bool,
+    /// What it may do to temporary objects each time it runs.
+    pub(super) temp: super::temp::TempClass,
 }
 
 /// The client's unnamed statement: kept so that it can be prepared again on
@@ -99,7 +101,14 @@ impl Unnamed {
 #[derive(Default)]
 pub(crate) struct Slot {
     pub(crate) pool: Option<Arc<Pool>>,
+    /// The backend attached while a transaction (or replies) are open.
     pub(crate) conn: Option<Pooled>,
+    /// A backend the session keeps between its transactions instead of
+    /// returning it to the pool (it holds the session's temporary
+    /// objects: `session/temp.rs`); idle, synced, outside a transaction.
+    /// The next statement for the shard attaches it again
+    /// (`Session::ensure_backend`), as a checkout from the pool would.
+    pub(crate) kept: Option<Pooled>,
 }
 
 /// Backend slots a session keeps beyond the shards the node knows of; see
@@ -171,6 +180,14 @@ impl Backends {
     /// Some shard's backend is attached to the session.
     pub(crate) fn attached(&self) -> bool {
         self.slots.iter().any(|s| s.conn.is_some())
+    }
+
+    /// Some backend is attached or kept between transactions: the session
+    /// holds a server connection (PAUSE lets it go on).
+    pub(crate) fn holds(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.conn.is_some() || s.kept.is_some())
     }
 
     pub(crate) fn attached_count(&self) -> usize {
@@ -251,6 +268,9 @@ pub(crate) struct Txn {
     /// The open transaction asked for REPEATABLE READ or SERIALIZABLE
     /// (`SET TRANSACTION …`, `SET SESSION CHARACTERISTICS …`).
     pub(crate) snapshot_isolation: bool,
+    /// The shard where a statement of the transaction used a temporary
+    /// object (`session/temp.rs`): PostgreSQL cannot PREPARE it there.
+    pub(crate) temp_used_on: Option<usize>,
 }
 
 /// A transaction status of ReadyForQuery.
@@ -339,6 +359,9 @@ pub struct Session<S> {
     /// (search_path setting, routing table epoch, the node's
     /// catalog generation).
     pub(super) ns: Arc<hotrepart_router::route::Namespace>,
+    /// `ns` without the session's temporary relations (shared with the
+    /// other sessions of the user and database).
+    pub(super) ns_base: Arc<hotrepart_router::route::Namespace>,
     pub(super) ns_under: Option<(Option<String>, u64, u64)>,
     /// Custom settings (`app.name`) the client has set, read back with
     /// the others.
@@ -370,6 +393,9 @@ pub struct Session<S> {
     /// Routing asked for the batch held to be cut at a multi-shard
     /// statement (`Session::run_batch`).
     pub(super) cut_wanted: bool,
+    /// The session's temporary objects: where they are, their names
+    /// (`session/temp.rs`).
+    pub(crate) temp: super::temp::TempObjects,
 }
 
 /// A part of a client batch that the node cut at a multi-shard statement,
@@ -456,6 +482,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             state_stale: false,
             server_scs: true,
             ns: Arc::default(),
+            ns_base: Arc::default(),
             ns_under: None,
             custom_settings: Default::default(),
             prepared_dirty: false,
@@ -466,6 +493,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             listener: None,
             part: None,
             cut_wanted: false,
+            temp: Default::default(),
         }
     }
 
@@ -540,12 +568,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// The shard for statements that touch no table: the current one while
-    /// a transaction or replies are open there, else the home shard.
+    /// a transaction or replies are open there, else the one holding the
+    /// session's temporary objects, else the home shard.
     pub(super) fn default_shard(&self) -> usize {
         if self.be.slots[self.be.cur].conn.is_some() {
             self.be.cur
         } else {
-            self.node.routing.home_index()
+            self.temp
+                .home
+                .unwrap_or_else(|| self.node.routing.home_index())
         }
     }
 
@@ -711,7 +742,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// transaction the node learns of only afterwards, is covered too). A
     /// transaction that wrote to several shards commits with two-phase
     /// commit. Call after replies owed by another shard are drained.
+    ///
+    /// A statement on the session's temporary objects must run where they
+    /// are, and a transaction that used them there must not need
+    /// two-phase commit with that shard: refused otherwise
+    /// ([`Session::check_temp`]), before anything is recorded.
     pub(crate) fn check_write(&mut self, d: &Decision, t: usize) -> Result<(), Refusal> {
+        self.check_temp(d, &[t])?;
+        if d.temp {
+            self.txn.temp_used_on = Some(t);
+        }
         if d.write {
             self.txn.note_write(t);
         }

@@ -309,6 +309,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         self.prepared_dirty |=
                             self.stmts.get(&stmt).is_some_and(|s| s.drops_prepared);
                     }
+                    if let Some(c) = self.stmts.get(&stmt).map(|s| s.temp) {
+                        self.note_temp_of(c, t);
+                    }
                     match self.prepare_on_backend(&stmt) {
                         Some(internal) => wire::frame(&mut self.be.to_backend, fe::BIND, |o| {
                             wire::put_cstr(o, &portal);
@@ -466,6 +469,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 sql: Arc::from(sql),
                 changes_state: class.changes_state,
                 drops_prepared: class.drops_prepared,
+                temp: super::temp::TempClass::of(&class),
             },
         );
         Some(internal)

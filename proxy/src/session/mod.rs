@@ -5,7 +5,9 @@
 //! States: idle (no backend) ⇄ attached (backends held: replies owed or a
 //! transaction open) → closed. A backend is attached by the first statement
 //! routed to its shard and every backend is released at the ReadyForQuery
-//! that ends the transaction with nothing owed.
+//! that ends the transaction with nothing owed — but one holding the
+//! session's temporary objects, which the session keeps between its
+//! transactions and attaches again as from the pool (`temp.rs`).
 //!
 //! Statements are routed once per statement: a simple Query when it
 //! arrives, an extended-protocol batch (Parse/Bind/Describe/Execute/Close)
@@ -50,6 +52,7 @@ mod script;
 #[cfg(test)]
 mod scripted;
 mod sql_prepare;
+mod temp;
 mod txn;
 
 pub use conn::{End, Session};
@@ -110,12 +113,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // closed connection only when it writes. Cancel it.
         let running = !self.be.owed.is_empty();
         let wait = self.node.cfg().connect_timeout();
-        for slot in &mut self.be.slots {
-            if let Some(b) = slot.conn.take() {
+        let temp_home = self.temp.home;
+        for (i, slot) in self.be.slots.iter_mut().enumerate() {
+            // Kept for the session's temporary objects: they go first.
+            if let Some(mut b) = slot.kept.take() {
+                Self::discard_temp(&mut b, wait).await;
+                b.release();
+            }
+            if let Some(mut b) = slot.conn.take() {
                 // Otherwise the guard's drop closes the connection (and
                 // PostgreSQL rolls back); it is never pooled again, so the
                 // cancel cannot reach another client.
                 if clean {
+                    if temp_home == Some(i) {
+                        Self::discard_temp(&mut b, wait).await;
+                    }
                     b.release();
                 } else if running {
                     crate::backend::conn::cancel_before_close(&b, wait).await;
@@ -255,7 +267,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// then writes to backend and client once.
     async fn on_client_batch(&mut self, first: Frame) -> Result<Option<End>, SessionError> {
         self.ensure_slots();
-        if self.node.pause.active() && !self.be.attached() {
+        if self.node.pause.active() && !self.be.holds() {
             // PAUSE: wait before routing, so that no routing pin is held
             // while waiting (a cut-over waits for pins); `ensure_backend`
             // refuses if the wait ran out, and waits itself for a PAUSE
@@ -401,6 +413,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn on_query(&mut self, f: Frame) -> Result<(), SessionError> {
         self.settle_state().await?;
+        self.settle_temp().await?;
         self.ensure_namespace().await?;
         let mut b = f.body();
         let sql = wire::get_cstr(&mut b).map_err(client_err)?;
@@ -695,6 +708,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// again (it turned out to follow an error).
     async fn run_batch_once(&mut self, synced: bool) -> Result<bool, SessionError> {
         self.settle_state().await?;
+        self.settle_temp().await?;
         self.ensure_namespace().await?;
         let frames = std::mem::take(&mut self.batch);
         if self.listen_batch(&frames).await {

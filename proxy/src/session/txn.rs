@@ -184,9 +184,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if self.state_dirty[i] {
                 self.refresh_state_from(i).await;
             }
-            if let Some(b) = self.be.slots[i].conn.take() {
-                b.release();
-            }
+            self.read_temp_due(i).await;
+            self.let_go(i);
         }
         if let Some(&p) = keep.first() {
             self.be.cur = p;
@@ -204,6 +203,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// client; the transaction is over (every backend outside a
     /// transaction).
     pub(super) async fn two_phase_commit(&mut self) -> Result<Result<(), Refusal>, SessionError> {
+        if let Some(r) = self.temp_blocks_twopc() {
+            // PREPARE would fail on the shard of the temporary objects:
+            // everything rolls back, nothing is prepared.
+            self.finish_shards_except(false, &[]).await?;
+            self.end_of_transaction().await?;
+            return Ok(Err(r));
+        }
         let writes = self.txn.writes.clone();
         self.finish_shards_except(true, &writes).await?;
         if let Err(r) = crate::exec::twopc::commit(self, &writes).await {

@@ -11,8 +11,10 @@
 //!   `ALTER DATABASE … SET TABLESPACE`, `… SUBSCRIPTION`, `ALTER TABLE …
 //!   DETACH PARTITION … CONCURRENTLY`);
 //! - those that create or name a temporary object (`CREATE TEMP …`,
-//!   `pg_temp.…`): PostgreSQL cannot `PREPARE TRANSACTION` a transaction
-//!   that touched one.
+//!   `SELECT … INTO TEMP …`, `pg_temp.…`): PostgreSQL cannot `PREPARE
+//!   TRANSACTION` a transaction that touched one. (The router sends those
+//!   to one shard, where the session's temporary objects live: see
+//!   `docs/design/session.md`.)
 //!
 //! The list errs towards "outside": a statement wrongly put here runs as
 //! it did before the node made DDL atomic (shard by shard, an error naming
@@ -96,7 +98,10 @@ fn statement(w: &[String]) -> Option<OutsideTransaction> {
     if at(i) == "global" || at(i) == "local" {
         i += 1;
     }
-    (at(0) == "create" && temp(at(i))).then_some(OutsideTransaction::Temporary)
+    // SELECT … INTO TEMP t (not INSERT INTO temp, a table of that name).
+    let into_temp =
+        matches!(at(0), "select" | "with") && w.windows(2).any(|p| p[0] == "into" && temp(&p[1]));
+    ((at(0) == "create" && temp(at(i))) || into_temp).then_some(OutsideTransaction::Temporary)
 }
 
 #[cfg(test)]
@@ -135,6 +140,10 @@ mod tests {
             ("create global temporary table tmp (a int)", Some(Temporary)),
             ("CREATE OR REPLACE TEMP VIEW v AS SELECT 1", Some(Temporary)),
             ("DROP TABLE pg_temp.tmp", Some(Temporary)),
+            ("SELECT 1 AS a INTO TEMP tmp", Some(Temporary)),
+            ("SELECT * INTO TEMPORARY TABLE tmp FROM t", Some(Temporary)),
+            ("INSERT INTO t (temp) VALUES (1)", None),
+            ("INSERT INTO temp VALUES (1)", None),
             (
                 "CREATE TEMP TABLE a (x int); DROP TABLESPACE ts",
                 Some(Refused),

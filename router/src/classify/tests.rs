@@ -523,6 +523,40 @@ fn schema_change() {
 }
 
 #[test]
+fn temporary_objects() {
+    for sql in [
+        "CREATE TEMP TABLE t (a int)",
+        "create global temporary table t (a int) on commit drop",
+        "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
+        "CREATE TEMPORARY SEQUENCE s",
+        "CREATE TEMP TABLE t AS SELECT 1",
+        "SELECT 1 AS a INTO TEMP t",
+        "select * into temporary table t from u",
+        "CREATE TABLE pg_temp.t (a int)",
+        "DROP TABLE pg_temp_3.t",
+        "SELECT * FROM \"pg_temp\".t",
+        "SELECT 1; CREATE TEMP TABLE t (a int)",
+        "DO $$BEGIN CREATE TEMP TABLE t (a int); END$$",
+        "SELECT to_regclass('pg_temp.t')",
+        // Conservative: a column named temp in a CREATE costs a read-back.
+        "CREATE TABLE weather (temp int)",
+    ] {
+        assert!(classify(sql).temporary, "{sql:?}");
+    }
+    for sql in [
+        "SELECT temp FROM weather",
+        "INSERT INTO weather (temp) VALUES (20)",
+        "UPDATE weather SET temp = 21",
+        "SELECT 'temp'",
+        "-- CREATE TEMP TABLE t\nSELECT 1",
+        "DROP TABLE t",
+        "DISCARD TEMP",
+    ] {
+        assert!(!classify(sql).temporary, "{sql:?}");
+    }
+}
+
+#[test]
 fn collate_clauses() {
     assert_eq!(
         non_c_collate("SELECT a FROM t ORDER BY a COLLATE \"C\""),

@@ -33,6 +33,8 @@
 //! * `stmt`: the write and utility planners (INSERT, UPDATE, DELETE, COPY,
 //!   VACUUM/ANALYZE, TRUNCATE/LOCK).
 //! * `merge_plan` and `merge_need`: what a multi-shard read must merge.
+//! * `temp`: statements on the session's temporary objects (the home
+//!   shard only).
 //! * `functions`: the built-in functions known by name.
 //! * `plan`: the result types; `expr`: small shared helpers.
 
@@ -45,9 +47,11 @@ mod merge_plan;
 mod plan;
 mod scope;
 mod stmt;
+mod temp;
 
 pub(super) use functions::AGGREGATES;
 pub(super) use plan::{Body, InsertPlan, Shape, StmtPlan};
+pub(super) use temp::mark_by_words;
 
 use super::{MergeNeed, Namespace, RouteError, StatementKind, TransactionKind};
 use crate::catalog::RoutingSnapshot;
@@ -68,6 +72,7 @@ pub(super) fn plan_statement(
         return Ok(None);
     };
     p.may_write |= a.locks;
+    p.temp |= a.temp.get();
     for c in a.calls {
         if !p.calls.contains(&c) {
             p.calls.push(c);
@@ -94,7 +99,13 @@ fn plan_known(
 ) -> Result<StmtPlan, RouteError> {
     use StatementKind as K;
     match st {
-        Statement::Query(q) => a.select_statement(q, K::Select),
+        Statement::Query(q) => {
+            let read = a.select_statement(q, K::Select)?;
+            if a.into_temp {
+                return temp::select_into_temp(read);
+            }
+            Ok(read)
+        }
         Statement::Insert(ins) => a.insert(ins),
         Statement::Update(up) => a.update(up),
         Statement::Delete(del) => a.delete(del),
@@ -171,12 +182,7 @@ fn plan_known(
             Ok(p)
         }
         Statement::CreateTable(ct) => {
-            if ct.query.is_some() {
-                return Err(unsupported(
-                    "CREATE TABLE … AS (the new table would hold different rows on each shard)",
-                ));
-            }
-            Ok(ddl_all())
+            temp::create_table(a, ct.temporary, &ct.name, ct.query.as_deref())
         }
         Statement::CreateView(v) => {
             if v.materialized {
@@ -184,18 +190,23 @@ fn plan_known(
                     "CREATE MATERIALIZED VIEW (it would hold different rows on each shard)",
                 ));
             }
-            Ok(ddl_all())
+            temp::create_view(a, v.temporary, &v.name, &v.query)
         }
+        Statement::CreateSequence {
+            temporary, name, ..
+        } => temp::create_sequence(a, *temporary, name),
+        Statement::CreateIndex(ci) => Ok(temp::on_relation(a, &ci.table_name)),
+        Statement::AlterTable(at) => Ok(temp::on_relation(a, &at.name)),
+        Statement::AlterIndex { name, .. } => Ok(temp::on_relation(a, name)),
+        Statement::AlterView(av) => Ok(temp::on_relation(a, &av.name)),
+        Statement::Drop {
+            object_type, names, ..
+        } => temp::drop(a, object_type, names),
         Statement::RefreshMaterializedView(_) => Err(unsupported("REFRESH MATERIALIZED VIEW")),
-        Statement::AlterTable(_)
-        | Statement::AlterIndex { .. }
-        | Statement::AlterView(_)
-        | Statement::AlterSchema(_)
+        Statement::AlterSchema(_)
         | Statement::AlterType(_)
         | Statement::AlterFunction(_)
-        | Statement::CreateIndex(_)
         | Statement::CreateSchema { .. }
-        | Statement::CreateSequence { .. }
         | Statement::CreateType { .. }
         | Statement::CreateDomain(_)
         | Statement::CreateFunction(_)
@@ -203,7 +214,6 @@ fn plan_known(
         | Statement::CreateExtension(_)
         | Statement::CreatePolicy(_)
         | Statement::CreateRole(_)
-        | Statement::Drop { .. }
         | Statement::DropFunction(_)
         | Statement::DropDomain(_)
         | Statement::DropExtension(_)

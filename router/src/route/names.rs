@@ -13,6 +13,17 @@
 //! match is exact for every name that could be a declared table; any other
 //! name is not declared wherever it resolves (the home shard).
 //!
+//! The session's temporary relations ([`Namespace::temp`], read by the
+//! node on the backend that holds them) come first, as `pg_temp` does when
+//! the path does not name it: such a name, and any name qualified by
+//! `pg_temp` or `pg_temp_N`, resolves to the catalog name `pg_temp.NAME`,
+//! an undeclared relation (the home shard), unless it reaches a declared
+//! table (listed in [`Namespace::reaching`] under schema `pg_temp`: a
+//! temporary view over it …), which is refused. When the session's
+//! `search_path` names `pg_temp` itself ([`Namespace::temp_explicit`]) an
+//! unqualified name of a temporary relation is refused (`0A000`): where
+//! PostgreSQL resolves it then depends on relations the node does not list.
+//!
 //! Relations that *reach* a declared table — a view over it (also through
 //! other views), a partition or inheritance child or parent of it,
 //! transitively — are refused (`0A000`): on the home shard they would see
@@ -38,12 +49,23 @@ pub struct Namespace {
     /// Undeclared relations `(schema, name)` that reach a declared table,
     /// with that table's catalog name.
     pub reaching: BTreeMap<(String, String), String>,
+    /// The relations (tables, views, sequences, indexes …) in the
+    /// session's own temporary schema, by name: they resolve before any
+    /// schema of the path.
+    pub temp: BTreeSet<String>,
+    /// The session's `search_path` names `pg_temp` explicitly (then it is
+    /// not searched first).
+    pub temp_explicit: bool,
 }
 
 impl Namespace {
     /// A stable identity (plans made under it are valid only under it).
     pub fn id(&self) -> u64 {
-        if self.schemas.is_empty() && self.relations.is_empty() && self.reaching.is_empty() {
+        if self.schemas.is_empty()
+            && self.relations.is_empty()
+            && self.reaching.is_empty()
+            && self.temp.is_empty()
+        {
             return 0;
         }
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -60,6 +82,17 @@ impl Namespace {
             self.relations.contains(&key) || self.reaching.contains_key(&key)
         })
     }
+}
+
+/// Whether `schema` (folded) is the temporary schema: `pg_temp`, or the
+/// `pg_temp_N` PostgreSQL gives a backend's.
+pub(super) fn is_temp_schema(schema: &str) -> bool {
+    schema == "pg_temp" || schema.starts_with("pg_temp_")
+}
+
+/// Whether a catalog name ([`table_name`]) is a temporary relation.
+pub(super) fn is_temp_name(catalog_name: &str) -> bool {
+    catalog_name.starts_with("pg_temp.")
 }
 
 /// Folds an identifier as PostgreSQL does: unquoted → ASCII lower case.
@@ -93,10 +126,19 @@ pub(super) fn table_name(ns: &Namespace, name: &ObjectName) -> Result<String, Ro
         }
     }
     let (schema, t) = match parts.as_slice() {
+        [t] if ns.temp.contains(t) => {
+            if ns.temp_explicit {
+                return Err(RouteError::unsupported(format!(
+                    "\"{t}\" is a temporary table of this session and search_path names pg_temp explicitly: hotrepart cannot tell which relation \"{t}\" means; qualify it (pg_temp.{t}, or its schema)"
+                )));
+            }
+            ("pg_temp".to_owned(), t.clone())
+        }
         [t] => match ns.resolve(t) {
             Some(s) => (s.to_owned(), t.clone()),
             None => return Ok(t.clone()),
         },
+        [s, t] if is_temp_schema(s) => ("pg_temp".to_owned(), t.clone()),
         [s, t] => (s.clone(), t.clone()),
         _ => {
             return Err(RouteError::unsupported(format!(

@@ -104,22 +104,6 @@ const KNOWN_FAILURES: &[Known] = &[
             shard is unknown on the other (XX000 \"cache lookup failed for type …\")",
         fails_with: "XX000: cache lookup failed for type",
     },
-    Known {
-        driver: Driver::Psycopg,
-        shards: 1,
-        scenario: "temp_table",
-        known_failure: "transaction pooling does not keep a session's temporary table: the \
-            next statement may run on another backend (docs/design/session.md: use \
-            pool_mode = \"session\")",
-        fails_with: "42P01: relation \"drv_tmp\" does not exist",
-    },
-    Known {
-        driver: Driver::Psycopg,
-        shards: 2,
-        scenario: "temp_table",
-        known_failure: "as on one shard: a temporary table is not kept for the session",
-        fails_with: "42P01: relation \"drv_tmp\" does not exist",
-    },
 ];
 
 /// The interpreter, script and environment of a driver; None when skipped

@@ -49,6 +49,7 @@ mod safety;
 mod scripts;
 mod soak;
 mod sql_prepare;
+mod temp_tables;
 mod tls_auth;
 mod transactions;
 mod twopc;

@@ -89,6 +89,9 @@ pub(in crate::route) struct StmtPlan {
     /// (lower case, unqualified, deduplicated): the node treats the
     /// statement as a write when one of them is volatile.
     pub calls: Vec<String>,
+    /// It creates, names or drops a temporary object of the session (which
+    /// lives on one shard, and which two-phase commit cannot prepare).
+    pub temp: bool,
 }
 
 impl StmtPlan {
@@ -103,6 +106,7 @@ impl StmtPlan {
             writes_sharded: false,
             may_write: false,
             calls: Vec::new(),
+            temp: false,
         }
     }
 

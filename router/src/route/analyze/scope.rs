@@ -14,7 +14,7 @@ use sqlparser::ast::{
 };
 
 use super::super::keys::{array_src, colocated, value_src, KeyExpr, TypedSrc};
-use super::super::names::{last_name, norm, table_name};
+use super::super::names::{is_temp_name, last_name, norm, table_name};
 use super::super::{Namespace, RouteError, StatementKind};
 use super::expr::{conjuncts, strip, unsupported};
 use super::functions::{AGGREGATES, PURE_FUNCTIONS, READ_ONLY};
@@ -89,6 +89,11 @@ pub(super) struct Analyzer<'a> {
     /// A query with FOR UPDATE/SHARE.
     pub(super) locks: bool,
     pub(super) placeholders: bool,
+    /// A name resolved to a temporary relation of the session
+    /// ([`Namespace::temp`]).
+    pub(super) temp: std::cell::Cell<bool>,
+    /// `SELECT … INTO TEMP`: the query makes a temporary table.
+    pub(super) into_temp: bool,
 }
 
 /// A visitor that analyses the subqueries directly inside an expression (in
@@ -138,7 +143,11 @@ impl Visitor for SubqueryWalker<'_, '_> {
 impl Analyzer<'_> {
     /// See [`table_name`].
     pub(super) fn table_name(&self, name: &ObjectName) -> Result<String, RouteError> {
-        table_name(self.ns, name)
+        let t = table_name(self.ns, name)?;
+        if is_temp_name(&t) {
+            self.temp.set(true);
+        }
+        Ok(t)
     }
 }
 
@@ -158,6 +167,8 @@ impl<'a> Analyzer<'a> {
             calls: Vec::new(),
             locks: false,
             placeholders: false,
+            temp: std::cell::Cell::new(false),
+            into_temp: false,
         }
     }
 
@@ -517,10 +528,15 @@ impl<'a> Analyzer<'a> {
     }
 
     fn select(&mut self, sel: &Select, parent: Option<usize>) -> Result<QueryInfo, RouteError> {
-        if sel.into.is_some() {
-            return Err(unsupported(
-                "SELECT … INTO (the new table would hold different rows on each shard)",
-            ));
+        match &sel.into {
+            None => {}
+            // Like CREATE TEMP TABLE … AS: see `plan_known`.
+            Some(into) if into.temporary => self.into_temp = true,
+            Some(_) => {
+                return Err(unsupported(
+                    "SELECT … INTO (the new table would hold different rows on each shard)",
+                ))
+            }
         }
         let s = self.new_scope(parent);
         for twj in &sel.from {
@@ -829,6 +845,7 @@ impl<'a> Analyzer<'a> {
             writes_sharded: false,
             may_write: false,
             calls: Vec::new(),
+            temp: false,
         })
     }
 }

@@ -42,6 +42,7 @@ impl Analyzer<'_> {
             writes_sharded: false,
             may_write: false,
             calls: Vec::new(),
+            temp: false,
         };
         match self.snap.placement(target_name) {
             TablePlacement::Reference => {
@@ -327,6 +328,7 @@ impl Analyzer<'_> {
                 writes_sharded: true,
                 may_write: false,
                 calls: Vec::new(),
+                temp: false,
             });
         }
         // INSERT … SELECT.
@@ -358,6 +360,7 @@ impl Analyzer<'_> {
                     writes_sharded: true,
                     may_write: false,
                     calls: Vec::new(),
+                    temp: false,
                 })
             }
             Some(OutCol::Value(e)) if self.occs.is_empty() => {
@@ -378,6 +381,7 @@ impl Analyzer<'_> {
                     writes_sharded: true,
                     may_write: false,
                     calls: Vec::new(),
+                    temp: false,
                 })
             }
             _ => Err(unsupported(format!(
