@@ -34,7 +34,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         t: usize,
     ) -> Result<Result<(), Refusal>, SessionError> {
         if self.be.slots[t].conn.is_some() {
-            return Ok(Ok(()));
+            return self.join_open_transaction(t).await;
         }
         // A SET earlier in this transaction: learn the state it made before
         // giving a new backend this client's state.
@@ -122,6 +122,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.be.slots[t].conn = Some(b);
         self.be.update_cancel();
+        Ok(Ok(()))
+    }
+
+    /// A backend kept attached between transactions (session pooling, a
+    /// pinned backend) that is outside the transaction the client has
+    /// open now joins it before its first statement of the transaction:
+    /// otherwise that statement would run, and commit, on its own.
+    async fn join_open_transaction(
+        &mut self,
+        t: usize,
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        if !self.txn.open() || (t == self.be.cur && !self.be.owed.is_empty()) {
+            // Replies still owed by the current backend may be those of
+            // the BEGIN itself: its status is not known yet.
+            return Ok(Ok(()));
+        }
+        let begin = self.txn.begin.clone().unwrap_or_else(|| "BEGIN".into());
+        let Some(b) = self.be.slots[t].conn.as_mut() else {
+            return Ok(Ok(()));
+        };
+        if b.status != tx::IDLE || b.unsynced {
+            return Ok(Ok(()));
+        }
+        if let Err(e) = b.hidden_query(&begin).await {
+            b.broken = true;
+            return Ok(Err(Refusal::new(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("cannot begin the transaction on another shard: {e}"),
+            )));
+        }
         Ok(Ok(()))
     }
 

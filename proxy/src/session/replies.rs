@@ -40,6 +40,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.txn.status = TxStatus::from_byte(s);
                 if s == tx::IDLE {
                     self.txn.failed = false;
+                    self.txn.begin = None;
                 }
             }
             be::PARSE_COMPLETE => {
@@ -92,6 +93,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.txn.status = TxStatus::from_byte(s);
                 if s == tx::IDLE {
                     self.txn.failed = false;
+                    self.txn.begin = None;
                 }
             }
             _ => {}

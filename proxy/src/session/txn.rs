@@ -133,6 +133,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.out.put_slice(&rfq(tx::IN_TRANSACTION));
                 Ok(true)
             }
+            // A BEGIN that goes to an attached backend (session pooling):
+            // its words are what other shards join the transaction with.
+            Kind::Begin if !self.txn.open() => {
+                self.txn.begin = Some(d.sql_text.clone());
+                Ok(false)
+            }
             Kind::Commit | Kind::Rollback if !self.be.attached() && self.txn.open() => {
                 let tag = if d.kind == Kind::Commit && !self.txn.failed {
                     "COMMIT"

@@ -47,6 +47,7 @@ mod reshard_wasm;
 mod routing;
 mod safety;
 mod scripts;
+mod session_mode;
 mod soak;
 mod sql_prepare;
 mod temp_tables;
