@@ -369,6 +369,36 @@ def temp_table():
     return list(got)
 
 
+def tpc():
+    """psycopg's two-phase commit API, as a transaction manager uses it:
+    one transaction prepared then committed, one prepared then rolled back,
+    each finished from another connection by its identifier."""
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_kv")
+        c.execute("CREATE TABLE drv_kv (id bigint PRIMARY KEY, v text)")
+    for i, finish in ((1, "commit"), (2, "rollback")):
+        # Not a `with` block: leaving one would commit, which psycopg
+        # forbids after tpc_prepare(); the prepared transaction outlives
+        # the connection.
+        c = connect(autocommit=False)
+        try:
+            xid = c.xid(7, f"drv-gtrid-{i}", "drv-bqual")
+            c.tpc_begin(xid)
+            c.execute("INSERT INTO drv_kv (id, v) VALUES (%s, %s)", [i, f"tpc{i}"])
+            c.tpc_prepare()
+        finally:
+            c.close()
+        with connect(autocommit=False) as other:
+            if finish == "commit":
+                other.tpc_commit(xid)
+            else:
+                other.tpc_rollback(xid)
+    with connect() as c:
+        rows = c.execute("SELECT id, v FROM drv_kv ORDER BY id").fetchall()
+    eq("rows", rows, [(1, "tpc1")])
+    return [list(r) for r in rows]
+
+
 def sql_prepare():
     """SQL-level PREPARE / EXECUTE / DEALLOCATE, in autocommit, while
     another client holds a transaction open."""
@@ -399,4 +429,5 @@ run([
     ("copy_rows", copy_rows),
     ("temp_table", temp_table),
     ("sql_prepare", sql_prepare),
+    ("tpc", tpc),
 ], sys.argv[2:])

@@ -50,6 +50,7 @@ impl Driver {
                 "copy_rows",
                 "temp_table",
                 "sql_prepare",
+                "tpc",
             ],
             Driver::Asyncpg => &[
                 "types",
