@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use hotrepart_router::catalog::{KeyType, RoutingFunction, Span};
 use hotrepart_routing_paxos::command::{CatalogSeed, Dsn, RangeSpec, ShardSpec, TableSpec};
-use hotrepart_routing_paxos::{CatalogCommand, CatalogHandle, ClusterSettings, ProposeError};
+use hotrepart_routing_paxos::{
+    CatalogCommand, CatalogHandle, ClusterSettings, ProposeError, Rejected,
+};
 
 const LEASE: Duration = Duration::from_millis(1000);
 /// The lease module's margin for this lease: 10 % + 50 ms.
@@ -710,7 +712,11 @@ async fn nodes_are_added_and_removed() {
     wait_for(
         "node 4 has the whole catalog",
         Duration::from_secs(10),
-        || nodes[3].status().member && *nodes[3].catalog() == *nodes[0].catalog(),
+        || {
+            nodes[3].status().member
+                && nodes[3].catalog().decision_count() == 20
+                && *nodes[3].catalog() == *nodes[0].catalog()
+        },
     )
     .await;
     assert_eq!(nodes[3].catalog().decisions().count(), 20);
@@ -807,6 +813,182 @@ async fn nodes_are_added_and_removed() {
     assert!(matches!(out, Ok(Ok(_))), "{out:?}");
     for h in &again {
         h.shutdown().await;
+    }
+}
+
+/// What a subscriber of one node saw, in order: (epoch, 2PC decisions).
+type Seen = Arc<Mutex<Vec<(u64, usize)>>>;
+
+/// Records every catalog `h` publishes until `stop` is set.
+fn record(h: &CatalogHandle, mut stop: tokio::sync::watch::Receiver<bool>) -> Seen {
+    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
+    let mut rx = h.subscribe();
+    let out = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            {
+                let c = rx.borrow_and_update();
+                if let Ok(mut s) = out.lock() {
+                    s.push((c.epoch(), c.decision_count()));
+                }
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { break },
+                _ = stop.changed() => break,
+            }
+        }
+    });
+    seen
+}
+
+/// What a node published never goes back through membership changes:
+/// neither the routing epoch nor the 2PC decisions decrease, as its
+/// subscribers (the proxy routes by them) see them. A node may learn the
+/// next configuration from a member's announcement before its own replica
+/// of the old one decides the StopSign; it then starts the new
+/// configuration's replica empty and gets the catalog from the members.
+/// It used to publish that empty replica's catalog meanwhile (epoch 0, no
+/// decisions), which is also how `nodes_are_added_and_removed` once saw a
+/// joined node with no decisions right after it had the whole catalog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_catalogs_never_go_back_through_membership_changes() {
+    let _ = logs();
+    let dirs: Vec<TempDir> = (0..5).map(|_| TempDir::new("monotone")).collect();
+    let mut settings = cluster_settings(5, &dirs, |_| "the secret");
+    for s in &mut settings[..3] {
+        s.peers.remove(&4);
+        s.peers.remove(&5);
+        s.compact_after = 8;
+    }
+    settings[3].join = true;
+    settings[4].join = true;
+    let mut nodes = Vec::new();
+    for s in &settings[..3] {
+        nodes.push(
+            CatalogHandle::start(s.clone(), Some(seed(s.node_id)))
+                .await
+                .expect("node starts"),
+        );
+    }
+    for s in &settings[3..] {
+        nodes.push(
+            CatalogHandle::start(s.clone(), None)
+                .await
+                .expect("joining node starts"),
+        );
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let seen: Vec<Seen> = nodes.iter().map(|h| record(h, stopped.clone())).collect();
+    wait_for("bootstrap", Duration::from_secs(10), || {
+        nodes[..3].iter().all(|h| h.catalog().snapshot().is_some())
+            && nodes[..3].windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+    // Six 2PC decisions through `nodes`. A proposal whose outcome this
+    // node could not learn (folded into a snapshot from the leader:
+    // `Timeout`) is proposed again; a decision stands once recorded.
+    let mut next = 0u64;
+    let mut decide = async |nodes: &[CatalogHandle]| {
+        for i in 0..6 {
+            let via = &nodes[i % nodes.len()];
+            let mut out = via.propose(decision(next), PROPOSE).await;
+            for _ in 0..3 {
+                if out != Err(ProposeError::Timeout) {
+                    break;
+                }
+                out = via.propose(decision(next), PROPOSE).await;
+            }
+            assert!(
+                matches!(out, Ok(Ok(_)) | Ok(Err(Rejected::AlreadyDecided { .. }))),
+                "via {}: {out:?}",
+                via.node_id()
+            );
+            next += 1;
+        }
+    };
+    decide(&nodes[..3]).await;
+    let addr = |id: usize| settings[id - 1].listen.to_string();
+    // Add 4, remove 1, add 5, remove 2: each change is learned by some
+    // nodes from the StopSign and by others from announcements.
+    async fn in_config(nodes: &[CatalogHandle], config_id: u32) {
+        wait_for(
+            "the members are in the new configuration",
+            Duration::from_secs(20),
+            || {
+                nodes.iter().all(|h| {
+                    let st = h.status();
+                    st.member && st.config_id == config_id
+                })
+            },
+        )
+        .await;
+    }
+    let m = nodes[1]
+        .add_node(4, &addr(4), PROPOSE)
+        .await
+        .expect("4 added");
+    assert_eq!(m.config_id, 2);
+    in_config(&nodes[..4], 2).await;
+    decide(&nodes[1..4]).await;
+    let m = nodes[2].remove_node(1, PROPOSE).await.expect("1 removed");
+    assert_eq!(m.config_id, 3);
+    in_config(&nodes[1..4], 3).await;
+    decide(&nodes[1..4]).await;
+    let m = nodes[3]
+        .add_node(5, &addr(5), PROPOSE)
+        .await
+        .expect("5 added");
+    assert_eq!(m.config_id, 4);
+    in_config(&nodes[1..5], 4).await;
+    decide(&nodes[1..5]).await;
+    let m = nodes[4].remove_node(2, PROPOSE).await.expect("2 removed");
+    assert_eq!(m.config_id, 5);
+    in_config(&nodes[2..5], 5).await;
+    decide(&nodes[2..5]).await;
+    wait_for("3, 4, 5 agree", Duration::from_secs(20), || {
+        nodes[2..].windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+    let total = nodes[2].catalog().decision_count();
+    assert_eq!(total, 30);
+    // The members that stayed saw every decision.
+    wait_for(
+        "3, 4, 5 subscribers see it all",
+        Duration::from_secs(5),
+        || {
+            seen[2..].iter().all(|s| {
+                s.lock()
+                    .map(|s| s.last().map(|l| l.1) == Some(total))
+                    .unwrap_or(false)
+            })
+        },
+    )
+    .await;
+    let _ = stop.send(true);
+    for h in &nodes {
+        // Bounded: a node that does not stop fails the test, not hangs it.
+        tokio::time::timeout(Duration::from_secs(20), h.shutdown())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "node {} did not shut down; logs:\n{}",
+                    h.node_id(),
+                    log_text()
+                )
+            });
+    }
+    for (h, seen) in nodes.iter().zip(&seen) {
+        let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+        assert!(!seen.is_empty(), "node {}", h.node_id());
+        for w in seen.windows(2) {
+            assert!(
+                w[1].0 >= w[0].0 && w[1].1 >= w[0].1,
+                "node {} published an older catalog: (epoch, decisions) {:?} after {:?}; all: {seen:?}",
+                h.node_id(),
+                w[1],
+                w[0]
+            );
+        }
     }
 }
 
