@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use hotrepart_router::catalog::{KeyType, RoutingFunction, Span};
 use hotrepart_routing_paxos::command::{CatalogSeed, Dsn, RangeSpec, ShardSpec, TableSpec};
 use hotrepart_routing_paxos::{
-    CatalogCommand, CatalogHandle, ClusterSettings, ProposeError, Rejected,
+    CatalogCommand, CatalogHandle, ClusterSettings, ProposeError, ReconfigureError, Rejected,
 };
 
 const LEASE: Duration = Duration::from_millis(1000);
@@ -816,6 +816,53 @@ async fn nodes_are_added_and_removed() {
     }
 }
 
+/// Changes the membership through `via` to `members`, configuration
+/// `config_id`. An answer that did not come in time (the change may still
+/// happen) is waited for, and the change proposed again if `via` is still
+/// in the configuration before: what this is used for checks what nodes
+/// publish through changes, not how fast a change is decided.
+async fn change(via: &CatalogHandle, members: BTreeMap<u64, String>, config_id: u32) {
+    for _ in 0..3 {
+        match via.reconfigure(members.clone(), PROPOSE).await {
+            Ok(m) => {
+                assert_eq!(m.config_id, config_id);
+                return;
+            }
+            Err(ReconfigureError::Timeout | ReconfigureError::InProgress) => {}
+            Err(e) => panic!(
+                "membership change to {config_id} via {}: {e}",
+                via.node_id()
+            ),
+        }
+        let start = Instant::now();
+        while via.status().config_id < config_id && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if via.status().config_id >= config_id {
+            return;
+        }
+    }
+    panic!(
+        "membership change to {config_id} via {} not decided",
+        via.node_id()
+    );
+}
+
+/// Waits until every node of `nodes` is a member of `config_id`.
+async fn in_config(nodes: &[CatalogHandle], config_id: u32) {
+    wait_for(
+        "the members are in the new configuration",
+        Duration::from_secs(20),
+        || {
+            nodes.iter().all(|h| {
+                let st = h.status();
+                st.member && st.config_id == config_id
+            })
+        },
+    )
+    .await;
+}
+
 /// What a subscriber of one node saw, in order: (epoch, 2PC decisions).
 type Seen = Arc<Mutex<Vec<(u64, usize)>>>;
 
@@ -910,39 +957,19 @@ async fn published_catalogs_never_go_back_through_membership_changes() {
     let addr = |id: usize| settings[id - 1].listen.to_string();
     // Add 4, remove 1, add 5, remove 2: each change is learned by some
     // nodes from the StopSign and by others from announcements.
-    async fn in_config(nodes: &[CatalogHandle], config_id: u32) {
-        wait_for(
-            "the members are in the new configuration",
-            Duration::from_secs(20),
-            || {
-                nodes.iter().all(|h| {
-                    let st = h.status();
-                    st.member && st.config_id == config_id
-                })
-            },
-        )
-        .await;
-    }
-    let m = nodes[1]
-        .add_node(4, &addr(4), PROPOSE)
-        .await
-        .expect("4 added");
-    assert_eq!(m.config_id, 2);
+    let members = |ids: &[usize]| -> BTreeMap<u64, String> {
+        ids.iter().map(|id| (*id as u64, addr(*id))).collect()
+    };
+    change(&nodes[1], members(&[1, 2, 3, 4]), 2).await;
     in_config(&nodes[..4], 2).await;
     decide(&nodes[1..4]).await;
-    let m = nodes[2].remove_node(1, PROPOSE).await.expect("1 removed");
-    assert_eq!(m.config_id, 3);
+    change(&nodes[2], members(&[2, 3, 4]), 3).await;
     in_config(&nodes[1..4], 3).await;
     decide(&nodes[1..4]).await;
-    let m = nodes[3]
-        .add_node(5, &addr(5), PROPOSE)
-        .await
-        .expect("5 added");
-    assert_eq!(m.config_id, 4);
+    change(&nodes[3], members(&[2, 3, 4, 5]), 4).await;
     in_config(&nodes[1..5], 4).await;
     decide(&nodes[1..5]).await;
-    let m = nodes[4].remove_node(2, PROPOSE).await.expect("2 removed");
-    assert_eq!(m.config_id, 5);
+    change(&nodes[4], members(&[3, 4, 5]), 5).await;
     in_config(&nodes[2..5], 5).await;
     decide(&nodes[2..5]).await;
     wait_for("3, 4, 5 agree", Duration::from_secs(20), || {
@@ -989,6 +1016,139 @@ async fn published_catalogs_never_go_back_through_membership_changes() {
                 w[0]
             );
         }
+    }
+}
+
+/// The deterministic case of the test above: node 4 is cut off while
+/// three membership changes happen, so no peer runs its configuration's
+/// replica any more (a node keeps the last two ended ones) and it can only
+/// learn the current configuration from an announcement. It then starts
+/// that configuration's replica empty and gets the catalog from the
+/// members; meanwhile it keeps publishing the catalog it had (it used to
+/// publish the empty replica's: epoch 0, no decisions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_missed_changes_keeps_its_catalog_until_it_has_the_new_one() {
+    let _ = logs();
+    let dirs: Vec<TempDir> = (0..6).map(|_| TempDir::new("missed")).collect();
+    let mut settings = cluster_settings(6, &dirs, |_| "the secret");
+    for s in &mut settings[..4] {
+        s.peers.remove(&5);
+        s.peers.remove(&6);
+        s.compact_after = 8;
+    }
+    settings[4].join = true;
+    settings[5].join = true;
+    let mut nodes = Vec::new();
+    for s in &settings[..4] {
+        nodes.push(
+            CatalogHandle::start(s.clone(), Some(seed(s.node_id)))
+                .await
+                .expect("node starts"),
+        );
+    }
+    for s in &settings[4..] {
+        nodes.push(
+            CatalogHandle::start(s.clone(), None)
+                .await
+                .expect("joining node starts"),
+        );
+    }
+    wait_for("bootstrap", Duration::from_secs(10), || {
+        nodes[..4].iter().all(|h| h.catalog().snapshot().is_some())
+            && nodes[..4].windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+    for i in 0..10 {
+        let out = nodes[i % 4].propose(decision(i as u64), PROPOSE).await;
+        assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+    }
+    wait_for(
+        "node 4 has the 10 decisions",
+        Duration::from_secs(10),
+        || nodes[3].catalog().decision_count() == 10 && same_catalog(&nodes[3], &nodes[0]),
+    )
+    .await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let seen4 = record(&nodes[3], stopped.clone());
+    let before = (nodes[3].catalog().epoch(), nodes[3].applied_index());
+    nodes[3].set_partitioned(true);
+    let addr = |id: usize| settings[id - 1].listen.to_string();
+    let members = |ids: &[usize]| -> BTreeMap<u64, String> {
+        ids.iter().map(|id| (*id as u64, addr(*id))).collect()
+    };
+    // Each change through the leader of the running members (a StopSign
+    // forwarded to the cut-off node would be lost).
+    let leader = async |ids: &[u64]| -> usize {
+        let mut found = 0;
+        wait_for(
+            "a leader among the reachable members",
+            Duration::from_secs(10),
+            || {
+                let leaders: Vec<Option<u64>> = ids
+                    .iter()
+                    .map(|id| nodes[*id as usize - 1].status().leader)
+                    .collect();
+                match leaders[0] {
+                    Some(l) if ids.contains(&l) && leaders.iter().all(|x| *x == Some(l)) => {
+                        found = l as usize - 1;
+                        true
+                    }
+                    _ => false,
+                }
+            },
+        )
+        .await;
+        found
+    };
+    let l = leader(&[1, 2, 3]).await;
+    change(&nodes[l], members(&[1, 2, 3, 4, 5]), 2).await;
+    in_config(&[&nodes[..3], &nodes[4..5]].concat(), 2).await;
+    let l = leader(&[1, 2, 3, 5]).await;
+    change(&nodes[l], members(&[1, 2, 3, 4, 5, 6]), 3).await;
+    in_config(&[&nodes[..3], &nodes[4..]].concat(), 3).await;
+    // Removes 5 or 6, not the leader.
+    let l = leader(&[1, 2, 3, 5, 6]).await;
+    let stays = if l == 4 { 5 } else { 6 };
+    change(&nodes[l], members(&[1, 2, 3, 4, stays]), 4).await;
+    in_config(&[&nodes[..3], &nodes[stays - 1..stays]].concat(), 4).await;
+    let out = nodes[stays - 1].propose(decision(10), PROPOSE).await;
+    assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+    // Cut off, node 4 still shows what it had.
+    assert_eq!(nodes[3].status().config_id, 1);
+    assert_eq!(nodes[3].catalog().decision_count(), 10);
+    assert_eq!(
+        (nodes[3].catalog().epoch(), nodes[3].applied_index()),
+        before
+    );
+    nodes[3].set_partitioned(false);
+    wait_for("node 4 catches up", Duration::from_secs(20), || {
+        let st = nodes[3].status();
+        st.member && st.config_id == 4 && same_catalog(&nodes[3], &nodes[0])
+    })
+    .await;
+    assert_eq!(nodes[3].catalog().decision_count(), 11);
+    wait_for(
+        "node 4's subscriber sees it",
+        Duration::from_secs(5),
+        || {
+            seen4
+                .lock()
+                .map(|s| s.last().map(|l| l.1) == Some(11))
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    let _ = stop.send(true);
+    let seen = seen4.lock().map(|s| s.clone()).unwrap_or_default();
+    assert!(
+        seen.windows(2)
+            .all(|w| w[1].0 >= w[0].0 && w[1].1 >= w[0].1),
+        "node 4 published an older catalog: (epoch, decisions) in order: {seen:?}"
+    );
+    for h in &nodes {
+        tokio::time::timeout(Duration::from_secs(20), h.shutdown())
+            .await
+            .unwrap_or_else(|_| panic!("node {} did not shut down", h.node_id()));
     }
 }
 
