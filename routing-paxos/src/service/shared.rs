@@ -75,7 +75,7 @@ impl Shared {
     /// Publishes `catalog` as of `applied` entries to readers and
     /// subscribers, unless what is published already stands for more
     /// entries: what a node published never goes back (an older routing
-    /// epoch, forgotten 2PC decisions). Returns whether it published.
+    /// epoch, forgotten 2PC decisions).
     ///
     /// Applied indexes count the entries of one history across
     /// configurations (the next configuration's log starts at the index
@@ -89,15 +89,14 @@ impl Shared {
     ///
     /// Only the driver (or the local handle under its lock) publishes, so
     /// the check and the store do not race.
-    pub(super) fn publish(&self, catalog: &Catalog, applied: usize) -> bool {
+    pub(super) fn publish(&self, catalog: &Catalog, applied: usize) {
         if applied < self.applied.load(Ordering::Acquire) {
-            return false;
+            return;
         }
         let catalog = Arc::new(catalog.clone());
         self.catalog.store(catalog.clone());
         self.applied.store(applied, Ordering::Release);
         self.watch.send_replace(catalog);
-        true
     }
 }
 
