@@ -76,7 +76,10 @@
 //! there; a node that is not a member stops taking part (no lease, every
 //! proposal refused). Members announce a reconfigured membership to each
 //! other; a node started with [`ClusterSettings::join`] starts the
-//! instance when it hears it, empty, and gets the catalog as a snapshot.
+//! instance when it hears it, empty, and gets the catalog as a snapshot
+//! (so does a member that hears it before its own replica decided the
+//! StopSign). What a node published never goes back: until the new
+//! instance has the catalog, the node keeps publishing the one it had.
 //! Protocol messages carry their configuration id; each goes to the
 //! replica of that configuration, from its members only.
 //!

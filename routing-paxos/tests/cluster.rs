@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use hotrepart_router::catalog::{KeyType, RoutingFunction, Span};
 use hotrepart_routing_paxos::command::{CatalogSeed, Dsn, RangeSpec, ShardSpec, TableSpec};
-use hotrepart_routing_paxos::{CatalogCommand, CatalogHandle, ClusterSettings, ProposeError};
+use hotrepart_routing_paxos::{
+    CatalogCommand, CatalogHandle, ClusterSettings, ProposeError, ReconfigureError,
+};
 
 const LEASE: Duration = Duration::from_millis(1000);
 /// The lease module's margin for this lease: 10 % + 50 ms.
@@ -690,6 +692,9 @@ async fn nodes_are_added_and_removed() {
     let n4 = CatalogHandle::start(settings[3].clone(), None)
         .await
         .expect("node 4 starts");
+    // What nodes 1 and 4 publish through the join never goes back.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let seen = [record(&nodes[0], stopped.clone()), record(&n4, stopped)];
     let st = n4.status();
     assert!(!st.member && st.config_id == 0, "{st:?}");
     assert_eq!(
@@ -710,7 +715,11 @@ async fn nodes_are_added_and_removed() {
     wait_for(
         "node 4 has the whole catalog",
         Duration::from_secs(10),
-        || nodes[3].status().member && *nodes[3].catalog() == *nodes[0].catalog(),
+        || {
+            nodes[3].status().member
+                && nodes[3].catalog().decision_count() == 20
+                && *nodes[3].catalog() == *nodes[0].catalog()
+        },
     )
     .await;
     assert_eq!(nodes[3].catalog().decisions().count(), 20);
@@ -720,6 +729,15 @@ async fn nodes_are_added_and_removed() {
         nodes.windows(2).all(|w| same_catalog(&w[0], &w[1]))
     })
     .await;
+    let _ = stop.send(true);
+    for (id, seen) in [1, 4].into_iter().zip(&seen) {
+        let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+        assert!(
+            seen.windows(2)
+                .all(|w| w[1].0 >= w[0].0 && w[1].1 >= w[0].1),
+            "node {id} published an older catalog: (epoch, decisions) in order: {seen:?}"
+        );
+    }
     for h in &nodes {
         let st = h.status();
         assert_eq!(
@@ -807,6 +825,215 @@ async fn nodes_are_added_and_removed() {
     assert!(matches!(out, Ok(Ok(_))), "{out:?}");
     for h in &again {
         h.shutdown().await;
+    }
+}
+
+/// Changes the membership through `via` to `members`, configuration
+/// `config_id`. An answer that did not come in time (the change may still
+/// happen) is waited for, and the change proposed again if `via` is still
+/// in the configuration before: what this is used for checks what nodes
+/// publish through changes, not how fast a change is decided.
+async fn change(via: &CatalogHandle, members: BTreeMap<u64, String>, config_id: u32) {
+    for _ in 0..3 {
+        match via.reconfigure(members.clone(), PROPOSE).await {
+            Ok(m) => {
+                assert_eq!(m.config_id, config_id);
+                return;
+            }
+            Err(ReconfigureError::Timeout | ReconfigureError::InProgress) => {}
+            Err(e) => panic!(
+                "membership change to {config_id} via {}: {e}",
+                via.node_id()
+            ),
+        }
+        let start = Instant::now();
+        while via.status().config_id < config_id && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if via.status().config_id >= config_id {
+            return;
+        }
+    }
+    panic!(
+        "membership change to {config_id} via {} not decided",
+        via.node_id()
+    );
+}
+
+/// Waits until every node of `nodes` is a member of `config_id`.
+async fn in_config(nodes: &[CatalogHandle], config_id: u32) {
+    wait_for(
+        "the members are in the new configuration",
+        Duration::from_secs(20),
+        || {
+            nodes.iter().all(|h| {
+                let st = h.status();
+                st.member && st.config_id == config_id
+            })
+        },
+    )
+    .await;
+}
+
+/// What a subscriber of one node saw, in order: (epoch, 2PC decisions).
+type Seen = Arc<Mutex<Vec<(u64, usize)>>>;
+
+/// Records every catalog `h` publishes until `stop` is set.
+fn record(h: &CatalogHandle, mut stop: tokio::sync::watch::Receiver<bool>) -> Seen {
+    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
+    let mut rx = h.subscribe();
+    let out = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            {
+                let c = rx.borrow_and_update();
+                if let Ok(mut s) = out.lock() {
+                    s.push((c.epoch(), c.decision_count()));
+                }
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { break },
+                _ = stop.changed() => break,
+            }
+        }
+    });
+    seen
+}
+
+/// What a node published never goes back through membership changes
+/// (neither the routing epoch nor the 2PC decisions decrease, as its
+/// subscribers — the proxy routes by them — see them). Node 4 is cut off
+/// while three membership changes happen, so no peer runs its configuration's
+/// replica any more (a node keeps the last two ended ones) and it can only
+/// learn the current configuration from an announcement. It then starts
+/// that configuration's replica empty and gets the catalog from the
+/// members; meanwhile it keeps publishing the catalog it had. It used to
+/// publish the empty replica's (epoch 0, no decisions); a member that
+/// hears the announcement before its replica decided the StopSign did the
+/// same, which is how `nodes_are_added_and_removed` once saw node 4 (and
+/// node 1) with no decisions right after the wait for the whole catalog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_missed_changes_keeps_its_catalog_until_it_has_the_new_one() {
+    let _ = logs();
+    let dirs: Vec<TempDir> = (0..6).map(|_| TempDir::new("missed")).collect();
+    let mut settings = cluster_settings(6, &dirs, |_| "the secret");
+    for s in &mut settings[..4] {
+        s.peers.remove(&5);
+        s.peers.remove(&6);
+    }
+    settings[4].join = true;
+    settings[5].join = true;
+    let mut nodes = Vec::new();
+    for s in &settings[..4] {
+        nodes.push(
+            CatalogHandle::start(s.clone(), Some(seed(s.node_id)))
+                .await
+                .expect("node starts"),
+        );
+    }
+    for s in &settings[4..] {
+        nodes.push(
+            CatalogHandle::start(s.clone(), None)
+                .await
+                .expect("joining node starts"),
+        );
+    }
+    wait_for("bootstrap", Duration::from_secs(10), || {
+        nodes[..4].iter().all(|h| h.catalog().snapshot().is_some())
+            && nodes[..4].windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+    for i in 0..10 {
+        let out = nodes[i % 4].propose(decision(i as u64), PROPOSE).await;
+        assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+    }
+    wait_for(
+        "node 4 has the 10 decisions",
+        Duration::from_secs(10),
+        || nodes[3].catalog().decision_count() == 10 && same_catalog(&nodes[3], &nodes[0]),
+    )
+    .await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let seen4 = record(&nodes[3], stopped.clone());
+    let before = (nodes[3].catalog().epoch(), nodes[3].applied_index());
+    nodes[3].set_partitioned(true);
+    let addr = |id: usize| settings[id - 1].listen.to_string();
+    let members = |ids: &[usize]| -> BTreeMap<u64, String> {
+        ids.iter().map(|id| (*id as u64, addr(*id))).collect()
+    };
+    // Each change through the leader of the running members (a StopSign
+    // forwarded to the cut-off node would be lost).
+    let leader = async |ids: &[u64]| -> usize {
+        let mut found = 0;
+        wait_for(
+            "a leader among the reachable members",
+            Duration::from_secs(10),
+            || {
+                let leaders: Vec<Option<u64>> = ids
+                    .iter()
+                    .map(|id| nodes[*id as usize - 1].status().leader)
+                    .collect();
+                match leaders[0] {
+                    Some(l) if ids.contains(&l) && leaders.iter().all(|x| *x == Some(l)) => {
+                        found = l as usize - 1;
+                        true
+                    }
+                    _ => false,
+                }
+            },
+        )
+        .await;
+        found
+    };
+    let l = leader(&[1, 2, 3]).await;
+    change(&nodes[l], members(&[1, 2, 3, 4, 5]), 2).await;
+    in_config(&[&nodes[..3], &nodes[4..5]].concat(), 2).await;
+    let l = leader(&[1, 2, 3, 5]).await;
+    change(&nodes[l], members(&[1, 2, 3, 4, 5, 6]), 3).await;
+    in_config(&[&nodes[..3], &nodes[4..]].concat(), 3).await;
+    // Removes 5 or 6, not the leader.
+    let l = leader(&[1, 2, 3, 5, 6]).await;
+    let stays = if l == 4 { 5 } else { 6 };
+    change(&nodes[l], members(&[1, 2, 3, 4, stays]), 4).await;
+    in_config(&[&nodes[..3], &nodes[stays - 1..stays]].concat(), 4).await;
+    let out = nodes[stays - 1].propose(decision(10), PROPOSE).await;
+    assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+    // Cut off, node 4 still shows what it had.
+    assert_eq!(nodes[3].status().config_id, 1);
+    assert_eq!(nodes[3].catalog().decision_count(), 10);
+    assert_eq!(
+        (nodes[3].catalog().epoch(), nodes[3].applied_index()),
+        before
+    );
+    nodes[3].set_partitioned(false);
+    wait_for("node 4 catches up", Duration::from_secs(20), || {
+        let st = nodes[3].status();
+        st.member && st.config_id == 4 && same_catalog(&nodes[3], &nodes[0])
+    })
+    .await;
+    assert_eq!(nodes[3].catalog().decision_count(), 11);
+    wait_for(
+        "node 4's subscriber sees it",
+        Duration::from_secs(5),
+        || {
+            seen4
+                .lock()
+                .map(|s| s.last().map(|l| l.1) == Some(11))
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    let _ = stop.send(true);
+    let seen = seen4.lock().map(|s| s.clone()).unwrap_or_default();
+    assert!(
+        seen.windows(2)
+            .all(|w| w[1].0 >= w[0].0 && w[1].1 >= w[0].1),
+        "node 4 published an older catalog: (epoch, decisions) in order: {seen:?}"
+    );
+    for h in &nodes {
+        tokio::time::timeout(Duration::from_secs(20), h.shutdown())
+            .await
+            .unwrap_or_else(|_| panic!("node {} did not shut down", h.node_id()));
     }
 }
 

@@ -73,8 +73,26 @@ impl Shared {
     }
 
     /// Publishes `catalog` as of `applied` entries to readers and
-    /// subscribers.
+    /// subscribers, unless what is published already stands for more
+    /// entries: what a node published never goes back (an older routing
+    /// epoch, forgotten 2PC decisions).
+    ///
+    /// Applied indexes count the entries of one history across
+    /// configurations (the next configuration's log starts at the index
+    /// of the previous one's StopSign), so more entries is newer. A
+    /// replica can be behind what its node published: a node that joins
+    /// the next configuration from a member's announcement (before its
+    /// own replica of the old one decided the StopSign) starts that
+    /// configuration's replica empty and gets the catalog from the
+    /// members; until it has, the node keeps showing the catalog of the
+    /// old configuration.
+    ///
+    /// Only the driver (or the local handle under its lock) publishes, so
+    /// the check and the store do not race.
     pub(super) fn publish(&self, catalog: &Catalog, applied: usize) {
+        if applied < self.applied.load(Ordering::Acquire) {
+            return;
+        }
         let catalog = Arc::new(catalog.clone());
         self.catalog.store(catalog.clone());
         self.applied.store(applied, Ordering::Release);

@@ -715,7 +715,9 @@ impl Driver {
             }
         }
         let applied = replica.applied_index();
-        if decided.is_empty() && self.shared.applied.load(Ordering::Acquire) == applied {
+        // Nothing new, or a replica still behind what this node published
+        // (see `Shared::publish`: that is never taken back).
+        if decided.is_empty() && applied <= self.shared.applied.load(Ordering::Acquire) {
             return;
         }
         // Publish before answering: a proposer reads its own write (and

@@ -240,6 +240,9 @@ impl Driver {
                     self.shared.now_ms() + self.lease_ms + self.leases.margin_ms();
                 self.leases
                     .set_applied(self.shared.now_ms(), replica.applied_index());
+                // Not published while behind what the node published in
+                // the old configuration (a node that joined from an
+                // announcement starts empty): see `Shared::publish`.
                 self.shared
                     .publish(replica.catalog(), replica.applied_index());
                 self.replica = Some(replica);
