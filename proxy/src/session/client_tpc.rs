@@ -153,13 +153,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let failed = self.txn.failed;
             self.finish_shards_except(!failed, &[primary]).await?;
         }
-        if self.txn.failed {
-            // A transaction the node failed: PostgreSQL must see it failed
-            // too, so that PREPARE rolls it back (and says ROLLBACK).
-            if let Some(b) = self.be.slots[primary].conn.as_mut() {
-                let _ = b.hidden_query(POISON_SQL).await;
-            }
-        }
+        // A transaction the node failed: PostgreSQL must see it failed
+        // too, so that PREPARE rolls it back (and says ROLLBACK).
+        self.poison_if_failed_on(primary).await;
         Ok(Some(primary))
     }
 

@@ -158,7 +158,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// make PostgreSQL fail it too: COMMIT then rolls back and answers
     /// ROLLBACK, exactly as after an error of PostgreSQL's own.
     pub(super) async fn poison_if_failed(&mut self, d: &Decision, t: usize) {
-        if self.txn.failed && d.kind == Kind::Commit {
+        if d.kind == Kind::Commit {
+            self.poison_if_failed_on(t).await;
+        }
+    }
+
+    /// Makes PostgreSQL fail the transaction on shard `t` if the node
+    /// failed it: what ends it there (COMMIT, PREPARE TRANSACTION) then
+    /// rolls back and says ROLLBACK.
+    pub(super) async fn poison_if_failed_on(&mut self, t: usize) {
+        if self.txn.failed {
             if let Some(b) = self.be.slots[t].conn.as_mut() {
                 let _ = b.hidden_query(POISON_SQL).await;
             }
