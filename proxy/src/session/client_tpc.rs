@@ -1,5 +1,6 @@
 //! A client's own two-phase commit (issue 14): `PREPARE TRANSACTION`,
-//! `COMMIT PREPARED`, `ROLLBACK PREPARED` in the simple protocol.
+//! `COMMIT PREPARED`, `ROLLBACK PREPARED`, in the simple and the extended
+//! protocol (in a batch, as its only statement run: [`Session::two_phase_batch`]).
 //!
 //! - `PREPARE TRANSACTION` goes to the one shard the transaction wrote to
 //!   (or, when it wrote nowhere, the shard it used, else the home shard),
@@ -22,7 +23,7 @@
 use super::conn::*;
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
-use crate::wire::Frame;
+use crate::wire::{self, fe, Frame};
 use hotrepart_router::classify::{Class, TwoPhase, TwoPhaseOp};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -62,51 +63,31 @@ pub(super) fn reserved_in(sql: &str) -> Option<Refusal> {
         .find_map(|tp| tp.gid.as_deref().and_then(reserved))
 }
 
+/// How a refusal reaches the client: after a Query (the error, then
+/// ReadyForQuery), or in an extended-protocol batch (the error, then the
+/// rest skipped up to the Sync).
+#[derive(Clone, Copy)]
+pub(super) enum Via {
+    Query,
+    Batch { synced: bool },
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    fn refuse_via(&mut self, via: Via, r: Refusal) {
+        match via {
+            Via::Query => self.refuse_simple(r),
+            Via::Batch { synced } => self.batch_error(&r, synced),
+        }
+    }
+
     pub(super) async fn client_two_phase(
         &mut self,
         f: &Frame,
         class: Class<'_>,
         tp: TwoPhase,
     ) -> Result<(), SessionError> {
-        let Some(gid) = tp.gid else {
-            self.refuse_simple(Refusal::new(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "{} through hotrepart needs the transaction identifier as a plain string literal ('…')",
-                    tp.op.name()
-                ),
-            ));
+        let Some(t) = self.two_phase_target(tp, Via::Query).await? else {
             return Ok(());
-        };
-        if let Some(r) = reserved(&gid) {
-            self.refuse_simple(r);
-            return Ok(());
-        }
-        if !self.be.owed.is_empty() {
-            self.drain_owed().await?;
-        }
-        let t = match tp.op {
-            TwoPhaseOp::Prepare => match self.prepare_target().await? {
-                Some(t) => t,
-                None => return Ok(()),
-            },
-            TwoPhaseOp::Commit | TwoPhaseOp::Rollback => {
-                if self.txn.open() {
-                    self.refuse_simple(Refusal::new(
-                        sqlstate::ACTIVE_SQL_TRANSACTION,
-                        format!("{} cannot run inside a transaction block", tp.op.name()),
-                    ));
-                    return Ok(());
-                }
-                match self.holder_of(&gid).await? {
-                    Ok(t) => t,
-                    Err(r) => {
-                        self.refuse_simple(r);
-                        return Ok(());
-                    }
-                }
-            }
         };
         match self.switch_to(t).await? {
             Ok(()) => {}
@@ -119,9 +100,125 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(())
     }
 
+    /// The two-phase statement an extended-protocol batch runs (a Bind of
+    /// it), if any. Refused when the batch runs other statements too:
+    /// where such a statement goes depends on the session's transaction,
+    /// which the statements before it change.
+    pub(super) fn two_phase_batch(&self, frames: &[Frame]) -> Result<Option<TwoPhase>, Refusal> {
+        let mut unnamed: Option<&str> = None;
+        let mut named: Vec<(&str, &str)> = Vec::new();
+        let mut found: Option<TwoPhase> = None;
+        let mut others = false;
+        for f in frames {
+            let mut b = f.body();
+            match f.tag() {
+                fe::PARSE => {
+                    let name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    let sql = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    if name.is_empty() {
+                        unnamed = Some(sql);
+                    } else {
+                        named.push((name, sql));
+                    }
+                }
+                fe::BIND => {
+                    let _portal = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    let stmt = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    let in_batch = if stmt.is_empty() {
+                        unnamed
+                    } else {
+                        named
+                            .iter()
+                            .rev()
+                            .find(|(n, _)| *n == stmt)
+                            .map(|(_, s)| *s)
+                    };
+                    let tp = match in_batch {
+                        Some(sql) => hotrepart_router::classify::two_phase(sql),
+                        None if stmt.is_empty() => self
+                            .unnamed
+                            .as_ref()
+                            .and_then(Unnamed::sql)
+                            .and_then(|sql| hotrepart_router::classify::two_phase(&sql)),
+                        None => self
+                            .stmts
+                            .get(stmt)
+                            .and_then(|s| hotrepart_router::classify::two_phase(&s.sql)),
+                    };
+                    match tp {
+                        Some(tp) if found.is_none() => found = Some(tp),
+                        _ => others = true,
+                    }
+                }
+                _ => {}
+            }
+        }
+        match found {
+            Some(tp) if others => Err(Refusal::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "{} must be the only statement of its batch through hotrepart; send a Sync after it",
+                    tp.op.name()
+                ),
+            )),
+            found => Ok(found),
+        }
+    }
+
+    /// The shard a two-phase statement goes to; None when it was answered
+    /// here (refused).
+    pub(super) async fn two_phase_target(
+        &mut self,
+        tp: TwoPhase,
+        via: Via,
+    ) -> Result<Option<usize>, SessionError> {
+        let Some(gid) = tp.gid else {
+            self.refuse_via(
+                via,
+                Refusal::new(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "{} through hotrepart needs the transaction identifier as a plain string literal ('…')",
+                        tp.op.name()
+                    ),
+                ),
+            );
+            return Ok(None);
+        };
+        if let Some(r) = reserved(&gid) {
+            self.refuse_via(via, r);
+            return Ok(None);
+        }
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        Ok(match tp.op {
+            TwoPhaseOp::Prepare => self.prepare_target(via).await?,
+            TwoPhaseOp::Commit | TwoPhaseOp::Rollback => {
+                if self.txn.open() {
+                    self.refuse_via(
+                        via,
+                        Refusal::new(
+                            sqlstate::ACTIVE_SQL_TRANSACTION,
+                            format!("{} cannot run inside a transaction block", tp.op.name()),
+                        ),
+                    );
+                    return Ok(None);
+                }
+                match self.holder_of(&gid).await? {
+                    Ok(t) => Some(t),
+                    Err(r) => {
+                        self.refuse_via(via, r);
+                        None
+                    }
+                }
+            }
+        })
+    }
+
     /// Where a `PREPARE TRANSACTION` goes; None when it was answered here
     /// (refused: the transaction wrote to several shards).
-    async fn prepare_target(&mut self) -> Result<Option<usize>, SessionError> {
+    async fn prepare_target(&mut self, via: Via) -> Result<Option<usize>, SessionError> {
         if !self.txn.open() {
             // PostgreSQL answers it (a warning: no transaction in progress).
             return Ok(Some(self.default_shard()));
@@ -133,7 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .map(|&w| self.node.routing.shard_name(w))
                 .collect();
             self.end_of_transaction().await?;
-            self.refuse_simple(Refusal::new(
+            self.refuse_via(via, Refusal::new(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 format!(
                     "cannot PREPARE a transaction that wrote to several shards ({}): hotrepart commits such a transaction with its own two-phase commit; the transaction was rolled back",

@@ -714,13 +714,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.listen_batch(&frames).await {
             return Ok(true);
         }
-        let routed = self
-            .route_waiting(|s| s.route_batch(&frames))
-            .await
-            .and_then(|(t, d)| match &d {
-                Some(dd) => self.check_owner_change(dd).map(|()| (t, d)),
-                None => Ok((t, d)),
-            });
+        // A client's PREPARE TRANSACTION / COMMIT PREPARED: its shard is
+        // the transaction's, or the one holding the identifier.
+        let two_phase = match self.two_phase_batch(&frames) {
+            Ok(tp) => tp,
+            Err(r) => {
+                self.batch_error(&r, synced);
+                return Ok(true);
+            }
+        };
+        let routed = match two_phase {
+            Some(tp) => match self
+                .two_phase_target(tp, client_tpc::Via::Batch { synced })
+                .await?
+            {
+                Some(t) => Ok((Some(t), None)),
+                None => return Ok(true),
+            },
+            None => self
+                .route_waiting(|s| s.route_batch(&frames))
+                .await
+                .and_then(|(t, d)| match &d {
+                    Some(dd) => self.check_owner_change(dd).map(|()| (t, d)),
+                    None => Ok((t, d)),
+                }),
+        };
         let (target, mut d) = match routed {
             Ok(x) => x,
             Err(r)
@@ -839,6 +857,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.batch_error(&r, synced);
                 return Ok(true);
             }
+        }
+        if self.txn.failed && self.node.routing.single_shard() {
+            // The node refused a statement of this transaction: PostgreSQL
+            // must see it failed (on several shards the node answers).
+            self.fail_on_backend(t).await?;
         }
         let switched = self.switch_to(t).await?;
         if self.skipped(&frames) {

@@ -53,6 +53,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         if self.txn.failed && !ending {
+            if self.node.routing.single_shard()
+                && self.fail_on_backend(target.unwrap_or(self.be.cur)).await?
+            {
+                // PostgreSQL answers it, as after its own error.
+                return Ok(false);
+            }
             let r = Refusal::new(
                 sqlstate::IN_FAILED_SQL_TRANSACTION,
                 "current transaction is aborted, commands ignored until end of transaction block"
@@ -161,6 +167,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if d.kind == Kind::Commit {
             self.poison_if_failed_on(t).await;
         }
+    }
+
+    /// On one shard the node does not read transaction control: PostgreSQL
+    /// keeps the transaction's state. A transaction the node failed (it
+    /// refused a statement inside it) is therefore failed on the backend
+    /// too, before what follows reaches it: PostgreSQL then answers 25P02,
+    /// and ROLLBACK to a COMMIT or ROLLBACK, as after an error of its own.
+    /// False when no backend holds the transaction.
+    pub(super) async fn fail_on_backend(&mut self, t: usize) -> Result<bool, SessionError> {
+        if !self.txn.failed || self.be.slots[t].conn.is_none() {
+            return Ok(false);
+        }
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        self.poison_if_failed_on(t).await;
+        self.txn.failed = false;
+        Ok(true)
     }
 
     /// Makes PostgreSQL fail the transaction on shard `t` if the node

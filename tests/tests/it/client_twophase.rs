@@ -217,3 +217,114 @@ async fn a_transaction_over_two_shards_is_not_prepared() {
         .unwrap();
     assert_eq!(rows_on(&c, 1, ks[1]).await, 1);
 }
+
+async fn ext_err(db: &tokio_postgres::Client, sql: &str) -> (String, String) {
+    let e = db.execute(sql, &[]).await.unwrap_err();
+    let e = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
+    (e.code().code().to_string(), e.message().to_string())
+}
+
+/// The same statements in the extended protocol (tokio-postgres'
+/// `execute`, as JDBC's XA and other drivers send them): Parse, Describe
+/// and Sync, then Bind and Execute of the named statement.
+async fn two_phase_in_the_extended_protocol(shards: usize) {
+    let c = cluster(shards).await;
+    let db = c.connect().await;
+    let other = c.connect().await;
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let last = shards - 1;
+    let ks = keys(&c, 1);
+    db.batch_execute("BEGIN").await.unwrap();
+    db.execute("INSERT INTO items (id, v) VALUES ($1, 'x')", &[&ks[last]])
+        .await
+        .unwrap();
+    assert_eq!(
+        db.execute("PREPARE TRANSACTION 'ext_commit'", &[])
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(prepared_on(&c, last, "ext_commit").await);
+    assert_eq!(rows_on(&c, last, ks[last]).await, 0);
+    other
+        .execute("COMMIT PREPARED 'ext_commit'", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows_on(&c, last, ks[last]).await, 1);
+    // A named statement prepared first, run later.
+    let ks2 = keys(&c, 10_000);
+    db.batch_execute("BEGIN").await.unwrap();
+    db.execute("DELETE FROM items WHERE id = $1", &[&ks[last]])
+        .await
+        .unwrap();
+    db.execute("INSERT INTO items (id) VALUES ($1)", &[&ks2[last]])
+        .await
+        .unwrap();
+    let prepare = db
+        .prepare("PREPARE TRANSACTION 'ext_rollback'")
+        .await
+        .unwrap();
+    db.execute(&prepare, &[]).await.unwrap();
+    let rollback = other
+        .prepare("ROLLBACK PREPARED 'ext_rollback'")
+        .await
+        .unwrap();
+    other.execute(&rollback, &[]).await.unwrap();
+    assert_eq!(rows_on(&c, last, ks[last]).await, 1);
+    assert_eq!(rows_on(&c, last, ks2[last]).await, 0);
+    // PostgreSQL's words for an unknown identifier and inside a block; the
+    // node's own identifiers are refused.
+    assert_eq!(
+        ext_err(&other, "COMMIT PREPARED 'nope'").await,
+        (
+            "42704".into(),
+            "prepared transaction with identifier \"nope\" does not exist".into()
+        )
+    );
+    other.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(ext_err(&other, "COMMIT PREPARED 'nope'").await.0, "25001");
+    other.batch_execute("ROLLBACK").await.unwrap();
+    let (code, msg) = ext_err(&other, "ROLLBACK PREPARED 'hr_9_9'").await;
+    assert_eq!(code, "42602", "{msg}");
+    db.batch_execute("BEGIN").await.unwrap();
+    db.execute("UPDATE items SET v = 'y' WHERE id = $1", &[&ks[last]])
+        .await
+        .unwrap();
+    let (code, msg) = ext_err(&db, "PREPARE TRANSACTION 'hr_1_1'").await;
+    assert_eq!(code, "42602", "{msg}");
+    db.batch_execute("ROLLBACK").await.unwrap();
+    if shards > 1 {
+        // Over two written shards: refused, rolled back.
+        db.batch_execute("BEGIN").await.unwrap();
+        for k in &ks2 {
+            db.execute("INSERT INTO items (id) VALUES ($1)", &[k])
+                .await
+                .unwrap();
+        }
+        let (code, msg) = ext_err(&db, "PREPARE TRANSACTION 'ext_two'").await;
+        assert_eq!(code, "0A000", "{msg}");
+        for (s, k) in ks2.iter().enumerate() {
+            assert_eq!(rows_on(&c, s, *k).await, 0);
+            assert!(!prepared_on(&c, s, "ext_two").await);
+        }
+    }
+    // The session goes on.
+    let v: String = db
+        .query_one("SELECT v FROM items WHERE id = $1", &[&ks[last]])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "x");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_phase_statements_in_the_extended_protocol_on_one_shard() {
+    two_phase_in_the_extended_protocol(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_phase_statements_in_the_extended_protocol_on_two_shards() {
+    two_phase_in_the_extended_protocol(2).await;
+}

@@ -148,3 +148,53 @@ async fn execute_with_an_expression_is_refused_clearly() {
     );
     assert_eq!(transcript(&node, "EXECUTE sel (2)").await, ["T v", "C 0"]);
 }
+
+fn code(e: tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .unwrap_or_else(|| panic!("{e}"))
+        .code()
+        .code()
+        .to_string()
+}
+
+/// On one shard the node leaves transaction control to PostgreSQL. A
+/// statement the node itself refuses inside a transaction (here a second
+/// `PREPARE q`, answered by the node under transaction pooling) must fail
+/// the transaction as PostgreSQL's own error would: what follows gets
+/// 25P02, ROLLBACK ends it, COMMIT rolls it back. Before, the node failed
+/// it only in its own books and, not reading ROLLBACK on one shard,
+/// answered 25P02 to ROLLBACK and COMMIT too: the session could never
+/// leave the transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_inside_a_transaction_on_one_shard_fails_it_as_postgresql_does() {
+    let c = cluster(1).await;
+    let db = c.connect().await;
+    db.batch_execute(SCHEMA).await.unwrap();
+    for end in ["ROLLBACK", "COMMIT"] {
+        db.batch_execute("BEGIN; INSERT INTO users (id) VALUES (1)")
+            .await
+            .unwrap();
+        db.batch_execute("PREPARE q AS SELECT 1").await.unwrap();
+        let e = db.batch_execute("PREPARE q AS SELECT 2").await.unwrap_err();
+        assert_eq!(code(e), "42P05", "{end}");
+        let e = db.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(code(e), "25P02", "simple protocol, before {end}");
+        let e = db.query("SELECT 1", &[]).await.unwrap_err();
+        assert_eq!(code(e), "25P02", "extended protocol, before {end}");
+        let tag = db.simple_query(end).await.unwrap();
+        assert!(
+            matches!(
+                tag.last(),
+                Some(tokio_postgres::SimpleQueryMessage::CommandComplete(0))
+            ),
+            "{end}"
+        );
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM users", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "the failed transaction's row is gone after {end}");
+        db.batch_execute("DEALLOCATE ALL").await.unwrap();
+    }
+}
