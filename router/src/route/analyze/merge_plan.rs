@@ -30,9 +30,9 @@ use std::sync::Arc;
 
 use sqlparser::ast::{
     BinaryOperator, Distinct, DuplicateTreatment, Expr, Function, FunctionArg, FunctionArgExpr,
-    FunctionArgumentClause, FunctionArguments, GroupByExpr, Ident, LimitClause, ObjectNamePart,
-    OrderBy, OrderByExpr, OrderByKind, OrderBySort, Query, SelectItem, SetExpr, UnaryOperator,
-    Value, Visit, Visitor,
+    FunctionArgumentClause, FunctionArguments, GroupByExpr, Ident, LimitClause,
+    NamedWindowDefinition, NamedWindowExpr, ObjectNamePart, OrderBy, OrderByExpr, OrderByKind,
+    OrderBySort, Query, SelectItem, SetExpr, UnaryOperator, Value, Visit, Visitor, WindowType,
 };
 
 use super::super::names::{last_name, norm};
@@ -50,9 +50,21 @@ use crate::route::merge::{
 /// allows at most 1664 result columns.
 const HIDDEN: usize = 1 << 20;
 
+/// Whether an expression names the shard key of a sharded table the query
+/// reads at its top level (not from the nullable side of an outer join):
+/// rows with equal values of it are all on one shard.
+pub(super) type IsKey<'a> = &'a dyn Fn(&Expr) -> bool;
+
 /// The merge need of a SELECT read from several shards.
-pub(super) fn merge_plan(q: &Query) -> MergeNeed {
-    match plan_query(q) {
+///
+/// With `is_key`, two constructs that are otherwise refused are merged,
+/// since the rows they combine never span shards: window functions
+/// partitioned by the shard key (computed by each shard, in a query without
+/// aggregates), and `count`/`sum`/`avg(DISTINCT key)` (each key value is on
+/// one shard, so the shards' distinct sets are disjoint: their counts and
+/// sums add up).
+pub(super) fn merge_plan(q: &Query, is_key: IsKey<'_>) -> MergeNeed {
+    match plan_query(q, is_key) {
         Ok(None) => MergeNeed::None,
         Ok(Some(p)) => MergeNeed::Merge(Arc::new(p)),
         Err(what) => MergeNeed::Refuse(what),
@@ -60,7 +72,7 @@ pub(super) fn merge_plan(q: &Query) -> MergeNeed {
 }
 
 /// `Ok(None)`: concatenation is correct; `Err`: the construct refused.
-fn plan_query(q: &Query) -> Result<Option<MergePlan>, String> {
+fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String> {
     let sel = match q.body.as_ref() {
         SetExpr::Select(s) => s.as_ref(),
         SetExpr::Query(inner)
@@ -70,7 +82,7 @@ fn plan_query(q: &Query) -> Result<Option<MergePlan>, String> {
                 && q.fetch.is_none()
                 && q.locks.is_empty() =>
         {
-            return plan_query(inner)
+            return plan_query(inner, is_key)
         }
         _ => {
             return match merge_need(q) {
@@ -79,15 +91,24 @@ fn plan_query(q: &Query) -> Result<Option<MergePlan>, String> {
             }
         }
     };
-    let mut finder = Finder::default();
+    let mut finder = Finder {
+        keyed: Some((is_key, &sel.named_window)),
+        ..Finder::default()
+    };
     let _ = sel.projection.visit(&mut finder);
     let _ = q.order_by.visit(&mut finder);
     let _ = sel.having.visit(&mut finder);
     if let Some(w) = finder.window {
         return Err(w);
     }
-    if !sel.named_window.is_empty() {
-        return Err("WINDOW".to_owned());
+    if sel.named_window.iter().any(|d| {
+        !window_by_key(
+            &WindowType::NamedWindow(d.0.clone()),
+            &sel.named_window,
+            is_key,
+        )
+    }) {
+        return Err("WINDOW (not partitioned by the shard key)".to_owned());
     }
     let distinct = match &sel.distinct {
         None | Some(Distinct::All) => false,
@@ -102,6 +123,11 @@ fn plan_query(q: &Query) -> Result<Option<MergePlan>, String> {
         GroupByExpr::Expressions(v, _) => v,
     };
     let aggregated = !group_exprs.is_empty() || sel.having.is_some() || finder.aggregate.is_some();
+    if let (Some(w), true) = (&finder.keyed_window, aggregated) {
+        return Err(format!(
+            "window function {w}() in a query with aggregates or GROUP BY"
+        ));
+    }
     let (limit, offset) = limit_offset(q)?;
     if !aggregated && !distinct && q.order_by.is_none() && limit.is_none() && offset.is_none() {
         return Ok(None);
@@ -129,7 +155,7 @@ fn plan_query(q: &Query) -> Result<Option<MergePlan>, String> {
     if sel.projection.len() >= HIDDEN {
         return Err("a select list this long".to_owned());
     }
-    let mut b = Builder::new(aggregated);
+    let mut b = Builder::new(aggregated, is_key);
     b.select_list(&sel.projection)?;
     if aggregated {
         for e in group_exprs {
@@ -433,8 +459,9 @@ enum Agg {
     },
 }
 
-struct Builder {
+struct Builder<'k> {
     aggregated: bool,
+    is_key: IsKey<'k>,
     /// Known columns of the client's select list, by output position (with
     /// a `*`, only those before it).
     visible: Vec<Col>,
@@ -444,10 +471,11 @@ struct Builder {
     group_by: Vec<usize>,
 }
 
-impl Builder {
-    fn new(aggregated: bool) -> Self {
+impl<'k> Builder<'k> {
+    fn new(aggregated: bool, is_key: IsKey<'k>) -> Self {
         Builder {
             aggregated,
+            is_key,
             visible: Vec::new(),
             hidden: Vec::new(),
             outputs: Vec::new(),
@@ -495,7 +523,7 @@ impl Builder {
 
     /// An expression of an aggregated query as a combined value.
     fn agg_value(&mut self, e: &Expr, context: &str) -> Result<Combined, String> {
-        match agg_call(e)? {
+        match agg_call(e, self.is_key)? {
             Some(Agg::Simple(p)) => Ok(Combined::Col(self.partial(p, strip(e).clone()))),
             Some(Agg::Avg { sum, count }) => Ok(Combined::Avg {
                 sum: self.partial(Partial::Sum, *sum),
@@ -540,7 +568,7 @@ impl Builder {
                 continue;
             }
             let id = self.visible.len();
-            match agg_call(expr)? {
+            match agg_call(expr, self.is_key)? {
                 Some(Agg::Simple(p)) => {
                     self.visible.push(Col {
                         expr: strip(expr).clone(),
@@ -849,7 +877,7 @@ fn is_aggregate(f: &Function) -> bool {
 
 /// The supported aggregate `e` is, `None` if it is no aggregate call, or the
 /// unsupported construct.
-fn agg_call(e: &Expr) -> Result<Option<Agg>, String> {
+fn agg_call(e: &Expr, is_key: IsKey<'_>) -> Result<Option<Agg>, String> {
     let Expr::Function(f) = strip(e) else {
         return Ok(None);
     };
@@ -893,7 +921,10 @@ fn agg_call(e: &Expr) -> Result<Option<Agg>, String> {
         partial,
         Some(Partial::Min | Partial::Max | Partial::BoolAnd | Partial::BoolOr)
     );
-    if list.duplicate_treatment == Some(DuplicateTreatment::Distinct) && !idempotent {
+    // Distinct values of the shard key are disjoint across shards.
+    let of_key = matches!(list.args.as_slice(),
+        [FunctionArg::Unnamed(FunctionArgExpr::Expr(a))] if is_key(a));
+    if list.duplicate_treatment == Some(DuplicateTreatment::Distinct) && !idempotent && !of_key {
         return Err(format!("aggregate function {name}(DISTINCT …)"));
     }
     Ok(Some(match partial {
@@ -920,17 +951,50 @@ fn first_aggregate(e: &Expr) -> Option<String> {
     f.aggregate
 }
 
+/// Whether window `w` (of a SELECT whose named windows are `named`) is
+/// partitioned by the shard key: its PARTITION BY, or that of the window it
+/// copies, names it.
+fn window_by_key(w: &WindowType, named: &[NamedWindowDefinition], is_key: IsKey<'_>) -> bool {
+    let mut w = w.clone();
+    // Each step follows a name to an earlier definition: bounded.
+    for _ in 0..=named.len() {
+        let next = match &w {
+            WindowType::WindowSpec(spec) if !spec.partition_by.is_empty() => {
+                return spec.partition_by.iter().any(is_key);
+            }
+            WindowType::WindowSpec(spec) => match &spec.window_name {
+                Some(name) => name.clone(),
+                None => return false,
+            },
+            WindowType::NamedWindow(name) => name.clone(),
+        };
+        let Some(def) = named.iter().find(|d| norm(&d.0) == norm(&next)) else {
+            return false;
+        };
+        w = match &def.1 {
+            NamedWindowExpr::NamedWindow(n) => WindowType::NamedWindow(n.clone()),
+            NamedWindowExpr::WindowSpec(spec) => WindowType::WindowSpec(spec.clone()),
+        };
+    }
+    false
+}
+
 /// Window functions, aggregates and unknown functions outside subqueries.
 #[derive(Default)]
-struct Finder {
+struct Finder<'a> {
     depth: usize,
+    /// With the shard-key test and the SELECT's named windows: windows
+    /// partitioned by the key are allowed (noted in `keyed_window`).
+    keyed: Option<(IsKey<'a>, &'a [NamedWindowDefinition])>,
+    /// A window function partitioned by the shard key.
+    keyed_window: Option<String>,
     window: Option<String>,
     aggregate: Option<String>,
     /// A function that is neither a known aggregate nor known to be pure.
     opaque: Option<String>,
 }
 
-impl Visitor for Finder {
+impl Visitor for Finder<'_> {
     type Break = ();
 
     fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
@@ -949,9 +1013,21 @@ impl Visitor for Finder {
         }
         if let Expr::Function(f) = e {
             let name = last_name(&f.name);
-            if f.over.is_some() {
-                self.window
-                    .get_or_insert_with(|| format!("window function {name}()"));
+            if let Some(over) = &f.over {
+                match self.keyed {
+                    Some((is_key, named)) if window_by_key(over, named, is_key) => {
+                        self.keyed_window.get_or_insert(name);
+                    }
+                    Some(_) => {
+                        self.window.get_or_insert_with(|| {
+                            format!("window function {name}() not partitioned by the shard key")
+                        });
+                    }
+                    None => {
+                        self.window
+                            .get_or_insert_with(|| format!("window function {name}()"));
+                    }
+                }
             } else if is_aggregate(f) {
                 self.aggregate.get_or_insert(name);
             } else if !PURE_FUNCTIONS.contains(&name.as_str()) {

@@ -835,11 +835,19 @@ impl<'a> Analyzer<'a> {
         kind: StatementKind,
     ) -> Result<StmtPlan, RouteError> {
         let info = self.query(q, None)?;
+        // A key of a table in the query's own FROM (not the nullable side
+        // of an outer join): rows with equal values are on one shard.
+        let is_key = |e: &Expr| {
+            info.root
+                .and_then(|root| self.resolve(e, root))
+                .is_some_and(|o| !self.occs[o].nullable)
+        };
+        let merge = merge_plan(q, &is_key);
         Ok(StmtPlan {
             kind,
             is_write: false,
             body: self.read_body(info.root),
-            merge: merge_plan(q),
+            merge,
             sharded_tables: self.sharded_tables(),
             reference_write: false,
             writes_sharded: false,
