@@ -27,6 +27,8 @@ pub mod sqlstate {
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
     /// `22P03 invalid_binary_representation`.
     pub const INVALID_BINARY_REPRESENTATION: &str = "22P03";
+    /// `23502 not_null_violation`.
+    pub const NOT_NULL_VIOLATION: &str = "23502";
     /// `23505 unique_violation`.
     pub const UNIQUE_VIOLATION: &str = "23505";
     /// `26000 invalid_sql_statement_name`.

@@ -109,6 +109,7 @@ use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 use crate::catalog::{KeyType, KeyValue, PointError, RoutingSnapshot, ShardId};
 use crate::classify::Unparsed;
 
+pub use analyze::computed::{computed_keys, ComputedKeys};
 pub use cache::PlanCache;
 pub use hide::hide_rows;
 pub use names::Namespace;

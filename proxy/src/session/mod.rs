@@ -43,6 +43,7 @@
 
 mod attach;
 mod client_tpc;
+mod computed;
 pub(crate) mod conn;
 mod extended;
 mod listen;
@@ -477,6 +478,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // shards, rows from several): one by one, as PostgreSQL
                 // runs them.
                 if r.code == sqlstate::FEATURE_NOT_SUPPORTED {
+                    if let Some(ck) = self.computed_keys_of(sql) {
+                        return self.insert_computed(ck).await;
+                    }
                     if let Some(stmts) = self.script_of(sql) {
                         return self.run_script(stmts).await;
                     }

@@ -219,7 +219,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 }
 
 /// A simple Query message carrying `sql`.
-fn query_frame(sql: &str) -> Frame {
+pub(super) fn query_frame(sql: &str) -> Frame {
     let mut b = BytesMut::with_capacity(sql.len() + 6);
     wire::frame(&mut b, fe::QUERY, |o| wire::put_cstr(o, sql));
     Frame { raw: b.freeze() }

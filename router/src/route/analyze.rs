@@ -40,6 +40,7 @@
 
 use sqlparser::ast::{ObjectName, Statement};
 
+pub(crate) mod computed;
 mod expr;
 mod functions;
 mod merge_need;

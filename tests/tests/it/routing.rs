@@ -492,3 +492,104 @@ async fn hints_by_comment_and_by_session_setting() {
         .unwrap_err();
     assert_eq!(e.code().unwrap().code(), "42704");
 }
+
+/// Issue 14: a shard key written as an expression that reads no table
+/// (`1 + 1`, `nextval('ids') + 1000`) is evaluated once on the home shard,
+/// inside the client's transaction, and the row goes to the shard that owns
+/// the value. What PostgreSQL would refuse comes back in its words; keys
+/// that read columns or call unknown functions stay refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn computed_keys_are_evaluated_on_the_home_shard() {
+    let c = Cluster::start(opts()).await;
+    let snap = c.node.routing.catalog.load_full();
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text); CREATE SEQUENCE ids")
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO users (id, name) VALUES (1 + 1, 'two')")
+        .await
+        .unwrap();
+    let msgs = db
+        .simple_query(
+            "INSERT INTO users (id, name) VALUES (nextval('ids') + 1000, 'a'), \
+             (nextval('ids') + 1000, 'b'), (10 * 10, 'c'), (7, 'd'), (-(3 * 3), 'e')",
+        )
+        .await
+        .unwrap();
+    let tag = msgs.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+        _ => None,
+    });
+    assert_eq!(tag, Some(5));
+    // Rolled back with the transaction it ran in.
+    db.batch_execute("BEGIN; INSERT INTO users (id, name) VALUES (nextval('ids') + 2000, 'x')")
+        .await
+        .unwrap();
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM users WHERE id > 2000", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "seen inside its transaction");
+    db.batch_execute("ROLLBACK").await.unwrap();
+    let ids: Vec<i64> = db
+        .query("SELECT id FROM users ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec![-9, 2, 7, 100, 1001, 1002]);
+    // Every row on the shard that owns its key.
+    let mut total = 0i64;
+    for i in 0..4 {
+        let d = c.direct(i).await;
+        let pred = owned_predicate(&snap, &format!("s{i}"), "id");
+        let (all, foreign): (i64, i64) = {
+            let r = d
+                .query_one(
+                    &format!("SELECT count(*), count(*) FILTER (WHERE NOT ({pred})) FROM users"),
+                    &[],
+                )
+                .await
+                .unwrap();
+            (r.get(0), r.get(1))
+        };
+        assert_eq!(foreign, 0, "rows s{i} does not own");
+        total += all;
+    }
+    assert_eq!(total, 6);
+    // PostgreSQL's own errors; a NULL key; what stays refused.
+    let code = |e: tokio_postgres::Error| {
+        e.as_db_error()
+            .map(|d| (d.code().code().to_string(), d.message().to_string()))
+            .unwrap_or_else(|| panic!("{e}"))
+    };
+    for (sql, want) in [
+        ("INSERT INTO users (id) VALUES (nextval('nope'))", "42P01"),
+        ("INSERT INTO users (id) VALUES (nullif(1, 1))", "23502"),
+        (
+            "INSERT INTO users (id) VALUES (9223372036854775807 + 1)",
+            "22003",
+        ),
+        ("INSERT INTO users (id) VALUES (1 + 1)", "23505"),
+        (
+            "INSERT INTO users (id, name) VALUES (length(name), 'x')",
+            "0A000",
+        ),
+        ("INSERT INTO users (id) VALUES (my_id())", "0A000"),
+        (
+            "INSERT INTO users (id) VALUES ((SELECT max(id) + 1 FROM users))",
+            "0A000",
+        ),
+    ] {
+        let (got, msg) = code(db.batch_execute(sql).await.unwrap_err());
+        assert_eq!(got, want, "{sql}: {msg}");
+    }
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 6);
+}

@@ -1,0 +1,285 @@
+//! Computed shard keys of `INSERT … VALUES` (issue 14): a key written as
+//! an expression (`1 + 1`, `'acme:' || 7`, `nextval('ids')`,
+//! `gen_random_uuid()`) rather than a literal or a parameter.
+//!
+//! The router cannot route such a row itself. The node evaluates the
+//! expressions once, on the home shard (where undeclared objects such as
+//! sequences live), inside the client's transaction
+//! ([`ComputedKeys::eval_sql`]), puts the values in their place as
+//! literals ([`ComputedKeys::substitute`]) and routes the statement so
+//! written, as if the client had sent it. Each row's other columns are
+//! left as they were.
+//!
+//! Only expressions that read no table are evaluated there: literals,
+//! operators, casts, and calls of built-in functions that read no table
+//! (plus `nextval`/`currval` of a sequence). Column references,
+//! subqueries, parameters and other functions (a user function might read
+//! a sharded table, which the home shard holds only part of) keep the
+//! refusal.
+
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    Expr, FunctionArguments, Insert, ObjectName, Query, SetExpr, Statement, TableObject, Value,
+    Visit, Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+use super::super::keys::{value_src, SrcError};
+use super::super::names::{last_name, table_name};
+use super::super::Namespace;
+use super::functions::PURE_FUNCTIONS;
+use crate::catalog::{KeyType, RoutingSnapshot, TablePlacement};
+
+/// Functions of [`PURE_FUNCTIONS`] a key must not be computed with: they
+/// return sets, sleep, change settings, or start a transaction id on the
+/// shard that evaluates them.
+const NOT_FOR_KEYS: &[&str] = &[
+    "generate_series",
+    "unnest",
+    "pg_sleep",
+    "set_config",
+    "txid_current",
+    "pg_current_xact_id",
+    "pg_backend_pid",
+];
+
+/// Functions that read no table besides a sequence, evaluated on the home
+/// shard where the node's undeclared objects (sequences) live.
+const SEQUENCE_FUNCTIONS: &[&str] = &["nextval", "currval"];
+
+/// An `INSERT … VALUES` into a sharded table whose key is computed in some
+/// rows.
+#[derive(Debug, Clone)]
+pub struct ComputedKeys {
+    insert: Insert,
+    key_idx: usize,
+    /// The rows whose key is computed, in order.
+    rows: Vec<usize>,
+    /// The type of the table's shard key.
+    pub key_type: KeyType,
+}
+
+/// The computed keys of `sql`, when it is one `INSERT … VALUES` into a
+/// sharded table with an explicit column list whose shard key is, in at
+/// least one row, an expression that reads no table (and in the others a
+/// literal or a parameter-free constant). None otherwise.
+pub fn computed_keys(
+    snapshot: &RoutingSnapshot,
+    ns: &Namespace,
+    sql: &str,
+) -> Option<ComputedKeys> {
+    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+    let Some(Statement::Insert(insert)) = stmts.pop() else {
+        return None;
+    };
+    if !stmts.is_empty() {
+        return None;
+    }
+    let TableObject::TableName(name) = &insert.table else {
+        return None;
+    };
+    let table = match snapshot.placement(&table_name(ns, name).ok()?) {
+        TablePlacement::Sharded(t) => t.clone(),
+        _ => return None,
+    };
+    let key_idx = insert
+        .columns
+        .iter()
+        .position(|c| last_name(c) == table.key_column)?;
+    let source = insert.source.as_ref()?;
+    let SetExpr::Values(values) = source.body.as_ref() else {
+        return None;
+    };
+    if source.with.is_some() || source.order_by.is_some() || source.limit_clause.is_some() {
+        return None;
+    }
+    let mut rows = Vec::new();
+    for (i, row) in values.rows.iter().enumerate() {
+        let e = row.content.get(key_idx)?;
+        match value_src(e, table.key_type) {
+            Ok(_) => {}
+            Err(SrcError::NotValue) if evaluable(e) => rows.push(i),
+            Err(_) => return None,
+        }
+    }
+    if rows.is_empty() {
+        return None;
+    }
+    Some(ComputedKeys {
+        insert,
+        key_idx,
+        rows,
+        key_type: table.key_type,
+    })
+}
+
+impl ComputedKeys {
+    /// The query that evaluates the computed keys: one row, a text column
+    /// per computed key (in the key's type, as PostgreSQL would assign it).
+    pub fn eval_sql(&self) -> String {
+        let ty = match self.key_type {
+            KeyType::Int2 => "int2",
+            KeyType::Int4 => "int4",
+            KeyType::Int8 => "int8",
+            KeyType::Text => "text",
+            KeyType::Uuid => "uuid",
+        };
+        let cols: Vec<String> = self
+            .key_exprs()
+            .map(|e| format!("(({e})::{ty})::text"))
+            .collect();
+        format!("SELECT {}", cols.join(", "))
+    }
+
+    /// How many keys are computed.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no key is computed (never, for a value of this type).
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn key_exprs(&self) -> impl Iterator<Item = &Expr> {
+        let values = match self.insert.source.as_deref().map(|q| q.body.as_ref()) {
+            Some(SetExpr::Values(v)) => Some(v),
+            _ => None,
+        };
+        self.rows
+            .iter()
+            .filter_map(move |&r| values.and_then(|v| v.rows.get(r)?.content.get(self.key_idx)))
+    }
+
+    /// The statement with the computed keys replaced by `values` (as
+    /// string literals, which PostgreSQL reads with the key column's type).
+    pub fn substitute(&self, values: &[String]) -> String {
+        let mut insert = self.insert.clone();
+        if let Some(SetExpr::Values(v)) = insert.source.as_deref_mut().map(|q| q.body.as_mut()) {
+            for (&r, value) in self.rows.iter().zip(values) {
+                if let Some(slot) = v
+                    .rows
+                    .get_mut(r)
+                    .and_then(|row| row.content.get_mut(self.key_idx))
+                {
+                    let lit = if value.contains('\\') {
+                        Value::EscapedStringLiteral(value.clone())
+                    } else {
+                        Value::SingleQuotedString(value.clone())
+                    };
+                    *slot = Expr::value(lit);
+                }
+            }
+        }
+        Statement::Insert(insert).to_string()
+    }
+}
+
+/// Whether `e` reads no table and takes no parameter: the home shard can
+/// evaluate it for the client.
+fn evaluable(e: &Expr) -> bool {
+    struct Check(bool);
+    impl Visitor for Check {
+        type Break = ();
+        fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+            self.0 = false;
+            ControlFlow::Break(())
+        }
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            let ok = match e {
+                Expr::Identifier(_)
+                | Expr::CompoundIdentifier(_)
+                | Expr::CompoundFieldAccess { .. }
+                | Expr::Wildcard(_)
+                | Expr::QualifiedWildcard(..) => false,
+                Expr::Value(v) => !matches!(v.value, Value::Placeholder(_)),
+                Expr::Function(f) => {
+                    f.over.is_none()
+                        && f.filter.is_none()
+                        && f.within_group.is_empty()
+                        && !matches!(f.args, FunctionArguments::Subquery(_))
+                        && known(&f.name)
+                }
+                _ => true,
+            };
+            if ok {
+                ControlFlow::Continue(())
+            } else {
+                self.0 = false;
+                ControlFlow::Break(())
+            }
+        }
+    }
+    let mut c = Check(true);
+    let _ = e.visit(&mut c);
+    c.0
+}
+
+/// A function the home shard may evaluate for a key.
+fn known(name: &ObjectName) -> bool {
+    let n = last_name(name);
+    let schema_ok = match name.0.len() {
+        1 => true,
+        2 => name.0[0]
+            .as_ident()
+            .is_some_and(|s| s.value.eq_ignore_ascii_case("pg_catalog")),
+        _ => false,
+    };
+    schema_ok
+        && ((PURE_FUNCTIONS.contains(&n.as_str()) && !NOT_FOR_KEYS.contains(&n.as_str()))
+            || SEQUENCE_FUNCTIONS.contains(&n.as_str()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn evaluable_sql(e: &str) -> bool {
+        let sql = format!("SELECT {e}");
+        let Statement::Query(q) = Parser::parse_sql(&PostgreSqlDialect {}, &sql)
+            .unwrap()
+            .remove(0)
+        else {
+            panic!()
+        };
+        let SetExpr::Select(s) = *q.body else {
+            panic!()
+        };
+        let sqlparser::ast::SelectItem::UnnamedExpr(e) = &s.projection[0] else {
+            panic!()
+        };
+        evaluable(e)
+    }
+
+    #[test]
+    fn what_the_home_shard_may_evaluate() {
+        for yes in [
+            "1 + 1",
+            "-(2 * 3)",
+            "'acme:' || 7",
+            "nextval('ids')",
+            "pg_catalog.nextval('s')::int8",
+            "gen_random_uuid()",
+            "lower('ABC') || md5('x')",
+            "CAST('5' AS bigint) + 1",
+        ] {
+            assert!(evaluable_sql(yes), "{yes}");
+        }
+        for no in [
+            "id + 1",
+            "t.id",
+            "$1 + 1",
+            "(SELECT max(id) FROM t)",
+            "my_func(1)",
+            "other.nextval('s')",
+            "generate_series(1, 3)",
+            "pg_sleep(1)",
+            "count(*) OVER ()",
+        ] {
+            assert!(!evaluable_sql(no), "{no}");
+        }
+    }
+}
