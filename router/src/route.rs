@@ -109,7 +109,7 @@ use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 use crate::catalog::{KeyType, KeyValue, PointError, RoutingSnapshot, ShardId};
 use crate::classify::Unparsed;
 
-pub use analyze::computed::{computed_keys, ComputedKeys};
+pub use analyze::computed::{computed_keys, insert_select, ComputedKeys, InsertSelect};
 pub use cache::PlanCache;
 pub use hide::hide_rows;
 pub use names::Namespace;

@@ -1,15 +1,29 @@
-//! Computed shard keys of `INSERT … VALUES` (issue 14): the home shard
-//! evaluates the key expressions once, inside the client's transaction,
-//! and the statement is routed with their values written in as literals
-//! (`hotrepart_router::route::computed_keys`, which says what may be
-//! evaluated). Simple protocol, one statement; several shards only (on one
-//! shard the statement goes through unread).
+//! Rows the node computes before it can route them (issue 14), simple
+//! protocol, one statement, several shards only (on one shard the
+//! statement goes through unread):
+//!
+//! - computed shard keys of `INSERT … VALUES`: the home shard evaluates
+//!   the key expressions once, inside the client's transaction, and the
+//!   statement is routed with their values written in as literals
+//!   (`hotrepart_router::route::computed_keys` says what may be evaluated);
+//! - `INSERT INTO sharded (cols) SELECT …`: the SELECT runs on the one
+//!   shard it routes to, inside the client's transaction, and its rows are
+//!   inserted as a multi-row `INSERT … VALUES`, split by key with
+//!   two-phase commit like any other. Each column's value goes through
+//!   its type's text form: only where that is exactly PostgreSQL's
+//!   assignment (the same type, a widening such as integer → bigint, or
+//!   any type to text);
+//!   any other pair of types is refused (42804, PostgreSQL's words), as
+//!   is a source reading several shards (0A000) or more rows than
+//!   `max_merge_rows` (54000). A SELECT returning no rows inserts none
+//!   without checking the types.
 
 use super::conn::*;
 use crate::backend::conn::HiddenQueryError;
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
-use hotrepart_router::route::ComputedKeys;
+use crate::routing::Target;
+use hotrepart_router::route::{ComputedKeys, InsertSelect};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -95,4 +109,173 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         Ok(Ok(values))
     }
+
+    /// The `INSERT … SELECT` into a sharded table of a refused statement.
+    pub(super) fn insert_select_of(&self, sql: &str) -> Option<InsertSelect> {
+        let snap = self.node.routing.catalog.load();
+        hotrepart_router::route::insert_select(&snap, &self.ns, sql)
+    }
+
+    /// Runs the SELECT, then its rows as an `INSERT … VALUES`.
+    pub(super) async fn insert_selected(&mut self, is: InsertSelect) -> Result<(), SessionError> {
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let rows = match self.selected_rows(&is).await? {
+            Ok(rows) => rows,
+            Err(r) => {
+                self.refuse_simple(r);
+                return Ok(());
+            }
+        };
+        if rows.is_empty() {
+            self.push_synthetic(crate::wire::command_complete("INSERT 0 0"));
+            let status = self.client_status();
+            self.push_synthetic(crate::wire::rfq(status));
+            return Ok(());
+        }
+        let sql = is.values_sql(&rows);
+        Box::pin(self.on_query(super::script::query_frame(&sql))).await
+    }
+
+    async fn selected_rows(
+        &mut self,
+        is: &InsertSelect,
+    ) -> Result<Result<Vec<Vec<Option<String>>>, Refusal>, SessionError> {
+        let table = is.table_sql.as_str();
+        let source = match self.node.decide(&is.select_sql, None, &self.route_ctx()) {
+            Ok(d) => d,
+            Err(r) => return Ok(Err(r)),
+        };
+        let t = match source.target {
+            Target::Shard(t) => t,
+            Target::Any => self.default_shard(),
+            Target::Multi { .. } => {
+                return Ok(Err(Refusal::new(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "INSERT INTO {table} … SELECT whose SELECT reads several shards is not supported through hotrepart; insert from a query on one shard (a key, or tables that are not sharded), or use COPY"
+                    ),
+                )))
+            }
+        };
+        if let Err(r) = self.switch_to(t).await? {
+            return Ok(Err(r));
+        }
+        let n = is.columns_sql.len();
+        let max = self.node.cfg().max_merge_rows;
+        let names: Vec<String> = (1..=n).map(|i| format!("hr_c{i}")).collect();
+        let mut cols = vec!["hr_s.*".to_string()];
+        for c in &names {
+            cols.push(format!("pg_catalog.pg_typeof(hr_s.{c})::pg_catalog.text"));
+        }
+        for c in &is.columns_sql {
+            cols.push(format!(
+                "pg_catalog.pg_typeof((NULL::{table}).{c})::pg_catalog.text"
+            ));
+        }
+        let limit = if max > 0 {
+            format!(" LIMIT {}", max + 1)
+        } else {
+            String::new()
+        };
+        let sql = format!(
+            "SELECT {} FROM ({}) AS hr_s({}){limit}",
+            cols.join(", "),
+            is.select_sql,
+            names.join(", ")
+        );
+        let lost = || {
+            Refusal::new(
+                sqlstate::CONNECTION_FAILURE,
+                "lost a shard's connection while computing the rows of an INSERT … SELECT".into(),
+            )
+        };
+        let Some(b) = self.be.slots[t].conn.as_mut() else {
+            return Ok(Err(lost()));
+        };
+        let rows = match b.hidden_query(&sql).await {
+            Ok(rows) => rows,
+            Err(HiddenQueryError::Server { code, message }) => {
+                if self.txn.open() {
+                    self.txn.failed = true;
+                }
+                return Ok(Err(Refusal::new(sqlstate::intern(&code), message)));
+            }
+            Err(HiddenQueryError::Wire(e)) => {
+                b.broken = true;
+                tracing::warn!(error = %e, "computing the rows of an INSERT … SELECT failed");
+                return Ok(Err(lost()));
+            }
+        };
+        if max > 0 && rows.len() > max {
+            return Ok(Err(Refusal::new(
+                sqlstate::OUT_OF_MEMORY,
+                format!(
+                    "INSERT INTO {table} … SELECT through hotrepart computes its rows in the node: more than {max} rows (max_merge_rows); insert in smaller parts, or use COPY"
+                ),
+            )));
+        }
+        let Some(first) = rows.first() else {
+            return Ok(Ok(Vec::new()));
+        };
+        if first.len() != 3 * n {
+            return Ok(Err(Refusal::new(
+                sqlstate::intern("42601"),
+                "INSERT has more expressions than target columns".into(),
+            )));
+        }
+        for i in 0..n {
+            let (src, dst) = (first[n + i].as_deref(), first[2 * n + i].as_deref());
+            if let (Some(src), Some(dst)) = (src, dst) {
+                if !assignable(src, dst) {
+                    return Ok(Err(Refusal::new(
+                        sqlstate::intern("42804"),
+                        format!(
+                            "column {} is of type {dst} but expression is of type {src}: through hotrepart an INSERT … SELECT into a sharded table needs the same type or a widening (integer to bigint …); cast the expression in the SELECT",
+                            is.columns_sql[i]
+                        ),
+                    )));
+                }
+            }
+        }
+        Ok(Ok(rows
+            .into_iter()
+            .map(|mut r| {
+                r.truncate(n);
+                r
+            })
+            .collect()))
+    }
+}
+
+/// Whether a value of type `src` (as `regtype` names it) written as text
+/// and read as `dst` is exactly what PostgreSQL's assignment of `src` to a
+/// `dst` column gives.
+fn assignable(src: &str, dst: &str) -> bool {
+    const WIDENING: &[(&str, &[&str])] = &[
+        (
+            "smallint",
+            &["integer", "bigint", "numeric", "double precision"],
+        ),
+        ("integer", &["bigint", "numeric", "double precision"]),
+        ("bigint", &["numeric", "double precision"]),
+        ("numeric", &["double precision"]),
+        ("text", &["character varying"]),
+        ("character varying", &["text"]),
+        ("name", &["text", "character varying"]),
+        (
+            "date",
+            &["timestamp without time zone", "timestamp with time zone"],
+        ),
+        ("timestamp without time zone", &["timestamp with time zone"]),
+    ];
+    // To a string type PostgreSQL assigns any type through its text form
+    // (an I/O conversion), except `character`, whose cast trims.
+    let to_string = matches!(dst, "text" | "character varying") && src != "character";
+    src == dst
+        || to_string
+        || WIDENING
+            .iter()
+            .any(|(s, ds)| *s == src && ds.contains(&dst))
 }

@@ -481,6 +481,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     if let Some(ck) = self.computed_keys_of(sql) {
                         return self.insert_computed(ck).await;
                     }
+                    if let Some(is) = self.insert_select_of(sql) {
+                        return self.insert_selected(is).await;
+                    }
                     if let Some(stmts) = self.script_of(sql) {
                         return self.run_script(stmts).await;
                     }

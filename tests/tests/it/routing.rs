@@ -593,3 +593,119 @@ async fn computed_keys_are_evaluated_on_the_home_shard() {
         .get(0);
     assert_eq!(n, 6);
 }
+
+/// Issue 14: `INSERT INTO sharded (cols) SELECT …` whose SELECT runs on one
+/// shard (`generate_series`, a keyed read): the node computes the rows
+/// there, inside the client's transaction, and inserts them split by key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_select_splits_the_selected_rows_by_key() {
+    let c = Cluster::start(opts()).await;
+    let snap = c.node.routing.catalog.load_full();
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let tag = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| {
+        msgs.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+    };
+    let sql = "INSERT INTO users (id, name) SELECT g, 'user ' || g FROM generate_series(1, 50) g";
+    assert_eq!(tag(db.simple_query(sql).await.unwrap()), Some(50));
+    // Again, each row a conflict: nothing inserted.
+    assert_eq!(
+        tag(db
+            .simple_query(&format!("{sql} ON CONFLICT DO NOTHING"))
+            .await
+            .unwrap()),
+        Some(0)
+    );
+    // From a keyed read, any type to text, and nothing selected.
+    assert_eq!(
+        tag(db
+            .simple_query(
+                "INSERT INTO users (id, name) SELECT id + 1000, id FROM users WHERE id = 7"
+            )
+            .await
+            .unwrap()),
+        Some(1)
+    );
+    assert_eq!(
+        tag(db
+            .simple_query("INSERT INTO users (id, name) SELECT g, 'x' FROM generate_series(1, 0) g")
+            .await
+            .unwrap()),
+        Some(0)
+    );
+    // Rolled back with its transaction.
+    db.batch_execute(
+        "BEGIN; INSERT INTO users (id, name) SELECT g, 'tx' FROM generate_series(2001, 2010) g",
+    )
+    .await
+    .unwrap();
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM users WHERE name = 'tx'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 10);
+    db.batch_execute("ROLLBACK").await.unwrap();
+    let got: Vec<(i64, String)> = db
+        .query("SELECT id, name FROM users ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut want: Vec<(i64, String)> = (1..=50).map(|g| (g, format!("user {g}"))).collect();
+    want.push((1007, "7".into()));
+    assert_eq!(got, want);
+    let mut total = 0i64;
+    for i in 0..4 {
+        let d = c.direct(i).await;
+        let pred = owned_predicate(&snap, &format!("s{i}"), "id");
+        let r = d
+            .query_one(
+                &format!("SELECT count(*), count(*) FILTER (WHERE NOT ({pred})) FROM users"),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.get::<_, i64>(1), 0, "rows s{i} does not own");
+        total += r.get::<_, i64>(0);
+    }
+    assert_eq!(total, 51);
+    // Refused: a type PostgreSQL would convert otherwise than by its text
+    // form, a source on several shards, too many columns; PostgreSQL's own
+    // errors come back.
+    for (sql, want) in [
+        ("INSERT INTO users (id, name) SELECT 1.5, 'x'", "42804"),
+        (
+            "INSERT INTO users (id, name) SELECT id + 5000, name FROM users",
+            "0A000",
+        ),
+        (
+            "INSERT INTO users (id) SELECT g, g FROM generate_series(1, 2) g",
+            "42601",
+        ),
+        (
+            "INSERT INTO users (id, name) SELECT g, 'x' FROM generate_series(1, 3) g",
+            "23505",
+        ),
+        (
+            "INSERT INTO users (id, nope) SELECT g, 'x' FROM generate_series(1, 3) g",
+            "42703",
+        ),
+    ] {
+        let e = db.batch_execute(sql).await.unwrap_err();
+        let e = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
+        assert_eq!(e.code().code(), want, "{sql}: {}", e.message());
+    }
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 51);
+}

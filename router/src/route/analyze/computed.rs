@@ -232,6 +232,93 @@ fn known(name: &ObjectName) -> bool {
             || SEQUENCE_FUNCTIONS.contains(&n.as_str()))
 }
 
+/// An `INSERT INTO sharded (cols) SELECT …` whose rows the node computes
+/// first (issue 14): the SELECT runs where it routes (one shard, inside the
+/// client's transaction), and its rows are inserted as a multi-row
+/// `INSERT … VALUES` ([`InsertSelect::values_sql`]), which the router
+/// splits by key like any other.
+#[derive(Debug, Clone)]
+pub struct InsertSelect {
+    insert: Insert,
+    /// The target table as the statement names it (valid SQL).
+    pub table_sql: String,
+    /// The target columns, as the statement names them (valid SQL).
+    pub columns_sql: Vec<String>,
+    /// The source query.
+    pub select_sql: String,
+}
+
+/// The `INSERT … SELECT` of `sql` into a sharded table, when it is one
+/// statement with an explicit column list and a source that is not a plain
+/// `VALUES` list. None otherwise.
+pub fn insert_select(
+    snapshot: &RoutingSnapshot,
+    ns: &Namespace,
+    sql: &str,
+) -> Option<InsertSelect> {
+    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+    let Some(Statement::Insert(insert)) = stmts.pop() else {
+        return None;
+    };
+    if !stmts.is_empty() || insert.columns.is_empty() {
+        return None;
+    }
+    let TableObject::TableName(name) = &insert.table else {
+        return None;
+    };
+    if !matches!(
+        snapshot.placement(&table_name(ns, name).ok()?),
+        TablePlacement::Sharded(_)
+    ) {
+        return None;
+    }
+    let source = insert.source.as_ref()?;
+    if matches!(source.body.as_ref(), SetExpr::Values(_)) && source.with.is_none() {
+        return None;
+    }
+    Some(InsertSelect {
+        table_sql: name.to_string(),
+        columns_sql: insert.columns.iter().map(|c| c.to_string()).collect(),
+        select_sql: source.to_string(),
+        insert,
+    })
+}
+
+impl InsertSelect {
+    /// The statement with `rows` (text values, None for NULL) as its
+    /// source, written as string literals that PostgreSQL reads with each
+    /// column's type.
+    pub fn values_sql(&self, rows: &[Vec<Option<String>>]) -> String {
+        let lit = |v: &Option<String>| match v {
+            None => Expr::value(Value::Null),
+            Some(v) if v.contains('\\') => Expr::value(Value::EscapedStringLiteral(v.clone())),
+            Some(v) => Expr::value(Value::SingleQuotedString(v.clone())),
+        };
+        let mut insert = self.insert.clone();
+        let values = sqlparser::ast::Values {
+            explicit_row: false,
+            value_keyword: false,
+            rows: rows
+                .iter()
+                .map(|r| sqlparser::ast::Parens::with_empty_span(r.iter().map(lit).collect()))
+                .collect(),
+        };
+        if let Some(q) = insert.source.as_mut() {
+            *q.body = SetExpr::Values(values);
+            q.settings = None;
+            q.format_clause = None;
+            q.for_clause = None;
+            q.pipe_operators.clear();
+            q.with = None;
+            q.order_by = None;
+            q.limit_clause = None;
+            q.fetch = None;
+            q.locks.clear();
+        }
+        Statement::Insert(insert).to_string()
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
