@@ -109,7 +109,9 @@ use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 use crate::catalog::{KeyType, KeyValue, PointError, RoutingSnapshot, ShardId};
 use crate::classify::Unparsed;
 
-pub use analyze::computed::{computed_keys, insert_select, ComputedKeys, InsertSelect};
+pub use analyze::computed::{
+    computed_keys, insert_select, no_column_list, ComputedKeys, InsertSelect, NoColumnList,
+};
 pub use cache::PlanCache;
 pub use hide::hide_rows;
 pub use names::Namespace;

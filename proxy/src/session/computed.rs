@@ -16,14 +16,18 @@
 //!   any other pair of types is refused (42804, PostgreSQL's words), as
 //!   is a source reading several shards (0A000) or more rows than
 //!   `max_merge_rows` (54000). A SELECT returning no rows inserts none
-//!   without checking the types.
+//!   without checking the types;
+//! - `INSERT INTO sharded VALUES …` without a column list: the table's
+//!   columns are read in order (`pg_attribute`, on the home shard, kept
+//!   per session until DDL through the node) and written in.
 
 use super::conn::*;
 use crate::backend::conn::HiddenQueryError;
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::Target;
-use hotrepart_router::route::{ComputedKeys, InsertSelect};
+use hotrepart_router::route::{ComputedKeys, InsertSelect, NoColumnList};
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -246,6 +250,90 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 r
             })
             .collect()))
+    }
+
+    /// The `INSERT … VALUES` without a column list into a sharded table of
+    /// a refused statement.
+    pub(super) fn no_column_list_of(&self, sql: &str) -> Option<NoColumnList> {
+        let snap = self.node.routing.catalog.load();
+        hotrepart_router::route::no_column_list(&snap, &self.ns, sql)
+    }
+
+    /// Writes the table's columns into the statement and runs it.
+    pub(super) async fn insert_with_columns(
+        &mut self,
+        nc: NoColumnList,
+    ) -> Result<(), SessionError> {
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let columns = match self.columns_of(&nc.table_sql).await? {
+            Ok(c) => c,
+            Err(r) => {
+                self.refuse_simple(r);
+                return Ok(());
+            }
+        };
+        let Some(sql) = nc.with_columns(&columns) else {
+            self.refuse_simple(Refusal::new(
+                sqlstate::intern("42601"),
+                "INSERT has more expressions than target columns".into(),
+            ));
+            return Ok(());
+        };
+        Box::pin(self.on_query(super::script::query_frame(&sql))).await
+    }
+
+    /// The columns of `table` (as written), in order, without dropped ones.
+    async fn columns_of(
+        &mut self,
+        table: &str,
+    ) -> Result<Result<Arc<[String]>, Refusal>, SessionError> {
+        let key = (table.to_owned(), self.ns.id(), self.generation());
+        if let Some(c) = self.table_columns.get(&key) {
+            return Ok(Ok(c.clone()));
+        }
+        let home = self.node.routing.home_index();
+        if let Err(r) = self.switch_to(home).await? {
+            return Ok(Err(r));
+        }
+        let sql = format!(
+            "SELECT attname FROM pg_catalog.pg_attribute WHERE attrelid = {}::pg_catalog.regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            crate::sql::quote_literal(table)
+        );
+        let Some(b) = self.be.slots[home].conn.as_mut() else {
+            return Ok(Err(Refusal::new(
+                sqlstate::CONNECTION_FAILURE,
+                "lost the home shard's connection while reading a table's columns".into(),
+            )));
+        };
+        let rows = match b.hidden_query(&sql).await {
+            Ok(rows) => rows,
+            Err(HiddenQueryError::Server { code, message }) => {
+                if self.txn.open() {
+                    self.txn.failed = true;
+                }
+                return Ok(Err(Refusal::new(sqlstate::intern(&code), message)));
+            }
+            Err(HiddenQueryError::Wire(e)) => {
+                b.broken = true;
+                return Ok(Err(Refusal::new(
+                    sqlstate::CONNECTION_FAILURE,
+                    format!(
+                        "lost the home shard's connection while reading a table's columns: {e}"
+                    ),
+                )));
+            }
+        };
+        let cols: Arc<[String]> = rows
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+            .collect();
+        if self.table_columns.len() >= 64 {
+            self.table_columns.clear();
+        }
+        self.table_columns.insert(key, cols.clone());
+        Ok(Ok(cols))
     }
 }
 

@@ -342,6 +342,10 @@ pub struct Session<S> {
     pub(super) database: String,
     pub(super) session_mode: bool,
     pub(super) stmts: HashMap<String, Stmt>,
+    /// Columns of sharded tables, in order, read for INSERTs without a
+    /// column list (`session/computed.rs`): by (table as written,
+    /// namespace id, catalog generation).
+    pub(super) table_columns: HashMap<(String, u64, u64), Arc<[String]>>,
     pub(super) unnamed: Option<Unnamed>,
     /// Extended-protocol messages waiting for their Sync or Flush.
     pub(super) batch: Vec<Frame>,
@@ -474,6 +478,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             database,
             session_mode,
             stmts: HashMap::new(),
+            table_columns: HashMap::new(),
             unnamed: None,
             batch: Vec::new(),
             state,

@@ -484,6 +484,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     if let Some(is) = self.insert_select_of(sql) {
                         return self.insert_selected(is).await;
                     }
+                    if let Some(nc) = self.no_column_list_of(sql) {
+                        return self.insert_with_columns(nc).await;
+                    }
                     if let Some(stmts) = self.script_of(sql) {
                         return self.run_script(stmts).await;
                     }

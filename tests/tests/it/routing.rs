@@ -709,3 +709,80 @@ async fn insert_select_splits_the_selected_rows_by_key() {
         .get(0);
     assert_eq!(n, 51);
 }
+
+/// Issue 14: `INSERT INTO sharded VALUES …` without a column list (as
+/// `pg_dump --inserts` writes): the node reads the table's columns in
+/// order and routes each row by the value in the key's position, also
+/// when the key is not the first column and after a column was added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_without_a_column_list_find_the_key() {
+    let c = Cluster::start(opts()).await;
+    let snap = c.node.routing.catalog.load_full();
+    let db = c.connect().await;
+    db.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text); \
+         CREATE TABLE orders (note text, user_id bigint NOT NULL)",
+    )
+    .await
+    .unwrap();
+    db.batch_execute("INSERT INTO users VALUES (5, 'five')")
+        .await
+        .unwrap();
+    db.batch_execute(
+        "INSERT INTO public.users VALUES (6, 'six'), (7, 'seven'); INSERT INTO users VALUES (8)",
+    )
+    .await
+    .unwrap();
+    db.batch_execute("INSERT INTO orders VALUES ('a', 5), ('b', 6), ('c', 7), ('d', 8)")
+        .await
+        .unwrap();
+    db.batch_execute("ALTER TABLE users ADD COLUMN extra int")
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO users VALUES (9, 'nine', 3)")
+        .await
+        .unwrap();
+    let e = db
+        .batch_execute("INSERT INTO users VALUES (10, 'x', 1, 'too many')")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.as_db_error().map(|d| d.code().code()),
+        Some("42601"),
+        "{e}"
+    );
+    let users: Vec<(i64, Option<String>, Option<i32>)> = db
+        .query("SELECT id, name, extra FROM users ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        users,
+        vec![
+            (5, Some("five".into()), None),
+            (6, Some("six".into()), None),
+            (7, Some("seven".into()), None),
+            (8, None, None),
+            (9, Some("nine".into()), Some(3)),
+        ]
+    );
+    for (table, key, rows) in [("users", "id", 5i64), ("orders", "user_id", 4)] {
+        let mut total = 0i64;
+        for i in 0..4 {
+            let d = c.direct(i).await;
+            let pred = owned_predicate(&snap, &format!("s{i}"), key);
+            let r = d
+                .query_one(
+                    &format!("SELECT count(*), count(*) FILTER (WHERE NOT ({pred})) FROM {table}"),
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.get::<_, i64>(1), 0, "{table}: rows s{i} does not own");
+            total += r.get::<_, i64>(0);
+        }
+        assert_eq!(total, rows, "{table}");
+    }
+}

@@ -319,6 +319,71 @@ impl InsertSelect {
     }
 }
 
+/// An `INSERT INTO sharded VALUES …` without a column list (issue 14):
+/// the router needs to know which value is the shard key, so the node
+/// reads the table's columns (in order, from a shard) and writes them in
+/// ([`NoColumnList::with_columns`]), as PostgreSQL reads such a statement.
+#[derive(Debug, Clone)]
+pub struct NoColumnList {
+    insert: Insert,
+    /// The target table as the statement names it (valid SQL).
+    pub table_sql: String,
+    /// How many values each row has.
+    pub width: usize,
+}
+
+/// The `INSERT … VALUES` without a column list into a sharded table of
+/// `sql` (one statement, rows of equal width), or None.
+pub fn no_column_list(
+    snapshot: &RoutingSnapshot,
+    ns: &Namespace,
+    sql: &str,
+) -> Option<NoColumnList> {
+    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+    let Some(Statement::Insert(insert)) = stmts.pop() else {
+        return None;
+    };
+    if !stmts.is_empty() || !insert.columns.is_empty() {
+        return None;
+    }
+    let TableObject::TableName(name) = &insert.table else {
+        return None;
+    };
+    if !matches!(
+        snapshot.placement(&table_name(ns, name).ok()?),
+        TablePlacement::Sharded(_)
+    ) {
+        return None;
+    }
+    let SetExpr::Values(values) = insert.source.as_ref()?.body.as_ref() else {
+        return None;
+    };
+    let width = values.rows.first()?.content.len();
+    if width == 0 || values.rows.iter().any(|r| r.content.len() != width) {
+        return None;
+    }
+    Some(NoColumnList {
+        table_sql: name.to_string(),
+        width,
+        insert,
+    })
+}
+
+impl NoColumnList {
+    /// The statement with the first `width` of `columns` (the table's, in
+    /// order) as its column list; None when the table has fewer columns
+    /// than a row has values.
+    pub fn with_columns(&self, columns: &[String]) -> Option<String> {
+        let mut insert = self.insert.clone();
+        insert.columns = columns
+            .get(..self.width)?
+            .iter()
+            .map(|c| ObjectName::from(vec![sqlparser::ast::Ident::with_quote('"', c.as_str())]))
+            .collect();
+        Some(Statement::Insert(insert).to_string())
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
