@@ -212,6 +212,38 @@ pub fn first_keyword_is(sql: &str, kw: &str) -> bool {
         .is_some_and(|t| t.kind == Kind::Word && sql[t.start..t.end].eq_ignore_ascii_case(kw))
 }
 
+/// Whether `sql` begins `INSERT INTO name [AS alias] VALUES`: an INSERT
+/// without a column list (a few tokens read; the node writes the table's
+/// columns in before routing it).
+pub fn insert_without_column_list(sql: &str) -> bool {
+    let mut lx = Lexer::new(sql);
+    let mut next = || lx.next();
+    let is = |t: Option<Tok>, w: &str| {
+        t.is_some_and(|t| t.kind == Kind::Word && sql[t.start..t.end].eq_ignore_ascii_case(w))
+    };
+    if !is(next(), "insert") || !is(next(), "into") {
+        return false;
+    }
+    // The table's name: words or quoted identifiers joined by dots.
+    let mut t = next();
+    loop {
+        if !t.is_some_and(|t| matches!(t.kind, Kind::Word | Kind::Quoted)) {
+            return false;
+        }
+        t = next();
+        if t.is_some_and(|t| t.kind == Kind::Punct(b'.')) {
+            t = next();
+        } else {
+            break;
+        }
+    }
+    if is(t, "as") {
+        next();
+        t = next();
+    }
+    is(t, "values")
+}
+
 /// A word beginning a statement.
 fn statement_start<'a>(
     sql: &'a str,

@@ -19,13 +19,15 @@
 //!   without checking the types;
 //! - `INSERT INTO sharded VALUES …` without a column list: the table's
 //!   columns are read in order (`pg_attribute`, on the home shard, kept
-//!   per session until DDL through the node) and written in.
+//!   per session until DDL through the node) and written in — also into
+//!   an extended-protocol Parse ([`Session::complete_column_lists`]).
 
 use super::conn::*;
 use crate::backend::conn::HiddenQueryError;
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::Target;
+use crate::wire::{self, fe, Frame};
 use hotrepart_router::route::{ComputedKeys, InsertSelect, NoColumnList};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -334,6 +336,67 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.table_columns.insert(key, cols.clone());
         Ok(Ok(cols))
+    }
+
+    /// The extended protocol's INSERTs without a column list: each Parse of
+    /// one into a sharded table gets the table's columns written in (its
+    /// parameters keep their numbers), before the batch is routed.
+    pub(super) async fn complete_column_lists(
+        &mut self,
+        frames: Vec<Frame>,
+    ) -> Result<Result<Vec<Frame>, Refusal>, SessionError> {
+        if !frames.iter().any(|f| {
+            f.tag() == fe::PARSE && {
+                let mut b = f.body();
+                let _ = wire::get_cstr(&mut b);
+                wire::get_cstr(&mut b)
+                    .is_ok_and(hotrepart_router::classify::insert_without_column_list)
+            }
+        }) {
+            return Ok(Ok(frames));
+        }
+        let mut out = Vec::with_capacity(frames.len());
+        for f in frames {
+            let rewritten = if f.tag() == fe::PARSE {
+                let mut b = f.body();
+                let name = wire::get_cstr(&mut b).map_err(client_err)?.to_owned();
+                let sql = wire::get_cstr(&mut b).map_err(client_err)?;
+                let rest = bytes::Bytes::copy_from_slice(b);
+                match hotrepart_router::classify::insert_without_column_list(sql)
+                    .then(|| self.no_column_list_of(sql))
+                    .flatten()
+                {
+                    Some(nc) => {
+                        if !self.be.owed.is_empty() {
+                            self.drain_owed().await?;
+                        }
+                        let columns = match self.columns_of(&nc.table_sql).await? {
+                            Ok(c) => c,
+                            Err(r) => return Ok(Err(r)),
+                        };
+                        let Some(sql) = nc.with_columns(&columns) else {
+                            return Ok(Err(Refusal::new(
+                                sqlstate::intern("42601"),
+                                "INSERT has more expressions than target columns".into(),
+                            )));
+                        };
+                        let mut m =
+                            bytes::BytesMut::with_capacity(sql.len() + name.len() + rest.len() + 8);
+                        wire::frame(&mut m, fe::PARSE, |o| {
+                            wire::put_cstr(o, &name);
+                            wire::put_cstr(o, &sql);
+                            bytes::BufMut::put_slice(o, &rest);
+                        });
+                        Some(Frame { raw: m.freeze() })
+                    }
+                    None => None,
+                }
+            } else {
+                None
+            };
+            out.push(rewritten.unwrap_or(f));
+        }
+        Ok(Ok(out))
     }
 }
 

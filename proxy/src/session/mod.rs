@@ -724,6 +724,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.listen_batch(&frames).await {
             return Ok(true);
         }
+        // INSERTs without a column list get the table's columns.
+        let frames = if self.node.routing.single_shard() {
+            frames
+        } else {
+            match self.complete_column_lists(frames).await? {
+                Ok(f) => f,
+                Err(r) => {
+                    self.batch_error(&r, synced);
+                    return Ok(true);
+                }
+            }
+        };
         // A client's PREPARE TRANSACTION / COMMIT PREPARED: its shard is
         // the transaction's, or the one holding the identifier.
         let two_phase = match self.two_phase_batch(&frames) {

@@ -845,3 +845,26 @@ fn two_phase_statements_are_noticed_anywhere_in_the_string() {
         assert_eq!(classify(sql).two_phase, want, "{sql}");
     }
 }
+
+#[test]
+fn inserts_without_a_column_list_are_seen_by_their_first_tokens() {
+    use super::insert_without_column_list as f;
+    for yes in [
+        "INSERT INTO t VALUES (1)",
+        "insert into public.t values ($1, $2)",
+        "INSERT INTO \"My T\" AS x VALUES (1)",
+        "/* c */ INSERT INTO s.\"t\" VALUES (1)",
+    ] {
+        assert!(f(yes), "{yes}");
+    }
+    for no in [
+        "INSERT INTO t (a, b) VALUES (1, 2)",
+        "INSERT INTO t SELECT 1",
+        "INSERT INTO t DEFAULT VALUES",
+        "SELECT 'INSERT INTO t VALUES (1)'",
+        "UPDATE t SET a = 1",
+        "INSERT t VALUES (1)",
+    ] {
+        assert!(!f(no), "{no}");
+    }
+}

@@ -736,6 +736,17 @@ async fn inserts_without_a_column_list_find_the_key() {
     db.batch_execute("INSERT INTO orders VALUES ('a', 5), ('b', 6), ('c', 7), ('d', 8)")
         .await
         .unwrap();
+    // The extended protocol (as drivers send it): a named statement reused.
+    let ins = db
+        .prepare("INSERT INTO users VALUES ($1, $2)")
+        .await
+        .unwrap();
+    for id in [11i64, 12, 13, 14] {
+        db.execute(&ins, &[&id, &format!("p{id}")]).await.unwrap();
+    }
+    db.execute("INSERT INTO orders VALUES ($1, $2)", &[&"e", &11i64])
+        .await
+        .unwrap();
     db.batch_execute("ALTER TABLE users ADD COLUMN extra int")
         .await
         .unwrap();
@@ -766,9 +777,13 @@ async fn inserts_without_a_column_list_find_the_key() {
             (7, Some("seven".into()), None),
             (8, None, None),
             (9, Some("nine".into()), Some(3)),
+            (11, Some("p11".into()), None),
+            (12, Some("p12".into()), None),
+            (13, Some("p13".into()), None),
+            (14, Some("p14".into()), None),
         ]
     );
-    for (table, key, rows) in [("users", "id", 5i64), ("orders", "user_id", 4)] {
+    for (table, key, rows) in [("users", "id", 9i64), ("orders", "user_id", 5)] {
         let mut total = 0i64;
         for i in 0..4 {
             let d = c.direct(i).await;
