@@ -44,6 +44,7 @@
 mod attach;
 mod client_tpc;
 pub(crate) mod conn;
+mod cursor;
 mod extended;
 mod listen;
 mod replies;
@@ -116,8 +117,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let temp_home = self.temp.home;
         for (i, slot) in self.be.slots.iter_mut().enumerate() {
             // Kept for the session's temporary objects: they go first.
+            let cursors = self.cursors.holds_on(i);
             if let Some(mut b) = slot.kept.take() {
-                Self::discard_temp(&mut b, wait).await;
+                if cursors {
+                    Self::close_cursors(&mut b, wait).await;
+                }
+                if temp_home == Some(i) || !cursors {
+                    Self::discard_temp(&mut b, wait).await;
+                }
                 b.release();
             }
             if let Some(mut b) = slot.conn.take() {
@@ -125,6 +132,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // PostgreSQL rolls back); it is never pooled again, so the
                 // cancel cannot reach another client.
                 if clean {
+                    if cursors {
+                        Self::close_cursors(&mut b, wait).await;
+                    }
                     if temp_home == Some(i) {
                         Self::discard_temp(&mut b, wait).await;
                     }
@@ -467,7 +477,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         let d = self
-            .route_waiting(|s| s.node.decide(sql, None, &s.route_ctx()))
+            .route_waiting(|s| s.decide_sql(sql, None))
             .await
             .and_then(|d| self.check_owner_change(&d).map(|()| d));
         let mut d = match d {
@@ -567,6 +577,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.poison_if_failed(&d, t).await;
         self.pass_query(&f, class, t);
+        self.note_cursor_sent(sql, t);
         Ok(())
     }
 
@@ -855,6 +866,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let ran = frames
             .iter()
             .any(|f| matches!(f.tag(), fe::BIND | fe::EXECUTE));
+        let cursor_sqls = self.cursor_statements(&frames);
         for f in frames {
             if self.skip_to_sync && f.tag() != fe::SYNC {
                 continue;
@@ -864,6 +876,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if tag == fe::SYNC {
                 self.skip_to_sync = false;
             }
+        }
+        for sql in cursor_sqls {
+            self.note_cursor_sent(&sql, t);
         }
         // Until its Sync, an implicit transaction may be open on this
         // backend: it must not be pooled, nor left for another shard once

@@ -1,0 +1,291 @@
+//! SQL cursors (`DECLARE`, `FETCH`, `MOVE`, `CLOSE`) through the node.
+//!
+//! - *Routing*: a cursor statement is read by the lexer
+//!   ([`hotrepart_router::classify::cursor_command`]). `DECLARE` routes as
+//!   its query does ([`Session::decide_sql`]); a query on one shard (or on
+//!   none: `Any`) declares the cursor there, and the session remembers the
+//!   cursor's name (case-folded as PostgreSQL does) and shard, so `FETCH`,
+//!   `MOVE` and `CLOSE` of it go there, in the simple and the extended
+//!   protocol (a Describe of the portal of that name too). A cursor the
+//!   session does not know goes to the current (else the home) shard,
+//!   where PostgreSQL answers, mostly with "cursor does not exist".
+//! - *Several shards*: a `DECLARE` whose query reads rows of several
+//!   shards is refused (0A000) with words that say what to do.
+//! - *WITH HOLD under transaction pooling*: a holdable cursor lives in one
+//!   backend's session after its transaction. What the backend holds is
+//!   read back from PostgreSQL (`pg_cursors`), never guessed: at the end
+//!   of a transaction in which the session declared one on that backend,
+//!   or while it holds some. While it holds one, the session keeps that
+//!   backend, through the same mechanism as for temporary objects
+//!   (`session/temp.rs`: `Slot::kept`, [`Session::let_go`],
+//!   `ensure_backend`), until the cursors are closed (`CLOSE`,
+//!   `CLOSE ALL`, `DISCARD ALL`, read back as gone) or the session ends:
+//!   then the backend runs `CLOSE ALL` before it goes back to the pool
+//!   (closed if that fails). No other client ever sees the cursor.
+//! - Cursors without hold end with their transaction: forgotten at its end.
+
+use super::conn::*;
+use crate::backend::pool::Pooled;
+use crate::error::sqlstate;
+use crate::error::Refusal;
+use crate::routing::{BindParams, Decision, Target};
+use crate::wire::{self, fe, tx, Frame};
+use hotrepart_router::classify::{cursor_command, CursorCommand};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// The session's open cursors, as far as the node knows them.
+#[derive(Default)]
+pub(crate) struct Cursors {
+    /// By name (as PostgreSQL reads it): the shard and whether it holds.
+    open: HashMap<String, OpenCursor>,
+    /// Shards where a holdable cursor may have been declared in the open
+    /// transaction: read back at its end.
+    reread: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct OpenCursor {
+    shard: usize,
+    hold: bool,
+}
+
+impl Cursors {
+    /// Whether shard `i`'s backend holds a holdable cursor of the session.
+    pub(crate) fn holds_on(&self, i: usize) -> bool {
+        self.open.values().any(|c| c.hold && c.shard == i)
+    }
+
+    /// The backend of shard `i` was closed (or died): its cursors with it.
+    pub(crate) fn forget_shard(&mut self, i: usize) {
+        self.open.retain(|_, c| c.shard != i);
+        self.reread.retain(|&x| x != i);
+    }
+
+    /// The shard of the cursor `name`, if the session knows it.
+    fn shard_of(&self, name: &str) -> Option<usize> {
+        self.open.get(name).map(|c| c.shard)
+    }
+}
+
+/// The words of a refusal of a cursor over several shards.
+fn multi_shard_cursor() -> Refusal {
+    Refusal::new(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        "DECLARE CURSOR: the cursor's query reads rows of several shards, and hotrepart declares a cursor only on one shard; add the shard key to the query's WHERE clause (or a /* hotrepart: shard=NAME */ hint), or run the query without a cursor".into(),
+    )
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// Routes one statement string: a cursor statement by its cursor
+    /// (`DECLARE` by its query), anything else by the router.
+    pub(crate) fn decide_sql(
+        &self,
+        sql: &str,
+        params: Option<&BindParams>,
+    ) -> Result<Decision, Refusal> {
+        let Some(cmd) = cursor_command(sql) else {
+            return self.node.decide(sql, params, &self.route_ctx());
+        };
+        let name = match cmd {
+            CursorCommand::Declare(d) => {
+                let mut dec = self.node.decide(d.query, params, &self.route_ctx())?;
+                if matches!(&dec.target, Target::Multi { shards, .. } if shards.len() > 1) {
+                    return Err(multi_shard_cursor());
+                }
+                if let Target::Multi { shards, .. } = &dec.target {
+                    dec.target = shards.first().map_or(Target::Any, |&t| Target::Shard(t));
+                }
+                // The text the shard runs is the client's DECLARE.
+                dec.merge = None;
+                dec.returns_rows = false;
+                return Ok(dec);
+            }
+            CursorCommand::Fetch { name, .. } => Some(name),
+            CursorCommand::Close(name) => name,
+        };
+        let mut d = Decision::single_on(self.default_shard());
+        d.target = match name.and_then(|n| self.cursors.shard_of(&n)) {
+            Some(t) => Target::Shard(t),
+            None => match self.cursor_shards().as_slice() {
+                // CLOSE ALL where the cursors are.
+                [t] if name_is_all(sql) => Target::Shard(*t),
+                _ => Target::Any,
+            },
+        };
+        Ok(d)
+    }
+
+    /// The shard of a Describe of portal `name` when it names a cursor of
+    /// the session (None: not one).
+    pub(super) fn cursor_portal_shard(&self, name: &str) -> Option<usize> {
+        if name.is_empty() {
+            return None;
+        }
+        self.cursors.shard_of(name)
+    }
+
+    /// The shards where the session has cursors, in order.
+    fn cursor_shards(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self.cursors.open.values().map(|c| c.shard).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// A statement string `sql` went to shard `t`: what it does to the
+    /// session's cursors.
+    pub(crate) fn note_cursor_sent(&mut self, sql: &str, t: usize) {
+        match cursor_command(sql) {
+            Some(CursorCommand::Declare(d)) => {
+                if d.hold && !self.cursors.reread.contains(&t) {
+                    self.cursors.reread.push(t);
+                }
+                self.cursors.open.insert(
+                    d.name,
+                    OpenCursor {
+                        shard: t,
+                        hold: d.hold,
+                    },
+                );
+            }
+            Some(CursorCommand::Close(Some(name))) => {
+                self.cursors.open.remove(&name);
+            }
+            Some(CursorCommand::Close(None)) => self.cursors.open.retain(|_, c| c.shard != t),
+            Some(CursorCommand::Fetch { .. }) => {}
+            None => {
+                // Not one cursor statement: it may still declare a
+                // holdable one (several statements, a DO block): read back.
+                if contains_hold(sql) && !self.cursors.reread.contains(&t) {
+                    self.cursors.reread.push(t);
+                }
+            }
+        }
+    }
+
+    /// The statement texts of the batch's Binds that are cursor
+    /// statements or may declare a holdable cursor.
+    pub(super) fn cursor_statements(&self, frames: &[Frame]) -> Vec<Arc<str>> {
+        let mut unnamed: Option<Arc<str>> = None;
+        let mut named: HashMap<&str, Arc<str>> = HashMap::new();
+        let mut out = Vec::new();
+        for f in frames {
+            let mut b = f.body();
+            match f.tag() {
+                fe::PARSE => {
+                    let (Ok(name), Ok(sql)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b))
+                    else {
+                        continue;
+                    };
+                    if name.is_empty() {
+                        unnamed = Some(Arc::from(sql));
+                    } else {
+                        named.insert(name, Arc::from(sql));
+                    }
+                }
+                fe::BIND => {
+                    let (Ok(_portal), Ok(stmt)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b))
+                    else {
+                        continue;
+                    };
+                    if let Some(sql) = self.bound_sql(stmt, &unnamed, named.get(stmt)) {
+                        if cursor_command(&sql).is_some() || contains_hold(&sql) {
+                            out.push(sql);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// At the end of the transaction on shard `i` (its backend attached
+    /// and idle): cursors without hold are gone; the holdable ones are
+    /// read back when the transaction may have declared or closed one.
+    pub(super) async fn read_cursors_due(&mut self, i: usize) {
+        let due = self.cursors.reread.contains(&i) || self.cursors.holds_on(i);
+        self.cursors.reread.retain(|&x| x != i);
+        self.cursors.open.retain(|_, c| c.shard != i || c.hold);
+        if !due {
+            return;
+        }
+        let Some(b) = self.be.slots[i].conn.as_mut() else {
+            return;
+        };
+        if b.status != tx::IDLE || b.unsynced {
+            return;
+        }
+        match b
+            .hidden_query("SELECT name FROM pg_catalog.pg_cursors WHERE is_holdable")
+            .await
+        {
+            Ok(rows) => {
+                self.cursors.open.retain(|_, c| c.shard != i);
+                for name in rows
+                    .into_iter()
+                    .filter_map(|r| r.into_iter().next().flatten())
+                {
+                    self.cursors.open.insert(
+                        name,
+                        OpenCursor {
+                            shard: i,
+                            hold: true,
+                        },
+                    );
+                }
+            }
+            Err(e) => {
+                // What it holds cannot be known: closed, not pooled, so
+                // that its cursors go with it.
+                tracing::warn!(error = %e, shard = i, "cannot read the session's cursors");
+                b.broken = true;
+                self.cursors.forget_shard(i);
+            }
+        }
+    }
+
+    /// At the end of a transaction on every shard: cursors without hold
+    /// are gone everywhere (those on shards whose backend is not attached
+    /// too: they were declared in this transaction).
+    pub(super) async fn read_cursors_at_end(&mut self) {
+        for i in 0..self.be.slots.len() {
+            if self.be.slots[i].conn.is_some() {
+                self.read_cursors_due(i).await;
+            }
+        }
+        self.cursors.open.retain(|_, c| c.hold);
+    }
+
+    /// When the client leaves: a backend holding its cursors closes them
+    /// (`CLOSE ALL`, within `wait`) before it goes back to the pool; one
+    /// that cannot is closed.
+    pub(super) async fn close_cursors(b: &mut Pooled, wait: std::time::Duration) {
+        match tokio::time::timeout(wait, b.hidden_query("CLOSE ALL")).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "CLOSE ALL failed; the backend is closed");
+                b.broken = true;
+            }
+            Err(_) => {
+                tracing::warn!("CLOSE ALL did not answer in time; the backend is closed");
+                b.broken = true;
+            }
+        }
+    }
+}
+
+/// `CLOSE ALL` (the statement read by the lexer has no name).
+fn name_is_all(sql: &str) -> bool {
+    matches!(cursor_command(sql), Some(CursorCommand::Close(None)))
+}
+
+/// Whether `sql` has the word `hold` anywhere (case-insensitive): a
+/// statement that may declare a holdable cursor.
+fn contains_hold(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"hold"))
+}

@@ -1,0 +1,303 @@
+//! Issue 14: SQL cursors (`DECLARE`/`FETCH`/`MOVE`/`CLOSE`) through a node
+//! (`proxy/src/session/cursor.rs`). A cursor whose query runs on one shard
+//! is declared there and its statements follow it, in both protocols; a
+//! `WITH HOLD` cursor keeps its backend under transaction pooling, and no
+//! other client ever sees it. Before, every cursor statement was refused
+//! on several shards (0A000), and on one shard a `WITH HOLD` cursor was
+//! lost when its backend went back to the pool.
+#![allow(clippy::unwrap_used)]
+
+use hotrepart_tests::*;
+use std::time::Duration;
+
+async fn cluster(shards: usize) -> Cluster {
+    Cluster::start(Opts {
+        shards,
+        // Two connections per shard: with one kept for a cursor, the
+        // others share the second.
+        extra: "pool_size = 2\npool_timeout_ms = 500".into(),
+        tail: "[[sharded_tables]]\nname = \"items\"\nkey = \"k\"\ntype = \"int8\"\n".into(),
+        ..Opts::default()
+    })
+    .await
+}
+
+/// (checked out, idle) connections of the client user's pool on `shard`.
+fn pool_counts(c: &Cluster, shard: usize) -> (usize, usize) {
+    c.node
+        .pools
+        .all()
+        .into_iter()
+        .filter(|((s, d, u), _)| *s == shard && d == "postgres" && u == USER)
+        .fold((0, 0), |(b, i), (_, p)| {
+            (b + p.busy_count(), i + p.idle_count())
+        })
+}
+
+/// Waits until `busy` connections of the pool on `shard` are checked out.
+async fn wait_busy(c: &Cluster, shard: usize, busy: usize, what: &str) {
+    wait_for(what, Duration::from_secs(10), || async {
+        pool_counts(c, shard).0 == busy
+    })
+    .await;
+}
+
+/// The SQLSTATE and message of a failed statement.
+fn err(e: tokio_postgres::Error) -> (String, String) {
+    let d = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {e}"));
+    (d.code().code().to_owned(), d.message().to_owned())
+}
+
+/// The first column of every row of a simple-protocol answer, as text.
+async fn simple_col(c: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    c.simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The row count of a simple-protocol statement's command tag.
+async fn count(c: &tokio_postgres::Client, sql: &str) -> u64 {
+    c.simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(n),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// `items` with keys 1..=20, `n` rows each (n = 1..=5); returns one key
+/// held by each shard.
+async fn fill(c: &Cluster) -> Vec<i64> {
+    let a = c.connect().await;
+    a.batch_execute("DROP TABLE IF EXISTS items; CREATE TABLE items (k int8, n int4)")
+        .await
+        .unwrap();
+    for k in 1..=20i64 {
+        a.execute(
+            "INSERT INTO items (k, n) SELECT $1, g FROM generate_series(1, 5) g",
+            &[&k],
+        )
+        .await
+        .unwrap();
+    }
+    let mut keys = Vec::new();
+    for i in 0..c.shards.len() {
+        let row = c
+            .direct(i)
+            .await
+            .query_one("SELECT min(k) FROM items", &[])
+            .await
+            .unwrap();
+        keys.push(row.get::<_, i64>(0));
+    }
+    keys
+}
+
+/// Cursors on one shard each, in the simple protocol: declared where the
+/// query runs, fetched and moved there, interleaved over two shards in one
+/// transaction; names folded as PostgreSQL folds them.
+async fn one_shard_cursors_simple(shards: usize) {
+    let c = cluster(shards).await;
+    let keys = fill(&c).await;
+    let a = c.connect().await;
+    a.batch_execute("BEGIN").await.unwrap();
+    let declare = format!(
+        "DECLARE MyCur NO SCROLL CURSOR FOR SELECT n FROM items WHERE k = {} ORDER BY n",
+        keys[0]
+    );
+    a.batch_execute(&declare).await.unwrap();
+    let last = *keys.last().unwrap();
+    a.batch_execute(&format!(
+        "DECLARE \"Other\" CURSOR FOR SELECT k * 10 + n FROM items WHERE k = {last} ORDER BY n"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(simple_col(&a, "FETCH 2 FROM mycur").await, ["1", "2"]);
+    assert_eq!(
+        simple_col(&a, "FETCH NEXT FROM \"Other\"").await,
+        [format!("{}", last * 10 + 1)]
+    );
+    assert_eq!(count(&a, "MOVE FORWARD 1 IN MYCUR").await, 1);
+    assert_eq!(simple_col(&a, "FETCH ALL FROM mycur").await, ["4", "5"]);
+    assert_eq!(count(&a, "FETCH 3 FROM mycur").await, 0);
+    a.batch_execute("CLOSE mycur").await.unwrap();
+    assert_eq!(
+        simple_col(&a, "FETCH FORWARD 10 FROM \"Other\"")
+            .await
+            .len(),
+        4
+    );
+    a.batch_execute("COMMIT").await.unwrap();
+    // A cursor over no table at all (psycopg's scenario).
+    a.batch_execute("BEGIN; DECLARE g CURSOR FOR SELECT x FROM generate_series(1, 10) x")
+        .await
+        .unwrap();
+    assert_eq!(simple_col(&a, "FETCH 3 g").await, ["1", "2", "3"]);
+    assert_eq!(simple_col(&a, "FETCH ALL g").await.len(), 7);
+    a.batch_execute("CLOSE g; COMMIT").await.unwrap();
+    // Without hold, a cursor ends with its transaction.
+    let (code, msg) = err(a.batch_execute("FETCH 1 FROM \"Other\"").await.unwrap_err());
+    assert_eq!(code, "34000", "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shard_cursors_simple_protocol_one_shard() {
+    one_shard_cursors_simple(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shard_cursors_simple_protocol_two_shards() {
+    one_shard_cursors_simple(2).await;
+}
+
+/// The extended protocol: DECLARE with a parameter (the key), FETCH as
+/// a prepared statement, on each shard of two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shard_cursors_extended_protocol_two_shards() {
+    let c = cluster(2).await;
+    let keys = fill(&c).await;
+    let a = c.connect().await;
+    for &k in &keys {
+        a.batch_execute("BEGIN").await.unwrap();
+        a.execute(
+            "DECLARE cx CURSOR FOR SELECT n FROM items WHERE k = $1 ORDER BY n",
+            &[&k],
+        )
+        .await
+        .unwrap();
+        let rows = a.query("FETCH FORWARD 3 FROM cx", &[]).await.unwrap();
+        let got: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(got, [1, 2, 3], "key {k}");
+        let rows = a.query("FETCH ALL FROM cx", &[]).await.unwrap();
+        let got: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(got, [4, 5], "key {k}");
+        a.execute("CLOSE cx", &[]).await.unwrap();
+        a.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
+/// How many cursors the backend serving `c` holds.
+async fn cursors_here(c: &tokio_postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_catalog.pg_cursors WHERE name <> ''",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// A WITH HOLD cursor under transaction pooling: its backend is kept
+/// across the client's transactions while another client uses the pool
+/// (and never sees the cursor); CLOSE gives the backend back; a client
+/// that leaves with one open leaves no cursor behind.
+async fn with_hold_kept(shards: usize) {
+    let c = cluster(shards).await;
+    let keys = fill(&c).await;
+    // The cursor's shard: the last one (not the home shard on two).
+    let (s, k) = (shards - 1, *keys.last().unwrap());
+    let a = c.connect().await;
+    // Outside a transaction block (its own implicit transaction).
+    a.batch_execute(&format!(
+        "DECLARE h CURSOR WITH HOLD FOR SELECT n FROM items WHERE k = {k} ORDER BY n"
+    ))
+    .await
+    .unwrap();
+    wait_busy(&c, s, 1, "the cursor's backend kept").await;
+    // Another client, in a transaction, gets the other backend: no cursor.
+    let b = c.connect().await;
+    b.batch_execute(&format!("BEGIN; SELECT * FROM items WHERE k = {k}"))
+        .await
+        .unwrap();
+    assert_eq!(cursors_here(&b).await, 0, "the other client's backend");
+    // A third finds no free connection on that shard: the kept one is not
+    // handed out.
+    let third = c.connect().await;
+    let (code, msg) = err(third
+        .simple_query(&format!("SELECT * FROM items WHERE k = {k}"))
+        .await
+        .unwrap_err());
+    assert_eq!(code, "53300", "{msg}");
+    assert_eq!(simple_col(&a, "FETCH 2 FROM h").await, ["1", "2"]);
+    a.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(simple_col(&a, "FETCH 1 FROM h").await, ["3"]);
+    a.batch_execute("COMMIT").await.unwrap();
+    // A transaction that rolls back leaves the cursor where it was.
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("SELECT 1").await.unwrap();
+    a.batch_execute("ROLLBACK").await.unwrap();
+    let rows = a.query("FETCH NEXT FROM h", &[]).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, i32>(0), 4);
+    b.batch_execute("COMMIT").await.unwrap();
+    // Other clients, one after the other, never see it.
+    for _ in 0..3 {
+        let x = c.connect().await;
+        let (code, _) = err(x
+            .batch_execute(&format!(
+                "SELECT * FROM items WHERE k = {k}; FETCH 1 FROM h"
+            ))
+            .await
+            .unwrap_err());
+        assert_eq!(code, "34000");
+    }
+    a.batch_execute("CLOSE h").await.unwrap();
+    wait_busy(&c, s, 0, "the backend back in the pool after CLOSE").await;
+    // CLOSE ALL, and a client that leaves with one open.
+    a.batch_execute(&format!(
+        "DECLARE h1 CURSOR WITH HOLD FOR SELECT n FROM items WHERE k = {k}"
+    ))
+    .await
+    .unwrap();
+    wait_busy(&c, s, 1, "kept again").await;
+    a.batch_execute("CLOSE ALL").await.unwrap();
+    wait_busy(&c, s, 0, "the backend back in the pool after CLOSE ALL").await;
+    a.batch_execute(&format!(
+        "DECLARE h2 CURSOR WITH HOLD FOR SELECT n FROM items WHERE k = {k}"
+    ))
+    .await
+    .unwrap();
+    wait_busy(&c, s, 1, "kept for h2").await;
+    drop(a);
+    wait_busy(
+        &c,
+        s,
+        0,
+        "the backend back in the pool when the client left",
+    )
+    .await;
+    for _ in 0..2 {
+        let x = c.connect().await;
+        x.batch_execute("BEGIN").await.unwrap();
+        let y = c.connect().await;
+        x.batch_execute(&format!("SELECT * FROM items WHERE k = {k}"))
+            .await
+            .unwrap();
+        y.batch_execute(&format!("SELECT * FROM items WHERE k = {k}"))
+            .await
+            .unwrap();
+        assert_eq!(cursors_here(&x).await, 0);
+        x.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_hold_cursor_keeps_its_backend_one_shard() {
+    with_hold_kept(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_hold_cursor_keeps_its_backend_two_shards() {
+    with_hold_kept(2).await;
+}
