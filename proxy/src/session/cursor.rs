@@ -28,9 +28,14 @@ use super::conn::*;
 use crate::backend::pool::Pooled;
 use crate::error::sqlstate;
 use crate::error::Refusal;
+use crate::error::SessionError;
+use crate::exec::merge::cursor::{self as merged, Merged};
 use crate::routing::{BindParams, Decision, Target};
+use crate::stats::Route;
 use crate::wire::{self, fe, tx, Frame};
-use hotrepart_router::classify::{cursor_command, CursorCommand};
+use crate::wire::{command_complete, rfq};
+use bytes::BufMut;
+use hotrepart_router::classify::{cursor_command, CursorCommand, Direction};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -45,10 +50,18 @@ pub(crate) struct Cursors {
     reread: Vec<usize>,
 }
 
-#[derive(Debug, Clone, Copy)]
 struct OpenCursor {
+    /// Its shard (a merged cursor: the first of its shards).
     shard: usize,
     hold: bool,
+    /// Declared on several shards and served by the node.
+    merged: Option<Box<Merged>>,
+}
+
+impl OpenCursor {
+    fn on(&self, i: usize) -> bool {
+        self.shard == i || self.merged.as_ref().is_some_and(|m| m.shards.contains(&i))
+    }
 }
 
 impl Cursors {
@@ -59,7 +72,7 @@ impl Cursors {
 
     /// The backend of shard `i` was closed (or died): its cursors with it.
     pub(crate) fn forget_shard(&mut self, i: usize) {
-        self.open.retain(|_, c| c.shard != i);
+        self.open.retain(|_, c| !c.on(i));
         self.reread.retain(|&x| x != i);
     }
 
@@ -73,8 +86,12 @@ impl Cursors {
 fn multi_shard_cursor() -> Refusal {
     Refusal::new(
         sqlstate::FEATURE_NOT_SUPPORTED,
-        "DECLARE CURSOR: the cursor's query reads rows of several shards, and hotrepart declares a cursor only on one shard; add the shard key to the query's WHERE clause (or a /* hotrepart: shard=NAME */ hint), or run the query without a cursor".into(),
+        "DECLARE CURSOR: the cursor's query reads rows of several shards; hotrepart merges such a cursor only when DECLARE comes as a simple query (the extended protocol can declare a cursor on one shard: add the shard key to the query's WHERE clause, or a /* hotrepart: shard=NAME */ hint)".into(),
     )
+}
+
+fn refuse(m: impl Into<String>) -> Refusal {
+    Refusal::new(sqlstate::FEATURE_NOT_SUPPORTED, m.into())
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -105,6 +122,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             CursorCommand::Fetch { name, .. } => Some(name),
             CursorCommand::Close(name) => name,
         };
+        let merged = match &name {
+            Some(n) => self.cursors.open.get(n).is_some_and(|c| c.merged.is_some()),
+            None => self.cursors.open.values().any(|c| c.merged.is_some()),
+        };
+        if merged {
+            // Served by the node in the simple protocol only
+            // (`Session::cursor_by_node`).
+            return Err(Refusal::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "a cursor whose query reads rows of several shards is served by hotrepart in the simple query protocol only; send FETCH, MOVE and CLOSE of it as simple queries".into(),
+            ));
+        }
         let mut d = Decision::single_on(self.default_shard());
         d.target = match name.and_then(|n| self.cursors.shard_of(&n)) {
             Some(t) => Target::Shard(t),
@@ -115,6 +144,206 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             },
         };
         Ok(d)
+    }
+
+    /// A simple-protocol cursor statement the node answers itself: a
+    /// `DECLARE` whose query reads rows of several shards (declared on
+    /// each, merged by the node), `FETCH`/`MOVE`/`CLOSE` of such a cursor,
+    /// `CLOSE ALL` while cursors are open on several shards. True when
+    /// answered (ReadyForQuery included); false: route it as any statement.
+    pub(super) async fn cursor_by_node(&mut self, sql: &str) -> Result<bool, SessionError> {
+        if self.node.routing.single_shard() {
+            return Ok(false);
+        }
+        let Some(cmd) = cursor_command(sql) else {
+            return Ok(false);
+        };
+        let r = match cmd {
+            CursorCommand::Declare(d) => {
+                let routed = self
+                    .route_waiting(|s| s.node.decide(d.query, None, &s.route_ctx()))
+                    .await;
+                let Ok(dec) = routed else {
+                    // The ordinary path reports it.
+                    return Ok(false);
+                };
+                let Target::Multi { shards, sqls } = &dec.target else {
+                    return Ok(false);
+                };
+                if shards.len() < 2 {
+                    return Ok(false);
+                }
+                let (shards, sqls) = (shards.clone(), sqls.clone());
+                self.declare_merged(&d, &dec, &shards, sqls.as_deref())
+                    .await?
+            }
+            CursorCommand::Fetch {
+                name,
+                direction,
+                is_move,
+            } => {
+                let Some(mut m) = self
+                    .cursors
+                    .open
+                    .get_mut(&name)
+                    .and_then(|c| c.merged.take())
+                else {
+                    return Ok(false);
+                };
+                let r = match direction {
+                    Direction::Other(dir) => Err(merged::direction_refused(&dir)),
+                    _ if self.txn.failed => Err(aborted()),
+                    Direction::Forward(n) => {
+                        if !self.be.owed.is_empty() {
+                            self.drain_owed().await?;
+                        }
+                        self.stats.note_route(Route::Merge);
+                        merged::fetch(self, &mut m, n, is_move).await?;
+                        Ok(())
+                    }
+                };
+                if let Some(c) = self.cursors.open.get_mut(&name) {
+                    c.merged = Some(m);
+                }
+                r
+            }
+            CursorCommand::Close(Some(name)) => {
+                if !self
+                    .cursors
+                    .open
+                    .get(&name)
+                    .is_some_and(|c| c.merged.is_some())
+                {
+                    return Ok(false);
+                }
+                if self.txn.failed {
+                    Err(aborted())
+                } else {
+                    if let Some(m) = self.cursors.open.remove(&name).and_then(|c| c.merged) {
+                        merged::close(self, &m).await?;
+                    }
+                    self.out.put_slice(&command_complete("CLOSE CURSOR"));
+                    Ok(())
+                }
+            }
+            CursorCommand::Close(None) => {
+                let shards = self.cursor_shards();
+                let any_merged = self.cursors.open.values().any(|c| c.merged.is_some());
+                if shards.len() < 2 && !any_merged {
+                    return Ok(false);
+                }
+                if self.txn.failed {
+                    Err(aborted())
+                } else {
+                    self.close_all_on(&shards).await?
+                }
+            }
+        };
+        match r {
+            Err(r) => self.refuse_simple(r),
+            Ok(()) => {
+                let status = self.client_status();
+                self.push_synthetic(rfq(status));
+            }
+        }
+        Ok(true)
+    }
+
+    /// `DECLARE` of a cursor over `shards` (`dec`: its query's decision).
+    async fn declare_merged(
+        &mut self,
+        d: &hotrepart_router::classify::Declare<'_>,
+        dec: &Decision,
+        shards: &[usize],
+        sqls: Option<&[String]>,
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        if !self.txn.open() {
+            return Ok(Err(Refusal::new(
+                sqlstate::NO_ACTIVE_SQL_TRANSACTION,
+                "DECLARE CURSOR can only be used in transaction blocks".into(),
+            )));
+        }
+        if self.txn.failed {
+            return Ok(Err(aborted()));
+        }
+        let what = if d.hold {
+            Some("WITH HOLD (it would have to keep a backend of every shard after the transaction)")
+        } else if d.scroll {
+            Some("SCROLL (it is read forward only)")
+        } else if d.binary {
+            Some("BINARY")
+        } else {
+            None
+        };
+        if let Some(w) = what {
+            return Ok(Err(refuse(format!(
+                "DECLARE CURSOR: the query reads rows of several shards, and such a cursor cannot be {w}; declare it without, or restrict the query to one shard by its shard key"
+            ))));
+        }
+        if let Err(r) = merged::check_plan(dec.merge.as_deref()) {
+            return Ok(Err(r));
+        }
+        if let Err(r) = self.check_multi_shard(dec).await? {
+            return Ok(Err(r));
+        }
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let texts: Vec<String> = (0..shards.len())
+            .map(|i| match (sqls.and_then(|v| v.get(i)), &dec.merge) {
+                (Some(t), _) => t.clone(),
+                (None, Some(p)) => p.shard_sql.clone(),
+                (None, None) => d.query.to_owned(),
+            })
+            .collect();
+        self.stats.note_route(Route::Merge);
+        match merged::declare(self, &d.name, shards, dec.merge.clone(), &texts).await? {
+            Ok(m) => {
+                self.cursors.open.insert(
+                    d.name.clone(),
+                    OpenCursor {
+                        shard: shards[0],
+                        hold: false,
+                        merged: Some(Box::new(m)),
+                    },
+                );
+                self.out.put_slice(&command_complete("DECLARE CURSOR"));
+            }
+            Err(e) => {
+                self.out.put_slice(&e);
+                self.txn.failed = true;
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// `CLOSE ALL` with cursors on several shards: on each of them.
+    async fn close_all_on(
+        &mut self,
+        shards: &[usize],
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        for &t in shards {
+            let was_attached = self.be.slots[t].conn.is_some();
+            if let Err(r) = self.ensure_backend(t).await? {
+                return Ok(Err(r));
+            }
+            if let Some(b) = self.be.slots[t].conn.as_mut() {
+                if let Err(e) = b.hidden_query("CLOSE ALL").await {
+                    tracing::warn!(error = %e, shard = t, "CLOSE ALL failed; the backend is closed");
+                    b.broken = true;
+                }
+            }
+            self.cursors.open.retain(|_, c| !c.on(t));
+            if !was_attached && !self.txn.open() {
+                self.let_go(t);
+            }
+        }
+        self.be.update_cancel();
+        self.out.put_slice(&command_complete("CLOSE CURSOR"));
+        Ok(Ok(()))
     }
 
     /// The shard of a Describe of portal `name` when it names a cursor of
@@ -147,13 +376,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     OpenCursor {
                         shard: t,
                         hold: d.hold,
+                        merged: None,
                     },
                 );
             }
             Some(CursorCommand::Close(Some(name))) => {
                 self.cursors.open.remove(&name);
             }
-            Some(CursorCommand::Close(None)) => self.cursors.open.retain(|_, c| c.shard != t),
+            Some(CursorCommand::Close(None)) => self.cursors.open.retain(|_, c| !c.on(t)),
             Some(CursorCommand::Fetch { .. }) => {}
             None => {
                 // Not one cursor statement: it may still declare a
@@ -208,7 +438,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn read_cursors_due(&mut self, i: usize) {
         let due = self.cursors.reread.contains(&i) || self.cursors.holds_on(i);
         self.cursors.reread.retain(|&x| x != i);
-        self.cursors.open.retain(|_, c| c.shard != i || c.hold);
+        self.cursors.open.retain(|_, c| !c.on(i) || c.hold);
         if !due {
             return;
         }
@@ -223,7 +453,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .await
         {
             Ok(rows) => {
-                self.cursors.open.retain(|_, c| c.shard != i);
+                self.cursors.open.retain(|_, c| !c.on(i));
                 for name in rows
                     .into_iter()
                     .filter_map(|r| r.into_iter().next().flatten())
@@ -233,6 +463,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         OpenCursor {
                             shard: i,
                             hold: true,
+                            merged: None,
                         },
                     );
                 }
@@ -275,6 +506,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
     }
+}
+
+/// PostgreSQL's refusal of anything but ROLLBACK in a failed transaction.
+fn aborted() -> Refusal {
+    Refusal::new(
+        sqlstate::IN_FAILED_SQL_TRANSACTION,
+        "current transaction is aborted, commands ignored until end of transaction block".into(),
+    )
 }
 
 /// `CLOSE ALL` (the statement read by the lexer has no name).

@@ -467,6 +467,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.deallocate(class.deallocate.as_ref()) {
             return Ok(());
         }
+        if self.cursor_by_node(sql).await? {
+            return Ok(());
+        }
         if !self.node.routing.single_shard() {
             if let Some(ex) = class.explain {
                 if !self.be.owed.is_empty() {

@@ -301,3 +301,291 @@ async fn with_hold_cursor_keeps_its_backend_one_shard() {
 async fn with_hold_cursor_keeps_its_backend_two_shards() {
     with_hold_kept(2).await;
 }
+
+/// Every row of a simple-protocol answer, its columns joined by `|`.
+async fn simple_rows(c: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    c.simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL"))
+                    .collect::<Vec<_>>()
+                    .join("|"),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A cursor over two shards with ORDER BY: read with several FETCH sizes
+/// (and MOVE), every row comes exactly once and in the order of the same
+/// query without a cursor (the node's merge, checked against the rows
+/// both shards hold); after the end, FETCH gives nothing; CLOSE ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_cursor_with_order_by_over_two_shards() {
+    let c = cluster(2).await;
+    fill(&c).await;
+    let a = c.connect().await;
+    // A hidden sort key (k is not in the select list) and a descending one.
+    for query in [
+        "SELECT k, n FROM items ORDER BY n, k",
+        "SELECT n, k * 100 + n AS x FROM items ORDER BY k DESC, n",
+    ] {
+        let want = simple_rows(&a, query).await;
+        assert_eq!(want.len(), 100, "{query}");
+        let mut all: Vec<String> = Vec::new();
+        for d in 0..c.shards.len() {
+            all.extend(simple_rows(&c.direct(d).await, query).await);
+        }
+        all.sort();
+        let mut sorted = want.clone();
+        sorted.sort();
+        assert_eq!(sorted, all, "each row of both shards once: {query}");
+        for sizes in [&[1u64, 3, 7, 50, 1000][..], &[100], &[2, 2, 2, 200]] {
+            a.batch_execute("BEGIN").await.unwrap();
+            a.batch_execute(&format!("DECLARE m CURSOR FOR {query}"))
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            for (i, &n) in sizes.iter().cycle().enumerate() {
+                let rows = simple_rows(&a, &format!("FETCH {n} FROM m")).await;
+                let last = (rows.len() as u64) < n;
+                got.extend(rows);
+                if last {
+                    break;
+                }
+                assert!(i < 200, "the cursor never ends");
+            }
+            assert_eq!(got, want, "{query} in FETCH sizes {sizes:?}");
+            assert_eq!(count(&a, "FETCH FORWARD 5 FROM m").await, 0);
+            a.batch_execute("CLOSE m").await.unwrap();
+            a.batch_execute("COMMIT").await.unwrap();
+        }
+        // MOVE skips, FETCH ALL and NEXT read the rest.
+        a.batch_execute("BEGIN").await.unwrap();
+        a.batch_execute(&format!("DECLARE m CURSOR FOR {query}"))
+            .await
+            .unwrap();
+        assert_eq!(count(&a, "MOVE FORWARD 10 IN m").await, 10);
+        assert_eq!(simple_rows(&a, "FETCH NEXT FROM m").await, want[10..11]);
+        assert_eq!(simple_rows(&a, "FETCH ALL FROM m").await, want[11..]);
+        assert_eq!(count(&a, "MOVE 3 m").await, 0);
+        a.batch_execute("CLOSE m").await.unwrap();
+        let (code, msg) = err(a.batch_execute("FETCH 1 FROM m").await.unwrap_err());
+        assert_eq!(code, "34000", "{msg}");
+        a.batch_execute("ROLLBACK").await.unwrap();
+    }
+}
+
+/// Without ORDER BY, a cursor over two shards concatenates them: every
+/// row once; two such cursors open at once; CLOSE ALL closes them on
+/// every shard; the transaction's end forgets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_cursor_concatenates_without_order_by() {
+    let c = cluster(2).await;
+    fill(&c).await;
+    let a = c.connect().await;
+    let mut want = simple_rows(&a, "SELECT k, n FROM items").await;
+    want.sort();
+    assert_eq!(want.len(), 100);
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("DECLARE c1 CURSOR FOR SELECT k, n FROM items")
+        .await
+        .unwrap();
+    a.batch_execute("DECLARE c2 CURSOR FOR SELECT k, n FROM items WHERE n = 1")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    loop {
+        let rows = simple_rows(&a, "FETCH 9 FROM c1").await;
+        let n = rows.len();
+        got.extend(rows);
+        assert_eq!(
+            simple_rows(&a, "FETCH 1 FROM c2").await.len(),
+            usize::from(got.len() <= 9 * 20)
+        );
+        if n < 9 {
+            break;
+        }
+    }
+    got.sort();
+    assert_eq!(got, want);
+    a.batch_execute("CLOSE ALL").await.unwrap();
+    for name in ["c1", "c2"] {
+        a.batch_execute("SAVEPOINT s").await.unwrap();
+        let (code, _) = err(a
+            .batch_execute(&format!("FETCH 1 FROM {name}"))
+            .await
+            .unwrap_err());
+        assert_eq!(code, "34000", "{name} closed");
+        a.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
+    }
+    a.batch_execute("DECLARE c3 CURSOR FOR SELECT k FROM items")
+        .await
+        .unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    // Ended with its transaction: on every shard.
+    for d in 0..c.shards.len() {
+        let x = c.direct(d).await;
+        let n: i64 = x
+            .query_one(
+                "SELECT count(*) FROM pg_catalog.pg_cursors WHERE name LIKE 'c_'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0);
+    }
+    let (code, _) = err(a.batch_execute("FETCH 1 FROM c3").await.unwrap_err());
+    assert_eq!(code, "34000");
+}
+
+/// What a cursor over several shards cannot do is refused with 0A000 (or
+/// PostgreSQL's own SQLSTATE) and words that say what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_cursor_refusals() {
+    let c = cluster(2).await;
+    fill(&c).await;
+    let a = c.connect().await;
+    let refused = |sql: &'static str, code: &'static str, words: &'static str| {
+        let a = &a;
+        async move {
+            a.batch_execute("BEGIN").await.unwrap();
+            let (got, msg) = err(a.batch_execute(sql).await.unwrap_err());
+            assert_eq!(got, code, "{sql}: {msg}");
+            assert!(msg.contains(words), "{sql}: {msg}");
+            a.batch_execute("ROLLBACK").await.unwrap();
+        }
+    };
+    for (sql, words) in [
+        (
+            "DECLARE x CURSOR FOR SELECT count(*) FROM items",
+            "aggregates or GROUP BY",
+        ),
+        (
+            "DECLARE x CURSOR FOR SELECT n, count(*) FROM items GROUP BY n",
+            "aggregates or GROUP BY",
+        ),
+        (
+            "DECLARE x CURSOR FOR SELECT DISTINCT n FROM items",
+            "DISTINCT",
+        ),
+        (
+            "DECLARE x CURSOR FOR SELECT k FROM items ORDER BY k LIMIT 3",
+            "LIMIT or OFFSET",
+        ),
+        (
+            "DECLARE x CURSOR FOR SELECT k FROM items OFFSET 3",
+            "LIMIT or OFFSET",
+        ),
+        ("DECLARE x SCROLL CURSOR FOR SELECT k FROM items", "SCROLL"),
+        (
+            "DECLARE x CURSOR WITH HOLD FOR SELECT k FROM items",
+            "WITH HOLD",
+        ),
+        ("DECLARE x BINARY CURSOR FOR SELECT k FROM items", "BINARY"),
+    ] {
+        refused(sql, "0A000", words).await;
+    }
+    // Window functions: the merge refuses them whatever the cursor.
+    a.batch_execute("BEGIN").await.unwrap();
+    let (code, _) = err(a
+        .batch_execute("DECLARE x CURSOR FOR SELECT k, row_number() OVER () FROM items")
+        .await
+        .unwrap_err());
+    assert_eq!(code, "0A000");
+    a.batch_execute("ROLLBACK").await.unwrap();
+    // Outside a transaction block, as PostgreSQL says.
+    let (code, _) = err(a
+        .batch_execute("DECLARE x CURSOR FOR SELECT k FROM items")
+        .await
+        .unwrap_err());
+    assert_eq!(code, "25P01");
+    // Directions other than forward.
+    for dir in [
+        "BACKWARD 2",
+        "PRIOR",
+        "ABSOLUTE 3",
+        "RELATIVE -1",
+        "LAST",
+        "FIRST",
+    ] {
+        a.batch_execute("BEGIN; DECLARE x CURSOR FOR SELECT k FROM items ORDER BY k")
+            .await
+            .unwrap();
+        let (code, msg) = err(a
+            .batch_execute(&format!("FETCH {dir} FROM x"))
+            .await
+            .unwrap_err());
+        assert_eq!(code, "0A000", "{dir}: {msg}");
+        assert!(msg.contains("read forward only"), "{msg}");
+        a.batch_execute("ROLLBACK").await.unwrap();
+    }
+    // The extended protocol: FETCH of a merged cursor, and DECLARE.
+    a.batch_execute("BEGIN; DECLARE x CURSOR FOR SELECT k FROM items ORDER BY k")
+        .await
+        .unwrap();
+    let (code, msg) = err(a.query("FETCH 2 FROM x", &[]).await.unwrap_err());
+    assert_eq!(code, "0A000", "{msg}");
+    assert!(msg.contains("simple query protocol"), "{msg}");
+    a.batch_execute("ROLLBACK; BEGIN").await.unwrap();
+    let (code, msg) = err(a
+        .execute("DECLARE y CURSOR FOR SELECT k FROM items", &[])
+        .await
+        .unwrap_err());
+    assert_eq!(code, "0A000", "{msg}");
+    a.batch_execute("ROLLBACK").await.unwrap();
+    // The session goes on.
+    assert_eq!(simple_rows(&a, "SELECT count(*) FROM items").await, ["100"]);
+}
+
+/// psql's FETCH_COUNT (psql 15 and older read through a cursor,
+/// `_psql_cursor`) over two shards: the same rows as without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_fetch_count_over_two_shards() {
+    let c = cluster(2).await;
+    fill(&c).await;
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user={USER} dbname=postgres",
+        c.addr.port()
+    );
+    let run = |fetch_count: &'static str| {
+        let conninfo = conninfo.clone();
+        async move {
+            run_cmd(
+                &pg_tool("psql"),
+                &[
+                    "-X",
+                    "-w",
+                    "-A",
+                    "-t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-v",
+                    fetch_count,
+                    "-c",
+                    "SELECT k, n FROM items ORDER BY n DESC, k",
+                    "-c",
+                    "SELECT k, n FROM items WHERE n = 2",
+                    &conninfo,
+                ],
+                &[("PGPASSWORD", PASSWORD), ("PGSSLMODE", "disable")],
+            )
+            .await
+        }
+    };
+    let plain = run("FETCH_COUNT=0").await;
+    let counted = run("FETCH_COUNT=3").await;
+    assert!(plain.0 && counted.0, "{plain:?} {counted:?}");
+    assert_eq!(plain.1.lines().count(), 120, "{}", plain.1);
+    let (p, q): (Vec<&str>, Vec<&str>) = (plain.1.lines().collect(), counted.1.lines().collect());
+    assert_eq!(p[..100], q[..100], "ordered rows in the same order");
+    let (mut p2, mut q2) = (p[100..].to_vec(), q[100..].to_vec());
+    p2.sort();
+    q2.sort();
+    assert_eq!(p2, q2, "concatenated rows");
+}

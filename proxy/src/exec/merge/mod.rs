@@ -16,6 +16,7 @@
 
 pub mod binary;
 mod combine;
+pub mod cursor;
 pub mod exec;
 mod packed;
 pub mod value;

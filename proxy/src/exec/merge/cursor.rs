@@ -1,0 +1,380 @@
+//! A cursor merged over several shards: `DECLARE` of a query that reads
+//! rows of several shards declares a cursor of the same name on each of
+//! them (inside the client's transaction block), and the node serves
+//! `FETCH`/`MOVE` forward itself:
+//!
+//! - without ORDER BY, the shards' rows are concatenated: one shard is read
+//!   to its end, then the next;
+//! - with ORDER BY (sorted by every shard: `MergePlan::shards_sorted`),
+//!   per-shard batches are merged k-way, with the merge's comparisons
+//!   ([`super::combine::compare_rows`], PostgreSQL's order for each type;
+//!   text under the C collation only).
+//!
+//! Memory: at most one batch per shard (`FETCH FORWARD b` with `b` the
+//! count asked, between [`MIN_BATCH`] and [`MAX_BATCH`]) is held between
+//! the client's statements. What cannot be served forward and
+//! incrementally is refused at `DECLARE` (0A000): aggregates, GROUP BY,
+//! DISTINCT, LIMIT/OFFSET, an order the shards cannot give, `SCROLL`,
+//! `BINARY`, `WITH HOLD`; and so are the other fetch directions.
+
+use super::combine::{compare_rows, Field, MergeError, Row};
+use super::packed::Packed;
+use super::value::Ty;
+use crate::backend::conn::HiddenQueryError;
+use crate::error::sqlstate;
+use crate::error::{Refusal, SessionError};
+use crate::session::conn::Session;
+use crate::wire::{self, be, tx, Frame, WireError};
+use bytes::{BufMut, Bytes, BytesMut};
+use hotrepart_router::route::MergePlan;
+use std::cmp::Ordering;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// The smallest batch asked of a shard (a `FETCH 1` loop does not cost a
+/// round trip per row on every shard).
+pub(crate) const MIN_BATCH: u64 = 100;
+/// The largest batch asked of a shard (`FETCH ALL` reads in batches).
+pub(crate) const MAX_BATCH: u64 = 1000;
+
+/// A cursor merged over several shards, as the session holds it.
+pub(crate) struct Merged {
+    /// The shards, in order (concatenation reads them in this order).
+    pub(crate) shards: Vec<usize>,
+    /// ORDER BY and the hidden leading columns; None: concatenation of
+    /// the query's own columns.
+    plan: Option<Arc<MergePlan>>,
+    /// The cursor's name quoted, for the shards' statements.
+    quoted: String,
+    /// The shards' columns, known after the first fetch.
+    fields: Option<Vec<Field>>,
+    types: Vec<Ty>,
+    /// Rows fetched from each shard and not yet given to the client.
+    bufs: Vec<VecDeque<Row>>,
+    /// The shard's cursor is at its end.
+    ended: Vec<bool>,
+    /// Concatenation: the shard being read.
+    current: usize,
+}
+
+impl Merged {
+    fn hidden(&self) -> usize {
+        self.plan.as_ref().map_or(0, |p| p.hidden)
+    }
+
+    fn ordered(&self) -> bool {
+        self.plan.as_ref().is_some_and(|p| !p.order_by.is_empty())
+    }
+}
+
+fn refusal(m: impl Into<String>) -> Refusal {
+    Refusal::new(sqlstate::FEATURE_NOT_SUPPORTED, m.into())
+}
+
+/// Whether a cursor over several shards can be served for `plan` (None: a
+/// plain concatenation); the refusal says what is not supported.
+pub(crate) fn check_plan(plan: Option<&MergePlan>) -> Result<(), Refusal> {
+    let Some(p) = plan else { return Ok(()) };
+    let what = if p.aggregate.is_some() {
+        Some("aggregates or GROUP BY")
+    } else if p.distinct {
+        Some("DISTINCT")
+    } else if p.limit.is_some() || p.offset.is_some() {
+        Some("LIMIT or OFFSET")
+    } else if !p.order_by.is_empty() && !p.shards_sorted {
+        Some("an ORDER BY on expressions the shards cannot sort by")
+    } else {
+        None
+    };
+    match what {
+        Some(w) => Err(refusal(format!(
+            "DECLARE CURSOR: the query reads rows of several shards and has {w}, which hotrepart cannot merge incrementally for a cursor; run the query without a cursor, or restrict it to one shard by its shard key"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The refusal of a fetch direction a merged cursor does not serve.
+pub(crate) fn direction_refused(dir: &str) -> Refusal {
+    refusal(format!(
+        "FETCH/MOVE {dir}: a cursor whose query reads rows of several shards is read forward only (NEXT, FORWARD n, FORWARD ALL, n, ALL); declare it over one shard for other directions"
+    ))
+}
+
+/// Declares cursor `name` on every shard of `shards` (`texts`: the query
+/// each runs), inside the client's open transaction. Ok(Err): the
+/// ErrorResponse for the client (a refusal, or a shard's own error).
+pub(crate) async fn declare<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    name: &str,
+    shards: &[usize],
+    plan: Option<Arc<MergePlan>>,
+    texts: &[String],
+) -> Result<Result<Merged, Bytes>, SessionError> {
+    let quoted = crate::sql::quote_ident(name);
+    for (i, &t) in shards.iter().enumerate() {
+        if let Err(r) = s.ensure_backend(t).await? {
+            return Ok(Err(error_frame(r.code, &r.message)));
+        }
+        let Some(b) = s.be.slots[t].conn.as_mut() else {
+            return Ok(Err(error_frame(
+                sqlstate::CONNECTION_FAILURE,
+                "a shard's connection was lost",
+            )));
+        };
+        let sql = format!(
+            "DECLARE {quoted} NO SCROLL CURSOR FOR {}",
+            texts.get(i).map_or("", String::as_str)
+        );
+        match b.hidden_query(&sql).await {
+            Ok(_) => {}
+            Err(HiddenQueryError::Server { code, message }) => {
+                return Ok(Err(error_frame(&code, &message)))
+            }
+            Err(HiddenQueryError::Wire(e)) => return Err(s.be.lost(t, e)),
+        }
+    }
+    Ok(Ok(Merged {
+        shards: shards.to_vec(),
+        plan,
+        quoted,
+        fields: None,
+        types: Vec::new(),
+        bufs: shards.iter().map(|_| VecDeque::new()).collect(),
+        ended: vec![false; shards.len()],
+        current: 0,
+    }))
+}
+
+/// An ErrorResponse frame.
+pub(crate) fn error_frame(code: &str, msg: &str) -> Bytes {
+    let mut e = BytesMut::new();
+    wire::error_response(&mut e, wire::Severity::Error, code, msg);
+    e.freeze()
+}
+
+/// Closes the cursor on its shards (their errors ignored: the
+/// transaction may have failed, then it ends with it).
+pub(crate) async fn close<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    m: &Merged,
+) -> Result<(), SessionError> {
+    for &t in &m.shards {
+        if let Some(b) = s.be.slots[t].conn.as_mut() {
+            if b.status != tx::FAILED {
+                let _ = b.hidden_query(&format!("CLOSE {}", m.quoted)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `FETCH`/`MOVE` forward `count` rows (None: all) in the simple protocol:
+/// RowDescription (FETCH), the rows, CommandComplete. The caller adds
+/// ReadyForQuery. An error (a shard's, or a merge's) goes to the client
+/// and fails the transaction.
+pub(crate) async fn fetch<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    m: &mut Merged,
+    count: Option<u64>,
+    is_move: bool,
+) -> Result<(), SessionError> {
+    let want = count.unwrap_or(u64::MAX);
+    let batch = count.unwrap_or(MAX_BATCH).clamp(MIN_BATCH, MAX_BATCH);
+    let mut rows = BytesMut::new();
+    let mut sent = 0u64;
+    let res = fetch_into(s, m, want, batch, is_move, &mut rows, &mut sent).await?;
+    if let Err(e) = res {
+        match e {
+            Failure::Shard(f) => {
+                s.out.put_slice(&f.raw);
+                s.txn.failed = true;
+            }
+            Failure::Merge(MergeError(code, msg)) => s.push_error(&Refusal::new(code, msg)),
+        }
+        return Ok(());
+    }
+    if !is_move {
+        let hidden = m.hidden();
+        if let Some(fields) = &m.fields {
+            wire::frame(&mut s.out, be::ROW_DESCRIPTION, |o| {
+                let out = fields.get(hidden..).unwrap_or(&[]);
+                o.put_i16(out.len() as i16);
+                for f in out {
+                    o.put_slice(&f.name);
+                    o.put_u8(0);
+                    o.put_slice(&f.meta);
+                }
+            });
+        }
+        s.out.put_slice(&rows);
+    }
+    let tag = if is_move { "MOVE" } else { "FETCH" };
+    s.out
+        .put_slice(&wire::command_complete(&format!("{tag} {sent}")));
+    Ok(())
+}
+
+enum Failure {
+    /// A shard's ErrorResponse, as it came.
+    Shard(Frame),
+    Merge(MergeError),
+}
+
+async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    m: &mut Merged,
+    want: u64,
+    batch: u64,
+    is_move: bool,
+    out: &mut BytesMut,
+    sent: &mut u64,
+) -> Result<Result<(), Failure>, SessionError> {
+    let hidden = m.hidden();
+    while *sent < want {
+        let pick = if m.ordered() {
+            for i in 0..m.shards.len() {
+                if m.bufs[i].is_empty() && !m.ended[i] {
+                    if let Err(f) = refill(s, m, i, batch).await? {
+                        return Ok(Err(f));
+                    }
+                }
+            }
+            let plan = m.plan.clone();
+            let Some(plan) = plan else { break };
+            let mut best: Option<usize> = None;
+            for i in 0..m.shards.len() {
+                let Some(r) = m.bufs[i].front() else { continue };
+                best = match best {
+                    None => Some(i),
+                    Some(b) => {
+                        let other = m.bufs[b].front().map_or(&[][..], Vec::as_slice);
+                        match compare_rows(&plan, &m.types, r.as_slice(), other) {
+                            Ok(Ordering::Less) => Some(i),
+                            Ok(_) => Some(b),
+                            Err(e) => return Ok(Err(Failure::Merge(e))),
+                        }
+                    }
+                };
+            }
+            best
+        } else {
+            // Concatenation: the shards in turn.
+            loop {
+                let i = m.current;
+                if i >= m.shards.len() {
+                    break None;
+                }
+                if m.bufs[i].is_empty() && !m.ended[i] {
+                    if let Err(f) = refill(s, m, i, batch).await? {
+                        return Ok(Err(f));
+                    }
+                }
+                if !m.bufs[i].is_empty() {
+                    break Some(i);
+                }
+                m.current += 1;
+            }
+        };
+        let Some(i) = pick else { break };
+        let Some(row) = m.bufs[i].pop_front() else {
+            break;
+        };
+        if !is_move {
+            super::exec::put_row(out, row.get(hidden..).unwrap_or(&[]));
+        }
+        *sent += 1;
+    }
+    Ok(Ok(()))
+}
+
+/// Fetches the next batch of shard `i` into its buffer (`ended` when it
+/// gave fewer rows than asked).
+async fn refill<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    m: &mut Merged,
+    i: usize,
+    batch: u64,
+) -> Result<Result<(), Failure>, SessionError> {
+    let t = m.shards[i];
+    let mut q = BytesMut::new();
+    wire::frame(&mut q, wire::fe::QUERY, |o| {
+        wire::put_cstr(o, &format!("FETCH FORWARD {batch} FROM {}", m.quoted));
+    });
+    let Some(b) = s.be.slots[t].conn.as_mut() else {
+        return Err(SessionError::Fatal {
+            code: sqlstate::CONNECTION_FAILURE,
+            msg: "a shard's connection was lost while a cursor was open".into(),
+        });
+    };
+    if let Err(e) = b.writer.write_all(&q).await {
+        return Err(s.be.lost(t, WireError::Io(e)));
+    }
+    let mut error: Option<Frame> = None;
+    let mut got = 0u64;
+    loop {
+        let Some(b) = s.be.slots[t].conn.as_mut() else {
+            break;
+        };
+        let f = match b.reader.next().await {
+            Ok(f) => f,
+            Err(e) => return Err(s.be.lost(t, e)),
+        };
+        match f.tag() {
+            be::ROW_DESCRIPTION => {
+                let Some(fields) = super::exec::parse_desc(&f.raw) else {
+                    return Err(s
+                        .be
+                        .lost(t, WireError::Protocol("malformed RowDescription".into())));
+                };
+                match &m.fields {
+                    Some(known) if known.len() != fields.len() => {
+                        error = error.or_else(|| {
+                            Some(node_error(
+                                "the shards' cursors return different numbers of columns",
+                            ))
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        m.types = fields.iter().map(|f| Ty::of(f.type_oid())).collect();
+                        m.fields = Some(fields);
+                    }
+                }
+            }
+            be::DATA_ROW => {
+                let body = f.raw.slice(5.min(f.raw.len())..);
+                match Packed::check(body) {
+                    Some(p) => m.bufs[i].push_back(p.to_row(0)),
+                    None => {
+                        return Err(s
+                            .be
+                            .lost(t, WireError::Protocol("malformed DataRow".into())))
+                    }
+                }
+                got += 1;
+            }
+            be::ERROR_RESPONSE => error = error.or(Some(f)),
+            be::READY_FOR_QUERY => {
+                b.status = f.body().first().copied().unwrap_or(tx::IDLE);
+                break;
+            }
+            _ => {}
+        }
+    }
+    if let Some(f) = error {
+        return Ok(Err(Failure::Shard(f)));
+    }
+    if got < batch {
+        m.ended[i] = true;
+    }
+    Ok(Ok(()))
+}
+
+/// An ErrorResponse of the node's, as a frame.
+fn node_error(msg: &str) -> Frame {
+    Frame {
+        raw: error_frame(sqlstate::INTERNAL_ERROR, msg),
+    }
+}
