@@ -35,7 +35,7 @@ use crate::stats::Route;
 use crate::wire::{self, fe, tx, Frame};
 use crate::wire::{command_complete, rfq};
 use bytes::BufMut;
-use hotrepart_router::classify::{cursor_command, CursorCommand, Direction};
+use hotrepart_router::classify::{cursor_command, first_keyword_is, CursorCommand, Direction};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -174,7 +174,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return Ok(false);
                 }
                 let (shards, sqls) = (shards.clone(), sqls.clone());
-                self.declare_merged(&d, &dec, &shards, sqls.as_deref())
+                self.declare_merged(&d, &dec, &shards, sqls.as_deref(), None)
                     .await?
             }
             CursorCommand::Fetch {
@@ -256,6 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         dec: &Decision,
         shards: &[usize],
         sqls: Option<&[String]>,
+        ext: Option<Ext<'_>>,
     ) -> Result<Result<(), Refusal>, SessionError> {
         if !self.txn.open() {
             return Ok(Err(Refusal::new(
@@ -297,8 +298,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             })
             .collect();
         self.stats.note_route(Route::Merge);
-        match merged::declare(self, &d.name, shards, dec.merge.clone(), &texts).await? {
+        if let Some(x) = &ext {
+            // What PostgreSQL answers before the statement runs.
+            if let Some(p) = x.parse {
+                if !self.record_parse(p)? {
+                    // A duplicate name: the error is queued.
+                    return Ok(Ok(()));
+                }
+                self.out.put_slice(&wire::parse_complete());
+            }
+            wire::frame(&mut self.out, wire::be::BIND_COMPLETE, |_| {});
+        }
+        let params = ext.as_ref().map(|x| &x.params);
+        match merged::declare(self, &d.name, shards, dec.merge.clone(), &texts, params).await? {
             Ok(m) => {
+                if ext.as_ref().is_some_and(|x| x.describe) {
+                    wire::frame(&mut self.out, wire::be::NO_DATA, |_| {});
+                }
                 self.cursors.open.insert(
                     d.name.clone(),
                     OpenCursor {
@@ -315,6 +331,154 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         Ok(Ok(()))
+    }
+
+    /// An extended-protocol batch the node answers itself: a `DECLARE`
+    /// whose query reads rows of several shards (psycopg's server-side
+    /// cursors send it so), or a Describe of the portal of a cursor merged
+    /// by the node. True when answered.
+    pub(super) async fn cursor_batch_by_node(
+        &mut self,
+        frames: &[Frame],
+        synced: bool,
+    ) -> Result<bool, SessionError> {
+        if self.node.routing.single_shard() {
+            return Ok(false);
+        }
+        let any_merged = self.cursors.open.values().any(|c| c.merged.is_some());
+        let merged_portal = |s: &Self, f: &Frame| {
+            let b = f.body();
+            any_merged
+                && f.tag() == fe::DESCRIBE
+                && b.first() == Some(&wire::PORTAL)
+                && wire::get_cstr(&mut &b[1..])
+                    .is_ok_and(|n| s.cursors.open.get(n).is_some_and(|c| c.merged.is_some()))
+        };
+        let declares = frames.iter().any(|f| {
+            let mut b = f.body();
+            match f.tag() {
+                fe::PARSE => {
+                    let _ = wire::get_cstr(&mut b);
+                    wire::get_cstr(&mut b).is_ok_and(|sql| first_keyword_is(sql, "declare"))
+                }
+                fe::BIND => {
+                    let _ = wire::get_cstr(&mut b);
+                    wire::get_cstr(&mut b).is_ok_and(|stmt| {
+                        self.bound_sql(stmt, &None, None)
+                            .is_some_and(|sql| first_keyword_is(&sql, "declare"))
+                    })
+                }
+                _ => false,
+            }
+        });
+        if !declares {
+            // Describes of merged cursors' portals alone: answered here.
+            if !frames.iter().any(|f| merged_portal(self, f))
+                || !frames
+                    .iter()
+                    .all(|f| f.tag() == fe::SYNC || f.tag() == fe::FLUSH || merged_portal(self, f))
+            {
+                return Ok(false);
+            }
+            if !self.be.owed.is_empty() {
+                self.drain_owed().await?;
+            }
+            for f in frames {
+                if f.tag() != fe::DESCRIBE {
+                    continue;
+                }
+                let name = wire::get_cstr(&mut &f.body()[1..]).unwrap_or_default();
+                if let Some(m) = self.cursors.open.get(name).and_then(|c| c.merged.as_ref()) {
+                    merged::row_description(m, &mut self.out);
+                }
+            }
+            if synced {
+                let status = self.client_status();
+                self.push_synthetic(rfq(status));
+            }
+            return Ok(true);
+        }
+        // The DECLARE's Bind: its statement and parameters.
+        let mut unnamed: Option<Arc<str>> = None;
+        let mut named: HashMap<&str, Arc<str>> = HashMap::new();
+        let mut bound = None;
+        for f in frames {
+            let mut b = f.body();
+            match f.tag() {
+                fe::PARSE => {
+                    let (Ok(name), Ok(sql)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b))
+                    else {
+                        return Ok(false);
+                    };
+                    if name.is_empty() {
+                        unnamed = Some(Arc::from(sql));
+                    } else {
+                        named.insert(name, Arc::from(sql));
+                    }
+                }
+                fe::BIND => {
+                    let (Ok(_), Ok(stmt)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b)) else {
+                        return Ok(false);
+                    };
+                    let Some(sql) = self.bound_sql(stmt, &unnamed, named.get(stmt)) else {
+                        return Ok(false);
+                    };
+                    let Ok(params) = BindParams::parse(b) else {
+                        return Ok(false);
+                    };
+                    if bound.is_some() {
+                        // Several statements: the ordinary path.
+                        return Ok(false);
+                    }
+                    bound = Some((sql, params));
+                }
+                _ => {}
+            }
+        }
+        let Some((sql, params)) = bound else {
+            return Ok(false);
+        };
+        let Some(CursorCommand::Declare(d)) = cursor_command(&sql) else {
+            return Ok(false);
+        };
+        let routed = self
+            .route_waiting(|s| s.node.decide(d.query, Some(&params), &s.route_ctx()))
+            .await;
+        let Ok(dec) = routed else {
+            return Ok(false);
+        };
+        let Target::Multi { shards, sqls } = &dec.target else {
+            return Ok(false);
+        };
+        if shards.len() < 2 {
+            return Ok(false);
+        }
+        let (shards, sqls) = (shards.clone(), sqls.clone());
+        let ext = match merged::declare_batch(self, frames, synced)? {
+            Ok(p) => p,
+            Err(r) => {
+                self.batch_error(&r, synced);
+                return Ok(true);
+            }
+        };
+        let parse = frames.iter().find(|f| f.tag() == fe::PARSE);
+        let describe = frames.iter().any(|f| f.tag() == fe::DESCRIBE);
+        let ext = Ext {
+            params: ext,
+            parse,
+            describe,
+        };
+        match self
+            .declare_merged(&d, &dec, &shards, sqls.as_deref(), Some(ext))
+            .await?
+        {
+            Err(r) => self.batch_error(&r, synced),
+            Ok(()) => {
+                let status = self.client_status();
+                self.push_synthetic(rfq(status));
+            }
+        }
+        Ok(true)
     }
 
     /// `CLOSE ALL` with cursors on several shards: on each of them.
@@ -506,6 +670,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
     }
+}
+
+/// An extended-protocol `DECLARE` over several shards: its parameters,
+/// its Parse (answered by the node), whether its portal is described.
+struct Ext<'a> {
+    params: merged::ExtParams,
+    parse: Option<&'a Frame>,
+    describe: bool,
 }
 
 /// PostgreSQL's refusal of anything but ROLLBACK in a failed transaction.

@@ -728,6 +728,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.listen_batch(&frames).await {
             return Ok(true);
         }
+        if self.cursor_batch_by_node(&frames, synced).await? {
+            return Ok(true);
+        }
         let routed = self
             .route_waiting(|s| s.route_batch(&frames))
             .await

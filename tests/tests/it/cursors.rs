@@ -532,12 +532,6 @@ async fn merged_cursor_refusals() {
     let (code, msg) = err(a.query("FETCH 2 FROM x", &[]).await.unwrap_err());
     assert_eq!(code, "0A000", "{msg}");
     assert!(msg.contains("simple query protocol"), "{msg}");
-    a.batch_execute("ROLLBACK; BEGIN").await.unwrap();
-    let (code, msg) = err(a
-        .execute("DECLARE y CURSOR FOR SELECT k FROM items", &[])
-        .await
-        .unwrap_err());
-    assert_eq!(code, "0A000", "{msg}");
     a.batch_execute("ROLLBACK").await.unwrap();
     // The session goes on.
     assert_eq!(simple_rows(&a, "SELECT count(*) FROM items").await, ["100"]);
@@ -588,4 +582,31 @@ async fn psql_fetch_count_over_two_shards() {
     p2.sort();
     q2.sort();
     assert_eq!(p2, q2, "concatenated rows");
+}
+
+/// The extended protocol: a DECLARE over two shards with a parameter
+/// (Parse/Describe, then Bind/Execute: tokio-postgres' way; psycopg's is
+/// the `server_cursor_sharded` driver scenario), its rows fetched as simple
+/// queries; outside a transaction block, PostgreSQL's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_cursor_declared_in_the_extended_protocol() {
+    let c = cluster(2).await;
+    fill(&c).await;
+    let a = c.connect().await;
+    let query = "SELECT k, n FROM items WHERE n >= $1 ORDER BY k DESC, n";
+    let want = simple_rows(&a, &query.replace("$1", "3")).await;
+    assert_eq!(want.len(), 60);
+    a.batch_execute("BEGIN").await.unwrap();
+    a.execute(&format!("DECLARE e CURSOR FOR {query}"), &[&3i32])
+        .await
+        .unwrap();
+    let mut got = simple_rows(&a, "FETCH 7 FROM e").await;
+    got.extend(simple_rows(&a, "FETCH ALL FROM e").await);
+    assert_eq!(got, want);
+    a.batch_execute("CLOSE e; COMMIT").await.unwrap();
+    let (code, _) = err(a
+        .execute(&format!("DECLARE e CURSOR FOR {query}"), &[&3i32])
+        .await
+        .unwrap_err());
+    assert_eq!(code, "25P01");
 }

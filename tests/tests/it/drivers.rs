@@ -46,6 +46,7 @@ impl Driver {
                 "cancel",
                 "sharded_keys",
                 "server_cursor",
+                "server_cursor_sharded",
                 "enum_type",
                 "copy_rows",
                 "temp_table",
@@ -156,7 +157,8 @@ fn opts(shards: usize) -> Opts {
     Opts {
         shards,
         tail: "[[sharded_tables]]\nname = \"drv_kv\"\nkey = \"id\"\ntype = \"int8\"\n\
-               [[sharded_tables]]\nname = \"drv_enum\"\nkey = \"id\"\ntype = \"int8\"\n"
+               [[sharded_tables]]\nname = \"drv_enum\"\nkey = \"id\"\ntype = \"int8\"\n\
+               [[sharded_tables]]\nname = \"drv_curs\"\nkey = \"id\"\ntype = \"int8\"\n"
             .into(),
         ..Opts::default()
     }

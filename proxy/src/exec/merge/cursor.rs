@@ -111,11 +111,22 @@ pub(crate) async fn declare<S: AsyncRead + AsyncWrite + Unpin + Send>(
     shards: &[usize],
     plan: Option<Arc<MergePlan>>,
     texts: &[String],
+    params: Option<&ExtParams>,
 ) -> Result<Result<Merged, Bytes>, SessionError> {
     let quoted = crate::sql::quote_ident(name);
     for (i, &t) in shards.iter().enumerate() {
         if let Err(r) = s.ensure_backend(t).await? {
             return Ok(Err(error_frame(r.code, &r.message)));
+        }
+        let sql = format!(
+            "DECLARE {quoted} NO SCROLL CURSOR FOR {}",
+            texts.get(i).map_or("", String::as_str)
+        );
+        if let Some(p) = params {
+            if let Err(e) = run_with_params(s, t, &sql, p).await? {
+                return Ok(Err(e));
+            }
+            continue;
         }
         let Some(b) = s.be.slots[t].conn.as_mut() else {
             return Ok(Err(error_frame(
@@ -123,10 +134,6 @@ pub(crate) async fn declare<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 "a shard's connection was lost",
             )));
         };
-        let sql = format!(
-            "DECLARE {quoted} NO SCROLL CURSOR FOR {}",
-            texts.get(i).map_or("", String::as_str)
-        );
         match b.hidden_query(&sql).await {
             Ok(_) => {}
             Err(HiddenQueryError::Server { code, message }) => {
@@ -135,7 +142,7 @@ pub(crate) async fn declare<S: AsyncRead + AsyncWrite + Unpin + Send>(
             Err(HiddenQueryError::Wire(e)) => return Err(s.be.lost(t, e)),
         }
     }
-    Ok(Ok(Merged {
+    let mut m = Merged {
         shards: shards.to_vec(),
         plan,
         quoted,
@@ -144,7 +151,11 @@ pub(crate) async fn declare<S: AsyncRead + AsyncWrite + Unpin + Send>(
         bufs: shards.iter().map(|_| VecDeque::new()).collect(),
         ended: vec![false; shards.len()],
         current: 0,
-    }))
+    };
+    if let Err(e) = describe_first(s, &mut m, name).await? {
+        return Ok(Err(e));
+    }
+    Ok(Ok(m))
 }
 
 /// An ErrorResponse frame.
@@ -377,4 +388,178 @@ fn node_error(msg: &str) -> Frame {
     Frame {
         raw: error_frame(sqlstate::INTERNAL_ERROR, msg),
     }
+}
+
+/// The parameters of an extended-protocol `DECLARE`: the statement's
+/// parameter types and the Bind's parameter part (formats and values), as
+/// each shard's Bind takes them.
+pub(crate) struct ExtParams {
+    pub(crate) types: Vec<u32>,
+    pub(crate) part: Bytes,
+}
+
+/// An extended-protocol batch holding one `DECLARE` whose query reads
+/// rows of several shards: Parse (optional), Bind, Describe of the portal
+/// (optional), Execute, Sync. Returns the Bind's parameters, or the words
+/// of the refusal of another shape.
+pub(crate) fn declare_batch<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    frames: &[Frame],
+    synced: bool,
+) -> Result<Result<ExtParams, Refusal>, SessionError> {
+    const SHAPE: &str = "a DECLARE whose query reads rows of several shards must come in the extended protocol alone: Parse (optional), Bind, Describe of the portal (optional), Execute, Sync";
+    if !synced {
+        return Ok(Err(refusal(SHAPE)));
+    }
+    let (mut parse, mut bind, mut executed) = (None, None, false);
+    for f in frames {
+        match f.tag() {
+            wire::fe::PARSE if parse.is_none() && bind.is_none() => parse = Some(f),
+            wire::fe::BIND if bind.is_none() => bind = Some(f),
+            wire::fe::DESCRIBE
+                if bind.is_some() && !executed && f.body().first() == Some(&wire::PORTAL) => {}
+            wire::fe::EXECUTE if bind.is_some() && !executed => executed = true,
+            wire::fe::SYNC => {}
+            _ => return Ok(Err(refusal(SHAPE))),
+        }
+    }
+    let (Some(bind), true) = (bind, executed) else {
+        return Ok(Err(refusal(SHAPE)));
+    };
+    let mut b = bind.body();
+    let _portal = wire::get_cstr(&mut b).map_err(|e| super::exec::proto(&e))?;
+    let stmt = wire::get_cstr(&mut b)
+        .map_err(|e| super::exec::proto(&e))?
+        .to_string();
+    let mut rest = b;
+    super::exec::skip_bind_params(&mut rest).map_err(|e| super::exec::proto(&e))?;
+    let part = Bytes::copy_from_slice(&b[..b.len() - rest.len()]);
+    let types = match parse {
+        Some(p) if super::exec::parse_name(p).as_deref() == Some(stmt.as_str()) => {
+            super::exec::parse_types(p)
+        }
+        _ => s.param_types(&stmt),
+    };
+    Ok(Ok(ExtParams { types, part }))
+}
+
+/// Runs `sql` on shard `t` in the extended protocol with the client's
+/// parameters (`p`), unnamed; Ok(Err): the shard's ErrorResponse.
+async fn run_with_params<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    t: usize,
+    sql: &str,
+    p: &ExtParams,
+) -> Result<Result<(), Bytes>, SessionError> {
+    let mut q = BytesMut::new();
+    wire::frame(&mut q, wire::fe::PARSE, |o| {
+        o.put_u8(0);
+        wire::put_cstr(o, sql);
+        o.put_i16(p.types.len() as i16);
+        for ty in &p.types {
+            o.put_u32(*ty);
+        }
+    });
+    wire::frame(&mut q, wire::fe::BIND, |o| {
+        o.put_u8(0);
+        o.put_u8(0);
+        o.put_slice(&p.part);
+        o.put_i16(0);
+    });
+    wire::frame(&mut q, wire::fe::EXECUTE, |o| {
+        o.put_u8(0);
+        o.put_i32(0);
+    });
+    wire::frame(&mut q, wire::fe::SYNC, |_| {});
+    s.unnamed_replaced_on(&[t]);
+    read_reply(s, t, &q).await.map(|r| r.map(|_| ()))
+}
+
+/// Sends `q` to shard `t` and reads its replies to ReadyForQuery; Ok(Ok):
+/// the RowDescription's fields if one came; Ok(Err): its ErrorResponse.
+async fn read_reply<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    t: usize,
+    q: &[u8],
+) -> Result<Result<Option<Vec<Field>>, Bytes>, SessionError> {
+    let Some(b) = s.be.slots[t].conn.as_mut() else {
+        return Ok(Err(error_frame(
+            sqlstate::CONNECTION_FAILURE,
+            "a shard's connection was lost",
+        )));
+    };
+    if let Err(e) = b.writer.write_all(q).await {
+        return Err(s.be.lost(t, WireError::Io(e)));
+    }
+    let (mut fields, mut error) = (None, None);
+    loop {
+        let Some(b) = s.be.slots[t].conn.as_mut() else {
+            break;
+        };
+        let f = match b.reader.next().await {
+            Ok(f) => f,
+            Err(e) => return Err(s.be.lost(t, e)),
+        };
+        match f.tag() {
+            be::ROW_DESCRIPTION => fields = super::exec::parse_desc(&f.raw),
+            be::ERROR_RESPONSE => error = error.or(Some(f.raw.clone())),
+            be::READY_FOR_QUERY => {
+                b.status = f.body().first().copied().unwrap_or(tx::IDLE);
+                break;
+            }
+            _ => {}
+        }
+    }
+    Ok(match error {
+        Some(e) => Err(e),
+        None => Ok(fields),
+    })
+}
+
+/// Learns the cursor's columns from its first shard (Describe of the
+/// portal the cursor is): a Describe of it, or its first FETCH, answers
+/// with them.
+async fn describe_first<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    m: &mut Merged,
+    name: &str,
+) -> Result<Result<(), Bytes>, SessionError> {
+    let mut q = BytesMut::new();
+    wire::frame(&mut q, wire::fe::DESCRIBE, |o| {
+        o.put_u8(wire::PORTAL);
+        wire::put_cstr(o, name);
+    });
+    wire::frame(&mut q, wire::fe::SYNC, |_| {});
+    let Some(&t) = m.shards.first() else {
+        return Ok(Ok(()));
+    };
+    match read_reply(s, t, &q).await? {
+        Ok(Some(fields)) => {
+            m.types = fields.iter().map(|f| Ty::of(f.type_oid())).collect();
+            m.fields = Some(fields);
+            Ok(Ok(()))
+        }
+        Ok(None) => Ok(Ok(())),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+/// The RowDescription of the cursor's rows (text), as a Describe of its
+/// portal answers; NoData before its columns are known.
+pub(crate) fn row_description(m: &Merged, out: &mut BytesMut) {
+    let Some(fields) = &m.fields else {
+        wire::frame(out, be::NO_DATA, |_| {});
+        return;
+    };
+    let hidden = m.hidden();
+    wire::frame(out, be::ROW_DESCRIPTION, |o| {
+        let cols = fields.get(hidden..).unwrap_or(&[]);
+        o.put_i16(cols.len() as i16);
+        for f in cols {
+            o.put_slice(&f.name);
+            o.put_u8(0);
+            o.put_slice(&f.meta[..16]);
+            o.put_i16(0);
+        }
+    });
 }
