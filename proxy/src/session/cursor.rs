@@ -127,11 +127,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             None => self.cursors.open.values().any(|c| c.merged.is_some()),
         };
         if merged {
-            // Served by the node in the simple protocol only
-            // (`Session::cursor_by_node`).
+            // Served by the node (`Session::cursor_by_node`,
+            // `Session::merged_use_batch`) when it comes alone.
             return Err(Refusal::new(
                 sqlstate::FEATURE_NOT_SUPPORTED,
-                "a cursor whose query reads rows of several shards is served by hotrepart in the simple query protocol only; send FETCH, MOVE and CLOSE of it as simple queries".into(),
+                "FETCH, MOVE or CLOSE of a cursor whose query reads rows of several shards must come alone (a simple query, or one statement up to Sync in the extended protocol): hotrepart answers it itself".into(),
             ));
         }
         let mut d = Decision::single_on(self.default_shard());
@@ -198,7 +198,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             self.drain_owed().await?;
                         }
                         self.stats.note_route(Route::Merge);
-                        merged::fetch(self, &mut m, n, is_move).await?;
+                        let how = merged::FetchOut {
+                            describe: true,
+                            formats: Vec::new(),
+                        };
+                        merged::fetch(self, &mut m, n, is_move, &how).await?;
                         Ok(())
                     }
                 };
@@ -346,6 +350,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(false);
         }
         let any_merged = self.cursors.open.values().any(|c| c.merged.is_some());
+        if any_merged {
+            if let Some(done) = self.merged_use_batch(frames, synced).await? {
+                return Ok(done);
+            }
+        }
         let merged_portal = |s: &Self, f: &Frame| {
             let b = f.body();
             any_merged
@@ -389,7 +398,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 let name = wire::get_cstr(&mut &f.body()[1..]).unwrap_or_default();
                 if let Some(m) = self.cursors.open.get(name).and_then(|c| c.merged.as_ref()) {
-                    merged::row_description(m, &mut self.out);
+                    merged::row_description(m, &mut self.out, &|_| false);
                 }
             }
             if synced {
@@ -479,6 +488,176 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         Ok(true)
+    }
+
+    /// An extended-protocol batch of `FETCH`, `MOVE` or `CLOSE` of a
+    /// cursor merged by the node (tokio-postgres prepares and binds a
+    /// FETCH; psycopg does for binary rows): answered here. None: not one.
+    async fn merged_use_batch(
+        &mut self,
+        frames: &[Frame],
+        synced: bool,
+    ) -> Result<Option<bool>, SessionError> {
+        let mut parsed: Option<(&Frame, String, Arc<str>)> = None;
+        let mut bind: Option<(&Frame, Arc<str>)> = None;
+        for f in frames {
+            let mut b = f.body();
+            match f.tag() {
+                fe::PARSE => {
+                    let (Ok(name), Ok(sql)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b))
+                    else {
+                        return Ok(None);
+                    };
+                    if parsed.is_some() {
+                        return Ok(None);
+                    }
+                    parsed = Some((f, name.to_owned(), Arc::from(sql)));
+                }
+                fe::BIND => {
+                    let (Ok(_), Ok(stmt)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b)) else {
+                        return Ok(None);
+                    };
+                    let here = parsed
+                        .as_ref()
+                        .filter(|(_, n, _)| n == stmt)
+                        .map(|(_, _, s)| s.clone());
+                    let sql = here.or_else(|| self.bound_sql(stmt, &None, None));
+                    let (Some(sql), None) = (sql, &bind) else {
+                        return Ok(None);
+                    };
+                    bind = Some((f, sql));
+                }
+                _ => {}
+            }
+        }
+        let sql = match (&bind, &parsed) {
+            (Some((_, sql)), _) => sql.clone(),
+            (None, Some((_, _, sql))) => sql.clone(),
+            (None, None) => return Ok(None),
+        };
+        let (name, cmd) = match cursor_command(&sql) {
+            Some(CursorCommand::Fetch {
+                name,
+                direction,
+                is_move,
+            }) => (Some(name), Some((direction, is_move))),
+            Some(CursorCommand::Close(name)) => (name, None),
+            _ => return Ok(None),
+        };
+        let ours = match &name {
+            Some(n) => self.cursors.open.get(n).is_some_and(|c| c.merged.is_some()),
+            None => true,
+        };
+        if !ours {
+            return Ok(None);
+        }
+        const SHAPE: &str = "FETCH, MOVE or CLOSE of a cursor over several shards must come in the extended protocol alone: Parse, Describe of the statement, Sync; or Parse (optional), Bind, Describe of the portal (optional), Execute without a row limit, Sync";
+        let shape_ok = frames.iter().all(|f| {
+            let b = f.body();
+            match f.tag() {
+                fe::PARSE | fe::SYNC | fe::FLUSH => true,
+                fe::DESCRIBE => {
+                    b.first() == Some(&b'S') || (bind.is_some() && b.first() == Some(&wire::PORTAL))
+                }
+                fe::BIND => true,
+                fe::EXECUTE => bind.is_some() && b.len() >= 4 && b[b.len() - 4..] == [0, 0, 0, 0],
+                _ => false,
+            }
+        });
+        if !shape_ok || (bind.is_some() && !synced) {
+            self.batch_error(&refuse(SHAPE), synced);
+            return Ok(Some(true));
+        }
+        if let Some((Direction::Other(dir), _)) = &cmd {
+            self.batch_error(&merged::direction_refused(dir), synced);
+            return Ok(Some(true));
+        }
+        if self.txn.failed && bind.is_some() {
+            self.batch_error(&aborted(), synced);
+            return Ok(Some(true));
+        }
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let fetching = matches!(cmd, Some((_, false)));
+        let formats = match &bind {
+            Some((b, _)) => merged::bind_result_formats(b)?,
+            None => Vec::new(),
+        };
+        let describe_rows = |s: &mut Self, binary: &dyn Fn(usize) -> bool| {
+            let m = name
+                .as_ref()
+                .and_then(|n| s.cursors.open.get(n))
+                .and_then(|c| c.merged.as_ref());
+            match m {
+                Some(m) if fetching => merged::row_description(m, &mut s.out, binary),
+                _ => wire::frame(&mut s.out, wire::be::NO_DATA, |_| {}),
+            }
+        };
+        for f in frames {
+            match f.tag() {
+                fe::PARSE => {
+                    if !self.record_parse(f)? {
+                        // A duplicate name: the error is queued.
+                        self.skip_to_sync = !synced;
+                        break;
+                    }
+                    self.out.put_slice(&wire::parse_complete());
+                }
+                fe::DESCRIBE if f.body().first() == Some(&b'S') => {
+                    wire::frame(&mut self.out, wire::be::PARAMETER_DESCRIPTION, |o| {
+                        o.put_i16(0)
+                    });
+                    describe_rows(self, &|_| false);
+                }
+                fe::BIND => wire::frame(&mut self.out, wire::be::BIND_COMPLETE, |_| {}),
+                fe::DESCRIBE => {
+                    let fm = merged::FetchOut {
+                        describe: true,
+                        formats: formats.clone(),
+                    };
+                    describe_rows(self, &|i| fm.binary(i));
+                }
+                fe::EXECUTE => match (&name, &cmd) {
+                    (Some(n), Some((Direction::Forward(count), is_move))) => {
+                        let Some(mut m) =
+                            self.cursors.open.get_mut(n).and_then(|c| c.merged.take())
+                        else {
+                            break;
+                        };
+                        let how = merged::FetchOut {
+                            describe: false,
+                            formats: formats.clone(),
+                        };
+                        self.stats.note_route(Route::Merge);
+                        let r = merged::fetch(self, &mut m, *count, *is_move, &how).await;
+                        if let Some(c) = self.cursors.open.get_mut(n) {
+                            c.merged = Some(m);
+                        }
+                        r?;
+                    }
+                    (Some(n), None) => {
+                        if let Some(m) = self.cursors.open.remove(n).and_then(|c| c.merged) {
+                            merged::close(self, &m).await?;
+                        }
+                        self.out.put_slice(&command_complete("CLOSE CURSOR"));
+                    }
+                    (None, _) => {
+                        let shards = self.cursor_shards();
+                        if let Err(r) = self.close_all_on(&shards).await? {
+                            self.push_error(&r);
+                        }
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+        if synced {
+            let status = self.client_status();
+            self.push_synthetic(rfq(status));
+        }
+        Ok(Some(true))
     }
 
     /// `CLOSE ALL` with cursors on several shards: on each of them.

@@ -525,14 +525,6 @@ async fn merged_cursor_refusals() {
         assert!(msg.contains("read forward only"), "{msg}");
         a.batch_execute("ROLLBACK").await.unwrap();
     }
-    // The extended protocol: FETCH of a merged cursor, and DECLARE.
-    a.batch_execute("BEGIN; DECLARE x CURSOR FOR SELECT k FROM items ORDER BY k")
-        .await
-        .unwrap();
-    let (code, msg) = err(a.query("FETCH 2 FROM x", &[]).await.unwrap_err());
-    assert_eq!(code, "0A000", "{msg}");
-    assert!(msg.contains("simple query protocol"), "{msg}");
-    a.batch_execute("ROLLBACK").await.unwrap();
     // The session goes on.
     assert_eq!(simple_rows(&a, "SELECT count(*) FROM items").await, ["100"]);
 }
@@ -601,9 +593,41 @@ async fn merged_cursor_declared_in_the_extended_protocol() {
         .await
         .unwrap();
     let mut got = simple_rows(&a, "FETCH 7 FROM e").await;
+    // FETCH, MOVE and CLOSE in the extended protocol too (binary rows).
+    let typed = |rows: Vec<tokio_postgres::Row>| -> Vec<String> {
+        rows.iter()
+            .map(|r| format!("{}|{}", r.get::<_, i64>(0), r.get::<_, i32>(1)))
+            .collect()
+    };
+    got.extend(typed(a.query("FETCH FORWARD 5 FROM e", &[]).await.unwrap()));
+    assert_eq!(a.execute("MOVE 3 IN e", &[]).await.unwrap(), 3);
+    got.extend(want[12..15].iter().cloned());
+    let st = a.prepare("FETCH 4 FROM e").await.unwrap();
+    assert_eq!(st.columns().len(), 2, "described without hidden columns");
+    got.extend(typed(a.query(&st, &[]).await.unwrap()));
     got.extend(simple_rows(&a, "FETCH ALL FROM e").await);
     assert_eq!(got, want);
-    a.batch_execute("CLOSE e; COMMIT").await.unwrap();
+    assert!(a.query("FETCH 4 FROM e", &[]).await.unwrap().is_empty());
+    a.execute("CLOSE e", &[]).await.unwrap();
+    let (code, _) = err(a.query("FETCH 1 FROM e", &[]).await.unwrap_err());
+    assert_eq!(code, "34000");
+    a.batch_execute("ROLLBACK; BEGIN").await.unwrap();
+    // A refused direction, in the extended protocol.
+    a.execute(&format!("DECLARE e CURSOR FOR {query}"), &[&3i32])
+        .await
+        .unwrap();
+    let (code, msg) = err(a.query("FETCH PRIOR FROM e", &[]).await.unwrap_err());
+    assert_eq!(code, "0A000", "{msg}");
+    a.batch_execute("ROLLBACK; BEGIN").await.unwrap();
+    // A hidden sort key: the statement's description leaves it out.
+    a.batch_execute("DECLARE h CURSOR FOR SELECT n FROM items ORDER BY k, n")
+        .await
+        .unwrap();
+    let rows = a.query("FETCH 6 FROM h", &[]).await.unwrap();
+    assert_eq!(rows[0].len(), 1);
+    let ns: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(ns, [1, 2, 3, 4, 5, 1]);
+    a.batch_execute("COMMIT").await.unwrap();
     let (code, _) = err(a
         .execute(&format!("DECLARE e CURSOR FOR {query}"), &[&3i32])
         .await

@@ -181,21 +181,67 @@ pub(crate) async fn close<S: AsyncRead + AsyncWrite + Unpin + Send>(
     Ok(())
 }
 
-/// `FETCH`/`MOVE` forward `count` rows (None: all) in the simple protocol:
-/// RowDescription (FETCH), the rows, CommandComplete. The caller adds
-/// ReadyForQuery. An error (a shard's, or a merge's) goes to the client
-/// and fails the transaction.
+/// How a FETCH's rows reach the client.
+pub(crate) struct FetchOut {
+    /// Send a RowDescription first (simple protocol; extended: a Describe
+    /// of the portal).
+    pub(crate) describe: bool,
+    /// The client's result format codes (Bind): none = all text, one = all
+    /// columns, else one per column.
+    pub(crate) formats: Vec<i16>,
+}
+
+impl FetchOut {
+    pub(crate) fn binary(&self, col: usize) -> bool {
+        match self.formats.len() {
+            0 => false,
+            1 => self.formats[0] == 1,
+            _ => self.formats.get(col) == Some(&1),
+        }
+    }
+}
+
+/// `FETCH`/`MOVE` forward `count` rows (None: all): RowDescription (as
+/// `how` says), the rows, CommandComplete. The caller adds ReadyForQuery.
+/// An error (a shard's, or a merge's) goes to the client and fails the
+/// transaction.
 pub(crate) async fn fetch<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     m: &mut Merged,
     count: Option<u64>,
     is_move: bool,
+    how: &FetchOut,
 ) -> Result<(), SessionError> {
     let want = count.unwrap_or(u64::MAX);
     let batch = count.unwrap_or(MAX_BATCH).clamp(MIN_BATCH, MAX_BATCH);
+    // Columns the client wants in binary: their type OIDs (0: text).
+    let hidden = m.hidden();
+    let binary: Vec<u32> = m
+        .fields
+        .as_deref()
+        .unwrap_or(&[])
+        .iter()
+        .skip(hidden)
+        .enumerate()
+        .map(|(i, f)| if how.binary(i) { f.type_oid() } else { 0 })
+        .collect();
+    if let Some(&oid) = binary
+        .iter()
+        .find(|&&oid| oid != 0 && !super::binary::supported(oid))
+    {
+        s.push_error(&refusal(format!(
+            "binary results of type OID {oid} are not supported for a cursor over several shards; ask for text results"
+        )));
+        return Ok(());
+    }
+    let binary = if binary.iter().all(|&o| o == 0) {
+        Vec::new()
+    } else {
+        binary
+    };
     let mut rows = BytesMut::new();
     let mut sent = 0u64;
-    let res = fetch_into(s, m, want, batch, is_move, &mut rows, &mut sent).await?;
+    let res = fetch_into(s, m, want, batch, is_move, &binary, &mut rows, &mut sent).await?;
     if let Err(e) = res {
         match e {
             Failure::Shard(f) => {
@@ -207,17 +253,8 @@ pub(crate) async fn fetch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         return Ok(());
     }
     if !is_move {
-        let hidden = m.hidden();
-        if let Some(fields) = &m.fields {
-            wire::frame(&mut s.out, be::ROW_DESCRIPTION, |o| {
-                let out = fields.get(hidden..).unwrap_or(&[]);
-                o.put_i16(out.len() as i16);
-                for f in out {
-                    o.put_slice(&f.name);
-                    o.put_u8(0);
-                    o.put_slice(&f.meta);
-                }
-            });
+        if how.describe {
+            row_description(m, &mut s.out, &|i| how.binary(i));
         }
         s.out.put_slice(&rows);
     }
@@ -233,12 +270,14 @@ enum Failure {
     Merge(MergeError),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     m: &mut Merged,
     want: u64,
     batch: u64,
     is_move: bool,
+    binary: &[u32],
     out: &mut BytesMut,
     sent: &mut u64,
 ) -> Result<Result<(), Failure>, SessionError> {
@@ -293,7 +332,9 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin + Send>(
             break;
         };
         if !is_move {
-            super::exec::put_row(out, row.get(hidden..).unwrap_or(&[]));
+            if let Err(e) = super::exec::put_out(out, binary, row.get(hidden..).unwrap_or(&[])) {
+                return Ok(Err(Failure::Merge(e)));
+            }
         }
         *sent += 1;
     }
@@ -544,9 +585,10 @@ async fn describe_first<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
 }
 
-/// The RowDescription of the cursor's rows (text), as a Describe of its
-/// portal answers; NoData before its columns are known.
-pub(crate) fn row_description(m: &Merged, out: &mut BytesMut) {
+/// The RowDescription of the cursor's rows (`binary(i)`: column `i` in
+/// binary), as a Describe of its portal or a FETCH answers; NoData before
+/// its columns are known.
+pub(crate) fn row_description(m: &Merged, out: &mut BytesMut, binary: &dyn Fn(usize) -> bool) {
     let Some(fields) = &m.fields else {
         wire::frame(out, be::NO_DATA, |_| {});
         return;
@@ -555,11 +597,26 @@ pub(crate) fn row_description(m: &Merged, out: &mut BytesMut) {
     wire::frame(out, be::ROW_DESCRIPTION, |o| {
         let cols = fields.get(hidden..).unwrap_or(&[]);
         o.put_i16(cols.len() as i16);
-        for f in cols {
+        for (i, f) in cols.iter().enumerate() {
             o.put_slice(&f.name);
             o.put_u8(0);
             o.put_slice(&f.meta[..16]);
-            o.put_i16(0);
+            o.put_i16(i16::from(binary(i)));
         }
     });
+}
+
+/// The result format codes of a Bind.
+pub(crate) fn bind_result_formats(bind: &Frame) -> Result<Vec<i16>, SessionError> {
+    let mut b = bind.body();
+    let proto = |e: WireError| super::exec::proto(&e);
+    wire::get_cstr(&mut b).map_err(proto)?;
+    wire::get_cstr(&mut b).map_err(proto)?;
+    super::exec::skip_bind_params(&mut b).map_err(proto)?;
+    let n = wire::get_i16(&mut b).map_err(proto)?;
+    let mut formats = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        formats.push(wire::get_i16(&mut b).map_err(proto)?);
+    }
+    Ok(formats)
 }
