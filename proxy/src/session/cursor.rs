@@ -212,11 +212,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 r
             }
             CursorCommand::Close(Some(name)) => {
-                if !self
+                if self
                     .cursors
                     .open
                     .get(&name)
-                    .is_some_and(|c| c.merged.is_some())
+                    .is_none_or(|c| c.merged.is_none())
                 {
                     return Ok(false);
                 }

@@ -365,10 +365,7 @@ async fn refill<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     let mut error: Option<Frame> = None;
     let mut got = 0u64;
-    loop {
-        let Some(b) = s.be.slots[t].conn.as_mut() else {
-            break;
-        };
+    while let Some(b) = s.be.slots[t].conn.as_mut() {
         let f = match b.reader.next().await {
             Ok(f) => f,
             Err(e) => return Err(s.be.lost(t, e)),
@@ -533,10 +530,7 @@ async fn read_reply<S: AsyncRead + AsyncWrite + Unpin + Send>(
         return Err(s.be.lost(t, WireError::Io(e)));
     }
     let (mut fields, mut error) = (None, None);
-    loop {
-        let Some(b) = s.be.slots[t].conn.as_mut() else {
-            break;
-        };
+    while let Some(b) = s.be.slots[t].conn.as_mut() {
         let f = match b.reader.next().await {
             Ok(f) => f,
             Err(e) => return Err(s.be.lost(t, e)),
