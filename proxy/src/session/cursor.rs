@@ -738,38 +738,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    /// The statement texts of the batch's Binds that are cursor
-    /// statements or may declare a holdable cursor.
-    pub(super) fn cursor_statements(&self, frames: &[Frame]) -> Vec<Arc<str>> {
-        let mut unnamed: Option<Arc<str>> = None;
-        let mut named: HashMap<&str, Arc<str>> = HashMap::new();
-        let mut out = Vec::new();
-        for f in frames {
+    /// Whether a batch may declare or close a cursor (no allocation: the
+    /// common batch is only looked at).
+    pub(super) fn may_touch_cursors(&self, frames: &[Frame]) -> bool {
+        let cursor_word = |sql: &str| {
+            ["declare", "close"]
+                .iter()
+                .any(|w| first_keyword_is(sql, w))
+        };
+        frames.iter().any(|f| {
             let mut b = f.body();
             match f.tag() {
                 fe::PARSE => {
-                    let (Ok(name), Ok(sql)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b))
-                    else {
-                        continue;
-                    };
-                    if name.is_empty() {
-                        unnamed = Some(Arc::from(sql));
-                    } else {
-                        named.insert(name, Arc::from(sql));
-                    }
+                    let _ = wire::get_cstr(&mut b);
+                    wire::get_cstr(&mut b).is_ok_and(cursor_word)
                 }
                 fe::BIND => {
-                    let (Ok(_portal), Ok(stmt)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b))
-                    else {
-                        continue;
-                    };
-                    if let Some(sql) = self.bound_sql(stmt, &unnamed, named.get(stmt)) {
-                        if cursor_command(&sql).is_some() || contains_hold(&sql) {
-                            out.push(sql);
-                        }
-                    }
+                    let _ = wire::get_cstr(&mut b);
+                    wire::get_cstr(&mut b).is_ok_and(|stmt| {
+                        self.bound_sql(stmt, &None, None)
+                            .is_some_and(|sql| cursor_word(&sql))
+                    })
                 }
-                _ => {}
+                _ => false,
+            }
+        })
+    }
+
+    /// The statement texts of a forwarded batch's Binds that are cursor
+    /// statements (read after the batch's Parses were recorded).
+    pub(super) fn cursor_statements(&self, frames: &[Frame]) -> Vec<Arc<str>> {
+        let mut out = Vec::new();
+        for f in frames.iter().filter(|f| f.tag() == fe::BIND) {
+            let mut b = f.body();
+            let (Ok(_portal), Ok(stmt)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b)) else {
+                continue;
+            };
+            if let Some(sql) = self.bound_sql(stmt, &None, None) {
+                if ["declare", "close"]
+                    .iter()
+                    .any(|w| first_keyword_is(&sql, w))
+                {
+                    out.push(sql);
+                }
             }
         }
         out

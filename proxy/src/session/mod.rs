@@ -872,7 +872,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let ran = frames
             .iter()
             .any(|f| matches!(f.tag(), fe::BIND | fe::EXECUTE));
-        let cursor_sqls = self.cursor_statements(&frames);
+        let cursor_frames = self.may_touch_cursors(&frames).then(|| frames.clone());
         for f in frames {
             if self.skip_to_sync && f.tag() != fe::SYNC {
                 continue;
@@ -883,8 +883,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.skip_to_sync = false;
             }
         }
-        for sql in cursor_sqls {
-            self.note_cursor_sent(&sql, t);
+        // What the batch's statements did to the session's cursors (their
+        // Parses are recorded by now).
+        if let Some(frames) = cursor_frames {
+            for sql in self.cursor_statements(&frames) {
+                self.note_cursor_sent(&sql, t);
+            }
         }
         // Until its Sync, an implicit transaction may be open on this
         // backend: it must not be pooled, nor left for another shard once

@@ -366,9 +366,15 @@ async fn refill<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut error: Option<Frame> = None;
     let mut got = 0u64;
     while let Some(b) = s.be.slots[t].conn.as_mut() {
-        let f = match b.reader.next().await {
-            Ok(f) => f,
-            Err(e) => return Err(s.be.lost(t, e)),
+        // A shard quiet for server_silence_timeout_ms is taken for stalled.
+        let next = match s.be.silence {
+            Some(d) => tokio::time::timeout(d, b.reader.next()).await.ok(),
+            None => Some(b.reader.next().await),
+        };
+        let f = match next {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => return Err(s.be.lost(t, e)),
+            None => return Err(s.be.silent(t)),
         };
         match f.tag() {
             be::ROW_DESCRIPTION => {
@@ -531,9 +537,15 @@ async fn read_reply<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     let (mut fields, mut error) = (None, None);
     while let Some(b) = s.be.slots[t].conn.as_mut() {
-        let f = match b.reader.next().await {
-            Ok(f) => f,
-            Err(e) => return Err(s.be.lost(t, e)),
+        // A shard quiet for server_silence_timeout_ms is taken for stalled.
+        let next = match s.be.silence {
+            Some(d) => tokio::time::timeout(d, b.reader.next()).await.ok(),
+            None => Some(b.reader.next().await),
+        };
+        let f = match next {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => return Err(s.be.lost(t, e)),
+            None => return Err(s.be.silent(t)),
         };
         match f.tag() {
             be::ROW_DESCRIPTION => fields = super::exec::parse_desc(&f.raw),
