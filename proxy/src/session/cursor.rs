@@ -239,7 +239,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if self.txn.failed {
                     Err(aborted())
                 } else {
-                    self.close_all_on(&shards).await?
+                    let r = self.close_all_on(&shards).await?;
+                    if r.is_ok() {
+                        self.out.put_slice(&command_complete("CLOSE CURSOR"));
+                    }
+                    r
                 }
             }
         };
@@ -644,8 +648,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     (None, _) => {
                         let shards = self.cursor_shards();
-                        if let Err(r) = self.close_all_on(&shards).await? {
-                            self.push_error(&r);
+                        match self.close_all_on(&shards).await? {
+                            Ok(()) => self.out.put_slice(&command_complete("CLOSE CURSOR")),
+                            Err(r) => self.push_error(&r),
                         }
                     }
                     _ => {}
@@ -660,7 +665,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Some(true))
     }
 
-    /// `CLOSE ALL` with cursors on several shards: on each of them.
+    /// `DISCARD ALL` (`sql`) about to run on shard `t`: the holdable
+    /// cursors the session keeps on other shards are closed there too, as
+    /// PostgreSQL's DISCARD ALL closes every cursor of the session.
+    pub(super) async fn discard_cursors_except(
+        &mut self,
+        sql: &str,
+        t: usize,
+    ) -> Result<(), SessionError> {
+        if !first_keyword_is(sql, "discard") || self.txn.open() {
+            return Ok(());
+        }
+        let others: Vec<usize> = self
+            .cursor_shards()
+            .into_iter()
+            .filter(|&x| x != t)
+            .collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        let cur = self.be.cur;
+        if let Err(r) = self.close_all_on(&others).await? {
+            tracing::warn!(error = %r.message, "cannot close the session's cursors for DISCARD ALL");
+        }
+        self.be.cur = cur;
+        Ok(())
+    }
+
+    /// `CLOSE ALL` with cursors on several shards: on each of them (the
+    /// caller answers).
     async fn close_all_on(
         &mut self,
         shards: &[usize],
@@ -685,7 +718,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.be.update_cancel();
-        self.out.put_slice(&command_complete("CLOSE CURSOR"));
         Ok(Ok(()))
     }
 

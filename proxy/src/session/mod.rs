@@ -579,6 +579,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.poison_if_failed(&d, t).await;
+        if matches!(class.deallocate, Some(Deallocate::All)) {
+            // DISCARD ALL closes the cursors the session holds elsewhere.
+            self.discard_cursors_except(sql, t).await?;
+        }
         self.pass_query(&f, class, t);
         self.note_cursor_sent(sql, t);
         Ok(())

@@ -269,6 +269,15 @@ async fn with_hold_kept(shards: usize) {
     .await
     .unwrap();
     wait_busy(&c, s, 1, "kept for h2").await;
+    // DISCARD ALL closes it too (read back from PostgreSQL).
+    a.batch_execute("DISCARD ALL").await.unwrap();
+    wait_busy(&c, s, 0, "the backend back in the pool after DISCARD ALL").await;
+    a.batch_execute(&format!(
+        "DECLARE h2 CURSOR WITH HOLD FOR SELECT n FROM items WHERE k = {k}"
+    ))
+    .await
+    .unwrap();
+    wait_busy(&c, s, 1, "kept for h2").await;
     drop(a);
     wait_busy(
         &c,
@@ -426,6 +435,15 @@ async fn merged_cursor_concatenates_without_order_by() {
     a.batch_execute("DECLARE c3 CURSOR FOR SELECT k FROM items")
         .await
         .unwrap();
+    // In one query string with other statements: run one by one.
+    assert_eq!(
+        simple_rows(
+            &a,
+            "DECLARE c4 CURSOR FOR SELECT k FROM items ORDER BY k DESC; FETCH 3 FROM c4; CLOSE c4"
+        )
+        .await,
+        ["20", "20", "20"]
+    );
     a.batch_execute("COMMIT").await.unwrap();
     // Ended with its transaction: on every shard.
     for d in 0..c.shards.len() {
