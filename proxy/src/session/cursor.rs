@@ -108,7 +108,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let name = match cmd {
             CursorCommand::Declare(d) => {
                 let mut dec = self.node.decide(d.query, params, &self.route_ctx())?;
-                if matches!(&dec.target, Target::Multi { shards, .. } if shards.len() > 1) {
+                if needs_node(&dec.target) {
                     return Err(multi_shard_cursor());
                 }
                 if let Target::Multi { shards, .. } = &dec.target {
@@ -167,12 +167,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // The ordinary path reports it.
                     return Ok(false);
                 };
+                if !needs_node(&dec.target) {
+                    return Ok(false);
+                }
                 let Target::Multi { shards, sqls } = &dec.target else {
                     return Ok(false);
                 };
-                if shards.len() < 2 {
-                    return Ok(false);
-                }
                 let (shards, sqls) = (shards.clone(), sqls.clone());
                 self.declare_merged(&d, &dec, &shards, sqls.as_deref(), None)
                     .await?
@@ -286,7 +286,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         if let Some(w) = what {
             return Ok(Err(refuse(format!(
-                "DECLARE CURSOR: the query reads rows of several shards, and such a cursor cannot be {w}; declare it without, or restrict the query to one shard by its shard key"
+                "DECLARE CURSOR: the query reads rows of several shards (or of a range being moved), and such a cursor cannot be {w}; declare it without, or restrict the query to one shard by its shard key"
             ))));
         }
         if let Err(r) = merged::check_plan(dec.merge.as_deref()) {
@@ -460,12 +460,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Ok(dec) = routed else {
             return Ok(false);
         };
+        if !needs_node(&dec.target) {
+            return Ok(false);
+        }
         let Target::Multi { shards, sqls } = &dec.target else {
             return Ok(false);
         };
-        if shards.len() < 2 {
-            return Ok(false);
-        }
         let (shards, sqls) = (shards.clone(), sqls.clone());
         let ext = match merged::declare_batch(self, frames, synced)? {
             Ok(p) => p,
@@ -900,6 +900,13 @@ struct Ext<'a> {
     params: merged::ExtParams,
     parse: Option<&'a Frame>,
     describe: bool,
+}
+
+/// Whether a cursor's query needs the node to serve the cursor: rows of
+/// several shards, or a shard's own text of it (rows of a range being
+/// moved hidden there), which the client's DECLARE does not carry.
+fn needs_node(t: &Target) -> bool {
+    matches!(t, Target::Multi { shards, sqls } if shards.len() > 1 || sqls.is_some())
 }
 
 /// PostgreSQL's refusal of anything but ROLLBACK in a failed transaction.
