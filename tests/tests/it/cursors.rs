@@ -389,6 +389,29 @@ async fn merged_cursor_with_order_by_over_two_shards() {
     }
 }
 
+/// FETCH ALL of a large merged cursor: read in batches from each shard,
+/// sent to the client as it goes, every row once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_cursor_fetch_all_of_many_rows() {
+    let c = cluster(2).await;
+    fill(&c).await;
+    let a = c.connect().await;
+    a.batch_execute(
+        "BEGIN; DECLARE big CURSOR FOR SELECT k, g FROM items, generate_series(1, 600) g WHERE n = 1 ORDER BY g, k",
+    )
+    .await
+    .unwrap();
+    assert_eq!(count(&a, "MOVE 5 FROM big").await, 5);
+    let rows = simple_rows(&a, "FETCH ALL FROM big").await;
+    let want: Vec<String> = (1..=600)
+        .flat_map(|g| (1..=20).map(move |k| format!("{k}|{g}")))
+        .skip(5)
+        .collect();
+    assert_eq!(rows.len(), 11_995);
+    assert_eq!(rows, want);
+    a.batch_execute("COMMIT").await.unwrap();
+}
+
 /// Without ORDER BY, a cursor over two shards concatenates them: every
 /// row once; two such cursors open at once; CLOSE ALL closes them on
 /// every shard; the transaction's end forgets them.

@@ -239,9 +239,13 @@ pub(crate) async fn fetch<S: AsyncRead + AsyncWrite + Unpin + Send>(
     } else {
         binary
     };
-    let mut rows = BytesMut::new();
+    if !is_move && how.describe {
+        row_description(m, &mut s.out, &|i| how.binary(i));
+    }
+    // The rows go out as they come (flushed every 64 kB): no more than a
+    // batch per shard is held.
     let mut sent = 0u64;
-    let res = fetch_into(s, m, want, batch, is_move, &binary, &mut rows, &mut sent).await?;
+    let res = fetch_into(s, m, want, batch, is_move, &binary, &mut sent).await?;
     if let Err(e) = res {
         match e {
             Failure::Shard(f) => {
@@ -251,12 +255,6 @@ pub(crate) async fn fetch<S: AsyncRead + AsyncWrite + Unpin + Send>(
             Failure::Merge(MergeError(code, msg)) => s.push_error(&Refusal::new(code, msg)),
         }
         return Ok(());
-    }
-    if !is_move {
-        if how.describe {
-            row_description(m, &mut s.out, &|i| how.binary(i));
-        }
-        s.out.put_slice(&rows);
     }
     let tag = if is_move { "MOVE" } else { "FETCH" };
     s.out
@@ -270,7 +268,6 @@ enum Failure {
     Merge(MergeError),
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     m: &mut Merged,
@@ -278,7 +275,6 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin + Send>(
     batch: u64,
     is_move: bool,
     binary: &[u32],
-    out: &mut BytesMut,
     sent: &mut u64,
 ) -> Result<Result<(), Failure>, SessionError> {
     let hidden = m.hidden();
@@ -332,8 +328,13 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin + Send>(
             break;
         };
         if !is_move {
-            if let Err(e) = super::exec::put_out(out, binary, row.get(hidden..).unwrap_or(&[])) {
+            if let Err(e) =
+                super::exec::put_out(&mut s.out, binary, row.get(hidden..).unwrap_or(&[]))
+            {
                 return Ok(Err(Failure::Merge(e)));
+            }
+            if s.out.len() > 64 * 1024 {
+                s.flush_client().await?;
             }
         }
         *sent += 1;
