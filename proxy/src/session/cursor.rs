@@ -10,7 +10,13 @@
 //!   session does not know goes to the current (else the home) shard,
 //!   where PostgreSQL answers, mostly with "cursor does not exist".
 //! - *Several shards*: a `DECLARE` whose query reads rows of several
-//!   shards is refused (0A000) with words that say what to do.
+//!   shards (or whose one shard runs its own text of it: a range being
+//!   moved hidden there), alone in a simple Query or an extended batch and
+//!   inside a transaction block, is declared on each shard and served by
+//!   the node ([`crate::exec::merge::cursor`]): [`Session::cursor_by_node`]
+//!   (simple), [`Session::cursor_batch_by_node`] (extended: DECLARE,
+//!   Describe of its portal, FETCH/MOVE/CLOSE prepared and bound). What it
+//!   cannot serve is refused (0A000) with words that say what to do.
 //! - *WITH HOLD under transaction pooling*: a holdable cursor lives in one
 //!   backend's session after its transaction. What the backend holds is
 //!   read back from PostgreSQL (`pg_cursors`), never guessed: at the end
@@ -86,7 +92,7 @@ impl Cursors {
 fn multi_shard_cursor() -> Refusal {
     Refusal::new(
         sqlstate::FEATURE_NOT_SUPPORTED,
-        "DECLARE CURSOR: the cursor's query reads rows of several shards; hotrepart merges such a cursor only when DECLARE comes as a simple query (the extended protocol can declare a cursor on one shard: add the shard key to the query's WHERE clause, or a /* hotrepart: shard=NAME */ hint)".into(),
+        "DECLARE CURSOR: the cursor's query reads rows of several shards; hotrepart serves such a cursor only when its DECLARE comes alone (a simple query, or Parse, Bind, Describe, Execute and Sync of it alone), in a transaction block; or restrict the query to one shard by its shard key (or a /* hotrepart: shard=NAME */ hint)".into(),
     )
 }
 
