@@ -892,11 +892,13 @@ impl<'a> Lexer<'a> {
     }
 }
 
+mod cursor;
 mod database;
 mod outside;
 mod prepare;
 mod script;
 mod unparsed;
+pub use cursor::{cursor_command, CursorCommand, Declare, Direction};
 pub use database::{database_statement, DatabaseStatement};
 pub use outside::{outside_transaction, OutsideTransaction};
 pub use prepare::{

@@ -395,6 +395,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // Before the backends are let go: whether one keeps the session's
         // temporary objects.
         self.read_temp_at_end().await;
+        self.read_cursors_at_end().await;
         if !self.session_mode {
             for i in 0..self.be.slots.len() {
                 // Kept, or released (closed instead when not idle and synced).

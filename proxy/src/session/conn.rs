@@ -400,6 +400,8 @@ pub struct Session<S> {
     /// The session's temporary objects: where they are, their names
     /// (`session/temp.rs`).
     pub(crate) temp: super::temp::TempObjects,
+    /// The session's cursors: where they are (`session/cursor.rs`).
+    pub(crate) cursors: super::cursor::Cursors,
 }
 
 /// A part of a client batch that the node cut at a multi-shard statement,
@@ -499,6 +501,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             part: None,
             cut_wanted: false,
             temp: Default::default(),
+            cursors: Default::default(),
         }
     }
 

@@ -26,7 +26,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The text a Bind of statement `stmt` runs: the statement parsed
     /// earlier in the batch being routed (`unnamed`, `named`), else the
     /// one the session knows.
-    fn bound_sql(
+    pub(super) fn bound_sql(
         &self,
         stmt: &str,
         unnamed: &Option<Arc<str>>,
@@ -92,7 +92,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // missing here); PostgreSQL reports syntax errors at
                     // Parse itself. A statement whose shard is known without
                     // parameters (hints, undeclared tables) is prepared there.
-                    match self.node.decide(sql, None, &self.route_ctx()) {
+                    match self.decide_sql(sql, None) {
                         Err(r) if r.code == sqlstate::SYNTAX_ERROR => return Err(r),
                         Ok(Decision {
                             target: Target::Shard(t),
@@ -123,7 +123,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     changed_settings = classify(&sql).changes_routing_settings;
                     let params = BindParams::parse(b).map_err(proto_refusal)?;
-                    let d = self.node.decide(&sql, Some(&params), &self.route_ctx())?;
+                    let d = self.decide_sql(&sql, Some(&params))?;
                     let t = match &d.target {
                         Target::Shard(t) => Some(*t),
                         Target::Any => None,
@@ -147,6 +147,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     if strongest.as_ref().is_none_or(|s| d.outranks(s)) {
                         strongest = Some(d);
+                    }
+                }
+                fe::DESCRIBE => {
+                    // The portal of a cursor the session declared: where
+                    // the cursor is.
+                    let mut b = f.body();
+                    if b.first() == Some(&b'P') {
+                        b = &b[1..];
+                        let portal = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                        if let Some(t) = self.cursor_portal_shard(portal) {
+                            different |= target.is_some_and(|x| x != t);
+                            target = target.or(Some(t));
+                        }
                     }
                 }
                 _ => {}
@@ -207,10 +220,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let sql = self.bound_sql(stmt, &batch_unnamed, batch_named.get(stmt));
                     let Some(sql) = sql else { continue };
                     let params = BindParams::parse(b).ok()?;
-                    let d = self
-                        .node
-                        .decide(&sql, Some(&params), &self.route_ctx())
-                        .ok()?;
+                    let d = self.decide_sql(&sql, Some(&params)).ok()?;
                     multi |= matches!(&d.target, Target::Multi { shards, .. } if shards.len() > 1);
                 }
                 fe::EXECUTE => {

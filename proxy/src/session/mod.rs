@@ -45,6 +45,7 @@ mod attach;
 mod client_tpc;
 mod computed;
 pub(crate) mod conn;
+mod cursor;
 mod extended;
 mod listen;
 mod replies;
@@ -117,8 +118,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let temp_home = self.temp.home;
         for (i, slot) in self.be.slots.iter_mut().enumerate() {
             // Kept for the session's temporary objects: they go first.
+            let cursors = self.cursors.holds_on(i);
             if let Some(mut b) = slot.kept.take() {
-                Self::discard_temp(&mut b, wait).await;
+                if cursors {
+                    Self::close_cursors(&mut b, wait).await;
+                }
+                if temp_home == Some(i) || !cursors {
+                    Self::discard_temp(&mut b, wait).await;
+                }
                 b.release();
             }
             if let Some(mut b) = slot.conn.take() {
@@ -126,6 +133,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // PostgreSQL rolls back); it is never pooled again, so the
                 // cancel cannot reach another client.
                 if clean {
+                    if cursors {
+                        Self::close_cursors(&mut b, wait).await;
+                    }
                     if temp_home == Some(i) {
                         Self::discard_temp(&mut b, wait).await;
                     }
@@ -458,6 +468,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.deallocate(class.deallocate.as_ref()) {
             return Ok(());
         }
+        if self.cursor_by_node(sql).await? {
+            return Ok(());
+        }
         if !self.node.routing.single_shard() {
             if let Some(ex) = class.explain {
                 if !self.be.owed.is_empty() {
@@ -468,7 +481,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         let d = self
-            .route_waiting(|s| s.node.decide(sql, None, &s.route_ctx()))
+            .route_waiting(|s| s.decide_sql(sql, None))
             .await
             .and_then(|d| self.check_owner_change(&d).map(|()| d));
         let mut d = match d {
@@ -576,7 +589,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.poison_if_failed(&d, t).await;
+        if matches!(class.deallocate, Some(Deallocate::All)) {
+            // DISCARD ALL closes the cursors the session holds elsewhere.
+            self.discard_cursors_except(sql, t).await?;
+        }
         self.pass_query(&f, class, t);
+        self.note_cursor_sent(sql, t);
         Ok(())
     }
 
@@ -736,6 +754,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         };
+        if self.cursor_batch_by_node(&frames, synced).await? {
+            return Ok(true);
+        }
         // A client's PREPARE TRANSACTION / COMMIT PREPARED: its shard is
         // the transaction's, or the one holding the identifier.
         let two_phase = match self.two_phase_batch(&frames) {
@@ -900,6 +921,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let ran = frames
             .iter()
             .any(|f| matches!(f.tag(), fe::BIND | fe::EXECUTE));
+        let cursor_frames = self.may_touch_cursors(&frames).then(|| frames.clone());
         for f in frames {
             if self.skip_to_sync && f.tag() != fe::SYNC {
                 continue;
@@ -908,6 +930,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.forward_extended(f, t)?;
             if tag == fe::SYNC {
                 self.skip_to_sync = false;
+            }
+        }
+        // What the batch's statements did to the session's cursors (their
+        // Parses are recorded by now).
+        if let Some(frames) = cursor_frames {
+            for sql in self.cursor_statements(&frames) {
+                self.note_cursor_sent(&sql, t);
             }
         }
         // Until its Sync, an implicit transaction may be open on this

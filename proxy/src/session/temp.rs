@@ -130,7 +130,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(mut b) = self.be.slots[i].conn.take() else {
             return;
         };
-        if self.temp.home != Some(i) {
+        if self.temp.home != Some(i) && !self.cursors.holds_on(i) {
             b.release();
             return;
         }
@@ -138,12 +138,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             b.idle_since = std::time::Instant::now();
             self.be.slots[i].kept = Some(b);
         } else {
-            // Closed: PostgreSQL drops the objects with it.
+            // Closed: PostgreSQL drops the objects (and cursors) with it.
             tracing::warn!(
                 shard = i,
-                "the backend holding this session's temporary objects is closed"
+                "the backend holding this session's temporary objects or cursors is closed"
             );
-            self.temp.forget();
+            if self.temp.home == Some(i) {
+                self.temp.forget();
+            }
+            self.cursors.forget_shard(i);
             b.release();
         }
     }
@@ -158,14 +161,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // Closed with an error while attached (its objects with it).
                 self.temp.forget();
             }
+            if self.cursors.holds_on(t) && self.be.slots[t].conn.is_none() {
+                self.cursors.forget_shard(t);
+            }
             return None;
         };
         if b.idle_since.elapsed() >= std::time::Duration::from_millis(100) && !b.is_alive() {
             tracing::warn!(
                 shard = t,
-                "the backend holding this session's temporary objects died"
+                "the backend holding this session's temporary objects or cursors died"
             );
-            self.temp.forget();
+            if self.temp.home == Some(t) {
+                self.temp.forget();
+            }
+            self.cursors.forget_shard(t);
             return None;
         }
         Some(b)

@@ -224,6 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.refresh_state_from(i).await;
             }
             self.read_temp_due(i).await;
+            self.read_cursors_due(i).await;
             self.let_go(i);
         }
         if let Some(&p) = keep.first() {

@@ -5,7 +5,8 @@
 //! [`unparsed`] decides, per statement of the string, from its first words
 //! and the names it mentions:
 //! - transaction control, cursors, SQL `PREPARE`/`EXECUTE` and `CALL` are
-//!   refused: the node must understand them (or refuses them parsed too);
+//!   refused: the node must understand them (or refuses them parsed too;
+//!   a cursor statement sent alone is routed by the node by its cursor);
 //! - a schema statement (`CREATE`, `ALTER`, `DROP`, `COMMENT`, `GRANT`,
 //!   `REVOKE`, `SECURITY LABEL`, `IMPORT FOREIGN SCHEMA`, and a `DO` block
 //!   whose body has schema words but no DML words) runs on every shard, as
@@ -141,7 +142,7 @@ fn statement(sql: &str, toks: &[Tok], relations: &[String]) -> Stmt {
             first.to_ascii_uppercase()
         )),
         "declare" | "fetch" | "move" | "close" => Stmt::Refuse(
-            "cursors (DECLARE/FETCH/MOVE/CLOSE) are not supported through hotrepart yet".into(),
+            "a cursor statement (DECLARE/FETCH/MOVE/CLOSE) that hotrepart cannot read, or together with other statements in one query string; send it as a statement of its own".into(),
         ),
         "execute" => Stmt::Refuse("SQL-level EXECUTE (use the extended protocol)".into()),
         "call" => Stmt::Refuse("CALL (the router cannot see which shard a procedure needs)".into()),

@@ -90,6 +90,10 @@ fn plan_in(a: &mut Analyzer<'_>, st: &Statement) -> Result<Option<StmtPlan>, Rou
     }
 }
 
+/// A cursor statement that reaches the router: one among others in a
+/// query string (the node routes one sent alone by its cursor).
+pub(super) const CURSOR_WITH_OTHERS: &str = "a cursor statement (DECLARE/FETCH/MOVE/CLOSE) together with other statements in one query string; send it as a statement of its own";
+
 /// The marker of a statement [`plan_known`] does not plan (never sent).
 const NOT_PLANNED: &str = "statement not planned by the analyzer";
 
@@ -223,9 +227,11 @@ fn plan_known(
         | Statement::Comment { .. }
         | Statement::Grant(_)
         | Statement::Revoke(_) => Ok(ddl_all()),
-        Statement::Declare { .. } | Statement::Fetch { .. } | Statement::Close { .. } => Err(
-            unsupported("cursors (DECLARE/FETCH/CLOSE) are not supported through hotrepart yet"),
-        ),
+        // The node routes a cursor statement sent alone by its cursor
+        // (`classify::cursor_command`, `proxy/src/session/cursor.rs`).
+        Statement::Declare { .. } | Statement::Fetch { .. } | Statement::Close { .. } => {
+            Err(unsupported(CURSOR_WITH_OTHERS))
+        }
         Statement::Prepare { .. } | Statement::Execute { .. } => Err(unsupported(
             "SQL-level PREPARE/EXECUTE (use the extended protocol)",
         )),

@@ -308,6 +308,26 @@ def server_cursor():
     return [first, rest]
 
 
+def server_cursor_sharded():
+    """A named cursor over a sharded table with ORDER BY and a parameter:
+    on several shards, declared on each and merged by the node."""
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_curs")
+        c.execute("CREATE TABLE drv_curs (id bigint PRIMARY KEY, v text)")
+        values = ", ".join(f"({i}, 'v{i}')" for i in range(1, 31))
+        c.execute(f"INSERT INTO drv_curs (id, v) VALUES {values}")
+    with connect(autocommit=False) as c:
+        cur = c.cursor(name="drv_cur_s")
+        cur.execute("SELECT id, v FROM drv_curs WHERE id > %s ORDER BY id DESC", [5])
+        first = cur.fetchmany(4)
+        rest = cur.fetchall()
+        cur.close()
+        c.commit()
+    eq("first", first, [(i, f"v{i}") for i in range(30, 26, -1)])
+    eq("rest", rest, [(i, f"v{i}") for i in range(26, 5, -1)])
+    return [list(first[0]), list(rest[-1]), len(rest)]
+
+
 def enum_type():
     """A user enum type, its OID fetched once by the driver (EnumInfo) and
     used for every row of a sharded table, in binary."""
@@ -425,6 +445,7 @@ run([
     ("cancel", cancel),
     ("sharded_keys", sharded_keys),
     ("server_cursor", server_cursor),
+    ("server_cursor_sharded", server_cursor_sharded),
     ("enum_type", enum_type),
     ("copy_rows", copy_rows),
     ("temp_table", temp_table),

@@ -46,6 +46,7 @@ impl Driver {
                 "cancel",
                 "sharded_keys",
                 "server_cursor",
+                "server_cursor_sharded",
                 "enum_type",
                 "copy_rows",
                 "temp_table",
@@ -88,24 +89,14 @@ struct Known {
     fails_with: &'static str,
 }
 
-const KNOWN_FAILURES: &[Known] = &[
-    Known {
-        driver: Driver::Psycopg,
-        shards: 2,
-        scenario: "server_cursor",
-        known_failure: "cursors are refused on several shards (0A000 \"cursors \
-            (DECLARE/FETCH/CLOSE) are not supported through hotrepart yet\")",
-        fails_with: "cursors (DECLARE/FETCH/CLOSE) are not supported",
-    },
-    Known {
-        driver: Driver::Psycopg,
-        shards: 2,
-        scenario: "enum_type",
-        known_failure: "type OIDs differ per shard: the enum's OID the driver read from one \
+const KNOWN_FAILURES: &[Known] = &[Known {
+    driver: Driver::Psycopg,
+    shards: 2,
+    scenario: "enum_type",
+    known_failure: "type OIDs differ per shard: the enum's OID the driver read from one \
             shard is unknown on the other (XX000 \"cache lookup failed for type …\")",
-        fails_with: "XX000: cache lookup failed for type",
-    },
-];
+    fails_with: "XX000: cache lookup failed for type",
+}];
 
 /// The interpreter, script and environment of a driver; None when skipped
 /// (outside CI, without a registry).
@@ -166,7 +157,8 @@ fn opts(shards: usize) -> Opts {
     Opts {
         shards,
         tail: "[[sharded_tables]]\nname = \"drv_kv\"\nkey = \"id\"\ntype = \"int8\"\n\
-               [[sharded_tables]]\nname = \"drv_enum\"\nkey = \"id\"\ntype = \"int8\"\n"
+               [[sharded_tables]]\nname = \"drv_enum\"\nkey = \"id\"\ntype = \"int8\"\n\
+               [[sharded_tables]]\nname = \"drv_curs\"\nkey = \"id\"\ntype = \"int8\"\n"
             .into(),
         ..Opts::default()
     }

@@ -14,6 +14,7 @@ mod consistency;
 mod console;
 mod copy;
 mod copy_freeze;
+mod cursors;
 mod dashboard;
 mod data_dir;
 mod dataplane;

@@ -132,6 +132,22 @@ async fn check_reads(db: &tokio_postgres::Client, phase: &str) {
         .unwrap_or_else(|e| panic!("{phase}: IN list: {e}"))
         .get(0);
     assert_eq!(n, some.len() as i64, "{phase}: IN list");
+    // A cursor over both shards (merged by the node, issue 14): each row
+    // once, in order.
+    db.batch_execute("BEGIN; DECLARE rc CURSOR FOR SELECT id FROM items ORDER BY id")
+        .await
+        .unwrap_or_else(|e| panic!("{phase}: DECLARE: {e}"));
+    let mut seen: Vec<i64> = Vec::new();
+    loop {
+        let rows = q("FETCH 700 FROM rc").await;
+        let n = rows.len();
+        seen.extend(rows.iter().map(|r| r[0].parse::<i64>().unwrap()));
+        if n < 700 {
+            break;
+        }
+    }
+    db.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(seen, (1..=ROWS).collect::<Vec<_>>(), "{phase}: cursor");
     // COPY … TO.
     let out = db
         .copy_out("COPY items TO STDOUT")

@@ -6,6 +6,9 @@
 //!
 //! [`exec`]: runs a router merge plan over the shards (simple and
 //! extended protocol): a streaming k-way merge, or rows combined by group.
+//! [`cursor`]: a cursor over several shards, declared on each and read
+//! forward by the node (concatenated, or merged k-way in per-shard
+//! batches).
 //! `combine`: grouping keys, partial aggregates added up, HAVING, row
 //! comparison for ORDER BY, output values.
 //! [`binary`]: merged text values in the binary format clients ask for.
@@ -16,6 +19,7 @@
 
 pub mod binary;
 mod combine;
+pub mod cursor;
 pub mod exec;
 mod packed;
 pub mod value;

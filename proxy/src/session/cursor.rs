@@ -1,0 +1,937 @@
+//! SQL cursors (`DECLARE`, `FETCH`, `MOVE`, `CLOSE`) through the node.
+//!
+//! - *Routing*: a cursor statement is read by the lexer
+//!   ([`hotrepart_router::classify::cursor_command`]). `DECLARE` routes as
+//!   its query does ([`Session::decide_sql`]); a query on one shard (or on
+//!   none: `Any`) declares the cursor there, and the session remembers the
+//!   cursor's name (case-folded as PostgreSQL does) and shard, so `FETCH`,
+//!   `MOVE` and `CLOSE` of it go there, in the simple and the extended
+//!   protocol (a Describe of the portal of that name too). A cursor the
+//!   session does not know goes to the current (else the home) shard,
+//!   where PostgreSQL answers, mostly with "cursor does not exist".
+//! - *Several shards*: a `DECLARE` whose query reads rows of several
+//!   shards (or whose one shard runs its own text of it: a range being
+//!   moved hidden there), alone in a simple Query or an extended batch and
+//!   inside a transaction block, is declared on each shard and served by
+//!   the node ([`crate::exec::merge::cursor`]): [`Session::cursor_by_node`]
+//!   (simple), [`Session::cursor_batch_by_node`] (extended: DECLARE,
+//!   Describe of its portal, FETCH/MOVE/CLOSE prepared and bound). What it
+//!   cannot serve is refused (0A000) with words that say what to do.
+//! - *WITH HOLD under transaction pooling*: a holdable cursor lives in one
+//!   backend's session after its transaction. What the backend holds is
+//!   read back from PostgreSQL (`pg_cursors`), never guessed: at the end
+//!   of a transaction in which the session declared one on that backend,
+//!   or while it holds some. While it holds one, the session keeps that
+//!   backend, through the same mechanism as for temporary objects
+//!   (`session/temp.rs`: `Slot::kept`, [`Session::let_go`],
+//!   `ensure_backend`), until the cursors are closed (`CLOSE`,
+//!   `CLOSE ALL`, `DISCARD ALL`, read back as gone) or the session ends:
+//!   then the backend runs `CLOSE ALL` before it goes back to the pool
+//!   (closed if that fails). No other client ever sees the cursor.
+//! - Cursors without hold end with their transaction: forgotten at its end.
+
+use super::conn::*;
+use crate::backend::pool::Pooled;
+use crate::error::sqlstate;
+use crate::error::Refusal;
+use crate::error::SessionError;
+use crate::exec::merge::cursor::{self as merged, Merged};
+use crate::routing::{BindParams, Decision, Target};
+use crate::stats::Route;
+use crate::wire::{self, fe, tx, Frame};
+use crate::wire::{command_complete, rfq};
+use bytes::BufMut;
+use hotrepart_router::classify::{cursor_command, first_keyword_is, CursorCommand, Direction};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// The session's open cursors, as far as the node knows them.
+#[derive(Default)]
+pub(crate) struct Cursors {
+    /// By name (as PostgreSQL reads it): the shard and whether it holds.
+    open: HashMap<String, OpenCursor>,
+    /// Shards where a holdable cursor may have been declared in the open
+    /// transaction: read back at its end.
+    reread: Vec<usize>,
+}
+
+struct OpenCursor {
+    /// Its shard (a merged cursor: the first of its shards).
+    shard: usize,
+    hold: bool,
+    /// Declared on several shards and served by the node.
+    merged: Option<Box<Merged>>,
+}
+
+impl OpenCursor {
+    fn on(&self, i: usize) -> bool {
+        self.shard == i || self.merged.as_ref().is_some_and(|m| m.shards.contains(&i))
+    }
+}
+
+impl Cursors {
+    /// Whether shard `i`'s backend holds a holdable cursor of the session.
+    pub(crate) fn holds_on(&self, i: usize) -> bool {
+        self.open.values().any(|c| c.hold && c.shard == i)
+    }
+
+    /// The backend of shard `i` was closed (or died): its cursors with it.
+    pub(crate) fn forget_shard(&mut self, i: usize) {
+        self.open.retain(|_, c| !c.on(i));
+        self.reread.retain(|&x| x != i);
+    }
+
+    /// The shard of the cursor `name`, if the session knows it.
+    fn shard_of(&self, name: &str) -> Option<usize> {
+        self.open.get(name).map(|c| c.shard)
+    }
+}
+
+/// The words of a refusal of a cursor over several shards.
+fn multi_shard_cursor() -> Refusal {
+    Refusal::new(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        "DECLARE CURSOR: the cursor's query reads rows of several shards; hotrepart serves such a cursor only when its DECLARE comes alone (a simple query, or Parse, Bind, Describe, Execute and Sync of it alone), in a transaction block; or restrict the query to one shard by its shard key (or a /* hotrepart: shard=NAME */ hint)".into(),
+    )
+}
+
+fn refuse(m: impl Into<String>) -> Refusal {
+    Refusal::new(sqlstate::FEATURE_NOT_SUPPORTED, m.into())
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// Routes one statement string: a cursor statement by its cursor
+    /// (`DECLARE` by its query), anything else by the router.
+    pub(crate) fn decide_sql(
+        &self,
+        sql: &str,
+        params: Option<&BindParams>,
+    ) -> Result<Decision, Refusal> {
+        let Some(cmd) = cursor_command(sql) else {
+            return self.node.decide(sql, params, &self.route_ctx());
+        };
+        let name = match cmd {
+            CursorCommand::Declare(d) => {
+                let mut dec = self.node.decide(d.query, params, &self.route_ctx())?;
+                if needs_node(&dec.target) {
+                    return Err(multi_shard_cursor());
+                }
+                if let Target::Multi { shards, .. } = &dec.target {
+                    dec.target = shards.first().map_or(Target::Any, |&t| Target::Shard(t));
+                }
+                // The text the shard runs is the client's DECLARE.
+                dec.merge = None;
+                dec.returns_rows = false;
+                return Ok(dec);
+            }
+            CursorCommand::Fetch { name, .. } => Some(name),
+            CursorCommand::Close(name) => name,
+        };
+        let merged = match &name {
+            Some(n) => self.cursors.open.get(n).is_some_and(|c| c.merged.is_some()),
+            None => self.cursors.open.values().any(|c| c.merged.is_some()),
+        };
+        if merged {
+            // Served by the node (`Session::cursor_by_node`,
+            // `Session::merged_use_batch`) when it comes alone.
+            return Err(Refusal::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "FETCH, MOVE or CLOSE of a cursor whose query reads rows of several shards must come alone (a simple query, or one statement up to Sync in the extended protocol): hotrepart answers it itself".into(),
+            ));
+        }
+        let mut d = Decision::single_on(self.default_shard());
+        d.target = match name.and_then(|n| self.cursors.shard_of(&n)) {
+            Some(t) => Target::Shard(t),
+            None => match self.cursor_shards().as_slice() {
+                // CLOSE ALL where the cursors are.
+                [t] if name_is_all(sql) => Target::Shard(*t),
+                _ => Target::Any,
+            },
+        };
+        Ok(d)
+    }
+
+    /// A simple-protocol cursor statement the node answers itself: a
+    /// `DECLARE` whose query reads rows of several shards (declared on
+    /// each, merged by the node), `FETCH`/`MOVE`/`CLOSE` of such a cursor,
+    /// `CLOSE ALL` while cursors are open on several shards. True when
+    /// answered (ReadyForQuery included); false: route it as any statement.
+    pub(super) async fn cursor_by_node(&mut self, sql: &str) -> Result<bool, SessionError> {
+        if self.node.routing.single_shard() {
+            return Ok(false);
+        }
+        let Some(cmd) = cursor_command(sql) else {
+            return Ok(false);
+        };
+        let r = match cmd {
+            CursorCommand::Declare(d) => {
+                let routed = self
+                    .route_waiting(|s| s.node.decide(d.query, None, &s.route_ctx()))
+                    .await;
+                let Ok(dec) = routed else {
+                    // The ordinary path reports it.
+                    return Ok(false);
+                };
+                if !needs_node(&dec.target) {
+                    return Ok(false);
+                }
+                let Target::Multi { shards, sqls } = &dec.target else {
+                    return Ok(false);
+                };
+                let (shards, sqls) = (shards.clone(), sqls.clone());
+                self.declare_merged(&d, &dec, &shards, sqls.as_deref(), None)
+                    .await?
+            }
+            CursorCommand::Fetch {
+                name,
+                direction,
+                is_move,
+            } => {
+                let Some(mut m) = self
+                    .cursors
+                    .open
+                    .get_mut(&name)
+                    .and_then(|c| c.merged.take())
+                else {
+                    return Ok(false);
+                };
+                let r = match direction {
+                    Direction::Other(dir) => Err(merged::direction_refused(&dir)),
+                    _ if self.txn.failed => Err(aborted()),
+                    Direction::Forward(n) => {
+                        if !self.be.owed.is_empty() {
+                            self.drain_owed().await?;
+                        }
+                        self.stats.note_route(Route::Merge);
+                        let how = merged::FetchOut {
+                            describe: true,
+                            formats: Vec::new(),
+                        };
+                        merged::fetch(self, &mut m, n, is_move, &how).await?;
+                        Ok(())
+                    }
+                };
+                if let Some(c) = self.cursors.open.get_mut(&name) {
+                    c.merged = Some(m);
+                }
+                r
+            }
+            CursorCommand::Close(Some(name)) => {
+                if self
+                    .cursors
+                    .open
+                    .get(&name)
+                    .is_none_or(|c| c.merged.is_none())
+                {
+                    return Ok(false);
+                }
+                if self.txn.failed {
+                    Err(aborted())
+                } else {
+                    if let Some(m) = self.cursors.open.remove(&name).and_then(|c| c.merged) {
+                        merged::close(self, &m).await?;
+                    }
+                    self.out.put_slice(&command_complete("CLOSE CURSOR"));
+                    Ok(())
+                }
+            }
+            CursorCommand::Close(None) => {
+                let shards = self.cursor_shards();
+                let any_merged = self.cursors.open.values().any(|c| c.merged.is_some());
+                if shards.len() < 2 && !any_merged {
+                    return Ok(false);
+                }
+                if self.txn.failed {
+                    Err(aborted())
+                } else {
+                    let r = self.close_all_on(&shards).await?;
+                    if r.is_ok() {
+                        self.out.put_slice(&command_complete("CLOSE CURSOR"));
+                    }
+                    r
+                }
+            }
+        };
+        match r {
+            Err(r) => self.refuse_simple(r),
+            Ok(()) => {
+                let status = self.client_status();
+                self.push_synthetic(rfq(status));
+            }
+        }
+        Ok(true)
+    }
+
+    /// `DECLARE` of a cursor over `shards` (`dec`: its query's decision).
+    async fn declare_merged(
+        &mut self,
+        d: &hotrepart_router::classify::Declare<'_>,
+        dec: &Decision,
+        shards: &[usize],
+        sqls: Option<&[String]>,
+        ext: Option<Ext<'_>>,
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        if !self.txn.open() {
+            return Ok(Err(Refusal::new(
+                sqlstate::NO_ACTIVE_SQL_TRANSACTION,
+                "DECLARE CURSOR can only be used in transaction blocks".into(),
+            )));
+        }
+        if self.txn.failed {
+            return Ok(Err(aborted()));
+        }
+        let what = if d.hold {
+            Some("WITH HOLD (it would have to keep a backend of every shard after the transaction)")
+        } else if d.scroll {
+            Some("SCROLL (it is read forward only)")
+        } else if d.binary {
+            Some("BINARY")
+        } else {
+            None
+        };
+        if let Some(w) = what {
+            return Ok(Err(refuse(format!(
+                "DECLARE CURSOR: the query reads rows of several shards (or of a range being moved), and such a cursor cannot be {w}; declare it without, or restrict the query to one shard by its shard key"
+            ))));
+        }
+        if let Err(r) = merged::check_plan(dec.merge.as_deref()) {
+            return Ok(Err(r));
+        }
+        if let Err(r) = self.check_multi_shard(dec).await? {
+            return Ok(Err(r));
+        }
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let texts: Vec<String> = (0..shards.len())
+            .map(|i| match (sqls.and_then(|v| v.get(i)), &dec.merge) {
+                (Some(t), _) => t.clone(),
+                (None, Some(p)) => p.shard_sql.clone(),
+                (None, None) => d.query.to_owned(),
+            })
+            .collect();
+        self.stats.note_route(Route::Merge);
+        if let Some(x) = &ext {
+            // What PostgreSQL answers before the statement runs.
+            if let Some(p) = x.parse {
+                if !self.record_parse(p)? {
+                    // A duplicate name: the error is queued.
+                    return Ok(Ok(()));
+                }
+                self.out.put_slice(&wire::parse_complete());
+            }
+            wire::frame(&mut self.out, wire::be::BIND_COMPLETE, |_| {});
+        }
+        let params = ext.as_ref().map(|x| &x.params);
+        match merged::declare(self, &d.name, shards, dec.merge.clone(), &texts, params).await? {
+            Ok(m) => {
+                if ext.as_ref().is_some_and(|x| x.describe) {
+                    wire::frame(&mut self.out, wire::be::NO_DATA, |_| {});
+                }
+                self.cursors.open.insert(
+                    d.name.clone(),
+                    OpenCursor {
+                        shard: shards[0],
+                        hold: false,
+                        merged: Some(Box::new(m)),
+                    },
+                );
+                self.out.put_slice(&command_complete("DECLARE CURSOR"));
+            }
+            Err(e) => {
+                self.out.put_slice(&e);
+                self.txn.failed = true;
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// An extended-protocol batch the node answers itself: a `DECLARE`
+    /// whose query reads rows of several shards (psycopg's server-side
+    /// cursors send it so), or a Describe of the portal of a cursor merged
+    /// by the node. True when answered.
+    pub(super) async fn cursor_batch_by_node(
+        &mut self,
+        frames: &[Frame],
+        synced: bool,
+    ) -> Result<bool, SessionError> {
+        if self.node.routing.single_shard() {
+            return Ok(false);
+        }
+        let any_merged = self.cursors.open.values().any(|c| c.merged.is_some());
+        if any_merged {
+            if let Some(done) = self.merged_use_batch(frames, synced).await? {
+                return Ok(done);
+            }
+        }
+        let merged_portal = |s: &Self, f: &Frame| {
+            let b = f.body();
+            any_merged
+                && f.tag() == fe::DESCRIBE
+                && b.first() == Some(&wire::PORTAL)
+                && wire::get_cstr(&mut &b[1..])
+                    .is_ok_and(|n| s.cursors.open.get(n).is_some_and(|c| c.merged.is_some()))
+        };
+        let declares = frames.iter().any(|f| {
+            let mut b = f.body();
+            match f.tag() {
+                fe::PARSE => {
+                    let _ = wire::get_cstr(&mut b);
+                    wire::get_cstr(&mut b).is_ok_and(|sql| first_keyword_is(sql, "declare"))
+                }
+                fe::BIND => {
+                    let _ = wire::get_cstr(&mut b);
+                    wire::get_cstr(&mut b).is_ok_and(|stmt| {
+                        self.bound_sql(stmt, &None, None)
+                            .is_some_and(|sql| first_keyword_is(&sql, "declare"))
+                    })
+                }
+                _ => false,
+            }
+        });
+        if !declares {
+            // Describes of merged cursors' portals alone: answered here.
+            if !frames.iter().any(|f| merged_portal(self, f))
+                || !frames
+                    .iter()
+                    .all(|f| f.tag() == fe::SYNC || f.tag() == fe::FLUSH || merged_portal(self, f))
+            {
+                return Ok(false);
+            }
+            if !self.be.owed.is_empty() {
+                self.drain_owed().await?;
+            }
+            for f in frames {
+                if f.tag() != fe::DESCRIBE {
+                    continue;
+                }
+                let name = wire::get_cstr(&mut &f.body()[1..]).unwrap_or_default();
+                if let Some(m) = self.cursors.open.get(name).and_then(|c| c.merged.as_ref()) {
+                    merged::row_description(m, &mut self.out, &|_| false);
+                }
+            }
+            if synced {
+                let status = self.client_status();
+                self.push_synthetic(rfq(status));
+            }
+            return Ok(true);
+        }
+        // The DECLARE's Bind: its statement and parameters.
+        let mut unnamed: Option<Arc<str>> = None;
+        let mut named: HashMap<&str, Arc<str>> = HashMap::new();
+        let mut bound = None;
+        for f in frames {
+            let mut b = f.body();
+            match f.tag() {
+                fe::PARSE => {
+                    let (Ok(name), Ok(sql)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b))
+                    else {
+                        return Ok(false);
+                    };
+                    if name.is_empty() {
+                        unnamed = Some(Arc::from(sql));
+                    } else {
+                        named.insert(name, Arc::from(sql));
+                    }
+                }
+                fe::BIND => {
+                    let (Ok(_), Ok(stmt)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b)) else {
+                        return Ok(false);
+                    };
+                    let Some(sql) = self.bound_sql(stmt, &unnamed, named.get(stmt)) else {
+                        return Ok(false);
+                    };
+                    let Ok(params) = BindParams::parse(b) else {
+                        return Ok(false);
+                    };
+                    if bound.is_some() {
+                        // Several statements: the ordinary path.
+                        return Ok(false);
+                    }
+                    bound = Some((sql, params));
+                }
+                _ => {}
+            }
+        }
+        let Some((sql, params)) = bound else {
+            return Ok(false);
+        };
+        let Some(CursorCommand::Declare(d)) = cursor_command(&sql) else {
+            return Ok(false);
+        };
+        let routed = self
+            .route_waiting(|s| s.node.decide(d.query, Some(&params), &s.route_ctx()))
+            .await;
+        let Ok(dec) = routed else {
+            return Ok(false);
+        };
+        if !needs_node(&dec.target) {
+            return Ok(false);
+        }
+        let Target::Multi { shards, sqls } = &dec.target else {
+            return Ok(false);
+        };
+        let (shards, sqls) = (shards.clone(), sqls.clone());
+        let ext = match merged::declare_batch(self, frames, synced)? {
+            Ok(p) => p,
+            Err(r) => {
+                self.batch_error(&r, synced);
+                return Ok(true);
+            }
+        };
+        let parse = frames.iter().find(|f| f.tag() == fe::PARSE);
+        let describe = frames.iter().any(|f| f.tag() == fe::DESCRIBE);
+        let ext = Ext {
+            params: ext,
+            parse,
+            describe,
+        };
+        match self
+            .declare_merged(&d, &dec, &shards, sqls.as_deref(), Some(ext))
+            .await?
+        {
+            Err(r) => self.batch_error(&r, synced),
+            Ok(()) => {
+                let status = self.client_status();
+                self.push_synthetic(rfq(status));
+            }
+        }
+        Ok(true)
+    }
+
+    /// An extended-protocol batch of `FETCH`, `MOVE` or `CLOSE` of a
+    /// cursor merged by the node (tokio-postgres prepares and binds a
+    /// FETCH; psycopg does for binary rows): answered here. None: not one.
+    async fn merged_use_batch(
+        &mut self,
+        frames: &[Frame],
+        synced: bool,
+    ) -> Result<Option<bool>, SessionError> {
+        let mut parsed: Option<(&Frame, String, Arc<str>)> = None;
+        let mut bind: Option<(&Frame, Arc<str>)> = None;
+        for f in frames {
+            let mut b = f.body();
+            match f.tag() {
+                fe::PARSE => {
+                    let (Ok(name), Ok(sql)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b))
+                    else {
+                        return Ok(None);
+                    };
+                    if parsed.is_some() {
+                        return Ok(None);
+                    }
+                    parsed = Some((f, name.to_owned(), Arc::from(sql)));
+                }
+                fe::BIND => {
+                    let (Ok(_), Ok(stmt)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b)) else {
+                        return Ok(None);
+                    };
+                    let here = parsed
+                        .as_ref()
+                        .filter(|(_, n, _)| n == stmt)
+                        .map(|(_, _, s)| s.clone());
+                    let sql = here.or_else(|| self.bound_sql(stmt, &None, None));
+                    let (Some(sql), None) = (sql, &bind) else {
+                        return Ok(None);
+                    };
+                    bind = Some((f, sql));
+                }
+                _ => {}
+            }
+        }
+        let sql = match (&bind, &parsed) {
+            (Some((_, sql)), _) => sql.clone(),
+            (None, Some((_, _, sql))) => sql.clone(),
+            (None, None) => return Ok(None),
+        };
+        let (name, cmd) = match cursor_command(&sql) {
+            Some(CursorCommand::Fetch {
+                name,
+                direction,
+                is_move,
+            }) => (Some(name), Some((direction, is_move))),
+            Some(CursorCommand::Close(name)) => (name, None),
+            _ => return Ok(None),
+        };
+        let ours = match &name {
+            Some(n) => self.cursors.open.get(n).is_some_and(|c| c.merged.is_some()),
+            None => true,
+        };
+        if !ours {
+            return Ok(None);
+        }
+        const SHAPE: &str = "FETCH, MOVE or CLOSE of a cursor over several shards must come in the extended protocol alone: Parse, Describe of the statement, Sync; or Parse (optional), Bind, Describe of the portal (optional), Execute without a row limit, Sync";
+        let shape_ok = frames.iter().all(|f| {
+            let b = f.body();
+            match f.tag() {
+                fe::PARSE | fe::SYNC | fe::FLUSH => true,
+                fe::DESCRIBE => {
+                    b.first() == Some(&b'S') || (bind.is_some() && b.first() == Some(&wire::PORTAL))
+                }
+                fe::BIND => true,
+                fe::EXECUTE => bind.is_some() && b.len() >= 4 && b[b.len() - 4..] == [0, 0, 0, 0],
+                _ => false,
+            }
+        });
+        if !shape_ok || (bind.is_some() && !synced) {
+            self.batch_error(&refuse(SHAPE), synced);
+            return Ok(Some(true));
+        }
+        if let Some((Direction::Other(dir), _)) = &cmd {
+            self.batch_error(&merged::direction_refused(dir), synced);
+            return Ok(Some(true));
+        }
+        if self.txn.failed && bind.is_some() {
+            self.batch_error(&aborted(), synced);
+            return Ok(Some(true));
+        }
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let fetching = matches!(cmd, Some((_, false)));
+        let formats = match &bind {
+            Some((b, _)) => merged::bind_result_formats(b)?,
+            None => Vec::new(),
+        };
+        let describe_rows = |s: &mut Self, binary: &dyn Fn(usize) -> bool| {
+            let m = name
+                .as_ref()
+                .and_then(|n| s.cursors.open.get(n))
+                .and_then(|c| c.merged.as_ref());
+            match m {
+                Some(m) if fetching => merged::row_description(m, &mut s.out, binary),
+                _ => wire::frame(&mut s.out, wire::be::NO_DATA, |_| {}),
+            }
+        };
+        for f in frames {
+            match f.tag() {
+                fe::PARSE => {
+                    if !self.record_parse(f)? {
+                        // A duplicate name: the error is queued.
+                        self.skip_to_sync = !synced;
+                        break;
+                    }
+                    self.out.put_slice(&wire::parse_complete());
+                }
+                fe::DESCRIBE if f.body().first() == Some(&b'S') => {
+                    wire::frame(&mut self.out, wire::be::PARAMETER_DESCRIPTION, |o| {
+                        o.put_i16(0)
+                    });
+                    describe_rows(self, &|_| false);
+                }
+                fe::BIND => wire::frame(&mut self.out, wire::be::BIND_COMPLETE, |_| {}),
+                fe::DESCRIBE => {
+                    let fm = merged::FetchOut {
+                        describe: true,
+                        formats: formats.clone(),
+                    };
+                    describe_rows(self, &|i| fm.binary(i));
+                }
+                fe::EXECUTE => match (&name, &cmd) {
+                    (Some(n), Some((Direction::Forward(count), is_move))) => {
+                        let Some(mut m) =
+                            self.cursors.open.get_mut(n).and_then(|c| c.merged.take())
+                        else {
+                            break;
+                        };
+                        let how = merged::FetchOut {
+                            describe: false,
+                            formats: formats.clone(),
+                        };
+                        self.stats.note_route(Route::Merge);
+                        let r = merged::fetch(self, &mut m, *count, *is_move, &how).await;
+                        if let Some(c) = self.cursors.open.get_mut(n) {
+                            c.merged = Some(m);
+                        }
+                        r?;
+                    }
+                    (Some(n), None) => {
+                        if let Some(m) = self.cursors.open.remove(n).and_then(|c| c.merged) {
+                            merged::close(self, &m).await?;
+                        }
+                        self.out.put_slice(&command_complete("CLOSE CURSOR"));
+                    }
+                    (None, _) => {
+                        let shards = self.cursor_shards();
+                        match self.close_all_on(&shards).await? {
+                            Ok(()) => self.out.put_slice(&command_complete("CLOSE CURSOR")),
+                            Err(r) => self.push_error(&r),
+                        }
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+        if synced {
+            let status = self.client_status();
+            self.push_synthetic(rfq(status));
+        }
+        Ok(Some(true))
+    }
+
+    /// `DISCARD ALL` (`sql`) about to run on shard `t`: the holdable
+    /// cursors the session keeps on other shards are closed there too, as
+    /// PostgreSQL's DISCARD ALL closes every cursor of the session.
+    pub(super) async fn discard_cursors_except(
+        &mut self,
+        sql: &str,
+        t: usize,
+    ) -> Result<(), SessionError> {
+        if !first_keyword_is(sql, "discard") || self.txn.open() {
+            return Ok(());
+        }
+        let others: Vec<usize> = self
+            .cursor_shards()
+            .into_iter()
+            .filter(|&x| x != t)
+            .collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        let cur = self.be.cur;
+        if let Err(r) = self.close_all_on(&others).await? {
+            tracing::warn!(error = %r.message, "cannot close the session's cursors for DISCARD ALL");
+        }
+        self.be.cur = cur;
+        Ok(())
+    }
+
+    /// `CLOSE ALL` with cursors on several shards: on each of them (the
+    /// caller answers).
+    async fn close_all_on(
+        &mut self,
+        shards: &[usize],
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        for &t in shards {
+            let was_attached = self.be.slots[t].conn.is_some();
+            if let Err(r) = self.ensure_backend(t).await? {
+                return Ok(Err(r));
+            }
+            if let Some(b) = self.be.slots[t].conn.as_mut() {
+                if let Err(e) = b.hidden_query("CLOSE ALL").await {
+                    tracing::warn!(error = %e, shard = t, "CLOSE ALL failed; the backend is closed");
+                    b.broken = true;
+                }
+            }
+            self.cursors.open.retain(|_, c| !c.on(t));
+            if !was_attached && !self.txn.open() {
+                self.let_go(t);
+            }
+        }
+        self.be.update_cancel();
+        Ok(Ok(()))
+    }
+
+    /// The shard of a Describe of portal `name` when it names a cursor of
+    /// the session (None: not one).
+    pub(super) fn cursor_portal_shard(&self, name: &str) -> Option<usize> {
+        if name.is_empty() {
+            return None;
+        }
+        self.cursors.shard_of(name)
+    }
+
+    /// The shards where the session has cursors, in order.
+    fn cursor_shards(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self.cursors.open.values().map(|c| c.shard).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// A statement string `sql` went to shard `t`: what it does to the
+    /// session's cursors.
+    pub(crate) fn note_cursor_sent(&mut self, sql: &str, t: usize) {
+        match cursor_command(sql) {
+            Some(CursorCommand::Declare(d)) => {
+                if d.hold && !self.cursors.reread.contains(&t) {
+                    self.cursors.reread.push(t);
+                }
+                self.cursors.open.insert(
+                    d.name,
+                    OpenCursor {
+                        shard: t,
+                        hold: d.hold,
+                        merged: None,
+                    },
+                );
+            }
+            Some(CursorCommand::Close(Some(name))) => {
+                self.cursors.open.remove(&name);
+            }
+            Some(CursorCommand::Close(None)) => self.cursors.open.retain(|_, c| !c.on(t)),
+            Some(CursorCommand::Fetch { .. }) => {}
+            None => {
+                // Not one cursor statement: it may still declare a
+                // holdable one (several statements, a DO block): read back.
+                if contains_hold(sql) && !self.cursors.reread.contains(&t) {
+                    self.cursors.reread.push(t);
+                }
+            }
+        }
+    }
+
+    /// Whether a batch may declare or close a cursor (no allocation: the
+    /// common batch is only looked at).
+    pub(super) fn may_touch_cursors(&self, frames: &[Frame]) -> bool {
+        let cursor_word = |sql: &str| {
+            ["declare", "close"]
+                .iter()
+                .any(|w| first_keyword_is(sql, w))
+        };
+        frames.iter().any(|f| {
+            let mut b = f.body();
+            match f.tag() {
+                fe::PARSE => {
+                    let _ = wire::get_cstr(&mut b);
+                    wire::get_cstr(&mut b).is_ok_and(cursor_word)
+                }
+                fe::BIND => {
+                    let _ = wire::get_cstr(&mut b);
+                    wire::get_cstr(&mut b).is_ok_and(|stmt| {
+                        self.bound_sql(stmt, &None, None)
+                            .is_some_and(|sql| cursor_word(&sql))
+                    })
+                }
+                _ => false,
+            }
+        })
+    }
+
+    /// The statement texts of a forwarded batch's Binds that are cursor
+    /// statements (read after the batch's Parses were recorded).
+    pub(super) fn cursor_statements(&self, frames: &[Frame]) -> Vec<Arc<str>> {
+        let mut out = Vec::new();
+        for f in frames.iter().filter(|f| f.tag() == fe::BIND) {
+            let mut b = f.body();
+            let (Ok(_portal), Ok(stmt)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b)) else {
+                continue;
+            };
+            if let Some(sql) = self.bound_sql(stmt, &None, None) {
+                if ["declare", "close"]
+                    .iter()
+                    .any(|w| first_keyword_is(&sql, w))
+                {
+                    out.push(sql);
+                }
+            }
+        }
+        out
+    }
+
+    /// At the end of the transaction on shard `i` (its backend attached
+    /// and idle): cursors without hold are gone; the holdable ones are
+    /// read back when the transaction may have declared or closed one.
+    pub(super) async fn read_cursors_due(&mut self, i: usize) {
+        let due = self.cursors.reread.contains(&i) || self.cursors.holds_on(i);
+        self.cursors.reread.retain(|&x| x != i);
+        self.cursors.open.retain(|_, c| !c.on(i) || c.hold);
+        if !due {
+            return;
+        }
+        let Some(b) = self.be.slots[i].conn.as_mut() else {
+            return;
+        };
+        if b.status != tx::IDLE || b.unsynced {
+            return;
+        }
+        match b
+            .hidden_query("SELECT name FROM pg_catalog.pg_cursors WHERE is_holdable")
+            .await
+        {
+            Ok(rows) => {
+                self.cursors.open.retain(|_, c| !c.on(i));
+                for name in rows
+                    .into_iter()
+                    .filter_map(|r| r.into_iter().next().flatten())
+                {
+                    self.cursors.open.insert(
+                        name,
+                        OpenCursor {
+                            shard: i,
+                            hold: true,
+                            merged: None,
+                        },
+                    );
+                }
+            }
+            Err(e) => {
+                // What it holds cannot be known: closed, not pooled, so
+                // that its cursors go with it.
+                tracing::warn!(error = %e, shard = i, "cannot read the session's cursors");
+                b.broken = true;
+                self.cursors.forget_shard(i);
+            }
+        }
+    }
+
+    /// At the end of a transaction on every shard: cursors without hold
+    /// are gone everywhere (those on shards whose backend is not attached
+    /// too: they were declared in this transaction).
+    pub(super) async fn read_cursors_at_end(&mut self) {
+        for i in 0..self.be.slots.len() {
+            if self.be.slots[i].conn.is_some() {
+                self.read_cursors_due(i).await;
+            }
+        }
+        self.cursors.open.retain(|_, c| c.hold);
+    }
+
+    /// When the client leaves: a backend holding its cursors closes them
+    /// (`CLOSE ALL`, within `wait`) before it goes back to the pool; one
+    /// that cannot is closed.
+    pub(super) async fn close_cursors(b: &mut Pooled, wait: std::time::Duration) {
+        match tokio::time::timeout(wait, b.hidden_query("CLOSE ALL")).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "CLOSE ALL failed; the backend is closed");
+                b.broken = true;
+            }
+            Err(_) => {
+                tracing::warn!("CLOSE ALL did not answer in time; the backend is closed");
+                b.broken = true;
+            }
+        }
+    }
+}
+
+/// An extended-protocol `DECLARE` over several shards: its parameters,
+/// its Parse (answered by the node), whether its portal is described.
+struct Ext<'a> {
+    params: merged::ExtParams,
+    parse: Option<&'a Frame>,
+    describe: bool,
+}
+
+/// Whether a cursor's query needs the node to serve the cursor: rows of
+/// several shards, or a shard's own text of it (rows of a range being
+/// moved hidden there), which the client's DECLARE does not carry.
+fn needs_node(t: &Target) -> bool {
+    matches!(t, Target::Multi { shards, sqls } if shards.len() > 1 || sqls.is_some())
+}
+
+/// PostgreSQL's refusal of anything but ROLLBACK in a failed transaction.
+fn aborted() -> Refusal {
+    Refusal::new(
+        sqlstate::IN_FAILED_SQL_TRANSACTION,
+        "current transaction is aborted, commands ignored until end of transaction block".into(),
+    )
+}
+
+/// `CLOSE ALL` (the statement read by the lexer has no name).
+fn name_is_all(sql: &str) -> bool {
+    matches!(cursor_command(sql), Some(CursorCommand::Close(None)))
+}
+
+/// Whether `sql` has the word `hold` anywhere (case-insensitive): a
+/// statement that may declare a holdable cursor.
+fn contains_hold(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"hold"))
+}
