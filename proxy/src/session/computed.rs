@@ -153,6 +153,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(d) => d,
             Err(r) => return Ok(Err(r)),
         };
+        if source.temp {
+            // Its rows would come from the backend holding the session's
+            // temporary objects, and the write may need two-phase commit,
+            // which PostgreSQL refuses after temporary objects were used.
+            return Ok(Err(Refusal::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "INSERT INTO {table} … SELECT from a temporary table is not supported through hotrepart over several shards; insert the rows with VALUES or COPY"
+                ),
+            )));
+        }
         let t = match source.target {
             Target::Shard(t) => t,
             Target::Any => self.default_shard(),
