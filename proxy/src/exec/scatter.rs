@@ -125,9 +125,12 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let mut shard_err = false;
         let mut in_begin = wrap;
         while let Some(f) = st.frame(&mut s.be, i).await? {
+            let f = s.canonical_frame(t, f).await;
             match f.tag() {
                 be::READY_FOR_QUERY => in_begin = false,
                 _ if in_begin => {}
+                // Compared and answered in the home shard's OIDs of user
+                // types (`session/type_oids.rs`).
                 be::ROW_DESCRIPTION => match &first_desc {
                     None => {
                         first_desc = Some(f.raw.clone());

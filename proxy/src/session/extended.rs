@@ -270,10 +270,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let internal = internal_name(&parse, self.generation());
                 if !self.be.current_mut().prepared.touch(&internal) {
                     self.note_prepared(&internal);
-                    wire::frame(&mut self.be.to_backend, fe::PARSE, |o| {
+                    let mut raw = BytesMut::new();
+                    wire::frame(&mut raw, fe::PARSE, |o| {
                         wire::put_cstr(o, &internal);
                         o.put_slice(&parse);
                     });
+                    let raw = self.local_parse_raw(t, &raw.freeze());
+                    self.be.to_backend.put_slice(&raw);
                     self.be.owed.push_back(Owed::Parse {
                         hidden: true,
                         internal: Some(internal.clone()),
@@ -395,6 +398,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         u.on = Some(t);
         let raw = u.raw.clone();
+        let raw = self.local_parse_raw(t, &raw);
         self.be.to_backend.put_slice(&raw);
         self.be.owed.push_back(Owed::Parse {
             hidden: true,
@@ -415,7 +419,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 raw: f.raw.clone(),
                 on: Some(t),
             });
-            self.be.to_backend.put_slice(&f.raw);
+            let raw = self.local_parse_raw(t, &f.raw);
+            self.be.to_backend.put_slice(&raw);
             self.be.owed.push_back(Owed::Parse {
                 hidden: false,
                 internal: None,
@@ -618,7 +623,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         if !self.be.current_mut().prepared.touch(&internal) {
             self.note_prepared(&internal);
-            wire::frame(&mut self.be.to_backend, fe::PARSE, |o| o.put_slice(&parse));
+            let mut raw = BytesMut::with_capacity(parse.len() + 5);
+            wire::frame(&mut raw, fe::PARSE, |o| o.put_slice(&parse));
+            let raw = self.local_parse_raw(self.be.cur, &raw.freeze());
+            self.be.to_backend.put_slice(&raw);
             self.be.owed.push_back(Owed::Parse {
                 hidden: true,
                 internal: Some(internal.clone()),

@@ -13,6 +13,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(crate) async fn on_backend_frame(&mut self, f: Frame) -> Result<(), SessionError> {
         let tag = f.tag();
+        // The home shard's OIDs of user types (`type_oids.rs`).
+        let f = if matches!(tag, be::ROW_DESCRIPTION | be::PARAMETER_DESCRIPTION) {
+            self.canonical_frame(self.be.cur, f).await
+        } else {
+            f
+        };
         if self.gather.is_some() && self.gathered(&f) {
             return Ok(());
         }
