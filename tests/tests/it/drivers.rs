@@ -97,14 +97,6 @@ const KNOWN_FAILURES: &[Known] = &[
             (DECLARE/FETCH/CLOSE) are not supported through hotrepart yet\")",
         fails_with: "cursors (DECLARE/FETCH/CLOSE) are not supported",
     },
-    Known {
-        driver: Driver::Psycopg,
-        shards: 2,
-        scenario: "enum_type",
-        known_failure: "type OIDs differ per shard: the enum's OID the driver read from one \
-            shard is unknown on the other (XX000 \"cache lookup failed for type …\")",
-        fails_with: "XX000: cache lookup failed for type",
-    },
 ];
 
 /// The interpreter, script and environment of a driver; None when skipped
