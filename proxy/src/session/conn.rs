@@ -374,6 +374,9 @@ pub struct Session<S> {
     pub(super) user: String,
     /// Set while a multi-shard extended statement is gathered.
     pub(crate) gather: Option<Gather>,
+    /// While a non-home shard sends rows whose binary values embed type
+    /// OIDs: what turns them into the home shard's (`type_oids.rs`).
+    pub(crate) row_fix: Option<super::type_oids::RowFix>,
     /// DDL was sent: once its replies are in (and its transaction ended),
     /// the node's catalog generation is bumped again, so that statements
     /// other sessions parsed while it ran are not reused.
@@ -489,6 +492,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             skip_to_sync: false,
             user,
             gather: None,
+            row_fix: None,
             ddl_sent: false,
             listener: None,
             part: None,

@@ -259,7 +259,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let mut b = f.body();
                 let portal = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
                 let stmt = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
-                let rest = Bytes::copy_from_slice(b);
+                let rest = match self.local_bind_rest(t, &stmt, b) {
+                    Some(r) => r.freeze(),
+                    None => Bytes::copy_from_slice(b),
+                };
                 let types = self.param_types(&stmt);
                 let mut parse = BytesMut::new();
                 wire::put_cstr(&mut parse, text.unwrap_or_default());
@@ -297,13 +300,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let stmt = wire::get_cstr(&mut b).map_err(client_err)?;
                 if stmt.is_empty() {
                     self.ensure_unnamed(t);
-                    self.be.to_backend.put_slice(&f.raw);
+                    match self.local_bind_rest(t, stmt, b) {
+                        Some(rest) => {
+                            let head = f.raw.len() - b.len();
+                            self.be.to_backend.put_slice(&f.raw[..head]);
+                            self.be.to_backend.put_slice(&rest);
+                        }
+                        None => self.be.to_backend.put_slice(&f.raw),
+                    }
                 } else {
-                    let (portal, stmt, rest) = (
-                        portal.to_string(),
-                        stmt.to_string(),
-                        Bytes::copy_from_slice(b),
-                    );
+                    let rest = match self.local_bind_rest(t, stmt, b) {
+                        Some(r) => r.freeze(),
+                        None => Bytes::copy_from_slice(b),
+                    };
+                    let (portal, stmt) = (portal.to_string(), stmt.to_string());
                     // A statement prepared in an earlier transaction may
                     // change session state each time it runs.
                     if self.stmts.get(&stmt).is_some_and(|s| s.changes_state) {

@@ -14,10 +14,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(crate) async fn on_backend_frame(&mut self, f: Frame) -> Result<(), SessionError> {
         let tag = f.tag();
         // The home shard's OIDs of user types (`type_oids.rs`).
-        let f = if matches!(tag, be::ROW_DESCRIPTION | be::PARAMETER_DESCRIPTION) {
-            self.canonical_frame(self.be.cur, f).await
-        } else {
-            f
+        let f = match tag {
+            be::ROW_DESCRIPTION | be::PARAMETER_DESCRIPTION => {
+                self.relay_description(self.be.cur, f).await
+            }
+            be::DATA_ROW => match &self.row_fix {
+                Some(fix) => Frame {
+                    raw: fix.apply(f.raw),
+                },
+                None => f,
+            },
+            be::COMMAND_COMPLETE
+            | be::EMPTY_QUERY_RESPONSE
+            | be::ERROR_RESPONSE
+            | be::READY_FOR_QUERY => {
+                self.row_fix = None;
+                f
+            }
+            _ => f,
         };
         if self.gather.is_some() && self.gathered(&f) {
             return Ok(());

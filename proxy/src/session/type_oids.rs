@@ -56,7 +56,8 @@ pub(crate) const FIRST_USER_OID: u32 = 16384;
 pub(crate) const RELOAD_AFTER: Duration = Duration::from_secs(1);
 
 /// The user types of a database as the catalog of one shard lists them.
-pub(crate) const TYPES_SQL: &str = "SELECT t.oid::text, n.nspname::text, t.typname::text, t.typtype::text \
+pub(crate) const TYPES_SQL: &str = "SELECT t.oid::text, n.nspname::text, t.typname::text, t.typtype::text, \
+     t.typcategory::text, t.typelem::text, t.typbasetype::text \
      FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace \
      WHERE t.oid >= 16384 AND n.nspname !~ '^pg_(toast_)?temp_'";
 
@@ -71,13 +72,39 @@ pub(crate) struct TypeMap {
     only_here: HashSet<u32>,
     /// Home OIDs of types this shard lacks.
     only_home: HashSet<u32>,
+    /// Local user types whose binary values name types.
+    kinds: HashMap<u32, Kind>,
     loaded: Instant,
     /// OIDs already logged as passed through unchanged.
     logged: Mutex<HashSet<(bool, u32)>>,
 }
 
-/// A catalog row of [`TYPES_SQL`]: (oid, schema, name, kind).
-type TypeRow = (u32, String, String, String);
+/// A catalog row of [`TYPES_SQL`]: (oid, schema, name, typtype) and what
+/// a binary value of the type holds.
+#[derive(Debug, Clone)]
+pub(crate) struct TypeRow {
+    oid: u32,
+    nsp: String,
+    name: String,
+    typtype: String,
+    kind: Kind,
+}
+
+/// `record` and `record[]`: built in, their values carry field OIDs.
+const RECORD: u32 = 2249;
+const RECORD_ARRAY: u32 = 2287;
+
+/// What a binary value of a type holds that names types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// An array: its header names the element type.
+    Array(u32),
+    /// A record: each field names its type.
+    Composite,
+    /// A domain: a value of its base type.
+    Domain(u32),
+    Other,
+}
 
 impl TypeMap {
     /// Pairs the rows of [`TYPES_SQL`] read on the home shard and on the
@@ -85,33 +112,61 @@ impl TypeMap {
     pub(crate) fn build(home: &[TypeRow], shard: &[TypeRow]) -> TypeMap {
         let by_name: HashMap<(&str, &str), (u32, &str)> = home
             .iter()
-            .map(|(oid, nsp, name, kind)| ((nsp.as_str(), name.as_str()), (*oid, kind.as_str())))
+            .map(|r| ((r.nsp.as_str(), r.name.as_str()), (r.oid, r.typtype.as_str())))
             .collect();
         let mut m = TypeMap {
             to_home: HashMap::new(),
             to_local: HashMap::new(),
             only_here: HashSet::new(),
             only_home: HashSet::new(),
+            kinds: HashMap::new(),
             loaded: Instant::now(),
             logged: Mutex::new(HashSet::new()),
         };
-        for (oid, nsp, name, kind) in shard {
-            match by_name.get(&(nsp.as_str(), name.as_str())) {
-                Some((h, k)) if *k == kind.as_str() => {
-                    m.to_home.insert(*oid, *h);
-                    m.to_local.insert(*h, *oid);
+        for r in shard {
+            if r.kind != Kind::Other {
+                m.kinds.insert(r.oid, r.kind);
+            }
+            match by_name.get(&(r.nsp.as_str(), r.name.as_str())) {
+                Some((h, k)) if *k == r.typtype.as_str() => {
+                    m.to_home.insert(r.oid, *h);
+                    m.to_local.insert(*h, r.oid);
                 }
                 _ => {
-                    m.only_here.insert(*oid);
+                    m.only_here.insert(r.oid);
                 }
             }
         }
-        for (oid, ..) in home {
-            if !m.to_local.contains_key(oid) {
-                m.only_home.insert(*oid);
+        for r in home {
+            if !m.to_local.contains_key(&r.oid) {
+                m.only_home.insert(r.oid);
             }
         }
         m
+    }
+
+    /// What a binary value of local type `oid` holds.
+    fn kind(&self, oid: u32) -> Kind {
+        match oid {
+            RECORD => Kind::Composite,
+            RECORD_ARRAY => Kind::Array(RECORD),
+            o if o < FIRST_USER_OID => Kind::Other,
+            o => self.kinds.get(&o).copied().unwrap_or(Kind::Other),
+        }
+    }
+
+    /// A binary value of local type `oid` may name user types.
+    pub(crate) fn names_types(&self, oid: u32) -> bool {
+        let mut oid = oid;
+        for _ in 0..MAX_DEPTH {
+            match self.kind(oid) {
+                Kind::Array(e) => return e >= FIRST_USER_OID || self.kind(e) != Kind::Other,
+                Kind::Composite => return true,
+                Kind::Domain(b) => oid = b,
+                Kind::Other => return false,
+            }
+        }
+        false
     }
 
     /// The map knows what to do with `oid` (a local OID when `local`,
@@ -313,14 +368,208 @@ async fn read_types(t: &BackendTarget, timeout: Duration) -> Result<Vec<TypeRow>
         .map_err(|_| "timed out".to_string())
         .and_then(|r| r.map_err(|e| e.to_string()));
     c.terminate();
-    Ok(rows?
-        .into_iter()
-        .filter_map(|r| {
-            let mut it = r.into_iter();
-            let oid = it.next()??.parse().ok()?;
-            Some((oid, it.next()??, it.next()??, it.next()??))
-        })
-        .collect())
+    Ok(rows?.into_iter().filter_map(type_row).collect())
+}
+
+/// A row of [`TYPES_SQL`] as text.
+fn type_row(r: Vec<Option<String>>) -> Option<TypeRow> {
+    let mut it = r.into_iter();
+    let mut next = || it.next().flatten();
+    let oid = next()?.parse().ok()?;
+    let (nsp, name, typtype, category) = (next()?, next()?, next()?, next()?);
+    let elem: u32 = next()?.parse().ok()?;
+    let base: u32 = next()?.parse().ok()?;
+    let kind = match (typtype.as_str(), category.as_str()) {
+        ("c", _) => Kind::Composite,
+        ("d", _) => Kind::Domain(base),
+        (_, "A") if elem != 0 => Kind::Array(elem),
+        _ => Kind::Other,
+    };
+    Some(TypeRow {
+        oid,
+        nsp,
+        name,
+        typtype,
+        kind,
+    })
+}
+
+/// Nesting depth of the values walked (arrays of records of arrays …).
+const MAX_DEPTH: usize = 32;
+
+fn be_u32(v: &[u8], at: usize) -> Option<u32> {
+    let x = v.get(at..at.checked_add(4)?)?;
+    Some(u32::from_be_bytes([x[0], x[1], x[2], x[3]]))
+}
+
+/// Rewrites in place the type OIDs that binary value `v` of type `oid`
+/// names: an array's element type, a record's field types, and those of
+/// the values inside them. OIDs are of the side the value comes from;
+/// `kind` tells what a value of such an OID holds, `f` gives the other
+/// side's OID. None: malformed (PostgreSQL or the driver will say so).
+pub(crate) fn walk_value(
+    v: &mut [u8],
+    oid: u32,
+    kind: &impl Fn(u32) -> Kind,
+    f: &impl Fn(u32) -> u32,
+    depth: usize,
+) -> Option<()> {
+    if depth > MAX_DEPTH {
+        return None;
+    }
+    let set = |v: &mut [u8], at: usize, o: u32| {
+        if o >= FIRST_USER_OID {
+            v[at..at + 4].copy_from_slice(&f(o).to_be_bytes());
+        }
+    };
+    match kind(oid) {
+        Kind::Other => Some(()),
+        Kind::Domain(b) => walk_value(v, b, kind, f, depth + 1),
+        Kind::Array(_) => {
+            let ndim = be_u32(v, 0)? as i32;
+            let elem = be_u32(v, 8)?;
+            set(v, 8, elem);
+            if !(1..=6).contains(&ndim) || kind(elem) == Kind::Other {
+                return Some(());
+            }
+            let mut count: usize = 1;
+            for d in 0..ndim as usize {
+                let n = be_u32(v, 12 + 8 * d)? as i32;
+                count = count.checked_mul(usize::try_from(n).ok()?)?;
+            }
+            let mut pos = 12 + 8 * ndim as usize;
+            for _ in 0..count {
+                let len = be_u32(v, pos)? as i32;
+                pos += 4;
+                if len < 0 {
+                    continue;
+                }
+                let end = pos.checked_add(len as usize)?;
+                walk_value(v.get_mut(pos..end)?, elem, kind, f, depth + 1)?;
+                pos = end;
+            }
+            Some(())
+        }
+        Kind::Composite => {
+            let n = be_u32(v, 0)? as i32;
+            let mut pos = 4;
+            for _ in 0..n.max(0) {
+                let field = be_u32(v, pos)?;
+                set(v, pos, field);
+                let len = be_u32(v, pos + 4)? as i32;
+                pos += 8;
+                if len < 0 {
+                    continue;
+                }
+                let end = pos.checked_add(len as usize)?;
+                walk_value(v.get_mut(pos..end)?, field, kind, f, depth + 1)?;
+                pos = end;
+            }
+            Some(())
+        }
+    }
+}
+
+/// The binary columns of the rows a non-home shard sends whose values
+/// name user types, and its map: turns those OIDs into the home shard's.
+#[derive(Debug)]
+pub(crate) struct RowFix {
+    /// (column, local type)
+    cols: Vec<(usize, u32)>,
+    map: Arc<TypeMap>,
+    shard: String,
+}
+
+impl RowFix {
+    /// DataRow `raw` with the OIDs inside its values turned into the home
+    /// shard's (as it is when malformed).
+    pub(crate) fn apply(&self, raw: Bytes) -> Bytes {
+        let mut buf = BytesMut::from(&raw[..]);
+        let m = &self.map;
+        let kind = |o: u32| m.kind(o);
+        let f = |o: u32| m.home_of(o, &self.shard);
+        let ok = (|| {
+            let body = buf.get_mut(5..)?;
+            let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
+            let mut pos = 2;
+            let mut next = 0;
+            for col in 0..n {
+                let len = be_u32(body, pos)? as i32;
+                pos += 4;
+                if len < 0 {
+                    continue;
+                }
+                let end = pos.checked_add(len as usize)?;
+                if let Some(&(c, oid)) = self.cols.get(next) {
+                    if c == col {
+                        next += 1;
+                        walk_value(body.get_mut(pos..end)?, oid, &kind, &f, 0)?;
+                    }
+                }
+                pos = end;
+            }
+            Some(())
+        })();
+        match ok {
+            Some(()) => buf.freeze(),
+            None => raw,
+        }
+    }
+}
+
+/// (type OID, format) of each column of a RowDescription body.
+fn columns(body: &[u8]) -> Vec<(u32, i16)> {
+    let mut v = Vec::new();
+    for_each_oid(be::ROW_DESCRIPTION, false, body, |o| {
+        let fmt = body
+            .get(o + 10..o + 12)
+            .map_or(0, |x| i16::from_be_bytes([x[0], x[1]]));
+        v.push((oid_at(body, o), fmt));
+    });
+    v
+}
+
+/// A binary column of type `oid` may name types inside its values.
+fn may_name_types(oid: u32, format: i16) -> bool {
+    format == 1 && (oid >= FIRST_USER_OID || oid == RECORD || oid == RECORD_ARRAY)
+}
+
+/// Bind body part `params` (from the parameter formats on) with the OIDs
+/// inside its binary values of statement parameter types `types` (home
+/// OIDs) turned into the shard's; None when nothing changes.
+fn local_bind_params(params: &[u8], types: &[u32], m: &TypeMap, shard: &str) -> Option<BytesMut> {
+    let mut b = params;
+    let nf = wire::get_i16(&mut b).ok()?.max(0) as usize;
+    let mut formats = Vec::with_capacity(nf);
+    for _ in 0..nf {
+        formats.push(wire::get_i16(&mut b).ok()?);
+    }
+    let nv = wire::get_i16(&mut b).ok()?.max(0) as usize;
+    let mut pos = params.len() - b.len();
+    let mut out: Option<BytesMut> = None;
+    let local = |o: u32| m.to_local.get(&o).copied().unwrap_or(o);
+    let kind = |o: u32| m.kind(local(o));
+    let f = |o: u32| m.local_of(o, shard);
+    for i in 0..nv {
+        let len = be_u32(params, pos)? as i32;
+        pos += 4;
+        if len < 0 {
+            continue;
+        }
+        let end = pos.checked_add(len as usize)?;
+        let format = match nf {
+            0 => 0,
+            1 => formats[0],
+            _ => *formats.get(i)?,
+        };
+        let ty = types.get(i).copied().unwrap_or(0);
+        if format == 1 && ty != 0 && m.names_types(local(ty)) {
+            let buf = out.get_or_insert_with(|| BytesMut::from(params));
+            walk_value(buf.get_mut(pos..end)?, ty, &kind, &f, 0)?;
+        }
+        pos = end;
+    }
+    out
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -393,6 +642,84 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Some(raw) => Frame { raw },
             None => f,
         }
+    }
+
+    /// [`Self::canonical_frame`] on the single-shard relay: also notes,
+    /// for the rows that follow a RowDescription of a non-home shard,
+    /// which binary columns name user types inside their values
+    /// ([`Session::row_fix`]).
+    pub(crate) async fn relay_description(&mut self, t: usize, f: Frame) -> Frame {
+        if f.tag() != be::ROW_DESCRIPTION {
+            return self.canonical_frame(t, f).await;
+        }
+        self.row_fix = None;
+        if t == self.node.routing.home_index() {
+            return f;
+        }
+        let cols = columns(f.body());
+        if cols.iter().any(|&(o, fmt)| may_name_types(o, fmt)) {
+            let oids: Vec<u32> = cols
+                .iter()
+                .map(|c| c.0)
+                .filter(|&o| o >= FIRST_USER_OID)
+                .collect();
+            if let Some(map) = self.type_map(t, &oids, true).await {
+                let fix: Vec<(usize, u32)> = cols
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &(o, fmt))| fmt == 1 && map.names_types(o))
+                    .map(|(i, &(o, _))| (i, o))
+                    .collect();
+                if !fix.is_empty() {
+                    self.row_fix = Some(RowFix {
+                        cols: fix,
+                        map,
+                        shard: self.node.routing.shard_name(t),
+                    });
+                }
+            }
+        }
+        self.canonical_frame(t, f).await
+    }
+
+    /// The part of a Bind of statement `stmt` ("" unnamed) to shard `t`
+    /// from its parameter formats on, with the OIDs inside its binary
+    /// values turned into the shard's. None: as it is (the home shard, or
+    /// no parameter type whose values name types).
+    pub(crate) fn local_bind_rest(&self, t: usize, stmt: &str, rest: &[u8]) -> Option<BytesMut> {
+        if t == self.node.routing.home_index() {
+            return None;
+        }
+        let parse: &[u8] = if stmt.is_empty() {
+            self.unnamed.as_ref()?.raw.get(5..)?
+        } else {
+            &self.stmts.get(stmt)?.parse
+        };
+        let mut any = false;
+        for_each_oid(fe::PARSE, true, parse, |o| {
+            let o = oid_at(parse, o);
+            any |= o >= FIRST_USER_OID || o == RECORD || o == RECORD_ARRAY;
+        });
+        if !any {
+            return None;
+        }
+        let types = self.param_types(stmt);
+        self.local_bind(t, &types, rest)
+    }
+
+    /// The part of a Bind to shard `t` from its parameter formats on, for
+    /// a statement of parameter types `types` (home OIDs; 0 unknown): the
+    /// OIDs inside its binary values turned into the shard's. None: as it
+    /// is.
+    pub(crate) fn local_bind(&self, t: usize, types: &[u32], params: &[u8]) -> Option<BytesMut> {
+        if !types
+            .iter()
+            .any(|&o| o >= FIRST_USER_OID || o == RECORD || o == RECORD_ARRAY)
+        {
+            return None;
+        }
+        let (m, name) = self.send_map(t)?;
+        local_bind_params(params, types, &m, &name)
     }
 
     /// Before a batch goes to `shards`: the maps its Parse messages need
