@@ -31,7 +31,10 @@ pub(crate) enum Owed {
         client: Option<String>,
     },
     Bind,
-    Describe,
+    /// RowDescription/NoData. For a statement: its Parse (the named
+    /// statement's body, the unnamed one's message), under which its
+    /// ParameterDescription's types are noted (`type_oids.rs`).
+    Describe(Option<Bytes>),
     Execute,
     Close,
     Sync,
@@ -377,6 +380,9 @@ pub struct Session<S> {
     /// While a non-home shard sends rows whose binary values embed type
     /// OIDs: what turns them into the home shard's (`type_oids.rs`).
     pub(crate) row_fix: Option<super::type_oids::RowFix>,
+    /// Parameter types PostgreSQL gave (ParameterDescription) to statements
+    /// whose Parse left them unspecified, where they name user types.
+    pub(crate) described: super::type_oids::Described,
     /// DDL was sent: once its replies are in (and its transaction ended),
     /// the node's catalog generation is bumped again, so that statements
     /// other sessions parsed while it ran are not reused.
@@ -493,6 +499,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             user,
             gather: None,
             row_fix: None,
+            described: Default::default(),
             ddl_sent: false,
             listener: None,
             part: None,

@@ -357,7 +357,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     self.be.to_backend.put_slice(&f.raw);
                 }
-                self.be.owed.push_back(Owed::Describe);
+                let parse = match (kind == wire::STATEMENT, name.is_empty()) {
+                    (true, false) => self.stmts.get(&name).map(|s| s.parse.clone()),
+                    (true, true) => self.unnamed.as_ref().map(|u| u.raw.clone()),
+                    (false, _) => None,
+                };
+                self.be.owed.push_back(Owed::Describe(parse));
                 Ok(())
             }
             fe::EXECUTE => {

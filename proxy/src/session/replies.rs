@@ -84,7 +84,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.be.owed.pop_front();
             }
             be::CLOSE_COMPLETE => self.pop_if(|o| matches!(o, Owed::Close)),
-            be::ROW_DESCRIPTION | be::NO_DATA => self.pop_if(|o| matches!(o, Owed::Describe)),
+            be::ROW_DESCRIPTION | be::NO_DATA => self.pop_if(|o| matches!(o, Owed::Describe(_))),
             be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED => {
                 self.pop_if(|o| matches!(o, Owed::Execute))
             }

@@ -517,6 +517,21 @@ impl RowFix {
     }
 }
 
+/// Parameter types PostgreSQL gave statements whose Parse left them
+/// unspecified (0), by the statement's Parse, kept only where one names
+/// user types inside its values (an array of a user type, a record …);
+/// forgotten when the node's catalog generation moves (DDL).
+#[derive(Debug, Default)]
+pub(crate) struct Described {
+    generation: u64,
+    by_parse: HashMap<Bytes, Arc<[u32]>>,
+}
+
+/// A parameter or column type whose binary values may name user types.
+fn may_hold_types(oid: u32) -> bool {
+    oid >= FIRST_USER_OID || oid == RECORD || oid == RECORD_ARRAY
+}
+
 /// (type OID, format) of each column of a RowDescription body.
 fn columns(body: &[u8]) -> Vec<(u32, i16)> {
     let mut v = Vec::new();
@@ -531,7 +546,7 @@ fn columns(body: &[u8]) -> Vec<(u32, i16)> {
 
 /// A binary column of type `oid` may name types inside its values.
 fn may_name_types(oid: u32, format: i16) -> bool {
-    format == 1 && (oid >= FIRST_USER_OID || oid == RECORD || oid == RECORD_ARRAY)
+    format == 1 && may_hold_types(oid)
 }
 
 /// Bind body part `params` (from the parameter formats on) with the OIDs
@@ -598,7 +613,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let key = self.type_map_key(t)?;
         let cached = self.node.type_oids.get(&key);
         if let Some(m) = &cached {
-            if oids.iter().all(|&o| m.knows(o, local)) || m.loaded.elapsed() < RELOAD_AFTER {
+            if oids
+                .iter()
+                .all(|&o| o < FIRST_USER_OID || m.knows(o, local))
+                || m.loaded.elapsed() < RELOAD_AFTER
+            {
                 return cached;
             }
         }
@@ -650,7 +669,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// ([`Session::row_fix`]).
     pub(crate) async fn relay_description(&mut self, t: usize, f: Frame) -> Frame {
         if f.tag() != be::ROW_DESCRIPTION {
-            return self.canonical_frame(t, f).await;
+            let f = self.canonical_frame(t, f).await;
+            self.note_described(&f);
+            return f;
         }
         self.row_fix = None;
         if t == self.node.routing.home_index() {
@@ -682,6 +703,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.canonical_frame(t, f).await
     }
 
+    /// A ParameterDescription (home OIDs) answering a Describe of a
+    /// statement: its types noted when one may name user types inside its
+    /// values.
+    fn note_described(&mut self, f: &Frame) {
+        let mut types = Vec::new();
+        for_each_oid(be::PARAMETER_DESCRIPTION, false, f.body(), |o| {
+            types.push(oid_at(f.body(), o))
+        });
+        if !types.iter().any(|&o| may_hold_types(o)) {
+            return;
+        }
+        let Some(super::conn::Owed::Describe(Some(parse))) = self.be.owed.front() else {
+            return;
+        };
+        let parse = parse.clone();
+        let generation = self.generation();
+        let d = &mut self.described;
+        if d.generation != generation || d.by_parse.len() >= 1000 {
+            d.by_parse.clear();
+            d.generation = generation;
+        }
+        d.by_parse.insert(parse, Arc::from(types));
+    }
+
+    /// The Parse of statement `stmt` ("" unnamed) as [`Described`] keys
+    /// it, and the parameter types PostgreSQL gave it, if noted.
+    fn described_types(&self, stmt: &str) -> Option<(&[u8], Option<Arc<[u32]>>)> {
+        let key: &Bytes = if stmt.is_empty() {
+            &self.unnamed.as_ref()?.raw
+        } else {
+            &self.stmts.get(stmt)?.parse
+        };
+        let d = &self.described;
+        let types = if d.by_parse.is_empty() || d.generation != self.generation() {
+            None
+        } else {
+            d.by_parse.get(key).cloned()
+        };
+        let parse = if stmt.is_empty() {
+            key.get(5..)?
+        } else {
+            &key[..]
+        };
+        Some((parse, types))
+    }
+
     /// The part of a Bind of statement `stmt` ("" unnamed) to shard `t`
     /// from its parameter formats on, with the OIDs inside its binary
     /// values turned into the shard's. None: as it is (the home shard, or
@@ -690,20 +757,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if t == self.node.routing.home_index() {
             return None;
         }
-        let parse: &[u8] = if stmt.is_empty() {
-            self.unnamed.as_ref()?.raw.get(5..)?
-        } else {
-            &self.stmts.get(stmt)?.parse
-        };
-        let mut any = false;
-        for_each_oid(fe::PARSE, true, parse, |o| {
-            let o = oid_at(parse, o);
-            any |= o >= FIRST_USER_OID || o == RECORD || o == RECORD_ARRAY;
-        });
+        let (parse, described) = self.described_types(stmt)?;
+        let mut any = described.is_some();
+        for_each_oid(fe::PARSE, true, parse, |o| any |= may_hold_types(oid_at(parse, o)));
         if !any {
             return None;
         }
-        let types = self.param_types(stmt);
+        let mut types = self.param_types(stmt);
+        if let Some(d) = described {
+            if types.len() < d.len() {
+                types.resize(d.len(), 0);
+            }
+            for (t, d) in types.iter_mut().zip(d.iter()) {
+                if *t == 0 {
+                    *t = *d;
+                }
+            }
+        }
         self.local_bind(t, &types, rest)
     }
 
@@ -712,10 +782,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// OIDs inside its binary values turned into the shard's. None: as it
     /// is.
     pub(crate) fn local_bind(&self, t: usize, types: &[u32], params: &[u8]) -> Option<BytesMut> {
-        if !types
-            .iter()
-            .any(|&o| o >= FIRST_USER_OID || o == RECORD || o == RECORD_ARRAY)
-        {
+        if !types.iter().any(|&o| may_hold_types(o)) {
             return None;
         }
         let (m, name) = self.send_map(t)?;
@@ -734,7 +801,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         for f in frames {
             let mut b = f.body();
             match f.tag() {
-                fe::PARSE => oids.extend(user_oids(fe::PARSE, true, f.body())),
+                fe::PARSE => {
+                    let body = f.body();
+                    for_each_oid(fe::PARSE, true, body, |o| {
+                        let o = oid_at(body, o);
+                        if may_hold_types(o) {
+                            oids.push(o);
+                        }
+                    });
+                }
                 fe::BIND | fe::DESCRIBE => {
                     if f.tag() == fe::DESCRIBE {
                         if b.first() != Some(&wire::STATEMENT) {
@@ -747,12 +822,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let Ok(stmt) = wire::get_cstr(&mut b) else {
                         continue;
                     };
-                    if stmt.is_empty() {
-                        if let Some(u) = &self.unnamed {
-                            oids.extend(user_oids(fe::PARSE, true, u.raw.get(5..).unwrap_or(&[])));
-                        }
-                    } else if let Some(s) = self.stmts.get(stmt) {
-                        oids.extend(user_oids(fe::PARSE, true, &s.parse));
+                    if let Some((parse, described)) = self.described_types(stmt) {
+                        for_each_oid(fe::PARSE, true, parse, |o| {
+                            let o = oid_at(parse, o);
+                            if may_hold_types(o) {
+                                oids.push(o);
+                            }
+                        });
+                        oids.extend(described.iter().flat_map(|d| d.iter().copied()));
                     }
                 }
                 _ => {}
@@ -808,8 +885,154 @@ mod tests {
     use super::*;
     use bytes::BufMut;
 
-    fn row(oid: u32, name: &str, kind: &str) -> TypeRow {
-        (oid, "public".into(), name.into(), kind.into())
+    fn row(oid: u32, name: &str, typtype: &str) -> TypeRow {
+        let kind = match typtype {
+            "c" => Kind::Composite,
+            _ => Kind::Other,
+        };
+        TypeRow {
+            oid,
+            nsp: "public".into(),
+            name: name.into(),
+            typtype: typtype.into(),
+            kind,
+        }
+    }
+
+    fn array(oid: u32, name: &str, elem: u32) -> TypeRow {
+        TypeRow {
+            kind: Kind::Array(elem),
+            ..row(oid, name, "b")
+        }
+    }
+
+    /// Home: mood 16400 (array 16401), pair 16402 (array 16403); the
+    /// shard: 16410, 16411, 16412, 16413.
+    fn shifted() -> TypeMap {
+        let home = [
+            row(16400, "mood", "e"),
+            array(16401, "_mood", 16400),
+            row(16402, "pair", "c"),
+            array(16403, "_pair", 16402),
+        ];
+        let shard = [
+            row(16410, "mood", "e"),
+            array(16411, "_mood", 16410),
+            row(16412, "pair", "c"),
+            array(16413, "_pair", 16412),
+        ];
+        TypeMap::build(&home, &shard)
+    }
+
+    /// A binary array of `elem` holding `items` (None: NULL).
+    fn bin_array(elem: u32, items: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&1i32.to_be_bytes());
+        v.extend_from_slice(&(items.iter().any(Option::is_none) as i32).to_be_bytes());
+        v.extend_from_slice(&elem.to_be_bytes());
+        v.extend_from_slice(&(items.len() as i32).to_be_bytes());
+        v.extend_from_slice(&1i32.to_be_bytes());
+        for it in items {
+            match it {
+                Some(b) => {
+                    v.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                    v.extend_from_slice(b);
+                }
+                None => v.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        v
+    }
+
+    /// A binary record of (type, value) fields.
+    fn bin_record(fields: &[(u32, &[u8])]) -> Vec<u8> {
+        let mut v = (fields.len() as i32).to_be_bytes().to_vec();
+        for (oid, b) in fields {
+            v.extend_from_slice(&oid.to_be_bytes());
+            v.extend_from_slice(&(b.len() as i32).to_be_bytes());
+            v.extend_from_slice(b);
+        }
+        v
+    }
+
+    #[test]
+    fn walks_arrays_and_records_inside_values() {
+        let m = shifted();
+        let kind = |o: u32| m.kind(o);
+        let f = |o: u32| m.home_of(o, "s");
+        // An array of the enum: its element type.
+        let mut v = bin_array(16410, &[Some(b"sad"), None, Some(b"ok")]);
+        let want = bin_array(16400, &[Some(b"sad"), None, Some(b"ok")]);
+        assert!(m.names_types(16411));
+        walk_value(&mut v, 16411, &kind, &f, 0).expect("well formed");
+        assert_eq!(v, want);
+        // An array of records of (int4, the enum): every field too.
+        let rec = |e: u32| bin_record(&[(23, &7i32.to_be_bytes()), (e, b"ok")]);
+        let mut v = bin_array(16412, &[Some(&rec(16410)), Some(&rec(16410))]);
+        walk_value(&mut v, 16413, &kind, &f, 0).expect("well formed");
+        assert_eq!(v, bin_array(16402, &[Some(&rec(16400)), Some(&rec(16400))]));
+        // An anonymous record holding an array of the enum.
+        let inner = bin_array(16410, &[Some(b"happy")]);
+        let mut v = bin_record(&[(16411, &inner)]);
+        walk_value(&mut v, RECORD, &kind, &f, 0).expect("well formed");
+        assert_eq!(v, bin_record(&[(16401, &bin_array(16400, &[Some(b"happy")]))]));
+        // Built-in arrays are left alone; malformed values are refused.
+        assert!(!m.names_types(1007));
+        let mut short = bin_array(16412, &[Some(&rec(16410))]);
+        short.truncate(short.len() - 1);
+        assert!(walk_value(&mut short, 16413, &kind, &f, 0).is_none());
+        for n in 0..12 {
+            let mut v = vec![0xffu8; n];
+            let _ = walk_value(&mut v, 16413, &kind, &f, 0);
+            let _ = walk_value(&mut v, RECORD, &kind, &f, 0);
+        }
+    }
+
+    #[test]
+    fn rows_and_bind_parameters_are_rewritten_where_they_name_types() {
+        let m = Arc::new(shifted());
+        // A DataRow of (int4, _mood), the second binary.
+        let arr = bin_array(16410, &[Some(b"sad")]);
+        let mut raw = BytesMut::new();
+        wire::frame(&mut raw, be::DATA_ROW, |o| {
+            o.put_i16(2);
+            o.put_i32(4);
+            o.put_i32(9);
+            o.put_i32(arr.len() as i32);
+            o.put_slice(&arr);
+        });
+        let fix = RowFix {
+            cols: vec![(1, 16411)],
+            map: m.clone(),
+            shard: "s".into(),
+        };
+        let out = fix.apply(raw.clone().freeze());
+        let want = bin_array(16400, &[Some(b"sad")]);
+        assert_eq!(&out[out.len() - want.len()..], &want[..]);
+        assert_eq!(&out[..out.len() - want.len()], &raw[..raw.len() - arr.len()]);
+        // A truncated DataRow goes on as it came.
+        let cut = raw.clone().freeze().slice(..raw.len() - 2);
+        assert_eq!(fix.apply(cut.clone()), cut);
+
+        // Bind parameters (formats: binary for all), types in home OIDs.
+        let home_arr = bin_array(16400, &[Some(b"ok")]);
+        let mut params = BytesMut::new();
+        params.put_i16(1);
+        params.put_i16(1);
+        params.put_i16(2);
+        params.put_i32(8);
+        params.put_i64(5);
+        params.put_i32(home_arr.len() as i32);
+        params.put_slice(&home_arr);
+        params.put_i16(0);
+        let out = local_bind_params(&params, &[20, 16401], &m, "s").expect("changed");
+        let local = bin_array(16410, &[Some(b"ok")]);
+        assert_eq!(&out[out.len() - 2 - local.len()..out.len() - 2], &local[..]);
+        // Text parameters, or types that name none: nothing to do.
+        assert!(local_bind_params(&params, &[20, 25], &m, "s").is_none());
+        let mut text = params.clone();
+        text[2..4].copy_from_slice(&0i16.to_be_bytes());
+        assert!(local_bind_params(&text, &[20, 16401], &m, "s").is_none());
     }
 
     #[test]
