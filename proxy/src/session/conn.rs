@@ -30,7 +30,9 @@ pub(crate) enum Owed {
         internal: Option<String>,
         client: Option<String>,
     },
-    Bind,
+    /// BindComplete; with what turns the OIDs inside the binary values of
+    /// the rows its Execute brings into the home shard's (`type_oids.rs`).
+    Bind(Option<Box<super::type_oids::RowFix>>),
     /// RowDescription/NoData. For a statement: its Parse (the named
     /// statement's body, the unnamed one's message), under which its
     /// ParameterDescription's types are noted (`type_oids.rs`).

@@ -291,13 +291,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     wire::put_cstr(o, &internal);
                     o.put_slice(&rest);
                 });
-                self.be.owed.push_back(Owed::Bind);
+                let fix = self.bind_row_fix(t, &portal, &stmt, &rest);
+                self.be.owed.push_back(Owed::Bind(fix));
                 Ok(())
             }
             fe::BIND => {
                 let mut b = f.body();
                 let portal = wire::get_cstr(&mut b).map_err(client_err)?;
                 let stmt = wire::get_cstr(&mut b).map_err(client_err)?;
+                let fix = self.bind_row_fix(t, portal, stmt, b);
                 if stmt.is_empty() {
                     self.ensure_unnamed(t);
                     match self.local_bind_rest(t, stmt, b) {
@@ -335,7 +337,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         None => self.be.to_backend.put_slice(&f.raw),
                     }
                 }
-                self.be.owed.push_back(Owed::Bind);
+                self.be.owed.push_back(Owed::Bind(fix));
                 Ok(())
             }
             fe::DESCRIBE => {

@@ -78,7 +78,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.be.owed.pop_front();
                 }
             }
-            be::BIND_COMPLETE => self.pop_if(|o| matches!(o, Owed::Bind)),
+            be::BIND_COMPLETE => {
+                if let Some(Owed::Bind(fix)) = self.be.owed.front_mut() {
+                    self.row_fix = fix.take().map(|f| *f);
+                    self.be.owed.pop_front();
+                }
+            }
             be::CLOSE_COMPLETE if matches!(self.be.owed.front(), Some(Owed::Closing(_))) => {
                 forward = false;
                 self.be.owed.pop_front();

@@ -56,7 +56,8 @@ pub(crate) const FIRST_USER_OID: u32 = 16384;
 pub(crate) const RELOAD_AFTER: Duration = Duration::from_secs(1);
 
 /// The user types of a database as the catalog of one shard lists them.
-pub(crate) const TYPES_SQL: &str = "SELECT t.oid::text, n.nspname::text, t.typname::text, t.typtype::text, \
+pub(crate) const TYPES_SQL: &str =
+    "SELECT t.oid::text, n.nspname::text, t.typname::text, t.typtype::text, \
      t.typcategory::text, t.typelem::text, t.typbasetype::text \
      FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace \
      WHERE t.oid >= 16384 AND n.nspname !~ '^pg_(toast_)?temp_'";
@@ -112,7 +113,12 @@ impl TypeMap {
     pub(crate) fn build(home: &[TypeRow], shard: &[TypeRow]) -> TypeMap {
         let by_name: HashMap<(&str, &str), (u32, &str)> = home
             .iter()
-            .map(|r| ((r.nsp.as_str(), r.name.as_str()), (r.oid, r.typtype.as_str())))
+            .map(|r| {
+                (
+                    (r.nsp.as_str(), r.name.as_str()),
+                    (r.oid, r.typtype.as_str()),
+                )
+            })
             .collect();
         let mut m = TypeMap {
             to_home: HashMap::new(),
@@ -323,7 +329,9 @@ fn oid_at(body: &[u8], at: usize) -> u32 {
 /// The message body holds a user type OID (≥ 16384).
 pub(crate) fn has_user_oids(tag: u8, frontend: bool, body: &[u8]) -> bool {
     let mut any = false;
-    for_each_oid(tag, frontend, body, |o| any |= oid_at(body, o) >= FIRST_USER_OID);
+    for_each_oid(tag, frontend, body, |o| {
+        any |= oid_at(body, o) >= FIRST_USER_OID
+    });
     any
 }
 
@@ -363,10 +371,13 @@ async fn read_types(t: &BackendTarget, timeout: Duration) -> Result<Vec<TypeRow>
     let mut c = BackendConn::connect_named(t, timeout, Some("hotrepart type oids"))
         .await
         .map_err(|e| e.to_string())?;
-    let rows = tokio::time::timeout(timeout.max(Duration::from_secs(5)), c.hidden_query(TYPES_SQL))
-        .await
-        .map_err(|_| "timed out".to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
+    let rows = tokio::time::timeout(
+        timeout.max(Duration::from_secs(5)),
+        c.hidden_query(TYPES_SQL),
+    )
+    .await
+    .map_err(|_| "timed out".to_string())
+    .and_then(|r| r.map_err(|e| e.to_string()));
     c.terminate();
     Ok(rows?.into_iter().filter_map(type_row).collect())
 }
@@ -517,14 +528,49 @@ impl RowFix {
     }
 }
 
-/// Parameter types PostgreSQL gave statements whose Parse left them
-/// unspecified (0), by the statement's Parse, kept only where one names
-/// user types inside its values (an array of a user type, a record …);
-/// forgotten when the node's catalog generation moves (DDL).
+/// What a Describe of a statement told (ParameterDescription,
+/// RowDescription, in home OIDs), by the statement's Parse, kept only
+/// where a type may name user types inside its values (an array of a user
+/// type, a record …): the parameter types its Parse left unspecified, and
+/// the column types of rows a later Bind and Execute bring without a
+/// RowDescription. Forgotten when the node's catalog generation moves
+/// (DDL).
 #[derive(Debug, Default)]
 pub(crate) struct Described {
     generation: u64,
-    by_parse: HashMap<Bytes, Arc<[u32]>>,
+    by_parse: HashMap<Bytes, Told>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Told {
+    params: Option<Arc<[u32]>>,
+    cols: Option<Arc<[u32]>>,
+}
+
+impl Described {
+    fn note(&mut self, generation: u64, parse: Bytes, f: impl FnOnce(&mut Told)) {
+        if self.generation != generation || self.by_parse.len() >= 1000 {
+            self.by_parse.clear();
+            self.generation = generation;
+        }
+        f(self.by_parse.entry(parse).or_default());
+    }
+}
+
+/// Result formats of a Bind from its parameter formats on.
+fn result_formats(rest: &[u8]) -> Option<Vec<i16>> {
+    let mut b = rest;
+    let nf = wire::get_i16(&mut b).ok()?.max(0) as usize;
+    b = b.get(2 * nf..)?;
+    let nv = wire::get_i16(&mut b).ok()?.max(0);
+    for _ in 0..nv {
+        let len = wire::get_i32(&mut b).ok()?;
+        if len > 0 {
+            b = b.get(len as usize..)?;
+        }
+    }
+    let nr = wire::get_i16(&mut b).ok()?.max(0) as usize;
+    (0..nr).map(|_| wire::get_i16(&mut b).ok()).collect()
 }
 
 /// A parameter or column type whose binary values may name user types.
@@ -675,6 +721,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.row_fix = None;
         if t == self.node.routing.home_index() {
+            self.note_described(&f);
             return f;
         }
         let cols = columns(f.body());
@@ -700,43 +747,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         }
-        self.canonical_frame(t, f).await
+        let f = self.canonical_frame(t, f).await;
+        self.note_described(&f);
+        f
     }
 
-    /// A ParameterDescription (home OIDs) answering a Describe of a
-    /// statement: its types noted when one may name user types inside its
-    /// values.
+    /// A ParameterDescription or RowDescription (home OIDs) answering a
+    /// Describe of a statement: its types noted when one may name user
+    /// types inside its values ([`Described`]).
     fn note_described(&mut self, f: &Frame) {
+        let Some(super::conn::Owed::Describe(Some(parse))) = self.be.owed.front() else {
+            return;
+        };
         let mut types = Vec::new();
-        for_each_oid(be::PARAMETER_DESCRIPTION, false, f.body(), |o| {
+        for_each_oid(f.tag(), false, f.body(), |o| {
             types.push(oid_at(f.body(), o))
         });
         if !types.iter().any(|&o| may_hold_types(o)) {
             return;
         }
-        let Some(super::conn::Owed::Describe(Some(parse))) = self.be.owed.front() else {
-            return;
-        };
-        let parse = parse.clone();
-        let generation = self.generation();
-        let d = &mut self.described;
-        if d.generation != generation || d.by_parse.len() >= 1000 {
-            d.by_parse.clear();
-            d.generation = generation;
-        }
-        d.by_parse.insert(parse, Arc::from(types));
+        let (parse, generation) = (parse.clone(), self.generation());
+        let types: Arc<[u32]> = Arc::from(types);
+        let params = f.tag() == be::PARAMETER_DESCRIPTION;
+        self.described.note(generation, parse, |t| {
+            if params {
+                t.params = Some(types);
+            } else {
+                t.cols = Some(types);
+            }
+        });
     }
 
     /// The Parse of statement `stmt` ("" unnamed) as [`Described`] keys
     /// it, and the parameter types PostgreSQL gave it, if noted.
     fn described_types(&self, stmt: &str) -> Option<(&[u8], Option<Arc<[u32]>>)> {
+        let (parse, told) = self.told(stmt)?;
+        Some((parse, told.and_then(|t| t.params)))
+    }
+
+    /// The Parse of statement `stmt` ("" unnamed) and what a Describe of
+    /// it told, if noted.
+    fn told(&self, stmt: &str) -> Option<(&[u8], Option<Told>)> {
         let key: &Bytes = if stmt.is_empty() {
             &self.unnamed.as_ref()?.raw
         } else {
             &self.stmts.get(stmt)?.parse
         };
         let d = &self.described;
-        let types = if d.by_parse.is_empty() || d.generation != self.generation() {
+        let told = if d.by_parse.is_empty() || d.generation != self.generation() {
             None
         } else {
             d.by_parse.get(key).cloned()
@@ -746,7 +804,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             &key[..]
         };
-        Some((parse, types))
+        Some((parse, told))
+    }
+
+    /// For a Bind of statement `stmt` into the unnamed portal on shard
+    /// `t` (Bind body `rest` from the parameter formats on): the rows its
+    /// Execute brings without a RowDescription (a driver that described
+    /// the statement before: tokio-postgres, asyncpg …), where binary
+    /// columns name user types inside their values. Set when its
+    /// BindComplete arrives (`replies.rs`).
+    pub(crate) fn bind_row_fix(
+        &self,
+        t: usize,
+        portal: &str,
+        stmt: &str,
+        rest: &[u8],
+    ) -> Option<Box<RowFix>> {
+        if !portal.is_empty() || self.described.by_parse.is_empty() {
+            return None;
+        }
+        if t == self.node.routing.home_index() {
+            return None;
+        }
+        let cols = self.told(stmt)?.1?.cols?;
+        let (map, shard) = self.send_map(t)?;
+        let formats = result_formats(rest)?;
+        let fix: Vec<(usize, u32)> = cols
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &canon)| {
+                let fmt = match formats.len() {
+                    0 => 0,
+                    1 => formats[0],
+                    _ => formats.get(i).copied().unwrap_or(0),
+                };
+                let local = map.to_local.get(&canon).copied().unwrap_or(canon);
+                (fmt == 1 && map.names_types(local)).then_some((i, local))
+            })
+            .collect();
+        (!fix.is_empty()).then(|| {
+            Box::new(RowFix {
+                cols: fix,
+                map,
+                shard,
+            })
+        })
     }
 
     /// The part of a Bind of statement `stmt` ("" unnamed) to shard `t`
@@ -759,7 +861,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let (parse, described) = self.described_types(stmt)?;
         let mut any = described.is_some();
-        for_each_oid(fe::PARSE, true, parse, |o| any |= may_hold_types(oid_at(parse, o)));
+        for_each_oid(fe::PARSE, true, parse, |o| {
+            any |= may_hold_types(oid_at(parse, o))
+        });
         if !any {
             return None;
         }
@@ -822,14 +926,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let Ok(stmt) = wire::get_cstr(&mut b) else {
                         continue;
                     };
-                    if let Some((parse, described)) = self.described_types(stmt) {
+                    if let Some((parse, told)) = self.told(stmt) {
                         for_each_oid(fe::PARSE, true, parse, |o| {
                             let o = oid_at(parse, o);
                             if may_hold_types(o) {
                                 oids.push(o);
                             }
                         });
-                        oids.extend(described.iter().flat_map(|d| d.iter().copied()));
+                        if let Some(t) = told {
+                            for types in [t.params, t.cols].into_iter().flatten() {
+                                oids.extend(types.iter().copied().filter(|&o| may_hold_types(o)));
+                            }
+                        }
                     }
                 }
                 _ => {}
@@ -975,7 +1083,10 @@ mod tests {
         let inner = bin_array(16410, &[Some(b"happy")]);
         let mut v = bin_record(&[(16411, &inner)]);
         walk_value(&mut v, RECORD, &kind, &f, 0).expect("well formed");
-        assert_eq!(v, bin_record(&[(16401, &bin_array(16400, &[Some(b"happy")]))]));
+        assert_eq!(
+            v,
+            bin_record(&[(16401, &bin_array(16400, &[Some(b"happy")]))])
+        );
         // Built-in arrays are left alone; malformed values are refused.
         assert!(!m.names_types(1007));
         let mut short = bin_array(16412, &[Some(&rec(16410))]);
@@ -1009,7 +1120,10 @@ mod tests {
         let out = fix.apply(raw.clone().freeze());
         let want = bin_array(16400, &[Some(b"sad")]);
         assert_eq!(&out[out.len() - want.len()..], &want[..]);
-        assert_eq!(&out[..out.len() - want.len()], &raw[..raw.len() - arr.len()]);
+        assert_eq!(
+            &out[..out.len() - want.len()],
+            &raw[..raw.len() - arr.len()]
+        );
         // A truncated DataRow goes on as it came.
         let cut = raw.clone().freeze().slice(..raw.len() - 2);
         assert_eq!(fix.apply(cut.clone()), cut);
@@ -1037,7 +1151,11 @@ mod tests {
 
     #[test]
     fn pairs_by_schema_name_and_kind() {
-        let home = [row(16400, "mood", "e"), row(16401, "_mood", "b"), row(16500, "x", "e")];
+        let home = [
+            row(16400, "mood", "e"),
+            row(16401, "_mood", "b"),
+            row(16500, "x", "e"),
+        ];
         let shard = [
             row(16410, "mood", "e"),
             row(16411, "_mood", "b"),
@@ -1088,7 +1206,10 @@ mod tests {
             }
         });
         let out = rewrite(&rd, false, f).expect("changed");
-        assert_eq!(user_oids(be::ROW_DESCRIPTION, false, &out[5..]), vec![16400]);
+        assert_eq!(
+            user_oids(be::ROW_DESCRIPTION, false, &out[5..]),
+            vec![16400]
+        );
 
         let mut pd = BytesMut::new();
         wire::frame(&mut pd, be::PARAMETER_DESCRIPTION, |o| {
@@ -1096,7 +1217,10 @@ mod tests {
             o.put_u32(16410);
         });
         let out = rewrite(&pd, false, f).expect("changed");
-        assert_eq!(user_oids(be::PARAMETER_DESCRIPTION, false, &out[5..]), vec![16400]);
+        assert_eq!(
+            user_oids(be::PARAMETER_DESCRIPTION, false, &out[5..]),
+            vec![16400]
+        );
         // Nothing changes: no copy.
         assert!(rewrite(&pd, false, |o| o).is_none());
         let mut builtin = BytesMut::new();
@@ -1104,7 +1228,11 @@ mod tests {
             o.put_i16(1);
             o.put_u32(25);
         });
-        assert!(!has_user_oids(be::PARAMETER_DESCRIPTION, false, &builtin[5..]));
+        assert!(!has_user_oids(
+            be::PARAMETER_DESCRIPTION,
+            false,
+            &builtin[5..]
+        ));
         assert!(rewrite(&builtin, false, |_| 16400).is_none());
     }
 

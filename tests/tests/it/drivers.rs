@@ -88,16 +88,14 @@ struct Known {
     fails_with: &'static str,
 }
 
-const KNOWN_FAILURES: &[Known] = &[
-    Known {
-        driver: Driver::Psycopg,
-        shards: 2,
-        scenario: "server_cursor",
-        known_failure: "cursors are refused on several shards (0A000 \"cursors \
+const KNOWN_FAILURES: &[Known] = &[Known {
+    driver: Driver::Psycopg,
+    shards: 2,
+    scenario: "server_cursor",
+    known_failure: "cursors are refused on several shards (0A000 \"cursors \
             (DECLARE/FETCH/CLOSE) are not supported through hotrepart yet\")",
-        fails_with: "cursors (DECLARE/FETCH/CLOSE) are not supported",
-    },
-];
+    fails_with: "cursors (DECLARE/FETCH/CLOSE) are not supported",
+}];
 
 /// The interpreter, script and environment of a driver; None when skipped
 /// (outside CI, without a registry).
