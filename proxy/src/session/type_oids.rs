@@ -778,13 +778,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         });
     }
 
-    /// The Parse of statement `stmt` ("" unnamed) as [`Described`] keys
-    /// it, and the parameter types PostgreSQL gave it, if noted.
-    fn described_types(&self, stmt: &str) -> Option<(&[u8], Option<Arc<[u32]>>)> {
-        let (parse, told) = self.told(stmt)?;
-        Some((parse, told.and_then(|t| t.params)))
-    }
-
     /// The Parse of statement `stmt` ("" unnamed) and what a Describe of
     /// it told, if noted.
     fn told(&self, stmt: &str) -> Option<(&[u8], Option<Told>)> {
@@ -859,7 +852,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if t == self.node.routing.home_index() {
             return None;
         }
-        let (parse, described) = self.described_types(stmt)?;
+        let (parse, told) = self.told(stmt)?;
+        let described = told.and_then(|t| t.params);
         let mut any = described.is_some();
         for_each_oid(fe::PARSE, true, parse, |o| {
             any |= may_hold_types(oid_at(parse, o))

@@ -452,7 +452,7 @@ impl Raw {
         let mut s = TcpStream::connect(c.addr).await.unwrap();
         let mut buf = BytesMut::new();
         postgres_protocol::message::frontend::startup_message(
-            [("user", "raw"), ("database", "postgres")].into_iter(),
+            [("user", "raw"), ("database", "postgres")],
             &mut buf,
         )
         .unwrap();
