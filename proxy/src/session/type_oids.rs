@@ -2,43 +2,58 @@
 //!
 //! PostgreSQL gives each user type (enum, composite, domain, range, a
 //! table's row type, their array types …) the next free OID of its server,
-//! so one type has a different OID on each shard; drivers cache a type's
+//! so one type has a different OID on each shard; drivers learn a type's
 //! OID from one read (catalog reads go to the home shard) and send it
 //! back, or read it in a RowDescription from another shard and fail to
 //! decode. PostgreSQL cannot create a type with a chosen OID, so the node
 //! translates: the *canonical* OID of a user type is the home shard's; for
 //! every other shard a [`TypeMap`] pairs its local OIDs with the home
-//! shard's, matched by (schema, name, kind) in `pg_type`.
+//! shard's, matched by (schema, name, `typtype`) in `pg_type`.
 //!
 //! - Client → shard: the parameter type OIDs of each Parse sent to a
 //!   non-home shard (the client's own, the node's re-Parse of a named or
 //!   unnamed statement, a shard's own text of a multi-shard statement, the
-//!   merge's Parse) are turned into the shard's (`local_parse_raw`,
-//!   `local_types`).
+//!   merge's Parse: `local_parse_raw`, `local_types`), and the OIDs inside
+//!   binary Bind values of arrays and records (`local_bind_rest`; the
+//!   parameter types from Parse, else from the ParameterDescription of a
+//!   Describe of the statement, noted in [`Described`]). PostgreSQL 15
+//!   ignores a user OID inside binary array and record input that differs
+//!   from the one it expects; older servers refuse it (42804).
 //! - Shard → client: the type OIDs of each RowDescription and
-//!   ParameterDescription from a non-home shard are turned into the home
-//!   shard's ([`Session::canonical_frame`]) on the single-shard relay
-//!   (`replies.rs`), in a concatenated and in a merged read (whose shards'
-//!   row descriptions are compared after translation).
+//!   ParameterDescription from a non-home shard ([`Session::canonical_frame`])
+//!   on the single-shard relay (`replies.rs`), in a concatenated and in a
+//!   merged read (whose shards' row descriptions are compared after
+//!   translation); and the OIDs inside binary values of arrays and records
+//!   in the DataRows of the single-shard relay ([`RowFix`]): set by the
+//!   RowDescription of the portal (Describe, simple query) or, for rows
+//!   that come without one (Bind and Execute of a statement described
+//!   before: tokio-postgres, asyncpg), at the BindComplete of the unnamed
+//!   portal from the statement's described columns and the Bind's result
+//!   formats (`bind_row_fix`).
 //!
-//! Only OIDs ≥ 16384 (`FirstNormalObjectId`) are looked at: built-in types
-//! are the same everywhere, so the hot path pays one compare per column or
-//! parameter and no lookup. A map is built only when such an OID is seen
-//! for or from a non-home shard: read on dedicated connections to the home
-//! shard and to the shard (never a pooled backend, so no session waits on
-//! another and nothing is read mid-pipeline), cached per (database, home,
-//! shard) in the node ([`TypeOidCache`]), forgotten on DDL through the
-//! node (`Node::forget_catalog`: CREATE/DROP/ALTER TYPE, DOMAIN, TABLE,
-//! EXTENSION … all go there), and read again when an OID is missing from
-//! it (at most once per [`RELOAD_AFTER`], so a type that exists on one
-//! side only costs no query per statement).
+//! Only OIDs ≥ 16384 (`FirstNormalObjectId`, plus `record`/`record[]`
+//! inside values) are looked at: built-in types are the same everywhere, so
+//! the hot path pays a compare per column or parameter of a non-home shard
+//! and no lookup; rows are rewritten only while a [`RowFix`] is set. A map
+//! is built only when such an OID is seen for or from a non-home shard:
+//! read on dedicated connections to the home shard and to the shard (never
+//! a pooled backend, so nothing is read mid-pipeline and no pool is held),
+//! one reader per map at a time (the others await its result), cached per
+//! (database, home, shard) in the node ([`TypeOidCache`]), forgotten on DDL
+//! through the node (`Node::forget_catalog`: CREATE/DROP/ALTER TYPE,
+//! DOMAIN, TABLE, EXTENSION … all go there), and read again when an OID is
+//! missing from it (at most once per [`RELOAD_AFTER`], so a type that
+//! exists on one side only costs no query per statement; a failed read is
+//! retried after it too).
 //!
 //! A type the home shard lacks, or holds under the same name as another
 //! kind, keeps its local OID (logged once per map): the node never makes
-//! an OID up. Left as they are (documented in the README): OIDs inside
-//! binary values (an array's element OID, a record's field OIDs) in
-//! DataRow and Bind; a type created in a transaction not yet committed
-//! (the dedicated connections cannot see it) until it commits.
+//! an OID up. Left as they are (documented in the README): a type created
+//! in a transaction not yet committed (the dedicated connections cannot
+//! see it) until it commits; binary values in the rows of the second and
+//! later shards of a concatenated extended-protocol read, and of a named
+//! portal executed without a Describe; a FunctionCall's function OID; the
+//! table OIDs of RowDescription.
 
 use super::conn::Session;
 use crate::backend::conn::{BackendConn, BackendTarget};
@@ -232,6 +247,9 @@ type MapKey = (String, String, String);
 #[derive(Debug, Default)]
 pub struct TypeOidCache {
     maps: Mutex<HashMap<MapKey, Arc<TypeMap>>>,
+    /// One reader of a map at a time: sessions that need it meanwhile
+    /// wait for its result instead of each opening connections.
+    loading: Mutex<HashMap<MapKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl TypeOidCache {
@@ -241,6 +259,14 @@ impl TypeOidCache {
             .unwrap_or_else(|e| e.into_inner())
             .get(key)
             .cloned()
+    }
+
+    fn load_lock(&self, key: &MapKey) -> Arc<tokio::sync::Mutex<()>> {
+        let mut l = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+        if l.len() > 10_000 {
+            l.clear();
+        }
+        l.entry(key.clone()).or_default().clone()
     }
 
     fn put(&self, key: MapKey, m: Arc<TypeMap>) {
@@ -657,16 +683,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         local: bool,
     ) -> Option<Arc<TypeMap>> {
         let key = self.type_map_key(t)?;
-        let cached = self.node.type_oids.get(&key);
-        if let Some(m) = &cached {
-            if oids
-                .iter()
+        let fresh = |m: &TypeMap| {
+            oids.iter()
                 .all(|&o| o < FIRST_USER_OID || m.knows(o, local))
                 || m.loaded.elapsed() < RELOAD_AFTER
-            {
-                return cached;
-            }
+        };
+        let cached = self.node.type_oids.get(&key);
+        if cached.as_deref().is_some_and(fresh) {
+            return cached;
         }
+        // An async lock (no thread blocks), held while this map is read.
+        let lock = self.node.type_oids.load_lock(&key);
+        let _one_reader = lock.lock().await;
+        // Another session may have read it meanwhile.
+        let cached = self.node.type_oids.get(&key);
+        if cached.as_deref().is_some_and(fresh) {
+            return cached;
+        }
+        // DDL through the node meanwhile (`Node::forget_catalog`): what was
+        // read may be older than it, and is not kept.
+        let generation = self.generation();
         let home = self.node.routing.home_index();
         let (hp, tp) = (self.pool(home), self.pool(t));
         let timeout = hp.connect_timeout();
@@ -674,14 +710,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             read_types(&hp.target, timeout),
             read_types(&tp.target, timeout)
         );
+        let keep = self.generation() == generation;
         match (h, s) {
             (Ok(h), Ok(s)) => {
                 let m = Arc::new(TypeMap::build(&h, &s));
-                self.node.type_oids.put(key, m.clone());
+                if keep {
+                    self.node.type_oids.put(key, m.clone());
+                }
                 Some(m)
             }
             (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!(shard = %key.2, error = %e, "cannot read the user types of the home shard and of this shard: their OIDs pass unchanged");
+                if cached.is_none() && keep {
+                    // Tried again in RELOAD_AFTER, not at every statement.
+                    self.node
+                        .type_oids
+                        .put(key, Arc::new(TypeMap::build(&[], &[])));
+                }
                 cached
             }
         }
