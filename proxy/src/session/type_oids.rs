@@ -51,8 +51,9 @@
 //! an OID up. Left as they are (documented in the README): a type created
 //! in a transaction not yet committed (the dedicated connections cannot
 //! see it) until it commits; binary values in the rows of the second and
-//! later shards of a concatenated extended-protocol read, and of a named
-//! portal executed without a Describe; a FunctionCall's function OID; the
+//! later shards of a concatenated extended-protocol read, of a named
+//! portal executed without a Describe, and of a portal resumed after
+//! PortalSuspended in a later batch; a FunctionCall's function OID; the
 //! table OIDs of RowDescription.
 
 use super::conn::Session;
