@@ -24,7 +24,8 @@
 //!   on the single-shard relay (`replies.rs`), in a concatenated and in a
 //!   merged read (whose shards' row descriptions are compared after
 //!   translation); and the OIDs inside binary values of arrays and records
-//!   in the DataRows of the single-shard relay ([`RowFix`]): set by the
+//!   in the DataRows of the single-shard relay and of a concatenated read
+//!   (`exec/scatter.rs`, each shard its own) ([`RowFix`]): set by the
 //!   RowDescription of the portal (Describe, simple query) or, for rows
 //!   that come without one (Bind and Execute of a statement described
 //!   before: tokio-postgres, asyncpg), at the BindComplete of the unnamed
@@ -50,9 +51,8 @@
 //! kind, keeps its local OID (logged once per map): the node never makes
 //! an OID up. Left as they are (documented in the README): a type created
 //! in a transaction not yet committed (the dedicated connections cannot
-//! see it) until it commits; binary values in the rows of the second and
-//! later shards of a concatenated extended-protocol read, of a named
-//! portal executed without a Describe, and of a portal resumed after
+//! see it) until it commits; binary values in the rows of a named portal
+//! executed without a Describe, and of a portal resumed after
 //! PortalSuspended in a later batch; a FunctionCall's function OID; the
 //! table OIDs of RowDescription.
 
@@ -770,32 +770,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.note_described(&f);
             return f;
         }
-        let cols = columns(f.body());
-        if cols.iter().any(|&(o, fmt)| may_name_types(o, fmt)) {
-            let oids: Vec<u32> = cols
-                .iter()
-                .map(|c| c.0)
-                .filter(|&o| o >= FIRST_USER_OID)
-                .collect();
-            if let Some(map) = self.type_map(t, &oids, true).await {
-                let fix: Vec<(usize, u32)> = cols
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, &(o, fmt))| fmt == 1 && map.names_types(o))
-                    .map(|(i, &(o, _))| (i, o))
-                    .collect();
-                if !fix.is_empty() {
-                    self.row_fix = Some(RowFix {
-                        cols: fix,
-                        map,
-                        shard: self.node.routing.shard_name(t),
-                    });
-                }
-            }
-        }
+        self.row_fix = self.row_fix_of(t, &f).await;
         let f = self.canonical_frame(t, f).await;
         self.note_described(&f);
         f
+    }
+
+    /// For the rows that follow RowDescription `f` of shard `t`: what
+    /// turns the OIDs inside their binary values into the home shard's,
+    /// if a binary column's type may hold some.
+    pub(crate) async fn row_fix_of(&mut self, t: usize, f: &Frame) -> Option<RowFix> {
+        if f.tag() != be::ROW_DESCRIPTION || t == self.node.routing.home_index() {
+            return None;
+        }
+        let cols = columns(f.body());
+        if !cols.iter().any(|&(o, fmt)| may_name_types(o, fmt)) {
+            return None;
+        }
+        let oids: Vec<u32> = cols
+            .iter()
+            .map(|c| c.0)
+            .filter(|&o| o >= FIRST_USER_OID)
+            .collect();
+        let map = self.type_map(t, &oids, true).await?;
+        let fix: Vec<(usize, u32)> = cols
+            .iter()
+            .enumerate()
+            .filter(|(_, &(o, fmt))| fmt == 1 && map.names_types(o))
+            .map(|(i, &(o, _))| (i, o))
+            .collect();
+        (!fix.is_empty()).then(|| RowFix {
+            cols: fix,
+            map,
+            shard: self.node.routing.shard_name(t),
+        })
     }
 
     /// A ParameterDescription or RowDescription (home OIDs) answering a

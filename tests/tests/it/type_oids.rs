@@ -645,6 +645,25 @@ async fn type_oids_inside_binary_values_are_the_home_shards() {
         let got: Tagged = node.query_one(&get, &[&k]).await.unwrap().get(0);
         assert_eq!(got, Tagged(Label("sad".into()), 4), "key {k}");
     }
+    // Over both shards (concatenated), both ways of reading.
+    let all: Vec<(i64, Tagged)> = node
+        .query("SELECT id, t FROM to_items", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.try_get(1).unwrap_or_else(|e| panic!("decode: {e}")),
+            )
+        })
+        .collect();
+    assert_eq!(all.len(), 2);
+    assert!(
+        all.iter()
+            .all(|(_, t)| *t == Tagged(Label("sad".into()), 4)),
+        "{all:?}"
+    );
     // Rows read in binary after a Describe of the portal (psycopg's way):
     // the array's element OID and a record's field OIDs are the home
     // shard's whichever shard answers.
@@ -670,5 +689,11 @@ async fn type_oids_inside_binary_values_are_the_home_shards() {
             "record field 2's element, key {k}"
         );
         assert_eq!(rows[0][2].as_deref(), Some(&b"ok"[..]), "key {k}");
+    }
+    let (types, rows) = raw.binary_query("SELECT ma, id FROM to_items").await;
+    assert_eq!(types, vec![oids[1], 20]);
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert_eq!(u32_at(r[0].as_ref().unwrap(), 8), oids[0], "concatenated");
     }
 }
