@@ -244,6 +244,9 @@ pub struct Node {
     /// resolves names in, with the declared-tables fingerprint it was
     /// read under ([`crate::routing::names`]).
     namespaces: Mutex<HashMap<NsKey, (u64, Arc<hotrepart_router::route::Namespace>)>>,
+    /// Per (database, home shard, shard): its user type OIDs paired with
+    /// the home shard's (`session/type_oids.rs`). Forgotten on DDL.
+    pub(crate) type_oids: crate::session::type_oids::TypeOidCache,
     /// Bumped by [`Node::forget_catalog`]: sessions read their namespace
     /// again.
     pub(crate) catalog_generation: std::sync::atomic::AtomicU64,
@@ -336,6 +339,7 @@ impl Node {
             jobs: Default::default(),
             job_gate: None,
             collations: Mutex::new(HashMap::new()),
+            type_oids: Default::default(),
             aggregates: Mutex::new(HashMap::new()),
             volatile: Mutex::new(HashMap::new()),
             namespaces: Mutex::new(HashMap::new()),
@@ -539,6 +543,7 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|k, _| k.0 != database);
         self.catalog_generation.fetch_add(1, Ordering::SeqCst);
+        self.type_oids.forget(database);
         self.volatile
             .lock()
             .unwrap_or_else(|e| e.into_inner())

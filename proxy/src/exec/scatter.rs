@@ -125,9 +125,12 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let mut shard_err = false;
         let mut in_begin = wrap;
         while let Some(f) = st.frame(&mut s.be, i).await? {
+            let f = s.canonical_frame(t, f).await;
             match f.tag() {
                 be::READY_FOR_QUERY => in_begin = false,
                 _ if in_begin => {}
+                // Compared and answered in the home shard's OIDs of user
+                // types (`session/type_oids.rs`).
                 be::ROW_DESCRIPTION => match &first_desc {
                     None => {
                         first_desc = Some(f.raw.clone());
@@ -528,10 +531,28 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     for (i, &t) in shards.iter().enumerate().skip(1) {
         let mut shard_tags = Vec::new();
         let mut shard_err = false;
+        // The OIDs inside binary values in the shard's rows, as the first
+        // shard's went (`session/type_oids.rs`): from its Bind (a statement
+        // described before), else its RowDescription.
+        let mut fix = owed_by.get_mut(i - 1).and_then(|o| {
+            o.iter_mut().find_map(|x| match x {
+                crate::session::conn::Owed::Bind(f) => f.take(),
+                _ => None,
+            })
+        });
         while let Some(f) = st.frame(&mut s.be, i).await? {
             match f.tag() {
                 be::ERROR_RESPONSE => shard_err = true,
-                be::DATA_ROW if st.error.is_none() => s.out.put_slice(&f.raw),
+                be::ROW_DESCRIPTION => {
+                    // A statement's (no formats yet) keeps the Bind's.
+                    if let Some(x) = s.row_fix_of(t, &f).await {
+                        fix = Some(Box::new(x));
+                    }
+                }
+                be::DATA_ROW if st.error.is_none() => match &fix {
+                    Some(x) => s.out.put_slice(&x.apply(f.raw)),
+                    None => s.out.put_slice(&f.raw),
+                },
                 be::COMMAND_COMPLETE => {
                     let mut body = f.body();
                     shard_tags.push(wire::get_cstr(&mut body).unwrap_or("").to_string());

@@ -30,8 +30,13 @@ pub(crate) enum Owed {
         internal: Option<String>,
         client: Option<String>,
     },
-    Bind,
-    Describe,
+    /// BindComplete; with what turns the OIDs inside the binary values of
+    /// the rows its Execute brings into the home shard's (`type_oids.rs`).
+    Bind(Option<Box<super::type_oids::RowFix>>),
+    /// RowDescription/NoData. For a statement: its Parse (the named
+    /// statement's body, the unnamed one's message), under which its
+    /// ParameterDescription's types are noted (`type_oids.rs`).
+    Describe(Option<Bytes>),
     Execute,
     Close,
     Sync,
@@ -378,6 +383,12 @@ pub struct Session<S> {
     pub(super) user: String,
     /// Set while a multi-shard extended statement is gathered.
     pub(crate) gather: Option<Gather>,
+    /// While a non-home shard sends rows whose binary values embed type
+    /// OIDs: what turns them into the home shard's (`type_oids.rs`).
+    pub(crate) row_fix: Option<super::type_oids::RowFix>,
+    /// Parameter types PostgreSQL gave (ParameterDescription) to statements
+    /// whose Parse left them unspecified, where they name user types.
+    pub(crate) described: super::type_oids::Described,
     /// DDL was sent: once its replies are in (and its transaction ended),
     /// the node's catalog generation is bumped again, so that statements
     /// other sessions parsed while it ran are not reused.
@@ -496,6 +507,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             skip_to_sync: false,
             user,
             gather: None,
+            row_fix: None,
+            described: Default::default(),
             ddl_sent: false,
             listener: None,
             part: None,

@@ -269,7 +269,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let mut b = f.body();
                 let portal = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
                 let stmt = wire::get_cstr(&mut b).map_err(client_err)?.to_string();
-                let rest = Bytes::copy_from_slice(b);
+                let rest = match self.local_bind_rest(t, &stmt, b) {
+                    Some(r) => r.freeze(),
+                    None => Bytes::copy_from_slice(b),
+                };
                 let types = self.param_types(&stmt);
                 let mut parse = BytesMut::new();
                 wire::put_cstr(&mut parse, text.unwrap_or_default());
@@ -280,10 +283,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let internal = internal_name(&parse, self.generation());
                 if !self.be.current_mut().prepared.touch(&internal) {
                     self.note_prepared(&internal);
-                    wire::frame(&mut self.be.to_backend, fe::PARSE, |o| {
+                    let mut raw = BytesMut::new();
+                    wire::frame(&mut raw, fe::PARSE, |o| {
                         wire::put_cstr(o, &internal);
                         o.put_slice(&parse);
                     });
+                    let raw = self.local_parse_raw(t, &raw.freeze());
+                    self.be.to_backend.put_slice(&raw);
                     self.be.owed.push_back(Owed::Parse {
                         hidden: true,
                         internal: Some(internal.clone()),
@@ -295,22 +301,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     wire::put_cstr(o, &internal);
                     o.put_slice(&rest);
                 });
-                self.be.owed.push_back(Owed::Bind);
+                let fix = self.bind_row_fix(t, &portal, &stmt, &rest);
+                self.be.owed.push_back(Owed::Bind(fix));
                 Ok(())
             }
             fe::BIND => {
                 let mut b = f.body();
                 let portal = wire::get_cstr(&mut b).map_err(client_err)?;
                 let stmt = wire::get_cstr(&mut b).map_err(client_err)?;
+                let fix = self.bind_row_fix(t, portal, stmt, b);
                 if stmt.is_empty() {
                     self.ensure_unnamed(t);
-                    self.be.to_backend.put_slice(&f.raw);
+                    match self.local_bind_rest(t, stmt, b) {
+                        Some(rest) => {
+                            let head = f.raw.len() - b.len();
+                            self.be.to_backend.put_slice(&f.raw[..head]);
+                            self.be.to_backend.put_slice(&rest);
+                        }
+                        None => self.be.to_backend.put_slice(&f.raw),
+                    }
                 } else {
-                    let (portal, stmt, rest) = (
-                        portal.to_string(),
-                        stmt.to_string(),
-                        Bytes::copy_from_slice(b),
-                    );
+                    let rest = match self.local_bind_rest(t, stmt, b) {
+                        Some(r) => r.freeze(),
+                        None => Bytes::copy_from_slice(b),
+                    };
+                    let (portal, stmt) = (portal.to_string(), stmt.to_string());
                     // A statement prepared in an earlier transaction may
                     // change session state each time it runs.
                     if self.stmts.get(&stmt).is_some_and(|s| s.changes_state) {
@@ -332,7 +347,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         None => self.be.to_backend.put_slice(&f.raw),
                     }
                 }
-                self.be.owed.push_back(Owed::Bind);
+                self.be.owed.push_back(Owed::Bind(fix));
                 Ok(())
             }
             fe::DESCRIBE => {
@@ -354,7 +369,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     self.be.to_backend.put_slice(&f.raw);
                 }
-                self.be.owed.push_back(Owed::Describe);
+                let parse = match (kind == wire::STATEMENT, name.is_empty()) {
+                    (true, false) => self.stmts.get(&name).map(|s| s.parse.clone()),
+                    (true, true) => self.unnamed.as_ref().map(|u| u.raw.clone()),
+                    (false, _) => None,
+                };
+                self.be.owed.push_back(Owed::Describe(parse));
                 Ok(())
             }
             fe::EXECUTE => {
@@ -405,6 +425,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         u.on = Some(t);
         let raw = u.raw.clone();
+        let raw = self.local_parse_raw(t, &raw);
         self.be.to_backend.put_slice(&raw);
         self.be.owed.push_back(Owed::Parse {
             hidden: true,
@@ -425,7 +446,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 raw: f.raw.clone(),
                 on: Some(t),
             });
-            self.be.to_backend.put_slice(&f.raw);
+            let raw = self.local_parse_raw(t, &f.raw);
+            self.be.to_backend.put_slice(&raw);
             self.be.owed.push_back(Owed::Parse {
                 hidden: false,
                 internal: None,
@@ -628,7 +650,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         if !self.be.current_mut().prepared.touch(&internal) {
             self.note_prepared(&internal);
-            wire::frame(&mut self.be.to_backend, fe::PARSE, |o| o.put_slice(&parse));
+            let mut raw = BytesMut::with_capacity(parse.len() + 5);
+            wire::frame(&mut raw, fe::PARSE, |o| o.put_slice(&parse));
+            let raw = self.local_parse_raw(self.be.cur, &raw.freeze());
+            self.be.to_backend.put_slice(&raw);
             self.be.owed.push_back(Owed::Parse {
                 hidden: true,
                 internal: Some(internal.clone()),

@@ -56,6 +56,7 @@ mod scripted;
 mod sql_prepare;
 mod temp;
 mod txn;
+pub(crate) mod type_oids;
 
 pub use conn::{End, Session};
 
@@ -801,6 +802,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if let Err(r) = self.settle_calls(dd, first).await? {
                 self.batch_error(&r, synced);
                 return Ok(true);
+            }
+        }
+        // The maps of user type OIDs its Parse messages need (`type_oids.rs`).
+        match d.as_ref().map(|d| &d.target) {
+            Some(Target::Multi { shards, .. }) if shards.len() > 1 => {
+                self.prepare_type_oids(&frames, shards).await
+            }
+            _ => {
+                let t = target.unwrap_or_else(|| self.default_shard());
+                self.prepare_type_oids(&frames, &[t]).await
             }
         }
         // A batch without a statement (a lone Sync, Close …) belongs to the

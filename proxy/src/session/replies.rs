@@ -13,6 +13,26 @@ use tokio::io::{AsyncRead, AsyncWrite};
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(crate) async fn on_backend_frame(&mut self, f: Frame) -> Result<(), SessionError> {
         let tag = f.tag();
+        // The home shard's OIDs of user types (`type_oids.rs`).
+        let f = match tag {
+            be::ROW_DESCRIPTION | be::PARAMETER_DESCRIPTION => {
+                self.relay_description(self.be.cur, f).await
+            }
+            be::DATA_ROW => match &self.row_fix {
+                Some(fix) => Frame {
+                    raw: fix.apply(f.raw),
+                },
+                None => f,
+            },
+            be::COMMAND_COMPLETE
+            | be::EMPTY_QUERY_RESPONSE
+            | be::ERROR_RESPONSE
+            | be::READY_FOR_QUERY => {
+                self.row_fix = None;
+                f
+            }
+            _ => f,
+        };
         if self.gather.is_some() && self.gathered(&f) {
             return Ok(());
         }
@@ -58,13 +78,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.be.owed.pop_front();
                 }
             }
-            be::BIND_COMPLETE => self.pop_if(|o| matches!(o, Owed::Bind)),
+            be::BIND_COMPLETE => {
+                if let Some(Owed::Bind(fix)) = self.be.owed.front_mut() {
+                    self.row_fix = fix.take().map(|f| *f);
+                    self.be.owed.pop_front();
+                }
+            }
             be::CLOSE_COMPLETE if matches!(self.be.owed.front(), Some(Owed::Closing(_))) => {
                 forward = false;
                 self.be.owed.pop_front();
             }
             be::CLOSE_COMPLETE => self.pop_if(|o| matches!(o, Owed::Close)),
-            be::ROW_DESCRIPTION | be::NO_DATA => self.pop_if(|o| matches!(o, Owed::Describe)),
+            be::ROW_DESCRIPTION | be::NO_DATA => self.pop_if(|o| matches!(o, Owed::Describe(_))),
             be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED => {
                 self.pop_if(|o| matches!(o, Owed::Execute))
             }

@@ -89,14 +89,7 @@ struct Known {
     fails_with: &'static str,
 }
 
-const KNOWN_FAILURES: &[Known] = &[Known {
-    driver: Driver::Psycopg,
-    shards: 2,
-    scenario: "enum_type",
-    known_failure: "type OIDs differ per shard: the enum's OID the driver read from one \
-            shard is unknown on the other (XX000 \"cache lookup failed for type …\")",
-    fails_with: "XX000: cache lookup failed for type",
-}];
+const KNOWN_FAILURES: &[Known] = &[];
 
 /// The interpreter, script and environment of a driver; None when skipped
 /// (outside CI, without a registry).

@@ -55,4 +55,5 @@ mod temp_tables;
 mod tls_auth;
 mod transactions;
 mod twopc;
+mod type_oids;
 mod wasm;

@@ -294,7 +294,9 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s.out.put_slice(&bc);
     // The shards' request: the rewritten statement, unnamed, text results.
     let mut requests = Vec::with_capacity(shards.len());
-    for i in 0..shards.len() {
+    for (i, &shard) in shards.iter().enumerate() {
+        // In the shard's OIDs of user types (`session/type_oids.rs`).
+        let types = s.local_types(shard, &types);
         let mut q = BytesMut::new();
         wire::frame(&mut q, fe::PARSE, |o| {
             o.put_u8(0);
@@ -441,6 +443,8 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
             };
             match f.tag() {
                 be::ROW_DESCRIPTION => {
+                    // Compared and answered in the home shard's OIDs.
+                    let f = s.canonical_frame(t, f).await;
                     let d = parse_desc(&f.raw);
                     match (&fields, d) {
                         (None, Some(d)) => fields = Some(d),
