@@ -920,9 +920,12 @@ async fn a_node_that_missed_changes_keeps_its_catalog_until_it_has_the_new_one()
     for s in &mut settings[..4] {
         s.peers.remove(&5);
         s.peers.remove(&6);
+        s.compact_after = 8;
     }
     settings[4].join = true;
     settings[5].join = true;
+    settings[4].compact_after = 8;
+    settings[5].compact_after = 8;
     let mut nodes = Vec::new();
     for s in &settings[..4] {
         nodes.push(

@@ -407,3 +407,67 @@ fn a_node_restarted_with_a_promise_for_its_own_unfinished_ballot_catches_up() {
         "{status:#?}"
     );
 }
+
+/// omnipaxos 0.2.4 counted an accepted StopSign twice in a log sync whose
+/// common prefix reached the StopSign's slot (a new leader and a follower
+/// that both accepted it): the follower's accepted index went one past its
+/// log, its Accepted raised the leader's decided index past the leader's
+/// log, and then neither saw the StopSign as decided (decided index ≠
+/// accepted index): the membership change never finished on them, and a
+/// later log sync from such a leader carried a snapshot that stood for
+/// fewer entries than its index (the joining follower's panic in
+/// `handle_acceptsync`). See routing-paxos/vendor/README.md.
+#[test]
+fn a_new_leader_after_a_stopsign_counts_it_once() {
+    let mut c = Cluster::new(3);
+    for shard in ["a", "b"] {
+        let t = c.node(1).propose(add(shard)).expect("propose");
+        c.answer(1, t);
+    }
+    let leader = c.node(1).leader().expect("a leader");
+    c.node(leader as u64)
+        .reconfigure(vec![1, 2, 3], b"{}".to_vec())
+        .expect("reconfigure");
+    for _ in 0..200 {
+        c.step();
+        if c.nodes.iter().flatten().all(|r| r.stopped().is_some()) {
+            break;
+        }
+    }
+    let status: Vec<ReplicaStatus> = c.nodes.iter().flatten().map(Replica::status).collect();
+    assert!(
+        c.nodes.iter().flatten().all(|r| r.stopped().is_some()),
+        "{status:#?}"
+    );
+    // Two entries and the StopSign.
+    assert!(c
+        .nodes
+        .iter()
+        .flatten()
+        .all(|r| r.log_len() == 3 && r.decided_index() == 3));
+
+    // The leader stops; the other two elect one of them, which syncs the
+    // other: both accepted the StopSign in the same round.
+    c.nodes[(leader - 1) as usize] = None;
+    let others: Vec<u64> = (1..=3).filter(|p| *p != leader).collect();
+    for _ in 0..300 {
+        c.step();
+        let leaders: Vec<Option<u64>> = others.iter().map(|p| c.node(*p).leader()).collect();
+        if leaders.iter().all(|l| l.is_some_and(|l| l != leader)) {
+            break;
+        }
+    }
+    for _ in 0..100 {
+        c.step();
+    }
+    for p in others {
+        let r = c.node(p);
+        let s = r.status();
+        assert_ne!(s.leader, Some(leader), "{s:?}");
+        assert_eq!(
+            (r.log_len(), r.decided_index(), r.stopped().is_some()),
+            (3, 3, true),
+            "node {p}: {s:?}"
+        );
+    }
+}
