@@ -383,6 +383,12 @@ impl Replica {
         self.storage.stopsign_accepted()
     }
 
+    /// The StopSign accepted here (decided or not), if any.
+    pub fn pending_stopsign(&self) -> Option<omnipaxos::storage::StopSign> {
+        use omnipaxos::storage::Storage;
+        self.storage.get_stopsign().ok().flatten()
+    }
+
     /// This start's incarnation (1 for the first start over a store).
     pub fn incarnation(&self) -> u64 {
         self.incarnation

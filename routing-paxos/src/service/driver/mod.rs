@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::error::{ProposeError, ReconfigureError, ServiceError};
+use super::error::{ProposeError, ServiceError};
 use super::fault::PartitionSwitch;
 use super::settings::ClusterSettings;
 use super::shared::{Answer, Request, Shared};
@@ -379,9 +379,8 @@ struct Driver {
     compact_after: usize,
     lease_ms: u64,
     net: Option<Net>,
-    /// A reconfiguration proposed here: the configuration id it makes, and
-    /// who waits for it.
-    reconfig: Option<(u32, oneshot::Sender<Result<Membership, ReconfigureError>>)>,
+    /// A reconfiguration proposed here that someone still waits for.
+    reconfig: Option<reconfig::Pending>,
     ticks: u64,
     /// Until then (ms on the lease clock), `await_all_applied` does not
     /// take "every member acknowledged" as enough: a node that left the
@@ -490,6 +489,7 @@ impl Driver {
                 }
             }
         }
+        self.retry_reconfig();
         self.maybe_bootstrap();
         self.check_waits();
         self.update_status();
