@@ -425,7 +425,7 @@ fn a_new_leader_after_a_stopsign_counts_it_once() {
         c.answer(1, t);
     }
     let leader = c.node(1).leader().expect("a leader");
-    c.node(leader as u64)
+    c.node(leader)
         .reconfigure(vec![1, 2, 3], b"{}".to_vec())
         .expect("reconfigure");
     for _ in 0..200 {
