@@ -76,11 +76,25 @@ fn log_text() -> String {
     String::from_utf8_lossy(&logs().lock().map(|l| l.clone()).unwrap_or_default()).into_owned()
 }
 
+/// A port for a node to listen on, free when chosen. Taken below the
+/// kernel's ephemeral range (32768 and up here; where `bind(0)` and every
+/// outgoing connection get their ports), from a block of this process's
+/// own: a port from `bind(0)` could be given to another test's outgoing
+/// connection before the node binds it (one AddrInUse seen).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    const LO: u32 = 20_000;
+    const BLOCKS: u32 = 120;
+    const BLOCK: u32 = 100;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = LO + (std::process::id() % BLOCKS) * BLOCK;
+    for _ in 0..BLOCK {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) as u32 % BLOCK;
+        let port = u16::try_from(base + n).expect("below 65536");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {base}..{}", base + BLOCK);
 }
 
 fn seed(by: u64) -> CatalogSeed {

@@ -131,6 +131,9 @@ async fn supervise(
         let (tx, rx) = mpsc::channel(1024);
         let began = tokio::time::Instant::now();
         let mut run = tokio::spawn(driver.run(settings.tick, rx, events, partitioned.clone()));
+        // Aborting the supervisor (a shutdown that timed out) aborts the
+        // driver too.
+        let _abort = AbortOnDrop(run.abort_handle());
         let ended = loop {
             tokio::select! {
                 r = &mut run => break r,
@@ -220,6 +223,15 @@ async fn supervise(
                 }
             }
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
