@@ -584,8 +584,66 @@ impl Replica {
 
     /// Handles one message from a peer.
     pub fn handle(&mut self, msg: Message) {
+        if let Some(why) = self.unfit_log_sync(&msg) {
+            // omnipaxos would panic on the store's refusal; a dropped
+            // message is what Paxos tolerates.
+            tracing::error!(
+                pid = self.pid,
+                from = msg.get_sender(),
+                reason = %why,
+                "dropping a catalog log sync from a peer: its snapshot does not fit the log (a peer's defect)"
+            );
+            return;
+        }
         self.paxos.handle_incoming(msg);
         self.drain();
+    }
+
+    /// Why the log sync `msg` carries (an AcceptSync, or a Promise to this
+    /// replica as a candidate leader) would be refused by the store as a
+    /// corrupt snapshot, if it would: a complete snapshot must stand for
+    /// exactly the entries its sync index says; a delta's entries must
+    /// end there and start at most where this replica's stored entries end
+    /// (see `SharedStorage`'s snapshot rebuild). A delta without entries is
+    /// not checked (what omnipaxos merges it into depends on its decided
+    /// index), nor is a snapshot that omnipaxos would not store (a stale
+    /// ballot or phase): a false alarm only drops a message.
+    fn unfit_log_sync(&self, msg: &Message) -> Option<String> {
+        use omnipaxos::messages::sequence_paxos::PaxosMsg;
+        use omnipaxos::storage::SnapshotType;
+        let omnipaxos::messages::Message::SequencePaxos(p) = msg else {
+            return None;
+        };
+        let sync = match &p.msg {
+            PaxosMsg::AcceptSync(a) => &a.log_sync,
+            PaxosMsg::Promise(pr) => pr.log_sync.as_ref()?,
+            _ => return None,
+        };
+        let idx = sync.sync_idx;
+        let (compacted, stored_end) = self.storage.log_bounds();
+        // A delta with a folded part replaces the snapshot when merged.
+        let (whole, snap) = match sync.decided_snapshot.as_ref()? {
+            SnapshotType::Complete(s) => (true, s),
+            SnapshotType::Delta(d) => (d.folded() > 0, d),
+        };
+        if whole {
+            return (snap.len() != idx)
+                .then(|| format!("a snapshot for {} entries at sync index {idx}", snap.len()));
+        }
+        if snap.is_empty() {
+            return None;
+        }
+        let Some(start) = idx.checked_sub(snap.len()) else {
+            return Some(format!(
+                "a delta of {} entries at sync index {idx}",
+                snap.len()
+            ));
+        };
+        (idx < compacted || start > stored_end).then(|| {
+            format!(
+                "a delta for entries {start}..{idx}; this replica compacted {compacted} and stores entries up to {stored_end}"
+            )
+        })
     }
 
     /// Tells the replica that the link to `peer` was re-established.

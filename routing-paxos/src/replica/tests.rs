@@ -471,3 +471,62 @@ fn a_new_leader_after_a_stopsign_counts_it_once() {
         );
     }
 }
+
+/// A log sync whose snapshot does not stand for the entries its index says
+/// (a peer's bug, as omnipaxos' StopSign double count once made) is
+/// dropped with an error log: omnipaxos panics when the store refuses a
+/// write, and a peer's message must never stop a node. Paxos tolerates a
+/// lost message: the others keep deciding.
+#[test]
+fn a_log_sync_with_a_snapshot_that_does_not_fit_is_dropped_not_a_panic() {
+    use omnipaxos::messages::sequence_paxos::PaxosMsg;
+    use omnipaxos::storage::SnapshotType;
+
+    let mut c = Cluster::new(3);
+    let t = c.node(1).propose(add("a")).expect("propose");
+    c.answer(1, t);
+    // Node 1 restarts: the leader syncs it with an AcceptSync, tampered
+    // with on the way: a snapshot of no entry at index 1.
+    c.nodes[0] = Some(replica(1, 3, &c.storages[0]));
+    for peer in [2, 3] {
+        c.node(peer).reconnected(1);
+    }
+    let mut tampered = 0;
+    for _ in 0..300 {
+        let mut out = Vec::new();
+        for r in c.nodes.iter_mut().flatten() {
+            r.tick().expect("tick");
+            out.extend(r.outgoing());
+        }
+        for mut m in out {
+            if let omnipaxos::messages::Message::SequencePaxos(p) = &mut m {
+                if let PaxosMsg::AcceptSync(a) = &mut p.msg {
+                    if p.to == 1 {
+                        a.log_sync.decided_snapshot = Some(SnapshotType::Complete(
+                            <CatalogSnapshot as omnipaxos::storage::Snapshot<CatalogEntry>>::create(
+                                &[],
+                            ),
+                        ));
+                        a.log_sync.sync_idx = 1;
+                        tampered += 1;
+                    }
+                }
+            }
+            let to = m.get_receiver();
+            if let Some(r) = c.nodes[(to - 1) as usize].as_mut() {
+                r.handle(m);
+            }
+        }
+        for r in c.nodes.iter_mut().flatten() {
+            r.apply_decided().expect("apply");
+        }
+        if tampered > 0 {
+            break;
+        }
+    }
+    assert!(tampered > 0, "no AcceptSync to node 1 was seen");
+    assert_eq!(c.node(1).compacted_index(), 0);
+    // The others go on deciding.
+    let t = c.node(2).propose(add("b")).expect("propose");
+    c.answer(2, t);
+}
