@@ -3,6 +3,12 @@
 //! moving to the next configuration once the StopSign is decided and
 //! everything before it applied, or when a member announces it.
 //!
+//! A change waits in [`Pending`] while its caller does: proposed again
+//! every [`RECONFIG_RETRY_TICKS`] until this node accepted the StopSign,
+//! forgotten once the caller gave up (a later request for the same change
+//! then waits for the StopSign already accepted here; another change is
+//! refused as in progress until it is decided).
+//!
 //! Order on disk, for crash safety: the next configuration's log (with the
 //! catalog as of the StopSign) is made durable before `membership.json`
 //! points to it, so a crash in between restarts in the old configuration,
