@@ -81,7 +81,10 @@
 //! StopSign). What a node published never goes back: until the new
 //! instance has the catalog, the node keeps publishing the one it had.
 //! Protocol messages carry their configuration id; each goes to the
-//! replica of that configuration, from its members only.
+//! replica of that configuration, from its members only. A change is
+//! proposed again until this node's replica accepted its StopSign (omnipaxos
+//! forwards a follower's StopSign to the leader once), and blocks other
+//! changes on this node only while its caller still waits for it.
 //!
 //! # Leases
 //!

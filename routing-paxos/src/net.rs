@@ -548,6 +548,9 @@ impl RefusalLog {
     }
 }
 
+/// How long [`Net::stop`] waits for its tasks before it aborts them.
+const STOP_LIMIT: Duration = Duration::from_secs(5);
+
 /// The transport's tasks. [`Net::stop`] stops them and waits; dropping it
 /// stops them too (their shutdown signal's sender is gone), without
 /// waiting.
@@ -632,11 +635,20 @@ impl Net {
     }
 
     /// Stops every task and waits for them (the listening socket is closed
-    /// when this returns).
+    /// when this returns). A task still running [`STOP_LIMIT`] after the
+    /// request is aborted.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        let deadline = tokio::time::Instant::now() + STOP_LIMIT;
+        for mut t in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                tracing::warn!(
+                    node = self.config.me,
+                    "a catalog transport task did not stop in time; aborted"
+                );
+                t.abort();
+                let _ = t.await;
+            }
         }
     }
 }

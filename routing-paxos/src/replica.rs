@@ -383,6 +383,12 @@ impl Replica {
         self.storage.stopsign_accepted()
     }
 
+    /// The StopSign accepted here (decided or not), if any.
+    pub fn pending_stopsign(&self) -> Option<omnipaxos::storage::StopSign> {
+        use omnipaxos::storage::Storage;
+        self.storage.get_stopsign().ok().flatten()
+    }
+
     /// This start's incarnation (1 for the first start over a store).
     pub fn incarnation(&self) -> u64 {
         self.incarnation
@@ -578,8 +584,67 @@ impl Replica {
 
     /// Handles one message from a peer.
     pub fn handle(&mut self, msg: Message) {
+        if let Some(why) = self.unfit_log_sync(&msg) {
+            // omnipaxos would panic on the store's refusal; a dropped
+            // message is what Paxos tolerates.
+            tracing::error!(
+                pid = self.pid,
+                from = msg.get_sender(),
+                reason = %why,
+                "dropping a catalog log sync from a peer: its snapshot does not fit the log (a peer's defect)"
+            );
+            return;
+        }
         self.paxos.handle_incoming(msg);
         self.drain();
+    }
+
+    /// Why the log sync `msg` carries (an AcceptSync, or a Promise to this
+    /// replica as a candidate leader) would be refused by the store as a
+    /// corrupt snapshot, if it would: a complete snapshot must stand for
+    /// exactly the entries its sync index says; a delta's entries must
+    /// end there and start at most where this replica's stored entries end
+    /// (see `SharedStorage`'s snapshot rebuild). Only what the store would
+    /// refuse whatever omnipaxos merges the delta into: a false alarm
+    /// drops a Promise a candidate needs (the simulation found one that
+    /// refused stale deltas below the compacted index, which the store
+    /// takes). A delta without entries is not checked.
+    fn unfit_log_sync(&self, msg: &Message) -> Option<String> {
+        use omnipaxos::messages::sequence_paxos::PaxosMsg;
+        use omnipaxos::storage::SnapshotType;
+        let omnipaxos::messages::Message::SequencePaxos(p) = msg else {
+            return None;
+        };
+        let sync = match &p.msg {
+            PaxosMsg::AcceptSync(a) => &a.log_sync,
+            PaxosMsg::Promise(pr) => pr.log_sync.as_ref()?,
+            _ => return None,
+        };
+        let idx = sync.sync_idx;
+        let (_, stored_end) = self.storage.log_bounds();
+        // A delta with a folded part replaces the snapshot when merged.
+        let (whole, snap) = match sync.decided_snapshot.as_ref()? {
+            SnapshotType::Complete(s) => (true, s),
+            SnapshotType::Delta(d) => (d.folded() > 0, d),
+        };
+        if whole {
+            return (snap.len() != idx)
+                .then(|| format!("a snapshot for {} entries at sync index {idx}", snap.len()));
+        }
+        if snap.is_empty() {
+            return None;
+        }
+        let Some(start) = idx.checked_sub(snap.len()) else {
+            return Some(format!(
+                "a delta of {} entries at sync index {idx}",
+                snap.len()
+            ));
+        };
+        (start > stored_end).then(|| {
+            format!(
+                "a delta for entries {start}..{idx}; this replica stores entries up to {stored_end}"
+            )
+        })
     }
 
     /// Tells the replica that the link to `peer` was re-established.

@@ -561,6 +561,17 @@ impl SharedStorage {
         Ok(inner.incarnation)
     }
 
+    /// The compacted index and the end of the stored entries (the index
+    /// after the last one, counted from the start of the log).
+    pub fn log_bounds(&self) -> (usize, usize) {
+        self.lock().map_or((0, 0), |i| {
+            (
+                i.log.get_compacted_idx().unwrap_or(0),
+                i.trimmed + i.log.get_log_len().unwrap_or(0),
+            )
+        })
+    }
+
     /// Whether a StopSign is stored (accepted, decided or not).
     pub fn stopsign_accepted(&self) -> bool {
         self.lock()

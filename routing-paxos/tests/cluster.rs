@@ -76,11 +76,25 @@ fn log_text() -> String {
     String::from_utf8_lossy(&logs().lock().map(|l| l.clone()).unwrap_or_default()).into_owned()
 }
 
+/// A port for a node to listen on, free when chosen. Taken below the
+/// kernel's ephemeral range (32768 and up here; where `bind(0)` and every
+/// outgoing connection get their ports), from a block of this process's
+/// own: a port from `bind(0)` could be given to another test's outgoing
+/// connection before the node binds it (one AddrInUse seen).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    const LO: u32 = 20_000;
+    const BLOCKS: u32 = 120;
+    const BLOCK: u32 = 100;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = LO + (std::process::id() % BLOCKS) * BLOCK;
+    for _ in 0..BLOCK {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) as u32 % BLOCK;
+        let port = u16::try_from(base + n).expect("below 65536");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {base}..{}", base + BLOCK);
 }
 
 fn seed(by: u64) -> CatalogSeed {
@@ -920,9 +934,12 @@ async fn a_node_that_missed_changes_keeps_its_catalog_until_it_has_the_new_one()
     for s in &mut settings[..4] {
         s.peers.remove(&5);
         s.peers.remove(&6);
+        s.compact_after = 8;
     }
     settings[4].join = true;
     settings[5].join = true;
+    settings[4].compact_after = 8;
+    settings[5].compact_after = 8;
     let mut nodes = Vec::new();
     for s in &settings[..4] {
         nodes.push(
@@ -1211,5 +1228,102 @@ async fn a_node_whose_disk_fills_stops_safely_and_comes_back_by_itself() {
     back.shutdown().await;
     for h in &nodes {
         h.shutdown().await;
+    }
+}
+
+/// The index of the leader that every one of `nodes` (by index) follows.
+async fn common_leader(nodes: &[CatalogHandle], among: &[usize]) -> usize {
+    let mut found = 0;
+    wait_for(
+        "one leader that the nodes agree on",
+        Duration::from_secs(10),
+        || {
+            let leaders: Vec<Option<u64>> =
+                among.iter().map(|i| nodes[*i].status().leader).collect();
+            match leaders[0] {
+                Some(l) if leaders.iter().all(|x| *x == Some(l)) => {
+                    found = l as usize - 1;
+                    among.contains(&found)
+                }
+                _ => false,
+            }
+        },
+    )
+    .await;
+    found
+}
+
+/// A membership change whose caller timed out no longer blocks the next
+/// one on that node (every later change answered InProgress until a
+/// restart), and a change forwarded to a leader that was cut off at that
+/// moment is proposed again until it is accepted (omnipaxos forwards a
+/// StopSign once: it was lost, and the change timed out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_change_that_timed_out_or_was_lost_is_proposed_again() {
+    let _ = logs();
+    let dirs: Vec<TempDir> = (0..4).map(|_| TempDir::new("retry")).collect();
+    let settings = cluster_settings(4, &dirs, |_| "the secret");
+    let mut nodes = Vec::new();
+    for s in &settings {
+        nodes.push(
+            CatalogHandle::start(s.clone(), Some(seed(s.node_id)))
+                .await
+                .expect("node starts"),
+        );
+    }
+    wait_for("bootstrap", Duration::from_secs(10), || {
+        nodes.iter().all(|h| h.catalog().snapshot().is_some())
+            && nodes.windows(2).all(|w| same_catalog(&w[0], &w[1]))
+    })
+    .await;
+
+    // Through a node cut off from everyone: the change times out.
+    let l = common_leader(&nodes, &[0, 1, 2, 3]).await;
+    let mut others = (0..4).filter(|i| *i != l);
+    let (f, gone) = (
+        others.next().expect("a follower"),
+        others.next().expect("another"),
+    );
+    nodes[f].set_partitioned(true);
+    let e = nodes[f]
+        .remove_node(gone as u64 + 1, Duration::from_millis(500))
+        .await
+        .expect_err("no quorum reachable");
+    assert_eq!(e, ReconfigureError::Timeout);
+    nodes[f].set_partitioned(false);
+    // The same node takes the next request (it answered InProgress).
+    let m = nodes[f]
+        .remove_node(gone as u64 + 1, PROPOSE)
+        .await
+        .expect("removed once the node is reachable again");
+    assert_eq!(m.config_id, 2);
+    let left: Vec<usize> = (0..4).filter(|i| *i != gone).collect();
+    in_config(
+        &left.iter().map(|i| nodes[*i].clone()).collect::<Vec<_>>(),
+        2,
+    )
+    .await;
+
+    // A StopSign forwarded to a leader that is cut off right then.
+    let l = common_leader(&nodes, &left).await;
+    let via = *left.iter().find(|i| **i != l).expect("a follower");
+    nodes[l].set_partitioned(true);
+    let m = nodes[via]
+        .remove_node(l as u64 + 1, PROPOSE)
+        .await
+        .expect("the cut-off leader removed by the other two");
+    assert_eq!(m.config_id, 3);
+    let rest: Vec<CatalogHandle> = left
+        .iter()
+        .filter(|i| **i != l)
+        .map(|i| nodes[*i].clone())
+        .collect();
+    in_config(&rest, 3).await;
+    let out = rest[0].propose(table("after"), PROPOSE).await;
+    assert!(matches!(out, Ok(Ok(_))), "{out:?}");
+    for h in &nodes {
+        tokio::time::timeout(Duration::from_secs(20), h.shutdown())
+            .await
+            .unwrap_or_else(|_| panic!("node {} did not shut down", h.node_id()));
     }
 }

@@ -407,3 +407,126 @@ fn a_node_restarted_with_a_promise_for_its_own_unfinished_ballot_catches_up() {
         "{status:#?}"
     );
 }
+
+/// omnipaxos 0.2.4 counted an accepted StopSign twice in a log sync whose
+/// common prefix reached the StopSign's slot (a new leader and a follower
+/// that both accepted it): the follower's accepted index went one past its
+/// log, its Accepted raised the leader's decided index past the leader's
+/// log, and then neither saw the StopSign as decided (decided index ≠
+/// accepted index): the membership change never finished on them, and a
+/// later log sync from such a leader carried a snapshot that stood for
+/// fewer entries than its index (the joining follower's panic in
+/// `handle_acceptsync`). See routing-paxos/vendor/README.md.
+#[test]
+fn a_new_leader_after_a_stopsign_counts_it_once() {
+    let mut c = Cluster::new(3);
+    for shard in ["a", "b"] {
+        let t = c.node(1).propose(add(shard)).expect("propose");
+        c.answer(1, t);
+    }
+    let leader = c.node(1).leader().expect("a leader");
+    c.node(leader)
+        .reconfigure(vec![1, 2, 3], b"{}".to_vec())
+        .expect("reconfigure");
+    for _ in 0..200 {
+        c.step();
+        if c.nodes.iter().flatten().all(|r| r.stopped().is_some()) {
+            break;
+        }
+    }
+    let status: Vec<ReplicaStatus> = c.nodes.iter().flatten().map(Replica::status).collect();
+    assert!(
+        c.nodes.iter().flatten().all(|r| r.stopped().is_some()),
+        "{status:#?}"
+    );
+    // Two entries and the StopSign.
+    assert!(c
+        .nodes
+        .iter()
+        .flatten()
+        .all(|r| r.log_len() == 3 && r.decided_index() == 3));
+
+    // The leader stops; the other two elect one of them, which syncs the
+    // other: both accepted the StopSign in the same round.
+    c.nodes[(leader - 1) as usize] = None;
+    let others: Vec<u64> = (1..=3).filter(|p| *p != leader).collect();
+    for _ in 0..300 {
+        c.step();
+        let leaders: Vec<Option<u64>> = others.iter().map(|p| c.node(*p).leader()).collect();
+        if leaders.iter().all(|l| l.is_some_and(|l| l != leader)) {
+            break;
+        }
+    }
+    for _ in 0..100 {
+        c.step();
+    }
+    for p in others {
+        let r = c.node(p);
+        let s = r.status();
+        assert_ne!(s.leader, Some(leader), "{s:?}");
+        assert_eq!(
+            (r.log_len(), r.decided_index(), r.stopped().is_some()),
+            (3, 3, true),
+            "node {p}: {s:?}"
+        );
+    }
+}
+
+/// A log sync whose snapshot does not stand for the entries its index says
+/// (a peer's bug, as omnipaxos' StopSign double count once made) is
+/// dropped with an error log: omnipaxos panics when the store refuses a
+/// write, and a peer's message must never stop a node. Paxos tolerates a
+/// lost message: the others keep deciding.
+#[test]
+fn a_log_sync_with_a_snapshot_that_does_not_fit_is_dropped_not_a_panic() {
+    use omnipaxos::messages::sequence_paxos::PaxosMsg;
+    use omnipaxos::storage::SnapshotType;
+
+    let mut c = Cluster::new(3);
+    let t = c.node(1).propose(add("a")).expect("propose");
+    c.answer(1, t);
+    // Node 1 restarts: the leader syncs it with an AcceptSync, tampered
+    // with on the way: a snapshot of no entry at index 1.
+    c.nodes[0] = Some(replica(1, 3, &c.storages[0]));
+    for peer in [2, 3] {
+        c.node(peer).reconnected(1);
+    }
+    let mut tampered = 0;
+    for _ in 0..300 {
+        let mut out = Vec::new();
+        for r in c.nodes.iter_mut().flatten() {
+            r.tick().expect("tick");
+            out.extend(r.outgoing());
+        }
+        for mut m in out {
+            if let omnipaxos::messages::Message::SequencePaxos(p) = &mut m {
+                if let PaxosMsg::AcceptSync(a) = &mut p.msg {
+                    if p.to == 1 {
+                        a.log_sync.decided_snapshot = Some(SnapshotType::Complete(
+                            <CatalogSnapshot as omnipaxos::storage::Snapshot<CatalogEntry>>::create(
+                                &[],
+                            ),
+                        ));
+                        a.log_sync.sync_idx = 1;
+                        tampered += 1;
+                    }
+                }
+            }
+            let to = m.get_receiver();
+            if let Some(r) = c.nodes[(to - 1) as usize].as_mut() {
+                r.handle(m);
+            }
+        }
+        for r in c.nodes.iter_mut().flatten() {
+            r.apply_decided().expect("apply");
+        }
+        if tampered > 0 {
+            break;
+        }
+    }
+    assert!(tampered > 0, "no AcceptSync to node 1 was seen");
+    assert_eq!(c.node(1).compacted_index(), 0);
+    // The others go on deciding.
+    let t = c.node(2).propose(add("b")).expect("propose");
+    c.answer(2, t);
+}

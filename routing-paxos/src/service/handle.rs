@@ -24,6 +24,10 @@ use crate::command::{CatalogCommand, CatalogSeed};
 use crate::membership::Membership;
 
 /// How this node keeps its catalog.
+/// How long [`CatalogHandle::shutdown`] waits for the driver before it
+/// aborts it.
+pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
+
 enum Mode {
     /// A single node: the state machine itself, applied under this lock.
     Local(Mutex<LocalState>),
@@ -348,15 +352,26 @@ impl CatalogHandle {
 
     /// Stops the driver and the transport and waits for them (the listening
     /// port is free when this returns). Pending proposals get
-    /// [`ProposeError::Shutdown`]. Idempotent.
+    /// [`ProposeError::Shutdown`]. Idempotent. Bounded: a driver that has
+    /// not stopped [`SHUTDOWN_LIMIT`] after the request is aborted (with
+    /// its transport), and an error is logged.
     pub async fn shutdown(&self) {
         if let Mode::Cluster {
             requests, driver, ..
         } = &self.inner.mode
         {
-            let _ = requests.send(Request::Shutdown).await;
-            if let Some(task) = driver.lock().await.take() {
-                let _ = task.await;
+            let deadline = tokio::time::Instant::now() + SHUTDOWN_LIMIT;
+            let _ = tokio::time::timeout_at(deadline, requests.send(Request::Shutdown)).await;
+            if let Some(mut task) = driver.lock().await.take() {
+                if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                    tracing::error!(
+                        node = self.inner.shared.node_id,
+                        limit_s = SHUTDOWN_LIMIT.as_secs(),
+                        "the catalog driver did not stop in time after the shutdown request; it is aborted"
+                    );
+                    task.abort();
+                    let _ = task.await;
+                }
             }
         }
     }

@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::error::{ProposeError, ReconfigureError, ServiceError};
+use super::error::{ProposeError, ServiceError};
 use super::fault::PartitionSwitch;
 use super::settings::ClusterSettings;
 use super::shared::{Answer, Request, Shared};
@@ -131,6 +131,9 @@ async fn supervise(
         let (tx, rx) = mpsc::channel(1024);
         let began = tokio::time::Instant::now();
         let mut run = tokio::spawn(driver.run(settings.tick, rx, events, partitioned.clone()));
+        // Aborting the supervisor (a shutdown that timed out) aborts the
+        // driver too.
+        let _abort = AbortOnDrop(run.abort_handle());
         let ended = loop {
             tokio::select! {
                 r = &mut run => break r,
@@ -220,6 +223,15 @@ async fn supervise(
                 }
             }
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -379,9 +391,8 @@ struct Driver {
     compact_after: usize,
     lease_ms: u64,
     net: Option<Net>,
-    /// A reconfiguration proposed here: the configuration id it makes, and
-    /// who waits for it.
-    reconfig: Option<(u32, oneshot::Sender<Result<Membership, ReconfigureError>>)>,
+    /// A reconfiguration proposed here that someone still waits for.
+    reconfig: Option<reconfig::Pending>,
     ticks: u64,
     /// Until then (ms on the lease clock), `await_all_applied` does not
     /// take "every member acknowledged" as enough: a node that left the
@@ -490,6 +501,7 @@ impl Driver {
                 }
             }
         }
+        self.retry_reconfig();
         self.maybe_bootstrap();
         self.check_waits();
         self.update_status();

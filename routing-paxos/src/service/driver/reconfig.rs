@@ -3,6 +3,12 @@
 //! moving to the next configuration once the StopSign is decided and
 //! everything before it applied, or when a member announces it.
 //!
+//! A change waits in [`Pending`] while its caller does: proposed again
+//! every [`RECONFIG_RETRY_TICKS`] until this node accepted the StopSign,
+//! forgotten once the caller gave up (a later request for the same change
+//! then waits for the StopSign already accepted here; another change is
+//! refused as in progress until it is decided).
+//!
 //! Order on disk, for crash safety: the next configuration's log (with the
 //! catalog as of the StopSign) is made durable before `membership.json`
 //! points to it, so a crash in between restarts in the old configuration,
@@ -21,7 +27,55 @@ use crate::replica::{Replica, ReplicaConfig, ReplicaError};
 use crate::service::error::{ProposeError, ReconfigureError, ServiceError};
 use crate::storage::SharedStorage;
 
+/// Ticks between two proposals of the same StopSign while it is not
+/// accepted here (with the default 10 ms tick: every half second).
+const RECONFIG_RETRY_TICKS: u64 = 50;
+
+/// A membership change proposed on this node, and who waits for it.
+pub(super) struct Pending {
+    /// The configuration it makes.
+    config_id: u32,
+    /// Its members and the StopSign's metadata, to propose it again.
+    nodes: Vec<u64>,
+    metadata: Vec<u8>,
+    /// When it was last proposed (driver ticks).
+    proposed_at: u64,
+    reply: oneshot::Sender<Result<Membership, ReconfigureError>>,
+}
+
 impl Driver {
+    /// A pending membership change whose caller gave up (its timeout
+    /// passed) is forgotten: the StopSign may still be decided (then the
+    /// node moves on as for any decided change), but it no longer blocks
+    /// the next request. One that is still awaited and not accepted here
+    /// is proposed again every [`RECONFIG_RETRY_TICKS`]: omnipaxos forwards
+    /// a follower's StopSign to the leader once, and a leader that was cut
+    /// off at that moment loses it.
+    pub(super) fn retry_reconfig(&mut self) {
+        if self.reconfig.as_ref().is_some_and(|p| p.reply.is_closed()) {
+            self.reconfig = None;
+        }
+        let (Some(p), Some(r)) = (self.reconfig.as_mut(), self.replica.as_mut()) else {
+            return;
+        };
+        if r.stopping() || self.ticks.saturating_sub(p.proposed_at) < RECONFIG_RETRY_TICKS {
+            return;
+        }
+        p.proposed_at = self.ticks;
+        match r.reconfigure(p.nodes.clone(), p.metadata.clone()) {
+            Ok(()) | Err(ReplicaError::Reconfiguring) => {
+                tracing::debug!(
+                    node = self.shared.node_id,
+                    config = p.config_id,
+                    "catalog membership change proposed again (not accepted here yet)"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(node = self.shared.node_id, config = p.config_id, error = %e, "catalog membership change cannot be proposed again");
+            }
+        }
+    }
+
     /// Checks a membership change against the current configuration and
     /// proposes it (a StopSign naming the next configuration, with the
     /// members' addresses as metadata).
@@ -36,7 +90,10 @@ impl Driver {
             let _ = reply.send(Err(ReconfigureError::NotMember));
             return;
         };
-        if self.reconfig.is_some() || r.stopping() {
+        if self.reconfig.as_ref().is_some_and(|p| p.reply.is_closed()) {
+            self.reconfig = None;
+        }
+        if self.reconfig.is_some() {
             let _ = reply.send(Err(ReconfigureError::InProgress));
             return;
         }
@@ -75,6 +132,27 @@ impl Driver {
             members: next,
             admin: admin_next,
         };
+        // A StopSign accepted here (an earlier request's, whose caller gave
+        // up): the configuration cannot change otherwise. The same change
+        // is waited for; another one is refused until it is decided.
+        if let Some(ss) = r.pending_stopsign() {
+            let mut nodes = ss.next_config.nodes.clone();
+            nodes.sort_unstable();
+            let same = ss.next_config.configuration_id == target.config_id
+                && nodes.iter().eq(target.members.keys());
+            if same {
+                self.reconfig = Some(Pending {
+                    config_id: target.config_id,
+                    nodes,
+                    metadata: ss.metadata.unwrap_or_default(),
+                    proposed_at: self.ticks,
+                    reply,
+                });
+            } else {
+                let _ = reply.send(Err(ReconfigureError::InProgress));
+            }
+            return;
+        }
         let metadata = match serde_json::to_vec(&target) {
             Ok(m) => m,
             Err(e) => {
@@ -91,10 +169,17 @@ impl Driver {
                 }
             }
         }
-        match r.reconfigure(target.members.keys().copied().collect(), metadata) {
+        let nodes: Vec<u64> = target.members.keys().copied().collect();
+        match r.reconfigure(nodes.clone(), metadata.clone()) {
             Ok(()) => {
                 tracing::info!(node = me, config = target.config_id, members = ?target.members.keys().collect::<Vec<_>>(), "catalog membership change proposed");
-                self.reconfig = Some((target.config_id, reply));
+                self.reconfig = Some(Pending {
+                    config_id: target.config_id,
+                    nodes,
+                    metadata,
+                    proposed_at: self.ticks,
+                    reply,
+                });
             }
             Err(ReplicaError::Reconfiguring) => {
                 let _ = reply.send(Err(ReconfigureError::InProgress));
@@ -261,10 +346,10 @@ impl Driver {
         if self
             .reconfig
             .as_ref()
-            .is_some_and(|(id, _)| *id <= next.config_id)
+            .is_some_and(|p| p.config_id <= next.config_id)
         {
-            if let Some((_, reply)) = self.reconfig.take() {
-                let _ = reply.send(Ok(next.clone()));
+            if let Some(p) = self.reconfig.take() {
+                let _ = p.reply.send(Ok(next.clone()));
             }
         }
     }

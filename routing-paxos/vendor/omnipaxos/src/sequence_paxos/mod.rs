@@ -407,7 +407,16 @@ where
         common_prefix_idx: usize,
         other_logs_decided_idx: usize,
     ) -> LogSync<T> {
-        let decided_idx = self.internal_storage.get_decided_idx();
+        // hotrepart patch (routing-paxos/vendor/README.md): indexes that
+        // count an accepted StopSign's slot (a peer's accepted or decided
+        // index, our decided index once the StopSign is decided) stop at
+        // the last log entry: the receiver adds the StopSign after the
+        // suffix itself, so a sync index past the entries counted it twice.
+        let log_len = self.internal_storage.get_accepted_idx()
+            - usize::from(self.internal_storage.get_stopsign().is_some());
+        let common_prefix_idx = common_prefix_idx.min(log_len);
+        let other_logs_decided_idx = other_logs_decided_idx.min(log_len);
+        let decided_idx = self.internal_storage.get_decided_idx().min(log_len);
         let (decided_snapshot, suffix, sync_idx) =
             if T::Snapshot::use_snapshots() && decided_idx > common_prefix_idx {
                 // Note: We snapshot from the other log's decided index and not the common prefix because
