@@ -78,23 +78,35 @@ fn log_text() -> String {
 
 /// A port for a node to listen on, free when chosen. Taken below the
 /// kernel's ephemeral range (32768 and up here; where `bind(0)` and every
-/// outgoing connection get their ports), from a block of this process's
-/// own: a port from `bind(0)` could be given to another test's outgoing
-/// connection before the node binds it (one AddrInUse seen).
+/// outgoing connection get their ports): a port from `bind(0)` could be
+/// given to another test's outgoing connection before the node binds it
+/// (one AddrInUse seen). Chosen at random in 20000–31999, never twice in
+/// this process: test processes run side by side, and a fixed block per
+/// process id let two of them (ids equal modulo the block count) hand
+/// out the same ports, so that a node joined another test's cluster (CI:
+/// `the_log_is_compacted_…` found a node compacted before it started).
 fn free_port() -> u16 {
-    const LO: u32 = 20_000;
-    const BLOCKS: u32 = 120;
-    const BLOCK: u32 = 100;
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let base = LO + (std::process::id() % BLOCKS) * BLOCK;
-    for _ in 0..BLOCK {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed) as u32 % BLOCK;
-        let port = u16::try_from(base + n).expect("below 65536");
+    use std::hash::BuildHasher;
+    const LO: u64 = 20_000;
+    const SPAN: u64 = 12_000;
+    static HANDED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut handed = HANDED.lock().unwrap_or_else(|e| e.into_inner());
+    for i in 0..10_000u64 {
+        let r = std::collections::hash_map::RandomState::new().hash_one((
+            std::process::id(),
+            Instant::now(),
+            i,
+        ));
+        let port = u16::try_from(LO + r % SPAN).expect("below 65536");
+        if handed.contains(&port) {
+            continue;
+        }
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed.push(port);
             return port;
         }
     }
-    panic!("no free port in {base}..{}", base + BLOCK);
+    panic!("no free port in {LO}..{}", LO + SPAN);
 }
 
 fn seed(by: u64) -> CatalogSeed {
