@@ -1031,7 +1031,13 @@ async fn ending_idle_writers<F: std::future::Future>(
 /// that went quiet inside a transaction must not hold every move of the
 /// shard back (issue 17; `cutover_idle_grace_ms`). Prepared (2PC)
 /// transactions have no backend and are waited for: the resolver finishes
-/// them.
+/// them. Also waited for: every statement that started before
+/// `frozen_since` (the source's clock before the freeze) and still runs
+/// — one that has not written yet has no transaction id, so the horizon
+/// misses it. After `settle` no live node has such a statement left; one
+/// sent by a node that died is still executed by its backend, and would
+/// commit after the last catch-up, on the old owner. Never terminated:
+/// the attempt fails after the bound and the cut-over retries.
 async fn wait_open_transactions(
     c: &tokio_postgres::Client,
     idle_grace: Option<Duration>,
