@@ -420,9 +420,10 @@ impl Node {
         // (`handle.epoch()` read after the lease is at least the epoch
         // the lease was granted on.) Running nodes are fenced by the
         // cut-over; this is the case no fence reaches.
-        if self.routing.catalog.load().epoch() < self.catalog_handle.epoch() {
+        let covered = self.catalog_handle.epoch();
+        if self.routing.catalog.load().epoch() < covered {
             crate::control::cluster::publish_now(self, &self.catalog_handle);
-            if self.routing.catalog.load().epoch() < self.catalog_handle.epoch() {
+            if self.routing.catalog.load().epoch() < covered {
                 return Err(Refusal::new(
                     sqlstate::CANNOT_CONNECT_NOW,
                     "this hotrepart node is still installing the current routing table; retry shortly".into(),
