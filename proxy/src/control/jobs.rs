@@ -1031,10 +1031,10 @@ async fn ending_idle_writers<F: std::future::Future>(
 /// that went quiet inside a transaction must not hold every move of the
 /// shard back (issue 17; `cutover_idle_grace_ms`). Prepared (2PC)
 /// transactions have no backend and are waited for: the resolver finishes
-/// them. Also waited for: every statement that started before
-/// `frozen_since` (the source's clock before the freeze) and still runs
-/// — one that has not written yet has no transaction id, so the horizon
-/// misses it. After `settle` no live node has such a statement left; one
+/// them. Also waited for: every statement still running in a transaction
+/// that began before `frozen_since` (the source's clock before the
+/// freeze) — one that has not written yet has no transaction id, so the
+/// horizon misses it. After `settle` no live node has such a statement left; one
 /// sent by a node that died is still executed by its backend, and would
 /// commit after the last catch-up, on the old owner. Never terminated:
 /// the attempt fails after the bound and the cut-over retries.
@@ -1101,18 +1101,20 @@ async fn source_clock(c: &tokio_postgres::Client) -> Result<String, JobError> {
         .get(0))
 }
 
-/// The statements of client sessions running in the source's database
-/// now that started before `since` (a source clock reading), but the
-/// caller's and the reshard engine's own: (pid, start of the statement).
+/// The client sessions running a statement in the source's database now
+/// in a transaction that began before `since` (a source clock reading),
+/// but the caller's and the reshard engine's own: (pid, start of the
+/// transaction). By the transaction, not the statement: a dead client's
+/// pipelined statements run one after the other in it.
 async fn running_statements(
     c: &tokio_postgres::Client,
     since: &str,
 ) -> Result<Vec<(i32, String)>, JobError> {
     Ok(c.query(
-        "SELECT pid, query_start::text FROM pg_catalog.pg_stat_activity \
+        "SELECT pid, xact_start::text FROM pg_catalog.pg_stat_activity \
              WHERE state = 'active' AND backend_type = 'client backend' \
              AND datname = current_database() AND pid <> pg_backend_pid() \
-             AND query_start < $1::text::timestamptz \
+             AND xact_start < $1::text::timestamptz \
              AND application_name NOT LIKE 'hotrepart-reshard-%'",
         &[&since],
     )
@@ -1124,7 +1126,7 @@ async fn running_statements(
 }
 
 /// How many of `statements` still run (the same session, the same
-/// statement start).
+/// transaction, running a statement).
 async fn still_running(
     c: &tokio_postgres::Client,
     statements: &[(i32, String)],
