@@ -26,6 +26,11 @@ pub enum Failpoint {
     /// (after every node acknowledged it), so a test can act on a range
     /// frozen by a job.
     HoldFreeze,
+    /// `catalog_publish_slow`: the catalog follower publishes every
+    /// catalog change into the data plane 2 s late (the table at start at
+    /// once), so a test can see what the data plane routes by while its
+    /// routing table lags the catalog its lease covers.
+    PublishSlow,
 }
 
 impl Failpoint {
@@ -36,6 +41,7 @@ impl Failpoint {
             "twopc_after_first_commit" => Failpoint::AfterFirstCommit,
             "reshard_flip_lost" => Failpoint::FlipLost,
             "reshard_hold_freeze" => Failpoint::HoldFreeze,
+            "catalog_publish_slow" => Failpoint::PublishSlow,
             _ => return None,
         })
     }

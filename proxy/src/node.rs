@@ -226,6 +226,9 @@ pub struct Node {
     pub routing: Arc<RoutingState>,
     /// The replicated catalog this node follows (`cluster::follow`).
     pub catalog_handle: CatalogHandle,
+    /// Serialises publishing the catalog into `routing` (the follower and
+    /// [`Node::decide`] both do), so a table never replaces a newer one.
+    pub(crate) publish_lock: Mutex<()>,
     /// Reshard jobs this node is running.
     pub jobs: crate::control::jobs::running::Running,
     /// Tests only: when set, a reshard job stops before each phase's step
@@ -336,6 +339,7 @@ impl Node {
         Ok(Arc::new(Node {
             routing,
             catalog_handle: catalog,
+            publish_lock: Mutex::new(()),
             jobs: Default::default(),
             job_gate: None,
             collations: Mutex::new(HashMap::new()),
@@ -406,6 +410,25 @@ impl Node {
                 sqlstate::CANNOT_CONNECT_NOW,
                 "this hotrepart node is cut off from the catalog quorum (its routing lease expired), so it cannot be sure its routing table is current; retry, or connect to another node".into(),
             ));
+        }
+        // The lease covers the catalog this node's replica applied; the
+        // catalog follower publishes it into `routing` a moment later. A
+        // node whose lease has just become valid — it caught up after a
+        // restart or a partition — must not route by the older table it
+        // kept meanwhile: a range that changed owner while it was away
+        // would get writes on its old owner after the move's cleanup.
+        // (`handle.epoch()` read after the lease is at least the epoch
+        // the lease was granted on.) Running nodes are fenced by the
+        // cut-over; this is the case no fence reaches.
+        let covered = self.catalog_handle.epoch();
+        if self.routing.catalog.load().epoch() < covered {
+            crate::control::cluster::publish_now(self, &self.catalog_handle);
+            if self.routing.catalog.load().epoch() < covered {
+                return Err(Refusal::new(
+                    sqlstate::CANNOT_CONNECT_NOW,
+                    "this hotrepart node is still installing the current routing table; retry shortly".into(),
+                ));
+            }
         }
         let shards = self.routing.shards.load();
         if shards.live == 1 {

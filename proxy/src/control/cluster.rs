@@ -122,6 +122,12 @@ pub async fn follow(
             },
             () = shutdown.cancelled() => return Ok(()),
         }
+        if crate::failpoint::active(crate::failpoint::Failpoint::PublishSlow) {
+            tracing::warn!(
+                "failpoint catalog_publish_slow: publishing the catalog change 2 s late"
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
         let c = rx.borrow_and_update().clone();
         publish_current(&node, &c);
         if !compared {
@@ -153,14 +159,19 @@ fn compare_with_file(node: &Node, c: &hotrepart_routing_paxos::Catalog) -> bool 
     true
 }
 
+/// Publishes `c`'s routing table into `node` unless the node routes by a
+/// newer one already: the follower and [`Node::decide`] (a node whose
+/// lease has just become valid) both publish, under the node's
+/// `publish_lock`, so an older table never replaces a newer one.
 fn publish_current(node: &Node, c: &hotrepart_routing_paxos::Catalog) {
     if let Some(snap) = c.snapshot() {
+        let _serial = node.publish_lock.lock().unwrap_or_else(|e| e.into_inner());
         let cur = node.routing.catalog.load();
         // Function uploads do not change the epoch, but may resolve a
         // function a table names.
-        if snap.epoch() != cur.epoch()
+        if snap.epoch() > cur.epoch()
             || !node.routing.catalog_ready()
-            || !cur.unresolved_functions().is_empty()
+            || (snap.epoch() == cur.epoch() && !cur.unresolved_functions().is_empty())
         {
             tracing::info!(epoch = snap.epoch(), "routing table published");
             node.routing.publish_catalog(c);

@@ -825,6 +825,12 @@ async fn cut_over(
         return Ok(()); // aborted meanwhile
     }
     ensure_runs(node)?;
+    // Each source's clock just before the freeze: statements started
+    // before it that still run after `settle` are waited for.
+    let mut freeze_ts = Vec::new();
+    for sess in &sessions {
+        freeze_ts.push(source_clock(sess.source()).await?);
+    }
     let frozen_at = Instant::now();
     if h.catalog().freeze(plan.range.lo).map(|f| f.id) != Some(plan.freeze) {
         // Frozen by someone else: refused, and the cut-over retries (the
@@ -859,8 +865,8 @@ async fn cut_over(
             0 => None,
             ms => Some(Duration::from_millis(ms)),
         };
-        for sess in &sessions {
-            wait_open_transactions(sess.source(), grace, id).await?;
+        for (sess, since) in sessions.iter().zip(&freeze_ts) {
+            wait_open_transactions(sess.source(), grace, id, since).await?;
         }
         let open_tx = frozen_at.elapsed();
         // The last changes.
@@ -1025,15 +1031,30 @@ async fn ending_idle_writers<F: std::future::Future>(
 /// that went quiet inside a transaction must not hold every move of the
 /// shard back (issue 17; `cutover_idle_grace_ms`). Prepared (2PC)
 /// transactions have no backend and are waited for: the resolver finishes
-/// them.
+/// them. Also waited for: every statement still running in a transaction
+/// that began before `frozen_since` (the source's clock before the
+/// freeze) — one that has not written yet has no transaction id, so the
+/// horizon misses it. After `settle` no live node has such a statement left; one
+/// sent by a node that died is still executed by its backend, and would
+/// commit after the last catch-up, on the old owner. Never terminated:
+/// the attempt fails after the bound and the cut-over retries.
 async fn wait_open_transactions(
     c: &tokio_postgres::Client,
     idle_grace: Option<Duration>,
     job: &str,
+    frozen_since: &str,
 ) -> Result<(), JobError> {
     // The writers open now, before the horizon is read: each of them
     // started before it.
     let writers = open_writers(c).await?;
+    // The statements running now, before the horizon is read. One that
+    // has written nothing yet has no transaction id, so the horizon does
+    // not cover it, yet it may still write the range and commit after the
+    // last catch-up. Every live node's statement routed before the freeze
+    // has been answered (`settle` fenced it); one still running was sent
+    // by a node that died (its backend goes on until it answers) or could
+    // not be fenced, or by a client of the shard itself.
+    let running = running_statements(c, frozen_since).await?;
     let started = Instant::now();
     let mut ended_idle = false;
     let row = c
@@ -1051,7 +1072,7 @@ async fn wait_open_transactions(
             .await
             .map_err(|e| JobError::Other(format!("source: {e}")))?
             .get(0);
-        if done {
+        if done && still_running(c, &running, frozen_since).await? == 0 {
             return Ok(());
         }
         if let Some(g) = idle_grace.filter(|g| !ended_idle && started.elapsed() >= *g) {
@@ -1059,12 +1080,63 @@ async fn wait_open_transactions(
             end_idle_writers(c, &writers, g, job, "cut-over").await?;
         }
         if Instant::now() > deadline {
-            return Err(JobError::Other(
-                "transactions open on the source at the freeze did not end in time".into(),
-            ));
+            return Err(JobError::Other(if done {
+                format!(
+                    "{} statements running on the source at the freeze did not end in time",
+                    still_running(c, &running, frozen_since).await?
+                )
+            } else {
+                "transactions open on the source at the freeze did not end in time".into()
+            }));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// The source server's clock now (`clock_timestamp()` as text).
+async fn source_clock(c: &tokio_postgres::Client) -> Result<String, JobError> {
+    Ok(c.query_one("SELECT clock_timestamp()::text", &[])
+        .await
+        .map_err(|e| JobError::Other(format!("source: {e}")))?
+        .get(0))
+}
+
+/// The client sessions running a statement in the source's database now
+/// in a transaction that began before `since` (a source clock reading),
+/// but the caller's and the reshard engine's own: (pid, start of the
+/// transaction). By the transaction, not the statement: a dead client's
+/// pipelined statements run one after the other in it.
+async fn running_statements(
+    c: &tokio_postgres::Client,
+    since: &str,
+) -> Result<Vec<(i32, String)>, JobError> {
+    Ok(c.query(
+        "SELECT pid, xact_start::text FROM pg_catalog.pg_stat_activity \
+             WHERE state = 'active' AND backend_type = 'client backend' \
+             AND datname = current_database() AND pid <> pg_backend_pid() \
+             AND xact_start < $1::text::timestamptz \
+             AND application_name NOT LIKE 'hotrepart-reshard-%'",
+        &[&since],
+    )
+    .await
+    .map_err(|e| JobError::Other(format!("source: {e}")))?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect())
+}
+
+/// How many of `statements` still run (the same session, the same
+/// transaction, running a statement).
+async fn still_running(
+    c: &tokio_postgres::Client,
+    statements: &[(i32, String)],
+    since: &str,
+) -> Result<usize, JobError> {
+    if statements.is_empty() {
+        return Ok(0);
+    }
+    let now = running_statements(c, since).await?;
+    Ok(statements.iter().filter(|s| now.contains(s)).count())
 }
 
 pub(crate) async fn connect(dsn: &str, db: &str) -> Result<tokio_postgres::Client, JobError> {

@@ -117,6 +117,14 @@ impl CatalogHandle {
         self.inner.shared.catalog.load_full()
     }
 
+    /// The routing epoch of the catalog as of the last applied entry
+    /// (lock-free). Read after [`lease_valid`](Self::lease_valid), it is at
+    /// least the epoch of the catalog the lease was granted on: the driver
+    /// publishes what it applied before it extends the lease.
+    pub fn epoch(&self) -> u64 {
+        self.inner.shared.catalog.load().epoch()
+    }
+
     /// A receiver that sees the catalog change whenever a command applied.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Catalog>> {
         self.inner.shared.watch.subscribe()

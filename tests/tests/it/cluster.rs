@@ -508,3 +508,99 @@ async fn proxyctl_adds_a_node() {
 fn procs_bin(name: &str) -> String {
     hotrepart_tests::procs::bin(name).display().to_string()
 }
+
+/// A node that was down while a range changed owner gets its lease back
+/// once it has caught up with the log; from then on it must route by the
+/// new table — not by the one it kept from before the restart, which its
+/// catalog follower replaces a moment later (failpoint
+/// `catalog_publish_slow` makes that moment 2 s). Writes routed by the
+/// old table in that moment went to the range's old owner, past every
+/// fence and after the move's cleanup: stranded rows
+/// (`reshard::job_survives_kill_of_its_node_during_copy_and_catch_up`
+/// found one so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_node_routes_by_the_current_table_once_its_lease_is_valid() {
+    let mut c = ProcCluster::start(3, 2, TABLES, "lease_ms = 1000").await;
+    converged(&c, Duration::from_secs(20)).await;
+    let db0 = connect(&c.nodes[0].dsn()).await.unwrap();
+    db0.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let (lo, hi, _) = ranges(&c, 0)
+        .await
+        .into_iter()
+        .find(|r| r.2 == "s0")
+        .unwrap();
+    let keys: Vec<i64> = (1..)
+        .filter(|&k| {
+            let p = hotrepart_router::hash::hashint8extended(k, 0);
+            p >= lo && hi.is_none_or(|h| p < h)
+        })
+        .take(1000)
+        .collect();
+    // Node 3 is down while the (empty) range moves from s0 to s1.
+    c.nodes[2].kill9();
+    let (ok, _, err) = c
+        .proxyctl(0, &["range", "assign", &lo.to_string(), "--to", "s1"])
+        .await;
+    assert!(ok, "range assign: {err}");
+    tokio::task::block_in_place(|| {
+        c.nodes[2].start_with_env(&[("HOTREPART_FAILPOINT", "catalog_publish_slow")])
+    });
+    // Writes through node 3 from the moment it accepts them.
+    let dsn = c.nodes[2].dsn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut written = Vec::new();
+    let mut refused = 0;
+    let mut keys = keys.into_iter();
+    let mut db: Option<tokio_postgres::Client> = None;
+    while written.len() < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "node 3 accepted {} writes in 30 s ({refused} refused); logs:\n{}",
+            written.len(),
+            c.logs()
+        );
+        let client = match db.take() {
+            Some(client) => client,
+            None => match connect(&dsn).await {
+                Ok(client) => client,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let k = keys.next().unwrap();
+        match client
+            .execute("INSERT INTO items (id, v) VALUES ($1, 'x')", &[&k])
+            .await
+        {
+            Ok(n) => {
+                assert_eq!(n, 1);
+                written.push(k);
+                db = Some(client);
+            }
+            Err(e) => {
+                let code = e.code().map(|c| c.code().to_owned());
+                assert_eq!(code.as_deref(), Some("57P03"), "{e}");
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                db = Some(client);
+            }
+        }
+    }
+    // Every row is on s1, the range's owner; none on s0.
+    for (si, want) in [(0, 0i64), (1, written.len() as i64)] {
+        let s = connect(&c.shards[si].dsn()).await.unwrap();
+        let n: i64 = s
+            .query_one("SELECT count(*) FROM items WHERE id = ANY($1)", &[&written])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            n, want,
+            "rows written through the restarted node on s{si} (range owned by s1)"
+        );
+    }
+}

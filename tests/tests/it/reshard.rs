@@ -876,3 +876,115 @@ async fn an_idle_writer_on_the_source_does_not_hold_a_move_back() {
     );
     check(&c, &dsns, 1_000).await;
 }
+
+/// A write a node sent to the source just before it died goes on inside
+/// PostgreSQL (a backend notices its client is gone only when it answers).
+/// Here it waits for an advisory lock before it inserts (no transaction id
+/// yet, so the wait for the transactions open at the freeze does not see
+/// it), and the lock is let go once the job flipped or retried its
+/// cut-over. The cut-over must not flip the range while a statement that
+/// started on the source before the freeze still runs: else the row lands
+/// on the old owner after the move (after its cleanup: stranded there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_nodes_statement_still_running_on_the_source_does_not_land_after_the_move() {
+    let mut c = ProcCluster::start(3, 2, TABLES, "lease_ms = 1000").await;
+    setup(&c, 100).await;
+    let leader = c.leader(0).await.expect("a leader");
+    let x = (0..3).find(|&i| i as u64 + 1 != leader).unwrap();
+    let alive = (0..3).find(|&i| i != x).unwrap();
+    let (lo, hi, _) = ranges(&c, 0)
+        .await
+        .into_iter()
+        .find(|r| r.2 == "s0")
+        .unwrap();
+    let k: i64 = (1_000_000..)
+        .find(|&k| {
+            let p = hotrepart_router::hash::hashint8extended(k, 0);
+            p >= lo && hi.is_none_or(|h| p < h)
+        })
+        .unwrap();
+    // On s0 the test holds advisory lock 4242; through node x an INSERT
+    // into the range waits for it.
+    let s0 = connect(&c.shards[0].dsn()).await.unwrap();
+    s0.execute("SELECT pg_advisory_lock(4242)", &[])
+        .await
+        .unwrap();
+    let db = connect(&c.nodes[x].dsn()).await.unwrap();
+    let slow = tokio::spawn(async move {
+        db.execute(
+            "INSERT INTO items (id, version, pad) VALUES ($1, 1, (SELECT pg_advisory_lock(4242))::text)",
+            &[&k],
+        )
+        .await
+    });
+    let waiting = || async {
+        s0.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_advisory_lock(4242))::text%' \
+             AND state = 'active' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            > 0
+    };
+    wait_for("the blocked insert on s0", Duration::from_secs(10), waiting).await;
+    c.nodes[x].kill9();
+    assert!(slow.await.unwrap().is_err(), "its node died");
+    let id = start_job(
+        &c,
+        alive,
+        &["reshard", "move", &lo.to_string(), "--to", "s1"],
+    )
+    .await;
+    // Let the insert go once the job flipped, or retried a cut-over
+    // because of it.
+    wait_for(
+        "the flip or a retried cut-over",
+        Duration::from_secs(60),
+        || async {
+            let j = job(&c, alive, &id).await;
+            ["flipped", "done", "failed", "aborted"]
+                .iter()
+                .any(|p| j["phase"] == serde_json::json!(p))
+                || j["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("cut-over retried"))
+        },
+    )
+    .await;
+    let note = job(&c, alive, &id).await["note"].clone();
+    eprintln!("letting the insert go; the job's note: {note}");
+    s0.execute("SELECT pg_advisory_unlock(4242)", &[])
+        .await
+        .unwrap();
+    let j = wait_phase(
+        &c,
+        alive,
+        &id,
+        &["done", "failed", "aborted"],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(j["phase"], serde_json::json!("done"), "{j}");
+    wait_for("the insert to end", Duration::from_secs(30), || async {
+        !waiting().await
+    })
+    .await;
+    let on = |dsn: String| async move {
+        connect(&dsn)
+            .await
+            .unwrap()
+            .query_one("SELECT count(*) FROM items WHERE id = $1", &[&k])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let (a, b) = (on(c.shards[0].dsn()).await, on(c.shards[1].dsn()).await);
+    assert_eq!(
+        (a, b),
+        (0, 1),
+        "the dead node's row (committed before the flip) on s0, the old owner, and on s1"
+    );
+    tokio::task::block_in_place(|| c.nodes[x].start());
+}
