@@ -66,6 +66,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Box::pin(self.on_query(super::script::query_frame(&sql))).await
     }
 
+    /// `sql` on shard `t`'s backend (already attached): its rows, or the
+    /// refusal the client gets — PostgreSQL's error (which fails an open
+    /// transaction, as it failed it on the shard) or a lost connection
+    /// (`what` says what the node was doing).
+    async fn query_on(
+        &mut self,
+        t: usize,
+        sql: &str,
+        what: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, Refusal> {
+        let lost = |e: String| {
+            Refusal::new(
+                sqlstate::CONNECTION_FAILURE,
+                format!("lost a shard's connection while {what}{e}"),
+            )
+        };
+        let Some(b) = self.be.slots[t].conn.as_mut() else {
+            return Err(lost(String::new()));
+        };
+        match b.hidden_query(sql).await {
+            Ok(rows) => Ok(rows),
+            Err(HiddenQueryError::Server { code, message }) => {
+                if self.txn.open() {
+                    self.txn.failed = true;
+                }
+                Err(Refusal::new(sqlstate::intern(&code), message))
+            }
+            Err(HiddenQueryError::Wire(e)) => {
+                b.broken = true;
+                tracing::warn!(error = %e, "{what} failed");
+                Err(lost(format!(": {e}")))
+            }
+        }
+    }
+
     async fn evaluate_keys(
         &mut self,
         ck: &ComputedKeys,
@@ -74,33 +109,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Err(r) = self.switch_to(home).await? {
             return Ok(Err(r));
         }
-        let lost = || {
-            Refusal::new(
-                sqlstate::CONNECTION_FAILURE,
-                "lost the home shard's connection while computing the shard keys of an INSERT"
-                    .into(),
+        let rows = match self
+            .query_on(
+                home,
+                &ck.eval_sql(),
+                "computing the shard keys of an INSERT",
             )
-        };
-        let Some(b) = self.be.slots[home].conn.as_mut() else {
-            return Ok(Err(lost()));
-        };
-        let rows = match b.hidden_query(&ck.eval_sql()).await {
+            .await
+        {
             Ok(rows) => rows,
-            Err(HiddenQueryError::Server { code, message }) => {
-                if self.txn.open() {
-                    self.txn.failed = true;
-                }
-                return Ok(Err(Refusal::new(sqlstate::intern(&code), message)));
-            }
-            Err(HiddenQueryError::Wire(e)) => {
-                b.broken = true;
-                tracing::warn!(error = %e, "computing the shard keys of an INSERT failed");
-                return Ok(Err(lost()));
-            }
+            Err(r) => return Ok(Err(r)),
         };
         let row = rows.into_iter().next().unwrap_or_default();
         if row.len() != ck.len() {
-            return Ok(Err(lost()));
+            return Ok(Err(Refusal::new(
+                sqlstate::INTERNAL_ERROR,
+                "the shard keys of an INSERT computed to an unexpected row".into(),
+            )));
         }
         let mut values = Vec::with_capacity(row.len());
         for v in row {
@@ -202,28 +227,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             is.select_sql,
             names.join(", ")
         );
-        let lost = || {
-            Refusal::new(
-                sqlstate::CONNECTION_FAILURE,
-                "lost a shard's connection while computing the rows of an INSERT … SELECT".into(),
-            )
-        };
-        let Some(b) = self.be.slots[t].conn.as_mut() else {
-            return Ok(Err(lost()));
-        };
-        let rows = match b.hidden_query(&sql).await {
+        let rows = match self
+            .query_on(t, &sql, "computing the rows of an INSERT … SELECT")
+            .await
+        {
             Ok(rows) => rows,
-            Err(HiddenQueryError::Server { code, message }) => {
-                if self.txn.open() {
-                    self.txn.failed = true;
-                }
-                return Ok(Err(Refusal::new(sqlstate::intern(&code), message)));
-            }
-            Err(HiddenQueryError::Wire(e)) => {
-                b.broken = true;
-                tracing::warn!(error = %e, "computing the rows of an INSERT … SELECT failed");
-                return Ok(Err(lost()));
-            }
+            Err(r) => return Ok(Err(r)),
         };
         if max > 0 && rows.len() > max {
             return Ok(Err(Refusal::new(
@@ -314,29 +323,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             "SELECT attname FROM pg_catalog.pg_attribute WHERE attrelid = {}::pg_catalog.regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             crate::sql::quote_literal(table)
         );
-        let Some(b) = self.be.slots[home].conn.as_mut() else {
-            return Ok(Err(Refusal::new(
-                sqlstate::CONNECTION_FAILURE,
-                "lost the home shard's connection while reading a table's columns".into(),
-            )));
-        };
-        let rows = match b.hidden_query(&sql).await {
+        let rows = match self.query_on(home, &sql, "reading a table's columns").await {
             Ok(rows) => rows,
-            Err(HiddenQueryError::Server { code, message }) => {
-                if self.txn.open() {
-                    self.txn.failed = true;
-                }
-                return Ok(Err(Refusal::new(sqlstate::intern(&code), message)));
-            }
-            Err(HiddenQueryError::Wire(e)) => {
-                b.broken = true;
-                return Ok(Err(Refusal::new(
-                    sqlstate::CONNECTION_FAILURE,
-                    format!(
-                        "lost the home shard's connection while reading a table's columns: {e}"
-                    ),
-                )));
-            }
+            Err(r) => return Ok(Err(r)),
         };
         let cols: Arc<[String]> = rows
             .into_iter()

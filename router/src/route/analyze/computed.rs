@@ -30,7 +30,7 @@ use super::super::keys::{value_src, SrcError};
 use super::super::names::{last_name, table_name};
 use super::super::Namespace;
 use super::functions::PURE_FUNCTIONS;
-use crate::catalog::{KeyType, RoutingSnapshot, TablePlacement};
+use crate::catalog::{KeyType, RoutingSnapshot, ShardedTable, TablePlacement};
 
 /// Functions of [`PURE_FUNCTIONS`] a key must not be computed with: they
 /// return sets, sleep, change settings, or start a transaction id on the
@@ -48,6 +48,33 @@ const NOT_FOR_KEYS: &[&str] = &[
 /// Functions that read no table besides a sequence, evaluated on the home
 /// shard where the node's undeclared objects (sequences) live.
 const SEQUENCE_FUNCTIONS: &[&str] = &["nextval", "currval"];
+
+/// The one `INSERT` of `sql` into a sharded table, with that table and the
+/// target's name as written; None for anything else.
+fn insert_into_sharded(
+    snapshot: &RoutingSnapshot,
+    ns: &Namespace,
+    sql: &str,
+) -> Option<(Insert, ShardedTable, ObjectName)> {
+    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+    let Some(Statement::Insert(insert)) = stmts.pop() else {
+        return None;
+    };
+    if !stmts.is_empty() {
+        return None;
+    }
+    let TableObject::TableName(name) = &insert.table else {
+        return None;
+    };
+    let name = name.clone();
+    match snapshot.placement(&table_name(ns, &name).ok()?) {
+        TablePlacement::Sharded(t) => {
+            let t = t.clone();
+            Some((insert, t, name))
+        }
+        _ => None,
+    }
+}
 
 /// An `INSERT … VALUES` into a sharded table whose key is computed in some
 /// rows.
@@ -70,20 +97,7 @@ pub fn computed_keys(
     ns: &Namespace,
     sql: &str,
 ) -> Option<ComputedKeys> {
-    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
-    let Some(Statement::Insert(insert)) = stmts.pop() else {
-        return None;
-    };
-    if !stmts.is_empty() {
-        return None;
-    }
-    let TableObject::TableName(name) = &insert.table else {
-        return None;
-    };
-    let table = match snapshot.placement(&table_name(ns, name).ok()?) {
-        TablePlacement::Sharded(t) => t.clone(),
-        _ => return None,
-    };
+    let (insert, table, _) = insert_into_sharded(snapshot, ns, sql)?;
     let key_idx = insert
         .columns
         .iter()
@@ -256,20 +270,8 @@ pub fn insert_select(
     ns: &Namespace,
     sql: &str,
 ) -> Option<InsertSelect> {
-    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
-    let Some(Statement::Insert(insert)) = stmts.pop() else {
-        return None;
-    };
-    if !stmts.is_empty() || insert.columns.is_empty() {
-        return None;
-    }
-    let TableObject::TableName(name) = &insert.table else {
-        return None;
-    };
-    if !matches!(
-        snapshot.placement(&table_name(ns, name).ok()?),
-        TablePlacement::Sharded(_)
-    ) {
+    let (insert, _, name) = insert_into_sharded(snapshot, ns, sql)?;
+    if insert.columns.is_empty() {
         return None;
     }
     let source = insert.source.as_ref()?;
@@ -339,20 +341,8 @@ pub fn no_column_list(
     ns: &Namespace,
     sql: &str,
 ) -> Option<NoColumnList> {
-    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
-    let Some(Statement::Insert(insert)) = stmts.pop() else {
-        return None;
-    };
-    if !stmts.is_empty() || !insert.columns.is_empty() {
-        return None;
-    }
-    let TableObject::TableName(name) = &insert.table else {
-        return None;
-    };
-    if !matches!(
-        snapshot.placement(&table_name(ns, name).ok()?),
-        TablePlacement::Sharded(_)
-    ) {
+    let (insert, _, name) = insert_into_sharded(snapshot, ns, sql)?;
+    if !insert.columns.is_empty() {
         return None;
     }
     let SetExpr::Values(values) = insert.source.as_ref()?.body.as_ref() else {
