@@ -99,9 +99,21 @@ fn init_logging() -> anyhow::Result<hotrepart_proxy::node::LogFilterHook> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let set_log_filter = init_logging()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // HOTREPART_RUNTIME=current_thread runs the node on one thread (one
+    // event loop, no work stealing): a benchmark knob (bench/README.md);
+    // the default is tokio's multi-threaded runtime, a worker per core
+    // (TOKIO_WORKER_THREADS sets how many).
+    let rt = match std::env::var("HOTREPART_RUNTIME").as_deref() {
+        Ok("current_thread") => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        Ok("multi_thread") | Err(_) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+        Ok(other) => {
+            anyhow::bail!("HOTREPART_RUNTIME={other:?}: expected multi_thread or current_thread")
+        }
+    };
     match cli.cmd {
         Cmd::Serve { config } => rt.block_on(async {
             let cfg = hotrepart_proxy::Config::load(&config)?;

@@ -4,3 +4,6 @@
 //! fuzzed there); re-exported here under its old path.
 
 pub use hotrepart_wire::frame::*;
+
+/// Client encodings other than UTF-8 (`hotrepart-wire`'s `encoding`).
+pub use hotrepart_wire::encoding;

@@ -128,7 +128,7 @@ pub use merge::{
     AggregatePlan, Combined, CompareOp, HavingExpr, LimitSpec, Literal, MergePlan, Operand,
     Partial, ShardCol, SortKey,
 };
-pub use params::{Param, ParamFormat};
+pub use params::{Param, ParamFormat, TextDecoder};
 
 use analyze::{Body, StmtPlan};
 

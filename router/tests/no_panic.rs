@@ -167,6 +167,7 @@ fn random_statements_never_panic_the_router() {
                     ParamFormat::Binary
                 },
                 type_oid: [None, Some(20), Some(25), Some(1016)][rng.random_range(0..4)],
+                decoder: None,
             })
             .collect();
         let hints = Hints {

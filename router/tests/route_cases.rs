@@ -381,6 +381,7 @@ fn run_case(snap: &RoutingSnapshot, line: &str, m: &MergeExpect) -> Result<(), S
                 hotrepart_router::route::ParamFormat::Text
             },
             type_oid: p.oid,
+            decoder: None,
         })
         .collect();
     let result = route(snap, sql, &params, &hints);

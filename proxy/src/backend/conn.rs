@@ -11,6 +11,7 @@
 //! cleartext password goes to a shard only over TLS, unless
 //! `allow_cleartext_shard_password`.
 
+use crate::wire::encoding::ClientEncoding;
 use crate::wire::{self, auth, be, tx, Frame, FrameReader, WireError};
 use bytes::BytesMut;
 use hotrepart_wire::backend as decode;
@@ -113,6 +114,10 @@ pub struct BackendConn {
     /// What the admin console's `SHOW SERVERS` shows of it (the pool keeps
     /// a weak reference; it lives as long as the connection).
     pub info: Arc<ServerInfo>,
+    /// The connection's `client_encoding` as the server last reported it
+    /// (ParameterStatus): what the node's text to it is written in
+    /// ([`BackendConn::write_frames`]) and its text read with.
+    pub enc: ClientEncoding,
 }
 
 /// A backend connection as `SHOW SERVERS` lists it: fixed at connect, but
@@ -387,6 +392,10 @@ impl BackendConn {
             request_time_us: std::sync::atomic::AtomicU64::new(ServerInfo::now_us()),
             cancel_gate: cancel_gate.clone(),
         });
+        let enc = params
+            .iter()
+            .find(|(k, _)| k == "client_encoding")
+            .map_or(ClientEncoding::Utf8, |(_, v)| ClientEncoding::for_name(v));
         Ok(BackendConn {
             reader,
             writer: w,
@@ -394,6 +403,7 @@ impl BackendConn {
             pid,
             secret,
             params,
+            enc,
             prepared: Default::default(),
             state_fp: crate::backend::state::SessionState::default().fingerprint(),
             broken: false,
@@ -441,8 +451,7 @@ impl BackendConn {
     ) -> Result<Vec<Vec<Option<String>>>, HiddenQueryError> {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out).map_err(|e| HiddenQueryError::Wire(WireError::Io(e)))?;
-        self.writer
-            .write_all(&out)
+        self.write_frames(&out)
             .await
             .map_err(|e| HiddenQueryError::Wire(WireError::Io(e)))?;
         let mut rows = Vec::new();
@@ -450,9 +459,11 @@ impl BackendConn {
         loop {
             let f: Frame = self.reader.next().await.map_err(HiddenQueryError::Wire)?;
             match f.tag() {
-                be::DATA_ROW => {
+                be::DATA_ROW if self.enc.is_utf8() => {
                     rows.push(decode::text_data_row(f.body()).map_err(HiddenQueryError::Wire)?)
                 }
+                be::DATA_ROW => rows.push(self.text_row(f.body()).map_err(HiddenQueryError::Wire)?),
+                be::PARAMETER_STATUS => self.note_parameter_status(f.body()),
                 be::ERROR_RESPONSE => err = Some(wire::parse_error_fields(f.body())),
                 be::READY_FOR_QUERY => {
                     self.status = f.body().first().copied().unwrap_or(tx::IDLE);
@@ -465,6 +476,57 @@ impl BackendConn {
             Some((code, message)) => Err(HiddenQueryError::Server { code, message }),
             None => Ok(rows),
         }
+    }
+}
+
+impl BackendConn {
+    /// Writes whole frontend frames the node built or forwards, their
+    /// strings (query text, names) turned from UTF-8 into the connection's
+    /// `client_encoding` (parameter values and COPY data are left as the
+    /// client sent them: already in it). A character it cannot hold is an
+    /// error (22P05's words), nothing written.
+    pub async fn write_frames(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if self.enc.is_utf8() {
+            return self.writer.write_all(buf).await;
+        }
+        let b = crate::wire::encoding::frames_from_utf8(self.enc, buf)
+            .map_err(|e| std::io::Error::other(e.message))?;
+        self.writer.write_all(&b).await
+    }
+
+    /// Follows the server's `client_encoding` (a ParameterStatus body).
+    pub fn note_parameter_status(&mut self, body: &[u8]) {
+        if let Ok((k, v)) = decode::parameter_status(body) {
+            if k == "client_encoding" {
+                self.enc = ClientEncoding::for_name(&v);
+            }
+        }
+    }
+
+    /// A text DataRow in the connection's encoding, as UTF-8 strings.
+    fn text_row(&self, mut b: &[u8]) -> Result<Vec<Option<String>>, WireError> {
+        let n = wire::get_i16(&mut b)?;
+        let mut row = Vec::with_capacity(n.max(0) as usize);
+        for _ in 0..n {
+            let len = wire::get_i32(&mut b)?;
+            if len < 0 {
+                row.push(None);
+                continue;
+            }
+            let len = len as usize;
+            if b.len() < len {
+                return Err(WireError::Protocol(
+                    "DataRow shorter than its values".into(),
+                ));
+            }
+            let v = self
+                .enc
+                .decode(&b[..len])
+                .map_err(|e| WireError::Protocol(e.message))?;
+            row.push(Some(v.into_owned()));
+            b = &b[len..];
+        }
+        Ok(row)
     }
 }
 

@@ -28,7 +28,6 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
 /// What a session receives: NotificationResponse frames, whole.
@@ -198,7 +197,7 @@ fn channel_of(f: &Frame) -> Option<String> {
 async fn send_query(c: &mut BackendConn, sql: &str) -> std::io::Result<()> {
     let mut q = BytesMut::new();
     wire::frame(&mut q, wire::fe::QUERY, |o| wire::put_cstr(o, sql));
-    c.writer.write_all(&q).await
+    c.write_frames(&q).await
 }
 
 /// One shard's listening connection for one database: connects (again,

@@ -168,6 +168,9 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     wire::text_row_description(&mut s.out, &["QUERY PLAN"]);
     for l in &lines {
+        // The shards' lines were read as UTF-8; the client reads its own
+        // encoding.
+        let l = s.enc.encode_lossy(l);
         wire::text_data_row(&mut s.out, &[Some(l)]);
     }
     s.out.put_slice(&command_complete("EXPLAIN"));

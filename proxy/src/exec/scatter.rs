@@ -45,7 +45,7 @@ use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, Bytes, BytesMut};
 use hotrepart_router::classify::OutsideTransaction;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
@@ -108,7 +108,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let Some(b) = s.be.slots[t].conn.as_mut() else {
             continue;
         };
-        if let Err(e) = b.writer.write_all(&buf).await {
+        if let Err(e) = b.write_frames(&buf).await {
             return Err(s.be.lost(t, crate::wire::WireError::Io(e)));
         }
     }
@@ -144,9 +144,16 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     let mut body = f.body();
                     shard_tags.push(wire::get_cstr(&mut body).unwrap_or("").to_string());
                 }
-                be::EMPTY_QUERY_RESPONSE | be::NOTICE_RESPONSE | be::PARAMETER_STATUS if i == 0 => {
-                    s.out.put_slice(&f.raw)
+                be::PARAMETER_STATUS => {
+                    if let Some(b) = s.be.slots[t].conn.as_mut() {
+                        b.note_parameter_status(f.body());
+                    }
+                    if i == 0 {
+                        s.note_parameter_status(t, &f);
+                        s.out.put_slice(&f.raw)
+                    }
                 }
+                be::EMPTY_QUERY_RESPONSE | be::NOTICE_RESPONSE if i == 0 => s.out.put_slice(&f.raw),
                 be::ERROR_RESPONSE => shard_err = true,
 
                 be::COPY_IN_RESPONSE | be::COPY_BOTH_RESPONSE => {
@@ -156,7 +163,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     frontend::copy_fail("COPY into several shards is not supported", &mut fail)
                         .map_err(|_| io_fatal())?;
                     if let Some(b) = s.be.slots[t].conn.as_mut() {
-                        let _ = b.writer.write_all(&fail).await;
+                        let _ = b.write_frames(&fail).await;
                     }
                 }
                 _ => {}
@@ -488,7 +495,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         let buf = std::mem::take(&mut s.be.to_backend);
         if let Some(b) = s.be.slots[t].conn.as_mut() {
-            if let Err(e) = b.writer.write_all(&buf).await {
+            if let Err(e) = b.write_frames(&buf).await {
                 return Err(s.be.lost(t, crate::wire::WireError::Io(e)));
             }
         }

@@ -189,7 +189,7 @@ impl BindParams {
             .map_err(|_| format!("LIMIT/OFFSET must not be negative (parameter ${})", i + 1))
     }
 
-    fn as_router_params(&self) -> Vec<Param<'_>> {
+    fn as_router_params<'a>(&'a self, decoder: Option<r::TextDecoder<'a>>) -> Vec<Param<'a>> {
         self.values
             .iter()
             .enumerate()
@@ -197,6 +197,7 @@ impl BindParams {
                 value: v.as_deref(),
                 format: self.format(i),
                 type_oid: None,
+                decoder,
             })
             .collect()
     }
@@ -363,6 +364,8 @@ pub struct RouteCtx<'a> {
     pub server_scs: bool,
     /// Where unqualified names resolve ([`crate::routing::names`]).
     pub ns: &'a r::Namespace,
+    /// The client's encoding: how its text parameters read.
+    pub enc: crate::wire::encoding::ClientEncoding,
 }
 
 impl RouteCtx<'_> {
@@ -480,9 +483,14 @@ fn bind_and_decide(
     hints: &Hints,
 ) -> Result<Decision, Refusal> {
     let owned;
+    // Text parameters in a client encoding other than UTF-8 are read in
+    // it (a text key hashes as the server stores it).
+    let enc = ctx.enc;
+    let read = move |b: &[u8]| enc.decode(b).map(|t| t.into_owned()).map_err(|e| e.message);
+    let decoder = (!enc.is_utf8()).then_some(r::TextDecoder(&read));
     let params: &[Param<'_>] = match params {
         Some(p) => {
-            owned = p.as_router_params();
+            owned = p.as_router_params(decoder);
             &owned
         }
         None => &[],

@@ -302,7 +302,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.be.to_backend.clear();
             return Ok(());
         };
-        if let Err(e) = b.writer.write_all(&self.be.to_backend).await {
+        if let Err(e) = b.write_frames(&self.be.to_backend).await {
             self.be.to_backend.clear();
             return Err(self.be.lost(cur, WireError::Io(e)));
         }

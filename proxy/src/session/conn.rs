@@ -10,6 +10,7 @@ use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::node::{CancelSlot, Node};
 use crate::routing::Decision;
+use crate::wire::encoding::ClientEncoding;
 use crate::wire::rfq;
 use crate::wire::{self, Frame, FrameReader, Severity, WireError};
 use crate::wire::{fe, tx};
@@ -413,6 +414,10 @@ pub struct Session<S> {
     pub(crate) temp: super::temp::TempObjects,
     /// The session's cursors: where they are (`session/cursor.rs`).
     pub(crate) cursors: super::cursor::Cursors,
+    /// The client's `client_encoding` as PostgreSQL last reported it: how
+    /// the node reads the strings of its messages and writes its own
+    /// errors (`wire::encoding`; backends convert everything else).
+    pub(crate) enc: ClientEncoding,
 }
 
 /// A part of a client batch that the node cut at a multi-shard statement,
@@ -476,6 +481,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         user: String,
     ) -> Self {
         let state_fp = state.fingerprint();
+        let enc = ClientEncoding::for_name(state.get("client_encoding").unwrap_or("UTF8"));
         let nshards = node.routing.shard_slots() + SLOT_HEADROOM;
         let home = node.routing.home_index();
         let stats =
@@ -515,6 +521,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             cut_wanted: false,
             temp: Default::default(),
             cursors: Default::default(),
+            enc,
         }
     }
 
@@ -550,6 +557,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             stale: self.state_stale,
             server_scs: self.server_scs,
             ns: &self.ns,
+            enc: self.enc,
         }
     }
 
@@ -672,9 +680,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.push_synthetic(rfq(status));
     }
 
+    /// A ParameterStatus from shard `t`'s backend that the client sees:
+    /// the session (and the backend) follow its `client_encoding`.
+    pub(crate) fn note_parameter_status(&mut self, t: usize, f: &Frame) {
+        if let Some(b) = self.be.slots[t].conn.as_mut() {
+            b.note_parameter_status(f.body());
+            self.enc = b.enc;
+        }
+    }
+
     pub(crate) fn push_error(&mut self, r: &Refusal) {
         let mut e = BytesMut::new();
-        wire::error_response(&mut e, Severity::Error, r.code, &r.message);
+        let msg = self.enc.encode_lossy(&r.message);
+        wire::error_response_bytes(&mut e, Severity::Error, r.code, &msg);
         self.push_synthetic(e.freeze());
         if self.txn.open() {
             self.txn.failed = true;

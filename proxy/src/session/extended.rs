@@ -22,6 +22,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+/// Where a statement of a batch runs (`Session::batch_parts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runs {
+    On(usize),
+    Several,
+    /// Any shard answers the same (no table), or not known here.
+    Anywhere,
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The text a Bind of statement `stmt` runs: the statement parsed
     /// earlier in the batch being routed (`unnamed`, `named`), else the
@@ -171,9 +180,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Err(multi_beside_others());
         }
         if different {
+            // Ended by Sync, the batch is cut where the shard changes
+            // instead (`Session::run_batch`).
             return Err(Refusal::new(
                 sqlstate::FEATURE_NOT_SUPPORTED,
-                "statements of one pipelined batch (up to Sync) go to different shards; send a Sync between them".into(),
+                DIFFERENT_SHARDS.into(),
             ));
         }
         let target = target.or(parse_target);
@@ -185,23 +196,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok((target, strongest))
     }
 
-    /// A batch ended by Sync that holds a statement for several shards
-    /// beside other statements, cut into parts to run one after another:
-    /// each multi-shard statement alone, the statements between them
-    /// together (one shard, or refused by routing as any batch whose
-    /// statements go to different shards). A statement ends at its
-    /// Execute; what follows the last Execute (the Sync) belongs to the
-    /// last part. None: no cut needed, or routing fails (`route_batch`
-    /// then reports it).
-    pub(super) fn batch_parts(&self, frames: &[Frame]) -> Option<Vec<Vec<Frame>>> {
+    /// A batch ended by Sync whose statements go to different shards (or
+    /// hold a statement for several shards beside others), cut into parts
+    /// to run one after another: each multi-shard statement alone, the
+    /// statements between them together as long as they go to the same
+    /// shard. A statement ends at its Execute; what follows the last
+    /// Execute (the Sync) belongs to the last part. Also whether a
+    /// statement of it is transaction control. None: no cut needed, or
+    /// routing fails (`route_batch` then reports it).
+    pub(super) fn batch_parts(&self, frames: &[Frame]) -> Option<(Vec<Vec<Frame>>, bool)> {
         if self.node.routing.single_shard() {
             return None;
         }
         let mut batch_unnamed: Option<Arc<str>> = None;
         let mut batch_named: HashMap<&str, Arc<str>> = HashMap::new();
-        // (end of the statement's frames, runs on several shards)
-        let mut stmts: Vec<(usize, bool)> = Vec::new();
-        let mut multi = false;
+        // (end of the statement's frames, where it runs)
+        let mut stmts: Vec<(usize, Runs)> = Vec::new();
+        let mut runs = Runs::Anywhere;
+        let mut tx_control = false;
         for (i, f) in frames.iter().enumerate() {
             let mut b = f.body();
             match f.tag() {
@@ -221,30 +233,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let Some(sql) = sql else { continue };
                     let params = BindParams::parse(b).ok()?;
                     let d = self.decide_sql(&sql, Some(&params)).ok()?;
-                    multi |= matches!(&d.target, Target::Multi { shards, .. } if shards.len() > 1);
+                    tx_control |= d.has_tx_control
+                        || hotrepart_router::classify::transaction_statement(&sql)
+                            != hotrepart_router::classify::TxStatement::Other;
+                    runs = match &d.target {
+                        Target::Shard(t) => Runs::On(*t),
+                        Target::Multi { shards, .. } if shards.len() == 1 => Runs::On(shards[0]),
+                        Target::Multi { .. } => Runs::Several,
+                        Target::Any => Runs::Anywhere,
+                    };
                 }
                 fe::EXECUTE => {
-                    stmts.push((i + 1, std::mem::take(&mut multi)));
+                    stmts.push((i + 1, std::mem::replace(&mut runs, Runs::Anywhere)));
                 }
                 _ => {}
             }
         }
-        if stmts.len() < 2 || !stmts.iter().any(|&(_, m)| m) {
+        if stmts.len() < 2 {
             return None;
         }
         if let Some(last) = stmts.last_mut() {
             last.0 = frames.len();
         }
-        let mut parts: Vec<Vec<Frame>> = Vec::new();
-        let (mut start, mut prev_multi) = (0, true);
-        for (end, m) in stmts {
-            match parts.last_mut() {
-                Some(p) if !m && !prev_multi => p.extend_from_slice(&frames[start..end]),
-                _ => parts.push(frames[start..end].to_vec()),
+        // (frames, the one shard its statements run on so far)
+        let mut parts: Vec<(Vec<Frame>, Runs)> = Vec::new();
+        let mut start = 0;
+        for (end, r) in stmts {
+            let now = match (parts.last().map(|(_, p)| *p), r) {
+                (None | Some(Runs::Several), _) | (_, Runs::Several) => None,
+                (Some(p), Runs::Anywhere) => Some(p),
+                (Some(Runs::Anywhere), on) => Some(on),
+                (Some(Runs::On(a)), Runs::On(b)) if a == b => Some(r),
+                (Some(Runs::On(_)), Runs::On(_)) => None,
+            };
+            match (now, parts.last_mut()) {
+                (Some(now), Some(last)) => {
+                    last.0.extend_from_slice(&frames[start..end]);
+                    last.1 = now;
+                }
+                _ => parts.push((frames[start..end].to_vec(), r)),
             }
-            (start, prev_multi) = (end, m);
+            start = end;
         }
-        Some(parts)
+        if parts.len() < 2 {
+            return None;
+        }
+        Some((parts.into_iter().map(|(f, _)| f).collect(), tx_control))
     }
 
     /// Forwards one extended-protocol message to the current backend,
@@ -692,5 +726,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 pub(super) fn multi_beside_others() -> Refusal {
     Refusal::new(sqlstate::FEATURE_NOT_SUPPORTED, MULTI_BESIDE_OTHERS.into())
 }
+
+/// A batch ended by Flush whose statements go to different shards (ended
+/// by Sync it is cut instead).
+pub(super) const DIFFERENT_SHARDS: &str =
+    "statements of one pipelined batch go to different shards: end it with Sync, not Flush";
 
 pub(super) const MULTI_BESIDE_OTHERS: &str = "a pipelined batch that holds a multi-shard statement beside other statements must end with Sync, not Flush";

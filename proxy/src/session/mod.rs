@@ -64,6 +64,7 @@ use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::{Kind, Target};
 use crate::stats::Route;
+use crate::wire::encoding;
 use crate::wire::fe;
 use crate::wire::{self, Frame, Severity};
 use crate::wire::{command_complete, rfq};
@@ -223,10 +224,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.on_client_batch(f).await
             }
             Some(n) = listening => {
-                self.out.put_slice(&n);
+                self.out.put_slice(&encoding::notification_for(self.enc, &n));
                 if let Some(l) = self.listener.as_mut() {
                     while let Ok(n) = l.rx.try_recv() {
-                        self.out.put_slice(&n);
+                        self.out.put_slice(&encoding::notification_for(self.enc, &n));
                     }
                 }
                 self.flush_client().await?;
@@ -338,6 +339,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.skip_to_sync && tag != fe::SYNC {
             return Ok(None);
         }
+        // The strings of the message (query text, names) as UTF-8 from
+        // here on, read in the client's encoding; a backend gets them
+        // back in it (`BackendConn::write_frames`). A UTF-8 client's are
+        // only checked.
+        let f = match encoding::frame_to_utf8(self.enc, &f.raw) {
+            Ok(None) => f,
+            Ok(Some(b)) => Frame { raw: b.freeze() },
+            Err(_) if tag == fe::COPY_FAIL => f,
+            Err(e) => {
+                self.refuse_undecodable(tag, e).await?;
+                return Ok(None);
+            }
+        };
         match tag {
             fe::QUERY => {
                 if !self.batch.is_empty() {
@@ -402,6 +416,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         Ok(None)
+    }
+
+    /// A client message whose text is not text in its encoding (22021),
+    /// or not ASCII in one the node cannot read (0A000): refused as
+    /// PostgreSQL refuses such a message, the session goes on (what was
+    /// held before it runs first; an extended message skips to Sync).
+    async fn refuse_undecodable(
+        &mut self,
+        tag: u8,
+        e: encoding::EncodingError,
+    ) -> Result<(), SessionError> {
+        if !self.batch.is_empty() {
+            self.run_batch(false).await?;
+        }
+        let r = Refusal::new(e.code, e.message);
+        if tag == fe::QUERY {
+            self.refuse_simple(r);
+        } else {
+            self.batch_error(&r, false);
+        }
+        Ok(())
     }
 
     /// The session's budget of held client messages
@@ -650,31 +685,57 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // is held again): cut it there.
         let frames = std::mem::take(&mut self.batch);
         match self.batch_parts(&frames) {
-            Some(parts) => self.run_parts(parts).await,
+            Some((parts, tx_control)) => self.run_parts(parts, tx_control).await,
             None => {
-                self.batch_error(&extended::multi_beside_others(), synced);
+                let r = self
+                    .route_batch(&frames)
+                    .err()
+                    .unwrap_or_else(extended::multi_beside_others);
+                self.batch_error(&r, synced);
                 Ok(())
             }
         }
     }
 
-    /// A batch cut at its multi-shard statements ([`Session::batch_parts`]):
-    /// each part but the last runs as a batch of its own, ended by a Sync
-    /// of the node's (its ReadyForQuery not shown), and is answered in
-    /// full before the next starts; after an error the rest is skipped up
-    /// to the client's Sync, as PostgreSQL does. The last part carries the
-    /// client's Sync. Outside a transaction block each part commits on its
-    /// own (PostgreSQL would run the batch as one implicit transaction).
-    async fn run_parts(&mut self, parts: Vec<Vec<Frame>>) -> Result<(), SessionError> {
+    /// A batch cut where its statements change shards
+    /// ([`Session::batch_parts`]): each part runs as a batch of its own,
+    /// ended by a Sync of the node's (its ReadyForQuery not shown), and is
+    /// answered in full before the next starts; after an error the rest
+    /// is skipped up to the client's Sync, as PostgreSQL does.
+    ///
+    /// Outside a transaction block PostgreSQL runs the batch as one
+    /// implicit transaction: so does the node — a transaction of its own
+    /// over the shards the parts reach (deferred `BEGIN`), committed at the
+    /// client's Sync (two-phase when several shards wrote) or rolled back
+    /// after an error, as a multi-statement query string
+    /// (`session/script.rs`). A batch holding transaction control
+    /// (`BEGIN` … in it) runs its parts as they come, the last one with
+    /// the client's Sync (outside a transaction block each part then
+    /// commits on its own).
+    async fn run_parts(
+        &mut self,
+        parts: Vec<Vec<Frame>>,
+        tx_control: bool,
+    ) -> Result<(), SessionError> {
+        let implicit = !tx_control && !self.txn.open();
+        if implicit {
+            self.txn.begin = Some("BEGIN".into());
+            self.txn.status = conn::TxStatus::InTransaction;
+        }
         let n = parts.len();
+        let mut failed_any = false;
         for (i, mut part) in parts.into_iter().enumerate() {
-            if i + 1 == n {
+            if i + 1 == n && !implicit {
                 self.batch = part;
                 self.run_batch_rounds(true).await?;
                 break;
             }
             if self.skip_to_sync {
                 continue;
+            }
+            if i + 1 == n {
+                // The node answers the client's Sync once the block ends.
+                part.retain(|f| f.tag() != fe::SYNC);
             }
             part.push(Frame {
                 raw: bytes::Bytes::from_static(&[fe::SYNC, 0, 0, 0, 4]),
@@ -692,6 +753,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let failed = self.part.take().is_some_and(|p| p.failed);
             r?;
             self.skip_to_sync = failed;
+            failed_any |= failed;
+        }
+        if implicit {
+            self.part = Some(Part {
+                from: self.out.len(),
+                ..Part::default()
+            });
+            let r = if self.txn.open() {
+                self.end_implicit(!failed_any).await.map(|_| ())
+            } else {
+                Ok(())
+            };
+            self.scan_part();
+            self.part = None;
+            r?;
+            let status = self.client_status();
+            self.push_synthetic(rfq(status));
         }
         // The client's Sync is answered.
         self.skip_to_sync = false;
@@ -786,7 +864,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let (target, mut d) = match routed {
             Ok(x) => x,
             Err(r)
-                if r.message == extended::MULTI_BESIDE_OTHERS && synced && self.part.is_none() =>
+                if (r.message == extended::MULTI_BESIDE_OTHERS
+                    || r.message == extended::DIFFERENT_SHARDS)
+                    && synced
+                    && self.part.is_none() =>
             {
                 self.batch = frames;
                 self.cut_wanted = true;

@@ -13,6 +13,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(crate) async fn on_backend_frame(&mut self, f: Frame) -> Result<(), SessionError> {
         let tag = f.tag();
+        if tag == be::PARAMETER_STATUS {
+            self.note_parameter_status(self.be.cur, &f);
+        }
         // The home shard's OIDs of user types (`type_oids.rs`).
         let f = match tag {
             be::ROW_DESCRIPTION | be::PARAMETER_DESCRIPTION => {

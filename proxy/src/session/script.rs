@@ -193,7 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Ends the node's implicit block: COMMIT (two-phase when several
     /// shards wrote) or ROLLBACK, its CommandComplete not shown. False:
     /// it failed (its error is queued for the client).
-    async fn end_implicit(&mut self, commit: bool) -> Result<bool, SessionError> {
+    pub(super) async fn end_implicit(&mut self, commit: bool) -> Result<bool, SessionError> {
         self.scan_part();
         if let Some(p) = self.part.as_mut() {
             p.failed = false;

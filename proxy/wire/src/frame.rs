@@ -328,6 +328,12 @@ pub enum Severity {
 
 /// Writes an ErrorResponse.
 pub fn error_response(out: &mut BytesMut, sev: Severity, code: &str, msg: &str) {
+    error_response_bytes(out, sev, code, msg.as_bytes())
+}
+
+/// Writes an ErrorResponse whose message is already in the client's
+/// encoding (see [`crate::encoding`]).
+pub fn error_response_bytes(out: &mut BytesMut, sev: Severity, code: &str, msg: &[u8]) {
     let s = match sev {
         Severity::Error => "ERROR",
         Severity::Fatal => "FATAL",
@@ -340,7 +346,8 @@ pub fn error_response(out: &mut BytesMut, sev: Severity, code: &str, msg: &str) 
         o.put_u8(field::CODE);
         put_cstr(o, code);
         o.put_u8(field::MESSAGE);
-        put_cstr(o, msg);
+        o.put_slice(msg);
+        o.put_u8(0);
         o.put_u8(0);
     });
 }
@@ -382,14 +389,14 @@ pub fn text_row_description<S: AsRef<str>>(out: &mut BytesMut, names: &[S]) {
 }
 
 /// A DataRow of text values (None: NULL).
-pub fn text_data_row<S: AsRef<str>>(out: &mut BytesMut, values: &[Option<S>]) {
+pub fn text_data_row<S: AsRef<[u8]>>(out: &mut BytesMut, values: &[Option<S>]) {
     frame(out, be::DATA_ROW, |o| {
         o.put_i16(values.len() as i16);
         for v in values {
             match v {
                 Some(v) => {
                     o.put_i32(v.as_ref().len() as i32);
-                    o.put_slice(v.as_ref().as_bytes());
+                    o.put_slice(v.as_ref());
                 }
                 None => o.put_i32(-1),
             }

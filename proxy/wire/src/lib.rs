@@ -16,6 +16,8 @@
 //! - [`value`], [`binary`]: the merge's values — PostgreSQL's ordering and
 //!   partial-aggregate arithmetic on text values, and text to binary
 //!   output (the proxy's `exec::merge::{value, binary}`).
+//! - [`encoding`]: client encodings other than UTF-8 — the strings of a
+//!   client's messages read as text, the node's own written back.
 //! - [`fuzzing`]: the fuzz targets' bodies (hidden from the docs).
 //!
 //! The proxy re-exports each module under its old path; this crate depends
@@ -24,6 +26,7 @@
 pub mod backend;
 pub mod binary;
 pub mod cbind;
+pub mod encoding;
 pub mod frame;
 pub mod scram;
 pub mod value;

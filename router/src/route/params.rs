@@ -43,7 +43,30 @@ pub struct Param<'a> {
     /// The type OID from Parse, if the client specified one (0 = unspecified
     /// is the same as `None`).
     pub type_oid: Option<u32>,
+    /// How text in `value` reads when the client's encoding is not UTF-8
+    /// (text format, and the characters of a binary text value); `None`:
+    /// the bytes are UTF-8.
+    pub decoder: Option<TextDecoder<'a>>,
 }
+
+/// Reads a client's bytes as text in its `client_encoding`: `Err` holds
+/// PostgreSQL's words for bytes that are not text in it.
+#[derive(Clone, Copy)]
+pub struct TextDecoder<'a>(pub &'a (dyn Fn(&[u8]) -> Result<String, String> + Sync));
+
+impl std::fmt::Debug for TextDecoder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TextDecoder")
+    }
+}
+
+impl PartialEq for TextDecoder<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::addr_eq(self.0, other.0)
+    }
+}
+
+impl Eq for TextDecoder<'_> {}
 
 impl<'a> Param<'a> {
     /// A text-format value of unspecified type.
@@ -52,6 +75,7 @@ impl<'a> Param<'a> {
             value: Some(value.as_bytes()),
             format: ParamFormat::Text,
             type_oid: None,
+            decoder: None,
         }
     }
 
@@ -62,6 +86,7 @@ impl<'a> Param<'a> {
             value: Some(value.as_bytes()),
             format: ParamFormat::Text,
             type_oid: Some(oid::NUMERIC),
+            decoder: None,
         }
     }
 
@@ -71,6 +96,7 @@ impl<'a> Param<'a> {
             value: Some(value),
             format: ParamFormat::Binary,
             type_oid,
+            decoder: None,
         }
     }
 
@@ -80,6 +106,7 @@ impl<'a> Param<'a> {
             value: None,
             format: ParamFormat::Text,
             type_oid: None,
+            decoder: None,
         }
     }
 
@@ -95,14 +122,30 @@ fn bad(i: usize, what: impl std::fmt::Display) -> RouteError {
     }
 }
 
-fn text_of(bytes: &[u8], i: usize) -> Result<&str, RouteError> {
-    std::str::from_utf8(bytes).map_err(|_| RouteError {
-        sqlstate: "22021",
-        message: format!(
-            "parameter ${}: invalid byte sequence for encoding \"UTF8\"",
-            i + 1
-        ),
-    })
+fn text_of<'b>(
+    p: &Param<'_>,
+    bytes: &'b [u8],
+    i: usize,
+) -> Result<std::borrow::Cow<'b, str>, RouteError> {
+    if let Some(d) = p.decoder {
+        if !bytes.is_ascii() {
+            return (d.0)(bytes)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|m| RouteError {
+                    sqlstate: "22021",
+                    message: format!("parameter ${}: {m}", i + 1),
+                });
+        }
+    }
+    std::str::from_utf8(bytes)
+        .map(std::borrow::Cow::Borrowed)
+        .map_err(|_| RouteError {
+            sqlstate: "22021",
+            message: format!(
+                "parameter ${}: invalid byte sequence for encoding \"UTF8\"",
+                i + 1
+            ),
+        })
 }
 
 fn parse_err(e: crate::catalog::KeyParseError) -> RouteError {
@@ -150,7 +193,12 @@ fn binary_type(oid: Option<u32>, ty: KeyType, len: usize, i: usize) -> Result<Ke
     Ok(t)
 }
 
-fn decode_binary(bytes: &[u8], t: KeyType, i: usize) -> Result<KeyValue, RouteError> {
+fn decode_binary(
+    p: &Param<'_>,
+    bytes: &[u8],
+    t: KeyType,
+    i: usize,
+) -> Result<KeyValue, RouteError> {
     let fixed = |n: usize| -> Result<&[u8], RouteError> {
         if bytes.len() == n {
             Ok(bytes)
@@ -185,7 +233,9 @@ fn decode_binary(bytes: &[u8], t: KeyType, i: usize) -> Result<KeyValue, RouteEr
             a.copy_from_slice(b);
             KeyValue::Uuid(a)
         }
-        KeyType::Text => KeyValue::parse(KeyType::Text, text_of(bytes, i)?).map_err(parse_err)?,
+        KeyType::Text => {
+            KeyValue::parse(KeyType::Text, &text_of(p, bytes, i)?).map_err(parse_err)?
+        }
     })
 }
 
@@ -217,13 +267,13 @@ pub(super) fn decode_key(
                 Some(oid::INT8) if ty.is_integer() => KeyType::Int8,
                 _ => ty,
             };
-            KeyValue::parse(t, text_of(bytes, i)?)
+            KeyValue::parse(t, &text_of(p, bytes, i)?)
                 .map(Some)
                 .map_err(parse_err)
         }
         ParamFormat::Binary => {
             let t = binary_type(p.oid(), ty, bytes.len(), i)?;
-            decode_binary(bytes, t, i).map(Some)
+            decode_binary(p, bytes, t, i).map(Some)
         }
     }
 }
@@ -240,7 +290,7 @@ pub(super) fn decode_array(
     };
     match p.format {
         ParamFormat::Text => {
-            let elems = parse_text_array(text_of(bytes, i)?).map_err(|m| bad(i, m))?;
+            let elems = parse_text_array(&text_of(p, bytes, i)?).map_err(|m| bad(i, m))?;
             elems
                 .into_iter()
                 .map(|e| match e {
@@ -249,11 +299,12 @@ pub(super) fn decode_array(
                 })
                 .collect()
         }
-        ParamFormat::Binary => decode_binary_array(bytes, ty, i),
+        ParamFormat::Binary => decode_binary_array(p, bytes, ty, i),
     }
 }
 
 fn decode_binary_array(
+    p: &Param<'_>,
     bytes: &[u8],
     ty: KeyType,
     i: usize,
@@ -294,7 +345,7 @@ fn decode_binary_array(
             .ok_or_else(|| bad(i, "truncated binary array"))?;
         pos += n;
         let t = binary_type(Some(elem_oid), ty, n, i)?;
-        out.push(Some(decode_binary(el, t, i)?));
+        out.push(Some(decode_binary(p, el, t, i)?));
     }
     if pos != bytes.len() {
         return Err(bad(i, "trailing bytes after binary array"));

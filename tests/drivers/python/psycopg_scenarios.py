@@ -247,6 +247,59 @@ def client_encoding():
     return [status, shown]
 
 
+def encoded_keys(encoding, rows):
+    """A table sharded by a text key (`drv_enc`), written and read in a
+    client encoding other than UTF-8: text and binary parameters, a simple
+    query with the key as a literal, a count over every shard."""
+    with connect(client_encoding=encoding) as c:
+        status = c.info.parameter_status("client_encoding")
+        c.execute("DROP TABLE IF EXISTS drv_enc")
+        c.execute("CREATE TABLE drv_enc (k text PRIMARY KEY, v text)")
+        with c.cursor() as cur:
+            cur.executemany("INSERT INTO drv_enc (k, v) VALUES (%s, %s)", rows)
+        got = []
+        for k, v in rows:
+            got.append(list(c.execute("SELECT k, v FROM drv_enc WHERE k = %s", [k]).fetchone()))
+            got.append(c.execute("SELECT v FROM drv_enc WHERE k = %b", [k]).fetchone()[0])
+            lit = k.replace("'", "''")
+            got.append(c.execute(f"SELECT length(v) FROM drv_enc WHERE k = '{lit}'").fetchone()[0])
+        n = c.execute("SELECT count(*) FROM drv_enc").fetchone()[0]
+    eq("rows read back", [g for g in got if isinstance(g, list)], [list(r) for r in rows])
+    eq("count", n, len(rows))
+    return [status, n, got]
+
+
+def executemany_sharded():
+    """executemany into a table sharded by key (drv_kv), in autocommit:
+    psycopg pipelines it, the rows go to both shards; then a batch with a
+    duplicate key in its middle. What is kept must be what PostgreSQL
+    keeps."""
+    out = []
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_kv")
+        c.execute("CREATE TABLE drv_kv (id bigint PRIMARY KEY, v text)")
+        cur = c.cursor()
+        cur.executemany("INSERT INTO drv_kv (id, v) VALUES (%s, %s)", [(i, f"v{i}") for i in range(1, 21)])
+        out.append([int(x) for x in c.execute("SELECT count(*), sum(id) FROM drv_kv").fetchone()])
+        try:
+            cur.executemany("INSERT INTO drv_kv (id, v) VALUES (%s, %s)",
+                            [(100 + i, "w") for i in range(10)] + [(5, "dup")] + [(200, "after")])
+            out.append("no error")
+        except errors.UniqueViolation as e:
+            out.append(describe(e).split(":")[0])
+        out.append([int(x) for x in c.execute("SELECT count(*), sum(id) FROM drv_kv").fetchone()])
+        c.execute("DELETE FROM drv_kv WHERE id >= 20")
+    return out
+
+
+def client_encoding_latin9():
+    return encoded_keys("latin9", [("café", "crème €"), ("naïve", "œuvre"), ("Ÿ", "ž")])
+
+
+def client_encoding_euc_jp():
+    return encoded_keys("euc_jp", [("あい", "日本"), ("漢字", "カタカナ"), ("plain", "x")])
+
+
 def cancel():
     with connect() as c:
         done = threading.Event()
@@ -442,6 +495,9 @@ run([
     ("prepared_after_alter", prepared_after_alter),
     ("listen_notify", listen_notify),
     ("client_encoding", client_encoding),
+    ("executemany_sharded", executemany_sharded),
+    ("client_encoding_latin9", client_encoding_latin9),
+    ("client_encoding_euc_jp", client_encoding_euc_jp),
     ("cancel", cancel),
     ("sharded_keys", sharded_keys),
     ("server_cursor", server_cursor),

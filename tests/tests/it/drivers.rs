@@ -43,6 +43,9 @@ impl Driver {
                 "prepared_after_alter",
                 "listen_notify",
                 "client_encoding",
+                "executemany_sharded",
+                "client_encoding_latin9",
+                "client_encoding_euc_jp",
                 "cancel",
                 "sharded_keys",
                 "server_cursor",
@@ -151,7 +154,8 @@ fn opts(shards: usize) -> Opts {
         shards,
         tail: "[[sharded_tables]]\nname = \"drv_kv\"\nkey = \"id\"\ntype = \"int8\"\n\
                [[sharded_tables]]\nname = \"drv_enum\"\nkey = \"id\"\ntype = \"int8\"\n\
-               [[sharded_tables]]\nname = \"drv_curs\"\nkey = \"id\"\ntype = \"int8\"\n"
+               [[sharded_tables]]\nname = \"drv_curs\"\nkey = \"id\"\ntype = \"int8\"\n\
+               [[sharded_tables]]\nname = \"drv_enc\"\nkey = \"k\"\ntype = \"text\"\n"
             .into(),
         ..Opts::default()
     }
@@ -196,6 +200,41 @@ async fn check_placement(c: &Cluster) -> Result<(), String> {
     Ok(())
 }
 
+/// Every row of `table` (sharded by its text key `k`) is on the shard
+/// that owns its key, and only there; `n` rows in all.
+async fn check_text_placement(c: &Cluster, table: &str, n: usize) -> Result<(), String> {
+    let snap = c.node.routing.catalog.load();
+    let mut all = Vec::new();
+    for i in 0..c.shards.len() {
+        let name = format!("s{i}");
+        let rows = c
+            .direct(i)
+            .await
+            .query(&format!("SELECT k FROM {table}"), &[])
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+        for r in rows {
+            let k: String = r.get(0);
+            let owner = snap
+                .range_for_key(table, &KeyValue::Text(k.clone()))
+                .map_err(|e| format!("key {k:?}: {e}"))?
+                .write_owner
+                .as_str()
+                .to_owned();
+            if owner != name {
+                return Err(format!("key {k:?} is on {name}, owned by {owner}"));
+            }
+            all.push(k);
+        }
+    }
+    all.sort();
+    all.dedup();
+    if all.len() != n {
+        return Err(format!("rows of {table} over all shards: {all:?}"));
+    }
+    Ok(())
+}
+
 /// A detail as text (a string unquoted, anything else as JSON).
 fn text(v: &serde_json::Value) -> String {
     v.as_str()
@@ -228,8 +267,11 @@ async fn check(d: Driver, shards: usize) {
         } else {
             None
         };
-        if failure.is_none() && s == "sharded_keys" {
+        if failure.is_none() && (s == "sharded_keys" || s == "executemany_sharded") {
             failure = check_placement(&c).await.err();
+        }
+        if failure.is_none() && s.starts_with("client_encoding_") {
+            failure = check_text_placement(&c, "drv_enc", 3).await.err();
         }
         let known = KNOWN_FAILURES
             .iter()

@@ -22,6 +22,7 @@ mod ddl;
 mod demo;
 mod deploy;
 mod drivers;
+mod encodings;
 mod faults;
 mod fence;
 mod hashing;

@@ -25,6 +25,11 @@ async fn cluster() -> Cluster {
 
 /// Two keys owned by different shards: (key on s0, key on s1).
 fn keys(snap: &RoutingSnapshot) -> (i64, i64) {
+    keys_from(snap, 1)
+}
+
+/// The first keys from `start` on that shards s0 and s1 own.
+fn keys_from(snap: &RoutingSnapshot, start: i64) -> (i64, i64) {
     let owner = |k: i64| {
         snap.range_for_key("users", &KeyValue::Int8(k))
             .unwrap()
@@ -32,8 +37,8 @@ fn keys(snap: &RoutingSnapshot) -> (i64, i64) {
             .as_str()
             .to_string()
     };
-    let a = (1..1000).find(|&k| owner(k) == "s0").unwrap();
-    let b = (1..1000).find(|&k| owner(k) == "s1").unwrap();
+    let a = (start..start + 1000).find(|&k| owner(k) == "s0").unwrap();
+    let b = (start..start + 1000).find(|&k| owner(k) == "s1").unwrap();
     (a, b)
 }
 
@@ -758,10 +763,98 @@ async fn a_pipeline_with_a_multi_shard_statement_runs_in_parts() {
     no_open_transactions(&c).await;
 }
 
+/// Issue 14: a pipelined batch whose statements go to different shards
+/// (psycopg's `executemany`, a driver's batch) was refused ("send a Sync
+/// between them"). Ended by Sync it runs cut where the shard changes, and
+/// outside a transaction block as PostgreSQL runs such a batch: one
+/// implicit transaction, all or nothing (two-phase commit over the shards
+/// that wrote). Ended by Flush it is still refused, in words that say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_over_several_shards_is_one_implicit_transaction() {
+    let c = cluster().await;
+    let (_db, a, b) = setup(&c).await;
+    let snap = c.node.routing.catalog.load_full();
+    let mut r = Raw::connect(&c).await;
+    let insert = |k: i64| format!("INSERT INTO users (id, v) VALUES ({k}, 'p')");
+    // All good: both rows committed, one ReadyForQuery, idle.
+    r.send(|o| {
+        unflushed(o, &insert(a));
+        unflushed(o, &insert(b));
+        unflushed(o, &format!("SELECT v FROM users WHERE id = {a}"));
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "12nC12nC12TDCZ", "{m:?}");
+    assert_eq!(m.last().unwrap().1, b"I");
+    assert_eq!((count_on(&c, 0, a).await, count_on(&c, 1, b).await), (1, 1));
+    no_open_transactions(&c).await;
+    // A duplicate key in the third statement: PostgreSQL's error, and
+    // neither of the two rows before it is kept.
+    let (a2, b2) = keys_from(&snap, 100_000);
+    r.send(|o| {
+        unflushed(o, &insert(a2));
+        unflushed(o, &insert(b2));
+        unflushed(o, &insert(a2));
+        unflushed(o, "SELECT 'skipped'");
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "12nC12nC12nEZ", "{m:?}");
+    assert!(
+        String::from_utf8_lossy(&m[m.len() - 2].1).contains("23505"),
+        "{m:?}"
+    );
+    assert_eq!(m.last().unwrap().1, b"I");
+    assert_eq!(
+        (count_on(&c, 0, a2).await, count_on(&c, 1, b2).await),
+        (0, 0)
+    );
+    no_open_transactions(&c).await;
+    // Inside a transaction block the parts join it: COMMIT keeps both.
+    let (a3, b3) = keys_from(&snap, 200_000);
+    r.send(|o| frontend::query("BEGIN", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    r.send(|o| {
+        unflushed(o, &insert(a3));
+        unflushed(o, &insert(b3));
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "12nC12nCZ", "{m:?}");
+    assert_eq!(m.last().unwrap().1, b"T");
+    r.send(|o| frontend::query("COMMIT", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    assert_eq!(
+        (count_on(&c, 0, a3).await, count_on(&c, 1, b3).await),
+        (1, 1)
+    );
+    // Ended by Flush: refused before anything runs.
+    let (a4, b4) = keys_from(&snap, 300_000);
+    r.send(|o| {
+        unflushed(o, &insert(a4));
+        unflushed(o, &insert(b4));
+        frontend::flush(o);
+    })
+    .await;
+    let e = r.until(b'E').await;
+    let text = String::from_utf8_lossy(&e.last().unwrap().1).into_owned();
+    assert!(text.contains("end it with Sync, not Flush"), "{text}");
+    r.send(frontend::sync).await;
+    assert_eq!(tags(&r.until_ready().await), "Z");
+    assert_eq!(count_on(&c, 0, a4).await + count_on(&c, 1, b4).await, 0);
+    no_open_transactions(&c).await;
+}
+
 /// Issue 14 (DDL on every shard is not atomic): a pipelined batch cut into
 /// parts runs its DDL part like any multi-shard write, in a transaction on
-/// every shard: when it fails on one shard it is rolled back on all, while
-/// the part before it (a keyed INSERT) stays committed.
+/// every shard: when it fails on one shard it is rolled back on all, and so
+/// is the part before it (a keyed INSERT): outside a transaction block the
+/// batch up to Sync is one implicit transaction, as on PostgreSQL (the
+/// INSERT stayed committed before the node ran cut batches in a
+/// transaction of its own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ddl_part_of_a_pipeline_that_fails_on_one_shard_applies_on_none() {
     let c = cluster().await;
@@ -796,7 +889,12 @@ async fn a_ddl_part_of_a_pipeline_that_fails_on_one_shard_applies_on_none() {
         .unwrap()
         .get::<_, bool>(0);
     assert!(!on_s0, "pd was created on shard s0");
-    assert_eq!(count_on(&c, 0, a).await, 1);
+    assert_eq!(
+        count_on(&c, 0, a).await,
+        0,
+        "the INSERT is rolled back with the batch"
+    );
+    no_open_transactions(&c).await;
 }
 
 /// LISTEN in the extended protocol, as psycopg 3 sends it (unnamed Parse,

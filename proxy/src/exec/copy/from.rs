@@ -144,7 +144,7 @@ pub(super) async fn start_shard<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     frontend::query(sql, &mut buf).map_err(|_| encode_fatal())?;
     if let Some(b) = s.be.slots[sc.t].conn.as_mut() {
-        if let Err(e) = b.writer.write_all(&buf).await {
+        if let Err(e) = b.write_frames(&buf).await {
             return Err(s.be.lost(sc.t, WireError::Io(e)));
         }
     }
@@ -356,7 +356,7 @@ pub(super) async fn setup_from<S: AsyncRead + AsyncWrite + Unpin + Send>(
         frontend::query(sql, &mut buf).map_err(|_| encode_fatal())?;
         for sc in st.iter() {
             if let Some(b) = s.be.slots[sc.t].conn.as_mut() {
-                if let Err(e) = b.writer.write_all(&buf).await {
+                if let Err(e) = b.write_frames(&buf).await {
                     return Err(s.be.lost(sc.t, WireError::Io(e)));
                 }
             }

@@ -12,7 +12,7 @@ use hotrepart_router::route::copy::{CopyFormat, CopyPlan};
 use postgres_protocol::message::frontend;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Keeps one shard's COPY TO data as the client must see it in the
 /// concatenation: the binary file header of the first shard only, no
@@ -146,7 +146,7 @@ pub(super) async fn copy_to<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let mut buf = BytesMut::new();
         frontend::query(text, &mut buf).map_err(|_| encode_fatal())?;
         if let Some(b) = s.be.slots[t].conn.as_mut() {
-            if let Err(e) = b.writer.write_all(&buf).await {
+            if let Err(e) = b.write_frames(&buf).await {
                 return Err(s.be.lost(t, WireError::Io(e)));
             }
         }

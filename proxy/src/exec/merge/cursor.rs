@@ -30,7 +30,7 @@ use hotrepart_router::route::MergePlan;
 use std::cmp::Ordering;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The smallest batch asked of a shard (a `FETCH 1` loop does not cost a
 /// round trip per row on every shard).
@@ -361,7 +361,7 @@ async fn refill<S: AsyncRead + AsyncWrite + Unpin + Send>(
             msg: "a shard's connection was lost while a cursor was open".into(),
         });
     };
-    if let Err(e) = b.writer.write_all(&q).await {
+    if let Err(e) = b.write_frames(&q).await {
         return Err(s.be.lost(t, WireError::Io(e)));
     }
     let mut error: Option<Frame> = None;
@@ -533,7 +533,7 @@ async fn read_reply<S: AsyncRead + AsyncWrite + Unpin + Send>(
             "a shard's connection was lost",
         )));
     };
-    if let Err(e) = b.writer.write_all(q).await {
+    if let Err(e) = b.write_frames(q).await {
         return Err(s.be.lost(t, WireError::Io(e)));
     }
     let (mut fields, mut error) = (None, None);
@@ -585,6 +585,20 @@ async fn describe_first<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Ok(Some(fields)) => {
             m.types = fields.iter().map(|f| Ty::of(f.type_oid())).collect();
             m.fields = Some(fields);
+            // Rows ordered by text: only where the node's byte order is
+            // PostgreSQL's (as for a merged SELECT).
+            if let Some(plan) = m.plan.clone() {
+                let by_text = plan
+                    .order_by
+                    .iter()
+                    .any(|k| super::combine::key_ty(&k.value, &m.types) == Ty::Text);
+                if by_text {
+                    let shards = m.shards.clone();
+                    if let Some(e) = super::exec::text_order_refusal(s, &plan, &shards).await? {
+                        return Ok(Err(error_frame(e.0, &e.1)));
+                    }
+                }
+            }
             Ok(Ok(()))
         }
         Ok(None) => Ok(Ok(())),

@@ -33,7 +33,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use hotrepart_router::route::{HavingExpr, LimitSpec, MergePlan, Operand, Partial, ShardCol};
 use postgres_protocol::message::frontend;
 use std::cmp::Ordering;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// A RowDescription's fields and a DataRow's values; None when the frame
 /// is malformed (a backend's bytes never panic the merge).
@@ -426,7 +426,7 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     for (&t, request) in shards.iter().zip(requests) {
         if let Some(b) = s.be.slots[t].conn.as_mut() {
-            if let Err(e) = b.writer.write_all(request).await {
+            if let Err(e) = b.write_frames(request).await {
                 return Err(s.be.lost(t, WireError::Io(e)));
             }
         }
@@ -599,18 +599,9 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         )));
     }
     if orders_text {
-        if let Some(c) = hotrepart_router::classify::non_c_collate(&plan.shard_sql) {
-            return Ok(Err(MergeError(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("ordering text across shards under COLLATE {c} is not supported (hotrepart merges text bytewise: C collation only)"),
-            )));
+        if let Some(e) = text_order_refusal(s, plan, &st.shards).await? {
+            return Ok(Err(e));
         }
-    }
-    if orders_text && !shards_use_c_collation(s, &st.shards).await? {
-        return Ok(Err(MergeError(
-            sqlstate::FEATURE_NOT_SUPPORTED,
-            "ordering text across shards needs the C collation on every shard (database collation is not C)".into(),
-        )));
     }
     let max_rows = s.node.cfg().max_merge_rows;
     let max_bytes = s.node.cfg().max_merge_bytes;
@@ -872,6 +863,29 @@ fn owned_bytes(v: std::borrow::Cow<'_, [u8]>) -> Bytes {
         std::borrow::Cow::Borrowed(b) => Bytes::copy_from_slice(b),
         std::borrow::Cow::Owned(v) => Bytes::from(v),
     }
+}
+
+/// Why the node cannot order text of `plan` across `shards` as PostgreSQL
+/// would, if it cannot: it compares text byte by byte, which is
+/// PostgreSQL's order only under the C collation (no other COLLATE, every
+/// shard's database C) and in a client encoding whose bytes order as
+/// UTF-8's.
+pub(super) async fn text_order_refusal<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    plan: &MergePlan,
+    shards: &[usize],
+) -> Result<Option<MergeError>, SessionError> {
+    let refused = |m: String| Ok(Some(MergeError(sqlstate::FEATURE_NOT_SUPPORTED, m)));
+    if let Some(c) = hotrepart_router::classify::non_c_collate(&plan.shard_sql) {
+        return refused(format!("ordering text across shards under COLLATE {c} is not supported (hotrepart merges text bytewise: C collation only)"));
+    }
+    if !s.enc.orders_as_utf8() {
+        return refused(format!("ordering text across shards needs client_encoding UTF8 or LATIN1 (it is {}): hotrepart compares the shards' text byte by byte, which orders characters as PostgreSQL does only in those", s.enc.name()));
+    }
+    if !shards_use_c_collation(s, shards).await? {
+        return refused("ordering text across shards needs the C collation on every shard (database collation is not C)".into());
+    }
+    Ok(None)
 }
 
 /// Whether every shard's database uses the C (or POSIX) collation; cached

@@ -61,6 +61,7 @@ fn shard_of(node: &Arc<Node>, sql: &str) -> usize {
         stale: false,
         server_scs: true,
         ns: &ns,
+        enc: crate::wire::encoding::ClientEncoding::Utf8,
     };
     match node.decide(sql, None, &ctx).expect("routed").target {
         crate::routing::Target::Shard(t) => t,
