@@ -262,7 +262,10 @@ async fn what_the_node_cannot_read_or_order_is_refused() {
         CREATE TABLE enc_t (k text PRIMARY KEY, v text);\n\
         INSERT INTO enc_t VALUES ('\xa4', 'a'), ('\xe9', 'b'), ('z', 'c');\n\
         SELECT k FROM enc_t ORDER BY k;\n\
-        SELECT count(*) FROM enc_t;\n";
+        SELECT count(*) FROM enc_t;\n\
+        BEGIN;\n\
+        DECLARE cur CURSOR FOR SELECT k FROM enc_t ORDER BY k;\n\
+        ROLLBACK;\n";
     let (_, out) = psql(&c.dsn(), "LATIN9", script, &c.dir.0).await;
     let out = String::from_utf8_lossy(&out).into_owned();
     assert!(
@@ -272,6 +275,13 @@ async fn what_the_node_cannot_read_or_order_is_refused() {
         "{out}"
     );
     assert!(out.contains("count\n3\n"), "{out}");
+    // A merged cursor orders as a merged SELECT does: refused the same.
+    assert_eq!(
+        out.matches("ordering text across shards needs client_encoding UTF8 or LATIN1")
+            .count(),
+        2,
+        "{out}"
+    );
     let tw = b"SELECT 'plain ascii' AS a;\nSELECT '\xa4\xa1' AS b;\nSELECT 1 AS c;\n";
     let (_, out) = psql(&c.dsn(), "EUC_TW", tw, &c.dir.0).await;
     let out = String::from_utf8_lossy(&out).into_owned();
