@@ -629,9 +629,11 @@ async fn a_routing_refusal_fails_the_batch_before_any_shard_sees_it() {
         c.replies().await,
         strs(&["Error(22P02)", "ReadyForQuery(I)"])
     );
-    // Statements for two shards in one pipeline.
+    // Statements for two shards in one pipeline ended by Flush (ended by
+    // Sync it would run cut in parts: `transactions::a_pipeline_over_…`).
     c.run("SELECT * FROM accounts WHERE id = $1", &[&on0.to_string()])
         .run("SELECT * FROM accounts WHERE id = $1", &[&on1.to_string()])
+        .flush()
         .sync();
     assert_eq!(
         c.replies().await,
