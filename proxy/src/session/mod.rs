@@ -184,7 +184,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             SessionError::ClientGone => End::ClientGone,
             SessionError::Fatal { code, msg } => {
                 tracing::info!(user = %self.user, %code, %msg, "closing client session");
-                wire::error_response(&mut self.out, Severity::Fatal, code, &msg);
+                let msg = self.enc.encode_lossy(&msg);
+                wire::error_response_bytes(&mut self.out, Severity::Fatal, code, &msg);
                 let _ = self.flush_client().await;
                 End::Fatal
             }
@@ -241,10 +242,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn step_attached(&mut self) -> Result<Option<End>, SessionError> {
-        let idle_in_tx = self.node.cfg().idle_in_transaction_timeout_ms;
-        let timer_on = idle_in_tx > 0 && self.be.owed.is_empty() && self.txn.open();
+        // Nothing owed: the client's silence is bounded as in step_idle
+        // (a backend kept by session pooling or a temporary object
+        // included).
+        let (limit, code, msg) = if self.txn.open() {
+            (
+                self.node.cfg().idle_in_transaction_timeout_ms,
+                sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                "terminating connection due to idle-in-transaction timeout",
+            )
+        } else {
+            (
+                self.node.cfg().client_idle_timeout_ms,
+                sqlstate::IDLE_SESSION_TIMEOUT,
+                "terminating connection due to idle-session timeout",
+            )
+        };
+        let timer_on = limit > 0 && self.be.owed.is_empty();
         let sleep = tokio::time::sleep(Duration::from_millis(if timer_on {
-            idle_in_tx
+            limit
         } else {
             86_400_000
         }));
@@ -269,8 +285,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
             _ = sleep, if timer_on => Err(SessionError::Fatal {
-                code: sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
-                msg: "terminating connection due to idle-in-transaction timeout".into(),
+                code,
+                msg: msg.into(),
             }),
             _ = quiet, if silence.is_some() => Err(self.be.silent(cur)),
         }

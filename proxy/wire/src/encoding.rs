@@ -421,15 +421,16 @@ fn transcode_frame(raw: &[u8], f: &mut StringMap<'_>) -> Result<Option<BytesMut>
         crate::frame::fe::DESCRIBE | crate::frame::fe::CLOSE
     ));
     let mut rest = &body[skip..];
-    let mut parts: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
-    let mut strs: Vec<&[u8]> = Vec::with_capacity(n);
-    for _ in 0..n {
+    // At most two strings (Parse, Bind): no allocation on the hot path.
+    let mut parts: [Option<Vec<u8>>; 2] = [None, None];
+    let mut strs: [&[u8]; 2] = [&[], &[]];
+    for (part, st) in parts.iter_mut().zip(strs.iter_mut()).take(n) {
         // A malformed message is the session's to refuse, as it is.
         let Some((s, r)) = split_cstr(rest) else {
             return Ok(None);
         };
-        parts.push(f(s)?);
-        strs.push(s);
+        *part = f(s)?;
+        *st = s;
         rest = r;
     }
     if parts.iter().all(Option::is_none) {
@@ -439,7 +440,7 @@ fn transcode_frame(raw: &[u8], f: &mut StringMap<'_>) -> Result<Option<BytesMut>
     out.put_u8(tag);
     out.put_u32(0);
     out.put_slice(&body[..skip]);
-    for (p, s) in parts.iter().zip(&strs) {
+    for (p, s) in parts.iter().zip(&strs).take(n) {
         out.put_slice(p.as_deref().unwrap_or(s));
         out.put_u8(0);
     }
@@ -476,10 +477,11 @@ pub fn frames_from_utf8(enc: ClientEncoding, buf: &[u8]) -> Result<Cow<'_, [u8]>
         let end = (at + 1 + len).min(buf.len());
         let frame = &buf[at..end];
         let changed = transcode_frame(frame, &mut |s| {
-            let t = std::str::from_utf8(s).map_err(|_| EncodingError {
-                code: "22021",
-                message: "invalid byte sequence for encoding \"UTF8\"".into(),
-            })?;
+            // Not UTF-8: bytes the client sent that the node did not read
+            // (a CopyFail during COPY), already in its encoding.
+            let Ok(t) = std::str::from_utf8(s) else {
+                return Ok(None);
+            };
             match enc.encode(t)? {
                 Cow::Borrowed(_) => Ok(None),
                 Cow::Owned(b) => Ok(Some(b)),
@@ -610,10 +612,14 @@ mod tests {
         let bind = frame(fe::BIND, b"\0s1\0\0\0\0\x01\0\0\0\x02\xa4\xa2\0\0");
         batch.extend_from_slice(&bind);
         batch.extend_from_slice(&frame(fe::SYNC, b""));
+        // A CopyFail read during COPY (not decoded by the node): as sent.
+        let fail = frame(fe::COPY_FAIL, b"abandon \xa4\xa2 \xff\0");
+        batch.extend_from_slice(&fail);
         let back = frames_from_utf8(e, &batch).expect("ok");
         let mut sent = p.clone();
         sent.extend_from_slice(&bind);
         sent.extend_from_slice(&frame(fe::SYNC, b""));
+        sent.extend_from_slice(&fail);
         assert_eq!(back.as_ref(), &sent[..]);
     }
 

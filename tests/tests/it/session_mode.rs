@@ -113,3 +113,39 @@ async fn a_kept_backend_joins_the_next_transaction() {
     }
     db.batch_execute("COMMIT").await.unwrap();
 }
+
+/// A session that keeps its backend (session pooling) is closed after
+/// `client_idle_timeout_ms` of silence outside a transaction, as a
+/// transaction-pooled one is (it was never timed out before): FATAL 57P05,
+/// and the node forgets the client; within a transaction the
+/// idle-in-transaction limit applies instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_that_keeps_its_backend_is_timed_out() {
+    let c = Cluster::start(Opts {
+        extra: "pool_mode = \"session\"\npool_size = 4\nclient_idle_timeout_ms = 600\n\
+                idle_in_transaction_timeout_ms = 5000"
+            .into(),
+        ..Opts::default()
+    })
+    .await;
+    let db = c.connect().await;
+    db.batch_execute("SELECT 1").await.unwrap();
+    // Inside a transaction the idle-session limit does not apply.
+    db.batch_execute("BEGIN").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    db.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(c.node.client_count(), 1);
+    // Outside one it does.
+    wait_for(
+        "the idle session to be closed",
+        std::time::Duration::from_secs(5),
+        || async { c.node.client_count() == 0 },
+    )
+    .await;
+    let e = db.batch_execute("SELECT 1").await.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("idle-session timeout") || e.is_closed(),
+        "{text}"
+    );
+}
