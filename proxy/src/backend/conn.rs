@@ -462,7 +462,17 @@ impl BackendConn {
                 be::DATA_ROW if self.enc.is_utf8() => {
                     rows.push(decode::text_data_row(f.body()).map_err(HiddenQueryError::Wire)?)
                 }
-                be::DATA_ROW => rows.push(self.text_row(f.body()).map_err(HiddenQueryError::Wire)?),
+                be::DATA_ROW => {
+                    let enc = self.enc;
+                    let text = |v: &[u8]| {
+                        enc.decode(v)
+                            .map(|t| t.into_owned())
+                            .map_err(|e| WireError::Protocol(e.message))
+                    };
+                    rows.push(
+                        decode::text_data_row_in(f.body(), text).map_err(HiddenQueryError::Wire)?,
+                    )
+                }
                 be::PARAMETER_STATUS => self.note_parameter_status(f.body()),
                 be::ERROR_RESPONSE => err = Some(wire::parse_error_fields(f.body())),
                 be::READY_FOR_QUERY => {
@@ -501,32 +511,6 @@ impl BackendConn {
                 self.enc = ClientEncoding::for_name(&v);
             }
         }
-    }
-
-    /// A text DataRow in the connection's encoding, as UTF-8 strings.
-    fn text_row(&self, mut b: &[u8]) -> Result<Vec<Option<String>>, WireError> {
-        let n = wire::get_i16(&mut b)?;
-        let mut row = Vec::with_capacity(n.max(0) as usize);
-        for _ in 0..n {
-            let len = wire::get_i32(&mut b)?;
-            if len < 0 {
-                row.push(None);
-                continue;
-            }
-            let len = len as usize;
-            if b.len() < len {
-                return Err(WireError::Protocol(
-                    "DataRow shorter than its values".into(),
-                ));
-            }
-            let v = self
-                .enc
-                .decode(&b[..len])
-                .map_err(|e| WireError::Protocol(e.message))?;
-            row.push(Some(v.into_owned()));
-            b = &b[len..];
-        }
-        Ok(row)
     }
 }
 

@@ -192,22 +192,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    /// Nothing owed by the current shard: wait for the client, bounded by
-    /// the idle (or idle-in-transaction) timeout.
-    async fn step_idle(&mut self) -> Result<Option<End>, SessionError> {
-        let (t, code, msg) = if !self.txn.open() {
-            (
-                self.node.cfg().client_idle_timeout_ms,
-                sqlstate::IDLE_SESSION_TIMEOUT,
-                "terminating connection due to idle-session timeout",
-            )
-        } else {
+    /// How long the client may stay silent (ms, 0: no limit), and the
+    /// FATAL error when it does: the idle-session limit, or inside a
+    /// transaction the idle-in-transaction one.
+    fn idle_limit(&self) -> (u64, &'static str, &'static str) {
+        if self.txn.open() {
             (
                 self.node.cfg().idle_in_transaction_timeout_ms,
                 sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                 "terminating connection due to idle-in-transaction timeout",
             )
-        };
+        } else {
+            (
+                self.node.cfg().client_idle_timeout_ms,
+                sqlstate::IDLE_SESSION_TIMEOUT,
+                "terminating connection due to idle-session timeout",
+            )
+        }
+    }
+
+    /// Nothing owed by the current shard: wait for the client, bounded by
+    /// the idle (or idle-in-transaction) timeout.
+    async fn step_idle(&mut self) -> Result<Option<End>, SessionError> {
+        let (t, code, msg) = self.idle_limit();
         let timer = tokio::time::sleep(Duration::from_millis(if t > 0 { t } else { 86_400_000 }));
         // Notifications for a listening session wait for the end of its
         // transaction, as on PostgreSQL.
@@ -245,19 +252,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // Nothing owed: the client's silence is bounded as in step_idle
         // (a backend kept by session pooling or a temporary object
         // included).
-        let (limit, code, msg) = if self.txn.open() {
-            (
-                self.node.cfg().idle_in_transaction_timeout_ms,
-                sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
-                "terminating connection due to idle-in-transaction timeout",
-            )
-        } else {
-            (
-                self.node.cfg().client_idle_timeout_ms,
-                sqlstate::IDLE_SESSION_TIMEOUT,
-                "terminating connection due to idle-session timeout",
-            )
-        };
+        let (limit, code, msg) = self.idle_limit();
         let timer_on = limit > 0 && self.be.owed.is_empty();
         let sleep = tokio::time::sleep(Duration::from_millis(if timer_on {
             limit

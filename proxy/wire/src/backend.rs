@@ -87,7 +87,16 @@ pub fn data_row(raw: &[u8]) -> Option<Row> {
 
 /// A DataRow body of a query the node runs itself, its values as text
 /// (invalid UTF-8 replaced).
-pub fn text_data_row(mut b: &[u8]) -> Result<Vec<Option<String>>, WireError> {
+pub fn text_data_row(b: &[u8]) -> Result<Vec<Option<String>>, WireError> {
+    text_data_row_in(b, |v| Ok(String::from_utf8_lossy(v).into_owned()))
+}
+
+/// [`text_data_row`] with each value read by `text` (a connection's
+/// client encoding, `crate::encoding`).
+pub fn text_data_row_in(
+    mut b: &[u8],
+    text: impl Fn(&[u8]) -> Result<String, WireError>,
+) -> Result<Vec<Option<String>>, WireError> {
     let n = get_i16(&mut b)?;
     if n < 0 {
         return Err(WireError::Protocol(format!(
@@ -109,7 +118,7 @@ pub fn text_data_row(mut b: &[u8]) -> Result<Vec<Option<String>>, WireError> {
             if b.len() < len {
                 return Err(WireError::Protocol("short data row".into()));
             }
-            row.push(Some(String::from_utf8_lossy(&b[..len]).into_owned()));
+            row.push(Some(text(&b[..len])?));
             b.advance(len);
         }
     }
