@@ -204,6 +204,21 @@ pub fn classify(sql: &str) -> Class<'_> {
     c
 }
 
+/// The parameters (`$n`) of `sql`, outside strings, quoted identifiers
+/// and comments: each one's byte range and number.
+pub(crate) fn placeholders(sql: &str) -> Vec<(std::ops::Range<usize>, usize)> {
+    let mut out = Vec::new();
+    let mut lx = Lexer::new(sql);
+    while let Some(t) = lx.next() {
+        if t.kind == Kind::Other && sql.as_bytes().get(t.start) == Some(&b'$') {
+            if let Ok(n) = sql[t.start + 1..t.end].parse::<usize>() {
+                out.push((t.start..t.end, n));
+            }
+        }
+    }
+    out
+}
+
 /// Whether the first token of `sql` is the unquoted keyword `kw` (any
 /// case): enough for a string that holds one statement (a Parse).
 pub fn first_keyword_is(sql: &str, kw: &str) -> bool {

@@ -110,7 +110,8 @@ use crate::catalog::{KeyType, KeyValue, PointError, RoutingSnapshot, ShardId};
 use crate::classify::Unparsed;
 
 pub use analyze::computed::{
-    computed_keys, insert_select, no_column_list, ComputedKeys, InsertSelect, NoColumnList,
+    computed_keys, default_eval_sql, default_evaluable, insert_select, key_default, no_column_list,
+    ComputedKeys, InsertSelect, KeyDefault, NoColumnList,
 };
 pub use cache::PlanCache;
 pub use hide::hide_rows;
@@ -146,9 +147,24 @@ pub enum Target {
     Any,
     /// A multi-row `INSERT … VALUES` split by shard: for each shard (sorted by
     /// name) the statement rewritten to hold only that shard's rows
-    /// (`ON CONFLICT` and `RETURNING` preserved). Only for statements without
-    /// parameters.
-    Split(Vec<(ShardId, String)>),
+    /// (`ON CONFLICT` and `RETURNING` preserved).
+    Split(Vec<SplitPart>),
+}
+
+/// One shard's part of a split `INSERT` ([`Target::Split`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitPart {
+    /// The shard.
+    pub shard: ShardId,
+    /// The statement with only this shard's rows.
+    pub sql: String,
+    /// Those rows' places (0-based) in the client's statement, in order:
+    /// what `RETURNING` gives back is put in the client's order by them.
+    pub rows: Vec<usize>,
+    /// For a statement with parameters: `sql` numbers its own from `$1`,
+    /// and `params[i]` is the client's number (1-based) of its `$(i+1)`
+    /// — the Bind this shard gets carries those values, in that order.
+    pub params: Option<Vec<usize>>,
 }
 
 impl Target {

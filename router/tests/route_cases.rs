@@ -105,7 +105,7 @@ fn render(r: &Result<Route, hotrepart_router::route::RouteError>) -> String {
             Target::Split(parts) => {
                 let parts: Vec<String> = parts
                     .iter()
-                    .map(|(s, sql)| format!("{s}={}", count_rows(sql)))
+                    .map(|p| format!("{}={}", p.shard, count_rows(&p.sql)))
                     .collect();
                 format!("SPLIT:{}", parts.join(","))
             }
@@ -477,7 +477,7 @@ fn split_insert_rewrites_each_shard() {
     };
     let got: Vec<(String, String)> = parts
         .into_iter()
-        .map(|(s, sql)| (s.to_string(), sql))
+        .map(|p| (p.shard.to_string(), p.sql))
         .collect();
     assert_eq!(
         got,

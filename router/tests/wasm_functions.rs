@@ -87,7 +87,7 @@ fn render(r: &Result<hotrepart_router::route::Route, RouteError>) -> String {
             Target::One(s) => s.to_string(),
             Target::Shards(v) => v.iter().map(ShardId::as_str).collect::<Vec<_>>().join(","),
             Target::Split(parts) => {
-                let parts: Vec<String> = parts.iter().map(|(s, _)| s.to_string()).collect();
+                let parts: Vec<String> = parts.iter().map(|p| p.shard.to_string()).collect();
                 format!("SPLIT:{}", parts.join(","))
             }
         },

@@ -114,6 +114,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     let mut first_desc: Option<Bytes> = None;
     let mut mismatch = false;
+    let mut order = RowOrder::of(d);
     let mut tags: Vec<Vec<String>> = Vec::new();
     let mut ok_shards = Vec::new();
     // An error on one shard cancels the statement on the others, except
@@ -139,7 +140,10 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     Some(d0) if !same_columns(d0, &f.raw) => mismatch = true,
                     Some(_) => {}
                 },
-                be::DATA_ROW if !mismatch => s.out.put_slice(&f.raw),
+                be::DATA_ROW if !mismatch => match order.as_mut() {
+                    Some(o) => o.push(i, f.raw),
+                    None => s.out.put_slice(&f.raw),
+                },
                 be::COMMAND_COMPLETE => {
                     let mut body = f.body();
                     shard_tags.push(wire::get_cstr(&mut body).unwrap_or("").to_string());
@@ -214,6 +218,9 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             &format!("{}{hint}", r.message),
         );
     } else {
+        if let Some(o) = order {
+            o.emit(&mut s.out);
+        }
         for tag in combine_tags(&tags) {
             s.out.put_slice(&command_complete(&tag));
         }
@@ -224,6 +231,64 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         s.end_of_transaction().await?;
     }
     Ok(())
+}
+
+/// The `RETURNING` rows of a multi-row INSERT split by shard, put back in
+/// the order of the client's `VALUES` (what PostgreSQL returns, and what
+/// ORMs rely on to give each object its generated key): each shard returns
+/// its rows in the order it got them. When a shard returns another number
+/// of rows than it got (`ON CONFLICT DO NOTHING` skipped some), no order
+/// can be told and they go out shard by shard.
+pub(crate) struct RowOrder {
+    rows_of: Vec<Vec<usize>>,
+    got: Vec<Vec<Bytes>>,
+}
+
+impl RowOrder {
+    /// For decision `d`, when it is a split INSERT that returns rows.
+    pub(crate) fn of(d: &Decision) -> Option<RowOrder> {
+        let split = d.split.as_ref().filter(|_| d.returns_rows)?;
+        Some(RowOrder {
+            rows_of: split.iter().map(|p| p.rows.clone()).collect(),
+            got: vec![Vec::new(); split.len()],
+        })
+    }
+
+    /// A DataRow of the `i`-th shard of the target.
+    pub(crate) fn push(&mut self, i: usize, row: Bytes) {
+        if let Some(g) = self.got.get_mut(i) {
+            g.push(row);
+        }
+    }
+
+    /// Writes the rows to `out`, in the client's order when it is known.
+    pub(crate) fn emit(self, out: &mut BytesMut) {
+        let total: usize = self.rows_of.iter().map(Vec::len).sum();
+        let exact = self
+            .rows_of
+            .iter()
+            .zip(&self.got)
+            .all(|(r, g)| r.len() == g.len());
+        if exact {
+            let mut slots: Vec<Option<Bytes>> = vec![None; total];
+            for (rows, got) in self.rows_of.iter().zip(self.got.iter()) {
+                for (&at, row) in rows.iter().zip(got) {
+                    if let Some(slot) = slots.get_mut(at) {
+                        *slot = Some(row.clone());
+                    }
+                }
+            }
+            if slots.iter().all(Option::is_some) {
+                for row in slots.into_iter().flatten() {
+                    out.put_slice(&row);
+                }
+                return;
+            }
+        }
+        for row in self.got.into_iter().flatten() {
+            out.put_slice(&row);
+        }
+    }
 }
 
 /// Ends the transactions the node wrapped around a write on `shards`:
@@ -491,7 +556,12 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
             // The shard's own text, when it differs (a split INSERT's rows,
             // or the ownership filter of a reshard job).
             let text = sqls.as_ref().and_then(|v| v.get(i)).map(String::as_str);
-            s.forward_extended_as(f.clone(), t, text)?;
+            let params = d
+                .split
+                .as_ref()
+                .and_then(|v| v.get(i))
+                .and_then(|p| p.params.as_deref());
+            s.forward_extended_as(f.clone(), t, text, params)?;
         }
         let buf = std::mem::take(&mut s.be.to_backend);
         if let Some(b) = s.be.slots[t].conn.as_mut() {
@@ -506,7 +576,11 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let first = shards[0];
     s.be.cur = first;
     s.be.owed = owed_by.remove(0);
-    s.gather = Some(Default::default());
+    let mut order = RowOrder::of(d);
+    s.gather = Some(crate::session::conn::Gather {
+        rows: order.as_ref().map(|_| Vec::new()),
+        ..Default::default()
+    });
     // All shards are read at once: an error on any cancels the others
     // (DDL that runs outside a transaction excepted).
     let mut st = ShardStreams::new(shards, 1, outside.is_none());
@@ -528,7 +602,12 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
             break;
         }
     }
-    let g = s.gather.take().unwrap_or_default();
+    let mut g = s.gather.take().unwrap_or_default();
+    if let (Some(o), Some(rows)) = (order.as_mut(), g.rows.take()) {
+        for row in rows {
+            o.push(0, row);
+        }
+    }
     let mut tags = vec![g.tags.clone()];
     // The shards where the statement did not fail.
     let mut ok_shards = Vec::new();
@@ -556,10 +635,16 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         fix = Some(Box::new(x));
                     }
                 }
-                be::DATA_ROW if st.error.is_none() => match &fix {
-                    Some(x) => s.out.put_slice(&x.apply(f.raw)),
-                    None => s.out.put_slice(&f.raw),
-                },
+                be::DATA_ROW if st.error.is_none() => {
+                    let row = match &fix {
+                        Some(x) => x.apply(f.raw),
+                        None => f.raw,
+                    };
+                    match order.as_mut() {
+                        Some(o) => o.push(i, row),
+                        None => s.out.put_slice(&row),
+                    }
+                }
                 be::COMMAND_COMPLETE => {
                     let mut body = f.body();
                     shard_tags.push(wire::get_cstr(&mut body).unwrap_or("").to_string());
@@ -611,6 +696,9 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         wire::frame(&mut b, be::EMPTY_QUERY_RESPONSE, |_| {});
         s.out.put_slice(&b);
     } else {
+        if let Some(o) = order {
+            o.emit(&mut s.out);
+        }
         for tag in combine_tags(&tags) {
             s.out.put_slice(&command_complete(&tag));
         }

@@ -76,6 +76,20 @@ pub struct Decision {
     /// ([`hotrepart_router::route::Route::temp`]): it must run on the
     /// backend that holds them (`session/temp.rs`).
     pub temp: bool,
+    /// A multi-row INSERT split by shard: for shard `shards[i]` of the
+    /// target, its part ([`SplitShard`]).
+    pub split: Option<std::sync::Arc<[SplitShard]>>,
+}
+
+/// One shard's part of a split multi-row INSERT.
+#[derive(Debug, Clone)]
+pub struct SplitShard {
+    /// Its rows' places (0-based) in the client's statement: `RETURNING`
+    /// rows are put back in the client's order by them.
+    pub rows: Vec<usize>,
+    /// With parameters: the client's numbers (1-based) of the parameters
+    /// its text (`sqls[i]`) numbers `$1`, `$2` … (its Bind carries those).
+    pub params: Option<Vec<usize>>,
 }
 
 impl Decision {
@@ -108,6 +122,7 @@ impl Decision {
             calls: std::sync::Arc::from(Vec::new()),
             hinted: false,
             temp: false,
+            split: None,
         }
     }
 }
@@ -260,6 +275,18 @@ pub fn decision(
         }
         Ok(changed.then_some(texts))
     };
+    let split = match &route.target {
+        r::Target::Split(parts) if parts.len() > 1 => Some(std::sync::Arc::from(
+            parts
+                .iter()
+                .map(|p| SplitShard {
+                    rows: p.rows.clone(),
+                    params: p.params.clone(),
+                })
+                .collect::<Vec<_>>(),
+        )),
+        _ => None,
+    };
     let target = match &route.target {
         r::Target::One(id) => Target::Shard(idx(id)?),
         r::Target::Any => Target::Any,
@@ -277,14 +304,14 @@ pub fn decision(
         r::Target::Split(parts) => {
             if parts.len() == 1 {
                 // One shard: the original text is exactly that shard's rows.
-                Target::Shard(idx(&parts[0].0)?)
+                Target::Shard(idx(&parts[0].shard)?)
             } else {
                 Target::Multi {
                     shards: parts
                         .iter()
-                        .map(|(id, _)| idx(id))
+                        .map(|p| idx(&p.shard))
                         .collect::<Result<_, _>>()?,
-                    sqls: Some(parts.iter().map(|(_, s)| s.clone()).collect()),
+                    sqls: Some(parts.iter().map(|p| p.sql.clone()).collect()),
                 }
             }
         }
@@ -350,6 +377,7 @@ pub fn decision(
         calls: route.calls.clone(),
         hinted: route.hinted,
         temp: route.temp,
+        split,
     })
 }
 

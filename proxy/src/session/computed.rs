@@ -70,7 +70,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// refusal the client gets — PostgreSQL's error (which fails an open
     /// transaction, as it failed it on the shard) or a lost connection
     /// (`what` says what the node was doing).
-    async fn query_on(
+    pub(super) async fn query_on(
         &mut self,
         t: usize,
         sql: &str,

@@ -352,6 +352,12 @@ pub struct Session<S> {
     /// column list (`session/computed.rs`): by (table as written,
     /// namespace id, catalog generation).
     pub(super) table_columns: HashMap<(String, u64, u64), Arc<[String]>>,
+    /// What sharded tables' keys default to (`session/key_default.rs`),
+    /// by the same key as `table_columns`.
+    pub(super) key_defaults: HashMap<(String, u64, u64), Arc<super::key_default::DefaultOf>>,
+    /// Extended-protocol statements whose keys the node fills, by the
+    /// client's statement name.
+    pub(super) key_fills: HashMap<String, Arc<super::key_default::KeyFill>>,
     pub(super) unnamed: Option<Unnamed>,
     /// Extended-protocol messages waiting for their Sync or Flush.
     pub(super) batch: Vec<Frame>,
@@ -454,6 +460,9 @@ pub(crate) enum SqlReply {
 /// What a multi-shard extended statement's first shard answered.
 #[derive(Default, Debug)]
 pub(crate) struct Gather {
+    /// Some: the first shard's DataRows are kept here, not sent (a split
+    /// INSERT's `RETURNING`, put in order by `exec::scatter::RowOrder`).
+    pub(crate) rows: Option<Vec<bytes::Bytes>>,
     pub(crate) tags: Vec<String>,
     pub(crate) error: Option<(String, String)>,
     pub(crate) status: u8,
@@ -498,6 +507,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             session_mode,
             stmts: HashMap::new(),
             table_columns: HashMap::new(),
+            key_defaults: HashMap::new(),
+            key_fills: HashMap::new(),
             unnamed: None,
             batch: Vec::new(),
             state,

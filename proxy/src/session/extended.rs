@@ -41,6 +41,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         unnamed: &Option<Arc<str>>,
         named: Option<&Arc<str>>,
     ) -> Option<Arc<str>> {
+        let sql = self.client_sql(stmt, unnamed, named)?;
+        if self.key_fills.is_empty() {
+            return Some(sql);
+        }
+        // The node's text for a statement whose keys it fills
+        // (`session/key_default.rs`).
+        Some(self.filled_text(stmt, &sql).unwrap_or(sql))
+    }
+
+    /// [`Self::bound_sql`] as the client wrote it.
+    pub(super) fn client_sql(
+        &self,
+        stmt: &str,
+        unnamed: &Option<Arc<str>>,
+        named: Option<&Arc<str>>,
+    ) -> Option<Arc<str>> {
         if stmt.is_empty() {
             unnamed
                 .clone()
@@ -284,19 +300,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Forwards one extended-protocol message to the current backend,
     /// renaming named statements.
     pub(crate) fn forward_extended(&mut self, f: Frame, t: usize) -> Result<(), SessionError> {
-        self.forward_extended_as(f, t, None)
+        self.forward_extended_as(f, t, None, None)
     }
 
     /// [`Self::forward_extended`], except that with `text` a Bind runs that
     /// statement text instead of the one the client prepared (same
     /// parameter types; prepared under the node's name for that text): a
     /// shard's own form of a multi-shard statement (`Target::Multi::sqls`).
+    /// With `params` (a split INSERT's part, `Decision::split_params`) that
+    /// text has only those of the client's parameters, renumbered: the
+    /// Bind carries their values (and the Parse their types) in that order.
     pub(crate) fn forward_extended_as(
         &mut self,
         f: Frame,
         t: usize,
         text: Option<&str>,
+        params: Option<&[usize]>,
     ) -> Result<(), SessionError> {
+        if text.is_none() && f.tag() == fe::BIND && !self.key_fills.is_empty() {
+            if let Some(filled) = self.filled_bind_text(&f) {
+                return self.forward_extended_as(f, t, Some(&filled), None);
+            }
+        }
         match f.tag() {
             fe::PARSE => self.on_parse(f, t),
             fe::BIND if text.is_some() => {
@@ -307,7 +332,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Some(r) => r.freeze(),
                     None => Bytes::copy_from_slice(b),
                 };
-                let types = self.param_types(&stmt);
+                let mut types = self.param_types(&stmt);
+                let rest = match params {
+                    Some(map) => {
+                        types = map
+                            .iter()
+                            .map(|&n| types.get(n.wrapping_sub(1)).copied().unwrap_or(0))
+                            .collect();
+                        // A Bind short of parameters: PostgreSQL says so.
+                        wire::bind_params_subset(&rest, map).unwrap_or(rest)
+                    }
+                    None => rest,
+                };
                 let mut parse = BytesMut::new();
                 wire::put_cstr(&mut parse, text.unwrap_or_default());
                 parse.put_i16(types.len() as i16);

@@ -47,6 +47,7 @@ mod computed;
 pub(crate) mod conn;
 mod cursor;
 mod extended;
+mod key_default;
 mod listen;
 mod replies;
 mod route;
@@ -551,6 +552,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         return self.run_script(stmts).await;
                     }
                 }
+                // A key left to its column default (`key_default.rs`).
+                if r.code == sqlstate::NOT_NULL_VIOLATION {
+                    if let Some(kd) = self.key_default_of(sql) {
+                        return self.insert_key_default(kd, r).await;
+                    }
+                }
                 self.refuse_simple(r);
                 return Ok(());
             }
@@ -688,6 +695,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Runs the extended-protocol messages held (up to a Sync when
     /// `synced`, else a Flush).
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
+        if !self.node.routing.single_shard() && !self.skip_to_sync {
+            // INSERTs without a column list get the table's columns, and
+            // keys left to their default get values (`computed.rs`,
+            // `key_default.rs`): once per batch, before it is routed.
+            self.settle_state().await?;
+            self.settle_temp().await?;
+            self.ensure_namespace().await?;
+            let frames = std::mem::take(&mut self.batch);
+            let frames = match self.complete_column_lists(frames).await? {
+                Ok(f) => self.fill_key_defaults(f).await?,
+                Err(r) => Err(r),
+            };
+            match frames {
+                Ok(f) => self.batch = f,
+                Err(r) => {
+                    self.batch_error(&r, synced);
+                    return Ok(());
+                }
+            }
+        }
         self.run_batch_rounds(synced).await?;
         if !std::mem::take(&mut self.cut_wanted) {
             return Ok(());
@@ -832,18 +859,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.listen_batch(&frames).await {
             return Ok(true);
         }
-        // INSERTs without a column list get the table's columns.
-        let frames = if self.node.routing.single_shard() {
-            frames
-        } else {
-            match self.complete_column_lists(frames).await? {
-                Ok(f) => f,
-                Err(r) => {
-                    self.batch_error(&r, synced);
-                    return Ok(true);
-                }
-            }
-        };
         if self.cursor_batch_by_node(&frames, synced).await? {
             return Ok(true);
         }

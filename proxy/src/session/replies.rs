@@ -169,7 +169,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.on_backend_error();
                 true
             }
-            be::DATA_ROW => g.error.is_some(),
+            be::DATA_ROW => {
+                if g.error.is_some() {
+                    return true;
+                }
+                match g.rows.as_mut() {
+                    Some(rows) => {
+                        rows.push(f.raw.clone());
+                        true
+                    }
+                    None => false,
+                }
+            }
             be::READY_FOR_QUERY => {
                 g.status = f.body().first().copied().unwrap_or(tx::IDLE);
                 self.pop_if(|o| matches!(o, Owed::Sync));

@@ -467,9 +467,138 @@ pub fn command_complete(tag: &str) -> Bytes {
     b.freeze()
 }
 
+/// A Bind message's parameters: the part of its body after the portal and
+/// statement names, read.
+#[derive(Debug)]
+pub struct BindValues<'a> {
+    /// The parameter format codes as sent (none: all text; one: for all).
+    pub formats: Vec<i16>,
+    /// Each parameter's value (None: NULL).
+    pub values: Vec<Option<&'a [u8]>>,
+    /// What follows: the result format codes, as sent.
+    pub results: &'a [u8],
+}
+
+impl<'a> BindValues<'a> {
+    /// Reads `rest` (a Bind's body from its parameter formats on).
+    pub fn parse(rest: &'a [u8]) -> Result<BindValues<'a>, WireError> {
+        let mut b = rest;
+        let nf = get_i16(&mut b)?.max(0) as usize;
+        let mut formats = Vec::with_capacity(nf);
+        for _ in 0..nf {
+            formats.push(get_i16(&mut b)?);
+        }
+        let nv = get_i16(&mut b)?.max(0) as usize;
+        let mut values = Vec::with_capacity(nv);
+        for _ in 0..nv {
+            let len = get_i32(&mut b)?;
+            if len < 0 {
+                values.push(None);
+                continue;
+            }
+            let len = len as usize;
+            if b.len() < len {
+                return Err(WireError::Protocol("Bind message too short".into()));
+            }
+            values.push(Some(&b[..len]));
+            b = &b[len..];
+        }
+        Ok(BindValues {
+            formats,
+            values,
+            results: b,
+        })
+    }
+
+    /// The format code of parameter `i` (0-based).
+    pub fn format(&self, i: usize) -> i16 {
+        match self.formats.len() {
+            0 => 0,
+            1 => self.formats[0],
+            _ => self.formats.get(i).copied().unwrap_or(0),
+        }
+    }
+
+    /// Writes a Bind's body from its parameter formats on: `formats`,
+    /// `values`, then `results`.
+    pub fn put(out: &mut BytesMut, formats: &[i16], values: &[Option<&[u8]>], results: &[u8]) {
+        out.put_i16(formats.len() as i16);
+        for f in formats {
+            out.put_i16(*f);
+        }
+        out.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    out.put_i32(v.len() as i32);
+                    out.put_slice(v);
+                }
+                None => out.put_i32(-1),
+            }
+        }
+        out.put_slice(results);
+    }
+}
+
+/// A Bind's body from its parameter formats on (`rest`), keeping only the
+/// parameters numbered (1-based) in `map`, in that order, with their format
+/// codes. None when `rest` does not parse or lacks a parameter of `map`.
+pub fn bind_params_subset(rest: &[u8], map: &[usize]) -> Option<Bytes> {
+    let v = BindValues::parse(rest).ok()?;
+    let mut values = Vec::with_capacity(map.len());
+    let mut formats = Vec::with_capacity(map.len());
+    for &n in map {
+        values.push(*v.values.get(n.checked_sub(1)?)?);
+        formats.push(v.format(n - 1));
+    }
+    let formats = match v.formats.len() {
+        0 => Vec::new(),
+        1 => v.formats.clone(),
+        _ => formats,
+    };
+    let mut out = BytesMut::with_capacity(rest.len());
+    BindValues::put(&mut out, &formats, &values, v.results);
+    Some(out.freeze())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bind_parameters_are_kept_by_number() {
+        let mut rest = BytesMut::new();
+        BindValues::put(
+            &mut rest,
+            &[1, 0, 1],
+            &[Some(b"a"), None, Some(b"ccc")],
+            &[0, 1, 0, 1],
+        );
+        let v = BindValues::parse(&rest).expect("parses");
+        assert_eq!(v.values, vec![Some(&b"a"[..]), None, Some(&b"ccc"[..])]);
+        assert_eq!((v.format(0), v.format(1), v.format(2)), (1, 0, 1));
+        let sub = bind_params_subset(&rest, &[3, 1]).expect("subset");
+        let s = BindValues::parse(&sub).expect("parses");
+        assert_eq!(s.formats, vec![1, 1]);
+        assert_eq!(s.values, vec![Some(&b"ccc"[..]), Some(&b"a"[..])]);
+        assert_eq!(s.results, &[0, 1, 0, 1][..]);
+        // One format code for all stays one.
+        let mut one = BytesMut::new();
+        BindValues::put(&mut one, &[1], &[Some(b"x"), Some(b"y")], &[0, 0]);
+        let s = BindValues::parse(&bind_params_subset(&one, &[2]).expect("subset"))
+            .expect("parses")
+            .formats;
+        assert_eq!(s, vec![1]);
+        assert!(
+            bind_params_subset(&rest, &[4]).is_none(),
+            "no such parameter"
+        );
+        assert!(bind_params_subset(&rest, &[0]).is_none());
+        assert!(
+            BindValues::parse(&rest[..rest.len() - 6]).is_err(),
+            "cut short"
+        );
+    }
 
     #[tokio::test]
     async fn splits_frames_across_reads() {

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::analyze::{Body, InsertPlan, Shape, StmtPlan};
 use super::keys::{KeyExpr, Src, TypedSrc};
 use super::params::{decode_array, decode_key};
-use super::{target_of, MergeNeed, Param, RouteError, StatementKind, Target};
+use super::{target_of, MergeNeed, Param, RouteError, SplitPart, StatementKind, Target};
 use crate::catalog::{KeyValue, RangeStatus, RoutingSnapshot, ShardId, ShardedTable};
 
 pub(super) use super::keys::colocated;
@@ -413,20 +413,28 @@ fn insert_target(
     if by_shard.len() <= 1 {
         return Ok(target_of(snap, by_shard.into_keys().collect()));
     }
-    let split = match &ins.split {
-        Some(t) if !ins.has_placeholders && params.is_empty() => t,
-        _ => {
-            return Err(RouteError::unsupported(
-                "a multi-row INSERT with parameters whose rows belong to different shards (send one row per statement, or use literal values)",
-            ))
-        }
+    let Some(split) = &ins.split else {
+        return Err(RouteError::unsupported(
+            "a multi-row INSERT whose rows belong to different shards could not be split (send one row per statement)",
+        ));
     };
     debug_assert_eq!(split.len(), ins.rows.len());
+    let numbered = ins.has_placeholders;
     let parts = by_shard
         .into_iter()
         .map(|(shard, rows)| {
-            let sql = split.render(&rows);
-            (shard, sql)
+            let (sql, params) = if numbered {
+                let (sql, params) = split.render_numbered(&rows);
+                (sql, Some(params))
+            } else {
+                (split.render(&rows), None)
+            };
+            SplitPart {
+                shard,
+                sql,
+                rows,
+                params,
+            }
         })
         .collect();
     Ok(Target::Split(parts))

@@ -29,6 +29,8 @@ pub(super) struct SplitText {
     rows: Vec<Range<usize>>,
     /// `text[suffix_start..]` is everything after the last row.
     suffix_start: usize,
+    /// The parameters (`$n`) in `text`: range and number, in order.
+    params: Vec<(Range<usize>, usize)>,
 }
 
 impl SplitText {
@@ -89,6 +91,7 @@ impl SplitText {
         let suffix_start = text.len();
         text.push_str(suffix);
         Some(SplitText {
+            params: crate::classify::placeholders(&text),
             text: text.into_boxed_str(),
             prefix_end,
             rows,
@@ -99,6 +102,43 @@ impl SplitText {
     /// The number of rows.
     pub(super) fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    /// [`Self::render`] for a statement with parameters: its parameters
+    /// numbered `$1`, `$2` … in the order they first occur in the text, and
+    /// for each the client's number (1-based) it stands for.
+    pub(super) fn render_numbered(&self, keep: &[usize]) -> (String, Vec<usize>) {
+        let mut out = String::with_capacity(self.text.len());
+        let mut order: Vec<usize> = Vec::new();
+        let mut copy = |out: &mut String, r: Range<usize>| {
+            let from = self.params.partition_point(|(p, _)| p.start < r.start);
+            let mut at = r.start;
+            for (p, n) in self.params[from..]
+                .iter()
+                .take_while(|(p, _)| p.end <= r.end)
+            {
+                out.push_str(&self.text[at..p.start]);
+                let new = match order.iter().position(|&o| o == *n) {
+                    Some(i) => i + 1,
+                    None => {
+                        order.push(*n);
+                        order.len()
+                    }
+                };
+                let _ = write!(out, "${new}");
+                at = p.end;
+            }
+            out.push_str(&self.text[at..r.end]);
+        };
+        copy(&mut out, 0..self.prefix_end);
+        for (n, &i) in keep.iter().enumerate() {
+            if n > 0 {
+                out.push_str(ROW_SEPARATOR);
+            }
+            copy(&mut out, self.rows[i].clone());
+        }
+        copy(&mut out, self.suffix_start..self.text.len());
+        (out, order)
     }
 
     /// The statement holding only rows `keep` (indices, in the order given).
@@ -177,5 +217,27 @@ mod tests {
     #[test]
     fn not_values() {
         assert!(SplitText::new(&insert("INSERT INTO t (k) SELECT 1")).is_none());
+    }
+
+    #[test]
+    fn parts_number_their_own_parameters() {
+        let t = SplitText::new(&insert(
+            "INSERT INTO users (id, name) VALUES ($1, $2), ($3, '$1 and $2'), ($4, $2) \
+             ON CONFLICT (id) DO UPDATE SET name = $5 RETURNING id, \"$3\"",
+        ))
+        .expect("split");
+        let (sql, params) = t.render_numbered(&[2, 1]);
+        assert_eq!(
+            sql,
+            "INSERT INTO users (id, name) VALUES ($1, $2), ($3, '$1 and $2') \
+             ON CONFLICT(id) DO UPDATE SET name = $4 RETURNING id, \"$3\""
+        );
+        assert_eq!(params, vec![4, 2, 3, 5]);
+        let (sql, params) = t.render_numbered(&[0]);
+        assert_eq!(
+            sql,
+            "INSERT INTO users (id, name) VALUES ($1, $2) ON CONFLICT(id) DO UPDATE SET name = $3 RETURNING id, \"$3\""
+        );
+        assert_eq!(params, vec![1, 2, 5]);
     }
 }

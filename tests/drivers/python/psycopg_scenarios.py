@@ -292,6 +292,49 @@ def executemany_sharded():
     return out
 
 
+def orm_generated_keys():
+    """What ORMs send for a table whose key is generated (bigserial) and
+    sharded by it (drv_orm): one INSERT … RETURNING id (Django's save()), a
+    multi-row VALUES with parameters and RETURNING (bulk_create, SQLAlchemy's
+    insertmanyvalues) whose ids come back in VALUES order, executemany with
+    returning=True, DEFAULT in the key's place, client-side binding
+    (literals), and a rolled-back transaction. Ids and order as PostgreSQL's."""
+    out = []
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_orm")
+        c.execute("CREATE TABLE drv_orm (id bigserial PRIMARY KEY, name text, n int)")
+        out.append(c.execute("INSERT INTO drv_orm (name, n) VALUES (%s, %s) RETURNING id", ["a", 1]).fetchone()[0])
+        names = [f"b{i}" for i in range(12)]
+        sql = ("INSERT INTO drv_orm (name, n) VALUES " + ", ".join(["(%s, %s)"] * len(names))
+               + " RETURNING id, name")
+        params = [x for i, nm in enumerate(names) for x in (nm, i)]
+        bulk = c.execute(sql, params).fetchall()
+        eq("bulk ids in VALUES order", [r[1] for r in bulk], names)
+        out.append(bulk)
+        cur = c.cursor()
+        cur.executemany("INSERT INTO drv_orm (name) VALUES (%s) RETURNING id",
+                        [("c1",), ("c2",), ("c3",)], returning=True)
+        ids = []
+        while True:
+            ids.append(cur.fetchone()[0])
+            if not cur.nextset():
+                break
+        out.append(ids)
+        out.append(c.execute("INSERT INTO drv_orm (id, name) VALUES (DEFAULT, %s), (DEFAULT, %s) RETURNING id",
+                             ["d1", "d2"]).fetchall())
+        with psycopg.ClientCursor(c) as cc:
+            cc.execute("INSERT INTO drv_orm (name) VALUES (%s), (%s), (%s) RETURNING id, name", ["e1", "e2", "e3"])
+            out.append(cc.fetchall())
+        try:
+            with c.transaction():
+                c.execute("INSERT INTO drv_orm (name) VALUES (%s)", ["gone"])
+                raise RuntimeError("roll back")
+        except RuntimeError:
+            pass
+        out.append(c.execute("SELECT id, name FROM drv_orm ORDER BY id").fetchall())
+    return out
+
+
 def client_encoding_latin9():
     return encoded_keys("latin9", [("café", "crème €"), ("naïve", "œuvre"), ("Ÿ", "ž")])
 
@@ -496,6 +539,7 @@ run([
     ("listen_notify", listen_notify),
     ("client_encoding", client_encoding),
     ("executemany_sharded", executemany_sharded),
+    ("orm_generated_keys", orm_generated_keys),
     ("client_encoding_latin9", client_encoding_latin9),
     ("client_encoding_euc_jp", client_encoding_euc_jp),
     ("cancel", cancel),

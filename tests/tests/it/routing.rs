@@ -801,3 +801,376 @@ async fn inserts_without_a_column_list_find_the_key() {
         assert_eq!(total, rows, "{table}");
     }
 }
+
+/// Keys left to their column default (`serial`, identity, a uuid
+/// default), as ORMs insert: evaluated on the home shard once per row,
+/// inside the client's transaction, in the simple and the extended
+/// protocol, each row on the shard that owns the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_left_to_their_default_are_evaluated_on_the_home_shard() {
+    let mut o = opts();
+    o.tail.push_str(&format!(
+        "[[sharded_tables]]\nname = \"accounts\"\nkey = \"id\"\ntype = \"int8\"\nseed = {SEED}\n\
+         [[sharded_tables]]\nname = \"devices\"\nkey = \"uuid\"\ntype = \"uuid\"\nseed = {SEED}\n\
+         [[sharded_tables]]\nname = \"odd\"\nkey = \"id\"\ntype = \"int8\"\nseed = {SEED}\n"
+    ));
+    let c = Cluster::start(o).await;
+    let snap = c.node.routing.catalog.load_full();
+    let db = c.connect().await;
+    db.batch_execute(
+        "CREATE TABLE users (id bigserial PRIMARY KEY, name text); \
+         CREATE TABLE accounts (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text); \
+         CREATE TABLE devices (uuid uuid DEFAULT gen_random_uuid() PRIMARY KEY, name text)",
+    )
+    .await
+    .unwrap();
+    // Simple protocol: the key left out, or DEFAULT beside explicit keys.
+    let ids = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<i64> {
+        msgs.iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+                _ => None,
+            })
+            .collect()
+    };
+    let got = db
+        .simple_query("INSERT INTO users (name) VALUES ('a'), ('b'), ('c') RETURNING id")
+        .await
+        .unwrap();
+    let mut got = ids(got);
+    got.sort();
+    assert_eq!(
+        got,
+        vec![1, 2, 3],
+        "the home shard's sequence, once per row"
+    );
+    db.batch_execute("INSERT INTO users (id, name) VALUES (DEFAULT, 'd'), (100, 'e')")
+        .await
+        .unwrap();
+    // Extended protocol: unnamed, and a named statement reused in later
+    // batches; the client's Describe still sees one parameter.
+    let r = db
+        .query_one("INSERT INTO users (name) VALUES ($1) RETURNING id", &[&"f"])
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i64>(0), 5);
+    let ins = db
+        .prepare("INSERT INTO users (name) VALUES ($1) RETURNING id")
+        .await
+        .unwrap();
+    assert_eq!(ins.params().len(), 1);
+    for want in 6..=9i64 {
+        let r = db.query_one(&ins, &[&format!("p{want}")]).await.unwrap();
+        assert_eq!(r.get::<_, i64>(0), want);
+    }
+    // Two rows a statement, on two shards: split by key, each shard's
+    // Bind with its own rows' parameters.
+    let two = db
+        .query(
+            "INSERT INTO users (name) VALUES ($1), ($2) RETURNING id",
+            &[&"g", &"h"],
+        )
+        .await
+        .unwrap();
+    let mut two: Vec<i64> = two.iter().map(|r| r.get(0)).collect();
+    two.sort();
+    assert_eq!(two, vec![10, 11]);
+    // Inside a transaction rolled back: nothing kept (the sequence moves on).
+    db.batch_execute("BEGIN").await.unwrap();
+    db.execute("INSERT INTO users (name) VALUES ($1)", &[&"gone"])
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO users (name) VALUES ('gone too')")
+        .await
+        .unwrap();
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM users WHERE name LIKE 'gone%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "seen inside its transaction");
+    db.batch_execute("ROLLBACK").await.unwrap();
+    // Identity ALWAYS: the node writes OVERRIDING SYSTEM VALUE; an explicit
+    // key beside DEFAULT gets PostgreSQL's error.
+    db.batch_execute("INSERT INTO accounts (name) VALUES ('x'), ('y')")
+        .await
+        .unwrap();
+    db.execute("INSERT INTO accounts (name) VALUES ($1)", &[&"z"])
+        .await
+        .unwrap();
+    // A uuid default.
+    let mut uuids: Vec<String> = Vec::new();
+    for name in ["d1", "d2", "d3"] {
+        let r = db
+            .query_one(
+                "INSERT INTO devices (name) VALUES ($1) RETURNING uuid::text",
+                &[&name],
+            )
+            .await
+            .unwrap();
+        uuids.push(r.get(0));
+    }
+    assert_eq!(uuids.len(), 3);
+    for u in &uuids {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM devices WHERE uuid = $1::text::uuid",
+                &[u],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "device {u} found by its key, on its owner");
+    }
+    let users: Vec<(i64, String)> = db
+        .query("SELECT id, name FROM users ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let names: Vec<&str> = users.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["a", "b", "c", "d", "f", "p6", "p7", "p8", "p9", "g", "h", "e"],
+        "{users:?}"
+    );
+    let accounts: Vec<i64> = db
+        .query("SELECT id FROM accounts ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(accounts, vec![1, 2, 3]);
+    // Every row on the shard that owns its key, once.
+    for (table, rows) in [("users", 12i64), ("accounts", 3)] {
+        // (users: a b c d e f p6-p9 g h)
+        let mut total = 0i64;
+        for i in 0..4 {
+            let d = c.direct(i).await;
+            let pred = owned_predicate(&snap, &format!("s{i}"), "id");
+            let r = d
+                .query_one(
+                    &format!("SELECT count(*), count(*) FILTER (WHERE NOT ({pred})) FROM {table}"),
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.get::<_, i64>(1), 0, "{table}: rows s{i} does not own");
+            total += r.get::<_, i64>(0);
+        }
+        assert_eq!(total, rows, "{table}");
+    }
+    // What is refused, in words.
+    let code = |e: tokio_postgres::Error| {
+        e.as_db_error()
+            .map(|d| (d.code().code().to_string(), d.message().to_string()))
+            .unwrap_or_else(|| panic!("{e}"))
+    };
+    let e = db
+        .batch_execute("INSERT INTO accounts (id, name) VALUES (DEFAULT, 'x'), (50, 'y')")
+        .await
+        .unwrap_err();
+    assert_eq!(code(e).0, "428C9");
+    db.batch_execute(
+        "CREATE FUNCTION next_odd() RETURNS bigint LANGUAGE sql AS 'SELECT 1::bigint'; \
+         CREATE TABLE odd (id bigint DEFAULT next_odd(), name text)",
+    )
+    .await
+    .unwrap();
+    for sql in [
+        "INSERT INTO odd (name) VALUES ('x')",
+        "INSERT INTO odd (id, name) VALUES (DEFAULT, 'x')",
+    ] {
+        let (c0, m) = code(db.batch_execute(sql).await.unwrap_err());
+        assert_eq!(c0, "0A000", "{sql}: {m}");
+        assert!(m.contains("next_odd()"), "{m}");
+        let (c1, _) = code(
+            db.execute(sql.replace("'x'", "$1").as_str(), &[&"x"])
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(c1, "0A000");
+    }
+    db.batch_execute("ALTER TABLE odd ALTER COLUMN id DROP DEFAULT")
+        .await
+        .unwrap();
+    let (c0, _) = code(
+        db.batch_execute("INSERT INTO odd (name) VALUES ('x')")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(c0, "23502", "no default: the key stays NULL");
+    let (c1, _) = code(
+        db.execute("INSERT INTO odd (name) VALUES ($1)", &[&"x"])
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(c1, "23502");
+    // The session goes on.
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 12);
+}
+
+/// A multi-row `INSERT … VALUES` with parameters whose rows belong to
+/// different shards (SQLAlchemy's insertmanyvalues, Django's bulk_create):
+/// split by key, each shard's text numbering only its rows' parameters and
+/// its Bind carrying those values (binary and text), parameters of
+/// `ON CONFLICT`/`RETURNING` given to every shard, all or nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_row_inserts_with_parameters_split_by_key() {
+    let c = Cluster::start(opts()).await;
+    let snap = c.node.routing.catalog.load_full();
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text, n int)")
+        .await
+        .unwrap();
+    // 20 rows, binary parameters (tokio-postgres), a parameter used twice.
+    let mut sql = String::from("INSERT INTO users (id, name, n) VALUES ");
+    let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync>> = Vec::new();
+    for i in 0..20i64 {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        let p = params.len();
+        sql.push_str(&format!("(${}, ${}, $1::int)", p + 2, p + 3));
+        params.push(Box::new(i + 1));
+        params.push(Box::new(format!("u{}", i + 1)));
+    }
+    params.insert(0, Box::new(7i32));
+    sql.push_str(" RETURNING id, name, '$1 stays text' AS lit");
+    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        params.iter().map(|p| p.as_ref()).collect();
+    let rows = db.query(sql.as_str(), &refs).await.unwrap();
+    // RETURNING in the client's VALUES order, as PostgreSQL returns it
+    // (ORMs give each object its key by that order).
+    let got: Vec<(i64, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(got.len(), 20);
+    for (i, (id, name, lit)) in got.iter().enumerate() {
+        assert_eq!(
+            (*id, name.as_str()),
+            (i as i64 + 1, format!("u{}", i + 1).as_str())
+        );
+        assert_eq!(lit, "$1 stays text");
+    }
+    // A parameter in ON CONFLICT … DO UPDATE, text parameters (a Bind
+    // with one text format code), a named statement reused.
+    let up = db
+        .prepare_typed(
+            "INSERT INTO users (id, name) VALUES ($1, $2), ($3, $4), ($5, $6) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name || $7",
+            &[],
+        )
+        .await
+        .unwrap();
+    for round in 0..2 {
+        let suffix = format!("-r{round}");
+        let n = db
+            .execute(&up, &[&1i64, &"a", &2i64, &"b", &30i64, &"c", &suffix])
+            .await
+            .unwrap();
+        assert_eq!(n, 3);
+    }
+    let names: Vec<(i64, String, Option<i32>)> = db
+        .query(
+            "SELECT id, name, n FROM users WHERE id IN (1, 2, 30) ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            (1, "a-r1".to_string(), Some(7)),
+            (2, "b-r1".to_string(), Some(7)),
+            (30, "c-r1".to_string(), None),
+        ]
+    );
+    // The simple protocol (literal values, as client-side binding sends
+    // them): RETURNING in VALUES order too.
+    let order: Vec<i64> = vec![57, 41, 99, 40, 63, 72, 45, 88];
+    let values: Vec<String> = order.iter().map(|k| format!("({k}, 'o{k}')")).collect();
+    let msgs = db
+        .simple_query(&format!(
+            "INSERT INTO users (id, name) VALUES {} RETURNING id",
+            values.join(", ")
+        ))
+        .await
+        .unwrap();
+    let returned: Vec<i64> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(returned, order);
+    // ON CONFLICT DO NOTHING skips rows: the order cannot be told, every
+    // inserted row still comes back once.
+    let mut skipped: Vec<i64> = db
+        .query(
+            "INSERT INTO users (id, name) VALUES ($1, 'n'), ($2, 'n'), ($3, 'n') \
+             ON CONFLICT DO NOTHING RETURNING id",
+            &[&57i64, &300i64, &301i64],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    skipped.sort();
+    assert_eq!(skipped, vec![300, 301]);
+    db.execute("DELETE FROM users WHERE id >= 40", &[])
+        .await
+        .unwrap();
+    // A duplicate key on one shard: nothing of the statement is kept.
+    let e = db
+        .execute(
+            "INSERT INTO users (id, name) VALUES ($1, $2), ($3, $4), ($5, $6)",
+            &[&100i64, &"x", &101i64, &"y", &5i64, &"dup"],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("23505"), "{e}");
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM users WHERE id IN (100, 101)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "all or nothing");
+    // Every row on the shard that owns its key, once.
+    let mut total = 0i64;
+    for i in 0..4 {
+        let d = c.direct(i).await;
+        let pred = owned_predicate(&snap, &format!("s{i}"), "id");
+        let r = d
+            .query_one(
+                &format!("SELECT count(*), count(*) FILTER (WHERE NOT ({pred})) FROM users"),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.get::<_, i64>(1), 0, "rows s{i} does not own");
+        assert!(r.get::<_, i64>(0) > 0, "s{i} got rows");
+        total += r.get::<_, i64>(0);
+    }
+    assert_eq!(total, 21);
+    // The session goes on.
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 21);
+}

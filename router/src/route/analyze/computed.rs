@@ -133,13 +133,7 @@ impl ComputedKeys {
     /// The query that evaluates the computed keys: one row, a text column
     /// per computed key (in the key's type, as PostgreSQL would assign it).
     pub fn eval_sql(&self) -> String {
-        let ty = match self.key_type {
-            KeyType::Int2 => "int2",
-            KeyType::Int4 => "int4",
-            KeyType::Int8 => "int8",
-            KeyType::Text => "text",
-            KeyType::Uuid => "uuid",
-        };
+        let ty = key_type_sql(self.key_type);
         let cols: Vec<String> = self
             .key_exprs()
             .map(|e| format!("(({e})::{ty})::text"))
@@ -321,6 +315,213 @@ impl InsertSelect {
     }
 }
 
+/// An `INSERT … VALUES` into a sharded table that leaves its shard key to
+/// the column's default (issue 14): the key column not in the column list
+/// (`INSERT INTO users (name) VALUES ($1) RETURNING id`, what ORMs send for
+/// a `serial` or identity key), or `DEFAULT` in its place in some rows.
+///
+/// The router cannot route such a row: its key does not exist yet. The
+/// node reads the column's default on the home shard (where the sequences
+/// it numbers rows with live), evaluates it there once per row, inside the
+/// client's transaction, and writes the values in: as the expression
+/// itself in the simple protocol ([`KeyDefault::with_exprs`], which then
+/// is a computed key), as parameters numbered after the client's in the
+/// extended protocol ([`KeyDefault::with_params`]).
+#[derive(Debug, Clone)]
+pub struct KeyDefault {
+    insert: Insert,
+    /// The key's place in the column list; None: not in it.
+    key_idx: Option<usize>,
+    /// The rows whose key is the default, in order.
+    rows: Vec<usize>,
+    /// Whether every row's key is the default.
+    pub all_rows: bool,
+    /// Whether the statement says `OVERRIDING SYSTEM VALUE` itself.
+    pub overriding: bool,
+    /// The target table as the statement names it (valid SQL).
+    pub table_sql: String,
+    /// The shard key column (as the catalog names it).
+    pub key_column: String,
+    /// The type of the table's shard key.
+    pub key_type: KeyType,
+}
+
+/// `sql` as a [`KeyDefault`]: one `INSERT … VALUES` into a sharded table
+/// with an explicit column list, rows as wide as it, whose key is left to
+/// its default in at least one row. None otherwise (and for `OVERRIDING
+/// USER VALUE`, which PostgreSQL reads differently).
+pub fn key_default(snapshot: &RoutingSnapshot, ns: &Namespace, sql: &str) -> Option<KeyDefault> {
+    let (insert, table, name) = insert_into_sharded(snapshot, ns, sql)?;
+    if insert.columns.is_empty()
+        || matches!(
+            insert.overriding,
+            Some(sqlparser::ast::InsertOverriding::User)
+        )
+    {
+        return None;
+    }
+    let source = insert.source.as_ref()?;
+    let SetExpr::Values(values) = source.body.as_ref() else {
+        return None;
+    };
+    if source.with.is_some() || source.order_by.is_some() || source.limit_clause.is_some() {
+        return None;
+    }
+    let width = insert.columns.len();
+    if values.rows.iter().any(|r| r.content.len() != width) {
+        return None;
+    }
+    let key_idx = insert
+        .columns
+        .iter()
+        .position(|c| last_name(c) == table.key_column);
+    let rows: Vec<usize> = match key_idx {
+        None => (0..values.rows.len()).collect(),
+        Some(k) => values
+            .rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.content.get(k).is_some_and(is_default))
+            .map(|(i, _)| i)
+            .collect(),
+    };
+    if rows.is_empty() {
+        return None;
+    }
+    Some(KeyDefault {
+        all_rows: rows.len() == values.rows.len(),
+        overriding: insert.overriding.is_some(),
+        key_idx,
+        rows,
+        table_sql: name.to_string(),
+        key_column: table.key_column.clone(),
+        key_type: table.key_type,
+        insert,
+    })
+}
+
+/// `DEFAULT` in a row of `VALUES`.
+fn is_default(e: &Expr) -> bool {
+    matches!(e, Expr::Identifier(id) if id.quote_style.is_none() && id.value.eq_ignore_ascii_case("default"))
+}
+
+/// A column default the home shard may evaluate for a key (see
+/// [`ComputedKeys`]): an expression that reads no table.
+pub fn default_evaluable(expr: &str) -> bool {
+    let dialect = PostgreSqlDialect {};
+    let Ok(mut p) = Parser::new(&dialect).try_with_sql(expr) else {
+        return false;
+    };
+    p.parse_expr().is_ok_and(|e| evaluable(&e))
+}
+
+/// `SELECT` of `n` rows, each the expression `expr` (a column default)
+/// as text, in the key's type as PostgreSQL assigns it.
+pub fn default_eval_sql(expr: &str, key_type: KeyType, n: usize) -> String {
+    format!(
+        "SELECT ((({expr}))::{})::pg_catalog.text FROM pg_catalog.generate_series(1, {n})",
+        key_type_sql(key_type)
+    )
+}
+
+fn key_type_sql(t: KeyType) -> &'static str {
+    match t {
+        KeyType::Int2 => "int2",
+        KeyType::Int4 => "int4",
+        KeyType::Int8 => "int8",
+        KeyType::Text => "text",
+        KeyType::Uuid => "uuid",
+    }
+}
+
+impl KeyDefault {
+    /// How many rows need a key.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no row needs one (never).
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The highest parameter number (`$n`) the statement uses.
+    pub fn max_param(&self) -> usize {
+        struct Max(usize);
+        impl Visitor for Max {
+            type Break = ();
+            fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+                if let Expr::Value(v) = e {
+                    if let Value::Placeholder(p) = &v.value {
+                        if let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+                            self.0 = self.0.max(n);
+                        }
+                    }
+                }
+                ControlFlow::Continue(())
+            }
+        }
+        let mut m = Max(0);
+        let _ = self.insert.visit(&mut m);
+        m.0
+    }
+
+    /// The statement with each missing key written as `key(i)` (i: the
+    /// how-manieth), and `OVERRIDING SYSTEM VALUE` when `overriding`.
+    fn with_keys(&self, overriding: bool, key: impl Fn(usize) -> Expr) -> String {
+        let mut insert = self.insert.clone();
+        let idx = match self.key_idx {
+            Some(i) => i,
+            None => {
+                insert
+                    .columns
+                    .push(ObjectName::from(vec![sqlparser::ast::Ident::with_quote(
+                        '"',
+                        self.key_column.as_str(),
+                    )]));
+                insert.columns.len() - 1
+            }
+        };
+        if let Some(SetExpr::Values(v)) = insert.source.as_deref_mut().map(|q| q.body.as_mut()) {
+            for (i, &r) in self.rows.iter().enumerate() {
+                let Some(row) = v.rows.get_mut(r) else {
+                    continue;
+                };
+                if self.key_idx.is_none() {
+                    row.content.push(key(i));
+                } else if let Some(slot) = row.content.get_mut(idx) {
+                    *slot = key(i);
+                }
+            }
+        }
+        if overriding {
+            insert.overriding = Some(sqlparser::ast::InsertOverriding::System);
+        }
+        Statement::Insert(insert).to_string()
+    }
+
+    /// The statement with the default expression `expr` as each missing
+    /// key (simple protocol: then a computed key). None: `expr` is not
+    /// an expression.
+    pub fn with_exprs(&self, expr: &str, overriding: bool) -> Option<String> {
+        let dialect = PostgreSqlDialect {};
+        let e = Parser::new(&dialect)
+            .try_with_sql(expr)
+            .ok()?
+            .parse_expr()
+            .ok()?;
+        Some(self.with_keys(overriding, |_| Expr::Nested(Box::new(e.clone()))))
+    }
+
+    /// The statement with the missing keys as parameters `$first`,
+    /// `$first + 1` … (extended protocol).
+    pub fn with_params(&self, first: usize, overriding: bool) -> String {
+        self.with_keys(overriding, |i| {
+            Expr::value(Value::Placeholder(format!("${}", first + i)))
+        })
+    }
+}
+
 /// An `INSERT INTO sharded VALUES …` without a column list (issue 14):
 /// the router needs to know which value is the shard key, so the node
 /// reads the table's columns (in order, from a shard) and writes them in
@@ -394,6 +595,53 @@ mod tests {
             panic!()
         };
         evaluable(e)
+    }
+
+    fn kd(sql: &str) -> Option<KeyDefault> {
+        key_default(&crate::fuzzing::snapshot(), &Namespace::default(), sql)
+    }
+
+    #[test]
+    fn keys_left_to_their_default_are_written_in() {
+        let k = kd("INSERT INTO users (name) VALUES ($1), ($2) RETURNING id").unwrap();
+        assert_eq!((k.len(), k.all_rows, k.max_param()), (2, true, 2));
+        assert_eq!(k.key_column, "id");
+        assert_eq!(
+            k.with_params(3, false),
+            "INSERT INTO users (name, \"id\") VALUES ($1, $3), ($2, $4) RETURNING id"
+        );
+        assert_eq!(
+            k.with_exprs("nextval('users_id_seq'::regclass)", true)
+                .unwrap(),
+            "INSERT INTO users (name, \"id\") OVERRIDING SYSTEM VALUE VALUES ($1, (nextval('users_id_seq'::REGCLASS))), ($2, (nextval('users_id_seq'::REGCLASS))) RETURNING id"
+        );
+        // DEFAULT in the key's place, in some rows only.
+        let k = kd("INSERT INTO users (id, name) VALUES (DEFAULT, 'a'), (7, 'b'), (default, 'c')")
+            .unwrap();
+        assert_eq!((k.len(), k.all_rows, k.max_param()), (2, false, 0));
+        assert_eq!(
+            k.with_params(1, false),
+            "INSERT INTO users (id, name) VALUES ($1, 'a'), (7, 'b'), ($2, 'c')"
+        );
+        // Not this case: the key given, no column list, a SELECT, USER VALUE.
+        for no in [
+            "INSERT INTO users (id, name) VALUES (1, 'a')",
+            "INSERT INTO users VALUES (DEFAULT, 'a')",
+            "INSERT INTO users (name) SELECT 'a'",
+            "INSERT INTO users (id, name) OVERRIDING USER VALUE VALUES (DEFAULT, 'a')",
+            "INSERT INTO other (name) VALUES ('a')",
+            "INSERT INTO users (name, id) VALUES ('a')",
+        ] {
+            assert!(kd(no).is_none(), "{no}");
+        }
+        assert!(default_evaluable("nextval('users_id_seq'::regclass)"));
+        assert!(default_evaluable("gen_random_uuid()"));
+        assert!(!default_evaluable("my_next_id()"));
+        assert!(!default_evaluable("nextval("));
+        assert_eq!(
+            default_eval_sql("gen_random_uuid()", KeyType::Uuid, 3),
+            "SELECT (((gen_random_uuid()))::uuid)::pg_catalog.text FROM pg_catalog.generate_series(1, 3)"
+        );
     }
 
     #[test]

@@ -305,9 +305,9 @@ impl Analyzer<'_> {
             };
             let _ = ins.visit(&mut w);
             has_placeholders |= self.placeholders;
-            // Only a multi-row statement without placeholders can be split
-            // (see `eval::insert_target`).
-            let split = if rows.len() > 1 && !has_placeholders {
+            // A multi-row statement is split by shard at bind time (see
+            // `eval::insert_target`).
+            let split = if rows.len() > 1 {
                 SplitText::new(ins)
             } else {
                 None
