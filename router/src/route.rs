@@ -111,7 +111,7 @@ use crate::classify::Unparsed;
 
 pub use analyze::computed::{
     computed_keys, default_eval_sql, default_evaluable, insert_select, key_default, no_column_list,
-    ComputedKeys, InsertSelect, KeyDefault, NoColumnList,
+    values_select, ComputedKeys, InsertSelect, KeyDefault, NoColumnList,
 };
 pub use cache::PlanCache;
 pub use hide::hide_rows;

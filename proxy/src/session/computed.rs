@@ -338,6 +338,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Ok(cols))
     }
 
+    /// `INSERT … SELECT … FROM (VALUES …)` into a sharded table, as the
+    /// `INSERT … VALUES` it means (SQLAlchemy's insertmanyvalues), when the
+    /// router cannot route it as written.
+    pub(super) fn values_select_of(&self, sql: &str) -> Option<String> {
+        let snap = self.node.routing.catalog.load();
+        hotrepart_router::route::values_select(&snap, &self.ns, sql)
+    }
+
+    /// The extended protocol's [`Self::values_select_of`]: each Parse of
+    /// such a statement gets the `INSERT … VALUES` text (its parameters
+    /// keep their numbers, its result columns stay), before the batch is
+    /// routed.
+    pub(super) fn flatten_values_selects(&self, frames: Vec<Frame>) -> Vec<Frame> {
+        let wanted = |f: &Frame| -> Option<(String, String, bytes::Bytes)> {
+            if f.tag() != fe::PARSE {
+                return None;
+            }
+            let mut b = f.body();
+            let name = wire::get_cstr(&mut b).ok()?;
+            let sql = wire::get_cstr(&mut b).ok()?;
+            if !hotrepart_router::classify::first_keyword_is(sql, "insert")
+                || self.decide_sql(sql, None).is_ok()
+            {
+                return None;
+            }
+            let flat = self.values_select_of(sql)?;
+            Some((name.to_owned(), flat, bytes::Bytes::copy_from_slice(b)))
+        };
+        frames
+            .into_iter()
+            .map(|f| match wanted(&f) {
+                Some((name, sql, rest)) => {
+                    let mut m =
+                        bytes::BytesMut::with_capacity(sql.len() + name.len() + rest.len() + 8);
+                    wire::frame(&mut m, fe::PARSE, |o| {
+                        wire::put_cstr(o, &name);
+                        wire::put_cstr(o, &sql);
+                        bytes::BufMut::put_slice(o, &rest);
+                    });
+                    Frame { raw: m.freeze() }
+                }
+                None => f,
+            })
+            .collect()
+    }
+
     /// The extended protocol's INSERTs without a column list: each Parse of
     /// one into a sharded table gets the table's columns written in (its
     /// parameters keep their numbers), before the batch is routed.

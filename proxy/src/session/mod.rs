@@ -538,6 +538,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // Statements the node cannot route together (different
                 // shards, rows from several): one by one, as PostgreSQL
                 // runs them.
+                // SQLAlchemy's INSERT … SELECT … FROM (VALUES …): as the
+                // INSERT … VALUES it means.
+                if r.code == sqlstate::FEATURE_NOT_SUPPORTED
+                    || r.code == sqlstate::NOT_NULL_VIOLATION
+                {
+                    if let Some(flat) = self.values_select_of(sql) {
+                        return Box::pin(self.on_query(script::query_frame(&flat))).await;
+                    }
+                }
                 if r.code == sqlstate::FEATURE_NOT_SUPPORTED {
                     if let Some(ck) = self.computed_keys_of(sql) {
                         return self.insert_computed(ck).await;
@@ -696,13 +705,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// `synced`, else a Flush).
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
         if !self.node.routing.single_shard() && !self.skip_to_sync {
-            // INSERTs without a column list get the table's columns, and
-            // keys left to their default get values (`computed.rs`,
-            // `key_default.rs`): once per batch, before it is routed.
+            // INSERTs the router cannot route as written, made routable
+            // once per batch, before it is routed: INSERT … SELECT from a
+            // VALUES list as that list, no column list → the table's
+            // columns (`computed.rs`), keys left to their default → values
+            // (`key_default.rs`).
             self.settle_state().await?;
             self.settle_temp().await?;
             self.ensure_namespace().await?;
             let frames = std::mem::take(&mut self.batch);
+            let frames = self.flatten_values_selects(frames);
             let frames = match self.complete_column_lists(frames).await? {
                 Ok(f) => self.fill_key_defaults(f).await?,
                 Err(r) => Err(r),

@@ -322,6 +322,13 @@ def orm_generated_keys():
         out.append(ids)
         out.append(c.execute("INSERT INTO drv_orm (id, name) VALUES (DEFAULT, %s), (DEFAULT, %s) RETURNING id",
                              ["d1", "d2"]).fetchall())
+        # SQLAlchemy's insertmanyvalues, as it sends it (rows listed out of
+        # the sentinel's order, to show the ORDER BY is followed).
+        out.append(c.execute(
+            "INSERT INTO drv_orm (name, n) SELECT p0::VARCHAR, p1::INTEGER FROM "
+            "(VALUES (%s::VARCHAR, %s::INTEGER, 1), (%s::VARCHAR, %s::INTEGER, 0), (%s::VARCHAR, %s::INTEGER, 2)) "
+            "AS imp_sen(p0, p1, sen_counter) ORDER BY sen_counter RETURNING drv_orm.id, drv_orm.name",
+            ["s1", 1, "s0", 0, "s2", 2]).fetchall())
         with psycopg.ClientCursor(c) as cc:
             cc.execute("INSERT INTO drv_orm (name) VALUES (%s), (%s), (%s) RETURNING id, name", ["e1", "e2", "e3"])
             out.append(cc.fetchall())
@@ -332,6 +339,54 @@ def orm_generated_keys():
         except RuntimeError:
             pass
         out.append(c.execute("SELECT id, name FROM drv_orm ORDER BY id").fetchall())
+    return out
+
+
+def sqlalchemy_orm():
+    """SQLAlchemy 2's ORM over psycopg on a table whose key it lets
+    PostgreSQL generate (drv_sa, sharded by that key): add_all (its
+    insertmanyvalues: INSERT … SELECT … FROM (VALUES …) ORDER BY a sentinel,
+    RETURNING the keys in order), get, update, delete, count, a flush
+    rolled back. Keys and values as PostgreSQL's."""
+    from sqlalchemy import BigInteger, String, create_engine, func, select
+    from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "drv_sa"
+        id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+        name: Mapped[str] = mapped_column(String(50))
+        n: Mapped[int] = mapped_column(default=0)
+
+    engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(DSN, connect_timeout=10))
+    out = []
+    try:
+        # (IF EXISTS: the direct run left the table on the first shard only)
+        with connect() as c:
+            c.execute("DROP TABLE IF EXISTS drv_sa")
+        Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            users = [User(name=f"u{i}", n=i) for i in range(10)]
+            s.add_all(users)
+            s.commit()
+            out.append([(u.id, u.name) for u in users])
+            u = s.get(User, users[3].id)
+            u.name = "changed"
+            s.commit()
+            out.append(s.scalars(select(User.name).where(User.id == users[3].id)).one())
+            s.delete(users[5])
+            s.commit()
+            out.append(sorted(s.scalars(select(User.id)).all()))
+            one = User(name="single")
+            s.add(one)
+            s.flush()
+            out.append(one.id)
+            s.rollback()
+            out.append(s.scalar(select(func.count()).select_from(User)))
+    finally:
+        engine.dispose()
     return out
 
 
@@ -540,6 +595,7 @@ run([
     ("client_encoding", client_encoding),
     ("executemany_sharded", executemany_sharded),
     ("orm_generated_keys", orm_generated_keys),
+    ("sqlalchemy_orm", sqlalchemy_orm),
     ("client_encoding_latin9", client_encoding_latin9),
     ("client_encoding_euc_jp", client_encoding_euc_jp),
     ("cancel", cancel),

@@ -1131,6 +1131,38 @@ async fn multi_row_inserts_with_parameters_split_by_key() {
         .collect();
     skipped.sort();
     assert_eq!(skipped, vec![300, 301]);
+    // SQLAlchemy's insertmanyvalues: INSERT … SELECT from a VALUES list
+    // ordered by a sentinel, as the VALUES it means (extended and simple).
+    let sa = "INSERT INTO users (id, name) SELECT p0::BIGINT, p1::TEXT FROM \
+              (VALUES ($1::BIGINT, $2::TEXT, 2), ($3::BIGINT, $4::TEXT, 0), ($5::BIGINT, $6::TEXT, 1)) \
+              AS imp_sen(p0, p1, sen_counter) ORDER BY sen_counter RETURNING users.id, users.name";
+    let got: Vec<(i64, String)> = db
+        .query(sa, &[&500i64, &"c", &501i64, &"a", &502i64, &"b"])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(501, "a".into()), (502, "b".into()), (500, "c".into())]
+    );
+    let msgs = db
+        .simple_query(
+            "INSERT INTO users (id, name) SELECT p0::BIGINT, p1::TEXT FROM \
+             (VALUES (510, 'y', 1), (511, 'x', 0)) AS imp_sen(p0, p1, sen_counter) \
+             ORDER BY sen_counter RETURNING users.id",
+        )
+        .await
+        .unwrap();
+    let returned: Vec<i64> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(returned, vec![511, 510]);
     db.execute("DELETE FROM users WHERE id >= 40", &[])
         .await
         .unwrap();

@@ -522,6 +522,188 @@ impl KeyDefault {
     }
 }
 
+/// `INSERT INTO sharded (cols) SELECT e1, … FROM (VALUES …) AS a(x1, …)
+/// [ORDER BY xk]` as the `INSERT … VALUES` it means, each row's values put
+/// into the select list (issue 14): what SQLAlchemy 2's ORM sends to insert
+/// several objects and get their keys back in order (`insertmanyvalues`
+/// with a sentinel column). The router can then split the rows by key.
+///
+/// Only that shape, where the rewrite is exact: each select-list item a
+/// column of the VALUES list, possibly cast (`p0::VARCHAR`); no other
+/// table, filter, grouping, DISTINCT or LIMIT; `ORDER BY` one column of
+/// integer literals (the rows are put in that order, as PostgreSQL would
+/// insert them). None otherwise (the statement keeps its own path).
+pub fn values_select(snapshot: &RoutingSnapshot, ns: &Namespace, sql: &str) -> Option<String> {
+    let (mut insert, _, _) = insert_into_sharded(snapshot, ns, sql)?;
+    if insert.columns.is_empty() {
+        return None;
+    }
+    let source = insert.source.as_ref()?;
+    if source.with.is_some()
+        || source.limit_clause.is_some()
+        || source.fetch.is_some()
+        || !source.locks.is_empty()
+    {
+        return None;
+    }
+    let SetExpr::Select(select) = source.body.as_ref() else {
+        return None;
+    };
+    let plain = select.distinct.is_none()
+        && select.top.is_none()
+        && select.into.is_none()
+        && select.lateral_views.is_empty()
+        && select.prewhere.is_none()
+        && select.selection.is_none()
+        && select.connect_by.is_empty()
+        && matches!(&select.group_by, sqlparser::ast::GroupByExpr::Expressions(e, m) if e.is_empty() && m.is_empty())
+        && select.cluster_by.is_empty()
+        && select.distribute_by.is_empty()
+        && select.sort_by.is_empty()
+        && select.having.is_none()
+        && select.named_window.is_empty()
+        && select.qualify.is_none()
+        && select.exclude.is_none();
+    let [from] = select.from.as_slice() else {
+        return None;
+    };
+    if !plain || !from.joins.is_empty() {
+        return None;
+    }
+    let sqlparser::ast::TableFactor::Derived {
+        lateral: false,
+        subquery,
+        alias: Some(alias),
+        sample: None,
+    } = &from.relation
+    else {
+        return None;
+    };
+    if subquery.with.is_some() || subquery.order_by.is_some() || subquery.limit_clause.is_some() {
+        return None;
+    }
+    let SetExpr::Values(values) = subquery.body.as_ref() else {
+        return None;
+    };
+    let names: Vec<&sqlparser::ast::Ident> = alias.columns.iter().map(|c| &c.name).collect();
+    if names.is_empty() || values.rows.iter().any(|r| r.content.len() != names.len()) {
+        return None;
+    }
+    // A column of the VALUES list, by name (folded as PostgreSQL folds it).
+    let column = |e: &Expr| -> Option<usize> {
+        let id = match e {
+            Expr::Identifier(id) => id,
+            Expr::CompoundIdentifier(ids) => match ids.as_slice() {
+                [a, id] if same_ident(a, &alias.name) => id,
+                _ => return None,
+            },
+            _ => return None,
+        };
+        let at = names.iter().position(|n| same_ident(n, id))?;
+        // A name given twice is ambiguous to PostgreSQL.
+        (names.iter().filter(|n| same_ident(n, id)).count() == 1).then_some(at)
+    };
+    // Each select-list item: (the column it reads, the item as written).
+    let mut items: Vec<(usize, &Expr)> = Vec::with_capacity(select.projection.len());
+    for item in &select.projection {
+        let e = match item {
+            sqlparser::ast::SelectItem::UnnamedExpr(e) => e,
+            sqlparser::ast::SelectItem::ExprWithAlias { expr, .. } => expr,
+            _ => return None,
+        };
+        let mut inner = e;
+        loop {
+            match inner {
+                Expr::Cast {
+                    expr, format: None, ..
+                } => inner = expr,
+                Expr::Nested(x) => inner = x,
+                _ => break,
+            }
+        }
+        items.push((column(inner)?, e));
+    }
+    if items.len() != insert.columns.len() {
+        return None;
+    }
+    // The rows, in the ORDER BY's order.
+    let mut order: Vec<usize> = (0..values.rows.len()).collect();
+    if let Some(ob) = &source.order_by {
+        let sqlparser::ast::OrderByKind::Expressions(exprs) = &ob.kind else {
+            return None;
+        };
+        let [key] = exprs.as_slice() else {
+            return None;
+        };
+        if !matches!(
+            key.options.sort,
+            None | Some(sqlparser::ast::OrderBySort::Asc)
+        ) || key.with_fill.is_some()
+            || ob.interpolate.is_some()
+        {
+            return None;
+        }
+        let k = column(&key.expr)?;
+        let mut keys = Vec::with_capacity(values.rows.len());
+        for row in &values.rows {
+            match &row.content[k] {
+                Expr::Value(v) => match &v.value {
+                    Value::Number(n, _) => keys.push(n.parse::<i64>().ok()?),
+                    _ => return None,
+                },
+                _ => return None,
+            }
+        }
+        order.sort_by_key(|&i| keys[i]);
+    }
+    // Each row's values put into the select list.
+    fn put(e: &Expr, value: &Expr) -> Expr {
+        match e {
+            Expr::Cast {
+                kind,
+                expr,
+                data_type,
+                format,
+            } => Expr::Cast {
+                kind: kind.clone(),
+                expr: Box::new(put(expr, value)),
+                data_type: data_type.clone(),
+                format: format.clone(),
+            },
+            Expr::Nested(x) => Expr::Nested(Box::new(put(x, value))),
+            _ => Expr::Nested(Box::new(value.clone())),
+        }
+    }
+    let rows: Vec<sqlparser::ast::Parens<Vec<Expr>>> = order
+        .iter()
+        .map(|&r| {
+            let row = &values.rows[r].content;
+            sqlparser::ast::Parens::with_empty_span(
+                items.iter().map(|(j, e)| put(e, &row[*j])).collect(),
+            )
+        })
+        .collect();
+    let mut q = (**subquery).clone();
+    if let SetExpr::Values(v) = q.body.as_mut() {
+        v.rows = rows;
+    }
+    insert.source = Some(Box::new(q));
+    Some(Statement::Insert(insert).to_string())
+}
+
+/// Whether two identifiers name the same thing (unquoted ones fold to
+/// lower case).
+fn same_ident(a: &sqlparser::ast::Ident, b: &sqlparser::ast::Ident) -> bool {
+    let fold = |i: &sqlparser::ast::Ident| {
+        if i.quote_style.is_some() {
+            i.value.clone()
+        } else {
+            i.value.to_lowercase()
+        }
+    };
+    fold(a) == fold(b)
+}
+
 /// An `INSERT INTO sharded VALUES …` without a column list (issue 14):
 /// the router needs to know which value is the shard key, so the node
 /// reads the table's columns (in order, from a shard) and writes them in
@@ -642,6 +824,42 @@ mod tests {
             default_eval_sql("gen_random_uuid()", KeyType::Uuid, 3),
             "SELECT (((gen_random_uuid()))::uuid)::pg_catalog.text FROM pg_catalog.generate_series(1, 3)"
         );
+    }
+
+    #[test]
+    fn a_select_from_values_is_the_values_it_means() {
+        let vs = |sql: &str| values_select(&crate::fuzzing::snapshot(), &Namespace::default(), sql);
+        // SQLAlchemy 2's insertmanyvalues with a sentinel (rows out of order
+        // here, to show the ORDER BY is followed).
+        assert_eq!(
+            vs("INSERT INTO users (name, n) SELECT p0::VARCHAR, p1::INTEGER FROM \
+                (VALUES ($1::VARCHAR, $2::INTEGER, 1), ($3::VARCHAR, $4::INTEGER, 0)) \
+                AS imp_sen(p0, p1, sen_counter) ORDER BY sen_counter RETURNING users.id, users.id AS id__1")
+            .unwrap(),
+            "INSERT INTO users (name, n) VALUES (($3::VARCHAR)::VARCHAR, ($4::INTEGER)::INTEGER), \
+             (($1::VARCHAR)::VARCHAR, ($2::INTEGER)::INTEGER) RETURNING users.id, users.id AS id__1"
+        );
+        assert_eq!(
+            vs("INSERT INTO users (id, name) SELECT v.a, b FROM (VALUES (1, 'x'), (2, 'y')) AS v (a, b)")
+                .unwrap(),
+            "INSERT INTO users (id, name) VALUES ((1), ('x')), ((2), ('y'))"
+        );
+        for no in [
+            "INSERT INTO users (id) SELECT a + 1 FROM (VALUES (1)) AS v (a)",
+            "INSERT INTO users (id) SELECT a FROM (VALUES (1)) AS v (a) WHERE a > 0",
+            "INSERT INTO users (id) SELECT DISTINCT a FROM (VALUES (1)) AS v (a)",
+            "INSERT INTO users (id) SELECT a FROM (VALUES (1)) AS v (a) LIMIT 1",
+            "INSERT INTO users (id) SELECT a FROM (VALUES (1)) AS v (a) ORDER BY a DESC",
+            "INSERT INTO users (id) SELECT a FROM (VALUES (1, $1)) AS v (a, s) ORDER BY s",
+            "INSERT INTO users (id) SELECT a FROM (VALUES (1)) AS v (a), other",
+            "INSERT INTO users (id) SELECT a FROM (VALUES (1)) AS v (a, a)",
+            "INSERT INTO users (id) SELECT a FROM other",
+            "INSERT INTO users (id) SELECT count(a) FROM (VALUES (1)) AS v (a)",
+            "INSERT INTO users (id, name) SELECT a FROM (VALUES (1)) AS v (a)",
+            "INSERT INTO countries (id) SELECT a FROM (VALUES (1)) AS v (a)",
+        ] {
+            assert!(vs(no).is_none(), "{no}");
+        }
     }
 
     #[test]
