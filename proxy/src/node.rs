@@ -247,6 +247,11 @@ pub struct Node {
     /// resolves names in, with the declared-tables fingerprint it was
     /// read under ([`crate::routing::names`]).
     namespaces: Mutex<HashMap<NsKey, (u64, Arc<hotrepart_router::route::Namespace>)>>,
+    /// The column defaults of sharded tables the node fills in INSERTs
+    /// (`session/key_default.rs`): by (database, declared table,
+    /// namespace id, catalog generation).
+    table_defaults:
+        Mutex<HashMap<TableDefaultsKey, Arc<crate::session::key_default::TableDefaults>>>,
     /// Per (database, home shard, shard): its user type OIDs paired with
     /// the home shard's (`session/type_oids.rs`). Forgotten on DDL.
     pub(crate) type_oids: crate::session::type_oids::TypeOidCache,
@@ -302,6 +307,9 @@ pub type LogFilterHook = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 /// (database, client user, the client's `search_path` setting if it set one).
 pub type NsKey = (String, String, Option<String>);
 
+/// (database, declared sharded table, namespace id, catalog generation).
+pub type TableDefaultsKey = (String, String, u64, u64);
+
 impl Node {
     /// A node following `catalog`, recording 2PC decisions in
     /// `decisions` (see `control::cluster` for the constructors a node
@@ -347,6 +355,7 @@ impl Node {
             aggregates: Mutex::new(HashMap::new()),
             volatile: Mutex::new(HashMap::new()),
             namespaces: Mutex::new(HashMap::new()),
+            table_defaults: Mutex::new(HashMap::new()),
             catalog_generation: std::sync::atomic::AtomicU64::new(0),
             notifier: Default::default(),
             cfg: arc_swap::ArcSwap::from_pointee(cfg),
@@ -558,6 +567,38 @@ impl Node {
             m.clear();
         }
         m.insert(key, (fp, ns));
+    }
+
+    /// The column defaults of a sharded table, if read before under the
+    /// same catalog generation.
+    pub(crate) fn table_defaults(
+        &self,
+        key: &TableDefaultsKey,
+    ) -> Option<Arc<crate::session::key_default::TableDefaults>> {
+        let m = self
+            .table_defaults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        m.get(key).cloned()
+    }
+
+    pub(crate) fn keep_table_defaults(
+        &self,
+        key: TableDefaultsKey,
+        d: Arc<crate::session::key_default::TableDefaults>,
+    ) {
+        let mut m = self
+            .table_defaults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Entries of older generations are never read again.
+        if m.len() > 10_000 || m.keys().next().is_some_and(|k| k.3 != key.3) {
+            m.retain(|k, _| k.3 == key.3);
+            if m.len() > 10_000 {
+                m.clear();
+            }
+        }
+        m.insert(key, d);
     }
 
     pub fn forget_catalog(&self, database: &str) {

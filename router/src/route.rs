@@ -110,8 +110,9 @@ use crate::catalog::{KeyType, KeyValue, PointError, RoutingSnapshot, ShardId};
 use crate::classify::Unparsed;
 
 pub use analyze::computed::{
-    computed_keys, default_eval_sql, default_evaluable, insert_select, key_default, no_column_list,
-    values_select, ComputedKeys, InsertSelect, KeyDefault, NoColumnList,
+    column_fill, computed_keys, default_eval_sql, default_evaluable, insert_select, insert_table,
+    key_default, no_column_list, omitted_by_select, values_select, ColumnFill, ComputedKeys,
+    InsertSelect, NoColumnList, Slot,
 };
 pub use cache::PlanCache;
 pub use hide::hide_rows;
@@ -319,6 +320,10 @@ pub struct Route {
     /// live on the home shard only, and two-phase commit cannot prepare a
     /// transaction that touched one (`route/analyze/temp.rs`).
     pub temp: bool,
+    /// The sharded tables the string's `INSERT` statements write
+    /// (declared names): columns numbered by a sequence are filled by the
+    /// node, not each shard (`proxy/src/session/key_default.rs`).
+    pub inserts_into: Vec<String>,
 }
 
 /// The name the issue uses for a route.
@@ -564,6 +569,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
             touches_frozen: p.touches_frozen,
             copy: p.copy,
             temp: false,
+            inserts_into: p.insert_into.into_iter().collect(),
         });
     }
     let mut target = Target::Any;
@@ -612,6 +618,14 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
     if target.is_multi_shard() && returns_rows && merge == MergeNeed::None {
         merge = MergeNeed::Refuse("several statements in one query string".to_owned());
     }
+    let mut inserts_into: Vec<String> = Vec::new();
+    for p in &parts {
+        if let Some(t) = &p.insert_into {
+            if !inserts_into.contains(t) {
+                inserts_into.push(t.clone());
+            }
+        }
+    }
     let statements = parts.into_iter().map(|p| p.kind).collect::<Vec<_>>();
     Ok(Route {
         target,
@@ -629,6 +643,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
         touches_frozen,
         copy: None,
         temp: false,
+        inserts_into,
     })
 }
 

@@ -79,6 +79,10 @@ pub struct Decision {
     /// A multi-row INSERT split by shard: for shard `shards[i]` of the
     /// target, its part ([`SplitShard`]).
     pub split: Option<std::sync::Arc<[SplitShard]>>,
+    /// The sharded tables its `INSERT … VALUES` statements write (declared
+    /// names): columns a sequence numbers are filled by the node
+    /// (`session/key_default.rs`).
+    pub inserts_into: Vec<String>,
 }
 
 /// One shard's part of a split multi-row INSERT.
@@ -123,6 +127,7 @@ impl Decision {
             hinted: false,
             temp: false,
             split: None,
+            inserts_into: Vec::new(),
         }
     }
 }
@@ -378,6 +383,7 @@ pub fn decision(
         hinted: route.hinted,
         temp: route.temp,
         split,
+        inserts_into: route.inserts_into,
     })
 }
 

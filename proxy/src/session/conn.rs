@@ -352,9 +352,8 @@ pub struct Session<S> {
     /// column list (`session/computed.rs`): by (table as written,
     /// namespace id, catalog generation).
     pub(super) table_columns: HashMap<(String, u64, u64), Arc<[String]>>,
-    /// What sharded tables' keys default to (`session/key_default.rs`),
-    /// by the same key as `table_columns`.
-    pub(super) key_defaults: HashMap<(String, u64, u64), Arc<super::key_default::DefaultOf>>,
+    /// The declared sharded table of INSERT texts (`session/key_default.rs`).
+    pub(super) insert_tables: HashMap<Arc<str>, Option<String>>,
     /// Extended-protocol statements whose keys the node fills, by the
     /// client's statement name.
     pub(super) key_fills: HashMap<String, Arc<super::key_default::KeyFill>>,
@@ -507,7 +506,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             session_mode,
             stmts: HashMap::new(),
             table_columns: HashMap::new(),
-            key_defaults: HashMap::new(),
+            insert_tables: HashMap::new(),
             key_fills: HashMap::new(),
             unnamed: None,
             batch: Vec::new(),

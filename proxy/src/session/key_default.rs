@@ -1,27 +1,33 @@
-//! INSERTs that leave a sharded table's key to its column default (issue
-//! 14): `INSERT INTO users (name) VALUES ($1) RETURNING id`, what ORMs
-//! send for a `serial`, `bigserial`, identity or `gen_random_uuid()` key,
-//! and `DEFAULT` in the key's place.
+//! INSERTs that leave columns the node must fill to their default (issue
+//! 14): a sharded table's key (`INSERT INTO users (name) VALUES ($1)
+//! RETURNING id`, what ORMs send for a `serial`, `bigserial`, identity or
+//! `gen_random_uuid()` key, or `DEFAULT` in the key's place), and any other
+//! column of a sharded table a sequence numbers (`orders.id bigserial` in a
+//! table sharded by `user_id`).
 //!
-//! The row's shard is not known until its key exists. The node reads the
-//! key's default on the home shard (kept per session until DDL through
-//! the node), evaluates it there once per row, inside the client's
-//! transaction (the sequences it numbers rows with are the home shard's;
-//! the other shards' copies stay unused), and routes the row by the value:
+//! A row's shard is not known until its key exists; and a sequence default
+//! evaluated by each shard numbers rows on each shard on its own — the same
+//! `id` on two shards, where PostgreSQL gives every row its own. The node
+//! reads the table's defaults on the home shard (kept node-wide until DDL
+//! through the node), evaluates them there once per row, inside the
+//! client's transaction (the sequences that number rows are the home
+//! shard's; the other shards' copies stay unused), and writes the values
+//! in:
 //!
-//! - simple protocol: the default expression is written into the
-//!   statement, which is then a computed key (`session/computed.rs`);
-//! - extended protocol: the statement the node runs has the keys as
+//! - simple protocol: as literals, then the statement runs as if the
+//!   client had sent it so ([`Session::insert_filled`]);
+//! - extended protocol: the statement the node runs has the values as
 //!   parameters numbered after the client's (`$n+1` …), and each Bind gets
-//!   their values appended, evaluated for the whole batch before it is
-//!   routed ([`Session::fill_key_defaults`]). The client's own statement
-//!   is what it prepared (its Describe says what PostgreSQL says of it).
+//!   them appended, evaluated for the whole batch before it is routed
+//!   ([`Session::fill_key_defaults`]). The client's own statement is what
+//!   it prepared (its Describe says what PostgreSQL says of it).
 //!
 //! Refused: a generated key column, a default that calls a function the
-//! node does not know to read no table (0A000), explicit keys beside
+//! node does not know to read no table (0A000), explicit values beside
 //! `DEFAULT` ones in an identity `ALWAYS` column without `OVERRIDING SYSTEM
 //! VALUE` (PostgreSQL's 428C9). A key without a default keeps the router's
-//! 23502.
+//! 23502. Not filled: `COPY`, `INSERT … SELECT` run on the shards, and
+//! statements the router reads as other than one `INSERT … VALUES`.
 
 use super::conn::*;
 use crate::error::sqlstate;
@@ -29,186 +35,375 @@ use crate::error::{Refusal, SessionError};
 use crate::wire::{self, fe, Frame};
 use bytes::BytesMut;
 use hotrepart_router::catalog::KeyType;
-use hotrepart_router::route::{default_eval_sql, default_evaluable, KeyDefault};
+use hotrepart_router::route::{default_eval_sql, default_evaluable, ColumnFill};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// What a sharded table's key defaults to, read on the home shard.
+/// The defaults of a sharded table's columns the node fills: its key (any
+/// default, or none) and every other column numbered by a sequence (a
+/// `nextval` default, or identity). Read on the home shard.
 #[derive(Debug)]
-pub(super) struct DefaultOf {
+pub(crate) struct TableDefaults {
+    cols: Vec<ColDefault>,
+}
+
+#[derive(Debug)]
+struct ColDefault {
+    name: String,
     /// The expression (`nextval('users_id_seq'::regclass)`); None: none.
     expr: Option<String>,
     /// `GENERATED ALWAYS AS IDENTITY`.
     always: bool,
     /// A generated column.
     generated: bool,
+    key: bool,
 }
 
-/// An extended-protocol statement whose keys the node fills.
+impl TableDefaults {
+    /// The columns the node fills when a statement leaves them out.
+    fn columns(&self) -> Vec<&str> {
+        self.cols.iter().map(|c| c.name.as_str()).collect()
+    }
+}
+
+/// A statement's fill, checked: what each slot's values are.
+struct Plan {
+    fill: ColumnFill,
+    /// Per slot of `fill`: the default, and the key's type for the key.
+    exprs: Vec<(String, Option<KeyType>)>,
+    /// `OVERRIDING SYSTEM VALUE` to add.
+    overriding: bool,
+}
+
+/// An extended-protocol statement whose values the node fills.
 #[derive(Debug)]
 pub(super) struct KeyFill {
     /// The client's statement text.
     sql: Arc<str>,
-    /// What the node runs instead: the keys as parameters after the
+    /// What the node runs instead: the values as parameters after the
     /// client's.
     filled: Arc<str>,
     /// The client's parameter count.
     params: usize,
-    /// Keys per execution.
-    keys: usize,
-    /// The default expression, and the key's type.
-    expr: String,
-    key_type: KeyType,
+    /// Per slot: the default, the key's type for the key, values per
+    /// execution.
+    slots: Vec<(String, Option<KeyType>, usize)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    /// The key left to its default of a statement the router refused for
-    /// that reason (23502), if that is the statement.
-    pub(super) fn key_default_of(&self, sql: &str) -> Option<KeyDefault> {
+    /// The statement's key left to its default, when the router refused
+    /// it for that reason (23502): the table it inserts into.
+    pub(super) fn key_default_table(&self, sql: &str) -> Option<String> {
         let snap = self.node.routing.catalog.load();
-        hotrepart_router::route::key_default(&snap, &self.ns, sql)
+        hotrepart_router::route::key_default(&snap, &self.ns, sql).map(|k| k.table)
     }
 
-    /// Simple protocol: the statement with the default written in, run
-    /// as a computed key; `refused` (the router's refusal) when the key
-    /// has no default.
-    pub(super) async fn insert_key_default(
+    /// Whether any of `tables` (declared sharded tables) has columns the
+    /// node fills (read on the home shard when not known yet).
+    pub(super) async fn tables_fill(&mut self, tables: &[String]) -> Result<bool, SessionError> {
+        for t in tables {
+            if let Ok(d) = self.table_defaults(t).await? {
+                if !d.cols.is_empty() {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Simple protocol: `sql` (an INSERT into sharded table `table`) with
+    /// the columns it leaves to their default filled, run as if the client
+    /// had sent it so. `refused`: the router's refusal, answered when
+    /// there is nothing to fill. False: nothing to fill and no refusal (the
+    /// caller goes on with the statement).
+    pub(super) async fn insert_filled(
         &mut self,
-        kd: KeyDefault,
-        refused: Refusal,
-    ) -> Result<(), SessionError> {
+        sql: &str,
+        table: &str,
+        refused: Option<Refusal>,
+    ) -> Result<bool, SessionError> {
         if !self.be.owed.is_empty() {
             self.drain_owed().await?;
         }
-        let (expr, overriding) = match self.usable_default(&kd).await? {
-            Ok(Some(x)) => x,
+        let plan = match self.plan_fill(sql, table).await? {
+            Ok(Some(p)) => p,
             Ok(None) => {
-                self.refuse_simple(refused);
-                return Ok(());
+                return Ok(match refused {
+                    Some(r) => {
+                        self.refuse_simple(r);
+                        true
+                    }
+                    None => false,
+                })
             }
             Err(r) => {
                 self.refuse_simple(r);
-                return Ok(());
+                return Ok(true);
             }
         };
-        let Some(sql) = kd.with_exprs(&expr, overriding) else {
-            self.refuse_simple(refused);
-            return Ok(());
-        };
-        if self.key_default_of(&sql).is_some() {
-            // Never: every key is written in now. Refused rather than looped.
-            self.refuse_simple(refused);
-            return Ok(());
+        let mut values = Vec::with_capacity(plan.fill.values_needed());
+        for (slot, (expr, ty)) in plan.fill.slots().iter().zip(&plan.exprs) {
+            let n = slot.len();
+            match self
+                .evaluate_defaults(&default_eval_sql(expr, *ty, n), n)
+                .await?
+            {
+                Ok(v) => values.extend(v),
+                Err(r) => {
+                    self.refuse_simple(r);
+                    return Ok(true);
+                }
+            }
         }
-        Box::pin(self.on_query(super::script::query_frame(&sql))).await
+        let sql = plan.fill.with_values(&values, plan.overriding);
+        Box::pin(self.on_query(super::script::query_frame(&sql))).await?;
+        Ok(true)
     }
 
-    /// The default of `kd`'s key as an expression the home shard may
-    /// evaluate, and whether the statement needs `OVERRIDING SYSTEM VALUE`
-    /// added; None: the key has no default (the router's refusal stands).
-    async fn usable_default(
+    /// What `sql` (an INSERT into sharded table `table`) leaves for the
+    /// node to fill, checked; None: nothing.
+    async fn plan_fill(
         &mut self,
-        kd: &KeyDefault,
-    ) -> Result<Result<Option<(String, bool)>, Refusal>, SessionError> {
-        let of = match self.default_of(kd).await? {
-            Ok(of) => of,
+        sql: &str,
+        table: &str,
+    ) -> Result<Result<Option<Plan>, Refusal>, SessionError> {
+        let d = match self.table_defaults(table).await? {
+            Ok(d) => d,
             Err(r) => return Ok(Err(r)),
         };
-        let (table, key) = (&kd.table_sql, &kd.key_column);
-        if of.generated {
-            return Ok(Err(Refusal::new(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "the shard key \"{key}\" of {table} is a generated column: hotrepart routes a row by its key before PostgreSQL computes it; make the key an ordinary column"
-                ),
-            )));
+        if d.cols.is_empty() {
+            return Ok(Ok(None));
         }
-        let Some(expr) = of.expr.clone() else {
+        let fill = {
+            let snap = self.node.routing.catalog.load();
+            hotrepart_router::route::column_fill(&snap, &self.ns, sql, &d.columns())
+        };
+        let Some(fill) = fill else {
+            // Not a plain INSERT … VALUES: what it leaves to a default
+            // would be evaluated by each shard.
+            let left = {
+                let snap = self.node.routing.catalog.load();
+                hotrepart_router::route::omitted_by_select(&snap, &self.ns, sql, &d.columns())
+            };
+            if let Some(c) = left
+                .as_ref()
+                .and_then(|l| d.cols.iter().find(|c| l.contains(&c.name)))
+            {
+                return Ok(Err(left_to_shards("INSERT … SELECT", table, c)));
+            }
             return Ok(Ok(None));
         };
-        if !default_evaluable(&expr) {
-            return Ok(Err(Refusal::new(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "the shard key \"{key}\" of {table} defaults to {expr}, which hotrepart cannot evaluate before routing the row (only sequences and built-in functions that read no table); give the key in the INSERT"
-                ),
-            )));
+        let mut exprs = Vec::with_capacity(fill.slots().len());
+        let mut overriding = false;
+        for slot in fill.slots() {
+            let Some(c) = d.cols.iter().find(|c| c.name == slot.column) else {
+                return Ok(Ok(None));
+            };
+            let (table, col) = (&fill.table_sql, &c.name);
+            let what = if c.key { "shard key" } else { "column" };
+            if c.generated {
+                return Ok(Err(Refusal::new(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "the shard key \"{col}\" of {table} is a generated column: hotrepart routes a row by its key before PostgreSQL computes it; make the key an ordinary column"
+                    ),
+                )));
+            }
+            let Some(expr) = c.expr.clone() else {
+                // A key without a default: the router's refusal stands.
+                return Ok(Ok(None));
+            };
+            if !default_evaluable(&expr) {
+                return Ok(Err(Refusal::new(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "the {what} \"{col}\" of {table} defaults to {expr}, which hotrepart cannot evaluate on the home shard (only sequences and built-in functions that read no table); give the value in the INSERT"
+                    ),
+                )));
+            }
+            if c.always && !fill.overriding {
+                if !slot.all_rows {
+                    // PostgreSQL's words for the explicit values.
+                    return Ok(Err(Refusal::new(
+                        sqlstate::intern("428C9"),
+                        format!("cannot insert a non-DEFAULT value into column \"{col}\""),
+                    )));
+                }
+                overriding = true;
+            }
+            exprs.push((expr, c.key.then_some(fill.key_type)));
         }
-        if of.always && !kd.all_rows && !kd.overriding {
-            // PostgreSQL's words for the explicit keys.
-            return Ok(Err(Refusal::new(
-                sqlstate::intern("428C9"),
-                format!("cannot insert a non-DEFAULT value into column \"{key}\""),
-            )));
-        }
-        Ok(Ok(Some((expr, of.always && !kd.overriding))))
+        Ok(Ok(Some(Plan {
+            fill,
+            exprs,
+            overriding,
+        })))
     }
 
-    /// What the key of `kd`'s table defaults to, from the session's cache
-    /// or read on the home shard.
-    async fn default_of(
+    /// The defaults of sharded table `table` the node fills, from the
+    /// node's cache or read on the home shard.
+    async fn table_defaults(
         &mut self,
-        kd: &KeyDefault,
-    ) -> Result<Result<Arc<DefaultOf>, Refusal>, SessionError> {
-        let cache = (kd.table_sql.clone(), self.ns.id(), self.generation());
-        if let Some(of) = self.key_defaults.get(&cache) {
-            return Ok(Ok(of.clone()));
+        table: &str,
+    ) -> Result<Result<Arc<TableDefaults>, Refusal>, SessionError> {
+        let cache = (
+            self.database.clone(),
+            table.to_owned(),
+            self.ns.id(),
+            self.generation(),
+        );
+        if let Some(d) = self.node.table_defaults(&cache) {
+            return Ok(Ok(d));
         }
-        let home = self.node.routing.home_index();
-        if let Err(r) = self.switch_to(home).await? {
-            return Ok(Err(r));
-        }
-        let (table, key) = (
-            crate::sql::quote_literal(&kd.table_sql),
-            crate::sql::quote_literal(&kd.key_column),
+        let key = {
+            let snap = self.node.routing.catalog.load();
+            match snap.placement(table) {
+                hotrepart_router::catalog::TablePlacement::Sharded(t) => t.key_column.clone(),
+                _ => return Ok(Ok(Arc::new(TableDefaults { cols: Vec::new() }))),
+            }
+        };
+        let (t, k) = (
+            crate::sql::quote_literal(table),
+            crate::sql::quote_literal(&key),
         );
         let sql = format!(
-            "SELECT a.attidentity::pg_catalog.text, a.attgenerated::pg_catalog.text, \
+            "SELECT a.attname, a.attidentity::pg_catalog.text, a.attgenerated::pg_catalog.text, \
              pg_catalog.pg_get_expr(d.adbin, d.adrelid), \
-             CASE WHEN a.attidentity <> '' THEN pg_catalog.pg_get_serial_sequence({table}, {key}) END \
+             CASE WHEN a.attidentity <> '' THEN pg_catalog.pg_get_serial_sequence({t}, a.attname) END \
              FROM pg_catalog.pg_attribute a LEFT JOIN pg_catalog.pg_attrdef d \
              ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
-             WHERE a.attrelid = {table}::pg_catalog.regclass AND a.attname = {key} AND NOT a.attisdropped"
+             WHERE a.attrelid = pg_catalog.to_regclass({t}) AND a.attnum > 0 AND NOT a.attisdropped \
+             AND (a.attname = {k} OR a.attidentity <> '' \
+             OR (a.attgenerated = '' AND pg_catalog.strpos(pg_catalog.pg_get_expr(d.adbin, d.adrelid), 'nextval(') > 0)) \
+             ORDER BY a.attname <> {k}, a.attnum"
         );
-        let rows = match self
-            .query_on(home, &sql, "reading the default of a shard key")
-            .await
-        {
-            Ok(rows) => rows,
-            Err(r) => return Ok(Err(r)),
+        let home = self.node.routing.home_index();
+        let rows = if self.txn.open() && self.be.slots[home].conn.is_none() {
+            // A transaction that has not used the home shard: read apart
+            // rather than pull it in. (DDL through the node in this
+            // transaction ran on the home shard too, so what is read
+            // apart is all there is.)
+            match self.read_apart(&sql).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    return Ok(Err(Refusal::new(
+                        sqlstate::CONNECTION_FAILURE,
+                        format!(
+                            "cannot read the column defaults of {table} on the home shard: {e}"
+                        ),
+                    )))
+                }
+            }
+        } else {
+            if !self.be.owed.is_empty() {
+                self.drain_owed().await?;
+            }
+            if self.be.mid_pipeline() {
+                return Ok(Err(unsynced()));
+            }
+            if let Err(r) = self.switch_to(home).await? {
+                return Ok(Err(r));
+            }
+            match self
+                .query_on(home, &sql, "reading the column defaults of a sharded table")
+                .await
+            {
+                Ok(rows) => rows,
+                Err(r) => return Ok(Err(r)),
+            }
         };
-        let row = rows.into_iter().next().unwrap_or_default();
-        let col = |i: usize| row.get(i).cloned().flatten().filter(|s| !s.is_empty());
-        let identity = col(0);
-        let sequence = col(3);
-        let of = Arc::new(DefaultOf {
-            expr: match (&identity, sequence) {
-                (Some(_), Some(seq)) => Some(format!(
-                    "pg_catalog.nextval({}::pg_catalog.regclass)",
-                    crate::sql::quote_literal(&seq)
-                )),
-                _ => col(2),
-            },
-            always: identity.as_deref() == Some("a"),
-            generated: col(1).is_some(),
-        });
-        if self.key_defaults.len() >= 64 {
-            self.key_defaults.clear();
-        }
-        self.key_defaults.insert(cache, of.clone());
-        Ok(Ok(of))
+        let cols = rows
+            .into_iter()
+            .filter_map(|row| {
+                let col = |i: usize| row.get(i).cloned().flatten().filter(|s| !s.is_empty());
+                let name = col(0)?;
+                let identity = col(1);
+                let expr = match (&identity, col(4)) {
+                    (Some(_), Some(seq)) => Some(format!(
+                        "pg_catalog.nextval({}::pg_catalog.regclass)",
+                        crate::sql::quote_literal(&seq)
+                    )),
+                    _ => col(3),
+                };
+                Some(ColDefault {
+                    key: name == key,
+                    always: identity.as_deref() == Some("a"),
+                    generated: col(2).is_some(),
+                    expr,
+                    name,
+                })
+            })
+            // A key without a default and not generated: nothing to fill.
+            .filter(|c| !c.key || c.expr.is_some() || c.generated)
+            .collect();
+        let d = Arc::new(TableDefaults { cols });
+        self.node.keep_table_defaults(cache, d.clone());
+        Ok(Ok(d))
     }
 
-    /// The statement text a Bind of `stmt` runs when the node fills its
-    /// keys (`sql`: the client's text of it).
+    /// A `COPY … FROM` into sharded table `table` with column list
+    /// `columns` (empty: every column) that leaves a column the node would
+    /// fill to its default: refused, as each shard would evaluate it.
+    pub(crate) async fn copy_refusal(
+        &mut self,
+        table: &str,
+        columns: &[String],
+    ) -> Result<Option<Refusal>, SessionError> {
+        if columns.is_empty() {
+            return Ok(None);
+        }
+        let d = match self.table_defaults(table).await? {
+            Ok(d) => d,
+            Err(r) => return Ok(Some(r)),
+        };
+        Ok(d.cols
+            .iter()
+            .find(|c| !columns.contains(&c.name))
+            .map(|c| left_to_shards("COPY", table, c)))
+    }
+
+    /// `sql` on a connection of its own to the home shard, under the
+    /// client's `search_path`.
+    async fn read_apart(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+        let home = self.node.routing.home_index();
+        let hp = self.pool(home);
+        let timeout = hp.connect_timeout();
+        let path = self.state.get("search_path").map(crate::sql::quote_literal);
+        let mut c = crate::backend::conn::BackendConn::connect_named(
+            &hp.target,
+            timeout,
+            Some("hotrepart column defaults"),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let read = async {
+            if let Some(p) = &path {
+                c.hidden_query(&format!(
+                    "SELECT pg_catalog.set_config('search_path', {p}, false)"
+                ))
+                .await
+                .map_err(|e| e.to_string())?;
+            }
+            c.hidden_query(sql).await.map_err(|e| e.to_string())
+        };
+        let rows = tokio::time::timeout(timeout.max(std::time::Duration::from_secs(5)), read)
+            .await
+            .map_err(|_| "timed out".to_string())
+            .and_then(|r| r);
+        c.terminate();
+        rows
+    }
+
+    /// The text a Bind of `stmt` runs when the node fills its values
+    /// (`sql`: the client's text of it).
     pub(super) fn filled_text(&self, stmt: &str, sql: &Arc<str>) -> Option<Arc<str>> {
         let kf = self.key_fills.get(stmt)?;
         (*kf.sql == **sql).then(|| kf.filled.clone())
     }
 
     /// The text to run for the client's Bind `f`, when the node fills the
-    /// keys of its statement.
+    /// values of its statement.
     pub(super) fn filled_bind_text(&self, f: &Frame) -> Option<Arc<str>> {
         let mut b = f.body();
         let _portal = wire::get_cstr(&mut b).ok()?;
@@ -221,16 +416,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.filled_text(stmt, &sql)
     }
 
+    /// The declared sharded table an INSERT's text writes (kept per text).
+    fn insert_table_of(&mut self, sql: &str) -> Option<String> {
+        if let Some(t) = self.insert_tables.get(sql) {
+            return t.clone();
+        }
+        let t = {
+            let snap = self.node.routing.catalog.load();
+            hotrepart_router::route::insert_table(&snap, &self.ns, sql)
+        };
+        if self.insert_tables.len() >= 256 {
+            self.insert_tables.clear();
+        }
+        self.insert_tables.insert(Arc::from(sql), t.clone());
+        t
+    }
+
     /// Extended protocol, before a batch is routed: each Parse of an
-    /// INSERT that leaves its key to the default is noted, and each Bind
-    /// of such a statement gets the keys' values appended to its
-    /// parameters (evaluated on the home shard, for the whole batch at
-    /// once). An error is the batch's.
+    /// INSERT that leaves columns to the node is noted, and each Bind of
+    /// such a statement gets their values appended to its parameters
+    /// (evaluated on the home shard, for the whole batch at once). An
+    /// error is the batch's.
     pub(super) async fn fill_key_defaults(
         &mut self,
         frames: Vec<Frame>,
     ) -> Result<Result<Vec<Frame>, Refusal>, SessionError> {
-        // The batch's statements that leave their key to the default.
+        // The batch's statements that leave values to the node.
         for f in &frames {
             if f.tag() != fe::PARSE {
                 continue;
@@ -239,35 +450,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let name = wire::get_cstr(&mut b).map_err(client_err)?;
             let sql = wire::get_cstr(&mut b).map_err(client_err)?;
             let declared = wire::get_i16(&mut b).unwrap_or(0).max(0) as usize;
-            if !hotrepart_router::classify::first_keyword_is(sql, "insert")
-                || !matches!(self.decide_sql(sql, None),
-                    Err(r) if r.code == sqlstate::NOT_NULL_VIOLATION)
-            {
+            if !hotrepart_router::classify::first_keyword_is(sql, "insert") {
                 continue;
             }
-            let Some(kd) = self.key_default_of(sql) else {
+            let Some(table) = self.insert_table_of(sql) else {
                 continue;
             };
-            if !self.be.owed.is_empty() {
-                self.drain_owed().await?;
-            }
-            if self.be.mid_pipeline() {
-                return Ok(Err(unsynced()));
-            }
-            let (expr, overriding) = match self.usable_default(&kd).await? {
-                Ok(Some(x)) => x,
-                // No default: the router's refusal comes at the Bind.
+            let plan = match self.plan_fill(sql, &table).await? {
+                Ok(Some(p)) => p,
+                // Nothing to fill (a key without a default: the router's
+                // refusal comes at the Bind).
                 Ok(None) => continue,
                 Err(r) => return Ok(Err(r)),
             };
-            let params = kd.max_param().max(declared);
+            let params = plan.fill.max_param().max(declared);
             let kf = KeyFill {
                 sql: Arc::from(sql),
-                filled: Arc::from(kd.with_params(params + 1, overriding)),
+                filled: Arc::from(plan.fill.with_params(params + 1, plan.overriding)),
                 params,
-                keys: kd.len(),
-                expr,
-                key_type: kd.key_type,
+                slots: plan
+                    .fill
+                    .slots()
+                    .iter()
+                    .zip(plan.exprs)
+                    .map(|(slot, (expr, ty))| (expr, ty, slot.len()))
+                    .collect(),
             };
             let stmts = &self.stmts;
             self.key_fills
@@ -310,31 +517,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Ok(frames));
         }
         // Their values: one query per default, on the home shard.
-        let mut values: HashMap<(&str, KeyType), std::vec::IntoIter<String>> = HashMap::new();
+        type Group<'a> = (&'a str, Option<KeyType>);
+        let mut values: HashMap<Group<'_>, std::vec::IntoIter<String>> = HashMap::new();
         for (_, kf) in &wants {
-            let group = (kf.expr.as_str(), kf.key_type);
-            if values.contains_key(&group) {
-                continue;
-            }
-            let n: usize = wants
-                .iter()
-                .filter(|(_, k)| (k.expr.as_str(), k.key_type) == group)
-                .map(|(_, k)| k.keys)
-                .sum();
-            let sql = default_eval_sql(&kf.expr, kf.key_type, n);
-            match self.evaluate_defaults(&sql, n).await? {
-                Ok(v) => {
-                    values.insert(group, v.into_iter());
+            for (expr, ty, _) in &kf.slots {
+                let group = (expr.as_str(), *ty);
+                if values.contains_key(&group) {
+                    continue;
                 }
-                Err(r) => return Ok(Err(r)),
+                let n: usize = wants
+                    .iter()
+                    .flat_map(|(_, k)| k.slots.iter())
+                    .filter(|(e, t, _)| (e.as_str(), *t) == group)
+                    .map(|(_, _, n)| n)
+                    .sum();
+                match self
+                    .evaluate_defaults(&default_eval_sql(expr, *ty, n), n)
+                    .await?
+                {
+                    Ok(v) => {
+                        values.insert(group, v.into_iter());
+                    }
+                    Err(r) => return Ok(Err(r)),
+                }
             }
         }
         let mut out = frames;
         for (i, kf) in &wants {
-            let keys: Vec<String> = match values.get_mut(&(kf.expr.as_str(), kf.key_type)) {
-                Some(v) => v.by_ref().take(kf.keys).collect(),
-                None => Vec::new(),
-            };
+            let mut keys: Vec<String> = Vec::new();
+            for (expr, ty, n) in &kf.slots {
+                if let Some(v) = values.get_mut(&(expr.as_str(), *ty)) {
+                    keys.extend(v.by_ref().take(*n));
+                }
+            }
             match bind_with_keys(&out[*i], kf.params, &keys) {
                 Ok(f) => out[*i] = f,
                 Err(r) => return Ok(Err(r)),
@@ -343,7 +558,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Ok(out))
     }
 
-    /// `n` key values from `sql` on the home shard.
+    /// `n` values from `sql` on the home shard.
     async fn evaluate_defaults(
         &mut self,
         sql: &str,
@@ -360,7 +575,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Err(r));
         }
         let rows = match self
-            .query_on(home, sql, "computing the default shard keys of an INSERT")
+            .query_on(home, sql, "computing the column defaults of an INSERT")
             .await
         {
             Ok(rows) => rows,
@@ -373,8 +588,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 None => {
                     return Ok(Err(Refusal::new(
                         sqlstate::NOT_NULL_VIOLATION,
-                        "the default of a shard key computed to NULL: a shard key must not be NULL"
-                            .into(),
+                        "a column default the node evaluates computed to NULL".into(),
                     )))
                 }
             }
@@ -382,18 +596,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if values.len() != n {
             return Ok(Err(Refusal::new(
                 sqlstate::INTERNAL_ERROR,
-                "the default shard keys of an INSERT computed to an unexpected number of rows"
-                    .into(),
+                "the column defaults of an INSERT computed to an unexpected number of rows".into(),
             )));
         }
         Ok(Ok(values))
     }
 }
 
+/// The refusal of a `what` into `table` that leaves column `c` to a
+/// default each shard would evaluate on its own.
+fn left_to_shards(what: &str, table: &str, c: &ColDefault) -> Refusal {
+    let expr = c.expr.as_deref().unwrap_or("its default");
+    Refusal::new(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        format!(
+            "{what} into sharded table \"{table}\" leaves column \"{}\" to {expr}, which each shard would evaluate on its own (the same value on several shards); give the column's values, or use INSERT … VALUES (hotrepart numbers those rows on the home shard)",
+            c.name
+        ),
+    )
+}
+
 fn unsynced() -> Refusal {
     Refusal::new(
         sqlstate::FEATURE_NOT_SUPPORTED,
-        "an INSERT that leaves its shard key to the column default needs the messages before it ended by Sync: hotrepart computes the key on the home shard first".into(),
+        "an INSERT that leaves its shard key or a sequence-numbered column to the default needs the messages before it ended by Sync: hotrepart computes the values on the home shard first".into(),
     )
 }
 

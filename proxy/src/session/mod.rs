@@ -47,7 +47,7 @@ mod computed;
 pub(crate) mod conn;
 mod cursor;
 mod extended;
-mod key_default;
+pub(crate) mod key_default;
 mod listen;
 mod replies;
 mod route;
@@ -563,14 +563,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 // A key left to its column default (`key_default.rs`).
                 if r.code == sqlstate::NOT_NULL_VIOLATION {
-                    if let Some(kd) = self.key_default_of(sql) {
-                        return self.insert_key_default(kd, r).await;
+                    if let Some(t) = self.key_default_table(sql) {
+                        return self.insert_filled(sql, &t, Some(r)).await.map(|_| ());
                     }
                 }
                 self.refuse_simple(r);
                 return Ok(());
             }
         };
+        // Columns a sequence numbers, left to their default in an INSERT
+        // into a sharded table: filled on the home shard (`key_default.rs`).
+        if !d.inserts_into.is_empty() && self.tables_fill(&d.inserts_into).await? {
+            if d.statements == 1 {
+                let t = d.inserts_into[0].clone();
+                if self.insert_filled(sql, &t, None).await? {
+                    return Ok(());
+                }
+            } else if let Some(stmts) = self.script_of(sql) {
+                return self.run_script(stmts).await;
+            }
+        }
         let first = self.first_shard(&d);
         if let Err(r) = self.settle_calls(&mut d, first).await? {
             self.refuse_simple(r);

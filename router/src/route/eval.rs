@@ -26,6 +26,8 @@ pub(super) struct StmtRoute {
     pub may_write: bool,
     /// A COPY the executor splits over every shard.
     pub copy: Option<std::sync::Arc<super::copy::CopyPlan>>,
+    /// An `INSERT` into this sharded table.
+    pub insert_into: Option<String>,
 }
 
 /// What a hint forces (see the module docs of [`super`] for the rules).
@@ -184,6 +186,11 @@ pub(super) fn bind_stmt(
         touches_frozen: owners.frozen,
         may_write: stmt.is_write || stmt.may_write,
         copy,
+        insert_into: match &stmt.body {
+            Body::Insert(ins) => Some(ins.table.name.clone()),
+            Body::Shape(shape) => shape.insert_into.clone(),
+            _ => None,
+        },
     })
 }
 

@@ -1206,3 +1206,158 @@ async fn multi_row_inserts_with_parameters_split_by_key() {
         .get(0);
     assert_eq!(n, 21);
 }
+
+/// Columns a sequence numbers in a table sharded by another column
+/// (`orders.id bigserial`, sharded by `user_id`): each shard would number
+/// its rows on its own (the same id on two shards); the node numbers them
+/// with the home shard's sequence instead, in the simple and the extended
+/// protocol, a multi-row INSERT split by key, a multi-statement string and
+/// an identity column — every id once, as on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_columns_are_numbered_once_for_all_shards() {
+    let mut o = opts();
+    o.tail.push_str(&format!(
+        "[[sharded_tables]]\nname = \"events\"\nkey = \"user_id\"\ntype = \"int8\"\nseed = {SEED}\n"
+    ));
+    let c = Cluster::start(o).await;
+    let db = c.connect().await;
+    db.batch_execute(
+        "CREATE TABLE orders (id bigserial PRIMARY KEY, user_id bigint NOT NULL, note text); \
+         CREATE TABLE events (user_id bigint NOT NULL, n int GENERATED ALWAYS AS IDENTITY, at timestamptz DEFAULT now())",
+    )
+    .await
+    .unwrap();
+    let mut returned: Vec<i64> = Vec::new();
+    // Simple protocol: one row per user, then rows of several users at once.
+    for u in 1..=6i64 {
+        let m = db
+            .simple_query(&format!(
+                "INSERT INTO orders (user_id, note) VALUES ({u}, 's') RETURNING id"
+            ))
+            .await
+            .unwrap();
+        returned.extend(m.iter().filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                r.get(0).map(|v| v.parse::<i64>().unwrap())
+            }
+            _ => None,
+        }));
+    }
+    let m = db
+        .simple_query(
+            "INSERT INTO orders (user_id, id, note) VALUES (7, DEFAULT, 'm'), (8, DEFAULT, 'm'), \
+             (9, 1000, 'explicit') RETURNING id",
+        )
+        .await
+        .unwrap();
+    returned.extend(m.iter().filter_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse::<i64>().unwrap()),
+        _ => None,
+    }));
+    // A multi-statement string.
+    db.batch_execute(
+        "INSERT INTO orders (user_id, note) VALUES (10, 'a'); INSERT INTO orders (user_id, note) VALUES (11, 'b')",
+    )
+    .await
+    .unwrap();
+    // Extended protocol: a named statement reused, and two rows a statement.
+    let ins = db
+        .prepare("INSERT INTO orders (user_id, note) VALUES ($1, $2) RETURNING id")
+        .await
+        .unwrap();
+    for u in 12..=15i64 {
+        returned.push(db.query_one(&ins, &[&u, &"e"]).await.unwrap().get(0));
+    }
+    for r in db
+        .query(
+            "INSERT INTO orders (user_id, note) VALUES ($1, 'x'), ($2, 'y') RETURNING id",
+            &[&16i64, &17i64],
+        )
+        .await
+        .unwrap()
+    {
+        returned.push(r.get(0));
+    }
+    assert_eq!(
+        returned,
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 1000, 11, 12, 13, 14, 15, 16],
+        "ids 9 and 10 went to the multi-statement string"
+    );
+    // Every id once over all shards, as on PostgreSQL.
+    let ids: Vec<i64> = db
+        .query("SELECT id FROM orders WHERE id < 1000 ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, (1..=16).collect::<Vec<i64>>());
+    let mut per_shard = 0;
+    for i in 0..4 {
+        let d = c.direct(i).await;
+        let k: i64 = d
+            .query_one("SELECT count(*) FROM orders", &[])
+            .await
+            .unwrap()
+            .get(0);
+        per_shard += usize::from(k > 0);
+    }
+    assert!(per_shard >= 2, "the rows are spread over the shards");
+    // An identity column (ALWAYS) that is not the key.
+    db.batch_execute("INSERT INTO events (user_id) VALUES (1), (2), (3), (4)")
+        .await
+        .unwrap();
+    db.execute("INSERT INTO events (user_id) VALUES ($1)", &[&5i64])
+        .await
+        .unwrap();
+    let ns: Vec<i32> = db
+        .query("SELECT n FROM events ORDER BY n", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ns, vec![1, 2, 3, 4, 5]);
+    let e = db
+        .batch_execute("INSERT INTO events (user_id, n) VALUES (6, DEFAULT), (7, 70)")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("428C9"), "{e}");
+    // With the column given, COPY goes through.
+    {
+        use futures_util::SinkExt;
+        let sink = db
+            .copy_in::<_, bytes::Bytes>("COPY orders (id, user_id, note) FROM STDIN")
+            .await
+            .unwrap();
+        futures_util::pin_mut!(sink);
+        sink.send(bytes::Bytes::from_static(b"2000\t1\tc\n2001\t2\tc\n"))
+            .await
+            .unwrap();
+        assert_eq!(sink.finish().await.unwrap(), 2);
+    }
+    // What would leave such a column to each shard is refused, in words:
+    // COPY without the column, INSERT … SELECT run on the shards.
+    db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO users (id) VALUES (1), (2), (3)")
+        .await
+        .unwrap();
+    for sql in [
+        "INSERT INTO orders (user_id, note) SELECT id, 'copied' FROM users",
+        "COPY orders (user_id, note) FROM STDIN",
+    ] {
+        // (the simple protocol, as psql sends COPY)
+        let e = db.simple_query(sql).await.map(|_| ()).unwrap_err();
+        let d = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
+        assert_eq!(d.code().code(), "0A000", "{sql}: {}", d.message());
+        assert!(d.message().contains("\"id\""), "{}", d.message());
+    }
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 19);
+}

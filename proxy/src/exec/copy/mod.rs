@@ -97,6 +97,14 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return Ok(());
         }
     }
+    if plan.direction == CopyDirection::From && plan.sharded().is_some() {
+        // Columns a sequence numbers, left out: each shard would number
+        // its rows on its own (`session/key_default.rs`).
+        if let Some(r) = s.copy_refusal(&plan.table, &plan.columns).await? {
+            reply_error(s, proto, false, r.code, &r.message);
+            return Ok(());
+        }
+    }
     let res = match plan.direction {
         CopyDirection::From => copy_from(s, d, &plan, &shards, proto).await,
         CopyDirection::To => copy_to(s, d, &plan, &shards, proto).await,

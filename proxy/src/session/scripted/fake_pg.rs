@@ -42,6 +42,9 @@
 //!   connection's named statements;
 //! - any other query of `pg_catalog.pg_proc` → no rows (no user functions
 //!   or aggregates);
+//! - the column-defaults read of a sharded table (`SELECT a.attname,
+//!   a.attidentity …`, `session/key_default.rs`) → no rows (nothing for the
+//!   node to fill);
 //! - the node's poison `DO $$BEGIN RAISE EXCEPTION 'hotrepart: …` → P0001.
 //!
 //! Probes ([`Msg::is_probe`]) are the catalog and state reads among them:
@@ -158,6 +161,7 @@ fn is_probe_sql(q: &str) -> bool {
         || q.starts_with("SELECT name, setting FROM pg_catalog.pg_settings")
         || q.starts_with("SELECT name FROM pg_catalog.pg_prepared_statements")
         || q.contains("FROM pg_catalog.pg_proc")
+        || q.starts_with("SELECT a.attname, a.attidentity")
 }
 
 /// One recorded message: the connection (1, 2, … in order of accept;
@@ -257,12 +261,20 @@ impl FakePg {
             .clone()
     }
 
-    /// The messages received so far, without startups and probes.
+    /// The messages received so far, without startups and probes, nor
+    /// the Terminate of a connection that only got probes (the node's
+    /// side reads: column defaults, type OIDs).
     pub(crate) fn msgs(&self) -> Vec<Msg> {
-        self.log()
-            .into_iter()
-            .map(|r| r.msg)
-            .filter(|m| !m.is_probe() && !matches!(m, Msg::Startup { .. }))
+        let log = self.log();
+        let probes_only = |conn: usize| {
+            log.iter()
+                .filter(|r| r.conn == conn)
+                .all(|r| r.msg.is_probe() || matches!(r.msg, Msg::Startup { .. } | Msg::Terminate))
+        };
+        log.iter()
+            .filter(|r| !r.msg.is_probe() && !matches!(r.msg, Msg::Startup { .. }))
+            .filter(|r| !(matches!(r.msg, Msg::Terminate) && probes_only(r.conn)))
+            .map(|r| r.msg.clone())
             .collect()
     }
 

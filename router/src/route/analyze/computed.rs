@@ -315,43 +315,126 @@ impl InsertSelect {
     }
 }
 
-/// An `INSERT … VALUES` into a sharded table that leaves its shard key to
-/// the column's default (issue 14): the key column not in the column list
-/// (`INSERT INTO users (name) VALUES ($1) RETURNING id`, what ORMs send for
-/// a `serial` or identity key), or `DEFAULT` in its place in some rows.
+/// An `INSERT … VALUES` into a sharded table that leaves columns the node
+/// must fill to their default (issue 14): the shard key (not in the column
+/// list, or `DEFAULT` in its place in some rows: `INSERT INTO users (name)
+/// VALUES ($1) RETURNING id`, what ORMs send for a `serial`, identity or
+/// `gen_random_uuid()` key), and other columns numbered by a sequence.
 ///
-/// The router cannot route such a row: its key does not exist yet. The
-/// node reads the column's default on the home shard (where the sequences
-/// it numbers rows with live), evaluates it there once per row, inside the
-/// client's transaction, and writes the values in: as the expression
-/// itself in the simple protocol ([`KeyDefault::with_exprs`], which then
-/// is a computed key), as parameters numbered after the client's in the
-/// extended protocol ([`KeyDefault::with_params`]).
+/// The router cannot route a row whose key does not exist yet, and a
+/// sequence default evaluated by each shard would number rows on each
+/// shard on its own: the same `id` on two shards, where PostgreSQL gives
+/// every row its own. The node reads the defaults on the home shard
+/// (where the sequences it numbers rows with live), evaluates them there
+/// once per row, inside the client's transaction, and writes the values
+/// in: as literals in the simple protocol ([`ColumnFill::with_values`]),
+/// as parameters numbered after the client's in the extended protocol
+/// ([`ColumnFill::with_params`]).
 #[derive(Debug, Clone)]
-pub struct KeyDefault {
+pub struct ColumnFill {
     insert: Insert,
-    /// The key's place in the column list; None: not in it.
-    key_idx: Option<usize>,
-    /// The rows whose key is the default, in order.
-    rows: Vec<usize>,
-    /// Whether every row's key is the default.
-    pub all_rows: bool,
+    slots: Vec<Slot>,
     /// Whether the statement says `OVERRIDING SYSTEM VALUE` itself.
     pub overriding: bool,
     /// The target table as the statement names it (valid SQL).
     pub table_sql: String,
+    /// The declared sharded table.
+    pub table: String,
     /// The shard key column (as the catalog names it).
     pub key_column: String,
     /// The type of the table's shard key.
     pub key_type: KeyType,
 }
 
-/// `sql` as a [`KeyDefault`]: one `INSERT … VALUES` into a sharded table
-/// with an explicit column list, rows as wide as it, whose key is left to
-/// its default in at least one row. None otherwise (and for `OVERRIDING
-/// USER VALUE`, which PostgreSQL reads differently).
-pub fn key_default(snapshot: &RoutingSnapshot, ns: &Namespace, sql: &str) -> Option<KeyDefault> {
+/// One column a [`ColumnFill`] fills.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    /// The column (as the catalog names it).
+    pub column: String,
+    /// Its place in the column list; None: not in it.
+    idx: Option<usize>,
+    /// The rows whose value is the default, in order.
+    rows: Vec<usize>,
+    /// Whether every row's value is the default.
+    pub all_rows: bool,
+}
+
+impl Slot {
+    /// How many values it needs.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether it needs none (never).
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// Those of `columns` an `INSERT … SELECT` (or other source than a plain
+/// `VALUES` list) into a sharded table leaves to their default: the
+/// columns not in its column list. None for anything else, or when it
+/// leaves none.
+pub fn omitted_by_select(
+    snapshot: &RoutingSnapshot,
+    ns: &Namespace,
+    sql: &str,
+    columns: &[&str],
+) -> Option<Vec<String>> {
+    let (insert, _, _) = insert_into_sharded(snapshot, ns, sql)?;
+    let source = insert.source.as_ref()?;
+    if matches!(source.body.as_ref(), SetExpr::Values(_)) && source.with.is_none() {
+        return None;
+    }
+    if insert.columns.is_empty() {
+        // Every column, in order (a SELECT of fewer leaves the last ones
+        // to their default; not told here).
+        return None;
+    }
+    let left: Vec<String> = columns
+        .iter()
+        .filter(|c| !insert.columns.iter().any(|x| last_name(x) == **c))
+        .map(|c| c.to_string())
+        .collect();
+    (!left.is_empty()).then_some(left)
+}
+
+/// The declared sharded table `sql` inserts into, when it is one `INSERT`.
+pub fn insert_table(snapshot: &RoutingSnapshot, ns: &Namespace, sql: &str) -> Option<String> {
+    insert_into_sharded(snapshot, ns, sql).map(|(_, t, _)| t.name)
+}
+
+/// `sql` as a [`ColumnFill`] of its shard key alone, when it is one
+/// `INSERT … VALUES` into a sharded table with an explicit column list,
+/// rows as wide as it, that leaves its key to the default in some row.
+/// None otherwise (and for `OVERRIDING USER VALUE`, which PostgreSQL reads
+/// differently).
+pub fn key_default(snapshot: &RoutingSnapshot, ns: &Namespace, sql: &str) -> Option<ColumnFill> {
     let (insert, table, name) = insert_into_sharded(snapshot, ns, sql)?;
+    let key = table.key_column.clone();
+    fill_of(insert, &table, name, &[key.as_str()])
+}
+
+/// `sql` as a [`ColumnFill`] of those of `columns` (catalog names; the
+/// key among them or not) it leaves to their default, when it is one
+/// `INSERT … VALUES` into a sharded table as [`key_default`] says. None
+/// otherwise, or when it sets all of them.
+pub fn column_fill(
+    snapshot: &RoutingSnapshot,
+    ns: &Namespace,
+    sql: &str,
+    columns: &[&str],
+) -> Option<ColumnFill> {
+    let (insert, table, name) = insert_into_sharded(snapshot, ns, sql)?;
+    fill_of(insert, &table, name, columns)
+}
+
+fn fill_of(
+    insert: Insert,
+    table: &ShardedTable,
+    name: ObjectName,
+    columns: &[&str],
+) -> Option<ColumnFill> {
     if insert.columns.is_empty()
         || matches!(
             insert.overriding,
@@ -371,29 +454,36 @@ pub fn key_default(snapshot: &RoutingSnapshot, ns: &Namespace, sql: &str) -> Opt
     if values.rows.iter().any(|r| r.content.len() != width) {
         return None;
     }
-    let key_idx = insert
-        .columns
-        .iter()
-        .position(|c| last_name(c) == table.key_column);
-    let rows: Vec<usize> = match key_idx {
-        None => (0..values.rows.len()).collect(),
-        Some(k) => values
-            .rows
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.content.get(k).is_some_and(is_default))
-            .map(|(i, _)| i)
-            .collect(),
-    };
-    if rows.is_empty() {
+    let mut slots = Vec::new();
+    for &column in columns {
+        let idx = insert.columns.iter().position(|c| last_name(c) == column);
+        let rows: Vec<usize> = match idx {
+            None => (0..values.rows.len()).collect(),
+            Some(k) => values
+                .rows
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.content.get(k).is_some_and(is_default))
+                .map(|(i, _)| i)
+                .collect(),
+        };
+        if !rows.is_empty() {
+            slots.push(Slot {
+                column: column.to_owned(),
+                idx,
+                all_rows: rows.len() == values.rows.len(),
+                rows,
+            });
+        }
+    }
+    if slots.is_empty() {
         return None;
     }
-    Some(KeyDefault {
-        all_rows: rows.len() == values.rows.len(),
+    Some(ColumnFill {
         overriding: insert.overriding.is_some(),
-        key_idx,
-        rows,
+        slots,
         table_sql: name.to_string(),
+        table: table.name.clone(),
         key_column: table.key_column.clone(),
         key_type: table.key_type,
         insert,
@@ -416,12 +506,14 @@ pub fn default_evaluable(expr: &str) -> bool {
 }
 
 /// `SELECT` of `n` rows, each the expression `expr` (a column default)
-/// as text, in the key's type as PostgreSQL assigns it.
-pub fn default_eval_sql(expr: &str, key_type: KeyType, n: usize) -> String {
-    format!(
-        "SELECT ((({expr}))::{})::pg_catalog.text FROM pg_catalog.generate_series(1, {n})",
-        key_type_sql(key_type)
-    )
+/// as text — in the key's type as PostgreSQL assigns it when `key_type`
+/// is given.
+pub fn default_eval_sql(expr: &str, key_type: Option<KeyType>, n: usize) -> String {
+    let value = match key_type {
+        Some(t) => format!("((({expr}))::{})", key_type_sql(t)),
+        None => format!("(({expr}))"),
+    };
+    format!("SELECT {value}::pg_catalog.text FROM pg_catalog.generate_series(1, {n})")
 }
 
 fn key_type_sql(t: KeyType) -> &'static str {
@@ -434,15 +526,15 @@ fn key_type_sql(t: KeyType) -> &'static str {
     }
 }
 
-impl KeyDefault {
-    /// How many rows need a key.
-    pub fn len(&self) -> usize {
-        self.rows.len()
+impl ColumnFill {
+    /// The columns it fills, in the order their values are taken.
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
     }
 
-    /// Whether no row needs one (never).
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+    /// How many values it needs in all.
+    pub fn values_needed(&self) -> usize {
+        self.slots.iter().map(Slot::len).sum()
     }
 
     /// The highest parameter number (`$n`) the statement uses.
@@ -466,31 +558,36 @@ impl KeyDefault {
         m.0
     }
 
-    /// The statement with each missing key written as `key(i)` (i: the
-    /// how-manieth), and `OVERRIDING SYSTEM VALUE` when `overriding`.
-    fn with_keys(&self, overriding: bool, key: impl Fn(usize) -> Expr) -> String {
+    /// The statement with the `i`-th missing value (slot by slot, row by
+    /// row) written as `value(i)`, and `OVERRIDING SYSTEM VALUE` when
+    /// `overriding`.
+    fn with(&self, overriding: bool, value: impl Fn(usize) -> Expr) -> String {
         let mut insert = self.insert.clone();
-        let idx = match self.key_idx {
-            Some(i) => i,
-            None => {
-                insert
-                    .columns
-                    .push(ObjectName::from(vec![sqlparser::ast::Ident::with_quote(
-                        '"',
-                        self.key_column.as_str(),
-                    )]));
-                insert.columns.len() - 1
-            }
-        };
-        if let Some(SetExpr::Values(v)) = insert.source.as_deref_mut().map(|q| q.body.as_mut()) {
-            for (i, &r) in self.rows.iter().enumerate() {
-                let Some(row) = v.rows.get_mut(r) else {
-                    continue;
+        let mut at = 0;
+        for slot in &self.slots {
+            let idx =
+                match slot.idx {
+                    Some(i) => i,
+                    None => {
+                        insert.columns.push(ObjectName::from(vec![
+                            sqlparser::ast::Ident::with_quote('"', slot.column.as_str()),
+                        ]));
+                        insert.columns.len() - 1
+                    }
                 };
-                if self.key_idx.is_none() {
-                    row.content.push(key(i));
-                } else if let Some(slot) = row.content.get_mut(idx) {
-                    *slot = key(i);
+            if let Some(SetExpr::Values(v)) = insert.source.as_deref_mut().map(|q| q.body.as_mut())
+            {
+                for &r in &slot.rows {
+                    let Some(row) = v.rows.get_mut(r) else {
+                        continue;
+                    };
+                    let e = value(at);
+                    at += 1;
+                    if slot.idx.is_none() {
+                        row.content.push(e);
+                    } else if let Some(place) = row.content.get_mut(idx) {
+                        *place = e;
+                    }
                 }
             }
         }
@@ -500,23 +597,24 @@ impl KeyDefault {
         Statement::Insert(insert).to_string()
     }
 
-    /// The statement with the default expression `expr` as each missing
-    /// key (simple protocol: then a computed key). None: `expr` is not
-    /// an expression.
-    pub fn with_exprs(&self, expr: &str, overriding: bool) -> Option<String> {
-        let dialect = PostgreSqlDialect {};
-        let e = Parser::new(&dialect)
-            .try_with_sql(expr)
-            .ok()?
-            .parse_expr()
-            .ok()?;
-        Some(self.with_keys(overriding, |_| Expr::Nested(Box::new(e.clone()))))
+    /// The statement with the missing values as string literals (which
+    /// PostgreSQL reads with each column's type), in slot-by-slot order
+    /// (simple protocol).
+    pub fn with_values(&self, values: &[String], overriding: bool) -> String {
+        self.with(overriding, |i| {
+            let v = values.get(i).cloned().unwrap_or_default();
+            Expr::value(if v.contains('\\') {
+                Value::EscapedStringLiteral(v)
+            } else {
+                Value::SingleQuotedString(v)
+            })
+        })
     }
 
-    /// The statement with the missing keys as parameters `$first`,
+    /// The statement with the missing values as parameters `$first`,
     /// `$first + 1` … (extended protocol).
     pub fn with_params(&self, first: usize, overriding: bool) -> String {
-        self.with_keys(overriding, |i| {
+        self.with(overriding, |i| {
             Expr::value(Value::Placeholder(format!("${}", first + i)))
         })
     }
@@ -779,32 +877,61 @@ mod tests {
         evaluable(e)
     }
 
-    fn kd(sql: &str) -> Option<KeyDefault> {
+    fn kd(sql: &str) -> Option<ColumnFill> {
         key_default(&crate::fuzzing::snapshot(), &Namespace::default(), sql)
     }
 
     #[test]
-    fn keys_left_to_their_default_are_written_in() {
+    fn columns_left_to_their_default_are_written_in() {
         let k = kd("INSERT INTO users (name) VALUES ($1), ($2) RETURNING id").unwrap();
-        assert_eq!((k.len(), k.all_rows, k.max_param()), (2, true, 2));
+        assert_eq!(
+            (k.values_needed(), k.slots()[0].all_rows, k.max_param()),
+            (2, true, 2)
+        );
         assert_eq!(k.key_column, "id");
         assert_eq!(
             k.with_params(3, false),
             "INSERT INTO users (name, \"id\") VALUES ($1, $3), ($2, $4) RETURNING id"
         );
         assert_eq!(
-            k.with_exprs("nextval('users_id_seq'::regclass)", true)
-                .unwrap(),
-            "INSERT INTO users (name, \"id\") OVERRIDING SYSTEM VALUE VALUES ($1, (nextval('users_id_seq'::REGCLASS))), ($2, (nextval('users_id_seq'::REGCLASS))) RETURNING id"
+            k.with_values(&["7".into(), "8".into()], true),
+            "INSERT INTO users (name, \"id\") OVERRIDING SYSTEM VALUE VALUES ($1, '7'), ($2, '8') RETURNING id"
         );
         // DEFAULT in the key's place, in some rows only.
         let k = kd("INSERT INTO users (id, name) VALUES (DEFAULT, 'a'), (7, 'b'), (default, 'c')")
             .unwrap();
-        assert_eq!((k.len(), k.all_rows, k.max_param()), (2, false, 0));
+        assert_eq!(
+            (k.values_needed(), k.slots()[0].all_rows, k.max_param()),
+            (2, false, 0)
+        );
         assert_eq!(
             k.with_params(1, false),
             "INSERT INTO users (id, name) VALUES ($1, 'a'), (7, 'b'), ($2, 'c')"
         );
+        // Another column numbered by a sequence beside the key: slot by
+        // slot, DEFAULT kept where a row sets the column itself.
+        let snap = crate::fuzzing::snapshot();
+        let f = column_fill(
+            &snap,
+            &Namespace::default(),
+            "INSERT INTO orders (user_id, seq, note) VALUES (1, DEFAULT, 'a'), (2, 5, 'b')",
+            &["user_id", "seq", "serial_no"],
+        )
+        .unwrap();
+        let cols: Vec<&str> = f.slots().iter().map(|s| s.column.as_str()).collect();
+        assert_eq!(cols, ["seq", "serial_no"]);
+        assert_eq!(f.values_needed(), 3);
+        assert_eq!(
+            f.with_params(1, false),
+            "INSERT INTO orders (user_id, seq, note, \"serial_no\") VALUES (1, $1, 'a', $2), (2, 5, 'b', $3)"
+        );
+        assert!(column_fill(
+            &snap,
+            &Namespace::default(),
+            "INSERT INTO orders (user_id, seq) VALUES (1, 2)",
+            &["seq"]
+        )
+        .is_none());
         // Not this case: the key given, no column list, a SELECT, USER VALUE.
         for no in [
             "INSERT INTO users (id, name) VALUES (1, 'a')",
@@ -821,8 +948,12 @@ mod tests {
         assert!(!default_evaluable("my_next_id()"));
         assert!(!default_evaluable("nextval("));
         assert_eq!(
-            default_eval_sql("gen_random_uuid()", KeyType::Uuid, 3),
+            default_eval_sql("gen_random_uuid()", Some(KeyType::Uuid), 3),
             "SELECT (((gen_random_uuid()))::uuid)::pg_catalog.text FROM pg_catalog.generate_series(1, 3)"
+        );
+        assert_eq!(
+            default_eval_sql("nextval('s'::regclass)", None, 2),
+            "SELECT ((nextval('s'::regclass)))::pg_catalog.text FROM pg_catalog.generate_series(1, 2)"
         );
     }
 

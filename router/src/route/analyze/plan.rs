@@ -31,6 +31,8 @@ pub(in crate::route) struct Shape {
     pub update_key: Option<(ShardedTable, TypedSrc)>,
     /// `INSERT … SELECT` into a sharded table (for messages).
     pub insert_select: bool,
+    /// That table (declared name).
+    pub insert_into: Option<String>,
 }
 
 /// `INSERT … VALUES` into a sharded table.

@@ -802,6 +802,7 @@ impl<'a> Analyzer<'a> {
             home_table: self.home_tables.first().cloned(),
             update_key: None,
             insert_select: false,
+            insert_into: None,
         }
     }
 

@@ -346,6 +346,7 @@ impl Analyzer<'_> {
             {
                 let mut shape = self.shape(info.root);
                 shape.insert_select = true;
+                shape.insert_into = Some(table.name.clone());
                 let mut tables = self.sharded_tables();
                 if !tables.iter().any(|t| t.name == table.name) {
                     tables.push(table);
