@@ -352,11 +352,12 @@ pub struct Session<S> {
     /// column list (`session/computed.rs`): by (table as written,
     /// namespace id, catalog generation).
     pub(super) table_columns: HashMap<(String, u64, u64), Arc<[String]>>,
-    /// The declared sharded table of INSERT texts (`session/key_default.rs`).
-    pub(super) insert_tables: HashMap<Arc<str>, Option<String>>,
-    /// Extended-protocol statements whose keys the node fills, by the
-    /// client's statement name.
-    pub(super) key_fills: HashMap<String, Arc<super::key_default::KeyFill>>,
+    /// The declared sharded table of INSERT texts (`session/key_default.rs`),
+    /// with the namespace id and catalog generation it was read under.
+    pub(super) insert_tables: HashMap<Arc<str>, (u64, u64, Option<String>)>,
+    /// Extended-protocol INSERT texts and what the node fills in them
+    /// (`session/key_default.rs`), by text.
+    pub(super) key_fills: HashMap<Arc<str>, super::key_default::FillEntry>,
     pub(super) unnamed: Option<Unnamed>,
     /// Extended-protocol messages waiting for their Sync or Flush.
     pub(super) batch: Vec<Frame>,

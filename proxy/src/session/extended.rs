@@ -47,7 +47,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         // The node's text for a statement whose keys it fills
         // (`session/key_default.rs`).
-        Some(self.filled_text(stmt, &sql).unwrap_or(sql))
+        Some(self.filled_text(&sql).unwrap_or(sql))
     }
 
     /// [`Self::bound_sql`] as the client wrote it.
@@ -307,7 +307,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// statement text instead of the one the client prepared (same
     /// parameter types; prepared under the node's name for that text): a
     /// shard's own form of a multi-shard statement (`Target::Multi::sqls`).
-    /// With `params` (a split INSERT's part, `Decision::split_params`) that
+    /// With `params` (a split INSERT's part, `Decision::split[i].params`) that
     /// text has only those of the client's parameters, renumbered: the
     /// Bind carries their values (and the Parse their types) in that order.
     pub(crate) fn forward_extended_as(

@@ -76,11 +76,19 @@ struct Plan {
     overriding: bool,
 }
 
+/// What the node fills in an extended-protocol INSERT text (None:
+/// nothing), planned under a namespace id and catalog generation: stale
+/// (planned again) under others.
+#[derive(Debug, Clone)]
+pub(super) struct FillEntry {
+    ns: u64,
+    generation: u64,
+    fill: Option<Arc<KeyFill>>,
+}
+
 /// An extended-protocol statement whose values the node fills.
 #[derive(Debug)]
 pub(super) struct KeyFill {
-    /// The client's statement text.
-    sql: Arc<str>,
     /// What the node runs instead: the values as parameters after the
     /// client's.
     filled: Arc<str>,
@@ -100,16 +108,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Whether any of `tables` (declared sharded tables) has columns the
-    /// node fills (read on the home shard when not known yet).
-    pub(super) async fn tables_fill(&mut self, tables: &[String]) -> Result<bool, SessionError> {
+    /// node fills (read on the home shard when not known yet); the
+    /// refusal when that cannot be read (the statement would otherwise
+    /// leave them to each shard).
+    pub(super) async fn tables_fill(
+        &mut self,
+        tables: &[String],
+    ) -> Result<Result<bool, Refusal>, SessionError> {
         for t in tables {
-            if let Ok(d) = self.table_defaults(t).await? {
-                if !d.cols.is_empty() {
-                    return Ok(true);
-                }
+            match self.table_defaults(t).await? {
+                Ok(d) if !d.cols.is_empty() => return Ok(Ok(true)),
+                Ok(_) => {}
+                Err(r) => return Ok(Err(r)),
             }
         }
-        Ok(false)
+        Ok(Ok(false))
     }
 
     /// Simple protocol: `sql` (an INSERT into sharded table `table`) with
@@ -279,11 +292,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
              ORDER BY a.attname <> {k}, a.attnum"
         );
         let home = self.node.routing.home_index();
-        let rows = if self.txn.open() && self.be.slots[home].conn.is_none() {
+        let apart =
+            self.be.mid_pipeline() || (self.txn.open() && self.be.slots[home].conn.is_none());
+        // Read in the client's transaction: it may see DDL not committed
+        // yet, which other sessions must not be told.
+        let shared = apart || !self.txn.open();
+        let rows = if apart {
             // A transaction that has not used the home shard: read apart
-            // rather than pull it in. (DDL through the node in this
+            // rather than pull it in (DDL through the node in this
             // transaction ran on the home shard too, so what is read
-            // apart is all there is.)
+            // apart is all there is); or messages still open without Sync,
+            // where no hidden query can run on the session's backends.
             match self.read_apart(&sql).await {
                 Ok(rows) => rows,
                 Err(e) => {
@@ -298,9 +317,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             if !self.be.owed.is_empty() {
                 self.drain_owed().await?;
-            }
-            if self.be.mid_pipeline() {
-                return Ok(Err(unsynced()));
             }
             if let Err(r) = self.switch_to(home).await? {
                 return Ok(Err(r));
@@ -338,7 +354,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .filter(|c| !c.key || c.expr.is_some() || c.generated)
             .collect();
         let d = Arc::new(TableDefaults { cols });
-        self.node.keep_table_defaults(cache, d.clone());
+        if shared {
+            self.node.keep_table_defaults(cache, d.clone());
+        }
         Ok(Ok(d))
     }
 
@@ -395,11 +413,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         rows
     }
 
-    /// The text a Bind of `stmt` runs when the node fills its values
-    /// (`sql`: the client's text of it).
-    pub(super) fn filled_text(&self, stmt: &str, sql: &Arc<str>) -> Option<Arc<str>> {
-        let kf = self.key_fills.get(stmt)?;
-        (*kf.sql == **sql).then(|| kf.filled.clone())
+    /// The text a Bind of a statement of text `sql` runs when the node
+    /// fills its values (planned by [`Self::fill_key_defaults`] for the
+    /// batch being routed).
+    pub(super) fn filled_text(&self, sql: &str) -> Option<Arc<str>> {
+        let e = self.key_fills.get(sql)?;
+        if e.ns != self.ns.id() || e.generation != self.generation() {
+            return None;
+        }
+        e.fill.as_ref().map(|kf| kf.filled.clone())
     }
 
     /// The text to run for the client's Bind `f`, when the node fills the
@@ -413,13 +435,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             self.stmts.get(stmt)?.sql.clone()
         };
-        self.filled_text(stmt, &sql)
+        self.filled_text(&sql)
     }
 
     /// The declared sharded table an INSERT's text writes (kept per text).
     fn insert_table_of(&mut self, sql: &str) -> Option<String> {
-        if let Some(t) = self.insert_tables.get(sql) {
-            return t.clone();
+        let (ns, generation) = (self.ns.id(), self.generation());
+        if let Some((n, g, t)) = self.insert_tables.get(sql) {
+            if (*n, *g) == (ns, generation) {
+                return t.clone();
+            }
         }
         let t = {
             let snap = self.node.routing.catalog.load();
@@ -428,65 +453,92 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.insert_tables.len() >= 256 {
             self.insert_tables.clear();
         }
-        self.insert_tables.insert(Arc::from(sql), t.clone());
+        self.insert_tables
+            .insert(Arc::from(sql), (ns, generation, t.clone()));
         t
     }
 
-    /// Extended protocol, before a batch is routed: each Parse of an
-    /// INSERT that leaves columns to the node is noted, and each Bind of
-    /// such a statement gets their values appended to its parameters
-    /// (evaluated on the home shard, for the whole batch at once). An
-    /// error is the batch's.
+    /// What the node fills in a Bind of INSERT text `sql` (whose Parse
+    /// declared `declared` parameter types): planned now unless known
+    /// under the current namespace and catalog generation.
+    async fn fill_for(
+        &mut self,
+        sql: &Arc<str>,
+        declared: usize,
+    ) -> Result<Result<Option<Arc<KeyFill>>, Refusal>, SessionError> {
+        let (ns, generation) = (self.ns.id(), self.generation());
+        if let Some(e) = self.key_fills.get(&**sql) {
+            if e.ns == ns && e.generation == generation {
+                return Ok(Ok(e.fill.clone()));
+            }
+        }
+        let fill = match self.insert_table_of(sql) {
+            None => None,
+            Some(table) => match self.plan_fill(sql, &table).await? {
+                Err(r) => return Ok(Err(r)),
+                Ok(None) => None,
+                Ok(Some(plan)) => {
+                    let params = plan.fill.max_param();
+                    if declared > params {
+                        return Ok(Err(Refusal::new(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            format!(
+                                "an INSERT into {} whose values hotrepart fills must not declare more parameter types ({declared}) than it uses ({params})",
+                                plan.fill.table_sql
+                            ),
+                        )));
+                    }
+                    Some(Arc::new(KeyFill {
+                        filled: Arc::from(plan.fill.with_params(params + 1, plan.overriding)),
+                        params,
+                        slots: plan
+                            .fill
+                            .slots()
+                            .iter()
+                            .zip(plan.exprs)
+                            .map(|(slot, (expr, ty))| (expr, ty, slot.len()))
+                            .collect(),
+                    }))
+                }
+            },
+        };
+        if self.key_fills.len() >= 256 {
+            self.key_fills.clear();
+        }
+        self.key_fills.insert(
+            sql.clone(),
+            FillEntry {
+                ns,
+                generation,
+                fill: fill.clone(),
+            },
+        );
+        Ok(Ok(fill))
+    }
+
+    /// Extended protocol, before a batch is routed: each Bind of an INSERT
+    /// that leaves values to the node gets them appended to its
+    /// parameters (evaluated on the home shard, for the whole batch at
+    /// once). An error is the batch's.
     pub(super) async fn fill_key_defaults(
         &mut self,
         frames: Vec<Frame>,
     ) -> Result<Result<Vec<Frame>, Refusal>, SessionError> {
-        // The batch's statements that leave values to the node.
-        for f in &frames {
-            if f.tag() != fe::PARSE {
-                continue;
-            }
-            let mut b = f.body();
-            let name = wire::get_cstr(&mut b).map_err(client_err)?;
-            let sql = wire::get_cstr(&mut b).map_err(client_err)?;
-            let declared = wire::get_i16(&mut b).unwrap_or(0).max(0) as usize;
-            if !hotrepart_router::classify::first_keyword_is(sql, "insert") {
-                continue;
-            }
-            let Some(table) = self.insert_table_of(sql) else {
-                continue;
-            };
-            let plan = match self.plan_fill(sql, &table).await? {
-                Ok(Some(p)) => p,
-                // Nothing to fill (a key without a default: the router's
-                // refusal comes at the Bind).
-                Ok(None) => continue,
-                Err(r) => return Ok(Err(r)),
-            };
-            let params = plan.fill.max_param().max(declared);
-            let kf = KeyFill {
-                sql: Arc::from(sql),
-                filled: Arc::from(plan.fill.with_params(params + 1, plan.overriding)),
-                params,
-                slots: plan
-                    .fill
-                    .slots()
-                    .iter()
-                    .zip(plan.exprs)
-                    .map(|(slot, (expr, ty))| (expr, ty, slot.len()))
-                    .collect(),
-            };
-            let stmts = &self.stmts;
-            self.key_fills
-                .retain(|n, _| n.is_empty() || stmts.contains_key(n));
-            self.key_fills.insert(name.to_owned(), Arc::new(kf));
-        }
-        if self.key_fills.is_empty() {
+        if !frames.iter().any(|f| {
+            f.tag() == fe::BIND
+                || (f.tag() == fe::PARSE && {
+                    let mut b = f.body();
+                    let _ = wire::get_cstr(&mut b);
+                    wire::get_cstr(&mut b).is_ok_and(|sql| {
+                        hotrepart_router::classify::first_keyword_is(sql, "insert")
+                    })
+                })
+        }) {
             return Ok(Ok(frames));
         }
-        // The Binds of such statements.
-        let mut unnamed: Option<Arc<str>> = None;
-        let mut named: HashMap<&str, Arc<str>> = HashMap::new();
+        // The statements of the batch (text, declared parameter types).
+        let mut unnamed: Option<(Arc<str>, usize)> = None;
+        let mut named: HashMap<String, (Arc<str>, usize)> = HashMap::new();
         let mut wants: Vec<(usize, Arc<KeyFill>)> = Vec::new();
         for (i, f) in frames.iter().enumerate() {
             let mut b = f.body();
@@ -494,20 +546,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 fe::PARSE => {
                     let name = wire::get_cstr(&mut b).map_err(client_err)?;
                     let sql = wire::get_cstr(&mut b).map_err(client_err)?;
+                    let declared = wire::get_i16(&mut b).unwrap_or(0).max(0) as usize;
                     if name.is_empty() {
-                        unnamed = Some(Arc::from(sql));
+                        unnamed = Some((Arc::from(sql), declared));
                     } else {
-                        named.insert(name, Arc::from(sql));
+                        named.insert(name.to_owned(), (Arc::from(sql), declared));
                     }
                 }
                 fe::BIND => {
                     let _portal = wire::get_cstr(&mut b).map_err(client_err)?;
                     let stmt = wire::get_cstr(&mut b).map_err(client_err)?;
-                    let Some(sql) = self.client_sql(stmt, &unnamed, named.get(stmt)) else {
-                        continue;
+                    let here = if stmt.is_empty() {
+                        unnamed.clone()
+                    } else {
+                        named.get(stmt).cloned()
                     };
-                    if let Some(kf) = self.key_fills.get(stmt).filter(|kf| *kf.sql == *sql) {
-                        wants.push((i, kf.clone()));
+                    let (sql, declared) = match here {
+                        Some(x) => x,
+                        None => match self.client_sql(stmt, &None, None) {
+                            Some(sql) => (sql, self.param_types(stmt).len()),
+                            None => continue,
+                        },
+                    };
+                    if !hotrepart_router::classify::first_keyword_is(&sql, "insert") {
+                        continue;
+                    }
+                    match self.fill_for(&sql, declared).await? {
+                        Ok(Some(kf)) => wants.push((i, kf)),
+                        Ok(None) => {}
+                        Err(r) => return Ok(Err(r)),
                     }
                 }
                 _ => {}
@@ -567,19 +634,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !self.be.owed.is_empty() {
             self.drain_owed().await?;
         }
-        if self.be.mid_pipeline() {
-            return Ok(Err(unsynced()));
-        }
-        let home = self.node.routing.home_index();
-        if let Err(r) = self.switch_to(home).await? {
-            return Ok(Err(r));
-        }
-        let rows = match self
-            .query_on(home, sql, "computing the column defaults of an INSERT")
-            .await
-        {
-            Ok(rows) => rows,
-            Err(r) => return Ok(Err(r)),
+        let rows = if self.be.mid_pipeline() {
+            // Messages still open without Sync (a batch the node cut at
+            // its size limit): no hidden query can run on the session's
+            // backends. Sequences and the functions a default may call are
+            // not transactional: a connection of its own gives the same.
+            match self.read_apart(sql).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    return Ok(Err(Refusal::new(
+                        sqlstate::CONNECTION_FAILURE,
+                        format!("cannot compute column defaults on the home shard: {e}"),
+                    )))
+                }
+            }
+        } else {
+            let home = self.node.routing.home_index();
+            if let Err(r) = self.switch_to(home).await? {
+                return Ok(Err(r));
+            }
+            match self
+                .query_on(home, sql, "computing the column defaults of an INSERT")
+                .await
+            {
+                Ok(rows) => rows,
+                Err(r) => return Ok(Err(r)),
+            }
         };
         let mut values = Vec::with_capacity(n);
         for row in rows {
@@ -613,13 +693,6 @@ fn left_to_shards(what: &str, table: &str, c: &ColDefault) -> Refusal {
             "{what} into sharded table \"{table}\" leaves column \"{}\" to {expr}, which each shard would evaluate on its own (the same value on several shards); give the column's values, or use INSERT … VALUES (hotrepart numbers those rows on the home shard)",
             c.name
         ),
-    )
-}
-
-fn unsynced() -> Refusal {
-    Refusal::new(
-        sqlstate::FEATURE_NOT_SUPPORTED,
-        "an INSERT that leaves its shard key or a sequence-numbered column to the default needs the messages before it ended by Sync: hotrepart computes the values on the home shard first".into(),
     )
 }
 

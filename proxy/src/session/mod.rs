@@ -573,14 +573,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         // Columns a sequence numbers, left to their default in an INSERT
         // into a sharded table: filled on the home shard (`key_default.rs`).
-        if !d.inserts_into.is_empty() && self.tables_fill(&d.inserts_into).await? {
-            if d.statements == 1 {
-                let t = d.inserts_into[0].clone();
-                if self.insert_filled(sql, &t, None).await? {
+        if !d.inserts_into.is_empty() {
+            match self.tables_fill(&d.inserts_into).await? {
+                Ok(false) => {}
+                Ok(true) if d.statements == 1 => {
+                    let t = d.inserts_into[0].clone();
+                    if self.insert_filled(sql, &t, None).await? {
+                        return Ok(());
+                    }
+                }
+                Ok(true) => match self.script_of(sql) {
+                    Some(stmts) => return self.run_script(stmts).await,
+                    None => {
+                        self.refuse_simple(Refusal::new(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            "this query string inserts into a sharded table whose sequence-numbered columns hotrepart fills, beside statements it cannot run one by one (COPY); send the INSERT on its own".into(),
+                        ));
+                        return Ok(());
+                    }
+                },
+                Err(r) => {
+                    self.refuse_simple(r);
                     return Ok(());
                 }
-            } else if let Some(stmts) = self.script_of(sql) {
-                return self.run_script(stmts).await;
             }
         }
         let first = self.first_shard(&d);

@@ -1041,3 +1041,84 @@ async fn client_encoding_is_reported_under_its_postgresql_name() {
         }
     }
 }
+
+/// A Bind with text parameters (one format code: text), no result formats.
+fn bind_text(o: &mut BytesMut, stmt: &str, params: &[&str]) {
+    let mut body = BytesMut::new();
+    body.extend_from_slice(b"\0");
+    body.extend_from_slice(stmt.as_bytes());
+    body.extend_from_slice(b"\0");
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for p in params {
+        body.extend_from_slice(&(p.len() as i32).to_be_bytes());
+        body.extend_from_slice(p.as_bytes());
+    }
+    body.extend_from_slice(&0i16.to_be_bytes());
+    o.extend_from_slice(b"B");
+    o.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    o.extend_from_slice(&body);
+}
+
+/// Issue 14: a sequence-numbered column the node fills, in batches that
+/// prepare two such statements together (pgx's batch prepare) and that
+/// hold two unnamed ones (psycopg's pipeline): every statement of the
+/// batch gets its values, every number once over the shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_columns_are_filled_for_every_statement_of_a_batch() {
+    let c = cluster().await;
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, v text, n bigserial)")
+        .await
+        .unwrap();
+    let (a, b) = keys(&c.node.routing.catalog.load_full());
+    let (a2, b2) = keys_from(&c.node.routing.catalog.load_full(), a.max(b) + 1);
+    let two = "INSERT INTO users (id, v) VALUES ($1, $2)";
+    let one = "INSERT INTO users (id) VALUES ($1)";
+    let mut r = Raw::connect(&c).await;
+    // Two named statements prepared in one batch, run in the next.
+    r.send(|o| {
+        frontend::parse("a", two, std::iter::empty(), o).unwrap();
+        frontend::parse("b", one, std::iter::empty(), o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    assert_eq!(tags(&r.until_ready().await), "11Z");
+    let (sa, sb) = (a.to_string(), b.to_string());
+    r.send(|o| {
+        bind_text(o, "a", &[&sa, "x"]);
+        frontend::execute("", 0, o).unwrap();
+        bind_text(o, "b", &[&sb]);
+        frontend::execute("", 0, o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "2C2CZ", "{m:?}");
+    // Two unnamed statements in one batch.
+    let (sa2, sb2) = (a2.to_string(), b2.to_string());
+    r.send(|o| {
+        frontend::parse("", two, std::iter::empty(), o).unwrap();
+        bind_text(o, "", &[&sa2, "y"]);
+        frontend::execute("", 0, o).unwrap();
+        frontend::parse("", one, std::iter::empty(), o).unwrap();
+        bind_text(o, "", &[&sb2]);
+        frontend::execute("", 0, o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "12C12CZ", "{m:?}");
+    let ns: Vec<i64> = db
+        .query("SELECT n FROM users ORDER BY n", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        ns,
+        vec![1, 2, 3, 4],
+        "each number once, from the home shard"
+    );
+}

@@ -724,6 +724,42 @@ pub fn values_select(snapshot: &RoutingSnapshot, ns: &Namespace, sql: &str) -> O
     if items.len() != insert.columns.len() {
         return None;
     }
+    // A VALUES column neither selected nor sorted by would be dropped:
+    // only a literal may be (a parameter would change the statement's
+    // parameter count, a function call would not run).
+    let sort_col = match &source.order_by {
+        Some(ob) => match &ob.kind {
+            sqlparser::ast::OrderByKind::Expressions(exprs) => match exprs.as_slice() {
+                [key] => {
+                    // PostgreSQL reads an ORDER BY name as an output
+                    // column's alias first.
+                    let alias_named = select.projection.iter().any(|item| {
+                        matches!((item, &key.expr),
+                            (sqlparser::ast::SelectItem::ExprWithAlias { alias, .. }, Expr::Identifier(id))
+                                if same_ident(alias, id))
+                    });
+                    if alias_named {
+                        return None;
+                    }
+                    Some(column(&key.expr)?)
+                }
+                _ => return None,
+            },
+            _ => return None,
+        },
+        None => None,
+    };
+    for j in 0..names.len() {
+        let used = items.iter().any(|(c, _)| *c == j) || sort_col == Some(j);
+        if !used
+            && values
+                .rows
+                .iter()
+                .any(|r| !matches!(&r.content[j], Expr::Value(v) if !matches!(v.value, Value::Placeholder(_))))
+        {
+            return None;
+        }
+    }
     // The rows, in the ORDER BY's order.
     let mut order: Vec<usize> = (0..values.rows.len()).collect();
     if let Some(ob) = &source.order_by {
@@ -988,6 +1024,10 @@ mod tests {
             "INSERT INTO users (id) SELECT count(a) FROM (VALUES (1)) AS v (a)",
             "INSERT INTO users (id, name) SELECT a FROM (VALUES (1)) AS v (a)",
             "INSERT INTO countries (id) SELECT a FROM (VALUES (1)) AS v (a)",
+            // a parameter in a column that would be dropped
+            "INSERT INTO users (id) SELECT a FROM (VALUES (1, $1)) AS v (a, b)",
+            // ORDER BY an output alias (PostgreSQL reads it first)
+            "INSERT INTO users (id, name) SELECT b AS a, a AS b FROM (VALUES (1, 2, 3)) AS v (a, b, s) ORDER BY a",
         ] {
             assert!(vs(no).is_none(), "{no}");
         }

@@ -249,6 +249,14 @@ impl Analyzer<'_> {
             }
             return Ok(p);
         };
+        if matches!(ins.overriding, Some(sqlparser::ast::InsertOverriding::User)) {
+            // PostgreSQL puts the shard's own identity values in place of
+            // the given ones: a row could land where its key does not belong.
+            return Err(unsupported(format!(
+                "INSERT … OVERRIDING USER VALUE into sharded table \"{}\" is not supported through hotrepart: the shard would replace given identity values by its own sequence's; leave the column out (hotrepart numbers it on the home shard)",
+                table.name
+            )));
+        }
         if ins.source.is_none() {
             return Err(RouteError::not_null(format!(
                 "INSERT … DEFAULT VALUES into sharded table \"{}\" leaves its shard key \"{}\" NULL",
