@@ -564,13 +564,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let (sql, declared) = match here {
                         Some(x) => x,
                         None => match self.client_sql(stmt, &None, None) {
-                            Some(sql) => (sql, self.param_types(stmt).len()),
+                            // (the declared types are read only for an INSERT)
+                            Some(sql) => (sql, usize::MAX),
                             None => continue,
                         },
                     };
                     if !hotrepart_router::classify::first_keyword_is(&sql, "insert") {
                         continue;
                     }
+                    let declared = if declared == usize::MAX {
+                        self.param_types(stmt).len()
+                    } else {
+                        declared
+                    };
                     match self.fill_for(&sql, declared).await? {
                         Ok(Some(kf)) => wants.push((i, kf)),
                         Ok(None) => {}
