@@ -369,16 +369,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         frames
             .into_iter()
             .map(|f| match wanted(&f) {
-                Some((name, sql, rest)) => {
-                    let mut m =
-                        bytes::BytesMut::with_capacity(sql.len() + name.len() + rest.len() + 8);
-                    wire::frame(&mut m, fe::PARSE, |o| {
-                        wire::put_cstr(o, &name);
-                        wire::put_cstr(o, &sql);
-                        bytes::BufMut::put_slice(o, &rest);
-                    });
-                    Frame { raw: m.freeze() }
-                }
+                Some((name, sql, rest)) => parse_frame(&name, &sql, &rest),
                 None => f,
             })
             .collect()
@@ -426,14 +417,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                                 "INSERT has more expressions than target columns".into(),
                             )));
                         };
-                        let mut m =
-                            bytes::BytesMut::with_capacity(sql.len() + name.len() + rest.len() + 8);
-                        wire::frame(&mut m, fe::PARSE, |o| {
-                            wire::put_cstr(o, &name);
-                            wire::put_cstr(o, &sql);
-                            bytes::BufMut::put_slice(o, &rest);
-                        });
-                        Some(Frame { raw: m.freeze() })
+                        Some(parse_frame(&name, &sql, &rest))
                     }
                     None => None,
                 }
@@ -444,6 +428,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         Ok(Ok(out))
     }
+}
+
+/// A Parse of statement `name` with text `sql`, the rest of the client's
+/// Parse (its parameter types) kept: parameters keep their numbers.
+fn parse_frame(name: &str, sql: &str, rest: &[u8]) -> Frame {
+    let mut m = bytes::BytesMut::with_capacity(sql.len() + name.len() + rest.len() + 8);
+    wire::frame(&mut m, fe::PARSE, |o| {
+        wire::put_cstr(o, name);
+        wire::put_cstr(o, sql);
+        bytes::BufMut::put_slice(o, rest);
+    });
+    Frame { raw: m.freeze() }
 }
 
 /// Whether a value of type `src` (as `regtype` names it) written as text

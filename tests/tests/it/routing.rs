@@ -10,6 +10,16 @@ use hotrepart_tests::*;
 
 const SEED: u64 = 7;
 
+/// The first column of the rows of a simple query, as integers.
+fn first_ints(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Vec<i64> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn opts() -> Opts {
     Opts {
         shards: 4,
@@ -825,19 +835,11 @@ async fn keys_left_to_their_default_are_evaluated_on_the_home_shard() {
     .await
     .unwrap();
     // Simple protocol: the key left out, or DEFAULT beside explicit keys.
-    let ids = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<i64> {
-        msgs.iter()
-            .filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
-                _ => None,
-            })
-            .collect()
-    };
     let got = db
         .simple_query("INSERT INTO users (name) VALUES ('a'), ('b'), ('c') RETURNING id")
         .await
         .unwrap();
-    let mut got = ids(got);
+    let mut got = first_ints(&got);
     got.sort();
     assert_eq!(
         got,
@@ -1108,14 +1110,7 @@ async fn multi_row_inserts_with_parameters_split_by_key() {
         ))
         .await
         .unwrap();
-    let returned: Vec<i64> = msgs
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(returned, order);
+    assert_eq!(first_ints(&msgs), order);
     // ON CONFLICT DO NOTHING skips rows: the order cannot be told, every
     // inserted row still comes back once.
     let mut skipped: Vec<i64> = db
@@ -1155,14 +1150,7 @@ async fn multi_row_inserts_with_parameters_split_by_key() {
         )
         .await
         .unwrap();
-    let returned: Vec<i64> = msgs
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(returned, vec![511, 510]);
+    assert_eq!(first_ints(&msgs), vec![511, 510]);
     db.execute("DELETE FROM users WHERE id >= 40", &[])
         .await
         .unwrap();
@@ -1236,12 +1224,7 @@ async fn sequence_columns_are_numbered_once_for_all_shards() {
             ))
             .await
             .unwrap();
-        returned.extend(m.iter().filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                r.get(0).map(|v| v.parse::<i64>().unwrap())
-            }
-            _ => None,
-        }));
+        returned.extend(first_ints(&m));
     }
     let m = db
         .simple_query(
@@ -1250,10 +1233,7 @@ async fn sequence_columns_are_numbered_once_for_all_shards() {
         )
         .await
         .unwrap();
-    returned.extend(m.iter().filter_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse::<i64>().unwrap()),
-        _ => None,
-    }));
+    returned.extend(first_ints(&m));
     // A multi-statement string.
     db.batch_execute(
         "INSERT INTO orders (user_id, note) VALUES (10, 'a'); INSERT INTO orders (user_id, note) VALUES (11, 'b')",
