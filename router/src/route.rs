@@ -115,7 +115,7 @@ pub use analyze::computed::{
     InsertSelect, NoColumnList, Slot,
 };
 pub use cache::PlanCache;
-pub use hide::hide_rows;
+pub use hide::{hide_node_transactions, hide_rows};
 pub use names::Namespace;
 pub use normalize::{normalize_literals, usable as shape_route_usable, Normalized};
 

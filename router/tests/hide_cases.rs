@@ -7,7 +7,7 @@ use common::{pg_hash, shard as s};
 use hotrepart_router::catalog::{
     FunctionId, KeyRange, KeyType, RoutingFunction, RoutingSnapshot, ShardedTable,
 };
-use hotrepart_router::route::{hide_rows, Namespace};
+use hotrepart_router::route::{hide_node_transactions, hide_rows, Namespace};
 
 /// 2 shards s0, s1; 2 ranges; the lower range [0, 2^63) is owned by s0 and
 /// hidden on s1 (a reshard job copies it there). users(id int8),
@@ -187,4 +187,45 @@ fn rewritten_text_parses() {
             .expect("changed");
         hotrepart_router::route::plan(&snap, &out).expect("rewritten text parses");
     }
+}
+
+#[test]
+fn reads_of_pg_prepared_xacts_leave_the_nodes_own_out() {
+    const V: &str = "(SELECT * FROM pg_catalog.pg_prepared_xacts WHERE SUBSTR(gid, 1, 3) IS DISTINCT FROM 'hr_')";
+    let cases: &[(&str, Option<String>)] = &[
+        (
+            "SELECT gid, prepared, owner, database FROM pg_prepared_xacts",
+            Some(format!(
+                "SELECT gid, prepared, owner, database FROM {V} AS pg_prepared_xacts"
+            )),
+        ),
+        (
+            "SELECT p.gid FROM pg_catalog.pg_prepared_xacts p WHERE p.database = current_database()",
+            Some(format!(
+                "SELECT p.gid FROM {V} p WHERE p.database = current_database()"
+            )),
+        ),
+        (
+            "SELECT count(*) FROM (SELECT gid FROM PG_PREPARED_XACTS) x",
+            Some(format!(
+                "SELECT count(*) FROM (SELECT gid FROM {V} AS pg_prepared_xacts) x"
+            )),
+        ),
+        // Not the view: a CTE of that name, another relation, a string.
+        (
+            "WITH pg_prepared_xacts AS (SELECT 'hr_1' AS gid) SELECT gid FROM pg_prepared_xacts",
+            None,
+        ),
+        ("SELECT * FROM users WHERE name = 'pg_prepared_xacts'", None),
+        ("SELECT * FROM other.pg_prepared_xacts", None),
+        ("this is not SQL pg_prepared_xacts", None),
+    ];
+    let mut failures = Vec::new();
+    for (sql, want) in cases {
+        let got = hide_node_transactions(&Namespace::default(), sql).map_err(|e| e.to_string());
+        if got != Ok(want.clone()) {
+            failures.push(format!("{sql}\n   got: {got:?}\n  want: {want:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }

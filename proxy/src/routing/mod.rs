@@ -321,6 +321,33 @@ pub fn decision(
             }
         }
     };
+    // A read of `pg_prepared_xacts` on every shard: the node's own prepared
+    // transactions are left out of what each shard lists.
+    let target = match target {
+        Target::Multi { shards, sqls } if mentions(sql, "prepared_xacts") => {
+            let base = match &route.merge {
+                MergeNeed::Merge(p) => p.shard_sql.as_str(),
+                _ => sql,
+            };
+            let texts = sqls.unwrap_or_else(|| vec![base.to_owned(); shards.len()]);
+            let mut changed = false;
+            let mut out = Vec::with_capacity(texts.len());
+            for t in texts {
+                match r::hide_node_transactions(ns, &t)
+                    .map_err(|e| Refusal::new(e.sqlstate, e.message))?
+                {
+                    Some(n) => {
+                        changed = true;
+                        out.push(n);
+                    }
+                    None => out.push(t),
+                }
+            }
+            let sqls = (changed || out.iter().any(|t| t != base)).then_some(out);
+            Target::Multi { shards, sqls }
+        }
+        t => t,
+    };
     if matches!(target, Target::Multi { .. }) {
         match &route.merge {
             MergeNeed::None => {}
@@ -608,4 +635,11 @@ fn routed_after_change(route: &Route) -> bool {
                 | StatementKind::Transaction(_)
         )
     })
+}
+
+/// Whether `text` holds `word` (ASCII letters in any case).
+fn mentions(text: &str, word: &str) -> bool {
+    text.as_bytes()
+        .windows(word.len())
+        .any(|w| w.eq_ignore_ascii_case(word.as_bytes()))
 }

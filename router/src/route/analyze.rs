@@ -52,6 +52,7 @@ mod temp;
 
 pub(super) use functions::AGGREGATES;
 pub(super) use plan::{Body, InsertPlan, Shape, StmtPlan};
+pub(super) use scope::is_every_shard_view;
 pub(super) use temp::mark_by_words;
 
 use super::{MergeNeed, Namespace, RouteError, StatementKind, TransactionKind};

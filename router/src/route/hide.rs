@@ -297,6 +297,95 @@ impl VisitorMut for Hider<'_> {
     }
 }
 
+/// `sql` with each read of `pg_prepared_xacts` leaving out the node's own
+/// prepared transactions (identifiers `hr_…`, its two-phase commit's: the
+/// resolver finishes them, a client must not): the view becomes
+/// `(SELECT * FROM pg_catalog.pg_prepared_xacts WHERE substr(gid, 1, 3) IS DISTINCT FROM 'hr_')`
+/// under the name or alias the statement uses. `None` when the statement
+/// does not read it (or cannot be parsed: then the router refused it).
+pub fn hide_node_transactions(ns: &Namespace, sql: &str) -> Result<Option<String>, RouteError> {
+    let dialect = PostgreSqlDialect {};
+    let Ok(mut statements) = Parser::parse_sql(&dialect, sql) else {
+        return Ok(None);
+    };
+    let mut v = NodeXacts {
+        ns,
+        ctes: BTreeSet::new(),
+        changed: false,
+        error: None,
+    };
+    for st in &mut statements {
+        v.ctes = cte_names(st);
+        let _ = st.visit(&mut v);
+        if let Some(e) = v.error.take() {
+            return Err(e);
+        }
+    }
+    Ok(v.changed.then(|| {
+        statements
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }))
+}
+
+/// The visitor of [`hide_node_transactions`].
+struct NodeXacts<'a> {
+    ns: &'a Namespace,
+    ctes: BTreeSet<String>,
+    changed: bool,
+    error: Option<RouteError>,
+}
+
+impl VisitorMut for NodeXacts<'_> {
+    type Break = ();
+
+    fn post_visit_table_factor(&mut self, f: &mut TableFactor) -> ControlFlow<()> {
+        let TableFactor::Table {
+            name,
+            alias,
+            args: None,
+            ..
+        } = f
+        else {
+            return ControlFlow::Continue(());
+        };
+        let Ok(catalog_name) = table_name(self.ns, name) else {
+            return ControlFlow::Continue(());
+        };
+        if !super::analyze::is_every_shard_view(&catalog_name)
+            || (name.0.len() == 1 && self.ctes.contains(&catalog_name))
+        {
+            return ControlFlow::Continue(());
+        }
+        let alias = alias.take().unwrap_or_else(|| TableAlias {
+            explicit: true,
+            name: Ident::new("pg_prepared_xacts"),
+            columns: Vec::new(),
+            at: None,
+        });
+        match parse_query(
+            "SELECT * FROM pg_catalog.pg_prepared_xacts WHERE substr(gid, 1, 3) IS DISTINCT FROM 'hr_'",
+        ) {
+            Ok(inner) => {
+                *f = TableFactor::Derived {
+                    lateral: false,
+                    subquery: Box::new(inner),
+                    alias: Some(alias),
+                    sample: None,
+                };
+                self.changed = true;
+                ControlFlow::Continue(())
+            }
+            Err(e) => {
+                self.error = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    }
+}
+
 /// Appends `AND extra` to an optional WHERE.
 fn add_filter(selection: &mut Option<Expr>, extra: Option<Expr>) {
     let Some(extra) = extra else { return };

@@ -542,32 +542,41 @@ def temp_table():
 
 def tpc():
     """psycopg's two-phase commit API, as a transaction manager uses it:
-    one transaction prepared then committed, one prepared then rolled back,
-    each finished from another connection by its identifier."""
+    four transactions prepared (their rows on different shards), found
+    again by tpc_recover() from another connection as a recovery after a
+    crash does, then two committed and two rolled back by identifier."""
     with connect() as c:
         c.execute("DROP TABLE IF EXISTS drv_kv")
         c.execute("CREATE TABLE drv_kv (id bigint PRIMARY KEY, v text)")
-    for i, finish in ((1, "commit"), (2, "rollback")):
+    xids = {}
+    for i in (1, 2, 3, 4):
         # Not a `with` block: leaving one would commit, which psycopg
         # forbids after tpc_prepare(); the prepared transaction outlives
         # the connection.
         c = connect(autocommit=False)
         try:
-            xid = c.xid(7, f"drv-gtrid-{i}", "drv-bqual")
-            c.tpc_begin(xid)
+            xids[i] = c.xid(7, f"drv-gtrid-{i}", "drv-bqual")
+            c.tpc_begin(xids[i])
             c.execute("INSERT INTO drv_kv (id, v) VALUES (%s, %s)", [i, f"tpc{i}"])
             c.tpc_prepare()
         finally:
             c.close()
-        with connect(autocommit=False) as other:
-            if finish == "commit":
-                other.tpc_commit(xid)
+    with connect(autocommit=False) as other:
+        found = sorted(
+            x.gtrid for x in other.tpc_recover() if x.gtrid.startswith("drv-gtrid-")
+        )
+        eq("recovered", found, [f"drv-gtrid-{i}" for i in (1, 2, 3, 4)])
+        for i in (1, 2, 3, 4):
+            if i % 2:
+                other.tpc_commit(xids[i])
             else:
-                other.tpc_rollback(xid)
+                other.tpc_rollback(xids[i])
+        left = [x.gtrid for x in other.tpc_recover() if x.gtrid.startswith("drv-gtrid-")]
+        eq("left prepared", left, [])
     with connect() as c:
         rows = c.execute("SELECT id, v FROM drv_kv ORDER BY id").fetchall()
-    eq("rows", rows, [(1, "tpc1")])
-    return [list(r) for r in rows]
+    eq("rows", rows, [(1, "tpc1"), (3, "tpc3")])
+    return [found, [list(r) for r in rows]]
 
 
 def sql_prepare():

@@ -218,6 +218,103 @@ async fn a_transaction_over_two_shards_is_not_prepared() {
     assert_eq!(rows_on(&c, 1, ks[1]).await, 1);
 }
 
+/// `pg_prepared_xacts` through a node of two shards lists the prepared
+/// transactions of every shard (a transaction manager's recovery reads it
+/// to finish what a crash left prepared), without the node's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shards_prepared_transactions_are_listed() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        // The resolver leaves the fake node transaction below alone.
+        extra: "pool_size = 2\ntwopc_grace_ms = 600000".into(),
+        users: "[[users]]\nname = \"t\"\nauth = \"trust\"\nserver_user = \"postgres\"\n".into(),
+        tail: format!(
+            "[[sharded_tables]]\nname = \"items\"\nkey = \"id\"\ntype = \"int8\"\nseed = {SEED}\n"
+        ),
+    })
+    .await;
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let ks = keys(&c, 1);
+    for (s, k) in ks.iter().enumerate() {
+        db.batch_execute(&format!(
+            "BEGIN; INSERT INTO items (id) VALUES ({k}); PREPARE TRANSACTION 'app_on_{s}'"
+        ))
+        .await
+        .unwrap();
+        assert!(prepared_on(&c, s, &format!("app_on_{s}")).await);
+    }
+    // One of the node's own, as its two-phase commit leaves one in doubt.
+    let direct = c.direct(1).await;
+    direct
+        .batch_execute("BEGIN; CREATE TABLE hr_fake (x int); PREPARE TRANSACTION 'hr_9_1'")
+        .await
+        .unwrap();
+    let want = vec!["app_on_0".to_owned(), "app_on_1".to_owned()];
+    let other = c.connect().await;
+    // psycopg's tpc_recover(), pgjdbc's XAResource.recover(), by hand.
+    for sql in [
+        "SELECT gid, prepared, owner, database FROM pg_prepared_xacts",
+        "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() ORDER BY gid",
+        "SELECT p.gid FROM pg_catalog.pg_prepared_xacts AS p ORDER BY 1",
+    ] {
+        let mut got: Vec<String> = other
+            .simple_query(sql)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, want, "{sql} (simple protocol)");
+        let mut got: Vec<String> = other
+            .query(sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        got.sort();
+        assert_eq!(got, want, "{sql} (extended protocol)");
+    }
+    let n: i64 = other
+        .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    // Beside another relation it is refused, not answered from one shard.
+    let (code, msg) = err_of(
+        &other,
+        "SELECT i.id FROM items i JOIN pg_prepared_xacts p ON p.gid = i.v",
+    )
+    .await;
+    assert_eq!(code, "0A000", "{msg}");
+    assert!(msg.contains("pg_prepared_xacts"), "{msg}");
+    // The recovery finishes them by identifier, wherever they are.
+    for sql in ["COMMIT PREPARED 'app_on_0'", "ROLLBACK PREPARED 'app_on_1'"] {
+        other.batch_execute(sql).await.unwrap();
+    }
+    let n: i64 = other
+        .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    assert!(prepared_on(&c, 1, "hr_9_1").await, "the node's own stays");
+    direct
+        .batch_execute("ROLLBACK PREPARED 'hr_9_1'")
+        .await
+        .unwrap();
+    assert_eq!(rows_on(&c, 0, ks[0]).await, 1);
+    assert_eq!(rows_on(&c, 1, ks[1]).await, 0);
+}
+
 async fn ext_err(db: &tokio_postgres::Client, sql: &str) -> (String, String) {
     let e = db.execute(sql, &[]).await.unwrap_err();
     let e = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));

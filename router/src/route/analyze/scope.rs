@@ -82,6 +82,10 @@ pub(super) struct Analyzer<'a> {
     pub(super) edges: Vec<(usize, usize)>,
     pub(super) home_tables: Vec<String>,
     pub(super) reference_tables: Vec<String>,
+    /// Names `pg_prepared_xacts` (also listed in `home_tables`): each
+    /// shard lists its own prepared transactions, so a read of it alone
+    /// goes to every shard ([`is_every_shard_view`]).
+    pub(super) every_shard_view: bool,
     /// Calls a function not in [`PURE_FUNCTIONS`].
     pub(super) impure_calls: bool,
     /// Calls of functions not known to be read-only ([`READ_ONLY`]).
@@ -163,6 +167,7 @@ impl<'a> Analyzer<'a> {
             edges: Vec::new(),
             home_tables: Vec::new(),
             reference_tables: Vec::new(),
+            every_shard_view: false,
             impure_calls: false,
             calls: Vec::new(),
             locks: false,
@@ -250,6 +255,7 @@ impl<'a> Analyzer<'a> {
                 None
             }
             TablePlacement::Home(_) => {
+                self.every_shard_view |= is_every_shard_view(&catalog);
                 self.home_tables.push(catalog.clone());
                 None
             }
@@ -816,6 +822,25 @@ impl<'a> Analyzer<'a> {
         v
     }
 
+    /// The body of a read of `pg_prepared_xacts`: every shard, whose
+    /// answers the executor concatenates or merges as for a sharded table
+    /// read without its key (each prepared transaction lives on one shard;
+    /// the node's own are left out by [`crate::route::hide_node_transactions`]).
+    /// Beside other relations it is refused: joined on the home shard it
+    /// would miss the other shards' transactions.
+    fn every_shard_view_body(&self) -> Result<Body, RouteError> {
+        let alone = self.occs.is_empty()
+            && self.reference_tables.is_empty()
+            && self.home_tables.iter().all(|t| is_every_shard_view(t));
+        if alone {
+            Ok(Body::All)
+        } else {
+            Err(RouteError::unsupported(
+                "pg_prepared_xacts beside other relations: each shard lists its own prepared transactions, and a join would see the home shard's only; read pg_prepared_xacts in a query of its own",
+            ))
+        }
+    }
+
     /// The body for a statement that only reads (or writes a home table).
     fn read_body(&self, root: Option<usize>) -> Body {
         if !self.occs.is_empty() {
@@ -844,10 +869,15 @@ impl<'a> Analyzer<'a> {
                 .is_some_and(|o| !self.occs[o].nullable)
         };
         let merge = merge_plan(q, &is_key);
+        let body = if self.every_shard_view {
+            self.every_shard_view_body()?
+        } else {
+            self.read_body(info.root)
+        };
         Ok(StmtPlan {
             kind,
             is_write: false,
-            body: self.read_body(info.root),
+            body,
             merge,
             sharded_tables: self.sharded_tables(),
             reference_write: false,
@@ -857,4 +887,13 @@ impl<'a> Analyzer<'a> {
             temp: false,
         })
     }
+}
+
+/// Whether a catalog name (as `names::table_name` gives it) is
+/// `pg_prepared_xacts`, the view each shard answers with its own rows.
+pub(in crate::route) fn is_every_shard_view(catalog_name: &str) -> bool {
+    matches!(
+        catalog_name,
+        "pg_prepared_xacts" | "pg_catalog.pg_prepared_xacts"
+    )
 }
