@@ -552,6 +552,51 @@ fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
             .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
+/// The functions and procedures a query string creates
+/// (`CREATE [OR REPLACE] FUNCTION|PROCEDURE [schema.]name (…`): each one's
+/// name (last part, folded as PostgreSQL folds it) with the text of its
+/// statement. A function created and called in one string is not in
+/// `pg_proc` yet when the node routes the string, so its body is read here.
+pub fn created_functions(sql: &str) -> Vec<(String, &str)> {
+    let statements = crate::classify::split_statements(sql).unwrap_or_else(|| vec![sql]);
+    let mut out = Vec::new();
+    for st in statements {
+        let mut lx = Lexer::new(st);
+        let word = |lx: &mut Lexer| {
+            lx.next()
+                .filter(|t| t.kind == Kind::Word)
+                .map(|t| st[t.start..t.end].to_ascii_lowercase())
+        };
+        if word(&mut lx).as_deref() != Some("create") {
+            continue;
+        }
+        let mut w = word(&mut lx);
+        if w.as_deref() == Some("or") {
+            if word(&mut lx).as_deref() != Some("replace") {
+                continue;
+            }
+            w = word(&mut lx);
+        }
+        if !matches!(w.as_deref(), Some("function" | "procedure")) {
+            continue;
+        }
+        // The name: words, quoted identifiers and dots up to `(`.
+        let mut name = None;
+        while let Some(t) = lx.next() {
+            match t.kind {
+                Kind::Word => name = Some(st[t.start..t.end].to_ascii_lowercase()),
+                Kind::Quoted => name = Some(st[t.cs..t.ce].replace("\"\"", "\"")),
+                Kind::Punct(b'.') => {}
+                _ => break,
+            }
+        }
+        if let Some(n) = name {
+            out.push((n, st));
+        }
+    }
+    out
+}
+
 /// Whether `src`, a function body, names one of `tables` (lower-case names)
 /// as a whole word, case-insensitively; the first it names. A mention in a
 /// comment or a string counts too: the body is not lexed, as refusing too

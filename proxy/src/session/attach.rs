@@ -548,6 +548,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if d.calls.is_empty() {
             return Ok(Ok(()));
         }
+        if let (Some(r), false) = (created_here_reads_sharded(&self.node, d), d.hinted) {
+            return Ok(Err(r));
+        }
         let (unknown, mut known) = self.node.known_functions(&self.database, &d.calls);
         if !unknown.is_empty() {
             let unsynced = self.be.mid_pipeline();
@@ -563,10 +566,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 d.write = true;
                 return Ok(Ok(()));
             }
-            let list: Vec<String> = unknown.iter().map(|n| state::quote_literal(n)).collect();
+            // Names as the router folds them (a quoted `"Put"` stays
+            // `Put`), matched whatever their case: refusing a namesake
+            // too is safe, missing a body is not.
+            let list: Vec<String> = unknown
+                .iter()
+                .map(|n| format!("({})", state::quote_literal(n)))
+                .collect();
             let sql = format!(
-                "SELECT lower(proname), bool_or(provolatile = 'v'), string_agg(coalesce(prosrc, ''), ' ') \
-                 FROM pg_catalog.pg_proc WHERE lower(proname) IN ({}) GROUP BY 1",
+                "SELECT v.n, bool_or(p.provolatile = 'v'), string_agg(coalesce(p.prosrc, ''), ' ') \
+                 FROM (VALUES {}) AS v(n) JOIN pg_catalog.pg_proc p ON lower(p.proname) = lower(v.n) GROUP BY 1",
                 list.join(", ")
             );
             let rows = match self.be.slots[t].conn.as_mut() {
@@ -607,14 +616,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             known = self.node.known_functions(&self.database, &d.calls).1;
         }
         if let (Some((f, table)), false) = (&known.reads, d.hinted) {
-            return Ok(Err(Refusal::new(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "function {f}() names sharded table \"{table}\" in its body: hotrepart cannot tell which rows it reads or writes, \
-                     so the statement would run on one shard and see or change that shard's rows only; \
-                     run it on the shard you mean with /* hotrepart: shard=NAME */ or SET hotrepart.shard"
-                ),
-            )));
+            return Ok(Err(body_names_sharded(f, table)));
         }
         if known.volatile.is_some() {
             d.write = true;
@@ -748,4 +750,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.prepared_dirty = true;
         }
     }
+}
+
+/// The refusal of a call of function `f`, whose body names sharded table
+/// `table`.
+fn body_names_sharded(f: &str, table: &str) -> Refusal {
+    Refusal::new(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        format!(
+            "function {f}() names sharded table \"{table}\" in its body: hotrepart cannot tell which rows it reads or writes, \
+             so the statement would run on one shard and see or change that shard's rows only; \
+             run it on the shard you mean with /* hotrepart: shard=NAME */ or SET hotrepart.shard"
+        ),
+    )
+}
+
+/// A query string that creates a function and calls it (Sequelize's
+/// `findOrCreate` sends `CREATE FUNCTION pg_temp.testfunc() … INSERT INTO
+/// users …; SELECT … FROM pg_temp.testfunc(); DROP FUNCTION …`): the body
+/// is not in `pg_proc` yet when the string is routed, so it is read from
+/// the string. The refusal when the body names a sharded table.
+fn created_here_reads_sharded(node: &crate::node::Node, d: &Decision) -> Option<Refusal> {
+    let created = hotrepart_router::classify::created_functions(&d.sql_text);
+    if created.is_empty() {
+        return None;
+    }
+    let snap = node.routing.catalog.load();
+    let sharded: Vec<String> = snap
+        .sharded_tables()
+        .map(|t| {
+            t.name
+                .rsplit('.')
+                .next()
+                .unwrap_or(&t.name)
+                .to_ascii_lowercase()
+        })
+        .collect();
+    created
+        .iter()
+        .filter(|(name, _)| d.calls.iter().any(|c| c == name))
+        .find_map(|(name, text)| {
+            hotrepart_router::classify::names_table(text, &sharded)
+                .map(|table| body_names_sharded(name, &table))
+        })
 }

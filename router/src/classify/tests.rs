@@ -868,3 +868,21 @@ fn inserts_without_a_column_list_are_seen_by_their_first_tokens() {
         assert!(!f(no), "{no}");
     }
 }
+
+#[test]
+fn functions_created_in_a_string_are_found_with_their_text() {
+    let sql = "CREATE OR REPLACE FUNCTION pg_temp.testfunc(OUT r users) RETURNS RECORD AS $f$ BEGIN INSERT INTO users VALUES (1); END $f$ LANGUAGE plpgsql; \
+               SELECT (testfunc.r).id FROM pg_temp.testfunc(); DROP FUNCTION IF EXISTS pg_temp.testfunc()";
+    let got = super::created_functions(sql);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, "testfunc");
+    assert!(got[0].1.contains("INSERT INTO users"), "{got:?}");
+    let names: Vec<String> = super::created_functions(
+        "create procedure \"Mixed\".\"P\"() language sql as 'select 1'; CREATE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql; CREATE TABLE t (x int); create or replace view v as select 1",
+    )
+    .into_iter()
+    .map(|(n, _)| n)
+    .collect();
+    assert_eq!(names, ["P", "f"]);
+    assert!(super::created_functions("SELECT 'CREATE FUNCTION f()'").is_empty());
+}

@@ -477,12 +477,38 @@ async fn functions_over_sharded_tables_are_refused_unless_hinted() {
         let e = db.query(&sql, &[]).await.expect_err(&sql);
         assert_eq!(code(&e), "0A000", "{sql}: {e:?}");
     }
-    // Nothing ran: no row was bumped anywhere.
+    // Created and called in one string (Sequelize's findOrCreate): the
+    // body is not in pg_proc yet when the string is routed; it was run on
+    // the home shard, whatever shard the row's key belongs to.
+    for (name, sql) in [
+        (
+            "testfunc",
+            format!(
+                "CREATE OR REPLACE FUNCTION pg_temp.testfunc(OUT response \"users\", OUT sequelize_caught_exception text) RETURNS RECORD AS $func_1$ \
+                 BEGIN INSERT INTO \"users\" (\"id\",\"v\") VALUES ({b},'y') RETURNING * INTO response; \
+                 EXCEPTION WHEN unique_violation THEN GET STACKED DIAGNOSTICS sequelize_caught_exception = PG_EXCEPTION_DETAIL; END $func_1$ LANGUAGE plpgsql; \
+                 SELECT (testfunc.response).\"id\", testfunc.sequelize_caught_exception FROM pg_temp.testfunc(); DROP FUNCTION IF EXISTS pg_temp.testfunc();"
+            ),
+        ),
+        (
+            "Put",
+            format!(
+                "CREATE FUNCTION \"Put\"() RETURNS void LANGUAGE sql AS $$ INSERT INTO users (id, v) VALUES ({a}, 'z') $$; SELECT \"Put\"()"
+            ),
+        ),
+    ] {
+        let e = db.simple_query(&sql).await.expect_err(&sql);
+        assert_eq!(code(&e), "0A000", "{sql}: {e:?}");
+        let m = message(&e);
+        assert!(m.contains("names sharded table") && m.contains(name), "{sql}: {m}");
+    }
+    // Nothing ran: no row was bumped or added anywhere.
     for i in 0..2 {
         assert_eq!(
             count_on(&c, i, "SELECT count(*) FROM users WHERE v = 'x'").await,
             1
         );
+        assert_eq!(count_on(&c, i, "SELECT count(*) FROM users").await, 1);
     }
     // With a hint the user names the shard: it runs there.
     let s = owner(&snap, "users", KeyValue::Int8(b));
