@@ -434,6 +434,103 @@ fn snapshot_isolation(sql: &str) -> bool {
     isolation && level
 }
 
+/// What a savepoint statement does ([`savepoint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavepointOp {
+    /// `SAVEPOINT name`
+    Take,
+    /// `RELEASE [SAVEPOINT] name`
+    Release,
+    /// `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name`
+    RollbackTo,
+}
+
+/// One savepoint statement: what it does, its name as written (for
+/// replaying it) and as PostgreSQL folds it (to compare names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Savepoint {
+    /// What it does.
+    pub op: SavepointOp,
+    /// The name as written (`"a-sp-1"` with its quotes).
+    pub written: String,
+    /// The name as PostgreSQL folds it (`Sp` → `sp`, `"Sp"` → `Sp`).
+    pub name: String,
+}
+
+/// Reads `sql` as one savepoint statement (a `;` may end it); None for
+/// anything else.
+pub fn savepoint(sql: &str) -> Option<Savepoint> {
+    let mut lx = Lexer::new(sql);
+    let mut toks = Vec::new();
+    while let Some(t) = lx.next() {
+        if t.kind != Kind::Semi {
+            toks.push(t);
+        } else if lx.next().is_some() {
+            return None;
+        } else {
+            break;
+        }
+    }
+    let word = |i: usize| {
+        toks.get(i)
+            .filter(|t| t.kind == Kind::Word)
+            .map(|t| sql[t.start..t.end].to_ascii_lowercase())
+    };
+    let (op, mut i) = match word(0).as_deref() {
+        Some("savepoint") => (SavepointOp::Take, 1),
+        Some("release") => (SavepointOp::Release, 1),
+        Some("rollback") => {
+            let mut i = 1;
+            if matches!(word(i).as_deref(), Some("work" | "transaction")) {
+                i += 1;
+            }
+            if word(i).as_deref() != Some("to") {
+                return None;
+            }
+            (SavepointOp::RollbackTo, i + 1)
+        }
+        _ => return None,
+    };
+    if op != SavepointOp::Take && word(i).as_deref() == Some("savepoint") && toks.len() > i + 1 {
+        i += 1;
+    }
+    if toks.len() != i + 1 {
+        return None;
+    }
+    let t = toks[i];
+    let name = match t.kind {
+        Kind::Word => sql[t.start..t.end].to_ascii_lowercase(),
+        Kind::Quoted => sql[t.cs..t.ce].replace("\"\"", "\""),
+        _ => return None,
+    };
+    Some(Savepoint {
+        op,
+        written: sql[t.start..t.end].to_owned(),
+        name,
+    })
+}
+
+/// Whether `sql` is one `SET TRANSACTION …` giving the transaction's
+/// characteristics (isolation level, READ ONLY/WRITE, DEFERRABLE): a shard
+/// that joins the transaction later gets it right after its BEGIN. `SET
+/// TRANSACTION SNAPSHOT` (one server's snapshot) is not.
+pub fn set_transaction(sql: &str) -> bool {
+    let mut lx = Lexer::new(sql);
+    let mut words = Vec::new();
+    while let Some(t) = lx.next() {
+        match t.kind {
+            Kind::Word => words.push(sql[t.start..t.end].to_ascii_lowercase()),
+            Kind::Semi => {}
+            Kind::Punct(b',') => {}
+            _ => return false,
+        }
+    }
+    words.len() > 2
+        && words[0] == "set"
+        && words[1] == "transaction"
+        && !words.iter().any(|w| w == "snapshot")
+}
+
 /// `DISCARD ALL` and nothing else.
 fn discard_all(sql: &str, mut lx: Lexer<'_>) -> Option<Deallocate> {
     let all = lx.next()?;

@@ -111,7 +111,7 @@ impl SessionState {
 /// which `pg_settings` does not list.
 pub fn read_state_sql(custom: &std::collections::BTreeSet<String>) -> String {
     let mut sql =
-        String::from("SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'");
+        String::from("SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' AND name NOT IN ('transaction_isolation', 'transaction_read_only', 'transaction_deferrable')");
     for name in custom {
         sql.push_str(" UNION ALL SELECT ");
         sql.push_str(&quote_literal(name));

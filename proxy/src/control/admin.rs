@@ -706,6 +706,16 @@ async fn declare_table(State(api): State<Api>, Json(req): Json<DeclareTable>) ->
                     req.table
                 )));
             }
+            // A unique index without the key would be enforced per shard.
+            let keys = [(req.table.clone(), key_column.clone())];
+            let found = unique_outside_key(&snap, &keys).await?;
+            if !found.is_empty() {
+                return Err(ApiError::conflict(format!(
+                    "{}; table {} was not declared",
+                    crate::exec::unique::explain(&found, &keys),
+                    req.table
+                )));
+            }
             CatalogCommand::DeclareSharded(TableSpec {
                 table: req.table,
                 key_column,
@@ -937,6 +947,44 @@ async fn count_rows(
     for s in snap.shards() {
         for (db, n) in count_rows_on(snap, s.id.as_str(), table, pred).await? {
             out.push((s.id.as_str().to_string(), db, n));
+        }
+    }
+    Ok(out)
+}
+
+/// The unique indexes of `keys`' tables that leave out their key column
+/// ([`crate::exec::unique`]), on every shard and database that has the
+/// table.
+async fn unique_outside_key(
+    snap: &hotrepart_router::catalog::RoutingSnapshot,
+    keys: &[(String, String)],
+) -> Result<Vec<(String, String, String)>, ApiError> {
+    let Some(sql) = crate::exec::unique::check_sql(keys) else {
+        return Ok(Vec::new());
+    };
+    let tables: Vec<String> = keys.iter().map(|(t, _)| t.clone()).collect();
+    let mut out: Vec<(String, String, String)> = Vec::new();
+    for shard in snap.shards() {
+        let shard_err = |e: String| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("shard {}: {e}", shard.id.as_str()),
+            )
+        };
+        for (_, c, _) in databases_with(&shard.dsn, &tables)
+            .await
+            .map_err(shard_err)?
+        {
+            for r in c
+                .query(sql.as_str(), &[])
+                .await
+                .map_err(|e| shard_err(format!("{e}")))?
+            {
+                let row: (String, String, String) = (r.get(0), r.get(1), r.get(2));
+                if !out.contains(&row) {
+                    out.push(row);
+                }
+            }
         }
     }
     Ok(out)

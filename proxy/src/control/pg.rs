@@ -14,10 +14,13 @@ pub(crate) const SHARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether table `t` (a name as the catalog has it) exists.
 pub(crate) async fn table_exists(c: &tokio_postgres::Client, t: &str) -> Result<bool, String> {
-    c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&t])
-        .await
-        .map(|r| r.get(0))
-        .map_err(|e| e.to_string())
+    c.query_one(
+        "SELECT to_regclass($1) IS NOT NULL",
+        &[&crate::sql::quote_table(t)],
+    )
+    .await
+    .map(|r| r.get(0))
+    .map_err(|e| e.to_string())
 }
 
 /// The databases of the server at `dsn` that hold any of `tables`, in name

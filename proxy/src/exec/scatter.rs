@@ -60,6 +60,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .map(|&i| s.node.routing.shard_name(i))
         .collect();
     let in_tx = s.txn.open();
+    s.txn.schema_changed |= d.ddl;
     if d.ddl && !in_tx {
         if let Some(db) = hotrepart_router::classify::database_statement(sql) {
             let shards = shards.clone();
@@ -184,7 +185,9 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let error = st.error.take().map(|(code, msg, t)| (t, code, msg));
     // Finish implicit transactions: all or nothing.
     let commit_failed = if wrap {
-        finish_wrapped(s, shards, error.is_none() && !mismatch).await
+        let r = finish_wrapped(s, shards, error.is_none() && !mismatch).await;
+        s.txn.schema_changed &= in_tx;
+        r
     } else {
         None
     };
@@ -485,6 +488,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         return Ok(());
     };
     let in_tx = s.txn.open();
+    s.txn.schema_changed |= d.ddl;
     let refusal = if !synced {
         Some(
             "a statement that touches several shards must be followed by Sync, not Flush"
@@ -664,7 +668,9 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s.be.owed.clear();
     let error = st.error.take().map(|(c, m, t)| (t, c, m));
     let commit_failed = if wrap {
-        finish_wrapped(s, shards, error.is_none()).await
+        let r = finish_wrapped(s, shards, error.is_none()).await;
+        s.txn.schema_changed &= in_tx;
+        r
     } else {
         None
     };

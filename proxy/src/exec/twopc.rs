@@ -87,6 +87,50 @@ pub(crate) async fn record(
     }
 }
 
+/// A transaction that changed the schema, before it is prepared: the
+/// refusal when a sharded table now has a unique index that does not
+/// include its shard key ([`crate::exec::unique`]), read on shard `t`
+/// inside the transaction.
+async fn unique_outside_key<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    t: usize,
+) -> Option<Refusal> {
+    let keys = crate::exec::unique::sharded_keys(&s.node.routing.catalog.load());
+    let sql = crate::exec::unique::check_sql(&keys)?;
+    let b = s.be.slots[t].conn.as_mut()?;
+    match b.hidden_query(&sql).await {
+        Ok(rows) => {
+            let found: Vec<(String, String, String)> = rows
+                .into_iter()
+                .filter_map(|r| {
+                    let mut r = r.into_iter();
+                    Some((r.next()??, r.next()??, r.next()??))
+                })
+                .collect();
+            (!found.is_empty()).then(|| {
+                Refusal::new(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "{}; the transaction was rolled back on every shard",
+                        crate::exec::unique::explain(&found, &keys)
+                    ),
+                )
+            })
+        }
+        Err(HiddenQueryError::Server { code, message }) => Some(Refusal::new(
+            sqlstate::intern(&code),
+            format!("{message} (checking the unique indexes of sharded tables on shard {}); the transaction was rolled back on every shard", s.node.routing.shard_name(t)),
+        )),
+        Err(HiddenQueryError::Wire(e)) => {
+            b.broken = true;
+            Some(Refusal::new(
+                sqlstate::CONNECTION_FAILURE,
+                format!("the connection to shard {} was lost before the commit ({e}); the transaction was rolled back", s.node.routing.shard_name(t)),
+            ))
+        }
+    }
+}
+
 /// Commits atomically the transactions open on `shards` (each attached to
 /// `s` and inside a transaction block, nothing owed). On return every
 /// backend of `shards` is outside a transaction (or marked broken).
@@ -134,6 +178,9 @@ pub(crate) async fn commit<S: AsyncRead + AsyncWrite + Unpin + Send>(
         if failure.is_none() {
             failure = r;
         }
+    }
+    if failure.is_none() && s.txn.schema_changed {
+        failure = unique_outside_key(s, shards[0]).await;
     }
     let mut prepared: Vec<usize> = Vec::new();
     if failure.is_none() {

@@ -111,7 +111,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if self.txn.open() {
             // The shard joins an open transaction.
-            let begin = self.txn.begin.clone().unwrap_or_else(|| "BEGIN".into());
+            let mut begin = self.txn.begin.clone().unwrap_or_else(|| "BEGIN".into());
+            for (written, _) in &self.txn.savepoints {
+                begin.push_str("; SAVEPOINT ");
+                begin.push_str(written);
+            }
             if let Err(e) = b.hidden_query(&begin).await {
                 b.broken = true;
                 return Ok(Err(Refusal::new(
@@ -720,7 +724,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     pub(crate) fn note_sql(&mut self, sql: &str, shard: usize) {
+        self.note_set_transaction(sql);
         self.note_class(classify(sql), shard)
+    }
+
+    /// `SET TRANSACTION …` inside a transaction: kept with its BEGIN.
+    pub(crate) fn note_set_transaction(&mut self, sql: &str) {
+        if self.txn.open() && hotrepart_router::classify::set_transaction(sql) {
+            // A shard joining the transaction later begins it with the
+            // same characteristics (Sequelize: `START TRANSACTION;` then
+            // `SET TRANSACTION ISOLATION LEVEL …`).
+            let begin = self.txn.begin.get_or_insert_with(|| "BEGIN".into());
+            let stmt = sql.trim().trim_end_matches(';');
+            if !begin.ends_with(stmt) {
+                begin.push_str("; ");
+                begin.push_str(stmt);
+            }
+        }
     }
 
     /// [`Self::note_sql`] with the statement already classified.

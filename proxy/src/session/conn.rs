@@ -277,6 +277,15 @@ pub(crate) struct Txn {
     /// The shard where a statement of the transaction used a temporary
     /// object (`session/temp.rs`): PostgreSQL cannot PREPARE it there.
     pub(crate) temp_used_on: Option<usize>,
+    /// DDL ran on several shards in it (or in the statement the node wraps
+    /// in a transaction of its own): before its two-phase commit the node
+    /// checks the unique indexes of sharded tables (`exec/unique.rs`).
+    pub(crate) schema_changed: bool,
+    /// The savepoints open in it, oldest first: (name as written, name as
+    /// PostgreSQL folds it). A shard that joins the transaction takes them
+    /// after its BEGIN, and savepoint statements run on every shard of the
+    /// transaction (`session/txn.rs`, `savepoint_on_every_shard`).
+    pub(crate) savepoints: Vec<(String, String)>,
 }
 
 /// A transaction status of ReadyForQuery.

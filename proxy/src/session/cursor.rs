@@ -272,7 +272,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         sqls: Option<&[String]>,
         ext: Option<Ext<'_>>,
     ) -> Result<Result<(), Refusal>, SessionError> {
-        if !self.txn.open() {
+        if !self.txn.open() && !d.hold {
             return Ok(Err(Refusal::new(
                 sqlstate::NO_ACTIVE_SQL_TRANSACTION,
                 "DECLARE CURSOR can only be used in transaction blocks".into(),
@@ -282,7 +282,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Err(aborted()));
         }
         let what = if d.hold {
-            Some("WITH HOLD (it would have to keep a backend of every shard after the transaction)")
+            // (Django's `.iterator()` outside `atomic()` declares one;
+            // Django's DISABLE_SERVER_SIDE_CURSORS, advised for transaction
+            // pooling, reads the rows without a cursor.)
+            Some("WITH HOLD (it would have to keep a backend of every shard after the transaction; with Django, set DISABLE_SERVER_SIDE_CURSORS)")
         } else if d.scroll {
             Some("SCROLL (it is read forward only)")
         } else if d.binary {

@@ -276,8 +276,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 _ => return Ok(Ok(Arc::new(TableDefaults { cols: Vec::new() }))),
             }
         };
+        // The table as SQL reads it (`"Users"` keeps its case), as a literal.
         let (t, k) = (
-            crate::sql::quote_literal(table),
+            crate::sql::quote_literal(&crate::sql::quote_table(table)),
             crate::sql::quote_literal(&key),
         );
         let sql = format!(

@@ -683,6 +683,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // DISCARD ALL closes the cursors the session holds elsewhere.
             self.discard_cursors_except(sql, t).await?;
         }
+        self.note_set_transaction(sql);
         self.pass_query(&f, class, t);
         self.note_cursor_sent(sql, t);
         Ok(())

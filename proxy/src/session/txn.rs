@@ -3,12 +3,14 @@
 //! several ([`crate::exec::twopc`]).
 
 use super::conn::*;
+use crate::backend::conn::HiddenQueryError;
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::routing::{Decision, Kind};
 use crate::wire::tx;
 use crate::wire::{command_complete, rfq};
 use bytes::BufMut;
+use hotrepart_router::classify::SavepointOp;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -41,6 +43,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 "BEGIN/COMMIT/ROLLBACK together with other statements in one query string are not supported in a transaction that spans several shards; send them separately".into(),
             ));
             return Ok(true);
+        }
+        if d.kind == Kind::Savepoint && d.statements == 1 && self.txn.open() {
+            if let Some(r) = self.savepoint_on_every_shard(d).await? {
+                refuse(self, r);
+                return Ok(true);
+            }
         }
         // A failed statement on one shard aborts the whole transaction.
         if !ending && self.txn.open() {
@@ -158,6 +166,90 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             _ => Ok(false),
         }
+    }
+
+    /// A savepoint statement in a transaction: PostgreSQL's savepoints
+    /// cover the whole transaction, so it runs on every shard the
+    /// transaction holds — the shard the client's statement goes to (the
+    /// current one, attached first if none is) answers it, the others run
+    /// it before — and the session keeps the open savepoints, which a
+    /// shard joining later takes after its BEGIN. `ROLLBACK TO` a
+    /// savepoint thus undoes the writes made after it on every shard, and
+    /// ends the failed state of the transaction as on PostgreSQL. Some:
+    /// the error for the client (a shard refused it; the transaction is
+    /// then failed).
+    async fn savepoint_on_every_shard(
+        &mut self,
+        d: &Decision,
+    ) -> Result<Option<Refusal>, SessionError> {
+        let Some(sp) = hotrepart_router::classify::savepoint(&d.sql_text) else {
+            return Ok(None);
+        };
+        if self.be.mid_pipeline() {
+            return Ok(None);
+        }
+        if sp.op != SavepointOp::RollbackTo && self.txn.failed {
+            // PostgreSQL's 25P02, given below.
+            return Ok(None);
+        }
+        let attached: Vec<usize> = (0..self.be.slots.len())
+            .filter(|&t| self.be.slots[t].conn.is_some())
+            .collect();
+        let main = if attached.contains(&self.be.cur) {
+            self.be.cur
+        } else {
+            attached
+                .first()
+                .copied()
+                .unwrap_or_else(|| self.default_shard())
+        };
+        if let Err(r) = self.switch_to(main).await? {
+            return Ok(Some(r));
+        }
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        for t in attached.into_iter().filter(|&t| t != main) {
+            let shard = self.node.routing.shard_name(t);
+            let Some(b) = self.be.slots[t].conn.as_mut() else {
+                continue;
+            };
+            match b.hidden_query(&d.sql_text).await {
+                Ok(_) => {}
+                Err(HiddenQueryError::Server { code, message }) => {
+                    self.txn.failed = true;
+                    return Ok(Some(Refusal::new(
+                        sqlstate::intern(&code),
+                        format!("{message} (on shard {shard})"),
+                    )));
+                }
+                Err(HiddenQueryError::Wire(e)) => {
+                    b.broken = true;
+                    self.txn.failed = true;
+                    return Ok(Some(Refusal::new(
+                        sqlstate::CONNECTION_FAILURE,
+                        format!(
+                            "the connection to shard {shard} broke during {} ({e})",
+                            d.sql_text.trim()
+                        ),
+                    )));
+                }
+            }
+        }
+        let at = self.txn.savepoints.iter().rposition(|(_, n)| *n == sp.name);
+        match (sp.op, at) {
+            (SavepointOp::Take, _) => self.txn.savepoints.push((sp.written, sp.name)),
+            (SavepointOp::Release, Some(i)) => self.txn.savepoints.truncate(i),
+            (SavepointOp::RollbackTo, Some(i)) => {
+                self.txn.savepoints.truncate(i + 1);
+                // The shards that failed are back (the current one once it
+                // answers); a refusal of the node's is undone too.
+                self.txn.failed = false;
+            }
+            // Unknown: the current shard answers PostgreSQL's 3B001.
+            (_, None) => {}
+        }
+        Ok(None)
     }
 
     /// Before the client's COMMIT reaches a transaction the node failed,

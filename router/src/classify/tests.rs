@@ -711,6 +711,10 @@ fn unparsed_schema_statements_go_everywhere() {
         "CREATE TABLE t (a int GENERATED ALWAYS AS (1) STORED) WEIRD",
         "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_type WHERE typname = 'e') THEN CREATE TYPE e AS ENUM ('a'); END IF; END $$",
         "CREATE TYPE a AS ENUM ('x'); COMMENT ON TYPE a IS 'y'",
+        // Sequelize's ENUM: labels that are SQL words are values.
+        "DO 'BEGIN CREATE TYPE \"public\".\"enum_audit_action\" AS ENUM(''insert'', ''update'', ''delete'', ''Copy''); EXCEPTION WHEN duplicate_object THEN null; END';",
+        "DO $$ BEGIN CREATE TYPE k AS ENUM ('merge', 'truncate'); END $$ -- insert",
+        "DO E'BEGIN CREATE TYPE k AS ENUM (\\'insert\\'); END'",
     ] {
         assert!(
             matches!(unparsed(sql, &rels()), Unparsed::Schema(_)),
@@ -738,6 +742,9 @@ fn unparsed_statements_the_node_must_read_are_refused() {
         "CREATE UNLOGGED TABLE IF NOT EXISTS t2 AS TABLE home_t",
         "CREATE MATERIALIZED VIEW mv AS SELECT 1",
         "DO $$ BEGIN CREATE TABLE x (a int); INSERT INTO x VALUES (1); END $$",
+        "DO $$ BEGIN CREATE TABLE x (a int); EXECUTE 'insert into x values (1)'; END $$",
+        "DO 'BEGIN CREATE TABLE x (a int); EXECUTE ''delete from x''; END'",
+        "DO $$ BEGIN CREATE TABLE x (a int); EXECUTE format($q$ UPDATE x SET a = 1 $q$); END $$",
         "COMMENT ON TABLE home_t IS 'x'; SELEC 1",
         "VACUUM accounts; VACUUM home_t",
     ] {
@@ -885,4 +892,71 @@ fn functions_created_in_a_string_are_found_with_their_text() {
     .collect();
     assert_eq!(names, ["P", "f"]);
     assert!(super::created_functions("SELECT 'CREATE FUNCTION f()'").is_empty());
+}
+
+#[test]
+fn set_transaction_is_told_from_other_statements() {
+    for sql in [
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE;",
+        "set transaction isolation level repeatable read, read only",
+        "SET TRANSACTION READ WRITE",
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE",
+    ] {
+        assert!(super::set_transaction(sql), "{sql}");
+    }
+    for sql in [
+        "SET TRANSACTION SNAPSHOT '00000003-0000001B-1'",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "SET transaction_isolation = 'serializable'",
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; SELECT 1",
+        "SELECT 'SET TRANSACTION READ ONLY'",
+    ] {
+        assert!(!super::set_transaction(sql), "{sql}");
+    }
+}
+
+#[test]
+fn savepoint_statements_are_read_with_their_names() {
+    use super::{savepoint, SavepointOp::*};
+    let sp = |sql: &str| savepoint(sql).map(|s| (s.op, s.written, s.name));
+    assert_eq!(sp("SAVEPOINT s"), Some((Take, "s".into(), "s".into())));
+    assert_eq!(
+        sp("savepoint Sp_1;"),
+        Some((Take, "Sp_1".into(), "sp_1".into()))
+    );
+    assert_eq!(
+        sp("SAVEPOINT \"a-sp-1\""),
+        Some((Take, "\"a-sp-1\"".into(), "a-sp-1".into()))
+    );
+    assert_eq!(
+        sp("RELEASE SAVEPOINT x"),
+        Some((Release, "x".into(), "x".into()))
+    );
+    assert_eq!(sp("RELEASE x"), Some((Release, "x".into(), "x".into())));
+    assert_eq!(
+        sp("RELEASE savepoint"),
+        Some((Release, "savepoint".into(), "savepoint".into()))
+    );
+    assert_eq!(
+        sp("ROLLBACK TO SAVEPOINT x"),
+        Some((RollbackTo, "x".into(), "x".into()))
+    );
+    assert_eq!(
+        sp("rollback work to x"),
+        Some((RollbackTo, "x".into(), "x".into()))
+    );
+    assert_eq!(
+        sp("ROLLBACK TRANSACTION TO SAVEPOINT \"Q\"\"q\""),
+        Some((RollbackTo, "\"Q\"\"q\"".into(), "Q\"q".into()))
+    );
+    for sql in [
+        "ROLLBACK",
+        "SAVEPOINT",
+        "SAVEPOINT a; SELECT 1",
+        "RELEASE a b",
+        "ROLLBACK PREPARED 'x'",
+        "SELECT 1",
+    ] {
+        assert_eq!(sp(sql), None, "{sql}");
+    }
 }

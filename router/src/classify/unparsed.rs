@@ -156,13 +156,11 @@ fn statement(sql: &str, toks: &[Tok], relations: &[String]) -> Stmt {
             None => Stmt::Home,
         },
         "do" => {
-            let body = |ws: &[&str]| {
-                toks.iter().any(|t| {
-                    matches!(t.kind, Kind::Str(_))
-                        && names_table(&sql[t.cs..t.ce], &ws.iter().map(|w| w.to_string()).collect::<Vec<_>>())
-                            .is_some()
-                })
-            };
+            let mut words = Vec::new();
+            for t in toks.iter().filter(|t| matches!(t.kind, Kind::Str(_))) {
+                body_words(&string_value(sql, t), 0, &mut words);
+            }
+            let body = |ws: &[&str]| words.iter().any(|w| ws.contains(&w.as_str()));
             let ddl = body(&["create", "alter", "drop", "comment", "grant", "revoke"]);
             let dml = body(&["insert", "update", "delete", "merge", "copy", "truncate"]);
             match (ddl, dml) {
@@ -180,6 +178,50 @@ fn statement(sql: &str, toks: &[Tok], relations: &[String]) -> Stmt {
             Some(t) => refuse_mention(&t),
             None => Stmt::Home,
         },
+    }
+}
+
+/// The text a string token stands for: `''` undone in `'…'` and `E'…'`
+/// (and `\'` in the latter); a dollar-quoted body as it is.
+fn string_value(sql: &str, t: &Tok) -> String {
+    let content = &sql[t.cs..t.ce];
+    match sql.as_bytes().get(t.start) {
+        Some(b'$') => content.to_owned(),
+        Some(b'E' | b'e') => content.replace("\\'", "'").replace("''", "'"),
+        _ => content.replace("''", "'"),
+    }
+}
+
+/// The words of `body` (lower case), as a PL/pgSQL body's statements hold
+/// them, and those of the strings in it that may be SQL run dynamically
+/// (`EXECUTE 'INSERT …'`). A string that is a single word (`'insert'`, an
+/// enum label) is a value, not a statement: its word does not count.
+fn body_words(body: &str, depth: usize, out: &mut Vec<String>) {
+    let mut lx = Lexer::new(body);
+    while let Some(t) = lx.next() {
+        match t.kind {
+            Kind::Word => out.push(body[t.start..t.end].to_ascii_lowercase()),
+            Kind::Str(_) => {
+                let inner = string_value(body, &t);
+                let one_word = !inner.is_empty()
+                    && inner
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80);
+                if !one_word {
+                    if depth < 4 {
+                        body_words(&inner, depth + 1, out);
+                    } else {
+                        // Deeper than any real body: count it all.
+                        out.extend(
+                            inner
+                                .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                                .map(str::to_ascii_lowercase),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 

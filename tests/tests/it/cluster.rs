@@ -323,6 +323,30 @@ async fn proxyctl_changes_the_catalog_on_every_node() {
         )
         .await;
     assert!(!ok && err.contains("holds 1 row"), "{err}");
+    // A unique index without the key would be enforced per shard only.
+    db.batch_execute("CREATE TABLE mails (id bigint PRIMARY KEY, email text UNIQUE)")
+        .await
+        .unwrap();
+    let (ok, _, err) = c
+        .proxyctl(
+            2,
+            &["table", "shard", "mails", "--key", "id", "--type", "int8"],
+        )
+        .await;
+    assert!(
+        !ok && err.contains("mails_email_key") && err.contains("does not include its shard key"),
+        "{err}"
+    );
+    db.batch_execute("ALTER TABLE mails DROP CONSTRAINT mails_email_key")
+        .await
+        .unwrap();
+    let (ok, _, err) = c
+        .proxyctl(
+            2,
+            &["table", "shard", "mails", "--key", "id", "--type", "int8"],
+        )
+        .await;
+    assert!(ok, "{err}");
     let (ok, _, err) = c.proxyctl(2, &["table", "reference", "countries"]).await;
     assert!(ok, "{err}");
     converged(&c, Duration::from_secs(10)).await;

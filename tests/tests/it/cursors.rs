@@ -546,6 +546,14 @@ async fn merged_cursor_refusals() {
         .await
         .unwrap_err());
     assert_eq!(code, "25P01");
+    // WITH HOLD outside a block is valid SQL (Django's `.iterator()` in
+    // autocommit): the refusal says what is not supported.
+    let (code, msg) = err(a
+        .batch_execute("DECLARE x NO SCROLL CURSOR WITH HOLD FOR SELECT k FROM items")
+        .await
+        .unwrap_err());
+    assert_eq!(code, "0A000", "{msg}");
+    assert!(msg.contains("WITH HOLD"), "{msg}");
     // Directions other than forward.
     for dir in [
         "BACKWARD 2",

@@ -382,3 +382,87 @@ async fn ddl_on_a_temporary_table_runs_on_its_shard() {
     assert_eq!((temp_tables(0).await, temp_tables(1).await), (0, 0));
     nothing_left_open(&c).await;
 }
+
+/// A unique index of a sharded table that leaves out the shard key would
+/// be enforced by each shard on its own rows only (two shards holding the
+/// same email; `ON CONFLICT (email)` missing the other shard's row): every
+/// form that makes one is refused and rolled back on every shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_indexes_of_sharded_tables_must_include_the_key() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: "pool_size = 4".into(),
+        users: String::new(),
+        tail: "[[sharded_tables]]\nname = \"users\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
+    })
+    .await;
+    let db = c.connect().await;
+    // CREATE TABLE of the declared table with a UNIQUE column: not created.
+    let e = db
+        .batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, email text UNIQUE)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    let m = message(&e);
+    assert!(
+        m.contains("users_email_key") && m.contains("shard key \"id\""),
+        "{m}"
+    );
+    for i in 0..2 {
+        assert!(columns(&c, i, "users").await.is_empty(), "shard {i}");
+    }
+    db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, email text, org int)")
+        .await
+        .unwrap();
+    // Each form, outside and inside a transaction block, simple and
+    // extended protocol.
+    for (sql, index) in [
+        ("CREATE UNIQUE INDEX u_email ON users (email)", "u_email"),
+        (
+            "CREATE UNIQUE INDEX u_lower ON users (lower(email))",
+            "u_lower",
+        ),
+        (
+            "CREATE UNIQUE INDEX u_incl ON users (email) INCLUDE (id)",
+            "u_incl",
+        ),
+        (
+            "ALTER TABLE users ADD CONSTRAINT u_c UNIQUE (email, org)",
+            "u_c",
+        ),
+        (
+            "ALTER TABLE users ADD COLUMN code text UNIQUE",
+            "users_code_key",
+        ),
+        (
+            "ALTER TABLE users ADD CONSTRAINT u_x EXCLUDE USING btree (org WITH =)",
+            "u_x",
+        ),
+    ] {
+        let e = db.batch_execute(sql).await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{sql}: {e:?}");
+        assert!(message(&e).contains(index), "{sql}: {}", message(&e));
+        let e = db.execute(sql, &[]).await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{sql} (extended): {e:?}");
+        db.batch_execute(&format!("BEGIN; {sql}")).await.unwrap();
+        let e = db.batch_execute("COMMIT").await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{sql} in a block: {e:?}");
+        for i in 0..2 {
+            assert_eq!(index_on(&c, i, index).await, None, "{sql} on shard {i}");
+        }
+    }
+    assert_eq!(columns(&c, 0, "users").await, ["id", "email", "org"]);
+    // With the key, or on an undeclared table, it is PostgreSQL's.
+    db.batch_execute(
+        "CREATE UNIQUE INDEX u_ok ON users (email, id); \
+         ALTER TABLE users ADD CONSTRAINT u_ok2 UNIQUE (id, org); \
+         CREATE TABLE plain (id int, email text UNIQUE)",
+    )
+    .await
+    .unwrap();
+    for i in 0..2 {
+        assert_eq!(index_on(&c, i, "u_ok").await, Some(true), "shard {i}");
+        assert_eq!(index_on(&c, i, "u_ok2").await, Some(true), "shard {i}");
+    }
+    nothing_left_open(&c).await;
+}

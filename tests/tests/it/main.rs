@@ -48,6 +48,7 @@ mod reshard_verify;
 mod reshard_wasm;
 mod routing;
 mod safety;
+mod savepoints;
 mod scripts;
 mod session_mode;
 mod soak;

@@ -822,7 +822,8 @@ async fn keys_left_to_their_default_are_evaluated_on_the_home_shard() {
     o.tail.push_str(&format!(
         "[[sharded_tables]]\nname = \"accounts\"\nkey = \"id\"\ntype = \"int8\"\nseed = {SEED}\n\
          [[sharded_tables]]\nname = \"devices\"\nkey = \"uuid\"\ntype = \"uuid\"\nseed = {SEED}\n\
-         [[sharded_tables]]\nname = \"odd\"\nkey = \"id\"\ntype = \"int8\"\nseed = {SEED}\n"
+         [[sharded_tables]]\nname = \"odd\"\nkey = \"id\"\ntype = \"int8\"\nseed = {SEED}\n\
+         [[sharded_tables]]\nname = \"Mixed_T\"\nkey = \"id\"\ntype = \"int8\"\nseed = {SEED}\n"
     ));
     let c = Cluster::start(o).await;
     let snap = c.node.routing.catalog.load_full();
@@ -964,6 +965,43 @@ async fn keys_left_to_their_default_are_evaluated_on_the_home_shard() {
         }
         assert_eq!(total, rows, "{table}");
     }
+    // A mixed-case table name (Sequelize's "Users"): its defaults and
+    // columns are read under the quoted name.
+    db.batch_execute("CREATE TABLE \"Mixed_T\" (id bigserial PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let got = db
+        .simple_query("INSERT INTO \"Mixed_T\" (name) VALUES ('a'), ('b') RETURNING id")
+        .await
+        .unwrap();
+    assert_eq!(first_ints(&got), vec![1, 2]);
+    let r = db
+        .query_one(
+            "INSERT INTO \"Mixed_T\" (\"id\",\"name\") VALUES (DEFAULT,$1) RETURNING \"id\"",
+            &[&"c"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i64>(0), 3);
+    db.batch_execute("INSERT INTO \"Mixed_T\" VALUES (DEFAULT, 'd')")
+        .await
+        .unwrap();
+    let mut total = 0i64;
+    for i in 0..4 {
+        let pred = owned_predicate(&snap, &format!("s{i}"), "id");
+        let r = c
+            .direct(i)
+            .await
+            .query_one(
+                &format!("SELECT count(*), count(*) FILTER (WHERE NOT ({pred})) FROM \"Mixed_T\""),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.get::<_, i64>(1), 0, "Mixed_T: rows s{i} does not own");
+        total += r.get::<_, i64>(0);
+    }
+    assert_eq!(total, 4);
     // What is refused, in words.
     let code = |e: tokio_postgres::Error| {
         e.as_db_error()
@@ -1210,7 +1248,7 @@ async fn sequence_columns_are_numbered_once_for_all_shards() {
     let c = Cluster::start(o).await;
     let db = c.connect().await;
     db.batch_execute(
-        "CREATE TABLE orders (id bigserial PRIMARY KEY, user_id bigint NOT NULL, note text); \
+        "CREATE TABLE orders (id bigserial, user_id bigint NOT NULL, note text, PRIMARY KEY (user_id, id)); \
          CREATE TABLE events (user_id bigint NOT NULL, n int GENERATED ALWAYS AS IDENTITY, at timestamptz DEFAULT now())",
     )
     .await

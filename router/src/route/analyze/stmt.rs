@@ -212,7 +212,9 @@ impl Analyzer<'_> {
                     for asg in &du.assignments {
                         if let (Some(t), AssignmentTarget::ColumnName(n)) = (&sharded, &asg.target)
                         {
-                            if last_name(n) == t.key_column {
+                            if last_name(n) == t.key_column
+                                && !excluded_key_on_key_conflict(oc, &asg.value, &t.key_column)
+                            {
                                 return Err(unsupported(format!(
                                     "ON CONFLICT DO UPDATE of shard key column \"{}\"",
                                     t.key_column
@@ -545,4 +547,20 @@ impl Analyzer<'_> {
         p.reference_write = everywhere && write;
         Ok(p)
     }
+}
+
+/// `SET key = EXCLUDED.key` in `ON CONFLICT (…, key, …) DO UPDATE`
+/// (Sequelize's upsert sets every column so): the conflicting row has the
+/// inserted key, so the assignment changes nothing and moves no row.
+fn excluded_key_on_key_conflict(oc: &sqlparser::ast::OnConflict, value: &Expr, key: &str) -> bool {
+    let on_key = matches!(
+        &oc.conflict_target,
+        Some(sqlparser::ast::ConflictTarget::Columns { columns, .. }) if columns.iter().any(|c| norm(c) == key)
+    );
+    let excluded_key = matches!(
+        super::expr::strip(value),
+        Expr::CompoundIdentifier(parts)
+            if parts.len() == 2 && norm(&parts[0]) == "excluded" && norm(&parts[1]) == key
+    );
+    on_key && excluded_key
 }
