@@ -561,8 +561,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         return self.run_script(stmts).await;
                     }
                 }
-                // A key left to its column default (`key_default.rs`).
+                // A key left to its column default (`key_default.rs`), in
+                // an INSERT … SELECT (Django 5.2's `bulk_create`: `SELECT *
+                // FROM UNNEST(…)`) or an INSERT … VALUES.
                 if r.code == sqlstate::NOT_NULL_VIOLATION {
+                    if let Some(is) = self.insert_select_of(sql) {
+                        return self.insert_selected(is).await;
+                    }
                     if let Some(t) = self.key_default_table(sql) {
                         return self.insert_filled(sql, &t, Some(r)).await.map(|_| ());
                     }

@@ -1379,3 +1379,95 @@ async fn sequence_columns_are_numbered_once_for_all_shards() {
         .get(0);
     assert_eq!(n, 19);
 }
+
+/// What Django 5.2 sends for `bulk_create` of objects without ids
+/// (`INSERT … (cols) SELECT * FROM UNNEST(…) RETURNING id`) and for
+/// `update_or_create`/`select_for_update` on another column
+/// (`SELECT … WHERE email = … LIMIT 21 FOR UPDATE`), through 4 shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_bulk_create_and_select_for_update_over_several_shards() {
+    let c = Cluster::start(opts()).await;
+    let snap = c.node.routing.catalog.load_full();
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE users (id bigserial PRIMARY KEY, email text, age int)")
+        .await
+        .unwrap();
+    // bulk_create: ids from the home shard's sequence, in the objects'
+    // order, each row on its owner.
+    let got = db
+        .simple_query(
+            "INSERT INTO users (email, age) SELECT * FROM UNNEST(('{a@x,b@x,c@x,d@x,e@x,f@x}')::varchar[], ('{1,2,3,4,5,6}')::integer[]) RETURNING users.id",
+        )
+        .await
+        .unwrap();
+    assert_eq!(first_ints(&got), vec![1, 2, 3, 4, 5, 6]);
+    let mut total = 0i64;
+    for i in 0..4 {
+        let pred = owned_predicate(&snap, &format!("s{i}"), "id");
+        let r = c
+            .direct(i)
+            .await
+            .query_one(
+                &format!("SELECT count(*), count(*) FILTER (WHERE NOT ({pred})) FROM users"),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.get::<_, i64>(1), 0, "rows s{i} does not own");
+        total += r.get::<_, i64>(0);
+    }
+    assert_eq!(total, 6);
+    let rows: Vec<(i64, String, i32)> = db
+        .query("SELECT id, email, age FROM users ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(rows[5], (6, "f@x".to_string(), 6));
+    // select_for_update on a column that is not the key, with Django's
+    // LIMIT 21, in both protocols: the rows come back and stay locked.
+    db.batch_execute("BEGIN").await.unwrap();
+    let r = db
+        .simple_query("SELECT id FROM users WHERE age > 2 ORDER BY id LIMIT 21 FOR UPDATE")
+        .await
+        .unwrap();
+    assert_eq!(first_ints(&r), vec![3, 4, 5, 6]);
+    let r = db
+        .query(
+            "SELECT id, email FROM users WHERE email = $1 LIMIT 21 FOR UPDATE",
+            &[&"b@x"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].get::<_, i64>(0), 2);
+    let other = c.connect().await;
+    for id in [2i64, 3, 6] {
+        let e = other
+            .batch_execute(&format!(
+                "SELECT * FROM users WHERE id = {id} FOR UPDATE NOWAIT"
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code().map(|c| c.code().to_string()).as_deref(),
+            Some("55P03"),
+            "row {id} is locked: {e:?}"
+        );
+    }
+    db.batch_execute("COMMIT").await.unwrap();
+    other
+        .batch_execute("SELECT * FROM users WHERE id = 2 FOR UPDATE NOWAIT")
+        .await
+        .unwrap();
+    // Still refused where PostgreSQL refuses FOR UPDATE itself.
+    let e = db
+        .batch_execute("SELECT count(*) FROM users FOR UPDATE")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code().map(|c| c.code().to_string()).as_deref(),
+        Some("0A000")
+    );
+}

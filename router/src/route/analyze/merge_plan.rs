@@ -132,7 +132,12 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
     if !aggregated && !distinct && q.order_by.is_none() && limit.is_none() && offset.is_none() {
         return Ok(None);
     }
-    if !q.locks.is_empty() {
+    // With ORDER BY/LIMIT/OFFSET only, each shard locks the rows it
+    // returns (up to LIMIT + OFFSET): more rows than PostgreSQL would lock
+    // when the node keeps fewer, never fewer (Django's `update_or_create`
+    // sends `… WHERE email = $1 LIMIT 21 FOR UPDATE`). With aggregates or
+    // DISTINCT PostgreSQL refuses FOR UPDATE itself.
+    if !q.locks.is_empty() && (aggregated || distinct) {
         return Err("FOR UPDATE/FOR SHARE".to_owned());
     }
     if q.settings.is_some()
