@@ -127,8 +127,8 @@ pub fn is_known_aggregate(name: &str) -> bool {
     analyze::AGGREGATES.contains(&name)
 }
 pub use merge::{
-    AggregatePlan, Combined, CompareOp, HavingExpr, LimitSpec, Literal, MergePlan, Operand,
-    Partial, ShardCol, SortKey,
+    AggregatePlan, Combined, CompareOp, CountCast, HavingExpr, LimitSpec, Literal, MergePlan,
+    Operand, Partial, ShardCol, SortKey,
 };
 pub use params::{Param, ParamFormat, TextDecoder};
 

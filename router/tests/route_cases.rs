@@ -134,6 +134,7 @@ fn render_combined(c: &Combined) -> String {
     match c {
         Combined::Col(i) => format!("#{i}"),
         Combined::Avg { sum, count } => format!("avg(#{sum}/#{count})"),
+        Combined::CountAs { col, to } => format!("{to:?}(#{col})").to_lowercase(),
     }
 }
 

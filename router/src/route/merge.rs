@@ -119,6 +119,24 @@ pub enum Partial {
     BoolOr,
 }
 
+/// The type a combined count is cast to (`count(*)::int`, which
+/// node-postgres users write so that the count is not a string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CountCast {
+    /// `::smallint`, `::int2`
+    Int2,
+    /// `::int`, `::integer`, `::int4`
+    Int4,
+    /// `::bigint`, `::int8`
+    Int8,
+    /// `::numeric`, `::decimal` (no precision)
+    Numeric,
+    /// `::float8`, `::double precision`
+    Float8,
+    /// `::text`
+    Text,
+}
+
 /// A value of a combined row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Combined {
@@ -131,6 +149,14 @@ pub enum Combined {
         sum: usize,
         /// The shard column of `count(x)`.
         count: usize,
+    },
+    /// `count(…)::T`: the combined count (shard column `col`) cast to `to`
+    /// (an integer type too small for it: PostgreSQL's 22003).
+    CountAs {
+        /// The shard column of the partial `count(…)`.
+        col: usize,
+        /// The type.
+        to: CountCast,
     },
 }
 

@@ -559,6 +559,84 @@ async fn step<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("{what}: no answer within 30 s"))
 }
 
+/// `count(…)` cast to a type (`count(*)::int`, which node-postgres users
+/// write so that a count is a number, not a string) over 4 shards: the
+/// same values and column types as one PostgreSQL, in text and binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_cast_to_a_type_equal_one_postgresql() {
+    let (reference, node, _c, _reference_pg) = differential("events").await;
+    let schema = "CREATE TABLE events (id bigint NOT NULL, seq int NOT NULL, v int)";
+    reference.batch_execute(schema).await.unwrap();
+    reference
+        .batch_execute(
+            "INSERT INTO events SELECT i % 37, i, (i * 7919) % 23 FROM generate_series(1, 600) i",
+        )
+        .await
+        .unwrap();
+    node.batch_execute(schema).await.unwrap();
+    let values: Vec<String> = (1..=600)
+        .map(|i: i64| format!("({}, {i}, {})", i % 37, (i * 7919) % 23))
+        .collect();
+    node.batch_execute(&format!(
+        "INSERT INTO events (id, seq, v) VALUES {}",
+        values.join(", ")
+    ))
+    .await
+    .unwrap();
+    let queries = [
+        "SELECT count(*)::int FROM events",
+        "SELECT count(*)::int AS total FROM events WHERE id < 0",
+        "SELECT v, count(*)::int AS n, count(id)::numeric, count(*)::float8, count(*)::text, CAST(count(*) AS smallint), count(*)::bigint FROM events GROUP BY v ORDER BY v",
+        "SELECT v, count(*)::integer AS n FROM events GROUP BY v HAVING count(*) > 25 ORDER BY n DESC, v LIMIT 5",
+    ];
+    for sql in queries {
+        let want = rows(&reference, sql)
+            .await
+            .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
+        let got = rows(&node, sql)
+            .await
+            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
+        assert!(!want.is_empty(), "{sql}");
+        assert_eq!(got, want, "{sql}");
+        // The extended protocol: the column types PostgreSQL gives, values
+        // in binary where tokio-postgres asks for it.
+        let (ws, gs) = (
+            reference.prepare(sql).await.unwrap(),
+            node.prepare(sql).await.unwrap(),
+        );
+        let types = |s: &tokio_postgres::Statement| {
+            s.columns()
+                .iter()
+                .map(|c| c.type_().clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(types(&gs), types(&ws), "{sql}");
+    }
+    let n: i32 = node
+        .query_one("SELECT count(*)::int FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 600);
+    let r = node
+        .query_one(
+            "SELECT count(*)::smallint, count(*)::float8, count(*)::text FROM events WHERE v = 3",
+            &[],
+        )
+        .await
+        .unwrap();
+    let want = reference
+        .query_one(
+            "SELECT count(*)::smallint, count(*)::float8, count(*)::text FROM events WHERE v = 3",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i16>(0), want.get::<_, i16>(0));
+    assert_eq!(r.get::<_, f64>(1), want.get::<_, f64>(1));
+    assert_eq!(r.get::<_, String>(2), want.get::<_, String>(2));
+}
+
 /// Window functions partitioned by the shard key and `count`/`sum`/`avg`
 /// of `DISTINCT` key values over 4 shards: the same answers as one
 /// PostgreSQL (a key value's rows are all on one shard, which computes its

@@ -8,7 +8,8 @@ use super::value::{self, Num, Ty, ValueError};
 use crate::error::sqlstate;
 use bytes::Bytes;
 use hotrepart_router::route::{
-    AggregatePlan, Combined, CompareOp, HavingExpr, Literal, MergePlan, Operand, Partial, ShardCol,
+    AggregatePlan, Combined, CompareOp, CountCast, HavingExpr, Literal, MergePlan, Operand,
+    Partial, ShardCol,
 };
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -66,6 +67,19 @@ pub(super) fn key_ty(v: &Combined, types: &[Ty]) -> Ty {
             Some(Ty::Float) => Ty::Float,
             _ => Ty::Numeric,
         },
+        Combined::CountAs { to, .. } => Ty::of(count_cast_type(*to).0),
+    }
+}
+
+/// The type OID and length of a count cast to `to`.
+fn count_cast_type(to: CountCast) -> (u32, i16) {
+    match to {
+        CountCast::Int2 => (21, 2),
+        CountCast::Int4 => (23, 4),
+        CountCast::Int8 => (20, 8),
+        CountCast::Numeric => (1700, -1),
+        CountCast::Float8 => (701, 8),
+        CountCast::Text => (25, -1),
     }
 }
 
@@ -78,6 +92,15 @@ pub(super) fn output_field(o: &Combined, fields: &[Field]) -> Option<Field> {
             let mut f = fields.get(*sum)?.clone();
             let float = Ty::of(f.type_oid()) == Ty::Float;
             let (oid, len): (u32, i16) = if float { (701, 8) } else { (1700, -1) };
+            f.meta[0..6].fill(0);
+            f.meta[6..10].copy_from_slice(&oid.to_be_bytes());
+            f.meta[10..12].copy_from_slice(&len.to_be_bytes());
+            f.meta[12..16].copy_from_slice(&(-1i32).to_be_bytes());
+            Some(f)
+        }
+        Combined::CountAs { col, to } => {
+            let mut f = fields.get(*col)?.clone();
+            let (oid, len) = count_cast_type(*to);
             f.meta[0..6].fill(0);
             f.meta[6..10].copy_from_slice(&oid.to_be_bytes());
             f.meta[10..12].copy_from_slice(&len.to_be_bytes());
@@ -117,6 +140,27 @@ pub(super) fn combined_value<'a, R: Cols + ?Sized>(
                     Ok(Some(Cow::Owned(q.to_text().into_bytes())))
                 }
             }
+        }
+        Combined::CountAs { col, to } => {
+            let Some(v) = row.col(*col) else {
+                return Ok(None);
+            };
+            let text = utf8(v)?;
+            let n: i64 = text.parse().map_err(|_| {
+                MergeError(sqlstate::INTERNAL_ERROR, format!("invalid count {text:?}"))
+            })?;
+            let out_of_range =
+                |what: &str| MergeError(sqlstate::intern("22003"), format!("{what} out of range"));
+            Ok(Some(match to {
+                CountCast::Int2 if i16::try_from(n).is_err() => {
+                    return Err(out_of_range("smallint"))
+                }
+                CountCast::Int4 if i32::try_from(n).is_err() => {
+                    return Err(out_of_range("integer"))
+                }
+                CountCast::Float8 => Cow::Owned(float_text(n as f64).into_bytes()),
+                _ => Cow::Borrowed(v),
+            }))
         }
     }
 }

@@ -41,8 +41,8 @@ use super::expr::strip;
 use super::functions::{AGGREGATES, PURE_FUNCTIONS};
 use super::merge_need::merge_need;
 use crate::route::merge::{
-    AggregatePlan, Combined, CompareOp, HavingExpr, LimitSpec, Literal, MergePlan, Operand,
-    Partial, ShardCol, SortKey,
+    AggregatePlan, Combined, CompareOp, CountCast, HavingExpr, LimitSpec, Literal, MergePlan,
+    Operand, Partial, ShardCol, SortKey,
 };
 
 /// Internal ids of hidden columns start here (visible ones are their output
@@ -236,6 +236,7 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
             sum: pos(sum),
             count: pos(count),
         },
+        Combined::CountAs { col, to } => Combined::CountAs { col: pos(col), to },
     };
     let order_by: Vec<SortKey> = order
         .iter()
@@ -272,7 +273,7 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
             .zip(shard_order_opts)
             .map(|(k, options)| OrderByExpr {
                 expr: number(match k.value {
-                    Combined::Col(c) => c + 1,
+                    Combined::Col(c) | Combined::CountAs { col: c, .. } => c + 1,
                     Combined::Avg { sum, .. } => sum + 1,
                 }),
                 options,
@@ -408,6 +409,9 @@ fn remap_having(e: HavingExpr, pos: &impl Fn(usize) -> usize) -> HavingExpr {
             sum: pos(sum),
             count: pos(count),
         }),
+        Operand::Value(Combined::CountAs { col, to }) => {
+            Operand::Value(Combined::CountAs { col: pos(col), to })
+        }
         other => other,
     };
     match e {
@@ -593,6 +597,15 @@ impl<'k> Builder<'k> {
                     self.outputs.push(Combined::Avg { sum: id, count: id });
                 }
                 None => {
+                    if let Some((count, to)) = count_cast(expr, self.is_key)? {
+                        self.visible.push(Col {
+                            expr: count,
+                            alias,
+                            kind: ShardCol::Partial(Partial::Count),
+                        });
+                        self.outputs.push(Combined::CountAs { col: id, to });
+                        continue;
+                    }
                     if let Some(name) = first_aggregate(expr) {
                         return Err(format!(
                             "an expression over aggregate function {name}() (only bare aggregates can be combined)"
@@ -882,6 +895,43 @@ fn is_aggregate(f: &Function) -> bool {
 
 /// The supported aggregate `e` is, `None` if it is no aggregate call, or the
 /// unsupported construct.
+/// `count(…)::T` (or `CAST(count(…) AS T)`) with `T` one of
+/// [`CountCast`]'s types: the count and the type.
+fn count_cast(e: &Expr, is_key: IsKey<'_>) -> Result<Option<(Expr, CountCast)>, String> {
+    use sqlparser::ast::{DataType, ExactNumberInfo};
+    let Expr::Cast {
+        expr,
+        data_type,
+        format: None,
+        kind,
+        ..
+    } = strip(e)
+    else {
+        return Ok(None);
+    };
+    if matches!(
+        kind,
+        sqlparser::ast::CastKind::TryCast | sqlparser::ast::CastKind::SafeCast
+    ) {
+        return Ok(None);
+    }
+    if !matches!(agg_call(expr, is_key)?, Some(Agg::Simple(Partial::Count))) {
+        return Ok(None);
+    }
+    let to = match data_type {
+        DataType::SmallInt(None) | DataType::Int2(None) => CountCast::Int2,
+        DataType::Int(None) | DataType::Integer(None) | DataType::Int4(None) => CountCast::Int4,
+        DataType::BigInt(None) | DataType::Int8(None) => CountCast::Int8,
+        DataType::Numeric(ExactNumberInfo::None) | DataType::Decimal(ExactNumberInfo::None) => {
+            CountCast::Numeric
+        }
+        DataType::DoublePrecision | DataType::Float8 => CountCast::Float8,
+        DataType::Text => CountCast::Text,
+        _ => return Ok(None),
+    };
+    Ok(Some((strip(expr).clone(), to)))
+}
+
 fn agg_call(e: &Expr, is_key: IsKey<'_>) -> Result<Option<Agg>, String> {
     let Expr::Function(f) = strip(e) else {
         return Ok(None);
