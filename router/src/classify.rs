@@ -694,6 +694,95 @@ pub fn created_functions(sql: &str) -> Vec<(String, &str)> {
     out
 }
 
+/// A query string that creates a temporary PL/pgSQL function whose body
+/// is one `INSERT … RETURNING * INTO var` (with an EXCEPTION handler),
+/// and otherwise only calls and drops it — Sequelize's `findOrCreate`:
+/// `CREATE OR REPLACE FUNCTION pg_temp.testfunc(OUT response "users", …)
+/// … AS $func_…$ BEGIN INSERT INTO "users" (…) VALUES (…) RETURNING * INTO
+/// response; EXCEPTION WHEN unique_violation THEN …; END $func_…$ LANGUAGE
+/// plpgsql; SELECT … FROM pg_temp.testfunc(); DROP FUNCTION IF EXISTS
+/// pg_temp.testfunc()`. The whole string can run on the shard that owns the
+/// INSERT's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TempFunctionInsert {
+    /// `INSERT … RETURNING *` as the body holds it.
+    pub insert: String,
+    /// Where that text is in the query string (replaced by the node when
+    /// it fills a key left to its default).
+    pub at: std::ops::Range<usize>,
+}
+
+/// Reads `sql` as a [`TempFunctionInsert`]; None for anything else.
+pub fn temp_function_insert(sql: &str) -> Option<TempFunctionInsert> {
+    let statements = crate::classify::split_statements(sql)?;
+    let created = created_functions(sql);
+    let [(name, create)] = created.as_slice() else {
+        return None;
+    };
+    // Only the creation, then calls and a DROP of this very function.
+    let lower_name = name.to_ascii_lowercase();
+    let rest_ok = statements.iter().all(|st| {
+        std::ptr::eq(*st, *create) || {
+            let l = st.trim_start().to_ascii_lowercase();
+            (l.starts_with("select") || l.starts_with("drop function"))
+                && contains_ci(l.as_bytes(), format!("pg_temp.{lower_name}(").as_bytes())
+        }
+    });
+    if statements.len() < 2 || !rest_ok {
+        return None;
+    }
+    let base = create.as_ptr() as usize - sql.as_ptr() as usize;
+    let lc = create.to_ascii_lowercase();
+    if !lc.contains("pg_temp.") || !lc.contains("plpgsql") {
+        return None;
+    }
+    // The body: the one dollar-quoted string of the statement.
+    let mut lx = Lexer::new(create);
+    let mut body = None;
+    while let Some(t) = lx.next() {
+        if matches!(t.kind, Kind::Str(_)) && create.as_bytes().get(t.start) == Some(&b'$') {
+            if body.is_some() {
+                return None;
+            }
+            body = Some((t.cs, t.ce));
+        }
+    }
+    let (cs, ce) = body?;
+    let text = &create[cs..ce];
+    let mut lx = Lexer::new(text);
+    let mut toks = Vec::new();
+    while let Some(t) = lx.next() {
+        toks.push(t);
+    }
+    let word = |i: usize| {
+        toks.get(i)
+            .filter(|t| t.kind == Kind::Word)
+            .map(|t| text[t.start..t.end].to_ascii_lowercase())
+    };
+    if word(0).as_deref() != Some("begin") || word(1).as_deref() != Some("insert") {
+        return None;
+    }
+    // The INSERT ends at the first `;`, with `RETURNING * INTO var`.
+    let semi = toks.iter().position(|t| t.kind == Kind::Semi)?;
+    if semi < 6
+        || word(semi - 4).as_deref() != Some("returning")
+        || toks[semi - 3].kind != Kind::Punct(b'*')
+        || word(semi - 2).as_deref() != Some("into")
+        || !matches!(toks[semi - 1].kind, Kind::Word | Kind::Quoted)
+    {
+        return None;
+    }
+    // What follows: EXCEPTION … END, no other statement before it.
+    if word(semi + 1).as_deref() != Some("exception") {
+        return None;
+    }
+    let (from, to) = (toks[1].start, toks[semi - 3].end);
+    Some(TempFunctionInsert {
+        insert: text[from..to].to_owned(),
+        at: base + cs + from..base + cs + to,
+    })
+}
+
 /// Whether `src`, a function body, names one of `tables` (lower-case names)
 /// as a whole word, case-insensitively; the first it names. A mention in a
 /// comment or a string counts too: the body is not lexed, as refusing too

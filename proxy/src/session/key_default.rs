@@ -139,8 +139,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !self.be.owed.is_empty() {
             self.drain_owed().await?;
         }
-        let plan = match self.plan_fill(sql, table).await? {
-            Ok(Some(p)) => p,
+        let sql = match self.filled_insert(sql, table).await? {
+            Ok(Some(sql)) => sql,
             Ok(None) => {
                 return Ok(match refused {
                     Some(r) => {
@@ -155,6 +155,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(true);
             }
         };
+        Box::pin(self.on_query(super::script::query_frame(&sql))).await?;
+        Ok(true)
+    }
+
+    /// `sql` (an INSERT into sharded table `table`) with the columns it
+    /// leaves to their default filled with values evaluated on the home
+    /// shard; None: nothing to fill.
+    pub(super) async fn filled_insert(
+        &mut self,
+        sql: &str,
+        table: &str,
+    ) -> Result<Result<Option<String>, Refusal>, SessionError> {
+        let plan = match self.plan_fill(sql, table).await? {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(Ok(None)),
+            Err(r) => return Ok(Err(r)),
+        };
         let mut values = Vec::with_capacity(plan.fill.values_needed());
         for (slot, (expr, ty)) in plan.fill.slots().iter().zip(&plan.exprs) {
             let n = slot.len();
@@ -163,14 +180,68 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .await?
             {
                 Ok(v) => values.extend(v),
-                Err(r) => {
-                    self.refuse_simple(r);
-                    return Ok(true);
-                }
+                Err(r) => return Ok(Err(r)),
             }
         }
-        let sql = plan.fill.with_values(&values, plan.overriding);
-        Box::pin(self.on_query(super::script::query_frame(&sql))).await?;
+        Ok(Ok(Some(plan.fill.with_values(&values, plan.overriding))))
+    }
+
+    /// Sequelize's `findOrCreate` (router
+    /// `classify::temp_function_insert`): a string creating a temporary
+    /// function whose body inserts one row, calling and dropping it. Its
+    /// INSERT is routed (its key filled first when left to its default)
+    /// and the whole string, with that INSERT, runs on the shard that owns
+    /// the row — where the function lives and dies. False: not that shape,
+    /// or not on one shard (the caller's refusal stands).
+    pub(super) async fn temp_function_insert(&mut self, sql: &str) -> Result<bool, SessionError> {
+        let Some(tf) = hotrepart_router::classify::temp_function_insert(sql) else {
+            return Ok(false);
+        };
+        if self.txn.failed || self.be.mid_pipeline() {
+            return Ok(false);
+        }
+        let table = {
+            let snap = self.node.routing.catalog.load();
+            hotrepart_router::route::insert_table(&snap, &self.ns, &tf.insert)
+        };
+        let Some(table) = table else {
+            return Ok(false);
+        };
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let insert = match self.filled_insert(&tf.insert, &table).await? {
+            Ok(Some(filled)) => filled,
+            Ok(None) => tf.insert.clone(),
+            Err(r) => {
+                self.refuse_simple(r);
+                return Ok(true);
+            }
+        };
+        let d = match self.route_waiting(|s| s.decide_sql(&insert, None)).await {
+            Ok(d) => d,
+            Err(r) => {
+                self.refuse_simple(r);
+                return Ok(true);
+            }
+        };
+        let crate::routing::Target::Shard(t) = d.target else {
+            return Ok(false);
+        };
+        if self.temp.home.is_some_and(|h| h != t) {
+            // The session's temporary objects live on another shard.
+            return Ok(false);
+        }
+        let text = format!("{}{insert}{}", &sql[..tf.at.start], &sql[tf.at.end..]);
+        if let Err(r) = self.switch_to(t).await? {
+            self.refuse_simple(r);
+            return Ok(true);
+        }
+        if self.txn.open() {
+            self.txn.note_write(t);
+        }
+        let f = super::script::query_frame(&text);
+        self.pass_query(&f, hotrepart_router::classify::classify(&text), t);
         Ok(true)
     }
 

@@ -960,3 +960,24 @@ fn savepoint_statements_are_read_with_their_names() {
         assert_eq!(sp(sql), None, "{sql}");
     }
 }
+
+#[test]
+fn sequelizes_temporary_insert_function_is_read() {
+    let sql = "CREATE OR REPLACE FUNCTION pg_temp.testfunc(OUT response \"users\", OUT sequelize_caught_exception text) RETURNS RECORD AS $func_1a$ BEGIN INSERT INTO \"users\" (\"id\",\"username\") VALUES (DEFAULT,'foc') RETURNING * INTO response; EXCEPTION WHEN unique_violation THEN GET STACKED DIAGNOSTICS sequelize_caught_exception = PG_EXCEPTION_DETAIL; END $func_1a$ LANGUAGE plpgsql; SELECT (testfunc.response).\"id\", testfunc.sequelize_caught_exception FROM pg_temp.testfunc(); DROP FUNCTION IF EXISTS pg_temp.testfunc();";
+    let t = super::temp_function_insert(sql).expect("read");
+    assert_eq!(
+        t.insert,
+        "INSERT INTO \"users\" (\"id\",\"username\") VALUES (DEFAULT,'foc') RETURNING *"
+    );
+    assert_eq!(&sql[t.at.clone()], t.insert);
+    for other in [
+        // Two statements in the body, another call, no EXCEPTION, not temporary.
+        sql.replace("RETURNING * INTO response;", "RETURNING * INTO response; DELETE FROM users;"),
+        sql.replace("DROP FUNCTION IF EXISTS pg_temp.testfunc();", "DELETE FROM users;"),
+        sql.replace("EXCEPTION WHEN unique_violation THEN GET STACKED DIAGNOSTICS sequelize_caught_exception = PG_EXCEPTION_DETAIL; ", ""),
+        sql.replace("pg_temp.testfunc(OUT", "public.testfunc(OUT"),
+        "SELECT 1".to_string(),
+    ] {
+        assert_eq!(super::temp_function_insert(&other), None, "{other}");
+    }
+}

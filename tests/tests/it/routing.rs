@@ -1471,3 +1471,111 @@ async fn django_bulk_create_and_select_for_update_over_several_shards() {
         Some("0A000")
     );
 }
+
+/// Sequelize's `findOrCreate` sends one string: a temporary PL/pgSQL
+/// function whose body inserts the row (catching a unique violation), a
+/// call of it and its DROP. The whole string runs on the shard that owns
+/// the row — its key filled first when left to its default — in and out
+/// of a transaction block; the rows are where their keys belong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequelize_find_or_create_runs_on_the_rows_shard() {
+    let c = Cluster::start(opts()).await;
+    let snap = c.node.routing.catalog.load_full();
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE users (id bigserial PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let find_or_create = |id: &str, name: &str| {
+        format!(
+            "CREATE OR REPLACE FUNCTION pg_temp.testfunc(OUT response \"users\", OUT sequelize_caught_exception text) RETURNS RECORD AS $func_7f$ \
+             BEGIN INSERT INTO \"users\" (\"id\",\"name\") VALUES ({id},'{name}') RETURNING * INTO response; \
+             EXCEPTION WHEN unique_violation THEN GET STACKED DIAGNOSTICS sequelize_caught_exception = PG_EXCEPTION_DETAIL; END $func_7f$ LANGUAGE plpgsql; \
+             SELECT (testfunc.response).\"id\", (testfunc.response).\"name\", testfunc.sequelize_caught_exception FROM pg_temp.testfunc(); \
+             DROP FUNCTION IF EXISTS pg_temp.testfunc();"
+        )
+    };
+    let run = |sql: String| {
+        let db = &db;
+        async move {
+            db.simple_query(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{e:?}"))
+                .into_iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                        (0..3)
+                            .map(|i| r.get(i).map(str::to_owned))
+                            .collect::<Vec<_>>(),
+                    ),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    // The key left to its default: the home shard's sequence numbers it.
+    let got = run(find_or_create("DEFAULT", "a")).await;
+    assert_eq!(got, vec![vec![Some("1".into()), Some("a".into()), None]]);
+    // Created again with the same key: the function catches PostgreSQL's
+    // unique violation on the row's shard.
+    let got = run(find_or_create("1", "again")).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0][0], None);
+    assert_eq!(got[0][2].as_deref(), Some("Key (id)=(1) already exists."));
+    // Explicit keys of every shard, and inside a transaction block after a
+    // read of every shard (Sequelize wraps findOrCreate so).
+    let keys: Vec<i64> = (0..4)
+        .map(|s| {
+            (100..10_000)
+                .find(|&k| {
+                    snap.range_for_key("users", &hotrepart_router::catalog::KeyValue::Int8(k))
+                        .unwrap()
+                        .write_owner
+                        .as_str()
+                        == format!("s{s}")
+                })
+                .unwrap()
+        })
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        if i % 2 == 0 {
+            run(find_or_create(&k.to_string(), "k")).await;
+        } else {
+            db.batch_execute("START TRANSACTION; SELECT count(*) FROM users WHERE name = 'k'")
+                .await
+                .unwrap();
+            run(find_or_create(&k.to_string(), "k")).await;
+            db.batch_execute("COMMIT").await.unwrap();
+        }
+    }
+    // Every row on the shard that owns its key, once.
+    let mut total = 0i64;
+    for i in 0..4 {
+        let pred = owned_predicate(&snap, &format!("s{i}"), "id");
+        let r = c
+            .direct(i)
+            .await
+            .query_one(
+                &format!("SELECT count(*), count(*) FILTER (WHERE NOT ({pred})) FROM users"),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.get::<_, i64>(1), 0, "rows s{i} does not own");
+        total += r.get::<_, i64>(0);
+    }
+    assert_eq!(total, 5);
+    // No temporary function is left behind on any shard.
+    for i in 0..4 {
+        let n: i64 = c
+            .direct(i)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_proc WHERE proname = 'testfunc'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "s{i}");
+    }
+}

@@ -477,17 +477,16 @@ async fn functions_over_sharded_tables_are_refused_unless_hinted() {
         let e = db.query(&sql, &[]).await.expect_err(&sql);
         assert_eq!(code(&e), "0A000", "{sql}: {e:?}");
     }
-    // Created and called in one string (Sequelize's findOrCreate): the
-    // body is not in pg_proc yet when the string is routed; it was run on
-    // the home shard, whatever shard the row's key belongs to.
+    // Created and called in one string: the body is not in pg_proc yet
+    // when the string is routed; it used to run on the home shard. (The
+    // shape Sequelize's findOrCreate sends, one INSERT in a temporary
+    // function, runs on its row's shard instead:
+    // `routing::sequelize_find_or_create_runs_on_the_rows_shard`.)
     for (name, sql) in [
         (
-            "testfunc",
+            "ins",
             format!(
-                "CREATE OR REPLACE FUNCTION pg_temp.testfunc(OUT response \"users\", OUT sequelize_caught_exception text) RETURNS RECORD AS $func_1$ \
-                 BEGIN INSERT INTO \"users\" (\"id\",\"v\") VALUES ({b},'y') RETURNING * INTO response; \
-                 EXCEPTION WHEN unique_violation THEN GET STACKED DIAGNOSTICS sequelize_caught_exception = PG_EXCEPTION_DETAIL; END $func_1$ LANGUAGE plpgsql; \
-                 SELECT (testfunc.response).\"id\", testfunc.sequelize_caught_exception FROM pg_temp.testfunc(); DROP FUNCTION IF EXISTS pg_temp.testfunc();"
+                "CREATE FUNCTION pg_temp.ins() RETURNS void LANGUAGE sql AS $f$ INSERT INTO users (id, v) VALUES ({b}, 'z') $f$; SELECT pg_temp.ins(); DROP FUNCTION pg_temp.ins()"
             ),
         ),
         (
