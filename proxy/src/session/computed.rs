@@ -189,21 +189,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 ),
             )));
         }
-        let t = match source.target {
-            Target::Shard(t) => t,
-            Target::Any => self.default_shard(),
+        // Where the SELECT runs: one shard, or several whose rows are
+        // concatenated (a read that needs no merge; each shard's text hides
+        // the rows of a range it holds without owning).
+        let parts: Vec<(usize, String)> = match &source.target {
+            Target::Shard(t) => vec![(*t, is.select_sql.clone())],
+            Target::Any => vec![(self.default_shard(), is.select_sql.clone())],
+            Target::Multi { shards, sqls } if source.merge.is_none() => shards
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| {
+                    let text = sqls
+                        .as_ref()
+                        .and_then(|v| v.get(i).cloned())
+                        .unwrap_or_else(|| is.select_sql.clone());
+                    (t, text)
+                })
+                .collect(),
             Target::Multi { .. } => {
                 return Ok(Err(Refusal::new(
                     sqlstate::FEATURE_NOT_SUPPORTED,
                     format!(
-                        "INSERT INTO {table} … SELECT whose SELECT reads several shards is not supported through hotrepart; insert from a query on one shard (a key, or tables that are not sharded), or use COPY"
+                        "INSERT INTO {table} … SELECT whose SELECT merges rows of several shards (ORDER BY, LIMIT, DISTINCT, aggregates) is not supported through hotrepart; insert from a query the shards can answer row by row, from one shard, or use COPY"
                     ),
                 )))
             }
         };
-        if let Err(r) = self.switch_to(t).await? {
-            return Ok(Err(r));
-        }
         let n = is.columns_sql.len();
         let max = self.node.cfg().max_merge_rows;
         let names: Vec<String> = (1..=n).map(|i| format!("hr_c{i}")).collect();
@@ -221,26 +232,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             String::new()
         };
-        let sql = format!(
-            "SELECT {} FROM ({}) AS hr_s({}){limit}",
-            cols.join(", "),
-            is.select_sql,
-            names.join(", ")
-        );
-        let rows = match self
-            .query_on(t, &sql, "computing the rows of an INSERT … SELECT")
-            .await
-        {
-            Ok(rows) => rows,
-            Err(r) => return Ok(Err(r)),
-        };
-        if max > 0 && rows.len() > max {
-            return Ok(Err(Refusal::new(
-                sqlstate::OUT_OF_MEMORY,
-                format!(
-                    "INSERT INTO {table} … SELECT through hotrepart computes its rows in the node: more than {max} rows (max_merge_rows); insert in smaller parts, or use COPY"
-                ),
-            )));
+        let mut rows = Vec::new();
+        for (t, select) in parts {
+            if let Err(r) = self.switch_to(t).await? {
+                return Ok(Err(r));
+            }
+            let sql = format!(
+                "SELECT {} FROM ({select}) AS hr_s({}){limit}",
+                cols.join(", "),
+                names.join(", ")
+            );
+            match self
+                .query_on(t, &sql, "computing the rows of an INSERT … SELECT")
+                .await
+            {
+                Ok(r) => rows.extend(r),
+                Err(r) => return Ok(Err(r)),
+            }
+            if max > 0 && rows.len() > max {
+                return Ok(Err(Refusal::new(
+                    sqlstate::OUT_OF_MEMORY,
+                    format!(
+                        "INSERT INTO {table} … SELECT through hotrepart computes its rows in the node: more than {max} rows (max_merge_rows); insert in smaller parts, or use COPY"
+                    ),
+                )));
+            }
         }
         let Some(first) = rows.first() else {
             return Ok(Ok(Vec::new()));

@@ -687,12 +687,12 @@ async fn insert_select_splits_the_selected_rows_by_key() {
     }
     assert_eq!(total, 51);
     // Refused: a type PostgreSQL would convert otherwise than by its text
-    // form, a source on several shards, too many columns; PostgreSQL's own
-    // errors come back.
+    // form, a source whose rows the node would have to merge, too many
+    // columns; PostgreSQL's own errors come back.
     for (sql, want) in [
         ("INSERT INTO users (id, name) SELECT 1.5, 'x'", "42804"),
         (
-            "INSERT INTO users (id, name) SELECT id + 5000, name FROM users",
+            "INSERT INTO users (id, name) SELECT id + 5000, name FROM users ORDER BY id LIMIT 3",
             "0A000",
         ),
         (
@@ -718,6 +718,42 @@ async fn insert_select_splits_the_selected_rows_by_key() {
         .unwrap()
         .get(0);
     assert_eq!(n, 51);
+    // A source on every shard (not co-located with the target's keys):
+    // the shards' rows are concatenated and inserted split by key, in a
+    // transaction block too.
+    db.batch_execute("INSERT INTO users (id, name) SELECT id + 5000, name FROM users")
+        .await
+        .unwrap();
+    db.batch_execute(
+        "BEGIN; INSERT INTO users (id, name) SELECT id + 20000, 'copy' FROM users WHERE id > 5000; COMMIT",
+    )
+    .await
+    .unwrap();
+    let mut total = 0i64;
+    for i in 0..4 {
+        let pred = owned_predicate(&snap, &format!("s{i}"), "id");
+        let r = c
+            .direct(i)
+            .await
+            .query_one(
+                &format!("SELECT count(*), count(*) FILTER (WHERE NOT ({pred})) FROM users"),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.get::<_, i64>(1), 0, "rows s{i} does not own");
+        total += r.get::<_, i64>(0);
+    }
+    assert_eq!(total, 51 * 3);
+    let copies: i64 = db
+        .query_one(
+            "SELECT count(*) FROM users WHERE id > 20000 AND name = 'copy'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(copies, 51);
 }
 
 /// Issue 14: `INSERT INTO sharded VALUES …` without a column list (as
