@@ -216,6 +216,7 @@ fn render_plan(p: &MergePlan) -> String {
                 match c {
                     ShardCol::GroupKey => "key",
                     ShardCol::Plain => "val",
+                    ShardCol::Distinct => "distinct",
                     ShardCol::Partial(Partial::Count) => "count",
                     ShardCol::Partial(Partial::Sum) => "sum",
                     ShardCol::Partial(Partial::Min) => "min",
@@ -603,7 +604,7 @@ fn messages_name_the_construct() {
         },
     };
     assert!(msg("SELECT id, rank() OVER (ORDER BY id) FROM users").contains("rank()"));
-    assert!(msg("SELECT count(DISTINCT name) FROM users").contains("count(DISTINCT"));
+    assert!(msg("SELECT sum(DISTINCT name) FROM users").contains("sum(DISTINCT"));
     assert!(msg("SELECT string_agg(name, ',') FROM users").contains("string_agg()"));
     assert!(msg("SELECT count(*) + 1 FROM users").contains("count()"));
     assert!(msg("SELECT * FROM users ORDER BY id; SELECT 1").contains("several statements"));

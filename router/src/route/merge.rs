@@ -13,7 +13,11 @@
 //!    one group; each [`ShardCol::Partial`] column is combined across the
 //!    group's rows, [`ShardCol::GroupKey`] and [`ShardCol::Plain`] columns are
 //!    taken from any row (they are equal within a group). With an empty
-//!    `group_by` every shard sends exactly one row and they form one group.
+//!    `group_by` every shard sends exactly one row and they form one group
+//!    (with [`ShardCol::Distinct`] columns, one row per distinct value, or
+//!    none: the executor then answers the row of an empty input).
+//!    [`ShardCol::Distinct`] columns become their group's count of distinct
+//!    values.
 //! 3. **HAVING** ([`AggregatePlan::having`]) filters the combined groups.
 //! 4. **Outputs**: the client row is [`AggregatePlan::outputs`] (aggregated
 //!    plans) or the shard row without its first [`MergePlan::hidden`]
@@ -99,6 +103,11 @@ pub enum ShardCol {
     Plain,
     /// A partial aggregate, combined across the group's rows.
     Partial(Partial),
+    /// `count(DISTINCT x)` of a value that is not the shard key: the shards
+    /// group by `x` too (this column), one row per distinct value; the
+    /// executor counts a group's distinct non-NULL values (compared as
+    /// GROUP BY compares them). The column then holds that count (int8).
+    Distinct,
 }
 
 /// How partial aggregates combine. NULL partials are ignored; the result is

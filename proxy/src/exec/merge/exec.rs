@@ -19,8 +19,8 @@
 //! uses the C collation; anything else is an error naming what is missing.
 
 use super::combine::*;
-use super::packed::{GroupIndex, Packed};
-use super::value::Ty;
+use super::packed::{Cols, GroupIndex, Packed};
+use super::value::{self, Ty};
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
 use crate::exec::multi::ShardStreams;
@@ -30,7 +30,9 @@ use crate::wire::{self, Frame, Severity, WireError};
 use crate::wire::{be, fe, tx};
 use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, Bytes, BytesMut};
-use hotrepart_router::route::{HavingExpr, LimitSpec, MergePlan, Operand, Partial, ShardCol};
+use hotrepart_router::route::{
+    Combined, HavingExpr, LimitSpec, MergePlan, Operand, Partial, ShardCol,
+};
 use postgres_protocol::message::frontend;
 use std::cmp::Ordering;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -558,7 +560,28 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     offset: u64,
     limit: Option<u64>,
 ) -> Result<Result<u64, MergeError>, SessionError> {
-    let types: Vec<Ty> = fields.iter().map(|f| Ty::of(f.type_oid())).collect();
+    // The values counted DISTINCT (`ShardCol::Distinct`): their own types
+    // to compare them, int8 once counted.
+    let value_types: Vec<Ty> = fields.iter().map(|f| Ty::of(f.type_oid())).collect();
+    let dcols: Vec<usize> = plan
+        .aggregate
+        .as_ref()
+        .map(|a| {
+            a.shard_cols
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c == ShardCol::Distinct)
+                .map(|(i, _)| i)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut types = value_types.clone();
+    for &i in &dcols {
+        if let Some(t) = types.get_mut(i) {
+            *t = Ty::Int;
+        }
+    }
+    let types = types;
     // Text is ordered (sort keys, min/max) only under the C collation.
     let orders_text = plan
         .order_by
@@ -626,6 +649,20 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         },
     };
+    // A distinct count is an int8, whatever the type of the values.
+    let mut out_fields = out_fields;
+    if let Some(a) = &plan.aggregate {
+        for (k, o) in a.outputs.iter().enumerate() {
+            if let (Combined::Col(c), Some(f)) = (o, out_fields.get_mut(k)) {
+                if dcols.contains(c) {
+                    f.meta[0..6].fill(0);
+                    f.meta[6..10].copy_from_slice(&20u32.to_be_bytes());
+                    f.meta[10..12].copy_from_slice(&8i16.to_be_bytes());
+                    f.meta[12..16].copy_from_slice(&(-1i32).to_be_bytes());
+                }
+            }
+        }
+    }
     // Columns the client wants in binary: their type OIDs (0: text).
     let binary: Vec<u32> = out_fields
         .iter()
@@ -721,7 +758,9 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut groups: Vec<Packed> = Vec::new();
     let mut index = GroupIndex::default();
     let mut key = Vec::new();
-    // Bytes held: the kept rows and the group keys.
+    // Per group, per distinct column: the values seen (as GROUP BY keys).
+    let mut seen: Vec<Vec<std::collections::HashSet<Vec<u8>>>> = Vec::new();
+    // Bytes held: the kept rows, the group keys and the distinct values.
     let mut held: usize = 0;
     for i in 0..st.shards.len() {
         while let Some(row) = st.next_packed(&mut s.be, i).await? {
@@ -741,6 +780,27 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 return Ok(Err(e));
             }
             let (g, new) = index.find_or_insert(&key);
+            if !dcols.is_empty() {
+                // The group's distinct values.
+                let gi = g as usize;
+                if seen.len() <= gi {
+                    seen.resize_with(gi + 1, || vec![Default::default(); dcols.len()]);
+                }
+                for (j, &c) in dcols.iter().enumerate() {
+                    let Some(v) = row.col(c) else { continue };
+                    let k = match value::group_key(value_types[c], v) {
+                        Ok(k) => k,
+                        Err(e) => return Ok(Err(e.into())),
+                    };
+                    let len = k.len();
+                    if seen[gi][j].insert(k) {
+                        held += len + 32;
+                    }
+                }
+                if held > max_bytes {
+                    return Ok(Err(too_big(max_bytes, groups.len())));
+                }
+            }
             if new {
                 if groups.len() >= max_rows {
                     return Ok(Err(too_many(max_rows)));
@@ -777,6 +837,39 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // From here on only the combined rows are kept: outputs are computed
     // as they are sent (memory: one row per group, not two).
     drop(index);
+    if let (Some(a), false) = (&plan.aggregate, dcols.is_empty()) {
+        if a.group_by.is_empty() && groups.is_empty() && !st.shards.is_empty() {
+            // The shards grouped by the distinct values and sent no row:
+            // the answer of an empty input (counts 0, other aggregates NULL).
+            let zero: &[u8] = b"0";
+            let vals: Vec<Option<&[u8]>> = a
+                .shard_cols
+                .iter()
+                .map(|c| match c {
+                    ShardCol::Partial(Partial::Count) | ShardCol::Distinct => Some(zero),
+                    _ => None,
+                })
+                .collect();
+            groups.push(Packed::pack(&vals));
+            seen.push(vec![Default::default(); dcols.len()]);
+        }
+        // Each distinct column becomes its group's count.
+        for (g, row) in groups.iter_mut().enumerate() {
+            let counts: Vec<String> = (0..dcols.len())
+                .map(|j| seen.get(g).map_or(0, |s| s[j].len()).to_string())
+                .collect();
+            let vals: Vec<Option<&[u8]>> = row
+                .values()
+                .enumerate()
+                .map(|(i, v)| match dcols.iter().position(|&c| c == i) {
+                    Some(j) => Some(counts[j].as_bytes()),
+                    None => v,
+                })
+                .collect();
+            *row = Packed::pack(&vals);
+        }
+        drop(seen);
+    }
     let output = |g: &Packed| -> Result<Row, MergeError> {
         match &plan.aggregate {
             Some(a) => a

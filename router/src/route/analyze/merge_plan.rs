@@ -208,6 +208,62 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
     }
     if aggregated {
         b.check_plain()?;
+        // Without GROUP BY the shards group by the distinct values and an
+        // empty input gives no row: the node answers it, but cannot compute
+        // a plain value for it.
+        // The shards then group more finely: partial aggregates of DISTINCT
+        // shard keys no longer add up (a key is in several of a group's
+        // rows) — `count(DISTINCT key)` is counted by the node as well,
+        // `sum`/`avg(DISTINCT key)` refused.
+        if b.visible
+            .iter()
+            .chain(&b.hidden)
+            .any(|c| c.kind == ShardCol::Distinct)
+        {
+            for c in b.visible.iter_mut().chain(b.hidden.iter_mut()) {
+                let ShardCol::Partial(p) = c.kind else {
+                    continue;
+                };
+                let Expr::Function(f) = strip(&c.expr) else {
+                    continue;
+                };
+                let FunctionArguments::List(list) = &f.args else {
+                    continue;
+                };
+                if list.duplicate_treatment != Some(DuplicateTreatment::Distinct) {
+                    continue;
+                }
+                match (p, list.args.as_slice()) {
+                    (Partial::Count, [FunctionArg::Unnamed(FunctionArgExpr::Expr(x))])
+                        if f.filter.is_none() =>
+                    {
+                        let x = strip(x).clone();
+                        if c.alias.is_none() {
+                            c.alias = Some(Ident::new("count"));
+                        }
+                        c.expr = x;
+                        c.kind = ShardCol::Distinct;
+                    }
+                    (Partial::Min | Partial::Max | Partial::BoolAnd | Partial::BoolOr, _) => {}
+                    _ => {
+                        return Err(format!(
+                            "{}(DISTINCT …) beside count(DISTINCT …) of another column",
+                            last_name(&f.name)
+                        ))
+                    }
+                }
+            }
+        }
+        let cols = || b.visible.iter().chain(&b.hidden);
+        if b.group_by.is_empty()
+            && cols().any(|c| c.kind == ShardCol::Distinct)
+            && cols().any(|c| c.kind == ShardCol::Plain)
+        {
+            return Err(
+                "count(DISTINCT …) beside a value that is not an aggregate, without GROUP BY"
+                    .to_owned(),
+            );
+        }
     }
 
     // Can the shards sort, and can the limit go down?
@@ -220,7 +276,14 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
             .iter()
             .all(|g| order.iter().any(|k| k.value == Combined::Col(*g)));
     let shards_sorted = !order.is_empty() && (!aggregated || by_group_key);
-    let push_limit = !aggregated || (by_group_key && having.is_none() && !distinct);
+    // (Shards grouping by counted DISTINCT values too send several rows
+    // per group: a limit there would cut groups.)
+    let finer = b
+        .visible
+        .iter()
+        .chain(&b.hidden)
+        .any(|c| c.kind == ShardCol::Distinct);
+    let push_limit = !aggregated || (by_group_key && having.is_none() && !distinct && !finer);
     let pushed = if push_limit {
         pushed_limit(limit, offset)
     } else {
@@ -259,8 +322,22 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
         projection.extend(b.visible.iter().map(Col::item));
         ss.having = None;
         ss.distinct = None;
+        // The shards also group by the values counted DISTINCT.
+        let distinct_cols = b
+            .hidden
+            .iter()
+            .enumerate()
+            .map(|(j, c)| (HIDDEN + j, c))
+            .chain(b.visible.iter().enumerate())
+            .filter(|(_, c)| c.kind == ShardCol::Distinct)
+            .map(|(id, _)| id);
         ss.group_by = GroupByExpr::Expressions(
-            b.group_by.iter().map(|&g| number(pos(g) + 1)).collect(),
+            b.group_by
+                .iter()
+                .copied()
+                .chain(distinct_cols)
+                .map(|g| number(pos(g) + 1))
+                .collect(),
             Vec::new(),
         );
     } else {
@@ -461,6 +538,8 @@ impl Col {
 /// A supported aggregate call.
 enum Agg {
     Simple(Partial),
+    /// `count(DISTINCT x)`, `x` not the shard key: the value `x`.
+    CountDistinct(Box<Expr>),
     /// `avg(x)`: the `sum(x)` and `count(x)` calls to send.
     Avg {
         sum: Box<Expr>,
@@ -523,11 +602,19 @@ impl<'k> Builder<'k> {
             .unwrap_or_else(|| self.add_hidden(expr, kind))
     }
 
+    /// The column of `count(DISTINCT x)` (reused, else hidden).
+    fn distinct(&mut self, x: Expr) -> usize {
+        self.find(|c| c.kind == ShardCol::Distinct && c.expr == x)
+            .unwrap_or_else(|| self.add_hidden(x, ShardCol::Distinct))
+    }
+
     /// The column of an aggregate-free expression (reused, else hidden).
     fn value(&mut self, e: &Expr) -> usize {
         let e = strip(e);
-        self.find(|c| !matches!(c.kind, ShardCol::Partial(_)) && strip(&c.expr) == e)
-            .unwrap_or_else(|| self.add_hidden(e.clone(), ShardCol::Plain))
+        self.find(|c| {
+            !matches!(c.kind, ShardCol::Partial(_) | ShardCol::Distinct) && strip(&c.expr) == e
+        })
+        .unwrap_or_else(|| self.add_hidden(e.clone(), ShardCol::Plain))
     }
 
     /// An expression of an aggregated query as a combined value.
@@ -538,6 +625,7 @@ impl<'k> Builder<'k> {
                 sum: self.partial(Partial::Sum, *sum),
                 count: self.partial(Partial::Count, *count),
             }),
+            Some(Agg::CountDistinct(x)) => Ok(Combined::Col(self.distinct(*x))),
             None => {
                 if let Some(name) = first_aggregate(e) {
                     return Err(format!(
@@ -583,6 +671,15 @@ impl<'k> Builder<'k> {
                         expr: strip(expr).clone(),
                         alias,
                         kind: ShardCol::Partial(p),
+                    });
+                    self.outputs.push(Combined::Col(id));
+                }
+                Some(Agg::CountDistinct(x)) => {
+                    // PostgreSQL names the column `count`.
+                    self.visible.push(Col {
+                        expr: *x,
+                        alias: Some(alias.unwrap_or_else(|| Ident::new("count"))),
+                        kind: ShardCol::Distinct,
                     });
                     self.outputs.push(Combined::Col(id));
                 }
@@ -980,6 +1077,13 @@ fn agg_call(e: &Expr, is_key: IsKey<'_>) -> Result<Option<Agg>, String> {
     let of_key = matches!(list.args.as_slice(),
         [FunctionArg::Unnamed(FunctionArgExpr::Expr(a))] if is_key(a));
     if list.duplicate_treatment == Some(DuplicateTreatment::Distinct) && !idempotent && !of_key {
+        if let (Some(Partial::Count), [FunctionArg::Unnamed(FunctionArgExpr::Expr(x))], None) =
+            (partial, list.args.as_slice(), &f.filter)
+        {
+            if first_aggregate(x).is_none() {
+                return Ok(Some(Agg::CountDistinct(Box::new(strip(x).clone()))));
+            }
+        }
         return Err(format!("aggregate function {name}(DISTINCT …)"));
     }
     Ok(Some(match partial {

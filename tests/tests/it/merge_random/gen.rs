@@ -462,6 +462,16 @@ impl Gen {
         match self.rng.random_range(0..16) {
             0 | 1 => ("count(*)".into(), Ty::Int, rows / 4, Norm::None),
             2 | 3 => {
+                if self.chance(0.3) {
+                    // Counted by the node from the shards' distinct values.
+                    let (c, _) = *self.pick(&ordered);
+                    return (
+                        format!("count(DISTINCT {c})"),
+                        Ty::Int,
+                        rows / 4,
+                        Norm::None,
+                    );
+                }
                 let (c, _) = *self.pick(COLUMNS);
                 (format!("count({c})"), Ty::Int, rows / 4, Norm::None)
             }
@@ -778,9 +788,9 @@ impl Gen {
         let num = *self.pick(&["qty", "grp", "price"]);
         let wh = self.where_clause();
         let sql = match self.rng.random_range(0..12) {
-            0 => format!("SELECT count(DISTINCT {c}) FROM items{wh}"),
+            0 => format!("SELECT sum(DISTINCT {num}) FROM items{wh}"),
             1 => {
-                format!("SELECT grp, count(DISTINCT {c}) FROM items{wh} GROUP BY grp ORDER BY grp")
+                format!("SELECT grp, count(DISTINCT {c}) FILTER (WHERE flag) FROM items{wh} GROUP BY grp ORDER BY grp")
             }
             2 => format!("SELECT string_agg(cat, ',') FROM items{wh}"),
             3 => format!("SELECT grp, array_agg({c}) FROM items{wh} GROUP BY grp"),
