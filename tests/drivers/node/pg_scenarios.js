@@ -235,6 +235,103 @@ async function shardedKeys() {
   })
 }
 
+async function sequelizeOrm() {
+  // Sequelize 6 over pg, on a table named as Sequelize names it by default
+  // (model DrvSqUser: table "DrvSqUsers", mixed case, a SERIAL key the
+  // tests shard by, an ENUM column whose type sync() creates in a DO
+  // block): sync, create, bulkCreate returning the keys, findByPk, findAll
+  // with where/order/limit, count, increment, upsert (ON CONFLICT ("id") DO
+  // UPDATE SET "id"=EXCLUDED."id", …), a REPEATABLE READ managed
+  // transaction over both shards, a nested transaction (a savepoint) whose
+  // unique violation is rolled back while the outer one commits,
+  // bulkCreate with updateOnDuplicate, findOrCreate (its temporary
+  // function inserting the row), destroy, a raw query. Keys and values as
+  // PostgreSQL's.
+  const { Sequelize, DataTypes, Op, QueryTypes, Transaction } = require('sequelize')
+  const sq = new Sequelize(DSN, {
+    dialect: 'postgres',
+    logging: false,
+    pool: { max: 2 },
+    dialectOptions: { connectionTimeoutMillis: 10000 },
+  })
+  const User = sq.define('DrvSqUser', {
+    name: DataTypes.STRING,
+    n: { type: DataTypes.INTEGER, defaultValue: 0 },
+    role: { type: DataTypes.ENUM('admin', 'member'), defaultValue: 'member' },
+  })
+  const plain = (u) => [u.id, u.name, u.n, u.role]
+  const out = {}
+  try {
+    await User.sync({ force: true })
+    const first = await User.create({ name: 'u1', n: 1, role: 'admin' })
+    out.create = first.id
+    const bulk = await User.bulkCreate(
+      [2, 3, 4, 5, 6, 7, 8, 9].map((i) => ({ name: `u${i}`, n: i })),
+      { returning: true }
+    )
+    out.bulkCreate = bulk.map((u) => u.id)
+    eq('bulkCreate ids', out.bulkCreate, [2, 3, 4, 5, 6, 7, 8, 9])
+    out.findByPk = plain(await User.findByPk(5))
+    out.findAll = (await User.findAll({ where: { n: { [Op.gte]: 4 } }, order: [['n', 'DESC']], limit: 3 })).map(plain)
+    out.count = await User.count({ where: { role: 'member' } })
+    await User.increment('n', { by: 10, where: { id: [1, 2, 3] } })
+    await first.increment('n', { by: 100 })
+    out.increment = (await User.findAll({ where: { id: [1, 2, 3] }, order: [['id', 'ASC']] })).map(plain)
+    const [up, upCreated] = await User.upsert({ id: 4, name: 'up4', n: 40 })
+    const [fresh, freshCreated] = await User.upsert({ id: 100, name: 'up100', n: 1 })
+    out.upsert = [plain(up), upCreated, plain(fresh), freshCreated]
+    // bulkCreate's own upsert: ON CONFLICT ("id") DO UPDATE SET "name"=EXCLUDED."name", …
+    const dup = await User.bulkCreate(
+      [{ id: 6, name: 'dup6', n: 60 }, { id: 7, name: 'dup7', n: 70 }],
+      { updateOnDuplicate: ['name', 'n'] }
+    )
+    out.updateOnDuplicate = dup.map(plain)
+    // findOrCreate: a temporary function whose body inserts the row, run
+    // on the shard owning the row's key (filled first from the sequence).
+    const [made, madeCreated] = await User.findOrCreate({ where: { name: 'foc' }, defaults: { n: 3 } })
+    const [found, foundCreated] = await User.findOrCreate({ where: { name: 'foc' }, defaults: { n: 4 } })
+    out.findOrCreate = [plain(made), madeCreated, plain(found), foundCreated]
+
+    // Rows on both shards in one REPEATABLE READ transaction.
+    out.repeatableRead = await sq.transaction(
+      { isolationLevel: Transaction.ISOLATION_LEVELS.REPEATABLE_READ },
+      async (t) => {
+        const [level] = await sq.query('SHOW transaction_isolation', { type: QueryTypes.SELECT, transaction: t })
+        await User.update({ n: sq.literal('"n" + 1') }, { where: { id: { [Op.between]: [5, 9] } }, transaction: t })
+        const made = await User.create({ name: 'rr' }, { transaction: t })
+        const sum = await User.sum('n', { where: { id: { [Op.between]: [5, 9] } }, transaction: t })
+        return [level.transaction_isolation, made.id, sum]
+      }
+    )
+
+    // A nested transaction is a savepoint: its rows (on both shards) are
+    // undone by the unique violation, the outer transaction commits.
+    out.nested = await sq.transaction(async (outer) => {
+      const o = await User.create({ name: 'outer' }, { transaction: outer })
+      let err
+      try {
+        await sq.transaction({ transaction: outer }, async (inner) => {
+          await User.bulkCreate([0, 1, 2, 3].map((i) => ({ name: `inner${i}` })), { transaction: inner })
+          await User.create({ id: 2, name: 'dup' }, { transaction: inner })
+        })
+      } catch (e) {
+        err = `${e.name} ${e.parent && e.parent.code}`
+      }
+      const a = await User.create({ name: 'after' }, { transaction: outer })
+      return [o.id, err, a.id]
+    })
+    eq('inner rows undone', await User.count({ where: { name: { [Op.like]: 'inner%' } } }), 0)
+
+    out.destroy = await User.destroy({ where: { name: { [Op.in]: ['u8', 'foc'] } } })
+    const [raw] = await sq.query('SELECT count(*)::int AS n FROM "DrvSqUsers"', { type: QueryTypes.SELECT })
+    out.raw = raw
+    out.all = (await User.findAll({ order: [['id', 'ASC']] })).map(plain)
+  } finally {
+    await sq.close()
+  }
+  return out
+}
+
 const SCENARIOS = [
   ['types', types],
   ['transactions', transactions],
@@ -245,6 +342,7 @@ const SCENARIOS = [
   ['client_encoding', clientEncoding],
   ['cancel', cancel],
   ['sharded_keys', shardedKeys],
+  ['sequelize_orm', sequelizeOrm],
 ]
 
 async function main() {

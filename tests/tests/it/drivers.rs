@@ -1,6 +1,8 @@
 //! Real drivers of other languages through the node (issue 14): psycopg 3
 //! and asyncpg (Python, from a venv the harness builds) and node-postgres
-//! (Node.js, from `npm ci`), through a 1-shard and a 2-shard node.
+//! (Node.js, from `npm ci`), through a 1-shard and a 2-shard node; and the
+//! ORMs over them, as they send their SQL: SQLAlchemy and Django over
+//! psycopg, Sequelize over node-postgres, on tables sharded in the config.
 //!
 //! The scripts under `tests/drivers/` check exact values themselves and
 //! print one JSON line per scenario (`tests/src/drivers.rs` runs each
@@ -46,6 +48,7 @@ impl Driver {
                 "executemany_sharded",
                 "orm_generated_keys",
                 "sqlalchemy_orm",
+                "django_orm",
                 "client_encoding_latin9",
                 "client_encoding_euc_jp",
                 "cancel",
@@ -79,6 +82,7 @@ impl Driver {
                 "client_encoding",
                 "cancel",
                 "sharded_keys",
+                "sequelize_orm",
             ],
         }
     }
@@ -159,18 +163,24 @@ fn opts(shards: usize) -> Opts {
                [[sharded_tables]]\nname = \"drv_curs\"\nkey = \"id\"\ntype = \"int8\"\n\
                [[sharded_tables]]\nname = \"drv_enc\"\nkey = \"k\"\ntype = \"text\"\n\
                [[sharded_tables]]\nname = \"drv_orm\"\nkey = \"id\"\ntype = \"int8\"\n\
-               [[sharded_tables]]\nname = \"drv_sa\"\nkey = \"id\"\ntype = \"int8\"\n"
+               [[sharded_tables]]\nname = \"drv_sa\"\nkey = \"id\"\ntype = \"int8\"\n\
+               [[sharded_tables]]\nname = \"drv_dj_author\"\nkey = \"id\"\ntype = \"int8\"\n\
+               [[sharded_tables]]\nname = \"drv_dj_book\"\nkey = \"author_id\"\ntype = \"int8\"\n\
+               [[sharded_tables]]\nname = \"DrvSqUsers\"\nkey = \"id\"\ntype = \"int4\"\n"
             .into(),
         ..Opts::default()
     }
 }
 
-/// Every row of `table` (int8 key `id`) is on the shard that owns its key,
-/// and only there; the rows are ids `ids`.
+/// Every row of `table` (sharded by the integer column `key`; the name
+/// as declared, quoted in SQL) is on the shard that owns its key, and only
+/// there; the rows' keys are `keys_wanted` (sorted, repeated for rows
+/// sharing a key).
 async fn check_placement(
     c: &Cluster,
     table: &str,
-    ids_wanted: impl IntoIterator<Item = i64>,
+    key: &str,
+    keys_wanted: impl IntoIterator<Item = i64>,
 ) -> Result<(), String> {
     let snap = c.node.routing.catalog.load();
     let mut all = Vec::new();
@@ -179,7 +189,10 @@ async fn check_placement(
         let ids: Vec<i64> = c
             .direct(i)
             .await
-            .query(&format!("SELECT id FROM {table} ORDER BY id"), &[])
+            .query(
+                &format!("SELECT \"{key}\"::int8 FROM \"{table}\" ORDER BY 1"),
+                &[],
+            )
             .await
             .map_err(|e| format!("{name}: {e}"))?
             .iter()
@@ -191,19 +204,19 @@ async fn check_placement(
         for id in &ids {
             let owner = snap
                 .range_for_key(table, &KeyValue::Int8(*id))
-                .map_err(|e| format!("key {id}: {e}"))?
+                .map_err(|e| format!("{table} key {id}: {e}"))?
                 .write_owner
                 .as_str()
                 .to_owned();
             if owner != name {
-                return Err(format!("key {id} is on {name}, owned by {owner}"));
+                return Err(format!("{table} key {id} is on {name}, owned by {owner}"));
             }
         }
         all.extend(ids);
     }
     all.sort();
-    if all != ids_wanted.into_iter().collect::<Vec<i64>>() {
-        return Err(format!("rows over all shards: {all:?}"));
+    if all != keys_wanted.into_iter().collect::<Vec<i64>>() {
+        return Err(format!("keys of {table} over all shards: {all:?}"));
     }
     Ok(())
 }
@@ -277,16 +290,38 @@ async fn check(d: Driver, shards: usize) {
         };
         if failure.is_none() && (s == "sharded_keys" || s == "executemany_sharded") {
             // (ids 1..19: the scenarios delete 20)
-            failure = check_placement(&c, "drv_kv", 1..=19).await.err();
+            failure = check_placement(&c, "drv_kv", "id", 1..=19).await.err();
         }
         if failure.is_none() && s == "orm_generated_keys" {
             // (ids 1..24; 25 went to the rolled-back INSERT)
-            failure = check_placement(&c, "drv_orm", 1..=24).await.err();
+            failure = check_placement(&c, "drv_orm", "id", 1..=24).await.err();
         }
         if failure.is_none() && s == "sqlalchemy_orm" {
             // (the ORM deleted id 6 and rolled back 11)
             let ids = (1..=10).filter(|&i| i != 6);
-            failure = check_placement(&c, "drv_sa", ids).await.err();
+            failure = check_placement(&c, "drv_sa", "id", ids).await.err();
+        }
+        if failure.is_none() && s == "django_orm" {
+            // (Django deleted author 9 with its book, and rolled back
+            // authors 13..16 and the book of 13; books are on their
+            // author's shard)
+            let authors = (1..=17).filter(|i| ![9, 13, 14, 15, 16].contains(i));
+            failure = check_placement(&c, "drv_dj_author", "id", authors)
+                .await
+                .err();
+            if failure.is_none() {
+                failure = check_placement(&c, "drv_dj_book", "author_id", 1..=8)
+                    .await
+                    .err();
+            }
+        }
+        if failure.is_none() && s == "sequelize_orm" {
+            // (ids 1..17 from the sequence but 8 and 10 destroyed, 13..16
+            // rolled back; 100 upserted)
+            let ids = (1..=17)
+                .filter(|i| ![8, 10, 13, 14, 15, 16].contains(i))
+                .chain([100]);
+            failure = check_placement(&c, "DrvSqUsers", "id", ids).await.err();
         }
         if failure.is_none() && s.starts_with("client_encoding_") {
             failure = check_text_placement(&c, "drv_enc", 3).await.err();
