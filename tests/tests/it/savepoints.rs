@@ -217,3 +217,42 @@ async fn set_transaction_reaches_the_shards_that_join_later() {
     }
     db.batch_execute("COMMIT").await.unwrap();
 }
+
+/// The same in the extended protocol (tokio-postgres' `execute`: Parse,
+/// Describe and Sync, then Bind, Execute and Sync), as drivers that send
+/// every statement so do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_in_the_extended_protocol_cover_every_shard() {
+    let c = cluster().await;
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let (a, b) = keys(&c, 2);
+    db.batch_execute(&format!(
+        "INSERT INTO users (id, v) VALUES ({}, 'a'), ({}, 'a'), ({}, 'b'), ({}, 'b')",
+        a[0], a[1], b[0], b[1]
+    ))
+    .await
+    .unwrap();
+    for sql in [
+        "BEGIN".to_string(),
+        format!("UPDATE users SET v = 'kept' WHERE id = {}", a[0]),
+        "SAVEPOINT s".to_string(),
+        format!("UPDATE users SET v = 'undone' WHERE id = {}", b[0]),
+        format!("UPDATE users SET v = 'undone' WHERE id = {}", a[1]),
+        "ROLLBACK TO SAVEPOINT s".to_string(),
+        "RELEASE SAVEPOINT s".to_string(),
+        "COMMIT".to_string(),
+    ] {
+        db.execute(sql.as_str(), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    let got = values(&db).await;
+    assert!(got.contains(&format!("{}=kept", a[0])), "{got:?}");
+    for k in [a[1], b[0], b[1]] {
+        let v = if a.contains(&k) { "a" } else { "b" };
+        assert!(got.contains(&format!("{k}={v}")), "{k}: {got:?}");
+    }
+}
