@@ -528,6 +528,12 @@ def django_orm():
                                  for b in Book.objects.select_related("author").filter(author_id__in=[1, 2])
                                  .order_by("author_id")]
         out["ids"] = list(Author.objects.order_by("id").values_list("id", flat=True))
+        # A composite primary key's update through a join: Django sends
+        # `WHERE (author_id, id) IN (SELECT U0.author_id, U0.id …)` (its
+        # delete too; the rows stay for the placement check).
+        out["pk_update"] = Book.objects.filter(author__n__gte=30).update(title="big")
+        out["pk_titles"] = list(Book.objects.order_by("author_id", "id").values_list("title", flat=True))
+        out["count_distinct"] = Book.objects.aggregate(c=Count("title", distinct=True))["c"]
     finally:
         connection.close()
     return out

@@ -405,19 +405,34 @@ impl<'a> Analyzer<'a> {
                 } => {
                     self.walk(expr.as_ref(), scope)?;
                     let info = self.query(q, Some(scope))?;
-                    let a = self.resolve(expr, scope);
-                    let b = match (&info.outputs, info.root) {
-                        (Some(outs), Some(root)) if outs.len() == 1 => match outs[0] {
-                            OutCol::Key(b)
-                                if self.occs[b].scope == root && !self.occs[b].nullable =>
-                            {
-                                Some(b)
-                            }
-                            _ => None,
-                        },
-                        _ => None,
+                    // `key IN (SELECT key …)`, or a row of columns one of
+                    // which is the key against the key in the same place
+                    // (`(author_id, id) IN (SELECT author_id, id …)`,
+                    // Django's composite primary keys).
+                    let lhs: Vec<&Expr> = match strip(expr) {
+                        Expr::Tuple(items) => items.iter().collect(),
+                        one => vec![one],
                     };
-                    if let (Some(a), Some(b)) = (a, b) {
+                    let mut pairs = Vec::new();
+                    if let (Some(outs), Some(root)) = (&info.outputs, info.root) {
+                        if outs.len() == lhs.len() {
+                            for (l, out) in lhs.iter().zip(outs) {
+                                let b = match out {
+                                    OutCol::Key(b)
+                                        if self.occs[*b].scope == root
+                                            && !self.occs[*b].nullable =>
+                                    {
+                                        Some(*b)
+                                    }
+                                    _ => None,
+                                };
+                                if let (Some(a), Some(b)) = (self.resolve(l, scope), b) {
+                                    pairs.push((a, b));
+                                }
+                            }
+                        }
+                    }
+                    for (a, b) in pairs {
                         if filtered.contains(&a)
                             && colocated(&self.occs[a].table, &self.occs[b].table)
                         {
