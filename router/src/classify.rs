@@ -719,21 +719,17 @@ pub fn temp_function_insert(sql: &str) -> Option<TempFunctionInsert> {
     let [(name, create)] = created.as_slice() else {
         return None;
     };
-    // Only the creation, then calls and a DROP of this very function.
-    let lower_name = name.to_ascii_lowercase();
-    let rest_ok = statements.iter().all(|st| {
-        std::ptr::eq(*st, *create) || {
-            let l = st.trim_start().to_ascii_lowercase();
-            (l.starts_with("select") || l.starts_with("drop function"))
-                && contains_ci(l.as_bytes(), format!("pg_temp.{lower_name}(").as_bytes())
-        }
-    });
-    if statements.len() < 2 || !rest_ok {
+    // Only the creation of `pg_temp.name`, then `SELECT <columns of its
+    // result> FROM pg_temp.name()` (no other call, no subquery) and
+    // `DROP FUNCTION [IF EXISTS] pg_temp.name()`.
+    let rest_ok = statements
+        .iter()
+        .all(|st| std::ptr::eq(*st, *create) || only_calls_temp_function(st, name));
+    if statements.len() < 2 || !rest_ok || !creates_in_pg_temp(create) {
         return None;
     }
     let base = create.as_ptr() as usize - sql.as_ptr() as usize;
-    let lc = create.to_ascii_lowercase();
-    if !lc.contains("pg_temp.") || !lc.contains("plpgsql") {
+    if !create.to_ascii_lowercase().contains("plpgsql") {
         return None;
     }
     // The body: the one dollar-quoted string of the statement.
@@ -772,8 +768,30 @@ pub fn temp_function_insert(sql: &str) -> Option<TempFunctionInsert> {
     {
         return None;
     }
-    // What follows: EXCEPTION … END, no other statement before it.
-    if word(semi + 1).as_deref() != Some("exception") {
+    // What follows: exactly Sequelize's handler, which runs nothing.
+    let handler = [
+        "exception",
+        "when",
+        "unique_violation",
+        "then",
+        "get",
+        "stacked",
+        "diagnostics",
+    ];
+    let n = handler.len();
+    let rest = &toks[semi + 1..];
+    let handler_ok = rest.len() >= n + 5
+        && handler
+            .iter()
+            .enumerate()
+            .all(|(i, w)| word(semi + 1 + i).as_deref() == Some(*w))
+        && matches!(rest[n].kind, Kind::Word | Kind::Quoted)
+        && rest[n + 1].kind == Kind::Punct(b'=')
+        && word(semi + 1 + n + 2).as_deref() == Some("pg_exception_detail")
+        && rest[n + 3].kind == Kind::Semi
+        && word(semi + 1 + n + 4).as_deref() == Some("end")
+        && rest[n + 5..].iter().all(|t| t.kind == Kind::Semi);
+    if !handler_ok {
         return None;
     }
     let (from, to) = (toks[1].start, toks[semi - 3].end);
@@ -781,6 +799,92 @@ pub fn temp_function_insert(sql: &str) -> Option<TempFunctionInsert> {
         insert: text[from..to].to_owned(),
         at: base + cs + from..base + cs + to,
     })
+}
+
+/// `CREATE [OR REPLACE] FUNCTION pg_temp.…`: the function is created in
+/// the session's temporary schema.
+fn creates_in_pg_temp(create: &str) -> bool {
+    let mut lx = Lexer::new(create);
+    let mut words = Vec::new();
+    while let Some(t) = lx.next() {
+        match t.kind {
+            Kind::Word => words.push(create[t.start..t.end].to_ascii_lowercase()),
+            Kind::Punct(b'.') => words.push(".".into()),
+            _ => break,
+        }
+        if words.len() > 6 {
+            break;
+        }
+    }
+    let at = words.iter().position(|w| w == "function");
+    at.is_some_and(|i| {
+        words.get(i + 1).map(String::as_str) == Some("pg_temp")
+            && words.get(i + 2).map(String::as_str) == Some(".")
+    })
+}
+
+/// `SELECT … FROM pg_temp.name()` with no call nor subquery in its select
+/// list, or `DROP FUNCTION [IF EXISTS] pg_temp.name()`.
+fn only_calls_temp_function(st: &str, name: &str) -> bool {
+    let mut lx = Lexer::new(st);
+    let mut toks = Vec::new();
+    while let Some(t) = lx.next() {
+        if t.kind != Kind::Semi {
+            toks.push(t);
+        }
+    }
+    let w = |i: usize| {
+        toks.get(i)
+            .filter(|t| t.kind == Kind::Word)
+            .map(|t| st[t.start..t.end].to_ascii_lowercase())
+    };
+    let is_name = |i: usize| {
+        toks.get(i).is_some_and(|t| match t.kind {
+            Kind::Word => st[t.start..t.end].eq_ignore_ascii_case(name),
+            Kind::Quoted => st[t.cs..t.ce] == *name,
+            _ => false,
+        })
+    };
+    // `pg_temp . name ( )` ending the statement at `i`.
+    let call_at_end = |i: usize| {
+        toks.len() == i + 5
+            && w(i).as_deref() == Some("pg_temp")
+            && toks[i + 1].kind == Kind::Punct(b'.')
+            && is_name(i + 2)
+            && toks[i + 3].kind == Kind::Punct(b'(')
+            && toks[i + 4].kind == Kind::Punct(b')')
+    };
+    match w(0).as_deref() {
+        Some("drop") => {
+            let i = if w(2).as_deref() == Some("if") && w(3).as_deref() == Some("exists") {
+                4
+            } else {
+                2
+            };
+            w(1).as_deref() == Some("function") && call_at_end(i)
+        }
+        Some("select") => {
+            let Some(from) = (1..toks.len()).find(|&i| w(i).as_deref() == Some("from")) else {
+                return false;
+            };
+            // The select list: names, quoted names, dots, parentheses,
+            // commas and `*` — no call (a word before `(`), no subquery.
+            let list_ok = (1..from).all(|i| {
+                let t = toks[i];
+                match t.kind {
+                    Kind::Word => {
+                        !matches!(w(i).as_deref(), Some("select"))
+                            && toks.get(i + 1).is_none_or(|n| n.kind != Kind::Punct(b'('))
+                    }
+                    Kind::Quoted => true,
+                    Kind::Punct(c) => matches!(c, b'.' | b',' | b'(' | b')' | b'*'),
+                    _ => false,
+                }
+            });
+            list_ok && call_at_end(from + 1)
+        }
+        _ => false,
+    }
 }
 
 /// Whether `src`, a function body, names one of `tables` (lower-case names)

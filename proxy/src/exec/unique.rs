@@ -24,10 +24,17 @@ pub fn check_sql(tables: &[(String, String)]) -> Option<String> {
     let values: Vec<String> = tables
         .iter()
         .map(|(name, key)| {
+            // A catalog name without a schema is `public`'s, whatever the
+            // session's search_path.
+            let qualified = if name.contains('.') {
+                name.clone()
+            } else {
+                format!("public.{name}")
+            };
             format!(
                 "({}, {}, {})",
                 crate::sql::quote_literal(name),
-                crate::sql::quote_literal(&crate::sql::quote_table(name)),
+                crate::sql::quote_literal(&crate::sql::quote_table(&qualified)),
                 crate::sql::quote_literal(key)
             )
         })
@@ -89,7 +96,10 @@ mod tests {
             ("App.It's".into(), "Key".into()),
         ])
         .expect("sql");
-        assert!(sql.contains(r#"('users', '"users"', 'id')"#), "{sql}");
+        assert!(
+            sql.contains(r#"('users', '"public"."users"', 'id')"#),
+            "{sql}"
+        );
         assert!(
             sql.contains(r#"('App.It''s', '"App"."It''s"', 'Key')"#),
             "{sql}"

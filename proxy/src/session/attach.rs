@@ -111,11 +111,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if self.txn.open() {
             // The shard joins an open transaction.
-            let mut begin = self.txn.begin.clone().unwrap_or_else(|| "BEGIN".into());
-            for (written, _) in &self.txn.savepoints {
-                begin.push_str("; SAVEPOINT ");
-                begin.push_str(written);
-            }
+            let begin = self.begin_with_savepoints();
             if let Err(e) = b.hidden_query(&begin).await {
                 b.broken = true;
                 return Ok(Err(Refusal::new(
@@ -127,6 +123,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.be.slots[t].conn = Some(b);
         self.be.update_cancel();
         Ok(Ok(()))
+    }
+
+    /// What a shard joining the open transaction runs: the client's BEGIN
+    /// (with its `SET TRANSACTION …`), then the savepoints open in it.
+    fn begin_with_savepoints(&self) -> String {
+        let mut begin = self.txn.begin.clone().unwrap_or_else(|| "BEGIN".into());
+        for (written, _) in &self.txn.savepoints {
+            begin.push_str("; SAVEPOINT ");
+            begin.push_str(written);
+        }
+        begin
     }
 
     /// A backend kept attached between transactions (session pooling, a
@@ -142,7 +149,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // the BEGIN itself: its status is not known yet.
             return Ok(Ok(()));
         }
-        let begin = self.txn.begin.clone().unwrap_or_else(|| "BEGIN".into());
+        let begin = self.begin_with_savepoints();
         let Some(b) = self.be.slots[t].conn.as_mut() else {
             return Ok(Ok(()));
         };
@@ -748,6 +755,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.note_temp(&class, shard);
         if class.schema_change {
             self.note_ddl();
+            // Checked before the transaction's two-phase commit
+            // (`exec/unique.rs`), also when other statements share its string.
+            self.txn.schema_changed = true;
         }
         if class.changes_state {
             if class.snapshot_isolation {

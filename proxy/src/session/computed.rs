@@ -174,10 +174,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         is: &InsertSelect,
     ) -> Result<Result<Vec<Vec<Option<String>>>, Refusal>, SessionError> {
         let table = is.table_sql.as_str();
-        let source = match self.node.decide(&is.select_sql, None, &self.route_ctx()) {
+        let mut source = match self.node.decide(&is.select_sql, None, &self.route_ctx()) {
             Ok(d) => d,
             Err(r) => return Ok(Err(r)),
         };
+        // Functions the SELECT calls, as for any read (one whose body names
+        // a sharded table would see one shard's rows).
+        let first = self.first_shard(&source);
+        if let Err(r) = self.settle_calls(&mut source, first).await? {
+            return Ok(Err(r));
+        }
         if source.temp {
             // Its rows would come from the backend holding the session's
             // temporary objects, and the write may need two-phase commit,

@@ -102,6 +102,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut multi = false;
         let mut different = false;
         let mut binds = 0;
+        let mut savepoints = 0;
         let mut any_write = false;
         let mut calls: Vec<String> = Vec::new();
         let mut changed_settings = false;
@@ -165,6 +166,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         target = target.or(Some(t));
                     }
                     any_write |= d.write;
+                    if d.kind == crate::routing::Kind::Savepoint {
+                        savepoints += 1;
+                    }
                     for c in d.calls.iter() {
                         if !calls.contains(c) {
                             calls.push(c.clone());
@@ -189,6 +193,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 _ => {}
             }
+        }
+        if savepoints > 0 && binds > 1 {
+            // A savepoint statement runs on every shard of the transaction
+            // (`txn.rs`), which a batch routed as one cannot do.
+            return Err(Refusal::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "a savepoint statement (SAVEPOINT, RELEASE, ROLLBACK TO) beside other statements in one batch: over several shards hotrepart runs it on every shard of the transaction; send Sync after it".into(),
+            ));
         }
         if multi && (binds > 1 || target.is_some()) {
             // Ended by Sync, the batch is cut at that statement instead

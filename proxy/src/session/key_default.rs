@@ -218,7 +218,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(true);
             }
         };
-        let d = match self.route_waiting(|s| s.decide_sql(&insert, None)).await {
+        let mut d = match self.route_waiting(|s| s.decide_sql(&insert, None)).await {
             Ok(d) => d,
             Err(r) => {
                 self.refuse_simple(r);
@@ -231,6 +231,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.temp.home.is_some_and(|h| h != t) {
             // The session's temporary objects live on another shard.
             return Ok(false);
+        }
+        // Functions the INSERT itself calls, as for any statement.
+        if let Err(r) = self.settle_calls(&mut d, t).await? {
+            self.refuse_simple(r);
+            return Ok(true);
+        }
+        if self.txn.open() {
+            // PostgreSQL cannot PREPARE a transaction that used a temporary
+            // function: one that writes elsewhere too is refused now (later
+            // writes elsewhere by the temporary-object rule).
+            if let Some(&w) = self.txn.writes.iter().find(|&&w| w != t) {
+                self.refuse_simple(Refusal::new(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "this string creates a temporary function (Sequelize's findOrCreate) whose row belongs to shard {}, in a transaction that also wrote to shard {}: PostgreSQL cannot two-phase commit a transaction that used temporary objects; run it in a transaction of its own",
+                        self.node.routing.shard_name(t),
+                        self.node.routing.shard_name(w)
+                    ),
+                ));
+                return Ok(true);
+            }
+            self.txn.temp_used_on = Some(t);
         }
         let text = format!("{}{insert}{}", &sql[..tf.at.start], &sql[tf.at.end..]);
         if let Err(r) = self.switch_to(t).await? {

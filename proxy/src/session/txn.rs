@@ -45,7 +45,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(true);
         }
         if d.kind == Kind::Savepoint && d.statements == 1 && self.txn.open() {
-            if let Some(r) = self.savepoint_on_every_shard(d).await? {
+            if let Some(r) = self.savepoint_on_every_shard(d, target).await? {
                 refuse(self, r);
                 return Ok(true);
             }
@@ -181,6 +181,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn savepoint_on_every_shard(
         &mut self,
         d: &Decision,
+        target: Option<usize>,
     ) -> Result<Option<Refusal>, SessionError> {
         let Some(sp) = hotrepart_router::classify::savepoint(&d.sql_text) else {
             return Ok(None);
@@ -192,16 +193,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // PostgreSQL's 25P02, given below.
             return Ok(None);
         }
+        // The shards in the transaction (in session pooling a backend may
+        // stay attached outside it: it joins with the savepoints later).
         let attached: Vec<usize> = (0..self.be.slots.len())
-            .filter(|&t| self.be.slots[t].conn.is_some())
+            .filter(|&t| {
+                self.be.slots[t]
+                    .conn
+                    .as_ref()
+                    .is_some_and(|b| b.status != tx::IDLE)
+            })
             .collect();
-        let main = if attached.contains(&self.be.cur) {
-            self.be.cur
-        } else {
-            attached
+        if sp.op != SavepointOp::RollbackTo
+            && attached.iter().any(|&t| {
+                self.be.slots[t]
+                    .conn
+                    .as_ref()
+                    .is_some_and(|b| b.status == tx::FAILED)
+            })
+        {
+            self.txn.failed = true;
+            return Ok(Some(Refusal::new(
+                sqlstate::IN_FAILED_SQL_TRANSACTION,
+                "current transaction is aborted, commands ignored until end of transaction block"
+                    .into(),
+            )));
+        }
+        // The shard the client's statement goes to answers it.
+        let main = match target {
+            Some(t) => t,
+            None if attached.contains(&self.be.cur) => self.be.cur,
+            None => attached
                 .first()
                 .copied()
-                .unwrap_or_else(|| self.default_shard())
+                .unwrap_or_else(|| self.default_shard()),
         };
         if let Err(r) = self.switch_to(main).await? {
             return Ok(Some(r));

@@ -745,6 +745,7 @@ fn unparsed_statements_the_node_must_read_are_refused() {
         "DO $$ BEGIN CREATE TABLE x (a int); EXECUTE 'insert into x values (1)'; END $$",
         "DO 'BEGIN CREATE TABLE x (a int); EXECUTE ''delete from x''; END'",
         "DO $$ BEGIN CREATE TABLE x (a int); EXECUTE format($q$ UPDATE x SET a = 1 $q$); END $$",
+        "DO $$ DECLARE op text := 'INSERT'; BEGIN CREATE TABLE IF NOT EXISTS x(); EXECUTE op || ' INTO users VALUES (1)'; END $$",
         "COMMENT ON TABLE home_t IS 'x'; SELEC 1",
         "VACUUM accounts; VACUUM home_t",
     ] {
@@ -976,6 +977,13 @@ fn sequelizes_temporary_insert_function_is_read() {
         sql.replace("DROP FUNCTION IF EXISTS pg_temp.testfunc();", "DELETE FROM users;"),
         sql.replace("EXCEPTION WHEN unique_violation THEN GET STACKED DIAGNOSTICS sequelize_caught_exception = PG_EXCEPTION_DETAIL; ", ""),
         sql.replace("pg_temp.testfunc(OUT", "public.testfunc(OUT"),
+        // Other reads or calls in the SELECT, another handler.
+        sql.replace("FROM pg_temp.testfunc();", "FROM pg_temp.testfunc(), users;"),
+        sql.replace("SELECT (testfunc.response)", "SELECT (SELECT count(*) FROM users), (testfunc.response)"),
+        sql.replace("SELECT (testfunc.response)", "SELECT wipe(), (testfunc.response)"),
+        sql.replace("GET STACKED DIAGNOSTICS sequelize_caught_exception = PG_EXCEPTION_DETAIL;", "UPDATE users SET v = 1;"),
+        sql.replace("WHEN unique_violation", "WHEN others"),
+        sql.replace("RETURNS RECORD AS", "RETURNS RECORD /* pg_temp. */ AS").replace("pg_temp.testfunc(OUT", "testfunc(OUT"),
         "SELECT 1".to_string(),
     ] {
         assert_eq!(super::temp_function_insert(&other), None, "{other}");

@@ -194,30 +194,44 @@ fn string_value(sql: &str, t: &Tok) -> String {
 
 /// The words of `body` (lower case), as a PL/pgSQL body's statements hold
 /// them, and those of the strings in it that may be SQL run dynamically
-/// (`EXECUTE 'INSERT …'`). A string that is a single word (`'insert'`, an
-/// enum label) is a value, not a statement: its word does not count.
+/// (`EXECUTE 'INSERT …'`). A string that is a single word and an element
+/// of a list (`ENUM ('insert', 'delete')`, between `(`/`,` and `,`/`)`) is a
+/// value, not a statement: its word does not count. Anywhere else — built
+/// into a statement with `||`, assigned to a variable — it counts.
 fn body_words(body: &str, depth: usize, out: &mut Vec<String>) {
     let mut lx = Lexer::new(body);
+    let mut toks = Vec::new();
     while let Some(t) = lx.next() {
+        toks.push(t);
+    }
+    for (i, t) in toks.iter().enumerate() {
         match t.kind {
             Kind::Word => out.push(body[t.start..t.end].to_ascii_lowercase()),
             Kind::Str(_) => {
-                let inner = string_value(body, &t);
+                let inner = string_value(body, t);
                 let one_word = !inner.is_empty()
                     && inner
                         .bytes()
                         .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80);
-                if !one_word {
-                    if depth < 4 {
-                        body_words(&inner, depth + 1, out);
-                    } else {
-                        // Deeper than any real body: count it all.
-                        out.extend(
-                            inner
-                                .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
-                                .map(str::to_ascii_lowercase),
-                        );
-                    }
+                let in_list = i
+                    .checked_sub(1)
+                    .and_then(|p| toks.get(p))
+                    .is_some_and(|p| matches!(p.kind, Kind::Punct(b'(' | b',')))
+                    && toks
+                        .get(i + 1)
+                        .is_some_and(|n| matches!(n.kind, Kind::Punct(b')' | b',')));
+                if one_word && in_list {
+                    continue;
+                }
+                if depth < 4 {
+                    body_words(&inner, depth + 1, out);
+                } else {
+                    // Deeper than any real body: count it all.
+                    out.extend(
+                        inner
+                            .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                            .map(str::to_ascii_lowercase),
+                    );
                 }
             }
             _ => {}

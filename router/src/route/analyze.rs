@@ -38,7 +38,7 @@
 //! * `functions`: the built-in functions known by name.
 //! * `plan`: the result types; `expr`: small shared helpers.
 
-use sqlparser::ast::{ObjectName, Statement};
+use sqlparser::ast::{Expr, ObjectName, Statement};
 
 pub(crate) mod computed;
 mod expr;
@@ -56,7 +56,7 @@ pub(super) use scope::is_every_shard_view;
 pub(super) use temp::mark_by_words;
 
 use super::{MergeNeed, Namespace, RouteError, StatementKind, TransactionKind};
-use crate::catalog::RoutingSnapshot;
+use crate::catalog::{RoutingSnapshot, TablePlacement};
 use expr::unsupported;
 use plan::{ddl_all, tx};
 use scope::Analyzer;
@@ -201,7 +201,10 @@ fn plan_known(
         Statement::CreateSequence {
             temporary, name, ..
         } => temp::create_sequence(a, *temporary, name),
-        Statement::CreateIndex(ci) => Ok(temp::on_relation(a, &ci.table_name)),
+        Statement::CreateIndex(ci) => {
+            unique_index_has_key(a, ci)?;
+            Ok(temp::on_relation(a, &ci.table_name))
+        }
         Statement::AlterTable(at) => Ok(temp::on_relation(a, &at.name)),
         Statement::AlterIndex { name, .. } => Ok(temp::on_relation(a, name)),
         Statement::AlterView(av) => Ok(temp::on_relation(a, &av.name)),
@@ -244,4 +247,40 @@ fn plan_known(
         // add).
         _ => Err(unsupported(NOT_PLANNED)),
     }
+}
+
+/// `CREATE UNIQUE INDEX … ON sharded (…)` must list the shard key as one of
+/// its columns (not only in INCLUDE, not inside an expression): each shard
+/// would enforce it on its own rows only. Refused before it runs — also
+/// `CONCURRENTLY`, which runs shard by shard outside a transaction, where
+/// the check before two-phase commit (`proxy/src/exec/unique.rs`) cannot
+/// undo it.
+fn unique_index_has_key(
+    a: &Analyzer<'_>,
+    ci: &sqlparser::ast::CreateIndex,
+) -> Result<(), RouteError> {
+    if !ci.unique {
+        return Ok(());
+    }
+    let Ok(name) = a.table_name(&ci.table_name) else {
+        return Ok(());
+    };
+    let TablePlacement::Sharded(t) = a.snap.placement(&name) else {
+        return Ok(());
+    };
+    let has_key = ci.columns.iter().any(|c| {
+        matches!(&c.column.expr, Expr::Identifier(id) if super::names::norm(id) == t.key_column)
+    });
+    if has_key {
+        return Ok(());
+    }
+    let index = ci
+        .name
+        .as_ref()
+        .map(|n| format!("index \"{n}\""))
+        .unwrap_or_else(|| "an index".to_owned());
+    Err(unsupported(format!(
+        "unique {index} on sharded table \"{}\" does not include its shard key \"{}\" among its columns: each shard would enforce it on its own rows only, so two shards could hold the same value; add \"{}\" to the index",
+        t.name, t.key_column, t.key_column
+    )))
 }

@@ -1122,3 +1122,54 @@ async fn sequence_columns_are_filled_for_every_statement_of_a_batch() {
         "each number once, from the home shard"
     );
 }
+
+/// A savepoint statement runs on every shard of the transaction
+/// (`savepoints::`); a batch routed as one cannot do that beside other
+/// statements: refused in words, as PostgreSQL's errors skip to Sync, and
+/// the transaction is failed as after any error (nothing half-applied).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_savepoint_beside_other_statements_in_a_batch_is_refused() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    for k in [a, b] {
+        db.execute("INSERT INTO users (id, v) VALUES ($1, 'x')", &[&k])
+            .await
+            .unwrap();
+    }
+    let mut r = Raw::connect(&c).await;
+    for sql in [
+        "BEGIN".to_string(),
+        "SAVEPOINT s".to_string(),
+        format!("UPDATE users SET v = 'y' WHERE id = {a}"),
+        format!("UPDATE users SET v = 'y' WHERE id = {b}"),
+    ] {
+        r.send(|o| frontend::query(&sql, o).unwrap()).await;
+        let m = r.until_ready().await;
+        assert!(!tags(&m).contains('E'), "{sql}: {m:?}");
+    }
+    // ROLLBACK TO beside a write, in one batch.
+    let rb = "ROLLBACK TO SAVEPOINT s".to_string();
+    let up = format!("UPDATE users SET v = 'z' WHERE id = {b}");
+    r.send(|o| {
+        unflushed(o, &rb);
+        unflushed(o, &up);
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "EZ", "{m:?}");
+    let err = String::from_utf8_lossy(&m[0].1).to_string();
+    assert!(err.contains("0A000") && err.contains("savepoint"), "{err}");
+    r.send(|o| frontend::query("COMMIT", o).unwrap()).await;
+    let m = r.until_ready().await;
+    assert!(tags(&m).contains('C'), "{m:?}");
+    // The COMMIT of a failed transaction rolled it back: nothing changed.
+    for k in [a, b] {
+        let v: String = db
+            .query_one("SELECT v FROM users WHERE id = $1", &[&k])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, "x", "{k}");
+    }
+}

@@ -614,7 +614,7 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .is_some_and(|v| v < 1);
     if float_rounded
         && (plan.aggregate.is_some() || plan.distinct || !plan.order_by.is_empty())
-        && types.contains(&Ty::Float)
+        && value_types.contains(&Ty::Float)
     {
         return Ok(Err(MergeError(
             sqlstate::FEATURE_NOT_SUPPORTED,

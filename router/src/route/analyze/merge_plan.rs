@@ -736,7 +736,10 @@ impl<'k> Builder<'k> {
                 let n = position(e)
                     .filter(|&n| n < self.visible.len())
                     .ok_or_else(|| format!("GROUP BY position {e} is not in the select list"))?;
-                if matches!(self.visible[n].kind, ShardCol::Partial(_)) {
+                if matches!(
+                    self.visible[n].kind,
+                    ShardCol::Partial(_) | ShardCol::Distinct
+                ) {
                     return Err(format!("GROUP BY position {e} of an aggregate"));
                 }
                 n
