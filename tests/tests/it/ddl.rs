@@ -504,3 +504,76 @@ async fn unique_indexes_of_sharded_tables_must_include_the_key() {
     }
     nothing_left_open(&c).await;
 }
+
+/// Foreign keys are checked by each shard on its own rows: between
+/// co-located sharded tables (the referencing rows sit with the rows they
+/// reference) and towards a reference table (a copy on every shard) they
+/// hold as on PostgreSQL; towards a sharded table from a table whose rows
+/// live elsewhere (an undeclared table, a table sharded by another key)
+/// the shard cannot see the referenced row: PostgreSQL's own 23503 there,
+/// never a row that breaks the constraint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_keys_hold_between_co_located_tables_and_towards_reference_tables() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: "pool_size = 4\nreference_tables = [\"countries\"]".into(),
+        users: String::new(),
+        tail: "[[sharded_tables]]\nname = \"authors\"\nkey = \"id\"\ntype = \"int8\"\n\
+               [[sharded_tables]]\nname = \"books\"\nkey = \"author_id\"\ntype = \"int8\"\n"
+            .into(),
+    })
+    .await;
+    let db = c.connect().await;
+    db.batch_execute(
+        "CREATE TABLE countries (code text PRIMARY KEY); \
+         CREATE TABLE authors (id bigint PRIMARY KEY, country text REFERENCES countries); \
+         CREATE TABLE books (author_id bigint NOT NULL REFERENCES authors, n int, PRIMARY KEY (author_id, n)); \
+         CREATE TABLE notes (book_author bigint REFERENCES authors, t text)",
+    )
+    .await
+    .unwrap();
+    db.batch_execute("INSERT INTO countries VALUES ('FR'), ('JP')")
+        .await
+        .unwrap();
+    let snap = c.node.routing.catalog.load_full();
+    let on = |k: i64| {
+        snap.range_for_key("authors", &hotrepart_router::catalog::KeyValue::Int8(k))
+            .unwrap()
+            .write_owner
+            .as_str()
+            .to_owned()
+    };
+    let a0 = (1..1000).find(|&k| on(k) == "s0").unwrap();
+    let a1 = (1..1000).find(|&k| on(k) == "s1").unwrap();
+    db.batch_execute(&format!(
+        "INSERT INTO authors VALUES ({a0}, 'FR'), ({a1}, 'JP'); \
+         INSERT INTO books VALUES ({a0}, 1), ({a1}, 1), ({a1}, 2)"
+    ))
+    .await
+    .unwrap();
+    let code = |e: tokio_postgres::Error| e.code().map(|c| c.code().to_owned());
+    // Co-located and reference: PostgreSQL's checks, on every shard.
+    for sql in [
+        "INSERT INTO books VALUES (999999, 1)".to_string(),
+        "INSERT INTO authors VALUES (424242, 'XX')".to_string(),
+        format!("DELETE FROM authors WHERE id = {a1}"),
+    ] {
+        let e = db.batch_execute(&sql).await.unwrap_err();
+        assert_eq!(code(e).as_deref(), Some("23503"), "{sql}");
+    }
+    // From an undeclared table (home shard s0): a row of s1 is not seen.
+    db.batch_execute(&format!("INSERT INTO notes VALUES ({a0}, 'ok')"))
+        .await
+        .unwrap();
+    let e = db
+        .batch_execute(&format!("INSERT INTO notes VALUES ({a1}, 'elsewhere')"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(e).as_deref(), Some("23503"));
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM books", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+}
