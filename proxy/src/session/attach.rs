@@ -597,17 +597,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 d.write = true;
                 return Ok(Ok(()));
             };
-            let snap = self.node.routing.catalog.load();
-            let sharded: Vec<String> = snap
-                .sharded_tables()
-                .map(|t| {
-                    t.name
-                        .rsplit('.')
-                        .next()
-                        .unwrap_or(&t.name)
-                        .to_ascii_lowercase()
-                })
-                .collect();
+            let sharded = sharded_names(&self.node);
             let mut found = HashMap::new();
             for r in rows {
                 let mut r = r.into_iter();
@@ -805,8 +795,22 @@ fn created_here_reads_sharded(node: &crate::node::Node, d: &Decision) -> Option<
     if created.is_empty() {
         return None;
     }
-    let snap = node.routing.catalog.load();
-    let sharded: Vec<String> = snap
+    let sharded = sharded_names(node);
+    created
+        .iter()
+        .filter(|(name, _)| d.calls.iter().any(|c| c == name))
+        .find_map(|(name, text)| {
+            hotrepart_router::classify::names_table(text, &sharded)
+                .map(|table| body_names_sharded(name, &table))
+        })
+}
+
+/// The declared sharded tables' names as a function body would write them
+/// (last part, lower case), for `classify::names_table`.
+fn sharded_names(node: &crate::node::Node) -> Vec<String> {
+    node.routing
+        .catalog
+        .load()
         .sharded_tables()
         .map(|t| {
             t.name
@@ -815,12 +819,5 @@ fn created_here_reads_sharded(node: &crate::node::Node, d: &Decision) -> Option<
                 .unwrap_or(&t.name)
                 .to_ascii_lowercase()
         })
-        .collect();
-    created
-        .iter()
-        .filter(|(name, _)| d.calls.iter().any(|c| c == name))
-        .find_map(|(name, text)| {
-            hotrepart_router::classify::names_table(text, &sharded)
-                .map(|table| body_names_sharded(name, &table))
-        })
+        .collect()
 }
