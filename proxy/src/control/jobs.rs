@@ -1057,17 +1057,13 @@ async fn wait_open_transactions(
     let running = running_statements(c, frozen_since).await?;
     let started = Instant::now();
     let mut ended_idle = false;
-    let row = c
-        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
-        .await
-        .map_err(|e| JobError::Other(format!("source: {e}")))?;
-    let xmax: String = row.get(0);
+    let horizon = xid_horizon(c).await?;
     let deadline = Instant::now() + OPEN_TX_WAIT;
     loop {
         let done: bool = c
             .query_one(
                 "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8",
-                &[&xmax],
+                &[&horizon],
             )
             .await
             .map_err(|e| JobError::Other(format!("source: {e}")))?
@@ -1091,6 +1087,24 @@ async fn wait_open_transactions(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// A transaction id that every transaction holding one now is older than:
+/// the id `pg_current_xact_id()` assigns in a transaction of its own (`c`
+/// is not in a transaction block), committed at once. The wait is over
+/// when a snapshot's xmin reaches it: no id below it is still running.
+///
+/// Not `pg_snapshot_xmax(pg_current_snapshot())`: a snapshot's xmax is the
+/// latest *completed* id + 1, and ids of transactions still running above
+/// it are not in the snapshot at all — with a writer holding the newest id
+/// (nothing committed after it began), xmin = xmax and the wait ended at
+/// once; its commit then came after the final catch-up, on the old owner,
+/// and the cleanup deleted it (money lost in the bank test, 2026-12-06).
+async fn xid_horizon(c: &tokio_postgres::Client) -> Result<String, JobError> {
+    Ok(c.query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .map_err(|e| JobError::Other(format!("source: {e}")))?
+        .get(0))
 }
 
 /// The source server's clock now (`clock_timestamp()` as text).
@@ -1239,4 +1253,59 @@ fn owner_guard(node: &Arc<Node>, range: Span, from: &str, to: &str) -> OwnerGuar
             None => Ok(()),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::tools::localpg::{free_port, LocalPg, PgInstall};
+
+    /// The cut-over's wait for the transactions open at the freeze sees a
+    /// writer that holds the newest transaction id while nothing committed
+    /// after it began (a write that reached the source just after the
+    /// freeze, routed by a node that had not applied it yet). The wait
+    /// read the horizon as the snapshot's xmax — the latest completed id
+    /// + 1, which such a writer is above — and ended at once; the writer
+    /// committed after the final catch-up and the move lost its change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wait_for_open_transactions_sees_the_newest_writer() {
+        let Ok(install) = PgInstall::find() else {
+            eprintln!("skipped: no PostgreSQL binaries (run deploy/setup.sh)");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("hr-jobs-wait-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pg = LocalPg::start(&install, &dir, free_port().unwrap(), "pw", None).unwrap();
+        let connect = || async {
+            let (c, conn) = tokio_postgres::connect(&pg.dsn(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            c
+        };
+        let (writer, job) = (connect().await, connect().await);
+        writer
+            .batch_execute("CREATE TABLE t (id int); BEGIN; INSERT INTO t VALUES (1)")
+            .await
+            .unwrap();
+        let since = source_clock(&job).await.unwrap();
+        let wait = tokio::spawn(async move {
+            let r = wait_open_transactions(&job, None, "test", &since).await;
+            (r, Instant::now())
+        });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            !wait.is_finished(),
+            "the wait ended while a writer that began before it is still open: {:?}",
+            wait.await.unwrap().0
+        );
+        let committed = Instant::now();
+        writer.batch_execute("COMMIT").await.unwrap();
+        let (r, ended) = wait.await.unwrap();
+        r.unwrap();
+        assert!(ended >= committed, "the wait ended before the commit");
+        drop(pg);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

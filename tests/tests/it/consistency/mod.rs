@@ -35,6 +35,7 @@
 mod bank;
 mod keyless_reads;
 
+use hotrepart_proxy::tools::localpg::LocalPg;
 use hotrepart_router::hash::hashint8extended;
 use hotrepart_tests::procs::ProcCluster;
 use hotrepart_tests::*;
@@ -220,7 +221,7 @@ async fn proxyctl_wait(c: &ProcCluster, i: usize, args: &[&str]) -> (bool, Strin
 
 /// Copies the nodes' logs out of the test directory (removed at the end)
 /// into the temporary directory; returns where, for the failure message.
-fn keep_logs(c: &ProcCluster) -> String {
+fn keep_logs(c: &ProcCluster, extra_shards: &[&LocalPg]) -> String {
     let dir = std::env::temp_dir().join(format!("hotrepart-consistency-{}", std::process::id()));
     if std::fs::create_dir_all(&dir).is_err() {
         return String::new();
@@ -228,7 +229,20 @@ fn keep_logs(c: &ProcCluster) -> String {
     for n in &c.nodes {
         let _ = std::fs::copy(&n.log, dir.join(format!("node{}.log", n.id)));
     }
-    format!("node logs kept in {}", dir.display())
+    // The shards' own logs (their statements, when the test turned
+    // statement logging on).
+    for (i, s) in c
+        .shards
+        .iter()
+        .chain(extra_shards.iter().copied())
+        .enumerate()
+    {
+        let _ = std::fs::copy(
+            s.dir.join("postgres.log"),
+            dir.join(format!("s{i}.postgres.log")),
+        );
+    }
+    format!("node and shard logs kept in {}", dir.display())
 }
 
 /// The transactions prepared on each shard (name, gids).
