@@ -102,6 +102,13 @@ fn reads_see_only_the_rows_the_shard_shows() {
                 "WITH x AS (SELECT id FROM (SELECT * FROM users WHERE {U}) AS users) SELECT count(*) FROM x"
             )),
         ),
+        // Every branch of a UNION (merged over several shards).
+        (
+            "SELECT id FROM users UNION SELECT id FROM users u ORDER BY 1",
+            Some(&format!(
+                "SELECT id FROM (SELECT * FROM users WHERE {U}) AS users UNION SELECT id FROM (SELECT * FROM users WHERE {U}) u ORDER BY 1"
+            )),
+        ),
         // Tables that are not sharded, and statements without tables.
         ("SELECT * FROM countries", None),
         ("SELECT 1", None),

@@ -45,6 +45,7 @@ mod expr;
 mod functions;
 mod merge_need;
 mod merge_plan;
+mod merge_union;
 mod plan;
 mod scope;
 mod stmt;

@@ -770,3 +770,107 @@ async fn windows_by_the_key_and_distinct_keys_equal_one_postgresql() {
         assert_eq!(code.as_deref(), Some("0A000"), "{sql}: {e:?}");
     }
 }
+
+/// UNION and UNION ALL over 4 shards (Django's `qs1.union(qs2)`, with
+/// `all=True`): the shards run the whole UNION, the node concatenates or
+/// removes the rows several shards returned, sorts by result columns and
+/// applies LIMIT/OFFSET — the same rows as one PostgreSQL. What the shards'
+/// answers together cannot give is refused in words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unions_equal_one_postgresql() {
+    let (reference, node, _c, _reference_pg) = differential("events").await;
+    let schema = "CREATE TABLE events (id bigint NOT NULL, seq int NOT NULL, v int)";
+    reference.batch_execute(schema).await.unwrap();
+    reference
+        .batch_execute(
+            "INSERT INTO events SELECT i % 37, i, (i * 7919) % 23 FROM generate_series(1, 600) i",
+        )
+        .await
+        .unwrap();
+    node.batch_execute(schema).await.unwrap();
+    let values: Vec<String> = (1..=600)
+        .map(|i: i64| format!("({}, {i}, {})", i % 37, (i * 7919) % 23))
+        .collect();
+    node.batch_execute(&format!(
+        "INSERT INTO events (id, seq, v) VALUES {}",
+        values.join(", ")
+    ))
+    .await
+    .unwrap();
+    let ordered = [
+        // Rows of different shards that are equal: one row each.
+        "SELECT v FROM events UNION SELECT v + 1 FROM events WHERE seq > 500 ORDER BY 1",
+        "SELECT v % 5 AS r, id % 2 AS p FROM events UNION SELECT seq % 5, 1 FROM events WHERE v = 3 ORDER BY p DESC, r",
+        "SELECT v FROM events UNION ALL SELECT seq FROM events WHERE v = 3 ORDER BY v DESC LIMIT 10 OFFSET 5",
+        "(SELECT id, v FROM events WHERE seq < 40) UNION ALL (SELECT id, v FROM events WHERE seq > 590) ORDER BY 1, 2",
+        "SELECT v FROM events WHERE id < 3 UNION SELECT seq FROM events WHERE seq < 4 UNION VALUES (100), (1) ORDER BY 1 LIMIT 8",
+        "SELECT id FROM events WHERE id = 5 UNION ALL SELECT id FROM events WHERE id = 6 ORDER BY 1",
+        "SELECT v FROM events WHERE id < 0 UNION SELECT v FROM events WHERE id < 0",
+    ];
+    for sql in ordered {
+        let want = rows(&reference, sql)
+            .await
+            .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
+        let got = rows(&node, sql)
+            .await
+            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
+        assert_eq!(got, want, "{sql}");
+    }
+    // Without ORDER BY: the same rows in some order.
+    for sql in [
+        "SELECT v FROM events UNION SELECT v * 2 FROM events",
+        "SELECT id, v FROM events WHERE seq % 7 = 0 UNION ALL SELECT id, seq FROM events WHERE v = 1",
+    ] {
+        let mut want = rows(&reference, sql).await.unwrap();
+        let mut got = rows(&node, sql)
+            .await
+            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
+        want.sort();
+        got.sort();
+        assert!(!want.is_empty(), "{sql}");
+        assert_eq!(got, want, "{sql}");
+    }
+    // The extended protocol, a parameter in the LIMIT.
+    let sql =
+        "SELECT v FROM events UNION SELECT seq FROM events WHERE seq < 30 ORDER BY 1 DESC LIMIT $1";
+    let got: Vec<i32> = node
+        .query(sql, &[&4i64])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let want: Vec<i32> = reference
+        .query(sql, &[&4i64])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(got, want);
+    // Refused, in words: rows every shard would return, mixed operators,
+    // aggregates per branch.
+    for (sql, words) in [
+        (
+            "SELECT v FROM events UNION ALL SELECT 1",
+            "UNION ALL branch that reads no sharded table",
+        ),
+        (
+            "SELECT v FROM events UNION ALL SELECT v FROM events UNION SELECT seq FROM events",
+            "UNION mixed with UNION ALL",
+        ),
+        (
+            "SELECT count(*) FROM events UNION ALL SELECT max(v) FROM events",
+            "aggregate function count() in a UNION branch",
+        ),
+        (
+            "SELECT v FROM events INTERSECT SELECT seq FROM events",
+            "not joined on their shard keys",
+        ),
+    ] {
+        let e = rows(&node, sql).await.expect_err(sql);
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
+        assert_eq!(db.code().code(), "0A000", "{sql}: {db:?}");
+        assert!(db.message().contains(words), "{sql}: {}", db.message());
+    }
+}

@@ -79,7 +79,7 @@ fn set_expr_merge_need(body: &SetExpr) -> MergeNeed {
     }
 }
 
-fn select_merge_need(s: &Select) -> MergeNeed {
+pub(super) fn select_merge_need(s: &Select) -> MergeNeed {
     if let Some(d) = &s.distinct {
         match d {
             Distinct::All => {}

@@ -84,6 +84,7 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
         {
             return plan_query(inner, is_key)
         }
+        SetExpr::SetOperation { .. } => return super::merge_union::plan_union(q),
         _ => {
             return match merge_need(q) {
                 MergeNeed::Refuse(what) => Err(what),
@@ -393,7 +394,7 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
 }
 
 /// The text of the pushed-down `LIMIT offset+limit`, if any.
-fn pushed_limit(limit: Option<LimitSpec>, offset: Option<LimitSpec>) -> Option<String> {
+pub(super) fn pushed_limit(limit: Option<LimitSpec>, offset: Option<LimitSpec>) -> Option<String> {
     let param = |i: usize| format!("${}::int8", i + 1);
     match (limit?, offset) {
         (LimitSpec::Count(l), None) => Some(l.to_string()),
@@ -412,7 +413,7 @@ fn pushed_limit(limit: Option<LimitSpec>, offset: Option<LimitSpec>) -> Option<S
 
 /// LIMIT/OFFSET/FETCH FIRST as numbers or parameters (`None`: no limit,
 /// which `LIMIT ALL` and `LIMIT NULL` also mean).
-fn limit_offset(q: &Query) -> Result<(Option<LimitSpec>, Option<LimitSpec>), String> {
+pub(super) fn limit_offset(q: &Query) -> Result<(Option<LimitSpec>, Option<LimitSpec>), String> {
     let mut limit = None;
     let mut offset = None;
     match &q.limit_clause {
@@ -475,7 +476,7 @@ fn limit_spec(e: &Expr, what: &str) -> Result<Option<LimitSpec>, String> {
     }
 }
 
-fn number(n: usize) -> Expr {
+pub(super) fn number(n: usize) -> Expr {
     Expr::value(Value::Number(n.to_string(), false))
 }
 
@@ -962,7 +963,7 @@ impl<'k> Builder<'k> {
 }
 
 /// A 0-based position from an ORDER BY / GROUP BY number.
-fn position(e: &Expr) -> Option<usize> {
+pub(super) fn position(e: &Expr) -> Option<usize> {
     match strip(e) {
         Expr::Value(v) => match &v.value {
             Value::Number(n, _) => n.parse::<usize>().ok()?.checked_sub(1),
@@ -974,7 +975,7 @@ fn position(e: &Expr) -> Option<usize> {
 
 /// The name PostgreSQL gives an unaliased output column, where it matters
 /// for ORDER BY (column references and function calls).
-fn implicit_name(e: &Expr) -> Option<String> {
+pub(super) fn implicit_name(e: &Expr) -> Option<String> {
     match e {
         Expr::Identifier(id) => Some(norm(id)),
         Expr::CompoundIdentifier(parts) => parts.last().map(norm),

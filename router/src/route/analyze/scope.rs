@@ -69,6 +69,18 @@ pub(super) struct QueryInfo {
     pub(super) root: Option<usize>,
     /// Output columns, when known (None with `*` or set operations).
     pub(super) outputs: Option<Vec<OutCol>>,
+    /// A UNION: the root scope of each branch (None for a branch without
+    /// one, such as VALUES).
+    pub(super) union: Option<Union>,
+}
+
+/// The branches of a UNION (nested UNIONs flattened).
+#[derive(Debug, Default, Clone)]
+pub(super) struct Union {
+    /// The root scope of each branch's SELECT (None: VALUES and the like).
+    pub(super) branches: Vec<Option<usize>>,
+    /// Some operator is `UNION ALL` (duplicates kept).
+    pub(super) all: bool,
 }
 
 pub(super) struct Analyzer<'a> {
@@ -515,10 +527,36 @@ impl<'a> Analyzer<'a> {
         match body {
             SetExpr::Select(s) => self.select(s, parent),
             SetExpr::Query(q) => self.query(q, parent),
-            SetExpr::SetOperation { left, right, .. } => {
-                self.set_expr(left, parent)?;
-                self.set_expr(right, parent)?;
-                Ok(QueryInfo::default())
+            SetExpr::SetOperation {
+                left,
+                right,
+                op,
+                set_quantifier,
+            } => {
+                let l = self.set_expr(left, parent)?;
+                let r = self.set_expr(right, parent)?;
+                if *op != ast::SetOperator::Union {
+                    return Ok(QueryInfo::default());
+                }
+                // The branches, for the shape of a UNION over several
+                // shards (each branch on its own: see `shape`).
+                let mut u = Union {
+                    all: matches!(set_quantifier, ast::SetQuantifier::All),
+                    ..Union::default()
+                };
+                for side in [l, r] {
+                    match side.union {
+                        Some(inner) => {
+                            u.all |= inner.all;
+                            u.branches.extend(inner.branches);
+                        }
+                        None => u.branches.push(side.root),
+                    }
+                }
+                Ok(QueryInfo {
+                    union: Some(u),
+                    ..QueryInfo::default()
+                })
             }
             SetExpr::Values(v) => {
                 let s = self.new_scope(parent);
@@ -540,6 +578,7 @@ impl<'a> Analyzer<'a> {
                 Ok(QueryInfo {
                     root: Some(s),
                     outputs: None,
+                    union: None,
                 })
             }
             SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_) => {
@@ -607,6 +646,7 @@ impl<'a> Analyzer<'a> {
         Ok(QueryInfo {
             root: Some(s),
             outputs,
+            union: None,
         })
     }
 
@@ -762,6 +802,53 @@ impl<'a> Analyzer<'a> {
         });
     }
 
+    /// The shape of a UNION: each branch is a query of its own, so the
+    /// shards' answers are right when each branch's are — its sharded
+    /// tables joined on their keys (one component per branch that reads
+    /// any) and read in its own FROM. A branch that reads no sharded
+    /// table returns the same rows from every shard: UNION removes the
+    /// copies, UNION ALL would not (not anchored then).
+    fn union_shape(&self, u: &Union) -> Shape {
+        let mut shape = self.shape(None);
+        // The branch of each occurrence: the branch root its scope is in.
+        let branch_of = |o: &Occ| {
+            let mut sc = Some(o.scope);
+            while let Some(x) = sc {
+                if let Some(b) = u.branches.iter().position(|r| *r == Some(x)) {
+                    return Some(b);
+                }
+                sc = self.scopes[x].parent;
+            }
+            None
+        };
+        let mut reading = vec![false; u.branches.len()];
+        for o in &self.occs {
+            match branch_of(o) {
+                Some(b) => reading[b] = true,
+                // Outside every branch (a CTE of the UNION): not anchored.
+                None => {
+                    return Shape {
+                        anchored: false,
+                        ..shape
+                    }
+                }
+            }
+        }
+        // Occurrences of two branches are never joined: each branch that
+        // reads a sharded table adds one component at least.
+        let readers = reading.iter().filter(|r| **r).count();
+        shape.components = shape.components + 1 - readers.max(1);
+        shape.anchored = u.branches.iter().zip(&reading).all(|(root, reads)| {
+            let covered = root.is_some_and(|r| self.scopes[r].covered);
+            if *reads {
+                covered
+            } else {
+                !u.all
+            }
+        });
+        shape
+    }
+
     /// Builds the shape from everything collected so far.
     pub(super) fn shape(&self, root: Option<usize>) -> Shape {
         let n = self.occs.len();
@@ -857,9 +944,12 @@ impl<'a> Analyzer<'a> {
     }
 
     /// The body for a statement that only reads (or writes a home table).
-    fn read_body(&self, root: Option<usize>) -> Body {
+    fn read_body(&self, info: &QueryInfo) -> Body {
         if !self.occs.is_empty() {
-            Body::Shape(self.shape(root))
+            Body::Shape(match &info.union {
+                Some(u) => self.union_shape(u),
+                None => self.shape(info.root),
+            })
         } else if !self.home_tables.is_empty()
             || !self.reference_tables.is_empty()
             || self.impure_calls
@@ -887,7 +977,7 @@ impl<'a> Analyzer<'a> {
         let body = if self.every_shard_view {
             self.every_shard_view_body()?
         } else {
-            self.read_body(info.root)
+            self.read_body(&info)
         };
         Ok(StmtPlan {
             kind,
