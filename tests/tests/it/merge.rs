@@ -668,6 +668,10 @@ async fn counts_cast_to_a_type_equal_one_postgresql() {
         "SELECT count(*)::int AS total FROM events WHERE id < 0",
         "SELECT v, count(*)::int AS n, count(id)::numeric, count(*)::float8, count(*)::text, CAST(count(*) AS smallint), count(*)::bigint FROM events GROUP BY v ORDER BY v",
         "SELECT v, count(*)::integer AS n FROM events GROUP BY v HAVING count(*) > 25 ORDER BY n DESC, v LIMIT 5",
+        // Django's Coalesce(Sum(…), 0): 0 from the shards without rows.
+        "SELECT coalesce(sum(v), 0), COALESCE(SUM(seq::numeric / 4), 0) AS q, coalesce(count(v), 0) FROM events",
+        "SELECT coalesce(sum(v), 0) AS total, coalesce(sum(v * 1.5), 0) FROM events WHERE id < 0",
+        "SELECT id % 3 AS g, coalesce(sum(v), 0) AS total FROM events WHERE id < 9 OR v IS NULL GROUP BY 1 ORDER BY total DESC",
     ];
     for sql in queries {
         let want = rows(&reference, sql)

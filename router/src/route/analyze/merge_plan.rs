@@ -695,6 +695,18 @@ impl<'k> Builder<'k> {
                     self.outputs.push(Combined::Avg { sum: id, count: id });
                 }
                 None => {
+                    if let Some(p) = zero_coalesced(expr, self.is_key)? {
+                        // Each shard's `coalesce(sum(x), 0)`: the sum of
+                        // the partials (0 for a shard without rows) is the
+                        // sum, 0 when every shard had none.
+                        self.visible.push(Col {
+                            expr: strip(expr).clone(),
+                            alias,
+                            kind: ShardCol::Partial(p),
+                        });
+                        self.outputs.push(Combined::Col(id));
+                        continue;
+                    }
                     if let Some((count, to)) = count_cast(expr, self.is_key)? {
                         self.visible.push(Col {
                             expr: count,
@@ -1031,6 +1043,44 @@ fn count_cast(e: &Expr, is_key: IsKey<'_>) -> Result<Option<(Expr, CountCast)>, 
         _ => return Ok(None),
     };
     Ok(Some((strip(expr).clone(), to)))
+}
+
+/// `coalesce(sum(x), 0)` or `coalesce(count(x), 0)` (Django's
+/// `Coalesce(Sum(…), 0)`): the partial it adds up as. Only an integer `0`:
+/// a shard whose sum is NULL answers that literal, which adds nothing to
+/// the others' sums and keeps their scale (`0.0` would add a decimal
+/// place to a sum that PostgreSQL prints without one).
+fn zero_coalesced(e: &Expr, is_key: IsKey<'_>) -> Result<Option<Partial>, String> {
+    let Expr::Function(f) = strip(e) else {
+        return Ok(None);
+    };
+    if last_name(&f.name) != "coalesce" || f.over.is_some() || f.filter.is_some() {
+        return Ok(None);
+    }
+    let FunctionArguments::List(list) = &f.args else {
+        return Ok(None);
+    };
+    let [FunctionArg::Unnamed(FunctionArgExpr::Expr(agg)), FunctionArg::Unnamed(FunctionArgExpr::Expr(zero))] =
+        list.args.as_slice()
+    else {
+        return Ok(None);
+    };
+    let is_zero = matches!(strip(zero), Expr::Value(v) if matches!(&v.value, Value::Number(n, _) if n == "0"));
+    if !is_zero || !list.clauses.is_empty() || list.duplicate_treatment.is_some() {
+        return Ok(None);
+    }
+    // Not over DISTINCT: `count(DISTINCT y)` beside it makes the shards
+    // group finer, where partials of DISTINCT no longer add up (the plan
+    // checks bare ones only).
+    let distinct = matches!(strip(agg), Expr::Function(g)
+        if matches!(&g.args, FunctionArguments::List(l) if l.duplicate_treatment.is_some()));
+    if distinct {
+        return Ok(None);
+    }
+    Ok(match agg_call(agg, is_key)? {
+        Some(Agg::Simple(p @ (Partial::Sum | Partial::Count))) => Some(p),
+        _ => None,
+    })
 }
 
 fn agg_call(e: &Expr, is_key: IsKey<'_>) -> Result<Option<Agg>, String> {
