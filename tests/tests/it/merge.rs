@@ -597,6 +597,10 @@ async fn distinct_counts_equal_one_postgresql() {
         "SELECT count(DISTINCT NULLIF(v, 3)), count(DISTINCT 't' || v) FROM events",
         "SELECT count(DISTINCT CASE WHEN seq % 2 = 0 THEN 1.0 ELSE 1.00 END) FROM events",
         "SELECT v % 3 AS k, count(DISTINCT id) AS ids, count(DISTINCT seq / 100) FROM events GROUP BY 1 ORDER BY 2 DESC, 1",
+        // FILTER: counted where the condition is true (not NULL, not false).
+        "SELECT count(DISTINCT v) FILTER (WHERE seq % 2 = 0), count(DISTINCT v) FILTER (WHERE v > 10 OR NULL), count(*) FROM events",
+        "SELECT id % 4 AS g, count(DISTINCT v) FILTER (WHERE seq > 300) AS late, count(DISTINCT id) FILTER (WHERE v < 5) FROM events GROUP BY 1 ORDER BY 1",
+        "SELECT count(DISTINCT v) FILTER (WHERE seq < 0) FROM events",
     ];
     for sql in queries {
         let want = rows(&reference, sql)

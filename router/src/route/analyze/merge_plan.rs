@@ -235,10 +235,8 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
                     continue;
                 }
                 match (p, list.args.as_slice()) {
-                    (Partial::Count, [FunctionArg::Unnamed(FunctionArgExpr::Expr(x))])
-                        if f.filter.is_none() =>
-                    {
-                        let x = strip(x).clone();
+                    (Partial::Count, [FunctionArg::Unnamed(FunctionArgExpr::Expr(x))]) => {
+                        let x = distinct_value(x, f.filter.as_deref());
                         if c.alias.is_none() {
                             c.alias = Some(Ident::new("count"));
                         }
@@ -1131,11 +1129,18 @@ fn agg_call(e: &Expr, is_key: IsKey<'_>) -> Result<Option<Agg>, String> {
     let of_key = matches!(list.args.as_slice(),
         [FunctionArg::Unnamed(FunctionArgExpr::Expr(a))] if is_key(a));
     if list.duplicate_treatment == Some(DuplicateTreatment::Distinct) && !idempotent && !of_key {
-        if let (Some(Partial::Count), [FunctionArg::Unnamed(FunctionArgExpr::Expr(x))], None) =
-            (partial, list.args.as_slice(), &f.filter)
+        if let (Some(Partial::Count), [FunctionArg::Unnamed(FunctionArgExpr::Expr(x))]) =
+            (partial, list.args.as_slice())
         {
-            if first_aggregate(x).is_none() {
-                return Ok(Some(Agg::CountDistinct(Box::new(strip(x).clone()))));
+            if first_aggregate(x).is_none()
+                && f.filter
+                    .as_deref()
+                    .is_none_or(|c| first_aggregate(c).is_none())
+            {
+                return Ok(Some(Agg::CountDistinct(Box::new(distinct_value(
+                    x,
+                    f.filter.as_deref(),
+                )))));
             }
         }
         return Err(format!("aggregate function {name}(DISTINCT …)"));
@@ -1147,6 +1152,26 @@ fn agg_call(e: &Expr, is_key: IsKey<'_>) -> Result<Option<Agg>, String> {
             count: Box::new(renamed(f, "count")),
         },
     }))
+}
+
+/// The value whose distinct non-NULL values `count(DISTINCT x) [FILTER
+/// (WHERE c)]` counts: `x`, or `CASE WHEN c THEN x END` (NULL, so not
+/// counted, where `c` is not true).
+fn distinct_value(x: &Expr, filter: Option<&Expr>) -> Expr {
+    let x = strip(x).clone();
+    match filter {
+        None => x,
+        Some(c) => Expr::Case {
+            case_token: sqlparser::ast::helpers::attached_token::AttachedToken::empty(),
+            end_token: sqlparser::ast::helpers::attached_token::AttachedToken::empty(),
+            operand: None,
+            conditions: vec![sqlparser::ast::CaseWhen {
+                condition: Expr::Nested(Box::new(c.clone())),
+                result: x,
+            }],
+            else_result: None,
+        },
+    }
 }
 
 /// `f` under another name (same arguments, FILTER, schema).

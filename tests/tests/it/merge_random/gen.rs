@@ -465,8 +465,16 @@ impl Gen {
                 if self.chance(0.3) {
                     // Counted by the node from the shards' distinct values.
                     let (c, _) = *self.pick(&ordered);
+                    let filter = if self.chance(0.3) {
+                        format!(
+                            " FILTER (WHERE {})",
+                            self.pick(&["flag", "qty > 5", "cat IS NOT NULL"])
+                        )
+                    } else {
+                        String::new()
+                    };
                     return (
-                        format!("count(DISTINCT {c})"),
+                        format!("count(DISTINCT {c}){filter}"),
                         Ty::Int,
                         rows / 4,
                         Norm::None,
@@ -789,9 +797,9 @@ impl Gen {
         let wh = self.where_clause();
         let sql = match self.rng.random_range(0..12) {
             0 => format!("SELECT sum(DISTINCT {num}) FROM items{wh}"),
-            1 => {
-                format!("SELECT grp, count(DISTINCT {c}) FILTER (WHERE flag) FROM items{wh} GROUP BY grp ORDER BY grp")
-            }
+            1 => format!(
+                "SELECT grp, coalesce(max({c}), '0') FROM items{wh} GROUP BY grp ORDER BY grp"
+            ),
             2 => format!("SELECT string_agg(cat, ',') FROM items{wh}"),
             3 => format!("SELECT grp, array_agg({c}) FROM items{wh} GROUP BY grp"),
             4 => format!("SELECT sum({num}) + 1 FROM items{wh}"),
