@@ -83,6 +83,29 @@ async fn add_shard_rebalance_gives_the_new_shard_its_share_of_rows() {
         .unwrap();
     let dsn = extra.dsn();
 
+    // A unique index without the shard key, made on a shard directly
+    // (through the node it is refused): enforced per shard, so adding a
+    // shard is refused, the dry run too, until it is gone.
+    let s0 = connect(&c.shards[0].dsn()).await.unwrap();
+    s0.batch_execute("CREATE UNIQUE INDEX items_n_bad ON items (n) WHERE id < 0")
+        .await
+        .unwrap();
+    for dry in [true, false] {
+        let mut args = vec!["reshard", "add-shard", "s3", "--dsn", &dsn, "--rebalance"];
+        if dry {
+            args.push("--dry-run");
+        }
+        let (ok, out, err) = c.proxyctl(0, &args).await;
+        assert!(!ok, "add-shard with a unique index without the key: {out}");
+        assert!(
+            err.contains("items_n_bad") && err.contains("does not include its shard key \"id\""),
+            "{err}"
+        );
+    }
+    let (ok, out, _) = c.proxyctl(0, &["shard", "list"]).await;
+    assert!(ok && !out.contains("s3"), "{out}");
+    s0.batch_execute("DROP INDEX items_n_bad").await.unwrap();
+
     // The plan, without changing anything.
     let before = state(&c).await;
     let plan = ctl_json(

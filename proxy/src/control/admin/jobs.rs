@@ -178,6 +178,21 @@ async fn add_shard(State(api): State<Api>, Json(req): Json<AddShardReq>) -> ApiR
     let fail =
         |e: JobError| ApiError::new(StatusCode::CONFLICT, format!("add-shard {}: {e}", req.name));
     connect(&req.dsn, "postgres").await.map_err(fail)?;
+    // A unique index that leaves out its table's shard key holds on one
+    // shard only (DDL through the node refuses one over several shards;
+    // one made while the catalog had a single shard, or on the shard
+    // directly, is found here): with a second shard it would let
+    // duplicates in. Refused before anything changes.
+    let keys = crate::exec::unique::sharded_keys(&snap);
+    let found = super::unique_outside_key(&snap, &keys).await?;
+    if !found.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "add-shard {}: {}; shard {} was not added",
+            req.name,
+            crate::exec::unique::explain(&found, &keys),
+            req.name
+        )));
+    }
     if req.dry_run {
         if snap.shards().any(|s| s.id.as_str() == req.name) {
             return Err(ApiError::conflict(format!(
