@@ -327,7 +327,7 @@ fn shape_target(
         }
         if !shape.anchored {
             return Err(RouteError::unsupported(
-                "a statement over several shards whose sharded table is only read inside a subquery, derived table, CTE or the nullable side of an outer join, or with a UNION ALL branch that reads no sharded table in its own FROM (every shard would return its rows)",
+                "a statement over several shards whose sharded table is only read inside a subquery, derived table, CTE or the nullable side of an outer join, or with a UNION ALL branch that reads no sharded table in its own FROM (every shard would return its rows; under UNION only constants may: VALUES or a SELECT of literals)",
             ));
         }
         if all_restricted {

@@ -863,6 +863,11 @@ async fn unions_equal_one_postgresql() {
             "SELECT v FROM events UNION ALL SELECT 1",
             "UNION ALL branch that reads no sharded table",
         ),
+        // One row per shard on its own, different on each.
+        (
+            "SELECT v FROM events UNION SELECT pg_backend_pid()",
+            "only constants",
+        ),
         (
             "SELECT v FROM events UNION ALL SELECT v FROM events UNION SELECT seq FROM events",
             "UNION mixed with UNION ALL",

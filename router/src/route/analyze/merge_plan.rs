@@ -263,6 +263,20 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
                     .to_owned(),
             );
         }
+        // The row the node makes up for an empty input there has a NULL
+        // sum, where `coalesce(sum(x), 0)` is 0.
+        if b.group_by.is_empty()
+            && cols().any(|c| c.kind == ShardCol::Distinct)
+            && cols().any(|c| {
+                c.kind == ShardCol::Partial(Partial::Sum)
+                    && matches!(strip(&c.expr), Expr::Function(f) if last_name(&f.name) == "coalesce")
+            })
+        {
+            return Err(
+                "coalesce(sum(…), 0) beside count(DISTINCT …) of another column, without GROUP BY"
+                    .to_owned(),
+            );
+        }
     }
 
     // Can the shards sort, and can the limit go down?

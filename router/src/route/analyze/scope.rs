@@ -79,6 +79,9 @@ pub(super) struct QueryInfo {
 pub(super) struct Union {
     /// The root scope of each branch's SELECT (None: VALUES and the like).
     pub(super) branches: Vec<Option<usize>>,
+    /// Per branch: constants only (VALUES or a SELECT without FROM, no
+    /// function call, no subquery) — the same rows from every shard.
+    pub(super) constant: Vec<bool>,
     /// Some operator is `UNION ALL` (duplicates kept).
     pub(super) all: bool,
 }
@@ -544,13 +547,17 @@ impl<'a> Analyzer<'a> {
                     all: matches!(set_quantifier, ast::SetQuantifier::All),
                     ..Union::default()
                 };
-                for side in [l, r] {
+                for (side, ast) in [(l, left), (r, right)] {
                     match side.union {
                         Some(inner) => {
                             u.all |= inner.all;
                             u.branches.extend(inner.branches);
+                            u.constant.extend(inner.constant);
                         }
-                        None => u.branches.push(side.root),
+                        None => {
+                            u.branches.push(side.root);
+                            u.constant.push(constant_branch(ast));
+                        }
                     }
                 }
                 Ok(QueryInfo {
@@ -806,8 +813,11 @@ impl<'a> Analyzer<'a> {
     /// shards' answers are right when each branch's are — its sharded
     /// tables joined on their keys (one component per branch that reads
     /// any) and read in its own FROM. A branch that reads no sharded
-    /// table returns the same rows from every shard: UNION removes the
-    /// copies, UNION ALL would not (not anchored then).
+    /// table runs on every shard: UNION removes the copies when they are
+    /// equal — constants only; a function (`now()`, `pg_backend_pid()`,
+    /// `nextval()`), a subquery or a table (system columns, a reference
+    /// table caught mid-update) may answer differently per shard — and
+    /// UNION ALL never does (not anchored then).
     fn union_shape(&self, u: &Union) -> Shape {
         let mut shape = self.shape(None);
         // The branch of each occurrence: the branch root its scope is in.
@@ -838,14 +848,19 @@ impl<'a> Analyzer<'a> {
         // reads a sharded table adds one component at least.
         let readers = reading.iter().filter(|r| **r).count();
         shape.components = shape.components + 1 - readers.max(1);
-        shape.anchored = u.branches.iter().zip(&reading).all(|(root, reads)| {
-            let covered = root.is_some_and(|r| self.scopes[r].covered);
-            if *reads {
-                covered
-            } else {
-                !u.all
-            }
-        });
+        shape.anchored = u
+            .branches
+            .iter()
+            .zip(&reading)
+            .enumerate()
+            .all(|(b, (root, reads))| {
+                let covered = root.is_some_and(|r| self.scopes[r].covered);
+                if *reads {
+                    covered
+                } else {
+                    !u.all && u.constant.get(b).copied().unwrap_or(false)
+                }
+            });
         shape
     }
 
@@ -1001,4 +1016,34 @@ pub(in crate::route) fn is_every_shard_view(catalog_name: &str) -> bool {
         catalog_name,
         "pg_prepared_xacts" | "pg_catalog.pg_prepared_xacts"
     )
+}
+
+/// Whether a UNION branch is made of constants only: VALUES or a SELECT
+/// without FROM, without function calls or subqueries (see `union_shape`).
+fn constant_branch(body: &SetExpr) -> bool {
+    struct Found(bool);
+    impl Visitor for Found {
+        type Break = ();
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            if matches!(e, Expr::Function(_)) {
+                self.0 = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+            // A subquery (the branch itself is not visited as a query).
+            self.0 = true;
+            ControlFlow::Break(())
+        }
+    }
+    let plain = match body {
+        SetExpr::Values(_) => true,
+        SetExpr::Select(s) => s.from.is_empty(),
+        SetExpr::Query(q) => return q.with.is_none() && constant_branch(&q.body),
+        _ => false,
+    };
+    let mut f = Found(false);
+    let _ = body.visit(&mut f);
+    plain && !f.0
 }
