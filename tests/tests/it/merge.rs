@@ -136,6 +136,7 @@ fn queries() -> (Vec<String>, Vec<(String, &'static str)>) {
     q.push("SELECT sum(qty), avg(price) FROM items WHERE id < 0".into());
     q.push("SELECT count(DISTINCT qty) FROM items".into());
     q.push("SELECT grp, count(DISTINCT cat), count(DISTINCT price) FROM items GROUP BY grp ORDER BY grp".into());
+    q.push("SELECT grp FROM items UNION SELECT qty FROM items ORDER BY 1".into());
     let refused = vec![
         ("SELECT sum(DISTINCT qty) FROM items".to_string(), "0A000"),
         (
@@ -143,7 +144,7 @@ fn queries() -> (Vec<String>, Vec<(String, &'static str)>) {
             "0A000",
         ),
         (
-            "SELECT grp FROM items UNION SELECT qty FROM items".to_string(),
+            "SELECT grp FROM items INTERSECT SELECT qty FROM items".to_string(),
             "0A000",
         ),
         (
