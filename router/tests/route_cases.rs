@@ -611,6 +611,18 @@ fn messages_name_the_construct() {
     assert!(msg("COPY users (name) FROM STDIN").contains("shard key column \"id\""));
     assert!(msg("SELECT * FROM users WHERE id = 1 /* hotrepart: shard=s9 */").contains("s9"));
     assert!(msg("INSERT INTO users (name) VALUES ('x')").contains("\"id\""));
+    // Set operations the node cannot merge say so (Django's
+    // `qs1.union(qs2).count()` puts the UNION in a derived table).
+    let m =
+        msg("SELECT count(*) FROM (SELECT id FROM users UNION ALL SELECT user_id FROM orders) s");
+    assert!(
+        m.contains("UNION inside a subquery, derived table or CTE"),
+        "{m}"
+    );
+    let m = msg("SELECT id FROM users INTERSECT SELECT 1");
+    assert!(m.contains("INTERSECT over several shards"), "{m}");
+    let m = msg("SELECT id FROM users EXCEPT SELECT user_id FROM orders");
+    assert!(m.contains("EXCEPT over several shards"), "{m}");
     let m = msg("SELECT * FROM users WHERE");
     assert!(m.contains("\"users\"") && m.contains("Expected"), "{m}");
 }

@@ -318,6 +318,9 @@ fn shape_target(
     let target = if single {
         target_of(snap, shards)
     } else {
+        if let (Some(why), true) = (&shape.set_op, shape.components > 1 || !shape.anchored) {
+            return Err(RouteError::unsupported(why.clone()));
+        }
         if shape.components > 1 {
             let names: Vec<&str> = shape.occs.iter().map(|o| o.table.name.as_str()).collect();
             return Err(RouteError::unsupported(format!(

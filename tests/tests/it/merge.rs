@@ -864,6 +864,11 @@ async fn unions_equal_one_postgresql() {
             "SELECT v FROM events UNION ALL SELECT 1",
             "UNION ALL branch that reads no sharded table",
         ),
+        // Django's `qs1.union(qs2).count()`: the UNION in a derived table.
+        (
+            "SELECT count(*) FROM (SELECT v FROM events UNION SELECT seq FROM events) s",
+            "UNION inside a subquery, derived table or CTE",
+        ),
         // One row per shard on its own, different on each.
         (
             "SELECT v FROM events UNION SELECT pg_backend_pid()",
@@ -879,7 +884,7 @@ async fn unions_equal_one_postgresql() {
         ),
         (
             "SELECT v FROM events INTERSECT SELECT seq FROM events",
-            "not joined on their shard keys",
+            "INTERSECT over several shards",
         ),
     ] {
         let e = rows(&node, sql).await.expect_err(sql);

@@ -33,6 +33,9 @@ pub(in crate::route) struct Shape {
     pub insert_select: bool,
     /// That table (declared name).
     pub insert_into: Option<String>,
+    /// A set operation that makes the statement unanswerable over several
+    /// shards, in words (refused with them when it does not run on one).
+    pub set_op: Option<String>,
 }
 
 /// `INSERT … VALUES` into a sharded table.

@@ -113,6 +113,13 @@ pub(super) struct Analyzer<'a> {
     pub(super) temp: std::cell::Cell<bool>,
     /// `SELECT … INTO TEMP`: the query makes a temporary table.
     pub(super) into_temp: bool,
+    /// Queries being analysed inside the statement's own (subqueries,
+    /// derived tables, CTEs).
+    nesting: usize,
+    /// A set operation the shape cannot take over several shards: any
+    /// inside a subquery, derived table or CTE, or INTERSECT/EXCEPT — the
+    /// words of the refusal (see `Shape::set_op`).
+    set_op: Option<String>,
 }
 
 /// A visitor that analyses the subqueries directly inside an expression (in
@@ -189,6 +196,8 @@ impl<'a> Analyzer<'a> {
             placeholders: false,
             temp: std::cell::Cell::new(false),
             into_temp: false,
+            nesting: 0,
+            set_op: None,
         }
     }
 
@@ -488,6 +497,14 @@ impl<'a> Analyzer<'a> {
         q: &Query,
         parent: Option<usize>,
     ) -> Result<QueryInfo, RouteError> {
+        let nested = usize::from(parent.is_some());
+        self.nesting += nested;
+        let info = self.query_in(q, parent);
+        self.nesting -= nested;
+        info
+    }
+
+    fn query_in(&mut self, q: &Query, parent: Option<usize>) -> Result<QueryInfo, RouteError> {
         self.locks |= !q.locks.is_empty();
         let mut scope = parent;
         if let Some(with) = &q.with {
@@ -538,6 +555,17 @@ impl<'a> Analyzer<'a> {
             } => {
                 let l = self.set_expr(left, parent)?;
                 let r = self.set_expr(right, parent)?;
+                if self.set_op.is_none() {
+                    if self.nesting > 0 {
+                        self.set_op = Some(format!(
+                            "{op} inside a subquery, derived table or CTE of a statement over several shards (each shard would combine only its own rows): run the set operation as the outermost query (UNION [ALL] is merged there), or name the shard key so that one shard answers"
+                        ));
+                    } else if *op != ast::SetOperator::Union {
+                        self.set_op = Some(format!(
+                            "{op} over several shards (rows of different shards would have to meet): name the shard key so that one shard answers, or compute it in the application"
+                        ));
+                    }
+                }
                 if *op != ast::SetOperator::Union {
                     return Ok(QueryInfo::default());
                 }
@@ -926,6 +954,7 @@ impl<'a> Analyzer<'a> {
             update_key: None,
             insert_select: false,
             insert_into: None,
+            set_op: self.set_op.clone(),
         }
     }
 
