@@ -182,30 +182,14 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
     };
     let mut order = Vec::new();
     let mut shard_order_opts = Vec::new();
-    if let Some(ob) = &q.order_by {
-        let OrderByKind::Expressions(keys) = &ob.kind else {
-            return Err("ORDER BY ALL".to_owned());
-        };
-        if ob.interpolate.is_some() {
-            return Err("ORDER BY … INTERPOLATE".to_owned());
-        }
-        for k in keys {
-            if k.with_fill.is_some() {
-                return Err("ORDER BY … WITH FILL".to_owned());
-            }
-            let desc = match &k.options.sort {
-                None | Some(OrderBySort::Asc) => false,
-                Some(OrderBySort::Desc) => true,
-                Some(OrderBySort::Using(_)) => return Err("ORDER BY … USING".to_owned()),
-            };
-            let value = b.sort_value(&k.expr, &sel.projection)?;
-            order.push(SortKey {
-                value,
-                desc,
-                nulls_first: k.options.nulls_first.unwrap_or(desc),
-            });
-            shard_order_opts.push(k.options.clone());
-        }
+    for (k, desc) in order_keys(q)? {
+        let value = b.sort_value(&k.expr, &sel.projection)?;
+        order.push(SortKey {
+            value,
+            desc,
+            nulls_first: k.options.nulls_first.unwrap_or(desc),
+        });
+        shard_order_opts.push(k.options.clone());
     }
     if aggregated {
         b.check_plain()?;
@@ -403,6 +387,32 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
         limit,
         offset,
     }))
+}
+
+/// The ORDER BY keys of `q` with whether each is descending; the
+/// clauses no merge can follow refused.
+pub(super) fn order_keys(q: &Query) -> Result<Vec<(&OrderByExpr, bool)>, String> {
+    let Some(ob) = &q.order_by else {
+        return Ok(Vec::new());
+    };
+    let OrderByKind::Expressions(keys) = &ob.kind else {
+        return Err("ORDER BY ALL".to_owned());
+    };
+    if ob.interpolate.is_some() {
+        return Err("ORDER BY … INTERPOLATE".to_owned());
+    }
+    keys.iter()
+        .map(|k| {
+            if k.with_fill.is_some() {
+                return Err("ORDER BY … WITH FILL".to_owned());
+            }
+            match &k.options.sort {
+                None | Some(OrderBySort::Asc) => Ok((k, false)),
+                Some(OrderBySort::Desc) => Ok((k, true)),
+                Some(OrderBySort::Using(_)) => Err("ORDER BY … USING".to_owned()),
+            }
+        })
+        .collect()
 }
 
 /// The text of the pushed-down `LIMIT offset+limit`, if any.

@@ -16,15 +16,15 @@
 //! whole table is not the shards' answers together).
 
 use sqlparser::ast::{
-    Distinct, Expr, OrderBy, OrderByExpr, OrderByKind, OrderBySort, Query, SelectItem, SetExpr,
-    SetOperator, SetQuantifier, Value,
+    Distinct, Expr, OrderBy, OrderByExpr, OrderByKind, Query, SelectItem, SetExpr, SetOperator,
+    SetQuantifier, Value,
 };
 
 use super::super::names::norm;
 use super::super::MergeNeed;
 use super::expr::strip;
 use super::merge_need::select_merge_need;
-use super::merge_plan::{implicit_name, limit_offset, number, position, pushed_limit};
+use super::merge_plan::{implicit_name, limit_offset, number, order_keys, position, pushed_limit};
 use crate::route::merge::{Combined, MergePlan, SortKey};
 
 /// The plan of `q`, whose body is a set operation.
@@ -49,34 +49,18 @@ pub(super) fn plan_union(q: &Query) -> Result<Option<MergePlan>, String> {
     let first = u.first.as_deref().unwrap_or(&[]);
     let mut order_by = Vec::new();
     let mut shard_keys = Vec::new();
-    if let Some(ob) = &q.order_by {
-        let OrderByKind::Expressions(keys) = &ob.kind else {
-            return Err("ORDER BY ALL".to_owned());
-        };
-        if ob.interpolate.is_some() {
-            return Err("ORDER BY … INTERPOLATE".to_owned());
-        }
-        for k in keys {
-            if k.with_fill.is_some() {
-                return Err("ORDER BY … WITH FILL".to_owned());
-            }
-            let desc = match &k.options.sort {
-                None | Some(OrderBySort::Asc) => false,
-                Some(OrderBySort::Desc) => true,
-                Some(OrderBySort::Using(_)) => return Err("ORDER BY … USING".to_owned()),
-            };
-            let col = result_column(&k.expr, first)?;
-            order_by.push(SortKey {
-                value: Combined::Col(col),
-                desc,
-                nulls_first: k.options.nulls_first.unwrap_or(desc),
-            });
-            shard_keys.push(OrderByExpr {
-                expr: number(col + 1),
-                options: k.options.clone(),
-                with_fill: None,
-            });
-        }
+    for (k, desc) in order_keys(q)? {
+        let col = result_column(&k.expr, first)?;
+        order_by.push(SortKey {
+            value: Combined::Col(col),
+            desc,
+            nulls_first: k.options.nulls_first.unwrap_or(desc),
+        });
+        shard_keys.push(OrderByExpr {
+            expr: number(col + 1),
+            options: k.options.clone(),
+            with_fill: None,
+        });
     }
     if !distinct && order_by.is_empty() && limit.is_none() && offset.is_none() {
         return Ok(None);
