@@ -19,10 +19,10 @@
 //!   are joined on their keys; otherwise to all shards or it is refused.
 //! * A multi-shard read whose answer is not the plain concatenation of the
 //!   shards' answers comes back with a [`MergePlan`] ([`MergeNeed::Merge`]:
-//!   ORDER BY, LIMIT/OFFSET, DISTINCT, count/sum/min/max/avg/bool_and/bool_or,
+//!   ORDER BY, LIMIT/OFFSET, DISTINCT [ON], count/sum/min/max/avg/bool_and/bool_or,
 //!   GROUP BY, HAVING) or, when no plan is correct (window functions, set
 //!   operations, other aggregates, `count(DISTINCT …)`, expressions over
-//!   aggregates, DISTINCT ON, FOR UPDATE, EXPLAIN, COPY, several statements
+//!   aggregates, FOR UPDATE, EXPLAIN, COPY, several statements
 //!   in one string, …), with [`MergeNeed::Refuse`] naming the construct; a
 //!   multi-shard statement whose shards' answers cannot be
 //!   combined at all (sharded tables not joined on their keys, a sharded table

@@ -243,6 +243,16 @@ fn render_plan(p: &MergePlan) -> String {
     if p.distinct {
         out.push("distinct".to_owned());
     }
+    if !p.distinct_on.is_empty() {
+        out.push(format!(
+            "on={}",
+            p.distinct_on
+                .iter()
+                .map(|c| format!("#{c}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
     if !p.order_by.is_empty() {
         out.push(format!(
             "order={}",

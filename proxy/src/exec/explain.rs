@@ -219,6 +219,12 @@ fn describe(p: &MergePlan) -> Vec<String> {
     if p.distinct {
         v.push("merge: DISTINCT applied after combining".into());
     }
+    if !p.distinct_on.is_empty() {
+        v.push(format!(
+            "merge: DISTINCT ON ({} key column(s)): the first merged row of each group kept",
+            p.distinct_on.len()
+        ));
+    }
     if !p.order_by.is_empty() && (p.aggregate.is_some() || !p.shards_sorted) {
         v.push(format!(
             "merge: sorted in the node ({} sort key(s))",

@@ -23,6 +23,8 @@
 //!    plans) or the shard row without its first [`MergePlan::hidden`]
 //!    columns (plans without aggregation).
 //! 5. **DISTINCT** ([`MergePlan::distinct`]) removes duplicate client rows.
+//!    **DISTINCT ON** ([`MergePlan::distinct_on`]) keeps the first of the
+//!    merged rows of each of its groups (they arrive next to each other).
 //! 6. **ORDER BY** [`MergePlan::order_by`] (already in order when the
 //!    shards were sorted and the rows were merged), then **OFFSET** and
 //!    **LIMIT**.
@@ -58,6 +60,13 @@ pub struct MergePlan {
     pub aggregate: Option<AggregatePlan>,
     /// `SELECT DISTINCT`: duplicate client rows are removed after combining.
     pub distinct: bool,
+    /// `SELECT DISTINCT ON (…)`: shard columns (hidden or not) of its
+    /// expressions; empty without it. Only in plans without aggregation,
+    /// with [`MergePlan::shards_sorted`] and `order_by` leading with these
+    /// columns: of the merged rows with equal values in them (compared as
+    /// GROUP BY compares, NULLs equal) only the first is kept, before OFFSET
+    /// and LIMIT.
+    pub distinct_on: Vec<usize>,
     /// The final order (empty: any order). PostgreSQL's defaults are
     /// resolved: `nulls_first` is true for DESC unless `NULLS LAST` was given.
     pub order_by: Vec<SortKey>,

@@ -780,6 +780,125 @@ async fn windows_by_the_key_and_distinct_keys_equal_one_postgresql() {
     }
 }
 
+/// `SELECT DISTINCT ON (…)` over several shards (Django's
+/// `.order_by("v", "-seq").distinct("v")`, "the latest row of each"): every
+/// shard keeps the first row of each group in the ORDER BY, the node merges
+/// the shards' sorted rows and keeps the first of each group — the rows one
+/// PostgreSQL keeps. The orders are total (they end with the unique `seq`)
+/// so that PostgreSQL's choice within a group is unique.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_on_equals_one_postgresql() {
+    let (reference, node, _c, _reference_pg) = differential("events").await;
+    let schema = "CREATE TABLE events (id bigint NOT NULL, seq int NOT NULL, v int, n numeric)";
+    reference.batch_execute(schema).await.unwrap();
+    node.batch_execute(schema).await.unwrap();
+    // v: 0..22 and NULL; n: v as numeric, at two scales (3 and 3.00 are
+    // one DISTINCT ON group, shown as its first row has it).
+    let values: Vec<String> = (1..=600)
+        .map(|i: i64| {
+            let v = (i * 7919) % 23;
+            let v = if i % 41 == 0 {
+                "NULL".to_owned()
+            } else {
+                v.to_string()
+            };
+            let n = if i % 2 == 0 {
+                format!("{v}::numeric")
+            } else {
+                format!("round({v}::numeric, 2)")
+            };
+            format!("({}, {i}, {v}, {n})", i % 37)
+        })
+        .collect();
+    let insert = format!(
+        "INSERT INTO events (id, seq, v, n) VALUES {}",
+        values.join(", ")
+    );
+    reference.batch_execute(&insert).await.unwrap();
+    node.batch_execute(&insert).await.unwrap();
+    let ordered = [
+        // By a column that is not the shard key: groups span the shards.
+        "SELECT DISTINCT ON (v) v, seq, id FROM events ORDER BY v, seq DESC",
+        "SELECT DISTINCT ON (v) seq, id FROM events ORDER BY v DESC NULLS LAST, seq LIMIT 5 OFFSET 2",
+        "SELECT DISTINCT ON (v % 4, id % 3) v % 4 AS a, id % 3 AS b, seq FROM events ORDER BY a, b, seq DESC",
+        // DISTINCT ON keys the ORDER BY leaves out: sorted by after it.
+        "SELECT DISTINCT ON (v % 3, id % 2) v % 3, id % 2 FROM events ORDER BY v % 3",
+        // By the shard key: each group on one shard.
+        "SELECT DISTINCT ON (id) id, seq, v FROM events ORDER BY id, seq DESC",
+        // Numerics equal at different scales are one group.
+        "SELECT DISTINCT ON (n) n, seq FROM events ORDER BY n NULLS FIRST, seq",
+        // Text, ordered bytewise under the C collation.
+        "SELECT DISTINCT ON (v::text) v::text AS t, seq FROM events ORDER BY v::text, seq DESC LIMIT 7",
+        "SELECT DISTINCT ON (v) v, seq FROM events WHERE id < 0 ORDER BY v, seq",
+    ];
+    for sql in ordered {
+        let want = rows(&reference, sql)
+            .await
+            .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
+        let got = rows(&node, sql)
+            .await
+            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
+        assert_eq!(got, want, "{sql}");
+    }
+    // Without ORDER BY PostgreSQL keeps any row of a group: the same keys.
+    let sql = "SELECT DISTINCT ON (v % 5) v % 5 FROM events";
+    let mut want = rows(&reference, sql).await.unwrap();
+    let mut got = rows(&node, sql).await.unwrap();
+    want.sort();
+    got.sort();
+    assert_eq!(want.len(), 6, "{sql}: {want:?}");
+    assert_eq!(got, want, "{sql}");
+    // The extended protocol: parameters in WHERE and LIMIT.
+    let sql = "SELECT DISTINCT ON (v) v, seq FROM events WHERE seq > $1 ORDER BY v NULLS FIRST, seq LIMIT $2";
+    let pick = |rs: Vec<tokio_postgres::Row>| -> Vec<(Option<i32>, i32)> {
+        rs.iter().map(|r| (r.get(0), r.get(1))).collect()
+    };
+    let got = pick(node.query(sql, &[&100i32, &6i64]).await.unwrap());
+    let want = pick(reference.query(sql, &[&100i32, &6i64]).await.unwrap());
+    assert_eq!(got.len(), 6);
+    assert_eq!(got, want);
+    // EXPLAIN says what the node does.
+    let plan = rows(
+        &node,
+        "EXPLAIN SELECT DISTINCT ON (v) v, seq FROM events ORDER BY v, seq",
+    )
+    .await
+    .unwrap();
+    let plan: Vec<String> = plan.into_iter().filter_map(|r| r[0].clone()).collect();
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("DISTINCT ON (1 key column(s))")),
+        "{plan:#?}"
+    );
+    // Refused, in words: an ORDER BY PostgreSQL rejects, a merged cursor.
+    for (sql, words) in [
+        (
+            "SELECT DISTINCT ON (v) v, seq FROM events ORDER BY seq, v",
+            "DISTINCT ON whose expressions are not the leading ORDER BY keys",
+        ),
+        (
+            "SELECT DISTINCT ON (v) v, count(*) FROM events GROUP BY v",
+            "DISTINCT ON in a query with aggregates or GROUP BY",
+        ),
+    ] {
+        let e = rows(&node, sql).await.unwrap_err();
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
+        assert_eq!(db.code().code(), "0A000", "{sql}");
+        assert!(db.message().contains(words), "{sql}: {}", db.message());
+    }
+    node.batch_execute("BEGIN").await.unwrap();
+    let e = node
+        .batch_execute(
+            "DECLARE c CURSOR FOR SELECT DISTINCT ON (v) v, seq FROM events ORDER BY v, seq",
+        )
+        .await
+        .unwrap_err();
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(db.code().code(), "0A000");
+    assert!(db.message().contains("DISTINCT ON"), "{}", db.message());
+    node.batch_execute("ROLLBACK").await.unwrap();
+}
+
 /// UNION and UNION ALL over 4 shards (Django's `qs1.union(qs2)`, with
 /// `all=True`): the shards run the whole UNION, the node concatenates or
 /// removes the rows several shards returned, sorts by result columns and

@@ -80,6 +80,8 @@ pub(crate) fn check_plan(plan: Option<&MergePlan>) -> Result<(), Refusal> {
         Some("aggregates or GROUP BY")
     } else if p.distinct {
         Some("DISTINCT")
+    } else if !p.distinct_on.is_empty() {
+        Some("DISTINCT ON")
     } else if p.limit.is_some() || p.offset.is_some() {
         Some("LIMIT or OFFSET")
     } else if !p.order_by.is_empty() && !p.shards_sorted {

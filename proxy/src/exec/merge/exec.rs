@@ -701,7 +701,17 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let streaming = plan.aggregate.is_none()
         && !plan.distinct
         && (plan.shards_sorted || plan.order_by.is_empty());
+    if !streaming && !plan.distinct_on.is_empty() {
+        return Ok(Err(MergeError(
+            sqlstate::INTERNAL_ERROR,
+            "a DISTINCT ON merge plan whose shards do not sort".into(),
+        )));
+    }
     if streaming {
+        // DISTINCT ON: the key of the last row kept (its group's rows are
+        // next to each other in the merged order).
+        let mut last_on: Option<Vec<u8>> = None;
+        let mut key = Vec::new();
         let mut heads: Vec<Option<Row>> = Vec::with_capacity(st.shards.len());
         for i in 0..st.shards.len() {
             heads.push(st.next(&mut s.be, i).await?);
@@ -738,6 +748,18 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let Some(b) = best else { break };
             let row = heads[b].take().unwrap_or_default();
             heads[b] = st.next(&mut s.be, b).await?;
+            if !plan.distinct_on.is_empty() {
+                if let Err(e) = key_into(&plan.distinct_on, row.as_slice(), &types, &mut key) {
+                    return Ok(Err(e));
+                }
+                if last_on.as_ref() == Some(&key) {
+                    continue;
+                }
+                match &mut last_on {
+                    Some(k) => k.clone_from(&key),
+                    None => last_on = Some(key.clone()),
+                }
+            }
             if skipped < offset {
                 skipped += 1;
                 continue;

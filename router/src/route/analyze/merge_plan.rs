@@ -32,7 +32,8 @@ use sqlparser::ast::{
     BinaryOperator, Distinct, DuplicateTreatment, Expr, Function, FunctionArg, FunctionArgExpr,
     FunctionArgumentClause, FunctionArguments, GroupByExpr, Ident, LimitClause,
     NamedWindowDefinition, NamedWindowExpr, ObjectNamePart, OrderBy, OrderByExpr, OrderByKind,
-    OrderBySort, Query, SelectItem, SetExpr, UnaryOperator, Value, Visit, Visitor, WindowType,
+    OrderByOptions, OrderBySort, Query, SelectItem, SetExpr, UnaryOperator, Value, Visit, Visitor,
+    WindowType,
 };
 
 use super::super::names::{last_name, norm};
@@ -111,10 +112,10 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
     }) {
         return Err("WINDOW (not partitioned by the shard key)".to_owned());
     }
-    let distinct = match &sel.distinct {
-        None | Some(Distinct::All) => false,
-        Some(Distinct::Distinct) => true,
-        Some(Distinct::On(_)) => return Err("DISTINCT ON".to_owned()),
+    let (distinct, distinct_on) = match &sel.distinct {
+        None | Some(Distinct::All) => (false, None),
+        Some(Distinct::Distinct) => (true, None),
+        Some(Distinct::On(v)) => (false, Some(v)),
     };
     let group_exprs: &[Expr] = match &sel.group_by {
         GroupByExpr::All(_) => return Err("GROUP BY ALL".to_owned()),
@@ -129,8 +130,17 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
             "window function {w}() in a query with aggregates or GROUP BY"
         ));
     }
+    if aggregated && distinct_on.is_some() {
+        return Err("DISTINCT ON in a query with aggregates or GROUP BY".to_owned());
+    }
     let (limit, offset) = limit_offset(q)?;
-    if !aggregated && !distinct && q.order_by.is_none() && limit.is_none() && offset.is_none() {
+    if !aggregated
+        && !distinct
+        && distinct_on.is_none()
+        && q.order_by.is_none()
+        && limit.is_none()
+        && offset.is_none()
+    {
         return Ok(None);
     }
     // With ORDER BY/LIMIT/OFFSET only, each shard locks the rows it
@@ -138,7 +148,7 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
     // when the node keeps fewer, never fewer (Django's `update_or_create`
     // sends `… WHERE email = $1 LIMIT 21 FOR UPDATE`). With aggregates or
     // DISTINCT PostgreSQL refuses FOR UPDATE itself.
-    if !q.locks.is_empty() && (aggregated || distinct) {
+    if !q.locks.is_empty() && (aggregated || distinct || distinct_on.is_some()) {
         return Err("FOR UPDATE/FOR SHARE".to_owned());
     }
     if q.settings.is_some()
@@ -190,6 +200,50 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
             nulls_first: k.options.nulls_first.unwrap_or(desc),
         });
         shard_order_opts.push(k.options.clone());
+    }
+    // DISTINCT ON: its expressions resolve as ORDER BY keys do. PostgreSQL
+    // requires them to lead the ORDER BY (in any order); those it lacks
+    // are sorted by after it (ascending), as PostgreSQL does — so the
+    // rows of one DISTINCT ON group are next to each other in every
+    // shard's sorted answer and in their k-way merge, the first of them
+    // the one PostgreSQL keeps.
+    let mut on = Vec::new();
+    if let Some(exprs) = distinct_on {
+        for e in exprs {
+            let v = b.sort_value(e, &sel.projection)?;
+            if !on.contains(&v) {
+                on.push(v);
+            }
+        }
+        let mismatch = || {
+            "DISTINCT ON whose expressions are not the leading ORDER BY keys (PostgreSQL requires them to be)".to_owned()
+        };
+        let mut skipped = false;
+        for k in &order {
+            if on.contains(&k.value) {
+                if skipped {
+                    return Err(mismatch());
+                }
+            } else {
+                skipped = true;
+            }
+        }
+        for &v in &on {
+            if !order.iter().any(|k| k.value == v) {
+                if skipped {
+                    return Err(mismatch());
+                }
+                order.push(SortKey {
+                    value: v,
+                    desc: false,
+                    nulls_first: false,
+                });
+                shard_order_opts.push(OrderByOptions {
+                    sort: None,
+                    nulls_first: None,
+                });
+            }
+        }
     }
     if aggregated {
         b.check_plain()?;
@@ -339,6 +393,16 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
         );
     } else {
         projection.extend(sel.projection.iter().cloned());
+        if distinct_on.is_some() {
+            ss.distinct = Some(Distinct::On(
+                on.iter()
+                    .map(|&v| match map_combined(v) {
+                        Combined::Col(c) | Combined::CountAs { col: c, .. } => number(c + 1),
+                        Combined::Avg { sum, .. } => number(sum + 1),
+                    })
+                    .collect(),
+            ));
+        }
     }
     ss.projection = projection;
     if shards_sorted {
@@ -382,6 +446,13 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
         hidden: h,
         aggregate,
         distinct,
+        distinct_on: on
+            .iter()
+            .map(|&v| match map_combined(v) {
+                Combined::Col(c) | Combined::CountAs { col: c, .. } => c,
+                Combined::Avg { sum, .. } => sum,
+            })
+            .collect(),
         order_by,
         shards_sorted,
         limit,

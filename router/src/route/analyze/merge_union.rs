@@ -82,6 +82,7 @@ pub(super) fn plan_union(q: &Query) -> Result<Option<MergePlan>, String> {
         hidden: 0,
         aggregate: None,
         distinct,
+        distinct_on: Vec::new(),
         shards_sorted: !order_by.is_empty(),
         order_by,
         limit,
