@@ -424,6 +424,10 @@ pub struct Session<S> {
     /// Routing asked for the batch held to be cut at a multi-shard
     /// statement (`Session::run_batch`).
     pub(super) cut_wanted: bool,
+    /// Protocol portals bound by earlier batches of the transaction, and
+    /// where (`Session::note_portals`): an Execute, Describe or Close of
+    /// one in a later batch goes where it is.
+    pub(super) portals: super::extended::Portals,
     /// The session's temporary objects: where they are, their names
     /// (`session/temp.rs`).
     pub(crate) temp: super::temp::TempObjects,
@@ -539,6 +543,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             listener: None,
             part: None,
             cut_wanted: false,
+            portals: Default::default(),
             temp: Default::default(),
             cursors: Default::default(),
             enc,

@@ -31,7 +31,91 @@ enum Runs {
     Anywhere,
 }
 
+/// Protocol portals bound by earlier batches of the open transaction
+/// (a driver's server-side cursor: asyncpg binds a named portal in one
+/// batch and executes it, `n` rows at a time, in later ones).
+#[derive(Debug, Default)]
+pub(crate) struct Portals {
+    /// Portal name → the shard it was bound on (None: bound for a
+    /// statement over several shards, which the node runs only in the
+    /// batch that binds it).
+    at: HashMap<String, Option<usize>>,
+    /// The last batch ended with Sync: outside a transaction block its
+    /// implicit transaction, and the portals, ended there.
+    after_sync: bool,
+}
+
+/// An Execute or Describe of a portal bound over several shards in an
+/// earlier batch.
+fn earlier_multi_portal(portal: &str) -> Refusal {
+    Refusal::new(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        format!("portal \"{portal}\" was bound for a statement over several shards in an earlier batch: hotrepart runs such a statement only in the batch that binds it (Bind, Execute without a row limit, Sync), so it cannot be fetched later or in parts; fetch it whole, or restrict the query to one shard by its shard key"),
+    )
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// Forgets the portals of a transaction that has ended; called as a
+    /// batch (ended by Sync when `synced`) begins.
+    pub(super) fn portals_begin_batch(&mut self, synced: bool) {
+        if self.portals.after_sync && !self.txn.open() {
+            self.portals.at.clear();
+        }
+        self.portals.after_sync = synced;
+    }
+
+    /// The batch `frames`, routed to `target` with decision `d`, binds or
+    /// closes portals: where they now are.
+    pub(super) fn note_portals(
+        &mut self,
+        frames: &[Frame],
+        target: Option<usize>,
+        d: Option<&Decision>,
+    ) {
+        if self.node.routing.single_shard() {
+            return;
+        }
+        let multi =
+            matches!(d.map(|d| &d.target), Some(Target::Multi { shards, .. }) if shards.len() > 1);
+        let at = if multi {
+            None
+        } else {
+            Some(target.unwrap_or_else(|| self.default_shard()))
+        };
+        for f in frames {
+            let mut b = f.body();
+            match f.tag() {
+                fe::BIND => {
+                    if let Ok(portal) = wire::get_cstr(&mut b) {
+                        self.portals.at.insert(portal.to_string(), at);
+                    }
+                }
+                fe::CLOSE if b.first() == Some(&b'P') => {
+                    b = &b[1..];
+                    if let Ok(portal) = wire::get_cstr(&mut b) {
+                        self.portals.at.remove(portal);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Where portal `name`, not bound in the batch being routed, is: a
+    /// cursor's shard, the shard an earlier batch bound it on; `Err` for a
+    /// portal bound over several shards (unless only closed); None: not
+    /// known (PostgreSQL will say so).
+    fn earlier_portal(&self, name: &str, closing: bool) -> Result<Option<usize>, Refusal> {
+        if let Some(t) = self.cursor_portal_shard(name) {
+            return Ok(Some(t));
+        }
+        match self.portals.at.get(name) {
+            Some(Some(t)) => Ok(Some(*t)),
+            Some(None) if !closing => Err(earlier_multi_portal(name)),
+            _ => Ok(None),
+        }
+    }
+
     /// The text a Bind of statement `stmt` runs: the statement parsed
     /// earlier in the batch being routed (`unnamed`, `named`), else the
     /// one the session knows.
@@ -107,8 +191,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut calls: Vec<String> = Vec::new();
         let mut changed_settings = false;
         let mut parse_target: Option<usize> = None;
+        let mut bound_here: Vec<&str> = Vec::new();
         for f in frames {
             match f.tag() {
+                fe::EXECUTE | fe::CLOSE => {
+                    // A portal bound by an earlier batch runs where it is.
+                    let mut b = f.body();
+                    let closing = f.tag() == fe::CLOSE;
+                    if closing {
+                        if b.first() != Some(&b'P') {
+                            continue;
+                        }
+                        b = &b[1..];
+                    }
+                    let portal = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    if !bound_here.contains(&portal) {
+                        if let Some(t) = self.earlier_portal(portal, closing)? {
+                            different |= target.is_some_and(|x| x != t);
+                            target = target.or(Some(t));
+                        }
+                    }
+                }
                 fe::PARSE => {
                     let mut b = f.body();
                     let name = wire::get_cstr(&mut b).map_err(proto_refusal)?;
@@ -134,7 +237,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 fe::BIND => {
                     let mut b = f.body();
-                    let _portal = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    let portal = wire::get_cstr(&mut b).map_err(proto_refusal)?;
+                    bound_here.push(portal);
                     let stmt = wire::get_cstr(&mut b).map_err(proto_refusal)?;
                     let sql = self.bound_sql(stmt, &batch_unnamed, batch_named.get(stmt));
                     // An unknown statement: PostgreSQL will say so.
@@ -185,9 +289,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     if b.first() == Some(&b'P') {
                         b = &b[1..];
                         let portal = wire::get_cstr(&mut b).map_err(proto_refusal)?;
-                        if let Some(t) = self.cursor_portal_shard(portal) {
-                            different |= target.is_some_and(|x| x != t);
-                            target = target.or(Some(t));
+                        if !bound_here.contains(&portal) {
+                            if let Some(t) = self.earlier_portal(portal, false)? {
+                                different |= target.is_some_and(|x| x != t);
+                                target = target.or(Some(t));
+                            }
                         }
                     }
                 }

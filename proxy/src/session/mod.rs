@@ -742,6 +742,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Runs the extended-protocol messages held (up to a Sync when
     /// `synced`, else a Flush).
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
+        self.portals_begin_batch(synced);
         if !self.node.routing.single_shard() && !self.skip_to_sync {
             // INSERTs the router cannot route as written, made routable
             // once per batch, before it is routed: INSERT … SELECT from a
@@ -938,7 +939,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }),
         };
         let (target, mut d) = match routed {
-            Ok(x) => x,
+            Ok((t, d)) => {
+                self.note_portals(&frames, t, d.as_ref());
+                (t, d)
+            }
             Err(r)
                 if (r.message == extended::MULTI_BESIDE_OTHERS
                     || r.message == extended::DIFFERENT_SHARDS)

@@ -104,6 +104,61 @@ async fn fill(c: &Cluster) -> Vec<i64> {
     keys
 }
 
+/// Protocol portals executed in later batches than their Bind, a few
+/// rows at a time (tokio-postgres's `bind` + `query_portal`, asyncpg's
+/// `prepared.cursor()` + `fetch(n)`: Bind, Sync; Execute n, Sync; …): a
+/// portal bound on one shard is executed there, several open at once on
+/// different shards; a portal bound over several shards cannot be fetched
+/// later — refused, where it used to answer with one shard's rows only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portals_executed_in_later_batches_over_two_shards() {
+    let c = cluster(2).await;
+    let keys = fill(&c).await;
+    let mut a = c.connect().await;
+    let tx = a.transaction().await.unwrap();
+    let one = tx
+        .prepare("SELECT n FROM items WHERE k = $1 ORDER BY n")
+        .await
+        .unwrap();
+    let portals = [
+        tx.bind(&one, &[&keys[0]]).await.unwrap(),
+        tx.bind(&one, &[&keys[1]]).await.unwrap(),
+    ];
+    let mut got: [Vec<i32>; 2] = Default::default();
+    // Interleaved: two rows of the second shard's portal, then the first's.
+    for round in 0..4 {
+        for i in [1, 0] {
+            let rows = tx.query_portal(&portals[i], 2).await.unwrap();
+            assert!(rows.len() <= 2, "round {round}");
+            got[i].extend(rows.iter().map(|r| r.get::<_, i32>(0)));
+        }
+    }
+    assert_eq!(got, [vec![1, 2, 3, 4, 5], vec![1, 2, 3, 4, 5]]);
+    tx.commit().await.unwrap();
+    // Over several shards: refused at the first Execute.
+    let tx = a.transaction().await.unwrap();
+    let all = tx
+        .prepare("SELECT k, n FROM items WHERE n > $1")
+        .await
+        .unwrap();
+    let p = tx.bind(&all, &[&0i32]).await.unwrap();
+    let (code, msg) = err(tx.query_portal(&p, 3).await.unwrap_err());
+    assert_eq!(code, "0A000", "{msg}");
+    assert!(
+        msg.contains("bound for a statement over several shards in an earlier batch"),
+        "{msg}"
+    );
+    tx.rollback().await.unwrap();
+    // The portals ended with their transaction: a new one binds afresh,
+    // and the whole answer in one batch still comes from every shard.
+    let tx = a.transaction().await.unwrap();
+    let n = tx.query(&all, &[&0i32]).await.unwrap().len();
+    assert_eq!(n, 100);
+    let p = tx.bind(&one, &[&keys[1]]).await.unwrap();
+    assert_eq!(tx.query_portal(&p, 0).await.unwrap().len(), 5);
+    tx.commit().await.unwrap();
+}
+
 /// Cursors on one shard each, in the simple protocol: declared where the
 /// query runs, fetched and moved there, interleaved over two shards in one
 /// transaction; names folded as PostgreSQL folds them.
