@@ -179,6 +179,21 @@ impl BindParams {
         }
     }
 
+    /// How many parameter values the Bind carries.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether the Bind carries no parameter value.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Whether parameter `i` comes in binary.
+    pub fn is_binary(&self, i: usize) -> bool {
+        self.format(i) == ParamFormat::Binary
+    }
+
     /// Parameter `i` as a LIMIT/OFFSET count (text, or binary int2/4/8);
     /// None when it is NULL (PostgreSQL: no limit). A value that is not a
     /// non-negative integer is an error message.

@@ -185,26 +185,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         t: usize,
     ) -> Result<Result<(), Refusal>, SessionError> {
         if self.be.cur != t {
-            if !self.be.owed.is_empty() {
-                self.drain_owed().await?;
-            }
-            let cur = self.be.cur;
-            let open = self.be.slots[cur]
-                .conn
-                .as_ref()
-                .filter(|b| b.unsynced)
-                .map(|b| b.unsynced_ran);
-            match open {
-                None => {}
-                // After an error there the backend skips to the client's
-                // Sync, which the caller sends there (`skipped`).
-                Some(false) if !self.skip_to_sync => self.sync_hidden().await?,
-                Some(_) => {
-                    return Ok(Err(Refusal::new(
-                        sqlstate::FEATURE_NOT_SUPPORTED,
-                        "messages sent with Flush but without Sync are still open on one shard, and the next statement goes to another; send Sync first".into(),
-                    )))
-                }
+            if let Err(r) = self.end_unsynced().await? {
+                return Ok(Err(r));
             }
         }
         let r = self.ensure_backend(t).await?;
@@ -212,6 +194,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.be.cur = t;
         }
         Ok(r)
+    }
+
+    /// Before the next statement goes elsewhere (another shard, or
+    /// several): the current backend's messages sent with Flush and not
+    /// yet synced (asyncpg's Parse, Describe, Flush before its Bind) are
+    /// ended with a hidden Sync when they only prepared statements;
+    /// refused when they ran one (the client's implicit transaction there,
+    /// which a split would break).
+    pub(super) async fn end_unsynced(&mut self) -> Result<Result<(), Refusal>, SessionError> {
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let cur = self.be.cur;
+        let open = self.be.slots[cur]
+            .conn
+            .as_ref()
+            .filter(|b| b.unsynced)
+            .map(|b| b.unsynced_ran);
+        match open {
+            None => {}
+            // After an error there the backend skips to the client's
+            // Sync, which the caller sends there (`skipped`).
+            Some(false) if !self.skip_to_sync => self.sync_hidden().await?,
+            Some(_) => {
+                return Ok(Err(Refusal::new(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "messages sent with Flush but without Sync are still open on one shard, and the next statement goes to another; send Sync first".into(),
+                )))
+            }
+        }
+        Ok(Ok(()))
     }
 
     /// Ends the current backend's unsynced messages with a Sync of the

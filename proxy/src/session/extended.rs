@@ -116,6 +116,64 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// For a batch of one read over several shards that needs no merge
+    /// but whose Execute has a row limit: a plan that concatenates the
+    /// shards' rows (the merge executor stops at the limit and answers
+    /// PortalSuspended). None otherwise.
+    pub(super) fn limited_read_plan(
+        &self,
+        d: &Decision,
+        frames: &[Frame],
+    ) -> Option<Arc<hotrepart_router::route::MergePlan>> {
+        if d.write || d.ddl || d.copy.is_some() || d.statements != 1 || !d.returns_rows {
+            return None;
+        }
+        let (mut unnamed, mut named): (Option<Arc<str>>, HashMap<String, Arc<str>>) =
+            (None, HashMap::new());
+        let mut sql = None;
+        let mut limited = false;
+        for f in frames {
+            let mut b = f.body();
+            match f.tag() {
+                fe::PARSE => {
+                    let name = wire::get_cstr(&mut b).ok()?;
+                    let text = Arc::from(wire::get_cstr(&mut b).ok()?);
+                    if name.is_empty() {
+                        unnamed = Some(text);
+                    } else {
+                        named.insert(name.to_string(), text);
+                    }
+                }
+                fe::BIND => {
+                    let _portal = wire::get_cstr(&mut b).ok()?;
+                    let stmt = wire::get_cstr(&mut b).ok()?;
+                    sql = self.bound_sql(stmt, &unnamed, named.get(stmt));
+                }
+                fe::EXECUTE => {
+                    limited |= b.len() >= 4 && b[b.len() - 4..] != [0, 0, 0, 0];
+                }
+                _ => {}
+            }
+        }
+        let sql = sql?;
+        let reads = ["select", "with", "values", "table"]
+            .iter()
+            .any(|k| first_keyword_is(&sql, k));
+        (limited && reads).then(|| {
+            Arc::new(hotrepart_router::route::MergePlan {
+                shard_sql: sql.to_string(),
+                hidden: 0,
+                aggregate: None,
+                distinct: false,
+                distinct_on: Vec::new(),
+                order_by: Vec::new(),
+                shards_sorted: false,
+                limit: None,
+                offset: None,
+            })
+        })
+    }
+
     /// The text a Bind of statement `stmt` runs: the statement parsed
     /// earlier in the batch being routed (`unnamed`, `named`), else the
     /// one the session knows.

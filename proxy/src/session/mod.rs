@@ -1018,11 +1018,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
             let d = d.clone();
+            if let Err(r) = self.end_unsynced().await? {
+                self.batch_error(&r, synced);
+                return Ok(true);
+            }
+            if self.skipped(&frames) {
+                return Ok(false);
+            }
             if let Err(r) = self.check_multi_shard(&d).await? {
                 self.batch_error(&r, synced);
                 return Ok(true);
             }
-            if let (Some(plan), Target::Multi { shards, sqls }) = (&d.merge, &d.target) {
+            // A read over several shards whose Execute has a row limit
+            // (asyncpg's fetchrow/fetchval): the merge executor
+            // concatenates and stops there, where the relay cannot.
+            let concat = d
+                .merge
+                .is_none()
+                .then(|| self.limited_read_plan(&d, &frames))
+                .flatten();
+            if let (Some(plan), Target::Multi { shards, sqls }) =
+                (d.merge.as_ref().or(concat.as_ref()), &d.target)
+            {
                 if let Err(r) = self.check_merged_write(&d, shards) {
                     self.batch_error(&r, synced);
                     return Ok(true);
@@ -1093,6 +1110,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let ran = frames
             .iter()
             .any(|f| matches!(f.tag(), fe::BIND | fe::EXECUTE));
+        // A lone Flush (psycopg sends one after its pipeline's Sync) opens
+        // nothing.
+        let work = frames
+            .iter()
+            .any(|f| !matches!(f.tag(), fe::SYNC | fe::FLUSH));
         let cursor_frames = self.may_touch_cursors(&frames).then(|| frames.clone());
         for f in frames {
             if self.skip_to_sync && f.tag() != fe::SYNC {
@@ -1114,7 +1136,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // Until its Sync, an implicit transaction may be open on this
         // backend: it must not be pooled, nor left for another shard once
         // something ran there (`switch_to`).
-        if let Some(b) = self.be.slots[t].conn.as_mut() {
+        if let Some(b) = self.be.slots[t].conn.as_mut().filter(|_| synced || work) {
             b.unsynced_ran = !synced && ((b.unsynced && b.unsynced_ran) || ran);
             b.unsynced = !synced;
         }

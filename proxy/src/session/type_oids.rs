@@ -807,8 +807,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// A ParameterDescription or RowDescription (home OIDs) answering a
-    /// Describe of a statement: its types noted when one may name user
-    /// types inside its values ([`Described`]).
+    /// Describe of a statement: its types noted ([`Described`]) — the
+    /// parameters' always (a merged read prepares its own statement on the
+    /// shards with them, [`Session::known_param_types`]), the columns'
+    /// when one may name user types inside its values.
     fn note_described(&mut self, f: &Frame) {
         let Some(super::conn::Owed::Describe(Some(parse))) = self.be.owed.front() else {
             return;
@@ -817,12 +819,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         for_each_oid(f.tag(), false, f.body(), |o| {
             types.push(oid_at(f.body(), o))
         });
-        if !types.iter().any(|&o| may_hold_types(o)) {
+        let params = f.tag() == be::PARAMETER_DESCRIPTION;
+        if !params && !types.iter().any(|&o| may_hold_types(o)) {
             return;
         }
         let (parse, generation) = (parse.clone(), self.generation());
         let types: Arc<[u32]> = Arc::from(types);
-        let params = f.tag() == be::PARAMETER_DESCRIPTION;
         self.described.note(generation, parse, |t| {
             if params {
                 t.params = Some(types);
@@ -908,7 +910,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let (parse, told) = self.told(stmt)?;
         let described = told.and_then(|t| t.params);
-        let mut any = described.is_some();
+        let mut any = described
+            .as_ref()
+            .is_some_and(|d| d.iter().any(|&o| may_hold_types(o)));
         for_each_oid(fe::PARSE, true, parse, |o| {
             any |= may_hold_types(oid_at(parse, o))
         });
@@ -927,6 +931,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.local_bind(t, &types, rest)
+    }
+
+    /// The parameter types of statement `stmt` ("" unnamed) for a statement
+    /// of the node's own that takes the same parameters: `types` (its
+    /// Parse's), those left unspecified (0, or missing up to `n`) filled
+    /// from what a Describe of it told. Drivers such as asyncpg give no
+    /// types in Parse and bind what ParameterDescription said (an int4 for
+    /// `LIMIT $1::INTEGER`); a rewritten statement left to infer them
+    /// would take other types, or none for a parameter it no longer uses.
+    pub(crate) fn known_param_types(&self, stmt: &str, mut types: Vec<u32>, n: usize) -> Vec<u32> {
+        if types.len() < n {
+            types.resize(n, 0);
+        }
+        if types.contains(&0) {
+            if let Some(d) = self.told(stmt).and_then(|(_, t)| t?.params) {
+                for (t, d) in types.iter_mut().zip(d.iter()) {
+                    if *t == 0 {
+                        *t = *d;
+                    }
+                }
+            }
+        }
+        types
     }
 
     /// The part of a Bind to shard `t` from its parameter formats on, for

@@ -271,6 +271,94 @@ async def sharded_keys():
     return "ids 1..19, 5..8 updated in one transaction"
 
 
+async def fill_kv(c):
+    await c.execute("DROP TABLE IF EXISTS drv_kv")
+    await c.execute("CREATE TABLE drv_kv (id bigint PRIMARY KEY, v text)")
+    await c.executemany("INSERT INTO drv_kv (id, v) VALUES ($1, $2)",
+                        [(i, f"v{i % 3}") for i in range(1, 21)])
+
+
+@sync
+async def sharded_reads():
+    """Merged reads as SQLAlchemy sends them through asyncpg: parameters
+    typed by casts (`LIMIT $1::INTEGER`), only in OFFSET or HAVING (not in
+    the shards' statement); asyncpg's Parse gives no types and binds what
+    ParameterDescription said."""
+    c = await connect()
+    out = []
+    try:
+        await fill_kv(c)
+        q = "SELECT id, v FROM drv_kv ORDER BY v DESC, id LIMIT $1::INTEGER OFFSET $2::INTEGER"
+        out.append([tuple(r) for r in await c.fetch(q, 4, 3)])
+        out.append([r[0] for r in await c.fetch("SELECT id FROM drv_kv ORDER BY id OFFSET $1", 16)])
+        out.append([r[0] for r in await c.fetch("SELECT id FROM drv_kv ORDER BY id DESC LIMIT $1", 2)])
+        # fetchrow/fetchval: Execute with a row limit of 1.
+        ps = await c.prepare("SELECT count(*) FROM drv_kv WHERE id > $1::INTEGER")
+        out.append([await ps.fetchval(5), await ps.fetchval(18)])
+        out.append(await c.fetchval("SELECT max(id) FROM drv_kv WHERE v = $1", "v1"))
+        out.append(tuple(await c.fetchrow("SELECT id, v FROM drv_kv ORDER BY id DESC")))
+        # A keyless read without a merge: any one row of it, then the rest.
+        row = await c.fetchrow("SELECT id FROM drv_kv WHERE v = $1", "v2")
+        out.append(row[0] % 3)
+        out.append(len(await c.fetch("SELECT id FROM drv_kv WHERE v = $1", "v2")))
+    finally:
+        await c.close()
+    return out
+
+
+@sync
+async def sharded_writes_in_transaction():
+    """asyncpg prepares with Parse, Describe, Flush (no Sync) before its
+    Bind, Execute, Sync: statements over several shards after that (an
+    UPDATE of every shard, DDL) must commit; a portal bound on one shard
+    and fetched a few rows at a time runs there."""
+    c = await connect()
+    out = []
+    try:
+        await fill_kv(c)
+        async with c.transaction():
+            rows = await c.fetch("UPDATE drv_kv SET v = v || $1 WHERE id > $2 RETURNING id", "+", 15)
+            out.append(sorted(r[0] for r in rows))
+        out.append(await c.fetchval("SELECT count(*) FROM drv_kv WHERE v LIKE '%+'"))
+        await c.fetch("CREATE TABLE IF NOT EXISTS drva_t (id int)")
+        await c.fetch("DROP TABLE drva_t")
+        async with c.transaction():
+            ps = await c.prepare("SELECT id, g FROM drv_kv, generate_series(1, 5) g WHERE id = $1 ORDER BY g")
+            for key in (3, 4):
+                cur = await ps.cursor(key)
+                got = []
+                while True:
+                    b = await cur.fetch(2)
+                    if not b:
+                        break
+                    got += [tuple(r) for r in b]
+                out.append(got)
+    finally:
+        await c.close()
+    return out
+
+
+@sync
+async def cursor_sharded():
+    """A server-side cursor (prepared.cursor() + fetch(n)) over every
+    shard: a portal bound in one batch and executed in later ones."""
+    c = await connect()
+    try:
+        await fill_kv(c)
+        async with c.transaction():
+            ps = await c.prepare("SELECT id FROM drv_kv WHERE id > $1")
+            cur = await ps.cursor(0)
+            got = []
+            while True:
+                b = await cur.fetch(3)
+                if not b:
+                    break
+                got += [r[0] for r in b]
+    finally:
+        await c.close()
+    return sorted(got)
+
+
 run([
     ("types", types),
     ("transactions", transactions),
@@ -281,4 +369,7 @@ run([
     ("client_encoding", client_encoding),
     ("cancel", cancel),
     ("sharded_keys", sharded_keys),
+    ("sharded_reads", sharded_reads),
+    ("sharded_writes_in_transaction", sharded_writes_in_transaction),
+    ("cursor_sharded", cursor_sharded),
 ], sys.argv[2:])

@@ -292,6 +292,35 @@ def executemany_sharded():
     return out
 
 
+def executemany_in_transaction():
+    """executemany inside a transaction (SQLAlchemy's executemany, its ORM
+    bulk update): psycopg pipelines it and sends a Flush after the Sync;
+    rows on both shards, then COMMIT. Then a savepoint after executemany,
+    a duplicate key, ROLLBACK TO SAVEPOINT."""
+    out = []
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_kv")
+        c.execute("CREATE TABLE drv_kv (id bigint PRIMARY KEY, v text)")
+    with connect(autocommit=False) as c:
+        for r in range(3):
+            c.cursor().executemany("INSERT INTO drv_kv (id, v) VALUES (%s, %s)",
+                                   [(r * 6 + i, "v") for i in range(1, 7)])
+            c.commit()
+        cur = c.cursor()
+        cur.executemany("UPDATE drv_kv SET v = v || '+' WHERE id = %s", [(i,) for i in (1, 2, 3, 4)])
+        c.execute("SAVEPOINT s1")
+        try:
+            c.execute("INSERT INTO drv_kv (id, v) VALUES (1, 'dup')")
+            out.append("no error")
+        except errors.UniqueViolation as e:
+            out.append(describe(e).split(":")[0])
+        c.execute("ROLLBACK TO SAVEPOINT s1")
+        c.commit()
+        out.append(c.execute("SELECT count(*), count(*) FILTER (WHERE v LIKE '%+') FROM drv_kv").fetchone())
+        c.commit()
+    return [list(x) if isinstance(x, tuple) else x for x in out]
+
+
 def orm_generated_keys():
     """What ORMs send for a table whose key is generated (bigserial) and
     sharded by it (drv_orm): one INSERT … RETURNING id (Django's save()), a
@@ -752,6 +781,7 @@ run([
     ("listen_notify", listen_notify),
     ("client_encoding", client_encoding),
     ("executemany_sharded", executemany_sharded),
+    ("executemany_in_transaction", executemany_in_transaction),
     ("orm_generated_keys", orm_generated_keys),
     ("sqlalchemy_orm", sqlalchemy_orm),
     ("django_orm", django_orm),

@@ -46,6 +46,7 @@ impl Driver {
                 "listen_notify",
                 "client_encoding",
                 "executemany_sharded",
+                "executemany_in_transaction",
                 "orm_generated_keys",
                 "sqlalchemy_orm",
                 "django_orm",
@@ -71,6 +72,9 @@ impl Driver {
                 "client_encoding",
                 "cancel",
                 "sharded_keys",
+                "sharded_reads",
+                "sharded_writes_in_transaction",
+                "cursor_sharded",
             ],
             Driver::NodePg => &[
                 "types",
@@ -98,7 +102,13 @@ struct Known {
     fails_with: &'static str,
 }
 
-const KNOWN_FAILURES: &[Known] = &[];
+const KNOWN_FAILURES: &[Known] = &[Known {
+    driver: Driver::Asyncpg,
+    shards: 2,
+    scenario: "cursor_sharded",
+    known_failure: "a portal over several shards fetched n rows at a time in later batches is refused (it used to answer with one shard's rows)",
+    fails_with: "bound for a statement over several shards in an earlier batch",
+}];
 
 /// The interpreter, script and environment of a driver; None when skipped
 /// (outside CI, without a registry).

@@ -156,6 +156,12 @@ pub(crate) struct Output {
     /// The client's result format codes (Bind): none = all text, one = all
     /// columns, else one per column.
     formats: Vec<i16>,
+    /// Execute's row limit (asyncpg's `fetchrow`/`fetchval` send 1): at
+    /// most this many rows, then PortalSuspended when more would follow.
+    /// The portal cannot be executed again (`session/extended.rs`).
+    max_rows: Option<u64>,
+    /// Set when rows were left for a later Execute.
+    suspended: std::sync::atomic::AtomicBool,
 }
 
 impl Output {
@@ -192,6 +198,8 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let out = Output {
         describe: true,
         formats: Vec::new(),
+        max_rows: None,
+        suspended: Default::default(),
     };
     run_with(s, plan, shards, &requests, &out, None).await
 }
@@ -237,6 +245,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         return Ok(());
     }
     let (mut parse, mut bind, mut describe, mut executed) = (None, None, false, false);
+    let mut max_rows = None;
     for f in &frames {
         let body = f.body();
         match f.tag() {
@@ -246,10 +255,15 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 describe = true
             }
             fe::EXECUTE if bind.is_some() && !executed => {
-                if body.len() < 4 || body[body.len() - 4..] != [0, 0, 0, 0] {
-                    refuse_batch(s, "fetching a multi-shard result in parts (Execute with a row limit) is not supported");
+                let Some(n) = body
+                    .len()
+                    .checked_sub(4)
+                    .map(|i| i32::from_be_bytes([body[i], body[i + 1], body[i + 2], body[i + 3]]))
+                else {
+                    refuse_batch(s, SHAPE);
                     return Ok(());
-                }
+                };
+                max_rows = u64::try_from(n).ok().filter(|&n| n > 0);
                 executed = true;
             }
             fe::SYNC => {}
@@ -278,10 +292,27 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         formats.push(wire::get_i16(&mut rest).map_err(|e| proto(&e))?);
     }
     // The statement's parameter types, for the shards' Parse.
-    let types = match parse {
+    let mut types = match parse {
         Some(p) if parse_name(p).as_deref() == Some(stmt.as_str()) => parse_types(p),
-        _ => s.param_types(&stmt),
+        // Those Parse left unspecified, as a Describe of it told.
+        _ => s.known_param_types(&stmt, s.param_types(&stmt), params.len()),
     };
+    // A parameter still of unknown type that the shards' statement no
+    // longer uses (only in HAVING, OFFSET or a LIMIT not pushed down):
+    // a type that takes every value (text in text, bytea in binary), or
+    // PostgreSQL cannot prepare it.
+    if types.len() < params.len() {
+        types.resize(params.len(), 0);
+    }
+    for (i, t) in types.iter_mut().enumerate() {
+        if *t == 0 && !mentions_param(&plan.shard_sql, i + 1) {
+            *t = if params.is_binary(i) {
+                BYTEA_OID
+            } else {
+                TEXT_OID
+            };
+        }
+    }
     if let Some(p) = parse {
         if !s.record_parse(p)? {
             // A duplicate name: the error is queued; nothing else runs.
@@ -326,8 +357,29 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         requests.push(q.freeze());
     }
     s.unnamed_replaced_on(shards);
-    let out = Output { describe, formats };
+    let out = Output {
+        describe,
+        formats,
+        max_rows,
+        suspended: Default::default(),
+    };
     run_with(s, plan, shards, &requests, &out, Some(&params)).await
+}
+
+/// `bytea` takes any binary value, `text` any text one.
+const BYTEA_OID: u32 = 17;
+const TEXT_OID: u32 = 25;
+
+/// Whether `sql` holds placeholder `$n` (maybe inside a literal: then it
+/// is taken as used).
+fn mentions_param(sql: &str, n: usize) -> bool {
+    let needle = format!("${n}");
+    sql.match_indices(&needle).any(|(i, _)| {
+        !sql[i + needle.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit())
+    })
 }
 
 pub(super) fn proto(e: &WireError) -> SessionError {
@@ -491,6 +543,9 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     } else {
         match result {
+            Ok(_) if out.suspended.load(std::sync::atomic::Ordering::Relaxed) => {
+                wire::frame(&mut s.out, be::PORTAL_SUSPENDED, |_| {})
+            }
             Ok(n) => s.out.put_slice(&command_complete(&format!("SELECT {n}"))),
             Err(MergeError(code, m)) => {
                 wire::error_response(&mut s.out, Severity::Error, code, &m);
@@ -764,6 +819,11 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 skipped += 1;
                 continue;
             }
+            if out.max_rows.is_some_and(|m| sent >= m) {
+                out.suspended
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                break;
+            }
             if let Err(e) = put_out(&mut s.out, &binary, row.get(plan.hidden..).unwrap_or(&[])) {
                 return Ok(Err(e));
             }
@@ -955,6 +1015,11 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut sent = 0u64;
     for g in groups.iter().skip(offset as usize) {
         if limit.is_some_and(|l| sent >= l) {
+            break;
+        }
+        if out.max_rows.is_some_and(|m| sent >= m) {
+            out.suspended
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             break;
         }
         let row = match output(g) {
