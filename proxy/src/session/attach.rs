@@ -217,6 +217,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // After an error there the backend skips to the client's
             // Sync, which the caller sends there (`skipped`).
             Some(false) if !self.skip_to_sync => self.sync_hidden().await?,
+            // Inside a transaction block the Sync commits nothing.
+            Some(true) if !self.skip_to_sync && self.txn.open() => self.sync_hidden().await?,
             Some(_) => {
                 return Ok(Err(Refusal::new(
                     sqlstate::FEATURE_NOT_SUPPORTED,
@@ -381,6 +383,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// backends (transaction mode).
     pub(crate) async fn end_of_transaction(&mut self) -> Result<(), SessionError> {
         self.txn.reset();
+        self.forget_portals();
         for i in 0..self.be.slots.len() {
             if let Some(b) = self.be.slots[i].conn.as_mut() {
                 if b.status != tx::IDLE && !b.unsynced {

@@ -64,6 +64,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.portals.after_sync = synced;
     }
 
+    /// The transaction ended: its portals with it.
+    pub(super) fn forget_portals(&mut self) {
+        self.portals.at.clear();
+    }
+
     /// The batch `frames`, routed to `target` with decision `d`, binds or
     /// closes portals: where they now are.
     pub(super) fn note_portals(

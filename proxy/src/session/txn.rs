@@ -160,6 +160,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     "ROLLBACK"
                 };
                 self.txn.reset();
+                self.forget_portals();
                 self.out.put_slice(&command_complete(tag));
                 self.out.put_slice(&rfq(tx::IDLE));
                 Ok(true)

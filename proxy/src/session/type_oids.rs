@@ -566,6 +566,12 @@ impl RowFix {
 pub(crate) struct Described {
     generation: u64,
     by_parse: HashMap<Bytes, Told>,
+    /// The parameter types of every statement described (user types or
+    /// not), for the node's own statements taking the same parameters
+    /// ([`Session::known_param_types`]); bounded and forgotten apart, so
+    /// that they never push out the entries above.
+    params: HashMap<Bytes, Arc<[u32]>>,
+    params_generation: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -581,6 +587,14 @@ impl Described {
             self.generation = generation;
         }
         f(self.by_parse.entry(parse).or_default());
+    }
+
+    fn note_params(&mut self, generation: u64, parse: Bytes, types: Arc<[u32]>) {
+        if self.params_generation != generation || self.params.len() >= 1000 {
+            self.params.clear();
+            self.params_generation = generation;
+        }
+        self.params.insert(parse, types);
     }
 }
 
@@ -820,11 +834,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             types.push(oid_at(f.body(), o))
         });
         let params = f.tag() == be::PARAMETER_DESCRIPTION;
-        if !params && !types.iter().any(|&o| may_hold_types(o)) {
-            return;
-        }
         let (parse, generation) = (parse.clone(), self.generation());
         let types: Arc<[u32]> = Arc::from(types);
+        if params {
+            self.described
+                .note_params(generation, parse.clone(), types.clone());
+        }
+        if !types.iter().any(|&o| may_hold_types(o)) {
+            return;
+        }
         self.described.note(generation, parse, |t| {
             if params {
                 t.params = Some(types);
@@ -910,9 +928,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let (parse, told) = self.told(stmt)?;
         let described = told.and_then(|t| t.params);
-        let mut any = described
-            .as_ref()
-            .is_some_and(|d| d.iter().any(|&o| may_hold_types(o)));
+        let mut any = described.is_some();
         for_each_oid(fe::PARSE, true, parse, |o| {
             any |= may_hold_types(oid_at(parse, o))
         });
@@ -945,7 +961,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             types.resize(n, 0);
         }
         if types.contains(&0) {
-            if let Some(d) = self.told(stmt).and_then(|(_, t)| t?.params) {
+            let key: Option<&Bytes> = if stmt.is_empty() {
+                self.unnamed.as_ref().map(|u| &u.raw)
+            } else {
+                self.stmts.get(stmt).map(|s| &s.parse)
+            };
+            let d = &self.described;
+            let told = key
+                .filter(|_| d.params_generation == self.generation())
+                .and_then(|k| d.params.get(k));
+            if let Some(d) = told {
                 for (t, d) in types.iter_mut().zip(d.iter()) {
                     if *t == 0 {
                         *t = *d;

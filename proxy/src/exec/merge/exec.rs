@@ -737,6 +737,14 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             ),
         )));
     }
+    // A float sent in binary is read from the shards' text: rounded text
+    // (extra_float_digits < 1) would change its value.
+    if float_rounded && binary.iter().any(|&o| o == 700 || o == 701) {
+        return Ok(Err(MergeError(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "binary real or double precision results of a multi-shard statement need extra_float_digits >= 1 (exact output); the session has it lower".into(),
+        )));
+    }
     let binary = if binary.iter().all(|&o| o == 0) {
         Vec::new()
     } else {

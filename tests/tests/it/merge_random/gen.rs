@@ -289,8 +289,35 @@ impl Gen {
         self.aliases = 0;
         match self.rng.random_range(0..100) {
             0..=4 => self.refused(),
-            5..=44 => self.plain(),
+            5..=39 => self.plain(),
+            40..=44 => self.distinct_on(),
             _ => self.aggregated(),
+        }
+    }
+
+    /// DISTINCT ON a column with a total order (the unique `id` last), so
+    /// that the row PostgreSQL keeps of each group is determined.
+    pub(super) fn distinct_on(&mut self) -> Query {
+        let (c, ty) = *self.pick(&COLUMNS[1..]);
+        let dir = *self.pick(&["", " DESC", " ASC"]);
+        let nulls = *self.pick(&["", " NULLS FIRST", " NULLS LAST"]);
+        let id_dir = *self.pick(&["", " DESC"]);
+        let wh = self.where_clause();
+        let mut sql = format!(
+            "SELECT DISTINCT ON ({c}) {c}, id, qty FROM items{wh} ORDER BY {c}{dir}{nulls}, id{id_dir}"
+        );
+        if self.chance(0.3) {
+            sql.push_str(&format!(" LIMIT {}", self.rng.random_range(0..8)));
+        }
+        if self.chance(0.2) {
+            sql.push_str(&format!(" OFFSET {}", self.rng.random_range(0..4)));
+        }
+        Query {
+            sql,
+            order: Order::Total,
+            norms: vec![norm_of(ty), Norm::None, Norm::None],
+            must_refuse: false,
+            one_spelling: true,
         }
     }
 
@@ -807,7 +834,9 @@ impl Gen {
                 "SELECT grp, max({num}) - min({num}) FROM items{wh} GROUP BY grp ORDER BY grp"
             ),
             6 => format!("SELECT id, rank() OVER (ORDER BY {c}) FROM items{wh} ORDER BY id"),
-            7 => format!("SELECT DISTINCT ON (grp) grp, id FROM items{wh} ORDER BY grp, id"),
+            7 => format!(
+                "SELECT DISTINCT ON (grp) grp, count(*) FROM items{wh} GROUP BY grp ORDER BY grp"
+            ),
             8 => format!("SELECT stddev({num}) FROM items{wh}"),
             9 => {
                 format!("SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY {num}) FROM items{wh}")
