@@ -266,11 +266,20 @@ async fn too_many_groups_is_an_error_not_unbounded_memory() {
     let (_c, db) = items_cluster(2, "max_merge_rows = 50", 7, 300).await;
     let e = rows(
         &db,
-        "SELECT id, count(*) FROM items GROUP BY id ORDER BY id",
+        "SELECT id + 0 AS k, count(*) FROM items GROUP BY id + 0 ORDER BY 1",
     )
     .await
     .unwrap_err();
     assert_eq!(e.code().unwrap().code(), "54000", "{e:?}");
+    // grouped by the shard key the groups are whole on the shards: the
+    // rows stream through the k-way merge
+    let r = rows(
+        &db,
+        "SELECT id, count(*) FROM items GROUP BY id ORDER BY id",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.len(), 300);
     // a streaming ORDER BY … LIMIT needs no such memory
     let r = rows(&db, "SELECT id FROM items ORDER BY id DESC LIMIT 5")
         .await
@@ -778,6 +787,72 @@ async fn windows_by_the_key_and_distinct_keys_equal_one_postgresql() {
         let code = e.as_db_error().map(|d| d.code().code().to_string());
         assert_eq!(code.as_deref(), Some("0A000"), "{sql}: {e:?}");
     }
+}
+
+/// Grouped by the shard key (Django's `.annotate()` per parent row,
+/// SQLAlchemy's `group_by(Parent.id)`): every group is on one shard, which
+/// computes it whole — aggregates the node cannot combine (`array_agg`,
+/// `string_agg`, `percentile_cont`), expressions over aggregates, HAVING —
+/// and the node merges the shards' rows by ORDER BY, LIMIT, DISTINCT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_by_the_key_equals_one_postgresql() {
+    let (reference, node, _c, _reference_pg) = differential("events").await;
+    let schema = "CREATE TABLE events (id bigint NOT NULL, seq int NOT NULL, v int)";
+    reference.batch_execute(schema).await.unwrap();
+    node.batch_execute(schema).await.unwrap();
+    let values: Vec<String> = (1..=600)
+        .map(|i: i64| format!("({}, {i}, {})", i % 37, (i * 7919) % 23))
+        .collect();
+    let insert = format!(
+        "INSERT INTO events (id, seq, v) VALUES {}",
+        values.join(", ")
+    );
+    reference.batch_execute(&insert).await.unwrap();
+    node.batch_execute(&insert).await.unwrap();
+    let ordered = [
+        "SELECT id, array_agg(seq ORDER BY seq), string_agg(v::text, ',' ORDER BY seq DESC) FROM events GROUP BY id ORDER BY id",
+        "SELECT id, count(*) * 2 AS c, round(avg(v), 2), max(v) - min(v) FROM events GROUP BY id HAVING count(*) > 16 ORDER BY c DESC, id LIMIT 5 OFFSET 1",
+        "SELECT id, percentile_cont(0.5) WITHIN GROUP (ORDER BY v), stddev_samp(v::numeric) FROM events WHERE seq > 100 GROUP BY id ORDER BY 2, 1",
+        "SELECT events.id, coalesce(max(v), 1) + 1 AS m FROM events GROUP BY events.id, v % 2 ORDER BY m DESC, 1 LIMIT 7",
+        "SELECT id, count(*) FROM events GROUP BY id HAVING bool_and(v < 22) ORDER BY sum(v) DESC, id",
+    ];
+    for sql in ordered {
+        let want = rows(&reference, sql)
+            .await
+            .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
+        let got = rows(&node, sql)
+            .await
+            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
+        assert!(!want.is_empty(), "{sql}");
+        assert_eq!(got, want, "{sql}");
+    }
+    for sql in [
+        "SELECT DISTINCT count(*) FROM events GROUP BY id",
+        "SELECT id, array_agg(DISTINCT v % 3) FROM events GROUP BY id",
+    ] {
+        let mut want = rows(&reference, sql).await.unwrap();
+        let mut got = rows(&node, sql)
+            .await
+            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
+        want.sort();
+        got.sort();
+        assert!(!want.is_empty(), "{sql}");
+        assert_eq!(got, want, "{sql}");
+    }
+    // The extended protocol, a parameter in HAVING (it stays on the shards).
+    let sql = "SELECT id, string_agg(v::text, '-' ORDER BY seq) FROM events GROUP BY id HAVING count(*) > $1 ORDER BY id LIMIT $2";
+    let pick = |rs: Vec<tokio_postgres::Row>| -> Vec<(i64, String)> {
+        rs.iter().map(|r| (r.get(0), r.get(1))).collect()
+    };
+    let got = pick(node.query(sql, &[&16i64, &4i64]).await.unwrap());
+    let want = pick(reference.query(sql, &[&16i64, &4i64]).await.unwrap());
+    assert_eq!(got.len(), 4);
+    assert_eq!(got, want);
+    // Not grouped by the key: still refused.
+    let e = rows(&node, "SELECT v, array_agg(id) FROM events GROUP BY v")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e:?}");
 }
 
 /// `SELECT DISTINCT ON (…)` over several shards (Django's

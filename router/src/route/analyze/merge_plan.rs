@@ -130,6 +130,17 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
             "window function {w}() in a query with aggregates or GROUP BY"
         ));
     }
+    // Grouped by a shard key (an expression naming it, not a position or
+    // an output name): the rows of a group are all on one shard, which
+    // computes the group whole — any aggregate, HAVING, expressions over
+    // aggregates. The shards' rows are then final rows, merged as rows
+    // without aggregation are (ORDER BY, LIMIT, DISTINCT).
+    let whole_groups = !group_exprs.is_empty()
+        && group_exprs.iter().any(is_key)
+        && !group_exprs
+            .iter()
+            .any(|e| matches!(strip(e), Expr::Value(v) if matches!(v.value, Value::Number(..))));
+    let aggregated = aggregated && !whole_groups;
     if aggregated && distinct_on.is_some() {
         return Err("DISTINCT ON in a query with aggregates or GROUP BY".to_owned());
     }
@@ -186,9 +197,10 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
             return Err("HAVING without an aggregate function".to_owned());
         }
     }
+    // (Grouped by the key, HAVING stays in the shards' statement.)
     let having = match &sel.having {
-        Some(h) => Some(b.having(h)?),
-        None => None,
+        Some(h) if aggregated => Some(b.having(h)?),
+        _ => None,
     };
     let mut order = Vec::new();
     let mut shard_order_opts = Vec::new();
