@@ -789,6 +789,68 @@ async fn windows_by_the_key_and_distinct_keys_equal_one_postgresql() {
     }
 }
 
+/// Aggregates and sorts over a derived table of plain rows of a sharded
+/// table — Peewee's `.count()` (`SELECT COUNT(1) FROM (SELECT 1 FROM t) AS
+/// "_wrapped" LIMIT $1`), SQLAlchemy's legacy `query.count()`: the derived
+/// rows are partitioned by shard as the table's are, so the outer query is
+/// merged as if it read the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_over_derived_tables_equal_one_postgresql() {
+    let (reference, node, _c, _reference_pg) = differential("events").await;
+    let schema = "CREATE TABLE events (id bigint NOT NULL, seq int NOT NULL, v int)";
+    reference.batch_execute(schema).await.unwrap();
+    node.batch_execute(schema).await.unwrap();
+    let values: Vec<String> = (1..=600)
+        .map(|i: i64| format!("({}, {i}, {})", i % 37, (i * 7919) % 23))
+        .collect();
+    let insert = format!(
+        "INSERT INTO events (id, seq, v) VALUES {}",
+        values.join(", ")
+    );
+    reference.batch_execute(&insert).await.unwrap();
+    node.batch_execute(&insert).await.unwrap();
+    let ordered = [
+        "SELECT COUNT(1) FROM (SELECT 1 FROM \"events\" AS \"t1\" WHERE \"t1\".\"v\" > 3) AS \"_wrapped\" LIMIT 1",
+        "SELECT count(*) AS count_1 FROM (SELECT events.id AS events_id, events.seq AS events_seq FROM events) AS anon_1",
+        "SELECT max(x), min(x), sum(x), count(*) FROM (SELECT v * 2 AS x FROM events WHERE seq > 10) s",
+        "SELECT s.v, count(*), avg(s.seq) FROM (SELECT v, seq FROM events WHERE id < 30) s GROUP BY s.v ORDER BY 1",
+        "SELECT s.id, s.seq FROM (SELECT id, seq, v FROM events WHERE v = 3) s ORDER BY s.seq DESC LIMIT 5",
+        "SELECT count(*) FROM (SELECT id FROM events WHERE id = 5) s",
+    ];
+    for sql in ordered {
+        let want = rows(&reference, sql)
+            .await
+            .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
+        let got = rows(&node, sql)
+            .await
+            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
+        assert!(!want.is_empty(), "{sql}");
+        assert_eq!(got, want, "{sql}");
+    }
+    // The extended protocol, as Peewee's count() through psycopg's
+    // server-side binding would send it.
+    let sql =
+        "SELECT COUNT(1) FROM (SELECT 1 FROM events AS t1 WHERE t1.seq > $1) AS _wrapped LIMIT $2";
+    let got: i64 = node.query_one(sql, &[&100i32, &1i64]).await.unwrap().get(0);
+    let want: i64 = reference
+        .query_one(sql, &[&100i32, &1i64])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(got, want);
+    assert_eq!(got, 500);
+    // Derived tables that combine rows are still refused: each shard
+    // would combine only its own.
+    for sql in [
+        "SELECT count(*) FROM (SELECT DISTINCT v FROM events) s",
+        "SELECT count(*) FROM (SELECT v FROM events LIMIT 5) s",
+        "SELECT count(*) FROM (SELECT v, count(*) FROM events GROUP BY v) s",
+    ] {
+        let e = rows(&node, sql).await.unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{sql}: {e:?}");
+    }
+}
+
 /// Grouped by the shard key (Django's `.annotate()` per parent row,
 /// SQLAlchemy's `group_by(Parent.id)`): every group is on one shard, which
 /// computes it whole — aggregates the node cannot combine (`array_agg`,

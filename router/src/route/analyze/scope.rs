@@ -18,6 +18,7 @@ use super::super::names::{is_temp_name, last_name, norm, table_name};
 use super::super::{Namespace, RouteError, StatementKind};
 use super::expr::{conjuncts, strip, unsupported};
 use super::functions::{AGGREGATES, PURE_FUNCTIONS, READ_ONLY};
+use super::merge_need::select_merge_need;
 use super::merge_plan::merge_plan;
 use super::plan::{Body, Shape, ShapeOcc, StmtPlan};
 use crate::catalog::{KeyType, RoutingSnapshot, ShardedTable, TablePlacement};
@@ -774,11 +775,24 @@ impl<'a> Analyzer<'a> {
                 Ok((occ.into_iter().collect(), occ.is_some()))
             }
             TableFactor::Derived {
-                subquery, alias, ..
+                lateral,
+                subquery,
+                alias,
+                ..
             } => {
-                self.query(subquery, Some(s))?;
+                let info = self.query(subquery, Some(s))?;
                 self.opaque_item(alias.as_ref(), String::new(), s);
-                Ok((Vec::new(), false))
+                // A derived table whose rows each come from one row of its
+                // own FROM, which holds a row of a sharded table (no
+                // aggregate, DISTINCT, LIMIT, window or set operation):
+                // its rows are partitioned by shard as that table's are,
+                // so it covers this FROM — `SELECT count(*) FROM (SELECT …
+                // FROM t …) s`, what Peewee's and SQLAlchemy's `count()`
+                // send. Its occurrences join nothing outside it.
+                let covered = !*lateral
+                    && row_local(subquery)
+                    && info.root.is_some_and(|r| self.scopes[r].covered);
+                Ok((Vec::new(), covered))
             }
             TableFactor::Function {
                 name, args, alias, ..
@@ -1075,4 +1089,15 @@ fn constant_branch(body: &SetExpr) -> bool {
     let mut f = Found(false);
     let _ = body.visit(&mut f);
     plain && !f.0
+}
+
+/// Whether every row of `q` comes from one row of its FROM, all of them
+/// kept: a plain SELECT without aggregates, GROUP BY, HAVING, DISTINCT,
+/// windows, LIMIT/OFFSET/FETCH, WITH or set operations.
+fn row_local(q: &Query) -> bool {
+    q.with.is_none()
+        && q.limit_clause.is_none()
+        && q.fetch.is_none()
+        && matches!(q.body.as_ref(), SetExpr::Select(sel)
+            if matches!(select_merge_need(sel), super::super::MergeNeed::None))
 }
