@@ -839,6 +839,24 @@ async fn aggregates_over_derived_tables_equal_one_postgresql() {
         .get(0);
     assert_eq!(got, want);
     assert_eq!(got, 500);
+    // SELECT EXISTS (…) alone (SQLAlchemy's exists(), Peewee's .exists()):
+    // true when some shard's rows make it true.
+    for sql in [
+        "SELECT EXISTS (SELECT * FROM events WHERE events.v = 3 AND events.seq > 590) AS anon_1",
+        "SELECT EXISTS (SELECT * FROM events WHERE events.v = 3 AND events.seq > 1000) AS anon_1",
+        "SELECT EXISTS(SELECT 1 FROM \"events\" AS \"t1\" WHERE (\"t1\".\"seq\" = 77)) LIMIT 1",
+    ] {
+        let want = rows(&reference, sql).await.unwrap();
+        let got = rows(&node, sql)
+            .await
+            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
+        assert_eq!(got, want, "{sql}");
+    }
+    for (seq, want) in [(77i32, true), (7000, false)] {
+        let sql = "SELECT EXISTS (SELECT 1 FROM events AS t1 WHERE t1.seq = $1) LIMIT $2";
+        let got: bool = node.query_one(sql, &[&seq, &1i64]).await.unwrap().get(0);
+        assert_eq!(got, want, "{sql} with {seq}");
+    }
     // Derived tables that combine rows are still refused: each shard
     // would combine only its own.
     for sql in [

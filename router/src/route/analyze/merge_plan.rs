@@ -93,6 +93,9 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
             }
         }
     };
+    if super::scope::lone_exists(sel).is_some() {
+        return exists_plan(q).map(Some);
+    }
     let mut finder = Finder {
         keyed: Some((is_key, &sel.named_window)),
         ..Finder::default()
@@ -470,6 +473,36 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
         limit,
         offset,
     }))
+}
+
+/// `SELECT EXISTS (subquery)` over several shards: every shard answers
+/// one row, for its own rows; the answer is their bool_or. LIMIT/OFFSET
+/// apply to that one row.
+fn exists_plan(q: &Query) -> Result<MergePlan, String> {
+    if q.with.is_some() || !q.locks.is_empty() {
+        return Err("EXISTS with WITH or FOR UPDATE".to_owned());
+    }
+    let (limit, offset) = limit_offset(q)?;
+    let mut sq = q.clone();
+    sq.order_by = None;
+    sq.limit_clause = None;
+    sq.fetch = None;
+    Ok(MergePlan {
+        shard_sql: sq.to_string(),
+        hidden: 0,
+        aggregate: Some(AggregatePlan {
+            shard_cols: vec![ShardCol::Partial(Partial::BoolOr)],
+            group_by: Vec::new(),
+            outputs: vec![Combined::Col(0)],
+            having: None,
+        }),
+        distinct: false,
+        distinct_on: Vec::new(),
+        order_by: Vec::new(),
+        shards_sorted: false,
+        limit,
+        offset,
+    })
 }
 
 /// The ORDER BY keys of `q` with whether each is descending; the

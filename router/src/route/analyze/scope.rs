@@ -645,6 +645,20 @@ impl<'a> Analyzer<'a> {
                 .collect();
             self.condition(w, s, &here, &here)?;
         }
+        // `SELECT EXISTS (subquery)` alone (SQLAlchemy's `exists()`,
+        // Peewee's `.exists()`): when the subquery's rows are partitioned
+        // by shard, so is the answer — true when one shard's is (the merge
+        // takes bool_or of the shards' rows, `merge_plan::exists_plan`).
+        if let Some(subquery) = lone_exists(sel) {
+            let info = self.query(subquery, Some(s))?;
+            self.scopes[s].covered =
+                row_local(subquery) && info.root.is_some_and(|r| self.scopes[r].covered);
+            return Ok(QueryInfo {
+                root: Some(s),
+                outputs: Some(vec![OutCol::Other]),
+                union: None,
+            });
+        }
         let mut outputs = Some(Vec::with_capacity(sel.projection.len()));
         for item in &sel.projection {
             let expr = match item {
@@ -1100,4 +1114,33 @@ fn row_local(q: &Query) -> bool {
         && q.fetch.is_none()
         && matches!(q.body.as_ref(), SetExpr::Select(sel)
             if matches!(select_merge_need(sel), super::super::MergeNeed::None))
+}
+
+/// The subquery of `SELECT EXISTS (subquery) [AS a]`, with nothing else
+/// (no FROM, WHERE, GROUP BY, HAVING, DISTINCT, window).
+pub(super) fn lone_exists(sel: &Select) -> Option<&Query> {
+    if !sel.from.is_empty()
+        || sel.selection.is_some()
+        || sel.having.is_some()
+        || sel.distinct.is_some()
+        || !sel.named_window.is_empty()
+        || sel.qualify.is_some()
+        || !matches!(&sel.group_by, ast::GroupByExpr::Expressions(v, m) if v.is_empty() && m.is_empty())
+    {
+        return None;
+    }
+    let [item] = sel.projection.as_slice() else {
+        return None;
+    };
+    let e = match item {
+        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+        _ => return None,
+    };
+    match strip(e) {
+        Expr::Exists {
+            subquery,
+            negated: false,
+        } => Some(subquery),
+        _ => None,
+    }
 }
