@@ -189,6 +189,12 @@ impl BindParams {
         self.values.is_empty()
     }
 
+    /// Parameter `i`: None when there is no such parameter, Some(None)
+    /// when it is NULL.
+    pub fn value(&self, i: usize) -> Option<Option<&[u8]>> {
+        self.values.get(i).map(|v| v.as_deref())
+    }
+
     /// Whether parameter `i` comes in binary.
     pub fn is_binary(&self, i: usize) -> bool {
         self.format(i) == ParamFormat::Binary

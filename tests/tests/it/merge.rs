@@ -839,6 +839,35 @@ async fn aggregates_over_derived_tables_equal_one_postgresql() {
         .get(0);
     assert_eq!(got, want);
     assert_eq!(got, 500);
+    // Parameters in HAVING of a merged GROUP BY (SQLAlchemy's
+    // `.having(func.count() > 5)` with server-side binding), binary
+    // integers and text.
+    let pairs = |rs: Vec<tokio_postgres::Row>| -> Vec<(String, i64)> {
+        rs.iter().map(|r| (r.get(0), r.get(1))).collect()
+    };
+    for (sql, a, b) in [
+        (
+            "SELECT v::text, count(*) FROM events GROUP BY v HAVING count(*) > $1 AND $2::int4 < max(seq) ORDER BY v",
+            26i64,
+            590i32,
+        ),
+        (
+            "SELECT v::text, sum(seq) FROM events GROUP BY v HAVING sum(seq) >= $1 OR max(seq) < $2 ORDER BY 1",
+            8000i64,
+            560i32,
+        ),
+    ] {
+        let got = pairs(node.query(sql, &[&a, &b]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")));
+        let want = pairs(reference.query(sql, &[&a, &b]).await.unwrap());
+        assert!(!want.is_empty(), "{sql}");
+        assert_eq!(got, want, "{sql}");
+    }
+    let sql =
+        "SELECT v::text AS t, count(*) FROM events GROUP BY v::text HAVING v::text > $1 ORDER BY 1";
+    let got = pairs(node.query(sql, &[&"17"]).await.unwrap());
+    let want = pairs(reference.query(sql, &[&"17"]).await.unwrap());
+    assert!(!want.is_empty(), "{sql}");
+    assert_eq!(got, want, "{sql}");
     // SELECT EXISTS (…) alone (SQLAlchemy's exists(), Peewee's .exists()):
     // true when some shard's rows make it true.
     for sql in [

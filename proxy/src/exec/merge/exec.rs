@@ -31,7 +31,7 @@ use crate::wire::{be, fe, tx};
 use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, Bytes, BytesMut};
 use hotrepart_router::route::{
-    Combined, HavingExpr, LimitSpec, MergePlan, Operand, Partial, ShardCol,
+    Combined, HavingExpr, LimitSpec, Literal, MergePlan, Operand, Partial, ShardCol,
 };
 use postgres_protocol::message::frontend;
 use std::cmp::Ordering;
@@ -357,6 +357,21 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         requests.push(q.freeze());
     }
     s.unnamed_replaced_on(shards);
+    // Parameters of HAVING (applied by the node): their values in place.
+    let substituted;
+    let plan = match plan.aggregate.as_ref().and_then(|a| a.having.as_ref()) {
+        Some(h) if having_has_params(h) => match having_with_params(plan, &params, &types) {
+            Ok(p) => {
+                substituted = p;
+                &substituted
+            }
+            Err(m) => {
+                refuse_batch(s, &m);
+                return Ok(());
+            }
+        },
+        _ => plan,
+    };
     let out = Output {
         describe,
         formats,
@@ -380,6 +395,95 @@ fn mentions_param(sql: &str, n: usize) -> bool {
             .next()
             .is_some_and(|c| c.is_ascii_digit())
     })
+}
+
+/// `plan` with the parameters of its HAVING replaced by their values, as
+/// literals taken as the type of the other operand (as PostgreSQL takes a
+/// parameter compared with an aggregate): text values as sent, binary
+/// integers, floats and booleans in their text form. Err: a parameter of
+/// another type, or a value the node cannot read.
+fn having_with_params(
+    plan: &MergePlan,
+    params: &BindParams,
+    types: &[u32],
+) -> Result<MergePlan, String> {
+    fn literal(i: usize, params: &BindParams, types: &[u32]) -> Result<Literal, String> {
+        let ty = types.get(i).copied().unwrap_or(0);
+        let what = || format!("HAVING parameter ${} of type OID {ty}", i + 1);
+        let Some(v) = params.value(i) else {
+            return Err(format!("there is no parameter ${}", i + 1));
+        };
+        let Some(v) = v else {
+            return Ok(Literal::Null);
+        };
+        let number = matches!(ty, 20 | 21 | 23 | 700 | 701 | 1700);
+        let text = matches!(ty, 0 | 25 | 705 | 1042 | 1043);
+        if !params.is_binary(i) {
+            let t = std::str::from_utf8(v).map_err(|_| format!("{} is not UTF-8", what()))?;
+            return Ok(match ty {
+                16 => Literal::String(t.to_owned()),
+                _ if number => Literal::Number(t.trim().to_owned()),
+                _ if text => Literal::String(t.to_owned()),
+                _ => return Err(format!("{} is not supported across shards", what())),
+            });
+        }
+        let bad = || format!("{} has a malformed binary value", what());
+        Ok(match (ty, v.len()) {
+            (21, 2) => Literal::Number(i16::from_be_bytes([v[0], v[1]]).to_string()),
+            (23, 4) => Literal::Number(i32::from_be_bytes([v[0], v[1], v[2], v[3]]).to_string()),
+            (20, 8) => Literal::Number(
+                i64::from_be_bytes([v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]]).to_string(),
+            ),
+            (701, 8) => Literal::Number(format!(
+                "{:?}",
+                f64::from_be_bytes([v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]])
+            )),
+            (16, 1) => Literal::Bool(v[0] != 0),
+            (25 | 1043, _) => Literal::String(String::from_utf8(v.to_vec()).map_err(|_| bad())?),
+            (21 | 23 | 20 | 701 | 16, _) => return Err(bad()),
+            _ => {
+                return Err(format!(
+                    "{} in binary is not supported across shards; send it as text",
+                    what()
+                ))
+            }
+        })
+    }
+    fn walk(e: &HavingExpr, params: &BindParams, types: &[u32]) -> Result<HavingExpr, String> {
+        let op = |o: &Operand| -> Result<Operand, String> {
+            Ok(match o {
+                Operand::Param(i) => Operand::Literal(literal(*i, params, types)?),
+                other => other.clone(),
+            })
+        };
+        Ok(match e {
+            HavingExpr::And(a, b) => HavingExpr::And(
+                Box::new(walk(a, params, types)?),
+                Box::new(walk(b, params, types)?),
+            ),
+            HavingExpr::Or(a, b) => HavingExpr::Or(
+                Box::new(walk(a, params, types)?),
+                Box::new(walk(b, params, types)?),
+            ),
+            HavingExpr::Not(a) => HavingExpr::Not(Box::new(walk(a, params, types)?)),
+            HavingExpr::Compare { left, op: o, right } => HavingExpr::Compare {
+                left: op(left)?,
+                op: *o,
+                right: op(right)?,
+            },
+            HavingExpr::IsNull { operand, negated } => HavingExpr::IsNull {
+                operand: op(operand)?,
+                negated: *negated,
+            },
+        })
+    }
+    let mut p = plan.clone();
+    if let Some(a) = p.aggregate.as_mut() {
+        if let Some(h) = a.having.take() {
+            a.having = Some(walk(&h, params, types)?);
+        }
+    }
+    Ok(p)
 }
 
 pub(super) fn proto(e: &WireError) -> SessionError {
