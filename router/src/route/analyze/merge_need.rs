@@ -55,6 +55,17 @@ impl Visitor for MergeWalker {
     }
 }
 
+/// Whether `node` holds an aggregate or window function (not inside a
+/// subquery of it).
+pub(super) fn aggregates_in<V: Visit>(node: &V) -> bool {
+    let mut w = MergeWalker {
+        depth: 0,
+        found: None,
+    };
+    let _ = node.visit(&mut w);
+    w.found.is_some()
+}
+
 /// What concatenating the shards' answers to `q` would get wrong, if anything
 /// (for statements that cannot use a merge plan: `INSERT … SELECT`, `COPY`).
 pub(super) fn merge_need(q: &Query) -> MergeNeed {

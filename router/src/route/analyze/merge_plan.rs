@@ -140,6 +140,13 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
     // without aggregation are (ORDER BY, LIMIT, DISTINCT).
     let whole_groups = !group_exprs.is_empty()
         && group_exprs.iter().any(is_key)
+        // (a position inside them would shift with hidden columns)
+        && !group_exprs.iter().any(|e| {
+            matches!(
+                strip(e),
+                Expr::Rollup(_) | Expr::Cube(_) | Expr::GroupingSets(_)
+            )
+        })
         && !group_exprs
             .iter()
             .any(|e| matches!(strip(e), Expr::Value(v) if matches!(v.value, Value::Number(..))));
@@ -479,8 +486,8 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
 /// one row, for its own rows; the answer is their bool_or. LIMIT/OFFSET
 /// apply to that one row.
 fn exists_plan(q: &Query) -> Result<MergePlan, String> {
-    if q.with.is_some() || !q.locks.is_empty() {
-        return Err("EXISTS with WITH or FOR UPDATE".to_owned());
+    if q.with.is_some() || !q.locks.is_empty() || q.order_by.is_some() {
+        return Err("SELECT EXISTS (…) with WITH, ORDER BY or FOR UPDATE".to_owned());
     }
     let (limit, offset) = limit_offset(q)?;
     let mut sq = q.clone();

@@ -136,6 +136,10 @@ impl Branches {
                 self.collect(&inner.body)
             }
             SetExpr::Select(s) => {
+                // Its shards' answers are one row each, to be combined.
+                if super::scope::lone_exists(s).is_some() {
+                    return Err("a UNION branch that is SELECT EXISTS (…)".to_owned());
+                }
                 if self.first.is_none() {
                     self.first = Some(s.projection.clone());
                 }

@@ -18,7 +18,7 @@ use super::super::names::{is_temp_name, last_name, norm, table_name};
 use super::super::{Namespace, RouteError, StatementKind};
 use super::expr::{conjuncts, strip, unsupported};
 use super::functions::{AGGREGATES, PURE_FUNCTIONS, READ_ONLY};
-use super::merge_need::select_merge_need;
+use super::merge_need::{aggregates_in, select_merge_need};
 use super::merge_plan::merge_plan;
 use super::plan::{Body, Shape, ShapeOcc, StmtPlan};
 use crate::catalog::{KeyType, RoutingSnapshot, ShardedTable, TablePlacement};
@@ -649,7 +649,9 @@ impl<'a> Analyzer<'a> {
         // Peewee's `.exists()`): when the subquery's rows are partitioned
         // by shard, so is the answer — true when one shard's is (the merge
         // takes bool_or of the shards' rows, `merge_plan::exists_plan`).
-        if let Some(subquery) = lone_exists(sel) {
+        // Only as the statement itself: nested, or as a UNION branch, the
+        // shards' one-row answers would be taken as rows.
+        if let Some(subquery) = lone_exists(sel).filter(|_| parent.is_none()) {
             let info = self.query(subquery, Some(s))?;
             self.scopes[s].covered =
                 row_local(subquery) && info.root.is_some_and(|r| self.scopes[r].covered);
@@ -1112,8 +1114,11 @@ fn row_local(q: &Query) -> bool {
     q.with.is_none()
         && q.limit_clause.is_none()
         && q.fetch.is_none()
+        // An aggregate in ORDER BY makes it one aggregated row.
+        && !q.order_by.as_ref().is_some_and(aggregates_in)
         && matches!(q.body.as_ref(), SetExpr::Select(sel)
-            if matches!(select_merge_need(sel), super::super::MergeNeed::None))
+            if lone_exists(sel).is_none()
+                && matches!(select_merge_need(sel), super::super::MergeNeed::None))
 }
 
 /// The subquery of `SELECT EXISTS (subquery) [AS a]`, with nothing else
