@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 
 use sqlparser::ast::{
     Distinct, Expr, FunctionArgumentClause, FunctionArguments, GroupByExpr, Query, Select, SetExpr,
-    Visit, Visitor,
+    TableFactor, Visit, Visitor,
 };
 
 use super::super::names::last_name;
@@ -53,6 +53,135 @@ impl Visitor for MergeWalker {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// Finds a subquery whose select list aggregates the rows of an outer
+/// query: PostgreSQL makes `(SELECT max(u.age))` or `(SELECT max(u.age)
+/// FROM orders o …)` — an aggregate whose arguments name only outer
+/// columns — an aggregate of the outer query, one row in all, where the
+/// shards would each answer their own.
+struct OuterAggregate {
+    depth: usize,
+    found: Option<String>,
+}
+
+impl Visitor for OuterAggregate {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        self.depth += 1;
+        if self.depth < 2 || self.found.is_some() {
+            return ControlFlow::Continue(());
+        }
+        let SetExpr::Select(s) = q.body.as_ref() else {
+            return ControlFlow::Continue(());
+        };
+        // Names of the subquery's own FROM items.
+        let mut own: Vec<String> = Vec::new();
+        for twj in &s.from {
+            for f in std::iter::once(&twj.relation).chain(twj.joins.iter().map(|j| &j.relation)) {
+                match f {
+                    TableFactor::Table { name, alias, .. } => {
+                        own.push(match alias {
+                            Some(a) => a.name.value.to_lowercase(),
+                            None => last_name(name),
+                        });
+                    }
+                    TableFactor::Derived { alias: Some(a), .. }
+                    | TableFactor::Function { alias: Some(a), .. } => {
+                        own.push(a.name.value.to_lowercase())
+                    }
+                    _ => own.push(String::new()),
+                }
+            }
+        }
+        let mut aggs = AggArgs::default();
+        let _ = s.projection.visit(&mut aggs);
+        for quals in aggs.calls {
+            let outer = if s.from.is_empty() {
+                true
+            } else {
+                !quals.is_empty() && quals.iter().all(|q| !own.contains(q))
+            };
+            if outer {
+                self.found = Some(
+                    "an aggregate in a subquery over columns of the outer query (PostgreSQL aggregates the outer rows)"
+                        .to_owned(),
+                );
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+}
+
+/// The aggregate calls of a select list (not inside its subqueries): per
+/// call, the qualifiers of the column names in its arguments (lower case).
+#[derive(Default)]
+struct AggArgs {
+    depth: usize,
+    calls: Vec<Vec<String>>,
+    inside: Option<usize>,
+}
+
+impl Visitor for AggArgs {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if self.depth > 0 {
+            return ControlFlow::Continue(());
+        }
+        match e {
+            Expr::Function(f)
+                if self.inside.is_none()
+                    && f.over.is_none()
+                    && AGGREGATES.contains(&last_name(&f.name).as_str()) =>
+            {
+                self.calls.push(Vec::new());
+                self.inside = Some(self.calls.len() - 1);
+            }
+            Expr::CompoundIdentifier(parts) if parts.len() >= 2 => {
+                if let Some(i) = self.inside {
+                    self.calls[i].push(parts[parts.len() - 2].value.to_lowercase());
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if self.depth == 0
+            && matches!(e, Expr::Function(f) if f.over.is_none() && AGGREGATES.contains(&last_name(&f.name).as_str()))
+        {
+            self.inside = None;
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// A subquery of `q` that aggregates the rows of an outer query, named.
+pub(super) fn outer_aggregate(q: &Query) -> Option<String> {
+    let mut w = OuterAggregate {
+        depth: 0,
+        found: None,
+    };
+    let _ = q.visit(&mut w);
+    w.found
 }
 
 /// Whether `node` holds an aggregate or window function (not inside a

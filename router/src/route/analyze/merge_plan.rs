@@ -74,6 +74,9 @@ pub(super) fn merge_plan(q: &Query, is_key: IsKey<'_>) -> MergeNeed {
 
 /// `Ok(None)`: concatenation is correct; `Err`: the construct refused.
 fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String> {
+    if let Some(what) = super::merge_need::outer_aggregate(q) {
+        return Err(what);
+    }
     let sel = match q.body.as_ref() {
         SetExpr::Select(s) => s.as_ref(),
         SetExpr::Query(inner)
