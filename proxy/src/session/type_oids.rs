@@ -91,6 +91,8 @@ pub(crate) struct TypeMap {
     only_home: HashSet<u32>,
     /// Local user types whose binary values name types.
     kinds: HashMap<u32, Kind>,
+    /// Home OIDs of enum types (whose binary value is the label's text).
+    home_enums: HashSet<u32>,
     loaded: Instant,
     /// OIDs already logged as passed through unchanged.
     logged: Mutex<HashSet<(bool, u32)>>,
@@ -142,6 +144,11 @@ impl TypeMap {
             only_here: HashSet::new(),
             only_home: HashSet::new(),
             kinds: HashMap::new(),
+            home_enums: home
+                .iter()
+                .filter(|r| r.typtype == "e")
+                .map(|r| r.oid)
+                .collect(),
             loaded: Instant::now(),
             logged: Mutex::new(HashSet::new()),
         };
@@ -1077,6 +1084,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Parameter types for a Parse to shard `t`, in the shard's OIDs.
+    /// Whether home OID `oid` is an enum type, as a type map of one of
+    /// `shards` read it (a merge over several shards has read one for a
+    /// RowDescription naming user types).
+    pub(crate) fn home_enum(&self, shards: &[usize], oid: u32) -> bool {
+        oid >= FIRST_USER_OID
+            && shards.iter().any(|&t| {
+                self.send_map(t)
+                    .is_some_and(|(m, _)| m.home_enums.contains(&oid))
+            })
+    }
+
     pub(crate) fn local_types(&self, t: usize, types: &[u32]) -> Vec<u32> {
         if types.iter().all(|&o| o < FIRST_USER_OID) {
             return types.to_vec();

@@ -297,6 +297,16 @@ async def sharded_reads():
         out.append([await ps.fetchval(5), await ps.fetchval(18)])
         out.append(await c.fetchval("SELECT max(id) FROM drv_kv WHERE v = $1", "v1"))
         out.append(tuple(await c.fetchrow("SELECT id, v FROM drv_kv ORDER BY id DESC")))
+        # An enum column in a merged read: asyncpg takes results in
+        # binary, and an enum's binary value is its label.
+        await c.execute("DROP TABLE IF EXISTS drv_enum")
+        await c.execute("DROP TYPE IF EXISTS drva_mood")
+        await c.execute("CREATE TYPE drva_mood AS ENUM ('sad', 'ok', 'happy')")
+        await c.execute("CREATE TABLE drv_enum (id bigint PRIMARY KEY, m drva_mood)")
+        await c.executemany("INSERT INTO drv_enum (id, m) VALUES ($1, $2)",
+                            [(i, ["sad", "ok", "happy"][i % 3]) for i in range(1, 13)])
+        out.append([tuple(r) for r in await c.fetch("SELECT id, m FROM drv_enum ORDER BY id DESC LIMIT $1", 5)])
+        out.append(await c.fetchval("SELECT m FROM drv_enum WHERE id > $1 ORDER BY id", 10))
         # A keyless read without a merge: any one row of it, then the rest.
         row = await c.fetchrow("SELECT id FROM drv_kv WHERE v = $1", "v2")
         out.append(row[0] % 3)

@@ -822,11 +822,16 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
     }
-    // Columns the client wants in binary: their type OIDs (0: text).
+    // Columns the client wants in binary: their type OIDs (0: text). An
+    // enum's binary value is its label, as text's is.
     let binary: Vec<u32> = out_fields
         .iter()
         .enumerate()
-        .map(|(i, f)| if out.binary(i) { f.type_oid() } else { 0 })
+        .map(|(i, f)| match (out.binary(i), f.type_oid()) {
+            (false, _) => 0,
+            (true, oid) if s.home_enum(&st.shards, oid) => 25,
+            (true, oid) => oid,
+        })
         .collect();
     if let Some((i, oid)) = binary
         .iter()
