@@ -243,6 +243,16 @@ fn render_plan(p: &MergePlan) -> String {
     if p.distinct {
         out.push("distinct".to_owned());
     }
+    if !p.zero_params.is_empty() {
+        out.push(format!(
+            "zero={}",
+            p.zero_params
+                .iter()
+                .map(|i| format!("${}", i + 1))
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
     if !p.distinct_on.is_empty() {
         out.push(format!(
             "on={}",

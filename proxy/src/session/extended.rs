@@ -171,6 +171,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 aggregate: None,
                 distinct: false,
                 distinct_on: Vec::new(),
+                zero_params: Vec::new(),
                 order_by: Vec::new(),
                 shards_sorted: false,
                 limit: None,

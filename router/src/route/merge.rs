@@ -67,6 +67,10 @@ pub struct MergePlan {
     /// GROUP BY compares, NULLs equal) only the first is kept, before OFFSET
     /// and LIMIT.
     pub distinct_on: Vec<usize>,
+    /// Parameters (0-based) written as the 0 of `coalesce(sum(x), $n)`
+    /// (SQLAlchemy binds its literals): each shard's coalesced sum is a
+    /// partial sum only when the value is 0, which the executor checks.
+    pub zero_params: Vec<usize>,
     /// The final order (empty: any order). PostgreSQL's defaults are
     /// resolved: `nulls_first` is true for DESC unless `NULLS LAST` was given.
     pub order_by: Vec<SortKey>,

@@ -883,6 +883,28 @@ async fn aggregates_over_derived_tables_equal_one_postgresql() {
     let want = pairs(reference.query(sql, &[&"17"]).await.unwrap());
     assert!(!want.is_empty(), "{sql}");
     assert_eq!(got, want, "{sql}");
+    // `coalesce(sum(x), $1::INTEGER)` as SQLAlchemy binds its 0: a
+    // partial sum when the value is 0 (also over no rows); another value
+    // is refused.
+    let sql = "SELECT v::text, coalesce(sum(seq), $1::INTEGER) FROM events WHERE seq > $2 GROUP BY v ORDER BY v";
+    for cut in [100i32, 10_000] {
+        let got = pairs(
+            node.query(sql, &[&0i32, &cut])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e:?}")),
+        );
+        let want = pairs(reference.query(sql, &[&0i32, &cut]).await.unwrap());
+        assert_eq!(got, want, "{sql} with {cut}");
+    }
+    let sql = "SELECT coalesce(sum(seq), $1::INTEGER) FROM events WHERE seq > $2";
+    let got: i64 = node
+        .query_one(sql, &[&0i32, &10_000i32])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(got, 0);
+    let e = node.query_one(sql, &[&5i32, &10_000i32]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e:?}");
     // SELECT EXISTS (…) alone (SQLAlchemy's exists(), Peewee's .exists()):
     // true when some shard's rows make it true.
     for sql in [

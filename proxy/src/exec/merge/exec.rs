@@ -357,6 +357,16 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         requests.push(q.freeze());
     }
     s.unnamed_replaced_on(shards);
+    // `coalesce(sum(x), $n)` is combined as a partial sum only for 0.
+    for &i in &plan.zero_params {
+        if params.count(i) != Ok(Some(0)) {
+            refuse_batch(
+                s,
+                &format!("coalesce(sum(…), ${}) over several shards is combined only when ${} is 0 (each shard would add its own value)", i + 1, i + 1),
+            );
+            return Ok(());
+        }
+    }
     // Parameters of HAVING (applied by the node): their values in place.
     let substituted;
     let plan = match plan.aggregate.as_ref().and_then(|a| a.having.as_ref()) {

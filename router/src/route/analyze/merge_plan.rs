@@ -470,6 +470,7 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
         shard_sql,
         hidden: h,
         aggregate,
+        zero_params: b.zero_params.clone(),
         distinct,
         distinct_on: on
             .iter()
@@ -506,6 +507,7 @@ fn exists_plan(q: &Query) -> Result<MergePlan, String> {
             outputs: vec![Combined::Col(0)],
             having: None,
         }),
+        zero_params: Vec::new(),
         distinct: false,
         distinct_on: Vec::new(),
         order_by: Vec::new(),
@@ -706,6 +708,8 @@ struct Builder<'k> {
     /// Aggregated plans: the client's columns (internal ids).
     outputs: Vec<Combined>,
     group_by: Vec<usize>,
+    /// Parameters written as the 0 of `coalesce(sum(x), $n)`.
+    zero_params: Vec<usize>,
 }
 
 impl<'k> Builder<'k> {
@@ -717,6 +721,7 @@ impl<'k> Builder<'k> {
             hidden: Vec::new(),
             outputs: Vec::new(),
             group_by: Vec::new(),
+            zero_params: Vec::new(),
         }
     }
 
@@ -843,7 +848,8 @@ impl<'k> Builder<'k> {
                     self.outputs.push(Combined::Avg { sum: id, count: id });
                 }
                 None => {
-                    if let Some(p) = zero_coalesced(expr, self.is_key)? {
+                    if let Some((p, param)) = zero_coalesced(expr, self.is_key)? {
+                        self.zero_params.extend(param);
                         // Each shard's `coalesce(sum(x), 0)`: the sum of
                         // the partials (0 for a shard without rows) is the
                         // sum, 0 when every shard had none.
@@ -1198,7 +1204,10 @@ fn count_cast(e: &Expr, is_key: IsKey<'_>) -> Result<Option<(Expr, CountCast)>, 
 /// a shard whose sum is NULL answers that literal, which adds nothing to
 /// the others' sums and keeps their scale (`0.0` would add a decimal
 /// place to a sum that PostgreSQL prints without one).
-fn zero_coalesced(e: &Expr, is_key: IsKey<'_>) -> Result<Option<Partial>, String> {
+/// The 0 may be a parameter (SQLAlchemy sends `coalesce(sum(x),
+/// $1::INTEGER)`): its index is returned, and the executor refuses any
+/// value but 0 ([`MergePlan::zero_params`]).
+fn zero_coalesced(e: &Expr, is_key: IsKey<'_>) -> Result<Option<(Partial, Option<usize>)>, String> {
     let Expr::Function(f) = strip(e) else {
         return Ok(None);
     };
@@ -1213,7 +1222,19 @@ fn zero_coalesced(e: &Expr, is_key: IsKey<'_>) -> Result<Option<Partial>, String
     else {
         return Ok(None);
     };
-    let is_zero = matches!(strip(zero), Expr::Value(v) if matches!(&v.value, Value::Number(n, _) if n == "0"));
+    let placeholder = |e: &Expr| match strip(e) {
+        Expr::Value(v) => match &v.value {
+            Value::Placeholder(p) => crate::route::keys::placeholder(p),
+            _ => None,
+        },
+        _ => None,
+    };
+    let param = match strip(zero) {
+        Expr::Cast { expr, .. } => placeholder(expr),
+        other => placeholder(other),
+    };
+    let is_zero = param.is_some()
+        || matches!(strip(zero), Expr::Value(v) if matches!(&v.value, Value::Number(n, _) if n == "0"));
     if !is_zero || !list.clauses.is_empty() || list.duplicate_treatment.is_some() {
         return Ok(None);
     }
@@ -1226,7 +1247,7 @@ fn zero_coalesced(e: &Expr, is_key: IsKey<'_>) -> Result<Option<Partial>, String
         return Ok(None);
     }
     Ok(match agg_call(agg, is_key)? {
-        Some(Agg::Simple(p @ (Partial::Sum | Partial::Count))) => Some(p),
+        Some(Agg::Simple(p @ (Partial::Sum | Partial::Count))) => Some((p, param)),
         _ => None,
     })
 }

@@ -83,6 +83,7 @@ pub(super) fn plan_union(q: &Query) -> Result<Option<MergePlan>, String> {
         aggregate: None,
         distinct,
         distinct_on: Vec::new(),
+        zero_params: Vec::new(),
         shards_sorted: !order_by.is_empty(),
         order_by,
         limit,
