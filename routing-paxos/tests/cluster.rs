@@ -452,9 +452,12 @@ async fn the_log_is_compacted_into_snapshots_and_survives_restarts() {
     })
     .await;
 
-    // (b) Node 3 stops before anything is compacted.
+    // (b) Node 3 stops before anything is compacted (the bootstrap entry
+    // itself may have reached it as a snapshot: CI saw `compacted: 1`
+    // once, with `decided: 1`).
     let st = nodes[2].status();
-    assert_eq!(st.compacted, 0, "{st:?}");
+    assert!(st.compacted <= 1, "{st:?}");
+    let old_end = st.decided;
     nodes[2].shutdown().await;
     let mut i = 0;
     for _ in 0..6 * COMPACT {
@@ -481,7 +484,7 @@ async fn the_log_is_compacted_into_snapshots_and_survives_restarts() {
     .await;
     // It did so from a snapshot: its log now starts past its old end.
     wait_for("node 3 holds a snapshot", Duration::from_secs(5), || {
-        nodes[2].status().compacted > 0
+        nodes[2].status().compacted > old_end
     })
     .await;
     assert_eq!(nodes[2].catalog().decisions().count(), 6 * COMPACT);
