@@ -804,17 +804,17 @@ async fn windows_by_the_key_and_distinct_keys_equal_one_postgresql() {
     }
 }
 
-/// Aggregates and sorts over a derived table of plain rows of a sharded
-/// table — Peewee's `.count()` (`SELECT COUNT(1) FROM (SELECT 1 FROM t) AS
-/// "_wrapped" LIMIT $1`), SQLAlchemy's legacy `query.count()`: the derived
-/// rows are partitioned by shard as the table's are, so the outer query is
-/// merged as if it read the table.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aggregates_over_derived_tables_equal_one_postgresql() {
-    let (reference, node, _c, _reference_pg) = differential("events").await;
+/// The reference PostgreSQL and a 4-shard node, each holding `events`
+/// (sharded by `id`) with the same 600 rows: id = seq % 37, v = seq * 7919
+/// % 23.
+async fn events_600() -> (
+    tokio_postgres::Client,
+    tokio_postgres::Client,
+    Cluster,
+    hotrepart_tests::merge_data::ReferencePg,
+) {
+    let (reference, node, c, reference_pg) = differential("events").await;
     let schema = "CREATE TABLE events (id bigint NOT NULL, seq int NOT NULL, v int)";
-    reference.batch_execute(schema).await.unwrap();
-    node.batch_execute(schema).await.unwrap();
     let values: Vec<String> = (1..=600)
         .map(|i: i64| format!("({}, {i}, {})", i % 37, (i * 7919) % 23))
         .collect();
@@ -822,8 +822,21 @@ async fn aggregates_over_derived_tables_equal_one_postgresql() {
         "INSERT INTO events (id, seq, v) VALUES {}",
         values.join(", ")
     );
-    reference.batch_execute(&insert).await.unwrap();
-    node.batch_execute(&insert).await.unwrap();
+    for db in [&reference, &node] {
+        db.batch_execute(schema).await.unwrap();
+        db.batch_execute(&insert).await.unwrap();
+    }
+    (reference, node, c, reference_pg)
+}
+
+/// Aggregates and sorts over a derived table of plain rows of a sharded
+/// table — Peewee's `.count()` (`SELECT COUNT(1) FROM (SELECT 1 FROM t) AS
+/// "_wrapped" LIMIT $1`), SQLAlchemy's legacy `query.count()`: the derived
+/// rows are partitioned by shard as the table's are, so the outer query is
+/// merged as if it read the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_over_derived_tables_equal_one_postgresql() {
+    let (reference, node, _c, _reference_pg) = events_600().await;
     let ordered = [
         "SELECT COUNT(1) FROM (SELECT 1 FROM \"events\" AS \"t1\" WHERE \"t1\".\"v\" > 3) AS \"_wrapped\" LIMIT 1",
         "SELECT count(*) AS count_1 FROM (SELECT events.id AS events_id, events.seq AS events_seq FROM events) AS anon_1",
@@ -942,19 +955,7 @@ async fn aggregates_over_derived_tables_equal_one_postgresql() {
 /// and the node merges the shards' rows by ORDER BY, LIMIT, DISTINCT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grouped_by_the_key_equals_one_postgresql() {
-    let (reference, node, _c, _reference_pg) = differential("events").await;
-    let schema = "CREATE TABLE events (id bigint NOT NULL, seq int NOT NULL, v int)";
-    reference.batch_execute(schema).await.unwrap();
-    node.batch_execute(schema).await.unwrap();
-    let values: Vec<String> = (1..=600)
-        .map(|i: i64| format!("({}, {i}, {})", i % 37, (i * 7919) % 23))
-        .collect();
-    let insert = format!(
-        "INSERT INTO events (id, seq, v) VALUES {}",
-        values.join(", ")
-    );
-    reference.batch_execute(&insert).await.unwrap();
-    node.batch_execute(&insert).await.unwrap();
+    let (reference, node, _c, _reference_pg) = events_600().await;
     let ordered = [
         "SELECT id, array_agg(seq ORDER BY seq), string_agg(v::text, ',' ORDER BY seq DESC) FROM events GROUP BY id ORDER BY id",
         "SELECT id, count(*) * 2 AS c, round(avg(v), 2), max(v) - min(v) FROM events GROUP BY id HAVING count(*) > 16 ORDER BY c DESC, id LIMIT 5 OFFSET 1",
