@@ -158,6 +158,14 @@ cpu_ticks() {
   s=${s##*) }                 # drop "pid (comm) "; field 3 (state) is $1
   awk '{print $12 + $13}' <<<"$s"
 }
+# sys_ticks PID: stime alone (time in the kernel: syscalls, the loopback
+# TCP stack run on the sender's CPU, wake-ups).
+sys_ticks() {
+  local s
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo -1; return; }
+  s=${s##*) }
+  awk '{print $13}' <<<"$s"
+}
 # stop_pid PID SIGNAL SECONDS: signal, wait up to SECONDS, then SIGKILL.
 stop_pid() {
   local pid=$1 sig=$2 secs=$3 i
@@ -359,7 +367,7 @@ RUN_NO=0
 run_pgbench() {
   local target=$1 mode=$2 clients=$3 dur=$4 out=$5
   shift 5
-  local pid c0 c1
+  local pid c0 c1 k0 k1
   pid=$(target_pid "$target")
   if [ "$target" = hotrepart ] && ! kill -0 "$HR_PID" 2>/dev/null; then
     echo "hotrepart (pid $HR_PID) was not running before $mode/$clients; restarted it" >>"$PROBLEMS"
@@ -372,7 +380,8 @@ run_pgbench() {
     pid=$BASE_PID
   fi
   c0=-1
-  [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
+  k0=-1
+  [ -n "$pid" ] && { c0=$(cpu_ticks "$pid"); k0=$(sys_ticks "$pid"); }
   # Syscalls and context switches of the proxy over the run (every thread:
   # perf stat -p counts the threads present at its start; the runtime's
   # workers live as long as the process). Counting mode, no recording.
@@ -390,7 +399,8 @@ run_pgbench() {
   R_RC=$?
   set -e
   c1=-1
-  [ -n "$pid" ] && c1=$(cpu_ticks "$pid")
+  k1=-1
+  [ -n "$pid" ] && { c1=$(cpu_ticks "$pid"); k1=$(sys_ticks "$pid"); }
   if [ -n "$perf_pid" ]; then
     kill -INT "$perf_pid" 2>/dev/null || true
     wait "$perf_pid" 2>/dev/null || true
@@ -401,6 +411,8 @@ run_pgbench() {
   fi
   R_CPU=-1
   [ "$c0" -ge 0 ] && [ "$c1" -ge 0 ] && R_CPU=$((c1 - c0))
+  R_KCPU=-1
+  [ "$k0" -ge 0 ] && [ "$k1" -ge 0 ] && R_KCPU=$((k1 - k0))
   R_TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out" | head -1)
   R_NTX=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -1)
   R_FAILED=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | head -1)
@@ -448,8 +460,8 @@ for mode in $MODES; do
         RUN_NO=$((RUN_NO + 1))
         out=$WORK/run-$mode-$clients-$target-$rep.log
         run_pgbench "$target" "$mode" "$clients" "$DURATION" "$out" -S
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$clients" "$target" "$rep" \
-          "$R_RC" "${R_TPS:-}" "${R_NTX:-}" "$R_CPU" "${R_FAILED:-}" "${R_ERR:-}" "$R_SYS" "$R_CS" >>"$RAW"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$clients" "$target" "$rep" \
+          "$R_RC" "${R_TPS:-}" "${R_NTX:-}" "$R_CPU" "${R_FAILED:-}" "${R_ERR:-}" "$R_SYS" "$R_CS" "$R_KCPU" >>"$RAW"
         status="tps ${R_TPS:-?}"
         [ "$R_RC" != 0 ] && status="FAILED (exit $R_RC): ${R_ERR:-no error line}"
         [ "$R_RC" = 0 ] && [ "${R_FAILED:-0}" != 0 ] && status="$status, $R_FAILED failed tx"
@@ -467,7 +479,7 @@ for mode in $MODES; do
 done
 
 # ---------------------------------------------------------------- report
-# agg MODE CLIENTS TARGET -> "median_tps|median_cpu_us_per_tx|ok_runs|runs|first_err|min_tps|max_tps|median_syscalls_per_tx|median_cs_per_tx"
+# agg MODE CLIENTS TARGET -> "median_tps|median_cpu_us_per_tx|ok_runs|runs|first_err|min_tps|max_tps|median_syscalls_per_tx|median_cs_per_tx|median_kernel_cpu_us_per_tx"
 agg() {
   awk -F'\t' -v m="$1" -v c="$2" -v t="$3" -v hz="$CLK_TCK" '
     function median(a, n,   i, j, x) {
@@ -481,13 +493,14 @@ agg() {
         if (lo == "" || $6 + 0 < lo) lo = $6 + 0
         if (hi == "" || $6 + 0 > hi) hi = $6 + 0
         if ($8 >= 0 && $7 > 0) { nc++; cpu[nc] = ($8 / hz) * 1e6 / $7 }
+        if ($13 != "" && $13 >= 0 && $7 > 0) { nk++; kcpu[nk] = ($13 / hz) * 1e6 / $7 }
         if ($11 != "" && $11 >= 0 && $7 > 0) { ns++; sys[ns] = $11 / $7 }
         if ($12 != "" && $12 >= 0 && $7 > 0) { nw++; csw[nw] = $12 / $7 } }
       else if (err == "") err = $10
     }
     END {
       gsub(/\|/, "/", err)
-      printf "%s|%s|%d|%d|%s|%s|%s|%s|%s\n", median(tps, nt), median(cpu, nc), nt, runs, err, lo, hi, median(sys, ns), median(csw, nw)
+      printf "%s|%s|%d|%d|%s|%s|%s|%s|%s|%s\n", median(tps, nt), median(cpu, nc), nt, runs, err, lo, hi, median(sys, ns), median(csw, nw), median(kcpu, nk)
     }' "$RAW"
 }
 fmt_spread() { [ -z "$1" ] && echo "" || awk -v a="$1" -v b="$2" 'BEGIN{printf "%.0f–%.0f", a, b}'; }
@@ -537,14 +550,14 @@ ELAPSED=$(($(date +%s) - T0))
   echo
   echo "Per target: TPS spread (min–max over the runs), and the proxy's syscalls and context switches per transaction (perf stat -e raw_syscalls:sys_enter,context-switches -p PID over each run, median; n/a: perf unavailable, or direct PostgreSQL — a process per connection)."
   echo
-  echo "| mode | clients | target | TPS median | TPS min–max | CPU µs/tx | syscalls/tx | context switches/tx |"
-  echo "|---|---:|---|---:|---:|---:|---:|---:|"
+  echo "| mode | clients | target | TPS median | TPS min–max | CPU µs/tx | of which kernel µs/tx | syscalls/tx | context switches/tx |"
+  echo "|---|---:|---|---:|---:|---:|---:|---:|---:|"
   for mode in $MODES; do
     for clients in $CLIENTS; do
       for t in "${TARGETS[@]}"; do
-        IFS='|' read -r x_tps x_cpu x_ok _ _ x_lo x_hi x_sys x_cs <<<"$(agg "$mode" "$clients" "$t")"
-        [ "$x_ok" = 0 ] && x_cpu=""
-        echo "| $mode | $clients | $t | $(fmt_tps "$x_tps") | $(fmt_spread "$x_lo" "$x_hi") | $(fmt_cpu "$x_cpu") | $(fmt_per "$x_sys") | $(fmt_per "$x_cs") |"
+        IFS='|' read -r x_tps x_cpu x_ok _ _ x_lo x_hi x_sys x_cs x_k <<<"$(agg "$mode" "$clients" "$t")"
+        [ "$x_ok" = 0 ] && { x_cpu=""; x_k=""; }
+        echo "| $mode | $clients | $t | $(fmt_tps "$x_tps") | $(fmt_spread "$x_lo" "$x_hi") | $(fmt_cpu "$x_cpu") | $(fmt_per "$x_k") | $(fmt_per "$x_sys") | $(fmt_per "$x_cs") |"
       done
     done
   done

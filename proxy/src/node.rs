@@ -166,11 +166,14 @@ impl CancelSlot {
     }
 
     /// The session holds `v` now: each backend's gate is claimed for it.
-    pub fn set(&self, v: Vec<CancelTarget>) {
-        for t in &v {
+    /// The list is refilled in place (no allocation per transaction).
+    pub fn set(&self, v: impl IntoIterator<Item = CancelTarget>) {
+        let mut held = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        held.clear();
+        for t in v {
             t.gate.claim(self.id);
+            held.push(t);
         }
-        *self.targets.lock().unwrap_or_else(|e| e.into_inner()) = v;
     }
 
     /// The backends a cancel of this session may go to now, each marked

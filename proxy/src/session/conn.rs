@@ -221,24 +221,19 @@ impl Backends {
     /// Publishes the attached backends' cancel keys (for a cancel request
     /// of the client).
     pub(crate) fn update_cancel(&self) {
-        self.cancel.set(
-            self.slots
-                .iter()
-                .filter_map(|s| {
-                    s.conn.as_ref().map(|b| crate::node::CancelTarget {
-                        addr: b.addr,
-                        pid: b.pid,
-                        secret: b.secret,
-                        gate: b.cancel_gate.clone(),
-                    })
-                })
-                .collect(),
-        );
+        self.cancel.set(self.slots.iter().filter_map(|s| {
+            s.conn.as_ref().map(|b| crate::node::CancelTarget {
+                addr: b.addr,
+                pid: b.pid,
+                secret: b.secret,
+                gate: b.cancel_gate.clone(),
+            })
+        }));
     }
 
     /// No backend may be cancelled for this client any more.
     pub(crate) fn clear_cancel(&self) {
-        self.cancel.set(Vec::new());
+        self.cancel.set(std::iter::empty());
     }
 
     /// Shard `shard`'s backend failed (`e`): dropped, and the session ends

@@ -62,6 +62,9 @@ struct OpenCursor {
     hold: bool,
     /// Declared on several shards and served by the node.
     merged: Option<Box<Merged>>,
+    /// A protocol portal served as a merged cursor: its Bind's result
+    /// formats (none: text, as a cursor's FETCH gives).
+    formats: Vec<i16>,
 }
 
 impl OpenCursor {
@@ -207,6 +210,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         let how = merged::FetchOut {
                             describe: true,
                             formats: Vec::new(),
+                            portal: false,
                         };
                         merged::fetch(self, &mut m, n, is_move, &how).await?;
                         Ok(())
@@ -338,6 +342,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         shard: shards[0],
                         hold: false,
                         merged: Some(Box::new(m)),
+                        formats: Vec::new(),
                     },
                 );
                 self.out.put_slice(&command_complete("DECLARE CURSOR"));
@@ -367,6 +372,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if let Some(done) = self.merged_use_batch(frames, synced).await? {
                 return Ok(done);
             }
+            if let Some(done) = self.merged_portal_batch(frames, synced).await? {
+                return Ok(done);
+            }
+        }
+        if self.portal_bind_by_node(frames, synced).await? {
+            return Ok(true);
         }
         let merged_portal = |s: &Self, f: &Frame| {
             let b = f.body();
@@ -628,6 +639,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let fm = merged::FetchOut {
                         describe: true,
                         formats: formats.clone(),
+                        portal: false,
                     };
                     describe_rows(self, &|i| fm.binary(i));
                 }
@@ -641,6 +653,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         let how = merged::FetchOut {
                             describe: false,
                             formats: formats.clone(),
+                            portal: false,
                         };
                         self.stats.note_route(Route::Merge);
                         let r = merged::fetch(self, &mut m, *count, *is_move, &how).await;
@@ -670,6 +683,296 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if synced {
             let status = self.client_status();
             self.push_synthetic(rfq(status));
+        }
+        Ok(Some(true))
+    }
+
+    /// An extended-protocol batch that binds a named portal for a read
+    /// over several shards inside a transaction block, and executes it
+    /// with a row limit or not at all (asyncpg's `cursor()`, SQLAlchemy's
+    /// `stream_results` on asyncpg): Parse (optional), Bind, Describe of
+    /// the portal (optional), Execute with a row limit (optional), Sync or
+    /// Flush. The portal is served as a cursor merged by the node, declared
+    /// under the portal's name on each shard (PostgreSQL's portals and
+    /// cursors are one thing), so that later Executes fetch its next rows
+    /// ([`Session::merged_portal_batch`]). True when answered.
+    async fn portal_bind_by_node(
+        &mut self,
+        frames: &[Frame],
+        synced: bool,
+    ) -> Result<bool, SessionError> {
+        if !self.txn.open() || self.txn.failed {
+            return Ok(false);
+        }
+        let mut parse: Option<(&Frame, &str, Arc<str>)> = None;
+        let mut bind: Option<(&Frame, &str, Arc<str>, BindParams)> = None;
+        let (mut describe, mut execute) = (false, None::<u64>);
+        for f in frames {
+            let mut b = f.body();
+            match f.tag() {
+                fe::PARSE if parse.is_none() && bind.is_none() => {
+                    let (Ok(name), Ok(sql)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b))
+                    else {
+                        return Ok(false);
+                    };
+                    parse = Some((f, name, Arc::from(sql)));
+                }
+                fe::BIND if bind.is_none() => {
+                    let (Ok(portal), Ok(stmt)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b))
+                    else {
+                        return Ok(false);
+                    };
+                    if portal.is_empty() {
+                        return Ok(false);
+                    }
+                    let (unnamed, named) = match &parse {
+                        Some((_, n, sql)) if *n == stmt && n.is_empty() => {
+                            (Some(sql.clone()), None)
+                        }
+                        Some((_, n, sql)) if *n == stmt => (None, Some(sql)),
+                        _ => (None, None),
+                    };
+                    let Some(sql) = self.bound_sql(stmt, &unnamed, named) else {
+                        return Ok(false);
+                    };
+                    let Ok(params) = BindParams::parse(b) else {
+                        return Ok(false);
+                    };
+                    bind = Some((f, portal, sql, params));
+                }
+                fe::DESCRIBE if execute.is_none() => {
+                    let named_here = b.first() == Some(&wire::PORTAL)
+                        && bind.as_ref().is_some_and(|(_, p, ..)| {
+                            wire::get_cstr(&mut &b[1..]).is_ok_and(|n| n == *p)
+                        });
+                    if !named_here {
+                        return Ok(false);
+                    }
+                    describe = true;
+                }
+                fe::EXECUTE if execute.is_none() => {
+                    let (Ok(name), Ok(n)) = (wire::get_cstr(&mut b), wire::get_i32(&mut b)) else {
+                        return Ok(false);
+                    };
+                    // Without a row limit the batch runs it whole (the
+                    // ordinary path).
+                    if n <= 0 || bind.as_ref().is_none_or(|(_, p, ..)| *p != name) {
+                        return Ok(false);
+                    }
+                    execute = Some(n as u64);
+                }
+                fe::SYNC | fe::FLUSH => {}
+                _ => return Ok(false),
+            }
+        }
+        let Some((bind_frame, portal, sql, params)) = bind else {
+            return Ok(false);
+        };
+        let reads = ["select", "with", "values", "table"]
+            .iter()
+            .any(|k| first_keyword_is(&sql, k));
+        if !reads || cursor_command(&sql).is_some() {
+            return Ok(false);
+        }
+        let routed = self
+            .route_waiting(|s| s.node.decide(&sql, Some(&params), &s.route_ctx()))
+            .await;
+        let Ok(dec) = routed else {
+            // The ordinary path reports it.
+            return Ok(false);
+        };
+        if dec.write
+            || !needs_node(&dec.target)
+            || merged::check_plan(dec.merge.as_deref()).is_err()
+        {
+            return Ok(false);
+        }
+        let Target::Multi { shards, sqls } = &dec.target else {
+            return Ok(false);
+        };
+        let (shards, sqls) = (shards.clone(), sqls.clone());
+        if let Err(r) = self.check_multi_shard(&dec).await? {
+            self.batch_error(&r, synced);
+            return Ok(true);
+        }
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        let formats = merged::bind_result_formats(bind_frame)?;
+        let ext = merged::bind_params(self, parse.as_ref().map(|p| p.0), bind_frame)?;
+        let texts: Vec<String> = (0..shards.len())
+            .map(
+                |i| match (sqls.as_ref().and_then(|v| v.get(i)), &dec.merge) {
+                    (Some(t), _) => t.clone(),
+                    (None, Some(p)) => p.shard_sql.clone(),
+                    (None, None) => sql.to_string(),
+                },
+            )
+            .collect();
+        self.stats.note_route(Route::Merge);
+        let mut ok = true;
+        if let Some((p, ..)) = parse {
+            if self.record_parse(p)? {
+                self.out.put_slice(&wire::parse_complete());
+            } else {
+                // A duplicate name: the error is queued.
+                ok = false;
+            }
+        }
+        if ok {
+            match merged::declare(self, portal, &shards, dec.merge.clone(), &texts, Some(&ext))
+                .await?
+            {
+                Ok(m) => {
+                    wire::frame(&mut self.out, wire::be::BIND_COMPLETE, |_| {});
+                    let how = merged::FetchOut {
+                        describe: false,
+                        formats: formats.clone(),
+                        portal: true,
+                    };
+                    if describe {
+                        merged::row_description(&m, &mut self.out, &|i| how.binary(i));
+                    }
+                    self.cursors.open.insert(
+                        portal.to_string(),
+                        OpenCursor {
+                            shard: shards[0],
+                            hold: false,
+                            merged: Some(Box::new(m)),
+                            formats,
+                        },
+                    );
+                    if let Some(n) = execute {
+                        self.fetch_portal(portal, Some(n)).await?;
+                    }
+                }
+                Err(e) => {
+                    self.out.put_slice(&e);
+                    self.txn.failed = true;
+                }
+            }
+            ok = !self.txn.failed;
+        }
+        if synced {
+            let status = self.client_status();
+            self.push_synthetic(rfq(status));
+        } else if !ok {
+            self.skip_to_sync = true;
+        }
+        Ok(true)
+    }
+
+    /// Executes (`count` rows, None: all) the portal `name` the node serves
+    /// as a merged cursor: its rows, then PortalSuspended or
+    /// CommandComplete as PostgreSQL ends an Execute.
+    async fn fetch_portal(&mut self, name: &str, count: Option<u64>) -> Result<(), SessionError> {
+        let Some(c) = self.cursors.open.get_mut(name) else {
+            return Ok(());
+        };
+        let formats = c.formats.clone();
+        let Some(mut m) = c.merged.take() else {
+            return Ok(());
+        };
+        let how = merged::FetchOut {
+            describe: false,
+            formats,
+            portal: true,
+        };
+        self.stats.note_route(Route::Merge);
+        let r = merged::fetch(self, &mut m, count, false, &how).await;
+        if let Some(c) = self.cursors.open.get_mut(name) {
+            c.merged = Some(m);
+        }
+        r
+    }
+
+    /// A batch that uses portals the node serves as merged cursors (bound
+    /// by [`Session::portal_bind_by_node`], or cursors merged by the node
+    /// executed as portals): their Describe, Execute (in parts, as asyncpg
+    /// fetches a cursor) and Close, answered here. Beside other messages
+    /// such a portal is refused: its shard alone would answer with its own
+    /// rows. None: the batch names none of them.
+    async fn merged_portal_batch(
+        &mut self,
+        frames: &[Frame],
+        synced: bool,
+    ) -> Result<Option<bool>, SessionError> {
+        let merged_name = |s: &Self, f: &Frame| -> Option<String> {
+            let b = f.body();
+            let name = match f.tag() {
+                fe::EXECUTE => wire::get_cstr(&mut &b[..]).ok()?,
+                fe::DESCRIBE | fe::CLOSE if b.first() == Some(&wire::PORTAL) => {
+                    wire::get_cstr(&mut &b[1..]).ok()?
+                }
+                _ => return None,
+            };
+            s.cursors
+                .open
+                .get(name)
+                .is_some_and(|c| c.merged.is_some())
+                .then(|| name.to_string())
+        };
+        if !frames.iter().any(|f| merged_name(self, f).is_some()) {
+            return Ok(None);
+        }
+        let alone = frames
+            .iter()
+            .all(|f| f.tag() == fe::SYNC || f.tag() == fe::FLUSH || merged_name(self, f).is_some());
+        if !alone {
+            self.batch_error(
+                &refuse("a portal over several shards (a cursor the node merges) must be used in a batch of its own: Describe, Execute or Close of it, then Sync or Flush; send the other statements after a Sync"),
+                synced,
+            );
+            return Ok(Some(true));
+        }
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        for f in frames {
+            let Some(name) = merged_name(self, f) else {
+                continue;
+            };
+            if self.txn.failed {
+                self.push_error(&aborted());
+                break;
+            }
+            match f.tag() {
+                fe::DESCRIBE => {
+                    let Some(c) = self.cursors.open.get(&name) else {
+                        continue;
+                    };
+                    let how = merged::FetchOut {
+                        describe: true,
+                        formats: c.formats.clone(),
+                        portal: true,
+                    };
+                    if let Some(m) = c.merged.as_ref() {
+                        merged::row_description(m, &mut self.out, &|i| how.binary(i));
+                    }
+                }
+                fe::EXECUTE => {
+                    let mut b = f.body();
+                    let _ = wire::get_cstr(&mut b);
+                    let n = wire::get_i32(&mut b).unwrap_or(0);
+                    self.fetch_portal(&name, (n > 0).then_some(n as u64))
+                        .await?;
+                }
+                _ => {
+                    if let Some(m) = self.cursors.open.remove(&name).and_then(|c| c.merged) {
+                        merged::close(self, &m).await?;
+                    }
+                    wire::frame(&mut self.out, wire::be::CLOSE_COMPLETE, |_| {});
+                }
+            }
+            if self.txn.failed {
+                break;
+            }
+        }
+        if synced {
+            let status = self.client_status();
+            self.push_synthetic(rfq(status));
+        } else if self.txn.failed {
+            self.skip_to_sync = true;
         }
         Ok(Some(true))
     }
@@ -761,6 +1064,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         shard: t,
                         hold: d.hold,
                         merged: None,
+                        formats: Vec::new(),
                     },
                 );
             }
@@ -859,6 +1163,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             shard: i,
                             hold: true,
                             merged: None,
+                            formats: Vec::new(),
                         },
                     );
                 }

@@ -216,7 +216,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// the idle (or idle-in-transaction) timeout.
     async fn step_idle(&mut self) -> Result<Option<End>, SessionError> {
         let (t, code, msg) = self.idle_limit();
-        let timer = tokio::time::sleep(Duration::from_millis(if t > 0 { t } else { 86_400_000 }));
+        let timer = sleep_if((t > 0).then(|| Duration::from_millis(t)));
         // Notifications for a listening session wait for the end of its
         // transaction, as on PostgreSQL.
         let deliver = !self.txn.open();
@@ -255,16 +255,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // included).
         let (limit, code, msg) = self.idle_limit();
         let timer_on = limit > 0 && self.be.owed.is_empty();
-        let sleep = tokio::time::sleep(Duration::from_millis(if timer_on {
-            limit
-        } else {
-            86_400_000
-        }));
+        let sleep = sleep_if(timer_on.then(|| Duration::from_millis(limit)));
         let cur = self.be.cur;
         // Answers owed and a silence limit: a backend quiet that long is
         // taken for stalled.
         let silence = self.be.silence.filter(|_| !self.be.owed.is_empty());
-        let quiet = tokio::time::sleep(silence.unwrap_or(Duration::from_secs(86_400)));
+        let quiet = sleep_if(silence);
         let Some(backend) = self.be.slots[cur].conn.as_mut() else {
             return Ok(None);
         };
@@ -1146,6 +1142,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
 /// How the latency histograms label a routed statement (`t`: the shard it
 /// runs on when the decision names none).
+/// Sleeps for `d`, or never. A timer is made only when the future is
+/// first polled: a `select!` branch disabled by its condition (the
+/// default, every limit 0) costs no clock read and no timer entry.
+async fn sleep_if(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn route_of(d: &crate::routing::Decision, t: usize) -> Route {
     match &d.target {
         Target::Multi { shards, .. } if shards.len() > 1 => {

@@ -350,8 +350,9 @@ async def sharded_writes_in_transaction():
 
 @sync
 async def cursor_sharded():
-    """A server-side cursor (prepared.cursor() + fetch(n)) over every
-    shard: a portal bound in one batch and executed in later ones."""
+    """Server-side cursors over every shard: a portal bound in one batch
+    and executed in later ones (prepared.cursor() + fetch(n), fetchrow(),
+    forward(n), and `async for` with a prefetch)."""
     c = await connect()
     try:
         await fill_kv(c)
@@ -364,9 +365,19 @@ async def cursor_sharded():
                 if not b:
                     break
                 got += [r[0] for r in b]
+            ordered = await c.prepare(
+                "SELECT id, v FROM drv_kv WHERE id > $1 ORDER BY id % 3 DESC, id")
+            cur = await ordered.cursor(1)
+            first = [tuple(r) for r in await cur.fetch(2)]
+            row = tuple(await cur.fetchrow())
+            moved = await cur.forward(2)
+            rest = [tuple(r) for r in await cur.fetch(1000)]
+            it = [r[0] async for r in c.cursor(
+                "SELECT id FROM drv_kv WHERE id > $1 ORDER BY id DESC", 2,
+                prefetch=4)]
     finally:
         await c.close()
-    return sorted(got)
+    return [sorted(got), first, row, moved, rest, it]
 
 
 run([

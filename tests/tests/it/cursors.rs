@@ -108,8 +108,10 @@ async fn fill(c: &Cluster) -> Vec<i64> {
 /// rows at a time (tokio-postgres's `bind` + `query_portal`, asyncpg's
 /// `prepared.cursor()` + `fetch(n)`: Bind, Sync; Execute n, Sync; …): a
 /// portal bound on one shard is executed there, several open at once on
-/// different shards; a portal bound over several shards cannot be fetched
-/// later — refused, where it used to answer with one shard's rows only.
+/// different shards; a portal bound over several shards is a cursor the
+/// node merges (it used to answer with one shard's rows only, then was
+/// refused): fetched in parts, every row once, in the query's order;
+/// one the node cannot merge in parts (an aggregate) is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn portals_executed_in_later_batches_over_two_shards() {
     let c = cluster(2).await;
@@ -135,19 +137,81 @@ async fn portals_executed_in_later_batches_over_two_shards() {
     }
     assert_eq!(got, [vec![1, 2, 3, 4, 5], vec![1, 2, 3, 4, 5]]);
     tx.commit().await.unwrap();
-    // Over several shards: refused at the first Execute.
+    // Over several shards, unordered: 7 rows at a time, every row once.
     let tx = a.transaction().await.unwrap();
     let all = tx
         .prepare("SELECT k, n FROM items WHERE n > $1")
         .await
         .unwrap();
     let p = tx.bind(&all, &[&0i32]).await.unwrap();
-    let (code, msg) = err(tx.query_portal(&p, 3).await.unwrap_err());
+    let mut rows: Vec<(i64, i32)> = Vec::new();
+    loop {
+        let part = tx.query_portal(&p, 7).await.unwrap();
+        assert!(part.len() <= 7);
+        rows.extend(
+            part.iter()
+                .map(|r| (r.get::<_, i64>(0), r.get::<_, i32>(1))),
+        );
+        assert!(rows.len() <= 100, "more rows than the table holds");
+        if part.len() < 7 {
+            break;
+        }
+    }
+    rows.sort_unstable();
+    let want: Vec<(i64, i32)> = (1..=20)
+        .flat_map(|k| (1..=5).map(move |n| (k, n)))
+        .collect();
+    assert_eq!(rows, want);
+    // Ordered, 4 rows at a time, interleaved with a portal on one shard:
+    // PostgreSQL's order across the shards.
+    let ordered = tx
+        .prepare("SELECT k, n FROM items WHERE n > $1 ORDER BY n DESC, k")
+        .await
+        .unwrap();
+    let q = tx.bind(&ordered, &[&2i32]).await.unwrap();
+    let single = tx.bind(&one, &[&keys[0]]).await.unwrap();
+    let (mut got, mut got1) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let part = tx.query_portal(&q, 4).await.unwrap();
+        got.extend(
+            part.iter()
+                .map(|r| (r.get::<_, i64>(0), r.get::<_, i32>(1))),
+        );
+        let one_row = tx.query_portal(&single, 1).await.unwrap();
+        got1.extend(one_row.iter().map(|r| r.get::<_, i32>(0)));
+        if part.len() < 4 {
+            break;
+        }
+    }
+    let want: Vec<(i64, i32)> = (3..=5)
+        .rev()
+        .flat_map(|n| (1..=20).map(move |k| (k, n)))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(got1, [1, 2, 3, 4, 5]);
+    // Dropped portals are closed (Close, Sync): on every shard for the
+    // merged ones; the transaction goes on over both shards.
+    drop((p, q, single));
+    let n: i64 = tx
+        .query_one("SELECT count(*) FROM items WHERE n > $1", &[&0i32])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 100);
+    tx.commit().await.unwrap();
+    // An aggregate over several shards cannot be merged in parts: refused
+    // at its Bind (it runs only as Bind, Execute, Sync in one batch).
+    let tx = a.transaction().await.unwrap();
+    let agg = tx
+        .prepare("SELECT n, count(*) FROM items WHERE n > $1 GROUP BY n")
+        .await
+        .unwrap();
+    let Err(e) = tx.bind(&agg, &[&0i32]).await else {
+        panic!("an aggregate portal over several shards was bound")
+    };
+    let (code, msg) = err(e);
     assert_eq!(code, "0A000", "{msg}");
-    assert!(
-        msg.contains("bound for a statement over several shards in an earlier batch"),
-        "{msg}"
-    );
+    assert!(msg.contains("must come in the extended protocol"), "{msg}");
     tx.rollback().await.unwrap();
     // The portals ended with their transaction: a new one binds afresh,
     // and the whole answer in one batch still comes from every shard.

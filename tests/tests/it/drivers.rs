@@ -102,13 +102,7 @@ struct Known {
     fails_with: &'static str,
 }
 
-const KNOWN_FAILURES: &[Known] = &[Known {
-    driver: Driver::Asyncpg,
-    shards: 2,
-    scenario: "cursor_sharded",
-    known_failure: "a portal over several shards fetched n rows at a time in later batches is refused (it used to answer with one shard's rows)",
-    fails_with: "bound for a statement over several shards in an earlier batch",
-}];
+const KNOWN_FAILURES: &[Known] = &[];
 
 /// The interpreter, script and environment of a driver; None when skipped
 /// (outside CI, without a registry).

@@ -191,6 +191,10 @@ pub(crate) struct FetchOut {
     /// The client's result format codes (Bind): none = all text, one = all
     /// columns, else one per column.
     pub(crate) formats: Vec<i16>,
+    /// An Execute of a portal (the protocol's cursor) rather than a
+    /// FETCH: it ends as PostgreSQL's does, with PortalSuspended when the
+    /// row limit was reached, else CommandComplete `SELECT n`.
+    pub(crate) portal: bool,
 }
 
 impl FetchOut {
@@ -255,6 +259,17 @@ pub(crate) async fn fetch<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 s.txn.failed = true;
             }
             Failure::Merge(MergeError(code, msg)) => s.push_error(&Refusal::new(code, msg)),
+        }
+        return Ok(());
+    }
+    if how.portal {
+        // PostgreSQL: a portal that gave as many rows as asked is
+        // suspended (even when no row is left); fewer: it completed.
+        if count.is_some() && sent == want {
+            wire::frame(&mut s.out, be::PORTAL_SUSPENDED, |_| {});
+        } else {
+            s.out
+                .put_slice(&wire::command_complete(&format!("SELECT {sent}")));
         }
         return Ok(());
     }
@@ -473,6 +488,16 @@ pub(crate) fn declare_batch<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let (Some(bind), true) = (bind, executed) else {
         return Ok(Err(refusal(SHAPE)));
     };
+    bind_params(s, parse, bind).map(Ok)
+}
+
+/// The parameters of `bind` (a Bind of the statement `parse` parses, if
+/// given, else of one the session knows), as each shard's Bind takes them.
+pub(crate) fn bind_params<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &Session<S>,
+    parse: Option<&Frame>,
+    bind: &Frame,
+) -> Result<ExtParams, SessionError> {
     let mut b = bind.body();
     let _portal = wire::get_cstr(&mut b).map_err(|e| super::exec::proto(&e))?;
     let stmt = wire::get_cstr(&mut b)
@@ -487,7 +512,7 @@ pub(crate) fn declare_batch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         _ => s.param_types(&stmt),
     };
-    Ok(Ok(ExtParams { types, part }))
+    Ok(ExtParams { types, part })
 }
 
 /// Runs `sql` on shard `t` in the extended protocol with the client's
