@@ -798,6 +798,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !self.be.owed.is_empty() {
             self.drain_owed().await?;
         }
+        // The shards' maps of user type OIDs (Parse types, enum results).
+        self.prepare_type_oids(frames, &shards).await;
         let formats = merged::bind_result_formats(bind_frame)?;
         let ext = merged::bind_params(self, parse.as_ref().map(|p| p.0), bind_frame)?;
         let texts: Vec<String> = (0..shards.len())

@@ -104,6 +104,22 @@ async fn fill(c: &Cluster) -> Vec<i64> {
     keys
 }
 
+/// An enum value read in binary: its label.
+struct Label(String);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Label {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Label(std::str::from_utf8(raw)?.to_owned()))
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        matches!(ty.kind(), tokio_postgres::types::Kind::Enum(_))
+    }
+}
+
 /// Protocol portals executed in later batches than their Bind, a few
 /// rows at a time (tokio-postgres's `bind` + `query_portal`, asyncpg's
 /// `prepared.cursor()` + `fetch(n)`: Bind, Sync; Execute n, Sync; …): a
@@ -117,6 +133,15 @@ async fn portals_executed_in_later_batches_over_two_shards() {
     let c = cluster(2).await;
     let keys = fill(&c).await;
     let mut a = c.connect().await;
+    a.batch_execute(
+        "DROP TYPE IF EXISTS mood; CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy'); \
+         ALTER TABLE items ADD COLUMN mood mood",
+    )
+    .await
+    .unwrap();
+    a.batch_execute("UPDATE items SET mood = (ARRAY['sad', 'ok', 'happy']::mood[])[k % 3 + 1]")
+        .await
+        .unwrap();
     let tx = a.transaction().await.unwrap();
     let one = tx
         .prepare("SELECT n FROM items WHERE k = $1 ORDER BY n")
@@ -189,6 +214,26 @@ async fn portals_executed_in_later_batches_over_two_shards() {
         .collect();
     assert_eq!(got, want);
     assert_eq!(got1, [1, 2, 3, 4, 5]);
+    // An enum column in binary (an enum's binary value is its label),
+    // through a portal fetched in parts.
+    let labels = tx
+        .prepare("SELECT k, mood FROM items WHERE n = $1 ORDER BY k")
+        .await
+        .unwrap();
+    let r = tx.bind(&labels, &[&1i32]).await.unwrap();
+    let mut moods = Vec::new();
+    loop {
+        let part = tx.query_portal(&r, 6).await.unwrap();
+        moods.extend(part.iter().map(|row| row.get::<_, Label>(1).0));
+        if part.len() < 6 {
+            break;
+        }
+    }
+    let want: Vec<String> = (1..=20)
+        .map(|k| ["sad", "ok", "happy"][k % 3].to_string())
+        .collect();
+    assert_eq!(moods, want);
+    drop(r);
     // Dropped portals are closed (Close, Sync): on every shard for the
     // merged ones; the transaction goes on over both shards.
     drop((p, q, single));

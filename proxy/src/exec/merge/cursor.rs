@@ -229,7 +229,12 @@ pub(crate) async fn fetch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .iter()
         .skip(hidden)
         .enumerate()
-        .map(|(i, f)| if how.binary(i) { f.type_oid() } else { 0 })
+        .map(|(i, f)| match (how.binary(i), f.type_oid()) {
+            (false, _) => 0,
+            // An enum's binary value is its label, as in text.
+            (true, oid) if s.home_enum(&m.shards, oid) => 25,
+            (true, oid) => oid,
+        })
         .collect();
     if let Some(&oid) = binary
         .iter()
