@@ -65,6 +65,9 @@ struct OpenCursor {
     /// A protocol portal served as a merged cursor: its Bind's result
     /// formats (none: text, as a cursor's FETCH gives).
     formats: Vec<i16>,
+    /// Savepoints open (over several shards) when it was opened: a
+    /// ROLLBACK TO an earlier one closes it, as PostgreSQL does.
+    depth: usize,
 }
 
 impl OpenCursor {
@@ -83,6 +86,20 @@ impl Cursors {
     pub(crate) fn forget_shard(&mut self, i: usize) {
         self.open.retain(|_, c| !c.on(i));
         self.reread.retain(|&x| x != i);
+    }
+
+    /// ROLLBACK TO the savepoint at index `i` of the open ones: the cursors
+    /// opened after it are closed (PostgreSQL closed them on every shard).
+    pub(crate) fn rolled_back_to(&mut self, i: usize) {
+        self.open.retain(|_, c| c.depth <= i);
+    }
+
+    /// RELEASE of the savepoint at index `i`: cursors opened after it now
+    /// belong to the one before.
+    pub(crate) fn released(&mut self, i: usize) {
+        for c in self.open.values_mut() {
+            c.depth = c.depth.min(i);
+        }
     }
 
     /// The shard of the cursor `name`, if the session knows it.
@@ -343,6 +360,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         hold: false,
                         merged: Some(Box::new(m)),
                         formats: Vec::new(),
+                        depth: self.txn.savepoints.len(),
                     },
                 );
                 self.out.put_slice(&command_complete("DECLARE CURSOR"));
@@ -740,7 +758,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     };
                     bind = Some((f, portal, sql, params));
                 }
-                fe::DESCRIBE if execute.is_none() => {
+                fe::DESCRIBE if execute.is_none() && !describe => {
                     let named_here = b.first() == Some(&wire::PORTAL)
                         && bind.as_ref().is_some_and(|(_, p, ..)| {
                             wire::get_cstr(&mut &b[1..]).is_ok_and(|n| n == *p)
@@ -777,7 +795,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let routed = self
             .route_waiting(|s| s.node.decide(&sql, Some(&params), &s.route_ctx()))
             .await;
-        let Ok(dec) = routed else {
+        let Ok(mut dec) = routed else {
             // The ordinary path reports it.
             return Ok(false);
         };
@@ -791,12 +809,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(false);
         };
         let (shards, sqls) = (shards.clone(), sqls.clone());
-        if let Err(r) = self.check_multi_shard(&dec).await? {
+        // What the ordinary path checks before a statement runs: replies
+        // owed first (an error there skips this batch), a snapshot older
+        // than a move, functions that read sharded tables or write.
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+            if self.skip_to_sync {
+                return Ok(false);
+            }
+        }
+        if let Err(r) = self.check_owner_change(&dec) {
             self.batch_error(&r, synced);
             return Ok(true);
         }
-        if !self.be.owed.is_empty() {
-            self.drain_owed().await?;
+        if let Err(r) = self.settle_calls(&mut dec, shards[0]).await? {
+            self.batch_error(&r, synced);
+            return Ok(true);
+        }
+        if let Err(r) = self.check_multi_shard(&dec).await? {
+            self.batch_error(&r, synced);
+            return Ok(true);
         }
         // The shards' maps of user type OIDs (Parse types, enum results).
         self.prepare_type_oids(frames, &shards).await;
@@ -842,6 +874,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             hold: false,
                             merged: Some(Box::new(m)),
                             formats,
+                            depth: self.txn.savepoints.len(),
                         },
                     );
                     if let Some(n) = execute {
@@ -920,6 +953,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let alone = frames
             .iter()
             .all(|f| f.tag() == fe::SYNC || f.tag() == fe::FLUSH || merged_name(self, f).is_some());
+        let only_closed = frames
+            .iter()
+            .all(|f| f.tag() == fe::CLOSE || merged_name(self, f).is_none());
+        if !alone && only_closed {
+            // A Close beside other statements (PgJDBC closes a finished
+            // portal in the pipeline of its next statement): the node
+            // forgets the portal and the batch goes on; the Close reaches
+            // the batch's shard (PostgreSQL closes it there or answers
+            // CloseComplete for none), and the portal's cursor on the
+            // other shards ends with the transaction.
+            for f in frames {
+                if let Some(name) = merged_name(self, f) {
+                    self.cursors.open.remove(&name);
+                }
+            }
+            return Ok(None);
+        }
         if !alone {
             self.batch_error(
                 &refuse("a portal over several shards (a cursor the node merges) must be used in a batch of its own: Describe, Execute or Close of it, then Sync or Flush; send the other statements after a Sync"),
@@ -929,12 +979,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if !self.be.owed.is_empty() {
             self.drain_owed().await?;
+            if self.skip_to_sync {
+                // An error owed before: this batch is skipped up to its
+                // Sync by the ordinary path.
+                return Ok(Some(false));
+            }
         }
         for f in frames {
             let Some(name) = merged_name(self, f) else {
                 continue;
             };
-            if self.txn.failed {
+            if self.txn.failed && f.tag() != fe::CLOSE {
                 self.push_error(&aborted());
                 break;
             }
@@ -1067,6 +1122,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         hold: d.hold,
                         merged: None,
                         formats: Vec::new(),
+                        depth: self.txn.savepoints.len(),
                     },
                 );
             }
@@ -1166,6 +1222,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             hold: true,
                             merged: None,
                             formats: Vec::new(),
+                            depth: 0,
                         },
                     );
                 }

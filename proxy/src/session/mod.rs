@@ -909,6 +909,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.cursor_batch_by_node(&frames, synced).await? {
             return Ok(true);
         }
+        // It waited for replies owed before this batch and one was an
+        // error: the batch is skipped up to its Sync (a batch of Syncs
+        // alone runs as usual).
+        if frames.iter().any(|f| f.tag() != fe::SYNC) && self.skipped(&frames) {
+            return Ok(false);
+        }
         // A client's PREPARE TRANSACTION / COMMIT PREPARED: its shard is
         // the transaction's, or the one holding the identifier.
         let two_phase = match self.two_phase_batch(&frames) {
@@ -1140,8 +1146,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 }
 
-/// How the latency histograms label a routed statement (`t`: the shard it
-/// runs on when the decision names none).
 /// Sleeps for `d`, or never. A timer is made only when the future is
 /// first polled: a `select!` branch disabled by its condition (the
 /// default, every limit 0) costs no clock read and no timer entry.
@@ -1152,6 +1156,8 @@ async fn sleep_if(d: Option<Duration>) {
     }
 }
 
+/// How the latency histograms label a routed statement (`t`: the shard it
+/// runs on when the decision names none).
 fn route_of(d: &crate::routing::Decision, t: usize) -> Route {
     match &d.target {
         Target::Multi { shards, .. } if shards.len() > 1 => {

@@ -264,9 +264,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let at = self.txn.savepoints.iter().rposition(|(_, n)| *n == sp.name);
         match (sp.op, at) {
             (SavepointOp::Take, _) => self.txn.savepoints.push((sp.written, sp.name)),
-            (SavepointOp::Release, Some(i)) => self.txn.savepoints.truncate(i),
+            (SavepointOp::Release, Some(i)) => {
+                self.txn.savepoints.truncate(i);
+                self.cursors.released(i);
+            }
             (SavepointOp::RollbackTo, Some(i)) => {
                 self.txn.savepoints.truncate(i + 1);
+                self.cursors.rolled_back_to(i);
                 // The shards that failed are back (the current one once it
                 // answers); a refusal of the node's is undone too.
                 self.txn.failed = false;

@@ -1173,3 +1173,109 @@ async fn a_savepoint_beside_other_statements_in_a_batch_is_refused() {
         assert_eq!(v, "x", "{k}");
     }
 }
+
+/// A Bind of the unnamed statement to `portal`: no parameters, text results.
+fn bind_portal(o: &mut BytesMut, portal: &str) {
+    let mut body = Vec::new();
+    body.extend_from_slice(portal.as_bytes());
+    body.extend_from_slice(&[0, 0]); // portal, "" statement
+    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // formats, values, result formats
+    o.extend_from_slice(b"B");
+    o.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    o.extend_from_slice(&body);
+}
+
+/// A named portal over two shards fetched in parts (the merged cursor of
+/// `session/cursor.rs`), as PgJDBC uses one with a fetch size: the tags of
+/// every reply as PostgreSQL sends them; its Close sent in the pipeline of
+/// the next statement (PgJDBC's dead-portal cleanup) does not stop that
+/// statement; a ROLLBACK TO a savepoint taken before a portal was bound
+/// closes it, as PostgreSQL does (34000 at its next Execute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_portal_over_two_shards_in_parts_as_pgjdbc_uses_it() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    for id in [a, b, a + 1000, b + 1000] {
+        db.execute("INSERT INTO users (id, v) VALUES ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+    }
+    let mut r = Raw::connect(&c).await;
+    r.send(|o| frontend::query("BEGIN", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    r.send(|o| {
+        frontend::parse(
+            "",
+            "SELECT id FROM users ORDER BY id",
+            std::iter::empty(),
+            o,
+        )
+        .unwrap();
+        bind_portal(o, "C_1");
+        frontend::execute("C_1", 3, o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "12DDDsZ", "{m:?}");
+    let mut ids: Vec<i64> = m
+        .iter()
+        .filter(|(t, _)| *t == b'D')
+        .map(|(_, d)| std::str::from_utf8(&d[6..]).unwrap().parse().unwrap())
+        .collect();
+    r.send(|o| {
+        frontend::execute("C_1", 3, o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "DCZ", "{m:?}");
+    assert!(m[1].1.starts_with(b"SELECT 1"), "{m:?}");
+    ids.extend(std::str::from_utf8(&m[0].1[6..]).unwrap().parse::<i64>());
+    let mut want = vec![a, b, a + 1000, b + 1000];
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    // Close of the finished portal, then the next statement, one Sync.
+    r.send(|o| {
+        frontend::close(b'P', "C_1", o).unwrap();
+        frontend::parse("", "SELECT 7", std::iter::empty(), o).unwrap();
+        bind_portal(o, "");
+        frontend::execute("", 0, o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "312DCZ", "{m:?}");
+    // A portal bound after a savepoint is closed by ROLLBACK TO it.
+    r.send(|o| frontend::query("SAVEPOINT s1", o).unwrap())
+        .await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    r.send(|o| {
+        frontend::parse(
+            "",
+            "SELECT id FROM users ORDER BY id",
+            std::iter::empty(),
+            o,
+        )
+        .unwrap();
+        bind_portal(o, "C_2");
+        frontend::execute("C_2", 1, o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    assert_eq!(tags(&r.until_ready().await), "12DsZ");
+    r.send(|o| frontend::query("ROLLBACK TO s1", o).unwrap())
+        .await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    r.send(|o| {
+        frontend::execute("C_2", 1, o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "EZ", "{m:?}");
+    assert!(String::from_utf8_lossy(&m[0].1).contains("34000"), "{m:?}");
+    r.send(|o| frontend::query("ROLLBACK", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    no_open_transactions(&c).await;
+}
