@@ -250,10 +250,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if self.txn.failed {
                     Err(aborted())
                 } else {
-                    if let Some(m) = self.cursors.open.remove(&name).and_then(|c| c.merged) {
-                        merged::close(self, &m).await?;
+                    let failed = match self.cursors.open.remove(&name).and_then(|c| c.merged) {
+                        Some(m) => merged::close(self, &m).await?,
+                        None => None,
+                    };
+                    match failed {
+                        Some(e) => {
+                            self.out.put_slice(&e);
+                            self.txn.failed = true;
+                        }
+                        None => self.out.put_slice(&command_complete("CLOSE CURSOR")),
                     }
-                    self.out.put_slice(&command_complete("CLOSE CURSOR"));
                     Ok(())
                 }
             }
@@ -681,10 +688,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         r?;
                     }
                     (Some(n), None) => {
-                        if let Some(m) = self.cursors.open.remove(n).and_then(|c| c.merged) {
-                            merged::close(self, &m).await?;
+                        let failed = match self.cursors.open.remove(n).and_then(|c| c.merged) {
+                            Some(m) => merged::close(self, &m).await?,
+                            None => None,
+                        };
+                        match failed {
+                            Some(e) => {
+                                self.out.put_slice(&e);
+                                self.txn.failed = true;
+                            }
+                            None => self.out.put_slice(&command_complete("CLOSE CURSOR")),
                         }
-                        self.out.put_slice(&command_complete("CLOSE CURSOR"));
                     }
                     (None, _) => {
                         let shards = self.cursor_shards();
@@ -1015,10 +1029,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         .await?;
                 }
                 _ => {
-                    if let Some(m) = self.cursors.open.remove(&name).and_then(|c| c.merged) {
-                        merged::close(self, &m).await?;
+                    let failed = match self.cursors.open.remove(&name).and_then(|c| c.merged) {
+                        Some(m) => merged::close(self, &m).await?,
+                        None => None,
+                    };
+                    match failed {
+                        Some(e) => {
+                            self.out.put_slice(&e);
+                            self.txn.failed = true;
+                        }
+                        None => wire::frame(&mut self.out, wire::be::CLOSE_COMPLETE, |_| {}),
                     }
-                    wire::frame(&mut self.out, wire::be::CLOSE_COMPLETE, |_| {});
                 }
             }
             if self.txn.failed {
@@ -1099,9 +1120,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.cursors.shard_of(name)
     }
 
-    /// The shards where the session has cursors, in order.
+    /// The shards where the session has cursors (every shard of a merged
+    /// one), in order.
     fn cursor_shards(&self) -> Vec<usize> {
-        let mut v: Vec<usize> = self.cursors.open.values().map(|c| c.shard).collect();
+        let mut v: Vec<usize> = self
+            .cursors
+            .open
+            .values()
+            .flat_map(|c| {
+                let merged = c.merged.as_deref().map_or(&[][..], |m| &m.shards[..]);
+                std::iter::once(c.shard).chain(merged.iter().copied())
+            })
+            .collect();
         v.sort_unstable();
         v.dedup();
         v

@@ -187,9 +187,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(sp) = hotrepart_router::classify::savepoint(&d.sql_text) else {
             return Ok(None);
         };
-        if self.be.mid_pipeline() {
-            return Ok(None);
-        }
         if sp.op != SavepointOp::RollbackTo && self.txn.failed {
             // PostgreSQL's 25P02, given below.
             return Ok(None);
@@ -233,6 +230,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if !self.be.owed.is_empty() {
             self.drain_owed().await?;
+        }
+        // The other shards take it as a hidden statement, so each must be
+        // synced (`switch_to` ended the previous shard's Parse/Describe
+        // sent with Flush: asyncpg prepares SAVEPOINT so). The shard that
+        // answers may be mid-pipeline: the client's own messages follow
+        // there. A savepoint is never taken or rolled back on some shards
+        // only — that would keep writes the client rolled back.
+        let unsynced = attached
+            .iter()
+            .any(|&t| t != main && self.be.slots[t].conn.as_ref().is_some_and(|b| b.unsynced));
+        if unsynced {
+            return Ok(Some(Refusal::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "{}: messages sent with Flush but without Sync are still open on another shard of this transaction; send Sync before a savepoint statement",
+                    d.sql_text.trim()
+                ),
+            )));
         }
         for t in attached.into_iter().filter(|&t| t != main) {
             let shard = self.node.routing.shard_name(t);

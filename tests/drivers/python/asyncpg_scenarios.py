@@ -380,6 +380,44 @@ async def cursor_sharded():
     return [sorted(got), first, row, moved, rest, it]
 
 
+@sync
+async def savepoints_sharded():
+    """Savepoints in a transaction over both shards, asyncpg preparing
+    each new statement first (Parse, Describe, Flush; then Bind, Execute,
+    Sync): SAVEPOINT and ROLLBACK TO reach every shard. (A savepoint
+    statement after that Flush once ran on one shard only: ROLLBACK TO
+    then failed with 3B001, or a write on another shard survived it.)"""
+    c = await connect()
+    out = []
+    try:
+        await fill_kv(c)
+        q = "UPDATE drv_kv SET v = $2 WHERE id = $1"
+        read = "SELECT id, v FROM drv_kv ORDER BY id"
+        async with c.transaction():
+            await c.fetch("SAVEPOINT warm")  # now in asyncpg's cache
+        tr = c.transaction()
+        await tr.start()
+        try:
+            for i in range(1, 21):
+                await c.fetch(q, i, "a")
+            await c.fetch("SAVEPOINT warm")
+            for i in range(1, 21):
+                await c.fetch(q, i, "b")
+            await c.fetch("ROLLBACK TO SAVEPOINT warm")
+            out.append([[r[0], r[1]] for r in await c.fetch(read)])
+            await c.fetch("SAVEPOINT fresh")
+            for i in range(1, 21):
+                await c.fetch(q, i, "c")
+            await c.fetch("ROLLBACK TO SAVEPOINT fresh")
+            await c.fetch("RELEASE SAVEPOINT fresh")
+            out.append([[r[0], r[1]] for r in await c.fetch(read)])
+        finally:
+            await tr.rollback()
+    finally:
+        await c.close()
+    return out
+
+
 run([
     ("types", types),
     ("transactions", transactions),
@@ -393,4 +431,5 @@ run([
     ("sharded_reads", sharded_reads),
     ("sharded_writes_in_transaction", sharded_writes_in_transaction),
     ("cursor_sharded", cursor_sharded),
+    ("savepoints_sharded", savepoints_sharded),
 ], sys.argv[2:])

@@ -619,6 +619,13 @@ async fn merged_cursor_concatenates_without_order_by() {
         assert_eq!(code, "34000", "{name} closed");
         a.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
     }
+    // Closed on every shard (it used to be on the first only): the name
+    // is declared again over both.
+    a.batch_execute("DECLARE c1 CURSOR FOR SELECT k, n FROM items")
+        .await
+        .unwrap();
+    assert_eq!(simple_rows(&a, "FETCH ALL FROM c1").await.len(), 100);
+    a.batch_execute("CLOSE c1").await.unwrap();
     a.batch_execute("DECLARE c3 CURSOR FOR SELECT k FROM items")
         .await
         .unwrap();

@@ -75,6 +75,7 @@ impl Driver {
                 "sharded_reads",
                 "sharded_writes_in_transaction",
                 "cursor_sharded",
+                "savepoints_sharded",
             ],
             Driver::NodePg => &[
                 "types",

@@ -167,20 +167,31 @@ pub(crate) fn error_frame(code: &str, msg: &str) -> Bytes {
     e.freeze()
 }
 
-/// Closes the cursor on its shards (their errors ignored: the
-/// transaction may have failed, then it ends with it).
+/// Closes the cursor on its shards (those whose transaction failed
+/// already skip it: it ends with the transaction). A shard's error comes
+/// back (its transaction failed there: the client must hear it, or its
+/// COMMIT would roll back unexplained); every shard is still tried.
 pub(crate) async fn close<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     m: &Merged,
-) -> Result<(), SessionError> {
+) -> Result<Option<Bytes>, SessionError> {
+    let mut first = None;
     for &t in &m.shards {
-        if let Some(b) = s.be.slots[t].conn.as_mut() {
-            if b.status != tx::FAILED {
-                let _ = b.hidden_query(&format!("CLOSE {}", m.quoted)).await;
+        let Some(b) = s.be.slots[t].conn.as_mut() else {
+            continue;
+        };
+        if b.status == tx::FAILED {
+            continue;
+        }
+        match b.hidden_query(&format!("CLOSE {}", m.quoted)).await {
+            Ok(_) => {}
+            Err(HiddenQueryError::Server { code, message }) => {
+                first = first.or_else(|| Some(error_frame(&code, &message)));
             }
+            Err(HiddenQueryError::Wire(e)) => return Err(s.be.lost(t, e)),
         }
     }
-    Ok(())
+    Ok(first)
 }
 
 /// How a FETCH's rows reach the client.
