@@ -580,11 +580,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let (unknown, mut known) = self.node.known_functions(&self.database, &d.calls);
         if !unknown.is_empty() {
-            let unsynced = self.be.mid_pipeline();
-            if unsynced {
-                // Mid-pipeline: no hidden query can run now.
-                d.write = true;
-                return Ok(Ok(()));
+            if self.be.mid_pipeline() {
+                // asyncpg prepares each new statement with Parse, Describe
+                // and Flush before its Bind: those are ended with a hidden
+                // Sync so that the lookup can run (a function that reads a
+                // sharded table must not run unchecked on one shard).
+                let ended = self.end_unsynced().await?;
+                if self.skip_to_sync {
+                    // An error was owed: the batch is skipped to its Sync.
+                    d.write = true;
+                    return Ok(Ok(()));
+                }
+                if ended.is_err() || self.be.mid_pipeline() {
+                    return Ok(Err(Refusal::new(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        format!(
+                            "this statement calls {} — not looked up by hotrepart yet — in a pipeline whose earlier messages were sent with Flush and ran a statement: hotrepart cannot read the function's definition now; send Sync before it (or call the function once on its own first)",
+                            unknown.join(", ")
+                        ),
+                    )));
+                }
             }
             if !self.be.owed.is_empty() {
                 self.drain_owed().await?;

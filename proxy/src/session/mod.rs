@@ -966,6 +966,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.batch_error(&r, synced);
                 return Ok(true);
             }
+            // Its lookup waited for replies owed and one was an error.
+            if frames.iter().any(|f| f.tag() != fe::SYNC) && self.skipped(&frames) {
+                return Ok(false);
+            }
         }
         // The maps of user type OIDs its Parse messages need (`type_oids.rs`).
         match d.as_ref().map(|d| &d.target) {

@@ -1279,3 +1279,51 @@ async fn a_named_portal_over_two_shards_in_parts_as_pgjdbc_uses_it() {
     assert_eq!(tags(&r.until_ready().await), "CZ");
     no_open_transactions(&c).await;
 }
+
+/// asyncpg's way with a new statement — Parse, Describe, Flush, then Bind,
+/// Execute, Sync — calling a function whose body reads a sharded table:
+/// refused (0A000) as in one batch; it used to run unchecked on one shard
+/// (the function's lookup skipped mid-pipeline), answering with that
+/// shard's rows only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_over_a_sharded_table_is_checked_after_parse_describe_flush() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    db.batch_execute(
+        "CREATE FUNCTION nusers() RETURNS bigint LANGUAGE sql STABLE AS 'SELECT count(*) FROM users'",
+    )
+    .await
+    .unwrap();
+    for id in [a, b] {
+        db.execute("INSERT INTO users (id, v) VALUES ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+    }
+    let mut r = Raw::connect(&c).await;
+    for begin in [false, true] {
+        if begin {
+            r.send(|o| frontend::query("BEGIN", o).unwrap()).await;
+            assert_eq!(tags(&r.until_ready().await), "CZ");
+        }
+        r.send(|o| {
+            frontend::parse("", "SELECT nusers()", std::iter::empty(), o).unwrap();
+            frontend::describe(b'S', "", o).unwrap();
+            frontend::flush(o);
+        })
+        .await;
+        assert_eq!(tags(&r.until(b'T').await), "1tT");
+        r.send(|o| {
+            bind_portal(o, "");
+            frontend::execute("", 0, o).unwrap();
+            frontend::sync(o);
+        })
+        .await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "EZ", "{m:?}");
+        let e = String::from_utf8_lossy(&m[0].1).to_string();
+        assert!(e.contains("0A000") && e.contains("nusers"), "{e}");
+    }
+    r.send(|o| frontend::query("ROLLBACK", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    no_open_transactions(&c).await;
+}
