@@ -624,6 +624,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Some(b) => b.hidden_query(&sql).await.ok(),
                 None => None,
             };
+            // A simple Query drops the backend's unnamed statement
+            // (PostgreSQL's exec_simple_query): parsed again when needed.
+            self.unnamed_replaced_on(&[t]);
             let Some(rows) = rows else {
                 d.write = true;
                 return Ok(Ok(()));
@@ -689,6 +692,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Some(b) => b.hidden_query(&sql).await.ok(),
                 None => None,
             };
+            // A simple Query drops the backend's unnamed statement
+            // (PostgreSQL's exec_simple_query): parsed again when needed.
+            self.unnamed_replaced_on(&[t]);
             let Some(rows) = rows else {
                 return Ok(Err(Refusal::new(
                     sqlstate::FEATURE_NOT_SUPPORTED,

@@ -250,6 +250,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             )));
         }
         for t in attached.into_iter().filter(|&t| t != main) {
+            // Its simple Query drops the backend's unnamed statement.
+            self.unnamed_replaced_on(&[t]);
             let shard = self.node.routing.shard_name(t);
             let Some(b) = self.be.slots[t].conn.as_mut() else {
                 continue;

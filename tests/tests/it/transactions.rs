@@ -1290,7 +1290,9 @@ async fn a_function_over_a_sharded_table_is_checked_after_parse_describe_flush()
     let c = cluster().await;
     let (db, a, b) = setup(&c).await;
     db.batch_execute(
-        "CREATE FUNCTION nusers() RETURNS bigint LANGUAGE sql STABLE AS 'SELECT count(*) FROM users'",
+        "CREATE FUNCTION nusers() RETURNS bigint LANGUAGE sql STABLE AS 'SELECT count(*) FROM users';
+         CREATE FUNCTION twice(i int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT i * 2';
+         CREATE FUNCTION thrice(i int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT i * 3'",
     )
     .await
     .unwrap();
@@ -1305,6 +1307,31 @@ async fn a_function_over_a_sharded_table_is_checked_after_parse_describe_flush()
             r.send(|o| frontend::query("BEGIN", o).unwrap()).await;
             assert_eq!(tags(&r.until_ready().await), "CZ");
         }
+        // A function that reads no sharded table runs (first: the refusal
+        // below fails the transaction); the unnamed statement, which the
+        // lookup's query dropped on its backend, is parsed again there.
+        let sql = if begin {
+            "SELECT thrice(14)"
+        } else {
+            "SELECT twice(4)"
+        };
+        r.send(|o| {
+            frontend::parse("", sql, std::iter::empty(), o).unwrap();
+            frontend::describe(b'S', "", o).unwrap();
+            frontend::flush(o);
+        })
+        .await;
+        assert_eq!(tags(&r.until(b'T').await), "1tT");
+        r.send(|o| {
+            bind_portal(o, "");
+            frontend::execute("", 0, o).unwrap();
+            frontend::sync(o);
+        })
+        .await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "2DCZ", "{m:?}");
+        let want: &[u8] = if begin { b"42" } else { b"8" };
+        assert!(m[1].1.ends_with(want), "{m:?}");
         r.send(|o| {
             frontend::parse("", "SELECT nusers()", std::iter::empty(), o).unwrap();
             frontend::describe(b'S', "", o).unwrap();
