@@ -82,6 +82,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 format!("lost a shard's connection while {what}{e}"),
             )
         };
+        // A simple Query drops the backend's unnamed statement (the
+        // client's, when its Parse came before with Flush): parsed again.
+        self.unnamed_replaced_on(&[t]);
         let Some(b) = self.be.slots[t].conn.as_mut() else {
             return Err(lost(String::new()));
         };

@@ -630,6 +630,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }) {
             return Ok(Ok(frames));
         }
+        if self.be.mid_pipeline() {
+            // asyncpg's Parse/Describe/Flush before its Bind: ended with a
+            // hidden Sync so that the defaults are read in the client's own
+            // session and transaction (DDL not committed yet, its settings
+            // and role), not apart. When they ran a statement they stay
+            // open and the defaults are read apart, as before.
+            let _ = self.end_unsynced().await?;
+            if self.skip_to_sync {
+                // An error was owed: the batch is skipped to its Sync.
+                return Ok(Ok(frames));
+            }
+        }
         // The statements of the batch (text, declared parameter types).
         let mut unnamed: Option<(Arc<str>, usize)> = None;
         let mut named: HashMap<String, (Arc<str>, usize)> = HashMap::new();

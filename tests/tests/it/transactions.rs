@@ -1354,3 +1354,49 @@ async fn a_function_over_a_sharded_table_is_checked_after_parse_describe_flush()
     assert_eq!(tags(&r.until_ready().await), "CZ");
     no_open_transactions(&c).await;
 }
+
+/// A column a sequence numbers, added in the open transaction, then
+/// asyncpg-style INSERTs (Parse, Describe, Flush; Bind, Execute, Sync) on
+/// both shards: the node fills it from the home shard's sequence, read in
+/// the client's transaction (it used to be read on a connection apart,
+/// which does not see the new column: each shard numbered it itself, and
+/// the two rows got the same number).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_column_added_in_the_transaction_is_filled_after_parse_describe_flush() {
+    let c = cluster().await;
+    let (_db, a, b) = setup(&c).await;
+    let mut r = Raw::connect(&c).await;
+    r.send(|o| frontend::query("BEGIN; ALTER TABLE users ADD COLUMN n bigserial", o).unwrap())
+        .await;
+    let m = r.until_ready().await;
+    assert!(tags(&m).ends_with('Z') && !tags(&m).contains('E'), "{m:?}");
+    let mut got = Vec::new();
+    for id in [a, b] {
+        r.send(|o| {
+            frontend::parse(
+                "",
+                "INSERT INTO users (id, v) VALUES ($1, 'x') RETURNING n",
+                [20u32],
+                o,
+            )
+            .unwrap();
+            frontend::describe(b'S', "", o).unwrap();
+            frontend::flush(o);
+        })
+        .await;
+        assert_eq!(tags(&r.until(b'T').await), "1tT");
+        let key = id.to_string();
+        r.send(|o| {
+            bind_text(o, "", &[&key]);
+            frontend::execute("", 0, o).unwrap();
+            frontend::sync(o);
+        })
+        .await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "2DCZ", "{m:?}");
+        got.push(String::from_utf8_lossy(&m[1].1[6..]).to_string());
+    }
+    assert_ne!(got[0], got[1], "both rows numbered {got:?}");
+    r.send(|o| frontend::query("ROLLBACK", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+}
