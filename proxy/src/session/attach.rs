@@ -234,6 +234,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Outside a transaction block that Sync may end the transaction: the
     /// backends then go back to the pool (`end_of_transaction`).
     async fn sync_hidden(&mut self) -> Result<(), SessionError> {
+        // The node's queries that this Sync lets run on the backend (its
+        // lookups, the settings read back) drop the client's unnamed
+        // statement there: parsed again when the client binds it.
+        let cur = self.be.cur;
+        self.unnamed_replaced_on(&[cur]);
         let b = self.be.current_mut();
         b.unsynced = false;
         b.unsynced_ran = false;
@@ -580,11 +585,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let (unknown, mut known) = self.node.known_functions(&self.database, &d.calls);
         if !unknown.is_empty() {
-            if self.be.mid_pipeline() {
-                // asyncpg prepares each new statement with Parse, Describe
-                // and Flush before its Bind: those are ended with a hidden
-                // Sync so that the lookup can run (a function that reads a
-                // sharded table must not run unchecked on one shard).
+            // asyncpg prepares each new statement with Parse, Describe and
+            // Flush before its Bind: a function that reads a sharded table
+            // must not run unchecked on one shard then. Outside a block the
+            // catalog is read on a connection apart (a hidden Sync there
+            // would end the client's implicit transaction); inside one,
+            // those messages are ended with a hidden Sync (it may have
+            // created the function).
+            let apart = self.be.mid_pipeline() && !self.txn.open();
+            if self.be.mid_pipeline() && self.txn.open() {
                 let ended = self.end_unsynced().await?;
                 if self.skip_to_sync {
                     // An error was owed: the batch is skipped to its Sync.
@@ -601,12 +610,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     )));
                 }
             }
-            if !self.be.owed.is_empty() {
-                self.drain_owed().await?;
-            }
-            if self.ensure_backend(t).await?.is_err() {
-                d.write = true;
-                return Ok(Ok(()));
+            if !apart {
+                if !self.be.owed.is_empty() {
+                    self.drain_owed().await?;
+                }
+                if self.ensure_backend(t).await?.is_err() {
+                    d.write = true;
+                    return Ok(Ok(()));
+                }
             }
             // Names as the router folds them (a quoted `"Put"` stays
             // `Put`), matched whatever their case: refusing a namesake
@@ -620,9 +631,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                  FROM (VALUES {}) AS v(n) JOIN pg_catalog.pg_proc p ON lower(p.proname) = lower(v.n) GROUP BY 1",
                 list.join(", ")
             );
-            let rows = match self.be.slots[t].conn.as_mut() {
-                Some(b) => b.hidden_query(&sql).await.ok(),
-                None => None,
+            let rows = if apart {
+                self.read_apart(&sql).await.ok()
+            } else {
+                match self.be.slots[t].conn.as_mut() {
+                    Some(b) => b.hidden_query(&sql).await.ok(),
+                    None => None,
+                }
             };
             // A simple Query drops the backend's unnamed statement
             // (PostgreSQL's exec_simple_query): parsed again when needed.

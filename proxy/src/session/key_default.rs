@@ -477,7 +477,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// `sql` on a connection of its own to the home shard, under the
     /// client's `search_path`.
-    async fn read_apart(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+    pub(super) async fn read_apart(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, String> {
         let home = self.node.routing.home_index();
         let hp = self.pool(home);
         let timeout = hp.connect_timeout();
@@ -630,18 +633,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }) {
             return Ok(Ok(frames));
         }
-        if self.be.mid_pipeline() {
-            // asyncpg's Parse/Describe/Flush before its Bind: ended with a
-            // hidden Sync so that the defaults are read in the client's own
-            // session and transaction (DDL not committed yet, its settings
-            // and role), not apart. When they ran a statement they stay
-            // open and the defaults are read apart, as before.
-            let _ = self.end_unsynced().await?;
-            if self.skip_to_sync {
-                // An error was owed: the batch is skipped to its Sync.
-                return Ok(Ok(frames));
-            }
-        }
         // The statements of the batch (text, declared parameter types).
         let mut unnamed: Option<(Arc<str>, usize)> = None;
         let mut named: HashMap<String, (Arc<str>, usize)> = HashMap::new();
@@ -683,6 +674,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     } else {
                         declared
                     };
+                    if self.be.mid_pipeline() && self.txn.open() {
+                        // asyncpg's Parse/Describe/Flush before its Bind,
+                        // in a transaction block: ended with a hidden Sync
+                        // so that the defaults are read in the client's own
+                        // transaction (a column added in it), not apart.
+                        // Outside a block what is read apart is all there
+                        // is; when they ran a statement they stay open and
+                        // the defaults are read apart, as before.
+                        let _ = self.end_unsynced().await?;
+                        if self.skip_to_sync {
+                            // An error was owed: the batch is skipped to
+                            // its Sync.
+                            return Ok(Ok(frames));
+                        }
+                    }
                     match self.fill_for(&sql, declared).await? {
                         Ok(Some(kf)) => wants.push((i, kf)),
                         Ok(None) => {}

@@ -885,7 +885,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// ignores the batch up to its Sync. The Sync is held again (for
     /// [`Session::run_batch`]'s next round); true: stop this one.
     fn skipped(&mut self, frames: &[Frame]) -> bool {
-        if !self.skip_to_sync {
+        // A batch of its Sync alone goes on: the Sync reaches the backend
+        // and ends the skipping (`forward_extended` below); cutting it
+        // again would run the same round forever.
+        if !self.skip_to_sync || frames.iter().all(|f| f.tag() == fe::SYNC) {
             return false;
         }
         self.batch = frames
@@ -912,7 +915,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // It waited for replies owed before this batch and one was an
         // error: the batch is skipped up to its Sync (a batch of Syncs
         // alone runs as usual).
-        if frames.iter().any(|f| f.tag() != fe::SYNC) && self.skipped(&frames) {
+        if self.skipped(&frames) {
             return Ok(false);
         }
         // A client's PREPARE TRANSACTION / COMMIT PREPARED: its shard is
@@ -967,7 +970,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(true);
             }
             // Its lookup waited for replies owed and one was an error.
-            if frames.iter().any(|f| f.tag() != fe::SYNC) && self.skipped(&frames) {
+            if self.skipped(&frames) {
                 return Ok(false);
             }
         }

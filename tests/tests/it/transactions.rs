@@ -1400,3 +1400,39 @@ async fn a_sequence_column_added_in_the_transaction_is_filled_after_parse_descri
     r.send(|o| frontend::query("ROLLBACK", o).unwrap()).await;
     assert_eq!(tags(&r.until_ready().await), "CZ");
 }
+
+/// An error of a Flush-ended Parse, read while the node ends that pipeline
+/// for its own lookups (a function not looked up yet, an INSERT's key
+/// defaults), with Bind, Execute and Sync sent in the same write: the rest
+/// is skipped to the Sync and answered as PostgreSQL does (`EZ`); the
+/// session goes on. (The Sync alone used to be cut again and again: the
+/// session spun.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owed_error_found_while_ending_a_flushed_pipeline_skips_to_sync() {
+    let c = cluster().await;
+    let (_db, _a, _b) = setup(&c).await;
+    let mut r = Raw::connect(&c).await;
+    for sql in [
+        "SELECT nosuchfn(1)",
+        "INSERT INTO users (id, v) VALUES (1, nosuchfn(2))",
+    ] {
+        r.send(|o| frontend::query("BEGIN", o).unwrap()).await;
+        assert_eq!(tags(&r.until_ready().await), "CZ");
+        r.send(|o| {
+            frontend::parse("", sql, std::iter::empty(), o).unwrap();
+            frontend::describe(b'S', "", o).unwrap();
+            frontend::flush(o);
+            bind_portal(o, "");
+            frontend::execute("", 0, o).unwrap();
+            frontend::sync(o);
+        })
+        .await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "EZ", "{sql}: {m:?}");
+        assert_eq!(m[1].1, b"E", "{sql}: a failed transaction");
+        r.send(|o| frontend::query("ROLLBACK", o).unwrap()).await;
+        assert_eq!(tags(&r.until_ready().await), "CZ");
+    }
+    r.send(|o| frontend::query("SELECT 1", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "TDCZ");
+}
