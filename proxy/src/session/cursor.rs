@@ -250,16 +250,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if self.txn.failed {
                     Err(aborted())
                 } else {
-                    let failed = match self.cursors.open.remove(&name).and_then(|c| c.merged) {
-                        Some(m) => merged::close(self, &m).await?,
-                        None => None,
-                    };
-                    match failed {
-                        Some(e) => {
-                            self.out.put_slice(&e);
-                            self.txn.failed = true;
-                        }
-                        None => self.out.put_slice(&command_complete("CLOSE CURSOR")),
+                    if self.close_merged(&name).await? {
+                        self.out.put_slice(&command_complete("CLOSE CURSOR"));
                     }
                     Ok(())
                 }
@@ -688,16 +680,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         r?;
                     }
                     (Some(n), None) => {
-                        let failed = match self.cursors.open.remove(n).and_then(|c| c.merged) {
-                            Some(m) => merged::close(self, &m).await?,
-                            None => None,
-                        };
-                        match failed {
-                            Some(e) => {
-                                self.out.put_slice(&e);
-                                self.txn.failed = true;
-                            }
-                            None => self.out.put_slice(&command_complete("CLOSE CURSOR")),
+                        let closed = self.close_merged(n).await?;
+                        if closed {
+                            self.out.put_slice(&command_complete("CLOSE CURSOR"));
                         }
                     }
                     (None, _) => {
@@ -736,7 +721,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !self.txn.open() || self.txn.failed {
             return Ok(false);
         }
-        let mut parse: Option<(&Frame, &str, Arc<str>)> = None;
+        let mut parse: Option<(&Frame, &str, &str)> = None;
         let mut bind: Option<(&Frame, &str, Arc<str>, BindParams)> = None;
         let (mut describe, mut execute) = (false, None::<u64>);
         for f in frames {
@@ -747,7 +732,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     else {
                         return Ok(false);
                     };
-                    parse = Some((f, name, Arc::from(sql)));
+                    parse = Some((f, name, sql));
                 }
                 fe::BIND if bind.is_none() => {
                     let (Ok(portal), Ok(stmt)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b))
@@ -757,14 +742,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     if portal.is_empty() {
                         return Ok(false);
                     }
-                    let (unnamed, named) = match &parse {
-                        Some((_, n, sql)) if *n == stmt && n.is_empty() => {
-                            (Some(sql.clone()), None)
-                        }
-                        Some((_, n, sql)) if *n == stmt => (None, Some(sql)),
-                        _ => (None, None),
+                    // The Parse's text is copied only for a named portal.
+                    let here = parse
+                        .as_ref()
+                        .filter(|(_, n, _)| *n == stmt)
+                        .map(|(_, _, sql)| Arc::<str>::from(*sql));
+                    let (unnamed, named) = match here {
+                        Some(sql) if stmt.is_empty() => (Some(sql), None),
+                        here => (None, here),
                     };
-                    let Some(sql) = self.bound_sql(stmt, &unnamed, named) else {
+                    let Some(sql) = self.bound_sql(stmt, &unnamed, named.as_ref()) else {
                         return Ok(false);
                     };
                     let Ok(params) = BindParams::parse(b) else {
@@ -911,6 +898,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(true)
     }
 
+    /// Closes the merged cursor `name` on its shards and forgets it. False:
+    /// a shard failed the CLOSE — its error is queued for the client and
+    /// the transaction is failed (its COMMIT would roll back otherwise
+    /// unexplained).
+    async fn close_merged(&mut self, name: &str) -> Result<bool, SessionError> {
+        let Some(m) = self.cursors.open.remove(name).and_then(|c| c.merged) else {
+            return Ok(true);
+        };
+        match merged::close(self, &m).await? {
+            Some(e) => {
+                self.out.put_slice(&e);
+                self.txn.failed = true;
+                Ok(false)
+            }
+            None => Ok(true),
+        }
+    }
+
     /// Executes (`count` rows, None: all) the portal `name` the node serves
     /// as a merged cursor: its rows, then PortalSuspended or
     /// CommandComplete as PostgreSQL ends an Execute.
@@ -1029,16 +1034,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         .await?;
                 }
                 _ => {
-                    let failed = match self.cursors.open.remove(&name).and_then(|c| c.merged) {
-                        Some(m) => merged::close(self, &m).await?,
-                        None => None,
-                    };
-                    match failed {
-                        Some(e) => {
-                            self.out.put_slice(&e);
-                            self.txn.failed = true;
-                        }
-                        None => wire::frame(&mut self.out, wire::be::CLOSE_COMPLETE, |_| {}),
+                    if self.close_merged(&name).await? {
+                        wire::frame(&mut self.out, wire::be::CLOSE_COMPLETE, |_| {});
                     }
                 }
             }
