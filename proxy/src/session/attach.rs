@@ -218,7 +218,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // Sync, which the caller sends there (`skipped`).
             Some(false) if !self.skip_to_sync => self.sync_hidden().await?,
             // Inside a transaction block the Sync commits nothing.
-            Some(true) if !self.skip_to_sync && self.txn.open() => self.sync_hidden().await?,
+            Some(true) if !self.skip_to_sync && self.in_block_at_sync() => {
+                self.sync_hidden().await?
+            }
             Some(_) => {
                 return Ok(Err(Refusal::new(
                     sqlstate::FEATURE_NOT_SUPPORTED,
@@ -234,6 +236,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Outside a transaction block that Sync may end the transaction: the
     /// backends then go back to the pool (`end_of_transaction`).
     async fn sync_hidden(&mut self) -> Result<(), SessionError> {
+        self.pipeline_synced();
         // The node's queries that this Sync lets run on the backend (its
         // lookups, the settings read back) drop the client's unnamed
         // statement there: parsed again when the client binds it.
@@ -473,6 +476,116 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.state_stale = !settled;
         Ok(())
+    }
+
+    /// Before routing a statement: a statement sent since the backends'
+    /// last Sync (the client's pipeline ended with Flush) may have changed
+    /// how names and literals read — `search_path`,
+    /// `standard_conforming_strings` — which the node reads back only on
+    /// a synced backend ([`Self::settle_state`]). Inside a transaction
+    /// block those messages are ended with a hidden Sync (it commits
+    /// nothing) and the settings are read again; outside one that Sync
+    /// would commit the client's implicit transaction, so the statement is
+    /// refused rather than routed under the old settings. (Temporary
+    /// tables need no such care: one that would hide a declared table is
+    /// refused when it is created, and the others route as undeclared
+    /// tables, to where PostgreSQL reports a wrong guess.)
+    pub(super) async fn settle_pipeline(&mut self) -> Result<Result<(), Refusal>, SessionError> {
+        if !self.unsynced_settings || self.node.routing.single_shard() {
+            return Ok(Ok(()));
+        }
+        if !self.be.mid_pipeline() {
+            self.pipeline_synced();
+            return Ok(Ok(()));
+        }
+        // Inside a transaction block — as the node knew it at the last
+        // Sync, or as a BEGIN/COMMIT sent since left it (psycopg 3 sends
+        // its BEGIN in the pipeline).
+        if !self.in_block_at_sync() {
+            self.unsynced_settings = false;
+            return Ok(Err(Refusal::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "a statement that may change search_path or standard_conforming_strings was sent with Flush but without Sync, and the next statement cannot be routed until that change is read back: send Sync after it (hotrepart routes a statement before it runs)".into(),
+            )));
+        }
+        let ended = self.end_unsynced().await?;
+        if self.skip_to_sync {
+            // An error was owed: the batch is skipped to its Sync.
+            return Ok(Ok(()));
+        }
+        if let Err(r) = ended {
+            return Ok(Err(r));
+        }
+        self.unsynced_settings = false;
+        self.settle_state().await?;
+        self.settle_temp().await?;
+        self.ensure_namespace().await?;
+        Ok(Ok(()))
+    }
+
+    /// Whether the client's transaction block is open at the point its
+    /// pipeline has reached: as the node knew it at the last Sync, or as
+    /// a `BEGIN`/`COMMIT` sent since left it (psycopg 3 sends its `BEGIN`
+    /// in the pipeline). A Sync there commits nothing when it is.
+    pub(super) fn in_block_at_sync(&self) -> bool {
+        self.unsynced_block.unwrap_or(self.txn.open())
+    }
+
+    /// The backends are synced: what the node kept of the pipeline's
+    /// statements since the last Sync is over.
+    pub(super) fn pipeline_synced(&mut self) {
+        self.unsynced_settings = false;
+        self.unsynced_block = None;
+    }
+
+    /// A Flush-ended batch went out: whether its Binds may change the
+    /// settings routing reads, and what they do to the transaction block
+    /// (see [`Self::settle_pipeline`]).
+    pub(super) fn note_unsynced_binds(&mut self, frames: &[crate::wire::Frame]) {
+        let (settings, block) = self.unsynced_binds(frames);
+        self.unsynced_settings |= settings;
+        if block.is_some() {
+            self.unsynced_block = block;
+        }
+    }
+
+    fn unsynced_binds(&self, frames: &[crate::wire::Frame]) -> (bool, Option<bool>) {
+        let mut settings = false;
+        let mut block = None;
+        let mut batch_unnamed: Option<Arc<str>> = None;
+        let mut batch_named: HashMap<&str, Arc<str>> = HashMap::new();
+        for f in frames {
+            let mut b = f.body();
+            match f.tag() {
+                crate::wire::fe::PARSE => {
+                    let (Ok(name), Ok(sql)) =
+                        (crate::wire::get_cstr(&mut b), crate::wire::get_cstr(&mut b))
+                    else {
+                        continue;
+                    };
+                    if name.is_empty() {
+                        batch_unnamed = Some(Arc::from(sql));
+                    } else {
+                        batch_named.insert(name, Arc::from(sql));
+                    }
+                }
+                crate::wire::fe::BIND => {
+                    let (Ok(_), Ok(stmt)) =
+                        (crate::wire::get_cstr(&mut b), crate::wire::get_cstr(&mut b))
+                    else {
+                        continue;
+                    };
+                    let Some(sql) = self.client_sql(stmt, &batch_unnamed, batch_named.get(stmt))
+                    else {
+                        continue;
+                    };
+                    settings |= classify(&sql).changes_routing_settings;
+                    block = block_effect(&sql).or(block);
+                }
+                _ => {}
+            }
+        }
+        (settings, block)
     }
 
     /// Before routing: the namespace unqualified names resolve in, for the
@@ -872,4 +985,25 @@ fn sharded_names(node: &crate::node::Node) -> Vec<String> {
                 .to_ascii_lowercase()
         })
         .collect()
+}
+
+/// What statement `sql` does to the transaction block: `BEGIN`/`START
+/// TRANSACTION` opens one (true); `COMMIT`, `END`, `ROLLBACK`, `ABORT`,
+/// `PREPARE TRANSACTION` end it (false); anything else (a savepoint's
+/// `ROLLBACK TO`, `COMMIT PREPARED` of another transaction) leaves it.
+fn block_effect(sql: &str) -> Option<bool> {
+    use hotrepart_router::classify::{first_keyword_is, savepoint};
+    if first_keyword_is(sql, "begin") || first_keyword_is(sql, "start") {
+        return Some(true);
+    }
+    let ends = ["commit", "end", "rollback", "abort"]
+        .iter()
+        .any(|w| first_keyword_is(sql, w));
+    if ends && savepoint(sql).is_none() && !classify(sql).two_phase {
+        return Some(false);
+    }
+    if first_keyword_is(sql, "prepare") && classify(sql).two_phase {
+        return Some(false);
+    }
+    None
 }

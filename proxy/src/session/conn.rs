@@ -92,9 +92,28 @@ pub(super) struct Unnamed {
     pub(super) raw: Bytes,
     /// Shard whose current backend has it.
     pub(super) on: Option<usize>,
+    /// What running it may do to the session (as a named statement's
+    /// `Stmt` keeps it): each Bind of it counts, not only its Parse.
+    pub(super) changes_state: bool,
+    pub(super) drops_prepared: bool,
+    pub(super) temp: super::temp::TempClass,
 }
 
 impl Unnamed {
+    pub(super) fn new(
+        raw: Bytes,
+        on: Option<usize>,
+        class: &hotrepart_router::classify::Class<'_>,
+    ) -> Self {
+        Unnamed {
+            raw,
+            on,
+            changes_state: class.changes_state,
+            drops_prepared: class.drops_prepared,
+            temp: super::temp::TempClass::of(class),
+        }
+    }
+
     /// Its SQL text (read from the Parse message when routing needs it).
     pub(super) fn sql(&self) -> Option<Arc<str>> {
         let mut b = self.raw.get(5..)?;
@@ -373,6 +392,14 @@ pub struct Session<S> {
     /// last read: routing must not trust `state` (search_path,
     /// standard_conforming_strings) until it is read again.
     pub(super) state_stale: bool,
+    /// A statement sent with Flush and not yet synced may have changed
+    /// `search_path` or `standard_conforming_strings`: read back only once
+    /// its pipeline is synced ([`Session::settle_pipeline`]).
+    pub(super) unsynced_settings: bool,
+    /// What the statements sent since the last Sync did to the
+    /// transaction block (`BEGIN` bound: true; `COMMIT`/`ROLLBACK`:
+    /// false), which the node learns from PostgreSQL only at the Sync.
+    pub(super) unsynced_block: Option<bool>,
     /// The server's `standard_conforming_strings` at login.
     pub(super) server_scs: bool,
     /// Where unqualified names resolve, and what it was read under
@@ -523,6 +550,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             state_fp,
             state_dirty: vec![false; nshards],
             state_stale: false,
+            unsynced_settings: false,
+            unsynced_block: None,
             server_scs: true,
             ns: Arc::default(),
             ns_base: Arc::default(),
@@ -766,6 +795,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             b.unsynced = false;
         }
         b.unsynced_ran = !sync;
+        if sync {
+            self.pipeline_synced();
+        }
         wire::frame(&mut self.be.to_backend, fe::PARSE, |o| {
             o.put_u8(0);
             wire::put_cstr(o, POISON_SQL);

@@ -563,6 +563,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let stmt = wire::get_cstr(&mut b).map_err(client_err)?;
                 let fix = self.bind_row_fix(t, portal, stmt, b);
                 if stmt.is_empty() {
+                    // Run again (a Bind without its Parse): what it does to
+                    // the session counts again, as a named statement's.
+                    if let Some(u) = self.unnamed.as_ref() {
+                        let (changes, drops, temp) = (u.changes_state, u.drops_prepared, u.temp);
+                        if changes {
+                            self.state_dirty[t] = true;
+                            self.state_stale = true;
+                            self.prepared_dirty |= drops;
+                        }
+                        self.note_temp_of(temp, t);
+                    }
                     self.ensure_unnamed(t);
                     match self.local_bind_rest(t, stmt, b) {
                         Some(rest) => {
@@ -692,12 +703,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let rest = b; // query \0, int16 n, n × int32 types
         let mut q = rest;
         let sql = wire::get_cstr(&mut q).map_err(client_err)?;
-        self.note_sql(sql, t);
         if name.is_empty() {
-            self.unnamed = Some(Unnamed {
-                raw: f.raw.clone(),
-                on: Some(t),
-            });
+            self.note_set_transaction(sql);
+            let class = classify(sql);
+            self.unnamed = Some(Unnamed::new(f.raw.clone(), Some(t), &class));
+            self.note_class(class, t);
             let raw = self.local_parse_raw(t, &f.raw);
             self.be.to_backend.put_slice(&raw);
             self.be.owed.push_back(Owed::Parse {
@@ -707,6 +717,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             });
             return Ok(());
         }
+        self.note_sql(sql, t);
         let Some(internal) = self.register_stmt(name.clone(), rest, sql) else {
             self.fail_pipeline(false);
             self.skip_to_sync = true;
@@ -803,10 +814,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut q = rest;
         let sql = wire::get_cstr(&mut q).map_err(client_err)?;
         if name.is_empty() {
-            self.unnamed = Some(Unnamed {
-                raw: f.raw.clone(),
-                on: None,
-            });
+            self.unnamed = Some(Unnamed::new(f.raw.clone(), None, &classify(sql)));
             return Ok(true);
         }
         Ok(self.register_stmt(name, rest, sql).is_some())

@@ -466,7 +466,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         ))
     }
 
+    /// A simple Query after extended messages sent with Flush: their
+    /// replies owed are read first; after an error in them PostgreSQL
+    /// ignores everything (this Query too) up to the client's Sync; a
+    /// search_path they changed is read back (`settle_pipeline`). False:
+    /// the Query is answered (or ignored) here.
+    async fn query_after_pipeline(&mut self) -> Result<bool, SessionError> {
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+        }
+        if self.skip_to_sync {
+            return Ok(false);
+        }
+        if let Err(r) = self.settle_pipeline().await? {
+            // PostgreSQL's Query ends the pipeline before it: failed,
+            // with what it ran (the backend's implicit transaction too).
+            self.batch_error(&r, true);
+            return Ok(false);
+        }
+        Ok(!self.skip_to_sync)
+    }
+
     async fn on_query(&mut self, f: Frame) -> Result<(), SessionError> {
+        if self.be.mid_pipeline() && !Box::pin(self.query_after_pipeline()).await? {
+            return Ok(());
+        }
         self.settle_state().await?;
         self.settle_temp().await?;
         self.ensure_namespace().await?;
@@ -706,6 +730,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             b.unsynced = false;
             b.unsynced_ran = false;
         }
+        self.pipeline_synced();
     }
 
     /// SQL-level DEALLOCATE of statements the client prepared with the
@@ -745,20 +770,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // VALUES list as that list, no column list → the table's
             // columns (`computed.rs`), keys left to their default → values
             // (`key_default.rs`).
-            self.settle_state().await?;
-            self.settle_temp().await?;
-            self.ensure_namespace().await?;
-            let frames = std::mem::take(&mut self.batch);
-            let frames = self.flatten_values_selects(frames);
-            let frames = match self.complete_column_lists(frames).await? {
-                Ok(f) => self.fill_key_defaults(f).await?,
-                Err(r) => Err(r),
-            };
-            match frames {
-                Ok(f) => self.batch = f,
-                Err(r) => {
+            if self.unsynced_settings && self.batch.iter().any(|f| f.tag() == fe::BIND) {
+                if let Err(r) = Box::pin(self.settle_pipeline()).await? {
+                    self.batch.clear();
                     self.batch_error(&r, synced);
                     return Ok(());
+                }
+            }
+            // After an error owed by the pipeline the batch is skipped to
+            // its Sync (`run_batch_rounds`): nothing of it is prepared.
+            if !self.skip_to_sync {
+                self.settle_state().await?;
+                self.settle_temp().await?;
+                self.ensure_namespace().await?;
+                let frames = std::mem::take(&mut self.batch);
+                let frames = self.flatten_values_selects(frames);
+                let frames = match self.complete_column_lists(frames).await? {
+                    Ok(f) => self.fill_key_defaults(f).await?,
+                    Err(r) => Err(r),
+                };
+                match frames {
+                    Ok(f) => self.batch = f,
+                    Err(r) => {
+                        self.batch_error(&r, synced);
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -999,6 +1035,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         if let Some(d) = &d {
+            if d.kind == Kind::Commit && self.txn.writes.len() > 1 && self.be.mid_pipeline() {
+                // asyncpg's `fetch("COMMIT")` (Parse, Describe, Flush; then
+                // Bind, Execute, Sync): those messages end before the
+                // two-phase commit, which runs on synced backends.
+                if let Err(r) = Box::pin(self.end_unsynced()).await? {
+                    self.batch_error(&r, synced);
+                    return Ok(true);
+                }
+                if self.skipped(&frames) {
+                    return Ok(false);
+                }
+            }
             if self.transaction_control(d, false, target).await? {
                 if synced {
                     let status = self.client_status();
@@ -1125,6 +1173,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .iter()
             .any(|f| !matches!(f.tag(), fe::SYNC | fe::FLUSH));
         let cursor_frames = self.may_touch_cursors(&frames).then(|| frames.clone());
+        // What the statements of a Flush-ended batch do to name resolution
+        // is read back only after their Sync (`settle_pipeline`).
+        if synced {
+            self.pipeline_synced();
+        } else if !self.node.routing.single_shard() && frames.iter().any(|f| f.tag() == fe::BIND) {
+            self.note_unsynced_binds(&frames);
+        }
         for f in frames {
             if self.skip_to_sync && f.tag() != fe::SYNC {
                 continue;

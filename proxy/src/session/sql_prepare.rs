@@ -147,6 +147,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         types: &[&str],
     ) -> Result<Result<Vec<u32>, Refusal>, SessionError> {
         let t = self.default_shard();
+        let cur = self.be.cur;
+        let ran = self.be.slots[cur]
+            .conn
+            .as_ref()
+            .is_some_and(|b| b.unsynced && b.unsynced_ran);
+        if ran && !self.in_block_at_sync() {
+            // The node's query would end the implicit transaction of the
+            // statements sent before: failed with this error instead, as
+            // PostgreSQL fails a pipeline.
+            self.fail_pipeline(true);
+            return Ok(Err(Refusal::new(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "PREPARE with parameter types right after statements sent with Flush but without Sync: hotrepart reads the types with a query of its own, which would end their implicit transaction; send Sync first".into(),
+            )));
+        }
+        // What the client sent before (with Flush) is read and ended first,
+        // also on the shard of the node's own query (`switch_to` leaves the
+        // current one as it is); outside a transaction block that may let
+        // its backend go.
+        if let Err(r) = self.end_unsynced().await? {
+            return Ok(Err(r));
+        }
         if let Err(r) = self.switch_to(t).await? {
             return Ok(Err(r));
         }

@@ -1436,3 +1436,276 @@ async fn an_owed_error_found_while_ending_a_flushed_pipeline_skips_to_sync() {
     r.send(|o| frontend::query("SELECT 1", o).unwrap()).await;
     assert_eq!(tags(&r.until_ready().await), "TDCZ");
 }
+
+/// The text of the first column of the first DataRow in `m`.
+fn first_value(m: &[(u8, Vec<u8>)]) -> String {
+    let (_, d) = m.iter().find(|(t, _)| *t == b'D').expect("a DataRow");
+    String::from_utf8_lossy(&d[6..]).to_string()
+}
+
+/// A statement sent with Flush that changes what names resolve to (`SET
+/// search_path`, `set_config`), then the next statement before Sync: it
+/// is routed under the names PostgreSQL will use. Inside a transaction
+/// block the node ends the pipeline with a hidden Sync and reads them
+/// back; outside one it refuses (0A000) and the pipeline fails as
+/// PostgreSQL's would (the SET undone). The next statement used to be
+/// routed under the old search_path: a count of one shard's rows (1
+/// instead of 2). (A temporary table that would hide a declared one is
+/// refused when it is created.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_changed_before_a_flush_route_the_next_statement_under_them() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    db.batch_execute("CREATE SCHEMA s2; CREATE TABLE s2.users (id bigint, v text)")
+        .await
+        .unwrap();
+    for id in [a, b] {
+        db.execute("INSERT INTO users (id, v) VALUES ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+    }
+    let mut r = Raw::connect(&c).await;
+    let count_users = |o: &mut BytesMut| {
+        frontend::parse("", "SELECT count(*) FROM users", std::iter::empty(), o).unwrap();
+        bind_portal(o, "");
+        frontend::execute("", 0, o).unwrap();
+        frontend::sync(o);
+    };
+    // `users` is s2.users (not sharded: the home shard), empty.
+    r.send(|o| frontend::query("SET search_path = s2, public", o).unwrap())
+        .await;
+    assert!(tags(&r.until_ready().await).ends_with("CZ"));
+    // (the change, in a transaction block, its BEGIN in the pipeline as
+    // psycopg 3 sends it, the count PostgreSQL gives)
+    for (change, in_block, begin_pipelined, want) in [
+        ("SET search_path = public", true, false, "2"),
+        ("SET search_path = public", false, false, ""),
+        (
+            "SELECT set_config('search_path', 'public', false)",
+            true,
+            false,
+            "2",
+        ),
+        ("SET search_path = public", true, true, "2"),
+    ] {
+        if in_block && begin_pipelined {
+            r.send(|o| pipelined(o, "BEGIN")).await;
+            assert_eq!(tags(&r.until(b'C').await), "12nC");
+        } else if in_block {
+            r.send(|o| frontend::query("BEGIN", o).unwrap()).await;
+            assert_eq!(tags(&r.until_ready().await), "CZ");
+        }
+        r.send(|o| pipelined(o, change)).await;
+        let m = r.until(b'C').await;
+        assert!(tags(&m) == "12nC" || tags(&m) == "12TDC", "{change}: {m:?}");
+        r.send(count_users).await;
+        let m = r.until_ready().await;
+        if in_block {
+            assert_eq!(tags(&m), "12DCZ", "{change}: {m:?}");
+            assert_eq!(
+                first_value(&m),
+                want,
+                "{change}: counted under the old names"
+            );
+            r.send(|o| frontend::query("ROLLBACK", o).unwrap()).await;
+            assert_eq!(tags(&r.until_ready().await), "CZ");
+        } else {
+            assert!(
+                tags(&m).ends_with("EZ") && !tags(&m).contains('D'),
+                "{change}: {m:?}"
+            );
+            let e = String::from_utf8_lossy(&m[m.len() - 2].1).to_string();
+            assert!(e.contains("0A000") && e.contains("Sync"), "{e}");
+            assert_eq!(m.last().unwrap().1, b"I", "{change}: {m:?}");
+            // Refused once: the next statement prepared with Flush (as
+            // asyncpg does) and run runs, under the path PostgreSQL has.
+            r.send(|o| {
+                frontend::parse("", "SELECT count(*) FROM users", std::iter::empty(), o).unwrap();
+                frontend::describe(b'S', "", o).unwrap();
+                frontend::flush(o);
+            })
+            .await;
+            assert_eq!(tags(&r.until(b'T').await), "1tT");
+            r.send(|o| {
+                bind_portal(o, "");
+                frontend::execute("", 0, o).unwrap();
+                frontend::sync(o);
+            })
+            .await;
+            let m = r.until_ready().await;
+            assert_eq!(tags(&m), "2DCZ", "{m:?}");
+            assert_eq!(first_value(&m), "0", "{m:?}");
+        }
+        // Undone either way (ROLLBACK, or the failed pipeline): the names
+        // are as before the change.
+        r.send(|o| frontend::query("SHOW search_path", o).unwrap())
+            .await;
+        let m = r.until_ready().await;
+        let path = first_value(&m);
+        r.send(count_users).await;
+        let m = r.until_ready().await;
+        let n = first_value(&m);
+        assert_eq!((path.as_str(), n.as_str()), ("s2, public", "0"), "{change}");
+        r.send(|o| frontend::query("SET search_path = s2, public", o).unwrap())
+            .await;
+        assert!(tags(&r.until_ready().await).ends_with("CZ"));
+    }
+    no_open_transactions(&c).await;
+}
+
+/// A COMMIT as asyncpg's `fetch("COMMIT")` sends it (Parse, Describe,
+/// Flush; then Bind, Execute, Sync) ending a transaction that wrote to
+/// both shards: the node ends the Flush-ended messages and commits with
+/// two-phase commit, as a COMMIT by simple query. (It used to refuse with
+/// 0A000 "messages sent with Flush but without Sync are still open" and
+/// roll the transaction back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_prepared_with_flush_commits_a_two_shard_transaction() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    let mut r = Raw::connect(&c).await;
+    let sql = format!("BEGIN; INSERT INTO users (id, v) VALUES ({a}, 'x')");
+    r.send(|o| frontend::query(&sql, o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CCZ");
+    let sql = format!("INSERT INTO users (id, v) VALUES ({b}, 'x')");
+    r.send(|o| frontend::query(&sql, o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    r.send(|o| {
+        frontend::parse("", "COMMIT", std::iter::empty(), o).unwrap();
+        frontend::describe(b'S', "", o).unwrap();
+        frontend::flush(o);
+    })
+    .await;
+    assert_eq!(tags(&r.until(b'n').await), "1tn");
+    r.send(|o| {
+        bind_portal(o, "");
+        frontend::execute("", 0, o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "2CZ", "{m:?}");
+    assert_eq!(m.last().unwrap().1, b"I");
+    assert_eq!((count(&db, a).await, count(&db, b).await), (1, 1));
+    no_open_transactions(&c).await;
+}
+
+/// A SQL `PREPARE` with parameter types (the node reads their OIDs on the
+/// shard with a query of its own) right after Parse, Describe and Flush
+/// in the same write: the replies of those come first and the node's
+/// query does not read them as its own; the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sql_prepare_after_parse_describe_flush_reads_its_types_apart() {
+    let c = cluster().await;
+    let (_db, _a, _b) = setup(&c).await;
+    let mut r = Raw::connect(&c).await;
+    for begin in [false, true] {
+        if begin {
+            r.send(|o| frontend::query("BEGIN", o).unwrap()).await;
+            assert_eq!(tags(&r.until_ready().await), "CZ");
+        }
+        r.send(|o| {
+            frontend::parse("", "SELECT 41 + 1", std::iter::empty(), o).unwrap();
+            frontend::describe(b'S', "", o).unwrap();
+            frontend::flush(o);
+            frontend::query("PREPARE p(int, text) AS SELECT $1 + 1, $2", o).unwrap();
+        })
+        .await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "1tTCZ", "{m:?}");
+        r.send(|o| frontend::query("EXECUTE p(1, 'x')", o).unwrap())
+            .await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "TDCZ", "{m:?}");
+        assert_eq!(first_value(&m).as_bytes()[..1], *b"2", "{m:?}");
+        r.send(|o| frontend::query("DEALLOCATE p", o).unwrap())
+            .await;
+        assert_eq!(tags(&r.until_ready().await), "CZ");
+    }
+    r.send(|o| frontend::query("COMMIT", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    no_open_transactions(&c).await;
+}
+
+/// The unnamed statement bound again without a new Parse runs again: a
+/// `SET search_path` bound that way changes the session's names as its
+/// first run did (the node reads them back, and the backend is not
+/// pooled as if it had the old path). Counted under the path PostgreSQL
+/// uses: s2.users, empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamed_set_bound_again_changes_the_path_again() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    db.batch_execute("CREATE SCHEMA s2; CREATE TABLE s2.users (id bigint, v text)")
+        .await
+        .unwrap();
+    for id in [a, b] {
+        db.execute("INSERT INTO users (id, v) VALUES ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+    }
+    let mut r = Raw::connect(&c).await;
+    let run = |o: &mut BytesMut| {
+        bind_portal(o, "");
+        frontend::execute("", 0, o).unwrap();
+        frontend::sync(o);
+    };
+    r.send(|o| {
+        frontend::parse("", "SET search_path = s2, public", std::iter::empty(), o).unwrap();
+        run(o);
+    })
+    .await;
+    assert_eq!(tags(&r.until_ready().await), "12CZ");
+    r.send(|o| {
+        frontend::parse("back", "SET search_path = public", std::iter::empty(), o).unwrap();
+        bind_text(o, "back", &[]);
+        frontend::execute("", 0, o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    assert_eq!(tags(&r.until_ready().await), "12CZ");
+    r.send(run).await;
+    assert_eq!(tags(&r.until_ready().await), "2CZ");
+    for _ in 0..3 {
+        r.send(|o| frontend::query("SHOW search_path", o).unwrap())
+            .await;
+        let m = r.until_ready().await;
+        assert_eq!(first_value(&m), "s2, public");
+        r.send(|o| frontend::query("SELECT count(*) FROM users", o).unwrap())
+            .await;
+        let m = r.until_ready().await;
+        assert_eq!(first_value(&m), "0", "counted under the old path: {m:?}");
+    }
+}
+
+/// An error in statements sent with Flush (one that changes search_path
+/// among them), then a simple Query before the Sync: as on PostgreSQL the
+/// Query is ignored up to the Sync, which ends the failed transaction
+/// block's pipeline (`ZE`: the error, then ReadyForQuery 'E' at the
+/// Sync); the session goes on. (The node used to send the Query to a
+/// backend that was skipping to Sync, and wait for its answer forever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_after_an_error_in_a_flushed_pipeline_waits_for_sync() {
+    let c = cluster().await;
+    let (_db, _a, _b) = setup(&c).await;
+    let mut r = Raw::connect(&c).await;
+    r.send(|o| frontend::query("BEGIN", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    r.send(|o| {
+        pipelined(
+            o,
+            "SELECT set_config('search_path', 'public', false), 1 / 0",
+        );
+        frontend::query("SELECT 1", o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    // PostgreSQL folds `1 / 0` when it plans the statement, at Bind.
+    assert_eq!(tags(&m), "1EZ", "{m:?}");
+    assert_eq!(m.last().unwrap().1, b"E");
+    r.send(|o| frontend::query("ROLLBACK", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    r.send(|o| frontend::query("SELECT 2", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "TDCZ");
+}
