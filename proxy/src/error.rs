@@ -33,6 +33,8 @@ pub mod sqlstate {
     pub const UNIQUE_VIOLATION: &str = "23505";
     /// `26000 invalid_sql_statement_name`.
     pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
+    /// `34000 invalid_cursor_name`.
+    pub const INVALID_CURSOR_NAME: &str = "34000";
     /// `28000 invalid_authorization_specification`.
     pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
     /// `28P01 invalid_password`.

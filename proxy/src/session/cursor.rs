@@ -11,8 +11,8 @@
 //!   where PostgreSQL answers, mostly with "cursor does not exist".
 //! - *Several shards*: a `DECLARE` whose query reads rows of several
 //!   shards (or whose one shard runs its own text of it: a range being
-//!   moved hidden there), alone in a simple Query or an extended batch and
-//!   inside a transaction block, is declared on each shard and served by
+//!   moved hidden there), alone in a simple Query or an extended batch,
+//!   inside a transaction block (or `WITH HOLD`), is declared on each shard and served by
 //!   the node ([`crate::exec::merge::cursor`]): [`Session::cursor_by_node`]
 //!   (simple), [`Session::cursor_batch_by_node`] (extended: DECLARE,
 //!   Describe of its portal, FETCH/MOVE/CLOSE prepared and bound). What it
@@ -28,6 +28,11 @@
 //!   `CLOSE ALL`, `DISCARD ALL`, read back as gone) or the session ends:
 //!   then the backend runs `CLOSE ALL` before it goes back to the pool
 //!   (closed if that fails). No other client ever sees the cursor.
+//!   A holdable cursor merged over several shards keeps a backend on each
+//!   of them; it stays while its name is read back on each (a shard that
+//!   lost it — ROLLBACK, DISCARD ALL, a backend that died — loses it for
+//!   the client: the other shards' parts are `stale`, closed there at their
+//!   next read back, the name meanwhile no cursor, 34000).
 //! - Cursors without hold end with their transaction: forgotten at its end.
 
 use super::conn::*;
@@ -54,6 +59,13 @@ pub(crate) struct Cursors {
     /// Shards where a holdable cursor may have been declared in the open
     /// transaction: read back at its end.
     reread: Vec<usize>,
+    /// (shard, name) of a holdable cursor merged over several shards that
+    /// the session dropped because another of its shards lost it (that
+    /// backend died, a `DISCARD ALL` there): still open on this shard's
+    /// backend, which is kept until the cursor is closed there (at its
+    /// next read back) and never pooled with it; the name reads as no
+    /// cursor meanwhile.
+    stale: Vec<(usize, String)>,
 }
 
 struct OpenCursor {
@@ -79,13 +91,36 @@ impl OpenCursor {
 impl Cursors {
     /// Whether shard `i`'s backend holds a holdable cursor of the session.
     pub(crate) fn holds_on(&self, i: usize) -> bool {
-        self.open.values().any(|c| c.hold && c.shard == i)
+        self.open.values().any(|c| c.hold && c.on(i)) || self.stale.iter().any(|(s, _)| *s == i)
     }
 
-    /// The backend of shard `i` was closed (or died): its cursors with it.
+    /// The backend of shard `i` was closed (or died): its cursors with it;
+    /// a holdable merged one stays open on its other shards (`stale`).
     pub(crate) fn forget_shard(&mut self, i: usize) {
-        self.open.retain(|_, c| !c.on(i));
+        let mut stale = std::mem::take(&mut self.stale);
+        stale.retain(|(s, _)| *s != i);
+        self.open.retain(|name, c| {
+            if !c.on(i) {
+                return true;
+            }
+            if let Some(m) = c.merged.as_ref().filter(|_| c.hold) {
+                stale.extend(
+                    m.shards
+                        .iter()
+                        .filter(|&&j| j != i)
+                        .map(|&j| (j, name.clone())),
+                );
+            }
+            false
+        });
+        self.stale = stale;
         self.reread.retain(|&x| x != i);
+    }
+
+    /// Whether `name` is a merged holdable cursor the session dropped
+    /// (see `stale`).
+    fn is_stale(&self, name: &str) -> bool {
+        self.stale.iter().any(|(_, n)| n == name)
     }
 
     /// ROLLBACK TO the savepoint at index `i` of the open ones: the cursors
@@ -148,6 +183,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             CursorCommand::Fetch { name, .. } => Some(name),
             CursorCommand::Close(name) => name,
         };
+        if let Some(n) = name.as_deref().filter(|n| self.cursors.is_stale(n)) {
+            // Its other shards' part is gone: its rows would be one shard's.
+            return Err(Refusal::new(
+                sqlstate::INVALID_CURSOR_NAME,
+                format!("cursor \"{n}\" does not exist (it was closed with the connection to one of its shards)"),
+            ));
+        }
         let merged = match &name {
             Some(n) => self.cursors.open.get(n).is_some_and(|c| c.merged.is_some()),
             None => self.cursors.open.values().any(|c| c.merged.is_some()),
@@ -219,9 +261,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let r = match direction {
                     Direction::Other(dir) => Err(merged::direction_refused(&dir)),
                     _ if self.txn.failed => Err(aborted()),
-                    Direction::Forward(n) => {
+                    Direction::Forward(n) => 'fetch: {
                         if !self.be.owed.is_empty() {
                             self.drain_owed().await?;
+                        }
+                        if let Err(r) = self.attach_shards(&m.shards).await? {
+                            break 'fetch Err(r);
                         }
                         self.stats.note_route(Route::Merge);
                         let how = merged::FetchOut {
@@ -273,6 +318,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         };
+        self.release_after_cursor().await?;
         match r {
             Err(r) => self.refuse_simple(r),
             Ok(()) => {
@@ -281,6 +327,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         Ok(true)
+    }
+
+    /// Attaches a backend on each of `shards` (a merged holdable cursor
+    /// used outside the transaction that declared it: the backends the
+    /// session keeps for it).
+    async fn attach_shards(
+        &mut self,
+        shards: &[usize],
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        for &t in shards {
+            if let Err(r) = self.ensure_backend(t).await? {
+                return Ok(Err(r));
+            }
+        }
+        self.be.update_cancel();
+        Ok(Ok(()))
+    }
+
+    /// Outside a transaction block, after a cursor statement the node
+    /// answered: the backends it attached end their work as after any
+    /// statement (those holding the session's holdable cursors are kept,
+    /// `let_go`).
+    async fn release_after_cursor(&mut self) -> Result<(), SessionError> {
+        if !self.txn.open() && self.be.owed.is_empty() && !self.be.mid_pipeline() {
+            self.end_of_transaction().await?;
+        }
+        Ok(())
     }
 
     /// `DECLARE` of a cursor over `shards` (`dec`: its query's decision).
@@ -301,12 +374,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.txn.failed {
             return Ok(Err(aborted()));
         }
-        let what = if d.hold {
-            // (Django's `.iterator()` outside `atomic()` declares one;
-            // Django's DISABLE_SERVER_SIDE_CURSORS, advised for transaction
-            // pooling, reads the rows without a cursor.)
-            Some("WITH HOLD (it would have to keep a backend of every shard after the transaction; with Django, set DISABLE_SERVER_SIDE_CURSORS)")
-        } else if d.scroll {
+        let what = if d.scroll {
             Some("SCROLL (it is read forward only)")
         } else if d.binary {
             Some("BINARY")
@@ -347,7 +415,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             wire::frame(&mut self.out, wire::be::BIND_COMPLETE, |_| {});
         }
         let params = ext.as_ref().map(|x| &x.params);
-        match merged::declare(self, &d.name, shards, dec.merge.clone(), &texts, params).await? {
+        match merged::declare(
+            self,
+            &d.name,
+            shards,
+            dec.merge.clone(),
+            &texts,
+            params,
+            d.hold,
+        )
+        .await?
+        {
             Ok(m) => {
                 if ext.as_ref().is_some_and(|x| x.describe) {
                     wire::frame(&mut self.out, wire::be::NO_DATA, |_| {});
@@ -356,7 +434,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     d.name.clone(),
                     OpenCursor {
                         shard: shards[0],
-                        hold: false,
+                        hold: d.hold,
                         merged: Some(Box::new(m)),
                         formats: Vec::new(),
                         depth: self.txn.savepoints.len(),
@@ -366,7 +444,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Err(e) => {
                 self.out.put_slice(&e);
-                self.txn.failed = true;
+                if self.txn.open() {
+                    self.txn.failed = true;
+                }
             }
         }
         Ok(Ok(()))
@@ -528,6 +608,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.push_synthetic(rfq(status));
             }
         }
+        if synced {
+            self.release_after_cursor().await?;
+        }
         Ok(true)
     }
 
@@ -672,8 +755,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             formats: formats.clone(),
                             portal: false,
                         };
-                        self.stats.note_route(Route::Merge);
-                        let r = merged::fetch(self, &mut m, *count, *is_move, &how).await;
+                        let attached = self.attach_shards(&m.shards).await;
+                        let r = match attached {
+                            Ok(Err(r)) => {
+                                self.push_error(&r);
+                                Ok(())
+                            }
+                            Ok(Ok(())) => {
+                                self.stats.note_route(Route::Merge);
+                                merged::fetch(self, &mut m, *count, *is_move, &how).await
+                            }
+                            Err(e) => Err(e),
+                        };
                         if let Some(c) = self.cursors.open.get_mut(n) {
                             c.merged = Some(m);
                         }
@@ -698,6 +791,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         if synced {
+            self.release_after_cursor().await?;
             let status = self.client_status();
             self.push_synthetic(rfq(status));
         }
@@ -855,8 +949,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         if ok {
-            match merged::declare(self, portal, &shards, dec.merge.clone(), &texts, Some(&ext))
-                .await?
+            match merged::declare(
+                self,
+                portal,
+                &shards,
+                dec.merge.clone(),
+                &texts,
+                Some(&ext),
+                false,
+            )
+            .await?
             {
                 Ok(m) => {
                     wire::frame(&mut self.out, wire::be::BIND_COMPLETE, |_| {});
@@ -906,6 +1008,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(m) = self.cursors.open.remove(name).and_then(|c| c.merged) else {
             return Ok(true);
         };
+        if let Err(r) = self.attach_shards(&m.shards).await? {
+            // Not closed where no backend could be had: kept, as its
+            // shards still hold it.
+            self.push_error(&r);
+            for &t in &m.shards {
+                self.cursors.stale.push((t, name.to_string()));
+            }
+            return Ok(false);
+        }
         match merged::close(self, &m).await? {
             Some(e) => {
                 self.out.put_slice(&e);
@@ -1237,11 +1348,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .await
         {
             Ok(rows) => {
-                self.cursors.open.retain(|_, c| !c.on(i));
-                for name in rows
+                let names: Vec<String> = rows
                     .into_iter()
                     .filter_map(|r| r.into_iter().next().flatten())
-                {
+                    .collect();
+                // A merged cursor stays while its name is read on each of
+                // its shards; one gone here (rolled back, DISCARD ALL) is
+                // gone for the client, its other shards' part stale.
+                let mut stale = std::mem::take(&mut self.cursors.stale);
+                self.cursors.open.retain(|name, c| {
+                    if !c.on(i) {
+                        return true;
+                    }
+                    let Some(m) = c.merged.as_ref() else {
+                        return false;
+                    };
+                    if names.contains(name) {
+                        return true;
+                    }
+                    stale.extend(
+                        m.shards
+                            .iter()
+                            .filter(|&&j| j != i)
+                            .map(|&j| (j, name.clone())),
+                    );
+                    false
+                });
+                let here: Vec<String> = stale
+                    .iter()
+                    .filter(|(s, _)| *s == i)
+                    .map(|(_, n)| n.clone())
+                    .collect();
+                stale.retain(|(s, _)| *s != i);
+                self.cursors.stale = stale;
+                for name in names {
+                    if here.contains(&name) {
+                        let sql = format!("CLOSE {}", crate::sql::quote_ident(&name));
+                        if let Err(e) = b.hidden_query(&sql).await {
+                            tracing::warn!(error = %e, shard = i, "cannot close a stale cursor; the backend is closed");
+                            b.broken = true;
+                        }
+                        continue;
+                    }
+                    if self
+                        .cursors
+                        .open
+                        .get(&name)
+                        .is_some_and(|c| c.merged.is_some())
+                    {
+                        continue;
+                    }
                     self.cursors.open.insert(
                         name,
                         OpenCursor {

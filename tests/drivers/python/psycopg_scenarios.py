@@ -430,8 +430,10 @@ def django_orm():
     update_or_create on a column that is not the key (`SELECT … LIMIT 21
     FOR UPDATE`) in atomic(), a nested atomic() rolled back after an
     IntegrityError while the outer one commits, aggregates, count, order_by
-    with a slice, values_list, a join to the co-located author. Ids and
-    values as PostgreSQL's."""
+    with a slice, values_list, a join to the co-located author,
+    iterator() (a server-side cursor WITH HOLD in autocommit) with other
+    queries between its chunks, and inside atomic(). Ids and values as
+    PostgreSQL's."""
     import os
     import types as pytypes
 
@@ -563,6 +565,17 @@ def django_orm():
         out["pk_update"] = Book.objects.filter(author__n__gte=30).update(title="big")
         out["pk_titles"] = list(Book.objects.order_by("author_id", "id").values_list("title", flat=True))
         out["count_distinct"] = Book.objects.aggregate(c=Count("title", distinct=True))["c"]
+        # iterator(): a server-side cursor, WITH HOLD outside atomic()
+        # (autocommit), fetched chunk_size rows at a time, with other
+        # queries between the chunks; without hold inside atomic().
+        seen = []
+        for a in Author.objects.order_by("-n", "id").iterator(chunk_size=3):
+            seen.append([a.id, a.n])
+            if len(seen) == 4:
+                out["iterator_count_between"] = Author.objects.count()
+        out["iterator"] = seen
+        with transaction.atomic():
+            out["iterator_atomic"] = [a.id for a in Author.objects.order_by("id").iterator(chunk_size=4)]
     finally:
         connection.close()
     return out
@@ -655,6 +668,33 @@ def server_cursor_sharded():
     eq("first", first, [(i, f"v{i}") for i in range(30, 26, -1)])
     eq("rest", rest, [(i, f"v{i}") for i in range(26, 5, -1)])
     return [list(first[0]), list(rest[-1]), len(rest)]
+
+
+def server_cursor_withhold():
+    """A named cursor WITH HOLD in autocommit (Django's `.iterator()`
+    outside `atomic()`), over a sharded table: declared outside a
+    transaction block, fetched in parts across statements in the query's
+    order, every row once; other statements in between; closed."""
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_curh")
+        c.execute("CREATE TABLE drv_curh (id bigint PRIMARY KEY, v text)")
+        values = ", ".join(f"({i}, 'v{i}')" for i in range(1, 41))
+        c.execute(f"INSERT INTO drv_curh (id, v) VALUES {values}")
+        cur = c.cursor(name="drv_cur_h", withhold=True)
+        cur.itersize = 7
+        cur.execute("SELECT id, v FROM drv_curh WHERE id > %s ORDER BY id DESC", [3])
+        first = cur.fetchmany(5)
+        # Other statements of the same connection in between.
+        c.execute("UPDATE drv_curh SET v = 'changed' WHERE id = 30")
+        n = c.execute("SELECT count(*) FROM drv_curh").fetchone()[0]
+        rest = list(cur)
+        cur.close()
+        again = c.execute("SELECT v FROM drv_curh WHERE id = 30").fetchone()[0]
+    eq("first", first, [(i, f"v{i}") for i in range(40, 35, -1)])
+    eq("rest", rest, [(i, f"v{i}") for i in range(35, 3, -1)])
+    eq("count", n, 40)
+    eq("changed", again, "changed")
+    return [list(first[0]), list(rest[-1]), len(rest), n]
 
 
 def enum_type():
@@ -791,6 +831,7 @@ run([
     ("sharded_keys", sharded_keys),
     ("server_cursor", server_cursor),
     ("server_cursor_sharded", server_cursor_sharded),
+    ("server_cursor_withhold", server_cursor_withhold),
     ("enum_type", enum_type),
     ("copy_rows", copy_rows),
     ("temp_table", temp_table),

@@ -56,6 +56,7 @@ impl Driver {
                 "sharded_keys",
                 "server_cursor",
                 "server_cursor_sharded",
+                "server_cursor_withhold",
                 "enum_type",
                 "copy_rows",
                 "temp_table",
@@ -166,6 +167,7 @@ fn opts(shards: usize) -> Opts {
         tail: "[[sharded_tables]]\nname = \"drv_kv\"\nkey = \"id\"\ntype = \"int8\"\n\
                [[sharded_tables]]\nname = \"drv_enum\"\nkey = \"id\"\ntype = \"int8\"\n\
                [[sharded_tables]]\nname = \"drv_curs\"\nkey = \"id\"\ntype = \"int8\"\n\
+               [[sharded_tables]]\nname = \"drv_curh\"\nkey = \"id\"\ntype = \"int8\"\n\
                [[sharded_tables]]\nname = \"drv_enc\"\nkey = \"k\"\ntype = \"text\"\n\
                [[sharded_tables]]\nname = \"drv_orm\"\nkey = \"id\"\ntype = \"int8\"\n\
                [[sharded_tables]]\nname = \"drv_sa\"\nkey = \"id\"\ntype = \"int8\"\n\

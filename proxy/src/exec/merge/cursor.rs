@@ -114,34 +114,25 @@ pub(crate) async fn declare<S: AsyncRead + AsyncWrite + Unpin + Send>(
     plan: Option<Arc<MergePlan>>,
     texts: &[String],
     params: Option<&ExtParams>,
+    hold: bool,
 ) -> Result<Result<Merged, Bytes>, SessionError> {
     let quoted = crate::sql::quote_ident(name);
+    let with_hold = if hold { " WITH HOLD" } else { "" };
     for (i, &t) in shards.iter().enumerate() {
-        if let Err(r) = s.ensure_backend(t).await? {
-            return Ok(Err(error_frame(r.code, &r.message)));
-        }
-        let sql = format!(
-            "DECLARE {quoted} NO SCROLL CURSOR FOR {}",
-            texts.get(i).map_or("", String::as_str)
-        );
-        if let Some(p) = params {
-            if let Err(e) = run_with_params(s, t, &sql, p).await? {
-                return Ok(Err(e));
+        let r = declare_on(s, t, &quoted, with_hold, texts.get(i), params).await?;
+        if r.is_err() && hold && !s.txn.open() {
+            // Outside a transaction block each shard's DECLARE committed on
+            // its own: those made are closed again.
+            for &done in &shards[..i] {
+                if let Some(b) = s.be.slots[done].conn.as_mut() {
+                    if b.hidden_query(&format!("CLOSE {quoted}")).await.is_err() {
+                        b.broken = true;
+                    }
+                }
             }
-            continue;
         }
-        let Some(b) = s.be.slots[t].conn.as_mut() else {
-            return Ok(Err(error_frame(
-                sqlstate::CONNECTION_FAILURE,
-                "a shard's connection was lost",
-            )));
-        };
-        match b.hidden_query(&sql).await {
-            Ok(_) => {}
-            Err(HiddenQueryError::Server { code, message }) => {
-                return Ok(Err(error_frame(&code, &message)))
-            }
-            Err(HiddenQueryError::Wire(e)) => return Err(s.be.lost(t, e)),
+        if let Err(e) = r {
+            return Ok(Err(e));
         }
     }
     let mut m = Merged {
@@ -158,6 +149,38 @@ pub(crate) async fn declare<S: AsyncRead + AsyncWrite + Unpin + Send>(
         return Ok(Err(e));
     }
     Ok(Ok(m))
+}
+
+/// `DECLARE` of one shard's part of a merged cursor (`quoted`: its name).
+async fn declare_on<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    t: usize,
+    quoted: &str,
+    with_hold: &str,
+    text: Option<&String>,
+    params: Option<&ExtParams>,
+) -> Result<Result<(), Bytes>, SessionError> {
+    if let Err(r) = s.ensure_backend(t).await? {
+        return Ok(Err(error_frame(r.code, &r.message)));
+    }
+    let sql = format!(
+        "DECLARE {quoted} NO SCROLL CURSOR{with_hold} FOR {}",
+        text.map_or("", String::as_str)
+    );
+    if let Some(p) = params {
+        return run_with_params(s, t, &sql, p).await;
+    }
+    let Some(b) = s.be.slots[t].conn.as_mut() else {
+        return Ok(Err(error_frame(
+            sqlstate::CONNECTION_FAILURE,
+            "a shard's connection was lost",
+        )));
+    };
+    match b.hidden_query(&sql).await {
+        Ok(_) => Ok(Ok(())),
+        Err(HiddenQueryError::Server { code, message }) => Ok(Err(error_frame(&code, &message))),
+        Err(HiddenQueryError::Wire(e)) => Err(s.be.lost(t, e)),
+    }
 }
 
 /// An ErrorResponse frame.
