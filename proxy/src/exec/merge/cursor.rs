@@ -602,7 +602,7 @@ async fn read_reply<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if let Err(e) = b.write_frames(q).await {
         return Err(s.be.lost(t, WireError::Io(e)));
     }
-    let (mut fields, mut error) = (None, None);
+    let (mut desc, mut error) = (None, None);
     while let Some(b) = s.be.slots[t].conn.as_mut() {
         // A shard quiet for server_silence_timeout_ms is taken for stalled.
         let next = match s.be.silence {
@@ -615,7 +615,7 @@ async fn read_reply<S: AsyncRead + AsyncWrite + Unpin + Send>(
             None => return Err(s.be.silent(t)),
         };
         match f.tag() {
-            be::ROW_DESCRIPTION => fields = super::exec::parse_desc(&f.raw),
+            be::ROW_DESCRIPTION => desc = Some(f),
             be::ERROR_RESPONSE => error = error.or(Some(f.raw.clone())),
             be::READY_FOR_QUERY => {
                 b.status = f.body().first().copied().unwrap_or(tx::IDLE);
@@ -624,10 +624,17 @@ async fn read_reply<S: AsyncRead + AsyncWrite + Unpin + Send>(
             _ => {}
         }
     }
-    Ok(match error {
-        Some(e) => Err(e),
-        None => Ok(fields),
-    })
+    if let Some(e) = error {
+        return Ok(Err(e));
+    }
+    // Described in the home shard's OIDs of user types, as every answer
+    // of the node is (`session/type_oids.rs`): the cursor's first shard
+    // need not be the home shard.
+    let fields = match desc {
+        Some(f) => super::exec::parse_desc(&s.canonical_frame(t, f).await.raw),
+        None => None,
+    };
+    Ok(Ok(fields))
 }
 
 /// Learns the cursor's columns from its first shard (Describe of the
