@@ -198,7 +198,6 @@ async fn setup_with(extra: &str) -> (Cluster, usize, usize, [u32; 4]) {
         extra: extra.into(),
         users: "[[users]]\nname = \"raw\"\nauth = \"trust\"\nserver_user = \"postgres\"\n".into(),
         tail: "[[sharded_tables]]\nname = \"to_items\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
-        ..Opts::default()
     })
     .await;
     let home = c.node.routing.home_index();
