@@ -61,7 +61,7 @@ fn reach_cte(names: &[String]) -> String {
     let cats: Vec<String> = names.iter().map(|n| quote_literal(n)).collect();
     format!(
         "WITH RECURSIVE declared AS (\
-           SELECT c.oid, x.name FROM unnest(ARRAY[{regs}]::text[], ARRAY[{cats}]::text[]) AS x(reg, name) \
+           SELECT c.oid, x.name FROM ROWS FROM (pg_catalog.unnest(ARRAY[{regs}]::text[]), pg_catalog.unnest(ARRAY[{cats}]::text[])) AS x(reg, name) \
            JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(x.reg)), \
          edges(src, dst) AS (\
            SELECT d.refobjid, r.ev_class FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid \
@@ -82,10 +82,10 @@ pub fn probe_sql(snap: &RoutingSnapshot) -> String {
     let bases: Vec<String> = names.iter().map(|n| quote_literal(split(n).1)).collect();
     format!(
         "{cte}, \
-         path AS (SELECT s.nspname, s.ord FROM unnest(pg_catalog.current_schemas(true)) WITH ORDINALITY AS s(nspname, ord) \
+         path AS (SELECT s.nspname, s.ord FROM pg_catalog.unnest(pg_catalog.current_schemas(true)) WITH ORDINALITY AS s(nspname, ord) \
            WHERE s.nspname::text NOT LIKE 'pg\\_temp\\_%') \
          SELECT 'path', p.nspname::text, p.ord::text, NULL::text FROM path p \
-         UNION ALL SELECT 'reach', ns.nspname::text, c.relname::text, min(r.via) FROM reach r \
+         UNION ALL SELECT 'reach', ns.nspname::text, c.relname::text, pg_catalog.min(r.via) FROM reach r \
            JOIN pg_catalog.pg_class c ON c.oid = r.oid JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace \
            WHERE r.oid NOT IN (SELECT oid FROM declared) AND c.relpersistence <> 't' GROUP BY ns.nspname, c.relname \
          UNION ALL SELECT 'rel', ns.nspname::text, c.relname::text, NULL FROM pg_catalog.pg_class c \
@@ -105,7 +105,7 @@ pub fn probe_sql(snap: &RoutingSnapshot) -> String {
 pub fn temp_probe_sql(snap: &RoutingSnapshot) -> String {
     format!(
         "{cte} \
-         SELECT c.relname::text, (SELECT min(r.via) FROM reach r WHERE r.oid = c.oid) FROM pg_catalog.pg_class c \
+         SELECT c.relname::text, (SELECT pg_catalog.min(r.via) FROM reach r WHERE r.oid = c.oid) FROM pg_catalog.pg_class c \
            WHERE c.relnamespace = pg_catalog.pg_my_temp_schema() \
          UNION ALL SELECT NULL, NULL WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.pronamespace = pg_catalog.pg_my_temp_schema()) \
            OR EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace = pg_catalog.pg_my_temp_schema() AND t.typrelid = 0 \

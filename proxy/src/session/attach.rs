@@ -727,9 +727,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if !self.be.owed.is_empty() {
                     self.drain_owed().await?;
                 }
-                if self.ensure_backend(t).await?.is_err() {
-                    d.write = true;
-                    return Ok(Ok(()));
+                if let Err(r) = self.ensure_backend(t).await? {
+                    return Ok(Err(r));
                 }
             }
             // Names as the router folds them (a quoted `"Put"` stays
@@ -740,8 +739,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .map(|n| format!("({})", state::quote_literal(n)))
                 .collect();
             let sql = format!(
-                "SELECT v.n, bool_or(p.provolatile = 'v'), string_agg(coalesce(p.prosrc, ''), ' ') \
-                 FROM (VALUES {}) AS v(n) JOIN pg_catalog.pg_proc p ON lower(p.proname) = lower(v.n) GROUP BY 1",
+                "SELECT v.n, pg_catalog.bool_or(p.provolatile = 'v'), pg_catalog.string_agg(coalesce(p.prosrc, ''), ' ') \
+                 FROM (VALUES {}) AS v(n) JOIN pg_catalog.pg_proc p ON pg_catalog.lower(p.proname) = pg_catalog.lower(v.n) GROUP BY 1",
                 list.join(", ")
             );
             let rows = if apart {
@@ -756,8 +755,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // (PostgreSQL's exec_simple_query): parsed again when needed.
             self.unnamed_replaced_on(&[t]);
             let Some(rows) = rows else {
-                d.write = true;
-                return Ok(Ok(()));
+                // Never run unchecked: the function could read one shard's
+                // rows of a sharded table.
+                return Ok(Err(Refusal::new(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "cannot read the definition of {} in the shard's catalog (pg_proc) to check that it reads no sharded table (it would see one shard's rows); try again",
+                        unknown.join(", ")
+                    ),
+                )));
             };
             let sharded = sharded_names(&self.node);
             let mut found = HashMap::new();
@@ -813,7 +819,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             let list: Vec<String> = unknown.iter().map(|n| state::quote_literal(n)).collect();
             let sql = format!(
-                "SELECT DISTINCT lower(proname) FROM pg_catalog.pg_proc WHERE prokind = 'a' AND lower(proname) IN ({})",
+                "SELECT DISTINCT pg_catalog.lower(proname) FROM pg_catalog.pg_proc WHERE prokind = 'a' AND pg_catalog.lower(proname) IN ({})",
                 list.join(", ")
             );
             let rows = match self.be.slots[t].conn.as_mut() {

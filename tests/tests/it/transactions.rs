@@ -1709,3 +1709,78 @@ async fn a_query_after_an_error_in_a_flushed_pipeline_waits_for_sync() {
     r.send(|o| frontend::query("SELECT 2", o).unwrap()).await;
     assert_eq!(tags(&r.until_ready().await), "TDCZ");
 }
+
+/// The check of a called function (does its body read a sharded table?
+/// then it would see one shard's rows) is never skipped: when the node
+/// cannot read the function's definition it refuses the call (0A000)
+/// instead of running it unchecked; and the lookup calls only
+/// `pg_catalog`'s functions, so a `lower(name)` of the session's own on
+/// its search_path cannot make it fail. (Both used to answer with one
+/// shard's count: 1 instead of 2.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_that_cannot_be_looked_up_is_refused_not_run_unchecked() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    db.batch_execute(
+        "CREATE FUNCTION nusers() RETURNS bigint LANGUAGE sql STABLE AS 'SELECT count(*) FROM users';
+         CREATE FUNCTION nusers2() RETURNS bigint LANGUAGE sql STABLE AS 'SELECT count(*) FROM users';
+         CREATE SCHEMA evil;
+         CREATE FUNCTION evil.lower(name) RETURNS text LANGUAGE sql AS 'SELECT (1 / 0)::text'",
+    )
+    .await
+    .unwrap();
+    for id in [a, b] {
+        db.execute("INSERT INTO users (id, v) VALUES ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+    }
+    let mut r = Raw::connect(&c).await;
+    r.send(|o| frontend::query("SET search_path = evil, public", o).unwrap())
+        .await;
+    assert!(tags(&r.until_ready().await).ends_with("CZ"));
+    r.send(|o| frontend::query("SELECT nusers()", o).unwrap())
+        .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "EZ", "{m:?}");
+    let e = String::from_utf8_lossy(&m[0].1).to_string();
+    assert!(e.contains("0A000") && e.contains("nusers"), "{e}");
+    r.send(|o| frontend::query("RESET search_path", o).unwrap())
+        .await;
+    assert!(tags(&r.until_ready().await).ends_with("CZ"));
+    // Prepared with Flush outside a transaction block, the definition is
+    // read on a connection of its own: none can be had.
+    r.send(|o| {
+        frontend::parse("", "SELECT nusers2()", std::iter::empty(), o).unwrap();
+        frontend::describe(b'S', "", o).unwrap();
+        frontend::flush(o);
+    })
+    .await;
+    assert_eq!(tags(&r.until(b'T').await), "1tT");
+    // (From another database: not the one being closed to connections.)
+    let dsn = c.shards[c.node.routing.home_index()].dsn();
+    let dsn = format!("{}/template1", &dsn[..dsn.rfind('/').unwrap()]);
+    let home = connect(&dsn).await.unwrap();
+    home.batch_execute("ALTER DATABASE postgres WITH ALLOW_CONNECTIONS false")
+        .await
+        .unwrap();
+    r.send(|o| {
+        bind_portal(o, "");
+        frontend::execute("", 0, o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    home.batch_execute("ALTER DATABASE postgres WITH ALLOW_CONNECTIONS true")
+        .await
+        .unwrap();
+    assert_eq!(tags(&m), "EZ", "{m:?}");
+    let e = String::from_utf8_lossy(&m[0].1).to_string();
+    assert!(e.contains("0A000") && e.contains("nusers2"), "{e}");
+    // Once it can be read, it is checked as ever.
+    r.send(|o| frontend::query("SELECT nusers2()", o).unwrap())
+        .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "EZ", "{m:?}");
+    r.send(|o| frontend::query("SELECT 1", o).unwrap()).await;
+    assert_eq!(tags(&r.until_ready().await), "TDCZ");
+}
