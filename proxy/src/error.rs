@@ -35,6 +35,8 @@ pub mod sqlstate {
     pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
     /// `34000 invalid_cursor_name`.
     pub const INVALID_CURSOR_NAME: &str = "34000";
+    /// `42P03 duplicate_cursor`.
+    pub const DUPLICATE_CURSOR: &str = "42P03";
     /// `28000 invalid_authorization_specification`.
     pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
     /// `28P01 invalid_password`.

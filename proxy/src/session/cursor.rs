@@ -66,6 +66,11 @@ pub(crate) struct Cursors {
     /// next read back) and never pooled with it; the name reads as no
     /// cursor meanwhile.
     stale: Vec<(usize, String)>,
+    /// The session sent a statement that may declare a holdable cursor:
+    /// its backends run `CLOSE ALL` before they go back to the pool when it
+    /// ends, whatever the node knows of them (a DECLARE cut short by a lost
+    /// connection leaves parts it never recorded).
+    pub(crate) ever_held: bool,
 }
 
 struct OpenCursor {
@@ -123,6 +128,23 @@ impl Cursors {
         self.stale.iter().any(|(_, n)| n == name)
     }
 
+    /// PostgreSQL's 42P03 for a DECLARE of `name` the node must refuse
+    /// itself: a cursor it serves over several shards (or a part of one
+    /// still open), or any cursor of the session when the new one is
+    /// merged (`merged`) — its DECLARE would fail on some shards only.
+    fn taken(&self, name: &str, merged: bool) -> Option<Refusal> {
+        let open = self
+            .open
+            .get(name)
+            .is_some_and(|c| merged || c.merged.is_some());
+        (open || self.is_stale(name)).then(|| {
+            Refusal::new(
+                sqlstate::DUPLICATE_CURSOR,
+                format!("cursor \"{name}\" already exists"),
+            )
+        })
+    }
+
     /// ROLLBACK TO the savepoint at index `i` of the open ones: the cursors
     /// opened after it are closed (PostgreSQL closed them on every shard).
     pub(crate) fn rolled_back_to(&mut self, i: usize) {
@@ -168,6 +190,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let name = match cmd {
             CursorCommand::Declare(d) => {
+                if let Some(r) = self.cursors.taken(&d.name, false) {
+                    return Err(r);
+                }
                 let mut dec = self.node.decide(d.query, params, &self.route_ctx())?;
                 if needs_node(&dec.target) {
                     return Err(multi_shard_cursor());
@@ -258,30 +283,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 else {
                     return Ok(false);
                 };
-                let r = match direction {
-                    Direction::Other(dir) => Err(merged::direction_refused(&dir)),
-                    _ if self.txn.failed => Err(aborted()),
-                    Direction::Forward(n) => 'fetch: {
+                let r: Result<Result<(), Refusal>, SessionError> = match direction {
+                    Direction::Other(dir) => Ok(Err(merged::direction_refused(&dir))),
+                    _ if self.txn.failed => Ok(Err(aborted())),
+                    Direction::Forward(n) => {
+                        let mut r = Ok(Ok(()));
                         if !self.be.owed.is_empty() {
-                            self.drain_owed().await?;
+                            r = self.drain_owed().await.map(Ok);
                         }
-                        if let Err(r) = self.attach_shards(&m.shards).await? {
-                            break 'fetch Err(r);
+                        if matches!(r, Ok(Ok(()))) {
+                            r = self.attach_shards(&m.shards).await;
                         }
-                        self.stats.note_route(Route::Merge);
-                        let how = merged::FetchOut {
-                            describe: true,
-                            formats: Vec::new(),
-                            portal: false,
-                        };
-                        merged::fetch(self, &mut m, n, is_move, &how).await?;
-                        Ok(())
+                        if matches!(r, Ok(Ok(()))) {
+                            self.stats.note_route(Route::Merge);
+                            let how = merged::FetchOut {
+                                describe: true,
+                                formats: Vec::new(),
+                                portal: false,
+                            };
+                            r = merged::fetch(self, &mut m, n, is_move, &how).await.map(Ok);
+                        }
+                        r
                     }
                 };
+                // Put back before an error ends the session: its shards
+                // count as holding it (`holds_on`) until then.
                 if let Some(c) = self.cursors.open.get_mut(&name) {
                     c.merged = Some(m);
                 }
-                r
+                r?
             }
             CursorCommand::Close(Some(name)) => {
                 if self
@@ -374,6 +404,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.txn.failed {
             return Ok(Err(aborted()));
         }
+        if let Some(r) = self.cursors.taken(&d.name, true) {
+            return Ok(Err(r));
+        }
         let what = if d.scroll {
             Some("SCROLL (it is read forward only)")
         } else if d.binary {
@@ -415,6 +448,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             wire::frame(&mut self.out, wire::be::BIND_COMPLETE, |_| {});
         }
         let params = ext.as_ref().map(|x| &x.params);
+        self.cursors.ever_held |= d.hold;
         match merged::declare(
             self,
             &d.name,
@@ -1043,8 +1077,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             formats,
             portal: true,
         };
-        self.stats.note_route(Route::Merge);
-        let r = merged::fetch(self, &mut m, count, false, &how).await;
+        let r = match self.attach_shards(&m.shards).await {
+            Ok(Err(r)) => {
+                self.push_error(&r);
+                Ok(())
+            }
+            Ok(Ok(())) => {
+                self.stats.note_route(Route::Merge);
+                merged::fetch(self, &mut m, count, false, &how).await
+            }
+            Err(e) => Err(e),
+        };
         if let Some(c) = self.cursors.open.get_mut(name) {
             c.merged = Some(m);
         }
@@ -1155,6 +1198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         if synced {
+            self.release_after_cursor().await?;
             let status = self.client_status();
             self.push_synthetic(rfq(status));
         } else if self.txn.failed {
@@ -1199,11 +1243,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !self.be.owed.is_empty() {
             self.drain_owed().await?;
         }
+        // The parts of merged holdable cursors on these shards: those on a
+        // shard not reached stay open there (`stale`).
+        let mut parts: Vec<(usize, String)> = Vec::new();
+        for (name, c) in &self.cursors.open {
+            if let Some(m) = c.merged.as_ref().filter(|_| c.hold) {
+                parts.extend(
+                    m.shards
+                        .iter()
+                        .filter(|j| shards.contains(j))
+                        .map(|&j| (j, name.clone())),
+                );
+            }
+        }
         for &t in shards {
             let was_attached = self.be.slots[t].conn.is_some();
             if let Err(r) = self.ensure_backend(t).await? {
+                self.cursors.stale.extend(parts);
                 return Ok(Err(r));
             }
+            parts.retain(|(j, _)| *j != t);
             if let Some(b) = self.be.slots[t].conn.as_mut() {
                 if let Err(e) = b.hidden_query("CLOSE ALL").await {
                     tracing::warn!(error = %e, shard = t, "CLOSE ALL failed; the backend is closed");
@@ -1250,6 +1309,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(crate) fn note_cursor_sent(&mut self, sql: &str, t: usize) {
         match cursor_command(sql) {
             Some(CursorCommand::Declare(d)) => {
+                self.cursors.ever_held |= d.hold;
                 if d.hold && !self.cursors.reread.contains(&t) {
                     self.cursors.reread.push(t);
                 }
@@ -1273,6 +1333,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // Not one cursor statement: it may still declare a
                 // holdable one (several statements, a DO block): read back.
                 if contains_hold(sql) && !self.cursors.reread.contains(&t) {
+                    self.cursors.ever_held = true;
                     self.cursors.reread.push(t);
                 }
             }
@@ -1430,6 +1491,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.cursors.open.retain(|_, c| c.hold);
+        // Outlives the transaction's savepoints.
+        for c in self.cursors.open.values_mut() {
+            c.depth = 0;
+        }
     }
 
     /// When the client leaves: a backend holding its cursors closes them

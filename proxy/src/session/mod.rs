@@ -121,7 +121,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let temp_home = self.temp.home;
         for (i, slot) in self.be.slots.iter_mut().enumerate() {
             // Kept for the session's temporary objects: they go first.
-            let cursors = self.cursors.holds_on(i);
+            let cursors = self.cursors.holds_on(i) || self.cursors.ever_held;
             if let Some(mut b) = slot.kept.take() {
                 if cursors {
                     Self::close_cursors(&mut b, wait).await;

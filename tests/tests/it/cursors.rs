@@ -675,6 +675,67 @@ async fn merged_with_hold_cursor_over_two_shards() {
         .await
         .unwrap();
     assert_eq!(simple_rows(&a, "FETCH 2 FROM h2").await, want[..2]);
+    // Its name is taken while it is open: a DECLARE of it on one shard is
+    // refused as PostgreSQL refuses it (and the cursor is untouched).
+    let (code, _) = err(a
+        .batch_execute("DECLARE h2 CURSOR WITH HOLD FOR SELECT k, n FROM items WHERE k = 1")
+        .await
+        .unwrap_err());
+    assert_eq!(code, "42P03");
+    assert_eq!(simple_rows(&a, "FETCH 1 FROM h2").await, want[2..3]);
+    // Declared after a savepoint, it outlives that savepoint's
+    // transaction: a ROLLBACK TO in a later one leaves it open.
+    a.batch_execute("CLOSE h2").await.unwrap();
+    a.batch_execute("BEGIN; SAVEPOINT s1").await.unwrap();
+    a.batch_execute(&format!("DECLARE h4 CURSOR WITH HOLD FOR {query}"))
+        .await
+        .unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    a.batch_execute("BEGIN; SAVEPOINT s2").await.unwrap();
+    a.batch_execute("ROLLBACK TO s2").await.unwrap();
+    assert_eq!(simple_rows(&a, "FETCH 3 FROM h4").await, want[..3]);
+    a.batch_execute("COMMIT").await.unwrap();
+    // A DECLARE that fails on the second shard: the part already made on
+    // the first (committed on its own outside a block) is closed again.
+    c.direct(0)
+        .await
+        .batch_execute(
+            "CREATE FUNCTION only_here(int8) RETURNS int8 LANGUAGE sql IMMUTABLE AS 'SELECT $1'",
+        )
+        .await
+        .unwrap();
+    let (code, _) = err(a
+        .batch_execute("DECLARE h5 CURSOR WITH HOLD FOR SELECT only_here(k) FROM items ORDER BY 1")
+        .await
+        .unwrap_err());
+    assert_eq!(code, "42883");
+    a.batch_execute("CLOSE h4").await.unwrap();
+    wait_busy(&c, 0, 0, "shard 0's backend back after the failed DECLARE").await;
+    let q = c.connect().await;
+    q.batch_execute("BEGIN").await.unwrap();
+    let q2 = c.connect().await;
+    q2.batch_execute("BEGIN").await.unwrap();
+    for cl in [&q, &q2] {
+        // Both backends of shard 0 (the pool holds two).
+        cl.batch_execute("SELECT 1 FROM items WHERE k = 1")
+            .await
+            .unwrap();
+    }
+    for cl in [&q, &q2] {
+        let n: i64 = cl
+            .query_one(
+                "SELECT count(*) FROM pg_catalog.pg_cursors WHERE name = 'h5'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            n, 0,
+            "a part of the failed DECLARE left on a pooled backend"
+        );
+        cl.batch_execute("COMMIT").await.unwrap();
+    }
     // The client leaves with it open: nothing stays behind.
     drop(a);
     wait_busy(&c, 0, 0, "shard 0's backend back when the client left").await;

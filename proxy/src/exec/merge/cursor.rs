@@ -123,13 +123,7 @@ pub(crate) async fn declare<S: AsyncRead + AsyncWrite + Unpin + Send>(
         if r.is_err() && hold && !s.txn.open() {
             // Outside a transaction block each shard's DECLARE committed on
             // its own: those made are closed again.
-            for &done in &shards[..i] {
-                if let Some(b) = s.be.slots[done].conn.as_mut() {
-                    if b.hidden_query(&format!("CLOSE {quoted}")).await.is_err() {
-                        b.broken = true;
-                    }
-                }
-            }
+            close_parts(s, &shards[..i], &quoted).await;
         }
         if let Err(e) = r {
             return Ok(Err(e));
@@ -138,7 +132,7 @@ pub(crate) async fn declare<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut m = Merged {
         shards: shards.to_vec(),
         plan,
-        quoted,
+        quoted: quoted.clone(),
         fields: None,
         types: Vec::new(),
         bufs: shards.iter().map(|_| VecDeque::new()).collect(),
@@ -146,9 +140,29 @@ pub(crate) async fn declare<S: AsyncRead + AsyncWrite + Unpin + Send>(
         current: 0,
     };
     if let Err(e) = describe_first(s, &mut m, name).await? {
+        if hold && !s.txn.open() {
+            close_parts(s, shards, &quoted).await;
+        }
         return Ok(Err(e));
     }
     Ok(Ok(m))
+}
+
+/// Closes cursor `quoted` on `shards` (holdable parts declared outside a
+/// transaction block, each committed on its own, of a DECLARE that
+/// failed); a backend where that fails is closed instead of pooled.
+async fn close_parts<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    shards: &[usize],
+    quoted: &str,
+) {
+    for &t in shards {
+        if let Some(b) = s.be.slots[t].conn.as_mut() {
+            if b.hidden_query(&format!("CLOSE {quoted}")).await.is_err() {
+                b.broken = true;
+            }
+        }
+    }
 }
 
 /// `DECLARE` of one shard's part of a merged cursor (`quoted`: its name).
