@@ -153,6 +153,7 @@ fn render_operand(o: &Operand) -> String {
         Operand::Literal(Literal::Bool(b)) => b.to_string(),
         Operand::Literal(Literal::Number(n)) => n.clone(),
         Operand::Literal(Literal::String(s)) => format!("'{s}'"),
+        Operand::Literal(Literal::Text(s)) => format!("'{s}'::text"),
     }
 }
 

@@ -251,8 +251,13 @@ pub enum Literal {
     Bool(bool),
     /// A number as written (`-` included), e.g. `"10"`, `"-2.5"`, `"1e3"`.
     Number(String),
-    /// A string literal's value.
+    /// A string literal's value (of no type yet: PostgreSQL reads it with
+    /// the input function of the type it is compared with), or a
+    /// parameter's sent as text of no type (node-postgres sends them so).
     String(String),
+    /// A parameter's value typed `text` (or varchar, char): compared with
+    /// text only (PostgreSQL has no `bigint > text`).
+    Text(String),
 }
 
 /// A comparison operator.

@@ -235,6 +235,29 @@ async function shardedKeys() {
   })
 }
 
+async function havingParams() {
+  // GROUP BY … HAVING an aggregate compared with a parameter, as
+  // node-postgres sends every parameter: text, of no type (Knex, Sequelize
+  // build such queries). PostgreSQL reads it as the aggregate's type.
+  return withClient({}, async (c) => {
+    await c.query('DROP TABLE IF EXISTS drv_kv')
+    await c.query('CREATE TABLE drv_kv (id bigint PRIMARY KEY, v text, g int4)')
+    for (let i = 1; i <= 30; i++) {
+      await c.query('INSERT INTO drv_kv (id, v, g) VALUES ($1, $2, $3)', [i, `v${i}`, i % 4])
+    }
+    const out = {}
+    const q = async (name, sql, params) => {
+      out[name] = (await c.query(sql, params)).rows
+    }
+    await q('count', 'SELECT g, count(*) AS n FROM drv_kv GROUP BY g HAVING count(*) > $1 ORDER BY g', [7])
+    await q('sum', 'SELECT g, sum(id) AS s FROM drv_kv GROUP BY g HAVING sum(id) >= $1 ORDER BY g', ['120'])
+    await q('avg', 'SELECT g FROM drv_kv GROUP BY g HAVING avg(id) > $1 ORDER BY g', [15.5])
+    await q('max', 'SELECT g FROM drv_kv GROUP BY g HAVING max(g) < $1 AND count(*) <> $2 ORDER BY g', [3, ' 8 '])
+    eq('count', out.count, [{ g: 1, n: '8' }, { g: 2, n: '8' }])
+    return out
+  })
+}
+
 async function sequelizeOrm() {
   // Sequelize 6 over pg, on a table named as Sequelize names it by default
   // (model DrvSqUser: table "DrvSqUsers", mixed case, a SERIAL key the
@@ -343,6 +366,7 @@ const SCENARIOS = [
   ['cancel', cancel],
   ['sharded_keys', shardedKeys],
   ['sequelize_orm', sequelizeOrm],
+  ['having_params', havingParams],
 ]
 
 async function main() {

@@ -89,6 +89,7 @@ impl Driver {
                 "cancel",
                 "sharded_keys",
                 "sequelize_orm",
+                "having_params",
             ],
         }
     }

@@ -340,34 +340,104 @@ pub(super) fn compare_rows<A: Cols + ?Sized, B: Cols + ?Sized>(
     Ok(Ordering::Equal)
 }
 
-/// HAVING with SQL's three-valued logic (None = unknown).
+/// The type OID of a combined value (`oids`: the shard columns'); None
+/// when not a known one.
+fn combined_oid(v: &Combined, oids: &[u32]) -> Option<u32> {
+    match v {
+        Combined::Col(c) => oids.get(*c).copied(),
+        Combined::Avg { sum, .. } => match oids.get(*sum) {
+            Some(700 | 701) => Some(701),
+            Some(_) => Some(1700),
+            None => None,
+        },
+        Combined::CountAs { to, .. } => Some(count_cast_type(*to).0),
+    }
+}
+
+/// A string literal (or a parameter sent as text of no type: node-postgres
+/// sends them so) compared with a number of type `oid`: PostgreSQL reads it
+/// with that type's input function. Only plain decimals the node reads
+/// exactly as PostgreSQL does are taken — integers within the integer
+/// type's range (`int8in`, `int4in`, `int2in`: spaces around, a sign,
+/// digits), `[sign] digits [. digits]` for numeric and float — as the
+/// number to compare with; anything else stays refused.
+fn number_literal(s: &str, oid: u32) -> Option<String> {
+    let t = s.trim_matches(|c: char| c.is_ascii_whitespace());
+    let digits = t.strip_prefix(['+', '-']).unwrap_or(t);
+    let int = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
+    let decimal = {
+        let (a, b) = digits.split_once('.').unwrap_or((digits, ""));
+        (!a.is_empty() || !b.is_empty())
+            && a.bytes().all(|c| c.is_ascii_digit())
+            && b.bytes().all(|c| c.is_ascii_digit())
+    };
+    let fits = |lo: i128, hi: i128| t.parse::<i128>().is_ok_and(|v| (lo..=hi).contains(&v));
+    let ok = match oid {
+        20 => int && fits(i64::MIN.into(), i64::MAX.into()),
+        23 => int && fits(i32::MIN.into(), i32::MAX.into()),
+        21 => int && fits(i16::MIN.into(), i16::MAX.into()),
+        1700 | 700 | 701 => decimal,
+        _ => false,
+    };
+    ok.then(|| t.to_owned())
+}
+
+/// HAVING with SQL's three-valued logic (None = unknown). `oids`: the
+/// shard columns' type OIDs.
 pub(super) fn eval_having<R: Cols + ?Sized>(
     h: &HavingExpr,
     row: &R,
     types: &[Ty],
+    oids: &[u32],
 ) -> Result<Option<bool>, MergeError> {
     Ok(match h {
-        HavingExpr::And(a, b) => match (eval_having(a, row, types)?, eval_having(b, row, types)?) {
+        HavingExpr::And(a, b) => match (
+            eval_having(a, row, types, oids)?,
+            eval_having(b, row, types, oids)?,
+        ) {
             (Some(false), _) | (_, Some(false)) => Some(false),
             (Some(true), Some(true)) => Some(true),
             _ => None,
         },
-        HavingExpr::Or(a, b) => match (eval_having(a, row, types)?, eval_having(b, row, types)?) {
+        HavingExpr::Or(a, b) => match (
+            eval_having(a, row, types, oids)?,
+            eval_having(b, row, types, oids)?,
+        ) {
             (Some(true), _) | (_, Some(true)) => Some(true),
             (Some(false), Some(false)) => Some(false),
             _ => None,
         },
-        HavingExpr::Not(a) => eval_having(a, row, types)?.map(|v| !v),
+        HavingExpr::Not(a) => eval_having(a, row, types, oids)?.map(|v| !v),
         HavingExpr::IsNull { operand, negated } => {
             let null = operand_value(operand, row, types)?.0.is_none();
             Some(null != *negated)
         }
         HavingExpr::Compare { left, op, right } => {
-            let (l, lt) = operand_value(left, row, types)?;
-            let (r, rt) = operand_value(right, row, types)?;
+            let (mut l, lt) = operand_value(left, row, types)?;
+            let (mut r, rt) = operand_value(right, row, types)?;
             let ty = lt.or(rt).unwrap_or(Ty::Numeric);
-            let string_lit = |o: &Operand| matches!(o, Operand::Literal(Literal::String(_)));
-            if (string_lit(left) || string_lit(right)) && ty != Ty::Text {
+            // A string compared with a number: read as that number's type
+            // reads it, where the node can do so exactly.
+            let oid = match (left, right) {
+                (Operand::Value(c), _) | (_, Operand::Value(c)) => combined_oid(c, oids),
+                _ => None,
+            };
+            let mut unread = false;
+            if ty != Ty::Text {
+                for (o, v) in [(left, &mut l), (right, &mut r)] {
+                    match o {
+                        Operand::Literal(Literal::String(s)) => {
+                            match oid.and_then(|oid| number_literal(s, oid)) {
+                                Some(n) => *v = Some(Cow::Owned(n.into_bytes())),
+                                None => unread = true,
+                            }
+                        }
+                        Operand::Literal(Literal::Text(_)) => unread = true,
+                        _ => {}
+                    }
+                }
+            }
+            if unread {
                 return Err(MergeError(
                     sqlstate::FEATURE_NOT_SUPPORTED,
                     format!("HAVING compares a {ty:?} value with a string literal across shards; hotrepart cannot apply PostgreSQL's input conversion for that type (session TimeZone, formats): compare with a number, or filter in WHERE"),
@@ -409,7 +479,9 @@ pub(super) fn operand_value<'a, R: Cols + ?Sized>(
             None,
         ),
         Operand::Literal(Literal::Number(n)) => (Some(Cow::Borrowed(n.as_bytes())), None),
-        Operand::Literal(Literal::String(sv)) => (Some(Cow::Borrowed(sv.as_bytes())), None),
+        Operand::Literal(Literal::String(sv) | Literal::Text(sv)) => {
+            (Some(Cow::Borrowed(sv.as_bytes())), None)
+        }
         Operand::Param(_) => {
             return Err(MergeError(
                 sqlstate::FEATURE_NOT_SUPPORTED,

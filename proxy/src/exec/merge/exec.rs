@@ -297,6 +297,8 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         // Those Parse left unspecified, as a Describe of it told.
         _ => s.known_param_types(&stmt, s.param_types(&stmt), params.len()),
     };
+    // As the client typed them (0: none), for HAVING's parameters.
+    let client_types = types.clone();
     // A parameter still of unknown type that the shards' statement no
     // longer uses (only in HAVING, OFFSET or a LIMIT not pushed down):
     // a type that takes every value (text in text, bytea in binary), or
@@ -370,7 +372,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // Parameters of HAVING (applied by the node): their values in place.
     let substituted;
     let plan = match plan.aggregate.as_ref().and_then(|a| a.having.as_ref()) {
-        Some(h) if having_has_params(h) => match having_with_params(plan, &params, &types) {
+        Some(h) if having_has_params(h) => match having_with_params(plan, &params, &client_types) {
             Ok(p) => {
                 substituted = p;
                 &substituted
@@ -427,13 +429,14 @@ fn having_with_params(
             return Ok(Literal::Null);
         };
         let number = matches!(ty, 20 | 21 | 23 | 700 | 701 | 1700);
-        let text = matches!(ty, 0 | 25 | 705 | 1042 | 1043);
         if !params.is_binary(i) {
             let t = std::str::from_utf8(v).map_err(|_| format!("{} is not UTF-8", what()))?;
             return Ok(match ty {
                 16 => Literal::String(t.to_owned()),
                 _ if number => Literal::Number(t.trim().to_owned()),
-                _ if text => Literal::String(t.to_owned()),
+                // Of no type: read as the type it is compared with.
+                0 | 705 => Literal::String(t.to_owned()),
+                25 | 1042 | 1043 => Literal::Text(t.to_owned()),
                 _ => return Err(format!("{} is not supported across shards", what())),
             });
         }
@@ -449,7 +452,7 @@ fn having_with_params(
                 f64::from_be_bytes([v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]])
             )),
             (16, 1) => Literal::Bool(v[0] != 0),
-            (25 | 1043, _) => Literal::String(String::from_utf8(v.to_vec()).map_err(|_| bad())?),
+            (25 | 1043, _) => Literal::Text(String::from_utf8(v.to_vec()).map_err(|_| bad())?),
             (21 | 23 | 20 | 701 | 16, _) => return Err(bad()),
             _ => {
                 return Err(format!(
@@ -745,9 +748,13 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         })
         .unwrap_or_default();
     let mut types = value_types.clone();
+    let mut oids: Vec<u32> = fields.iter().map(|f| f.type_oid()).collect();
     for &i in &dcols {
         if let Some(t) = types.get_mut(i) {
             *t = Ty::Int;
+        }
+        if let Some(o) = oids.get_mut(i) {
+            *o = 20;
         }
     }
     let types = types;
@@ -1091,7 +1098,7 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     };
     let mut err = None;
     if let Some(h) = plan.aggregate.as_ref().and_then(|a| a.having.as_ref()) {
-        groups.retain(|g| match eval_having(h, g, &types) {
+        groups.retain(|g| match eval_having(h, g, &types, &oids) {
             Ok(keep) => keep == Some(true),
             Err(e) => {
                 err.get_or_insert(e);
