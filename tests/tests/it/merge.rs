@@ -948,6 +948,11 @@ async fn aggregates_over_derived_tables_equal_one_postgresql() {
         "SELECT EXISTS (SELECT * FROM events WHERE events.v = 3 AND events.seq > 590) AS anon_1",
         "SELECT EXISTS (SELECT * FROM events WHERE events.v = 3 AND events.seq > 1000) AS anon_1",
         "SELECT EXISTS(SELECT 1 FROM \"events\" AS \"t1\" WHERE (\"t1\".\"seq\" = 77)) LIMIT 1",
+        // NOT EXISTS (Knex's `whereNotExists` as a value): true when no
+        // shard has a row.
+        "SELECT NOT EXISTS (SELECT * FROM events WHERE events.v = 3 AND events.seq > 590) AS e",
+        "SELECT NOT EXISTS (SELECT * FROM events WHERE events.v = 3 AND events.seq > 1000) AS e",
+        "SELECT NOT EXISTS (SELECT 1 FROM events)",
     ] {
         let want = rows(&reference, sql).await.unwrap();
         let got = rows(&node, sql)

@@ -96,8 +96,8 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
             }
         }
     };
-    if super::scope::lone_exists(sel).is_some() {
-        return exists_plan(q).map(Some);
+    if let Some((_, negated)) = super::scope::lone_exists(sel) {
+        return exists_plan(q, negated).map(Some);
     }
     let mut finder = Finder {
         keyed: Some((is_key, &sel.named_window)),
@@ -486,10 +486,11 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
     }))
 }
 
-/// `SELECT EXISTS (subquery)` over several shards: every shard answers
-/// one row, for its own rows; the answer is their bool_or. LIMIT/OFFSET
-/// apply to that one row.
-fn exists_plan(q: &Query) -> Result<MergePlan, String> {
+/// `SELECT [NOT] EXISTS (subquery)` over several shards: every shard
+/// answers one row, for its own rows; the answer is their bool_or (with
+/// NOT: their bool_and — no shard has a row). LIMIT/OFFSET apply to that
+/// one row.
+fn exists_plan(q: &Query, negated: bool) -> Result<MergePlan, String> {
     if q.with.is_some() || !q.locks.is_empty() || q.order_by.is_some() {
         return Err("SELECT EXISTS (…) with WITH, ORDER BY or FOR UPDATE".to_owned());
     }
@@ -502,7 +503,11 @@ fn exists_plan(q: &Query) -> Result<MergePlan, String> {
         shard_sql: sq.to_string(),
         hidden: 0,
         aggregate: Some(AggregatePlan {
-            shard_cols: vec![ShardCol::Partial(Partial::BoolOr)],
+            shard_cols: vec![ShardCol::Partial(if negated {
+                Partial::BoolAnd
+            } else {
+                Partial::BoolOr
+            })],
             group_by: Vec::new(),
             outputs: vec![Combined::Col(0)],
             having: None,

@@ -651,7 +651,7 @@ impl<'a> Analyzer<'a> {
         // takes bool_or of the shards' rows, `merge_plan::exists_plan`).
         // Only as the statement itself: nested, or as a UNION branch, the
         // shards' one-row answers would be taken as rows.
-        if let Some(subquery) = lone_exists(sel).filter(|_| parent.is_none()) {
+        if let Some((subquery, _)) = lone_exists(sel).filter(|_| parent.is_none()) {
             let info = self.query(subquery, Some(s))?;
             self.scopes[s].covered =
                 row_local(subquery) && info.root.is_some_and(|r| self.scopes[r].covered);
@@ -1121,9 +1121,10 @@ fn row_local(q: &Query) -> bool {
                 && matches!(select_merge_need(sel), super::super::MergeNeed::None))
 }
 
-/// The subquery of `SELECT EXISTS (subquery) [AS a]`, with nothing else
-/// (no FROM, WHERE, GROUP BY, HAVING, DISTINCT, window).
-pub(super) fn lone_exists(sel: &Select) -> Option<&Query> {
+/// The subquery of `SELECT [NOT] EXISTS (subquery) [AS a]`, with nothing
+/// else (no FROM, WHERE, GROUP BY, HAVING, DISTINCT, window), and whether
+/// it is negated.
+pub(super) fn lone_exists(sel: &Select) -> Option<(&Query, bool)> {
     if !sel.from.is_empty()
         || sel.selection.is_some()
         || sel.having.is_some()
@@ -1142,10 +1143,17 @@ pub(super) fn lone_exists(sel: &Select) -> Option<&Query> {
         _ => return None,
     };
     match strip(e) {
-        Expr::Exists {
-            subquery,
-            negated: false,
-        } => Some(subquery),
+        Expr::Exists { subquery, negated } => Some((subquery, *negated)),
+        Expr::UnaryOp {
+            op: ast::UnaryOperator::Not,
+            expr,
+        } => match strip(expr) {
+            Expr::Exists {
+                subquery,
+                negated: false,
+            } => Some((subquery, true)),
+            _ => None,
+        },
         _ => None,
     }
 }
