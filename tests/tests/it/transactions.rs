@@ -1784,3 +1784,42 @@ async fn a_function_that_cannot_be_looked_up_is_refused_not_run_unchecked() {
     r.send(|o| frontend::query("SELECT 1", o).unwrap()).await;
     assert_eq!(tags(&r.until_ready().await), "TDCZ");
 }
+
+/// pg-cursor (node-postgres's `pg-query-stream`, Knex's and TypeORM's
+/// `.stream()`) outside a transaction block: Parse, Bind, Describe,
+/// Execute with a row limit, Flush. Over several shards that is refused
+/// (0A000); after the client's Sync, and after a Sync-less error the
+/// client then follows with its next statement, the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_flushed_multi_shard_read_leaves_the_session_usable() {
+    let c = cluster().await;
+    let (db, a, b) = setup(&c).await;
+    for id in [a, b] {
+        db.execute("INSERT INTO users (id, v) VALUES ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+    }
+    let mut r = Raw::connect(&c).await;
+    for order in ["", " ORDER BY id"] {
+        let sql = format!("SELECT id FROM users{order}");
+        r.send(|o| {
+            frontend::parse("", &sql, std::iter::empty(), o).unwrap();
+            bind_portal(o, "");
+            frontend::describe(b'P', "", o).unwrap();
+            frontend::execute("", 100, o).unwrap();
+            frontend::flush(o);
+        })
+        .await;
+        let m = r.until(b'E').await;
+        let e = String::from_utf8_lossy(&m.last().unwrap().1).to_string();
+        assert!(e.contains("0A000"), "{sql}: {m:?}");
+        r.send(frontend::sync).await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "Z", "{sql}: {m:?}");
+        r.send(|o| frontend::query("SELECT count(*) FROM users", o).unwrap())
+            .await;
+        let m = r.until_ready().await;
+        assert_eq!(tags(&m), "TDCZ", "{sql}: {m:?}");
+        assert_eq!(first_value(&m), "2");
+    }
+}
