@@ -400,6 +400,12 @@ pub struct Session<S> {
     /// transaction block (`BEGIN` bound: true; `COMMIT`/`ROLLBACK`:
     /// false), which the node learns from PostgreSQL only at the Sync.
     pub(super) unsynced_block: Option<bool>,
+    /// A portal over several shards was bound outside a transaction block
+    /// with Flush (pg-cursor, node-postgres's streams): the client's
+    /// implicit transaction, which the node holds open on the shards as a
+    /// transaction of its own until the client's Sync
+    /// (`session/cursor.rs` `end_implicit_portal`).
+    pub(super) implicit_portal: bool,
     /// The server's `standard_conforming_strings` at login.
     pub(super) server_scs: bool,
     /// Where unqualified names resolve, and what it was read under
@@ -552,6 +558,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             state_stale: false,
             unsynced_settings: false,
             unsynced_block: None,
+            implicit_portal: false,
             server_scs: true,
             ns: Arc::default(),
             ns_base: Arc::default(),

@@ -846,7 +846,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         frames: &[Frame],
         synced: bool,
     ) -> Result<bool, SessionError> {
-        if !self.txn.open() || self.txn.failed {
+        // Outside a transaction block, a portal the client reads in parts
+        // with Flush (pg-cursor) lives in its implicit transaction, until
+        // its Sync.
+        let implicit = !self.txn.open();
+        if self.txn.failed || (implicit && (synced || self.skip_to_sync)) {
             return Ok(false);
         }
         let mut parse: Option<(&Frame, &str, &str)> = None;
@@ -959,6 +963,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.batch_error(&r, synced);
             return Ok(true);
         }
+        if implicit {
+            if self.be.mid_pipeline() || !self.be.owed.is_empty() || self.skip_to_sync {
+                // Statements of the client's before it in the pipeline:
+                // the ordinary path (refused there).
+                return Ok(false);
+            }
+            // The client's implicit transaction, as a transaction block of
+            // the node's on the shards (`end_implicit_portal` at Sync).
+            self.txn.begin = Some("BEGIN".into());
+            self.txn.status = TxStatus::InTransaction;
+            self.implicit_portal = true;
+        }
         // The shards' maps of user type OIDs (Parse types, enum results).
         self.prepare_type_oids(frames, &shards).await;
         let formats = merged::bind_result_formats(bind_frame)?;
@@ -1032,6 +1048,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.skip_to_sync = true;
         }
         Ok(true)
+    }
+
+    /// The client's Sync (or a simple Query: PostgreSQL's Query ends the
+    /// pipeline's implicit transaction too) after a portal over several
+    /// shards was bound outside a transaction block (`implicit_portal`):
+    /// the batch's messages before the Sync run inside the node's
+    /// transaction, which then ends — committed (the portal only read; a
+    /// statement run beside it too), rolled back after an error — and,
+    /// for a Sync, ReadyForQuery answers as PostgreSQL's: idle.
+    pub(super) async fn end_implicit_portal(&mut self, sync: bool) -> Result<(), SessionError> {
+        let mut frames = std::mem::take(&mut self.batch);
+        frames.retain(|f| f.tag() != fe::SYNC);
+        if sync && !frames.is_empty() && !self.skip_to_sync {
+            self.batch = frames;
+            Box::pin(self.run_batch_rounds(false)).await?;
+            self.batch.clear();
+        }
+        self.implicit_portal = false;
+        self.part = Some(Part {
+            from: self.out.len(),
+            ..Part::default()
+        });
+        let failed = self.txn.failed || self.skip_to_sync;
+        let r = if self.txn.open() {
+            Box::pin(self.end_implicit(!failed)).await.map(|_| ())
+        } else {
+            Ok(())
+        };
+        self.scan_part();
+        self.part = None;
+        r?;
+        self.skip_to_sync = false;
+        if sync {
+            let status = self.client_status();
+            self.push_synthetic(rfq(status));
+        }
+        Ok(())
     }
 
     /// Closes the merged cursor `name` on its shards and forgets it. False:

@@ -363,7 +363,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match tag {
             fe::QUERY => {
                 if !self.batch.is_empty() {
-                    // A Query after unsynced extended messages: they go first.
+                    // A Query after unsynced extended messages: they go
+                    // first, with a Flush — PostgreSQL holds their replies
+                    // until one (or a Sync), and the node may wait for them
+                    // before the Query (pg-cursor's Close after its Sync).
+                    self.push_flush();
                     self.run_batch(false).await?;
                 }
                 self.on_query(f).await?;
@@ -378,8 +382,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 self.batch.push(f);
                 // Bounded memory: a client that never sends Sync or Flush
-                // has its messages forwarded anyway (as Flush would).
+                // has its messages forwarded anyway, as Flush would.
                 if self.batch.len() >= MAX_BATCH {
+                    self.push_flush();
                     self.run_batch(false).await?;
                 }
             }
@@ -488,6 +493,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn on_query(&mut self, f: Frame) -> Result<(), SessionError> {
+        if self.implicit_portal {
+            // The Query ends the implicit transaction the portal lived in.
+            Box::pin(self.end_implicit_portal(false)).await?;
+        }
         if self.be.mid_pipeline() && !Box::pin(self.query_after_pipeline()).await? {
             return Ok(());
         }
@@ -760,9 +769,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         true
     }
 
+    /// Ends the messages held with a Flush of the node's: PostgreSQL then
+    /// sends their replies, which the node may wait for.
+    fn push_flush(&mut self) {
+        self.batch.push(Frame {
+            raw: bytes::Bytes::from_static(&[fe::FLUSH, 0, 0, 0, 4]),
+        });
+    }
+
     /// Runs the extended-protocol messages held (up to a Sync when
     /// `synced`, else a Flush).
     async fn run_batch(&mut self, synced: bool) -> Result<(), SessionError> {
+        if synced && self.implicit_portal {
+            return Box::pin(self.end_implicit_portal(true)).await;
+        }
         self.portals_begin_batch(synced);
         if !self.node.routing.single_shard() && !self.skip_to_sync {
             // INSERTs the router cannot route as written, made routable
@@ -898,7 +918,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// [`Session::run_batch`] for a batch that is not cut.
-    async fn run_batch_rounds(&mut self, synced: bool) -> Result<(), SessionError> {
+    pub(super) async fn run_batch_rounds(&mut self, synced: bool) -> Result<(), SessionError> {
         loop {
             if self.skip_to_sync {
                 // After an error in the pipeline everything up to Sync is

@@ -258,6 +258,36 @@ async function havingParams() {
   })
 }
 
+async function queryStream() {
+  // pg-query-stream (pg-cursor: a named portal read n rows at a time with
+  // Flush) — what Knex's and TypeORM's .stream() use — over the sharded
+  // table, outside a transaction block and inside one, ordered and not;
+  // then the connection goes on.
+  const QueryStream = require('pg-query-stream')
+  return withClient({}, async (c) => {
+    await c.query('DROP TABLE IF EXISTS drv_kv')
+    await c.query('CREATE TABLE drv_kv (id bigint PRIMARY KEY, v text)')
+    for (let i = 1; i <= 40; i++) {
+      await c.query('INSERT INTO drv_kv (id, v) VALUES ($1, $2)', [i, `v${i}`])
+    }
+    const stream = async (sql, params) => {
+      const ids = []
+      for await (const r of c.query(new QueryStream(sql, params, { batchSize: 7 }))) ids.push(Number(r.id))
+      return ids
+    }
+    const out = {}
+    out.ordered = await stream('SELECT id FROM drv_kv WHERE id > $1 ORDER BY id DESC', [3])
+    eq('ordered', out.ordered, Array.from({ length: 37 }, (_, i) => 40 - i))
+    out.unordered = (await stream('SELECT id FROM drv_kv', [])).sort((a, b) => a - b)
+    eq('unordered', out.unordered, Array.from({ length: 40 }, (_, i) => i + 1))
+    await c.query('BEGIN')
+    out.in_block = await stream('SELECT id FROM drv_kv WHERE id <= $1 ORDER BY id', [12])
+    await c.query('COMMIT')
+    out.after = (await c.query('SELECT count(*) AS n FROM drv_kv')).rows[0].n
+    return out
+  })
+}
+
 async function sequelizeOrm() {
   // Sequelize 6 over pg, on a table named as Sequelize names it by default
   // (model DrvSqUser: table "DrvSqUsers", mixed case, a SERIAL key the
@@ -367,6 +397,7 @@ const SCENARIOS = [
   ['sharded_keys', shardedKeys],
   ['sequelize_orm', sequelizeOrm],
   ['having_params', havingParams],
+  ['query_stream', queryStream],
 ]
 
 async function main() {

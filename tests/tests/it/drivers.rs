@@ -90,6 +90,7 @@ impl Driver {
                 "sharded_keys",
                 "sequelize_orm",
                 "having_params",
+                "query_stream",
             ],
         }
     }

@@ -1800,13 +1800,22 @@ async fn a_refused_flushed_multi_shard_read_leaves_the_session_usable() {
             .unwrap();
     }
     let mut r = Raw::connect(&c).await;
-    for order in ["", " ORDER BY id"] {
-        let sql = format!("SELECT id FROM users{order}");
+    // (pg-cursor binds a named portal and executes it only once described;
+    // an aggregate over several shards is no portal the node can serve in
+    // parts.)
+    for (sql, portal, execute) in [
+        ("SELECT id FROM users", "", true),
+        ("SELECT id FROM users ORDER BY id", "", true),
+        ("SELECT v, count(*) FROM users GROUP BY v", "C_1", false),
+        ("SELECT v, count(*) FROM users GROUP BY v", "", true),
+    ] {
         r.send(|o| {
-            frontend::parse("", &sql, std::iter::empty(), o).unwrap();
-            bind_portal(o, "");
-            frontend::describe(b'P', "", o).unwrap();
-            frontend::execute("", 100, o).unwrap();
+            frontend::parse("", sql, std::iter::empty(), o).unwrap();
+            bind_portal(o, portal);
+            frontend::describe(b'P', portal, o).unwrap();
+            if execute {
+                frontend::execute(portal, 100, o).unwrap();
+            }
             frontend::flush(o);
         })
         .await;
@@ -1816,10 +1825,108 @@ async fn a_refused_flushed_multi_shard_read_leaves_the_session_usable() {
         r.send(frontend::sync).await;
         let m = r.until_ready().await;
         assert_eq!(tags(&m), "Z", "{sql}: {m:?}");
-        r.send(|o| frontend::query("SELECT count(*) FROM users", o).unwrap())
-            .await;
+        // pg-cursor then closes its portal without a Sync of its own; the
+        // client's next query follows.
+        r.send(|o| {
+            frontend::close(b'P', portal, o).unwrap();
+            frontend::query("SELECT count(*) FROM users", o).unwrap();
+        })
+        .await;
         let m = r.until_ready().await;
-        assert_eq!(tags(&m), "TDCZ", "{sql}: {m:?}");
+        assert_eq!(tags(&m), "3TDCZ", "{sql}: {m:?}");
         assert_eq!(first_value(&m), "2");
     }
+}
+
+/// pg-cursor (node-postgres's `pg-query-stream`: Knex's and TypeORM's
+/// `.stream()`) outside a transaction block over two shards: Parse, Bind
+/// of a named portal, Describe, Flush; Execute n, Flush, … ; Close, Sync.
+/// The portal lives in the client's implicit transaction — a transaction
+/// of the node's on the shards until the Sync — and is read in parts,
+/// every row once in the query's order; ReadyForQuery is idle and no
+/// shard stays in a transaction. A simple Query ends it as PostgreSQL's
+/// does. (It was refused: "must be followed by Sync, not Flush".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_streamed_with_flush_outside_a_block_over_two_shards() {
+    let c = cluster().await;
+    let (db, _a, _b) = setup(&c).await;
+    for id in 1..=10i64 {
+        db.execute("INSERT INTO users (id, v) VALUES ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+    }
+    let mut r = Raw::connect(&c).await;
+    let open = |o: &mut BytesMut| {
+        frontend::parse(
+            "",
+            "SELECT id FROM users ORDER BY id",
+            std::iter::empty(),
+            o,
+        )
+        .unwrap();
+        bind_portal(o, "C_1");
+        frontend::describe(b'P', "C_1", o).unwrap();
+        frontend::flush(o);
+    };
+    r.send(open).await;
+    assert_eq!(tags(&r.until(b'T').await), "12T");
+    let mut got = Vec::new();
+    loop {
+        r.send(|o| {
+            frontend::execute("C_1", 3, o).unwrap();
+            frontend::flush(o);
+        })
+        .await;
+        let m = r.until_with(|t| t == b's' || t == b'C' || t == b'E').await;
+        let last = m.last().unwrap().0;
+        assert_ne!(last, b'E', "{m:?}");
+        for (t, body) in &m {
+            if *t == b'D' {
+                got.push(String::from_utf8_lossy(&body[6..]).parse::<i64>().unwrap());
+            }
+        }
+        if last == b'C' {
+            break;
+        }
+        assert!(got.len() <= 10, "the portal never ends");
+    }
+    assert_eq!(got, (1..=10).collect::<Vec<_>>());
+    r.send(|o| {
+        frontend::close(b'P', "C_1", o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "3Z", "{m:?}");
+    assert_eq!(m.last().unwrap().1, b"I");
+    no_open_transactions(&c).await;
+    // A simple Query in the middle ends the implicit transaction (and the
+    // portal with it), as on PostgreSQL.
+    r.send(open).await;
+    assert_eq!(tags(&r.until(b'T').await), "12T");
+    r.send(|o| {
+        frontend::execute("C_1", 2, o).unwrap();
+        frontend::flush(o);
+    })
+    .await;
+    assert_eq!(tags(&r.until(b's').await), "DDs");
+    r.send(|o| frontend::query("SELECT count(*) FROM users", o).unwrap())
+        .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "TDCZ", "{m:?}");
+    assert_eq!(first_value(&m), "10");
+    assert_eq!(m.last().unwrap().1, b"I");
+    no_open_transactions(&c).await;
+    r.send(|o| {
+        frontend::execute("C_1", 2, o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(
+        tags(&m),
+        "EZ",
+        "the portal ended with its transaction: {m:?}"
+    );
+    assert!(String::from_utf8_lossy(&m[0].1).contains("34000"), "{m:?}");
 }
