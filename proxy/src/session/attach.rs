@@ -739,7 +739,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .map(|n| format!("({})", state::quote_literal(n)))
                 .collect();
             let sql = format!(
-                "SELECT v.n, pg_catalog.bool_or(p.provolatile = 'v'), pg_catalog.string_agg(coalesce(p.prosrc, ''), ' ') \
+                "SELECT v.n, pg_catalog.bool_or(p.provolatile = 'v'), pg_catalog.string_agg(coalesce(p.prosrc, '') || ' ' || coalesce(CASE WHEN p.prokind IN ('f', 'p') THEN pg_catalog.pg_get_functiondef(p.oid) END, ''), ' ') \
                  FROM (VALUES {}) AS v(n) JOIN pg_catalog.pg_proc p ON pg_catalog.lower(p.proname) = pg_catalog.lower(v.n) GROUP BY 1",
                 list.join(", ")
             );

@@ -1781,6 +1781,23 @@ async fn a_function_that_cannot_be_looked_up_is_refused_not_run_unchecked() {
         .await;
     let m = r.until_ready().await;
     assert_eq!(tags(&m), "EZ", "{m:?}");
+    // A SQL-standard body (`RETURN …`, `BEGIN ATOMIC`) is kept apart from
+    // the function's source text in the catalog: read too.
+    r.send(|o| {
+        frontend::query(
+            "CREATE FUNCTION nusers3() RETURNS bigint LANGUAGE sql STABLE RETURN (SELECT count(*) FROM users)",
+            o,
+        )
+        .unwrap()
+    })
+    .await;
+    assert_eq!(tags(&r.until_ready().await), "CZ");
+    r.send(|o| frontend::query("SELECT nusers3()", o).unwrap())
+        .await;
+    let m = r.until_ready().await;
+    assert_eq!(tags(&m), "EZ", "counted one shard's rows: {m:?}");
+    let e = String::from_utf8_lossy(&m[0].1).to_string();
+    assert!(e.contains("0A000") && e.contains("nusers3"), "{e}");
     r.send(|o| frontend::query("SELECT 1", o).unwrap()).await;
     assert_eq!(tags(&r.until_ready().await), "TDCZ");
 }

@@ -433,7 +433,16 @@ fn having_with_params(
             let t = std::str::from_utf8(v).map_err(|_| format!("{} is not UTF-8", what()))?;
             return Ok(match ty {
                 16 => Literal::String(t.to_owned()),
-                _ if number => Literal::Number(t.trim().to_owned()),
+                // As the type's input function reads it, or refused.
+                _ if number => match super::combine::number_literal(t, ty) {
+                    Some(n) => Literal::Number(n),
+                    None => {
+                        return Err(format!(
+                            "{} ({t:?}) is not a number hotrepart reads exactly as PostgreSQL does",
+                            what()
+                        ))
+                    }
+                },
                 // Of no type: read as the type it is compared with.
                 0 | 705 => Literal::String(t.to_owned()),
                 25 | 1042 | 1043 => Literal::Text(t.to_owned()),
