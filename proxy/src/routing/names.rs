@@ -62,10 +62,10 @@ fn reach_cte(names: &[String]) -> String {
     format!(
         "WITH RECURSIVE declared AS (\
            SELECT c.oid, x.name FROM ROWS FROM (pg_catalog.unnest(ARRAY[{regs}]::text[]), pg_catalog.unnest(ARRAY[{cats}]::text[])) AS x(reg, name) \
-           JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(x.reg)), \
+           JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(x.reg)::pg_catalog.oid), \
          edges(src, dst) AS (\
            SELECT d.refobjid, r.ev_class FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid \
-           WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND r.ev_class <> d.refobjid \
+           WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass::pg_catalog.oid AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid AND r.ev_class OPERATOR(pg_catalog.<>) d.refobjid \
            UNION ALL SELECT i.inhparent, i.inhrelid FROM pg_catalog.pg_inherits i \
            UNION ALL SELECT i.inhrelid, i.inhparent FROM pg_catalog.pg_inherits i), \
          reach(oid, via) AS (\
@@ -108,8 +108,8 @@ pub fn temp_probe_sql(snap: &RoutingSnapshot) -> String {
          SELECT c.relname::text, (SELECT pg_catalog.min(r.via) FROM reach r WHERE r.oid = c.oid) FROM pg_catalog.pg_class c \
            WHERE c.relnamespace = pg_catalog.pg_my_temp_schema() \
          UNION ALL SELECT NULL, NULL WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.pronamespace = pg_catalog.pg_my_temp_schema()) \
-           OR EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace = pg_catalog.pg_my_temp_schema() AND t.typrelid = 0 \
-             AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type e WHERE e.oid = t.typelem AND e.typrelid <> 0))",
+           OR EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace = pg_catalog.pg_my_temp_schema() AND t.typrelid OPERATOR(pg_catalog.=) 0::pg_catalog.oid \
+             AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type e WHERE e.oid = t.typelem AND e.typrelid OPERATOR(pg_catalog.<>) 0::pg_catalog.oid))",
         cte = reach_cte(&declared(snap)),
     )
 }

@@ -739,8 +739,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .map(|n| format!("({})", state::quote_literal(n)))
                 .collect();
             let sql = format!(
-                "SELECT v.n, pg_catalog.bool_or(p.provolatile = 'v'), pg_catalog.string_agg(coalesce(p.prosrc, '') || ' ' || coalesce(CASE WHEN p.prokind IN ('f', 'p') THEN pg_catalog.pg_get_functiondef(p.oid) END, ''), ' ') \
-                 FROM (VALUES {}) AS v(n) JOIN pg_catalog.pg_proc p ON pg_catalog.lower(p.proname) = pg_catalog.lower(v.n) GROUP BY 1",
+                "SELECT v.n, pg_catalog.bool_or(p.provolatile OPERATOR(pg_catalog.=) 'v'::pg_catalog.char), \
+                 pg_catalog.string_agg(pg_catalog.concat_ws(' ', p.prosrc, CASE WHEN p.prokind OPERATOR(pg_catalog.=) ANY (ARRAY['f', 'p']::pg_catalog.char[]) THEN pg_catalog.pg_get_functiondef(p.oid) END), ' ') \
+                 FROM (VALUES {}) AS v(n) JOIN pg_catalog.pg_proc p ON pg_catalog.lower(p.proname::pg_catalog.text) OPERATOR(pg_catalog.=) pg_catalog.lower(v.n::pg_catalog.text) GROUP BY 1",
                 list.join(", ")
             );
             let rows = if apart {
@@ -819,7 +820,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             let list: Vec<String> = unknown.iter().map(|n| state::quote_literal(n)).collect();
             let sql = format!(
-                "SELECT DISTINCT pg_catalog.lower(proname) FROM pg_catalog.pg_proc WHERE prokind = 'a' AND pg_catalog.lower(proname) IN ({})",
+                "SELECT DISTINCT pg_catalog.lower(proname::pg_catalog.text) FROM pg_catalog.pg_proc WHERE prokind OPERATOR(pg_catalog.=) 'a'::pg_catalog.char AND pg_catalog.lower(proname::pg_catalog.text) OPERATOR(pg_catalog.=) ANY (ARRAY[{}]::pg_catalog.text[])",
                 list.join(", ")
             );
             let rows = match self.be.slots[t].conn.as_mut() {

@@ -879,8 +879,11 @@ pub(super) const POISON_SQL: &str =
 
 /// What the node learns of a shard's database on attach: whether text
 /// orders bytewise there (database collation C/POSIX and no user column with
-/// another collation).
-pub(super) const CATALOG_PROBE: &str = "SELECT d.datcollate IN ('C', 'POSIX') AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid >= 16384 AND a.attnum > 0 AND NOT a.attisdropped AND a.attcollation NOT IN (0, 100, 950, 951)) FROM pg_catalog.pg_database d WHERE d.datname = current_database()";
+/// another collation). It runs with the client's search_path and its answer
+/// serves every client: every operator and function is pg_catalog's by name
+/// (a user's own `>=(oid, int4)` would be a better match than
+/// pg_catalog's otherwise).
+pub(super) const CATALOG_PROBE: &str = "SELECT d.datcollate::pg_catalog.text OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'POSIX']::pg_catalog.text[]) AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 AND NOT a.attisdropped AND NOT (a.attcollation OPERATOR(pg_catalog.=) ANY (ARRAY[0, 100, 950, 951]::pg_catalog.oid[]))) FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()";
 
 /// The node's name for a statement: a hash of its Parse body after the
 /// client's name (SQL text and parameter types), so that clients preparing
