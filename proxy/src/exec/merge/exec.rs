@@ -1206,7 +1206,7 @@ pub(super) async fn text_order_refusal<S: AsyncRead + AsyncWrite + Unpin + Send>
         return refused(format!("ordering text across shards needs client_encoding UTF8 or LATIN1 (it is {}): hotrepart compares the shards' text byte by byte, which orders characters as PostgreSQL does only in those", s.enc.name()));
     }
     if !shards_use_c_collation(s, shards).await? {
-        return refused("ordering text across shards needs the C collation on every shard (database collation is not C)".into());
+        return refused("ordering text across shards needs the C collation on every shard: there the database, or a column of a table, uses another collation (hotrepart compares text byte by byte; see pg_attribute.attcollation)".into());
     }
     Ok(None)
 }
