@@ -102,10 +102,17 @@ impl Cursors {
     /// The backend of shard `i` was closed (or died): its cursors with it;
     /// a holdable merged one stays open on its other shards (`stale`).
     pub(crate) fn forget_shard(&mut self, i: usize) {
+        self.stale.retain(|(s, _)| *s != i);
+        self.drop_on(i, |_, _| false);
+        self.reread.retain(|&x| x != i);
+    }
+
+    /// Drops the cursors on shard `i` that `keep` does not keep; the parts
+    /// on its other shards of a holdable merged one dropped are `stale`.
+    fn drop_on(&mut self, i: usize, keep: impl Fn(&str, &OpenCursor) -> bool) {
         let mut stale = std::mem::take(&mut self.stale);
-        stale.retain(|(s, _)| *s != i);
         self.open.retain(|name, c| {
-            if !c.on(i) {
+            if !c.on(i) || keep(name, c) {
                 return true;
             }
             if let Some(m) = c.merged.as_ref().filter(|_| c.hold) {
@@ -119,7 +126,6 @@ impl Cursors {
             false
         });
         self.stale = stale;
-        self.reread.retain(|&x| x != i);
     }
 
     /// Whether `name` is a merged holdable cursor the session dropped
@@ -1469,32 +1475,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // A merged cursor stays while its name is read on each of
                 // its shards; one gone here (rolled back, DISCARD ALL) is
                 // gone for the client, its other shards' part stale.
-                let mut stale = std::mem::take(&mut self.cursors.stale);
-                self.cursors.open.retain(|name, c| {
-                    if !c.on(i) {
-                        return true;
-                    }
-                    let Some(m) = c.merged.as_ref() else {
-                        return false;
-                    };
-                    if names.contains(name) {
-                        return true;
-                    }
-                    stale.extend(
-                        m.shards
-                            .iter()
-                            .filter(|&&j| j != i)
-                            .map(|&j| (j, name.clone())),
-                    );
-                    false
+                // (Only holdable ones are left here: the others ended with
+                // the transaction.)
+                self.cursors.drop_on(i, |name, c| {
+                    c.merged.is_some() && names.iter().any(|n| n == name)
                 });
-                let here: Vec<String> = stale
+                let here: Vec<String> = self
+                    .cursors
+                    .stale
                     .iter()
                     .filter(|(s, _)| *s == i)
                     .map(|(_, n)| n.clone())
                     .collect();
-                stale.retain(|(s, _)| *s != i);
-                self.cursors.stale = stale;
+                self.cursors.stale.retain(|(s, _)| *s != i);
                 for name in names {
                     if here.contains(&name) {
                         let sql = format!("CLOSE {}", crate::sql::quote_ident(&name));
