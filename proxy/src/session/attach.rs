@@ -538,54 +538,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.unsynced_block = None;
     }
 
-    /// A Flush-ended batch went out: whether its Binds may change the
-    /// settings routing reads, and what they do to the transaction block
-    /// (see [`Self::settle_pipeline`]).
+    /// A Flush-ended batch went out (its Parses recorded): whether its
+    /// Binds may change the settings routing reads, and what they do to the
+    /// transaction block (see [`Self::settle_pipeline`]).
     pub(super) fn note_unsynced_binds(&mut self, frames: &[crate::wire::Frame]) {
-        let (settings, block) = self.unsynced_binds(frames);
+        let (mut settings, mut block) = (false, None);
+        for sql in self.bound_texts(frames) {
+            settings |= classify(&sql).changes_routing_settings;
+            block = block_effect(&sql).or(block);
+        }
         self.unsynced_settings |= settings;
         if block.is_some() {
             self.unsynced_block = block;
         }
-    }
-
-    fn unsynced_binds(&self, frames: &[crate::wire::Frame]) -> (bool, Option<bool>) {
-        let mut settings = false;
-        let mut block = None;
-        let mut batch_unnamed: Option<Arc<str>> = None;
-        let mut batch_named: HashMap<&str, Arc<str>> = HashMap::new();
-        for f in frames {
-            let mut b = f.body();
-            match f.tag() {
-                crate::wire::fe::PARSE => {
-                    let (Ok(name), Ok(sql)) =
-                        (crate::wire::get_cstr(&mut b), crate::wire::get_cstr(&mut b))
-                    else {
-                        continue;
-                    };
-                    if name.is_empty() {
-                        batch_unnamed = Some(Arc::from(sql));
-                    } else {
-                        batch_named.insert(name, Arc::from(sql));
-                    }
-                }
-                crate::wire::fe::BIND => {
-                    let (Ok(_), Ok(stmt)) =
-                        (crate::wire::get_cstr(&mut b), crate::wire::get_cstr(&mut b))
-                    else {
-                        continue;
-                    };
-                    let Some(sql) = self.client_sql(stmt, &batch_unnamed, batch_named.get(stmt))
-                    else {
-                        continue;
-                    };
-                    settings |= classify(&sql).changes_routing_settings;
-                    block = block_effect(&sql).or(block);
-                }
-                _ => {}
-            }
-        }
-        (settings, block)
     }
 
     /// Before routing: the namespace unqualified names resolve in, for the

@@ -1429,22 +1429,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The statement texts of a forwarded batch's Binds that are cursor
     /// statements (read after the batch's Parses were recorded).
     pub(super) fn cursor_statements(&self, frames: &[Frame]) -> Vec<Arc<str>> {
-        let mut out = Vec::new();
-        for f in frames.iter().filter(|f| f.tag() == fe::BIND) {
-            let mut b = f.body();
-            let (Ok(_portal), Ok(stmt)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b)) else {
-                continue;
-            };
-            if let Some(sql) = self.bound_sql(stmt, &None, None) {
-                if ["declare", "close"]
+        self.bound_texts(frames)
+            .filter(|sql| {
+                ["declare", "close"]
                     .iter()
-                    .any(|w| first_keyword_is(&sql, w))
-                {
-                    out.push(sql);
-                }
-            }
-        }
-        out
+                    .any(|w| first_keyword_is(sql, w))
+            })
+            .collect()
     }
 
     /// At the end of the transaction on shard `i` (its backend attached

@@ -198,6 +198,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Some(self.filled_text(&sql).unwrap_or(sql))
     }
 
+    /// The statement texts of a forwarded batch's Binds (read after the
+    /// batch's Parses were recorded).
+    pub(super) fn bound_texts<'a>(
+        &'a self,
+        frames: &'a [Frame],
+    ) -> impl Iterator<Item = Arc<str>> + 'a {
+        frames
+            .iter()
+            .filter(|f| f.tag() == fe::BIND)
+            .filter_map(|f| {
+                let mut b = f.body();
+                let _portal = wire::get_cstr(&mut b).ok()?;
+                let stmt = wire::get_cstr(&mut b).ok()?;
+                self.bound_sql(stmt, &None, None)
+            })
+    }
+
     /// [`Self::bound_sql`] as the client wrote it.
     pub(super) fn client_sql(
         &self,

@@ -1193,12 +1193,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .iter()
             .any(|f| !matches!(f.tag(), fe::SYNC | fe::FLUSH));
         let cursor_frames = self.may_touch_cursors(&frames).then(|| frames.clone());
-        // What the statements of a Flush-ended batch do to name resolution
-        // is read back only after their Sync (`settle_pipeline`).
+        // What the statements of a Flush-ended batch do to the settings
+        // routing reads is read back only after their Sync
+        // (`settle_pipeline`).
+        let unsynced_binds = (!synced
+            && !self.node.routing.single_shard()
+            && frames.iter().any(|f| f.tag() == fe::BIND))
+        .then(|| frames.clone());
         if synced {
             self.pipeline_synced();
-        } else if !self.node.routing.single_shard() && frames.iter().any(|f| f.tag() == fe::BIND) {
-            self.note_unsynced_binds(&frames);
         }
         for f in frames {
             if self.skip_to_sync && f.tag() != fe::SYNC {
@@ -1209,6 +1212,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if tag == fe::SYNC {
                 self.skip_to_sync = false;
             }
+        }
+        if let Some(frames) = unsynced_binds {
+            self.note_unsynced_binds(&frames);
         }
         // What the batch's statements did to the session's cursors (their
         // Parses are recorded by now).
