@@ -13,6 +13,10 @@ use crate::routing::state::RoutingState;
 use crate::routing::{self, BindParams, Decision};
 use hotrepart_routing_paxos::CatalogHandle;
 use std::collections::HashMap;
+
+/// How long DDL's end waits to record its `SchemaChanged` in the
+/// replicated catalog, and again for every node to apply it.
+const SCHEMA_CHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -210,6 +214,19 @@ pub struct Calls {
     pub reads: Option<(String, String)>,
 }
 
+impl Calls {
+    /// Adds what pg_proc says of function `name` (the first volatile one
+    /// and the first that reads a sharded table are kept).
+    pub fn add(&mut self, name: &str, info: &FunctionInfo) {
+        if info.volatile && self.volatile.is_none() {
+            self.volatile = Some(name.to_string());
+        }
+        if let (Some(t), None) = (&info.reads, &self.reads) {
+            self.reads = Some((name.to_string(), t.clone()));
+        }
+    }
+}
+
 pub struct Node {
     /// The configuration now: swapped whole by a reload
     /// ([`crate::control::reload`]); read it with [`Node::cfg`].
@@ -261,6 +278,9 @@ pub struct Node {
     /// Bumped by [`Node::forget_catalog`]: sessions read their namespace
     /// again.
     pub(crate) catalog_generation: std::sync::atomic::AtomicU64,
+    /// The replicated catalog's schema generation this node has acted on
+    /// ([`Node::catch_up_schema`]).
+    schema_seen: std::sync::atomic::AtomicU64,
     /// LISTEN/NOTIFY for sessions in transaction pooling.
     pub notifier: crate::backend::notify::Notifier,
     /// The TLS acceptor for new clients (a reload reads the certificate
@@ -360,6 +380,7 @@ impl Node {
             namespaces: Mutex::new(HashMap::new()),
             table_defaults: Mutex::new(HashMap::new()),
             catalog_generation: std::sync::atomic::AtomicU64::new(0),
+            schema_seen: std::sync::atomic::AtomicU64::new(current.schema_generation()),
             notifier: Default::default(),
             cfg: arc_swap::ArcSwap::from_pointee(cfg),
             config_file: Default::default(),
@@ -466,11 +487,22 @@ impl Node {
             .copied()
     }
 
-    pub fn set_collation_is_c(&self, shard: usize, database: &str, c: bool) {
-        self.collations
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((shard, database.to_string()), c);
+    /// Records what a probe read under catalog generation `generation`
+    /// (nothing when the catalog was forgotten since: the probe may have
+    /// read the schema as it was).
+    pub fn set_collation_is_c(&self, shard: usize, database: &str, c: bool, generation: u64) {
+        let mut m = self.collations.lock().unwrap_or_else(|e| e.into_inner());
+        if self.current_generation(generation) {
+            m.insert((shard, database.to_string()), c);
+        }
+    }
+
+    /// Whether nothing was forgotten since `generation` was read. Called
+    /// with a cache's lock held: [`Self::forget_catalogs`] bumps the
+    /// generation before it clears the caches, so what a probe learned is
+    /// either refused here or cleared there.
+    fn current_generation(&self, generation: u64) -> bool {
+        self.catalog_generation.load(Ordering::SeqCst) == generation
     }
 
     /// Of `names`, those not yet known for `database` (None) or the first
@@ -493,8 +525,17 @@ impl Node {
         (unknown, None)
     }
 
-    pub fn learn_aggregates(&self, database: &str, names: &[String], aggregates: &[String]) {
+    pub fn learn_aggregates(
+        &self,
+        database: &str,
+        names: &[String],
+        aggregates: &[String],
+        generation: u64,
+    ) {
         let mut m = self.aggregates.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.current_generation(generation) {
+            return;
+        }
         let k = m.entry(database.to_string()).or_default();
         if k.len() > 10_000 {
             k.clear();
@@ -514,14 +555,7 @@ impl Node {
         let mut calls = Calls::default();
         for n in names {
             match known.and_then(|k| k.get(n)) {
-                Some(info) => {
-                    if info.volatile && calls.volatile.is_none() {
-                        calls.volatile = Some(n.clone());
-                    }
-                    if let (Some(t), None) = (&info.reads, &calls.reads) {
-                        calls.reads = Some((n.clone(), t.clone()));
-                    }
-                }
+                Some(info) => calls.add(n, info),
                 None => unknown.push(n.clone()),
             }
         }
@@ -535,8 +569,12 @@ impl Node {
         database: &str,
         names: &[String],
         found: &HashMap<String, FunctionInfo>,
+        generation: u64,
     ) {
         let mut m = self.volatile.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.current_generation(generation) {
+            return;
+        }
         let k = m.entry(database.to_string()).or_default();
         if k.len() > 10_000 {
             k.clear();
@@ -564,8 +602,12 @@ impl Node {
         key: NsKey,
         fp: u64,
         ns: Arc<hotrepart_router::route::Namespace>,
+        generation: u64,
     ) {
         let mut m = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.current_generation(generation) {
+            return;
+        }
         if m.len() > 10_000 {
             m.clear();
         }
@@ -604,25 +646,110 @@ impl Node {
         m.insert(key, d);
     }
 
+    /// Forgets what the node learned of `database`'s catalog (after DDL).
     pub fn forget_catalog(&self, database: &str) {
+        self.forget_catalogs(|db| db == database);
+    }
+
+    /// Forgets what the node learned of the catalogs of the databases
+    /// `which` selects, and bumps the catalog generation: sessions read
+    /// their namespace again, statements validated before are parsed again.
+    fn forget_catalogs(&self, which: impl Fn(&str) -> bool) {
+        // First: a probe that learns after this point is refused
+        // (`current_generation`), one that learned before is cleared below.
+        self.catalog_generation.fetch_add(1, Ordering::SeqCst);
         self.namespaces
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|k, _| k.0 != database);
-        self.catalog_generation.fetch_add(1, Ordering::SeqCst);
-        self.type_oids.forget(database);
+            .retain(|k, _| !which(&k.0));
+        self.type_oids.forget(&which);
         self.volatile
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(database);
+            .retain(|db, _| !which(db));
         self.collations
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(_, db), _| db != database);
+            .retain(|(_, db), _| !which(db));
         self.aggregates
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(database);
+            .retain(|db, _| !which(db));
+    }
+
+    /// Before a client request is handled: forgets what the node learned
+    /// of the databases whose schema changed through any node of the
+    /// cluster since it last looked (`SchemaChanged` in the replicated
+    /// catalog; see [`Self::schema_changed`]). Lock-free when nothing
+    /// changed. A node without a valid lease cannot know what it missed:
+    /// it forgets everything (its statements are refused until the lease
+    /// is back, and the first ones after read the catalogs again, after
+    /// any DDL acknowledged meanwhile).
+    pub fn catch_up_schema(&self) {
+        if !self.catalog_handle.lease_valid() {
+            self.forget_catalogs(|_| true);
+            return;
+        }
+        let seen = self.schema_seen.load(Ordering::SeqCst);
+        if self.catalog_handle.schema_generation() <= seen {
+            return;
+        }
+        let cat = self.catalog_handle.catalog();
+        let changed: Vec<&str> = cat.schema_changed_since(seen).collect();
+        self.forget_catalogs(|db| changed.contains(&db));
+        self.schema_seen
+            .fetch_max(cat.schema_generation(), Ordering::SeqCst);
+    }
+
+    /// DDL through this node has run on the shards and its transaction has
+    /// ended: forgets what the node learned of `database`, and in a cluster
+    /// records the change in the replicated catalog (`SchemaChanged`) and
+    /// waits until every node with a lease has applied it — so that no
+    /// node routes a statement the client sends after this one by the
+    /// schema as it was. Err: the change could not be recorded in time (a
+    /// task keeps trying; the caller warns its client).
+    pub async fn schema_changed(self: &Arc<Self>, database: &str) -> Result<(), String> {
+        self.forget_catalog(database);
+        if self.cfg().cluster.is_none() {
+            return Ok(());
+        }
+        match self.record_schema_change(database).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let (node, db) = (self.clone(), database.to_string());
+                tokio::spawn(async move {
+                    // Bounded: after an hour the change is left to the
+                    // log (`tracing::error!`).
+                    for attempt in 0..720u32 {
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                        if node.record_schema_change(&db).await.is_ok() {
+                            tracing::info!(database = %db, attempt, "schema change recorded in the catalog");
+                            return;
+                        }
+                    }
+                    tracing::error!(database = %db, "could not record a schema change in the catalog for an hour: other nodes may route by the old schema until their next restart or DDL");
+                });
+                Err(e)
+            }
+        }
+    }
+
+    async fn record_schema_change(&self, database: &str) -> Result<(), String> {
+        let h = &self.catalog_handle;
+        let cmd = hotrepart_routing_paxos::CatalogCommand::SchemaChanged {
+            database: database.to_string(),
+        };
+        match h.propose(cmd, SCHEMA_CHANGE_TIMEOUT).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(e) => return Err(e.to_string()),
+        }
+        let all = h.await_all_applied(h.applied_index());
+        match tokio::time::timeout(SCHEMA_CHANGE_TIMEOUT, all).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out waiting for every node to apply it".into()),
+        }
     }
 
     pub(crate) fn pool_for(&self, shard: usize, database: &str, client_user: &str) -> Arc<Pool> {

@@ -94,6 +94,10 @@ pub struct Catalog {
     jobs: BTreeMap<String, JobRecord>,
     /// WebAssembly routing functions by name.
     functions: BTreeMap<String, StoredFunction>,
+    /// `SchemaChanged` entries applied (see [`Catalog::schema_generation`]).
+    schema_generation: u64,
+    /// Per database: the `schema_generation` of its last `SchemaChanged`.
+    schema_changed: BTreeMap<String, u64>,
 }
 
 /// A recorded 2PC decision.
@@ -152,7 +156,17 @@ pub enum Applied {
         /// The job.
         job: String,
     },
+    /// A database's schema changed; the routing table did not.
+    SchemaChanged {
+        /// The database.
+        database: String,
+        /// The catalog's `schema_generation` now.
+        generation: u64,
+    },
 }
+
+/// PostgreSQL's longest database name (NAMEDATALEN - 1).
+const MAX_DATABASE_LEN: usize = 63;
 
 /// A reshard job as the catalog records it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -266,6 +280,13 @@ pub enum Rejected {
         range: Span,
         /// The job.
         job: String,
+    },
+    /// A database name PostgreSQL would not accept (empty, or longer than
+    /// 63 bytes).
+    #[error("invalid database name {database:?}")]
+    InvalidDatabase {
+        /// The name.
+        database: String,
     },
     /// A GID PostgreSQL would not accept.
     #[error("invalid transaction id {gid:?}: {reason}")]
@@ -426,6 +447,21 @@ impl Catalog {
         self.decisions_recorded
     }
 
+    /// How many `SchemaChanged` commands were applied: a node compares it
+    /// with the count it last acted on, and forgets what it learned of the
+    /// databases [`Catalog::schema_changed_since`] names.
+    pub fn schema_generation(&self) -> u64 {
+        self.schema_generation
+    }
+
+    /// The databases whose schema changed after generation `seen`.
+    pub fn schema_changed_since(&self, seen: u64) -> impl Iterator<Item = &str> + '_ {
+        self.schema_changed
+            .iter()
+            .filter(move |(_, &g)| g > seen)
+            .map(|(d, _)| d.as_str())
+    }
+
     /// Applies one command. On `Err` the catalog is unchanged.
     pub fn apply(&mut self, cmd: &CatalogCommand) -> Result<Applied, Rejected> {
         match cmd {
@@ -464,7 +500,23 @@ impl Catalog {
                 lag_bytes,
                 note,
             } => self.job_update(job, *phase, *owner, *rows_copied, *lag_bytes, note),
+            CatalogCommand::SchemaChanged { database } => self.schema_changed(database),
         }
+    }
+
+    fn schema_changed(&mut self, database: &str) -> Result<Applied, Rejected> {
+        if database.is_empty() || database.len() > MAX_DATABASE_LEN {
+            return Err(Rejected::InvalidDatabase {
+                database: database.to_owned(),
+            });
+        }
+        self.schema_generation += 1;
+        self.schema_changed
+            .insert(database.to_owned(), self.schema_generation);
+        Ok(Applied::SchemaChanged {
+            database: database.to_owned(),
+            generation: self.schema_generation,
+        })
     }
 
     fn current(&self) -> Result<&RoutingSnapshot, Rejected> {

@@ -380,6 +380,18 @@ pub enum CatalogCommand {
         /// Found by the resolver's sweep (see above).
         swept: bool,
     },
+    /// The schema of `database` changed on the shards (DDL that went
+    /// through a node has committed): every node forgets what it learned of
+    /// that database's catalog — namespaces, views over sharded tables,
+    /// function bodies, collations, type OIDs, validated statements —
+    /// before it routes its next statement. The node that ran the DDL
+    /// proposes it before its client sees the end of the transaction, and
+    /// waits until every node with a lease has applied it. Never changes
+    /// the routing table or the epoch.
+    SchemaChanged {
+        /// The database (PostgreSQL: at most 63 bytes).
+        database: String,
+    },
 }
 
 /// Most gids one [`CatalogCommand::ForgetDecisions`] names (one log entry
@@ -406,6 +418,7 @@ impl CatalogCommand {
             CatalogCommand::ForgetDecisions { .. } => "forget_decisions",
             CatalogCommand::JobStart { .. } => "job_start",
             CatalogCommand::JobUpdate { .. } => "job_update",
+            CatalogCommand::SchemaChanged { .. } => "schema_changed",
         }
     }
 }

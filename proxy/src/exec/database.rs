@@ -151,7 +151,12 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         s.out.put_slice(&command_complete(verb));
     }
     if !db.create {
-        s.node.forget_catalog(&db.name);
+        // On every node: a database created again under this name is
+        // another catalog.
+        let node = s.node.clone();
+        if let Err(e) = Box::pin(node.schema_changed(&db.name)).await {
+            tracing::warn!(database = %db.name, error = %e, "could not record the dropped database in the replicated catalog; retrying in the background");
+        }
     }
     let status = s.client_status();
     s.out.put_slice(&rfq(status));

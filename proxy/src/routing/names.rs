@@ -11,7 +11,8 @@
 //! parent of it, transitively (an over-approximation: a sibling partition
 //! of a declared one is refused too). The node caches the result per
 //! (database, user, `search_path` setting) and the set of declared tables,
-//! and forgets it on DDL through the node (`Node::forget_catalog`).
+//! and forgets it on DDL through any node of the cluster
+//! (`Node::schema_changed`, `Node::catch_up_schema`).
 //! A view or partition created directly on the shards is not seen until
 //! then. Temporary schemas (`pg_temp_N`) are left out: what one backend
 //! holds there belongs to the session using it, which adds its own

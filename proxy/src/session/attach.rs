@@ -101,12 +101,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         {
             // Needed by the merger: text is ordered across shards only when
             // the database and every user column use the C collation.
+            let generation = self
+                .node
+                .catalog_generation
+                .load(std::sync::atomic::Ordering::SeqCst);
             if let Ok(rows) = b.hidden_query(CATALOG_PROBE).await {
                 let row = rows.first();
                 let c = row
                     .and_then(|r| r.first().cloned().flatten())
                     .is_some_and(|v| v == "t");
-                self.node.set_collation_is_c(t, &self.database, c);
+                self.node
+                    .set_collation_is_c(t, &self.database, c, generation);
             }
         }
         if self.txn.open() {
@@ -390,6 +395,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// read back session state where it may have changed, then return the
     /// backends (transaction mode).
     pub(crate) async fn end_of_transaction(&mut self) -> Result<(), SessionError> {
+        if self.ddl_sent {
+            // Before the client can act on the end of its transaction
+            // (its ReadyForQuery is not flushed yet): every node forgets
+            // the schema as it was.
+            self.ddl_sent = false;
+            let node = self.node.clone();
+            if let Err(e) = Box::pin(node.schema_changed(&self.database)).await {
+                tracing::warn!(database = %self.database, error = %e, "could not record a schema change in the replicated catalog; retrying in the background");
+                crate::wire::notice_response(
+                    &mut self.out,
+                    "01000",
+                    &format!("the schema change ran, but other hotrepart nodes could not be told yet ({e}): until they are (this node keeps trying), they may route statements by the schema as it was"),
+                );
+            }
+        }
         self.txn.reset();
         self.forget_portals();
         for i in 0..self.be.slots.len() {
@@ -620,7 +640,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match rows {
             Ok(rows) => {
                 let ns = Arc::new(crate::routing::names::parse(rows));
-                self.node.learn_namespace(key, fp, ns.clone());
+                self.node.learn_namespace(key, fp, ns.clone(), generation);
                 self.ns_base = ns;
                 self.ns_under = Some(under);
             }
@@ -703,6 +723,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .iter()
                 .map(|n| format!("({})", state::quote_literal(n)))
                 .collect();
+            let generation = self.generation();
             let sql = format!(
                 "SELECT v.n, pg_catalog.bool_or(p.provolatile OPERATOR(pg_catalog.=) 'v'::pg_catalog.char), \
                  pg_catalog.string_agg(pg_catalog.concat_ws(' ', p.prosrc, CASE WHEN p.prokind OPERATOR(pg_catalog.=) ANY (ARRAY['f', 'p']::pg_catalog.char[]) THEN pg_catalog.pg_get_functiondef(p.oid) END), ' ') \
@@ -747,8 +768,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 };
                 found.insert(name, info);
             }
-            self.node.learn_functions(&self.database, &unknown, &found);
-            known = self.node.known_functions(&self.database, &d.calls).1;
+            self.node
+                .learn_functions(&self.database, &unknown, &found, generation);
+            // From what was read, not from the cache: a schema change
+            // meanwhile leaves it unlearned.
+            for n in &unknown {
+                if let Some(info) = found.get(n) {
+                    known.add(n, info);
+                }
+            }
         }
         if let (Some((f, table)), false) = (&known.reads, d.hinted) {
             return Ok(Err(body_names_sharded(f, table)));
@@ -784,6 +812,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(Err(r));
             }
             let list: Vec<String> = unknown.iter().map(|n| state::quote_literal(n)).collect();
+            let generation = self.generation();
             let sql = format!(
                 "SELECT DISTINCT pg_catalog.lower(proname::pg_catalog.text) FROM pg_catalog.pg_proc WHERE prokind OPERATOR(pg_catalog.=) 'a'::pg_catalog.char AND pg_catalog.lower(proname::pg_catalog.text) OPERATOR(pg_catalog.=) ANY (ARRAY[{}]::pg_catalog.text[])",
                 list.join(", ")
@@ -806,7 +835,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .into_iter()
                 .filter_map(|r| r.into_iter().next().flatten())
                 .collect();
-            self.node.learn_aggregates(&self.database, &unknown, &aggs);
+            self.node
+                .learn_aggregates(&self.database, &unknown, &aggs, generation);
             found = aggs.into_iter().next();
         }
         if let Some(name) = found {

@@ -340,9 +340,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 i.requested();
             }
         }
+        // What DDL through another node changed (`Node::catch_up_schema`).
+        self.node.catch_up_schema();
         if self.ddl_sent && self.be.owed.is_empty() && !self.txn.open() {
+            // DDL whose transaction ended without `end_of_transaction`.
             self.ddl_sent = false;
-            self.node.forget_catalog(&self.database);
+            let node = self.node.clone();
+            if let Err(e) = Box::pin(node.schema_changed(&self.database)).await {
+                tracing::warn!(database = %self.database, error = %e, "could not record a schema change in the replicated catalog; retrying in the background");
+            }
         }
         if self.skip_to_sync && tag != fe::SYNC {
             return Ok(None);

@@ -287,11 +287,12 @@ impl TypeOidCache {
 
     /// DDL through the node: the maps of `database` are read again when
     /// next needed.
-    pub fn forget(&self, database: &str) {
+    /// Forgets the maps of the databases `which` selects.
+    pub fn forget(&self, which: &impl Fn(&str) -> bool) {
         self.maps
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|k, _| k.0 != database);
+            .retain(|k, _| !which(&k.0));
     }
 }
 

@@ -49,6 +49,13 @@ pub struct CatalogImage {
     pub jobs: Vec<JobImage>,
     /// WebAssembly functions by name (the id is the module's SHA-256).
     pub functions: Vec<(String, WasmModule)>,
+    /// `SchemaChanged` entries applied (0 in images written before it
+    /// existed).
+    #[serde(default)]
+    pub schema_generation: u64,
+    /// Per database: the generation of its last `SchemaChanged`.
+    #[serde(default)]
+    pub schema_changed: Vec<(String, u64)>,
 }
 
 /// The routing snapshot as data.
@@ -213,6 +220,12 @@ impl Catalog {
                 .iter()
                 .map(|(n, f)| (n.clone(), WasmModule(f.wasm.to_vec())))
                 .collect(),
+            schema_generation: self.schema_generation,
+            schema_changed: self
+                .schema_changed
+                .iter()
+                .map(|(d, g)| (d.clone(), *g))
+                .collect(),
         }
     }
 
@@ -319,6 +332,8 @@ impl Catalog {
                 .map(|j| (j.job.clone(), j.record.clone()))
                 .collect(),
             functions,
+            schema_generation: image.schema_generation,
+            schema_changed: image.schema_changed.iter().cloned().collect(),
         })
     }
 }

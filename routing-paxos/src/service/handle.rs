@@ -125,6 +125,14 @@ impl CatalogHandle {
         self.inner.shared.catalog.load().epoch()
     }
 
+    /// The catalog's [`schema_generation`](Catalog::schema_generation) as
+    /// of the last applied entry (lock-free). Read after
+    /// [`lease_valid`](Self::lease_valid), it counts every `SchemaChanged`
+    /// the lease was granted on.
+    pub fn schema_generation(&self) -> u64 {
+        self.inner.shared.catalog.load().schema_generation()
+    }
+
     /// A receiver that sees the catalog change whenever a command applied.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Catalog>> {
         self.inner.shared.watch.subscribe()
