@@ -213,7 +213,11 @@ fn render_plan(p: &MergePlan) -> String {
         let cols = a
             .shard_cols
             .iter()
-            .map(|c| {
+            .enumerate()
+            .map(|(i, c)| {
+                if let Some((_, sep)) = a.separators.iter().find(|(j, _)| *j == i) {
+                    return format!("string_agg({sep:?})");
+                }
                 match c {
                     ShardCol::GroupKey => "key",
                     ShardCol::Plain => "val",
@@ -224,6 +228,9 @@ fn render_plan(p: &MergePlan) -> String {
                     ShardCol::Partial(Partial::Max) => "max",
                     ShardCol::Partial(Partial::BoolAnd) => "and",
                     ShardCol::Partial(Partial::BoolOr) => "or",
+                    ShardCol::Partial(Partial::ArrayAgg) => "array",
+                    ShardCol::Partial(Partial::JsonbAgg) => "jsonb",
+                    ShardCol::Partial(Partial::StringAgg) => "string",
                 }
                 .to_owned()
             })
@@ -626,7 +633,8 @@ fn messages_name_the_construct() {
     };
     assert!(msg("SELECT id, rank() OVER (ORDER BY id) FROM users").contains("rank()"));
     assert!(msg("SELECT sum(DISTINCT name) FROM users").contains("sum(DISTINCT"));
-    assert!(msg("SELECT string_agg(name, ',') FROM users").contains("string_agg()"));
+    assert!(msg("SELECT stddev(age) FROM users").contains("stddev()"));
+    assert!(msg("SELECT string_agg(name, sep) FROM users").contains("string_agg()"));
     assert!(msg("SELECT count(*) + 1 FROM users").contains("count()"));
     assert!(msg("SELECT * FROM users ORDER BY id; SELECT 1").contains("several statements"));
     assert!(msg("COPY users (name) FROM STDIN").contains("shard key column \"id\""));

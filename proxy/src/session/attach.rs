@@ -842,7 +842,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(name) = found {
             return Ok(Err(Refusal::new(
                 sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("aggregate function {name}() cannot be combined across shards (hotrepart combines count, sum, min, max, avg, bool_and, bool_or); pin the statement to one shard with its shard key"),
+                format!("aggregate function {name}() cannot be combined across shards (hotrepart combines count, sum, min, max, avg, bool_and, bool_or, array_agg, jsonb_agg, string_agg); pin the statement to one shard with its shard key"),
             )));
         }
         Ok(Ok(()))

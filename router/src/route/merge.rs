@@ -104,6 +104,9 @@ pub struct AggregatePlan {
     pub outputs: Vec<Combined>,
     /// Applied to the combined groups.
     pub having: Option<HavingExpr>,
+    /// The separator of each [`Partial::StringAgg`] column, by shard
+    /// column: the string literal the statement wrote.
+    pub separators: Vec<(usize, String)>,
 }
 
 /// What a shard column of an aggregated plan holds.
@@ -139,6 +142,16 @@ pub enum Partial {
     BoolAnd,
     /// `bool_or(x)`: OR.
     BoolOr,
+    /// `array_agg(x)` (no DISTINCT, no ORDER BY: the order of the elements
+    /// is unspecified, so the shards' arrays one after another is an
+    /// answer PostgreSQL could give): the elements concatenated.
+    ArrayAgg,
+    /// `jsonb_agg(x)` (no DISTINCT, no ORDER BY): the arrays concatenated.
+    JsonbAgg,
+    /// `string_agg(x, 'sep')` (a literal separator, no DISTINCT, no ORDER
+    /// BY): the strings joined by the separator
+    /// ([`AggregatePlan::separators`]).
+    StringAgg,
 }
 
 /// The type a combined count is cast to (`count(*)::int`, which

@@ -435,7 +435,7 @@ async fn multi_shard_statements_in_the_extended_protocol() {
     // merges that are not implemented are refused
     let e = db
         .query(
-            "SELECT name, array_agg(id) FROM users WHERE id > $1 GROUP BY name",
+            "SELECT name, array_agg(DISTINCT id) FROM users WHERE id > $1 GROUP BY name",
             &[&0i64],
         )
         .await

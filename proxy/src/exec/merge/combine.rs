@@ -252,6 +252,16 @@ pub(super) fn combine<B: AsRef<[u8]>>(
                     changed |= take_new;
                     Some(if take_new { n } else { o })
                 }
+                Partial::ArrayAgg | Partial::JsonbAgg | Partial::StringAgg => {
+                    let sep = a
+                        .separators
+                        .iter()
+                        .find(|(c, _)| *c == i)
+                        .map(|(_, s)| s.as_str());
+                    owned.push((i, concat(*p, ty, sep, o, n)?));
+                    changed = true;
+                    None
+                }
                 Partial::BoolAnd | Partial::BoolOr => {
                     let t = if *p == Partial::BoolAnd {
                         o == b"t" && n == b"t"
@@ -273,6 +283,67 @@ pub(super) fn combine<B: AsRef<[u8]>>(
         vals[*i] = Some(v);
     }
     Ok(Some(Packed::pack(&vals)))
+}
+
+/// Two shards' partial `array_agg`, `jsonb_agg` or `string_agg` (text
+/// format) as one: the elements of `a`, then those of `b` — an order
+/// PostgreSQL could have fed them in (the aggregate has no ORDER BY).
+fn concat(p: Partial, ty: Ty, sep: Option<&str>, a: &[u8], b: &[u8]) -> Result<Bytes, MergeError> {
+    let refuse = |what: &str| MergeError(sqlstate::FEATURE_NOT_SUPPORTED, what.to_string());
+    let mut out = Vec::with_capacity(a.len() + b.len() + 2);
+    match p {
+        Partial::ArrayAgg => {
+            // `[0:1]={…}`: bounds other than 1 (arrays of such arrays).
+            let ok = |v: &[u8]| v.len() >= 2 && v[0] == b'{' && v[v.len() - 1] == b'}';
+            if !ok(a) || !ok(b) {
+                return Err(refuse(
+                    "array_agg() of arrays whose lower bound is not 1 cannot be combined across shards",
+                ));
+            }
+            out.extend_from_slice(&a[..a.len() - 1]);
+            // box[] is the one built-in array type delimited by ';'.
+            out.push(if ty == Ty::Other(1020) { b';' } else { b',' });
+            out.extend_from_slice(&b[1..]);
+        }
+        Partial::JsonbAgg => {
+            let ok = |v: &[u8]| v.len() >= 2 && v[0] == b'[' && v[v.len() - 1] == b']';
+            if !ok(a) || !ok(b) {
+                return Err(MergeError(
+                    sqlstate::INTERNAL_ERROR,
+                    "a shard's jsonb_agg() is not a JSON array".into(),
+                ));
+            }
+            out.extend_from_slice(&a[..a.len() - 1]);
+            out.extend_from_slice(b", ");
+            out.extend_from_slice(&b[1..]);
+        }
+        _ => {
+            let sep = sep.ok_or_else(|| {
+                MergeError(
+                    sqlstate::INTERNAL_ERROR,
+                    "string_agg() without its separator".into(),
+                )
+            })?;
+            out.extend_from_slice(a);
+            if ty == Ty::Bytea {
+                // Hex output: `\x` and two digits a byte (the separator
+                // literal has no backslash: its bytes are its text).
+                let (Some(_), Some(rest)) = (a.strip_prefix(b"\\x"), b.strip_prefix(b"\\x")) else {
+                    return Err(refuse(
+                        "string_agg() of bytea across shards needs bytea_output = hex",
+                    ));
+                };
+                for byte in sep.bytes() {
+                    out.extend_from_slice(format!("{byte:02x}").as_bytes());
+                }
+                out.extend_from_slice(rest);
+            } else {
+                out.extend_from_slice(sep.as_bytes());
+                out.extend_from_slice(b);
+            }
+        }
+    }
+    Ok(Bytes::from(out))
 }
 
 pub(super) fn add(ty: Ty, a: &[u8], b: &[u8]) -> Result<Bytes, MergeError> {

@@ -29,8 +29,8 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use sqlparser::ast::{
-    BinaryOperator, Distinct, DuplicateTreatment, Expr, Function, FunctionArg, FunctionArgExpr,
-    FunctionArgumentClause, FunctionArguments, GroupByExpr, Ident, LimitClause,
+    BinaryOperator, DataType, Distinct, DuplicateTreatment, Expr, Function, FunctionArg,
+    FunctionArgExpr, FunctionArgumentClause, FunctionArguments, GroupByExpr, Ident, LimitClause,
     NamedWindowDefinition, NamedWindowExpr, ObjectNamePart, OrderBy, OrderByExpr, OrderByKind,
     OrderByOptions, OrderBySort, Query, SelectItem, SetExpr, UnaryOperator, Value, Visit, Visitor,
     WindowType,
@@ -462,6 +462,11 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
             group_by: b.group_by.iter().map(|&g| pos(g)).collect(),
             outputs: b.outputs.iter().map(|&c| map_combined(c)).collect(),
             having: having.map(|e| remap_having(e, &pos)),
+            separators: b
+                .separators
+                .iter()
+                .map(|(id, sep)| (pos(*id), sep.clone()))
+                .collect(),
         })
     } else {
         None
@@ -511,6 +516,7 @@ fn exists_plan(q: &Query, negated: bool) -> Result<MergePlan, String> {
             group_by: Vec::new(),
             outputs: vec![Combined::Col(0)],
             having: None,
+            separators: Vec::new(),
         }),
         zero_params: Vec::new(),
         distinct: false,
@@ -694,6 +700,8 @@ impl Col {
 /// A supported aggregate call.
 enum Agg {
     Simple(Partial),
+    /// `string_agg(x, 'sep')`: the separator.
+    Joined(String),
     /// `count(DISTINCT x)`, `x` not the shard key: the value `x`.
     CountDistinct(Box<Expr>),
     /// `avg(x)`: the `sum(x)` and `count(x)` calls to send.
@@ -715,6 +723,8 @@ struct Builder<'k> {
     group_by: Vec<usize>,
     /// Parameters written as the 0 of `coalesce(sum(x), $n)`.
     zero_params: Vec<usize>,
+    /// The separators of `string_agg` columns (internal ids).
+    separators: Vec<(usize, String)>,
 }
 
 impl<'k> Builder<'k> {
@@ -727,6 +737,7 @@ impl<'k> Builder<'k> {
             outputs: Vec::new(),
             group_by: Vec::new(),
             zero_params: Vec::new(),
+            separators: Vec::new(),
         }
     }
 
@@ -780,6 +791,13 @@ impl<'k> Builder<'k> {
     fn agg_value(&mut self, e: &Expr, context: &str) -> Result<Combined, String> {
         match agg_call(e, self.is_key)? {
             Some(Agg::Simple(p)) => Ok(Combined::Col(self.partial(p, strip(e).clone()))),
+            Some(Agg::Joined(sep)) => {
+                let id = self.partial(Partial::StringAgg, strip(e).clone());
+                if !self.separators.iter().any(|(i, _)| *i == id) {
+                    self.separators.push((id, sep));
+                }
+                Ok(Combined::Col(id))
+            }
             Some(Agg::Avg { sum, count }) => Ok(Combined::Avg {
                 sum: self.partial(Partial::Sum, *sum),
                 count: self.partial(Partial::Count, *count),
@@ -831,6 +849,15 @@ impl<'k> Builder<'k> {
                         alias,
                         kind: ShardCol::Partial(p),
                     });
+                    self.outputs.push(Combined::Col(id));
+                }
+                Some(Agg::Joined(sep)) => {
+                    self.visible.push(Col {
+                        expr: strip(expr).clone(),
+                        alias,
+                        kind: ShardCol::Partial(Partial::StringAgg),
+                    });
+                    self.separators.push((id, sep));
                     self.outputs.push(Combined::Col(id));
                 }
                 Some(Agg::CountDistinct(x)) => {
@@ -1257,6 +1284,27 @@ fn zero_coalesced(e: &Expr, is_key: IsKey<'_>) -> Result<Option<(Partial, Option
     })
 }
 
+/// The text of a plain string literal (`','`, `', '::text`) without
+/// backslashes (whose meaning depends on `standard_conforming_strings`
+/// and, for bytea, on the input format).
+fn string_literal(e: &Expr) -> Option<String> {
+    let e = match strip(e) {
+        Expr::Cast {
+            expr,
+            data_type: DataType::Text | DataType::Varchar(_) | DataType::Bytea,
+            ..
+        } => expr.as_ref(),
+        other => other,
+    };
+    match strip(e) {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) if !s.contains('\\') => Some(s.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn agg_call(e: &Expr, is_key: IsKey<'_>) -> Result<Option<Agg>, String> {
     let Expr::Function(f) = strip(e) else {
         return Ok(None);
@@ -1272,6 +1320,9 @@ fn agg_call(e: &Expr, is_key: IsKey<'_>) -> Result<Option<Agg>, String> {
         "max" => Some(Partial::Max),
         "bool_and" | "every" => Some(Partial::BoolAnd),
         "bool_or" => Some(Partial::BoolOr),
+        "array_agg" => Some(Partial::ArrayAgg),
+        "jsonb_agg" => Some(Partial::JsonbAgg),
+        "string_agg" => Some(Partial::StringAgg),
         "avg" => None,
         _ => return Err(format!("aggregate function {name}()")),
     };
@@ -1289,13 +1340,33 @@ fn agg_call(e: &Expr, is_key: IsKey<'_>) -> Result<Option<Agg>, String> {
     if f.null_treatment.is_some() || !matches!(f.parameters, FunctionArguments::None) {
         return Err(format!("aggregate function {name}()"));
     }
+    let concat = matches!(
+        partial,
+        Some(Partial::ArrayAgg | Partial::JsonbAgg | Partial::StringAgg)
+    );
+    if concat && list.duplicate_treatment == Some(DuplicateTreatment::Distinct) {
+        // PostgreSQL sorts to remove duplicates: its answer is in order.
+        return Err(format!("aggregate function {name}(DISTINCT …)"));
+    }
+    let mut separator = None;
     let arg_ok = match list.args.as_slice() {
-        [FunctionArg::Unnamed(FunctionArgExpr::Expr(_))] => true,
+        [FunctionArg::Unnamed(FunctionArgExpr::Expr(_))] => partial != Some(Partial::StringAgg),
         [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)] => name == "count",
+        [FunctionArg::Unnamed(FunctionArgExpr::Expr(_)), FunctionArg::Unnamed(FunctionArgExpr::Expr(sep))]
+            if partial == Some(Partial::StringAgg) =>
+        {
+            separator = Some(string_literal(sep).ok_or_else(|| {
+                "string_agg() whose separator is not a string literal (the node joins the shards' strings with it)".to_owned()
+            })?);
+            true
+        }
         _ => false,
     };
     if !arg_ok {
         return Err(format!("aggregate function {name}() with these arguments"));
+    }
+    if let Some(sep) = separator {
+        return Ok(Some(Agg::Joined(sep)));
     }
     let idempotent = matches!(
         partial,

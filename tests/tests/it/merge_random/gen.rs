@@ -827,8 +827,8 @@ impl Gen {
             1 => format!(
                 "SELECT grp, coalesce(max({c}), '0') FROM items{wh} GROUP BY grp ORDER BY grp"
             ),
-            2 => format!("SELECT string_agg(cat, ',') FROM items{wh}"),
-            3 => format!("SELECT grp, array_agg({c}) FROM items{wh} GROUP BY grp"),
+            2 => format!("SELECT string_agg(cat, ',' ORDER BY cat) FROM items{wh}"),
+            3 => format!("SELECT grp, array_agg(DISTINCT {c}) FROM items{wh} GROUP BY grp"),
             4 => format!("SELECT sum({num}) + 1 FROM items{wh}"),
             5 => format!(
                 "SELECT grp, max({num}) - min({num}) FROM items{wh} GROUP BY grp ORDER BY grp"

@@ -13,7 +13,7 @@
 //! NULLS FIRST/LAST, DISTINCT, LIMIT/OFFSET; over int4/int8, numeric (with
 //! and without typmod, NaN), float8 (NaN, ±Infinity), text (C collation),
 //! bytea, timestamptz, date, uuid and bool. A few constructs the merger must
-//! refuse (sum(DISTINCT), string_agg, window functions, expressions over
+//! refuse (sum(DISTINCT), string_agg(… ORDER BY …), window functions, expressions over
 //! aggregates …) are mixed in and must be refused with 0A000.
 //!
 //! Every third query runs again in the extended protocol with binary
