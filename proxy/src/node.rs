@@ -281,6 +281,9 @@ pub struct Node {
     /// The replicated catalog's schema generation this node has acted on
     /// ([`Node::catch_up_schema`]).
     schema_seen: std::sync::atomic::AtomicU64,
+    /// The lease was found invalid by [`Node::catch_up_schema`] (which
+    /// forgot every catalog then) and not valid since.
+    lease_lapsed: std::sync::atomic::AtomicBool,
     /// LISTEN/NOTIFY for sessions in transaction pooling.
     pub notifier: crate::backend::notify::Notifier,
     /// The TLS acceptor for new clients (a reload reads the certificate
@@ -381,6 +384,7 @@ impl Node {
             table_defaults: Mutex::new(HashMap::new()),
             catalog_generation: std::sync::atomic::AtomicU64::new(0),
             schema_seen: std::sync::atomic::AtomicU64::new(current.schema_generation()),
+            lease_lapsed: std::sync::atomic::AtomicBool::new(false),
             notifier: Default::default(),
             cfg: arc_swap::ArcSwap::from_pointee(cfg),
             config_file: Default::default(),
@@ -681,14 +685,19 @@ impl Node {
     /// of the databases whose schema changed through any node of the
     /// cluster since it last looked (`SchemaChanged` in the replicated
     /// catalog; see [`Self::schema_changed`]). Lock-free when nothing
-    /// changed. A node without a valid lease cannot know what it missed:
-    /// it forgets everything (its statements are refused until the lease
-    /// is back, and the first ones after read the catalogs again, after
-    /// any DDL acknowledged meanwhile).
+    /// changed. A node whose lease lapsed forgets everything once (what a
+    /// statement of the moment its lease comes back read before the DDL
+    /// it missed): its statements are refused until the lease is back, and
+    /// by then it has applied every `SchemaChanged` acknowledged meanwhile.
     pub fn catch_up_schema(&self) {
         if !self.catalog_handle.lease_valid() {
-            self.forget_catalogs(|_| true);
+            if !self.lease_lapsed.swap(true, Ordering::SeqCst) {
+                self.forget_catalogs(|_| true);
+            }
             return;
+        }
+        if self.lease_lapsed.load(Ordering::Relaxed) {
+            self.lease_lapsed.store(false, Ordering::SeqCst);
         }
         let seen = self.schema_seen.load(Ordering::SeqCst);
         if self.catalog_handle.schema_generation() <= seen {
@@ -715,6 +724,9 @@ impl Node {
         }
         match self.record_schema_change(database).await {
             Ok(()) => Ok(()),
+            // Refused by the catalog (a database name PostgreSQL would
+            // have truncated): trying again changes nothing.
+            Err(e) if e.starts_with("refused: ") => Err(e),
             Err(e) => {
                 let (node, db) = (self.clone(), database.to_string());
                 tokio::spawn(async move {
@@ -741,7 +753,7 @@ impl Node {
         };
         match h.propose(cmd, SCHEMA_CHANGE_TIMEOUT).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e.to_string()),
+            Ok(Err(e)) => return Err(format!("refused: {e}")),
             Err(e) => return Err(e.to_string()),
         }
         let all = h.await_all_applied(h.applied_index());

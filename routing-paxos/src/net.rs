@@ -112,8 +112,10 @@ pub enum Wire {
 }
 
 /// The link protocol: 2 seals every frame after the handshake (a node
-/// from before that sends no version: 1).
-pub const LINK_VERSION: u32 = 2;
+/// from before that sends no version: 1); 3 carries the catalog command
+/// `SchemaChanged`, which a node of version 2 cannot read (it would drop
+/// the link at every such entry).
+pub const LINK_VERSION: u32 = 3;
 
 fn version_one() -> u32 {
     1
@@ -1138,7 +1140,8 @@ mod tests {
         let got = handshake_accept(&mut b, 2, |id| id == 1, b"s3cret").await;
         match got {
             Err(e @ LinkError::Version { node: 1, theirs: 1 }) => {
-                assert!(e.to_string().contains("version 1, this node 2"), "{e}");
+                let want = format!("version 1, this node {LINK_VERSION}");
+                assert!(e.to_string().contains(&want), "{e}");
             }
             other => panic!("{:?}", other.err()),
         }

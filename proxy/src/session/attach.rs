@@ -395,22 +395,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// read back session state where it may have changed, then return the
     /// backends (transaction mode).
     pub(crate) async fn end_of_transaction(&mut self) -> Result<(), SessionError> {
-        if self.ddl_sent {
-            // Before the client can act on the end of its transaction
-            // (its ReadyForQuery is not flushed yet): every node forgets
-            // the schema as it was.
-            self.ddl_sent = false;
-            let node = self.node.clone();
-            if let Err(e) = Box::pin(node.schema_changed(&self.database)).await {
-                tracing::warn!(database = %self.database, error = %e, "could not record a schema change in the replicated catalog; retrying in the background");
-                crate::wire::notice_response(
-                    &mut self.out,
-                    "01000",
-                    &format!("the schema change ran, but other hotrepart nodes could not be told yet ({e}): until they are (this node keeps trying), they may route statements by the schema as it was"),
-                );
-            }
-        }
+        let ddl = std::mem::take(&mut self.ddl_sent);
+        self.ddl_syncs = 0;
         self.txn.reset();
+        if std::mem::take(&mut self.ns_private) {
+            self.ns_under = None;
+        }
         self.forget_portals();
         for i in 0..self.be.slots.len() {
             if let Some(b) = self.be.slots[i].conn.as_mut() {
@@ -460,6 +450,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 u.on = None;
             }
             self.be.update_cancel();
+        }
+        if ddl {
+            // Before the client can act on the end of its transaction
+            // (its ReadyForQuery is not flushed yet), and after the
+            // backends went back to the pool: every node forgets the
+            // schema as it was.
+            let node = self.node.clone();
+            if let Err(e) = Box::pin(node.schema_changed(&self.database)).await {
+                tracing::warn!(database = %self.database, error = %e, "could not record a schema change in the replicated catalog; retrying in the background");
+                crate::wire::notice_response(
+                    &mut self.out,
+                    "01000",
+                    &format!("the schema change ran, but other hotrepart nodes could not be told yet ({e}): until they are (this node keeps trying), they may route statements by the schema as it was"),
+                );
+            }
         }
         Ok(())
     }
@@ -543,6 +548,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Ok(()))
     }
 
+    /// Where a probe of the shards' catalog (namespace, function and
+    /// aggregate lookups) reads, and whether the node may keep what it
+    /// read for every session. PostgreSQL resolves names by the latest
+    /// committed catalog, whatever the transaction's snapshot: a query of
+    /// `pg_class` in a REPEATABLE READ transaction sees it as of the
+    /// snapshot, so it is read apart; a transaction that ran DDL sees its
+    /// own uncommitted changes, which no other session may be told.
+    pub(super) fn probe_at(&self) -> ProbeAt {
+        if !self.txn.open() {
+            ProbeAt::Shared
+        } else if self.ddl_sent {
+            ProbeAt::Private
+        } else if self.snapshot_isolation() {
+            ProbeAt::Apart
+        } else {
+            ProbeAt::Shared
+        }
+    }
+
     /// Whether the client's transaction block is open at the point its
     /// pipeline has reached: as the node knew it at the last Sync, or as
     /// a `BEGIN`/`COMMIT` sent since left it (psycopg 3 sends its `BEGIN`
@@ -615,32 +639,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(());
         }
         let key = (self.database.clone(), self.user.clone(), path);
-        if let Some(ns) = self.node.namespace(&key, fp) {
-            self.ns_base = ns;
-            self.ns_under = Some(under);
+        let at = self.probe_at();
+        // After DDL in this transaction the shared cache holds the
+        // committed schema, not the one this transaction sees.
+        if at != ProbeAt::Private {
+            if let Some(ns) = self.node.namespace(&key, fp) {
+                self.ns_base = ns;
+                self.ns_under = Some(under);
+                return Ok(());
+            }
+        }
+        let sql = crate::routing::names::probe_sql(&snap);
+        let apart = if at == ProbeAt::Apart {
+            let r = self.read_apart(&sql).await;
+            if let Err(e) = &r {
+                // Read in the transaction instead (its snapshot may miss
+                // a newer relation: logged).
+                tracing::warn!(error = %e, "cannot read the search path on a connection apart; reading it in the client's transaction");
+            }
+            r.ok()
+        } else {
+            None
+        };
+        if apart.is_none() && self.be.mid_pipeline() {
             return Ok(());
         }
-        if self.be.mid_pipeline() {
-            return Ok(());
-        }
-        if !self.be.owed.is_empty() {
+        if apart.is_none() && !self.be.owed.is_empty() {
             self.drain_owed().await?;
         }
         let home = self.node.routing.home_index();
         let was_attached = self.be.slots[home].conn.is_some();
-        if let Err(r) = self.ensure_backend(home).await? {
-            tracing::warn!(error = %r.message, "cannot read the search path on the home shard");
-            return Ok(());
-        }
-        let sql = crate::routing::names::probe_sql(&snap);
-        let rows = match self.be.slots[home].conn.as_mut() {
-            Some(b) => b.hidden_query(&sql).await,
-            None => return Ok(()),
+        let rows = if let Some(rows) = apart {
+            Ok(rows)
+        } else {
+            if let Err(r) = self.ensure_backend(home).await? {
+                tracing::warn!(error = %r.message, "cannot read the search path on the home shard");
+                return Ok(());
+            }
+            match self.be.slots[home].conn.as_mut() {
+                Some(b) => b.hidden_query(&sql).await.map_err(|e| e.to_string()),
+                None => return Ok(()),
+            }
         };
         match rows {
             Ok(rows) => {
                 let ns = Arc::new(crate::routing::names::parse(rows));
-                self.node.learn_namespace(key, fp, ns.clone(), generation);
+                if at == ProbeAt::Private {
+                    self.ns_private = true;
+                } else {
+                    self.node.learn_namespace(key, fp, ns.clone(), generation);
+                }
                 self.ns_base = ns;
                 self.ns_under = Some(under);
             }
@@ -681,7 +729,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let (Some(r), false) = (created_here_reads_sharded(&self.node, d), d.hinted) {
             return Ok(Err(r));
         }
-        let (unknown, mut known) = self.node.known_functions(&self.database, &d.calls);
+        let at = self.probe_at();
+        let (unknown, mut known) = if at == ProbeAt::Private {
+            // The cache holds the committed schema, not this transaction's.
+            (d.calls.to_vec(), crate::node::Calls::default())
+        } else {
+            self.node.known_functions(&self.database, &d.calls)
+        };
         if !unknown.is_empty() {
             // asyncpg prepares each new statement with Parse, Describe and
             // Flush before its Bind: a function that reads a sharded table
@@ -690,8 +744,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // would end the client's implicit transaction); inside one,
             // those messages are ended with a hidden Sync (it may have
             // created the function).
-            let apart = self.be.mid_pipeline() && !self.txn.open();
-            if self.be.mid_pipeline() && self.txn.open() {
+            let apart = (self.be.mid_pipeline() && !self.txn.open()) || at == ProbeAt::Apart;
+            if self.be.mid_pipeline() && self.txn.open() && !apart {
                 let ended = self.end_unsynced().await?;
                 if self.skip_to_sync {
                     // An error was owed: the batch is skipped to its Sync.
@@ -768,8 +822,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 };
                 found.insert(name, info);
             }
-            self.node
-                .learn_functions(&self.database, &unknown, &found, generation);
+            if at != ProbeAt::Private {
+                self.node
+                    .learn_functions(&self.database, &unknown, &found, generation);
+            }
             // From what was read, not from the cache: a schema change
             // meanwhile leaves it unlearned.
             for n in &unknown {
@@ -805,11 +861,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Ok(()));
         }
         let names = hotrepart_router::classify::called_names(&d.sql_text);
-        let (unknown, mut found) = self.node.known_aggregates(&self.database, &names);
+        let at = self.probe_at();
+        let (unknown, mut found) = if at == ProbeAt::Private {
+            (names.clone(), None)
+        } else {
+            self.node.known_aggregates(&self.database, &names)
+        };
         if found.is_none() && !unknown.is_empty() {
             let t = shards[0];
-            if let Err(r) = self.ensure_backend(t).await? {
-                return Ok(Err(r));
+            if at != ProbeAt::Apart {
+                if let Err(r) = self.ensure_backend(t).await? {
+                    return Ok(Err(r));
+                }
             }
             let list: Vec<String> = unknown.iter().map(|n| state::quote_literal(n)).collect();
             let generation = self.generation();
@@ -817,13 +880,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 "SELECT DISTINCT pg_catalog.lower(proname::pg_catalog.text) FROM pg_catalog.pg_proc WHERE prokind OPERATOR(pg_catalog.=) 'a'::pg_catalog.char AND pg_catalog.lower(proname::pg_catalog.text) OPERATOR(pg_catalog.=) ANY (ARRAY[{}]::pg_catalog.text[])",
                 list.join(", ")
             );
-            let rows = match self.be.slots[t].conn.as_mut() {
-                Some(b) => b.hidden_query(&sql).await.ok(),
-                None => None,
+            let rows = if at == ProbeAt::Apart {
+                self.read_apart(&sql).await.ok()
+            } else {
+                let rows = match self.be.slots[t].conn.as_mut() {
+                    Some(b) => b.hidden_query(&sql).await.ok(),
+                    None => None,
+                };
+                // A simple Query drops the backend's unnamed statement
+                // (PostgreSQL's exec_simple_query): parsed again when needed.
+                self.unnamed_replaced_on(&[t]);
+                rows
             };
-            // A simple Query drops the backend's unnamed statement
-            // (PostgreSQL's exec_simple_query): parsed again when needed.
-            self.unnamed_replaced_on(&[t]);
             let Some(rows) = rows else {
                 return Ok(Err(Refusal::new(
                     sqlstate::FEATURE_NOT_SUPPORTED,
@@ -835,8 +903,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .into_iter()
                 .filter_map(|r| r.into_iter().next().flatten())
                 .collect();
-            self.node
-                .learn_aggregates(&self.database, &unknown, &aggs, generation);
+            if at != ProbeAt::Private {
+                self.node
+                    .learn_aggregates(&self.database, &unknown, &aggs, generation);
+            }
             found = aggs.into_iter().next();
         }
         if let Some(name) = found {
@@ -1008,4 +1078,17 @@ fn block_effect(sql: &str) -> Option<bool> {
         return Some(false);
     }
     None
+}
+
+/// See [`Session::probe_at`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ProbeAt {
+    /// On the session's backend; kept for every session.
+    Shared,
+    /// On a connection of its own (latest committed catalog); kept for
+    /// every session.
+    Apart,
+    /// On the session's backend, in its transaction; kept for this
+    /// transaction only.
+    Private,
 }

@@ -83,6 +83,8 @@ pub(super) struct Stmt {
     pub(super) drops_prepared: bool,
     /// What it may do to temporary objects each time it runs.
     pub(super) temp: super::temp::TempClass,
+    /// It is DDL: each run changes the schema (`note_ddl`).
+    pub(super) schema_change: bool,
 }
 
 /// The client's unnamed statement: kept so that it can be prepared again on
@@ -97,6 +99,7 @@ pub(super) struct Unnamed {
     pub(super) changes_state: bool,
     pub(super) drops_prepared: bool,
     pub(super) temp: super::temp::TempClass,
+    pub(super) schema_change: bool,
 }
 
 impl Unnamed {
@@ -111,6 +114,7 @@ impl Unnamed {
             changes_state: class.changes_state,
             drops_prepared: class.drops_prepared,
             temp: super::temp::TempClass::of(class),
+            schema_change: class.schema_change,
         }
     }
 
@@ -416,6 +420,9 @@ pub struct Session<S> {
     /// other sessions of the user and database).
     pub(super) ns_base: Arc<hotrepart_router::route::Namespace>,
     pub(super) ns_under: Option<(Option<String>, u64, u64)>,
+    /// `ns_base` was read in a transaction that ran DDL
+    /// ([`ProbeAt::Private`](super::attach::ProbeAt)): read again after it.
+    pub(super) ns_private: bool,
     /// Custom settings (`app.name`) the client has set, read back with
     /// the others.
     pub(super) custom_settings: std::collections::BTreeSet<String>,
@@ -437,6 +444,11 @@ pub struct Session<S> {
     /// the node's catalog generation is bumped again, so that statements
     /// other sessions parsed while it ran are not reused.
     pub(super) ddl_sent: bool,
+    /// ReadyForQuery messages still to come from the backends before the
+    /// DDL noted last has surely run (its own is one of the last two):
+    /// a pipeline's transaction that ends at one of them records the
+    /// schema change before the client reads it (`replies.rs`).
+    pub(super) ddl_syncs: usize,
     /// The session listens (LISTEN under transaction pooling): its
     /// membership in the node's listeners, created at the first LISTEN.
     pub(super) listener: Option<crate::backend::notify::Listener>,
@@ -563,6 +575,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ns: Arc::default(),
             ns_base: Arc::default(),
             ns_under: None,
+            ns_private: false,
             custom_settings: Default::default(),
             prepared_dirty: false,
             skip_to_sync: false,
@@ -571,6 +584,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             row_fix: None,
             described: Default::default(),
             ddl_sent: false,
+            ddl_syncs: 0,
             listener: None,
             part: None,
             cut_wanted: false,
@@ -629,6 +643,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(crate) fn note_ddl(&mut self) {
         self.node.forget_catalog(&self.database);
         self.ddl_sent = true;
+        // Its ReadyForQuery is one of the next two (its Sync may be queued
+        // already or come next): see `replies.rs`.
+        let owed = self
+            .be
+            .owed
+            .iter()
+            .filter(|o| matches!(o, Owed::Sync | Owed::Query))
+            .count();
+        self.ddl_syncs = self.ddl_syncs.max(owed + 1);
     }
 
     /// A backend reported an error that shows a prepared statement older

@@ -584,6 +584,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // the session counts again, as a named statement's.
                     if let Some(u) = self.unnamed.as_ref() {
                         let (changes, drops, temp) = (u.changes_state, u.drops_prepared, u.temp);
+                        if u.schema_change {
+                            self.note_ddl();
+                        }
                         if changes {
                             self.state_dirty[t] = true;
                             self.state_stale = true;
@@ -616,6 +619,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     if let Some(c) = self.stmts.get(&stmt).map(|s| s.temp) {
                         self.note_temp_of(c, t);
+                    }
+                    if self.stmts.get(&stmt).is_some_and(|s| s.schema_change) {
+                        self.note_ddl();
                     }
                     match self.prepare_on_backend(&stmt) {
                         Some(internal) => wire::frame(&mut self.be.to_backend, fe::BIND, |o| {
@@ -782,6 +788,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 changes_state: class.changes_state,
                 drops_prepared: class.drops_prepared,
                 temp: super::temp::TempClass::of(&class),
+                schema_change: class.schema_change,
             },
         );
         Some(internal)

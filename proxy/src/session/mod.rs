@@ -106,6 +106,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         self.be.clear_cancel();
+        if self.ddl_sent {
+            // DDL the client sent may have committed (autocommit, or a
+            // COMMIT whose answer it did not wait for): every node forgets
+            // the schema as it was, in the background.
+            let (node, db) = (self.node.clone(), self.database.clone());
+            tokio::spawn(async move {
+                if let Err(e) = node.schema_changed(&db).await {
+                    tracing::warn!(database = %db, error = %e, "could not record a schema change in the replicated catalog; retrying in the background");
+                }
+            });
+        }
         if let Some(who) = &self.listener {
             self.node.notifier.unlisten(&self.database, None, who.id);
         }

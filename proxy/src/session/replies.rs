@@ -40,6 +40,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(());
         }
         let mut forward = true;
+        // `ddl_syncs` before this ReadyForQuery (if it is one).
+        let mut ddl_before = 0;
         match tag {
             be::PARSE_COMPLETE | be::BIND_COMPLETE
                 if matches!(self.be.owed.front(), Some(Owed::Hidden)) =>
@@ -113,6 +115,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             be::READY_FOR_QUERY => {
                 self.pop_if(|o| matches!(o, Owed::Sync | Owed::Query | Owed::FunctionCall));
+                ddl_before = self.ddl_syncs;
+                self.ddl_syncs = ddl_before.saturating_sub(1);
                 let s = f.body().first().copied().unwrap_or(tx::IDLE);
                 let cur = self.be.cur;
                 if let Some(b) = self.be.slots[cur].conn.as_mut() {
@@ -125,6 +129,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
             _ => {}
+        }
+        if tag == be::READY_FOR_QUERY && self.ddl_sent && self.txn.open() {
+            // DDL inside a block: recorded at the ReadyForQuery that ends it.
+            self.ddl_syncs = self.ddl_syncs.max(1);
+        }
+        if tag == be::READY_FOR_QUERY
+            && self.ddl_sent
+            && !self.txn.open()
+            && !self.be.owed.is_empty()
+            && (1..=2).contains(&ddl_before)
+        {
+            // A transaction ended inside a pipeline whose later parts are
+            // still owed: the client reads this ReadyForQuery before the
+            // batch is over. The DDL noted last may be this part's: it is
+            // recorded before it (at most twice, and at the end).
+            let node = self.node.clone();
+            if let Err(e) = Box::pin(node.schema_changed(&self.database)).await {
+                tracing::warn!(database = %self.database, error = %e, "could not record a schema change in the replicated catalog; retrying in the background");
+            }
+            if self.ddl_syncs == 0 {
+                // Every DDL noted so far has run, and is recorded.
+                self.ddl_sent = false;
+            }
         }
         if forward {
             if tag == be::READY_FOR_QUERY && self.txn.failed && self.txn.open() {

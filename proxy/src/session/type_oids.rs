@@ -277,17 +277,21 @@ impl TypeOidCache {
         l.entry(key.clone()).or_default().clone()
     }
 
-    fn put(&self, key: MapKey, m: Arc<TypeMap>) {
+    /// Keeps `m` when `current()` — checked under the maps' lock, which
+    /// [`Self::forget`] takes after the catalog generation was bumped.
+    fn put(&self, key: MapKey, m: Arc<TypeMap>, current: impl FnOnce() -> bool) {
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        if !current() {
+            return;
+        }
         if maps.len() > 10_000 {
             maps.clear();
         }
         maps.insert(key, m);
     }
 
-    /// DDL through the node: the maps of `database` are read again when
-    /// next needed.
-    /// Forgets the maps of the databases `which` selects.
+    /// DDL through any node: the maps of the databases `which` selects are
+    /// read again when next needed.
     pub fn forget(&self, which: &impl Fn(&str) -> bool) {
         self.maps
             .lock()
@@ -733,22 +737,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             read_types(&hp.target, timeout),
             read_types(&tp.target, timeout)
         );
-        let keep = self.generation() == generation;
+        let node = &self.node;
+        let current = || {
+            node.catalog_generation
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == generation
+        };
         match (h, s) {
             (Ok(h), Ok(s)) => {
                 let m = Arc::new(TypeMap::build(&h, &s));
-                if keep {
-                    self.node.type_oids.put(key, m.clone());
-                }
+                node.type_oids.put(key, m.clone(), current);
                 Some(m)
             }
             (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!(shard = %key.2, error = %e, "cannot read the user types of the home shard and of this shard: their OIDs pass unchanged");
-                if cached.is_none() && keep {
+                if cached.is_none() {
                     // Tried again in RELOAD_AFTER, not at every statement.
-                    self.node
-                        .type_oids
-                        .put(key, Arc::new(TypeMap::build(&[], &[])));
+                    node.type_oids
+                        .put(key, Arc::new(TypeMap::build(&[], &[])), current);
                 }
                 cached
             }

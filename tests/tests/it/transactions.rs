@@ -1947,3 +1947,54 @@ async fn a_portal_streamed_with_flush_outside_a_block_over_two_shards() {
     );
     assert!(String::from_utf8_lossy(&m[0].1).contains("34000"), "{m:?}");
 }
+
+/// PostgreSQL resolves a name by the latest committed catalog, whatever
+/// the transaction's snapshot: a REPEATABLE READ transaction whose
+/// snapshot predates a view over a sharded table reads that view merged
+/// (or refused) as any session does — the node reads the namespace apart,
+/// not in the old snapshot where `pg_class` has no such view (which routed
+/// it to the home shard as an undeclared table: one shard's rows, and
+/// taught every other session of the node the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_older_than_a_view_does_not_hide_it_from_routing() {
+    let c = cluster().await;
+    let a = connect(&c.dsn()).await.unwrap();
+    a.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text); \
+         INSERT INTO users (id, name) SELECT g, 'x' FROM generate_series(1, 40) g",
+    )
+    .await
+    .unwrap();
+    let b = connect(&c.dsn()).await.unwrap();
+    b.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM users")
+        .await
+        .unwrap();
+    a.batch_execute("CREATE VIEW users_v AS SELECT * FROM users")
+        .await
+        .unwrap();
+    let answer = |r: Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>| match r
+    {
+        Ok(m) => Ok(m
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .unwrap_or_default()),
+        Err(e) => Err(e.code().map(|c| c.code().to_string()).unwrap_or_default()),
+    };
+    let in_snapshot = answer(b.simple_query("SELECT count(*) FROM users_v").await);
+    b.batch_execute("ROLLBACK").await.ok();
+    let fresh = answer(
+        connect(&c.dsn())
+            .await
+            .unwrap()
+            .simple_query("SELECT count(*) FROM users_v")
+            .await,
+    );
+    assert!(
+        fresh == Ok("40".into()) || fresh == Err("0A000".into()),
+        "a new session: {fresh:?}"
+    );
+    assert_eq!(in_snapshot, fresh, "inside the older snapshot");
+}

@@ -293,11 +293,14 @@ fn concat(p: Partial, ty: Ty, sep: Option<&str>, a: &[u8], b: &[u8]) -> Result<B
     let mut out = Vec::with_capacity(a.len() + b.len() + 2);
     match p {
         Partial::ArrayAgg => {
-            // `[0:1]={…}`: bounds other than 1 (arrays of such arrays).
-            let ok = |v: &[u8]| v.len() >= 2 && v[0] == b'{' && v[v.len() - 1] == b'}';
+            // `[0:1]={…}`: bounds other than 1; `{{…}}`: an array_agg of
+            // arrays, whose shards' parts may differ in dimensions (where
+            // PostgreSQL raises 2202E).
+            let ok =
+                |v: &[u8]| v.len() >= 3 && v[0] == b'{' && v[1] != b'{' && v[v.len() - 1] == b'}';
             if !ok(a) || !ok(b) {
                 return Err(refuse(
-                    "array_agg() of arrays whose lower bound is not 1 cannot be combined across shards",
+                    "array_agg() of arrays cannot be combined across shards",
                 ));
             }
             out.extend_from_slice(&a[..a.len() - 1]);

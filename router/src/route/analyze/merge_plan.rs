@@ -1284,21 +1284,22 @@ fn zero_coalesced(e: &Expr, is_key: IsKey<'_>) -> Result<Option<(Partial, Option
     })
 }
 
-/// The text of a plain string literal (`','`, `', '::text`) without
+/// The text of a plain ASCII string literal (`','`, `', '::text`) without
 /// backslashes (whose meaning depends on `standard_conforming_strings`
 /// and, for bytea, on the input format).
 fn string_literal(e: &Expr) -> Option<String> {
     let e = match strip(e) {
         Expr::Cast {
             expr,
-            data_type: DataType::Text | DataType::Varchar(_) | DataType::Bytea,
+            data_type: DataType::Text | DataType::Varchar(None) | DataType::Bytea,
             ..
         } => expr.as_ref(),
         other => other,
     };
     match strip(e) {
         Expr::Value(v) => match &v.value {
-            Value::SingleQuotedString(s) if !s.contains('\\') => Some(s.clone()),
+            // ASCII: the same bytes in every client encoding.
+            Value::SingleQuotedString(s) if !s.contains('\\') && s.is_ascii() => Some(s.clone()),
             _ => None,
         },
         _ => None,
