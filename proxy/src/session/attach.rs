@@ -395,6 +395,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// read back session state where it may have changed, then return the
     /// backends (transaction mode).
     pub(crate) async fn end_of_transaction(&mut self) -> Result<(), SessionError> {
+        // Boxed: see `ensure_namespace`.
+        Box::pin(self.end_of_transaction_now()).await
+    }
+
+    async fn end_of_transaction_now(&mut self) -> Result<(), SessionError> {
         let ddl = std::mem::take(&mut self.ddl_sent);
         self.ddl_syncs = 0;
         self.txn.reset();
@@ -604,7 +609,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.node.routing.single_shard() {
             return Ok(());
         }
-        self.ensure_base_namespace().await?;
+        // Boxed: the session's futures are near the worker stack's size in
+        // debug builds, and the probe's is large.
+        Box::pin(self.ensure_base_namespace()).await?;
         self.apply_temp_namespace();
         Ok(())
     }
@@ -719,6 +726,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// DDL through the node. When the lookup cannot be made the statement
     /// counts as a write (and is not refused).
     pub(super) async fn settle_calls(
+        &mut self,
+        d: &mut Decision,
+        t: usize,
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        if d.calls.is_empty() {
+            return Ok(Ok(()));
+        }
+        // Boxed: see `ensure_namespace`.
+        Box::pin(self.settle_calls_now(d, t)).await
+    }
+
+    async fn settle_calls_now(
         &mut self,
         d: &mut Decision,
         t: usize,
@@ -848,6 +867,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// [`Self::check_temp`]) or the shards' catalog (a call to a
     /// user-defined aggregate, which it plans as a scalar function).
     pub(super) async fn check_multi_shard(
+        &mut self,
+        d: &Decision,
+    ) -> Result<Result<(), Refusal>, SessionError> {
+        // Boxed: see `ensure_namespace`.
+        Box::pin(self.check_multi_shard_now(d)).await
+    }
+
+    async fn check_multi_shard_now(
         &mut self,
         d: &Decision,
     ) -> Result<Result<(), Refusal>, SessionError> {
