@@ -734,3 +734,77 @@ async fn schema_changes_through_one_node_reach_the_others_before_the_ddl_is_ackn
     }
     eprintln!("DDL through a 3-node cluster: {ddl_ms:?} ms per statement");
 }
+
+/// A pipeline through node 1 whose first part is DDL and whose later part
+/// is still running: the client reads the first part's ReadyForQuery
+/// before the batch is over, and by then every node has forgotten the
+/// schema as it was — node 2 describes the table with its new column, not
+/// from the statement it had validated before (one shard: the whole
+/// pipeline goes to one backend, the node forwards it as it comes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ddl_in_a_pipeline_is_recorded_before_its_ready_for_query() {
+    use bytes::{Buf, BytesMut};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tail =
+        format!("{TABLES}[[users]]\nname = \"t\"\nauth = \"trust\"\nserver_user = \"postgres\"\n");
+    let c = ProcCluster::start(3, 1, &tail, "").await;
+    converged(&c, Duration::from_secs(20)).await;
+    let db1 = connect(&c.nodes[0].dsn()).await.unwrap();
+    db1.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let db2 = connect(&c.nodes[1].dsn()).await.unwrap();
+    let before = db2.prepare("SELECT * FROM items").await.unwrap();
+    assert_eq!(before.columns().len(), 2);
+    // Raw protocol to node 1: both queries in one write.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", c.nodes[0].port))
+        .await
+        .unwrap();
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", "t"), ("database", "postgres")],
+        &mut out,
+    )
+    .unwrap();
+    s.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    let next_ready = async |s: &mut tokio::net::TcpStream, buf: &mut BytesMut| {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                while buf.len() >= 5 {
+                    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                    if buf.len() < len + 1 {
+                        break;
+                    }
+                    let tag = buf[0];
+                    buf.advance(len + 1);
+                    if tag == b'Z' {
+                        return;
+                    }
+                }
+                assert!(s.read_buf(buf).await.unwrap() > 0, "connection closed");
+            }
+        })
+        .await
+        .expect("a ReadyForQuery within 10 s");
+    };
+    next_ready(&mut s, &mut buf).await;
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::query("ALTER TABLE items ADD COLUMN c int", &mut out)
+        .unwrap();
+    postgres_protocol::message::frontend::query("SELECT pg_sleep(2)", &mut out).unwrap();
+    s.write_all(&out).await.unwrap();
+    next_ready(&mut s, &mut buf).await;
+    let t = Instant::now();
+    let after = db2.prepare("SELECT * FROM items").await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "the pipeline's second part was still running"
+    );
+    assert_eq!(
+        after.columns().len(),
+        3,
+        "node 2 described the table as it was before the ALTER its client had seen done"
+    );
+    next_ready(&mut s, &mut buf).await;
+}
