@@ -288,6 +288,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             (SavepointOp::RollbackTo, Some(i)) => {
                 self.txn.savepoints.truncate(i + 1);
                 self.cursors.rolled_back_to(i);
+                // DDL undone: a namespace read after it, for this
+                // transaction only, is read again.
+                if self.ns_private {
+                    self.ns_under = None;
+                }
                 // The shards that failed are back (the current one once it
                 // answers); a refusal of the node's is undone too.
                 self.txn.failed = false;

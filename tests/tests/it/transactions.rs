@@ -1998,3 +1998,48 @@ async fn a_snapshot_older_than_a_view_does_not_hide_it_from_routing() {
     );
     assert_eq!(in_snapshot, fresh, "inside the older snapshot");
 }
+
+/// A namespace read after DDL in the client's own transaction is that
+/// transaction's; a `ROLLBACK TO` a savepoint before the DDL undoes it,
+/// and the namespace is read again: a view dropped after the savepoint and
+/// back after the `ROLLBACK TO` is read as any session reads it (it was
+/// taken for an undeclared table: the home shard's rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_to_before_ddl_reads_the_namespace_again() {
+    let c = cluster().await;
+    let a = connect(&c.dsn()).await.unwrap();
+    a.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text); \
+         INSERT INTO users (id, name) SELECT g, 'x' FROM generate_series(1, 40) g; \
+         CREATE VIEW users_v AS SELECT * FROM users",
+    )
+    .await
+    .unwrap();
+    let count = async |db: &tokio_postgres::Client| match db
+        .simple_query("SELECT count(*) FROM users_v")
+        .await
+    {
+        Ok(m) => Ok(m
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .unwrap_or_default()),
+        Err(e) => Err(e.code().map(|c| c.code().to_string()).unwrap_or_default()),
+    };
+    let want = count(&a).await;
+    assert!(
+        want == Ok("40".into()) || want == Err("0A000".into()),
+        "{want:?}"
+    );
+    let b = connect(&c.dsn()).await.unwrap();
+    b.batch_execute("BEGIN; SAVEPOINT s; DROP VIEW users_v")
+        .await
+        .unwrap();
+    // Routed under the transaction's own namespace (no users_v).
+    b.batch_execute("SELECT count(*) FROM users").await.unwrap();
+    b.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
+    assert_eq!(count(&b).await, want, "after the ROLLBACK TO");
+    b.batch_execute("COMMIT").await.ok();
+}
