@@ -284,18 +284,29 @@ async fn the_leader_finishes_in_doubt_transactions_by_the_replicated_decision() 
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // ...finished by another node's resolver (the leader's).
-        let by: Vec<u64> = c
-            .nodes
-            .iter()
-            .filter(|n| {
-                let log = std::fs::read_to_string(&n.log).unwrap_or_default();
-                log.lines().any(|l| {
-                    l.contains("finished an in-doubt transaction") && l.contains(gids[0].as_str())
+        // ...finished by another node's resolver (the leader's). It logs
+        // once its COMMIT/ROLLBACK PREPARED has returned, which may be a
+        // moment after the shards show the transaction gone: the logs are
+        // read until the line is there (at most 5 s).
+        let finished_by = || -> Vec<u64> {
+            c.nodes
+                .iter()
+                .filter(|n| {
+                    let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+                    log.lines().any(|l| {
+                        l.contains("finished an in-doubt transaction")
+                            && l.contains(gids[0].as_str())
+                    })
                 })
-            })
-            .map(|n| n.id)
-            .collect();
+                .map(|n| n.id)
+                .collect()
+        };
+        let logged = Instant::now();
+        let mut by = finished_by();
+        while by.is_empty() && logged.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            by = finished_by();
+        }
         assert!(
             !by.is_empty() && !by.contains(&a_id),
             "{fp}: {} finished by nodes {by:?}",
