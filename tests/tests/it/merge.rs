@@ -1357,8 +1357,8 @@ async fn concatenating_aggregates_hold_the_elements_one_postgresql_gives() {
     );
     // Binary results (tokio-postgres): text and jsonb convert; arrays are
     // refused (binary arrays are not built by the node yet).
-    let n: Vec<String> = node
-        .query(
+    let binary = async |db: &tokio_postgres::Client| -> Vec<String> {
+        db.query(
             "SELECT string_agg(cat, ', ') FROM items GROUP BY grp ORDER BY grp",
             &[],
         )
@@ -1366,18 +1366,9 @@ async fn concatenating_aggregates_hold_the_elements_one_postgresql_gives() {
         .unwrap()
         .iter()
         .map(|r| elements_sorted(r.get(0)))
-        .collect();
-    let r: Vec<String> = reference
-        .query(
-            "SELECT string_agg(cat, ', ') FROM items GROUP BY grp ORDER BY grp",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| elements_sorted(r.get(0)))
-        .collect();
-    assert_eq!(n, r);
+        .collect()
+    };
+    assert_eq!(binary(&node).await, binary(&reference).await);
     for (sql, code) in [
         ("SELECT array_agg(qty) FROM items", "0A000"),
         ("SELECT array_agg(DISTINCT qty) FROM items", "0A000"),
