@@ -72,7 +72,10 @@ pub struct Class<'a> {
     /// The string is exactly one `DEALLOCATE` / `DISCARD ALL`.
     pub deallocate: Option<Deallocate>,
     /// A statement of the string may change the schema: it starts with
-    /// `CREATE`, `ALTER`, `DROP`, `IMPORT` or `DO` (whose body may).
+    /// `CREATE`, `ALTER`, `DROP`, `IMPORT`, `GRANT`, `REVOKE` or `DO`
+    /// (whose body may), or holds the word `CREATE` (`EXPLAIN ANALYZE
+    /// CREATE TABLE … AS`) or an `INTO` that is not INSERT's or MERGE's
+    /// (`SELECT … INTO new_table`).
     /// Statements prepared before it may describe what no longer is.
     pub schema_change: bool,
     /// A statement of the string is `PREPARE TRANSACTION`, `COMMIT
@@ -138,10 +141,12 @@ pub fn classify(sql: &str) -> Class<'_> {
     let mut at_start = true;
     let mut first = true;
     let mut routing_words = false;
-    // The statement began with CREATE; the previous token was INTO.
-    let (mut create, mut into) = (false, false);
+    // The statement began with CREATE; the previous token was INTO;
+    // the previous token was INSERT or MERGE.
+    let (mut create, mut into, mut insert) = (false, false, false);
     while let Some(t) = lx.next() {
         let after_into = std::mem::take(&mut into);
+        let after_insert = std::mem::take(&mut insert);
         match t.kind {
             Kind::Semi => {
                 if !at_start {
@@ -157,7 +162,21 @@ pub fn classify(sql: &str) -> Class<'_> {
                     statement_start(sql, w, t, lx, first, &mut c, &mut routing_words);
                 }
                 match w.len() {
-                    4 if w.eq_ignore_ascii_case(b"into") => into = true,
+                    // `SELECT … INTO new_table` creates a table (an INTO
+                    // that is not INSERT's or MERGE's).
+                    4 if w.eq_ignore_ascii_case(b"into") => {
+                        into = true;
+                        c.schema_change |= !after_insert;
+                    }
+                    5 | 6
+                        if w.eq_ignore_ascii_case(b"insert")
+                            || w.eq_ignore_ascii_case(b"merge") =>
+                    {
+                        insert = true
+                    }
+                    // CREATE is reserved: anywhere outside strings it is a
+                    // statement's (`EXPLAIN ANALYZE CREATE TABLE … AS`).
+                    6 if w.eq_ignore_ascii_case(b"create") => c.schema_change = true,
                     4 | 9
                         if (create || after_into)
                             && (w.eq_ignore_ascii_case(b"temp")
@@ -294,8 +313,9 @@ fn statement_start<'a>(
         }
         2 if is(b"do") => c.schema_change = true,
         4 if is(b"drop") => c.schema_change = true,
-        5 if is(b"alter") => c.schema_change = true,
-        6 if is(b"create") || is(b"import") => c.schema_change = true,
+        // GRANT / REVOKE: a schema's USAGE decides how names resolve.
+        5 if is(b"alter") || is(b"grant") => c.schema_change = true,
+        6 if is(b"create") || is(b"import") || is(b"revoke") => c.schema_change = true,
         7 if is(b"discard") => {
             c.changes_state = true;
             c.drops_prepared = true;

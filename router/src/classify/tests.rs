@@ -508,6 +508,12 @@ fn schema_change() {
         "/* c */ create index on t (a)",
         "DO $$BEGIN EXECUTE 'ALTER TABLE t ADD c int'; END$$",
         "IMPORT FOREIGN SCHEMA s FROM SERVER x INTO public",
+        "SELECT * INTO t2 FROM t",
+        "with x as (select 1) select * into t2 from x",
+        "EXPLAIN ANALYZE CREATE TABLE t2 AS SELECT 1",
+        "explain (analyze) select * into t2 from t",
+        "GRANT USAGE ON SCHEMA s TO PUBLIC",
+        "revoke usage on schema s from public",
     ] {
         assert!(classify(sql).schema_change, "{sql:?}");
     }
@@ -517,6 +523,12 @@ fn schema_change() {
         "-- ALTER TABLE t\nSELECT 1",
         "INSERT INTO t (\"create\") VALUES (1)",
         "UPDATE t SET a = 1",
+        "INSERT INTO t SELECT * FROM u",
+        "insert /* c */ into t values (1)",
+        "WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x",
+        "MERGE INTO t USING u ON t.a = u.a WHEN MATCHED THEN DELETE",
+        "SELECT \"into\", \"create\" FROM t",
+        "SELECT revoke FROM t",
     ] {
         assert!(!classify(sql).schema_change, "{sql:?}");
     }
