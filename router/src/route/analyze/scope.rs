@@ -40,8 +40,9 @@ pub(super) struct Item {
 pub(super) struct Scope {
     pub(super) parent: Option<usize>,
     pub(super) items: Vec<Item>,
-    /// CTE names visible from here (FROM lookups only).
-    pub(super) ctes: Vec<String>,
+    /// CTE names visible from here (FROM lookups only), each with whether
+    /// it covers a FROM that names it (see [`Analyzer::cte_covers`]).
+    pub(super) ctes: Vec<(String, bool)>,
     /// Every row of this scope's FROM contains a row (not null-extended) of
     /// a sharded occurrence: its output rows are partitioned by shard.
     pub(super) covered: bool,
@@ -226,14 +227,23 @@ impl<'a> Analyzer<'a> {
         }
     }
 
-    fn is_cte(&self, mut scope: Option<usize>, name: &str) -> bool {
+    fn is_cte(&self, scope: Option<usize>, name: &str) -> bool {
+        self.cte_covers(scope, name).is_some()
+    }
+
+    /// The CTE `name` seen from `scope`, if it is one: whether it covers
+    /// the FROM that names it — a row-local CTE over a sharded table
+    /// (rows partitioned by shard, as a derived table's), named once in
+    /// the whole statement (a second reference, a self-join or a subquery
+    /// over it, would see only the shard's part).
+    fn cte_covers(&self, mut scope: Option<usize>, name: &str) -> Option<bool> {
         while let Some(s) = scope {
-            if self.scopes[s].ctes.iter().any(|c| c == name) {
-                return true;
+            if let Some((_, covers)) = self.scopes[s].ctes.iter().rev().find(|c| c.0 == name) {
+                return Some(*covers);
             }
             scope = self.scopes[s].parent;
         }
-        false
+        None
     }
 
     /// Registers a base table named in FROM (or as a DML target) in `scope`.
@@ -512,7 +522,7 @@ impl<'a> Analyzer<'a> {
             let cs = self.new_scope(parent);
             if with.recursive {
                 for cte in &with.cte_tables {
-                    self.scopes[cs].ctes.push(norm(&cte.alias.name));
+                    self.scopes[cs].ctes.push((norm(&cte.alias.name), false));
                 }
             }
             for cte in &with.cte_tables {
@@ -525,8 +535,13 @@ impl<'a> Analyzer<'a> {
                     }
                     _ => {}
                 }
-                self.query(&cte.query, Some(cs))?;
-                self.scopes[cs].ctes.push(norm(&cte.alias.name));
+                let info = self.query(&cte.query, Some(cs))?;
+                let name = norm(&cte.alias.name);
+                let covers = !with.recursive
+                    && row_local(&cte.query)
+                    && info.root.is_some_and(|r| self.scopes[r].covered)
+                    && references(q, &name) == 1;
+                self.scopes[cs].ctes.push((name, covers));
             }
             scope = Some(cs);
         }
@@ -787,8 +802,11 @@ impl<'a> Analyzer<'a> {
                     self.opaque_item(alias.as_ref(), last_name(name), s);
                     return Ok((Vec::new(), false));
                 }
+                // A row-local CTE covers as a derived table does.
+                let cte_covers =
+                    name.0.len() == 1 && self.cte_covers(Some(s), &last_name(name)) == Some(true);
                 let occ = self.table_item(name, alias.as_ref(), s)?;
-                Ok((occ.into_iter().collect(), occ.is_some()))
+                Ok((occ.into_iter().collect(), occ.is_some() || cte_covers))
             }
             TableFactor::Derived {
                 lateral,
@@ -1110,6 +1128,19 @@ fn constant_branch(body: &SetExpr) -> bool {
 /// Whether every row of `q` comes from one row of its FROM, all of them
 /// kept: a plain SELECT without aggregates, GROUP BY, HAVING, DISTINCT,
 /// windows, LIMIT/OFFSET/FETCH, WITH or set operations.
+/// How many times `q` names the relation `name` (one part, as PostgreSQL
+/// folds it) anywhere: in FROM, joins, subqueries and nested CTEs.
+fn references(q: &Query, name: &str) -> usize {
+    let mut n = 0;
+    let _ = sqlparser::ast::visit_relations(q, |r| {
+        if r.0.len() == 1 && last_name(r) == name {
+            n += 1;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    n
+}
+
 fn row_local(q: &Query) -> bool {
     q.with.is_none()
         && q.limit_clause.is_none()
