@@ -973,6 +973,25 @@ async fn aggregates_over_derived_tables_equal_one_postgresql() {
         let got: bool = node.query_one(sql, &[&seq, &1i64]).await.unwrap().get(0);
         assert_eq!(got, want, "{sql} with {seq}");
     }
+    // One constant row kept when EXISTS holds (TypeORM's `exists()`): one
+    // row when some shard has a match, none otherwise — never one per shard.
+    for sql in [
+        "SELECT 1 AS \"row_exists\" FROM (SELECT 1 AS dummy_column) \"dummy_table\" WHERE EXISTS (SELECT 1 FROM \"events\" \"E\" WHERE \"E\".\"v\" = 3) LIMIT 1",
+        "SELECT 1 AS \"row_exists\" FROM (SELECT 1 AS dummy_column) \"dummy_table\" WHERE EXISTS (SELECT 1 FROM \"events\" \"E\" WHERE \"E\".\"seq\" > 1000) LIMIT 1",
+        "SELECT 'yes' WHERE EXISTS (SELECT 1 FROM events WHERE v > 1)",
+    ] {
+        let want = rows(&reference, sql).await.unwrap();
+        let got = rows(&node, sql)
+            .await
+            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
+        assert_eq!(got, want, "{sql}");
+    }
+    let sql = "SELECT 1 AS \"row_exists\" FROM (SELECT 1 AS dummy_column) \"dummy_table\" WHERE EXISTS (SELECT 1 FROM \"events\" \"E\" WHERE \"E\".\"seq\" > $1) LIMIT 1";
+    for (cut, want) in [(10i32, 1usize), (600, 0)] {
+        let got = node.query(sql, &[&cut]).await.unwrap();
+        assert_eq!(got.len(), want, "{sql} with {cut}");
+        assert_eq!(reference.query(sql, &[&cut]).await.unwrap().len(), want);
+    }
     // Derived tables that combine rows are still refused: each shard
     // would combine only its own.
     for sql in [

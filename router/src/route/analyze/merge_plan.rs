@@ -99,6 +99,9 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
     if let Some((_, negated)) = super::scope::lone_exists(sel) {
         return exists_plan(q, negated).map(Some);
     }
+    if super::scope::exists_filter(sel).is_some() {
+        return exists_filter_plan(q).map(Some);
+    }
     let mut finder = Finder {
         keyed: Some((is_key, &sel.named_window)),
         ..Finder::default()
@@ -520,6 +523,32 @@ fn exists_plan(q: &Query, negated: bool) -> Result<MergePlan, String> {
         }),
         zero_params: Vec::new(),
         distinct: false,
+        distinct_on: Vec::new(),
+        order_by: Vec::new(),
+        shards_sorted: false,
+        limit,
+        offset,
+    })
+}
+
+/// `SELECT constants [FROM (SELECT constants) d] WHERE EXISTS (…)`
+/// (`scope::exists_filter`): each shard answers with the same row or with
+/// none; the merge keeps one (DISTINCT), then LIMIT/OFFSET. ORDER BY of
+/// one row changes nothing and is left to the shards.
+fn exists_filter_plan(q: &Query) -> Result<MergePlan, String> {
+    if q.with.is_some() || !q.locks.is_empty() {
+        return Err("SELECT … WHERE EXISTS (…) with WITH or FOR UPDATE".to_owned());
+    }
+    let (limit, offset) = limit_offset(q)?;
+    let mut sq = q.clone();
+    sq.limit_clause = None;
+    sq.fetch = None;
+    Ok(MergePlan {
+        shard_sql: sq.to_string(),
+        hidden: 0,
+        aggregate: None,
+        zero_params: Vec::new(),
+        distinct: true,
         distinct_on: Vec::new(),
         order_by: Vec::new(),
         shards_sorted: false,

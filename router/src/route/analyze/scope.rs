@@ -654,6 +654,22 @@ impl<'a> Analyzer<'a> {
             let (_, covered) = self.table_with_joins(twj, s)?;
             self.scopes[s].covered |= covered;
         }
+        // `SELECT 1 AS "row_exists" FROM (SELECT 1 AS dummy_column)
+        // "dummy_table" WHERE EXISTS (subquery) LIMIT 1` (TypeORM's
+        // `exists()`): one constant row, kept when the subquery has a row.
+        // When its rows are partitioned by shard, the shards' answers are
+        // that row or nothing: the merge keeps one (`DISTINCT`,
+        // `merge_plan::exists_filter_plan`). Only as the statement itself.
+        if let Some(subquery) = exists_filter(sel).filter(|_| parent.is_none()) {
+            let info = self.query(subquery, Some(s))?;
+            self.scopes[s].covered =
+                row_local(subquery) && info.root.is_some_and(|r| self.scopes[r].covered);
+            return Ok(QueryInfo {
+                root: Some(s),
+                outputs: Some(vec![OutCol::Other; sel.projection.len()]),
+                union: None,
+            });
+        }
         if let Some(w) = &sel.selection {
             let here: Vec<usize> = (0..self.occs.len())
                 .filter(|&o| self.occs[o].scope == s)
@@ -1150,6 +1166,77 @@ fn row_local(q: &Query) -> bool {
         && matches!(q.body.as_ref(), SetExpr::Select(sel)
             if lone_exists(sel).is_none()
                 && matches!(select_merge_need(sel), super::super::MergeNeed::None))
+}
+
+/// The subquery of `SELECT constants [FROM (SELECT constants) [AS] d]
+/// WHERE EXISTS (subquery)`: one constant row or none. The projections
+/// hold no function call or subquery (each shard must give the same row),
+/// the FROM is at most one derived table of one row (a SELECT without
+/// FROM, WHERE or set-returning call), and nothing groups, filters or
+/// numbers the row otherwise.
+pub(super) fn exists_filter(sel: &Select) -> Option<&Query> {
+    if sel.having.is_some()
+        || !sel.named_window.is_empty()
+        || sel.qualify.is_some()
+        || sel.top.is_some()
+        || matches!(sel.distinct, Some(Distinct::On(_)))
+        || !matches!(&sel.group_by, ast::GroupByExpr::Expressions(v, m) if v.is_empty() && m.is_empty())
+        || sel.from.len() > 1
+        || !constant_exprs(&sel.projection)
+    {
+        return None;
+    }
+    if let Some(twj) = sel.from.first() {
+        let TableFactor::Derived {
+            lateral: false,
+            subquery: d,
+            ..
+        } = &twj.relation
+        else {
+            return None;
+        };
+        let one_row = twj.joins.is_empty()
+            && d.with.is_none()
+            && d.limit_clause.is_none()
+            && d.fetch.is_none()
+            && matches!(d.body.as_ref(), SetExpr::Select(x)
+                if x.from.is_empty()
+                    && x.selection.is_none()
+                    && x.having.is_none()
+                    && x.named_window.is_empty()
+                    && x.qualify.is_none()
+                    && matches!(&x.group_by, ast::GroupByExpr::Expressions(v, m) if v.is_empty() && m.is_empty())
+                    && constant_exprs(&x.projection));
+        if !one_row {
+            return None;
+        }
+    }
+    match strip(sel.selection.as_ref()?) {
+        Expr::Exists {
+            subquery,
+            negated: false,
+        } => Some(subquery),
+        _ => None,
+    }
+}
+
+/// Whether `node` holds no function call and no subquery.
+fn constant_exprs<V: Visit + ?Sized>(node: &V) -> bool {
+    struct Found;
+    impl Visitor for Found {
+        type Break = ();
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            if matches!(e, Expr::Function(_)) {
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+        // A subquery.
+        fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+            ControlFlow::Break(())
+        }
+    }
+    node.visit(&mut Found).is_continue()
 }
 
 /// The subquery of `SELECT [NOT] EXISTS (subquery) [AS a]`, with nothing
