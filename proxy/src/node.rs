@@ -255,7 +255,9 @@ pub struct Node {
     /// until the test lets it go ([`crate::control::jobs::running::JobGate`]).
     pub job_gate: Option<Arc<crate::control::jobs::running::JobGate>>,
     /// Whether (shard, database) uses the C collation (learned on attach).
-    collations: Mutex<HashMap<(usize, String), bool>>,
+    /// Per shard and database: whether text orders bytewise there (Ok),
+    /// or why not (see `session::conn::CATALOG_PROBE`).
+    collations: Mutex<HashMap<(usize, String), Result<(), String>>>,
     /// Per database: function names seen called in multi-shard statements,
     /// and whether each is an aggregate (pg_proc), learned on first sight.
     aggregates: Mutex<HashMap<String, HashMap<String, bool>>>,
@@ -483,18 +485,26 @@ impl Node {
         )
     }
 
-    pub fn collation_is_c(&self, shard: usize, database: &str) -> Option<bool> {
+    /// Whether text orders bytewise on `shard` in `database` (Ok), or why
+    /// not; None: not known yet.
+    pub fn text_collation(&self, shard: usize, database: &str) -> Option<Result<(), String>> {
         self.collations
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&(shard, database.to_string()))
-            .copied()
+            .cloned()
     }
 
     /// Records what a probe read under catalog generation `generation`
     /// (nothing when the catalog was forgotten since: the probe may have
     /// read the schema as it was).
-    pub fn set_collation_is_c(&self, shard: usize, database: &str, c: bool, generation: u64) {
+    pub fn set_text_collation(
+        &self,
+        shard: usize,
+        database: &str,
+        c: Result<(), String>,
+        generation: u64,
+    ) {
         let mut m = self.collations.lock().unwrap_or_else(|e| e.into_inner());
         if self.current_generation(generation) {
             m.insert((shard, database.to_string()), c);

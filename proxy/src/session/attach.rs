@@ -97,21 +97,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             b.state_fp = self.state_fp;
         }
         if !self.node.routing.single_shard()
-            && self.node.collation_is_c(t, &self.database).is_none()
+            && self.node.text_collation(t, &self.database).is_none()
         {
             // Needed by the merger: text is ordered across shards only when
-            // the database and every user column use the C collation.
+            // the database and every user column order bytewise.
             let generation = self
                 .node
                 .catalog_generation
                 .load(std::sync::atomic::Ordering::SeqCst);
             if let Ok(rows) = b.hidden_query(CATALOG_PROBE).await {
-                let row = rows.first();
-                let c = row
-                    .and_then(|r| r.first().cloned().flatten())
-                    .is_some_and(|v| v == "t");
-                self.node
-                    .set_collation_is_c(t, &self.database, c, generation);
+                if let Some(row) = rows.first() {
+                    let why = row.first().cloned().flatten();
+                    self.node.set_text_collation(
+                        t,
+                        &self.database,
+                        why.map_or(Ok(()), Err),
+                        generation,
+                    );
+                }
             }
         }
         if self.txn.open() {

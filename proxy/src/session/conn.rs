@@ -906,7 +906,28 @@ pub(super) const POISON_SQL: &str =
 /// serves every client: every operator and function is pg_catalog's by name
 /// (a user's own `>=(oid, int4)` would be a better match than
 /// pg_catalog's otherwise).
-pub(super) const CATALOG_PROBE: &str = "SELECT d.datcollate::pg_catalog.text OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'POSIX']::pg_catalog.text[]) AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 AND NOT a.attisdropped AND NOT (a.attcollation OPERATOR(pg_catalog.=) ANY (ARRAY[0, 100, 950, 951]::pg_catalog.oid[]))) FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()";
+/// Why text would not order bytewise in the connected database, or NULL
+/// when it does: a database whose default collation is not libc's C or
+/// POSIX (nor the builtin provider's C / C.UTF-8, code point order) —
+/// an ICU database reports `datcollate` C while ordering by ICU — or the
+/// first user column with another collation. Optional catalog columns
+/// (`datlocprovider` since PostgreSQL 15, `daticulocale` renamed
+/// `datlocale` in 17) are read through `to_jsonb`, absent as NULL.
+pub(super) const CATALOG_PROBE: &str = "SELECT CASE \
+WHEN COALESCE(pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocprovider', 'c') OPERATOR(pg_catalog.<>) 'c' \
+AND NOT (pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocprovider' OPERATOR(pg_catalog.=) 'b' \
+AND pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocale' OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'C.UTF-8']::pg_catalog.text[])) \
+THEN pg_catalog.format('database %I uses the %s collation provider (locale %s)', d.datname, \
+CASE pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocprovider' WHEN 'i' THEN 'ICU' WHEN 'b' THEN 'builtin' ELSE 'non-libc' END, \
+COALESCE(pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocale', pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'daticulocale', '?')) \
+WHEN NOT (d.datcollate::pg_catalog.text OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'POSIX']::pg_catalog.text[])) \
+THEN pg_catalog.format('database %I uses collation %s', d.datname, d.datcollate) \
+ELSE (SELECT pg_catalog.format('column %I of %s uses collation %I', a.attname, a.attrelid::pg_catalog.regclass, c.collname) \
+FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_collation c ON c.oid OPERATOR(pg_catalog.=) a.attcollation \
+WHERE a.attrelid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 AND NOT a.attisdropped \
+AND NOT (a.attcollation OPERATOR(pg_catalog.=) ANY (ARRAY[0, 100, 950, 951]::pg_catalog.oid[])) \
+ORDER BY a.attrelid, a.attnum LIMIT 1) END \
+FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()";
 
 /// The node's name for a statement: a hash of its Parse body after the
 /// client's name (SQL text and parameter types), so that clients preparing

@@ -1450,3 +1450,128 @@ async fn concatenating_aggregates_hold_the_elements_one_postgresql_gives() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Text is merged bytewise, which is PostgreSQL's order only under the C
+/// collation. A database whose default collation comes from ICU reports
+/// `datcollate` C (`CREATE DATABASE … LOCALE_PROVIDER icu ICU_LOCALE 'en'
+/// LC_COLLATE 'C'`) while PostgreSQL orders its text by ICU ('a' before
+/// 'B'): the node took it for C and merged 'B' before 'a', an order
+/// PostgreSQL never gives. Refused now, naming the cause; a C database
+/// still merges, until a column with another collation is added (named).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_order_follows_the_collation_provider_of_the_database() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        tail: "[[sharded_tables]]\nname = \"words\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let direct = c.direct(0).await;
+    let version: i32 = direct
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let icu = !direct
+        .query(
+            "SELECT 1 FROM pg_collation WHERE collname = 'en-x-icu'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .is_empty();
+    assert!(
+        version >= 150000 && icu,
+        "this test needs PostgreSQL 15 or later built with ICU"
+    );
+    let node = c.connect().await;
+    node.batch_execute(
+        "CREATE DATABASE icu1 LOCALE_PROVIDER icu ICU_LOCALE 'en' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    )
+    .await
+    .unwrap();
+    let words = ["a", "B", "b", "A", "c", "C", "d", "D"];
+    let values: Vec<String> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| format!("({}, '{w}')", i + 1))
+        .collect();
+    let fill = format!("INSERT INTO words (id, w) VALUES {}", values.join(", "));
+    let icu_db = connect(&format!(
+        "{}/icu1",
+        c.dsn().strip_suffix("/postgres").unwrap()
+    ))
+    .await
+    .unwrap();
+    icu_db
+        .batch_execute("CREATE TABLE words (id bigint PRIMARY KEY, w text)")
+        .await
+        .unwrap();
+    icu_db.batch_execute(&fill).await.unwrap();
+    // What PostgreSQL answers there (one shard's database holds the same
+    // collation): ICU's order.
+    let on_shard: Vec<String> = connect(&format!(
+        "{}/icu1",
+        c.shards[0].dsn().strip_suffix("/postgres").unwrap()
+    ))
+    .await
+    .unwrap()
+    .query(
+        "SELECT w FROM (VALUES ('a'), ('B'), ('A'), ('b')) v (w) ORDER BY w",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+    assert_eq!(on_shard, ["a", "A", "b", "B"]);
+    for sql in ["SELECT w FROM words ORDER BY w", "SELECT max(w) FROM words"] {
+        let e = icu_db.query(sql, &[]).await.unwrap_err();
+        let e = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
+        assert_eq!(e.code().code(), "0A000", "{sql}: {e:?}");
+        assert!(
+            e.message()
+                .contains("database icu1 uses the ICU collation provider (locale en)"),
+            "{sql}: {}",
+            e.message()
+        );
+    }
+    // Ordering by something else than text is merged there.
+    let ids: Vec<i64> = icu_db
+        .query("SELECT id FROM words ORDER BY id DESC LIMIT 3", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [8, 7, 6]);
+    // A C database: bytewise is PostgreSQL's order.
+    node.batch_execute("CREATE TABLE words (id bigint PRIMARY KEY, w text)")
+        .await
+        .unwrap();
+    node.batch_execute(&fill).await.unwrap();
+    let sorted: Vec<String> = node
+        .query("SELECT w FROM words ORDER BY w", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(sorted, ["A", "B", "C", "D", "a", "b", "c", "d"]);
+    node.batch_execute("ALTER TABLE words ADD COLUMN x text COLLATE \"en-x-icu\"")
+        .await
+        .unwrap();
+    let e = node
+        .query("SELECT w FROM words ORDER BY w", &[])
+        .await
+        .unwrap_err();
+    let e = e.as_db_error().unwrap();
+    assert_eq!(e.code().code(), "0A000", "{e:?}");
+    assert!(
+        e.message()
+            .contains("column x of words uses collation \"en-x-icu\""),
+        "{}",
+        e.message()
+    );
+}

@@ -1205,25 +1205,25 @@ pub(super) async fn text_order_refusal<S: AsyncRead + AsyncWrite + Unpin + Send>
     if !s.enc.orders_as_utf8() {
         return refused(format!("ordering text across shards needs client_encoding UTF8 or LATIN1 (it is {}): hotrepart compares the shards' text byte by byte, which orders characters as PostgreSQL does only in those", s.enc.name()));
     }
-    if !shards_use_c_collation(s, shards).await? {
-        return refused("ordering text across shards needs the C collation on every shard: there the database, or a column of a table, uses another collation (hotrepart compares text byte by byte; see pg_attribute.attcollation)".into());
-    }
-    Ok(None)
-}
-
-/// Whether every shard's database uses the C (or POSIX) collation; cached
-/// per shard and database by the node.
-pub(super) async fn shards_use_c_collation<S: AsyncRead + AsyncWrite + Unpin + Send>(
-    s: &mut Session<S>,
-    shards: &[usize],
-) -> Result<bool, SessionError> {
     for &t in shards {
         // Learned when the backend was attached (`Session::ensure_backend`).
-        if s.node.collation_is_c(t, s.database()) != Some(true) {
-            return Ok(false);
+        match s.node.text_collation(t, s.database()) {
+            Some(Ok(())) => {}
+            Some(Err(why)) => {
+                return refused(format!(
+                    "ordering text across shards needs the C collation: on shard {} {why} (hotrepart compares the shards' text byte by byte)",
+                    s.node.routing.shard_name(t)
+                ))
+            }
+            None => {
+                return refused(format!(
+                    "ordering text across shards needs the C collation, and the collation of shard {} is not known yet (its catalog could not be read)",
+                    s.node.routing.shard_name(t)
+                ))
+            }
         }
     }
-    Ok(true)
+    Ok(None)
 }
 
 #[cfg(test)]
