@@ -227,6 +227,15 @@ impl Calls {
     }
 }
 
+/// How text compares in a shard's database, as the merge needs it: whether
+/// byte order is PostgreSQL's order, and byte equality its equality; each
+/// with the reason when not (for the refusal).
+#[derive(Debug, Clone)]
+pub struct TextCollation {
+    pub order: Result<(), String>,
+    pub equality: Result<(), String>,
+}
+
 pub struct Node {
     /// The configuration now: swapped whole by a reload
     /// ([`crate::control::reload`]); read it with [`Node::cfg`].
@@ -255,9 +264,9 @@ pub struct Node {
     /// until the test lets it go ([`crate::control::jobs::running::JobGate`]).
     pub job_gate: Option<Arc<crate::control::jobs::running::JobGate>>,
     /// Whether (shard, database) uses the C collation (learned on attach).
-    /// Per shard and database: whether text orders bytewise there (Ok),
-    /// or why not (see `session::conn::CATALOG_PROBE`).
-    collations: Mutex<HashMap<(usize, String), Result<(), String>>>,
+    /// Per shard and database: how text compares there (see
+    /// `session::conn::CATALOG_PROBE`).
+    collations: Mutex<HashMap<(usize, String), TextCollation>>,
     /// Per database: function names seen called in multi-shard statements,
     /// and whether each is an aggregate (pg_proc), learned on first sight.
     aggregates: Mutex<HashMap<String, HashMap<String, bool>>>,
@@ -438,6 +447,29 @@ impl Node {
         params: Option<&BindParams>,
         ctx: &routing::RouteCtx<'_>,
     ) -> Result<Decision, Refusal> {
+        let home = self.single_shard_now()?;
+        if let Some(home) = home {
+            return Ok(Decision::single_on(home));
+        }
+        let shards = self.routing.shards.load();
+        let snap = self.routing.catalog.load();
+        routing::decide(
+            &snap,
+            &self.routing.plans,
+            |id| shards.by_name.get(id.as_str()).copied(),
+            sql,
+            params,
+            ctx,
+            self.cfg().max_parse_bytes,
+        )
+    }
+
+    /// Whether this node may route now (its routing table is the
+    /// catalog's: received, under a valid lease, installed) and, if the
+    /// table has one shard, that shard's index (its home: indices are not
+    /// positions, a shard removed earlier keeps its own). Every statement
+    /// passes here before it reaches a shard.
+    pub fn single_shard_now(&self) -> Result<Option<usize>, Refusal> {
         if !self.routing.catalog_ready() {
             return Err(Refusal::new(
                 sqlstate::CANNOT_CONNECT_NOW,
@@ -470,24 +502,11 @@ impl Node {
             }
         }
         let shards = self.routing.shards.load();
-        if shards.live == 1 {
-            return Ok(Decision::single_on(shards.home));
-        }
-        let snap = self.routing.catalog.load();
-        routing::decide(
-            &snap,
-            &self.routing.plans,
-            |id| shards.by_name.get(id.as_str()).copied(),
-            sql,
-            params,
-            ctx,
-            self.cfg().max_parse_bytes,
-        )
+        Ok((shards.live == 1).then_some(shards.home))
     }
 
-    /// Whether text orders bytewise on `shard` in `database` (Ok), or why
-    /// not; None: not known yet.
-    pub fn text_collation(&self, shard: usize, database: &str) -> Option<Result<(), String>> {
+    /// How text compares on `shard` in `database`; None: not known yet.
+    pub fn text_collation(&self, shard: usize, database: &str) -> Option<TextCollation> {
         self.collations
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -502,7 +521,7 @@ impl Node {
         &self,
         shard: usize,
         database: &str,
-        c: Result<(), String>,
+        c: TextCollation,
         generation: u64,
     ) {
         let mut m = self.collations.lock().unwrap_or_else(|e| e.into_inner());

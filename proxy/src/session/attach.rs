@@ -107,13 +107,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .load(std::sync::atomic::Ordering::SeqCst);
             if let Ok(rows) = b.hidden_query(CATALOG_PROBE).await {
                 if let Some(row) = rows.first() {
-                    let why = row.first().cloned().flatten();
-                    self.node.set_text_collation(
-                        t,
-                        &self.database,
-                        why.map_or(Ok(()), Err),
-                        generation,
-                    );
+                    let why = |i: usize| row.get(i).cloned().flatten().map_or(Ok(()), Err);
+                    let c = crate::node::TextCollation {
+                        order: why(0),
+                        equality: why(1),
+                    };
+                    self.node
+                        .set_text_collation(t, &self.database, c, generation);
                 }
             }
         }

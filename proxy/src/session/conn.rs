@@ -907,7 +907,9 @@ pub(super) const POISON_SQL: &str =
 /// (a user's own `>=(oid, int4)` would be a better match than
 /// pg_catalog's otherwise).
 /// Why text would not order bytewise in the connected database, or NULL
-/// when it does: a database whose default collation is not libc's C or
+/// when it does; then why bytes would not tell equal text (a column of a
+/// nondeterministic collation: 'a' = 'A' under a case-insensitive one),
+/// or NULL. Not bytewise: a database whose default collation is not libc's C or
 /// POSIX (nor the builtin provider's C / C.UTF-8, code point order) —
 /// an ICU database reports `datcollate` C while ordering by ICU — or the
 /// first user column with another collation. Optional catalog columns
@@ -926,7 +928,12 @@ ELSE (SELECT pg_catalog.format('column %I of %s uses collation %I', a.attname, a
 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_collation c ON c.oid OPERATOR(pg_catalog.=) a.attcollation \
 WHERE a.attrelid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 AND NOT a.attisdropped \
 AND NOT (a.attcollation OPERATOR(pg_catalog.=) ANY (ARRAY[0, 100, 950, 951]::pg_catalog.oid[])) \
-ORDER BY a.attrelid, a.attnum LIMIT 1) END \
+ORDER BY a.attrelid, a.attnum LIMIT 1) END, \
+(SELECT pg_catalog.format('column %I of %s uses nondeterministic collation %I', a.attname, a.attrelid::pg_catalog.regclass, c.collname) \
+FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_collation c ON c.oid OPERATOR(pg_catalog.=) a.attcollation \
+WHERE a.attrelid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 AND NOT a.attisdropped \
+AND pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'collisdeterministic' OPERATOR(pg_catalog.=) 'false' \
+ORDER BY a.attrelid, a.attnum LIMIT 1) \
 FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()";
 
 /// The node's name for a statement: a hash of its Parse body after the

@@ -239,7 +239,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         &self,
         frames: &[Frame],
     ) -> Result<(Option<usize>, Option<Decision>), Refusal> {
-        if self.node.routing.single_shard() {
+        if let Some(home) = self.node.single_shard_now()? {
             // Nothing to route; only LISTEN needs a look.
             for f in frames {
                 let mut b = f.body();
@@ -258,7 +258,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     _ => {}
                 }
             }
-            return Ok((Some(0), None));
+            return Ok((Some(home), None));
         }
         let mut target: Option<usize> = None;
         let mut strongest: Option<Decision> = None;

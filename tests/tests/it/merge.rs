@@ -1462,7 +1462,9 @@ async fn concatenating_aggregates_hold_the_elements_one_postgresql_gives() {
 async fn text_order_follows_the_collation_provider_of_the_database() {
     let c = Cluster::start(Opts {
         shards: 2,
-        tail: "[[sharded_tables]]\nname = \"words\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
+        tail: "[[sharded_tables]]\nname = \"words\"\nkey = \"id\"\ntype = \"int8\"\n\
+               [[sharded_tables]]\nname = \"names\"\nkey = \"id\"\ntype = \"int8\"\n"
+            .into(),
         ..Opts::default()
     })
     .await;
@@ -1574,4 +1576,46 @@ async fn text_order_follows_the_collation_provider_of_the_database() {
         "{}",
         e.message()
     );
+    // Grouping compares text for equality only: bytes tell equal text
+    // under deterministic collations, as "en-x-icu" is.
+    let groups = node
+        .query("SELECT w, count(*) FROM words GROUP BY w", &[])
+        .await
+        .unwrap();
+    assert_eq!(groups.len(), 8);
+    // Under a nondeterministic (case-insensitive) collation 'x' = 'X':
+    // PostgreSQL makes one group of them, bytes would make two.
+    node.batch_execute(
+        "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false); \
+         CREATE TABLE names (id bigint PRIMARY KEY, name text COLLATE ci); \
+         INSERT INTO names VALUES (1, 'x'), (2, 'X'), (3, 'x'), (4, 'X'), (5, 'x'), (6, 'X'), (7, 'x'), (8, 'X')",
+    )
+    .await
+    .unwrap();
+    let on_one: i64 = c
+        .direct(0)
+        .await
+        .query_one(
+            "SELECT count(DISTINCT v) FROM (VALUES ('x' COLLATE ci), ('X')) t (v)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_one, 1);
+    for sql in [
+        "SELECT name, count(*) FROM names GROUP BY name",
+        "SELECT DISTINCT name FROM names",
+        "SELECT count(DISTINCT name) FROM names",
+    ] {
+        let e = node.query(sql, &[]).await.unwrap_err();
+        let e = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
+        assert_eq!(e.code().code(), "0A000", "{sql}: {e:?}");
+        assert!(
+            e.message()
+                .contains("column name of names uses nondeterministic collation ci"),
+            "{sql}: {}",
+            e.message()
+        );
+    }
 }

@@ -1615,3 +1615,66 @@ async fn sequelize_find_or_create_runs_on_the_rows_shard() {
         assert_eq!(n, 0, "s{i}");
     }
 }
+
+/// A routing table left with one shard that is not the first the node
+/// knew (shard s0 removed, s1 the home shard): the extended protocol went
+/// to the node's shard index 0 — the removed shard — without routing,
+/// where the simple protocol went home. A driver's INSERT then landed on
+/// a shard that owns nothing (a lost write: the row is not where reads
+/// go). Every statement now goes to the one shard of the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shard_left_gets_every_statement_in_both_protocols() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: "home_shard = \"s1\"".into(),
+        ..Opts::default()
+    })
+    .await;
+    for i in 0..2 {
+        c.direct(i)
+            .await
+            .batch_execute("CREATE TABLE notes (id int, body text)")
+            .await
+            .unwrap();
+    }
+    // s0's key ranges to s1, then s0 out of the table.
+    let snap = c.node.routing.catalog.load_full();
+    for r in snap.ranges() {
+        if r.read_owner.as_str() == "s0" || r.write_owner.as_str() == "s0" {
+            c.propose(hotrepart_routing_paxos::CatalogCommand::AssignRange {
+                range: r.span(),
+                read_owner: "s1".into(),
+                write_owner: "s1".into(),
+            })
+            .await;
+        }
+    }
+    c.propose(hotrepart_routing_paxos::CatalogCommand::RemoveShard { shard: "s0".into() })
+        .await;
+    let node = c.connect().await;
+    node.execute("INSERT INTO notes VALUES ($1, $2)", &[&1i32, &"extended"])
+        .await
+        .unwrap();
+    node.batch_execute("INSERT INTO notes VALUES (2, 'simple')")
+        .await
+        .unwrap();
+    let through: Vec<String> = node
+        .query("SELECT body FROM notes ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(through, ["extended", "simple"]);
+    let c = &c;
+    let on = |i: usize| async move {
+        c.direct(i)
+            .await
+            .query_one("SELECT count(*) FROM notes", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(on(1).await, 2, "both rows on the one shard left");
+    assert_eq!(on(0).await, 0, "nothing on the removed shard");
+}

@@ -679,11 +679,13 @@ async fn describe_first<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     .order_by
                     .iter()
                     .any(|k| super::combine::key_ty(&k.value, &m.types) == Ty::Text);
-                if by_text {
-                    let shards = m.shards.clone();
-                    if let Some(e) = super::exec::text_order_refusal(s, &plan, &shards).await? {
-                        return Ok(Err(error_frame(e.0, &e.1)));
-                    }
+                let equates = m.types.contains(&Ty::Text)
+                    && (plan.distinct || !plan.distinct_on.is_empty() || plan.aggregate.is_some());
+                let shards = m.shards.clone();
+                if let Some(e) =
+                    super::exec::text_order_refusal(s, &plan, &shards, by_text, equates).await?
+                {
+                    return Ok(Err(error_frame(e.0, &e.1)));
                 }
             }
             Ok(Ok(()))

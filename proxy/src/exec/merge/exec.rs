@@ -767,7 +767,8 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     }
     let types = types;
-    // Text is ordered (sort keys, min/max) only under the C collation.
+    // Text is ordered (sort keys, min/max) bytewise: PostgreSQL's order
+    // under the C collation only.
     let orders_text = plan
         .order_by
         .iter()
@@ -806,10 +807,17 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             "merging real or double precision values across shards needs extra_float_digits >= 1 (exact output); the session has it lower".into(),
         )));
     }
-    if orders_text {
-        if let Some(e) = text_order_refusal(s, plan, &st.shards).await? {
-            return Ok(Err(e));
-        }
+    // Text is grouped or deduplicated bytewise: PostgreSQL's equality
+    // under deterministic collations only.
+    let equates_text = value_types.contains(&Ty::Text)
+        && (plan.distinct
+            || !plan.distinct_on.is_empty()
+            || plan
+                .aggregate
+                .as_ref()
+                .is_some_and(|a| !a.group_by.is_empty() || !dcols.is_empty()));
+    if let Some(e) = text_order_refusal(s, plan, &st.shards, orders_text, equates_text).await? {
+        return Ok(Err(e));
     }
     let max_rows = s.node.cfg().max_merge_rows;
     let max_bytes = s.node.cfg().max_merge_bytes;
@@ -1188,40 +1196,59 @@ fn owned_bytes(v: std::borrow::Cow<'_, [u8]>) -> Bytes {
     }
 }
 
-/// Why the node cannot order text of `plan` across `shards` as PostgreSQL
-/// would, if it cannot: it compares text byte by byte, which is
+/// What a merge compares of text: its order (`orders`: sort keys,
+/// min/max) and its equality (`equates`: groups, DISTINCT, DISTINCT ON,
+/// count(DISTINCT …)). Why the node cannot do so across `shards` as
+/// PostgreSQL would, if it cannot: it compares text byte by byte, which is
 /// PostgreSQL's order only under the C collation (no other COLLATE, every
-/// shard's database C) and in a client encoding whose bytes order as
-/// UTF-8's.
+/// shard's database C, no column of another collation) in a client
+/// encoding whose bytes order as UTF-8's, and PostgreSQL's equality only
+/// under deterministic collations.
 pub(super) async fn text_order_refusal<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     plan: &MergePlan,
     shards: &[usize],
+    orders: bool,
+    equates: bool,
 ) -> Result<Option<MergeError>, SessionError> {
     let refused = |m: String| Ok(Some(MergeError(sqlstate::FEATURE_NOT_SUPPORTED, m)));
-    if let Some(c) = hotrepart_router::classify::non_c_collate(&plan.shard_sql) {
-        return refused(format!("ordering text across shards under COLLATE {c} is not supported (hotrepart merges text bytewise: C collation only)"));
+    let what = if orders {
+        "ordering text across shards"
+    } else {
+        "grouping or deduplicating text across shards"
+    };
+    if !orders && !equates {
+        return Ok(None);
     }
-    if !s.enc.orders_as_utf8() {
+    if let Some(c) = hotrepart_router::classify::non_c_collate(&plan.shard_sql) {
+        return refused(format!("{what} under COLLATE {c} is not supported (hotrepart merges text bytewise: C collation only)"));
+    }
+    if orders && !s.enc.orders_as_utf8() {
         return refused(format!("ordering text across shards needs client_encoding UTF8 or LATIN1 (it is {}): hotrepart compares the shards' text byte by byte, which orders characters as PostgreSQL does only in those", s.enc.name()));
     }
     for &t in shards {
         // Learned when the backend was attached (`Session::ensure_backend`).
-        match s.node.text_collation(t, s.database()) {
-            Some(Ok(())) => {}
-            Some(Err(why)) => {
-                return refused(format!(
-                    "ordering text across shards needs the C collation: on shard {} {why} (hotrepart compares the shards' text byte by byte)",
-                    s.node.routing.shard_name(t)
-                ))
-            }
+        let shard = s.node.routing.shard_name(t);
+        let why = match s.node.text_collation(t, s.database()) {
+            Some(c) => match (orders, c.order, equates, c.equality) {
+                (true, Err(why), _, _) => why,
+                (_, _, true, Err(why)) => why,
+                _ => continue,
+            },
             None => {
                 return refused(format!(
-                    "ordering text across shards needs the C collation, and the collation of shard {} is not known yet (its catalog could not be read)",
-                    s.node.routing.shard_name(t)
+                    "{what} needs to know the shards' collations, and that of shard {shard} is not known yet (its catalog could not be read)"
                 ))
             }
-        }
+        };
+        return refused(format!(
+            "{what} needs {}: on shard {shard} {why} (hotrepart compares the shards' text byte by byte)",
+            if orders {
+                "the C collation"
+            } else {
+                "deterministic collations"
+            }
+        ));
     }
     Ok(None)
 }
