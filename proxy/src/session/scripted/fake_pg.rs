@@ -35,7 +35,8 @@
 //!   connection keeps the values (not transactionally: a rolled-back SET
 //!   stays, unlike PostgreSQL) and the state read-back (`SELECT name,
 //!   setting FROM pg_catalog.pg_settings …`) answers them;
-//! - the collation probe (`SELECT d.datcollate …`) → `t` (C collation);
+//! - the collation probe (`CATALOG_PROBE`) → NULL, NULL (text orders and
+//!   compares bytewise);
 //! - the namespace probe (`WITH RECURSIVE declared …`) → no rows: the node
 //!   then resolves every unqualified name in `public`;
 //! - `SELECT name FROM pg_catalog.pg_prepared_statements` → the
@@ -156,7 +157,7 @@ impl Msg {
 }
 
 fn is_probe_sql(q: &str) -> bool {
-    q.starts_with("SELECT d.datcollate")
+    q == crate::session::conn::CATALOG_PROBE
         || q.starts_with("WITH RECURSIVE declared")
         || q.starts_with("SELECT name, setting FROM pg_catalog.pg_settings")
         || q.starts_with("SELECT name FROM pg_catalog.pg_prepared_statements")
@@ -793,8 +794,12 @@ impl Conn {
                     .collect(),
             };
         }
-        if t.starts_with("SELECT d.datcollate") {
-            return Answer::rows(&["c"], &[&["t"]]);
+        if t == crate::session::conn::CATALOG_PROBE {
+            // Text orders and compares bytewise (no reason against).
+            return Answer::Rows {
+                columns: vec!["order".into(), "equality".into()],
+                rows: vec![vec![None, None]],
+            };
         }
         if t.starts_with("SELECT name FROM pg_catalog.pg_prepared_statements") {
             let mut names: Vec<&str> = self
