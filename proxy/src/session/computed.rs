@@ -181,6 +181,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(d) => d,
             Err(r) => return Ok(Err(r)),
         };
+        // A REPEATABLE READ transaction whose snapshot predates a range's
+        // move must not read it on the new owner (as any read).
+        if let Err(r) = self.check_owner_change(&source) {
+            return Ok(Err(r));
+        }
         // Functions the SELECT calls, as for any read (one whose body names
         // a sharded table would see one shard's rows).
         let first = self.first_shard(&source);

@@ -273,8 +273,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return Ok(false);
                 };
                 let (shards, sqls) = (shards.clone(), sqls.clone());
-                self.declare_merged(&d, &dec, &shards, sqls.as_deref(), None)
-                    .await?
+                // A REPEATABLE READ transaction whose snapshot predates a
+                // range's move must not read it on the new owner.
+                match self.check_owner_change(&dec) {
+                    Err(r) => Err(r),
+                    Ok(()) => {
+                        self.declare_merged(&d, &dec, &shards, sqls.as_deref(), None)
+                            .await?
+                    }
+                }
             }
             CursorCommand::Fetch {
                 name,
@@ -624,6 +631,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(false);
         };
         let (shards, sqls) = (shards.clone(), sqls.clone());
+        if let Err(r) = self.check_owner_change(&dec) {
+            self.batch_error(&r, synced);
+            return Ok(true);
+        }
         let ext = match merged::declare_batch(self, frames, synced)? {
             Ok(p) => p,
             Err(r) => {

@@ -369,6 +369,13 @@ async fn a_snapshot_transaction_does_not_outlive_a_flip() {
     .await;
     let rr = c.connect().await;
     let rc = c.connect().await;
+    // The same through a merged cursor and through an INSERT … SELECT
+    // whose rows the node reads first (a key of the moving range).
+    let rr_cursor = c.connect().await;
+    let rr_insert = c.connect().await;
+    let moving = (1..ROWS)
+        .find(|&i| range_of(&c, i).span() == r.span())
+        .unwrap();
     let count = "SELECT count(*) FROM items";
     loop {
         let (_, phase) = tokio::time::timeout(Duration::from_secs(120), reached.recv())
@@ -381,7 +388,12 @@ async fn a_snapshot_transaction_does_not_outlive_a_flip() {
                 .await
                 .unwrap();
             rc.batch_execute("BEGIN").await.unwrap();
-            for db in [&rr, &rc] {
+            for db in [&rr_cursor, &rr_insert] {
+                db.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                    .await
+                    .unwrap();
+            }
+            for db in [&rr, &rc, &rr_cursor, &rr_insert] {
                 let n: i64 = db.query_one(count, &[]).await.unwrap().get(0);
                 assert_eq!(n, ROWS);
             }
@@ -391,6 +403,23 @@ async fn a_snapshot_transaction_does_not_outlive_a_flip() {
             let e = rr.query_one(count, &[]).await.expect_err("40001");
             assert_eq!(code(&e), "40001", "{e:?}");
             rr.batch_execute("ROLLBACK").await.unwrap();
+            let e = rr_cursor
+                .batch_execute("DECLARE c CURSOR FOR SELECT id FROM items ORDER BY id")
+                .await
+                .expect_err("40001 for the merged cursor");
+            assert_eq!(code(&e), "40001", "{e:?}");
+            // (its snapshot on the new owner holds no row of the range: the
+            // INSERT would have copied none)
+            let e = rr_insert
+                .batch_execute(&format!(
+                    "INSERT INTO items (id, v) SELECT id + 1000000, v FROM items WHERE id = {moving}"
+                ))
+                .await
+                .expect_err("40001 for the INSERT … SELECT");
+            assert_eq!(code(&e), "40001", "{e:?}");
+            for db in [&rr_cursor, &rr_insert] {
+                db.batch_execute("ROLLBACK").await.unwrap();
+            }
             let n: i64 = rc.query_one(count, &[]).await.unwrap().get(0);
             assert_eq!(n, ROWS, "READ COMMITTED goes on");
             rc.batch_execute("COMMIT").await.unwrap();
