@@ -315,3 +315,64 @@ async fn copy_into_a_range_frozen_too_long_fails_with_40001() {
     // The session goes on.
     assert_eq!(copy(&db, rows(&to_s1)).await.unwrap(), 20);
 }
+
+/// Inside a transaction block, the rows a CopyData message routed before a
+/// row of a frozen range reach their shard before the COPY waits out the
+/// freeze: their shard's COPY is started and running (a statement of a
+/// transaction older than any later freeze, which a cut-over of their own
+/// range waits for: `jobs::wait_open_transactions`). They stayed queued,
+/// unsent, while the wait dropped the COPY's pin: a cut-over of their
+/// range in that time saw nothing of them, and they landed on its old
+/// owner after the flip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_routed_before_a_wait_reach_their_shard_before_it() {
+    let c = start(10_000).await;
+    let r = freeze_a_range_of_s0(&c).await;
+    let to_s1 = ids(&c, 20, |x| x.write_owner.as_str() == "s1");
+    let frozen = ids(&c, 5, |x| x.lo == r.lo);
+    let data = rows(&to_s1) + &rows(&frozen);
+    let db = c.connect().await;
+    let task = tokio::spawn(async move {
+        db.batch_execute("BEGIN").await?;
+        let sink = db
+            .copy_in::<_, Bytes>("COPY items (id, v) FROM STDIN")
+            .await?;
+        futures_util::pin_mut!(sink);
+        // One message: s1's rows, then the frozen range's.
+        sink.send(Bytes::from(data)).await?;
+        let n = sink.finish().await?;
+        db.batch_execute("COMMIT").await?;
+        Ok::<u64, tokio_postgres::Error>(n)
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!task.is_finished(), "the COPY did not wait for the freeze");
+    let copying: i64 = c
+        .direct(1)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE query LIKE 'COPY items%' AND state = 'active' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        copying, 1,
+        "s1's rows are in its running COPY while it waits"
+    );
+    c.propose(CatalogCommand::UnfreezeRange {
+        range: r.span(),
+        freeze: FREEZE,
+        operator: false,
+    })
+    .await;
+    let n = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the COPY did not end after the thaw")
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 25);
+    assert_eq!(ids_on(&c.direct(1).await).await, sorted(to_s1));
+    assert_eq!(ids_on(&c.direct(0).await).await, sorted(frozen));
+}

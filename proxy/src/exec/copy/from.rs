@@ -501,6 +501,22 @@ pub(super) async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return Ok(InEnd::Stop(fail));
         }
         if !held.is_empty() {
+            // The rows queued so far were routed by the table this COPY's
+            // pin holds, and waiting out a frozen range drops the pin:
+            // they reach their shards first (started, sent), so that a
+            // cut-over of their ranges meanwhile waits for this COPY (its
+            // running statement, its open transaction) instead of missing
+            // them.
+            if let Some(fail) = start_queued(s, d, st, in_tx).await? {
+                return Ok(InEnd::Stop(fail));
+            }
+            for sc in st.iter_mut().filter(|sc| sc.started) {
+                send_shard(s, sc).await?;
+                if let Some((code, msg)) = sc.error.clone() {
+                    let m = format!("{msg} (on shard {})", shard_name(s, sc.t));
+                    return Ok(InEnd::Stop(Fail { code, msg: m }));
+                }
+            }
             let rows = std::mem::take(&mut held);
             let r = route_held(
                 s,
@@ -517,31 +533,8 @@ pub(super) async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 return Ok(InEnd::Stop(fail));
             }
         }
-        // Start the COPY on a shard when its first row arrives: inside a
-        // transaction block every shard (the transaction then commits with
-        // two-phase commit when it wrote several); outside, a shard the
-        // routing table gained during this COPY.
-        for sc in st.iter_mut() {
-            if sc.started || sc.done || sc.out.is_empty() {
-                continue;
-            }
-            if in_tx {
-                if let Err(r) = s.check_write(d, sc.t) {
-                    return Ok(InEnd::Stop(r.into()));
-                }
-            }
-            if let Err(r) = s.ensure_backend(sc.t).await? {
-                return Ok(InEnd::Stop(r.into()));
-            }
-            if in_tx {
-                s.be.cur = sc.t;
-            }
-            // The rows queued for it wait while the COPY starts.
-            start_shard(s, sc, &d.sql_text, !in_tx).await?;
-            if let Some((code, msg)) = sc.error.clone() {
-                let m = format!("{msg} (on shard {})", shard_name(s, sc.t));
-                return Ok(InEnd::Stop(Fail { code, msg: m }));
-            }
+        if let Some(fail) = start_queued(s, d, st, in_tx).await? {
+            return Ok(InEnd::Stop(fail));
         }
         for sc in st.iter_mut() {
             if done || sc.out.len() >= FLUSH_AT {
@@ -566,6 +559,41 @@ pub(super) async fn copy_in_loop<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return Ok(InEnd::Done);
         }
     }
+}
+
+/// Starts the COPY on each shard that has rows queued and has not started
+/// it: inside a transaction block every shard (the transaction then
+/// commits with two-phase commit when it wrote several); outside, a shard
+/// the routing table gained during this COPY. The rows queued for it wait
+/// while the COPY starts.
+async fn start_queued<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    d: &Decision,
+    st: &mut [ShardCopy],
+    in_tx: bool,
+) -> Result<Option<Fail>, SessionError> {
+    for sc in st.iter_mut() {
+        if sc.started || sc.done || sc.out.is_empty() {
+            continue;
+        }
+        if in_tx {
+            if let Err(r) = s.check_write(d, sc.t) {
+                return Ok(Some(r.into()));
+            }
+        }
+        if let Err(r) = s.ensure_backend(sc.t).await? {
+            return Ok(Some(r.into()));
+        }
+        if in_tx {
+            s.be.cur = sc.t;
+        }
+        start_shard(s, sc, &d.sql_text, !in_tx).await?;
+        if let Some((code, msg)) = sc.error.clone() {
+            let m = format!("{msg} (on shard {})", shard_name(s, sc.t));
+            return Ok(Some(Fail { code, msg: m }));
+        }
+    }
+    Ok(None)
 }
 
 /// Queues a row for `st[pos]` (after the header, once).
