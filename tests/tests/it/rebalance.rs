@@ -235,3 +235,87 @@ async fn add_shard_rebalance_gives_the_new_shard_its_share_of_rows() {
     assert_eq!(state(&c).await, before, "a dry run changed the cluster");
     drop(extra);
 }
+
+/// `reshard add-shard` copies the reference tables to the new shard once
+/// no statement routed by the routing table without it is still in
+/// flight (`jobs::settle`). A reference-table INSERT routed before — to
+/// the old shards only — and still waiting for a pooled backend while the
+/// shard was added landed after the copy: the new shard never got the
+/// row, and reads served there missed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn add_shard_copies_reference_rows_written_by_statements_routed_before_it() {
+    let c = ProcCluster::start_with(
+        3,
+        2,
+        "reference_tables = [\"countries\"]",
+        TABLES,
+        "lease_ms = 1000",
+    )
+    .await;
+    c.wait_ready(Duration::from_secs(30)).await;
+    let db = connect(&c.nodes[0].dsn()).await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, n int NOT NULL); \
+         CREATE TABLE countries (code text PRIMARY KEY)",
+    )
+    .await
+    .unwrap();
+    // Every pooled backend of s0 (pool_size = 8) held in a transaction.
+    let ranges = c.ranges(0).await;
+    let on_s0: Vec<i64> = (1..)
+        .filter(|&id| {
+            let p = hashint8extended(id, 0);
+            ranges
+                .iter()
+                .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
+                .is_some_and(|r| r.2 == "s0")
+        })
+        .take(8)
+        .collect();
+    let mut holders = Vec::new();
+    for id in &on_s0 {
+        let h = connect(&c.nodes[0].dsn()).await.unwrap();
+        h.batch_execute(&format!("BEGIN; SELECT * FROM items WHERE id = {id}"))
+            .await
+            .unwrap();
+        holders.push(h);
+    }
+    // The reference write: routed now (to s0 and s1), waiting for s0.
+    let writer = connect(&c.nodes[0].dsn()).await.unwrap();
+    let insert = tokio::spawn(async move {
+        writer
+            .batch_execute("INSERT INTO countries VALUES ('fr')")
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !insert.is_finished(),
+        "the write did not wait for a backend"
+    );
+    let d = c.dir.0.join("s2");
+    let extra = tokio::task::spawn_blocking(move || start_pg(&d))
+        .await
+        .unwrap();
+    let dsn = extra.dsn();
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for h in &holders {
+            h.batch_execute("COMMIT").await.unwrap();
+        }
+    };
+    let args = ["reshard", "add-shard", "s2", "--dsn", &dsn];
+    let ((ok, out, err), ()) = tokio::join!(c.proxyctl(0, &args), release);
+    assert!(ok, "add-shard: {out}\n{err}\nlogs:\n{}", c.logs());
+    tokio::time::timeout(Duration::from_secs(10), insert)
+        .await
+        .expect("the write ends")
+        .unwrap()
+        .unwrap();
+    let s2 = connect(&dsn).await.unwrap();
+    let n: i64 = s2
+        .query_one("SELECT count(*) FROM countries WHERE code = 'fr'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the new shard has the reference row");
+}

@@ -230,8 +230,13 @@ async fn add_shard(State(api): State<Api>, Json(req): Json<AddShardReq>) -> ApiR
         dsn: hotrepart_routing_paxos::command::Dsn(req.dsn.clone()),
     })
     .await?;
-    let h = &api.node.catalog_handle;
-    h.await_all_applied(h.applied_index())
+    // Every node routes by the table with the new shard, and no statement
+    // routed by an older one is still in flight (a reference-table write
+    // routed to the other shards only, e.g. waiting for a pooled backend,
+    // would otherwise land after the copy below and never reach the new
+    // shard). A write already done in an open transaction holds its lock:
+    // the copy's `LOCK … IN SHARE MODE` waits for it.
+    crate::control::jobs::settle(&api.node)
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let mut copied = Vec::new();
