@@ -505,6 +505,26 @@ impl Node {
         Ok((shards.live == 1).then_some(shards.home))
     }
 
+    /// Listening connections to the shards the routing table gained
+    /// (see [`crate::backend::notify::Notifier::follow_shards`]).
+    pub fn follow_listeners(&self) {
+        self.notifier.follow_shards(
+            |database, user| {
+                self.routing
+                    .live_shards()
+                    .into_iter()
+                    .map(|t| {
+                        let p = self.pool_for(t, database, user);
+                        (t, p.target.clone(), p.connect_timeout())
+                    })
+                    .collect()
+            },
+            |task| {
+                self.tasks.spawn_until_shutdown(task);
+            },
+        );
+    }
+
     /// How text compares on `shard` in `database`; None: not known yet.
     pub fn text_collation(&self, shard: usize, database: &str) -> Option<TextCollation> {
         self.collations

@@ -17,8 +17,11 @@
 //! Guarantees and limits: a notification is delivered to the sessions
 //! listening when the listening connection receives it; one sent while a
 //! listening connection is down (a shard restarted: it reconnects with
-//! back-off and listens again) is lost, with a warning in the log. Shards
-//! added after a database's listeners were opened are not listened on.
+//! back-off and listens again) is lost, with a warning in the log. A shard
+//! the routing table gains gets a listening connection of its own for
+//! each database listened in, on the channels listened on then
+//! ([`Notifier::follow_shards`]); until it listens, its notifications are
+//! lost as a restarted shard's.
 
 use crate::backend::conn::{BackendConn, BackendTarget};
 use crate::sql::quote_ident;
@@ -43,9 +46,17 @@ pub struct Notifier {
 /// One database's listening connections and who listens on what.
 struct DbListeners {
     subs: Mutex<HashMap<String, HashMap<u64, mpsc::UnboundedSender<Bytes>>>>,
-    /// One command queue per shard's listening task.
-    shards: Vec<mpsc::UnboundedSender<Cmd>>,
+    /// One command queue per shard's listening task, with the shard's
+    /// index (locked after `subs` where both are).
+    shards: Mutex<Vec<(usize, mpsc::UnboundedSender<Cmd>)>>,
+    /// The user whose pool target the listening connections use (the
+    /// first listener's).
+    user: String,
 }
+
+/// Where one shard's listening connection goes: the shard's index, its
+/// pool target, the connect timeout.
+pub type ListenTarget = (usize, BackendTarget, Duration);
 
 enum Cmd {
     /// Listen; the sender is told once the shard listens.
@@ -72,14 +83,16 @@ impl Notifier {
     }
 
     /// `who` listens on `channel` in `database`; `targets`: the shards to
-    /// listen on, should this be the database's first listener.
+    /// listen on for `user`, should this be the database's first listener.
     /// `spawn` starts the listening tasks (the node's supervisor). Returns
     /// once every shard listens (a notification sent after this reaches
     /// `who`), or Err saying what failed within `wait`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn listen(
         &self,
         database: &str,
-        targets: impl FnOnce() -> Vec<(BackendTarget, Duration)>,
+        user: &str,
+        targets: impl FnOnce() -> Vec<ListenTarget>,
         spawn: impl Fn(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
         channel: &str,
         who: &Listener,
@@ -90,25 +103,12 @@ impl Notifier {
             match dbs.get(database) {
                 Some(d) => d.clone(),
                 None => {
-                    let mut senders = Vec::new();
-                    let mut tasks = Vec::new();
-                    for (target, timeout) in targets() {
-                        let (tx, rx) = mpsc::unbounded_channel();
-                        senders.push(tx);
-                        tasks.push((target, timeout, rx));
-                    }
                     let d = Arc::new(DbListeners {
                         subs: Mutex::new(HashMap::new()),
-                        shards: senders,
+                        shards: Mutex::new(Vec::new()),
+                        user: user.to_string(),
                     });
-                    for (target, timeout, rx) in tasks {
-                        spawn(Box::pin(listen_loop(
-                            target,
-                            timeout,
-                            rx,
-                            Arc::downgrade(&d),
-                        )));
-                    }
+                    add_shards(&d, targets(), &spawn);
                     dbs.insert(database.to_string(), d.clone());
                     d
                 }
@@ -123,7 +123,7 @@ impl Notifier {
             subs.entry(channel.to_string())
                 .or_default()
                 .insert(who.id, who.tx.clone());
-            for s in &db.shards {
+            for (_, s) in db.shards.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                 let (tx, rx) = oneshot::channel();
                 let _ = s.send(Cmd::Listen(channel.to_string(), tx));
                 acks.push(rx);
@@ -139,6 +139,27 @@ impl Notifier {
                     wait.as_millis()
                 ))
             }
+        }
+    }
+
+    /// Gives every database listened in a listening connection to each
+    /// shard of `targets(database, user)` it has none to (a shard the
+    /// routing table gained), listening on the channels listened on now.
+    /// Called when the node publishes a routing table.
+    pub fn follow_shards(
+        &self,
+        targets: impl Fn(&str, &str) -> Vec<ListenTarget>,
+        spawn: impl Fn(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
+    ) {
+        let dbs: Vec<(String, Arc<DbListeners>)> = self
+            .dbs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, db) in dbs {
+            add_shards(&db, targets(&name, &db.user), &spawn);
         }
     }
 
@@ -173,6 +194,37 @@ impl Notifier {
     }
 }
 
+/// Starts a listening task for each of `targets` that `db` has none for,
+/// told to listen on the channels of `db` (under its `subs` lock, so that
+/// no LISTEN or UNLISTEN of the table is missed or reordered).
+fn add_shards(
+    db: &Arc<DbListeners>,
+    targets: Vec<ListenTarget>,
+    spawn: &impl Fn(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
+) {
+    let subs = db.subs.lock().unwrap_or_else(|e| e.into_inner());
+    let mut shards = db.shards.lock().unwrap_or_else(|e| e.into_inner());
+    for (i, target, timeout) in targets {
+        if shards.iter().any(|(j, _)| *j == i) {
+            continue;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        for ch in subs.keys() {
+            // Nobody waits for this one: its notifications count from when
+            // it listens.
+            let (ack, _) = oneshot::channel();
+            let _ = tx.send(Cmd::Listen(ch.clone(), ack));
+        }
+        spawn(Box::pin(listen_loop(
+            target,
+            timeout,
+            rx,
+            Arc::downgrade(db),
+        )));
+        shards.push((i, tx));
+    }
+}
+
 /// `who` leaves `channel` (None: every channel) of `db`; a channel left
 /// without listeners is unlistened on the shards (under the lock: see
 /// [`Notifier::listen`]).
@@ -180,7 +232,7 @@ fn unlisten_db(db: &DbListeners, channel: Option<&str>, who: u64) {
     let mut subs = db.subs.lock().unwrap_or_else(|e| e.into_inner());
     subs.retain(|ch, set| {
         if channel.is_none_or(|c| c == ch) && set.remove(&who).is_some() && set.is_empty() {
-            for s in &db.shards {
+            for (_, s) in db.shards.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                 let _ = s.send(Cmd::Unlisten(ch.clone()));
             }
             return false;

@@ -175,6 +175,7 @@ fn publish_current(node: &Node, c: &hotrepart_routing_paxos::Catalog) {
         {
             tracing::info!(epoch = snap.epoch(), "routing table published");
             node.routing.publish_catalog(c);
+            node.follow_listeners();
         }
     }
 }

@@ -55,7 +55,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         .into_iter()
                         .map(|t| {
                             let p = node.pool_for(t, &database, &user);
-                            (p.target.clone(), p.connect_timeout())
+                            (t, p.target.clone(), p.connect_timeout())
                         })
                         .collect()
                 };
@@ -64,6 +64,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 node.notifier
                     .listen(
                         &database,
+                        &user,
                         targets,
                         |task| {
                             node.tasks.spawn_until_shutdown(task);

@@ -118,3 +118,58 @@ async fn notifications_reach_listeners_through_a_two_shard_node() {
     )
     .await;
 }
+
+/// A shard the routing table gains while clients listen: the node listens
+/// there too, on the channels listened on then, so a notification sent on
+/// the new shard (a trigger's `pg_notify` on its rows) reaches them. (The
+/// node listened only on the shards of its first LISTEN: such
+/// notifications were never delivered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_hear_a_shard_added_after_their_listen() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        extra: "pool_size = 2".into(),
+        ..Opts::default()
+    })
+    .await;
+    let (a, mut a_rx) = listener(&c).await;
+    a.batch_execute("LISTEN ch").await.unwrap();
+    let extra = {
+        let d = c.dir.0.join("s2");
+        tokio::task::spawn_blocking(move || start_pg(&d))
+            .await
+            .unwrap()
+    };
+    c.propose(hotrepart_routing_paxos::CatalogCommand::AddShard {
+        shard: "s2".into(),
+        dsn: hotrepart_routing_paxos::command::Dsn(extra.dsn()),
+    })
+    .await;
+    let s2 = connect(&extra.dsn()).await.unwrap();
+    // The new shard's listening connection comes up in the background:
+    // notify until one arrives (at most 10 s), then every later one does.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        s2.batch_execute("NOTIFY ch, 'from s2'").await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(200), a_rx.recv()).await {
+            Ok(Some(n)) => break n,
+            Ok(None) => panic!("the listener's connection ended"),
+            Err(_) if std::time::Instant::now() < deadline => continue,
+            Err(_) => panic!("no notification from the added shard within 10 s"),
+        }
+    };
+    assert_eq!(first, ("ch".into(), "from s2".into()));
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), a_rx.recv()).await {}
+    s2.batch_execute("NOTIFY ch, 'again'").await.unwrap();
+    assert_eq!(next(&mut a_rx).await, ("ch".into(), "again".into()));
+    // A channel listened on after the shard was added reaches it too.
+    a.batch_execute("LISTEN other").await.unwrap();
+    s2.batch_execute("NOTIFY other, 'x'").await.unwrap();
+    assert_eq!(next(&mut a_rx).await, ("other".into(), "x".into()));
+    // UNLISTEN: nothing more from it.
+    a.batch_execute("UNLISTEN ch").await.unwrap();
+    s2.batch_execute("NOTIFY ch, 'late'; NOTIFY other, 'y'")
+        .await
+        .unwrap();
+    assert_eq!(next(&mut a_rx).await, ("other".into(), "y".into()));
+}
