@@ -2036,3 +2036,56 @@ async fn a_rollback_to_before_ddl_reads_the_namespace_again() {
     );
     b.batch_execute("COMMIT").await.ok();
 }
+
+/// A statement pipelined behind another (no Sync between) after the
+/// schema changed, while the session's backend owes the client replies:
+/// a table created since in a schema ahead of `public` on the search path
+/// (`app.users`, undeclared: the home shard's) hides the sharded
+/// `public.users` — PostgreSQL answers 3, not the 40 rows merged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_statement_sees_a_table_created_since_the_last_read() {
+    let c = cluster().await;
+    let a = connect(&c.dsn()).await.unwrap();
+    a.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text); \
+         INSERT INTO users (id, name) SELECT g, 'x' FROM generate_series(1, 40) g; \
+         CREATE SCHEMA app",
+    )
+    .await
+    .unwrap();
+    let mut r = Raw::connect(&c).await;
+    // The namespace read once: `users` is public.users.
+    r.send(|o| {
+        frontend::query(
+            "SET search_path TO app, public; SELECT count(*) FROM users",
+            o,
+        )
+        .unwrap()
+    })
+    .await;
+    r.until_ready().await;
+    // (No session of the node reads the namespace in between.)
+    a.batch_execute(
+        "CREATE TABLE app.users (id bigint, name text); \
+         INSERT INTO app.users VALUES (1, 'a'), (2, 'b'), (3, 'c')",
+    )
+    .await
+    .unwrap();
+    r.send(|o| {
+        frontend::parse("", "SELECT pg_sleep(0.3)", std::iter::empty(), o).unwrap();
+        bind_portal(o, "");
+        frontend::execute("", 0, o).unwrap();
+        frontend::flush(o);
+        frontend::parse("", "SELECT count(*) FROM users", std::iter::empty(), o).unwrap();
+        bind_portal(o, "");
+        frontend::execute("", 0, o).unwrap();
+        frontend::sync(o);
+    })
+    .await;
+    let msgs = r.until_ready().await;
+    assert!(!msgs.iter().any(|m| m.0 == b'E'), "{msgs:?}");
+    // The second statement's row: one column (i16 count, i32 length, text).
+    let last = msgs.iter().rfind(|m| m.0 == b'D').unwrap();
+    let got = String::from_utf8(last.1[6..].to_vec()).unwrap();
+    assert_eq!(got, "3", "pipelined after app.users was created: {msgs:?}");
+}
