@@ -909,7 +909,8 @@ pub(super) const POISON_SQL: &str =
 /// Why text would not order bytewise in the connected database, or NULL
 /// when it does; then why bytes would not tell equal text (a column of a
 /// nondeterministic collation: 'a' = 'A' under a case-insensitive one),
-/// or NULL. Not bytewise: a database whose default collation is not libc's C or
+/// or NULL; user domains with a collation count as columns (a cast to
+/// one takes its collation). Not bytewise: a database whose default collation is not libc's C or
 /// POSIX (nor the builtin provider's C / C.UTF-8, code point order) —
 /// an ICU database reports `datcollate` C while ordering by ICU — or the
 /// first user column with another collation. Optional catalog columns
@@ -922,18 +923,29 @@ AND pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocale' OPERATOR(pg_cata
 THEN pg_catalog.format('database %I uses the %s collation provider (locale %s)', d.datname, \
 CASE pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocprovider' WHEN 'i' THEN 'ICU' WHEN 'b' THEN 'builtin' ELSE 'non-libc' END, \
 COALESCE(pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocale', pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'daticulocale', '?')) \
-WHEN NOT (d.datcollate::pg_catalog.text OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'POSIX']::pg_catalog.text[])) \
+WHEN COALESCE(pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocprovider', 'c') OPERATOR(pg_catalog.=) 'c' \
+AND NOT (d.datcollate::pg_catalog.text OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'POSIX']::pg_catalog.text[])) \
 THEN pg_catalog.format('database %I uses collation %s', d.datname, d.datcollate) \
-ELSE (SELECT pg_catalog.format('column %I of %s uses collation %I', a.attname, a.attrelid::pg_catalog.regclass, c.collname) \
+ELSE COALESCE((SELECT pg_catalog.format('column %I of %s uses collation %I', a.attname, a.attrelid::pg_catalog.regclass, c.collname) \
 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_collation c ON c.oid OPERATOR(pg_catalog.=) a.attcollation \
 WHERE a.attrelid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 AND NOT a.attisdropped \
 AND NOT (a.attcollation OPERATOR(pg_catalog.=) ANY (ARRAY[0, 100, 950, 951]::pg_catalog.oid[])) \
-ORDER BY a.attrelid, a.attnum LIMIT 1) END, \
-(SELECT pg_catalog.format('column %I of %s uses nondeterministic collation %I', a.attname, a.attrelid::pg_catalog.regclass, c.collname) \
+ORDER BY a.attrelid, a.attnum LIMIT 1), \
+(SELECT pg_catalog.format('domain %s uses collation %I', t.oid::pg_catalog.regtype, c.collname) \
+FROM pg_catalog.pg_type t JOIN pg_catalog.pg_collation c ON c.oid OPERATOR(pg_catalog.=) t.typcollation \
+WHERE t.oid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND t.typtype OPERATOR(pg_catalog.=) 'd' \
+AND NOT (t.typcollation OPERATOR(pg_catalog.=) ANY (ARRAY[0, 100, 950, 951]::pg_catalog.oid[])) \
+ORDER BY t.oid LIMIT 1)) END, \
+COALESCE((SELECT pg_catalog.format('column %I of %s uses nondeterministic collation %I', a.attname, a.attrelid::pg_catalog.regclass, c.collname) \
 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_collation c ON c.oid OPERATOR(pg_catalog.=) a.attcollation \
 WHERE a.attrelid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 AND NOT a.attisdropped \
 AND pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'collisdeterministic' OPERATOR(pg_catalog.=) 'false' \
-ORDER BY a.attrelid, a.attnum LIMIT 1) \
+ORDER BY a.attrelid, a.attnum LIMIT 1), \
+(SELECT pg_catalog.format('domain %s uses nondeterministic collation %I', t.oid::pg_catalog.regtype, c.collname) \
+FROM pg_catalog.pg_type t JOIN pg_catalog.pg_collation c ON c.oid OPERATOR(pg_catalog.=) t.typcollation \
+WHERE t.oid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND t.typtype OPERATOR(pg_catalog.=) 'd' \
+AND pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'collisdeterministic' OPERATOR(pg_catalog.=) 'false' \
+ORDER BY t.oid LIMIT 1)) \
 FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()";
 
 /// The node's name for a statement: a hash of its Parse body after the

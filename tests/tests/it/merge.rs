@@ -1618,4 +1618,33 @@ async fn text_order_follows_the_collation_provider_of_the_database() {
             e.message()
         );
     }
+    // A domain with a collation: a cast to it takes it, with no column
+    // of that collation anywhere (a database of its own).
+    node.batch_execute("CREATE DATABASE dom").await.unwrap();
+    let dom = connect(&format!(
+        "{}/dom",
+        c.dsn().strip_suffix("/postgres").unwrap()
+    ))
+    .await
+    .unwrap();
+    dom.batch_execute(
+        "CREATE TABLE words (id bigint PRIMARY KEY, w text); \
+         INSERT INTO words VALUES (1, 'x'), (2, 'X'), (3, 'x'), (4, 'X'); \
+         CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false); \
+         CREATE DOMAIN ci_text AS text COLLATE ci",
+    )
+    .await
+    .unwrap();
+    let e = dom
+        .query("SELECT DISTINCT w::ci_text FROM words", &[])
+        .await
+        .unwrap_err();
+    let e = e.as_db_error().unwrap();
+    assert_eq!(e.code().code(), "0A000", "{e:?}");
+    assert!(
+        e.message()
+            .contains("domain ci_text uses nondeterministic collation ci"),
+        "{}",
+        e.message()
+    );
 }

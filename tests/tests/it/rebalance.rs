@@ -297,8 +297,18 @@ async fn add_shard_copies_reference_rows_written_by_statements_routed_before_it(
         .await
         .unwrap();
     let dsn = extra.dsn();
+    // The held backends go back once the routing table has the new shard
+    // (the write was routed by the one before it).
     let release = async {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, out, _) = c.proxyctl(0, &["shard", "list"]).await;
+            if out.contains("s2") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "s2 never joined: {out}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         for h in &holders {
             h.batch_execute("COMMIT").await.unwrap();
         }

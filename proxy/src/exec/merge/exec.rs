@@ -1229,25 +1229,20 @@ pub(super) async fn text_order_refusal<S: AsyncRead + AsyncWrite + Unpin + Send>
     for &t in shards {
         // Learned when the backend was attached (`Session::ensure_backend`).
         let shard = s.node.routing.shard_name(t);
-        let why = match s.node.text_collation(t, s.database()) {
+        let (needs, why) = match s.node.text_collation(t, s.database()) {
             Some(c) => match (orders, c.order, equates, c.equality) {
-                (true, Err(why), _, _) => why,
-                (_, _, true, Err(why)) => why,
+                (true, Err(why), _, _) => ("the C collation", why),
+                (_, _, true, Err(why)) => ("deterministic collations", why),
                 _ => continue,
             },
             None => {
                 return refused(format!(
-                    "{what} needs to know the shards' collations, and that of shard {shard} is not known yet (its catalog could not be read)"
+                    "{what} needs to know the shards' collations, and that of shard {shard} is not known yet (it is read when the node attaches a connection to the shard: after DDL in this transaction, once it ends); retry"
                 ))
             }
         };
         return refused(format!(
-            "{what} needs {}: on shard {shard} {why} (hotrepart compares the shards' text byte by byte)",
-            if orders {
-                "the C collation"
-            } else {
-                "deterministic collations"
-            }
+            "{what} needs {needs}: on shard {shard} {why} (hotrepart compares the shards' text byte by byte)"
         ));
     }
     Ok(None)

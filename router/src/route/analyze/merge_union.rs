@@ -141,6 +141,11 @@ impl Branches {
                 if super::scope::lone_exists(s).is_some() {
                     return Err("a UNION branch that is SELECT EXISTS (…)".to_owned());
                 }
+                // One row per shard that has a match: the statement's
+                // DISTINCT merge (`exists_filter_plan`) is not a branch's.
+                if super::scope::exists_filter(s).is_some() {
+                    return Err("a UNION branch that is SELECT … WHERE EXISTS (…)".to_owned());
+                }
                 if self.first.is_none() {
                     self.first = Some(s.projection.clone());
                 }

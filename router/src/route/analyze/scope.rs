@@ -1112,51 +1112,63 @@ pub(in crate::route) fn is_every_shard_view(catalog_name: &str) -> bool {
 }
 
 /// Whether a UNION branch is made of constants only: VALUES or a SELECT
-/// without FROM, without function calls or subqueries (see `union_shape`).
+/// without FROM or WHERE, of [`constant_expr`]s (see `union_shape`).
 fn constant_branch(body: &SetExpr) -> bool {
-    struct Found(bool);
-    impl Visitor for Found {
+    match body {
+        SetExpr::Values(v) => v.rows.iter().all(|r| r.iter().all(constant_expr)),
+        SetExpr::Select(s) => {
+            s.from.is_empty()
+                && s.selection.is_none()
+                && s.having.is_none()
+                && constant_exprs(&s.projection)
+        }
+        SetExpr::Query(q) => q.with.is_none() && constant_branch(&q.body),
+        _ => false,
+    }
+}
+
+/// How many times `q` names the relation `name` (one part, as PostgreSQL
+/// folds it) anywhere: in FROM, joins, subqueries, nested CTEs and `TABLE
+/// name` (a set expression of its own). Counts too many rather than too
+/// few (a name of an inner scope counts as well).
+fn references(q: &Query, name: &str) -> usize {
+    struct Count<'a> {
+        name: &'a str,
+        n: usize,
+    }
+    impl Visitor for Count<'_> {
         type Break = ();
-        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-            if matches!(e, Expr::Function(_)) {
-                self.0 = true;
-                return ControlFlow::Break(());
+        fn pre_visit_relation(&mut self, r: &ObjectName) -> ControlFlow<()> {
+            if r.0.len() == 1 && last_name(r) == self.name {
+                self.n += 1;
             }
             ControlFlow::Continue(())
         }
-        fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-            // A subquery (the branch itself is not visited as a query).
-            self.0 = true;
-            ControlFlow::Break(())
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+            fn tables(body: &SetExpr, name: &str) -> usize {
+                match body {
+                    SetExpr::Table(t) => usize::from(
+                        t.schema_name.is_none()
+                            && t.table_name.as_ref().is_some_and(|n| norm(n) == name),
+                    ),
+                    SetExpr::SetOperation { left, right, .. } => {
+                        tables(left, name) + tables(right, name)
+                    }
+                    _ => 0,
+                }
+            }
+            self.n += tables(&q.body, self.name);
+            ControlFlow::Continue(())
         }
     }
-    let plain = match body {
-        SetExpr::Values(_) => true,
-        SetExpr::Select(s) => s.from.is_empty(),
-        SetExpr::Query(q) => return q.with.is_none() && constant_branch(&q.body),
-        _ => false,
-    };
-    let mut f = Found(false);
-    let _ = body.visit(&mut f);
-    plain && !f.0
+    let mut c = Count { name, n: 0 };
+    let _ = q.visit(&mut c);
+    c.n
 }
 
 /// Whether every row of `q` comes from one row of its FROM, all of them
 /// kept: a plain SELECT without aggregates, GROUP BY, HAVING, DISTINCT,
 /// windows, LIMIT/OFFSET/FETCH, WITH or set operations.
-/// How many times `q` names the relation `name` (one part, as PostgreSQL
-/// folds it) anywhere: in FROM, joins, subqueries and nested CTEs.
-fn references(q: &Query, name: &str) -> usize {
-    let mut n = 0;
-    let _ = sqlparser::ast::visit_relations(q, |r| {
-        if r.0.len() == 1 && last_name(r) == name {
-            n += 1;
-        }
-        ControlFlow::<()>::Continue(())
-    });
-    n
-}
-
 fn row_local(q: &Query) -> bool {
     q.with.is_none()
         && q.limit_clause.is_none()
@@ -1220,23 +1232,76 @@ pub(super) fn exists_filter(sel: &Select) -> Option<&Query> {
     }
 }
 
-/// Whether `node` holds no function call and no subquery.
-fn constant_exprs<V: Visit + ?Sized>(node: &V) -> bool {
-    struct Found;
-    impl Visitor for Found {
-        type Break = ();
-        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-            if matches!(e, Expr::Function(_)) {
-                return ControlFlow::Break(());
-            }
-            ControlFlow::Continue(())
+/// Whether the select items of `items` are the same on every shard:
+/// literals, parameters, column references (of a derived table of such
+/// constants) and casts of them to a type whose input reads nothing of
+/// the server — not a date or time (`'now'::timestamptz`), not an OID
+/// alias (`'t'::regclass`). No function call, no subquery.
+fn constant_exprs(items: &[SelectItem]) -> bool {
+    items.iter().all(|i| match i {
+        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => constant_expr(e),
+        _ => true,
+    })
+}
+
+/// See [`constant_exprs`].
+pub(super) fn constant_expr(e: &Expr) -> bool {
+    use sqlparser::ast::DataType as T;
+    match e {
+        Expr::Value(_) | Expr::Identifier(_) | Expr::CompoundIdentifier(_) => true,
+        Expr::Nested(e) => constant_expr(e),
+        Expr::BinaryOp { left, op, right } => {
+            matches!(
+                op,
+                BinaryOperator::Plus
+                    | BinaryOperator::Minus
+                    | BinaryOperator::Multiply
+                    | BinaryOperator::Divide
+                    | BinaryOperator::Modulo
+                    | BinaryOperator::StringConcat
+            ) && constant_expr(left)
+                && constant_expr(right)
         }
-        // A subquery.
-        fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-            ControlFlow::Break(())
+        Expr::UnaryOp {
+            op: ast::UnaryOperator::Minus | ast::UnaryOperator::Plus,
+            expr,
+        } => constant_expr(expr),
+        Expr::Cast {
+            expr, data_type, ..
+        } => {
+            constant_expr(expr)
+                && matches!(
+                    data_type,
+                    T::Int(_)
+                        | T::Integer(_)
+                        | T::Int2(_)
+                        | T::Int4(_)
+                        | T::Int8(_)
+                        | T::SmallInt(_)
+                        | T::BigInt(_)
+                        | T::Numeric(_)
+                        | T::Decimal(_)
+                        | T::Real
+                        | T::Float4
+                        | T::Float8
+                        | T::Double(_)
+                        | T::DoublePrecision
+                        | T::Float(_)
+                        | T::Text
+                        | T::Varchar(_)
+                        | T::Char(_)
+                        | T::Character(_)
+                        | T::CharacterVarying(_)
+                        | T::Bool
+                        | T::Boolean
+                        | T::Uuid
+                        | T::Bytea
+                        | T::JSON
+                        | T::JSONB
+                )
         }
+        _ => false,
     }
-    node.visit(&mut Found).is_continue()
 }
 
 /// The subquery of `SELECT [NOT] EXISTS (subquery) [AS a]`, with nothing
