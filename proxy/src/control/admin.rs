@@ -673,6 +673,7 @@ struct DeclareTable {
 
 async fn declare_table(State(api): State<Api>, Json(req): Json<DeclareTable>) -> ApiResult {
     let snap = api.snapshot()?;
+    let sharded = (req.kind == "sharded").then(|| req.table.clone());
     let cmd = match req.kind.as_str() {
         "sharded" => {
             let key_column = req
@@ -736,7 +737,63 @@ async fn declare_table(State(api): State<Api>, Json(req): Json<DeclareTable>) ->
         }
     };
     let a = api.propose(cmd).await?;
+    if let Some(table) = sharded {
+        rows_written_while_declared(&api, &table).await?;
+    }
     Ok(Json(epoch_json(&a)))
+}
+
+/// After a table was declared sharded: a write routed to the home shard
+/// while it was undeclared — still in flight, or done in a transaction
+/// still open — lands after the emptiness check, where reads by key do
+/// not look. Waits for them (every node fenced, then each transaction
+/// through a SHARE lock on the table) and looks again: rows found fail
+/// the declaration loudly (it stays: the catalog cannot take it back).
+async fn rows_written_while_declared(api: &Api, table: &str) -> Result<(), ApiError> {
+    let unchecked = |e: String| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "table {table} was declared sharded, but whether rows were written to it on the home shard while it was being declared could not be checked ({e}); check with SELECT count(*) FROM {table} on the home shard"
+            ),
+        )
+    };
+    crate::control::jobs::settle_retrying(&api.node, 4)
+        .await
+        .map_err(|e| unchecked(e.to_string()))?;
+    let snap = api.snapshot()?;
+    let home = snap.home_shard().clone();
+    let dsn = snap
+        .shard(&home)
+        .map(|s| s.dsn.clone())
+        .ok_or_else(|| unchecked("no home shard".into()))?;
+    let q = quote_table(table);
+    for (db, mut c, _) in databases_with(&dsn, &[table.to_string()])
+        .await
+        .map_err(unchecked)?
+    {
+        let tx = c
+            .transaction()
+            .await
+            .map_err(|e| unchecked(e.to_string()))?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '10s'; LOCK TABLE {q} IN SHARE MODE"
+        ))
+        .await
+        .map_err(|e| unchecked(e.to_string()))?;
+        let n: i64 = tx
+            .query_one(format!("SELECT count(*) FROM {q}").as_str(), &[])
+            .await
+            .map_err(|e| unchecked(e.to_string()))?
+            .get(0);
+        drop(tx);
+        if n > 0 {
+            return Err(ApiError::conflict(format!(
+                "table {table} was declared sharded, but {n} row(s) were written to it on home shard {home} (database {db}) while it was being declared: those whose key another shard owns are not found by reads by key — copy them out and delete them on shard {home}, then insert them again through a node"
+            )));
+        }
+    }
+    Ok(())
 }
 
 async fn ranges(State(api): State<Api>) -> ApiResult {

@@ -329,3 +329,80 @@ async fn add_shard_copies_reference_rows_written_by_statements_routed_before_it(
         .get(0);
     assert_eq!(n, 1, "the new shard has the reference row");
 }
+
+/// Declaring a table sharded checks that it is empty; a write routed to
+/// the home shard while it was undeclared — waiting for a pooled backend —
+/// landed after that check, and the declaration succeeded with the row
+/// where reads by key do not look. The declaration now waits for such
+/// writes (every node fenced, open transactions through a lock) and
+/// looks again: the row found fails it loudly, naming the shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn declaring_a_table_sharded_finds_rows_written_while_it_was_declared() {
+    let c = ProcCluster::start(3, 2, TABLES, "lease_ms = 1000").await;
+    c.wait_ready(Duration::from_secs(30)).await;
+    let db = connect(&c.nodes[0].dsn()).await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, n int NOT NULL); \
+         CREATE TABLE mails (id bigint PRIMARY KEY, body text)",
+    )
+    .await
+    .unwrap();
+    // Every pooled backend of the home shard s0 (pool_size = 8) held.
+    let ranges = c.ranges(0).await;
+    let owner = |id: i64| {
+        let p = hashint8extended(id, 0);
+        ranges
+            .iter()
+            .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
+            .unwrap()
+            .2
+            .clone()
+    };
+    let on_s0: Vec<i64> = (1..).filter(|&id| owner(id) == "s0").take(8).collect();
+    let mut holders = Vec::new();
+    for id in &on_s0 {
+        let h = connect(&c.nodes[0].dsn()).await.unwrap();
+        h.batch_execute(&format!("BEGIN; SELECT * FROM items WHERE id = {id}"))
+            .await
+            .unwrap();
+        holders.push(h);
+    }
+    // The write to the still undeclared table: routed home, waiting.
+    let writer = connect(&c.nodes[0].dsn()).await.unwrap();
+    let insert = tokio::spawn(async move {
+        writer
+            .batch_execute("INSERT INTO mails VALUES (7, 'x')")
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !insert.is_finished(),
+        "the write did not wait for a backend"
+    );
+    let release = async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, out, _) = c.proxyctl(0, &["table", "list"]).await;
+            if out.contains("mails") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "mails never declared: {out}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for h in &holders {
+            h.batch_execute("COMMIT").await.unwrap();
+        }
+    };
+    let args = ["table", "shard", "mails", "--key", "id", "--type", "int8"];
+    let ((ok, out, err), ()) = tokio::join!(c.proxyctl(0, &args), release);
+    tokio::time::timeout(Duration::from_secs(10), insert)
+        .await
+        .expect("the write ends")
+        .unwrap()
+        .unwrap();
+    assert!(!ok, "declared silently over a row written meanwhile: {out}");
+    assert!(
+        err.contains("1 row(s) were written to it on home shard s0"),
+        "{err}"
+    );
+}

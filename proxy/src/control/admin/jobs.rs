@@ -235,34 +235,29 @@ async fn add_shard(State(api): State<Api>, Json(req): Json<AddShardReq>) -> ApiR
     // routed to the other shards only, e.g. waiting for a pooled backend,
     // would otherwise land after the copy below and never reach the new
     // shard). A write already done in an open transaction holds its lock:
-    // the copy's `LOCK … IN SHARE MODE` waits for it.
-    // A statement running longer than a fence allows (5 s) fails one
-    // attempt; the shard is in the routing table already, so the copy is
-    // what is left to do: a few attempts, then a clear error.
-    let mut attempt = 0;
-    while let Err(e) = crate::control::jobs::settle(&api.node).await {
-        attempt += 1;
-        if attempt == 4 {
-            // It owns no range yet: out of the routing table again, so that
-            // no reference read is served by a shard without the rows.
-            let undone = api
-                .propose(CatalogCommand::RemoveShard {
-                    shard: req.name.clone(),
-                })
-                .await;
-            let state = match undone {
-                Ok(_) => "it was taken out of the routing table again; add it again when they are over".to_string(),
-                Err(u) => format!("taking it out of the routing table again failed too ({}): remove it with `proxyctl shard remove {}`", u.message, req.name),
-            };
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "shard {} was not added: its reference tables cannot be copied while statements routed before it still run ({e}, {attempt} attempts); {state}",
-                    req.name
-                ),
-            ));
-        }
-        tracing::warn!(shard = %req.name, attempt, error = %e, "add-shard: fencing the nodes before copying reference tables failed; retrying");
+    // the copy's `LOCK … IN SHARE MODE` waits for it. A statement running
+    // longer than a fence allows (5 s) fails one attempt: a few, then a
+    // clear error.
+    const ATTEMPTS: u32 = 4;
+    if let Err(e) = crate::control::jobs::settle_retrying(&api.node, ATTEMPTS).await {
+        // It owns no range yet: out of the routing table again, so that
+        // no reference read is served by a shard without the rows.
+        let undone = api
+            .propose(CatalogCommand::RemoveShard {
+                shard: req.name.clone(),
+            })
+            .await;
+        let state = match undone {
+            Ok(_) => "it was taken out of the routing table again; add it again when they are over".to_string(),
+            Err(u) => format!("taking it out of the routing table again failed too ({}): remove it with `proxyctl shard remove {}`", u.message, req.name),
+        };
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "shard {} was not added: its reference tables cannot be copied while statements routed before it still run ({e}, {ATTEMPTS} attempts); {state}",
+                req.name
+            ),
+        ));
     }
     let mut copied = Vec::new();
     for (db, tables) in &reference {
