@@ -961,6 +961,12 @@ async fn aggregates_over_derived_tables_equal_one_postgresql() {
         "SELECT NOT EXISTS (SELECT * FROM events WHERE events.v = 3 AND events.seq > 590) AS e",
         "SELECT NOT EXISTS (SELECT * FROM events WHERE events.v = 3 AND events.seq > 1000) AS e",
         "SELECT NOT EXISTS (SELECT 1 FROM events)",
+        // One constant row kept when EXISTS holds (TypeORM's `exists()`):
+        // one row when some shard has a match, none otherwise — never one
+        // per shard.
+        "SELECT 1 AS \"row_exists\" FROM (SELECT 1 AS dummy_column) \"dummy_table\" WHERE EXISTS (SELECT 1 FROM \"events\" \"E\" WHERE \"E\".\"v\" = 3) LIMIT 1",
+        "SELECT 1 AS \"row_exists\" FROM (SELECT 1 AS dummy_column) \"dummy_table\" WHERE EXISTS (SELECT 1 FROM \"events\" \"E\" WHERE \"E\".\"seq\" > 1000) LIMIT 1",
+        "SELECT 'yes' WHERE EXISTS (SELECT 1 FROM events WHERE v > 1)",
     ] {
         let want = rows(&reference, sql).await.unwrap();
         let got = rows(&node, sql)
@@ -972,19 +978,6 @@ async fn aggregates_over_derived_tables_equal_one_postgresql() {
         let sql = "SELECT EXISTS (SELECT 1 FROM events AS t1 WHERE t1.seq = $1) LIMIT $2";
         let got: bool = node.query_one(sql, &[&seq, &1i64]).await.unwrap().get(0);
         assert_eq!(got, want, "{sql} with {seq}");
-    }
-    // One constant row kept when EXISTS holds (TypeORM's `exists()`): one
-    // row when some shard has a match, none otherwise — never one per shard.
-    for sql in [
-        "SELECT 1 AS \"row_exists\" FROM (SELECT 1 AS dummy_column) \"dummy_table\" WHERE EXISTS (SELECT 1 FROM \"events\" \"E\" WHERE \"E\".\"v\" = 3) LIMIT 1",
-        "SELECT 1 AS \"row_exists\" FROM (SELECT 1 AS dummy_column) \"dummy_table\" WHERE EXISTS (SELECT 1 FROM \"events\" \"E\" WHERE \"E\".\"seq\" > 1000) LIMIT 1",
-        "SELECT 'yes' WHERE EXISTS (SELECT 1 FROM events WHERE v > 1)",
-    ] {
-        let want = rows(&reference, sql).await.unwrap();
-        let got = rows(&node, sql)
-            .await
-            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
-        assert_eq!(got, want, "{sql}");
     }
     let sql = "SELECT 1 AS \"row_exists\" FROM (SELECT 1 AS dummy_column) \"dummy_table\" WHERE EXISTS (SELECT 1 FROM \"events\" \"E\" WHERE \"E\".\"seq\" > $1) LIMIT 1";
     for (cut, want) in [(10i32, 1usize), (600, 0)] {
@@ -1451,6 +1444,19 @@ async fn concatenating_aggregates_hold_the_elements_one_postgresql_gives() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// `sql` through `db` is refused with 0A000 naming `cause`.
+async fn refused_naming(db: &tokio_postgres::Client, sql: &str, cause: &str) {
+    let e = db.query(sql, &[]).await.unwrap_err();
+    let e = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
+    assert_eq!(e.code().code(), "0A000", "{sql}: {e:?}");
+    assert!(e.message().contains(cause), "{sql}: {}", e.message());
+}
+
+/// The node's DSN for database `db`.
+fn dsn_of(c: &Cluster, db: &str) -> String {
+    format!("{}/{db}", c.dsn().strip_suffix("/postgres").unwrap())
+}
+
 /// Text is merged bytewise, which is PostgreSQL's order only under the C
 /// collation. A database whose default collation comes from ICU reports
 /// `datcollate` C (`CREATE DATABASE … LOCALE_PROVIDER icu ICU_LOCALE 'en'
@@ -1499,12 +1505,7 @@ async fn text_order_follows_the_collation_provider_of_the_database() {
         .map(|(i, w)| format!("({}, '{w}')", i + 1))
         .collect();
     let fill = format!("INSERT INTO words (id, w) VALUES {}", values.join(", "));
-    let icu_db = connect(&format!(
-        "{}/icu1",
-        c.dsn().strip_suffix("/postgres").unwrap()
-    ))
-    .await
-    .unwrap();
+    let icu_db = connect(&dsn_of(&c, "icu1")).await.unwrap();
     icu_db
         .batch_execute("CREATE TABLE words (id bigint PRIMARY KEY, w text)")
         .await
@@ -1529,15 +1530,8 @@ async fn text_order_follows_the_collation_provider_of_the_database() {
     .collect();
     assert_eq!(on_shard, ["a", "A", "b", "B"]);
     for sql in ["SELECT w FROM words ORDER BY w", "SELECT max(w) FROM words"] {
-        let e = icu_db.query(sql, &[]).await.unwrap_err();
-        let e = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
-        assert_eq!(e.code().code(), "0A000", "{sql}: {e:?}");
-        assert!(
-            e.message()
-                .contains("database icu1 uses the ICU collation provider (locale en)"),
-            "{sql}: {}",
-            e.message()
-        );
+        let cause = "database icu1 uses the ICU collation provider (locale en)";
+        refused_naming(&icu_db, sql, cause).await;
     }
     // Ordering by something else than text is merged there.
     let ids: Vec<i64> = icu_db
@@ -1564,18 +1558,8 @@ async fn text_order_follows_the_collation_provider_of_the_database() {
     node.batch_execute("ALTER TABLE words ADD COLUMN x text COLLATE \"en-x-icu\"")
         .await
         .unwrap();
-    let e = node
-        .query("SELECT w FROM words ORDER BY w", &[])
-        .await
-        .unwrap_err();
-    let e = e.as_db_error().unwrap();
-    assert_eq!(e.code().code(), "0A000", "{e:?}");
-    assert!(
-        e.message()
-            .contains("column x of words uses collation \"en-x-icu\""),
-        "{}",
-        e.message()
-    );
+    let cause = "column x of words uses collation \"en-x-icu\"";
+    refused_naming(&node, "SELECT w FROM words ORDER BY w", cause).await;
     // Grouping compares text for equality only: bytes tell equal text
     // under deterministic collations, as "en-x-icu" is.
     let groups = node
@@ -1608,25 +1592,13 @@ async fn text_order_follows_the_collation_provider_of_the_database() {
         "SELECT DISTINCT name FROM names",
         "SELECT count(DISTINCT name) FROM names",
     ] {
-        let e = node.query(sql, &[]).await.unwrap_err();
-        let e = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
-        assert_eq!(e.code().code(), "0A000", "{sql}: {e:?}");
-        assert!(
-            e.message()
-                .contains("column name of names uses nondeterministic collation ci"),
-            "{sql}: {}",
-            e.message()
-        );
+        let cause = "column name of names uses nondeterministic collation ci";
+        refused_naming(&node, sql, cause).await;
     }
     // A domain with a collation: a cast to it takes it, with no column
     // of that collation anywhere (a database of its own).
     node.batch_execute("CREATE DATABASE dom").await.unwrap();
-    let dom = connect(&format!(
-        "{}/dom",
-        c.dsn().strip_suffix("/postgres").unwrap()
-    ))
-    .await
-    .unwrap();
+    let dom = connect(&dsn_of(&c, "dom")).await.unwrap();
     dom.batch_execute(
         "CREATE TABLE words (id bigint PRIMARY KEY, w text); \
          INSERT INTO words VALUES (1, 'x'), (2, 'X'), (3, 'x'), (4, 'X'); \
@@ -1635,16 +1607,6 @@ async fn text_order_follows_the_collation_provider_of_the_database() {
     )
     .await
     .unwrap();
-    let e = dom
-        .query("SELECT DISTINCT w::ci_text FROM words", &[])
-        .await
-        .unwrap_err();
-    let e = e.as_db_error().unwrap();
-    assert_eq!(e.code().code(), "0A000", "{e:?}");
-    assert!(
-        e.message()
-            .contains("domain ci_text uses nondeterministic collation ci"),
-        "{}",
-        e.message()
-    );
+    let cause = "domain ci_text uses nondeterministic collation ci";
+    refused_naming(&dom, "SELECT DISTINCT w::ci_text FROM words", cause).await;
 }

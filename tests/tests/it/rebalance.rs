@@ -236,6 +236,64 @@ async fn add_shard_rebalance_gives_the_new_shard_its_share_of_rows() {
     drop(extra);
 }
 
+/// Sessions through node 0 holding every pooled backend of shard s0
+/// (pool_size = 8) in an open transaction, and a task running `write`
+/// through node 0, which must wait for one of them.
+async fn hold_s0_and_write(
+    c: &ProcCluster,
+    write: &'static str,
+) -> (
+    Vec<tokio_postgres::Client>,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let ranges = c.ranges(0).await;
+    let on_s0: Vec<i64> = (1..)
+        .filter(|&id| {
+            let p = hashint8extended(id, 0);
+            ranges
+                .iter()
+                .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
+                .is_some_and(|r| r.2 == "s0")
+        })
+        .take(8)
+        .collect();
+    let mut holders = Vec::new();
+    for id in &on_s0 {
+        let h = connect(&c.nodes[0].dsn()).await.unwrap();
+        h.batch_execute(&format!("BEGIN; SELECT * FROM items WHERE id = {id}"))
+            .await
+            .unwrap();
+        holders.push(h);
+    }
+    let writer = connect(&c.nodes[0].dsn()).await.unwrap();
+    let task = tokio::spawn(async move { writer.batch_execute(write).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!task.is_finished(), "the write did not wait for a backend");
+    (holders, task)
+}
+
+/// Once `proxyctl <list>` shows `name`, the holders commit (their
+/// backends go back: the waiting write runs).
+async fn release_when_listed(
+    c: &ProcCluster,
+    list: &[&str],
+    name: &str,
+    holders: &[tokio_postgres::Client],
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, out, _) = c.proxyctl(0, list).await;
+        if out.contains(name) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{name} never listed: {out}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for h in holders {
+        h.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
 /// `reshard add-shard` copies the reference tables to the new shard once
 /// no statement routed by the routing table without it is still in
 /// flight (`jobs::settle`). A reference-table INSERT routed before — to
@@ -260,38 +318,9 @@ async fn add_shard_copies_reference_rows_written_by_statements_routed_before_it(
     )
     .await
     .unwrap();
-    // Every pooled backend of s0 (pool_size = 8) held in a transaction.
-    let ranges = c.ranges(0).await;
-    let on_s0: Vec<i64> = (1..)
-        .filter(|&id| {
-            let p = hashint8extended(id, 0);
-            ranges
-                .iter()
-                .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
-                .is_some_and(|r| r.2 == "s0")
-        })
-        .take(8)
-        .collect();
-    let mut holders = Vec::new();
-    for id in &on_s0 {
-        let h = connect(&c.nodes[0].dsn()).await.unwrap();
-        h.batch_execute(&format!("BEGIN; SELECT * FROM items WHERE id = {id}"))
-            .await
-            .unwrap();
-        holders.push(h);
-    }
-    // The reference write: routed now (to s0 and s1), waiting for s0.
-    let writer = connect(&c.nodes[0].dsn()).await.unwrap();
-    let insert = tokio::spawn(async move {
-        writer
-            .batch_execute("INSERT INTO countries VALUES ('fr')")
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !insert.is_finished(),
-        "the write did not wait for a backend"
-    );
+    // Every pooled backend of s0 held; the reference write routed now
+    // (to s0 and s1) waits for one.
+    let (holders, insert) = hold_s0_and_write(&c, "INSERT INTO countries VALUES ('fr')").await;
     let d = c.dir.0.join("s2");
     let extra = tokio::task::spawn_blocking(move || start_pg(&d))
         .await
@@ -299,20 +328,7 @@ async fn add_shard_copies_reference_rows_written_by_statements_routed_before_it(
     let dsn = extra.dsn();
     // The held backends go back once the routing table has the new shard
     // (the write was routed by the one before it).
-    let release = async {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (_, out, _) = c.proxyctl(0, &["shard", "list"]).await;
-            if out.contains("s2") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "s2 never joined: {out}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        for h in &holders {
-            h.batch_execute("COMMIT").await.unwrap();
-        }
-    };
+    let release = release_when_listed(&c, &["shard", "list"], "s2", &holders);
     let args = ["reshard", "add-shard", "s2", "--dsn", &dsn];
     let ((ok, out, err), ()) = tokio::join!(c.proxyctl(0, &args), release);
     assert!(ok, "add-shard: {out}\n{err}\nlogs:\n{}", c.logs());
@@ -347,52 +363,10 @@ async fn declaring_a_table_sharded_finds_rows_written_while_it_was_declared() {
     )
     .await
     .unwrap();
-    // Every pooled backend of the home shard s0 (pool_size = 8) held.
-    let ranges = c.ranges(0).await;
-    let owner = |id: i64| {
-        let p = hashint8extended(id, 0);
-        ranges
-            .iter()
-            .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
-            .unwrap()
-            .2
-            .clone()
-    };
-    let on_s0: Vec<i64> = (1..).filter(|&id| owner(id) == "s0").take(8).collect();
-    let mut holders = Vec::new();
-    for id in &on_s0 {
-        let h = connect(&c.nodes[0].dsn()).await.unwrap();
-        h.batch_execute(&format!("BEGIN; SELECT * FROM items WHERE id = {id}"))
-            .await
-            .unwrap();
-        holders.push(h);
-    }
-    // The write to the still undeclared table: routed home, waiting.
-    let writer = connect(&c.nodes[0].dsn()).await.unwrap();
-    let insert = tokio::spawn(async move {
-        writer
-            .batch_execute("INSERT INTO mails VALUES (7, 'x')")
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !insert.is_finished(),
-        "the write did not wait for a backend"
-    );
-    let release = async {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (_, out, _) = c.proxyctl(0, &["table", "list"]).await;
-            if out.contains("mails") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "mails never declared: {out}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        for h in &holders {
-            h.batch_execute("COMMIT").await.unwrap();
-        }
-    };
+    // Every pooled backend of the home shard s0 held; the write to the
+    // still undeclared table, routed home, waits for one.
+    let (holders, insert) = hold_s0_and_write(&c, "INSERT INTO mails VALUES (7, 'x')").await;
+    let release = release_when_listed(&c, &["table", "list"], "mails", &holders);
     let args = ["table", "shard", "mails", "--key", "id", "--type", "int8"];
     let ((ok, out, err), ()) = tokio::join!(c.proxyctl(0, &args), release);
     tokio::time::timeout(Duration::from_secs(10), insert)
