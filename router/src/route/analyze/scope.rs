@@ -1248,7 +1248,28 @@ fn constant_exprs(items: &[SelectItem]) -> bool {
 pub(super) fn constant_expr(e: &Expr) -> bool {
     use sqlparser::ast::DataType as T;
     match e {
-        Expr::Value(_) | Expr::Identifier(_) | Expr::CompoundIdentifier(_) => true,
+        Expr::Value(_) | Expr::CompoundIdentifier(_) => true,
+        // A column of a derived table of constants — or one of SQL's
+        // niladic functions, which the parser may read as a name.
+        Expr::Identifier(id) => {
+            id.quote_style.is_some()
+                || ![
+                    "current_catalog",
+                    "current_date",
+                    "current_role",
+                    "current_schema",
+                    "current_time",
+                    "current_timestamp",
+                    "current_user",
+                    "localtime",
+                    "localtimestamp",
+                    "session_user",
+                    "system_user",
+                    "user",
+                ]
+                .iter()
+                .any(|f| id.value.eq_ignore_ascii_case(f))
+        }
         Expr::Nested(e) => constant_expr(e),
         Expr::BinaryOp { left, op, right } => {
             matches!(
