@@ -196,7 +196,8 @@ impl Notifier {
 
 /// Starts a listening task for each of `targets` that `db` has none for,
 /// told to listen on the channels of `db` (under its `subs` lock, so that
-/// no LISTEN or UNLISTEN of the table is missed or reordered).
+/// no LISTEN or UNLISTEN of the table is missed or reordered), and drops
+/// those of shards no longer among them.
 fn add_shards(
     db: &Arc<DbListeners>,
     targets: Vec<ListenTarget>,
@@ -204,6 +205,9 @@ fn add_shards(
 ) {
     let subs = db.subs.lock().unwrap_or_else(|e| e.into_inner());
     let mut shards = db.shards.lock().unwrap_or_else(|e| e.into_inner());
+    // A shard the routing table lost: its task ends with its queue (a
+    // later LISTEN does not wait for it).
+    shards.retain(|(j, _)| targets.iter().any(|(i, _, _)| i == j));
     for (i, target, timeout) in targets {
         if shards.iter().any(|(j, _)| *j == i) {
             continue;

@@ -201,22 +201,6 @@ const FENCE_LIMIT: Duration = Duration::from_secs(5);
 /// an unreachable node had already routed and still holds in flight is not
 /// waited for. A peer that answers but cannot fence in time fails the call
 /// (the cut-over retries).
-/// [`settle`], up to `attempts` times (a statement running longer than a
-/// fence allows fails one attempt): the last error if none succeeded.
-pub(crate) async fn settle_retrying(node: &Arc<Node>, attempts: u32) -> Result<(), JobError> {
-    let mut attempt = 1;
-    loop {
-        match settle(node).await {
-            Ok(()) => return Ok(()),
-            Err(e) if attempt >= attempts => return Err(e),
-            Err(e) => {
-                tracing::warn!(attempt, error = %e, "fencing the nodes failed; retrying");
-                attempt += 1;
-            }
-        }
-    }
-}
-
 pub(crate) async fn settle(node: &Arc<Node>) -> Result<(), JobError> {
     let started = Instant::now();
     let h = &node.catalog_handle;
@@ -272,6 +256,24 @@ pub(crate) async fn settle(node: &Arc<Node>) -> Result<(), JobError> {
     own.map_err(|e| JobError::Other(format!("this node: {e}")))?;
     peers.into_iter().collect::<Result<Vec<()>, JobError>>()?;
     Ok(())
+}
+
+/// [`settle`], up to `attempts` times, 200 ms apart (a statement running
+/// longer than a fence allows fails one attempt): the last error if none
+/// succeeded.
+pub(crate) async fn settle_retrying(node: &Arc<Node>, attempts: u32) -> Result<(), JobError> {
+    let mut attempt = 1;
+    loop {
+        match settle(node).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt >= attempts => return Err(e),
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "fencing the nodes failed; retrying");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
 
 /// `POST {admin}/v1/fence`. `Err(None)`: the peer could not be reached

@@ -172,4 +172,17 @@ async fn listeners_hear_a_shard_added_after_their_listen() {
         .await
         .unwrap();
     assert_eq!(next(&mut a_rx).await, ("other".into(), "y".into()));
+    // The shard taken out again and its server stopped: the node stops
+    // listening there, and a new LISTEN does not wait for it.
+    c.propose(hotrepart_routing_paxos::CatalogCommand::RemoveShard { shard: "s2".into() })
+        .await;
+    drop(s2);
+    drop(extra);
+    a.batch_execute("LISTEN third").await.unwrap();
+    c.connect()
+        .await
+        .batch_execute("NOTIFY third, 'z'")
+        .await
+        .unwrap();
+    assert_eq!(next(&mut a_rx).await, ("third".into(), "z".into()));
 }

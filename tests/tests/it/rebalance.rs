@@ -241,7 +241,7 @@ async fn add_shard_rebalance_gives_the_new_shard_its_share_of_rows() {
 /// through node 0, which must wait for one of them.
 async fn hold_s0_and_write(
     c: &ProcCluster,
-    write: &'static str,
+    write: String,
 ) -> (
     Vec<tokio_postgres::Client>,
     tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
@@ -266,7 +266,7 @@ async fn hold_s0_and_write(
         holders.push(h);
     }
     let writer = connect(&c.nodes[0].dsn()).await.unwrap();
-    let task = tokio::spawn(async move { writer.batch_execute(write).await });
+    let task = tokio::spawn(async move { writer.batch_execute(&write).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!task.is_finished(), "the write did not wait for a backend");
     (holders, task)
@@ -320,7 +320,8 @@ async fn add_shard_copies_reference_rows_written_by_statements_routed_before_it(
     .unwrap();
     // Every pooled backend of s0 held; the reference write routed now
     // (to s0 and s1) waits for one.
-    let (holders, insert) = hold_s0_and_write(&c, "INSERT INTO countries VALUES ('fr')").await;
+    let (holders, insert) =
+        hold_s0_and_write(&c, "INSERT INTO countries VALUES ('fr')".into()).await;
     let d = c.dir.0.join("s2");
     let extra = tokio::task::spawn_blocking(move || start_pg(&d))
         .await
@@ -364,8 +365,23 @@ async fn declaring_a_table_sharded_finds_rows_written_while_it_was_declared() {
     .await
     .unwrap();
     // Every pooled backend of the home shard s0 held; the write to the
-    // still undeclared table, routed home, waits for one.
-    let (holders, insert) = hold_s0_and_write(&c, "INSERT INTO mails VALUES (7, 'x')").await;
+    // still undeclared table, routed home, waits for one: a row whose key
+    // s1 owns (misplaced once declared) and one whose key s0 owns (where
+    // it belongs: not counted).
+    let ranges = c.ranges(0).await;
+    let owner = |id: i64| {
+        let p = hashint8extended(id, 0);
+        ranges
+            .iter()
+            .find(|(lo, hi, _)| p >= *lo && hi.is_none_or(|h| p < h))
+            .unwrap()
+            .2
+            .clone()
+    };
+    let on_s1 = (1..).find(|&id| owner(id) == "s1").unwrap();
+    let on_s0 = (1..).find(|&id| owner(id) == "s0").unwrap();
+    let write = format!("INSERT INTO mails VALUES ({on_s1}, 'x'), ({on_s0}, 'y')");
+    let (holders, insert) = hold_s0_and_write(&c, write).await;
     let release = release_when_listed(&c, &["table", "list"], "mails", &holders);
     let args = ["table", "shard", "mails", "--key", "id", "--type", "int8"];
     let ((ok, out, err), ()) = tokio::join!(c.proxyctl(0, &args), release);
@@ -376,7 +392,7 @@ async fn declaring_a_table_sharded_finds_rows_written_while_it_was_declared() {
         .unwrap();
     assert!(!ok, "declared silently over a row written meanwhile: {out}");
     assert!(
-        err.contains("1 row(s) were written to it on home shard s0"),
+        err.contains("1 row(s) written to it on home shard s0"),
         "{err}"
     );
 }

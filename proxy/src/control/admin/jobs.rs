@@ -239,35 +239,46 @@ async fn add_shard(State(api): State<Api>, Json(req): Json<AddShardReq>) -> ApiR
     // longer than a fence allows (5 s) fails one attempt: a few, then a
     // clear error.
     const ATTEMPTS: u32 = 4;
-    if let Err(e) = crate::control::jobs::settle_retrying(&api.node, ATTEMPTS).await {
-        // It owns no range yet: out of the routing table again, so that
-        // no reference read is served by a shard without the rows.
-        let undone = api
-            .propose(CatalogCommand::RemoveShard {
-                shard: req.name.clone(),
-            })
-            .await;
-        let state = match undone {
-            Ok(_) => "it was taken out of the routing table again; add it again when they are over".to_string(),
-            Err(u) => format!("taking it out of the routing table again failed too ({}): remove it with `proxyctl shard remove {}`", u.message, req.name),
-        };
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "shard {} was not added: its reference tables cannot be copied while statements routed before it still run ({e}, {ATTEMPTS} attempts); {state}",
-                req.name
-            ),
-        ));
-    }
-    let mut copied = Vec::new();
-    for (db, tables) in &reference {
-        for t in tables {
-            let n = sync_reference(&home_dsn, &req.dsn, db, t)
-                .await
-                .map_err(fail)?;
-            copied.push(json!({ "database": db, "table": t, "rows": n }));
+    let copy = async {
+        crate::control::jobs::settle_retrying(&api.node, ATTEMPTS)
+            .await
+            .map_err(|e| {
+                format!("statements routed before it still run ({e}, {ATTEMPTS} attempts)")
+            })?;
+        let mut copied = Vec::new();
+        for (db, tables) in &reference {
+            for t in tables {
+                let n = sync_reference(&home_dsn, &req.dsn, db, t)
+                    .await
+                    .map_err(|e| format!("copying {t} (database {db}): {e}"))?;
+                copied.push(json!({ "database": db, "table": t, "rows": n }));
+            }
         }
-    }
+        Ok::<_, String>(copied)
+    };
+    let copied = match copy.await {
+        Ok(c) => c,
+        Err(why) => {
+            // It owns no range yet: out of the routing table again, so
+            // that no reference read is served by a shard without the rows.
+            let undone = api
+                .propose(CatalogCommand::RemoveShard {
+                    shard: req.name.clone(),
+                })
+                .await;
+            let state = match undone {
+                Ok(_) => "it was taken out of the routing table again; add it again once the cause is gone (drop its copied schema first if it is to be copied again)".to_string(),
+                Err(u) => format!("taking it out of the routing table again failed too ({}): remove it with `proxyctl shard remove {}`", u.message, req.name),
+            };
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "shard {} was not added: its reference tables could not be copied: {why}; {state}",
+                    req.name
+                ),
+            ));
+        }
+    };
     let mut v = json!({ "shard": req.name, "reference_copied": copied, "jobs": [] });
     if req.rebalance {
         let snap = api.snapshot()?;

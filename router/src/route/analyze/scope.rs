@@ -1236,7 +1236,11 @@ pub(super) fn exists_filter(sel: &Select) -> Option<&Query> {
 /// literals, parameters, column references (of a derived table of such
 /// constants) and casts of them to a type whose input reads nothing of
 /// the server — not a date or time (`'now'::timestamptz`), not an OID
-/// alias (`'t'::regclass`). No function call, no subquery.
+/// alias (`'t'::regclass`). No function call, no subquery. A bare string
+/// takes its type from what it meets (under UNION, the other branch's
+/// column): one that a date or time type reads from the clock (`'now'`,
+/// `'today'`, …) does not count. (A parameter does; one bound to such a
+/// word where a date or time type is inferred for it is not seen: known.)
 fn constant_exprs(items: &[SelectItem]) -> bool {
     items.iter().all(|i| match i {
         SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => constant_expr(e),
@@ -1248,7 +1252,17 @@ fn constant_exprs(items: &[SelectItem]) -> bool {
 pub(super) fn constant_expr(e: &Expr) -> bool {
     use sqlparser::ast::DataType as T;
     match e {
-        Expr::Value(_) | Expr::CompoundIdentifier(_) => true,
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(t)
+            | Value::DollarQuotedString(sqlparser::ast::DollarQuotedString { value: t, .. })
+            | Value::EscapedStringLiteral(t)
+            | Value::UnicodeStringLiteral(t)
+            | Value::NationalStringLiteral(t) => !["now", "today", "tomorrow", "yesterday"]
+                .iter()
+                .any(|w| t.trim().eq_ignore_ascii_case(w)),
+            _ => true,
+        },
+        Expr::CompoundIdentifier(_) => true,
         // A column of a derived table of constants — or one of SQL's
         // niladic functions, which the parser may read as a name.
         Expr::Identifier(id) => {
@@ -1290,7 +1304,8 @@ pub(super) fn constant_expr(e: &Expr) -> bool {
         Expr::Cast {
             expr, data_type, ..
         } => {
-            constant_expr(expr)
+            // The cast decides a literal's or a parameter's type.
+            (matches!(expr.as_ref(), Expr::Value(_)) || constant_expr(expr))
                 && matches!(
                     data_type,
                     T::Int(_)
