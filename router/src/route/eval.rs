@@ -328,6 +328,11 @@ fn shape_target(
                 names.join(", ")
             )));
         }
+        if let (Some(cte), false) = (&shape.cte_named_twice, shape.anchored) {
+            return Err(RouteError::unsupported(format!(
+                "a statement over several shards that names CTE \"{cte}\" (plain rows of a sharded table) more than once: each shard would see only its own part of it in each place (a self-join or a subquery over it); name it once, or name the shard key so that one shard answers"
+            )));
+        }
         if !shape.anchored {
             return Err(RouteError::unsupported(
                 "a statement over several shards whose sharded table is only read inside a subquery, derived table, CTE or the nullable side of an outer join, or with a UNION ALL branch that reads no sharded table in its own FROM (every shard would return its rows; under UNION only constants may: VALUES or a SELECT of literals)",

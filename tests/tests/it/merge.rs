@@ -1028,6 +1028,10 @@ async fn aggregates_over_ctes_equal_one_postgresql() {
     for sql in [
         "WITH x AS (SELECT * FROM events) SELECT count(*) FROM x a JOIN x b ON a.v = b.v",
         "WITH x AS (SELECT * FROM events) SELECT count(*) FROM x WHERE seq > (SELECT avg(seq) FROM x)",
+    ] {
+        refused_naming(&node, sql, "names CTE \"x\" (plain rows of a sharded table) more than once").await;
+    }
+    for sql in [
         "WITH x AS (SELECT v FROM events LIMIT 5) SELECT count(*) FROM x",
         "WITH x AS (SELECT DISTINCT v FROM events) SELECT count(*) FROM x",
         "WITH x AS (SELECT v, count(*) FROM events GROUP BY v) SELECT count(*) FROM x",

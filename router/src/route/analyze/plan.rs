@@ -36,6 +36,9 @@ pub(in crate::route) struct Shape {
     /// A set operation that makes the statement unanswerable over several
     /// shards, in words (refused with them when it does not run on one).
     pub set_op: Option<String>,
+    /// A CTE of plain rows of a sharded table named more than once (it
+    /// then covers no FROM: named in the refusal).
+    pub cte_named_twice: Option<String>,
 }
 
 /// `INSERT … VALUES` into a sharded table.

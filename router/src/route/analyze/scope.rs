@@ -122,6 +122,9 @@ pub(super) struct Analyzer<'a> {
     /// inside a subquery, derived table or CTE, or INTERSECT/EXCEPT — the
     /// words of the refusal (see `Shape::set_op`).
     set_op: Option<String>,
+    /// A CTE of plain rows of a sharded table that does not cover the FROM
+    /// naming it because the statement names it more than once.
+    cte_named_twice: Option<String>,
 }
 
 /// A visitor that analyses the subqueries directly inside an expression (in
@@ -200,6 +203,7 @@ impl<'a> Analyzer<'a> {
             into_temp: false,
             nesting: 0,
             set_op: None,
+            cte_named_twice: None,
         }
     }
 
@@ -537,10 +541,13 @@ impl<'a> Analyzer<'a> {
                 }
                 let info = self.query(&cte.query, Some(cs))?;
                 let name = norm(&cte.alias.name);
-                let covers = !with.recursive
+                let plain = !with.recursive
                     && row_local(&cte.query)
-                    && info.root.is_some_and(|r| self.scopes[r].covered)
-                    && references(q, &name) == 1;
+                    && info.root.is_some_and(|r| self.scopes[r].covered);
+                let covers = plain && references(q, &name) == 1;
+                if plain && !covers {
+                    self.cte_named_twice.get_or_insert_with(|| name.clone());
+                }
                 self.scopes[cs].ctes.push((name, covers));
             }
             scope = Some(cs);
@@ -1019,6 +1026,7 @@ impl<'a> Analyzer<'a> {
             insert_select: false,
             insert_into: None,
             set_op: self.set_op.clone(),
+            cte_named_twice: self.cte_named_twice.clone(),
         }
     }
 
