@@ -735,6 +735,109 @@ async fn schema_changes_through_one_node_reach_the_others_before_the_ddl_is_ackn
     eprintln!("DDL through a 3-node cluster: {ddl_ms:?} ms per statement");
 }
 
+/// Reads a raw connection's messages up to the next ReadyForQuery (at
+/// most 10 s).
+async fn next_ready(s: &mut tokio::net::TcpStream, buf: &mut bytes::BytesMut) {
+    use bytes::Buf;
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            while buf.len() >= 5 {
+                let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                if buf.len() < len + 1 {
+                    break;
+                }
+                let tag = buf[0];
+                buf.advance(len + 1);
+                if tag == b'Z' {
+                    return;
+                }
+            }
+            assert!(s.read_buf(buf).await.unwrap() > 0, "connection closed");
+        }
+    })
+    .await
+    .expect("a ReadyForQuery within 10 s");
+}
+
+/// A client that sends DDL and Terminate in one write and closes the
+/// socket without reading the answer: the DDL commits, and the node still
+/// records the schema change (at the statement's ReadyForQuery, or — when
+/// the session ends first — in the background), so node 2, which looked
+/// the view's name up before it existed, reads it as node 1 does (not as
+/// an undeclared table: the home shard's rows). (The background path
+/// alone, a session ending between the commit and its ReadyForQuery, is a
+/// window too narrow to hit from a test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ddl_of_a_client_gone_before_its_answer_reaches_the_other_nodes() {
+    use bytes::BytesMut;
+    use tokio::io::AsyncWriteExt;
+    let tail =
+        format!("{TABLES}[[users]]\nname = \"t\"\nauth = \"trust\"\nserver_user = \"postgres\"\n");
+    let c = ProcCluster::start(3, 2, &tail, "").await;
+    converged(&c, Duration::from_secs(20)).await;
+    let db1 = connect(&c.nodes[0].dsn()).await.unwrap();
+    db1.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, v text); \
+         INSERT INTO items (id, v) SELECT g, 'x' FROM generate_series(1, 40) g",
+    )
+    .await
+    .unwrap();
+    let db2 = connect(&c.nodes[1].dsn()).await.unwrap();
+    let read = "SELECT count(*) FROM items_gone";
+    assert_eq!(answer(&db2, read).await, Err("42P01".into()));
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", c.nodes[0].port))
+        .await
+        .unwrap();
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", "t"), ("database", "postgres")],
+        &mut out,
+    )
+    .unwrap();
+    s.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    next_ready(&mut s, &mut buf).await;
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::query(
+        "CREATE VIEW items_gone AS SELECT * FROM items",
+        &mut out,
+    )
+    .unwrap();
+    postgres_protocol::message::frontend::terminate(&mut out);
+    s.write_all(&out).await.unwrap();
+    drop(s);
+    // Once the view is on the shards, node 2 reads it as node 1 does.
+    let shard = connect(&c.shards[0].dsn()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let there: bool = shard
+            .query_one("SELECT to_regclass('items_gone') IS NOT NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if there {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the DDL never committed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let want = answer(&db1, read).await;
+    assert!(want == Ok(40) || want == Err("0A000".into()), "{want:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = answer(&db2, read).await;
+        if got == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 2 still answers {got:?} 5 s after the view was made (node 1: {want:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A pipeline through node 1 whose first part is DDL and whose later part
 /// is still running: the client reads the first part's ReadyForQuery
 /// before the batch is over, and by then every node has forgotten the
@@ -743,8 +846,8 @@ async fn schema_changes_through_one_node_reach_the_others_before_the_ddl_is_ackn
 /// pipeline goes to one backend, the node forwards it as it comes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ddl_in_a_pipeline_is_recorded_before_its_ready_for_query() {
-    use bytes::{Buf, BytesMut};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use bytes::BytesMut;
+    use tokio::io::AsyncWriteExt;
     let tail =
         format!("{TABLES}[[users]]\nname = \"t\"\nauth = \"trust\"\nserver_user = \"postgres\"\n");
     let c = ProcCluster::start(3, 1, &tail, "").await;
@@ -768,26 +871,6 @@ async fn ddl_in_a_pipeline_is_recorded_before_its_ready_for_query() {
     .unwrap();
     s.write_all(&out).await.unwrap();
     let mut buf = BytesMut::new();
-    let next_ready = async |s: &mut tokio::net::TcpStream, buf: &mut BytesMut| {
-        tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                while buf.len() >= 5 {
-                    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-                    if buf.len() < len + 1 {
-                        break;
-                    }
-                    let tag = buf[0];
-                    buf.advance(len + 1);
-                    if tag == b'Z' {
-                        return;
-                    }
-                }
-                assert!(s.read_buf(buf).await.unwrap() > 0, "connection closed");
-            }
-        })
-        .await
-        .expect("a ReadyForQuery within 10 s");
-    };
     next_ready(&mut s, &mut buf).await;
     let mut out = BytesMut::new();
     postgres_protocol::message::frontend::query("ALTER TABLE items ADD COLUMN c int", &mut out)
