@@ -735,6 +735,25 @@ async fn schema_changes_through_one_node_reach_the_others_before_the_ddl_is_ackn
     eprintln!("DDL through a 3-node cluster: {ddl_ms:?} ms per statement");
 }
 
+/// A raw protocol connection to a node as the trust user `t`, logged in
+/// (its first ReadyForQuery read), with its read buffer.
+async fn raw_login(port: u16) -> (tokio::net::TcpStream, bytes::BytesMut) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", "t"), ("database", "postgres")],
+        &mut out,
+    )
+    .unwrap();
+    s.write_all(&out).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    next_ready(&mut s, &mut buf).await;
+    (s, buf)
+}
+
 /// Reads a raw connection's messages up to the next ReadyForQuery (at
 /// most 10 s).
 async fn next_ready(s: &mut tokio::net::TcpStream, buf: &mut bytes::BytesMut) {
@@ -786,18 +805,7 @@ async fn ddl_of_a_client_gone_before_its_answer_reaches_the_other_nodes() {
     let db2 = connect(&c.nodes[1].dsn()).await.unwrap();
     let read = "SELECT count(*) FROM items_gone";
     assert_eq!(answer(&db2, read).await, Err("42P01".into()));
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", c.nodes[0].port))
-        .await
-        .unwrap();
-    let mut out = BytesMut::new();
-    postgres_protocol::message::frontend::startup_message(
-        [("user", "t"), ("database", "postgres")],
-        &mut out,
-    )
-    .unwrap();
-    s.write_all(&out).await.unwrap();
-    let mut buf = BytesMut::new();
-    next_ready(&mut s, &mut buf).await;
+    let (mut s, _) = raw_login(c.nodes[0].port).await;
     let mut out = BytesMut::new();
     postgres_protocol::message::frontend::query(
         "CREATE VIEW items_gone AS SELECT * FROM items",
@@ -860,18 +868,7 @@ async fn ddl_in_a_pipeline_is_recorded_before_its_ready_for_query() {
     let before = db2.prepare("SELECT * FROM items").await.unwrap();
     assert_eq!(before.columns().len(), 2);
     // Raw protocol to node 1: both queries in one write.
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", c.nodes[0].port))
-        .await
-        .unwrap();
-    let mut out = BytesMut::new();
-    postgres_protocol::message::frontend::startup_message(
-        [("user", "t"), ("database", "postgres")],
-        &mut out,
-    )
-    .unwrap();
-    s.write_all(&out).await.unwrap();
-    let mut buf = BytesMut::new();
-    next_ready(&mut s, &mut buf).await;
+    let (mut s, mut buf) = raw_login(c.nodes[0].port).await;
     let mut out = BytesMut::new();
     postgres_protocol::message::frontend::query("ALTER TABLE items ADD COLUMN c int", &mut out)
         .unwrap();
