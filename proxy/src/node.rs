@@ -447,8 +447,7 @@ impl Node {
         params: Option<&BindParams>,
         ctx: &routing::RouteCtx<'_>,
     ) -> Result<Decision, Refusal> {
-        let home = self.single_shard_now()?;
-        if let Some(home) = home {
+        if let Some(home) = self.single_shard_now()? {
             return Ok(Decision::single_on(home));
         }
         let shards = self.routing.shards.load();

@@ -41,6 +41,19 @@ async fn binary_rows(
     ))
 }
 
+/// `sql` answers rows through the node, the same as through the reference
+/// PostgreSQL, and some.
+async fn same_answer(reference: &tokio_postgres::Client, node: &tokio_postgres::Client, sql: &str) {
+    let want = rows(reference, sql)
+        .await
+        .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
+    let got = rows(node, sql)
+        .await
+        .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
+    assert!(!want.is_empty(), "{sql}");
+    assert_eq!(got, want, "{sql}");
+}
+
 /// The read queries, each either answered identically or refused.
 fn queries() -> (Vec<String>, Vec<(String, &'static str)>) {
     let mut q = Vec::new();
@@ -628,14 +641,7 @@ async fn distinct_counts_equal_one_postgresql() {
         "SELECT count(DISTINCT v) FILTER (WHERE seq < 0) FROM events",
     ];
     for sql in queries {
-        let want = rows(&reference, sql)
-            .await
-            .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
-        let got = rows(&node, sql)
-            .await
-            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
-        assert!(!want.is_empty(), "{sql}");
-        assert_eq!(got, want, "{sql}");
+        same_answer(&reference, &node, sql).await;
         let (ws, gs) = (
             reference.prepare(sql).await.unwrap(),
             node.prepare(sql).await.unwrap(),
@@ -703,14 +709,7 @@ async fn counts_cast_to_a_type_equal_one_postgresql() {
         "SELECT id % 3 AS g, coalesce(sum(v), 0) AS total FROM events WHERE id < 9 OR v IS NULL GROUP BY 1 ORDER BY total DESC",
     ];
     for sql in queries {
-        let want = rows(&reference, sql)
-            .await
-            .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
-        let got = rows(&node, sql)
-            .await
-            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
-        assert!(!want.is_empty(), "{sql}");
-        assert_eq!(got, want, "{sql}");
+        same_answer(&reference, &node, sql).await;
         // The extended protocol: the column types PostgreSQL gives, values
         // in binary where tokio-postgres asks for it.
         let (ws, gs) = (
@@ -784,14 +783,7 @@ async fn windows_by_the_key_and_distinct_keys_equal_one_postgresql() {
         "SELECT count(DISTINCT id) FROM events WHERE id < 0",
     ];
     for sql in queries {
-        let want = rows(&reference, sql)
-            .await
-            .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
-        let got = rows(&node, sql)
-            .await
-            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
-        assert!(!want.is_empty(), "{sql}");
-        assert_eq!(got, want, "{sql}");
+        same_answer(&reference, &node, sql).await;
     }
     for sql in [
         "SELECT id, row_number() OVER (PARTITION BY v) FROM events",
@@ -846,14 +838,7 @@ async fn aggregates_over_derived_tables_equal_one_postgresql() {
         "SELECT count(*) FROM (SELECT id FROM events WHERE id = 5) s",
     ];
     for sql in ordered {
-        let want = rows(&reference, sql)
-            .await
-            .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
-        let got = rows(&node, sql)
-            .await
-            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
-        assert!(!want.is_empty(), "{sql}");
-        assert_eq!(got, want, "{sql}");
+        same_answer(&reference, &node, sql).await;
     }
     // The extended protocol, as Peewee's count() through psycopg's
     // server-side binding would send it.
@@ -1013,14 +998,7 @@ async fn aggregates_over_ctes_equal_one_postgresql() {
         "WITH x AS (SELECT v * 2 AS w, seq FROM events), y AS (SELECT w FROM x WHERE seq > 100) SELECT w, count(*) FROM y GROUP BY w ORDER BY w",
         "WITH x AS (SELECT id FROM events WHERE id = 5) SELECT count(*) FROM x",
     ] {
-        let want = rows(&reference, sql)
-            .await
-            .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
-        let got = rows(&node, sql)
-            .await
-            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
-        assert!(!want.is_empty(), "{sql}");
-        assert_eq!(got, want, "{sql}");
+        same_answer(&reference, &node, sql).await;
     }
     let sql = "WITH x AS (SELECT seq FROM events WHERE seq > $1) SELECT count(*) FROM x";
     let got: i64 = node.query_one(sql, &[&100i32]).await.unwrap().get(0);
@@ -1060,14 +1038,7 @@ async fn grouped_by_the_key_equals_one_postgresql() {
         "SELECT id, count(*) FROM events GROUP BY id HAVING bool_and(v < 22) ORDER BY sum(v) DESC, id",
     ];
     for sql in ordered {
-        let want = rows(&reference, sql)
-            .await
-            .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
-        let got = rows(&node, sql)
-            .await
-            .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
-        assert!(!want.is_empty(), "{sql}");
-        assert_eq!(got, want, "{sql}");
+        same_answer(&reference, &node, sql).await;
     }
     for sql in [
         "SELECT DISTINCT count(*) FROM events GROUP BY id",

@@ -675,15 +675,10 @@ async fn describe_first<S: AsyncRead + AsyncWrite + Unpin + Send>(
             // Rows ordered by text: only where the node's byte order is
             // PostgreSQL's (as for a merged SELECT).
             if let Some(plan) = m.plan.clone() {
-                let by_text = plan
-                    .order_by
-                    .iter()
-                    .any(|k| super::combine::key_ty(&k.value, &m.types) == Ty::Text);
-                let equates = m.types.contains(&Ty::Text)
-                    && (plan.distinct || !plan.distinct_on.is_empty() || plan.aggregate.is_some());
+                let (orders, equates) = super::exec::text_comparisons(&plan, &m.types, &m.types);
                 let shards = m.shards.clone();
                 if let Some(e) =
-                    super::exec::text_order_refusal(s, &plan, &shards, by_text, equates).await?
+                    super::exec::text_order_refusal(s, &plan, &shards, orders, equates).await?
                 {
                     return Ok(Err(error_frame(e.0, &e.1)));
                 }

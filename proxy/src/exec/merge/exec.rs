@@ -767,18 +767,7 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     }
     let types = types;
-    // Text is ordered (sort keys, min/max) bytewise: PostgreSQL's order
-    // under the C collation only.
-    let orders_text = plan
-        .order_by
-        .iter()
-        .any(|k| key_ty(&k.value, &types) == Ty::Text)
-        || plan.aggregate.as_ref().is_some_and(|a| {
-            a.shard_cols.iter().enumerate().any(|(i, c)| {
-                matches!(c, ShardCol::Partial(Partial::Min | Partial::Max))
-                    && types.get(i) == Some(&Ty::Text)
-            })
-        });
+    let (orders_text, equates_text) = text_comparisons(plan, &types, &value_types);
     // sum/avg of real: PostgreSQL rounds every step of sum(real) to float4,
     // which partial sums cannot reproduce.
     if let Some(a) = &plan.aggregate {
@@ -807,15 +796,6 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             "merging real or double precision values across shards needs extra_float_digits >= 1 (exact output); the session has it lower".into(),
         )));
     }
-    // Text is grouped or deduplicated bytewise: PostgreSQL's equality
-    // under deterministic collations only.
-    let equates_text = value_types.contains(&Ty::Text)
-        && (plan.distinct
-            || !plan.distinct_on.is_empty()
-            || plan
-                .aggregate
-                .as_ref()
-                .is_some_and(|a| !a.group_by.is_empty() || !dcols.is_empty()));
     if let Some(e) = text_order_refusal(s, plan, &st.shards, orders_text, equates_text).await? {
         return Ok(Err(e));
     }
@@ -1196,6 +1176,31 @@ fn owned_bytes(v: std::borrow::Cow<'_, [u8]>) -> Bytes {
     }
 }
 
+/// Whether a merge by `plan` orders text (sort keys, min/max: by `types`,
+/// the merged columns' types) and whether it compares text for equality
+/// (groups, DISTINCT, DISTINCT ON, count(DISTINCT …): by `value_types`,
+/// the shards' columns' own) — both bytewise, which [`text_order_refusal`]
+/// checks against the shards' collations.
+pub(super) fn text_comparisons(plan: &MergePlan, types: &[Ty], value_types: &[Ty]) -> (bool, bool) {
+    let orders = plan
+        .order_by
+        .iter()
+        .any(|k| key_ty(&k.value, types) == Ty::Text)
+        || plan.aggregate.as_ref().is_some_and(|a| {
+            a.shard_cols.iter().enumerate().any(|(i, c)| {
+                matches!(c, ShardCol::Partial(Partial::Min | Partial::Max))
+                    && types.get(i) == Some(&Ty::Text)
+            })
+        });
+    let equates = value_types.contains(&Ty::Text)
+        && (plan.distinct
+            || !plan.distinct_on.is_empty()
+            || plan.aggregate.as_ref().is_some_and(|a| {
+                !a.group_by.is_empty() || a.shard_cols.contains(&ShardCol::Distinct)
+            }));
+    (orders, equates)
+}
+
 /// What a merge compares of text: its order (`orders`: sort keys,
 /// min/max) and its equality (`equates`: groups, DISTINCT, DISTINCT ON,
 /// count(DISTINCT …)). Why the node cannot do so across `shards` as
@@ -1211,15 +1216,15 @@ pub(super) async fn text_order_refusal<S: AsyncRead + AsyncWrite + Unpin + Send>
     orders: bool,
     equates: bool,
 ) -> Result<Option<MergeError>, SessionError> {
+    if !orders && !equates {
+        return Ok(None);
+    }
     let refused = |m: String| Ok(Some(MergeError(sqlstate::FEATURE_NOT_SUPPORTED, m)));
     let what = if orders {
         "ordering text across shards"
     } else {
         "grouping or deduplicating text across shards"
     };
-    if !orders && !equates {
-        return Ok(None);
-    }
     if let Some(c) = hotrepart_router::classify::non_c_collate(&plan.shard_sql) {
         return refused(format!("{what} under COLLATE {c} is not supported (hotrepart merges text bytewise: C collation only)"));
     }
