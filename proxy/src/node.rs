@@ -227,13 +227,23 @@ impl Calls {
     }
 }
 
-/// How text compares in a shard's database, as the merge needs it: whether
-/// byte order is PostgreSQL's order, and byte equality its equality; each
-/// with the reason when not (for the refusal).
+/// How text compares in a shard's database, as the merge needs it (read by
+/// `session::conn::CATALOG_PROBE`), each part with the reason it does not
+/// hold, for the refusal.
 #[derive(Debug, Clone)]
 pub struct TextCollation {
-    pub order: Result<(), String>,
+    /// Whether the database's default collation orders text byte by byte;
+    /// when not, the merge asks a shard to rank the values it orders.
+    pub bytewise: Result<(), String>,
+    /// Whether every user column and domain orders as the default does
+    /// (else no merge can tell which collation a sorted column has).
+    pub uniform: Result<(), String>,
+    /// Whether byte equality is PostgreSQL's equality (every collation
+    /// deterministic).
     pub equality: Result<(), String>,
+    /// The default collation (provider, collation, locale, rules, version):
+    /// shards that rank text for one merge must share it.
+    pub identity: String,
 }
 
 pub struct Node {

@@ -957,6 +957,12 @@ pub fn called_names(sql: &str) -> Vec<String> {
 /// The first `COLLATE name` in `sql` (outside literals and comments) whose
 /// collation is not C or POSIX, as written.
 pub fn non_c_collate(sql: &str) -> Option<String> {
+    first_collate(sql, false)
+}
+
+/// The first `COLLATE name` in `sql` (outside literals and comments), as
+/// written; `c_too`: C and POSIX count (else they are skipped).
+pub fn first_collate(sql: &str, c_too: bool) -> Option<String> {
     let mut lx = Lexer::new(sql);
     while let Some(t) = lx.next() {
         if t.kind != Kind::Word || !sql[t.start..t.end].eq_ignore_ascii_case("collate") {
@@ -982,7 +988,7 @@ pub fn non_c_collate(sql: &str) -> Option<String> {
             // COLLATE followed by no name: PostgreSQL's syntax error.
             continue;
         };
-        if !matches!(bare, "C" | "POSIX" | "c" | "posix") {
+        if c_too || !matches!(bare, "C" | "POSIX" | "c" | "posix") {
             return Some(sql[a..b].to_string());
         }
     }

@@ -454,6 +454,74 @@ impl BackendConn {
         self.write_frames(&out)
             .await
             .map_err(|e| HiddenQueryError::Wire(WireError::Io(e)))?;
+        self.hidden_reply().await
+    }
+
+    /// Ranks `values` (text in the connection's encoding) as the database
+    /// orders them under its default collation: one dense rank (1, 2, …;
+    /// equal under the collation, equal rank) per value, in their order.
+    /// `blank_padded`: as `character(n)` compares them (trailing spaces do
+    /// not count). The merge orders text this way where bytes do not
+    /// (`exec::merge`). A statement of its own on an idle connection, in
+    /// whatever transaction the connection is in (it reads no table); it
+    /// replaces the connection's unnamed statement and portal.
+    pub async fn hidden_rank(
+        &mut self,
+        values: &[&[u8]],
+        blank_padded: bool,
+    ) -> Result<Vec<u64>, HiddenQueryError> {
+        let sql = format!(
+            "SELECT pg_catalog.dense_rank() OVER (ORDER BY u.v{}) FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS u (v, o) ORDER BY u.o",
+            if blank_padded { "::pg_catalog.bpchar" } else { "" }
+        );
+        let io = |e: std::io::Error| HiddenQueryError::Wire(WireError::Io(e));
+        // text[] in binary: one dimension, no NULLs, element type text.
+        let n = i32::try_from(values.len()).map_err(|_| {
+            HiddenQueryError::Wire(WireError::Protocol("too many values to rank".into()))
+        })?;
+        let mut array = BytesMut::new();
+        for v in [1, 0, 25, n, 1] {
+            array.extend_from_slice(&i32::to_be_bytes(v));
+        }
+        for v in values {
+            let len = i32::try_from(v.len()).map_err(|_| {
+                HiddenQueryError::Wire(WireError::Protocol("a value too long to rank".into()))
+            })?;
+            array.extend_from_slice(&len.to_be_bytes());
+            array.extend_from_slice(v);
+        }
+        let mut out = BytesMut::new();
+        frontend::parse("", &sql, [1009], &mut out).map_err(io)?;
+        wire::frame(&mut out, wire::fe::BIND, |o| {
+            o.extend_from_slice(b"\0\0");
+            o.extend_from_slice(&1i16.to_be_bytes());
+            o.extend_from_slice(&1i16.to_be_bytes());
+            o.extend_from_slice(&1i16.to_be_bytes());
+            o.extend_from_slice(&(array.len() as i32).to_be_bytes());
+            o.extend_from_slice(&array);
+            o.extend_from_slice(&0i16.to_be_bytes());
+        });
+        frontend::execute("", 0, &mut out).map_err(io)?;
+        frontend::sync(&mut out);
+        self.write_frames(&out).await.map_err(io)?;
+        let rows = self.hidden_reply().await?;
+        let ranks: Option<Vec<u64>> = rows
+            .iter()
+            .map(|r| r.first().cloned().flatten().and_then(|v| v.parse().ok()))
+            .collect();
+        match ranks {
+            Some(r) if r.len() == values.len() => Ok(r),
+            _ => Err(HiddenQueryError::Wire(WireError::Protocol(format!(
+                "the shard ranked {} values in {} rows",
+                values.len(),
+                rows.len()
+            )))),
+        }
+    }
+
+    /// The answer to a query the node sent of its own, to its
+    /// ReadyForQuery: the data rows as text columns, or the error.
+    async fn hidden_reply(&mut self) -> Result<Vec<Vec<Option<String>>>, HiddenQueryError> {
         let mut rows = Vec::new();
         let mut err = None;
         loop {

@@ -109,8 +109,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if let Some(row) = rows.first() {
                     let why = |i: usize| row.get(i).cloned().flatten().map_or(Ok(()), Err);
                     let c = crate::node::TextCollation {
-                        order: why(0),
+                        bytewise: why(0),
                         equality: why(1),
+                        uniform: why(2),
+                        identity: row.get(3).cloned().flatten().unwrap_or_default(),
                     };
                     self.node
                         .set_text_collation(t, &self.database, c, generation);

@@ -900,53 +900,55 @@ pub(super) const MAX_BATCH: usize = 1024;
 pub(super) const POISON_SQL: &str =
     "DO $$BEGIN RAISE EXCEPTION 'hotrepart: this transaction failed at the node'; END$$";
 
-/// What the node learns of a shard's database on attach: whether text
-/// orders bytewise there (database collation C/POSIX and no user column with
-/// another collation). It runs with the client's search_path and its answer
-/// serves every client: every operator and function is pg_catalog's by name
-/// (a user's own `>=(oid, int4)` would be a better match than
-/// pg_catalog's otherwise).
-/// Why text would not order bytewise in the connected database, or NULL
-/// when it does; then why bytes would not tell equal text (a column of a
-/// nondeterministic collation: 'a' = 'A' under a case-insensitive one),
-/// or NULL; user domains with a collation count as columns (a cast to
-/// one takes its collation). Not bytewise: a database whose default collation is not libc's C or
-/// POSIX (nor the builtin provider's C / C.UTF-8, code point order) —
-/// an ICU database reports `datcollate` C while ordering by ICU — or the
-/// first user column with another collation. Optional catalog columns
-/// (`datlocprovider` since PostgreSQL 15, `daticulocale` renamed
-/// `datlocale` in 17) are read through `to_jsonb`, absent as NULL.
-pub(super) const CATALOG_PROBE: &str = "SELECT CASE \
-WHEN COALESCE(pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocprovider', 'c') OPERATOR(pg_catalog.<>) 'c' \
-AND NOT (pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocprovider' OPERATOR(pg_catalog.=) 'b' \
-AND pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocale' OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'C.UTF-8']::pg_catalog.text[])) \
-THEN pg_catalog.format('database %I uses the %s collation provider (locale %s)', d.datname, \
-CASE pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocprovider' WHEN 'i' THEN 'ICU' WHEN 'b' THEN 'builtin' ELSE 'non-libc' END, \
-COALESCE(pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocale', pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'daticulocale', '?')) \
-WHEN COALESCE(pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'datlocprovider', 'c') OPERATOR(pg_catalog.=) 'c' \
-AND NOT (d.datcollate::pg_catalog.text OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'POSIX']::pg_catalog.text[])) \
-THEN pg_catalog.format('database %I uses collation %s', d.datname, d.datcollate) \
-ELSE COALESCE((SELECT pg_catalog.format('column %I of %s uses collation %I', a.attname, a.attrelid::pg_catalog.regclass, c.collname) \
+/// What the node learns of a shard's database on attach: how text compares
+/// there (`node::TextCollation`). It runs with the client's search_path and
+/// its answer serves every client: every operator and function is
+/// pg_catalog's by name (a user's own `>=(oid, int4)` would be a better
+/// match than pg_catalog's otherwise). Four columns:
+/// 1. why the database's default collation does not order bytewise, or
+///    NULL when it does: libc's C or POSIX, the builtin provider's C or
+///    C.UTF-8 (code point order) do; an ICU database reports `datcollate`
+///    C while ordering by ICU;
+/// 2. why bytes would not tell equal text (a column or domain of a
+///    nondeterministic collation: 'a' = 'A' under a case-insensitive one),
+///    or NULL;
+/// 3. the first user column or domain (a cast to one takes its collation)
+///    whose collation may order otherwise than the database's default, or
+///    NULL (C and POSIX count as the default in a bytewise database);
+/// 4. the default collation as the shards must share it to rank text alike
+///    (provider, collation, locale, ICU rules, version).
+///
+/// Optional catalog columns (`datlocprovider` since PostgreSQL 15,
+/// `daticulocale` renamed `datlocale` in 17, `daticurules` in 16) are read
+/// through `to_jsonb`, absent as NULL.
+pub(super) const CATALOG_PROBE: &str = "WITH db AS (SELECT d.datname, d.datcollate::pg_catalog.text AS coll, \
+COALESCE(j OPERATOR(pg_catalog.->>) 'datlocprovider', 'c') AS provider, \
+COALESCE(j OPERATOR(pg_catalog.->>) 'datlocale', j OPERATOR(pg_catalog.->>) 'daticulocale') AS locale, \
+j OPERATOR(pg_catalog.->>) 'daticurules' AS rules, j OPERATOR(pg_catalog.->>) 'datcollversion' AS version \
+FROM pg_catalog.pg_database d CROSS JOIN LATERAL pg_catalog.to_jsonb(d) AS j (j) \
+WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()), \
+b AS (SELECT db.*, CASE db.provider WHEN 'c' THEN db.coll OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'POSIX']::pg_catalog.text[]) \
+WHEN 'b' THEN COALESCE(db.locale OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'C.UTF-8']::pg_catalog.text[]), false) ELSE false END AS bytewise FROM db), \
+cols AS (SELECT pg_catalog.format('column %I of %s', a.attname, a.attrelid::pg_catalog.regclass) AS what, c.oid AS coll, \
+pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'collisdeterministic' AS det, c.collname, 0 AS kind, a.attrelid AS o, a.attnum AS n \
 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_collation c ON c.oid OPERATOR(pg_catalog.=) a.attcollation \
 WHERE a.attrelid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 AND NOT a.attisdropped \
-AND NOT (a.attcollation OPERATOR(pg_catalog.=) ANY (ARRAY[0, 100, 950, 951]::pg_catalog.oid[])) \
-ORDER BY a.attrelid, a.attnum LIMIT 1), \
-(SELECT pg_catalog.format('domain %s uses collation %I', t.oid::pg_catalog.regtype, c.collname) \
+AND NOT (a.attcollation OPERATOR(pg_catalog.=) ANY (ARRAY[0, 100]::pg_catalog.oid[])) \
+UNION ALL SELECT pg_catalog.format('domain %s', t.oid::pg_catalog.regtype), c.oid, \
+pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'collisdeterministic', c.collname, 1, t.oid, 0 \
 FROM pg_catalog.pg_type t JOIN pg_catalog.pg_collation c ON c.oid OPERATOR(pg_catalog.=) t.typcollation \
 WHERE t.oid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND t.typtype OPERATOR(pg_catalog.=) 'd' \
-AND NOT (t.typcollation OPERATOR(pg_catalog.=) ANY (ARRAY[0, 100, 950, 951]::pg_catalog.oid[])) \
-ORDER BY t.oid LIMIT 1)) END, \
-COALESCE((SELECT pg_catalog.format('column %I of %s uses nondeterministic collation %I', a.attname, a.attrelid::pg_catalog.regclass, c.collname) \
-FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_collation c ON c.oid OPERATOR(pg_catalog.=) a.attcollation \
-WHERE a.attrelid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 AND NOT a.attisdropped \
-AND pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'collisdeterministic' OPERATOR(pg_catalog.=) 'false' \
-ORDER BY a.attrelid, a.attnum LIMIT 1), \
-(SELECT pg_catalog.format('domain %s uses nondeterministic collation %I', t.oid::pg_catalog.regtype, c.collname) \
-FROM pg_catalog.pg_type t JOIN pg_catalog.pg_collation c ON c.oid OPERATOR(pg_catalog.=) t.typcollation \
-WHERE t.oid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND t.typtype OPERATOR(pg_catalog.=) 'd' \
-AND pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'collisdeterministic' OPERATOR(pg_catalog.=) 'false' \
-ORDER BY t.oid LIMIT 1)) \
-FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()";
+AND NOT (t.typcollation OPERATOR(pg_catalog.=) ANY (ARRAY[0, 100]::pg_catalog.oid[]))) \
+SELECT CASE WHEN NOT b.bytewise THEN CASE WHEN b.provider OPERATOR(pg_catalog.=) 'c' \
+THEN pg_catalog.format('database %I uses collation %s', b.datname, b.coll) \
+ELSE pg_catalog.format('database %I uses the %s collation provider (locale %s)', b.datname, \
+CASE b.provider WHEN 'i' THEN 'ICU' WHEN 'b' THEN 'builtin' ELSE 'non-libc' END, COALESCE(b.locale, '?')) END END, \
+(SELECT pg_catalog.format('%s uses nondeterministic collation %I', cols.what, cols.collname) FROM cols \
+WHERE cols.det OPERATOR(pg_catalog.=) 'false' ORDER BY cols.kind, cols.o, cols.n LIMIT 1), \
+(SELECT pg_catalog.format('%s uses collation %I', cols.what, cols.collname) FROM cols \
+WHERE NOT (b.bytewise AND cols.coll OPERATOR(pg_catalog.=) ANY (ARRAY[950, 951]::pg_catalog.oid[])) ORDER BY cols.kind, cols.o, cols.n LIMIT 1), \
+pg_catalog.concat_ws('/', b.provider, b.coll, b.locale, b.rules, b.version) \
+FROM b";
 
 /// The node's name for a statement: a hash of its Parse body after the
 /// client's name (SQL text and parameter types), so that clients preparing

@@ -587,6 +587,14 @@ fn collate_clauses() {
         Some("pg_catalog.\"de-x-icu\"")
     );
     assert_eq!(non_c_collate("SELECT collated FROM t ORDER BY 1"), None);
+    assert_eq!(
+        first_collate("SELECT a FROM t ORDER BY a COLLATE \"C\"", true).as_deref(),
+        Some("\"C\"")
+    );
+    assert_eq!(
+        first_collate("SELECT collated FROM t ORDER BY 1", true),
+        None
+    );
     // not a clause: a literal, a comment
     assert_eq!(
         non_c_collate("SELECT 'COLLATE x' FROM t /* collate y */"),

@@ -1437,8 +1437,9 @@ fn dsn_of(c: &Cluster, db: &str) -> String {
 /// `datcollate` C (`CREATE DATABASE … LOCALE_PROVIDER icu ICU_LOCALE 'en'
 /// LC_COLLATE 'C'`) while PostgreSQL orders its text by ICU ('a' before
 /// 'B'): the node took it for C and merged 'B' before 'a', an order
-/// PostgreSQL never gives. Refused now, naming the cause; a C database
-/// still merges, until a column with another collation is added (named).
+/// PostgreSQL never gives. Ordered by ICU now (or refused, naming the
+/// cause); a C database still merges bytewise, until a column with another
+/// collation is added (named).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_order_follows_the_collation_provider_of_the_database() {
     let c = Cluster::start(Opts {
@@ -1504,10 +1505,18 @@ async fn text_order_follows_the_collation_provider_of_the_database() {
     .map(|r| r.get(0))
     .collect();
     assert_eq!(on_shard, ["a", "A", "b", "B"]);
-    for sql in ["SELECT w FROM words ORDER BY w", "SELECT max(w) FROM words"] {
-        let cause = "database icu1 uses the ICU collation provider (locale en)";
-        refused_naming(&icu_db, sql, cause).await;
-    }
+    // Ordered as there: a shard ranks the values (see
+    // `text_ranked_by_a_shard_orders_as_one_postgresql_of_that_collation`).
+    let merged: Vec<String> = icu_db
+        .query("SELECT w FROM words ORDER BY w", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(merged, ["a", "A", "b", "B", "c", "C", "d", "D"]);
+    let cause = "database icu1 uses the ICU collation provider (locale en)";
+    refused_naming(&icu_db, "SELECT max(w) FROM words", cause).await;
     // Ordering by something else than text is merged there.
     let ids: Vec<i64> = icu_db
         .query("SELECT id FROM words ORDER BY id DESC LIMIT 3", &[])
@@ -1584,4 +1593,202 @@ async fn text_order_follows_the_collation_provider_of_the_database() {
     .unwrap();
     let cause = "domain ci_text uses nondeterministic collation ci";
     refused_naming(&dom, "SELECT DISTINCT w::ci_text FROM words", cause).await;
+}
+
+/// An ICU database with locale `locale` on the node (every shard) and the
+/// same directly on shard 0's server (`reference`), each with `words`.
+async fn icu_databases(
+    c: &Cluster,
+    locale: &str,
+) -> (tokio_postgres::Client, tokio_postgres::Client) {
+    let create = |db: &str| {
+        format!(
+            "CREATE DATABASE {db} LOCALE_PROVIDER icu ICU_LOCALE '{locale}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        )
+    };
+    c.connect()
+        .await
+        .batch_execute(&create(&format!("rank_{locale}")))
+        .await
+        .unwrap();
+    c.direct(0)
+        .await
+        .batch_execute(&create(&format!("ref_{locale}")))
+        .await
+        .unwrap();
+    let node = connect(&dsn_of(c, &format!("rank_{locale}")))
+        .await
+        .unwrap();
+    let reference = connect(&format!(
+        "{}/ref_{locale}",
+        c.shards[0].dsn().strip_suffix("/postgres").unwrap()
+    ))
+    .await
+    .unwrap();
+    (node, reference)
+}
+
+/// Text in a database whose collation does not order bytewise (ICU here:
+/// most production databases are ICU or en_US) is merged in PostgreSQL's
+/// own order: once the rows are in, one shard ranks their distinct sort
+/// values (`SELECT dense_rank() OVER (ORDER BY v) FROM unnest($1)`). Each
+/// query answers as one PostgreSQL database of that collation holding every
+/// row — in two locales that order 'ä' differently ('en': after 'a';
+/// 'sv': after 'z'). What still needs bytes is refused, naming why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_ranked_by_a_shard_orders_as_one_postgresql_of_that_collation() {
+    let c = Cluster::start(Opts {
+        shards: 2,
+        tail: "[[sharded_tables]]\nname = \"words\"\nkey = \"id\"\ntype = \"int8\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let icu = !c
+        .direct(0)
+        .await
+        .query(
+            "SELECT 1 FROM pg_collation WHERE collname = 'sv-x-icu'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .is_empty();
+    assert!(icu, "this test needs PostgreSQL 15 or later built with ICU");
+    let words = [
+        "a", "B", "b", "A", "ä", "å", "z", "Z", "o", "ö", "Ö", "é", "e", "E", "f", "co-op", "coop",
+        "Coop", "co op", " x", "_y", "10", "9", "ß", "ss", "SS", "a", "b", "z", "ä", "", "ﬁ", "fi",
+    ];
+    let mut values: Vec<String> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let id = i + 1;
+            format!("({id}, '{w}', '{w}', '{w}', {})", id % 3)
+        })
+        .collect();
+    values.push("(100, NULL, NULL, NULL, 0)".into());
+    values.push("(101, NULL, 'a', 'a', 1)".into());
+    let fill = format!(
+        "INSERT INTO words (id, w, v, c, n) VALUES {}",
+        values.join(", ")
+    );
+    let queries = [
+        "SELECT w, id FROM words ORDER BY w, id",
+        "SELECT id, w FROM words ORDER BY w DESC, id LIMIT 7",
+        "SELECT w, id FROM words ORDER BY w NULLS FIRST, id LIMIT 5 OFFSET 3",
+        "SELECT v, c, id FROM words ORDER BY c, v, id",
+        "SELECT c, id FROM words ORDER BY c DESC, id DESC",
+        "SELECT w, count(*) FROM words GROUP BY w ORDER BY w",
+        "SELECT n, count(*) FROM words GROUP BY n ORDER BY n",
+        "SELECT DISTINCT lower(w) AS l FROM words ORDER BY l",
+        "SELECT upper(w) AS u, id FROM words ORDER BY 1, 2 LIMIT 10",
+        "SELECT w || '!' AS x, id FROM words WHERE n = 1 ORDER BY x DESC NULLS LAST, id",
+    ];
+    for locale in ["en", "sv"] {
+        let (node, reference) = icu_databases(&c, locale).await;
+        for db in [&node, &reference] {
+            db.batch_execute(
+                "CREATE TABLE words (id bigint PRIMARY KEY, w text, v varchar(20), c char(6), n int)",
+            )
+            .await
+            .unwrap();
+            db.batch_execute(&fill).await.unwrap();
+        }
+        for sql in queries {
+            same_answer(&reference, &node, sql).await;
+        }
+        // The extended protocol, parameters in LIMIT.
+        let sql = "SELECT w FROM words WHERE id > $1 ORDER BY w LIMIT $2";
+        let mut answers = Vec::new();
+        for db in [&node, &reference] {
+            let a: Vec<Option<String>> = db
+                .query(sql, &[&3i64, &12i64])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            answers.push(a);
+        }
+        assert_eq!(answers[0], answers[1], "{locale}");
+        let first: Vec<String> = rows(
+            &node,
+            "SELECT w FROM words WHERE w IN ('ä', 'z') ORDER BY w",
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r[0].clone().unwrap())
+        .collect();
+        let expected = if locale == "en" {
+            ["ä", "ä", "z", "z"]
+        } else {
+            ["z", "z", "ä", "ä"]
+        };
+        assert_eq!(first, expected, "{locale}");
+        let cause = format!("uses the ICU collation provider (locale {locale})");
+        for (sql, what) in [
+            ("SELECT max(w) FROM words", "min or max of text"),
+            (
+                "SELECT DISTINCT ON (w) w, id FROM words ORDER BY w, id",
+                "DISTINCT ON",
+            ),
+            // Evaluated by the node: bytewise.
+            (
+                "SELECT w, count(*) FROM words GROUP BY w HAVING w > 'b'",
+                "HAVING comparing text by order",
+            ),
+            (
+                "SELECT n FROM words GROUP BY n HAVING string_agg(w, '') >= 'b'",
+                "HAVING comparing text by order",
+            ),
+        ] {
+            refused_naming(&node, sql, what).await;
+            refused_naming(&node, sql, &cause).await;
+        }
+        refused_naming(
+            &node,
+            "SELECT w FROM words ORDER BY w COLLATE \"C\"",
+            "COLLATE \"C\"",
+        )
+        .await;
+        node.batch_execute("BEGIN").await.unwrap();
+        let e = node
+            .batch_execute("DECLARE k CURSOR FOR SELECT w FROM words ORDER BY w")
+            .await
+            .and(node.batch_execute("FETCH 1 FROM k").await)
+            .unwrap_err();
+        let e = e.as_db_error().unwrap();
+        assert_eq!(e.code().code(), "0A000", "{e:?}");
+        assert!(e.message().contains("a cursor"), "{}", e.message());
+        node.batch_execute("ROLLBACK").await.unwrap();
+        // A column of another collation: which one a merged column has is
+        // not known.
+        node.batch_execute("ALTER TABLE words ADD COLUMN x text COLLATE \"C\"")
+            .await
+            .unwrap();
+        let cause = "column x of words uses collation \"C\"";
+        refused_naming(&node, "SELECT w FROM words ORDER BY w", cause).await;
+    }
+    // Shards whose databases' collations differ rank differently: refused.
+    for (i, locale) in ["en", "sv"].iter().enumerate() {
+        c.direct(i)
+            .await
+            .batch_execute(&format!(
+                "CREATE DATABASE mixed LOCALE_PROVIDER icu ICU_LOCALE '{locale}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+            ))
+            .await
+            .unwrap();
+    }
+    let mixed = connect(&dsn_of(&c, "mixed")).await.unwrap();
+    mixed
+        .batch_execute("CREATE TABLE words (id bigint PRIMARY KEY, w text); INSERT INTO words VALUES (1, 'a'), (2, 'ä'), (3, 'z')")
+        .await
+        .unwrap();
+    refused_naming(
+        &mixed,
+        "SELECT w FROM words ORDER BY w",
+        "share one collation",
+    )
+    .await;
 }

@@ -371,15 +371,48 @@ pub(super) fn add(ty: Ty, a: &[u8], b: &[u8]) -> Result<Bytes, MergeError> {
     }))
 }
 
+/// The collation ranks of the text values a merge sorts by, per merged
+/// column (`exec::text_order`): a ranked column's values compare by rank,
+/// not by bytes. Empty: every column compares by its type.
+#[derive(Default)]
+pub(super) struct Ranks(Vec<Option<std::collections::HashMap<Vec<u8>, u64>>>);
+
+impl Ranks {
+    pub(super) fn set(&mut self, col: usize, ranks: std::collections::HashMap<Vec<u8>, u64>) {
+        if self.0.len() <= col {
+            self.0.resize_with(col + 1, || None);
+        }
+        self.0[col] = Some(ranks);
+    }
+
+    fn of(&self, col: usize) -> Option<&std::collections::HashMap<Vec<u8>, u64>> {
+        self.0.get(col)?.as_ref()
+    }
+
+    fn rank(r: &std::collections::HashMap<Vec<u8>, u64>, v: &[u8]) -> Result<u64, MergeError> {
+        r.get(v).copied().ok_or_else(|| {
+            MergeError(
+                sqlstate::INTERNAL_ERROR,
+                "a text value of the merge was not ranked by the shard".into(),
+            )
+        })
+    }
+}
+
 /// Compares two shard rows by the plan's ORDER BY.
 pub(super) fn compare_rows<A: Cols + ?Sized, B: Cols + ?Sized>(
     plan: &MergePlan,
     types: &[Ty],
+    ranks: &Ranks,
     a: &A,
     b: &B,
 ) -> Result<Ordering, MergeError> {
     for k in &plan.order_by {
         let ty = key_ty(&k.value, types);
+        let ranked = match &k.value {
+            Combined::Col(c) => ranks.of(*c),
+            _ => None,
+        };
         let va = combined_value(&k.value, a, types)?;
         let vb = combined_value(&k.value, b, types)?;
         let o = match (va, vb) {
@@ -399,7 +432,10 @@ pub(super) fn compare_rows<A: Cols + ?Sized, B: Cols + ?Sized>(
                 }
             }
             (Some(x), Some(y)) => {
-                let o = value::compare(ty, &x, &y)?;
+                let o = match ranked {
+                    Some(r) => Ranks::rank(r, &x)?.cmp(&Ranks::rank(r, &y)?),
+                    None => value::compare(ty, &x, &y)?,
+                };
                 if k.desc {
                     o.reverse()
                 } else {

@@ -17,7 +17,7 @@
 //! DISTINCT, LIMIT/OFFSET, an order the shards cannot give, `SCROLL`,
 //! `BINARY`, `WITH HOLD`; and so are the other fetch directions.
 
-use super::combine::{compare_rows, Field, MergeError, Row};
+use super::combine::{compare_rows, Field, MergeError, Ranks, Row};
 use super::packed::Packed;
 use super::value::Ty;
 use crate::backend::conn::HiddenQueryError;
@@ -366,7 +366,8 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     None => Some(i),
                     Some(b) => {
                         let other = m.bufs[b].front().map_or(&[][..], Vec::as_slice);
-                        match compare_rows(&plan, &m.types, r.as_slice(), other) {
+                        match compare_rows(&plan, &m.types, &Ranks::default(), r.as_slice(), other)
+                        {
                             Ok(Ordering::Less) => Some(i),
                             Ok(_) => Some(b),
                             Err(e) => return Ok(Err(Failure::Merge(e))),
@@ -671,15 +672,15 @@ async fn describe_first<S: AsyncRead + AsyncWrite + Unpin + Send>(
     match read_reply(s, t, &q).await? {
         Ok(Some(fields)) => {
             m.types = fields.iter().map(|f| Ty::of(f.type_oid())).collect();
+            let oids: Vec<u32> = fields.iter().map(Field::type_oid).collect();
             m.fields = Some(fields);
             // Rows ordered by text: only where the node's byte order is
-            // PostgreSQL's (as for a merged SELECT).
+            // PostgreSQL's (as for a merged SELECT; a cursor streams, it
+            // does not rank).
             if let Some(plan) = m.plan.clone() {
-                let (orders, equates) = super::exec::text_comparisons(&plan, &m.types, &m.types);
+                let text = super::exec::text_comparisons(&plan, &m.types, &m.types, &oids);
                 let shards = m.shards.clone();
-                if let Some(e) =
-                    super::exec::text_order_refusal(s, &plan, &shards, orders, equates).await?
-                {
+                if let Err(e) = super::exec::text_order(s, &plan, &shards, &text, false).await? {
                     return Ok(Err(error_frame(e.0, &e.1)));
                 }
             }

@@ -31,7 +31,7 @@ use crate::wire::{be, fe, tx};
 use crate::wire::{command_complete, rfq};
 use bytes::{BufMut, Bytes, BytesMut};
 use hotrepart_router::route::{
-    Combined, HavingExpr, LimitSpec, Literal, MergePlan, Operand, Partial, ShardCol,
+    Combined, CompareOp, HavingExpr, LimitSpec, Literal, MergePlan, Operand, Partial, ShardCol,
 };
 use postgres_protocol::message::frontend;
 use std::cmp::Ordering;
@@ -767,7 +767,7 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     }
     let types = types;
-    let (orders_text, equates_text) = text_comparisons(plan, &types, &value_types);
+    let text = text_comparisons(plan, &types, &value_types, &oids);
     // sum/avg of real: PostgreSQL rounds every step of sum(real) to float4,
     // which partial sums cannot reproduce.
     if let Some(a) = &plan.aggregate {
@@ -796,9 +796,11 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             "merging real or double precision values across shards needs extra_float_digits >= 1 (exact output); the session has it lower".into(),
         )));
     }
-    if let Some(e) = text_order_refusal(s, plan, &st.shards, orders_text, equates_text).await? {
-        return Ok(Err(e));
-    }
+    let shards = st.shards.clone();
+    let text = match text_order(s, plan, &shards, &text, true).await? {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
+    };
     let max_rows = s.node.cfg().max_merge_rows;
     let max_bytes = s.node.cfg().max_merge_bytes;
     // Output row description.
@@ -884,8 +886,10 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         });
     }
+    // Text ranked by a shard: its values are known once all rows are.
     let streaming = plan.aggregate.is_none()
         && !plan.distinct
+        && matches!(text, TextOrder::Bytes)
         && (plan.shards_sorted || plan.order_by.is_empty());
     if !streaming && !plan.distinct_on.is_empty() {
         return Ok(Err(MergeError(
@@ -914,12 +918,16 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 best = match best {
                     None => Some(i),
                     Some(b) => {
-                        let o =
-                            match compare_rows(plan, &types, r, heads[b].as_deref().unwrap_or(&[]))
-                            {
-                                Ok(o) => o,
-                                Err(e) => return Ok(Err(e)),
-                            };
+                        let o = match compare_rows(
+                            plan,
+                            &types,
+                            &Ranks::default(),
+                            r,
+                            heads[b].as_deref().unwrap_or(&[]),
+                        ) {
+                            Ok(o) => o,
+                            Err(e) => return Ok(Err(e)),
+                        };
                         if o == Ordering::Less {
                             Some(i)
                         } else {
@@ -1117,8 +1125,18 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         });
     }
+    let ranks = match (&text, &err) {
+        (TextOrder::Rank { shard, cols }, None) if st.inner.error.is_none() => {
+            match rank_text(s, st, *shard, cols, &groups).await? {
+                Some(r) => r,
+                // The shard's error is the answer.
+                None => return Ok(Ok(0)),
+            }
+        }
+        _ => Ranks::default(),
+    };
     if !plan.order_by.is_empty() && err.is_none() {
-        let mut cmp = |a: &Packed, b: &Packed| match compare_rows(plan, &types, a, b) {
+        let mut cmp = |a: &Packed, b: &Packed| match compare_rows(plan, &types, &ranks, a, b) {
             Ok(o) => o,
             Err(e) => {
                 err.get_or_insert(e);
@@ -1176,50 +1194,134 @@ fn owned_bytes(v: std::borrow::Cow<'_, [u8]>) -> Bytes {
     }
 }
 
-/// Whether a merge by `plan` orders text (sort keys, min/max: by `types`,
-/// the merged columns' types) and whether it compares text for equality
-/// (groups, DISTINCT, DISTINCT ON, count(DISTINCT …): by `value_types`,
-/// the shards' columns' own) — both bytewise, which [`text_order_refusal`]
-/// checks against the shards' collations.
-pub(super) fn text_comparisons(plan: &MergePlan, types: &[Ty], value_types: &[Ty]) -> (bool, bool) {
-    let orders = plan
-        .order_by
-        .iter()
-        .any(|k| key_ty(&k.value, types) == Ty::Text)
-        || plan.aggregate.as_ref().is_some_and(|a| {
-            a.shard_cols.iter().enumerate().any(|(i, c)| {
-                matches!(c, ShardCol::Partial(Partial::Min | Partial::Max))
-                    && types.get(i) == Some(&Ty::Text)
-            })
-        });
+/// How a merge orders text ([`text_order`]).
+pub(super) enum TextOrder {
+    /// Byte by byte (or it orders no text).
+    Bytes,
+    /// By the ranks shard `shard` gives the values of the merged columns
+    /// `cols` (each with whether it is `character(n)`): the shards'
+    /// databases share one collation that does not order bytewise.
+    Rank {
+        shard: usize,
+        cols: Vec<(usize, bool)>,
+    },
+}
+
+/// What a merge by `plan` compares of text: the merged columns it sorts
+/// by (text types but `name`, whose collation is always C; by `types`, the
+/// merged columns' types, and `oids`), whether min/max compare text, and
+/// whether it compares text for equality (groups, DISTINCT, DISTINCT ON,
+/// count(DISTINCT …): by `value_types`, the shards' columns' own).
+pub(super) struct TextComparisons {
+    sorts: Vec<(usize, bool)>,
+    /// Whether it sorts by `name` (bytes whatever the database's
+    /// collation, in the client's encoding).
+    names: bool,
+    /// What orders text where only bytes can (no ranks): min/max, an
+    /// ordering comparison in HAVING.
+    unranked: Option<&'static str>,
+    equates: bool,
+}
+
+/// Whether HAVING `e` compares text by order (`<`, `>=`…): the node
+/// evaluates it bytewise.
+fn having_orders_text(e: &HavingExpr, types: &[Ty]) -> bool {
+    match e {
+        HavingExpr::And(a, b) | HavingExpr::Or(a, b) => {
+            having_orders_text(a, types) || having_orders_text(b, types)
+        }
+        HavingExpr::Not(a) => having_orders_text(a, types),
+        HavingExpr::IsNull { .. } => false,
+        HavingExpr::Compare { left, op, right } => {
+            !matches!(op, CompareOp::Eq | CompareOp::NotEq)
+                && [left, right]
+                    .iter()
+                    .any(|o| matches!(o, Operand::Value(v) if key_ty(v, types) == Ty::Text))
+        }
+    }
+}
+
+pub(super) fn text_comparisons(
+    plan: &MergePlan,
+    types: &[Ty],
+    value_types: &[Ty],
+    oids: &[u32],
+) -> TextComparisons {
+    let collated = |c: usize| types.get(c) == Some(&Ty::Text) && oids.get(c) != Some(&19);
+    let mut sorts: Vec<(usize, bool)> = Vec::new();
+    for k in &plan.order_by {
+        if let Combined::Col(c) = k.value {
+            if collated(c) && !sorts.iter().any(|(s, _)| *s == c) {
+                sorts.push((c, oids.get(c) == Some(&1042)));
+            }
+        }
+    }
+    let names = plan.order_by.iter().any(|k| {
+        matches!(k.value, Combined::Col(c) if types.get(c) == Some(&Ty::Text) && oids.get(c) == Some(&19))
+    });
+    let min_max = plan.aggregate.as_ref().is_some_and(|a| {
+        a.shard_cols.iter().enumerate().any(|(i, c)| {
+            matches!(c, ShardCol::Partial(Partial::Min | Partial::Max)) && collated(i)
+        })
+    });
+    let having = plan
+        .aggregate
+        .as_ref()
+        .and_then(|a| a.having.as_ref())
+        .is_some_and(|h| having_orders_text(h, types));
+    let unranked = if min_max {
+        Some("min or max of text")
+    } else if having {
+        Some("HAVING comparing text by order")
+    } else {
+        None
+    };
     let equates = value_types.contains(&Ty::Text)
         && (plan.distinct
             || !plan.distinct_on.is_empty()
             || plan.aggregate.as_ref().is_some_and(|a| {
                 !a.group_by.is_empty() || a.shard_cols.contains(&ShardCol::Distinct)
             }));
-    (orders, equates)
+    TextComparisons {
+        sorts,
+        names,
+        unranked,
+        equates,
+    }
 }
 
-/// What a merge compares of text: its order (`orders`: sort keys,
-/// min/max) and its equality (`equates`: groups, DISTINCT, DISTINCT ON,
-/// count(DISTINCT …)). Why the node cannot do so across `shards` as
-/// PostgreSQL would, if it cannot: it compares text byte by byte, which is
-/// PostgreSQL's order only under the C collation (no other COLLATE, every
-/// shard's database C, no column of another collation) in a client
-/// encoding whose bytes order as UTF-8's, and PostgreSQL's equality only
-/// under deterministic collations.
-pub(super) async fn text_order_refusal<S: AsyncRead + AsyncWrite + Unpin + Send>(
+/// How a merge by `plan` over `shards` orders text as PostgreSQL would
+/// (`text`: what it compares), or why it cannot. Bytes are PostgreSQL's
+/// order under the C collation (no other COLLATE, every shard's database C,
+/// no column of another collation) in a client encoding whose bytes order
+/// as UTF-8's, and its equality under deterministic collations. Where the
+/// shards' databases share another collation (ICU, en_US…) and every
+/// column has it, a collecting merge (`rank`) sorts by the ranks one shard
+/// gives the values: PostgreSQL's own order, no locale library in the node;
+/// min/max, DISTINCT ON and merged cursors still need bytes.
+pub(super) async fn text_order<S: AsyncRead + AsyncWrite + Unpin + Send>(
     s: &mut Session<S>,
     plan: &MergePlan,
     shards: &[usize],
-    orders: bool,
-    equates: bool,
-) -> Result<Option<MergeError>, SessionError> {
-    if !orders && !equates {
-        return Ok(None);
+    text: &TextComparisons,
+    rank: bool,
+) -> Result<Result<TextOrder, MergeError>, SessionError> {
+    let orders = !text.sorts.is_empty() || text.unranked.is_some();
+    let refused = |m: String| Ok(Err(MergeError(sqlstate::FEATURE_NOT_SUPPORTED, m)));
+    let bytes_in_encoding = |s: &Session<S>| {
+        if s.enc.orders_as_utf8() {
+            return None;
+        }
+        Some(format!("ordering text across shards needs client_encoding UTF8 or LATIN1 (it is {}): hotrepart compares the shards' text byte by byte, which orders characters as PostgreSQL does only in those", s.enc.name()))
+    };
+    if text.names {
+        if let Some(m) = bytes_in_encoding(s) {
+            return refused(m);
+        }
     }
-    let refused = |m: String| Ok(Some(MergeError(sqlstate::FEATURE_NOT_SUPPORTED, m)));
+    if !orders && !text.equates {
+        return Ok(Ok(TextOrder::Bytes));
+    }
     let what = if orders {
         "ordering text across shards"
     } else {
@@ -1228,29 +1330,116 @@ pub(super) async fn text_order_refusal<S: AsyncRead + AsyncWrite + Unpin + Send>
     if let Some(c) = hotrepart_router::classify::non_c_collate(&plan.shard_sql) {
         return refused(format!("{what} under COLLATE {c} is not supported (hotrepart merges text bytewise: C collation only)"));
     }
-    if orders && !s.enc.orders_as_utf8() {
-        return refused(format!("ordering text across shards needs client_encoding UTF8 or LATIN1 (it is {}): hotrepart compares the shards' text byte by byte, which orders characters as PostgreSQL does only in those", s.enc.name()));
-    }
+    // Per shard: why its database does not order bytewise (None: it does).
+    let mut defaults: Vec<(usize, Option<String>, String)> = Vec::new();
     for &t in shards {
         // Learned when the backend was attached (`Session::ensure_backend`).
         let shard = s.node.routing.shard_name(t);
-        let (needs, why) = match s.node.text_collation(t, s.database()) {
-            Some(c) => match (orders, c.order, equates, c.equality) {
-                (true, Err(why), _, _) => ("the C collation", why),
-                (_, _, true, Err(why)) => ("deterministic collations", why),
-                _ => continue,
-            },
-            None => {
-                return refused(format!(
-                    "{what} needs to know the shards' collations, and that of shard {shard} is not known yet (it is read when the node attaches a connection to the shard: after DDL in this transaction, once it ends); retry"
-                ))
-            }
+        let Some(c) = s.node.text_collation(t, s.database()) else {
+            return refused(format!(
+                "{what} needs to know the shards' collations, and that of shard {shard} is not known yet (it is read when the node attaches a connection to the shard: after DDL in this transaction, once it ends); retry"
+            ));
         };
+        if text.equates {
+            if let Err(why) = &c.equality {
+                return refused(format!(
+                    "{what} needs deterministic collations: on shard {shard} {why} (hotrepart compares the shards' text byte by byte)"
+                ));
+            }
+        }
+        if orders {
+            if let Err(why) = &c.uniform {
+                return refused(format!(
+                    "{what} needs every column of the database's collation: on shard {shard} {why} (hotrepart cannot tell which collation a merged column has)"
+                ));
+            }
+            defaults.push((t, c.bytewise.clone().err(), c.identity.clone()));
+        }
+    }
+    if !orders {
+        return Ok(Ok(TextOrder::Bytes));
+    }
+    let name = |s: &Session<S>, t: usize| s.node.routing.shard_name(t);
+    if defaults.iter().all(|(_, why, _)| why.is_none()) {
+        if let Some(m) = bytes_in_encoding(s) {
+            return refused(m);
+        }
+        return Ok(Ok(TextOrder::Bytes));
+    }
+    let Some((first, Some(why), identity)) = defaults.iter().find(|(_, w, _)| w.is_some()).cloned()
+    else {
+        return Ok(Ok(TextOrder::Bytes));
+    };
+    if let Some((t, _, other)) = defaults.iter().find(|(_, _, i)| *i != identity) {
         return refused(format!(
-            "{what} needs {needs}: on shard {shard} {why} (hotrepart compares the shards' text byte by byte)"
+            "ordering text across shards needs their databases to share one collation: shard {} has {identity}, shard {} has {other}",
+            name(s, first),
+            name(s, *t)
         ));
     }
-    Ok(None)
+    let unranked = if let Some(u) = text.unranked {
+        Some(u)
+    } else if !plan.distinct_on.is_empty() {
+        Some("DISTINCT ON")
+    } else if !rank {
+        Some("a cursor")
+    } else {
+        None
+    };
+    if let Some(u) = unranked {
+        return refused(format!(
+            "{u} across shards needs the C collation: on shard {} {why} (hotrepart compares the shards' text byte by byte there)",
+            name(s, first)
+        ));
+    }
+    if let Some(c) = hotrepart_router::classify::first_collate(&plan.shard_sql, true) {
+        return refused(format!(
+            "ordering text across shards under COLLATE {c} is not supported where the databases' collation is not C ({why}): hotrepart cannot tell which sort key it applies to"
+        ));
+    }
+    Ok(Ok(TextOrder::Rank {
+        shard: first,
+        cols: text.sorts.clone(),
+    }))
+}
+
+/// The ranks shard `t` gives the values of `cols` in `rows` (see
+/// [`TextOrder::Rank`]); a shard's error is recorded in `st` (None then).
+async fn rank_text<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    st: &mut Streams,
+    t: usize,
+    cols: &[(usize, bool)],
+    rows: &[Packed],
+) -> Result<Option<Ranks>, SessionError> {
+    let mut ranks = Ranks::default();
+    for &(c, blank_padded) in cols {
+        let mut seen = std::collections::HashSet::new();
+        let values: Vec<&[u8]> = rows
+            .iter()
+            .filter_map(|r| r.col(c))
+            .filter(|v| seen.insert(*v))
+            .collect();
+        if values.is_empty() {
+            continue;
+        }
+        // The statement replaces the client's unnamed statement there.
+        s.unnamed_replaced_on(&[t]);
+        let Some(b) = s.be.slots[t].conn.as_mut() else {
+            return Err(s.be.lost(t, WireError::Closed));
+        };
+        match b.hidden_rank(&values, blank_padded).await {
+            Ok(r) => ranks.set(c, values.iter().map(|v| v.to_vec()).zip(r).collect()),
+            Err(crate::backend::conn::HiddenQueryError::Server { code, message }) => {
+                st.inner.error = Some((code, message, t));
+                return Ok(None);
+            }
+            Err(crate::backend::conn::HiddenQueryError::Wire(e)) => {
+                return Err(s.be.lost(t, e));
+            }
+        }
+    }
+    Ok(Some(ranks))
 }
 
 #[cfg(test)]

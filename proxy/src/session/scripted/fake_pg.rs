@@ -35,7 +35,7 @@
 //!   connection keeps the values (not transactionally: a rolled-back SET
 //!   stays, unlike PostgreSQL) and the state read-back (`SELECT name,
 //!   setting FROM pg_catalog.pg_settings …`) answers them;
-//! - the collation probe (`CATALOG_PROBE`) → NULL, NULL (text orders and
+//! - the collation probe (`CATALOG_PROBE`) → NULL, NULL, NULL, `c/C` (text orders and
 //!   compares bytewise);
 //! - the namespace probe (`WITH RECURSIVE declared …`) → no rows: the node
 //!   then resolves every unqualified name in `public`;
@@ -797,8 +797,13 @@ impl Conn {
         if t == crate::session::conn::CATALOG_PROBE {
             // Text orders and compares bytewise (no reason against).
             return Answer::Rows {
-                columns: vec!["order".into(), "equality".into()],
-                rows: vec![vec![None, None]],
+                columns: vec![
+                    "bytewise".into(),
+                    "equality".into(),
+                    "uniform".into(),
+                    "identity".into(),
+                ],
+                rows: vec![vec![None, None, None, Some("c/C".into())]],
             };
         }
         if t.starts_with("SELECT name FROM pg_catalog.pg_prepared_statements") {
