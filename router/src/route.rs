@@ -324,6 +324,24 @@ pub struct Route {
     /// (declared names): columns numbered by a sequence are filled by the
     /// node, not each shard (`proxy/src/session/key_default.rs`).
     pub inserts_into: Vec<String>,
+    /// An UPDATE over several shards that sets the shard key to one value:
+    /// only this shard may update rows (it owns that key); the executor
+    /// fails the statement, rolling it back, when another shard reports
+    /// rows updated (they would have to move, which the node does not do).
+    pub key_move: Option<KeyMove>,
+}
+
+/// See [`Route::key_move`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMove {
+    /// The shard that owns the new key.
+    pub shard: ShardId,
+    /// The table updated (declared name).
+    pub table: String,
+    /// Its shard key column.
+    pub column: String,
+    /// The new key, as the refusal shows it.
+    pub key: String,
 }
 
 /// The name the issue uses for a route.
@@ -570,7 +588,14 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
             copy: p.copy,
             temp: false,
             inserts_into: p.insert_into.into_iter().collect(),
+            key_move: p.key_move,
         });
+    }
+    if let Some(k) = parts.iter().find_map(|p| p.key_move.as_ref()) {
+        return Err(RouteError::unsupported(format!(
+            "UPDATE of shard key column \"{}\" of \"{}\" over several shards must be sent as a statement of its own",
+            k.column, k.table
+        )));
     }
     let mut target = Target::Any;
     let mut is_write = false;
@@ -644,6 +669,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
         copy: None,
         temp: false,
         inserts_into,
+        key_move: None,
     })
 }
 

@@ -182,7 +182,11 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         tags.push(shard_tags);
     }
-    let error = st.error.take().map(|(code, msg, t)| (t, code, msg));
+    let error = st
+        .error
+        .take()
+        .map(|(code, msg, t)| (t, code, msg))
+        .or_else(|| rows_to_move(s, d, shards, &tags));
     // Finish implicit transactions: all or nothing.
     let commit_failed = if wrap {
         let r = finish_wrapped(s, shards, error.is_none() && !mismatch).await;
@@ -234,6 +238,36 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         s.end_of_transaction().await?;
     }
     Ok(())
+}
+
+/// An UPDATE that sets the shard key over several shards
+/// ([`Decision::key_move`]): the first shard other than the new key's owner
+/// that updated rows (`tags[i]`: shard `shards[i]`'s command tags), and the
+/// statement's error — the rows would have to move, which the node does not
+/// do. The statement then fails as any shard's error fails it: rolled back
+/// outside a transaction block, the block failed inside one.
+fn rows_to_move<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &Session<S>,
+    d: &Decision,
+    shards: &[usize],
+    tags: &[Vec<String>],
+) -> Option<(usize, String, String)> {
+    let k = d.key_move.as_ref()?;
+    shards.iter().zip(tags).find_map(|(&t, tags)| {
+        let rows: u64 = tags
+            .iter()
+            .filter(|tag| tag.starts_with("UPDATE "))
+            .filter_map(|tag| tag.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        (t != k.shard && rows > 0).then(|| {
+            let to = s.node.routing.shard_name(k.shard);
+            (
+                t,
+                sqlstate::FEATURE_NOT_SUPPORTED.to_string(),
+                k.refusal(&to, rows),
+            )
+        })
+    })
 }
 
 /// The `RETURNING` rows of a multi-row INSERT split by shard, put back in
@@ -666,7 +700,11 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         tags.push(shard_tags);
     }
     s.be.owed.clear();
-    let error = st.error.take().map(|(c, m, t)| (t, c, m));
+    let error = st
+        .error
+        .take()
+        .map(|(c, m, t)| (t, c, m))
+        .or_else(|| rows_to_move(s, d, shards, &tags));
     let commit_failed = if wrap {
         let r = finish_wrapped(s, shards, error.is_none()).await;
         s.txn.schema_changed &= in_tx;

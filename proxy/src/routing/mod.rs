@@ -83,6 +83,30 @@ pub struct Decision {
     /// names): columns a sequence numbers are filled by the node
     /// (`session/key_default.rs`).
     pub inserts_into: Vec<String>,
+    /// An UPDATE over several shards that sets the shard key: the shard
+    /// that owns the new key ([`hotrepart_router::route::Route::key_move`]);
+    /// the executor fails the statement when another updated rows.
+    pub key_move: Option<KeyMove>,
+}
+
+/// See [`Decision::key_move`].
+#[derive(Debug, Clone)]
+pub struct KeyMove {
+    /// The shard (index) that owns the new key.
+    pub shard: usize,
+    pub route: hotrepart_router::route::KeyMove,
+}
+
+impl KeyMove {
+    /// The statement's error when a shard other than `to` reported `rows`
+    /// updated (the executor says which).
+    pub fn refusal(&self, to: &str, rows: u64) -> String {
+        let k = &self.route;
+        format!(
+            "UPDATE of shard key column \"{}\" of \"{}\" to {} would move {rows} row(s) to shard {to} (moving rows between shards is not supported)",
+            k.column, k.table, k.key
+        )
+    }
 }
 
 /// One shard's part of a split multi-row INSERT.
@@ -128,6 +152,7 @@ impl Decision {
             temp: false,
             split: None,
             inserts_into: Vec::new(),
+            key_move: None,
         }
     }
 }
@@ -432,6 +457,13 @@ pub fn decision(
         temp: route.temp,
         split,
         inserts_into: route.inserts_into,
+        key_move: match route.key_move {
+            Some(k) if target_is_multi => Some(KeyMove {
+                shard: idx(&k.shard)?,
+                route: k,
+            }),
+            _ => None,
+        },
     })
 }
 

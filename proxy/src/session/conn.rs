@@ -912,9 +912,11 @@ pub(super) const POISON_SQL: &str =
 /// 2. why bytes would not tell equal text (a column or domain of a
 ///    nondeterministic collation: 'a' = 'A' under a case-insensitive one),
 ///    or NULL;
-/// 3. the first user column or domain (a cast to one takes its collation)
-///    whose collation may order otherwise than the database's default, or
-///    NULL (C and POSIX count as the default in a bytewise database);
+/// 3. the first user column (of a table, view, composite type…; not of an
+///    index: its collation orders the index only) or domain (a cast to one
+///    takes its collation) whose collation may order otherwise than the
+///    database's default, or NULL (C and POSIX count as the default in a
+///    bytewise database);
 /// 4. the default collation as the shards must share it to rank text alike
 ///    (provider, collation, locale, ICU rules, version).
 ///
@@ -927,11 +929,12 @@ COALESCE(j OPERATOR(pg_catalog.->>) 'datlocale', j OPERATOR(pg_catalog.->>) 'dat
 j OPERATOR(pg_catalog.->>) 'daticurules' AS rules, j OPERATOR(pg_catalog.->>) 'datcollversion' AS version \
 FROM pg_catalog.pg_database d CROSS JOIN LATERAL pg_catalog.to_jsonb(d) AS j (j) \
 WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()), \
-b AS (SELECT db.*, CASE db.provider WHEN 'c' THEN db.coll OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'POSIX']::pg_catalog.text[]) \
-WHEN 'b' THEN COALESCE(db.locale OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'C.UTF-8']::pg_catalog.text[]), false) ELSE false END AS bytewise FROM db), \
+b AS (SELECT db.*, CASE WHEN db.provider OPERATOR(pg_catalog.=) 'c' THEN db.coll OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'POSIX']::pg_catalog.text[]) \
+WHEN db.provider OPERATOR(pg_catalog.=) 'b' THEN COALESCE(db.locale OPERATOR(pg_catalog.=) ANY (ARRAY['C', 'C.UTF-8']::pg_catalog.text[]), false) ELSE false END AS bytewise FROM db), \
 cols AS (SELECT pg_catalog.format('column %I of %s', a.attname, a.attrelid::pg_catalog.regclass) AS what, c.oid AS coll, \
 pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'collisdeterministic' AS det, c.collname, 0 AS kind, a.attrelid AS o, a.attnum AS n \
 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_collation c ON c.oid OPERATOR(pg_catalog.=) a.attcollation \
+JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) a.attrelid AND r.relkind OPERATOR(pg_catalog.<>) ALL (ARRAY['i', 'I', 'S']::pg_catalog.\"char\"[]) \
 WHERE a.attrelid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 AND NOT a.attisdropped \
 AND NOT (a.attcollation OPERATOR(pg_catalog.=) ANY (ARRAY[0, 100]::pg_catalog.oid[])) \
 UNION ALL SELECT pg_catalog.format('domain %s', t.oid::pg_catalog.regtype), c.oid, \
@@ -942,12 +945,12 @@ AND NOT (t.typcollation OPERATOR(pg_catalog.=) ANY (ARRAY[0, 100]::pg_catalog.oi
 SELECT CASE WHEN NOT b.bytewise THEN CASE WHEN b.provider OPERATOR(pg_catalog.=) 'c' \
 THEN pg_catalog.format('database %I uses collation %s', b.datname, b.coll) \
 ELSE pg_catalog.format('database %I uses the %s collation provider (locale %s)', b.datname, \
-CASE b.provider WHEN 'i' THEN 'ICU' WHEN 'b' THEN 'builtin' ELSE 'non-libc' END, COALESCE(b.locale, '?')) END END, \
+CASE WHEN b.provider OPERATOR(pg_catalog.=) 'i' THEN 'ICU' WHEN b.provider OPERATOR(pg_catalog.=) 'b' THEN 'builtin' ELSE 'non-libc' END, COALESCE(b.locale, '?')) END END, \
 (SELECT pg_catalog.format('%s uses nondeterministic collation %I', cols.what, cols.collname) FROM cols \
 WHERE cols.det OPERATOR(pg_catalog.=) 'false' ORDER BY cols.kind, cols.o, cols.n LIMIT 1), \
 (SELECT pg_catalog.format('%s uses collation %I', cols.what, cols.collname) FROM cols \
 WHERE NOT (b.bytewise AND cols.coll OPERATOR(pg_catalog.=) ANY (ARRAY[950, 951]::pg_catalog.oid[])) ORDER BY cols.kind, cols.o, cols.n LIMIT 1), \
-pg_catalog.concat_ws('/', b.provider, b.coll, b.locale, b.rules, b.version) \
+pg_catalog.format('%s/%s/%s/%s/%s', b.provider, b.coll, b.locale, b.rules, b.version) \
 FROM b";
 
 /// The node's name for a statement: a hash of its Parse body after the

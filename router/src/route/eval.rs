@@ -28,6 +28,8 @@ pub(super) struct StmtRoute {
     pub copy: Option<std::sync::Arc<super::copy::CopyPlan>>,
     /// An `INSERT` into this sharded table.
     pub insert_into: Option<String>,
+    /// See [`super::Route::key_move`].
+    pub key_move: Option<super::KeyMove>,
 }
 
 /// What a hint forces (see the module docs of [`super`] for the rules).
@@ -46,6 +48,9 @@ struct Owners<'s> {
     snap: &'s RoutingSnapshot,
     write: bool,
     frozen: bool,
+    /// An UPDATE over several shards sets the shard key: where its rows
+    /// must be.
+    key_move: Option<super::KeyMove>,
 }
 
 impl Owners<'_> {
@@ -136,6 +141,7 @@ pub(super) fn bind_stmt(
         snap,
         write: stmt.is_write,
         frozen: false,
+        key_move: None,
     };
     let forced = forced.filter(|_| stmt.hintable());
     let target = match (&stmt.body, forced) {
@@ -191,6 +197,7 @@ pub(super) fn bind_stmt(
             Body::Shape(shape) => shape.insert_into.clone(),
             _ => None,
         },
+        key_move: owners.key_move,
     })
 }
 
@@ -374,6 +381,17 @@ fn shape_target(
         let new_owner = owners.owner(table, key)?;
         match &target {
             Target::One(s) if *s == new_owner => {}
+            // The rows it updates may all be on the new owner already
+            // (Django and Hibernate set every column, the key to its own
+            // value): the executor checks that no other shard updated one.
+            Target::All | Target::Shards(_) => {
+                owners.key_move = Some(super::KeyMove {
+                    shard: new_owner,
+                    table: table.name.clone(),
+                    column: table.key_column.clone(),
+                    key: key.to_string(),
+                })
+            }
             _ => {
                 return Err(RouteError::unsupported(format!(
                     "UPDATE of shard key column \"{}\" of \"{}\" to {key} would move rows to shard {new_owner} (moving rows between shards is not supported)",

@@ -1683,6 +1683,8 @@ async fn text_ranked_by_a_shard_orders_as_one_postgresql_of_that_collation() {
         "SELECT DISTINCT lower(w) AS l FROM words ORDER BY l",
         "SELECT upper(w) AS u, id FROM words ORDER BY 1, 2 LIMIT 10",
         "SELECT w || '!' AS x, id FROM words WHERE n = 1 ORDER BY x DESC NULLS LAST, id",
+        // A cast to name takes the database's collation (a name column's is C).
+        "SELECT w::name AS x, id FROM words ORDER BY x, id",
     ];
     for locale in ["en", "sv"] {
         let (node, reference) = icu_databases(&c, locale).await;

@@ -1678,3 +1678,182 @@ async fn one_shard_left_gets_every_statement_in_both_protocols() {
     assert_eq!(on(1).await, 2, "both rows on the one shard left");
     assert_eq!(on(0).await, 0, "nothing on the removed shard");
 }
+
+/// `id:user_id:note` of every order, by id.
+async fn order_rows(db: &tokio_postgres::Client) -> Vec<String> {
+    db.simple_query("SELECT id, user_id, note FROM orders ORDER BY id")
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(format!(
+                "{}:{}:{}",
+                r.get(0).unwrap(),
+                r.get(1).unwrap(),
+                r.get(2).unwrap()
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// ORMs update every column of a row by its primary key (Django's `save()`,
+/// Hibernate's default UPDATE), the shard key included, set to the value it
+/// has: `UPDATE orders SET user_id = 5, … WHERE id = 7` names no key in its
+/// WHERE, so it runs on every shard. It was refused ("would move rows");
+/// now it runs, and a shard other than the new key's owner that updates a
+/// row fails the statement — those rows would have to move, which the node
+/// does not do — rolled back on every shard (the owner's rows too), or the
+/// transaction block failed (a savepoint undoes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_setting_the_shard_key_to_its_own_value_runs_and_a_move_fails_whole() {
+    let c = Cluster::start(opts()).await;
+    let snap = c.node.routing.catalog.load_full();
+    let db = c.connect().await;
+    db.batch_execute(
+        "CREATE TABLE orders (id bigint, user_id bigint, note text, PRIMARY KEY (user_id, id))",
+    )
+    .await
+    .unwrap();
+    let shard_of = |k: i64| {
+        snap.range_for_key("orders", &hotrepart_router::catalog::KeyValue::Int8(k))
+            .unwrap()
+            .write_owner
+            .clone()
+    };
+    let a = 1i64;
+    let b = (2..1000i64).find(|&k| shard_of(k) != shard_of(a)).unwrap();
+    // Two orders of each user; user b's first is also 'common'.
+    db.batch_execute(&format!(
+        "INSERT INTO orders VALUES (10, {a}, 'common'), (11, {a}, 'x'), (20, {b}, 'common'), (21, {b}, 'y')"
+    ))
+    .await
+    .unwrap();
+    let before = order_rows(&db).await;
+    let moved = |e: tokio_postgres::Error| {
+        let e = e.as_db_error().cloned().unwrap_or_else(|| panic!("{e:?}"));
+        assert_eq!(e.code().code(), "0A000", "{e:?}");
+        assert!(
+            e.message().contains("would move 1 row(s) to shard"),
+            "{}",
+            e.message()
+        );
+    };
+    // The key set to its own value: simple and extended protocol, RETURNING.
+    let n = db
+        .execute(
+            &format!("UPDATE orders SET user_id = {a}, note = 'x2' WHERE id = 11"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let n = db
+        .execute(
+            "UPDATE orders SET user_id = $1, note = $2 WHERE id = $3",
+            &[&b, &"y2", &21i64],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let r = db
+        .query(
+            "UPDATE orders SET user_id = $1 WHERE id = $2 RETURNING id, user_id",
+            &[&a, &10i64],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.len(), r[0].get::<_, i64>(0), r[0].get::<_, i64>(1)),
+        (1, 10, a)
+    );
+    assert_eq!(
+        db.execute(
+            &format!("UPDATE orders SET user_id = {a} WHERE id = 999"),
+            &[]
+        )
+        .await
+        .unwrap(),
+        0
+    );
+    let now = order_rows(&db).await;
+    assert_eq!(
+        now,
+        before
+            .iter()
+            .map(|r| r.replace(":x", ":x2").replace(":y", ":y2"))
+            .collect::<Vec<_>>()
+    );
+    // A row of user b given user a's key: it would move. Both protocols.
+    moved(
+        db.execute(
+            &format!("UPDATE orders SET user_id = {a} WHERE id = 20"),
+            &[],
+        )
+        .await
+        .unwrap_err(),
+    );
+    moved(
+        db.execute(
+            "UPDATE orders SET user_id = $1 WHERE id = $2",
+            &[&a, &20i64],
+        )
+        .await
+        .unwrap_err(),
+    );
+    // Rows on both shards: nothing changes, the owner's row neither.
+    moved(
+        db.execute(
+            &format!("UPDATE orders SET user_id = {a}, note = 'changed' WHERE note = 'common'"),
+            &[],
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(order_rows(&db).await, now);
+    // In a transaction block: the block fails; a savepoint undoes it.
+    db.batch_execute("BEGIN").await.unwrap();
+    moved(
+        db.batch_execute(&format!(
+            "UPDATE orders SET user_id = {a}, note = 'changed' WHERE note = 'common'"
+        ))
+        .await
+        .unwrap_err(),
+    );
+    let e = db.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("25P02"), "{e:?}");
+    db.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(order_rows(&db).await, now);
+    db.batch_execute("BEGIN; SAVEPOINT s; UPDATE orders SET note = 'kept' WHERE id = 11")
+        .await
+        .unwrap();
+    moved(
+        db.batch_execute(&format!("UPDATE orders SET user_id = {a} WHERE id = 21"))
+            .await
+            .unwrap_err(),
+    );
+    db.batch_execute(
+        "ROLLBACK TO SAVEPOINT s; UPDATE orders SET note = 'kept' WHERE id = 21; COMMIT",
+    )
+    .await
+    .unwrap();
+    let after = order_rows(&db).await;
+    assert!(after.contains(&format!("21:{b}:kept")), "{after:?}");
+    assert!(after.contains(&format!("20:{b}:common")), "{after:?}");
+    // Each row still on its owner, once.
+    for i in 0..c.shards.len() {
+        let name = format!("s{i}");
+        let pred = owned_predicate(&snap, &name, "user_id");
+        let wrong: i64 = c
+            .direct(i)
+            .await
+            .query_one(
+                &format!("SELECT count(*) FROM orders WHERE NOT ({pred})"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(wrong, 0, "shard {name} holds rows it does not own");
+    }
+}

@@ -1208,15 +1208,12 @@ pub(super) enum TextOrder {
 }
 
 /// What a merge by `plan` compares of text: the merged columns it sorts
-/// by (text types but `name`, whose collation is always C; by `types`, the
-/// merged columns' types, and `oids`), whether min/max compare text, and
+/// by (by `types`, the merged columns' types; `oids` tells `character(n)`),
+/// whether min/max or HAVING order text, and
 /// whether it compares text for equality (groups, DISTINCT, DISTINCT ON,
 /// count(DISTINCT …): by `value_types`, the shards' columns' own).
 pub(super) struct TextComparisons {
     sorts: Vec<(usize, bool)>,
-    /// Whether it sorts by `name` (bytes whatever the database's
-    /// collation, in the client's encoding).
-    names: bool,
     /// What orders text where only bytes can (no ranks): min/max, an
     /// ordering comparison in HAVING.
     unranked: Option<&'static str>,
@@ -1247,7 +1244,9 @@ pub(super) fn text_comparisons(
     value_types: &[Ty],
     oids: &[u32],
 ) -> TextComparisons {
-    let collated = |c: usize| types.get(c) == Some(&Ty::Text) && oids.get(c) != Some(&19);
+    // `name` too: a name column has collation C, but an expression cast
+    // to name takes its input's (the database's default).
+    let collated = |c: usize| types.get(c) == Some(&Ty::Text);
     let mut sorts: Vec<(usize, bool)> = Vec::new();
     for k in &plan.order_by {
         if let Combined::Col(c) = k.value {
@@ -1256,9 +1255,6 @@ pub(super) fn text_comparisons(
             }
         }
     }
-    let names = plan.order_by.iter().any(|k| {
-        matches!(k.value, Combined::Col(c) if types.get(c) == Some(&Ty::Text) && oids.get(c) == Some(&19))
-    });
     let min_max = plan.aggregate.as_ref().is_some_and(|a| {
         a.shard_cols.iter().enumerate().any(|(i, c)| {
             matches!(c, ShardCol::Partial(Partial::Min | Partial::Max)) && collated(i)
@@ -1284,7 +1280,6 @@ pub(super) fn text_comparisons(
             }));
     TextComparisons {
         sorts,
-        names,
         unranked,
         equates,
     }
@@ -1308,17 +1303,6 @@ pub(super) async fn text_order<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<Result<TextOrder, MergeError>, SessionError> {
     let orders = !text.sorts.is_empty() || text.unranked.is_some();
     let refused = |m: String| Ok(Err(MergeError(sqlstate::FEATURE_NOT_SUPPORTED, m)));
-    let bytes_in_encoding = |s: &Session<S>| {
-        if s.enc.orders_as_utf8() {
-            return None;
-        }
-        Some(format!("ordering text across shards needs client_encoding UTF8 or LATIN1 (it is {}): hotrepart compares the shards' text byte by byte, which orders characters as PostgreSQL does only in those", s.enc.name()))
-    };
-    if text.names {
-        if let Some(m) = bytes_in_encoding(s) {
-            return refused(m);
-        }
-    }
     if !orders && !text.equates {
         return Ok(Ok(TextOrder::Bytes));
     }
@@ -1361,8 +1345,8 @@ pub(super) async fn text_order<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     let name = |s: &Session<S>, t: usize| s.node.routing.shard_name(t);
     if defaults.iter().all(|(_, why, _)| why.is_none()) {
-        if let Some(m) = bytes_in_encoding(s) {
-            return refused(m);
+        if !s.enc.orders_as_utf8() {
+            return refused(format!("ordering text across shards needs client_encoding UTF8 or LATIN1 (it is {}): hotrepart compares the shards' text byte by byte, which orders characters as PostgreSQL does only in those", s.enc.name()));
         }
         return Ok(Ok(TextOrder::Bytes));
     }
