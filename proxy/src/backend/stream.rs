@@ -96,8 +96,14 @@ impl BackendRead {
     /// non-blocking peek, never waits.
     pub fn is_idle(&self) -> bool {
         let mut b = [0u8; 1];
+        // A peek on the socket itself: tokio's `try_read` answers
+        // WouldBlock from the readiness its reactor last saw, which may not
+        // include a close the server made a moment ago.
         let r = match self {
-            BackendRead::Plain(r) => r.try_read(&mut b),
+            BackendRead::Plain(r) => {
+                let mut u = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                socket2::SockRef::from(r.as_ref()).peek(&mut u)
+            }
             BackendRead::Tls(_, dup) => dup.peek(&mut b),
         };
         matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
@@ -165,5 +171,38 @@ impl AsyncWrite for BackendWrite {
             BackendWrite::Plain(w) => w.is_write_vectored(),
             BackendWrite::Tls(w) => w.is_write_vectored(),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::BackendRead;
+
+    /// A server that closed an idle connection (FATAL, then EOF) is seen
+    /// at once, even when the runtime's reactor has not run since: the
+    /// pool must not hand out that connection (the client's statement
+    /// would fail). tokio's `try_read` answered from the readiness the
+    /// reactor last recorded — none here — and called it idle.
+    #[test]
+    fn a_closed_idle_connection_is_seen_before_the_reactor_runs() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut server, _) = listener.accept().unwrap();
+            let (r, _w) = stream.into_split();
+            let r = BackendRead::Plain(r);
+            assert!(r.is_idle(), "nothing sent yet");
+            std::io::Write::write_all(&mut server, b"E").unwrap();
+            drop(server);
+            // No await: the reactor does not run in between.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!r.is_idle(), "the server sent and closed");
+        });
     }
 }
