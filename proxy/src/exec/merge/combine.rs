@@ -217,6 +217,7 @@ pub(crate) fn float_text(x: f64) -> String {
 pub(super) fn combine<B: AsRef<[u8]>>(
     a: &AggregatePlan,
     types: &[Ty],
+    ranks: &Ranks,
     acc: &Packed,
     row: &Packed<B>,
 ) -> Result<Option<Packed>, MergeError> {
@@ -243,7 +244,10 @@ pub(super) fn combine<B: AsRef<[u8]>>(
                     None
                 }
                 Partial::Min | Partial::Max => {
-                    let ord = value::compare(ty, o, n)?;
+                    let ord = match ranks.of(i) {
+                        Some(r) => Ranks::rank(r, o)?.cmp(&Ranks::rank(r, n)?),
+                        None => value::compare(ty, o, n)?,
+                    };
                     let take_new = if *p == Partial::Min {
                         ord == Ordering::Greater
                     } else {
@@ -385,11 +389,14 @@ impl Ranks {
         self.0[col] = Some(ranks);
     }
 
-    fn of(&self, col: usize) -> Option<&std::collections::HashMap<Vec<u8>, u64>> {
+    pub(super) fn of(&self, col: usize) -> Option<&std::collections::HashMap<Vec<u8>, u64>> {
         self.0.get(col)?.as_ref()
     }
 
-    fn rank(r: &std::collections::HashMap<Vec<u8>, u64>, v: &[u8]) -> Result<u64, MergeError> {
+    pub(super) fn rank(
+        r: &std::collections::HashMap<Vec<u8>, u64>,
+        v: &[u8],
+    ) -> Result<u64, MergeError> {
         r.get(v).copied().ok_or_else(|| {
             MergeError(
                 sqlstate::INTERNAL_ERROR,

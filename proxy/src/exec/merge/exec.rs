@@ -983,8 +983,56 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut seen: Vec<Vec<std::collections::HashSet<Vec<u8>>>> = Vec::new();
     // Bytes held: the kept rows, the group keys and the distinct values.
     let mut held: usize = 0;
+    // min/max of text under a collation: every shard row is read first and
+    // its text ranked, then combined by rank (the ranks also order them).
+    let mut ranks: Option<Ranks> = None;
+    let mut buffered: Option<std::vec::IntoIter<Packed<Bytes>>> = None;
+    if let TextOrder::Rank {
+        shard,
+        sorts,
+        min_max,
+    } = &text
+    {
+        if !min_max.is_empty() {
+            let mut rows = Vec::new();
+            for i in 0..st.shards.len() {
+                while let Some(row) = st.next_packed(&mut s.be, i).await? {
+                    held += row.held_bytes();
+                    if held > max_bytes {
+                        return Ok(Err(too_big(max_bytes, rows.len())));
+                    }
+                    rows.push(row);
+                }
+            }
+            if st.inner.error.is_some() {
+                // The shard's error is the answer.
+                return Ok(Ok(0));
+            }
+            let mut cols = min_max.clone();
+            cols.extend(
+                sorts
+                    .iter()
+                    .filter(|(c, _)| !min_max.iter().any(|(m, _)| m == c)),
+            );
+            match rank_text(s, st, *shard, &cols, &rows).await? {
+                Some(r) => ranks = Some(r),
+                None => return Ok(Ok(0)),
+            }
+            buffered = Some(rows.into_iter());
+        }
+    }
+    let no_ranks = Ranks::default();
     for i in 0..st.shards.len() {
-        while let Some(row) = st.next_packed(&mut s.be, i).await? {
+        loop {
+            let row = match buffered.as_mut() {
+                Some(rows) => {
+                    let row = rows.next();
+                    held -= row.as_ref().map_or(0, Packed::held_bytes);
+                    row
+                }
+                None => st.next_packed(&mut s.be, i).await?,
+            };
+            let Some(row) = row else { break };
             let Some(a) = &plan.aggregate else {
                 if groups.len() >= max_rows {
                     return Ok(Err(too_many(max_rows)));
@@ -1040,7 +1088,7 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     format!("merge group {g} has no row"),
                 )));
             };
-            match combine(a, &types, slot, &row) {
+            match combine(a, &types, ranks.as_ref().unwrap_or(&no_ranks), slot, &row) {
                 Ok(Some(combined)) => {
                     held = held.saturating_sub(slot.held_bytes()) + combined.held_bytes();
                     *slot = combined;
@@ -1125,9 +1173,10 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         });
     }
-    let ranks = match (&text, &err) {
-        (TextOrder::Rank { shard, cols }, None) if st.inner.error.is_none() => {
-            match rank_text(s, st, *shard, cols, &groups).await? {
+    let ranks = match (ranks, &text, &err) {
+        (Some(r), _, _) => r,
+        (None, TextOrder::Rank { shard, sorts, .. }, None) if st.inner.error.is_none() => {
+            match rank_text(s, st, *shard, sorts, &groups).await? {
                 Some(r) => r,
                 // The shard's error is the answer.
                 None => return Ok(Ok(0)),
@@ -1199,11 +1248,13 @@ pub(super) enum TextOrder {
     /// Byte by byte (or it orders no text).
     Bytes,
     /// By the ranks shard `shard` gives the values of the merged columns
-    /// `cols` (each with whether it is `character(n)`): the shards'
-    /// databases share one collation that does not order bytewise.
+    /// `sorts` (ORDER BY) and `min_max` (min/max of text; each with whether
+    /// it is `character(n)`): the shards' databases share one collation
+    /// that does not order bytewise.
     Rank {
         shard: usize,
-        cols: Vec<(usize, bool)>,
+        sorts: Vec<(usize, bool)>,
+        min_max: Vec<(usize, bool)>,
     },
 }
 
@@ -1214,9 +1265,9 @@ pub(super) enum TextOrder {
 /// count(DISTINCT …): by `value_types`, the shards' columns' own).
 pub(super) struct TextComparisons {
     sorts: Vec<(usize, bool)>,
-    /// What orders text where only bytes can (no ranks): min/max, an
-    /// ordering comparison in HAVING.
-    unranked: Option<&'static str>,
+    min_max: Vec<(usize, bool)>,
+    /// An ordering comparison of text in HAVING (bytewise only).
+    having: bool,
     equates: bool,
 }
 
@@ -1255,23 +1306,25 @@ pub(super) fn text_comparisons(
             }
         }
     }
-    let min_max = plan.aggregate.as_ref().is_some_and(|a| {
-        a.shard_cols.iter().enumerate().any(|(i, c)| {
-            matches!(c, ShardCol::Partial(Partial::Min | Partial::Max)) && collated(i)
+    let min_max: Vec<(usize, bool)> = plan
+        .aggregate
+        .as_ref()
+        .map(|a| {
+            a.shard_cols
+                .iter()
+                .enumerate()
+                .filter(|(i, c)| {
+                    matches!(c, ShardCol::Partial(Partial::Min | Partial::Max)) && collated(*i)
+                })
+                .map(|(i, _)| (i, oids.get(i) == Some(&1042)))
+                .collect()
         })
-    });
+        .unwrap_or_default();
     let having = plan
         .aggregate
         .as_ref()
         .and_then(|a| a.having.as_ref())
         .is_some_and(|h| having_orders_text(h, types));
-    let unranked = if min_max {
-        Some("min or max of text")
-    } else if having {
-        Some("HAVING comparing text by order")
-    } else {
-        None
-    };
     let equates = value_types.contains(&Ty::Text)
         && (plan.distinct
             || !plan.distinct_on.is_empty()
@@ -1280,7 +1333,8 @@ pub(super) fn text_comparisons(
             }));
     TextComparisons {
         sorts,
-        unranked,
+        min_max,
+        having,
         equates,
     }
 }
@@ -1301,7 +1355,7 @@ pub(super) async fn text_order<S: AsyncRead + AsyncWrite + Unpin + Send>(
     text: &TextComparisons,
     rank: bool,
 ) -> Result<Result<TextOrder, MergeError>, SessionError> {
-    let orders = !text.sorts.is_empty() || text.unranked.is_some();
+    let orders = !text.sorts.is_empty() || !text.min_max.is_empty() || text.having;
     let refused = |m: String| Ok(Err(MergeError(sqlstate::FEATURE_NOT_SUPPORTED, m)));
     if !orders && !text.equates {
         return Ok(Ok(TextOrder::Bytes));
@@ -1361,8 +1415,8 @@ pub(super) async fn text_order<S: AsyncRead + AsyncWrite + Unpin + Send>(
             name(s, *t)
         ));
     }
-    let unranked = if let Some(u) = text.unranked {
-        Some(u)
+    let unranked = if text.having {
+        Some("HAVING comparing text by order")
     } else if !plan.distinct_on.is_empty() {
         Some("DISTINCT ON")
     } else if !rank {
@@ -1383,18 +1437,19 @@ pub(super) async fn text_order<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     Ok(Ok(TextOrder::Rank {
         shard: first,
-        cols: text.sorts.clone(),
+        sorts: text.sorts.clone(),
+        min_max: text.min_max.clone(),
     }))
 }
 
 /// The ranks shard `t` gives the values of `cols` in `rows` (see
 /// [`TextOrder::Rank`]); a shard's error is recorded in `st` (None then).
-async fn rank_text<S: AsyncRead + AsyncWrite + Unpin + Send>(
+async fn rank_text<S: AsyncRead + AsyncWrite + Unpin + Send, B: AsRef<[u8]>>(
     s: &mut Session<S>,
     st: &mut Streams,
     t: usize,
     cols: &[(usize, bool)],
-    rows: &[Packed],
+    rows: &[Packed<B>],
 ) -> Result<Option<Ranks>, SessionError> {
     let mut ranks = Ranks::default();
     for &(c, blank_padded) in cols {
