@@ -891,7 +891,7 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         && !plan.distinct
         && matches!(text, TextOrder::Bytes)
         && (plan.shards_sorted || plan.order_by.is_empty());
-    if !streaming && !plan.distinct_on.is_empty() {
+    if !streaming && !plan.distinct_on.is_empty() && matches!(text, TextOrder::Bytes) {
         return Ok(Err(MergeError(
             sqlstate::INTERNAL_ERROR,
             "a DISTINCT ON merge plan whose shards do not sort".into(),
@@ -1196,7 +1196,11 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
         // are selected first (linear), the others dropped. Rows that tie
         // on every sort key may be cut differently than a full sort would;
         // PostgreSQL does not order them either.
-        if let Some(n) = limit.map(|l| offset.saturating_add(l)) {
+        // (DISTINCT ON keeps the first row of each group: all are sorted.)
+        if let Some(n) = limit
+            .map(|l| offset.saturating_add(l))
+            .filter(|_| plan.distinct_on.is_empty())
+        {
             let n = usize::try_from(n).unwrap_or(usize::MAX);
             if n == 0 {
                 groups.clear();
@@ -1206,6 +1210,22 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
         groups.sort_by(&mut cmp);
+    }
+    // DISTINCT ON (text ranked by a shard: collected, not streamed): the
+    // first row of each group in the merged order.
+    if !plan.distinct_on.is_empty() && err.is_none() {
+        let mut last: Option<Vec<u8>> = None;
+        groups.retain(|g| match key_into(&plan.distinct_on, g, &types, &mut key) {
+            Ok(()) if last.as_ref() == Some(&key) => false,
+            Ok(()) => {
+                last = Some(key.clone());
+                true
+            }
+            Err(e) => {
+                err.get_or_insert(e);
+                false
+            }
+        });
     }
     if let Some(e) = err {
         return Ok(Err(e));
@@ -1417,8 +1437,6 @@ pub(super) async fn text_order<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     let unranked = if text.having {
         Some("HAVING comparing text by order")
-    } else if !plan.distinct_on.is_empty() {
-        Some("DISTINCT ON")
     } else if !rank {
         Some("a cursor")
     } else {
