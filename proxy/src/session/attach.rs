@@ -96,28 +96,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             b.state_fp = self.state_fp;
         }
-        if !self.node.routing.single_shard()
-            && self.node.text_collation(t, &self.database).is_none()
-        {
-            // Needed by the merger: text is ordered across shards only when
-            // the database and every user column order bytewise.
-            let generation = self
-                .node
-                .catalog_generation
-                .load(std::sync::atomic::Ordering::SeqCst);
-            if let Ok(rows) = b.hidden_query(CATALOG_PROBE).await {
-                if let Some(row) = rows.first() {
-                    let why = |i: usize| row.get(i).cloned().flatten().map_or(Ok(()), Err);
-                    let c = crate::node::TextCollation {
-                        bytewise: why(0),
-                        equality: why(1),
-                        uniform: why(2),
-                        identity: row.get(3).cloned().flatten().unwrap_or_default(),
-                    };
-                    self.node
-                        .set_text_collation(t, &self.database, c, generation);
-                }
-            }
+        if !self.node.routing.single_shard() {
+            learn_text_collation(&self.node, &self.database, t, &mut b).await;
         }
         if self.txn.open() {
             // The shard joins an open transaction.
@@ -1123,4 +1103,35 @@ pub(super) enum ProbeAt {
     /// On the session's backend, in its transaction; kept for this
     /// transaction only.
     Private,
+}
+
+/// Reads how text compares on shard `t`'s database `database` through
+/// connection `b` (`CATALOG_PROBE`), unless the node knows it. Needed by
+/// the merger: text is ordered across shards only when the database and
+/// every user column order bytewise, or rank alike. A failed read leaves it
+/// unknown (a merge that needs it is refused, naming that).
+pub(crate) async fn learn_text_collation(
+    node: &crate::node::Node,
+    database: &str,
+    t: usize,
+    b: &mut crate::backend::conn::BackendConn,
+) {
+    if node.text_collation(t, database).is_some() {
+        return;
+    }
+    let generation = node
+        .catalog_generation
+        .load(std::sync::atomic::Ordering::SeqCst);
+    if let Ok(rows) = b.hidden_query(CATALOG_PROBE).await {
+        if let Some(row) = rows.first() {
+            let why = |i: usize| row.get(i).cloned().flatten().map_or(Ok(()), Err);
+            let c = crate::node::TextCollation {
+                bytewise: why(0),
+                equality: why(1),
+                uniform: why(2),
+                identity: row.get(3).cloned().flatten().unwrap_or_default(),
+            };
+            node.set_text_collation(t, database, c, generation);
+        }
+    }
 }

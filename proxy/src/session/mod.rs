@@ -59,6 +59,7 @@ mod temp;
 mod txn;
 pub(crate) mod type_oids;
 
+pub(crate) use attach::learn_text_collation;
 pub use conn::{End, Session};
 
 use crate::error::sqlstate;

@@ -1779,6 +1779,30 @@ async fn text_ranked_by_a_shard_orders_as_one_postgresql_of_that_collation() {
         assert_eq!(e.code().code(), "0A000", "{e:?}");
         assert!(e.message().contains("a cursor"), "{}", e.message());
         node.batch_execute("ROLLBACK").await.unwrap();
+        // DDL in a transaction block makes the node forget what it read of
+        // the shards' catalogs, collations included, while the block keeps
+        // its backends: read again before the next merge (it was refused,
+        // "not known yet", until the block ended).
+        node.batch_execute("BEGIN").await.unwrap();
+        let first = rows(
+            &node,
+            "SELECT w FROM words WHERE w IS NOT NULL ORDER BY w LIMIT 1",
+        )
+        .await
+        .unwrap();
+        node.batch_execute("CREATE INDEX ON words (n)")
+            .await
+            .unwrap();
+        assert_eq!(
+            rows(
+                &node,
+                "SELECT w FROM words WHERE w IS NOT NULL ORDER BY w LIMIT 1"
+            )
+            .await
+            .unwrap(),
+            first
+        );
+        node.batch_execute("ROLLBACK").await.unwrap();
         // A column of another collation: which one a merged column has is
         // not known.
         node.batch_execute("ALTER TABLE words ADD COLUMN x text COLLATE \"C\"")

@@ -680,6 +680,7 @@ async fn describe_first<S: AsyncRead + AsyncWrite + Unpin + Send>(
             if let Some(plan) = m.plan.clone() {
                 let text = super::exec::text_comparisons(&plan, &m.types, &m.types, &oids);
                 let shards = m.shards.clone();
+                super::exec::learn_collations(s, &shards).await;
                 if let Err(e) = super::exec::text_order(s, &plan, &shards, &text, false).await? {
                     return Ok(Err(error_frame(e.0, &e.1)));
                 }

@@ -604,6 +604,7 @@ pub(super) async fn run_with<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return refuse(s, r, in_tx).await;
         }
     }
+    learn_collations(s, shards).await;
     for (&t, request) in shards.iter().zip(requests) {
         if let Some(b) = s.be.slots[t].conn.as_mut() {
             if let Err(e) = b.write_frames(request).await {
@@ -1458,6 +1459,31 @@ pub(super) async fn text_order<S: AsyncRead + AsyncWrite + Unpin + Send>(
         sorts: text.sorts.clone(),
         min_max: text.min_max.clone(),
     }))
+}
+
+/// How text compares on `shards`, read where the node does not know it
+/// (forgotten on DDL since their backends were attached: a transaction
+/// block that changed the schema) on their idle backends — before the
+/// statement is sent, as the merge needs it once rows come.
+pub(super) async fn learn_collations<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &mut Session<S>,
+    shards: &[usize],
+) {
+    if !s.be.owed.is_empty() {
+        return;
+    }
+    let node = s.node.clone();
+    let database = s.database().to_string();
+    for &t in shards {
+        if node.text_collation(t, &database).is_some() {
+            continue;
+        }
+        if let Some(b) = s.be.slots[t].conn.as_mut() {
+            if !b.unsynced && b.status != tx::FAILED {
+                crate::session::learn_text_collation(&node, &database, t, b).await;
+            }
+        }
+    }
 }
 
 /// The ranks shard `t` gives the values of `cols` in `rows` (see
