@@ -167,6 +167,7 @@ fn plan_known(
                 p.split = None;
             }
             inner.kind = K::Utility;
+            inner.explain_analyze_write = inner.is_write && *analyze;
             inner.is_write = inner.is_write && *analyze;
             inner.writes_sharded = inner.writes_sharded && *analyze;
             if !*analyze {

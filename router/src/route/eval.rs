@@ -175,6 +175,13 @@ pub(super) fn bind_stmt(
         (Body::Shape(shape), None) => shape_target(stmt, shape, params, &mut owners)?,
         (Body::Insert(ins), None) => insert_target(ins, params, &mut owners)?,
     };
+    if stmt.explain_analyze_write && target.is_multi_shard() {
+        // Each shard would run the write and answer a plan: nothing checks
+        // what it did there (the count, a key moved) or merges the answers.
+        return Err(RouteError::unsupported(
+            "EXPLAIN ANALYZE of a write to several shards is not supported (it would run the write)",
+        ));
+    }
     let merge = if target.is_multi_shard() && !stmt.is_write {
         stmt.merge.clone()
     } else {

@@ -100,6 +100,9 @@ pub(in crate::route) struct StmtPlan {
     /// It creates, names or drops a temporary object of the session (which
     /// lives on one shard, and which two-phase commit cannot prepare).
     pub temp: bool,
+    /// `EXPLAIN ANALYZE` of a write: it runs the write, and answers with
+    /// plans, not its rows or its count (see [`crate::route::eval`]).
+    pub explain_analyze_write: bool,
 }
 
 impl StmtPlan {
@@ -115,6 +118,7 @@ impl StmtPlan {
             may_write: false,
             calls: Vec::new(),
             temp: false,
+            explain_analyze_write: false,
         }
     }
 

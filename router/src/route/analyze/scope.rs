@@ -1106,6 +1106,7 @@ impl<'a> Analyzer<'a> {
             may_write: false,
             calls: Vec::new(),
             temp: false,
+            explain_analyze_write: false,
         })
     }
 }

@@ -43,6 +43,7 @@ impl Analyzer<'_> {
             may_write: false,
             calls: Vec::new(),
             temp: false,
+            explain_analyze_write: false,
         };
         match self.snap.placement(target_name) {
             TablePlacement::Reference => {
@@ -339,6 +340,7 @@ impl Analyzer<'_> {
                 may_write: false,
                 calls: Vec::new(),
                 temp: false,
+                explain_analyze_write: false,
             });
         }
         // INSERT … SELECT.
@@ -372,6 +374,7 @@ impl Analyzer<'_> {
                     may_write: false,
                     calls: Vec::new(),
                     temp: false,
+                    explain_analyze_write: false,
                 })
             }
             Some(OutCol::Value(e)) if self.occs.is_empty() => {
@@ -393,6 +396,7 @@ impl Analyzer<'_> {
                     may_write: false,
                     calls: Vec::new(),
                     temp: false,
+                    explain_analyze_write: false,
                 })
             }
             _ => Err(unsupported(format!(
