@@ -335,6 +335,9 @@ fn shape_target(
         if let (Some(why), true) = (&shape.set_op, shape.components > 1 || !shape.anchored) {
             return Err(RouteError::unsupported(why.clone()));
         }
+        if let Some(why) = &shape.per_shard_subquery {
+            return Err(RouteError::unsupported(why.clone()));
+        }
         if shape.components > 1 {
             let names: Vec<&str> = shape.occs.iter().map(|o| o.table.name.as_str()).collect();
             return Err(RouteError::unsupported(format!(

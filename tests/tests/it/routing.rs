@@ -1875,3 +1875,42 @@ async fn an_update_setting_the_shard_key_to_its_own_value_runs_and_a_move_fails_
         assert_eq!(wrong, 0, "shard {name} holds rows it does not own");
     }
 }
+
+/// "Claim the next five jobs" (`UPDATE … WHERE id IN (SELECT id … ORDER
+/// BY … LIMIT 5)`, Django's `filter(pk__in=qs[:5]).update()`): over several
+/// shards each shard took its own first five — ten rows changed where
+/// PostgreSQL changes five. Such a subquery (LIMIT, OFFSET, DISTINCT ON,
+/// aggregates over other groups) is refused now; a filter is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_subquery_with_a_limit_is_not_applied_per_shard() {
+    let c = Cluster::start(opts()).await;
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let values: Vec<String> = (1..=40).map(|i| format!("({i}, 'new')")).collect();
+    db.batch_execute(&format!("INSERT INTO users VALUES {}", values.join(", ")))
+        .await
+        .unwrap();
+    for sql in [
+        "UPDATE users SET name = 'claimed' WHERE id IN (SELECT id FROM users WHERE name = 'new' ORDER BY id LIMIT 5)",
+        "DELETE FROM users WHERE id IN (SELECT id FROM users ORDER BY id LIMIT 3)",
+        "SELECT count(*) FROM users WHERE id IN (SELECT id FROM users ORDER BY id OFFSET 35)",
+    ] {
+        let e = db.simple_query(sql).await.unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{sql}: {e:?}");
+        assert!(
+            e.as_db_error().unwrap().message().contains("IN (subquery)"),
+            "{sql}: {e:?}"
+        );
+    }
+    let n: i64 = db
+        .query_one(
+            "SELECT count(*) FROM users WHERE id IN (SELECT id FROM users WHERE name = 'new')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 40, "every row, once: nothing was claimed or deleted");
+}

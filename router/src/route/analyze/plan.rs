@@ -39,6 +39,11 @@ pub(in crate::route) struct Shape {
     /// A CTE of plain rows of a sharded table named more than once (it
     /// then covers no FROM: named in the refusal).
     pub cte_named_twice: Option<String>,
+    /// An `IN (subquery)` over a sharded table whose rows each shard would
+    /// compute from its own rows only (LIMIT, OFFSET, DISTINCT ON,
+    /// aggregates not grouped by the key…): refused, in these words, when
+    /// the statement does not run on one shard.
+    pub per_shard_subquery: Option<String>,
 }
 
 /// `INSERT … VALUES` into a sharded table.

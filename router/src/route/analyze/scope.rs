@@ -125,6 +125,8 @@ pub(super) struct Analyzer<'a> {
     /// A CTE of plain rows of a sharded table that does not cover the FROM
     /// naming it because the statement names it more than once.
     cte_named_twice: Option<String>,
+    /// See [`Shape::per_shard_subquery`].
+    per_shard_subquery: Option<String>,
 }
 
 /// A visitor that analyses the subqueries directly inside an expression (in
@@ -204,6 +206,7 @@ impl<'a> Analyzer<'a> {
             nesting: 0,
             set_op: None,
             cte_named_twice: None,
+            per_shard_subquery: None,
         }
     }
 
@@ -229,6 +232,42 @@ impl<'a> Analyzer<'a> {
             ControlFlow::Break(e) => Err(e),
             ControlFlow::Continue(()) => Ok(()),
         }
+    }
+
+    /// `… IN (q)`, a semi-join on the key (`q` analysed: `info`): each
+    /// shard tests membership in the rows `q` gives from its own rows —
+    /// PostgreSQL's answer only when those rows, concatenated, are `q`'s
+    /// (a filter, a join on the key, groups by the key); its order and
+    /// DISTINCT do not change membership. Else noted for the refusal.
+    fn check_in_subquery(&mut self, q: &Query, info: &QueryInfo) {
+        if self.per_shard_subquery.is_some() {
+            return;
+        }
+        let mut q = q.clone();
+        if q.limit_clause.is_none() && q.fetch.is_none() {
+            q.order_by = None;
+        }
+        if let SetExpr::Select(sel) = q.body.as_mut() {
+            if matches!(sel.distinct, Some(Distinct::Distinct)) {
+                sel.distinct = None;
+            }
+        }
+        let is_key = |e: &Expr| {
+            info.root
+                .and_then(|root| self.resolve(e, root))
+                .is_some_and(|o| !self.occs[o].nullable)
+        };
+        let what = match merge_plan(&q, &is_key) {
+            super::super::MergeNeed::None => return,
+            super::super::MergeNeed::Refuse(what) => what,
+            super::super::MergeNeed::Merge(_) => {
+                "LIMIT, OFFSET, FETCH, DISTINCT ON or aggregates not grouped by the shard key"
+                    .to_owned()
+            }
+        };
+        self.per_shard_subquery = Some(format!(
+            "an IN (subquery) over a sharded table whose rows need all shards' rows ({what}), in a statement over several shards: each shard would test membership in the rows it computes from its own rows only; name the shard key so that one shard answers, or run the subquery first and pass its values"
+        ));
     }
 
     fn is_cte(&self, scope: Option<usize>, name: &str) -> bool {
@@ -471,16 +510,21 @@ impl<'a> Analyzer<'a> {
                             }
                         }
                     }
+                    let mut joined = false;
                     for (a, b) in pairs {
                         if filtered.contains(&a)
                             && colocated(&self.occs[a].table, &self.occs[b].table)
                         {
+                            joined = true;
                             // A semi-join on the key: both sides' relevant
                             // rows have keys of the other side.
                             self.edges.push((a, b));
                             self.inherits.push((a, b));
                             self.inherits.push((b, a));
                         }
+                    }
+                    if joined {
+                        self.check_in_subquery(q, &info);
                     }
                 }
                 other => self.walk(other, scope)?,
@@ -1027,6 +1071,7 @@ impl<'a> Analyzer<'a> {
             insert_into: None,
             set_op: self.set_op.clone(),
             cte_named_twice: self.cte_named_twice.clone(),
+            per_shard_subquery: self.per_shard_subquery.clone(),
         }
     }
 
