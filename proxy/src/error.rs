@@ -82,6 +82,7 @@ pub mod sqlstate {
     pub const SYSTEM_ERROR: &str = "58000";
     /// `XX000 internal_error`.
     pub const INTERNAL_ERROR: &str = "XX000";
+    pub const DATA_CORRUPTED: &str = "XX001";
 
     /// A SQLSTATE a shard sent, as `&'static str` (what
     /// [`Refusal`](super::Refusal) carries). Shards answer

@@ -329,6 +329,10 @@ pub struct Route {
     /// fails the statement, rolling it back, when another shard reports
     /// rows updated (they would have to move, which the node does not do).
     pub key_move: Option<KeyMove>,
+    /// Per statement: DML on a reference table, run on every shard's copy —
+    /// each copy answers the same rows and count, and the client gets one
+    /// copy's answer (not their sum).
+    pub replicated: Vec<bool>,
 }
 
 /// See [`Route::key_move`].
@@ -589,6 +593,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
             temp: false,
             inserts_into: p.insert_into.into_iter().collect(),
             key_move: p.key_move,
+            replicated: vec![p.replicated],
         });
     }
     if let Some(k) = parts.iter().find_map(|p| p.key_move.as_ref()) {
@@ -651,6 +656,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
             }
         }
     }
+    let replicated = parts.iter().map(|p| p.replicated).collect();
     let statements = parts.into_iter().map(|p| p.kind).collect::<Vec<_>>();
     Ok(Route {
         target,
@@ -670,6 +676,7 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
         temp: false,
         inserts_into,
         key_move: None,
+        replicated,
     })
 }
 

@@ -141,6 +141,8 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     Some(d0) if !same_columns(d0, &f.raw) => mismatch = true,
                     Some(_) => {}
                 },
+                // A reference table's copies return the same rows: one's.
+                be::DATA_ROW if i > 0 && d.replicated_rows() => {}
                 be::DATA_ROW if !mismatch => match order.as_mut() {
                     Some(o) => o.push(i, f.raw),
                     None => s.out.put_slice(&f.raw),
@@ -186,7 +188,8 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .error
         .take()
         .map(|(code, msg, t)| (t, code, msg))
-        .or_else(|| rows_to_move(s, d, shards, &tags));
+        .or_else(|| rows_to_move(s, d, shards, &tags))
+        .or_else(|| copies_differ(s, d, shards, &tags));
     // Finish implicit transactions: all or nothing.
     let commit_failed = if wrap {
         let r = finish_wrapped(s, shards, error.is_none() && !mismatch).await;
@@ -228,7 +231,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         if let Some(o) = order {
             o.emit(&mut s.out);
         }
-        for tag in combine_tags(&tags) {
+        for tag in combine_tags(&tags, &d.replicated) {
             s.out.put_slice(&command_complete(&tag));
         }
     }
@@ -268,6 +271,39 @@ fn rows_to_move<S: AsyncRead + AsyncWrite + Unpin + Send>(
             )
         })
     })
+}
+
+/// DML on a reference table ([`Decision::replicated`]) that changed
+/// another number of rows on some shard than on the first: the copies
+/// differ (a write made on one shard directly, a trigger…). The statement
+/// fails — rolled back outside a transaction block — rather than answer
+/// one copy's count while the copies drift further apart.
+fn copies_differ<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &Session<S>,
+    d: &Decision,
+    shards: &[usize],
+    tags: &[Vec<String>],
+) -> Option<(usize, String, String)> {
+    let (first, first_tags) = (shards.first()?, tags.first()?);
+    for (j, _) in d.replicated.iter().enumerate().filter(|(_, r)| **r) {
+        let want = first_tags.get(j);
+        for (&t, tags) in shards.iter().zip(tags).skip(1) {
+            if tags.get(j) != want {
+                return Some((
+                    t,
+                    sqlstate::DATA_CORRUPTED.to_string(),
+                    format!(
+                        "the copies of a reference table differ between shards: the statement reported \"{}\" on shard {} and \"{}\" on shard {}; it was not applied (compare the table's rows on the shards and repair the copies)",
+                        want.map_or("", String::as_str),
+                        s.node.routing.shard_name(*first),
+                        tags.get(j).map_or("", String::as_str),
+                        s.node.routing.shard_name(t)
+                    ),
+                ));
+            }
+        }
+    }
+    None
 }
 
 /// The `RETURNING` rows of a multi-row INSERT split by shard, put back in
@@ -475,7 +511,10 @@ pub(crate) fn same_columns(a: &[u8], b: &[u8]) -> bool {
 
 /// Per statement position, the shards' CommandComplete tags with their row
 /// counts summed ("INSERT 0 n", "UPDATE n", "SELECT n", …).
-pub(crate) fn combine_tags(tags: &[Vec<String>]) -> Vec<String> {
+/// `replicated[j]`: statement `j` wrote a reference table, whose copies
+/// answer alike: the first shard's tag is the answer (checked by
+/// [`copies_differ`]).
+pub(crate) fn combine_tags(tags: &[Vec<String>], replicated: &[bool]) -> Vec<String> {
     let n = tags.iter().map(Vec::len).max().unwrap_or(0);
     (0..n)
         .map(|j| {
@@ -483,6 +522,9 @@ pub(crate) fn combine_tags(tags: &[Vec<String>]) -> Vec<String> {
             let Some(first) = it.next() else {
                 return String::new();
             };
+            if replicated.get(j) == Some(&true) {
+                return first.clone();
+            }
             let Some((head, count)) = first.rsplit_once(' ') else {
                 return first.clone();
             };
@@ -673,6 +715,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         fix = Some(Box::new(x));
                     }
                 }
+                be::DATA_ROW if d.replicated_rows() => {}
                 be::DATA_ROW if st.error.is_none() => {
                     let row = match &fix {
                         Some(x) => x.apply(f.raw),
@@ -704,7 +747,8 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .error
         .take()
         .map(|(c, m, t)| (t, c, m))
-        .or_else(|| rows_to_move(s, d, shards, &tags));
+        .or_else(|| rows_to_move(s, d, shards, &tags))
+        .or_else(|| copies_differ(s, d, shards, &tags));
     let commit_failed = if wrap {
         let r = finish_wrapped(s, shards, error.is_none()).await;
         s.txn.schema_changed &= in_tx;
@@ -743,7 +787,7 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
         if let Some(o) = order {
             o.emit(&mut s.out);
         }
-        for tag in combine_tags(&tags) {
+        for tag in combine_tags(&tags, &d.replicated) {
             s.out.put_slice(&command_complete(&tag));
         }
     }
@@ -766,12 +810,16 @@ mod tests {
             vec!["INSERT 0 2".to_string(), "CREATE TABLE".to_string()],
             vec!["INSERT 0 3".to_string(), "CREATE TABLE".to_string()],
         ];
-        assert_eq!(combine_tags(&tags), vec!["INSERT 0 5", "CREATE TABLE"]);
+        assert_eq!(combine_tags(&tags, &[]), vec!["INSERT 0 5", "CREATE TABLE"]);
+        assert_eq!(
+            combine_tags(&tags, &[true, false]),
+            vec!["INSERT 0 2", "CREATE TABLE"]
+        );
         let tags = vec![
             vec!["SELECT 4".to_string()],
             vec!["SELECT 0".to_string()],
             vec!["SELECT 1".to_string()],
         ];
-        assert_eq!(combine_tags(&tags), vec!["SELECT 5"]);
+        assert_eq!(combine_tags(&tags, &[]), vec!["SELECT 5"]);
     }
 }

@@ -87,6 +87,11 @@ pub struct Decision {
     /// that owns the new key ([`hotrepart_router::route::Route::key_move`]);
     /// the executor fails the statement when another updated rows.
     pub key_move: Option<KeyMove>,
+    /// Per statement, on several shards: DML on a reference table
+    /// ([`hotrepart_router::route::Route::replicated`]) — the client gets
+    /// the first shard's rows and count; the others must report the same
+    /// count.
+    pub replicated: Vec<bool>,
 }
 
 /// See [`Decision::key_move`].
@@ -121,6 +126,12 @@ pub struct SplitShard {
 }
 
 impl Decision {
+    /// A lone statement on a reference table's copies: one copy's rows are
+    /// the answer ([`Decision::replicated`]).
+    pub fn replicated_rows(&self) -> bool {
+        self.statements == 1 && self.replicated.first() == Some(&true)
+    }
+
     /// For a batch: which statement's decision governs transaction control
     /// and the write check.
     pub fn outranks(&self, other: &Decision) -> bool {
@@ -153,6 +164,7 @@ impl Decision {
             split: None,
             inserts_into: Vec::new(),
             key_move: None,
+            replicated: Vec::new(),
         }
     }
 }
@@ -457,6 +469,11 @@ pub fn decision(
         temp: route.temp,
         split,
         inserts_into: route.inserts_into,
+        replicated: if target_is_multi {
+            route.replicated
+        } else {
+            Vec::new()
+        },
         key_move: match route.key_move {
             Some(k) if target_is_multi => Some(KeyMove {
                 shard: idx(&k.shard)?,

@@ -30,6 +30,8 @@ pub(super) struct StmtRoute {
     pub insert_into: Option<String>,
     /// See [`super::Route::key_move`].
     pub key_move: Option<super::KeyMove>,
+    /// See [`super::Route::replicated`].
+    pub replicated: bool,
 }
 
 /// What a hint forces (see the module docs of [`super`] for the rules).
@@ -187,6 +189,12 @@ pub(super) fn bind_stmt(
     } else {
         MergeNeed::None
     };
+    let replicated = stmt.reference_write
+        && matches!(
+            stmt.kind,
+            StatementKind::Insert | StatementKind::Update | StatementKind::Delete
+        )
+        && target.is_multi_shard();
     let copy = match (&stmt.body, &target) {
         (Body::Copy(c), Target::All) => Some(c.clone()),
         _ => None,
@@ -205,6 +213,7 @@ pub(super) fn bind_stmt(
             _ => None,
         },
         key_move: owners.key_move,
+        replicated,
     })
 }
 

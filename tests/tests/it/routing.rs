@@ -1914,3 +1914,98 @@ async fn an_in_subquery_with_a_limit_is_not_applied_per_shard() {
         .get(0);
     assert_eq!(n, 40, "every row, once: nothing was claimed or deleted");
 }
+
+/// A write to a reference table runs on every shard's copy, and each copy
+/// answers: the client got every copy's RETURNING rows and their counts
+/// summed (`INSERT 0 4` for one row on 4 shards — SQLAlchemy's ORM failed
+/// "expected to update 1 row(s); 4 were matched"). It gets one copy's
+/// answer now, as from PostgreSQL; copies that answer differently (a row
+/// written on one shard directly) fail the statement, applied nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_table_write_answers_once() {
+    let c = Cluster::start(opts()).await;
+    let db = c.connect().await;
+    db.batch_execute("CREATE TABLE countries (code text PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let r = db
+        .query(
+            "INSERT INTO countries VALUES ($1, $2) RETURNING code",
+            &[&"FR", &"France"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 1);
+    let n = db
+        .execute(
+            "INSERT INTO countries VALUES ('DE', 'Germany'), ('IT', 'Italy')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    let msgs = db
+        .simple_query(
+            "UPDATE countries SET name = name || '!' WHERE code IN ('FR', 'DE') RETURNING code",
+        )
+        .await
+        .unwrap();
+    let rows = msgs
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    let tag = msgs.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+        _ => None,
+    });
+    assert_eq!((rows, tag), (2, Some(2)));
+    let n = db
+        .execute(
+            "INSERT INTO countries VALUES ('IT', 'Italia') ON CONFLICT (code) DO UPDATE SET name = excluded.name",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(
+        db.execute("DELETE FROM countries WHERE code = $1", &[&"IT"])
+            .await
+            .unwrap(),
+        1
+    );
+    // One shard's copy has a row the others lack.
+    c.direct(1)
+        .await
+        .batch_execute("INSERT INTO countries VALUES ('XX', 'stray')")
+        .await
+        .unwrap();
+    for e in [
+        db.execute("UPDATE countries SET name = 'x' WHERE code = 'XX'", &[])
+            .await
+            .unwrap_err(),
+        db.simple_query("UPDATE countries SET name = 'y'")
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(e.code().map(|c| c.code()), Some("XX001"), "{e:?}");
+    }
+    for i in 0..c.shards.len() {
+        let names: Vec<String> = c
+            .direct(i)
+            .await
+            .query("SELECT name FROM countries ORDER BY code", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut want = vec!["Germany!".to_string(), "France!".to_string()];
+        if i == 1 {
+            want.push("stray".into());
+        }
+        assert_eq!(
+            names, want,
+            "shard {i}: nothing of the failed updates applied"
+        );
+    }
+}
