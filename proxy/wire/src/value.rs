@@ -99,14 +99,64 @@ pub fn group_key(ty: Ty, v: &[u8]) -> Result<Vec<u8>, ValueError> {
         | Ty::TimestampTz
         | Ty::Uuid
         | Ty::Bytea
-        // jsonb, time: canonical output
-        | Ty::Other(3802 | 1083) => v.to_vec(),
+        // time: canonical output
+        | Ty::Other(1083) => v.to_vec(),
+        Ty::Other(3802) => jsonb_key(v)?,
         Ty::Other(oid) => {
             return Err(ValueError(format!(
                 "cannot group or deduplicate values of type oid {oid} across shards (equal values may print differently)"
             )))
         }
     })
+}
+
+/// jsonb's output, its numbers without trailing fractional zeros: jsonb
+/// compares numbers by value (`2.0` = `2`) but prints the scale it was
+/// given; the rest of its output is canonical (keys sorted and unique,
+/// one spelling of whitespace and escapes).
+fn jsonb_key(v: &[u8]) -> Result<Vec<u8>, ValueError> {
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    let mut in_string = false;
+    while i < v.len() {
+        let b = v[i];
+        if in_string {
+            out.push(b);
+            match b {
+                b'\\' => {
+                    if let Some(&n) = v.get(i + 1) {
+                        out.push(n);
+                        i += 1;
+                    }
+                }
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_string = true;
+                out.push(b);
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < v.len() && matches!(v[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                let n = Num::parse(utf8(&v[start..i])?)?.canonical().to_text();
+                out.extend_from_slice(n.as_bytes());
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn parse_int(s: &str) -> Result<i128, ValueError> {
@@ -601,6 +651,25 @@ fn div_mag(a: &[u8], b: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// jsonb compares numbers by value (`'2.0'::jsonb = '2'::jsonb`) but
+    /// prints them with the scale they were given: groups and DISTINCT
+    /// over several shards keyed the printed text, two groups where
+    /// PostgreSQL has one.
+    #[test]
+    fn jsonb_numbers_equal_by_value_group_together() {
+        let k = |s: &str| group_key(Ty::Other(3802), s.as_bytes()).expect("jsonb");
+        assert_eq!(k("2.0"), k("2"));
+        assert_eq!(
+            k(r#"{"a": [1.10, 2, "2.0"], "b": 0.0, "c": -1.500}"#),
+            k(r#"{"a": [1.1, 2.000, "2.0"], "b": 0, "c": -1.5}"#)
+        );
+        // Inside strings, digits are text.
+        assert_ne!(k(r#"["2.0"]"#), k(r#"["2"]"#));
+        assert_ne!(k(r#"{"a": "x\"1.0"}"#), k(r#"{"a": "x\"1"}"#));
+        assert_ne!(k("2.5"), k("2"));
+        assert_ne!(k("-1"), k("1"));
+    }
 
     #[test]
     fn numeric_order_and_sum() {

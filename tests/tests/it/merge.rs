@@ -1833,3 +1833,33 @@ async fn text_ranked_by_a_shard_orders_as_one_postgresql_of_that_collation() {
     )
     .await;
 }
+
+/// jsonb compares numbers by value (`'2.0'::jsonb = '2'::jsonb`) but prints
+/// the scale it was given: grouping or counting distinct jsonb over several
+/// shards keyed the printed text — two groups where PostgreSQL makes one
+/// (Django's `values('meta__key').annotate(Count(…))`). Keyed by value now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jsonb_groups_compare_numbers_by_value() {
+    let (reference, node, _c, _reference_pg) = differential("jdocs").await;
+    let values: Vec<String> = (1..=40)
+        .map(|i: i64| {
+            let p = ["2.0", "2", "2.00", "3", "3.10", "3.1"][(i % 6) as usize];
+            format!("({i}, '{{\"p\": {p}, \"q\": [1.50, \"2.0\"]}}')")
+        })
+        .collect();
+    for db in [&reference, &node] {
+        db.batch_execute("CREATE TABLE jdocs (id bigint PRIMARY KEY, meta jsonb)")
+            .await
+            .unwrap();
+        db.batch_execute(&format!("INSERT INTO jdocs VALUES {}", values.join(", ")))
+            .await
+            .unwrap();
+    }
+    for sql in [
+        "SELECT count(*) FROM jdocs GROUP BY meta->'p' ORDER BY 1",
+        "SELECT count(DISTINCT meta->'p'), count(DISTINCT meta) FROM jdocs",
+        "SELECT count(*) FROM jdocs GROUP BY meta ORDER BY 1",
+    ] {
+        same_answer(&reference, &node, sql).await;
+    }
+}
