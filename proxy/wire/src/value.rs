@@ -69,8 +69,9 @@ pub fn compare(ty: Ty, a: &[u8], b: &[u8]) -> Result<Ordering, ValueError> {
         }
         Ty::Other(oid) => {
             return Err(ValueError(format!(
-            "cannot merge values of type oid {oid} across shards (no ordering known to hotrepart)"
-        )))
+                "cannot order values of type {} across shards (no ordering known to hotrepart)",
+                type_name(oid)
+            )))
         }
     })
 }
@@ -104,7 +105,7 @@ pub fn group_key(ty: Ty, v: &[u8]) -> Result<Vec<u8>, ValueError> {
         Ty::Other(3802) => jsonb_key(v)?,
         Ty::Other(oid) => {
             return Err(ValueError(format!(
-                "cannot group or deduplicate values of type oid {oid} across shards (equal values may print differently)"
+                "cannot group or deduplicate values of type {} across shards (equal values may print differently)", type_name(oid)
             )))
         }
     })
@@ -157,6 +158,54 @@ fn jsonb_key(v: &[u8]) -> Result<Vec<u8>, ValueError> {
         }
     }
     Ok(out)
+}
+
+/// A built-in type's name for messages (`oid N` for others: user types).
+pub fn type_name(oid: u32) -> String {
+    let name = match oid {
+        16 => "boolean",
+        17 => "bytea",
+        18 => "\"char\"",
+        19 => "name",
+        20 => "bigint",
+        21 => "smallint",
+        23 => "integer",
+        25 => "text",
+        26 => "oid",
+        114 => "json",
+        142 => "xml",
+        600 => "point",
+        700 => "real",
+        701 => "double precision",
+        790 => "money",
+        829 => "macaddr",
+        869 => "inet",
+        650 => "cidr",
+        1007 => "integer[]",
+        1009 => "text[]",
+        1016 => "bigint[]",
+        1042 => "character",
+        1043 => "character varying",
+        1082 => "date",
+        1083 => "time without time zone",
+        1114 => "timestamp without time zone",
+        1184 => "timestamp with time zone",
+        1186 => "interval",
+        1231 => "numeric[]",
+        1266 => "time with time zone",
+        1560 => "bit",
+        1562 => "bit varying",
+        1700 => "numeric",
+        2950 => "uuid",
+        3614 => "tsvector",
+        3802 => "jsonb",
+        3807 => "jsonb[]",
+        3904 => "int4range",
+        3926 => "int8range",
+        3910 => "tstzrange",
+        _ => return format!("oid {oid}"),
+    };
+    name.to_owned()
 }
 
 fn parse_int(s: &str) -> Result<i128, ValueError> {

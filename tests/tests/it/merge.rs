@@ -1862,4 +1862,12 @@ async fn jsonb_groups_compare_numbers_by_value() {
     ] {
         same_answer(&reference, &node, sql).await;
     }
+    // Not ordered across shards; the refusal names the type (it gave its
+    // OID).
+    refused_naming(
+        &node,
+        "SELECT id FROM jdocs ORDER BY meta->'p' LIMIT 3",
+        "values of type jsonb",
+    )
+    .await;
 }

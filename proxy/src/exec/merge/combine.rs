@@ -369,7 +369,13 @@ pub(super) fn add(ty: Ty, a: &[u8], b: &[u8]) -> Result<Bytes, MergeError> {
         other => {
             return Err(MergeError(
                 sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("cannot add values of type {other:?} across shards"),
+                format!(
+                    "cannot add values of type {} across shards (sum or avg of it is not merged by hotrepart)",
+                    match other {
+                        Ty::Other(oid) => value::type_name(oid),
+                        t => format!("{t:?}"),
+                    }
+                ),
             ))
         }
     }))
