@@ -1871,3 +1871,21 @@ async fn jsonb_groups_compare_numbers_by_value() {
     )
     .await;
 }
+
+/// Django groups by position on PostgreSQL (`GROUP BY 1`): a key grouped so
+/// was not seen as the key, and what only whole groups allow (an expression
+/// over an aggregate, `array_agg(… ORDER BY …)`) was refused. The position
+/// is read as the output expression it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouping_by_position_equals_one_postgresql() {
+    let (reference, node, _c, _reference_pg) = events_600().await;
+    for sql in [
+        "SELECT id, round(avg(seq), 2) AS a FROM events GROUP BY 1 ORDER BY 1",
+        "SELECT \"events\".\"id\", array_agg(seq ORDER BY seq) FROM events GROUP BY 1 ORDER BY 1 LIMIT 5",
+        "SELECT v, count(*), sum(seq) FROM events GROUP BY 1 ORDER BY 1",
+        "SELECT v, id, max(seq) FROM events GROUP BY 1, 2 ORDER BY 2, 1 LIMIT 20",
+        "SELECT id % 3 AS m, count(*) FROM events GROUP BY 1 ORDER BY 1",
+    ] {
+        same_answer(&reference, &node, sql).await;
+    }
+}

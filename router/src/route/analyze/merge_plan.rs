@@ -72,6 +72,60 @@ pub(super) fn merge_plan(q: &Query, is_key: IsKey<'_>) -> MergeNeed {
     }
 }
 
+/// `q` with `GROUP BY n` (Django's form on PostgreSQL) written as the
+/// `n`-th output expression, which it means: a key grouped so is then seen
+/// as one, and the shards' statement keeps grouping right when hidden
+/// columns go before the outputs. None: no position, or one that cannot be
+/// resolved (after a `*`, out of range).
+fn group_positions_resolved(q: &Query, sel: &sqlparser::ast::Select) -> Option<Query> {
+    let GroupByExpr::Expressions(exprs, mods) = &sel.group_by else {
+        return None;
+    };
+    let position = |e: &Expr| match strip(e) {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => n.parse::<usize>().ok(),
+            _ => None,
+        },
+        _ => None,
+    };
+    if !exprs.iter().any(|e| position(e).is_some()) {
+        return None;
+    }
+    let mut resolved = Vec::with_capacity(exprs.len());
+    for e in exprs {
+        match position(e) {
+            None => resolved.push(e.clone()),
+            Some(n) => {
+                let item = sel.projection.get(n.checked_sub(1)?)?;
+                if sel.projection[..n].iter().any(|i| {
+                    matches!(
+                        i,
+                        SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+                    )
+                }) {
+                    return None;
+                }
+                match item {
+                    // (A position of an aggregate or window: PostgreSQL's
+                    // error, refused as before.)
+                    SelectItem::UnnamedExpr(x) | SelectItem::ExprWithAlias { expr: x, .. }
+                        if !super::merge_need::aggregates_in(x) =>
+                    {
+                        resolved.push(x.clone())
+                    }
+                    _ => return None,
+                }
+            }
+        }
+    }
+    let mut q = q.clone();
+    let SetExpr::Select(s) = q.body.as_mut() else {
+        return None;
+    };
+    s.group_by = GroupByExpr::Expressions(resolved, mods.clone());
+    Some(q)
+}
+
 /// `Ok(None)`: concatenation is correct; `Err`: the construct refused.
 fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String> {
     if let Some(what) = super::merge_need::outer_aggregate(q) {
@@ -96,6 +150,9 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
             }
         }
     };
+    if let Some(q) = group_positions_resolved(q, sel) {
+        return plan_query(&q, is_key);
+    }
     if let Some((_, negated)) = super::scope::lone_exists(sel) {
         return exists_plan(q, negated).map(Some);
     }
