@@ -349,8 +349,14 @@ fn shape_target(
         }
         if shape.components > 1 {
             let names: Vec<&str> = shape.occs.iter().map(|o| o.table.name.as_str()).collect();
+            let why = match &shape.opaque_derived {
+                Some(d) => format!(
+                    ": the {d} (run that query first and pass its keys, or name the shard key so that one shard answers)"
+                ),
+                None => String::new(),
+            };
             return Err(RouteError::unsupported(format!(
-                "a statement over several shards that combines sharded tables not joined on their shard keys ({})",
+                "a statement over several shards that combines sharded tables not joined on their shard keys ({}){why}",
                 names.join(", ")
             )));
         }

@@ -1913,6 +1913,21 @@ async fn an_in_subquery_with_a_limit_is_not_applied_per_shard() {
         .unwrap()
         .get(0);
     assert_eq!(n, 40, "every row, once: nothing was claimed or deleted");
+    // The same as a derived table joined on the key (SQLAlchemy's
+    // joinedload with a LIMIT): refused, and the words say why.
+    let e = db
+        .simple_query(
+            "SELECT * FROM (SELECT id FROM users ORDER BY id LIMIT 3) AS firsts JOIN users u ON u.id = firsts.id",
+        )
+        .await
+        .unwrap_err();
+    let m = e.as_db_error().unwrap().message().to_string();
+    assert!(
+        m.contains(
+            "derived table firsts takes a LIMIT/OFFSET/FETCH of rows that are on several shards"
+        ),
+        "{m}"
+    );
 }
 
 /// A write to a reference table runs on every shard's copy, and each copy

@@ -44,6 +44,10 @@ pub(in crate::route) struct Shape {
     /// aggregates not grouped by the key…): refused, in these words, when
     /// the statement does not run on one shard.
     pub per_shard_subquery: Option<String>,
+    /// A derived table or CTE over a sharded table whose rows need all
+    /// shards' rows (LIMIT, aggregates…), in words: what makes it opaque
+    /// to joins on the key (named when such a join is refused).
+    pub opaque_derived: Option<String>,
 }
 
 /// `INSERT … VALUES` into a sharded table.

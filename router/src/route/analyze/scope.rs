@@ -127,6 +127,8 @@ pub(super) struct Analyzer<'a> {
     cte_named_twice: Option<String>,
     /// See [`Shape::per_shard_subquery`].
     per_shard_subquery: Option<String>,
+    /// See [`Shape::opaque_derived`].
+    opaque_derived: Option<String>,
 }
 
 /// A visitor that analyses the subqueries directly inside an expression (in
@@ -207,6 +209,7 @@ impl<'a> Analyzer<'a> {
             set_op: None,
             cte_named_twice: None,
             per_shard_subquery: None,
+            opaque_derived: None,
         }
     }
 
@@ -881,6 +884,7 @@ impl<'a> Analyzer<'a> {
                 alias,
                 ..
             } => {
+                let occs = self.occs.len();
                 let info = self.query(subquery, Some(s))?;
                 self.opaque_item(alias.as_ref(), String::new(), s);
                 // A derived table whose rows each come from one row of its
@@ -893,6 +897,15 @@ impl<'a> Analyzer<'a> {
                 let covered = !*lateral
                     && row_local(subquery)
                     && info.root.is_some_and(|r| self.scopes[r].covered);
+                if !covered && self.occs.len() > occs && self.opaque_derived.is_none() {
+                    let name = alias
+                        .as_ref()
+                        .map_or(String::new(), |a| format!(" {}", a.name));
+                    self.opaque_derived = Some(format!(
+                        "derived table{name} takes {} of rows that are on several shards, so no shard can join it on the key by itself",
+                        not_row_local(subquery)
+                    ));
+                }
                 Ok((Vec::new(), covered))
             }
             TableFactor::Function {
@@ -1072,6 +1085,7 @@ impl<'a> Analyzer<'a> {
             set_op: self.set_op.clone(),
             cte_named_twice: self.cte_named_twice.clone(),
             per_shard_subquery: self.per_shard_subquery.clone(),
+            opaque_derived: self.opaque_derived.clone(),
         }
     }
 
@@ -1218,6 +1232,25 @@ fn references(q: &Query, name: &str) -> usize {
     let mut c = Count { name, n: 0 };
     let _ = q.visit(&mut c);
     c.n
+}
+
+/// What keeps `q` from being [`row_local`], in words.
+fn not_row_local(q: &Query) -> &'static str {
+    if q.limit_clause.is_some() || q.fetch.is_some() {
+        "a LIMIT/OFFSET/FETCH"
+    } else if q.with.is_some() {
+        "a WITH"
+    } else {
+        match q.body.as_ref() {
+            SetExpr::Select(sel)
+                if matches!(sel.distinct, Some(Distinct::Distinct | Distinct::On(_))) =>
+            {
+                "a DISTINCT"
+            }
+            SetExpr::Select(_) => "aggregates, groups or windows",
+            _ => "a set operation",
+        }
+    }
 }
 
 /// Whether every row of `q` comes from one row of its FROM, all of them
