@@ -507,7 +507,10 @@ impl Analyzer<'_> {
                 // COPY's output is not rows the merger can combine.
                 p.merge = match merge_need(q) {
                     MergeNeed::None => MergeNeed::Refuse("COPY (query) TO STDOUT".to_owned()),
-                    refused => refused,
+                    MergeNeed::Refuse(what) => MergeNeed::Refuse(format!(
+                        "{what} inside COPY (query) TO (the node merges the rows of a SELECT, not COPY's output: send the query as a SELECT)"
+                    )),
+                    other => other,
                 };
                 Ok(p)
             }
