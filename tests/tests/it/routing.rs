@@ -1896,6 +1896,9 @@ async fn an_in_subquery_with_a_limit_is_not_applied_per_shard() {
         "UPDATE users SET name = 'claimed' WHERE id IN (SELECT id FROM users WHERE name = 'new' ORDER BY id LIMIT 5)",
         "DELETE FROM users WHERE id IN (SELECT id FROM users ORDER BY id LIMIT 3)",
         "SELECT count(*) FROM users WHERE id IN (SELECT id FROM users ORDER BY id OFFSET 35)",
+        // The outer key does not restrict such a subquery to its shard
+        // (there it took that shard's first five — found by review).
+        "UPDATE users SET name = 'claimed' WHERE id = 7 AND id IN (SELECT id FROM users WHERE name = 'new' ORDER BY id LIMIT 5)",
     ] {
         let e = db.simple_query(sql).await.unwrap_err();
         assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{sql}: {e:?}");

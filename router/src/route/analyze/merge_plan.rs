@@ -92,6 +92,7 @@ fn group_positions_resolved(q: &Query, sel: &sqlparser::ast::Select) -> Option<Q
         return None;
     }
     let mut resolved = Vec::with_capacity(exprs.len());
+    let mut changed = false;
     for e in exprs {
         match position(e) {
             None => resolved.push(e.clone()),
@@ -108,15 +109,26 @@ fn group_positions_resolved(q: &Query, sel: &sqlparser::ast::Select) -> Option<Q
                 match item {
                     // (A position of an aggregate or window: PostgreSQL's
                     // error, refused as before.)
+                    // A position naming a literal stays (PostgreSQL reads a
+                    // number there as a position again, refuses a string).
+                    SelectItem::UnnamedExpr(x) | SelectItem::ExprWithAlias { expr: x, .. }
+                        if matches!(strip(x), Expr::Value(_)) =>
+                    {
+                        resolved.push(e.clone())
+                    }
                     SelectItem::UnnamedExpr(x) | SelectItem::ExprWithAlias { expr: x, .. }
                         if !super::merge_need::aggregates_in(x) =>
                     {
+                        changed = true;
                         resolved.push(x.clone())
                     }
                     _ => return None,
                 }
             }
         }
+    }
+    if !changed {
+        return None;
     }
     let mut q = q.clone();
     let SetExpr::Select(s) = q.body.as_mut() else {
@@ -214,6 +226,14 @@ fn plan_query(q: &Query, is_key: IsKey<'_>) -> Result<Option<MergePlan>, String>
             .iter()
             .any(|e| matches!(strip(e), Expr::Value(v) if matches!(v.value, Value::Number(..))));
     let aggregated = aggregated && !whole_groups;
+    // DISTINCT rows that show a shard key: equal rows have one key, so
+    // they are on one shard, which drops the duplicates itself.
+    let distinct = distinct
+        && (aggregated
+            || !sel.projection.iter().any(|i| match i {
+                SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => is_key(e),
+                _ => false,
+            }));
     if aggregated && distinct_on.is_some() {
         return Err("DISTINCT ON in a query with aggregates or GROUP BY".to_owned());
     }

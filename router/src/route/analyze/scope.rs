@@ -237,15 +237,35 @@ impl<'a> Analyzer<'a> {
         }
     }
 
+    /// Whether the rows of `q` (analysed: `info`) are partitioned by shard
+    /// as its sharded table's are — each comes from rows of one shard, and
+    /// the shards' answers concatenated are `q`'s: [`row_local`] rows, or
+    /// groups or DISTINCT rows by the shard key, windows partitioned by
+    /// it (Django's `count()` of an annotated or `distinct()` queryset:
+    /// `SELECT COUNT(*) FROM (SELECT … GROUP BY pk) subquery`).
+    fn partitioned(&self, q: &Query, info: &QueryInfo) -> bool {
+        if row_local(q) {
+            return true;
+        }
+        if q.with.is_some() || q.order_by.is_some() || q.limit_clause.is_some() || q.fetch.is_some()
+        {
+            return false;
+        }
+        let is_key = |e: &Expr| {
+            info.root
+                .and_then(|root| self.resolve(e, root))
+                .is_some_and(|o| !self.occs[o].nullable)
+        };
+        matches!(merge_plan(q, &is_key), super::super::MergeNeed::None)
+    }
+
     /// `… IN (q)`, a semi-join on the key (`q` analysed: `info`): each
     /// shard tests membership in the rows `q` gives from its own rows —
     /// PostgreSQL's answer only when those rows, concatenated, are `q`'s
     /// (a filter, a join on the key, groups by the key); its order and
     /// DISTINCT do not change membership. Else noted for the refusal.
-    fn check_in_subquery(&mut self, q: &Query, info: &QueryInfo) {
-        if self.per_shard_subquery.is_some() {
-            return;
-        }
+    /// Whether it is (true), or noted for the refusal (false).
+    fn in_subquery_whole(&mut self, q: &Query, info: &QueryInfo) -> bool {
         let mut q = q.clone();
         if q.limit_clause.is_none() && q.fetch.is_none() {
             q.order_by = None;
@@ -261,16 +281,17 @@ impl<'a> Analyzer<'a> {
                 .is_some_and(|o| !self.occs[o].nullable)
         };
         let what = match merge_plan(&q, &is_key) {
-            super::super::MergeNeed::None => return,
+            super::super::MergeNeed::None => return true,
             super::super::MergeNeed::Refuse(what) => what,
             super::super::MergeNeed::Merge(_) => {
                 "LIMIT, OFFSET, FETCH, DISTINCT ON or aggregates not grouped by the shard key"
                     .to_owned()
             }
         };
-        self.per_shard_subquery = Some(format!(
-            "an IN (subquery) over a sharded table whose rows need all shards' rows ({what}), in a statement over several shards: each shard would test membership in the rows it computes from its own rows only; name the shard key so that one shard answers, or run the subquery first and pass its values"
+        self.per_shard_subquery.get_or_insert_with(|| format!(
+            "an IN (subquery) over a sharded table whose rows need all shards' rows ({what}), in a statement over several shards: each shard would test membership in the rows it computes from its own rows only; restrict the subquery itself to one shard's key, or run it first and pass its values"
         ));
+        false
     }
 
     fn is_cte(&self, scope: Option<usize>, name: &str) -> bool {
@@ -513,21 +534,24 @@ impl<'a> Analyzer<'a> {
                             }
                         }
                     }
-                    let mut joined = false;
+                    // A subquery whose rows need all shards' rows (its
+                    // LIMIT…) must not take the outer key's restriction:
+                    // on that key's shard alone it would compute them from
+                    // that shard's rows (the outer rows may still take its
+                    // own: they match its keys).
+                    let whole = pairs.is_empty() || self.in_subquery_whole(q, &info);
                     for (a, b) in pairs {
                         if filtered.contains(&a)
                             && colocated(&self.occs[a].table, &self.occs[b].table)
                         {
-                            joined = true;
                             // A semi-join on the key: both sides' relevant
                             // rows have keys of the other side.
                             self.edges.push((a, b));
                             self.inherits.push((a, b));
-                            self.inherits.push((b, a));
+                            if whole {
+                                self.inherits.push((b, a));
+                            }
                         }
-                    }
-                    if joined {
-                        self.check_in_subquery(q, &info);
                     }
                 }
                 other => self.walk(other, scope)?,
@@ -895,7 +919,7 @@ impl<'a> Analyzer<'a> {
                 // FROM t …) s`, what Peewee's and SQLAlchemy's `count()`
                 // send. Its occurrences join nothing outside it.
                 let covered = !*lateral
-                    && row_local(subquery)
+                    && self.partitioned(subquery, &info)
                     && info.root.is_some_and(|r| self.scopes[r].covered);
                 if !covered && self.occs.len() > occs && self.opaque_derived.is_none() {
                     let name = alias
