@@ -112,7 +112,11 @@ fn group_positions_resolved(q: &Query, sel: &sqlparser::ast::Select) -> Option<Q
                     // A position naming a literal stays (PostgreSQL reads a
                     // number there as a position again, refuses a string).
                     SelectItem::UnnamedExpr(x) | SelectItem::ExprWithAlias { expr: x, .. }
-                        if matches!(strip(x), Expr::Value(_)) =>
+                        if match strip(x) {
+                            Expr::Value(_) => true,
+                            Expr::UnaryOp { expr, .. } => matches!(strip(expr), Expr::Value(_)),
+                            _ => false,
+                        } =>
                     {
                         resolved.push(e.clone())
                     }

@@ -1082,9 +1082,47 @@ impl<'a> Analyzer<'a> {
             p[x] = r;
             r
         }
-        for &(a, b) in &self.edges {
+        // Joins between rows that are always there first; an outer join's
+        // null-extended side then attaches to the one group its keys meet.
+        // Through it, two groups are not joined: where it is NULL their
+        // rows pair freely (`u CROSS JOIN o LEFT JOIN i ON i.id = u.id AND
+        // i.id = o.user_id`).
+        let nullable = |x: usize| self.occs[x].nullable;
+        for &(a, b) in self
+            .edges
+            .iter()
+            .filter(|&&(a, b)| !nullable(a) && !nullable(b))
+        {
             let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
             parent[ra] = rb;
+        }
+        for &(a, b) in self
+            .edges
+            .iter()
+            .filter(|&&(a, b)| nullable(a) && nullable(b))
+        {
+            let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
+            parent[ra] = rb;
+        }
+        let mixed: Vec<(usize, usize)> = self
+            .edges
+            .iter()
+            .filter(|&&(a, b)| nullable(a) != nullable(b))
+            .map(|&(a, b)| if nullable(a) { (a, b) } else { (b, a) })
+            .collect();
+        // Per group of null-extended occurrences: the groups it meets.
+        let mut meets: Vec<(usize, usize)> = mixed
+            .iter()
+            .map(|&(x, y)| (find(&mut parent, x), find(&mut parent, y)))
+            .collect();
+        meets.sort_unstable();
+        meets.dedup();
+        for &(x, y) in &meets {
+            let groups = meets.iter().filter(|(g, _)| *g == x).count();
+            if groups == 1 {
+                let (rx, ry) = (find(&mut parent, x), find(&mut parent, y));
+                parent[rx] = ry;
+            }
         }
         let mut roots: Vec<usize> = (0..n).map(|x| find(&mut parent, x)).collect();
         roots.sort_unstable();
