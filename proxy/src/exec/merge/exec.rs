@@ -745,18 +745,7 @@ pub(super) async fn execute<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // The values counted DISTINCT (`ShardCol::Distinct`): their own types
     // to compare them, int8 once counted.
     let value_types: Vec<Ty> = fields.iter().map(|f| Ty::of(f.type_oid())).collect();
-    let dcols: Vec<usize> = plan
-        .aggregate
-        .as_ref()
-        .map(|a| {
-            a.shard_cols
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| **c == ShardCol::Distinct)
-                .map(|(i, _)| i)
-                .collect()
-        })
-        .unwrap_or_default();
+    let dcols = shard_cols_where(plan, |_, c| *c == ShardCol::Distinct);
     let mut types = value_types.clone();
     let mut oids: Vec<u32> = fields.iter().map(|f| f.type_oid()).collect();
     for &i in &dcols {
@@ -1264,6 +1253,19 @@ fn owned_bytes(v: std::borrow::Cow<'_, [u8]>) -> Bytes {
     }
 }
 
+/// The shard columns of `plan`'s aggregation that `pred` (index, kind)
+/// picks; none without aggregation.
+fn shard_cols_where(plan: &MergePlan, pred: impl Fn(usize, &ShardCol) -> bool) -> Vec<usize> {
+    plan.aggregate.as_ref().map_or_else(Vec::new, |a| {
+        a.shard_cols
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| pred(*i, c))
+            .map(|(i, _)| i)
+            .collect()
+    })
+}
+
 /// How a merge orders text ([`text_order`]).
 pub(super) enum TextOrder {
     /// Byte by byte (or it orders no text).
@@ -1327,20 +1329,12 @@ pub(super) fn text_comparisons(
             }
         }
     }
-    let min_max: Vec<(usize, bool)> = plan
-        .aggregate
-        .as_ref()
-        .map(|a| {
-            a.shard_cols
-                .iter()
-                .enumerate()
-                .filter(|(i, c)| {
-                    matches!(c, ShardCol::Partial(Partial::Min | Partial::Max)) && collated(*i)
-                })
-                .map(|(i, _)| (i, oids.get(i) == Some(&1042)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let min_max: Vec<(usize, bool)> = shard_cols_where(plan, |i, c| {
+        matches!(c, ShardCol::Partial(Partial::Min | Partial::Max)) && collated(i)
+    })
+    .into_iter()
+    .map(|i| (i, oids.get(i) == Some(&1042)))
+    .collect();
     let having = plan
         .aggregate
         .as_ref()
