@@ -331,7 +331,7 @@ pub struct Route {
     pub key_move: Option<KeyMove>,
     /// Per statement: DML on a reference table, run on every shard's copy —
     /// each copy answers the same rows and count, and the client gets one
-    /// copy's answer (not their sum).
+    /// copy's answer (not their sum). Empty when no statement is.
     pub replicated: Vec<bool>,
 }
 
@@ -593,7 +593,8 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
             temp: false,
             inserts_into: p.insert_into.into_iter().collect(),
             key_move: p.key_move,
-            replicated: vec![p.replicated],
+            // (Empty when false: no allocation on the common path.)
+            replicated: if p.replicated { vec![true] } else { Vec::new() },
         });
     }
     if let Some(k) = parts.iter().find_map(|p| p.key_move.as_ref()) {
@@ -656,7 +657,11 @@ fn combine(mut parts: Vec<eval::StmtRoute>) -> Result<Route, RouteError> {
             }
         }
     }
-    let replicated = parts.iter().map(|p| p.replicated).collect();
+    let replicated = if parts.iter().any(|p| p.replicated) {
+        parts.iter().map(|p| p.replicated).collect()
+    } else {
+        Vec::new()
+    };
     let statements = parts.into_iter().map(|p| p.kind).collect::<Vec<_>>();
     Ok(Route {
         target,

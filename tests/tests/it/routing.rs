@@ -686,6 +686,36 @@ async fn insert_select_splits_the_selected_rows_by_key() {
         total += r.get::<_, i64>(0);
     }
     assert_eq!(total, 51);
+    // A bare NULL or string literal takes its column's type, as in
+    // PostgreSQL (it came back as text: 42804 for `SELECT g, NULL` into a
+    // bigint — found by a new-user trial); a bad one is PostgreSQL's error.
+    db.batch_execute("CREATE TABLE orders (user_id bigint, total bigint, note text)")
+        .await
+        .unwrap();
+    for (sql, n) in [
+        ("INSERT INTO orders (user_id, total, note) SELECT g, NULL, NULL FROM generate_series(1, 3) g", 3),
+        ("INSERT INTO orders (user_id, total, note) SELECT g, '5', 'x' FROM generate_series(4, 5) g", 2),
+    ] {
+        assert_eq!(tag(db.simple_query(sql).await.unwrap()), Some(n), "{sql}");
+    }
+    let r = db
+        .simple_query("SELECT count(*), sum(total), count(note) FROM orders")
+        .await
+        .unwrap();
+    let row = r.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+            (0..3)
+                .map(|i| r.get(i).unwrap().to_string())
+                .collect::<Vec<_>>(),
+        ),
+        _ => None,
+    });
+    assert_eq!(row, Some(vec!["5".into(), "10".into(), "2".into()]));
+    let e = db
+        .simple_query("INSERT INTO orders (user_id, total) SELECT 9, 'abc'")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("22P02"), "{e:?}");
     // Refused: a type PostgreSQL would convert otherwise than by its text
     // form, a source whose rows the node would have to merge, too many
     // columns; PostgreSQL's own errors come back.

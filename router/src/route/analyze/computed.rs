@@ -272,12 +272,56 @@ pub fn insert_select(
     if matches!(source.body.as_ref(), SetExpr::Values(_)) && source.with.is_none() {
         return None;
     }
+    let table_sql = name.to_string();
+    let columns_sql: Vec<String> = insert.columns.iter().map(|c| c.to_string()).collect();
+    let select_sql = typed_literals(source, &table_sql, &columns_sql).to_string();
     Some(InsertSelect {
-        table_sql: name.to_string(),
-        columns_sql: insert.columns.iter().map(|c| c.to_string()).collect(),
-        select_sql: source.to_string(),
+        table_sql,
+        columns_sql,
+        select_sql,
         insert,
     })
+}
+
+/// `source` with each output that is a bare NULL or string literal given
+/// its target column's type — `COALESCE(lit, (NULL::table).col)`. In the
+/// INSERT PostgreSQL types such a literal by its column (`SELECT 1, NULL`
+/// into a bigint, `'5'` into an integer); the node runs the SELECT on its
+/// own, where it would come back as text, not assignable to the column.
+fn typed_literals(source: &Query, table: &str, columns: &[String]) -> Query {
+    let mut q = source.clone();
+    let SetExpr::Select(sel) = q.body.as_mut() else {
+        return q;
+    };
+    for (item, col) in sel.projection.iter_mut().zip(columns) {
+        let expr = match item {
+            sqlparser::ast::SelectItem::UnnamedExpr(e)
+            | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } => e,
+            _ => continue,
+        };
+        let literal = matches!(
+            expr,
+            Expr::Value(v) if matches!(
+                v.value,
+                Value::Null
+                    | Value::SingleQuotedString(_)
+                    | Value::EscapedStringLiteral(_)
+                    | Value::DollarQuotedString(_)
+            )
+        );
+        if !literal {
+            continue;
+        }
+        let text = format!("COALESCE({expr}, (NULL::{table}).{col})");
+        let dialect = PostgreSqlDialect {};
+        if let Ok(e) = Parser::new(&dialect)
+            .try_with_sql(&text)
+            .and_then(|mut p| p.parse_expr())
+        {
+            *expr = e;
+        }
+    }
+    q
 }
 
 impl InsertSelect {
