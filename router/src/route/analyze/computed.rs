@@ -288,16 +288,32 @@ pub fn insert_select(
 /// INSERT PostgreSQL types such a literal by its column (`SELECT 1, NULL`
 /// into a bigint, `'5'` into an integer); the node runs the SELECT on its
 /// own, where it would come back as text, not assignable to the column.
+///
+/// Only in a plain SELECT list: where DISTINCT, GROUP BY, HAVING, ORDER BY
+/// or a window may name the literal, PostgreSQL types it text first (and
+/// refuses it for a bigint), and after a `*` the outputs no longer line up
+/// with the columns.
 fn typed_literals(source: &Query, table: &str, columns: &[String]) -> Query {
     let mut q = source.clone();
+    let plain_tail = q.order_by.is_none() && q.with.is_none();
     let SetExpr::Select(sel) = q.body.as_mut() else {
         return q;
     };
+    let plain = plain_tail
+        && sel.distinct.is_none()
+        && sel.having.is_none()
+        && sel.named_window.is_empty()
+        && matches!(&sel.group_by, sqlparser::ast::GroupByExpr::Expressions(v, m) if v.is_empty() && m.is_empty())
+        && !super::merge_need::aggregates_in(&sel.projection);
+    if !plain {
+        return q;
+    }
     for (item, col) in sel.projection.iter_mut().zip(columns) {
         let expr = match item {
             sqlparser::ast::SelectItem::UnnamedExpr(e)
             | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } => e,
-            _ => continue,
+            // A `*` stands for any number of outputs: no more pairing.
+            _ => break,
         };
         let literal = matches!(
             expr,
