@@ -543,6 +543,15 @@ impl Node {
             .cloned()
     }
 
+    /// Whether how text compares on `shard` in `database` is known (no
+    /// copy of it).
+    pub fn knows_text_collation(&self, shard: usize, database: &str) -> bool {
+        self.collations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&(shard, database.to_string()))
+    }
+
     /// Records what a probe read under catalog generation `generation`
     /// (nothing when the catalog was forgotten since: the probe may have
     /// read the schema as it was).

@@ -188,8 +188,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .error
         .take()
         .map(|(code, msg, t)| (t, code, msg))
-        .or_else(|| rows_to_move(s, d, shards, &tags))
-        .or_else(|| copies_differ(s, d, shards, &tags));
+        .or_else(|| counts_refused(s, d, shards, &tags));
     // Finish implicit transactions: all or nothing.
     let commit_failed = if wrap {
         let r = finish_wrapped(s, shards, error.is_none() && !mismatch).await;
@@ -241,6 +240,18 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         s.end_of_transaction().await?;
     }
     Ok(())
+}
+
+/// What the shards' counts (`tags`) make the statement's error, though each
+/// succeeded: rows a key-setting UPDATE would move ([`rows_to_move`]),
+/// reference copies that answered differently ([`copies_differ`]).
+fn counts_refused<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    s: &Session<S>,
+    d: &Decision,
+    shards: &[usize],
+    tags: &[Vec<String>],
+) -> Option<(usize, String, String)> {
+    rows_to_move(s, d, shards, tags).or_else(|| copies_differ(s, d, shards, tags))
 }
 
 /// An UPDATE that sets the shard key over several shards
@@ -746,9 +757,8 @@ pub(crate) async fn run_extended<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let error = st
         .error
         .take()
-        .map(|(c, m, t)| (t, c, m))
-        .or_else(|| rows_to_move(s, d, shards, &tags))
-        .or_else(|| copies_differ(s, d, shards, &tags));
+        .map(|(code, msg, t)| (t, code, msg))
+        .or_else(|| counts_refused(s, d, shards, &tags));
     let commit_failed = if wrap {
         let r = finish_wrapped(s, shards, error.is_none()).await;
         s.txn.schema_changed &= in_tx;

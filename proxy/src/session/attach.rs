@@ -1116,7 +1116,7 @@ pub(crate) async fn learn_text_collation(
     t: usize,
     b: &mut crate::backend::conn::BackendConn,
 ) {
-    if node.text_collation(t, database).is_some() {
+    if node.knows_text_collation(t, database) {
         return;
     }
     let generation = node
