@@ -114,6 +114,9 @@ pub use analyze::computed::{
     key_default, no_column_list, omitted_by_select, values_select, ColumnFill, ComputedKeys,
     InsertSelect, NoColumnList, Slot,
 };
+pub use analyze::first::{
+    subqueries_first, values_query, AnswerColumn, FirstStep, SubqueriesFirst,
+};
 pub use cache::PlanCache;
 pub use hide::{hide_node_transactions, hide_rows};
 pub use names::Namespace;

@@ -300,6 +300,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     pub(crate) async fn flush_client(&mut self) -> Result<(), SessionError> {
+        if let Some(c) = self.capture.as_mut() {
+            // A subquery's answer is kept, up to its limit.
+            c.keep(&mut self.out);
+            return Ok(());
+        }
         // A part of a cut batch shows no ReadyForQuery of its own.
         self.scan_part();
         if !self.out.is_empty() {

@@ -375,6 +375,11 @@ pub struct Session<S> {
     pub(super) database: String,
     pub(super) session_mode: bool,
     pub(super) stmts: HashMap<String, Stmt>,
+    /// While the node runs a subquery first (`session/first.rs`): its
+    /// replies are kept in `out`, not sent.
+    pub(super) capture: Option<super::first::Capture>,
+    /// How many statements deep subqueries are being run first.
+    pub(super) first_depth: u8,
     /// Columns of sharded tables, in order, read for INSERTs without a
     /// column list (`session/computed.rs`): by (table as written,
     /// namespace id, catalog generation).
@@ -559,6 +564,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             database,
             session_mode,
             stmts: HashMap::new(),
+            capture: None,
+            first_depth: 0,
             table_columns: HashMap::new(),
             insert_tables: HashMap::new(),
             key_fills: HashMap::new(),

@@ -47,6 +47,7 @@ mod computed;
 pub(crate) mod conn;
 mod cursor;
 mod extended;
+mod first;
 pub(crate) mod key_default;
 mod listen;
 mod replies;
@@ -603,6 +604,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     if let Some(nc) = self.no_column_list_of(sql) {
                         return self.insert_with_columns(nc).await;
+                    }
+                    if let Some(f) = self.subqueries_first_of(sql) {
+                        return self.run_subqueries_first(f, r).await;
                     }
                     if let Some(stmts) = self.script_of(sql) {
                         return self.run_script(stmts).await;

@@ -42,6 +42,7 @@ use sqlparser::ast::{Expr, ObjectName, Statement};
 
 pub(crate) mod computed;
 mod expr;
+pub(crate) mod first;
 mod functions;
 mod merge_need;
 mod merge_plan;

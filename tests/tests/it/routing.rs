@@ -1940,7 +1940,6 @@ async fn an_in_subquery_with_a_limit_is_not_applied_per_shard() {
     for sql in [
         "UPDATE users SET name = 'claimed' WHERE id IN (SELECT id FROM users WHERE name = 'new' ORDER BY id LIMIT 5)",
         "DELETE FROM users WHERE id IN (SELECT id FROM users ORDER BY id LIMIT 3)",
-        "SELECT count(*) FROM users WHERE id IN (SELECT id FROM users ORDER BY id OFFSET 35)",
         // The outer key does not restrict such a subquery to its shard
         // (there it took that shard's first five — found by review).
         "UPDATE users SET name = 'claimed' WHERE id = 7 AND id IN (SELECT id FROM users WHERE name = 'new' ORDER BY id LIMIT 5)",
@@ -1962,13 +1961,11 @@ async fn an_in_subquery_with_a_limit_is_not_applied_per_shard() {
         .get(0);
     assert_eq!(n, 40, "every row, once: nothing was claimed or deleted");
     // The same as a derived table joined on the key (SQLAlchemy's
-    // joinedload with a LIMIT): refused, and the words say why.
-    let e = db
-        .simple_query(
-            "SELECT * FROM (SELECT id FROM users ORDER BY id LIMIT 3) AS firsts JOIN users u ON u.id = firsts.id",
-        )
-        .await
-        .unwrap_err();
+    // joinedload with a LIMIT): refused in the extended protocol, and the
+    // words say why; the simple protocol runs the derived table first
+    // (`session/first.rs`), then joins its rows on every shard.
+    let sql = "SELECT u.id FROM (SELECT id FROM users ORDER BY id LIMIT 3) AS firsts JOIN users u ON u.id = firsts.id ORDER BY u.id";
+    let e = db.query(sql, &[]).await.unwrap_err();
     let m = e.as_db_error().unwrap().message().to_string();
     assert!(
         m.contains(
@@ -1976,6 +1973,39 @@ async fn an_in_subquery_with_a_limit_is_not_applied_per_shard() {
         ),
         "{m}"
     );
+    let got: Vec<String> = db
+        .simple_query(sql)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, ["1", "2", "3"]);
+    // On the preserved side of an outer join every shard would give its
+    // parents without children: still refused.
+    let e = db
+        .simple_query("SELECT * FROM (SELECT id FROM users ORDER BY id LIMIT 3) AS firsts LEFT JOIN users u ON u.id = firsts.id")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e:?}");
+    // An OFFSET subquery: run first in the simple protocol.
+    let sql = "SELECT count(*) FROM users WHERE id IN (SELECT id FROM users ORDER BY id OFFSET 35)";
+    let e = db.query(sql, &[]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{sql}: {e:?}");
+    let n: Vec<String> = db
+        .simple_query(sql)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(n, ["5"]);
 }
 
 /// A write to a reference table runs on every shard's copy, and each copy
@@ -2071,4 +2101,41 @@ async fn a_reference_table_write_answers_once() {
             "shard {i}: nothing of the failed updates applied"
         );
     }
+}
+
+/// A subquery run first over several shards (`session/first.rs`) has its
+/// answer written into the statement, which the node parses again: an
+/// answer that would make it longer than `max_parse_bytes` is refused
+/// with 54000 naming the limit (the node neither sends nor parses it), and
+/// the session goes on; a small one runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subquery_run_first_is_bounded_by_max_parse_bytes() {
+    let mut o = opts();
+    o.extra.push_str("\nmax_parse_bytes = 4000");
+    let c = Cluster::start(o).await;
+    let db = c.connect().await;
+    db.batch_execute(
+        "CREATE TABLE users (id int8 PRIMARY KEY, name text, age int); \
+         INSERT INTO users (id, age) SELECT g, g % 50 FROM generate_series(1, 100) g; \
+         UPDATE users SET name = repeat('n', 60) || id",
+    )
+    .await
+    .unwrap();
+    let small = "SELECT count(*) FROM users WHERE age IN (SELECT age FROM users GROUP BY age HAVING min(id) < 10)";
+    let r = db.simple_query(small).await.unwrap();
+    let n: Vec<&str> = r
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(n, ["18"]);
+    let big = "SELECT count(*) FROM users WHERE name IN (SELECT name FROM users GROUP BY name)";
+    let e = db.simple_query(big).await.unwrap_err();
+    let e = e.as_db_error().expect("an error from the node");
+    assert_eq!(e.code().code(), "54000", "{e:?}");
+    assert!(e.message().contains("max_parse_bytes"), "{}", e.message());
+    let r = db.simple_query(small).await.unwrap();
+    assert_eq!(r.len(), 3, "{r:?}");
 }
