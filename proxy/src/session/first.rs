@@ -1,11 +1,14 @@
-//! Subqueries the node runs first (issue 14), simple protocol: a `SELECT`
-//! refused over several shards because a subquery needs every shard's
-//! rows at once (`WHERE x > (SELECT avg(x) FROM t)`, `SELECT count(*)
-//! FROM (SELECT DISTINCT …) s`) has those subqueries run on their own
-//! first, as statements of the client's (merged, or run first in turn),
-//! their answers written in as typed `VALUES`, and the rest routed as if
-//! the client had sent it. What is run first, and why that is sound:
-//! `hotrepart_router::route::subqueries_first`.
+//! Subqueries the node runs first (issue 14): a `SELECT` refused over
+//! several shards because a subquery needs every shard's rows at once
+//! (`WHERE x > (SELECT avg(x) FROM t)`, `SELECT count(*) FROM (SELECT
+//! DISTINCT …) s`) has those subqueries run on their own first, as
+//! simple-protocol statements of the client's (merged, or run first in
+//! turn), their answers written in as typed `VALUES`, and the rest routed
+//! as if the client had sent it: a simple Query as a Query, an extended
+//! batch that Parses the statement unnamed as that batch with the Parse
+//! rewritten (its parameters bound by the client's Bind; a subquery that
+//! takes a parameter is not run first). What is run first, and why that
+//! is sound: `hotrepart_router::route::subqueries_first`.
 //!
 //! A step's replies are captured (`Session::capture`: `flush_client`
 //! keeps them, up to `max_parse_bytes`: the statement they are written
@@ -20,8 +23,8 @@ use super::conn::*;
 use super::script::query_frame;
 use crate::error::sqlstate;
 use crate::error::{Refusal, SessionError};
-use crate::wire::{self, be, rfq};
-use bytes::{Bytes, BytesMut};
+use crate::wire::{self, be, fe, rfq, Frame};
+use bytes::{BufMut, Bytes, BytesMut};
 use hotrepart_router::route::{values_query, AnswerColumn, SubqueriesFirst};
 use hotrepart_wire::backend::{row_description, text_data_row_in};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -45,6 +48,12 @@ impl Capture {
             out.clear();
         }
     }
+}
+
+/// Why a step gives no answer: a refusal, or its own ErrorResponse.
+enum Failed {
+    Refused(Refusal),
+    Error(Bytes),
 }
 
 /// A column of a step's answer, as its RowDescription gives it.
@@ -94,16 +103,116 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         refused: Refusal,
     ) -> Result<(), SessionError> {
         self.first_depth += 1;
-        let r = Box::pin(self.subqueries_then_statement(f, refused)).await;
+        let r = match Box::pin(self.answers_of(&f, &refused)).await {
+            Ok(Ok(answers)) => {
+                let sql = f.substitute(&answers);
+                tracing::debug!(%sql, "subqueries run first");
+                Box::pin(self.on_query(query_frame(&sql))).await
+            }
+            Ok(Err(failed)) => {
+                self.push_failure(failed, None);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
         self.first_depth -= 1;
         r
     }
 
-    async fn subqueries_then_statement(
+    /// An extended-protocol batch refused (`refused`, 0A000) whose one
+    /// statement is Parsed in it, unnamed, and is a SELECT with
+    /// subqueries to run first that take no parameter: those run (in the
+    /// simple protocol, as [`Session::run_subqueries_first`] runs them),
+    /// and the batch is held again with the statement rewritten (its
+    /// parameters, in the rest of it, bound as the client bound them).
+    /// False: it does not apply (the caller refuses the batch).
+    pub(super) async fn batch_subqueries_first(
         &mut self,
-        f: SubqueriesFirst,
-        refused: Refusal,
-    ) -> Result<(), SessionError> {
+        frames: &[Frame],
+        refused: &Refusal,
+        synced: bool,
+    ) -> Result<bool, SessionError> {
+        if !synced || self.part.is_some() || self.first_depth >= MAX_DEPTH {
+            return Ok(false);
+        }
+        let mut parses = frames
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.tag() == fe::PARSE);
+        let (Some((at, parse)), None) = (parses.next(), parses.next()) else {
+            return Ok(false);
+        };
+        let mut b = parse.body();
+        let (Ok(""), Ok(sql)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b)) else {
+            return Ok(false);
+        };
+        // Every Bind binds that statement.
+        let binds_it = |f: &Frame| {
+            let mut b = f.body();
+            wire::get_cstr(&mut b).is_ok() && matches!(wire::get_cstr(&mut b), Ok(""))
+        };
+        if !frames.iter().filter(|f| f.tag() == fe::BIND).all(binds_it) {
+            return Ok(false);
+        }
+        let Some(f) = self.subqueries_first_of(sql) else {
+            return Ok(false);
+        };
+        // A step is run in the simple protocol: without parameters.
+        if f.steps.iter().any(|s| s.sql.contains('$')) {
+            return Ok(false);
+        }
+        let types = b.to_vec();
+        self.first_depth += 1;
+        let answers = Box::pin(self.answers_of(&f, refused)).await;
+        self.first_depth -= 1;
+        match answers? {
+            Ok(answers) => {
+                let sql = f.substitute(&answers);
+                tracing::debug!(%sql, "subqueries run first (extended protocol)");
+                let mut p = BytesMut::new();
+                wire::frame(&mut p, fe::PARSE, |o| {
+                    o.put_u8(0);
+                    wire::put_cstr(o, &sql);
+                    o.put_slice(&types);
+                });
+                let mut held = frames.to_vec();
+                held[at] = Frame { raw: p.freeze() };
+                self.batch = held;
+            }
+            Err(failed) => {
+                self.push_failure(failed, Some(synced));
+                self.batch.clear();
+            }
+        }
+        Ok(true)
+    }
+
+    /// The client's error for a failed step: a refusal, or the step's own
+    /// ErrorResponse; then ReadyForQuery (`synced`: for an extended
+    /// batch, which skips to its Sync when it has none).
+    fn push_failure(&mut self, failed: Failed, batch: Option<bool>) {
+        match failed {
+            Failed::Refused(r) => match batch {
+                Some(synced) => self.batch_error(&r, synced),
+                None => self.refuse_simple(r),
+            },
+            Failed::Error(frame) => {
+                self.push_synthetic(frame);
+                if self.txn.open() {
+                    self.txn.failed = true;
+                }
+                let status = self.client_status();
+                self.push_synthetic(rfq(status));
+            }
+        }
+    }
+
+    /// Each step's answer as a query of literals, or why not.
+    async fn answers_of(
+        &mut self,
+        f: &SubqueriesFirst,
+        refused: &Refusal,
+    ) -> Result<Result<Vec<String>, Failed>, SessionError> {
         if !self.be.owed.is_empty() {
             self.drain_owed().await?;
         }
@@ -115,42 +224,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let (columns, rows) = match self.run_captured(&step.sql, left).await? {
                 Ran::Rows { columns, rows } => (columns, rows),
                 Ran::Failed(_, code) if matches!(code.as_str(), "42P01" | "42703") => {
-                    self.refuse_simple(refused);
-                    return Ok(());
+                    return Ok(Err(Failed::Refused(refused.clone())));
                 }
-                Ran::Failed(frame, _) => {
-                    self.push_synthetic(frame);
-                    if self.txn.open() {
-                        self.txn.failed = true;
-                    }
-                    let status = self.client_status();
-                    self.push_synthetic(rfq(status));
-                    return Ok(());
-                }
-                Ran::Unreadable(r) => {
-                    self.refuse_simple(r);
-                    return Ok(());
-                }
-                Ran::TooLarge => {
-                    self.refuse_simple(too_large(limit));
-                    return Ok(());
-                }
+                Ran::Failed(frame, _) => return Ok(Err(Failed::Error(frame))),
+                Ran::Unreadable(r) => return Ok(Err(Failed::Refused(r))),
+                Ran::TooLarge => return Ok(Err(Failed::Refused(too_large(limit)))),
             };
             if columns.is_empty() {
                 // `VALUES ()` cannot be written.
-                self.refuse_simple(refused);
-                return Ok(());
+                return Ok(Err(Failed::Refused(refused.clone())));
             }
             if let Err(r) = self.answer_reads_back(&columns).await? {
-                self.refuse_simple(r);
-                return Ok(());
+                return Ok(Err(Failed::Refused(r)));
             }
             let cols = match self.answer_columns(&columns).await? {
                 Ok(cols) => cols,
-                Err(r) => {
-                    self.refuse_simple(r);
-                    return Ok(());
-                }
+                Err(r) => return Ok(Err(Failed::Refused(r))),
             };
             let rows: Vec<Vec<Option<&str>>> = rows
                 .iter()
@@ -158,15 +247,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .collect();
             let answer = values_query(&cols, &rows);
             if answer.len() > left {
-                self.refuse_simple(too_large(limit));
-                return Ok(());
+                return Ok(Err(Failed::Refused(too_large(limit))));
             }
             left -= answer.len();
             answers.push(answer);
         }
-        let sql = f.substitute(&answers);
-        tracing::debug!(%sql, "subqueries run first");
-        Box::pin(self.on_query(query_frame(&sql))).await
+        Ok(Ok(answers))
     }
 
     /// How long the statement with its answers written in may be: it is

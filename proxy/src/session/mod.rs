@@ -1037,6 +1037,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(true);
             }
             Err(r) => {
+                // A SELECT whose subqueries need every shard's rows: they
+                // run first and the batch is held again, rewritten.
+                if r.code == sqlstate::FEATURE_NOT_SUPPORTED
+                    && self.batch_subqueries_first(&frames, &r, synced).await?
+                {
+                    return Ok(self.batch.is_empty());
+                }
                 self.batch_error(&r, synced);
                 return Ok(true);
             }

@@ -258,6 +258,27 @@ async function havingParams() {
   })
 }
 
+async function subqueriesFirst() {
+  // Subqueries that need every shard's rows, run first by the node: an
+  // average compared with (a parameter beside it), a count over DISTINCT
+  // of another column, IN (… LIMIT n) — node-postgres Parses each unnamed
+  // in the batch that binds it (drv_kv, sharded by id).
+  return withClient({}, async (c) => {
+    await c.query('DROP TABLE IF EXISTS drv_kv')
+    await c.query('CREATE TABLE drv_kv (id bigint PRIMARY KEY, v text, g int4)')
+    const values = []
+    for (let i = 1; i <= 60; i++) values.push(`(${i}, 'v${i}', ${i % 7})`)
+    await c.query(`INSERT INTO drv_kv (id, v, g) VALUES ${values.join(', ')}`)
+    const above = (await c.query('SELECT count(*) AS n FROM drv_kv WHERE id > (SELECT avg(id) FROM drv_kv) AND g <> $1', [0])).rows
+    const groups = (await c.query('SELECT count(*) AS n FROM (SELECT DISTINCT g FROM drv_kv) s')).rows
+    const top = (await c.query('SELECT id FROM drv_kv WHERE id IN (SELECT id FROM drv_kv ORDER BY v DESC LIMIT 3) ORDER BY id')).rows
+    eq('above', above, [{ n: '26' }])
+    eq('groups', groups, [{ n: '7' }])
+    eq('top', top, [{ id: '7' }, { id: '8' }, { id: '9' }])
+    return { above, groups, top }
+  })
+}
+
 async function queryStream() {
   // pg-query-stream (pg-cursor: a named portal read n rows at a time with
   // Flush) — what Knex's and TypeORM's .stream() use — over the sharded
@@ -398,6 +419,7 @@ const SCENARIOS = [
   ['sequelize_orm', sequelizeOrm],
   ['having_params', havingParams],
   ['query_stream', queryStream],
+  ['subqueries_first', subqueriesFirst],
 ]
 
 async function main() {

@@ -697,6 +697,30 @@ def server_cursor_withhold():
     return [list(first[0]), list(rest[-1]), len(rest), n]
 
 
+def subqueries_first():
+    """Subqueries that need every shard's rows, run first by the node: an
+    average compared with (a parameter beside it: psycopg binds on the
+    server), a count over DISTINCT of another column, IN (… LIMIT n)
+    (drv_kv, sharded by id)."""
+    with connect() as c:
+        c.execute("DROP TABLE IF EXISTS drv_kv")
+        c.execute("CREATE TABLE drv_kv (id bigint PRIMARY KEY, v text, g int)")
+        values = ", ".join(f"({i}, 'v{i}', {i % 7})" for i in range(1, 61))
+        c.execute(f"INSERT INTO drv_kv (id, v, g) VALUES {values}")
+        above = c.execute(
+            "SELECT count(*) FROM drv_kv WHERE id > (SELECT avg(id) FROM drv_kv) AND g <> %s",
+            [0],
+        ).fetchone()[0]
+        groups = c.execute("SELECT count(*) FROM (SELECT DISTINCT g FROM drv_kv) s").fetchone()[0]
+        top = [r[0] for r in c.execute(
+            "SELECT id FROM drv_kv WHERE id IN (SELECT id FROM drv_kv ORDER BY v DESC LIMIT 3) ORDER BY id"
+        ).fetchall()]
+    eq("above", above, 26)
+    eq("groups", groups, 7)
+    eq("top", top, [7, 8, 9])
+    return [above, groups, top]
+
+
 def enum_type():
     """A user enum type, its OID fetched once by the driver (EnumInfo) and
     used for every row of a sharded table, in binary."""
@@ -833,6 +857,7 @@ run([
     ("server_cursor_sharded", server_cursor_sharded),
     ("server_cursor_withhold", server_cursor_withhold),
     ("enum_type", enum_type),
+    ("subqueries_first", subqueries_first),
     ("copy_rows", copy_rows),
     ("temp_table", temp_table),
     ("sql_prepare", sql_prepare),

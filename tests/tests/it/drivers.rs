@@ -58,6 +58,7 @@ impl Driver {
                 "server_cursor_sharded",
                 "server_cursor_withhold",
                 "enum_type",
+                "subqueries_first",
                 "copy_rows",
                 "temp_table",
                 "sql_prepare",
@@ -91,6 +92,7 @@ impl Driver {
                 "sequelize_orm",
                 "having_params",
                 "query_stream",
+                "subqueries_first",
             ],
         }
     }

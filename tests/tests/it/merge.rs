@@ -1986,6 +1986,18 @@ async fn subqueries_run_first_equal_one_postgresql() {
     ] {
         same_answer(&reference, &node, sql).await;
     }
+    // The extended protocol runs them first when the batch Parses the
+    // statement unnamed and binds it (psycopg 3, node-postgres: the
+    // `subqueries_first` scenarios of `drivers.rs`); tokio-postgres
+    // prepares a named statement first: refused, as before.
+    let e = node
+        .query(
+            "SELECT count(*) FROM events WHERE v > (SELECT avg(v) FROM events)",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e:?}");
     // Inside a transaction block, with what the block wrote.
     for db in [&reference, &node] {
         db.batch_execute("BEGIN; INSERT INTO events (id, seq, v) VALUES (3, 1000, 500)")
