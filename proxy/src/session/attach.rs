@@ -307,6 +307,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         // A part of a cut batch shows no ReadyForQuery of its own.
         self.scan_part();
+        self.drop_hidden_parse_complete();
         if !self.out.is_empty() {
             self.stats.sending(&self.out);
             let w = self.client.get_mut();
@@ -317,6 +318,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.out.clear();
             if let Some(p) = self.part.as_mut() {
                 p.from = 0;
+            }
+            if let Some(h) = self.hide_parse_complete.as_mut() {
+                *h = 0;
             }
         }
         Ok(())

@@ -380,6 +380,9 @@ pub struct Session<S> {
     pub(super) capture: Option<super::first::Capture>,
     /// How many statements deep subqueries are being run first.
     pub(super) first_depth: u8,
+    /// Where in `out` the ParseComplete of the node's own Parse may come
+    /// (`session/first.rs`): dropped at the next flush.
+    pub(super) hide_parse_complete: Option<usize>,
     /// Columns of sharded tables, in order, read for INSERTs without a
     /// column list (`session/computed.rs`): by (table as written,
     /// namespace id, catalog generation).
@@ -566,6 +569,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             stmts: HashMap::new(),
             capture: None,
             first_depth: 0,
+            hide_parse_complete: None,
             table_columns: HashMap::new(),
             insert_tables: HashMap::new(),
             key_fills: HashMap::new(),

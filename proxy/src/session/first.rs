@@ -50,6 +50,32 @@ impl Capture {
     }
 }
 
+/// The statement a batch binds (see [`Session::bound_statement`]).
+struct BoundStatement {
+    sql: String,
+    /// Its Parse's parameter types (count, then OIDs), as sent.
+    types: Vec<u8>,
+    /// The index of its Parse in the batch, if there.
+    parse_at: Option<usize>,
+    first_bind: Option<usize>,
+    /// Its name, when it is a named statement prepared before.
+    named: Option<String>,
+}
+
+/// `bind` binding the unnamed statement instead of its own.
+fn unnamed_bind(bind: &Frame) -> Frame {
+    let mut b = bind.body();
+    let portal = wire::get_cstr(&mut b).unwrap_or_default().to_string();
+    let _ = wire::get_cstr(&mut b);
+    let mut out = BytesMut::new();
+    wire::frame(&mut out, fe::BIND, |o| {
+        wire::put_cstr(o, &portal);
+        o.put_u8(0);
+        o.put_slice(b);
+    });
+    Frame { raw: out.freeze() }
+}
+
 /// Why a step gives no answer: a refusal, or its own ErrorResponse.
 enum Failed {
     Refused(Refusal),
@@ -119,72 +145,218 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         r
     }
 
-    /// An extended-protocol batch refused (`refused`, 0A000) whose one
-    /// statement is Parsed in it, unnamed, and is a SELECT with
-    /// subqueries to run first that take no parameter: those run (in the
-    /// simple protocol, as [`Session::run_subqueries_first`] runs them),
-    /// and the batch is held again with the statement rewritten (its
-    /// parameters, in the rest of it, bound as the client bound them).
-    /// False: it does not apply (the caller refuses the batch).
+    /// An extended-protocol batch refused (`refused`, 0A000) that binds
+    /// one statement — Parsed in it unnamed (psycopg 3, node-postgres), or
+    /// a named statement prepared before (psycopg 3 past its
+    /// `prepare_threshold`, JDBC past `prepareThreshold`, asyncpg) — a
+    /// SELECT with subqueries to run first that take no parameter: those
+    /// run (in the simple protocol, as [`Session::run_subqueries_first`]
+    /// runs them), then the batch runs with the statement rewritten and
+    /// Parsed unnamed (its parameters bound as the client bound them; the
+    /// node's ParseComplete hidden when the client sent no Parse).
+    /// Afterwards the client's unnamed statement is its own again, not
+    /// the rewritten text. False: it does not apply (the caller refuses
+    /// the batch).
     pub(super) async fn batch_subqueries_first(
         &mut self,
         frames: &[Frame],
         refused: &Refusal,
         synced: bool,
     ) -> Result<bool, SessionError> {
-        if !synced || self.part.is_some() || self.first_depth >= MAX_DEPTH {
+        // Not after a Flush-ended batch (the steps' simple Queries would
+        // commit its implicit transaction) nor with replies owed.
+        if !synced
+            || self.part.is_some()
+            || self.first_depth >= MAX_DEPTH
+            || self.be.mid_pipeline()
+            || !self.be.owed.is_empty()
+        {
             return Ok(false);
         }
-        let mut parses = frames
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| f.tag() == fe::PARSE);
-        let (Some((at, parse)), None) = (parses.next(), parses.next()) else {
+        let Some(shape) = self.bound_statement(frames) else {
             return Ok(false);
         };
-        let mut b = parse.body();
-        let (Ok(""), Ok(sql)) = (wire::get_cstr(&mut b), wire::get_cstr(&mut b)) else {
-            return Ok(false);
-        };
-        // Every Bind binds that statement.
-        let binds_it = |f: &Frame| {
-            let mut b = f.body();
-            wire::get_cstr(&mut b).is_ok() && matches!(wire::get_cstr(&mut b), Ok(""))
-        };
-        if !frames.iter().filter(|f| f.tag() == fe::BIND).all(binds_it) {
-            return Ok(false);
-        }
-        let Some(f) = self.subqueries_first_of(sql) else {
+        let Some(f) = self.subqueries_first_of(&shape.sql) else {
             return Ok(false);
         };
         // A step is run in the simple protocol: without parameters.
         if f.steps.iter().any(|s| s.sql.contains('$')) {
             return Ok(false);
         }
-        let types = b.to_vec();
         self.first_depth += 1;
         let answers = Box::pin(self.answers_of(&f, refused)).await;
         self.first_depth -= 1;
-        match answers? {
-            Ok(answers) => {
-                let sql = f.substitute(&answers);
-                tracing::debug!(%sql, "subqueries run first (extended protocol)");
-                let mut p = BytesMut::new();
-                wire::frame(&mut p, fe::PARSE, |o| {
-                    o.put_u8(0);
-                    wire::put_cstr(o, &sql);
-                    o.put_slice(&types);
-                });
-                let mut held = frames.to_vec();
-                held[at] = Frame { raw: p.freeze() };
-                self.batch = held;
-            }
+        let answers = match answers? {
+            Ok(answers) => answers,
             Err(failed) => {
                 self.push_failure(failed, Some(synced));
                 self.batch.clear();
+                return Ok(true);
+            }
+        };
+        // The steps' Queries dropped the backends' unnamed statements.
+        let all: Vec<usize> = (0..self.be.slots.len()).collect();
+        self.unnamed_replaced_on(&all);
+        let sql = f.substitute(&answers);
+        tracing::debug!(%sql, "subqueries run first (extended protocol)");
+        let mut p = BytesMut::new();
+        wire::frame(&mut p, fe::PARSE, |o| {
+            o.put_u8(0);
+            wire::put_cstr(o, &sql);
+            o.put_slice(&shape.types);
+        });
+        let parse = Frame { raw: p.freeze() };
+        let mut held = Vec::with_capacity(frames.len() + 1);
+        for (i, fr) in frames.iter().enumerate() {
+            if Some(i) == shape.parse_at {
+                held.push(parse.clone());
+                continue;
+            }
+            if shape.parse_at.is_none() && Some(i) == shape.first_bind {
+                held.push(parse.clone());
+            }
+            held.push(match (fr.tag(), &shape.named) {
+                (fe::BIND, Some(_)) => unnamed_bind(fr),
+                (fe::DESCRIBE, Some(_)) if fr.body().first() == Some(&b'S') => {
+                    let mut d = BytesMut::new();
+                    wire::frame(&mut d, fe::DESCRIBE, |o| {
+                        o.put_u8(b'S');
+                        o.put_u8(0);
+                    });
+                    Frame { raw: d.freeze() }
+                }
+                _ => fr.clone(),
+            });
+        }
+        let client_unnamed = self.unnamed.take();
+        if shape.named.is_some() {
+            // The client sent no Parse: it gets no ParseComplete.
+            self.hide_parse_complete = Some(self.out.len());
+        }
+        self.batch = held;
+        let r = Box::pin(self.run_batch_rounds(synced)).await;
+        // The client's unnamed statement: the one it Parsed (its text,
+        // which a later Bind without Parse runs — or is refused), or the
+        // one it had; prepared again where next bound.
+        self.unnamed = match shape.parse_at {
+            Some(at) => Some(Unnamed::new(
+                frames[at].raw.clone(),
+                None,
+                &hotrepart_router::classify::classify(&shape.sql),
+            )),
+            None => client_unnamed.map(|mut u| {
+                u.on = None;
+                u
+            }),
+        };
+        r.map(|()| true)
+    }
+
+    /// The one statement `frames` bind, if the batch is Parse (unnamed,
+    /// optional), Binds of it, Describe, Execute and Sync.
+    fn bound_statement(&self, frames: &[Frame]) -> Option<BoundStatement> {
+        let mut parse_at = None;
+        let mut first_bind = None;
+        let mut bound: Option<String> = None;
+        let mut sql = None;
+        let mut types = Vec::new();
+        let mut described = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            let mut b = f.body();
+            match f.tag() {
+                fe::PARSE if parse_at.is_none() && first_bind.is_none() => {
+                    if !wire::get_cstr(&mut b).ok()?.is_empty() {
+                        return None;
+                    }
+                    sql = Some(wire::get_cstr(&mut b).ok()?.to_string());
+                    types = b.to_vec();
+                    parse_at = Some(i);
+                }
+                fe::BIND => {
+                    wire::get_cstr(&mut b).ok()?;
+                    let stmt = wire::get_cstr(&mut b).ok()?;
+                    match &bound {
+                        Some(s) if s != stmt => return None,
+                        Some(_) => {}
+                        None => bound = Some(stmt.to_string()),
+                    }
+                    first_bind.get_or_insert(i);
+                }
+                fe::DESCRIBE if b.first() == Some(&b'S') => {
+                    b = &b[1..];
+                    described.push(wire::get_cstr(&mut b).ok()?.to_string());
+                }
+                fe::DESCRIBE | fe::EXECUTE | fe::SYNC => {}
+                _ => return None,
             }
         }
-        Ok(true)
+        let bound = bound?;
+        if described.iter().any(|d| *d != bound) {
+            return None;
+        }
+        let named = if parse_at.is_some() {
+            if !bound.is_empty() {
+                return None;
+            }
+            None
+        } else {
+            if bound.is_empty() {
+                return None;
+            }
+            let st = self.stmts.get(&bound)?;
+            sql = Some(st.sql.to_string());
+            // The statement's parameter types, as its Parse gave them.
+            let t = self.param_types(&bound);
+            let mut v = Vec::with_capacity(2 + 4 * t.len());
+            v.extend_from_slice(&(t.len() as i16).to_be_bytes());
+            for oid in t {
+                v.extend_from_slice(&oid.to_be_bytes());
+            }
+            types = v;
+            Some(bound)
+        };
+        Some(BoundStatement {
+            sql: sql?,
+            types,
+            parse_at,
+            first_bind,
+            named,
+        })
+    }
+
+    /// At a flush: the ParseComplete of the node's own Parse (a batch that
+    /// bound a named statement, run with the rewritten text unnamed) is
+    /// not shown; an error or ReadyForQuery before it ends the search.
+    pub(super) fn drop_hidden_parse_complete(&mut self) {
+        let Some(mut at) = self.hide_parse_complete else {
+            return;
+        };
+        while at + 5 <= self.out.len() {
+            let tag = self.out[at];
+            let len = u32::from_be_bytes([
+                self.out[at + 1],
+                self.out[at + 2],
+                self.out[at + 3],
+                self.out[at + 4],
+            ]) as usize;
+            if len < 4 || at + 1 + len > self.out.len() {
+                break;
+            }
+            match tag {
+                b'1' => {
+                    let tail = self.out.split_off(at);
+                    self.out.extend_from_slice(&tail[1 + len..]);
+                    self.hide_parse_complete = None;
+                    return;
+                }
+                be::ERROR_RESPONSE | be::READY_FOR_QUERY => {
+                    self.hide_parse_complete = None;
+                    return;
+                }
+                _ => at += 1 + len,
+            }
+        }
+        self.hide_parse_complete = Some(at);
     }
 
     /// The client's error for a failed step: a refusal, or the step's own

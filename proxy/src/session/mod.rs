@@ -1038,11 +1038,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Err(r) => {
                 // A SELECT whose subqueries need every shard's rows: they
-                // run first and the batch is held again, rewritten.
+                // run first, then the batch, rewritten.
                 if r.code == sqlstate::FEATURE_NOT_SUPPORTED
                     && self.batch_subqueries_first(&frames, &r, synced).await?
                 {
-                    return Ok(self.batch.is_empty());
+                    return Ok(true);
                 }
                 self.batch_error(&r, synced);
                 return Ok(true);

@@ -707,10 +707,14 @@ def subqueries_first():
         c.execute("CREATE TABLE drv_kv (id bigint PRIMARY KEY, v text, g int)")
         values = ", ".join(f"({i}, 'v{i}', {i % 7})" for i in range(1, 61))
         c.execute(f"INSERT INTO drv_kv (id, v, g) VALUES {values}")
-        above = c.execute(
+        # Seven times: past psycopg's prepare_threshold (5) the statement
+        # is prepared under a name and bound by it.
+        counts = [c.execute(
             "SELECT count(*) FROM drv_kv WHERE id > (SELECT avg(id) FROM drv_kv) AND g <> %s",
             [0],
-        ).fetchone()[0]
+        ).fetchone()[0] for _ in range(7)]
+        above = counts[-1]
+        eq("counts", counts, [26] * 7)
         groups = c.execute("SELECT count(*) FROM (SELECT DISTINCT g FROM drv_kv) s").fetchone()[0]
         top = [r[0] for r in c.execute(
             "SELECT id FROM drv_kv WHERE id IN (SELECT id FROM drv_kv ORDER BY v DESC LIMIT 3) ORDER BY id"

@@ -54,6 +54,23 @@ async fn same_answer(reference: &tokio_postgres::Client, node: &tokio_postgres::
     assert_eq!(got, want, "{sql}");
 }
 
+/// [`same_answer`] in the extended protocol: prepared under a name, then
+/// bound (tokio-postgres), values compared in binary.
+async fn same_answer_extended(
+    reference: &tokio_postgres::Client,
+    node: &tokio_postgres::Client,
+    sql: &str,
+) {
+    let want = binary_rows(reference, sql)
+        .await
+        .unwrap_or_else(|e| panic!("reference failed {sql}: {e:?}"));
+    let got = binary_rows(node, sql)
+        .await
+        .unwrap_or_else(|e| panic!("node failed {sql}: {e:?}"));
+    assert!(!want.1.is_empty(), "{sql}");
+    assert_eq!(got, want, "{sql}");
+}
+
 /// The read queries, each either answered identically or refused.
 fn queries() -> (Vec<String>, Vec<(String, &'static str)>) {
     let mut q = Vec::new();
@@ -971,17 +988,15 @@ async fn aggregates_over_derived_tables_equal_one_postgresql() {
         assert_eq!(got.len(), want, "{sql} with {cut}");
         assert_eq!(reference.query(sql, &[&cut]).await.unwrap().len(), want);
     }
-    // Derived tables that combine rows are still refused in the extended
-    // protocol (each shard would combine only its own); the simple
-    // protocol runs them first (`subqueries_run_first_equal_one_postgresql`).
+    // Derived tables that combine rows (each shard would combine only its
+    // own) are run first (`subqueries_run_first_equal_one_postgresql`).
     for sql in [
         "SELECT count(*) FROM (SELECT DISTINCT v FROM events) s",
         "SELECT count(*) FROM (SELECT v FROM events LIMIT 5) s",
         "SELECT count(*) FROM (SELECT v, count(*) FROM events GROUP BY v) s",
     ] {
-        let e = node.query(sql, &[]).await.unwrap_err();
-        assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{sql}: {e:?}");
         same_answer(&reference, &node, sql).await;
+        same_answer_extended(&reference, &node, sql).await;
     }
 }
 
@@ -1010,7 +1025,9 @@ async fn aggregates_over_ctes_equal_one_postgresql() {
         "WITH x AS (SELECT * FROM events) SELECT count(*) FROM x a JOIN x b ON a.v = b.v",
         "WITH x AS (SELECT * FROM events) SELECT count(*) FROM x WHERE seq > (SELECT avg(seq) FROM x)",
     ] {
-        refused_naming(&node, sql, "names CTE \"x\" (plain rows of a sharded table) more than once").await;
+        // Named twice: the CTE is run first (`session/first.rs`).
+        same_answer(&reference, &node, sql).await;
+        same_answer_extended(&reference, &node, sql).await;
     }
     for sql in [
         "WITH x AS (SELECT v FROM events LIMIT 5) SELECT count(*) FROM x",
@@ -1018,14 +1035,9 @@ async fn aggregates_over_ctes_equal_one_postgresql() {
         "WITH x AS (SELECT v, count(*) FROM events GROUP BY v) SELECT count(*) FROM x",
     ] {
         // Each of these reads rows of other shards together: PostgreSQL's
-        // answer needs them all. Refused in the extended protocol; the
-        // simple protocol runs the CTE first (`session/first.rs`).
-        assert!(!rows(&reference, sql).await.unwrap().is_empty(), "{sql}");
-        let e = node.query(sql, &[]).await.unwrap_err();
-        assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{sql}: {e:?}");
-        if !sql.contains("LIMIT") {
-            same_answer(&reference, &node, sql).await;
-        }
+        // answer needs them all. The CTE is run first (`session/first.rs`).
+        same_answer(&reference, &node, sql).await;
+        same_answer_extended(&reference, &node, sql).await;
     }
     // A CTE named twice, run first.
     same_answer(
@@ -1283,10 +1295,10 @@ async fn unions_equal_one_postgresql() {
         .collect();
     assert_eq!(got, want);
     // Django's `qs1.union(qs2).count()`: the UNION in a derived table, run
-    // first in the simple protocol; refused in the extended one.
+    // first.
     let sql = "SELECT count(*) FROM (SELECT v FROM events UNION SELECT seq FROM events) s";
     same_answer(&reference, &node, sql).await;
-    refused_naming(&node, sql, "UNION inside a subquery, derived table or CTE").await;
+    same_answer_extended(&reference, &node, sql).await;
     // Refused, in words: rows every shard would return, mixed operators,
     // aggregates per branch.
     for (sql, words) in [
@@ -1929,17 +1941,14 @@ async fn derived_tables_grouped_by_the_key_equal_one_postgresql() {
     ] {
         same_answer(&reference, &node, sql).await;
     }
-    // Groups of another column need all shards' rows: refused in the
-    // extended protocol; the simple protocol runs the derived table first
-    // (`subqueries_run_first_equal_one_postgresql`).
+    // Groups of another column need all shards' rows: the derived table
+    // is run first (`subqueries_run_first_equal_one_postgresql`).
     for sql in [
         "SELECT count(*) FROM (SELECT DISTINCT v FROM events) s",
         "SELECT count(*) FROM (SELECT v, count(*) FROM events GROUP BY v) s",
     ] {
-        assert!(!rows(&reference, sql).await.unwrap().is_empty(), "{sql}");
-        let e = node.query(sql, &[]).await.unwrap_err();
-        assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{sql}: {e:?}");
         same_answer(&reference, &node, sql).await;
+        same_answer_extended(&reference, &node, sql).await;
     }
 }
 
@@ -1986,18 +1995,35 @@ async fn subqueries_run_first_equal_one_postgresql() {
     ] {
         same_answer(&reference, &node, sql).await;
     }
-    // The extended protocol runs them first when the batch Parses the
-    // statement unnamed and binds it (psycopg 3, node-postgres: the
-    // `subqueries_first` scenarios of `drivers.rs`); tokio-postgres
-    // prepares a named statement first: refused, as before.
-    let e = node
-        .query(
-            "SELECT count(*) FROM events WHERE v > (SELECT avg(v) FROM events)",
-            &[],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e:?}");
+    // The extended protocol: a statement prepared under a name and bound
+    // (tokio-postgres, psycopg 3 past its prepare threshold), values in
+    // binary; Parsed unnamed in the batch that binds it: the
+    // `subqueries_first` scenarios of `drivers.rs` (psycopg, node-postgres).
+    for sql in [
+        "SELECT count(*) FROM events WHERE v > (SELECT avg(v) FROM events)",
+        "SELECT id, seq FROM events WHERE v = (SELECT max(v) FROM events) ORDER BY seq",
+        "SELECT s.v, s.n FROM (SELECT v, count(*) AS n FROM events GROUP BY v) AS s(v, n) WHERE s.n > 25 ORDER BY s.n DESC, s.v",
+    ] {
+        same_answer_extended(&reference, &node, sql).await;
+        // Twice: the statement is its own again, and runs first again.
+        same_answer_extended(&reference, &node, sql).await;
+    }
+    // With a parameter in the rest of the statement.
+    let st = "SELECT count(*) FROM events WHERE v > (SELECT avg(v) FROM events) AND seq > $1";
+    for cut in [10i32, 300] {
+        let want: i64 = reference.query_one(st, &[&cut]).await.unwrap().get(0);
+        let got: i64 = node.query_one(st, &[&cut]).await.unwrap().get(0);
+        assert_eq!(got, want, "{st} with {cut}");
+    }
+    // A subquery taking a parameter is not run first: refused.
+    let st = "SELECT count(*) FROM events WHERE v > (SELECT avg(v) FROM events WHERE seq > $1)";
+    reference.query_one(st, &[&10i32]).await.unwrap();
+    let e = node.query_one(st, &[&10i32]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{st}: {e:?}");
+    // A step's error, and the session after it.
+    let st = "SELECT count(*) FROM events WHERE v > (SELECT max(v / 0) FROM events) AND seq > $1";
+    let e = node.query_one(st, &[&1i32]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("22012"), "{st}: {e:?}");
     // Inside a transaction block, with what the block wrote.
     for db in [&reference, &node] {
         db.batch_execute("BEGIN; INSERT INTO events (id, seq, v) VALUES (3, 1000, 500)")
