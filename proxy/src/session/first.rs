@@ -57,7 +57,9 @@ struct BoundStatement {
     types: Vec<u8>,
     /// The index of its Parse in the batch, if there.
     parse_at: Option<usize>,
-    first_bind: Option<usize>,
+    /// The first frame naming it (a Bind, a Describe of it): the node's
+    /// Parse goes before it.
+    first_use: Option<usize>,
     /// Its name, when it is a named statement prepared before.
     named: Option<String>,
 }
@@ -162,26 +164,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         frames: &[Frame],
         refused: &Refusal,
         synced: bool,
-    ) -> Result<bool, SessionError> {
+    ) -> Result<Option<bool>, SessionError> {
         // Not after a Flush-ended batch (the steps' simple Queries would
-        // commit its implicit transaction) nor with replies owed.
-        if !synced
-            || self.part.is_some()
-            || self.first_depth >= MAX_DEPTH
-            || self.be.mid_pipeline()
-            || !self.be.owed.is_empty()
+        // commit its implicit transaction).
+        if !synced || self.part.is_some() || self.first_depth >= MAX_DEPTH || self.be.mid_pipeline()
         {
-            return Ok(false);
+            return Ok(None);
         }
         let Some(shape) = self.bound_statement(frames) else {
-            return Ok(false);
+            return Ok(None);
         };
         let Some(f) = self.subqueries_first_of(&shape.sql) else {
-            return Ok(false);
+            return Ok(None);
         };
         // A step is run in the simple protocol: without parameters.
         if f.steps.iter().any(|s| s.sql.contains('$')) {
-            return Ok(false);
+            return Ok(None);
+        }
+        // Replies owed by earlier synced batches first; one was an error:
+        // this batch is skipped to its Sync, as PostgreSQL does (false:
+        // the Syncs held run as the next round).
+        if !self.be.owed.is_empty() {
+            self.drain_owed().await?;
+            if self.skipped(frames) {
+                return Ok(Some(false));
+            }
         }
         self.first_depth += 1;
         let answers = Box::pin(self.answers_of(&f, refused)).await;
@@ -191,7 +198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Err(failed) => {
                 self.push_failure(failed, Some(synced));
                 self.batch.clear();
-                return Ok(true);
+                return Ok(Some(true));
             }
         };
         // The steps' Queries dropped the backends' unnamed statements.
@@ -212,7 +219,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 held.push(parse.clone());
                 continue;
             }
-            if shape.parse_at.is_none() && Some(i) == shape.first_bind {
+            if shape.parse_at.is_none() && Some(i) == shape.first_use {
                 held.push(parse.clone());
             }
             held.push(match (fr.tag(), &shape.named) {
@@ -234,7 +241,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.hide_parse_complete = Some(self.out.len());
         }
         self.batch = held;
-        let r = Box::pin(self.run_batch_rounds(synced)).await;
+        let mut r = Box::pin(self.run_batch_rounds(synced)).await;
+        if shape.named.is_some() {
+            // Its replies in now (a statement passed to one shard owes
+            // them), so the hidden ParseComplete is this batch's: a
+            // pipelined batch after it may hide its own.
+            if r.is_ok() {
+                r = self.drain_owed().await;
+            }
+            self.drop_hidden_parse_complete();
+            self.hide_parse_complete = None;
+        }
         // The client's unnamed statement: the one it Parsed (its text,
         // which a later Bind without Parse runs — or is refused), or the
         // one it had; prepared again where next bound.
@@ -249,14 +266,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 u
             }),
         };
-        r.map(|()| true)
+        r.map(|()| Some(true))
     }
 
     /// The one statement `frames` bind, if the batch is Parse (unnamed,
-    /// optional), Binds of it, Describe, Execute and Sync.
+    /// optional), one Bind of it, Describe, Execute and Sync. (Several
+    /// Binds may go to several shards: the batch would be cut, and the
+    /// client's unnamed statement restored before its parts run.)
     fn bound_statement(&self, frames: &[Frame]) -> Option<BoundStatement> {
         let mut parse_at = None;
         let mut first_bind = None;
+        let mut first_use = None;
+        let mut nparams = 0usize;
         let mut bound: Option<String> = None;
         let mut sql = None;
         let mut types = Vec::new();
@@ -272,19 +293,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     types = b.to_vec();
                     parse_at = Some(i);
                 }
-                fe::BIND => {
+                fe::BIND if first_bind.is_none() => {
                     wire::get_cstr(&mut b).ok()?;
-                    let stmt = wire::get_cstr(&mut b).ok()?;
-                    match &bound {
-                        Some(s) if s != stmt => return None,
-                        Some(_) => {}
-                        None => bound = Some(stmt.to_string()),
+                    bound = Some(wire::get_cstr(&mut b).ok()?.to_string());
+                    let nf = wire::get_i16(&mut b).ok()?;
+                    for _ in 0..nf {
+                        wire::get_i16(&mut b).ok()?;
                     }
-                    first_bind.get_or_insert(i);
+                    nparams = usize::try_from(wire::get_i16(&mut b).ok()?).ok()?;
+                    first_bind = Some(i);
+                    first_use.get_or_insert(i);
                 }
                 fe::DESCRIBE if b.first() == Some(&b'S') => {
                     b = &b[1..];
                     described.push(wire::get_cstr(&mut b).ok()?.to_string());
+                    first_use.get_or_insert(i);
                 }
                 fe::DESCRIBE | fe::EXECUTE | fe::SYNC => {}
                 _ => return None,
@@ -305,8 +328,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             let st = self.stmts.get(&bound)?;
             sql = Some(st.sql.to_string());
-            // The statement's parameter types, as its Parse gave them.
-            let t = self.param_types(&bound);
+            // The statement's parameter types: as its Parse gave them,
+            // those it left unspecified as a Describe of it told (asyncpg,
+            // tokio-postgres send 0 and bind by the description).
+            let t = self.known_param_types(&bound, self.param_types(&bound), nparams);
             let mut v = Vec::with_capacity(2 + 4 * t.len());
             v.extend_from_slice(&(t.len() as i16).to_be_bytes());
             for oid in t {
@@ -319,7 +344,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             sql: sql?,
             types,
             parse_at,
-            first_bind,
+            first_use,
             named,
         })
     }

@@ -1039,10 +1039,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Err(r) => {
                 // A SELECT whose subqueries need every shard's rows: they
                 // run first, then the batch, rewritten.
-                if r.code == sqlstate::FEATURE_NOT_SUPPORTED
-                    && self.batch_subqueries_first(&frames, &r, synced).await?
-                {
-                    return Ok(true);
+                if r.code == sqlstate::FEATURE_NOT_SUPPORTED {
+                    if let Some(done) = self.batch_subqueries_first(&frames, &r, synced).await? {
+                        return Ok(done);
+                    }
                 }
                 self.batch_error(&r, synced);
                 return Ok(true);

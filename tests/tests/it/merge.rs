@@ -2015,6 +2015,31 @@ async fn subqueries_run_first_equal_one_postgresql() {
         let got: i64 = node.query_one(st, &[&cut]).await.unwrap().get(0);
         assert_eq!(got, want, "{st} with {cut}");
     }
+    // A parameter the client left untyped, bound in binary by its
+    // description (tokio-postgres, asyncpg), in a LIMIT the merge applies.
+    let st =
+        "SELECT seq FROM events WHERE v > (SELECT avg(v) FROM events) ORDER BY seq LIMIT $1::int4";
+    let seqs = |rows: Vec<tokio_postgres::Row>| {
+        rows.iter()
+            .map(|r| r.get::<_, i32>(0))
+            .collect::<Vec<i32>>()
+    };
+    let want = seqs(reference.query(st, &[&3i32]).await.unwrap());
+    assert_eq!(seqs(node.query(st, &[&3i32]).await.unwrap()), want, "{st}");
+    // Two such statements pipelined on one connection (the second's batch
+    // arrives while the first's replies are owed).
+    let a = "SELECT count(*) FROM events WHERE v > (SELECT avg(v) FROM events)";
+    let b = "SELECT count(*) FROM (SELECT DISTINCT v FROM events) s";
+    let (ra, rb) = tokio::join!(node.query_one(a, &[]), node.query_one(b, &[]));
+    let pa = node.prepare(a).await.unwrap();
+    let pb = node.prepare(b).await.unwrap();
+    let (qa, qb) = tokio::join!(node.query_one(&pa, &[]), node.query_one(&pb, &[]));
+    let (wa, wb) = tokio::join!(reference.query_one(a, &[]), reference.query_one(b, &[]));
+    let (wa, wb) = (wa.unwrap().get::<_, i64>(0), wb.unwrap().get::<_, i64>(0));
+    assert_eq!(ra.unwrap().get::<_, i64>(0), wa);
+    assert_eq!(rb.unwrap().get::<_, i64>(0), wb);
+    assert_eq!(qa.unwrap().get::<_, i64>(0), wa);
+    assert_eq!(qb.unwrap().get::<_, i64>(0), wb);
     // A subquery taking a parameter is not run first: refused.
     let st = "SELECT count(*) FROM events WHERE v > (SELECT avg(v) FROM events WHERE seq > $1)";
     reference.query_one(st, &[&10i32]).await.unwrap();
