@@ -1,4 +1,4 @@
-//! Subqueries the node runs first (issue 14): a `SELECT` refused over
+//! Subqueries the node runs first (issue 14): a `SELECT`, `UPDATE` or `DELETE` refused over
 //! several shards because a subquery needs every shard's rows at once
 //! (`WHERE x > (SELECT avg(x) FROM t)`, `SELECT count(*) FROM (SELECT
 //! DISTINCT …) s`) has those subqueries run on their own first, as

@@ -1,5 +1,5 @@
-//! Subqueries the node runs first (issue 14): a `SELECT` refused over
-//! several shards because a subquery in it needs every shard's rows at
+//! Subqueries the node runs first (issue 14): a `SELECT` (or an `UPDATE`,
+//! a `DELETE`) refused over several shards because a subquery in it needs every shard's rows at
 //! once — `WHERE amount > (SELECT avg(amount) FROM orders)`,
 //! `SELECT count(*) FROM (SELECT DISTINCT status FROM orders) s`,
 //! `WHERE product_id IN (SELECT id FROM products WHERE …)` on tables not
@@ -9,7 +9,8 @@
 //! sent it. Citus calls this recursive planning.
 //!
 //! What is run first: the subqueries of the outermost `SELECT` (in its
-//! expressions, its FROM and its `WITH`) that read a sharded table —
+//! expressions, its FROM and its `WITH`; of an UPDATE/DELETE: SET, WHERE,
+//! FROM/USING, RETURNING) that read a sharded table —
 //! scalar subqueries, `IN (subquery)`, derived tables and CTEs — but not
 //! `LATERAL` ones, nor the right side of `ANY`/`ALL`, nor one that names a
 //! CTE of the statement. Deeper subqueries run with the one that holds
@@ -29,11 +30,12 @@
 //!
 //! Not the same as one PostgreSQL: the subquery and the statement read
 //! the shards at two moments (outside a transaction block, two
-//! transactions), as every statement over several shards does; a
-//! subquery that fails (division by zero) fails the statement even where
-//! PostgreSQL would not have evaluated it. Locking reads (`FOR UPDATE`)
-//! and writes are not run so: their rows would be locked or chosen in
-//! another transaction than the write's.
+//! transactions), as every statement over several shards does — for an
+//! UPDATE or DELETE, as under READ COMMITTED, rows the subquery chose may
+//! change before the write; a subquery that fails (division by zero)
+//! fails the statement even where PostgreSQL would not have evaluated it.
+//! A locking subquery (`FOR UPDATE SKIP LOCKED`: its locks would end
+//! before the write), SELECT INTO and data-modifying CTEs are not run so.
 
 use std::collections::BTreeSet;
 use std::ops::ControlFlow;
@@ -200,14 +202,8 @@ pub fn subqueries_first(
     sql: &str,
 ) -> Option<SubqueriesFirst> {
     let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
-    let Some(Statement::Query(mut query)) = stmts.pop() else {
-        return None;
-    };
-    // One plain SELECT (not SELECT INTO), reading only.
-    if !stmts.is_empty()
-        || !matches!(query.body.as_ref(), SetExpr::Select(s) if s.into.is_none())
-        || locks_or_writes(&query)
-    {
+    let mut stmt = stmts.pop()?;
+    if !stmts.is_empty() {
         return None;
     }
     // A prefix no text of the statement holds; a hint in a comment would
@@ -216,35 +212,54 @@ pub fn subqueries_first(
     if sql.contains(&prefix) || sql.contains("hotrepart:") {
         return None;
     }
-    let ctes: BTreeSet<String> = query
-        .with
-        .iter()
-        .flat_map(|w| w.cte_tables.iter())
-        .map(|c| norm(&c.alias.name))
-        .collect();
     let mut f = Finder {
         snapshot,
         ns,
-        ctes,
+        ctes: BTreeSet::new(),
         prefix,
         depth: 0,
+        top: 1,
         steps: Vec::new(),
         bail: false,
     };
-    if let Some(with) = query.with.as_mut() {
-        if !with.recursive {
-            for cte in &mut with.cte_tables {
-                // A CTE may name the ones before it: those are not run
-                // first (`Finder::candidate` sees their names).
-                f.take(&mut cte.query);
+    match &mut stmt {
+        // One plain SELECT (not SELECT INTO), reading only.
+        Statement::Query(query) => {
+            if !matches!(query.body.as_ref(), SetExpr::Select(s) if s.into.is_none())
+                || locks_or_writes(query)
+            {
+                return None;
             }
+            f.ctes = query
+                .with
+                .iter()
+                .flat_map(|w| w.cte_tables.iter())
+                .map(|c| norm(&c.alias.name))
+                .collect();
+            if let Some(with) = query.with.as_mut() {
+                if !with.recursive {
+                    for cte in &mut with.cte_tables {
+                        // A CTE may name the ones before it: those are not
+                        // run first (`Finder::candidate` sees their names).
+                        f.take(&mut cte.query);
+                    }
+                }
+            }
+            let _ = VisitMut::visit(query, &mut f);
         }
+        // An UPDATE or DELETE: its expressions and FROM/USING sit in no
+        // query of their own. A locking subquery is not taken (its locks
+        // would be released before the write).
+        Statement::Update(_) | Statement::Delete(_) => {
+            f.top = 0;
+            let _ = VisitMut::visit(&mut stmt, &mut f);
+        }
+        _ => return None,
     }
-    let _ = VisitMut::visit(&mut query, &mut f);
     if f.bail || f.steps.is_empty() || f.steps.len() > MAX_STEPS {
         return None;
     }
-    let template = Statement::Query(query).to_string();
+    let template = stmt.to_string();
     // Each placeholder once (`…_1_` is no part of `…_10_`).
     if f.steps
         .iter()
@@ -306,8 +321,11 @@ struct Finder<'a> {
     /// The statement's CTE names (lower case).
     ctes: BTreeSet<String>,
     prefix: String,
-    /// Queries entered: 1 in the statement's own.
+    /// Queries entered: 1 in a SELECT's own.
     depth: usize,
+    /// The depth of the statement's own expressions: 1 in a SELECT, 0 in
+    /// an UPDATE or DELETE.
+    top: usize,
     steps: Vec<FirstStep>,
     /// A form this does not rewrite (`ANY`/`ALL` of a subquery).
     bail: bool,
@@ -393,7 +411,7 @@ impl VisitorMut for Finder<'_> {
     }
 
     fn pre_visit_table_factor(&mut self, t: &mut TableFactor) -> ControlFlow<()> {
-        if self.depth == 1 {
+        if self.depth == self.top {
             if let TableFactor::Derived {
                 lateral: false,
                 subquery,
@@ -407,7 +425,7 @@ impl VisitorMut for Finder<'_> {
     }
 
     fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
-        if self.depth != 1 {
+        if self.depth != self.top {
             return ControlFlow::Continue(());
         }
         match e {
@@ -475,6 +493,22 @@ mod tests {
             t,
             "WITH n AS (#0), m AS (SELECT * FROM n) SELECT o.* FROM orders o WHERE o.note NOT IN (#1) AND o.id IN (SELECT 1)"
         );
+        // Writes: UPDATE (SET, WHERE, FROM, RETURNING) and DELETE.
+        let (steps, t) = first(
+            "UPDATE users SET age = (SELECT max(age) FROM users) WHERE id IN (SELECT id FROM users ORDER BY age LIMIT 5) RETURNING id, (SELECT min(age) FROM users)",
+        )
+        .unwrap();
+        assert_eq!(steps.len(), 3);
+        assert_eq!(
+            t,
+            "UPDATE users SET age = (#0) WHERE id IN (#1) RETURNING id, (#2)"
+        );
+        let (steps, t) = first(
+            "DELETE FROM orders USING (SELECT user_id FROM orders GROUP BY user_id HAVING count(*) > 3) AS big WHERE orders.user_id = big.user_id AND total < (SELECT avg(total) FROM orders)",
+        )
+        .unwrap();
+        assert_eq!(steps.len(), 2);
+        assert!(t.starts_with("DELETE FROM orders USING (#0) AS big"), "{t}");
         // A CTE read twice is run once; the subquery naming it stays.
         let (steps, t) = first(
             "WITH x AS (SELECT * FROM users) SELECT * FROM x WHERE age > (SELECT avg(age) FROM x)",
@@ -523,7 +557,8 @@ mod tests {
             "SELECT * FROM users u, LATERAL (SELECT count(*) FROM orders o WHERE o.user_id = u.id) c",
             "SELECT * FROM users WHERE age > (SELECT avg(age) FROM users) FOR UPDATE",
             "SELECT * FROM users WHERE age > (SELECT age FROM users LIMIT 1 FOR UPDATE)",
-            "UPDATE users SET age = 1 WHERE age > (SELECT avg(age) FROM users)",
+            "UPDATE users SET age = 1 WHERE id IN (SELECT id FROM users ORDER BY age LIMIT 5 FOR UPDATE SKIP LOCKED)",
+            "INSERT INTO users (id, age) SELECT id + 1000, age FROM users WHERE age > (SELECT avg(age) FROM users)",
             "SELECT * INTO t2 FROM users WHERE age > (SELECT avg(age) FROM users)",
             "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d WHERE total > (SELECT avg(total) FROM orders)",
             r#"SELECT count(*) FROM (SELECT DISTINCT name COLLATE "C" FROM users) s"#,
