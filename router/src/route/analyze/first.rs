@@ -41,14 +41,15 @@ use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    Expr, InTarget, ObjectName, Query, SetExpr, Statement, TableFactor, Visit, VisitMut, Visitor,
-    VisitorMut,
+    Expr, FromTable, InTarget, ObjectName, Query, SetExpr, Statement, TableFactor, Visit, VisitMut,
+    Visitor, VisitorMut,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::super::names::{last_name, norm, table_name};
 use super::super::Namespace;
+use super::functions::{AGGREGATES, PURE_FUNCTIONS, READ_ONLY};
 use crate::catalog::{RoutingSnapshot, TablePlacement};
 
 /// At most this many subqueries of one statement are run first (each is a
@@ -251,6 +252,13 @@ pub fn subqueries_first(
         // query of their own. A locking subquery is not taken (its locks
         // would be released before the write).
         Statement::Update(_) | Statement::Delete(_) => {
+            // A lock anywhere (inside a derived table of a subquery too)
+            // would end with the step's transaction; a reference table's
+            // copies could each pick another of several matching answer
+            // rows (UPDATE … FROM).
+            if locks_or_writes_in(&stmt) || writes_reference(snapshot, ns, &stmt) {
+                return None;
+            }
             f.top = 0;
             let _ = VisitMut::visit(&mut stmt, &mut f);
         }
@@ -271,6 +279,52 @@ pub fn subqueries_first(
         template,
         steps: f.steps,
     })
+}
+
+/// [`locks_or_writes`] of every query of an UPDATE or DELETE.
+fn locks_or_writes_in(stmt: &Statement) -> bool {
+    struct L(bool, usize);
+    impl Visitor for L {
+        type Break = ();
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+            if locks_or_writes(q) {
+                self.0 = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_statement(&mut self, _s: &Statement) -> ControlFlow<()> {
+            // The statement itself is the first.
+            self.1 += 1;
+            if self.1 > 1 {
+                self.0 = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut l = L(false, 0);
+    let _ = stmt.visit(&mut l);
+    l.0
+}
+
+/// Whether an UPDATE or DELETE writes a reference table.
+fn writes_reference(snapshot: &RoutingSnapshot, ns: &Namespace, stmt: &Statement) -> bool {
+    let target = match stmt {
+        Statement::Update(u) => Some(&u.table.relation),
+        Statement::Delete(d) => match &d.from {
+            FromTable::WithFromKeyword(v) | FromTable::WithoutKeyword(v) => {
+                v.first().map(|t| &t.relation)
+            }
+        },
+        _ => None,
+    };
+    match target {
+        Some(TableFactor::Table { name, .. }) => table_name(ns, name).map_or(true, |t| {
+            matches!(snapshot.placement(&t), TablePlacement::Reference)
+        }),
+        _ => true,
+    }
 }
 
 /// A `FOR UPDATE`/`FOR SHARE`, or a statement (a data-modifying CTE),
@@ -294,6 +348,32 @@ fn locks_or_writes(q: &Query) -> bool {
     let mut l = L(false);
     let _ = q.visit(&mut l);
     l.0
+}
+
+/// A call anywhere in `q` of a function not known to write nothing: run
+/// first outside a transaction block, its writes would be committed
+/// even if the statement then fails.
+fn calls_unknown(q: &Query) -> bool {
+    struct C(bool);
+    impl Visitor for C {
+        type Break = ();
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            if let Expr::Function(f) = e {
+                let n = last_name(&f.name);
+                if !READ_ONLY.contains(&n.as_str())
+                    && !PURE_FUNCTIONS.contains(&n.as_str())
+                    && !AGGREGATES.contains(&n.as_str())
+                {
+                    self.0 = true;
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut c = C(false);
+    let _ = q.visit(&mut c);
+    c.0
 }
 
 /// A `COLLATE` anywhere in `q`: the collation of its answer's columns
@@ -355,7 +435,7 @@ impl Finder<'_> {
                 ControlFlow::Continue(())
             }
         }
-        if !q.locks.is_empty() || collates(q) {
+        if !q.locks.is_empty() || collates(q) || calls_unknown(q) {
             return false;
         }
         let mut r = Reads {
@@ -559,6 +639,11 @@ mod tests {
             "SELECT * FROM users WHERE age > (SELECT age FROM users LIMIT 1 FOR UPDATE)",
             "UPDATE users SET age = 1 WHERE id IN (SELECT id FROM users ORDER BY age LIMIT 5 FOR UPDATE SKIP LOCKED)",
             "INSERT INTO users (id, age) SELECT id + 1000, age FROM users WHERE age > (SELECT avg(age) FROM users)",
+            "UPDATE orders SET note = 'x' WHERE id IN (SELECT id FROM (SELECT id FROM orders ORDER BY id LIMIT 5 FOR UPDATE SKIP LOCKED) s)",
+            "UPDATE countries c SET top = d.id FROM (SELECT country, max(id) AS id FROM users GROUP BY country) d WHERE c.code = d.country",
+            "DELETE FROM countries WHERE code IN (SELECT country FROM users GROUP BY country HAVING count(*) < 2)",
+            "UPDATE users SET age = 1 WHERE id IN (SELECT audit_pick(id) FROM users ORDER BY age LIMIT 5)",
+            "SELECT * FROM users WHERE age > (SELECT avg(my_score(age)) FROM users)",
             "SELECT * INTO t2 FROM users WHERE age > (SELECT avg(age) FROM users)",
             "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d WHERE total > (SELECT avg(total) FROM orders)",
             r#"SELECT count(*) FROM (SELECT DISTINCT name COLLATE "C" FROM users) s"#,
