@@ -354,45 +354,38 @@ fn locks_or_writes(q: &Query) -> bool {
 /// first outside a transaction block, its writes would be committed
 /// even if the statement then fails.
 fn calls_unknown(q: &Query) -> bool {
-    struct C(bool);
-    impl Visitor for C {
-        type Break = ();
-        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-            if let Expr::Function(f) = e {
-                let n = last_name(&f.name);
-                if !READ_ONLY.contains(&n.as_str())
-                    && !PURE_FUNCTIONS.contains(&n.as_str())
-                    && !AGGREGATES.contains(&n.as_str())
-                {
-                    self.0 = true;
-                    return ControlFlow::Break(());
-                }
-            }
-            ControlFlow::Continue(())
-        }
-    }
-    let mut c = C(false);
-    let _ = q.visit(&mut c);
-    c.0
+    any_expr(q, |e| {
+        let Expr::Function(f) = e else {
+            return false;
+        };
+        let n = last_name(&f.name);
+        let n = n.as_str();
+        !READ_ONLY.contains(&n) && !PURE_FUNCTIONS.contains(&n) && !AGGREGATES.contains(&n)
+    })
 }
 
 /// A `COLLATE` anywhere in `q`: the collation of its answer's columns
 /// would not survive as VALUES (typed by name, of the default collation).
 fn collates(q: &Query) -> bool {
-    struct C(bool);
-    impl Visitor for C {
+    any_expr(q, |e| matches!(e, Expr::Collate { .. }))
+}
+
+/// Whether some expression anywhere in `q` is `hit`.
+fn any_expr(q: &Query, hit: impl Fn(&Expr) -> bool) -> bool {
+    struct V<F>(F, bool);
+    impl<F: Fn(&Expr) -> bool> Visitor for V<F> {
         type Break = ();
         fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-            if matches!(e, Expr::Collate { .. }) {
-                self.0 = true;
+            if (self.0)(e) {
+                self.1 = true;
                 return ControlFlow::Break(());
             }
             ControlFlow::Continue(())
         }
     }
-    let mut c = C(false);
-    let _ = q.visit(&mut c);
-    c.0
+    let mut v = V(hit, false);
+    let _ = q.visit(&mut v);
+    v.1
 }
 
 struct Finder<'a> {
