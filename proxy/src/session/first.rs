@@ -356,21 +356,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(mut at) = self.hide_parse_complete else {
             return;
         };
-        while at + 5 <= self.out.len() {
-            let tag = self.out[at];
-            let len = u32::from_be_bytes([
-                self.out[at + 1],
-                self.out[at + 2],
-                self.out[at + 3],
-                self.out[at + 4],
-            ]) as usize;
-            if len < 4 || at + 1 + len > self.out.len() {
-                break;
-            }
+        while let Some((tag, size)) = whole_frame_at(&self.out, at) {
             match tag {
                 b'1' => {
                     let tail = self.out.split_off(at);
-                    self.out.extend_from_slice(&tail[1 + len..]);
+                    self.out.extend_from_slice(&tail[size..]);
                     self.hide_parse_complete = None;
                     return;
                 }
@@ -378,7 +368,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.hide_parse_complete = None;
                     return;
                 }
-                _ => at += 1 + len,
+                _ => at += size,
             }
         }
         self.hide_parse_complete = Some(at);
@@ -555,13 +545,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut columns = Vec::new();
         let mut rows = Vec::new();
         let mut b = got.freeze();
-        while b.len() >= 5 {
-            let tag = b[0];
-            let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
-            if len < 4 || b.len() < 1 + len {
-                break;
-            }
-            let frame = b.split_to(1 + len);
+        while let Some((tag, size)) = whole_frame_at(&b, 0) {
+            let frame = b.split_to(size);
             let body = &frame[5..];
             match tag {
                 be::ROW_DESCRIPTION => {
@@ -671,6 +656,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         Ok(Ok(out))
     }
+}
+
+/// The tag and size of the whole frame at `at` of `buf` (None: none
+/// there, or not whole yet).
+fn whole_frame_at(buf: &[u8], at: usize) -> Option<(u8, usize)> {
+    let h = buf.get(at..at + 5)?;
+    let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+    (len >= 4 && at + 1 + len <= buf.len()).then_some((h[0], 1 + len))
 }
 
 /// The statement with the answers of its subqueries written in would be
